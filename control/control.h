@@ -1,0 +1,237 @@
+/*
+ * control.h — the control layer: one scheduler and one KV page pool per
+ * backend (device), shared by every client above it.
+ *
+ * Everything above the backend (the inferlet runtime's host calls, the
+ * native generation loop, the CLI) talks to the device only through this
+ * interface. The pieces:
+ *
+ *   pie_ctl         one per backend. Owns a scheduler thread and the page
+ *                   pool. All functions below are thread-safe.
+ *   pie_ctl_client  one per inferlet instance (or native generation). Opened
+ *                   with quotas and a priority; closing it cancels all its
+ *                   pending work and returns every page it holds.
+ *   page handles    client-local uint32_t names for physical KV pages. A
+ *                   client never sees a physical page index. Imported pages
+ *                   (from a named export) are read-only.
+ *   forwards        one client request for the batched forward: tokens,
+ *                   positions, pages (+ last-page fill), optional mask,
+ *                   output rows. Submitting returns a future. An input token
+ *                   may be CHAINED: taken from output row j of an earlier
+ *                   forward future that may not have finished. The scheduler
+ *                   resolves chains itself, so a decode loop can queue k
+ *                   steps ahead and never wait for its client between steps.
+ *
+ * Scheduling: work-conserving. Whenever the device is free and anything is
+ * ready, the scheduler fires ONE backend batch holding everything ready
+ * within the limits (tokens, requests, pages); priority classes in order
+ * (0 first), FIFO within a class; long prefills are split into chunks. A
+ * forward is ready when every forward it chains from has completed and every
+ * earlier forward writing a page it touches has completed (so per-page
+ * order is submission order).
+ *
+ * Futures: each forward future completes exactly once, with 0 (results
+ * readable), PIE_ECANCELED (cancelled, or a forward it chains from failed or
+ * was cancelled), or another error. The completion callback given at
+ * submission runs once, on the scheduler thread or on the thread that
+ * cancelled it; it must not block and must not call back into pie_ctl except
+ * pie_ctl_future_poll/result. A future is owned by the submitter until
+ * pie_ctl_future_release(); releasing a pending future does not cancel it.
+ */
+#ifndef PIE_CONTROL_H
+#define PIE_CONTROL_H
+
+#include <stdbool.h>
+#include <stdint.h>
+
+#include "backend/backend.h"
+
+typedef struct pie_ctl        pie_ctl;
+typedef struct pie_ctl_client pie_ctl_client;
+typedef struct pie_ctl_future pie_ctl_future;
+
+/* ---- engine ------------------------------------------------------------ */
+
+typedef struct pie_ctl_opts {
+    int32_t max_batch_tokens;  /* tokens per fire (default 4096)            */
+    int32_t max_batch_reqs;    /* requests per fire (default 256)           */
+    int32_t max_batch_pages;   /* KV pages referenced per fire (default all)*/
+    int32_t prefill_chunk;     /* max tokens of one request per fire when
+                                  others wait (default 512; 0 = no split)   */
+    bool    no_dedup;          /* disable prefix dedup of full pages        */
+    uint64_t model_id;         /* mixed into page hashes (default: 0)       */
+} pie_ctl_opts;
+
+/* Creates the control layer over backend b (not owned: the caller frees b
+ * after pie_ctl_free). opts may be NULL for defaults. Starts the scheduler
+ * thread. */
+int  pie_ctl_create(pie_backend *b, const pie_ctl_opts *opts, pie_ctl **out);
+/* Cancels everything pending, joins the scheduler, frees all clients'
+ * state. Clients must not be used afterwards. */
+void pie_ctl_free(pie_ctl *ctl);
+pie_backend *pie_ctl_backend(pie_ctl *ctl);
+int32_t pie_ctl_page_size(pie_ctl *ctl);
+
+/* ---- clients ----------------------------------------------------------- */
+
+typedef struct pie_ctl_client_opts {
+    int32_t max_pages;         /* pages held at once (0 = no limit)         */
+    int64_t max_tokens;        /* tokens forwarded in total (0 = no limit)  */
+    int32_t priority;          /* class; 0 is served first (0..7)           */
+    const char *name;          /* for messages and counters (may be NULL)   */
+} pie_ctl_client_opts;
+
+int  pie_ctl_client_open(pie_ctl *ctl, const pie_ctl_client_opts *opts,
+                         pie_ctl_client **out);
+/* Cancels the client's pending forwards (their futures complete with
+ * PIE_ECANCELED), drops its page handles and its exports' ownership (the
+ * exported pages live on while imported elsewhere), and frees it. Futures
+ * the caller still holds must still be released. */
+void pie_ctl_client_close(pie_ctl_client *c);
+
+/* ---- KV pages ---------------------------------------------------------- */
+
+/* Allocates n pages, writing their handles to out[n]. When the pool is
+ * short, waits up to timeout_ms (0 = do not wait, <0 = forever) for pages
+ * to be freed; then fails with PIE_EBUSY. Beyond the client's quota fails
+ * at once with PIE_ELIMIT. All or nothing. */
+int  pie_ctl_page_alloc(pie_ctl_client *c, int32_t n, int32_t timeout_ms,
+                        uint32_t *out);
+/* Drops n handles. The physical page returns to the pool once no handle,
+ * export or pending forward references it. Unknown handle: PIE_EINVAL, and
+ * nothing is freed. */
+int  pie_ctl_page_free(pie_ctl_client *c, int32_t n, const uint32_t *h);
+/* Copies KV of n token slots from (src, src_off) to (dst, dst_off), e.g. to
+ * fork a partially filled page. Ordered after earlier forwards touching
+ * either page; forwards submitted later see the copy. dst must be writable. */
+int  pie_ctl_page_copy(pie_ctl_client *c, uint32_t src, int32_t src_off,
+                       uint32_t dst, int32_t dst_off, int32_t n);
+/* Number of slots of a page written by forwards submitted so far (not
+ * cancelled). */
+int  pie_ctl_page_fill(pie_ctl_client *c, uint32_t h, int32_t *fill);
+
+/* Exports n pages under a name (unique per pie_ctl; PIE_EBUSY if taken).
+ * The export holds its own references until unexported. */
+int  pie_ctl_export(pie_ctl_client *c, const char *name, int32_t n,
+                    const uint32_t *h);
+/* Imports an export: writes up to cap new read-only handles to out and the
+ * export's page count to *n (PIE_ERANGE if cap is too small). */
+int  pie_ctl_import(pie_ctl_client *c, const char *name, int32_t cap,
+                    uint32_t *out, int32_t *n);
+/* Removes a name (any client may; pages imported elsewhere live on). */
+int  pie_ctl_unexport(pie_ctl_client *c, const char *name);
+/* Writes the export names, NUL-separated, into buf (cap bytes) and their
+ * count to *n; returns PIE_ERANGE when buf is too small (*len = needed). */
+int  pie_ctl_export_list(pie_ctl *ctl, char *buf, int32_t cap, int32_t *len,
+                         int32_t *n);
+
+/* ---- forwards ---------------------------------------------------------- */
+
+/* Input token `token_idx` of a forward takes the token sampled at output row
+ * `row` of forward `from` (which must belong to the same client). */
+typedef struct pie_ctl_chain {
+    int32_t         token_idx;
+    pie_ctl_future *from;
+    int32_t         row;
+} pie_ctl_chain;
+
+typedef struct pie_ctl_forward {
+    int32_t            n_tokens;
+    const int32_t     *tokens;          /* (n_tokens); chained slots ignored */
+    const int32_t     *positions;       /* (n_tokens)                        */
+    int32_t            n_pages;
+    const uint32_t    *pages;           /* (n_pages) handles, in order       */
+    int32_t            last_page_len;   /* fill of the last page, new tokens
+                                           included (1..page_size)           */
+    const uint32_t    *mask_indptr;     /* (n_tokens+1) or NULL = causal     */
+    const uint32_t    *mask_runs;       /* run lengths (see backend.h)       */
+    int32_t            n_outputs;
+    const int32_t     *output_idx;      /* (n_outputs) LOCAL token index     */
+    const pie_sampler *samplers;        /* (n_outputs)                       */
+    const uint32_t    *logit_mask_indptr; /* (n_outputs+1) or NULL           */
+    const uint32_t    *logit_mask_runs;
+    int32_t            n_chains;
+    const pie_ctl_chain *chains;        /* (n_chains)                        */
+} pie_ctl_forward;
+
+typedef void (*pie_ctl_done_fn)(void *user, pie_ctl_future *f, int status);
+
+/* Validates f (handles, ranges, quotas), copies every array it points to
+ * (the caller may free them on return) and queues it. The new tokens' KV
+ * goes into slots [kv_len - n_tokens, kv_len) of the pages (see backend.h);
+ * the pages written must be writable (not imported). done (may be NULL) runs
+ * once when the future completes. */
+int  pie_ctl_forward_submit(pie_ctl_client *c, const pie_ctl_forward *f,
+                            pie_ctl_done_fn done, void *user,
+                            pie_ctl_future **out);
+/* 0 when completed successfully, PIE_EAGAIN while pending, else the error. */
+int  pie_ctl_future_poll(pie_ctl_future *f);
+/* Blocks up to timeout_ms (<0 forever) for completion; returns as poll. For
+ * native callers: never call from a runtime fiber or the scheduler thread. */
+int  pie_ctl_future_wait(pie_ctl_future *f, int32_t timeout_ms);
+/* Cancels a pending forward and every pending forward chained from it;
+ * their page fills are rolled back. No effect on a completed one. */
+void pie_ctl_future_cancel(pie_ctl_future *f);
+/* Results of a completed forward (valid until release): n_outputs rows;
+ * tokens[o] is the sampled id (-1 for probes), probe values/ids at
+ * value_indptr[o]..value_indptr[o+1]. PIE_EAGAIN if pending, else its error. */
+int  pie_ctl_future_result(pie_ctl_future *f, const pie_forward_out **out,
+                           int32_t *n_outputs);
+/* Drops the caller's reference. */
+void pie_ctl_future_release(pie_ctl_future *f);
+
+/* ---- native generation ------------------------------------------------- */
+
+/* Called for each generated token in order; a nonzero return stops. */
+typedef int (*pie_ctl_token_fn)(void *user, int32_t token);
+
+typedef struct pie_ctl_gen_opts {
+    const int32_t *prompt;     /* (n_prompt), n_prompt >= 1                 */
+    int32_t        n_prompt;
+    pie_sampler    sampler;    /* RANDOM: step i uses seed + i              */
+    int32_t        max_tokens;
+    const int32_t *stop_ids;   /* generation ends after emitting one        */
+    int32_t        n_stop;
+    int32_t        lookahead;  /* decode steps queued ahead (default 4)     */
+    int32_t        priority;
+    int32_t        timeout_ms; /* page admission wait (<0 forever)          */
+    pie_ctl_token_fn on_token; /* may be NULL                               */
+    void          *user;
+} pie_ctl_gen_opts;
+
+/* Generates up to max_tokens tokens after the prompt in its own client,
+ * writing them to out (cap >= max_tokens) and their count to *n_out.
+ * Blocks; thread-safe (many generations may run at once and are batched). */
+int  pie_ctl_generate(pie_ctl *ctl, const pie_ctl_gen_opts *o, int32_t *out,
+                      int32_t cap, int32_t *n_out);
+
+/* ---- counters ---------------------------------------------------------- */
+
+typedef struct pie_ctl_stats {
+    uint64_t fires;            /* backend batches run                       */
+    uint64_t fired_reqs;       /* sum of requests over fires                */
+    uint64_t fired_tokens;     /* sum of tokens over fires                  */
+    int32_t  last_batch_reqs;  /* size of the most recent fire              */
+    int32_t  last_batch_tokens;
+    int32_t  max_batch_reqs;   /* largest fire so far                       */
+    int32_t  queue_depth;      /* forwards submitted and not completed      */
+    int32_t  clients;          /* open clients                              */
+    int32_t  pages_total;
+    int32_t  pages_free;
+    int32_t  pages_used;       /* referenced by anything                    */
+    int32_t  pages_shared;     /* referenced more than once                 */
+    int32_t  exports;
+    uint64_t dedup_hits;       /* full pages merged with an identical one   */
+    uint64_t suspensions;      /* clients suspended under pressure          */
+    uint64_t alloc_waits;      /* page allocations that had to wait         */
+    uint64_t cancelled;        /* forwards completed as cancelled           */
+    uint64_t failed;           /* forwards completed with another error     */
+    double   overhead_ns_last; /* control time (assemble + complete) of the
+                                  last fire, excluding the backend call     */
+    double   overhead_ns_total;
+    double   backend_ns_total; /* time inside the backend                   */
+} pie_ctl_stats;
+
+void pie_ctl_get_stats(pie_ctl *ctl, pie_ctl_stats *s);
+
+#endif
