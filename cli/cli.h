@@ -1,0 +1,28 @@
+/*
+ * cli.h — shared pieces of the `pie` command: each subcommand's entry point
+ * and the helpers they share (loading a model with progress, creating the
+ * backend the user asked for).
+ */
+#ifndef PIE_CLI_H
+#define PIE_CLI_H
+
+#include "backend/backend.h"
+#include "model/model.h"
+
+int pie_cmd_tokenize(int argc, char **argv);
+int pie_cmd_detokenize(int argc, char **argv);
+int pie_cmd_generate(int argc, char **argv);
+int pie_cmd_bench(int argc, char **argv);
+int pie_cmd_run(int argc, char **argv);
+int pie_cmd_build(int argc, char **argv);
+
+/* Loads a model, showing progress on a terminal; prints errors. 0 or -1. */
+int  pie_cli_load_model(const char *path, pie_model **out);
+/* Creates backend "cpu", "cuda" or "auto"; prints errors. 0 or -1. */
+int  pie_cli_backend(const char *which, const pie_model *m, int page_size,
+                     int n_pages, int threads, pie_backend **out);
+/* Parses "1,2,3" into a malloc'ed id list; -1 on a bad list. */
+int  pie_cli_parse_ids(const char *s, int32_t **ids, size_t *n);
+double pie_cli_now(void);
+
+#endif

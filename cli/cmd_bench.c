@@ -1,0 +1,181 @@
+/*
+ * cmd_bench.c — `pie bench forward`: prefill and decode throughput of a
+ * backend, driven directly (no control layer, no inferlet).
+ *
+ * B sequences each get a prompt of L seeded random tokens, prefilled in
+ * batched forwards of at most --chunk tokens; then N decode steps advance
+ * all B sequences by one greedy token each. Prints prefill tokens/s, decode
+ * step time and decode tokens/s.
+ */
+#include <stdio.h>
+#include <stdlib.h>
+#include <string.h>
+
+#include "cli/cli.h"
+#include "cli/drv.h"
+#include "cli/opts.h"
+#include "common/pie_err.h"
+
+typedef struct bench_args {
+    const char *model, *backend;
+    int batch, prompt_len, gen, page_size, threads, chunk, warmup;
+    bool json;
+} bench_args;
+
+typedef struct bench_result {
+    double prefill_s, decode_s;
+    long   prefill_tokens, decode_tokens;
+} bench_result;
+
+static uint64_t rng_next(uint64_t *s)
+{
+    uint64_t z = (*s += 0x9E3779B97F4A7C15ull);
+    z = (z ^ (z >> 30)) * 0xBF58476D1CE4E5B9ull;
+    z = (z ^ (z >> 27)) * 0x94D049BB133111EBull;
+    return z ^ (z >> 31);
+}
+
+/* Prefills every sequence with L random tokens, chunk tokens per forward. */
+static int prefill(const bench_args *a, pie_drv *d, pie_drv_seq **seqs,
+                   int32_t vocab, int32_t *last)
+{
+    uint64_t rng = 42;
+    int per = a->chunk / a->prompt_len;
+    if (per < 1) per = 1;
+    int32_t *tok = malloc(sizeof(int32_t) * (size_t)a->prompt_len * (size_t)per);
+    int32_t *nn = malloc(sizeof(int32_t) * (size_t)per);
+    pie_sampler *s = calloc((size_t)per, sizeof *s);
+    int rc = tok && nn && s ? 0 : pie_err_set(PIE_ENOMEM, "out of memory");
+    for (int i = 0; !rc && i < a->batch; i += per) {
+        int k = a->batch - i < per ? a->batch - i : per;
+        for (long j = 0; j < (long)k * a->prompt_len; j++)
+            tok[j] = (int32_t)(rng_next(&rng) % (uint64_t)vocab);
+        for (int j = 0; j < k; j++) nn[j] = a->prompt_len;
+        rc = pie_drv_step(d, seqs + i, k, tok, nn, s, last + i);
+    }
+    free(tok); free(nn); free(s);
+    return rc;
+}
+
+static int decode(const bench_args *a, pie_drv *d, pie_drv_seq **seqs,
+                  int32_t *last, int steps)
+{
+    int32_t *nn = malloc(sizeof(int32_t) * (size_t)a->batch);
+    int32_t *in = malloc(sizeof(int32_t) * (size_t)a->batch);
+    pie_sampler *s = calloc((size_t)a->batch, sizeof *s);
+    int rc = nn && in && s ? 0 : pie_err_set(PIE_ENOMEM, "out of memory");
+    for (int i = 0; i < a->batch && !rc; i++) nn[i] = 1;
+    for (int t = 0; t < steps && !rc; t++) {
+        memcpy(in, last, sizeof(int32_t) * (size_t)a->batch);
+        rc = pie_drv_step(d, seqs, a->batch, in, nn, s, last);
+    }
+    free(nn); free(in); free(s);
+    return rc;
+}
+
+static int run_bench(const bench_args *a, pie_backend *b, bench_result *r)
+{
+    pie_drv d;
+    pie_drv_seq *seq = calloc((size_t)a->batch, sizeof *seq);
+    pie_drv_seq **sp = malloc(sizeof *sp * (size_t)a->batch);
+    int32_t *last = malloc(sizeof(int32_t) * (size_t)a->batch);
+    if (!seq || !sp || !last || pie_drv_init(&d, b)) {
+        free(seq); free(sp); free(last);
+        return -1;
+    }
+    for (int i = 0; i < a->batch; i++) sp[i] = &seq[i];
+    double t0 = pie_cli_now();
+    int rc = prefill(a, &d, sp, b->cfg->vocab_size, last);
+    double t1 = pie_cli_now();
+    if (!rc && a->warmup) rc = decode(a, &d, sp, last, a->warmup);
+    double t2 = pie_cli_now();
+    if (!rc) rc = decode(a, &d, sp, last, a->gen);
+    double t3 = pie_cli_now();
+    r->prefill_s = t1 - t0;
+    r->decode_s = t3 - t2;
+    r->prefill_tokens = (long)a->batch * a->prompt_len;
+    r->decode_tokens = (long)a->batch * a->gen;
+    for (int i = 0; i < a->batch; i++) pie_drv_seq_release(&d, &seq[i]);
+    pie_drv_free(&d);
+    free(seq); free(sp); free(last);
+    if (rc) fprintf(stderr, "pie bench forward: %s\n", pie_err_msg());
+    return rc ? -1 : 0;
+}
+
+static void report(const bench_args *a, const pie_backend *b,
+                   const bench_result *r)
+{
+    double pf = r->prefill_tokens / r->prefill_s;
+    double step_ms = a->gen ? r->decode_s * 1e3 / a->gen : 0;
+    double dec = a->gen ? r->decode_tokens / r->decode_s : 0;
+    if (a->json) {
+        printf("{\"model\":\"%s\",\"backend\":\"%s\",\"batch\":%d,"
+               "\"prompt_len\":%d,\"gen\":%d,\"page_size\":%d,"
+               "\"prefill_tokens_per_s\":%.1f,\"decode_step_ms\":%.3f,"
+               "\"decode_tokens_per_s\":%.1f}\n", a->model, b->name, a->batch,
+               a->prompt_len, a->gen, b->page_size, pf, step_ms, dec);
+        return;
+    }
+    printf("model %s  backend %s  batch %d  prompt %d  gen %d  page %d\n",
+           a->model, b->name, a->batch, a->prompt_len, a->gen, b->page_size);
+    printf("prefill: %ld tokens in %.3f s = %.1f tokens/s\n",
+           r->prefill_tokens, r->prefill_s, pf);
+    printf("decode:  %.3f ms/step, %.1f tokens/s (batch %d, context %d..%d)\n",
+           step_ms, dec, a->batch, a->prompt_len + a->warmup,
+           a->prompt_len + a->warmup + a->gen);
+}
+
+static int bench_forward(int argc, char **argv)
+{
+    bench_args a = { .batch = 1, .prompt_len = 128, .gen = 32, .page_size = 16,
+                     .chunk = 4096, .warmup = 2, .backend = "auto" };
+    const pie_opt opts[] = {
+        { "model", 'm', OPT_STR, &a.model, "model directory or random:SHAPE "
+          "(stories15M, llama-3.2-1b, llama-3.1-8b)" },
+        { "batch", 'B', OPT_INT, &a.batch, "concurrent sequences (1)" },
+        { "prompt-len", 'L', OPT_INT, &a.prompt_len, "prompt tokens per sequence (128)" },
+        { "gen", 'N', OPT_INT, &a.gen, "decode steps timed (32)" },
+        { "warmup", 0, OPT_INT, &a.warmup, "decode steps before timing (2)" },
+        { "chunk", 0, OPT_INT, &a.chunk, "max prefill tokens per forward (4096)" },
+        { "backend", 'b', OPT_STR, &a.backend, "cpu, cuda or auto (auto)" },
+        { "page-size", 0, OPT_INT, &a.page_size, "KV page size in tokens (16)" },
+        { "threads", 0, OPT_INT, &a.threads, "CPU threads (0 = all cores)" },
+        { "json", 0, OPT_FLAG, &a.json, "print one JSON object" },
+        { 0 },
+    };
+    const pie_cmd_usage u = { "bench forward",
+        "--model DIR|random:SHAPE [--batch B] [--prompt-len L] [--gen N] [--json]",
+        "Measures prefill and decode throughput of the backend alone.", opts };
+    char *pos[1];
+    int npos, dd, rc = pie_opts_parse(&u, argc, argv, pos, 0, &npos, &dd);
+    if (rc) return rc < 0 ? 2 : 0;
+    if (a.batch < 1 || a.prompt_len < 1 || a.gen < 0 || a.warmup < 0) {
+        fprintf(stderr, "pie bench forward: --batch and --prompt-len must be "
+                        ">= 1, --gen and --warmup >= 0\n");
+        return 2;
+    }
+    pie_model *m;
+    pie_backend *b = NULL;
+    if (pie_cli_load_model(a.model, &m)) return 1;
+    long pages = (long)a.batch *
+                 ((a.prompt_len + a.gen + a.warmup + a.page_size) / a.page_size + 1);
+    bench_result r;
+    int status = 1;
+    if (pie_cli_backend(a.backend, m, a.page_size, (int)pages, a.threads, &b) == 0 &&
+        run_bench(&a, b, &r) == 0) {
+        report(&a, b, &r);
+        status = 0;
+    }
+    pie_backend_free(b);
+    pie_model_free(m);
+    return status;
+}
+
+int pie_cmd_bench(int argc, char **argv)
+{
+    if (argc >= 2 && !strcmp(argv[1], "forward"))
+        return bench_forward(argc - 1, argv + 1);
+    fprintf(stderr, "usage: pie bench forward [OPTIONS]   (see --help)\n");
+    return (argc >= 2 && (!strcmp(argv[1], "--help") || !strcmp(argv[1], "-h")))
+               ? 0 : 2;
+}

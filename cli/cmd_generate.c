@@ -1,0 +1,180 @@
+/*
+ * cmd_generate.c — `pie generate`: prompt in, continuation out, streamed as
+ * it is generated. No inferlet: the loop runs in the CLI over the backend
+ * (cli/drv.c). Temperature 0 is greedy; seeded sampling is reproducible.
+ */
+#include <stdio.h>
+#include <stdlib.h>
+#include <string.h>
+
+#include "cli/cli.h"
+#include "cli/drv.h"
+#include "cli/opts.h"
+#include "common/pie_err.h"
+#include "model/tokenizer.h"
+
+typedef struct gen_args {
+    const char *model, *prompt, *prompt_ids, *backend;
+    int         max_tokens, top_k, page_size, threads;
+    float       temperature, top_p, min_p;
+    uint64_t    seed;
+    bool        ignore_eos, json;
+} gen_args;
+
+static bool is_eos(const pie_model *m, int32_t id)
+{
+    for (int i = 0; i < m->cfg.n_eos; i++)
+        if (m->cfg.eos_ids[i] == id) return true;
+    return m->tok && pie_tokenizer_eos_id(m->tok) == id;
+}
+
+/* Encodes the prompt the way Hugging Face does by default, or parses ids. */
+static int prompt_ids(const gen_args *a, const pie_model *m, int32_t **ids,
+                      size_t *n)
+{
+    if (a->prompt_ids) {
+        if (pie_cli_parse_ids(a->prompt_ids, ids, n) == 0) return 0;
+        fprintf(stderr, "pie generate: bad --prompt-ids '%s'\n", a->prompt_ids);
+        return -1;
+    }
+    if (!m->tok) {
+        fprintf(stderr, "pie generate: model has no tokenizer; use "
+                        "--prompt-ids\n");
+        return -1;
+    }
+    if (pie_tokenizer_encode(m->tok, a->prompt, strlen(a->prompt), true, ids,
+                             n) == 0 && *n > 0)
+        return 0;
+    fprintf(stderr, "pie generate: cannot encode prompt: %s\n", pie_err_msg());
+    return -1;
+}
+
+/* Writes s as a JSON string literal. */
+static void json_str(FILE *f, const char *s, size_t n)
+{
+    fputc('"', f);
+    for (size_t i = 0; i < n; i++) {
+        unsigned char c = (unsigned char)s[i];
+        if (c == '"' || c == '\\') fprintf(f, "\\%c", c);
+        else if (c == '\n') fputs("\\n", f);
+        else if (c == '\t') fputs("\\t", f);
+        else if (c == '\r') fputs("\\r", f);
+        else if (c < 0x20) fprintf(f, "\\u%04x", c);
+        else fputc(c, f);
+    }
+    fputc('"', f);
+}
+
+static int run_loop(const gen_args *a, pie_model *m, pie_drv *d,
+                    int32_t *prompt, size_t n_prompt, int32_t *gen)
+{
+    pie_sampler s = { .kind = a->temperature > 0 ? PIE_SAMPLER_RANDOM
+                                                 : PIE_SAMPLER_GREEDY,
+                      .temperature = a->temperature, .top_k = a->top_k,
+                      .top_p = a->top_p, .min_p = a->min_p };
+    pie_drv_seq seq = {0}, *sp = &seq;
+    pie_detok dt;
+    char piece[1024];
+    int n_gen = 0, rc = 0;
+    int32_t n_in = (int32_t)n_prompt, tok;
+    const int32_t *in = prompt;
+    if (m->tok) pie_detok_init(&dt, m->tok, true);
+    while (n_gen < a->max_tokens) {
+        s.seed = a->seed * 0x9E3779B97F4A7C15ull + (uint64_t)n_gen;
+        if ((rc = pie_drv_step(d, &sp, 1, in, &n_in, &s, &tok)) != 0) break;
+        if (!a->ignore_eos && is_eos(m, tok)) break;
+        gen[n_gen++] = tok;
+        if (!a->json && m->tok && pie_detok_push(&dt, tok, piece, sizeof piece) > 0) {
+            fputs(piece, stdout);
+            fflush(stdout);
+        } else if (!a->json && !m->tok) {
+            printf("%s%d", n_gen > 1 ? " " : "", tok);
+            fflush(stdout);
+        }
+        in = &gen[n_gen - 1];
+        n_in = 1;
+    }
+    if (!a->json && m->tok && pie_detok_flush(&dt, piece, sizeof piece) > 0)
+        fputs(piece, stdout);
+    pie_drv_seq_release(d, &seq);
+    if (rc) {
+        fprintf(stderr, "\npie generate: %s\n", pie_err_msg());
+        return -1;
+    }
+    return n_gen;
+}
+
+static void print_json(const pie_model *m, const int32_t *gen, int n)
+{
+    printf("{\"ids\":[");
+    for (int i = 0; i < n; i++) printf("%s%d", i ? "," : "", gen[i]);
+    printf("],\"text\":");
+    char *text = NULL;
+    size_t len = 0;
+    if (m->tok && pie_tokenizer_decode(m->tok, gen, (size_t)n, true, &text,
+                                       &len) == 0)
+        json_str(stdout, text, len);
+    else
+        printf("null");
+    printf("}\n");
+    free(text);
+}
+
+int pie_cmd_generate(int argc, char **argv)
+{
+    gen_args a = { .max_tokens = 64, .temperature = 1.0f, .top_p = 1.0f,
+                   .page_size = 16, .backend = "auto" };
+    const pie_opt opts[] = {
+        { "model", 'm', OPT_STR, &a.model, "model directory or random:SHAPE" },
+        { "prompt", 'p', OPT_STR, &a.prompt, "prompt text (BOS added as Hugging Face does)" },
+        { "prompt-ids", 0, OPT_STR, &a.prompt_ids, "prompt as token ids 1,2,3 (used as given)" },
+        { "max-tokens", 'n', OPT_INT, &a.max_tokens, "tokens to generate (64)" },
+        { "temperature", 't', OPT_FLOAT, &a.temperature, "0 = greedy (1.0)" },
+        { "top-k", 0, OPT_INT, &a.top_k, "keep the k most likely tokens (0 = all)" },
+        { "top-p", 0, OPT_FLOAT, &a.top_p, "nucleus mass (1.0 = all)" },
+        { "min-p", 0, OPT_FLOAT, &a.min_p, "drop tokens below min-p x max prob (0)" },
+        { "seed", 's', OPT_U64, &a.seed, "sampling seed (0)" },
+        { "ignore-eos", 0, OPT_FLAG, &a.ignore_eos, "do not stop at EOS" },
+        { "json", 0, OPT_FLAG, &a.json, "print {\"ids\":[...],\"text\":\"...\"}" },
+        { "backend", 'b', OPT_STR, &a.backend, "cpu, cuda or auto (auto)" },
+        { "page-size", 0, OPT_INT, &a.page_size, "KV page size in tokens (16)" },
+        { "threads", 0, OPT_INT, &a.threads, "CPU threads (0 = all cores)" },
+        { 0 },
+    };
+    const pie_cmd_usage u = { "generate",
+        "--model DIR (--prompt TEXT | --prompt-ids 1,2,3) [OPTIONS]",
+        "Generates a continuation of the prompt and prints it as it is "
+        "generated (only the continuation).", opts };
+    char *pos[1];
+    int npos, dd, rc = pie_opts_parse(&u, argc, argv, pos, 0, &npos, &dd);
+    if (rc) return rc < 0 ? 2 : 0;
+    if (!a.prompt == !a.prompt_ids) {
+        fprintf(stderr, "pie generate: give exactly one of --prompt and "
+                        "--prompt-ids\n");
+        return 2;
+    }
+    if (a.max_tokens < 0) a.max_tokens = 0;
+    pie_model *m;
+    pie_backend *b = NULL;
+    pie_drv d = {0};
+    int32_t *ids = NULL, *gen = NULL;
+    size_t n = 0;
+    int status = 1;
+    if (pie_cli_load_model(a.model, &m)) return 1;
+    if (prompt_ids(&a, m, &ids, &n)) goto out;
+    if (pie_cli_backend(a.backend, m, a.page_size, 0, a.threads, &b)) goto out;
+    if (pie_drv_init(&d, b)) goto out;
+    gen = malloc(sizeof(int32_t) * (size_t)(a.max_tokens + 1));
+    int n_gen = gen ? run_loop(&a, m, &d, ids, n, gen) : -1;
+    if (n_gen < 0) goto out;
+    if (a.json) print_json(m, gen, n_gen);
+    else printf("\n");
+    status = 0;
+out:
+    pie_drv_free(&d);
+    free(gen);
+    free(ids);
+    pie_backend_free(b);
+    pie_model_free(m);
+    return status;
+}
