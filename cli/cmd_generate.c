@@ -78,7 +78,10 @@ static int run_loop(const gen_args *a, pie_model *m, pie_drv *d,
     int n_gen = 0, rc = 0;
     int32_t n_in = (int32_t)n_prompt, tok;
     const int32_t *in = prompt;
-    if (m->tok) pie_detok_init(&dt, m->tok, true);
+    if (m->tok) {
+        pie_detok_init(&dt, m->tok, true);
+        dt.first = false;   /* a continuation keeps its leading space */
+    }
     while (n_gen < a->max_tokens) {
         s.seed = a->seed * 0x9E3779B97F4A7C15ull + (uint64_t)n_gen;
         if ((rc = pie_drv_step(d, &sp, 1, in, &n_in, &s, &tok)) != 0) break;

@@ -1,0 +1,150 @@
+/*
+ * test_cli.c — the `pie` command end to end: generate and tokenize on the
+ * real stories260K checkpoint against reference.json (produced by Hugging
+ * Face transformers), and the command's answers to bad input (exit codes,
+ * messages naming the problem).
+ */
+#include <jansson.h>
+#include <stdio.h>
+#include <stdlib.h>
+#include <string.h>
+#include <sys/wait.h>
+
+#include "tests/test_util.h"
+
+/* Runs a shell command; returns its stdout (malloc'ed) and exit status. */
+static char *run(const char *cmd, int *status)
+{
+    FILE *p = popen(cmd, "r");
+    CHECK(p, "popen %s", cmd);
+    size_t cap = 1 << 16, n = 0;
+    char *buf = malloc(cap);
+    size_t k;
+    while ((k = fread(buf + n, 1, cap - n - 1, p)) > 0) {
+        n += k;
+        if (cap - n < 1024) buf = realloc(buf, cap *= 2);
+    }
+    buf[n] = 0;
+    int st = pclose(p);
+    *status = WIFEXITED(st) ? WEXITSTATUS(st) : -1;
+    return buf;
+}
+
+static json_t *reference(void)
+{
+    json_error_t e;
+    json_t *r = json_load_file(test_shared_path("models/stories260K/reference.json"),
+                               0, &e);
+    CHECK(r, "reference.json: %s", e.text);
+    return r;
+}
+
+/* Checks that JSON array got equals the first n ids of want. */
+static void check_ids(json_t *got, json_t *want, size_t n, const char *what)
+{
+    CHECK(json_is_array(got), "%s: no ids array", what);
+    CHECK(json_array_size(got) == n, "%s: expected %zu ids, got %zu", what, n,
+          json_array_size(got));
+    for (size_t i = 0; i < n; i++) {
+        long g = (long)json_integer_value(json_array_get(got, i));
+        long w = (long)json_integer_value(json_array_get(want, i));
+        CHECK(g == w, "%s: expected %ld, got %ld at step %zu", what, w, g, i);
+    }
+    printf("%s: %zu ids match the reference\n", what, n);
+}
+
+static void test_generate_ids(json_t *ref, const char *model)
+{
+    char cmd[2048];
+    int st;
+    json_t *p0 = json_array_get(json_object_get(ref, "prompts"), 0);
+    snprintf(cmd, sizeof cmd, "%s generate --model %s --prompt-ids 1 "
+             "--max-tokens 100 --temperature 0 --ignore-eos --json --backend cpu",
+             PIE_BIN, model);
+    char *out = run(cmd, &st);
+    CHECK(st == 0, "pie generate exited %d", st);
+    json_error_t e;
+    json_t *j = json_loads(out, 0, &e);
+    CHECK(j, "generate --json output is not JSON: %s", out);
+    check_ids(json_object_get(j, "ids"), json_object_get(p0, "greedy_ids"), 100,
+              "generate --prompt-ids 1");
+    json_decref(j);
+    free(out);
+}
+
+static void test_generate_text(json_t *ref, const char *model)
+{
+    char cmd[2048];
+    int st;
+    json_t *p1 = json_array_get(json_object_get(ref, "prompts"), 1);
+    snprintf(cmd, sizeof cmd, "%s generate --model %s --prompt 'Once upon a time' "
+             "--max-tokens 100 --temperature 0 --ignore-eos --backend cpu",
+             PIE_BIN, model);
+    char *out = run(cmd, &st);
+    CHECK(st == 0, "pie generate exited %d", st);
+    const char *full = json_string_value(json_object_get(p1, "greedy_text"));
+    const char *prompt = "Once upon a time";
+    CHECK(!strncmp(full, prompt, strlen(prompt)), "reference text starts oddly");
+    const char *want = full + strlen(prompt);
+    size_t n = strlen(want);
+    CHECK(strncmp(out, want, n) == 0 && out[n] == '\n',
+          "continuation differs:\nexpected: %s\ngot:      %s", want, out);
+    printf("generate --prompt: streamed text equals the reference (%zu bytes)\n", n);
+    free(out);
+
+    snprintf(cmd, sizeof cmd, "%s tokenize --model %s --json 'Once upon a time'",
+             PIE_BIN, model);
+    out = run(cmd, &st);
+    CHECK(st == 0, "pie tokenize exited %d", st);
+    json_error_t e;
+    json_t *j = json_loads(out, 0, &e), *in = json_object_get(p1, "input_ids");
+    CHECK(j, "tokenize --json output is not JSON: %s", out);
+    /* reference input_ids = BOS + the text's ids; tokenize adds no BOS */
+    json_t *want_ids = json_array();
+    for (size_t i = 1; i < json_array_size(in); i++)
+        json_array_append(want_ids, json_array_get(in, i));
+    check_ids(json_object_get(j, "ids"), want_ids, json_array_size(want_ids),
+              "tokenize");
+    json_decref(want_ids);
+    json_decref(j);
+    free(out);
+}
+
+/* Each bad invocation must fail with the given status and a message. */
+static void test_bad_input(const char *model)
+{
+    struct { const char *args; int status; const char *msg; } cases[] = {
+        { "generate --model /nonexistent/dir --prompt x", 1, "/nonexistent/dir" },
+        { "generate --model %s --prompt-ids 1,x", 2, "prompt-ids" },
+        { "generate --model %s", 2, "--prompt" },
+        { "generate --model %s --prompt x --bogus", 2, "--bogus" },
+        { "generate --model %s --prompt x --max-tokens abc", 2, "max-tokens" },
+        { "generate --model %s --prompt-ids 99999 --temperature 0", 1, "" },
+        { "frobnicate", 2, "frobnicate" },
+    };
+    for (size_t i = 0; i < sizeof cases / sizeof cases[0]; i++) {
+        char args[512], cmd[2048];
+        int st;
+        snprintf(args, sizeof args, cases[i].args, model);
+        snprintf(cmd, sizeof cmd, "%s %s 2>&1", PIE_BIN, args);
+        char *out = run(cmd, &st);
+        CHECK(st == cases[i].status, "'pie %s': expected exit %d, got %d (%s)",
+              args, cases[i].status, st, out);
+        CHECK(strstr(out, cases[i].msg), "'pie %s': message lacks '%s': %s",
+              args, cases[i].msg, out);
+        printf("bad input 'pie %s' -> exit %d: %.*s\n", args, st,
+               (int)strcspn(out, "\n"), out);
+        free(out);
+    }
+}
+
+int main(void)
+{
+    json_t *ref = reference();
+    const char *model = test_shared_path("models/stories260K");
+    test_generate_ids(ref, model);
+    test_generate_text(ref, model);
+    test_bad_input(model);
+    json_decref(ref);
+    TEST_DONE();
+}
