@@ -25,7 +25,16 @@ int pie_err_wrap(int code, const char *fmt, ...)
     vsnprintf(prefix, sizeof prefix, fmt, ap);
     va_end(ap);
     memcpy(old, err_msg, sizeof old);
-    snprintf(err_msg, sizeof err_msg, "%s: %s", prefix, old);
+    size_t n = strnlen(prefix, sizeof prefix - 1);
+    memcpy(err_msg, prefix, n);
+    if (n + 2 < sizeof err_msg) {
+        err_msg[n++] = ':';
+        err_msg[n++] = ' ';
+    }
+    size_t m = strnlen(old, sizeof old);
+    if (m > sizeof err_msg - 1 - n) m = sizeof err_msg - 1 - n;
+    memcpy(err_msg + n, old, m);
+    err_msg[n + m] = 0;
     return code;
 }
 
