@@ -1,0 +1,629 @@
+/*
+ * cpu.c — the CPU backend: float32 weights, a float32 paged KV pool, and the
+ * batched forward of backend.h.
+ *
+ * Weights. pie_backend_cpu_create() converts every tensor of the model to
+ * float32 (pie_tensor_to_f32) into buffers the backend owns, so the model
+ * may be freed afterwards. A tied LM head shares the embedding buffer.
+ *
+ * KV pool. One calloc'ed float array of n_pages pages. A page holds, for
+ * every layer, page_size K rows then page_size V rows of kv_dim =
+ * n_kv_heads * head_dim floats:
+ *
+ *     kv[page][layer][0 = K, 1 = V][slot 0..page_size)[kv_head][head_dim]
+ *
+ * so a page is contiguous (page_bytes = n_layers * 2 * page_size * kv_dim
+ * * 4) and download/upload are one memcpy per page; copy_slots copies
+ * 2 * n_layers runs of n * kv_dim floats. Default n_pages (opts->n_pages
+ * 0): enough pages for 8192 tokens. The pool is zeroed at creation; a slot
+ * holds garbage only in the sense that it holds whatever was last written.
+ *
+ * Forward. After pie_batch_validate() nothing can fail except allocation,
+ * which happens before the first KV write. All n_tokens tokens of all
+ * requests go through each layer together (one sgemm per projection); the
+ * per-request part is attention, run over (token, head) tasks on the worker
+ * pool, each task reading its request's pages slot by slot. The final norm
+ * and the LM head run only on output rows; sampling runs one row per task.
+ *
+ * Threads: OpenBLAS gets n_threads for sgemm; the pool has n_threads
+ * workers (the calling thread is one of them). A backend runs one forward
+ * at a time; callers serialize (the scheduler has one thread per device).
+ */
+#define _GNU_SOURCE
+#include <cblas.h>
+#include <math.h>
+#include <stdlib.h>
+#include <string.h>
+#include <unistd.h>
+
+#include "backend/backend.h"
+#include "backend/cpu/cpu_internal.h"
+#include "common/pie_err.h"
+
+#define CPU_DEFAULT_TOKENS 8192
+
+typedef struct cpu_layer {
+    float *attn_norm;   /* (dim)                                */
+    float *wq;          /* (n_heads*head_dim, dim)              */
+    float *wk;          /* (kv_dim, dim)                        */
+    float *wv;          /* (kv_dim, dim)                        */
+    float *wo;          /* (dim, n_heads*head_dim)              */
+    float *bq, *bk, *bv;/* (q_dim), (kv_dim), (kv_dim) or NULL  */
+    float *q_norm;      /* (head_dim) or NULL                   */
+    float *k_norm;      /* (head_dim) or NULL                   */
+    float *ffn_norm;    /* (dim)                                */
+    float *w_gate;      /* (hidden_dim, dim)                    */
+    float *w_up;        /* (hidden_dim, dim)                    */
+    float *w_down;      /* (dim, hidden_dim)                    */
+} cpu_layer;
+
+/* Per-forward buffers, grown on demand and kept between forwards. */
+typedef struct cpu_state {
+    int64_t  cap_tokens, cap_out, cap_kv;
+    float   *x;         /* (n, dim) residual stream             */
+    float   *xb;        /* (n, dim) normed input                */
+    float   *q;         /* (n, q_dim)                           */
+    float   *k, *v;     /* (n, kv_dim)                          */
+    float   *att;       /* (n, q_dim) attention output          */
+    float   *hb, *hb2;  /* (n, hidden_dim)                      */
+    int32_t *tok_req;   /* (n) request of each token            */
+    int32_t *tok_slot;  /* (n) KV slot of each token            */
+    int32_t *req_kv;    /* (n) kv_len of each request (<= n reqs) */
+    float   *xo;        /* (n_out, dim)                         */
+    float   *logits;    /* (n_out, vocab)                       */
+    int     *rcs;       /* (n_out) sampler results              */
+    float   *scores;    /* (n_threads, cap_kv)                  */
+} cpu_state;
+
+typedef struct cpu_backend {
+    pie_backend      base;       /* must stay first                     */
+    pie_model_config cfg;        /* copy; base.cfg points here          */
+    int32_t          q_dim, kv_dim;
+    float           *tok_embed;  /* (vocab, dim)                        */
+    float           *lm_head;    /* (vocab, dim); == tok_embed if tied  */
+    float           *final_norm; /* (dim)                               */
+    cpu_layer       *layers;     /* (n_layers)                          */
+    float           *inv_freq;   /* (head_dim/2)                        */
+    float           *kv;         /* (n_pages, page_floats), see above   */
+    int64_t          page_floats;
+    int32_t          n_threads;
+    pie__cpu_pool   *pool;
+    cpu_state        st;
+} cpu_backend;
+
+/* ------------------------------------------------------------- weights */
+
+/* Converts tensor t (expected numel n) into a new float buffer. A missing
+ * optional tensor leaves *dst NULL. */
+static int load_f32(const pie_tensor *t, int64_t n, int optional,
+                    const char *name, int32_t layer, float **dst)
+{
+    *dst = NULL;
+    if (!t->data) {
+        if (optional) return 0;
+        return pie_err_set(PIE_ENOTFOUND, "cpu backend: layer %d: missing "
+                           "tensor %s", layer, name);
+    }
+    if (pie_tensor_numel(t) != n)
+        return pie_err_set(PIE_EFORMAT, "cpu backend: layer %d: tensor %s "
+                           "has %lld elements, expected %lld", layer, name,
+                           (long long)pie_tensor_numel(t), (long long)n);
+    *dst = malloc(sizeof(float) * (size_t)n);
+    if (!*dst)
+        return pie_err_set(PIE_ENOMEM, "cpu backend: out of memory for %s",
+                           name);
+    pie_tensor_to_f32(t, 0, n, *dst);
+    return 0;
+}
+
+static int load_layer(cpu_backend *b, const pie_layer_weights *w, int32_t l)
+{
+    const pie_model_config *c = &b->cfg;
+    cpu_layer *L = &b->layers[l];
+    int64_t d = c->dim, hd = c->head_dim, h = c->hidden_dim;
+    int64_t qd = b->q_dim, kd = b->kv_dim;
+    int rc;
+    if ((rc = load_f32(&w->attn_norm, d, 0, "attn_norm", l, &L->attn_norm)) ||
+        (rc = load_f32(&w->wq, qd * d, 0, "wq", l, &L->wq)) ||
+        (rc = load_f32(&w->wk, kd * d, 0, "wk", l, &L->wk)) ||
+        (rc = load_f32(&w->wv, kd * d, 0, "wv", l, &L->wv)) ||
+        (rc = load_f32(&w->wo, d * qd, 0, "wo", l, &L->wo)) ||
+        (rc = load_f32(&w->ffn_norm, d, 0, "ffn_norm", l, &L->ffn_norm)) ||
+        (rc = load_f32(&w->w_gate, h * d, 0, "w_gate", l, &L->w_gate)) ||
+        (rc = load_f32(&w->w_up, h * d, 0, "w_up", l, &L->w_up)) ||
+        (rc = load_f32(&w->w_down, d * h, 0, "w_down", l, &L->w_down)))
+        return rc;
+    int nb = !c->qkv_bias, nn = !c->qk_norm;
+    if ((rc = load_f32(&w->bq, qd, nb, "bq", l, &L->bq)) ||
+        (rc = load_f32(&w->bk, kd, nb, "bk", l, &L->bk)) ||
+        (rc = load_f32(&w->bv, kd, nb, "bv", l, &L->bv)) ||
+        (rc = load_f32(&w->q_norm, hd, nn, "q_norm", l, &L->q_norm)) ||
+        (rc = load_f32(&w->k_norm, hd, nn, "k_norm", l, &L->k_norm)))
+        return rc;
+    return 0;
+}
+
+static int check_config(const pie_model_config *c)
+{
+    if (c->dim < 1 || c->n_layers < 1 || c->n_layers > PIE_MAX_LAYERS ||
+        c->n_heads < 1 || c->n_kv_heads < 1 || c->head_dim < 2 ||
+        c->head_dim % 2 || c->hidden_dim < 1 || c->vocab_size < 1 ||
+        c->n_heads % c->n_kv_heads)
+        return pie_err_set(PIE_EUNSUPPORTED, "cpu backend: unsupported "
+                           "shape (dim %d, layers %d, heads %d/%d, head_dim "
+                           "%d, hidden %d, vocab %d)", c->dim, c->n_layers,
+                           c->n_heads, c->n_kv_heads, c->head_dim,
+                           c->hidden_dim, c->vocab_size);
+    return 0;
+}
+
+static int load_weights(cpu_backend *b, const pie_model *m)
+{
+    const pie_model_config *c = &b->cfg;
+    int64_t vd = (int64_t)c->vocab_size * c->dim;
+    int rc = load_f32(&m->w.tok_embed, vd, 0, "tok_embed", -1, &b->tok_embed);
+    if (!rc) rc = load_f32(&m->w.final_norm, c->dim, 0, "final_norm", -1,
+                           &b->final_norm);
+    if (rc) return rc;
+    if (m->w.lm_head.data == NULL || m->w.lm_head.data == m->w.tok_embed.data)
+        b->lm_head = b->tok_embed;
+    else if ((rc = load_f32(&m->w.lm_head, vd, 0, "lm_head", -1, &b->lm_head)))
+        return rc;
+    b->layers = calloc((size_t)c->n_layers, sizeof *b->layers);
+    if (!b->layers) return pie_err_set(PIE_ENOMEM, "cpu backend: out of memory");
+    for (int32_t l = 0; l < c->n_layers; l++)
+        if ((rc = load_layer(b, &m->w.layers[l], l))) return rc;
+    return 0;
+}
+
+/* ------------------------------------------------------------- state */
+
+static int grow(void **p, int64_t n, size_t elem)
+{
+    void *q = realloc(*p, (size_t)(n > 0 ? n : 1) * elem);
+    if (!q) return pie_err_set(PIE_ENOMEM, "cpu backend: out of memory for "
+                               "forward buffers");
+    *p = q;
+    return 0;
+}
+
+static int state_reserve(cpu_backend *b, int64_t n, int64_t n_out,
+                         int64_t max_kv)
+{
+    cpu_state *s = &b->st;
+    const pie_model_config *c = &b->cfg;
+    int rc = 0;
+    if (n > s->cap_tokens) {
+        if ((rc = grow((void **)&s->x, n * c->dim, 4)) ||
+            (rc = grow((void **)&s->xb, n * c->dim, 4)) ||
+            (rc = grow((void **)&s->q, n * b->q_dim, 4)) ||
+            (rc = grow((void **)&s->k, n * b->kv_dim, 4)) ||
+            (rc = grow((void **)&s->v, n * b->kv_dim, 4)) ||
+            (rc = grow((void **)&s->att, n * b->q_dim, 4)) ||
+            (rc = grow((void **)&s->hb, n * c->hidden_dim, 4)) ||
+            (rc = grow((void **)&s->hb2, n * c->hidden_dim, 4)) ||
+            (rc = grow((void **)&s->tok_req, n, 4)) ||
+            (rc = grow((void **)&s->tok_slot, n, 4)) ||
+            (rc = grow((void **)&s->req_kv, n + 1, 4)))
+            return rc;
+        s->cap_tokens = n;
+    }
+    if (n_out > s->cap_out) {
+        if ((rc = grow((void **)&s->xo, n_out * c->dim, 4)) ||
+            (rc = grow((void **)&s->logits, n_out * c->vocab_size, 4)) ||
+            (rc = grow((void **)&s->rcs, n_out, sizeof(int))))
+            return rc;
+        s->cap_out = n_out;
+    }
+    if (max_kv > s->cap_kv) {
+        if ((rc = grow((void **)&s->scores, max_kv * b->n_threads, 4)))
+            return rc;
+        s->cap_kv = max_kv;
+    }
+    return 0;
+}
+
+static void state_free(cpu_state *s)
+{
+    free(s->x); free(s->xb); free(s->q); free(s->k); free(s->v);
+    free(s->att); free(s->hb); free(s->hb2); free(s->tok_req);
+    free(s->tok_slot); free(s->req_kv); free(s->xo); free(s->logits);
+    free(s->rcs); free(s->scores);
+}
+
+/* ------------------------------------------------------------- forward */
+
+static inline float *kv_row(cpu_backend *b, int32_t page, int32_t layer,
+                            int which, int32_t off)
+{
+    int64_t ps = b->base.page_size;
+    return b->kv + page * b->page_floats +
+           (((int64_t)layer * 2 + which) * ps + off) * b->kv_dim;
+}
+
+typedef struct fwd_ctx {
+    cpu_backend             *b;
+    const pie_forward_batch *batch;
+    pie_forward_out         *out;
+    int32_t                  layer;
+} fwd_ctx;
+
+/* Accumulates attention of q over slots [lo, hi) into the running
+ * softmax (scores written to sc[slot]); returns the max seen so far. */
+static float attn_scores(fwd_ctx *c, const float *q, const int32_t *pages,
+                         int32_t kvh, int64_t lo, int64_t hi, float *sc,
+                         float mx)
+{
+    cpu_backend *b = c->b;
+    int32_t hd = b->cfg.head_dim, ps = b->base.page_size;
+    float scale = 1.0f / sqrtf((float)hd);
+    for (int64_t s = lo; s < hi; s++) {
+        const float *k = kv_row(b, pages[s / ps], c->layer, 0,
+                                (int32_t)(s % ps)) + (int64_t)kvh * hd;
+        float dot = 0.0f;
+        for (int32_t d = 0; d < hd; d++) dot += q[d] * k[d];
+        sc[s] = dot * scale;
+        if (sc[s] > mx) mx = sc[s];
+    }
+    return mx;
+}
+
+static double attn_values(fwd_ctx *c, float *o, const int32_t *pages,
+                          int32_t kvh, int64_t lo, int64_t hi, float *sc,
+                          float mx)
+{
+    cpu_backend *b = c->b;
+    int32_t hd = b->cfg.head_dim, ps = b->base.page_size;
+    double sum = 0.0;
+    for (int64_t s = lo; s < hi; s++) {
+        const float *v = kv_row(b, pages[s / ps], c->layer, 1,
+                                (int32_t)(s % ps)) + (int64_t)kvh * hd;
+        float e = expf(sc[s] - mx);
+        sum += e;
+        for (int32_t d = 0; d < hd; d++) o[d] += e * v[d];
+    }
+    return sum;
+}
+
+/* One (token, head) of paged attention: causal, or the token's mask runs. */
+static void attn_task(void *ctx, int64_t task, int32_t worker)
+{
+    fwd_ctx *c = ctx;
+    cpu_backend *b = c->b;
+    const pie_forward_batch *bt = c->batch;
+    int32_t nh = b->cfg.n_heads, hd = b->cfg.head_dim;
+    int32_t t = (int32_t)(task / nh), h = (int32_t)(task % nh);
+    int32_t kvh = h / (nh / b->cfg.n_kv_heads), r = b->st.tok_req[t];
+    const int32_t *pages = bt->kv_page_indices + bt->kv_page_indptr[r];
+    const float *q = b->st.q + ((int64_t)t * nh + h) * hd;
+    float *o = b->st.att + ((int64_t)t * nh + h) * hd;
+    float *sc = b->st.scores + (int64_t)worker * b->st.cap_kv;
+    memset(o, 0, sizeof *o * (size_t)hd);
+
+    const uint32_t *runs = NULL;
+    uint32_t n_runs = 0;
+    if (bt->mask_indptr) {
+        runs = bt->mask_runs + bt->mask_indptr[t];
+        n_runs = bt->mask_indptr[t + 1] - bt->mask_indptr[t];
+    }
+    float mx = -INFINITY;
+    int64_t pos = 0;
+    if (!runs) mx = attn_scores(c, q, pages, kvh, 0, b->st.tok_slot[t] + 1,
+                                sc, mx);
+    for (uint32_t i = 0; i < n_runs; pos += runs[i], i++)
+        if (i & 1) mx = attn_scores(c, q, pages, kvh, pos, pos + runs[i], sc,
+                                    mx);
+    if (mx == -INFINITY) return;   /* attends to nothing: zero output */
+    double sum = 0.0;
+    pos = 0;
+    if (!runs) sum = attn_values(c, o, pages, kvh, 0, b->st.tok_slot[t] + 1,
+                                 sc, mx);
+    for (uint32_t i = 0; i < n_runs; pos += runs[i], i++)
+        if (i & 1) sum += attn_values(c, o, pages, kvh, pos, pos + runs[i],
+                                      sc, mx);
+    float inv = (float)(1.0 / sum);
+    for (int32_t d = 0; d < hd; d++) o[d] *= inv;
+}
+
+/* Writes the new tokens' K and V rows of layer l into their slots. */
+static void kv_append(cpu_backend *b, const pie_forward_batch *bt, int32_t l)
+{
+    int32_t ps = b->base.page_size;
+    size_t row = sizeof(float) * (size_t)b->kv_dim;
+    for (int32_t t = 0; t < bt->n_tokens; t++) {
+        int32_t r = b->st.tok_req[t], s = b->st.tok_slot[t];
+        int32_t page = bt->kv_page_indices[bt->kv_page_indptr[r] + s / ps];
+        memcpy(kv_row(b, page, l, 0, s % ps), b->st.k + (int64_t)t * b->kv_dim,
+               row);
+        memcpy(kv_row(b, page, l, 1, s % ps), b->st.v + (int64_t)t * b->kv_dim,
+               row);
+    }
+}
+
+static void layer_forward(cpu_backend *b, fwd_ctx *c, int32_t n)
+{
+    const pie_model_config *cf = &b->cfg;
+    const cpu_layer *L = &b->layers[c->layer];
+    cpu_state *s = &b->st;
+    int32_t d = cf->dim, hd = cf->head_dim;
+    pie__cpu_rmsnorm(s->xb, s->x, L->attn_norm, n, d, cf->norm_eps);
+    pie__cpu_matmul(s->q, s->xb, L->wq, n, d, b->q_dim, 0.0f);
+    pie__cpu_matmul(s->k, s->xb, L->wk, n, d, b->kv_dim, 0.0f);
+    pie__cpu_matmul(s->v, s->xb, L->wv, n, d, b->kv_dim, 0.0f);
+    if (L->bq) {
+        pie__cpu_add_bias(s->q, L->bq, n, b->q_dim);
+        pie__cpu_add_bias(s->k, L->bk, n, b->kv_dim);
+        pie__cpu_add_bias(s->v, L->bv, n, b->kv_dim);
+    }
+    if (L->q_norm) {
+        pie__cpu_rmsnorm(s->q, s->q, L->q_norm, n * cf->n_heads, hd,
+                         cf->norm_eps);
+        pie__cpu_rmsnorm(s->k, s->k, L->k_norm, n * cf->n_kv_heads, hd,
+                         cf->norm_eps);
+    }
+    pie__cpu_rope(s->q, c->batch->positions, n, cf->n_heads, hd, b->inv_freq);
+    pie__cpu_rope(s->k, c->batch->positions, n, cf->n_kv_heads, hd,
+                  b->inv_freq);
+    kv_append(b, c->batch, c->layer);
+    pie__cpu_pool_run(b->pool, (int64_t)n * cf->n_heads, attn_task, c);
+    pie__cpu_matmul(s->x, s->att, L->wo, n, b->q_dim, d, 1.0f);
+    pie__cpu_rmsnorm(s->xb, s->x, L->ffn_norm, n, d, cf->norm_eps);
+    pie__cpu_matmul(s->hb, s->xb, L->w_gate, n, d, cf->hidden_dim, 0.0f);
+    pie__cpu_matmul(s->hb2, s->xb, L->w_up, n, d, cf->hidden_dim, 0.0f);
+    pie__cpu_silu_mul(s->hb, s->hb2, (int64_t)n * cf->hidden_dim);
+    pie__cpu_matmul(s->x, s->hb, L->w_down, n, cf->hidden_dim, d, 1.0f);
+}
+
+static void sample_task(void *ctx, int64_t o, int32_t worker)
+{
+    fwd_ctx *c = ctx;
+    const pie_forward_batch *bt = c->batch;
+    int32_t vocab = c->b->cfg.vocab_size;
+    const uint32_t *runs = NULL;
+    uint32_t n_runs = 0;
+    if (bt->logit_mask_indptr) {
+        static const uint32_t none[1];
+        runs = bt->logit_mask_runs ? bt->logit_mask_runs +
+                                         bt->logit_mask_indptr[o] : none;
+        n_runs = bt->logit_mask_indptr[o + 1] - bt->logit_mask_indptr[o];
+    }
+    uint32_t off = c->out->value_indptr[o];
+    c->b->st.rcs[o] = pie_sample_row(c->b->st.logits + o * vocab, vocab,
+                                     &bt->samplers[o], runs, n_runs,
+                                     &c->out->tokens[o],
+                                     c->out->values + off, c->out->ids + off);
+}
+
+/* Prepares tok_req / tok_slot / req_kv; returns the largest kv_len. */
+static int64_t plan_tokens(cpu_backend *b, const pie_forward_batch *bt)
+{
+    int32_t ps = b->base.page_size;
+    int64_t max_kv = 0;
+    for (int32_t r = 0; r < bt->n_reqs; r++) {
+        int32_t np = bt->kv_page_indptr[r + 1] - bt->kv_page_indptr[r];
+        int32_t kv_len = (np - 1) * ps + bt->kv_last_page_len[r];
+        int32_t n_new = bt->qo_indptr[r + 1] - bt->qo_indptr[r];
+        if (kv_len > max_kv) max_kv = kv_len;
+        for (int32_t i = 0; i < n_new; i++) {
+            b->st.tok_req[bt->qo_indptr[r] + i] = r;
+            b->st.tok_slot[bt->qo_indptr[r] + i] = kv_len - n_new + i;
+        }
+    }
+    return max_kv;
+}
+
+static int64_t batch_max_kv(const pie_forward_batch *bt, int32_t ps)
+{
+    int64_t m = 0;
+    for (int32_t r = 0; r < bt->n_reqs; r++) {
+        int64_t np = bt->kv_page_indptr[r + 1] - bt->kv_page_indptr[r];
+        int64_t kv = (np - 1) * ps + bt->kv_last_page_len[r];
+        if (kv > m) m = kv;
+    }
+    return m;
+}
+
+static int cpu_forward(pie_backend *base, const pie_forward_batch *bt,
+                       pie_forward_out *out)
+{
+    cpu_backend *b = (cpu_backend *)base;
+    const pie_model_config *cf = &b->cfg;
+    int rc = pie_batch_validate(bt, cf->vocab_size, base->page_size,
+                                base->n_pages);
+    if (rc) return rc;
+    if (bt->n_outputs > 0 && (!out || !out->tokens || !out->value_indptr))
+        return pie_err_set(PIE_EINVAL, "cpu forward: output buffers missing "
+                           "(use pie_forward_out_alloc)");
+    int32_t n = bt->n_tokens, d = cf->dim;
+    rc = state_reserve(b, n, bt->n_outputs,
+                       batch_max_kv(bt, base->page_size));
+    if (rc) return rc;
+    if (n == 0) return 0;
+    plan_tokens(b, bt);
+    openblas_set_num_threads(b->n_threads);
+    cpu_state *s = &b->st;
+    for (int32_t t = 0; t < n; t++)
+        memcpy(s->x + (int64_t)t * d,
+               b->tok_embed + (int64_t)bt->token_ids[t] * d,
+               sizeof(float) * (size_t)d);
+    fwd_ctx c = { b, bt, out, 0 };
+    for (c.layer = 0; c.layer < cf->n_layers; c.layer++) layer_forward(b, &c, n);
+    if (bt->n_outputs == 0) return 0;
+    for (int32_t o = 0; o < bt->n_outputs; o++)
+        memcpy(s->xo + (int64_t)o * d,
+               s->x + (int64_t)bt->output_token_idx[o] * d,
+               sizeof(float) * (size_t)d);
+    pie__cpu_rmsnorm(s->xo, s->xo, b->final_norm, bt->n_outputs, d,
+                     cf->norm_eps);
+    pie__cpu_matmul(s->logits, s->xo, b->lm_head, bt->n_outputs, d,
+                    cf->vocab_size, 0.0f);
+    pie__cpu_pool_run(b->pool, bt->n_outputs, sample_task, &c);
+    for (int32_t o = 0; o < bt->n_outputs; o++)
+        if (s->rcs[o])
+            return pie_err_set(s->rcs[o], "cpu forward: sampling output %d "
+                               "failed", o);
+    return 0;
+}
+
+/* ------------------------------------------------------------- pages */
+
+static int check_page(cpu_backend *b, int32_t page, const char *what)
+{
+    if (page < 0 || page >= b->base.n_pages)
+        return pie_err_set(PIE_ERANGE, "cpu backend: %s page %d outside "
+                           "0..%d", what, page, b->base.n_pages - 1);
+    return 0;
+}
+
+static int cpu_copy_slots(pie_backend *base, int32_t src, int32_t src_off,
+                          int32_t dst, int32_t dst_off, int32_t n)
+{
+    cpu_backend *b = (cpu_backend *)base;
+    int32_t ps = base->page_size;
+    int rc = check_page(b, src, "source");
+    if (!rc) rc = check_page(b, dst, "destination");
+    if (rc) return rc;
+    if (n < 0 || src_off < 0 || dst_off < 0 || src_off > ps - n ||
+        dst_off > ps - n)
+        return pie_err_set(PIE_ERANGE, "cpu backend: copy of %d slots at "
+                           "offsets %d -> %d exceeds page size %d", n,
+                           src_off, dst_off, ps);
+    for (int32_t l = 0; l < b->cfg.n_layers; l++)
+        for (int which = 0; which < 2; which++)
+            memmove(kv_row(b, dst, l, which, dst_off),
+                    kv_row(b, src, l, which, src_off),
+                    sizeof(float) * (size_t)n * (size_t)b->kv_dim);
+    return 0;
+}
+
+static int check_pages(cpu_backend *b, const int32_t *pages, int32_t n,
+                       const void *host)
+{
+    if (n < 0 || (n > 0 && (!pages || !host)))
+        return pie_err_set(PIE_EINVAL, "cpu backend: bad page transfer "
+                           "(%d pages)", n);
+    for (int32_t i = 0; i < n; i++) {
+        int rc = check_page(b, pages[i], "transfer");
+        if (rc) return rc;
+    }
+    return 0;
+}
+
+static int cpu_download(pie_backend *base, const int32_t *pages, int32_t n,
+                        void *host)
+{
+    cpu_backend *b = (cpu_backend *)base;
+    int rc = check_pages(b, pages, n, host);
+    if (rc) return rc;
+    for (int32_t i = 0; i < n; i++)
+        memcpy((char *)host + (size_t)i * base->page_bytes,
+               b->kv + pages[i] * b->page_floats, base->page_bytes);
+    return 0;
+}
+
+static int cpu_upload(pie_backend *base, const int32_t *pages, int32_t n,
+                      const void *host)
+{
+    cpu_backend *b = (cpu_backend *)base;
+    int rc = check_pages(b, pages, n, host);
+    if (rc) return rc;
+    for (int32_t i = 0; i < n; i++)
+        memcpy(b->kv + pages[i] * b->page_floats,
+               (const char *)host + (size_t)i * base->page_bytes,
+               base->page_bytes);
+    return 0;
+}
+
+/* ------------------------------------------------------------- lifetime */
+
+static void cpu_destroy(pie_backend *base)
+{
+    cpu_backend *b = (cpu_backend *)base;
+    if (!b) return;
+    pie__cpu_pool_free(b->pool);
+    if (b->layers) {
+        for (int32_t l = 0; l < b->cfg.n_layers; l++) {
+            cpu_layer *L = &b->layers[l];
+            free(L->attn_norm); free(L->wq); free(L->wk); free(L->wv);
+            free(L->wo); free(L->bq); free(L->bk); free(L->bv);
+            free(L->q_norm); free(L->k_norm); free(L->ffn_norm);
+            free(L->w_gate); free(L->w_up); free(L->w_down);
+        }
+        free(b->layers);
+    }
+    if (b->lm_head != b->tok_embed) free(b->lm_head);
+    free(b->tok_embed);
+    free(b->final_norm);
+    free(b->inv_freq);
+    free(b->kv);
+    state_free(&b->st);
+    free(b);
+}
+
+static const pie_backend_ops cpu_ops = {
+    .forward    = cpu_forward,
+    .copy_slots = cpu_copy_slots,
+    .download   = cpu_download,
+    .upload     = cpu_upload,
+    .destroy    = cpu_destroy,
+};
+
+static int make_pool(cpu_backend *b, const pie_backend_opts *o)
+{
+    const pie_model_config *c = &b->cfg;
+    int32_t ps = o && o->page_size > 0 ? o->page_size : 16;
+    int32_t np = o && o->n_pages > 0 ? o->n_pages
+                                     : (CPU_DEFAULT_TOKENS + ps - 1) / ps;
+    if ((o && (o->page_size < 0 || o->n_pages < 0)) || ps > (1 << 20))
+        return pie_err_set(PIE_EINVAL, "cpu backend: bad page_size %d or "
+                           "n_pages %d", o ? o->page_size : ps,
+                           o ? o->n_pages : np);
+    b->page_floats = (int64_t)c->n_layers * 2 * ps * b->kv_dim;
+    double bytes = (double)b->page_floats * 4.0 * np;
+    if (bytes > 1e12)
+        return pie_err_set(PIE_ENOMEM, "cpu backend: KV pool of %.0f bytes "
+                           "is too large", bytes);
+    b->kv = calloc((size_t)np * (size_t)b->page_floats, sizeof(float));
+    if (!b->kv)
+        return pie_err_set(PIE_ENOMEM, "cpu backend: cannot allocate a KV "
+                           "pool of %d pages (%.0f MiB)", np,
+                           bytes / 1048576.0);
+    b->base.page_size = ps;
+    b->base.n_pages = np;
+    b->base.page_bytes = (uint64_t)b->page_floats * 4;
+    return 0;
+}
+
+int pie_backend_cpu_create(const pie_model *m, const pie_backend_opts *o,
+                           pie_backend **out)
+{
+    *out = NULL;
+    if (!m) return pie_err_set(PIE_EINVAL, "cpu backend: no model");
+    int rc = check_config(&m->cfg);
+    if (rc) return rc;
+    cpu_backend *b = calloc(1, sizeof *b);
+    if (!b) return pie_err_set(PIE_ENOMEM, "cpu backend: out of memory");
+    b->cfg = m->cfg;
+    b->base.ops = &cpu_ops;
+    b->base.cfg = &b->cfg;
+    b->base.name = "cpu";
+    b->q_dim = m->cfg.n_heads * m->cfg.head_dim;
+    b->kv_dim = m->cfg.n_kv_heads * m->cfg.head_dim;
+    long nc = sysconf(_SC_NPROCESSORS_ONLN);
+    b->n_threads = o && o->n_threads > 0 ? o->n_threads
+                                         : (int32_t)(nc > 0 ? nc : 1);
+    b->inv_freq = malloc(sizeof(float) * (size_t)(m->cfg.head_dim / 2));
+    if (!b->inv_freq) {
+        rc = pie_err_set(PIE_ENOMEM, "cpu backend: out of memory");
+        goto err;
+    }
+    pie__cpu_rope_freqs(b->inv_freq, &b->cfg);
+    if ((rc = load_weights(b, m)) || (rc = make_pool(b, o)) ||
+        (rc = pie__cpu_pool_create(b->n_threads, &b->pool)))
+        goto err;
+    *out = &b->base;
+    return 0;
+err:
+    cpu_destroy(&b->base);
+    return rc;
+}
