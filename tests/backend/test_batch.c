@@ -1,1 +1,259 @@
-int main(void){return 0;}
+/*
+ * test_batch.c — the shared sampler and probes (pie_sample_row), the
+ * uniform generator, and output allocation, checked against direct
+ * computations done here with full sorts in double precision.
+ */
+#include <math.h>
+#include <stdlib.h>
+#include <string.h>
+
+#include "backend/backend.h"
+#include "common/pie_err.h"
+#include "tests/test_util.h"
+
+#define V 1000
+
+static float base_logits[V];
+
+static uint64_t rng_state = 12345;
+static double rng(void)
+{
+    rng_state = rng_state * 6364136223846793005ull + 1442695040888963407ull;
+    return (double)(rng_state >> 11) / 9007199254740992.0;
+}
+
+/* ids sorted by (logit desc, id asc). */
+static const float *sort_key;
+static int cmp_desc(const void *a, const void *b)
+{
+    int32_t x = *(const int32_t *)a, y = *(const int32_t *)b;
+    if (sort_key[x] != sort_key[y]) return sort_key[x] > sort_key[y] ? -1 : 1;
+    return (x > y) - (x < y);
+}
+
+static void sorted_ids(const float *x, int32_t *ids)
+{
+    for (int i = 0; i < V; i++) ids[i] = i;
+    sort_key = x;
+    qsort(ids, V, sizeof *ids, cmp_desc);
+}
+
+static void probs(const float *x, float temp, double *p)
+{
+    double mx = -INFINITY, s = 0;
+    for (int i = 0; i < V; i++) if (x[i] > mx) mx = x[i];
+    for (int i = 0; i < V; i++) s += p[i] = exp((x[i] - mx) / temp);
+    for (int i = 0; i < V; i++) p[i] /= s;
+}
+
+static int32_t sample(const pie_sampler *s, const uint32_t *runs, uint32_t n)
+{
+    float row[V];
+    memcpy(row, base_logits, sizeof row);
+    int32_t tok = -2;
+    CHECK_OK(pie_sample_row(row, V, s, runs, n, &tok, NULL, NULL));
+    CHECK(tok >= 0 && tok < V, "token %d out of range", tok);
+    return tok;
+}
+
+static void test_uniform(void)
+{
+    double sum = 0;
+    for (uint64_t s = 0; s < 10000; s++) {
+        float u = pie_sample_uniform(s);
+        CHECK(u >= 0.0f && u < 1.0f, "u = %g for seed %llu", u,
+              (unsigned long long)s);
+        sum += u;
+    }
+    CHECK(fabs(sum / 10000 - 0.5) < 0.02, "mean of uniforms %g", sum / 1e4);
+    CHECK(pie_sample_uniform(7) == pie_sample_uniform(7), "not deterministic");
+}
+
+static void test_greedy(void)
+{
+    pie_sampler s = { .kind = PIE_SAMPLER_GREEDY };
+    int32_t ids[V];
+    sorted_ids(base_logits, ids);
+    CHECK(sample(&s, NULL, 0) == ids[0], "greedy %d, expected %d",
+          sample(&s, NULL, 0), ids[0]);
+    /* ties: lowest id */
+    float row[8] = { 1, 3, 2, 3, 3, 0, 0, 0 };
+    int32_t tok;
+    CHECK_OK(pie_sample_row(row, 8, &s, NULL, 0, &tok, NULL, NULL));
+    CHECK(tok == 1, "tie broke to %d, expected 1", tok);
+    /* temperature 0 in a random sampler is greedy */
+    pie_sampler r = { .kind = PIE_SAMPLER_RANDOM, .temperature = 0, .seed = 9 };
+    CHECK(sample(&r, NULL, 0) == ids[0], "temperature 0 not greedy");
+}
+
+static void test_top_k(void)
+{
+    int32_t ids[V];
+    sorted_ids(base_logits, ids);
+    int seen[V] = { 0 }, distinct = 0;
+    for (uint64_t seed = 0; seed < 300; seed++) {
+        pie_sampler s = { .kind = PIE_SAMPLER_RANDOM, .temperature = 1.5f,
+                          .top_k = 5, .top_p = 1.0f, .seed = seed };
+        int32_t t = sample(&s, NULL, 0);
+        int ok = 0;
+        for (int j = 0; j < 5; j++) ok |= ids[j] == t;
+        CHECK(ok, "top_k=5 emitted %d outside the top 5 (seed %llu)", t,
+              (unsigned long long)seed);
+        CHECK(sample(&s, NULL, 0) == t, "same seed gave another token");
+        if (!seen[t]++) distinct++;
+    }
+    CHECK(distinct >= 3, "only %d distinct tokens from 300 seeds", distinct);
+}
+
+static void test_top_p_min_p(void)
+{
+    double p[V];
+    int32_t ids[V];
+    float temp = 0.7f;
+    probs(base_logits, temp, p);
+    sorted_ids(base_logits, ids);
+    /* top_p = 0.5: the smallest prefix with mass >= 0.5 */
+    int n_keep = 0;
+    double mass = 0;
+    while (mass < 0.5) mass += p[ids[n_keep++]];
+    int distinct = 0, seen[V] = { 0 };
+    for (uint64_t seed = 0; seed < 300; seed++) {
+        pie_sampler s = { .kind = PIE_SAMPLER_RANDOM, .temperature = temp,
+                          .top_p = 0.5f, .seed = seed };
+        int32_t t = sample(&s, NULL, 0);
+        int rank = 0;
+        while (ids[rank] != t) rank++;
+        CHECK(rank < n_keep, "top_p emitted rank %d, kept set has %d", rank,
+              n_keep);
+        if (!seen[t]++) distinct++;
+    }
+    CHECK(distinct >= 2, "top_p: only %d distinct tokens", distinct);
+    /* min_p = 0.2: p >= 0.2 * p_max */
+    double pmax = p[ids[0]];
+    memset(seen, 0, sizeof seen);
+    distinct = 0;
+    for (uint64_t seed = 0; seed < 300; seed++) {
+        pie_sampler s = { .kind = PIE_SAMPLER_RANDOM, .temperature = temp,
+                          .top_p = 1.0f, .min_p = 0.2f, .seed = seed };
+        int32_t t = sample(&s, NULL, 0);
+        CHECK(p[t] >= 0.2 * pmax * (1 - 1e-5), "min_p emitted p=%g < %g", p[t],
+              0.2 * pmax);
+        if (!seen[t]++) distinct++;
+    }
+    CHECK(distinct >= 2, "min_p: only %d distinct tokens", distinct);
+}
+
+/* The exact walk of the spec, in double, for a sampler without filters. */
+static void test_exact_walk(void)
+{
+    double p[V];
+    int32_t ids[V];
+    probs(base_logits, 1.0f, p);
+    sorted_ids(base_logits, ids);
+    int agree = 0;
+    for (uint64_t seed = 100; seed < 200; seed++) {
+        pie_sampler s = { .kind = PIE_SAMPLER_RANDOM, .temperature = 1.0f,
+                          .top_p = 1.0f, .seed = seed };
+        double u = pie_sample_uniform(seed), cum = 0;
+        int32_t want = ids[V - 1];
+        for (int i = 0; i < V; i++) {
+            cum += p[ids[i]];
+            if (cum > u) { want = ids[i]; break; }
+        }
+        agree += sample(&s, NULL, 0) == want;
+    }
+    /* float vs double rounding may move a boundary case; nearly all agree */
+    CHECK(agree >= 98, "sampler walk agreed on %d of 100 seeds", agree);
+}
+
+static void test_logit_mask(void)
+{
+    /* allowed: [100,110) and [500,505) */
+    uint32_t runs[] = { 100, 10, 390, 5 };
+    for (uint64_t seed = 0; seed < 200; seed++) {
+        pie_sampler s = { .kind = PIE_SAMPLER_RANDOM, .temperature = 5.0f,
+                          .top_p = 1.0f, .seed = seed };
+        int32_t t = sample(&s, runs, 4);
+        CHECK((t >= 100 && t < 110) || (t >= 500 && t < 505),
+              "masked sampler emitted %d", t);
+    }
+    pie_sampler g = { .kind = PIE_SAMPLER_GREEDY };
+    int32_t t = sample(&g, runs, 4);
+    int32_t best = 100;
+    for (int i = 100; i < 110; i++) if (base_logits[i] > base_logits[best]) best = i;
+    for (int i = 500; i < 505; i++) if (base_logits[i] > base_logits[best]) best = i;
+    CHECK(t == best, "masked greedy %d, expected %d", t, best);
+    /* LOGITS probe sees -inf outside the mask */
+    float row[V], vals[V];
+    memcpy(row, base_logits, sizeof row);
+    pie_sampler pl = { .kind = PIE_PROBE_LOGITS };
+    CHECK_OK(pie_sample_row(row, V, &pl, runs, 4, &t, vals, NULL));
+    CHECK(t == -1, "probe returned token %d", t);
+    CHECK(vals[99] == -INFINITY && vals[100] == base_logits[100] &&
+          vals[505] == -INFINITY && vals[504] == base_logits[504],
+          "LOGITS probe mask wrong");
+}
+
+static void test_probes(void)
+{
+    float row[V], vals[V];
+    int32_t pids[V], ids[V], tok;
+    double p[V];
+    sorted_ids(base_logits, ids);
+    probs(base_logits, 2.0f, p);
+    memcpy(row, base_logits, sizeof row);
+    pie_sampler tk = { .kind = PIE_PROBE_TOPK, .top_k = 10, .temperature = 2.0f };
+    CHECK_OK(pie_sample_row(row, V, &tk, NULL, 0, &tok, vals, pids));
+    for (int j = 0; j < 10; j++) {
+        CHECK(pids[j] == ids[j], "TOPK id %d at %d, expected %d", pids[j], j,
+              ids[j]);
+        CHECK(fabs(vals[j] - p[ids[j]]) < 1e-6, "TOPK p %g, expected %g",
+              vals[j], p[ids[j]]);
+    }
+    probs(base_logits, 1.0f, p);
+    int32_t q[3] = { 0, ids[0], 777 };
+    memcpy(row, base_logits, sizeof row);
+    pie_sampler lp = { .kind = PIE_PROBE_LOGPROBS, .ids = q, .n_ids = 3 };
+    CHECK_OK(pie_sample_row(row, V, &lp, NULL, 0, &tok, vals, NULL));
+    for (int j = 0; j < 3; j++)
+        CHECK(fabs(vals[j] - log(p[q[j]])) < 1e-4, "logprob %g, expected %g",
+              vals[j], log(p[q[j]]));
+    double h = 0;
+    for (int i = 0; i < V; i++) if (p[i] > 0) h -= p[i] * log(p[i]);
+    memcpy(row, base_logits, sizeof row);
+    pie_sampler en = { .kind = PIE_PROBE_ENTROPY };
+    CHECK_OK(pie_sample_row(row, V, &en, NULL, 0, &tok, vals, NULL));
+    CHECK(fabs(vals[0] - h) < 1e-4, "entropy %g, expected %g", vals[0], h);
+}
+
+static void test_out_alloc(void)
+{
+    int32_t ids[2] = { 1, 2 };
+    pie_sampler s[4] = { { .kind = PIE_SAMPLER_GREEDY },
+                         { .kind = PIE_PROBE_TOPK, .top_k = 7 },
+                         { .kind = PIE_PROBE_LOGPROBS, .ids = ids, .n_ids = 2 },
+                         { .kind = PIE_PROBE_LOGITS } };
+    pie_forward_batch b = { .n_outputs = 4, .samplers = s };
+    pie_forward_out out;
+    CHECK_OK(pie_forward_out_alloc(&b, 50, &out));
+    uint32_t want[5] = { 0, 0, 7, 9, 59 };
+    for (int i = 0; i < 5; i++)
+        CHECK(out.value_indptr[i] == want[i], "value_indptr[%d] = %u, want %u",
+              i, out.value_indptr[i], want[i]);
+    pie_forward_out_free(&out);
+}
+
+int main(void)
+{
+    for (int i = 0; i < V; i++) base_logits[i] = (float)(rng() * 8.0 - 4.0);
+    base_logits[17] = base_logits[18] = 6.0f;   /* a tie at the top */
+    test_uniform();
+    test_greedy();
+    test_top_k();
+    test_top_p_min_p();
+    test_exact_walk();
+    test_logit_mask();
+    test_probes();
+    test_out_alloc();
+    TEST_DONE();
+}
