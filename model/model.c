@@ -38,18 +38,21 @@ static void shape_str(char *buf, size_t cap, int ndim, const int64_t *shape)
 
 /*
  * Points *t at tensor name with the expected shape (ndim dims from want).
- * Absent: error, unless optional (then t->data stays NULL).
+ * Absent or differently shaped: an error naming the tensor and the file.
  */
 static int tensor_bind(const pie_checkpoint *ck, const char *name, int ndim,
-                       const int64_t *want, bool optional, pie_tensor *t)
+                       const int64_t *want, pie_tensor *t)
 {
     const char *file = ck->dir;
     const pie_st_tensor *st = pie_checkpoint_find(ck, name, &file);
     memset(t, 0, sizeof *t);
     if (!st) {
-        if (optional) return 0;
-        return pie_err_set(PIE_ENOTFOUND, "%s: missing tensor '%s'",
-                           ck->dir, name);
+        char e[96];
+        shape_str(e, sizeof e, ndim, want);
+        return pie_err_set(PIE_ENOTFOUND, "%s: missing tensor '%s' (expected "
+                           "shape [%s]) in %s", ck->dir, name, e,
+                           ck->weight_map ? "model.safetensors.index.json"
+                                          : ck->files[0]->path);
     }
     bool ok = st->ndim == ndim;
     for (int i = 0; ok && i < ndim; i++) ok = st->shape[i] == want[i];
@@ -67,10 +70,10 @@ static int tensor_bind(const pie_checkpoint *ck, const char *name, int ndim,
     return 0;
 }
 
-#define BIND1(name, a, opt, t)                                               \
-    tensor_bind(ck, name, 1, (int64_t[]){ a }, opt, t)
-#define BIND2(name, a, b, opt, t)                                            \
-    tensor_bind(ck, name, 2, (int64_t[]){ a, b }, opt, t)
+#define BIND1(name, a, t)                                               \
+    tensor_bind(ck, name, 1, (int64_t[]){ a }, t)
+#define BIND2(name, a, b, t)                                            \
+    tensor_bind(ck, name, 2, (int64_t[]){ a, b }, t)
 
 static int layer_map(const pie_checkpoint *ck, const pie_model_config *c,
                      int l, pie_layer_weights *w)
@@ -80,26 +83,26 @@ static int layer_map(const pie_checkpoint *ck, const pie_model_config *c,
             kv = (int64_t)c->n_kv_heads * c->head_dim, h = c->hidden_dim;
     int rc = 0;
 #define NAME(s) (snprintf(n, sizeof n, "model.layers.%d.%s", l, s), n)
-    if ((rc = BIND1(NAME("input_layernorm.weight"), d, 0, &w->attn_norm)) ||
-        (rc = BIND2(NAME("self_attn.q_proj.weight"), q, d, 0, &w->wq)) ||
-        (rc = BIND2(NAME("self_attn.k_proj.weight"), kv, d, 0, &w->wk)) ||
-        (rc = BIND2(NAME("self_attn.v_proj.weight"), kv, d, 0, &w->wv)) ||
-        (rc = BIND2(NAME("self_attn.o_proj.weight"), d, q, 0, &w->wo)) ||
-        (rc = BIND1(NAME("post_attention_layernorm.weight"), d, 0,
+    if ((rc = BIND1(NAME("input_layernorm.weight"), d, &w->attn_norm)) ||
+        (rc = BIND2(NAME("self_attn.q_proj.weight"), q, d, &w->wq)) ||
+        (rc = BIND2(NAME("self_attn.k_proj.weight"), kv, d, &w->wk)) ||
+        (rc = BIND2(NAME("self_attn.v_proj.weight"), kv, d, &w->wv)) ||
+        (rc = BIND2(NAME("self_attn.o_proj.weight"), d, q, &w->wo)) ||
+        (rc = BIND1(NAME("post_attention_layernorm.weight"), d,
                     &w->ffn_norm)) ||
-        (rc = BIND2(NAME("mlp.gate_proj.weight"), h, d, 0, &w->w_gate)) ||
-        (rc = BIND2(NAME("mlp.up_proj.weight"), h, d, 0, &w->w_up)) ||
-        (rc = BIND2(NAME("mlp.down_proj.weight"), d, h, 0, &w->w_down)))
+        (rc = BIND2(NAME("mlp.gate_proj.weight"), h, d, &w->w_gate)) ||
+        (rc = BIND2(NAME("mlp.up_proj.weight"), h, d, &w->w_up)) ||
+        (rc = BIND2(NAME("mlp.down_proj.weight"), d, h, &w->w_down)))
         return rc;
     if (c->qkv_bias &&
-        ((rc = BIND1(NAME("self_attn.q_proj.bias"), q, 0, &w->bq)) ||
-         (rc = BIND1(NAME("self_attn.k_proj.bias"), kv, 0, &w->bk)) ||
-         (rc = BIND1(NAME("self_attn.v_proj.bias"), kv, 0, &w->bv))))
+        ((rc = BIND1(NAME("self_attn.q_proj.bias"), q, &w->bq)) ||
+         (rc = BIND1(NAME("self_attn.k_proj.bias"), kv, &w->bk)) ||
+         (rc = BIND1(NAME("self_attn.v_proj.bias"), kv, &w->bv))))
         return rc;
     if (c->qk_norm &&
-        ((rc = BIND1(NAME("self_attn.q_norm.weight"), c->head_dim, 0,
+        ((rc = BIND1(NAME("self_attn.q_norm.weight"), c->head_dim,
                      &w->q_norm)) ||
-         (rc = BIND1(NAME("self_attn.k_norm.weight"), c->head_dim, 0,
+         (rc = BIND1(NAME("self_attn.k_norm.weight"), c->head_dim,
                      &w->k_norm))))
         return rc;
 #undef NAME
@@ -112,13 +115,13 @@ static int weights_map(const pie_checkpoint *ck, pie_model *m)
     pie_model_config *c = &m->cfg;
     pie_model_weights *w = &m->w;
     int rc;
-    if ((rc = BIND2("model.embed_tokens.weight", c->vocab_size, c->dim, 0,
+    if ((rc = BIND2("model.embed_tokens.weight", c->vocab_size, c->dim,
                     &w->tok_embed)) ||
-        (rc = BIND1("model.norm.weight", c->dim, 0, &w->final_norm)))
+        (rc = BIND1("model.norm.weight", c->dim, &w->final_norm)))
         return rc;
     if (c->tie_embeddings)
         w->lm_head = w->tok_embed;
-    else if ((rc = BIND2("lm_head.weight", c->vocab_size, c->dim, 0,
+    else if ((rc = BIND2("lm_head.weight", c->vocab_size, c->dim,
                          &w->lm_head)))
         return rc;
     for (int l = 0; l < c->n_layers; l++)

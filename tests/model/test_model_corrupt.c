@@ -208,7 +208,7 @@ static void test_checkpoint_files(void)
     checkpoint_edit(dir, 0, h);
     free(h);
     EXPECT_ERR(load_dir(dir), PIE_ENOTFOUND, "model.norm.weight", dir,
-               "missing tensor");
+               "missing tensor", "expected shape [64]", "model.safetensors");
 
     tmpdir_rm(dir);
     dir = copy_stories();
