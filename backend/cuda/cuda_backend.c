@@ -1,0 +1,1027 @@
+/*
+ * cuda_backend.c — the CUDA backend: bf16 weights and KV pages on one GPU,
+ * fp32 accumulation, cuBLASLt for every dense matmul and pie's own kernels
+ * (kernels.cu, sample.cu) for the rest.
+ *
+ * Device memory, allocated once at create time in this order:
+ *   weights     embed (vocab, dim) bf16; per layer fused wqkv
+ *               ((nh+2nkv)*hd, dim), wo (dim, nh*hd), fused w_gu
+ *               (2*hidden, dim: gate rows then up rows), w_down (dim, hidden),
+ *               all bf16; norms, biases f32; lm_head bf16 unless tied
+ *   workspace   activations for up to MAX_TOKENS tokens per forward, split
+ *               attention partials, logits and sort buffers for OUT_CHUNK
+ *               output rows, the batch metadata buffer, cuBLASLt workspace
+ *   KV pool     n_pages pages laid out as in cuda_kernels.h, sized from the
+ *               free memory left (opts->mem_fraction, default 0.9) unless
+ *               opts->n_pages asks for a number
+ *
+ * One forward: validate (pie_batch_validate, so a bad batch changes
+ * nothing), pack every index array into one pinned buffer and copy it with
+ * one cudaMemcpyAsync, run the layers on one stream, then the LM head over
+ * the output rows only, OUT_CHUNK rows at a time, sampling on the device;
+ * only sampled tokens and probe values are copied back. The residual stream
+ * is fp32; the wo and w_down matmuls add into it directly (beta = 1).
+ */
+#include <cublasLt.h>
+#include <cuda_runtime_api.h>
+#include <math.h>
+#include <stdlib.h>
+#include <string.h>
+
+#include "backend/backend.h"
+#include "backend/cuda/cuda_kernels.h"
+#include "common/pie_err.h"
+
+#define MAX_TOKENS  8192        /* tokens per forward                      */
+#define OUT_CHUNK   256         /* output rows per LM-head pass            */
+#define MM_CACHE    96          /* cached cuBLASLt plans                    */
+#define LT_WS_BYTES (32u << 20)
+
+#define CK(call)                                                              \
+    do {                                                                      \
+        cudaError_t e_ = (call);                                              \
+        if (e_ != cudaSuccess)                                                \
+            return pie_err_set(PIE_EDEVICE, "cuda: %s (%s:%d: %s)",          \
+                               cudaGetErrorString(e_), __FILE__, __LINE__,    \
+                               #call);                                        \
+    } while (0)
+
+#define CKLT(call)                                                            \
+    do {                                                                      \
+        cublasStatus_t s_ = (call);                                           \
+        if (s_ != CUBLAS_STATUS_SUCCESS)                                      \
+            return pie_err_set(PIE_EDEVICE, "cublasLt: status %d (%s:%d)",   \
+                               (int)s_, __FILE__, __LINE__);                  \
+    } while (0)
+
+typedef struct cuda_layer {
+    float    *attn_norm;   /* (dim)                                        */
+    uint16_t *wqkv;        /* ((nh+2nkv)*hd, dim)                          */
+    float    *bqkv;        /* ((nh+2nkv)*hd) or NULL                       */
+    float    *q_norm;      /* (hd) or NULL                                 */
+    float    *k_norm;      /* (hd) or NULL                                 */
+    uint16_t *wo;          /* (dim, nh*hd)                                 */
+    float    *ffn_norm;    /* (dim)                                        */
+    uint16_t *wgu;         /* (2*hidden, dim)                              */
+    uint16_t *wdown;       /* (dim, hidden)                                */
+} cuda_layer;
+
+typedef struct mm_plan {
+    int                     used;
+    int32_t                 m, n, k, y_f32, accum;
+    cublasLtMatmulDesc_t    desc;
+    cublasLtMatrixLayout_t  a, b, c;
+    cublasLtMatmulAlgo_t    algo;
+} mm_plan;
+
+typedef struct cuda_backend {
+    pie_backend       base;
+    pie_model_config  cfg;
+    int               device, n_sm;
+    cudaStream_t      st;
+    cublasLtHandle_t  lt;
+    void             *lt_ws;
+    mm_plan           plans[MM_CACHE];
+    int               plan_next;
+    /* weights */
+    uint16_t         *embed;      /* (vocab, dim)                           */
+    uint16_t         *lm_head;    /* (vocab, dim); == embed when tied       */
+    float            *final_norm; /* (dim)                                  */
+    float            *inv_freq;   /* (hd/2) RoPE frequencies, llama3-scaled */
+    cuda_layer       *layers;     /* (n_layers)                             */
+    pie_cuda_kv       kv;
+    /* workspace */
+    float            *x;          /* (MAX_TOKENS, dim) residual stream      */
+    uint16_t         *xb;         /* (MAX_TOKENS, max(dim, nh*hd))          */
+    float            *qkv;        /* (MAX_TOKENS, (nh+2nkv)*hd)             */
+    float            *q;          /* (MAX_TOKENS, nh*hd)                    */
+    uint16_t         *att;        /* (MAX_TOKENS, nh*hd)                    */
+    float            *gu;         /* (MAX_TOKENS, 2*hidden)                 */
+    uint16_t         *h;          /* (MAX_TOKENS, hidden)                   */
+    float            *part_o;     /* (max_parts, hd)                        */
+    float            *part_ml;    /* (max_parts, 2)                         */
+    int64_t           max_parts;
+    uint16_t         *xo;         /* (OUT_CHUNK, dim)                       */
+    float            *logits;     /* (OUT_CHUNK, vocab)                     */
+    float            *sort_k[2];  /* (OUT_CHUNK, vocab)                     */
+    int32_t          *sort_v[2];
+    int32_t          *seg_off;    /* (OUT_CHUNK+1)                          */
+    void             *sort_tmp;
+    size_t            sort_tmp_bytes;
+    int32_t          *d_tokens;   /* (OUT_CHUNK)                            */
+    float            *d_values;   /* (OUT_CHUNK * vocab)                    */
+    int32_t          *d_ids;      /* (OUT_CHUNK * vocab)                    */
+    /* batch metadata: built in host, copied to pinned, then to device */
+    uint8_t          *meta;       /* host build buffer                      */
+    uint8_t          *meta_pin;   /* pinned copy                            */
+    uint8_t          *meta_dev;
+    size_t            meta_cap, meta_len, meta_dev_cap;
+    int               meta_oom;
+    pie_cuda_attn_item  *items;   /* host staging of attention work       */
+    pie_cuda_merge_item *merges;
+    int64_t           n_items, cap_items, n_merges, cap_merges;
+    /* every device allocation, freed at destroy */
+    void            **allocs;
+    int               n_allocs, cap_allocs;
+} cuda_backend;
+
+/* ------------------------------------------------------------ allocation */
+
+static int dalloc(cuda_backend *c, void **p, size_t bytes, const char *what)
+{
+    *p = NULL;
+    if (bytes == 0) bytes = 16;
+    if (c->n_allocs == c->cap_allocs) {
+        int cap = c->cap_allocs ? 2 * c->cap_allocs : 64;
+        void **a = realloc(c->allocs, sizeof *a * (size_t)cap);
+        if (!a) return pie_err_set(PIE_ENOMEM, "cuda: out of host memory");
+        c->allocs = a;
+        c->cap_allocs = cap;
+    }
+    cudaError_t e = cudaMalloc(p, bytes);
+    if (e != cudaSuccess) {
+        size_t fr = 0, tot = 0;
+        cudaGetLastError();
+        cudaMemGetInfo(&fr, &tot);
+        return pie_err_set(PIE_ENOMEM,
+                           "cuda: cannot allocate %.2f GiB for %s (GPU %d has "
+                           "%.2f of %.2f GiB free): the model does not fit; "
+                           "use a GPU with more memory or a smaller model",
+                           bytes / 1073741824.0, what, c->device,
+                           fr / 1073741824.0, tot / 1073741824.0);
+    }
+    c->allocs[c->n_allocs++] = *p;
+    return 0;
+}
+
+/* ------------------------------------------------------------- weights */
+
+/* Copies tensor t (any dtype) into dst on the device as bf16 (bf16 = 1) or
+ * f32, checking its size. A NULL tensor of a random:SHAPE model is filled on
+ * the device (N(0, 0.02), or ones for norms). */
+static int put_tensor(cuda_backend *c, void *dst, int bf16,
+                      const pie_tensor *t, int64_t n, const char *name,
+                      int layer, uint64_t seed, int is_norm)
+{
+    if (!t->data) {
+        if (strncmp(c->cfg.arch, "", 1) && seed) {
+            /* fall through to the random fill below */
+        }
+        if (bf16)
+            pie__cuda_fill_bf16(dst, n, seed, is_norm ? 1.0f : 0.02f, is_norm,
+                                c->st);
+        else
+            pie__cuda_fill_f32(dst, n, 1.0f, c->st);
+        CK(cudaGetLastError());
+        return 0;
+    }
+    if (pie_tensor_numel(t) != n)
+        return pie_err_set(PIE_EFORMAT,
+                           "cuda: tensor %s of layer %d has %lld elements, "
+                           "expected %lld", name, layer,
+                           (long long)pie_tensor_numel(t), (long long)n);
+    if (bf16 && t->dtype == PIE_DT_BF16) {
+        CK(cudaMemcpy(dst, t->data, (size_t)n * 2, cudaMemcpyHostToDevice));
+        return 0;
+    }
+    enum { CH = 1 << 22 };
+    float *buf = malloc(sizeof(float) * CH);
+    uint16_t *hb = bf16 ? malloc(sizeof(uint16_t) * CH) : NULL;
+    if (!buf || (bf16 && !hb)) {
+        free(buf); free(hb);
+        return pie_err_set(PIE_ENOMEM, "cuda: out of host memory");
+    }
+    int rc = 0;
+    for (int64_t off = 0; off < n && !rc; off += CH) {
+        int64_t k = n - off < CH ? n - off : CH;
+        pie_tensor_to_f32(t, off, k, buf);
+        cudaError_t e;
+        if (bf16) {
+            for (int64_t i = 0; i < k; i++) hb[i] = pie_f32_to_bf16(buf[i]);
+            e = cudaMemcpy((uint16_t *)dst + off, hb, (size_t)k * 2,
+                           cudaMemcpyHostToDevice);
+        } else {
+            e = cudaMemcpy((float *)dst + off, buf, (size_t)k * 4,
+                           cudaMemcpyHostToDevice);
+        }
+        if (e != cudaSuccess)
+            rc = pie_err_set(PIE_EDEVICE, "cuda: upload of %s: %s", name,
+                             cudaGetErrorString(e));
+    }
+    free(buf);
+    free(hb);
+    return rc;
+}
+
+static int upload_layer(cuda_backend *c, const pie_model *m, int l)
+{
+    const pie_model_config *g = &c->cfg;
+    const pie_layer_weights *w = &m->w.layers[l];
+    cuda_layer *L = &c->layers[l];
+    int64_t dim = g->dim, hd = g->head_dim, qd = (int64_t)g->n_heads * hd;
+    int64_t kvd = (int64_t)g->n_kv_heads * hd, hid = g->hidden_dim;
+    int64_t qkvd = qd + 2 * kvd;
+    uint64_t s = 1000 + (uint64_t)l * 16;
+    int rc;
+#define TRY(x) do { if ((rc = (x))) return rc; } while (0)
+    TRY(dalloc(c, (void **)&L->attn_norm, dim * 4, "attn_norm"));
+    TRY(dalloc(c, (void **)&L->ffn_norm, dim * 4, "ffn_norm"));
+    TRY(dalloc(c, (void **)&L->wqkv, qkvd * dim * 2, "wqkv"));
+    TRY(dalloc(c, (void **)&L->wo, dim * qd * 2, "wo"));
+    TRY(dalloc(c, (void **)&L->wgu, 2 * hid * dim * 2, "w_gate/w_up"));
+    TRY(dalloc(c, (void **)&L->wdown, dim * hid * 2, "w_down"));
+    TRY(put_tensor(c, L->attn_norm, 0, &w->attn_norm, dim, "attn_norm", l, s, 1));
+    TRY(put_tensor(c, L->ffn_norm, 0, &w->ffn_norm, dim, "ffn_norm", l, s + 1, 1));
+    TRY(put_tensor(c, L->wqkv, 1, &w->wq, qd * dim, "wq", l, s + 2, 0));
+    TRY(put_tensor(c, L->wqkv + qd * dim, 1, &w->wk, kvd * dim, "wk", l, s + 3, 0));
+    TRY(put_tensor(c, L->wqkv + (qd + kvd) * dim, 1, &w->wv, kvd * dim, "wv",
+                   l, s + 4, 0));
+    TRY(put_tensor(c, L->wo, 1, &w->wo, dim * qd, "wo", l, s + 5, 0));
+    TRY(put_tensor(c, L->wgu, 1, &w->w_gate, hid * dim, "w_gate", l, s + 6, 0));
+    TRY(put_tensor(c, L->wgu + hid * dim, 1, &w->w_up, hid * dim, "w_up", l,
+                   s + 7, 0));
+    TRY(put_tensor(c, L->wdown, 1, &w->w_down, dim * hid, "w_down", l, s + 8, 0));
+    if (g->qkv_bias) {
+        TRY(dalloc(c, (void **)&L->bqkv, qkvd * 4, "qkv bias"));
+        if (!w->bq.data || !w->bk.data || !w->bv.data)
+            return pie_err_set(PIE_EFORMAT, "cuda: layer %d lacks q/k/v bias", l);
+        TRY(put_tensor(c, L->bqkv, 0, &w->bq, qd, "bq", l, 0, 0));
+        TRY(put_tensor(c, L->bqkv + qd, 0, &w->bk, kvd, "bk", l, 0, 0));
+        TRY(put_tensor(c, L->bqkv + qd + kvd, 0, &w->bv, kvd, "bv", l, 0, 0));
+    }
+    if (g->qk_norm) {
+        TRY(dalloc(c, (void **)&L->q_norm, hd * 4, "q_norm"));
+        TRY(dalloc(c, (void **)&L->k_norm, hd * 4, "k_norm"));
+        TRY(put_tensor(c, L->q_norm, 0, &w->q_norm, hd, "q_norm", l, 0, 1));
+        TRY(put_tensor(c, L->k_norm, 0, &w->k_norm, hd, "k_norm", l, 0, 1));
+    }
+    return 0;
+}
+
+/* RoPE inverse frequencies as Hugging Face computes them, with the llama3
+ * rescaling when configured. */
+static void rope_freqs(const pie_model_config *g, float *f)
+{
+    int half = g->head_dim / 2;
+    for (int i = 0; i < half; i++) {
+        float inv = (float)(1.0 / pow((double)g->rope_theta,
+                                      (double)(2 * i) / g->head_dim));
+        if (g->rope_llama3) {
+            double lo = g->rope_orig_max_pos / (double)g->rope_low_freq_factor;
+            double hi = g->rope_orig_max_pos / (double)g->rope_high_freq_factor;
+            double wl = 2.0 * M_PI / inv;
+            if (wl > lo) {
+                inv = inv / g->rope_factor;
+            } else if (!(wl < hi)) {
+                double sm = (g->rope_orig_max_pos / wl - g->rope_low_freq_factor) /
+                            (g->rope_high_freq_factor - g->rope_low_freq_factor);
+                inv = (float)((1.0 - sm) * inv / g->rope_factor + sm * inv);
+            }
+        }
+        f[i] = inv;
+    }
+}
+
+static int upload_weights(cuda_backend *c, const pie_model *m)
+{
+    const pie_model_config *g = &c->cfg;
+    int64_t vd = (int64_t)g->vocab_size * g->dim;
+    int rc;
+    c->layers = calloc((size_t)g->n_layers, sizeof *c->layers);
+    if (!c->layers) return pie_err_set(PIE_ENOMEM, "cuda: out of host memory");
+    TRY(dalloc(c, (void **)&c->embed, vd * 2, "embedding"));
+    TRY(put_tensor(c, c->embed, 1, &m->w.tok_embed, vd, "tok_embed", -1, 7, 0));
+    int tied = g->tie_embeddings || m->w.lm_head.data == m->w.tok_embed.data;
+    if (tied) {
+        c->lm_head = c->embed;
+    } else {
+        TRY(dalloc(c, (void **)&c->lm_head, vd * 2, "lm_head"));
+        TRY(put_tensor(c, c->lm_head, 1, &m->w.lm_head, vd, "lm_head", -1, 8, 0));
+    }
+    TRY(dalloc(c, (void **)&c->final_norm, g->dim * 4, "final_norm"));
+    TRY(put_tensor(c, c->final_norm, 0, &m->w.final_norm, g->dim, "final_norm",
+                   -1, 9, 1));
+    for (int l = 0; l < g->n_layers; l++) TRY(upload_layer(c, m, l));
+    float f[512];
+    rope_freqs(g, f);
+    TRY(dalloc(c, (void **)&c->inv_freq, sizeof(float) * g->head_dim / 2, "rope"));
+    CK(cudaMemcpy(c->inv_freq, f, sizeof(float) * g->head_dim / 2,
+                  cudaMemcpyHostToDevice));
+    return 0;
+}
+
+/* --------------------------------------------------------------- matmul */
+
+static int plan_make(cuda_backend *c, mm_plan *p, int m, int n, int k,
+                     int y_f32, int accum)
+{
+    cudaDataType_t yt = y_f32 ? CUDA_R_32F : CUDA_R_16BF;
+    cublasOperation_t ta = CUBLAS_OP_T;
+    CKLT(cublasLtMatmulDescCreate(&p->desc, CUBLAS_COMPUTE_32F, CUDA_R_32F));
+    CKLT(cublasLtMatmulDescSetAttribute(p->desc, CUBLASLT_MATMUL_DESC_TRANSA,
+                                        &ta, sizeof ta));
+    CKLT(cublasLtMatrixLayoutCreate(&p->a, CUDA_R_16BF, k, n, k));
+    CKLT(cublasLtMatrixLayoutCreate(&p->b, CUDA_R_16BF, k, m, k));
+    CKLT(cublasLtMatrixLayoutCreate(&p->c, yt, n, m, n));
+    cublasLtMatmulPreference_t pref;
+    CKLT(cublasLtMatmulPreferenceCreate(&pref));
+    size_t ws = LT_WS_BYTES;
+    cublasLtMatmulPreferenceSetAttribute(
+        pref, CUBLASLT_MATMUL_PREF_MAX_WORKSPACE_BYTES, &ws, sizeof ws);
+    cublasLtMatmulHeuristicResult_t res;
+    int found = 0;
+    cublasStatus_t s = cublasLtMatmulAlgoGetHeuristic(
+        c->lt, p->desc, p->a, p->b, p->c, p->c, pref, 1, &res, &found);
+    cublasLtMatmulPreferenceDestroy(pref);
+    if (s != CUBLAS_STATUS_SUCCESS || found == 0)
+        return pie_err_set(PIE_EDEVICE, "cublasLt: no algorithm for %dx%dx%d",
+                           m, n, k);
+    p->algo = res.algo;
+    p->m = m; p->n = n; p->k = k; p->y_f32 = y_f32; p->accum = accum;
+    p->used = 1;
+    return 0;
+}
+
+static void plan_free(mm_plan *p)
+{
+    if (!p->used) return;
+    cublasLtMatmulDescDestroy(p->desc);
+    cublasLtMatrixLayoutDestroy(p->a);
+    cublasLtMatrixLayoutDestroy(p->b);
+    cublasLtMatrixLayoutDestroy(p->c);
+    p->used = 0;
+}
+
+/* y (m, n) [+]= x (m, k) · W^T, W (n, k) bf16, x bf16, y f32 or bf16. */
+static int mm(cuda_backend *c, void *y, int y_f32, int accum,
+              const uint16_t *W, int n, int k, const uint16_t *x, int m)
+{
+    mm_plan *p = NULL;
+    for (int i = 0; i < MM_CACHE && !p; i++) {
+        mm_plan *q = &c->plans[i];
+        if (q->used && q->m == m && q->n == n && q->k == k &&
+            q->y_f32 == y_f32 && q->accum == accum)
+            p = q;
+    }
+    if (!p) {
+        p = &c->plans[c->plan_next];
+        c->plan_next = (c->plan_next + 1) % MM_CACHE;
+        plan_free(p);
+        int rc = plan_make(c, p, m, n, k, y_f32, accum);
+        if (rc) return rc;
+    }
+    float alpha = 1.0f, beta = accum ? 1.0f : 0.0f;
+    CKLT(cublasLtMatmul(c->lt, p->desc, &alpha, W, p->a, x, p->b, &beta, y,
+                        p->c, y, p->c, &p->algo, c->lt_ws, LT_WS_BYTES, c->st));
+    return 0;
+}
+
+/* ------------------------------------------------------------ metadata */
+
+/* Appends bytes (or zeros when src is NULL) to the metadata buffer, 16-byte
+ * aligned; returns the offset. On allocation failure sets meta_oom. */
+static size_t meta_put(cuda_backend *c, const void *src, size_t bytes)
+{
+    size_t off = (c->meta_len + 15) & ~(size_t)15;
+    if (off + bytes > c->meta_cap) {
+        size_t cap = c->meta_cap ? c->meta_cap : 1 << 16;
+        while (cap < off + bytes) cap *= 2;
+        uint8_t *m = realloc(c->meta, cap);
+        if (!m) { c->meta_oom = 1; return 0; }
+        c->meta = m;
+        c->meta_cap = cap;
+    }
+    if (src) memcpy(c->meta + off, src, bytes);
+    else memset(c->meta + off, 0, bytes);
+    c->meta_len = off + bytes;
+    return off;
+}
+
+#define META(c, off) ((void *)((c)->meta + (off)))
+#define DEV(c, off)  ((void *)((c)->meta_dev + (off)))
+
+/* Copies the built metadata to the device (growing the buffers). */
+static int meta_upload(cuda_backend *c)
+{
+    if (c->meta_oom) return pie_err_set(PIE_ENOMEM, "cuda: out of host memory");
+    if (c->meta_len > c->meta_dev_cap) {
+        size_t cap = c->meta_cap;
+        if (c->meta_pin) cudaFreeHost(c->meta_pin);
+        if (c->meta_dev) cudaFree(c->meta_dev);
+        c->meta_pin = NULL; c->meta_dev = NULL; c->meta_dev_cap = 0;
+        CK(cudaMallocHost((void **)&c->meta_pin, cap));
+        CK(cudaMalloc((void **)&c->meta_dev, cap));
+        c->meta_dev_cap = cap;
+    }
+    /* The previous step's copy must be done before the pinned buffer is
+     * rewritten; forwards synchronize at their end, so it is. */
+    memcpy(c->meta_pin, c->meta, c->meta_len);
+    CK(cudaMemcpyAsync(c->meta_dev, c->meta_pin, c->meta_len,
+                       cudaMemcpyHostToDevice, c->st));
+    return 0;
+}
+
+/* Expands run-length list runs[0..n) (not-allowed first) into bits. */
+static void runs_to_bits(const uint32_t *runs, uint32_t n, uint32_t *bits,
+                         int64_t nbits)
+{
+    memset(bits, 0, sizeof(uint32_t) * (size_t)((nbits + 31) / 32));
+    int64_t pos = 0;
+    for (uint32_t i = 0; i < n && pos < nbits; i++) {
+        int64_t end = pos + runs[i];
+        if (end > nbits) end = nbits;
+        if (i & 1)
+            for (int64_t j = pos; j < end; j++) bits[j / 32] |= 1u << (j % 32);
+        pos = end;
+    }
+}
+
+static uint64_t runs_total(const uint32_t *runs, uint32_t n)
+{
+    uint64_t s = 0;
+    for (uint32_t i = 0; i < n; i++) s += runs[i];
+    return s;
+}
+
+/* ------------------------------------------------------------- forward */
+
+static int64_t kv_len_of(const pie_forward_batch *b, int r, int ps)
+{
+    int np = b->kv_page_indptr[r + 1] - b->kv_page_indptr[r];
+    return (int64_t)(np - 1) * ps + b->kv_last_page_len[r];
+}
+
+/* Grows a host array to hold n elements of size sz. */
+static int grow(void **p, int64_t *cap, int64_t n, size_t sz)
+{
+    if (n <= *cap) return 0;
+    int64_t nc = *cap ? *cap : 256;
+    while (nc < n) nc *= 2;
+    void *q = realloc(*p, (size_t)nc * sz);
+    if (!q) return pie_err_set(PIE_ENOMEM, "cuda: out of host memory");
+    *p = q;
+    *cap = nc;
+    return 0;
+}
+
+/* Work items of the attention kernel into c->items / c->merges. want =
+ * splits wished per tile for occupancy; range_of[t] = slots token t may see
+ * under its mask. Returns the number of partial rows or a negative code. */
+static int64_t plan_attention(cuda_backend *c, const pie_forward_batch *b,
+                              int want, const uint32_t *range_of)
+{
+    const pie_model_config *g = &c->cfg;
+    int G = g->n_heads / g->n_kv_heads, T = PIE_CUDA_ATTN_RMAX / G;
+    int ps = c->base.page_size;
+    int64_t parts = 0;
+    c->n_items = c->n_merges = 0;
+    for (int r = 0; r < b->n_reqs; r++) {
+        int q0 = b->qo_indptr[r], n_new = b->qo_indptr[r + 1] - q0;
+        int64_t kv_len = kv_len_of(b, r, ps);
+        for (int i = 0; i < n_new; i += T) {
+            int nt = n_new - i < T ? n_new - i : T, t0 = q0 + i;
+            int64_t range = 0;
+            if (!b->mask_indptr) {
+                range = kv_len - n_new + i + nt;
+            } else {
+                for (int t = t0; t < t0 + nt; t++)
+                    if (range_of[t] > range) range = range_of[t];
+            }
+            int64_t need = (range + PIE_CUDA_ATTN_CHUNK - 1) / PIE_CUDA_ATTN_CHUNK;
+            int64_t opt = (range + 127) / 128;
+            int64_t ns = want < opt ? want : opt;
+            if (ns < need) ns = need;
+            if (ns < 1) ns = 1;
+            int rc = grow((void **)&c->items, &c->cap_items,
+                          c->n_items + ns * g->n_kv_heads, sizeof *c->items);
+            if (!rc)
+                rc = grow((void **)&c->merges, &c->cap_merges,
+                          c->n_merges + g->n_kv_heads, sizeof *c->merges);
+            if (rc) return rc;
+            for (int h = 0; h < g->n_kv_heads; h++) {
+                if (ns > 1) {
+                    pie_cuda_merge_item mi = { t0, nt, h, (int)ns, (int)parts,
+                                               {0, 0, 0} };
+                    c->merges[c->n_merges++] = mi;
+                }
+                for (int64_t s = 0; s < ns; s++) {
+                    pie_cuda_attn_item it = {
+                        r, t0, nt, h, (int)(range * s / ns),
+                        (int)(range * (s + 1) / ns),
+                        ns > 1 ? (int)(parts + s * nt * G) : -1, 0 };
+                    c->items[c->n_items++] = it;
+                }
+                if (ns > 1) parts += ns * nt * G;
+            }
+        }
+    }
+    return parts;
+}
+
+/* Fills per-token and per-request arrays and the attention masks. Returns
+ * 0 or an error; range_of (host, n_tokens) receives each token's mask
+ * length when the batch has masks. */
+typedef struct step_meta {
+    size_t tok, pos, slot, req, kv_indptr, kv_len, pages, mask_off, mask_bits;
+    size_t items, merges, rows, srow, lp_ids, lmask;
+} step_meta;
+
+static int build_tokens(cuda_backend *c, const pie_forward_batch *b,
+                        step_meta *sm, uint32_t *range_of)
+{
+    int n = b->n_tokens, nr = b->n_reqs, ps = c->base.page_size;
+    sm->tok = meta_put(c, b->token_ids, 4 * (size_t)n);
+    sm->pos = meta_put(c, b->positions, 4 * (size_t)n);
+    sm->kv_indptr = meta_put(c, b->kv_page_indptr, 4 * (size_t)(nr + 1));
+    sm->pages = meta_put(c, b->kv_page_indices,
+                         4 * (size_t)b->kv_page_indptr[nr]);
+    sm->slot = meta_put(c, NULL, 4 * (size_t)n);
+    sm->req = meta_put(c, NULL, 4 * (size_t)n);
+    sm->kv_len = meta_put(c, NULL, 4 * (size_t)nr);
+    if (c->meta_oom) return pie_err_set(PIE_ENOMEM, "cuda: out of host memory");
+    int32_t *slot = META(c, sm->slot), *req = META(c, sm->req);
+    int32_t *kvl = META(c, sm->kv_len);
+    int64_t words = 0;
+    for (int r = 0; r < nr; r++) {
+        int q0 = b->qo_indptr[r], n_new = b->qo_indptr[r + 1] - q0;
+        int64_t kv_len = kv_len_of(b, r, ps);
+        kvl[r] = (int32_t)kv_len;
+        for (int i = 0; i < n_new; i++) {
+            slot[q0 + i] = (int32_t)(kv_len - n_new + i);
+            req[q0 + i] = r;
+        }
+        words += (int64_t)n_new * ((kv_len + 31) / 32);
+    }
+    if (!b->mask_indptr) return 0;
+    sm->mask_off = meta_put(c, NULL, 4 * (size_t)n);
+    sm->mask_bits = meta_put(c, NULL, 4 * (size_t)words);
+    if (c->meta_oom) return pie_err_set(PIE_ENOMEM, "cuda: out of host memory");
+    int32_t *mo = META(c, sm->mask_off);
+    uint32_t *bits = META(c, sm->mask_bits);
+    int64_t w = 0;
+    for (int r = 0; r < nr; r++) {
+        int64_t kv_len = kv_len_of(b, r, ps);
+        for (int t = b->qo_indptr[r]; t < b->qo_indptr[r + 1]; t++) {
+            const uint32_t *runs = b->mask_runs + b->mask_indptr[t];
+            uint32_t nrun = b->mask_indptr[t + 1] - b->mask_indptr[t];
+            mo[t] = (int32_t)w;
+            runs_to_bits(runs, nrun, bits + w, kv_len);
+            range_of[t] = (uint32_t)runs_total(runs, nrun);
+            w += (kv_len + 31) / 32;
+        }
+    }
+    if (w > INT32_MAX)
+        return pie_err_set(PIE_ELIMIT, "cuda: attention masks too large");
+    return 0;
+}
+
+static int is_sorted_row(const pie_sampler *s)
+{
+    return s->kind == PIE_PROBE_TOPK ||
+           (s->kind == PIE_SAMPLER_RANDOM && s->temperature > 0.0f);
+}
+
+/* Sampler rows, LOGPROBS ids and logit masks of every output. */
+static int build_outputs(cuda_backend *c, const pie_forward_batch *b,
+                         const pie_forward_out *out, step_meta *sm)
+{
+    int no = b->n_outputs, V = c->cfg.vocab_size;
+    int64_t n_ids = 0, lwords = b->logit_mask_indptr ? (int64_t)no * ((V + 31) / 32) : 0;
+    for (int o = 0; o < no; o++)
+        if (b->samplers[o].kind == PIE_PROBE_LOGPROBS) n_ids += b->samplers[o].n_ids;
+    for (int o0 = 0; o0 < no; o0 += OUT_CHUNK) {
+        int o1 = o0 + OUT_CHUNK < no ? o0 + OUT_CHUNK : no;
+        if ((int64_t)out->value_indptr[o1] - out->value_indptr[o0] >
+            (int64_t)OUT_CHUNK * V)
+            return pie_err_set(PIE_ELIMIT, "cuda: outputs %d..%d ask for %u "
+                               "probe values, more than %lld", o0, o1 - 1,
+                               out->value_indptr[o1] - out->value_indptr[o0],
+                               (long long)OUT_CHUNK * V);
+    }
+    if (lwords > INT32_MAX || n_ids > INT32_MAX)
+        return pie_err_set(PIE_ELIMIT, "cuda: too many logit masks or ids");
+    sm->rows = meta_put(c, b->output_token_idx, 4 * (size_t)no);
+    sm->srow = meta_put(c, NULL, sizeof(pie_cuda_srow) * (size_t)no);
+    sm->lp_ids = meta_put(c, NULL, 4 * (size_t)n_ids);
+    sm->lmask = meta_put(c, NULL, 4 * (size_t)lwords);
+    if (c->meta_oom) return pie_err_set(PIE_ENOMEM, "cuda: out of host memory");
+    pie_cuda_srow *sr = META(c, sm->srow);
+    int32_t *ids = META(c, sm->lp_ids);
+    uint32_t *bits = META(c, sm->lmask);
+    int64_t io = 0;
+    int n_sort = 0;
+    for (int o = 0; o < no; o++) {
+        const pie_sampler *s = &b->samplers[o];
+        int o0 = o - o % OUT_CHUNK;
+        if (o == o0) n_sort = 0;
+        pie_cuda_srow r = { s->kind, s->temperature, s->top_k, s->top_p,
+                            s->min_p, 0.0f,
+                            (int32_t)(out->value_indptr[o] - out->value_indptr[o0]),
+                            0, 0, -1, -1, 0 };
+        if (s->kind == PIE_SAMPLER_RANDOM) r.u = pie_sample_uniform(s->seed);
+        if (s->kind == PIE_PROBE_TOPK) r.n_ids = s->top_k;
+        if (s->kind == PIE_PROBE_LOGPROBS) {
+            r.n_ids = s->n_ids;
+            r.ids_off = (int32_t)io;
+            if (s->n_ids > 0) memcpy(ids + io, s->ids, 4 * (size_t)s->n_ids);
+            io += s->n_ids;
+        }
+        if (is_sorted_row(s)) r.sort_row = n_sort++;
+        if (b->logit_mask_indptr) {
+            int64_t w = (int64_t)o * ((V + 31) / 32);
+            r.mask_off = (int32_t)w;
+            runs_to_bits(b->logit_mask_runs + b->logit_mask_indptr[o],
+                         b->logit_mask_indptr[o + 1] - b->logit_mask_indptr[o],
+                         bits + w, V);
+        }
+        sr[o] = r;
+    }
+    return 0;
+}
+
+static int run_layers(cuda_backend *c, int n, const pie_cuda_tokmeta *tm,
+                      const step_meta *sm)
+{
+    const pie_model_config *g = &c->cfg;
+    int dim = g->dim, nh = g->n_heads, hd = g->head_dim, hid = g->hidden_dim;
+    int qkvd = (nh + 2 * g->n_kv_heads) * hd;
+    const pie_cuda_attn_item *items = DEV(c, sm->items);
+    const pie_cuda_merge_item *merges = DEV(c, sm->merges);
+    int rc;
+    pie__cuda_embed(c->x, c->embed, DEV(c, sm->tok), n,
+                    dim, c->st);
+    for (int l = 0; l < g->n_layers; l++) {
+        const cuda_layer *L = &c->layers[l];
+        pie__cuda_rmsnorm(c->xb, c->x, L->attn_norm, NULL, n, dim, g->norm_eps,
+                          c->st);
+        if ((rc = mm(c, c->qkv, 1, 0, L->wqkv, qkvd, dim, c->xb, n))) return rc;
+        pie__cuda_qkv_post(c->q, c->qkv, L->bqkv, L->q_norm, L->k_norm,
+                           g->norm_eps, c->inv_freq, tm, &c->kv, l, n, nh,
+                           c->st);
+        pie__cuda_attention(c->att, c->part_o, c->part_ml, c->q, items,
+                            (int)c->n_items, tm, &c->kv, l, nh, c->st);
+        pie__cuda_attn_merge(c->att, c->part_o, c->part_ml, merges,
+                             (int)c->n_merges, nh, g->n_kv_heads, hd, c->st);
+        if ((rc = mm(c, c->x, 1, 1, L->wo, dim, nh * hd, c->att, n))) return rc;
+        pie__cuda_rmsnorm(c->xb, c->x, L->ffn_norm, NULL, n, dim, g->norm_eps,
+                          c->st);
+        if ((rc = mm(c, c->gu, 1, 0, L->wgu, 2 * hid, dim, c->xb, n))) return rc;
+        pie__cuda_silu_mul(c->h, c->gu, n, hid, c->st);
+        if ((rc = mm(c, c->x, 1, 1, L->wdown, dim, hid, c->h, n))) return rc;
+    }
+    CK(cudaGetLastError());
+    return 0;
+}
+
+static int run_outputs(cuda_backend *c, const pie_forward_batch *b,
+                       pie_forward_out *out, const step_meta *sm)
+{
+    const pie_model_config *g = &c->cfg;
+    int V = g->vocab_size, rc;
+    const pie_cuda_srow *hs = META(c, sm->srow);
+    for (int o0 = 0; o0 < b->n_outputs; o0 += OUT_CHUNK) {
+        int rows = b->n_outputs - o0 < OUT_CHUNK ? b->n_outputs - o0 : OUT_CHUNK;
+        pie__cuda_rmsnorm(c->xo, c->x, c->final_norm,
+                          (const int32_t *)DEV(c, sm->rows) + o0, rows, g->dim,
+                          g->norm_eps, c->st);
+        if ((rc = mm(c, c->logits, 1, 0, c->lm_head, V, g->dim, c->xo, rows)))
+            return rc;
+        int n_sort = 0;
+        for (int i = 0; i < rows; i++) n_sort += hs[o0 + i].sort_row >= 0;
+        uint32_t v0 = out->value_indptr[o0], nv = out->value_indptr[o0 + rows] - v0;
+        if (nv) CK(cudaMemsetAsync(c->d_ids, 0, 4 * (size_t)nv, c->st));
+        pie_cuda_sample_args a = {
+            c->logits, rows, V, (const pie_cuda_srow *)DEV(c, sm->srow) + o0,
+            DEV(c, sm->lmask), DEV(c, sm->lp_ids), n_sort, c->sort_k[0],
+            c->sort_k[1], c->sort_v[0], c->sort_v[1], c->seg_off, c->sort_tmp,
+            c->sort_tmp_bytes, c->d_tokens, c->d_values, c->d_ids };
+        int e = pie__cuda_sample(&a, c->st);
+        if (e) return pie_err_set(PIE_EDEVICE, "cuda: sampling: %s",
+                                  cudaGetErrorString((cudaError_t)e));
+        CK(cudaMemcpyAsync(out->tokens + o0, c->d_tokens, 4 * (size_t)rows,
+                           cudaMemcpyDeviceToHost, c->st));
+        if (nv) {
+            CK(cudaMemcpyAsync(out->values + v0, c->d_values, 4 * (size_t)nv,
+                               cudaMemcpyDeviceToHost, c->st));
+            CK(cudaMemcpyAsync(out->ids + v0, c->d_ids, 4 * (size_t)nv,
+                               cudaMemcpyDeviceToHost, c->st));
+        }
+        CK(cudaStreamSynchronize(c->st));
+    }
+    return 0;
+}
+
+static int cuda_forward(pie_backend *bb, const pie_forward_batch *b,
+                        pie_forward_out *out)
+{
+    cuda_backend *c = (cuda_backend *)bb;
+    const pie_model_config *g = &c->cfg;
+    int rc = pie_batch_validate(b, g->vocab_size, bb->page_size, bb->n_pages);
+    if (rc) return rc;
+    if (b->n_tokens > MAX_TOKENS)
+        return pie_err_set(PIE_ELIMIT, "cuda: batch has %d tokens, at most %d "
+                           "per forward; split the prefill", b->n_tokens,
+                           MAX_TOKENS);
+    if (b->n_outputs > 0 && (!out || !out->tokens || !out->value_indptr))
+        return pie_err_set(PIE_EINVAL, "cuda: output arrays are NULL "
+                           "(allocate them with pie_forward_out_alloc)");
+    if (b->n_tokens == 0) return 0;
+    CK(cudaSetDevice(c->device));
+    c->meta_len = 0;
+    c->meta_oom = 0;
+    step_meta sm = { 0 };
+    uint32_t *range_of = NULL;
+    if (b->mask_indptr && !(range_of = malloc(4 * (size_t)b->n_tokens)))
+        return pie_err_set(PIE_ENOMEM, "cuda: out of host memory");
+    rc = build_tokens(c, b, &sm, range_of);
+    int64_t parts = 0;
+    if (!rc) {
+        int G = g->n_heads / g->n_kv_heads, T = PIE_CUDA_ATTN_RMAX / G;
+        int64_t tiles = 0;
+        for (int r = 0; r < b->n_reqs; r++)
+            tiles += (b->qo_indptr[r + 1] - b->qo_indptr[r] + T - 1) / T;
+        int64_t base = tiles * g->n_kv_heads, want = 1;
+        if (base > 0 && base < 2 * c->n_sm) want = (2 * c->n_sm + base - 1) / base;
+        if (want > 32) want = 32;
+        parts = plan_attention(c, b, (int)want, range_of);
+        if (parts > c->max_parts) parts = plan_attention(c, b, 1, range_of);
+        if (parts < 0) rc = (int)parts;
+        else if (parts > c->max_parts)
+            rc = pie_err_set(PIE_ELIMIT, "cuda: attention needs %lld split "
+                             "rows, workspace holds %lld; use shorter "
+                             "prefill chunks", (long long)parts,
+                             (long long)c->max_parts);
+    }
+    free(range_of);
+    if (rc) return rc;
+    sm.items = meta_put(c, c->items, sizeof *c->items * (size_t)c->n_items);
+    sm.merges = meta_put(c, c->merges, sizeof *c->merges * (size_t)c->n_merges);
+    if ((rc = build_outputs(c, b, out, &sm))) return rc;
+    if ((rc = meta_upload(c))) return rc;
+    pie_cuda_tokmeta tm = {
+        DEV(c, sm.slot), DEV(c, sm.req), DEV(c, sm.pos), DEV(c, sm.kv_indptr),
+        DEV(c, sm.kv_len), DEV(c, sm.pages),
+        b->mask_indptr ? DEV(c, sm.mask_off) : NULL,
+        b->mask_indptr ? DEV(c, sm.mask_bits) : NULL };
+    if ((rc = run_layers(c, b->n_tokens, &tm, &sm))) return rc;
+    if ((rc = run_outputs(c, b, out, &sm))) return rc;
+    CK(cudaStreamSynchronize(c->st));
+    CK(cudaGetLastError());
+    return 0;
+}
+
+/* ---------------------------------------------------------- page moves */
+
+static int check_pages(cuda_backend *c, const int32_t *pages, int32_t n)
+{
+    if (n < 0 || (n > 0 && !pages))
+        return pie_err_set(PIE_EINVAL, "cuda: bad page list (n = %d)", n);
+    for (int32_t i = 0; i < n; i++)
+        if (pages[i] < 0 || pages[i] >= c->base.n_pages)
+            return pie_err_set(PIE_ERANGE, "cuda: page id %d outside 0..%d",
+                               pages[i], c->base.n_pages - 1);
+    return 0;
+}
+
+static int cuda_copy_slots(pie_backend *bb, int32_t src, int32_t src_off,
+                           int32_t dst, int32_t dst_off, int32_t n)
+{
+    cuda_backend *c = (cuda_backend *)bb;
+    int ps = bb->page_size;
+    if (src < 0 || src >= bb->n_pages || dst < 0 || dst >= bb->n_pages)
+        return pie_err_set(PIE_ERANGE, "cuda: copy_slots pages %d -> %d "
+                           "outside 0..%d", src, dst, bb->n_pages - 1);
+    if (n < 0 || src_off < 0 || dst_off < 0 || src_off + n > ps ||
+        dst_off + n > ps)
+        return pie_err_set(PIE_ERANGE, "cuda: copy_slots of %d slots at "
+                           "offsets %d -> %d outside the page (%d)", n,
+                           src_off, dst_off, ps);
+    if (n == 0) return 0;
+    CK(cudaSetDevice(c->device));
+    if (src == dst && src_off != dst_off) {
+        /* Overlapping ranges: go through scratch (d_values holds a page). */
+        pie_cuda_kv tmp = c->kv;
+        int64_t pe = pie_cuda_kv_page_elems(&c->kv);
+        CK(cudaMemcpyAsync(c->d_values, c->kv.pool + (int64_t)src * pe,
+                           (size_t)pe * 2, cudaMemcpyDeviceToDevice, c->st));
+        tmp.pool = (uint16_t *)c->d_values - (int64_t)src * pe;
+        /* copy from scratch image of page src into page dst */
+        int64_t rows = (int64_t)c->kv.n_layers * 2 * c->kv.n_kv;
+        size_t row = (size_t)ps * c->kv.head_dim * 2;
+        CK(cudaMemcpy2DAsync(c->kv.pool + (int64_t)dst * pe +
+                                 (int64_t)dst_off * c->kv.head_dim, row,
+                             (uint16_t *)c->d_values +
+                                 (int64_t)src_off * c->kv.head_dim, row,
+                             (size_t)n * c->kv.head_dim * 2, (size_t)rows,
+                             cudaMemcpyDeviceToDevice, c->st));
+        (void)tmp;
+    } else if (src != dst) {
+        pie__cuda_copy_slots(&c->kv, src, src_off, dst, dst_off, n, c->st);
+    }
+    CK(cudaStreamSynchronize(c->st));
+    CK(cudaGetLastError());
+    return 0;
+}
+
+static int cuda_download(pie_backend *bb, const int32_t *pages, int32_t n,
+                         void *host)
+{
+    cuda_backend *c = (cuda_backend *)bb;
+    int rc = check_pages(c, pages, n);
+    if (rc) return rc;
+    CK(cudaSetDevice(c->device));
+    int64_t pe = pie_cuda_kv_page_elems(&c->kv);
+    for (int32_t i = 0; i < n; i++)
+        CK(cudaMemcpyAsync((uint8_t *)host + (size_t)i * bb->page_bytes,
+                           c->kv.pool + (int64_t)pages[i] * pe, bb->page_bytes,
+                           cudaMemcpyDeviceToHost, c->st));
+    CK(cudaStreamSynchronize(c->st));
+    return 0;
+}
+
+static int cuda_upload(pie_backend *bb, const int32_t *pages, int32_t n,
+                       const void *host)
+{
+    cuda_backend *c = (cuda_backend *)bb;
+    int rc = check_pages(c, pages, n);
+    if (rc) return rc;
+    CK(cudaSetDevice(c->device));
+    int64_t pe = pie_cuda_kv_page_elems(&c->kv);
+    for (int32_t i = 0; i < n; i++)
+        CK(cudaMemcpyAsync(c->kv.pool + (int64_t)pages[i] * pe,
+                           (const uint8_t *)host + (size_t)i * bb->page_bytes,
+                           bb->page_bytes, cudaMemcpyHostToDevice, c->st));
+    CK(cudaStreamSynchronize(c->st));
+    return 0;
+}
+
+static void cuda_destroy(pie_backend *bb)
+{
+    cuda_backend *c = (cuda_backend *)bb;
+    if (!c) return;
+    cudaSetDevice(c->device);
+    if (c->st) cudaStreamSynchronize(c->st);
+    for (int i = 0; i < MM_CACHE; i++) plan_free(&c->plans[i]);
+    if (c->lt) cublasLtDestroy(c->lt);
+    for (int i = 0; i < c->n_allocs; i++) cudaFree(c->allocs[i]);
+    if (c->meta_pin) cudaFreeHost(c->meta_pin);
+    if (c->meta_dev) cudaFree(c->meta_dev);
+    if (c->st) cudaStreamDestroy(c->st);
+    free(c->allocs);
+    free(c->layers);
+    free(c->meta);
+    free(c->items);
+    free(c->merges);
+    free(c);
+}
+
+static const pie_backend_ops CUDA_OPS = {
+    cuda_forward, cuda_copy_slots, cuda_download, cuda_upload, cuda_destroy,
+};
+
+/* ---------------------------------------------------------------- create */
+
+int pie_backend_cuda_available(void)
+{
+    int n = 0;
+    if (cudaGetDeviceCount(&n) != cudaSuccess) {
+        cudaGetLastError();
+        return 0;
+    }
+    return n > 0;
+}
+
+static int check_shape(const pie_model_config *g)
+{
+    int hd = g->head_dim;
+    if (g->n_heads < 1 || g->n_kv_heads < 1 || g->n_heads % g->n_kv_heads)
+        return pie_err_set(PIE_EUNSUPPORTED, "cuda: %d query heads and %d kv "
+                           "heads", g->n_heads, g->n_kv_heads);
+    if (g->n_heads / g->n_kv_heads > PIE_CUDA_ATTN_RMAX)
+        return pie_err_set(PIE_EUNSUPPORTED, "cuda: GQA group of %d heads, at "
+                           "most %d supported", g->n_heads / g->n_kv_heads,
+                           PIE_CUDA_ATTN_RMAX);
+    if (hd < 8 || hd > 256 || (hd & (hd - 1)))
+        return pie_err_set(PIE_EUNSUPPORTED, "cuda: head_dim %d (supported: "
+                           "8, 16, 32, 64, 128, 256)", hd);
+    if (g->dim < 1 || g->hidden_dim < 1 || g->vocab_size < 1 || g->n_layers < 1)
+        return pie_err_set(PIE_EINVAL, "cuda: bad model dimensions");
+    return 0;
+}
+
+static int alloc_workspace(cuda_backend *c)
+{
+    const pie_model_config *g = &c->cfg;
+    int64_t T = MAX_TOKENS, nh = g->n_heads, hd = g->head_dim, V = g->vocab_size;
+    int64_t qd = nh * hd, qkvd = qd + 2 * (int64_t)g->n_kv_heads * hd;
+    int64_t xbw = g->dim > qd ? g->dim : qd;
+    int rc;
+    c->max_parts = T * nh * 2;
+    if (c->max_parts < 65536) c->max_parts = 65536;
+    TRY(dalloc(c, &c->lt_ws, LT_WS_BYTES, "cuBLASLt workspace"));
+    TRY(dalloc(c, (void **)&c->x, T * g->dim * 4, "activations"));
+    TRY(dalloc(c, (void **)&c->xb, T * xbw * 2, "activations"));
+    TRY(dalloc(c, (void **)&c->qkv, T * qkvd * 4, "activations"));
+    TRY(dalloc(c, (void **)&c->q, T * qd * 4, "activations"));
+    TRY(dalloc(c, (void **)&c->att, T * qd * 2, "activations"));
+    TRY(dalloc(c, (void **)&c->gu, T * 2 * g->hidden_dim * 4, "activations"));
+    TRY(dalloc(c, (void **)&c->h, T * g->hidden_dim * 2, "activations"));
+    TRY(dalloc(c, (void **)&c->part_o, c->max_parts * hd * 4, "attention splits"));
+    TRY(dalloc(c, (void **)&c->part_ml, c->max_parts * 2 * 4, "attention splits"));
+    TRY(dalloc(c, (void **)&c->xo, (int64_t)OUT_CHUNK * g->dim * 2, "outputs"));
+    TRY(dalloc(c, (void **)&c->logits, OUT_CHUNK * V * 4, "logits"));
+    for (int i = 0; i < 2; i++) {
+        TRY(dalloc(c, (void **)&c->sort_k[i], OUT_CHUNK * V * 4, "sampler"));
+        TRY(dalloc(c, (void **)&c->sort_v[i], OUT_CHUNK * V * 4, "sampler"));
+    }
+    TRY(dalloc(c, (void **)&c->seg_off, (OUT_CHUNK + 1) * 4, "sampler"));
+    /* the largest sort is OUT_CHUNK rows; smaller ones need no more */
+    c->sort_tmp_bytes = pie__cuda_sort_tmp_bytes(OUT_CHUNK, (int)V);
+    TRY(dalloc(c, &c->sort_tmp, c->sort_tmp_bytes, "sampler"));
+    TRY(dalloc(c, (void **)&c->d_tokens, OUT_CHUNK * 4, "outputs"));
+    int64_t pe = pie_cuda_kv_page_elems(&c->kv);
+    int64_t nval = OUT_CHUNK * V > pe / 2 + 1 ? OUT_CHUNK * V : pe / 2 + 1;
+    TRY(dalloc(c, (void **)&c->d_values, nval * 4, "outputs"));
+    TRY(dalloc(c, (void **)&c->d_ids, nval * 4, "outputs"));
+    return 0;
+}
+
+static int plan_pool(cuda_backend *c, const pie_backend_opts *o)
+{
+    int64_t pe = pie_cuda_kv_page_elems(&c->kv);
+    size_t page = (size_t)pe * 2, fr = 0, tot = 0;
+    CK(cudaMemGetInfo(&fr, &tot));
+    size_t reserve = 256u << 20;              /* cuBLASLt, graphs, driver */
+    size_t avail = fr > reserve ? fr - reserve : 0;
+    int64_t n = o && o->n_pages > 0 ? o->n_pages : 0;
+    if (n == 0) {
+        double f = o && o->mem_fraction > 0 && o->mem_fraction <= 1
+                       ? o->mem_fraction : 0.9;
+        n = (int64_t)(avail * f / page);
+        if (n > INT32_MAX) n = INT32_MAX;
+    }
+    if (n < 1 || (size_t)n * page > avail)
+        return pie_err_set(PIE_ENOMEM, "cuda: no room for %lld KV pages of "
+                           "%.2f MiB: %.2f GiB free after weights and "
+                           "workspace; use fewer pages or a larger GPU",
+                           (long long)(n < 1 ? 1 : n), page / 1048576.0,
+                           avail / 1073741824.0);
+    int rc = dalloc(c, (void **)&c->kv.pool, (size_t)n * page, "KV pool");
+    if (rc) return rc;
+    c->base.n_pages = (int32_t)n;
+    c->base.page_bytes = page;
+    return 0;
+}
+
+int pie_backend_cuda_create(const pie_model *m, const pie_backend_opts *o,
+                            pie_backend **out)
+{
+    *out = NULL;
+    int ndev = 0;
+    cudaError_t e = cudaGetDeviceCount(&ndev);
+    if (e != cudaSuccess || ndev == 0) {
+        cudaGetLastError();
+        return pie_err_set(PIE_EUNSUPPORTED, "cuda: no usable GPU (%s)",
+                           e != cudaSuccess ? cudaGetErrorString(e)
+                                            : "no devices");
+    }
+    int dev = o ? o->device : 0;
+    if (dev < 0 || dev >= ndev)
+        return pie_err_set(PIE_EINVAL, "cuda: device %d, have %d", dev, ndev);
+    int rc = check_shape(&m->cfg);
+    if (rc) return rc;
+    cuda_backend *c = calloc(1, sizeof *c);
+    if (!c) return pie_err_set(PIE_ENOMEM, "cuda: out of host memory");
+    c->cfg = m->cfg;
+    c->device = dev;
+    c->base.ops = &CUDA_OPS;
+    c->base.cfg = &c->cfg;
+    c->base.name = "cuda";
+    c->base.page_size = o && o->page_size > 0 ? o->page_size : 16;
+    c->kv = (pie_cuda_kv){ NULL, m->cfg.n_layers, m->cfg.n_kv_heads,
+                           c->base.page_size, m->cfg.head_dim };
+    if ((e = cudaSetDevice(dev)) != cudaSuccess ||
+        (e = cudaStreamCreateWithFlags(&c->st, cudaStreamNonBlocking)) !=
+            cudaSuccess ||
+        (e = cudaDeviceGetAttribute(&c->n_sm, cudaDevAttrMultiProcessorCount,
+                                    dev)) != cudaSuccess) {
+        rc = pie_err_set(PIE_EDEVICE, "cuda: %s", cudaGetErrorString(e));
+        goto err;
+    }
+    if (cublasLtCreate(&c->lt) != CUBLAS_STATUS_SUCCESS) {
+        rc = pie_err_set(PIE_EDEVICE, "cuda: cublasLtCreate failed");
+        goto err;
+    }
+    if ((rc = upload_weights(c, m))) goto err;
+    if ((rc = alloc_workspace(c))) goto err;
+    if ((rc = plan_pool(c, o))) goto err;
+    if ((e = cudaDeviceSynchronize()) != cudaSuccess) {
+        rc = pie_err_set(PIE_EDEVICE, "cuda: %s", cudaGetErrorString(e));
+        goto err;
+    }
+    *out = &c->base;
+    return 0;
+err:
+    cuda_destroy(&c->base);
+    return rc;
+}

@@ -1,0 +1,166 @@
+/*
+ * cuda_kernels.h — pie's own CUDA kernels, callable from C.
+ *
+ * Every launcher takes device pointers and a stream and returns nothing; the
+ * caller checks cudaGetLastError() once per step. bf16 data is passed as
+ * uint16_t (the bit pattern), f32 as float. The differential test
+ * (tests/cuda/test_cuda_kernels.c) runs each launcher against a plain C twin.
+ *
+ * KV pool layout (bf16), one page contiguous so page moves are one memcpy:
+ *
+ *   pool[page][layer][k_or_v][kv_head][slot_in_page][head_dim]
+ *
+ * Token metadata used by the attention kernels, all device arrays:
+ *   tok_slot[t]   KV slot of token t in its request (kv_len - n_new + i)
+ *   tok_req[t]    request of token t
+ *   kv_indptr[r]  first entry of request r in pages[] (n_reqs+1 entries)
+ *   kv_len[r]     slots of request r including the new tokens
+ *   mask_off[t]   -1 = causal, else word offset of token t's bitmap in
+ *                 mask_bits (bit j set = slot j attended)
+ */
+#ifndef PIE_CUDA_KERNELS_H
+#define PIE_CUDA_KERNELS_H
+
+#include <stdint.h>
+#include <cuda_runtime_api.h>
+
+#ifdef __cplusplus
+extern "C" {
+#endif
+
+typedef struct pie_cuda_kv {
+    uint16_t *pool;          /* device, see layout above                    */
+    int32_t   n_layers;
+    int32_t   n_kv;
+    int32_t   page_size;
+    int32_t   head_dim;
+} pie_cuda_kv;
+
+#ifdef __CUDACC__
+#define PIE_HD __host__ __device__
+#else
+#define PIE_HD
+#endif
+
+/* Elements of one page (every layer, K and V). */
+static inline PIE_HD int64_t pie_cuda_kv_page_elems(const pie_cuda_kv *kv)
+{
+    return (int64_t)kv->n_layers * 2 * kv->n_kv * kv->page_size * kv->head_dim;
+}
+
+typedef struct pie_cuda_tokmeta {
+    const int32_t  *tok_slot;    /* (n_tokens)                              */
+    const int32_t  *tok_req;     /* (n_tokens)                              */
+    const int32_t  *positions;   /* (n_tokens)                              */
+    const int32_t  *kv_indptr;   /* (n_reqs+1)                              */
+    const int32_t  *kv_len;      /* (n_reqs)                                */
+    const int32_t  *pages;       /* (kv_indptr[n_reqs])                     */
+    const int32_t  *mask_off;    /* (n_tokens) or NULL = all causal         */
+    const uint32_t *mask_bits;
+} pie_cuda_tokmeta;
+
+/* One attention work item: a tile of nt consecutive tokens of request req
+ * (global token indices t0..t0+nt), one kv head, slots [s0, s1). part < 0:
+ * the item covers all slots and writes the output; else it writes partial
+ * rows part .. part + nt*G - 1 for pie__cuda_attn_merge. */
+typedef struct pie_cuda_attn_item {
+    int32_t req, t0, nt, kvh, s0, s1, part, pad;
+} pie_cuda_attn_item;
+
+/* Merge item: the tile t0..t0+nt of kv head kvh was split nsplit ways;
+ * split s's rows start at part + s*nt*G. */
+typedef struct pie_cuda_merge_item {
+    int32_t t0, nt, kvh, nsplit, part, pad[3];
+} pie_cuda_merge_item;
+
+#define PIE_CUDA_ATTN_RMAX 8       /* query rows (token, head) per item     */
+#define PIE_CUDA_ATTN_CHUNK 1024   /* max slots per item                    */
+
+/* x[t] = embed[tok[t]] as f32.  x (n, dim) */
+void pie__cuda_embed(float *x, const uint16_t *embed, const int32_t *tok,
+                     int n, int dim, cudaStream_t s);
+/* out[i] = bf16(rmsnorm(x[rows ? rows[i] : i]) * w).  out (n, dim) */
+void pie__cuda_rmsnorm(uint16_t *out, const float *x, const float *w,
+                       const int32_t *rows, int n, int dim, float eps,
+                       cudaStream_t s);
+/* Post-projection of fused qkv (n, (nh+2nkv)*hd) f32: + bias, per-head
+ * q/k RMSNorm (qwen3), RoPE (half-split) at positions; q out (n, nh*hd) f32,
+ * K and V appended into the pool at each token's slot for this layer. */
+void pie__cuda_qkv_post(float *q, const float *qkv, const float *bias,
+                        const float *q_norm, const float *k_norm, float eps,
+                        const float *inv_freq, const pie_cuda_tokmeta *tm,
+                        const pie_cuda_kv *kv, int layer, int n, int nh,
+                        cudaStream_t s);
+/* Paged attention over work items; out (n, nh*hd) bf16. part_o/part_ml
+ * hold split partials (rows, hd) and (rows, 2). */
+void pie__cuda_attention(uint16_t *out, float *part_o, float *part_ml,
+                         const float *q, const pie_cuda_attn_item *items,
+                         int n_items, const pie_cuda_tokmeta *tm,
+                         const pie_cuda_kv *kv, int layer, int nh,
+                         cudaStream_t s);
+void pie__cuda_attn_merge(uint16_t *out, const float *part_o,
+                          const float *part_ml,
+                          const pie_cuda_merge_item *items, int n_items,
+                          int nh, int nkv, int hd, cudaStream_t s);
+/* out (n, hidden) bf16 = silu(gu[:, :hidden]) * gu[:, hidden:] */
+void pie__cuda_silu_mul(uint16_t *out, const float *gu, int n, int hidden,
+                        cudaStream_t s);
+/* Fills n bf16 values with N(0, std) from seed (or the constant std when
+ * constant != 0). */
+void pie__cuda_fill_bf16(uint16_t *p, int64_t n, uint64_t seed, float std,
+                         int constant, cudaStream_t s);
+void pie__cuda_fill_f32(float *p, int64_t n, float v, cudaStream_t s);
+/* f32 -> bf16 conversion on the device. */
+void pie__cuda_f32_to_bf16(uint16_t *dst, const float *src, int64_t n,
+                           cudaStream_t s);
+/* Copies n slots of every layer (K and V) from (src, src_off) to (dst,
+ * dst_off). */
+void pie__cuda_copy_slots(const pie_cuda_kv *kv, int src, int src_off,
+                          int dst, int dst_off, int n, cudaStream_t s);
+
+/* ---- sampling (sample.cu) ---- */
+
+/* Per-row parameters of the output rows of one chunk. */
+typedef struct pie_cuda_srow {
+    int32_t  kind;       /* pie_sampler_kind                               */
+    float    temp;
+    int32_t  top_k;
+    float    top_p;
+    float    min_p;
+    float    u;          /* pie_sample_uniform(seed)                        */
+    int32_t  val_off;    /* offset into the chunk's values/ids              */
+    int32_t  n_ids;      /* LOGPROBS ids count; TOPK k                      */
+    int32_t  ids_off;    /* LOGPROBS: offset into lp_ids                    */
+    int32_t  mask_off;   /* logit mask bitmap word offset, -1 = none        */
+    int32_t  sort_row;   /* row in the sort buffers, -1 = not sorted        */
+    int32_t  pad;
+} pie_cuda_srow;
+
+typedef struct pie_cuda_sample_args {
+    float               *logits;     /* (rows, vocab), masked in place      */
+    int32_t              rows;
+    int32_t              vocab;
+    const pie_cuda_srow *srow;       /* (rows)                              */
+    const uint32_t      *mask_bits;
+    const int32_t       *lp_ids;
+    int32_t              n_sort;     /* rows needing a sorted distribution  */
+    float               *sort_kin, *sort_kout;   /* (n_sort, vocab)         */
+    int32_t             *sort_vin, *sort_vout;
+    int32_t             *seg_off;    /* (n_sort+1) device                   */
+    void                *sort_tmp;
+    size_t               sort_tmp_bytes;
+    int32_t             *tokens;     /* (rows) out                          */
+    float               *values;     /* out                                 */
+    int32_t             *ids;        /* out                                 */
+} pie_cuda_sample_args;
+
+/* Temporary bytes the sort needs for n_sort rows of vocab. */
+size_t pie__cuda_sort_tmp_bytes(int n_sort, int vocab);
+/* Runs masks, samplers and probes of one chunk. Returns 0 or a CUDA error
+ * code. */
+int pie__cuda_sample(const pie_cuda_sample_args *a, cudaStream_t s);
+
+#ifdef __cplusplus
+}
+#endif
+#endif

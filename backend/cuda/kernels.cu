@@ -1,0 +1,490 @@
+/*
+ * kernels.cu — pie's own CUDA kernels for the transformer forward (the dense
+ * matmuls go through cuBLASLt in cuda_backend.c). Each kernel has a plain C
+ * twin in tests/cuda/test_cuda_kernels.c. Shapes are in the first comment of
+ * each kernel; launch configuration lives in its launcher.
+ */
+#include <cuda_bf16.h>
+#include <math.h>
+#include <stdint.h>
+
+#include "backend/cuda/cuda_kernels.h"
+
+#define WARP 32
+
+static __device__ __forceinline__ float bf2f(uint16_t h)
+{
+    return __uint_as_float((uint32_t)h << 16);
+}
+
+static __device__ __forceinline__ uint16_t f2bf(float f)
+{
+    __nv_bfloat16 b = __float2bfloat16_rn(f);
+    return *reinterpret_cast<uint16_t *>(&b);
+}
+
+static __device__ __forceinline__ float warp_sum(float v)
+{
+    for (int o = WARP / 2; o > 0; o >>= 1) v += __shfl_xor_sync(0xffffffffu, v, o);
+    return v;
+}
+
+static __device__ __forceinline__ float warp_max(float v)
+{
+    for (int o = WARP / 2; o > 0; o >>= 1)
+        v = fmaxf(v, __shfl_xor_sync(0xffffffffu, v, o));
+    return v;
+}
+
+/* Sum over the block (blockDim.x a multiple of 32, <= 1024). */
+static __device__ float block_sum(float v, float *red)
+{
+    int lane = threadIdx.x % WARP, w = threadIdx.x / WARP;
+    v = warp_sum(v);
+    __syncthreads();
+    if (lane == 0) red[w] = v;
+    __syncthreads();
+    int nw = blockDim.x / WARP;
+    v = threadIdx.x < nw ? red[threadIdx.x] : 0.0f;
+    if (w == 0) v = warp_sum(v);
+    if (threadIdx.x == 0) red[0] = v;
+    __syncthreads();
+    return red[0];
+}
+
+/* ---------------------------------------------------------------- embed */
+
+__global__ void embed_kernel(float *x, const uint16_t *emb, const int32_t *tok,
+                             int dim)
+{
+    // x (n, dim), emb (vocab, dim)
+    int t = blockIdx.x;
+    const uint16_t *e = emb + (int64_t)tok[t] * dim;
+    for (int i = threadIdx.x; i < dim; i += blockDim.x)
+        x[(int64_t)t * dim + i] = bf2f(e[i]);
+}
+
+extern "C" void pie__cuda_embed(float *x, const uint16_t *embed,
+                                const int32_t *tok, int n, int dim,
+                                cudaStream_t s)
+{
+    if (n > 0) embed_kernel<<<n, 256, 0, s>>>(x, embed, tok, dim);
+}
+
+/* -------------------------------------------------------------- rmsnorm */
+
+__global__ void rmsnorm_kernel(uint16_t *out, const float *x, const float *w,
+                               const int32_t *rows, int dim, float eps)
+{
+    // out (n, dim) bf16, x (*, dim) f32
+    __shared__ float red[32];
+    int i = blockIdx.x;
+    const float *xr = x + (int64_t)(rows ? rows[i] : i) * dim;
+    float ss = 0.0f;
+    for (int k = threadIdx.x; k < dim; k += blockDim.x) ss += xr[k] * xr[k];
+    ss = block_sum(ss, red);
+    float r = rsqrtf(ss / dim + eps);
+    for (int k = threadIdx.x; k < dim; k += blockDim.x)
+        out[(int64_t)i * dim + k] = f2bf(xr[k] * r * w[k]);
+}
+
+extern "C" void pie__cuda_rmsnorm(uint16_t *out, const float *x,
+                                  const float *w, const int32_t *rows, int n,
+                                  int dim, float eps, cudaStream_t s)
+{
+    if (n > 0) rmsnorm_kernel<<<n, 256, 0, s>>>(out, x, w, rows, dim, eps);
+}
+
+/* ------------------------------------------------------------- qkv post */
+
+/* One block per token, one warp per head (q heads, then k heads, then v
+ * heads). A lane handles the RoPE pairs (i, i + hd/2) for i = lane,
+ * lane+32, ... */
+__global__ void qkv_post_kernel(float *q, const float *qkv, const float *bias,
+                                const float *q_norm, const float *k_norm,
+                                float eps, const float *inv_freq,
+                                pie_cuda_tokmeta tm, pie_cuda_kv kv, int layer,
+                                int nh)
+{
+    // q (n, nh*hd) f32, qkv (n, (nh+2nkv)*hd) f32
+    int t = blockIdx.x, hd = kv.head_dim, nkv = kv.n_kv, half = hd / 2;
+    int lane = threadIdx.x % WARP, w = threadIdx.x / WARP;
+    int nw = blockDim.x / WARP, qkv_dim = (nh + 2 * nkv) * hd;
+    float pos = (float)tm.positions[t];
+    int slot = tm.tok_slot[t], req = tm.tok_req[t], ps = kv.page_size;
+    int page = tm.pages[tm.kv_indptr[req] + slot / ps], off = slot % ps;
+    uint16_t *kbase = kv.pool + (int64_t)page * pie_cuda_kv_page_elems(&kv) +
+                      (int64_t)layer * 2 * nkv * ps * hd;
+    for (int h = w; h < nh + 2 * nkv; h += nw) {
+        const float *src = qkv + (int64_t)t * qkv_dim + h * hd;
+        const float *b = bias ? bias + h * hd : NULL;
+        int is_q = h < nh, is_k = !is_q && h < nh + nkv;
+        const float *nw_ = is_q ? q_norm : is_k ? k_norm : NULL;
+        float r = 1.0f;
+        if (nw_) {
+            float ss = 0.0f;
+            for (int i = lane; i < hd; i += WARP) {
+                float v = src[i] + (b ? b[i] : 0.0f);
+                ss += v * v;
+            }
+            ss = warp_sum(ss);
+            r = rsqrtf(ss / hd + eps);
+        }
+        float *qd = NULL;
+        uint16_t *kvd = NULL;
+        if (is_q)
+            qd = q + (int64_t)t * nh * hd + h * hd;
+        else if (is_k)
+            kvd = kbase + ((int64_t)(h - nh) * ps + off) * hd;
+        else
+            kvd = kbase + ((int64_t)nkv * ps + (int64_t)(h - nh - nkv) * ps + off) * hd;
+        if (!is_q && !is_k) {
+            for (int i = lane; i < hd; i += WARP)
+                kvd[i] = f2bf(src[i] + (b ? b[i] : 0.0f));
+            continue;
+        }
+        for (int i = lane; i < half; i += WARP) {
+            float x0 = src[i] + (b ? b[i] : 0.0f);
+            float x1 = src[i + half] + (b ? b[i + half] : 0.0f);
+            if (nw_) {
+                x0 = x0 * r * nw_[i];
+                x1 = x1 * r * nw_[i + half];
+            }
+            float ang = pos * inv_freq[i];
+            float c = cosf(ang), sn = sinf(ang);
+            float y0 = x0 * c - x1 * sn, y1 = x1 * c + x0 * sn;
+            if (qd) {
+                qd[i] = y0;
+                qd[i + half] = y1;
+            } else {
+                kvd[i] = f2bf(y0);
+                kvd[i + half] = f2bf(y1);
+            }
+        }
+    }
+}
+
+extern "C" void pie__cuda_qkv_post(float *q, const float *qkv,
+                                   const float *bias, const float *q_norm,
+                                   const float *k_norm, float eps,
+                                   const float *inv_freq,
+                                   const pie_cuda_tokmeta *tm,
+                                   const pie_cuda_kv *kv, int layer, int n,
+                                   int nh, cudaStream_t s)
+{
+    if (n > 0)
+        qkv_post_kernel<<<n, 256, 0, s>>>(q, qkv, bias, q_norm, k_norm, eps,
+                                          inv_freq, *tm, *kv, layer, nh);
+}
+
+/* ------------------------------------------------------------ attention */
+
+/*
+ * One block per work item: up to RMAX query rows (nt tokens x G heads of
+ * one kv head) over slots [s0, s1). Lanes form groups of LG = hd/8; a group
+ * handles one slot at a time with 16-byte loads, so every K and V byte is
+ * read once per item and shared by the G heads (and nt tokens).
+ *   pass 1: scores into shared memory (masked slots -inf)
+ *   pass 2: per-row max and sum; scores become exp(s - max)
+ *   pass 3: P·V accumulated in registers, reduced across groups in smem
+ * Shared memory (floats): qs[RMAX][hd], sc[RMAX][CHUNK], os[RMAX][hd],
+ * ml[RMAX][2].
+ */
+#define RMAX PIE_CUDA_ATTN_RMAX
+#define CHUNK PIE_CUDA_ATTN_CHUNK
+#define ATT_THREADS 128
+
+static __device__ __forceinline__ void load8(const uint16_t *p, float *f)
+{
+    uint4 v = *reinterpret_cast<const uint4 *>(p);
+    uint32_t w[4] = {v.x, v.y, v.z, v.w};
+#pragma unroll
+    for (int i = 0; i < 4; i++) {
+        f[2 * i] = __uint_as_float(w[i] << 16);
+        f[2 * i + 1] = __uint_as_float(w[i] & 0xffff0000u);
+    }
+}
+
+static __device__ __forceinline__ bool attn_allowed(const pie_cuda_tokmeta &tm,
+                                                    int t, int j)
+{
+    int mo = tm.mask_off ? tm.mask_off[t] : -1;
+    if (mo < 0) return j <= tm.tok_slot[t];
+    return (tm.mask_bits[mo + j / 32] >> (j % 32)) & 1u;
+}
+
+__global__ void __launch_bounds__(ATT_THREADS)
+attention_kernel(uint16_t *out, float *part_o, float *part_ml, const float *q,
+                 const pie_cuda_attn_item *items, pie_cuda_tokmeta tm,
+                 pie_cuda_kv kv, int layer, int nh)
+{
+    // out (n, nh*hd) bf16, q (n, nh*hd) f32
+    extern __shared__ float smem[];
+    pie_cuda_attn_item it = items[blockIdx.x];
+    int hd = kv.head_dim, nkv = kv.n_kv, ps = kv.page_size;
+    int G = nh / nkv, R = it.nt * G, n = it.s1 - it.s0;
+    int LG = hd / 8, NG = ATT_THREADS / LG;
+    int gi = threadIdx.x / LG, li = threadIdx.x % LG;
+    float *qs = smem, *sc = qs + RMAX * hd, *os = sc + RMAX * CHUNK;
+    float *ml = os + RMAX * hd;
+    float scale = rsqrtf((float)hd);
+    for (int k = threadIdx.x; k < RMAX * hd; k += ATT_THREADS) {
+        int r = k / hd, d = k % hd;
+        float v = 0.0f;
+        if (r < R) {
+            int t = it.t0 + r / G, h = it.kvh * G + r % G;
+            v = q[(int64_t)t * nh * hd + h * hd + d] * scale;
+        }
+        qs[k] = v;
+        os[k] = 0.0f;
+    }
+    __syncthreads();
+    const int32_t *pages = tm.pages + tm.kv_indptr[it.req];
+    int64_t page_elems = pie_cuda_kv_page_elems(&kv);
+    int64_t lay = (int64_t)layer * 2 * nkv * ps * hd + (int64_t)it.kvh * ps * hd;
+    int64_t voff = (int64_t)nkv * ps * hd;
+    /* pass 1 */
+    for (int base = it.s0; base < it.s1; base += NG) {
+        int j = base + gi;
+        bool valid = j < it.s1;
+        float kf[8] = {0, 0, 0, 0, 0, 0, 0, 0};
+        if (valid) {
+            const uint16_t *kp = kv.pool + pages[j / ps] * page_elems + lay +
+                                 (int64_t)(j % ps) * hd + li * 8;
+            load8(kp, kf);
+        }
+#pragma unroll
+        for (int r = 0; r < RMAX; r++) {
+            if (r >= R) break;
+            float d = 0.0f;
+#pragma unroll
+            for (int e = 0; e < 8; e++) d += qs[r * hd + li * 8 + e] * kf[e];
+            for (int o = LG / 2; o > 0; o >>= 1)
+                d += __shfl_xor_sync(0xffffffffu, d, o);
+            if (valid && li == 0) {
+                int t = it.t0 + r / G;
+                sc[r * CHUNK + (j - it.s0)] = attn_allowed(tm, t, j) ? d : -INFINITY;
+            }
+        }
+    }
+    __syncthreads();
+    /* pass 2 */
+    int lane = threadIdx.x % WARP, w = threadIdx.x / WARP;
+    for (int r = w; r < R; r += ATT_THREADS / WARP) {
+        float m = -INFINITY;
+        for (int j = lane; j < n; j += WARP) m = fmaxf(m, sc[r * CHUNK + j]);
+        m = warp_max(m);
+        float l = 0.0f;
+        for (int j = lane; j < n; j += WARP) {
+            float v = sc[r * CHUNK + j];
+            float p = (v == -INFINITY) ? 0.0f : __expf(v - m);
+            sc[r * CHUNK + j] = p;
+            l += p;
+        }
+        l = warp_sum(l);
+        if (lane == 0) {
+            ml[2 * r] = m;
+            ml[2 * r + 1] = l;
+        }
+    }
+    __syncthreads();
+    /* pass 3 */
+    float acc[RMAX][8];
+#pragma unroll
+    for (int r = 0; r < RMAX; r++)
+#pragma unroll
+        for (int e = 0; e < 8; e++) acc[r][e] = 0.0f;
+    for (int j = it.s0 + gi; j < it.s1; j += NG) {
+        float vf[8];
+        const uint16_t *vp = kv.pool + pages[j / ps] * page_elems + lay + voff +
+                             (int64_t)(j % ps) * hd + li * 8;
+        load8(vp, vf);
+#pragma unroll
+        for (int r = 0; r < RMAX; r++) {
+            if (r < R) {
+                float p = sc[r * CHUNK + (j - it.s0)];
+#pragma unroll
+                for (int e = 0; e < 8; e++) acc[r][e] += p * vf[e];
+            }
+        }
+    }
+#pragma unroll
+    for (int r = 0; r < RMAX; r++)
+        if (r < R)
+#pragma unroll
+            for (int e = 0; e < 8; e++) atomicAdd(&os[r * hd + li * 8 + e], acc[r][e]);
+    __syncthreads();
+    for (int k = threadIdx.x; k < R * hd; k += ATT_THREADS) {
+        int r = k / hd, d = k % hd;
+        float l = ml[2 * r + 1];
+        if (it.part < 0) {
+            int t = it.t0 + r / G, h = it.kvh * G + r % G;
+            out[(int64_t)t * nh * hd + h * hd + d] = f2bf(l > 0.0f ? os[k] / l : 0.0f);
+        } else {
+            part_o[(int64_t)(it.part + r) * hd + d] = os[k];
+            if (d == 0) {
+                part_ml[2 * (int64_t)(it.part + r)] = ml[2 * r];
+                part_ml[2 * (int64_t)(it.part + r) + 1] = l;
+            }
+        }
+    }
+}
+
+static size_t attn_smem(int hd)
+{
+    return sizeof(float) * ((size_t)RMAX * hd * 2 + (size_t)RMAX * CHUNK + 2 * RMAX);
+}
+
+extern "C" void pie__cuda_attention(uint16_t *out, float *part_o,
+                                    float *part_ml, const float *q,
+                                    const pie_cuda_attn_item *items,
+                                    int n_items, const pie_cuda_tokmeta *tm,
+                                    const pie_cuda_kv *kv, int layer, int nh,
+                                    cudaStream_t s)
+{
+    if (n_items <= 0) return;
+    size_t sm = attn_smem(kv->head_dim);
+    static size_t set;
+    if (sm > 48 * 1024 && set < sm) {
+        cudaFuncSetAttribute(attention_kernel,
+                             cudaFuncAttributeMaxDynamicSharedMemorySize, (int)sm);
+        set = sm;
+    }
+    attention_kernel<<<n_items, ATT_THREADS, sm, s>>>(out, part_o, part_ml, q,
+                                                      items, *tm, *kv, layer, nh);
+}
+
+__global__ void attn_merge_kernel(uint16_t *out, const float *part_o,
+                                  const float *part_ml,
+                                  const pie_cuda_merge_item *items, int nh,
+                                  int nkv, int hd)
+{
+    // out (n, nh*hd) bf16; partial rows (rows, hd)
+    pie_cuda_merge_item it = items[blockIdx.x];
+    int G = nh / nkv, R = it.nt * G;
+    for (int k = threadIdx.x; k < R * hd; k += blockDim.x) {
+        int r = k / hd, d = k % hd;
+        float M = -INFINITY;
+        for (int s = 0; s < it.nsplit; s++)
+            M = fmaxf(M, part_ml[2 * (int64_t)(it.part + s * R + r)]);
+        float L = 0.0f, O = 0.0f;
+        if (M != -INFINITY) {
+            for (int s = 0; s < it.nsplit; s++) {
+                int64_t row = it.part + s * R + r;
+                float m = part_ml[2 * row];
+                if (m == -INFINITY) continue;
+                float e = __expf(m - M);
+                L += part_ml[2 * row + 1] * e;
+                O += part_o[row * hd + d] * e;
+            }
+        }
+        int t = it.t0 + r / G, h = it.kvh * G + r % G;
+        out[(int64_t)t * nh * hd + h * hd + d] = f2bf(L > 0.0f ? O / L : 0.0f);
+    }
+}
+
+extern "C" void pie__cuda_attn_merge(uint16_t *out, const float *part_o,
+                                     const float *part_ml,
+                                     const pie_cuda_merge_item *items,
+                                     int n_items, int nh, int nkv, int hd,
+                                     cudaStream_t s)
+{
+    if (n_items > 0)
+        attn_merge_kernel<<<n_items, 256, 0, s>>>(out, part_o, part_ml, items,
+                                                  nh, nkv, hd);
+}
+
+/* ------------------------------------------------------------- silu*mul */
+
+__global__ void silu_mul_kernel(uint16_t *out, const float *gu, int64_t total,
+                                int hidden)
+{
+    // out (n, hidden) bf16, gu (n, 2*hidden) f32
+    for (int64_t k = blockIdx.x * (int64_t)blockDim.x + threadIdx.x; k < total;
+         k += (int64_t)gridDim.x * blockDim.x) {
+        int64_t t = k / hidden, i = k % hidden;
+        float g = gu[t * 2 * hidden + i], u = gu[t * 2 * hidden + hidden + i];
+        out[k] = f2bf(g / (1.0f + expf(-g)) * u);
+    }
+}
+
+extern "C" void pie__cuda_silu_mul(uint16_t *out, const float *gu, int n,
+                                   int hidden, cudaStream_t s)
+{
+    int64_t total = (int64_t)n * hidden;
+    if (total <= 0) return;
+    int blocks = (int)((total + 255) / 256);
+    if (blocks > 132 * 16) blocks = 132 * 16;
+    silu_mul_kernel<<<blocks, 256, 0, s>>>(out, gu, total, hidden);
+}
+
+/* ----------------------------------------------------------- fill/misc */
+
+static __device__ __forceinline__ uint64_t mix64(uint64_t z)
+{
+    z = (z ^ (z >> 30)) * 0xbf58476d1ce4e5b9ull;
+    z = (z ^ (z >> 27)) * 0x94d049bb133111ebull;
+    return z ^ (z >> 31);
+}
+
+__global__ void fill_bf16_kernel(uint16_t *p, int64_t n, uint64_t seed,
+                                 float std, int constant)
+{
+    for (int64_t i = blockIdx.x * (int64_t)blockDim.x + threadIdx.x; i < n;
+         i += (int64_t)gridDim.x * blockDim.x) {
+        float v = std;
+        if (!constant) {
+            uint64_t z = mix64(seed * 0x9e3779b97f4a7c15ull + (uint64_t)i);
+            float u1 = ((z >> 40) + 1) * (1.0f / 16777217.0f);
+            float u2 = ((z >> 16) & 0xffffff) * (1.0f / 16777216.0f);
+            v = std * sqrtf(-2.0f * logf(u1)) * cospif(2.0f * u2);
+        }
+        p[i] = f2bf(v);
+    }
+}
+
+extern "C" void pie__cuda_fill_bf16(uint16_t *p, int64_t n, uint64_t seed,
+                                    float std, int constant, cudaStream_t s)
+{
+    if (n > 0) fill_bf16_kernel<<<132 * 8, 256, 0, s>>>(p, n, seed, std, constant);
+}
+
+__global__ void fill_f32_kernel(float *p, int64_t n, float v)
+{
+    for (int64_t i = blockIdx.x * (int64_t)blockDim.x + threadIdx.x; i < n;
+         i += (int64_t)gridDim.x * blockDim.x)
+        p[i] = v;
+}
+
+extern "C" void pie__cuda_fill_f32(float *p, int64_t n, float v, cudaStream_t s)
+{
+    if (n > 0) fill_f32_kernel<<<132 * 4, 256, 0, s>>>(p, n, v);
+}
+
+__global__ void f32_to_bf16_kernel(uint16_t *d, const float *src, int64_t n)
+{
+    for (int64_t i = blockIdx.x * (int64_t)blockDim.x + threadIdx.x; i < n;
+         i += (int64_t)gridDim.x * blockDim.x)
+        d[i] = f2bf(src[i]);
+}
+
+extern "C" void pie__cuda_f32_to_bf16(uint16_t *dst, const float *src,
+                                      int64_t n, cudaStream_t s)
+{
+    if (n > 0) f32_to_bf16_kernel<<<132 * 8, 256, 0, s>>>(dst, src, n);
+}
+
+extern "C" void pie__cuda_copy_slots(const pie_cuda_kv *kv, int src,
+                                     int src_off, int dst, int dst_off, int n,
+                                     cudaStream_t s)
+{
+    /* Per (layer, k/v, head) the n slots are contiguous: one 2D copy. */
+    int64_t pe = pie_cuda_kv_page_elems(kv);
+    size_t row = (size_t)kv->page_size * kv->head_dim * sizeof(uint16_t);
+    size_t rows = (size_t)kv->n_layers * 2 * kv->n_kv;
+    const uint16_t *sp = kv->pool + src * pe + (int64_t)src_off * kv->head_dim;
+    uint16_t *dp = kv->pool + dst * pe + (int64_t)dst_off * kv->head_dim;
+    cudaMemcpy2DAsync(dp, row, sp, row,
+                      (size_t)n * kv->head_dim * sizeof(uint16_t), rows,
+                      cudaMemcpyDeviceToDevice, s);
+}
