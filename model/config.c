@@ -106,10 +106,13 @@ static int get_num(const json_t *root, const char *key, double def,
                                what, key);
         x = json_number_value(j);
     }
-    if (!isfinite(x) || !(x > lo) || !(x < hi))
+    /* checked after rounding to float: 1e-76 is positive, its float not */
+    float f = (float)x;
+    if (!isfinite(f) || !(f > lo) || !(f < hi))
         return pie_err_set(PIE_ERANGE, "%s: \"%s\" = %g is out of range "
-                           "(%g, %g)", what, key, x, lo, hi);
-    *v = (float)x;
+                           "(%g, %g) in single precision", what, key, x, lo,
+                           hi);
+    *v = f;
     return 0;
 }
 

@@ -335,6 +335,10 @@ static void test_configs(void)
                          ",\"rms_norm_eps\":-1}"), PIE_ERANGE, "rms_norm_eps");
     EXPECT_ERR(cfg_parse("{\"model_type\":\"llama\"," BASE
                          ",\"rope_theta\":0}"), PIE_ERANGE, "rope_theta");
+    /* positive in double, zero in float (found by fuzz_config) */
+    EXPECT_ERR(cfg_parse("{\"model_type\":\"llama\"," BASE
+                         ",\"rms_norm_eps\":1e-76}"), PIE_ERANGE,
+               "rms_norm_eps");
     EXPECT_ERR(cfg_parse("{\"model_type\":\"llama\"," BASE
                          ",\"rope_scaling\":{\"type\":\"yarn\","
                          "\"factor\":4}}"),
