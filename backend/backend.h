@@ -30,13 +30,15 @@
  * Outputs: n_outputs rows, row o taken at token output_token_idx[o] (global
  * token index), processed by samplers[o]. A logit mask (optional,
  * logit_mask_indptr != NULL) uses the same run-length form over the vocab,
- * 1 = allowed; it is applied before any sampler or probe.
+ * 1 = allowed; it is applied before any sampler or probe. A row whose mask
+ * allows no id (or covers more than vocab_size ids) is an error.
  *
  * Sampling is specified exactly so backends agree (up to float rounding):
  *   greedy:  argmax, lowest id on ties.
  *   random:  p = softmax(logits / temperature); keep the top_k largest
  *            (top_k <= 0: all), then the smallest descending prefix whose
- *            mass >= top_p (top_p >= 1: all), then those with
+ *            mass >= top_p (mass under p, not renormalized after top_k;
+ *            top_p >= 1: all), then those with
  *            p >= min_p * p_max; u = pie_sample_uniform(seed) in [0,1);
  *            walking the kept tokens in descending p order (ties: lower id
  *            first), return the first whose cumulative mass > u * kept mass.
@@ -49,8 +51,10 @@
  *   ENTROPY   one value, -sum p log p (natural log)
  *
  * Errors: every index is validated (token ids < vocab, page ids < n_pages,
- * indptr monotone, output indices in range, fills in 1..page_size); a bad
- * batch returns PIE_EINVAL / PIE_ERANGE with a message and changes nothing.
+ * indptr monotone, output indices in range, fills in 1..page_size,
+ * positions >= 0, no KV slot written by two new tokens, TOPK k in
+ * 1..vocab); a bad batch returns PIE_EINVAL / PIE_ERANGE with a message and
+ * changes nothing.
  */
 #ifndef PIE_BACKEND_H
 #define PIE_BACKEND_H

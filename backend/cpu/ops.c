@@ -19,6 +19,11 @@ void pie__cpu_matmul(float *out, const float *x, const float *w, int32_t n,
 {
     /* x (n, in), w (outd, in) -> out (n, outd) */
     if (n == 0) return;
+    if (n == 1) {   /* decode: sgemv streams w once, sgemm would pack it */
+        cblas_sgemv(CblasRowMajor, CblasNoTrans, outd, in, 1.0f, w, in, x, 1,
+                    beta, out, 1);
+        return;
+    }
     cblas_sgemm(CblasRowMajor, CblasNoTrans, CblasTrans, n, outd, in, 1.0f, x,
                 in, w, in, beta, out, outd);
 }
