@@ -14,7 +14,8 @@
  *                 SentencePiece: "▁"→" ", "<0xAB>"→ one byte).
  * Strings live in one arena owned by the tokenizer; nothing points outside it.
  *
- * vocab maps token string → id (open addressing, slot = id + 1, 0 = empty).
+ * vocab maps token string → id (open addressing; a slot holds id + 1, 0 =
+ * empty, and 32 hash bits so most misses never touch the string).
  * merges maps a pair of ids (a, b) packed as a<<32|b → (rank, merged id).
  *
  * Encoding pipeline (same order as Hugging Face `tokenizers`):
@@ -63,11 +64,20 @@ typedef struct {
 } tok_added;
 
 typedef struct {
-    uint64_t *keys;                      /* a<<32|b, UINT64_MAX = empty       */
-    uint32_t *rank;
-    int32_t  *merged;
+    uint64_t key;                        /* a<<32|b, UINT64_MAX = empty       */
+    uint32_t rank;
+    int32_t  merged;
+} tok_pair;
+
+typedef struct {
+    tok_pair *slots;                     /* one cache line access per probe   */
     uint32_t  cap;                       /* power of two                      */
 } tok_pairmap;
+
+typedef struct {
+    uint32_t id1;                        /* id + 1, 0 = empty                 */
+    uint32_t hash;                       /* high bits of the string's hash    */
+} tok_vslot;
 
 struct pie_tokenizer {
     int32_t    n_ids;                    /* size of the id space              */
@@ -78,7 +88,7 @@ struct pie_tokenizer {
     char      *dec_arena;
     char      *arena;  size_t arena_len, arena_cap;
 
-    uint32_t  *vocab_slots;  uint32_t vocab_cap;   /* string → id+1          */
+    tok_vslot *vocab_slots;  uint32_t vocab_cap;   /* string → id            */
     tok_pairmap merges;
 
     /* BPE model options */

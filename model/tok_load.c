@@ -11,6 +11,7 @@
  * name of the component, rather than silently tokenizing differently.
  */
 #include "model/tok_internal.h"
+#include "model/tok_json.h"
 #include "common/pie_err.h"
 
 #include <jansson.h>
@@ -60,16 +61,17 @@ static char *arena_put(pie_tokenizer *t, const char *s, size_t n)
     return d;
 }
 
-static int alloc_ids(pie_tokenizer *t, json_t *vocab, json_t *added)
+static int alloc_ids(pie_tokenizer *t, const tok_fast *f, json_t *added)
 {
-    const char *k;
     json_t *v;
     size_t bytes = 0, i;
     int32_t max = -1, id;
-    json_object_foreach(vocab, k, v) {
-        if (check_id(v, "a vocab entry", &id)) return PIE_EFORMAT;
-        if (id > max) max = id;
-        bytes += strlen(k) + 1;
+    for (i = 0; i < f->n_vocab; i++) {
+        if (f->vocab[i].id < 0 || f->vocab[i].id >= MAX_IDS)
+            return pie_err_set(PIE_EFORMAT, "tokenizer.json: vocab entry %zu "
+                               "has a bad id %d", i, f->vocab[i].id);
+        if (f->vocab[i].id > max) max = f->vocab[i].id;
+        bytes += f->vocab[i].len + 1;
     }
     json_array_foreach(added, i, v) {
         const char *c = jstr(v, "content");
@@ -96,18 +98,15 @@ static int alloc_ids(pie_tokenizer *t, json_t *vocab, json_t *added)
     return 0;
 }
 
-static int load_vocab(pie_tokenizer *t, json_t *vocab)
+static int load_vocab(pie_tokenizer *t, const tok_fast *f)
 {
-    const char *k;
-    json_t *v;
-    json_object_foreach(vocab, k, v) {
-        int32_t id = (int32_t)json_integer_value(v);
+    for (size_t i = 0; i < f->n_vocab; i++) {
+        int32_t id = f->vocab[i].id;
         if (t->flags[id] & TOK_PRESENT)
             return pie_err_set(PIE_EFORMAT, "tokenizer.json: vocab id %d is "
                                "used twice", id);
-        size_t n = strlen(k);
-        t->str[id] = arena_put(t, k, n);
-        t->len[id] = (uint32_t)n;
+        t->str[id] = arena_put(t, f->vocab[i].s, f->vocab[i].len);
+        t->len[id] = f->vocab[i].len;
         t->flags[id] = TOK_PRESENT;
     }
     return 0;
@@ -162,28 +161,20 @@ static int index_added(pie_tokenizer *t)
 
 /* ---- merges ------------------------------------------------------------ */
 
-static int merge_pair(pie_tokenizer *t, json_t *m, size_t rank, char *buf,
-                      size_t cap)
+static int merge_pair(pie_tokenizer *t, const tok_ment *m, size_t rank,
+                      char *buf, size_t cap)
 {
-    const char *a, *b;
-    size_t an, bn;
-    if (json_is_string(m)) {
-        const char *s = json_string_value(m);
-        const char *sp = strchr(s, ' ');
-        if (!sp || strchr(sp + 1, ' '))
-            return pie_err_set(PIE_EFORMAT, "tokenizer.json: merge %zu \"%s\" "
+    const char *a = m->a, *b = m->b;
+    size_t an = m->an, bn = m->bn;
+    if (!b) {                                    /* "a b" */
+        const char *sp = memchr(a, ' ', an);
+        if (!sp || memchr(sp + 1, ' ', an - (size_t)(sp + 1 - a)))
+            return pie_err_set(PIE_EFORMAT, "tokenizer.json: merge %zu \"%.*s\" "
                                "is not two tokens separated by one space",
-                               rank, s);
-        a = s; an = (size_t)(sp - s);
-        b = sp + 1; bn = strlen(b);
-    } else if (json_is_array(m) && json_array_size(m) == 2 &&
-               json_is_string(json_array_get(m, 0)) &&
-               json_is_string(json_array_get(m, 1))) {
-        a = json_string_value(json_array_get(m, 0)); an = strlen(a);
-        b = json_string_value(json_array_get(m, 1)); bn = strlen(b);
-    } else {
-        return pie_err_set(PIE_EFORMAT, "tokenizer.json: merge %zu is neither "
-                           "\"a b\" nor [\"a\", \"b\"]", rank);
+                               rank, (int)an, a);
+        b = sp + 1;
+        bn = an - (size_t)(b - a);
+        an = (size_t)(sp - a);
     }
     int32_t ia = pie__tok_vocab_find(t, a, an), ib = pie__tok_vocab_find(t, b, bn);
     if (ia < 0 || ib < 0)
@@ -203,20 +194,54 @@ static int merge_pair(pie_tokenizer *t, json_t *m, size_t rank, char *buf,
     return pie__tok_pairs_put(&t->merges, ia, ib, (uint32_t)rank, im);
 }
 
-static int load_merges(pie_tokenizer *t, json_t *merges)
+static int load_merges(pie_tokenizer *t, const tok_fast *f)
 {
-    if (!merges || json_is_null(merges)) return 0;
-    if (!json_is_array(merges)) return bad("model.merges is not an array");
-    size_t n = json_array_size(merges);
-    int rc = pie__tok_pairs_init(&t->merges, n);
+    if (!f->n_merges) return 0;
+    int rc = pie__tok_pairs_init(&t->merges, f->n_merges);
     if (rc) return rc;
     size_t cap = 4096;
     char *buf = malloc(cap);
     if (!buf) return pie_err_set(PIE_ENOMEM, "tokenizer: out of memory");
-    for (size_t i = 0; i < n && !rc; i++)
-        rc = merge_pair(t, json_array_get(merges, i), i, buf, cap);
+    for (size_t i = 0; i < f->n_merges && !rc; i++)
+        rc = merge_pair(t, &f->merges[i], i, buf, cap);
     free(buf);
     return rc;
+}
+
+/* Fills f's vocab/merges arrays from a jansson tree (the slow path). */
+static int flat_from_json(json_t *vocab, json_t *merges, tok_fast *f)
+{
+    const char *k;
+    json_t *v;
+    size_t i = 0;
+    f->vocab = malloc((json_object_size(vocab) + 1) * sizeof *f->vocab);
+    if (!f->vocab) return pie_err_set(PIE_ENOMEM, "tokenizer: out of memory");
+    json_object_foreach(vocab, k, v) {
+        tok_vent *e = &f->vocab[f->n_vocab++];
+        if (check_id(v, "a vocab entry", &e->id)) return PIE_EFORMAT;
+        e->s = k;
+        e->len = (uint32_t)strlen(k);
+    }
+    if (!merges || json_is_null(merges)) return 0;
+    if (!json_is_array(merges)) return bad("model.merges is not an array");
+    f->merges = malloc((json_array_size(merges) + 1) * sizeof *f->merges);
+    if (!f->merges) return pie_err_set(PIE_ENOMEM, "tokenizer: out of memory");
+    json_array_foreach(merges, i, v) {
+        tok_ment *m = &f->merges[f->n_merges++];
+        json_t *x = json_array_get(v, 0), *y = json_array_get(v, 1);
+        if (json_is_string(v)) {
+            *m = (tok_ment){ json_string_value(v), NULL,
+                             (uint32_t)json_string_length(v), 0 };
+        } else if (json_array_size(v) == 2 && json_is_string(x) && json_is_string(y)) {
+            *m = (tok_ment){ json_string_value(x), json_string_value(y),
+                             (uint32_t)json_string_length(x),
+                             (uint32_t)json_string_length(y) };
+        } else {
+            return pie_err_set(PIE_EFORMAT, "tokenizer.json: merge %zu is "
+                               "neither \"a b\" nor [\"a\", \"b\"]", i);
+        }
+    }
+    return 0;
 }
 
 /* ---- BPE model options ------------------------------------------------- */
@@ -677,7 +702,8 @@ static void byte_ids(pie_tokenizer *t)
 
 /* ---- entry ------------------------------------------------------------- */
 
-static int parse_root(pie_tokenizer *t, json_t *root, json_t *cfg)
+static int parse_root(pie_tokenizer *t, json_t *root, json_t *cfg, tok_fast *f,
+                      int fast)
 {
     if (!json_is_object(root)) return bad("top level is not a JSON object");
     json_t *model = json_object_get(root, "model");
@@ -692,10 +718,10 @@ static int parse_root(pie_tokenizer *t, json_t *root, json_t *cfg)
     if (added && !json_is_array(added) && !json_is_null(added))
         return bad("added_tokens is not an array");
     int has_template = 0, rc;
-    if ((rc = alloc_ids(t, vocab, added)) || (rc = load_vocab(t, vocab)) ||
+    if ((!fast && (rc = flat_from_json(vocab, json_object_get(model, "merges"), f))) ||
+        (rc = alloc_ids(t, f, added)) || (rc = load_vocab(t, f)) ||
         (rc = load_added(t, added)) || (rc = pie__tok_vocab_build(t)) ||
-        (rc = load_model(t, model)) ||
-        (rc = load_merges(t, json_object_get(model, "merges"))) ||
+        (rc = load_model(t, model)) || (rc = load_merges(t, f)) ||
         (rc = load_normalizer(t, json_object_get(root, "normalizer"))) ||
         (rc = load_pretok(t, json_object_get(root, "pre_tokenizer"))) ||
         (rc = load_decoder(t, json_object_get(root, "decoder"))) ||
@@ -712,23 +738,33 @@ int pie__tok_parse(pie_tokenizer *t, const char *json, size_t len,
                    const char *cfg_text, size_t cfg_len)
 {
     json_error_t e;
-    json_t *root = json_loadb(json, len, 0, &e);
-    if (!root)
-        return pie_err_set(PIE_EFORMAT, "tokenizer.json: invalid JSON at line "
-                           "%d column %d: %s", e.line, e.column, e.text);
     json_t *cfg = NULL;
     if (cfg_text) {
         cfg = json_loadb(cfg_text, cfg_len, JSON_DECODE_INT_AS_REAL, &e);
         if (!json_is_object(cfg)) {
-            json_decref(root);
             json_decref(cfg);
             return pie_err_set(PIE_EFORMAT, "tokenizer_config.json: %s at line "
                                "%d column %d", cfg ? "not a JSON object" :
                                e.text, e.line, e.column);
         }
     }
-    int rc = parse_root(t, root, cfg);
+    tok_fast f;
+    int fast = pie__tok_fast_scan(json, len, &f) == 0;
+    json_t *root = fast ? json_loadb(f.rest, f.rest_len, 0, &e)
+                        : json_loadb(json, len, 0, &e);
+    int rc;
+    if (!root)
+        rc = pie_err_set(PIE_EFORMAT, "tokenizer.json: invalid JSON at line "
+                         "%d column %d: %s", e.line, e.column, e.text);
+    else
+        rc = parse_root(t, root, cfg, &f, fast);
     json_decref(root);
     json_decref(cfg);
+    if (fast) {
+        pie__tok_fast_free(&f);
+    } else {
+        free(f.vocab);
+        free(f.merges);
+    }
     return rc;
 }
