@@ -1,0 +1,939 @@
+/*
+ * instance.c — instances, fibers, workers, futures, the watchdog.
+ *
+ * Each instance runs on its own fiber: an mmap'ed stack (fiber_stack bytes,
+ * the lowest 64 KiB a PROT_NONE guard) and a hand-written context switch
+ * (callee-saved registers + MXCSR/x87 control word; no signal-mask syscall).
+ * An instance is pinned to one worker thread. A worker loops: pop a runnable
+ * instance from its queue, switch to its fiber, and when the fiber switches
+ * back (it parked or ended) account its CPU time; an ended fiber's stack is
+ * unmapped there, off the fiber.
+ *
+ * Parking: a host call that waits (future_wait*) sets state PARKED under
+ * rt->lock and switches to the scheduler. Completing any future of a parked
+ * instance (pie_rt_future_complete, any thread, under rt->lock) makes it
+ * RUNNABLE and queues it on its worker; the fiber re-checks what it waits
+ * for, so wakeups may be spurious. A fiber may be queued before it finished
+ * switching out: only its own worker dequeues it, after the switch.
+ *
+ * The watchdog thread fires timers (sleep futures, wait timeouts; a binary
+ * heap) and every 10 ms reads each worker's thread CPU clock: an instance
+ * over its budget, or one being killed, gets PIE_RT_SIG_CPU on its worker;
+ * the handler (wasm_rt.c) unwinds only from generated code.
+ *
+ * References: an instance holds one reference for being alive (dropped by
+ * its worker after it ended) plus one per embedder handle; futures are
+ * referenced by their handle slot and by their producer.
+ */
+#define _GNU_SOURCE
+#include <errno.h>
+#include <signal.h>
+#include <stdio.h>
+#include <string.h>
+#include <sys/mman.h>
+#include <sys/stat.h>
+#include <unistd.h>
+
+#include "runtime/rt_internal.h"
+
+#ifdef __SANITIZE_ADDRESS__
+#include <sanitizer/common_interface_defs.h>
+#define ASAN_START(fake, bottom, size) \
+    __sanitizer_start_switch_fiber(fake, bottom, size)
+#define ASAN_FINISH(fake, bottom, size) \
+    __sanitizer_finish_switch_fiber(fake, bottom, size)
+#else
+#define ASAN_START(fake, bottom, size) ((void)0)
+#define ASAN_FINISH(fake, bottom, size) ((void)0)
+#endif
+
+#define STACK_GUARD (64u << 10)
+
+/* ---- context switch ----------------------------------------------------- */
+
+void pie__fiber_switch(void **save_sp, void *to_sp);
+#if defined(__x86_64__)
+__asm__(".text\n"
+        ".globl pie__fiber_switch\n.hidden pie__fiber_switch\n"
+        ".type pie__fiber_switch,@function\n"
+        "pie__fiber_switch:\n"
+        "  pushq %rbp\n  pushq %rbx\n  pushq %r12\n"
+        "  pushq %r13\n  pushq %r14\n  pushq %r15\n"
+        "  subq $8, %rsp\n  stmxcsr (%rsp)\n  fnstcw 4(%rsp)\n"
+        "  movq %rsp, (%rdi)\n  movq %rsi, %rsp\n"
+        "  ldmxcsr (%rsp)\n  fldcw 4(%rsp)\n  addq $8, %rsp\n"
+        "  popq %r15\n  popq %r14\n  popq %r13\n"
+        "  popq %r12\n  popq %rbx\n  popq %rbp\n  ret\n"
+        ".size pie__fiber_switch, .-pie__fiber_switch\n"
+        "pie__fiber_tramp:\n  movq %r12, %rdi\n  callq *%r13\n  ud2\n");
+extern char pie__fiber_tramp[];
+
+/* Lays out the first frame so the first switch "returns" to the trampoline,
+ * which calls fn(arg) on a 16-byte aligned stack. */
+static void *fiber_init(void *stack, size_t size, void (*fn)(void *),
+                        void *arg)
+{
+    uintptr_t top = ((uintptr_t)stack + size) & ~(uintptr_t)15;
+    uint64_t *sp = (uint64_t *)(top - 64);
+    uint32_t csr[2];
+    __asm__ volatile("stmxcsr %0\n fnstcw %1" : "=m"(csr[0]), "=m"(csr[1]));
+    sp[0] = (uint64_t)csr[0] | ((uint64_t)(csr[1] & 0xffff) << 32);
+    sp[1] = 0;                   /* r15 */
+    sp[2] = 0;                   /* r14 */
+    sp[3] = (uint64_t)fn;        /* r13 */
+    sp[4] = (uint64_t)arg;       /* r12 */
+    sp[5] = 0;                   /* rbx */
+    sp[6] = 0;                   /* rbp */
+    sp[7] = (uint64_t)pie__fiber_tramp;
+    return sp;
+}
+#else
+#error "pie's fibers need x86-64 (add a context switch for this architecture)"
+#endif
+
+/* ---- small helpers ------------------------------------------------------ */
+
+uint64_t pie__rt_now_ns(void)
+{
+    struct timespec ts;
+    clock_gettime(CLOCK_MONOTONIC, &ts);
+    return (uint64_t)ts.tv_sec * 1000000000ull + ts.tv_nsec;
+}
+
+static uint64_t clock_ns(clockid_t c)
+{
+    struct timespec ts;
+    if (clock_gettime(c, &ts) != 0)
+        return 0;
+    return (uint64_t)ts.tv_sec * 1000000000ull + ts.tv_nsec;
+}
+
+pie_rt_msg *pie__rt_msg_new(const void *buf, size_t len)
+{
+    pie_rt_msg *m = malloc(sizeof *m + len);
+    if (!m)
+        return NULL;
+    m->next = NULL;
+    m->len = len;
+    if (len)
+        memcpy(m->data, buf, len);
+    return m;
+}
+
+void pie__rt_msgq_push(pie_rt_msgq *q, pie_rt_msg *m)
+{
+    m->next = NULL;
+    if (q->tail)
+        q->tail->next = m;
+    else
+        q->head = m;
+    q->tail = m;
+    q->n++;
+}
+
+pie_rt_msg *pie__rt_msgq_pop(pie_rt_msgq *q)
+{
+    pie_rt_msg *m = q->head;
+    if (m) {
+        q->head = m->next;
+        if (!q->head)
+            q->tail = NULL;
+        q->n--;
+    }
+    return m;
+}
+
+void pie__rt_msgq_clear(pie_rt_msgq *q)
+{
+    pie_rt_msg *m;
+    while ((m = pie__rt_msgq_pop(q)))
+        free(m);
+}
+
+/* ---- workers ------------------------------------------------------------ */
+
+static void worker_push(pie_rt_worker *w, pie_rt_instance *i)
+{
+    pthread_mutex_lock(&w->lock);
+    i->qnext = NULL;
+    if (w->qtail)
+        w->qtail->qnext = i;
+    else
+        w->qhead = i;
+    w->qtail = i;
+    pthread_cond_signal(&w->cv);
+    pthread_mutex_unlock(&w->lock);
+}
+
+/* Under rt->lock: a parked (or new) instance becomes runnable. */
+void pie__rt_wake_locked(pie_rt_instance *i)
+{
+    if (i->state != INST_PARKED)
+        return;
+    i->state = INST_RUNNABLE;
+    worker_push(i->worker, i);
+}
+
+static void instance_free(pie_rt_instance *i)
+{
+    for (int k = 0; k < i->argc; k++)
+        free(i->argv[k]);
+    free(i->argv);
+    free(i->ret);
+    free(i->futs);
+    pthread_cond_destroy(&i->done_cv);
+    if (i->parent)
+        pie_rt_instance_unref(i->parent);
+    pie_rt_module_unref(i->mod);
+    free(i);
+}
+
+void pie_rt_instance_ref(pie_rt_instance *i) { atomic_fetch_add(&i->refs, 1); }
+
+void pie_rt_instance_unref(pie_rt_instance *i)
+{
+    if (i && atomic_fetch_sub(&i->refs, 1) == 1)
+        instance_free(i);
+}
+
+/* Switches from the running fiber back to its worker's scheduler. */
+static void to_scheduler(pie_rt_instance *i, bool final)
+{
+    pie_rt_worker *w = i->worker;
+    ASAN_START(final ? NULL : &i->asan_fake, w->asan_bottom, w->asan_size);
+    pie__fiber_switch(&i->sp, w->sched_sp);
+    ASAN_FINISH(i->asan_fake, NULL, NULL);
+}
+
+static void run_one(pie_rt_worker *w, pie_rt_instance *i)
+{
+    pthread_mutex_lock(&i->rt->lock);
+    i->state = INST_RUNNING;
+    pthread_mutex_unlock(&i->rt->lock);
+    pthread_mutex_lock(&w->lock);
+    w->slice_start = clock_ns(w->cpu_clock);
+    atomic_store(&w->current, i);
+    pthread_mutex_unlock(&w->lock);
+    pie__rt_set_current(i);
+    ASAN_START(&w->asan_fake, i->stack, i->stack_size);
+    pie__fiber_switch(&w->sched_sp, i->sp);
+    ASAN_FINISH(w->asan_fake, &w->asan_bottom, &w->asan_size);
+    pie__rt_set_current(NULL);
+    pthread_mutex_lock(&w->lock);
+    i->cpu_ns += clock_ns(w->cpu_clock) - w->slice_start;
+    atomic_store(&w->current, NULL);
+    pthread_mutex_unlock(&w->lock);
+    pthread_mutex_lock(&i->rt->lock);
+    bool done = i->state == INST_DONE;
+    pthread_mutex_unlock(&i->rt->lock);
+    if (done) {
+        munmap(i->stack, i->stack_size);
+        i->stack = NULL;
+        pie_rt_instance_unref(i);
+    }
+}
+
+static void *worker_main(void *arg)
+{
+    pie_rt_worker *w = arg;
+    pthread_getcpuclockid(pthread_self(), &w->cpu_clock);
+    pie__rt_thread_signals(w);
+    for (;;) {
+        pthread_mutex_lock(&w->lock);
+        while (!w->qhead && !w->stop)
+            pthread_cond_wait(&w->cv, &w->lock);
+        pie_rt_instance *i = w->qhead;
+        if (!i) {
+            pthread_mutex_unlock(&w->lock);
+            break;
+        }
+        w->qhead = i->qnext;
+        if (!w->qhead)
+            w->qtail = NULL;
+        pthread_mutex_unlock(&w->lock);
+        run_one(w, i);
+    }
+    stack_t ss = {.ss_flags = SS_DISABLE};
+    sigaltstack(&ss, NULL);
+    if (w->altstack)
+        munmap(w->altstack, 64 << 10);
+    return NULL;
+}
+
+/* ---- futures ------------------------------------------------------------ */
+
+int32_t pie__rt_future_handle(pie_rt_instance *i, pie_rt_future *f)
+{
+    for (int32_t k = 0; k < i->n_futs; k++)
+        if (!i->futs[k]) {
+            i->futs[k] = f;
+            return k + 1;
+        }
+    if (i->n_futs == i->cap_futs) {
+        if (i->cap_futs >= (1 << 20))
+            return pie_err_set(PIE_ELIMIT, "too many open handles");
+        int32_t c = i->cap_futs ? 2 * i->cap_futs : 16;
+        pie_rt_future **t = realloc(i->futs, c * sizeof *t);
+        if (!t)
+            return PIE_ENOMEM;
+        i->futs = t;
+        i->cap_futs = c;
+    }
+    i->futs[i->n_futs++] = f;
+    return i->n_futs;
+}
+
+pie_rt_future *pie__rt_future_get(pie_rt_instance *i, int32_t h)
+{
+    if (h <= 0 || h > i->n_futs)
+        return NULL;
+    return i->futs[h - 1];
+}
+
+int32_t pie_rt_future_new(pie_rt_instance *i, int32_t kind, void *data,
+                          void (*cancel)(void *), void (*destroy)(void *),
+                          pie_rt_future **out)
+{
+    pie_rt_future *f = calloc(1, sizeof *f);
+    if (!f)
+        return PIE_ENOMEM;
+    f->rt = i->rt;
+    f->inst = i;
+    f->kind = kind;
+    f->data = data;
+    f->cancel = cancel;
+    f->destroy = destroy;
+    f->refs = out ? 2 : 1;
+    int32_t h = pie__rt_future_handle(i, f);
+    if (h < 0) {
+        free(f);
+        return h;
+    }
+    if (out)
+        *out = f;
+    return h;
+}
+
+void pie__rt_future_unref_locked(pie_rt_future *f)
+{
+    if (--f->refs > 0)
+        return;
+    if (f->destroy)
+        f->destroy(f->data);
+    free(f->payload);
+    free(f);
+}
+
+void pie__rt_future_complete_locked(pie_rt_future *f, int32_t status,
+                                    const void *payload, size_t len)
+{
+    if (f->done)
+        return;
+    if (len) {
+        f->payload = malloc(len);
+        if (f->payload) {
+            memcpy(f->payload, payload, len);
+            f->payload_len = len;
+        } else {
+            status = PIE_ENOMEM;
+        }
+    }
+    f->status = status;
+    f->done = true;
+    if (f->inst)
+        pie__rt_wake_locked(f->inst);
+}
+
+void pie_rt_future_complete(pie_rt_future *f, int32_t status,
+                            const void *payload, size_t len)
+{
+    pie_rt *rt = f->rt;
+    pthread_mutex_lock(&rt->lock);
+    pie__rt_future_complete_locked(f, status, payload, len);
+    pie__rt_future_unref_locked(f);
+    pthread_mutex_unlock(&rt->lock);
+}
+
+void *pie_rt_future_data(pie_rt_instance *i, int32_t h, int32_t kind)
+{
+    pie_rt_future *f = pie__rt_future_get(i, h);
+    return f && f->kind == kind ? f->data : NULL;
+}
+
+int32_t pie_rt_future_status(pie_rt_instance *i, int32_t h)
+{
+    pie_rt_future *f = pie__rt_future_get(i, h);
+    if (!f)
+        return PIE_EINVAL;
+    pthread_mutex_lock(&i->rt->lock);
+    int32_t st = f->done ? f->status : PIE_EAGAIN;
+    pthread_mutex_unlock(&i->rt->lock);
+    return st;
+}
+
+/* Cancels a pending future: the producer's cancel hook runs (outside the
+ * lock), then it completes with PIE_ECANCELED. */
+void pie__rt_future_cancel(pie_rt_instance *i, pie_rt_future *f)
+{
+    pthread_mutex_lock(&i->rt->lock);
+    bool pending = !f->done && !f->cancelled;
+    f->cancelled = true;
+    f->refs++;
+    pthread_mutex_unlock(&i->rt->lock);
+    if (pending && f->cancel)
+        f->cancel(f->data);
+    pthread_mutex_lock(&i->rt->lock);
+    pie__rt_future_complete_locked(f, PIE_ECANCELED, NULL, 0);
+    pie__rt_future_unref_locked(f);
+    pthread_mutex_unlock(&i->rt->lock);
+}
+
+int32_t pie__rt_future_free(pie_rt_instance *i, int32_t h)
+{
+    pie_rt_future *f = pie__rt_future_get(i, h);
+    if (!f)
+        return PIE_EINVAL;
+    pie__rt_future_cancel(i, f);
+    i->futs[h - 1] = NULL;
+    pthread_mutex_lock(&i->rt->lock);
+    f->inst = NULL;
+    pie__rt_future_unref_locked(f);
+    pthread_mutex_unlock(&i->rt->lock);
+    return 0;
+}
+
+/* Parks the fiber until one of hs[0..n) is done or timer t (may be NULL) is;
+ * returns the index of the first done one, n if the timer fired, or
+ * PIE_EINVAL if a handle is bad. Traps the instance if it is being killed
+ * or over its CPU budget. */
+int32_t pie__rt_wait(pie_rt_instance *i, const int32_t *hs, int32_t n,
+                     pie_rt_future *t)
+{
+    pie_rt *rt = i->rt;
+    for (int32_t k = 0; k < n; k++)
+        if (!pie__rt_future_get(i, hs[k]))
+            return pie_err_set(PIE_EINVAL, "bad future handle %d", hs[k]);
+    pthread_mutex_lock(&rt->lock);
+    for (;;) {
+        if (atomic_load(&i->kill_req) || atomic_load(&i->cpu_over)) {
+            pthread_mutex_unlock(&rt->lock);
+            if (atomic_load(&i->kill_req))
+                pie_rt_trap(i, "killed: %s", i->kill_reason);
+            pie_rt_trap(i, "CPU time limit exceeded");
+        }
+        for (int32_t k = 0; k < n; k++) {
+            if (i->futs[hs[k] - 1]->done) {
+                pthread_mutex_unlock(&rt->lock);
+                return k;
+            }
+        }
+        if (t && t->done) {
+            pthread_mutex_unlock(&rt->lock);
+            return n;
+        }
+        i->state = INST_PARKED;
+        pthread_mutex_unlock(&rt->lock);
+        to_scheduler(i, false);
+        pthread_mutex_lock(&rt->lock);
+    }
+}
+
+int32_t pie_rt_future_wait(pie_rt_instance *i, int32_t h)
+{
+    int32_t rc = pie__rt_wait(i, &h, 1, NULL);
+    if (rc < 0)
+        return rc;
+    return pie_rt_future_status(i, h);
+}
+
+/* ---- timers (heap under rt->lock) --------------------------------------- */
+
+void pie__rt_timer_add_locked(pie_rt *rt, uint64_t when, pie_rt_future *f)
+{
+    if (rt->n_timers == rt->cap_timers) {
+        int32_t c = rt->cap_timers ? 2 * rt->cap_timers : 64;
+        pie_rt_timer *t = realloc(rt->timers, c * sizeof *t);
+        if (!t) {
+            pie__rt_future_complete_locked(f, PIE_ENOMEM, NULL, 0);
+            pie__rt_future_unref_locked(f);
+            return;
+        }
+        rt->timers = t;
+        rt->cap_timers = c;
+    }
+    int32_t k = rt->n_timers++;
+    while (k > 0 && rt->timers[(k - 1) / 2].when > when) {
+        rt->timers[k] = rt->timers[(k - 1) / 2];
+        k = (k - 1) / 2;
+    }
+    rt->timers[k] = (pie_rt_timer){when, f};
+    if (k == 0)
+        pthread_cond_signal(&rt->timer_cv);
+}
+
+static pie_rt_timer timer_pop_locked(pie_rt *rt)
+{
+    pie_rt_timer top = rt->timers[0], last = rt->timers[--rt->n_timers];
+    int32_t k = 0, n = rt->n_timers;
+    for (;;) {
+        int32_t c = 2 * k + 1;
+        if (c >= n)
+            break;
+        if (c + 1 < n && rt->timers[c + 1].when < rt->timers[c].when)
+            c++;
+        if (rt->timers[c].when >= last.when)
+            break;
+        rt->timers[k] = rt->timers[c];
+        k = c;
+    }
+    if (n)
+        rt->timers[k] = last;
+    return top;
+}
+
+/* Signals workers whose instance is over budget or being killed. */
+static void watchdog_cpu(pie_rt *rt)
+{
+    uint64_t budget = rt->o.cpu_limit_s < 0 ? UINT64_MAX
+                    : (uint64_t)(rt->o.cpu_limit_s * 1e9);
+    for (int32_t k = 0; k < rt->n_workers; k++) {
+        pie_rt_worker *w = &rt->workers[k];
+        pthread_mutex_lock(&w->lock);
+        pie_rt_instance *i = atomic_load(&w->current);
+        if (i) {
+            uint64_t used = i->cpu_ns + (clock_ns(w->cpu_clock) - w->slice_start);
+            if (used > budget)
+                atomic_store(&i->cpu_over, true);
+            if (atomic_load(&i->cpu_over) || atomic_load(&i->kill_req))
+                pthread_kill(w->thread, PIE_RT_SIG_CPU);
+        }
+        pthread_mutex_unlock(&w->lock);
+    }
+}
+
+static void *watchdog_main(void *arg)
+{
+    pie_rt *rt = arg;
+    uint64_t next_cpu = pie__rt_now_ns();
+    pthread_mutex_lock(&rt->lock);
+    while (!rt->stopping) {
+        uint64_t now = pie__rt_now_ns();
+        while (rt->n_timers && rt->timers[0].when <= now) {
+            pie_rt_timer t = timer_pop_locked(rt);
+            pie__rt_future_complete_locked(t.fut, 0, NULL, 0);
+            pie__rt_future_unref_locked(t.fut);
+        }
+        if (now >= next_cpu) {
+            pthread_mutex_unlock(&rt->lock);
+            watchdog_cpu(rt);
+            pthread_mutex_lock(&rt->lock);
+            next_cpu = now + 10000000ull;
+        }
+        uint64_t until = next_cpu;
+        if (rt->n_timers && rt->timers[0].when < until)
+            until = rt->timers[0].when;
+        struct timespec ts;
+        clock_gettime(CLOCK_MONOTONIC, &ts);
+        uint64_t abs = (uint64_t)ts.tv_sec * 1000000000ull + ts.tv_nsec;
+        abs += until > now ? until - now : 0;
+        ts.tv_sec = abs / 1000000000ull;
+        ts.tv_nsec = abs % 1000000000ull;
+        pthread_cond_timedwait(&rt->timer_cv, &rt->lock, &ts);
+    }
+    pthread_mutex_unlock(&rt->lock);
+    return NULL;
+}
+
+/* ---- instance life ------------------------------------------------------ */
+
+/* Everything that happens after the guest stopped, on the fiber. */
+static void instance_finish(pie_rt_instance *i)
+{
+    pie_rt *rt = i->rt;
+    if (i->wasm) {
+        i->mod->free_inst(i->wasm);
+        free(i->wasm);
+        i->wasm = NULL;
+        i->mem = NULL;
+    }
+    for (int32_t h = 1; h <= i->n_futs; h++)
+        if (i->futs[h - 1])
+            pie__rt_future_free(i, h);
+    pthread_mutex_lock(&rt->lock);
+    pie__rt_messaging_instance_end(i);
+    pthread_mutex_unlock(&rt->lock);
+    if (rt->o.hooks.on_instance_end)
+        rt->o.hooks.on_instance_end(rt->o.hooks.user, i);
+    int32_t status = i->trapped ? PIE_ETRAP : i->status;
+    if (i->cbs.on_exit)
+        i->cbs.on_exit(i->cbs.user, i, status, i->trapped ? i->reason : NULL,
+                       i->ret, i->ret_len);
+    pthread_mutex_lock(&rt->lock);
+    if (i->child_fut) {
+        pie__rt_future_complete_locked(i->child_fut, status, i->ret,
+                                       i->ret_len);
+        pie__rt_future_unref_locked(i->child_fut);
+        i->child_fut = NULL;
+    }
+    i->ended = true;
+    i->state = INST_DONE;
+    if (i->lprev)
+        i->lprev->lnext = i->lnext;
+    else
+        rt->live = i->lnext;
+    if (i->lnext)
+        i->lnext->lprev = i->lprev;
+    rt->n_live--;
+    pthread_cond_broadcast(&i->done_cv);
+    pthread_cond_broadcast(&rt->live_cv);
+    pthread_mutex_unlock(&rt->lock);
+}
+
+static void fiber_main(void *arg)
+{
+    pie_rt_instance *i = arg;
+    ASAN_FINISH(NULL, &i->worker->asan_bottom, &i->worker->asan_size);
+    sigjmp_buf jb;
+    i->trap_jb = &jb;
+    if (sigsetjmp(jb, 0) == 0) {
+        if (atomic_load(&i->kill_req))
+            pie_rt_trap(i, "killed: %s", i->kill_reason);
+        pie_rt *rt = i->rt;
+        int rc = rt->o.hooks.on_instance_start
+                     ? rt->o.hooks.on_instance_start(rt->o.hooks.user, i) : 0;
+        if (rc < 0) {
+            i->status = rc;
+        } else {
+            i->mod->instantiate(i->wasm, i);
+            i->mem = i->mod->memory(i->wasm);
+            i->mod->start(i->wasm);
+            i->status = 0;
+        }
+    }
+    i->trap_jb = NULL;
+    instance_finish(i);
+    to_scheduler(i, true);
+    abort(); /* a finished fiber is never resumed */
+}
+
+static char **copy_argv(int argc, const char *const *argv)
+{
+    char **a = calloc(argc + 1, sizeof *a);
+    if (!a)
+        return NULL;
+    for (int k = 0; k < argc; k++) {
+        a[k] = strdup(argv[k] ? argv[k] : "");
+        if (!a[k]) {
+            while (k--)
+                free(a[k]);
+            free(a);
+            return NULL;
+        }
+    }
+    return a;
+}
+
+int pie__rt_launch(pie_rt *rt, pie_rt_module *m, int argc,
+                   const char *const *argv, const pie_rt_launch_cbs *cbs,
+                   pie_rt_instance *parent, pie_rt_future *child_fut,
+                   pie_rt_instance **out)
+{
+    if (argc < 1 || !argv)
+        return pie_err_set(PIE_EINVAL, "launch needs argv[0]");
+    pie_rt_instance *i = calloc(1, sizeof *i);
+    if (!i)
+        return pie_err_set(PIE_ENOMEM, "out of memory");
+    i->rt = rt;
+    i->argc = argc;
+    i->argv = copy_argv(argc, argv);
+    i->wasm = calloc(1, m->inst_size);
+    i->stack_size = rt->o.fiber_stack;
+    i->stack = mmap(NULL, i->stack_size, PROT_READ | PROT_WRITE,
+                    MAP_PRIVATE | MAP_ANONYMOUS | MAP_NORESERVE | MAP_STACK,
+                    -1, 0);
+    if (i->stack == MAP_FAILED)
+        i->stack = NULL;
+    if (!i->argv || !i->wasm || !i->stack ||
+        mprotect(i->stack, STACK_GUARD, PROT_NONE) != 0) {
+        if (i->stack)
+            munmap(i->stack, i->stack_size);
+        for (int k = 0; i->argv && k < argc; k++)
+            free(i->argv[k]);
+        free(i->argv);
+        free(i->wasm);
+        free(i);
+        return pie_err_set(PIE_ENOMEM, "out of memory launching an instance");
+    }
+    pie_rt_module_ref(m);
+    i->mod = m;
+    i->id = atomic_fetch_add(&rt->next_id, 1) + 1;
+    atomic_init(&i->refs, out ? 2 : 1);
+    if (cbs)
+        i->cbs = *cbs;
+    i->parent = parent;
+    if (parent)
+        pie_rt_instance_ref(parent);
+    i->child_fut = child_fut;
+    pthread_cond_init(&i->done_cv, NULL);
+    i->worker = &rt->workers[atomic_fetch_add(&rt->next_worker, 1) %
+                             rt->n_workers];
+    i->sp = fiber_init(i->stack, i->stack_size, fiber_main, i);
+    pthread_mutex_lock(&rt->lock);
+    if (rt->closing) {
+        pthread_mutex_unlock(&rt->lock);
+        munmap(i->stack, i->stack_size);
+        i->stack = NULL;
+        atomic_store(&i->refs, 1);
+        pie_rt_instance_unref(i);
+        return pie_err_set(PIE_EBUSY, "runtime is shutting down");
+    }
+    i->lnext = rt->live;
+    if (rt->live)
+        rt->live->lprev = i;
+    rt->live = i;
+    rt->n_live++;
+    i->state = INST_RUNNABLE;
+    pthread_mutex_unlock(&rt->lock);
+    if (out)
+        *out = i;
+    worker_push(i->worker, i);
+    return 0;
+}
+
+int pie_rt_launch(pie_rt *rt, pie_rt_module *m, int argc,
+                  const char *const *argv, const pie_rt_launch_cbs *cbs,
+                  pie_rt_instance **out)
+{
+    return pie__rt_launch(rt, m, argc, argv, cbs, NULL, NULL, out);
+}
+
+int32_t pie_rt_wait(pie_rt_instance *i, char *reason, size_t cap)
+{
+    pthread_mutex_lock(&i->rt->lock);
+    while (!i->ended)
+        pthread_cond_wait(&i->done_cv, &i->rt->lock);
+    pthread_mutex_unlock(&i->rt->lock);
+    if (reason && cap)
+        snprintf(reason, cap, "%s", i->trapped ? i->reason : "");
+    return i->trapped ? PIE_ETRAP : i->status;
+}
+
+int pie_rt_kill(pie_rt_instance *i, const char *reason)
+{
+    pthread_mutex_lock(&i->rt->lock);
+    if (!i->ended && !atomic_load(&i->kill_req)) {
+        snprintf(i->kill_reason, sizeof i->kill_reason, "%s",
+                 reason ? reason : "");
+        atomic_store(&i->kill_req, true);
+        pie__rt_wake_locked(i);
+    }
+    pthread_mutex_unlock(&i->rt->lock);
+    return 0;
+}
+
+uint32_t pie_rt_instance_id(const pie_rt_instance *i) { return i->id; }
+void *pie_rt_engine_ctx(pie_rt_instance *i) { return i->engine_ctx; }
+void pie_rt_set_engine_ctx(pie_rt_instance *i, void *c) { i->engine_ctx = c; }
+pie_rt *pie_rt_of(pie_rt_instance *i) { return i->rt; }
+
+int32_t pie_rt_live_instances(pie_rt *rt)
+{
+    pthread_mutex_lock(&rt->lock);
+    int32_t n = rt->n_live;
+    pthread_mutex_unlock(&rt->lock);
+    return n;
+}
+
+/* ---- guest memory ------------------------------------------------------- */
+
+void *pie_rt_guest_ptr(pie_rt_instance *i, uint32_t off, uint64_t len)
+{
+    const struct { uint8_t *data; uint32_t pages, max_pages, size; } *m = i->mem;
+    if (!m || (uint64_t)off + len > m->size)
+        pie_rt_trap(i, "bad pointer passed to a host call: [%u, +%llu) "
+                       "outside linear memory of %u bytes", off,
+                       (unsigned long long)len, m ? m->size : 0);
+    return m->data + off;
+}
+
+void pie_rt_copy_in(pie_rt_instance *i, void *dst, uint32_t off, uint64_t len)
+{
+    void *p = pie_rt_guest_ptr(i, off, len);
+    if (len)
+        memcpy(dst, p, len);
+}
+
+void pie_rt_copy_out(pie_rt_instance *i, uint32_t off, const void *src,
+                     uint64_t len)
+{
+    void *p = pie_rt_guest_ptr(i, off, len);
+    if (len)
+        memcpy(p, src, len);
+}
+
+/* ---- create / free ------------------------------------------------------ */
+
+static char *default_cache_dir(void)
+{
+    const char *e = getenv("PIE_CACHE_DIR");
+    char buf[4096];
+    if (e && *e) {
+        snprintf(buf, sizeof buf, "%s", e);
+    } else {
+        const char *home = getenv("HOME");
+        snprintf(buf, sizeof buf, "%s/.cache/pie", home && *home ? home : "/tmp");
+    }
+    return strdup(buf);
+}
+
+static int mkdir_p(char *path)
+{
+    for (char *p = path + 1; *p; p++) {
+        if (*p != '/')
+            continue;
+        *p = 0;
+        mkdir(path, 0700);
+        *p = '/';
+    }
+    if (mkdir(path, 0700) != 0 && errno != EEXIST)
+        return pie_err_set(PIE_EIO, "cannot create cache dir %s: %s", path,
+                           strerror(errno));
+    return 0;
+}
+
+int pie_rt_create(const pie_rt_opts *o, pie_rt **out)
+{
+    *out = NULL;
+    pie_rt *rt = calloc(1, sizeof *rt);
+    if (!rt)
+        return pie_err_set(PIE_ENOMEM, "out of memory");
+    if (o)
+        rt->o = *o;
+    if (rt->o.n_workers <= 0) rt->o.n_workers = 2;
+    if (!rt->o.memory_limit) rt->o.memory_limit = 1ull << 30;
+    if (rt->o.cpu_limit_s == 0) rt->o.cpu_limit_s = 60;
+    if (rt->o.compile_cpu_s <= 0) rt->o.compile_cpu_s = 60;
+    if (!rt->o.compile_mem) rt->o.compile_mem = 2ull << 30;
+    if (rt->o.fiber_stack < (256u << 10)) rt->o.fiber_stack = 1u << 20;
+    rt->o.fiber_stack = (rt->o.fiber_stack + 4095) & ~4095u;
+    rt->cache_dir = rt->o.cache_dir ? strdup(rt->o.cache_dir)
+                                    : default_cache_dir();
+    rt->http_allow = calloc(rt->o.n_http_allow + 1, sizeof(char *));
+    if (!rt->cache_dir || !rt->http_allow) {
+        free(rt->cache_dir);
+        free(rt->http_allow);
+        free(rt);
+        return pie_err_set(PIE_ENOMEM, "out of memory");
+    }
+    for (int k = 0; k < rt->o.n_http_allow; k++)
+        rt->http_allow[k] = strdup(rt->o.http_allow[k]);
+    rt->o.http_allow = (const char *const *)rt->http_allow;
+    rt->o.cache_dir = rt->cache_dir;
+    int rc = mkdir_p(rt->cache_dir);
+    if (rc)
+        goto err;
+    pie__rt_signals_init();
+    pthread_mutex_init(&rt->lock, NULL);
+    pthread_cond_init(&rt->live_cv, NULL);
+    pthread_condattr_t ca;
+    pthread_condattr_init(&ca);
+    pthread_condattr_setclock(&ca, CLOCK_MONOTONIC);
+    pthread_cond_init(&rt->timer_cv, &ca);
+    pthread_condattr_destroy(&ca);
+    rt->n_workers = rt->o.n_workers;
+    rt->workers = calloc(rt->n_workers, sizeof *rt->workers);
+    if (!rt->workers) {
+        rc = pie_err_set(PIE_ENOMEM, "out of memory");
+        goto err;
+    }
+    for (int k = 0; k < rt->n_workers; k++) {
+        pie_rt_worker *w = &rt->workers[k];
+        w->rt = rt;
+        w->idx = k;
+        pthread_mutex_init(&w->lock, NULL);
+        pthread_cond_init(&w->cv, NULL);
+        if (pthread_create(&w->thread, NULL, worker_main, w) != 0) {
+            rc = pie_err_set(PIE_EIO, "cannot start worker threads");
+            rt->n_workers = k;
+            goto err;
+        }
+    }
+    if (pthread_create(&rt->watchdog, NULL, watchdog_main, rt) != 0) {
+        rc = pie_err_set(PIE_EIO, "cannot start the watchdog thread");
+        goto err;
+    }
+    *out = rt;
+    return 0;
+err:
+    if (rt->workers) {
+        for (int k = 0; k < rt->n_workers; k++) {
+            pthread_mutex_lock(&rt->workers[k].lock);
+            rt->workers[k].stop = true;
+            pthread_cond_signal(&rt->workers[k].cv);
+            pthread_mutex_unlock(&rt->workers[k].lock);
+            pthread_join(rt->workers[k].thread, NULL);
+        }
+    }
+    for (int k = 0; k < rt->o.n_http_allow; k++)
+        free(rt->http_allow[k]);
+    free(rt->http_allow);
+    free(rt->workers);
+    free(rt->cache_dir);
+    free(rt);
+    return rc;
+}
+
+void pie_rt_free(pie_rt *rt)
+{
+    if (!rt)
+        return;
+    pthread_mutex_lock(&rt->lock);
+    rt->closing = true;
+    pthread_mutex_unlock(&rt->lock);
+    /* Kill what still runs; the watchdog keeps signalling until it ends. */
+    for (;;) {
+        pthread_mutex_lock(&rt->lock);
+        pie_rt_instance *i = rt->live;
+        while (i && atomic_load(&i->kill_req))
+            i = i->lnext;
+        if (i)
+            pie_rt_instance_ref(i);
+        pthread_mutex_unlock(&rt->lock);
+        if (!i)
+            break;
+        pie_rt_kill(i, "runtime shutting down");
+        pie_rt_instance_unref(i);
+    }
+    pthread_mutex_lock(&rt->lock);
+    while (rt->n_live > 0)
+        pthread_cond_wait(&rt->live_cv, &rt->lock);
+    rt->stopping = true;
+    pthread_cond_signal(&rt->timer_cv);
+    pthread_mutex_unlock(&rt->lock);
+    pthread_join(rt->watchdog, NULL);
+    for (int k = 0; k < rt->n_workers; k++) {
+        pie_rt_worker *w = &rt->workers[k];
+        pthread_mutex_lock(&w->lock);
+        w->stop = true;
+        pthread_cond_signal(&w->cv);
+        pthread_mutex_unlock(&w->lock);
+        pthread_join(w->thread, NULL);
+        pthread_mutex_destroy(&w->lock);
+        pthread_cond_destroy(&w->cv);
+    }
+    while (rt->n_timers) {
+        pie_rt_timer t = timer_pop_locked(rt);
+        pie__rt_future_unref_locked(t.fut);
+    }
+    free(rt->timers);
+    pie__rt_messaging_free(rt);
+    for (int k = 0; k < rt->o.n_http_allow; k++)
+        free(rt->http_allow[k]);
+    free(rt->http_allow);
+    free(rt->workers);
+    free(rt->cache_dir);
+    pthread_mutex_destroy(&rt->lock);
+    pthread_cond_destroy(&rt->live_cv);
+    pthread_cond_destroy(&rt->timer_cv);
+    free(rt);
+}

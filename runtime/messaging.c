@@ -1,0 +1,458 @@
+/*
+ * messaging.c — the `messaging` and `child` groups.
+ *
+ *   inbox      per instance: messages from the launcher (pie_rt_send) or
+ *              from children; receive() futures wait in i->recv_waiters.
+ *   topics     rt->topics: name -> list of subscriptions. A subscription is
+ *              a handle (a never-completing future of kind SUB whose data
+ *              is the pie_rt_sub); it buffers messages and queues
+ *              subscription_next() futures.
+ *   queues     rt->queues: name -> FIFO of messages + FIFO of pull futures;
+ *              each message goes to exactly one puller. Queues live as long
+ *              as the runtime.
+ *   modules    rt->modules: name -> module, for launch().
+ * All of it is under rt->lock. Waiter lists hold a future reference; a
+ * waiter already completed (cancelled) is skipped and dropped on delivery.
+ */
+#define _GNU_SOURCE
+#include <string.h>
+
+#include "runtime/rt_internal.h"
+#include "pie_api_host.h"
+
+#define PIE_RT_FUT_SUB 50
+#define MAX_QUEUED 65536
+
+typedef struct Z_pie_instance_t I;
+
+typedef struct pie_rt_waitq { pie_rt_future *head, *tail; } pie_rt_waitq;
+
+typedef struct pie_rt_sub {
+    struct pie_rt_topic *topic;
+    struct pie_rt_sub   *next;
+    pie_rt_msgq          q;
+    pie_rt_waitq         waiters;
+} pie_rt_sub;
+
+struct pie_rt_topic {
+    struct pie_rt_topic *next;
+    pie_rt_sub          *subs;
+    char                 name[];
+};
+
+struct pie_rt_queue {
+    struct pie_rt_queue *next;
+    pie_rt_msgq          q;
+    pie_rt_waitq         waiters;
+    char                 name[];
+};
+
+struct pie_rt_named {
+    struct pie_rt_named *next;
+    pie_rt_module       *mod;
+    char                 name[];
+};
+
+static void waitq_push(pie_rt_waitq *w, pie_rt_future *f)
+{
+    f->refs++;
+    f->wnext = NULL;
+    if (w->tail)
+        w->tail->wnext = f;
+    else
+        w->head = f;
+    w->tail = f;
+}
+
+/* Pops the first waiter still pending (dropping completed ones), or NULL. */
+static pie_rt_future *waitq_pop(pie_rt_waitq *w)
+{
+    while (w->head) {
+        pie_rt_future *f = w->head;
+        w->head = f->wnext;
+        if (!w->head)
+            w->tail = NULL;
+        if (!f->done)
+            return f;           /* caller completes it and drops the ref */
+        pie__rt_future_unref_locked(f);
+    }
+    return NULL;
+}
+
+static void waitq_clear(pie_rt_waitq *w)
+{
+    pie_rt_future *f;
+    while ((f = waitq_pop(w))) {
+        pie__rt_future_complete_locked(f, PIE_ECANCELED, NULL, 0);
+        pie__rt_future_unref_locked(f);
+    }
+}
+
+/* Delivers m to the first pending waiter, else queues it. Takes m. */
+static int deliver_locked(pie_rt_waitq *w, pie_rt_msgq *q, pie_rt_msg *m)
+{
+    pie_rt_future *f = waitq_pop(w);
+    if (f) {
+        pie__rt_future_complete_locked(f, 0, m->data, m->len);
+        pie__rt_future_unref_locked(f);
+        free(m);
+        return 0;
+    }
+    if (q->n >= MAX_QUEUED) {
+        free(m);
+        return PIE_ELIMIT;
+    }
+    pie__rt_msgq_push(q, m);
+    return 0;
+}
+
+/* A new future that completes now from q, or waits in w. */
+static uint32_t receive_from(I *i, pie_rt_waitq *w, pie_rt_msgq *q,
+                             int32_t h, pie_rt_future *f)
+{
+    pie_rt_msg *m = pie__rt_msgq_pop(q);
+    if (m) {
+        pie__rt_future_complete_locked(f, 0, m->data, m->len);
+        free(m);
+    } else {
+        waitq_push(w, f);
+    }
+    return (uint32_t)h;
+}
+
+/* ---- launcher messages -------------------------------------------------- */
+
+int pie_rt_send(pie_rt_instance *i, const void *buf, size_t len)
+{
+    if (len > PIE_RT_MAX_MSG)
+        return pie_err_set(PIE_ELIMIT, "message of %zu bytes exceeds 1 MiB", len);
+    pie_rt_msg *m = pie__rt_msg_new(buf, len);
+    if (!m)
+        return pie_err_set(PIE_ENOMEM, "out of memory");
+    pthread_mutex_lock(&i->rt->lock);
+    int rc = 0;
+    if (i->ended) {
+        free(m);
+        rc = pie_err_set(PIE_ENOTFOUND, "instance %u has ended", i->id);
+    } else {
+        pie_rt_waitq w = {i->recv_waiters, NULL};
+        for (pie_rt_future *t = w.head; t; t = t->wnext)
+            w.tail = t;
+        rc = deliver_locked(&w, &i->inbox, m);
+        i->recv_waiters = w.head;
+        if (rc)
+            pie_err_set(rc, "inbox of instance %u is full", i->id);
+    }
+    pthread_mutex_unlock(&i->rt->lock);
+    return rc;
+}
+
+uint32_t Z_pieZ_send(I *i, uint32_t buf, uint32_t len)
+{
+    if (len > PIE_RT_MAX_MSG)
+        return (uint32_t)PIE_ELIMIT;
+    const void *p = pie_rt_guest_ptr(i, buf, len);
+    if (i->cbs.on_message)
+        i->cbs.on_message(i->cbs.user, i, p, len);
+    else if (i->parent)
+        return pie_rt_send(i->parent, p, len) < 0 ? (uint32_t)PIE_ENOTFOUND : 0;
+    return 0;
+}
+
+uint32_t Z_pieZ_receive(I *i)
+{
+    pie_rt_future *f;
+    int32_t h = pie_rt_future_new(i, PIE_RT_FUT_MESSAGE, NULL, NULL, NULL, &f);
+    if (h < 0)
+        return (uint32_t)h;
+    pthread_mutex_lock(&i->rt->lock);
+    pie_rt_waitq w = {i->recv_waiters, NULL};
+    for (pie_rt_future *t = w.head; t; t = t->wnext)
+        w.tail = t;
+    receive_from(i, &w, &i->inbox, h, f);
+    i->recv_waiters = w.head;
+    pie__rt_future_unref_locked(f);
+    pthread_mutex_unlock(&i->rt->lock);
+    return (uint32_t)h;
+}
+
+/* ---- topics ------------------------------------------------------------- */
+
+static struct pie_rt_topic *topic_find(pie_rt *rt, const char *name,
+                                       uint32_t len, bool create)
+{
+    for (struct pie_rt_topic *t = rt->topics; t; t = t->next)
+        if (strlen(t->name) == len && !memcmp(t->name, name, len))
+            return t;
+    if (!create)
+        return NULL;
+    struct pie_rt_topic *t = calloc(1, sizeof *t + len + 1);
+    if (!t)
+        return NULL;
+    memcpy(t->name, name, len);
+    t->next = rt->topics;
+    rt->topics = t;
+    return t;
+}
+
+/* Guest strings: copied to a NUL-terminated host buffer (max 255 bytes). */
+static int guest_name(I *i, uint32_t p, uint32_t len, char out[256])
+{
+    const char *s = pie_rt_guest_ptr(i, p, len);
+    if (len == 0 || len > 255 || memchr(s, 0, len))
+        return PIE_EINVAL;
+    memcpy(out, s, len);
+    out[len] = 0;
+    return 0;
+}
+
+uint32_t Z_pieZ_publish(I *i, uint32_t tp, uint32_t tl, uint32_t buf,
+                        uint32_t len)
+{
+    char name[256];
+    const void *p = pie_rt_guest_ptr(i, buf, len);
+    if (guest_name(i, tp, tl, name) || len > PIE_RT_MAX_MSG)
+        return (uint32_t)PIE_EINVAL;
+    pthread_mutex_lock(&i->rt->lock);
+    struct pie_rt_topic *t = topic_find(i->rt, name, tl, false);
+    int32_t n = 0;
+    for (pie_rt_sub *s = t ? t->subs : NULL; s; s = s->next) {
+        pie_rt_msg *m = pie__rt_msg_new(p, len);
+        if (m && deliver_locked(&s->waiters, &s->q, m) == 0)
+            n++;
+    }
+    pthread_mutex_unlock(&i->rt->lock);
+    return (uint32_t)n;
+}
+
+static void sub_destroy(void *data)   /* under rt->lock */
+{
+    pie_rt_sub *s = data;
+    struct pie_rt_topic *t = s->topic;
+    for (pie_rt_sub **pp = &t->subs; *pp; pp = &(*pp)->next)
+        if (*pp == s) {
+            *pp = s->next;
+            break;
+        }
+    pie__rt_msgq_clear(&s->q);
+    waitq_clear(&s->waiters);
+    free(s);
+}
+
+uint32_t Z_pieZ_subscribe(I *i, uint32_t tp, uint32_t tl)
+{
+    char name[256];
+    if (guest_name(i, tp, tl, name))
+        return (uint32_t)PIE_EINVAL;
+    pie_rt_sub *s = calloc(1, sizeof *s);
+    if (!s)
+        return (uint32_t)PIE_ENOMEM;
+    pthread_mutex_lock(&i->rt->lock);
+    struct pie_rt_topic *t = topic_find(i->rt, name, tl, true);
+    pthread_mutex_unlock(&i->rt->lock);
+    if (!t) {
+        free(s);
+        return (uint32_t)PIE_ENOMEM;
+    }
+    int32_t h = pie_rt_future_new(i, PIE_RT_FUT_SUB, s, NULL, sub_destroy,
+                                  NULL);
+    if (h < 0) {
+        free(s);
+        return (uint32_t)h;
+    }
+    pthread_mutex_lock(&i->rt->lock);
+    s->topic = t;
+    s->next = t->subs;
+    t->subs = s;
+    pthread_mutex_unlock(&i->rt->lock);
+    return (uint32_t)h;
+}
+
+uint32_t Z_pieZ_subscription_next(I *i, uint32_t sub)
+{
+    pie_rt_sub *s = pie_rt_future_data(i, (int32_t)sub, PIE_RT_FUT_SUB);
+    if (!s)
+        return (uint32_t)PIE_EINVAL;
+    pie_rt_future *f;
+    int32_t h = pie_rt_future_new(i, PIE_RT_FUT_MESSAGE, NULL, NULL, NULL, &f);
+    if (h < 0)
+        return (uint32_t)h;
+    pthread_mutex_lock(&i->rt->lock);
+    receive_from(i, &s->waiters, &s->q, h, f);
+    pie__rt_future_unref_locked(f);
+    pthread_mutex_unlock(&i->rt->lock);
+    return (uint32_t)h;
+}
+
+uint32_t Z_pieZ_unsubscribe(I *i, uint32_t sub)
+{
+    if (!pie_rt_future_data(i, (int32_t)sub, PIE_RT_FUT_SUB))
+        return (uint32_t)PIE_EINVAL;
+    return (uint32_t)pie__rt_future_free(i, (int32_t)sub);
+}
+
+/* ---- queues ------------------------------------------------------------- */
+
+static struct pie_rt_queue *queue_find(pie_rt *rt, const char *name,
+                                       uint32_t len)
+{
+    for (struct pie_rt_queue *q = rt->queues; q; q = q->next)
+        if (strlen(q->name) == len && !memcmp(q->name, name, len))
+            return q;
+    struct pie_rt_queue *q = calloc(1, sizeof *q + len + 1);
+    if (!q)
+        return NULL;
+    memcpy(q->name, name, len);
+    q->next = rt->queues;
+    rt->queues = q;
+    return q;
+}
+
+uint32_t Z_pieZ_queue_push(I *i, uint32_t np, uint32_t nl, uint32_t buf,
+                           uint32_t len)
+{
+    char name[256];
+    const void *p = pie_rt_guest_ptr(i, buf, len);
+    if (guest_name(i, np, nl, name) || len > PIE_RT_MAX_MSG)
+        return (uint32_t)PIE_EINVAL;
+    pie_rt_msg *m = pie__rt_msg_new(p, len);
+    if (!m)
+        return (uint32_t)PIE_ENOMEM;
+    pthread_mutex_lock(&i->rt->lock);
+    struct pie_rt_queue *q = queue_find(i->rt, name, nl);
+    int rc = q ? deliver_locked(&q->waiters, &q->q, m) : PIE_ENOMEM;
+    if (!q)
+        free(m);
+    pthread_mutex_unlock(&i->rt->lock);
+    return (uint32_t)rc;
+}
+
+uint32_t Z_pieZ_queue_pull(I *i, uint32_t np, uint32_t nl)
+{
+    char name[256];
+    if (guest_name(i, np, nl, name))
+        return (uint32_t)PIE_EINVAL;
+    pie_rt_future *f;
+    int32_t h = pie_rt_future_new(i, PIE_RT_FUT_MESSAGE, NULL, NULL, NULL, &f);
+    if (h < 0)
+        return (uint32_t)h;
+    pthread_mutex_lock(&i->rt->lock);
+    struct pie_rt_queue *q = queue_find(i->rt, name, nl);
+    if (q)
+        receive_from(i, &q->waiters, &q->q, h, f);
+    else
+        pie__rt_future_complete_locked(f, PIE_ENOMEM, NULL, 0);
+    pie__rt_future_unref_locked(f);
+    pthread_mutex_unlock(&i->rt->lock);
+    return (uint32_t)h;
+}
+
+/* Under rt->lock, when an instance ends: drop its inbox and waiters. */
+void pie__rt_messaging_instance_end(pie_rt_instance *i)
+{
+    pie__rt_msgq_clear(&i->inbox);
+    pie_rt_waitq w = {i->recv_waiters, NULL};
+    for (pie_rt_future *t = w.head; t; t = t->wnext)
+        w.tail = t;
+    waitq_clear(&w);
+    i->recv_waiters = NULL;
+}
+
+/* ---- child inferlets ---------------------------------------------------- */
+
+int pie_rt_module_register(pie_rt *rt, const char *name, pie_rt_module *m)
+{
+    size_t len = strlen(name);
+    struct pie_rt_named *n = calloc(1, sizeof *n + len + 1);
+    if (!n)
+        return pie_err_set(PIE_ENOMEM, "out of memory");
+    memcpy(n->name, name, len);
+    pie_rt_module_ref(m);
+    n->mod = m;
+    pthread_mutex_lock(&rt->lock);
+    for (struct pie_rt_named **pp = &rt->modules; *pp; pp = &(*pp)->next)
+        if (!strcmp((*pp)->name, name)) {
+            struct pie_rt_named *old = *pp;
+            *pp = old->next;
+            pie_rt_module_unref(old->mod);
+            free(old);
+            break;
+        }
+    n->next = rt->modules;
+    rt->modules = n;
+    pthread_mutex_unlock(&rt->lock);
+    return 0;
+}
+
+static void child_cancel(void *data) { pie_rt_kill(data, "cancelled by parent"); }
+static void child_destroy(void *data) { pie_rt_instance_unref(data); }
+
+uint32_t Z_pieZ_launch(I *i, uint32_t np, uint32_t nl, uint32_t ap,
+                       uint32_t al)
+{
+    char name[256];
+    const char *args = pie_rt_guest_ptr(i, ap, al);
+    if (guest_name(i, np, nl, name) || (al && args[al - 1] != 0))
+        return (uint32_t)PIE_EINVAL;
+    int argc = 1;
+    for (uint32_t k = 0; k < al; k++)
+        argc += args[k] == 0;
+    if (argc > 4096)
+        return (uint32_t)PIE_EINVAL;
+    const char **argv = calloc(argc, sizeof *argv);
+    if (!argv)
+        return (uint32_t)PIE_ENOMEM;
+    argv[0] = name;
+    for (uint32_t k = 0, a = 1; k < al; k += strlen(args + k) + 1)
+        argv[a++] = args + k;
+    pthread_mutex_lock(&i->rt->lock);
+    pie_rt_module *m = NULL;
+    for (struct pie_rt_named *n = i->rt->modules; n; n = n->next)
+        if (!strcmp(n->name, name)) {
+            m = n->mod;
+            pie_rt_module_ref(m);
+        }
+    pthread_mutex_unlock(&i->rt->lock);
+    if (!m) {
+        free(argv);
+        return (uint32_t)PIE_ENOTFOUND;
+    }
+    pie_rt_future *f;
+    int32_t h = pie_rt_future_new(i, PIE_RT_FUT_CHILD, NULL, child_cancel,
+                                  child_destroy, &f);
+    pie_rt_instance *child = NULL;
+    int rc = h < 0 ? h : pie__rt_launch(i->rt, m, argc, argv, NULL, i, f,
+                                        &child);
+    free(argv);
+    pie_rt_module_unref(m);
+    if (h < 0)
+        return (uint32_t)h;
+    if (rc < 0) {
+        pie_rt_future_complete(f, rc, NULL, 0);
+        return (uint32_t)h;
+    }
+    f->data = child;     /* the future holds the child reference */
+    return (uint32_t)h;
+}
+
+void pie__rt_messaging_free(pie_rt *rt)
+{
+    while (rt->topics) {
+        struct pie_rt_topic *t = rt->topics;
+        rt->topics = t->next;
+        free(t);
+    }
+    while (rt->queues) {
+        struct pie_rt_queue *q = rt->queues;
+        rt->queues = q->next;
+        pie__rt_msgq_clear(&q->q);
+        waitq_clear(&q->waiters);
+        free(q);
+    }
+    while (rt->modules) {
+        struct pie_rt_named *n = rt->modules;
+        rt->modules = n->next;
+        pie_rt_module_unref(n->mod);
+        free(n);
+    }
+}

@@ -1,0 +1,227 @@
+/*
+ * rt_internal.h — the runtime's internal structures (not for embedders).
+ *
+ * pie_rt            one per server: workers, watchdog/timer thread, module
+ *                   registry, messaging registries, one mutex `lock` that
+ *                   guards every future, park/wake and messaging state.
+ * pie_rt_module     a dlopened compiled inferlet; refcounted (each live
+ *                   instance holds one reference, so dlclose waits for it).
+ * pie_rt_instance   one launch: its wasm2c instance, linear memory, fiber,
+ *                   handle table of futures, inbox, return value. States:
+ *                   NEW -> RUNNABLE <-> RUNNING <-> PARKED -> DONE. An
+ *                   instance is pinned to one worker for its whole life
+ *                   (generated code may cache TLS addresses across a switch).
+ * pie_rt_future     status + payload, referenced by its handle slot and by
+ *                   its producer until pie_rt_future_complete.
+ */
+#ifndef PIE_RT_INTERNAL_H
+#define PIE_RT_INTERNAL_H
+
+#include <pthread.h>
+#include <setjmp.h>
+#include <stdatomic.h>
+#include <stdbool.h>
+#include <stdint.h>
+#include <time.h>
+
+#include "common/pie_err.h"
+#include "runtime/runtime.h"
+
+
+/* One allowlisted import (generated from runtime/api.def). */
+typedef struct pie_rt_api_import {
+    const char *module;
+    const char *name;
+    const char *params;          /* "i32,i32,i64"                           */
+    const char *result;          /* "i32" or "" for none                    */
+    void (*fn)(void);            /* host implementation (NULL: absent)      */
+} pie_rt_api_import;
+
+extern const pie_rt_api_import pie_rt_api_imports[];
+extern const int pie_rt_api_n_imports;
+extern const int pie_rt_api_version;
+extern const char pie_rt_api_digest[];
+
+#define PIE_RT_MAX_MSG (1u << 20)
+
+/* A byte message in an intrusive singly linked FIFO. */
+typedef struct pie_rt_msg {
+    struct pie_rt_msg *next;
+    size_t             len;
+    unsigned char      data[];
+} pie_rt_msg;
+
+typedef struct pie_rt_msgq {
+    pie_rt_msg *head, *tail;
+    int32_t     n;
+} pie_rt_msgq;
+
+struct pie_rt_future {
+    pie_rt          *rt;
+    pie_rt_instance *inst;       /* owner (NULL once the owner ended)       */
+    int32_t          kind;
+    int32_t          status;     /* valid when done                         */
+    bool             done;
+    bool             cancelled;
+    int32_t          refs;       /* under rt->lock                          */
+    unsigned char   *payload;
+    size_t           payload_len;
+    void            *data;
+    void           (*cancel)(void *data);
+    void           (*destroy)(void *data);
+    struct pie_rt_future *wnext; /* in a waiter list (queue_pull, receive)  */
+};
+
+struct pie_rt_module {
+    pie_rt        *rt;
+    atomic_int     refs;
+    void          *dl;
+    size_t         inst_size;
+    void         (*instantiate)(void *inst, void *ctx);
+    void         (*free_inst)(void *inst);
+    void        *(*memory)(void *inst);   /* wasm_rt_memory_t *          */
+    void         (*start)(void *inst);
+    uintptr_t      text_lo, text_hi;       /* generated code, for watchdog */
+    char           key[65];
+};
+
+enum { INST_NEW, INST_RUNNABLE, INST_RUNNING, INST_PARKED, INST_DONE };
+
+typedef struct pie_rt_worker pie_rt_worker;
+
+struct Z_pie_instance_t {
+    pie_rt          *rt;
+    struct pie_rt_module *mod;
+    uint32_t         id;
+    atomic_int       refs;
+    int              state;      /* INST_*, under rt->lock                  */
+    pie_rt_worker   *worker;
+    struct Z_pie_instance_t *qnext;   /* worker run queue                  */
+    struct Z_pie_instance_t *lprev, *lnext; /* rt->live list               */
+    void            *wasm;       /* wasm2c instance struct                  */
+    void            *mem;        /* wasm_rt_memory_t * (after instantiate)  */
+    /* fiber */
+    void            *stack;      /* mmap base (guard at the bottom)         */
+    size_t           stack_size;
+    void            *sp;         /* saved stack pointer while switched out  */
+    void            *asan_fake;
+    sigjmp_buf      *trap_jb;
+    /* result */
+    int32_t          status;
+    bool             trapped;
+    bool             exited;     /* exit()/proc_exit unwound the fiber      */
+    char             reason[256];
+    unsigned char   *ret;
+    size_t           ret_len;
+    /* launch */
+    int              argc;
+    char           **argv;
+    pie_rt_launch_cbs cbs;
+    struct Z_pie_instance_t *parent;  /* child launched by an inferlet     */
+    pie_rt_future   *child_fut;  /* completed with our status when we end   */
+    void            *engine_ctx;
+    /* futures: handle h -> futs[h - 1]                                     */
+    pie_rt_future  **futs;
+    int32_t          n_futs, cap_futs;
+    /* parking */
+    const int32_t   *wait_set;   /* handles the fiber waits for (host copy) */
+    int32_t          n_wait;
+    bool             wait_any_done;
+    /* messaging, under rt->lock */
+    pie_rt_msgq      inbox;
+    pie_rt_future   *recv_waiters;
+    /* CPU accounting */
+    uint64_t         cpu_ns;     /* CPU used in finished slices             */
+    atomic_bool      cpu_over;
+    atomic_bool      kill_req;
+    char             kill_reason[128];
+    /* completion for pie_rt_wait */
+    pthread_cond_t   done_cv;
+    bool             ended;
+};
+
+struct pie_rt_worker {
+    pie_rt           *rt;
+    int               idx;
+    pthread_t         thread;
+    pthread_mutex_t   lock;
+    pthread_cond_t    cv;
+    pie_rt_instance  *qhead, *qtail;
+    bool              stop;
+    void             *sched_sp;
+    _Atomic(pie_rt_instance *) current;
+    clockid_t         cpu_clock;
+    uint64_t          slice_start;    /* thread CPU ns at switch-in          */
+    void             *altstack;
+    const void       *asan_bottom;    /* scheduler stack, for ASan switches  */
+    size_t            asan_size;
+    void             *asan_fake;
+};
+
+typedef struct pie_rt_timer {
+    uint64_t       when;              /* CLOCK_MONOTONIC ns                 */
+    pie_rt_future *fut;
+} pie_rt_timer;
+
+struct pie_rt {
+    pie_rt_opts      o;
+    char            *cache_dir;
+    char           **http_allow;
+    pthread_mutex_t  lock;
+    pthread_cond_t   live_cv;
+    pie_rt_worker   *workers;
+    int32_t          n_workers;
+    atomic_uint      next_worker;
+    atomic_uint      next_id;
+    pie_rt_instance *live;            /* list of live instances             */
+    int32_t          n_live;
+    /* watchdog + timers */
+    pthread_t        watchdog;
+    pthread_cond_t   timer_cv;
+    pie_rt_timer    *timers;          /* binary min-heap by when            */
+    int32_t          n_timers, cap_timers;
+    bool             stopping;        /* watchdog exits                     */
+    bool             closing;         /* no new launches                    */
+    /* registries, under lock */
+    struct pie_rt_named  *modules;    /* name -> module                     */
+    struct pie_rt_topic  *topics;
+    struct pie_rt_queue  *queues;
+};
+
+/* loader.c */
+int  pie__rt_check_imports(const uint8_t *wasm, size_t len);
+/* instance.c */
+void pie__rt_wake_locked(pie_rt_instance *i);
+int32_t pie__rt_future_handle(pie_rt_instance *i, pie_rt_future *f);
+pie_rt_future *pie__rt_future_get(pie_rt_instance *i, int32_t h);
+void pie__rt_future_unref_locked(pie_rt_future *f);
+void pie__rt_future_complete_locked(pie_rt_future *f, int32_t status,
+                                    const void *payload, size_t len);
+int32_t pie__rt_wait(pie_rt_instance *i, const int32_t *hs, int32_t n,
+                     pie_rt_future *t);
+void pie__rt_future_cancel(pie_rt_instance *i, pie_rt_future *f);
+int32_t pie__rt_future_free(pie_rt_instance *i, int32_t h);
+pie_rt_instance *pie__rt_current(void);
+uint64_t pie__rt_now_ns(void);
+void pie__rt_timer_add_locked(pie_rt *rt, uint64_t when, pie_rt_future *f);
+pie_rt_msg *pie__rt_msg_new(const void *buf, size_t len);
+void pie__rt_msgq_push(pie_rt_msgq *q, pie_rt_msg *m);
+pie_rt_msg *pie__rt_msgq_pop(pie_rt_msgq *q);
+void pie__rt_msgq_clear(pie_rt_msgq *q);
+int  pie__rt_launch(pie_rt *rt, struct pie_rt_module *m, int argc,
+                    const char *const *argv, const pie_rt_launch_cbs *cbs,
+                    pie_rt_instance *parent, pie_rt_future *child_fut,
+                    pie_rt_instance **out);
+/* wasm_rt.c */
+void pie__rt_signals_init(void);
+int  pie__rt_thread_signals(pie_rt_worker *w);
+void pie__rt_set_current(pie_rt_instance *i);
+#define PIE_RT_SIG_CPU SIGUSR2
+/* messaging.c */
+void pie__rt_messaging_instance_end(pie_rt_instance *i);
+void pie__rt_messaging_free(pie_rt *rt);
+/* http.c */
+void pie__rt_http_start(pie_rt_instance *i, pie_rt_future *f, char *method,
+                        char *url, char *headers, void *body, size_t blen);
+
+#endif

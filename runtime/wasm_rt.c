@@ -1,0 +1,356 @@
+/*
+ * wasm_rt.c — pie's own implementation of wabt 1.0.32's wasm-rt.h, exported
+ * from the server binary (-rdynamic) to the dlopened inferlets.
+ *
+ * Debian's libwasm-rt-impl is unusable in a threaded server (see
+ * ../shared/design/inferlet-runtime.md): one global jmp_buf, a sigaltstack
+ * only on the initialising thread, every SIGSEGV turned into a trap, a leak
+ * of the 8 GiB reservation. Here:
+ *
+ *   trap target   the running instance (thread-local `tls_cur`, set on every
+ *                 fiber switch) holds the sigjmp_buf of its fiber's entry
+ *                 frame; wasm_rt_trap and the signal handlers siglongjmp
+ *                 there. Handlers use SA_NODEFER and sigsetjmp(jb, 0), so no
+ *                 signal mask is saved or restored (no syscall per entry).
+ *   SIGSEGV/BUS   trap only if the fault address lies in the running
+ *                 instance's memory reservation (out of bounds) or its fiber
+ *                 stack's guard (native stack exhausted); anything else is a
+ *                 host bug: the default action is restored and the fault
+ *                 re-executes, so it still crashes loudly.
+ *   CPU signal    sent by the watchdog to a worker whose instance is over
+ *                 its CPU budget or killed; it unwinds only when the
+ *                 interrupted PC is inside the module's generated code (not
+ *                 in a host function holding locks); otherwise the watchdog
+ *                 signals again on its next tick.
+ *   memory        reserve 8 GiB PROT_NONE|MAP_NORESERVE (every u32 address
+ *                 plus u32 offset lands inside), commit with mprotect, free
+ *                 the whole reservation. max_pages is clamped to the
+ *                 runtime's memory_limit; growing past it returns -1 (so
+ *                 malloc returns NULL in the guest) instead of aborting.
+ *   types         the function-type registry is guarded by a mutex.
+ */
+#define _GNU_SOURCE
+#include <errno.h>
+#include <pthread.h>
+#include <signal.h>
+#include <stdarg.h>
+#include <stdio.h>
+#include <string.h>
+#include <sys/mman.h>
+#include <ucontext.h>
+
+#include <wasm-rt.h>
+
+#include "runtime/rt_internal.h"
+
+#if !WASM_RT_MEMCHECK_SIGNAL_HANDLER || WASM_RT_USE_STACK_DEPTH_COUNT
+#error "pie's runtime implements the guard-page (signal handler) mode only"
+#endif
+
+#define RESERVE_BYTES  (8ull << 30)
+#define PAGE_BYTES     65536ull
+#define STACK_GUARD    (64u << 10)
+
+static __thread pie_rt_instance *tls_cur;
+static bool rt_initialized;
+
+void pie__rt_set_current(pie_rt_instance *i) { tls_cur = i; }
+pie_rt_instance *pie__rt_current(void) { return tls_cur; }
+
+/* ---- traps -------------------------------------------------------------- */
+
+const char *wasm_rt_strerror(wasm_rt_trap_t trap)
+{
+    switch (trap) {
+    case WASM_RT_TRAP_NONE:          return "no error";
+    case WASM_RT_TRAP_OOB:           return "out of bounds memory access";
+    case WASM_RT_TRAP_INT_OVERFLOW:  return "integer overflow";
+    case WASM_RT_TRAP_DIV_BY_ZERO:   return "integer divide by zero";
+    case WASM_RT_TRAP_INVALID_CONVERSION: return "invalid conversion to integer";
+    case WASM_RT_TRAP_UNREACHABLE:   return "unreachable executed";
+    case WASM_RT_TRAP_CALL_INDIRECT: return "indirect call type mismatch or null";
+    case WASM_RT_TRAP_UNCAUGHT_EXCEPTION: return "uncaught exception";
+    case WASM_RT_TRAP_EXHAUSTION:    return "call stack exhausted";
+    }
+    return "unknown trap";
+}
+
+/* Records the reason and unwinds to the running fiber's entry frame. */
+static __attribute__((noreturn)) void trap_with(pie_rt_instance *i,
+                                                const char *reason)
+{
+    if (!i || !i->trap_jb) {
+        fprintf(stderr, "pie runtime: trap outside an instance: %s\n", reason);
+        abort();
+    }
+    if (!i->trapped) {
+        i->trapped = true;
+        snprintf(i->reason, sizeof i->reason, "%s", reason);
+    }
+    siglongjmp(*i->trap_jb, 1);
+}
+
+void wasm_rt_trap(wasm_rt_trap_t code)
+{
+    trap_with(tls_cur, wasm_rt_strerror(code));
+}
+
+void pie_rt_trap(pie_rt_instance *i, const char *fmt, ...)
+{
+    char buf[256];
+    va_list ap;
+    va_start(ap, fmt);
+    vsnprintf(buf, sizeof buf, fmt, ap);
+    va_end(ap);
+    trap_with(i, buf);
+}
+
+/* ---- signals ------------------------------------------------------------ */
+
+static bool addr_in(uintptr_t a, const void *base, uint64_t len)
+{
+    return base && a >= (uintptr_t)base && a - (uintptr_t)base < len;
+}
+
+static void segv_handler(int sig, siginfo_t *si, void *ucv)
+{
+    (void)ucv;
+    pie_rt_instance *i = tls_cur;
+    uintptr_t a = (uintptr_t)si->si_addr;
+    if (i && i->trap_jb) {
+        wasm_rt_memory_t *m = i->mem;
+        if (m && addr_in(a, m->data, RESERVE_BYTES))
+            trap_with(i, wasm_rt_strerror(WASM_RT_TRAP_OOB));
+        if (addr_in(a, i->stack, STACK_GUARD))
+            trap_with(i, "native stack exhausted (call stack too deep)");
+    }
+    /* Not an inferlet fault: crash the way we would without a handler. */
+    signal(sig, SIG_DFL);
+}
+
+static void cpu_handler(int sig, siginfo_t *si, void *ucv)
+{
+    (void)sig; (void)si;
+    int saved = errno;
+    pie_rt_instance *i = tls_cur;
+    if (i && i->trap_jb && i->mod &&
+        (atomic_load(&i->cpu_over) || atomic_load(&i->kill_req))) {
+        ucontext_t *uc = ucv;
+#if defined(__x86_64__)
+        uintptr_t pc = (uintptr_t)uc->uc_mcontext.gregs[REG_RIP];
+#elif defined(__aarch64__)
+        uintptr_t pc = (uintptr_t)uc->uc_mcontext.pc;
+#else
+#error "unsupported architecture"
+#endif
+        if (pc >= i->mod->text_lo && pc < i->mod->text_hi) {
+            if (atomic_load(&i->kill_req)) {
+                char r[160];
+                snprintf(r, sizeof r, "killed: %s", i->kill_reason);
+                trap_with(i, r);
+            }
+            trap_with(i, "CPU time limit exceeded");
+        }
+    }
+    errno = saved;
+}
+
+static pthread_once_t sig_once = PTHREAD_ONCE_INIT;
+
+static void install_handlers(void)
+{
+    struct sigaction sa;
+    memset(&sa, 0, sizeof sa);
+    sa.sa_sigaction = segv_handler;
+    sa.sa_flags = SA_SIGINFO | SA_ONSTACK | SA_NODEFER;
+    sigemptyset(&sa.sa_mask);
+    sigaction(SIGSEGV, &sa, NULL);
+    sigaction(SIGBUS, &sa, NULL);
+    sa.sa_sigaction = cpu_handler;
+    sa.sa_flags = SA_SIGINFO | SA_ONSTACK | SA_NODEFER | SA_RESTART;
+    sigaction(PIE_RT_SIG_CPU, &sa, NULL);
+}
+
+void pie__rt_signals_init(void) { pthread_once(&sig_once, install_handlers); }
+
+/* Gives the calling worker thread its own alternate signal stack. */
+int pie__rt_thread_signals(pie_rt_worker *w)
+{
+    size_t sz = 64 << 10;
+    void *p = mmap(NULL, sz, PROT_READ | PROT_WRITE,
+                   MAP_PRIVATE | MAP_ANONYMOUS, -1, 0);
+    if (p == MAP_FAILED)
+        return pie_err_set(PIE_ENOMEM, "sigaltstack: %s", strerror(errno));
+    stack_t ss = {.ss_sp = p, .ss_size = sz, .ss_flags = 0};
+    if (sigaltstack(&ss, NULL) != 0) {
+        munmap(p, sz);
+        return pie_err_set(PIE_EIO, "sigaltstack: %s", strerror(errno));
+    }
+    w->altstack = p;
+    return 0;
+}
+
+/* ---- init, types, exceptions -------------------------------------------- */
+
+void wasm_rt_init(void) { pie__rt_signals_init(); rt_initialized = true; }
+bool wasm_rt_is_initialized(void) { return rt_initialized; }
+void wasm_rt_free(void) {}
+
+typedef struct { uint32_t np, nr; wasm_rt_type_t t[]; } func_type;
+static pthread_mutex_t types_lock = PTHREAD_MUTEX_INITIALIZER;
+static func_type **types;
+static uint32_t n_types, cap_types;
+
+uint32_t wasm_rt_register_func_type(uint32_t params, uint32_t results, ...)
+{
+    uint32_t n = params + results;
+    func_type *ft = malloc(sizeof *ft + n * sizeof(wasm_rt_type_t));
+    if (!ft)
+        wasm_rt_trap(WASM_RT_TRAP_EXHAUSTION);
+    ft->np = params;
+    ft->nr = results;
+    va_list ap;
+    va_start(ap, results);
+    for (uint32_t k = 0; k < n; k++)
+        ft->t[k] = va_arg(ap, int);
+    va_end(ap);
+    pthread_mutex_lock(&types_lock);
+    for (uint32_t k = 0; k < n_types; k++) {
+        if (types[k]->np == params && types[k]->nr == results &&
+            !memcmp(types[k]->t, ft->t, n * sizeof(wasm_rt_type_t))) {
+            pthread_mutex_unlock(&types_lock);
+            free(ft);
+            return k + 1;
+        }
+    }
+    if (n_types == cap_types) {
+        uint32_t c = cap_types ? 2 * cap_types : 64;
+        func_type **t = realloc(types, c * sizeof *t);
+        if (!t) {
+            pthread_mutex_unlock(&types_lock);
+            free(ft);
+            wasm_rt_trap(WASM_RT_TRAP_EXHAUSTION);
+        }
+        types = t;
+        cap_types = c;
+    }
+    types[n_types++] = ft;
+    uint32_t id = n_types;
+    pthread_mutex_unlock(&types_lock);
+    return id;
+}
+
+static atomic_uint next_tag;
+uint32_t wasm_rt_register_tag(uint32_t size) { (void)size; return ++next_tag; }
+void wasm_rt_load_exception(uint32_t tag, uint32_t size, const void *values)
+{
+    (void)tag; (void)size; (void)values;
+}
+void wasm_rt_throw(void) { wasm_rt_trap(WASM_RT_TRAP_UNCAUGHT_EXCEPTION); }
+static __thread WASM_RT_UNWIND_TARGET *tls_unwind;
+WASM_RT_UNWIND_TARGET *wasm_rt_get_unwind_target(void) { return tls_unwind; }
+void wasm_rt_set_unwind_target(WASM_RT_UNWIND_TARGET *t) { tls_unwind = t; }
+uint32_t wasm_rt_exception_tag(void) { return 0; }
+uint32_t wasm_rt_exception_size(void) { return 0; }
+void *wasm_rt_exception(void) { return NULL; }
+
+/* ---- linear memory ------------------------------------------------------ */
+
+static uint32_t page_cap(void)
+{
+    pie_rt_instance *i = tls_cur;
+    uint64_t lim = i ? i->rt->o.memory_limit : (1ull << 30);
+    uint64_t p = lim / PAGE_BYTES;
+    return p > 65536 ? 65536 : (uint32_t)p;
+}
+
+void wasm_rt_allocate_memory(wasm_rt_memory_t *m, uint32_t initial,
+                             uint32_t max_pages)
+{
+    memset(m, 0, sizeof *m);
+    uint32_t cap = page_cap();
+    if (max_pages > cap)
+        max_pages = cap;
+    if (initial > max_pages)
+        trap_with(tls_cur, "memory limit: the module's initial memory "
+                           "exceeds the per-instance cap");
+    void *p = mmap(NULL, RESERVE_BYTES, PROT_NONE,
+                   MAP_PRIVATE | MAP_ANONYMOUS | MAP_NORESERVE, -1, 0);
+    if (p == MAP_FAILED)
+        trap_with(tls_cur, "out of address space for linear memory");
+    uint64_t bytes = (uint64_t)initial * PAGE_BYTES;
+    if (bytes && mprotect(p, bytes, PROT_READ | PROT_WRITE) != 0) {
+        munmap(p, RESERVE_BYTES);
+        trap_with(tls_cur, "cannot commit linear memory");
+    }
+    m->data = p;
+    m->pages = initial;
+    m->max_pages = max_pages;
+    m->size = (uint32_t)(bytes > UINT32_MAX ? UINT32_MAX : bytes);
+}
+
+uint32_t wasm_rt_grow_memory(wasm_rt_memory_t *m, uint32_t delta)
+{
+    uint32_t old = m->pages;
+    if (delta == 0)
+        return old;
+    if ((uint64_t)old + delta > m->max_pages)
+        return (uint32_t)-1;
+    uint64_t nb = (uint64_t)(old + delta) * PAGE_BYTES;
+    uint64_t ob = (uint64_t)old * PAGE_BYTES;
+    if (mprotect(m->data + ob, nb - ob, PROT_READ | PROT_WRITE) != 0)
+        return (uint32_t)-1;
+    m->pages = old + delta;
+    /* 65536 pages = 4 GiB does not fit u32: clamp; bounds live in guards. */
+    m->size = (uint32_t)(nb > UINT32_MAX ? UINT32_MAX : nb);
+    return old;
+}
+
+void wasm_rt_free_memory(wasm_rt_memory_t *m)
+{
+    if (m->data)
+        munmap(m->data, RESERVE_BYTES);
+    m->data = NULL;
+}
+
+/* ---- tables ------------------------------------------------------------- */
+
+#define TABLE_IMPL(type, null)                                                \
+    void wasm_rt_allocate_##type##_table(wasm_rt_##type##_table_t *t,        \
+                                         uint32_t n, uint32_t max)           \
+    {                                                                         \
+        t->size = n;                                                          \
+        t->max_size = max;                                                    \
+        t->data = n ? calloc(n, sizeof(wasm_rt_##type##_t)) : NULL;          \
+        if (n && !t->data)                                                    \
+            trap_with(tls_cur, "out of memory allocating a table");          \
+        for (uint32_t k = 0; k < n; k++)                                      \
+            t->data[k] = null;                                                \
+    }                                                                         \
+    void wasm_rt_free_##type##_table(wasm_rt_##type##_table_t *t)            \
+    {                                                                         \
+        free(t->data);                                                        \
+        t->data = NULL;                                                       \
+    }                                                                         \
+    uint32_t wasm_rt_grow_##type##_table(wasm_rt_##type##_table_t *t,        \
+                                         uint32_t delta,                      \
+                                         wasm_rt_##type##_t init)             \
+    {                                                                         \
+        uint32_t old = t->size;                                               \
+        uint64_t n = (uint64_t)old + delta;                                   \
+        if (n > t->max_size || n > (1u << 20))                                \
+            return (uint32_t)-1;                                              \
+        if (delta == 0)                                                       \
+            return old;                                                       \
+        wasm_rt_##type##_t *d = realloc(t->data, n * sizeof *d);             \
+        if (!d)                                                               \
+            return (uint32_t)-1;                                              \
+        for (uint64_t k = old; k < n; k++)                                    \
+            d[k] = init;                                                      \
+        t->data = d;                                                          \
+        t->size = (uint32_t)n;                                                \
+        return old;                                                           \
+    }
+
+TABLE_IMPL(funcref, wasm_rt_funcref_null_value)
+TABLE_IMPL(externref, wasm_rt_externref_null_value)

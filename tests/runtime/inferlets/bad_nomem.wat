@@ -1,0 +1,4 @@
+(module
+  (import "pie" "instance_id" (func $id (result i32)))
+  (memory 1)
+  (func (export "_start") (drop (call $id))))

@@ -1,0 +1,520 @@
+/*
+ * test_runtime.c — the WebAssembly inferlet runtime, end to end: real
+ * inferlets compiled from C (clang --target=wasm32-wasi) or .wat at build
+ * time, translated, compiled and run.
+ *
+ *   test_runtime basic       argv, stdout/stderr capture, exit status,
+ *                            return value, exit(), compile cache hit
+ *   test_runtime reject      hostile/invalid uploads rejected by name
+ *   test_runtime isolation   every trap kind ends only its instance while
+ *                            compute instances run and stay correct
+ *   test_runtime messaging   launcher messages, pub/sub, queues, children,
+ *                            sleep/wait_any
+ *   test_runtime http        HTTP against a local listener + allowlist
+ *   test_runtime concurrent  2,000 instances parked at once
+ *   test_runtime cycles      20,000 launch/exit cycles: fds, maps, RSS flat
+ */
+#define _GNU_SOURCE
+#include <arpa/inet.h>
+#include <dirent.h>
+#include <netinet/in.h>
+#include <sys/socket.h>
+#include <unistd.h>
+
+#include "tests/runtime/rt_test_util.h"
+
+static int32_t wait_inst(pie_rt_instance *i, char *reason)
+{
+    int32_t st = pie_rt_wait(i, reason, 256);
+    pie_rt_instance_unref(i);
+    return st;
+}
+
+static void test_basic(void)
+{
+    pie_rt_opts o = {0};
+    pie_rt *rt = make_rt(&o);
+    int cached;
+    pie_rt_module *m = load_wasm(rt, "hello.wasm", &cached);
+    pie_rt_launch_cbs cbs;
+    capture *c = cap_new(&cbs);
+    const char *argv[] = {"hello", "world", "3", NULL};
+    char reason[256];
+    void *ret = NULL;
+    pie_rt_instance *i = launch_v(rt, m, &cbs, argv);
+    int32_t st = pie_rt_wait(i, reason, sizeof reason);
+    CHECK(st == 3, "expected status 3, got %d (%s)", st, reason);
+    CHECK(!strcmp(c->out, "hello world 3 argc=3 id_ok=1\n"),
+          "stdout was '%s'", c->out);
+    CHECK(!strcmp(c->err, "to stderr 3.25\n"), "stderr was '%s'", c->err);
+    CHECK(pie_rt_instance_id(i) > 0, "instance id 0");
+    pie_rt_instance_unref(i);
+    (void)ret;
+    cap_free(c);
+
+    /* exit() with a return value seen by on_exit */
+    c = cap_new(&cbs);
+    const char *argv2[] = {"hello", "bye", "5", "exit", NULL};
+    i = launch_v(rt, m, &cbs, argv2);
+    st = wait_inst(i, reason);
+    CHECK(st == 6, "pie_exit: expected status 6, got %d (%s)", st, reason);
+    cap_free(c);
+
+    /* The second load of the same bytes comes from the cache. */
+    pie_rt_module *m2 = load_wasm(rt, "hello.wasm", &cached);
+    CHECK(cached == 1, "second load was not a cache hit");
+    i = launch_v(rt, m2, NULL, argv);
+    CHECK(wait_inst(i, reason) == 3, "cached module runs");
+    pie_rt_module_unref(m2);
+    pie_rt_module_unref(m);
+    pie_rt_free(rt);
+}
+
+static void expect_reject(pie_rt *rt, const char *file, const void *bytes,
+                          size_t len, int code, const char *needle)
+{
+    unsigned char *b = NULL;
+    if (file) {
+        char path[1024];
+        snprintf(path, sizeof path, "%s/%s", TEST_WASM_DIR, file);
+        b = read_file(path, &len);
+        bytes = b;
+    }
+    pie_rt_module *m = NULL;
+    int rc = pie_rt_module_load(rt, bytes, len, &m, NULL);
+    CHECK(rc == code, "%s: expected %s, got %d (%s)", file ? file : "bytes",
+          pie_err_name(code), rc, pie_err_msg());
+    CHECK(m == NULL, "module returned on error");
+    CHECK(strstr(pie_err_msg(), needle) != NULL,
+          "%s: message '%s' lacks '%s'", file ? file : "bytes",
+          pie_err_msg(), needle);
+    printf("rejected %-22s %s\n", file ? file : "(bytes)", pie_err_msg());
+    free(b);
+}
+
+static void test_reject(void)
+{
+    pie_rt_opts o = {0};
+    pie_rt *rt = make_rt(&o);
+    expect_reject(rt, "bad_unknown.wasm", NULL, 0, PIE_EUNSUPPORTED,
+                  "'env.system' is not in the pie inferlet API");
+    expect_reject(rt, "bad_type.wasm", NULL, 0, PIE_EUNSUPPORTED,
+                  "'pie.send' has type (i64,i32) -> (i32), expected "
+                  "(i32,i32) -> (i32)");
+    expect_reject(rt, "bad_nomem.wasm", NULL, 0, PIE_EUNSUPPORTED,
+                  "exports no memory");
+    expect_reject(rt, "bad_memimport.wasm", NULL, 0, PIE_EUNSUPPORTED,
+                  "importing a memory is not allowed");
+    static const char garbage[] = "this is not a wasm module at all";
+    expect_reject(rt, NULL, garbage, sizeof garbage, PIE_EFORMAT, "magic");
+    /* A truncated real module fails the section walk or wasm2c. */
+    char path[1024];
+    size_t len;
+    snprintf(path, sizeof path, "%s/hello.wasm", TEST_WASM_DIR);
+    unsigned char *h = read_file(path, &len);
+    pie_rt_module *m = NULL;
+    int rc = pie_rt_module_load(rt, h, len / 2, &m, NULL);
+    CHECK(rc == PIE_EFORMAT && !m, "truncated module: got %d (%s)", rc,
+          pie_err_msg());
+    printf("rejected %-22s %s\n", "(truncated hello)", pie_err_msg());
+    /* Corrupting code bytes inside a valid section: wasm2c validates. */
+    for (size_t k = len / 2; k < len / 2 + 64 && k < len; k++)
+        h[k] = 0xff;
+    rc = pie_rt_module_load(rt, h, len, &m, NULL);
+    CHECK(rc == PIE_EFORMAT && !m, "corrupt module: got %d (%s)", rc,
+          pie_err_msg());
+    printf("rejected %-22s %.120s\n", "(corrupted hello)", pie_err_msg());
+    free(h);
+    pie_rt_free(rt);
+}
+
+static uint32_t checksum(uint32_t n)
+{
+    uint32_t h = 2166136261u;
+    for (uint32_t k = 0; k < n; k++)
+        h = (h ^ (k * 2654435761u)) * 16777619u;
+    return h;
+}
+
+static void test_isolation(void)
+{
+    pie_rt_opts o = {.memory_limit = 64u << 20, .cpu_limit_s = 1.0};
+    pie_rt *rt = make_rt(&o);
+    pie_rt_module *m = load_wasm(rt, "isolate.wasm", NULL);
+    pie_rt_module *nat = load_wasm(rt, "native_overflow.wasm", NULL);
+    static const struct { const char *mode, *reason; int32_t status; } cases[] = {
+        {"oob_read", "out of bounds memory access", PIE_ETRAP},
+        {"oob_write", "out of bounds memory access", PIE_ETRAP},
+        {"shadow", "out of bounds memory access", PIE_ETRAP},
+        {"unreachable", "unreachable executed", PIE_ETRAP},
+        {"div0", "integer divide by zero", PIE_ETRAP},
+        {"badptr", "bad pointer passed to a host call", PIE_ETRAP},
+        {"spin", "CPU time limit exceeded", PIE_ETRAP},
+        {"badhandle", "", 0},
+        {"memcap", "", 0},
+        {"native", "native stack exhausted", PIE_ETRAP},
+    };
+    enum { NC = sizeof cases / sizeof cases[0], NW = 6 };
+    pie_rt_instance *bad[NC], *good[NW];
+    capture *bc[NC], *gc[NW];
+    pie_rt_launch_cbs cbs;
+    char nbuf[NW][16];
+    for (int k = 0; k < NW; k++) {
+        gc[k] = cap_new(&cbs);
+        snprintf(nbuf[k], sizeof nbuf[k], "%d", 3000000 + k * 1000);
+        const char *a[] = {"isolate", "compute", nbuf[k], NULL};
+        good[k] = launch_v(rt, m, &cbs, a);
+    }
+    for (int k = 0; k < NC; k++) {
+        bc[k] = cap_new(&cbs);
+        const char *a[] = {"isolate", cases[k].mode, NULL};
+        bad[k] = launch_v(rt, strcmp(cases[k].mode, "native") ? m : nat,
+                          &cbs, a);
+    }
+    for (int k = 0; k < NC; k++) {
+        char reason[256];
+        int32_t st = pie_rt_wait(bad[k], reason, sizeof reason);
+        CHECK(st == cases[k].status, "%s: expected status %d, got %d (%s)",
+              cases[k].mode, cases[k].status, st, reason);
+        CHECK(strstr(reason, cases[k].reason) != NULL,
+              "%s: reason '%s' lacks '%s'", cases[k].mode, reason,
+              cases[k].reason);
+        printf("%-12s status %4d  reason: %s\n", cases[k].mode, st,
+               st == PIE_ETRAP ? reason : bc[k]->out);
+        pie_rt_instance_unref(bad[k]);
+    }
+    capture *mc = bc[8];
+    unsigned mib = 0;
+    CHECK(sscanf(mc->out, "malloc returned NULL after %u MiB", &mib) == 1,
+          "memcap printed '%s'", mc->out);
+    CHECK(mib > 8 && mib <= 64, "memcap: %u MiB allocated, cap is 64", mib);
+    for (int k = 0; k < NW; k++) {
+        char reason[256], want[32];
+        int32_t st = pie_rt_wait(good[k], reason, sizeof reason);
+        CHECK(st == 0, "compute %d: status %d (%s)", k, st, reason);
+        snprintf(want, sizeof want, "%u\n", checksum(3000000 + k * 1000));
+        CHECK(!strcmp(gc[k]->out, want), "compute %d: got '%s' want '%s'", k,
+              gc[k]->out, want);
+        pie_rt_instance_unref(good[k]);
+        cap_free(gc[k]);
+    }
+    for (int k = 0; k < NC; k++)
+        cap_free(bc[k]);
+    /* The runtime still works after all that. */
+    const char *a[] = {"isolate", "compute", "1000", NULL};
+    capture *c = cap_new(&cbs);
+    pie_rt_instance *i = launch_v(rt, m, &cbs, a);
+    CHECK(wait_inst(i, NULL) == 0, "compute after traps");
+    char want[32];
+    snprintf(want, sizeof want, "%u\n", checksum(1000));
+    CHECK(!strcmp(c->out, want), "compute after traps: '%s'", c->out);
+    cap_free(c);
+    /* Killing a spinning instance from outside. */
+    pie_rt_opts o2 = {.cpu_limit_s = -1};
+    pie_rt *rt2 = make_rt(&o2);
+    pie_rt_module *m2 = load_wasm(rt2, "isolate.wasm", NULL);
+    const char *sp[] = {"isolate", "spin", NULL};
+    i = launch_v(rt2, m2, NULL, sp);
+    usleep(100000);
+    pie_rt_kill(i, "test");
+    char reason[256];
+    int32_t st = wait_inst(i, reason);
+    CHECK(st == PIE_ETRAP && !strcmp(reason, "killed: test"),
+          "kill: %d '%s'", st, reason);
+    pie_rt_module_unref(m2);
+    pie_rt_free(rt2);
+    pie_rt_module_unref(m);
+    pie_rt_module_unref(nat);
+    pie_rt_free(rt);
+}
+
+static pie_rt_instance *launch_msg(pie_rt *rt, pie_rt_module *m, capture **c,
+                                   const char **argv)
+{
+    pie_rt_launch_cbs cbs;
+    *c = cap_new(&cbs);
+    return launch_v(rt, m, &cbs, argv);
+}
+
+static void finish_msg(pie_rt_instance *i, capture *c, int32_t status,
+                       const char *want)
+{
+    char reason[256];
+    int32_t st = wait_inst(i, reason);
+    CHECK(st == status, "expected status %d, got %d (%s)", status, st, reason);
+    if (want)
+        CHECK(!strcmp(c->msg, want), "message '%s', want '%s'", c->msg, want);
+    cap_free(c);
+}
+
+static void test_messaging(void)
+{
+    pie_rt_opts o = {0};
+    pie_rt *rt = make_rt(&o);
+    pie_rt_module *m = load_wasm(rt, "msg.wasm", NULL);
+    pie_rt_module *h = load_wasm(rt, "hello.wasm", NULL);
+    capture *c, *c2, *c3;
+
+    const char *echo[] = {"msg", "echo", NULL};
+    pie_rt_instance *i = launch_msg(rt, m, &c, echo);
+    CHECK_OK(pie_rt_send(i, "stressed", 8));
+    finish_msg(i, c, 0, "desserts");
+
+    /* pub/sub: two subscribers, one publisher of 5 messages */
+    const char *sub[] = {"msg", "sub", "news", "5", NULL};
+    const char *pub[] = {"msg", "pub", "news", "5", "2", NULL};
+    pie_rt_instance *s1 = launch_msg(rt, m, &c, sub);
+    pie_rt_instance *s2 = launch_msg(rt, m, &c2, sub);
+    pie_rt_instance *p = launch_msg(rt, m, &c3, pub);
+    finish_msg(p, c3, 0, NULL);
+    finish_msg(s1, c, 0, "abcde");
+    finish_msg(s2, c2, 0, "abcde");
+
+    /* queues: pull before push and push before pull */
+    const char *pull[] = {"msg", "pull", "jobs", NULL};
+    const char *push[] = {"msg", "push", "jobs", "job-1", NULL};
+    i = launch_msg(rt, m, &c, pull);
+    usleep(20000);
+    pie_rt_instance *j = launch_msg(rt, m, &c2, push);
+    finish_msg(j, c2, 0, NULL);
+    finish_msg(i, c, 0, "job-1");
+    const char *push2[] = {"msg", "push", "jobs", "job-2", NULL};
+    j = launch_msg(rt, m, &c2, push2);
+    finish_msg(j, c2, 0, NULL);
+    i = launch_msg(rt, m, &c, pull);
+    finish_msg(i, c, 0, "job-2");
+
+    /* children */
+    CHECK_OK(pie_rt_module_register(rt, "msg", m));
+    CHECK_OK(pie_rt_module_register(rt, "hello", h));
+    const char *par[] = {"msg", "parent", "msg", NULL};
+    i = launch_msg(rt, m, &c, par);
+    finish_msg(i, c, 0, "cancelled=-9 status=7 ret=child-ret");
+
+    /* sleep and wait_any */
+    const char *sl[] = {"msg", "sleep", "2000000", NULL};
+    i = launch_msg(rt, m, &c, sl);
+    finish_msg(i, c, 0, "idx=1 ok=1 timeout=-12 poll=-12");
+
+    /* A message to an ended instance is an error, not a crash. */
+    i = launch_msg(rt, m, &c, push2);
+    CHECK(pie_rt_wait(i, NULL, 0) == 0, "push");
+    CHECK(pie_rt_send(i, "x", 1) == PIE_ENOTFOUND, "send to ended instance");
+    pie_rt_instance_unref(i);
+    cap_free(c);
+
+    pie_rt_module_unref(m);
+    pie_rt_module_unref(h);
+    pie_rt_free(rt);
+}
+
+/* ---- http --------------------------------------------------------------- */
+
+static int listen_fd;
+static void *http_server(void *arg)
+{
+    (void)arg;
+    for (int n = 0; n < 1; n++) {
+        int c = accept(listen_fd, NULL, NULL);
+        if (c < 0)
+            return NULL;
+        char req[4096];
+        size_t got = 0;
+        while (got < sizeof req - 1) {
+            ssize_t r = recv(c, req + got, sizeof req - 1 - got, 0);
+            if (r <= 0)
+                break;
+            got += r;
+            req[got] = 0;
+            if (strstr(req, "\r\n\r\n"))
+                break;
+        }
+        req[got] = 0;
+        const char *body = strstr(req, "GET /path?q=1 HTTP/1.1\r\n") &&
+                           strstr(req, "\r\nX-Test: 1\r\n")
+                               ? "hello from the listener" : "bad request";
+        char resp[512];
+        int l = snprintf(resp, sizeof resp,
+                         "HTTP/1.1 200 OK\r\nContent-Type: text/plain\r\n"
+                         "Transfer-Encoding: chunked\r\n\r\n%zx\r\n%s\r\n0\r\n\r\n",
+                         strlen(body), body);
+        send(c, resp, l, MSG_NOSIGNAL);
+        close(c);
+    }
+    return NULL;
+}
+
+static void test_http(void)
+{
+    listen_fd = socket(AF_INET, SOCK_STREAM, 0);
+    struct sockaddr_in a = {.sin_family = AF_INET};
+    a.sin_addr.s_addr = htonl(INADDR_LOOPBACK);
+    CHECK(bind(listen_fd, (struct sockaddr *)&a, sizeof a) == 0, "bind");
+    socklen_t al = sizeof a;
+    getsockname(listen_fd, (struct sockaddr *)&a, &al);
+    CHECK(listen(listen_fd, 4) == 0, "listen");
+    int port = ntohs(a.sin_port);
+    char allow[64], url[128];
+    snprintf(allow, sizeof allow, "127.0.0.1:%d", port);
+    snprintf(url, sizeof url, "http://127.0.0.1:%d/path?q=1", port);
+    pthread_t t;
+    pthread_create(&t, NULL, http_server, NULL);
+
+    /* Default: empty allowlist, every request refused. */
+    pie_rt_opts o = {0};
+    pie_rt *rt = make_rt(&o);
+    pie_rt_module *m = load_wasm(rt, "msg.wasm", NULL);
+    capture *c;
+    const char *argv[] = {"msg", "http", url, NULL};
+    pie_rt_instance *i = launch_msg(rt, m, &c, argv);
+    finish_msg(i, c, 0, "error:-14");
+    pie_rt_module_unref(m);
+    pie_rt_free(rt);
+
+    const char *al_[] = {allow};
+    pie_rt_opts o2 = {.http_allow = al_, .n_http_allow = 1};
+    rt = make_rt(&o2);
+    m = load_wasm(rt, "msg.wasm", NULL);
+    i = launch_msg(rt, m, &c, argv);
+    finish_msg(i, c, 0, "200:hello from the listener");
+    /* Same host, other port: refused. */
+    char other[128];
+    snprintf(other, sizeof other, "http://127.0.0.1:%d/", port == 1 ? 2 : port - 1);
+    const char *argv2[] = {"msg", "http", other, NULL};
+    i = launch_msg(rt, m, &c, argv2);
+    finish_msg(i, c, 0, "error:-14");
+    const char *argv3[] = {"msg", "http", "https://127.0.0.1/", NULL};
+    i = launch_msg(rt, m, &c, argv3);
+    finish_msg(i, c, 0, "error:-1");
+    pie_rt_module_unref(m);
+    pie_rt_free(rt);
+    pthread_join(t, NULL);
+    close(listen_fd);
+}
+
+/* ---- scale -------------------------------------------------------------- */
+
+static long rss_kib(void)
+{
+    FILE *f = fopen("/proc/self/status", "r");
+    char line[256];
+    long v = -1;
+    while (f && fgets(line, sizeof line, f))
+        if (!strncmp(line, "VmRSS:", 6))
+            v = atol(line + 6);
+    if (f)
+        fclose(f);
+    return v;
+}
+
+static int count_lines(const char *path)
+{
+    FILE *f = fopen(path, "r");
+    int n = 0, ch;
+    while (f && (ch = fgetc(f)) != EOF)
+        n += ch == '\n';
+    if (f)
+        fclose(f);
+    return n;
+}
+
+static int count_fds(void)
+{
+    DIR *d = opendir("/proc/self/fd");
+    int n = 0;
+    while (d && readdir(d))
+        n++;
+    if (d)
+        closedir(d);
+    return n;
+}
+
+static void test_concurrent(void)
+{
+    enum { N = 2000 };
+    pie_rt_opts o = {0};
+    pie_rt *rt = make_rt(&o);
+    pie_rt_module *m = load_wasm(rt, "msg.wasm", NULL);
+    static pie_rt_instance *is[N];
+    static capture *cs[N];
+    const char *argv[] = {"msg", "block", NULL};
+    long rss0 = rss_kib();
+    for (int k = 0; k < N; k++)
+        is[k] = launch_msg(rt, m, &cs[k], argv);
+    /* Wait until every instance has parked (a probe future in each). */
+    usleep(300000);
+    CHECK(pie_rt_live_instances(rt) == N, "live %d", pie_rt_live_instances(rt));
+    long rss1 = rss_kib();
+    printf("%d blocked instances: RSS +%ld KiB (%.1f KiB each)\n", N,
+           rss1 - rss0, (double)(rss1 - rss0) / N);
+    for (int k = 0; k < N; k++) {
+        char msg[32];
+        int l = snprintf(msg, sizeof msg, "m%d", k);
+        CHECK_OK(pie_rt_send(is[k], msg, l));
+    }
+    for (int k = 0; k < N; k++) {
+        char want[64];
+        snprintf(want, sizeof want, "m%d:%u", k, pie_rt_instance_id(is[k]));
+        finish_msg(is[k], cs[k], 0, want);
+    }
+    CHECK(pie_rt_live_instances(rt) == 0, "live after");
+    pie_rt_module_unref(m);
+    pie_rt_free(rt);
+}
+
+static void test_cycles(void)
+{
+    int total = getenv("PIE_TEST_CYCLES") ? atoi(getenv("PIE_TEST_CYCLES"))
+                                          : 20000;
+    pie_rt_opts o = {0};
+    pie_rt *rt = make_rt(&o);
+    pie_rt_module *m = load_wasm(rt, "hello.wasm", NULL);
+    const char *argv[] = {"hello", "x", "1", NULL};
+    enum { BATCH = 100 };
+    long rss0 = 0;
+    int maps0 = 0, fds0 = 0;
+    for (int done = 0; done < total; done += BATCH) {
+        pie_rt_instance *is[BATCH];
+        for (int k = 0; k < BATCH; k++)
+            CHECK_OK(pie_rt_launch(rt, m, 3, argv, NULL, &is[k]));
+        for (int k = 0; k < BATCH; k++) {
+            int32_t st = pie_rt_wait(is[k], NULL, 0);
+            CHECK(st == 1, "cycle %d: status %d", done + k, st);
+            pie_rt_instance_unref(is[k]);
+        }
+        if (done == 1000) {
+            rss0 = rss_kib();
+            maps0 = count_lines("/proc/self/maps");
+            fds0 = count_fds();
+        }
+    }
+    long rss1 = rss_kib();
+    int maps1 = count_lines("/proc/self/maps"), fds1 = count_fds();
+    printf("%d cycles: RSS %ld -> %ld KiB, maps %d -> %d, fds %d -> %d\n",
+           total, rss0, rss1, maps0, maps1, fds0, fds1);
+    CHECK(fds1 == fds0, "fd leak: %d -> %d", fds0, fds1);
+    CHECK(maps1 <= maps0 + 8, "mapping leak: %d -> %d", maps0, maps1);
+    CHECK(rss1 - rss0 < 16 * 1024, "RSS grew by %ld KiB", rss1 - rss0);
+    CHECK(pie_rt_live_instances(rt) == 0, "live instances left");
+    pie_rt_module_unref(m);
+    pie_rt_free(rt);
+}
+
+int main(int argc, char **argv)
+{
+    setvbuf(stdout, NULL, _IOLBF, 0);
+    const char *t = argc > 1 ? argv[1] : "";
+    if (!strcmp(t, "basic")) test_basic();
+    else if (!strcmp(t, "reject")) test_reject();
+    else if (!strcmp(t, "isolation")) test_isolation();
+    else if (!strcmp(t, "messaging")) test_messaging();
+    else if (!strcmp(t, "http")) test_http();
+    else if (!strcmp(t, "concurrent")) test_concurrent();
+    else if (!strcmp(t, "cycles")) test_cycles();
+    else {
+        fprintf(stderr, "usage: test_runtime basic|reject|isolation|"
+                        "messaging|http|concurrent|cycles\n");
+        return 2;
+    }
+    TEST_DONE();
+}
