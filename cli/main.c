@@ -18,6 +18,7 @@ static const pie_subcmd cmds[] = {
     { "tokenize",   pie_cmd_tokenize,   "print the token ids of a text" },
     { "detokenize", pie_cmd_detokenize, "print the text of token ids" },
     { "bench",      pie_cmd_bench,      "benchmarks (bench forward, bench generate)" },
+    { "build",      pie_cmd_build,      "compile a C inferlet to .wasm with the SDK" },
 };
 
 static void usage(FILE *f)

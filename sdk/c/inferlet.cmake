@@ -23,7 +23,7 @@ file(GLOB PIE_SDK_SRC CONFIGURE_DEPENDS ${PIE_SDK_DIR}/*.c)
 set(PIE_WASM_FLAGS --target=wasm32-wasi -O2 -nostdlibinc
     -isystem ${PIE_WASI_SYSROOT_INC} -I${PIE_SDK_DIR}
     -Wall -Wextra -Werror -Wno-unused-parameter -Wno-sign-compare
-    -Wl,--stack-first -Wl,-z,stack-size=131072 -Wl,--strip-all)
+    -mno-simd128 -Wl,--stack-first -Wl,-z,stack-size=131072 -Wl,--strip-all)
 
 function(pie_add_inferlet name)
   cmake_parse_arguments(A "" "OUTPUT" "SOURCES" ${ARGN})

@@ -1,0 +1,245 @@
+/*
+ * cmd_build.c — `pie build FILE.c|DIR -o OUT.wasm`: compiles a C inferlet
+ * with the C SDK into a wasm32-wasi command module that pie can run.
+ *
+ * The flags are the ones the runtime needs (../shared/design/
+ * inferlet-runtime.md, and sdk/c/inferlet.cmake, which builds the bundled
+ * inferlets with the same list): wasi-libc headers only (-nostdlibinc, so a
+ * header wasi-libc lacks is an error instead of a silent glibc one), the
+ * shadow stack first in memory (an overflow traps instead of overwriting
+ * data), stripped, and no SIMD (wasm2c 1.0.32 cannot translate it). clang
+ * runs as a child with our stdout/stderr, so its diagnostics reach the user
+ * as they are; its exit status becomes ours.
+ */
+#include <dirent.h>
+#include <errno.h>
+#include <stdio.h>
+#include <stdlib.h>
+#include <string.h>
+#include <sys/stat.h>
+#include <sys/wait.h>
+#include <unistd.h>
+
+#include "cli/cli.h"
+#include "cli/opts.h"
+
+#define WASI_INC "/usr/include/wasm32-wasi"
+#define WASI_LIB "/usr/lib/wasm32-wasi"
+
+typedef struct strv {
+    char  **v;
+    size_t  n, cap;
+} strv;
+
+static int sv_push(strv *s, const char *x)
+{
+    if (s->n + 2 > s->cap) {
+        size_t nc = s->cap ? s->cap * 2 : 64;
+        char **nv = realloc(s->v, nc * sizeof *nv);
+        if (!nv) return -1;
+        s->v = nv;
+        s->cap = nc;
+    }
+    if (!(s->v[s->n] = strdup(x))) return -1;
+    s->v[++s->n] = NULL;
+    return 0;
+}
+
+static void sv_free(strv *s)
+{
+    for (size_t i = 0; i < s->n; i++) free(s->v[i]);
+    free(s->v);
+}
+
+static int sv_pushf(strv *s, const char *a, const char *b)
+{
+    char buf[4096];
+    snprintf(buf, sizeof buf, "%s%s", a, b);
+    return sv_push(s, buf);
+}
+
+static bool exists(const char *p)
+{
+    struct stat st;
+    return stat(p, &st) == 0;
+}
+
+/* The first of names found on PATH (or an absolute path), else NULL. */
+static const char *find_prog(const char *const *names, char *buf, size_t cap)
+{
+    for (; *names; names++) {
+        if (strchr(*names, '/')) {
+            if (access(*names, X_OK) == 0) return *names;
+            continue;
+        }
+        const char *path = getenv("PATH");
+        if (!path) path = "/usr/bin:/bin";
+        for (const char *p = path; *p;) {
+            size_t n = strcspn(p, ":");
+            snprintf(buf, cap, "%.*s/%s", (int)n, p, *names);
+            if (n && access(buf, X_OK) == 0) return buf;
+            p += n + (p[n] == ':');
+        }
+    }
+    return NULL;
+}
+
+static int cmp_str(const void *a, const void *b)
+{
+    return strcmp(*(char *const *)a, *(char *const *)b);
+}
+
+/* Adds FILE.c, or every *.c in DIR (sorted) plus -I DIR. */
+static int add_inputs(strv *cmd, const char *in)
+{
+    struct stat st;
+    if (stat(in, &st) != 0) {
+        fprintf(stderr, "pie build: cannot open %s: %s\n", in, strerror(errno));
+        return -1;
+    }
+    if (!S_ISDIR(st.st_mode)) return sv_push(cmd, in);
+    DIR *d = opendir(in);
+    strv files = {0};
+    struct dirent *e;
+    if (!d) {
+        fprintf(stderr, "pie build: cannot read %s: %s\n", in, strerror(errno));
+        return -1;
+    }
+    while ((e = readdir(d))) {
+        size_t n = strlen(e->d_name);
+        char path[4096];
+        if (n < 3 || strcmp(e->d_name + n - 2, ".c")) continue;
+        snprintf(path, sizeof path, "%s/%s", in, e->d_name);
+        if (sv_push(&files, path)) break;
+    }
+    closedir(d);
+    if (files.n == 0) {
+        fprintf(stderr, "pie build: no .c files in %s\n", in);
+        sv_free(&files);
+        return -1;
+    }
+    qsort(files.v, files.n, sizeof *files.v, cmp_str);
+    int rc = sv_pushf(cmd, "-I", in);
+    for (size_t i = 0; i < files.n && !rc; i++) rc = sv_push(cmd, files.v[i]);
+    sv_free(&files);
+    return rc;
+}
+
+/* Adds the SDK's include dir and sources (not its pie_api.h alone). */
+static int add_sdk(strv *cmd, const char *sdk)
+{
+    char p[4096];
+    snprintf(p, sizeof p, "%s/pie.h", sdk);
+    if (!exists(p)) {
+        fprintf(stderr, "pie build: the C SDK is not at %s (set --sdk DIR or "
+                        "PIE_SDK)\n", sdk);
+        return -1;
+    }
+    static const char *const src[] = { "lm.c", "ctx.c", "gen.c", "chat.c",
+                                       "args.c" };
+    int rc = sv_pushf(cmd, "-I", sdk);
+    for (size_t i = 0; i < sizeof src / sizeof *src && !rc; i++) {
+        snprintf(p, sizeof p, "%s/%s", sdk, src[i]);
+        rc = sv_push(cmd, p);
+    }
+    return rc;
+}
+
+static int run_child(char **argv)
+{
+    pid_t pid = fork();
+    if (pid < 0) {
+        perror("pie build: fork");
+        return -1;
+    }
+    if (pid == 0) {
+        execv(argv[0], argv);
+        fprintf(stderr, "pie build: cannot run %s: %s\n", argv[0],
+                strerror(errno));
+        _exit(127);
+    }
+    int st;
+    while (waitpid(pid, &st, 0) < 0)
+        if (errno != EINTR) return -1;
+    if (WIFEXITED(st)) return WEXITSTATUS(st);
+    fprintf(stderr, "pie build: compiler killed by signal %d\n", WTERMSIG(st));
+    return 1;
+}
+
+int pie_cmd_build(int argc, char **argv)
+{
+    const char *out = NULL, *sdk = PIE_SOURCE_DIR "/sdk/c", *cc = NULL;
+    const char *opt = "-O2";
+    bool verbose = false;
+    const pie_opt opts[] = {
+        { "output", 'o', OPT_STR, &out, "output .wasm (default: NAME.wasm)" },
+        { "sdk", 0, OPT_STR, &sdk, "C SDK directory (" PIE_SOURCE_DIR "/sdk/c)" },
+        { "cc", 0, OPT_STR, &cc, "clang to use (clang, clang-14 on PATH)" },
+        { "opt", 'O', OPT_STR, &opt, "optimization flag (-O2)" },
+        { "verbose", 'v', OPT_FLAG, &verbose, "print the compiler command" },
+        { 0 },
+    };
+    const pie_cmd_usage u = { "build",
+        "FILE.c|DIR [-o OUT.wasm] [OPTIONS] [-- CFLAGS...]",
+        "Compiles a C inferlet (one file, or every .c file of DIR) with the "
+        "pie C SDK into a wasm32-wasi module for `pie run`. Compiler errors "
+        "are shown as the compiler prints them.", opts };
+    char *pos[64];
+    int npos, dd, rc = pie_opts_parse(&u, argc, argv, pos, 64, &npos, &dd);
+    if (rc) return rc < 0 ? 2 : 0;
+    if (dd != 1 || npos < 1) {
+        fprintf(stderr, "pie build: give one FILE.c or DIR (see --help)\n");
+        return 2;
+    }
+    char ccbuf[4096], outbuf[4096];
+    const char *names[] = { cc ? cc : "clang", "clang-14", NULL };
+    if (cc) names[1] = NULL;
+    const char *clang = find_prog(names, ccbuf, sizeof ccbuf);
+    if (!clang) {
+        fprintf(stderr, "pie build: %s not found; install clang, lld, "
+                "wasi-libc and libclang-rt-14-dev-wasm32\n", cc ? cc : "clang");
+        return 1;
+    }
+    if (!exists(WASI_INC "/stdio.h") || !exists(WASI_LIB "/libc.a")) {
+        fprintf(stderr, "pie build: wasi-libc not found (%s, %s); install "
+                "the wasi-libc package\n", WASI_INC, WASI_LIB);
+        return 1;
+    }
+    if (!out) {
+        const char *b = strrchr(pos[0], '/');
+        size_t n = strlen(b && b[1] ? b + 1 : pos[0]);
+        const char *base = b && b[1] ? b + 1 : pos[0];
+        if (n > 2 && !strcmp(base + n - 2, ".c")) n -= 2;
+        snprintf(outbuf, sizeof outbuf, "%.*s.wasm", (int)n, base);
+        out = outbuf;
+    }
+    strv cmd = {0};
+    static const char *const flags[] = {
+        "--target=wasm32-wasi", "-nostdlibinc", "-isystem", WASI_INC,
+        "-Wl,--stack-first", "-Wl,-z,stack-size=131072", "-Wl,--strip-all",
+        "-mno-simd128",
+    };
+    rc = sv_push(&cmd, clang) || sv_push(&cmd, opt);
+    for (size_t i = 0; i < sizeof flags / sizeof *flags && !rc; i++)
+        rc = sv_push(&cmd, flags[i]);
+    for (int i = 1; i < npos && !rc; i++) rc = sv_push(&cmd, pos[i]);
+    if (!rc) rc = add_inputs(&cmd, pos[0]);
+    if (!rc) rc = add_sdk(&cmd, sdk);
+    if (!rc) rc = sv_push(&cmd, "-o") || sv_push(&cmd, out);
+    if (rc) {
+        sv_free(&cmd);
+        return 1;
+    }
+    if (verbose) {
+        for (size_t i = 0; i < cmd.n; i++)
+            fprintf(stderr, "%s%s", i ? " " : "", cmd.v[i]);
+        fprintf(stderr, "\n");
+    }
+    rc = run_child(cmd.v);
+    sv_free(&cmd);
+    if (rc != 0) {
+        fprintf(stderr, "pie build: compilation failed\n");
+        return rc > 0 ? rc : 1;
+    }
+    return 0;
+}
