@@ -56,8 +56,8 @@ typedef struct pie_ctl_opts {
     int32_t max_batch_tokens;  /* tokens per fire (default 4096)            */
     int32_t max_batch_reqs;    /* requests per fire (default 256)           */
     int32_t max_batch_pages;   /* KV pages referenced per fire (default all)*/
-    int32_t prefill_chunk;     /* max tokens of one request per fire when
-                                  others wait (default 512; 0 = no split)   */
+    int32_t prefill_chunk;     /* max tokens of one request per fire
+                                  (default 512; < 0 = never split)          */
     bool    no_dedup;          /* disable prefix dedup of full pages        */
     uint64_t model_id;         /* mixed into page hashes (default: 0)       */
 } pie_ctl_opts;

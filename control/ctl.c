@@ -1,0 +1,641 @@
+/*
+ * ctl.c — the control layer's public entry points: engine lifetime,
+ * clients, forward submission (validation and dependency wiring), page
+ * copies, futures and counters. The scheduler is in sched.c, the page pool
+ * in pool.c; see ctl_int.h for the op life cycle.
+ *
+ * Dependencies are wired at submission: a forward waits for every forward
+ * it chains from (a CHAIN dependency: their failure cancels it) and for the
+ * newest not-yet-done writer of every page it touches (an ORDER dependency:
+ * per-page submission order). Each page remembers that writer in
+ * last_writer. A dependency holds a reference on the dependent op, so the
+ * parent's dependent array never points at freed memory.
+ */
+#include <stdlib.h>
+#include <string.h>
+#include <time.h>
+
+#include "common/pie_err.h"
+#include "control/ctl_int.h"
+
+/* ---- engine --------------------------------------------------------------- */
+
+int pie_ctl_create(pie_backend *b, const pie_ctl_opts *opts, pie_ctl **out)
+{
+    if (!b || !out) return pie_err_set(PIE_EINVAL, "control: NULL backend");
+    pie_ctl *ctl = calloc(1, sizeof *ctl);
+    if (!ctl) return pie_err_set(PIE_ENOMEM, "control: out of memory");
+    ctl->b = b;
+    if (opts) ctl->o = *opts;
+    if (ctl->o.max_batch_tokens <= 0) ctl->o.max_batch_tokens = 4096;
+    if (ctl->o.max_batch_reqs <= 0) ctl->o.max_batch_reqs = 256;
+    if (ctl->o.max_batch_pages <= 0) ctl->o.max_batch_pages = INT32_MAX;
+    if (ctl->o.prefill_chunk < 0) ctl->o.prefill_chunk = 0;     /* never */
+    else if (ctl->o.prefill_chunk == 0) ctl->o.prefill_chunk = 512;
+    ctl->ps = b->page_size;
+    ctl->n_pages = b->n_pages;
+    ctl->vocab = b->cfg->vocab_size;
+    if (ctl->ps <= 0 || ctl->n_pages <= 0 || ctl->vocab <= 0) {
+        free(ctl);
+        return pie_err_set(PIE_EINVAL, "control: backend has page_size %d, "
+                           "%d pages, vocab %d", b->page_size, b->n_pages,
+                           b->cfg->vocab_size);
+    }
+    pthread_mutex_init(&ctl->mu, NULL);
+    pthread_cond_init(&ctl->sched_cv, NULL);
+    pthread_cond_init(&ctl->dev_cv, NULL);
+    pthread_cond_init(&ctl->done_cv, NULL);
+    pthread_cond_init(&ctl->pool_cv, NULL);
+    int rc = pie__pool_init(ctl);
+    if (rc == 0) rc = pie__sched_start(ctl);
+    if (rc < 0) {
+        pie__pool_free(ctl);
+        free(ctl);
+        return rc;
+    }
+    *out = ctl;
+    return 0;
+}
+
+/* Cancels every not-done op of c (mu held). RUNNING ops finish on the
+ * device and complete as cancelled. */
+static void cancel_client_ops(pie_ctl *ctl, pie_ctl_client *c)
+{
+    bool unstaged = false;
+    ctl_op *op = c->ops;
+    while (op) {
+        if (op->state == OP_STAGED && !unstaged) {
+            pie__unstage_all(ctl);
+            unstaged = true;
+        }
+        if (op->state == OP_RUNNING) {
+            op->cancel_req = true;
+            op = op->cnext;
+        } else {
+            pie__op_complete(ctl, op, PIE_ECANCELED);
+            op = c->ops;   /* cascades may have removed others */
+            while (op && op->state == OP_RUNNING && op->cancel_req)
+                op = op->cnext;
+        }
+    }
+}
+
+/* Detaches c's remaining (running) ops, drops its pages, frees it. */
+static void client_destroy(pie_ctl *ctl, pie_ctl_client *c)
+{
+    for (ctl_op *op = c->ops, *n; op; op = n) {
+        n = op->cnext;
+        op->cnext = op->cprev = NULL;
+        op->c = NULL;
+    }
+    c->ops = NULL;
+    pie__client_drop_pages(c);
+    if (c->prev) c->prev->next = c->next;
+    else ctl->clients = c->next;
+    if (c->next) c->next->prev = c->prev;
+    ctl->n_clients--;
+    free(c->h);
+    free(c);
+}
+
+void pie_ctl_free(pie_ctl *ctl)
+{
+    if (!ctl) return;
+    pthread_mutex_lock(&ctl->mu);
+    for (pie_ctl_client *c = ctl->clients; c; c = c->next)
+        cancel_client_ops(ctl, c);
+    pie__unlock(ctl);
+    pie__sched_stop(ctl);
+    pthread_mutex_lock(&ctl->mu);
+    while (ctl->clients) client_destroy(ctl, ctl->clients);
+    pthread_mutex_unlock(&ctl->mu);
+    pie__pool_free(ctl);
+    pthread_mutex_destroy(&ctl->mu);
+    pthread_cond_destroy(&ctl->sched_cv);
+    pthread_cond_destroy(&ctl->dev_cv);
+    pthread_cond_destroy(&ctl->done_cv);
+    pthread_cond_destroy(&ctl->pool_cv);
+    free(ctl);
+}
+
+pie_backend *pie_ctl_backend(pie_ctl *ctl) { return ctl->b; }
+int32_t pie_ctl_page_size(pie_ctl *ctl) { return ctl->ps; }
+
+/* ---- clients -------------------------------------------------------------- */
+
+int pie_ctl_client_open(pie_ctl *ctl, const pie_ctl_client_opts *opts,
+                        pie_ctl_client **out)
+{
+    pie_ctl_client_opts o = opts ? *opts : (pie_ctl_client_opts){ 0 };
+    if (o.priority < 0 || o.priority >= CTL_N_PRIO || o.max_pages < 0 ||
+        o.max_tokens < 0)
+        return pie_err_set(PIE_EINVAL, "control: client priority %d (0..%d), "
+                           "max_pages %d, max_tokens %lld", o.priority,
+                           CTL_N_PRIO - 1, o.max_pages,
+                           (long long)o.max_tokens);
+    pie_ctl_client *c = calloc(1, sizeof *c);
+    if (!c) return pie_err_set(PIE_ENOMEM, "control: out of memory");
+    c->ctl = ctl;
+    snprintf(c->name, sizeof c->name, "%s", o.name ? o.name : "client");
+    c->max_pages = o.max_pages;
+    c->max_tokens = o.max_tokens;
+    c->prio = o.priority;
+    c->free_h = -1;
+    pthread_mutex_lock(&ctl->mu);
+    c->next = ctl->clients;
+    if (c->next) c->next->prev = c;
+    ctl->clients = c;
+    ctl->n_clients++;
+    pthread_mutex_unlock(&ctl->mu);
+    *out = c;
+    return 0;
+}
+
+void pie_ctl_client_close(pie_ctl_client *c)
+{
+    if (!c) return;
+    pie_ctl *ctl = c->ctl;
+    pthread_mutex_lock(&ctl->mu);
+    cancel_client_ops(ctl, c);
+    client_destroy(ctl, c);
+    pie__unlock(ctl);
+}
+
+/* ---- validation ----------------------------------------------------------- */
+
+static int check_runs(const uint32_t *indptr, const uint32_t *runs, int32_t n,
+                      uint64_t limit, const char *what, int32_t *total)
+{
+    if (indptr[0] != 0)
+        return pie_err_set(PIE_EINVAL, "control: %s indptr must start at 0",
+                           what);
+    for (int32_t i = 0; i < n; i++) {
+        if (indptr[i + 1] < indptr[i] || indptr[i + 1] - indptr[i] > (1u << 24))
+            return pie_err_set(PIE_EINVAL, "control: %s indptr not monotone "
+                               "at %d", what, i);
+        uint64_t sum = 0;
+        for (uint32_t k = indptr[i]; k < indptr[i + 1]; k++) sum += runs[k];
+        if (sum > limit)
+            return pie_err_set(PIE_ERANGE, "control: %s %d covers %llu slots, "
+                               "more than %llu", what, i,
+                               (unsigned long long)sum,
+                               (unsigned long long)limit);
+    }
+    *total = (int32_t)indptr[n];
+    return 0;
+}
+
+static int check_sampler(const pie_sampler *s, int32_t vocab, int32_t o)
+{
+    switch (s->kind) {
+    case PIE_SAMPLER_GREEDY: case PIE_SAMPLER_RANDOM:
+    case PIE_PROBE_LOGITS: case PIE_PROBE_ENTROPY:
+        return 0;
+    case PIE_PROBE_TOPK:
+        if (s->top_k < 1 || s->top_k > vocab)
+            return pie_err_set(PIE_EINVAL, "control: output %d: top-k probe "
+                               "k=%d outside 1..%d", o, s->top_k, vocab);
+        return 0;
+    case PIE_PROBE_LOGPROBS:
+        if (s->n_ids < 0 || s->n_ids > vocab || (s->n_ids > 0 && !s->ids))
+            return pie_err_set(PIE_EINVAL, "control: output %d: logprobs of "
+                               "%d ids", o, s->n_ids);
+        for (int32_t i = 0; i < s->n_ids; i++)
+            if (s->ids[i] < 0 || s->ids[i] >= vocab)
+                return pie_err_set(PIE_ERANGE, "control: output %d: logprob "
+                                   "id %d outside vocab %d", o, s->ids[i],
+                                   vocab);
+        return 0;
+    default:
+        return pie_err_set(PIE_EINVAL, "control: output %d: unknown sampler "
+                           "kind %d", o, s->kind);
+    }
+}
+
+/* Checks everything that does not need the lock. */
+static int check_forward(pie_ctl *ctl, const pie_ctl_forward *f)
+{
+    int32_t ps = ctl->ps, dummy;
+    if (f->n_tokens < 1 || f->n_tokens > (1 << 20) || !f->tokens ||
+        !f->positions)
+        return pie_err_set(PIE_EINVAL, "control: forward needs 1..2^20 tokens "
+                           "with positions (got %d)", f->n_tokens);
+    if (f->n_pages < 1 || f->n_pages > ctl->n_pages || !f->pages)
+        return pie_err_set(PIE_EINVAL, "control: forward needs 1..%d pages "
+                           "(got %d)", ctl->n_pages, f->n_pages);
+    if (f->last_page_len < 1 || f->last_page_len > ps)
+        return pie_err_set(PIE_ERANGE, "control: last page fill %d outside "
+                           "1..%d", f->last_page_len, ps);
+    int64_t kv_len = (int64_t)(f->n_pages - 1) * ps + f->last_page_len;
+    if (kv_len < f->n_tokens)
+        return pie_err_set(PIE_ERANGE, "control: %d new tokens do not fit in "
+                           "%lld KV slots", f->n_tokens, (long long)kv_len);
+    for (int32_t i = 0; i < f->n_tokens; i++)
+        if (f->positions[i] < 0)
+            return pie_err_set(PIE_ERANGE, "control: negative position %d at "
+                               "token %d", f->positions[i], i);
+    if (f->n_chains < 0 || (f->n_chains > 0 && !f->chains))
+        return pie_err_set(PIE_EINVAL, "control: bad chain list");
+    for (int32_t i = 0; i < f->n_chains; i++)
+        if (f->chains[i].token_idx < 0 || f->chains[i].token_idx >= f->n_tokens)
+            return pie_err_set(PIE_ERANGE, "control: chain %d feeds token %d "
+                               "of %d", i, f->chains[i].token_idx, f->n_tokens);
+    for (int32_t i = 0; i < f->n_tokens; i++) {
+        bool chained = false;
+        for (int32_t k = 0; k < f->n_chains && !chained; k++)
+            chained = f->chains[k].token_idx == i;
+        if (!chained && (f->tokens[i] < 0 || f->tokens[i] >= ctl->vocab))
+            return pie_err_set(PIE_ERANGE, "control: token id %d at %d "
+                               "outside vocab %d", f->tokens[i], i, ctl->vocab);
+    }
+    if (f->mask_indptr) {
+        if (!f->mask_runs && f->mask_indptr[f->n_tokens] > 0)
+            return pie_err_set(PIE_EINVAL, "control: mask runs missing");
+        int rc = check_runs(f->mask_indptr, f->mask_runs, f->n_tokens,
+                            (uint64_t)kv_len, "attention mask of token",
+                            &dummy);
+        if (rc < 0) return rc;
+    }
+    if (f->n_outputs < 0 || f->n_outputs > f->n_tokens * 64 ||
+        (f->n_outputs > 0 && (!f->output_idx || !f->samplers)))
+        return pie_err_set(PIE_EINVAL, "control: bad output rows (%d)",
+                           f->n_outputs);
+    for (int32_t o = 0; o < f->n_outputs; o++) {
+        if (f->output_idx[o] < 0 || f->output_idx[o] >= f->n_tokens)
+            return pie_err_set(PIE_ERANGE, "control: output %d at token %d "
+                               "of %d", o, f->output_idx[o], f->n_tokens);
+        int rc = check_sampler(&f->samplers[o], ctl->vocab, o);
+        if (rc < 0) return rc;
+    }
+    if (f->logit_mask_indptr) {
+        if (!f->logit_mask_runs && f->logit_mask_indptr[f->n_outputs] > 0)
+            return pie_err_set(PIE_EINVAL, "control: logit mask runs missing");
+        int rc = check_runs(f->logit_mask_indptr, f->logit_mask_runs,
+                            f->n_outputs, (uint64_t)ctl->vocab,
+                            "logit mask of output", &dummy);
+        if (rc < 0) return rc;
+    }
+    return 0;
+}
+
+/* ---- op construction ------------------------------------------------------ */
+
+static void *dup_arr(const void *src, size_t n, size_t size, bool *fail)
+{
+    if (!src || n == 0) return NULL;
+    void *p = malloc(n * size);
+    if (!p) { *fail = true; return NULL; }
+    memcpy(p, src, n * size);
+    return p;
+}
+
+/* Copies f's arrays into a new op (no lock needed). */
+static ctl_op *op_build(pie_ctl *ctl, const pie_ctl_forward *f)
+{
+    ctl_op *op = calloc(1, sizeof *op);
+    if (!op) return NULL;
+    bool fail = false;
+    int32_t n = f->n_tokens, no = f->n_outputs;
+    op->kind = OP_FORWARD;
+    op->ctl = ctl;
+    op->n_tokens = n;
+    op->tokens = dup_arr(f->tokens, n, sizeof(int32_t), &fail);
+    op->positions = dup_arr(f->positions, n, sizeof(int32_t), &fail);
+    op->pages = calloc(f->n_pages, sizeof(int32_t));
+    op->last_page_len = f->last_page_len;
+    op->kv_len = (f->n_pages - 1) * ctl->ps + f->last_page_len;
+    if (f->mask_indptr) {
+        op->mask_indptr = dup_arr(f->mask_indptr, n + 1, sizeof(uint32_t), &fail);
+        op->mask_runs = dup_arr(f->mask_runs, f->mask_indptr[n], sizeof(uint32_t),
+                                &fail);
+    }
+    op->n_outputs = no;
+    op->output_idx = dup_arr(f->output_idx, no, sizeof(int32_t), &fail);
+    op->samplers = dup_arr(f->samplers, no, sizeof(pie_sampler), &fail);
+    int32_t n_ids = 0, n_vals = 0;
+    for (int32_t o = 0; o < no; o++) {
+        if (f->samplers[o].kind == PIE_PROBE_LOGPROBS) n_ids += f->samplers[o].n_ids;
+        n_vals += pie__sampler_values(&f->samplers[o], ctl->vocab);
+    }
+    if (n_ids > 0 && !fail) {
+        op->idbuf = malloc(n_ids * sizeof(int32_t));
+        fail |= !op->idbuf;
+        for (int32_t o = 0, at = 0; o < no && !fail; o++) {
+            pie_sampler *s = &op->samplers[o];
+            if (s->kind != PIE_PROBE_LOGPROBS || s->n_ids == 0) continue;
+            memcpy(op->idbuf + at, s->ids, s->n_ids * sizeof(int32_t));
+            s->ids = op->idbuf + at;
+            at += s->n_ids;
+        }
+    }
+    if (f->logit_mask_indptr) {
+        op->lm_indptr = dup_arr(f->logit_mask_indptr, no + 1, sizeof(uint32_t),
+                                &fail);
+        op->lm_runs = dup_arr(f->logit_mask_runs, f->logit_mask_indptr[no],
+                              sizeof(uint32_t), &fail);
+    }
+    op->out.tokens = calloc(no > 0 ? no : 1, sizeof(int32_t));
+    op->out.value_indptr = calloc(no + 1, sizeof(uint32_t));
+    op->out.values = calloc(n_vals > 0 ? n_vals : 1, sizeof(float));
+    op->out.ids = calloc(n_vals > 0 ? n_vals : 1, sizeof(int32_t));
+    op->chains = calloc(f->n_chains > 0 ? f->n_chains : 1, sizeof(ctl_chain));
+    op->writes = calloc(f->n_pages, sizeof(ctl_write));
+    if (fail || !op->pages || !op->out.tokens || !op->out.value_indptr ||
+        !op->out.values || !op->out.ids || !op->chains || !op->writes) {
+        atomic_store(&op->refs, 1);
+        pie__op_unref(op);
+        return NULL;
+    }
+    for (int32_t o = 0; o < no; o++) {
+        op->out.tokens[o] = -1;
+        op->out.value_indptr[o + 1] = op->out.value_indptr[o] +
+            pie__sampler_values(&op->samplers[o], ctl->vocab);
+    }
+    return op;
+}
+
+/* Registers op as waiting on parent (mu held). */
+static int add_dep(ctl_op *parent, ctl_op *op, bool chain)
+{
+    if (parent->n_deps == parent->cap_deps) {
+        int32_t cap = parent->cap_deps ? parent->cap_deps * 2 : 4;
+        ctl_dep *nd = realloc(parent->deps, cap * sizeof *nd);
+        if (!nd) return pie_err_set(PIE_ENOMEM, "control: out of memory");
+        parent->deps = nd;
+        parent->cap_deps = cap;
+    }
+    parent->deps[parent->n_deps++] = (ctl_dep){ .op = op, .chain = chain };
+    atomic_fetch_add(&op->refs, 1);
+    op->n_pending++;
+    return 0;
+}
+
+/* Resolves f's page handles into op (mu held); checks writability. */
+static int resolve_pages(pie_ctl_client *c, const pie_ctl_forward *f,
+                         ctl_op *op)
+{
+    pie_ctl *ctl = c->ctl;
+    int32_t first = op->kv_len - op->n_tokens, ps = ctl->ps;
+    for (int32_t k = 0; k < f->n_pages; k++) {
+        ctl_handle *hd = pie__handle_get(c, f->pages[k]);
+        if (!hd) return PIE_EINVAL;
+        op->pages[k] = hd->page;
+        if (k < first / ps) continue;           /* read only */
+        for (int32_t j = first / ps; j < k; j++)
+            if (op->pages[j] == hd->page)
+                return pie_err_set(PIE_EINVAL, "control: page handle %u is "
+                                   "written twice in one forward",
+                                   f->pages[k]);
+        if (hd->ro || PAGE_IS_SHARED(&ctl->pages[hd->page]))
+            return pie_err_set(PIE_EPERM, "control: page handle %u is "
+                               "read-only (imported, exported or shared by "
+                               "dedup); copy it to a new page to write",
+                               f->pages[k]);
+    }
+    return 0;
+}
+
+/* Checks and wires chains (mu held). */
+static int resolve_chains(pie_ctl_client *c, const pie_ctl_forward *f,
+                          ctl_op *op)
+{
+    for (int32_t i = 0; i < f->n_chains; i++) {
+        const pie_ctl_chain *ch = &f->chains[i];
+        ctl_op *p = (ctl_op *)ch->from;
+        if (!p || p->kind != OP_FORWARD || (p->c != c && p->state != OP_DONE))
+            return pie_err_set(PIE_EINVAL, "control: chain %d: not a forward "
+                               "of this client", i);
+        if (ch->row < 0 || ch->row >= p->n_outputs ||
+            (p->samplers[ch->row].kind != PIE_SAMPLER_GREEDY &&
+             p->samplers[ch->row].kind != PIE_SAMPLER_RANDOM))
+            return pie_err_set(PIE_EINVAL, "control: chain %d: row %d is not "
+                               "a sampled output", i, ch->row);
+        if (p->state == OP_DONE && p->status != 0)
+            return pie_err_set(PIE_ECANCELED, "control: chain %d: the forward "
+                               "it reads failed or was cancelled", i);
+        op->chains[op->n_chains++] = (ctl_chain){ ch->token_idx, p, ch->row };
+        atomic_fetch_add(&p->refs, 1);
+        if (p->state == OP_DONE) continue;
+        if (add_dep(p, op, true) < 0) return PIE_ENOMEM;
+    }
+    return 0;
+}
+
+/* Orders op after the pending writers of its pages and records its own
+ * writes (mu held). Cannot fail after the first mutation except ENOMEM,
+ * which the caller unwinds with pie__op_complete. */
+static int wire_pages(pie_ctl *ctl, ctl_op *op)
+{
+    int32_t ps = ctl->ps, first = op->kv_len - op->n_tokens;
+    for (int32_t k = 0; k < op->n_pages; k++) {
+        ctl_page *p = &ctl->pages[op->pages[k]];
+        pie__page_ref(ctl, op->pages[k]);
+        if (p->last_writer && p->last_writer != op &&
+            add_dep(p->last_writer, op, false) < 0)
+            return PIE_ENOMEM;
+    }
+    for (int32_t k = first / ps; k < op->n_pages; k++) {
+        ctl_page *p = &ctl->pages[op->pages[k]];
+        int32_t hi = k == op->n_pages - 1 ? op->last_page_len : ps;
+        op->writes[op->n_writes++] = (ctl_write){
+            .page = op->pages[k], .old_fill = p->fill,
+            .new_fill = p->fill > hi ? p->fill : hi };
+        p->fill = op->writes[op->n_writes - 1].new_fill;
+        p->last_writer = op;
+    }
+    return 0;
+}
+
+/* Links a fully built op into its client and the ctl (mu held). */
+static void op_enqueue(pie_ctl_client *c, ctl_op *op)
+{
+    pie_ctl *ctl = c->ctl;
+    op->c = c;
+    op->prio = c->prio;
+    op->seq = ++ctl->seq;
+    op->cnext = c->ops;
+    if (c->ops) c->ops->cprev = op;
+    c->ops = op;
+    ctl->st.queue_depth++;
+    if (op->n_pending == 0) pie__make_ready(ctl, op);
+}
+
+int pie_ctl_forward_submit(pie_ctl_client *c, const pie_ctl_forward *f,
+                           pie_ctl_done_fn done, void *user,
+                           pie_ctl_future **out)
+{
+    pie_ctl *ctl = c->ctl;
+    if (!f || !out) return pie_err_set(PIE_EINVAL, "control: NULL argument");
+    int rc = check_forward(ctl, f);
+    if (rc < 0) return rc;
+    ctl_op *op = op_build(ctl, f);
+    if (!op) return pie_err_set(PIE_ENOMEM, "control: out of memory");
+    op->done = done;
+    op->user = user;
+    atomic_store(&op->refs, 2);          /* submitter + control layer */
+    op->state = OP_WAITING;
+    pthread_mutex_lock(&ctl->mu);
+    if (c->max_tokens > 0 && c->tokens_used + f->n_tokens > c->max_tokens) {
+        rc = pie_err_set(PIE_ELIMIT, "control: client '%s' token quota "
+                         "exceeded: used %lld, asks %d, limit %lld", c->name,
+                         (long long)c->tokens_used, f->n_tokens,
+                         (long long)c->max_tokens);
+        goto fail;
+    }
+    if ((rc = resolve_pages(c, f, op)) < 0) goto fail;
+    if ((rc = resolve_chains(c, f, op)) < 0) goto fail;
+    op->n_pages = f->n_pages;
+    c->tokens_used += op->n_tokens;
+    rc = wire_pages(ctl, op);
+    op_enqueue(c, op);
+    if (rc < 0) {                        /* wired halfway: cancel it */
+        pie__op_complete(ctl, op, PIE_ENOMEM);
+        pie__unlock(ctl);
+        pie__op_unref(op);
+        return pie_err_set(PIE_ENOMEM, "control: out of memory");
+    }
+    *out = (pie_ctl_future *)op;
+    pie__unlock(ctl);
+    return 0;
+fail:
+    /* nothing was wired except chain references and deps on parents */
+    for (int32_t i = 0; i < op->n_chains; i++) {
+        ctl_op *p = op->chains[i].from;
+        for (int32_t d = p->n_deps - 1; d >= 0; d--)
+            if (p->deps[d].op == op) {
+                p->deps[d] = p->deps[--p->n_deps];
+                atomic_fetch_sub(&op->refs, 1);
+                break;
+            }
+        pie__op_unref(p);
+    }
+    pthread_mutex_unlock(&ctl->mu);
+    atomic_store(&op->refs, 1);
+    pie__op_unref(op);
+    return rc;
+}
+
+/* ---- page copy ------------------------------------------------------------ */
+
+int pie_ctl_page_copy(pie_ctl_client *c, uint32_t src, int32_t src_off,
+                      uint32_t dst, int32_t dst_off, int32_t n)
+{
+    pie_ctl *ctl = c->ctl;
+    int32_t ps = ctl->ps;
+    if (n < 1 || src_off < 0 || dst_off < 0 || src_off + n > ps ||
+        dst_off + n > ps)
+        return pie_err_set(PIE_ERANGE, "control: copy of %d slots from %d to "
+                           "%d does not fit pages of %d", n, src_off, dst_off,
+                           ps);
+    ctl_op *op = calloc(1, sizeof *op);
+    if (!op) return pie_err_set(PIE_ENOMEM, "control: out of memory");
+    op->kind = OP_COPY;
+    op->ctl = ctl;
+    atomic_store(&op->refs, 1);          /* control layer only */
+    op->state = OP_WAITING;
+    pthread_mutex_lock(&ctl->mu);
+    ctl_handle *hs = pie__handle_get(c, src), *hd = pie__handle_get(c, dst);
+    int rc = 0;
+    if (!hs || !hd) {
+        rc = PIE_EINVAL;
+    } else if (hd->ro || PAGE_IS_SHARED(&ctl->pages[hd->page])) {
+        rc = pie_err_set(PIE_EPERM, "control: copy destination %u is "
+                         "read-only", dst);
+    } else if (hs->page == hd->page) {
+        rc = pie_err_set(PIE_EINVAL, "control: copy within one page");
+    }
+    if (rc < 0) {
+        pthread_mutex_unlock(&ctl->mu);
+        free(op);
+        return rc;
+    }
+    op->cp_src = hs->page, op->cp_src_off = src_off;
+    op->cp_dst = hd->page, op->cp_dst_off = dst_off, op->cp_n = n;
+    ctl_page *ps_ = &ctl->pages[op->cp_src], *pd = &ctl->pages[op->cp_dst];
+    pie__page_ref(ctl, op->cp_src);
+    pie__page_ref(ctl, op->cp_dst);
+    if ((ps_->last_writer && add_dep(ps_->last_writer, op, false) < 0) ||
+        (pd->last_writer && add_dep(pd->last_writer, op, false) < 0))
+        rc = PIE_ENOMEM;
+    pd->last_writer = op;
+    if (pd->fill < dst_off + n) pd->fill = dst_off + n;
+    pie__pool_copy_record(ctl, op->cp_src, src_off, op->cp_dst, dst_off, n);
+    op_enqueue(c, op);
+    if (rc < 0) pie__op_complete(ctl, op, PIE_ENOMEM);
+    pie__unlock(ctl);
+    return rc < 0 ? pie_err_set(rc, "control: out of memory") : 0;
+}
+
+/* ---- futures -------------------------------------------------------------- */
+
+int pie_ctl_future_poll(pie_ctl_future *f)
+{
+    ctl_op *op = (ctl_op *)f;
+    if (atomic_load(&op->state) != OP_DONE) return PIE_EAGAIN;
+    return op->status;
+}
+
+int pie_ctl_future_wait(pie_ctl_future *f, int32_t timeout_ms)
+{
+    ctl_op *op = (ctl_op *)f;
+    pie_ctl *ctl = op->ctl;
+    struct timespec ts;
+    clock_gettime(CLOCK_REALTIME, &ts);
+    ts.tv_sec += timeout_ms / 1000;
+    ts.tv_nsec += (long)(timeout_ms % 1000) * 1000000L;
+    if (ts.tv_nsec >= 1000000000L) ts.tv_sec++, ts.tv_nsec -= 1000000000L;
+    pthread_mutex_lock(&ctl->mu);
+    while (atomic_load(&op->state) != OP_DONE) {
+        if (timeout_ms < 0) pthread_cond_wait(&ctl->done_cv, &ctl->mu);
+        else if (pthread_cond_timedwait(&ctl->done_cv, &ctl->mu, &ts) != 0)
+            break;
+    }
+    int rc = atomic_load(&op->state) == OP_DONE ? op->status : PIE_EAGAIN;
+    pthread_mutex_unlock(&ctl->mu);
+    if (rc == PIE_EAGAIN)
+        pie_err_set(PIE_EAGAIN, "control: forward not done after %d ms",
+                    timeout_ms);
+    return rc;
+}
+
+void pie_ctl_future_cancel(pie_ctl_future *f)
+{
+    ctl_op *op = (ctl_op *)f;
+    pie_ctl *ctl = op->ctl;
+    pthread_mutex_lock(&ctl->mu);
+    if (op->state == OP_STAGED) pie__unstage_all(ctl);
+    if (op->state == OP_RUNNING) op->cancel_req = true;
+    else if (op->state != OP_DONE) pie__op_complete(ctl, op, PIE_ECANCELED);
+    pie__unlock(ctl);
+}
+
+int pie_ctl_future_result(pie_ctl_future *f, const pie_forward_out **out,
+                          int32_t *n_outputs)
+{
+    ctl_op *op = (ctl_op *)f;
+    if (atomic_load(&op->state) != OP_DONE)
+        return pie_err_set(PIE_EAGAIN, "control: forward still pending");
+    if (op->status != 0)
+        return pie_err_set(op->status, "control: forward %s",
+                           op->status == PIE_ECANCELED ? "was cancelled"
+                                                       : "failed");
+    if (out) *out = &op->out;
+    if (n_outputs) *n_outputs = op->n_outputs;
+    return 0;
+}
+
+void pie_ctl_future_release(pie_ctl_future *f)
+{
+    if (f) pie__op_unref((ctl_op *)f);
+}
+
+/* ---- counters ------------------------------------------------------------- */
+
+void pie_ctl_get_stats(pie_ctl *ctl, pie_ctl_stats *s)
+{
+    pthread_mutex_lock(&ctl->mu);
+    *s = ctl->st;
+    s->clients = ctl->n_clients;
+    pie__pool_stats(ctl, s);
+    pthread_mutex_unlock(&ctl->mu);
+}

@@ -1,0 +1,245 @@
+/*
+ * ctl_int.h — private structures of the control layer (the control folder only).
+ *
+ * One mutex, ctl->mu, guards everything in pie_ctl, every client and every
+ * op except an op's reference count (atomic) and its state/status (written
+ * under mu, read lock-free by poll/result after the state turns DONE).
+ *
+ * An op is one submitted forward or page copy. Its life:
+ *
+ *   WAITING  submitted; some dependency (chained parent, earlier writer of a
+ *            page it touches) has not completed; on no list, counted in its
+ *            parents' dependent arrays
+ *   READY    all dependencies done; on ctl->ready[priority], ordered by seq
+ *   STAGED   copied into the staging batch (ctl->staging)
+ *   RUNNING  in the batch the device thread runs; a chunked prefill goes
+ *            back to READY after each chunk until all its tokens ran
+ *   DONE     status set; callbacks queued; references to pages dropped
+ *
+ * References to an op: the submitter (until pie_ctl_future_release), the
+ * control layer until DONE, each chained child until the child is DONE, and
+ * the notify list until its callback ran. Freed when the count hits zero.
+ */
+#ifndef PIE_CTL_INT_H
+#define PIE_CTL_INT_H
+
+#include <pthread.h>
+#include <stdatomic.h>
+
+#include "control/control.h"
+
+#define CTL_N_PRIO 8
+
+enum { OP_WAITING, OP_READY, OP_STAGED, OP_RUNNING, OP_DONE };
+enum { OP_FORWARD, OP_COPY };
+
+typedef struct ctl_op ctl_op;
+
+typedef struct ctl_dep {        /* an op waiting on this one               */
+    ctl_op *op;
+    bool    chain;              /* true: takes a token from our output      */
+} ctl_dep;
+
+typedef struct ctl_chain {
+    int32_t token_idx;
+    ctl_op *from;               /* holds a reference                        */
+    int32_t row;
+} ctl_chain;
+
+typedef struct ctl_write {      /* a page this op writes: for rollback      */
+    int32_t page;
+    int32_t old_fill;
+    int32_t new_fill;
+} ctl_write;
+
+struct ctl_op {
+    atomic_int      refs;
+    _Atomic int     state;           /* OP_*                                */
+    int             status;          /* valid when DONE                     */
+    int             kind;            /* OP_FORWARD | OP_COPY                */
+    pie_ctl        *ctl;
+    pie_ctl_client *c;               /* NULL once the client closed         */
+    int32_t         prio;
+    uint64_t        seq;             /* submission order                    */
+    bool            cancel_req;      /* cancel while RUNNING                */
+    bool            ran;             /* some chunk reached the device       */
+    int32_t         n_pending;       /* dependencies not yet DONE           */
+    ctl_dep        *deps;            /* ops that depend on us               */
+    int32_t         n_deps, cap_deps;
+    ctl_op         *next, *prev;     /* ready list                          */
+    ctl_op         *cnext, *cprev;   /* client's op list                    */
+    ctl_op         *nnext;           /* notify list                         */
+    pie_ctl_done_fn done;
+    void           *user;
+    /* forward (copied from pie_ctl_forward; pages are physical) */
+    int32_t         n_tokens;
+    int32_t        *tokens;          /* (n_tokens)                          */
+    int32_t        *positions;       /* (n_tokens)                          */
+    int32_t         n_pages;
+    int32_t        *pages;           /* (n_pages) physical, each ref'ed     */
+    int32_t         last_page_len;
+    int32_t         kv_len;
+    uint32_t       *mask_indptr;     /* (n_tokens+1) or NULL                */
+    uint32_t       *mask_runs;
+    int32_t         n_outputs;
+    int32_t        *output_idx;      /* (n_outputs) local token index       */
+    pie_sampler    *samplers;        /* (n_outputs), ids point into idbuf   */
+    int32_t        *idbuf;
+    uint32_t       *lm_indptr;       /* (n_outputs+1) or NULL               */
+    uint32_t       *lm_runs;
+    int32_t         n_chains;
+    ctl_chain      *chains;
+    int32_t         n_writes;
+    ctl_write      *writes;
+    int32_t         done_tokens;     /* tokens already run (chunking)       */
+    pie_forward_out out;             /* results, rows in op order           */
+    /* copy */
+    int32_t         cp_src, cp_src_off, cp_dst, cp_dst_off, cp_n;
+};
+
+typedef struct ctl_entry {       /* one op's slice in a batch              */
+    ctl_op  *op;
+    int32_t  tok0, ntok;         /* local token range run in this batch     */
+    int32_t  row0, nrow;         /* batch output rows                       */
+} ctl_entry;
+
+typedef struct ctl_batch {
+    int32_t      n_tokens, n_reqs, n_kv, n_outputs, n_mask_runs, n_lm_runs;
+    int32_t      n_values;
+    bool         any_mask, any_lm;
+    int32_t     *tokens, *positions, *qo_indptr;
+    int32_t     *kv_indices, *kv_indptr, *last_len;
+    uint32_t    *mask_indptr, *mask_runs;
+    int32_t     *out_idx;
+    int32_t     *row_src;          /* (n_outputs) the op's output index     */
+    pie_sampler *samplers;
+    uint32_t    *lm_indptr, *lm_runs;
+    int32_t      cap_tokens, cap_reqs, cap_kv, cap_outputs, cap_mask,
+                 cap_lm, cap_values;
+    ctl_entry   *ents;
+    ctl_op     **copies;
+    int32_t      n_copies, cap_copies;
+    pie_forward_out out;
+    int          rc;
+    char         err[256];
+    double       backend_ns;
+} ctl_batch;
+
+/* Physical page metadata. refs counts handles, exports and pending ops. */
+typedef struct ctl_page {
+    int32_t          refs;
+    int32_t          fill;        /* slots written by submitted forwards     */
+    int32_t          shared;      /* exports + dedup merges: read-only       */
+    ctl_op          *last_writer; /* newest not-DONE op writing it          */
+    int32_t          next_free;   /* free list link (-1 end)                */
+    int32_t          hnext;       /* dedup hash chain (-1 end)              */
+    bool             hashed;      /* hash/prefix valid (content known)      */
+    bool             intable;     /* in the dedup table                     */
+    uint64_t         hash;        /* chained content hash when hashed       */
+    uint64_t         prefix;      /* the chain hash this page extends       */
+    uint32_t         version;     /* bumped on every write into it          */
+    pie_ctl_client  *owner;       /* the one writable handle's client ...   */
+    int32_t          owner_h;     /* ... and handle index (-1 if none)      */
+} ctl_page;
+
+#define PAGE_IS_FREE(p)     ((p)->refs == 0)
+#define PAGE_IS_SHARED(p)   ((p)->shared > 0)
+
+typedef struct ctl_handle {
+    int32_t page;                 /* physical page, -1 when the slot is free */
+    bool    ro;                   /* imported: read-only                     */
+    bool    merged;               /* points to a dedup-shared page           */
+    int32_t next_free;            /* free slot list (-1 end)                 */
+} ctl_handle;
+
+typedef struct ctl_export {
+    char              *name;
+    int32_t            n;
+    int32_t           *pages;     /* each ref'ed                             */
+    struct ctl_export *next;
+} ctl_export;
+
+struct pie_ctl_client {
+    pie_ctl        *ctl;
+    char            name[64];
+    int32_t         max_pages;
+    int64_t         max_tokens;
+    int32_t         prio;
+    ctl_handle     *h;            /* handle table; handle = index + 1        */
+    int32_t         n_h, cap_h;
+    int32_t         free_h;       /* first free slot (-1 none)               */
+    int32_t         pages_held;   /* allocated (not imported) handles        */
+    int64_t         tokens_used;
+    ctl_op         *ops;          /* not-DONE ops (cnext/cprev)              */
+    pie_ctl_client *next, *prev;
+};
+
+struct pie_ctl {
+    pie_backend     *b;
+    pie_ctl_opts     o;
+    int32_t          ps, n_pages, vocab;
+    pthread_mutex_t  mu;
+    pthread_cond_t   sched_cv;    /* scheduler: new work or batch finished  */
+    pthread_cond_t   dev_cv;      /* device thread: a batch to run          */
+    pthread_cond_t   done_cv;     /* futures completed                      */
+    pthread_cond_t   pool_cv;     /* pages freed                            */
+    pthread_t        sched_th, dev_th;
+    bool             stop;
+    /* pool */
+    ctl_page        *pages;
+    int32_t          free_head, n_free;
+    int32_t         *slot_tok;    /* (n_pages*ps) token written per slot    */
+    int32_t         *slot_pos;
+    uint64_t        *slot_mask;   /* hash of the slot's mask (0 = causal)   */
+    uint64_t        *slot_prefix; /* identity (ids, versions) of the pages
+                                     before it when it was written          */
+    uint8_t         *slot_known;  /* slot content recorded and current      */
+    int32_t         *hbuckets;
+    int32_t          n_hbuckets;
+    ctl_export      *exports;
+    int32_t          n_exports;
+    /* clients and ops */
+    pie_ctl_client  *clients;
+    int32_t          n_clients;
+    ctl_op          *ready[CTL_N_PRIO], *ready_tail[CTL_N_PRIO];
+    int32_t          n_ready;
+    uint64_t         seq;
+    ctl_op          *notify;      /* completed ops awaiting callbacks       */
+    /* batches: staging is filled while running is on the device */
+    ctl_batch        bat[2];
+    ctl_batch       *staging, *running, *finished;
+    ctl_batch       *launch;      /* handed to the device thread, not taken */
+    double           ovh_ns;      /* control time since the last launch     */
+    pie_ctl_stats    st;
+};
+
+/* pool.c (all with ctl->mu held) */
+int  pie__pool_init(pie_ctl *ctl);
+void pie__pool_free(pie_ctl *ctl);
+void pie__page_ref(pie_ctl *ctl, int32_t page);
+void pie__page_unref(pie_ctl *ctl, int32_t page);
+/* Resolves handle h of c to its slot; NULL with PIE_EINVAL when invalid. */
+ctl_handle *pie__handle_get(pie_ctl_client *c, uint32_t h);
+void pie__client_drop_pages(pie_ctl_client *c);
+/* Records the content of slots written by a staged chunk. */
+void pie__pool_record(pie_ctl *ctl, ctl_op *op, int32_t tok0, int32_t ntok);
+/* After a forward completed: hashes pages it filled, merges duplicates. */
+void pie__pool_dedup(pie_ctl *ctl, ctl_op *op);
+void pie__pool_copy_record(pie_ctl *ctl, int32_t src, int32_t src_off,
+                           int32_t dst, int32_t dst_off, int32_t n);
+void pie__pool_stats(pie_ctl *ctl, pie_ctl_stats *s);
+
+/* sched.c (with ctl->mu held unless noted) */
+void pie__op_unref(ctl_op *op);                 /* any thread, no lock    */
+void pie__op_complete(pie_ctl *ctl, ctl_op *op, int status);
+void pie__ready_insert(pie_ctl *ctl, ctl_op *op);
+void pie__make_ready(pie_ctl *ctl, ctl_op *op);
+void pie__unstage_all(pie_ctl *ctl);
+int32_t pie__sampler_values(const pie_sampler *s, int32_t vocab);
+void pie__batch_free(ctl_batch *B);
+int  pie__sched_start(pie_ctl *ctl);             /* without the lock       */
+void pie__sched_stop(pie_ctl *ctl);              /* without the lock       */
+/* Runs queued callbacks and unlocks ctl->mu. */
+void pie__unlock(pie_ctl *ctl);
+
+#endif

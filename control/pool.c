@@ -1,0 +1,622 @@
+/*
+ * pool.c — the KV page pool: physical pages, per-client handle tables,
+ * named exports, admission control and prefix dedup.
+ *
+ * The backend owns n_pages physical KV pages of page_size token slots. This
+ * file owns their bookkeeping (ctl->pages[], one ctl_page each) and is to the
+ * control layer what pcache1.c is to sqlite: it decides which page is free,
+ * who references which page, and when two pages can be one.
+ *
+ * Page states and invariants:
+ *
+ *   FREE    refs == 0; on the free list (free_head, next_free); not hashed,
+ *           fill 0, no owner, no last_writer.
+ *   USED    refs > 0. refs counts: client handles pointing at it, exports
+ *           listing it, and not-DONE ops whose page list holds it. A page
+ *           returns to FREE exactly when refs drops to 0 (pie__page_unref),
+ *           whatever dropped it: a free, a client close, an unexport, an op
+ *           completing or being cancelled.
+ *   SHARED  USED with shared > 0: listed by an export or reached through a
+ *           dedup merge. Forwards may read it but never write into it (the
+ *           bytes belong to several readers); copy it to fork it.
+ *
+ * Handles. Each client has a table of ctl_handle slots; the handle a client
+ * sees is index + 1 (0 is never valid). A slot holds one physical page, a
+ * read-only flag (imported pages) and a merged flag (set when dedup pointed
+ * it at another client's identical page). Free slots form a list through
+ * next_free. A freshly allocated page records its owner (client, slot) so a
+ * dedup merge can repoint the one handle that names it.
+ *
+ * Slot content. For dedup, the pool records per slot what a forward wrote
+ * there: token, position, a hash of the token's attention mask (0 = causal)
+ * and the chain hash of the pages before it in the writer's page list
+ * ("prefix"). Writing slot s forgets slots above s (their KV was computed
+ * against the old content).
+ *
+ * Dedup. When a forward completes and leaves a page full with every slot
+ * known and one common prefix, the page gets the chained hash
+ *   hash = XXH64(prefix, tokens, positions, mask hashes; seed = model_id)
+ * If the table already holds a page with that hash, the new page's single
+ * owner handle is repointed at the old page (refs +1, shared +1) and the new
+ * page is unreferenced (freed once pending ops drop it). Otherwise the page
+ * enters the table. Equal hashes mean equal inputs all the way back to
+ * position 0 (the chain covers every earlier page), so the KV bytes are the
+ * same and no output can change. The chain of a page list is computed from
+ * the pages' stored hashes; a page whose stored prefix does not match the
+ * chain so far breaks it (no hash from there on).
+ *
+ * Admission. pie_ctl_page_alloc waits on pool_cv (signalled whenever a page
+ * returns to FREE) up to its timeout when the pool is short; quotas fail at
+ * once with PIE_ELIMIT.
+ */
+#include <stdlib.h>
+#include <string.h>
+#include <time.h>
+#include <xxhash.h>
+
+#include "common/pie_err.h"
+#include "control/ctl_int.h"
+
+#define HASH_NONE 0   /* chain broken: this page list has no usable hash */
+
+/* ---- init ------------------------------------------------------------- */
+
+int pie__pool_init(pie_ctl *ctl)
+{
+    int32_t n = ctl->n_pages, ps = ctl->ps;
+    size_t slots = (size_t)n * ps;
+    ctl->pages = calloc(n, sizeof *ctl->pages);
+    ctl->slot_tok = calloc(slots, sizeof *ctl->slot_tok);
+    ctl->slot_pos = calloc(slots, sizeof *ctl->slot_pos);
+    ctl->slot_mask = calloc(slots, sizeof *ctl->slot_mask);
+    ctl->slot_prefix = calloc(slots, sizeof *ctl->slot_prefix);
+    ctl->slot_known = calloc(slots, 1);
+    ctl->n_hbuckets = 1;
+    while (ctl->n_hbuckets < n) ctl->n_hbuckets <<= 1;
+    ctl->hbuckets = malloc(ctl->n_hbuckets * sizeof *ctl->hbuckets);
+    if (!ctl->pages || !ctl->slot_tok || !ctl->slot_pos || !ctl->slot_mask ||
+        !ctl->slot_prefix || !ctl->slot_known || !ctl->hbuckets)
+        return pie_err_set(PIE_ENOMEM, "control: out of memory for %d pages",
+                           n);
+    for (int32_t i = 0; i < ctl->n_hbuckets; i++) ctl->hbuckets[i] = -1;
+    for (int32_t i = 0; i < n; i++) {
+        ctl->pages[i].next_free = i + 1 < n ? i + 1 : -1;
+        ctl->pages[i].hnext = -1;
+        ctl->pages[i].owner_h = -1;
+    }
+    ctl->free_head = n > 0 ? 0 : -1;
+    ctl->n_free = n;
+    return 0;
+}
+
+void pie__pool_free(pie_ctl *ctl)
+{
+    while (ctl->exports) {
+        ctl_export *e = ctl->exports;
+        ctl->exports = e->next;
+        free(e->name);
+        free(e->pages);
+        free(e);
+    }
+    free(ctl->pages);
+    free(ctl->slot_tok);
+    free(ctl->slot_pos);
+    free(ctl->slot_mask);
+    free(ctl->slot_prefix);
+    free(ctl->slot_known);
+    free(ctl->hbuckets);
+}
+
+/* ---- dedup table -------------------------------------------------------- */
+
+static void table_remove(pie_ctl *ctl, int32_t page)
+{
+    ctl_page *p = &ctl->pages[page];
+    if (!p->intable) return;
+    int32_t *link = &ctl->hbuckets[p->hash & (ctl->n_hbuckets - 1)];
+    while (*link != page) link = &ctl->pages[*link].hnext;
+    *link = p->hnext;
+    p->hnext = -1;
+    p->intable = false;
+}
+
+static void table_insert(pie_ctl *ctl, int32_t page)
+{
+    ctl_page *p = &ctl->pages[page];
+    int32_t *b = &ctl->hbuckets[p->hash & (ctl->n_hbuckets - 1)];
+    p->hnext = *b;
+    *b = page;
+    p->intable = true;
+}
+
+static int32_t table_find(pie_ctl *ctl, uint64_t hash)
+{
+    int32_t i = ctl->hbuckets[hash & (ctl->n_hbuckets - 1)];
+    while (i >= 0 && ctl->pages[i].hash != hash) i = ctl->pages[i].hnext;
+    return i;
+}
+
+/* ---- references ------------------------------------------------------- */
+
+void pie__page_ref(pie_ctl *ctl, int32_t page)
+{
+    ctl->pages[page].refs++;
+}
+
+void pie__page_unref(pie_ctl *ctl, int32_t page)
+{
+    ctl_page *p = &ctl->pages[page];
+    PIE_ASSERT(p->refs > 0);
+    if (--p->refs > 0) return;
+    PIE_ASSERT(p->last_writer == NULL);
+    table_remove(ctl, page);
+    p->hashed = false;
+    p->fill = 0;
+    p->shared = 0;
+    p->owner = NULL;
+    p->owner_h = -1;
+    memset(ctl->slot_known + (size_t)page * ctl->ps, 0, ctl->ps);
+    p->next_free = ctl->free_head;
+    ctl->free_head = page;
+    ctl->n_free++;
+    pthread_cond_broadcast(&ctl->pool_cv);
+}
+
+static int32_t page_take(pie_ctl *ctl)
+{
+    int32_t i = ctl->free_head;
+    PIE_ASSERT(i >= 0);
+    ctl_page *p = &ctl->pages[i];
+    ctl->free_head = p->next_free;
+    ctl->n_free--;
+    p->next_free = -1;
+    p->refs = 1;
+    return i;
+}
+
+/* ---- handles ---------------------------------------------------------- */
+
+ctl_handle *pie__handle_get(pie_ctl_client *c, uint32_t h)
+{
+    if (h == 0 || h > (uint32_t)c->n_h || c->h[h - 1].page < 0) {
+        pie_err_set(PIE_EINVAL, "control: invalid KV page handle %u", h);
+        return NULL;
+    }
+    return &c->h[h - 1];
+}
+
+/* Takes a free handle slot; returns its index or -1 (ENOMEM). */
+static int32_t handle_new(pie_ctl_client *c, int32_t page, bool ro)
+{
+    if (c->free_h < 0) {
+        if (c->n_h == c->cap_h) {
+            int32_t cap = c->cap_h ? c->cap_h * 2 : 16;
+            ctl_handle *nh = realloc(c->h, cap * sizeof *nh);
+            if (!nh) return -1;
+            c->h = nh;
+            c->cap_h = cap;
+        }
+        c->h[c->n_h].next_free = -1;
+        c->free_h = c->n_h++;
+    }
+    int32_t i = c->free_h;
+    c->free_h = c->h[i].next_free;
+    c->h[i] = (ctl_handle){ .page = page, .ro = ro, .next_free = -1 };
+    return i;
+}
+
+/* Drops handle slot i: the page reference and quota it carries. */
+static void handle_drop(pie_ctl_client *c, int32_t i)
+{
+    pie_ctl *ctl = c->ctl;
+    ctl_handle *hd = &c->h[i];
+    ctl_page *p = &ctl->pages[hd->page];
+    if (!hd->ro) c->pages_held--;
+    if (hd->merged) p->shared--;
+    if (p->owner == c && p->owner_h == i) {
+        p->owner = NULL;
+        p->owner_h = -1;
+    }
+    int32_t page = hd->page;
+    hd->page = -1;
+    hd->next_free = c->free_h;
+    c->free_h = i;
+    pie__page_unref(ctl, page);
+}
+
+void pie__client_drop_pages(pie_ctl_client *c)
+{
+    for (int32_t i = 0; i < c->n_h; i++)
+        if (c->h[i].page >= 0) handle_drop(c, i);
+}
+
+static double now_s(void)
+{
+    struct timespec ts;
+    clock_gettime(CLOCK_REALTIME, &ts);
+    return ts.tv_sec + ts.tv_nsec * 1e-9;
+}
+
+/* Waits (mu held) until n pages are free or the timeout passes. */
+static int wait_for_pages(pie_ctl *ctl, int32_t n, int32_t timeout_ms)
+{
+    if (ctl->n_free >= n) return 0;
+    if (n > ctl->n_pages)
+        return pie_err_set(PIE_EBUSY, "control: %d pages requested but the "
+                           "pool has only %d", n, ctl->n_pages);
+    if (timeout_ms == 0)
+        return pie_err_set(PIE_EBUSY, "control: KV pool full (%d free, %d "
+                           "requested)", ctl->n_free, n);
+    ctl->st.alloc_waits++;
+    double deadline = now_s() + timeout_ms / 1000.0;
+    while (ctl->n_free < n && !ctl->stop) {
+        if (timeout_ms < 0) {
+            pthread_cond_wait(&ctl->pool_cv, &ctl->mu);
+            continue;
+        }
+        struct timespec ts;
+        ts.tv_sec = (time_t)deadline;
+        ts.tv_nsec = (long)((deadline - (double)ts.tv_sec) * 1e9);
+        if (pthread_cond_timedwait(&ctl->pool_cv, &ctl->mu, &ts) != 0 &&
+            ctl->n_free < n)
+            return pie_err_set(PIE_EBUSY, "control: KV pool full: waited %d "
+                               "ms for %d pages (%d free); free pages or "
+                               "retry later", timeout_ms, n, ctl->n_free);
+    }
+    if (ctl->stop) return pie_err_set(PIE_ECANCELED, "control: shutting down");
+    return 0;
+}
+
+int pie_ctl_page_alloc(pie_ctl_client *c, int32_t n, int32_t timeout_ms,
+                       uint32_t *out)
+{
+    pie_ctl *ctl = c->ctl;
+    if (n < 0 || (n > 0 && !out))
+        return pie_err_set(PIE_EINVAL, "control: bad page count %d", n);
+    if (n == 0) return 0;
+    pthread_mutex_lock(&ctl->mu);
+    int rc = 0;
+    if (c->max_pages > 0 && c->pages_held + n > c->max_pages) {
+        rc = pie_err_set(PIE_ELIMIT, "control: client '%s' page quota "
+                         "exceeded: holds %d, asks %d, limit %d", c->name,
+                         c->pages_held, n, c->max_pages);
+        goto out;
+    }
+    if ((rc = wait_for_pages(ctl, n, timeout_ms)) < 0) goto out;
+    if (c->max_pages > 0 && c->pages_held + n > c->max_pages) {
+        rc = pie_err_set(PIE_ELIMIT, "control: client '%s' page quota "
+                         "exceeded", c->name);
+        goto out;
+    }
+    for (int32_t k = 0; k < n; k++) {
+        int32_t page = page_take(ctl);
+        int32_t i = handle_new(c, page, false);
+        if (i < 0) {
+            pie__page_unref(ctl, page);
+            for (int32_t j = 0; j < k; j++) handle_drop(c, (int32_t)out[j] - 1);
+            rc = pie_err_set(PIE_ENOMEM, "control: out of memory");
+            goto out;
+        }
+        ctl->pages[page].owner = c;
+        ctl->pages[page].owner_h = i;
+        c->pages_held++;
+        out[k] = (uint32_t)i + 1;
+    }
+out:
+    pthread_mutex_unlock(&ctl->mu);
+    return rc;
+}
+
+int pie_ctl_page_free(pie_ctl_client *c, int32_t n, const uint32_t *h)
+{
+    pie_ctl *ctl = c->ctl;
+    if (n < 0 || (n > 0 && !h))
+        return pie_err_set(PIE_EINVAL, "control: bad page count %d", n);
+    pthread_mutex_lock(&ctl->mu);
+    int rc = 0;
+    for (int32_t k = 0; k < n && rc == 0; k++) {
+        if (!pie__handle_get(c, h[k])) rc = PIE_EINVAL;
+        for (int32_t j = 0; j < k && rc == 0; j++)
+            if (h[j] == h[k])
+                rc = pie_err_set(PIE_EINVAL, "control: handle %u freed twice "
+                                 "in one call", h[k]);
+    }
+    if (rc == 0)
+        for (int32_t k = 0; k < n; k++) handle_drop(c, (int32_t)h[k] - 1);
+    pthread_mutex_unlock(&ctl->mu);
+    return rc;
+}
+
+int pie_ctl_page_fill(pie_ctl_client *c, uint32_t h, int32_t *fill)
+{
+    pthread_mutex_lock(&c->ctl->mu);
+    ctl_handle *hd = pie__handle_get(c, h);
+    if (hd) *fill = c->ctl->pages[hd->page].fill;
+    pthread_mutex_unlock(&c->ctl->mu);
+    return hd ? 0 : PIE_EINVAL;
+}
+
+/* ---- exports ---------------------------------------------------------- */
+
+static ctl_export *export_find(pie_ctl *ctl, const char *name,
+                               ctl_export ***link)
+{
+    ctl_export **l = &ctl->exports;
+    while (*l && strcmp((*l)->name, name) != 0) l = &(*l)->next;
+    if (link) *link = l;
+    return *l;
+}
+
+int pie_ctl_export(pie_ctl_client *c, const char *name, int32_t n,
+                   const uint32_t *h)
+{
+    pie_ctl *ctl = c->ctl;
+    if (!name || !*name || strlen(name) > 255)
+        return pie_err_set(PIE_EINVAL, "control: export name must be 1..255 "
+                           "bytes");
+    if (n <= 0 || !h)
+        return pie_err_set(PIE_EINVAL, "control: export of %d pages", n);
+    ctl_export *e = calloc(1, sizeof *e);
+    int32_t *pages = malloc(n * sizeof *pages);
+    char *nm = strdup(name);
+    if (!e || !pages || !nm) {
+        free(e), free(pages), free(nm);
+        return pie_err_set(PIE_ENOMEM, "control: out of memory");
+    }
+    pthread_mutex_lock(&ctl->mu);
+    int rc = 0;
+    if (export_find(ctl, name, NULL)) {
+        rc = pie_err_set(PIE_EBUSY, "control: export name '%s' already in "
+                         "use", name);
+        goto out;
+    }
+    for (int32_t k = 0; k < n; k++) {
+        ctl_handle *hd = pie__handle_get(c, h[k]);
+        if (!hd) { rc = PIE_EINVAL; goto out; }
+        pages[k] = hd->page;
+    }
+    for (int32_t k = 0; k < n; k++) {
+        pie__page_ref(ctl, pages[k]);
+        ctl->pages[pages[k]].shared++;
+    }
+    *e = (ctl_export){ .name = nm, .n = n, .pages = pages,
+                       .next = ctl->exports };
+    ctl->exports = e;
+    ctl->n_exports++;
+    e = NULL, pages = NULL, nm = NULL;
+out:
+    pthread_mutex_unlock(&ctl->mu);
+    free(e), free(pages), free(nm);
+    return rc;
+}
+
+int pie_ctl_import(pie_ctl_client *c, const char *name, int32_t cap,
+                   uint32_t *out, int32_t *n)
+{
+    pie_ctl *ctl = c->ctl;
+    if (!name) return pie_err_set(PIE_EINVAL, "control: NULL export name");
+    pthread_mutex_lock(&ctl->mu);
+    int rc = 0;
+    ctl_export *e = export_find(ctl, name, NULL);
+    if (!e) {
+        rc = pie_err_set(PIE_ENOTFOUND, "control: no export named '%s'",
+                         name);
+        goto out;
+    }
+    if (n) *n = e->n;
+    if (cap < e->n || !out) {
+        rc = pie_err_set(PIE_ERANGE, "control: export '%s' has %d pages, "
+                         "room for %d", name, e->n, cap);
+        goto out;
+    }
+    for (int32_t k = 0; k < e->n; k++) {
+        int32_t i = handle_new(c, e->pages[k], true);
+        if (i < 0) {
+            for (int32_t j = 0; j < k; j++) handle_drop(c, (int32_t)out[j] - 1);
+            rc = pie_err_set(PIE_ENOMEM, "control: out of memory");
+            goto out;
+        }
+        pie__page_ref(ctl, e->pages[k]);
+        out[k] = (uint32_t)i + 1;
+    }
+out:
+    pthread_mutex_unlock(&ctl->mu);
+    return rc;
+}
+
+int pie_ctl_unexport(pie_ctl_client *c, const char *name)
+{
+    pie_ctl *ctl = c->ctl;
+    if (!name) return pie_err_set(PIE_EINVAL, "control: NULL export name");
+    pthread_mutex_lock(&ctl->mu);
+    ctl_export **link;
+    ctl_export *e = export_find(ctl, name, &link);
+    if (e) {
+        *link = e->next;
+        ctl->n_exports--;
+        for (int32_t k = 0; k < e->n; k++) {
+            ctl->pages[e->pages[k]].shared--;
+            pie__page_unref(ctl, e->pages[k]);
+        }
+    }
+    pthread_mutex_unlock(&ctl->mu);
+    if (!e)
+        return pie_err_set(PIE_ENOTFOUND, "control: no export named '%s'",
+                           name);
+    free(e->name);
+    free(e->pages);
+    free(e);
+    return 0;
+}
+
+int pie_ctl_export_list(pie_ctl *ctl, char *buf, int32_t cap, int32_t *len,
+                        int32_t *n)
+{
+    pthread_mutex_lock(&ctl->mu);
+    int32_t need = 0, count = 0;
+    for (ctl_export *e = ctl->exports; e; e = e->next) {
+        int32_t l = (int32_t)strlen(e->name) + 1;
+        if (buf && need + l <= cap) memcpy(buf + need, e->name, l);
+        need += l;
+        count++;
+    }
+    pthread_mutex_unlock(&ctl->mu);
+    if (len) *len = need;
+    if (n) *n = count;
+    if (need > cap || (need > 0 && !buf))
+        return pie_err_set(PIE_ERANGE, "control: export list needs %d bytes, "
+                           "buffer has %d", need, cap);
+    return 0;
+}
+
+/* ---- slot content and dedup ------------------------------------------- */
+
+/* Identity of the context before page k of op: which physical pages, at
+ * which versions. Slots record it when written; a page is hashable only if
+ * that context is still the same. */
+static uint64_t context_ident(pie_ctl *ctl, const ctl_op *op, int32_t k)
+{
+    uint64_t h = 0x243f6a8885a308d3ull;
+    for (int32_t j = 0; j < k; j++) {
+        uint64_t v[2] = { (uint64_t)op->pages[j],
+                          ctl->pages[op->pages[j]].version };
+        h = XXH64(v, sizeof v, h);
+    }
+    return h;
+}
+
+static uint64_t mask_hash(const ctl_op *op, int32_t t)
+{
+    if (!op->mask_indptr) return 0;
+    uint32_t a = op->mask_indptr[t], b = op->mask_indptr[t + 1];
+    uint64_t h = XXH64(op->mask_runs + a, (b - a) * sizeof(uint32_t), 1);
+    return h ? h : 1;
+}
+
+/* A write into page: its hash and its upper slots are no longer valid. */
+static void page_touch(pie_ctl *ctl, int32_t page, int32_t hi)
+{
+    ctl_page *p = &ctl->pages[page];
+    int32_t ps = ctl->ps;
+    table_remove(ctl, page);
+    p->hashed = false;
+    p->version++;
+    memset(ctl->slot_known + (size_t)page * ps + hi, 0, ps - hi);
+}
+
+void pie__pool_record(pie_ctl *ctl, ctl_op *op, int32_t tok0, int32_t ntok)
+{
+    if (ctl->o.no_dedup) return;
+    int32_t ps = ctl->ps, first = op->kv_len - op->n_tokens;
+    int32_t last = first + tok0 + ntok - 1, cur_k = -1;
+    uint64_t ident = 0;
+    for (int32_t t = tok0; t < tok0 + ntok; t++) {
+        int32_t s = first + t, k = s / ps, off = s % ps;
+        int32_t page = op->pages[k];
+        if (k != cur_k) {
+            cur_k = k;
+            ident = context_ident(ctl, op, k);
+            page_touch(ctl, page, last / ps == k ? last % ps + 1 : ps);
+        }
+        size_t i = (size_t)page * ps + off;
+        ctl->slot_tok[i] = op->tokens[t];
+        ctl->slot_pos[i] = op->positions[t];
+        ctl->slot_mask[i] = mask_hash(op, t);
+        ctl->slot_prefix[i] = ident;
+        ctl->slot_known[i] = 1;
+    }
+}
+
+void pie__pool_copy_record(pie_ctl *ctl, int32_t src, int32_t src_off,
+                           int32_t dst, int32_t dst_off, int32_t n)
+{
+    int32_t ps = ctl->ps;
+    /* copied KV was computed against src's context, not dst's: its slots
+     * stay unknown, so dst never dedups */
+    page_touch(ctl, dst, dst_off);
+    (void)src, (void)src_off, (void)n, (void)ps;
+}
+
+/* Hashes page (full, every slot written in context ident) extending chain
+ * hash prefix; returns 1 when hashed. */
+static int page_hash(pie_ctl *ctl, int32_t page, uint64_t prefix,
+                     uint64_t ident)
+{
+    int32_t ps = ctl->ps;
+    ctl_page *p = &ctl->pages[page];
+    size_t base = (size_t)page * ps;
+    if (p->fill != ps) return 0;
+    for (int32_t i = 0; i < ps; i++)
+        if (!ctl->slot_known[base + i] || ctl->slot_prefix[base + i] != ident)
+            return 0;
+    XXH64_state_t *st = XXH64_createState();
+    if (!st) return 0;
+    XXH64_reset(st, ctl->o.model_id);
+    XXH64_update(st, &prefix, sizeof prefix);
+    XXH64_update(st, ctl->slot_tok + base, ps * sizeof(int32_t));
+    XXH64_update(st, ctl->slot_pos + base, ps * sizeof(int32_t));
+    XXH64_update(st, ctl->slot_mask + base, ps * sizeof(uint64_t));
+    uint64_t h = XXH64_digest(st);
+    XXH64_freeState(st);
+    p->hash = h ? h : 1;
+    p->prefix = prefix;
+    p->hashed = true;
+    return 1;
+}
+
+/* Points the single owner handle of page at twin instead. */
+static void merge(pie_ctl *ctl, int32_t page, int32_t twin)
+{
+    ctl_page *p = &ctl->pages[page];
+    pie_ctl_client *c = p->owner;
+    ctl_handle *hd = &c->h[p->owner_h];
+    hd->page = twin;
+    hd->merged = true;
+    ctl->pages[twin].refs++;
+    ctl->pages[twin].shared++;
+    p->owner = NULL;
+    p->owner_h = -1;
+    ctl->st.dedup_hits++;
+    pie__page_unref(ctl, page);
+}
+
+/* Walks op's page list in order extending the chain hash; pages that are
+ * full and consistent get hashed; a hashed page that has an identical twin
+ * in the table and a single owner handle is merged into the twin. */
+void pie__pool_dedup(pie_ctl *ctl, ctl_op *op)
+{
+    if (ctl->o.no_dedup) return;
+    uint64_t h = ctl->o.model_id ^ 0x9e3779b97f4a7c15ull;
+    uint64_t ident = 0x243f6a8885a308d3ull;
+    for (int32_t k = 0; k < op->n_pages; k++) {
+        int32_t page = op->pages[k];
+        ctl_page *p = &ctl->pages[page];
+        if (p->hashed) {
+            if (p->prefix != h) return;
+        } else if (!page_hash(ctl, page, h, ident)) {
+            return;
+        }
+        h = p->hash;
+        uint64_t v[2] = { (uint64_t)page, p->version };
+        ident = XXH64(v, sizeof v, ident);
+        if (p->intable) continue;
+        int32_t twin = table_find(ctl, p->hash);
+        if (twin < 0)
+            table_insert(ctl, page);
+        else if (twin != page && p->owner && p->shared == 0 &&
+                 p->last_writer == NULL)
+            merge(ctl, page, twin);
+    }
+}
+
+void pie__pool_stats(pie_ctl *ctl, pie_ctl_stats *s)
+{
+    s->pages_total = ctl->n_pages;
+    s->pages_free = ctl->n_free;
+    s->pages_used = ctl->n_pages - ctl->n_free;
+    int32_t shared = 0;
+    for (int32_t i = 0; i < ctl->n_pages; i++)
+        if (ctl->pages[i].refs > 1 && ctl->pages[i].shared > 0) shared++;
+    s->pages_shared = shared;
+    s->exports = ctl->n_exports;
+}

@@ -1,0 +1,642 @@
+/*
+ * sched.c — the scheduler thread, the device thread and the batches they
+ * pass between them.
+ *
+ * Two host batches (ctl->bat[0..1]) alternate. The scheduler thread fills
+ * `staging` from the ready lists while the device thread runs `running`;
+ * when the device finishes it hands the batch back as `finished`, the
+ * scheduler completes its ops (which makes chained children ready), tops up
+ * staging with everything now ready and launches it at once. The device is
+ * therefore never idle while anything is ready (work-conserving, no timers),
+ * and host-side assembly of one batch overlaps device time of the other.
+ *
+ * Selection: priority classes 0..7 in order, each in submission order
+ * (ctl->ready[p] is sorted by seq); within limits of tokens, requests and
+ * pages per fire. A forward with more tokens than prefill_chunk runs in
+ * chunks of at most that many tokens, one chunk per fire, so decodes queued
+ * beside it still go out every fire. Ops pre-staged while the device ran
+ * are not reordered by later arrivals (bounded inversion of one batch).
+ *
+ * Everything here runs with ctl->mu held except the backend calls in the
+ * device thread and the completion callbacks (pie__unlock).
+ */
+#include <stdio.h>
+#include <stdlib.h>
+#include <string.h>
+#include <time.h>
+
+#include "common/pie_err.h"
+#include "control/ctl_int.h"
+
+static double now_ns(void)
+{
+    struct timespec ts;
+    clock_gettime(CLOCK_MONOTONIC, &ts);
+    return ts.tv_sec * 1e9 + ts.tv_nsec;
+}
+
+/* ---- op lifetime -------------------------------------------------------- */
+
+void pie__op_unref(ctl_op *op)
+{
+    if (atomic_fetch_sub(&op->refs, 1) != 1) return;
+    free(op->deps);
+    free(op->tokens);
+    free(op->positions);
+    free(op->pages);
+    free(op->mask_indptr);
+    free(op->mask_runs);
+    free(op->output_idx);
+    free(op->samplers);
+    free(op->idbuf);
+    free(op->lm_indptr);
+    free(op->lm_runs);
+    free(op->chains);
+    free(op->writes);
+    free(op->out.tokens);
+    free(op->out.value_indptr);
+    free(op->out.values);
+    free(op->out.ids);
+    free(op);
+}
+
+void pie__unlock(pie_ctl *ctl)
+{
+    ctl_op *list = ctl->notify, *rev = NULL;
+    ctl->notify = NULL;
+    pthread_mutex_unlock(&ctl->mu);
+    while (list) {            /* completion order */
+        ctl_op *n = list->nnext;
+        list->nnext = rev;
+        rev = list;
+        list = n;
+    }
+    while (rev) {
+        ctl_op *n = rev->nnext;
+        rev->done(rev->user, (pie_ctl_future *)rev, rev->status);
+        pie__op_unref(rev);
+        rev = n;
+    }
+}
+
+/* ---- ready lists ---------------------------------------------------------- */
+
+void pie__ready_insert(pie_ctl *ctl, ctl_op *op)
+{
+    int p = op->prio;
+    ctl_op *after = ctl->ready_tail[p];
+    while (after && after->seq > op->seq) after = after->prev;
+    op->prev = after;
+    op->next = after ? after->next : ctl->ready[p];
+    if (op->next) op->next->prev = op;
+    else ctl->ready_tail[p] = op;
+    if (after) after->next = op;
+    else ctl->ready[p] = op;
+    op->state = OP_READY;
+    ctl->n_ready++;
+    pthread_cond_signal(&ctl->sched_cv);
+}
+
+static void ready_remove(pie_ctl *ctl, ctl_op *op)
+{
+    int p = op->prio;
+    if (op->prev) op->prev->next = op->next;
+    else ctl->ready[p] = op->next;
+    if (op->next) op->next->prev = op->prev;
+    else ctl->ready_tail[p] = op->prev;
+    op->next = op->prev = NULL;
+    ctl->n_ready--;
+}
+
+/* All dependencies done: takes chained tokens from the parents, queues. */
+void pie__make_ready(pie_ctl *ctl, ctl_op *op)
+{
+    for (int32_t i = 0; i < op->n_chains; i++) {
+        ctl_chain *ch = &op->chains[i];
+        if (!ch->from) continue;
+        int32_t tok = ch->from->out.tokens[ch->row];
+        pie__op_unref(ch->from);
+        ch->from = NULL;
+        if (tok < 0 || tok >= ctl->vocab) {
+            pie__op_complete(ctl, op, PIE_EINVAL);
+            return;
+        }
+        op->tokens[ch->token_idx] = tok;
+    }
+    pie__ready_insert(ctl, op);
+}
+
+static void rollback(pie_ctl *ctl, ctl_op *op)
+{
+    for (int32_t w = op->n_writes - 1; w >= 0; w--) {
+        ctl_page *p = &ctl->pages[op->writes[w].page];
+        if (p->fill == op->writes[w].new_fill) p->fill = op->writes[w].old_fill;
+    }
+}
+
+static void client_unlink(ctl_op *op)
+{
+    pie_ctl_client *c = op->c;
+    if (!c) return;
+    if (op->cprev) op->cprev->cnext = op->cnext;
+    else c->ops = op->cnext;
+    if (op->cnext) op->cnext->cprev = op->cprev;
+    op->cnext = op->cprev = NULL;
+}
+
+static void release_dependents(pie_ctl *ctl, ctl_op *op, int status)
+{
+    for (int32_t i = 0; i < op->n_deps; i++) {
+        ctl_op *d = op->deps[i].op;
+        if (d->state != OP_DONE) {
+            if (status != 0 && op->deps[i].chain)
+                pie__op_complete(ctl, d, PIE_ECANCELED);
+            else if (--d->n_pending == 0)
+                pie__make_ready(ctl, d);
+        }
+        pie__op_unref(d);
+    }
+    op->n_deps = 0;
+}
+
+/*
+ * Completes op with status: drops its pages, rolls back its fills unless it
+ * succeeded, releases or cancels its dependents, queues its callback and
+ * drops the control layer's reference. op must not be STAGED or RUNNING.
+ */
+void pie__op_complete(pie_ctl *ctl, ctl_op *op, int status)
+{
+    PIE_ASSERT(op->state != OP_DONE && op->state != OP_STAGED &&
+               op->state != OP_RUNNING);
+    if (op->state == OP_READY) ready_remove(ctl, op);
+    if (status != 0 && op->c && !op->ran) op->c->tokens_used -= op->n_tokens;
+    client_unlink(op);
+    op->status = status;
+    atomic_store(&op->state, OP_DONE);
+    ctl->st.queue_depth--;
+    if (status == PIE_ECANCELED) ctl->st.cancelled++;
+    else if (status != 0) ctl->st.failed++;
+    /* children first: a cancelled chain rolls back newest fill first */
+    release_dependents(ctl, op, status);
+    if (status != 0) rollback(ctl, op);
+    for (int32_t w = 0; w < op->n_writes; w++)
+        if (ctl->pages[op->writes[w].page].last_writer == op)
+            ctl->pages[op->writes[w].page].last_writer = NULL;
+    if (op->kind == OP_COPY && ctl->pages[op->cp_dst].last_writer == op)
+        ctl->pages[op->cp_dst].last_writer = NULL;
+    if (status == 0 && op->kind == OP_FORWARD) pie__pool_dedup(ctl, op);
+    for (int32_t i = 0; i < op->n_pages; i++) pie__page_unref(ctl, op->pages[i]);
+    op->n_pages = 0;
+    if (op->kind == OP_COPY) {
+        pie__page_unref(ctl, op->cp_src);
+        pie__page_unref(ctl, op->cp_dst);
+    }
+    for (int32_t i = 0; i < op->n_chains; i++)
+        if (op->chains[i].from) {
+            pie__op_unref(op->chains[i].from);
+            op->chains[i].from = NULL;
+        }
+    if (op->done) {
+        atomic_fetch_add(&op->refs, 1);
+        op->nnext = ctl->notify;
+        ctl->notify = op;
+    }
+    pthread_cond_broadcast(&ctl->done_cv);
+    pie__op_unref(op);
+}
+
+/* ---- batch assembly ------------------------------------------------------- */
+
+static int32_t sampler_values(const pie_sampler *s, int32_t vocab)
+{
+    switch (s->kind) {
+    case PIE_PROBE_TOPK:     return s->top_k;
+    case PIE_PROBE_LOGITS:   return vocab;
+    case PIE_PROBE_LOGPROBS: return s->n_ids;
+    case PIE_PROBE_ENTROPY:  return 1;
+    default:                 return 0;
+    }
+}
+int32_t pie__sampler_values(const pie_sampler *s, int32_t vocab)
+{
+    return sampler_values(s, vocab);
+}
+
+#define GROW(ptr, cap, need, extra)                                          \
+    do {                                                                     \
+        if ((need) > (cap)) {                                                \
+            int32_t nc_ = (cap) ? (cap) : 64;                                \
+            while (nc_ < (need)) nc_ *= 2;                                   \
+            void *np_ = realloc((ptr), (size_t)nc_ * sizeof *(ptr));         \
+            if (!np_) return PIE_ENOMEM;                                     \
+            (ptr) = np_;                                                     \
+            extra;                                                           \
+            (cap) = nc_;                                                     \
+        }                                                                    \
+    } while (0)
+
+/* Makes room in B for one more request with ntok tokens, np pages, nmask
+ * mask runs, nout outputs, nlm logit-mask runs, nval probe values. */
+static int batch_reserve(ctl_batch *B, int32_t ntok, int32_t np, int32_t nmask,
+                         int32_t nout, int32_t nlm, int32_t nval)
+{
+    int32_t ct = B->cap_tokens, cr = B->cap_reqs, co = B->cap_outputs;
+    GROW(B->tokens, ct, B->n_tokens + ntok,
+         B->positions = realloc(B->positions, (size_t)nc_ * sizeof(int32_t));
+         B->mask_indptr = realloc(B->mask_indptr,
+                                  (size_t)(nc_ + 1) * sizeof(uint32_t));
+         if (!B->positions || !B->mask_indptr) return PIE_ENOMEM);
+    B->cap_tokens = ct;
+    GROW(B->ents, cr, B->n_reqs + 1,
+         B->qo_indptr = realloc(B->qo_indptr, (size_t)(nc_ + 1) * sizeof(int32_t));
+         B->kv_indptr = realloc(B->kv_indptr, (size_t)(nc_ + 1) * sizeof(int32_t));
+         B->last_len = realloc(B->last_len, (size_t)nc_ * sizeof(int32_t));
+         if (!B->qo_indptr || !B->kv_indptr || !B->last_len) return PIE_ENOMEM);
+    B->cap_reqs = cr;
+    GROW(B->out_idx, co, B->n_outputs + nout + 1,
+         B->row_src = realloc(B->row_src, (size_t)nc_ * sizeof(int32_t));
+         B->samplers = realloc(B->samplers, (size_t)nc_ * sizeof(pie_sampler));
+         B->lm_indptr = realloc(B->lm_indptr, (size_t)(nc_ + 1) * sizeof(uint32_t));
+         B->out.tokens = realloc(B->out.tokens, (size_t)nc_ * sizeof(int32_t));
+         B->out.value_indptr = realloc(B->out.value_indptr,
+                                       (size_t)(nc_ + 1) * sizeof(uint32_t));
+         if (!B->row_src || !B->samplers || !B->lm_indptr || !B->out.tokens ||
+             !B->out.value_indptr) return PIE_ENOMEM);
+    B->cap_outputs = co;
+    GROW(B->kv_indices, B->cap_kv, B->n_kv + np, (void)0);
+    GROW(B->mask_runs, B->cap_mask, B->n_mask_runs + nmask, (void)0);
+    GROW(B->lm_runs, B->cap_lm, B->n_lm_runs + nlm, (void)0);
+    int32_t cv = B->cap_values;
+    GROW(B->out.values, cv, B->n_values + nval,
+         B->out.ids = realloc(B->out.ids, (size_t)nc_ * sizeof(int32_t));
+         if (!B->out.ids) return PIE_ENOMEM);
+    B->cap_values = cv;
+    return 0;
+}
+
+static void batch_reset(ctl_batch *B)
+{
+    B->n_tokens = B->n_reqs = B->n_kv = B->n_outputs = 0;
+    B->n_mask_runs = B->n_lm_runs = B->n_values = 0;
+    B->any_mask = B->any_lm = false;
+    B->n_copies = 0;
+    B->rc = 0;
+    B->err[0] = 0;
+    if (B->qo_indptr) B->qo_indptr[0] = 0;
+    if (B->kv_indptr) B->kv_indptr[0] = 0;
+    if (B->mask_indptr) B->mask_indptr[0] = 0;
+    if (B->lm_indptr) B->lm_indptr[0] = 0;
+    if (B->out.value_indptr) B->out.value_indptr[0] = 0;
+}
+
+void pie__batch_free(ctl_batch *B)
+{
+    free(B->tokens); free(B->positions); free(B->qo_indptr);
+    free(B->kv_indices); free(B->kv_indptr); free(B->last_len);
+    free(B->mask_indptr); free(B->mask_runs); free(B->out_idx);
+    free(B->row_src); free(B->samplers); free(B->lm_indptr);
+    free(B->lm_runs); free(B->ents); free(B->copies);
+    free(B->out.tokens); free(B->out.value_indptr);
+    free(B->out.values); free(B->out.ids);
+    memset(B, 0, sizeof *B);
+}
+
+/* Counts op's outputs and their probe values within tokens [t0, t0+n). */
+static void count_outputs(pie_ctl *ctl, const ctl_op *op, int32_t t0,
+                          int32_t n, int32_t *nout, int32_t *nval,
+                          int32_t *nlm)
+{
+    *nout = *nval = *nlm = 0;
+    for (int32_t o = 0; o < op->n_outputs; o++) {
+        int32_t t = op->output_idx[o];
+        if (t < t0 || t >= t0 + n) continue;
+        (*nout)++;
+        *nval += sampler_values(&op->samplers[o], ctl->vocab);
+        *nlm += op->lm_indptr ? (int32_t)(op->lm_indptr[o + 1] -
+                                          op->lm_indptr[o]) : 2;
+    }
+}
+
+/* Appends tokens [t0, t0+n) of op to B as one request. */
+static int batch_append(pie_ctl *ctl, ctl_batch *B, ctl_op *op, int32_t t0,
+                        int32_t n)
+{
+    int32_t ps = ctl->ps, first = op->kv_len - op->n_tokens;
+    int32_t kvl = first + t0 + n, np = (kvl + ps - 1) / ps;
+    int32_t nmask = op->mask_indptr ? (int32_t)(op->mask_indptr[t0 + n] -
+                                               op->mask_indptr[t0]) : 2 * n;
+    int32_t nout, nval, nlm;
+    count_outputs(ctl, op, t0, n, &nout, &nval, &nlm);
+    if (batch_reserve(B, n, np, nmask, nout, nlm, nval) < 0)
+        return pie_err_set(PIE_ENOMEM, "control: out of memory for a batch");
+    int32_t r = B->n_reqs, tb = B->n_tokens;
+    if (r == 0) {
+        B->qo_indptr[0] = B->kv_indptr[0] = 0;
+        B->mask_indptr[0] = B->lm_indptr[0] = B->out.value_indptr[0] = 0;
+    }
+    for (int32_t t = t0; t < t0 + n; t++) {
+        int32_t i = B->n_tokens++;
+        B->tokens[i] = op->tokens[t];
+        B->positions[i] = op->positions[t];
+        if (op->mask_indptr) {
+            uint32_t a = op->mask_indptr[t], b = op->mask_indptr[t + 1];
+            memcpy(B->mask_runs + B->n_mask_runs, op->mask_runs + a,
+                   (b - a) * sizeof(uint32_t));
+            B->n_mask_runs += b - a;
+            B->any_mask = true;
+        } else {
+            B->mask_runs[B->n_mask_runs++] = 0;
+            B->mask_runs[B->n_mask_runs++] = (uint32_t)(first + t + 1);
+        }
+        B->mask_indptr[i + 1] = (uint32_t)B->n_mask_runs;
+    }
+    B->qo_indptr[r + 1] = B->n_tokens;
+    memcpy(B->kv_indices + B->n_kv, op->pages, np * sizeof(int32_t));
+    B->n_kv += np;
+    B->kv_indptr[r + 1] = B->n_kv;
+    B->last_len[r] = kvl - (np - 1) * ps;
+    ctl_entry *e = &B->ents[r];
+    *e = (ctl_entry){ .op = op, .tok0 = t0, .ntok = n, .row0 = B->n_outputs,
+                      .nrow = nout };
+    for (int32_t o = 0; o < op->n_outputs; o++) {
+        int32_t t = op->output_idx[o];
+        if (t < t0 || t >= t0 + n) continue;
+        int32_t row = B->n_outputs++;
+        B->out_idx[row] = tb + (t - t0);
+        B->row_src[row] = o;
+        B->samplers[row] = op->samplers[o];
+        if (op->lm_indptr) {
+            uint32_t a = op->lm_indptr[o], b = op->lm_indptr[o + 1];
+            memcpy(B->lm_runs + B->n_lm_runs, op->lm_runs + a,
+                   (b - a) * sizeof(uint32_t));
+            B->n_lm_runs += b - a;
+            B->any_lm = true;
+        } else {
+            B->lm_runs[B->n_lm_runs++] = 0;
+            B->lm_runs[B->n_lm_runs++] = (uint32_t)ctl->vocab;
+        }
+        B->lm_indptr[row + 1] = (uint32_t)B->n_lm_runs;
+        B->n_values += sampler_values(&op->samplers[o], ctl->vocab);
+        B->out.value_indptr[row + 1] = (uint32_t)B->n_values;
+    }
+    B->n_reqs++;
+    pie__pool_record(ctl, op, t0, n);
+    return 0;
+}
+
+static int batch_add_copy(ctl_batch *B, ctl_op *op)
+{
+    if (B->n_copies == B->cap_copies) {
+        int32_t cap = B->cap_copies ? B->cap_copies * 2 : 16;
+        ctl_op **nc = realloc(B->copies, cap * sizeof *nc);
+        if (!nc) return PIE_ENOMEM;
+        B->copies = nc;
+        B->cap_copies = cap;
+    }
+    B->copies[B->n_copies++] = op;
+    return 0;
+}
+
+/* Tokens of op to run next given the token budget; 0 = does not fit. */
+static int32_t chunk_len(pie_ctl *ctl, const ctl_op *op, int32_t budget)
+{
+    int32_t rem = op->n_tokens - op->done_tokens;
+    if (op->mask_indptr) return rem <= budget ? rem : 0;   /* never split */
+    int32_t n = rem;
+    if (ctl->o.prefill_chunk > 0 && n > ctl->o.prefill_chunk)
+        n = ctl->o.prefill_chunk;
+    return n < budget ? n : budget;
+}
+
+/* Moves ready ops into B within the limits. */
+static void stage_ready(pie_ctl *ctl, ctl_batch *B)
+{
+    int32_t ps = ctl->ps;
+    for (int p = 0; p < CTL_N_PRIO; p++) {
+        ctl_op *op = ctl->ready[p];
+        while (op) {
+            ctl_op *next = op->next;
+            if (op->kind == OP_COPY) {
+                if (batch_add_copy(B, op) < 0) return;
+                ready_remove(ctl, op);
+                op->state = OP_STAGED;
+                op = next;
+                continue;
+            }
+            if (B->n_reqs >= ctl->o.max_batch_reqs) return;
+            int32_t budget = ctl->o.max_batch_tokens - B->n_tokens;
+            int32_t n = chunk_len(ctl, op, budget);
+            if (n == 0 && B->n_reqs == 0)   /* too big for any batch: alone */
+                n = op->n_tokens - op->done_tokens;
+            int32_t kvl = op->kv_len - op->n_tokens + op->done_tokens + n;
+            int32_t np = (kvl + ps - 1) / ps;
+            bool fits = n > 0 && (B->n_reqs == 0 ||
+                                  B->n_kv + np <= ctl->o.max_batch_pages);
+            if (fits) {
+                int32_t t0 = op->done_tokens;
+                ready_remove(ctl, op);
+                op->state = OP_STAGED;
+                if (batch_append(ctl, B, op, t0, n) < 0) {
+                    op->state = OP_READY;
+                    pie__ready_insert(ctl, op);
+                    return;
+                }
+            } else if (budget <= 0) {
+                return;
+            }
+            op = next;
+        }
+    }
+}
+
+/* Puts every op staged in ctl->staging back on the ready lists. */
+void pie__unstage_all(pie_ctl *ctl)
+{
+    ctl_batch *B = ctl->staging;
+    for (int32_t i = 0; i < B->n_reqs; i++) pie__ready_insert(ctl, B->ents[i].op);
+    for (int32_t i = 0; i < B->n_copies; i++) pie__ready_insert(ctl, B->copies[i]);
+    batch_reset(B);
+}
+
+/* ---- running and completing ----------------------------------------------- */
+
+/* Device thread, without the lock: copies first, then one forward. */
+static void batch_run(pie_ctl *ctl, ctl_batch *B)
+{
+    pie_backend *b = ctl->b;
+    double t = now_ns();
+    for (int32_t i = 0; i < B->n_copies; i++) {
+        ctl_op *op = B->copies[i];
+        op->status = b->ops->copy_slots(b, op->cp_src, op->cp_src_off,
+                                        op->cp_dst, op->cp_dst_off, op->cp_n);
+    }
+    if (B->n_reqs > 0) {
+        pie_forward_batch fb = {
+            .n_tokens = B->n_tokens, .n_reqs = B->n_reqs,
+            .token_ids = B->tokens, .positions = B->positions,
+            .qo_indptr = B->qo_indptr, .kv_page_indices = B->kv_indices,
+            .kv_page_indptr = B->kv_indptr, .kv_last_page_len = B->last_len,
+            .mask_indptr = B->any_mask ? B->mask_indptr : NULL,
+            .mask_runs = B->any_mask ? B->mask_runs : NULL,
+            .n_outputs = B->n_outputs, .output_token_idx = B->out_idx,
+            .samplers = B->samplers,
+            .logit_mask_indptr = B->any_lm ? B->lm_indptr : NULL,
+            .logit_mask_runs = B->any_lm ? B->lm_runs : NULL,
+        };
+        B->rc = pie_backend_forward(b, &fb, &B->out);
+        if (B->rc < 0) snprintf(B->err, sizeof B->err, "%s", pie_err_msg());
+    }
+    B->backend_ns = now_ns() - t;
+}
+
+static void entry_complete(pie_ctl *ctl, ctl_batch *B, ctl_entry *e)
+{
+    ctl_op *op = e->op;
+    if (B->rc == 0) {
+        for (int32_t r = e->row0; r < e->row0 + e->nrow; r++) {
+            int32_t o = B->row_src[r];
+            op->out.tokens[o] = B->out.tokens[r];
+            uint32_t a = B->out.value_indptr[r], n = B->out.value_indptr[r + 1] - a;
+            uint32_t d = op->out.value_indptr[o];
+            if (n == 0) continue;
+            memcpy(op->out.values + d, B->out.values + a, n * sizeof(float));
+            memcpy(op->out.ids + d, B->out.ids + a, n * sizeof(int32_t));
+        }
+        op->done_tokens += e->ntok;
+    }
+    op->state = OP_WAITING;     /* neither staged nor running any more */
+    if (B->rc < 0) {
+        pie__op_complete(ctl, op, B->rc);
+    } else if (op->cancel_req) {
+        pie__op_complete(ctl, op, PIE_ECANCELED);
+    } else if (op->done_tokens == op->n_tokens) {
+        pie__op_complete(ctl, op, 0);
+    } else {
+        pie__ready_insert(ctl, op);
+    }
+}
+
+static void batch_complete(pie_ctl *ctl, ctl_batch *B)
+{
+    double t = now_ns();
+    if (B->rc < 0)
+        fprintf(stderr, "pie: control: batch of %d requests failed: %s\n",
+                B->n_reqs, B->err);
+    for (int32_t i = 0; i < B->n_copies; i++) {
+        ctl_op *op = B->copies[i];
+        op->state = OP_WAITING;
+        pie__op_complete(ctl, op, op->cancel_req ? PIE_ECANCELED : op->status);
+    }
+    for (int32_t i = 0; i < B->n_reqs; i++) entry_complete(ctl, B, &B->ents[i]);
+    ctl->st.backend_ns_total += B->backend_ns;
+    batch_reset(B);
+    ctl->ovh_ns += now_ns() - t;
+}
+
+static void launch(pie_ctl *ctl)
+{
+    ctl_batch *B = ctl->staging;
+    for (int32_t i = 0; i < B->n_reqs; i++) {
+        B->ents[i].op->state = OP_RUNNING;
+        B->ents[i].op->ran = true;
+    }
+    for (int32_t i = 0; i < B->n_copies; i++) B->copies[i]->state = OP_RUNNING;
+    ctl->st.fires++;
+    ctl->st.fired_reqs += B->n_reqs;
+    ctl->st.fired_tokens += B->n_tokens;
+    ctl->st.last_batch_reqs = B->n_reqs;
+    ctl->st.last_batch_tokens = B->n_tokens;
+    if (B->n_reqs > ctl->st.max_batch_reqs) ctl->st.max_batch_reqs = B->n_reqs;
+    ctl->st.overhead_ns_last = ctl->ovh_ns;
+    ctl->st.overhead_ns_total += ctl->ovh_ns;
+    ctl->ovh_ns = 0;
+    ctl->running = ctl->launch = B;
+    ctl->staging = B == &ctl->bat[0] ? &ctl->bat[1] : &ctl->bat[0];
+    pthread_cond_signal(&ctl->dev_cv);
+}
+
+static void *sched_main(void *arg)
+{
+    pie_ctl *ctl = arg;
+    pthread_mutex_lock(&ctl->mu);
+    for (;;) {
+        if (ctl->finished) {
+            batch_complete(ctl, ctl->finished);
+            ctl->finished = NULL;
+        }
+        if (ctl->notify) {
+            pie__unlock(ctl);
+            pthread_mutex_lock(&ctl->mu);
+            continue;
+        }
+        if (!ctl->stop && ctl->n_ready > 0) {
+            double t = now_ns();
+            stage_ready(ctl, ctl->staging);
+            ctl->ovh_ns += now_ns() - t;
+        }
+        ctl_batch *S = ctl->staging;
+        if (!ctl->running && (S->n_reqs > 0 || S->n_copies > 0)) {
+            launch(ctl);
+            continue;
+        }
+        if (ctl->stop && !ctl->running) break;
+        pthread_cond_wait(&ctl->sched_cv, &ctl->mu);
+    }
+    pthread_mutex_unlock(&ctl->mu);
+    return NULL;
+}
+
+static void *dev_main(void *arg)
+{
+    pie_ctl *ctl = arg;
+    pthread_mutex_lock(&ctl->mu);
+    for (;;) {
+        while (!ctl->launch && !ctl->stop)
+            pthread_cond_wait(&ctl->dev_cv, &ctl->mu);
+        if (!ctl->launch) break;
+        ctl_batch *B = ctl->launch;
+        ctl->launch = NULL;
+        pthread_mutex_unlock(&ctl->mu);
+        batch_run(ctl, B);
+        pthread_mutex_lock(&ctl->mu);
+        ctl->running = NULL;
+        ctl->finished = B;
+        pthread_cond_signal(&ctl->sched_cv);
+    }
+    pthread_mutex_unlock(&ctl->mu);
+    return NULL;
+}
+
+int pie__sched_start(pie_ctl *ctl)
+{
+    ctl->staging = &ctl->bat[0];
+    if (pthread_create(&ctl->dev_th, NULL, dev_main, ctl) != 0)
+        return pie_err_set(PIE_ENOMEM, "control: cannot start device thread");
+    if (pthread_create(&ctl->sched_th, NULL, sched_main, ctl) != 0) {
+        pthread_mutex_lock(&ctl->mu);
+        ctl->stop = true;
+        pthread_cond_broadcast(&ctl->dev_cv);
+        pthread_mutex_unlock(&ctl->mu);
+        pthread_join(ctl->dev_th, NULL);
+        return pie_err_set(PIE_ENOMEM, "control: cannot start scheduler");
+    }
+    return 0;
+}
+
+/* Stops both threads; a batch on the device completes first. */
+void pie__sched_stop(pie_ctl *ctl)
+{
+    pthread_mutex_lock(&ctl->mu);
+    ctl->stop = true;
+    pthread_cond_broadcast(&ctl->sched_cv);
+    pthread_cond_broadcast(&ctl->dev_cv);
+    pthread_cond_broadcast(&ctl->pool_cv);
+    pthread_mutex_unlock(&ctl->mu);
+    pthread_join(ctl->sched_th, NULL);
+    pthread_mutex_lock(&ctl->mu);
+    pthread_cond_broadcast(&ctl->dev_cv);
+    pthread_mutex_unlock(&ctl->mu);
+    pthread_join(ctl->dev_th, NULL);
+    pie__batch_free(&ctl->bat[0]);
+    pie__batch_free(&ctl->bat[1]);
+}

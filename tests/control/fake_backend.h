@@ -1,0 +1,39 @@
+/*
+ * fake_backend.h — a deterministic stand-in for a compute backend, for the
+ * control layer's tests.
+ *
+ * KV slot content is kv = mix(token, position). The "hidden state" of new
+ * token t is a fold, in slot order, over the kv of every slot it attends to
+ * (causal or its mask), mixed with its own token and position; so any
+ * batching mistake (wrong pages, order, positions, fills, masks) changes it.
+ * Greedy: next = state % vocab (then the first allowed id at or after it
+ * under a logit mask); random: (state ^ seed-mix) % vocab. Probes write
+ * values derived from the state. fake_expected_next() computes the same
+ * function from a plain token history with no pages, as the independent
+ * reference.
+ */
+#ifndef PIE_FAKE_BACKEND_H
+#define PIE_FAKE_BACKEND_H
+
+#include <stdint.h>
+
+#include "backend/backend.h"
+
+typedef struct fake_stats {
+    int32_t calls;          /* forward calls                                */
+    int32_t max_reqs;       /* largest batch (requests)                     */
+    int64_t total_reqs;
+    int32_t copies;
+    int32_t log[4096];      /* requests per call, first 4096 calls          */
+} fake_stats;
+
+/* vocab, page_size, n_pages; delay_us sleeps in each forward (device time) */
+int  fake_backend_create(int32_t vocab, int32_t page_size, int32_t n_pages,
+                         int32_t delay_us, pie_backend **out);
+fake_stats *fake_backend_stats(pie_backend *b);
+void fake_backend_set_delay(pie_backend *b, int32_t delay_us);
+/* The greedy next token after history[0..n) at positions 0..n-1. */
+int32_t fake_expected_next(const int32_t *history, int32_t n, int32_t vocab);
+uint64_t fake_mix(int32_t token, int32_t pos);
+
+#endif

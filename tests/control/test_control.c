@@ -1,0 +1,841 @@
+/*
+ * test_control.c — the control layer against the deterministic fake backend
+ * (fake_backend.h). Expected tokens come from fake_expected_next(), which
+ * computes the fake model's function from a plain token history with no
+ * pages, batches or scheduler: every mistake in batching, paging, chaining,
+ * chunking or dedup shows up as a wrong token.
+ */
+#include <pthread.h>
+#include <stdlib.h>
+#include <string.h>
+#include <time.h>
+#include <unistd.h>
+
+#include "common/pie_err.h"
+#include "control/control.h"
+#include "tests/control/fake_backend.h"
+#include "tests/test_util.h"
+
+#define VOCAB 1000
+#define PS    4
+
+static double now_ms(void)
+{
+    struct timespec ts;
+    clock_gettime(CLOCK_MONOTONIC, &ts);
+    return ts.tv_sec * 1e3 + ts.tv_nsec / 1e6;
+}
+
+static pie_ctl *make_ctl(int32_t n_pages, int32_t delay_us,
+                         const pie_ctl_opts *o, pie_backend **bk)
+{
+    CHECK_OK(fake_backend_create(VOCAB, PS, n_pages, delay_us, bk));
+    pie_ctl *ctl = NULL;
+    CHECK_OK(pie_ctl_create(*bk, o, &ctl));
+    return ctl;
+}
+
+static void done_ctl(pie_ctl *ctl, pie_backend *b)
+{
+    pie_ctl_stats st;
+    pie_ctl_get_stats(ctl, &st);
+    CHECK(st.queue_depth == 0, "queue depth %d at end", st.queue_depth);
+    pie_ctl_free(ctl);
+    pie_backend_free(b);
+}
+
+/* The reference continuation: n greedy tokens after prompt. */
+static void reference(const int32_t *prompt, int32_t np, int32_t n,
+                      int32_t *out)
+{
+    int32_t *h = malloc((np + n) * sizeof *h);
+    memcpy(h, prompt, np * sizeof *h);
+    for (int32_t i = 0; i < n; i++) {
+        h[np + i] = fake_expected_next(h, np + i, VOCAB);
+        out[i] = h[np + i];
+    }
+    free(h);
+}
+
+static void make_prompt(int32_t *p, int32_t n, uint32_t seed)
+{
+    for (int32_t i = 0; i < n; i++) {
+        seed = seed * 1103515245u + 12345u;
+        p[i] = (int32_t)((seed >> 8) % VOCAB);
+    }
+}
+
+static void check_same(const int32_t *want, const int32_t *got, int32_t n,
+                       const char *what)
+{
+    for (int32_t i = 0; i < n; i++)
+        CHECK(want[i] == got[i], "%s: expected %d, got %d at step %d", what,
+              want[i], got[i], i);
+}
+
+/* ---- one forward, by hand ---------------------------------------------- */
+
+/* Submits n tokens at positions pos0.. into pages (kv ends at pos0+n),
+ * greedy output at the last token; chained from `from` when non-NULL. */
+static int fwd(pie_ctl_client *c, const int32_t *toks, int32_t n, int32_t pos0,
+               const uint32_t *pages, pie_ctl_future *from,
+               pie_ctl_future **out)
+{
+    int32_t pos[256], kv = pos0 + n, np = (kv + PS - 1) / PS, oi = n - 1;
+    for (int32_t i = 0; i < n; i++) pos[i] = pos0 + i;
+    pie_sampler s = { .kind = PIE_SAMPLER_GREEDY };
+    pie_ctl_chain ch = { 0, from, 0 };
+    pie_ctl_forward f = {
+        .n_tokens = n, .tokens = toks, .positions = pos, .n_pages = np,
+        .pages = pages, .last_page_len = kv - (np - 1) * PS, .n_outputs = 1,
+        .output_idx = &oi, .samplers = &s, .n_chains = from != NULL,
+        .chains = &ch,
+    };
+    return pie_ctl_forward_submit(c, &f, NULL, NULL, out);
+}
+
+static int32_t wait_token(pie_ctl_future *f)
+{
+    CHECK_OK(pie_ctl_future_wait(f, 10000));
+    const pie_forward_out *o;
+    CHECK_OK(pie_ctl_future_result(f, &o, NULL));
+    return o->tokens[0];
+}
+
+/* ---- tests ---------------------------------------------------------------- */
+
+static void test_generate_alone(void)
+{
+    pie_backend *b;
+    pie_ctl *ctl = make_ctl(64, 0, NULL, &b);
+    int32_t prompt[11], want[30], got[30], n = 0;
+    make_prompt(prompt, 11, 7);
+    reference(prompt, 11, 30, want);
+    pie_ctl_gen_opts o = { .prompt = prompt, .n_prompt = 11, .max_tokens = 30,
+                           .lookahead = 4, .timeout_ms = 1000 };
+    CHECK_OK(pie_ctl_generate(ctl, &o, got, 30, &n));
+    CHECK(n == 30, "generated %d tokens, expected 30", n);
+    check_same(want, got, 30, "native generation alone");
+    /* stop id: generation ends right after it */
+    o.stop_ids = &want[9];
+    o.n_stop = 1;
+    CHECK_OK(pie_ctl_generate(ctl, &o, got, 30, &n));
+    int32_t first = 0;
+    while (want[first] != want[9]) first++;
+    CHECK(n == first + 1, "stopped after %d tokens, expected %d", n, first + 1);
+    pie_ctl_stats st;
+    usleep(200000);
+    pie_ctl_get_stats(ctl, &st);
+    CHECK(st.pages_free == st.pages_total, "%d of %d pages free after "
+          "generation (queue %d)", st.pages_free, st.pages_total, st.queue_depth);
+    printf("generate alone: 30 tokens match the reference; stop id ok\n");
+    done_ctl(ctl, b);
+}
+
+typedef struct gen_job {
+    pie_ctl *ctl;
+    int32_t  prompt[40], n_prompt, n_gen, lookahead;
+    int32_t  got[64], n;
+    int      rc;
+} gen_job;
+
+static void *gen_thread(void *arg)
+{
+    gen_job *j = arg;
+    pie_ctl_gen_opts o = { .prompt = j->prompt, .n_prompt = j->n_prompt,
+                           .max_tokens = j->n_gen, .lookahead = j->lookahead,
+                           .timeout_ms = 5000 };
+    j->rc = pie_ctl_generate(j->ctl, &o, j->got, 64, &j->n);
+    return NULL;
+}
+
+static void run_jobs(pie_ctl *ctl, gen_job *jobs, int nj)
+{
+    pthread_t th[64];
+    for (int i = 0; i < nj; i++) {
+        jobs[i].ctl = ctl;
+        pthread_create(&th[i], NULL, gen_thread, &jobs[i]);
+    }
+    for (int i = 0; i < nj; i++) pthread_join(th[i], NULL);
+    for (int i = 0; i < nj; i++) {
+        CHECK(jobs[i].rc == 0, "job %d failed: %d", i, jobs[i].rc);
+        int32_t want[64];
+        reference(jobs[i].prompt, jobs[i].n_prompt, jobs[i].n_gen, want);
+        CHECK(jobs[i].n == jobs[i].n_gen, "job %d: %d tokens", i, jobs[i].n);
+        char what[64];
+        snprintf(what, sizeof what, "concurrent job %d", i);
+        check_same(want, jobs[i].got, jobs[i].n_gen, what);
+    }
+}
+
+static void test_generate_mixed(void)
+{
+    pie_backend *b;
+    pie_ctl_opts co = { .prefill_chunk = 8 };
+    pie_ctl *ctl = make_ctl(1024, 300, &co, &b);
+    enum { NJ = 24 };
+    static gen_job jobs[NJ];
+    for (int i = 0; i < NJ; i++) {
+        jobs[i].n_prompt = 1 + (i * 7) % 37;
+        jobs[i].n_gen = 5 + (i * 13) % 40;
+        jobs[i].lookahead = 1 + i % 6;
+        make_prompt(jobs[i].prompt, jobs[i].n_prompt, 100 + i);
+    }
+    run_jobs(ctl, jobs, NJ);
+    fake_stats *fs = fake_backend_stats(b);
+    CHECK(fs->max_reqs >= 4, "largest batch had %d requests; expected the "
+          "scheduler to batch concurrent generations", fs->max_reqs);
+    pie_ctl_stats st;
+    pie_ctl_get_stats(ctl, &st);
+    CHECK(st.pages_free == st.pages_total, "%d of %d pages free",
+          st.pages_free, st.pages_total);
+    CHECK(st.fires == (uint64_t)fs->calls, "fires %llu vs backend calls %d",
+          (unsigned long long)st.fires, fs->calls);
+    printf("generate mixed: %d concurrent generations match the reference; "
+           "%d fires, largest batch %d, mean %.1f\n", NJ, fs->calls,
+           fs->max_reqs, (double)fs->total_reqs / fs->calls);
+    done_ctl(ctl, b);
+}
+
+/* Step-by-step (wait for each token, feed it) vs k steps chained ahead. */
+static void test_chained(void)
+{
+    pie_backend *b;
+    pie_ctl *ctl = make_ctl(64, 200, NULL, &b);
+    pie_ctl_client *c;
+    CHECK_OK(pie_ctl_client_open(ctl, NULL, &c));
+    int32_t prompt[6], want[20], got[20];
+    make_prompt(prompt, 6, 3);
+    reference(prompt, 6, 20, want);
+    uint32_t pages[8];
+    CHECK_OK(pie_ctl_page_alloc(c, 7, 0, pages));
+    /* step by step */
+    pie_ctl_future *f;
+    CHECK_OK(fwd(c, prompt, 6, 0, pages, NULL, &f));
+    got[0] = wait_token(f);
+    pie_ctl_future_release(f);
+    for (int32_t i = 1; i < 20; i++) {
+        CHECK_OK(fwd(c, &got[i - 1], 1, 6 + i - 1, pages, NULL, &f));
+        got[i] = wait_token(f);
+        pie_ctl_future_release(f);
+    }
+    check_same(want, got, 20, "step by step");
+    /* all 20 steps queued at once, each chained to the previous; the fills
+     * of the pages are rewritten from position 6 on */
+    pie_ctl_future *fs[20];
+    int32_t zero = 0;
+    fake_stats *st = fake_backend_stats(b);
+    int32_t calls0 = st->calls;
+    CHECK_OK(fwd(c, prompt, 6, 0, pages, NULL, &fs[0]));
+    for (int32_t i = 1; i < 20; i++)
+        CHECK_OK(fwd(c, &zero, 1, 6 + i - 1, pages, fs[i - 1], &fs[i]));
+    for (int32_t i = 0; i < 20; i++) got[i] = wait_token(fs[i]);
+    for (int32_t i = 0; i < 20; i++) pie_ctl_future_release(fs[i]);
+    check_same(want, got, 20, "chained 20 ahead");
+    CHECK(st->calls - calls0 == 20, "chained run took %d fires, expected 20",
+          st->calls - calls0);
+    int32_t fill;
+    CHECK_OK(pie_ctl_page_fill(c, pages[6], &fill));
+    CHECK(fill == 1, "last page fill %d, expected 1", fill);
+    pie_ctl_client_close(c);
+    printf("chained: 20 steps queued ahead equal step-by-step and the "
+           "reference\n");
+    done_ctl(ctl, b);
+}
+
+static void test_quotas(void)
+{
+    pie_backend *b;
+    pie_ctl *ctl = make_ctl(32, 0, NULL, &b);
+    pie_ctl_client *c;
+    pie_ctl_client_opts co = { .max_pages = 3, .max_tokens = 10,
+                               .name = "q" };
+    CHECK_OK(pie_ctl_client_open(ctl, &co, &c));
+    uint32_t h[8];
+    CHECK_OK(pie_ctl_page_alloc(c, 2, 0, h));
+    int rc = pie_ctl_page_alloc(c, 2, 0, h + 2);
+    CHECK(rc == PIE_ELIMIT, "alloc beyond page quota returned %d", rc);
+    CHECK(strstr(pie_err_msg(), "quota") != NULL, "message: %s", pie_err_msg());
+    CHECK_OK(pie_ctl_page_alloc(c, 1, 0, h + 2));
+    CHECK_OK(pie_ctl_page_free(c, 1, h + 2));
+    CHECK_OK(pie_ctl_page_alloc(c, 1, 0, h + 2));
+    int32_t toks[8] = { 1, 2, 3, 4, 5, 6, 7, 8 };
+    pie_ctl_future *f;
+    CHECK_OK(fwd(c, toks, 8, 0, h, NULL, &f));
+    wait_token(f);
+    pie_ctl_future_release(f);
+    rc = fwd(c, toks, 3, 8, h, NULL, &f);
+    CHECK(rc == PIE_ELIMIT, "forward beyond token quota returned %d", rc);
+    CHECK(strstr(pie_err_msg(), "token quota") != NULL, "message: %s",
+          pie_err_msg());
+    CHECK_OK(fwd(c, toks, 2, 8, h, NULL, &f));
+    wait_token(f);
+    pie_ctl_future_release(f);
+    pie_ctl_client_close(c);
+    printf("quotas: page and token limits enforced with clear errors\n");
+    done_ctl(ctl, b);
+}
+
+typedef struct freer { pie_ctl_client *c; uint32_t h; int delay_ms; } freer;
+static void *free_later(void *arg)
+{
+    freer *fr = arg;
+    usleep(fr->delay_ms * 1000);
+    pie_ctl_page_free(fr->c, 1, &fr->h);
+    return NULL;
+}
+
+static void test_admission(void)
+{
+    pie_backend *b;
+    pie_ctl *ctl = make_ctl(8, 0, NULL, &b);
+    pie_ctl_client *a, *c;
+    CHECK_OK(pie_ctl_client_open(ctl, NULL, &a));
+    CHECK_OK(pie_ctl_client_open(ctl, NULL, &c));
+    uint32_t ha[8], hc[2];
+    CHECK_OK(pie_ctl_page_alloc(a, 8, 0, ha));
+    double t = now_ms();
+    int rc = pie_ctl_page_alloc(c, 1, 100, hc);
+    double waited = now_ms() - t;
+    CHECK(rc == PIE_EBUSY, "alloc from a full pool returned %d", rc);
+    CHECK(waited >= 90, "gave up after %.1f ms, expected ~100", waited);
+    rc = pie_ctl_page_alloc(c, 9, 1000, hc);
+    CHECK(rc == PIE_EBUSY, "alloc beyond the pool size returned %d", rc);
+    pthread_t th;
+    freer fr = { a, ha[3], 50 };
+    pthread_create(&th, NULL, free_later, &fr);
+    t = now_ms();
+    CHECK_OK(pie_ctl_page_alloc(c, 1, 5000, hc));
+    waited = now_ms() - t;
+    pthread_join(th, NULL);
+    CHECK(waited >= 40 && waited < 4000, "waited %.1f ms", waited);
+    pie_ctl_stats st;
+    pie_ctl_get_stats(ctl, &st);
+    CHECK(st.alloc_waits >= 2, "alloc_waits %llu",
+          (unsigned long long)st.alloc_waits);
+    pie_ctl_client_close(a);
+    pie_ctl_client_close(c);
+    printf("admission: a full pool waits (%.0f ms) then succeeds; times out "
+           "otherwise\n", waited);
+    done_ctl(ctl, b);
+}
+
+/* ---- priority ------------------------------------------------------------- */
+
+static pthread_mutex_t order_mu = PTHREAD_MUTEX_INITIALIZER;
+static int order[64], n_order;
+
+static void record_done(void *user, pie_ctl_future *f, int status)
+{
+    (void)f;
+    pthread_mutex_lock(&order_mu);
+    order[n_order++] = status == 0 ? (int)(intptr_t)user : -1;
+    pthread_mutex_unlock(&order_mu);
+}
+
+static void test_priority(void)
+{
+    pie_backend *b;
+    pie_ctl_opts co = { .max_batch_reqs = 1 };
+    pie_ctl *ctl = make_ctl(64, 20000, &co, &b);
+    pie_ctl_client *lo, *hi, *blk;
+    pie_ctl_client_opts ol = { .priority = 5 }, oh = { .priority = 1 },
+                        ob = { .priority = 0 };
+    CHECK_OK(pie_ctl_client_open(ctl, &ol, &lo));
+    CHECK_OK(pie_ctl_client_open(ctl, &oh, &hi));
+    CHECK_OK(pie_ctl_client_open(ctl, &ob, &blk));
+    uint32_t hb[1], hl[4], hh[4];
+    CHECK_OK(pie_ctl_page_alloc(blk, 1, 0, hb));
+    CHECK_OK(pie_ctl_page_alloc(lo, 4, 0, hl));
+    CHECK_OK(pie_ctl_page_alloc(hi, 4, 0, hh));
+    int32_t tok = 5;
+    pie_ctl_future *fb, *f[8];
+    n_order = 0;
+    CHECK_OK(fwd(blk, &tok, 1, 0, hb, NULL, &fb));   /* occupies the device */
+    usleep(5000);
+    for (int i = 0; i < 4; i++) {   /* low first, then high, interleaved */
+        int32_t pos[1] = { 0 }, oi = 0, one = 1 + i;
+        pie_sampler s = { .kind = PIE_SAMPLER_GREEDY };
+        pie_ctl_forward fl = { .n_tokens = 1, .tokens = &one, .positions = pos,
+                               .n_pages = 1, .pages = &hl[i],
+                               .last_page_len = 1, .n_outputs = 1,
+                               .output_idx = &oi, .samplers = &s };
+        CHECK_OK(pie_ctl_forward_submit(lo, &fl, record_done,
+                                        (void *)(intptr_t)(10 + i), &f[i]));
+        fl.pages = &hh[i];
+        CHECK_OK(pie_ctl_forward_submit(hi, &fl, record_done,
+                                        (void *)(intptr_t)(20 + i), &f[4 + i]));
+    }
+    for (int i = 0; i < 8; i++) CHECK_OK(pie_ctl_future_wait(f[i], 10000));
+    CHECK_OK(pie_ctl_future_wait(fb, 10000));
+    pie_ctl_free(ctl);   /* callbacks have all run once the scheduler joined */
+    pie_backend_free(b);
+    /* the first low one may have been pre-staged while the blocker ran (one
+     * batch of bounded inversion); after it, all high before all low, FIFO
+     * within each class */
+    int expect_hi[4] = { 20, 21, 22, 23 }, k = 0, first_lo = -1;
+    for (int i = 0; i < n_order; i++)
+        if (order[i] >= 10 && order[i] < 20) { first_lo = i; break; }
+    CHECK(n_order == 8, "%d callbacks", n_order);
+    int hi_seen = 0;
+    for (int i = 0; i < 8; i++) {
+        if (order[i] >= 20) {
+            CHECK(order[i] == expect_hi[hi_seen], "high priority out of FIFO "
+                  "order: %d at %d", order[i], i);
+            hi_seen++;
+        }
+    }
+    int lo_after = 0;
+    for (int i = 0; i < 8; i++)
+        if (order[i] >= 10 && order[i] < 20) {
+            CHECK(order[i] == 10 + k, "low priority out of FIFO order: %d", order[i]);
+            k++;
+            if (hi_seen > 0 && i > first_lo) lo_after++;
+        }
+    int last_hi = 0;
+    for (int i = 0; i < 8; i++) if (order[i] >= 20) last_hi = i;
+    int lo_before_last_hi = 0;
+    for (int i = 0; i < last_hi; i++)
+        if (order[i] >= 10 && order[i] < 20) lo_before_last_hi++;
+    CHECK(lo_before_last_hi <= 1, "%d low-priority forwards ran before the "
+          "last high-priority one", lo_before_last_hi);
+    printf("priority: completion order");
+    for (int i = 0; i < 8; i++) printf(" %d", order[i]);
+    printf("\n");
+}
+
+/* ---- cancel and rollback --------------------------------------------------- */
+
+static void test_cancel(void)
+{
+    pie_backend *b;
+    pie_ctl *ctl = make_ctl(64, 3000, NULL, &b);
+    pie_ctl_client *c;
+    CHECK_OK(pie_ctl_client_open(ctl, NULL, &c));
+    int32_t prompt[5], want[30], got[30], zero = 0;
+    make_prompt(prompt, 5, 11);
+    reference(prompt, 5, 30, want);
+    uint32_t pages[10];
+    CHECK_OK(pie_ctl_page_alloc(c, 9, 0, pages));
+    pie_ctl_future *fs[30];
+    CHECK_OK(fwd(c, prompt, 5, 0, pages, NULL, &fs[0]));
+    for (int32_t i = 1; i < 30; i++)
+        CHECK_OK(fwd(c, &zero, 1, 5 + i - 1, pages, fs[i - 1], &fs[i]));
+    int32_t fill_all;
+    CHECK_OK(pie_ctl_page_fill(c, pages[8], &fill_all));
+    CHECK(fill_all == 2, "fill of page 8 with 30 queued steps: %d", fill_all);
+    for (int32_t i = 0; i < 3; i++) got[i] = wait_token(fs[i]);
+    pie_ctl_future_cancel(fs[6]);
+    int done_ok = 0;
+    for (int32_t i = 3; i < 30; i++) {
+        int rc = pie_ctl_future_wait(fs[i], 10000);
+        if (i >= 6) CHECK(rc == PIE_ECANCELED, "step %d after cancel: %d", i, rc);
+        else if (rc == 0) got[i] = wait_token(fs[i]), done_ok++;
+    }
+    CHECK(done_ok == 3, "%d of steps 3..5 completed", done_ok);
+    /* kv now holds the prompt + inputs of steps 1..5: 10 slots */
+    int32_t fill;
+    CHECK_OK(pie_ctl_page_fill(c, pages[2], &fill));
+    CHECK(fill == 2, "page 2 fill after cancel %d, expected 2", fill);
+    for (int32_t k = 3; k < 9; k++) {
+        CHECK_OK(pie_ctl_page_fill(c, pages[k], &fill));
+        CHECK(fill == 0, "page %d fill after cancel %d, expected 0", k, fill);
+    }
+    for (int32_t i = 0; i < 30; i++) pie_ctl_future_release(fs[i]);
+    /* continue from the rolled-back state */
+    pie_ctl_future *f;
+    for (int32_t i = 6; i < 30; i++) {
+        CHECK_OK(fwd(c, &got[i - 1], 1, 5 + i - 1, pages, NULL, &f));
+        got[i] = wait_token(f);
+        pie_ctl_future_release(f);
+    }
+    check_same(want, got, 30, "generation resumed after cancel");
+    pie_ctl_stats st;
+    pie_ctl_get_stats(ctl, &st);
+    CHECK(st.cancelled == 24, "cancelled %llu, expected 24",
+          (unsigned long long)st.cancelled);
+    pie_ctl_client_close(c);
+    printf("cancel: 24 queued steps cancelled, fills rolled back, resumed "
+           "generation matches\n");
+    done_ctl(ctl, b);
+}
+
+static void test_close_pending(void)
+{
+    pie_backend *b;
+    pie_ctl *ctl = make_ctl(128, 2000, NULL, &b);
+    pie_ctl_future *keep[8][20];
+    for (int k = 0; k < 8; k++) {
+        pie_ctl_client *c;
+        CHECK_OK(pie_ctl_client_open(ctl, NULL, &c));
+        uint32_t pages[10];
+        CHECK_OK(pie_ctl_page_alloc(c, 10, 0, pages));
+        int32_t prompt[7], zero = 0;
+        make_prompt(prompt, 7, 50 + k);
+        CHECK_OK(fwd(c, prompt, 7, 0, pages, NULL, &keep[k][0]));
+        for (int32_t i = 1; i < 20; i++)
+            CHECK_OK(fwd(c, &zero, 1, 7 + i - 1, pages, keep[k][i - 1],
+                         &keep[k][i]));
+        if (k < 2) CHECK_OK(pie_ctl_export(c, k == 0 ? "closing" : "x", 1,
+                                           pages));
+        usleep(k * 1000);
+        pie_ctl_client_close(c);
+    }
+    for (int k = 0; k < 8; k++)
+        for (int i = 0; i < 20; i++) {
+            int rc = pie_ctl_future_wait(keep[k][i], 10000);
+            CHECK(rc == 0 || rc == PIE_ECANCELED, "future %d/%d: %d", k, i, rc);
+            pie_ctl_future_release(keep[k][i]);
+        }
+    pie_ctl_stats st;
+    pie_ctl_get_stats(ctl, &st);
+    CHECK(st.pages_used == 2, "pages used after closing with pending work: "
+          "%d (expected the 2 exported)", st.pages_used);
+    CHECK(st.clients == 0, "%d clients", st.clients);
+    pie_ctl_client *c;
+    CHECK_OK(pie_ctl_client_open(ctl, NULL, &c));
+    CHECK_OK(pie_ctl_unexport(c, "closing"));
+    CHECK_OK(pie_ctl_unexport(c, "x"));
+    pie_ctl_client_close(c);
+    pie_ctl_get_stats(ctl, &st);
+    CHECK(st.pages_free == st.pages_total, "%d of %d free", st.pages_free,
+          st.pages_total);
+    printf("close with pending work: no page leaks (cancelled %llu)\n",
+           (unsigned long long)st.cancelled);
+    done_ctl(ctl, b);
+}
+
+static void test_exports(void)
+{
+    pie_backend *b;
+    pie_ctl *ctl = make_ctl(16, 0, NULL, &b);
+    pie_ctl_client *a, *c;
+    CHECK_OK(pie_ctl_client_open(ctl, NULL, &a));
+    CHECK_OK(pie_ctl_client_open(ctl, NULL, &c));
+    int32_t prompt[8], want[3];
+    make_prompt(prompt, 8, 9);
+    uint32_t ha[2];
+    CHECK_OK(pie_ctl_page_alloc(a, 2, 0, ha));
+    pie_ctl_future *f;
+    CHECK_OK(fwd(a, prompt, 8, 0, ha, NULL, &f));
+    wait_token(f);
+    pie_ctl_future_release(f);
+    CHECK_OK(pie_ctl_export(a, "sys", 2, ha));
+    CHECK(pie_ctl_export(a, "sys", 1, ha) == PIE_EBUSY, "duplicate name");
+    uint32_t hi[4];
+    int32_t n = 0;
+    CHECK(pie_ctl_import(c, "nope", 4, hi, &n) == PIE_ENOTFOUND, "unknown");
+    CHECK(pie_ctl_import(c, "sys", 1, hi, &n) == PIE_ERANGE && n == 2,
+          "small buffer: n=%d", n);
+    CHECK_OK(pie_ctl_import(c, "sys", 4, hi, &n));
+    CHECK(n == 2, "imported %d pages", n);
+    char names[64];
+    int32_t len, cnt;
+    CHECK_OK(pie_ctl_export_list(ctl, names, sizeof names, &len, &cnt));
+    CHECK(cnt == 1 && strcmp(names, "sys") == 0, "list: %d '%s'", cnt, names);
+    /* writing into an imported page is refused */
+    int32_t t9 = 9;
+    uint32_t bad[3] = { hi[0], hi[1], 0 };
+    CHECK_OK(pie_ctl_page_alloc(c, 1, 0, &bad[2]));
+    int rc = fwd(c, &t9, 1, 7, bad, NULL, &f);
+    CHECK(rc == PIE_EPERM, "write into imported page returned %d", rc);
+    /* continue the shared prefix in a private page: 3 tokens */
+    int32_t hist[11];
+    memcpy(hist, prompt, sizeof prompt);
+    reference(prompt, 8, 3, want);
+    int32_t x[3] = { 17, 18, 19 };
+    CHECK_OK(fwd(c, x, 3, 8, bad, NULL, &f));
+    memcpy(hist + 8, x, sizeof x);
+    int32_t tok = wait_token(f);
+    pie_ctl_future_release(f);
+    CHECK(tok == fake_expected_next(hist, 11, VOCAB), "forward over imported "
+          "pages: got %d, expected %d", tok, fake_expected_next(hist, 11, VOCAB));
+    CHECK_OK(pie_ctl_unexport(a, "sys"));
+    CHECK(pie_ctl_unexport(a, "sys") == PIE_ENOTFOUND, "double unexport");
+    pie_ctl_client_close(a);
+    pie_ctl_stats st;
+    pie_ctl_get_stats(ctl, &st);
+    CHECK(st.pages_used == 3, "pages used %d, expected 3 (2 imported live on)",
+          st.pages_used);
+    pie_ctl_client_close(c);
+    pie_ctl_get_stats(ctl, &st);
+    CHECK(st.pages_free == 16, "pages free %d", st.pages_free);
+    printf("exports: import is read-only and refcounted; pages outlive the "
+           "exporter\n");
+    done_ctl(ctl, b);
+}
+
+/* Same prompts with and without dedup: same tokens, fewer pages. */
+static void test_dedup(void)
+{
+    int32_t results[2][6][20];
+    int32_t used[2];
+    uint64_t hits = 0;
+    for (int mode = 0; mode < 2; mode++) {
+        pie_backend *b;
+        pie_ctl_opts co = { .no_dedup = mode == 1 };
+        pie_ctl *ctl = make_ctl(256, 0, &co, &b);
+        pie_ctl_client *cs[6];
+        uint32_t pages[6][8];
+        int32_t prompt[23];
+        make_prompt(prompt, 23, 77);
+        for (int k = 0; k < 6; k++) {
+            CHECK_OK(pie_ctl_client_open(ctl, NULL, &cs[k]));
+            CHECK_OK(pie_ctl_page_alloc(cs[k], 8, 0, pages[k]));
+            pie_ctl_future *f;
+            /* clients 0..2 share a prompt; 3..5 change its last token */
+            prompt[22] = k < 3 ? 5 : 6 + k;
+            CHECK_OK(fwd(cs[k], prompt, 23, 0, pages[k], NULL, &f));
+            results[mode][k][0] = wait_token(f);
+            pie_ctl_future_release(f);
+            for (int32_t i = 1; i < 6; i++) {
+                CHECK_OK(fwd(cs[k], &results[mode][k][i - 1], 1, 23 + i - 1,
+                             pages[k], NULL, &f));
+                results[mode][k][i] = wait_token(f);
+                pie_ctl_future_release(f);
+            }
+            int32_t hist[40], want[6];
+            memcpy(hist, prompt, sizeof prompt);
+            reference(hist, 23, 6, want);
+            check_same(want, results[mode][k], 6, mode ? "no dedup" : "dedup");
+        }
+        pie_ctl_stats st;
+        pie_ctl_get_stats(ctl, &st);
+        used[mode] = st.pages_used;
+        if (mode == 0) hits = st.dedup_hits;
+        for (int k = 0; k < 6; k++) pie_ctl_client_close(cs[k]);
+        pie_ctl_get_stats(ctl, &st);
+        CHECK(st.pages_free == st.pages_total, "leak with dedup=%d", !mode);
+        done_ctl(ctl, b);
+    }
+    /* 23+5 = 28 slots = 7 pages each. Pages 0..4 (slots 0..19) are the same
+     * prompt for all 6; page 5 (20..23) differs from client 3 on. */
+    CHECK(used[1] == 6 * 8, "without dedup %d pages used", used[1]);
+    CHECK(hits >= 5 * 5, "dedup hits %llu, expected >= 25",
+          (unsigned long long)hits);
+    CHECK(used[0] <= used[1] - 25, "with dedup %d pages used vs %d", used[0],
+          used[1]);
+    printf("dedup: identical outputs; %d pages with dedup vs %d without "
+           "(%llu hits)\n", used[0], used[1], (unsigned long long)hits);
+}
+
+static void test_chunked_prefill(void)
+{
+    pie_backend *b;
+    pie_ctl_opts co = { .prefill_chunk = 16 };
+    pie_ctl *ctl = make_ctl(64, 0, &co, &b);
+    int32_t prompt[150], want[5], got[5], n;
+    make_prompt(prompt, 150, 1234);
+    reference(prompt, 150, 5, want);
+    pie_ctl_gen_opts o = { .prompt = prompt, .n_prompt = 150, .max_tokens = 5,
+                           .timeout_ms = 100 };
+    CHECK_OK(pie_ctl_generate(ctl, &o, got, 5, &n));
+    check_same(want, got, 5, "chunked prefill");
+    fake_stats *fs = fake_backend_stats(b);
+    CHECK(fs->calls >= 10 + 4, "%d fires for a 150-token prompt in chunks of "
+          "16 plus 4 decodes", fs->calls);
+    printf("chunked prefill: 150-token prompt in %d fires, output matches\n",
+           fs->calls);
+    done_ctl(ctl, b);
+}
+
+/* Probes, logit masks and explicit masks pass through unchanged. */
+static void test_rows_and_masks(void)
+{
+    pie_backend *b;
+    pie_ctl *ctl = make_ctl(16, 0, NULL, &b);
+    pie_ctl_client *c;
+    CHECK_OK(pie_ctl_client_open(ctl, NULL, &c));
+    uint32_t h[3];
+    CHECK_OK(pie_ctl_page_alloc(c, 3, 0, h));
+    int32_t toks[9], pos[9];
+    make_prompt(toks, 9, 4);
+    for (int i = 0; i < 9; i++) pos[i] = i;
+    /* explicit causal mask written as runs: equals the default */
+    uint32_t mi[10], mr[18];
+    for (int i = 0; i < 9; i++) {
+        mi[i] = 2 * i;
+        mr[2 * i] = 0;
+        mr[2 * i + 1] = i + 1;
+    }
+    mi[9] = 18;
+    int32_t oi[4] = { 8, 8, 3, 8 };
+    int32_t lp_ids[2] = { 7, 900 };
+    pie_sampler s[4] = { { .kind = PIE_SAMPLER_GREEDY },
+                         { .kind = PIE_PROBE_TOPK, .top_k = 3 },
+                         { .kind = PIE_PROBE_LOGPROBS, .ids = lp_ids, .n_ids = 2 },
+                         { .kind = PIE_SAMPLER_GREEDY } };
+    uint32_t li[5] = { 0, 2, 4, 6, 8 }, lr[8] = { 0, 1000, 0, 1000, 0, 1000,
+                                                  500, 1 };
+    pie_ctl_forward f = { .n_tokens = 9, .tokens = toks, .positions = pos,
+                          .n_pages = 3, .pages = h, .last_page_len = 1,
+                          .mask_indptr = mi, .mask_runs = mr, .n_outputs = 4,
+                          .output_idx = oi, .samplers = s,
+                          .logit_mask_indptr = li, .logit_mask_runs = lr };
+    pie_ctl_future *fu;
+    CHECK_OK(pie_ctl_forward_submit(c, &f, NULL, NULL, &fu));
+    lp_ids[0] = -5;   /* the control layer copied the ids */
+    CHECK_OK(pie_ctl_future_wait(fu, 5000));
+    const pie_forward_out *o;
+    int32_t no;
+    CHECK_OK(pie_ctl_future_result(fu, &o, &no));
+    CHECK(no == 4, "%d rows", no);
+    int32_t want = fake_expected_next(toks, 9, VOCAB);
+    CHECK(o->tokens[0] == want, "greedy under explicit causal mask: %d vs %d",
+          o->tokens[0], want);
+    CHECK(o->tokens[3] == 500, "logit mask allowing only 500 gave %d",
+          o->tokens[3]);
+    CHECK(o->tokens[1] == -1 && o->value_indptr[2] - o->value_indptr[1] == 3,
+          "top-k row: token %d, %u values", o->tokens[1],
+          o->value_indptr[2] - o->value_indptr[1]);
+    CHECK(o->ids[o->value_indptr[1]] == want, "top-k first id %d vs %d",
+          o->ids[o->value_indptr[1]], want);
+    CHECK(o->value_indptr[3] - o->value_indptr[2] == 2, "logprob values");
+    pie_ctl_future_release(fu);
+    pie_ctl_client_close(c);
+    printf("rows and masks: probes, logit masks, explicit masks pass "
+           "through\n");
+    done_ctl(ctl, b);
+}
+
+static void test_bad_input(void)
+{
+    pie_backend *b;
+    pie_ctl *ctl = make_ctl(16, 0, NULL, &b);
+    pie_ctl_client *c, *d;
+    CHECK_OK(pie_ctl_client_open(ctl, NULL, &c));
+    CHECK_OK(pie_ctl_client_open(ctl, NULL, &d));
+    uint32_t h[4];
+    CHECK_OK(pie_ctl_page_alloc(c, 2, 0, h));
+    int32_t t[4] = { 1, 2, 3, 4 }, pos[4] = { 0, 1, 2, 3 }, oi = 3;
+    pie_sampler s = { .kind = PIE_SAMPLER_GREEDY };
+    pie_ctl_future *f;
+    pie_ctl_forward base = { .n_tokens = 4, .tokens = t, .positions = pos,
+                             .n_pages = 1, .pages = h, .last_page_len = 4,
+                             .n_outputs = 1, .output_idx = &oi, .samplers = &s };
+    pie_ctl_forward x;
+    uint32_t bogus[1] = { 999 };
+    x = base; x.pages = bogus;
+    CHECK(pie_ctl_forward_submit(c, &x, NULL, NULL, &f) == PIE_EINVAL,
+          "bogus handle");
+    CHECK(strstr(pie_err_msg(), "handle") != NULL, "msg %s", pie_err_msg());
+    CHECK(pie_ctl_forward_submit(d, &base, NULL, NULL, &f) == PIE_EINVAL,
+          "another client's handle");
+    x = base; x.last_page_len = 5;
+    CHECK(pie_ctl_forward_submit(c, &x, NULL, NULL, &f) == PIE_ERANGE, "fill");
+    x = base; x.last_page_len = 3;
+    CHECK(pie_ctl_forward_submit(c, &x, NULL, NULL, &f) == PIE_ERANGE,
+          "tokens beyond kv");
+    int32_t badt[4] = { 1, 2, VOCAB, 4 };
+    x = base; x.tokens = badt;
+    CHECK(pie_ctl_forward_submit(c, &x, NULL, NULL, &f) == PIE_ERANGE, "vocab");
+    int32_t badpos[4] = { 0, -1, 2, 3 };
+    x = base; x.positions = badpos;
+    CHECK(pie_ctl_forward_submit(c, &x, NULL, NULL, &f) == PIE_ERANGE, "pos");
+    int32_t badoi = 4;
+    x = base; x.output_idx = &badoi;
+    CHECK(pie_ctl_forward_submit(c, &x, NULL, NULL, &f) == PIE_ERANGE, "row");
+    pie_sampler bs = { .kind = 99 };
+    x = base; x.samplers = &bs;
+    CHECK(pie_ctl_forward_submit(c, &x, NULL, NULL, &f) == PIE_EINVAL, "kind");
+    uint32_t mi[5] = { 0, 2, 4, 6, 8 }, mr[8] = { 0, 1, 0, 2, 0, 3, 0, 5 };
+    x = base; x.mask_indptr = mi; x.mask_runs = mr;
+    CHECK(pie_ctl_forward_submit(c, &x, NULL, NULL, &f) == PIE_ERANGE,
+          "mask longer than kv");
+    uint32_t mi2[5] = { 0, 2, 1, 6, 8 };
+    x = base; x.mask_indptr = mi2; x.mask_runs = mr;
+    CHECK(pie_ctl_forward_submit(c, &x, NULL, NULL, &f) == PIE_EINVAL,
+          "mask indptr not monotone");
+    uint32_t dup[2] = { h[0], h[0] };
+    int32_t t8[8] = { 1 }, p8[8] = { 0, 1, 2, 3, 4, 5, 6, 7 };
+    x = base; x.pages = dup; x.n_pages = 2; x.n_tokens = 8; x.tokens = t8;
+    x.positions = p8;
+    CHECK(pie_ctl_forward_submit(c, &x, NULL, NULL, &f) == PIE_EINVAL,
+          "same page written twice");
+    /* chain from a probe row is refused; from another client too */
+    pie_sampler ps = { .kind = PIE_PROBE_ENTROPY };
+    x = base; x.samplers = &ps;
+    pie_ctl_future *probe;
+    CHECK_OK(pie_ctl_forward_submit(c, &x, NULL, NULL, &probe));
+    pie_ctl_chain ch = { 0, probe, 0 };
+    int32_t one = 0, p4 = 4;
+    pie_ctl_forward y = { .n_tokens = 1, .tokens = &one, .positions = &p4,
+                          .n_pages = 2, .pages = h, .last_page_len = 1,
+                          .n_outputs = 1, .output_idx = (int32_t[]){ 0 },
+                          .samplers = &s, .n_chains = 1, .chains = &ch };
+    CHECK(pie_ctl_forward_submit(c, &y, NULL, NULL, &f) == PIE_EINVAL,
+          "chain from probe row");
+    ch.row = 3;
+    CHECK(pie_ctl_forward_submit(c, &y, NULL, NULL, &f) == PIE_EINVAL,
+          "chain row out of range");
+    CHECK_OK(pie_ctl_future_wait(probe, 5000));
+    pie_ctl_future_release(probe);
+    CHECK(pie_ctl_page_free(c, 1, bogus) == PIE_EINVAL, "free bogus");
+    uint32_t twice[2] = { h[1], h[1] };
+    CHECK(pie_ctl_page_free(c, 2, twice) == PIE_EINVAL, "free twice");
+    CHECK(pie_ctl_page_copy(c, h[0], 2, h[1], 3, 2) == PIE_ERANGE, "copy range");
+    CHECK(pie_ctl_page_copy(c, h[0], 0, 77, 0, 1) == PIE_EINVAL, "copy handle");
+    CHECK(pie_ctl_export(c, "", 1, h) == PIE_EINVAL, "empty export name");
+    pie_ctl_client_opts bo = { .priority = 8 };
+    pie_ctl_client *e;
+    CHECK(pie_ctl_client_open(ctl, &bo, &e) == PIE_EINVAL, "priority 8");
+    pie_ctl_client_close(c);
+    pie_ctl_client_close(d);
+    printf("bad input: every malformed request refused with a clear error\n");
+    done_ctl(ctl, b);
+}
+
+/* Fork a partial page by copy, then continue two branches. */
+static void test_copy_fork(void)
+{
+    pie_backend *b;
+    pie_ctl *ctl = make_ctl(16, 500, NULL, &b);
+    pie_ctl_client *c;
+    CHECK_OK(pie_ctl_client_open(ctl, NULL, &c));
+    uint32_t h[4];
+    CHECK_OK(pie_ctl_page_alloc(c, 3, 0, h));
+    int32_t prompt[6];
+    make_prompt(prompt, 6, 21);
+    pie_ctl_future *f;
+    CHECK_OK(fwd(c, prompt, 6, 0, h, NULL, &f));
+    pie_ctl_future_release(f);        /* not waited: the copy is ordered */
+    CHECK_OK(pie_ctl_page_copy(c, h[1], 0, h[2], 0, 2));
+    uint32_t br[2] = { h[0], h[2] };
+    int32_t x = 33, y = 44, hist[7];
+    pie_ctl_future *fa, *fb;
+    CHECK_OK(fwd(c, &x, 1, 6, h, NULL, &fa));
+    CHECK_OK(fwd(c, &y, 1, 6, br, NULL, &fb));
+    memcpy(hist, prompt, sizeof prompt);
+    hist[6] = x;
+    int32_t wa = fake_expected_next(hist, 7, VOCAB);
+    hist[6] = y;
+    int32_t wb = fake_expected_next(hist, 7, VOCAB);
+    CHECK(wait_token(fa) == wa, "branch a");
+    CHECK(wait_token(fb) == wb, "branch b after copy-fork");
+    pie_ctl_future_release(fa);
+    pie_ctl_future_release(fb);
+    CHECK(fake_backend_stats(b)->copies == 1, "copies %d",
+          fake_backend_stats(b)->copies);
+    pie_ctl_client_close(c);
+    printf("copy fork: two branches from a partial page both match\n");
+    done_ctl(ctl, b);
+}
+
+int main(void)
+{
+    test_generate_alone();
+    test_chained();
+    test_generate_mixed();
+    test_quotas();
+    test_admission();
+    test_priority();
+    test_cancel();
+    test_close_pending();
+    test_exports();
+    test_dedup();
+    test_chunked_prefill();
+    test_rows_and_masks();
+    test_bad_input();
+    test_copy_fork();
+    TEST_DONE();
+}
