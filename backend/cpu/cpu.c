@@ -41,6 +41,8 @@
 #include "common/pie_err.h"
 
 #define CPU_DEFAULT_TOKENS 8192
+#define CPU_PREFILL_MIN    8         /* new tokens for the sgemm attention */
+#define CPU_ATT_FLOATS     (1 << 22) /* score buffer of the sgemm path     */
 
 typedef struct cpu_layer {
     float *attn_norm;   /* (dim)                                */
@@ -68,11 +70,16 @@ typedef struct cpu_state {
     float   *hb, *hb2;  /* (n, hidden_dim)                      */
     int32_t *tok_req;   /* (n) request of each token            */
     int32_t *tok_slot;  /* (n) KV slot of each token            */
-    int32_t *req_kv;    /* (n) kv_len of each request (<= n reqs) */
+    int32_t *req_kv;    /* (cap_reqs) kv_len of each request    */
+    int64_t  cap_reqs;
     float   *xo;        /* (n_out, dim)                         */
     float   *logits;    /* (n_out, vocab)                       */
     int     *rcs;       /* (n_out) sampler results              */
     float   *scores;    /* (n_threads, cap_kv)                  */
+    int32_t *att_tok;   /* (n) decode-path tokens               */
+    float   *kbuf, *vbuf; /* (cap_kv, kv_dim) gathered K / V    */
+    float   *att_s;     /* (cap_s) prefill score rows           */
+    int64_t  cap_s;
 } cpu_state;
 
 typedef struct cpu_backend {
@@ -187,12 +194,16 @@ static int grow(void **p, int64_t n, size_t elem)
     return 0;
 }
 
-static int state_reserve(cpu_backend *b, int64_t n, int64_t n_out,
-                         int64_t max_kv)
+static int state_reserve(cpu_backend *b, int64_t n, int64_t n_reqs,
+                         int64_t n_out, int64_t max_kv)
 {
     cpu_state *s = &b->st;
     const pie_model_config *c = &b->cfg;
     int rc = 0;
+    if (n_reqs > s->cap_reqs) {
+        if ((rc = grow((void **)&s->req_kv, n_reqs, 4))) return rc;
+        s->cap_reqs = n_reqs;
+    }
     if (n > s->cap_tokens) {
         if ((rc = grow((void **)&s->x, n * c->dim, 4)) ||
             (rc = grow((void **)&s->xb, n * c->dim, 4)) ||
@@ -204,7 +215,7 @@ static int state_reserve(cpu_backend *b, int64_t n, int64_t n_out,
             (rc = grow((void **)&s->hb2, n * c->hidden_dim, 4)) ||
             (rc = grow((void **)&s->tok_req, n, 4)) ||
             (rc = grow((void **)&s->tok_slot, n, 4)) ||
-            (rc = grow((void **)&s->req_kv, n + 1, 4)))
+            (rc = grow((void **)&s->att_tok, n, 4)))
             return rc;
         s->cap_tokens = n;
     }
@@ -216,9 +227,16 @@ static int state_reserve(cpu_backend *b, int64_t n, int64_t n_out,
         s->cap_out = n_out;
     }
     if (max_kv > s->cap_kv) {
-        if ((rc = grow((void **)&s->scores, max_kv * b->n_threads, 4)))
+        if ((rc = grow((void **)&s->scores, max_kv * b->n_threads, 4)) ||
+            (rc = grow((void **)&s->kbuf, max_kv * b->kv_dim, 4)) ||
+            (rc = grow((void **)&s->vbuf, max_kv * b->kv_dim, 4)))
             return rc;
         s->cap_kv = max_kv;
+    }
+    int64_t need_s = max_kv > CPU_ATT_FLOATS ? max_kv : CPU_ATT_FLOATS;
+    if (n > 0 && need_s > s->cap_s) {
+        if ((rc = grow((void **)&s->att_s, need_s, 4))) return rc;
+        s->cap_s = need_s;
     }
     return 0;
 }
@@ -228,7 +246,8 @@ static void state_free(cpu_state *s)
     free(s->x); free(s->xb); free(s->q); free(s->k); free(s->v);
     free(s->att); free(s->hb); free(s->hb2); free(s->tok_req);
     free(s->tok_slot); free(s->req_kv); free(s->xo); free(s->logits);
-    free(s->rcs); free(s->scores);
+    free(s->rcs); free(s->scores); free(s->att_tok); free(s->kbuf);
+    free(s->vbuf); free(s->att_s);
 }
 
 /* ------------------------------------------------------------- forward */
@@ -246,24 +265,62 @@ typedef struct fwd_ctx {
     const pie_forward_batch *batch;
     pie_forward_out         *out;
     int32_t                  layer;
+    int32_t                 *tokens;   /* decode-path token list          */
+    float                   *S;        /* prefill: score rows             */
+    int64_t                  kv_len;   /* prefill: current request's kv   */
+    int32_t                  row_tok0; /* prefill: token of score row 0   */
 } fwd_ctx;
 
-/* Accumulates attention of q over slots [lo, hi) into the running
- * softmax (scores written to sc[slot]); returns the max seen so far. */
+/* The allowed-slot runs of token t: its mask, or {0, slot+1} (causal),
+ * the latter stored in tmp[2]. */
+static const uint32_t *token_runs(fwd_ctx *c, int32_t t, uint32_t tmp[2],
+                                  uint32_t *n)
+{
+    const pie_forward_batch *bt = c->batch;
+    if (bt->mask_indptr) {
+        *n = bt->mask_indptr[t + 1] - bt->mask_indptr[t];
+        return bt->mask_runs + bt->mask_indptr[t];
+    }
+    tmp[0] = 0;
+    tmp[1] = (uint32_t)c->b->st.tok_slot[t] + 1;
+    *n = 2;
+    return tmp;
+}
+
+static inline float dot(const float *a, const float *b, int32_t n)
+{
+    float s[8] = { 0 };
+    int32_t d = 0;
+    for (; d + 8 <= n; d += 8)
+        for (int j = 0; j < 8; j++) s[j] += a[d + j] * b[d + j];
+    float r = ((s[0] + s[4]) + (s[1] + s[5])) + ((s[2] + s[6]) + (s[3] + s[7]));
+    for (; d < n; d++) r += a[d] * b[d];
+    return r;
+}
+
+static inline void axpy(float *o, float a, const float *x, int32_t n)
+{
+    for (int32_t d = 0; d < n; d++) o[d] += a * x[d];
+}
+
+/* Scores q·k * scale over slots [lo, hi) into sc[slot]; returns the max of
+ * mx and those scores. Walks the request's pages a page at a time. */
 static float attn_scores(fwd_ctx *c, const float *q, const int32_t *pages,
                          int32_t kvh, int64_t lo, int64_t hi, float *sc,
                          float mx)
 {
     cpu_backend *b = c->b;
-    int32_t hd = b->cfg.head_dim, ps = b->base.page_size;
+    int32_t hd = b->cfg.head_dim, ps = b->base.page_size, kd = b->kv_dim;
     float scale = 1.0f / sqrtf((float)hd);
-    for (int64_t s = lo; s < hi; s++) {
-        const float *k = kv_row(b, pages[s / ps], c->layer, 0,
-                                (int32_t)(s % ps)) + (int64_t)kvh * hd;
-        float dot = 0.0f;
-        for (int32_t d = 0; d < hd; d++) dot += q[d] * k[d];
-        sc[s] = dot * scale;
-        if (sc[s] > mx) mx = sc[s];
+    for (int64_t s = lo; s < hi;) {
+        int32_t off = (int32_t)(s % ps);
+        int64_t end = s - off + ps < hi ? s - off + ps : hi;
+        const float *k = kv_row(b, pages[s / ps], c->layer, 0, off) +
+                         (int64_t)kvh * hd;
+        for (; s < end; s++, k += kd) {
+            sc[s] = dot(q, k, hd) * scale;
+            if (sc[s] > mx) mx = sc[s];
+        }
     }
     return mx;
 }
@@ -273,56 +330,148 @@ static double attn_values(fwd_ctx *c, float *o, const int32_t *pages,
                           float mx)
 {
     cpu_backend *b = c->b;
-    int32_t hd = b->cfg.head_dim, ps = b->base.page_size;
+    int32_t hd = b->cfg.head_dim, ps = b->base.page_size, kd = b->kv_dim;
     double sum = 0.0;
-    for (int64_t s = lo; s < hi; s++) {
-        const float *v = kv_row(b, pages[s / ps], c->layer, 1,
-                                (int32_t)(s % ps)) + (int64_t)kvh * hd;
-        float e = expf(sc[s] - mx);
-        sum += e;
-        for (int32_t d = 0; d < hd; d++) o[d] += e * v[d];
+    for (int64_t s = lo; s < hi;) {
+        int32_t off = (int32_t)(s % ps);
+        int64_t end = s - off + ps < hi ? s - off + ps : hi;
+        const float *v = kv_row(b, pages[s / ps], c->layer, 1, off) +
+                         (int64_t)kvh * hd;
+        for (; s < end; s++, v += kd) {
+            float e = expf(sc[s] - mx);
+            sum += e;
+            axpy(o, e, v, hd);
+        }
     }
     return sum;
 }
 
-/* One (token, head) of paged attention: causal, or the token's mask runs. */
+/* Decode path: one (token, head) of paged attention read slot by slot. */
 static void attn_task(void *ctx, int64_t task, int32_t worker)
 {
     fwd_ctx *c = ctx;
     cpu_backend *b = c->b;
     const pie_forward_batch *bt = c->batch;
     int32_t nh = b->cfg.n_heads, hd = b->cfg.head_dim;
-    int32_t t = (int32_t)(task / nh), h = (int32_t)(task % nh);
+    int32_t t = c->tokens[task / nh], h = (int32_t)(task % nh);
     int32_t kvh = h / (nh / b->cfg.n_kv_heads), r = b->st.tok_req[t];
     const int32_t *pages = bt->kv_page_indices + bt->kv_page_indptr[r];
     const float *q = b->st.q + ((int64_t)t * nh + h) * hd;
     float *o = b->st.att + ((int64_t)t * nh + h) * hd;
     float *sc = b->st.scores + (int64_t)worker * b->st.cap_kv;
     memset(o, 0, sizeof *o * (size_t)hd);
-
-    const uint32_t *runs = NULL;
-    uint32_t n_runs = 0;
-    if (bt->mask_indptr) {
-        runs = bt->mask_runs + bt->mask_indptr[t];
-        n_runs = bt->mask_indptr[t + 1] - bt->mask_indptr[t];
-    }
+    uint32_t tmp[2], n_runs;
+    const uint32_t *runs = token_runs(c, t, tmp, &n_runs);
     float mx = -INFINITY;
     int64_t pos = 0;
-    if (!runs) mx = attn_scores(c, q, pages, kvh, 0, b->st.tok_slot[t] + 1,
-                                sc, mx);
     for (uint32_t i = 0; i < n_runs; pos += runs[i], i++)
         if (i & 1) mx = attn_scores(c, q, pages, kvh, pos, pos + runs[i], sc,
                                     mx);
     if (mx == -INFINITY) return;   /* attends to nothing: zero output */
     double sum = 0.0;
     pos = 0;
-    if (!runs) sum = attn_values(c, o, pages, kvh, 0, b->st.tok_slot[t] + 1,
-                                 sc, mx);
     for (uint32_t i = 0; i < n_runs; pos += runs[i], i++)
         if (i & 1) sum += attn_values(c, o, pages, kvh, pos, pos + runs[i],
                                       sc, mx);
     float inv = (float)(1.0 / sum);
     for (int32_t d = 0; d < hd; d++) o[d] *= inv;
+}
+
+/* Prefill path, row task: softmax of score row i (over kv_len slots) on
+ * the token's allowed runs; every other slot becomes 0. */
+static void softmax_row_task(void *ctx, int64_t i, int32_t worker)
+{
+    fwd_ctx *c = ctx;
+    float *row = c->S + i * c->kv_len;
+    uint32_t tmp[2], n_runs;
+    const uint32_t *runs = token_runs(c, c->row_tok0 + (int32_t)i, tmp,
+                                      &n_runs);
+    float mx = -INFINITY;
+    int64_t pos = 0;
+    for (uint32_t j = 0; j < n_runs; pos += runs[j], j++)
+        for (int64_t s = pos; (j & 1) && s < pos + runs[j]; s++)
+            if (row[s] > mx) mx = row[s];
+    double sum = 0.0;
+    pos = 0;
+    for (uint32_t j = 0; j < n_runs; pos += runs[j], j++)
+        for (int64_t s = pos; s < pos + runs[j]; s++) {
+            row[s] = (j & 1) ? expf(row[s] - mx) : 0.0f;
+            sum += row[s];
+        }
+    for (int64_t s = pos; s < c->kv_len; s++) row[s] = 0.0f;
+    if (sum == 0.0) return;   /* attends to nothing: zero output */
+    float inv = (float)(1.0 / sum);
+    for (int64_t s = 0; s < pos; s++) row[s] *= inv;
+}
+
+/* Copies request r's K and V rows of the current layer into kbuf/vbuf,
+ * (kv_len, kv_dim) each, contiguous. */
+static void gather_kv(fwd_ctx *c, int32_t r)
+{
+    cpu_backend *b = c->b;
+    const pie_forward_batch *bt = c->batch;
+    int32_t ps = b->base.page_size;
+    for (int64_t s = 0; s < c->kv_len; s += ps) {
+        int32_t page = bt->kv_page_indices[bt->kv_page_indptr[r] + s / ps];
+        int64_t n = c->kv_len - s < ps ? c->kv_len - s : ps;
+        size_t bytes = sizeof(float) * (size_t)(n * b->kv_dim);
+        memcpy(b->st.kbuf + s * b->kv_dim, kv_row(b, page, c->layer, 0, 0),
+               bytes);
+        memcpy(b->st.vbuf + s * b->kv_dim, kv_row(b, page, c->layer, 1, 0),
+               bytes);
+    }
+}
+
+/* Prefill path: request r's new tokens attend through two sgemms per head
+ * (S = Q·Kᵀ, O = softmax(S)·V) over its gathered K/V, CPU_ATT_ROWS query
+ * rows at a time. */
+static void attn_prefill(fwd_ctx *c, int32_t r)
+{
+    cpu_backend *b = c->b;
+    const pie_forward_batch *bt = c->batch;
+    int32_t nh = b->cfg.n_heads, hd = b->cfg.head_dim, kd = b->kv_dim;
+    int32_t qd = b->q_dim, q0 = bt->qo_indptr[r];
+    int32_t n_new = bt->qo_indptr[r + 1] - q0, group = nh / b->cfg.n_kv_heads;
+    c->kv_len = b->st.req_kv[r];
+    c->S = b->st.att_s;
+    gather_kv(c, r);
+    float scale = 1.0f / sqrtf((float)hd);
+    int64_t chunk = b->st.cap_s / c->kv_len;
+    for (int32_t h = 0; h < nh; h++) {
+        const float *K = b->st.kbuf + (int64_t)(h / group) * hd;
+        const float *V = b->st.vbuf + (int64_t)(h / group) * hd;
+        for (int32_t i0 = 0; i0 < n_new; i0 += (int32_t)chunk) {
+            int32_t m = n_new - i0 < chunk ? n_new - i0 : (int32_t)chunk;
+            int64_t row0 = (int64_t)(q0 + i0) * qd + (int64_t)h * hd;
+            cblas_sgemm(CblasRowMajor, CblasNoTrans, CblasTrans, m,
+                        (int32_t)c->kv_len, hd, scale, b->st.q + row0, qd, K,
+                        kd, 0.0f, c->S, (int32_t)c->kv_len);
+            c->row_tok0 = q0 + i0;
+            pie__cpu_pool_run(b->pool, m, softmax_row_task, c);
+            cblas_sgemm(CblasRowMajor, CblasNoTrans, CblasNoTrans, m, hd,
+                        (int32_t)c->kv_len, 1.0f, c->S, (int32_t)c->kv_len, V,
+                        kd, 0.0f, b->st.att + row0, qd);
+        }
+    }
+}
+
+/* Attention of every new token: requests with at least CPU_PREFILL_MIN new
+ * tokens take the sgemm path, the rest the slot-by-slot path on the pool. */
+static void attention(fwd_ctx *c)
+{
+    cpu_backend *b = c->b;
+    const pie_forward_batch *bt = c->batch;
+    int32_t n_small = 0;
+    for (int32_t r = 0; r < bt->n_reqs; r++) {
+        int32_t q0 = bt->qo_indptr[r], n_new = bt->qo_indptr[r + 1] - q0;
+        if (n_new >= CPU_PREFILL_MIN) {
+            attn_prefill(c, r);
+            continue;
+        }
+        for (int32_t i = 0; i < n_new; i++) c->tokens[n_small++] = q0 + i;
+    }
+    pie__cpu_pool_run(b->pool, (int64_t)n_small * b->cfg.n_heads, attn_task,
+                      c);
 }
 
 /* Writes the new tokens' K and V rows of layer l into their slots. */
@@ -365,7 +514,7 @@ static void layer_forward(cpu_backend *b, fwd_ctx *c, int32_t n)
     pie__cpu_rope(s->k, c->batch->positions, n, cf->n_kv_heads, hd,
                   b->inv_freq);
     kv_append(b, c->batch, c->layer);
-    pie__cpu_pool_run(b->pool, (int64_t)n * cf->n_heads, attn_task, c);
+    attention(c);
     pie__cpu_matmul(s->x, s->att, L->wo, n, b->q_dim, d, 1.0f);
     pie__cpu_rmsnorm(s->xb, s->x, L->ffn_norm, n, d, cf->norm_eps);
     pie__cpu_matmul(s->hb, s->xb, L->w_gate, n, d, cf->hidden_dim, 0.0f);
@@ -404,6 +553,7 @@ static int64_t plan_tokens(cpu_backend *b, const pie_forward_batch *bt)
         int32_t kv_len = (np - 1) * ps + bt->kv_last_page_len[r];
         int32_t n_new = bt->qo_indptr[r + 1] - bt->qo_indptr[r];
         if (kv_len > max_kv) max_kv = kv_len;
+        b->st.req_kv[r] = kv_len;
         for (int32_t i = 0; i < n_new; i++) {
             b->st.tok_req[bt->qo_indptr[r] + i] = r;
             b->st.tok_slot[bt->qo_indptr[r] + i] = kv_len - n_new + i;
@@ -435,7 +585,7 @@ static int cpu_forward(pie_backend *base, const pie_forward_batch *bt,
         return pie_err_set(PIE_EINVAL, "cpu forward: output buffers missing "
                            "(use pie_forward_out_alloc)");
     int32_t n = bt->n_tokens, d = cf->dim;
-    rc = state_reserve(b, n, bt->n_outputs,
+    rc = state_reserve(b, n, bt->n_reqs, bt->n_outputs,
                        batch_max_kv(bt, base->page_size));
     if (rc) return rc;
     if (n == 0) return 0;
@@ -446,7 +596,7 @@ static int cpu_forward(pie_backend *base, const pie_forward_batch *bt,
         memcpy(s->x + (int64_t)t * d,
                b->tok_embed + (int64_t)bt->token_ids[t] * d,
                sizeof(float) * (size_t)d);
-    fwd_ctx c = { b, bt, out, 0 };
+    fwd_ctx c = { .b = b, .batch = bt, .out = out, .tokens = s->att_tok };
     for (c.layer = 0; c.layer < cf->n_layers; c.layer++) layer_forward(b, &c, n);
     if (bt->n_outputs == 0) return 0;
     for (int32_t o = 0; o < bt->n_outputs; o++)

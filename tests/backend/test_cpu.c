@@ -409,6 +409,26 @@ static void test_mask(pie_model *m)
               mi, d);
     }
     pie_forward_out_free(&out);
+    /* the same in two batches: 6 causal tokens, then 4 masked ones (few
+     * new tokens take the slot-by-slot attention path) */
+    seq s5;
+    seq_init(&s5, 4, 4, 1);
+    step_req r5 = { &s5, 6, toks, NULL, 1 };
+    step(b, &r5, 1, &out);
+    pie_forward_out_free(&out);
+    uint32_t ind4[5], base = indptr[6];
+    for (int i = 0; i < 5; i++) ind4[i] = indptr[6 + i] - base;
+    r5.n_new = 4;
+    r5.toks = toks + 6;
+    CHECK_OK(step_rc(b, &r5, 1, &out, ind4, runs + base));
+    for (int i = 0; i < 4; i++) {
+        double d = max_diff(out.values + out.value_indptr[i],
+                            o2.values + o2.value_indptr[3 + i], vocab);
+        if (d > worst) worst = d;
+        CHECK(d < 1e-4, "masked decode token %d differs from short sequence "
+              "by %g", 6 + i, d);
+    }
+    pie_forward_out_free(&out);
     pie_forward_out_free(&o2);
     /* an explicit causal mask equals no mask */
     k = 0;
@@ -416,7 +436,7 @@ static void test_mask(pie_model *m)
         runs[k++] = 0; runs[k++] = i + 1; indptr[i + 1] = k;
     }
     seq s3, s4;
-    seq_init(&s3, 4, 4, 0);
+    seq_init(&s3, 4, 4, 0);   /* reuses s5's pages */
     seq_init(&s4, 12, 4, 0);
     rq.s = &s3;
     CHECK_OK(step_rc(b, &rq, 1, &out, indptr, runs));
