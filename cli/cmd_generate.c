@@ -28,15 +28,10 @@ static bool is_eos(const pie_model *m, int32_t id)
     return m->tok && pie_tokenizer_eos_id(m->tok) == id;
 }
 
-/* Encodes the prompt the way Hugging Face does by default, or parses ids. */
-static int prompt_ids(const gen_args *a, const pie_model *m, int32_t **ids,
-                      size_t *n)
+/* Encodes the prompt text the way Hugging Face does by default (BOS). */
+static int encode_prompt(const gen_args *a, const pie_model *m, int32_t **ids,
+                         size_t *n)
 {
-    if (a->prompt_ids) {
-        if (pie_cli_parse_ids(a->prompt_ids, ids, n) == 0) return 0;
-        fprintf(stderr, "pie generate: bad --prompt-ids '%s'\n", a->prompt_ids);
-        return -1;
-    }
     if (!m->tok) {
         fprintf(stderr, "pie generate: model has no tokenizer; use "
                         "--prompt-ids\n");
@@ -163,8 +158,16 @@ int pie_cmd_generate(int argc, char **argv)
     int32_t *ids = NULL, *gen = NULL;
     size_t n = 0;
     int status = 1;
-    if (pie_cli_load_model(a.model, &m)) return 1;
-    if (prompt_ids(&a, m, &ids, &n)) goto out;
+    if (a.prompt_ids && pie_cli_parse_ids(a.prompt_ids, &ids, &n)) {
+        fprintf(stderr, "pie generate: bad --prompt-ids '%s' (expected "
+                        "comma-separated ids)\n", a.prompt_ids);
+        return 2;
+    }
+    if (pie_cli_load_model(a.model, &m)) {
+        free(ids);
+        return 1;
+    }
+    if (!ids && encode_prompt(&a, m, &ids, &n)) goto out;
     if (pie_cli_backend(a.backend, m, a.page_size, 0, a.threads, &b)) goto out;
     if (pie_drv_init(&d, b)) goto out;
     gen = malloc(sizeof(int32_t) * (size_t)(a.max_tokens + 1));
