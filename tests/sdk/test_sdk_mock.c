@@ -1,0 +1,356 @@
+/*
+ * test_sdk_mock.c — the C SDK (sdk/c) compiled natively against the
+ * deterministic host stand-in of mock_host.c. Every generation is compared
+ * with a reference computed directly from the token history (next token =
+ * f(hash of every (token, position) attended)), so wrong pages, fills,
+ * positions, chains, rollbacks after a cancel, forks or imports show up as
+ * a different token.
+ */
+#include <stdio.h>
+#include <stdlib.h>
+#include <string.h>
+
+#include "mock_host.h"
+/* CHECK_OK prints pie_err_msg(): here the SDK holds the message. */
+#define pie_err_msg pie_sdk_error
+#include "tests/test_util.h"
+
+/* Reference: n greedy/random steps after hist[0..len) (all attended).
+ * Stops after EOS when eos_stop. Returns the count. */
+static int ref_gen(const int32_t *hist, int len, int n, int kind,
+                   uint64_t seed, bool eos_stop, int32_t *out)
+{
+    int32_t *t = malloc(sizeof(int32_t) * (size_t)(len + n));
+    int32_t *p = malloc(sizeof(int32_t) * (size_t)(len + n));
+    memcpy(t, hist, sizeof(int32_t) * (size_t)len);
+    for (int i = 0; i < len + n; i++) p[i] = i;
+    int k = 0;
+    for (; k < n; k++) {
+        int32_t nx = mock_next(mock_hash(t, p, len + k), kind, seed + (uint64_t)k);
+        out[k] = t[len + k] = nx;
+        if (eos_stop && nx == 0) { k++; break; }
+    }
+    free(t);
+    free(p);
+    return k;
+}
+
+typedef struct sink { char buf[8192]; size_t len; } sink;
+
+static void collect(void *user, const char *s, size_t n)
+{
+    sink *k = user;
+    CHECK(k->len + n < sizeof k->buf, "stream overflow");
+    memcpy(k->buf + k->len, s, n);
+    k->len += n;
+}
+
+static void check_ids(const char *what, const int32_t *got, int ng,
+                      const int32_t *want, int nw)
+{
+    CHECK(ng == nw, "%s: expected %d ids, got %d", what, nw, ng);
+    for (int i = 0; i < nw; i++)
+        CHECK(got[i] == want[i], "%s: expected id %d, got %d at step %d", what,
+              want[i], got[i], i);
+}
+
+static void check_ctx_state(const pie_ctx *c)
+{
+    CHECK(c->n_kv == c->n_tokens - 1, "n_kv %d, n_tokens %d", c->n_kv,
+          c->n_tokens);
+    CHECK(c->kv_len == c->n_kv, "kv_len %d != n_kv %d", c->kv_len, c->n_kv);
+    CHECK(c->n_pages == (c->kv_len + MOCK_PS - 1) / MOCK_PS,
+          "%d pages for %d slots", c->n_pages, c->kv_len);
+}
+
+static void test_greedy(pie_lm *lm, int lookahead)
+{
+    pie_ctx c;
+    pie_gen g;
+    sink s = {0};
+    int32_t want[64];
+    pie_ctx_init(&c, lm);
+    CHECK_OK(pie_ctx_fill(&c, "hello world", true));
+    int nw = ref_gen(c.tokens, c.n_tokens, 30, PIE_SAMPLER_GREEDY, 0, false,
+                     want);
+    pie_gen_opts o = { .max_tokens = 30, .lookahead = lookahead,
+                       .on_text = collect, .user = &s };
+    int chained0 = mock.chained;
+    CHECK_OK(pie_generate(&c, &o, &g));
+    check_ids("greedy", g.ids, g.n_ids, want, nw);
+    CHECK(g.stop == PIE_STOP_MAX, "stop reason %d", g.stop);
+    CHECK(s.len == g.text_len && !memcmp(s.buf, g.text, s.len),
+          "streamed text differs from the result");
+    for (int i = 0; i < nw; i++)
+        CHECK(g.text[i] == (char)want[i], "text byte %d", i);
+    if (lookahead > 1)
+        CHECK(mock.chained > chained0, "no chained forwards at lookahead %d",
+              lookahead);
+    check_ctx_state(&c);
+    /* continuing equals the reference continuation of the whole history */
+    int32_t want2[64];
+    int n2 = ref_gen(c.tokens, c.n_tokens, 9, PIE_SAMPLER_GREEDY, 0, false,
+                     want2);
+    pie_gen_free(&g);
+    o.max_tokens = 9;
+    o.on_text = NULL;
+    CHECK_OK(pie_generate(&c, &o, &g));
+    check_ids("continued", g.ids, g.n_ids, want2, n2);
+    pie_gen_free(&g);
+    pie_ctx_release(&c);
+}
+
+static void test_eos(pie_lm *lm)
+{
+    pie_ctx c;
+    pie_gen g;
+    int32_t want[256];
+    mock.eos_every = 11;
+    pie_ctx_init(&c, lm);
+    CHECK_OK(pie_ctx_fill(&c, "the eos test", true));
+    int nw = ref_gen(c.tokens, c.n_tokens, 200, PIE_SAMPLER_GREEDY, 0, true,
+                     want);
+    CHECK(want[nw - 1] == 0, "reference never hit EOS; pick another prompt");
+    int cancels0 = mock.cancels;
+    pie_gen_opts o = { .max_tokens = 200, .lookahead = 8 };
+    CHECK_OK(pie_generate(&c, &o, &g));
+    check_ids("eos", g.ids, g.n_ids, want, nw);
+    CHECK(g.stop == PIE_STOP_EOS, "stop reason %d", g.stop);
+    CHECK(g.text_len == (size_t)nw - 1, "EOS must not be in the text");
+    CHECK(nw < 8 || mock.cancels > cancels0, "no queued step was cancelled");
+    check_ctx_state(&c);
+    pie_gen_free(&g);
+    /* after the rollback the context continues correctly */
+    int32_t want2[16];
+    int n2 = ref_gen(c.tokens, c.n_tokens, 5, PIE_SAMPLER_GREEDY, 0, false,
+                     want2);
+    o = (pie_gen_opts){ .max_tokens = 5, .lookahead = 3, .ignore_eos = true };
+    CHECK_OK(pie_generate(&c, &o, &g));
+    check_ids("after eos", g.ids, g.n_ids, want2, n2);
+    pie_gen_free(&g);
+    pie_ctx_release(&c);
+    mock.eos_every = 0;
+}
+
+static void test_stop_string(pie_lm *lm)
+{
+    pie_ctx c;
+    pie_gen g;
+    sink s = {0};
+    int32_t want[80];
+    char text[81];
+    pie_ctx_init(&c, lm);
+    CHECK_OK(pie_ctx_fill(&c, "stop strings", true));
+    int nw = ref_gen(c.tokens, c.n_tokens, 80, PIE_SAMPLER_GREEDY, 0, false,
+                     want);
+    for (int i = 0; i < nw; i++) text[i] = (char)want[i];
+    text[nw] = 0;
+    char stop[4];
+    memcpy(stop, text + 30, 3);
+    stop[3] = 0;
+    const char *cut = strstr(text, stop);
+    const char *stops[] = { "never-there", stop };
+    pie_gen_opts o = { .max_tokens = 80, .lookahead = 4, .stop = stops,
+                       .n_stop = 2, .on_text = collect, .user = &s };
+    CHECK_OK(pie_generate(&c, &o, &g));
+    CHECK(g.stop == PIE_STOP_STRING, "stop reason %d", g.stop);
+    CHECK(g.text_len == (size_t)(cut - text) && !memcmp(g.text, text, g.text_len),
+          "expected text cut at %d, got %zu bytes", (int)(cut - text),
+          g.text_len);
+    CHECK(s.len == g.text_len && !memcmp(s.buf, g.text, s.len),
+          "streamed %zu bytes, result %zu", s.len, g.text_len);
+    pie_gen_free(&g);
+    pie_ctx_release(&c);
+}
+
+static void test_fork(pie_lm *lm)
+{
+    pie_ctx a, b;
+    pie_gen ga, gb;
+    int32_t wa[32], wb[32];
+    pie_ctx_init(&a, lm);
+    CHECK_OK(pie_ctx_fill(&a, "fork me: ", true));   /* 10 tokens */
+    CHECK_OK(pie_ctx_fork(&a, &b));
+    int copies0 = mock.copies, allocs0 = mock.allocs;
+    CHECK(b.n_pages == a.n_pages && !memcmp(a.pages, b.pages,
+          sizeof(int32_t) * (size_t)a.n_pages), "fork must share pages");
+    CHECK_OK(pie_ctx_fill(&a, "x", false));
+    CHECK_OK(pie_ctx_fill(&b, "y", false));
+    int na = ref_gen(a.tokens, a.n_tokens, 20, PIE_SAMPLER_GREEDY, 0, false, wa);
+    int nb = ref_gen(b.tokens, b.n_tokens, 20, PIE_SAMPLER_GREEDY, 0, false, wb);
+    pie_gen_opts o = { .max_tokens = 20 };
+    CHECK_OK(pie_generate(&a, &o, &ga));
+    CHECK_OK(pie_generate(&b, &o, &gb));
+    check_ids("fork a", ga.ids, ga.n_ids, wa, na);
+    check_ids("fork b", gb.ids, gb.n_ids, wb, nb);
+    CHECK(mock.copies == copies0 + 1, "expected 1 page copy, got %d",
+          mock.copies - copies0);
+    CHECK(a.pages[0] == b.pages[0], "full pages must stay shared");
+    (void)allocs0;
+    pie_gen_free(&ga);
+    pie_gen_free(&gb);
+    pie_ctx_release(&a);
+    pie_ctx_release(&b);
+}
+
+static void test_export_import(pie_lm *lm)
+{
+    pie_ctx a, b;
+    pie_gen g;
+    int32_t w[32];
+    pie_ctx_init(&a, lm);
+    CHECK_OK(pie_ctx_fill(&a, "shared prefix", true));
+    CHECK_OK(pie_ctx_export(&a, "pfx"));
+    CHECK_OK(pie_ctx_import(&b, lm, "pfx", a.tokens, a.n_tokens, a.n_kv));
+    CHECK(b.n_kv == a.n_kv && b.n_tokens == a.n_tokens, "import state");
+    CHECK(pie_ctx_import(&(pie_ctx){0}, lm, "nope", a.tokens, 1, 0) ==
+          PIE_ENOTFOUND, "importing a missing name must fail");
+    int n = ref_gen(b.tokens, b.n_tokens, 12, PIE_SAMPLER_GREEDY, 0, false, w);
+    pie_gen_opts o = { .max_tokens = 12, .lookahead = 4 };
+    CHECK_OK(pie_generate(&b, &o, &g));
+    check_ids("imported", g.ids, g.n_ids, w, n);
+    pie_gen_free(&g);
+    /* the exporter's partial page is read-only now: it must copy */
+    n = ref_gen(a.tokens, a.n_tokens, 12, PIE_SAMPLER_GREEDY, 0, false, w);
+    CHECK_OK(pie_generate(&a, &o, &g));
+    check_ids("exporter", g.ids, g.n_ids, w, n);
+    pie_gen_free(&g);
+    CHECK(pie_kv_unexport(lm->h, "pfx", 3) == 0, "unexport");
+    pie_ctx_release(&a);
+    pie_ctx_release(&b);
+}
+
+static void test_concurrent(pie_lm *lm)
+{
+    enum { N = 5 };
+    pie_ctx c[N];
+    pie_gen g[N];
+    int32_t w[N][40];
+    int nw[N];
+    for (int i = 0; i < N; i++) {
+        char p[32];
+        snprintf(p, sizeof p, "prompt number %d%s", i, i & 1 ? "!!" : "");
+        pie_ctx_init(&c[i], lm);
+        CHECK_OK(pie_ctx_fill(&c[i], p, true));
+        nw[i] = ref_gen(c[i].tokens, c[i].n_tokens, 10 + 5 * i,
+                        PIE_SAMPLER_RANDOM, 100 + (uint64_t)i, false, w[i]);
+        pie_gen_opts o = { .s = { .temperature = 0.8f, .seed = 100 + (uint64_t)i },
+                           .max_tokens = 10 + 5 * i, .lookahead = 1 + i };
+        CHECK_OK(pie_gen_start(&g[i], &c[i], &o));
+    }
+    CHECK_OK(pie_gen_run(g, N));
+    for (int i = 0; i < N; i++) {
+        char what[32];
+        snprintf(what, sizeof what, "concurrent %d", i);
+        check_ids(what, g[i].ids, g[i].n_ids, w[i], nw[i]);
+        pie_gen_free(&g[i]);
+        pie_ctx_release(&c[i]);
+    }
+}
+
+static void test_drop_page(pie_lm *lm)
+{
+    pie_ctx c;
+    pie_gen g;
+    pie_ctx_init(&c, lm);
+    CHECK_OK(pie_ctx_fill(&c, "a sink and a window", true)); /* 20 tokens */
+    CHECK_OK(pie_ctx_flush(&c));                              /* 19 in KV */
+    CHECK_OK(pie_ctx_drop_page(&c, 1));
+    CHECK(pie_ctx_drop_page(&c, c.n_pages - 1) == PIE_ERANGE,
+          "dropping the last page must fail");
+    CHECK(c.kv_len == 19 - MOCK_PS && c.n_pages == 4, "kv_len %d pages %d",
+          c.kv_len, c.n_pages);
+    /* reference: slots of page 1 (tokens 4..7) are no longer attended */
+    int32_t t[32], p[32];
+    int n = 0;
+    for (int i = 0; i < c.n_tokens; i++)
+        if (i < MOCK_PS || i >= 2 * MOCK_PS) { t[n] = c.tokens[i]; p[n++] = i; }
+    int32_t want = mock_next(mock_hash(t, p, n), PIE_SAMPLER_GREEDY, 0);
+    pie_gen_opts o = { .max_tokens = 1 };
+    CHECK_OK(pie_generate(&c, &o, &g));
+    CHECK(g.n_ids == 1 && g.ids[0] == want, "after drop: expected %d, got %d",
+          want, g.ids[0]);
+    pie_gen_free(&g);
+    pie_ctx_release(&c);
+}
+
+static void test_topk(pie_lm *lm)
+{
+    pie_ctx c;
+    float pr[4];
+    int32_t ids[4];
+    pie_ctx_init(&c, lm);
+    CHECK_OK(pie_ctx_fill(&c, "top k", true));
+    int32_t h = (int32_t)mock_hash(c.tokens, (int32_t[]){0, 1, 2, 3, 4, 5}, 6);
+    CHECK(pie_ctx_next_topk(&c, 4, pr, ids) == 4, "topk count");
+    CHECK(ids[0] == 'a' + (int32_t)((uint32_t)h % 26), "top-1 id %d", ids[0]);
+    CHECK(c.n_kv == c.n_tokens, "top-k forwards every pending token");
+    pie_ctx_release(&c);
+}
+
+static void test_chat_and_args(pie_lm *lm)
+{
+    char *p = pie_chat_prompt(PIE_CHAT_LLAMA3, "S", "U");
+    CHECK(!strcmp(p, "<|begin_of_text|><|start_header_id|>system<|end_header_id|>"
+                     "\n\nS<|eot_id|><|start_header_id|>user<|end_header_id|>"
+                     "\n\nU<|eot_id|><|start_header_id|>assistant"
+                     "<|end_header_id|>\n\n"), "llama3 template: %s", p);
+    free(p);
+    p = pie_chat_prompt(PIE_CHAT_CHATML, NULL, "U");
+    CHECK(!strcmp(p, "<|im_start|>user\nU<|im_end|>\n<|im_start|>assistant\n"),
+          "chatml template: %s", p);
+    free(p);
+    p = pie_chat_prompt(PIE_CHAT_NONE, "ignored", "Once upon a time");
+    CHECK(!strcmp(p, "Once upon a time"), "plain prompt: %s", p);
+    free(p);
+    CHECK(pie_chat_detect(lm) == PIE_CHAT_NONE, "mock has no chat tokens");
+    CHECK(pie_chat_parse("chatml") == PIE_CHAT_CHATML && pie_chat_parse("x") < 0,
+          "chat names");
+
+    const char *s = NULL;
+    int32_t n = 5;
+    float f = 1;
+    bool b = false;
+    uint64_t u = 0;
+    const pie_arg a[] = { { "prompt", PIE_ARG_STR, &s, "" },
+                          { "max-tokens", PIE_ARG_INT, &n, "" },
+                          { "temperature", PIE_ARG_FLOAT, &f, "" },
+                          { "seed", PIE_ARG_U64, &u, "" },
+                          { "json", PIE_ARG_FLAG, &b, "" }, { 0 } };
+    char *ok[] = { "x", "--prompt", "hi there", "--max-tokens=40", "--json",
+                   "--temperature", "0", "--seed", "9" };
+    CHECK(pie_args_parse(9, ok, a, NULL) == 0, "good args");
+    CHECK(!strcmp(s, "hi there") && n == 40 && f == 0 && b && u == 9,
+          "parsed values");
+    char *bad1[] = { "x", "--max-tokens", "4x" };
+    char *bad2[] = { "x", "--nope" };
+    char *bad3[] = { "x", "--prompt" };
+    char *bad4[] = { "x", "--seed", "-1" };
+    CHECK(pie_args_parse(3, bad1, a, NULL) < 0, "bad int accepted");
+    CHECK(pie_args_parse(2, bad2, a, NULL) < 0, "unknown option accepted");
+    CHECK(pie_args_parse(2, bad3, a, NULL) < 0, "missing value accepted");
+    CHECK(pie_args_parse(3, bad4, a, NULL) < 0, "negative u64 accepted");
+}
+
+int main(void)
+{
+    pie_lm lm;
+    CHECK_OK(pie_lm_open(&lm, NULL));
+    CHECK(lm.page_size == MOCK_PS && lm.n_eos == 1 && lm.eos[0] == 0, "facts");
+    test_greedy(&lm, 1);
+    test_greedy(&lm, 4);
+    test_greedy(&lm, 16);
+    test_eos(&lm);
+    test_stop_string(&lm);
+    test_fork(&lm);
+    test_export_import(&lm);
+    test_concurrent(&lm);
+    test_drop_page(&lm);
+    test_topk(&lm);
+    test_chat_and_args(&lm);
+    CHECK(mock.pages_live == 0, "%d pages leaked", mock.pages_live);
+    int live = 0;
+    for (int i = 0; i < MOCK_MAX_FWD; i++) live += mock.fwd[i].used;
+    CHECK(live == 0, "%d future handles leaked", live);
+    TEST_DONE();
+}
