@@ -97,10 +97,61 @@ static void check_entry(const pie_tokenizer *t, json_t *e, const char *name,
     free(want);
 }
 
+/* Each big tokenizer is loaded once; tests borrow it (free is a no-op). */
+static struct { const char *dir; pie_tokenizer *t; } cache[3];
+
 static pie_tokenizer *load_model(const char *dir)
 {
+    for (int i = 0; i < 3; i++) {
+        if (cache[i].dir && !strcmp(cache[i].dir, dir)) return cache[i].t;
+        if (!cache[i].dir) {
+            CHECK_OK(pie_tokenizer_load(test_shared_path(dir), &cache[i].t));
+            cache[i].dir = dir;
+            return cache[i].t;
+        }
+    }
+    CHECK(0, "cache full");
+    return NULL;
+}
+
+static void put_model(pie_tokenizer *t) { (void)t; }
+
+static char *read_all(const char *path, size_t *len)
+{
+    FILE *f = fopen(path, "rb");
+    CHECK(f, "cannot open %s", path);
+    fseek(f, 0, SEEK_END);
+    long n = ftell(f);
+    fseek(f, 0, SEEK_SET);
+    char *b = malloc((size_t)n + 64);
+    *len = fread(b, 1, (size_t)n, f);
+    fclose(f);
+    return b;
+}
+
+/*
+ * The same tokenizer through the jansson-only path: a leading "model": 0
+ * member makes the fast scanner give up, and jansson keeps the last
+ * duplicate key, i.e. the real model.
+ */
+static pie_tokenizer *load_slow(const char *dir)
+{
+    char path[1024];
+    size_t n, cn;
+    snprintf(path, sizeof path, "%s/tokenizer.json", test_shared_path(dir));
+    char *j = read_all(path, &n);
+    snprintf(path, sizeof path, "%s/tokenizer_config.json", test_shared_path(dir));
+    char *c = read_all(path, &cn);
+    char *brace = memchr(j, '{', n);
+    CHECK(brace, "no object in %s", path);
+    size_t at = (size_t)(brace - j) + 1;
+    char *k = malloc(n + 32);
+    memcpy(k, j, at);
+    memcpy(k + at, "\"model\":0,", 10);
+    memcpy(k + at + 10, j + at, n - at);
     pie_tokenizer *t;
-    CHECK_OK(pie_tokenizer_load(test_shared_path(dir), &t));
+    CHECK_OK(pie_tokenizer_load_json(k, n + 10, c, cn, &t));
+    free(j); free(c); free(k);
     return t;
 }
 
@@ -121,9 +172,12 @@ static void test_golden(void)
         size_t i;
         CHECK(json_array_size(list) > 0, "no golden entries for %s", m[k].key);
         json_array_foreach(list, i, e) check_entry(t, e, m[k].key, i);
+        pie_tokenizer *slow = load_slow(m[k].dir);
+        json_array_foreach(list, i, e) check_entry(slow, e, m[k].key, i);
+        pie_tokenizer_free(slow);
         printf("golden %-11s: %zu texts: encode ids, decode, streaming decode "
-               "match\n", m[k].key, json_array_size(list));
-        pie_tokenizer_free(t);
+               "match (fast and jansson-only loaders)\n", m[k].key,
+               json_array_size(list));
     }
     json_decref(g);
 }
@@ -177,7 +231,7 @@ static void test_stories_special(void)
     json_decref(r);
     printf("stories260K: add_special == reference.json input_ids; greedy_text "
            "decodes (full and streamed)\n");
-    pie_tokenizer_free(t);
+    put_model(t);
 }
 
 static void test_bos_policy(void)
@@ -203,7 +257,7 @@ static void test_bos_policy(void)
     CHECK_OK(pie_tokenizer_decode(t, a, na, true, &s, NULL));
     CHECK(!strcmp(s, "not really special"), "skip_special gave \"%s\"", s);
     free(s); free(a);
-    pie_tokenizer_free(t);
+    put_model(t);
 
     t = load_model("models/tiny-qwen3");
     encode_str(t, "Hello world", true, &a, &na);
@@ -218,7 +272,7 @@ static void test_bos_policy(void)
     CHECK(!strcmp(pie_tokenizer_id_to_token(t, 151644), "<|im_start|>"),
           "qwen id_to_token");
     free(a); free(b);
-    pie_tokenizer_free(t);
+    put_model(t);
     printf("add_special: llama3 prepends <|begin_of_text|>, qwen adds nothing; "
            "skip_special works\n");
 }
@@ -262,7 +316,7 @@ static void test_streaming_utf8(void)
     CHECK(!strcmp(s, "a "), "strip gave \"%s\"", s);
     check_stream(t, two, 3, false, s, "strip stream");
     free(s);
-    pie_tokenizer_free(t);
+    put_model(t);
     printf("streaming: partial UTF-8 held back, broken UTF-8 -> U+FFFD, "
            "leading space stripped once\n");
 }
@@ -290,7 +344,7 @@ static void test_long_inputs(void)
         CHECK_OK(pie_tokenizer_encode(t, "", 0, false, &ids, &ni));
         CHECK(ni == 0 && ids, "%s: empty text gave %zu ids", dirs[k], ni);
         free(ids);
-        pie_tokenizer_free(t);
+        put_model(t);
     }
     free(sp);
     printf("long inputs: 300000 spaces round-trip in all three tokenizers\n");
@@ -365,6 +419,31 @@ static void test_malformed(void)
     free(ids);
     pie_tokenizer_free(t);
 
+    /* JSON escapes in vocab keys and merges (fast scanner) */
+    const char *esc = "{\"model\":{\"type\":\"BPE\",\"vocab\":{\"\\u00e9\":0,"
+        "\"\\ud83d\\ude00\":1,\"a\\\"b\":2,\"\\n\":3,\"\\u00e9\\n\":4},"
+        "\"merges\":[[\"\\u00e9\",\"\\n\"]]}}";
+    CHECK_OK(pie_tokenizer_load_json(esc, strlen(esc), NULL, 0, &t));
+    CHECK(pie_tokenizer_token_id(t, "\xc3\xa9") == 0 &&
+          pie_tokenizer_token_id(t, "\xf0\x9f\x98\x80") == 1 &&
+          pie_tokenizer_token_id(t, "a\"b") == 2 &&
+          pie_tokenizer_token_id(t, "\n") == 3, "escaped vocab keys misread");
+    encode_str(t, "\xc3\xa9\n\n", false, &ids, &n);
+    CHECK(n == 2 && ids[0] == 4 && ids[1] == 3, "escaped merge: %zu ids", n);
+    free(ids);
+    pie_tokenizer_free(t);
+
+    /* hostile nesting */
+    size_t deep = 200000;
+    char *d = malloc(2 * deep + 64);
+    size_t k = (size_t)sprintf(d, "{\"model\":{\"type\":\"BPE\",\"vocab\":{},\"x\":");
+    memset(d + k, '[', deep);
+    memset(d + k + deep, ']', deep);
+    strcpy(d + k + 2 * deep, "}}");
+    CHECK(pie_tokenizer_load_json(d, strlen(d), NULL, 0, &t) == PIE_EFORMAT,
+          "deeply nested JSON accepted: %s", pie_err_msg());
+    free(d);
+
     /* truncated real tokenizer.json */
     FILE *f = fopen(test_shared_path("models/tiny-llama3/tokenizer.json"), "rb");
     CHECK(f, "cannot open llama3 tokenizer.json");
@@ -396,9 +475,56 @@ static void test_malformed(void)
     CHECK(pie_tokenizer_id_to_token(t, -1) == NULL &&
           pie_tokenizer_id_to_token(t, 1 << 20) == NULL, "id_to_token range");
     CHECK(pie_tokenizer_token_id(t, "no-such-token-xyz") == -1, "token_id miss");
-    pie_tokenizer_free(t);
     printf("bad input: truncated file, missing dir, invalid UTF-8 text, bad ids "
            "rejected\n");
+}
+
+/* Random strings from a palette round-trip exactly through encode+decode. */
+static void test_roundtrip(void)
+{
+    static const char *pal[] = {
+        "a", "b", "the", " ", "  ", "\n", "\t", "\r\n", "'s", "'LL", "1", "23",
+        "456", ".", ",", "!?", "-", "_", "(", ")", "{", "}", "\"", "\\", "#",
+        "\xc3\xa9", "\xc3\x9f", "\xe4\xbd\xa0", "\xe5\xa5\xbd", "\xd0\x96",
+        "\xf0\x9f\xa4\x96", "\xe2\x80\x8d", "\xd9\x85", "<", "|", ">",
+        "<|eot_id|>", "<|im_start|>", "<s>", "</s>", "<unk>", "\x01", "~",
+    };
+    static const char *dirs[] = { "models/tiny-llama3", "models/tiny-qwen3",
+                                  "models/stories260K" };
+    uint64_t rng = 0x9e3779b97f4a7c15ull;
+    int total = 0;
+    for (int k = 0; k < 3; k++) {
+        pie_tokenizer *t = load_model(dirs[k]);
+        for (int it = 0; it < 300; it++) {
+            char s[1024];
+            size_t n = 0;
+            int parts = 1 + (int)(rng % 40);
+            for (int p = 0; p < parts; p++) {
+                rng = rng * 6364136223846793005ull + 1442695040888963407ull;
+                const char *x = pal[(rng >> 33) % (sizeof pal / sizeof pal[0])];
+                /* SentencePiece: HF prepends "▁" to the text after an added
+                 * token, so stories260K's own specials cannot round-trip */
+                if (k == 2 && x[0] == '<' && x[1]) x = "a";
+                memcpy(s + n, x, strlen(x));
+                n += strlen(x);
+            }
+            s[n] = 0;
+            int32_t *ids;
+            size_t ni;
+            char *d;
+            size_t dl;
+            CHECK_OK(pie_tokenizer_encode(t, s, n, false, &ids, &ni));
+            CHECK_OK(pie_tokenizer_decode(t, ids, ni, false, &d, &dl));
+            CHECK(dl == n && !memcmp(d, s, n), "%s: \"%s\" round-trips to \"%s\"",
+                  dirs[k], s, d);
+            check_stream(t, ids, ni, false, d, "roundtrip stream");
+            free(d);
+            free(ids);
+            total++;
+        }
+    }
+    printf("round trip: %d random texts decode(encode(x)) == x, streamed too\n",
+           total);
 }
 
 int main(void)
@@ -409,5 +535,7 @@ int main(void)
     test_streaming_utf8();
     test_long_inputs();
     test_malformed();
+    test_roundtrip();
+    for (int i = 0; i < 3; i++) pie_tokenizer_free(cache[i].t);
     TEST_DONE();
 }
