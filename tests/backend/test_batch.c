@@ -166,6 +166,29 @@ static void test_exact_walk(void)
     CHECK(agree >= 98, "sampler walk agreed on %d of 100 seeds", agree);
 }
 
+/* top_p counts mass under the full softmax, not renormalized after top_k:
+ * with p = .2 .15 .1 ... the top 3 hold .45 < .5, so all 3 stay kept (a
+ * renormalizing sampler would drop the third). */
+static void test_top_k_then_top_p(void)
+{
+    const double p[10] = { .2, .15, .1, .09, .085, .08, .075, .075, .075, .07 };
+    int hits[10] = { 0 };
+    for (uint64_t seed = 0; seed < 400; seed++) {
+        float row[10];
+        for (int i = 0; i < 10; i++) row[i] = (float)log(p[i]);
+        pie_sampler s = { .kind = PIE_SAMPLER_RANDOM, .temperature = 1.0f,
+                          .top_k = 3, .top_p = 0.5f, .seed = seed };
+        int32_t t;
+        CHECK_OK(pie_sample_row(row, 10, &s, NULL, 0, &t, NULL, NULL));
+        CHECK(t >= 0 && t < 3, "top_k=3 emitted id %d", t);
+        hits[t]++;
+    }
+    CHECK(hits[2] > 40, "third token drawn %d/400 times, expected ~89",
+          hits[2]);
+    CHECK(hits[0] > hits[1] && hits[1] > hits[2], "frequencies %d %d %d not "
+          "ordered like p", hits[0], hits[1], hits[2]);
+}
+
 static void test_logit_mask(void)
 {
     /* allowed: [100,110) and [500,505) */
@@ -252,6 +275,7 @@ int main(void)
     test_top_k();
     test_top_p_min_p();
     test_exact_walk();
+    test_top_k_then_top_p();
     test_logit_mask();
     test_probes();
     test_out_alloc();
