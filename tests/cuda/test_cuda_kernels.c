@@ -1,0 +1,519 @@
+/*
+ * test_cuda_kernels.c — every CUDA kernel of backend/cuda against a plain C
+ * twin written here from the math (llm.c's dev/cuda habit): odd sizes,
+ * ragged batches, shuffled pages, causal and run-length masks, split and
+ * unsplit attention, every sampler and probe against pie_sample_row().
+ * Skips (77) when no GPU is present.
+ */
+#include <cuda_runtime_api.h>
+#include <math.h>
+#include <stdint.h>
+#include <stdlib.h>
+#include <string.h>
+
+#include "backend/backend.h"
+#include "backend/cuda/cuda_kernels.h"
+#include "common/pie_err.h"
+#include "tests/test_util.h"
+
+#define CU(x)                                                                \
+    do {                                                                     \
+        cudaError_t e_ = (x);                                                \
+        CHECK(e_ == cudaSuccess, "%s: %s", #x, cudaGetErrorString(e_));      \
+    } while (0)
+
+static uint64_t rng = 12345;
+static float frand(void)   /* uniform [-1, 1) */
+{
+    rng = rng * 6364136223846793005ull + 1442695040888963407ull;
+    return (float)((rng >> 40) * (1.0 / 8388608.0)) - 1.0f;
+}
+static int irand(int n) { return (int)((frand() + 1.0f) * 0.5f * n) % n; }
+
+static float bf(uint16_t h) { return pie_bf16_to_f32(h); }
+
+static void *dput(const void *h, size_t bytes)
+{
+    void *d = NULL;
+    CU(cudaMalloc(&d, bytes ? bytes : 16));
+    if (bytes) CU(cudaMemcpy(d, h, bytes, cudaMemcpyHostToDevice));
+    return d;
+}
+static void dget(void *h, const void *d, size_t bytes)
+{
+    CU(cudaDeviceSynchronize());
+    CU(cudaGetLastError());
+    CU(cudaMemcpy(h, d, bytes, cudaMemcpyDeviceToHost));
+}
+
+/* ------------------------------------------------------------ rmsnorm */
+static void test_rmsnorm(void)
+{
+    int n = 5, dim = 333, rows[3] = { 4, 0, 2 };
+    float *x = malloc(sizeof(float) * n * dim), w[333];
+    for (int i = 0; i < n * dim; i++) x[i] = frand() * 3;
+    for (int i = 0; i < dim; i++) w[i] = 1 + frand() * 0.5f;
+    float *dx = dput(x, sizeof(float) * n * dim), *dw = dput(w, sizeof w);
+    int32_t *dr = dput(rows, sizeof rows);
+    uint16_t *dout = dput(NULL, 2 * n * dim), *out = malloc(2 * n * dim);
+    for (int pass = 0; pass < 2; pass++) {
+        int m = pass ? 3 : n;
+        pie__cuda_rmsnorm(dout, dx, dw, pass ? dr : NULL, m, dim, 1e-5f, 0);
+        dget(out, dout, 2 * (size_t)m * dim);
+        for (int i = 0; i < m; i++) {
+            const float *xr = x + (pass ? rows[i] : i) * dim;
+            double ss = 0;
+            for (int k = 0; k < dim; k++) ss += xr[k] * xr[k];
+            float r = 1.0f / sqrtf((float)(ss / dim) + 1e-5f);
+            for (int k = 0; k < dim; k++) {
+                float ref = xr[k] * r * w[k], got = bf(out[i * dim + k]);
+                CHECK(fabsf(got - ref) <= 1e-2f * fabsf(ref) + 1e-4f,
+                      "rmsnorm row %d col %d: gpu %g cpu %g", i, k, got, ref);
+            }
+        }
+    }
+    printf("rmsnorm: %d rows x %d ok (plain and gathered rows)\n", n, dim);
+    cudaFree(dx); cudaFree(dw); cudaFree(dr); cudaFree(dout);
+    free(x); free(out);
+}
+
+/* ------------------------------------------------------------ silu*mul */
+static void test_silu(void)
+{
+    int n = 7, hid = 203;
+    float *gu = malloc(sizeof(float) * n * 2 * hid);
+    for (int i = 0; i < n * 2 * hid; i++) gu[i] = frand() * 6;
+    float *dgu = dput(gu, sizeof(float) * n * 2 * hid);
+    uint16_t *dout = dput(NULL, 2 * n * hid), *out = malloc(2 * n * hid);
+    pie__cuda_silu_mul(dout, dgu, n, hid, 0);
+    dget(out, dout, 2 * (size_t)n * hid);
+    for (int t = 0; t < n; t++)
+        for (int i = 0; i < hid; i++) {
+            float g = gu[t * 2 * hid + i], u = gu[t * 2 * hid + hid + i];
+            float ref = g / (1 + expf(-g)) * u, got = bf(out[t * hid + i]);
+            CHECK(fabsf(got - ref) <= 1e-2f * fabsf(ref) + 1e-5f,
+                  "silu token %d i %d: gpu %g cpu %g", t, i, got, ref);
+        }
+    printf("silu_mul: %d x %d ok\n", n, hid);
+    cudaFree(dgu); cudaFree(dout); free(gu); free(out);
+}
+
+/* ------------------------------------------------- batch of requests */
+
+typedef struct kbatch {
+    int n_reqs, n_tok, ps, n_pages;
+    int n_new[4], kv_len[4];
+    int32_t kv_indptr[5], pages[256], tok_slot[128], tok_req[128], pos[128];
+    int32_t mask_off[128];
+    uint32_t bits[128 * 16];
+    int masked;
+} kbatch;
+
+/* Requests with given new-token counts and total lengths, pages shuffled
+ * across the pool. */
+static void make_batch(kbatch *b, int n_reqs, const int *n_new,
+                       const int *kv_len, int ps, int n_pages, int masked)
+{
+    memset(b, 0, sizeof *b);
+    b->n_reqs = n_reqs; b->ps = ps; b->n_pages = n_pages; b->masked = masked;
+    int perm[256];
+    for (int i = 0; i < n_pages; i++) perm[i] = i;
+    for (int i = n_pages - 1; i > 0; i--) {
+        int j = irand(i + 1), t = perm[i];
+        perm[i] = perm[j]; perm[j] = t;
+    }
+    int np = 0, t = 0, w = 0;
+    for (int r = 0; r < n_reqs; r++) {
+        b->n_new[r] = n_new[r]; b->kv_len[r] = kv_len[r];
+        b->kv_indptr[r] = np;
+        for (int p = 0; p < (kv_len[r] + ps - 1) / ps; p++, np++) b->pages[np] = perm[np];
+        for (int i = 0; i < n_new[r]; i++, t++) {
+            b->tok_slot[t] = kv_len[r] - n_new[r] + i;
+            b->tok_req[t] = r;
+            b->pos[t] = b->tok_slot[t] * 3 + 7;      /* explicit, not = slot */
+            if (masked) {
+                b->mask_off[t] = w;
+                /* random bitmap over [0, kv_len), always some holes */
+                for (int j = 0; j < kv_len[r]; j++)
+                    if (irand(3) != 0)
+                        b->bits[w + j / 32] |= 1u << (j % 32);
+                if (i == 0 && r == 0)   /* one token attends to nothing */
+                    for (int j = 0; j < (kv_len[r] + 31) / 32; j++) b->bits[w + j] = 0;
+                w += (kv_len[r] + 31) / 32;
+            } else {
+                b->mask_off[t] = -1;
+            }
+        }
+    }
+    b->kv_indptr[n_reqs] = np;
+    b->n_tok = t;
+}
+
+static int allowed(const kbatch *b, int t, int j)
+{
+    if (!b->masked) return j <= b->tok_slot[t];
+    return (b->bits[b->mask_off[t] + j / 32] >> (j % 32)) & 1;
+}
+
+static int64_t kv_index(const pie_cuda_kv *kv, int page, int layer, int v,
+                        int h, int s, int d)
+{
+    return ((((int64_t)page * kv->n_layers + layer) * 2 + v) * kv->n_kv + h) *
+               kv->page_size * kv->head_dim + (int64_t)s * kv->head_dim + d;
+}
+
+static pie_cuda_tokmeta dev_meta(const kbatch *b, void **frees)
+{
+    pie_cuda_tokmeta tm;
+    int32_t kvl[4];
+    for (int r = 0; r < b->n_reqs; r++) kvl[r] = b->kv_len[r];
+    frees[0] = dput(b->tok_slot, 4 * b->n_tok);
+    frees[1] = dput(b->tok_req, 4 * b->n_tok);
+    frees[2] = dput(b->pos, 4 * b->n_tok);
+    frees[3] = dput(b->kv_indptr, 4 * (b->n_reqs + 1));
+    frees[4] = dput(kvl, 4 * b->n_reqs);
+    frees[5] = dput(b->pages, 4 * b->kv_indptr[b->n_reqs]);
+    frees[6] = dput(b->mask_off, 4 * b->n_tok);
+    frees[7] = dput(b->bits, sizeof b->bits);
+    tm.tok_slot = frees[0]; tm.tok_req = frees[1]; tm.positions = frees[2];
+    tm.kv_indptr = frees[3]; tm.kv_len = frees[4]; tm.pages = frees[5];
+    tm.mask_off = b->masked ? frees[6] : NULL;
+    tm.mask_bits = b->masked ? frees[7] : NULL;
+    return tm;
+}
+
+/* ----------------------------------------------------------- qkv post */
+static void test_qkv_post(int nh, int nkv, int hd, int bias, int qknorm)
+{
+    kbatch b;
+    int n_new[3] = { 1, 9, 3 }, kv_len[3] = { 21, 9, 40 };
+    make_batch(&b, 3, n_new, kv_len, 7, 40, 0);
+    int n = b.n_tok, L = 3, layer = 1, qkvd = (nh + 2 * nkv) * hd;
+    pie_cuda_kv kv = { NULL, L, nkv, b.ps, hd };
+    int64_t pool_n = pie_cuda_kv_page_elems(&kv) * b.n_pages;
+    float *qkv = malloc(sizeof(float) * n * qkvd), *bs = malloc(sizeof(float) * qkvd);
+    float qn[256], kn[256], invf[128];
+    for (int i = 0; i < n * qkvd; i++) qkv[i] = frand() * 2;
+    for (int i = 0; i < qkvd; i++) bs[i] = frand() * 0.3f;
+    for (int i = 0; i < hd; i++) { qn[i] = 1 + frand() * .3f; kn[i] = 1 + frand() * .3f; }
+    for (int i = 0; i < hd / 2; i++) invf[i] = powf(10000.f, -2.f * i / hd);
+    uint16_t *pool = calloc((size_t)pool_n, 2);
+    kv.pool = dput(pool, 2 * pool_n);
+    void *fr[8];
+    pie_cuda_tokmeta tm = dev_meta(&b, fr);
+    float *dqkv = dput(qkv, sizeof(float) * n * qkvd), *dq = dput(NULL, 4 * n * nh * hd);
+    float *db = dput(bs, 4 * qkvd), *dqn = dput(qn, 4 * hd), *dkn = dput(kn, 4 * hd);
+    float *dinv = dput(invf, 4 * hd / 2);
+    pie__cuda_qkv_post(dq, dqkv, bias ? db : NULL, qknorm ? dqn : NULL,
+                       qknorm ? dkn : NULL, 1e-6f, dinv, &tm, &kv, layer, n, nh, 0);
+    float *q = malloc(4 * n * nh * hd);
+    dget(q, dq, 4 * (size_t)n * nh * hd);
+    dget(pool, kv.pool, 2 * (size_t)pool_n);
+    for (int t = 0; t < n; t++) {
+        int r = b.tok_req[t], s = b.tok_slot[t];
+        int page = b.pages[b.kv_indptr[r] + s / b.ps], off = s % b.ps;
+        for (int h = 0; h < nh + 2 * nkv; h++) {
+            float v[256];
+            for (int i = 0; i < hd; i++)
+                v[i] = qkv[t * qkvd + h * hd + i] + (bias ? bs[h * hd + i] : 0);
+            int isq = h < nh, isk = !isq && h < nh + nkv;
+            if (qknorm && (isq || isk)) {
+                double ss = 0;
+                for (int i = 0; i < hd; i++) ss += v[i] * v[i];
+                float rr = 1 / sqrtf((float)(ss / hd) + 1e-6f);
+                for (int i = 0; i < hd; i++) v[i] *= rr * (isq ? qn[i] : kn[i]);
+            }
+            if (isq || isk)
+                for (int i = 0; i < hd / 2; i++) {
+                    double a = (double)b.pos[t] * invf[i];
+                    float c = (float)cos(a), sn = (float)sin(a);
+                    float x0 = v[i], x1 = v[i + hd / 2];
+                    v[i] = x0 * c - x1 * sn;
+                    v[i + hd / 2] = x1 * c + x0 * sn;
+                }
+            for (int i = 0; i < hd; i++) {
+                float got;
+                if (isq) got = q[(t * nh + h) * hd + i];
+                else got = bf(pool[kv_index(&kv, page, layer, isk ? 0 : 1,
+                                            isk ? h - nh : h - nh - nkv, off, i)]);
+                float tol = isq ? 2e-4f + 2e-4f * fabsf(v[i]) : 1e-2f * fabsf(v[i]) + 1e-3f;
+                CHECK(fabsf(got - v[i]) <= tol,
+                      "qkv_post token %d head %d i %d: gpu %g cpu %g", t, h, i,
+                      got, v[i]);
+            }
+        }
+    }
+    /* nothing else in the pool was written */
+    int64_t nz = 0;
+    for (int64_t i = 0; i < pool_n; i++) nz += pool[i] != 0;
+    CHECK(nz <= (int64_t)n * 2 * nkv * hd, "qkv_post wrote %lld pool values, "
+          "expected at most %lld", (long long)nz, (long long)n * 2 * nkv * hd);
+    printf("qkv_post: nh %d nkv %d hd %d bias %d qk_norm %d: %d tokens ok\n",
+           nh, nkv, hd, bias, qknorm, n);
+    for (int i = 0; i < 8; i++) cudaFree(fr[i]);
+    cudaFree(dqkv); cudaFree(dq); cudaFree(db); cudaFree(dqn); cudaFree(dkn);
+    cudaFree(dinv); cudaFree(kv.pool);
+    free(qkv); free(bs); free(pool); free(q);
+}
+
+/* ---------------------------------------------------------- attention */
+static void test_attention(int nh, int nkv, int hd, int masked, int split)
+{
+    kbatch b;
+    int n_new[4] = { 1, 13, 1, 5 }, kv_len[4] = { 1, 13, 1500, 77 };
+    make_batch(&b, 4, n_new, kv_len, 16, 200, masked);
+    int n = b.n_tok, L = 2, layer = 1, G = nh / nkv;
+    pie_cuda_kv kv = { NULL, L, nkv, b.ps, hd };
+    int64_t pool_n = pie_cuda_kv_page_elems(&kv) * b.n_pages;
+    uint16_t *pool = malloc(2 * (size_t)pool_n);
+    for (int64_t i = 0; i < pool_n; i++) pool[i] = pie_f32_to_bf16(frand());
+    float *q = malloc(4 * (size_t)n * nh * hd);
+    for (int i = 0; i < n * nh * hd; i++) q[i] = frand() * 2;
+    kv.pool = dput(pool, 2 * pool_n);
+    void *fr[8];
+    pie_cuda_tokmeta tm = dev_meta(&b, fr);
+    /* plan: tiles of T tokens, `split` splits (at least what the chunk
+     * limit needs) */
+    pie_cuda_attn_item items[4096];
+    pie_cuda_merge_item merges[1024];
+    int ni = 0, nm = 0, parts = 0, T = PIE_CUDA_ATTN_RMAX / G;
+    for (int r = 0; r < b.n_reqs; r++) {
+        int q0 = 0;
+        for (int k = 0; k < r; k++) q0 += b.n_new[k];
+        for (int i = 0; i < b.n_new[r]; i += T) {
+            int nt = b.n_new[r] - i < T ? b.n_new[r] - i : T;
+            int range = b.kv_len[r];
+            int ns = (range + PIE_CUDA_ATTN_CHUNK - 1) / PIE_CUDA_ATTN_CHUNK;
+            if (ns < split) ns = split;
+            if (ns > range) ns = range > 0 ? range : 1;
+            for (int h = 0; h < nkv; h++) {
+                if (ns > 1)
+                    merges[nm++] = (pie_cuda_merge_item){ q0 + i, nt, h, ns, parts, {0} };
+                for (int s = 0; s < ns; s++)
+                    items[ni++] = (pie_cuda_attn_item){
+                        r, q0 + i, nt, h, range * s / ns, range * (s + 1) / ns,
+                        ns > 1 ? parts + s * nt * G : -1, 0 };
+                if (ns > 1) parts += ns * nt * G;
+            }
+        }
+    }
+    float *dq = dput(q, 4 * (size_t)n * nh * hd);
+    uint16_t *dout = dput(NULL, 2 * (size_t)n * nh * hd);
+    float *po = dput(NULL, 4 * (size_t)(parts + 1) * hd);
+    float *pml = dput(NULL, 8 * (size_t)(parts + 1));
+    pie_cuda_attn_item *di = dput(items, sizeof items[0] * ni);
+    pie_cuda_merge_item *dm = dput(merges, sizeof merges[0] * (nm + 1));
+    CU(cudaMemset(dout, 0xff, 2 * (size_t)n * nh * hd));   /* poison */
+    pie__cuda_attention(dout, po, pml, dq, di, ni, &tm, &kv, layer, nh, 0);
+    pie__cuda_attn_merge(dout, po, pml, dm, nm, nh, nkv, hd, 0);
+    uint16_t *out = malloc(2 * (size_t)n * nh * hd);
+    dget(out, dout, 2 * (size_t)n * nh * hd);
+    double *sc = malloc(sizeof(double) * 2048);
+    double err = 0, ref2 = 0;
+    for (int t = 0; t < n; t++) {
+        int r = b.tok_req[t];
+        for (int h = 0; h < nh; h++) {
+            int kh = h / G;
+            double mx = -INFINITY;
+            for (int j = 0; j < b.kv_len[r]; j++) {
+                int page = b.pages[b.kv_indptr[r] + j / b.ps];
+                double d = 0;
+                for (int i = 0; i < hd; i++)
+                    d += q[(t * nh + h) * hd + i] *
+                         bf(pool[kv_index(&kv, page, layer, 0, kh, j % b.ps, i)]);
+                sc[j] = allowed(&b, t, j) ? d / sqrt(hd) : -INFINITY;
+                if (sc[j] > mx) mx = sc[j];
+            }
+            double l = 0;
+            for (int j = 0; j < b.kv_len[r]; j++) {
+                sc[j] = sc[j] == -INFINITY ? 0 : exp(sc[j] - mx);
+                l += sc[j];
+            }
+            for (int i = 0; i < hd; i++) {
+                double o = 0;
+                for (int j = 0; j < b.kv_len[r]; j++) {
+                    int page = b.pages[b.kv_indptr[r] + j / b.ps];
+                    o += sc[j] * bf(pool[kv_index(&kv, page, layer, 1, kh, j % b.ps, i)]);
+                }
+                float ref = l > 0 ? (float)(o / l) : 0.0f;
+                float got = bf(out[(t * nh + h) * hd + i]);
+                CHECK(fabsf(got - ref) <= 1e-2f * fabsf(ref) + 4e-3f,
+                      "attention token %d head %d i %d: gpu %g cpu %g "
+                      "(masked %d split %d)", t, h, i, got, ref, masked, split);
+                err += (got - ref) * (got - ref);
+                ref2 += ref * ref;
+            }
+        }
+    }
+    printf("attention: nh %d nkv %d hd %d masked %d split %d: %d tokens, "
+           "%d items, %d merges, rel err %.2e ok\n", nh, nkv, hd, masked, split,
+           n, ni, nm, sqrt(err / (ref2 + 1e-30)));
+    for (int i = 0; i < 8; i++) cudaFree(fr[i]);
+    cudaFree(dq); cudaFree(dout); cudaFree(po); cudaFree(pml); cudaFree(di);
+    cudaFree(dm); cudaFree(kv.pool);
+    free(pool); free(q); free(out); free(sc);
+}
+
+/* ---------------------------------------------------------- copy slots */
+static void test_copy_slots(void)
+{
+    pie_cuda_kv kv = { NULL, 3, 2, 5, 16 };
+    int64_t pe = pie_cuda_kv_page_elems(&kv), n = pe * 4;
+    uint16_t *pool = malloc(2 * n), *got = malloc(2 * n);
+    for (int64_t i = 0; i < n; i++) pool[i] = pie_f32_to_bf16(frand());
+    kv.pool = dput(pool, 2 * n);
+    pie__cuda_copy_slots(&kv, 1, 1, 3, 2, 3, 0);
+    dget(got, kv.pool, 2 * n);
+    for (int l = 0; l < 3; l++)
+        for (int v = 0; v < 2; v++)
+            for (int h = 0; h < 2; h++)
+                for (int s = 0; s < 3; s++)
+                    for (int d = 0; d < 16; d++)
+                        pool[kv_index(&kv, 3, l, v, h, 2 + s, d)] =
+                            pool[kv_index(&kv, 1, l, v, h, 1 + s, d)];
+    CHECK(memcmp(pool, got, 2 * n) == 0, "copy_slots differs from the twin");
+    printf("copy_slots: ok\n");
+    cudaFree(kv.pool); free(pool); free(got);
+}
+
+/* ------------------------------------------------------------ samplers */
+static void test_samplers(int V)
+{
+    enum { R = 24 };
+    pie_sampler s[R];
+    memset(s, 0, sizeof s);
+    int32_t lp_ids[R * 4];
+    int n_ids = 0;
+    for (int r = 0; r < R; r++) {
+        s[r].seed = 1000 + r * 77;
+        switch (r % 8) {
+        case 0: s[r].kind = PIE_SAMPLER_GREEDY; break;
+        case 1: s[r].kind = PIE_SAMPLER_RANDOM; s[r].temperature = 1.0f; break;
+        case 2: s[r].kind = PIE_SAMPLER_RANDOM; s[r].temperature = 0.7f;
+                s[r].top_k = 1 + r; s[r].top_p = 0.9f; break;
+        case 3: s[r].kind = PIE_SAMPLER_RANDOM; s[r].temperature = 1.3f;
+                s[r].top_p = 0.5f; s[r].min_p = 0.05f; break;
+        case 4: s[r].kind = PIE_PROBE_TOPK; s[r].top_k = 5 + r; s[r].temperature = r > 10 ? 0.8f : 0; break;
+        case 5: s[r].kind = PIE_PROBE_LOGPROBS; s[r].ids = lp_ids + n_ids;
+                s[r].n_ids = 3;
+                for (int i = 0; i < 3; i++) lp_ids[n_ids++] = irand(V);
+                break;
+        case 6: s[r].kind = PIE_PROBE_ENTROPY; break;
+        case 7: s[r].kind = PIE_PROBE_LOGITS; break;
+        }
+        if (s[r].kind == PIE_SAMPLER_RANDOM) s[r].top_p = s[r].top_p ? s[r].top_p : 1.0f;
+    }
+    float *logits = malloc(sizeof(float) * R * V);
+    for (int i = 0; i < R * V; i++) logits[i] = frand() * 4;
+    logits[3 * V + 5] = logits[3 * V + 9] = 10.0f;   /* greedy tie -> lower */
+    /* logit masks on every third row: runs 0, a, b, c ... */
+    int words = (V + 31) / 32;
+    uint32_t *bits = calloc((size_t)R * words, 4);
+    uint32_t runs[R][6], nruns[R];
+    pie_cuda_srow sr[R];
+    int val = 0, n_sort = 0, ids_off = 0;
+    uint32_t vindptr[R + 1];
+    for (int r = 0; r < R; r++) {
+        nruns[r] = 0;
+        if (r % 3 == 1) {
+            uint32_t a = (uint32_t)(V / 5), bb = (uint32_t)(V / 3), c = (uint32_t)(V / 7);
+            uint32_t rr[5] = { a, bb, c, 7, 11 };
+            memcpy(runs[r], rr, sizeof rr);
+            nruns[r] = 5;
+            uint64_t pos = 0;
+            for (int k = 0; k < 5; k++) {
+                if (k & 1)
+                    for (uint64_t j = pos; j < pos + rr[k] && j < (uint64_t)V; j++)
+                        bits[r * words + j / 32] |= 1u << (j % 32);
+                pos += rr[k];
+            }
+        } else {
+            for (int j = 0; j < words; j++) bits[r * words + j] = 0xffffffffu;
+        }
+        int sorted = s[r].kind == PIE_PROBE_TOPK ||
+                     (s[r].kind == PIE_SAMPLER_RANDOM && s[r].temperature > 0);
+        sr[r] = (pie_cuda_srow){ s[r].kind, s[r].temperature, s[r].top_k,
+                                 s[r].top_p, s[r].min_p,
+                                 pie_sample_uniform(s[r].seed), val,
+                                 s[r].kind == PIE_PROBE_TOPK ? s[r].top_k : s[r].n_ids,
+                                 ids_off, r * words, sorted ? n_sort++ : -1, 0 };
+        if (s[r].kind == PIE_PROBE_LOGPROBS) ids_off += s[r].n_ids;
+        vindptr[r] = val;
+        val += s[r].kind == PIE_PROBE_TOPK ? s[r].top_k
+             : s[r].kind == PIE_PROBE_LOGPROBS ? s[r].n_ids
+             : s[r].kind == PIE_PROBE_ENTROPY ? 1
+             : s[r].kind == PIE_PROBE_LOGITS ? V : 0;
+    }
+    vindptr[R] = val;
+    pie_cuda_sample_args a = { 0 };
+    a.logits = dput(logits, sizeof(float) * R * V);
+    a.rows = R; a.vocab = V;
+    a.srow = dput(sr, sizeof sr);
+    a.mask_bits = dput(bits, 4 * (size_t)R * words);
+    a.lp_ids = dput(lp_ids, sizeof lp_ids);
+    a.n_sort = n_sort;
+    a.sort_kin = dput(NULL, 4 * (size_t)n_sort * V);
+    a.sort_kout = dput(NULL, 4 * (size_t)n_sort * V);
+    a.sort_vin = dput(NULL, 4 * (size_t)n_sort * V);
+    a.sort_vout = dput(NULL, 4 * (size_t)n_sort * V);
+    a.seg_off = dput(NULL, 4 * (n_sort + 1));
+    a.sort_tmp_bytes = pie__cuda_sort_tmp_bytes(n_sort, V);
+    a.sort_tmp = dput(NULL, a.sort_tmp_bytes);
+    a.tokens = dput(NULL, 4 * R);
+    a.values = dput(NULL, 4 * (size_t)val);
+    a.ids = dput(NULL, 4 * (size_t)val);
+    CU(cudaMemset(a.ids, 0, 4 * (size_t)val));
+    CHECK(pie__cuda_sample(&a, 0) == 0, "pie__cuda_sample failed");
+    int32_t tok[R], *gids = malloc(4 * (size_t)val);
+    float *gv = malloc(4 * (size_t)val);
+    dget(tok, a.tokens, sizeof tok);
+    dget(gv, a.values, 4 * (size_t)val);
+    dget(gids, a.ids, 4 * (size_t)val);
+    float *row = malloc(sizeof(float) * V), *rv = malloc(4 * (size_t)V);
+    int32_t *rid = malloc(4 * (size_t)V);
+    for (int r = 0; r < R; r++) {
+        memcpy(row, logits + (size_t)r * V, sizeof(float) * V);
+        int32_t rt;
+        CHECK_OK(pie_sample_row(row, V, &s[r], nruns[r] ? runs[r] : NULL,
+                                nruns[r], &rt, rv, rid));
+        CHECK(tok[r] == rt, "sampler row %d (kind %d): gpu token %d, cpu %d",
+              r, s[r].kind, tok[r], rt);
+        int nv = (int)(vindptr[r + 1] - vindptr[r]);
+        for (int i = 0; i < nv; i++) {
+            float g = gv[vindptr[r] + i], c = rv[i];
+            int both_inf = isinf(g) && isinf(c) && (g > 0) == (c > 0);
+            CHECK(both_inf || fabsf(g - c) <= 1e-5f + 1e-4f * fabsf(c),
+                  "sampler row %d (kind %d) value %d: gpu %g cpu %g", r,
+                  s[r].kind, i, g, c);
+            if (s[r].kind == PIE_PROBE_TOPK)
+                CHECK(gids[vindptr[r] + i] == rid[i], "TOPK row %d rank %d: gpu "
+                      "id %d cpu %d", r, i, gids[vindptr[r] + i], rid[i]);
+        }
+    }
+    printf("samplers: %d rows over vocab %d (greedy, random with top-k/p/min-p, "
+           "TOPK, LOGPROBS, ENTROPY, LOGITS, masks) match pie_sample_row\n", R, V);
+    free(logits); free(bits); free(gids); free(gv); free(row); free(rv); free(rid);
+}
+
+int main(void)
+{
+    int ndev = 0;
+    if (cudaGetDeviceCount(&ndev) != cudaSuccess || ndev == 0)
+        TEST_SKIP("no CUDA GPU");
+    test_rmsnorm();
+    test_silu();
+    test_copy_slots();
+    test_qkv_post(4, 2, 16, 1, 0);
+    test_qkv_post(8, 2, 64, 0, 1);
+    test_qkv_post(32, 8, 128, 0, 0);
+    for (int m = 0; m < 2; m++) {
+        test_attention(4, 2, 16, m, 1);
+        test_attention(8, 4, 8, m, 3);
+        test_attention(32, 8, 64, m, 1);
+        test_attention(32, 8, 128, m, 4);
+        test_attention(6, 6, 32, m, 2);
+    }
+    test_samplers(1000);
+    test_samplers(128256);
+    TEST_DONE();
+}

@@ -1,0 +1,531 @@
+/*
+ * test_cuda_model.c — the CUDA backend on whole models:
+ *   - logits of every prompt position against ../shared/models/X/
+ *     reference.json (Hugging Face transformers, f32): the full last-position
+ *     vector (relative L2 error, bf16 tolerance), top-1 ids wherever the
+ *     reference's top-1/top-2 gap exceeds the measured error, logsumexp
+ *   - greedy continuations against the reference greedy ids (exact while the
+ *     reference gap exceeds twice the measured logit error; the steps
+ *     compared are printed)
+ *   - batched (two requests, shuffled pages) vs single, an explicit mask vs
+ *     the equivalent shorter sequence, page download/upload and copy_slots,
+ *     device samplers vs pie_sample_row on the same logits, the CPU backend
+ *   - bad batches return errors and change nothing
+ * Skips (77) without a GPU or without ../shared.
+ */
+#include <jansson.h>
+#include <math.h>
+#include <stdint.h>
+#include <stdlib.h>
+#include <string.h>
+
+#include "backend/backend.h"
+#include "common/pie_err.h"
+#include "model/model.h"
+#include "tests/test_util.h"
+
+#define MAXP 512
+
+typedef struct seq {
+    int32_t pages[MAXP];
+    int     np, len;
+} seq;
+
+static int next_page, n_pool;
+static int32_t perm[4096];
+
+static void pages_reset(int n, int shuffle)
+{
+    n_pool = n;
+    next_page = 0;
+    for (int i = 0; i < n; i++) perm[i] = i;
+    uint64_t r = 99;
+    if (shuffle)
+        for (int i = n - 1; i > 0; i--) {
+            r = r * 6364136223846793005ull + 1442695040888963407ull;
+            int j = (int)((r >> 33) % (uint64_t)(i + 1)), t = perm[i];
+            perm[i] = perm[j]; perm[j] = t;
+        }
+}
+
+static void seq_grow(seq *s, int add, int ps)
+{
+    s->len += add;
+    while (s->np * ps < s->len) {
+        CHECK(next_page < n_pool, "test ran out of pages");
+        s->pages[s->np++] = perm[next_page++];
+    }
+}
+
+/* One forward over n requests; toks/npos per request; outputs given by
+ * (request, index within its new tokens) pairs; returns rc. */
+typedef struct req_in {
+    seq           *s;
+    const int32_t *tok;
+    const int32_t *pos;       /* NULL = s->len .. */
+    int            n;
+} req_in;
+
+static int forward(pie_backend *b, req_in *r, int nr, const int32_t *out_tok,
+                   const pie_sampler *smp, int n_out, const uint32_t *mind,
+                   const uint32_t *mruns, const uint32_t *lmind,
+                   const uint32_t *lmruns, pie_forward_out *out)
+{
+    int ps = b->page_size, nt = 0, np = 0;
+    for (int i = 0; i < nr; i++) nt += r[i].n;
+    int32_t *tok = malloc(4 * (nt + 1)), *pos = malloc(4 * (nt + 1));
+    int32_t qo[17], kvi[17], last[16], *pg = malloc(4 * 16 * MAXP);
+    qo[0] = kvi[0] = 0;
+    int t = 0;
+    for (int i = 0; i < nr; i++) {
+        int start = r[i].s->len;
+        seq_grow(r[i].s, r[i].n, ps);
+        for (int k = 0; k < r[i].n; k++, t++) {
+            tok[t] = r[i].tok[k];
+            pos[t] = r[i].pos ? r[i].pos[k] : start + k;
+        }
+        qo[i + 1] = t;
+        for (int k = 0; k < r[i].s->np; k++) pg[np++] = r[i].s->pages[k];
+        kvi[i + 1] = np;
+        last[i] = r[i].s->len - (r[i].s->np - 1) * ps;
+    }
+    pie_forward_batch fb = { nt, nr, tok, pos, qo, pg, kvi, last, mind, mruns,
+                             n_out, out_tok, smp, lmind, lmruns };
+    int rc = pie_forward_out_alloc(&fb, b->cfg->vocab_size, out);
+    if (!rc) rc = pie_backend_forward(b, &fb, out);
+    if (rc) {   /* roll back the sequence lengths */
+        for (int i = 0; i < nr; i++) r[i].s->len -= r[i].n;
+    }
+    free(tok); free(pos); free(pg);
+    return rc;
+}
+
+/* ------------------------------------------------------------ reference */
+
+static int b64val(char c)
+{
+    if (c >= 'A' && c <= 'Z') return c - 'A';
+    if (c >= 'a' && c <= 'z') return c - 'a' + 26;
+    if (c >= '0' && c <= '9') return c - '0' + 52;
+    if (c == '+') return 62;
+    if (c == '/') return 63;
+    return -1;
+}
+
+static float *b64_floats(const char *s, int *n)
+{
+    size_t len = strlen(s), k = 0;
+    uint8_t *buf = malloc(len);
+    uint32_t acc = 0;
+    int bits = 0;
+    for (size_t i = 0; i < len; i++) {
+        int v = b64val(s[i]);
+        if (v < 0) continue;
+        acc = (acc << 6) | (uint32_t)v;
+        bits += 6;
+        if (bits >= 8) {
+            bits -= 8;
+            buf[k++] = (uint8_t)(acc >> bits);
+        }
+    }
+    *n = (int)(k / 4);
+    return (float *)buf;
+}
+
+static int32_t *json_ints(json_t *a, int *n)
+{
+    *n = (int)json_array_size(a);
+    int32_t *v = malloc(4 * (*n + 1));
+    for (int i = 0; i < *n; i++) v[i] = (int32_t)json_integer_value(json_array_get(a, i));
+    return v;
+}
+
+static int argmax(const float *x, int n)
+{
+    int b = 0;
+    for (int i = 1; i < n; i++) if (x[i] > x[b]) b = i;
+    return b;
+}
+
+static double lse(const float *x, int n)
+{
+    float m = x[argmax(x, n)];
+    double s = 0;
+    for (int i = 0; i < n; i++) s += exp((double)x[i] - m);
+    return m + log(s);
+}
+
+/* Prefill + greedy check of one prompt; returns the max abs error of the
+ * last logits. */
+static double check_prompt(pie_backend *b, json_t *p, const char *name, int pi)
+{
+    int V = b->cfg->vocab_size, n, ng, nl;
+    int32_t *ids = json_ints(json_object_get(p, "input_ids"), &n);
+    int32_t *greedy = json_ints(json_object_get(p, "greedy_ids"), &ng);
+    float *ref_last = b64_floats(json_string_value(json_object_get(p, "last_logits_f32_b64")), &nl);
+    CHECK(nl == V, "%s: reference has %d logits, model vocab %d", name, nl, V);
+    json_t *top5 = json_object_get(p, "top5_ids"), *top5l = json_object_get(p, "top5_logits");
+    json_t *lsej = json_object_get(p, "logsumexp"), *gaps = json_object_get(p, "greedy_top2_gap");
+    seq s = { .np = 0, .len = 0 };
+    pie_sampler *smp = calloc((size_t)n, sizeof *smp);
+    int32_t *ot = malloc(4 * n);
+    for (int i = 0; i < n; i++) { smp[i].kind = PIE_PROBE_LOGITS; ot[i] = i; }
+    req_in r = { &s, ids, NULL, n };
+    pie_forward_out out;
+    CHECK_OK(forward(b, &r, 1, ot, smp, n, NULL, NULL, NULL, NULL, &out));
+    /* last position: full vector */
+    const float *last = out.values + out.value_indptr[n - 1];
+    double e2 = 0, r2 = 0, maxerr = 0;
+    for (int v = 0; v < V; v++) {
+        double d = last[v] - ref_last[v];
+        e2 += d * d; r2 += (double)ref_last[v] * ref_last[v];
+        if (fabs(d) > maxerr) maxerr = fabs(d);
+    }
+    double rel = sqrt(e2 / r2);
+    CHECK(rel <= 2e-2, "%s prompt %d: last logits rel L2 error %.3g > 2e-2 "
+          "(max abs %.3g)", name, pi, rel, maxerr);
+    /* every position: top-1 where separated, logsumexp */
+    int top_checked = 0;
+    double lse_err = 0;
+    for (int i = 0; i < n; i++) {
+        const float *row = out.values + out.value_indptr[i];
+        int rt = (int)json_integer_value(json_array_get(json_array_get(top5, i), 0));
+        double g = json_real_value(json_array_get(json_array_get(top5l, i), 0)) -
+                   json_real_value(json_array_get(json_array_get(top5l, i), 1));
+        if (g > 2 * maxerr + 1e-3) {
+            CHECK(argmax(row, V) == rt, "%s prompt %d pos %d: top-1 %d, "
+                  "reference %d (gap %.3g)", name, pi, i, argmax(row, V), rt, g);
+            top_checked++;
+        }
+        double d = fabs(lse(row, V) - json_real_value(json_array_get(lsej, i)));
+        if (d > lse_err) lse_err = d;
+    }
+    CHECK(lse_err <= 4 * maxerr + 1e-3, "%s prompt %d: logsumexp error %.3g "
+          "exceeds 4x the logit error %.3g", name, pi, lse_err, maxerr);
+    pie_forward_out_free(&out);
+    /* greedy continuation */
+    double gap_tol = 2 * maxerr > 0.02 ? 2 * maxerr : 0.02;
+    int32_t cur = greedy[0];
+    pie_sampler g = { .kind = PIE_SAMPLER_GREEDY };
+    int32_t zero = 0;
+    int compared = 0;
+    /* The token after the prompt comes from the prefill's last logits. */
+    if (json_real_value(json_array_get(gaps, 0)) > gap_tol) {
+        CHECK(argmax(last, V) == greedy[0], "%s prompt %d greedy step 0: %d, "
+              "reference %d", name, pi, argmax(last, V), greedy[0]);
+        compared++;
+        for (int k = 1; k < ng; k++) {
+            req_in rr = { &s, &cur, NULL, 1 };
+            CHECK_OK(forward(b, &rr, 1, &zero, &g, 1, NULL, NULL, NULL, NULL, &out));
+            int32_t got = out.tokens[0];
+            pie_forward_out_free(&out);
+            if (json_real_value(json_array_get(gaps, k)) <= gap_tol) break;
+            CHECK(got == greedy[k], "%s prompt %d greedy step %d: %d, "
+                  "reference %d (gap %.3g)", name, pi, k, got, greedy[k],
+                  json_real_value(json_array_get(gaps, k)));
+            compared++;
+            cur = got;
+        }
+    }
+    printf("%s prompt %d: %d tokens, last logits rel L2 %.2e max abs %.3g, "
+           "top-1 checked at %d/%d positions, lse err %.3g, greedy exact for "
+           "%d/%d steps (gap tol %.3g)\n", name, pi, n, rel, maxerr, top_checked,
+           n, lse_err, compared, ng, gap_tol);
+    free(ids); free(greedy); free(ref_last); free(smp); free(ot);
+    return maxerr;
+}
+
+/* Last logits of prompt ids run alone (fresh sequence). */
+static float *last_logits(pie_backend *b, const int32_t *ids, int n, seq *s)
+{
+    int V = b->cfg->vocab_size;
+    pie_sampler lp = { .kind = PIE_PROBE_LOGITS };
+    int32_t o = n - 1;
+    req_in r = { s, ids, NULL, n };
+    pie_forward_out out;
+    CHECK_OK(forward(b, &r, 1, &o, &lp, 1, NULL, NULL, NULL, NULL, &out));
+    float *v = malloc(4 * (size_t)V);
+    memcpy(v, out.values, 4 * (size_t)V);
+    pie_forward_out_free(&out);
+    return v;
+}
+
+static double maxdiff(const float *a, const float *b, int n)
+{
+    double m = 0;
+    for (int i = 0; i < n; i++) if (fabs(a[i] - b[i]) > m) m = fabs(a[i] - b[i]);
+    return m;
+}
+
+/* Two prompts batched (pages shuffled) vs each alone. */
+static void check_batched(pie_backend *b, json_t *prompts, const char *name)
+{
+    int V = b->cfg->vocab_size, n0, n1;
+    int32_t *a = json_ints(json_object_get(json_array_get(prompts, 0), "input_ids"), &n0);
+    int32_t *c = json_ints(json_object_get(json_array_get(prompts, 1), "input_ids"), &n1);
+    pages_reset(b->n_pages, 0);
+    seq s0 = { .np = 0 }, s1 = { .np = 0 };
+    float *l0 = last_logits(b, a, n0, &s0), *l1 = last_logits(b, c, n1, &s1);
+    pages_reset(b->n_pages, 1);
+    seq t0 = { .np = 0 }, t1 = { .np = 0 };
+    req_in r[2] = { { &t0, a, NULL, n0 }, { &t1, c, NULL, n1 } };
+    pie_sampler lp[2] = { { .kind = PIE_PROBE_LOGITS }, { .kind = PIE_PROBE_LOGITS } };
+    int32_t ot[2] = { n0 - 1, n0 + n1 - 1 };
+    pie_forward_out out;
+    CHECK_OK(forward(b, r, 2, ot, lp, 2, NULL, NULL, NULL, NULL, &out));
+    double d0 = maxdiff(out.values, l0, V), d1 = maxdiff(out.values + V, l1, V);
+    CHECK(d0 < 2e-2 && d1 < 2e-2, "%s: batched vs single differ by %.3g / %.3g",
+          name, d0, d1);
+    pie_forward_out_free(&out);
+    /* decode one more token in both requests of the batch vs alone */
+    int32_t nx[2] = { 5, 7 };
+    req_in d[2] = { { &t0, &nx[0], NULL, 1 }, { &t1, &nx[1], NULL, 1 } };
+    int32_t od[2] = { 0, 1 };
+    CHECK_OK(forward(b, d, 2, od, lp, 2, NULL, NULL, NULL, NULL, &out));
+    float *e0 = last_logits(b, &nx[0], 1, &s0), *e1 = last_logits(b, &nx[1], 1, &s1);
+    double d2 = maxdiff(out.values, e0, V), d3 = maxdiff(out.values + V, e1, V);
+    CHECK(d2 < 2e-2 && d3 < 2e-2, "%s: batched decode vs single differ by "
+          "%.3g / %.3g", name, d2, d3);
+    pie_forward_out_free(&out);
+    printf("%s: batched+shuffled vs single: prefill %.2g %.2g, decode %.2g %.2g ok\n",
+           name, d0, d1, d2, d3);
+    free(a); free(c); free(l0); free(l1); free(e0); free(e1);
+}
+
+/* Token c masked to skip b equals the sequence without b (positions are
+ * explicit). Also: a token whose mask is empty gets finite logits. */
+static void check_mask(pie_backend *b, const char *name)
+{
+    int V = b->cfg->vocab_size;
+    pages_reset(b->n_pages, 1);
+    int32_t tok[4] = { 3 % V, 17 % V, 29 % V, 11 % V }, pos[4] = { 0, 1, 2, 3 };
+    /* a b c d: c skips b, d attends a and d only (runs: not, yes, ...) */
+    uint32_t mind[5] = { 0, 2, 4, 8, 12 };
+    uint32_t runs[12] = { 0, 1,  0, 2,  0, 1, 1, 1,  0, 1, 2, 1 };
+    seq s = { .np = 0 };
+    req_in r = { &s, tok, pos, 4 };
+    pie_sampler lp[2] = { { .kind = PIE_PROBE_LOGITS }, { .kind = PIE_PROBE_LOGITS } };
+    int32_t ot[2] = { 2, 3 };
+    pie_forward_out out;
+    CHECK_OK(forward(b, &r, 1, ot, lp, 2, mind, runs, NULL, NULL, &out));
+    seq s2 = { .np = 0 };
+    int32_t t2[2] = { tok[0], tok[2] }, p2[2] = { 0, 2 };
+    req_in r2 = { &s2, t2, p2, 2 };
+    int32_t o2 = 1;
+    pie_forward_out o2o;
+    CHECK_OK(forward(b, &r2, 1, &o2, lp, 1, NULL, NULL, NULL, NULL, &o2o));
+    double d = maxdiff(out.values, o2o.values, V);
+    pie_forward_out_free(&o2o);
+    seq s3 = { .np = 0 };
+    int32_t t3[2] = { tok[0], tok[3] }, p3[2] = { 0, 3 };
+    req_in r3 = { &s3, t3, p3, 2 };
+    CHECK_OK(forward(b, &r3, 1, &o2, lp, 1, NULL, NULL, NULL, NULL, &o2o));
+    double d2 = maxdiff(out.values + V, o2o.values, V);
+    pie_forward_out_free(&o2o);
+    pie_forward_out_free(&out);
+    CHECK(d < 1e-2 && d2 < 1e-2, "%s: masked token vs shorter sequence differ "
+          "by %.3g / %.3g", name, d, d2);
+    printf("%s: RLE masks match the equivalent sequences (%.2g, %.2g)\n", name, d, d2);
+}
+
+/* Device samplers vs pie_sample_row on the returned logits. */
+static void check_samplers(pie_backend *b, const char *name)
+{
+    int V = b->cfg->vocab_size;
+    enum { R = 10 };
+    pages_reset(b->n_pages, 0);
+    int32_t tok[3] = { 1, 2 % V, 5 % V };
+    seq s = { .np = 0 };
+    req_in r = { &s, tok, NULL, 3 };
+    pie_sampler sm[R];
+    memset(sm, 0, sizeof sm);
+    int32_t ot[R], lpids[3] = { 0, (int32_t)(V / 2), V - 1 };
+    for (int i = 0; i < R; i++) { ot[i] = 2; sm[i].seed = 7 + 31 * i; sm[i].top_p = 1; }
+    sm[0].kind = PIE_PROBE_LOGITS;
+    sm[1].kind = PIE_SAMPLER_GREEDY;
+    sm[2].kind = PIE_SAMPLER_RANDOM; sm[2].temperature = 1.0f;
+    sm[3].kind = PIE_SAMPLER_RANDOM; sm[3].temperature = 0.6f; sm[3].top_k = 20; sm[3].top_p = 0.8f;
+    sm[4].kind = PIE_SAMPLER_RANDOM; sm[4].temperature = 1.5f; sm[4].min_p = 0.1f;
+    sm[5].kind = PIE_PROBE_TOPK; sm[5].top_k = 7; sm[5].temperature = 0.9f;
+    sm[6].kind = PIE_PROBE_LOGPROBS; sm[6].ids = lpids; sm[6].n_ids = 3;
+    sm[7].kind = PIE_PROBE_ENTROPY;
+    sm[8].kind = PIE_SAMPLER_RANDOM; sm[8].temperature = 2.0f;   /* masked */
+    sm[9].kind = PIE_SAMPLER_GREEDY;                            /* masked */
+    uint32_t lmind[R + 1], lmruns[4] = { (uint32_t)(V / 3), (uint32_t)(V / 4),
+                                         (uint32_t)(V / 8), 3 };
+    for (int i = 0; i <= R; i++) lmind[i] = i <= 8 ? 0 : (uint32_t)(4 * (i - 8));
+    pie_forward_out out;
+    CHECK_OK(forward(b, &r, 1, ot, sm, R, NULL, NULL, lmind, lmruns, &out));
+    float *row = malloc(4 * (size_t)V), *vals = malloc(4 * (size_t)V);
+    int32_t *ids = malloc(4 * (size_t)V);
+    for (int i = 1; i < R; i++) {
+        memcpy(row, out.values, 4 * (size_t)V);
+        int32_t t;
+        const uint32_t *mr = i >= 8 ? lmruns : NULL;
+        CHECK_OK(pie_sample_row(row, V, &sm[i], mr, mr ? 4 : 0, &t, vals, ids));
+        CHECK(out.tokens[i] == t, "%s sampler %d: gpu token %d, cpu %d", name,
+              i, out.tokens[i], t);
+        for (uint32_t k = out.value_indptr[i]; k < out.value_indptr[i + 1]; k++) {
+            float g = out.values[k], c = vals[k - out.value_indptr[i]];
+            CHECK(fabsf(g - c) <= 1e-5f + 1e-4f * fabsf(c), "%s sampler %d value "
+                  "%u: gpu %g cpu %g", name, i, k - out.value_indptr[i], g, c);
+            if (sm[i].kind == PIE_PROBE_TOPK)
+                CHECK(out.ids[k] == ids[k - out.value_indptr[i]], "%s TOPK rank "
+                      "%u: gpu %d cpu %d", name, k - out.value_indptr[i],
+                      out.ids[k], ids[k - out.value_indptr[i]]);
+        }
+    }
+    printf("%s: device samplers and probes match pie_sample_row\n", name);
+    pie_forward_out_free(&out);
+    free(row); free(vals); free(ids);
+}
+
+/* download/upload and copy_slots keep a sequence's continuation. */
+static void check_pages(pie_backend *b, const char *name)
+{
+    int V = b->cfg->vocab_size, ps = b->page_size;
+    pages_reset(b->n_pages, 1);
+    int32_t tok[40];
+    for (int i = 0; i < 40; i++) tok[i] = (i * 7 + 3) % V;
+    int n = ps * 2 + 3;
+    if (n > 40) n = 40;
+    seq s = { .np = 0 };
+    float *l0 = last_logits(b, tok, n, &s);
+    free(l0);
+    /* copy: whole pages through the host, partial last page by copy_slots */
+    seq c = s;
+    uint8_t *host = malloc(b->page_bytes * (size_t)s.np);
+    CHECK_OK(b->ops->download(b, s.pages, s.np - 1, host));
+    for (int i = 0; i < s.np; i++) c.pages[i] = perm[next_page++];
+    CHECK_OK(b->ops->upload(b, c.pages, s.np - 1, host));
+    int fill = s.len - (s.np - 1) * ps;
+    CHECK_OK(b->ops->copy_slots(b, s.pages[s.np - 1], 0, c.pages[s.np - 1], 0, fill));
+    int32_t nx = 9 % V;
+    float *a = last_logits(b, &nx, 1, &s), *bb = last_logits(b, &nx, 1, &c);
+    double d = maxdiff(a, bb, V);
+    CHECK(d < 1e-3, "%s: continuation from copied pages differs by %g", name, d);
+    CHECK(b->ops->copy_slots(b, 0, ps - 1, 1, 0, 2) != 0, "copy_slots past the "
+          "page end accepted");
+    int32_t badp = b->n_pages;
+    CHECK(b->ops->download(b, &badp, 1, host) == PIE_ERANGE, "bad page accepted");
+    printf("%s: download/upload/copy_slots continuation identical\n", name);
+    free(host); free(a); free(bb);
+}
+
+/* Bad batches fail cleanly and leave the pool as it was. */
+static void check_bad(pie_backend *b, const char *name)
+{
+    int V = b->cfg->vocab_size;
+    pages_reset(b->n_pages, 0);
+    int32_t tok[3] = { 1, 2, 3 };
+    seq s = { .np = 0 };
+    float *l0 = last_logits(b, tok, 3, &s);
+    seq s_before = s;
+    int32_t bad = V, nx = 4;
+    req_in r = { &s, &bad, NULL, 1 };
+    pie_sampler g = { .kind = PIE_SAMPLER_GREEDY };
+    int32_t o = 0;
+    pie_forward_out out;
+    CHECK(forward(b, &r, 1, &o, &g, 1, NULL, NULL, NULL, NULL, &out) == PIE_ERANGE,
+          "token id = vocab accepted");
+    pie_forward_out_free(&out);
+    int32_t obad = 5;
+    req_in r2 = { &s, &nx, NULL, 1 };
+    CHECK(forward(b, &r2, 1, &obad, &g, 1, NULL, NULL, NULL, NULL, &out) != 0,
+          "output index out of range accepted");
+    pie_forward_out_free(&out);
+    /* state unchanged: the same continuation as a fresh run */
+    s = s_before;
+    float *a = last_logits(b, &nx, 1, &s);
+    seq f = { .np = 0 };
+    free(last_logits(b, tok, 3, &f));
+    float *c = last_logits(b, &nx, 1, &f);
+    CHECK(maxdiff(a, c, V) < 1e-2, "%s: state changed after bad batches", name);
+    printf("%s: bad batches rejected, state unchanged\n", name);
+    free(l0); free(a); free(c);
+}
+
+static void check_cpu(pie_backend *b, const pie_model *m, json_t *prompts,
+                      const char *name)
+{
+    pie_backend *cpu;
+    pie_backend_opts o = { .page_size = b->page_size, .n_pages = 64, .n_threads = 2 };
+    if (pie_backend_cpu_create(m, &o, &cpu) != 0) {
+        printf("%s: CPU backend unavailable (%s), skipped\n", name, pie_err_msg());
+        return;
+    }
+    int V = b->cfg->vocab_size, n;
+    int32_t *ids = json_ints(json_object_get(json_array_get(prompts, 0), "input_ids"), &n);
+    pages_reset(64, 0);
+    seq s = { .np = 0 };
+    float *c = last_logits(cpu, ids, n, &s);
+    pages_reset(b->n_pages, 0);
+    seq t = { .np = 0 };
+    float *g = last_logits(b, ids, n, &t);
+    double e2 = 0, r2 = 0;
+    for (int i = 0; i < V; i++) { e2 += (g[i] - c[i]) * (g[i] - c[i]); r2 += c[i] * c[i]; }
+    CHECK(sqrt(e2 / r2) < 2e-2, "%s: CUDA vs CPU rel L2 %.3g", name, sqrt(e2 / r2));
+    printf("%s: CUDA vs CPU backend last logits rel L2 %.2e\n", name, sqrt(e2 / r2));
+    pie_backend_free(cpu);
+    free(ids); free(c); free(g);
+}
+
+static void run_model(const char *name, int page_size)
+{
+    char dir[1024], ref[1100];
+    snprintf(dir, sizeof dir, "%s", test_shared_path(name));
+    snprintf(dir, sizeof dir, "%s/models/%s", PIE_SHARED_DIR, name);
+    snprintf(ref, sizeof ref, "%s/reference.json", dir);
+    pie_model *m;
+    CHECK_OK(pie_model_load(dir, NULL, NULL, &m));
+    pie_backend *b;
+    pie_backend_opts o = { .page_size = page_size, .n_pages = 256, .mem_fraction = 0.9 };
+    CHECK_OK(pie_backend_cuda_create(m, &o, &b));
+    CHECK(b->n_pages == 256 && b->page_size == page_size, "pool %d x %d",
+          b->n_pages, b->page_size);
+    json_error_t je;
+    json_t *root = json_load_file(ref, 0, &je);
+    CHECK(root, "%s: %s", ref, je.text);
+    json_t *prompts = json_object_get(root, "prompts");
+    for (size_t i = 0; i < json_array_size(prompts); i++) {
+        pages_reset(b->n_pages, i & 1);
+        check_prompt(b, json_array_get(prompts, i), name, (int)i);
+    }
+    check_batched(b, prompts, name);
+    check_mask(b, name);
+    check_samplers(b, name);
+    check_pages(b, name);
+    check_bad(b, name);
+    check_cpu(b, m, prompts, name);
+    json_decref(root);
+    pie_backend_free(b);
+    pie_model_free(m);
+}
+
+int main(void)
+{
+    if (!pie_backend_cuda_available()) TEST_SKIP("no CUDA GPU");
+    test_shared_path("models");
+    run_model("stories260K", 16);
+    run_model("tiny-llama3", 16);
+    run_model("tiny-qwen2", 5);
+    run_model("tiny-qwen3", 16);
+    /* memory planning: a pool larger than the GPU is a clear error */
+    pie_model *m;
+    char dir[1024];
+    snprintf(dir, sizeof dir, "%s/models/stories260K", PIE_SHARED_DIR);
+    CHECK_OK(pie_model_load(dir, NULL, NULL, &m));
+    pie_backend *b = NULL;
+    pie_backend_opts o = { .page_size = 16, .n_pages = 2000000000 };
+    int rc = pie_backend_cuda_create(m, &o, &b);
+    CHECK(rc == PIE_ENOMEM && b == NULL, "oversized pool: rc %d", rc);
+    printf("oversized pool rejected: %s\n", pie_err_msg());
+    pie_backend_opts d = { .page_size = 16 };
+    CHECK_OK(pie_backend_cuda_create(m, &d, &b));
+    CHECK(b->n_pages > 1000, "pool from mem_fraction: %d pages", b->n_pages);
+    printf("pool from free memory: %d pages of %llu bytes\n", b->n_pages,
+           (unsigned long long)b->page_bytes);
+    pie_backend_free(b);
+    pie_model_free(m);
+    TEST_DONE();
+}
