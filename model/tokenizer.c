@@ -198,18 +198,22 @@ void pie_detok_init(pie_detok *d, const pie_tokenizer *t, bool skip_special)
     d->first = true;
 }
 
+/* On any error (ERANGE included) the detokenizer is left as it was, so the
+ * caller may retry the same id with a larger buffer. */
 int pie_detok_push(pie_detok *d, int32_t id, char *out, size_t cap)
 {
     if (!out || cap == 0)
         return pie_err_set(PIE_EINVAL, "detokenizer: no output buffer");
-    if (id >= 0 && id < d->t->n_ids &&
-        (size_t)d->t->dec_len[id] * 3 + 3 * 8 + 1 >= cap)
-        return pie_err_set(PIE_ERANGE, "detokenizer: output buffer of %zu bytes"
-                           " is too small for token %d", cap, id);
+    pie_detok saved = *d;
     sink s = { out, 0, cap, 1 };
     out[0] = 0;
     int rc = detok_one(d, id, &s);
-    return rc ? rc : (int)s.n;
+    if (rc) {
+        *d = saved;
+        out[0] = 0;
+        return rc;
+    }
+    return (int)s.n;
 }
 
 int pie_detok_flush(pie_detok *d, char *out, size_t cap)

@@ -301,7 +301,10 @@ static void test_streaming_utf8(void)
     CHECK(pie_detok_flush(&d, out, sizeof out) == 3 && !strcmp(out, "\xef\xbf\xbd"),
           "flush of E4 must give U+FFFD");
     /* too-small buffer is an error, not an overflow */
+    CHECK(pie_detok_push(&d, b1, out, sizeof out) == 0, "E4 held");
     CHECK(pie_detok_push(&d, a, out, 2) == PIE_ERANGE, "small buffer accepted");
+    CHECK(pie_detok_push(&d, a, out, 5) == 4 && !strcmp(out, "\xef\xbf\xbd" "a"),
+          "retry after ERANGE must see the same state, got \"%s\"", out);
     CHECK(pie_detok_push(&d, 100000, out, sizeof out) == PIE_EINVAL, "bad id accepted");
     int32_t ids[4] = { b1, b2, a, b3 };
     char *s;
