@@ -276,26 +276,27 @@ int pie__tok_bpe_piece(const pie_tokenizer *t, const char *p, size_t n,
                        tok_ids *out)
 {
     if (n == 0) return 0;
-    char mapped_buf[256];
     if (t->ignore_merges) {                      /* whole piece in vocab? */
+        char small_map[256], *map = small_map;
         const char *key = p;
         size_t kn = n;
-        if (t->byte_level && n <= sizeof mapped_buf / 2) {
+        if (t->byte_level) {                     /* ≤ 2 UTF-8 bytes per byte */
+            if (2 * n > sizeof small_map && !(map = malloc(2 * n)))
+                return pie_err_set(PIE_ENOMEM, "tokenizer: out of memory");
             kn = 0;
             for (size_t i = 0; i < n; i++) {
                 uint16_t cp = pie__tok_byte_to_cp[(uint8_t)p[i]];
-                if (cp < 0x80) mapped_buf[kn++] = (char)cp;
+                if (cp < 0x80) map[kn++] = (char)cp;
                 else {
-                    mapped_buf[kn++] = (char)(0xc0 | cp >> 6);
-                    mapped_buf[kn++] = (char)(0x80 | (cp & 0x3f));
+                    map[kn++] = (char)(0xc0 | cp >> 6);
+                    map[kn++] = (char)(0x80 | (cp & 0x3f));
                 }
             }
-            key = mapped_buf;
+            key = map;
         }
-        if (!t->byte_level || n <= sizeof mapped_buf / 2) {
-            int32_t v = pie__tok_vocab_find(t, key, kn);
-            if (v >= 0) return pie__tok_ids_push(out, v);
-        }
+        int32_t v = pie__tok_vocab_find(t, key, kn);
+        if (map != small_map) free(map);
+        if (v >= 0) return pie__tok_ids_push(out, v);
     }
     /* up to 4 symbols per byte (byte fallback), 3 arrays */
     enum { SMALL = 64 };
