@@ -32,6 +32,7 @@
 #define _GNU_SOURCE
 #include <cblas.h>
 #include <math.h>
+#include <stdio.h>
 #include <stdlib.h>
 #include <string.h>
 #include <unistd.h>
@@ -105,15 +106,17 @@ typedef struct cpu_backend {
 static int load_f32(const pie_tensor *t, int64_t n, int optional,
                     const char *name, int32_t layer, float **dst)
 {
+    char where[48] = "";
+    if (layer >= 0) snprintf(where, sizeof where, "layer %d: ", layer);
     *dst = NULL;
     if (!t->data) {
         if (optional) return 0;
-        return pie_err_set(PIE_ENOTFOUND, "cpu backend: layer %d: missing "
-                           "tensor %s", layer, name);
+        return pie_err_set(PIE_ENOTFOUND, "cpu backend: %smissing tensor %s",
+                           where, name);
     }
     if (pie_tensor_numel(t) != n)
-        return pie_err_set(PIE_EFORMAT, "cpu backend: layer %d: tensor %s "
-                           "has %lld elements, expected %lld", layer, name,
+        return pie_err_set(PIE_EFORMAT, "cpu backend: %stensor %s has %lld "
+                           "elements, expected %lld", where, name,
                            (long long)pie_tensor_numel(t), (long long)n);
     *dst = malloc(sizeof(float) * (size_t)n);
     if (!*dst)

@@ -655,6 +655,37 @@ static void test_invalid(pie_model *m)
     pie_backend_free(b);
 }
 
+/* A model whose tensors do not match its config is refused, not read. */
+static void test_bad_model(pie_model *m)
+{
+    pie_backend *b = NULL;
+    pie_backend_opts o = { .n_threads = 1 };
+    pie_tensor saved = m->w.layers[1].wq;
+    m->w.layers[1].wq.shape[0] += 1;
+    int rc = pie_backend_cpu_create(m, &o, &b);
+    CHECK(rc == PIE_EFORMAT && !b, "wrong wq shape: rc %d", rc);
+    printf("  refused: %s\n", pie_err_msg());
+    m->w.layers[1].wq = saved;
+    saved = m->w.layers[0].w_down;
+    m->w.layers[0].w_down.data = NULL;
+    rc = pie_backend_cpu_create(m, &o, &b);
+    CHECK(rc == PIE_ENOTFOUND && !b, "missing w_down: rc %d", rc);
+    printf("  refused: %s\n", pie_err_msg());
+    m->w.layers[0].w_down = saved;
+    pie_backend_opts bad = { .page_size = -4 };
+    rc = pie_backend_cpu_create(m, &bad, &b);
+    CHECK(rc == PIE_EINVAL && !b, "page_size -4: rc %d", rc);
+    int32_t heads = m->cfg.n_kv_heads;
+    m->cfg.n_kv_heads = 3;   /* 8 heads are not a multiple of 3 */
+    rc = pie_backend_cpu_create(m, &o, &b);
+    CHECK(rc == PIE_EUNSUPPORTED && !b, "3 kv heads: rc %d", rc);
+    m->cfg.n_kv_heads = heads;
+    CHECK_OK(pie_backend_cpu_create(m, &o, &b));
+    CHECK(b->n_pages == 8192 / 16 && b->page_size == 16,
+          "default pool %d pages of %d", b->n_pages, b->page_size);
+    pie_backend_free(b);
+}
+
 int main(int argc, char **argv)
 {
     const char *only = argc > 1 ? argv[1] : NULL;
@@ -681,6 +712,7 @@ int main(int argc, char **argv)
         test_pages(m);
         test_outputs(m);
         test_invalid(m);
+        test_bad_model(m);
         pie_model_free(m);
     }
     TEST_DONE();
