@@ -71,6 +71,7 @@ int  pie_ctl_create(pie_backend *b, const pie_ctl_opts *opts, pie_ctl **out);
 void pie_ctl_free(pie_ctl *ctl);
 pie_backend *pie_ctl_backend(pie_ctl *ctl);
 int32_t pie_ctl_page_size(pie_ctl *ctl);
+int32_t pie_ctl_n_pages(pie_ctl *ctl);      /* pool size                    */
 
 /* ---- clients ----------------------------------------------------------- */
 
@@ -177,6 +178,8 @@ void pie_ctl_future_cancel(pie_ctl_future *f);
  * value_indptr[o]..value_indptr[o+1]. PIE_EAGAIN if pending, else its error. */
 int  pie_ctl_future_result(pie_ctl_future *f, const pie_forward_out **out,
                            int32_t *n_outputs);
+/* Takes another reference (released with pie_ctl_future_release). */
+void pie_ctl_future_retain(pie_ctl_future *f);
 /* Drops the caller's reference. */
 void pie_ctl_future_release(pie_ctl_future *f);
 

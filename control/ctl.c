@@ -120,6 +120,7 @@ void pie_ctl_free(pie_ctl *ctl)
 
 pie_backend *pie_ctl_backend(pie_ctl *ctl) { return ctl->b; }
 int32_t pie_ctl_page_size(pie_ctl *ctl) { return ctl->ps; }
+int32_t pie_ctl_n_pages(pie_ctl *ctl) { return ctl->n_pages; }
 
 /* ---- clients -------------------------------------------------------------- */
 
@@ -622,6 +623,11 @@ int pie_ctl_future_result(pie_ctl_future *f, const pie_forward_out **out,
     if (out) *out = &op->out;
     if (n_outputs) *n_outputs = op->n_outputs;
     return 0;
+}
+
+void pie_ctl_future_retain(pie_ctl_future *f)
+{
+    atomic_fetch_add(&((ctl_op *)f)->refs, 1);
 }
 
 void pie_ctl_future_release(pie_ctl_future *f)

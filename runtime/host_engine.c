@@ -1,0 +1,848 @@
+/*
+ * host_engine.c — the engine host functions (groups `model`, `kv` and
+ * `forward` of runtime/api.def) on top of the control layer (control.h),
+ * and the served-model registry of host_engine.h.
+ *
+ * Per instance (the runtime's engine ctx, made in on_instance_start):
+ *
+ *   einst.models[]    open model handles (handle = index + 1) -> served
+ *                     model index
+ *   einst.clients[m]  the instance's control-layer client for served model
+ *                     m, opened on first use; closed when the instance ends
+ *                     (pending forwards cancelled, every page returned)
+ *   einst.b[]         forward builders (handle = index + 1): host copies of
+ *                     what forward_* calls set, consumed by forward_submit
+ *
+ * KV page handles are the control layer's client handles as int32. A
+ * forward future is a runtime future of kind PIE_RT_FUT_ENGINE whose data
+ * is an efut: the control-layer future plus the runtime future it
+ * completes. The control layer's completion callback (scheduler thread)
+ * completes the runtime future, which wakes the parked fiber; the runtime's
+ * cancel hook cancels the control-layer future; its destroy hook releases
+ * it.
+ *
+ * Guest pointers are checked (pie_rt_guest_ptr / copy_in / copy_out trap on
+ * a bad range) before anything is allocated or locked.
+ */
+#define _GNU_SOURCE
+#include <stdlib.h>
+#include <string.h>
+
+#include "model/tokenizer.h"
+#include "runtime/host_engine.h"
+#include "runtime/rt_internal.h"
+#include "pie_api_host.h"
+
+typedef struct Z_pie_instance_t I;
+
+#define MAX_MODEL_HANDLES 64
+#define MAX_BUILDERS      4096
+#define MAX_TOKENS        (1 << 20)
+#define MAX_ROWS          (1 << 16)
+#define MAX_PAGES_CALL    (1 << 16)
+
+typedef struct served {
+    char       name[128];
+    pie_model *m;
+    pie_ctl   *ctl;
+} served;
+
+struct pie_engine {
+    served          models[PIE_ENGINE_MAX_MODELS];
+    int32_t         n_models;
+    pie_engine_opts o;
+};
+
+typedef struct row_mask {
+    uint32_t *runs;
+    uint32_t  n;
+} row_mask;
+
+typedef struct builder {
+    int32_t        model;             /* served model index                */
+    int32_t        n_tok, cap_tok;
+    int32_t       *tokens, *positions;
+    pie_ctl_chain *chains;            /* each holds a future reference     */
+    int32_t        n_chains, cap_chains;
+    uint32_t      *pages;
+    int32_t        n_pages, last_len;
+    uint32_t      *mask_indptr, *mask_runs;
+    int32_t        mask_tokens;       /* n_tok when the mask was set       */
+    int32_t        n_rows, cap_rows;
+    int32_t       *out_idx;
+    pie_sampler   *samplers;
+    int32_t      **ids;               /* (n_rows) LOGPROBS ids or NULL     */
+    row_mask      *lmask;             /* (n_rows)                          */
+} builder;
+
+typedef struct einst {
+    pie_engine     *e;
+    int32_t         models[MAX_MODEL_HANDLES];   /* -1: free               */
+    pie_ctl_client *clients[PIE_ENGINE_MAX_MODELS];
+    builder       **b;
+    int32_t         n_b;
+} einst;
+
+typedef struct efut {
+    pthread_mutex_t  mu;
+    pie_ctl_future  *cf;
+    pie_rt_future   *rf;
+    bool             cancelled;
+} efut;
+
+#define RET(x) return (uint32_t)(int32_t)(x)
+
+/* ---- registry ----------------------------------------------------------- */
+
+int pie_engine_create(const pie_engine_opts *o, pie_engine **out)
+{
+    pie_engine *e = calloc(1, sizeof *e);
+    if (!e) return pie_err_set(PIE_ENOMEM, "engine: out of memory");
+    if (o) e->o = *o;
+    if (e->o.alloc_timeout_ms == 0) e->o.alloc_timeout_ms = 5000;
+    *out = e;
+    return 0;
+}
+
+int pie_engine_add_model(pie_engine *e, const char *name, pie_model *m,
+                         pie_ctl *ctl)
+{
+    if (!name || !m || !ctl || strlen(name) >= sizeof e->models[0].name)
+        return pie_err_set(PIE_EINVAL, "engine: bad model registration");
+    if (e->n_models == PIE_ENGINE_MAX_MODELS)
+        return pie_err_set(PIE_ELIMIT, "engine: at most %d models",
+                           PIE_ENGINE_MAX_MODELS);
+    served *s = &e->models[e->n_models++];
+    snprintf(s->name, sizeof s->name, "%s", name);
+    s->m = m;
+    s->ctl = ctl;
+    return 0;
+}
+
+void pie_engine_free(pie_engine *e) { free(e); }
+
+/* ---- instance state ------------------------------------------------------- */
+
+static void builder_free(builder *b)
+{
+    if (!b) return;
+    for (int32_t k = 0; k < b->n_chains; k++)
+        pie_ctl_future_release(b->chains[k].from);
+    for (int32_t r = 0; r < b->n_rows; r++) {
+        free(b->ids[r]);
+        free(b->lmask[r].runs);
+    }
+    free(b->tokens); free(b->positions); free(b->chains); free(b->pages);
+    free(b->mask_indptr); free(b->mask_runs); free(b->out_idx);
+    free(b->samplers); free(b->ids); free(b->lmask);
+    free(b);
+}
+
+static int on_start(void *user, pie_rt_instance *i)
+{
+    einst *x = calloc(1, sizeof *x);
+    if (!x) return pie_err_set(PIE_ENOMEM, "engine: out of memory");
+    x->e = user;
+    for (int k = 0; k < MAX_MODEL_HANDLES; k++) x->models[k] = -1;
+    pie_rt_set_engine_ctx(i, x);
+    return 0;
+}
+
+static void on_end(void *user, pie_rt_instance *i)
+{
+    einst *x = pie_rt_engine_ctx(i);
+    if (!x) return;
+    for (int32_t k = 0; k < x->n_b; k++) builder_free(x->b[k]);
+    free(x->b);
+    for (int k = 0; k < PIE_ENGINE_MAX_MODELS; k++)
+        pie_ctl_client_close(x->clients[k]);
+    pie_rt_set_engine_ctx(i, NULL);
+    free(x);
+}
+
+pie_rt_hooks pie_engine_hooks(pie_engine *e)
+{
+    return (pie_rt_hooks){ .user = e, .on_instance_start = on_start,
+                           .on_instance_end = on_end };
+}
+
+static einst *X(I *i)
+{
+    einst *x = pie_rt_engine_ctx(i);
+    if (!x) pie_rt_trap(i, "engine host call without an engine");
+    return x;
+}
+
+/* Served model of a handle, or NULL. */
+static served *model_of(I *i, uint32_t h)
+{
+    einst *x = X(i);
+    if (h == 0 || h > MAX_MODEL_HANDLES || x->models[h - 1] < 0) return NULL;
+    return &x->e->models[x->models[h - 1]];
+}
+
+/* The instance's client for served model k (opened on first use). */
+static int client_at(I *i, int32_t k, pie_ctl_client **out)
+{
+    einst *x = X(i);
+    served *s = &x->e->models[k];
+    if (!x->clients[k]) {
+        pie_ctl_client_opts o = x->e->o.client;
+        char name[48];
+        snprintf(name, sizeof name, "instance %u", pie_rt_instance_id(i));
+        o.name = name;
+        int rc = pie_ctl_client_open(s->ctl, &o, &x->clients[k]);
+        if (rc < 0) return rc;
+    }
+    *out = x->clients[k];
+    return 0;
+}
+
+/* The instance's client for model handle h. */
+static int client_of(I *i, uint32_t h, pie_ctl_client **out)
+{
+    served *s = model_of(i, h);
+    if (!s) return PIE_EINVAL;
+    return client_at(i, (int32_t)(s - X(i)->e->models), out);
+}
+
+/* Copies a guest string of len bytes into a NUL-terminated heap string
+ * (NULL on an embedded NUL or no memory: *rc says which). */
+static char *guest_str(I *i, uint32_t p, uint32_t len, int *rc)
+{
+    const char *g = pie_rt_guest_ptr(i, p, len);
+    if (len > 4096 || memchr(g, 0, len)) {
+        *rc = PIE_EINVAL;
+        return NULL;
+    }
+    char *s = malloc(len + 1);
+    if (!s) { *rc = PIE_ENOMEM; return NULL; }
+    memcpy(s, g, len);
+    s[len] = 0;
+    return s;
+}
+
+static uint32_t give(I *i, uint32_t buf, uint32_t cap, const void *src,
+                     size_t len)
+{
+    pie_rt_copy_out(i, buf, src, len < cap ? len : cap);
+    return (uint32_t)(len > INT32_MAX ? INT32_MAX : len);
+}
+
+/* ---- model group ---------------------------------------------------------- */
+
+uint32_t Z_pieZ_model_open(I *i, uint32_t name, uint32_t len)
+{
+    einst *x = X(i);
+    const char *g = pie_rt_guest_ptr(i, name, len);
+    int32_t m = -1;
+    if (len == 0 && x->e->n_models > 0) m = 0;
+    for (int32_t k = 0; k < x->e->n_models && m < 0; k++)
+        if (strlen(x->e->models[k].name) == len &&
+            memcmp(x->e->models[k].name, g, len) == 0)
+            m = k;
+    if (m < 0) RET(PIE_ENOTFOUND);
+    for (int h = 0; h < MAX_MODEL_HANDLES; h++)
+        if (x->models[h] < 0) {
+            x->models[h] = m;
+            RET(h + 1);
+        }
+    RET(PIE_ELIMIT);
+}
+
+uint32_t Z_pieZ_model_close(I *i, uint32_t h)
+{
+    if (!model_of(i, h)) RET(PIE_EINVAL);
+    X(i)->models[h - 1] = -1;
+    return 0;
+}
+
+uint32_t Z_pieZ_model_name(I *i, uint32_t h, uint32_t buf, uint32_t cap)
+{
+    pie_rt_guest_ptr(i, buf, cap);
+    served *s = model_of(i, h);
+    if (!s) RET(PIE_EINVAL);
+    return give(i, buf, cap, s->name, strlen(s->name));
+}
+
+uint32_t Z_pieZ_model_vocab_size(I *i, uint32_t h)
+{
+    served *s = model_of(i, h);
+    RET(s ? s->m->cfg.vocab_size : PIE_EINVAL);
+}
+
+uint32_t Z_pieZ_model_page_size(I *i, uint32_t h)
+{
+    served *s = model_of(i, h);
+    RET(s ? pie_ctl_page_size(s->ctl) : PIE_EINVAL);
+}
+
+uint32_t Z_pieZ_model_bos_id(I *i, uint32_t h)
+{
+    served *s = model_of(i, h);
+    if (!s) RET(PIE_EINVAL);
+    int32_t bos = s->m->cfg.bos_id;
+    if (bos < 0 && s->m->tok) bos = pie_tokenizer_bos_id(s->m->tok);
+    RET(bos);
+}
+
+uint32_t Z_pieZ_model_eos_ids(I *i, uint32_t h, uint32_t ids, uint32_t cap)
+{
+    pie_rt_guest_ptr(i, ids, (uint64_t)cap * 4);
+    served *s = model_of(i, h);
+    if (!s) RET(PIE_EINVAL);
+    int32_t n = s->m->cfg.n_eos;
+    pie_rt_copy_out(i, ids, s->m->cfg.eos_ids,
+                    (uint64_t)((uint32_t)n < cap ? (uint32_t)n : cap) * 4);
+    RET(n);
+}
+
+uint32_t Z_pieZ_model_token_id(I *i, uint32_t h, uint32_t tok, uint32_t len)
+{
+    int rc = 0;
+    char *t = guest_str(i, tok, len, &rc);
+    served *s = model_of(i, h);
+    if (!t || !s || !s->m->tok) {
+        free(t);
+        RET(!s ? PIE_EINVAL : !t ? rc : PIE_EUNSUPPORTED);
+    }
+    int32_t id = pie_tokenizer_token_id(s->m->tok, t);
+    free(t);
+    RET(id >= 0 ? id : PIE_ENOTFOUND);
+}
+
+uint32_t Z_pieZ_model_is_special(I *i, uint32_t h, uint32_t id)
+{
+    served *s = model_of(i, h);
+    if (!s) RET(PIE_EINVAL);
+    if ((int32_t)id < 0 || (int32_t)id >= s->m->cfg.vocab_size) RET(PIE_ERANGE);
+    if (!s->m->tok) return 0;
+    return pie_tokenizer_is_special(s->m->tok, (int32_t)id) ? 1 : 0;
+}
+
+uint32_t Z_pieZ_tokenize(I *i, uint32_t h, uint32_t text, uint32_t len,
+                         uint32_t add_special, uint32_t ids, uint32_t cap)
+{
+    const char *g = pie_rt_guest_ptr(i, text, len);
+    pie_rt_guest_ptr(i, ids, (uint64_t)cap * 4);
+    served *s = model_of(i, h);
+    if (!s) RET(PIE_EINVAL);
+    if (!s->m->tok) RET(PIE_EUNSUPPORTED);
+    char *copy = malloc(len + 1);   /* the guest memory is not ours to hold */
+    if (!copy) RET(PIE_ENOMEM);
+    memcpy(copy, g, len);
+    int32_t *out = NULL;
+    size_t n = 0;
+    int rc = pie_tokenizer_encode(s->m->tok, copy, len, add_special != 0, &out,
+                                  &n);
+    free(copy);
+    if (rc < 0) RET(rc);
+    pie_rt_copy_out(i, ids, out, (uint64_t)(n < cap ? n : cap) * 4);
+    free(out);
+    RET(n > INT32_MAX ? INT32_MAX : (int32_t)n);
+}
+
+uint32_t Z_pieZ_detokenize(I *i, uint32_t h, uint32_t ids, uint32_t n,
+                           uint32_t skip_special, uint32_t buf, uint32_t cap)
+{
+    if (n > MAX_TOKENS) RET(PIE_ERANGE);
+    pie_rt_guest_ptr(i, ids, (uint64_t)n * 4);
+    pie_rt_guest_ptr(i, buf, cap);
+    served *s = model_of(i, h);
+    if (!s) RET(PIE_EINVAL);
+    if (!s->m->tok) RET(PIE_EUNSUPPORTED);
+    int32_t *v = malloc((n ? n : 1) * sizeof *v);
+    if (!v) RET(PIE_ENOMEM);
+    pie_rt_copy_in(i, v, ids, (uint64_t)n * 4);
+    char *text = NULL;
+    size_t tl = 0;
+    int rc = pie_tokenizer_decode(s->m->tok, v, n, skip_special != 0, &text,
+                                  &tl);
+    free(v);
+    if (rc < 0) RET(rc);
+    uint32_t r = give(i, buf, cap, text, tl);
+    free(text);
+    return r;
+}
+
+/* ---- kv group --------------------------------------------------------------- */
+
+/* Parks this fiber for about ms milliseconds (a runtime sleep future). */
+static void park_ms(I *i, int ms)
+{
+    int32_t h = (int32_t)Z_pieZ_sleep(i, (uint64_t)ms * 1000000ull);
+    if (h < 0) return;
+    pie_rt_future_wait(i, h);
+    pie__rt_future_free(i, h);
+}
+
+uint32_t Z_pieZ_kv_alloc(I *i, uint32_t h, uint32_t n, uint32_t pages)
+{
+    if (n > MAX_PAGES_CALL) RET(PIE_ERANGE);
+    pie_rt_guest_ptr(i, pages, (uint64_t)n * 4);
+    pie_ctl_client *c;
+    int rc = client_of(i, h, &c);
+    if (rc < 0) RET(rc);
+    if (n == 0) return 0;
+    uint32_t *tmp = malloc(n * sizeof *tmp);
+    if (!tmp) RET(PIE_ENOMEM);
+    /* admission: wait for the pool without blocking the worker thread */
+    int32_t waited = 0, limit = X(i)->e->o.alloc_timeout_ms;
+    served *s = model_of(i, h);
+    while ((rc = pie_ctl_page_alloc(c, (int32_t)n, 0, tmp)) == PIE_EBUSY &&
+           (int32_t)n <= pie_ctl_n_pages(s->ctl) && waited < limit) {
+        park_ms(i, 2);
+        waited += 2;
+    }
+    if (rc == 0) pie_rt_copy_out(i, pages, tmp, (uint64_t)n * 4);
+    free(tmp);
+    RET(rc);
+}
+
+/* Reads n page handles from guest memory (malloc'ed). */
+static uint32_t *read_handles(I *i, uint32_t p, uint32_t n, int *rc)
+{
+    if (n > MAX_PAGES_CALL) { *rc = PIE_ERANGE; return NULL; }
+    pie_rt_guest_ptr(i, p, (uint64_t)n * 4);
+    uint32_t *v = malloc((n ? n : 1) * sizeof *v);
+    if (!v) { *rc = PIE_ENOMEM; return NULL; }
+    pie_rt_copy_in(i, v, p, (uint64_t)n * 4);
+    return v;
+}
+
+uint32_t Z_pieZ_kv_free(I *i, uint32_t h, uint32_t pages, uint32_t n)
+{
+    int rc = 0;
+    uint32_t *v = read_handles(i, pages, n, &rc);
+    pie_ctl_client *c;
+    if (v && (rc = client_of(i, h, &c)) == 0)
+        rc = pie_ctl_page_free(c, (int32_t)n, v);
+    free(v);
+    RET(rc);
+}
+
+uint32_t Z_pieZ_kv_copy(I *i, uint32_t h, uint32_t src, uint32_t src_off,
+                        uint32_t dst, uint32_t dst_off, uint32_t n)
+{
+    pie_ctl_client *c;
+    int rc = client_of(i, h, &c);
+    if (rc < 0) RET(rc);
+    if (src_off > INT32_MAX || dst_off > INT32_MAX || n > INT32_MAX)
+        RET(PIE_ERANGE);
+    RET(pie_ctl_page_copy(c, src, (int32_t)src_off, dst, (int32_t)dst_off,
+                          (int32_t)n));
+}
+
+uint32_t Z_pieZ_kv_export(I *i, uint32_t h, uint32_t name, uint32_t len,
+                          uint32_t pages, uint32_t n)
+{
+    int rc = 0;
+    char *nm = guest_str(i, name, len, &rc);
+    uint32_t *v = nm ? read_handles(i, pages, n, &rc) : NULL;
+    pie_ctl_client *c;
+    if (v && (rc = client_of(i, h, &c)) == 0)
+        rc = pie_ctl_export(c, nm, (int32_t)n, v);
+    free(nm);
+    free(v);
+    RET(rc);
+}
+
+uint32_t Z_pieZ_kv_import(I *i, uint32_t h, uint32_t name, uint32_t len,
+                          uint32_t pages, uint32_t cap)
+{
+    int rc = 0;
+    if (cap > MAX_PAGES_CALL) cap = MAX_PAGES_CALL;
+    char *nm = guest_str(i, name, len, &rc);
+    if (!nm) RET(rc);
+    pie_rt_guest_ptr(i, pages, (uint64_t)cap * 4);
+    pie_ctl_client *c;
+    uint32_t *tmp = malloc((cap ? cap : 1) * sizeof *tmp);
+    int32_t n = 0;
+    if (!tmp) rc = PIE_ENOMEM;
+    else if ((rc = client_of(i, h, &c)) == 0)
+        rc = pie_ctl_import(c, nm, (int32_t)cap, cap ? tmp : NULL, &n);
+    if (rc == 0) pie_rt_copy_out(i, pages, tmp, (uint64_t)n * 4);
+    free(nm);
+    free(tmp);
+    RET(rc == 0 || rc == PIE_ERANGE ? n : rc);
+}
+
+uint32_t Z_pieZ_kv_unexport(I *i, uint32_t h, uint32_t name, uint32_t len)
+{
+    int rc = 0;
+    char *nm = guest_str(i, name, len, &rc);
+    pie_ctl_client *c;
+    if (nm && (rc = client_of(i, h, &c)) == 0) rc = pie_ctl_unexport(c, nm);
+    free(nm);
+    RET(rc);
+}
+
+uint32_t Z_pieZ_kv_list_exports(I *i, uint32_t h, uint32_t buf, uint32_t cap)
+{
+    pie_rt_guest_ptr(i, buf, cap);
+    served *s = model_of(i, h);
+    if (!s) RET(PIE_EINVAL);
+    int32_t len = 0, n = 0;
+    pie_ctl_export_list(s->ctl, NULL, 0, &len, &n);
+    char *tmp = malloc(len + 1);
+    if (!tmp) RET(PIE_ENOMEM);
+    int rc = pie_ctl_export_list(s->ctl, tmp, len, &len, &n);
+    uint32_t r = rc == 0 ? give(i, buf, cap, tmp, (size_t)len) : (uint32_t)rc;
+    free(tmp);
+    return r;
+}
+
+/* ---- forward builders --------------------------------------------------- */
+
+static builder *builder_of(I *i, uint32_t h)
+{
+    einst *x = X(i);
+    if (h == 0 || h > (uint32_t)x->n_b || !x->b[h - 1]) return NULL;
+    return x->b[h - 1];
+}
+
+uint32_t Z_pieZ_forward_new(I *i, uint32_t h)
+{
+    einst *x = X(i);
+    served *s = model_of(i, h);
+    if (!s) RET(PIE_EINVAL);
+    int32_t slot = -1;
+    for (int32_t k = 0; k < x->n_b && slot < 0; k++)
+        if (!x->b[k]) slot = k;
+    if (slot < 0) {
+        if (x->n_b == MAX_BUILDERS) RET(PIE_ELIMIT);
+        builder **nb = realloc(x->b, (x->n_b + 1) * sizeof *nb);
+        if (!nb) RET(PIE_ENOMEM);
+        x->b = nb;
+        slot = x->n_b++;
+    }
+    builder *b = calloc(1, sizeof *b);
+    if (!b) { x->b[slot] = NULL; RET(PIE_ENOMEM); }
+    b->model = (int32_t)(s - x->e->models);
+    x->b[slot] = b;
+    RET(slot + 1);
+}
+
+static int grow_tokens(builder *b, uint32_t n)
+{
+    if ((uint64_t)b->n_tok + n > MAX_TOKENS) return PIE_ELIMIT;
+    int32_t need = b->n_tok + (int32_t)n;
+    if (need <= b->cap_tok) return 0;
+    int32_t cap = b->cap_tok ? b->cap_tok : 16;
+    while (cap < need) cap *= 2;
+    int32_t *t = realloc(b->tokens, cap * sizeof *t);
+    if (t) b->tokens = t;
+    int32_t *p = realloc(b->positions, cap * sizeof *p);
+    if (p) b->positions = p;
+    if (!t || !p) return PIE_ENOMEM;
+    b->cap_tok = cap;
+    return 0;
+}
+
+uint32_t Z_pieZ_forward_tokens(I *i, uint32_t fwd, uint32_t ids, uint32_t pos,
+                               uint32_t n)
+{
+    if (n > MAX_TOKENS) RET(PIE_ELIMIT);
+    pie_rt_guest_ptr(i, ids, (uint64_t)n * 4);
+    pie_rt_guest_ptr(i, pos, (uint64_t)n * 4);
+    builder *b = builder_of(i, fwd);
+    if (!b) RET(PIE_EINVAL);
+    int rc = grow_tokens(b, n);
+    if (rc < 0) RET(rc);
+    pie_rt_copy_in(i, b->tokens + b->n_tok, ids, (uint64_t)n * 4);
+    pie_rt_copy_in(i, b->positions + b->n_tok, pos, (uint64_t)n * 4);
+    b->n_tok += (int32_t)n;
+    return 0;
+}
+
+uint32_t Z_pieZ_forward_token_from(I *i, uint32_t fwd, uint32_t src_fut,
+                                   uint32_t row, uint32_t position)
+{
+    builder *b = builder_of(i, fwd);
+    if (!b) RET(PIE_EINVAL);
+    efut *ef = pie_rt_future_data(i, (int32_t)src_fut, PIE_RT_FUT_ENGINE);
+    if (!ef || !ef->cf || row > INT32_MAX) RET(PIE_EINVAL);
+    int rc = grow_tokens(b, 1);
+    if (rc < 0) RET(rc);
+    if (b->n_chains == b->cap_chains) {
+        int32_t cap = b->cap_chains ? b->cap_chains * 2 : 4;
+        pie_ctl_chain *nc = realloc(b->chains, cap * sizeof *nc);
+        if (!nc) RET(PIE_ENOMEM);
+        b->chains = nc;
+        b->cap_chains = cap;
+    }
+    pie_ctl_future_retain(ef->cf);
+    b->chains[b->n_chains++] = (pie_ctl_chain){ b->n_tok, ef->cf,
+                                                (int32_t)row };
+    b->tokens[b->n_tok] = 0;
+    b->positions[b->n_tok] = (int32_t)position;
+    b->n_tok++;
+    return 0;
+}
+
+uint32_t Z_pieZ_forward_pages(I *i, uint32_t fwd, uint32_t pages, uint32_t n,
+                              uint32_t last_len)
+{
+    int rc = 0;
+    uint32_t *v = read_handles(i, pages, n, &rc);
+    if (!v) RET(rc);
+    builder *b = builder_of(i, fwd);
+    if (!b || last_len > INT32_MAX) {
+        free(v);
+        RET(PIE_EINVAL);
+    }
+    free(b->pages);
+    b->pages = v;
+    b->n_pages = (int32_t)n;
+    b->last_len = (int32_t)last_len;
+    return 0;
+}
+
+uint32_t Z_pieZ_forward_mask(I *i, uint32_t fwd, uint32_t indptr, uint32_t runs,
+                             uint32_t n_runs)
+{
+    builder *b = builder_of(i, fwd);
+    if (!b) RET(PIE_EINVAL);
+    if (n_runs > (1u << 26)) RET(PIE_ELIMIT);
+    uint64_t ni = (uint64_t)b->n_tok + 1;
+    pie_rt_guest_ptr(i, indptr, ni * 4);
+    pie_rt_guest_ptr(i, runs, (uint64_t)n_runs * 4);
+    uint32_t *ip = malloc(ni * 4), *r = malloc((n_runs ? n_runs : 1) * 4);
+    if (!ip || !r) {
+        free(ip), free(r);
+        RET(PIE_ENOMEM);
+    }
+    pie_rt_copy_in(i, ip, indptr, ni * 4);
+    pie_rt_copy_in(i, r, runs, (uint64_t)n_runs * 4);
+    if (ip[b->n_tok] > n_runs) {
+        free(ip), free(r);
+        RET(PIE_ERANGE);
+    }
+    free(b->mask_indptr);
+    free(b->mask_runs);
+    b->mask_indptr = ip;
+    b->mask_runs = r;
+    b->mask_tokens = b->n_tok;
+    return 0;
+}
+
+uint32_t Z_pieZ_forward_output(I *i, uint32_t fwd, uint32_t token_idx,
+                               uint32_t kind, float temperature, uint32_t top_k,
+                               float top_p, float min_p, uint64_t seed)
+{
+    builder *b = builder_of(i, fwd);
+    if (!b) RET(PIE_EINVAL);
+    if (b->n_rows >= MAX_ROWS) RET(PIE_ELIMIT);
+    if (token_idx > INT32_MAX) RET(PIE_ERANGE);
+    if (b->n_rows == b->cap_rows) {
+        int32_t cap = b->cap_rows ? b->cap_rows * 2 : 4;
+        int32_t *oi = realloc(b->out_idx, cap * sizeof *oi);
+        if (oi) b->out_idx = oi;
+        pie_sampler *sa = realloc(b->samplers, cap * sizeof *sa);
+        if (sa) b->samplers = sa;
+        int32_t **id = realloc(b->ids, cap * sizeof *id);
+        if (id) b->ids = id;
+        row_mask *lm = realloc(b->lmask, cap * sizeof *lm);
+        if (lm) b->lmask = lm;
+        if (!oi || !sa || !id || !lm) RET(PIE_ENOMEM);
+        b->cap_rows = cap;
+    }
+    int32_t r = b->n_rows++;
+    b->out_idx[r] = (int32_t)token_idx;
+    b->samplers[r] = (pie_sampler){ .kind = (int32_t)kind,
+                                    .temperature = temperature,
+                                    .top_k = (int32_t)top_k, .top_p = top_p,
+                                    .min_p = min_p, .seed = seed };
+    b->ids[r] = NULL;
+    b->lmask[r] = (row_mask){ 0 };
+    RET(r);
+}
+
+uint32_t Z_pieZ_forward_output_ids(I *i, uint32_t fwd, uint32_t row,
+                                   uint32_t ids, uint32_t n)
+{
+    if (n > MAX_ROWS * 4u) RET(PIE_ELIMIT);
+    pie_rt_guest_ptr(i, ids, (uint64_t)n * 4);
+    builder *b = builder_of(i, fwd);
+    if (!b || row >= (uint32_t)b->n_rows) RET(PIE_EINVAL);
+    int32_t *v = malloc((n ? n : 1) * sizeof *v);
+    if (!v) RET(PIE_ENOMEM);
+    pie_rt_copy_in(i, v, ids, (uint64_t)n * 4);
+    free(b->ids[row]);
+    b->ids[row] = v;
+    b->samplers[row].ids = v;
+    b->samplers[row].n_ids = (int32_t)n;
+    return 0;
+}
+
+uint32_t Z_pieZ_forward_logit_mask(I *i, uint32_t fwd, uint32_t row,
+                                   uint32_t runs, uint32_t n_runs)
+{
+    if (n_runs > (1u << 24)) RET(PIE_ELIMIT);
+    pie_rt_guest_ptr(i, runs, (uint64_t)n_runs * 4);
+    builder *b = builder_of(i, fwd);
+    if (!b || row >= (uint32_t)b->n_rows) RET(PIE_EINVAL);
+    uint32_t *v = malloc((n_runs ? n_runs : 1) * 4);
+    if (!v) RET(PIE_ENOMEM);
+    pie_rt_copy_in(i, v, runs, (uint64_t)n_runs * 4);
+    free(b->lmask[row].runs);
+    b->lmask[row] = (row_mask){ v, n_runs };
+    return 0;
+}
+
+/* ---- submit and futures --------------------------------------------------- */
+
+static void efut_done(void *user, pie_ctl_future *f, int status)
+{
+    efut *ef = user;
+    (void)f;
+    pie_rt_future_complete(ef->rf, status, NULL, 0);   /* may free ef */
+}
+
+static void efut_cancel(void *data)
+{
+    efut *ef = data;
+    pthread_mutex_lock(&ef->mu);
+    ef->cancelled = true;
+    pie_ctl_future *cf = ef->cf;
+    pthread_mutex_unlock(&ef->mu);
+    if (cf) pie_ctl_future_cancel(cf);
+}
+
+static void efut_destroy(void *data)
+{
+    efut *ef = data;
+    if (ef->cf) pie_ctl_future_release(ef->cf);
+    pthread_mutex_destroy(&ef->mu);
+    free(ef);
+}
+
+/* Assembles b into a control-layer forward and submits it. */
+static int submit(pie_ctl_client *c, int32_t vocab, builder *b, efut *ef,
+                  pie_ctl_future **out)
+{
+    if (b->mask_indptr && b->mask_tokens != b->n_tok)
+        return pie_err_set(PIE_EINVAL, "forward: mask set for %d tokens, "
+                           "forward has %d", b->mask_tokens, b->n_tok);
+    uint32_t *li = NULL, *lr = NULL;
+    bool any = false;
+    uint64_t total = 0;
+    for (int32_t r = 0; r < b->n_rows; r++) {
+        any |= b->lmask[r].runs != NULL;
+        total += b->lmask[r].runs ? b->lmask[r].n : 2;
+    }
+    if (any) {
+        li = malloc((b->n_rows + 1) * sizeof *li);
+        lr = malloc((total ? total : 1) * sizeof *lr);
+        if (!li || !lr) {
+            free(li), free(lr);
+            return PIE_ENOMEM;
+        }
+        li[0] = 0;
+        uint32_t at = 0;
+        for (int32_t r = 0; r < b->n_rows; r++) {
+            if (b->lmask[r].runs) {
+                memcpy(lr + at, b->lmask[r].runs, b->lmask[r].n * 4);
+                at += b->lmask[r].n;
+            } else {                       /* no mask: everything allowed */
+                lr[at++] = 0;
+                lr[at++] = (uint32_t)vocab;
+            }
+            li[r + 1] = at;
+        }
+    }
+    pie_ctl_forward f = {
+        .n_tokens = b->n_tok, .tokens = b->tokens, .positions = b->positions,
+        .n_pages = b->n_pages, .pages = b->pages,
+        .last_page_len = b->last_len, .mask_indptr = b->mask_indptr,
+        .mask_runs = b->mask_runs, .n_outputs = b->n_rows,
+        .output_idx = b->out_idx, .samplers = b->samplers,
+        .logit_mask_indptr = li, .logit_mask_runs = lr,
+        .n_chains = b->n_chains, .chains = b->chains,
+    };
+    int rc = pie_ctl_forward_submit(c, &f, efut_done, ef, out);
+    free(li);
+    free(lr);
+    return rc;
+}
+
+uint32_t Z_pieZ_forward_submit(I *i, uint32_t fwd)
+{
+    einst *x = X(i);
+    builder *b = builder_of(i, fwd);
+    if (!b) RET(PIE_EINVAL);
+    x->b[fwd - 1] = NULL;                        /* consumed */
+    pie_ctl_client *c = NULL;
+    int rc = client_at(i, b->model, &c);
+    efut *ef = rc == 0 ? calloc(1, sizeof *ef) : NULL;
+    if (rc == 0 && !ef) rc = PIE_ENOMEM;
+    if (rc < 0) {
+        builder_free(b);
+        RET(rc);
+    }
+    pthread_mutex_init(&ef->mu, NULL);
+    pie_rt_future *rf;
+    int32_t h = pie_rt_future_new(i, PIE_RT_FUT_ENGINE, ef, efut_cancel,
+                                  efut_destroy, &rf);
+    if (h < 0) {
+        pthread_mutex_destroy(&ef->mu);
+        free(ef);
+        builder_free(b);
+        RET(h);
+    }
+    ef->rf = rf;
+    pie_ctl_future *cf = NULL;
+    rc = submit(c, x->e->models[b->model].m->cfg.vocab_size, b, ef, &cf);
+    builder_free(b);
+    if (rc < 0) {
+        pie_rt_future_complete(rf, rc, NULL, 0);
+        pie__rt_future_free(i, h);
+        RET(rc);
+    }
+    pthread_mutex_lock(&ef->mu);
+    ef->cf = cf;
+    bool cancelled = ef->cancelled;
+    pthread_mutex_unlock(&ef->mu);
+    if (cancelled) pie_ctl_future_cancel(cf);
+    RET(h);
+}
+
+static efut *efut_of(I *i, uint32_t fut)
+{
+    efut *ef = pie_rt_future_data(i, (int32_t)fut, PIE_RT_FUT_ENGINE);
+    return ef && ef->cf ? ef : NULL;
+}
+
+uint32_t Z_pieZ_forward_read_tokens(I *i, uint32_t fut, uint32_t tokens,
+                                    uint32_t cap)
+{
+    pie_rt_guest_ptr(i, tokens, (uint64_t)cap * 4);
+    efut *ef = efut_of(i, fut);
+    if (!ef) RET(PIE_EINVAL);
+    const pie_forward_out *o;
+    int32_t n;
+    int rc = pie_ctl_future_result(ef->cf, &o, &n);
+    if (rc < 0) RET(rc);
+    pie_rt_copy_out(i, tokens, o->tokens,
+                    (uint64_t)((uint32_t)n < cap ? (uint32_t)n : cap) * 4);
+    RET(n);
+}
+
+uint32_t Z_pieZ_forward_read_values(I *i, uint32_t fut, uint32_t row,
+                                    uint32_t values, uint32_t ids, uint32_t cap)
+{
+    pie_rt_guest_ptr(i, values, (uint64_t)cap * 4);
+    if (ids) pie_rt_guest_ptr(i, ids, (uint64_t)cap * 4);
+    efut *ef = efut_of(i, fut);
+    if (!ef) RET(PIE_EINVAL);
+    const pie_forward_out *o;
+    int32_t n;
+    int rc = pie_ctl_future_result(ef->cf, &o, &n);
+    if (rc < 0) RET(rc);
+    if (row >= (uint32_t)n) RET(PIE_ERANGE);
+    uint32_t a = o->value_indptr[row], len = o->value_indptr[row + 1] - a;
+    uint32_t k = len < cap ? len : cap;
+    pie_rt_copy_out(i, values, o->values + a, (uint64_t)k * 4);
+    if (ids) pie_rt_copy_out(i, ids, o->ids + a, (uint64_t)k * 4);
+    RET(len);
+}
