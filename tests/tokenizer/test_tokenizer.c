@@ -422,6 +422,26 @@ static void test_malformed(void)
     free(ids);
     pie_tokenizer_free(t);
 
+    /* added tokens: lstrip/rstrip absorb whitespace, single_word needs
+     * word boundaries, longest match wins (documented `tokenizers` rules) */
+    const char *adj = "{\"added_tokens\":["
+        "{\"id\":5,\"content\":\"<m>\",\"lstrip\":true,\"rstrip\":true,\"special\":true},"
+        "{\"id\":6,\"content\":\"<m>>\",\"special\":false},"
+        "{\"id\":7,\"content\":\"ab\",\"single_word\":true}],"
+        "\"model\":{\"type\":\"BPE\",\"vocab\":{\"a\":0,\"b\":1,\" \":2}}}";
+    CHECK_OK(pie_tokenizer_load_json(adj, strlen(adj), NULL, 0, &t));
+    encode_str(t, "a  <m>  a<m>>b", false, &ids, &n);
+    CHECK(n == 5 && ids[0] == 0 && ids[1] == 5 && ids[2] == 0 && ids[3] == 6 &&
+          ids[4] == 1, "lstrip/rstrip/longest: got %zu ids", n);
+    free(ids);
+    encode_str(t, "ab aab", false, &ids, &n);
+    CHECK(n == 5 && ids[0] == 7 && ids[1] == 2 && ids[2] == 0 && ids[3] == 0 &&
+          ids[4] == 1, "single_word: got %zu ids", n);
+    free(ids);
+    CHECK(pie_tokenizer_is_special(t, 5) && !pie_tokenizer_is_special(t, 6),
+          "added special flags");
+    pie_tokenizer_free(t);
+
     /* JSON escapes in vocab keys and merges (fast scanner) */
     const char *esc = "{\"model\":{\"type\":\"BPE\",\"vocab\":{\"\\u00e9\":0,"
         "\"\\ud83d\\ude00\":1,\"a\\\"b\":2,\"\\n\":3,\"\\u00e9\\n\":4},"
