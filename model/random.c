@@ -251,6 +251,8 @@ int pie__model_random(const char *shape, pie_progress_fn progress,
         return pie_err_set(PIE_ENOMEM, "random:%s: cannot map %zu bytes for "
                            "the weights", shape, rs->size);
     rs->buf = p;
+    /* huge pages: 512x fewer first-touch faults while filling (a hint) */
+    madvise(p, rs->size, MADV_HUGEPAGE);
     for (int32_t i = 0; i < rs->n_ft; i++)
         rs->ft[i].t->data = rs->buf + (uintptr_t)rs->ft[i].t->data;
     if (s->tied) m->w.lm_head = m->w.tok_embed;

@@ -55,7 +55,7 @@ static int bench_one(const char *path)
             if (lt[k].data)
                 bytes += pie_tensor_numel(&lt[k]) * (lt[k].dtype ? 2 : 4);
     }
-    printf("%-40s load %7.3f s  weights %8.1f MB  peak RSS %8.1f MB  "
+    printf("%-40s load %7.3f s  weights %8.1f MB  peak RSS %8.1f MiB  "
            "progress calls %d  tokenizer %s\n", path, t1 - t0, bytes / 1e6,
            ru.ru_maxrss / 1024.0, n_calls, m->tok ? "yes" : "no");
     pie_model_free(m);
@@ -68,7 +68,11 @@ int main(int argc, char **argv)
     for (int i = 1; i < argc; i++) {
         fflush(stdout);
         pid_t pid = fork();
-        if (pid == 0) _exit(bench_one(argv[i]));
+        if (pid == 0) {
+            int rc = bench_one(argv[i]);
+            fflush(stdout);
+            _exit(rc);
+        }
         int st = 0;
         waitpid(pid, &st, 0);
         bad |= !WIFEXITED(st) || WEXITSTATUS(st);
