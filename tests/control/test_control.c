@@ -368,6 +368,8 @@ static void test_priority(void)
     }
     for (int i = 0; i < 8; i++) CHECK_OK(pie_ctl_future_wait(f[i], 10000));
     CHECK_OK(pie_ctl_future_wait(fb, 10000));
+    for (int i = 0; i < 8; i++) pie_ctl_future_release(f[i]);
+    pie_ctl_future_release(fb);
     pie_ctl_free(ctl);   /* callbacks have all run once the scheduler joined */
     pie_backend_free(b);
     /* the first low one may have been pre-staged while the blocker ran (one

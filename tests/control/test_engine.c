@@ -1,0 +1,200 @@
+/*
+ * test_engine.c — the engine host functions (runtime/host_engine.c) end to
+ * end: a wasm inferlet (inferlets/gen_raw.c) generating through the raw
+ * API with chained decode steps on stories260K must send exactly the greedy
+ * ids of reference.json, alone and as 32 concurrent instances; an inferlet
+ * that stops early and exits holding pages and pending futures leaks
+ * nothing; bad handles and arguments return the documented errors; a bad
+ * pointer traps only that instance.
+ */
+#include <jansson.h>
+#include <pthread.h>
+#include <stdlib.h>
+#include <string.h>
+
+#include "backend/backend.h"
+#include "common/pie_err.h"
+#include "control/control.h"
+#include "model/model.h"
+#include "runtime/host_engine.h"
+#include "runtime/runtime.h"
+#include "tests/test_util.h"
+
+typedef struct result {
+    pthread_mutex_t mu;
+    char            msg[8192];
+    size_t          len;
+} result;
+
+static void on_message(void *user, pie_rt_instance *i, const void *buf,
+                       size_t len)
+{
+    result *r = user;
+    (void)i;
+    pthread_mutex_lock(&r->mu);
+    if (r->len + len < sizeof r->msg) {
+        memcpy(r->msg + r->len, buf, len);
+        r->len += len;
+        r->msg[r->len] = 0;
+    }
+    pthread_mutex_unlock(&r->mu);
+}
+
+static void on_output(void *user, pie_rt_instance *i, int fd, const char *buf,
+                      size_t len)
+{
+    (void)user, (void)i;
+    fprintf(stderr, "[inferlet fd %d] %.*s", fd, (int)len, buf);
+}
+
+static char *ids_text(json_t *a, int32_t n, char sep)
+{
+    static char buf[4][4096];
+    static int k;
+    char *b = buf[k++ % 4];
+    int len = 0;
+    for (int32_t i = 0; i < n; i++)
+    {
+        if (i) b[len++] = sep;
+        len += snprintf(b + len, 4096 - len, "%lld",
+                        (long long)json_integer_value(json_array_get(a, i)));
+    }
+    b[len] = 0;
+    return b;
+}
+
+static pie_rt_module *load_module(pie_rt *rt)
+{
+    FILE *f = fopen(TEST_WASM_DIR "/gen_raw.wasm", "rb");
+    CHECK(f != NULL, "cannot open gen_raw.wasm");
+    static unsigned char buf[1 << 20];
+    size_t len = fread(buf, 1, sizeof buf, f);
+    fclose(f);
+    pie_rt_module *m = NULL;
+    CHECK_OK(pie_rt_module_load(rt, buf, len, &m, NULL));
+    return m;
+}
+
+static int32_t launch_wait(pie_rt *rt, pie_rt_module *mod, int argc,
+                           const char **argv, result *r, char *reason)
+{
+    pie_rt_launch_cbs cbs = { .user = r, .on_message = on_message,
+                              .on_output = on_output };
+    pie_rt_instance *inst = NULL;
+    CHECK_OK(pie_rt_launch(rt, mod, argc, argv, &cbs, &inst));
+    int32_t st = pie_rt_wait(inst, reason, 256);
+    pie_rt_instance_unref(inst);
+    return st;
+}
+
+int main(void)
+{
+    json_error_t je;
+    json_t *ref = json_load_file(test_shared_path("models/stories260K/"
+                                                  "reference.json"), 0, &je);
+    CHECK(ref, "reference.json: %s", je.text);
+    json_t *p1 = json_array_get(json_object_get(ref, "prompts"), 1);
+    json_t *in = json_object_get(p1, "input_ids");
+    json_t *greedy = json_object_get(p1, "greedy_ids");
+    int32_t n_gen = 60;
+    char prompt[256], want[4096];
+    snprintf(prompt, sizeof prompt, "%s",
+             ids_text(in, (int32_t)json_array_size(in), ','));
+    snprintf(want, sizeof want, "%s", ids_text(greedy, n_gen, ' '));
+
+    pie_model *m = NULL;
+    CHECK_OK(pie_model_load(test_shared_path("models/stories260K"), NULL, NULL,
+                            &m));
+    pie_backend_opts bo = { .page_size = 16, .n_pages = 1024, .n_threads = 1 };
+    pie_backend *b = NULL;
+    CHECK_OK(pie_backend_cpu_create(m, &bo, &b));
+    pie_ctl *ctl = NULL;
+    CHECK_OK(pie_ctl_create(b, NULL, &ctl));
+    pie_engine *e = NULL;
+    pie_engine_opts eo = { .client = { .max_pages = 64 } };
+    CHECK_OK(pie_engine_create(&eo, &e));
+    CHECK_OK(pie_engine_add_model(e, "stories260K", m, ctl));
+    pie_rt_opts ro = { .n_workers = 2, .cache_dir = TEST_CACHE_DIR,
+                       .hooks = pie_engine_hooks(e) };
+    pie_rt *rt = NULL;
+    CHECK_OK(pie_rt_create(&ro, &rt));
+    pie_rt_module *mod = load_module(rt);
+    char ns[16];
+    snprintf(ns, sizeof ns, "%d", n_gen);
+    char reason[256] = "";
+
+    /* alone */
+    static result r[32];
+    for (int k = 0; k < 32; k++) pthread_mutex_init(&r[k].mu, NULL);
+    const char *argv_ok[] = { "gen_raw", "ok", prompt, ns, "4" };
+    int32_t st = launch_wait(rt, mod, 5, argv_ok, &r[0], reason);
+    CHECK(st == 0, "instance exited %d (%s)", st, reason);
+    CHECK(strcmp(r[0].msg, want) == 0, "inferlet sent\n  %s\nexpected\n  %s",
+          r[0].msg, want);
+    printf("alone: inferlet with chained decode reproduces %d reference ids\n",
+           n_gen);
+
+    /* 32 concurrent instances */
+    pie_rt_instance *insts[32];
+    const char *looks[] = { "1", "2", "4", "8" };
+    for (int k = 0; k < 32; k++) {
+        r[k].len = 0;
+        r[k].msg[0] = 0;
+        const char *av[] = { "gen_raw", "ok", prompt, ns, looks[k % 4] };
+        pie_rt_launch_cbs cbs = { .user = &r[k], .on_message = on_message,
+                                  .on_output = on_output };
+        CHECK_OK(pie_rt_launch(rt, mod, 5, av, &cbs, &insts[k]));
+    }
+    for (int k = 0; k < 32; k++) {
+        st = pie_rt_wait(insts[k], reason, sizeof reason);
+        pie_rt_instance_unref(insts[k]);
+        CHECK(st == 0, "instance %d exited %d (%s)", k, st, reason);
+        CHECK(strcmp(r[k].msg, want) == 0, "instance %d sent %s", k, r[k].msg);
+    }
+    pie_ctl_stats cs;
+    pie_ctl_get_stats(ctl, &cs);
+    CHECK(cs.max_batch_reqs > 1, "largest fire %d", cs.max_batch_reqs);
+    printf("concurrent: 32 inferlets all match; largest fire %d requests\n",
+           cs.max_batch_reqs);
+
+    /* exits early holding pages and cancelled futures: nothing leaks */
+    r[0].len = 0;
+    const char *argv_stop[] = { "gen_raw", "stop", prompt, ns, "8" };
+    st = launch_wait(rt, mod, 5, argv_stop, &r[0], reason);
+    CHECK(st == 0, "stop instance exited %d (%s)", st, reason);
+    char want5[256];
+    snprintf(want5, sizeof want5, "%s", ids_text(greedy, 5, ' '));
+    CHECK(strcmp(r[0].msg, want5) == 0, "stop sent %s", r[0].msg);
+
+    /* bad arguments: documented errors */
+    r[0].len = 0;
+    r[0].msg[0] = 0;
+    const char *argv_bad[] = { "gen_raw", "badargs" };
+    st = launch_wait(rt, mod, 2, argv_bad, &r[0], reason);
+    CHECK(st == 0 && strcmp(r[0].msg, "ok") == 0, "badargs: status %d, "
+          "sent '%s'", st, r[0].msg);
+
+    /* bad pointer: trap */
+    const char *argv_ptr[] = { "gen_raw", "badptr" };
+    st = launch_wait(rt, mod, 2, argv_ptr, &r[0], reason);
+    CHECK(st == PIE_ETRAP, "bad pointer: status %d (%s)", st, reason);
+    printf("errors: bad arguments return codes, bad pointer traps (%s)\n",
+           reason);
+
+    pie_ctl_get_stats(ctl, &cs);
+    CHECK(cs.pages_free == cs.pages_total, "%d of %d pages free after all "
+          "instances ended", cs.pages_free, cs.pages_total);
+    CHECK(cs.clients == 0 && cs.queue_depth == 0, "%d clients, depth %d",
+          cs.clients, cs.queue_depth);
+    printf("no leaks: all %d pages free, no clients, empty queue\n",
+           cs.pages_total);
+
+    pie_rt_module_unref(mod);
+    pie_rt_free(rt);
+    pie_engine_free(e);
+    pie_ctl_free(ctl);
+    pie_backend_free(b);
+    pie_model_free(m);
+    json_decref(ref);
+    TEST_DONE();
+}
