@@ -8,6 +8,7 @@
 #include "pie_api.h"
 
 static volatile int zero = 0;
+static void *volatile sink;
 
 __attribute__((noinline)) static int shadow(int d)
 {
@@ -61,6 +62,8 @@ int main(int argc, char **argv)
             if (!p)
                 break;
             memset(p, 1, 1 << 20);
+            *(void **)p = sink;          /* keep a list: malloc cannot be elided */
+            sink = p;
             total += 1 << 20;
         }
         printf("malloc returned NULL after %zu MiB\n", total >> 20);
