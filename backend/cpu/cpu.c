@@ -44,6 +44,7 @@
 #define CPU_DEFAULT_TOKENS 8192
 #define CPU_PREFILL_MIN    8         /* new tokens for the sgemm attention */
 #define CPU_ATT_FLOATS     (1 << 22) /* score buffer of the sgemm path     */
+#define CPU_ROWS           16        /* tokens per element-wise pool task  */
 
 typedef struct cpu_layer {
     float *attn_norm;   /* (dim)                                */
@@ -272,6 +273,7 @@ typedef struct fwd_ctx {
     float                   *S;        /* prefill: score rows             */
     int64_t                  kv_len;   /* prefill: current request's kv   */
     int32_t                  row_tok0; /* prefill: token of score row 0   */
+    int                      stage;    /* element-wise stage (STAGE_*)    */
 } fwd_ctx;
 
 /* The allowed-slot runs of token t: its mask, or {0, slot+1} (causal),
@@ -477,12 +479,13 @@ static void attention(fwd_ctx *c)
                       c);
 }
 
-/* Writes the new tokens' K and V rows of layer l into their slots. */
-static void kv_append(cpu_backend *b, const pie_forward_batch *bt, int32_t l)
+/* Writes K and V rows of layer l of tokens [t0, t1) into their slots. */
+static void kv_append(cpu_backend *b, const pie_forward_batch *bt, int32_t l,
+                      int32_t t0, int32_t t1)
 {
     int32_t ps = b->base.page_size;
     size_t row = sizeof(float) * (size_t)b->kv_dim;
-    for (int32_t t = 0; t < bt->n_tokens; t++) {
+    for (int32_t t = t0; t < t1; t++) {
         int32_t r = b->st.tok_req[t], s = b->st.tok_slot[t];
         int32_t page = bt->kv_page_indices[bt->kv_page_indptr[r] + s / ps];
         memcpy(kv_row(b, page, l, 0, s % ps), b->st.k + (int64_t)t * b->kv_dim,
@@ -492,37 +495,79 @@ static void kv_append(cpu_backend *b, const pie_forward_batch *bt, int32_t l)
     }
 }
 
+/* Element-wise stages run over chunks of CPU_ROWS tokens on the pool. */
+enum { STAGE_ATTN_NORM, STAGE_QKV, STAGE_FFN_NORM, STAGE_SILU };
+
+/* Token rows [t0, t1) of stage c->stage. STAGE_QKV adds biases, applies
+ * q/k RMSNorm and RoPE, and writes K/V into the tokens' slots (distinct
+ * slots: pie_batch_validate rejects a batch writing one slot twice). */
+static void stage_task(void *ctx, int64_t task, int32_t worker)
+{
+    fwd_ctx *c = ctx;
+    cpu_backend *b = c->b;
+    const pie_model_config *cf = &b->cfg;
+    const cpu_layer *L = &b->layers[c->layer];
+    cpu_state *s = &b->st;
+    int32_t t0 = (int32_t)task * CPU_ROWS, d = cf->dim, hd = cf->head_dim;
+    int32_t n = c->batch->n_tokens - t0 < CPU_ROWS ? c->batch->n_tokens - t0
+                                                   : CPU_ROWS;
+    int64_t qo = (int64_t)t0 * b->q_dim, ko = (int64_t)t0 * b->kv_dim;
+    switch (c->stage) {
+    case STAGE_ATTN_NORM:
+    case STAGE_FFN_NORM:
+        pie__cpu_rmsnorm(s->xb + (int64_t)t0 * d, s->x + (int64_t)t0 * d,
+                         c->stage == STAGE_ATTN_NORM ? L->attn_norm
+                                                     : L->ffn_norm,
+                         n, d, cf->norm_eps);
+        return;
+    case STAGE_SILU:
+        pie__cpu_silu_mul(s->hb + (int64_t)t0 * cf->hidden_dim,
+                          s->hb2 + (int64_t)t0 * cf->hidden_dim,
+                          (int64_t)n * cf->hidden_dim);
+        return;
+    }
+    if (L->bq) {
+        pie__cpu_add_bias(s->q + qo, L->bq, n, b->q_dim);
+        pie__cpu_add_bias(s->k + ko, L->bk, n, b->kv_dim);
+        pie__cpu_add_bias(s->v + ko, L->bv, n, b->kv_dim);
+    }
+    if (L->q_norm) {
+        pie__cpu_rmsnorm(s->q + qo, s->q + qo, L->q_norm, n * cf->n_heads, hd,
+                         cf->norm_eps);
+        pie__cpu_rmsnorm(s->k + ko, s->k + ko, L->k_norm, n * cf->n_kv_heads,
+                         hd, cf->norm_eps);
+    }
+    const int32_t *pos = c->batch->positions + t0;
+    pie__cpu_rope(s->q + qo, pos, n, cf->n_heads, hd, b->inv_freq);
+    pie__cpu_rope(s->k + ko, pos, n, cf->n_kv_heads, hd, b->inv_freq);
+    kv_append(b, c->batch, c->layer, t0, t0 + n);
+}
+
+static void run_stage(fwd_ctx *c, int stage)
+{
+    c->stage = stage;
+    int32_t n = c->batch->n_tokens;
+    pie__cpu_pool_run(c->b->pool, (n + CPU_ROWS - 1) / CPU_ROWS, stage_task,
+                      c);
+}
+
 static void layer_forward(cpu_backend *b, fwd_ctx *c, int32_t n)
 {
     const pie_model_config *cf = &b->cfg;
     const cpu_layer *L = &b->layers[c->layer];
     cpu_state *s = &b->st;
-    int32_t d = cf->dim, hd = cf->head_dim;
-    pie__cpu_rmsnorm(s->xb, s->x, L->attn_norm, n, d, cf->norm_eps);
+    int32_t d = cf->dim;
+    run_stage(c, STAGE_ATTN_NORM);
     pie__cpu_matmul(s->q, s->xb, L->wq, n, d, b->q_dim, 0.0f);
     pie__cpu_matmul(s->k, s->xb, L->wk, n, d, b->kv_dim, 0.0f);
     pie__cpu_matmul(s->v, s->xb, L->wv, n, d, b->kv_dim, 0.0f);
-    if (L->bq) {
-        pie__cpu_add_bias(s->q, L->bq, n, b->q_dim);
-        pie__cpu_add_bias(s->k, L->bk, n, b->kv_dim);
-        pie__cpu_add_bias(s->v, L->bv, n, b->kv_dim);
-    }
-    if (L->q_norm) {
-        pie__cpu_rmsnorm(s->q, s->q, L->q_norm, n * cf->n_heads, hd,
-                         cf->norm_eps);
-        pie__cpu_rmsnorm(s->k, s->k, L->k_norm, n * cf->n_kv_heads, hd,
-                         cf->norm_eps);
-    }
-    pie__cpu_rope(s->q, c->batch->positions, n, cf->n_heads, hd, b->inv_freq);
-    pie__cpu_rope(s->k, c->batch->positions, n, cf->n_kv_heads, hd,
-                  b->inv_freq);
-    kv_append(b, c->batch, c->layer);
+    run_stage(c, STAGE_QKV);
     attention(c);
     pie__cpu_matmul(s->x, s->att, L->wo, n, b->q_dim, d, 1.0f);
-    pie__cpu_rmsnorm(s->xb, s->x, L->ffn_norm, n, d, cf->norm_eps);
+    run_stage(c, STAGE_FFN_NORM);
     pie__cpu_matmul(s->hb, s->xb, L->w_gate, n, d, cf->hidden_dim, 0.0f);
     pie__cpu_matmul(s->hb2, s->xb, L->w_up, n, d, cf->hidden_dim, 0.0f);
-    pie__cpu_silu_mul(s->hb, s->hb2, (int64_t)n * cf->hidden_dim);
+    run_stage(c, STAGE_SILU);
     pie__cpu_matmul(s->x, s->hb, L->w_down, n, cf->hidden_dim, d, 1.0f);
 }
 

@@ -5,9 +5,15 @@
  * sleep on `wake` between jobs. A job is (fn, ctx, n_tasks) published under
  * the mutex with a new generation number; every thread, the caller
  * included, takes task indices from the atomic counter `next` until they
- * run out, then the workers decrement `busy` and the last one signals
- * `done`. The caller returns only when busy == 0, so ctx may live on its
- * stack. Jobs never overlap: the backend runs one forward at a time.
+ * run out, counting finished tasks in `n_done`.
+ *
+ * A worker joins a job only under the mutex (active++) and leaves it under
+ * the mutex (active--). The caller returns when n_done == n_tasks and
+ * active == 0: it never waits for a worker the OS has not scheduled yet
+ * (on a busy machine that wait would cost a time slice per job), and no
+ * worker can still touch ctx afterwards, so ctx may live on its stack. A
+ * worker that wakes after its job ended joins it, finds no task and
+ * leaves. Jobs never overlap: the backend runs one forward at a time.
  */
 #include <pthread.h>
 #include <stdatomic.h>
@@ -16,19 +22,26 @@
 #include "backend/cpu/cpu_internal.h"
 #include "common/pie_err.h"
 
+#if defined(__x86_64__) || defined(__i386__)
+#define CPU_RELAX() __builtin_ia32_pause()
+#else
+#define CPU_RELAX() atomic_signal_fence(memory_order_seq_cst)
+#endif
+
 struct pie__cpu_pool {
     int32_t          n_threads;   /* workers including the caller          */
     pthread_t       *threads;     /* (n_threads - 1)                       */
     pthread_mutex_t  mu;
     pthread_cond_t   wake;        /* new generation or stop                */
-    pthread_cond_t   done;        /* busy reached 0                        */
+    pthread_cond_t   done;        /* a worker left a job                   */
     uint64_t         generation;  /* bumped per job, under mu              */
-    int32_t          busy;        /* workers still in the current job      */
+    int32_t          active;      /* workers inside the current job, mu    */
     int              stop;
     pie__cpu_task_fn fn;
     void            *ctx;
     int64_t          n_tasks;
     _Atomic int64_t  next;        /* next task index to take               */
+    _Atomic int64_t  n_done;      /* tasks finished                        */
 };
 
 typedef struct { pie__cpu_pool *p; int32_t id; } worker_arg;
@@ -39,6 +52,7 @@ static void run_tasks(pie__cpu_pool *p, int32_t worker)
         int64_t t = atomic_fetch_add(&p->next, 1);
         if (t >= p->n_tasks) return;
         p->fn(p->ctx, t, worker);
+        atomic_fetch_add(&p->n_done, 1);
     }
 }
 
@@ -54,10 +68,11 @@ static void *worker_main(void *arg)
             pthread_cond_wait(&p->wake, &p->mu);
         if (p->stop) break;
         seen = p->generation;
+        p->active++;
         pthread_mutex_unlock(&p->mu);
         run_tasks(p, a.id);
         pthread_mutex_lock(&p->mu);
-        if (--p->busy == 0) pthread_cond_signal(&p->done);
+        if (--p->active == 0) pthread_cond_signal(&p->done);
     }
     pthread_mutex_unlock(&p->mu);
     return NULL;
@@ -107,13 +122,17 @@ void pie__cpu_pool_run(pie__cpu_pool *p, int64_t n_tasks, pie__cpu_task_fn fn,
     p->ctx = ctx;
     p->n_tasks = n_tasks;
     atomic_store(&p->next, 0);
-    p->busy = p->n_threads - 1;
+    atomic_store(&p->n_done, 0);
     p->generation++;
     pthread_cond_broadcast(&p->wake);
     pthread_mutex_unlock(&p->mu);
     run_tasks(p, 0);
+    /* Spin briefly for tasks a worker is finishing, then sleep. */
+    for (int i = 0; i < 4000 && atomic_load(&p->n_done) < n_tasks; i++)
+        CPU_RELAX();
     pthread_mutex_lock(&p->mu);
-    while (p->busy > 0) pthread_cond_wait(&p->done, &p->mu);
+    while (atomic_load(&p->n_done) < n_tasks || p->active > 0)
+        pthread_cond_wait(&p->done, &p->mu);
     pthread_mutex_unlock(&p->mu);
 }
 
