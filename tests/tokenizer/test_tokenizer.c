@@ -19,6 +19,7 @@
 #include "tests/test_util.h"
 
 #include <jansson.h>
+#include <pthread.h>
 #include <string.h>
 
 static int utf8_ok(const char *s, size_t n)
@@ -550,6 +551,49 @@ static void test_roundtrip(void)
            total);
 }
 
+/* One tokenizer shared by 4 threads: encode is reentrant. */
+typedef struct { const pie_tokenizer *t; const char *text; int32_t *want;
+                 size_t n_want; int bad; } mt_job;
+
+static void *mt_worker(void *arg)
+{
+    mt_job *j = arg;
+    for (int r = 0; r < 50 && !j->bad; r++) {
+        int32_t *ids;
+        size_t n;
+        if (pie_tokenizer_encode(j->t, j->text, strlen(j->text), true, &ids, &n) ||
+            n != j->n_want || memcmp(ids, j->want, n * sizeof *ids))
+            j->bad = 1;
+        else
+            free(ids);
+    }
+    return NULL;
+}
+
+static void test_threads(void)
+{
+    pie_tokenizer *t = load_model("models/tiny-qwen3");
+    static const char *texts[4] = {
+        "Hello world! <|im_start|>user\nhi<|im_end|>",
+        "   \n   \n def fib(n): return n",
+        "\xe4\xbd\xa0\xe5\xa5\xbd, caf\xc3\xa9 \xf0\x9f\xa4\x96 12345",
+        "I'm sure we'll see they've done it",
+    };
+    mt_job jobs[4];
+    pthread_t th[4];
+    for (int i = 0; i < 4; i++) {
+        jobs[i] = (mt_job){ t, texts[i], NULL, 0, 0 };
+        encode_str(t, texts[i], true, &jobs[i].want, &jobs[i].n_want);
+    }
+    for (int i = 0; i < 4; i++) pthread_create(&th[i], NULL, mt_worker, &jobs[i]);
+    for (int i = 0; i < 4; i++) pthread_join(th[i], NULL);
+    for (int i = 0; i < 4; i++) {
+        CHECK(!jobs[i].bad, "thread %d: concurrent encode differs", i);
+        free(jobs[i].want);
+    }
+    printf("threads: 4 threads x 50 encodes on one tokenizer agree\n");
+}
+
 int main(void)
 {
     test_golden();
@@ -559,6 +603,7 @@ int main(void)
     test_long_inputs();
     test_malformed();
     test_roundtrip();
+    test_threads();
     for (int i = 0; i < 3; i++) pie_tokenizer_free(cache[i].t);
     TEST_DONE();
 }
