@@ -78,6 +78,7 @@ typedef struct cuda_backend {
     pie_backend       base;
     pie_model_config  cfg;
     int               device, n_sm;
+    int               random_fill; /* random:SHAPE: absent tensors filled  */
     cudaStream_t      st;
     cublasLtHandle_t  lt;
     void             *lt_ws;
@@ -164,9 +165,9 @@ static int put_tensor(cuda_backend *c, void *dst, int bf16,
                       int layer, uint64_t seed, int is_norm)
 {
     if (!t->data) {
-        if (strncmp(c->cfg.arch, "", 1) && seed) {
-            /* fall through to the random fill below */
-        }
+        if (!c->random_fill)
+            return pie_err_set(PIE_EFORMAT, "cuda: tensor %s of layer %d is "
+                               "missing", name, layer);
         if (bf16)
             pie__cuda_fill_bf16(dst, n, seed, is_norm ? 1.0f : 0.02f, is_norm,
                                 c->st);
@@ -291,7 +292,9 @@ static int upload_weights(cuda_backend *c, const pie_model *m)
     if (!c->layers) return pie_err_set(PIE_ENOMEM, "cuda: out of host memory");
     TRY(dalloc(c, (void **)&c->embed, vd * 2, "embedding"));
     TRY(put_tensor(c, c->embed, 1, &m->w.tok_embed, vd, "tok_embed", -1, 7, 0));
-    int tied = g->tie_embeddings || m->w.lm_head.data == m->w.tok_embed.data;
+    int tied = g->tie_embeddings || !m->w.lm_head.data ||
+               m->w.lm_head.data == m->w.tok_embed.data;
+    if (c->random_fill && !m->w.lm_head.data) tied = g->tie_embeddings;
     if (tied) {
         c->lm_head = c->embed;
     } else {
@@ -800,12 +803,10 @@ static int cuda_copy_slots(pie_backend *bb, int32_t src, int32_t src_off,
     CK(cudaSetDevice(c->device));
     if (src == dst && src_off != dst_off) {
         /* Overlapping ranges: go through scratch (d_values holds a page). */
-        pie_cuda_kv tmp = c->kv;
         int64_t pe = pie_cuda_kv_page_elems(&c->kv);
         CK(cudaMemcpyAsync(c->d_values, c->kv.pool + (int64_t)src * pe,
                            (size_t)pe * 2, cudaMemcpyDeviceToDevice, c->st));
-        tmp.pool = (uint16_t *)c->d_values - (int64_t)src * pe;
-        /* copy from scratch image of page src into page dst */
+        /* then from the scratch image of page src into page dst */
         int64_t rows = (int64_t)c->kv.n_layers * 2 * c->kv.n_kv;
         size_t row = (size_t)ps * c->kv.head_dim * 2;
         CK(cudaMemcpy2DAsync(c->kv.pool + (int64_t)dst * pe +
@@ -814,7 +815,6 @@ static int cuda_copy_slots(pie_backend *bb, int32_t src, int32_t src_off,
                                  (int64_t)src_off * c->kv.head_dim, row,
                              (size_t)n * c->kv.head_dim * 2, (size_t)rows,
                              cudaMemcpyDeviceToDevice, c->st));
-        (void)tmp;
     } else if (src != dst) {
         pie__cuda_copy_slots(&c->kv, src, src_off, dst, dst_off, n, c->st);
     }
@@ -994,6 +994,7 @@ int pie_backend_cuda_create(const pie_model *m, const pie_backend_opts *o,
     if (!c) return pie_err_set(PIE_ENOMEM, "cuda: out of host memory");
     c->cfg = m->cfg;
     c->device = dev;
+    c->random_fill = m->dir && !strncmp(m->dir, "random:", 7);
     c->base.ops = &CUDA_OPS;
     c->base.cfg = &c->cfg;
     c->base.name = "cuda";

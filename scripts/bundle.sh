@@ -1,0 +1,44 @@
+#!/bin/sh
+# bundle.sh — a self-contained copy of pie's CUDA build for a plain
+# Ubuntu 24.04 + CUDA 13 machine (no Debian packages there).
+#
+#   scripts/bundle.sh [BUILD_DIR] [OUT]     (defaults: build-cuda .carry/bundle)
+#
+# Copies the pie binary and the CUDA test/bench binaries (stripped) into
+# OUT/bin, and every shared library ldd lists for them into OUT/lib except
+# those the target has anyway: glibc, libstdc++/libgcc_s (newer there), the
+# CUDA driver and CUDA's own libraries (cuBLASLt comes from the target's
+# /usr/local/cuda; cudart is linked statically). OUT/run NAME ARGS... runs
+# a binary with LD_LIBRARY_PATH set; OUT.tar.xz packs the folder.
+set -eu
+build=${1:-build-cuda}
+out=${2:-.carry/bundle}
+rm -rf "$out"
+mkdir -p "$out/bin" "$out/lib"
+for b in "$build/pie" "$build"/tests/cuda/test_cuda_kernels \
+         "$build"/tests/cuda/test_cuda_model "$build"/tests/cuda/bench_cuda_attn; do
+    [ -x "$b" ] || continue
+    cp "$b" "$out/bin/"
+    strip "$out/bin/$(basename "$b")"
+    ldd "$b" | awk '/=>/ && $3 ~ /^\// { print $1, $3 }' |
+    while read -r name path; do
+        case "$name" in
+        libc.so*|libm.so*|libdl.so*|libpthread.so*|librt.so*|ld-linux*|\
+        libstdc++*|libgcc_s*|libcuda.so*|libcublas*|libcudart*|libnvidia*)
+            continue ;;
+        esac
+        [ -e "$out/lib/$name" ] || cp -L "$path" "$out/lib/$name"
+    done
+done
+cat > "$out/run" <<'EOS'
+#!/bin/sh
+# run NAME ARGS... — runs bin/NAME with the bundled libraries.
+d=$(cd "$(dirname "$0")" && pwd)
+export LD_LIBRARY_PATH="$d/lib:/usr/local/cuda/lib64:/usr/local/cuda/lib:${LD_LIBRARY_PATH:-}"
+n=$1; shift
+exec "$d/bin/$n" "$@"
+EOS
+chmod +x "$out/run"
+tar -C "$(dirname "$out")" -cJf "$out.tar.xz" "$(basename "$out")"
+ls -la "$out/bin" "$out/lib"
+ls -la "$out.tar.xz"
