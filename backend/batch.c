@@ -18,6 +18,7 @@
  * costs O(log V); a sampler with top_k = 50 over 150k ids touches about
  * 150k + 50*17 elements and never sorts the whole vocabulary.
  */
+#define _GNU_SOURCE   /* qsort_r */
 #include "backend/backend.h"
 
 #include <math.h>
@@ -374,93 +375,130 @@ static double softmax_inplace(float *x, int32_t n, float temp)
     return (double)mx / temp + log(sum);
 }
 
-/* Max-heap of ids ordered by (p desc, id asc). */
-static inline int heap_before(const float *p, int32_t a, int32_t b)
+/* Selection over ids ordered by (p desc, id asc), a strict total order.
+ *
+ * sel_partition() splits a[lo, hi) around a pivot and returns its index:
+ * ids ranked before the pivot end up left of it, the rest right of it.
+ * Repeating it on one side (quickselect) finds the k-th id, or the id at
+ * which the running mass crosses a threshold, in expected O(n) without
+ * sorting; when it stops at index i, a[0, i) holds exactly the ids ranked
+ * before a[i]. The pivot is taken at a pseudo-random index so that no
+ * logits pattern makes it quadratic. */
+static inline int before(const float *p, int32_t a, int32_t b)
 {
     return p[a] > p[b] || (p[a] == p[b] && a < b);
 }
 
-static void heap_down(int32_t *h, int32_t n, int32_t i, const float *p)
+static int64_t sel_partition(int32_t *a, int64_t lo, int64_t hi,
+                             const float *p, uint64_t *rng)
 {
-    for (;;) {
-        int32_t l = 2 * i + 1, r = l + 1, m = i;
-        if (l < n && heap_before(p, h[l], h[m])) m = l;
-        if (r < n && heap_before(p, h[r], h[m])) m = r;
-        if (m == i) return;
-        int32_t t = h[i]; h[i] = h[m]; h[m] = t;
-        i = m;
+    *rng = *rng * 6364136223846793005ull + 1442695040888963407ull;
+    int64_t k = lo + (int64_t)((*rng >> 33) % (uint64_t)(hi - lo));
+    int32_t t = a[k]; a[k] = a[hi - 1]; a[hi - 1] = t;
+    int32_t piv = a[hi - 1];
+    int64_t i = lo;
+    for (int64_t j = lo; j < hi - 1; j++)
+        if (before(p, a[j], piv)) { t = a[i]; a[i] = a[j]; a[j] = t; i++; }
+    a[hi - 1] = a[i];
+    a[i] = piv;
+    return i;
+}
+
+/* Moves the k highest-ranked ids of a[0, n) to a[0, k) (unordered). */
+static void sel_top_k(int32_t *a, int64_t n, int64_t k, const float *p)
+{
+    uint64_t rng = (uint64_t)n;
+    int64_t lo = 0, hi = n;
+    while (hi - lo > 1) {
+        int64_t m = sel_partition(a, lo, hi, p, &rng);
+        if (m == k || m == k - 1) return;
+        if (m > k) hi = m; else lo = m + 1;
     }
 }
 
-/* Builds a heap over ids with p > 0 (or all ids when none is); returns its
- * size. */
-static int32_t heap_build(int32_t *h, const float *p, int32_t vocab)
+/* Index in a[0, n) (after partitioning) of the first id, in rank order,
+ * whose inclusive running mass exceeds target (>= when inclusive_eq);
+ * n - 1 holds the lowest-ranked id if rounding runs past the end. */
+static int64_t sel_mass(int32_t *a, int64_t n, double target, int eq,
+                        const float *p)
 {
-    int32_t n = 0;
-    for (int32_t i = 0; i < vocab; i++)
-        if (p[i] > 0.0f) h[n++] = i;
-    if (n == 0)
-        for (int32_t i = 0; i < vocab; i++) h[n++] = i;
-    for (int32_t i = n / 2 - 1; i >= 0; i--) heap_down(h, n, i, p);
-    return n;
+    uint64_t rng = (uint64_t)n * 31 + 7;
+    int64_t lo = 0, hi = n;
+    double acc = 0.0;
+    while (hi - lo > 0) {
+        int64_t m = sel_partition(a, lo, hi, p, &rng);
+        double g = 0.0;
+        for (int64_t j = lo; j < m; j++) g += p[a[j]];
+        double with = acc + g + p[a[m]];
+        if (m > lo && (eq ? acc + g >= target : acc + g > target)) {
+            hi = m;
+        } else if (eq ? with >= target : with > target) {
+            return m;
+        } else {
+            acc = with;
+            lo = m + 1;
+        }
+    }
+    /* ran past the end: the lowest-ranked id, now somewhere in a[0, n) */
+    int64_t last = 0;
+    for (int64_t j = 1; j < n; j++) if (before(p, a[last], a[j])) last = j;
+    return last;
 }
 
-static int32_t heap_pop(int32_t *h, int32_t *n, const float *p)
-{
-    int32_t top = h[0];
-    h[0] = h[--*n];
-    heap_down(h, *n, 0, p);
-    return top;
-}
-
-/* The random sampler of backend.h over probabilities p (modified). */
+/* The random sampler of backend.h over probabilities p. */
 static int sample_random(float *p, int32_t vocab, const pie_sampler *s,
                          int32_t *token)
 {
-    int32_t *heap = malloc(sizeof *heap * (size_t)vocab);
-    int32_t *kept = malloc(sizeof *kept * (size_t)vocab);
-    if (!heap || !kept) {
-        free(heap); free(kept);
-        return pie_err_set(PIE_ENOMEM, "sampler: out of memory");
+    int32_t *a = malloc(sizeof *a * (size_t)vocab);
+    if (!a) return pie_err_set(PIE_ENOMEM, "sampler: out of memory");
+    int64_t n = 0;
+    for (int32_t i = 0; i < vocab; i++)
+        if (p[i] > 0.0f) a[n++] = i;
+    if (n == 0)
+        for (int32_t i = 0; i < vocab; i++) a[n++] = i;
+    if (s->top_k > 0 && s->top_k < n) {
+        sel_top_k(a, n, s->top_k, p);
+        n = s->top_k;
     }
-    int32_t n = heap_build(heap, p, vocab), n_kept = 0;
-    int32_t k = (s->top_k <= 0 || s->top_k > vocab) ? vocab : s->top_k;
+    if (s->top_p < 1.0f)
+        n = sel_mass(a, n, s->top_p, 1, p) + 1;
+    if (s->min_p > 0.0f) {
+        int32_t best = a[0];
+        for (int64_t j = 1; j < n; j++) if (before(p, a[j], best)) best = a[j];
+        float floor_p = s->min_p * p[best];
+        int64_t m = 0;
+        for (int64_t j = 0; j < n; j++)
+            if (p[a[j]] >= floor_p) a[m++] = a[j];
+        n = m;
+    }
     double mass = 0.0;
-    float p_floor = s->min_p > 0.0f ? s->min_p * p[heap[0]] : 0.0f;
-    while (n > 0 && n_kept < k) {
-        if (s->top_p < 1.0f && n_kept > 0 && mass >= s->top_p) break;
-        int32_t id = heap[0];
-        if (n_kept > 0 && p[id] < p_floor) break;
-        heap_pop(heap, &n, p);
-        kept[n_kept++] = id;
-        mass += p[id];
-    }
-    double target = (double)pie_sample_uniform(s->seed) * mass, cum = 0.0;
-    *token = kept[n_kept - 1];
-    for (int32_t i = 0; i < n_kept; i++) {
-        cum += p[kept[i]];
-        if (cum > target) { *token = kept[i]; break; }
-    }
-    free(heap);
-    free(kept);
+    for (int64_t j = 0; j < n; j++) mass += p[a[j]];
+    double target = (double)pie_sample_uniform(s->seed) * mass;
+    *token = a[sel_mass(a, n, target, 0, p)];
+    free(a);
     return 0;
+}
+
+static int cmp_rank(const void *x, const void *y, void *p)
+{
+    int32_t a = *(const int32_t *)x, b = *(const int32_t *)y;
+    return before(p, a, b) ? -1 : before(p, b, a) ? 1 : 0;
 }
 
 static int probe_topk(float *logits, int32_t vocab, const pie_sampler *s,
                       float *values, int32_t *ids)
 {
-    int32_t *heap = malloc(sizeof *heap * (size_t)vocab);
-    if (!heap) return pie_err_set(PIE_ENOMEM, "sampler: out of memory");
     softmax_inplace(logits, vocab, s->temperature > 0 ? s->temperature : 1.0f);
-    /* Build over all ids so k may exceed the number of p > 0 entries. */
-    int32_t n = vocab;
-    for (int32_t i = 0; i < vocab; i++) heap[i] = i;
-    for (int32_t i = n / 2 - 1; i >= 0; i--) heap_down(heap, n, i, logits);
-    for (int32_t j = 0; j < s->top_k && n > 0; j++) {
-        ids[j] = heap_pop(heap, &n, logits);
-        values[j] = logits[ids[j]];
+    int32_t *a = malloc(sizeof *a * (size_t)vocab);
+    if (!a) return pie_err_set(PIE_ENOMEM, "sampler: out of memory");
+    for (int32_t i = 0; i < vocab; i++) a[i] = i;
+    sel_top_k(a, vocab, s->top_k, logits);
+    qsort_r(a, (size_t)s->top_k, sizeof *a, cmp_rank, logits);
+    for (int32_t j = 0; j < s->top_k; j++) {
+        ids[j] = a[j];
+        values[j] = logits[a[j]];
     }
-    free(heap);
+    free(a);
     return 0;
 }
 

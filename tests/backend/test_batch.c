@@ -143,27 +143,52 @@ static void test_top_p_min_p(void)
     CHECK(distinct >= 2, "min_p: only %d distinct tokens", distinct);
 }
 
-/* The exact walk of the spec, in double, for a sampler without filters. */
-static void test_exact_walk(void)
+/* The sampler against the spec computed here in double with a full sort:
+ * kept = top_k prefix, then the top_p prefix, then p >= min_p * p_max;
+ * walk until the running mass exceeds u * kept mass. */
+static void exact_walk(float temp, int32_t top_k, float top_p, float min_p)
 {
     double p[V];
     int32_t ids[V];
-    probs(base_logits, 1.0f, p);
+    probs(base_logits, temp, p);
     sorted_ids(base_logits, ids);
+    int n = (top_k > 0 && top_k < V) ? top_k : V;
+    if (top_p < 1) {
+        double m = 0;
+        int k = 0;
+        while (k < n && (k == 0 || m < top_p)) m += p[ids[k++]];
+        n = k;
+    }
+    int k = 0;
+    while (k < n && p[ids[k]] >= min_p * p[ids[0]]) k++;
+    n = k;
+    double mass = 0;
+    for (int i = 0; i < n; i++) mass += p[ids[i]];
     int agree = 0;
-    for (uint64_t seed = 100; seed < 200; seed++) {
-        pie_sampler s = { .kind = PIE_SAMPLER_RANDOM, .temperature = 1.0f,
-                          .top_p = 1.0f, .seed = seed };
-        double u = pie_sample_uniform(seed), cum = 0;
-        int32_t want = ids[V - 1];
-        for (int i = 0; i < V; i++) {
+    for (uint64_t seed = 100; seed < 300; seed++) {
+        pie_sampler s = { .kind = PIE_SAMPLER_RANDOM, .temperature = temp,
+                          .top_k = top_k, .top_p = top_p, .min_p = min_p,
+                          .seed = seed };
+        double u = pie_sample_uniform(seed) * mass, cum = 0;
+        int32_t want = ids[n - 1];
+        for (int i = 0; i < n; i++) {
             cum += p[ids[i]];
             if (cum > u) { want = ids[i]; break; }
         }
         agree += sample(&s, NULL, 0) == want;
     }
     /* float vs double rounding may move a boundary case; nearly all agree */
-    CHECK(agree >= 98, "sampler walk agreed on %d of 100 seeds", agree);
+    CHECK(agree >= 196, "sampler (T %g, k %d, p %g, min_p %g) agreed with "
+          "the spec on %d of 200 seeds", temp, top_k, top_p, min_p, agree);
+}
+
+static void test_exact_walk(void)
+{
+    exact_walk(1.0f, 0, 1.0f, 0.0f);
+    exact_walk(0.5f, 40, 1.0f, 0.0f);
+    exact_walk(1.0f, 0, 0.8f, 0.0f);
+    exact_walk(2.0f, 0, 1.0f, 0.05f);
+    exact_walk(1.0f, 100, 0.6f, 0.01f);
 }
 
 /* top_p counts mass under the full softmax, not renormalized after top_k:
