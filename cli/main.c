@@ -18,6 +18,7 @@ static const pie_subcmd cmds[] = {
     { "tokenize",   pie_cmd_tokenize,   "print the token ids of a text" },
     { "detokenize", pie_cmd_detokenize, "print the text of token ids" },
     { "bench",      pie_cmd_bench,      "benchmarks (bench forward, bench generate)" },
+    { "run",        pie_cmd_run,        "run an inferlet on a model in this process" },
     { "build",      pie_cmd_build,      "compile a C inferlet to .wasm with the SDK" },
 };
 

@@ -1,0 +1,372 @@
+/*
+ * cmd_run.c — `pie run [OPTIONS] INFERLET [-- ARGS...]`: the whole engine
+ * in one process (model, backend, control layer, inferlet runtime), one
+ * inferlet (or -n N copies of it) launched with ARGS, and pie's exit status
+ * taken from theirs.
+ *
+ * INFERLET is a .wasm path or the name of a bundled inferlet, looked up as
+ * <dir of the pie executable>/inferlets/NAME.wasm (the build puts them
+ * there) or under $PIE_INFERLET_DIR.
+ *
+ * Output: what an instance send()s to its client and writes to fd 1 goes to
+ * standard output; its fd 2 and pie's diagnostics (a trap and its reason)
+ * go to standard error. With one instance both stream as they come. With
+ * -n N each instance's output is collected and printed whole, one block per
+ * instance in launch order (a block is ended with a newline if it lacks
+ * one), as soon as it and all instances before it have ended; stderr lines
+ * are printed then too, prefixed with "[i] ".
+ *
+ * Exit status: with one instance its exit status (1 after a trap); with
+ * -n N, 0 only if every instance exited with 0.
+ */
+#include <errno.h>
+#include <limits.h>
+#include <pthread.h>
+#include <stdio.h>
+#include <stdlib.h>
+#include <string.h>
+#include <unistd.h>
+
+#include "cli/cli.h"
+#include "cli/opts.h"
+#include "common/pie_err.h"
+#include "control/control.h"
+#include "runtime/runtime.h"
+#include "runtime/host_engine.h"
+
+typedef struct run_buf {
+    char   *p;
+    size_t  len, cap;
+    bool    oom;
+} run_buf;
+
+typedef struct run_inst {
+    int32_t          idx;
+    bool             stream;   /* write through instead of collecting    */
+    run_buf          out, err;
+    pie_rt_instance *inst;
+} run_inst;
+
+static pthread_mutex_t stream_mu = PTHREAD_MUTEX_INITIALIZER;
+
+static void buf_add(run_buf *b, const void *p, size_t n)
+{
+    if (b->oom) return;
+    if (b->len + n > b->cap) {
+        size_t nc = b->cap ? b->cap * 2 : 256;
+        while (nc < b->len + n) nc *= 2;
+        char *np = realloc(b->p, nc);
+        if (!np) {
+            b->oom = true;
+            return;
+        }
+        b->p = np;
+        b->cap = nc;
+    }
+    memcpy(b->p + b->len, p, n);
+    b->len += n;
+}
+
+static void emit(run_inst *r, int fd, const void *p, size_t n)
+{
+    if (r->stream) {
+        pthread_mutex_lock(&stream_mu);
+        FILE *f = fd == 2 ? stderr : stdout;
+        fwrite(p, 1, n, f);
+        fflush(f);
+        pthread_mutex_unlock(&stream_mu);
+    } else {
+        buf_add(fd == 2 ? &r->err : &r->out, p, n);
+    }
+}
+
+static void on_output(void *user, pie_rt_instance *i, int fd, const char *buf,
+                      size_t len)
+{
+    emit(user, fd == 2 ? 2 : 1, buf, len);
+}
+
+static void on_message(void *user, pie_rt_instance *i, const void *buf,
+                       size_t len)
+{
+    emit(user, 1, buf, len);
+}
+
+/* Reads a whole file; returns a malloc'ed buffer or NULL (errno set). */
+static void *read_file(const char *path, size_t *len)
+{
+    FILE *f = fopen(path, "rb");
+    if (!f) return NULL;
+    char *p = NULL;
+    size_t cap = 0, n = 0;
+    for (;;) {
+        if (n == cap) {
+            char *np = realloc(p, cap = cap ? cap * 2 : 65536);
+            if (!np) break;
+            p = np;
+        }
+        size_t k = fread(p + n, 1, cap - n, f);
+        n += k;
+        if (k == 0) break;
+    }
+    int bad = ferror(f) || n == cap;
+    fclose(f);
+    if (bad) {
+        free(p);
+        errno = errno ? errno : EIO;
+        return NULL;
+    }
+    *len = n;
+    return p;
+}
+
+/* Resolves INFERLET to a file: a path as given, else a bundled name. */
+static int resolve(const char *name, char *path, size_t cap)
+{
+    size_t n = strlen(name);
+    if (strchr(name, '/') || (n > 5 && !strcmp(name + n - 5, ".wasm"))) {
+        snprintf(path, cap, "%s", name);
+        return 0;
+    }
+    const char *dir = getenv("PIE_INFERLET_DIR");
+    if (dir && *dir) {
+        snprintf(path, cap, "%s/%s.wasm", dir, name);
+        if (access(path, R_OK) == 0) return 0;
+    }
+    char exe[PATH_MAX - 64];
+    ssize_t k = readlink("/proc/self/exe", exe, sizeof exe - 1);
+    if (k > 0) {
+        exe[k] = 0;
+        char *slash = strrchr(exe, '/');
+        if (slash) *slash = 0;
+        snprintf(path, cap, "%s/inferlets/%.40s.wasm", exe, name);
+        if (access(path, R_OK) == 0) return 0;
+    }
+    fprintf(stderr, "pie run: no bundled inferlet '%s' (looked in %s%s"
+            "<pie's directory>/inferlets); give a .wasm path\n", name,
+            dir ? dir : "", dir ? " and " : "");
+    return -1;
+}
+
+/* The module name used for launch(): basename without ".wasm". */
+static void module_name(const char *path, char *out, size_t cap)
+{
+    const char *b = strrchr(path, '/');
+    b = b ? b + 1 : path;
+    size_t n = strlen(b);
+    if (n > 5 && !strcmp(b + n - 5, ".wasm")) n -= 5;
+    snprintf(out, cap, "%.*s", (int)n, b);
+}
+
+typedef struct run_args {
+    const char *model, *backend, *cache_dir;
+    int         n, page_size, pages, threads, workers;
+    float       cpu_limit, memory_limit_mb;
+} run_args;
+
+/* Prints instance r's collected block and diagnostics; returns its exit
+ * code (0 = success). */
+static int finish_instance(run_inst *r, int32_t status, const char *reason,
+                           int n_total)
+{
+    if (!r->stream) {
+        if (r->out.len) fwrite(r->out.p, 1, r->out.len, stdout);
+        if (r->out.len && r->out.p[r->out.len - 1] != '\n') fputc('\n', stdout);
+        fflush(stdout);
+        for (size_t s = 0; s < r->err.len;) {
+            size_t e = s;
+            while (e < r->err.len && r->err.p[e] != '\n') e++;
+            fprintf(stderr, "[%d] %.*s\n", r->idx, (int)(e - s), r->err.p + s);
+            s = e + 1;
+        }
+        if (r->out.oom || r->err.oom)
+            fprintf(stderr, "pie run: instance %d: output lost (out of "
+                    "memory)\n", r->idx);
+    }
+    if (status == PIE_ETRAP || status < 0) {
+        if (n_total > 1)
+            fprintf(stderr, "pie run: instance %d trapped: %s\n", r->idx,
+                    reason[0] ? reason : pie_err_name(status));
+        else
+            fprintf(stderr, "pie run: inferlet trapped: %s\n",
+                    reason[0] ? reason : pie_err_name(status));
+        return 1;
+    }
+    if (status != 0 && n_total > 1)
+        fprintf(stderr, "pie run: instance %d exited with status %d\n", r->idx,
+                status);
+    return status & 255;
+}
+
+/* Launches the instances, waits for them in order, prints. */
+static int run_all(const run_args *a, pie_rt *rt, pie_rt_module *mod,
+                   const char *name, int nargs, char **args)
+{
+    const char **argv = calloc((size_t)nargs + 2, sizeof *argv);
+    run_inst *r = calloc((size_t)a->n, sizeof *r);
+    int worst = 0;
+    if (!argv || !r) {
+        fprintf(stderr, "pie run: out of memory\n");
+        free(argv);
+        free(r);
+        return 1;
+    }
+    argv[0] = name;
+    for (int i = 0; i < nargs; i++) argv[i + 1] = args[i];
+    int launched = 0;
+    for (int i = 0; i < a->n; i++, launched++) {
+        r[i].idx = i;
+        r[i].stream = a->n == 1;
+        pie_rt_launch_cbs cbs = { .user = &r[i], .on_output = on_output,
+                                  .on_message = on_message };
+        if (pie_rt_launch(rt, mod, nargs + 1, argv, &cbs, &r[i].inst) != 0) {
+            fprintf(stderr, "pie run: cannot launch instance %d: %s\n", i,
+                    pie_err_msg());
+            worst = 1;
+            break;
+        }
+    }
+    for (int i = 0; i < launched; i++) {
+        char reason[512] = "";
+        int32_t st = pie_rt_wait(r[i].inst, reason, sizeof reason);
+        int code = finish_instance(&r[i], st, reason, a->n);
+        if (a->n == 1) worst = code;
+        else if (code) worst = 1;
+        pie_rt_instance_unref(r[i].inst);
+        free(r[i].out.p);
+        free(r[i].err.p);
+    }
+    free(r);
+    free(argv);
+    return worst;
+}
+
+static int load_module(pie_rt *rt, const char *path, pie_rt_module **mod)
+{
+    size_t len = 0;
+    void *wasm = read_file(path, &len);
+    if (!wasm) {
+        fprintf(stderr, "pie run: cannot read %s: %s\n", path, strerror(errno));
+        return -1;
+    }
+    int cached = 0;
+    double t0 = pie_cli_now();
+    bool tty = isatty(STDERR_FILENO);
+    if (tty) fprintf(stderr, "compiling %s...", path);
+    int rc = pie_rt_module_load(rt, wasm, len, mod, &cached);
+    free(wasm);
+    if (tty) fprintf(stderr, "\r\033[K");
+    if (rc != 0) {
+        fprintf(stderr, "pie run: cannot load %s: %s\n", path, pie_err_msg());
+        return -1;
+    }
+    if (tty && !cached)
+        fprintf(stderr, "compiled %s in %.1f s\n", path, pie_cli_now() - t0);
+    return 0;
+}
+
+static int run_engine(const run_args *a, const char *path, int nargs,
+                      char **args)
+{
+    pie_model *m = NULL;
+    pie_backend *b = NULL;
+    pie_ctl *ctl = NULL;
+    pie_engine *eng = NULL;
+    pie_rt *rt = NULL;
+    pie_rt_module *mod = NULL;
+    char name[256];
+    int status = 1;
+    module_name(path, name, sizeof name);
+    if (pie_cli_load_model(a->model, &m)) return 1;
+    if (pie_cli_backend(a->backend, m, a->page_size, a->pages, a->threads, &b))
+        goto out;
+    if (pie_ctl_create(b, NULL, &ctl) != 0) {
+        fprintf(stderr, "pie run: cannot start the scheduler: %s\n",
+                pie_err_msg());
+        goto out;
+    }
+    pie_rt_opts ro = { .n_workers = a->workers, .cache_dir = a->cache_dir,
+                       .cpu_limit_s = a->cpu_limit,
+                       .memory_limit = (uint64_t)(a->memory_limit_mb *
+                                                  1048576.0) };
+    char mname[256];
+    module_name(a->model, mname, sizeof mname);
+    if (pie_engine_create(NULL, &eng) != 0 ||
+        pie_engine_add_model(eng, mname, m, ctl) != 0) {
+        fprintf(stderr, "pie run: cannot serve the model to inferlets: %s\n",
+                pie_err_msg());
+        goto out;
+    }
+    ro.hooks = pie_engine_hooks(eng);
+    if (pie_rt_create(&ro, &rt) != 0) {
+        fprintf(stderr, "pie run: cannot start the runtime: %s\n",
+                pie_err_msg());
+        goto out;
+    }
+    if (load_module(rt, path, &mod)) goto out;
+    pie_rt_module_register(rt, name, mod);
+    status = run_all(a, rt, mod, name, nargs, args);
+out:
+    if (mod) pie_rt_module_unref(mod);
+    pie_rt_free(rt);
+    pie_engine_free(eng);
+    pie_ctl_free(ctl);
+    pie_backend_free(b);
+    pie_model_free(m);
+    return status;
+}
+
+int pie_cmd_run(int argc, char **argv)
+{
+    run_args a = { .backend = "auto", .n = 1, .page_size = 16,
+                   .cpu_limit = 60.0f, .memory_limit_mb = 1024.0f };
+    const pie_opt opts[] = {
+        { "model", 'm', OPT_STR, &a.model, "model directory (or PIE_MODEL)" },
+        { "n", 'n', OPT_INT, &a.n, "instances to launch concurrently (1)" },
+        { "cpu-limit", 0, OPT_FLOAT, &a.cpu_limit, "CPU seconds per instance "
+          "(60; < 0 = none)" },
+        { "memory-limit", 0, OPT_FLOAT, &a.memory_limit_mb, "linear memory "
+          "per instance, MB (1024)" },
+        { "backend", 'b', OPT_STR, &a.backend, "cpu, cuda or auto (auto)" },
+        { "page-size", 0, OPT_INT, &a.page_size, "KV page size in tokens (16)" },
+        { "pages", 0, OPT_INT, &a.pages, "KV pages in the pool (0 = auto)" },
+        { "threads", 0, OPT_INT, &a.threads, "CPU backend threads (0 = all)" },
+        { "workers", 0, OPT_INT, &a.workers, "inferlet worker threads (2)" },
+        { "cache-dir", 0, OPT_STR, &a.cache_dir, "compiled-inferlet cache "
+          "(~/.cache/pie)" },
+        { 0 },
+    };
+    const pie_cmd_usage u = { "run",
+        "[OPTIONS] INFERLET [--model DIR] [-- ARGS...]",
+        "Runs an inferlet (a .wasm file or a bundled name such as "
+        "text-completion) on a model in this process and exits with its "
+        "status. The inferlet's messages and stdout go to standard output, "
+        "its stderr and pie's diagnostics to standard error.", opts };
+    int cap = argc + 1, npos, dd;
+    char **pos = malloc(sizeof(char *) * (size_t)cap);
+    if (!pos) return 1;
+    int rc = pie_opts_parse(&u, argc, argv, pos, cap, &npos, &dd);
+    if (rc) {
+        free(pos);
+        return rc < 0 ? 2 : 0;
+    }
+    if (dd != 1) {
+        fprintf(stderr, "pie run: give one INFERLET before '--' (see "
+                "--help)\n");
+        free(pos);
+        return 2;
+    }
+    if (a.n < 1 || a.n > 100000) {
+        fprintf(stderr, "pie run: -n must be between 1 and 100000\n");
+        free(pos);
+        return 2;
+    }
+    char path[PATH_MAX];
+    if (resolve(pos[0], path, sizeof path)) {
+        free(pos);
+        return 2;
+    }
+    rc = run_engine(&a, path, npos - 1, pos + 1);
+    free(pos);
+    return rc;
+}
