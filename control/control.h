@@ -220,11 +220,14 @@ typedef struct pie_ctl_stats {
     int32_t  queue_depth;      /* forwards submitted and not completed      */
     int32_t  clients;          /* open clients                              */
     int32_t  pages_total;
-    int32_t  pages_free;
+    int32_t  pages_free;       /* allocatable: free + cached                */
+    int32_t  pages_cached;     /* unreferenced but kept for prefix reuse    */
     int32_t  pages_used;       /* referenced by anything                    */
     int32_t  pages_shared;     /* referenced more than once                 */
     int32_t  exports;
     uint64_t dedup_hits;       /* full pages merged with an identical one   */
+    uint64_t prefix_tokens_skipped; /* prompt tokens not recomputed because
+                                  their full pages were already cached      */
     uint64_t suspensions;      /* clients suspended under pressure          */
     uint64_t alloc_waits;      /* page allocations that had to wait         */
     uint64_t cancelled;        /* forwards completed as cancelled           */

@@ -371,18 +371,28 @@ static int add_dep(ctl_op *parent, ctl_op *op, bool chain)
     return 0;
 }
 
-/* Resolves f's page handles into op (mu held); checks writability. */
+/* Resolves f's page handles into op (mu held). */
 static int resolve_pages(pie_ctl_client *c, const pie_ctl_forward *f,
                          ctl_op *op)
 {
-    pie_ctl *ctl = c->ctl;
-    int32_t first = op->kv_len - op->n_tokens, ps = ctl->ps;
     for (int32_t k = 0; k < f->n_pages; k++) {
         ctl_handle *hd = pie__handle_get(c, f->pages[k]);
         if (!hd) return PIE_EINVAL;
         op->pages[k] = hd->page;
-        if (k < first / ps) continue;           /* read only */
-        for (int32_t j = first / ps; j < k; j++)
+    }
+    return 0;
+}
+
+/* Checks that the pages op writes from its first new token of index t0
+ * on are writable and distinct (mu held). */
+static int check_writable(pie_ctl_client *c, const pie_ctl_forward *f,
+                          const ctl_op *op, int32_t t0)
+{
+    pie_ctl *ctl = c->ctl;
+    int32_t ps = ctl->ps, first = (op->kv_len - op->n_tokens + t0) / ps;
+    for (int32_t k = first; k < f->n_pages; k++) {
+        const ctl_handle *hd = &c->h[f->pages[k] - 1];
+        for (int32_t j = first; j < k; j++)
             if (op->pages[j] == hd->page)
                 return pie_err_set(PIE_EINVAL, "control: page handle %u is "
                                    "written twice in one forward",
@@ -393,6 +403,39 @@ static int resolve_pages(pie_ctl_client *c, const pie_ctl_forward *f,
                                "dedup); copy it to a new page to write",
                                f->pages[k]);
     }
+    return 0;
+}
+
+/* Drops the first skip new tokens of op (their KV is cached). */
+static void op_trim(ctl_op *op, int32_t skip)
+{
+    int32_t n = op->n_tokens - skip;
+    memmove(op->tokens, op->tokens + skip, n * sizeof(int32_t));
+    memmove(op->positions, op->positions + skip, n * sizeof(int32_t));
+    if (op->mask_indptr) {
+        uint32_t base = op->mask_indptr[skip];
+        for (int32_t i = 0; i <= n; i++)
+            op->mask_indptr[i] = op->mask_indptr[i + skip] - base;
+        memmove(op->mask_runs, op->mask_runs + base,
+                op->mask_indptr[n] * sizeof(uint32_t));
+    }
+    for (int32_t o = 0; o < op->n_outputs; o++) op->output_idx[o] -= skip;
+    for (int32_t i = 0; i < op->n_chains; i++) op->chains[i].token_idx -= skip;
+    op->n_tokens = n;
+}
+
+/* Prefix caching: resolves the pages, skips the cached leading pages, and
+ * checks that what is left to write is writable (mu held). */
+static int resolve_prefix(pie_ctl_client *c, const pie_ctl_forward *f,
+                          ctl_op *op)
+{
+    pie_ctl *ctl = c->ctl;
+    int32_t twins[64];
+    int32_t n = pie__pool_prefix_plan(ctl, c, f->pages, op, twins, 64);
+    int rc = check_writable(c, f, op, n * ctl->ps);
+    if (rc < 0 || n == 0) return rc;
+    pie__pool_prefix_apply(ctl, c, f->pages, op, twins, n);
+    op_trim(op, n * ctl->ps);
     return 0;
 }
 
@@ -485,6 +528,7 @@ int pie_ctl_forward_submit(pie_ctl_client *c, const pie_ctl_forward *f,
     }
     if ((rc = resolve_pages(c, f, op)) < 0) goto fail;
     if ((rc = resolve_chains(c, f, op)) < 0) goto fail;
+    if ((rc = resolve_prefix(c, f, op)) < 0) goto fail;
     op->n_pages = f->n_pages;
     c->tokens_used += op->n_tokens;
     rc = wire_pages(ctl, op);

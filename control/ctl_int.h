@@ -132,6 +132,7 @@ typedef struct ctl_page {
     int32_t          shared;      /* exports + dedup merges: read-only       */
     ctl_op          *last_writer; /* newest not-DONE op writing it          */
     int32_t          next_free;   /* free list link (-1 end)                */
+    int32_t          lru_prev, lru_next; /* cached list links (-1 end)      */
     int32_t          hnext;       /* dedup hash chain (-1 end)              */
     bool             hashed;      /* hash/prefix valid (content known)      */
     bool             intable;     /* in the dedup table                     */
@@ -142,7 +143,8 @@ typedef struct ctl_page {
     int32_t          owner_h;     /* ... and handle index (-1 if none)      */
 } ctl_page;
 
-#define PAGE_IS_FREE(p)     ((p)->refs == 0)
+#define PAGE_IS_FREE(p)     ((p)->refs == 0 && !(p)->intable)
+#define PAGE_IS_CACHED(p)   ((p)->refs == 0 && (p)->intable)
 #define PAGE_IS_SHARED(p)   ((p)->shared > 0)
 
 typedef struct ctl_handle {
@@ -188,6 +190,7 @@ struct pie_ctl {
     /* pool */
     ctl_page        *pages;
     int32_t          free_head, n_free;
+    int32_t          lru_head, lru_tail, n_cached; /* CACHED pages, LRU first */
     int32_t         *slot_tok;    /* (n_pages*ps) token written per slot    */
     int32_t         *slot_pos;
     uint64_t        *slot_mask;   /* hash of the slot's mask (0 = causal)   */
@@ -228,6 +231,12 @@ void pie__pool_dedup(pie_ctl *ctl, ctl_op *op);
 void pie__pool_copy_record(pie_ctl *ctl, int32_t src, int32_t src_off,
                            int32_t dst, int32_t dst_off, int32_t n);
 void pie__pool_stats(pie_ctl *ctl, pie_ctl_stats *s);
+int32_t pie__pool_prefix_plan(pie_ctl *ctl, pie_ctl_client *c,
+                              const uint32_t *handles, const ctl_op *op,
+                              int32_t *twins, int32_t cap);
+void pie__pool_prefix_apply(pie_ctl *ctl, pie_ctl_client *c,
+                            const uint32_t *handles, ctl_op *op,
+                            const int32_t *twins, int32_t n);
 
 /* sched.c (with ctl->mu held unless noted) */
 void pie__op_unref(ctl_op *op);                 /* any thread, no lock    */

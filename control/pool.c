@@ -19,6 +19,11 @@
  *   SHARED  USED with shared > 0: listed by an export or reached through a
  *           dedup merge. Forwards may read it but never write into it (the
  *           bytes belong to several readers); copy it to fork it.
+ *   CACHED  refs == 0 but hashed and in the dedup table: its content stays
+ *           findable for prefix reuse. On the LRU list (lru_head oldest).
+ *           A hit revives it to USED; an allocation that finds the free
+ *           list empty evicts the oldest one to FREE. Cached pages count as
+ *           allocatable for admission and quotas.
  *
  * Handles. Each client has a table of ctl_handle slots; the handle a client
  * sees is index + 1 (0 is never valid). A slot holds one physical page, a
@@ -86,6 +91,9 @@ int pie__pool_init(pie_ctl *ctl)
     }
     ctl->free_head = n > 0 ? 0 : -1;
     ctl->n_free = n;
+    ctl->lru_head = ctl->lru_tail = -1;
+    for (int32_t i = 0; i < n; i++)
+        ctl->pages[i].lru_prev = ctl->pages[i].lru_next = -1;
     return 0;
 }
 
@@ -138,17 +146,32 @@ static int32_t table_find(pie_ctl *ctl, uint64_t hash)
 
 /* ---- references ------------------------------------------------------- */
 
-void pie__page_ref(pie_ctl *ctl, int32_t page)
-{
-    ctl->pages[page].refs++;
-}
-
-void pie__page_unref(pie_ctl *ctl, int32_t page)
+static void lru_remove(pie_ctl *ctl, int32_t page)
 {
     ctl_page *p = &ctl->pages[page];
-    PIE_ASSERT(p->refs > 0);
-    if (--p->refs > 0) return;
-    PIE_ASSERT(p->last_writer == NULL);
+    if (p->lru_prev >= 0) ctl->pages[p->lru_prev].lru_next = p->lru_next;
+    else ctl->lru_head = p->lru_next;
+    if (p->lru_next >= 0) ctl->pages[p->lru_next].lru_prev = p->lru_prev;
+    else ctl->lru_tail = p->lru_prev;
+    p->lru_prev = p->lru_next = -1;
+    ctl->n_cached--;
+}
+
+static void lru_append(pie_ctl *ctl, int32_t page)
+{
+    ctl_page *p = &ctl->pages[page];
+    p->lru_prev = ctl->lru_tail;
+    p->lru_next = -1;
+    if (ctl->lru_tail >= 0) ctl->pages[ctl->lru_tail].lru_next = page;
+    else ctl->lru_head = page;
+    ctl->lru_tail = page;
+    ctl->n_cached++;
+}
+
+/* FREE state: content forgotten, on the free list. */
+static void page_release(pie_ctl *ctl, int32_t page)
+{
+    ctl_page *p = &ctl->pages[page];
     table_remove(ctl, page);
     p->hashed = false;
     p->fill = 0;
@@ -159,13 +182,41 @@ void pie__page_unref(pie_ctl *ctl, int32_t page)
     p->next_free = ctl->free_head;
     ctl->free_head = page;
     ctl->n_free++;
+}
+
+void pie__page_ref(pie_ctl *ctl, int32_t page)
+{
+    ctl_page *p = &ctl->pages[page];
+    if (PAGE_IS_CACHED(p)) lru_remove(ctl, page);   /* revived by a hit */
+    p->refs++;
+}
+
+void pie__page_unref(pie_ctl *ctl, int32_t page)
+{
+    ctl_page *p = &ctl->pages[page];
+    PIE_ASSERT(p->refs > 0);
+    if (--p->refs > 0) return;
+    PIE_ASSERT(p->last_writer == NULL);
+    if (p->intable && !ctl->stop) {      /* keep it findable: CACHED */
+        p->shared = 0;
+        p->owner = NULL;
+        p->owner_h = -1;
+        lru_append(ctl, page);
+    } else {
+        page_release(ctl, page);
+    }
     pthread_cond_broadcast(&ctl->pool_cv);
 }
 
 static int32_t page_take(pie_ctl *ctl)
 {
+    if (ctl->free_head < 0) {            /* evict the oldest cached page */
+        int32_t old = ctl->lru_head;
+        PIE_ASSERT(old >= 0);
+        lru_remove(ctl, old);
+        page_release(ctl, old);
+    }
     int32_t i = ctl->free_head;
-    PIE_ASSERT(i >= 0);
     ctl_page *p = &ctl->pages[i];
     ctl->free_head = p->next_free;
     ctl->n_free--;
@@ -238,18 +289,20 @@ static double now_s(void)
 }
 
 /* Waits (mu held) until n pages are free or the timeout passes. */
+#define AVAILABLE(ctl) ((ctl)->n_free + (ctl)->n_cached)
+
 static int wait_for_pages(pie_ctl *ctl, int32_t n, int32_t timeout_ms)
 {
-    if (ctl->n_free >= n) return 0;
+    if (AVAILABLE(ctl) >= n) return 0;
     if (n > ctl->n_pages)
         return pie_err_set(PIE_EBUSY, "control: %d pages requested but the "
                            "pool has only %d", n, ctl->n_pages);
     if (timeout_ms == 0)
         return pie_err_set(PIE_EBUSY, "control: KV pool full (%d free, %d "
-                           "requested)", ctl->n_free, n);
+                           "requested)", AVAILABLE(ctl), n);
     ctl->st.alloc_waits++;
     double deadline = now_s() + timeout_ms / 1000.0;
-    while (ctl->n_free < n && !ctl->stop) {
+    while (AVAILABLE(ctl) < n && !ctl->stop) {
         if (timeout_ms < 0) {
             pthread_cond_wait(&ctl->pool_cv, &ctl->mu);
             continue;
@@ -258,10 +311,10 @@ static int wait_for_pages(pie_ctl *ctl, int32_t n, int32_t timeout_ms)
         ts.tv_sec = (time_t)deadline;
         ts.tv_nsec = (long)((deadline - (double)ts.tv_sec) * 1e9);
         if (pthread_cond_timedwait(&ctl->pool_cv, &ctl->mu, &ts) != 0 &&
-            ctl->n_free < n)
+            AVAILABLE(ctl) < n)
             return pie_err_set(PIE_EBUSY, "control: KV pool full: waited %d "
                                "ms for %d pages (%d free); free pages or "
-                               "retry later", timeout_ms, n, ctl->n_free);
+                               "retry later", timeout_ms, n, AVAILABLE(ctl));
     }
     if (ctl->stop) return pie_err_set(PIE_ECANCELED, "control: shutting down");
     return 0;
@@ -572,7 +625,7 @@ static void merge(pie_ctl *ctl, int32_t page, int32_t twin)
     ctl_handle *hd = &c->h[p->owner_h];
     hd->page = twin;
     hd->merged = true;
-    ctl->pages[twin].refs++;
+    pie__page_ref(ctl, twin);
     ctl->pages[twin].shared++;
     p->owner = NULL;
     p->owner_h = -1;
@@ -609,11 +662,94 @@ void pie__pool_dedup(pie_ctl *ctl, ctl_op *op)
     }
 }
 
+/*
+ * Prefix caching at submission: the leading pages that op would write in
+ * full, whose content hash (chained from the hashed pages before them)
+ * matches a page already in the table, need no compute. Plans how many
+ * such pages there are (writing their twins to twins[], cap entries) —
+ * stopping before any chained token or output row, and keeping at least one
+ * token to run. Changes nothing.
+ */
+int32_t pie__pool_prefix_plan(pie_ctl *ctl, pie_ctl_client *c,
+                              const uint32_t *handles, const ctl_op *op,
+                              int32_t *twins, int32_t cap)
+{
+    int32_t ps = ctl->ps, first = op->kv_len - op->n_tokens;
+    if (ctl->o.no_dedup || first % ps != 0) return 0;
+    int32_t k0 = first / ps, limit = op->n_tokens - 1;
+    for (int32_t o = 0; o < op->n_outputs; o++)
+        if (op->output_idx[o] < limit) limit = op->output_idx[o];
+    for (int32_t i = 0; i < op->n_chains; i++)
+        if (op->chains[i].token_idx < limit) limit = op->chains[i].token_idx;
+    uint64_t h = ctl->o.model_id ^ 0x9e3779b97f4a7c15ull;
+    for (int32_t j = 0; j < k0; j++) {
+        const ctl_page *p = &ctl->pages[op->pages[j]];
+        if (!p->hashed || p->prefix != h) return 0;
+        h = p->hash;
+    }
+    int32_t n = 0;
+    uint64_t mh[256];
+    if (ps > 256) return 0;
+    for (int32_t k = k0; n < cap; k++) {
+        int32_t t0 = k * ps - first;
+        if (t0 + ps > limit) break;
+        for (int32_t t = 0; t < ps; t++) mh[t] = mask_hash(op, t0 + t);
+        XXH64_state_t *st = XXH64_createState();
+        if (!st) break;
+        XXH64_reset(st, ctl->o.model_id);
+        XXH64_update(st, &h, sizeof h);
+        XXH64_update(st, op->tokens + t0, ps * sizeof(int32_t));
+        XXH64_update(st, op->positions + t0, ps * sizeof(int32_t));
+        XXH64_update(st, mh, ps * sizeof(uint64_t));
+        uint64_t hh = XXH64_digest(st);
+        XXH64_freeState(st);
+        hh = hh ? hh : 1;
+        int32_t twin = table_find(ctl, hh);
+        if (twin < 0 || ctl->pages[twin].prefix != h) break;
+        const ctl_handle *hd = &c->h[handles[k] - 1];
+        const ctl_page *p = &ctl->pages[hd->page];
+        if (hd->page != twin &&
+            (hd->ro || p->owner != c || p->owner_h != (int32_t)handles[k] - 1 ||
+             PAGE_IS_SHARED(p) || p->last_writer != NULL))
+            break;
+        twins[n++] = twin;
+        h = hh;
+    }
+    return n;
+}
+
+/* Applies a plan: the handles of pages k0 .. k0+n-1 now name the twins. */
+void pie__pool_prefix_apply(pie_ctl *ctl, pie_ctl_client *c,
+                            const uint32_t *handles, ctl_op *op,
+                            const int32_t *twins, int32_t n)
+{
+    int32_t k0 = (op->kv_len - op->n_tokens) / ctl->ps;
+    for (int32_t j = 0; j < n; j++) {
+        int32_t k = k0 + j, twin = twins[j];
+        ctl_handle *hd = &c->h[handles[k] - 1];
+        if (hd->page != twin) {
+            int32_t old = hd->page;
+            ctl_page *p = &ctl->pages[old];
+            p->owner = NULL;
+            p->owner_h = -1;
+            hd->page = twin;
+            hd->merged = true;
+            pie__page_ref(ctl, twin);
+            ctl->pages[twin].shared++;
+            pie__page_unref(ctl, old);
+        }
+        op->pages[k] = twin;
+        ctl->st.dedup_hits++;
+        ctl->st.prefix_tokens_skipped += ctl->ps;
+    }
+}
+
 void pie__pool_stats(pie_ctl *ctl, pie_ctl_stats *s)
 {
     s->pages_total = ctl->n_pages;
-    s->pages_free = ctl->n_free;
-    s->pages_used = ctl->n_pages - ctl->n_free;
+    s->pages_free = AVAILABLE(ctl);
+    s->pages_cached = ctl->n_cached;
+    s->pages_used = ctl->n_pages - AVAILABLE(ctl);
     int32_t shared = 0;
     for (int32_t i = 0; i < ctl->n_pages; i++)
         if (ctl->pages[i].refs > 1 && ctl->pages[i].shared > 0) shared++;

@@ -141,6 +141,7 @@ static int fake_forward(pie_backend *b, const pie_forward_batch *bt,
     if (f->st.calls <= 4096) f->st.log[f->st.calls - 1] = bt->n_reqs;
     if (bt->n_reqs > f->st.max_reqs) f->st.max_reqs = bt->n_reqs;
     f->st.total_reqs += bt->n_reqs;
+    f->st.total_tokens += bt->n_tokens;
     return 0;
 }
 

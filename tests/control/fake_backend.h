@@ -23,6 +23,7 @@ typedef struct fake_stats {
     int32_t calls;          /* forward calls                                */
     int32_t max_reqs;       /* largest batch (requests)                     */
     int64_t total_reqs;
+    int64_t total_tokens;
     int32_t copies;
     int32_t log[4096];      /* requests per call, first 4096 calls          */
 } fake_stats;

@@ -572,7 +572,8 @@ static void test_dedup(void)
 {
     int32_t results[2][6][20];
     int32_t used[2];
-    uint64_t hits = 0;
+    int64_t computed[2];
+    uint64_t hits = 0, skipped = 0;
     for (int mode = 0; mode < 2; mode++) {
         pie_backend *b;
         pie_ctl_opts co = { .no_dedup = mode == 1 };
@@ -604,7 +605,8 @@ static void test_dedup(void)
         pie_ctl_stats st;
         pie_ctl_get_stats(ctl, &st);
         used[mode] = st.pages_used;
-        if (mode == 0) hits = st.dedup_hits;
+        computed[mode] = fake_backend_stats(b)->total_tokens;
+        if (mode == 0) hits = st.dedup_hits, skipped = st.prefix_tokens_skipped;
         for (int k = 0; k < 6; k++) pie_ctl_client_close(cs[k]);
         pie_ctl_get_stats(ctl, &st);
         CHECK(st.pages_free == st.pages_total, "leak with dedup=%d", !mode);
@@ -617,8 +619,56 @@ static void test_dedup(void)
           (unsigned long long)hits);
     CHECK(used[0] <= used[1] - 25, "with dedup %d pages used vs %d", used[0],
           used[1]);
+    /* clients 1..5 find the 5 full prompt pages (20 tokens) cached */
+    CHECK(skipped == 100, "prefix tokens skipped %llu, expected 100",
+          (unsigned long long)skipped);
+    CHECK(computed[1] - computed[0] == 100, "tokens computed: %lld with "
+          "dedup, %lld without", (long long)computed[0],
+          (long long)computed[1]);
     printf("dedup: identical outputs; %d pages with dedup vs %d without "
-           "(%llu hits)\n", used[0], used[1], (unsigned long long)hits);
+           "(%llu hits); %lld vs %lld tokens computed\n", used[0], used[1],
+           (unsigned long long)hits, (long long)computed[0],
+           (long long)computed[1]);
+}
+
+/* Freed pages with cached content are reused by a later identical prompt,
+ * and evicted (oldest first) when an allocation needs them. */
+static void test_prefix_cache_lru(void)
+{
+    pie_backend *b;
+    pie_ctl *ctl = make_ctl(8, 0, NULL, &b);
+    int32_t prompt[13], want[3], got[3], n;
+    make_prompt(prompt, 13, 99);
+    reference(prompt, 13, 3, want);
+    pie_ctl_gen_opts o = { .prompt = prompt, .n_prompt = 13, .max_tokens = 3,
+                           .timeout_ms = 0 };
+    CHECK_OK(pie_ctl_generate(ctl, &o, got, 3, &n));
+    check_same(want, got, 3, "first run");
+    pie_ctl_stats st;
+    pie_ctl_get_stats(ctl, &st);
+    CHECK(st.pages_cached == 3 && st.pages_free == 8, "after first run: %d "
+          "cached, %d free", st.pages_cached, st.pages_free);
+    int64_t t0 = fake_backend_stats(b)->total_tokens;
+    CHECK_OK(pie_ctl_generate(ctl, &o, got, 3, &n));
+    check_same(want, got, 3, "second run from the cache");
+    int64_t t1 = fake_backend_stats(b)->total_tokens;
+    CHECK(t1 - t0 == 1 + 2, "second run computed %lld tokens, expected 3 "
+          "(12 prompt tokens cached)", (long long)(t1 - t0));
+    pie_ctl_client *c;
+    uint32_t h[8];
+    CHECK_OK(pie_ctl_client_open(ctl, NULL, &c));
+    CHECK_OK(pie_ctl_page_alloc(c, 8, 0, h));    /* evicts the cache */
+    pie_ctl_get_stats(ctl, &st);
+    CHECK(st.pages_cached == 0 && st.pages_free == 0, "after eviction: %d "
+          "cached, %d free", st.pages_cached, st.pages_free);
+    pie_ctl_client_close(c);
+    CHECK_OK(pie_ctl_generate(ctl, &o, got, 3, &n));
+    check_same(want, got, 3, "run after eviction");
+    CHECK(fake_backend_stats(b)->total_tokens - t1 == 13 + 2, "after "
+          "eviction the prompt is computed again");
+    printf("prefix cache: reuse after exit (3 of 15 tokens computed), LRU "
+           "eviction under pressure\n");
+    done_ctl(ctl, b);
 }
 
 static void test_chunked_prefill(void)
@@ -835,6 +885,7 @@ int main(void)
     test_close_pending();
     test_exports();
     test_dedup();
+    test_prefix_cache_lru();
     test_chunked_prefill();
     test_rows_and_masks();
     test_bad_input();

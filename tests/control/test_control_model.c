@@ -81,7 +81,8 @@ int main(void)
     pie_model *m = NULL;
     CHECK_OK(pie_model_load(test_shared_path("models/stories260K"), NULL, NULL,
                             &m));
-    pie_backend_opts bo = { .page_size = 16, .n_pages = 512, .n_threads = 2 };
+    /* small pages so the 5-token prompt fills one: prefix caching works */
+    pie_backend_opts bo = { .page_size = 4, .n_pages = 2048, .n_threads = 2 };
     pie_backend *b = NULL;
     CHECK_OK(pie_backend_cpu_create(m, &bo, &b));
     pie_ctl_opts co = { .prefill_chunk = 3 };
@@ -122,6 +123,19 @@ int main(void)
            (unsigned long long)st.dedup_hits,
            st.overhead_ns_total / st.fires / 1e3,
            st.backend_ns_total / st.fires / 1e3);
+
+    /* again alone: the prompt's full page is cached, outputs unchanged */
+    uint64_t skipped0 = st.prefix_tokens_skipped;
+    job j = { .ctl = ctl, .r = &refs[1], .lookahead = 2 };
+    run_job(&j);
+    check_job(&j, "cached prefix, prompt", 1);
+    pie_ctl_get_stats(ctl, &st);
+    CHECK(st.prefix_tokens_skipped >= skipped0 + 4, "prefix tokens skipped "
+          "%llu, before %llu", (unsigned long long)st.prefix_tokens_skipped,
+          (unsigned long long)skipped0);
+    printf("prefix cache: %llu prompt tokens not recomputed in all; outputs "
+           "match the reference\n",
+           (unsigned long long)st.prefix_tokens_skipped);
     pie_ctl_free(ctl);
     pie_backend_free(b);
     pie_model_free(m);
