@@ -98,6 +98,9 @@ static int check_requests(const pie_forward_batch *b, int32_t page_size,
                                "1..%d", r, last, page_size);
         int64_t kv_len = (int64_t)(np - 1) * page_size + last;
         int32_t n_new = b->qo_indptr[r + 1] - b->qo_indptr[r];
+        if (kv_len > INT32_MAX)
+            return pie_err_set(PIE_ERANGE, "batch: request %d spans %lld KV "
+                               "slots", r, (long long)kv_len);
         if (kv_len < n_new)
             return pie_err_set(PIE_EINVAL,
                                "batch: request %d has %d new tokens but only "

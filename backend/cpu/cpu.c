@@ -20,12 +20,18 @@
  *
  * Forward. After pie_batch_validate() nothing can fail except allocation,
  * which happens before the first KV write. All n_tokens tokens of all
- * requests go through each layer together (one sgemm per projection); the
- * per-request part is attention, run over (token, head) tasks on the worker
- * pool, each task reading its request's pages slot by slot. The final norm
- * and the LM head run only on output rows; sampling runs one row per task.
+ * requests go through each layer together: one sgemm per projection
+ * (sgemv when there is one token), element-wise stages (RMSNorm, bias,
+ * q/k norm, RoPE, KV append, SiLU) over chunks of CPU_ROWS tokens on the
+ * worker pool. Attention is per request: a request with CPU_PREFILL_MIN or
+ * more new tokens gathers its K/V into contiguous buffers and runs two
+ * sgemms per head (scores, then probabilities times V) with the softmax
+ * rows on the pool; smaller ones (decode) run one pool task per (token,
+ * head) that reads the pages slot by slot. The final norm and the LM head
+ * run only on output rows; sampling runs one output row per pool task.
  *
- * Threads: OpenBLAS gets n_threads for sgemm; the pool has n_threads
+ * Threads: OpenBLAS gets n_threads for sgemm (openblas_set_num_threads is
+ * process-wide: the last forward's backend sets it); the pool has n_threads
  * workers (the calling thread is one of them). A backend runs one forward
  * at a time; callers serialize (the scheduler has one thread per device).
  */
