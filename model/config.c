@@ -7,7 +7,8 @@
  * head_dim = hidden / heads, rope_theta 10000, max_position_embeddings 2048,
  * rms_norm_eps 1e-6, untied embeddings; qwen2 always has q/k/v bias and
  * qwen3 always has q/k RMSNorm. Features pie does not implement (other RoPE
- * scalings, o_proj/MLP biases, other activations, sliding windows) are
+ * scalings, o_proj/MLP biases, other activations, sliding windows, incl.
+ * mistral's sliding_window when it is below the context length) are
  * refused with PIE_EUNSUPPORTED rather than silently computed wrong.
  *
  * Every number is range-checked so later layers can multiply dimensions
@@ -227,6 +228,14 @@ static int features_check(const json_t *root, const char *what,
     if (sliding)
         return pie_err_set(PIE_EUNSUPPORTED, "%s: use_sliding_window is not "
                            "supported", what);
+    /* mistral applies sliding_window whenever it is set (no switch) */
+    const json_t *sw = json_object_get(root, "sliding_window");
+    if (!strcmp(cfg->arch, "mistral") && json_is_integer(sw) &&
+        json_integer_value(sw) < cfg->max_pos)
+        return pie_err_set(PIE_EUNSUPPORTED, "%s: mistral sliding_window %lld "
+                           "(< max_position_embeddings %d) is not supported",
+                           what, (long long)json_integer_value(sw),
+                           cfg->max_pos);
     cfg->qkv_bias = !strcmp(cfg->arch, "qwen2");
     cfg->qk_norm = !strcmp(cfg->arch, "qwen3");
     return 0;

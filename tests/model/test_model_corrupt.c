@@ -356,6 +356,14 @@ static void test_configs(void)
     EXPECT_ERR(cfg_parse("{\"model_type\":\"llama\"," BASE
                          ",\"attention_bias\":true}"),
                PIE_EUNSUPPORTED, "attention_bias");
+    EXPECT_ERR(cfg_parse("{\"model_type\":\"mistral\"," BASE
+                         ",\"sliding_window\":1024}"),
+               PIE_EUNSUPPORTED, "sliding_window");
+    CHECK_OK(cfg_parse("{\"model_type\":\"mistral\"," BASE
+                       ",\"sliding_window\":null}"));
+    EXPECT_ERR(cfg_parse("{\"model_type\":\"qwen2\"," BASE
+                         ",\"use_sliding_window\":true}"),
+               PIE_EUNSUPPORTED, "use_sliding_window");
     EXPECT_ERR(cfg_parse("{\"model_type\":\"llama\"," BASE
                          ",\"tie_word_embeddings\":1}"),
                PIE_EFORMAT, "tie_word_embeddings");
@@ -387,6 +395,21 @@ static void test_generation_config(void)
     tmpdir_rm(dir);
 }
 
+/* A broken tokenizer.json fails the load (no half-built model). */
+static void test_bad_tokenizer(void)
+{
+    printf("tokenizer.json:\n");
+    char *dir = copy_stories();
+    const char *t = "{\"model\": ";
+    file_write(dir, "tokenizer.json", t, strlen(t));
+    int rc = load_dir(dir);
+    CHECK(rc < 0, "a corrupt tokenizer.json must fail the load");
+    CHECK(strstr(pie_err_msg(), "tokenizer") != NULL,
+          "message '%s' should name the tokenizer", pie_err_msg());
+    printf("  ok %-14s %s\n", pie_err_name(rc), pie_err_msg());
+    tmpdir_rm(dir);
+}
+
 int main(void)
 {
     test_safetensors_headers();
@@ -394,6 +417,7 @@ int main(void)
     test_checkpoint_files();
     test_index_files();
     test_generation_config();
+    test_bad_tokenizer();
     EXPECT_ERR(load_dir("random:nosuch"), PIE_ENOTFOUND, "nosuch");
     TEST_DONE();
 }

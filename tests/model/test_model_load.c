@@ -306,6 +306,74 @@ static void test_sharded(void)
     tmpdir_rm(dir);
 }
 
+/*
+ * Writes stories260K with every tensor converted to F16 by the compiler's
+ * _Float16 (the independent reference) and checks the loaded views.
+ */
+static void test_f16_checkpoint(void)
+{
+    const char *src = test_shared_path("models/stories260K");
+    char path[1024];
+    snprintf(path, sizeof path, "%s/model.safetensors", src);
+    size_t n;
+    char *file = file_slurp(path, &n);
+    uint64_t hl = 0;
+    for (int k = 7; k >= 0; k--) hl = hl << 8 | (uint8_t)file[k];
+    json_t *hdr = json_loadb(file + 8, hl, 0, NULL);
+    const uint8_t *data = (const uint8_t *)file + 8 + hl;
+    size_t nd = (n - 8 - hl) / 2;
+    uint16_t *half = malloc(nd * 2);
+    for (size_t i = 0; i < nd; i++) {
+        float f;
+        memcpy(&f, data + 4 * i, 4);
+        _Float16 h = (_Float16)f;
+        memcpy(&half[i], &h, 2);
+    }
+    const char *key;
+    json_t *v;
+    json_object_foreach(hdr, key, v) {
+        if (!strcmp(key, "__metadata__")) continue;
+        json_t *off = json_object_get(v, "data_offsets");
+        json_int_t b = json_integer_value(json_array_get(off, 0));
+        json_int_t e = json_integer_value(json_array_get(off, 1));
+        json_object_set_new(v, "dtype", json_string("F16"));
+        json_object_set_new(v, "data_offsets", json_pack("[I,I]", b / 2,
+                                                         e / 2));
+    }
+    char *hs = json_dumps(hdr, JSON_COMPACT);
+    size_t sn;
+    uint8_t *st = st_build(hs, half, nd * 2, &sn);
+    char *dir = tmpdir_new();
+    file_write(dir, "model.safetensors", st, sn);
+    snprintf(path, sizeof path, "%s/config.json", src);
+    char *cfg = file_slurp(path, &n);
+    file_write(dir, "config.json", cfg, n);
+    pie_model *m = load(dir);
+    CHECK(m->cfg.dtype == PIE_DT_F16, "dtype %d", m->cfg.dtype);
+    const pie_tensor *t = &m->w.layers[2].w_down;
+    CHECK(t->dtype == PIE_DT_F16, "w_down dtype");
+    /* w_down's offset in the F32 original: twice the halved one in hdr */
+    json_t *wd = json_object_get(hdr, "model.layers.2.mlp.down_proj.weight");
+    size_t base = 2 * json_integer_value(json_array_get(
+                      json_object_get(wd, "data_offsets"), 0));
+    for (int64_t i = 0; i < pie_tensor_numel(t); i += 97) {
+        float f;
+        memcpy(&f, data + base + 4 * i, 4);   /* the F32 original */
+        float want = (float)(_Float16)f;
+        CHECK(pie_tensor_get(t, i) == want, "f16 w_down[%lld]: %g vs %g",
+              (long long)i, pie_tensor_get(t, i), want);
+    }
+    printf("F16 copy of stories260K: views convert like _Float16\n");
+    pie_model_free(m);
+    tmpdir_rm(dir);
+    free(st);
+    free(hs);
+    free(cfg);
+    free(half);
+    json_decref(hdr);
+    free(file);
+}
+
 int main(void)
 {
     test_stories260k();
@@ -313,5 +381,6 @@ int main(void)
     test_tiny_qwen2();
     test_tiny_qwen3();
     test_sharded();
+    test_f16_checkpoint();
     TEST_DONE();
 }
