@@ -107,14 +107,21 @@ static void print_json(const pie_model *m, const int32_t *gen, int n)
     printf("{\"ids\":[");
     for (int i = 0; i < n; i++) printf("%s%d", i ? "," : "", gen[i]);
     printf("],\"text\":");
+    /* A model may have more embedding rows than token ids (Qwen); such ids
+     * have no text and are left out of it. */
+    int32_t *known = malloc(sizeof(int32_t) * (size_t)(n + 1));
+    size_t nk = 0;
+    for (int i = 0; known && i < n; i++)
+        if (m->tok && pie_tokenizer_id_to_token(m->tok, gen[i])) known[nk++] = gen[i];
     char *text = NULL;
     size_t len = 0;
-    if (m->tok && pie_tokenizer_decode(m->tok, gen, (size_t)n, true, &text,
-                                       &len) == 0)
+    if (known && m->tok && pie_tokenizer_decode(m->tok, known, nk, true, &text,
+                                                &len) == 0)
         json_str(stdout, text, len);
     else
         printf("null");
     printf("}\n");
+    free(known);
     free(text);
 }
 
