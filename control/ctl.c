@@ -44,7 +44,6 @@ int pie_ctl_create(pie_backend *b, const pie_ctl_opts *opts, pie_ctl **out)
     pthread_mutex_init(&ctl->mu, NULL);
     pthread_cond_init(&ctl->sched_cv, NULL);
     pthread_cond_init(&ctl->dev_cv, NULL);
-    pthread_cond_init(&ctl->done_cv, NULL);
     pthread_cond_init(&ctl->pool_cv, NULL);
     int rc = pie__pool_init(ctl);
     if (rc == 0) rc = pie__sched_start(ctl);
@@ -113,7 +112,6 @@ void pie_ctl_free(pie_ctl *ctl)
     pthread_mutex_destroy(&ctl->mu);
     pthread_cond_destroy(&ctl->sched_cv);
     pthread_cond_destroy(&ctl->dev_cv);
-    pthread_cond_destroy(&ctl->done_cv);
     pthread_cond_destroy(&ctl->pool_cv);
     free(ctl);
 }
@@ -295,6 +293,7 @@ static ctl_op *op_build(pie_ctl *ctl, const pie_ctl_forward *f)
 {
     ctl_op *op = calloc(1, sizeof *op);
     if (!op) return NULL;
+    pthread_cond_init(&op->cv, NULL);
     bool fail = false;
     int32_t n = f->n_tokens, no = f->n_outputs;
     op->kind = OP_FORWARD;
@@ -574,6 +573,7 @@ int pie_ctl_page_copy(pie_ctl_client *c, uint32_t src, int32_t src_off,
                            ps);
     ctl_op *op = calloc(1, sizeof *op);
     if (!op) return pie_err_set(PIE_ENOMEM, "control: out of memory");
+    pthread_cond_init(&op->cv, NULL);
     op->kind = OP_COPY;
     op->ctl = ctl;
     atomic_store(&op->refs, 1);          /* control layer only */
@@ -591,6 +591,7 @@ int pie_ctl_page_copy(pie_ctl_client *c, uint32_t src, int32_t src_off,
     }
     if (rc < 0) {
         pthread_mutex_unlock(&ctl->mu);
+        pthread_cond_destroy(&op->cv);
         free(op);
         return rc;
     }
@@ -630,11 +631,13 @@ int pie_ctl_future_wait(pie_ctl_future *f, int32_t timeout_ms)
     ts.tv_nsec += (long)(timeout_ms % 1000) * 1000000L;
     if (ts.tv_nsec >= 1000000000L) ts.tv_sec++, ts.tv_nsec -= 1000000000L;
     pthread_mutex_lock(&ctl->mu);
+    op->n_waiters++;
     while (atomic_load(&op->state) != OP_DONE) {
-        if (timeout_ms < 0) pthread_cond_wait(&ctl->done_cv, &ctl->mu);
-        else if (pthread_cond_timedwait(&ctl->done_cv, &ctl->mu, &ts) != 0)
+        if (timeout_ms < 0) pthread_cond_wait(&op->cv, &ctl->mu);
+        else if (pthread_cond_timedwait(&op->cv, &ctl->mu, &ts) != 0)
             break;
     }
+    op->n_waiters--;
     int rc = atomic_load(&op->state) == OP_DONE ? op->status : PIE_EAGAIN;
     pthread_mutex_unlock(&ctl->mu);
     if (rc == PIE_EAGAIN)

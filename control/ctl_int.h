@@ -71,6 +71,8 @@ struct ctl_op {
     ctl_op         *nnext;           /* notify list                         */
     pie_ctl_done_fn done;
     void           *user;
+    pthread_cond_t  cv;              /* signalled at DONE if n_waiters > 0  */
+    int32_t         n_waiters;       /* threads in pie_ctl_future_wait      */
     /* forward (copied from pie_ctl_forward; pages are physical) */
     int32_t         n_tokens;
     int32_t        *tokens;          /* (n_tokens)                          */
@@ -183,7 +185,6 @@ struct pie_ctl {
     pthread_mutex_t  mu;
     pthread_cond_t   sched_cv;    /* scheduler: new work or batch finished  */
     pthread_cond_t   dev_cv;      /* device thread: a batch to run          */
-    pthread_cond_t   done_cv;     /* futures completed                      */
     pthread_cond_t   pool_cv;     /* pages freed                            */
     pthread_t        sched_th, dev_th;
     bool             stop;

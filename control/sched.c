@@ -40,6 +40,7 @@ static double now_ns(void)
 void pie__op_unref(ctl_op *op)
 {
     if (atomic_fetch_sub(&op->refs, 1) != 1) return;
+    pthread_cond_destroy(&op->cv);
     free(op->deps);
     free(op->tokens);
     free(op->positions);
@@ -201,7 +202,7 @@ void pie__op_complete(pie_ctl *ctl, ctl_op *op, int status)
         op->nnext = ctl->notify;
         ctl->notify = op;
     }
-    pthread_cond_broadcast(&ctl->done_cv);
+    if (op->n_waiters > 0) pthread_cond_broadcast(&op->cv);
     pie__op_unref(op);
 }
 
