@@ -296,6 +296,8 @@ int pie_forward_out_alloc(const pie_forward_batch *b, int32_t vocab,
 {
     memset(out, 0, sizeof *out);
     int32_t n = b->n_outputs > 0 ? b->n_outputs : 0;
+    if (n > 0 && !b->samplers)
+        return pie_err_set(PIE_EINVAL, "batch: %d outputs but no samplers", n);
     out->tokens = calloc((size_t)n + 1, sizeof *out->tokens);
     out->value_indptr = calloc((size_t)n + 1, sizeof *out->value_indptr);
     if (!out->tokens || !out->value_indptr) goto err;
