@@ -43,6 +43,14 @@ def main():
     model.eval()
     os.makedirs(out, exist_ok=True)
     model.save_pretrained(out, safe_serialization=True, max_shard_size="100GB")
+    # transformers 5 writes "rope_parameters"; published Llama 3 checkpoints
+    # (and pie's loader) use top-level rope_theta + rope_scaling: add them.
+    cpath = os.path.join(out, "config.json")
+    c = json.load(open(cpath))
+    rp = dict(c.get("rope_parameters") or rope)
+    c["rope_theta"] = rp.pop("rope_theta", 500000.0)
+    c["rope_scaling"] = rp
+    json.dump(c, open(cpath, "w"), indent=2)
     model = model.float()              # reference: bf16 weights, f32 compute
     g = torch.Generator().manual_seed(seed + 1)
     prompts = []

@@ -121,6 +121,7 @@ typedef struct cuda_backend {
     pie_cuda_attn_item  *items;   /* host staging of attention work       */
     pie_cuda_merge_item *merges;
     int64_t           n_items, cap_items, n_merges, cap_merges;
+    int               max_slots;  /* longest item of the current step     */
     /* every device allocation, freed at destroy */
     void            **allocs;
     int               n_allocs, cap_allocs;
@@ -478,6 +479,7 @@ static int64_t plan_attention(cuda_backend *c, const pie_forward_batch *b,
     int ps = c->base.page_size;
     int64_t parts = 0;
     c->n_items = c->n_merges = 0;
+    c->max_slots = 0;
     for (int r = 0; r < b->n_reqs; r++) {
         int q0 = b->qo_indptr[r], n_new = b->qo_indptr[r + 1] - q0;
         int64_t kv_len = kv_len_of(b, r, ps);
@@ -508,6 +510,8 @@ static int64_t plan_attention(cuda_backend *c, const pie_forward_batch *b,
                     c->merges[c->n_merges++] = mi;
                 }
                 for (int64_t s = 0; s < ns; s++) {
+                    int sl = (int)(range * (s + 1) / ns - range * s / ns);
+                    if (sl > c->max_slots) c->max_slots = sl;
                     pie_cuda_attn_item it = {
                         r, t0, nt, h, (int)(range * s / ns),
                         (int)(range * (s + 1) / ns),
@@ -662,7 +666,8 @@ static int run_layers(cuda_backend *c, int n, const pie_cuda_tokmeta *tm,
                            g->norm_eps, c->inv_freq, tm, &c->kv, l, n, nh,
                            c->st);
         pie__cuda_attention(c->att, c->part_o, c->part_ml, c->q, items,
-                            (int)c->n_items, tm, &c->kv, l, nh, c->st);
+                            (int)c->n_items, tm, &c->kv, l, nh, c->max_slots,
+                            c->st);
         pie__cuda_attn_merge(c->att, c->part_o, c->part_ml, merges,
                              (int)c->n_merges, nh, g->n_kv_heads, hd, c->st);
         if ((rc = mm(c, c->x, 1, 1, L->wo, dim, nh * hd, c->att, n))) return rc;
@@ -916,7 +921,7 @@ static int alloc_workspace(cuda_backend *c)
     int64_t qd = nh * hd, qkvd = qd + 2 * (int64_t)g->n_kv_heads * hd;
     int64_t xbw = g->dim > qd ? g->dim : qd;
     int rc;
-    c->max_parts = T * nh * 2;
+    c->max_parts = T * nh * 4;
     if (c->max_parts < 65536) c->max_parts = 65536;
     TRY(dalloc(c, &c->lt_ws, LT_WS_BYTES, "cuBLASLt workspace"));
     TRY(dalloc(c, (void **)&c->x, T * g->dim * 4, "activations"));

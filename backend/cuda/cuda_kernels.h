@@ -92,12 +92,13 @@ void pie__cuda_qkv_post(float *q, const float *qkv, const float *bias,
                         const pie_cuda_kv *kv, int layer, int n, int nh,
                         cudaStream_t s);
 /* Paged attention over work items; out (n, nh*hd) bf16. part_o/part_ml
- * hold split partials (rows, hd) and (rows, 2). */
+ * hold split partials (rows, hd) and (rows, 2). max_slots >= every item's
+ * s1 - s0 (<= PIE_CUDA_ATTN_CHUNK) sizes the shared score buffer. */
 void pie__cuda_attention(uint16_t *out, float *part_o, float *part_ml,
                          const float *q, const pie_cuda_attn_item *items,
                          int n_items, const pie_cuda_tokmeta *tm,
                          const pie_cuda_kv *kv, int layer, int nh,
-                         cudaStream_t s);
+                         int max_slots, cudaStream_t s);
 void pie__cuda_attn_merge(uint16_t *out, const float *part_o,
                           const float *part_ml,
                           const pie_cuda_merge_item *items, int n_items,

@@ -193,6 +193,7 @@ extern "C" void pie__cuda_qkv_post(float *q, const float *qkv,
 #define RMAX PIE_CUDA_ATTN_RMAX
 #define CHUNK PIE_CUDA_ATTN_CHUNK
 #define ATT_THREADS 128
+#define U 4                /* slots per group in flight */
 
 static __device__ __forceinline__ void load8(const uint16_t *p, float *f)
 {
@@ -216,7 +217,7 @@ static __device__ __forceinline__ bool attn_allowed(const pie_cuda_tokmeta &tm,
 __global__ void __launch_bounds__(ATT_THREADS)
 attention_kernel(uint16_t *out, float *part_o, float *part_ml, const float *q,
                  const pie_cuda_attn_item *items, pie_cuda_tokmeta tm,
-                 pie_cuda_kv kv, int layer, int nh)
+                 pie_cuda_kv kv, int layer, int nh, int cs)
 {
     // out (n, nh*hd) bf16, q (n, nh*hd) f32
     extern __shared__ float smem[];
@@ -225,7 +226,7 @@ attention_kernel(uint16_t *out, float *part_o, float *part_ml, const float *q,
     int G = nh / nkv, R = it.nt * G, n = it.s1 - it.s0;
     int LG = hd / 8, NG = ATT_THREADS / LG;
     int gi = threadIdx.x / LG, li = threadIdx.x % LG;
-    float *qs = smem, *sc = qs + RMAX * hd, *os = sc + RMAX * CHUNK;
+    float *qs = smem, *sc = qs + RMAX * hd, *os = sc + RMAX * cs;
     float *ml = os + RMAX * hd;
     float scale = rsqrtf((float)hd);
     for (int k = threadIdx.x; k < RMAX * hd; k += ATT_THREADS) {
@@ -243,27 +244,37 @@ attention_kernel(uint16_t *out, float *part_o, float *part_ml, const float *q,
     int64_t page_elems = pie_cuda_kv_page_elems(&kv);
     int64_t lay = (int64_t)layer * 2 * nkv * ps * hd + (int64_t)it.kvh * ps * hd;
     int64_t voff = (int64_t)nkv * ps * hd;
-    /* pass 1 */
-    for (int base = it.s0; base < it.s1; base += NG) {
-        int j = base + gi;
-        bool valid = j < it.s1;
-        float kf[8] = {0, 0, 0, 0, 0, 0, 0, 0};
-        if (valid) {
-            const uint16_t *kp = kv.pool + pages[j / ps] * page_elems + lay +
-                                 (int64_t)(j % ps) * hd + li * 8;
-            load8(kp, kf);
+    /* pass 1: U slots per group in flight */
+    for (int base = it.s0; base < it.s1; base += NG * U) {
+        float kf[U][8];
+#pragma unroll
+        for (int u = 0; u < U; u++) {
+            int j = base + u * NG + gi;
+            if (j < it.s1) {
+                load8(kv.pool + pages[j / ps] * page_elems + lay +
+                      (int64_t)(j % ps) * hd + li * 8, kf[u]);
+            } else {
+#pragma unroll
+                for (int e = 0; e < 8; e++) kf[u][e] = 0.0f;
+            }
         }
 #pragma unroll
         for (int r = 0; r < RMAX; r++) {
             if (r >= R) break;
-            float d = 0.0f;
+            float qr[8];
 #pragma unroll
-            for (int e = 0; e < 8; e++) d += qs[r * hd + li * 8 + e] * kf[e];
-            for (int o = LG / 2; o > 0; o >>= 1)
-                d += __shfl_xor_sync(0xffffffffu, d, o);
-            if (valid && li == 0) {
-                int t = it.t0 + r / G;
-                sc[r * CHUNK + (j - it.s0)] = attn_allowed(tm, t, j) ? d : -INFINITY;
+            for (int e = 0; e < 8; e++) qr[e] = qs[r * hd + li * 8 + e];
+            int t = it.t0 + r / G;
+#pragma unroll
+            for (int u = 0; u < U; u++) {
+                float d = 0.0f;
+#pragma unroll
+                for (int e = 0; e < 8; e++) d += qr[e] * kf[u][e];
+                for (int o = LG / 2; o > 0; o >>= 1)
+                    d += __shfl_xor_sync(0xffffffffu, d, o);
+                int j = base + u * NG + gi;
+                if (j < it.s1 && li == 0)
+                    sc[r * cs + (j - it.s0)] = attn_allowed(tm, t, j) ? d : -INFINITY;
             }
         }
     }
@@ -272,13 +283,13 @@ attention_kernel(uint16_t *out, float *part_o, float *part_ml, const float *q,
     int lane = threadIdx.x % WARP, w = threadIdx.x / WARP;
     for (int r = w; r < R; r += ATT_THREADS / WARP) {
         float m = -INFINITY;
-        for (int j = lane; j < n; j += WARP) m = fmaxf(m, sc[r * CHUNK + j]);
+        for (int j = lane; j < n; j += WARP) m = fmaxf(m, sc[r * cs + j]);
         m = warp_max(m);
         float l = 0.0f;
         for (int j = lane; j < n; j += WARP) {
-            float v = sc[r * CHUNK + j];
+            float v = sc[r * cs + j];
             float p = (v == -INFINITY) ? 0.0f : __expf(v - m);
-            sc[r * CHUNK + j] = p;
+            sc[r * cs + j] = p;
             l += p;
         }
         l = warp_sum(l);
@@ -294,17 +305,30 @@ attention_kernel(uint16_t *out, float *part_o, float *part_ml, const float *q,
     for (int r = 0; r < RMAX; r++)
 #pragma unroll
         for (int e = 0; e < 8; e++) acc[r][e] = 0.0f;
-    for (int j = it.s0 + gi; j < it.s1; j += NG) {
-        float vf[8];
-        const uint16_t *vp = kv.pool + pages[j / ps] * page_elems + lay + voff +
-                             (int64_t)(j % ps) * hd + li * 8;
-        load8(vp, vf);
+    for (int base = it.s0 + gi; base < it.s1; base += NG * U) {
+        float vf[U][8];
 #pragma unroll
-        for (int r = 0; r < RMAX; r++) {
-            if (r < R) {
-                float p = sc[r * CHUNK + (j - it.s0)];
+        for (int u = 0; u < U; u++) {
+            int j = base + u * NG;
+            if (j < it.s1) {
+                load8(kv.pool + pages[j / ps] * page_elems + lay + voff +
+                      (int64_t)(j % ps) * hd + li * 8, vf[u]);
+            } else {
 #pragma unroll
-                for (int e = 0; e < 8; e++) acc[r][e] += p * vf[e];
+                for (int e = 0; e < 8; e++) vf[u][e] = 0.0f;
+            }
+        }
+#pragma unroll
+        for (int u = 0; u < U; u++) {
+            int j = base + u * NG;
+            if (j >= it.s1) break;
+#pragma unroll
+            for (int r = 0; r < RMAX; r++) {
+                if (r < R) {
+                    float p = sc[r * cs + (j - it.s0)];
+#pragma unroll
+                    for (int e = 0; e < 8; e++) acc[r][e] += p * vf[u][e];
+                }
             }
         }
     }
@@ -330,9 +354,9 @@ attention_kernel(uint16_t *out, float *part_o, float *part_ml, const float *q,
     }
 }
 
-static size_t attn_smem(int hd)
+static size_t attn_smem(int hd, int cs)
 {
-    return sizeof(float) * ((size_t)RMAX * hd * 2 + (size_t)RMAX * CHUNK + 2 * RMAX);
+    return sizeof(float) * ((size_t)RMAX * hd * 2 + (size_t)RMAX * cs + 2 * RMAX);
 }
 
 extern "C" void pie__cuda_attention(uint16_t *out, float *part_o,
@@ -340,10 +364,12 @@ extern "C" void pie__cuda_attention(uint16_t *out, float *part_o,
                                     const pie_cuda_attn_item *items,
                                     int n_items, const pie_cuda_tokmeta *tm,
                                     const pie_cuda_kv *kv, int layer, int nh,
-                                    cudaStream_t s)
+                                    int max_slots, cudaStream_t s)
 {
     if (n_items <= 0) return;
-    size_t sm = attn_smem(kv->head_dim);
+    int cs = (max_slots + 3) & ~3;
+    if (cs < 4) cs = 4;
+    size_t sm = attn_smem(kv->head_dim, cs);
     static size_t set;
     if (sm > 48 * 1024 && set < sm) {
         cudaFuncSetAttribute(attention_kernel,
@@ -351,7 +377,7 @@ extern "C" void pie__cuda_attention(uint16_t *out, float *part_o,
         set = sm;
     }
     attention_kernel<<<n_items, ATT_THREADS, sm, s>>>(out, part_o, part_ml, q,
-                                                      items, *tm, *kv, layer, nh);
+                                                      items, *tm, *kv, layer, nh, cs);
 }
 
 __global__ void attn_merge_kernel(uint16_t *out, const float *part_o,

@@ -70,12 +70,12 @@ static void run(int hd, int B, int L)
     cudaEventCreate(&e0); cudaEventCreate(&e1);
     int iters = 20;
     for (int w = 0; w < 3; w++) {
-        pie__cuda_attention(out, po, pml, q, d[6], ni, &tm, &kv, 0, nh, 0);
+        pie__cuda_attention(out, po, pml, q, d[6], ni, &tm, &kv, 0, nh, (L + ns - 1) / ns + 1, 0);
         pie__cuda_attn_merge(out, po, pml, d[7], nm, nh, nkv, hd, 0);
     }
     CU(cudaEventRecord(e0, 0));
     for (int w = 0; w < iters; w++) {
-        pie__cuda_attention(out, po, pml, q, d[6], ni, &tm, &kv, 0, nh, 0);
+        pie__cuda_attention(out, po, pml, q, d[6], ni, &tm, &kv, 0, nh, (L + ns - 1) / ns + 1, 0);
         pie__cuda_attn_merge(out, po, pml, d[7], nm, nh, nkv, hd, 0);
     }
     CU(cudaEventRecord(e1, 0));

@@ -36,7 +36,7 @@ static void *dput(const void *h, size_t bytes)
 {
     void *d = NULL;
     CU(cudaMalloc(&d, bytes ? bytes : 16));
-    if (bytes) CU(cudaMemcpy(d, h, bytes, cudaMemcpyHostToDevice));
+    if (bytes && h) CU(cudaMemcpy(d, h, bytes, cudaMemcpyHostToDevice));
     return d;
 }
 static void dget(void *h, const void *d, size_t bytes)
@@ -304,7 +304,7 @@ static void test_attention(int nh, int nkv, int hd, int masked, int split)
     pie_cuda_attn_item *di = dput(items, sizeof items[0] * ni);
     pie_cuda_merge_item *dm = dput(merges, sizeof merges[0] * (nm + 1));
     CU(cudaMemset(dout, 0xff, 2 * (size_t)n * nh * hd));   /* poison */
-    pie__cuda_attention(dout, po, pml, dq, di, ni, &tm, &kv, layer, nh, 0);
+    pie__cuda_attention(dout, po, pml, dq, di, ni, &tm, &kv, layer, nh, PIE_CUDA_ATTN_CHUNK, 0);
     pie__cuda_attn_merge(dout, po, pml, dm, nm, nh, nkv, hd, 0);
     uint16_t *out = malloc(2 * (size_t)n * nh * hd);
     dget(out, dout, 2 * (size_t)n * nh * hd);

@@ -350,9 +350,13 @@ static void check_samplers(pie_backend *b, const char *name)
     sm[7].kind = PIE_PROBE_ENTROPY;
     sm[8].kind = PIE_SAMPLER_RANDOM; sm[8].temperature = 2.0f;   /* masked */
     sm[9].kind = PIE_SAMPLER_GREEDY;                            /* masked */
-    uint32_t lmind[R + 1], lmruns[4] = { (uint32_t)(V / 3), (uint32_t)(V / 4),
-                                         (uint32_t)(V / 8), 3 };
-    for (int i = 0; i <= R; i++) lmind[i] = i <= 8 ? 0 : (uint32_t)(4 * (i - 8));
+    /* rows 0..7 allow everything (runs 0, V); rows 8, 9 a real mask */
+    uint32_t lmind[R + 1], lmruns[2 * 8 + 8];
+    for (int i = 0; i < 8; i++) { lmruns[2 * i] = 0; lmruns[2 * i + 1] = (uint32_t)V; }
+    uint32_t mk[4] = { (uint32_t)(V / 3), (uint32_t)(V / 4), (uint32_t)(V / 8), 3 };
+    memcpy(lmruns + 16, mk, sizeof mk);
+    memcpy(lmruns + 20, mk, sizeof mk);
+    for (int i = 0; i <= R; i++) lmind[i] = i <= 8 ? (uint32_t)(2 * i) : (uint32_t)(16 + 4 * (i - 8));
     pie_forward_out out;
     CHECK_OK(forward(b, &r, 1, ot, sm, R, NULL, NULL, lmind, lmruns, &out));
     float *row = malloc(4 * (size_t)V), *vals = malloc(4 * (size_t)V);
@@ -360,7 +364,7 @@ static void check_samplers(pie_backend *b, const char *name)
     for (int i = 1; i < R; i++) {
         memcpy(row, out.values, 4 * (size_t)V);
         int32_t t;
-        const uint32_t *mr = i >= 8 ? lmruns : NULL;
+        const uint32_t *mr = i >= 8 ? mk : NULL;
         CHECK_OK(pie_sample_row(row, V, &sm[i], mr, mr ? 4 : 0, &t, vals, ids));
         CHECK(out.tokens[i] == t, "%s sampler %d: gpu token %d, cpu %d", name,
               i, out.tokens[i], t);
