@@ -321,7 +321,7 @@ static void test_f16_checkpoint(void)
     for (int k = 7; k >= 0; k--) hl = hl << 8 | (uint8_t)file[k];
     json_t *hdr = json_loadb(file + 8, hl, 0, NULL);
     const uint8_t *data = (const uint8_t *)file + 8 + hl;
-    size_t nd = (n - 8 - hl) / 2;
+    size_t nd = (n - 8 - hl) / 4;   /* F32 elements */
     uint16_t *half = malloc(nd * 2);
     for (size_t i = 0; i < nd; i++) {
         float f;
