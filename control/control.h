@@ -126,6 +126,18 @@ int  pie_ctl_unexport(pie_ctl_client *c, const char *name);
 int  pie_ctl_export_list(pie_ctl *ctl, char *buf, int32_t cap, int32_t *len,
                          int32_t *n);
 
+/* Persistence: writes export `name` (pages, fills, dedup metadata) to a
+ * file at path (magic "PIEKVEXP", version, model id and page geometry, an
+ * XXH64 checksum). Waits for the device to be idle for the copy; PIE_EBUSY
+ * if a forward writing one of its pages is still pending. */
+int  pie_ctl_export_save(pie_ctl *ctl, const char *name, const char *path);
+/* Loads such a file into fresh pages as an export named `name` (NULL: the
+ * name it was saved under). PIE_EFORMAT for a corrupt, truncated or foreign
+ * file (other model id or page geometry), PIE_EBUSY when the name is taken
+ * or the pool lacks free pages. Full pages become findable by prefix
+ * caching again. */
+int  pie_ctl_export_load(pie_ctl *ctl, const char *path, const char *name);
+
 /* ---- forwards ---------------------------------------------------------- */
 
 /* Input token `token_idx` of a forward takes the token sampled at output row

@@ -45,6 +45,7 @@ int pie_ctl_create(pie_backend *b, const pie_ctl_opts *opts, pie_ctl **out)
     pthread_cond_init(&ctl->sched_cv, NULL);
     pthread_cond_init(&ctl->dev_cv, NULL);
     pthread_cond_init(&ctl->pool_cv, NULL);
+    pthread_cond_init(&ctl->idle_cv, NULL);
     int rc = pie__pool_init(ctl);
     if (rc == 0) rc = pie__sched_start(ctl);
     if (rc < 0) {
@@ -113,6 +114,7 @@ void pie_ctl_free(pie_ctl *ctl)
     pthread_cond_destroy(&ctl->sched_cv);
     pthread_cond_destroy(&ctl->dev_cv);
     pthread_cond_destroy(&ctl->pool_cv);
+    pthread_cond_destroy(&ctl->idle_cv);
     free(ctl);
 }
 

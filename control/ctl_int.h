@@ -186,6 +186,7 @@ struct pie_ctl {
     pthread_cond_t   sched_cv;    /* scheduler: new work or batch finished  */
     pthread_cond_t   dev_cv;      /* device thread: a batch to run          */
     pthread_cond_t   pool_cv;     /* pages freed                            */
+    pthread_cond_t   idle_cv;     /* the device finished a batch            */
     pthread_t        sched_th, dev_th;
     bool             stop;
     /* pool */
@@ -232,6 +233,9 @@ void pie__pool_dedup(pie_ctl *ctl, ctl_op *op);
 void pie__pool_copy_record(pie_ctl *ctl, int32_t src, int32_t src_off,
                            int32_t dst, int32_t dst_off, int32_t n);
 void pie__pool_stats(pie_ctl *ctl, pie_ctl_stats *s);
+/* For persist.c: takes a FREE (or evicted CACHED) page with refs 1. */
+int32_t pie__page_take(pie_ctl *ctl);
+void pie__table_insert_if_new(pie_ctl *ctl, int32_t page);
 int32_t pie__pool_prefix_plan(pie_ctl *ctl, pie_ctl_client *c,
                               const uint32_t *handles, const ctl_op *op,
                               int32_t *twins, int32_t cap);

@@ -144,6 +144,13 @@ static int32_t table_find(pie_ctl *ctl, uint64_t hash)
     return i;
 }
 
+void pie__table_insert_if_new(pie_ctl *ctl, int32_t page)
+{
+    if (!ctl->o.no_dedup && ctl->pages[page].hashed &&
+        !ctl->pages[page].intable && table_find(ctl, ctl->pages[page].hash) < 0)
+        table_insert(ctl, page);
+}
+
 /* ---- references ------------------------------------------------------- */
 
 static void lru_remove(pie_ctl *ctl, int32_t page)
@@ -208,7 +215,7 @@ void pie__page_unref(pie_ctl *ctl, int32_t page)
     pthread_cond_broadcast(&ctl->pool_cv);
 }
 
-static int32_t page_take(pie_ctl *ctl)
+int32_t pie__page_take(pie_ctl *ctl)
 {
     if (ctl->free_head < 0) {            /* evict the oldest cached page */
         int32_t old = ctl->lru_head;
@@ -342,7 +349,7 @@ int pie_ctl_page_alloc(pie_ctl_client *c, int32_t n, int32_t timeout_ms,
         goto out;
     }
     for (int32_t k = 0; k < n; k++) {
-        int32_t page = page_take(ctl);
+        int32_t page = pie__page_take(ctl);
         int32_t i = handle_new(c, page, false);
         if (i < 0) {
             pie__page_unref(ctl, page);

@@ -603,6 +603,7 @@ static void *dev_main(void *arg)
         ctl->running = NULL;
         ctl->finished = B;
         pthread_cond_signal(&ctl->sched_cv);
+        pthread_cond_broadcast(&ctl->idle_cv);
     }
     pthread_mutex_unlock(&ctl->mu);
     return NULL;

@@ -671,6 +671,105 @@ static void test_prefix_cache_lru(void)
     done_ctl(ctl, b);
 }
 
+/* An export saved to disk, loaded into a fresh engine ("restart"): imports
+ * continue the prefix exactly; its full pages serve prefix caching; corrupt
+ * or foreign files are refused. */
+static void test_persist(void)
+{
+    char path[256], bad[256];
+    snprintf(path, sizeof path, "/tmp/pie_test_ctl_%d.kv", (int)getpid());
+    snprintf(bad, sizeof bad, "/tmp/pie_test_ctl_%d_bad.kv", (int)getpid());
+    int32_t prompt[10];
+    make_prompt(prompt, 10, 555);
+    {
+        pie_backend *b;
+        pie_ctl *ctl = make_ctl(16, 0, NULL, &b);
+        pie_ctl_client *c;
+        CHECK_OK(pie_ctl_client_open(ctl, NULL, &c));
+        uint32_t h[3];
+        CHECK_OK(pie_ctl_page_alloc(c, 3, 0, h));
+        pie_ctl_future *f;
+        CHECK_OK(fwd(c, prompt, 10, 0, h, NULL, &f));
+        wait_token(f);
+        pie_ctl_future_release(f);
+        CHECK_OK(pie_ctl_export(c, "sys", 3, h));
+        CHECK(pie_ctl_export_save(ctl, "nope", path) == PIE_ENOTFOUND, "save");
+        CHECK_OK(pie_ctl_export_save(ctl, "sys", path));
+        pie_ctl_client_close(c);
+        done_ctl(ctl, b);
+    }
+    pie_backend *b;
+    pie_ctl *ctl = make_ctl(16, 0, NULL, &b);   /* a fresh engine */
+    CHECK_OK(pie_ctl_export_load(ctl, path, NULL));
+    CHECK(pie_ctl_export_load(ctl, path, NULL) == PIE_EBUSY, "name taken");
+    pie_ctl_client *c;
+    CHECK_OK(pie_ctl_client_open(ctl, NULL, &c));
+    uint32_t h[4];
+    int32_t n;
+    CHECK_OK(pie_ctl_import(c, "sys", 4, h, &n));
+    CHECK(n == 3, "loaded export has %d pages", n);
+    /* continue after the 10 loaded tokens: slots 10, 11 in page 2 would be
+     * a write into a read-only page, so copy page 2 first */
+    CHECK_OK(pie_ctl_page_alloc(c, 1, 0, &h[3]));
+    CHECK_OK(pie_ctl_page_copy(c, h[2], 0, h[3], 0, 2));
+    uint32_t mine[3] = { h[0], h[1], h[3] };
+    int32_t x = 42, hist[11];
+    pie_ctl_future *f;
+    CHECK_OK(fwd(c, &x, 1, 10, mine, NULL, &f));
+    memcpy(hist, prompt, sizeof prompt);
+    hist[10] = x;
+    int32_t got = wait_token(f), want = fake_expected_next(hist, 11, VOCAB);
+    pie_ctl_future_release(f);
+    CHECK(got == want, "after reload: got %d, expected %d", got, want);
+    /* the loaded full pages feed prefix caching */
+    int32_t ref[2], out[2];
+    reference(prompt, 10, 2, ref);
+    pie_ctl_gen_opts o = { .prompt = prompt, .n_prompt = 10, .max_tokens = 2 };
+    int64_t t0 = fake_backend_stats(b)->total_tokens;
+    CHECK_OK(pie_ctl_generate(ctl, &o, out, 2, &n));
+    check_same(ref, out, 2, "generation over a reloaded prefix");
+    CHECK(fake_backend_stats(b)->total_tokens - t0 == 2 + 1, "computed %lld "
+          "tokens, expected 3 (8 cached)",
+          (long long)(fake_backend_stats(b)->total_tokens - t0));
+    pie_ctl_client_close(c);
+    /* corrupt files */
+    size_t len;
+    FILE *fp = fopen(path, "rb");
+    static unsigned char buf[1 << 16];
+    len = fread(buf, 1, sizeof buf, fp);
+    fclose(fp);
+    struct { size_t cut; size_t flip; const char *what; } cases[] = {
+        { len - 1, 0, "truncated" }, { 10, 0, "header only" },
+        { len, 40, "flipped byte" }, { len, len - 3, "flipped checksum" },
+    };
+    for (int k = 0; k < 4; k++) {
+        fp = fopen(bad, "wb");
+        if (cases[k].flip) buf[cases[k].flip] ^= 0x55;
+        fwrite(buf, 1, cases[k].cut, fp);
+        if (cases[k].flip) buf[cases[k].flip] ^= 0x55;
+        fclose(fp);
+        int rc = pie_ctl_export_load(ctl, bad, "other");
+        CHECK(rc == PIE_EFORMAT, "%s file: %d (%s)", cases[k].what, rc,
+              pie_err_msg());
+    }
+    CHECK(pie_ctl_export_load(ctl, "/nonexistent/x.kv", NULL) == PIE_EIO,
+          "missing file");
+    done_ctl(ctl, b);
+    /* another page size: refused */
+    pie_backend *b2;
+    CHECK_OK(fake_backend_create(VOCAB, 8, 16, 0, &b2));
+    pie_ctl *ctl2;
+    CHECK_OK(pie_ctl_create(b2, NULL, &ctl2));
+    int rc = pie_ctl_export_load(ctl2, path, NULL);
+    CHECK(rc == PIE_EFORMAT, "foreign page size: %d", rc);
+    printf("persist: export reloaded after restart continues exactly; "
+           "corrupt/foreign files refused (%s)\n", pie_err_msg());
+    pie_ctl_free(ctl2);
+    pie_backend_free(b2);
+    remove(path);
+    remove(bad);
+}
+
 static void test_chunked_prefill(void)
 {
     pie_backend *b;
@@ -886,6 +985,7 @@ int main(void)
     test_exports();
     test_dedup();
     test_prefix_cache_lru();
+    test_persist();
     test_chunked_prefill();
     test_rows_and_masks();
     test_bad_input();

@@ -1,0 +1,315 @@
+/*
+ * persist.c — named exports saved to disk and loaded back (after a restart
+ * of pie, for example a system prompt's KV cache).
+ *
+ * File layout, little-endian, fixed-size fields:
+ *
+ *   header   magic "PIEKVEXP" (8 bytes), version u32 (1),
+ *            model_id u64, page_size i32, n_pages i32, page_bytes u64,
+ *            name_len u32, name (name_len bytes, no NUL)
+ *   n_pages page records:
+ *            fill i32, hashed u8, hash u64, prefix u64,
+ *            page_size tokens i32, page_size positions i32,
+ *            page_size mask hashes u64, page_size known u8
+ *   KV       n_pages * page_bytes bytes (the backend's page format)
+ *   trailer  XXH64 of every byte before it (u64, seed 0)
+ *
+ * Loading checks the magic, version, that model id and page geometry match
+ * this engine, that the size is exactly what the header implies and the
+ * checksum; anything else is PIE_EFORMAT with a message naming the file.
+ * Pages are read and written while the device is idle and ctl->mu is held,
+ * so no batch runs against them meanwhile.
+ */
+#include <stdio.h>
+#include <stdlib.h>
+#include <string.h>
+#include <sys/stat.h>
+#include <xxhash.h>
+
+#include "common/pie_err.h"
+#include "control/ctl_int.h"
+
+static const char MAGIC[8] = { 'P', 'I', 'E', 'K', 'V', 'E', 'X', 'P' };
+#define VERSION 1u
+#define HEADER_FIXED (8 + 4 + 8 + 4 + 4 + 8 + 4)
+
+typedef struct wbuf {
+    unsigned char *p;
+    size_t         n, cap;
+    bool           oom;
+} wbuf;
+
+static void put(wbuf *w, const void *src, size_t n)
+{
+    if (w->oom) return;
+    if (w->n + n > w->cap) {
+        size_t cap = w->cap ? w->cap * 2 : 4096;
+        while (cap < w->n + n) cap *= 2;
+        unsigned char *np = realloc(w->p, cap);
+        if (!np) { w->oom = true; return; }
+        w->p = np;
+        w->cap = cap;
+    }
+    memcpy(w->p + w->n, src, n);
+    w->n += n;
+}
+
+static size_t rec_bytes(int32_t ps)
+{
+    return 4 + 1 + 8 + 8 + (size_t)ps * (4 + 4 + 8 + 1);
+}
+
+/* Waits (mu held) until no batch is on the device. */
+static void wait_idle(pie_ctl *ctl)
+{
+    while (ctl->running) pthread_cond_wait(&ctl->idle_cv, &ctl->mu);
+}
+
+/* Serializes export e into w (mu held, device idle). */
+static int serialize(pie_ctl *ctl, const ctl_export *e, wbuf *w)
+{
+    int32_t ps = ctl->ps;
+    uint64_t pb = ctl->b->page_bytes;
+    uint32_t ver = VERSION, nl = (uint32_t)strlen(e->name);
+    put(w, MAGIC, 8);
+    put(w, &ver, 4);
+    put(w, &ctl->o.model_id, 8);
+    put(w, &ps, 4);
+    put(w, &e->n, 4);
+    put(w, &pb, 8);
+    put(w, &nl, 4);
+    put(w, e->name, nl);
+    for (int32_t k = 0; k < e->n; k++) {
+        const ctl_page *p = &ctl->pages[e->pages[k]];
+        size_t base = (size_t)e->pages[k] * ps;
+        uint8_t hashed = p->hashed;
+        put(w, &p->fill, 4);
+        put(w, &hashed, 1);
+        put(w, &p->hash, 8);
+        put(w, &p->prefix, 8);
+        put(w, ctl->slot_tok + base, ps * 4);
+        put(w, ctl->slot_pos + base, ps * 4);
+        put(w, ctl->slot_mask + base, ps * 8);
+        put(w, ctl->slot_known + base, ps);
+    }
+    size_t at = w->n;
+    if (!w->oom) {
+        size_t need = at + (size_t)e->n * pb;
+        if (need > w->cap) {
+            unsigned char *np = realloc(w->p, need);
+            if (!np) w->oom = true;
+            else w->p = np, w->cap = need;
+        }
+    }
+    if (w->oom) return pie_err_set(PIE_ENOMEM, "control: out of memory");
+    int rc = ctl->b->ops->download(ctl->b, e->pages, e->n, w->p + at);
+    if (rc < 0) return pie_err_wrap(rc, "control: reading KV pages");
+    w->n = at + (size_t)e->n * pb;
+    return 0;
+}
+
+int pie_ctl_export_save(pie_ctl *ctl, const char *name, const char *path)
+{
+    if (!name || !path) return pie_err_set(PIE_EINVAL, "control: NULL name");
+    wbuf w = { 0 };
+    pthread_mutex_lock(&ctl->mu);
+    ctl_export *e = ctl->exports;
+    while (e && strcmp(e->name, name) != 0) e = e->next;
+    int rc = 0;
+    if (!e) {
+        rc = pie_err_set(PIE_ENOTFOUND, "control: no export named '%s'", name);
+    } else {
+        for (int32_t k = 0; k < e->n && rc == 0; k++)
+            if (ctl->pages[e->pages[k]].last_writer)
+                rc = pie_err_set(PIE_EBUSY, "control: export '%s' has a "
+                                 "pending write; wait for it", name);
+        if (rc == 0) {
+            wait_idle(ctl);
+            rc = serialize(ctl, e, &w);
+        }
+    }
+    pthread_mutex_unlock(&ctl->mu);
+    uint64_t sum = XXH64(w.p, w.n, 0);
+    if (rc == 0) put(&w, &sum, 8);
+    if (rc == 0 && w.oom) rc = pie_err_set(PIE_ENOMEM, "control: out of memory");
+    if (rc == 0) {
+        char tmp[4096];
+        snprintf(tmp, sizeof tmp, "%s.tmp", path);
+        FILE *f = fopen(tmp, "wb");
+        if (!f || fwrite(w.p, 1, w.n, f) != w.n || fclose(f) != 0 ||
+            rename(tmp, path) != 0) {
+            if (f) remove(tmp);
+            rc = pie_err_set(PIE_EIO, "control: cannot write %s", path);
+        }
+    }
+    free(w.p);
+    return rc;
+}
+
+/* ---- load ----------------------------------------------------------------- */
+
+typedef struct rbuf {
+    const unsigned char *p;
+    size_t               n, at;
+} rbuf;
+
+static bool get(rbuf *r, void *dst, size_t n)
+{
+    if (r->n - r->at < n) return false;
+    memcpy(dst, r->p + r->at, n);
+    r->at += n;
+    return true;
+}
+
+static unsigned char *read_all(const char *path, size_t *len)
+{
+    FILE *f = fopen(path, "rb");
+    if (!f) return NULL;
+    struct stat st;
+    unsigned char *b = NULL;
+    if (fstat(fileno(f), &st) == 0 && st.st_size >= 0 &&
+        (b = malloc(st.st_size ? st.st_size : 1)) &&
+        fread(b, 1, st.st_size, f) != (size_t)st.st_size) {
+        free(b);
+        b = NULL;
+    }
+    fclose(f);
+    *len = b ? (size_t)st.st_size : 0;
+    return b;
+}
+
+typedef struct file_hdr {
+    uint64_t model_id, page_bytes;
+    int32_t  ps, n;
+    char     name[256];
+} file_hdr;
+
+/* Checks everything about the file that needs no lock. */
+static int check_file(pie_ctl *ctl, const char *path, rbuf *r, file_hdr *h)
+{
+    char magic[8];
+    uint32_t ver, nl;
+    uint64_t sum = 0;
+    if (r->n >= 8) memcpy(&sum, r->p + r->n - 8, 8);
+    if (r->n < HEADER_FIXED + 8 || XXH64(r->p, r->n - 8, 0) != sum)
+        return pie_err_set(PIE_EFORMAT, "%s: truncated or corrupt (checksum "
+                           "mismatch)", path);
+    get(r, magic, 8);
+    get(r, &ver, 4);
+    if (memcmp(magic, MAGIC, 8) != 0)
+        return pie_err_set(PIE_EFORMAT, "%s: not a pie KV export", path);
+    if (ver != VERSION)
+        return pie_err_set(PIE_EFORMAT, "%s: version %u, this pie reads %u",
+                           path, ver, VERSION);
+    get(r, &h->model_id, 8);
+    get(r, &h->ps, 4);
+    get(r, &h->n, 4);
+    get(r, &h->page_bytes, 8);
+    get(r, &nl, 4);
+    if (h->model_id != ctl->o.model_id || h->ps != ctl->ps ||
+        h->page_bytes != ctl->b->page_bytes)
+        return pie_err_set(PIE_EFORMAT, "%s: saved for another model or page "
+                           "layout (page size %d, %llu bytes per page)", path,
+                           h->ps, (unsigned long long)h->page_bytes);
+    if (nl == 0 || nl > 255 || !get(r, h->name, nl))
+        return pie_err_set(PIE_EFORMAT, "%s: bad export name", path);
+    h->name[nl] = 0;
+    if (memchr(h->name, 0, nl))
+        return pie_err_set(PIE_EFORMAT, "%s: bad export name", path);
+    uint64_t need = (uint64_t)r->at + (uint64_t)h->n *
+                    (rec_bytes(h->ps) + h->page_bytes) + 8;
+    if (h->n < 1 || h->n > ctl->n_pages || need != r->n)
+        return pie_err_set(PIE_EFORMAT, "%s: %d pages do not match the file "
+                           "size", path, h->n);
+    return 0;
+}
+
+/* Restores page metadata from record k (mu held). */
+static int read_record(pie_ctl *ctl, rbuf *r, int32_t page)
+{
+    int32_t ps = ctl->ps;
+    ctl_page *p = &ctl->pages[page];
+    size_t base = (size_t)page * ps;
+    uint8_t hashed = 0;
+    get(r, &p->fill, 4);
+    get(r, &hashed, 1);
+    get(r, &p->hash, 8);
+    get(r, &p->prefix, 8);
+    get(r, ctl->slot_tok + base, ps * 4);
+    get(r, ctl->slot_pos + base, ps * 4);
+    get(r, ctl->slot_mask + base, ps * 8);
+    get(r, ctl->slot_known + base, ps);
+    if (p->fill < 0 || p->fill > ps) return PIE_EFORMAT;
+    for (int32_t i = 0; i < ps; i++) {
+        if (ctl->slot_known[base + i] > 1) return PIE_EFORMAT;
+        if (ctl->slot_known[base + i] && (ctl->slot_tok[base + i] < 0 ||
+                                          ctl->slot_tok[base + i] >= ctl->vocab))
+            return PIE_EFORMAT;
+    }
+    p->hashed = hashed == 1 && p->fill == ps;
+    p->version++;
+    return 0;
+}
+
+int pie_ctl_export_load(pie_ctl *ctl, const char *path, const char *name)
+{
+    if (!path) return pie_err_set(PIE_EINVAL, "control: NULL path");
+    size_t len;
+    unsigned char *data = read_all(path, &len);
+    if (!data) return pie_err_set(PIE_EIO, "control: cannot read %s", path);
+    rbuf r = { data, len, 0 };
+    file_hdr h = { 0 };
+    int rc = check_file(ctl, path, &r, &h);
+    if (rc == 0 && name && (!*name || strlen(name) > 255))
+        rc = pie_err_set(PIE_EINVAL, "control: export name must be 1..255 "
+                         "bytes");
+    const char *nm = name ? name : h.name;
+    ctl_export *e = calloc(1, sizeof *e);
+    int32_t *pages = calloc(h.n > 0 ? h.n : 1, sizeof *pages);
+    char *nmc = rc == 0 ? strdup(nm) : NULL;
+    if (rc == 0 && (!e || !pages || !nmc))
+        rc = pie_err_set(PIE_ENOMEM, "control: out of memory");
+    if (rc < 0) goto out;
+    pthread_mutex_lock(&ctl->mu);
+    for (ctl_export *x = ctl->exports; x && rc == 0; x = x->next)
+        if (strcmp(x->name, nm) == 0)
+            rc = pie_err_set(PIE_EBUSY, "control: export name '%s' already "
+                             "in use", nm);
+    if (rc == 0 && ctl->n_free + ctl->n_cached < h.n)
+        rc = pie_err_set(PIE_EBUSY, "control: %d free pages needed to load "
+                         "%s", h.n, path);
+    if (rc == 0) {
+        for (int32_t k = 0; k < h.n; k++) pages[k] = pie__page_take(ctl);
+        for (int32_t k = 0; k < h.n && rc == 0; k++)
+            if (read_record(ctl, &r, pages[k]) < 0)
+                rc = pie_err_set(PIE_EFORMAT, "%s: page record %d is invalid",
+                                 path, k);
+        if (rc == 0) {
+            wait_idle(ctl);
+            rc = ctl->b->ops->upload(ctl->b, pages, h.n, data + r.at);
+        }
+        if (rc < 0) {
+            for (int32_t k = 0; k < h.n; k++) {
+                ctl->pages[pages[k]].hashed = false;
+                pie__page_unref(ctl, pages[k]);
+            }
+        } else {
+            for (int32_t k = 0; k < h.n; k++) {
+                ctl->pages[pages[k]].shared++;
+                pie__table_insert_if_new(ctl, pages[k]);
+            }
+            *e = (ctl_export){ .name = nmc, .n = h.n, .pages = pages,
+                               .next = ctl->exports };
+            ctl->exports = e;
+            ctl->n_exports++;
+            e = NULL, pages = NULL, nmc = NULL;
+        }
+    }
+    pthread_mutex_unlock(&ctl->mu);
+out:
+    free(e);
+    free(pages);
+    free(nmc);
+    free(data);
+    return rc;
+}
