@@ -69,7 +69,7 @@ int main(int argc, char **argv)
     if (json) {
         char *b = NULL;
         size_t len = 0, cap = 0;
-        char num[16];
+        char num[32];
         pie_buf_append(&b, &len, &cap, "{\"ids\":[", 8);
         for (int32_t i = 0; i < g.n_ids; i++) {
             int k = snprintf(num, sizeof num, "%s%d", i ? "," : "", g.ids[i]);
@@ -77,7 +77,11 @@ int main(int argc, char **argv)
         }
         pie_buf_append(&b, &len, &cap, "],\"text\":", 9);
         pie_json_str(&b, &len, &cap, g.text ? g.text : "", g.text_len);
-        pie_buf_append(&b, &len, &cap, "}\n", 2);
+        static const char *reasons[] = { "none", "eos", "stop", "max",
+                                         "error" };
+        int k = snprintf(num, sizeof num, ",\"stop\":\"%s\"}\n",
+                         reasons[g.stop]);
+        pie_buf_append(&b, &len, &cap, num, (size_t)k);
         pie_send(b, (uint32_t)len);
         free(b);
     }

@@ -180,8 +180,10 @@ int pie__ctx_reserve(pie_ctx *c, int32_t n)
              sizeof(int32_t)))
         return PIE_ENOMEM;
     int rc = pie_kv_alloc(c->lm->h, (uint32_t)need, c->pages + c->n_pages);
-    if (rc < 0) return pie_sdk_fail(rc, "kv_alloc of %d pages failed (%d)",
-                                    need, rc);
+    if (rc < 0)
+        return pie_sdk_fail(rc, "kv_alloc of %d pages failed (%d%s)", need, rc,
+                            rc == PIE_EBUSY ? ": KV page pool exhausted"
+                            : rc == PIE_ELIMIT ? ": page quota reached" : "");
     for (int32_t i = 0; i < need; i++) {
         if ((rc = page_add(c->pages[c->n_pages], false))) {
             pie_kv_free(c->lm->h, c->pages + c->n_pages, (uint32_t)(need - i));

@@ -242,22 +242,30 @@ static int process_one(pie_gen *g)
     return g->stop ? 0 : 1;
 }
 
-int pie_gen_step(pie_gen *g)
+/* Queues what can be queued. A failure to queue more while steps are
+ * still queued is not fatal (e.g. the pool is short for a moment: the
+ * queued steps free nothing, but processing them lets us retry); with
+ * nothing queued it ends the generation. Returns 1 when g has a step to
+ * wait for, 0 when it stopped, < 0 on error. */
+static int refill(pie_gen *g)
 {
     if (g->stop) return g->err ? g->err : 0;
     int rc = submit_more(g);
+    if (g->nq > 0) return 1;
     if (rc) {
         g->err = rc;
         g->stop = PIE_STOP_ERROR;
-        finish(g);
-        return rc;
+    } else {
+        g->stop = PIE_STOP_MAX;    /* max_tokens reached earlier */
     }
-    if (g->nq == 0) {                /* max_tokens reached earlier */
-        g->stop = PIE_STOP_MAX;
-        finish(g);
-        return 0;
-    }
-    return process_one(g);
+    finish(g);
+    return rc;
+}
+
+int pie_gen_step(pie_gen *g)
+{
+    int rc = refill(g);
+    return rc <= 0 ? rc : process_one(g);
 }
 
 int pie_gen_run(pie_gen *gs, int32_t n)
@@ -273,15 +281,11 @@ int pie_gen_run(pie_gen *gs, int32_t n)
     for (;;) {
         int32_t m = 0;
         for (int32_t i = 0; i < n; i++) {
-            pie_gen *g = &gs[i];
-            if (g->stop) continue;
-            int rc = submit_more(g);
-            if (rc || g->nq == 0) {
-                rc = pie_gen_step(g);       /* records the stop or error */
-                if (rc < 0 && !first_err) first_err = rc;
-                continue;
-            }
-            futs[m] = g->q[0];
+            if (gs[i].stop) continue;
+            int rc = refill(&gs[i]);
+            if (rc < 0 && !first_err) first_err = rc;
+            if (rc <= 0) continue;
+            futs[m] = gs[i].q[0];
             who[m++] = i;
         }
         if (m == 0) break;

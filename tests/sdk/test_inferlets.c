@@ -218,7 +218,9 @@ static void test_many(void)
     int32_t want[64];
     char *text;
     ref_continuation(40, want, &text);
-    run_out r = PIE_RUN("-n", "1000", "text-completion", "--", "--prompt",
+    /* 1000 x 3 pages do not fit the CPU backend's default pool (8192
+     * tokens); size it as a user would */
+    run_out r = PIE_RUN("-n", "1000", "--pages", "4096", "text-completion", "--", "--prompt",
                         "Once upon a time", "--max-tokens", "40",
                         "--temperature", "0");
     CHECK(r.status == 0, "pie run -n 1000 exited %d: %.2000s", r.status, r.err);
