@@ -37,6 +37,8 @@ typedef struct mock_state {
     mock_fwd    fwd[MOCK_MAX_FWD];
     mock_export exp[64];
     int         n_exp, pages_live, allocs, copies, submits, chained, cancels;
+    int         fail_alloc_at;      /* the n-th kv_alloc call fails (0: never) */
+    int         alloc_calls;
     int         eos_every;          /* logits hash % eos_every == 0 -> EOS */
     long        tokens_forwarded, wait_any_calls;
     char        sent[65536];

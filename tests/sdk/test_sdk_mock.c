@@ -248,6 +248,35 @@ static void test_concurrent(pie_lm *lm)
     }
 }
 
+/* The pool is short once: with steps queued the generation goes on and
+ * is still correct; with nothing queued it ends with the error. */
+static void test_alloc_failure(pie_lm *lm)
+{
+    pie_ctx c;
+    pie_gen g;
+    int32_t w[40];
+    pie_ctx_init(&c, lm);
+    CHECK_OK(pie_ctx_fill(&c, "pool", true));            /* 5 tokens */
+    int n = ref_gen(c.tokens, c.n_tokens, 30, PIE_SAMPLER_GREEDY, 0, false, w);
+    mock.fail_alloc_at = mock.alloc_calls + 2;          /* the 2nd page */
+    pie_gen_opts o = { .max_tokens = 30, .lookahead = 4 };
+    CHECK_OK(pie_generate(&c, &o, &g));
+    CHECK(mock.alloc_calls >= mock.fail_alloc_at, "the failure was not hit");
+    check_ids("after a transient pool failure", g.ids, g.n_ids, w, n);
+    CHECK(g.stop == PIE_STOP_MAX, "stop %d", g.stop);
+    pie_gen_free(&g);
+    mock.fail_alloc_at = mock.alloc_calls + 1;          /* next page */
+    o = (pie_gen_opts){ .max_tokens = 30, .lookahead = 1 };
+    int rc = pie_generate(&c, &o, &g);
+    CHECK(rc == PIE_EBUSY && g.stop == PIE_STOP_ERROR,
+          "pool failure with nothing queued: rc %d stop %d", rc, g.stop);
+    CHECK(g.n_ids < 30, "generation must stop at the failure");
+    check_ctx_state(&c);
+    pie_gen_free(&g);
+    mock.fail_alloc_at = 0;
+    pie_ctx_release(&c);
+}
+
 static void test_drop_page(pie_lm *lm)
 {
     pie_ctx c;
@@ -345,6 +374,7 @@ int main(void)
     test_fork(&lm);
     test_export_import(&lm);
     test_concurrent(&lm);
+    test_alloc_failure(&lm);
     test_drop_page(&lm);
     test_topk(&lm);
     test_chat_and_args(&lm);
