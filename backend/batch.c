@@ -268,6 +268,8 @@ int pie_batch_validate(const pie_forward_batch *b, int32_t vocab,
     if (b->n_tokens < 0 || b->n_reqs < 0)
         return pie_err_set(PIE_EINVAL, "batch: n_tokens = %d, n_reqs = %d",
                            b->n_tokens, b->n_reqs);
+    if (b->n_tokens == 0 && b->n_reqs == 0 && b->n_outputs == 0)
+        return 0;   /* the empty batch: nothing to check, nothing to do */
     if (b->n_tokens > 0 && b->n_reqs == 0)
         return pie_err_set(PIE_EINVAL, "batch: %d tokens but no request",
                            b->n_tokens);

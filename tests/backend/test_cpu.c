@@ -696,6 +696,17 @@ static void test_invalid(pie_model *m)
               "%s: rejected batch changed the KV pool", c->what);
         printf("  rejected %-32s %s\n", c->what, pie_err_msg());
     }
+    /* the empty batch is a no-op; outputs without tokens are not */
+    pie_forward_batch empty = { 0 };
+    CHECK_OK(pie_backend_forward(b, &empty, NULL));
+    empty.n_outputs = 1;
+    empty.output_token_idx = (int32_t[]){ 0 };
+    empty.samplers = &good.smp;
+    pie_forward_out o;
+    CHECK_OK(pie_forward_out_alloc(&empty, vocab, &o));
+    CHECK(pie_backend_forward(b, &empty, &o) < 0, "output of an empty batch "
+          "accepted");
+    pie_forward_out_free(&o);
     free(before);
     free(after);
     pie_backend_free(b);
