@@ -59,6 +59,11 @@ typedef struct pie_ctl_opts {
     int32_t prefill_chunk;     /* max tokens of one request per fire
                                   (default 512; < 0 = never split)          */
     bool    no_dedup;          /* disable prefix dedup of full pages        */
+    bool    suspend_idle;      /* memory-pressure policy `suspend`: an
+                                  allocation that finds the pool short swaps
+                                  idle clients of its priority or lower to
+                                  host memory (resumed transparently) before
+                                  it waits; default: it waits (admission)   */
     uint64_t model_id;         /* mixed into page hashes (default: 0)       */
 } pie_ctl_opts;
 

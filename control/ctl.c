@@ -527,6 +527,7 @@ int pie_ctl_forward_submit(pie_ctl_client *c, const pie_ctl_forward *f,
                          (long long)c->max_tokens);
         goto fail;
     }
+    if ((rc = RESUME(c)) < 0) goto fail;
     if ((rc = resolve_pages(c, f, op)) < 0) goto fail;
     if ((rc = resolve_chains(c, f, op)) < 0) goto fail;
     if ((rc = resolve_prefix(c, f, op)) < 0) goto fail;
@@ -581,9 +582,11 @@ int pie_ctl_page_copy(pie_ctl_client *c, uint32_t src, int32_t src_off,
     atomic_store(&op->refs, 1);          /* control layer only */
     op->state = OP_WAITING;
     pthread_mutex_lock(&ctl->mu);
-    ctl_handle *hs = pie__handle_get(c, src), *hd = pie__handle_get(c, dst);
-    int rc = 0;
-    if (!hs || !hd) {
+    int rc = RESUME(c);
+    ctl_handle *hs = rc == 0 ? pie__handle_get(c, src) : NULL;
+    ctl_handle *hd = rc == 0 ? pie__handle_get(c, dst) : NULL;
+    if (rc < 0) {
+    } else if (!hs || !hd) {
         rc = PIE_EINVAL;
     } else if (hd->ro || PAGE_IS_SHARED(&ctl->pages[hd->page])) {
         rc = pie_err_set(PIE_EPERM, "control: copy destination %u is "

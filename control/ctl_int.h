@@ -149,8 +149,12 @@ typedef struct ctl_page {
 #define PAGE_IS_CACHED(p)   ((p)->refs == 0 && (p)->intable)
 #define PAGE_IS_SHARED(p)   ((p)->shared > 0)
 
+#define HANDLE_FREE    (-1)
+#define HANDLE_SWAPPED (-2)       /* client suspended: content in swap_buf  */
+
 typedef struct ctl_handle {
-    int32_t page;                 /* physical page, -1 when the slot is free */
+    int32_t page;                 /* physical page, or HANDLE_FREE/SWAPPED   */
+    int32_t swap;                 /* SWAPPED: index in the client's swap     */
     bool    ro;                   /* imported: read-only                     */
     bool    merged;               /* points to a dedup-shared page           */
     int32_t next_free;            /* free slot list (-1 end)                 */
@@ -175,6 +179,10 @@ struct pie_ctl_client {
     int32_t         pages_held;   /* allocated (not imported) handles        */
     int64_t         tokens_used;
     ctl_op         *ops;          /* not-DONE ops (cnext/cprev)              */
+    bool            suspended;    /* pages swapped to host (suspend.c)       */
+    unsigned char  *swap_buf;     /* n_swap * page_bytes                     */
+    int32_t        *swap_fill;    /* (n_swap)                                */
+    int32_t         n_swap;
     pie_ctl_client *next, *prev;
 };
 
@@ -233,6 +241,7 @@ void pie__pool_dedup(pie_ctl *ctl, ctl_op *op);
 void pie__pool_copy_record(pie_ctl *ctl, int32_t src, int32_t src_off,
                            int32_t dst, int32_t dst_off, int32_t n);
 void pie__pool_stats(pie_ctl *ctl, pie_ctl_stats *s);
+void pie__wait_idle(pie_ctl *ctl);
 /* For persist.c: takes a FREE (or evicted CACHED) page with refs 1. */
 int32_t pie__page_take(pie_ctl *ctl);
 void pie__table_insert_if_new(pie_ctl *ctl, int32_t page);
@@ -242,6 +251,17 @@ int32_t pie__pool_prefix_plan(pie_ctl *ctl, pie_ctl_client *c,
 void pie__pool_prefix_apply(pie_ctl *ctl, pie_ctl_client *c,
                             const uint32_t *handles, ctl_op *op,
                             const int32_t *twins, int32_t n);
+
+/* suspend.c (mu held) */
+/* Frees pages for an allocation of n by suspending idle clients of the same
+ * or lower priority than requester (swap to host); returns pages gained. */
+int32_t pie__suspend_for(pie_ctl *ctl, int32_t n, pie_ctl_client *requester);
+/* Brings a suspended client's pages back (waits for the pool). */
+int  pie__client_resume(pie_ctl_client *c);
+#define RESUME(c) ((c)->suspended ? pie__client_resume(c) : 0)
+void pie__client_drop_swap(pie_ctl_client *c);
+int  pie__wait_for_pages(pie_ctl *ctl, int32_t n, int32_t timeout_ms,
+                         pie_ctl_client *requester);
 
 /* sched.c (with ctl->mu held unless noted) */
 void pie__op_unref(ctl_op *op);                 /* any thread, no lock    */

@@ -60,7 +60,7 @@ static size_t rec_bytes(int32_t ps)
 }
 
 /* Waits (mu held) until no batch is on the device. */
-static void wait_idle(pie_ctl *ctl)
+void pie__wait_idle(pie_ctl *ctl)
 {
     while (ctl->running) pthread_cond_wait(&ctl->idle_cv, &ctl->mu);
 }
@@ -124,7 +124,7 @@ int pie_ctl_export_save(pie_ctl *ctl, const char *name, const char *path)
                 rc = pie_err_set(PIE_EBUSY, "control: export '%s' has a "
                                  "pending write; wait for it", name);
         if (rc == 0) {
-            wait_idle(ctl);
+            pie__wait_idle(ctl);
             rc = serialize(ctl, e, &w);
         }
     }
@@ -285,7 +285,7 @@ int pie_ctl_export_load(pie_ctl *ctl, const char *path, const char *name)
                 rc = pie_err_set(PIE_EFORMAT, "%s: page record %d is invalid",
                                  path, k);
         if (rc == 0) {
-            wait_idle(ctl);
+            pie__wait_idle(ctl);
             rc = ctl->b->ops->upload(ctl->b, pages, h.n, data + r.at);
         }
         if (rc < 0) {

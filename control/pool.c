@@ -236,8 +236,13 @@ int32_t pie__page_take(pie_ctl *ctl)
 
 ctl_handle *pie__handle_get(pie_ctl_client *c, uint32_t h)
 {
-    if (h == 0 || h > (uint32_t)c->n_h || c->h[h - 1].page < 0) {
+    if (h == 0 || h > (uint32_t)c->n_h || c->h[h - 1].page == HANDLE_FREE) {
         pie_err_set(PIE_EINVAL, "control: invalid KV page handle %u", h);
+        return NULL;
+    }
+    if (c->h[h - 1].page == HANDLE_SWAPPED) {
+        pie_err_set(PIE_EBUSY, "control: KV page handle %u is swapped out "
+                    "(client '%s' is being resumed)", h, c->name);
         return NULL;
     }
     return &c->h[h - 1];
@@ -268,8 +273,14 @@ static void handle_drop(pie_ctl_client *c, int32_t i)
 {
     pie_ctl *ctl = c->ctl;
     ctl_handle *hd = &c->h[i];
-    ctl_page *p = &ctl->pages[hd->page];
     if (!hd->ro) c->pages_held--;
+    if (hd->page == HANDLE_SWAPPED) {
+        hd->page = HANDLE_FREE;
+        hd->next_free = c->free_h;
+        c->free_h = i;
+        return;
+    }
+    ctl_page *p = &ctl->pages[hd->page];
     if (hd->merged) p->shared--;
     if (p->owner == c && p->owner_h == i) {
         p->owner = NULL;
@@ -285,7 +296,8 @@ static void handle_drop(pie_ctl_client *c, int32_t i)
 void pie__client_drop_pages(pie_ctl_client *c)
 {
     for (int32_t i = 0; i < c->n_h; i++)
-        if (c->h[i].page >= 0) handle_drop(c, i);
+        if (c->h[i].page != HANDLE_FREE) handle_drop(c, i);
+    pie__client_drop_swap(c);
 }
 
 static double now_s(void)
@@ -298,8 +310,12 @@ static double now_s(void)
 /* Waits (mu held) until n pages are free or the timeout passes. */
 #define AVAILABLE(ctl) ((ctl)->n_free + (ctl)->n_cached)
 
-static int wait_for_pages(pie_ctl *ctl, int32_t n, int32_t timeout_ms)
+int pie__wait_for_pages(pie_ctl *ctl, int32_t n, int32_t timeout_ms,
+                        pie_ctl_client *requester)
 {
+    if (AVAILABLE(ctl) >= n) return 0;
+    if (ctl->o.suspend_idle && n <= ctl->n_pages)
+        pie__suspend_for(ctl, n - AVAILABLE(ctl), requester);
     if (AVAILABLE(ctl) >= n) return 0;
     if (n > ctl->n_pages)
         return pie_err_set(PIE_EBUSY, "control: %d pages requested but the "
@@ -342,7 +358,8 @@ int pie_ctl_page_alloc(pie_ctl_client *c, int32_t n, int32_t timeout_ms,
                          c->pages_held, n, c->max_pages);
         goto out;
     }
-    if ((rc = wait_for_pages(ctl, n, timeout_ms)) < 0) goto out;
+    if ((rc = RESUME(c)) < 0) goto out;
+    if ((rc = pie__wait_for_pages(ctl, n, timeout_ms, c)) < 0) goto out;
     if (c->max_pages > 0 && c->pages_held + n > c->max_pages) {
         rc = pie_err_set(PIE_ELIMIT, "control: client '%s' page quota "
                          "exceeded", c->name);
@@ -373,7 +390,7 @@ int pie_ctl_page_free(pie_ctl_client *c, int32_t n, const uint32_t *h)
     if (n < 0 || (n > 0 && !h))
         return pie_err_set(PIE_EINVAL, "control: bad page count %d", n);
     pthread_mutex_lock(&ctl->mu);
-    int rc = 0;
+    int rc = RESUME(c);
     for (int32_t k = 0; k < n && rc == 0; k++) {
         if (!pie__handle_get(c, h[k])) rc = PIE_EINVAL;
         for (int32_t j = 0; j < k && rc == 0; j++)
@@ -390,10 +407,11 @@ int pie_ctl_page_free(pie_ctl_client *c, int32_t n, const uint32_t *h)
 int pie_ctl_page_fill(pie_ctl_client *c, uint32_t h, int32_t *fill)
 {
     pthread_mutex_lock(&c->ctl->mu);
-    ctl_handle *hd = pie__handle_get(c, h);
+    int rc = RESUME(c);
+    ctl_handle *hd = rc == 0 ? pie__handle_get(c, h) : NULL;
     if (hd) *fill = c->ctl->pages[hd->page].fill;
     pthread_mutex_unlock(&c->ctl->mu);
-    return hd ? 0 : PIE_EINVAL;
+    return hd ? 0 : rc < 0 ? rc : PIE_EINVAL;
 }
 
 /* ---- exports ---------------------------------------------------------- */
@@ -425,6 +443,7 @@ int pie_ctl_export(pie_ctl_client *c, const char *name, int32_t n,
     }
     pthread_mutex_lock(&ctl->mu);
     int rc = 0;
+    if ((rc = RESUME(c)) < 0) goto out;
     if (export_find(ctl, name, NULL)) {
         rc = pie_err_set(PIE_EBUSY, "control: export name '%s' already in "
                          "use", name);

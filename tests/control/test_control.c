@@ -770,6 +770,67 @@ static void test_persist(void)
     remove(bad);
 }
 
+/* Memory pressure: an idle client is swapped out for a newcomer of the same
+ * priority and resumes transparently; a higher-priority idle client is not
+ * a victim. */
+static void test_suspend(void)
+{
+    pie_backend *b;
+    pie_ctl_opts co = { .suspend_idle = true };
+    pie_ctl *ctl = make_ctl(8, 0, &co, &b);
+    pie_ctl_client *a, *c, *hi;
+    pie_ctl_client_opts oa = { .priority = 3, .name = "a" };
+    CHECK_OK(pie_ctl_client_open(ctl, &oa, &a));
+    CHECK_OK(pie_ctl_client_open(ctl, &oa, &c));
+    int32_t prompt[19], want[4], got[4];
+    make_prompt(prompt, 19, 808);
+    reference(prompt, 19, 4, want);
+    uint32_t ha[6];
+    CHECK_OK(pie_ctl_page_alloc(a, 6, 0, ha));
+    pie_ctl_future *f;
+    CHECK_OK(fwd(a, prompt, 19, 0, ha, NULL, &f));
+    got[0] = wait_token(f);
+    pie_ctl_future_release(f);
+    /* a is idle holding 6 of 8 pages; c needs 6 */
+    uint32_t hc[6];
+    CHECK_OK(pie_ctl_page_alloc(c, 6, 0, hc));
+    pie_ctl_stats st;
+    pie_ctl_get_stats(ctl, &st);
+    CHECK(st.suspensions == 1, "suspensions %llu",
+          (unsigned long long)st.suspensions);
+    /* c scribbles over the pages it got, then leaves */
+    int32_t junk[20];
+    make_prompt(junk, 20, 1);
+    CHECK_OK(fwd(c, junk, 20, 0, hc, NULL, &f));
+    wait_token(f);
+    pie_ctl_future_release(f);
+    pie_ctl_client_close(c);
+    /* a resumes on its next forward, transparently */
+    for (int32_t i = 1; i < 4; i++) {
+        CHECK_OK(fwd(a, &got[i - 1], 1, 19 + i - 1, ha, NULL, &f));
+        got[i] = wait_token(f);
+        pie_ctl_future_release(f);
+    }
+    check_same(want, got, 4, "generation across suspend/resume");
+    /* a higher-priority idle client is never a victim */
+    pie_ctl_client_opts oh = { .priority = 0 }, ol = { .priority = 5 };
+    pie_ctl_client_close(a);
+    CHECK_OK(pie_ctl_client_open(ctl, &oh, &hi));
+    CHECK_OK(pie_ctl_client_open(ctl, &ol, &c));
+    CHECK_OK(pie_ctl_page_alloc(hi, 6, 0, ha));
+    int rc = pie_ctl_page_alloc(c, 6, 20, hc);
+    CHECK(rc == PIE_EBUSY, "low priority alloc against an idle high-priority "
+          "client returned %d", rc);
+    pie_ctl_client_close(hi);
+    pie_ctl_client_close(c);
+    pie_ctl_get_stats(ctl, &st);
+    CHECK(st.pages_free == 8 && st.suspensions == 1, "free %d, suspensions "
+          "%llu", st.pages_free, (unsigned long long)st.suspensions);
+    printf("suspend: idle client swapped out and resumed with identical "
+           "outputs; priorities respected\n");
+    done_ctl(ctl, b);
+}
+
 static void test_chunked_prefill(void)
 {
     pie_backend *b;
@@ -986,6 +1047,7 @@ int main(void)
     test_dedup();
     test_prefix_cache_lru();
     test_persist();
+    test_suspend();
     test_chunked_prefill();
     test_rows_and_masks();
     test_bad_input();
