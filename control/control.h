@@ -30,6 +30,17 @@
  * earlier forward writing a page it touches has completed (so per-page
  * order is submission order).
  *
+ * KV pool policy (pool.c, suspend.c, persist.c): pages are reference
+ * counted; every full page gets a chained content hash (tokens, positions,
+ * mask, model id, and the hash of the pages before it), identical pages are
+ * merged, and a forward whose leading full pages are already cached skips
+ * computing them (prefix caching, on unless no_dedup; never changes an
+ * output). Freed pages with a hash stay cached until the pool needs them
+ * (LRU). Allocation beyond a quota fails at once; a short pool makes the
+ * allocation wait up to its timeout (admission), after swapping idle
+ * clients to host memory when the `suspend` policy is on. Named exports can
+ * be saved to a file and loaded after a restart.
+ *
  * Futures: each forward future completes exactly once, with 0 (results
  * readable), PIE_ECANCELED (cancelled, or a forward it chains from failed or
  * was cancelled), or another error. The completion callback given at
