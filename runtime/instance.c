@@ -91,6 +91,52 @@ static void *fiber_init(void *stack, size_t size, void (*fn)(void *),
 #error "pie's fibers need x86-64 (add a context switch for this architecture)"
 #endif
 
+/* ---- fiber stacks (a bounded pool: map/unmap and faults are costly) ----- */
+
+#define STACK_POOL_MAX 256
+static pthread_mutex_t stack_lock = PTHREAD_MUTEX_INITIALIZER;
+static void *stack_pool[STACK_POOL_MAX];
+static size_t stack_pool_size[STACK_POOL_MAX];
+static int n_stack_pool;
+
+static void *stack_get(size_t size)
+{
+    void *s = NULL;
+    pthread_mutex_lock(&stack_lock);
+    for (int k = n_stack_pool - 1; k >= 0; k--)
+        if (stack_pool_size[k] == size) {
+            s = stack_pool[k];
+            stack_pool[k] = stack_pool[--n_stack_pool];
+            stack_pool_size[k] = stack_pool_size[n_stack_pool];
+            break;
+        }
+    pthread_mutex_unlock(&stack_lock);
+    if (s)
+        return s;
+    s = mmap(NULL, size, PROT_READ | PROT_WRITE,
+             MAP_PRIVATE | MAP_ANONYMOUS | MAP_NORESERVE | MAP_STACK, -1, 0);
+    if (s == MAP_FAILED)
+        return NULL;
+    if (mprotect(s, STACK_GUARD, PROT_NONE) != 0) {
+        munmap(s, size);
+        return NULL;
+    }
+    return s;
+}
+
+static void stack_put(void *s, size_t size)
+{
+    pthread_mutex_lock(&stack_lock);
+    if (n_stack_pool < STACK_POOL_MAX) {
+        stack_pool[n_stack_pool] = s;
+        stack_pool_size[n_stack_pool++] = size;
+        s = NULL;
+    }
+    pthread_mutex_unlock(&stack_lock);
+    if (s)
+        munmap(s, size);
+}
+
 /* ---- small helpers ------------------------------------------------------ */
 
 uint64_t pie__rt_now_ns(void)
@@ -227,7 +273,7 @@ static void run_one(pie_rt_worker *w, pie_rt_instance *i)
     bool done = i->state == INST_DONE;
     pthread_mutex_unlock(&i->rt->lock);
     if (done) {
-        munmap(i->stack, i->stack_size);
+        stack_put(i->stack, i->stack_size);
         i->stack = NULL;
         pie_rt_instance_unref(i);
     }
@@ -648,15 +694,10 @@ int pie__rt_launch(pie_rt *rt, pie_rt_module *m, int argc,
     i->argv = copy_argv(argc, argv);
     i->wasm = calloc(1, m->inst_size);
     i->stack_size = rt->o.fiber_stack;
-    i->stack = mmap(NULL, i->stack_size, PROT_READ | PROT_WRITE,
-                    MAP_PRIVATE | MAP_ANONYMOUS | MAP_NORESERVE | MAP_STACK,
-                    -1, 0);
-    if (i->stack == MAP_FAILED)
-        i->stack = NULL;
-    if (!i->argv || !i->wasm || !i->stack ||
-        mprotect(i->stack, STACK_GUARD, PROT_NONE) != 0) {
+    i->stack = stack_get(i->stack_size);
+    if (!i->argv || !i->wasm || !i->stack) {
         if (i->stack)
-            munmap(i->stack, i->stack_size);
+            stack_put(i->stack, i->stack_size);
         for (int k = 0; i->argv && k < argc; k++)
             free(i->argv[k]);
         free(i->argv);
@@ -681,7 +722,7 @@ int pie__rt_launch(pie_rt *rt, pie_rt_module *m, int argc,
     pthread_mutex_lock(&rt->lock);
     if (rt->closing) {
         pthread_mutex_unlock(&rt->lock);
-        munmap(i->stack, i->stack_size);
+        stack_put(i->stack, i->stack_size);
         i->stack = NULL;
         atomic_store(&i->refs, 1);
         pie_rt_instance_unref(i);

@@ -264,6 +264,71 @@ static uint32_t page_cap(void)
     return p > 65536 ? 65536 : (uint32_t)p;
 }
 
+/* Freed reservations are kept for reuse, their committed prefix zeroed and
+ * left read-write: mmap/munmap of 8 GiB and every mprotect that removes
+ * access (a TLB shootdown across all threads) cost far more than a memset.
+ * A reused reservation is trimmed or extended to the new initial size, so
+ * exactly [0, size) is accessible. Bounded, so mappings stay flat. */
+#define POOL_MAX 64
+#define POOL_MEMSET_MAX (1u << 20)
+typedef struct { uint8_t *p; uint64_t committed; } pooled;
+static pthread_mutex_t pool_lock = PTHREAD_MUTEX_INITIALIZER;
+static pooled pool[POOL_MAX];
+static int n_pool;
+
+/* A reservation with exactly [0, bytes) read-write and zero, or NULL. */
+static uint8_t *reserve(uint64_t bytes)
+{
+    pooled e = {NULL, 0};
+    pthread_mutex_lock(&pool_lock);
+    for (int k = n_pool - 1; k >= 0; k--)
+        if (pool[k].committed == bytes || k == 0) {
+            e = pool[k];
+            pool[k] = pool[--n_pool];
+            break;
+        }
+    pthread_mutex_unlock(&pool_lock);
+    if (!e.p) {
+        void *p = mmap(NULL, RESERVE_BYTES, PROT_NONE,
+                       MAP_PRIVATE | MAP_ANONYMOUS | MAP_NORESERVE, -1, 0);
+        if (p == MAP_FAILED)
+            return NULL;
+        e.p = p;
+    }
+    int rc = 0;
+    if (e.committed < bytes)
+        rc = mprotect(e.p + e.committed, bytes - e.committed,
+                      PROT_READ | PROT_WRITE);
+    else if (e.committed > bytes)
+        rc = mprotect(e.p + bytes, e.committed - bytes, PROT_NONE);
+    if (rc != 0) {
+        munmap(e.p, RESERVE_BYTES);
+        return NULL;
+    }
+    return e.p;
+}
+
+static void release(uint8_t *p, uint64_t committed)
+{
+    pthread_mutex_lock(&pool_lock);
+    bool full = n_pool == POOL_MAX;
+    pthread_mutex_unlock(&pool_lock);
+    if (!full) {
+        if (committed <= POOL_MEMSET_MAX)
+            memset(p, 0, committed);
+        else
+            madvise(p, committed, MADV_DONTNEED);
+        pthread_mutex_lock(&pool_lock);
+        if (n_pool < POOL_MAX) {
+            pool[n_pool++] = (pooled){p, committed};
+            p = NULL;
+        }
+        pthread_mutex_unlock(&pool_lock);
+    }
+    if (p)
+        munmap(p, RESERVE_BYTES);
+}
+
 void wasm_rt_allocate_memory(wasm_rt_memory_t *m, uint32_t initial,
                              uint32_t max_pages)
 {
@@ -274,15 +339,10 @@ void wasm_rt_allocate_memory(wasm_rt_memory_t *m, uint32_t initial,
     if (initial > max_pages)
         trap_with(tls_cur, "memory limit: the module's initial memory "
                            "exceeds the per-instance cap");
-    void *p = mmap(NULL, RESERVE_BYTES, PROT_NONE,
-                   MAP_PRIVATE | MAP_ANONYMOUS | MAP_NORESERVE, -1, 0);
-    if (p == MAP_FAILED)
-        trap_with(tls_cur, "out of address space for linear memory");
     uint64_t bytes = (uint64_t)initial * PAGE_BYTES;
-    if (bytes && mprotect(p, bytes, PROT_READ | PROT_WRITE) != 0) {
-        munmap(p, RESERVE_BYTES);
-        trap_with(tls_cur, "cannot commit linear memory");
-    }
+    uint8_t *p = reserve(bytes);
+    if (!p)
+        trap_with(tls_cur, "out of address space for linear memory");
     m->data = p;
     m->pages = initial;
     m->max_pages = max_pages;
@@ -309,7 +369,7 @@ uint32_t wasm_rt_grow_memory(wasm_rt_memory_t *m, uint32_t delta)
 void wasm_rt_free_memory(wasm_rt_memory_t *m)
 {
     if (m->data)
-        munmap(m->data, RESERVE_BYTES);
+        release(m->data, (uint64_t)m->pages * PAGE_BYTES);
     m->data = NULL;
 }
 

@@ -15,7 +15,7 @@
 #include "runtime/runtime.h"
 #include "tests/test_util.h"
 
-static unsigned char *read_file(const char *path, size_t *len)
+static inline unsigned char *read_file(const char *path, size_t *len)
 {
     FILE *f = fopen(path, "rb");
     CHECK(f != NULL, "cannot open %s", path);
@@ -29,7 +29,7 @@ static unsigned char *read_file(const char *path, size_t *len)
     return b;
 }
 
-static pie_rt_module *load_wasm(pie_rt *rt, const char *name, int *cached)
+static inline pie_rt_module *load_wasm(pie_rt *rt, const char *name, int *cached)
 {
     char path[1024];
     size_t len;
@@ -49,7 +49,7 @@ typedef struct capture {
     int n_msgs;
 } capture;
 
-static void cap_append(capture *c, char *dst, size_t *n, const void *b,
+static inline void cap_append(capture *c, char *dst, size_t *n, const void *b,
                        size_t len)
 {
     pthread_mutex_lock(&c->lock);
@@ -61,7 +61,7 @@ static void cap_append(capture *c, char *dst, size_t *n, const void *b,
     pthread_mutex_unlock(&c->lock);
 }
 
-static void cap_output(void *u, pie_rt_instance *i, int fd, const char *b,
+static inline void cap_output(void *u, pie_rt_instance *i, int fd, const char *b,
                        size_t len)
 {
     capture *c = u;
@@ -72,7 +72,7 @@ static void cap_output(void *u, pie_rt_instance *i, int fd, const char *b,
         cap_append(c, c->err, &c->n_err, b, len);
 }
 
-static void cap_message(void *u, pie_rt_instance *i, const void *b, size_t len)
+static inline void cap_message(void *u, pie_rt_instance *i, const void *b, size_t len)
 {
     capture *c = u;
     (void)i;
@@ -82,7 +82,7 @@ static void cap_message(void *u, pie_rt_instance *i, const void *b, size_t len)
     pthread_mutex_unlock(&c->lock);
 }
 
-static capture *cap_new(pie_rt_launch_cbs *cbs)
+static inline capture *cap_new(pie_rt_launch_cbs *cbs)
 {
     capture *c = calloc(1, sizeof *c);
     pthread_mutex_init(&c->lock, NULL);
@@ -93,14 +93,14 @@ static capture *cap_new(pie_rt_launch_cbs *cbs)
     return c;
 }
 
-static void cap_free(capture *c)
+static inline void cap_free(capture *c)
 {
     pthread_mutex_destroy(&c->lock);
     free(c);
 }
 
 /* Launches m with a NULL-terminated argument list; returns the instance. */
-static pie_rt_instance *launch_v(pie_rt *rt, pie_rt_module *m,
+static inline pie_rt_instance *launch_v(pie_rt *rt, pie_rt_module *m,
                                  pie_rt_launch_cbs *cbs, const char **argv)
 {
     int argc = 0;
@@ -112,7 +112,7 @@ static pie_rt_instance *launch_v(pie_rt *rt, pie_rt_module *m,
     return i;
 }
 
-static pie_rt *make_rt(pie_rt_opts *o)
+static inline pie_rt *make_rt(pie_rt_opts *o)
 {
     static char dir[256];
     const char *e = getenv("PIE_TEST_CACHE_DIR");
