@@ -10,12 +10,14 @@
  * elements; job j of tensor t draws from its own xoshiro256** stream seeded
  * by (SEED, t, j), which makes the bytes independent of how many threads ran
  * (the calling thread plus up to nproc - 1 helpers claim jobs from an atomic
- * counter). A normal deviate is the Irwin-Hall sum of four 16-bit uniforms
- * taken from one 64-bit draw — a close, cheap approximation of a Gaussian
- * (bounded at ±3.46 σ), which is all the speed tests need.
+ * counter; PIE_RANDOM_THREADS overrides nproc). A normal deviate is the
+ * Irwin-Hall sum of four 16-bit uniforms taken from one 64-bit draw — a
+ * close, cheap approximation of a Gaussian (bounded at ±3.46 σ), which is
+ * all the speed tests need.
  */
 #include <pthread.h>
 #include <stdatomic.h>
+#include <stdlib.h>
 #include <string.h>
 #include <sys/mman.h>
 #include <unistd.h>
@@ -210,6 +212,8 @@ static void *worker(void *arg)
 static void fill(random_state *rs, pie_progress_fn progress, void *user)
 {
     long np = sysconf(_SC_NPROCESSORS_ONLN);
+    const char *env = getenv("PIE_RANDOM_THREADS");   /* for tests */
+    if (env && atoi(env) > 0) np = atoi(env);
     int nt = np > 64 ? 63 : np > 1 ? (int)np - 1 : 0, started = 0;
     pthread_t th[63];
     for (int i = 0; i < nt; i++)

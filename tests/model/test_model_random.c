@@ -86,9 +86,32 @@ static void test_stories15m(void)
     pie_model_free(m);
 }
 
+/* The bytes must not depend on how many threads filled them. */
+static void test_thread_independence(void)
+{
+    pie_model *a = NULL, *b = NULL;
+    setenv("PIE_RANDOM_THREADS", "1", 1);
+    CHECK_OK(pie_model_load("random:stories15M", NULL, NULL, &a));
+    setenv("PIE_RANDOM_THREADS", "5", 1);
+    CHECK_OK(pie_model_load("random:stories15M", NULL, NULL, &b));
+    unsetenv("PIE_RANDOM_THREADS");
+    const pie_tensor *ta[] = { &a->w.tok_embed, &a->w.lm_head,
+                               &a->w.layers[3].w_up, &a->w.layers[5].wo };
+    const pie_tensor *tb[] = { &b->w.tok_embed, &b->w.lm_head,
+                               &b->w.layers[3].w_up, &b->w.layers[5].wo };
+    for (int i = 0; i < 4; i++)
+        CHECK(!memcmp(ta[i]->data, tb[i]->data,
+                      (size_t)pie_tensor_numel(ta[i]) * 4),
+              "tensor %d differs between 1 and 5 fill threads", i);
+    printf("random:stories15M: identical with 1 and 5 fill threads\n");
+    pie_model_free(a);
+    pie_model_free(b);
+}
+
 int main(void)
 {
     test_tiny();
     test_stories15m();
+    test_thread_independence();
     TEST_DONE();
 }
