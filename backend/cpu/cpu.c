@@ -30,9 +30,12 @@
  * head) that reads the pages slot by slot. The final norm and the LM head
  * run only on output rows; sampling runs one output row per pool task.
  *
- * Threads: OpenBLAS gets n_threads for sgemm (openblas_set_num_threads is
- * process-wide: the last forward's backend sets it); the pool has n_threads
- * workers (the calling thread is one of them). A backend runs one forward
+ * Threads: the pool has n_threads workers (the calling thread is one of
+ * them) and does all the splitting: dense matmuls by slices of W's rows,
+ * attention by (token, head) or (head, row block), element-wise stages by
+ * token chunks. OpenBLAS runs single-threaded inside each task
+ * (openblas_set_num_threads(1), process-wide), so two thread pools never
+ * spin against each other. A backend runs one forward
  * at a time; callers serialize (the scheduler has one thread per device).
  */
 #define _GNU_SOURCE
@@ -49,8 +52,11 @@
 
 #define CPU_DEFAULT_TOKENS 8192
 #define CPU_PREFILL_MIN    8         /* new tokens for the sgemm attention */
-#define CPU_ATT_FLOATS     (1 << 22) /* score buffer of the sgemm path     */
+#define CPU_ATT_FLOATS     (1 << 20) /* per-worker scores of the sgemm path */
+#define CPU_ATT_ROWS       64        /* query rows per sgemm-path task     */
 #define CPU_ROWS           16        /* tokens per element-wise pool task  */
+#define CPU_MM_INLINE      (1 << 16) /* multiply-adds below which a matmul
+                                        is not split across the pool       */
 
 typedef struct cpu_layer {
     float *attn_norm;   /* (dim)                                */
@@ -86,7 +92,7 @@ typedef struct cpu_state {
     float   *scores;    /* (n_threads, cap_kv)                  */
     int32_t *att_tok;   /* (n) decode-path tokens               */
     float   *kbuf, *vbuf; /* (cap_kv, kv_dim) gathered K / V    */
-    float   *att_s;     /* (cap_s) prefill score rows           */
+    float   *att_s;     /* (n_threads, cap_s) prefill score rows */
     int64_t  cap_s;
 } cpu_state;
 
@@ -245,7 +251,8 @@ static int state_reserve(cpu_backend *b, int64_t n, int64_t n_reqs,
     }
     int64_t need_s = max_kv > CPU_ATT_FLOATS ? max_kv : CPU_ATT_FLOATS;
     if (n > 0 && need_s > s->cap_s) {
-        if ((rc = grow((void **)&s->att_s, need_s, 4))) return rc;
+        if ((rc = grow((void **)&s->att_s, need_s * b->n_threads, 4)))
+            return rc;
         s->cap_s = need_s;
     }
     return 0;
@@ -276,9 +283,10 @@ typedef struct fwd_ctx {
     pie_forward_out         *out;
     int32_t                  layer;
     int32_t                 *tokens;   /* decode-path token list          */
-    float                   *S;        /* prefill: score rows             */
     int64_t                  kv_len;   /* prefill: current request's kv   */
-    int32_t                  row_tok0; /* prefill: token of score row 0   */
+    int32_t                  q0;       /* prefill: request's first token  */
+    int32_t                  n_new;    /* prefill: its new tokens         */
+    int32_t                  rows;     /* prefill: query rows per task    */
     int                      stage;    /* element-wise stage (STAGE_*)    */
 } fwd_ctx;
 
@@ -388,15 +396,12 @@ static void attn_task(void *ctx, int64_t task, int32_t worker)
     for (int32_t d = 0; d < hd; d++) o[d] *= inv;
 }
 
-/* Prefill path, row task: softmax of score row i (over kv_len slots) on
- * the token's allowed runs; every other slot becomes 0. */
-static void softmax_row_task(void *ctx, int64_t i, int32_t worker)
+/* Prefill path: softmax of one score row (kv_len slots) over token t's
+ * allowed runs; every other slot becomes 0. */
+static void softmax_row(fwd_ctx *c, float *row, int32_t t)
 {
-    fwd_ctx *c = ctx;
-    float *row = c->S + i * c->kv_len;
     uint32_t tmp[2], n_runs;
-    const uint32_t *runs = token_runs(c, c->row_tok0 + (int32_t)i, tmp,
-                                      &n_runs);
+    const uint32_t *runs = token_runs(c, t, tmp, &n_runs);
     float mx = -INFINITY;
     int64_t pos = 0;
     for (uint32_t j = 0; j < n_runs; pos += runs[j], j++)
@@ -433,37 +438,48 @@ static void gather_kv(fwd_ctx *c, int32_t r)
     }
 }
 
-/* Prefill path: request r's new tokens attend through two sgemms per head
- * (S = Q·Kᵀ, O = softmax(S)·V) over its gathered K/V, CPU_ATT_ROWS query
- * rows at a time. */
+/* Prefill path, one task = (head, block of CPU_ATT_ROWS query rows) of
+ * request c->req: S = Q·Kᵀ, softmax rows, O = S·V, on the worker's own
+ * score buffer, over the K/V that gather_kv() laid out contiguously. */
+static void prefill_task(void *ctx, int64_t task, int32_t worker)
+{
+    fwd_ctx *c = ctx;
+    cpu_backend *b = c->b;
+    int32_t nh = b->cfg.n_heads, hd = b->cfg.head_dim, kd = b->kv_dim;
+    int32_t qd = b->q_dim, group = nh / b->cfg.n_kv_heads;
+    int32_t n_blocks = (c->n_new + c->rows - 1) / c->rows;
+    int32_t h = (int32_t)(task / n_blocks), i0 = (int32_t)(task % n_blocks) *
+                                                 c->rows;
+    int32_t m = c->n_new - i0 < c->rows ? c->n_new - i0 : c->rows;
+    int32_t kv = (int32_t)c->kv_len;
+    float *S = b->st.att_s + (int64_t)worker * b->st.cap_s;
+    const float *K = b->st.kbuf + (int64_t)(h / group) * hd;
+    const float *V = b->st.vbuf + (int64_t)(h / group) * hd;
+    int64_t row0 = (int64_t)(c->q0 + i0) * qd + (int64_t)h * hd;
+    cblas_sgemm(CblasRowMajor, CblasNoTrans, CblasTrans, m, kv, hd,
+                1.0f / sqrtf((float)hd), b->st.q + row0, qd, K, kd, 0.0f, S,
+                kv);
+    for (int32_t i = 0; i < m; i++)
+        softmax_row(c, S + (int64_t)i * kv, c->q0 + i0 + i);
+    cblas_sgemm(CblasRowMajor, CblasNoTrans, CblasNoTrans, m, hd, kv, 1.0f, S,
+                kv, V, kd, 0.0f, b->st.att + row0, qd);
+}
+
+/* Prefill path for request r: gather its K/V once, then (head, row block)
+ * tasks on the pool. */
 static void attn_prefill(fwd_ctx *c, int32_t r)
 {
     cpu_backend *b = c->b;
     const pie_forward_batch *bt = c->batch;
-    int32_t nh = b->cfg.n_heads, hd = b->cfg.head_dim, kd = b->kv_dim;
-    int32_t qd = b->q_dim, q0 = bt->qo_indptr[r];
-    int32_t n_new = bt->qo_indptr[r + 1] - q0, group = nh / b->cfg.n_kv_heads;
+    c->q0 = bt->qo_indptr[r];
+    c->n_new = bt->qo_indptr[r + 1] - c->q0;
     c->kv_len = b->st.req_kv[r];
-    c->S = b->st.att_s;
     gather_kv(c, r);
-    float scale = 1.0f / sqrtf((float)hd);
-    int64_t chunk = b->st.cap_s / c->kv_len;
-    for (int32_t h = 0; h < nh; h++) {
-        const float *K = b->st.kbuf + (int64_t)(h / group) * hd;
-        const float *V = b->st.vbuf + (int64_t)(h / group) * hd;
-        for (int32_t i0 = 0; i0 < n_new; i0 += (int32_t)chunk) {
-            int32_t m = n_new - i0 < chunk ? n_new - i0 : (int32_t)chunk;
-            int64_t row0 = (int64_t)(q0 + i0) * qd + (int64_t)h * hd;
-            cblas_sgemm(CblasRowMajor, CblasNoTrans, CblasTrans, m,
-                        (int32_t)c->kv_len, hd, scale, b->st.q + row0, qd, K,
-                        kd, 0.0f, c->S, (int32_t)c->kv_len);
-            c->row_tok0 = q0 + i0;
-            pie__cpu_pool_run(b->pool, m, softmax_row_task, c);
-            cblas_sgemm(CblasRowMajor, CblasNoTrans, CblasNoTrans, m, hd,
-                        (int32_t)c->kv_len, 1.0f, c->S, (int32_t)c->kv_len, V,
-                        kd, 0.0f, b->st.att + row0, qd);
-        }
-    }
+    int64_t rows = b->st.cap_s / c->kv_len;
+    c->rows = (int32_t)(rows < CPU_ATT_ROWS ? rows : CPU_ATT_ROWS);
+    int32_t n_blocks = (c->n_new + c->rows - 1) / c->rows;
+    pie__cpu_pool_run(b->pool, (int64_t)n_blocks * b->cfg.n_heads,
+                      prefill_task, c);
 }
 
 /* Attention of every new token: requests with at least CPU_PREFILL_MIN new
@@ -499,6 +515,36 @@ static void kv_append(cpu_backend *b, const pie_forward_batch *bt, int32_t l,
         memcpy(kv_row(b, page, l, 1, s % ps), b->st.v + (int64_t)t * b->kv_dim,
                row);
     }
+}
+
+/* Dense matmuls split W's rows (output columns) across the pool, each
+ * slice one OpenBLAS call; small products run inline. */
+typedef struct mm_job {
+    float       *out;
+    const float *x, *w;
+    int32_t      n, in, outd, rows;
+    float        beta;
+} mm_job;
+
+static void mm_task(void *ctx, int64_t task, int32_t worker)
+{
+    mm_job *j = ctx;
+    int32_t r0 = (int32_t)task * j->rows;
+    int32_t m = j->outd - r0 < j->rows ? j->outd - r0 : j->rows;
+    pie__cpu_matmul(j->out + r0, j->outd, j->x, j->w + (int64_t)r0 * j->in,
+                    j->n, j->in, m, j->beta);
+}
+
+static void matmul(cpu_backend *b, float *out, const float *x, const float *w,
+                   int32_t n, int32_t in, int32_t outd, float beta)
+{
+    /* x (n, in), w (outd, in) -> out (n, outd) */
+    mm_job j = { out, x, w, n, in, outd, outd, beta };
+    int64_t work = (int64_t)n * in * outd;
+    int32_t tasks = work < CPU_MM_INLINE ? 1 : b->n_threads;
+    j.rows = (outd + tasks - 1) / tasks;
+    j.rows = (j.rows + 15) / 16 * 16;
+    pie__cpu_pool_run(b->pool, (outd + j.rows - 1) / j.rows, mm_task, &j);
 }
 
 /* Element-wise stages run over chunks of CPU_ROWS tokens on the pool. */
@@ -564,17 +610,17 @@ static void layer_forward(cpu_backend *b, fwd_ctx *c, int32_t n)
     cpu_state *s = &b->st;
     int32_t d = cf->dim;
     run_stage(c, STAGE_ATTN_NORM);
-    pie__cpu_matmul(s->q, s->xb, L->wq, n, d, b->q_dim, 0.0f);
-    pie__cpu_matmul(s->k, s->xb, L->wk, n, d, b->kv_dim, 0.0f);
-    pie__cpu_matmul(s->v, s->xb, L->wv, n, d, b->kv_dim, 0.0f);
+    matmul(b, s->q, s->xb, L->wq, n, d, b->q_dim, 0.0f);
+    matmul(b, s->k, s->xb, L->wk, n, d, b->kv_dim, 0.0f);
+    matmul(b, s->v, s->xb, L->wv, n, d, b->kv_dim, 0.0f);
     run_stage(c, STAGE_QKV);
     attention(c);
-    pie__cpu_matmul(s->x, s->att, L->wo, n, b->q_dim, d, 1.0f);
+    matmul(b, s->x, s->att, L->wo, n, b->q_dim, d, 1.0f);
     run_stage(c, STAGE_FFN_NORM);
-    pie__cpu_matmul(s->hb, s->xb, L->w_gate, n, d, cf->hidden_dim, 0.0f);
-    pie__cpu_matmul(s->hb2, s->xb, L->w_up, n, d, cf->hidden_dim, 0.0f);
+    matmul(b, s->hb, s->xb, L->w_gate, n, d, cf->hidden_dim, 0.0f);
+    matmul(b, s->hb2, s->xb, L->w_up, n, d, cf->hidden_dim, 0.0f);
     run_stage(c, STAGE_SILU);
-    pie__cpu_matmul(s->x, s->hb, L->w_down, n, cf->hidden_dim, d, 1.0f);
+    matmul(b, s->x, s->hb, L->w_down, n, cf->hidden_dim, d, 1.0f);
 }
 
 static void sample_task(void *ctx, int64_t o, int32_t worker)
@@ -644,7 +690,7 @@ static int cpu_forward(pie_backend *base, const pie_forward_batch *bt,
     if (rc) return rc;
     if (n == 0) return 0;
     plan_tokens(b, bt);
-    openblas_set_num_threads(b->n_threads);
+    openblas_set_num_threads(1);
     cpu_state *s = &b->st;
     for (int32_t t = 0; t < n; t++)
         memcpy(s->x + (int64_t)t * d,
@@ -659,7 +705,7 @@ static int cpu_forward(pie_backend *base, const pie_forward_batch *bt,
                sizeof(float) * (size_t)d);
     pie__cpu_rmsnorm(s->xo, s->xo, b->final_norm, bt->n_outputs, d,
                      cf->norm_eps);
-    pie__cpu_matmul(s->logits, s->xo, b->lm_head, bt->n_outputs, d,
+    matmul(b, s->logits, s->xo, b->lm_head, bt->n_outputs, d,
                     cf->vocab_size, 0.0f);
     pie__cpu_pool_run(b->pool, bt->n_outputs, sample_task, &c);
     for (int32_t o = 0; o < bt->n_outputs; o++)

@@ -14,9 +14,10 @@
 
 /* ------------------------------------------------------------- kernels */
 
-/* out = x·wᵀ (+ beta·out): x (n, in), w (outd, in), out (n, outd). */
-void pie__cpu_matmul(float *out, const float *x, const float *w, int32_t n,
-                     int32_t in, int32_t outd, float beta);
+/* out = x·wᵀ (+ beta·out): x (n, in), w (outd, in), out (n, outd) with
+ * row stride ldo (a column slice of a wider output). */
+void pie__cpu_matmul(float *out, int32_t ldo, const float *x, const float *w,
+                     int32_t n, int32_t in, int32_t outd, float beta);
 /* out[i] = x[i] / rms(x[i]) * w, rows of length d. out may equal x. */
 void pie__cpu_rmsnorm(float *out, const float *x, const float *w, int32_t n,
                       int32_t d, float eps);

@@ -2,7 +2,8 @@
  * ops.c — float32 kernels of the CPU backend.
  *
  * Every dense matmul goes through pie__cpu_matmul (OpenBLAS sgemm, weights
- * stored (out, in) as Hugging Face keeps them, so C = X·Wᵀ). The rest is
+ * stored (out, in) as Hugging Face keeps them, so C = X·Wᵀ); the backend
+ * splits W's rows across its worker pool and runs OpenBLAS single-threaded. The rest is
  * straight-line math matching the Hugging Face `transformers` modules it
  * replaces: LlamaRMSNorm (mean of squares in float32, then weight * x),
  * rotate_half RoPE with cos/sin of float32 angles, and
@@ -14,18 +15,18 @@
 #include "backend/cpu/cpu_internal.h"
 #include "model/model.h"
 
-void pie__cpu_matmul(float *out, const float *x, const float *w, int32_t n,
-                     int32_t in, int32_t outd, float beta)
+void pie__cpu_matmul(float *out, int32_t ldo, const float *x, const float *w,
+                     int32_t n, int32_t in, int32_t outd, float beta)
 {
-    /* x (n, in), w (outd, in) -> out (n, outd) */
-    if (n == 0) return;
+    /* x (n, in), w (outd, in) -> out (n, outd) with row stride ldo */
+    if (n == 0 || outd == 0) return;
     if (n == 1) {   /* decode: sgemv streams w once, sgemm would pack it */
         cblas_sgemv(CblasRowMajor, CblasNoTrans, outd, in, 1.0f, w, in, x, 1,
                     beta, out, 1);
         return;
     }
     cblas_sgemm(CblasRowMajor, CblasNoTrans, CblasTrans, n, outd, in, 1.0f, x,
-                in, w, in, beta, out, outd);
+                in, w, in, beta, out, ldo);
 }
 
 void pie__cpu_rmsnorm(float *out, const float *x, const float *w, int32_t n,
