@@ -48,6 +48,7 @@ typedef struct run_inst {
 } run_inst;
 
 static pthread_mutex_t stream_mu = PTHREAD_MUTEX_INITIALIZER;
+static char stream_last = '\n';    /* last byte streamed to stdout       */
 
 static void buf_add(run_buf *b, const void *p, size_t n)
 {
@@ -74,6 +75,7 @@ static void emit(run_inst *r, int fd, const void *p, size_t n)
         FILE *f = fd == 2 ? stderr : stdout;
         fwrite(p, 1, n, f);
         fflush(f);
+        if (fd != 2 && n) stream_last = ((const char *)p)[n - 1];
         pthread_mutex_unlock(&stream_mu);
     } else {
         buf_add(fd == 2 ? &r->err : &r->out, p, n);
@@ -133,13 +135,17 @@ static int resolve(const char *name, char *path, size_t cap)
         snprintf(path, cap, "%s/%s.wasm", dir, name);
         if (access(path, R_OK) == 0) return 0;
     }
-    char exe[PATH_MAX - 64];
+    if (n > 128) {
+        fprintf(stderr, "pie run: inferlet name too long: %.40s...\n", name);
+        return -1;
+    }
+    char exe[PATH_MAX - 160];
     ssize_t k = readlink("/proc/self/exe", exe, sizeof exe - 1);
     if (k > 0) {
         exe[k] = 0;
         char *slash = strrchr(exe, '/');
         if (slash) *slash = 0;
-        snprintf(path, cap, "%s/inferlets/%.40s.wasm", exe, name);
+        snprintf(path, cap, "%s/inferlets/%.128s.wasm", exe, name);
         if (access(path, R_OK) == 0) return 0;
     }
     fprintf(stderr, "pie run: no bundled inferlet '%s' (looked in %s%s"
@@ -229,6 +235,8 @@ static int run_all(const run_args *a, pie_rt *rt, pie_rt_module *mod,
     for (int i = 0; i < launched; i++) {
         char reason[512] = "";
         int32_t st = pie_rt_wait(r[i].inst, reason, sizeof reason);
+        if (r[i].stream && stream_last != '\n' && isatty(STDOUT_FILENO))
+            fputc('\n', stdout);           /* keep the shell prompt apart */
         int code = finish_instance(&r[i], st, reason, a->n);
         if (a->n == 1) worst = code;
         else if (code) worst = 1;

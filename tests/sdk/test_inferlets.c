@@ -297,6 +297,19 @@ static void test_beam(void)
     CHECK(lp4 <= 0 && lp1 <= 0, "log-probabilities %f %f", lp1, lp4);
     printf("beam 1 logprob %.4f, beam 4 logprob %.4f\n", lp1, lp4);
     run_free(&r);
+    /* where greedy is not the best path, 4 beams find a likelier one */
+    double lp[2];
+    for (int k = 0; k < 2; k++) {
+        r = PIE_RUN("beam-search", "--", "--prompt", "The dog", "--beams",
+                    k ? "4" : "1", "--max-tokens", "30", "--json");
+        CHECK(r.status == 0, "exited %d: %s", r.status, r.err);
+        json_t *j = json_loads(r.out, 0, NULL);
+        lp[k] = json_real_value(json_object_get(j, "logprob"));
+        json_decref(j);
+        run_free(&r);
+    }
+    CHECK(lp[1] > lp[0] + 1.0, "'The dog': beam 4 %.4f vs greedy %.4f", lp[1],
+          lp[0]);
     free(text);
 }
 
