@@ -20,6 +20,8 @@
 #include <stdio.h>
 #include <stdlib.h>
 #include <string.h>
+#include <time.h>
+#include <unistd.h>
 
 #include "pie.h"
 
@@ -95,6 +97,23 @@ static void test_runtime(int argc, char **argv)
     uint64_t r1 = 0, r2 = 0;
     EXPECT(pie_random_u64(&r1) == 0 && pie_random_u64(&r2) == 0 && r1 != r2,
            "random_u64");
+}
+
+/* The WASI calls libc makes: clocks, random, environment, stdin. */
+static void test_wasi(void)
+{
+    struct timespec a, b, res;
+    EXPECT(clock_gettime(CLOCK_MONOTONIC, &a) == 0, "monotonic clock");
+    EXPECT(clock_gettime(CLOCK_REALTIME, &b) == 0 && b.tv_sec > 1600000000,
+           "realtime clock %lld", (long long)b.tv_sec);
+    EXPECT(clock_getres(CLOCK_MONOTONIC, &res) == 0, "clock_getres");
+    unsigned char r1[16] = {0}, r2[16] = {0};
+    EXPECT(getentropy(r1, 16) == 0 && getentropy(r2, 16) == 0 &&
+           memcmp(r1, r2, 16), "getentropy");
+    EXPECT(getenv("HOME") == NULL && getenv("PATH") == NULL,
+           "the environment is empty");
+    char c;
+    EXPECT(read(0, &c, 1) == 0, "stdin is empty");
 }
 
 static void test_model(int32_t *m_out, const char *ids_s)
@@ -390,6 +409,7 @@ int main(int argc, char **argv)
     printf("conformance: wasi stdout works (%d args)\n", argc);
     fprintf(stderr, "conformance: wasi stderr works\n");
     test_runtime(argc, argv);
+    test_wasi();
     test_model(&m, argc > 2 ? argv[2] : "");
     if (argc > 3) test_forward(m, argv[2], argv[3]);
     test_kv(m);
