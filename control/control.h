@@ -63,6 +63,15 @@ typedef struct pie_ctl_future pie_ctl_future;
 
 /* ---- engine ------------------------------------------------------------ */
 
+/* What an allocation does when the pool is short (after its quota check):
+ *   WAIT     wait up to its timeout for pages to be freed (admission)
+ *   SUSPEND  first swap idle clients (no pending work) of the same or lower
+ *            priority to host memory; they resume transparently
+ *   FCFS     first ask the newest client of the same or lower priority to
+ *            terminate (its on_evict callback), as the Pie paper does; its
+ *            pages return when its owner closes it */
+enum { PIE_CTL_POLICY_WAIT = 0, PIE_CTL_POLICY_SUSPEND, PIE_CTL_POLICY_FCFS };
+
 typedef struct pie_ctl_opts {
     int32_t max_batch_tokens;  /* tokens per fire (default 4096)            */
     int32_t max_batch_reqs;    /* requests per fire (default 256)           */
@@ -70,11 +79,7 @@ typedef struct pie_ctl_opts {
     int32_t prefill_chunk;     /* max tokens of one request per fire
                                   (default 512; < 0 = never split)          */
     bool    no_dedup;          /* disable prefix dedup of full pages        */
-    bool    suspend_idle;      /* memory-pressure policy `suspend`: an
-                                  allocation that finds the pool short swaps
-                                  idle clients of its priority or lower to
-                                  host memory (resumed transparently) before
-                                  it waits; default: it waits (admission)   */
+    int32_t policy;            /* memory pressure (PIE_CTL_POLICY_*)        */
     uint64_t model_id;         /* mixed into page hashes (default: 0)       */
 } pie_ctl_opts;
 
@@ -96,6 +101,12 @@ typedef struct pie_ctl_client_opts {
     int64_t max_tokens;        /* tokens forwarded in total (0 = no limit)  */
     int32_t priority;          /* class; 0 is served first (0..7)           */
     const char *name;          /* for messages and counters (may be NULL)   */
+    /* FCFS policy: asks the owner to end this client (e.g. kill the
+     * inferlet); runs without the control lock on the allocating thread and
+     * must not call pie_ctl functions. pie_ctl_client_close waits for a
+     * running on_evict. NULL: never chosen. */
+    void (*on_evict)(void *user, pie_ctl_client *c);
+    void *evict_user;
 } pie_ctl_client_opts;
 
 int  pie_ctl_client_open(pie_ctl *ctl, const pie_ctl_client_opts *opts,
@@ -257,6 +268,7 @@ typedef struct pie_ctl_stats {
     uint64_t prefix_tokens_skipped; /* prompt tokens not recomputed because
                                   their full pages were already cached      */
     uint64_t suspensions;      /* clients suspended under pressure          */
+    uint64_t evictions;        /* clients asked to end (FCFS policy)        */
     uint64_t alloc_waits;      /* page allocations that had to wait         */
     uint64_t cancelled;        /* forwards completed as cancelled           */
     uint64_t failed;           /* forwards completed with another error     */

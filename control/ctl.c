@@ -142,6 +142,8 @@ int pie_ctl_client_open(pie_ctl *ctl, const pie_ctl_client_opts *opts,
     c->max_tokens = o.max_tokens;
     c->prio = o.priority;
     c->free_h = -1;
+    c->on_evict = o.on_evict;
+    c->evict_user = o.evict_user;
     pthread_mutex_lock(&ctl->mu);
     c->next = ctl->clients;
     if (c->next) c->next->prev = c;
@@ -157,6 +159,7 @@ void pie_ctl_client_close(pie_ctl_client *c)
     if (!c) return;
     pie_ctl *ctl = c->ctl;
     pthread_mutex_lock(&ctl->mu);
+    while (c->evicting > 0) pthread_cond_wait(&ctl->pool_cv, &ctl->mu);
     cancel_client_ops(ctl, c);
     client_destroy(ctl, c);
     pie__unlock(ctl);

@@ -180,6 +180,10 @@ struct pie_ctl_client {
     int64_t         tokens_used;
     ctl_op         *ops;          /* not-DONE ops (cnext/cprev)              */
     bool            suspended;    /* pages swapped to host (suspend.c)       */
+    bool            evicted;      /* FCFS: asked to end                      */
+    int32_t         evicting;     /* on_evict calls running                  */
+    void          (*on_evict)(void *user, pie_ctl_client *c);
+    void           *evict_user;
     unsigned char  *swap_buf;     /* n_swap * page_bytes                     */
     int32_t        *swap_fill;    /* (n_swap)                                */
     int32_t         n_swap;
@@ -256,6 +260,8 @@ void pie__pool_prefix_apply(pie_ctl *ctl, pie_ctl_client *c,
 /* Frees pages for an allocation of n by suspending idle clients of the same
  * or lower priority than requester (swap to host); returns pages gained. */
 int32_t pie__suspend_for(pie_ctl *ctl, int32_t n, pie_ctl_client *requester);
+/* FCFS: asks the newest eligible client to end (unlocks around the call). */
+bool pie__evict_one(pie_ctl *ctl, pie_ctl_client *requester);
 /* Brings a suspended client's pages back (waits for the pool). */
 int  pie__client_resume(pie_ctl_client *c);
 #define RESUME(c) ((c)->suspended ? pie__client_resume(c) : 0)

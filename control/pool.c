@@ -314,8 +314,10 @@ int pie__wait_for_pages(pie_ctl *ctl, int32_t n, int32_t timeout_ms,
                         pie_ctl_client *requester)
 {
     if (AVAILABLE(ctl) >= n) return 0;
-    if (ctl->o.suspend_idle && n <= ctl->n_pages)
+    if (ctl->o.policy == PIE_CTL_POLICY_SUSPEND && n <= ctl->n_pages)
         pie__suspend_for(ctl, n - AVAILABLE(ctl), requester);
+    if (ctl->o.policy == PIE_CTL_POLICY_FCFS && n <= ctl->n_pages)
+        pie__evict_one(ctl, requester);
     if (AVAILABLE(ctl) >= n) return 0;
     if (n > ctl->n_pages)
         return pie_err_set(PIE_EBUSY, "control: %d pages requested but the "

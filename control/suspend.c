@@ -108,6 +108,25 @@ int32_t pie__suspend_for(pie_ctl *ctl, int32_t n, pie_ctl_client *requester)
     return got;
 }
 
+bool pie__evict_one(pie_ctl *ctl, pie_ctl_client *req)
+{
+    int32_t floor = req ? req->prio : 0;
+    pie_ctl_client *v = ctl->clients;            /* newest first */
+    while (v && (v == req || v->evicted || !v->on_evict || v->prio < floor ||
+                 v->pages_held == 0))
+        v = v->next;
+    if (!v) return false;
+    v->evicted = true;
+    v->evicting++;
+    ctl->st.evictions++;
+    pthread_mutex_unlock(&ctl->mu);
+    v->on_evict(v->evict_user, v);
+    pthread_mutex_lock(&ctl->mu);
+    v->evicting--;
+    pthread_cond_broadcast(&ctl->pool_cv);
+    return true;
+}
+
 void pie__client_drop_swap(pie_ctl_client *c)
 {
     free(c->swap_buf);

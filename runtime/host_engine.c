@@ -181,6 +181,13 @@ static served *model_of(I *i, uint32_t h)
     return &x->e->models[x->models[h - 1]];
 }
 
+/* FCFS policy: the control layer asks this instance to end. */
+static void engine_evict(void *user, pie_ctl_client *c)
+{
+    (void)c;
+    pie_rt_kill(user, "KV page pool full: evicted by the fcfs policy");
+}
+
 /* The instance's client for served model k (opened on first use). */
 static int client_at(I *i, int32_t k, pie_ctl_client **out)
 {
@@ -191,6 +198,8 @@ static int client_at(I *i, int32_t k, pie_ctl_client **out)
         char name[48];
         snprintf(name, sizeof name, "instance %u", pie_rt_instance_id(i));
         o.name = name;
+        o.on_evict = engine_evict;
+        o.evict_user = i;
         int rc = pie_ctl_client_open(s->ctl, &o, &x->clients[k]);
         if (rc < 0) return rc;
     }

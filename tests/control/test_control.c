@@ -776,7 +776,7 @@ static void test_persist(void)
 static void test_suspend(void)
 {
     pie_backend *b;
-    pie_ctl_opts co = { .suspend_idle = true };
+    pie_ctl_opts co = { .policy = PIE_CTL_POLICY_SUSPEND };
     pie_ctl *ctl = make_ctl(8, 0, &co, &b);
     pie_ctl_client *a, *c, *hi;
     pie_ctl_client_opts oa = { .priority = 3, .name = "a" };
@@ -828,6 +828,63 @@ static void test_suspend(void)
           "%llu", st.pages_free, (unsigned long long)st.suspensions);
     printf("suspend: idle client swapped out and resumed with identical "
            "outputs; priorities respected\n");
+    done_ctl(ctl, b);
+}
+
+/* FCFS: the newest client of equal or lower priority is asked to end; its
+ * pages come back when its owner closes it; older clients are untouched. */
+static pie_ctl_client *evicted_client;
+static pthread_mutex_t ev_mu = PTHREAD_MUTEX_INITIALIZER;
+static pthread_cond_t ev_cv = PTHREAD_COND_INITIALIZER;
+
+static void on_evict(void *user, pie_ctl_client *c)
+{
+    (void)user;
+    pthread_mutex_lock(&ev_mu);
+    evicted_client = c;
+    pthread_cond_signal(&ev_cv);
+    pthread_mutex_unlock(&ev_mu);
+}
+
+static void *owner_thread(void *arg)
+{
+    (void)arg;
+    pthread_mutex_lock(&ev_mu);
+    while (!evicted_client) pthread_cond_wait(&ev_cv, &ev_mu);
+    pie_ctl_client *c = evicted_client;
+    pthread_mutex_unlock(&ev_mu);
+    pie_ctl_client_close(c);        /* the owner "kills" it */
+    return NULL;
+}
+
+static void test_fcfs(void)
+{
+    pie_backend *b;
+    pie_ctl_opts co = { .policy = PIE_CTL_POLICY_FCFS };
+    pie_ctl *ctl = make_ctl(8, 0, &co, &b);
+    pie_ctl_client *old, *young, *c;
+    pie_ctl_client_opts o = { .on_evict = on_evict, .priority = 2 };
+    CHECK_OK(pie_ctl_client_open(ctl, &o, &old));
+    CHECK_OK(pie_ctl_client_open(ctl, &o, &young));
+    CHECK_OK(pie_ctl_client_open(ctl, &o, &c));
+    uint32_t h1[4], h2[4], h3[4];
+    CHECK_OK(pie_ctl_page_alloc(old, 4, 0, h1));
+    CHECK_OK(pie_ctl_page_alloc(young, 4, 0, h2));
+    pthread_t th;
+    pthread_create(&th, NULL, owner_thread, NULL);
+    CHECK_OK(pie_ctl_page_alloc(c, 4, 2000, h3));
+    pthread_join(th, NULL);
+    CHECK(evicted_client == young, "evicted the wrong client");
+    int32_t fill;
+    CHECK_OK(pie_ctl_page_fill(old, h1[0], &fill));
+    pie_ctl_stats st;
+    pie_ctl_get_stats(ctl, &st);
+    CHECK(st.evictions == 1 && st.clients == 2, "evictions %llu, clients %d",
+          (unsigned long long)st.evictions, st.clients);
+    pie_ctl_client_close(old);
+    pie_ctl_client_close(c);
+    printf("fcfs: the newest client was asked to end; the allocation then "
+           "succeeded\n");
     done_ctl(ctl, b);
 }
 
@@ -1048,6 +1105,7 @@ int main(void)
     test_prefix_cache_lru();
     test_persist();
     test_suspend();
+    test_fcfs();
     test_chunked_prefill();
     test_rows_and_masks();
     test_bad_input();
