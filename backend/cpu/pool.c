@@ -8,12 +8,15 @@
  * run out, counting finished tasks in `n_done`.
  *
  * A worker joins a job only under the mutex (active++) and leaves it under
- * the mutex (active--). The caller returns when n_done == n_tasks and
- * active == 0: it never waits for a worker the OS has not scheduled yet
- * (on a busy machine that wait would cost a time slice per job), and no
- * worker can still touch ctx afterwards, so ctx may live on its stack. A
- * worker that wakes after its job ended joins it, finds no task and
- * leaves. Jobs never overlap: the backend runs one forward at a time.
+ * the mutex (active--). The caller returns as soon as n_done == n_tasks:
+ * it never waits for a worker the OS has not scheduled yet (on a busy
+ * machine that wait would cost a time slice per job). A worker still
+ * inside a finished job can only find the task counter exhausted and
+ * leave; it never touches ctx again, so ctx may live on the caller's
+ * stack. The next job is published only once active == 0, so no worker
+ * ever reads fn/ctx/n_tasks while they change. A worker that wakes after
+ * its job ended joins it, finds no task and leaves. Jobs never overlap:
+ * the backend runs one forward at a time.
  */
 #include <pthread.h>
 #include <stdatomic.h>
@@ -33,7 +36,7 @@ struct pie__cpu_pool {
     pthread_t       *threads;     /* (n_threads - 1)                       */
     pthread_mutex_t  mu;
     pthread_cond_t   wake;        /* new generation or stop                */
-    pthread_cond_t   done;        /* a worker left a job                   */
+    pthread_cond_t   done;        /* a worker left a job (broadcast)       */
     uint64_t         generation;  /* bumped per job, under mu              */
     int32_t          active;      /* workers inside the current job, mu    */
     int              stop;
@@ -72,7 +75,8 @@ static void *worker_main(void *arg)
         pthread_mutex_unlock(&p->mu);
         run_tasks(p, a.id);
         pthread_mutex_lock(&p->mu);
-        if (--p->active == 0) pthread_cond_signal(&p->done);
+        p->active--;
+        pthread_cond_broadcast(&p->done);
     }
     pthread_mutex_unlock(&p->mu);
     return NULL;
@@ -118,6 +122,7 @@ void pie__cpu_pool_run(pie__cpu_pool *p, int64_t n_tasks, pie__cpu_task_fn fn,
         return;
     }
     pthread_mutex_lock(&p->mu);
+    while (p->active > 0) pthread_cond_wait(&p->done, &p->mu);
     p->fn = fn;
     p->ctx = ctx;
     p->n_tasks = n_tasks;
@@ -131,7 +136,7 @@ void pie__cpu_pool_run(pie__cpu_pool *p, int64_t n_tasks, pie__cpu_task_fn fn,
     for (int i = 0; i < 4000 && atomic_load(&p->n_done) < n_tasks; i++)
         CPU_RELAX();
     pthread_mutex_lock(&p->mu);
-    while (atomic_load(&p->n_done) < n_tasks || p->active > 0)
+    while (atomic_load(&p->n_done) < n_tasks)
         pthread_cond_wait(&p->done, &p->mu);
     pthread_mutex_unlock(&p->mu);
 }
