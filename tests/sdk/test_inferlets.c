@@ -17,6 +17,8 @@
  *   conform   the API conformance inferlet (every function, error cases,
  *             child traps) passes; trap modes end the instance with a
  *             reason on stderr; -n mixes of good and trapping instances
+ *   chat      text-completion --system on Llama 3 / ChatML models equals
+ *             pie generate on the Hugging Face-templated prompt
  *   build     pie build compiles a C file and a directory, runs it, passes
  *             compiler errors through; pie run rejects bad inputs clearly
  *
@@ -340,6 +342,55 @@ static void test_sink(void)
     free(text);
 }
 
+/* Chat models: text-completion with --system wraps the prompt in the
+ * model's template (written out here from the Hugging Face templates) and
+ * generates what `pie generate` (the native loop) generates from the ids
+ * of that templated text. */
+static void test_chat(void)
+{
+    static const struct { const char *model, *text; } cases[] = {
+        { "models/tiny-llama3",
+          "<|begin_of_text|><|start_header_id|>system<|end_header_id|>\n\n"
+          "Be brief.<|eot_id|><|start_header_id|>user<|end_header_id|>\n\n"
+          "Hello there<|eot_id|><|start_header_id|>assistant"
+          "<|end_header_id|>\n\n" },
+        { "models/tiny-qwen2",
+          "<|im_start|>system\nBe brief.<|im_end|>\n<|im_start|>user\n"
+          "Hello there<|im_end|>\n<|im_start|>assistant\n" },
+    };
+    for (size_t k = 0; k < 2; k++) {
+        const char *dir = test_shared_path(cases[k].model);
+        pie_tokenizer *t;
+        int32_t *ids, got[32], want[32];
+        size_t n;
+        CHECK_OK(pie_tokenizer_load(dir, &t));
+        CHECK_OK(pie_tokenizer_encode(t, cases[k].text, strlen(cases[k].text),
+                                      false, &ids, &n));
+        char list[4096], *p = list;
+        for (size_t i = 0; i < n; i++)
+            p += sprintf(p, "%s%d", i ? "," : "", ids[i]);
+        free(ids);
+        pie_tokenizer_free(t);
+        run_out g = run((const char *const[]){ PIE_BIN, "generate", "--backend",
+            "cpu", "--model", dir, "--prompt-ids", list, "--temperature", "0",
+            "--max-tokens", "12", "--ignore-eos", "--json", NULL });
+        CHECK(g.status == 0, "pie generate: %s", g.err);
+        int nw = json_ids(g.out, "ids", want, 32);
+        run_out r = run((const char *const[]){ PIE_BIN, "run", "--backend",
+            "cpu", "--cache-dir", tmpdir, "--model", dir, "text-completion",
+            "--", "--prompt", "Hello there", "--system", "Be brief.",
+            "--temperature", "0", "--max-tokens", "12", "--ignore-eos",
+            "--json", NULL });
+        CHECK(r.status == 0, "text-completion on %s: %s", dir, r.err);
+        check_ids(cases[k].model, got, json_ids(r.out, "ids", got, 32), want,
+                  nw);
+        printf("%s: chat template + generation agree with pie generate\n",
+               cases[k].model);
+        run_free(&g);
+        run_free(&r);
+    }
+}
+
 static void test_conform(const char *wasm)
 {
     char ids[256], next[64], *p = ids;
@@ -473,6 +524,7 @@ int main(int argc, char **argv)
     else if (!strcmp(c, "sink")) test_sink();
     else if (!strcmp(c, "conform")) test_conform(argv[2]);
     else if (!strcmp(c, "build")) test_build();
+    else if (!strcmp(c, "chat")) test_chat();
     else CHECK(0, "unknown case %s", c);
     char cmd[600];
     snprintf(cmd, sizeof cmd, "rm -rf '%s'", tmpdir);
