@@ -166,7 +166,7 @@ static void module_name(const char *path, char *out, size_t cap)
 
 typedef struct run_args {
     const char *model, *backend, *cache_dir;
-    int         n, page_size, pages, threads, workers;
+    int         n, page_size, pages, threads, workers, max_pages;
     float       cpu_limit, memory_limit_mb;
 } run_args;
 
@@ -299,7 +299,8 @@ static int run_engine(const run_args *a, const char *path, int nargs,
                                                   1048576.0) };
     char mname[256];
     module_name(a->model, mname, sizeof mname);
-    if (pie_engine_create(NULL, &eng) != 0 ||
+    pie_engine_opts eo = { .client = { .max_pages = a->max_pages } };
+    if (pie_engine_create(&eo, &eng) != 0 ||
         pie_engine_add_model(eng, mname, m, ctl) != 0) {
         fprintf(stderr, "pie run: cannot serve the model to inferlets: %s\n",
                 pie_err_msg());
@@ -338,6 +339,8 @@ int pie_cmd_run(int argc, char **argv)
         { "backend", 'b', OPT_STR, &a.backend, "cpu, cuda or auto (auto)" },
         { "page-size", 0, OPT_INT, &a.page_size, "KV page size in tokens (16)" },
         { "pages", 0, OPT_INT, &a.pages, "KV pages in the pool (0 = auto)" },
+        { "max-pages", 0, OPT_INT, &a.max_pages, "KV pages one instance may "
+          "hold (0 = no limit)" },
         { "threads", 0, OPT_INT, &a.threads, "CPU backend threads (0 = all)" },
         { "workers", 0, OPT_INT, &a.workers, "inferlet worker threads (2)" },
         { "cache-dir", 0, OPT_STR, &a.cache_dir, "compiled-inferlet cache "

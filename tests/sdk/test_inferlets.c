@@ -339,6 +339,22 @@ static void test_sink(void)
     printf("attention-sink: max %d pages held (bound %d) over 205 tokens\n",
            maxp, bound);
     run_free(&r);
+    /* the host agrees: under a 4-page quota per instance, attention-sink
+     * generates 200 tokens (13 pages without freeing) and text-completion
+     * cannot */
+    r = PIE_RUN("--max-pages", "4", "attention-sink", "--", "--prompt",
+                "Once upon a time", "--max-tokens", "200", "--sink-pages", "1",
+                "--window-pages", "2", "--json");
+    CHECK(r.status == 0, "attention-sink under a 4-page quota: %d %s",
+          r.status, r.err);
+    CHECK(json_ids(r.out, "ids", ids, 256) == 200, "200 ids under the quota");
+    run_free(&r);
+    r = PIE_RUN("--max-pages", "4", "text-completion", "--", "--prompt",
+                "Once upon a time", "--max-tokens", "200", "--temperature", "0",
+                "--ignore-eos");
+    CHECK(r.status != 0 && strstr(r.err, "quota"),
+          "text-completion must hit the 4-page quota: %d %s", r.status, r.err);
+    run_free(&r);
     free(text);
 }
 
