@@ -38,6 +38,7 @@
 
 #ifdef __SANITIZE_ADDRESS__
 #include <sanitizer/common_interface_defs.h>
+#include <sanitizer/asan_interface.h>
 #define ASAN_START(fake, bottom, size) \
     __sanitizer_start_switch_fiber(fake, bottom, size)
 #define ASAN_FINISH(fake, bottom, size) \
@@ -126,6 +127,10 @@ static void *stack_get(size_t size)
 
 static void stack_put(void *s, size_t size)
 {
+#ifdef __SANITIZE_ADDRESS__
+    /* frames unwound by a trap may leave poisoned shadow behind */
+    __asan_unpoison_memory_region((char *)s + STACK_GUARD, size - STACK_GUARD);
+#endif
     pthread_mutex_lock(&stack_lock);
     if (n_stack_pool < STACK_POOL_MAX) {
         stack_pool[n_stack_pool] = s;

@@ -531,7 +531,17 @@ int pie_rt_module_load(pie_rt *rt, const void *wasm, size_t len,
         *cached = hit;
     if (!hit && (rc = compile(rt, wasm, len, path)))
         return rc;
-    return load_so(rt, path, key, out);
+    rc = load_so(rt, path, key, out);
+    if (rc && hit) {
+        /* A damaged cache entry: drop it and compile afresh. */
+        unlink(path);
+        if (cached)
+            *cached = 0;
+        if ((rc = compile(rt, wasm, len, path)))
+            return rc;
+        rc = load_so(rt, path, key, out);
+    }
+    return rc;
 }
 
 void pie_rt_module_ref(pie_rt_module *m) { atomic_fetch_add(&m->refs, 1); }

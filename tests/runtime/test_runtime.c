@@ -296,6 +296,11 @@ static void test_messaging(void)
     i = launch_msg(rt, m, &c, sl);
     finish_msg(i, c, 0, "idx=1 ok=1 timeout=-12 poll=-12");
 
+    /* Error cases of the runtime/messaging API, from inside an inferlet. */
+    const char *er[] = {"msg", "errors", NULL};
+    i = launch_msg(rt, m, &c, er);
+    finish_msg(i, c, 0, "all 15 error cases ok");
+
     /* A message to an ended instance is an error, not a crash. */
     i = launch_msg(rt, m, &c, push2);
     CHECK(pie_rt_wait(i, NULL, 0) == 0, "push");

@@ -8,6 +8,7 @@
  *   parent NAME     launch child NAME with args "echo-child" and wait
  *   sleep NS        sleep NS ns, then report elapsed >= NS
  *   http URL        GET URL, send "status:body" */
+#include <stdint.h>
 #include <stdio.h>
 #include <stdlib.h>
 #include <string.h>
@@ -131,6 +132,46 @@ int main(int argc, char **argv)
         int n = pie_future_payload(f, buf, sizeof buf - 1);
         int l = snprintf(out, sizeof out, "%d:%.*s", st, n > 0 ? n : 0, buf);
         return pie_send(out, l);
+    }
+    if (!strcmp(m, "errors")) {
+        /* Error cases of the runtime and messaging groups: each must
+         * return its documented code (and not trap). */
+        static char big[(1 << 20) + 1];
+        struct { const char *what; int got, want; } c[] = {
+            {"set_return > 1 MiB", pie_set_return(big, sizeof big), PIE_ELIMIT},
+            {"send > 1 MiB", pie_send(big, sizeof big), PIE_ELIMIT},
+            {"publish empty topic", pie_publish("", 0, "x", 1), PIE_EINVAL},
+            {"publish NUL in topic", pie_publish("a\0b", 3, "x", 1), PIE_EINVAL},
+            {"publish no subscribers", pie_publish("nobody", 6, "x", 1), 0},
+            {"subscription_next bad", pie_subscription_next(777), PIE_EINVAL},
+            {"unsubscribe bad", pie_unsubscribe(-3), PIE_EINVAL},
+            {"queue_pull empty name", pie_queue_pull("", 0), PIE_EINVAL},
+            {"future_status bad", pie_future_status(0), PIE_EINVAL},
+            {"future_cancel bad", pie_future_cancel(99), PIE_EINVAL},
+            {"future_free bad", pie_future_free(99), PIE_EINVAL},
+            {"wait_any n=0", pie_future_wait_any(0, 0, 0), PIE_EINVAL},
+            {"launch bad args", pie_launch("msg", 3, "no-nul", 6), PIE_EINVAL},
+            {"http bad method", pie_http_request("get", 3, "http://x/", 9, "", 0, "", 0), PIE_EINVAL},
+            {"http header injection", pie_http_request("GET", 3, "http://x/", 9, "A: b\r\n\r\nGET", 13, "", 0), PIE_EINVAL},
+        };
+        int used = 0, bad = 0;
+        for (unsigned k = 0; k < sizeof c / sizeof c[0]; k++)
+            if (c[k].got != c[k].want) {
+                bad++;
+                used += snprintf(out + used, sizeof out - used, "%s: got %d want %d; ",
+                                 c[k].what, c[k].got, c[k].want);
+            }
+        uint64_t r1 = 0, r2 = 0;
+        pie_random_u64(&r1);
+        pie_random_u64(&r2);
+        if (r1 == r2) {
+            bad++;
+            used += snprintf(out + used, sizeof out - used, "random repeats; ");
+        }
+        if (!bad)
+            used = snprintf(out, sizeof out, "all %u error cases ok",
+                            (unsigned)(sizeof c / sizeof c[0]));
+        return pie_send(out, used);
     }
     return 2;
 }
