@@ -36,8 +36,15 @@ for phase in "$@"; do
         log "$phase"
         PYTHONUNBUFFERED=1 timeout 300 python3 scripts/hf_random_compare.py $s /tmp/hf-$s \
             > "$OUT/$phase-py.log" 2>&1; echo "py rc=$?"; tail -5 "$OUT/$phase-py.log"
-        PIE_CUDA_HF_DIRS=/tmp/hf-$s timeout 200 $R test_cuda_model 2>&1 \
-            | tee "$OUT/$phase.log" | tail -5 | tee -a "$OUT/summary.log"
+        PIE_CUDA_HF_DIRS=/tmp/hf-$s timeout 200 $R test_cuda_model > "$OUT/$phase.log" 2>&1
+        rc=$?
+        echo "$phase rc=$rc" | tee -a "$OUT/summary.log"
+        tail -6 "$OUT/$phase.log" | tee -a "$OUT/summary.log"
+        if [ $rc -gt 1 ] && [ $rc -ne 124 ]; then   # crashed: where?
+            LD_LIBRARY_PATH=/tmp/pie/bundle/lib:/usr/local/cuda/lib64 PIE_CUDA_HF_DIRS=/tmp/hf-$s \
+                timeout 200 cuda-gdb -batch -ex run -ex bt --args /tmp/pie/bundle/bin/test_cuda_model \
+                2>&1 | tail -30 | tee -a "$OUT/summary.log"
+        fi
         rm -rf /tmp/hf-$s
         ;;
     bench1b|bench8b)

@@ -51,8 +51,15 @@ def main():
     c["rope_theta"] = rp.pop("rope_theta", 500000.0)
     c["rope_scaling"] = rp
     json.dump(c, open(cpath, "w"), indent=2)
-    model = model.float()              # reference: bf16 weights, f32 compute
     g = torch.Generator().manual_seed(seed + 1)
+    probe = torch.randint(0, 128256, (1, 37), generator=torch.Generator().manual_seed(seed + 1))
+    with torch.no_grad():               # what bf16 compute costs transformers
+        lb = model(probe.cuda()).logits[0, -1].float()
+    model = model.float()              # reference: bf16 weights, f32 compute
+    with torch.no_grad():
+        lf = model(probe.cuda()).logits[0, -1].float()
+    hf_bf16 = float((lb - lf).norm() / lf.norm())
+    print(f"transformers bf16 vs f32 last-logits rel L2: {hf_bf16:.4g}")
     prompts = []
     for n in (37, 5):
         ids = torch.randint(0, 128256, (n,), generator=g).tolist()
@@ -79,7 +86,7 @@ def main():
             "greedy_top2_gap": gaps,
         })
     with open(os.path.join(out, "reference.json"), "w") as f:
-        json.dump({"prompts": prompts}, f)
+        json.dump({"hf_bf16_rel_l2": hf_bf16, "prompts": prompts}, f)
     print(f"{shape}: saved to {out}; config rope: {getattr(cfg, 'rope_scaling', None)}")
     print(open(os.path.join(out, "config.json")).read())
 

@@ -187,8 +187,8 @@ extern "C" void pie__cuda_qkv_post(float *q, const float *qkv,
  *   pass 1: scores into shared memory (masked slots -inf)
  *   pass 2: per-row max and sum; scores become exp(s - max)
  *   pass 3: P·V accumulated in registers, reduced across groups in smem
- * Shared memory (floats): qs[RMAX][hd], sc[RMAX][CHUNK], os[RMAX][hd],
- * ml[RMAX][2].
+ * Shared memory (floats): qs[RMAX][hd], sc[RMAX][cs], os[5][RMAX][hd]
+ * (one partial per warp, then the sum), ml[RMAX][2].
  */
 #define RMAX PIE_CUDA_ATTN_RMAX
 #define CHUNK PIE_CUDA_ATTN_CHUNK
@@ -227,7 +227,7 @@ attention_kernel(uint16_t *out, float *part_o, float *part_ml, const float *q,
     int LG = hd / 8, NG = ATT_THREADS / LG;
     int gi = threadIdx.x / LG, li = threadIdx.x % LG;
     float *qs = smem, *sc = qs + RMAX * hd, *os = sc + RMAX * cs;
-    float *ml = os + RMAX * hd;
+    float *ml = os + (ATT_THREADS / WARP + 1) * RMAX * hd;
     float scale = rsqrtf((float)hd);
     for (int k = threadIdx.x; k < RMAX * hd; k += ATT_THREADS) {
         int r = k / hd, d = k % hd;
@@ -237,7 +237,6 @@ attention_kernel(uint16_t *out, float *part_o, float *part_ml, const float *q,
             v = q[(int64_t)t * nh * hd + h * hd + d] * scale;
         }
         qs[k] = v;
-        os[k] = 0.0f;
     }
     __syncthreads();
     const int32_t *pages = tm.pages + tm.kv_indptr[it.req];
@@ -332,12 +331,32 @@ attention_kernel(uint16_t *out, float *part_o, float *part_ml, const float *q,
             }
         }
     }
+    /* reduce across the groups of a warp with shuffles, then across the
+     * 4 warps through shared memory (no atomics: they serialize) */
 #pragma unroll
-    for (int r = 0; r < RMAX; r++)
-        if (r < R)
+    for (int r = 0; r < RMAX; r++) {
+        if (r >= R) break;
 #pragma unroll
-            for (int e = 0; e < 8; e++) atomicAdd(&os[r * hd + li * 8 + e], acc[r][e]);
+        for (int e = 0; e < 8; e++) {
+            float v = acc[r][e];
+            for (int o = LG; o < WARP; o <<= 1)
+                v += __shfl_xor_sync(0xffffffffu, v, o);
+            acc[r][e] = v;
+        }
+        if (lane < LG)
+#pragma unroll
+            for (int e = 0; e < 8; e++)
+                os[(w * RMAX + r) * hd + li * 8 + e] = acc[r][e];
+    }
     __syncthreads();
+    for (int k = threadIdx.x; k < R * hd; k += ATT_THREADS) {
+        float v = 0.0f;
+#pragma unroll
+        for (int ww = 0; ww < ATT_THREADS / WARP; ww++) v += os[ww * RMAX * hd + k];
+        os[k + (ATT_THREADS / WARP) * RMAX * hd] = v;
+    }
+    __syncthreads();
+    os += (ATT_THREADS / WARP) * RMAX * hd;
     for (int k = threadIdx.x; k < R * hd; k += ATT_THREADS) {
         int r = k / hd, d = k % hd;
         float l = ml[2 * r + 1];
@@ -356,7 +375,8 @@ attention_kernel(uint16_t *out, float *part_o, float *part_ml, const float *q,
 
 static size_t attn_smem(int hd, int cs)
 {
-    return sizeof(float) * ((size_t)RMAX * hd * 2 + (size_t)RMAX * cs + 2 * RMAX);
+    return sizeof(float) * ((size_t)RMAX * hd * (2 + ATT_THREADS / WARP) +
+                            (size_t)RMAX * cs + 2 * RMAX);
 }
 
 extern "C" void pie__cuda_attention(uint16_t *out, float *part_o,

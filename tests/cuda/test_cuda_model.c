@@ -157,6 +157,8 @@ static double lse(const float *x, int n)
 
 /* Prefill + greedy check of one prompt; returns the max abs error of the
  * last logits. */
+static double rel_tol = 2e-2;   /* bf16: METHOD.md's 1e-3..1e-2, doubled */
+
 static double check_prompt(pie_backend *b, json_t *p, const char *name, int pi)
 {
     int V = b->cfg->vocab_size, n, ng, nl;
@@ -182,8 +184,8 @@ static double check_prompt(pie_backend *b, json_t *p, const char *name, int pi)
         if (fabs(d) > maxerr) maxerr = fabs(d);
     }
     double rel = sqrt(e2 / r2);
-    CHECK(rel <= 2e-2, "%s prompt %d: last logits rel L2 error %.3g > 2e-2 "
-          "(max abs %.3g)", name, pi, rel, maxerr);
+    CHECK(rel <= rel_tol, "%s prompt %d: last logits rel L2 error %.3g > %.3g "
+          "(max abs %.3g)", name, pi, rel, rel_tol, maxerr);
     /* every position: top-1 where separated, logsumexp */
     int top_checked = 0;
     double lse_err = 0;
@@ -489,6 +491,12 @@ static void run_hf_dir(const char *dir)
     json_t *root = json_load_file(ref, 0, &je);
     CHECK(root, "%s: %s", ref, je.text);
     json_t *prompts = json_object_get(root, "prompts");
+    /* transformers' own bf16 run vs its f32 reference, when recorded: we
+     * may differ from f32 by up to twice what bf16 costs transformers */
+    double hf_bf16 = json_real_value(json_object_get(root, "hf_bf16_rel_l2"));
+    rel_tol = 2 * hf_bf16 > 2e-2 ? 2 * hf_bf16 : 2e-2;
+    printf("%s: transformers bf16 vs f32 rel L2 %.3g -> tolerance %.3g\n", dir,
+           hf_bf16, rel_tol);
     for (size_t i = 0; i < json_array_size(prompts); i++) {
         pages_reset(b->n_pages, 1);
         check_prompt(b, json_array_get(prompts, i), dir, (int)i);
@@ -538,6 +546,7 @@ static void run_model(const char *name, int page_size)
 
 int main(void)
 {
+    setvbuf(stdout, NULL, _IONBF, 0);
     if (!pie_backend_cuda_available()) TEST_SKIP("no CUDA GPU");
     test_shared_path("models");
     const char *hf = getenv("PIE_CUDA_HF_DIRS");
