@@ -196,17 +196,17 @@ static int check_sampler(const pie_sampler *s, int32_t o, int32_t vocab)
     case PIE_PROBE_ENTROPY:
         return 0;
     case PIE_SAMPLER_RANDOM:
-        if (isnan(s->temperature) || isnan(s->top_p) || isnan(s->min_p))
+        if (!isfinite(s->temperature) || isnan(s->top_p) || isnan(s->min_p))
             return pie_err_set(PIE_EINVAL, "batch: output %d sampler has a "
-                               "NaN parameter", o);
+                               "non-finite parameter", o);
         return 0;
     case PIE_PROBE_TOPK:
         if (s->top_k < 1 || s->top_k > vocab)
             return pie_err_set(PIE_ERANGE, "batch: output %d TOPK probe k = "
                                "%d outside 1..%d", o, s->top_k, vocab);
-        if (isnan(s->temperature))
+        if (!isfinite(s->temperature))
             return pie_err_set(PIE_EINVAL, "batch: output %d temperature is "
-                               "NaN", o);
+                               "not finite", o);
         return 0;
     case PIE_PROBE_LOGPROBS:
         if (s->n_ids < 0 || (s->n_ids > 0 && !s->ids))

@@ -643,7 +643,8 @@ static void test_invalid(pie_model *m)
     uint32_t mr[10] = { 0, 7, 0, 8, 0, 1, 0, 2, 0, 4 };   /* last: 4 > kv 3 */
     uint32_t mi2[6] = { 0, 2, 4, 6, 8, 6 };
     uint32_t lmi[2] = { 0, 2 }, lmr[2] = { 512, 0 }, lmr2[2] = { 0, 513 };
-    bad_case cases[20];
+    int32_t bad_ids[2] = { 3, 512 };
+    bad_case cases[24];
     int n = 0;
 #define BAD(desc, stmt) do { cases[n] = good; cases[n].what = desc; \
         { bad_case *c = &cases[n]; stmt; } n++; } while (0)
@@ -661,6 +662,12 @@ static void test_invalid(pie_model *m)
     BAD("two tokens write one slot", c->pages[2] = 1);
     BAD("TOPK k = 0", c->smp = (pie_sampler){ .kind = PIE_PROBE_TOPK });
     BAD("unknown sampler kind", c->smp.kind = 99);
+    BAD("infinite temperature", (c->smp.kind = PIE_SAMPLER_RANDOM,
+                                 c->smp.temperature = INFINITY));
+    BAD("NaN top_p", (c->smp.kind = PIE_SAMPLER_RANDOM,
+                      c->smp.temperature = 1, c->smp.top_p = NAN));
+    BAD("LOGPROBS id out of range", (c->smp.kind = PIE_PROBE_LOGPROBS,
+                                     c->smp.ids = bad_ids, c->smp.n_ids = 2));
     BAD("non-monotone mask_indptr", (c->mask_indptr = mi2,
                                      c->mask_runs = mr));
     BAD("logit mask allows nothing", (c->lm_indptr = lmi, c->lm_runs = lmr));
