@@ -122,10 +122,11 @@ static int ref_ids(const char *key, int32_t *out, int cap)
  * text-completion stops at) and its text decoded in context. */
 static int ref_continuation(int n, int32_t *ids, char **text)
 {
-    int32_t prompt[64], all[200];
+    int32_t prompt[64], all[200], greedy[128];
     int np = ref_ids("input_ids", prompt, 64);
-    int ng = ref_ids("greedy_ids", ids, 100);
+    int ng = ref_ids("greedy_ids", greedy, 128);
     CHECK(ng >= n, "reference has %d greedy ids, need %d", ng, n);
+    memcpy(ids, greedy, sizeof(int32_t) * (size_t)n);
     for (int i = 0; i < n; i++)
         if (ids[i] == 2) { n = i; break; }
     pie_tokenizer *t;
