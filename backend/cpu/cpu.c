@@ -643,23 +643,20 @@ static void sample_task(void *ctx, int64_t o, int32_t worker)
                                      c->out->values + off, c->out->ids + off);
 }
 
-/* Prepares tok_req / tok_slot / req_kv; returns the largest kv_len. */
-static int64_t plan_tokens(cpu_backend *b, const pie_forward_batch *bt)
+/* Fills tok_req / tok_slot / req_kv for a validated batch. */
+static void plan_tokens(cpu_backend *b, const pie_forward_batch *bt)
 {
     int32_t ps = b->base.page_size;
-    int64_t max_kv = 0;
     for (int32_t r = 0; r < bt->n_reqs; r++) {
         int32_t np = bt->kv_page_indptr[r + 1] - bt->kv_page_indptr[r];
         int32_t kv_len = (np - 1) * ps + bt->kv_last_page_len[r];
         int32_t n_new = bt->qo_indptr[r + 1] - bt->qo_indptr[r];
-        if (kv_len > max_kv) max_kv = kv_len;
         b->st.req_kv[r] = kv_len;
         for (int32_t i = 0; i < n_new; i++) {
             b->st.tok_req[bt->qo_indptr[r] + i] = r;
             b->st.tok_slot[bt->qo_indptr[r] + i] = kv_len - n_new + i;
         }
     }
-    return max_kv;
 }
 
 static int64_t batch_max_kv(const pie_forward_batch *bt, int32_t ps)
@@ -705,9 +702,10 @@ static int cpu_forward(pie_backend *base, const pie_forward_batch *bt,
                sizeof(float) * (size_t)d);
     pie__cpu_rmsnorm(s->xo, s->xo, b->final_norm, bt->n_outputs, d,
                      cf->norm_eps);
-    matmul(b, s->logits, s->xo, b->lm_head, bt->n_outputs, d,
-                    cf->vocab_size, 0.0f);
+    matmul(b, s->logits, s->xo, b->lm_head, bt->n_outputs, d, cf->vocab_size,
+           0.0f);
     pie__cpu_pool_run(b->pool, bt->n_outputs, sample_task, &c);
+    /* only allocation can fail here, after the KV writes */
     for (int32_t o = 0; o < bt->n_outputs; o++)
         if (s->rcs[o])
             return pie_err_set(s->rcs[o], "cpu forward: sampling output %d "
