@@ -489,6 +489,20 @@ int32_t pie__rt_wait(pie_rt_instance *i, const int32_t *hs, int32_t n,
     }
 }
 
+/* Gives the worker to other runnable fibers, then continues (sched_yield). */
+void pie__rt_yield(pie_rt_instance *i)
+{
+    pthread_mutex_lock(&i->rt->lock);
+    i->state = INST_PARKED;
+    pie__rt_wake_locked(i);             /* back of its worker's queue */
+    pthread_mutex_unlock(&i->rt->lock);
+    to_scheduler(i, false);
+    if (atomic_load(&i->kill_req))
+        pie_rt_trap(i, "killed: %s", i->kill_reason);
+    if (atomic_load(&i->cpu_over))
+        pie_rt_trap(i, "CPU time limit exceeded");
+}
+
 int32_t pie_rt_future_wait(pie_rt_instance *i, int32_t h)
 {
     int32_t rc = pie__rt_wait(i, &h, 1, NULL);

@@ -201,6 +201,7 @@ int32_t pie__rt_wait(pie_rt_instance *i, const int32_t *hs, int32_t n,
                      pie_rt_future *t);
 void pie__rt_future_cancel(pie_rt_instance *i, pie_rt_future *f);
 int32_t pie__rt_future_free(pie_rt_instance *i, int32_t h);
+void pie__rt_yield(pie_rt_instance *i);
 pie_rt_instance *pie__rt_current(void);
 uint64_t pie__rt_now_ns(void);
 void pie__rt_timer_add_locked(pie_rt *rt, uint64_t when, pie_rt_future *f);

@@ -8,6 +8,7 @@
  *   parent NAME     launch child NAME with args "echo-child" and wait
  *   sleep NS        sleep NS ns, then report elapsed >= NS
  *   http URL        GET URL, send "status:body" */
+#include <sched.h>
 #include <stdint.h>
 #include <stdio.h>
 #include <stdlib.h>
@@ -161,6 +162,10 @@ int main(int argc, char **argv)
                 used += snprintf(out + used, sizeof out - used, "%s: got %d want %d; ",
                                  c[k].what, c[k].got, c[k].want);
             }
+        if (sched_yield() != 0) {
+            bad++;
+            used += snprintf(out + used, sizeof out - used, "sched_yield; ");
+        }
         uint64_t r1 = 0, r2 = 0;
         pie_random_u64(&r1);
         pie_random_u64(&r2);
