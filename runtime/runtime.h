@@ -19,6 +19,21 @@
  * caller (release with pie_rt_instance_unref); the instance itself runs on
  * until it ends, whether or not the caller keeps its reference.
  *
+ * Linking: the dlopened inferlets bind to the runtime's wasm_rt_* and
+ * Z_pieZ_* / Z_wasi_snapshot_preview1Z_* symbols in the executable, so an
+ * executable must link with -rdynamic (an INTERFACE option of pie_runtime)
+ * and pull the whole archive:
+ *   target_link_libraries(x PRIVATE "$<LINK_LIBRARY:WHOLE_ARCHIVE,pie_runtime>")
+ *
+ * Signals: the runtime installs one SIGSEGV/SIGBUS handler (it traps only
+ * faults inside a running instance's linear memory or stack guard and
+ * re-raises anything else) and uses SIGUSR2 for the CPU watchdog. Under
+ * ASan run with ASAN_OPTIONS=handle_segv=0:allow_user_segv_handler=1.
+ *
+ * Scheduling: fibers are cooperative. An instance gives up its worker when
+ * it waits (future_wait*) or calls sched_yield; one that computes without
+ * either keeps its worker until it ends or exceeds its CPU budget.
+ *
  * Threads: every public function is thread-safe. Callbacks (on_output,
  * on_message, on_exit, hooks) run on a worker thread while the instance's
  * fiber is current, or (on_exit of a killed, never-started instance) on the
