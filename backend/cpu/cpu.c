@@ -4,7 +4,9 @@
  *
  * Weights. pie_backend_cpu_create() converts every tensor of the model to
  * float32 (pie_tensor_to_f32) into buffers the backend owns, so the model
- * may be freed afterwards. A tied LM head shares the embedding buffer.
+ * may be freed afterwards. A tied LM head shares the embedding buffer. Per
+ * layer, wq/wk/wv are stacked into one (q_dim + 2*kv_dim, dim) matrix and
+ * w_gate/w_up into one (2*hidden_dim, dim) matrix, so each is one matmul.
  *
  * KV pool. One calloc'ed float array of n_pages pages. A page holds, for
  * every layer, page_size K rows then page_size V rows of kv_dim =
@@ -60,16 +62,13 @@
 
 typedef struct cpu_layer {
     float *attn_norm;   /* (dim)                                */
-    float *wq;          /* (n_heads*head_dim, dim)              */
-    float *wk;          /* (kv_dim, dim)                        */
-    float *wv;          /* (kv_dim, dim)                        */
+    float *wqkv;        /* (q_dim + 2*kv_dim, dim): wq; wk; wv  */
     float *wo;          /* (dim, n_heads*head_dim)              */
     float *bq, *bk, *bv;/* (q_dim), (kv_dim), (kv_dim) or NULL  */
     float *q_norm;      /* (head_dim) or NULL                   */
     float *k_norm;      /* (head_dim) or NULL                   */
     float *ffn_norm;    /* (dim)                                */
-    float *w_gate;      /* (hidden_dim, dim)                    */
-    float *w_up;        /* (hidden_dim, dim)                    */
+    float *w_gu;        /* (2*hidden_dim, dim): w_gate; w_up    */
     float *w_down;      /* (dim, hidden_dim)                    */
 } cpu_layer;
 
@@ -81,7 +80,9 @@ typedef struct cpu_state {
     float   *q;         /* (n, q_dim)                           */
     float   *k, *v;     /* (n, kv_dim)                          */
     float   *att;       /* (n, q_dim) attention output          */
-    float   *hb, *hb2;  /* (n, hidden_dim)                      */
+    float   *qkv;       /* (n, q_dim + 2*kv_dim) fused q|k|v    */
+    float   *gu;        /* (n, 2*hidden_dim) fused gate|up      */
+    float   *hb;        /* (n, hidden_dim) silu(gate) * up      */
     int32_t *tok_req;   /* (n) request of each token            */
     int32_t *tok_slot;  /* (n) KV slot of each token            */
     int32_t *req_kv;    /* (cap_reqs) kv_len of each request    */
@@ -116,12 +117,12 @@ typedef struct cpu_backend {
 
 /* Converts tensor t (expected numel n) into a new float buffer. A missing
  * optional tensor leaves *dst NULL. */
-static int load_f32(const pie_tensor *t, int64_t n, int optional,
-                    const char *name, int32_t layer, float **dst)
+static int load_into(const pie_tensor *t, int64_t n, int optional,
+                     const char *name, int32_t layer, float *dst, int *found)
 {
     char where[48] = "";
     if (layer >= 0) snprintf(where, sizeof where, "layer %d: ", layer);
-    *dst = NULL;
+    *found = 0;
     if (!t->data) {
         if (optional) return 0;
         return pie_err_set(PIE_ENOTFOUND, "cpu backend: %smissing tensor %s",
@@ -131,11 +132,44 @@ static int load_f32(const pie_tensor *t, int64_t n, int optional,
         return pie_err_set(PIE_EFORMAT, "cpu backend: %stensor %s has %lld "
                            "elements, expected %lld", where, name,
                            (long long)pie_tensor_numel(t), (long long)n);
-    *dst = malloc(sizeof(float) * (size_t)n);
-    if (!*dst)
+    pie_tensor_to_f32(t, 0, n, dst);
+    *found = 1;
+    return 0;
+}
+
+/* Converts tensor t (expected numel n) into a new float buffer. A missing
+ * optional tensor leaves *dst NULL. */
+static int load_f32(const pie_tensor *t, int64_t n, int optional,
+                    const char *name, int32_t layer, float **dst)
+{
+    *dst = NULL;
+    if (!t->data && optional) return 0;
+    float *p = malloc(sizeof(float) * (size_t)(n > 0 ? n : 1));
+    if (!p)
         return pie_err_set(PIE_ENOMEM, "cpu backend: out of memory for %s",
                            name);
-    pie_tensor_to_f32(t, 0, n, *dst);
+    int found, rc = load_into(t, n, optional, name, layer, p, &found);
+    if (rc) { free(p); return rc; }
+    *dst = p;
+    return 0;
+}
+
+/* Loads tensors ts[0..k) (ns[i] elements each) one after another into one
+ * new buffer, for fused matmuls. */
+static int load_fused(const pie_tensor *const *ts, const int64_t *ns, int k,
+                      const char *const *names, int32_t layer, float **dst)
+{
+    int64_t total = 0;
+    for (int i = 0; i < k; i++) total += ns[i];
+    *dst = malloc(sizeof(float) * (size_t)total);
+    if (!*dst)
+        return pie_err_set(PIE_ENOMEM, "cpu backend: out of memory for %s",
+                           names[0]);
+    for (int i = 0, found, off = 0; i < k; off += (int)ns[i], i++) {
+        int rc = load_into(ts[i], ns[i], 0, names[i], layer, *dst + off,
+                           &found);
+        if (rc) return rc;
+    }
     return 0;
 }
 
@@ -146,14 +180,16 @@ static int load_layer(cpu_backend *b, const pie_layer_weights *w, int32_t l)
     int64_t d = c->dim, hd = c->head_dim, h = c->hidden_dim;
     int64_t qd = b->q_dim, kd = b->kv_dim;
     int rc;
+    const pie_tensor *qkv[3] = { &w->wq, &w->wk, &w->wv };
+    const pie_tensor *gu[2] = { &w->w_gate, &w->w_up };
+    const char *qkv_names[3] = { "wq", "wk", "wv" };
+    const char *gu_names[2] = { "w_gate", "w_up" };
+    int64_t qkv_n[3] = { qd * d, kd * d, kd * d }, gu_n[2] = { h * d, h * d };
     if ((rc = load_f32(&w->attn_norm, d, 0, "attn_norm", l, &L->attn_norm)) ||
-        (rc = load_f32(&w->wq, qd * d, 0, "wq", l, &L->wq)) ||
-        (rc = load_f32(&w->wk, kd * d, 0, "wk", l, &L->wk)) ||
-        (rc = load_f32(&w->wv, kd * d, 0, "wv", l, &L->wv)) ||
+        (rc = load_fused(qkv, qkv_n, 3, qkv_names, l, &L->wqkv)) ||
         (rc = load_f32(&w->wo, d * qd, 0, "wo", l, &L->wo)) ||
         (rc = load_f32(&w->ffn_norm, d, 0, "ffn_norm", l, &L->ffn_norm)) ||
-        (rc = load_f32(&w->w_gate, h * d, 0, "w_gate", l, &L->w_gate)) ||
-        (rc = load_f32(&w->w_up, h * d, 0, "w_up", l, &L->w_up)) ||
+        (rc = load_fused(gu, gu_n, 2, gu_names, l, &L->w_gu)) ||
         (rc = load_f32(&w->w_down, d * h, 0, "w_down", l, &L->w_down)))
         return rc;
     int nb = !c->qkv_bias, nn = !c->qk_norm;
@@ -228,7 +264,8 @@ static int state_reserve(cpu_backend *b, int64_t n, int64_t n_reqs,
             (rc = grow((void **)&s->v, n * b->kv_dim, 4)) ||
             (rc = grow((void **)&s->att, n * b->q_dim, 4)) ||
             (rc = grow((void **)&s->hb, n * c->hidden_dim, 4)) ||
-            (rc = grow((void **)&s->hb2, n * c->hidden_dim, 4)) ||
+            (rc = grow((void **)&s->qkv, n * (b->q_dim + 2 * b->kv_dim), 4)) ||
+            (rc = grow((void **)&s->gu, n * 2 * c->hidden_dim, 4)) ||
             (rc = grow((void **)&s->tok_req, n, 4)) ||
             (rc = grow((void **)&s->tok_slot, n, 4)) ||
             (rc = grow((void **)&s->att_tok, n, 4)))
@@ -261,7 +298,8 @@ static int state_reserve(cpu_backend *b, int64_t n, int64_t n_reqs,
 static void state_free(cpu_state *s)
 {
     free(s->x); free(s->xb); free(s->q); free(s->k); free(s->v);
-    free(s->att); free(s->hb); free(s->hb2); free(s->tok_req);
+    free(s->att); free(s->hb); free(s->qkv);
+    free(s->gu); free(s->tok_req);
     free(s->tok_slot); free(s->req_kv); free(s->xo); free(s->logits);
     free(s->rcs); free(s->scores); free(s->att_tok); free(s->kbuf);
     free(s->vbuf); free(s->att_s);
@@ -573,10 +611,22 @@ static void stage_task(void *ctx, int64_t task, int32_t worker)
                          n, d, cf->norm_eps);
         return;
     case STAGE_SILU:
-        pie__cpu_silu_mul(s->hb + (int64_t)t0 * cf->hidden_dim,
-                          s->hb2 + (int64_t)t0 * cf->hidden_dim,
-                          (int64_t)n * cf->hidden_dim);
+        for (int32_t t = t0; t < t0 + n; t++) {
+            int64_t h = cf->hidden_dim;
+            float *g = s->gu + t * 2 * h;
+            pie__cpu_silu_mul(g, g + h, h);
+            memcpy(s->hb + t * h, g, sizeof(float) * (size_t)h);
+        }
         return;
+    }
+    int32_t w = b->q_dim + 2 * b->kv_dim;
+    for (int32_t t = t0; t < t0 + n; t++) {   /* split the fused q|k|v */
+        const float *r = s->qkv + (int64_t)t * w;
+        memcpy(s->q + (int64_t)t * b->q_dim, r, sizeof(float) * b->q_dim);
+        memcpy(s->k + (int64_t)t * b->kv_dim, r + b->q_dim,
+               sizeof(float) * b->kv_dim);
+        memcpy(s->v + (int64_t)t * b->kv_dim, r + b->q_dim + b->kv_dim,
+               sizeof(float) * b->kv_dim);
     }
     if (L->bq) {
         pie__cpu_add_bias(s->q + qo, L->bq, n, b->q_dim);
@@ -610,15 +660,12 @@ static void layer_forward(cpu_backend *b, fwd_ctx *c, int32_t n)
     cpu_state *s = &b->st;
     int32_t d = cf->dim;
     run_stage(c, STAGE_ATTN_NORM);
-    matmul(b, s->q, s->xb, L->wq, n, d, b->q_dim, 0.0f);
-    matmul(b, s->k, s->xb, L->wk, n, d, b->kv_dim, 0.0f);
-    matmul(b, s->v, s->xb, L->wv, n, d, b->kv_dim, 0.0f);
+    matmul(b, s->qkv, s->xb, L->wqkv, n, d, b->q_dim + 2 * b->kv_dim, 0.0f);
     run_stage(c, STAGE_QKV);
     attention(c);
     matmul(b, s->x, s->att, L->wo, n, b->q_dim, d, 1.0f);
     run_stage(c, STAGE_FFN_NORM);
-    matmul(b, s->hb, s->xb, L->w_gate, n, d, cf->hidden_dim, 0.0f);
-    matmul(b, s->hb2, s->xb, L->w_up, n, d, cf->hidden_dim, 0.0f);
+    matmul(b, s->gu, s->xb, L->w_gu, n, d, 2 * cf->hidden_dim, 0.0f);
     run_stage(c, STAGE_SILU);
     matmul(b, s->x, s->hb, L->w_down, n, cf->hidden_dim, d, 1.0f);
 }
@@ -792,10 +839,10 @@ static void cpu_destroy(pie_backend *base)
     if (b->layers) {
         for (int32_t l = 0; l < b->cfg.n_layers; l++) {
             cpu_layer *L = &b->layers[l];
-            free(L->attn_norm); free(L->wq); free(L->wk); free(L->wv);
+            free(L->attn_norm); free(L->wqkv);
             free(L->wo); free(L->bq); free(L->bk); free(L->bv);
             free(L->q_norm); free(L->k_norm); free(L->ffn_norm);
-            free(L->w_gate); free(L->w_up); free(L->w_down);
+            free(L->w_gu); free(L->w_down);
         }
         free(b->layers);
     }
