@@ -76,9 +76,11 @@ uint64_t Z_pieZ_clock_ns(I *i) { (void)i; return pie__rt_now_ns(); }
 uint32_t Z_pieZ_sleep(I *i, uint64_t ns)
 {
     pie_rt_future *f;
-    int32_t h = pie_rt_future_new(i, PIE_RT_FUT_SLEEP, NULL, NULL, NULL, &f);
+    int32_t h = pie_rt_future_new(i, PIE_RT_FUT_SLEEP, NULL,
+                                  pie__rt_timer_cancel, NULL, &f);
     if (h < 0)
         return (uint32_t)h;
+    f->data = f;
     int64_t d = (int64_t)ns < 0 ? 0 : (int64_t)ns;
     pthread_mutex_lock(&i->rt->lock);
     pie__rt_timer_add_locked(i->rt, pie__rt_now_ns() + (uint64_t)d, f);

@@ -180,6 +180,7 @@ void pie__rt_msgq_push(pie_rt_msgq *q, pie_rt_msg *m)
         q->head = m;
     q->tail = m;
     q->n++;
+    q->bytes += m->len;
 }
 
 pie_rt_msg *pie__rt_msgq_pop(pie_rt_msgq *q)
@@ -190,6 +191,7 @@ pie_rt_msg *pie__rt_msgq_pop(pie_rt_msgq *q)
         if (!q->head)
             q->tail = NULL;
         q->n--;
+        q->bytes -= m->len;
     }
     return m;
 }
@@ -534,6 +536,46 @@ void pie__rt_timer_add_locked(pie_rt *rt, uint64_t when, pie_rt_future *f)
     rt->timers[k] = (pie_rt_timer){when, f};
     if (k == 0)
         pthread_cond_signal(&rt->timer_cv);
+}
+
+static void timer_sift(pie_rt *rt, int32_t k)
+{
+    pie_rt_timer x = rt->timers[k];
+    while (k > 0 && rt->timers[(k - 1) / 2].when > x.when) {
+        rt->timers[k] = rt->timers[(k - 1) / 2];
+        k = (k - 1) / 2;
+    }
+    for (;;) {
+        int32_t c = 2 * k + 1;
+        if (c >= rt->n_timers)
+            break;
+        if (c + 1 < rt->n_timers && rt->timers[c + 1].when < rt->timers[c].when)
+            c++;
+        if (rt->timers[c].when >= x.when)
+            break;
+        rt->timers[k] = rt->timers[c];
+        k = c;
+    }
+    rt->timers[k] = x;
+}
+
+/* Cancel hook of sleep futures: drops the timer entry now, so a guest that
+ * creates and frees long sleeps cannot grow the heap. data = the future. */
+void pie__rt_timer_cancel(void *data)
+{
+    pie_rt_future *f = data;
+    pie_rt *rt = f->rt;
+    pthread_mutex_lock(&rt->lock);
+    for (int32_t k = 0; k < rt->n_timers; k++) {
+        if (rt->timers[k].fut != f)
+            continue;
+        rt->timers[k] = rt->timers[--rt->n_timers];
+        if (k < rt->n_timers)
+            timer_sift(rt, k);
+        pie__rt_future_unref_locked(f);
+        break;
+    }
+    pthread_mutex_unlock(&rt->lock);
 }
 
 static pie_rt_timer timer_pop_locked(pie_rt *rt)

@@ -21,7 +21,9 @@
 #include "pie_api_host.h"
 
 #define PIE_RT_FUT_SUB 50
-#define MAX_QUEUED 65536
+#define MAX_QUEUED       65536          /* messages per queue/inbox/sub   */
+#define MAX_QUEUED_BYTES (64u << 20)    /* bytes per queue/inbox/sub      */
+#define MAX_NAMES        65536          /* topics + queues per runtime    */
 
 typedef struct Z_pie_instance_t I;
 
@@ -98,7 +100,7 @@ static int deliver_locked(pie_rt_waitq *w, pie_rt_msgq *q, pie_rt_msg *m)
         free(m);
         return 0;
     }
-    if (q->n >= MAX_QUEUED) {
+    if (q->n >= MAX_QUEUED || q->bytes + m->len > MAX_QUEUED_BYTES) {
         free(m);
         return PIE_ELIMIT;
     }
@@ -184,11 +186,12 @@ static struct pie_rt_topic *topic_find(pie_rt *rt, const char *name,
     for (struct pie_rt_topic *t = rt->topics; t; t = t->next)
         if (strlen(t->name) == len && !memcmp(t->name, name, len))
             return t;
-    if (!create)
+    if (!create || rt->n_names >= MAX_NAMES)
         return NULL;
     struct pie_rt_topic *t = calloc(1, sizeof *t + len + 1);
     if (!t)
         return NULL;
+    rt->n_names++;
     memcpy(t->name, name, len);
     t->next = rt->topics;
     rt->topics = t;
@@ -299,9 +302,12 @@ static struct pie_rt_queue *queue_find(pie_rt *rt, const char *name,
     for (struct pie_rt_queue *q = rt->queues; q; q = q->next)
         if (strlen(q->name) == len && !memcmp(q->name, name, len))
             return q;
+    if (rt->n_names >= MAX_NAMES)
+        return NULL;
     struct pie_rt_queue *q = calloc(1, sizeof *q + len + 1);
     if (!q)
         return NULL;
+    rt->n_names++;
     memcpy(q->name, name, len);
     q->next = rt->queues;
     rt->queues = q;

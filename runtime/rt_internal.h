@@ -54,6 +54,7 @@ typedef struct pie_rt_msg {
 typedef struct pie_rt_msgq {
     pie_rt_msg *head, *tail;
     int32_t     n;
+    size_t      bytes;
 } pie_rt_msgq;
 
 struct pie_rt_future {
@@ -186,6 +187,7 @@ struct pie_rt {
     struct pie_rt_named  *modules;    /* name -> module                     */
     struct pie_rt_topic  *topics;
     struct pie_rt_queue  *queues;
+    int32_t          n_names;         /* topics + queues (capped)           */
 };
 
 /* loader.c */
@@ -205,6 +207,7 @@ void pie__rt_yield(pie_rt_instance *i);
 pie_rt_instance *pie__rt_current(void);
 uint64_t pie__rt_now_ns(void);
 void pie__rt_timer_add_locked(pie_rt *rt, uint64_t when, pie_rt_future *f);
+void pie__rt_timer_cancel(void *future);
 pie_rt_msg *pie__rt_msg_new(const void *buf, size_t len);
 void pie__rt_msgq_push(pie_rt_msgq *q, pie_rt_msg *m);
 pie_rt_msg *pie__rt_msgq_pop(pie_rt_msgq *q);

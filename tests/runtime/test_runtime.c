@@ -21,6 +21,7 @@
 #include <sys/socket.h>
 #include <unistd.h>
 
+#include "runtime/rt_internal.h"      /* white-box: timer heap size */
 #include "tests/runtime/rt_test_util.h"
 
 static int32_t wait_inst(pie_rt_instance *i, char *reason)
@@ -295,6 +296,15 @@ static void test_messaging(void)
     const char *sl[] = {"msg", "sleep", "2000000", NULL};
     i = launch_msg(rt, m, &c, sl);
     finish_msg(i, c, 0, "idx=1 ok=1 timeout=-12 poll=-12");
+
+    /* Freed and cancelled sleeps leave the timer heap. */
+    const char *sls[] = {"msg", "sleeps", NULL};
+    i = launch_msg(rt, m, &c, sls);
+    finish_msg(i, c, 0, NULL);
+    pthread_mutex_lock(&rt->lock);
+    int32_t nt = rt->n_timers;
+    pthread_mutex_unlock(&rt->lock);
+    CHECK(nt == 0, "%d timers left after freeing 10001 sleeps", nt);
 
     /* Error cases of the runtime/messaging API, from inside an inferlet. */
     const char *er[] = {"msg", "errors", NULL};

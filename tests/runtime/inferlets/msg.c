@@ -121,6 +121,15 @@ int main(int argc, char **argv)
                          dt >= ns, to, poll);
         return pie_send(out, l);
     }
+    if (!strcmp(m, "sleeps")) {
+        /* Create and free many long sleeps: the host must not keep them. */
+        for (int k = 0; k < 10000; k++)
+            if (pie_future_free(pie_sleep(1000000000000000ll)) != 0)
+                return 1;
+        int t = pie_sleep(1000000000000000ll);
+        pie_future_cancel(t);
+        return pie_future_wait(t) == PIE_ECANCELED ? 0 : 2;
+    }
     if (!strcmp(m, "http")) {
         static const char hdr[] = "X-Test: 1\r\n";
         int f = pie_http_request("GET", 3, argv[2], strlen(argv[2]), hdr,
