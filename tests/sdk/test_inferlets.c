@@ -20,7 +20,8 @@
  *   chat      text-completion --system on Llama 3 / ChatML models equals
  *             pie generate on the Hugging Face-templated prompt
  *   build     pie build compiles a C file and a directory, runs it, passes
- *             compiler errors through; pie run rejects bad inputs clearly
+ *             compiler errors through; --cpu-limit and --memory-limit
+ *             reach the runtime; pie run rejects bad inputs clearly
  *
  * Usage: test_inferlets CASE (registered once per case with ctest).
  */
@@ -508,6 +509,31 @@ static void test_build(void)
                                    "/nonexistent/clang", NULL });
     CHECK(r.status == 1 && strstr(r.err, "not found"), "missing clang: %s",
           r.err);
+    run_free(&r);
+    /* pie run --cpu-limit and --memory-limit reach the runtime */
+    char lim[300];
+    snprintf(lim, sizeof lim, "%s/limits.c", tmpdir);
+    f = fopen(lim, "w");
+    fputs("#include <stdlib.h>\n#include <string.h>\n#include <stdio.h>\n"
+          "int main(int argc, char **argv) {\n"
+          "  if (!strcmp(argv[1], \"spin\")) { volatile unsigned x = 0;\n"
+          "    for (;;) x++; }\n"
+          "  size_t got = 0; void **p, **list = NULL;\n"
+          "  while ((p = malloc(1 << 20))) {\n"
+          "    memset(p, 1, 1 << 20); *p = list; list = p; got++; }\n"
+          "  printf(\"%zu %p\", got, (void *)list); return 0; }\n", f);
+    fclose(f);
+    r = run((const char *const[]){ PIE_BIN, "build", lim, "-o", wasm, NULL });
+    CHECK(r.status == 0, "pie build limits.c: %s", r.err);
+    run_free(&r);
+    r = PIE_RUN("--cpu-limit", "0.5", wasm, "--", "spin");
+    CHECK(r.status == 1 && strstr(r.err, "trapped") && strstr(r.err, "CPU"),
+          "--cpu-limit: status %d, %s", r.status, r.err);
+    run_free(&r);
+    r = PIE_RUN("--memory-limit", "16", wasm, "--", "alloc");
+    CHECK(r.status == 0 && atoi(r.out) >= 8 && atoi(r.out) < 16,
+          "--memory-limit 16: status %d, %s MiB allocated, %s", r.status,
+          r.out, r.err);
     run_free(&r);
     /* pie run: unknown inferlet, garbage module, missing model */
     r = PIE_RUN("no-such-inferlet");
