@@ -234,6 +234,7 @@ static void instance_free(pie_rt_instance *i)
     free(i->argv);
     free(i->ret);
     free(i->futs);
+    pie__rt_msgq_clear(&i->inbox);
     pthread_cond_destroy(&i->done_cv);
     if (i->parent)
         pie_rt_instance_unref(i->parent);
@@ -258,6 +259,8 @@ static void to_scheduler(pie_rt_instance *i, bool final)
     ASAN_FINISH(i->asan_fake, NULL, NULL);
 }
 
+static void instance_ended(pie_rt_instance *i);
+
 static void run_one(pie_rt_worker *w, pie_rt_instance *i)
 {
     pthread_mutex_lock(&i->rt->lock);
@@ -279,11 +282,8 @@ static void run_one(pie_rt_worker *w, pie_rt_instance *i)
     pthread_mutex_lock(&i->rt->lock);
     bool done = i->state == INST_DONE;
     pthread_mutex_unlock(&i->rt->lock);
-    if (done) {
-        stack_put(i->stack, i->stack_size);
-        i->stack = NULL;
-        pie_rt_instance_unref(i);
-    }
+    if (done)
+        instance_ended(i);
 }
 
 static void *worker_main(void *arg)
@@ -682,8 +682,19 @@ static void instance_finish(pie_rt_instance *i)
         pie__rt_future_unref_locked(i->child_fut);
         i->child_fut = NULL;
     }
+    i->state = INST_DONE;       /* the worker finishes the job: run_one */
+    pthread_mutex_unlock(&rt->lock);
+}
+
+/* On the worker, once the ended fiber has switched out for good: return its
+ * stack, then announce the end, so that a waiter sees every resource back. */
+static void instance_ended(pie_rt_instance *i)
+{
+    pie_rt *rt = i->rt;
+    stack_put(i->stack, i->stack_size);
+    i->stack = NULL;
+    pthread_mutex_lock(&rt->lock);
     i->ended = true;
-    i->state = INST_DONE;
     if (i->lprev)
         i->lprev->lnext = i->lnext;
     else
@@ -694,6 +705,7 @@ static void instance_finish(pie_rt_instance *i)
     pthread_cond_broadcast(&i->done_cv);
     pthread_cond_broadcast(&rt->live_cv);
     pthread_mutex_unlock(&rt->lock);
+    pie_rt_instance_unref(i);
 }
 
 static void fiber_main(void *arg)

@@ -133,7 +133,7 @@ int pie_rt_send(pie_rt_instance *i, const void *buf, size_t len)
         return pie_err_set(PIE_ENOMEM, "out of memory");
     pthread_mutex_lock(&i->rt->lock);
     int rc = 0;
-    if (i->ended) {
+    if (i->closed) {
         free(m);
         rc = pie_err_set(PIE_ENOTFOUND, "instance %u has ended", i->id);
     } else {
@@ -356,6 +356,7 @@ uint32_t Z_pieZ_queue_pull(I *i, uint32_t np, uint32_t nl)
 /* Under rt->lock, when an instance ends: drop its inbox and waiters. */
 void pie__rt_messaging_instance_end(pie_rt_instance *i)
 {
+    i->closed = true;
     pie__rt_msgq_clear(&i->inbox);
     pie_rt_waitq w = {i->recv_waiters, NULL};
     for (pie_rt_future *t = w.head; t; t = t->wnext)

@@ -130,6 +130,7 @@ struct Z_pie_instance_t {
     bool             wait_any_done;
     /* messaging, under rt->lock */
     pie_rt_msgq      inbox;
+    bool             closed;     /* ending: accepts no more messages        */
     pie_rt_future   *recv_waiters;
     /* CPU accounting */
     uint64_t         cpu_ns;     /* CPU used in finished slices             */
