@@ -424,19 +424,20 @@ int32_t pie_rt_future_status(pie_rt_instance *i, int32_t h)
     return st;
 }
 
-/* Cancels a pending future: the producer's cancel hook runs (outside the
- * lock), then it completes with PIE_ECANCELED. */
+/* Cancels a pending future: it completes with PIE_ECANCELED at once (a
+ * producer's later completion is ignored), then the producer's cancel hook
+ * runs outside the lock to stop the work. */
 void pie__rt_future_cancel(pie_rt_instance *i, pie_rt_future *f)
 {
     pthread_mutex_lock(&i->rt->lock);
     bool pending = !f->done && !f->cancelled;
     f->cancelled = true;
     f->refs++;
+    pie__rt_future_complete_locked(f, PIE_ECANCELED, NULL, 0);
     pthread_mutex_unlock(&i->rt->lock);
     if (pending && f->cancel)
         f->cancel(f->data);
     pthread_mutex_lock(&i->rt->lock);
-    pie__rt_future_complete_locked(f, PIE_ECANCELED, NULL, 0);
     pie__rt_future_unref_locked(f);
     pthread_mutex_unlock(&i->rt->lock);
 }

@@ -157,9 +157,12 @@ void  pie_rt_copy_out(pie_rt_instance *i, uint32_t off, const void *src,
 /* Futures. A future belongs to one instance and has a 32-bit handle in its
  * table. The producer (e.g. the scheduler) calls pie_rt_future_complete
  * exactly once, from any thread, even after a cancel; that wakes the fiber
- * parked on it. cancel(data) is called (on the instance's worker or by
- * pie_rt_kill) when the guest cancels or frees the handle or the instance
- * ends while the future is pending; destroy(data) when the last reference
+ * parked on it. When the guest cancels or frees a pending future, or the
+ * instance ends with it pending, the future completes with PIE_ECANCELED at
+ * once (the producer's later completion is then ignored) and cancel(data)
+ * is called on the instance's worker, outside runtime locks, to stop the
+ * work; destroy(data) runs (under the runtime lock: it must not call back
+ * into the runtime) when the last reference
  * (the handle's and the producer's) is gone. kind tags data so
  * pie_rt_future_data can check a handle's type. Returns the handle (> 0) or
  * a negative code; *out receives the producer's reference. */
