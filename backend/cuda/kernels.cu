@@ -214,7 +214,7 @@ static __device__ __forceinline__ bool attn_allowed(const pie_cuda_tokmeta &tm,
     return (tm.mask_bits[mo + j / 32] >> (j % 32)) & 1u;
 }
 
-__global__ void __launch_bounds__(ATT_THREADS)
+__global__ void __launch_bounds__(ATT_THREADS, 4)
 attention_kernel(uint16_t *out, float *part_o, float *part_ml, const float *q,
                  const pie_cuda_attn_item *items, pie_cuda_tokmeta tm,
                  pie_cuda_kv kv, int layer, int nh, int cs)
@@ -228,6 +228,9 @@ attention_kernel(uint16_t *out, float *part_o, float *part_ml, const float *q,
     int gi = threadIdx.x / LG, li = threadIdx.x % LG;
     float *qs = smem, *sc = qs + RMAX * hd, *os = sc + RMAX * cs;
     float *ml = os + (ATT_THREADS / WARP + 1) * RMAX * hd;
+    /* the item's page ids, so the slot loops read them from shared memory */
+    int *pg = (int *)(ml + 2 * RMAX);
+    int p0 = it.s0 / ps, np_ = it.s1 > it.s0 ? (it.s1 - 1) / ps - p0 + 1 : 0;
     float scale = rsqrtf((float)hd);
     for (int k = threadIdx.x; k < RMAX * hd; k += ATT_THREADS) {
         int r = k / hd, d = k % hd;
@@ -239,7 +242,10 @@ attention_kernel(uint16_t *out, float *part_o, float *part_ml, const float *q,
         qs[k] = v;
     }
     __syncthreads();
-    const int32_t *pages = tm.pages + tm.kv_indptr[it.req];
+    const int32_t *pages_g = tm.pages + tm.kv_indptr[it.req];
+    for (int k = threadIdx.x; k < np_; k += ATT_THREADS) pg[k] = pages_g[p0 + k];
+    __syncthreads();
+    const int *pages = pg - p0;
     int64_t page_elems = pie_cuda_kv_page_elems(&kv);
     int64_t lay = (int64_t)layer * 2 * nkv * ps * hd + (int64_t)it.kvh * ps * hd;
     int64_t voff = (int64_t)nkv * ps * hd;
@@ -376,7 +382,7 @@ attention_kernel(uint16_t *out, float *part_o, float *part_ml, const float *q,
 static size_t attn_smem(int hd, int cs)
 {
     return sizeof(float) * ((size_t)RMAX * hd * (2 + ATT_THREADS / WARP) +
-                            (size_t)RMAX * cs + 2 * RMAX);
+                            (size_t)RMAX * cs + 2 * RMAX + cs + 2);
 }
 
 extern "C" void pie__cuda_attention(uint16_t *out, float *part_o,
