@@ -170,10 +170,13 @@ static void check_ids(const char *what, const int32_t *got, int ng,
               want[i], got[i], i);
 }
 
+/* Compiled inferlets are cached across test cases (the runtime publishes
+ * cache entries atomically, so concurrent tests may share it). */
+#define CACHE_DIR PIE_TEST_TMP "/cache"
 #define PIE_RUN(...)                                                         \
     run((const char *const[]){ PIE_BIN, "run", "--backend", "cpu",           \
-                               "--cache-dir", tmpdir, "--model", model_dir(),\
-                               __VA_ARGS__, NULL })
+                               "--cache-dir", CACHE_DIR, "--model",          \
+                               model_dir(), __VA_ARGS__, NULL })
 
 static void test_text(void)
 {
@@ -395,7 +398,7 @@ static void test_chat(void)
         CHECK(g.status == 0, "pie generate: %s", g.err);
         int nw = json_ids(g.out, "ids", want, 32);
         run_out r = run((const char *const[]){ PIE_BIN, "run", "--backend",
-            "cpu", "--cache-dir", tmpdir, "--model", dir, "text-completion",
+            "cpu", "--cache-dir", CACHE_DIR, "--model", dir, "text-completion",
             "--", "--prompt", "Hello there", "--system", "Be brief.",
             "--temperature", "0", "--max-tokens", "12", "--ignore-eos",
             "--json", NULL });
@@ -558,6 +561,7 @@ int main(int argc, char **argv)
     model_dir();                                  /* skips without ../shared */
     snprintf(tmpdir, sizeof tmpdir, "%s", PIE_TEST_TMP "/XXXXXX");
     mkdir(PIE_TEST_TMP, 0700);
+    mkdir(CACHE_DIR, 0700);
     CHECK(mkdtemp(tmpdir), "mkdtemp %s failed", tmpdir);
     const char *c = argv[1];
     if (!strcmp(c, "text")) test_text();
