@@ -338,7 +338,8 @@ int pie_cmd_run(int argc, char **argv)
           "per instance, MB (1024)" },
         { "backend", 'b', OPT_STR, &a.backend, "cpu, cuda or auto (auto)" },
         { "page-size", 0, OPT_INT, &a.page_size, "KV page size in tokens (16)" },
-        { "pages", 0, OPT_INT, &a.pages, "KV pages in the pool (0 = auto)" },
+        { "pages", 0, OPT_INT, &a.pages, "KV pages in the pool (0 = the backend's "
+          "default; raise it for many instances)" },
         { "max-pages", 0, OPT_INT, &a.max_pages, "KV pages one instance may "
           "hold (0 = no limit)" },
         { "threads", 0, OPT_INT, &a.threads, "CPU backend threads (0 = all)" },

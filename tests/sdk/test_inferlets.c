@@ -25,6 +25,7 @@
  *
  * Usage: test_inferlets CASE (registered once per case with ctest).
  */
+#define _GNU_SOURCE 1 /* memmem */
 #include <fcntl.h>
 #include <jansson.h>
 #include <stdio.h>
@@ -474,6 +475,8 @@ static void test_build(void)
     size_t n;
     char *w = slurp(wasm, &n);
     CHECK(n > 8 && !memcmp(w, "\0asm", 4), "not a wasm module");
+    CHECK(!memmem(w, n, ".debug_info", 11) && !memmem(w, n, "\x04name", 5),
+          "pie build must strip debug info and names");
     free(w);
     run_free(&r);
     int32_t want[16];
