@@ -486,6 +486,23 @@ static void test_cycles(void)
     pie_rt_module *m = load_wasm(rt, "hello.wasm", NULL);
     const char *argv[] = {"hello", "x", "1", NULL};
     enum { BATCH = 100 };
+    /* Warm-up: BATCH instances alive at once (parked), so the runtime's
+     * bounded stack and memory pools reach the size the cycles below need
+     * whatever the thread timing; growth after that would be a leak. */
+    {
+        pie_rt_module *mm = load_wasm(rt, "msg.wasm", NULL);
+        const char *bv[] = {"msg", "block", NULL};
+        pie_rt_instance *is[BATCH];
+        for (int k = 0; k < BATCH; k++)
+            CHECK_OK(pie_rt_launch(rt, mm, 2, bv, NULL, &is[k]));
+        for (int k = 0; k < BATCH; k++)
+            CHECK_OK(pie_rt_send(is[k], "x", 1));
+        for (int k = 0; k < BATCH; k++) {
+            CHECK(pie_rt_wait(is[k], NULL, 0) == 0, "warm-up %d", k);
+            pie_rt_instance_unref(is[k]);
+        }
+        pie_rt_module_unref(mm);
+    }
     long rss0 = 0;
     int maps0 = 0, fds0 = 0;
     for (int done = 0; done < total; done += BATCH) {

@@ -110,7 +110,7 @@ int main(int argc, char **argv)
         long long ns = atoll(argv[2]);
         long long t0 = pie_clock_ns();
         int f = pie_sleep(ns);
-        int t = pie_sleep(ns * 100);
+        int t = pie_sleep(ns * 100000);
         int32_t fs[2] = {t, f};
         int idx = pie_future_wait_any(fs, 2, -1);
         long long dt = pie_clock_ns() - t0;
