@@ -94,15 +94,23 @@ static void on_message(void *user, pie_rt_instance *i, const void *buf,
     emit(user, 1, buf, len);
 }
 
-/* Reads a whole file; returns a malloc'ed buffer or NULL (errno set). */
+#define RUN_MAX_WASM (256u << 20)    /* refuse larger modules (and /dev/zero) */
+
+/* Reads a whole file of at most RUN_MAX_WASM bytes; returns a malloc'ed
+ * buffer or NULL (errno set: EFBIG when too large). */
 static void *read_file(const char *path, size_t *len)
 {
     FILE *f = fopen(path, "rb");
     if (!f) return NULL;
+    errno = 0;
     char *p = NULL;
     size_t cap = 0, n = 0;
     for (;;) {
         if (n == cap) {
+            if (cap >= RUN_MAX_WASM) {
+                errno = EFBIG;
+                break;
+            }
             char *np = realloc(p, cap = cap ? cap * 2 : 65536);
             if (!np) break;
             p = np;
@@ -111,11 +119,11 @@ static void *read_file(const char *path, size_t *len)
         n += k;
         if (k == 0) break;
     }
-    int bad = ferror(f) || n == cap;
+    int bad = ferror(f) || n == cap, err = errno;
     fclose(f);
     if (bad) {
         free(p);
-        errno = errno ? errno : EIO;
+        errno = err ? err : EIO;
         return NULL;
     }
     *len = n;

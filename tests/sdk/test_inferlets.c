@@ -551,6 +551,13 @@ static void test_build(void)
     r = PIE_RUN(bad);
     CHECK(r.status == 1 && strstr(r.err, "cannot load"), "garbage: %s", r.err);
     run_free(&r);
+    r = PIE_RUN("/dev/zero");
+    CHECK(r.status == 1 && strstr(r.err, "cannot read"), "/dev/zero: %s",
+          r.err);
+    run_free(&r);
+    r = PIE_RUN("/nonexistent/x.wasm");
+    CHECK(r.status == 1 && strstr(r.err, "No such file"), "missing: %s", r.err);
+    run_free(&r);
     r = run((const char *const[]){ PIE_BIN, "run", "--model",
                                    "/nonexistent/model", "text-completion",
                                    NULL });
