@@ -152,8 +152,13 @@ done:
         freeaddrinfo(ai);
     if (fd >= 0)
         close(fd);
+    pie_rt *rt = r->fut->rt;
     pie_rt_future_complete(r->fut, status, status >= 0 ? body : NULL,
                            status >= 0 ? blen : 0);
+    pthread_mutex_lock(&rt->lock);       /* pie_rt_free waits for this */
+    rt->n_http--;
+    pthread_cond_broadcast(&rt->live_cv);
+    pthread_mutex_unlock(&rt->lock);
     free(resp);
     free(r->path);
     free(r->method);
@@ -218,9 +223,17 @@ uint32_t Z_pieZ_http_request(I *i, uint32_t mp, uint32_t ml, uint32_t up,
     pthread_attr_t at;
     pthread_attr_init(&at);
     pthread_attr_setdetachstate(&at, PTHREAD_CREATE_DETACHED);
-    if (h > 0 && pthread_create(&t, &at, http_thread, r) != 0) {
-        pie_rt_future_complete(r->fut, PIE_EIO, NULL, 0);
-        r->fut = NULL;
+    if (h > 0) {
+        pthread_mutex_lock(&i->rt->lock);
+        i->rt->n_http++;
+        pthread_mutex_unlock(&i->rt->lock);
+        if (pthread_create(&t, &at, http_thread, r) != 0) {
+            pthread_mutex_lock(&i->rt->lock);
+            i->rt->n_http--;
+            pthread_mutex_unlock(&i->rt->lock);
+            pie_rt_future_complete(r->fut, PIE_EIO, NULL, 0);
+            r->fut = NULL;
+        }
     }
     pthread_attr_destroy(&at);
     if (h <= 0 || !r->fut) {

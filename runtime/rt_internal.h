@@ -189,6 +189,7 @@ struct pie_rt {
     struct pie_rt_topic  *topics;
     struct pie_rt_queue  *queues;
     int32_t          n_names;         /* topics + queues (capped)           */
+    int32_t          n_http;          /* HTTP threads in flight             */
 };
 
 /* loader.c */
