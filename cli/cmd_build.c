@@ -184,10 +184,13 @@ int pie_cmd_build(int argc, char **argv)
         "Compiles a C inferlet (one file, or every .c file of DIR) with the "
         "pie C SDK into a wasm32-wasi module for `pie run`. Compiler errors "
         "are shown as the compiler prints them.", opts };
-    char *pos[64];
-    int npos, dd, rc = pie_opts_parse(&u, argc, argv, pos, 64, &npos, &dd);
+    /* Split at "--" first: what follows goes to clang as is. */
+    int split = 1;
+    while (split < argc && strcmp(argv[split], "--")) split++;
+    char *pos[8];
+    int npos, dd, rc = pie_opts_parse(&u, split, argv, pos, 8, &npos, &dd);
     if (rc) return rc < 0 ? 2 : 0;
-    if (dd != 1 || npos < 1) {
+    if (npos != 1) {
         fprintf(stderr, "pie build: give one FILE.c or DIR (see --help)\n");
         return 2;
     }
@@ -222,7 +225,7 @@ int pie_cmd_build(int argc, char **argv)
     rc = sv_push(&cmd, clang) || sv_push(&cmd, opt);
     for (size_t i = 0; i < sizeof flags / sizeof *flags && !rc; i++)
         rc = sv_push(&cmd, flags[i]);
-    for (int i = 1; i < npos && !rc; i++) rc = sv_push(&cmd, pos[i]);
+    for (int i = split + 1; i < argc && !rc; i++) rc = sv_push(&cmd, argv[i]);
     if (!rc) rc = add_inputs(&cmd, pos[0]);
     if (!rc) rc = add_sdk(&cmd, sdk);
     if (!rc) rc = sv_push(&cmd, "-o") || sv_push(&cmd, out);

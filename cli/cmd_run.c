@@ -362,31 +362,24 @@ int pie_cmd_run(int argc, char **argv)
         "text-completion) on a model in this process and exits with its "
         "status. The inferlet's messages and stdout go to standard output, "
         "its stderr and pie's diagnostics to standard error.", opts };
-    int cap = argc + 1, npos, dd;
-    char **pos = malloc(sizeof(char *) * (size_t)cap);
-    if (!pos) return 1;
-    int rc = pie_opts_parse(&u, argc, argv, pos, cap, &npos, &dd);
-    if (rc) {
-        free(pos);
-        return rc < 0 ? 2 : 0;
-    }
-    if (dd != 1) {
-        fprintf(stderr, "pie run: give one INFERLET before '--' (see "
-                "--help)\n");
-        free(pos);
+    /* Split at "--" first: what follows belongs to the inferlet, even
+     * --help (pie_opts_parse would take it). */
+    int split = 1;
+    while (split < argc && strcmp(argv[split], "--")) split++;
+    int nargs = split < argc ? argc - split - 1 : 0, npos, dd;
+    char *pos[8];
+    int rc = pie_opts_parse(&u, split, argv, pos, 8, &npos, &dd);
+    if (rc) return rc < 0 ? 2 : 0;
+    if (npos != 1) {
+        fprintf(stderr, "pie run: give one INFERLET (arguments for it go "
+                "after '--'; see --help)\n");
         return 2;
     }
     if (a.n < 1 || a.n > 100000) {
         fprintf(stderr, "pie run: -n must be between 1 and 100000\n");
-        free(pos);
         return 2;
     }
     char path[PATH_MAX];
-    if (resolve(pos[0], path, sizeof path)) {
-        free(pos);
-        return 2;
-    }
-    rc = run_engine(&a, path, npos - 1, pos + 1);
-    free(pos);
-    return rc;
+    if (resolve(pos[0], path, sizeof path)) return 2;
+    return run_engine(&a, path, nargs, argv + split + 1);
 }

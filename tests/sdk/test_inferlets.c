@@ -516,6 +516,22 @@ static void test_build(void)
     CHECK(r.status == 1 && strstr(r.err, "not found"), "missing clang: %s",
           r.err);
     run_free(&r);
+    /* arguments after "--" belong to the inferlet (even --help) / clang */
+    r = PIE_RUN("text-completion", "--", "--help");
+    CHECK(r.status == 0 && strstr(r.out, "--prompt") &&
+          !strstr(r.out, "usage: pie run"), "inferlet --help: %s", r.out);
+    run_free(&r);
+    f = fopen(bad, "w");
+    fputs("#ifndef NEEDED\n#error NEEDED not passed\n#endif\n"
+          "int main(void) { return NEEDED; }\n", f);
+    fclose(f);
+    r = run((const char *const[]){ PIE_BIN, "build", bad, "-o", wasm, "--",
+                                   "-DNEEDED=6", NULL });
+    CHECK(r.status == 0, "CFLAGS after -- not passed: %s", r.err);
+    run_free(&r);
+    r = PIE_RUN(wasm);
+    CHECK(r.status == 6, "built with -DNEEDED=6: status %d", r.status);
+    run_free(&r);
     /* pie run --cpu-limit and --memory-limit reach the runtime */
     char lim[300];
     snprintf(lim, sizeof lim, "%s/limits.c", tmpdir);
