@@ -69,6 +69,47 @@ static void test_basic(void)
     pie_rt_module_unref(m2);
     pie_rt_module_unref(m);
     pie_rt_free(rt);
+
+    /* A damaged cache entry is detected at dlopen and recompiled. */
+    char dir[] = "/tmp/pie-test-cache.XXXXXX";
+    CHECK(mkdtemp(dir) != NULL, "mkdtemp");
+    pie_rt_opts o2 = {.cache_dir = dir};
+    CHECK_OK(pie_rt_create(&o2, &rt));
+    m = load_wasm(rt, "hello.wasm", &cached);
+    CHECK(cached == 0, "private cache was not empty");
+    pie_rt_module_unref(m);
+    DIR *d = opendir(dir);
+    struct dirent *e;
+    int n_so = 0;
+    while (d && (e = readdir(d))) {
+        if (!strstr(e->d_name, ".so"))
+            continue;
+        char p[512];
+        snprintf(p, sizeof p, "%s/%s", dir, e->d_name);
+        FILE *f = fopen(p, "w");
+        CHECK(f && fputs("garbage", f) >= 0, "corrupting %s", p);
+        fclose(f);
+        n_so++;
+    }
+    if (d)
+        closedir(d);
+    CHECK(n_so == 1, "expected 1 cached object, found %d", n_so);
+    m = load_wasm(rt, "hello.wasm", &cached);
+    CHECK(cached == 0, "damaged cache entry was used");
+    i = launch_v(rt, m, NULL, argv);
+    CHECK(wait_inst(i, reason) == 3, "recompiled module runs (%s)", reason);
+    pie_rt_module_unref(m);
+    pie_rt_free(rt);
+    d = opendir(dir);
+    while (d && (e = readdir(d))) {
+        char p[512];
+        snprintf(p, sizeof p, "%s/%s", dir, e->d_name);
+        if (e->d_name[0] != '.')
+            unlink(p);
+    }
+    if (d)
+        closedir(d);
+    rmdir(dir);
 }
 
 static void expect_reject(pie_rt *rt, const char *file, const void *bytes,
