@@ -532,6 +532,37 @@ static void test_build(void)
     r = PIE_RUN(wasm);
     CHECK(r.status == 6, "built with -DNEEDED=6: status %d", r.status);
     run_free(&r);
+    /* -n: one whole block per instance, in launch order, although later
+     * instances finish first (each sleeps less than the one before) */
+    char ord[300];
+    snprintf(ord, sizeof ord, "%s/order.c", tmpdir);
+    f = fopen(ord, "w");
+    fputs("#include <stdio.h>\n#include \"pie.h\"\n"
+          "int main(void) {\n"
+          "  static unsigned last; unsigned id = pie_instance_id();\n"
+          "  pie_wait_free(pie_sleep((int64_t)(10u - id % 10u) * 20000000));\n"
+          "  printf(\"%u\\n\", id); fflush(stdout);\n"
+          "  pie_send_str(\"part two\\n\"); (void)last; return 0; }\n", f);
+    fclose(f);
+    r = run((const char *const[]){ PIE_BIN, "build", ord, "-o", wasm, NULL });
+    CHECK(r.status == 0, "pie build order.c: %s", r.err);
+    run_free(&r);
+    r = PIE_RUN("-n", "6", wasm);
+    CHECK(r.status == 0, "-n 6: %d %s", r.status, r.err);
+    {
+        unsigned prev = 0, id;
+        const char *q = r.out;
+        for (int i = 0; i < 6; i++) {
+            int used = 0;
+            CHECK(sscanf(q, "%u\npart two\n%n", &id, &used) == 1 && used > 0,
+                  "block %d malformed: [%s]", i, q);
+            CHECK(i == 0 || id > prev, "block %d: id %u after %u", i, id, prev);
+            prev = id;
+            q += used;
+        }
+        CHECK(*q == 0, "trailing output [%s]", q);
+    }
+    run_free(&r);
     /* pie run --cpu-limit and --memory-limit reach the runtime */
     char lim[300];
     snprintf(lim, sizeof lim, "%s/limits.c", tmpdir);
