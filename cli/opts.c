@@ -112,7 +112,7 @@ int pie_opts_parse(const pie_cmd_usage *u, int argc, char **argv, char **pos,
     if (apply_env(u) != 0) return -1;
     for (int i = 1; i < argc; i++) {
         const char *a = argv[i];
-        if (!strcmp(a, "--help") || !strcmp(a, "-h")) {
+        if (*dashdash < 0 && (!strcmp(a, "--help") || !strcmp(a, "-h"))) {
             pie_opts_usage(u, stdout);
             return 1;
         }
