@@ -14,16 +14,42 @@
 
 #include "pie.h"
 
+/* Fills a comma-separated id list ("1,2,3") into the context. */
+static int fill_ids(pie_ctx *ctx, const char *list)
+{
+    int32_t ids[4096];
+    int32_t n = 0;
+    for (const char *p = list; *p && n < 4096;) {
+        char *end;
+        long v = strtol(p, &end, 10);
+        if (end == p || v < 0 || v > 0x7fffffff) {
+            fprintf(stderr, "text-completion: bad --prompt-ids '%s'\n", list);
+            return PIE_EINVAL;
+        }
+        ids[n++] = (int32_t)v;
+        p = *end == ',' ? end + 1 : end;
+        if (*end && *end != ',') {
+            fprintf(stderr, "text-completion: bad --prompt-ids '%s'\n", list);
+            return PIE_EINVAL;
+        }
+    }
+    return n ? pie_ctx_fill_ids(ctx, ids, n) : PIE_EINVAL;
+}
+
 int main(int argc, char **argv)
 {
     const char *prompt = NULL, *system = NULL, *chat = "auto", *stop = NULL,
-               *model = NULL;
+               *model = NULL, *prompt_ids = NULL;
     int32_t max_tokens = 64, top_k = 0, lookahead = 0;
     float temperature = 1.0f, top_p = 1.0f, min_p = 0.0f;
     uint64_t seed = 0;
-    bool json = false, ignore_eos = false;
+    bool json = false, ignore_eos = false, no_text = false;
     const pie_arg args[] = {
-        { "prompt", PIE_ARG_STR, &prompt, "prompt text (required)" },
+        { "prompt", PIE_ARG_STR, &prompt, "prompt text" },
+        { "prompt-ids", PIE_ARG_STR, &prompt_ids, "prompt as token ids 1,2,3 "
+          "(used as given, no template)" },
+        { "no-text", PIE_ARG_FLAG, &no_text, "ids only: no decoding (with "
+          "--json; for models without a tokenizer)" },
         { "max-tokens", PIE_ARG_INT, &max_tokens, "tokens to generate (64)" },
         { "temperature", PIE_ARG_FLOAT, &temperature, "0 = greedy (1.0)" },
         { "top-p", PIE_ARG_FLOAT, &top_p, "nucleus mass (1.0)" },
@@ -41,8 +67,9 @@ int main(int argc, char **argv)
     };
     int rc = pie_args_parse(argc, argv, args, "Continues --prompt.");
     if (rc) return rc < 0 ? 2 : 0;
-    if (!prompt) {
-        fprintf(stderr, "text-completion: --prompt is required\n");
+    if (!prompt == !prompt_ids) {
+        fprintf(stderr, "text-completion: give one of --prompt and "
+                        "--prompt-ids\n");
         return 2;
     }
     pie_lm lm;
@@ -56,13 +83,16 @@ int main(int argc, char **argv)
     }
     pie_chat_add_stops((pie_chat_fmt)fmt, &lm);
     pie_ctx_init(&ctx, &lm);
-    if ((rc = pie_chat_fill(&ctx, (pie_chat_fmt)fmt, system, prompt))) goto fail;
+    if (prompt_ids) rc = fill_ids(&ctx, prompt_ids);
+    else rc = pie_chat_fill(&ctx, (pie_chat_fmt)fmt, system, prompt);
+    if (rc) goto fail;
     pie_gen_opts o = {
         .s = { .temperature = temperature, .top_k = top_k, .top_p = top_p,
                .min_p = min_p, .seed = seed },
         .max_tokens = max_tokens, .ignore_eos = ignore_eos,
         .lookahead = lookahead, .stop = &stop, .n_stop = stop ? 1 : 0,
-        .on_text = json ? NULL : pie_text_send,
+        .on_text = json || no_text ? NULL : pie_text_send,
+        .no_text = no_text,
     };
     if (max_tokens <= 0) return 0;
     if ((rc = pie_generate(&ctx, &o, &g))) goto fail;

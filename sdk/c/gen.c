@@ -159,6 +159,7 @@ static int push_text(pie_gen *g, const char *s, size_t n, bool final)
 /* Decodes the window after a new token and pushes the new bytes. */
 static int decode_new(pie_gen *g, bool final)
 {
+    if (g->o.no_text) return 0;
     pie_ctx *c = g->ctx;
     int32_t l0 = g->dt_win - DT_LEFT < 0 ? 0 : g->dt_win - DT_LEFT;
     int32_t end = c->n_tokens;

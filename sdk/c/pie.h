@@ -146,6 +146,8 @@ typedef struct pie_gen_opts {
     int32_t      lookahead;          /* decode steps queued (0: 4; 1: none) */
     pie_text_fn  on_text;            /* streamed text; NULL: no streaming   */
     void        *user;
+    bool         no_text;            /* ids only: no detokenizing, no stop
+                                        strings (models without tokenizer) */
 } pie_gen_opts;
 
 enum { PIE_GEN_LOOKAHEAD_MAX = 16 };

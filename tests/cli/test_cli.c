@@ -72,6 +72,27 @@ static void test_generate_ids(json_t *ref, const char *model)
     free(out);
 }
 
+/* The inferlet path: text-completion with --prompt-ids --no-text, the mode
+ * `pie bench generate` uses, reproduces the reference ids too. */
+static void test_run_ids(json_t *ref, const char *model)
+{
+    char cmd[2048];
+    int st;
+    json_t *p0 = json_array_get(json_object_get(ref, "prompts"), 0);
+    snprintf(cmd, sizeof cmd, "%s run text-completion --model %s --backend cpu "
+             "-- --prompt-ids 1 --max-tokens 100 --temperature 0 --ignore-eos "
+             "--no-text --json", PIE_BIN, model);
+    char *out = run(cmd, &st);
+    CHECK(st == 0, "pie run text-completion exited %d", st);
+    json_error_t e;
+    json_t *j = json_loads(out, 0, &e);
+    CHECK(j, "text-completion --json output is not JSON: %s", out);
+    check_ids(json_object_get(j, "ids"), json_object_get(p0, "greedy_ids"), 100,
+              "run text-completion --prompt-ids 1");
+    json_decref(j);
+    free(out);
+}
+
 static void test_generate_text(json_t *ref, const char *model)
 {
     char cmd[2048];
@@ -144,6 +165,7 @@ int main(void)
     const char *model = test_shared_path("models/stories260K");
     test_generate_ids(ref, model);
     test_generate_text(ref, model);
+    test_run_ids(ref, model);
     test_bad_input(model);
     json_decref(ref);
     TEST_DONE();
