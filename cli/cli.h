@@ -9,6 +9,8 @@
 #include "backend/backend.h"
 #include "model/model.h"
 
+#include <stddef.h>
+
 int pie_cmd_tokenize(int argc, char **argv);
 int pie_cmd_detokenize(int argc, char **argv);
 int pie_cmd_generate(int argc, char **argv);
@@ -24,5 +26,17 @@ int  pie_cli_backend(const char *which, const pie_model *m, int page_size,
 /* Parses "1,2,3" into a malloc'ed id list; -1 on a bad list. */
 int  pie_cli_parse_ids(const char *s, int32_t **ids, size_t *n);
 double pie_cli_now(void);
+
+struct pie_rt;
+struct pie_rt_module;
+/* Resolves INFERLET (a .wasm path or a bundled name) to a file path;
+ * prints an error and returns -1 when there is none. (cmd_run.c) */
+int  pie_cli_resolve_inferlet(const char *name, char *path, size_t cap);
+/* Reads, checks and compiles (or takes from the cache) an inferlet;
+ * prints errors. 0 or -1. (cmd_run.c) */
+int  pie_cli_load_inferlet(struct pie_rt *rt, const char *path,
+                           struct pie_rt_module **mod);
+/* `pie bench generate` (cmd_bench_gen.c) */
+int  pie_cmd_bench_generate(int argc, char **argv);
 
 #endif

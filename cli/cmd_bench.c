@@ -175,7 +175,10 @@ int pie_cmd_bench(int argc, char **argv)
 {
     if (argc >= 2 && !strcmp(argv[1], "forward"))
         return bench_forward(argc - 1, argv + 1);
-    fprintf(stderr, "usage: pie bench forward [OPTIONS]   (see --help)\n");
+    if (argc >= 2 && !strcmp(argv[1], "generate"))
+        return pie_cmd_bench_generate(argc - 1, argv + 1);
+    fprintf(stderr, "usage: pie bench forward|generate [OPTIONS]   (see "
+                    "pie bench forward --help)\n");
     return (argc >= 2 && (!strcmp(argv[1], "--help") || !strcmp(argv[1], "-h")))
                ? 0 : 2;
 }

@@ -131,7 +131,7 @@ static void *read_file(const char *path, size_t *len)
 }
 
 /* Resolves INFERLET to a file: a path as given, else a bundled name. */
-static int resolve(const char *name, char *path, size_t cap)
+int pie_cli_resolve_inferlet(const char *name, char *path, size_t cap)
 {
     size_t n = strlen(name);
     if (strchr(name, '/') || (n > 5 && !strcmp(name + n - 5, ".wasm"))) {
@@ -257,7 +257,7 @@ static int run_all(const run_args *a, pie_rt *rt, pie_rt_module *mod,
     return worst;
 }
 
-static int load_module(pie_rt *rt, const char *path, pie_rt_module **mod)
+int pie_cli_load_inferlet(pie_rt *rt, const char *path, pie_rt_module **mod)
 {
     size_t len = 0;
     void *wasm = read_file(path, &len);
@@ -320,7 +320,7 @@ static int run_engine(const run_args *a, const char *path, int nargs,
                 pie_err_msg());
         goto out;
     }
-    if (load_module(rt, path, &mod)) goto out;
+    if (pie_cli_load_inferlet(rt, path, &mod)) goto out;
     pie_rt_module_register(rt, name, mod);
     status = run_all(a, rt, mod, name, nargs, args);
 out:
@@ -380,6 +380,6 @@ int pie_cmd_run(int argc, char **argv)
         return 2;
     }
     char path[PATH_MAX];
-    if (resolve(pos[0], path, sizeof path)) return 2;
+    if (pie_cli_resolve_inferlet(pos[0], path, sizeof path)) return 2;
     return run_engine(&a, path, nargs, argv + split + 1);
 }

@@ -1,0 +1,344 @@
+/*
+ * cmd_bench_gen.c — `pie bench generate`: C concurrent generations of N
+ * tokens each, either through the bundled text-completion inferlet (one
+ * WebAssembly instance per generation) or, with --native, through the same
+ * loop built into the engine (pie_ctl_generate). Both paths do the same
+ * work: a unique seeded random prompt of L ids, greedy sampling, no EOS
+ * stop, no detokenizing, the SDK's default lookahead of chained decode
+ * steps; the ratio of their times is the cost of programmability.
+ *
+ * Timing per generation: from just before it is launched (the instance's
+ * pie_rt_launch, or the pie_ctl_generate call) to its end (the instance's
+ * exit, or the call's return); ms_per_token = mean over generations of
+ * that time / N. tokens_per_s = C*N / (last end - first start). A thread
+ * samples the control layer's counters every 2 ms for the peak page use.
+ */
+#include <pthread.h>
+#include <stdio.h>
+#include <stdlib.h>
+#include <string.h>
+#include <time.h>
+
+#include "cli/cli.h"
+#include "cli/opts.h"
+#include "common/pie_err.h"
+#include "control/control.h"
+#include "runtime/host_engine.h"
+#include "runtime/runtime.h"
+
+#define BG_LOOKAHEAD 4          /* the SDK's default (sdk/c/pie.h)         */
+
+typedef struct bg_args {
+    const char *model, *backend;
+    int  concurrency, max_tokens, prompt_len, pages, threads, workers;
+    int  page_size;
+    bool native, json;
+} bg_args;
+
+typedef struct bg_gen {          /* one generation                         */
+    int32_t *prompt;             /* (prompt_len) ids                       */
+    double   t0, t1;             /* start, end (pie_cli_now)               */
+    int32_t  status;
+    int32_t  n_out;
+} bg_gen;
+
+typedef struct bg_run {
+    const bg_args *a;
+    pie_ctl       *ctl;
+    bg_gen        *g;            /* (concurrency)                          */
+    volatile int   done;         /* sampler stop flag                      */
+    int32_t        peak_pages;
+} bg_run;
+
+static void make_prompts(bg_run *r, int32_t vocab)
+{
+    uint64_t s = 0x5eed;
+    for (int i = 0; i < r->a->concurrency; i++)
+        for (int j = 0; j < r->a->prompt_len; j++) {
+            s = s * 6364136223846793005ull + 1442695040888963407ull;
+            r->g[i].prompt[j] = (int32_t)((s >> 33) % (uint64_t)vocab);
+        }
+}
+
+static void *sample_pages(void *p)
+{
+    bg_run *r = p;
+    struct timespec ts = { 0, 2000000 };
+    while (!r->done) {
+        pie_ctl_stats st;
+        pie_ctl_get_stats(r->ctl, &st);
+        if (st.pages_used > r->peak_pages) r->peak_pages = st.pages_used;
+        nanosleep(&ts, NULL);
+    }
+    return NULL;
+}
+
+/* ---- native: one thread per generation --------------------------------- */
+
+typedef struct bg_native_arg { bg_run *r; int i; } bg_native_arg;
+
+static void *native_one(void *p)
+{
+    bg_native_arg *na = p;
+    bg_run *r = na->r;
+    bg_gen *g = &r->g[na->i];
+    int32_t *out = malloc(sizeof(int32_t) * (size_t)r->a->max_tokens);
+    pie_ctl_gen_opts o = {
+        .prompt = g->prompt, .n_prompt = r->a->prompt_len,
+        .sampler = { .kind = PIE_SAMPLER_GREEDY },
+        .max_tokens = r->a->max_tokens, .lookahead = BG_LOOKAHEAD,
+        .timeout_ms = -1,
+    };
+    g->t0 = pie_cli_now();
+    g->status = out ? pie_ctl_generate(r->ctl, &o, out, r->a->max_tokens,
+                                       &g->n_out) : PIE_ENOMEM;
+    g->t1 = pie_cli_now();
+    if (g->status) fprintf(stderr, "pie bench generate: generation %d: %s\n",
+                           na->i, pie_err_msg());
+    free(out);
+    return NULL;
+}
+
+static int run_native(bg_run *r)
+{
+    int n = r->a->concurrency, rc = 0;
+    pthread_t *th = calloc((size_t)n, sizeof *th);
+    bg_native_arg *na = calloc((size_t)n, sizeof *na);
+    pthread_attr_t at;
+    pthread_attr_init(&at);
+    pthread_attr_setstacksize(&at, 256 << 10);
+    int started = 0;
+    for (int i = 0; th && na && i < n; i++, started++) {
+        na[i] = (bg_native_arg){ r, i };
+        if (pthread_create(&th[i], &at, native_one, &na[i])) {
+            rc = pie_err_set(PIE_ENOMEM, "cannot start thread %d", i);
+            break;
+        }
+    }
+    for (int i = 0; i < started; i++) pthread_join(th[i], NULL);
+    pthread_attr_destroy(&at);
+    free(th);
+    free(na);
+    return th && na ? rc : pie_err_set(PIE_ENOMEM, "out of memory");
+}
+
+/* ---- inferlet: one text-completion instance per generation ------------- */
+
+static void on_exit_cb(void *user, pie_rt_instance *i, int32_t status,
+                       const char *reason, const void *ret, size_t len)
+{
+    bg_gen *g = user;
+    g->t1 = pie_cli_now();
+    g->status = status;          /* n_out was counted from the message */
+}
+
+static void on_msg_cb(void *user, pie_rt_instance *i, const void *buf,
+                      size_t len)
+{
+    bg_gen *g = user;            /* {"ids":[a,b,...],...}: count the ids */
+    const char *p = memchr(buf, '[', len), *e = memchr(buf, ']', len);
+    int n = 0;
+    if (p && e && e > p + 1) {
+        n = 1;
+        for (const char *q = p; q < e; q++) n += *q == ',';
+    }
+    g->n_out = n;
+}
+
+static int launch_one(bg_run *r, pie_rt *rt, pie_rt_module *mod, int i,
+                      pie_rt_instance **inst)
+{
+    const bg_args *a = r->a;
+    char *ids = malloc((size_t)a->prompt_len * 12 + 1), mt[32];
+    if (!ids) return pie_err_set(PIE_ENOMEM, "out of memory");
+    size_t k = 0;
+    for (int j = 0; j < a->prompt_len; j++)
+        k += (size_t)sprintf(ids + k, "%s%d", j ? "," : "", r->g[i].prompt[j]);
+    snprintf(mt, sizeof mt, "%d", a->max_tokens);
+    const char *argv[] = { "text-completion", "--prompt-ids", ids,
+                           "--max-tokens", mt, "--temperature", "0",
+                           "--ignore-eos", "--no-text", "--json",
+                           "--lookahead", "4" };
+    pie_rt_launch_cbs cbs = { .user = &r->g[i], .on_message = on_msg_cb,
+                              .on_exit = on_exit_cb };
+    r->g[i].t0 = pie_cli_now();
+    int rc = pie_rt_launch(rt, mod, (int)(sizeof argv / sizeof *argv), argv,
+                           &cbs, inst);
+    free(ids);
+    return rc;
+}
+
+static int run_inferlet(bg_run *r, pie_rt *rt, pie_rt_module *mod)
+{
+    int n = r->a->concurrency, rc = 0, launched = 0;
+    pie_rt_instance **inst = calloc((size_t)n, sizeof *inst);
+    if (!inst) return pie_err_set(PIE_ENOMEM, "out of memory");
+    for (; launched < n && !rc; launched++)
+        if ((rc = launch_one(r, rt, mod, launched, &inst[launched])) != 0)
+            break;
+    for (int i = 0; i < launched; i++) {
+        char reason[256] = "";
+        if (pie_rt_wait(inst[i], reason, sizeof reason) != 0 && !rc)
+            rc = pie_err_set(PIE_ETRAP, "instance %d failed: %s", i, reason);
+        pie_rt_instance_unref(inst[i]);
+    }
+    free(inst);
+    return rc;
+}
+
+/* ---- setup and report --------------------------------------------------- */
+
+static void report(const bg_run *r, const pie_ctl_stats *st, double wall)
+{
+    const bg_args *a = r->a;
+    double sum = 0, t0 = 1e300, t1 = 0;
+    long toks = 0;
+    int ok = 0;
+    for (int i = 0; i < a->concurrency; i++) {
+        const bg_gen *g = &r->g[i];
+        if (g->status || g->n_out != a->max_tokens) continue;
+        ok++;
+        sum += (g->t1 - g->t0) * 1e3 / a->max_tokens;
+        toks += g->n_out;
+        if (g->t0 < t0) t0 = g->t0;
+        if (g->t1 > t1) t1 = g->t1;
+    }
+    double mspt = ok ? sum / ok : 0, tps = ok ? toks / (t1 - t0) : 0;
+    double fires = st->fires ? (double)st->fires : 1;
+    const char *mode = a->native ? "native" : "inferlet";
+    if (a->json) {
+        printf("{\"mode\":\"%s\",\"model\":\"%s\",\"concurrency\":%d,"
+               "\"max_tokens\":%d,\"prompt_len\":%d,\"ok\":%d,"
+               "\"ms_per_token\":%.4f,\"tokens_per_s\":%.1f,\"wall_s\":%.3f,"
+               "\"fires\":%llu,\"mean_batch_reqs\":%.2f,"
+               "\"control_us_per_fire\":%.2f,\"backend_ms_per_fire\":%.4f,"
+               "\"peak_pages\":%d}\n", mode, a->model, a->concurrency,
+               a->max_tokens, a->prompt_len, ok, mspt, tps, wall,
+               (unsigned long long)st->fires, st->fired_reqs / fires,
+               st->overhead_ns_total / fires / 1e3,
+               st->backend_ns_total / fires / 1e6, r->peak_pages);
+        return;
+    }
+    printf("%s: %d/%d generations of %d tokens (prompt %d) on %s\n", mode, ok,
+           a->concurrency, a->max_tokens, a->prompt_len, a->model);
+    printf("  %.3f ms/token (mean per generation), %.1f tokens/s, wall %.2f s\n",
+           mspt, tps, wall);
+    printf("  %llu fires, %.1f requests/fire, control %.1f us/fire, backend "
+           "%.3f ms/fire, peak pages %d\n", (unsigned long long)st->fires,
+           st->fired_reqs / fires, st->overhead_ns_total / fires / 1e3,
+           st->backend_ns_total / fires / 1e6, r->peak_pages);
+}
+
+/* Runs the chosen path with the model, backend and control layer set up. */
+static int bench_with(bg_run *r, pie_model *m, const bg_args *a)
+{
+    pie_engine *eng = NULL;
+    pie_rt *rt = NULL;
+    pie_rt_module *mod = NULL;
+    char path[4096];
+    int rc = -1;
+    if (!a->native) {
+        pie_engine_opts eo = {0};
+        pie_rt_opts ro = { .n_workers = a->workers, .cpu_limit_s = -1 };
+        if (pie_cli_resolve_inferlet("text-completion", path, sizeof path))
+            return -1;
+        if (pie_engine_create(&eo, &eng) || pie_engine_add_model(eng, "default",
+                                                                 m, r->ctl)) {
+            fprintf(stderr, "pie bench generate: %s\n", pie_err_msg());
+            goto out;
+        }
+        ro.hooks = pie_engine_hooks(eng);
+        if (pie_rt_create(&ro, &rt)) {
+            fprintf(stderr, "pie bench generate: %s\n", pie_err_msg());
+            goto out;
+        }
+        if (pie_cli_load_inferlet(rt, path, &mod)) goto out;
+    }
+    pthread_t sampler;
+    pthread_create(&sampler, NULL, sample_pages, r);
+    double t0 = pie_cli_now();
+    rc = a->native ? run_native(r) : run_inferlet(r, rt, mod);
+    double wall = pie_cli_now() - t0;
+    r->done = 1;
+    pthread_join(sampler, NULL);
+    if (rc) {
+        fprintf(stderr, "pie bench generate: %s\n", pie_err_msg());
+        goto out;
+    }
+    pie_ctl_stats st;
+    pie_ctl_get_stats(r->ctl, &st);
+    report(r, &st, wall);
+out:
+    if (mod) pie_rt_module_unref(mod);
+    pie_rt_free(rt);
+    pie_engine_free(eng);
+    return rc ? -1 : 0;
+}
+
+static int bench_generate(const bg_args *a)
+{
+    pie_model *m = NULL;
+    pie_backend *b = NULL;
+    bg_run r = { .a = a };
+    int status = 1;
+    r.g = calloc((size_t)a->concurrency, sizeof *r.g);
+    for (int i = 0; r.g && i < a->concurrency; i++)
+        if (!(r.g[i].prompt = malloc(sizeof(int32_t) * (size_t)a->prompt_len)))
+            goto out;
+    if (!r.g || pie_cli_load_model(a->model, &m)) goto out;
+    int pages = a->pages ? a->pages
+              : a->concurrency * ((a->prompt_len + a->max_tokens +
+                                   BG_LOOKAHEAD) / a->page_size + 2) + 64;
+    if (pie_cli_backend(a->backend, m, a->page_size, pages, a->threads, &b))
+        goto out;
+    pie_ctl_opts co = { .no_dedup = false };
+    if (pie_ctl_create(b, &co, &r.ctl)) {
+        fprintf(stderr, "pie bench generate: %s\n", pie_err_msg());
+        goto out;
+    }
+    make_prompts(&r, m->cfg.vocab_size);
+    status = bench_with(&r, m, a) ? 1 : 0;
+out:
+    pie_ctl_free(r.ctl);
+    pie_backend_free(b);
+    pie_model_free(m);
+    for (int i = 0; r.g && i < a->concurrency; i++) free(r.g[i].prompt);
+    free(r.g);
+    return status;
+}
+
+int pie_cmd_bench_generate(int argc, char **argv)
+{
+    bg_args a = { .concurrency = 1, .max_tokens = 64, .prompt_len = 16,
+                  .page_size = 16, .backend = "auto" };
+    const pie_opt opts[] = {
+        { "model", 'm', OPT_STR, &a.model, "model directory or random:SHAPE" },
+        { "concurrency", 'c', OPT_INT, &a.concurrency, "concurrent generations (1)" },
+        { "max-tokens", 'n', OPT_INT, &a.max_tokens, "tokens per generation, EOS ignored (64)" },
+        { "prompt-len", 'L', OPT_INT, &a.prompt_len, "random prompt ids per generation (16)" },
+        { "native", 0, OPT_FLAG, &a.native, "the built-in loop instead of the inferlet" },
+        { "json", 0, OPT_FLAG, &a.json, "print one JSON object" },
+        { "backend", 'b', OPT_STR, &a.backend, "cpu, cuda or auto (auto)" },
+        { "page-size", 0, OPT_INT, &a.page_size, "KV page size in tokens (16)" },
+        { "pages", 0, OPT_INT, &a.pages, "KV pages in the pool (0 = enough)" },
+        { "threads", 0, OPT_INT, &a.threads, "CPU backend threads (0 = all)" },
+        { "workers", 0, OPT_INT, &a.workers, "inferlet worker threads (2)" },
+        { 0 },
+    };
+    const pie_cmd_usage u = { "bench generate",
+        "--model DIR|random:SHAPE --concurrency C --max-tokens N [--native] [--json]",
+        "Runs C concurrent greedy generations of N tokens from unique random "
+        "prompts, through the text-completion inferlet or (--native) the "
+        "engine's built-in loop, and prints the time per output token (mean "
+        "over generations of launch-to-end time / N) and throughput.", opts };
+    char *pos[1];
+    int npos, dd, rc = pie_opts_parse(&u, argc, argv, pos, 0, &npos, &dd);
+    if (rc) return rc < 0 ? 2 : 0;
+    if (a.concurrency < 1 || a.concurrency > 100000 || a.max_tokens < 1 ||
+        a.prompt_len < 1 || a.prompt_len > 4096 || a.page_size < 1) {
+        fprintf(stderr, "pie bench generate: --concurrency 1..100000, "
+                "--max-tokens >= 1, --prompt-len 1..4096\n");
+        return 2;
+    }
+    return bench_generate(&a);
+}
