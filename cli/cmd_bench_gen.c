@@ -32,7 +32,7 @@ typedef struct bg_args {
     const char *model, *backend;
     int  concurrency, max_tokens, prompt_len, pages, threads, workers;
     int  page_size;
-    bool native, json;
+    bool native, json, shared_prompt;
 } bg_args;
 
 typedef struct bg_gen {          /* one generation                         */
@@ -55,6 +55,10 @@ static void make_prompts(bg_run *r, int32_t vocab)
     uint64_t s = 0x5eed;
     for (int i = 0; i < r->a->concurrency; i++)
         for (int j = 0; j < r->a->prompt_len; j++) {
+            if (r->a->shared_prompt && i > 0) {
+                r->g[i].prompt[j] = r->g[0].prompt[j];
+                continue;
+            }
             s = s * 6364136223846793005ull + 1442695040888963407ull;
             r->g[i].prompt[j] = (int32_t)((s >> 33) % (uint64_t)vocab);
         }
@@ -318,6 +322,8 @@ int pie_cmd_bench_generate(int argc, char **argv)
         { "prompt-len", 'L', OPT_INT, &a.prompt_len, "random prompt ids per generation (16)" },
         { "native", 0, OPT_FLAG, &a.native, "the built-in loop instead of the inferlet" },
         { "json", 0, OPT_FLAG, &a.json, "print one JSON object" },
+        { "shared-prompt", 0, OPT_FLAG, &a.shared_prompt, "every generation "
+          "gets the same prompt (its full pages are shared by prefix caching)" },
         { "backend", 'b', OPT_STR, &a.backend, "cpu, cuda or auto (auto)" },
         { "page-size", 0, OPT_INT, &a.page_size, "KV page size in tokens (16)" },
         { "pages", 0, OPT_INT, &a.pages, "KV pages in the pool (0 = enough)" },
