@@ -19,7 +19,9 @@
  * Exit status: with one instance its exit status (1 after a trap); with
  * -n N, 0 only if every instance exited with 0.
  */
+#include <dirent.h>
 #include <errno.h>
+#include <sys/stat.h>
 #include <limits.h>
 #include <pthread.h>
 #include <stdio.h>
@@ -173,7 +175,7 @@ static void module_name(const char *path, char *out, size_t cap)
 }
 
 typedef struct run_args {
-    const char *model, *backend, *cache_dir;
+    const char *model, *backend, *cache_dir, *kv_dir, *policy;
     int         n, page_size, pages, threads, workers, max_pages;
     float       cpu_limit, memory_limit_mb;
 } run_args;
@@ -281,6 +283,99 @@ int pie_cli_load_inferlet(pie_rt *rt, const char *path, pie_rt_module **mod)
     return 0;
 }
 
+/* Identifies the model's weights for persisted KV: FNV-1a over the shape
+ * numbers and the first 64 KiB of the embedding. */
+static uint64_t model_id(const pie_model *m)
+{
+    uint64_t h = 0xcbf29ce484222325ull;
+    const pie_model_config *c = &m->cfg;
+    int64_t v[] = { c->vocab_size, c->dim, c->hidden_dim, c->n_layers,
+                    c->n_heads, c->n_kv_heads, c->head_dim, c->dtype };
+    const unsigned char *p = (const unsigned char *)v;
+    for (size_t i = 0; i < sizeof v; i++) h = (h ^ p[i]) * 0x100000001b3ull;
+    const pie_tensor *e = &m->w.tok_embed;
+    int64_t n = pie_tensor_numel(e) * (e->dtype == PIE_DT_F32 ? 4 : 2);
+    p = e->data;
+    for (int64_t i = 0; p && i < n && i < 65536; i++)
+        h = (h ^ p[i]) * 0x100000001b3ull;
+    return h;
+}
+
+static int parse_policy(const char *s, int32_t *policy)
+{
+    if (!s || !strcmp(s, "wait")) *policy = PIE_CTL_POLICY_WAIT;
+    else if (!strcmp(s, "suspend")) *policy = PIE_CTL_POLICY_SUSPEND;
+    else if (!strcmp(s, "fcfs")) *policy = PIE_CTL_POLICY_FCFS;
+    else {
+        fprintf(stderr, "pie run: unknown --policy '%s' (wait, suspend, "
+                "fcfs)\n", s);
+        return -1;
+    }
+    return 0;
+}
+
+/* Loads every DIR/NAME.pkv as a named export; a bad file is reported and
+ * skipped (the others still load). -1 only when DIR cannot be read. */
+static int kv_load_all(pie_ctl *ctl, const char *dir)
+{
+    DIR *d = opendir(dir);
+    if (!d) {
+        if (errno == ENOENT) return 0;          /* nothing saved yet */
+        fprintf(stderr, "pie run: --kv-dir %s: %s\n", dir, strerror(errno));
+        return -1;
+    }
+    struct dirent *e;
+    char path[PATH_MAX];
+    while ((e = readdir(d))) {
+        size_t n = strlen(e->d_name);
+        if (n < 5 || strcmp(e->d_name + n - 4, ".pkv")) continue;
+        snprintf(path, sizeof path, "%s/%s", dir, e->d_name);
+        if (pie_ctl_export_load(ctl, path, NULL) != 0)
+            fprintf(stderr, "pie run: skipping saved KV %s: %s\n", path,
+                    pie_err_msg());
+    }
+    closedir(d);
+    return 0;
+}
+
+/* Saves every named export to DIR/<hex name>.pkv (written to a temporary
+ * file, then renamed). Returns -1 if any could not be saved. */
+static int kv_save_all(pie_ctl *ctl, const char *dir)
+{
+    int32_t len = 0, n = 0, bad = 0;
+    char *names = NULL;
+    if (pie_ctl_export_list(ctl, NULL, 0, &len, &n) != PIE_ERANGE && n == 0)
+        return 0;
+    if (!(names = malloc((size_t)len + 1)) ||
+        pie_ctl_export_list(ctl, names, len, &len, &n) != 0) {
+        free(names);
+        fprintf(stderr, "pie run: cannot list KV exports: %s\n", pie_err_msg());
+        return -1;
+    }
+    if (mkdir(dir, 0755) != 0 && errno != EEXIST) {
+        fprintf(stderr, "pie run: --kv-dir %s: %s\n", dir, strerror(errno));
+        free(names);
+        return -1;
+    }
+    for (const char *nm = names; n-- > 0; nm += strlen(nm) + 1) {
+        char path[PATH_MAX], tmp[PATH_MAX + 8];
+        size_t k = (size_t)snprintf(path, sizeof path, "%s/", dir);
+        for (const char *c = nm; *c && k + 3 < sizeof path - 4; c++)
+            k += (size_t)snprintf(path + k, sizeof path - k, "%02x",
+                                  (unsigned char)*c);
+        snprintf(path + k, sizeof path - k, ".pkv");
+        snprintf(tmp, sizeof tmp, "%s.tmp", path);
+        if (pie_ctl_export_save(ctl, nm, tmp) != 0 || rename(tmp, path) != 0) {
+            fprintf(stderr, "pie run: cannot save KV export '%s': %s\n", nm,
+                    pie_err_msg());
+            unlink(tmp);
+            bad = 1;
+        }
+    }
+    free(names);
+    return bad ? -1 : 0;
+}
+
 static int run_engine(const run_args *a, const char *path, int nargs,
                       char **args)
 {
@@ -296,7 +391,9 @@ static int run_engine(const run_args *a, const char *path, int nargs,
     if (pie_cli_load_model(a->model, &m)) return 1;
     if (pie_cli_backend(a->backend, m, a->page_size, a->pages, a->threads, &b))
         goto out;
-    if (pie_ctl_create(b, NULL, &ctl) != 0) {
+    pie_ctl_opts co = { .model_id = model_id(m) };
+    if (parse_policy(a->policy, &co.policy)) goto out;
+    if (pie_ctl_create(b, &co, &ctl) != 0) {
         fprintf(stderr, "pie run: cannot start the scheduler: %s\n",
                 pie_err_msg());
         goto out;
@@ -322,7 +419,9 @@ static int run_engine(const run_args *a, const char *path, int nargs,
     }
     if (pie_cli_load_inferlet(rt, path, &mod)) goto out;
     pie_rt_module_register(rt, name, mod);
+    if (a->kv_dir && kv_load_all(ctl, a->kv_dir)) goto out;
     status = run_all(a, rt, mod, name, nargs, args);
+    if (a->kv_dir && kv_save_all(ctl, a->kv_dir) && status == 0) status = 1;
 out:
     if (mod) pie_rt_module_unref(mod);
     pie_rt_free(rt);
@@ -354,6 +453,11 @@ int pie_cmd_run(int argc, char **argv)
         { "workers", 0, OPT_INT, &a.workers, "inferlet worker threads (2)" },
         { "cache-dir", 0, OPT_STR, &a.cache_dir, "compiled-inferlet cache "
           "(~/.cache/pie)" },
+        { "kv-dir", 0, OPT_STR, &a.kv_dir, "persist named KV exports here: "
+          "loaded at start, saved at exit" },
+        { "policy", 0, OPT_STR, &a.policy, "KV pool under pressure: wait, "
+          "suspend (swap idle instances to host) or fcfs (end the newest) "
+          "(wait)" },
         { 0 },
     };
     const pie_cmd_usage u = { "run",

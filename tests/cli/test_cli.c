@@ -93,6 +93,70 @@ static void test_run_ids(json_t *ref, const char *model)
     free(out);
 }
 
+/* Named KV exports outlive the pie process with --kv-dir: one process
+ * prefills and exports, a second imports from disk and continues, and its
+ * tokens equal the reference continuation. A corrupt file is skipped with a
+ * message. */
+static void test_kv_persist(json_t *ref, const char *model)
+{
+    char ids[2048], cmd[8192], dir[1024];
+    int st;
+    struct stat sb;
+    if (stat(PIE_KVPERSIST_WASM, &sb) != 0)
+        TEST_SKIP("no %s (wasm toolchain missing)", PIE_KVPERSIST_WASM);
+    json_t *p0 = json_array_get(json_object_get(ref, "prompts"), 0);
+    json_t *greedy = json_object_get(p0, "greedy_ids");
+    size_t k = (size_t)snprintf(ids, sizeof ids, "1");
+    for (size_t i = 0; i < 40; i++)
+        k += (size_t)snprintf(ids + k, sizeof ids - k, ",%lld",
+                              json_integer_value(json_array_get(greedy, i)));
+    snprintf(dir, sizeof dir, "%s/kv", PIE_TEST_TMP);
+    snprintf(cmd, sizeof cmd, "rm -rf %s && mkdir -p %s", dir, PIE_TEST_TMP);
+    CHECK(system(cmd) == 0, "cannot prepare %s", dir);
+    snprintf(cmd, sizeof cmd, "%s run %s --model %s --backend cpu --kv-dir %s "
+             "-- save --ids %s", PIE_BIN, PIE_KVPERSIST_WASM, model, dir, ids);
+    free(run(cmd, &st));
+    CHECK(st == 0, "kvpersist save exited %d", st);
+
+    snprintf(cmd, sizeof cmd, "%s run %s --model %s --backend cpu --kv-dir %s "
+             "-- load --ids %s --n 20", PIE_BIN, PIE_KVPERSIST_WASM, model, dir,
+             ids);
+    char *out = run(cmd, &st);
+    CHECK(st == 0, "kvpersist load exited %d: %s", st, out);
+    json_error_t e;
+    json_t *j = json_loads(out, 0, &e), *want = json_array();
+    CHECK(j, "kvpersist output is not JSON: %s", out);
+    for (size_t i = 40; i < 60; i++)
+        json_array_append(want, json_array_get(greedy, i));
+    check_ids(json_object_get(j, "ids"), want, 20,
+              "continuation from KV saved by another pie process");
+    json_decref(want);
+    json_decref(j);
+    free(out);
+
+    /* without the saved state the import must fail */
+    snprintf(cmd, sizeof cmd, "%s run %s --model %s --backend cpu -- load "
+             "--ids %s 2>&1", PIE_BIN, PIE_KVPERSIST_WASM, model, ids);
+    free(run(cmd, &st));
+    CHECK(st != 0, "import without --kv-dir succeeded");
+
+    /* a corrupt file: reported, skipped, pie still runs the inferlet */
+    snprintf(cmd, sizeof cmd, "for f in %s/*.pkv; do printf 'garbage' | dd "
+             "of=$f bs=1 seek=40 conv=notrunc 2>/dev/null; done", dir);
+    CHECK(system(cmd) == 0, "cannot corrupt the saved file");
+    snprintf(cmd, sizeof cmd, "%s run %s --model %s --backend cpu --kv-dir %s "
+             "-- load --ids %s 2>&1", PIE_BIN, PIE_KVPERSIST_WASM, model, dir,
+             ids);
+    out = run(cmd, &st);
+    CHECK(st == 1 && strstr(out, "skipping saved KV"),
+          "corrupt KV file: expected a skip message and exit 1, got %d: %s",
+          st, out);
+    printf("corrupt KV file -> %.*s\n", (int)strcspn(strstr(out, "skipping"),
+                                                      "\n"),
+           strstr(out, "skipping"));
+    free(out);
+}
+
 static void test_generate_text(json_t *ref, const char *model)
 {
     char cmd[2048];
@@ -166,6 +230,7 @@ int main(void)
     test_generate_ids(ref, model);
     test_generate_text(ref, model);
     test_run_ids(ref, model);
+    test_kv_persist(ref, model);
     test_bad_input(model);
     json_decref(ref);
     TEST_DONE();
