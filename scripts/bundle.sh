@@ -30,11 +30,30 @@ for b in "$build/pie" "$build"/tests/cuda/test_cuda_kernels \
         [ -e "$out/lib/$name" ] || cp -L "$path" "$out/lib/$name"
     done
 done
+# Inferlets: the bundled .wasm files beside pie (where `pie run NAME` looks),
+# wasm2c and wasm-rt.h (the target has no wabt), and the generated host
+# prototypes, which the runtime force-includes from the absolute path it was
+# built with (recorded in host-header-path; `run` restores it there).
+if [ -d "$build/inferlets" ]; then
+    mkdir -p "$out/bin/inferlets" "$out/include"
+    cp "$build"/inferlets/*.wasm "$out/bin/inferlets/" 2>/dev/null || true
+    cp "$(command -v wasm2c)" "$out/bin/"
+    cp /usr/include/wasm-rt.h "$out/include/"
+    hdr=$(cd "$build" && pwd)/runtime/gen/pie_api_host.h
+    cp "$hdr" "$out/include/"
+    echo "$hdr" > "$out/host-header-path"
+fi
 cat > "$out/run" <<'EOS'
 #!/bin/sh
-# run NAME ARGS... — runs bin/NAME with the bundled libraries.
+# run NAME ARGS... — runs bin/NAME with the bundled libraries (and, for
+# inferlets, the bundled wasm2c and headers).
 d=$(cd "$(dirname "$0")" && pwd)
 export LD_LIBRARY_PATH="$d/lib:/usr/local/cuda/lib64:/usr/local/cuda/lib:${LD_LIBRARY_PATH:-}"
+export PATH="$d/bin:$PATH" C_INCLUDE_PATH="$d/include${C_INCLUDE_PATH:+:$C_INCLUDE_PATH}"
+if [ -f "$d/host-header-path" ]; then
+    h=$(cat "$d/host-header-path")
+    [ -f "$h" ] || { mkdir -p "$(dirname "$h")" && cp "$d/include/pie_api_host.h" "$h"; }
+fi
 n=$1; shift
 exec "$d/bin/$n" "$@"
 EOS
