@@ -48,6 +48,8 @@ typedef struct bg_run {
     bg_gen        *g;            /* (concurrency)                          */
     volatile int   done;         /* sampler stop flag                      */
     int32_t        peak_pages;
+    double         sum_pages;    /* pages_used summed over samples         */
+    long           n_samples;
 } bg_run;
 
 static void make_prompts(bg_run *r, int32_t vocab)
@@ -72,6 +74,8 @@ static void *sample_pages(void *p)
         pie_ctl_stats st;
         pie_ctl_get_stats(r->ctl, &st);
         if (st.pages_used > r->peak_pages) r->peak_pages = st.pages_used;
+        r->sum_pages += st.pages_used;
+        r->n_samples++;
         nanosleep(&ts, NULL);
     }
     return NULL;
@@ -210,17 +214,21 @@ static void report(const bg_run *r, const pie_ctl_stats *st, double wall)
     double mspt = ok ? sum / ok : 0, tps = ok ? toks / (t1 - t0) : 0;
     double fires = st->fires ? (double)st->fires : 1;
     const char *mode = a->native ? "native" : "inferlet";
+    double mean_pages = r->n_samples ? r->sum_pages / r->n_samples : 0;
     if (a->json) {
         printf("{\"mode\":\"%s\",\"model\":\"%s\",\"concurrency\":%d,"
                "\"max_tokens\":%d,\"prompt_len\":%d,\"ok\":%d,"
                "\"ms_per_token\":%.4f,\"tokens_per_s\":%.1f,\"wall_s\":%.3f,"
                "\"fires\":%llu,\"mean_batch_reqs\":%.2f,"
                "\"control_us_per_fire\":%.2f,\"backend_ms_per_fire\":%.4f,"
-               "\"peak_pages\":%d}\n", mode, a->model, a->concurrency,
+               "\"peak_pages\":%d,\"mean_pages\":%.1f,\"dedup_hits\":%llu,"
+               "\"prefix_tokens_skipped\":%llu}\n", mode, a->model, a->concurrency,
                a->max_tokens, a->prompt_len, ok, mspt, tps, wall,
                (unsigned long long)st->fires, st->fired_reqs / fires,
                st->overhead_ns_total / fires / 1e3,
-               st->backend_ns_total / fires / 1e6, r->peak_pages);
+               st->backend_ns_total / fires / 1e6, r->peak_pages, mean_pages,
+               (unsigned long long)st->dedup_hits,
+               (unsigned long long)st->prefix_tokens_skipped);
         return;
     }
     printf("%s: %d/%d generations of %d tokens (prompt %d) on %s\n", mode, ok,
@@ -228,9 +236,13 @@ static void report(const bg_run *r, const pie_ctl_stats *st, double wall)
     printf("  %.3f ms/token (mean per generation), %.1f tokens/s, wall %.2f s\n",
            mspt, tps, wall);
     printf("  %llu fires, %.1f requests/fire, control %.1f us/fire, backend "
-           "%.3f ms/fire, peak pages %d\n", (unsigned long long)st->fires,
+           "%.3f ms/fire\n", (unsigned long long)st->fires,
            st->fired_reqs / fires, st->overhead_ns_total / fires / 1e3,
-           st->backend_ns_total / fires / 1e6, r->peak_pages);
+           st->backend_ns_total / fires / 1e6);
+    printf("  KV pages: peak %d, mean %.1f; dedup hits %llu, prompt tokens "
+           "served from cache %llu\n", r->peak_pages, mean_pages,
+           (unsigned long long)st->dedup_hits,
+           (unsigned long long)st->prefix_tokens_skipped);
 }
 
 /* Runs the chosen path with the model, backend and control layer set up. */
