@@ -176,7 +176,8 @@ static void module_name(const char *path, char *out, size_t cap)
 
 typedef struct run_args {
     const char *model, *backend, *cache_dir, *kv_dir, *policy;
-    int         n, page_size, pages, threads, workers, max_pages;
+    int         n, page_size, pages, threads, workers, max_pages, priority;
+    uint64_t    token_limit;
     float       cpu_limit, memory_limit_mb;
 } run_args;
 
@@ -404,7 +405,9 @@ static int run_engine(const run_args *a, const char *path, int nargs,
                                                   1048576.0) };
     char mname[256];
     module_name(a->model, mname, sizeof mname);
-    pie_engine_opts eo = { .client = { .max_pages = a->max_pages } };
+    pie_engine_opts eo = { .client = { .max_pages = a->max_pages,
+                                       .max_tokens = (int64_t)a->token_limit,
+                                       .priority = a->priority } };
     if (pie_engine_create(&eo, &eng) != 0 ||
         pie_engine_add_model(eng, mname, m, ctl) != 0) {
         fprintf(stderr, "pie run: cannot serve the model to inferlets: %s\n",
@@ -447,6 +450,10 @@ int pie_cmd_run(int argc, char **argv)
         { "page-size", 0, OPT_INT, &a.page_size, "KV page size in tokens (16)" },
         { "pages", 0, OPT_INT, &a.pages, "KV pages in the pool (0 = the backend's "
           "default; raise it for many instances)" },
+        { "token-limit", 0, OPT_U64, &a.token_limit, "tokens one instance may "
+          "forward in total (0 = no limit)" },
+        { "priority", 0, OPT_INT, &a.priority, "scheduling class of the "
+          "instances, 0 (first) .. 7 (0)" },
         { "max-pages", 0, OPT_INT, &a.max_pages, "KV pages one instance may "
           "hold (0 = no limit)" },
         { "threads", 0, OPT_INT, &a.threads, "CPU backend threads (0 = all)" },
@@ -477,6 +484,10 @@ int pie_cmd_run(int argc, char **argv)
     if (npos != 1) {
         fprintf(stderr, "pie run: give one INFERLET (arguments for it go "
                 "after '--'; see --help)\n");
+        return 2;
+    }
+    if (a.priority < 0 || a.priority > 7) {
+        fprintf(stderr, "pie run: --priority must be 0..7\n");
         return 2;
     }
     if (a.n < 1 || a.n > 100000) {

@@ -157,6 +157,36 @@ static void test_kv_persist(json_t *ref, const char *model)
     free(out);
 }
 
+/* Launch quotas: --token-limit ends generation with an error once the
+ * instance has forwarded that many tokens (what it printed before is a
+ * prefix of the reference); --priority outside 0..7 is refused. */
+static void test_quota(json_t *ref, const char *model)
+{
+    char cmd[2048];
+    int st;
+    json_t *p1 = json_array_get(json_object_get(ref, "prompts"), 1);
+    const char *want = json_string_value(json_object_get(p1, "greedy_text")) +
+                       strlen("Once upon a time");
+    snprintf(cmd, sizeof cmd, "%s run text-completion --model %s --backend cpu "
+             "--token-limit 20 -- --prompt 'Once upon a time' --max-tokens 40 "
+             "--temperature 0 2>/dev/null", PIE_BIN, model);
+    char *out = run(cmd, &st);
+    CHECK(st == 1, "--token-limit 20: expected exit 1, got %d", st);
+    CHECK(strlen(out) > 0 && strncmp(out, want, strlen(out)) == 0 &&
+          strlen(out) < strlen(want) / 2,
+          "--token-limit 20: output is not a short prefix of the reference: %s",
+          out);
+    printf("--token-limit 20 stops after %zu bytes of the reference text\n",
+           strlen(out));
+    free(out);
+    snprintf(cmd, sizeof cmd, "%s run text-completion --model %s --priority 8 "
+             "-- --prompt x 2>&1", PIE_BIN, model);
+    out = run(cmd, &st);
+    CHECK(st == 2 && strstr(out, "--priority"), "--priority 8: exit %d: %s",
+          st, out);
+    free(out);
+}
+
 static void test_generate_text(json_t *ref, const char *model)
 {
     char cmd[2048];
@@ -231,6 +261,7 @@ int main(void)
     test_generate_text(ref, model);
     test_run_ids(ref, model);
     test_kv_persist(ref, model);
+    test_quota(ref, model);
     test_bad_input(model);
     json_decref(ref);
     TEST_DONE();
