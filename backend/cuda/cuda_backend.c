@@ -121,6 +121,8 @@ typedef struct cuda_backend {
     pie_cuda_attn_item  *items;   /* host staging of attention work       */
     pie_cuda_merge_item *merges;
     int64_t           n_items, cap_items, n_merges, cap_merges;
+    pie_cuda_attn_item  *fitems;  /* tensor-core prefill tiles             */
+    int64_t           n_fitems, cap_fitems;
     int               max_slots;  /* longest item of the current step     */
     /* every device allocation, freed at destroy */
     void            **allocs;
@@ -468,6 +470,43 @@ static int grow(void **p, int64_t *cap, int64_t n, size_t sz)
     return 0;
 }
 
+/* Prompts of at least FLASH_MIN new tokens go to the tensor-core kernel. */
+#define FLASH_MIN 16
+
+static int use_flash(const cuda_backend *c, int n_new)
+{
+    return n_new >= FLASH_MIN && pie__cuda_flash_supported(c->cfg.head_dim) &&
+           !getenv("PIE_CUDA_NO_FLASH");
+}
+
+/* Tiles of PIE_CUDA_FLASH_ROWS tokens x one query head of request r into
+ * c->fitems; a tile reads the slots its last token (or widest mask) sees. */
+static int plan_flash(cuda_backend *c, const pie_forward_batch *b, int r,
+                      const uint32_t *range_of)
+{
+    int q0 = b->qo_indptr[r], n_new = b->qo_indptr[r + 1] - q0;
+    int64_t kv_len = kv_len_of(b, r, c->base.page_size);
+    int nh = c->cfg.n_heads, T = PIE_CUDA_FLASH_ROWS;
+    int64_t tiles = (n_new + T - 1) / T;
+    int rc = grow((void **)&c->fitems, &c->cap_fitems,
+                  c->n_fitems + tiles * nh, sizeof *c->fitems);
+    if (rc) return rc;
+    for (int i = 0; i < n_new; i += T) {
+        int nt = n_new - i < T ? n_new - i : T, t0 = q0 + i;
+        int64_t range = kv_len - n_new + i + nt;
+        if (b->mask_indptr) {
+            range = 0;
+            for (int t = t0; t < t0 + nt; t++)
+                if (range_of[t] > range) range = range_of[t];
+        }
+        for (int h = 0; h < nh; h++) {
+            pie_cuda_attn_item it = { r, t0, nt, h, 0, (int)range, -1, 0 };
+            c->fitems[c->n_fitems++] = it;
+        }
+    }
+    return 0;
+}
+
 /* Work items of the attention kernel into c->items / c->merges. want =
  * splits wished per tile for occupancy; range_of[t] = slots token t may see
  * under its mask. Returns the number of partial rows or a negative code. */
@@ -478,11 +517,16 @@ static int64_t plan_attention(cuda_backend *c, const pie_forward_batch *b,
     int G = g->n_heads / g->n_kv_heads, T = PIE_CUDA_ATTN_RMAX / G;
     int ps = c->base.page_size;
     int64_t parts = 0;
-    c->n_items = c->n_merges = 0;
+    c->n_items = c->n_merges = c->n_fitems = 0;
     c->max_slots = 0;
     for (int r = 0; r < b->n_reqs; r++) {
         int q0 = b->qo_indptr[r], n_new = b->qo_indptr[r + 1] - q0;
         int64_t kv_len = kv_len_of(b, r, ps);
+        if (use_flash(c, n_new)) {
+            int rc = plan_flash(c, b, r, range_of);
+            if (rc) return rc;
+            continue;
+        }
         for (int i = 0; i < n_new; i += T) {
             int nt = n_new - i < T ? n_new - i : T, t0 = q0 + i;
             int64_t range = 0;
@@ -530,7 +574,7 @@ static int64_t plan_attention(cuda_backend *c, const pie_forward_batch *b,
  * length when the batch has masks. */
 typedef struct step_meta {
     size_t tok, pos, slot, req, kv_indptr, kv_len, pages, mask_off, mask_bits;
-    size_t items, merges, rows, srow, lp_ids, lmask;
+    size_t items, merges, fitems, rows, srow, lp_ids, lmask;
 } step_meta;
 
 static int build_tokens(cuda_backend *c, const pie_forward_batch *b,
@@ -654,6 +698,7 @@ static int run_layers(cuda_backend *c, int n, const pie_cuda_tokmeta *tm,
     int qkvd = (nh + 2 * g->n_kv_heads) * hd;
     const pie_cuda_attn_item *items = DEV(c, sm->items);
     const pie_cuda_merge_item *merges = DEV(c, sm->merges);
+    const pie_cuda_attn_item *fitems = DEV(c, sm->fitems);
     int rc;
     pie__cuda_embed(c->x, c->embed, DEV(c, sm->tok), n,
                     dim, c->st);
@@ -670,6 +715,8 @@ static int run_layers(cuda_backend *c, int n, const pie_cuda_tokmeta *tm,
                             c->st);
         pie__cuda_attn_merge(c->att, c->part_o, c->part_ml, merges,
                              (int)c->n_merges, nh, g->n_kv_heads, hd, c->st);
+        pie__cuda_attention_flash(c->att, c->q, fitems, (int)c->n_fitems, tm,
+                                  &c->kv, l, nh, c->st);
         if ((rc = mm(c, c->x, 1, 1, L->wo, dim, nh * hd, c->att, n))) return rc;
         pie__cuda_rmsnorm(c->xb, c->x, L->ffn_norm, NULL, n, dim, g->norm_eps,
                           c->st);
@@ -746,8 +793,10 @@ static int cuda_forward(pie_backend *bb, const pie_forward_batch *b,
     if (!rc) {
         int G = g->n_heads / g->n_kv_heads, T = PIE_CUDA_ATTN_RMAX / G;
         int64_t tiles = 0;
-        for (int r = 0; r < b->n_reqs; r++)
-            tiles += (b->qo_indptr[r + 1] - b->qo_indptr[r] + T - 1) / T;
+        for (int r = 0; r < b->n_reqs; r++) {
+            int n_new = b->qo_indptr[r + 1] - b->qo_indptr[r];
+            if (!use_flash(c, n_new)) tiles += (n_new + T - 1) / T;
+        }
         int64_t base = tiles * g->n_kv_heads, want = 1;
         if (base > 0 && base < 2 * c->n_sm) want = (2 * c->n_sm + base - 1) / base;
         if (want > 32) want = 32;
@@ -764,6 +813,7 @@ static int cuda_forward(pie_backend *bb, const pie_forward_batch *b,
     if (rc) return rc;
     sm.items = meta_put(c, c->items, sizeof *c->items * (size_t)c->n_items);
     sm.merges = meta_put(c, c->merges, sizeof *c->merges * (size_t)c->n_merges);
+    sm.fitems = meta_put(c, c->fitems, sizeof *c->fitems * (size_t)c->n_fitems);
     if ((rc = build_outputs(c, b, out, &sm))) return rc;
     if ((rc = meta_upload(c))) return rc;
     pie_cuda_tokmeta tm = {
@@ -876,6 +926,7 @@ static void cuda_destroy(pie_backend *bb)
     free(c->layers);
     free(c->meta);
     free(c->items);
+    free(c->fitems);
     free(c->merges);
     free(c);
 }

@@ -103,6 +103,18 @@ void pie__cuda_attn_merge(uint16_t *out, const float *part_o,
                           const float *part_ml,
                           const pie_cuda_merge_item *items, int n_items,
                           int nh, int nkv, int hd, cudaStream_t s);
+/* Tensor-core (mma.sync) attention for prefill tiles: each item is up to
+ * PIE_CUDA_FLASH_ROWS consecutive tokens t0..t0+nt of request req and ONE
+ * query head (held in kvh), slots [s0, s1); causal or bitmap masks as for
+ * pie__cuda_attention; part is ignored (the output is always written).
+ * Head dims for which pie__cuda_flash_supported() is 1 only. */
+#define PIE_CUDA_FLASH_ROWS 64
+int pie__cuda_flash_supported(int hd);
+void pie__cuda_attention_flash(uint16_t *out, const float *q,
+                               const pie_cuda_attn_item *items, int n_items,
+                               const pie_cuda_tokmeta *tm,
+                               const pie_cuda_kv *kv, int layer, int nh,
+                               cudaStream_t s);
 /* out (n, hidden) bf16 = silu(gu[:, :hidden]) * gu[:, hidden:] */
 void pie__cuda_silu_mul(uint16_t *out, const float *gu, int n, int hidden,
                         cudaStream_t s);

@@ -446,6 +446,244 @@ extern "C" void pie__cuda_attn_merge(uint16_t *out, const float *part_o,
                                                   nh, nkv, hd);
 }
 
+/* ------------------------------------------------------ flash attention */
+
+/*
+ * Tensor-core attention for prefill tiles (FlashAttention-2 layout). One
+ * block per item: FA_BM = 64 query rows (consecutive tokens t0.. of one
+ * request, one query head it.kvh), 4 warps of 16 rows. KV blocks of FA_BN
+ * = 64 slots are gathered from the pages into shared memory (K row-major,
+ * V transposed), S = Q K^T and O += P V run on mma.sync m16n8k16 (bf16 in,
+ * f32 accumulate), softmax is online in base 2 (scale * log2 e folded into
+ * Q). Items: nt <= 64, kvh holds the query head, output always written. Fragment layout of m16n8k16, g = lane / 4, c = lane % 4:
+ *   A (16x16): a0 (g, 2c..2c+1) a1 (g+8, 2c..) a2 (g, 2c+8..) a3 (g+8, 2c+8..)
+ *   B (16x8):  b0 (k 2c..2c+1, n g)  b1 (k 2c+8.., n g)
+ *   C (16x8):  c0,c1 (g, 2c..2c+1)    c2,c3 (g+8, 2c..2c+1)
+ * so the S accumulators of two adjacent n-tiles are the A operand of P V.
+ * Shared memory (bf16): Ks[FA_BN][HD+8] (first holding Q) and Vs, both
+ * row-major; V's B fragments come from ldmatrix.trans. The +8 padding
+ * makes every fragment load bank-conflict free.
+ */
+#define FA_BM 64
+#define FA_BN 64
+#define FA_THREADS 128
+
+static __device__ __forceinline__ uint32_t pack_bf2(float lo, float hi)
+{
+    __nv_bfloat162 v = __floats2bfloat162_rn(lo, hi);
+    return *reinterpret_cast<uint32_t *>(&v);
+}
+
+static __device__ __forceinline__ void mma16816(float *c, const uint32_t *a,
+                                                uint32_t b0, uint32_t b1)
+{
+    asm volatile("mma.sync.aligned.m16n8k16.row.col.f32.bf16.bf16.f32 "
+                 "{%0,%1,%2,%3}, {%4,%5,%6,%7}, {%8,%9}, {%0,%1,%2,%3};\n"
+                 : "+f"(c[0]), "+f"(c[1]), "+f"(c[2]), "+f"(c[3])
+                 : "r"(a[0]), "r"(a[1]), "r"(a[2]), "r"(a[3]), "r"(b0), "r"(b1));
+}
+
+static __device__ __forceinline__ uint32_t lds32(const uint16_t *p)
+{
+    return *reinterpret_cast<const uint32_t *>(p);
+}
+
+/* B fragments of two adjacent 8-column tiles of a row-major [k][n] tile
+ * (rows k0..k0+15 given by lanes 0-15, columns +8 by lanes 16-31). */
+static __device__ __forceinline__ void ldsm_x4_t(uint32_t *r, const uint16_t *p)
+{
+    uint32_t a = (uint32_t)__cvta_generic_to_shared(p);
+    asm volatile("ldmatrix.sync.aligned.m8n8.x4.trans.shared.b16 "
+                 "{%0,%1,%2,%3}, [%4];\n"
+                 : "=r"(r[0]), "=r"(r[1]), "=r"(r[2]), "=r"(r[3])
+                 : "r"(a));
+}
+
+/* Whether row (mask offset mo, causal limit lim) attends slot j. */
+static __device__ __forceinline__ bool fa_allowed(const uint32_t *bits, int mo,
+                                                  int lim, int j)
+{
+    if (mo < 0) return j <= lim;
+    return (bits[mo + j / 32] >> (j % 32)) & 1u;
+}
+
+template <int HD>
+__global__ void __launch_bounds__(FA_THREADS)
+flash_attn_kernel(uint16_t *out, const float *q,
+                  const pie_cuda_attn_item *items, pie_cuda_tokmeta tm,
+                  pie_cuda_kv kv, int layer, int nh)
+{
+    // out (n, nh*HD) bf16, q (n, nh*HD) f32
+    constexpr int LD = HD + 8, NK = HD / 16, ND = HD / 8, NS = FA_BN / 8;
+    __shared__ __align__(16) uint16_t Ks[FA_BN * LD];
+    __shared__ __align__(16) uint16_t Vs[FA_BN * LD];
+    pie_cuda_attn_item it = items[blockIdx.x];
+    int h = it.kvh, G = nh / kv.n_kv, kvh = h / G, ps = kv.page_size;
+    int warp = threadIdx.x / WARP, lane = threadIdx.x % WARP;
+    int g = lane >> 2, c = lane & 3;
+    float scale = rsqrtf((float)HD) * 1.4426950408889634f;
+    for (int k = threadIdx.x; k < FA_BM * HD / 2; k += FA_THREADS) {
+        int r = k / (HD / 2), d = (k % (HD / 2)) * 2;
+        float a = 0.0f, b = 0.0f;
+        if (r < it.nt) {
+            const float *src = q + (int64_t)(it.t0 + r) * nh * HD + h * HD + d;
+            a = src[0] * scale;
+            b = src[1] * scale;
+        }
+        *reinterpret_cast<uint32_t *>(&Ks[r * LD + d]) = pack_bf2(a, b);
+    }
+    __syncthreads();
+    int ra = warp * 16 + g, rb = ra + 8;
+    uint32_t qa[NK][4];
+#pragma unroll
+    for (int kk = 0; kk < NK; kk++) {
+        qa[kk][0] = lds32(&Ks[ra * LD + kk * 16 + 2 * c]);
+        qa[kk][1] = lds32(&Ks[rb * LD + kk * 16 + 2 * c]);
+        qa[kk][2] = lds32(&Ks[ra * LD + kk * 16 + 2 * c + 8]);
+        qa[kk][3] = lds32(&Ks[rb * LD + kk * 16 + 2 * c + 8]);
+    }
+    /* per-row mask: rows past nt attend nothing */
+    bool va = ra < it.nt, vb = rb < it.nt;
+    int ta = it.t0 + ra, tb = it.t0 + rb;
+    int moa = -1, mob = -1, lima = -1, limb = -1;
+    if (va) {
+        moa = tm.mask_off ? tm.mask_off[ta] : -1;
+        lima = tm.tok_slot[ta];
+    }
+    if (vb) {
+        mob = tm.mask_off ? tm.mask_off[tb] : -1;
+        limb = tm.tok_slot[tb];
+    }
+    float o[ND][4];
+#pragma unroll
+    for (int i = 0; i < ND; i++) o[i][0] = o[i][1] = o[i][2] = o[i][3] = 0.0f;
+    float ma = -INFINITY, mb = -INFINITY, la = 0.0f, lb = 0.0f;
+    const int32_t *pages = tm.pages + tm.kv_indptr[it.req];
+    int64_t pe = pie_cuda_kv_page_elems(&kv);
+    int64_t lay = (int64_t)layer * 2 * kv.n_kv * ps * HD + (int64_t)kvh * ps * HD;
+    int64_t voff = (int64_t)kv.n_kv * ps * HD;
+    for (int s0 = it.s0; s0 < it.s1; s0 += FA_BN) {
+        __syncthreads();
+        for (int k = threadIdx.x; k < FA_BN * HD / 8; k += FA_THREADS) {
+            int sl = k / (HD / 8), d = (k % (HD / 8)) * 8, j = s0 + sl;
+            uint4 k4 = make_uint4(0, 0, 0, 0), v4 = k4;
+            if (j < it.s1) {
+                const uint16_t *src = kv.pool + pages[j / ps] * pe + lay +
+                                      (int64_t)(j % ps) * HD + d;
+                k4 = *reinterpret_cast<const uint4 *>(src);
+                v4 = *reinterpret_cast<const uint4 *>(src + voff);
+            }
+            *reinterpret_cast<uint4 *>(&Ks[sl * LD + d]) = k4;
+            *reinterpret_cast<uint4 *>(&Vs[sl * LD + d]) = v4;
+        }
+        __syncthreads();
+        float s[NS][4];
+#pragma unroll
+        for (int n8 = 0; n8 < NS; n8++) {
+            s[n8][0] = s[n8][1] = s[n8][2] = s[n8][3] = 0.0f;
+#pragma unroll
+            for (int kk = 0; kk < NK; kk++) {
+                const uint16_t *kp = &Ks[(n8 * 8 + g) * LD + kk * 16 + 2 * c];
+                mma16816(s[n8], qa[kk], lds32(kp), lds32(kp + 8));
+            }
+        }
+        float mxa = -INFINITY, mxb = -INFINITY;
+#pragma unroll
+        for (int n8 = 0; n8 < NS; n8++) {
+#pragma unroll
+            for (int e = 0; e < 2; e++) {
+                int j = s0 + n8 * 8 + 2 * c + e;
+                bool in = j < it.s1;
+                if (!(in && va && fa_allowed(tm.mask_bits, moa, lima, j)))
+                    s[n8][e] = -INFINITY;
+                if (!(in && vb && fa_allowed(tm.mask_bits, mob, limb, j)))
+                    s[n8][2 + e] = -INFINITY;
+                mxa = fmaxf(mxa, s[n8][e]);
+                mxb = fmaxf(mxb, s[n8][2 + e]);
+            }
+        }
+#pragma unroll
+        for (int x = 1; x < 4; x <<= 1) {
+            mxa = fmaxf(mxa, __shfl_xor_sync(0xffffffffu, mxa, x));
+            mxb = fmaxf(mxb, __shfl_xor_sync(0xffffffffu, mxb, x));
+        }
+        float na = fmaxf(ma, mxa), nb = fmaxf(mb, mxb);
+        float ba = na == -INFINITY ? 0.0f : na, bb = nb == -INFINITY ? 0.0f : nb;
+        float aa = exp2f(ma - ba), ab = exp2f(mb - bb);
+        ma = na;
+        mb = nb;
+        la *= aa;
+        lb *= ab;
+#pragma unroll
+        for (int i = 0; i < ND; i++) {
+            o[i][0] *= aa; o[i][1] *= aa;
+            o[i][2] *= ab; o[i][3] *= ab;
+        }
+#pragma unroll
+        for (int n8 = 0; n8 < NS; n8++) {
+            s[n8][0] = exp2f(s[n8][0] - ba);
+            s[n8][1] = exp2f(s[n8][1] - ba);
+            s[n8][2] = exp2f(s[n8][2] - bb);
+            s[n8][3] = exp2f(s[n8][3] - bb);
+            la += s[n8][0] + s[n8][1];
+            lb += s[n8][2] + s[n8][3];
+        }
+#pragma unroll
+        for (int kk = 0; kk < FA_BN / 16; kk++) {
+            uint32_t pa[4] = { pack_bf2(s[2 * kk][0], s[2 * kk][1]),
+                               pack_bf2(s[2 * kk][2], s[2 * kk][3]),
+                               pack_bf2(s[2 * kk + 1][0], s[2 * kk + 1][1]),
+                               pack_bf2(s[2 * kk + 1][2], s[2 * kk + 1][3]) };
+#pragma unroll
+            for (int i = 0; i < ND; i += 2) {
+                uint32_t vb4[4];
+                ldsm_x4_t(vb4, &Vs[(kk * 16 + (lane & 15)) * LD + i * 8 +
+                                   (lane >> 4) * 8]);
+                mma16816(o[i], pa, vb4[0], vb4[1]);
+                mma16816(o[i + 1], pa, vb4[2], vb4[3]);
+            }
+        }
+    }
+#pragma unroll
+    for (int x = 1; x < 4; x <<= 1) {
+        la += __shfl_xor_sync(0xffffffffu, la, x);
+        lb += __shfl_xor_sync(0xffffffffu, lb, x);
+    }
+    float ia = la > 0.0f ? 1.0f / la : 0.0f, ib = lb > 0.0f ? 1.0f / lb : 0.0f;
+#pragma unroll
+    for (int i = 0; i < ND; i++) {
+        int d = h * HD + i * 8 + 2 * c;
+        if (va)
+            *reinterpret_cast<uint32_t *>(&out[(int64_t)ta * nh * HD + d]) =
+                pack_bf2(o[i][0] * ia, o[i][1] * ia);
+        if (vb)
+            *reinterpret_cast<uint32_t *>(&out[(int64_t)tb * nh * HD + d]) =
+                pack_bf2(o[i][2] * ib, o[i][3] * ib);
+    }
+}
+
+extern "C" int pie__cuda_flash_supported(int hd)
+{
+    return hd == 16 || hd == 32 || hd == 64 || hd == 128;
+}
+
+extern "C" void pie__cuda_attention_flash(uint16_t *out, const float *q,
+                                          const pie_cuda_attn_item *items,
+                                          int n_items,
+                                          const pie_cuda_tokmeta *tm,
+                                          const pie_cuda_kv *kv, int layer,
+                                          int nh, cudaStream_t s)
+{
+    if (n_items <= 0) return;
+    switch (kv->head_dim) {
+#define FA_CASE(H) case H: flash_attn_kernel<H><<<n_items, FA_THREADS, 0, s>>>( \
+        out, q, items, *tm, *kv, layer, nh); break;
+    FA_CASE(16) FA_CASE(32) FA_CASE(64) FA_CASE(128)
+#undef FA_CASE
+    default: break;
+    }
+}
+
 /* ------------------------------------------------------------- silu*mul */
 
 __global__ void silu_mul_kernel(uint16_t *out, const float *gu, int64_t total,

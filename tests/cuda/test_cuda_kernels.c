@@ -257,10 +257,17 @@ static void test_qkv_post(int nh, int nkv, int hd, int bias, int qknorm)
 }
 
 /* ---------------------------------------------------------- attention */
+/* split < 0: the tensor-core prefill kernel (tiles of 64 tokens x one
+ * query head) on a batch with a 100-token prompt after 200 cached slots. */
 static void test_attention(int nh, int nkv, int hd, int masked, int split)
 {
     kbatch b;
     int n_new[4] = { 1, 13, 1, 5 }, kv_len[4] = { 1, 13, 1500, 77 };
+    if (split < 0) {
+        int fn[4] = { 100, 3, 20, 5 }, fk[4] = { 300, 3, 20, 77 };
+        memcpy(n_new, fn, sizeof fn);
+        memcpy(kv_len, fk, sizeof fk);
+    }
     make_batch(&b, 4, n_new, kv_len, 16, 200, masked);
     int n = b.n_tok, L = 2, layer = 1, G = nh / nkv;
     pie_cuda_kv kv = { NULL, L, nkv, b.ps, hd };
@@ -277,7 +284,17 @@ static void test_attention(int nh, int nkv, int hd, int masked, int split)
     pie_cuda_attn_item items[4096];
     pie_cuda_merge_item merges[1024];
     int ni = 0, nm = 0, parts = 0, T = PIE_CUDA_ATTN_RMAX / G;
-    for (int r = 0; r < b.n_reqs; r++) {
+    for (int r = 0; r < b.n_reqs && split < 0; r++) {
+        int q0 = 0, F = PIE_CUDA_FLASH_ROWS;
+        for (int k = 0; k < r; k++) q0 += b.n_new[k];
+        for (int i = 0; i < b.n_new[r]; i += F) {
+            int nt = b.n_new[r] - i < F ? b.n_new[r] - i : F;
+            int range = masked ? b.kv_len[r] : b.kv_len[r] - b.n_new[r] + i + nt;
+            for (int h = 0; h < nh; h++)
+                items[ni++] = (pie_cuda_attn_item){ r, q0 + i, nt, h, 0, range, -1, 0 };
+        }
+    }
+    for (int r = 0; r < b.n_reqs && split >= 0; r++) {
         int q0 = 0;
         for (int k = 0; k < r; k++) q0 += b.n_new[k];
         for (int i = 0; i < b.n_new[r]; i += T) {
@@ -304,8 +321,14 @@ static void test_attention(int nh, int nkv, int hd, int masked, int split)
     pie_cuda_attn_item *di = dput(items, sizeof items[0] * ni);
     pie_cuda_merge_item *dm = dput(merges, sizeof merges[0] * (nm + 1));
     CU(cudaMemset(dout, 0xff, 2 * (size_t)n * nh * hd));   /* poison */
-    pie__cuda_attention(dout, po, pml, dq, di, ni, &tm, &kv, layer, nh, PIE_CUDA_ATTN_CHUNK, 0);
-    pie__cuda_attn_merge(dout, po, pml, dm, nm, nh, nkv, hd, 0);
+    if (split < 0) {
+        pie__cuda_attention_flash(dout, dq, di, ni, &tm, &kv, layer, nh, 0);
+    } else {
+        pie__cuda_attention(dout, po, pml, dq, di, ni, &tm, &kv, layer, nh,
+                            PIE_CUDA_ATTN_CHUNK, 0);
+        pie__cuda_attn_merge(dout, po, pml, dm, nm, nh, nkv, hd, 0);
+    }
+    CU(cudaDeviceSynchronize());
     uint16_t *out = malloc(2 * (size_t)n * nh * hd);
     dget(out, dout, 2 * (size_t)n * nh * hd);
     double *sc = malloc(sizeof(double) * 2048);
@@ -512,6 +535,10 @@ int main(void)
         test_attention(32, 8, 64, m, 1);
         test_attention(32, 8, 128, m, 4);
         test_attention(6, 6, 32, m, 2);
+        test_attention(4, 2, 16, m, -1);      /* tensor-core prefill */
+        test_attention(32, 8, 64, m, -1);
+        test_attention(32, 8, 128, m, -1);
+        test_attention(6, 6, 32, m, -1);
     }
     test_samplers(1000);
     test_samplers(128256);
