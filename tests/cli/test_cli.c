@@ -53,44 +53,43 @@ static void check_ids(json_t *got, json_t *want, size_t n, const char *what)
     printf("%s: %zu ids match the reference\n", what, n);
 }
 
+/* Runs cmd, which must exit 0 and print one JSON object; returns it. */
+static json_t *run_json(const char *cmd)
+{
+    int st;
+    char *out = run(cmd, &st);
+    CHECK(st == 0, "'%s' exited %d", cmd, st);
+    json_error_t e;
+    json_t *j = json_loads(out, 0, &e);
+    CHECK(j, "'%s' printed no JSON: %s", cmd, out);
+    free(out);
+    return j;
+}
+
+/* `cmd` prints {"ids":[...]} equal to the first n greedy ids of prompt p. */
+static void check_greedy(json_t *ref, int p, const char *cmd, size_t n,
+                         const char *what)
+{
+    json_t *pr = json_array_get(json_object_get(ref, "prompts"), (size_t)p);
+    json_t *j = run_json(cmd);
+    check_ids(json_object_get(j, "ids"), json_object_get(pr, "greedy_ids"), n,
+              what);
+    json_decref(j);
+}
+
+/* pie generate, and the inferlet path (text-completion with --prompt-ids
+ * --no-text, the mode `pie bench generate` uses), reproduce the reference. */
 static void test_generate_ids(json_t *ref, const char *model)
 {
     char cmd[2048];
-    int st;
-    json_t *p0 = json_array_get(json_object_get(ref, "prompts"), 0);
     snprintf(cmd, sizeof cmd, "%s generate --model %s --prompt-ids 1 "
              "--max-tokens 100 --temperature 0 --ignore-eos --json --backend cpu",
              PIE_BIN, model);
-    char *out = run(cmd, &st);
-    CHECK(st == 0, "pie generate exited %d", st);
-    json_error_t e;
-    json_t *j = json_loads(out, 0, &e);
-    CHECK(j, "generate --json output is not JSON: %s", out);
-    check_ids(json_object_get(j, "ids"), json_object_get(p0, "greedy_ids"), 100,
-              "generate --prompt-ids 1");
-    json_decref(j);
-    free(out);
-}
-
-/* The inferlet path: text-completion with --prompt-ids --no-text, the mode
- * `pie bench generate` uses, reproduces the reference ids too. */
-static void test_run_ids(json_t *ref, const char *model)
-{
-    char cmd[2048];
-    int st;
-    json_t *p0 = json_array_get(json_object_get(ref, "prompts"), 0);
+    check_greedy(ref, 0, cmd, 100, "generate --prompt-ids 1");
     snprintf(cmd, sizeof cmd, "%s run text-completion --model %s --backend cpu "
              "-- --prompt-ids 1 --max-tokens 100 --temperature 0 --ignore-eos "
              "--no-text --json", PIE_BIN, model);
-    char *out = run(cmd, &st);
-    CHECK(st == 0, "pie run text-completion exited %d", st);
-    json_error_t e;
-    json_t *j = json_loads(out, 0, &e);
-    CHECK(j, "text-completion --json output is not JSON: %s", out);
-    check_ids(json_object_get(j, "ids"), json_object_get(p0, "greedy_ids"), 100,
-              "run text-completion --prompt-ids 1");
-    json_decref(j);
-    free(out);
+    check_greedy(ref, 0, cmd, 100, "run text-completion --prompt-ids 1");
 }
 
 /* Named KV exports outlive the pie process with --kv-dir: one process
@@ -121,18 +120,14 @@ static void test_kv_persist(json_t *ref, const char *model)
     snprintf(cmd, sizeof cmd, "%s run %s --model %s --backend cpu --kv-dir %s "
              "-- load --ids %s --n 20", PIE_BIN, PIE_KVPERSIST_WASM, model, dir,
              ids);
-    char *out = run(cmd, &st);
-    CHECK(st == 0, "kvpersist load exited %d: %s", st, out);
-    json_error_t e;
-    json_t *j = json_loads(out, 0, &e), *want = json_array();
-    CHECK(j, "kvpersist output is not JSON: %s", out);
+    json_t *j = run_json(cmd), *want = json_array();
     for (size_t i = 40; i < 60; i++)
         json_array_append(want, json_array_get(greedy, i));
     check_ids(json_object_get(j, "ids"), want, 20,
               "continuation from KV saved by another pie process");
     json_decref(want);
     json_decref(j);
-    free(out);
+    char *out;
 
     /* without the saved state the import must fail */
     snprintf(cmd, sizeof cmd, "%s run %s --model %s --backend cpu -- load "
@@ -259,7 +254,6 @@ int main(void)
     const char *model = test_shared_path("models/stories260K");
     test_generate_ids(ref, model);
     test_generate_text(ref, model);
-    test_run_ids(ref, model);
     test_kv_persist(ref, model);
     test_quota(ref, model);
     test_bad_input(model);
