@@ -479,6 +479,21 @@ static int use_flash(const cuda_backend *c, int n_new)
            !getenv("PIE_CUDA_NO_FLASH");
 }
 
+/* Decode and short chunks: grouped tensor-core items (tokens x the G heads
+ * of a kv head) unless PIE_CUDA_NO_FLASH(_DECODE) is set, else the CUDA-core
+ * kernel. Tokens per tile of either. */
+static int use_flash_dec(const cuda_backend *c)
+{
+    return pie__cuda_flash_supported(c->cfg.head_dim) &&
+           !getenv("PIE_CUDA_NO_FLASH") && !getenv("PIE_CUDA_NO_FLASH_DECODE");
+}
+
+static int tile_tokens(const cuda_backend *c)
+{
+    int G = c->cfg.n_heads / c->cfg.n_kv_heads;
+    return (use_flash_dec(c) ? PIE_CUDA_FLASH_ROWS : PIE_CUDA_ATTN_RMAX) / G;
+}
+
 /* Tiles of PIE_CUDA_FLASH_ROWS tokens x one query head of request r into
  * c->fitems; a tile reads the slots its last token (or widest mask) sees. */
 static int plan_flash(cuda_backend *c, const pie_forward_batch *b, int r,
@@ -514,8 +529,8 @@ static int64_t plan_attention(cuda_backend *c, const pie_forward_batch *b,
                               int want, const uint32_t *range_of)
 {
     const pie_model_config *g = &c->cfg;
-    int G = g->n_heads / g->n_kv_heads, T = PIE_CUDA_ATTN_RMAX / G;
-    int ps = c->base.page_size;
+    int G = g->n_heads / g->n_kv_heads, T = tile_tokens(c);
+    int ps = c->base.page_size, fd = use_flash_dec(c);
     int64_t parts = 0;
     c->n_items = c->n_merges = c->n_fitems = 0;
     c->max_slots = 0;
@@ -541,8 +556,10 @@ static int64_t plan_attention(cuda_backend *c, const pie_forward_batch *b,
             int64_t ns = want < opt ? want : opt;
             if (ns < need) ns = need;
             if (ns < 1) ns = 1;
-            int rc = grow((void **)&c->items, &c->cap_items,
-                          c->n_items + ns * g->n_kv_heads, sizeof *c->items);
+            int rc = fd ? grow((void **)&c->fitems, &c->cap_fitems,
+                               c->n_fitems + ns * g->n_kv_heads, sizeof *c->fitems)
+                        : grow((void **)&c->items, &c->cap_items,
+                               c->n_items + ns * g->n_kv_heads, sizeof *c->items);
             if (!rc)
                 rc = grow((void **)&c->merges, &c->cap_merges,
                           c->n_merges + g->n_kv_heads, sizeof *c->merges);
@@ -559,8 +576,9 @@ static int64_t plan_attention(cuda_backend *c, const pie_forward_batch *b,
                     pie_cuda_attn_item it = {
                         r, t0, nt, h, (int)(range * s / ns),
                         (int)(range * (s + 1) / ns),
-                        ns > 1 ? (int)(parts + s * nt * G) : -1, 0 };
-                    c->items[c->n_items++] = it;
+                        ns > 1 ? (int)(parts + s * nt * G) : -1, fd };
+                    if (fd) c->fitems[c->n_fitems++] = it;
+                    else c->items[c->n_items++] = it;
                 }
                 if (ns > 1) parts += ns * nt * G;
             }
@@ -713,10 +731,10 @@ static int run_layers(cuda_backend *c, int n, const pie_cuda_tokmeta *tm,
         pie__cuda_attention(c->att, c->part_o, c->part_ml, c->q, items,
                             (int)c->n_items, tm, &c->kv, l, nh, c->max_slots,
                             c->st);
+        pie__cuda_attention_flash(c->att, c->part_o, c->part_ml, c->q, fitems,
+                                  (int)c->n_fitems, tm, &c->kv, l, nh, c->st);
         pie__cuda_attn_merge(c->att, c->part_o, c->part_ml, merges,
                              (int)c->n_merges, nh, g->n_kv_heads, hd, c->st);
-        pie__cuda_attention_flash(c->att, c->q, fitems, (int)c->n_fitems, tm,
-                                  &c->kv, l, nh, c->st);
         if ((rc = mm(c, c->x, 1, 1, L->wo, dim, nh * hd, c->att, n))) return rc;
         pie__cuda_rmsnorm(c->xb, c->x, L->ffn_norm, NULL, n, dim, g->norm_eps,
                           c->st);
@@ -791,7 +809,7 @@ static int cuda_forward(pie_backend *bb, const pie_forward_batch *b,
     rc = build_tokens(c, b, &sm, range_of);
     int64_t parts = 0;
     if (!rc) {
-        int G = g->n_heads / g->n_kv_heads, T = PIE_CUDA_ATTN_RMAX / G;
+        int T = tile_tokens(c);
         int64_t tiles = 0;
         for (int r = 0; r < b->n_reqs; r++) {
             int n_new = b->qo_indptr[r + 1] - b->qo_indptr[r];

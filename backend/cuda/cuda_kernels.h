@@ -103,14 +103,17 @@ void pie__cuda_attn_merge(uint16_t *out, const float *part_o,
                           const float *part_ml,
                           const pie_cuda_merge_item *items, int n_items,
                           int nh, int nkv, int hd, cudaStream_t s);
-/* Tensor-core (mma.sync) attention for prefill tiles: each item is up to
- * PIE_CUDA_FLASH_ROWS consecutive tokens t0..t0+nt of request req and ONE
- * query head (held in kvh), slots [s0, s1); causal or bitmap masks as for
- * pie__cuda_attention; part is ignored (the output is always written).
- * Head dims for which pie__cuda_flash_supported() is 1 only. */
+/* Tensor-core (mma.sync) attention, items of up to PIE_CUDA_FLASH_ROWS
+ * query rows over slots [s0, s1), causal or bitmap masks as for
+ * pie__cuda_attention. pad = 0 (prefill): rows are tokens t0..t0+nt of
+ * request req and ONE query head (held in kvh), output always written.
+ * pad = 1 (grouped, decode): rows are nt tokens x the G heads of kv head
+ * kvh (nt * G <= PIE_CUDA_FLASH_ROWS) and part >= 0 writes split partials
+ * for pie__cuda_attn_merge. Head dims with pie__cuda_flash_supported(). */
 #define PIE_CUDA_FLASH_ROWS 64
 int pie__cuda_flash_supported(int hd);
-void pie__cuda_attention_flash(uint16_t *out, const float *q,
+void pie__cuda_attention_flash(uint16_t *out, float *part_o, float *part_ml,
+                               const float *q,
                                const pie_cuda_attn_item *items, int n_items,
                                const pie_cuda_tokmeta *tm,
                                const pie_cuda_kv *kv, int layer, int nh,

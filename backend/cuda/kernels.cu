@@ -455,14 +455,19 @@ extern "C" void pie__cuda_attn_merge(uint16_t *out, const float *part_o,
  * = 64 slots are gathered from the pages into shared memory (K row-major,
  * V transposed), S = Q K^T and O += P V run on mma.sync m16n8k16 (bf16 in,
  * f32 accumulate), softmax is online in base 2 (scale * log2 e folded into
- * Q). Items: nt <= 64, kvh holds the query head, output always written. Fragment layout of m16n8k16, g = lane / 4, c = lane % 4:
+ * Q). Prefill items (pad 0): nt <= 64 tokens, kvh holds the query head.
+ * Grouped items (pad 1, decode and short chunks): nt * G <= 64 rows of nt
+ * tokens x the G query heads of kv head kvh, split partials as
+ * attention_kernel's when part >= 0. KV blocks are double-buffered with
+ * cp.async (the next block's copies fly while this one is computed). Fragment layout of m16n8k16, g = lane / 4, c = lane % 4:
  *   A (16x16): a0 (g, 2c..2c+1) a1 (g+8, 2c..) a2 (g, 2c+8..) a3 (g+8, 2c+8..)
  *   B (16x8):  b0 (k 2c..2c+1, n g)  b1 (k 2c+8.., n g)
  *   C (16x8):  c0,c1 (g, 2c..2c+1)    c2,c3 (g+8, 2c..2c+1)
  * so the S accumulators of two adjacent n-tiles are the A operand of P V.
- * Shared memory (bf16): Ks[FA_BN][HD+8] (first holding Q) and Vs, both
- * row-major; V's B fragments come from ldmatrix.trans. The +8 padding
- * makes every fragment load bank-conflict free.
+ * Shared memory (bf16): two buffers of K[FA_BN][HD+8] and V (the first K
+ * holds Q at the start), row-major; V's B fragments come from
+ * ldmatrix.trans. The +8 padding makes every fragment load bank-conflict
+ * free.
  */
 #define FA_BM 64
 #define FA_BN 64
@@ -507,44 +512,99 @@ static __device__ __forceinline__ bool fa_allowed(const uint32_t *bits, int mo,
     return (bits[mo + j / 32] >> (j % 32)) & 1u;
 }
 
+static __device__ __forceinline__ void cp_async16(void *dst, const void *src,
+                                                  bool pred)
+{
+    uint32_t d = (uint32_t)__cvta_generic_to_shared(dst);
+    int n = pred ? 16 : 0;      /* 0: the 16 bytes are zero-filled */
+    asm volatile("cp.async.cg.shared.global [%0], [%1], 16, %2;\n"
+                 :: "r"(d), "l"(src), "r"(n) : "memory");
+}
+
+static __device__ __forceinline__ void cp_async_commit(void)
+{
+    asm volatile("cp.async.commit_group;\n" ::: "memory");
+}
+
+template <int N>
+static __device__ __forceinline__ void cp_async_wait(void)
+{
+    asm volatile("cp.async.wait_group %0;\n" :: "n"(N) : "memory");
+}
+
+/* Query row r of an item: token and head. Prefill items (pad 0): r = token
+ * offset, head it.kvh. Grouped items (pad 1, decode): r = token * G + i,
+ * head it.kvh * G + i. */
+struct fa_rows {
+    int grouped, G, t0, hbase;
+    __device__ int tok(int r) const { return t0 + (grouped ? r / G : r); }
+    __device__ int head(int r) const { return hbase + (grouped ? r % G : 0); }
+};
+
+/* Issues the cp.async copies of KV block [s0, s0 + FA_BN) into Kb/Vb. */
+template <int HD>
+static __device__ __forceinline__ void fa_load(uint16_t *Kb, uint16_t *Vb,
+                                               const uint16_t *pool,
+                                               const int32_t *pages, int64_t pe,
+                                               int64_t lay, int64_t voff,
+                                               int ps, int s0, int s1)
+{
+    constexpr int LD = HD + 8;
+#pragma unroll
+    for (int i = 0; i < FA_BN * HD / 8 / FA_THREADS; i++) {
+        int k = threadIdx.x + i * FA_THREADS;
+        int sl = k / (HD / 8), d = (k % (HD / 8)) * 8, j = s0 + sl;
+        bool in = j < s1;
+        const uint16_t *src = pool;
+        if (in) src = pool + pages[j / ps] * pe + lay + (int64_t)(j % ps) * HD + d;
+        cp_async16(&Kb[sl * LD + d], src, in);
+        cp_async16(&Vb[sl * LD + d], in ? src + voff : pool, in);
+    }
+}
+
 template <int HD>
 __global__ void __launch_bounds__(FA_THREADS)
-flash_attn_kernel(uint16_t *out, const float *q,
+flash_attn_kernel(uint16_t *out, float *part_o, float *part_ml, const float *q,
                   const pie_cuda_attn_item *items, pie_cuda_tokmeta tm,
                   pie_cuda_kv kv, int layer, int nh)
 {
-    // out (n, nh*HD) bf16, q (n, nh*HD) f32
+    // out (n, nh*HD) bf16, q (n, nh*HD) f32; smem 2 x (K, V) blocks
     constexpr int LD = HD + 8, NK = HD / 16, ND = HD / 8, NS = FA_BN / 8;
-    __shared__ __align__(16) uint16_t Ks[FA_BN * LD];
-    __shared__ __align__(16) uint16_t Vs[FA_BN * LD];
+    constexpr int BLK = FA_BN * LD;
+    extern __shared__ __align__(16) uint16_t fa_sm[];
     pie_cuda_attn_item it = items[blockIdx.x];
-    int h = it.kvh, G = nh / kv.n_kv, kvh = h / G, ps = kv.page_size;
+    int G = nh / kv.n_kv, ps = kv.page_size;
+    fa_rows rows = { it.pad, G, it.t0, it.pad ? it.kvh * G : it.kvh };
+    int kvh = it.pad ? it.kvh : it.kvh / G, R = it.pad ? it.nt * G : it.nt;
     int warp = threadIdx.x / WARP, lane = threadIdx.x % WARP;
     int g = lane >> 2, c = lane & 3;
     float scale = rsqrtf((float)HD) * 1.4426950408889634f;
+    uint16_t *Qs = fa_sm;
     for (int k = threadIdx.x; k < FA_BM * HD / 2; k += FA_THREADS) {
         int r = k / (HD / 2), d = (k % (HD / 2)) * 2;
         float a = 0.0f, b = 0.0f;
-        if (r < it.nt) {
-            const float *src = q + (int64_t)(it.t0 + r) * nh * HD + h * HD + d;
+        if (r < R) {
+            const float *src = q + (int64_t)rows.tok(r) * nh * HD +
+                               rows.head(r) * HD + d;
             a = src[0] * scale;
             b = src[1] * scale;
         }
-        *reinterpret_cast<uint32_t *>(&Ks[r * LD + d]) = pack_bf2(a, b);
+        *reinterpret_cast<uint32_t *>(&Qs[r * LD + d]) = pack_bf2(a, b);
     }
     __syncthreads();
     int ra = warp * 16 + g, rb = ra + 8;
     uint32_t qa[NK][4];
 #pragma unroll
     for (int kk = 0; kk < NK; kk++) {
-        qa[kk][0] = lds32(&Ks[ra * LD + kk * 16 + 2 * c]);
-        qa[kk][1] = lds32(&Ks[rb * LD + kk * 16 + 2 * c]);
-        qa[kk][2] = lds32(&Ks[ra * LD + kk * 16 + 2 * c + 8]);
-        qa[kk][3] = lds32(&Ks[rb * LD + kk * 16 + 2 * c + 8]);
+        qa[kk][0] = lds32(&Qs[ra * LD + kk * 16 + 2 * c]);
+        qa[kk][1] = lds32(&Qs[rb * LD + kk * 16 + 2 * c]);
+        qa[kk][2] = lds32(&Qs[ra * LD + kk * 16 + 2 * c + 8]);
+        qa[kk][3] = lds32(&Qs[rb * LD + kk * 16 + 2 * c + 8]);
     }
-    /* per-row mask: rows past nt attend nothing */
-    bool va = ra < it.nt, vb = rb < it.nt;
-    int ta = it.t0 + ra, tb = it.t0 + rb;
+    __syncthreads();
+    /* per-row mask: rows past R attend nothing */
+    bool va = ra < R, vb = rb < R, active = warp * 16 < R;
+    int ta = va ? rows.tok(ra) : 0, tb = vb ? rows.tok(rb) : 0;
     int moa = -1, mob = -1, lima = -1, limb = -1;
     if (va) {
         moa = tm.mask_off ? tm.mask_off[ta] : -1;
@@ -562,102 +622,133 @@ flash_attn_kernel(uint16_t *out, const float *q,
     int64_t pe = pie_cuda_kv_page_elems(&kv);
     int64_t lay = (int64_t)layer * 2 * kv.n_kv * ps * HD + (int64_t)kvh * ps * HD;
     int64_t voff = (int64_t)kv.n_kv * ps * HD;
-    for (int s0 = it.s0; s0 < it.s1; s0 += FA_BN) {
+    if (it.s0 < it.s1)
+        fa_load<HD>(fa_sm, fa_sm + BLK, kv.pool, pages, pe, lay, voff, ps,
+                    it.s0, it.s1);
+    cp_async_commit();
+    for (int s0 = it.s0, bi = 0; s0 < it.s1; s0 += FA_BN, bi ^= 1) {
+        /* prefetch the next block into the other buffer, wait for this one */
+        if (s0 + FA_BN < it.s1)
+            fa_load<HD>(fa_sm + (bi ^ 1) * 2 * BLK, fa_sm + (bi ^ 1) * 2 * BLK + BLK,
+                        kv.pool, pages, pe, lay, voff, ps, s0 + FA_BN, it.s1);
+        cp_async_commit();
+        cp_async_wait<1>();
         __syncthreads();
-        for (int k = threadIdx.x; k < FA_BN * HD / 8; k += FA_THREADS) {
-            int sl = k / (HD / 8), d = (k % (HD / 8)) * 8, j = s0 + sl;
-            uint4 k4 = make_uint4(0, 0, 0, 0), v4 = k4;
-            if (j < it.s1) {
-                const uint16_t *src = kv.pool + pages[j / ps] * pe + lay +
-                                      (int64_t)(j % ps) * HD + d;
-                k4 = *reinterpret_cast<const uint4 *>(src);
-                v4 = *reinterpret_cast<const uint4 *>(src + voff);
+        const uint16_t *Ks = fa_sm + bi * 2 * BLK, *Vs = Ks + BLK;
+        if (active) {
+            float s[NS][4];
+#pragma unroll
+            for (int n8 = 0; n8 < NS; n8++) {
+                s[n8][0] = s[n8][1] = s[n8][2] = s[n8][3] = 0.0f;
+#pragma unroll
+                for (int kk = 0; kk < NK; kk++) {
+                    const uint16_t *kp = &Ks[(n8 * 8 + g) * LD + kk * 16 + 2 * c];
+                    mma16816(s[n8], qa[kk], lds32(kp), lds32(kp + 8));
+                }
             }
-            *reinterpret_cast<uint4 *>(&Ks[sl * LD + d]) = k4;
-            *reinterpret_cast<uint4 *>(&Vs[sl * LD + d]) = v4;
-        }
-        __syncthreads();
-        float s[NS][4];
+            float mxa = -INFINITY, mxb = -INFINITY;
 #pragma unroll
-        for (int n8 = 0; n8 < NS; n8++) {
-            s[n8][0] = s[n8][1] = s[n8][2] = s[n8][3] = 0.0f;
+            for (int n8 = 0; n8 < NS; n8++) {
 #pragma unroll
-            for (int kk = 0; kk < NK; kk++) {
-                const uint16_t *kp = &Ks[(n8 * 8 + g) * LD + kk * 16 + 2 * c];
-                mma16816(s[n8], qa[kk], lds32(kp), lds32(kp + 8));
+                for (int e = 0; e < 2; e++) {
+                    int j = s0 + n8 * 8 + 2 * c + e;
+                    bool in = j < it.s1;
+                    if (!(in && va && fa_allowed(tm.mask_bits, moa, lima, j)))
+                        s[n8][e] = -INFINITY;
+                    if (!(in && vb && fa_allowed(tm.mask_bits, mob, limb, j)))
+                        s[n8][2 + e] = -INFINITY;
+                    mxa = fmaxf(mxa, s[n8][e]);
+                    mxb = fmaxf(mxb, s[n8][2 + e]);
+                }
             }
-        }
-        float mxa = -INFINITY, mxb = -INFINITY;
 #pragma unroll
-        for (int n8 = 0; n8 < NS; n8++) {
-#pragma unroll
-            for (int e = 0; e < 2; e++) {
-                int j = s0 + n8 * 8 + 2 * c + e;
-                bool in = j < it.s1;
-                if (!(in && va && fa_allowed(tm.mask_bits, moa, lima, j)))
-                    s[n8][e] = -INFINITY;
-                if (!(in && vb && fa_allowed(tm.mask_bits, mob, limb, j)))
-                    s[n8][2 + e] = -INFINITY;
-                mxa = fmaxf(mxa, s[n8][e]);
-                mxb = fmaxf(mxb, s[n8][2 + e]);
+            for (int x = 1; x < 4; x <<= 1) {
+                mxa = fmaxf(mxa, __shfl_xor_sync(0xffffffffu, mxa, x));
+                mxb = fmaxf(mxb, __shfl_xor_sync(0xffffffffu, mxb, x));
             }
-        }
+            float na = fmaxf(ma, mxa), nb = fmaxf(mb, mxb);
+            float ba = na == -INFINITY ? 0.0f : na;
+            float bb = nb == -INFINITY ? 0.0f : nb;
+            float aa = exp2f(ma - ba), ab = exp2f(mb - bb);
+            ma = na;
+            mb = nb;
+            la *= aa;
+            lb *= ab;
 #pragma unroll
-        for (int x = 1; x < 4; x <<= 1) {
-            mxa = fmaxf(mxa, __shfl_xor_sync(0xffffffffu, mxa, x));
-            mxb = fmaxf(mxb, __shfl_xor_sync(0xffffffffu, mxb, x));
-        }
-        float na = fmaxf(ma, mxa), nb = fmaxf(mb, mxb);
-        float ba = na == -INFINITY ? 0.0f : na, bb = nb == -INFINITY ? 0.0f : nb;
-        float aa = exp2f(ma - ba), ab = exp2f(mb - bb);
-        ma = na;
-        mb = nb;
-        la *= aa;
-        lb *= ab;
+            for (int i = 0; i < ND; i++) {
+                o[i][0] *= aa; o[i][1] *= aa;
+                o[i][2] *= ab; o[i][3] *= ab;
+            }
 #pragma unroll
-        for (int i = 0; i < ND; i++) {
-            o[i][0] *= aa; o[i][1] *= aa;
-            o[i][2] *= ab; o[i][3] *= ab;
-        }
+            for (int n8 = 0; n8 < NS; n8++) {
+                s[n8][0] = exp2f(s[n8][0] - ba);
+                s[n8][1] = exp2f(s[n8][1] - ba);
+                s[n8][2] = exp2f(s[n8][2] - bb);
+                s[n8][3] = exp2f(s[n8][3] - bb);
+                la += s[n8][0] + s[n8][1];
+                lb += s[n8][2] + s[n8][3];
+            }
 #pragma unroll
-        for (int n8 = 0; n8 < NS; n8++) {
-            s[n8][0] = exp2f(s[n8][0] - ba);
-            s[n8][1] = exp2f(s[n8][1] - ba);
-            s[n8][2] = exp2f(s[n8][2] - bb);
-            s[n8][3] = exp2f(s[n8][3] - bb);
-            la += s[n8][0] + s[n8][1];
-            lb += s[n8][2] + s[n8][3];
-        }
+            for (int kk = 0; kk < FA_BN / 16; kk++) {
+                uint32_t pa[4] = { pack_bf2(s[2 * kk][0], s[2 * kk][1]),
+                                   pack_bf2(s[2 * kk][2], s[2 * kk][3]),
+                                   pack_bf2(s[2 * kk + 1][0], s[2 * kk + 1][1]),
+                                   pack_bf2(s[2 * kk + 1][2], s[2 * kk + 1][3]) };
 #pragma unroll
-        for (int kk = 0; kk < FA_BN / 16; kk++) {
-            uint32_t pa[4] = { pack_bf2(s[2 * kk][0], s[2 * kk][1]),
-                               pack_bf2(s[2 * kk][2], s[2 * kk][3]),
-                               pack_bf2(s[2 * kk + 1][0], s[2 * kk + 1][1]),
-                               pack_bf2(s[2 * kk + 1][2], s[2 * kk + 1][3]) };
-#pragma unroll
-            for (int i = 0; i < ND; i += 2) {
-                uint32_t vb4[4];
-                ldsm_x4_t(vb4, &Vs[(kk * 16 + (lane & 15)) * LD + i * 8 +
-                                   (lane >> 4) * 8]);
-                mma16816(o[i], pa, vb4[0], vb4[1]);
-                mma16816(o[i + 1], pa, vb4[2], vb4[3]);
+                for (int i = 0; i < ND; i += 2) {
+                    uint32_t vb4[4];
+                    ldsm_x4_t(vb4, &Vs[(kk * 16 + (lane & 15)) * LD + i * 8 +
+                                       (lane >> 4) * 8]);
+                    mma16816(o[i], pa, vb4[0], vb4[1]);
+                    mma16816(o[i + 1], pa, vb4[2], vb4[3]);
+                }
             }
         }
+        __syncthreads();    /* this buffer is refilled two blocks later */
     }
+    cp_async_wait<0>();
 #pragma unroll
     for (int x = 1; x < 4; x <<= 1) {
         la += __shfl_xor_sync(0xffffffffu, la, x);
         lb += __shfl_xor_sync(0xffffffffu, lb, x);
     }
+    if (it.part >= 0) {     /* split partial: unnormalized O, natural-log max */
+        const float ln2 = 0.6931471805599453f;
+#pragma unroll
+        for (int i = 0; i < ND; i++) {
+            int d = i * 8 + 2 * c;
+            if (va) {
+                float *po = part_o + (int64_t)(it.part + ra) * HD + d;
+                po[0] = o[i][0];
+                po[1] = o[i][1];
+            }
+            if (vb) {
+                float *po = part_o + (int64_t)(it.part + rb) * HD + d;
+                po[0] = o[i][2];
+                po[1] = o[i][3];
+            }
+        }
+        if (c == 0 && va) {
+            part_ml[2 * (int64_t)(it.part + ra)] = ma == -INFINITY ? ma : ma * ln2;
+            part_ml[2 * (int64_t)(it.part + ra) + 1] = la;
+        }
+        if (c == 0 && vb) {
+            part_ml[2 * (int64_t)(it.part + rb)] = mb == -INFINITY ? mb : mb * ln2;
+            part_ml[2 * (int64_t)(it.part + rb) + 1] = lb;
+        }
+        return;
+    }
     float ia = la > 0.0f ? 1.0f / la : 0.0f, ib = lb > 0.0f ? 1.0f / lb : 0.0f;
 #pragma unroll
     for (int i = 0; i < ND; i++) {
-        int d = h * HD + i * 8 + 2 * c;
+        int d = i * 8 + 2 * c;
         if (va)
-            *reinterpret_cast<uint32_t *>(&out[(int64_t)ta * nh * HD + d]) =
+            *reinterpret_cast<uint32_t *>(
+                &out[(int64_t)ta * nh * HD + rows.head(ra) * HD + d]) =
                 pack_bf2(o[i][0] * ia, o[i][1] * ia);
         if (vb)
-            *reinterpret_cast<uint32_t *>(&out[(int64_t)tb * nh * HD + d]) =
+            *reinterpret_cast<uint32_t *>(
+                &out[(int64_t)tb * nh * HD + rows.head(rb) * HD + d]) =
                 pack_bf2(o[i][2] * ib, o[i][3] * ib);
     }
 }
@@ -667,7 +758,26 @@ extern "C" int pie__cuda_flash_supported(int hd)
     return hd == 16 || hd == 32 || hd == 64 || hd == 128;
 }
 
-extern "C" void pie__cuda_attention_flash(uint16_t *out, const float *q,
+template <int HD>
+static void flash_launch(uint16_t *out, float *part_o, float *part_ml,
+                         const float *q, const pie_cuda_attn_item *items,
+                         int n_items, const pie_cuda_tokmeta *tm,
+                         const pie_cuda_kv *kv, int layer, int nh,
+                         cudaStream_t s)
+{
+    size_t sm = 4 * sizeof(uint16_t) * FA_BN * (HD + 8);
+    static int set;
+    if (!set && sm > 48 * 1024) {
+        cudaFuncSetAttribute(flash_attn_kernel<HD>,
+                             cudaFuncAttributeMaxDynamicSharedMemorySize, (int)sm);
+        set = 1;
+    }
+    flash_attn_kernel<HD><<<n_items, FA_THREADS, sm, s>>>(
+        out, part_o, part_ml, q, items, *tm, *kv, layer, nh);
+}
+
+extern "C" void pie__cuda_attention_flash(uint16_t *out, float *part_o,
+                                          float *part_ml, const float *q,
                                           const pie_cuda_attn_item *items,
                                           int n_items,
                                           const pie_cuda_tokmeta *tm,
@@ -676,8 +786,8 @@ extern "C" void pie__cuda_attention_flash(uint16_t *out, const float *q,
 {
     if (n_items <= 0) return;
     switch (kv->head_dim) {
-#define FA_CASE(H) case H: flash_attn_kernel<H><<<n_items, FA_THREADS, 0, s>>>( \
-        out, q, items, *tm, *kv, layer, nh); break;
+#define FA_CASE(H) case H: flash_launch<H>(out, part_o, part_ml, q, items, \
+        n_items, tm, kv, layer, nh, s); break;
     FA_CASE(16) FA_CASE(32) FA_CASE(64) FA_CASE(128)
 #undef FA_CASE
     default: break;

@@ -4,6 +4,9 @@
  * of 16), for the Llama-3.2-1B (32/8 heads, hd 64) and 3.1-8B (hd 128)
  * head shapes. Prints µs per call and TB/s counting K and V bytes read
  * once. The split plan mirrors cuda_backend.c (about 2 blocks per SM).
+ * Each shape runs on the CUDA-core kernel ("simt") and the grouped
+ * tensor-core kernel ("mma"); then causal prefill attention of one prompt
+ * on the tensor-core kernel in TFLOP/s (4 * hd flops per attended pair).
  */
 #include <cuda_runtime_api.h>
 #include <stdio.h>
@@ -14,7 +17,7 @@
 #define CU(x) do { cudaError_t e_ = (x); if (e_ != cudaSuccess) { \
     fprintf(stderr, "%s: %s\n", #x, cudaGetErrorString(e_)); exit(1); } } while (0)
 
-static void run(int hd, int B, int L)
+static void run(int hd, int B, int L, int mma)
 {
     int nh = 32, nkv = 8, ps = 16, G = nh / nkv, sm = 132;
     int per = (L + ps - 1) / ps, np = B * per;
@@ -46,7 +49,7 @@ static void run(int hd, int B, int L)
             if (ns > 1) mi[nm++] = (pie_cuda_merge_item){ r, 1, h, ns, parts, {0} };
             for (int s = 0; s < ns; s++)
                 it[ni++] = (pie_cuda_attn_item){ r, r, 1, h, L * s / ns,
-                    L * (s + 1) / ns, ns > 1 ? parts + s * G : -1, 0 };
+                    L * (s + 1) / ns, ns > 1 ? parts + s * G : -1, mma };
             if (ns > 1) parts += ns * G;
         }
     void *d[9];
@@ -69,13 +72,13 @@ static void run(int hd, int B, int L)
     cudaEvent_t e0, e1;
     cudaEventCreate(&e0); cudaEventCreate(&e1);
     int iters = 20;
-    for (int w = 0; w < 3; w++) {
-        pie__cuda_attention(out, po, pml, q, d[6], ni, &tm, &kv, 0, nh, (L + ns - 1) / ns + 1, 0);
-        pie__cuda_attn_merge(out, po, pml, d[7], nm, nh, nkv, hd, 0);
-    }
-    CU(cudaEventRecord(e0, 0));
-    for (int w = 0; w < iters; w++) {
-        pie__cuda_attention(out, po, pml, q, d[6], ni, &tm, &kv, 0, nh, (L + ns - 1) / ns + 1, 0);
+    for (int w = 0; w < 3 + iters; w++) {
+        if (w == 3) CU(cudaEventRecord(e0, 0));
+        if (mma)
+            pie__cuda_attention_flash(out, po, pml, q, d[6], ni, &tm, &kv, 0, nh, 0);
+        else
+            pie__cuda_attention(out, po, pml, q, d[6], ni, &tm, &kv, 0, nh,
+                                (L + ns - 1) / ns + 1, 0);
         pie__cuda_attn_merge(out, po, pml, d[7], nm, nh, nkv, hd, 0);
     }
     CU(cudaEventRecord(e1, 0));
@@ -85,12 +88,67 @@ static void run(int hd, int B, int L)
     cudaEventElapsedTime(&ms, e0, e1);
     double us = ms * 1e3 / iters;
     double bytes = (double)B * L * nkv * hd * 2 * 2;
-    printf("attn hd %3d  B %3d  ctx %5d  splits %2d  %8.1f us  %6.2f TB/s\n",
-           hd, B, L, ns, us, bytes / (us * 1e-6) / 1e12);
+    printf("attn %s hd %3d  B %3d  ctx %5d  splits %2d  %8.1f us  %6.2f TB/s\n",
+           mma ? "mma " : "simt", hd, B, L, ns, us, bytes / (us * 1e-6) / 1e12);
     for (int i = 0; i < 8; i++) cudaFree(d[i]);
     cudaFree(kv.pool); cudaFree(q); cudaFree(out); cudaFree(po); cudaFree(pml);
     free(pages); free(slot); free(req); free(ind); free(len); free(pos);
     free(it); free(mi);
+}
+
+/* Causal prefill of one L-token prompt (empty cache) on the tensor-core
+ * kernel: 64-token tiles x 32 heads. */
+static void run_prefill(int hd, int L)
+{
+    int nh = 32, nkv = 8, ps = 16, np = (L + ps - 1) / ps, T = PIE_CUDA_FLASH_ROWS;
+    pie_cuda_kv kv = { NULL, 1, nkv, ps, hd };
+    size_t pool = (size_t)pie_cuda_kv_page_elems(&kv) * np;
+    CU(cudaMalloc((void **)&kv.pool, pool * 2));
+    CU(cudaMemset(kv.pool, 0x3c, pool * 2));
+    int32_t *pages = malloc(4 * np), *slot = malloc(4 * L), *req = malloc(4 * L);
+    int32_t ind[2] = { 0, np }, len[1] = { L };
+    for (int i = 0; i < np; i++) pages[i] = i;
+    for (int t = 0; t < L; t++) { slot[t] = t; req[t] = 0; }
+    int ni = 0;
+    pie_cuda_attn_item *it = malloc(sizeof *it * (size_t)((L + T - 1) / T) * nh);
+    for (int i = 0; i < L; i += T) {
+        int nt = L - i < T ? L - i : T;
+        for (int h = 0; h < nh; h++)
+            it[ni++] = (pie_cuda_attn_item){ 0, i, nt, h, 0, i + nt, -1, 0 };
+    }
+    void *d[6];
+    size_t sz[6] = { 4 * (size_t)np, 4 * (size_t)L, 4 * (size_t)L, 8, 4,
+                     sizeof *it * ni };
+    const void *h[6] = { pages, slot, req, ind, len, it };
+    for (int i = 0; i < 6; i++) {
+        CU(cudaMalloc(&d[i], sz[i] + 16));
+        CU(cudaMemcpy(d[i], h[i], sz[i], cudaMemcpyHostToDevice));
+    }
+    pie_cuda_tokmeta tm = { d[1], d[2], d[1], d[3], d[4], d[0], NULL, NULL };
+    float *q;
+    uint16_t *out;
+    CU(cudaMalloc((void **)&q, 4 * (size_t)L * nh * hd));
+    CU(cudaMemset(q, 0, 4 * (size_t)L * nh * hd));
+    CU(cudaMalloc((void **)&out, 2 * (size_t)L * nh * hd));
+    cudaEvent_t e0, e1;
+    cudaEventCreate(&e0); cudaEventCreate(&e1);
+    int iters = 10;
+    for (int w = 0; w < 2 + iters; w++) {
+        if (w == 2) CU(cudaEventRecord(e0, 0));
+        pie__cuda_attention_flash(out, NULL, NULL, q, d[5], ni, &tm, &kv, 0, nh, 0);
+    }
+    CU(cudaEventRecord(e1, 0));
+    CU(cudaEventSynchronize(e1));
+    CU(cudaGetLastError());
+    float ms;
+    cudaEventElapsedTime(&ms, e0, e1);
+    double us = ms * 1e3 / iters;
+    double flops = 4.0 * hd * nh * ((double)L * (L + 1) / 2);
+    printf("prefill mma hd %3d  L %5d  %8.1f us  %6.1f TFLOP/s\n", hd, L, us,
+           flops / (us * 1e-6) / 1e12);
+    for (int i = 0; i < 6; i++) cudaFree(d[i]);
+    cudaFree(kv.pool); cudaFree(q); cudaFree(out);
+    free(pages); free(slot); free(req); free(it);
 }
 
 int main(void)
@@ -103,6 +161,11 @@ int main(void)
     int hds[2] = { 64, 128 }, Bs[4] = { 1, 16, 64, 256 }, Ls[3] = { 512, 2048, 8192 };
     for (int a = 0; a < 2; a++)
         for (int l = 0; l < 3; l++)
-            for (int b = 0; b < 4; b++) run(hds[a], Bs[b], Ls[l]);
+            for (int b = 0; b < 4; b++)
+                for (int m = 0; m < 2; m++) run(hds[a], Bs[b], Ls[l], m);
+    for (int a = 0; a < 2; a++) {
+        run_prefill(hds[a], 2048);
+        run_prefill(hds[a], 8192);
+    }
     return 0;
 }

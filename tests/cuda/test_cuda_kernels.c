@@ -258,8 +258,11 @@ static void test_qkv_post(int nh, int nkv, int hd, int bias, int qknorm)
 
 /* ---------------------------------------------------------- attention */
 /* split < 0: the tensor-core prefill kernel (tiles of 64 tokens x one
- * query head) on a batch with a 100-token prompt after 200 cached slots. */
-static void test_attention(int nh, int nkv, int hd, int masked, int split)
+ * query head) on a batch with a 100-token prompt after 200 cached slots.
+ * grouped: the tensor-core kernel on the CUDA-core kernel's plan (tiles of
+ * 64/G tokens x G heads, `split` splits merged). */
+static void test_attention_mode(int nh, int nkv, int hd, int masked,
+                                int split, int grouped)
 {
     kbatch b;
     int n_new[4] = { 1, 13, 1, 5 }, kv_len[4] = { 1, 13, 1500, 77 };
@@ -284,6 +287,7 @@ static void test_attention(int nh, int nkv, int hd, int masked, int split)
     pie_cuda_attn_item items[4096];
     pie_cuda_merge_item merges[1024];
     int ni = 0, nm = 0, parts = 0, T = PIE_CUDA_ATTN_RMAX / G;
+    if (grouped) T = PIE_CUDA_FLASH_ROWS / G;
     for (int r = 0; r < b.n_reqs && split < 0; r++) {
         int q0 = 0, F = PIE_CUDA_FLASH_ROWS;
         for (int k = 0; k < r; k++) q0 += b.n_new[k];
@@ -309,7 +313,7 @@ static void test_attention(int nh, int nkv, int hd, int masked, int split)
                 for (int s = 0; s < ns; s++)
                     items[ni++] = (pie_cuda_attn_item){
                         r, q0 + i, nt, h, range * s / ns, range * (s + 1) / ns,
-                        ns > 1 ? parts + s * nt * G : -1, 0 };
+                        ns > 1 ? parts + s * nt * G : -1, grouped };
                 if (ns > 1) parts += ns * nt * G;
             }
         }
@@ -321,8 +325,10 @@ static void test_attention(int nh, int nkv, int hd, int masked, int split)
     pie_cuda_attn_item *di = dput(items, sizeof items[0] * ni);
     pie_cuda_merge_item *dm = dput(merges, sizeof merges[0] * (nm + 1));
     CU(cudaMemset(dout, 0xff, 2 * (size_t)n * nh * hd));   /* poison */
-    if (split < 0) {
-        pie__cuda_attention_flash(dout, dq, di, ni, &tm, &kv, layer, nh, 0);
+    if (split < 0 || grouped) {
+        pie__cuda_attention_flash(dout, po, pml, dq, di, ni, &tm, &kv, layer,
+                                  nh, 0);
+        pie__cuda_attn_merge(dout, po, pml, dm, nm, nh, nkv, hd, 0);
     } else {
         pie__cuda_attention(dout, po, pml, dq, di, ni, &tm, &kv, layer, nh,
                             PIE_CUDA_ATTN_CHUNK, 0);
@@ -368,13 +374,18 @@ static void test_attention(int nh, int nkv, int hd, int masked, int split)
             }
         }
     }
-    printf("attention: nh %d nkv %d hd %d masked %d split %d: %d tokens, "
-           "%d items, %d merges, rel err %.2e ok\n", nh, nkv, hd, masked, split,
-           n, ni, nm, sqrt(err / (ref2 + 1e-30)));
+    printf("attention%s: nh %d nkv %d hd %d masked %d split %d: %d tokens, "
+           "%d items, %d merges, rel err %.2e ok\n", grouped ? " (grouped mma)" : "",
+           nh, nkv, hd, masked, split, n, ni, nm, sqrt(err / (ref2 + 1e-30)));
     for (int i = 0; i < 8; i++) cudaFree(fr[i]);
     cudaFree(dq); cudaFree(dout); cudaFree(po); cudaFree(pml); cudaFree(di);
     cudaFree(dm); cudaFree(kv.pool);
     free(pool); free(q); free(out); free(sc);
+}
+
+static void test_attention(int nh, int nkv, int hd, int masked, int split)
+{
+    test_attention_mode(nh, nkv, hd, masked, split, 0);
 }
 
 /* ---------------------------------------------------------- copy slots */
@@ -539,6 +550,11 @@ int main(void)
         test_attention(32, 8, 64, m, -1);
         test_attention(32, 8, 128, m, -1);
         test_attention(6, 6, 32, m, -1);
+        test_attention_mode(4, 2, 16, m, 1, 1);   /* grouped tensor-core */
+        test_attention_mode(32, 8, 64, m, 1, 1);
+        test_attention_mode(32, 8, 64, m, 3, 1);
+        test_attention_mode(32, 8, 128, m, 4, 1);
+        test_attention_mode(6, 6, 32, m, 2, 1);
     }
     test_samplers(1000);
     test_samplers(128256);
