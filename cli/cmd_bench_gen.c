@@ -186,8 +186,10 @@ static int run_inferlet(bg_run *r, pie_rt *rt, pie_rt_module *mod)
             break;
     for (int i = 0; i < launched; i++) {
         char reason[256] = "";
-        if (pie_rt_wait(inst[i], reason, sizeof reason) != 0 && !rc)
-            rc = pie_err_set(PIE_ETRAP, "instance %d failed: %s", i, reason);
+        int st = pie_rt_wait(inst[i], reason, sizeof reason);
+        if (st != 0 && !rc)
+            rc = pie_err_set(PIE_ETRAP, "instance %d failed (status %d)%s%s",
+                             i, st, *reason ? ": " : "", reason);
         pie_rt_instance_unref(inst[i]);
     }
     free(inst);
@@ -305,6 +307,14 @@ static int bench_generate(const bg_args *a)
     int pages = a->pages ? a->pages
               : a->concurrency * ((a->prompt_len + a->max_tokens +
                                    BG_LOOKAHEAD) / a->page_size + 2) + 64;
+    int need = (a->prompt_len + a->max_tokens + BG_LOOKAHEAD +
+                a->page_size - 1) / a->page_size;
+    if (pages < need) {          /* admission would wait forever (native) */
+        fprintf(stderr, "pie bench generate: --pages %d cannot hold one "
+                "generation (%d pages of %d tokens needed)\n", pages, need,
+                a->page_size);
+        goto out;
+    }
     if (pie_cli_backend(a->backend, m, a->page_size, pages, a->threads, &b))
         goto out;
     pie_ctl_opts co = { .no_dedup = false };
