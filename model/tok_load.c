@@ -45,9 +45,12 @@ static int jbool(json_t *o, const char *key, int dflt)
 static int check_id(json_t *v, const char *what, int32_t *id)
 {
     if (!json_is_integer(v) || json_integer_value(v) < 0 ||
-        json_integer_value(v) >= MAX_IDS)
-        return pie_err_set(PIE_EFORMAT, "tokenizer.json: %s has a bad id "
-                           "(must be an integer in 0..%d)", what, MAX_IDS - 1);
+        json_integer_value(v) >= MAX_IDS) {
+        /* a literal nonzero return: callers read *id only when it is 0 */
+        pie_err_set(PIE_EFORMAT, "tokenizer.json: %s has a bad id (must be "
+                    "an integer in 0..%d)", what, MAX_IDS - 1);
+        return PIE_EFORMAT;
+    }
     *id = (int32_t)json_integer_value(v);
     return 0;
 }
