@@ -178,7 +178,8 @@ static void test_kv(int32_t m)
            "kv_copy past the page");
     EXPECT(pie_kv_copy(m, 424242, 0, p[1], 0, 1) < 0, "kv_copy, bad src");
     EXPECT(pie_kv_alloc(-5, 1, q) == PIE_EINVAL, "kv_alloc, bad model");
-    const char *name = "conformance/export";
+    char name[64];   /* per instance: pie run -n runs several at once */
+    snprintf(name, sizeof name, "conformance/export/%u", pie_instance_id());
     uint32_t nl = (uint32_t)strlen(name);
     EXPECT(pie_kv_export(m, name, nl, p, 2) == 0, "kv_export");
     EXPECT(pie_kv_export(m, name, nl, p, 2) == PIE_EBUSY, "export name taken");
