@@ -331,9 +331,14 @@ static void test_messaging(void)
     int32_t r = pie_receive();
     EXPECT(r > 0 && pie_future_status(r) == PIE_EAGAIN, "receive pending");
     pie_future_free(r);
-    int32_t s = pie_subscribe("conf/topic", 10);
+    /* topics are server-wide too: under pie run -n the other instances
+     * subscribe at the same time, so a shared topic reaches more than 1 */
+    char t[32];
+    snprintf(t, sizeof t, "conf/topic/%u", pie_instance_id());
+    uint32_t tl = (uint32_t)strlen(t);
+    int32_t s = pie_subscribe(t, tl);
     EXPECT(s > 0, "subscribe");
-    EXPECT(pie_publish("conf/topic", 10, "msg1", 4) == 1, "publish reaches 1");
+    EXPECT(pie_publish(t, tl, "msg1", 4) == 1, "publish reaches 1");
     EXPECT(pie_publish("conf/none", 9, "x", 1) == 0, "publish reaches 0");
     EXPECT(payload_str(pie_subscription_next(s), buf, sizeof buf) == 4 &&
            !strcmp(buf, "msg1"), "subscription message '%s'", buf);
