@@ -38,8 +38,11 @@
  * output). Freed pages with a hash stay cached until the pool needs them
  * (LRU). Allocation beyond a quota fails at once; a short pool makes the
  * allocation wait up to its timeout (admission), after swapping idle
- * clients to host memory when the `suspend` policy is on. Named exports can
- * be saved to a file and loaded after a restart.
+ * clients to host memory when the `suspend` policy is on. An allocation
+ * that waiting cannot satisfy fails at once with PIE_ENOMEM, and so does
+ * the newest waiter of a wait cycle (every client holding the pages waits
+ * for more), so that older requests finish instead of all hanging. Named
+ * exports can be saved to a file and loaded after a restart.
  *
  * Futures: each forward future completes exactly once, with 0 (results
  * readable), PIE_ECANCELED (cancelled, or a forward it chains from failed or
@@ -121,8 +124,14 @@ void pie_ctl_client_close(pie_ctl_client *c);
 
 /* Allocates n pages, writing their handles to out[n]. When the pool is
  * short, waits up to timeout_ms (0 = do not wait, <0 = forever) for pages
- * to be freed; then fails with PIE_EBUSY. Beyond the client's quota fails
- * at once with PIE_ELIMIT. All or nothing. */
+ * to be freed; then fails with PIE_EBUSY (a retry may succeed). Fails at
+ * once with PIE_ELIMIT beyond the client's quota, and with PIE_ENOMEM
+ * ("KV pool exhausted") when waiting cannot help: n exceeds the pool less
+ * the pages this client holds and the exported ones, or this client is
+ * the newest waiter of the lowest priority class in a wait cycle (every
+ * client that holds pages waits for more; see pool.c). Such a caller
+ * should free its pages (end the request) rather than retry. All or
+ * nothing. */
 int  pie_ctl_page_alloc(pie_ctl_client *c, int32_t n, int32_t timeout_ms,
                         uint32_t *out);
 /* Drops n handles. The physical page returns to the pool once no handle,
@@ -270,6 +279,8 @@ typedef struct pie_ctl_stats {
     uint64_t suspensions;      /* clients suspended under pressure          */
     uint64_t evictions;        /* clients asked to end (FCFS policy)        */
     uint64_t alloc_waits;      /* page allocations that had to wait         */
+    uint64_t alloc_cycles_broken; /* waiting allocations failed with
+                                  PIE_ENOMEM to break a wait cycle          */
     uint64_t cancelled;        /* forwards completed as cancelled           */
     uint64_t failed;           /* forwards completed with another error     */
     double   overhead_ns_last; /* control time (assemble + complete) of the

@@ -94,6 +94,7 @@ static void client_destroy(pie_ctl *ctl, pie_ctl_client *c)
     else ctl->clients = c->next;
     if (c->next) c->next->prev = c->prev;
     ctl->n_clients--;
+    pthread_cond_broadcast(&ctl->pool_cv);   /* waiters recheck cycles */
     free(c->h);
     free(c);
 }
@@ -531,6 +532,7 @@ int pie_ctl_forward_submit(pie_ctl_client *c, const pie_ctl_forward *f,
         goto fail;
     }
     if ((rc = RESUME(c)) < 0) goto fail;
+    pie__client_not_waiting(c);
     if ((rc = resolve_pages(c, f, op)) < 0) goto fail;
     if ((rc = resolve_chains(c, f, op)) < 0) goto fail;
     if ((rc = resolve_prefix(c, f, op)) < 0) goto fail;
@@ -603,6 +605,7 @@ int pie_ctl_page_copy(pie_ctl_client *c, uint32_t src, int32_t src_off,
         free(op);
         return rc;
     }
+    pie__client_not_waiting(c);
     op->cp_src = hs->page, op->cp_src_off = src_off;
     op->cp_dst = hd->page, op->cp_dst_off = dst_off, op->cp_n = n;
     ctl_page *ps_ = &ctl->pages[op->cp_src], *pd = &ctl->pages[op->cp_dst];

@@ -143,6 +143,7 @@ typedef struct ctl_page {
     uint32_t         version;     /* bumped on every write into it          */
     pie_ctl_client  *owner;       /* the one writable handle's client ...   */
     int32_t          owner_h;     /* ... and handle index (-1 if none)      */
+    uint32_t         mark;        /* scratch stamp of pinned_pages (pool.c) */
 } ctl_page;
 
 #define PAGE_IS_FREE(p)     ((p)->refs == 0 && !(p)->intable)
@@ -182,6 +183,14 @@ struct pie_ctl_client {
     bool            suspended;    /* pages swapped to host (suspend.c)       */
     bool            evicted;      /* FCFS: asked to end                      */
     int32_t         evicting;     /* on_evict calls running                  */
+    int32_t         want;         /* pages an allocation waits for, or was
+                                     refused with PIE_EBUSY for and may poll
+                                     for again (0: not waiting; pool.c)      */
+    int32_t         blocked;      /* threads of it sleeping in admission     */
+    bool            doomed;       /* picked to break a wait cycle: its
+                                     allocation fails with PIE_ENOMEM        */
+    int32_t         doom_waiting; /* the cycle it breaks: waiting clients,  */
+    int32_t         doom_room;    /* and pages that could still come free   */
     void          (*on_evict)(void *user, pie_ctl_client *c);
     void           *evict_user;
     unsigned char  *swap_buf;     /* n_swap * page_bytes                     */
@@ -215,6 +224,7 @@ struct pie_ctl {
     int32_t          n_hbuckets;
     ctl_export      *exports;
     int32_t          n_exports;
+    uint32_t         mark_gen;    /* last stamp used by pinned_pages        */
     /* clients and ops */
     pie_ctl_client  *clients;
     int32_t          n_clients;
@@ -266,8 +276,16 @@ bool pie__evict_one(pie_ctl *ctl, pie_ctl_client *requester);
 int  pie__client_resume(pie_ctl_client *c);
 #define RESUME(c) ((c)->suspended ? pie__client_resume(c) : 0)
 void pie__client_drop_swap(pie_ctl_client *c);
+
+/* pool.c, admission (mu held) */
+/* Waits until n pages are allocatable for requester (see pool.c's header:
+ * policy, refusals, wait cycles); 0, PIE_EBUSY (timed out), PIE_ENOMEM
+ * (waiting cannot help) or PIE_ECANCELED (shutting down). */
 int  pie__wait_for_pages(pie_ctl *ctl, int32_t n, int32_t timeout_ms,
                          pie_ctl_client *requester);
+/* c moved on (freed pages, submitted work): it no longer polls for pages,
+ * unless one of its threads is blocked in admission. */
+void pie__client_not_waiting(pie_ctl_client *c);
 
 /* sched.c (with ctl->mu held unless noted) */
 void pie__op_unref(ctl_op *op);                 /* any thread, no lock    */

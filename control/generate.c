@@ -9,7 +9,10 @@
  * token straight into the next step; this thread only reads finished steps
  * in order, reports them, and on a stop id cancels the steps queued beyond
  * it (their page fills roll back). Pages are allocated as the context grows,
- * waiting up to timeout_ms for the pool (admission control).
+ * waiting up to timeout_ms for the pool (admission control). An allocation
+ * the pool refuses (PIE_ENOMEM: it can never hold this generation, or this
+ * one was the newest of a wait cycle; see pool.c) ends the generation with
+ * that error, and closing its client returns its pages to the others.
  */
 #include <stdlib.h>
 #include <string.h>
@@ -37,8 +40,10 @@ static int gen_pages(gen *g, int32_t kv_len)
     if (need <= g->n_pages) return 0;
     int rc = pie_ctl_page_alloc(g->c, need - g->n_pages, g->o->timeout_ms,
                                 g->pages + g->n_pages);
-    if (rc == 0) g->n_pages = need;
-    return rc;
+    if (rc < 0)
+        return pie_err_wrap(rc, "generate: KV pages for %d tokens", kv_len);
+    g->n_pages = need;
+    return 0;
 }
 
 /* Submits step i (see the file header) into ring slot i % ring_n; its

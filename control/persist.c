@@ -303,6 +303,7 @@ int pie_ctl_export_load(pie_ctl *ctl, const char *path, const char *name)
             ctl->exports = e;
             ctl->n_exports++;
             e = NULL, pages = NULL, nmc = NULL;
+            pthread_cond_broadcast(&ctl->pool_cv);   /* recheck cycles */
         }
     }
     pthread_mutex_unlock(&ctl->mu);

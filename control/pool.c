@@ -50,10 +50,43 @@
  * the pages' stored hashes; a page whose stored prefix does not match the
  * chain so far breaks it (no hash from there on).
  *
- * Admission. pie_ctl_page_alloc waits on pool_cv (signalled whenever a page
- * returns to FREE) up to its timeout when the pool is short; quotas fail at
- * once with PIE_ELIMIT.
+ * Admission. pie_ctl_page_alloc fails at once with PIE_ELIMIT beyond the
+ * client's quota. When the pool is short it applies the policy (suspend
+ * idle clients, or ask the newest to end), then waits on pool_cv -- which
+ * is broadcast when a page becomes allocatable, a client closes, an export
+ * pins pages or a wait cycle is broken -- up to its timeout, and fails with
+ * PIE_EBUSY when that passes. A client that waits records the pages it
+ * needs in c->want; so does one refused with PIE_EBUSY, because an
+ * inferlet's host call polls with timeout 0 (a "poller"): the mark stays
+ * until the client allocates, frees pages, submits work or closes.
+ *
+ * Waiting that cannot help is refused at once with PIE_ENOMEM, "KV pool
+ * exhausted", so that no allocation hangs (not even with timeout < 0):
+ *   hopeless    n exceeds the pool less the pages the requester itself
+ *               holds and the exported ones: nobody can free those while
+ *               it waits.
+ *   wait cycle  every waiting client asks for more pages than could come
+ *               free without a waiter giving up: the pool less the pages
+ *               that waiting clients hold or exports list (pinned_pages).
+ *               Example: C generations each hold a share of an
+ *               over-committed pool and each needs one more page; each
+ *               waits for pages only the others hold.
+ * To break a cycle, the newest waiter of the lowest priority class among
+ * those holding pages is doomed: its allocation (a blocked one wakes; a
+ * poller's next one) fails, its owner ends that request, and its pages let
+ * the older requests finish. This is what a serving system does when it
+ * preempts its youngest request, and it keeps first-come order: the
+ * alternatives are worse (waiting forever hangs every request; a timeout
+ * fails all of them together, late). One victim at a time: a doomed client
+ * (like one FCFS asked to end) no longer counts as waiting, so the others
+ * see its pages as coming free and wait for them; if they turn out too
+ * few, the next check dooms the next newest. Pages held by clients that
+ * are not waiting (a running generation, an idle inferlet) may still come
+ * free, so waiters wait for those, up to their timeout. A check costs the
+ * handles of the waiting clients plus the exported pages; it runs when an
+ * allocation starts waiting and whenever it wakes.
  */
+#include <errno.h>
 #include <stdlib.h>
 #include <string.h>
 #include <time.h>
@@ -300,6 +333,12 @@ void pie__client_drop_pages(pie_ctl_client *c)
     pie__client_drop_swap(c);
 }
 
+/* ---- admission ---------------------------------------------------------- */
+
+#define AVAILABLE(ctl) ((ctl)->n_free + (ctl)->n_cached)
+/* c counts as waiting in wait-cycle detection (see the file header) */
+#define CLIENT_IS_WAITING(c) ((c)->want > 0 && !(c)->doomed && !(c)->evicted)
+
 static double now_s(void)
 {
     struct timespec ts;
@@ -307,42 +346,172 @@ static double now_s(void)
     return ts.tv_sec + ts.tv_nsec * 1e-9;
 }
 
-/* Waits (mu held) until n pages are free or the timeout passes. */
-#define AVAILABLE(ctl) ((ctl)->n_free + (ctl)->n_cached)
-
-int pie__wait_for_pages(pie_ctl *ctl, int32_t n, int32_t timeout_ms,
-                        pie_ctl_client *requester)
+/* Stamps page with gen; 1 the first time in this gen, else 0. */
+static int32_t mark_page(pie_ctl *ctl, int32_t page, uint32_t gen)
 {
-    if (AVAILABLE(ctl) >= n) return 0;
-    if (ctl->o.policy == PIE_CTL_POLICY_SUSPEND && n <= ctl->n_pages)
-        pie__suspend_for(ctl, n - AVAILABLE(ctl), requester);
-    if (ctl->o.policy == PIE_CTL_POLICY_FCFS && n <= ctl->n_pages)
-        pie__evict_one(ctl, requester);
-    if (AVAILABLE(ctl) >= n) return 0;
+    if (ctl->pages[page].mark == gen) return 0;
+    ctl->pages[page].mark = gen;
+    return 1;
+}
+
+/* Distinct pages that a waiting allocation cannot count on: those an export
+ * lists and those a handle of `only` names (only == NULL: of every waiting
+ * client). Every other page is free, cached, or held by clients that are
+ * not waiting and by pending forwards, and may still come free. Costs the
+ * handles scanned plus the exported pages. */
+static int32_t pinned_pages(pie_ctl *ctl, const pie_ctl_client *only)
+{
+    if (++ctl->mark_gen == 0) {            /* wrapped: forget old stamps */
+        for (int32_t i = 0; i < ctl->n_pages; i++) ctl->pages[i].mark = 0;
+        ctl->mark_gen = 1;
+    }
+    uint32_t gen = ctl->mark_gen;
+    int32_t n = 0;
+    for (const ctl_export *e = ctl->exports; e; e = e->next)
+        for (int32_t k = 0; k < e->n; k++)
+            n += mark_page(ctl, e->pages[k], gen);
+    for (const pie_ctl_client *c = ctl->clients; c; c = c->next) {
+        if (only ? c != only : !CLIENT_IS_WAITING(c)) continue;
+        for (int32_t i = 0; i < c->n_h; i++)
+            if (c->h[i].page >= 0) n += mark_page(ctl, c->h[i].page, gen);
+    }
+    return n;
+}
+
+/* PIE_ENOMEM when no wait can satisfy an allocation of n by c: n exceeds
+ * the pool, or the pages left once c's own and the exported ones are set
+ * aside. 0 otherwise. */
+static int check_hopeless(pie_ctl *ctl, pie_ctl_client *c, int32_t n)
+{
     if (n > ctl->n_pages)
-        return pie_err_set(PIE_EBUSY, "control: %d pages requested but the "
-                           "pool has only %d", n, ctl->n_pages);
-    if (timeout_ms == 0)
-        return pie_err_set(PIE_EBUSY, "control: KV pool full (%d free, %d "
-                           "requested)", AVAILABLE(ctl), n);
-    ctl->st.alloc_waits++;
-    double deadline = now_s() + timeout_ms / 1000.0;
-    while (AVAILABLE(ctl) < n && !ctl->stop) {
-        if (timeout_ms < 0) {
-            pthread_cond_wait(&ctl->pool_cv, &ctl->mu);
-            continue;
-        }
+        return pie_err_set(PIE_ENOMEM, "control: KV pool exhausted: %d pages "
+                           "requested but the pool has only %d; use a larger "
+                           "pool", n, ctl->n_pages);
+    int32_t pinned = pinned_pages(ctl, c);
+    if (n <= ctl->n_pages - pinned) return 0;
+    return pie_err_set(PIE_ENOMEM, "control: KV pool exhausted: client '%s' "
+                       "asks for %d more pages, but it holds or exports pin "
+                       "%d of the pool's %d, so waiting cannot help; free "
+                       "pages or use a larger pool", c->name, n, pinned,
+                       ctl->n_pages);
+}
+
+/* True when c holds a page, which failing it may release. */
+static bool holds_pages(const pie_ctl_client *c)
+{
+    for (int32_t i = 0; i < c->n_h; i++)
+        if (c->h[i].page >= 0) return true;
+    return false;
+}
+
+/* Wait-cycle detection (see the file header). When every waiting client
+ * asks for more pages than could come free without a waiter giving up,
+ * dooms the newest waiter of the lowest priority class among those holding
+ * pages and wakes it. Returns the victim, or NULL when there is no cycle. */
+static pie_ctl_client *break_cycle(pie_ctl *ctl)
+{
+    int32_t room = ctl->n_pages - pinned_pages(ctl, NULL), waiting = 0;
+    pie_ctl_client *v = NULL;
+    for (pie_ctl_client *c = ctl->clients; c; c = c->next) { /* newest 1st */
+        if (!CLIENT_IS_WAITING(c)) continue;
+        if (c->want <= room) return NULL;
+        waiting++;
+        if (holds_pages(c) && (!v || c->prio > v->prio)) v = c;
+    }
+    if (!v) return NULL;        /* none holds pages: each is hopeless */
+    v->doomed = true;
+    v->doom_waiting = waiting;
+    v->doom_room = room;
+    ctl->st.alloc_cycles_broken++;
+    pthread_cond_broadcast(&ctl->pool_cv);
+    return v;
+}
+
+/* The PIE_ENOMEM a doomed client's allocation of n fails with. */
+static int doom_fail(pie_ctl *ctl, pie_ctl_client *c, int32_t n)
+{
+    c->doomed = false;
+    return pie_err_set(PIE_ENOMEM, "control: KV pool exhausted: %d waiting "
+                       "clients%s pin %d of the pool's %d pages and each "
+                       "needs more than the %d left; failed '%s' (asked for "
+                       "%d more), the newest waiter of the lowest priority, "
+                       "so the others can finish; use a larger pool or fewer "
+                       "concurrent requests",
+                       c->doom_waiting, ctl->exports ? " and exports" : "",
+                       ctl->n_pages - c->doom_room, ctl->n_pages,
+                       c->doom_room, c->name, n);
+}
+
+/* Ends c's wait with rc (mu held). */
+static int wait_end(pie_ctl_client *c, int rc)
+{
+    if (rc != PIE_EBUSY && c->blocked == 0) c->want = 0;  /* EBUSY: polls */
+    if (rc == 0) c->doomed = false;
+    return rc;
+}
+
+/* Sleeps on pool_cv until signalled or past deadline (timeout_ms < 0: no
+ * deadline); true when the deadline passed. */
+static bool pool_sleep(pie_ctl *ctl, pie_ctl_client *c, int32_t timeout_ms,
+                       double deadline)
+{
+    int rc = 0;
+    c->blocked++;
+    if (timeout_ms < 0) {
+        pthread_cond_wait(&ctl->pool_cv, &ctl->mu);
+    } else {
         struct timespec ts;
         ts.tv_sec = (time_t)deadline;
         ts.tv_nsec = (long)((deadline - (double)ts.tv_sec) * 1e9);
-        if (pthread_cond_timedwait(&ctl->pool_cv, &ctl->mu, &ts) != 0 &&
-            AVAILABLE(ctl) < n)
-            return pie_err_set(PIE_EBUSY, "control: KV pool full: waited %d "
-                               "ms for %d pages (%d free); free pages or "
-                               "retry later", timeout_ms, n, AVAILABLE(ctl));
+        rc = pthread_cond_timedwait(&ctl->pool_cv, &ctl->mu, &ts);
     }
-    if (ctl->stop) return pie_err_set(PIE_ECANCELED, "control: shutting down");
-    return 0;
+    c->blocked--;
+    return rc == ETIMEDOUT;
+}
+
+static int busy(pie_ctl *ctl, int32_t n, int32_t timeout_ms)
+{
+    if (timeout_ms == 0)
+        return pie_err_set(PIE_EBUSY, "control: KV pool full (%d free, %d "
+                           "requested)", AVAILABLE(ctl), n);
+    return pie_err_set(PIE_EBUSY, "control: KV pool full: waited %d ms for "
+                       "%d pages (%d free); free pages or retry later",
+                       timeout_ms, n, AVAILABLE(ctl));
+}
+
+/* Admission proper (contract in ctl_int.h): the policy, then a loop that
+ * refuses what waiting cannot satisfy, breaks wait cycles and sleeps. */
+int pie__wait_for_pages(pie_ctl *ctl, int32_t n, int32_t timeout_ms,
+                        pie_ctl_client *c)
+{
+    if (AVAILABLE(ctl) >= n) return wait_end(c, 0);
+    if (ctl->o.policy == PIE_CTL_POLICY_SUSPEND && n <= ctl->n_pages)
+        pie__suspend_for(ctl, n - AVAILABLE(ctl), c);
+    if (ctl->o.policy == PIE_CTL_POLICY_FCFS && n <= ctl->n_pages)
+        pie__evict_one(ctl, c);
+    if (AVAILABLE(ctl) >= n) return wait_end(c, 0);
+    double deadline = now_s() + timeout_ms / 1000.0;
+    bool expired = timeout_ms == 0, first = true;
+    c->want = n;
+    for (;;) {
+        if (AVAILABLE(ctl) >= n) return wait_end(c, 0);
+        if (ctl->stop)
+            return wait_end(c, pie_err_set(PIE_ECANCELED, "control: shutting "
+                                           "down"));
+        int rc = c->doomed ? doom_fail(ctl, c, n) : check_hopeless(ctl, c, n);
+        if (rc == 0 && break_cycle(ctl) == c) rc = doom_fail(ctl, c, n);
+        if (rc < 0) return wait_end(c, rc);
+        if (expired) return wait_end(c, busy(ctl, n, timeout_ms));
+        if (first) ctl->st.alloc_waits++, first = false;
+        expired = pool_sleep(ctl, c, timeout_ms, deadline);
+    }
+}
+
+void pie__client_not_waiting(pie_ctl_client *c)
+{
+    if (c->blocked > 0) return;
+    c->want = 0;
+    c->doomed = false;
 }
 
 int pie_ctl_page_alloc(pie_ctl_client *c, int32_t n, int32_t timeout_ms,
@@ -400,8 +569,10 @@ int pie_ctl_page_free(pie_ctl_client *c, int32_t n, const uint32_t *h)
                 rc = pie_err_set(PIE_EINVAL, "control: handle %u freed twice "
                                  "in one call", h[k]);
     }
-    if (rc == 0)
+    if (rc == 0) {
         for (int32_t k = 0; k < n; k++) handle_drop(c, (int32_t)h[k] - 1);
+        pie__client_not_waiting(c);
+    }
     pthread_mutex_unlock(&ctl->mu);
     return rc;
 }
@@ -465,6 +636,7 @@ int pie_ctl_export(pie_ctl_client *c, const char *name, int32_t n,
     ctl->exports = e;
     ctl->n_exports++;
     e = NULL, pages = NULL, nm = NULL;
+    pthread_cond_broadcast(&ctl->pool_cv);   /* pinned: recheck cycles */
 out:
     pthread_mutex_unlock(&ctl->mu);
     free(e), free(pages), free(nm);

@@ -299,8 +299,12 @@ static void test_admission(void)
     double waited = now_ms() - t;
     CHECK(rc == PIE_EBUSY, "alloc from a full pool returned %d", rc);
     CHECK(waited >= 90, "gave up after %.1f ms, expected ~100", waited);
-    rc = pie_ctl_page_alloc(c, 9, 1000, hc);
-    CHECK(rc == PIE_EBUSY, "alloc beyond the pool size returned %d", rc);
+    t = now_ms();
+    rc = pie_ctl_page_alloc(c, 9, 1000, hc);     /* waiting cannot help */
+    CHECK(rc == PIE_ENOMEM && strstr(pie_err_msg(), "pool has only 8"),
+          "alloc beyond the pool size returned %d: %s", rc, pie_err_msg());
+    CHECK(now_ms() - t < 500, "alloc beyond the pool size waited %.1f ms",
+          now_ms() - t);
     pthread_t th;
     freer fr = { a, ha[3], 50 };
     pthread_create(&th, NULL, free_later, &fr);
