@@ -183,7 +183,12 @@ int pie__ctx_reserve(pie_ctx *c, int32_t n)
     if (rc < 0)
         return pie_sdk_fail(rc, "kv_alloc of %d pages failed (%d%s)", need, rc,
                             rc == PIE_EBUSY ? ": KV page pool exhausted"
-                            : rc == PIE_ELIMIT ? ": page quota reached" : "");
+                            : rc == PIE_ELIMIT ? ": page quota reached"
+                            : rc == PIE_ENOMEM ? ": KV pool exhausted, and "
+                              "waiting cannot help: the pool is too small "
+                              "for this request, or the host ended it so "
+                              "that older requests holding the pool can "
+                              "finish" : "");
     for (int32_t i = 0; i < need; i++) {
         if ((rc = page_add(c->pages[c->n_pages], false))) {
             pie_kv_free(c->lm->h, c->pages + c->n_pages, (uint32_t)(need - i));

@@ -246,13 +246,15 @@ static int process_one(pie_gen *g)
 /* Queues what can be queued. A failure to queue more while steps are
  * still queued is not fatal (e.g. the pool is short for a moment: the
  * queued steps free nothing, but processing them lets us retry); with
- * nothing queued it ends the generation. Returns 1 when g has a step to
- * wait for, 0 when it stopped, < 0 on error. */
+ * nothing queued it ends the generation, and so does PIE_ENOMEM at once
+ * (the host says waiting cannot help: the pool cannot serve this request,
+ * or it was picked to end so that older requests can finish). Returns 1
+ * when g has a step to wait for, 0 when it stopped, < 0 on error. */
 static int refill(pie_gen *g)
 {
     if (g->stop) return g->err ? g->err : 0;
     int rc = submit_more(g);
-    if (g->nq > 0) return 1;
+    if (g->nq > 0 && rc != PIE_ENOMEM) return 1;
     if (rc) {
         g->err = rc;
         g->stop = PIE_STOP_ERROR;

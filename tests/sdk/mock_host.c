@@ -96,7 +96,8 @@ int32_t pie_detokenize(int32_t m, const int32_t *ids, uint32_t n,
 int32_t pie_kv_alloc(int32_t m, uint32_t n, int32_t *pages)
 {
     uint32_t got = 0;
-    if (++mock.alloc_calls == mock.fail_alloc_at) return PIE_EBUSY;
+    if (++mock.alloc_calls == mock.fail_alloc_at)
+        return mock.fail_alloc_rc ? mock.fail_alloc_rc : PIE_EBUSY;
     for (int i = 0; i < MOCK_MAX_PAGES && got < n; i++)
         if (!mock.page[i].used) {
             memset(&mock.page[i], 0, sizeof mock.page[i]);

@@ -38,6 +38,7 @@ typedef struct mock_state {
     mock_export exp[64];
     int         n_exp, pages_live, allocs, copies, submits, chained, cancels;
     int         fail_alloc_at;      /* the n-th kv_alloc call fails (0: never) */
+    int         fail_alloc_rc;      /* ... with this code (0: PIE_EBUSY)       */
     int         alloc_calls;
     int         eos_every;          /* logits hash % eos_every == 0 -> EOS */
     long        tokens_forwarded, wait_any_calls;

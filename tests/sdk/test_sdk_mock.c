@@ -249,7 +249,8 @@ static void test_concurrent(pie_lm *lm)
 }
 
 /* The pool is short once: with steps queued the generation goes on and
- * is still correct; with nothing queued it ends with the error. */
+ * is still correct; with nothing queued it ends with the error. PIE_ENOMEM
+ * (waiting cannot help) ends it at once, queued steps or not. */
 static void test_alloc_failure(pie_lm *lm)
 {
     pie_ctx c;
@@ -273,7 +274,24 @@ static void test_alloc_failure(pie_lm *lm)
     CHECK(g.n_ids < 30, "generation must stop at the failure");
     check_ctx_state(&c);
     pie_gen_free(&g);
+    int calls = mock.alloc_calls;
+    mock.fail_alloc_at = calls + 2;
+    mock.fail_alloc_rc = PIE_ENOMEM;
+    o = (pie_gen_opts){ .max_tokens = 30, .lookahead = 4 };
+    rc = pie_generate(&c, &o, &g);
+    CHECK(rc == PIE_ENOMEM && g.stop == PIE_STOP_ERROR,
+          "PIE_ENOMEM with steps queued: rc %d stop %d", rc, g.stop);
+    CHECK(mock.alloc_calls == mock.fail_alloc_at, "retried after PIE_ENOMEM: "
+          "%d kv_alloc calls, expected %d", mock.alloc_calls - calls,
+          mock.fail_alloc_at - calls);
+    CHECK(strstr(pie_sdk_error(), "waiting cannot help") != NULL,
+          "message: %s", pie_sdk_error());
+    check_ctx_state(&c);
+    printf("alloc failure: PIE_ENOMEM ends the generation at once: %s\n",
+           pie_sdk_error());
+    pie_gen_free(&g);
     mock.fail_alloc_at = 0;
+    mock.fail_alloc_rc = 0;
     pie_ctx_release(&c);
 }
 
