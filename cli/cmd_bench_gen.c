@@ -12,6 +12,13 @@
  * exit, or the call's return); ms_per_token = mean over generations of
  * that time / N. tokens_per_s = C*N / (last end - first start). A thread
  * samples the control layer's counters every 2 ms for the peak page use.
+ *
+ * A pool too small for all C at once (--pages) is served as the control
+ * layer's admission decides (control/pool.c): generations wait for pages
+ * that others free, and when all of them hold pages and wait for more the
+ * newest fails with "KV pool exhausted" so the older ones finish. Each
+ * failure is printed (with the inferlet's own message), timings cover the
+ * generations that finished, and the exit status is 1.
  */
 #include <pthread.h>
 #include <stdio.h>
@@ -36,10 +43,13 @@ typedef struct bg_args {
 } bg_args;
 
 typedef struct bg_gen {          /* one generation                         */
+    int      id;                 /* index, for messages                    */
     int32_t *prompt;             /* (prompt_len) ids                       */
     double   t0, t1;             /* start, end (pie_cli_now)               */
     int32_t  status;
     int32_t  n_out;
+    char     err[512];           /* inferlet stderr not yet printed        */
+    size_t   n_err;
 } bg_gen;
 
 typedef struct bg_run {
@@ -140,6 +150,26 @@ static void on_exit_cb(void *user, pie_rt_instance *i, int32_t status,
     g->status = status;          /* n_out was counted from the message */
 }
 
+/* Prints g's buffered inferlet stderr as one line. */
+static void flush_err(bg_gen *g)
+{
+    if (g->n_err > 0)
+        fprintf(stderr, "pie bench generate: instance %d: %.*s\n", g->id,
+                (int)g->n_err, g->err);
+    g->n_err = 0;
+}
+
+/* The instance's stderr (its reason for failing), line by line. */
+static void on_output_cb(void *user, pie_rt_instance *i, int fd,
+                         const char *buf, size_t len)
+{
+    bg_gen *g = user;
+    for (size_t k = 0; fd == 2 && k < len; k++) {
+        if (buf[k] == '\n' || g->n_err == sizeof g->err) flush_err(g);
+        if (buf[k] != '\n') g->err[g->n_err++] = buf[k];
+    }
+}
+
 static void on_msg_cb(void *user, pie_rt_instance *i, const void *buf,
                       size_t len)
 {
@@ -167,8 +197,8 @@ static int launch_one(bg_run *r, pie_rt *rt, pie_rt_module *mod, int i,
                            "--max-tokens", mt, "--temperature", "0",
                            "--ignore-eos", "--no-text", "--json",
                            "--lookahead", "4" };
-    pie_rt_launch_cbs cbs = { .user = &r->g[i], .on_message = on_msg_cb,
-                              .on_exit = on_exit_cb };
+    pie_rt_launch_cbs cbs = { .user = &r->g[i], .on_output = on_output_cb,
+                              .on_message = on_msg_cb, .on_exit = on_exit_cb };
     r->g[i].t0 = pie_cli_now();
     int rc = pie_rt_launch(rt, mod, (int)(sizeof argv / sizeof *argv), argv,
                            &cbs, inst);
@@ -184,12 +214,14 @@ static int run_inferlet(bg_run *r, pie_rt *rt, pie_rt_module *mod)
     for (; launched < n && !rc; launched++)
         if ((rc = launch_one(r, rt, mod, launched, &inst[launched])) != 0)
             break;
-    for (int i = 0; i < launched; i++) {
+    for (int i = 0; i < launched; i++) {     /* failures: see report() */
         char reason[256] = "";
         int st = pie_rt_wait(inst[i], reason, sizeof reason);
-        if (st != 0 && !rc)
-            rc = pie_err_set(PIE_ETRAP, "instance %d failed (status %d)%s%s",
-                             i, st, *reason ? ": " : "", reason);
+        flush_err(&r->g[i]);
+        if (st != 0)
+            fprintf(stderr, "pie bench generate: instance %d failed (status "
+                    "%d)%s%s\n", i, st, *reason ? ": " : "", reason);
+        r->g[i].status = st;
         pie_rt_instance_unref(inst[i]);
     }
     free(inst);
@@ -198,7 +230,8 @@ static int run_inferlet(bg_run *r, pie_rt *rt, pie_rt_module *mod)
 
 /* ---- setup and report --------------------------------------------------- */
 
-static void report(const bg_run *r, const pie_ctl_stats *st, double wall)
+/* Prints the results; returns the number of generations that failed. */
+static int report(const bg_run *r, const pie_ctl_stats *st, double wall)
 {
     const bg_args *a = r->a;
     double sum = 0, t0 = 1e300, t1 = 0;
@@ -219,19 +252,20 @@ static void report(const bg_run *r, const pie_ctl_stats *st, double wall)
     double mean_pages = r->n_samples ? r->sum_pages / r->n_samples : 0;
     if (a->json) {
         printf("{\"mode\":\"%s\",\"model\":\"%s\",\"concurrency\":%d,"
-               "\"max_tokens\":%d,\"prompt_len\":%d,\"ok\":%d,"
+               "\"max_tokens\":%d,\"prompt_len\":%d,\"ok\":%d,\"failed\":%d,"
                "\"ms_per_token\":%.4f,\"tokens_per_s\":%.1f,\"wall_s\":%.3f,"
                "\"fires\":%llu,\"mean_batch_reqs\":%.2f,"
                "\"control_us_per_fire\":%.2f,\"backend_ms_per_fire\":%.4f,"
                "\"peak_pages\":%d,\"mean_pages\":%.1f,\"dedup_hits\":%llu,"
                "\"prefix_tokens_skipped\":%llu}\n", mode, a->model, a->concurrency,
-               a->max_tokens, a->prompt_len, ok, mspt, tps, wall,
+               a->max_tokens, a->prompt_len, ok, a->concurrency - ok, mspt,
+               tps, wall,
                (unsigned long long)st->fires, st->fired_reqs / fires,
                st->overhead_ns_total / fires / 1e3,
                st->backend_ns_total / fires / 1e6, r->peak_pages, mean_pages,
                (unsigned long long)st->dedup_hits,
                (unsigned long long)st->prefix_tokens_skipped);
-        return;
+        return a->concurrency - ok;
     }
     printf("%s: %d/%d generations of %d tokens (prompt %d) on %s\n", mode, ok,
            a->concurrency, a->max_tokens, a->prompt_len, a->model);
@@ -245,6 +279,7 @@ static void report(const bg_run *r, const pie_ctl_stats *st, double wall)
            "served from cache %llu\n", r->peak_pages, mean_pages,
            (unsigned long long)st->dedup_hits,
            (unsigned long long)st->prefix_tokens_skipped);
+    return a->concurrency - ok;
 }
 
 /* Runs the chosen path with the model, backend and control layer set up. */
@@ -285,7 +320,13 @@ static int bench_with(bg_run *r, pie_model *m, const bg_args *a)
     }
     pie_ctl_stats st;
     pie_ctl_get_stats(r->ctl, &st);
-    report(r, &st, wall);
+    int failed = report(r, &st, wall);
+    if (failed) {
+        fprintf(stderr, "pie bench generate: %d of %d generations failed (see "
+                "above); the timings cover the rest\n", failed,
+                a->concurrency);
+        rc = -1;
+    }
 out:
     if (mod) pie_rt_module_unref(mod);
     pie_rt_free(rt);
@@ -309,7 +350,7 @@ static int bench_generate(const bg_args *a)
                                    BG_LOOKAHEAD) / a->page_size + 2) + 64;
     int need = (a->prompt_len + a->max_tokens + BG_LOOKAHEAD +
                 a->page_size - 1) / a->page_size;
-    if (pages < need) {          /* admission would wait forever (native) */
+    if (pages < need) {          /* every generation would fail */
         fprintf(stderr, "pie bench generate: --pages %d cannot hold one "
                 "generation (%d pages of %d tokens needed)\n", pages, need,
                 a->page_size);
@@ -323,6 +364,7 @@ static int bench_generate(const bg_args *a)
         goto out;
     }
     make_prompts(&r, m->cfg.vocab_size);
+    for (int i = 0; i < a->concurrency; i++) r.g[i].id = i;
     status = bench_with(&r, m, a) ? 1 : 0;
 out:
     pie_ctl_free(r.ctl);

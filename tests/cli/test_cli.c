@@ -220,6 +220,60 @@ static void test_generate_text(json_t *ref, const char *model)
     free(out);
 }
 
+/* Counts the occurrences of needle in hay. */
+static int count_str(const char *hay, const char *needle)
+{
+    int n = 0;
+    for (const char *p = hay; (p = strstr(p, needle)); p += strlen(needle)) n++;
+    return n;
+}
+
+/* `pie bench generate` on a KV pool that holds one generation but not the
+ * 4 it runs at once (8 pages; each needs 6): it must finish -- before the
+ * admission fix every generation waited for pages the others held, forever
+ * (native) or until a host timeout. Generations that cannot be served fail
+ * with "KV pool exhausted"; at least the oldest finishes; exit 1 on any
+ * failure. `timeout` turns a hang into a failure. */
+static void test_bench_overcommitted(const char *model)
+{
+    const char *modes[] = { "--native", "" };
+    char cmd[2048], errf[1024], *err;
+    snprintf(errf, sizeof errf, "%s/bench_err.txt", PIE_TEST_TMP);
+    snprintf(cmd, sizeof cmd, "mkdir -p %s", PIE_TEST_TMP);
+    CHECK(system(cmd) == 0, "cannot create %s", PIE_TEST_TMP);
+    for (int m = 0; m < 2; m++) {
+        int st;
+        snprintf(cmd, sizeof cmd, "timeout 120 %s bench generate --model %s "
+                 "--backend cpu --pages 8 -c 4 -n 64 --json %s 2>%s", PIE_BIN,
+                 model, modes[m], errf);
+        char *out = run(cmd, &st);
+        CHECK(st != 124, "'%s' hung (killed after 120 s)", cmd);
+        json_error_t e;
+        json_t *j = json_loads(out, 0, &e);
+        CHECK(j, "'%s' (exit %d) printed no JSON: %s", cmd, st, out);
+        int ok = (int)json_integer_value(json_object_get(j, "ok"));
+        int failed = (int)json_integer_value(json_object_get(j, "failed"));
+        FILE *f = fopen(errf, "r");
+        CHECK(f, "no %s", errf);
+        err = calloc(1, 1 << 16);
+        fread(err, 1, (1 << 16) - 1, f);
+        fclose(f);
+        CHECK(ok >= 1 && ok + failed == 4, "'%s': ok %d, failed %d", cmd, ok,
+              failed);
+        CHECK(st == (failed ? 1 : 0), "'%s': %d failed but exit %d", cmd,
+              failed, st);
+        CHECK(count_str(err, "KV pool exhausted") >= failed, "'%s': %d "
+              "failed without a clear reason: %s", cmd, failed, err);
+        printf("bench generate %s on an over-committed pool: %d/4 finished, "
+               "%d failed: %.*s\n", *modes[m] ? modes[m] : "(inferlet)", ok,
+               failed, (int)strcspn(err + strcspn(err, "\n") + 1, "\n"),
+               err + strcspn(err, "\n") + 1);
+        free(err);
+        free(out);
+        json_decref(j);
+    }
+}
+
 /* Each bad invocation must fail with the given status and a message. */
 static void test_bad_input(const char *model)
 {
@@ -256,6 +310,7 @@ int main(void)
     test_generate_text(ref, model);
     test_kv_persist(ref, model);
     test_quota(ref, model);
+    test_bench_overcommitted(model);
     test_bad_input(model);
     json_decref(ref);
     TEST_DONE();
