@@ -147,6 +147,10 @@ int  pie_backend_cpu_create(const pie_model *m, const pie_backend_opts *o,
 int  pie_backend_cuda_create(const pie_model *m, const pie_backend_opts *o,
                              pie_backend **out);
 int  pie_backend_cuda_available(void);
+/* CUDA graph counters of a CUDA backend (steps whose layers were captured /
+ * replayed from a graph); both 0 for other backends or without CUDA. */
+void pie_backend_cuda_graphs(const pie_backend *b, int64_t *captured,
+                             int64_t *replayed);
 
 static inline int pie_backend_forward(pie_backend *b,
                                       const pie_forward_batch *batch,

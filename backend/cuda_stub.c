@@ -12,3 +12,10 @@ int pie_backend_cuda_create(const pie_model *m, const pie_backend_opts *o,
                        "this pie was built without CUDA (configure with "
                        "-DPIE_CUDA=ON on a machine with nvcc)");
 }
+
+void pie_backend_cuda_graphs(const pie_backend *b, int64_t *captured,
+                             int64_t *replayed)
+{
+    (void)b;
+    *captured = *replayed = 0;
+}

@@ -1,19 +1,30 @@
 #!/bin/bash
 # device-cuda.sh PHASE... — runs pie's CUDA checks and benchmarks on a GPU
-# machine from the bundle (scripts/bundle.sh) carried in .carry/. Logs go to
-# $OUT (or ./out). Phases:
+# machine from the bundle (scripts/bundle.sh) carried in $PIE_CARRY (default
+# .carry/: bundle.tar.xz, and shared/models/ or shared-models.tar.xz with
+# the test checkpoints). Logs go to $OUT (or ./out). Phases:
 #   tests   kernel differential test + model tests (.carry/shared models)
 #   hf1b    transformers vs pie on a random Llama-3.2-1B-shaped checkpoint
 #   hf8b    the same for Llama-3.1-8B
 #   bench1b / bench8b   pie bench forward: decode B=1,16,64,256 x ctx 512,
 #           2048 and prefill 512/2048
 #   attn    paged decode attention bandwidth (bench_cuda_attn)
+#   graphs  decode steps with CUDA graphs and with PIE_CUDA_NO_GRAPH=1
+#   prof    per-kernel GPU time of 1B decode (nsys) and speed of light of
+#           the decode kernels (ncu), where those tools are installed
 set -u
 OUT=${OUT:-$PWD/out}
+C=${PIE_CARRY:-.carry}
 mkdir -p "$OUT" /tmp/pie
-tar -C /tmp/pie -xJf .carry/bundle.tar.xz
+tar -C /tmp/pie -xJf "$C/bundle.tar.xz"
+if [ -f "$C/shared-models.tar.xz" ]; then
+    mkdir -p /tmp/pie/shared && tar -C /tmp/pie/shared -xJf "$C/shared-models.tar.xz"
+else
+    ln -sfn "$PWD/$C/shared" /tmp/pie/shared
+fi
 R=/tmp/pie/bundle/run
-if [ ! -e /work/shared ]; then mkdir -p /work && ln -s "$PWD/.carry/shared" /work/shared; fi
+if [ ! -e /work/shared ]; then mkdir -p /work && ln -s /tmp/pie/shared /work/shared; fi
+export PATH="$PATH:/usr/local/cuda/bin"
 nvidia-smi -L
 log() { echo "== $*" | tee -a "$OUT/summary.log"; }
 bench() {   # model batch prompt gen [chunk]
@@ -57,6 +68,49 @@ for phase in "$@"; do
     attn)
         log attn
         timeout 120 $R bench_cuda_attn 2>&1 | tee -a "$OUT/summary.log"
+        ;;
+    graphs)
+        log "graphs (each pair: with graphs, then PIE_CUDA_NO_GRAPH=1)"
+        for B in 1 16 64 256; do
+            bench llama-3.2-1b $B 2048 24
+            PIE_CUDA_NO_GRAPH=1 bench llama-3.2-1b $B 2048 24
+        done
+        for B in 1 64; do
+            bench llama-3.1-8b $B 2048 24
+            PIE_CUDA_NO_GRAPH=1 bench llama-3.1-8b $B 2048 24
+        done
+        ;;
+    prof)
+        log prof
+        which nsys ncu 2>&1 | tee -a "$OUT/summary.log"
+        if command -v nsys > /dev/null; then
+            timeout 240 nsys profile -o /tmp/pie/dec --force-overwrite true \
+                --cuda-graph-trace=node $R pie bench forward --backend cuda \
+                --model random:llama-3.2-1b --batch 1 --prompt-len 512 \
+                --gen 128 > "$OUT/nsys.log" 2>&1
+            nsys stats --report cuda_gpu_kern_sum --format csv \
+                /tmp/pie/dec.nsys-rep > "$OUT/kern_1b_b1.csv" 2>> "$OUT/nsys.log"
+            head -25 "$OUT/kern_1b_b1.csv" | cut -c1-220 | tee -a "$OUT/summary.log"
+        fi
+        if command -v ncu > /dev/null; then
+            # one decode step's kernels (after the prefill and warm-up steps),
+            # real clocks, per-kernel time and DRAM traffic as CSV
+            m="gpu__time_duration.sum,dram__bytes_read.sum,dram__bytes_write.sum,launch__registers_per_thread,launch__grid_size,sm__warps_active.avg.pct_of_peak_sustained_active"
+            cfgs=("1 2048 0 900" "64 2048 4096 5500" "3.1 1 64 0 1500")
+            for cfg in "${cfgs[@]}"; do
+                set -- $cfg
+                mdl=llama-3.2-1b
+                if [ "$1" = 3.1 ]; then mdl=llama-3.1-8b; shift; fi
+                B=$1 L=$2 skip=$4
+                timeout 200 ncu --csv --clock-control none --cache-control none \
+                    --metrics $m --launch-skip $skip --launch-count 600 \
+                    $R pie bench forward --backend cuda --model random:$mdl \
+                    --batch $B --prompt-len $L --gen 6 \
+                    > "$OUT/ncu_${mdl}_b${B}_l$L.csv" 2> /tmp/pie/ncu.err
+                echo "ncu $mdl B=$B L=$L rc=$?" | tee -a "$OUT/summary.log"
+                tail -3 /tmp/pie/ncu.err >> "$OUT/summary.log"
+            done
+        fi
         ;;
     esac
 done

@@ -20,7 +20,10 @@
  * one cudaMemcpyAsync, run the layers on one stream, then the LM head over
  * the output rows only, OUT_CHUNK rows at a time, sampling on the device;
  * only sampled tokens and probe values are copied back. The residual stream
- * is fp32; the wo and w_down matmuls add into it directly (beta = 1).
+ * x is fp32; the wo and w_down matmuls write dx (f32), which the next
+ * RMSNorm adds into x as it normalizes (fused residual add; the final norm
+ * adds it for the output rows only). Steady decode batches replay a CUDA
+ * graph of the layers (see run_layers_graphed).
  */
 #include <cublasLt.h>
 #include <cuda_runtime_api.h>
@@ -36,6 +39,8 @@
 #define OUT_CHUNK   256         /* output rows per LM-head pass            */
 #define MM_CACHE    96          /* cached cuBLASLt plans                    */
 #define LT_WS_BYTES (32u << 20)
+#define GRAPH_CACHE 32          /* captured layer sequences (decode shapes) */
+#define GRAPH_MAX_TOKENS 512    /* larger steps launch kernels directly     */
 
 #define CK(call)                                                              \
     do {                                                                      \
@@ -74,10 +79,27 @@ typedef struct mm_plan {
     cublasLtMatmulAlgo_t    algo;
 } mm_plan;
 
+/* The kernel arguments of one step's layers: two steps with equal keys
+ * launch the same kernels with the same arguments (the data they read lives
+ * at the same device addresses), so a graph captured for one replays the
+ * other. */
+typedef struct graph_key {
+    void    *meta_dev;
+    size_t   tok, pos, slot, req, kv_indptr, kv_len, pages, mask_off,
+             mask_bits, items, merges, fitems;
+    int64_t  n, n_items, n_fitems, n_merges, max_slots;
+} graph_key;
+
+typedef struct step_graph {
+    graph_key        key;
+    cudaGraphExec_t  exec;      /* NULL = free entry                        */
+    uint64_t         used;      /* clock of the last launch (LRU)           */
+} step_graph;
+
 typedef struct cuda_backend {
     pie_backend       base;
     pie_model_config  cfg;
-    int               device, n_sm;
+    int               device, n_sm, l2_bytes;
     int               random_fill; /* random:SHAPE: absent tensors filled  */
     cudaStream_t      st;
     cublasLtHandle_t  lt;
@@ -93,11 +115,13 @@ typedef struct cuda_backend {
     pie_cuda_kv       kv;
     /* workspace */
     float            *x;          /* (MAX_TOKENS, dim) residual stream      */
+    float            *dx;         /* (MAX_TOKENS, dim) wo / w_down output,  */
+                                  /* added to x by the next add_rmsnorm     */
     uint16_t         *xb;         /* (MAX_TOKENS, max(dim, nh*hd))          */
-    float            *qkv;        /* (MAX_TOKENS, (nh+2nkv)*hd)             */
+    uint16_t         *qkv;        /* (MAX_TOKENS, (nh+2nkv)*hd)             */
     float            *q;          /* (MAX_TOKENS, nh*hd)                    */
     uint16_t         *att;        /* (MAX_TOKENS, nh*hd)                    */
-    float            *gu;         /* (MAX_TOKENS, 2*hidden)                 */
+    uint16_t         *gu;         /* (MAX_TOKENS, 2*hidden)                 */
     uint16_t         *h;          /* (MAX_TOKENS, hidden)                   */
     float            *part_o;     /* (max_parts, hd)                        */
     float            *part_ml;    /* (max_parts, 2)                         */
@@ -124,6 +148,12 @@ typedef struct cuda_backend {
     pie_cuda_attn_item  *fitems;  /* tensor-core prefill tiles             */
     int64_t           n_fitems, cap_fitems;
     int               max_slots;  /* longest item of the current step     */
+    /* CUDA graphs of the layer sequence, keyed by the kernel arguments */
+    step_graph        graphs[GRAPH_CACHE];
+    graph_key         last_key;   /* previous eager step's key              */
+    uint64_t          graph_clock;
+    int               graphs_off; /* PIE_CUDA_NO_GRAPH set                  */
+    int64_t           n_captured, n_replayed;
     /* every device allocation, freed at destroy */
     void            **allocs;
     int               n_allocs, cap_allocs;
@@ -318,8 +348,73 @@ static int upload_weights(cuda_backend *c, const pie_model *m)
 
 /* --------------------------------------------------------------- matmul */
 
+static cublasStatus_t mm_run(cuda_backend *c, mm_plan *p,
+                             const cublasLtMatmulAlgo_t *a, const uint16_t *W,
+                             const uint16_t *x, void *y)
+{
+    float alpha = 1.0f, beta = p->accum ? 1.0f : 0.0f;
+    return cublasLtMatmul(c->lt, p->desc, &alpha, W, p->a, x, p->b, &beta, y,
+                          p->c, y, p->c, a, c->lt_ws, LT_WS_BYTES, c->st);
+}
+
+/* Fastest of `reps` runs (ms) of algo a, writing the logits buffer as
+ * scratch; W and x are the real operands (their values do not matter).
+ * Before each run a memset of a sampler buffer as large as the L2 cache
+ * evicts W, as in a real step where the weights stream from memory. */
+static float time_algo(cuda_backend *c, mm_plan *p, const cublasLtMatmulAlgo_t *a,
+                       const uint16_t *W, const uint16_t *x, int reps)
+{
+    size_t flush = (size_t)OUT_CHUNK * c->cfg.vocab_size * 4;
+    if (flush > (size_t)c->l2_bytes * 2) flush = (size_t)c->l2_bytes * 2;
+    float best = INFINITY;
+    cudaEvent_t e0, e1;
+    if (cudaEventCreate(&e0) != cudaSuccess) return INFINITY;
+    if (cudaEventCreate(&e1) != cudaSuccess) { cudaEventDestroy(e0); return INFINITY; }
+    int ok = mm_run(c, p, a, W, x, c->logits) == CUBLAS_STATUS_SUCCESS;
+    for (int i = 0; ok && i < reps; i++) {
+        float ms = INFINITY;
+        cudaMemsetAsync(c->sort_k[1], 0, flush, c->st);
+        cudaEventRecord(e0, c->st);
+        ok = mm_run(c, p, a, W, x, c->logits) == CUBLAS_STATUS_SUCCESS;
+        cudaEventRecord(e1, c->st);
+        if (ok && cudaEventSynchronize(e1) == cudaSuccess &&
+            cudaEventElapsedTime(&ms, e0, e1) == cudaSuccess && ms < best)
+            best = ms;
+    }
+    cudaEventDestroy(e0);
+    cudaEventDestroy(e1);
+    cudaGetLastError();
+    return ok ? best : INFINITY;
+}
+
+/* Small-m matmuls (decode batches) are memory-bound and cuBLASLt's first
+ * heuristic is often not the fastest for them (split-K choices): the
+ * candidates are timed once, when the plan is made, outside graph capture.
+ * Larger shapes keep the first heuristic (they vary with prefill sizes). */
+#define TUNE_MAX_M 256
+#define TUNE_ALGOS 8
+
+static void pick_algo(cuda_backend *c, mm_plan *p,
+                      const cublasLtMatmulHeuristicResult_t *res, int found,
+                      const uint16_t *W, const uint16_t *x)
+{
+    enum cudaStreamCaptureStatus cs = cudaStreamCaptureStatusNone;
+    p->algo = res[0].algo;
+    if (found < 2 || p->m > TUNE_MAX_M || getenv("PIE_CUDA_NO_TUNE") ||
+        (size_t)p->m * p->n * 4 > (size_t)OUT_CHUNK * c->cfg.vocab_size * 4 ||
+        cudaStreamIsCapturing(c->st, &cs) != cudaSuccess ||
+        cs != cudaStreamCaptureStatusNone)
+        return;
+    float best = INFINITY;
+    for (int i = 0; i < found; i++) {
+        float t = time_algo(c, p, &res[i].algo, W, x, 3);
+        if (t < best) { best = t; p->algo = res[i].algo; }
+    }
+}
+
 static int plan_make(cuda_backend *c, mm_plan *p, int m, int n, int k,
-                     int y_f32, int accum)
+                     int y_f32, int accum, const uint16_t *W,
+                     const uint16_t *x)
 {
     cudaDataType_t yt = y_f32 ? CUDA_R_32F : CUDA_R_16BF;
     cublasOperation_t ta = CUBLAS_OP_T;
@@ -334,17 +429,17 @@ static int plan_make(cuda_backend *c, mm_plan *p, int m, int n, int k,
     size_t ws = LT_WS_BYTES;
     cublasLtMatmulPreferenceSetAttribute(
         pref, CUBLASLT_MATMUL_PREF_MAX_WORKSPACE_BYTES, &ws, sizeof ws);
-    cublasLtMatmulHeuristicResult_t res;
+    cublasLtMatmulHeuristicResult_t res[TUNE_ALGOS];
     int found = 0;
     cublasStatus_t s = cublasLtMatmulAlgoGetHeuristic(
-        c->lt, p->desc, p->a, p->b, p->c, p->c, pref, 1, &res, &found);
+        c->lt, p->desc, p->a, p->b, p->c, p->c, pref, TUNE_ALGOS, res, &found);
     cublasLtMatmulPreferenceDestroy(pref);
+    p->m = m; p->n = n; p->k = k; p->y_f32 = y_f32; p->accum = accum;
+    p->used = 1;            /* the descriptors are freed with the plan */
     if (s != CUBLAS_STATUS_SUCCESS || found == 0)
         return pie_err_set(PIE_EDEVICE, "cublasLt: no algorithm for %dx%dx%d",
                            m, n, k);
-    p->algo = res.algo;
-    p->m = m; p->n = n; p->k = k; p->y_f32 = y_f32; p->accum = accum;
-    p->used = 1;
+    pick_algo(c, p, res, found, W, x);
     return 0;
 }
 
@@ -373,12 +468,10 @@ static int mm(cuda_backend *c, void *y, int y_f32, int accum,
         p = &c->plans[c->plan_next];
         c->plan_next = (c->plan_next + 1) % MM_CACHE;
         plan_free(p);
-        int rc = plan_make(c, p, m, n, k, y_f32, accum);
-        if (rc) return rc;
+        int rc = plan_make(c, p, m, n, k, y_f32, accum, W, x);
+        if (rc) { plan_free(p); return rc; }
     }
-    float alpha = 1.0f, beta = accum ? 1.0f : 0.0f;
-    CKLT(cublasLtMatmul(c->lt, p->desc, &alpha, W, p->a, x, p->b, &beta, y,
-                        p->c, y, p->c, &p->algo, c->lt_ws, LT_WS_BYTES, c->st));
+    CKLT(mm_run(c, p, &p->algo, W, x, y));
     return 0;
 }
 
@@ -552,7 +645,7 @@ static int64_t plan_attention(cuda_backend *c, const pie_forward_batch *b,
                     if (range_of[t] > range) range = range_of[t];
             }
             int64_t need = (range + PIE_CUDA_ATTN_CHUNK - 1) / PIE_CUDA_ATTN_CHUNK;
-            int64_t opt = (range + 127) / 128;
+            int64_t opt = (range + 63) / 64;     /* a tile of slots each */
             int64_t ns = want < opt ? want : opt;
             if (ns < need) ns = need;
             if (ns < 1) ns = 1;
@@ -584,6 +677,9 @@ static int64_t plan_attention(cuda_backend *c, const pie_forward_batch *b,
             }
         }
     }
+    /* Sizes the CUDA-core kernel's score buffer; rounded so that decode
+     * steps keep the same launch (and graph) for 64 slots of growth. */
+    c->max_slots = (c->max_slots + 63) & ~63;
     return parts;
 }
 
@@ -602,8 +698,6 @@ static int build_tokens(cuda_backend *c, const pie_forward_batch *b,
     sm->tok = meta_put(c, b->token_ids, 4 * (size_t)n);
     sm->pos = meta_put(c, b->positions, 4 * (size_t)n);
     sm->kv_indptr = meta_put(c, b->kv_page_indptr, 4 * (size_t)(nr + 1));
-    sm->pages = meta_put(c, b->kv_page_indices,
-                         4 * (size_t)b->kv_page_indptr[nr]);
     sm->slot = meta_put(c, NULL, 4 * (size_t)n);
     sm->req = meta_put(c, NULL, 4 * (size_t)n);
     sm->kv_len = meta_put(c, NULL, 4 * (size_t)nr);
@@ -720,11 +814,12 @@ static int run_layers(cuda_backend *c, int n, const pie_cuda_tokmeta *tm,
     int rc;
     pie__cuda_embed(c->x, c->embed, DEV(c, sm->tok), n,
                     dim, c->st);
+    const float *pending = NULL;     /* the previous layer's down output */
     for (int l = 0; l < g->n_layers; l++) {
         const cuda_layer *L = &c->layers[l];
-        pie__cuda_rmsnorm(c->xb, c->x, L->attn_norm, NULL, n, dim, g->norm_eps,
-                          c->st);
-        if ((rc = mm(c, c->qkv, 1, 0, L->wqkv, qkvd, dim, c->xb, n))) return rc;
+        pie__cuda_add_rmsnorm(c->xb, c->x, pending, L->attn_norm, NULL, n,
+                              dim, g->norm_eps, c->st);
+        if ((rc = mm(c, c->qkv, 0, 0, L->wqkv, qkvd, dim, c->xb, n))) return rc;
         pie__cuda_qkv_post(c->q, c->qkv, L->bqkv, L->q_norm, L->k_norm,
                            g->norm_eps, c->inv_freq, tm, &c->kv, l, n, nh,
                            c->st);
@@ -735,14 +830,109 @@ static int run_layers(cuda_backend *c, int n, const pie_cuda_tokmeta *tm,
                                   (int)c->n_fitems, tm, &c->kv, l, nh, c->st);
         pie__cuda_attn_merge(c->att, c->part_o, c->part_ml, merges,
                              (int)c->n_merges, nh, g->n_kv_heads, hd, c->st);
-        if ((rc = mm(c, c->x, 1, 1, L->wo, dim, nh * hd, c->att, n))) return rc;
-        pie__cuda_rmsnorm(c->xb, c->x, L->ffn_norm, NULL, n, dim, g->norm_eps,
-                          c->st);
-        if ((rc = mm(c, c->gu, 1, 0, L->wgu, 2 * hid, dim, c->xb, n))) return rc;
+        if ((rc = mm(c, c->dx, 1, 0, L->wo, dim, nh * hd, c->att, n))) return rc;
+        pie__cuda_add_rmsnorm(c->xb, c->x, c->dx, L->ffn_norm, NULL, n, dim,
+                              g->norm_eps, c->st);
+        if ((rc = mm(c, c->gu, 0, 0, L->wgu, 2 * hid, dim, c->xb, n))) return rc;
         pie__cuda_silu_mul(c->h, c->gu, n, hid, c->st);
-        if ((rc = mm(c, c->x, 1, 1, L->wdown, dim, hid, c->h, n))) return rc;
+        if ((rc = mm(c, c->dx, 1, 0, L->wdown, dim, hid, c->h, n))) return rc;
+        pending = c->dx;
     }
     CK(cudaGetLastError());
+    return 0;
+}
+
+/* ------------------------------------------------------------ graphs */
+
+static graph_key key_of(const cuda_backend *c, int n, const step_meta *sm,
+                        const pie_cuda_tokmeta *tm)
+{
+    graph_key k;
+    memset(&k, 0, sizeof k);            /* padding too: keys are memcmp'd */
+    k.meta_dev = c->meta_dev;
+    k.tok = sm->tok; k.pos = sm->pos; k.slot = sm->slot; k.req = sm->req;
+    k.kv_indptr = sm->kv_indptr; k.kv_len = sm->kv_len; k.pages = sm->pages;
+    k.mask_off = tm->mask_off ? sm->mask_off : (size_t)-1;
+    k.mask_bits = tm->mask_off ? sm->mask_bits : (size_t)-1;
+    k.items = sm->items; k.merges = sm->merges; k.fitems = sm->fitems;
+    k.n = n; k.n_items = c->n_items; k.n_fitems = c->n_fitems;
+    k.n_merges = c->n_merges;
+    k.max_slots = c->n_items ? c->max_slots : 0;
+    return k;
+}
+
+static step_graph *graph_find(cuda_backend *c, const graph_key *k)
+{
+    for (int i = 0; i < GRAPH_CACHE; i++)
+        if (c->graphs[i].exec && !memcmp(&c->graphs[i].key, k, sizeof *k))
+            return &c->graphs[i];
+    return NULL;
+}
+
+/* A free entry, or the least recently launched one (its graph destroyed). */
+static step_graph *graph_slot(cuda_backend *c)
+{
+    step_graph *v = &c->graphs[0];
+    for (int i = 0; i < GRAPH_CACHE; i++) {
+        if (!c->graphs[i].exec) return &c->graphs[i];
+        if (c->graphs[i].used < v->used) v = &c->graphs[i];
+    }
+    cudaGraphExecDestroy(v->exec);
+    v->exec = NULL;
+    return v;
+}
+
+/* Captures run_layers on the stream into a graph stored under key k. */
+static int graph_capture(cuda_backend *c, const graph_key *k, int n,
+                         const pie_cuda_tokmeta *tm, const step_meta *sm,
+                         step_graph **out)
+{
+    cudaGraph_t g = NULL;
+    CK(cudaStreamBeginCapture(c->st, cudaStreamCaptureModeThreadLocal));
+    int rc = run_layers(c, n, tm, sm);
+    cudaError_t e = cudaStreamEndCapture(c->st, &g);
+    if (rc) {
+        if (g) cudaGraphDestroy(g);
+        return rc;
+    }
+    CK(e);
+    step_graph *s = graph_slot(c);
+    e = cudaGraphInstantiate(&s->exec, g, 0);
+    cudaGraphDestroy(g);
+    if (e != cudaSuccess) {
+        s->exec = NULL;
+        return pie_err_set(PIE_EDEVICE, "cuda: graph instantiate: %s",
+                           cudaGetErrorString(e));
+    }
+    s->key = *k;
+    c->n_captured++;
+    *out = s;
+    return 0;
+}
+
+/* Runs the layers of one step: replays a captured graph when an earlier
+ * step had the same kernel arguments (decode steps of a steady batch),
+ * captures one when this step repeats the previous step's arguments, and
+ * launches kernels directly otherwise (prefill, masks of growing size,
+ * PIE_CUDA_NO_GRAPH=1). Launching ~11 kernels per layer one by one costs
+ * more than a small batch's GPU time; a graph is one launch. */
+static int run_layers_graphed(cuda_backend *c, int n,
+                              const pie_cuda_tokmeta *tm, const step_meta *sm)
+{
+    if (c->graphs_off || n > GRAPH_MAX_TOKENS) return run_layers(c, n, tm, sm);
+    graph_key k = key_of(c, n, sm, tm);
+    step_graph *s = graph_find(c, &k);
+    if (!s) {
+        int repeat = !memcmp(&k, &c->last_key, sizeof k);
+        c->last_key = k;
+        if (!repeat) return run_layers(c, n, tm, sm);
+        int rc = graph_capture(c, &k, n, tm, sm, &s);
+        if (rc) return rc;
+    } else {
+        c->n_replayed++;
+    }
+    s->used = ++c->graph_clock;
+    CK(cudaGraphLaunch(s->exec, c->st));
     return 0;
 }
 
@@ -754,9 +944,9 @@ static int run_outputs(cuda_backend *c, const pie_forward_batch *b,
     const pie_cuda_srow *hs = META(c, sm->srow);
     for (int o0 = 0; o0 < b->n_outputs; o0 += OUT_CHUNK) {
         int rows = b->n_outputs - o0 < OUT_CHUNK ? b->n_outputs - o0 : OUT_CHUNK;
-        pie__cuda_rmsnorm(c->xo, c->x, c->final_norm,
-                          (const int32_t *)DEV(c, sm->rows) + o0, rows, g->dim,
-                          g->norm_eps, c->st);
+        pie__cuda_add_rmsnorm(c->xo, c->x, c->dx, c->final_norm,
+                              (const int32_t *)DEV(c, sm->rows) + o0, rows,
+                              g->dim, g->norm_eps, c->st);
         if ((rc = mm(c, c->logits, 1, 0, c->lm_head, V, g->dim, c->xo, rows)))
             return rc;
         int n_sort = 0;
@@ -800,6 +990,7 @@ static int cuda_forward(pie_backend *bb, const pie_forward_batch *b,
                            "(allocate them with pie_forward_out_alloc)");
     if (b->n_tokens == 0) return 0;
     CK(cudaSetDevice(c->device));
+    c->graphs_off = getenv("PIE_CUDA_NO_GRAPH") != NULL;
     c->meta_len = 0;
     c->meta_oom = 0;
     step_meta sm = { 0 };
@@ -832,6 +1023,9 @@ static int cuda_forward(pie_backend *bb, const pie_forward_batch *b,
     sm.items = meta_put(c, c->items, sizeof *c->items * (size_t)c->n_items);
     sm.merges = meta_put(c, c->merges, sizeof *c->merges * (size_t)c->n_merges);
     sm.fitems = meta_put(c, c->fitems, sizeof *c->fitems * (size_t)c->n_fitems);
+    /* after everything of fixed size, so decode steps keep their offsets */
+    sm.pages = meta_put(c, b->kv_page_indices,
+                        4 * (size_t)b->kv_page_indptr[b->n_reqs]);
     if ((rc = build_outputs(c, b, out, &sm))) return rc;
     if ((rc = meta_upload(c))) return rc;
     pie_cuda_tokmeta tm = {
@@ -839,7 +1033,7 @@ static int cuda_forward(pie_backend *bb, const pie_forward_batch *b,
         DEV(c, sm.kv_len), DEV(c, sm.pages),
         b->mask_indptr ? DEV(c, sm.mask_off) : NULL,
         b->mask_indptr ? DEV(c, sm.mask_bits) : NULL };
-    if ((rc = run_layers(c, b->n_tokens, &tm, &sm))) return rc;
+    if ((rc = run_layers_graphed(c, b->n_tokens, &tm, &sm))) return rc;
     if ((rc = run_outputs(c, b, out, &sm))) return rc;
     CK(cudaStreamSynchronize(c->st));
     CK(cudaGetLastError());
@@ -934,6 +1128,8 @@ static void cuda_destroy(pie_backend *bb)
     if (!c) return;
     cudaSetDevice(c->device);
     if (c->st) cudaStreamSynchronize(c->st);
+    for (int i = 0; i < GRAPH_CACHE; i++)
+        if (c->graphs[i].exec) cudaGraphExecDestroy(c->graphs[i].exec);
     for (int i = 0; i < MM_CACHE; i++) plan_free(&c->plans[i]);
     if (c->lt) cublasLtDestroy(c->lt);
     for (int i = 0; i < c->n_allocs; i++) cudaFree(c->allocs[i]);
@@ -954,6 +1150,16 @@ static const pie_backend_ops CUDA_OPS = {
 };
 
 /* ---------------------------------------------------------------- create */
+
+void pie_backend_cuda_graphs(const pie_backend *b, int64_t *captured,
+                             int64_t *replayed)
+{
+    *captured = *replayed = 0;
+    if (!b || b->ops != &CUDA_OPS) return;
+    const cuda_backend *c = (const cuda_backend *)b;
+    *captured = c->n_captured;
+    *replayed = c->n_replayed;
+}
 
 int pie_backend_cuda_available(void)
 {
@@ -994,11 +1200,12 @@ static int alloc_workspace(cuda_backend *c)
     if (c->max_parts < 65536) c->max_parts = 65536;
     TRY(dalloc(c, &c->lt_ws, LT_WS_BYTES, "cuBLASLt workspace"));
     TRY(dalloc(c, (void **)&c->x, T * g->dim * 4, "activations"));
+    TRY(dalloc(c, (void **)&c->dx, T * g->dim * 4, "activations"));
     TRY(dalloc(c, (void **)&c->xb, T * xbw * 2, "activations"));
-    TRY(dalloc(c, (void **)&c->qkv, T * qkvd * 4, "activations"));
+    TRY(dalloc(c, (void **)&c->qkv, T * qkvd * 2, "activations"));
     TRY(dalloc(c, (void **)&c->q, T * qd * 4, "activations"));
     TRY(dalloc(c, (void **)&c->att, T * qd * 2, "activations"));
-    TRY(dalloc(c, (void **)&c->gu, T * 2 * g->hidden_dim * 4, "activations"));
+    TRY(dalloc(c, (void **)&c->gu, T * 2 * g->hidden_dim * 2, "activations"));
     TRY(dalloc(c, (void **)&c->h, T * g->hidden_dim * 2, "activations"));
     TRY(dalloc(c, (void **)&c->part_o, c->max_parts * hd * 4, "attention splits"));
     TRY(dalloc(c, (void **)&c->part_ml, c->max_parts * 2 * 4, "attention splits"));
@@ -1079,6 +1286,8 @@ int pie_backend_cuda_create(const pie_model *m, const pie_backend_opts *o,
         (e = cudaStreamCreateWithFlags(&c->st, cudaStreamNonBlocking)) !=
             cudaSuccess ||
         (e = cudaDeviceGetAttribute(&c->n_sm, cudaDevAttrMultiProcessorCount,
+                                    dev)) != cudaSuccess ||
+        (e = cudaDeviceGetAttribute(&c->l2_bytes, cudaDevAttrL2CacheSize,
                                     dev)) != cudaSuccess) {
         rc = pie_err_set(PIE_EDEVICE, "cuda: %s", cudaGetErrorString(e));
         goto err;

@@ -83,10 +83,16 @@ void pie__cuda_embed(float *x, const uint16_t *embed, const int32_t *tok,
 void pie__cuda_rmsnorm(uint16_t *out, const float *x, const float *w,
                        const int32_t *rows, int n, int dim, float eps,
                        cudaStream_t s);
-/* Post-projection of fused qkv (n, (nh+2nkv)*hd) f32: + bias, per-head
+/* The residual add fused in: with rows == NULL, x[i] += d[i] (written
+ * back), then out[i] = bf16(rmsnorm(x[i]) * w); with rows, out[i] =
+ * bf16(rmsnorm(x[rows[i]] + d[rows[i]]) * w) and x is left as it is. */
+void pie__cuda_add_rmsnorm(uint16_t *out, float *x, const float *d,
+                           const float *w, const int32_t *rows, int n,
+                           int dim, float eps, cudaStream_t s);
+/* Post-projection of fused qkv (n, (nh+2nkv)*hd) bf16: + bias, per-head
  * q/k RMSNorm (qwen3), RoPE (half-split) at positions; q out (n, nh*hd) f32,
  * K and V appended into the pool at each token's slot for this layer. */
-void pie__cuda_qkv_post(float *q, const float *qkv, const float *bias,
+void pie__cuda_qkv_post(float *q, const uint16_t *qkv, const float *bias,
                         const float *q_norm, const float *k_norm, float eps,
                         const float *inv_freq, const pie_cuda_tokmeta *tm,
                         const pie_cuda_kv *kv, int layer, int n, int nh,
@@ -118,8 +124,8 @@ void pie__cuda_attention_flash(uint16_t *out, float *part_o, float *part_ml,
                                const pie_cuda_tokmeta *tm,
                                const pie_cuda_kv *kv, int layer, int nh,
                                cudaStream_t s);
-/* out (n, hidden) bf16 = silu(gu[:, :hidden]) * gu[:, hidden:] */
-void pie__cuda_silu_mul(uint16_t *out, const float *gu, int n, int hidden,
+/* out (n, hidden) bf16 = silu(gu[:, :hidden]) * gu[:, hidden:], gu bf16 */
+void pie__cuda_silu_mul(uint16_t *out, const uint16_t *gu, int n, int hidden,
                         cudaStream_t s);
 /* Fills n bf16 values with N(0, std) from seed (or the constant std when
  * constant != 0). */

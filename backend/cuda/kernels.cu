@@ -73,40 +73,117 @@ extern "C" void pie__cuda_embed(float *x, const uint16_t *embed,
 
 /* -------------------------------------------------------------- rmsnorm */
 
-__global__ void rmsnorm_kernel(uint16_t *out, const float *x, const float *w,
-                               const int32_t *rows, int dim, float eps)
+/* Row i of x, plus row i of d when d is given: written back into x for
+ * plain rows (the residual add), kept in registers for gathered rows (the
+ * final norm of output rows, which may repeat). */
+__global__ void rmsnorm_kernel(uint16_t *out, float *x, const float *d,
+                               const float *w, const int32_t *rows, int dim,
+                               float eps)
 {
-    // out (n, dim) bf16, x (*, dim) f32
+    // out (n, dim) bf16, x (*, dim) f32, d like x or NULL
     __shared__ float red[32];
     int i = blockIdx.x;
-    const float *xr = x + (int64_t)(rows ? rows[i] : i) * dim;
+    int64_t base = (int64_t)(rows ? rows[i] : i) * dim;
+    float *xr = x + base;
+    const float *dr = d ? d + base : NULL;
     float ss = 0.0f;
-    for (int k = threadIdx.x; k < dim; k += blockDim.x) ss += xr[k] * xr[k];
+    for (int k = threadIdx.x; k < dim; k += blockDim.x) {
+        float v = xr[k] + (dr ? dr[k] : 0.0f);
+        if (dr && !rows) xr[k] = v;
+        ss += v * v;
+    }
     ss = block_sum(ss, red);
     float r = rsqrtf(ss / dim + eps);
-    for (int k = threadIdx.x; k < dim; k += blockDim.x)
-        out[(int64_t)i * dim + k] = f2bf(xr[k] * r * w[k]);
+    for (int k = threadIdx.x; k < dim; k += blockDim.x) {
+        float v = (dr && rows) ? xr[k] + dr[k] : xr[k];
+        out[(int64_t)i * dim + k] = f2bf(v * r * w[k]);
+    }
+}
+
+static __device__ __forceinline__ uint32_t pack2(float lo, float hi)
+{
+    return (uint32_t)f2bf(lo) | ((uint32_t)f2bf(hi) << 16);
+}
+
+static __device__ __forceinline__ float4 add4(float4 a, float4 b)
+{
+    return make_float4(a.x + b.x, a.y + b.y, a.z + b.z, a.w + b.w);
+}
+
+/* dim % 4 == 0 and dim <= 4 * RMS_VEC * blockDim.x: every thread loads its
+ * float4s of the row at once and keeps them in registers, so a row costs
+ * one memory round trip (decode steps normalize one row per block). */
+#define RMS_VEC 4
+__global__ void rmsnorm_vec_kernel(uint16_t *out, float *x, const float *d,
+                                   const float *w, const int32_t *rows,
+                                   int dim, float eps)
+{
+    // out (n, dim) bf16, x (*, dim) f32, d like x or NULL
+    __shared__ float red[32];
+    int i = blockIdx.x, n4 = dim / 4;
+    int64_t base = (int64_t)(rows ? rows[i] : i) * dim;
+    float4 *xr = reinterpret_cast<float4 *>(x + base);
+    const float4 *dr = d ? reinterpret_cast<const float4 *>(d + base) : NULL;
+    const float4 *w4 = reinterpret_cast<const float4 *>(w);
+    float4 v[RMS_VEC];
+    float ss = 0.0f;
+#pragma unroll
+    for (int k = 0; k < RMS_VEC; k++) {
+        int j = threadIdx.x + k * blockDim.x;
+        v[k] = make_float4(0.0f, 0.0f, 0.0f, 0.0f);
+        if (j < n4) v[k] = dr ? add4(xr[j], dr[j]) : xr[j];
+        ss += v[k].x * v[k].x + v[k].y * v[k].y + v[k].z * v[k].z +
+              v[k].w * v[k].w;
+    }
+    ss = block_sum(ss, red);
+    float r = rsqrtf(ss / dim + eps);
+    uint2 *o = reinterpret_cast<uint2 *>(out + (int64_t)i * dim);
+#pragma unroll
+    for (int k = 0; k < RMS_VEC; k++) {
+        int j = threadIdx.x + k * blockDim.x;
+        if (j >= n4) break;
+        if (dr && !rows) xr[j] = v[k];
+        float4 g = w4[j];
+        o[j] = make_uint2(pack2(v[k].x * r * g.x, v[k].y * r * g.y),
+                          pack2(v[k].z * r * g.z, v[k].w * r * g.w));
+    }
+}
+
+extern "C" void pie__cuda_add_rmsnorm(uint16_t *out, float *x, const float *d,
+                                      const float *w, const int32_t *rows,
+                                      int n, int dim, float eps, cudaStream_t s)
+{
+    if (n <= 0) return;
+    int n4 = dim / 4, th = (n4 + 31) & ~31;
+    if (th > 1024) th = 1024;
+    if (dim % 4 == 0 && n4 <= RMS_VEC * th)
+        rmsnorm_vec_kernel<<<n, th, 0, s>>>(out, x, d, w, rows, dim, eps);
+    else
+        rmsnorm_kernel<<<n, 256, 0, s>>>(out, x, d, w, rows, dim, eps);
 }
 
 extern "C" void pie__cuda_rmsnorm(uint16_t *out, const float *x,
                                   const float *w, const int32_t *rows, int n,
                                   int dim, float eps, cudaStream_t s)
 {
-    if (n > 0) rmsnorm_kernel<<<n, 256, 0, s>>>(out, x, w, rows, dim, eps);
+    /* without d nothing is written to x */
+    pie__cuda_add_rmsnorm(out, (float *)x, NULL, w, rows, n, dim, eps, s);
 }
 
 /* ------------------------------------------------------------- qkv post */
 
-/* One block per token, one warp per head (q heads, then k heads, then v
- * heads). A lane handles the RoPE pairs (i, i + hd/2) for i = lane,
+/* Block (token, group of QKV_WARPS heads), one warp per head (q heads, then
+ * k heads, then v heads), so a decode step's few tokens still spread over
+ * many SMs. A lane handles the RoPE pairs (i, i + hd/2) for i = lane,
  * lane+32, ... */
-__global__ void qkv_post_kernel(float *q, const float *qkv, const float *bias,
+#define QKV_WARPS 4
+__global__ void qkv_post_kernel(float *q, const uint16_t *qkv, const float *bias,
                                 const float *q_norm, const float *k_norm,
                                 float eps, const float *inv_freq,
                                 pie_cuda_tokmeta tm, pie_cuda_kv kv, int layer,
                                 int nh)
 {
-    // q (n, nh*hd) f32, qkv (n, (nh+2nkv)*hd) f32
+    // q (n, nh*hd) f32, qkv (n, (nh+2nkv)*hd) bf16
     int t = blockIdx.x, hd = kv.head_dim, nkv = kv.n_kv, half = hd / 2;
     int lane = threadIdx.x % WARP, w = threadIdx.x / WARP;
     int nw = blockDim.x / WARP, qkv_dim = (nh + 2 * nkv) * hd;
@@ -115,8 +192,8 @@ __global__ void qkv_post_kernel(float *q, const float *qkv, const float *bias,
     int page = tm.pages[tm.kv_indptr[req] + slot / ps], off = slot % ps;
     uint16_t *kbase = kv.pool + (int64_t)page * pie_cuda_kv_page_elems(&kv) +
                       (int64_t)layer * 2 * nkv * ps * hd;
-    for (int h = w; h < nh + 2 * nkv; h += nw) {
-        const float *src = qkv + (int64_t)t * qkv_dim + h * hd;
+    for (int h = blockIdx.y * nw + w; h < nh + 2 * nkv; h += nw * gridDim.y) {
+        const uint16_t *src = qkv + (int64_t)t * qkv_dim + h * hd;
         const float *b = bias ? bias + h * hd : NULL;
         int is_q = h < nh, is_k = !is_q && h < nh + nkv;
         const float *nw_ = is_q ? q_norm : is_k ? k_norm : NULL;
@@ -124,7 +201,7 @@ __global__ void qkv_post_kernel(float *q, const float *qkv, const float *bias,
         if (nw_) {
             float ss = 0.0f;
             for (int i = lane; i < hd; i += WARP) {
-                float v = src[i] + (b ? b[i] : 0.0f);
+                float v = bf2f(src[i]) + (b ? b[i] : 0.0f);
                 ss += v * v;
             }
             ss = warp_sum(ss);
@@ -140,12 +217,12 @@ __global__ void qkv_post_kernel(float *q, const float *qkv, const float *bias,
             kvd = kbase + ((int64_t)nkv * ps + (int64_t)(h - nh - nkv) * ps + off) * hd;
         if (!is_q && !is_k) {
             for (int i = lane; i < hd; i += WARP)
-                kvd[i] = f2bf(src[i] + (b ? b[i] : 0.0f));
+                kvd[i] = f2bf(bf2f(src[i]) + (b ? b[i] : 0.0f));
             continue;
         }
         for (int i = lane; i < half; i += WARP) {
-            float x0 = src[i] + (b ? b[i] : 0.0f);
-            float x1 = src[i + half] + (b ? b[i + half] : 0.0f);
+            float x0 = bf2f(src[i]) + (b ? b[i] : 0.0f);
+            float x1 = bf2f(src[i + half]) + (b ? b[i + half] : 0.0f);
             if (nw_) {
                 x0 = x0 * r * nw_[i];
                 x1 = x1 * r * nw_[i + half];
@@ -164,7 +241,7 @@ __global__ void qkv_post_kernel(float *q, const float *qkv, const float *bias,
     }
 }
 
-extern "C" void pie__cuda_qkv_post(float *q, const float *qkv,
+extern "C" void pie__cuda_qkv_post(float *q, const uint16_t *qkv,
                                    const float *bias, const float *q_norm,
                                    const float *k_norm, float eps,
                                    const float *inv_freq,
@@ -172,9 +249,11 @@ extern "C" void pie__cuda_qkv_post(float *q, const float *qkv,
                                    const pie_cuda_kv *kv, int layer, int n,
                                    int nh, cudaStream_t s)
 {
+    int groups = (nh + 2 * kv->n_kv + QKV_WARPS - 1) / QKV_WARPS;
+    if (groups > 65535) groups = 65535;
     if (n > 0)
-        qkv_post_kernel<<<n, 256, 0, s>>>(q, qkv, bias, q_norm, k_norm, eps,
-                                          inv_freq, *tm, *kv, layer, nh);
+        qkv_post_kernel<<<dim3(n, groups), QKV_WARPS * WARP, 0, s>>>(
+            q, qkv, bias, q_norm, k_norm, eps, inv_freq, *tm, *kv, layer, nh);
 }
 
 /* ------------------------------------------------------------ attention */
@@ -406,6 +485,9 @@ extern "C" void pie__cuda_attention(uint16_t *out, float *part_o,
                                                       items, *tm, *kv, layer, nh, cs);
 }
 
+/* One warp per partial row r of an item: the lanes reduce the splits' max
+ * and mass in one round of loads, then each lane sums its head-dim
+ * elements over the splits (independent loads, pipelined). */
 __global__ void attn_merge_kernel(uint16_t *out, const float *part_o,
                                   const float *part_ml,
                                   const pie_cuda_merge_item *items, int nh,
@@ -413,25 +495,31 @@ __global__ void attn_merge_kernel(uint16_t *out, const float *part_o,
 {
     // out (n, nh*hd) bf16; partial rows (rows, hd)
     pie_cuda_merge_item it = items[blockIdx.x];
-    int G = nh / nkv, R = it.nt * G;
-    for (int k = threadIdx.x; k < R * hd; k += blockDim.x) {
-        int r = k / hd, d = k % hd;
+    int G = nh / nkv, R = it.nt * G, lane = threadIdx.x % WARP;
+    for (int r = threadIdx.x / WARP; r < R; r += blockDim.x / WARP) {
         float M = -INFINITY;
-        for (int s = 0; s < it.nsplit; s++)
+        for (int s = lane; s < it.nsplit; s += WARP)
             M = fmaxf(M, part_ml[2 * (int64_t)(it.part + s * R + r)]);
-        float L = 0.0f, O = 0.0f;
-        if (M != -INFINITY) {
-            for (int s = 0; s < it.nsplit; s++) {
+        M = warp_max(M);
+        float L = 0.0f;
+        if (M != -INFINITY)
+            for (int s = lane; s < it.nsplit; s += WARP) {
                 int64_t row = it.part + s * R + r;
                 float m = part_ml[2 * row];
-                if (m == -INFINITY) continue;
-                float e = __expf(m - M);
-                L += part_ml[2 * row + 1] * e;
-                O += part_o[row * hd + d] * e;
+                if (m != -INFINITY) L += part_ml[2 * row + 1] * __expf(m - M);
             }
-        }
+        L = warp_sum(L);
         int t = it.t0 + r / G, h = it.kvh * G + r % G;
-        out[(int64_t)t * nh * hd + h * hd + d] = f2bf(L > 0.0f ? O / L : 0.0f);
+        for (int d = lane; d < hd; d += WARP) {
+            float O = 0.0f;
+            if (M != -INFINITY)
+                for (int s = 0; s < it.nsplit; s++) {
+                    int64_t row = it.part + s * R + r;
+                    float m = part_ml[2 * row];
+                    if (m != -INFINITY) O += part_o[row * hd + d] * __expf(m - M);
+                }
+            out[(int64_t)t * nh * hd + h * hd + d] = f2bf(L > 0.0f ? O / L : 0.0f);
+        }
     }
 }
 
@@ -442,7 +530,7 @@ extern "C" void pie__cuda_attn_merge(uint16_t *out, const float *part_o,
                                      cudaStream_t s)
 {
     if (n_items > 0)
-        attn_merge_kernel<<<n_items, 256, 0, s>>>(out, part_o, part_ml, items,
+        attn_merge_kernel<<<n_items, 128, 0, s>>>(out, part_o, part_ml, items,
                                                   nh, nkv, hd);
 }
 
@@ -796,19 +884,20 @@ extern "C" void pie__cuda_attention_flash(uint16_t *out, float *part_o,
 
 /* ------------------------------------------------------------- silu*mul */
 
-__global__ void silu_mul_kernel(uint16_t *out, const float *gu, int64_t total,
-                                int hidden)
+__global__ void silu_mul_kernel(uint16_t *out, const uint16_t *gu,
+                                int64_t total, int hidden)
 {
-    // out (n, hidden) bf16, gu (n, 2*hidden) f32
+    // out (n, hidden) bf16, gu (n, 2*hidden) bf16
     for (int64_t k = blockIdx.x * (int64_t)blockDim.x + threadIdx.x; k < total;
          k += (int64_t)gridDim.x * blockDim.x) {
         int64_t t = k / hidden, i = k % hidden;
-        float g = gu[t * 2 * hidden + i], u = gu[t * 2 * hidden + hidden + i];
+        float g = bf2f(gu[t * 2 * hidden + i]);
+        float u = bf2f(gu[t * 2 * hidden + hidden + i]);
         out[k] = f2bf(g / (1.0f + expf(-g)) * u);
     }
 }
 
-extern "C" void pie__cuda_silu_mul(uint16_t *out, const float *gu, int n,
+extern "C" void pie__cuda_silu_mul(uint16_t *out, const uint16_t *gu, int n,
                                    int hidden, cudaStream_t s)
 {
     int64_t total = (int64_t)n * hidden;

@@ -56,13 +56,41 @@ struct MinOp {
     __device__ int operator()(int a, int b) const { return a < b ? a : b; }
 };
 
-/* Argmax of a row, lowest index on ties; NaN never wins. */
+/* Argmax of a row, lowest index on ties; NaN never wins. Each thread
+ * visits its indices in increasing order; rows of a multiple of 4 floats
+ * are read as float4, 4 loads in flight per thread (a greedy step at batch
+ * 1 reads a whole vocabulary row with one block). */
+static __device__ __forceinline__ void arg_step(float v, int i, float *best,
+                                                int *bi)
+{
+    if (v > *best || (*bi == 0x7fffffff && !isnan(v))) { *best = v; *bi = i; }
+}
+
 static __device__ int row_argmax(const float *x, int n, float *fred, int *ired)
 {
     float best = -INFINITY;
     int bi = 0x7fffffff;
-    for (int i = threadIdx.x; i < n; i += blockDim.x)
-        if (bi == 0x7fffffff || x[i] > best) { best = x[i]; bi = i; }
+    if (n % 4 == 0 && ((uintptr_t)x & 15) == 0) {
+        const float4 *x4 = reinterpret_cast<const float4 *>(x);
+        int n4 = n / 4, T = blockDim.x;
+        for (int j = threadIdx.x; j < n4; j += 4 * T) {
+            float4 v[4];
+#pragma unroll
+            for (int u = 0; u < 4; u++)
+                if (j + u * T < n4) v[u] = x4[j + u * T];
+#pragma unroll
+            for (int u = 0; u < 4; u++) {
+                if (j + u * T >= n4) break;
+                int i = 4 * (j + u * T);
+                arg_step(v[u].x, i, &best, &bi);
+                arg_step(v[u].y, i + 1, &best, &bi);
+                arg_step(v[u].z, i + 2, &best, &bi);
+                arg_step(v[u].w, i + 3, &best, &bi);
+            }
+        }
+    } else {
+        for (int i = threadIdx.x; i < n; i += blockDim.x) arg_step(x[i], i, &best, &bi);
+    }
     float m = block_reduce(best, MaxOp(), fred);
     int cand = (best == m) ? bi : 0x7fffffff;
     int r = block_reduce(cand, MinOp(), ired);

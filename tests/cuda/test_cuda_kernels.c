@@ -47,34 +47,62 @@ static void dget(void *h, const void *d, size_t bytes)
 }
 
 /* ------------------------------------------------------------ rmsnorm */
-static void test_rmsnorm(void)
+/* rmsnorm, and with add = 1 the fused residual add: plain rows write
+ * x + d back into x, gathered rows leave x alone */
+static void test_rmsnorm_dim(int dim, int add)
 {
-    int n = 5, dim = 333, rows[3] = { 4, 0, 2 };
-    float *x = malloc(sizeof(float) * n * dim), w[333];
-    for (int i = 0; i < n * dim; i++) x[i] = frand() * 3;
+    int n = 5, rows[3] = { 4, 0, 2 };
+    size_t xb = sizeof(float) * n * dim;
+    float *x = malloc(xb), *d = malloc(xb), *w = malloc(sizeof(float) * dim);
+    float *xs = malloc(xb), *xg = malloc(xb);
+    for (int i = 0; i < n * dim; i++) { x[i] = frand() * 3; d[i] = frand(); }
     for (int i = 0; i < dim; i++) w[i] = 1 + frand() * 0.5f;
-    float *dx = dput(x, sizeof(float) * n * dim), *dw = dput(w, sizeof w);
+    float *dx = dput(x, xb), *dd = dput(d, xb), *dw = dput(w, sizeof(float) * dim);
     int32_t *dr = dput(rows, sizeof rows);
     uint16_t *dout = dput(NULL, 2 * n * dim), *out = malloc(2 * n * dim);
     for (int pass = 0; pass < 2; pass++) {
         int m = pass ? 3 : n;
-        pie__cuda_rmsnorm(dout, dx, dw, pass ? dr : NULL, m, dim, 1e-5f, 0);
+        CU(cudaMemcpy(dx, x, xb, cudaMemcpyHostToDevice));
+        if (add)
+            pie__cuda_add_rmsnorm(dout, dx, dd, dw, pass ? dr : NULL, m, dim,
+                                  1e-5f, 0);
+        else
+            pie__cuda_rmsnorm(dout, dx, dw, pass ? dr : NULL, m, dim, 1e-5f, 0);
         dget(out, dout, 2 * (size_t)m * dim);
+        dget(xg, dx, xb);
+        for (int i = 0; i < n * dim; i++)
+            xs[i] = x[i] + (add ? d[i] : 0.0f);
+        for (int i = 0; i < n * dim; i++) {
+            float want = add && !pass ? xs[i] : x[i];
+            CHECK(xg[i] == want, "add_rmsnorm dim %d pass %d: x[%d] %g, want %g",
+                  dim, pass, i, xg[i], want);
+        }
         for (int i = 0; i < m; i++) {
-            const float *xr = x + (pass ? rows[i] : i) * dim;
+            const float *xr = xs + (pass ? rows[i] : i) * dim;
             double ss = 0;
             for (int k = 0; k < dim; k++) ss += xr[k] * xr[k];
             float r = 1.0f / sqrtf((float)(ss / dim) + 1e-5f);
             for (int k = 0; k < dim; k++) {
                 float ref = xr[k] * r * w[k], got = bf(out[i * dim + k]);
                 CHECK(fabsf(got - ref) <= 1e-2f * fabsf(ref) + 1e-4f,
-                      "rmsnorm row %d col %d: gpu %g cpu %g", i, k, got, ref);
+                      "rmsnorm (add %d) dim %d row %d col %d: gpu %g cpu %g",
+                      add, dim, i, k, got, ref);
             }
         }
     }
-    printf("rmsnorm: %d rows x %d ok (plain and gathered rows)\n", n, dim);
-    cudaFree(dx); cudaFree(dw); cudaFree(dr); cudaFree(dout);
-    free(x); free(out);
+    printf("%s: %d rows x %d ok (plain and gathered rows)\n",
+           add ? "add_rmsnorm" : "rmsnorm", n, dim);
+    cudaFree(dx); cudaFree(dd); cudaFree(dw); cudaFree(dr); cudaFree(dout);
+    free(x); free(d); free(w); free(xs); free(xg); free(out);
+}
+
+/* odd dims take the scalar kernel, multiples of 4 the register-held one
+ * (one or several float4 per thread) */
+static void test_rmsnorm(void)
+{
+    int dims[] = { 333, 64, 2048, 4100, 8192, 16384, 20000 };
+    for (size_t i = 0; i < sizeof dims / sizeof *dims; i++)
+        for (int add = 0; add < 2; add++) test_rmsnorm_dim(dims[i], add);
 }
 
 /* ------------------------------------------------------------ silu*mul */
@@ -82,8 +110,12 @@ static void test_silu(void)
 {
     int n = 7, hid = 203;
     float *gu = malloc(sizeof(float) * n * 2 * hid);
-    for (int i = 0; i < n * 2 * hid; i++) gu[i] = frand() * 6;
-    float *dgu = dput(gu, sizeof(float) * n * 2 * hid);
+    uint16_t *gub = malloc(2 * (size_t)n * 2 * hid);
+    for (int i = 0; i < n * 2 * hid; i++) {
+        gub[i] = pie_f32_to_bf16(frand() * 6);
+        gu[i] = bf(gub[i]);
+    }
+    uint16_t *dgu = dput(gub, 2 * (size_t)n * 2 * hid);
     uint16_t *dout = dput(NULL, 2 * n * hid), *out = malloc(2 * n * hid);
     pie__cuda_silu_mul(dout, dgu, n, hid, 0);
     dget(out, dout, 2 * (size_t)n * hid);
@@ -95,7 +127,7 @@ static void test_silu(void)
                   "silu token %d i %d: gpu %g cpu %g", t, i, got, ref);
         }
     printf("silu_mul: %d x %d ok\n", n, hid);
-    cudaFree(dgu); cudaFree(dout); free(gu); free(out);
+    cudaFree(dgu); cudaFree(dout); free(gu); free(gub); free(out);
 }
 
 /* ------------------------------------------------- batch of requests */
@@ -193,7 +225,11 @@ static void test_qkv_post(int nh, int nkv, int hd, int bias, int qknorm)
     int64_t pool_n = pie_cuda_kv_page_elems(&kv) * b.n_pages;
     float *qkv = malloc(sizeof(float) * n * qkvd), *bs = malloc(sizeof(float) * qkvd);
     float qn[256], kn[256], invf[128];
-    for (int i = 0; i < n * qkvd; i++) qkv[i] = frand() * 2;
+    uint16_t *qkvb = malloc(2 * (size_t)n * qkvd);
+    for (int i = 0; i < n * qkvd; i++) {
+        qkvb[i] = pie_f32_to_bf16(frand() * 2);
+        qkv[i] = bf(qkvb[i]);
+    }
     for (int i = 0; i < qkvd; i++) bs[i] = frand() * 0.3f;
     for (int i = 0; i < hd; i++) { qn[i] = 1 + frand() * .3f; kn[i] = 1 + frand() * .3f; }
     for (int i = 0; i < hd / 2; i++) invf[i] = powf(10000.f, -2.f * i / hd);
@@ -201,7 +237,8 @@ static void test_qkv_post(int nh, int nkv, int hd, int bias, int qknorm)
     kv.pool = dput(pool, 2 * pool_n);
     void *fr[8];
     pie_cuda_tokmeta tm = dev_meta(&b, fr);
-    float *dqkv = dput(qkv, sizeof(float) * n * qkvd), *dq = dput(NULL, 4 * n * nh * hd);
+    uint16_t *dqkv = dput(qkvb, 2 * (size_t)n * qkvd);
+    float *dq = dput(NULL, 4 * n * nh * hd);
     float *db = dput(bs, 4 * qkvd), *dqn = dput(qn, 4 * hd), *dkn = dput(kn, 4 * hd);
     float *dinv = dput(invf, 4 * hd / 2);
     pie__cuda_qkv_post(dq, dqkv, bias ? db : NULL, qknorm ? dqn : NULL,
@@ -253,7 +290,7 @@ static void test_qkv_post(int nh, int nkv, int hd, int bias, int qknorm)
     for (int i = 0; i < 8; i++) cudaFree(fr[i]);
     cudaFree(dqkv); cudaFree(dq); cudaFree(db); cudaFree(dqn); cudaFree(dkn);
     cudaFree(dinv); cudaFree(kv.pool);
-    free(qkv); free(bs); free(pool); free(q);
+    free(qkv); free(qkvb); free(bs); free(pool); free(q);
 }
 
 /* ---------------------------------------------------------- attention */

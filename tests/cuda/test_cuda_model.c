@@ -11,6 +11,8 @@
  *     the equivalent shorter sequence, page download/upload and copy_slots,
  *     device samplers vs pie_sample_row on the same logits, the CPU backend
  *   - bad batches return errors and change nothing
+ *   - steady decode batches replay CUDA graphs with the same logits as
+ *     direct kernel launches
  * Skips (77) without a GPU or without ../shared.
  */
 #include <jansson.h>
@@ -294,6 +296,72 @@ static void check_batched(pie_backend *b, json_t *prompts, const char *name)
     free(a); free(c); free(l0); free(l1); free(e0); free(e1);
 }
 
+/* Three prompts decoded greedily in one batch for `steps` steps, the third
+ * request leaving halfway (a new batch shape); every step's logits into
+ * lg (steps x 3 x V, rows of a finished request left 0). */
+static void decode_run(pie_backend *b, int steps, float *lg)
+{
+    int V = b->cfg->vocab_size;
+    pages_reset(b->n_pages, 1);
+    seq s[3] = { { .np = 0 }, { .np = 0 }, { .np = 0 } };
+    int32_t cur[3];
+    for (int i = 0; i < 3; i++) {
+        int32_t p[5];
+        for (int k = 0; k < 5; k++) p[k] = (7 * i + 3 * k + 1) % V;
+        float *l = last_logits(b, p, 5, &s[i]);
+        cur[i] = argmax(l, V);
+        free(l);
+    }
+    pie_sampler lp[3] = { { .kind = PIE_PROBE_LOGITS },
+                          { .kind = PIE_PROBE_LOGITS },
+                          { .kind = PIE_PROBE_LOGITS } };
+    int32_t ot[3] = { 0, 1, 2 };
+    memset(lg, 0, sizeof(float) * (size_t)steps * 3 * V);
+    for (int t = 0; t < steps; t++) {
+        int nr = t < steps / 2 ? 3 : 2;
+        req_in r[3];
+        for (int i = 0; i < nr; i++) r[i] = (req_in){ &s[i], &cur[i], NULL, 1 };
+        pie_forward_out out;
+        CHECK_OK(forward(b, r, nr, ot, lp, nr, NULL, NULL, NULL, NULL, &out));
+        for (int i = 0; i < nr; i++) {
+            memcpy(lg + ((size_t)t * 3 + i) * V, out.values + (size_t)i * V,
+                   4 * (size_t)V);
+            cur[i] = argmax(out.values + (size_t)i * V, V);
+        }
+        pie_forward_out_free(&out);
+    }
+}
+
+/* Steady decode batches replay CUDA graphs of the layers; their logits
+ * equal those of the same backend launching every kernel
+ * (PIE_CUDA_NO_GRAPH, read at each forward; the same backend, so the same
+ * tuned matmul algorithms). */
+static void check_graphs(pie_backend *b, const char *name)
+{
+    int V = b->cfg->vocab_size, steps = 40;
+    int64_t cap0, rep0, cap1, rep1, cap2, rep2;
+    float *g = malloc(sizeof(float) * (size_t)steps * 3 * V);
+    float *e = malloc(sizeof(float) * (size_t)steps * 3 * V);
+    pie_backend_cuda_graphs(b, &cap0, &rep0);
+    decode_run(b, steps, g);
+    pie_backend_cuda_graphs(b, &cap1, &rep1);
+    CHECK(cap1 - cap0 >= 2 && rep1 - rep0 >= steps - 8, "%s: %lld graphs "
+          "captured, %lld replayed in %d steady decode steps", name,
+          (long long)(cap1 - cap0), (long long)(rep1 - rep0), steps);
+    setenv("PIE_CUDA_NO_GRAPH", "1", 1);
+    decode_run(b, steps, e);
+    unsetenv("PIE_CUDA_NO_GRAPH");
+    pie_backend_cuda_graphs(b, &cap2, &rep2);
+    CHECK(cap2 == cap1 && rep2 == rep1, "%s: PIE_CUDA_NO_GRAPH still used "
+          "graphs", name);
+    double d = maxdiff(g, e, steps * 3 * V);
+    CHECK(d == 0, "%s: graph replay vs direct launches differ by %.3g", name, d);
+    printf("%s: %d decode steps, %lld graphs captured, %lld replays, logits "
+           "equal to direct launches\n", name, steps,
+           (long long)(cap1 - cap0), (long long)(rep1 - rep0));
+    free(g); free(e);
+}
+
 /* Token c masked to skip b equals the sequence without b (positions are
  * explicit). Also: a token whose mask is empty gets finite logits. */
 static void check_mask(pie_backend *b, const char *name)
@@ -540,6 +608,7 @@ static void run_model(const char *name, int page_size)
     check_pages(b, name);
     check_bad(b, name);
     check_cpu(b, m, prompts, name);
+    check_graphs(b, name);
     json_decref(root);
     pie_backend_free(b);
     pie_model_free(m);
