@@ -98,7 +98,7 @@ PIE_IMPORT_(tokenize) int32_t pie_tokenize(int32_t model, const char *text, uint
 PIE_IMPORT_(detokenize) int32_t pie_detokenize(int32_t model, const int32_t *ids, uint32_t n, int32_t skip_special, char *buf, uint32_t cap);
 
 /* ---- kv ---- */
-/* Allocates n pages, writing their handles to pages. Returns 0 or PIE_EBUSY (pool exhausted) / PIE_ELIMIT (quota). */
+/* Allocates n pages, writing their handles to pages. Returns 0 or PIE_EBUSY (pool busy now: retry later) / PIE_ELIMIT (quota) / PIE_ENOMEM (the pool can never hold this request while others wait: waiting cannot help; free pages or give up). */
 PIE_IMPORT_(kv_alloc) int32_t pie_kv_alloc(int32_t model, uint32_t n, int32_t *pages);
 /* Releases n page handles. */
 PIE_IMPORT_(kv_free) int32_t pie_kv_free(int32_t model, const int32_t *pages, uint32_t n);
