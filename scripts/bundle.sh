@@ -43,6 +43,7 @@ if [ -d "$build/inferlets" ]; then
     cp "$hdr" "$out/include/"
     echo "$hdr" > "$out/host-header-path"
 fi
+git -C "$(dirname "$0")/.." rev-parse --short HEAD > "$out/commit" 2>/dev/null || true
 cat > "$out/run" <<'EOS'
 #!/bin/sh
 # run NAME ARGS... — runs bin/NAME with the bundled libraries (and, for

@@ -9,6 +9,8 @@
 #   bench1b / bench8b   pie bench forward: decode B=1,16,64,256 x ctx 512,
 #           2048 and prefill 512/2048
 #   attn    paged decode attention bandwidth (bench_cuda_attn)
+#   ab      before/after: the bundle in $PIE_CARRY/old.tar.xz vs this one,
+#           interleaved, prefill and decode of the 1B and 8B shapes
 #   graphs  decode steps with CUDA graphs and with PIE_CUDA_NO_GRAPH=1
 #   prof    per-kernel GPU time of 1B decode (nsys) and speed of light of
 #           the decode kernels (ncu), where those tools are installed
@@ -23,15 +25,19 @@ else
     ln -sfn "$PWD/$C/shared" /tmp/pie/shared
 fi
 R=/tmp/pie/bundle/run
+if [ -f "$C/old.tar.xz" ]; then     # an earlier build for before/after runs
+    mkdir -p /tmp/pie-old && tar -C /tmp/pie-old -xJf "$C/old.tar.xz"
+fi
+RO=/tmp/pie-old/bundle/run
 if [ ! -e /work/shared ]; then mkdir -p /work && ln -s /tmp/pie/shared /work/shared; fi
 export PATH="$PATH:/usr/local/cuda/bin"
 nvidia-smi -L
 log() { echo "== $*" | tee -a "$OUT/summary.log"; }
 bench() {   # model batch prompt gen [chunk]
-    timeout 200 $R pie bench forward --backend cuda --model "random:$1" \
+    timeout 200 ${RUN:-$R} pie bench forward --backend cuda --model "random:$1" \
         --batch "$2" --prompt-len "$3" --gen "$4" --chunk "${5:-4096}" \
         2>&1 | tee -a "$OUT/bench.log" | grep -E "prefill|decode|error|pie" \
-        | sed "s/^/$1 B=$2 L=$3: /" | tee -a "$OUT/summary.log"
+        | sed "s/^/${TAG:-}$1 B=$2 L=$3: /" | tee -a "$OUT/summary.log"
 }
 for phase in "$@"; do
     case $phase in
@@ -68,6 +74,30 @@ for phase in "$@"; do
     attn)
         log attn
         timeout 120 $R bench_cuda_attn 2>&1 | tee -a "$OUT/summary.log"
+        ;;
+    ab)     # the earlier build (old.tar.xz) and this one, interleaved
+        log "ab: old = $(cat /tmp/pie-old/bundle/commit 2>/dev/null), new"
+        for cfg in "llama-3.2-1b 4 2048 0 2048" "llama-3.1-8b 4 2048 0 2048" \
+                   "llama-3.2-1b 1 2048 24" "llama-3.2-1b 16 2048 24" \
+                   "llama-3.2-1b 64 2048 24" "llama-3.2-1b 256 2048 24" \
+                   "llama-3.2-1b 1 512 24" "llama-3.1-8b 1 2048 24" \
+                   "llama-3.1-8b 16 2048 24" "llama-3.1-8b 64 2048 24" \
+                   "llama-3.1-8b 256 512 24"; do
+            RUN=$RO TAG="old " bench $cfg
+            TAG="new " bench $cfg
+        done
+        ;;
+    profpre)    # per-kernel time of one 4096-token prefill forward, old and new
+        m="gpu__time_duration.sum,dram__bytes_read.sum,launch__registers_per_thread,sm__warps_active.avg.pct_of_peak_sustained_active"
+        for v in old new; do
+            run=$R; [ $v = old ] && run=$RO
+            timeout 200 ncu --csv --clock-control none --metrics $m \
+                --launch-skip 150 --launch-count 260 $run pie bench forward \
+                --backend cuda --model random:llama-3.2-1b --batch 2 \
+                --prompt-len 2048 --gen 0 --chunk 4096 \
+                > "$OUT/ncu_pre_$v.csv" 2> /tmp/pie/ncu.err
+            echo "ncu prefill $v rc=$?" | tee -a "$OUT/summary.log"
+        done
         ;;
     graphs)
         log "graphs (each pair: with graphs, then PIE_CUDA_NO_GRAPH=1)"

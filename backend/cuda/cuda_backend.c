@@ -38,6 +38,7 @@
 #define MAX_TOKENS  8192        /* tokens per forward                      */
 #define OUT_CHUNK   256         /* output rows per LM-head pass            */
 #define MM_CACHE    96          /* cached cuBLASLt plans                    */
+#define TUNED_MAX   256         /* timed algorithm choices (shape, m bucket) */
 #define LT_WS_BYTES (32u << 20)
 #define GRAPH_CACHE 32          /* captured layer sequences (decode shapes) */
 #define GRAPH_MAX_TOKENS 512    /* larger steps launch kernels directly     */
@@ -86,8 +87,8 @@ typedef struct mm_plan {
 typedef struct graph_key {
     void    *meta_dev;
     size_t   tok, pos, slot, req, kv_indptr, kv_len, pages, mask_off,
-             mask_bits, items, merges, fitems;
-    int64_t  n, n_items, n_fitems, n_merges, max_slots;
+             mask_bits, items, merges, fitems, gitems;
+    int64_t  n, n_items, n_fitems, n_gitems, n_merges, max_slots;
 } graph_key;
 
 typedef struct step_graph {
@@ -95,6 +96,12 @@ typedef struct step_graph {
     cudaGraphExec_t  exec;      /* NULL = free entry                        */
     uint64_t         used;      /* clock of the last launch (LRU)           */
 } step_graph;
+
+/* The timed winner for one matmul shape and bucket of m (see pick_algo). */
+typedef struct tuned_algo {
+    int32_t               n, k, y_f32, accum, mb;
+    cublasLtMatmulAlgo_t  algo;
+} tuned_algo;
 
 typedef struct cuda_backend {
     pie_backend       base;
@@ -106,6 +113,8 @@ typedef struct cuda_backend {
     void             *lt_ws;
     mm_plan           plans[MM_CACHE];
     int               plan_next;
+    tuned_algo        tuned[TUNED_MAX];
+    int               n_tuned, tuned_next;
     /* weights */
     uint16_t         *embed;      /* (vocab, dim)                           */
     uint16_t         *lm_head;    /* (vocab, dim); == embed when tied       */
@@ -147,6 +156,8 @@ typedef struct cuda_backend {
     int64_t           n_items, cap_items, n_merges, cap_merges;
     pie_cuda_attn_item  *fitems;  /* tensor-core prefill tiles             */
     int64_t           n_fitems, cap_fitems;
+    pie_cuda_attn_item  *gitems;  /* tensor-core grouped (decode) items    */
+    int64_t           n_gitems, cap_gitems;
     int               max_slots;  /* longest item of the current step     */
     /* CUDA graphs of the layer sequence, keyed by the kernel arguments */
     step_graph        graphs[GRAPH_CACHE];
@@ -359,8 +370,10 @@ static cublasStatus_t mm_run(cuda_backend *c, mm_plan *p,
 
 /* Fastest of `reps` runs (ms) of algo a, writing the logits buffer as
  * scratch; W and x are the real operands (their values do not matter).
- * Before each run a memset of a sampler buffer as large as the L2 cache
- * evicts W, as in a real step where the weights stream from memory. */
+ * Before each run a read of a sampler buffer twice as large as the L2
+ * cache evicts W, as in a real step where the weights stream from memory
+ * (a read, not a memset: dirty lines would be written back during the
+ * timed run). */
 static float time_algo(cuda_backend *c, mm_plan *p, const cublasLtMatmulAlgo_t *a,
                        const uint16_t *W, const uint16_t *x, int reps)
 {
@@ -373,7 +386,8 @@ static float time_algo(cuda_backend *c, mm_plan *p, const cublasLtMatmulAlgo_t *
     int ok = mm_run(c, p, a, W, x, c->logits) == CUBLAS_STATUS_SUCCESS;
     for (int i = 0; ok && i < reps; i++) {
         float ms = INFINITY;
-        cudaMemsetAsync(c->sort_k[1], 0, flush, c->st);
+        pie__cuda_l2_flush(c->sort_k[1], (int64_t)(flush / 4), c->sort_k[0],
+                           c->st);
         cudaEventRecord(e0, c->st);
         ok = mm_run(c, p, a, W, x, c->logits) == CUBLAS_STATUS_SUCCESS;
         cudaEventRecord(e1, c->st);
@@ -389,27 +403,93 @@ static float time_algo(cuda_backend *c, mm_plan *p, const cublasLtMatmulAlgo_t *
 
 /* Small-m matmuls (decode batches) are memory-bound and cuBLASLt's first
  * heuristic is often not the fastest for them (split-K choices): the
- * candidates are timed once, when the plan is made, outside graph capture.
+ * candidates are timed once per (shape, bucket of m: see m_bucket), when a
+ * plan is made outside graph capture, and the winner is reused for every m
+ * of the bucket it is valid for (batch sizes vary step to step in serving).
  * Larger shapes keep the first heuristic (they vary with prefill sizes). */
 #define TUNE_MAX_M 256
-#define TUNE_ALGOS 8
+#define TUNE_ALGOS 16
+
+/* Buckets of m: 1..8 (decode of a few sequences: one choice, so forwards
+ * of different small row counts round alike), then powers of two. */
+static int m_bucket(int m)
+{
+    int b = 8;
+    while (b < m) b *= 2;
+    return b;
+}
+
+static tuned_algo *tuned_find(cuda_backend *c, const mm_plan *p, int mb)
+{
+    for (int i = 0; i < c->n_tuned; i++) {
+        tuned_algo *t = &c->tuned[i];
+        if (t->n == p->n && t->k == p->k && t->y_f32 == p->y_f32 &&
+            t->accum == p->accum && t->mb == mb)
+            return t;
+    }
+    return NULL;
+}
+
+static int can_tune(cuda_backend *c, const mm_plan *p, int found)
+{
+    enum cudaStreamCaptureStatus cs = cudaStreamCaptureStatusNone;
+    return found >= 2 && p->m <= TUNE_MAX_M && !getenv("PIE_CUDA_NO_TUNE") &&
+           (size_t)p->m * p->n <= (size_t)OUT_CHUNK * c->cfg.vocab_size &&
+           cudaStreamIsCapturing(c->st, &cs) == cudaSuccess &&
+           cs == cudaStreamCaptureStatusNone;
+}
+
+/* The heuristic rarely offers split-K for square decode matmuls (wo: n = k
+ * = dim), whose few output tiles leave most SMs idle at m <= 8: the
+ * candidates are also timed with their K split 2, 4 and 8 ways (reduced
+ * in the workspace) where cuBLASLt accepts that configuration. */
+static void try_split_k(cuda_backend *c, mm_plan *p,
+                        const cublasLtMatmulHeuristicResult_t *res, int found,
+                        const uint16_t *W, const uint16_t *x, float *best)
+{
+    for (int i = 0; i < found; i++)
+        for (uint32_t sk = 2; sk <= 8; sk *= 2) {
+            cublasLtMatmulAlgo_t a = res[i].algo;
+            uint32_t scheme = CUBLASLT_REDUCTION_SCHEME_COMPUTE_TYPE;
+            cublasLtMatmulHeuristicResult_t chk;
+            if (cublasLtMatmulAlgoConfigSetAttribute(
+                    &a, CUBLASLT_ALGO_CONFIG_SPLITK_NUM, &sk, sizeof sk) ||
+                cublasLtMatmulAlgoConfigSetAttribute(
+                    &a, CUBLASLT_ALGO_CONFIG_REDUCTION_SCHEME, &scheme,
+                    sizeof scheme) ||
+                cublasLtMatmulAlgoCheck(c->lt, p->desc, p->a, p->b, p->c, p->c,
+                                        &a, &chk) != CUBLAS_STATUS_SUCCESS ||
+                chk.workspaceSize > LT_WS_BYTES)
+                continue;
+            float ms = time_algo(c, p, &a, W, x, 2);
+            if (ms < *best) { *best = ms; p->algo = a; }
+        }
+}
 
 static void pick_algo(cuda_backend *c, mm_plan *p,
                       const cublasLtMatmulHeuristicResult_t *res, int found,
                       const uint16_t *W, const uint16_t *x)
 {
-    enum cudaStreamCaptureStatus cs = cudaStreamCaptureStatusNone;
     p->algo = res[0].algo;
-    if (found < 2 || p->m > TUNE_MAX_M || getenv("PIE_CUDA_NO_TUNE") ||
-        (size_t)p->m * p->n * 4 > (size_t)OUT_CHUNK * c->cfg.vocab_size * 4 ||
-        cudaStreamIsCapturing(c->st, &cs) != cudaSuccess ||
-        cs != cudaStreamCaptureStatusNone)
+    if (!can_tune(c, p, found)) return;
+    int mb = m_bucket(p->m);
+    tuned_algo *t = tuned_find(c, p, mb);
+    cublasLtMatmulHeuristicResult_t chk;
+    if (t && cublasLtMatmulAlgoCheck(c->lt, p->desc, p->a, p->b, p->c, p->c,
+                                     &t->algo, &chk) == CUBLAS_STATUS_SUCCESS &&
+        chk.workspaceSize <= LT_WS_BYTES) {
+        p->algo = t->algo;
         return;
+    }
     float best = INFINITY;
     for (int i = 0; i < found; i++) {
-        float t = time_algo(c, p, &res[i].algo, W, x, 3);
-        if (t < best) { best = t; p->algo = res[i].algo; }
+        float ms = time_algo(c, p, &res[i].algo, W, x, 3);
+        if (ms < best) { best = ms; p->algo = res[i].algo; }
     }
+    try_split_k(c, p, res, found, W, x, &best);
+    if (!t) t = &c->tuned[c->n_tuned < TUNED_MAX ? c->n_tuned++
+                                                 : (c->tuned_next++ % TUNED_MAX)];
+    *t = (tuned_algo){ p->n, p->k, p->y_f32, p->accum, mb, p->algo };
 }
 
 static int plan_make(cuda_backend *c, mm_plan *p, int m, int n, int k,
@@ -584,7 +664,8 @@ static int use_flash_dec(const cuda_backend *c)
 static int tile_tokens(const cuda_backend *c)
 {
     int G = c->cfg.n_heads / c->cfg.n_kv_heads;
-    return (use_flash_dec(c) ? PIE_CUDA_FLASH_ROWS : PIE_CUDA_ATTN_RMAX) / G;
+    int T = (use_flash_dec(c) ? PIE_CUDA_FLASH_DEC_ROWS : PIE_CUDA_ATTN_RMAX) / G;
+    return T > 0 ? T : 1;
 }
 
 /* Tiles of PIE_CUDA_FLASH_ROWS tokens x one query head of request r into
@@ -625,7 +706,7 @@ static int64_t plan_attention(cuda_backend *c, const pie_forward_batch *b,
     int G = g->n_heads / g->n_kv_heads, T = tile_tokens(c);
     int ps = c->base.page_size, fd = use_flash_dec(c);
     int64_t parts = 0;
-    c->n_items = c->n_merges = c->n_fitems = 0;
+    c->n_items = c->n_merges = c->n_fitems = c->n_gitems = 0;
     c->max_slots = 0;
     for (int r = 0; r < b->n_reqs; r++) {
         int q0 = b->qo_indptr[r], n_new = b->qo_indptr[r + 1] - q0;
@@ -645,12 +726,12 @@ static int64_t plan_attention(cuda_backend *c, const pie_forward_batch *b,
                     if (range_of[t] > range) range = range_of[t];
             }
             int64_t need = (range + PIE_CUDA_ATTN_CHUNK - 1) / PIE_CUDA_ATTN_CHUNK;
-            int64_t opt = (range + 63) / 64;     /* a tile of slots each */
+            int64_t opt = (range + 127) / 128;
             int64_t ns = want < opt ? want : opt;
             if (ns < need) ns = need;
             if (ns < 1) ns = 1;
-            int rc = fd ? grow((void **)&c->fitems, &c->cap_fitems,
-                               c->n_fitems + ns * g->n_kv_heads, sizeof *c->fitems)
+            int rc = fd ? grow((void **)&c->gitems, &c->cap_gitems,
+                               c->n_gitems + ns * g->n_kv_heads, sizeof *c->gitems)
                         : grow((void **)&c->items, &c->cap_items,
                                c->n_items + ns * g->n_kv_heads, sizeof *c->items);
             if (!rc)
@@ -670,7 +751,7 @@ static int64_t plan_attention(cuda_backend *c, const pie_forward_batch *b,
                         r, t0, nt, h, (int)(range * s / ns),
                         (int)(range * (s + 1) / ns),
                         ns > 1 ? (int)(parts + s * nt * G) : -1, fd };
-                    if (fd) c->fitems[c->n_fitems++] = it;
+                    if (fd) c->gitems[c->n_gitems++] = it;
                     else c->items[c->n_items++] = it;
                 }
                 if (ns > 1) parts += ns * nt * G;
@@ -688,7 +769,7 @@ static int64_t plan_attention(cuda_backend *c, const pie_forward_batch *b,
  * length when the batch has masks. */
 typedef struct step_meta {
     size_t tok, pos, slot, req, kv_indptr, kv_len, pages, mask_off, mask_bits;
-    size_t items, merges, fitems, rows, srow, lp_ids, lmask;
+    size_t items, merges, fitems, gitems, rows, srow, lp_ids, lmask;
 } step_meta;
 
 static int build_tokens(cuda_backend *c, const pie_forward_batch *b,
@@ -811,6 +892,7 @@ static int run_layers(cuda_backend *c, int n, const pie_cuda_tokmeta *tm,
     const pie_cuda_attn_item *items = DEV(c, sm->items);
     const pie_cuda_merge_item *merges = DEV(c, sm->merges);
     const pie_cuda_attn_item *fitems = DEV(c, sm->fitems);
+    const pie_cuda_attn_item *gitems = DEV(c, sm->gitems);
     int rc;
     pie__cuda_embed(c->x, c->embed, DEV(c, sm->tok), n,
                     dim, c->st);
@@ -828,6 +910,9 @@ static int run_layers(cuda_backend *c, int n, const pie_cuda_tokmeta *tm,
                             c->st);
         pie__cuda_attention_flash(c->att, c->part_o, c->part_ml, c->q, fitems,
                                   (int)c->n_fitems, tm, &c->kv, l, nh, c->st);
+        pie__cuda_attention_flash_dec(c->att, c->part_o, c->part_ml, c->q,
+                                      gitems, (int)c->n_gitems, tm, &c->kv, l,
+                                      nh, c->st);
         pie__cuda_attn_merge(c->att, c->part_o, c->part_ml, merges,
                              (int)c->n_merges, nh, g->n_kv_heads, hd, c->st);
         if ((rc = mm(c, c->dx, 1, 0, L->wo, dim, nh * hd, c->att, n))) return rc;
@@ -855,7 +940,9 @@ static graph_key key_of(const cuda_backend *c, int n, const step_meta *sm,
     k.mask_off = tm->mask_off ? sm->mask_off : (size_t)-1;
     k.mask_bits = tm->mask_off ? sm->mask_bits : (size_t)-1;
     k.items = sm->items; k.merges = sm->merges; k.fitems = sm->fitems;
+    k.gitems = sm->gitems;
     k.n = n; k.n_items = c->n_items; k.n_fitems = c->n_fitems;
+    k.n_gitems = c->n_gitems;
     k.n_merges = c->n_merges;
     k.max_slots = c->n_items ? c->max_slots : 0;
     return k;
@@ -1023,6 +1110,7 @@ static int cuda_forward(pie_backend *bb, const pie_forward_batch *b,
     sm.items = meta_put(c, c->items, sizeof *c->items * (size_t)c->n_items);
     sm.merges = meta_put(c, c->merges, sizeof *c->merges * (size_t)c->n_merges);
     sm.fitems = meta_put(c, c->fitems, sizeof *c->fitems * (size_t)c->n_fitems);
+    sm.gitems = meta_put(c, c->gitems, sizeof *c->gitems * (size_t)c->n_gitems);
     /* after everything of fixed size, so decode steps keep their offsets */
     sm.pages = meta_put(c, b->kv_page_indices,
                         4 * (size_t)b->kv_page_indptr[b->n_reqs]);
@@ -1141,6 +1229,7 @@ static void cuda_destroy(pie_backend *bb)
     free(c->meta);
     free(c->items);
     free(c->fitems);
+    free(c->gitems);
     free(c->merges);
     free(c);
 }

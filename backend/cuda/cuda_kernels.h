@@ -116,7 +116,7 @@ void pie__cuda_attn_merge(uint16_t *out, const float *part_o,
  * pad = 1 (grouped, decode): rows are nt tokens x the G heads of kv head
  * kvh (nt * G <= PIE_CUDA_FLASH_ROWS) and part >= 0 writes split partials
  * for pie__cuda_attn_merge. Head dims with pie__cuda_flash_supported(). */
-#define PIE_CUDA_FLASH_ROWS 64
+#define PIE_CUDA_FLASH_ROWS 128
 int pie__cuda_flash_supported(int hd);
 void pie__cuda_attention_flash(uint16_t *out, float *part_o, float *part_ml,
                                const float *q,
@@ -124,6 +124,16 @@ void pie__cuda_attention_flash(uint16_t *out, float *part_o, float *part_ml,
                                const pie_cuda_tokmeta *tm,
                                const pie_cuda_kv *kv, int layer, int nh,
                                cudaStream_t s);
+/* The same for decode: grouped items (pad = 1) of at most
+ * PIE_CUDA_FLASH_DEC_ROWS rows (nt * G), the 4 warps of a block splitting
+ * every KV block's slots among them. */
+#define PIE_CUDA_FLASH_DEC_ROWS 16
+void pie__cuda_attention_flash_dec(uint16_t *out, float *part_o,
+                                   float *part_ml, const float *q,
+                                   const pie_cuda_attn_item *items,
+                                   int n_items, const pie_cuda_tokmeta *tm,
+                                   const pie_cuda_kv *kv, int layer, int nh,
+                                   cudaStream_t s);
 /* out (n, hidden) bf16 = silu(gu[:, :hidden]) * gu[:, hidden:], gu bf16 */
 void pie__cuda_silu_mul(uint16_t *out, const uint16_t *gu, int n, int hidden,
                         cudaStream_t s);
@@ -132,6 +142,10 @@ void pie__cuda_silu_mul(uint16_t *out, const uint16_t *gu, int n, int hidden,
 void pie__cuda_fill_bf16(uint16_t *p, int64_t n, uint64_t seed, float std,
                          int constant, cudaStream_t s);
 void pie__cuda_fill_f32(float *p, int64_t n, float v, cudaStream_t s);
+/* Reads n floats of p (16-byte aligned): evicts the L2 cache before a
+ * timed run. sink receives a value only in the unlikely case the sum is
+ * 1.2345. */
+void pie__cuda_l2_flush(const float *p, int64_t n, float *sink, cudaStream_t s);
 /* f32 -> bf16 conversion on the device. */
 void pie__cuda_f32_to_bf16(uint16_t *dst, const float *src, int64_t n,
                            cudaStream_t s);

@@ -75,7 +75,8 @@ static void run(int hd, int B, int L, int mma)
     for (int w = 0; w < 3 + iters; w++) {
         if (w == 3) CU(cudaEventRecord(e0, 0));
         if (mma)
-            pie__cuda_attention_flash(out, po, pml, q, d[6], ni, &tm, &kv, 0, nh, 0);
+            pie__cuda_attention_flash_dec(out, po, pml, q, d[6], ni, &tm, &kv, 0,
+                                          nh, 0);
         else
             pie__cuda_attention(out, po, pml, q, d[6], ni, &tm, &kv, 0, nh,
                                 (L + ns - 1) / ns + 1, 0);

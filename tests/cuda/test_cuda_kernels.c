@@ -296,8 +296,9 @@ static void test_qkv_post(int nh, int nkv, int hd, int bias, int qknorm)
 /* ---------------------------------------------------------- attention */
 /* split < 0: the tensor-core prefill kernel (tiles of 64 tokens x one
  * query head) on a batch with a 100-token prompt after 200 cached slots.
- * grouped: the tensor-core kernel on the CUDA-core kernel's plan (tiles of
- * 64/G tokens x G heads, `split` splits merged). */
+ * grouped 1: the tensor-core kernel on the CUDA-core kernel's plan (tiles
+ * of 64/G tokens x G heads, `split` splits merged); grouped 2: the decode
+ * variant (tiles of 16/G tokens, the warps splitting each KV block). */
 static void test_attention_mode(int nh, int nkv, int hd, int masked,
                                 int split, int grouped)
 {
@@ -324,7 +325,8 @@ static void test_attention_mode(int nh, int nkv, int hd, int masked,
     pie_cuda_attn_item items[4096];
     pie_cuda_merge_item merges[1024];
     int ni = 0, nm = 0, parts = 0, T = PIE_CUDA_ATTN_RMAX / G;
-    if (grouped) T = PIE_CUDA_FLASH_ROWS / G;
+    if (grouped == 1) T = PIE_CUDA_FLASH_ROWS / G;
+    if (grouped == 2) T = PIE_CUDA_FLASH_DEC_ROWS / G > 0 ? PIE_CUDA_FLASH_DEC_ROWS / G : 1;
     for (int r = 0; r < b.n_reqs && split < 0; r++) {
         int q0 = 0, F = PIE_CUDA_FLASH_ROWS;
         for (int k = 0; k < r; k++) q0 += b.n_new[k];
@@ -350,7 +352,7 @@ static void test_attention_mode(int nh, int nkv, int hd, int masked,
                 for (int s = 0; s < ns; s++)
                     items[ni++] = (pie_cuda_attn_item){
                         r, q0 + i, nt, h, range * s / ns, range * (s + 1) / ns,
-                        ns > 1 ? parts + s * nt * G : -1, grouped };
+                        ns > 1 ? parts + s * nt * G : -1, grouped > 0 };
                 if (ns > 1) parts += ns * nt * G;
             }
         }
@@ -362,7 +364,11 @@ static void test_attention_mode(int nh, int nkv, int hd, int masked,
     pie_cuda_attn_item *di = dput(items, sizeof items[0] * ni);
     pie_cuda_merge_item *dm = dput(merges, sizeof merges[0] * (nm + 1));
     CU(cudaMemset(dout, 0xff, 2 * (size_t)n * nh * hd));   /* poison */
-    if (split < 0 || grouped) {
+    if (grouped == 2) {
+        pie__cuda_attention_flash_dec(dout, po, pml, dq, di, ni, &tm, &kv,
+                                      layer, nh, 0);
+        pie__cuda_attn_merge(dout, po, pml, dm, nm, nh, nkv, hd, 0);
+    } else if (split < 0 || grouped) {
         pie__cuda_attention_flash(dout, po, pml, dq, di, ni, &tm, &kv, layer,
                                   nh, 0);
         pie__cuda_attn_merge(dout, po, pml, dm, nm, nh, nkv, hd, 0);
@@ -412,7 +418,8 @@ static void test_attention_mode(int nh, int nkv, int hd, int masked,
         }
     }
     printf("attention%s: nh %d nkv %d hd %d masked %d split %d: %d tokens, "
-           "%d items, %d merges, rel err %.2e ok\n", grouped ? " (grouped mma)" : "",
+           "%d items, %d merges, rel err %.2e ok\n",
+           grouped == 2 ? " (decode mma)" : grouped ? " (grouped mma)" : "",
            nh, nkv, hd, masked, split, n, ni, nm, sqrt(err / (ref2 + 1e-30)));
     for (int i = 0; i < 8; i++) cudaFree(fr[i]);
     cudaFree(dq); cudaFree(dout); cudaFree(po); cudaFree(pml); cudaFree(di);
@@ -592,6 +599,12 @@ int main(void)
         test_attention_mode(32, 8, 64, m, 3, 1);
         test_attention_mode(32, 8, 128, m, 4, 1);
         test_attention_mode(6, 6, 32, m, 2, 1);
+        test_attention_mode(4, 2, 16, m, 1, 2);   /* decode tensor-core */
+        test_attention_mode(32, 8, 64, m, 1, 2);
+        test_attention_mode(32, 8, 64, m, 3, 2);
+        test_attention_mode(32, 8, 128, m, 4, 2);
+        test_attention_mode(32, 4, 128, m, 2, 2);  /* G = 8 */
+        test_attention_mode(6, 6, 32, m, 2, 2);
     }
     test_samplers(1000);
     test_samplers(128256);
