@@ -2,19 +2,21 @@
 # bench-ratio.sh [MODEL] [N] [REPS] [C...] — inferlet/native ratio of time per
 # output token with `pie bench generate`, runs interleaved (inferlet, native,
 # inferlet, ...) to cancel drift; prints the median of each and the ratio.
+# PIE (default ./build/pie; may be a command such as "bundle/run pie") and
+# BACKEND (default cpu) select the binary and backend.
 set -euo pipefail
 cd "$(dirname "$0")/.."
 model=${1:-random:stories15M}; n=${2:-128}; reps=${3:-5}; shift 3 || true
 cs=${*:-1 8 64}
-pie=./build/pie
+pie=${PIE:-./build/pie}; backend=${BACKEND:-cpu}
 median() { sort -g | awk '{a[NR]=$1} END {print (NR%2 ? a[(NR+1)/2] : (a[NR/2]+a[NR/2+1])/2)}'; }
 field() { sed -n "s/.*\"$1\":\([0-9.]*\).*/\1/p"; }
 printf "%-6s %12s %12s %8s %14s %14s\n" C inferlet_ms native_ms ratio inferlet_tok/s native_tok/s
 for c in $cs; do
   : > /tmp/bench-i.$$; : > /tmp/bench-n.$$
   for r in $(seq "$reps"); do
-    $pie bench generate --model "$model" --backend cpu -c "$c" -n "$n" --json 2>/dev/null >> /tmp/bench-i.$$
-    $pie bench generate --model "$model" --backend cpu -c "$c" -n "$n" --native --json 2>/dev/null >> /tmp/bench-n.$$
+    $pie bench generate --model "$model" --backend "$backend" -c "$c" -n "$n" --json 2>/dev/null >> /tmp/bench-i.$$
+    $pie bench generate --model "$model" --backend "$backend" -c "$c" -n "$n" --native --json 2>/dev/null >> /tmp/bench-n.$$
   done
   mi=$(field ms_per_token < /tmp/bench-i.$$ | median); mn=$(field ms_per_token < /tmp/bench-n.$$ | median)
   ti=$(field tokens_per_s < /tmp/bench-i.$$ | median); tn=$(field tokens_per_s < /tmp/bench-n.$$ | median)

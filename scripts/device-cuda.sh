@@ -11,6 +11,7 @@
 #   attn    paged decode attention bandwidth (bench_cuda_attn)
 #   ab      before/after: the bundle in $PIE_CARRY/old.tar.xz vs this one,
 #           interleaved, prefill and decode of the 1B and 8B shapes
+#   gen     pie bench generate inferlet/native ratio at C = 1, 64, 256
 #   graphs  decode steps with CUDA graphs and with PIE_CUDA_NO_GRAPH=1
 #   prof    per-kernel GPU time of 1B decode (nsys) and speed of light of
 #           the decode kernels (ncu), where those tools are installed
@@ -98,6 +99,11 @@ for phase in "$@"; do
                 > "$OUT/ncu_pre_$v.csv" 2> /tmp/pie/ncu.err
             echo "ncu prefill $v rc=$?" | tee -a "$OUT/summary.log"
         done
+        ;;
+    gen)    # inferlet/native ratio through the control layer (issue point 6)
+        log "gen: pie bench generate, random:llama-3.2-1b, 64 tokens, median of 3"
+        PIE="$R pie" BACKEND=cuda timeout 500 bash scripts/bench-ratio.sh \
+            random:llama-3.2-1b 64 3 1 64 256 2>&1 | tee -a "$OUT/summary.log"
         ;;
     graphs)
         log "graphs (each pair: with graphs, then PIE_CUDA_NO_GRAPH=1)"

@@ -1316,6 +1316,25 @@ static int alloc_workspace(cuda_backend *c)
     return 0;
 }
 
+/* Times the decode-bucket algorithms of the five matmul shapes (one row:
+ * bucket 1..8) at creation, so the first decode steps of a server do not
+ * pay for it (tens of ms). Operands are workspace buffers; nothing read
+ * later is written. */
+static int warm_plans(cuda_backend *c)
+{
+    const pie_model_config *g = &c->cfg;
+    const cuda_layer *L = &c->layers[0];
+    int dim = g->dim, qd = g->n_heads * g->head_dim, hid = g->hidden_dim;
+    int qkvd = qd + 2 * g->n_kv_heads * g->head_dim, rc;
+    TRY(mm(c, c->qkv, 0, 0, L->wqkv, qkvd, dim, c->xb, 1));
+    TRY(mm(c, c->dx, 1, 0, L->wo, dim, qd, c->att, 1));
+    TRY(mm(c, c->gu, 0, 0, L->wgu, 2 * hid, dim, c->xb, 1));
+    TRY(mm(c, c->dx, 1, 0, L->wdown, dim, hid, c->h, 1));
+    TRY(mm(c, c->logits, 1, 0, c->lm_head, g->vocab_size, dim, c->xo, 1));
+    CK(cudaStreamSynchronize(c->st));
+    return 0;
+}
+
 static int plan_pool(cuda_backend *c, const pie_backend_opts *o)
 {
     int64_t pe = pie_cuda_kv_page_elems(&c->kv);
@@ -1388,6 +1407,7 @@ int pie_backend_cuda_create(const pie_model *m, const pie_backend_opts *o,
     if ((rc = upload_weights(c, m))) goto err;
     if ((rc = alloc_workspace(c))) goto err;
     if ((rc = plan_pool(c, o))) goto err;
+    if ((rc = warm_plans(c))) goto err;
     if ((e = cudaDeviceSynchronize()) != cudaSuccess) {
         rc = pie_err_set(PIE_EDEVICE, "cuda: %s", cudaGetErrorString(e));
         goto err;
