@@ -101,9 +101,9 @@ for phase in "$@"; do
         done
         ;;
     gen)    # inferlet/native ratio through the control layer (issue point 6)
-        log "gen: pie bench generate, random:llama-3.2-1b, 64 tokens, median of 3"
+        log "gen: pie bench generate, random:llama-3.2-1b, 128 tokens, median of 3"
         PIE="$R pie" BACKEND=cuda timeout 500 bash scripts/bench-ratio.sh \
-            random:llama-3.2-1b 64 3 1 64 256 2>&1 | tee -a "$OUT/summary.log"
+            random:llama-3.2-1b 128 3 1 64 256 2>&1 | tee -a "$OUT/summary.log"
         ;;
     graphs)
         log "graphs (each pair: with graphs, then PIE_CUDA_NO_GRAPH=1)"

@@ -1316,21 +1316,24 @@ static int alloc_workspace(cuda_backend *c)
     return 0;
 }
 
-/* Times the decode-bucket algorithms of the five matmul shapes (one row:
- * bucket 1..8) at creation, so the first decode steps of a server do not
- * pay for it (tens of ms). Operands are workspace buffers; nothing read
- * later is written. */
+/* Times the algorithms of the five matmul shapes for every tuned bucket of
+ * m (1..8, 16, .., 256) at creation: tuning one bucket costs tens of ms,
+ * which a server must not pay in the middle of a step when a new batch
+ * size first appears. Operands are workspace buffers; nothing read later
+ * is written. */
 static int warm_plans(cuda_backend *c)
 {
     const pie_model_config *g = &c->cfg;
     const cuda_layer *L = &c->layers[0];
     int dim = g->dim, qd = g->n_heads * g->head_dim, hid = g->hidden_dim;
     int qkvd = qd + 2 * g->n_kv_heads * g->head_dim, rc;
-    TRY(mm(c, c->qkv, 0, 0, L->wqkv, qkvd, dim, c->xb, 1));
-    TRY(mm(c, c->dx, 1, 0, L->wo, dim, qd, c->att, 1));
-    TRY(mm(c, c->gu, 0, 0, L->wgu, 2 * hid, dim, c->xb, 1));
-    TRY(mm(c, c->dx, 1, 0, L->wdown, dim, hid, c->h, 1));
-    TRY(mm(c, c->logits, 1, 0, c->lm_head, g->vocab_size, dim, c->xo, 1));
+    for (int m = 1; m <= TUNE_MAX_M; m = m < 16 ? 16 : 2 * m) {
+        TRY(mm(c, c->qkv, 0, 0, L->wqkv, qkvd, dim, c->xb, m));
+        TRY(mm(c, c->dx, 1, 0, L->wo, dim, qd, c->att, m));
+        TRY(mm(c, c->gu, 0, 0, L->wgu, 2 * hid, dim, c->xb, m));
+        TRY(mm(c, c->dx, 1, 0, L->wdown, dim, hid, c->h, m));
+        TRY(mm(c, c->logits, 1, 0, c->lm_head, g->vocab_size, dim, c->xo, m));
+    }
     CK(cudaStreamSynchronize(c->st));
     return 0;
 }
