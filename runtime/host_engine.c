@@ -491,11 +491,16 @@ uint32_t Z_pieZ_kv_list_exports(I *i, uint32_t h, uint32_t buf, uint32_t cap)
     pie_rt_guest_ptr(i, buf, cap);
     served *s = model_of(i, h);
     if (!s) RET(PIE_EINVAL);
-    int32_t len = 0, n = 0;
-    pie_ctl_export_list(s->ctl, NULL, 0, &len, &n);
-    char *tmp = malloc(len + 1);
-    if (!tmp) RET(PIE_ENOMEM);
-    int rc = pie_ctl_export_list(s->ctl, tmp, len, &len, &n);
+    /* sized, then copied; other instances may export in between (the list
+     * grew: PIE_ERANGE), so the copy is retried at the new size */
+    int32_t len = 0, n = 0, rc = PIE_ERANGE;
+    char *tmp = NULL;
+    for (int tries = 0; rc == PIE_ERANGE && tries < 16; tries++) {
+        pie_ctl_export_list(s->ctl, NULL, 0, &len, &n);
+        free(tmp);
+        if (!(tmp = malloc((size_t)len + 1))) RET(PIE_ENOMEM);
+        rc = pie_ctl_export_list(s->ctl, tmp, len, &len, &n);
+    }
     uint32_t r = rc == 0 ? give(i, buf, cap, tmp, (size_t)len) : (uint32_t)rc;
     free(tmp);
     return r;
