@@ -1093,8 +1093,12 @@ static int cuda_forward(pie_backend *bb, const pie_forward_batch *b,
             int n_new = b->qo_indptr[r + 1] - b->qo_indptr[r];
             if (!use_flash(c, n_new)) tiles += (n_new + T - 1) / T;
         }
+        /* splits so that about PIE_CUDA_SPLIT_BLOCKS (default 2) attention
+         * blocks per SM exist */
+        const char *e = getenv("PIE_CUDA_SPLIT_BLOCKS");
+        int64_t per = e && atoi(e) > 0 ? atoi(e) : 2, goal = per * c->n_sm;
         int64_t base = tiles * g->n_kv_heads, want = 1;
-        if (base > 0 && base < 2 * c->n_sm) want = (2 * c->n_sm + base - 1) / base;
+        if (base > 0 && base < goal) want = (goal + base - 1) / base;
         if (want > 32) want = 32;
         parts = plan_attention(c, b, (int)want, range_of);
         if (parts > c->max_parts) parts = plan_attention(c, b, 1, range_of);

@@ -36,7 +36,9 @@ static void run(int hd, int B, int L, int mma)
         slot[r] = L - 1; req[r] = r; ind[r] = r * per; len[r] = L; pos[r] = L - 1;
     }
     ind[B] = np;
-    int want = (2 * sm + B * nkv - 1) / (B * nkv);
+    const char *e = getenv("PIE_CUDA_SPLIT_BLOCKS");   /* as the backend */
+    int bps = e && atoi(e) > 0 ? atoi(e) : 2;
+    int want = (bps * sm + B * nkv - 1) / (B * nkv);
     if (want > 32) want = 32;
     int opt = (L + 127) / 128, need = (L + PIE_CUDA_ATTN_CHUNK - 1) / PIE_CUDA_ATTN_CHUNK;
     int ns = want < opt ? want : opt;
