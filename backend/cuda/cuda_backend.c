@@ -670,6 +670,18 @@ static int tile_tokens(const cuda_backend *c)
 
 /* Tiles of PIE_CUDA_FLASH_ROWS tokens x one query head of request r into
  * c->fitems; a tile reads the slots its last token (or widest mask) sees. */
+/* Longest prefill tiles first (then token, head): with causal prompts the
+ * last tiles of a prompt read the most slots, and launched last they ran
+ * alone at the end of the grid. */
+static int cmp_longest(const void *a, const void *b)
+{
+    const pie_cuda_attn_item *x = a, *y = b;
+    int lx = x->s1 - x->s0, ly = y->s1 - y->s0;
+    if (lx != ly) return ly - lx;
+    if (x->t0 != y->t0) return x->t0 - y->t0;
+    return x->kvh - y->kvh;
+}
+
 static int plan_flash(cuda_backend *c, const pie_forward_batch *b, int r,
                       const uint32_t *range_of)
 {
@@ -1113,6 +1125,8 @@ static int cuda_forward(pie_backend *bb, const pie_forward_batch *b,
     if (rc) return rc;
     sm.items = meta_put(c, c->items, sizeof *c->items * (size_t)c->n_items);
     sm.merges = meta_put(c, c->merges, sizeof *c->merges * (size_t)c->n_merges);
+    if (c->n_fitems > 1)
+        qsort(c->fitems, (size_t)c->n_fitems, sizeof *c->fitems, cmp_longest);
     sm.fitems = meta_put(c, c->fitems, sizeof *c->fitems * (size_t)c->n_fitems);
     sm.gitems = meta_put(c, c->gitems, sizeof *c->gitems * (size_t)c->n_gitems);
     /* after everything of fixed size, so decode steps keep their offsets */

@@ -744,7 +744,8 @@ static __device__ __forceinline__ void fa_combine(float *sm, float (*o)[4],
  * state; the states are combined through shared memory at the end. A
  * single warp doing all the math of a block made decode compute-bound. */
 template <int HD, bool WS>
-__global__ void __launch_bounds__(WS ? FA_WS_THREADS : FA_THREADS)
+__global__ void __launch_bounds__(WS ? FA_WS_THREADS : FA_THREADS,
+                                  WS ? 3 : HD <= 64 ? 2 : 1)
 flash_attn_kernel(uint16_t *out, float *part_o, float *part_ml, const float *q,
                   const pie_cuda_attn_item *items, pie_cuda_tokmeta tm,
                   pie_cuda_kv kv, int layer, int nh)

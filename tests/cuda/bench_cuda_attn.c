@@ -100,7 +100,7 @@ static void run(int hd, int B, int L, int mma)
 }
 
 /* Causal prefill of one L-token prompt (empty cache) on the tensor-core
- * kernel: 64-token tiles x 32 heads. */
+ * kernel: PIE_CUDA_FLASH_ROWS-token tiles x 32 heads. */
 static void run_prefill(int hd, int L)
 {
     int nh = 32, nkv = 8, ps = 16, np = (L + ps - 1) / ps, T = PIE_CUDA_FLASH_ROWS;
@@ -114,7 +114,8 @@ static void run_prefill(int hd, int L)
     for (int t = 0; t < L; t++) { slot[t] = t; req[t] = 0; }
     int ni = 0;
     pie_cuda_attn_item *it = malloc(sizeof *it * (size_t)((L + T - 1) / T) * nh);
-    for (int i = 0; i < L; i += T) {
+    for (int i = (L - 1) / T * T; i >= 0; i -= T) {  /* longest first, as
+                                                        * the backend */
         int nt = L - i < T ? L - i : T;
         for (int h = 0; h < nh; h++)
             it[ni++] = (pie_cuda_attn_item){ 0, i, nt, h, 0, i + nt, -1, 0 };
