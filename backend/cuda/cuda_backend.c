@@ -368,14 +368,15 @@ static cublasStatus_t mm_run(cuda_backend *c, mm_plan *p,
                           p->c, y, p->c, a, c->lt_ws, LT_WS_BYTES, c->st);
 }
 
-/* Fastest of `reps` runs (ms) of algo a, writing the logits buffer as
- * scratch; W and x are the real operands (their values do not matter).
+/* Fastest of `reps` runs (ms) of algo a, writing y, the call's own output
+ * (overwritten by the real call next; plans that accumulate into y are not
+ * timed); W and x are the real operands (their values do not matter).
  * Before each run a read of a sampler buffer twice as large as the L2
  * cache evicts W, as in a real step where the weights stream from memory
  * (a read, not a memset: dirty lines would be written back during the
  * timed run). */
 static float time_algo(cuda_backend *c, mm_plan *p, const cublasLtMatmulAlgo_t *a,
-                       const uint16_t *W, const uint16_t *x, int reps)
+                       const uint16_t *W, const uint16_t *x, void *y, int reps)
 {
     size_t flush = (size_t)OUT_CHUNK * c->cfg.vocab_size * 4;
     if (flush > (size_t)c->l2_bytes * 2) flush = (size_t)c->l2_bytes * 2;
@@ -383,13 +384,13 @@ static float time_algo(cuda_backend *c, mm_plan *p, const cublasLtMatmulAlgo_t *
     cudaEvent_t e0, e1;
     if (cudaEventCreate(&e0) != cudaSuccess) return INFINITY;
     if (cudaEventCreate(&e1) != cudaSuccess) { cudaEventDestroy(e0); return INFINITY; }
-    int ok = mm_run(c, p, a, W, x, c->logits) == CUBLAS_STATUS_SUCCESS;
+    int ok = mm_run(c, p, a, W, x, y) == CUBLAS_STATUS_SUCCESS;
     for (int i = 0; ok && i < reps; i++) {
         float ms = INFINITY;
         pie__cuda_l2_flush(c->sort_k[1], (int64_t)(flush / 4), c->sort_k[0],
                            c->st);
         cudaEventRecord(e0, c->st);
-        ok = mm_run(c, p, a, W, x, c->logits) == CUBLAS_STATUS_SUCCESS;
+        ok = mm_run(c, p, a, W, x, y) == CUBLAS_STATUS_SUCCESS;
         cudaEventRecord(e1, c->st);
         if (ok && cudaEventSynchronize(e1) == cudaSuccess &&
             cudaEventElapsedTime(&ms, e0, e1) == cudaSuccess && ms < best)
@@ -406,7 +407,8 @@ static float time_algo(cuda_backend *c, mm_plan *p, const cublasLtMatmulAlgo_t *
  * candidates are timed once per (shape, bucket of m: see m_bucket), when a
  * plan is made outside graph capture, and the winner is reused for every m
  * of the bucket it is valid for (batch sizes vary step to step in serving).
- * Larger shapes keep the first heuristic (they vary with prefill sizes). */
+ * Larger shapes keep the first heuristic (they vary with prefill sizes,
+ * and timing them up to m = 8192 changed 8B prefill by under 1%). */
 #define TUNE_MAX_M 256
 #define TUNE_ALGOS 16
 
@@ -433,8 +435,8 @@ static tuned_algo *tuned_find(cuda_backend *c, const mm_plan *p, int mb)
 static int can_tune(cuda_backend *c, const mm_plan *p, int found)
 {
     enum cudaStreamCaptureStatus cs = cudaStreamCaptureStatusNone;
-    return found >= 2 && p->m <= TUNE_MAX_M && !getenv("PIE_CUDA_NO_TUNE") &&
-           (size_t)p->m * p->n <= (size_t)OUT_CHUNK * c->cfg.vocab_size &&
+    return found >= 2 && p->m <= TUNE_MAX_M && !p->accum &&
+           !getenv("PIE_CUDA_NO_TUNE") &&
            cudaStreamIsCapturing(c->st, &cs) == cudaSuccess &&
            cs == cudaStreamCaptureStatusNone;
 }
@@ -445,7 +447,8 @@ static int can_tune(cuda_backend *c, const mm_plan *p, int found)
  * in the workspace) where cuBLASLt accepts that configuration. */
 static void try_split_k(cuda_backend *c, mm_plan *p,
                         const cublasLtMatmulHeuristicResult_t *res, int found,
-                        const uint16_t *W, const uint16_t *x, float *best)
+                        const uint16_t *W, const uint16_t *x, void *y,
+                        float *best)
 {
     for (int i = 0; i < found; i++)
         for (uint32_t sk = 2; sk <= 8; sk *= 2) {
@@ -461,14 +464,14 @@ static void try_split_k(cuda_backend *c, mm_plan *p,
                                         &a, &chk) != CUBLAS_STATUS_SUCCESS ||
                 chk.workspaceSize > LT_WS_BYTES)
                 continue;
-            float ms = time_algo(c, p, &a, W, x, 2);
+            float ms = time_algo(c, p, &a, W, x, y, 2);
             if (ms < *best) { *best = ms; p->algo = a; }
         }
 }
 
 static void pick_algo(cuda_backend *c, mm_plan *p,
                       const cublasLtMatmulHeuristicResult_t *res, int found,
-                      const uint16_t *W, const uint16_t *x)
+                      const uint16_t *W, const uint16_t *x, void *y)
 {
     p->algo = res[0].algo;
     if (!can_tune(c, p, found)) return;
@@ -483,10 +486,10 @@ static void pick_algo(cuda_backend *c, mm_plan *p,
     }
     float best = INFINITY;
     for (int i = 0; i < found; i++) {
-        float ms = time_algo(c, p, &res[i].algo, W, x, 3);
+        float ms = time_algo(c, p, &res[i].algo, W, x, y, 3);
         if (ms < best) { best = ms; p->algo = res[i].algo; }
     }
-    try_split_k(c, p, res, found, W, x, &best);
+    try_split_k(c, p, res, found, W, x, y, &best);
     if (!t) t = &c->tuned[c->n_tuned < TUNED_MAX ? c->n_tuned++
                                                  : (c->tuned_next++ % TUNED_MAX)];
     *t = (tuned_algo){ p->n, p->k, p->y_f32, p->accum, mb, p->algo };
@@ -494,7 +497,7 @@ static void pick_algo(cuda_backend *c, mm_plan *p,
 
 static int plan_make(cuda_backend *c, mm_plan *p, int m, int n, int k,
                      int y_f32, int accum, const uint16_t *W,
-                     const uint16_t *x)
+                     const uint16_t *x, void *y)
 {
     cudaDataType_t yt = y_f32 ? CUDA_R_32F : CUDA_R_16BF;
     cublasOperation_t ta = CUBLAS_OP_T;
@@ -519,7 +522,7 @@ static int plan_make(cuda_backend *c, mm_plan *p, int m, int n, int k,
     if (s != CUBLAS_STATUS_SUCCESS || found == 0)
         return pie_err_set(PIE_EDEVICE, "cublasLt: no algorithm for %dx%dx%d",
                            m, n, k);
-    pick_algo(c, p, res, found, W, x);
+    pick_algo(c, p, res, found, W, x, y);
     return 0;
 }
 
@@ -548,7 +551,7 @@ static int mm(cuda_backend *c, void *y, int y_f32, int accum,
         p = &c->plans[c->plan_next];
         c->plan_next = (c->plan_next + 1) % MM_CACHE;
         plan_free(p);
-        int rc = plan_make(c, p, m, n, k, y_f32, accum, W, x);
+        int rc = plan_make(c, p, m, n, k, y_f32, accum, W, x, y);
         if (rc) { plan_free(p); return rc; }
     }
     CKLT(mm_run(c, p, &p->algo, W, x, y));
