@@ -184,6 +184,7 @@ __global__ void qkv_post_kernel(float *q, const uint16_t *qkv, const float *bias
                                 int nh)
 {
     // q (n, nh*hd) f32, qkv (n, (nh+2nkv)*hd) bf16
+    __shared__ float rcos[128], rsin[128];  /* this token's angles, hd <= 256 */
     int t = blockIdx.x, hd = kv.head_dim, nkv = kv.n_kv, half = hd / 2;
     int lane = threadIdx.x % WARP, w = threadIdx.x / WARP;
     int nw = blockDim.x / WARP, qkv_dim = (nh + 2 * nkv) * hd;
@@ -192,6 +193,9 @@ __global__ void qkv_post_kernel(float *q, const uint16_t *qkv, const float *bias
     int page = tm.pages[tm.kv_indptr[req] + slot / ps], off = slot % ps;
     uint16_t *kbase = kv.pool + (int64_t)page * pie_cuda_kv_page_elems(&kv) +
                       (int64_t)layer * 2 * nkv * ps * hd;
+    for (int i = threadIdx.x; i < half; i += blockDim.x)   /* once per block */
+        sincosf(pos * inv_freq[i], &rsin[i], &rcos[i]);
+    __syncthreads();
     for (int h = blockIdx.y * nw + w; h < nh + 2 * nkv; h += nw * gridDim.y) {
         const uint16_t *src = qkv + (int64_t)t * qkv_dim + h * hd;
         const float *b = bias ? bias + h * hd : NULL;
@@ -227,8 +231,7 @@ __global__ void qkv_post_kernel(float *q, const uint16_t *qkv, const float *bias
                 x0 = x0 * r * nw_[i];
                 x1 = x1 * r * nw_[i + half];
             }
-            float ang = pos * inv_freq[i];
-            float c = cosf(ang), sn = sinf(ang);
+            float c = rcos[i], sn = rsin[i];
             float y0 = x0 * c - x1 * sn, y1 = x1 * c + x0 * sn;
             if (qd) {
                 qd[i] = y0;
@@ -1031,14 +1034,37 @@ __global__ void silu_mul_kernel(uint16_t *out, const uint16_t *gu,
     }
 }
 
+/* hidden even: two elements per thread, 4-byte loads and stores */
+__global__ void silu_mul2_kernel(uint32_t *out, const uint32_t *gu,
+                                 int64_t total2, int hidden2)
+{
+    // out (n, hidden/2) bf16 pairs, gu (n, hidden) bf16 pairs
+    for (int64_t k = blockIdx.x * (int64_t)blockDim.x + threadIdx.x; k < total2;
+         k += (int64_t)gridDim.x * blockDim.x) {
+        int64_t t = k / hidden2, i = k % hidden2;
+        uint32_t g2 = gu[t * 2 * hidden2 + i], u2 = gu[t * 2 * hidden2 + hidden2 + i];
+        float g0 = bf2f((uint16_t)g2), g1 = bf2f((uint16_t)(g2 >> 16));
+        float u0 = bf2f((uint16_t)u2), u1 = bf2f((uint16_t)(u2 >> 16));
+        out[k] = (uint32_t)f2bf(g0 / (1.0f + expf(-g0)) * u0) |
+                 ((uint32_t)f2bf(g1 / (1.0f + expf(-g1)) * u1) << 16);
+    }
+}
+
 extern "C" void pie__cuda_silu_mul(uint16_t *out, const uint16_t *gu, int n,
                                    int hidden, cudaStream_t s)
 {
     int64_t total = (int64_t)n * hidden;
     if (total <= 0) return;
-    int blocks = (int)((total + 255) / 256);
+    int vec = hidden % 2 == 0;
+    int64_t work = vec ? total / 2 : total;
+    int blocks = (int)((work + 255) / 256);
     if (blocks > 132 * 16) blocks = 132 * 16;
-    silu_mul_kernel<<<blocks, 256, 0, s>>>(out, gu, total, hidden);
+    if (vec)
+        silu_mul2_kernel<<<blocks, 256, 0, s>>>(
+            reinterpret_cast<uint32_t *>(out),
+            reinterpret_cast<const uint32_t *>(gu), work, hidden / 2);
+    else
+        silu_mul_kernel<<<blocks, 256, 0, s>>>(out, gu, total, hidden);
 }
 
 /* ----------------------------------------------------------- fill/misc */

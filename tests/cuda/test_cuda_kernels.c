@@ -106,9 +106,9 @@ static void test_rmsnorm(void)
 }
 
 /* ------------------------------------------------------------ silu*mul */
-static void test_silu(void)
+static void test_silu_hid(int hid)
 {
-    int n = 7, hid = 203;
+    int n = 7;
     float *gu = malloc(sizeof(float) * n * 2 * hid);
     uint16_t *gub = malloc(2 * (size_t)n * 2 * hid);
     for (int i = 0; i < n * 2 * hid; i++) {
@@ -128,6 +128,13 @@ static void test_silu(void)
         }
     printf("silu_mul: %d x %d ok\n", n, hid);
     cudaFree(dgu); cudaFree(dout); free(gu); free(gub); free(out);
+}
+
+/* odd hidden: one element per thread; even: pairs */
+static void test_silu(void)
+{
+    test_silu_hid(203);
+    test_silu_hid(256);
 }
 
 /* ------------------------------------------------- batch of requests */
