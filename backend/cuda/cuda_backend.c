@@ -28,6 +28,7 @@
 #include <cublasLt.h>
 #include <cuda_runtime_api.h>
 #include <math.h>
+#include <stdio.h>
 #include <stdlib.h>
 #include <string.h>
 
@@ -164,6 +165,7 @@ typedef struct cuda_backend {
     graph_key         last_key;   /* previous eager step's key              */
     uint64_t          graph_clock;
     int               graphs_off; /* PIE_CUDA_NO_GRAPH set                  */
+    int               capture_failed; /* a capture failed: direct launches  */
     int64_t           n_captured, n_replayed;
     /* every device allocation, freed at destroy */
     void            **allocs;
@@ -990,20 +992,27 @@ static int graph_capture(cuda_backend *c, const graph_key *k, int n,
                          step_graph **out)
 {
     cudaGraph_t g = NULL;
-    CK(cudaStreamBeginCapture(c->st, cudaStreamCaptureModeThreadLocal));
-    int rc = run_layers(c, n, tm, sm);
-    cudaError_t e = cudaStreamEndCapture(c->st, &g);
-    if (rc) {
-        if (g) cudaGraphDestroy(g);
-        return rc;
+    cudaError_t e = cudaStreamBeginCapture(c->st, cudaStreamCaptureModeThreadLocal);
+    int rc = e == cudaSuccess ? run_layers(c, n, tm, sm) : 0;
+    if (e == cudaSuccess && getenv("PIE_CUDA_TEST_BREAK_CAPTURE"))
+        cudaStreamSynchronize(c->st);   /* test hook: not allowed in capture */
+    if (e == cudaSuccess) {
+        cudaError_t e2 = cudaStreamEndCapture(c->st, &g);
+        if (rc) e = cudaErrorStreamCaptureInvalidated;   /* a launch failed */
+        else e = e2;
     }
-    CK(e);
-    step_graph *s = graph_slot(c);
-    e = cudaGraphInstantiate(&s->exec, g, 0);
-    cudaGraphDestroy(g);
-    if (e != cudaSuccess) {
-        s->exec = NULL;
-        return pie_err_set(PIE_EDEVICE, "cuda: graph instantiate: %s",
+    step_graph *s = NULL;
+    if (e == cudaSuccess) {
+        s = graph_slot(c);
+        e = cudaGraphInstantiate(&s->exec, g, 0);
+        if (e != cudaSuccess) s->exec = NULL;
+    }
+    if (g) cudaGraphDestroy(g);
+    if (e != cudaSuccess) {   /* no graph: the caller launches directly,
+                               * where a real launch error shows again */
+        cudaGetLastError();
+        c->capture_failed = 1;
+        return pie_err_set(PIE_EDEVICE, "cuda: graph capture: %s",
                            cudaGetErrorString(e));
     }
     s->key = *k;
@@ -1021,7 +1030,8 @@ static int graph_capture(cuda_backend *c, const graph_key *k, int n,
 static int run_layers_graphed(cuda_backend *c, int n,
                               const pie_cuda_tokmeta *tm, const step_meta *sm)
 {
-    if (c->graphs_off || n > GRAPH_MAX_TOKENS) return run_layers(c, n, tm, sm);
+    if (c->graphs_off || c->capture_failed || n > GRAPH_MAX_TOKENS)
+        return run_layers(c, n, tm, sm);
     graph_key k = key_of(c, n, sm, tm);
     step_graph *s = graph_find(c, &k);
     if (!s) {
@@ -1029,6 +1039,13 @@ static int run_layers_graphed(cuda_backend *c, int n,
         c->last_key = k;
         if (!repeat) return run_layers(c, n, tm, sm);
         int rc = graph_capture(c, &k, n, tm, sm, &s);
+        if (rc == PIE_EDEVICE && c->capture_failed) {
+            /* graphs are an optimization: carry on without them */
+            fprintf(stderr, "pie: %s; launching kernels directly from now "
+                    "on\n", pie_err_msg());
+            pie_err_clear();
+            return run_layers(c, n, tm, sm);
+        }
         if (rc) return rc;
     } else {
         c->n_replayed++;
