@@ -75,7 +75,7 @@ typedef struct cuda_layer {
 
 typedef struct mm_plan {
     int                     used;
-    int32_t                 m, n, k, y_f32, accum;
+    int32_t                 m, n, k, y_f32;
     cublasLtMatmulDesc_t    desc;
     cublasLtMatrixLayout_t  a, b, c;
     cublasLtMatmulAlgo_t    algo;
@@ -100,7 +100,7 @@ typedef struct step_graph {
 
 /* The timed winner for one matmul shape and bucket of m (see pick_algo). */
 typedef struct tuned_algo {
-    int32_t               n, k, y_f32, accum, mb;
+    int32_t               n, k, y_f32, mb;
     cublasLtMatmulAlgo_t  algo;
 } tuned_algo;
 
@@ -365,14 +365,14 @@ static cublasStatus_t mm_run(cuda_backend *c, mm_plan *p,
                              const cublasLtMatmulAlgo_t *a, const uint16_t *W,
                              const uint16_t *x, void *y)
 {
-    float alpha = 1.0f, beta = p->accum ? 1.0f : 0.0f;
+    float alpha = 1.0f, beta = 0.0f;
     return cublasLtMatmul(c->lt, p->desc, &alpha, W, p->a, x, p->b, &beta, y,
                           p->c, y, p->c, a, c->lt_ws, LT_WS_BYTES, c->st);
 }
 
 /* Fastest of `reps` runs (ms) of algo a, writing y, the call's own output
- * (overwritten by the real call next; plans that accumulate into y are not
- * timed); W and x are the real operands (their values do not matter).
+ * (overwritten by the real call next); W and x are the real operands
+ * (their values do not matter).
  * Before each run a read of a sampler buffer twice as large as the L2
  * cache evicts W, as in a real step where the weights stream from memory
  * (a read, not a memset: dirty lines would be written back during the
@@ -428,7 +428,7 @@ static tuned_algo *tuned_find(cuda_backend *c, const mm_plan *p, int mb)
     for (int i = 0; i < c->n_tuned; i++) {
         tuned_algo *t = &c->tuned[i];
         if (t->n == p->n && t->k == p->k && t->y_f32 == p->y_f32 &&
-            t->accum == p->accum && t->mb == mb)
+            t->mb == mb)
             return t;
     }
     return NULL;
@@ -437,7 +437,7 @@ static tuned_algo *tuned_find(cuda_backend *c, const mm_plan *p, int mb)
 static int can_tune(cuda_backend *c, const mm_plan *p, int found)
 {
     enum cudaStreamCaptureStatus cs = cudaStreamCaptureStatusNone;
-    return found >= 2 && p->m <= TUNE_MAX_M && !p->accum &&
+    return found >= 2 && p->m <= TUNE_MAX_M &&
            !getenv("PIE_CUDA_NO_TUNE") &&
            cudaStreamIsCapturing(c->st, &cs) == cudaSuccess &&
            cs == cudaStreamCaptureStatusNone;
@@ -494,11 +494,11 @@ static void pick_algo(cuda_backend *c, mm_plan *p,
     try_split_k(c, p, res, found, W, x, y, &best);
     if (!t) t = &c->tuned[c->n_tuned < TUNED_MAX ? c->n_tuned++
                                                  : (c->tuned_next++ % TUNED_MAX)];
-    *t = (tuned_algo){ p->n, p->k, p->y_f32, p->accum, mb, p->algo };
+    *t = (tuned_algo){ p->n, p->k, p->y_f32, mb, p->algo };
 }
 
 static int plan_make(cuda_backend *c, mm_plan *p, int m, int n, int k,
-                     int y_f32, int accum, const uint16_t *W,
+                     int y_f32, const uint16_t *W,
                      const uint16_t *x, void *y)
 {
     cudaDataType_t yt = y_f32 ? CUDA_R_32F : CUDA_R_16BF;
@@ -519,7 +519,7 @@ static int plan_make(cuda_backend *c, mm_plan *p, int m, int n, int k,
     cublasStatus_t s = cublasLtMatmulAlgoGetHeuristic(
         c->lt, p->desc, p->a, p->b, p->c, p->c, pref, TUNE_ALGOS, res, &found);
     cublasLtMatmulPreferenceDestroy(pref);
-    p->m = m; p->n = n; p->k = k; p->y_f32 = y_f32; p->accum = accum;
+    p->m = m; p->n = n; p->k = k; p->y_f32 = y_f32;
     p->used = 1;            /* the descriptors are freed with the plan */
     if (s != CUBLAS_STATUS_SUCCESS || found == 0)
         return pie_err_set(PIE_EDEVICE, "cublasLt: no algorithm for %dx%dx%d",
@@ -538,22 +538,22 @@ static void plan_free(mm_plan *p)
     p->used = 0;
 }
 
-/* y (m, n) [+]= x (m, k) · W^T, W (n, k) bf16, x bf16, y f32 or bf16. */
-static int mm(cuda_backend *c, void *y, int y_f32, int accum,
+/* y (m, n) = x (m, k) · W^T, W (n, k) bf16, x bf16, y f32 or bf16. */
+static int mm(cuda_backend *c, void *y, int y_f32,
               const uint16_t *W, int n, int k, const uint16_t *x, int m)
 {
     mm_plan *p = NULL;
     for (int i = 0; i < MM_CACHE && !p; i++) {
         mm_plan *q = &c->plans[i];
         if (q->used && q->m == m && q->n == n && q->k == k &&
-            q->y_f32 == y_f32 && q->accum == accum)
+            q->y_f32 == y_f32)
             p = q;
     }
     if (!p) {
         p = &c->plans[c->plan_next];
         c->plan_next = (c->plan_next + 1) % MM_CACHE;
         plan_free(p);
-        int rc = plan_make(c, p, m, n, k, y_f32, accum, W, x, y);
+        int rc = plan_make(c, p, m, n, k, y_f32, W, x, y);
         if (rc) { plan_free(p); return rc; }
     }
     CKLT(mm_run(c, p, &p->algo, W, x, y));
@@ -918,7 +918,7 @@ static int run_layers(cuda_backend *c, int n, const pie_cuda_tokmeta *tm,
         const cuda_layer *L = &c->layers[l];
         pie__cuda_add_rmsnorm(c->xb, c->x, pending, L->attn_norm, NULL, n,
                               dim, g->norm_eps, c->st);
-        if ((rc = mm(c, c->qkv, 0, 0, L->wqkv, qkvd, dim, c->xb, n))) return rc;
+        if ((rc = mm(c, c->qkv, 0, L->wqkv, qkvd, dim, c->xb, n))) return rc;
         pie__cuda_qkv_post(c->q, c->qkv, L->bqkv, L->q_norm, L->k_norm,
                            g->norm_eps, c->inv_freq, tm, &c->kv, l, n, nh,
                            c->st);
@@ -932,12 +932,12 @@ static int run_layers(cuda_backend *c, int n, const pie_cuda_tokmeta *tm,
                                       nh, c->st);
         pie__cuda_attn_merge(c->att, c->part_o, c->part_ml, merges,
                              (int)c->n_merges, nh, g->n_kv_heads, hd, c->st);
-        if ((rc = mm(c, c->dx, 1, 0, L->wo, dim, nh * hd, c->att, n))) return rc;
+        if ((rc = mm(c, c->dx, 1, L->wo, dim, nh * hd, c->att, n))) return rc;
         pie__cuda_add_rmsnorm(c->xb, c->x, c->dx, L->ffn_norm, NULL, n, dim,
                               g->norm_eps, c->st);
-        if ((rc = mm(c, c->gu, 0, 0, L->wgu, 2 * hid, dim, c->xb, n))) return rc;
+        if ((rc = mm(c, c->gu, 0, L->wgu, 2 * hid, dim, c->xb, n))) return rc;
         pie__cuda_silu_mul(c->h, c->gu, n, hid, c->st);
-        if ((rc = mm(c, c->dx, 1, 0, L->wdown, dim, hid, c->h, n))) return rc;
+        if ((rc = mm(c, c->dx, 1, L->wdown, dim, hid, c->h, n))) return rc;
         pending = c->dx;
     }
     CK(cudaGetLastError());
@@ -1066,7 +1066,7 @@ static int run_outputs(cuda_backend *c, const pie_forward_batch *b,
         pie__cuda_add_rmsnorm(c->xo, c->x, c->dx, c->final_norm,
                               (const int32_t *)DEV(c, sm->rows) + o0, rows,
                               g->dim, g->norm_eps, c->st);
-        if ((rc = mm(c, c->logits, 1, 0, c->lm_head, V, g->dim, c->xo, rows)))
+        if ((rc = mm(c, c->logits, 1, c->lm_head, V, g->dim, c->xo, rows)))
             return rc;
         int n_sort = 0;
         for (int i = 0; i < rows; i++) n_sort += hs[o0 + i].sort_row >= 0;
@@ -1366,11 +1366,11 @@ static int warm_plans(cuda_backend *c)
     int dim = g->dim, qd = g->n_heads * g->head_dim, hid = g->hidden_dim;
     int qkvd = qd + 2 * g->n_kv_heads * g->head_dim, rc;
     for (int m = 1; m <= TUNE_MAX_M; m = m < 16 ? 16 : 2 * m) {
-        TRY(mm(c, c->qkv, 0, 0, L->wqkv, qkvd, dim, c->xb, m));
-        TRY(mm(c, c->dx, 1, 0, L->wo, dim, qd, c->att, m));
-        TRY(mm(c, c->gu, 0, 0, L->wgu, 2 * hid, dim, c->xb, m));
-        TRY(mm(c, c->dx, 1, 0, L->wdown, dim, hid, c->h, m));
-        TRY(mm(c, c->logits, 1, 0, c->lm_head, g->vocab_size, dim, c->xo, m));
+        TRY(mm(c, c->qkv, 0, L->wqkv, qkvd, dim, c->xb, m));
+        TRY(mm(c, c->dx, 1, L->wo, dim, qd, c->att, m));
+        TRY(mm(c, c->gu, 0, L->wgu, 2 * hid, dim, c->xb, m));
+        TRY(mm(c, c->dx, 1, L->wdown, dim, hid, c->h, m));
+        TRY(mm(c, c->logits, 1, c->lm_head, g->vocab_size, dim, c->xo, m));
     }
     CK(cudaStreamSynchronize(c->st));
     return 0;
