@@ -75,23 +75,18 @@ static int decode(const bench_args *a, pie_drv *d, pie_drv_seq **seqs,
     return rc;
 }
 
-/* One untimed prefill forward of the first chunk's shape on sequences
- * released afterwards: one-time costs (matmul plans, algorithm timing)
- * stay out of the prefill figure, as the decode warm-up steps do for
- * decode. */
-static int warm_prefill(const bench_args *a, pie_drv *d, int32_t vocab)
+/* One untimed prefill forward of the first chunk's shape on the first
+ * sequences, released (emptied) afterwards: one-time costs (matmul plans,
+ * algorithm timing) stay out of the prefill figure, as the decode warm-up
+ * steps do for decode. */
+static int warm_prefill(const bench_args *a, pie_drv *d, pie_drv_seq **seqs,
+                        int32_t vocab, int32_t *last)
 {
     bench_args w = *a;
     int per = a->chunk / a->prompt_len;
     w.batch = per < 1 ? 1 : per < a->batch ? per : a->batch;
-    pie_drv_seq *seq = calloc((size_t)w.batch, sizeof *seq);
-    pie_drv_seq **sp = malloc(sizeof *sp * (size_t)w.batch);
-    int32_t *last = malloc(sizeof(int32_t) * (size_t)w.batch);
-    int rc = seq && sp && last ? 0 : pie_err_set(PIE_ENOMEM, "out of memory");
-    for (int i = 0; !rc && i < w.batch; i++) sp[i] = &seq[i];
-    if (!rc) rc = prefill(&w, d, sp, vocab, last);
-    for (int i = 0; seq && i < w.batch; i++) pie_drv_seq_release(d, &seq[i]);
-    free(seq); free(sp); free(last);
+    int rc = prefill(&w, d, seqs, vocab, last);
+    for (int i = 0; i < w.batch; i++) pie_drv_seq_release(d, seqs[i]);
     return rc;
 }
 
@@ -106,7 +101,7 @@ static int run_bench(const bench_args *a, pie_backend *b, bench_result *r)
         return -1;
     }
     for (int i = 0; i < a->batch; i++) sp[i] = &seq[i];
-    int rc = a->warmup ? warm_prefill(a, &d, b->cfg->vocab_size) : 0;
+    int rc = a->warmup ? warm_prefill(a, &d, sp, b->cfg->vocab_size, last) : 0;
     double t0 = pie_cli_now();
     if (!rc) rc = prefill(a, &d, sp, b->cfg->vocab_size, last);
     double t1 = pie_cli_now();

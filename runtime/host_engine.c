@@ -492,11 +492,12 @@ uint32_t Z_pieZ_kv_list_exports(I *i, uint32_t h, uint32_t buf, uint32_t cap)
     served *s = model_of(i, h);
     if (!s) RET(PIE_EINVAL);
     /* sized, then copied; other instances may export in between (the list
-     * grew: PIE_ERANGE), so the copy is retried at the new size */
+     * grew: PIE_ERANGE, with len set to the new size), so the copy is
+     * retried at that size */
     int32_t len = 0, n = 0, rc = PIE_ERANGE;
     char *tmp = NULL;
+    pie_ctl_export_list(s->ctl, NULL, 0, &len, &n);
     for (int tries = 0; rc == PIE_ERANGE && tries < 16; tries++) {
-        pie_ctl_export_list(s->ctl, NULL, 0, &len, &n);
         free(tmp);
         if (!(tmp = malloc((size_t)len + 1))) RET(PIE_ENOMEM);
         rc = pie_ctl_export_list(s->ctl, tmp, len, &len, &n);

@@ -108,6 +108,7 @@ typedef struct cuda_backend {
     pie_backend       base;
     pie_model_config  cfg;
     int               device, n_sm, l2_bytes;
+    int               split_blocks; /* PIE_CUDA_SPLIT_BLOCKS (default 2)   */
     int               random_fill; /* random:SHAPE: absent tensors filled  */
     cudaStream_t      st;
     cublasLtHandle_t  lt;
@@ -669,8 +670,8 @@ static int use_flash_dec(const cuda_backend *c)
 static int tile_tokens(const cuda_backend *c)
 {
     int G = c->cfg.n_heads / c->cfg.n_kv_heads;
-    int T = (use_flash_dec(c) ? PIE_CUDA_FLASH_DEC_ROWS : PIE_CUDA_ATTN_RMAX) / G;
-    return T > 0 ? T : 1;
+    /* G <= PIE_CUDA_ATTN_RMAX (check_shape): at least one token */
+    return (use_flash_dec(c) ? PIE_CUDA_FLASH_DEC_ROWS : PIE_CUDA_ATTN_RMAX) / G;
 }
 
 /* Tiles of PIE_CUDA_FLASH_ROWS tokens x one query head of request r into
@@ -1125,10 +1126,8 @@ static int cuda_forward(pie_backend *bb, const pie_forward_batch *b,
             int n_new = b->qo_indptr[r + 1] - b->qo_indptr[r];
             if (!use_flash(c, n_new)) tiles += (n_new + T - 1) / T;
         }
-        /* splits so that about PIE_CUDA_SPLIT_BLOCKS (default 2) attention
-         * blocks per SM exist */
-        const char *e = getenv("PIE_CUDA_SPLIT_BLOCKS");
-        int64_t per = e && atoi(e) > 0 ? atoi(e) : 2, goal = per * c->n_sm;
+        /* splits so that about split_blocks attention blocks per SM exist */
+        int64_t goal = (int64_t)c->split_blocks * c->n_sm;
         int64_t base = tiles * g->n_kv_heads, want = 1;
         if (base > 0 && base < goal) want = (goal + base - 1) / base;
         if (want > 32) want = 32;
@@ -1425,6 +1424,8 @@ int pie_backend_cuda_create(const pie_model *m, const pie_backend_opts *o,
     c->cfg = m->cfg;
     c->device = dev;
     c->random_fill = m->dir && !strncmp(m->dir, "random:", 7);
+    const char *sb = getenv("PIE_CUDA_SPLIT_BLOCKS");
+    c->split_blocks = sb && atoi(sb) > 0 ? atoi(sb) : 2;
     c->base.ops = &CUDA_OPS;
     c->base.cfg = &c->cfg;
     c->base.name = "cuda";

@@ -23,6 +23,13 @@ static __device__ __forceinline__ uint16_t f2bf(float f)
     return *reinterpret_cast<uint16_t *>(&b);
 }
 
+/* Two floats as bf16, lo in the low half (the layout of adjacent bf16s). */
+static __device__ __forceinline__ uint32_t pack_bf2(float lo, float hi)
+{
+    __nv_bfloat162 v = __floats2bfloat162_rn(lo, hi);
+    return *reinterpret_cast<uint32_t *>(&v);
+}
+
 static __device__ __forceinline__ float warp_sum(float v)
 {
     for (int o = WARP / 2; o > 0; o >>= 1) v += __shfl_xor_sync(0xffffffffu, v, o);
@@ -100,11 +107,6 @@ __global__ void rmsnorm_kernel(uint16_t *out, float *x, const float *d,
     }
 }
 
-static __device__ __forceinline__ uint32_t pack2(float lo, float hi)
-{
-    return (uint32_t)f2bf(lo) | ((uint32_t)f2bf(hi) << 16);
-}
-
 static __device__ __forceinline__ float4 add4(float4 a, float4 b)
 {
     return make_float4(a.x + b.x, a.y + b.y, a.z + b.z, a.w + b.w);
@@ -144,8 +146,8 @@ __global__ void rmsnorm_vec_kernel(uint16_t *out, float *x, const float *d,
         if (j >= n4) break;
         if (dr && !rows) xr[j] = v[k];
         float4 g = w4[j];
-        o[j] = make_uint2(pack2(v[k].x * r * g.x, v[k].y * r * g.y),
-                          pack2(v[k].z * r * g.z, v[k].w * r * g.w));
+        o[j] = make_uint2(pack_bf2(v[k].x * r * g.x, v[k].y * r * g.y),
+                          pack_bf2(v[k].z * r * g.z, v[k].w * r * g.w));
     }
 }
 
@@ -591,11 +593,6 @@ extern "C" void pie__cuda_attn_merge(uint16_t *out, const float *part_o,
 #define FA_THREADS 256         /* FA_BM / 16 warps; the WS variant: 128 */
 #define FA_WS_THREADS 128
 
-static __device__ __forceinline__ uint32_t pack_bf2(float lo, float hi)
-{
-    __nv_bfloat162 v = __floats2bfloat162_rn(lo, hi);
-    return *reinterpret_cast<uint32_t *>(&v);
-}
 
 static __device__ __forceinline__ void mma16816(float *c, const uint32_t *a,
                                                 uint32_t b0, uint32_t b1)
@@ -1021,6 +1018,11 @@ extern "C" void pie__cuda_attention_flash_dec(uint16_t *out, float *part_o,
 
 /* ------------------------------------------------------------- silu*mul */
 
+static __device__ __forceinline__ float silu_mul1(float g, float u)
+{
+    return g / (1.0f + expf(-g)) * u;
+}
+
 __global__ void silu_mul_kernel(uint16_t *out, const uint16_t *gu,
                                 int64_t total, int hidden)
 {
@@ -1028,9 +1030,8 @@ __global__ void silu_mul_kernel(uint16_t *out, const uint16_t *gu,
     for (int64_t k = blockIdx.x * (int64_t)blockDim.x + threadIdx.x; k < total;
          k += (int64_t)gridDim.x * blockDim.x) {
         int64_t t = k / hidden, i = k % hidden;
-        float g = bf2f(gu[t * 2 * hidden + i]);
-        float u = bf2f(gu[t * 2 * hidden + hidden + i]);
-        out[k] = f2bf(g / (1.0f + expf(-g)) * u);
+        out[k] = f2bf(silu_mul1(bf2f(gu[t * 2 * hidden + i]),
+                                bf2f(gu[t * 2 * hidden + hidden + i])));
     }
 }
 
@@ -1043,10 +1044,9 @@ __global__ void silu_mul2_kernel(uint32_t *out, const uint32_t *gu,
          k += (int64_t)gridDim.x * blockDim.x) {
         int64_t t = k / hidden2, i = k % hidden2;
         uint32_t g2 = gu[t * 2 * hidden2 + i], u2 = gu[t * 2 * hidden2 + hidden2 + i];
-        float g0 = bf2f((uint16_t)g2), g1 = bf2f((uint16_t)(g2 >> 16));
-        float u0 = bf2f((uint16_t)u2), u1 = bf2f((uint16_t)(u2 >> 16));
-        out[k] = (uint32_t)f2bf(g0 / (1.0f + expf(-g0)) * u0) |
-                 ((uint32_t)f2bf(g1 / (1.0f + expf(-g1)) * u1) << 16);
+        out[k] = pack_bf2(
+            silu_mul1(bf2f((uint16_t)g2), bf2f((uint16_t)u2)),
+            silu_mul1(bf2f((uint16_t)(g2 >> 16)), bf2f((uint16_t)(u2 >> 16))));
     }
 }
 
