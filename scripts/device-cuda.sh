@@ -13,6 +13,10 @@
 #           interleaved, prefill and decode of the 1B and 8B shapes
 #   gen     pie bench generate inferlet/native ratio at C = 1, 64, 256
 #   graphs  decode steps with CUDA graphs and with PIE_CUDA_NO_GRAPH=1
+#   gemv    decode with gemv.cu, with cuBLASLt only, and without PDL
+#   kernels the kernel differential test alone
+#   tune    the timed matmul choices (cuBLASLt vs gemv.cu) of both shapes
+#   pdl     decode with PDL for gemv.cu (default), for all, none; cuBLASLt only
 #   prof    per-kernel GPU time of 1B decode (nsys) and speed of light of
 #           the decode kernels (ncu), where those tools are installed
 set -u
@@ -86,6 +90,43 @@ for phase in "$@"; do
                    "llama-3.1-8b 256 512 24"; do
             RUN=$RO TAG="old " bench $cfg
             TAG="new " bench $cfg
+        done
+        ;;
+    kernels)
+        timeout 150 $R test_cuda_kernels > "$OUT/kernels.log" 2>&1
+        echo "kernels rc=$?" | tee -a "$OUT/summary.log"; tail -4 "$OUT/kernels.log"
+        ;;
+    tune)   # the timed matmul choices of both shapes
+        for m in llama-3.2-1b llama-3.1-8b; do
+            PIE_CUDA_TUNE_LOG=1 timeout 200 $R pie bench forward --backend cuda \
+                --model random:$m --batch 1 --prompt-len 64 --gen 2 2>&1 \
+                | grep "tune" | tee -a "$OUT/summary.log"
+        done
+        ;;
+    pdl)    # PDL for gemv.cu only (default) / for all / off; cuBLASLt only
+        log "pdl: default, PIE_CUDA_PDL_ALL=1, PIE_CUDA_NO_PDL=1, PIE_CUDA_NO_GEMV=1"
+        for cfg in "llama-3.2-1b 1 512 48" "llama-3.2-1b 16 512 48" \
+                   "llama-3.1-8b 1 512 24" "llama-3.1-8b 64 512 24"; do
+            TAG="dflt " bench $cfg
+            PIE_CUDA_PDL_ALL=1 TAG="pdlall " bench $cfg
+            PIE_CUDA_NO_PDL=1 TAG="nopdl " bench $cfg
+            PIE_CUDA_NO_GEMV=1 TAG="lt " bench $cfg
+        done
+        ;;
+    gemv)   # gemv.cu against cuBLASLt only, and without PDL, same binary
+        log "gemv: default, PIE_CUDA_NO_GEMV=1 (lt), PIE_CUDA_NO_PDL=1"
+        for m in llama-3.2-1b llama-3.1-8b; do
+            PIE_CUDA_TUNE_LOG=1 timeout 200 $R pie bench forward --backend cuda \
+                --model random:$m --batch 1 --prompt-len 64 --gen 2 2>&1 \
+                | grep "tune" | tee -a "$OUT/summary.log"
+        done
+        for cfg in "llama-3.2-1b 1 512 48" "llama-3.2-1b 1 2048 48" \
+                   "llama-3.2-1b 8 512 48" "llama-3.2-1b 16 512 48" \
+                   "llama-3.1-8b 1 512 24" "llama-3.1-8b 1 2048 24" \
+                   "llama-3.1-8b 8 512 24"; do
+            TAG="gemv " bench $cfg
+            PIE_CUDA_NO_GEMV=1 TAG="lt " bench $cfg
+            PIE_CUDA_NO_PDL=1 TAG="nopdl " bench $cfg
         done
         ;;
     profpre)    # per-kernel time of one 4096-token prefill forward, old and new

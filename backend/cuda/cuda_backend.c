@@ -1,7 +1,8 @@
 /*
  * cuda_backend.c — the CUDA backend: bf16 weights and KV pages on one GPU,
- * fp32 accumulation, cuBLASLt for every dense matmul and pie's own kernels
- * (kernels.cu, sample.cu) for the rest.
+ * fp32 accumulation, cuBLASLt for the dense matmuls (gemv.cu instead for
+ * decode batches of <= 8 rows where it times faster, see try_gemv) and
+ * pie's own kernels (kernels.cu, sample.cu) for the rest.
  *
  * Device memory, allocated once at create time in this order:
  *   weights     embed (vocab, dim) bf16; per layer fused wqkv
@@ -79,6 +80,7 @@ typedef struct mm_plan {
     cublasLtMatmulDesc_t    desc;
     cublasLtMatrixLayout_t  a, b, c;
     cublasLtMatmulAlgo_t    algo;
+    int                     gemv_r; /* > 0: gemv.cu, r rows per warp       */
 } mm_plan;
 
 /* The kernel arguments of one step's layers: two steps with equal keys
@@ -102,6 +104,7 @@ typedef struct step_graph {
 typedef struct tuned_algo {
     int32_t               n, k, y_f32, mb;
     cublasLtMatmulAlgo_t  algo;
+    int32_t               gemv_r;  /* > 0: gemv.cu won (m <= 8 only)       */
 } tuned_algo;
 
 typedef struct cuda_backend {
@@ -371,29 +374,53 @@ static cublasStatus_t mm_run(cuda_backend *c, mm_plan *p,
                           p->c, y, p->c, a, c->lt_ws, LT_WS_BYTES, c->st);
 }
 
-/* Fastest of `reps` runs (ms) of algo a, writing y, the call's own output
+/* One candidate of a timing run: cuBLASLt algo a, or (gemv_r > 0) gemv.cu
+ * with gemv_r rows per warp over gemv_m rows of x. */
+typedef struct mm_cand {
+    const cublasLtMatmulAlgo_t *a;
+    int                         gemv_r, gemv_m;
+} mm_cand;
+
+static int cand_run(cuda_backend *c, mm_plan *p, mm_cand k, const uint16_t *W,
+                    const uint16_t *x, void *y)
+{
+    if (k.gemv_r > 0)
+        return pie__cuda_gemv(y, p->y_f32, W, p->n, p->k, x, k.gemv_m,
+                              k.gemv_r, pie__cuda_pdl(), c->st) == 0;
+    return mm_run(c, p, k.a, W, x, y) == CUBLAS_STATUS_SUCCESS;
+}
+
+/* Fastest of `reps` runs (ms) of candidate k, writing y, the call's own output
  * (overwritten by the real call next); W and x are the real operands
  * (their values do not matter).
  * Before each run a read of a sampler buffer twice as large as the L2
  * cache evicts W, as in a real step where the weights stream from memory
  * (a read, not a memset: dirty lines would be written back during the
  * timed run). */
-static float time_algo(cuda_backend *c, mm_plan *p, const cublasLtMatmulAlgo_t *a,
+static float time_cand(cuda_backend *c, mm_plan *p, mm_cand k,
                        const uint16_t *W, const uint16_t *x, void *y, int reps)
 {
     size_t flush = (size_t)OUT_CHUNK * c->cfg.vocab_size * 4;
     if (flush > (size_t)c->l2_bytes * 2) flush = (size_t)c->l2_bytes * 2;
+    /* As in a step, a small kernel runs just before (an RMSNorm of m rows
+     * into the sampler's scratch), so the timing includes how each
+     * candidate starts after a kernel (gemv.cu: early, under PDL). */
+    int lead = (size_t)p->m * c->cfg.dim * 2 <= (size_t)OUT_CHUNK *
+                                                c->cfg.vocab_size * 4;
     float best = INFINITY;
     cudaEvent_t e0, e1;
     if (cudaEventCreate(&e0) != cudaSuccess) return INFINITY;
     if (cudaEventCreate(&e1) != cudaSuccess) { cudaEventDestroy(e0); return INFINITY; }
-    int ok = mm_run(c, p, a, W, x, y) == CUBLAS_STATUS_SUCCESS;
+    int ok = cand_run(c, p, k, W, x, y);
     for (int i = 0; ok && i < reps; i++) {
         float ms = INFINITY;
         pie__cuda_l2_flush(c->sort_k[1], (int64_t)(flush / 4), c->sort_k[0],
                            c->st);
         cudaEventRecord(e0, c->st);
-        ok = mm_run(c, p, a, W, x, y) == CUBLAS_STATUS_SUCCESS;
+        if (lead)
+            pie__cuda_rmsnorm((uint16_t *)c->sort_k[0], c->x, c->final_norm,
+                              NULL, p->m, c->cfg.dim, c->cfg.norm_eps, c->st);
+        ok = cand_run(c, p, k, W, x, y);
         cudaEventRecord(e1, c->st);
         if (ok && cudaEventSynchronize(e1) == cudaSuccess &&
             cudaEventElapsedTime(&ms, e0, e1) == cudaSuccess && ms < best)
@@ -467,9 +494,38 @@ static void try_split_k(cuda_backend *c, mm_plan *p,
                                         &a, &chk) != CUBLAS_STATUS_SUCCESS ||
                 chk.workspaceSize > LT_WS_BYTES)
                 continue;
-            float ms = time_algo(c, p, &a, W, x, y, 2);
+            float ms = time_cand(c, p, (mm_cand){ &a, 0, 0 }, W, x, y, 2);
             if (ms < *best) { *best = ms; p->algo = a; }
         }
+}
+
+/* Decode matmuls (m <= 8) stream W once; gemv.cu does that at a higher
+ * bandwidth than cuBLASLt for most weight shapes. Its variants are timed
+ * at m = 8, the slowest row count of the bucket, and win only where they
+ * beat cuBLASLt's best (timed at the plan's m) there too. */
+static void try_gemv(cuda_backend *c, mm_plan *p, const uint16_t *W,
+                     const uint16_t *x, void *y, float best)
+{
+    const int gm = PIE_CUDA_GEMV_MAX_M;
+    p->gemv_r = 0;
+    if (m_bucket(p->m) != gm || getenv("PIE_CUDA_NO_GEMV") ||
+        !pie__cuda_gemv_supported(gm, p->k, W, x))
+        return;
+    float lt = best, t[4], gbest = INFINITY;
+    int gr = 0;
+    for (int r = 1, i = 0; r <= 8; r *= 2, i++) {
+        t[i] = time_cand(c, p, (mm_cand){ NULL, r, gm }, W, x, y, 3);
+        if (t[i] < gbest) { gbest = t[i]; gr = r; }
+    }
+    /* PIE_CUDA_GEMV=1: gemv.cu whenever it runs (its start overlaps the
+     * kernel before under PDL, which the timing above does not see) */
+    if (gbest < lt || (getenv("PIE_CUDA_GEMV") && gbest < INFINITY))
+        p->gemv_r = gr;
+    if (getenv("PIE_CUDA_TUNE_LOG"))
+        fprintf(stderr, "pie: tune n %d k %d: cublasLt %.1f us, gemv r1/2/4/8 "
+                "%.1f/%.1f/%.1f/%.1f us (m %d) -> %s\n", p->n, p->k,
+                lt * 1e3, t[0] * 1e3, t[1] * 1e3, t[2] * 1e3, t[3] * 1e3, gm,
+                p->gemv_r ? "gemv" : "cublasLt");
 }
 
 static void pick_algo(cuda_backend *c, mm_plan *p,
@@ -477,6 +533,7 @@ static void pick_algo(cuda_backend *c, mm_plan *p,
                       const uint16_t *W, const uint16_t *x, void *y)
 {
     p->algo = res[0].algo;
+    p->gemv_r = 0;
     if (!can_tune(c, p, found)) return;
     int mb = m_bucket(p->m);
     tuned_algo *t = tuned_find(c, p, mb);
@@ -485,17 +542,19 @@ static void pick_algo(cuda_backend *c, mm_plan *p,
                                      &t->algo, &chk) == CUBLAS_STATUS_SUCCESS &&
         chk.workspaceSize <= LT_WS_BYTES) {
         p->algo = t->algo;
+        p->gemv_r = t->gemv_r;
         return;
     }
     float best = INFINITY;
     for (int i = 0; i < found; i++) {
-        float ms = time_algo(c, p, &res[i].algo, W, x, y, 3);
+        float ms = time_cand(c, p, (mm_cand){ &res[i].algo, 0, 0 }, W, x, y, 3);
         if (ms < best) { best = ms; p->algo = res[i].algo; }
     }
     try_split_k(c, p, res, found, W, x, y, &best);
+    try_gemv(c, p, W, x, y, best);
     if (!t) t = &c->tuned[c->n_tuned < TUNED_MAX ? c->n_tuned++
                                                  : (c->tuned_next++ % TUNED_MAX)];
-    *t = (tuned_algo){ p->n, p->k, p->y_f32, mb, p->algo };
+    *t = (tuned_algo){ p->n, p->k, p->y_f32, mb, p->algo, p->gemv_r };
 }
 
 static int plan_make(cuda_backend *c, mm_plan *p, int m, int n, int k,
@@ -557,6 +616,9 @@ static int mm(cuda_backend *c, void *y, int y_f32,
         int rc = plan_make(c, p, m, n, k, y_f32, W, x, y);
         if (rc) { plan_free(p); return rc; }
     }
+    if (p->gemv_r > 0 &&
+        pie__cuda_gemv(y, y_f32, W, n, k, x, m, p->gemv_r, pie__cuda_pdl(), c->st) == 0)
+        return 0;
     CKLT(mm_run(c, p, &p->algo, W, x, y));
     return 0;
 }

@@ -137,6 +137,24 @@ void pie__cuda_attention_flash_dec(uint16_t *out, float *part_o,
 /* out (n, hidden) bf16 = silu(gu[:, :hidden]) * gu[:, hidden:], gu bf16 */
 void pie__cuda_silu_mul(uint16_t *out, const uint16_t *gu, int n, int hidden,
                         cudaStream_t s);
+/* Programmatic dependent launch level (kernels.cu): 0 off
+ * (PIE_CUDA_NO_PDL=1), 1 gemv.cu only (default), 2 every layer kernel
+ * (PIE_CUDA_PDL_ALL=1). */
+int pie__cuda_pdl(void);
+
+/* ---- small-m matmul (gemv.cu) ---- */
+#define PIE_CUDA_GEMV_MAX_M 8
+/* 1 when pie__cuda_gemv can run this shape: 1 <= m <= 8, k % 8 == 0,
+ * W and x 16-byte aligned. */
+int pie__cuda_gemv_supported(int m, int k, const void *W, const void *x);
+/* y (m, n) = x (m, k) . W^T, W (n, k) bf16, x bf16, y f32 (y_f32) or bf16;
+ * r = warps per block of 16 output rows, splitting k (1, 2, 4 or 8); pdl = 1 launches it as a
+ * programmatic dependent of the previous kernel (its weight loads start
+ * before that kernel ends). Returns -1 (nothing launched) for an
+ * unsupported shape or r, or a failed launch. */
+int pie__cuda_gemv(void *y, int y_f32, const uint16_t *W, int n, int k,
+                   const uint16_t *x, int m, int r, int pdl, cudaStream_t s);
+
 /* Fills n bf16 values with N(0, std) from seed (or the constant std when
  * constant != 0). */
 void pie__cuda_fill_bf16(uint16_t *p, int64_t n, uint64_t seed, float std,

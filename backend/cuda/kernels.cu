@@ -7,6 +7,7 @@
 #include <cuda_bf16.h>
 #include <math.h>
 #include <stdint.h>
+#include <stdlib.h>
 
 #include "backend/cuda/cuda_kernels.h"
 
@@ -41,6 +42,54 @@ static __device__ __forceinline__ float warp_max(float v)
     for (int o = WARP / 2; o > 0; o >>= 1)
         v = fmaxf(v, __shfl_xor_sync(0xffffffffu, v, o));
     return v;
+}
+
+/*
+ * Programmatic dependent launch (PDL). A kernel launched as a programmatic
+ * dependent (gemv.cu; with PIE_CUDA_PDL_ALL=1 also the layer kernels here,
+ * through launch_pdl) may start while the kernel before it still runs.
+ * Every layer kernel begins with pdl_begin: it lets the next kernel start
+ * its blocks (griddepcontrol.launch_dependents, effective once all of this
+ * grid's blocks have run it), then waits until the kernel before has
+ * completed and its writes are visible (griddepcontrol.wait; a no-op
+ * under a plain launch) before it reads or writes anything. Since every
+ * kernel waits before it completes, completion stays ordered along the
+ * stream; what overlaps is a kernel's launch and start-up (gemv.cu: its
+ * first weight loads) with the tail of the one before. Measured on the
+ * H100 (NOTES.md), PDL for gemv.cu alone is the default; PIE_CUDA_NO_PDL=1
+ * turns it off.
+ */
+static __device__ __forceinline__ void pdl_begin(void)
+{
+    asm volatile("griddepcontrol.launch_dependents;");
+    asm volatile("griddepcontrol.wait;" ::: "memory");
+}
+
+extern "C" int pie__cuda_pdl(void)
+{
+    static int level = -1;
+    if (level < 0)
+        level = getenv("PIE_CUDA_NO_PDL") ? 0 : getenv("PIE_CUDA_PDL_ALL") ? 2 : 1;
+    return level;
+}
+
+/* kernel<<<grid, block, smem, s>>>(args...) as a programmatic dependent
+ * of the stream's previous kernel (errors surface in cudaGetLastError). */
+template <typename... P, typename... A>
+static void launch_pdl(void (*kernel)(P...), dim3 grid, dim3 block,
+                       size_t smem, cudaStream_t s, A... args)
+{
+    cudaLaunchConfig_t cfg = {};
+    cudaLaunchAttribute at[1];
+    at[0].id = cudaLaunchAttributeProgrammaticStreamSerialization;
+    at[0].val.programmaticStreamSerializationAllowed = 1;
+    cfg.gridDim = grid;
+    cfg.blockDim = block;
+    cfg.dynamicSmemBytes = smem;
+    cfg.stream = s;
+    cfg.attrs = at;
+    cfg.numAttrs = pie__cuda_pdl() >= 2;
+    cudaLaunchKernelEx(&cfg, kernel, args...);
 }
 
 /* Sum over the block (blockDim.x a multiple of 32, <= 1024). */
@@ -87,6 +136,7 @@ __global__ void rmsnorm_kernel(uint16_t *out, float *x, const float *d,
                                const float *w, const int32_t *rows, int dim,
                                float eps)
 {
+    pdl_begin();
     // out (n, dim) bf16, x (*, dim) f32, d like x or NULL
     __shared__ float red[32];
     int i = blockIdx.x;
@@ -120,6 +170,7 @@ __global__ void rmsnorm_vec_kernel(uint16_t *out, float *x, const float *d,
                                    const float *w, const int32_t *rows,
                                    int dim, float eps)
 {
+    pdl_begin();
     // out (n, dim) bf16, x (*, dim) f32, d like x or NULL
     __shared__ float red[32];
     int i = blockIdx.x, n4 = dim / 4;
@@ -159,9 +210,9 @@ extern "C" void pie__cuda_add_rmsnorm(uint16_t *out, float *x, const float *d,
     int n4 = dim / 4, th = (n4 + 31) & ~31;
     if (th > 1024) th = 1024;
     if (dim % 4 == 0 && n4 <= RMS_VEC * th)
-        rmsnorm_vec_kernel<<<n, th, 0, s>>>(out, x, d, w, rows, dim, eps);
+        launch_pdl(rmsnorm_vec_kernel, n, th, 0, s, out, x, d, w, rows, dim, eps);
     else
-        rmsnorm_kernel<<<n, 256, 0, s>>>(out, x, d, w, rows, dim, eps);
+        launch_pdl(rmsnorm_kernel, n, 256, 0, s, out, x, d, w, rows, dim, eps);
 }
 
 extern "C" void pie__cuda_rmsnorm(uint16_t *out, const float *x,
@@ -185,6 +236,7 @@ __global__ void qkv_post_kernel(float *q, const uint16_t *qkv, const float *bias
                                 pie_cuda_tokmeta tm, pie_cuda_kv kv, int layer,
                                 int nh)
 {
+    pdl_begin();
     // q (n, nh*hd) f32, qkv (n, (nh+2nkv)*hd) bf16
     __shared__ float rcos[128], rsin[128];  /* this token's angles, hd <= 256 */
     int t = blockIdx.x, hd = kv.head_dim, nkv = kv.n_kv, half = hd / 2;
@@ -257,8 +309,9 @@ extern "C" void pie__cuda_qkv_post(float *q, const uint16_t *qkv,
     int groups = (nh + 2 * kv->n_kv + QKV_WARPS - 1) / QKV_WARPS;
     if (groups > 65535) groups = 65535;
     if (n > 0)
-        qkv_post_kernel<<<dim3(n, groups), QKV_WARPS * WARP, 0, s>>>(
-            q, qkv, bias, q_norm, k_norm, eps, inv_freq, *tm, *kv, layer, nh);
+        launch_pdl(qkv_post_kernel, dim3(n, groups), QKV_WARPS * WARP, 0, s,
+                   q, qkv, bias, q_norm, k_norm, eps, inv_freq, *tm, *kv,
+                   layer, nh);
 }
 
 /* ------------------------------------------------------------ attention */
@@ -303,6 +356,7 @@ attention_kernel(uint16_t *out, float *part_o, float *part_ml, const float *q,
                  const pie_cuda_attn_item *items, pie_cuda_tokmeta tm,
                  pie_cuda_kv kv, int layer, int nh, int cs)
 {
+    pdl_begin();
     // out (n, nh*hd) bf16, q (n, nh*hd) f32
     extern __shared__ float smem[];
     pie_cuda_attn_item it = items[blockIdx.x];
@@ -486,8 +540,8 @@ extern "C" void pie__cuda_attention(uint16_t *out, float *part_o,
                              cudaFuncAttributeMaxDynamicSharedMemorySize, (int)sm);
         set = sm;
     }
-    attention_kernel<<<n_items, ATT_THREADS, sm, s>>>(out, part_o, part_ml, q,
-                                                      items, *tm, *kv, layer, nh, cs);
+    launch_pdl(attention_kernel, n_items, ATT_THREADS, sm, s, out, part_o,
+               part_ml, q, items, *tm, *kv, layer, nh, cs);
 }
 
 /* Merge of split partials. Each warp takes partial rows r of the item: its
@@ -502,6 +556,7 @@ __global__ void attn_merge_kernel(uint16_t *out, const float *part_o,
                                   const pie_cuda_merge_item *items, int nh,
                                   int nkv, int hd)
 {
+    pdl_begin();
     // out (n, nh*hd) bf16; partial rows (rows, hd)
     __shared__ float wt[MERGE_W];
     pie_cuda_merge_item it = items[blockIdx.x];
@@ -560,7 +615,7 @@ extern "C" void pie__cuda_attn_merge(uint16_t *out, const float *part_o,
                                      cudaStream_t s)
 {
     if (n_items > 0)
-        attn_merge_kernel<<<n_items, 256, 0, s>>>(out, part_o, part_ml, items,
+        launch_pdl(attn_merge_kernel, n_items, 256, 0, s, out, part_o, part_ml, items,
                                                   nh, nkv, hd);
 }
 
@@ -750,6 +805,7 @@ flash_attn_kernel(uint16_t *out, float *part_o, float *part_ml, const float *q,
                   const pie_cuda_attn_item *items, pie_cuda_tokmeta tm,
                   pie_cuda_kv kv, int layer, int nh)
 {
+    pdl_begin();
     // out (n, nh*HD) bf16, q (n, nh*HD) f32; smem 2 x (K, V) blocks
     constexpr int LD = HD + 8, NK = HD / 16, ND = HD / 8;
     constexpr int NS = WS ? FA_BN / 8 / 4 : FA_BN / 8;    /* n-tiles of S */
@@ -971,8 +1027,9 @@ static void flash_launch(uint16_t *out, float *part_o, float *part_ml,
                              cudaFuncAttributeMaxDynamicSharedMemorySize, (int)sm);
         set = 1;
     }
-    flash_attn_kernel<HD, WS><<<n_items, WS ? FA_WS_THREADS : FA_THREADS, sm, s>>>(
-        out, part_o, part_ml, q, items, *tm, *kv, layer, nh);
+    launch_pdl(flash_attn_kernel<HD, WS>, n_items,
+               WS ? FA_WS_THREADS : FA_THREADS, sm, s, out, part_o, part_ml, q,
+               items, *tm, *kv, layer, nh);
 }
 
 template <bool WS>
@@ -1026,6 +1083,7 @@ static __device__ __forceinline__ float silu_mul1(float g, float u)
 __global__ void silu_mul_kernel(uint16_t *out, const uint16_t *gu,
                                 int64_t total, int hidden)
 {
+    pdl_begin();
     // out (n, hidden) bf16, gu (n, 2*hidden) bf16
     for (int64_t k = blockIdx.x * (int64_t)blockDim.x + threadIdx.x; k < total;
          k += (int64_t)gridDim.x * blockDim.x) {
@@ -1039,6 +1097,7 @@ __global__ void silu_mul_kernel(uint16_t *out, const uint16_t *gu,
 __global__ void silu_mul2_kernel(uint32_t *out, const uint32_t *gu,
                                  int64_t total2, int hidden2)
 {
+    pdl_begin();
     // out (n, hidden/2) bf16 pairs, gu (n, hidden) bf16 pairs
     for (int64_t k = blockIdx.x * (int64_t)blockDim.x + threadIdx.x; k < total2;
          k += (int64_t)gridDim.x * blockDim.x) {
@@ -1060,11 +1119,11 @@ extern "C" void pie__cuda_silu_mul(uint16_t *out, const uint16_t *gu, int n,
     int blocks = (int)((work + 255) / 256);
     if (blocks > 132 * 16) blocks = 132 * 16;
     if (vec)
-        silu_mul2_kernel<<<blocks, 256, 0, s>>>(
-            reinterpret_cast<uint32_t *>(out),
-            reinterpret_cast<const uint32_t *>(gu), work, hidden / 2);
+        launch_pdl(silu_mul2_kernel, blocks, 256, 0, s,
+                   reinterpret_cast<uint32_t *>(out),
+                   reinterpret_cast<const uint32_t *>(gu), work, hidden / 2);
     else
-        silu_mul_kernel<<<blocks, 256, 0, s>>>(out, gu, total, hidden);
+        launch_pdl(silu_mul_kernel, blocks, 256, 0, s, out, gu, total, hidden);
 }
 
 /* ----------------------------------------------------------- fill/misc */

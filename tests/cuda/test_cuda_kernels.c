@@ -2,7 +2,8 @@
  * test_cuda_kernels.c — every CUDA kernel of backend/cuda against a plain C
  * twin written here from the math (llm.c's dev/cuda habit): odd sizes,
  * ragged batches, shuffled pages, causal and run-length masks, split and
- * unsplit attention, every sampler and probe against pie_sample_row().
+ * unsplit attention, the small-m matmul, every sampler and probe against
+ * pie_sample_row().
  * Skips (77) when no GPU is present.
  */
 #include <cuda_runtime_api.h>
@@ -135,6 +136,75 @@ static void test_silu(void)
 {
     test_silu_hid(203);
     test_silu_hid(256);
+}
+
+/* --------------------------------------------------------------- gemv */
+/* y = x . W^T for one (n, k, y_f32) over every m <= 8 and warps per block
+ * r against a double-precision twin; for each r, row 0's result must not
+ * depend on m (batched and single decode agree bit for bit). */
+static void test_gemv_shape(int n, int k, int y_f32)
+{
+    const int M = PIE_CUDA_GEMV_MAX_M;
+    uint16_t *W = malloc(2 * (size_t)n * k), *x = malloc(2 * (size_t)M * k);
+    for (size_t i = 0; i < (size_t)n * k; i++) W[i] = pie_f32_to_bf16(frand());
+    for (int i = 0; i < M * k; i++) x[i] = pie_f32_to_bf16(frand());
+    double *ref = malloc(sizeof(double) * M * n), *abs_ = malloc(sizeof(double) * M * n);
+    for (int j = 0; j < M; j++)
+        for (int o = 0; o < n; o++) {
+            double acc = 0, a = 0;
+            for (int i = 0; i < k; i++) {
+                double p = (double)bf(W[(size_t)o * k + i]) * bf(x[j * k + i]);
+                acc += p; a += fabs(p);
+            }
+            ref[j * n + o] = acc; abs_[j * n + o] = a;
+        }
+    uint16_t *dW = dput(W, 2 * (size_t)n * k), *dx = dput(x, 2 * (size_t)M * k);
+    size_t yb = (size_t)M * n * 4;
+    void *dy = dput(NULL, yb);
+    float *y = malloc(yb), row0[4];
+    for (int r = 1, ri = 0; r <= 8; r *= 2, ri++)
+        for (int m = 1; m <= M; m++) {
+            CU(cudaMemset(dy, 0xff, yb));
+            CHECK(pie__cuda_gemv(dy, y_f32, dW, n, k, dx, m, r, r == 2, 0) == 0,
+                  "gemv m %d r %d refused", m, r);
+            dget(y, dy, yb);
+            for (int j = 0; j < m; j++)
+                for (int o = 0; o < n; o++) {
+                    float got = y_f32 ? y[j * n + o]
+                                      : bf(((uint16_t *)y)[j * n + o]);
+                    double tol = (y_f32 ? 1e-4 : 8e-3) * abs_[j * n + o] + 1e-6;
+                    CHECK(fabs(got - ref[j * n + o]) <= tol,
+                          "gemv n %d k %d m %d r %d y[%d][%d]: gpu %g cpu %g",
+                          n, k, m, r, j, o, got, ref[j * n + o]);
+                }
+            float g0 = y_f32 ? y[0] : bf(((uint16_t *)y)[0]);
+            CHECK(m == 1 || memcmp(&g0, &row0[ri], 4) == 0,
+                  "gemv row 0 differs at m %d r %d", m, r);
+            row0[ri] = g0;
+            /* nothing past the m rows is written */
+            uint32_t past = 0;
+            if (m < M) memcpy(&past, (char *)y + (size_t)m * n * (y_f32 ? 4 : 2), 4);
+            CHECK(m == M || past == 0xffffffffu, "gemv m %d wrote past row m", m);
+        }
+    printf("gemv: n %d k %d %s, m 1..%d, r 1/2/4/8 ok\n", n, k,
+           y_f32 ? "f32" : "bf16", M);
+    cudaFree(dW); cudaFree(dx); cudaFree(dy);
+    free(W); free(x); free(ref); free(abs_); free(y);
+}
+
+static void test_gemv(void)
+{
+    test_gemv_shape(1, 8, 1);
+    test_gemv_shape(37, 264, 0);      /* k % 32 != 0: a partial step; n odd */
+    test_gemv_shape(203, 2048, 1);
+    test_gemv_shape(130, 4104, 0);    /* steps past the unrolled batches */
+    test_gemv_shape(16, 14336, 1);
+    uint16_t *d = dput(NULL, 64);
+    CHECK(!pie__cuda_gemv_supported(1, 12, d, d), "k not a multiple of 8 accepted");
+    CHECK(!pie__cuda_gemv_supported(9, 16, d, d), "m > 8 accepted");
+    CHECK(!pie__cuda_gemv_supported(1, 16, d + 1, d), "unaligned W accepted");
+    CHECK(pie__cuda_gemv(d, 1, d, 2, 16, d, 1, 3, 0, 0) == -1, "r = 3 accepted");
+    cudaFree(d);
 }
 
 /* ------------------------------------------------- batch of requests */
@@ -587,6 +657,7 @@ int main(void)
         TEST_SKIP("no CUDA GPU");
     test_rmsnorm();
     test_silu();
+    test_gemv();
     test_copy_slots();
     test_qkv_post(4, 2, 16, 1, 0);
     test_qkv_post(8, 2, 64, 0, 1);

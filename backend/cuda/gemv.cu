@@ -1,0 +1,206 @@
+/*
+ * gemv.cu — a hand-written matmul for decode batches of at most 8 rows,
+ * y (m, n) = x (m, k) · W^T with W (n, k) bf16 row-major, x bf16, y f32 or
+ * bf16, fp32 accumulation.
+ *
+ * Why: at m <= 8 a matmul only streams W, and cuBLASLt reaches 1.0–2.4 TB/s
+ * there (backend/cuda/NOTES.md, round 3). cuda_backend.c times this kernel
+ * against cuBLASLt's candidates for each weight shape when the backend is
+ * created and keeps whichever is faster (PIE_CUDA_NO_GEMV=1: cuBLASLt only).
+ *
+ * Work split: one block owns 16 output rows; its WARPS warps share the k
+ * dimension in steps of 32 (warp w takes steps w, w + WARPS, ...) and add
+ * their partial sums in shared memory, in a fixed order. Per step each lane
+ * loads 16 bytes (8 bf16) of two weight rows and of one x row, and the
+ * warp runs two tensor-core mma.m16n8k16 (bf16 in, f32 accumulate): W is
+ * the 16x16 A operand, the (up to) 8 rows of x the 16x8 B operand. A dot
+ * product does not care in which order k is visited, so the k index of
+ * the fragments is permuted to match 16-byte loads: lane (g = lane/4,
+ * c = lane%4) holds k = 8c..8c+7 of rows g and g+8 of W and of row g of x;
+ * words 0,1 (k 8c..8c+3) feed the first mma in the slots of logical k
+ * 2c,2c+1 / 2c+8,2c+9, words 2,3 the second. No value is converted.
+ * Loads run two rounds of U steps ahead of the multiplies to keep HBM
+ * busy. Rows of x past
+ * m repeat row m-1 and are not stored; a column of the product does not
+ * depend on the others, so a row's result does not depend on m (batched
+ * and single decode agree bit for bit).
+ */
+#include <cuda_bf16.h>
+#include <stdint.h>
+
+#include "backend/cuda/cuda_kernels.h"
+
+#define GEMV_ROWS 16               /* output rows per block (mma M)         */
+#define GEMV_U    4                /* steps of 32 k per load round          */
+
+/* Streamed once: bypass L1 (x, reused by every block, goes through it). */
+static __device__ __forceinline__ uint4 ld_stream(const uint16_t *p)
+{
+    uint4 v;
+    asm volatile("ld.global.nc.L1::no_allocate.v4.u32 {%0,%1,%2,%3}, [%4];"
+                 : "=r"(v.x), "=r"(v.y), "=r"(v.z), "=r"(v.w)
+                 : "l"(p));
+    return v;
+}
+
+static __device__ __forceinline__ void mma16816(float *d, uint32_t a0,
+                                                uint32_t a1, uint32_t a2,
+                                                uint32_t a3, uint32_t b0,
+                                                uint32_t b1)
+{
+    asm volatile("mma.sync.aligned.m16n8k16.row.col.f32.bf16.bf16.f32 "
+                 "{%0,%1,%2,%3}, {%4,%5,%6,%7}, {%8,%9}, {%0,%1,%2,%3};"
+                 : "+f"(d[0]), "+f"(d[1]), "+f"(d[2]), "+f"(d[3])
+                 : "r"(a0), "r"(a1), "r"(a2), "r"(a3), "r"(b0), "r"(b1));
+}
+
+/* The weight chunks of U steps from step s0 (zeros past k). */
+template <int WARPS>
+static __device__ __forceinline__ void load_w(uint4 *A, uint4 *B,
+                                              const uint16_t *wa,
+                                              const uint16_t *wb, int s0,
+                                              int k8, int k)
+{
+#pragma unroll
+    for (int u = 0; u < GEMV_U; u++) {
+        int kk = (s0 + u * WARPS) * 32 + k8;
+        A[u] = kk < k ? ld_stream(wa + kk) : make_uint4(0, 0, 0, 0);
+        B[u] = kk < k ? ld_stream(wb + kk) : make_uint4(0, 0, 0, 0);
+    }
+}
+
+/* The x chunks of the same U steps (zeros past k). */
+template <int WARPS>
+static __device__ __forceinline__ void load_x(uint4 *X, const uint16_t *xr,
+                                              int s0, int k8, int k)
+{
+#pragma unroll
+    for (int u = 0; u < GEMV_U; u++) {
+        int kk = (s0 + u * WARPS) * 32 + k8;
+        X[u] = kk < k ? __ldg(reinterpret_cast<const uint4 *>(xr + kk))
+                      : make_uint4(0, 0, 0, 0);
+    }
+}
+
+/* d += the U steps from s0 held in A, B (W) and X. */
+template <int WARPS>
+static __device__ __forceinline__ void mma_steps(float *d, const uint4 *A,
+                                                 const uint4 *B,
+                                                 const uint4 *X, int s0,
+                                                 int steps)
+{
+#pragma unroll
+    for (int u = 0; u < GEMV_U; u++) {
+        if (s0 + u * WARPS >= steps) break;         /* uniform in the warp */
+        mma16816(d, A[u].x, B[u].x, A[u].y, B[u].y, X[u].x, X[u].y);
+        mma16816(d, A[u].z, B[u].z, A[u].w, B[u].w, X[u].z, X[u].w);
+    }
+}
+
+/* Writes the 16 x m block of y from the C fragment of lane (g, c). */
+static __device__ __forceinline__ void store_c(void *y, int y_f32, int n,
+                                               int m, int row0, int g, int c,
+                                               const float *d)
+{
+#pragma unroll
+    for (int i = 0; i < 4; i++) {
+        int row = row0 + g + (i / 2) * 8, col = 2 * c + i % 2;
+        if (row >= n || col >= m) continue;
+        size_t at = (size_t)col * n + row;
+        if (y_f32) static_cast<float *>(y)[at] = d[i];
+        else {
+            __nv_bfloat16 b = __float2bfloat16_rn(d[i]);
+            static_cast<uint16_t *>(y)[at] = *reinterpret_cast<uint16_t *>(&b);
+        }
+    }
+}
+
+template <int WARPS>
+__global__ void __launch_bounds__(WARPS * 32, 16 / WARPS)
+gemv_kernel(void *y, int y_f32, const uint16_t *W, const uint16_t *x, int n,
+            int k, int m)
+{
+    __shared__ float red[WARPS > 1 ? WARPS : 1][32 * 4];
+    int lane = threadIdx.x % 32, w = threadIdx.x / 32;
+    int g = lane / 4, c = lane % 4, k8 = 8 * c, row0 = blockIdx.x * GEMV_ROWS;
+    const uint16_t *wa = W + (size_t)min(row0 + g, n - 1) * k;
+    const uint16_t *wb = W + (size_t)min(row0 + g + 8, n - 1) * k;
+    const uint16_t *xr = x + (size_t)min(g, m - 1) * k;
+    int steps = (k + 31) / 32;
+    float d[4] = { 0.0f, 0.0f, 0.0f, 0.0f };
+    /* Two rounds of loads in flight: round i+1 is issued before round i
+     * is multiplied. The first weight loads do not depend on the kernel
+     * before (which writes x): under programmatic dependent launch they are
+     * issued while it finishes, and only then does the grid wait for it. */
+    uint4 A0[GEMV_U], B0[GEMV_U], X0[GEMV_U], A1[GEMV_U], B1[GEMV_U], X1[GEMV_U];
+    const int R = GEMV_U * WARPS;                   /* steps per round */
+    asm volatile("griddepcontrol.launch_dependents;");
+    load_w<WARPS>(A0, B0, wa, wb, w, k8, k);
+    asm volatile("griddepcontrol.wait;" ::: "memory");
+    load_x<WARPS>(X0, xr, w, k8, k);
+    for (int s0 = w; s0 < steps; s0 += 2 * R) {
+        if (s0 + R < steps) {
+            load_w<WARPS>(A1, B1, wa, wb, s0 + R, k8, k);
+            load_x<WARPS>(X1, xr, s0 + R, k8, k);
+        }
+        mma_steps<WARPS>(d, A0, B0, X0, s0, steps);
+        if (s0 + 2 * R < steps) {
+            load_w<WARPS>(A0, B0, wa, wb, s0 + 2 * R, k8, k);
+            load_x<WARPS>(X0, xr, s0 + 2 * R, k8, k);
+        }
+        if (s0 + R < steps) mma_steps<WARPS>(d, A1, B1, X1, s0 + R, steps);
+    }
+    if (WARPS > 1) {
+#pragma unroll
+        for (int i = 0; i < 4; i++) red[w][lane * 4 + i] = d[i];
+        __syncthreads();
+        if (w != 0) return;
+        for (int v = 1; v < WARPS; v++)
+#pragma unroll
+            for (int i = 0; i < 4; i++) d[i] += red[v][lane * 4 + i];
+    }
+    store_c(y, y_f32, n, m, row0, g, c, d);
+}
+
+/* pdl: launched as a programmatic dependent of the stream's previous
+ * kernel (which lets it start early: see pdl_begin in kernels.cu). */
+template <int WARPS>
+static int gemv_launch(void *y, int y_f32, const uint16_t *W, int n, int k,
+                       const uint16_t *x, int m, int pdl, cudaStream_t s)
+{
+    cudaLaunchConfig_t cfg = {};
+    cudaLaunchAttribute at[1];
+    at[0].id = cudaLaunchAttributeProgrammaticStreamSerialization;
+    at[0].val.programmaticStreamSerializationAllowed = 1;
+    cfg.gridDim = dim3((n + GEMV_ROWS - 1) / GEMV_ROWS);
+    cfg.blockDim = dim3(WARPS * 32);
+    cfg.stream = s;
+    cfg.attrs = at;
+    cfg.numAttrs = pdl ? 1 : 0;
+    if (cudaLaunchKernelEx(&cfg, gemv_kernel<WARPS>, y, y_f32, W, x, n, k,
+                           m) == cudaSuccess)
+        return 0;
+    cudaGetLastError();
+    return -1;
+}
+
+extern "C" int pie__cuda_gemv_supported(int m, int k, const void *W,
+                                        const void *x)
+{
+    return m >= 1 && m <= PIE_CUDA_GEMV_MAX_M && k > 0 && k % 8 == 0 &&
+           (uintptr_t)W % 16 == 0 && (uintptr_t)x % 16 == 0;
+}
+
+extern "C" int pie__cuda_gemv(void *y, int y_f32, const uint16_t *W, int n,
+                              int k, const uint16_t *x, int m, int r,
+                              int pdl, cudaStream_t s)
+{
+    if (!pie__cuda_gemv_supported(m, k, W, x) || n <= 0) return -1;
+    switch (r) {
+    case 1: return gemv_launch<1>(y, y_f32, W, n, k, x, m, pdl, s);
+    case 2: return gemv_launch<2>(y, y_f32, W, n, k, x, m, pdl, s);
+    case 4: return gemv_launch<4>(y, y_f32, W, n, k, x, m, pdl, s);
+    case 8: return gemv_launch<8>(y, y_f32, W, n, k, x, m, pdl, s);
+    default: return -1;
+    }
+}
