@@ -17,6 +17,8 @@
 #   kernels the kernel differential test alone
 #   tune    the timed matmul choices (cuBLASLt vs gemv.cu) of both shapes
 #   pdl     decode with PDL for gemv.cu (default), for all, none; cuBLASLt only
+#   b1      batch-1 decode, default and PIE_CUDA_NO_GEMV=1
+#   nsys    per-kernel GPU time of three decode shapes (nsys)
 #   prof    per-kernel GPU time of 1B decode (nsys) and speed of light of
 #           the decode kernels (ncu), where those tools are installed
 set -u
@@ -103,6 +105,12 @@ for phase in "$@"; do
                 | grep "tune" | tee -a "$OUT/summary.log"
         done
         ;;
+    b1)     # batch-1 decode of both shapes, gemv.cu (default) and cuBLASLt only
+        for cfg in "llama-3.2-1b 1 512 48" "llama-3.1-8b 1 512 24"; do
+            TAG="dflt " bench $cfg
+            PIE_CUDA_NO_GEMV=1 TAG="lt " bench $cfg
+        done
+        ;;
     pdl)    # PDL for gemv.cu only (default) / for all / off; cuBLASLt only
         log "pdl: default, PIE_CUDA_PDL_ALL=1, PIE_CUDA_NO_PDL=1, PIE_CUDA_NO_GEMV=1"
         for cfg in "llama-3.2-1b 1 512 48" "llama-3.2-1b 16 512 48" \
@@ -155,6 +163,19 @@ for phase in "$@"; do
         for B in 1 64; do
             bench llama-3.1-8b $B 2048 24
             PIE_CUDA_NO_GRAPH=1 bench llama-3.1-8b $B 2048 24
+        done
+        ;;
+    nsys)   # per-kernel GPU time (nsys, graph nodes traced) of decode steps
+        for cfg in "llama-3.2-1b 64 512" "llama-3.1-8b 1 512" "llama-3.2-1b 16 2048"; do
+            set -- $cfg
+            f=kern_$1_b$2_l$3
+            timeout 200 nsys profile -o /tmp/pie/$f --force-overwrite true \
+                --cuda-graph-trace=node $R pie bench forward --backend cuda \
+                --model random:$1 --batch $2 --prompt-len $3 --gen 32 \
+                > "$OUT/nsys.log" 2>&1
+            nsys stats --report cuda_gpu_kern_sum --format csv \
+                /tmp/pie/$f.nsys-rep > "$OUT/$f.csv" 2>> "$OUT/nsys.log"
+            echo "nsys $cfg rc=$?" | tee -a "$OUT/summary.log"
         done
         ;;
     prof)

@@ -9,18 +9,20 @@
  * created and keeps whichever is faster (PIE_CUDA_NO_GEMV=1: cuBLASLt only).
  *
  * Work split: one block owns 16 output rows; its WARPS warps share the k
- * dimension in steps of 32 (warp w takes steps w, w + WARPS, ...) and add
- * their partial sums in shared memory, in a fixed order. Per step each lane
- * loads 16 bytes (8 bf16) of two weight rows and of one x row, and the
- * warp runs two tensor-core mma.m16n8k16 (bf16 in, f32 accumulate): W is
- * the 16x16 A operand, the (up to) 8 rows of x the 16x8 B operand. A dot
- * product does not care in which order k is visited, so the k index of
- * the fragments is permuted to match 16-byte loads: lane (g = lane/4,
- * c = lane%4) holds k = 8c..8c+7 of rows g and g+8 of W and of row g of x;
- * words 0,1 (k 8c..8c+3) feed the first mma in the slots of logical k
- * 2c,2c+1 / 2c+8,2c+9, words 2,3 the second. No value is converted.
- * Loads run two rounds of U steps ahead of the multiplies to keep HBM
- * busy. Rows of x past
+ * dimension in steps of GEMV_STEP (warp w takes steps w, w + WARPS, ...)
+ * and add their partial sums in shared memory, in a fixed order. Per step
+ * each lane loads GEMV_CH adjacent 16-byte chunks (8 bf16 each) of two
+ * weight rows and of one x row, and the warp runs two tensor-core
+ * mma.m16n8k16 (bf16 in, f32 accumulate) per chunk: W is the 16x16 A
+ * operand, the (up to) 8 rows of x the 16x8 B operand. A dot product does
+ * not care in which order k is visited, so the k index of the fragments is
+ * permuted to match the loads: lane (g = lane/4, c = lane%4) holds, per
+ * chunk, 8 consecutive k of rows g and g+8 of W and of row g of x; words
+ * 0,1 feed the first mma in the slots of logical k 2c,2c+1 / 2c+8,2c+9,
+ * words 2,3 the second. No value is converted. The 4 lanes of a row read
+ * 4 * GEMV_CH * 16 = 128 contiguous bytes (one L2 line) per step: 64 bytes
+ * (GEMV_CH = 1) ran at 2.0-2.7 TB/s, 128 at 2.4-3.1. Loads run a round
+ * (GEMV_U steps) ahead of the multiplies to keep HBM busy. Rows of x past
  * m repeat row m-1 and are not stored; a column of the product does not
  * depend on the others, so a row's result does not depend on m (batched
  * and single decode agree bit for bit).
@@ -31,7 +33,10 @@
 #include "backend/cuda/cuda_kernels.h"
 
 #define GEMV_ROWS 16               /* output rows per block (mma M)         */
-#define GEMV_U    4                /* steps of 32 k per load round          */
+#define GEMV_CH   2                /* 16-byte chunks per lane per row, step */
+#define GEMV_STEP (32 * GEMV_CH)   /* k per step                            */
+#define GEMV_U    2                /* steps per load round                  */
+#define GEMV_N    (GEMV_U * GEMV_CH) /* chunks per lane per round           */
 
 /* Streamed once: bypass L1 (x, reused by every block, goes through it). */
 static __device__ __forceinline__ uint4 ld_stream(const uint16_t *p)
@@ -54,35 +59,43 @@ static __device__ __forceinline__ void mma16816(float *d, uint32_t a0,
                  : "r"(a0), "r"(a1), "r"(a2), "r"(a3), "r"(b0), "r"(b1));
 }
 
-/* The weight chunks of U steps from step s0 (zeros past k). */
+/* k of chunk i (step u, chunk h) of a round from step s0 for a lane
+ * whose chunks start at kc within each step. */
+template <int WARPS>
+static __device__ __forceinline__ int chunk_k(int s0, int i, int kc)
+{
+    return (s0 + (i / GEMV_CH) * WARPS) * GEMV_STEP + kc + (i % GEMV_CH) * 8;
+}
+
+/* The weight chunks of a round from step s0 (zeros past k). */
 template <int WARPS>
 static __device__ __forceinline__ void load_w(uint4 *A, uint4 *B,
                                               const uint16_t *wa,
                                               const uint16_t *wb, int s0,
-                                              int k8, int k)
+                                              int kc, int k)
 {
 #pragma unroll
-    for (int u = 0; u < GEMV_U; u++) {
-        int kk = (s0 + u * WARPS) * 32 + k8;
-        A[u] = kk < k ? ld_stream(wa + kk) : make_uint4(0, 0, 0, 0);
-        B[u] = kk < k ? ld_stream(wb + kk) : make_uint4(0, 0, 0, 0);
+    for (int i = 0; i < GEMV_N; i++) {
+        int kk = chunk_k<WARPS>(s0, i, kc);
+        A[i] = kk < k ? ld_stream(wa + kk) : make_uint4(0, 0, 0, 0);
+        B[i] = kk < k ? ld_stream(wb + kk) : make_uint4(0, 0, 0, 0);
     }
 }
 
-/* The x chunks of the same U steps (zeros past k). */
+/* The x chunks of the same round (zeros past k). */
 template <int WARPS>
 static __device__ __forceinline__ void load_x(uint4 *X, const uint16_t *xr,
-                                              int s0, int k8, int k)
+                                              int s0, int kc, int k)
 {
 #pragma unroll
-    for (int u = 0; u < GEMV_U; u++) {
-        int kk = (s0 + u * WARPS) * 32 + k8;
-        X[u] = kk < k ? __ldg(reinterpret_cast<const uint4 *>(xr + kk))
+    for (int i = 0; i < GEMV_N; i++) {
+        int kk = chunk_k<WARPS>(s0, i, kc);
+        X[i] = kk < k ? __ldg(reinterpret_cast<const uint4 *>(xr + kk))
                       : make_uint4(0, 0, 0, 0);
     }
 }
 
-/* d += the U steps from s0 held in A, B (W) and X. */
+/* d += the round from s0 held in A, B (W) and X. */
 template <int WARPS>
 static __device__ __forceinline__ void mma_steps(float *d, const uint4 *A,
                                                  const uint4 *B,
@@ -90,10 +103,10 @@ static __device__ __forceinline__ void mma_steps(float *d, const uint4 *A,
                                                  int steps)
 {
 #pragma unroll
-    for (int u = 0; u < GEMV_U; u++) {
-        if (s0 + u * WARPS >= steps) break;         /* uniform in the warp */
-        mma16816(d, A[u].x, B[u].x, A[u].y, B[u].y, X[u].x, X[u].y);
-        mma16816(d, A[u].z, B[u].z, A[u].w, B[u].w, X[u].z, X[u].w);
+    for (int i = 0; i < GEMV_N; i++) {
+        if (s0 + (i / GEMV_CH) * WARPS >= steps) break;  /* warp-uniform */
+        mma16816(d, A[i].x, B[i].x, A[i].y, B[i].y, X[i].x, X[i].y);
+        mma16816(d, A[i].z, B[i].z, A[i].w, B[i].w, X[i].z, X[i].w);
     }
 }
 
@@ -122,31 +135,32 @@ gemv_kernel(void *y, int y_f32, const uint16_t *W, const uint16_t *x, int n,
 {
     __shared__ float red[WARPS > 1 ? WARPS : 1][32 * 4];
     int lane = threadIdx.x % 32, w = threadIdx.x / 32;
-    int g = lane / 4, c = lane % 4, k8 = 8 * c, row0 = blockIdx.x * GEMV_ROWS;
+    int g = lane / 4, c = lane % 4, kc = 8 * GEMV_CH * c;
+    int row0 = blockIdx.x * GEMV_ROWS;
     const uint16_t *wa = W + (size_t)min(row0 + g, n - 1) * k;
     const uint16_t *wb = W + (size_t)min(row0 + g + 8, n - 1) * k;
     const uint16_t *xr = x + (size_t)min(g, m - 1) * k;
-    int steps = (k + 31) / 32;
+    int steps = (k + GEMV_STEP - 1) / GEMV_STEP;
     float d[4] = { 0.0f, 0.0f, 0.0f, 0.0f };
     /* Two rounds of loads in flight: round i+1 is issued before round i
      * is multiplied. The first weight loads do not depend on the kernel
      * before (which writes x): under programmatic dependent launch they are
      * issued while it finishes, and only then does the grid wait for it. */
-    uint4 A0[GEMV_U], B0[GEMV_U], X0[GEMV_U], A1[GEMV_U], B1[GEMV_U], X1[GEMV_U];
+    uint4 A0[GEMV_N], B0[GEMV_N], X0[GEMV_N], A1[GEMV_N], B1[GEMV_N], X1[GEMV_N];
     const int R = GEMV_U * WARPS;                   /* steps per round */
     asm volatile("griddepcontrol.launch_dependents;");
-    load_w<WARPS>(A0, B0, wa, wb, w, k8, k);
+    load_w<WARPS>(A0, B0, wa, wb, w, kc, k);
     asm volatile("griddepcontrol.wait;" ::: "memory");
-    load_x<WARPS>(X0, xr, w, k8, k);
+    load_x<WARPS>(X0, xr, w, kc, k);
     for (int s0 = w; s0 < steps; s0 += 2 * R) {
         if (s0 + R < steps) {
-            load_w<WARPS>(A1, B1, wa, wb, s0 + R, k8, k);
-            load_x<WARPS>(X1, xr, s0 + R, k8, k);
+            load_w<WARPS>(A1, B1, wa, wb, s0 + R, kc, k);
+            load_x<WARPS>(X1, xr, s0 + R, kc, k);
         }
         mma_steps<WARPS>(d, A0, B0, X0, s0, steps);
         if (s0 + 2 * R < steps) {
-            load_w<WARPS>(A0, B0, wa, wb, s0 + 2 * R, k8, k);
-            load_x<WARPS>(X0, xr, s0 + 2 * R, k8, k);
+            load_w<WARPS>(A0, B0, wa, wb, s0 + 2 * R, kc, k);
+            load_x<WARPS>(X0, xr, s0 + 2 * R, kc, k);
         }
         if (s0 + R < steps) mma_steps<WARPS>(d, A1, B1, X1, s0 + R, steps);
     }
