@@ -151,6 +151,9 @@ int  pie_backend_cuda_available(void);
  * replayed from a graph); both 0 for other backends or without CUDA. */
 void pie_backend_cuda_graphs(const pie_backend *b, int64_t *captured,
                              int64_t *replayed);
+/* Matmuls a CUDA backend ran with gemv.cu (launched or captured into a
+ * graph) instead of cuBLASLt; 0 for other backends or without CUDA. */
+int64_t pie_backend_cuda_gemv_calls(const pie_backend *b);
 
 static inline int pie_backend_forward(pie_backend *b,
                                       const pie_forward_batch *batch,

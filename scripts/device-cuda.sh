@@ -17,7 +17,7 @@
 #   kernels the kernel differential test alone
 #   tune    the timed matmul choices (cuBLASLt vs gemv.cu) of both shapes
 #   pdl     decode with PDL for gemv.cu (default), for all, none; cuBLASLt only
-#   b1      batch-1 decode, default and PIE_CUDA_NO_GEMV=1
+#   b1      batch-1 and 16 decode, default and PIE_CUDA_NO_GEMV=1
 #   nsys    per-kernel GPU time of three decode shapes (nsys)
 #   prof    per-kernel GPU time of 1B decode (nsys) and speed of light of
 #           the decode kernels (ncu), where those tools are installed
@@ -98,7 +98,7 @@ for phase in "$@"; do
         timeout 150 $R test_cuda_kernels > "$OUT/kernels.log" 2>&1
         echo "kernels rc=$?" | tee -a "$OUT/summary.log"; tail -4 "$OUT/kernels.log"
         ;;
-    tune)   # the timed matmul choices of both shapes
+    tune)   # the timed matmul choices of both shapes (m buckets 8 and 16)
         for m in llama-3.2-1b llama-3.1-8b; do
             PIE_CUDA_TUNE_LOG=1 timeout 200 $R pie bench forward --backend cuda \
                 --model random:$m --batch 1 --prompt-len 64 --gen 2 2>&1 \
@@ -106,7 +106,8 @@ for phase in "$@"; do
         done
         ;;
     b1)     # batch-1 decode of both shapes, gemv.cu (default) and cuBLASLt only
-        for cfg in "llama-3.2-1b 1 512 48" "llama-3.1-8b 1 512 24"; do
+        for cfg in "llama-3.2-1b 1 512 48" "llama-3.1-8b 1 512 24" \
+                   "llama-3.2-1b 16 512 48" "llama-3.1-8b 16 512 24"; do
             TAG="dflt " bench $cfg
             PIE_CUDA_NO_GEMV=1 TAG="lt " bench $cfg
         done

@@ -1,7 +1,7 @@
 /*
  * cuda_backend.c — the CUDA backend: bf16 weights and KV pages on one GPU,
- * fp32 accumulation, cuBLASLt for the dense matmuls (gemv.cu instead for
- * decode batches of <= 8 rows where it times faster, see try_gemv) and
+ * fp32 accumulation, cuBLASLt for the dense matmuls (gemv.cu instead in
+ * decode steps of <= 16 rows where it times faster, see try_gemv) and
  * pie's own kernels (kernels.cu, sample.cu) for the rest.
  *
  * Device memory, allocated once at create time in this order:
@@ -91,7 +91,7 @@ typedef struct graph_key {
     void    *meta_dev;
     size_t   tok, pos, slot, req, kv_indptr, kv_len, pages, mask_off,
              mask_bits, items, merges, fitems, gitems;
-    int64_t  n, n_items, n_fitems, n_gitems, n_merges, max_slots;
+    int64_t  n, n_items, n_fitems, n_gitems, n_merges, max_slots, decode;
 } graph_key;
 
 typedef struct step_graph {
@@ -104,7 +104,7 @@ typedef struct step_graph {
 typedef struct tuned_algo {
     int32_t               n, k, y_f32, mb;
     cublasLtMatmulAlgo_t  algo;
-    int32_t               gemv_r;  /* > 0: gemv.cu won (m <= 8 only)       */
+    int32_t               gemv_r;  /* > 0: gemv.cu won (m <= 16 only)      */
 } tuned_algo;
 
 typedef struct cuda_backend {
@@ -171,6 +171,9 @@ typedef struct cuda_backend {
     int               graphs_off; /* PIE_CUDA_NO_GRAPH set                  */
     int               capture_failed; /* a capture failed: direct launches  */
     int64_t           n_captured, n_replayed;
+    int64_t           n_gemv;      /* matmuls run by gemv.cu               */
+    int               decode_step; /* this forward adds one token to every */
+                                   /* request: gemv.cu may run (mm)        */
     /* every device allocation, freed at destroy */
     void            **allocs;
     int               n_allocs, cap_allocs;
@@ -462,12 +465,11 @@ static tuned_algo *tuned_find(cuda_backend *c, const mm_plan *p, int mb)
     return NULL;
 }
 
-static int can_tune(cuda_backend *c, const mm_plan *p, int found)
+/* Timing runs kernels, which must not land in a graph being captured. */
+static int can_time(cuda_backend *c)
 {
     enum cudaStreamCaptureStatus cs = cudaStreamCaptureStatusNone;
-    return found >= 2 && p->m <= TUNE_MAX_M &&
-           !getenv("PIE_CUDA_NO_TUNE") &&
-           cudaStreamIsCapturing(c->st, &cs) == cudaSuccess &&
+    return cudaStreamIsCapturing(c->st, &cs) == cudaSuccess &&
            cs == cudaStreamCaptureStatusNone;
 }
 
@@ -499,16 +501,16 @@ static void try_split_k(cuda_backend *c, mm_plan *p,
         }
 }
 
-/* Decode matmuls (m <= 8) stream W once; gemv.cu does that at a higher
+/* Decode matmuls (m <= 16) stream W once; gemv.cu does that at a higher
  * bandwidth than cuBLASLt for most weight shapes. Its variants are timed
- * at m = 8, the slowest row count of the bucket, and win only where they
- * beat cuBLASLt's best (timed at the plan's m) there too. */
+ * at the bucket's largest m (8 or 16, its slowest row count) and win only
+ * where they beat cuBLASLt's best (timed at the plan's m) there too. */
 static void try_gemv(cuda_backend *c, mm_plan *p, const uint16_t *W,
                      const uint16_t *x, void *y, float best)
 {
-    const int gm = PIE_CUDA_GEMV_MAX_M;
+    const int gm = m_bucket(p->m);
     p->gemv_r = 0;
-    if (m_bucket(p->m) != gm || getenv("PIE_CUDA_NO_GEMV") ||
+    if (gm > PIE_CUDA_GEMV_MAX_M || getenv("PIE_CUDA_NO_GEMV") ||
         !pie__cuda_gemv_supported(gm, p->k, W, x))
         return;
     float lt = best, t[4], gbest = INFINITY;
@@ -534,17 +536,19 @@ static void pick_algo(cuda_backend *c, mm_plan *p,
 {
     p->algo = res[0].algo;
     p->gemv_r = 0;
-    if (!can_tune(c, p, found)) return;
+    if (p->m > TUNE_MAX_M || getenv("PIE_CUDA_NO_TUNE")) return;
     int mb = m_bucket(p->m);
     tuned_algo *t = tuned_find(c, p, mb);
     cublasLtMatmulHeuristicResult_t chk;
-    if (t && cublasLtMatmulAlgoCheck(c->lt, p->desc, p->a, p->b, p->c, p->c,
-                                     &t->algo, &chk) == CUBLAS_STATUS_SUCCESS &&
-        chk.workspaceSize <= LT_WS_BYTES) {
-        p->algo = t->algo;
-        p->gemv_r = t->gemv_r;
+    if (t) {                       /* every m of the bucket: the same choice */
+        p->gemv_r = t->gemv_r;     /* (the heuristic's algo where the timed */
+        if (cublasLtMatmulAlgoCheck(c->lt, p->desc, p->a, p->b, p->c, p->c,
+                                    &t->algo, &chk) == CUBLAS_STATUS_SUCCESS &&
+            chk.workspaceSize <= LT_WS_BYTES)   /* one does not fit this m) */
+            p->algo = t->algo;
         return;
     }
+    if (!can_time(c)) return;
     float best = INFINITY;
     for (int i = 0; i < found; i++) {
         float ms = time_cand(c, p, (mm_cand){ &res[i].algo, 0, 0 }, W, x, y, 3);
@@ -552,8 +556,8 @@ static void pick_algo(cuda_backend *c, mm_plan *p,
     }
     try_split_k(c, p, res, found, W, x, y, &best);
     try_gemv(c, p, W, x, y, best);
-    if (!t) t = &c->tuned[c->n_tuned < TUNED_MAX ? c->n_tuned++
-                                                 : (c->tuned_next++ % TUNED_MAX)];
+    t = &c->tuned[c->n_tuned < TUNED_MAX ? c->n_tuned++
+                                         : (c->tuned_next++ % TUNED_MAX)];
     *t = (tuned_algo){ p->n, p->k, p->y_f32, mb, p->algo, p->gemv_r };
 }
 
@@ -598,7 +602,10 @@ static void plan_free(mm_plan *p)
     p->used = 0;
 }
 
-/* y (m, n) = x (m, k) · W^T, W (n, k) bf16, x bf16, y f32 or bf16. */
+/* y (m, n) = x (m, k) · W^T, W (n, k) bf16, x bf16, y f32 or bf16.
+ * gemv.cu runs only in decode steps, so a prompt's prefill takes the same
+ * kernels alone or batched, and a sequence's decode logits do not depend
+ * on how many others (up to 16) decode with it (gemv.cu is m-invariant). */
 static int mm(cuda_backend *c, void *y, int y_f32,
               const uint16_t *W, int n, int k, const uint16_t *x, int m)
 {
@@ -616,9 +623,11 @@ static int mm(cuda_backend *c, void *y, int y_f32,
         int rc = plan_make(c, p, m, n, k, y_f32, W, x, y);
         if (rc) { plan_free(p); return rc; }
     }
-    if (p->gemv_r > 0 &&
-        pie__cuda_gemv(y, y_f32, W, n, k, x, m, p->gemv_r, pie__cuda_pdl(), c->st) == 0)
+    if (p->gemv_r > 0 && c->decode_step &&
+        pie__cuda_gemv(y, y_f32, W, n, k, x, m, p->gemv_r, pie__cuda_pdl(), c->st) == 0) {
+        c->n_gemv++;
         return 0;
+    }
     CKLT(mm_run(c, p, &p->algo, W, x, y));
     return 0;
 }
@@ -1025,6 +1034,7 @@ static graph_key key_of(const cuda_backend *c, int n, const step_meta *sm,
     k.n_gitems = c->n_gitems;
     k.n_merges = c->n_merges;
     k.max_slots = c->n_items ? c->max_slots : 0;
+    k.decode = c->decode_step;
     return k;
 }
 
@@ -1173,6 +1183,7 @@ static int cuda_forward(pie_backend *bb, const pie_forward_batch *b,
     if (b->n_tokens == 0) return 0;
     CK(cudaSetDevice(c->device));
     c->graphs_off = getenv("PIE_CUDA_NO_GRAPH") != NULL;
+    c->decode_step = b->n_tokens == b->n_reqs;   /* n_new >= 1 (validated) */
     c->meta_len = 0;
     c->meta_oom = 0;
     step_meta sm = { 0 };
@@ -1347,6 +1358,12 @@ void pie_backend_cuda_graphs(const pie_backend *b, int64_t *captured,
     const cuda_backend *c = (const cuda_backend *)b;
     *captured = c->n_captured;
     *replayed = c->n_replayed;
+}
+
+int64_t pie_backend_cuda_gemv_calls(const pie_backend *b)
+{
+    if (!b || b->ops != &CUDA_OPS) return 0;
+    return ((const cuda_backend *)b)->n_gemv;
 }
 
 int pie_backend_cuda_available(void)

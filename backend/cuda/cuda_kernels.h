@@ -143,8 +143,8 @@ void pie__cuda_silu_mul(uint16_t *out, const uint16_t *gu, int n, int hidden,
 int pie__cuda_pdl(void);
 
 /* ---- small-m matmul (gemv.cu) ---- */
-#define PIE_CUDA_GEMV_MAX_M 8
-/* 1 when pie__cuda_gemv can run this shape: 1 <= m <= 8, k % 8 == 0,
+#define PIE_CUDA_GEMV_MAX_M 16
+/* 1 when pie__cuda_gemv can run this shape: 1 <= m <= 16, k % 8 == 0,
  * W and x 16-byte aligned. */
 int pie__cuda_gemv_supported(int m, int k, const void *W, const void *x);
 /* y (m, n) = x (m, k) . W^T, W (n, k) bf16, x bf16, y f32 (y_f32) or bf16;

@@ -1,9 +1,9 @@
 /*
- * gemv.cu — a hand-written matmul for decode batches of at most 8 rows,
+ * gemv.cu — a hand-written matmul for decode batches of at most 16 rows,
  * y (m, n) = x (m, k) · W^T with W (n, k) bf16 row-major, x bf16, y f32 or
  * bf16, fp32 accumulation.
  *
- * Why: at m <= 8 a matmul only streams W, and cuBLASLt reaches 1.0–2.4 TB/s
+ * Why: at m <= 16 a matmul only streams W, and cuBLASLt reaches 1.0–2.4 TB/s
  * there (backend/cuda/NOTES.md, round 3). cuda_backend.c times this kernel
  * against cuBLASLt's candidates for each weight shape when the backend is
  * created and keeps whichever is faster (PIE_CUDA_NO_GEMV=1: cuBLASLt only).
@@ -14,7 +14,7 @@
  * each lane loads GEMV_CH adjacent 16-byte chunks (8 bf16 each) of two
  * weight rows and of one x row, and the warp runs two tensor-core
  * mma.m16n8k16 (bf16 in, f32 accumulate) per chunk: W is the 16x16 A
- * operand, the (up to) 8 rows of x the 16x8 B operand. A dot product does
+ * operand, each 8 rows of x (one or two column tiles) a 16x8 B operand. A dot product does
  * not care in which order k is visited, so the k index of the fragments is
  * permuted to match the loads: lane (g = lane/4, c = lane%4) holds, per
  * chunk, 8 consecutive k of rows g and g+8 of W and of row g of x; words
@@ -22,7 +22,7 @@
  * words 2,3 the second. No value is converted. The 4 lanes of a row read
  * 4 * GEMV_CH * 16 = 128 contiguous bytes (one L2 line) per step: 64 bytes
  * (GEMV_CH = 1) ran at 2.0-2.7 TB/s, 128 at 2.4-3.1. Loads run a round
- * (GEMV_U steps) ahead of the multiplies to keep HBM busy. Rows of x past
+ * ahead of the multiplies to keep HBM busy. Rows of x past
  * m repeat row m-1 and are not stored; a column of the product does not
  * depend on the others, so a row's result does not depend on m (batched
  * and single decode agree bit for bit).
@@ -35,8 +35,6 @@
 #define GEMV_ROWS 16               /* output rows per block (mma M)         */
 #define GEMV_CH   2                /* 16-byte chunks per lane per row, step */
 #define GEMV_STEP (32 * GEMV_CH)   /* k per step                            */
-#define GEMV_U    2                /* steps per load round                  */
-#define GEMV_N    (GEMV_U * GEMV_CH) /* chunks per lane per round           */
 
 /* Streamed once: bypass L1 (x, reused by every block, goes through it). */
 static __device__ __forceinline__ uint4 ld_stream(const uint16_t *p)
@@ -59,65 +57,84 @@ static __device__ __forceinline__ void mma16816(float *d, uint32_t a0,
                  : "r"(a0), "r"(a1), "r"(a2), "r"(a3), "r"(b0), "r"(b1));
 }
 
-/* k of chunk i (step u, chunk h) of a round from step s0 for a lane
- * whose chunks start at kc within each step. */
-template <int WARPS>
-static __device__ __forceinline__ int chunk_k(int s0, int i, int kc)
-{
-    return (s0 + (i / GEMV_CH) * WARPS) * GEMV_STEP + kc + (i % GEMV_CH) * 8;
-}
+/* The shape of a kernel instance: WARPS warps per block splitting k, NT
+ * column tiles of 8 rows of x (m <= 8 NT), U steps per load round (two
+ * rounds live in registers: U = 2 for one tile, 1 for two). */
+template <int WARPS, int NT>
+struct gv {
+    static constexpr int U = NT == 1 ? 2 : 1;
+    static constexpr int N = U * GEMV_CH;           /* chunks per round */
+    /* k of chunk i of a round from step s0, for a lane whose chunks
+     * start at kc within each step */
+    static __device__ __forceinline__ int chunk_k(int s0, int i, int kc)
+    {
+        return (s0 + (i / GEMV_CH) * WARPS) * GEMV_STEP + kc + (i % GEMV_CH) * 8;
+    }
+};
 
 /* The weight chunks of a round from step s0 (zeros past k). */
-template <int WARPS>
+template <int WARPS, int NT>
 static __device__ __forceinline__ void load_w(uint4 *A, uint4 *B,
                                               const uint16_t *wa,
                                               const uint16_t *wb, int s0,
                                               int kc, int k)
 {
+    using G = gv<WARPS, NT>;
 #pragma unroll
-    for (int i = 0; i < GEMV_N; i++) {
-        int kk = chunk_k<WARPS>(s0, i, kc);
+    for (int i = 0; i < G::N; i++) {
+        int kk = G::chunk_k(s0, i, kc);
         A[i] = kk < k ? ld_stream(wa + kk) : make_uint4(0, 0, 0, 0);
         B[i] = kk < k ? ld_stream(wb + kk) : make_uint4(0, 0, 0, 0);
     }
 }
 
-/* The x chunks of the same round (zeros past k). */
-template <int WARPS>
-static __device__ __forceinline__ void load_x(uint4 *X, const uint16_t *xr,
+/* The x chunks of the same round, tile t at X[t * N + i] (zeros past k). */
+template <int WARPS, int NT>
+static __device__ __forceinline__ void load_x(uint4 *X,
+                                              const uint16_t *const *xr,
                                               int s0, int kc, int k)
 {
+    using G = gv<WARPS, NT>;
 #pragma unroll
-    for (int i = 0; i < GEMV_N; i++) {
-        int kk = chunk_k<WARPS>(s0, i, kc);
-        X[i] = kk < k ? __ldg(reinterpret_cast<const uint4 *>(xr + kk))
-                      : make_uint4(0, 0, 0, 0);
-    }
+    for (int t = 0; t < NT; t++)
+#pragma unroll
+        for (int i = 0; i < G::N; i++) {
+            int kk = G::chunk_k(s0, i, kc);
+            X[t * G::N + i] =
+                kk < k ? __ldg(reinterpret_cast<const uint4 *>(xr[t] + kk))
+                       : make_uint4(0, 0, 0, 0);
+        }
 }
 
-/* d += the round from s0 held in A, B (W) and X. */
-template <int WARPS>
-static __device__ __forceinline__ void mma_steps(float *d, const uint4 *A,
+/* d[t] += the round from s0 held in A, B (W) and X. */
+template <int WARPS, int NT>
+static __device__ __forceinline__ void mma_round(float (*d)[4], const uint4 *A,
                                                  const uint4 *B,
                                                  const uint4 *X, int s0,
                                                  int steps)
 {
+    using G = gv<WARPS, NT>;
 #pragma unroll
-    for (int i = 0; i < GEMV_N; i++) {
+    for (int i = 0; i < G::N; i++) {
         if (s0 + (i / GEMV_CH) * WARPS >= steps) break;  /* warp-uniform */
-        mma16816(d, A[i].x, B[i].x, A[i].y, B[i].y, X[i].x, X[i].y);
-        mma16816(d, A[i].z, B[i].z, A[i].w, B[i].w, X[i].z, X[i].w);
+#pragma unroll
+        for (int t = 0; t < NT; t++) {
+            const uint4 &x = X[t * G::N + i];
+            mma16816(d[t], A[i].x, B[i].x, A[i].y, B[i].y, x.x, x.y);
+            mma16816(d[t], A[i].z, B[i].z, A[i].w, B[i].w, x.z, x.w);
+        }
     }
 }
 
-/* Writes the 16 x m block of y from the C fragment of lane (g, c). */
+/* Writes the 16 x 8 block of tile t of y from the C fragment of lane
+ * (g, c). */
 static __device__ __forceinline__ void store_c(void *y, int y_f32, int n,
-                                               int m, int row0, int g, int c,
-                                               const float *d)
+                                               int m, int row0, int t, int g,
+                                               int c, const float *d)
 {
 #pragma unroll
     for (int i = 0; i < 4; i++) {
-        int row = row0 + g + (i / 2) * 8, col = 2 * c + i % 2;
+        int row = row0 + g + (i / 2) * 8, col = 8 * t + 2 * c + i % 2;
         if (row >= n || col >= m) continue;
         size_t at = (size_t)col * n + row;
         if (y_f32) static_cast<float *>(y)[at] = d[i];
@@ -128,57 +145,67 @@ static __device__ __forceinline__ void store_c(void *y, int y_f32, int n,
     }
 }
 
-template <int WARPS>
+template <int WARPS, int NT>
 __global__ void __launch_bounds__(WARPS * 32, 16 / WARPS)
 gemv_kernel(void *y, int y_f32, const uint16_t *W, const uint16_t *x, int n,
             int k, int m)
 {
-    __shared__ float red[WARPS > 1 ? WARPS : 1][32 * 4];
+    using G = gv<WARPS, NT>;
+    __shared__ float red[WARPS > 1 ? WARPS : 1][32 * 4 * NT];
     int lane = threadIdx.x % 32, w = threadIdx.x / 32;
     int g = lane / 4, c = lane % 4, kc = 8 * GEMV_CH * c;
     int row0 = blockIdx.x * GEMV_ROWS;
     const uint16_t *wa = W + (size_t)min(row0 + g, n - 1) * k;
     const uint16_t *wb = W + (size_t)min(row0 + g + 8, n - 1) * k;
-    const uint16_t *xr = x + (size_t)min(g, m - 1) * k;
+    const uint16_t *xr[NT];
+#pragma unroll
+    for (int t = 0; t < NT; t++) xr[t] = x + (size_t)min(8 * t + g, m - 1) * k;
     int steps = (k + GEMV_STEP - 1) / GEMV_STEP;
-    float d[4] = { 0.0f, 0.0f, 0.0f, 0.0f };
+    float d[NT][4] = {};
     /* Two rounds of loads in flight: round i+1 is issued before round i
      * is multiplied. The first weight loads do not depend on the kernel
      * before (which writes x): under programmatic dependent launch they are
      * issued while it finishes, and only then does the grid wait for it. */
-    uint4 A0[GEMV_N], B0[GEMV_N], X0[GEMV_N], A1[GEMV_N], B1[GEMV_N], X1[GEMV_N];
-    const int R = GEMV_U * WARPS;                   /* steps per round */
+    uint4 A0[G::N], B0[G::N], X0[NT * G::N], A1[G::N], B1[G::N], X1[NT * G::N];
+    const int R = G::U * WARPS;                     /* steps per round */
     asm volatile("griddepcontrol.launch_dependents;");
-    load_w<WARPS>(A0, B0, wa, wb, w, kc, k);
+    load_w<WARPS, NT>(A0, B0, wa, wb, w, kc, k);
     asm volatile("griddepcontrol.wait;" ::: "memory");
-    load_x<WARPS>(X0, xr, w, kc, k);
+    load_x<WARPS, NT>(X0, xr, w, kc, k);
     for (int s0 = w; s0 < steps; s0 += 2 * R) {
         if (s0 + R < steps) {
-            load_w<WARPS>(A1, B1, wa, wb, s0 + R, kc, k);
-            load_x<WARPS>(X1, xr, s0 + R, kc, k);
+            load_w<WARPS, NT>(A1, B1, wa, wb, s0 + R, kc, k);
+            load_x<WARPS, NT>(X1, xr, s0 + R, kc, k);
         }
-        mma_steps<WARPS>(d, A0, B0, X0, s0, steps);
+        mma_round<WARPS, NT>(d, A0, B0, X0, s0, steps);
         if (s0 + 2 * R < steps) {
-            load_w<WARPS>(A0, B0, wa, wb, s0 + 2 * R, kc, k);
-            load_x<WARPS>(X0, xr, s0 + 2 * R, kc, k);
+            load_w<WARPS, NT>(A0, B0, wa, wb, s0 + 2 * R, kc, k);
+            load_x<WARPS, NT>(X0, xr, s0 + 2 * R, kc, k);
         }
-        if (s0 + R < steps) mma_steps<WARPS>(d, A1, B1, X1, s0 + R, steps);
+        if (s0 + R < steps) mma_round<WARPS, NT>(d, A1, B1, X1, s0 + R, steps);
     }
     if (WARPS > 1) {
+        float *r = red[w] + lane * 4 * NT;
 #pragma unroll
-        for (int i = 0; i < 4; i++) red[w][lane * 4 + i] = d[i];
+        for (int t = 0; t < NT; t++)
+#pragma unroll
+            for (int i = 0; i < 4; i++) r[t * 4 + i] = d[t][i];
         __syncthreads();
         if (w != 0) return;
         for (int v = 1; v < WARPS; v++)
 #pragma unroll
-            for (int i = 0; i < 4; i++) d[i] += red[v][lane * 4 + i];
+            for (int t = 0; t < NT; t++)
+#pragma unroll
+                for (int i = 0; i < 4; i++)
+                    d[t][i] += red[v][lane * 4 * NT + t * 4 + i];
     }
-    store_c(y, y_f32, n, m, row0, g, c, d);
+#pragma unroll
+    for (int t = 0; t < NT; t++) store_c(y, y_f32, n, m, row0, t, g, c, d[t]);
 }
 
 /* pdl: launched as a programmatic dependent of the stream's previous
  * kernel (which lets it start early: see pdl_begin in kernels.cu). */
-template <int WARPS>
+template <int WARPS, int NT>
 static int gemv_launch(void *y, int y_f32, const uint16_t *W, int n, int k,
                        const uint16_t *x, int m, int pdl, cudaStream_t s)
 {
@@ -191,11 +218,24 @@ static int gemv_launch(void *y, int y_f32, const uint16_t *W, int n, int k,
     cfg.stream = s;
     cfg.attrs = at;
     cfg.numAttrs = pdl ? 1 : 0;
-    if (cudaLaunchKernelEx(&cfg, gemv_kernel<WARPS>, y, y_f32, W, x, n, k,
+    if (cudaLaunchKernelEx(&cfg, gemv_kernel<WARPS, NT>, y, y_f32, W, x, n, k,
                            m) == cudaSuccess)
         return 0;
     cudaGetLastError();
     return -1;
+}
+
+template <int NT>
+static int gemv_warps(void *y, int y_f32, const uint16_t *W, int n, int k,
+                      const uint16_t *x, int m, int r, int pdl, cudaStream_t s)
+{
+    switch (r) {
+    case 1: return gemv_launch<1, NT>(y, y_f32, W, n, k, x, m, pdl, s);
+    case 2: return gemv_launch<2, NT>(y, y_f32, W, n, k, x, m, pdl, s);
+    case 4: return gemv_launch<4, NT>(y, y_f32, W, n, k, x, m, pdl, s);
+    case 8: return gemv_launch<8, NT>(y, y_f32, W, n, k, x, m, pdl, s);
+    default: return -1;
+    }
 }
 
 extern "C" int pie__cuda_gemv_supported(int m, int k, const void *W,
@@ -210,11 +250,6 @@ extern "C" int pie__cuda_gemv(void *y, int y_f32, const uint16_t *W, int n,
                               int pdl, cudaStream_t s)
 {
     if (!pie__cuda_gemv_supported(m, k, W, x) || n <= 0) return -1;
-    switch (r) {
-    case 1: return gemv_launch<1>(y, y_f32, W, n, k, x, m, pdl, s);
-    case 2: return gemv_launch<2>(y, y_f32, W, n, k, x, m, pdl, s);
-    case 4: return gemv_launch<4>(y, y_f32, W, n, k, x, m, pdl, s);
-    case 8: return gemv_launch<8>(y, y_f32, W, n, k, x, m, pdl, s);
-    default: return -1;
-    }
+    return m <= 8 ? gemv_warps<1>(y, y_f32, W, n, k, x, m, r, pdl, s)
+                  : gemv_warps<2>(y, y_f32, W, n, k, x, m, r, pdl, s);
 }

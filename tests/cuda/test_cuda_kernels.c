@@ -139,7 +139,7 @@ static void test_silu(void)
 }
 
 /* --------------------------------------------------------------- gemv */
-/* y = x . W^T for one (n, k, y_f32) over every m <= 8 and warps per block
+/* y = x . W^T for one (n, k, y_f32) over every m <= 16 and warps per block
  * r against a double-precision twin; for each r, row 0's result must not
  * depend on m (batched and single decode agree bit for bit). */
 static void test_gemv_shape(int n, int k, int y_f32)
@@ -201,7 +201,8 @@ static void test_gemv(void)
     test_gemv_shape(16, 14336, 1);
     uint16_t *d = dput(NULL, 64);
     CHECK(!pie__cuda_gemv_supported(1, 12, d, d), "k not a multiple of 8 accepted");
-    CHECK(!pie__cuda_gemv_supported(9, 16, d, d), "m > 8 accepted");
+    CHECK(!pie__cuda_gemv_supported(PIE_CUDA_GEMV_MAX_M + 1, 16, d, d),
+          "m > PIE_CUDA_GEMV_MAX_M accepted");
     CHECK(!pie__cuda_gemv_supported(1, 16, d + 1, d), "unaligned W accepted");
     CHECK(pie__cuda_gemv(d, 1, d, 2, 16, d, 1, 3, 0, 0) == -1, "r = 3 accepted");
     cudaFree(d);
