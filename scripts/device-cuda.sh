@@ -17,6 +17,7 @@
 #   kernels the kernel differential test alone
 #   tune    the timed matmul choices (cuBLASLt vs gemv.cu) of both shapes
 #   pdl     decode with PDL for gemv.cu (default), for all, none; cuBLASLt only
+#   pre     prefill tok/s, 8B 4 x 2048 and 16 x 512, 1B 4 x 2048
 #   b1      batch-1 and 16 decode, default and PIE_CUDA_NO_GEMV=1
 #   nsys    per-kernel GPU time of three decode shapes (nsys)
 #   prof    per-kernel GPU time of 1B decode (nsys) and speed of light of
@@ -103,6 +104,12 @@ for phase in "$@"; do
             PIE_CUDA_TUNE_LOG=1 timeout 200 $R pie bench forward --backend cuda \
                 --model random:$m --batch 1 --prompt-len 64 --gen 2 2>&1 \
                 | grep "tune" | tee -a "$OUT/summary.log"
+        done
+        ;;
+    pre)    # prefill throughput of both shapes (twice each)
+        for cfg in "llama-3.1-8b 4 2048 0 2048" "llama-3.1-8b 16 512 0 4096" \
+                   "llama-3.2-1b 4 2048 0 2048"; do
+            bench $cfg; bench $cfg
         done
         ;;
     b1)     # batch-1 decode of both shapes, gemv.cu (default) and cuBLASLt only

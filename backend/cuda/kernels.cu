@@ -665,6 +665,19 @@ static __device__ __forceinline__ uint32_t lds32(const uint16_t *p)
 
 /* B fragments of two adjacent 8-column tiles of a row-major [k][n] tile
  * (rows k0..k0+15 given by lanes 0-15, columns +8 by lanes 16-31). */
+/* Four 8x8 bf16 matrices from shared memory, lane l giving the address of
+ * row l % 8 of matrix l / 8; register i of lane (g, c) receives row g,
+ * columns 2c..2c+1 of matrix i (the B fragment of m16n8k16 when a row is
+ * an n index with k contiguous). */
+static __device__ __forceinline__ void ldsm_x4(uint32_t *r, const uint16_t *p)
+{
+    uint32_t a = (uint32_t)__cvta_generic_to_shared(p);
+    asm volatile("ldmatrix.sync.aligned.m8n8.x4.shared.b16 "
+                 "{%0,%1,%2,%3}, [%4];\n"
+                 : "=r"(r[0]), "=r"(r[1]), "=r"(r[2]), "=r"(r[3])
+                 : "r"(a));
+}
+
 static __device__ __forceinline__ void ldsm_x4_t(uint32_t *r, const uint16_t *p)
 {
     uint32_t a = (uint32_t)__cvta_generic_to_shared(p);
@@ -879,14 +892,22 @@ flash_attn_kernel(uint16_t *out, float *part_o, float *part_ml, const float *q,
         __syncthreads();
         const uint16_t *Ks = fa_sm + bi * 2 * BLK, *Vs = Ks + BLK;
         if (active) {
+            /* S = Q K^T; one ldmatrix.x4 gives the B fragments of two
+             * n-tiles (lanes 0-15 the first, 16-31 the second; lanes 8-15
+             * and 24-31 the upper 8 of the k-step) */
             float s[NS][4];
 #pragma unroll
-            for (int n8 = 0; n8 < NS; n8++) {
+            for (int n8 = 0; n8 < NS; n8++)
                 s[n8][0] = s[n8][1] = s[n8][2] = s[n8][3] = 0.0f;
 #pragma unroll
+            for (int n8 = 0; n8 < NS; n8 += 2) {
+#pragma unroll
                 for (int kk = 0; kk < NK; kk++) {
-                    const uint16_t *kp = &Ks[((n8o + n8) * 8 + g) * LD + kk * 16 + 2 * c];
-                    mma16816(s[n8], qa[kk], lds32(kp), lds32(kp + 8));
+                    uint32_t kb[4];
+                    ldsm_x4(kb, &Ks[((n8o + n8 + (lane >> 4)) * 8 + (lane & 7)) * LD +
+                                    kk * 16 + ((lane >> 3) & 1) * 8]);
+                    mma16816(s[n8], qa[kk], kb[0], kb[1]);
+                    mma16816(s[n8 + 1], qa[kk], kb[2], kb[3]);
                 }
             }
             /* a block wholly below both rows' causal limits needs no
