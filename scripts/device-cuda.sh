@@ -18,6 +18,7 @@
 #   tune    the timed matmul choices (cuBLASLt vs gemv.cu) of both shapes
 #   pdl     decode with PDL for gemv.cu (default), for all, none; cuBLASLt only
 #   pre     prefill tok/s, 8B 4 x 2048 and 16 x 512, 1B 4 x 2048
+#   splits  decode at several PIE_CUDA_SPLIT_BLOCKS
 #   b1      batch-1 and 16 decode, default and PIE_CUDA_NO_GEMV=1
 #   nsys    per-kernel GPU time of three decode shapes (nsys)
 #   prof    per-kernel GPU time of 1B decode (nsys) and speed of light of
@@ -110,6 +111,15 @@ for phase in "$@"; do
         for cfg in "llama-3.1-8b 4 2048 0 2048" "llama-3.1-8b 16 512 0 4096" \
                    "llama-3.2-1b 4 2048 0 2048"; do
             bench $cfg; bench $cfg
+        done
+        ;;
+    splits) # decode steps at PIE_CUDA_SPLIT_BLOCKS = 2 (default), 4, 8, 16
+        for cfg in "llama-3.2-1b 64 512 24" "llama-3.2-1b 256 512 24" \
+                   "llama-3.1-8b 64 512 16" "llama-3.1-8b 256 512 16" \
+                   "llama-3.1-8b 16 2048 16"; do
+            for sb in 2 4 8 16; do
+                PIE_CUDA_SPLIT_BLOCKS=$sb TAG="sb$sb " bench $cfg
+            done
         done
         ;;
     b1)     # batch-1 decode of both shapes, gemv.cu (default) and cuBLASLt only

@@ -80,7 +80,7 @@ typedef struct mm_plan {
     cublasLtMatmulDesc_t    desc;
     cublasLtMatrixLayout_t  a, b, c;
     cublasLtMatmulAlgo_t    algo;
-    int                     gemv_r; /* > 0: gemv.cu, r rows per warp       */
+    int                     gemv_r; /* > 0: gemv.cu, r warps per block     */
 } mm_plan;
 
 /* The kernel arguments of one step's layers: two steps with equal keys
@@ -378,7 +378,8 @@ static cublasStatus_t mm_run(cuda_backend *c, mm_plan *p,
 }
 
 /* One candidate of a timing run: cuBLASLt algo a, or (gemv_r > 0) gemv.cu
- * with gemv_r rows per warp over gemv_m rows of x. */
+ * with gemv_r warps per block over gemv_m rows of x (>= the plan's m: the
+ * operands must hold gemv_m rows; warm_plans' buffers hold >= OUT_CHUNK). */
 typedef struct mm_cand {
     const cublasLtMatmulAlgo_t *a;
     int                         gemv_r, gemv_m;
@@ -536,7 +537,7 @@ static void pick_algo(cuda_backend *c, mm_plan *p,
 {
     p->algo = res[0].algo;
     p->gemv_r = 0;
-    if (p->m > TUNE_MAX_M || getenv("PIE_CUDA_NO_TUNE")) return;
+    if (p->m > TUNE_MAX_M || getenv("PIE_CUDA_NO_TUNE")) return;  /* no gemv */
     int mb = m_bucket(p->m);
     tuned_algo *t = tuned_find(c, p, mb);
     cublasLtMatmulHeuristicResult_t chk;
@@ -605,7 +606,8 @@ static void plan_free(mm_plan *p)
 /* y (m, n) = x (m, k) · W^T, W (n, k) bf16, x bf16, y f32 or bf16.
  * gemv.cu runs only in decode steps, so a prompt's prefill takes the same
  * kernels alone or batched, and a sequence's decode logits do not depend
- * on how many others (up to 16) decode with it (gemv.cu is m-invariant). */
+ * on how many others decode with it while the batch stays in one bucket of
+ * m (1..8, 9..16: gemv.cu is m-invariant for a given r). */
 static int mm(cuda_backend *c, void *y, int y_f32,
               const uint16_t *W, int n, int k, const uint16_t *x, int m)
 {
@@ -1166,6 +1168,14 @@ static int run_outputs(cuda_backend *c, const pie_forward_batch *b,
     return 0;
 }
 
+/* Every request of the batch adds exactly one token. */
+static int is_decode(const pie_forward_batch *b)
+{
+    for (int r = 0; r < b->n_reqs; r++)
+        if (b->qo_indptr[r + 1] - b->qo_indptr[r] != 1) return 0;
+    return 1;
+}
+
 static int cuda_forward(pie_backend *bb, const pie_forward_batch *b,
                         pie_forward_out *out)
 {
@@ -1183,7 +1193,7 @@ static int cuda_forward(pie_backend *bb, const pie_forward_batch *b,
     if (b->n_tokens == 0) return 0;
     CK(cudaSetDevice(c->device));
     c->graphs_off = getenv("PIE_CUDA_NO_GRAPH") != NULL;
-    c->decode_step = b->n_tokens == b->n_reqs;   /* n_new >= 1 (validated) */
+    c->decode_step = is_decode(b);
     c->meta_len = 0;
     c->meta_oom = 0;
     step_meta sm = { 0 };

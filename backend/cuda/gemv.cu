@@ -24,8 +24,9 @@
  * (GEMV_CH = 1) ran at 2.0-2.7 TB/s, 128 at 2.4-3.1. Loads run a round
  * ahead of the multiplies to keep HBM busy. Rows of x past
  * m repeat row m-1 and are not stored; a column of the product does not
- * depend on the others, so a row's result does not depend on m (batched
- * and single decode agree bit for bit).
+ * depend on the others, so for a given r a row's result does not depend on
+ * m (batched and single decode agree bit for bit while the batch stays in
+ * one bucket of m, 1..8 or 9..16, each tuned on its own).
  */
 #include <cuda_bf16.h>
 #include <stdint.h>
@@ -100,8 +101,10 @@ static __device__ __forceinline__ void load_x(uint4 *X,
 #pragma unroll
         for (int i = 0; i < G::N; i++) {
             int kk = G::chunk_k(s0, i, kc);
+            /* a plain load: under PDL the kernel before writes x while
+             * this grid is resident (these loads follow the wait) */
             X[t * G::N + i] =
-                kk < k ? __ldg(reinterpret_cast<const uint4 *>(xr[t] + kk))
+                kk < k ? *reinterpret_cast<const uint4 *>(xr[t] + kk)
                        : make_uint4(0, 0, 0, 0);
         }
 }

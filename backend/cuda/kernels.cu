@@ -48,7 +48,8 @@ static __device__ __forceinline__ float warp_max(float v)
  * Programmatic dependent launch (PDL). A kernel launched as a programmatic
  * dependent (gemv.cu; with PIE_CUDA_PDL_ALL=1 also the layer kernels here,
  * through launch_pdl) may start while the kernel before it still runs.
- * Every layer kernel begins with pdl_begin: it lets the next kernel start
+ * Every layer kernel (all but the embedding, which follows host copies)
+ * begins with pdl_begin: it lets the next kernel start
  * its blocks (griddepcontrol.launch_dependents, effective once all of this
  * grid's blocks have run it), then waits until the kernel before has
  * completed and its writes are visible (griddepcontrol.wait; a no-op
@@ -57,7 +58,7 @@ static __device__ __forceinline__ float warp_max(float v)
  * stream; what overlaps is a kernel's launch and start-up (gemv.cu: its
  * first weight loads) with the tail of the one before. Measured on the
  * H100 (NOTES.md), PDL for gemv.cu alone is the default; PIE_CUDA_NO_PDL=1
- * turns it off.
+ * turns it off (the environment is read once per process).
  */
 static __device__ __forceinline__ void pdl_begin(void)
 {
@@ -663,8 +664,6 @@ static __device__ __forceinline__ uint32_t lds32(const uint16_t *p)
     return *reinterpret_cast<const uint32_t *>(p);
 }
 
-/* B fragments of two adjacent 8-column tiles of a row-major [k][n] tile
- * (rows k0..k0+15 given by lanes 0-15, columns +8 by lanes 16-31). */
 /* Four 8x8 bf16 matrices from shared memory, lane l giving the address of
  * row l % 8 of matrix l / 8; register i of lane (g, c) receives row g,
  * columns 2c..2c+1 of matrix i (the B fragment of m16n8k16 when a row is
@@ -678,6 +677,8 @@ static __device__ __forceinline__ void ldsm_x4(uint32_t *r, const uint16_t *p)
                  : "r"(a));
 }
 
+/* B fragments of two adjacent 8-column tiles of a row-major [k][n] tile
+ * (rows k0..k0+15 given by lanes 0-15, columns +8 by lanes 16-31). */
 static __device__ __forceinline__ void ldsm_x4_t(uint32_t *r, const uint16_t *p)
 {
     uint32_t a = (uint32_t)__cvta_generic_to_shared(p);
@@ -825,6 +826,7 @@ flash_attn_kernel(uint16_t *out, float *part_o, float *part_ml, const float *q,
     constexpr int KS = WS ? 1 : FA_BN / 16;               /* k-steps of PV */
     constexpr int TH = WS ? FA_WS_THREADS : FA_THREADS, BM = WS ? 16 : FA_BM;
     constexpr int BLK = FA_BN * LD;
+    static_assert(NS % 2 == 0, "K fragments are loaded for n-tile pairs");
     extern __shared__ __align__(16) uint16_t fa_sm[];
     pie_cuda_attn_item it = items[blockIdx.x];
     int G = nh / kv.n_kv, ps = kv.page_size;

@@ -296,35 +296,39 @@ static void check_batched(pie_backend *b, json_t *prompts, const char *name)
     free(a); free(c); free(l0); free(l1); free(e0); free(e1);
 }
 
-/* Three prompts decoded greedily in one batch for `steps` steps, the third
- * request leaving halfway (a new batch shape); every step's logits into
- * lg (steps x 3 x V, rows of a finished request left 0). */
-static void decode_run(pie_backend *b, int steps, float *lg)
+/* nq <= DEC_MAX prompts decoded greedily in one batch for `steps` steps,
+ * the last request leaving halfway (a new batch shape); every step's
+ * logits into lg (steps x nq x V, rows of a finished request left 0). */
+#define DEC_MAX 16
+static void decode_run(pie_backend *b, int steps, float *lg, int nq)
 {
     int V = b->cfg->vocab_size;
     pages_reset(b->n_pages, 1);
-    seq s[3] = { { .np = 0 }, { .np = 0 }, { .np = 0 } };
-    int32_t cur[3];
-    for (int i = 0; i < 3; i++) {
+    seq s[DEC_MAX];
+    memset(s, 0, sizeof s);
+    int32_t cur[DEC_MAX];
+    for (int i = 0; i < nq; i++) {
         int32_t p[5];
         for (int k = 0; k < 5; k++) p[k] = (7 * i + 3 * k + 1) % V;
         float *l = last_logits(b, p, 5, &s[i]);
         cur[i] = argmax(l, V);
         free(l);
     }
-    pie_sampler lp[3] = { { .kind = PIE_PROBE_LOGITS },
-                          { .kind = PIE_PROBE_LOGITS },
-                          { .kind = PIE_PROBE_LOGITS } };
-    int32_t ot[3] = { 0, 1, 2 };
-    memset(lg, 0, sizeof(float) * (size_t)steps * 3 * V);
+    pie_sampler lp[DEC_MAX];
+    int32_t ot[DEC_MAX];
+    for (int i = 0; i < nq; i++) {
+        lp[i] = (pie_sampler){ .kind = PIE_PROBE_LOGITS };
+        ot[i] = i;
+    }
+    memset(lg, 0, sizeof(float) * (size_t)steps * nq * V);
     for (int t = 0; t < steps; t++) {
-        int nr = t < steps / 2 ? 3 : 2;
-        req_in r[3];
+        int nr = t < steps / 2 ? nq : nq - 1;
+        req_in r[DEC_MAX];
         for (int i = 0; i < nr; i++) r[i] = (req_in){ &s[i], &cur[i], NULL, 1 };
         pie_forward_out out;
         CHECK_OK(forward(b, r, nr, ot, lp, nr, NULL, NULL, NULL, NULL, &out));
         for (int i = 0; i < nr; i++) {
-            memcpy(lg + ((size_t)t * 3 + i) * V, out.values + (size_t)i * V,
+            memcpy(lg + ((size_t)t * nq + i) * V, out.values + (size_t)i * V,
                    4 * (size_t)V);
             cur[i] = argmax(out.values + (size_t)i * V, V);
         }
@@ -343,13 +347,13 @@ static void check_graphs(pie_backend *b, const char *name)
     float *g = malloc(sizeof(float) * (size_t)steps * 3 * V);
     float *e = malloc(sizeof(float) * (size_t)steps * 3 * V);
     pie_backend_cuda_graphs(b, &cap0, &rep0);
-    decode_run(b, steps, g);
+    decode_run(b, steps, g, 3);
     pie_backend_cuda_graphs(b, &cap1, &rep1);
     CHECK(cap1 - cap0 >= 2 && rep1 - rep0 >= steps - 8, "%s: %lld graphs "
           "captured, %lld replayed in %d steady decode steps", name,
           (long long)(cap1 - cap0), (long long)(rep1 - rep0), steps);
     setenv("PIE_CUDA_NO_GRAPH", "1", 1);
-    decode_run(b, steps, e);
+    decode_run(b, steps, e, 3);
     unsetenv("PIE_CUDA_NO_GRAPH");
     pie_backend_cuda_graphs(b, &cap2, &rep2);
     CHECK(cap2 == cap1 && rep2 == rep1, "%s: PIE_CUDA_NO_GRAPH still used "
@@ -373,14 +377,14 @@ static void check_graph_failure(const pie_model *m, const char *name)
     float *g = malloc(sizeof(float) * (size_t)steps * 3 * V);
     float *e = malloc(sizeof(float) * (size_t)steps * 3 * V);
     setenv("PIE_CUDA_TEST_BREAK_CAPTURE", "1", 1);
-    decode_run(b, steps, g);
+    decode_run(b, steps, g, 3);
     unsetenv("PIE_CUDA_TEST_BREAK_CAPTURE");
     int64_t cap, rep;
     pie_backend_cuda_graphs(b, &cap, &rep);
     CHECK(cap == 0 && rep == 0, "%s: %lld graphs after a failed capture",
           name, (long long)cap);
     setenv("PIE_CUDA_NO_GRAPH", "1", 1);
-    decode_run(b, steps, e);
+    decode_run(b, steps, e, 3);
     unsetenv("PIE_CUDA_NO_GRAPH");
     double d = maxdiff(g, e, steps * 3 * V);
     CHECK(d == 0, "%s: after a failed capture logits differ by %.3g", name, d);
@@ -389,11 +393,51 @@ static void check_graph_failure(const pie_model *m, const char *name)
     free(g); free(e);
 }
 
-/* gemv.cu (decode matmuls of <= 8 rows) against cuBLASLt: two backends,
+/* gemv.cu (decode matmuls of <= 16 rows) against cuBLASLt: two backends,
  * one forced to use gemv.cu wherever it runs (PIE_CUDA_GEMV=1), one with
- * cuBLASLt only (PIE_CUDA_NO_GEMV=1), decode the same greedy batches; their
- * logits agree within bf16 rounding up to the first step where a greedy
- * choice flips (later steps feed different tokens). */
+ * cuBLASLt only (PIE_CUDA_NO_GEMV=1), decode the same greedy batches of
+ * nq rows; their logits agree within bf16 rounding up to the first step
+ * where a greedy choice flips (later steps feed different tokens). */
+static void gemv_vs_cublaslt(pie_backend *bg, pie_backend *bl, int nq,
+                             const char *name)
+{
+    int V = bg->cfg->vocab_size, steps = 12;
+    float *g = malloc(sizeof(float) * (size_t)steps * nq * V);
+    float *e = malloc(sizeof(float) * (size_t)steps * nq * V);
+    int64_t g0 = pie_backend_cuda_gemv_calls(bg);
+    decode_run(bg, steps, g, nq);
+    CHECK(pie_backend_cuda_gemv_calls(bg) > g0, "%s: PIE_CUDA_GEMV=1 ran no "
+          "gemv at %d rows", name, nq);
+    decode_run(bl, steps, e, nq);
+    CHECK(pie_backend_cuda_gemv_calls(bl) == 0, "%s: PIE_CUDA_NO_GEMV=1 ran "
+          "gemv", name);
+    double worst = 0;
+    int same = 0;
+    for (int t = 0; t < steps; t++) {
+        int nr = t < steps / 2 ? nq : nq - 1, flip = 0;
+        for (int i = 0; i < nr; i++) {
+            const float *a = g + ((size_t)t * nq + i) * V;
+            const float *b = e + ((size_t)t * nq + i) * V;
+            double num = 0, den = 0;
+            for (int v = 0; v < V; v++) {
+                num += (double)(a[v] - b[v]) * (a[v] - b[v]);
+                den += (double)b[v] * b[v];
+            }
+            double rel = sqrt(num / (den + 1e-30));
+            CHECK(rel < rel_tol, "%s: %d rows, step %d row %d: gemv vs "
+                  "cuBLASLt rel L2 %.3g", name, nq, t, i, rel);
+            if (rel > worst) worst = rel;
+            flip |= argmax(a, V) != argmax(b, V);
+        }
+        same++;
+        if (flip) break;
+    }
+    printf("%s: gemv.cu vs cuBLASLt decode logits at %d rows: rel L2 <= %.2g "
+           "over %d steps\n", name, nq, worst, same);
+    free(g); free(e);
+}
+
+/* Both column-tile counts of gemv.cu: 3 rows (then 2) and 12 (then 11). */
 static void check_gemv(const pie_model *m, const char *name)
 {
     pie_backend *bg, *bl;
@@ -404,41 +448,10 @@ static void check_gemv(const pie_model *m, const char *name)
     setenv("PIE_CUDA_NO_GEMV", "1", 1);
     CHECK_OK(pie_backend_cuda_create(m, &o, &bl));
     unsetenv("PIE_CUDA_NO_GEMV");
-    int V = bg->cfg->vocab_size, steps = 12;
-    float *g = malloc(sizeof(float) * (size_t)steps * 3 * V);
-    float *e = malloc(sizeof(float) * (size_t)steps * 3 * V);
-    int64_t g0 = pie_backend_cuda_gemv_calls(bg);
-    decode_run(bg, steps, g);
-    CHECK(pie_backend_cuda_gemv_calls(bg) > g0, "%s: PIE_CUDA_GEMV=1 ran no "
-          "gemv", name);
-    decode_run(bl, steps, e);
-    CHECK(pie_backend_cuda_gemv_calls(bl) == 0, "%s: PIE_CUDA_NO_GEMV=1 ran "
-          "gemv", name);
-    double worst = 0;
-    int same = 0;
-    for (int t = 0; t < steps; t++) {
-        int nr = t < steps / 2 ? 3 : 2, flip = 0;
-        for (int i = 0; i < nr; i++) {
-            const float *a = g + ((size_t)t * 3 + i) * V, *b = e + ((size_t)t * 3 + i) * V;
-            double num = 0, den = 0;
-            for (int v = 0; v < V; v++) {
-                num += (double)(a[v] - b[v]) * (a[v] - b[v]);
-                den += (double)b[v] * b[v];
-            }
-            double rel = sqrt(num / (den + 1e-30));
-            CHECK(rel < rel_tol, "%s: step %d row %d gemv vs cuBLASLt rel L2 "
-                  "%.3g", name, t, i, rel);
-            if (rel > worst) worst = rel;
-            flip |= argmax(a, V) != argmax(b, V);
-        }
-        same++;
-        if (flip) break;
-    }
-    printf("%s: gemv.cu vs cuBLASLt decode logits rel L2 <= %.2g over %d "
-           "steps\n", name, worst, same);
+    gemv_vs_cublaslt(bg, bl, 3, name);
+    gemv_vs_cublaslt(bg, bl, 12, name);
     pie_backend_free(bg);
     pie_backend_free(bl);
-    free(g); free(e);
 }
 
 /* Token c masked to skip b equals the sequence without b (positions are
