@@ -666,26 +666,22 @@ static __device__ __forceinline__ uint32_t lds32(const uint16_t *p)
 
 /* Four 8x8 bf16 matrices from shared memory, lane l giving the address of
  * row l % 8 of matrix l / 8; register i of lane (g, c) receives row g,
- * columns 2c..2c+1 of matrix i (the B fragment of m16n8k16 when a row is
- * an n index with k contiguous). */
+ * columns 2c..2c+1 of matrix i: the B fragment of m16n8k16 where a row is
+ * an n index with k contiguous (K of S = Q K^T). TRANS transposes each
+ * matrix: B fragments of a row-major [k][n] tile (V of P V; rows
+ * k0..k0+15 given by lanes 0-15, columns +8 by lanes 16-31). */
+template <bool TRANS>
 static __device__ __forceinline__ void ldsm_x4(uint32_t *r, const uint16_t *p)
 {
     uint32_t a = (uint32_t)__cvta_generic_to_shared(p);
-    asm volatile("ldmatrix.sync.aligned.m8n8.x4.shared.b16 "
-                 "{%0,%1,%2,%3}, [%4];\n"
-                 : "=r"(r[0]), "=r"(r[1]), "=r"(r[2]), "=r"(r[3])
-                 : "r"(a));
-}
-
-/* B fragments of two adjacent 8-column tiles of a row-major [k][n] tile
- * (rows k0..k0+15 given by lanes 0-15, columns +8 by lanes 16-31). */
-static __device__ __forceinline__ void ldsm_x4_t(uint32_t *r, const uint16_t *p)
-{
-    uint32_t a = (uint32_t)__cvta_generic_to_shared(p);
-    asm volatile("ldmatrix.sync.aligned.m8n8.x4.trans.shared.b16 "
-                 "{%0,%1,%2,%3}, [%4];\n"
-                 : "=r"(r[0]), "=r"(r[1]), "=r"(r[2]), "=r"(r[3])
-                 : "r"(a));
+    if (TRANS)
+        asm volatile("ldmatrix.sync.aligned.m8n8.x4.trans.shared.b16 "
+                     "{%0,%1,%2,%3}, [%4];\n"
+                     : "=r"(r[0]), "=r"(r[1]), "=r"(r[2]), "=r"(r[3]) : "r"(a));
+    else
+        asm volatile("ldmatrix.sync.aligned.m8n8.x4.shared.b16 "
+                     "{%0,%1,%2,%3}, [%4];\n"
+                     : "=r"(r[0]), "=r"(r[1]), "=r"(r[2]), "=r"(r[3]) : "r"(a));
 }
 
 /* Whether row (mask offset mo, causal limit lim) attends slot j. */
@@ -906,7 +902,7 @@ flash_attn_kernel(uint16_t *out, float *part_o, float *part_ml, const float *q,
 #pragma unroll
                 for (int kk = 0; kk < NK; kk++) {
                     uint32_t kb[4];
-                    ldsm_x4(kb, &Ks[((n8o + n8 + (lane >> 4)) * 8 + (lane & 7)) * LD +
+                    ldsm_x4<false>(kb, &Ks[((n8o + n8 + (lane >> 4)) * 8 + (lane & 7)) * LD +
                                     kk * 16 + ((lane >> 3) & 1) * 8]);
                     mma16816(s[n8], qa[kk], kb[0], kb[1]);
                     mma16816(s[n8 + 1], qa[kk], kb[2], kb[3]);
@@ -971,7 +967,7 @@ flash_attn_kernel(uint16_t *out, float *part_o, float *part_ml, const float *q,
 #pragma unroll
                 for (int i = 0; i < ND; i += 2) {
                     uint32_t vb4[4];
-                    ldsm_x4_t(vb4, &Vs[((n8o / 2 + kk) * 16 + (lane & 15)) * LD +
+                    ldsm_x4<true>(vb4, &Vs[((n8o / 2 + kk) * 16 + (lane & 15)) * LD +
                                        i * 8 + (lane >> 4) * 8]);
                     mma16816(o[i], pa, vb4[0], vb4[1]);
                     mma16816(o[i + 1], pa, vb4[2], vb4[3]);
