@@ -604,8 +604,8 @@ static void plan_free(mm_plan *p)
 }
 
 /* y (m, n) = x (m, k) · W^T, W (n, k) bf16, x bf16, y f32 or bf16.
- * gemv.cu runs only in decode steps, so a prompt's prefill takes the same
- * kernels alone or batched, and a sequence's decode logits do not depend
+ * gemv.cu runs only in decode steps (is_decode), so a prompt's prefill
+ * takes the same kernels alone or batched, and a sequence's decode logits do not depend
  * on how many others decode with it while the batch stays in one bucket of
  * m (1..8, 9..16: gemv.cu is m-invariant for a given r). */
 static int mm(cuda_backend *c, void *y, int y_f32,
@@ -1168,11 +1168,15 @@ static int run_outputs(cuda_backend *c, const pie_forward_batch *b,
     return 0;
 }
 
-/* Every request of the batch adds exactly one token. */
-static int is_decode(const pie_forward_batch *b)
+/* Every request of the batch extends a sequence it already has by one
+ * token (a one-token prompt is a prefill: it takes the prefill kernels,
+ * alone or batched with longer prompts). */
+static int is_decode(const cuda_backend *c, const pie_forward_batch *b)
 {
     for (int r = 0; r < b->n_reqs; r++)
-        if (b->qo_indptr[r + 1] - b->qo_indptr[r] != 1) return 0;
+        if (b->qo_indptr[r + 1] - b->qo_indptr[r] != 1 ||
+            kv_len_of(b, r, c->base.page_size) < 2)
+            return 0;
     return 1;
 }
 
@@ -1193,7 +1197,7 @@ static int cuda_forward(pie_backend *bb, const pie_forward_batch *b,
     if (b->n_tokens == 0) return 0;
     CK(cudaSetDevice(c->device));
     c->graphs_off = getenv("PIE_CUDA_NO_GRAPH") != NULL;
-    c->decode_step = is_decode(b);
+    c->decode_step = is_decode(c, b);
     c->meta_len = 0;
     c->meta_oom = 0;
     step_meta sm = { 0 };
