@@ -608,29 +608,60 @@ static void plan_free(mm_plan *p)
  * takes the same kernels alone or batched, and a sequence's decode logits do not depend
  * on how many others decode with it while the batch stays in one bucket of
  * m (1..8, 9..16: gemv.cu is m-invariant for a given r). */
+static int plan_for(cuda_backend *c, mm_plan **out, void *y, int y_f32,
+                    const uint16_t *W, int n, int k, const uint16_t *x, int m)
+{
+    for (int i = 0; i < MM_CACHE; i++) {
+        mm_plan *q = &c->plans[i];
+        if (q->used && q->m == m && q->n == n && q->k == k &&
+            q->y_f32 == y_f32) {
+            *out = q;
+            return 0;
+        }
+    }
+    mm_plan *p = &c->plans[c->plan_next];
+    c->plan_next = (c->plan_next + 1) % MM_CACHE;
+    plan_free(p);
+    int rc = plan_make(c, p, m, n, k, y_f32, W, x, y);
+    if (rc) { plan_free(p); return rc; }
+    *out = p;
+    return 0;
+}
+
 static int mm(cuda_backend *c, void *y, int y_f32,
               const uint16_t *W, int n, int k, const uint16_t *x, int m)
 {
-    mm_plan *p = NULL;
-    for (int i = 0; i < MM_CACHE && !p; i++) {
-        mm_plan *q = &c->plans[i];
-        if (q->used && q->m == m && q->n == n && q->k == k &&
-            q->y_f32 == y_f32)
-            p = q;
-    }
-    if (!p) {
-        p = &c->plans[c->plan_next];
-        c->plan_next = (c->plan_next + 1) % MM_CACHE;
-        plan_free(p);
-        int rc = plan_make(c, p, m, n, k, y_f32, W, x, y);
-        if (rc) { plan_free(p); return rc; }
-    }
+    mm_plan *p;
+    int rc = plan_for(c, &p, y, y_f32, W, n, k, x, m);
+    if (rc) return rc;
     if (p->gemv_r > 0 && c->decode_step &&
         pie__cuda_gemv(y, y_f32, W, n, k, x, m, p->gemv_r, pie__cuda_pdl(), c->st) == 0) {
         c->n_gemv++;
         return 0;
     }
     CKLT(mm_run(c, p, &p->algo, W, x, y));
+    return 0;
+}
+
+/* h (m, hid) = silu(gate) * up of gu = x . Wgu^T: in decode steps where
+ * gemv.cu won the gate/up shape, one kernel with the SwiGLU in its
+ * epilogue (gu is not written); else the matmul into gu, then silu_mul.
+ * Both give the same bits. */
+static int mm_glu(cuda_backend *c, uint16_t *h, uint16_t *gu,
+                  const uint16_t *Wgu, int hid, int k, const uint16_t *x,
+                  int m)
+{
+    mm_plan *p;
+    int rc = plan_for(c, &p, gu, 0, Wgu, 2 * hid, k, x, m);
+    if (rc) return rc;
+    if (p->gemv_r > 0 && c->decode_step &&
+        pie__cuda_gemv_glu(h, Wgu, hid, k, x, m, p->gemv_r, pie__cuda_pdl(),
+                           c->st) == 0) {
+        c->n_gemv++;
+        return 0;
+    }
+    if ((rc = mm(c, gu, 0, Wgu, 2 * hid, k, x, m))) return rc;
+    pie__cuda_silu_mul(h, gu, m, hid, c->st);
     return 0;
 }
 
@@ -1009,8 +1040,7 @@ static int run_layers(cuda_backend *c, int n, const pie_cuda_tokmeta *tm,
         if ((rc = mm(c, c->dx, 1, L->wo, dim, nh * hd, c->att, n))) return rc;
         pie__cuda_add_rmsnorm(c->xb, c->x, c->dx, L->ffn_norm, NULL, n, dim,
                               g->norm_eps, c->st);
-        if ((rc = mm(c, c->gu, 0, L->wgu, 2 * hid, dim, c->xb, n))) return rc;
-        pie__cuda_silu_mul(c->h, c->gu, n, hid, c->st);
+        if ((rc = mm_glu(c, c->h, c->gu, L->wgu, hid, dim, c->xb, n))) return rc;
         if ((rc = mm(c, c->dx, 1, L->wdown, dim, hid, c->h, n))) return rc;
         pending = c->dx;
     }

@@ -48,6 +48,16 @@ static inline PIE_HD int64_t pie_cuda_kv_page_elems(const pie_cuda_kv *kv)
     return (int64_t)kv->n_layers * 2 * kv->n_kv * kv->page_size * kv->head_dim;
 }
 
+#ifdef __CUDACC__
+#include <math.h>
+/* silu(g) * u, the SwiGLU of one element: silu_mul (kernels.cu) and the
+ * fused gate/up epilogue of gemv.cu share it, so both round alike. */
+static __device__ __forceinline__ float pie_silu_mul(float g, float u)
+{
+    return g / (1.0f + expf(-g)) * u;
+}
+#endif
+
 typedef struct pie_cuda_tokmeta {
     const int32_t  *tok_slot;    /* (n_tokens)                              */
     const int32_t  *tok_req;     /* (n_tokens)                              */
@@ -154,6 +164,12 @@ int pie__cuda_gemv_supported(int m, int k, const void *W, const void *x);
  * unsupported shape or r, or a failed launch. */
 int pie__cuda_gemv(void *y, int y_f32, const uint16_t *W, int n, int k,
                    const uint16_t *x, int m, int r, int pdl, cudaStream_t s);
+/* h (m, hid) bf16 = silu(gate) * up of gu = x . Wgu^T, Wgu (2 hid, k):
+ * gate rows then up rows, as pie__cuda_gemv (gu rounded to bf16) followed
+ * by pie__cuda_silu_mul, bit for bit, without writing gu. Same refusals. */
+int pie__cuda_gemv_glu(uint16_t *h, const uint16_t *Wgu, int hid, int k,
+                       const uint16_t *x, int m, int r, int pdl,
+                       cudaStream_t s);
 
 /* Fills n bf16 values with N(0, std) from seed (or the constant std when
  * constant != 0). */

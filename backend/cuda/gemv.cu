@@ -8,6 +8,10 @@
  * against cuBLASLt's candidates for each weight shape when the backend is
  * created and keeps whichever is faster (PIE_CUDA_NO_GEMV=1: cuBLASLt only).
  *
+ * pie__cuda_gemv_glu runs the fused gate/up matmul of decode with the
+ * SwiGLU in its epilogue: a block takes 8 gate rows and the 8 up rows of
+ * the same features, so each lane holds both halves of its outputs.
+ *
  * Work split: one block owns 16 output rows; its WARPS warps share the k
  * dimension in steps of GEMV_STEP (warp w takes steps w, w + WARPS, ...)
  * and add their partial sums in shared memory, in a fixed order. Per step
@@ -129,6 +133,34 @@ static __device__ __forceinline__ void mma_round(float (*d)[4], const uint4 *A,
     }
 }
 
+static __device__ __forceinline__ uint16_t to_bf16(float v)
+{
+    __nv_bfloat16 b = __float2bfloat16_rn(v);
+    return *reinterpret_cast<uint16_t *>(&b);
+}
+
+static __device__ __forceinline__ float bf16_round(float v)
+{
+    return __bfloat162float(__float2bfloat16_rn(v));
+}
+
+/* GLU blocks: rows g of the fragment are gate rows row0 + g, rows g + 8
+ * the up rows of the same features, so lane (g, c) holds gate and up of
+ * feature row0 + g for x rows 2c, 2c + 1 of tile t: h = silu(gate) * up,
+ * each rounded to bf16 first as gu is in the unfused path. */
+static __device__ __forceinline__ void store_glu(uint16_t *h, int hid, int m,
+                                                 int row0, int t, int g,
+                                                 int c, const float *d)
+{
+#pragma unroll
+    for (int i = 0; i < 2; i++) {
+        int row = row0 + g, col = 8 * t + 2 * c + i;
+        if (row >= hid || col >= m) continue;
+        h[(size_t)col * hid + row] =
+            to_bf16(pie_silu_mul(bf16_round(d[i]), bf16_round(d[2 + i])));
+    }
+}
+
 /* Writes the 16 x 8 block of tile t of y from the C fragment of lane
  * (g, c). */
 static __device__ __forceinline__ void store_c(void *y, int y_f32, int n,
@@ -141,14 +173,13 @@ static __device__ __forceinline__ void store_c(void *y, int y_f32, int n,
         if (row >= n || col >= m) continue;
         size_t at = (size_t)col * n + row;
         if (y_f32) static_cast<float *>(y)[at] = d[i];
-        else {
-            __nv_bfloat16 b = __float2bfloat16_rn(d[i]);
-            static_cast<uint16_t *>(y)[at] = *reinterpret_cast<uint16_t *>(&b);
-        }
+        else static_cast<uint16_t *>(y)[at] = to_bf16(d[i]);
     }
 }
 
-template <int WARPS, int NT>
+/* GLU: W is (2n, k), gate rows then up rows, and y the (m, n) bf16 SwiGLU
+ * of the two halves (a block owns 8 features: their gate and up rows). */
+template <int WARPS, int NT, bool GLU>
 __global__ void __launch_bounds__(WARPS * 32, 16 / WARPS)
 gemv_kernel(void *y, int y_f32, const uint16_t *W, const uint16_t *x, int n,
             int k, int m)
@@ -157,9 +188,9 @@ gemv_kernel(void *y, int y_f32, const uint16_t *W, const uint16_t *x, int n,
     __shared__ float red[WARPS > 1 ? WARPS : 1][32 * 4 * NT];
     int lane = threadIdx.x % 32, w = threadIdx.x / 32;
     int g = lane / 4, c = lane % 4, kc = 8 * GEMV_CH * c;
-    int row0 = blockIdx.x * GEMV_ROWS;
-    const uint16_t *wa = W + (size_t)min(row0 + g, n - 1) * k;
-    const uint16_t *wb = W + (size_t)min(row0 + g + 8, n - 1) * k;
+    int row0 = blockIdx.x * (GLU ? GEMV_ROWS / 2 : GEMV_ROWS);
+    int ra = min(row0 + g, n - 1), rb = GLU ? n + ra : min(row0 + g + 8, n - 1);
+    const uint16_t *wa = W + (size_t)ra * k, *wb = W + (size_t)rb * k;
     const uint16_t *xr[NT];
 #pragma unroll
     for (int t = 0; t < NT; t++) xr[t] = x + (size_t)min(8 * t + g, m - 1) * k;
@@ -203,40 +234,44 @@ gemv_kernel(void *y, int y_f32, const uint16_t *W, const uint16_t *x, int n,
                     d[t][i] += red[v][lane * 4 * NT + t * 4 + i];
     }
 #pragma unroll
-    for (int t = 0; t < NT; t++) store_c(y, y_f32, n, m, row0, t, g, c, d[t]);
+    for (int t = 0; t < NT; t++) {
+        if (GLU) store_glu(static_cast<uint16_t *>(y), n, m, row0, t, g, c, d[t]);
+        else store_c(y, y_f32, n, m, row0, t, g, c, d[t]);
+    }
 }
 
 /* pdl: launched as a programmatic dependent of the stream's previous
  * kernel (which lets it start early: see pdl_begin in kernels.cu). */
-template <int WARPS, int NT>
+template <int WARPS, int NT, bool GLU>
 static int gemv_launch(void *y, int y_f32, const uint16_t *W, int n, int k,
                        const uint16_t *x, int m, int pdl, cudaStream_t s)
 {
+    int rows = GLU ? GEMV_ROWS / 2 : GEMV_ROWS;
     cudaLaunchConfig_t cfg = {};
     cudaLaunchAttribute at[1];
     at[0].id = cudaLaunchAttributeProgrammaticStreamSerialization;
     at[0].val.programmaticStreamSerializationAllowed = 1;
-    cfg.gridDim = dim3((n + GEMV_ROWS - 1) / GEMV_ROWS);
+    cfg.gridDim = dim3((n + rows - 1) / rows);
     cfg.blockDim = dim3(WARPS * 32);
     cfg.stream = s;
     cfg.attrs = at;
     cfg.numAttrs = pdl ? 1 : 0;
-    if (cudaLaunchKernelEx(&cfg, gemv_kernel<WARPS, NT>, y, y_f32, W, x, n, k,
-                           m) == cudaSuccess)
+    if (cudaLaunchKernelEx(&cfg, gemv_kernel<WARPS, NT, GLU>, y, y_f32, W, x,
+                           n, k, m) == cudaSuccess)
         return 0;
     cudaGetLastError();
     return -1;
 }
 
-template <int NT>
+template <int NT, bool GLU>
 static int gemv_warps(void *y, int y_f32, const uint16_t *W, int n, int k,
                       const uint16_t *x, int m, int r, int pdl, cudaStream_t s)
 {
     switch (r) {
-    case 1: return gemv_launch<1, NT>(y, y_f32, W, n, k, x, m, pdl, s);
-    case 2: return gemv_launch<2, NT>(y, y_f32, W, n, k, x, m, pdl, s);
-    case 4: return gemv_launch<4, NT>(y, y_f32, W, n, k, x, m, pdl, s);
-    case 8: return gemv_launch<8, NT>(y, y_f32, W, n, k, x, m, pdl, s);
+    case 1: return gemv_launch<1, NT, GLU>(y, y_f32, W, n, k, x, m, pdl, s);
+    case 2: return gemv_launch<2, NT, GLU>(y, y_f32, W, n, k, x, m, pdl, s);
+    case 4: return gemv_launch<4, NT, GLU>(y, y_f32, W, n, k, x, m, pdl, s);
+    case 8: return gemv_launch<8, NT, GLU>(y, y_f32, W, n, k, x, m, pdl, s);
     default: return -1;
     }
 }
@@ -253,6 +288,15 @@ extern "C" int pie__cuda_gemv(void *y, int y_f32, const uint16_t *W, int n,
                               int pdl, cudaStream_t s)
 {
     if (!pie__cuda_gemv_supported(m, k, W, x) || n <= 0) return -1;
-    return m <= 8 ? gemv_warps<1>(y, y_f32, W, n, k, x, m, r, pdl, s)
-                  : gemv_warps<2>(y, y_f32, W, n, k, x, m, r, pdl, s);
+    return m <= 8 ? gemv_warps<1, false>(y, y_f32, W, n, k, x, m, r, pdl, s)
+                  : gemv_warps<2, false>(y, y_f32, W, n, k, x, m, r, pdl, s);
+}
+
+extern "C" int pie__cuda_gemv_glu(uint16_t *h, const uint16_t *Wgu, int hid,
+                                  int k, const uint16_t *x, int m, int r,
+                                  int pdl, cudaStream_t s)
+{
+    if (!pie__cuda_gemv_supported(m, k, Wgu, x) || hid <= 0) return -1;
+    return m <= 8 ? gemv_warps<1, true>(h, 0, Wgu, hid, k, x, m, r, pdl, s)
+                  : gemv_warps<2, true>(h, 0, Wgu, hid, k, x, m, r, pdl, s);
 }

@@ -1094,10 +1094,6 @@ extern "C" void pie__cuda_attention_flash_dec(uint16_t *out, float *part_o,
 
 /* ------------------------------------------------------------- silu*mul */
 
-static __device__ __forceinline__ float silu_mul1(float g, float u)
-{
-    return g / (1.0f + expf(-g)) * u;
-}
 
 __global__ void silu_mul_kernel(uint16_t *out, const uint16_t *gu,
                                 int64_t total, int hidden)
@@ -1107,7 +1103,7 @@ __global__ void silu_mul_kernel(uint16_t *out, const uint16_t *gu,
     for (int64_t k = blockIdx.x * (int64_t)blockDim.x + threadIdx.x; k < total;
          k += (int64_t)gridDim.x * blockDim.x) {
         int64_t t = k / hidden, i = k % hidden;
-        out[k] = f2bf(silu_mul1(bf2f(gu[t * 2 * hidden + i]),
+        out[k] = f2bf(pie_silu_mul(bf2f(gu[t * 2 * hidden + i]),
                                 bf2f(gu[t * 2 * hidden + hidden + i])));
     }
 }
@@ -1123,8 +1119,8 @@ __global__ void silu_mul2_kernel(uint32_t *out, const uint32_t *gu,
         int64_t t = k / hidden2, i = k % hidden2;
         uint32_t g2 = gu[t * 2 * hidden2 + i], u2 = gu[t * 2 * hidden2 + hidden2 + i];
         out[k] = pack_bf2(
-            silu_mul1(bf2f((uint16_t)g2), bf2f((uint16_t)u2)),
-            silu_mul1(bf2f((uint16_t)(g2 >> 16)), bf2f((uint16_t)(u2 >> 16))));
+            pie_silu_mul(bf2f((uint16_t)g2), bf2f((uint16_t)u2)),
+            pie_silu_mul(bf2f((uint16_t)(g2 >> 16)), bf2f((uint16_t)(u2 >> 16))));
     }
 }
 

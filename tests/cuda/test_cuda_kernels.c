@@ -194,6 +194,43 @@ static void test_gemv_shape(int n, int k, int y_f32)
     free(W); free(x); free(ref); free(abs_); free(y);
 }
 
+/* The fused gate/up matmul with SwiGLU against the unfused pair
+ * (pie__cuda_gemv into gu, then pie__cuda_silu_mul), which the tests
+ * above check against C twins: bit-identical for every m and r. */
+static void test_gemv_glu(int hid, int k)
+{
+    const int M = PIE_CUDA_GEMV_MAX_M;
+    uint16_t *W = malloc(2 * (size_t)2 * hid * k), *x = malloc(2 * (size_t)M * k);
+    for (size_t i = 0; i < (size_t)2 * hid * k; i++)
+        W[i] = pie_f32_to_bf16(frand() * 0.2f);
+    for (int i = 0; i < M * k; i++) x[i] = pie_f32_to_bf16(frand());
+    uint16_t *dW = dput(W, 2 * (size_t)2 * hid * k), *dx = dput(x, 2 * (size_t)M * k);
+    size_t hb = 2 * (size_t)M * hid;
+    uint16_t *dgu = dput(NULL, 2 * hb), *dh = dput(NULL, hb), *dh2 = dput(NULL, hb);
+    uint16_t *h = malloc(hb), *h2 = malloc(hb);
+    for (int r = 1; r <= 8; r *= 2)
+        for (int m = 1; m <= M; m++) {
+            CU(cudaMemset(dh, 0xff, hb));
+            CHECK(pie__cuda_gemv(dgu, 0, dW, 2 * hid, k, dx, m, r, 0, 0) == 0,
+                  "gemv refused");
+            pie__cuda_silu_mul(dh2, dgu, m, hid, 0);
+            CHECK(pie__cuda_gemv_glu(dh, dW, hid, k, dx, m, r, 1, 0) == 0,
+                  "gemv_glu m %d r %d refused", m, r);
+            dget(h, dh, hb);
+            dget(h2, dh2, hb);
+            CHECK(memcmp(h, h2, 2 * (size_t)m * hid) == 0,
+                  "gemv_glu hid %d k %d m %d r %d differs from gemv + silu_mul",
+                  hid, k, m, r);
+            size_t bad = 0;
+            for (size_t i = (size_t)m * hid; i < (size_t)M * hid; i++) bad += h[i] != 0xffff;
+            CHECK(bad == 0, "gemv_glu m %d wrote %zu values past row m", m, bad);
+        }
+    printf("gemv_glu: hid %d k %d, m 1..%d, r 1/2/4/8 equal to gemv + silu_mul\n",
+           hid, k, M);
+    cudaFree(dW); cudaFree(dx); cudaFree(dgu); cudaFree(dh); cudaFree(dh2);
+    free(W); free(x); free(h); free(h2);
+}
+
 static void test_gemv(void)
 {
     test_gemv_shape(1, 8, 1);
@@ -201,6 +238,8 @@ static void test_gemv(void)
     test_gemv_shape(203, 2048, 1);
     test_gemv_shape(130, 4104, 0);    /* steps past the unrolled batches */
     test_gemv_shape(16, 14336, 1);
+    test_gemv_glu(37, 264);           /* features not a multiple of 8 */
+    test_gemv_glu(512, 2048);
     uint16_t *d = dput(NULL, 64);
     CHECK(!pie__cuda_gemv_supported(1, 12, d, d), "k not a multiple of 8 accepted");
     CHECK(!pie__cuda_gemv_supported(PIE_CUDA_GEMV_MAX_M + 1, 16, d, d),
