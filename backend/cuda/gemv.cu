@@ -7,30 +7,32 @@
  * there (backend/cuda/NOTES.md, round 3). cuda_backend.c times this kernel
  * against cuBLASLt's candidates for each weight shape when the backend is
  * created and keeps whichever is faster (PIE_CUDA_NO_GEMV=1: cuBLASLt only).
- *
- * pie__cuda_gemv_glu runs the fused gate/up matmul of decode with the
- * SwiGLU in its epilogue: a block takes 8 gate rows and the 8 up rows of
- * the same features, so each lane holds both halves of its outputs.
+ * pie__cuda_gemv_glu is the fused gate/up matmul with the SwiGLU in its
+ * epilogue: a block takes 8 gate rows and the 8 up rows of the same
+ * features, so each lane holds both halves of its outputs.
  *
  * Work split: one block owns 16 output rows; its WARPS warps share the k
  * dimension in steps of GEMV_STEP (warp w takes steps w, w + WARPS, ...)
- * and add their partial sums in shared memory, in a fixed order. Per step
- * each lane loads GEMV_CH adjacent 16-byte chunks (8 bf16 each) of two
- * weight rows and of one x row, and the warp runs two tensor-core
- * mma.m16n8k16 (bf16 in, f32 accumulate) per chunk: W is the 16x16 A
- * operand, each 8 rows of x (one or two column tiles) a 16x8 B operand. A dot product does
- * not care in which order k is visited, so the k index of the fragments is
- * permuted to match the loads: lane (g = lane/4, c = lane%4) holds, per
- * chunk, 8 consecutive k of rows g and g+8 of W and of row g of x; words
- * 0,1 feed the first mma in the slots of logical k 2c,2c+1 / 2c+8,2c+9,
- * words 2,3 the second. No value is converted. The 4 lanes of a row read
- * 4 * GEMV_CH * 16 = 128 contiguous bytes (one L2 line) per step: 64 bytes
- * (GEMV_CH = 1) ran at 2.0-2.7 TB/s, 128 at 2.4-3.1. Loads run a round
- * ahead of the multiplies to keep HBM busy. Rows of x past
- * m repeat row m-1 and are not stored; a column of the product does not
- * depend on the others, so for a given r a row's result does not depend on
- * m (batched and single decode agree bit for bit while the batch stays in
- * one bucket of m, 1..8 or 9..16, each tuned on its own).
+ * and add their partial sums in shared memory, in a fixed order.
+ *
+ * Per step each lane loads GEMV_CH adjacent 16-byte chunks (8 bf16 each)
+ * of two weight rows and of one x row per column tile, and the warp runs
+ * two tensor-core mma.m16n8k16 (bf16 in, f32 accumulate) per chunk and
+ * tile: W is the 16x16 A operand, each 8 rows of x (one or two tiles) a
+ * 16x8 B operand. A dot product does not care in which order k is visited,
+ * so the k index of the fragments is permuted to match the loads: lane
+ * (g = lane/4, c = lane%4) holds, per chunk, 8 consecutive k of rows g and
+ * g+8 of W and of row g of x; words 0,1 feed the first mma in the slots of
+ * logical k 2c,2c+1 / 2c+8,2c+9, words 2,3 the second. No value is
+ * converted. The 4 lanes of a row read 4 * GEMV_CH * 16 = 128 contiguous
+ * bytes (one L2 line) per step: 64 bytes (GEMV_CH = 1) ran at 2.0-2.7
+ * TB/s, 128 at 2.4-3.1. Loads run a round ahead of the multiplies.
+ *
+ * Rows of x past m repeat row m-1 and are not stored; a column of the
+ * product does not depend on the others, so for a given r a row's result
+ * does not depend on m (batched and single decode agree bit for bit while
+ * the batch stays in one bucket of m, 1..8 or 9..16, each tuned on its
+ * own).
  */
 #include <cuda_bf16.h>
 #include <stdint.h>
