@@ -184,6 +184,11 @@ for phase in "$@"; do
         done
         ;;
     nsys)   # per-kernel GPU time (nsys, graph nodes traced) of decode steps
+        if ! command -v nsys > /dev/null; then
+            echo "nsys: not installed on this machine (ncu is: see prof)" \
+                | tee -a "$OUT/summary.log"
+            continue
+        fi
         for cfg in "llama-3.2-1b 64 512" "llama-3.1-8b 1 512" "llama-3.2-1b 16 2048"; do
             set -- $cfg
             f=kern_$1_b$2_l$3
