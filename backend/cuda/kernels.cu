@@ -639,8 +639,9 @@ extern "C" void pie__cuda_attn_merge(uint16_t *out, const float *part_o,
  *   B (16x8):  b0 (k 2c..2c+1, n g)  b1 (k 2c+8.., n g)
  *   C (16x8):  c0,c1 (g, 2c..2c+1)    c2,c3 (g+8, 2c..2c+1)
  * so the S accumulators of two adjacent n-tiles are the A operand of P V.
- * Shared memory (bf16): two buffers of K[FA_BN][HD+8] and V (the first K
- * holds Q at the start), row-major; V's B fragments come from
+ * Shared memory (bf16): two buffers of K[FA_BN][HD+8] and V (the second
+ * holds Q at the start, while the first KV block loads), row-major; V's B
+ * fragments come from
  * ldmatrix.trans. The +8 padding makes every fragment load bank-conflict
  * free.
  */
@@ -831,7 +832,17 @@ flash_attn_kernel(uint16_t *out, float *part_o, float *part_ml, const float *q,
     int warp = threadIdx.x / WARP, lane = threadIdx.x % WARP;
     int g = lane >> 2, c = lane & 3;
     float scale = rsqrtf((float)HD) * 1.4426950408889634f;
-    uint16_t *Qs = fa_sm;
+    /* the first KV block's copies fly while Q is staged, in the second
+     * buffer (refilled only after Q has moved to registers) */
+    const int32_t *pages = tm.pages + tm.kv_indptr[it.req];
+    int64_t pe = pie_cuda_kv_page_elems(&kv);
+    int64_t lay = (int64_t)layer * 2 * kv.n_kv * ps * HD + (int64_t)kvh * ps * HD;
+    int64_t voff = (int64_t)kv.n_kv * ps * HD;
+    if (it.s0 < it.s1)
+        fa_load<HD, TH>(fa_sm, fa_sm + BLK, kv.pool, pages, pe, lay, voff, ps,
+                        it.s0, it.s1);
+    cp_async_commit();
+    uint16_t *Qs = fa_sm + 2 * BLK;
     for (int k = threadIdx.x; k < BM * HD / 2; k += TH) {
         int r = k / (HD / 2), d = (k % (HD / 2)) * 2;
         float a = 0.0f, b = 0.0f;
@@ -871,14 +882,6 @@ flash_attn_kernel(uint16_t *out, float *part_o, float *part_ml, const float *q,
 #pragma unroll
     for (int i = 0; i < ND; i++) o[i][0] = o[i][1] = o[i][2] = o[i][3] = 0.0f;
     float ma = -INFINITY, mb = -INFINITY, la = 0.0f, lb = 0.0f;
-    const int32_t *pages = tm.pages + tm.kv_indptr[it.req];
-    int64_t pe = pie_cuda_kv_page_elems(&kv);
-    int64_t lay = (int64_t)layer * 2 * kv.n_kv * ps * HD + (int64_t)kvh * ps * HD;
-    int64_t voff = (int64_t)kv.n_kv * ps * HD;
-    if (it.s0 < it.s1)
-        fa_load<HD, TH>(fa_sm, fa_sm + BLK, kv.pool, pages, pe, lay, voff, ps,
-                        it.s0, it.s1);
-    cp_async_commit();
     for (int s0 = it.s0, bi = 0; s0 < it.s1; s0 += FA_BN, bi ^= 1) {
         /* prefetch the next block into the other buffer, wait for this one */
         if (s0 + FA_BN < it.s1)
