@@ -520,8 +520,7 @@ static void try_gemv(cuda_backend *c, mm_plan *p, const uint16_t *W,
         t[i] = time_cand(c, p, (mm_cand){ NULL, r, gm }, W, x, y, 3);
         if (t[i] < gbest) { gbest = t[i]; gr = r; }
     }
-    /* PIE_CUDA_GEMV=1: gemv.cu whenever it runs (its start overlaps the
-     * kernel before under PDL, which the timing above does not see) */
+    /* PIE_CUDA_GEMV=1 (comparisons, tests): gemv.cu wherever it runs */
     if (gbest < lt || (getenv("PIE_CUDA_GEMV") && gbest < INFINITY))
         p->gemv_r = gr;
     if (getenv("PIE_CUDA_TUNE_LOG"))
@@ -603,11 +602,7 @@ static void plan_free(mm_plan *p)
     p->used = 0;
 }
 
-/* y (m, n) = x (m, k) · W^T, W (n, k) bf16, x bf16, y f32 or bf16.
- * gemv.cu runs only in decode steps (is_decode), so a prompt's prefill
- * takes the same kernels alone or batched, and a sequence's decode logits do not depend
- * on how many others decode with it while the batch stays in one bucket of
- * m (1..8, 9..16: gemv.cu is m-invariant for a given r). */
+/* The cached plan of (m, n, k, y_f32), made (and timed) on first use. */
 static int plan_for(cuda_backend *c, mm_plan **out, void *y, int y_f32,
                     const uint16_t *W, int n, int k, const uint16_t *x, int m)
 {
@@ -628,6 +623,11 @@ static int plan_for(cuda_backend *c, mm_plan **out, void *y, int y_f32,
     return 0;
 }
 
+/* y (m, n) = x (m, k) · W^T, W (n, k) bf16, x bf16, y f32 or bf16.
+ * gemv.cu runs only in decode steps (is_decode), so a prompt's prefill
+ * takes the same kernels alone or batched, and a sequence's decode logits
+ * do not depend on how many others decode with it while the batch stays
+ * in one bucket of m (1..8, 9..16: gemv.cu is m-invariant for a given r). */
 static int mm(cuda_backend *c, void *y, int y_f32,
               const uint16_t *W, int n, int k, const uint16_t *x, int m)
 {
@@ -660,7 +660,7 @@ static int mm_glu(cuda_backend *c, uint16_t *h, uint16_t *gu,
         c->n_gemv++;
         return 0;
     }
-    if ((rc = mm(c, gu, 0, Wgu, 2 * hid, k, x, m))) return rc;
+    CKLT(mm_run(c, p, &p->algo, Wgu, x, gu));  /* the plan found above */
     pie__cuda_silu_mul(h, gu, m, hid, c->st);
     return 0;
 }
@@ -1031,10 +1031,11 @@ static int run_layers(cuda_backend *c, int n, const pie_cuda_tokmeta *tm,
                             (int)c->n_items, tm, &c->kv, l, nh, c->max_slots,
                             c->st);
         pie__cuda_attention_flash(c->att, c->part_o, c->part_ml, c->q, fitems,
-                                  (int)c->n_fitems, tm, &c->kv, l, nh, c->st);
-        pie__cuda_attention_flash_dec(c->att, c->part_o, c->part_ml, c->q,
-                                      gitems, (int)c->n_gitems, tm, &c->kv, l,
-                                      nh, c->st);
+                                  (int)c->n_fitems, tm, &c->kv, l, nh, 0,
+                                  c->st);
+        pie__cuda_attention_flash(c->att, c->part_o, c->part_ml, c->q, gitems,
+                                  (int)c->n_gitems, tm, &c->kv, l, nh, 1,
+                                  c->st);
         pie__cuda_attn_merge(c->att, c->part_o, c->part_ml, merges,
                              (int)c->n_merges, nh, g->n_kv_heads, hd, c->st);
         if ((rc = mm(c, c->dx, 1, L->wo, dim, nh * hd, c->att, n))) return rc;

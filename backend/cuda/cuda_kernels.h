@@ -125,25 +125,19 @@ void pie__cuda_attn_merge(uint16_t *out, const float *part_o,
  * request req and ONE query head (held in kvh), output always written.
  * pad = 1 (grouped, decode): rows are nt tokens x the G heads of kv head
  * kvh (nt * G <= PIE_CUDA_FLASH_ROWS) and part >= 0 writes split partials
- * for pie__cuda_attn_merge. Head dims with pie__cuda_flash_supported(). */
+ * for pie__cuda_attn_merge. Head dims with pie__cuda_flash_supported().
+ * dec = 1 (decode variant): grouped items (pad = 1) of at most
+ * PIE_CUDA_FLASH_DEC_ROWS rows (nt * G), the 4 warps of a block splitting
+ * every KV block's slots among them. */
 #define PIE_CUDA_FLASH_ROWS 128
+#define PIE_CUDA_FLASH_DEC_ROWS 16
 int pie__cuda_flash_supported(int hd);
 void pie__cuda_attention_flash(uint16_t *out, float *part_o, float *part_ml,
                                const float *q,
                                const pie_cuda_attn_item *items, int n_items,
                                const pie_cuda_tokmeta *tm,
                                const pie_cuda_kv *kv, int layer, int nh,
-                               cudaStream_t s);
-/* The same for decode: grouped items (pad = 1) of at most
- * PIE_CUDA_FLASH_DEC_ROWS rows (nt * G), the 4 warps of a block splitting
- * every KV block's slots among them. */
-#define PIE_CUDA_FLASH_DEC_ROWS 16
-void pie__cuda_attention_flash_dec(uint16_t *out, float *part_o,
-                                   float *part_ml, const float *q,
-                                   const pie_cuda_attn_item *items,
-                                   int n_items, const pie_cuda_tokmeta *tm,
-                                   const pie_cuda_kv *kv, int layer, int nh,
-                                   cudaStream_t s);
+                               int dec, cudaStream_t s);
 /* out (n, hidden) bf16 = silu(gu[:, :hidden]) * gu[:, hidden:], gu bf16 */
 void pie__cuda_silu_mul(uint16_t *out, const uint16_t *gu, int n, int hidden,
                         cudaStream_t s);

@@ -1054,45 +1054,23 @@ static void flash_launch(uint16_t *out, float *part_o, float *part_ml,
                items, *tm, *kv, layer, nh);
 }
 
-template <bool WS>
-static void flash_dispatch(uint16_t *out, float *part_o, float *part_ml,
-                           const float *q, const pie_cuda_attn_item *items,
-                           int n_items, const pie_cuda_tokmeta *tm,
-                           const pie_cuda_kv *kv, int layer, int nh,
-                           cudaStream_t s)
-{
-    if (n_items <= 0) return;
-    switch (kv->head_dim) {
-#define FA_CASE(H) case H: flash_launch<H, WS>(out, part_o, part_ml, q, items, \
-        n_items, tm, kv, layer, nh, s); break;
-    FA_CASE(16) FA_CASE(32) FA_CASE(64) FA_CASE(128)
-#undef FA_CASE
-    default: break;
-    }
-}
-
 extern "C" void pie__cuda_attention_flash(uint16_t *out, float *part_o,
                                           float *part_ml, const float *q,
                                           const pie_cuda_attn_item *items,
                                           int n_items,
                                           const pie_cuda_tokmeta *tm,
                                           const pie_cuda_kv *kv, int layer,
-                                          int nh, cudaStream_t s)
+                                          int nh, int dec, cudaStream_t s)
 {
-    flash_dispatch<false>(out, part_o, part_ml, q, items, n_items, tm, kv,
-                          layer, nh, s);
-}
-
-extern "C" void pie__cuda_attention_flash_dec(uint16_t *out, float *part_o,
-                                              float *part_ml, const float *q,
-                                              const pie_cuda_attn_item *items,
-                                              int n_items,
-                                              const pie_cuda_tokmeta *tm,
-                                              const pie_cuda_kv *kv, int layer,
-                                              int nh, cudaStream_t s)
-{
-    flash_dispatch<true>(out, part_o, part_ml, q, items, n_items, tm, kv,
-                         layer, nh, s);
+    if (n_items <= 0) return;
+    switch (kv->head_dim * 2 + (dec != 0)) {
+#define FA_CASE(H, WS) case H * 2 + WS: flash_launch<H, WS>(out, part_o, \
+        part_ml, q, items, n_items, tm, kv, layer, nh, s); break;
+    FA_CASE(16, 0) FA_CASE(32, 0) FA_CASE(64, 0) FA_CASE(128, 0)
+    FA_CASE(16, 1) FA_CASE(32, 1) FA_CASE(64, 1) FA_CASE(128, 1)
+#undef FA_CASE
+    default: break;
+    }
 }
 
 /* ------------------------------------------------------------- silu*mul */

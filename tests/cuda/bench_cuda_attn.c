@@ -77,8 +77,8 @@ static void run(int hd, int B, int L, int mma)
     for (int w = 0; w < 3 + iters; w++) {
         if (w == 3) CU(cudaEventRecord(e0, 0));
         if (mma)
-            pie__cuda_attention_flash_dec(out, po, pml, q, d[6], ni, &tm, &kv, 0,
-                                          nh, 0);
+            pie__cuda_attention_flash(out, po, pml, q, d[6], ni, &tm, &kv, 0,
+                                      nh, 1, 0);
         else
             pie__cuda_attention(out, po, pml, q, d[6], ni, &tm, &kv, 0, nh,
                                 (L + ns - 1) / ns + 1, 0);
@@ -139,7 +139,7 @@ static void run_prefill(int hd, int L)
     int iters = 10;
     for (int w = 0; w < 2 + iters; w++) {
         if (w == 2) CU(cudaEventRecord(e0, 0));
-        pie__cuda_attention_flash(out, NULL, NULL, q, d[5], ni, &tm, &kv, 0, nh, 0);
+        pie__cuda_attention_flash(out, NULL, NULL, q, d[5], ni, &tm, &kv, 0, nh, 0, 0);
     }
     CU(cudaEventRecord(e1, 0));
     CU(cudaEventSynchronize(e1));

@@ -484,12 +484,12 @@ static void test_attention_mode(int nh, int nkv, int hd, int masked,
     pie_cuda_merge_item *dm = dput(merges, sizeof merges[0] * (nm + 1));
     CU(cudaMemset(dout, 0xff, 2 * (size_t)n * nh * hd));   /* poison */
     if (grouped == 2) {
-        pie__cuda_attention_flash_dec(dout, po, pml, dq, di, ni, &tm, &kv,
-                                      layer, nh, 0);
+        pie__cuda_attention_flash(dout, po, pml, dq, di, ni, &tm, &kv,
+                                  layer, nh, 1, 0);
         pie__cuda_attn_merge(dout, po, pml, dm, nm, nh, nkv, hd, 0);
     } else if (split < 0 || grouped) {
         pie__cuda_attention_flash(dout, po, pml, dq, di, ni, &tm, &kv, layer,
-                                  nh, 0);
+                                  nh, 0, 0);
         pie__cuda_attn_merge(dout, po, pml, dm, nm, nh, nkv, hd, 0);
     } else {
         pie__cuda_attention(dout, po, pml, dq, di, ni, &tm, &kv, layer, nh,
