@@ -23,6 +23,10 @@
 #   nsys    per-kernel GPU time of three decode shapes (nsys)
 #   prof    per-kernel GPU time of 1B decode (nsys) and speed of light of
 #           the decode kernels (ncu), where those tools are installed
+#   attnmma decode attention bandwidth, tensor-core kernel only
+#   profile per-operation GPU time of decode steps (PIE_CUDA_PROFILE=1)
+#   thr     decode at the throughput targets' shapes (1B B=64/256, 8B B=256)
+#   ncuattn ncu of decode attention (stalls, memory, occupancy), three shapes
 set -u
 OUT=${OUT:-$PWD/out}
 C=${PIE_CARRY:-.carry}
@@ -94,6 +98,49 @@ for phase in "$@"; do
                    "llama-3.1-8b 256 512 24"; do
             RUN=$RO TAG="old " bench $cfg
             TAG="new " bench $cfg
+        done
+        ;;
+    attnmma)    # decode attention, tensor-core kernel only
+        log attnmma
+        PIE_ATTN_NO_SIMT=1 timeout 120 $R bench_cuda_attn 2>&1 | grep "attn mma" \
+            | tee -a "$OUT/summary.log"
+        ;;
+    attnexp)    # decode attention: page size 64, pages in order, PDL
+        for v in "PIE_ATTN_PS=64" "PIE_ATTN_SEQ=1" "PIE_CUDA_PDL_ATTN=1" "PIE_CUDA_DEC_BLOCKS=264"; do
+            log "attnexp $v"
+            env $v PIE_ATTN_NO_SIMT=1 timeout 120 $R bench_cuda_attn 2>&1 \
+                | grep "attn mma" | grep -v " B   1 " | tee -a "$OUT/summary.log"
+        done
+        for cfg in "llama-3.2-1b 64 512 24" "llama-3.1-8b 256 512 16"; do
+            PIE_CUDA_PDL_ATTN=1 TAG="pdlattn " bench $cfg
+            PIE_CUDA_PDL_ALL=1 TAG="pdlall " bench $cfg
+        done
+        ;;
+    profile)    # per-operation GPU time of decode steps (PIE_CUDA_PROFILE=1)
+        for cfg in "llama-3.2-1b 1 512" "llama-3.2-1b 64 512" "llama-3.1-8b 1 512" \
+                   "llama-3.1-8b 256 512" "llama-3.1-8b 16 2048"; do
+            set -- $cfg
+            log "profile $cfg"
+            PIE_CUDA_PROFILE=1 timeout 200 $R pie bench forward --backend cuda \
+                --model random:$1 --batch $2 --prompt-len $3 --gen 8 2>&1 \
+                | grep -E "pie profile|decode:" | tee -a "$OUT/summary.log"
+        done
+        ;;
+    thr)        # the throughput decode shapes of the targets
+        for cfg in "llama-3.2-1b 64 512 24" "llama-3.2-1b 256 512 24" \
+                   "llama-3.1-8b 256 512 16" "llama-3.1-8b 16 2048 24" \
+                   "llama-3.1-8b 64 2048 16"; do
+            bench $cfg
+        done
+        ;;
+    ncuattn)    # ncu of decode attention: stall reasons, memory, occupancy
+        for cfg in "128,256,512" "128,16,2048" "64,64,512"; do
+            PIE_ATTN_ONLY=$cfg timeout 120 ncu --section SpeedOfLight \
+                --section Occupancy --section SchedulerStats --section WarpStateStats \
+                --section MemoryWorkloadAnalysis --section LaunchStats \
+                --section SourceCounters -k regex:flash_attn --launch-skip 3 \
+                --launch-count 1 $R bench_cuda_attn > "$OUT/ncu_attn_${cfg//,/_}.txt" 2>&1
+            echo "ncu attn $cfg rc=$?" | tee -a "$OUT/summary.log"
         done
         ;;
     kernels)

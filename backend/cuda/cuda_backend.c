@@ -35,6 +35,7 @@
 
 #include "backend/backend.h"
 #include "backend/cuda/cuda_kernels.h"
+#include "backend/cuda/prof.h"
 #include "common/pie_err.h"
 
 #define MAX_TOKENS  8192        /* tokens per forward                      */
@@ -90,7 +91,7 @@ typedef struct mm_plan {
 typedef struct graph_key {
     void    *meta_dev;
     size_t   tok, pos, slot, req, kv_indptr, kv_len, pages, mask_off,
-             mask_bits, items, merges, fitems, gitems;
+             mask_bits, items, merges, fitems, gitems, bstart;
     int64_t  n, n_items, n_fitems, n_gitems, n_merges, max_slots, decode;
 } graph_key;
 
@@ -161,8 +162,12 @@ typedef struct cuda_backend {
     int64_t           n_items, cap_items, n_merges, cap_merges;
     pie_cuda_attn_item  *fitems;  /* tensor-core prefill tiles             */
     int64_t           n_fitems, cap_fitems;
-    pie_cuda_attn_item  *gitems;  /* tensor-core grouped (decode) items    */
-    int64_t           n_gitems, cap_gitems;
+    pie_cuda_attn_item  *gitems;  /* tensor-core grouped (decode) items,   */
+    int64_t           n_gitems, cap_gitems; /* whole, one per tile x head */
+    pie_cuda_attn_item  *pieces;  /* gitems cut for the persistent grid    */
+    int32_t          *bstart;     /* (dec_blocks + 1) see dec_plan.c       */
+    int64_t           cap_pieces;
+    int               n_pieces, dec_blocks; /* grid of the decode kernel  */
     int               max_slots;  /* longest item of the current step     */
     /* CUDA graphs of the layer sequence, keyed by the kernel arguments */
     step_graph        graphs[GRAPH_CACHE];
@@ -174,6 +179,7 @@ typedef struct cuda_backend {
     int64_t           n_gemv;      /* matmuls run by gemv.cu               */
     int               decode_step; /* this forward adds one token to every */
                                    /* request: gemv.cu may run (mm)        */
+    pie_cuda_prof     prof;        /* PIE_CUDA_PROFILE=1 (prof.h)          */
     /* every device allocation, freed at destroy */
     void            **allocs;
     int               n_allocs, cap_allocs;
@@ -818,6 +824,30 @@ static int plan_flash(cuda_backend *c, const pie_forward_batch *b, int r,
     return 0;
 }
 
+/* Cuts the whole grouped items for the decode kernel's persistent grid
+ * (dec_plan.c). The piece and merge lists are stored at their capacities
+ * (merges padded with empty items), so a decode step's kernel arguments,
+ * and its CUDA graph, do not change as contexts grow. Returns the partial
+ * rows used, or a negative code. */
+static int64_t plan_dec(cuda_backend *c, int64_t parts)
+{
+    int nb = c->dec_blocks;
+    int rc = grow((void **)&c->pieces, &c->cap_pieces, c->n_gitems + nb,
+                  sizeof *c->pieces);
+    if (!rc) rc = grow((void **)&c->merges, &c->cap_merges, c->n_merges + nb,
+                       sizeof *c->merges);
+    if (rc) return rc;
+    int n_merges = 0;
+    parts = pie_cuda_dec_plan(c->gitems, (int)c->n_gitems,
+                              c->cfg.n_heads / c->cfg.n_kv_heads, nb, parts,
+                              c->pieces, &c->n_pieces, c->bstart,
+                              c->merges + c->n_merges, &n_merges);
+    memset(c->merges + c->n_merges + n_merges, 0,
+           sizeof *c->merges * (size_t)(nb - n_merges));
+    c->n_merges += nb;
+    return parts;
+}
+
 /* Work items of the attention kernel into c->items / c->merges. want =
  * splits wished per tile for occupancy; range_of[t] = slots token t may see
  * under its mask. Returns the number of partial rows or a negative code. */
@@ -851,7 +881,7 @@ static int64_t plan_attention(cuda_backend *c, const pie_forward_batch *b,
             int64_t opt = (range + 127) / 128;
             int64_t ns = want < opt ? want : opt;
             if (ns < need) ns = need;
-            if (ns < 1) ns = 1;
+            if (ns < 1 || fd) ns = 1;       /* fd: dec_plan balances */
             int rc = fd ? grow((void **)&c->gitems, &c->cap_gitems,
                                c->n_gitems + ns * g->n_kv_heads, sizeof *c->gitems)
                         : grow((void **)&c->items, &c->cap_items,
@@ -883,7 +913,7 @@ static int64_t plan_attention(cuda_backend *c, const pie_forward_batch *b,
     /* Sizes the CUDA-core kernel's score buffer; rounded so that decode
      * steps keep the same launch (and graph) for 64 slots of growth. */
     c->max_slots = (c->max_slots + 63) & ~63;
-    return parts;
+    return c->n_gitems ? plan_dec(c, parts) : parts;
 }
 
 /* Fills per-token and per-request arrays and the attention masks. Returns
@@ -891,7 +921,7 @@ static int64_t plan_attention(cuda_backend *c, const pie_forward_batch *b,
  * length when the batch has masks. */
 typedef struct step_meta {
     size_t tok, pos, slot, req, kv_indptr, kv_len, pages, mask_off, mask_bits;
-    size_t items, merges, fitems, gitems, rows, srow, lp_ids, lmask;
+    size_t items, merges, fitems, gitems, bstart, rows, srow, lp_ids, lmask;
 } step_meta;
 
 static int build_tokens(cuda_backend *c, const pie_forward_batch *b,
@@ -1016,33 +1046,44 @@ static int run_layers(cuda_backend *c, int n, const pie_cuda_tokmeta *tm,
     const pie_cuda_attn_item *fitems = DEV(c, sm->fitems);
     const pie_cuda_attn_item *gitems = DEV(c, sm->gitems);
     int rc;
+    pie_cuda_prof *P = &c->prof;
     pie__cuda_embed(c->x, c->embed, DEV(c, sm->tok), n,
                     dim, c->st);
+    pie_cuda_prof_mark(P, PROF_EMBED, c->st);
     const float *pending = NULL;     /* the previous layer's down output */
     for (int l = 0; l < g->n_layers; l++) {
         const cuda_layer *L = &c->layers[l];
         pie__cuda_add_rmsnorm(c->xb, c->x, pending, L->attn_norm, NULL, n,
                               dim, g->norm_eps, c->st);
+        pie_cuda_prof_mark(P, PROF_NORM, c->st);
         if ((rc = mm(c, c->qkv, 0, L->wqkv, qkvd, dim, c->xb, n))) return rc;
+        pie_cuda_prof_mark(P, PROF_QKV, c->st);
         pie__cuda_qkv_post(c->q, c->qkv, L->bqkv, L->q_norm, L->k_norm,
                            g->norm_eps, c->inv_freq, tm, &c->kv, l, n, nh,
                            c->st);
+        pie_cuda_prof_mark(P, PROF_QKV_POST, c->st);
         pie__cuda_attention(c->att, c->part_o, c->part_ml, c->q, items,
                             (int)c->n_items, tm, &c->kv, l, nh, c->max_slots,
                             c->st);
         pie__cuda_attention_flash(c->att, c->part_o, c->part_ml, c->q, fitems,
-                                  (int)c->n_fitems, tm, &c->kv, l, nh, 0,
-                                  c->st);
-        pie__cuda_attention_flash(c->att, c->part_o, c->part_ml, c->q, gitems,
-                                  (int)c->n_gitems, tm, &c->kv, l, nh, 1,
-                                  c->st);
+                                  (int)c->n_fitems, tm, &c->kv, l, nh, c->st);
+        if (c->n_gitems)
+            pie__cuda_attention_dec(c->att, c->part_o, c->part_ml, c->q, gitems,
+                                    DEV(c, sm->bstart), c->dec_blocks, tm,
+                                    &c->kv, l, nh, c->st);
+        pie_cuda_prof_mark(P, PROF_ATTN, c->st);
         pie__cuda_attn_merge(c->att, c->part_o, c->part_ml, merges,
                              (int)c->n_merges, nh, g->n_kv_heads, hd, c->st);
+        pie_cuda_prof_mark(P, PROF_MERGE, c->st);
         if ((rc = mm(c, c->dx, 1, L->wo, dim, nh * hd, c->att, n))) return rc;
+        pie_cuda_prof_mark(P, PROF_WO, c->st);
         pie__cuda_add_rmsnorm(c->xb, c->x, c->dx, L->ffn_norm, NULL, n, dim,
                               g->norm_eps, c->st);
+        pie_cuda_prof_mark(P, PROF_NORM, c->st);
         if ((rc = mm_glu(c, c->h, c->gu, L->wgu, hid, dim, c->xb, n))) return rc;
+        pie_cuda_prof_mark(P, PROF_GATE_UP, c->st);
         if ((rc = mm(c, c->dx, 1, L->wdown, dim, hid, c->h, n))) return rc;
+        pie_cuda_prof_mark(P, PROF_DOWN, c->st);
         pending = c->dx;
     }
     CK(cudaGetLastError());
@@ -1063,6 +1104,7 @@ static graph_key key_of(const cuda_backend *c, int n, const step_meta *sm,
     k.mask_bits = tm->mask_off ? sm->mask_bits : (size_t)-1;
     k.items = sm->items; k.merges = sm->merges; k.fitems = sm->fitems;
     k.gitems = sm->gitems;
+    k.bstart = sm->bstart;
     k.n = n; k.n_items = c->n_items; k.n_fitems = c->n_fitems;
     k.n_gitems = c->n_gitems;
     k.n_merges = c->n_merges;
@@ -1136,7 +1178,8 @@ static int graph_capture(cuda_backend *c, const graph_key *k, int n,
 static int run_layers_graphed(cuda_backend *c, int n,
                               const pie_cuda_tokmeta *tm, const step_meta *sm)
 {
-    if (c->graphs_off || c->capture_failed || n > GRAPH_MAX_TOKENS)
+    if (c->graphs_off || c->prof.on || c->capture_failed ||
+        n > GRAPH_MAX_TOKENS)
         return run_layers(c, n, tm, sm);
     graph_key k = key_of(c, n, sm, tm);
     step_graph *s = graph_find(c, &k);
@@ -1194,6 +1237,7 @@ static int run_outputs(cuda_backend *c, const pie_forward_batch *b,
             CK(cudaMemcpyAsync(out->ids + v0, c->d_ids, 4 * (size_t)nv,
                                cudaMemcpyDeviceToHost, c->st));
         }
+        pie_cuda_prof_mark(&c->prof, PROF_OUTPUT, c->st);
         CK(cudaStreamSynchronize(c->st));
     }
     return 0;
@@ -1228,6 +1272,7 @@ static int cuda_forward(pie_backend *bb, const pie_forward_batch *b,
     if (b->n_tokens == 0) return 0;
     CK(cudaSetDevice(c->device));
     c->graphs_off = getenv("PIE_CUDA_NO_GRAPH") != NULL;
+    pie_cuda_prof_init(&c->prof);
     c->decode_step = is_decode(c, b);
     c->meta_len = 0;
     c->meta_oom = 0;
@@ -1265,7 +1310,9 @@ static int cuda_forward(pie_backend *bb, const pie_forward_batch *b,
     if (c->n_fitems > 1)
         qsort(c->fitems, (size_t)c->n_fitems, sizeof *c->fitems, cmp_longest);
     sm.fitems = meta_put(c, c->fitems, sizeof *c->fitems * (size_t)c->n_fitems);
-    sm.gitems = meta_put(c, c->gitems, sizeof *c->gitems * (size_t)c->n_gitems);
+    sm.gitems = meta_put(c, c->pieces, c->n_gitems ? sizeof *c->pieces *
+                         (size_t)(c->n_gitems + c->dec_blocks) : 0);
+    sm.bstart = meta_put(c, c->bstart, c->n_gitems ? 4 * (size_t)(c->dec_blocks + 1) : 0);
     /* after everything of fixed size, so decode steps keep their offsets */
     sm.pages = meta_put(c, b->kv_page_indices,
                         4 * (size_t)b->kv_page_indptr[b->n_reqs]);
@@ -1276,9 +1323,11 @@ static int cuda_forward(pie_backend *bb, const pie_forward_batch *b,
         DEV(c, sm.kv_len), DEV(c, sm.pages),
         b->mask_indptr ? DEV(c, sm.mask_off) : NULL,
         b->mask_indptr ? DEV(c, sm.mask_bits) : NULL };
+    pie_cuda_prof_begin(&c->prof, c->decode_step, c->st);
     if ((rc = run_layers_graphed(c, b->n_tokens, &tm, &sm))) return rc;
     if ((rc = run_outputs(c, b, out, &sm))) return rc;
     CK(cudaStreamSynchronize(c->st));
+    pie_cuda_prof_end(&c->prof);
     CK(cudaGetLastError());
     return 0;
 }
@@ -1371,6 +1420,7 @@ static void cuda_destroy(pie_backend *bb)
     if (!c) return;
     cudaSetDevice(c->device);
     if (c->st) cudaStreamSynchronize(c->st);
+    pie_cuda_prof_done(&c->prof);
     for (int i = 0; i < GRAPH_CACHE; i++)
         if (c->graphs[i].exec) cudaGraphExecDestroy(c->graphs[i].exec);
     for (int i = 0; i < MM_CACHE; i++) plan_free(&c->plans[i]);
@@ -1385,6 +1435,8 @@ static void cuda_destroy(pie_backend *bb)
     free(c->items);
     free(c->fitems);
     free(c->gitems);
+    free(c->pieces);
+    free(c->bstart);
     free(c->merges);
     free(c);
 }
@@ -1436,6 +1488,19 @@ static int check_shape(const pie_model_config *g)
                            "8, 16, 32, 64, 128, 256)", hd);
     if (g->dim < 1 || g->hidden_dim < 1 || g->vocab_size < 1 || g->n_layers < 1)
         return pie_err_set(PIE_EINVAL, "cuda: bad model dimensions");
+    return 0;
+}
+
+/* The decode kernel's persistent grid: its resident blocks on every SM,
+ * or PIE_CUDA_DEC_BLOCKS (for experiments). */
+static int plan_dec_grid(cuda_backend *c)
+{
+    if (!pie__cuda_flash_supported(c->cfg.head_dim)) return 0;
+    const char *e = getenv("PIE_CUDA_DEC_BLOCKS");
+    c->dec_blocks = e && atoi(e) > 0 ? atoi(e)
+                  : pie__cuda_attention_dec_occupancy(c->cfg.head_dim) * c->n_sm;
+    c->bstart = malloc(4 * ((size_t)c->dec_blocks + 1));
+    if (!c->bstart) return pie_err_set(PIE_ENOMEM, "cuda: out of host memory");
     return 0;
 }
 
@@ -1570,6 +1635,7 @@ int pie_backend_cuda_create(const pie_model *m, const pie_backend_opts *o,
         rc = pie_err_set(PIE_EDEVICE, "cuda: cublasLtCreate failed");
         goto err;
     }
+    if ((rc = plan_dec_grid(c))) goto err;
     if ((rc = upload_weights(c, m))) goto err;
     if ((rc = alloc_workspace(c))) goto err;
     if ((rc = plan_pool(c, o))) goto err;

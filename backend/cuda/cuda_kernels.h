@@ -123,12 +123,9 @@ void pie__cuda_attn_merge(uint16_t *out, const float *part_o,
  * query rows over slots [s0, s1), causal or bitmap masks as for
  * pie__cuda_attention. pad = 0 (prefill): rows are tokens t0..t0+nt of
  * request req and ONE query head (held in kvh), output always written.
- * pad = 1 (grouped, decode): rows are nt tokens x the G heads of kv head
- * kvh (nt * G <= PIE_CUDA_FLASH_ROWS) and part >= 0 writes split partials
- * for pie__cuda_attn_merge. Head dims with pie__cuda_flash_supported().
- * dec = 1 (decode variant): grouped items (pad = 1) of at most
- * PIE_CUDA_FLASH_DEC_ROWS rows (nt * G), the 4 warps of a block splitting
- * every KV block's slots among them. */
+ * pad = 1 (grouped): rows are nt tokens x the G heads of kv head kvh
+ * (nt * G <= PIE_CUDA_FLASH_ROWS) and part >= 0 writes split partials
+ * for pie__cuda_attn_merge. Head dims with pie__cuda_flash_supported(). */
 #define PIE_CUDA_FLASH_ROWS 128
 #define PIE_CUDA_FLASH_DEC_ROWS 16
 int pie__cuda_flash_supported(int hd);
@@ -137,7 +134,33 @@ void pie__cuda_attention_flash(uint16_t *out, float *part_o, float *part_ml,
                                const pie_cuda_attn_item *items, int n_items,
                                const pie_cuda_tokmeta *tm,
                                const pie_cuda_kv *kv, int layer, int nh,
-                               int dec, cudaStream_t s);
+                               cudaStream_t s);
+/* Decode attention (grouped items of at most PIE_CUDA_FLASH_DEC_ROWS rows)
+ * on a persistent grid of n_blocks blocks: block b runs the pieces
+ * pieces[bstart[b] .. bstart[b + 1]) of pie_cuda_dec_plan. */
+void pie__cuda_attention_dec(uint16_t *out, float *part_o, float *part_ml,
+                             const float *q, const pie_cuda_attn_item *pieces,
+                             const int32_t *bstart, int n_blocks,
+                             const pie_cuda_tokmeta *tm, const pie_cuda_kv *kv,
+                             int layer, int nh, cudaStream_t s);
+/* Blocks of pie__cuda_attention_dec resident per SM. */
+int pie__cuda_attention_dec_occupancy(int hd);
+
+/* Decode plan (dec_plan.c, host): cuts grouped items (pad = 1, part
+ * ignored) on 64-slot KV blocks into pieces so that each of n_blocks
+ * blocks streams an equal share (+-1) of all KV blocks (an empty item
+ * counts one). Pieces come out in block order, block b's being
+ * pieces[bstart[b] .. bstart[b + 1]); capacities: pieces n_items +
+ * n_blocks, bstart n_blocks + 1, merges n_blocks. An item kept whole writes
+ * its output (part = -1); the pieces of a cut item write partial rows
+ * (nt * G each) from part0 on, combined by one merge item. Returns part0
+ * plus the partial rows used. */
+#define PIE_CUDA_DEC_BLOCK 64
+int64_t pie_cuda_dec_plan(const pie_cuda_attn_item *items, int n_items, int G,
+                          int n_blocks, int64_t part0,
+                          pie_cuda_attn_item *pieces, int *n_pieces,
+                          int32_t *bstart, pie_cuda_merge_item *merges,
+                          int *n_merges);
 /* out (n, hidden) bf16 = silu(gu[:, :hidden]) * gu[:, hidden:], gu bf16 */
 void pie__cuda_silu_mul(uint16_t *out, const uint16_t *gu, int n, int hidden,
                         cudaStream_t s);

@@ -74,11 +74,12 @@ extern "C" int pie__cuda_pdl(void)
     return level;
 }
 
-/* kernel<<<grid, block, smem, s>>>(args...) as a programmatic dependent
- * of the stream's previous kernel (errors surface in cudaGetLastError). */
+/* kernel<<<grid, block, smem, s>>>(args...), as a programmatic dependent
+ * of the stream's previous kernel where on (errors surface in
+ * cudaGetLastError). */
 template <typename... P, typename... A>
-static void launch_pdl(void (*kernel)(P...), dim3 grid, dim3 block,
-                       size_t smem, cudaStream_t s, A... args)
+static void launch_pdl_if(bool on, void (*kernel)(P...), dim3 grid,
+                          dim3 block, size_t smem, cudaStream_t s, A... args)
 {
     cudaLaunchConfig_t cfg = {};
     cudaLaunchAttribute at[1];
@@ -89,8 +90,24 @@ static void launch_pdl(void (*kernel)(P...), dim3 grid, dim3 block,
     cfg.dynamicSmemBytes = smem;
     cfg.stream = s;
     cfg.attrs = at;
-    cfg.numAttrs = pie__cuda_pdl() >= 2;
+    cfg.numAttrs = on;
     cudaLaunchKernelEx(&cfg, kernel, args...);
+}
+
+/* ... where PIE_CUDA_PDL_ALL=1 */
+template <typename... P, typename... A>
+static void launch_pdl(void (*kernel)(P...), dim3 grid, dim3 block,
+                       size_t smem, cudaStream_t s, A... args)
+{
+    launch_pdl_if(pie__cuda_pdl() >= 2, kernel, grid, block, smem, s, args...);
+}
+
+/* experiment: PDL for the decode attention and merge kernels */
+static bool pdl_attn(void)
+{
+    static int on = -1;
+    if (on < 0) on = getenv("PIE_CUDA_PDL_ATTN") != NULL;
+    return on || pie__cuda_pdl() >= 2;
 }
 
 /* Sum over the block (blockDim.x a multiple of 32, <= 1024). */
@@ -561,6 +578,7 @@ __global__ void attn_merge_kernel(uint16_t *out, const float *part_o,
     // out (n, nh*hd) bf16; partial rows (rows, hd)
     __shared__ float wt[MERGE_W];
     pie_cuda_merge_item it = items[blockIdx.x];
+    if (it.nsplit <= 0) return;         /* padding of a fixed-size list */
     int G = nh / nkv, R = it.nt * G, ns = it.nsplit, lane = threadIdx.x % WARP;
     bool fast = R * ns <= MERGE_W;
     for (int r = threadIdx.x / WARP; fast && r < R; r += blockDim.x / WARP) {
@@ -616,8 +634,8 @@ extern "C" void pie__cuda_attn_merge(uint16_t *out, const float *part_o,
                                      cudaStream_t s)
 {
     if (n_items > 0)
-        launch_pdl(attn_merge_kernel, n_items, 256, 0, s, out, part_o, part_ml, items,
-                                                  nh, nkv, hd);
+        launch_pdl_if(pdl_attn(), attn_merge_kernel, n_items, 256, 0, s, out,
+                      part_o, part_ml, items, nh, nkv, hd);
 }
 
 /* ------------------------------------------------------ flash attention */
@@ -631,24 +649,27 @@ extern "C" void pie__cuda_attn_merge(uint16_t *out, const float *part_o,
  * V transposed), S = Q K^T and O += P V run on mma.sync m16n8k16 (bf16 in,
  * f32 accumulate), softmax is online in base 2 (scale * log2 e folded into
  * Q). Prefill items (pad 0): nt <= 64 tokens, kvh holds the query head.
- * Grouped items (pad 1, decode and short chunks): nt * G <= 64 rows of nt
- * tokens x the G query heads of kv head kvh, split partials as
- * attention_kernel's when part >= 0. KV blocks are double-buffered with
- * cp.async (the next block's copies fly while this one is computed). Fragment layout of m16n8k16, g = lane / 4, c = lane % 4:
+ * Grouped items (pad 1): nt * G <= 128 rows of nt tokens x the G query
+ * heads of kv head kvh, split partials as attention_kernel's when part >=
+ * 0 (decode steps take flash_dec_kernel below, which shares the per-block
+ * math). KV blocks are double-buffered with cp.async (the next block's
+ * copies fly while this one is computed). Fragment layout of m16n8k16,
+ * g = lane / 4, c = lane % 4:
  *   A (16x16): a0 (g, 2c..2c+1) a1 (g+8, 2c..) a2 (g, 2c+8..) a3 (g+8, 2c+8..)
  *   B (16x8):  b0 (k 2c..2c+1, n g)  b1 (k 2c+8.., n g)
  *   C (16x8):  c0,c1 (g, 2c..2c+1)    c2,c3 (g+8, 2c..2c+1)
  * so the S accumulators of two adjacent n-tiles are the A operand of P V.
  * Shared memory (bf16): two buffers of K[FA_BN][HD+8] and V (the second
  * holds Q at the start, while the first KV block loads), row-major; V's B
- * fragments come from
- * ldmatrix.trans. The +8 padding makes every fragment load bank-conflict
- * free.
+ * fragments come from ldmatrix.trans. The +8 padding makes every fragment
+ * load bank-conflict free.
  */
 #define FA_BM 128
 #define FA_BN 64
-#define FA_THREADS 256         /* FA_BM / 16 warps; the WS variant: 128 */
-#define FA_WS_THREADS 128
+#define FA_THREADS 256         /* FA_BM / 16 warps                         */
+#define FA_DEC_THREADS 128     /* the decode kernel: 4 warps               */
+#define FA_STAGES 2            /* KV blocks in flight; 3 and 4 measured no
+                                * faster (NOTES.md, round 5) */
 
 
 static __device__ __forceinline__ void mma16816(float *c, const uint32_t *a,
@@ -723,15 +744,37 @@ struct fa_rows {
 };
 
 /* Issues the cp.async copies of KV block [s0, s0 + FA_BN) into Kb/Vb
- * (TH threads). */
+ * (TH threads). Warp w copies slots w * SPW .. + SPW of the block. Where
+ * those lie in one page (ps a power of two >= SPW, s0 a multiple of SPW:
+ * every decode block), the warp reads that page's index once; otherwise
+ * each 16-byte chunk looks its page up. ncu showed the per-chunk lookups
+ * (8 dependent loads per thread per block at hd 128) as the top stall. */
 template <int HD, int TH>
 static __device__ __forceinline__ void fa_load(uint16_t *Kb, uint16_t *Vb,
                                                const uint16_t *pool,
                                                const int32_t *pages, int64_t pe,
                                                int64_t lay, int64_t voff,
-                                               int ps, int s0, int s1)
+                                               int ps, int psh, int s0, int s1)
 {
-    constexpr int LD = HD + 8;
+    constexpr int LD = HD + 8, CPR = HD / 8, SPW = FA_BN / (TH / WARP);
+    constexpr int NI = SPW * CPR / WARP;     /* chunks per lane, one page */
+    if (NI >= 1 && SPW * CPR % WARP == 0 && psh >= 0 && ps >= SPW &&
+        (s0 & (SPW - 1)) == 0) {
+        int lane = threadIdx.x % WARP, g0 = s0 + threadIdx.x / WARP * SPW;
+        const uint16_t *base = pool;
+        if (g0 < s1)
+            base = pool + pages[g0 >> psh] * pe + lay + (int64_t)(g0 & (ps - 1)) * HD;
+        uint16_t *kd = Kb + (threadIdx.x / WARP) * SPW * LD;
+#pragma unroll
+        for (int i = 0; i < NI; i++) {
+            int k = lane + i * WARP, sl = k / CPR, d = (k % CPR) * 8;
+            bool in = g0 + sl < s1;
+            const uint16_t *src = in ? base + sl * HD + d : pool;
+            cp_async16(&kd[sl * LD + d], src, in);
+            cp_async16(&kd[sl * LD + d + (Vb - Kb)], in ? src + voff : pool, in);
+        }
+        return;
+    }
 #pragma unroll
     for (int i = 0; i < (FA_BN * HD / 8 + TH - 1) / TH; i++) {
         int k = threadIdx.x + i * TH;
@@ -739,91 +782,225 @@ static __device__ __forceinline__ void fa_load(uint16_t *Kb, uint16_t *Vb,
         int sl = k / (HD / 8), d = (k % (HD / 8)) * 8, j = s0 + sl;
         bool in = j < s1;
         const uint16_t *src = pool;
-        if (in) src = pool + pages[j / ps] * pe + lay + (int64_t)(j % ps) * HD + d;
+        /* psh = log2(ps) where ps is a power of two: no division */
+        int pg = psh >= 0 ? j >> psh : j / ps, off = psh >= 0 ? j & (ps - 1) : j % ps;
+        if (in) src = pool + pages[pg] * pe + lay + (int64_t)off * HD + d;
         cp_async16(&Kb[sl * LD + d], src, in);
         cp_async16(&Vb[sl * LD + d], in ? src + voff : pool, in);
     }
 }
 
-/* Combines the 4 warps' softmax states (max in base 2, mass, O) of rows g
- * and g + 8 into warp 0's registers, through shared memory sm (at least
- * 4 * 16 * (HD + 2) floats; the KV buffers are free by then). */
-template <int HD>
-static __device__ __forceinline__ void fa_combine(float *sm, float (*o)[4],
-                                                  float *ma, float *mb,
-                                                  float *la, float *lb)
+/* Per-lane view of its two query rows ra = 16w + g and rb = ra + 8: whether
+ * each exists (r < R), its token, mask offset (-1: causal) and causal limit
+ * (the last slot it may see). */
+struct fa_rowmask {
+    bool va, vb;
+    int ta, tb, moa, mob, lima, limb;
+};
+
+static __device__ __forceinline__ fa_rowmask fa_rowmask_of(
+    const fa_rows &rows, const pie_cuda_tokmeta &tm, int ra, int rb, int R)
 {
-    constexpr int ND = HD / 8;
-    int warp = threadIdx.x / WARP, lane = threadIdx.x % WARP;
-    int g = lane >> 2, c = lane & 3;
-    float *sml = sm, *so = sm + 4 * 16 * 2;   /* [w][row] (m, l); [w][row][HD] */
-    __syncthreads();
-    if (c == 0) {
-        sml[2 * (warp * 16 + g)] = *ma;
-        sml[2 * (warp * 16 + g) + 1] = *la;
-        sml[2 * (warp * 16 + g + 8)] = *mb;
-        sml[2 * (warp * 16 + g + 8) + 1] = *lb;
+    fa_rowmask m;
+    m.va = ra < R;
+    m.vb = rb < R;
+    m.ta = m.va ? rows.tok(ra) : 0;
+    m.tb = m.vb ? rows.tok(rb) : 0;
+    m.moa = m.mob = m.lima = m.limb = -1;
+    if (m.va) {
+        m.moa = tm.mask_off ? tm.mask_off[m.ta] : -1;
+        m.lima = tm.tok_slot[m.ta];
     }
-#pragma unroll
-    for (int i = 0; i < ND; i++) {
-        int d = i * 8 + 2 * c;
-        so[(warp * 16 + g) * HD + d] = o[i][0];
-        so[(warp * 16 + g) * HD + d + 1] = o[i][1];
-        so[(warp * 16 + g + 8) * HD + d] = o[i][2];
-        so[(warp * 16 + g + 8) * HD + d + 1] = o[i][3];
+    if (m.vb) {
+        m.mob = tm.mask_off ? tm.mask_off[m.tb] : -1;
+        m.limb = tm.tok_slot[m.tb];
     }
-    __syncthreads();
-    if (warp) return;
-    float Ma = -INFINITY, Mb = -INFINITY;
-    for (int w = 0; w < 4; w++) {
-        Ma = fmaxf(Ma, sml[2 * (w * 16 + g)]);
-        Mb = fmaxf(Mb, sml[2 * (w * 16 + g + 8)]);
-    }
-    float fa[4], fb[4];
-    *la = *lb = 0.0f;
-    for (int w = 0; w < 4; w++) {
-        float m0 = sml[2 * (w * 16 + g)], m1 = sml[2 * (w * 16 + g + 8)];
-        fa[w] = m0 == -INFINITY ? 0.0f : exp2f(m0 - Ma);
-        fb[w] = m1 == -INFINITY ? 0.0f : exp2f(m1 - Mb);
-        *la += fa[w] * sml[2 * (w * 16 + g) + 1];
-        *lb += fb[w] * sml[2 * (w * 16 + g + 8) + 1];
-    }
-#pragma unroll
-    for (int i = 0; i < ND; i++) {
-        int d = i * 8 + 2 * c;
-        float a0 = 0.0f, a1 = 0.0f, b0 = 0.0f, b1 = 0.0f;
-        for (int w = 0; w < 4; w++) {
-            a0 += fa[w] * so[(w * 16 + g) * HD + d];
-            a1 += fa[w] * so[(w * 16 + g) * HD + d + 1];
-            b0 += fb[w] * so[(w * 16 + g + 8) * HD + d];
-            b1 += fb[w] * so[(w * 16 + g + 8) * HD + d + 1];
-        }
-        o[i][0] = a0; o[i][1] = a1; o[i][2] = b0; o[i][3] = b1;
-    }
-    *ma = Ma;
-    *mb = Mb;
+    return m;
 }
 
-/* WS (decode items of at most 16 rows, pad = 1): the 4 warps share warp
- * 0's rows and each takes a quarter of every KV block's slots (two 8-slot
- * n-tiles of S, one 16-slot k-step of P V), with its own online softmax
- * state; the states are combined through shared memory at the end. A
- * single warp doing all the math of a block made decode compute-bound. */
-template <int HD, bool WS>
-__global__ void __launch_bounds__(WS ? FA_WS_THREADS : FA_THREADS,
-                                  WS ? 3 : HD <= 64 ? 2 : 1)
+/* Online-softmax state of a lane's two rows: O (HD / 8 n-tiles of the C
+ * fragment), running max in base 2 and mass (per lane until fa_mass). */
+template <int HD>
+struct fa_state {
+    float o[HD / 8][4];
+    float ma, mb, la, lb;
+    __device__ __forceinline__ void reset()
+    {
+#pragma unroll
+        for (int i = 0; i < HD / 8; i++) o[i][0] = o[i][1] = o[i][2] = o[i][3] = 0.0f;
+        ma = mb = -INFINITY;
+        la = lb = 0.0f;
+    }
+};
+
+/* One KV block for one warp: S = Q K^T over NS n-tiles of 8 slots from
+ * n-tile n8o of the block (slots s0 + 8 n8o ..), masked, folded into the
+ * online softmax, then O += P V over KS k-steps of 16 slots. One
+ * ldmatrix.x4 gives the K fragments of two n-tiles (lanes 0-15 the first,
+ * 16-31 the second; lanes 8-15 and 24-31 the upper 8 of the k-step). */
+template <int HD, int NS, int KS>
+static __device__ __forceinline__ void fa_block(fa_state<HD> &st,
+                                                const uint32_t (*qa)[4],
+                                                const uint16_t *Ks,
+                                                const uint16_t *Vs, int n8o,
+                                                int s0, int s1,
+                                                const fa_rowmask &rm,
+                                                const uint32_t *bits)
+{
+    constexpr int LD = HD + 8, NK = HD / 16, ND = HD / 8;
+    static_assert(NS % 2 == 0 && NS == 2 * KS, "n-tile pairs, 16-slot k-steps");
+    int lane = threadIdx.x % WARP, c = lane & 3;
+    float s[NS][4];
+#pragma unroll
+    for (int n8 = 0; n8 < NS; n8++) s[n8][0] = s[n8][1] = s[n8][2] = s[n8][3] = 0.0f;
+#pragma unroll
+    for (int n8 = 0; n8 < NS; n8 += 2) {
+#pragma unroll
+        for (int kk = 0; kk < NK; kk++) {
+            uint32_t kb[4];
+            ldsm_x4<false>(kb, &Ks[((n8o + n8 + (lane >> 4)) * 8 + (lane & 7)) * LD +
+                                   kk * 16 + ((lane >> 3) & 1) * 8]);
+            mma16816(s[n8], qa[kk], kb[0], kb[1]);
+            mma16816(s[n8 + 1], qa[kk], kb[2], kb[3]);
+        }
+    }
+    /* a block wholly below both rows' causal limits needs no per-slot
+     * mask test (most blocks of a long prompt, every full decode block) */
+    int last = s0 + FA_BN - 1;
+    bool full = __all_sync(0xffffffffu, last < s1 && rm.va && rm.vb &&
+                           rm.moa < 0 && rm.mob < 0 && rm.lima >= last &&
+                           rm.limb >= last);
+    float mxa = -INFINITY, mxb = -INFINITY;
+#pragma unroll
+    for (int n8 = 0; n8 < NS; n8++) {
+#pragma unroll
+        for (int e = 0; e < 2; e++) {
+            int j = s0 + (n8o + n8) * 8 + 2 * c + e;
+            bool in = j < s1;
+            if (!full && !(in && rm.va && fa_allowed(bits, rm.moa, rm.lima, j)))
+                s[n8][e] = -INFINITY;
+            if (!full && !(in && rm.vb && fa_allowed(bits, rm.mob, rm.limb, j)))
+                s[n8][2 + e] = -INFINITY;
+            mxa = fmaxf(mxa, s[n8][e]);
+            mxb = fmaxf(mxb, s[n8][2 + e]);
+        }
+    }
+#pragma unroll
+    for (int x = 1; x < 4; x <<= 1) {
+        mxa = fmaxf(mxa, __shfl_xor_sync(0xffffffffu, mxa, x));
+        mxb = fmaxf(mxb, __shfl_xor_sync(0xffffffffu, mxb, x));
+    }
+    float na = fmaxf(st.ma, mxa), nb = fmaxf(st.mb, mxb);
+    float ba = na == -INFINITY ? 0.0f : na, bb = nb == -INFINITY ? 0.0f : nb;
+    float aa = exp2f(st.ma - ba), ab = exp2f(st.mb - bb);
+    st.ma = na;
+    st.mb = nb;
+    st.la *= aa;
+    st.lb *= ab;
+#pragma unroll
+    for (int i = 0; i < ND; i++) {
+        st.o[i][0] *= aa; st.o[i][1] *= aa;
+        st.o[i][2] *= ab; st.o[i][3] *= ab;
+    }
+#pragma unroll
+    for (int n8 = 0; n8 < NS; n8++) {
+        s[n8][0] = exp2f(s[n8][0] - ba);
+        s[n8][1] = exp2f(s[n8][1] - ba);
+        s[n8][2] = exp2f(s[n8][2] - bb);
+        s[n8][3] = exp2f(s[n8][3] - bb);
+        st.la += s[n8][0] + s[n8][1];
+        st.lb += s[n8][2] + s[n8][3];
+    }
+    /* the S accumulators of two adjacent n-tiles are the A operand of P V */
+#pragma unroll
+    for (int kk = 0; kk < KS; kk++) {
+        uint32_t pa[4] = { pack_bf2(s[2 * kk][0], s[2 * kk][1]),
+                           pack_bf2(s[2 * kk][2], s[2 * kk][3]),
+                           pack_bf2(s[2 * kk + 1][0], s[2 * kk + 1][1]),
+                           pack_bf2(s[2 * kk + 1][2], s[2 * kk + 1][3]) };
+#pragma unroll
+        for (int i = 0; i < ND; i += 2) {
+            uint32_t vb4[4];
+            ldsm_x4<true>(vb4, &Vs[((n8o / 2 + kk) * 16 + (lane & 15)) * LD +
+                                   i * 8 + (lane >> 4) * 8]);
+            mma16816(st.o[i], pa, vb4[0], vb4[1]);
+            mma16816(st.o[i + 1], pa, vb4[2], vb4[3]);
+        }
+    }
+}
+
+/* Sums each row's mass over the 4 lanes that share it. */
+template <int HD>
+static __device__ __forceinline__ void fa_mass(fa_state<HD> &st)
+{
+#pragma unroll
+    for (int x = 1; x < 4; x <<= 1) {
+        st.la += __shfl_xor_sync(0xffffffffu, st.la, x);
+        st.lb += __shfl_xor_sync(0xffffffffu, st.lb, x);
+    }
+}
+
+/* Writes a lane's two rows: the normalized output (bf16), or for a split
+ * (it.part >= 0) the unnormalized O and (natural-log max, mass) for
+ * pie__cuda_attn_merge. */
+template <int HD>
+static __device__ __forceinline__ void fa_store(const fa_state<HD> &st,
+                                                const pie_cuda_attn_item &it,
+                                                const fa_rows &rows,
+                                                const fa_rowmask &rm, int ra,
+                                                int rb, uint16_t *out,
+                                                float *part_o, float *part_ml,
+                                                int nh)
+{
+    constexpr int ND = HD / 8;
+    int c = threadIdx.x % WARP & 3;
+    if (it.part >= 0) {
+        const float ln2 = 0.6931471805599453f;
+#pragma unroll
+        for (int i = 0; i < ND; i++) {
+            int d = i * 8 + 2 * c;
+            if (rm.va)
+                *reinterpret_cast<float2 *>(part_o + (int64_t)(it.part + ra) * HD + d) =
+                    make_float2(st.o[i][0], st.o[i][1]);
+            if (rm.vb)
+                *reinterpret_cast<float2 *>(part_o + (int64_t)(it.part + rb) * HD + d) =
+                    make_float2(st.o[i][2], st.o[i][3]);
+        }
+        if (c == 0 && rm.va) {
+            part_ml[2 * (int64_t)(it.part + ra)] = st.ma == -INFINITY ? st.ma : st.ma * ln2;
+            part_ml[2 * (int64_t)(it.part + ra) + 1] = st.la;
+        }
+        if (c == 0 && rm.vb) {
+            part_ml[2 * (int64_t)(it.part + rb)] = st.mb == -INFINITY ? st.mb : st.mb * ln2;
+            part_ml[2 * (int64_t)(it.part + rb) + 1] = st.lb;
+        }
+        return;
+    }
+    float ia = st.la > 0.0f ? 1.0f / st.la : 0.0f;
+    float ib = st.lb > 0.0f ? 1.0f / st.lb : 0.0f;
+#pragma unroll
+    for (int i = 0; i < ND; i++) {
+        int d = i * 8 + 2 * c;
+        if (rm.va)
+            *reinterpret_cast<uint32_t *>(
+                &out[(int64_t)rm.ta * nh * HD + rows.head(ra) * HD + d]) =
+                pack_bf2(st.o[i][0] * ia, st.o[i][1] * ia);
+        if (rm.vb)
+            *reinterpret_cast<uint32_t *>(
+                &out[(int64_t)rm.tb * nh * HD + rows.head(rb) * HD + d]) =
+                pack_bf2(st.o[i][2] * ib, st.o[i][3] * ib);
+    }
+}
+
+template <int HD>
+__global__ void __launch_bounds__(FA_THREADS, HD <= 64 ? 2 : 1)
 flash_attn_kernel(uint16_t *out, float *part_o, float *part_ml, const float *q,
                   const pie_cuda_attn_item *items, pie_cuda_tokmeta tm,
-                  pie_cuda_kv kv, int layer, int nh)
+                  pie_cuda_kv kv, int layer, int nh, int psh)
 {
     pdl_begin();
-    // out (n, nh*HD) bf16, q (n, nh*HD) f32; smem 2 x (K, V) blocks
-    constexpr int LD = HD + 8, NK = HD / 16, ND = HD / 8;
-    constexpr int NS = WS ? FA_BN / 8 / 4 : FA_BN / 8;    /* n-tiles of S */
-    constexpr int KS = WS ? 1 : FA_BN / 16;               /* k-steps of PV */
-    constexpr int TH = WS ? FA_WS_THREADS : FA_THREADS, BM = WS ? 16 : FA_BM;
-    constexpr int BLK = FA_BN * LD;
-    static_assert(NS % 2 == 0, "K fragments are loaded for n-tile pairs");
+    // out (n, nh*HD) bf16, q (n, nh*HD) f32; smem FA_STAGES x (K, V) blocks
+    constexpr int LD = HD + 8, NK = HD / 16, BLK = FA_BN * LD, ST = FA_STAGES;
     extern __shared__ __align__(16) uint16_t fa_sm[];
     pie_cuda_attn_item it = items[blockIdx.x];
     int G = nh / kv.n_kv, ps = kv.page_size;
@@ -832,18 +1009,22 @@ flash_attn_kernel(uint16_t *out, float *part_o, float *part_ml, const float *q,
     int warp = threadIdx.x / WARP, lane = threadIdx.x % WARP;
     int g = lane >> 2, c = lane & 3;
     float scale = rsqrtf((float)HD) * 1.4426950408889634f;
-    /* the first KV block's copies fly while Q is staged, in the second
+    /* the first KV blocks' copies fly while Q is staged, in the last
      * buffer (refilled only after Q has moved to registers) */
     const int32_t *pages = tm.pages + tm.kv_indptr[it.req];
     int64_t pe = pie_cuda_kv_page_elems(&kv);
     int64_t lay = (int64_t)layer * 2 * kv.n_kv * ps * HD + (int64_t)kvh * ps * HD;
     int64_t voff = (int64_t)kv.n_kv * ps * HD;
-    if (it.s0 < it.s1)
-        fa_load<HD, TH>(fa_sm, fa_sm + BLK, kv.pool, pages, pe, lay, voff, ps,
-                        it.s0, it.s1);
-    cp_async_commit();
-    uint16_t *Qs = fa_sm + 2 * BLK;
-    for (int k = threadIdx.x; k < BM * HD / 2; k += TH) {
+#pragma unroll
+    for (int t = 0; t < ST - 1; t++) {
+        int a = it.s0 + t * FA_BN;
+        if (a < it.s1)
+            fa_load<HD, FA_THREADS>(fa_sm + t * 2 * BLK, fa_sm + t * 2 * BLK + BLK,
+                                    kv.pool, pages, pe, lay, voff, ps, psh, a, it.s1);
+        cp_async_commit();
+    }
+    uint16_t *Qs = fa_sm + (ST - 1) * 2 * BLK;
+    for (int k = threadIdx.x; k < FA_BM * HD / 2; k += FA_THREADS) {
         int r = k / (HD / 2), d = (k % (HD / 2)) * 2;
         float a = 0.0f, b = 0.0f;
         if (r < R) {
@@ -855,8 +1036,7 @@ flash_attn_kernel(uint16_t *out, float *part_o, float *part_ml, const float *q,
         *reinterpret_cast<uint32_t *>(&Qs[r * LD + d]) = pack_bf2(a, b);
     }
     __syncthreads();
-    int rw = WS ? 0 : warp, n8o = WS ? warp * NS : 0;
-    int ra = rw * 16 + g, rb = ra + 8;
+    int ra = warp * 16 + g, rb = ra + 8;
     uint32_t qa[NK][4];
 #pragma unroll
     for (int kk = 0; kk < NK; kk++) {
@@ -866,168 +1046,214 @@ flash_attn_kernel(uint16_t *out, float *part_o, float *part_ml, const float *q,
         qa[kk][3] = lds32(&Qs[rb * LD + kk * 16 + 2 * c + 8]);
     }
     __syncthreads();
-    /* per-row mask: rows past R attend nothing */
-    bool va = ra < R, vb = rb < R, active = rw * 16 < R;
-    int ta = va ? rows.tok(ra) : 0, tb = vb ? rows.tok(rb) : 0;
-    int moa = -1, mob = -1, lima = -1, limb = -1;
-    if (va) {
-        moa = tm.mask_off ? tm.mask_off[ta] : -1;
-        lima = tm.tok_slot[ta];
-    }
-    if (vb) {
-        mob = tm.mask_off ? tm.mask_off[tb] : -1;
-        limb = tm.tok_slot[tb];
-    }
-    float o[ND][4];
-#pragma unroll
-    for (int i = 0; i < ND; i++) o[i][0] = o[i][1] = o[i][2] = o[i][3] = 0.0f;
-    float ma = -INFINITY, mb = -INFINITY, la = 0.0f, lb = 0.0f;
-    for (int s0 = it.s0, bi = 0; s0 < it.s1; s0 += FA_BN, bi ^= 1) {
-        /* prefetch the next block into the other buffer, wait for this one */
-        if (s0 + FA_BN < it.s1)
-            fa_load<HD, TH>(fa_sm + (bi ^ 1) * 2 * BLK,
-                            fa_sm + (bi ^ 1) * 2 * BLK + BLK, kv.pool, pages,
-                            pe, lay, voff, ps, s0 + FA_BN, it.s1);
+    fa_rowmask rm = fa_rowmask_of(rows, tm, ra, rb, R);
+    bool active = warp * 16 < R;
+    fa_state<HD> st;
+    st.reset();
+    for (int s0 = it.s0, bi = 0; s0 < it.s1;
+         s0 += FA_BN, bi = bi + 1 == ST ? 0 : bi + 1) {
+        /* prefetch block ST - 1 ahead into the buffer freed last, wait
+         * for this one */
+        int nx = s0 + (ST - 1) * FA_BN, nb = bi + ST - 1 >= ST ? bi - 1 : bi + ST - 1;
+        if (nx < it.s1)
+            fa_load<HD, FA_THREADS>(fa_sm + nb * 2 * BLK, fa_sm + nb * 2 * BLK + BLK,
+                                    kv.pool, pages, pe, lay, voff, ps, psh, nx, it.s1);
         cp_async_commit();
-        cp_async_wait<1>();
+        cp_async_wait<ST - 1>();
         __syncthreads();
-        const uint16_t *Ks = fa_sm + bi * 2 * BLK, *Vs = Ks + BLK;
-        if (active) {
-            /* S = Q K^T; one ldmatrix.x4 gives the B fragments of two
-             * n-tiles (lanes 0-15 the first, 16-31 the second; lanes 8-15
-             * and 24-31 the upper 8 of the k-step) */
-            float s[NS][4];
-#pragma unroll
-            for (int n8 = 0; n8 < NS; n8++)
-                s[n8][0] = s[n8][1] = s[n8][2] = s[n8][3] = 0.0f;
-#pragma unroll
-            for (int n8 = 0; n8 < NS; n8 += 2) {
-#pragma unroll
-                for (int kk = 0; kk < NK; kk++) {
-                    uint32_t kb[4];
-                    ldsm_x4<false>(kb, &Ks[((n8o + n8 + (lane >> 4)) * 8 + (lane & 7)) * LD +
-                                    kk * 16 + ((lane >> 3) & 1) * 8]);
-                    mma16816(s[n8], qa[kk], kb[0], kb[1]);
-                    mma16816(s[n8 + 1], qa[kk], kb[2], kb[3]);
-                }
-            }
-            /* a block wholly below both rows' causal limits needs no
-             * per-slot mask test (most blocks of a long prompt) */
-            int last = s0 + FA_BN - 1;
-            bool full = __all_sync(0xffffffffu, last < it.s1 && va && vb &&
-                                   moa < 0 && mob < 0 && lima >= last &&
-                                   limb >= last);
-            float mxa = -INFINITY, mxb = -INFINITY;
-#pragma unroll
-            for (int n8 = 0; n8 < NS; n8++) {
-#pragma unroll
-                for (int e = 0; e < 2; e++) {
-                    int j = s0 + (n8o + n8) * 8 + 2 * c + e;
-                    bool in = j < it.s1;
-                    if (!full &&
-                        !(in && va && fa_allowed(tm.mask_bits, moa, lima, j)))
-                        s[n8][e] = -INFINITY;
-                    if (!full &&
-                        !(in && vb && fa_allowed(tm.mask_bits, mob, limb, j)))
-                        s[n8][2 + e] = -INFINITY;
-                    mxa = fmaxf(mxa, s[n8][e]);
-                    mxb = fmaxf(mxb, s[n8][2 + e]);
-                }
-            }
-#pragma unroll
-            for (int x = 1; x < 4; x <<= 1) {
-                mxa = fmaxf(mxa, __shfl_xor_sync(0xffffffffu, mxa, x));
-                mxb = fmaxf(mxb, __shfl_xor_sync(0xffffffffu, mxb, x));
-            }
-            float na = fmaxf(ma, mxa), nb = fmaxf(mb, mxb);
-            float ba = na == -INFINITY ? 0.0f : na;
-            float bb = nb == -INFINITY ? 0.0f : nb;
-            float aa = exp2f(ma - ba), ab = exp2f(mb - bb);
-            ma = na;
-            mb = nb;
-            la *= aa;
-            lb *= ab;
-#pragma unroll
-            for (int i = 0; i < ND; i++) {
-                o[i][0] *= aa; o[i][1] *= aa;
-                o[i][2] *= ab; o[i][3] *= ab;
-            }
-#pragma unroll
-            for (int n8 = 0; n8 < NS; n8++) {
-                s[n8][0] = exp2f(s[n8][0] - ba);
-                s[n8][1] = exp2f(s[n8][1] - ba);
-                s[n8][2] = exp2f(s[n8][2] - bb);
-                s[n8][3] = exp2f(s[n8][3] - bb);
-                la += s[n8][0] + s[n8][1];
-                lb += s[n8][2] + s[n8][3];
-            }
-#pragma unroll
-            for (int kk = 0; kk < KS; kk++) {
-                uint32_t pa[4] = { pack_bf2(s[2 * kk][0], s[2 * kk][1]),
-                                   pack_bf2(s[2 * kk][2], s[2 * kk][3]),
-                                   pack_bf2(s[2 * kk + 1][0], s[2 * kk + 1][1]),
-                                   pack_bf2(s[2 * kk + 1][2], s[2 * kk + 1][3]) };
-#pragma unroll
-                for (int i = 0; i < ND; i += 2) {
-                    uint32_t vb4[4];
-                    ldsm_x4<true>(vb4, &Vs[((n8o / 2 + kk) * 16 + (lane & 15)) * LD +
-                                       i * 8 + (lane >> 4) * 8]);
-                    mma16816(o[i], pa, vb4[0], vb4[1]);
-                    mma16816(o[i + 1], pa, vb4[2], vb4[3]);
-                }
-            }
-        }
-        __syncthreads();    /* this buffer is refilled two blocks later */
+        const uint16_t *Ks = fa_sm + bi * 2 * BLK;
+        if (active)
+            fa_block<HD, FA_BN / 8, FA_BN / 16>(st, qa, Ks, Ks + BLK, 0, s0,
+                                                 it.s1, rm, tm.mask_bits);
+        __syncthreads();    /* this buffer is refilled next iteration */
     }
     cp_async_wait<0>();
-#pragma unroll
-    for (int x = 1; x < 4; x <<= 1) {
-        la += __shfl_xor_sync(0xffffffffu, la, x);
-        lb += __shfl_xor_sync(0xffffffffu, lb, x);
+    fa_mass(st);
+    fa_store(st, it, rows, rm, ra, rb, out, part_o, part_ml, nh);
+}
+
+/* ------------------------------------------------- decode attention */
+
+/*
+ * Decode (grouped) attention as a persistent grid. The host cuts the
+ * grouped items (nt tokens x the G heads of a kv head, nt * G <= 16 rows)
+ * into pieces on 64-slot block boundaries so that every block of the grid
+ * streams the same number of KV blocks (pie_cuda_dec_plan); block b runs
+ * pieces[bstart[b] .. bstart[b + 1]) one after another. The cp.async
+ * pipeline runs across piece boundaries: while a piece's last KV block is
+ * computed, the next piece's first one is already in flight. The 4 warps
+ * share the 16 rows and each takes 16 slots of every KV block, with its own
+ * online softmax; at the end of a piece their states are combined through
+ * the buffer just consumed, and warp 0 writes the output (or, for a piece
+ * of a cut item, the partials pie__cuda_attn_merge combines). One block
+ * per item, as before, left a partial last wave and paid the first KV
+ * block's latency once per item (NOTES.md, round 5).
+ */
+
+/* Combines the 4 warps' softmax states of rows g and g + 8 into warp 0's
+ * registers through shared memory: so (4 * 16 * (HD + 8) floats, the KV
+ * buffer just consumed) and sml (4 * 16 * 2 floats). O rows are HD + 8
+ * floats apart and move as float2, so no two lanes of a half-warp share a
+ * bank. Every thread must call it; warp 0 holds the result. */
+template <int HD>
+static __device__ __forceinline__ void fa_combine(float *so, float *sml,
+                                                  fa_state<HD> &st)
+{
+    constexpr int ND = HD / 8, S = HD + 8;
+    int warp = threadIdx.x / WARP, lane = threadIdx.x % WARP;
+    int g = lane >> 2, c = lane & 3;
+    if (c == 0) {
+        sml[2 * (warp * 16 + g)] = st.ma;
+        sml[2 * (warp * 16 + g) + 1] = st.la;
+        sml[2 * (warp * 16 + g + 8)] = st.mb;
+        sml[2 * (warp * 16 + g + 8) + 1] = st.lb;
     }
-    if (WS) {
-        fa_combine<HD>(reinterpret_cast<float *>(fa_sm), o, &ma, &mb, &la, &lb);
-        if (warp) return;
-    }
-    if (it.part >= 0) {     /* split partial: unnormalized O, natural-log max */
-        const float ln2 = 0.6931471805599453f;
-#pragma unroll
-        for (int i = 0; i < ND; i++) {
-            int d = i * 8 + 2 * c;
-            if (va) {
-                float *po = part_o + (int64_t)(it.part + ra) * HD + d;
-                po[0] = o[i][0];
-                po[1] = o[i][1];
-            }
-            if (vb) {
-                float *po = part_o + (int64_t)(it.part + rb) * HD + d;
-                po[0] = o[i][2];
-                po[1] = o[i][3];
-            }
-        }
-        if (c == 0 && va) {
-            part_ml[2 * (int64_t)(it.part + ra)] = ma == -INFINITY ? ma : ma * ln2;
-            part_ml[2 * (int64_t)(it.part + ra) + 1] = la;
-        }
-        if (c == 0 && vb) {
-            part_ml[2 * (int64_t)(it.part + rb)] = mb == -INFINITY ? mb : mb * ln2;
-            part_ml[2 * (int64_t)(it.part + rb) + 1] = lb;
-        }
-        return;
-    }
-    float ia = la > 0.0f ? 1.0f / la : 0.0f, ib = lb > 0.0f ? 1.0f / lb : 0.0f;
 #pragma unroll
     for (int i = 0; i < ND; i++) {
         int d = i * 8 + 2 * c;
-        if (va)
-            *reinterpret_cast<uint32_t *>(
-                &out[(int64_t)ta * nh * HD + rows.head(ra) * HD + d]) =
-                pack_bf2(o[i][0] * ia, o[i][1] * ia);
-        if (vb)
-            *reinterpret_cast<uint32_t *>(
-                &out[(int64_t)tb * nh * HD + rows.head(rb) * HD + d]) =
-                pack_bf2(o[i][2] * ib, o[i][3] * ib);
+        *reinterpret_cast<float2 *>(&so[(warp * 16 + g) * S + d]) =
+            make_float2(st.o[i][0], st.o[i][1]);
+        *reinterpret_cast<float2 *>(&so[(warp * 16 + g + 8) * S + d]) =
+            make_float2(st.o[i][2], st.o[i][3]);
     }
+    __syncthreads();
+    if (warp) return;
+    float Ma = -INFINITY, Mb = -INFINITY;
+    for (int w = 0; w < 4; w++) {
+        Ma = fmaxf(Ma, sml[2 * (w * 16 + g)]);
+        Mb = fmaxf(Mb, sml[2 * (w * 16 + g + 8)]);
+    }
+    float fa[4], fb[4];
+    st.la = st.lb = 0.0f;
+    for (int w = 0; w < 4; w++) {
+        float m0 = sml[2 * (w * 16 + g)], m1 = sml[2 * (w * 16 + g + 8)];
+        fa[w] = m0 == -INFINITY ? 0.0f : exp2f(m0 - Ma);
+        fb[w] = m1 == -INFINITY ? 0.0f : exp2f(m1 - Mb);
+        st.la += fa[w] * sml[2 * (w * 16 + g) + 1];
+        st.lb += fb[w] * sml[2 * (w * 16 + g + 8) + 1];
+    }
+#pragma unroll
+    for (int i = 0; i < ND; i++) {
+        int d = i * 8 + 2 * c;
+        float a0 = 0.0f, a1 = 0.0f, b0 = 0.0f, b1 = 0.0f;
+        for (int w = 0; w < 4; w++) {
+            float2 a = *reinterpret_cast<const float2 *>(&so[(w * 16 + g) * S + d]);
+            float2 b = *reinterpret_cast<const float2 *>(&so[(w * 16 + g + 8) * S + d]);
+            a0 += fa[w] * a.x;
+            a1 += fa[w] * a.y;
+            b0 += fb[w] * b.x;
+            b1 += fb[w] * b.y;
+        }
+        st.o[i][0] = a0; st.o[i][1] = a1; st.o[i][2] = b0; st.o[i][3] = b1;
+    }
+    st.ma = Ma;
+    st.mb = Mb;
+}
+
+/* Where the next KV block to load lies: piece p (of this block's [p, p1))
+ * from slot s. issue() copies it into buffer buf and moves on; a piece
+ * always has at least one block (an empty one: one fully masked block),
+ * as the compute side counts them. */
+struct dec_cursor {
+    const pie_cuda_attn_item *pieces;
+    int p, p1, s;
+    template <int HD>
+    __device__ __forceinline__ void issue(uint16_t *buf, const pie_cuda_tokmeta &tm,
+                                          const pie_cuda_kv &kv, int layer, int psh)
+    {
+        constexpr int BLK = FA_BN * (HD + 8);
+        if (p < p1) {
+            pie_cuda_attn_item it = pieces[p];
+            int ps = kv.page_size;
+            int64_t lay = (int64_t)layer * 2 * kv.n_kv * ps * HD +
+                          (int64_t)it.kvh * ps * HD;
+            fa_load<HD, FA_DEC_THREADS>(buf, buf + BLK, kv.pool,
+                                       tm.pages + tm.kv_indptr[it.req],
+                                       pie_cuda_kv_page_elems(&kv), lay,
+                                       (int64_t)kv.n_kv * ps * HD, ps, psh, s, it.s1);
+            s += FA_BN;
+            if (s >= it.s1 && ++p < p1) s = pieces[p].s0;
+        }
+        cp_async_commit();
+    }
+};
+
+/* A piece's rows into registers: Q as the A fragments (scaled by
+ * log2(e) / sqrt(HD), bf16) straight from global memory, and the masks. */
+template <int HD>
+static __device__ __forceinline__ void dec_rows(uint32_t (*qa)[4],
+                                                fa_rowmask &rm, fa_rows &rows,
+                                                const pie_cuda_attn_item &it,
+                                                const float *q,
+                                                const pie_cuda_tokmeta &tm,
+                                                int G, int nh)
+{
+    int lane = threadIdx.x % WARP, g = lane >> 2, c = lane & 3;
+    float scale = rsqrtf((float)HD) * 1.4426950408889634f;
+    rows = (fa_rows){ 1, G, it.t0, it.kvh * G };
+    rm = fa_rowmask_of(rows, tm, g, g + 8, it.nt * G);
+    const float *qra = q + (int64_t)rm.ta * nh * HD + rows.head(g) * HD + 2 * c;
+    const float *qrb = q + (int64_t)rm.tb * nh * HD + rows.head(g + 8) * HD + 2 * c;
+#pragma unroll
+    for (int kk = 0; kk < HD / 16; kk++) {
+        float2 a0 = rm.va ? *reinterpret_cast<const float2 *>(qra + kk * 16) : make_float2(0, 0);
+        float2 a2 = rm.va ? *reinterpret_cast<const float2 *>(qra + kk * 16 + 8) : make_float2(0, 0);
+        float2 b0 = rm.vb ? *reinterpret_cast<const float2 *>(qrb + kk * 16) : make_float2(0, 0);
+        float2 b2 = rm.vb ? *reinterpret_cast<const float2 *>(qrb + kk * 16 + 8) : make_float2(0, 0);
+        qa[kk][0] = pack_bf2(a0.x * scale, a0.y * scale);
+        qa[kk][1] = pack_bf2(b0.x * scale, b0.y * scale);
+        qa[kk][2] = pack_bf2(a2.x * scale, a2.y * scale);
+        qa[kk][3] = pack_bf2(b2.x * scale, b2.y * scale);
+    }
+}
+
+template <int HD>
+__global__ void __launch_bounds__(FA_DEC_THREADS, 3)
+flash_dec_kernel(uint16_t *out, float *part_o, float *part_ml, const float *q,
+                 const pie_cuda_attn_item *pieces, const int32_t *bstart,
+                 pie_cuda_tokmeta tm, pie_cuda_kv kv, int layer, int nh, int psh)
+{
+    pdl_begin();
+    // out (n, nh*HD) bf16, q (n, nh*HD) f32; smem 2 x (K, V) blocks
+    constexpr int BLK = FA_BN * (HD + 8), NS = FA_BN / 8 / 4;
+    static_assert(FA_STAGES == 2, "the combine reuses the other buffer");
+    extern __shared__ __align__(16) uint16_t fa_sm[];
+    __shared__ float sml[4 * 16 * 2];
+    int p = bstart[blockIdx.x], p1 = bstart[blockIdx.x + 1];
+    if (p >= p1) return;
+    int G = nh / kv.n_kv, warp = threadIdx.x / WARP, g = threadIdx.x % WARP >> 2;
+    dec_cursor ld = { pieces, p, p1, pieces[p].s0 };
+    ld.issue<HD>(fa_sm, tm, kv, layer, psh);
+    pie_cuda_attn_item it = pieces[p];
+    uint32_t qa[HD / 16][4];
+    fa_rowmask rm;
+    fa_rows rows;
+    dec_rows<HD>(qa, rm, rows, it, q, tm, G, nh);
+    fa_state<HD> st;
+    st.reset();
+    for (int s0 = it.s0, bi = 0;; bi ^= 1) {
+        ld.issue<HD>(fa_sm + (bi ^ 1) * 2 * BLK, tm, kv, layer, psh);
+        cp_async_wait<1>();
+        __syncthreads();
+        const uint16_t *Ks = fa_sm + bi * 2 * BLK;
+        fa_block<HD, NS, NS / 2>(st, qa, Ks, Ks + BLK, warp * NS, s0, it.s1,
+                                 rm, tm.mask_bits);
+        __syncthreads();
+        if ((s0 += FA_BN) < it.s1) continue;
+        /* the piece is done: combine in this buffer (refilled only after
+         * the barrier below), write, start the next piece */
+        fa_mass(st);
+        fa_combine<HD>(reinterpret_cast<float *>(fa_sm + bi * 2 * BLK), sml, st);
+        if (warp == 0)
+            fa_store(st, it, rows, rm, g, g + 8, out, part_o, part_ml, nh);
+        __syncthreads();
+        if (++p >= p1) break;
+        it = pieces[p];
+        s0 = it.s0;
+        dec_rows<HD>(qa, rm, rows, it, q, tm, G, nh);
+        st.reset();
+    }
+    cp_async_wait<0>();
 }
 
 extern "C" int pie__cuda_flash_supported(int hd)
@@ -1035,23 +1261,41 @@ extern "C" int pie__cuda_flash_supported(int hd)
     return hd == 16 || hd == 32 || hd == 64 || hd == 128;
 }
 
-template <int HD, bool WS>
+/* dynamic shared memory of the flash kernels: FA_STAGES KV blocks */
+template <int HD>
+static size_t fa_smem(void)
+{
+    return FA_STAGES * 2 * sizeof(uint16_t) * FA_BN * (HD + 8);
+}
+
+template <typename K>
+static void fa_allow_smem(K kernel, size_t sm, int *set)
+{
+    if (!*set && sm > 48 * 1024) {
+        cudaFuncSetAttribute(kernel, cudaFuncAttributeMaxDynamicSharedMemorySize,
+                             (int)sm);
+        *set = 1;
+    }
+}
+
+static int page_shift(const pie_cuda_kv *kv)
+{
+    int ps = kv->page_size;
+    return (ps & (ps - 1)) ? -1 : __builtin_ctz(ps);
+}
+
+template <int HD>
 static void flash_launch(uint16_t *out, float *part_o, float *part_ml,
                          const float *q, const pie_cuda_attn_item *items,
                          int n_items, const pie_cuda_tokmeta *tm,
                          const pie_cuda_kv *kv, int layer, int nh,
                          cudaStream_t s)
 {
-    size_t sm = 4 * sizeof(uint16_t) * FA_BN * (HD + 8);
     static int set;
-    if (!set && sm > 48 * 1024) {
-        cudaFuncSetAttribute(flash_attn_kernel<HD, WS>,
-                             cudaFuncAttributeMaxDynamicSharedMemorySize, (int)sm);
-        set = 1;
-    }
-    launch_pdl(flash_attn_kernel<HD, WS>, n_items,
-               WS ? FA_WS_THREADS : FA_THREADS, sm, s, out, part_o, part_ml, q,
-               items, *tm, *kv, layer, nh);
+    fa_allow_smem(flash_attn_kernel<HD>, fa_smem<HD>(), &set);
+    launch_pdl(flash_attn_kernel<HD>, n_items, FA_THREADS, fa_smem<HD>(), s,
+               out, part_o, part_ml, q, items, *tm, *kv, layer, nh,
+               page_shift(kv));
 }
 
 extern "C" void pie__cuda_attention_flash(uint16_t *out, float *part_o,
@@ -1060,17 +1304,65 @@ extern "C" void pie__cuda_attention_flash(uint16_t *out, float *part_o,
                                           int n_items,
                                           const pie_cuda_tokmeta *tm,
                                           const pie_cuda_kv *kv, int layer,
-                                          int nh, int dec, cudaStream_t s)
+                                          int nh, cudaStream_t s)
 {
     if (n_items <= 0) return;
-    switch (kv->head_dim * 2 + (dec != 0)) {
-#define FA_CASE(H, WS) case H * 2 + WS: flash_launch<H, WS>(out, part_o, \
-        part_ml, q, items, n_items, tm, kv, layer, nh, s); break;
-    FA_CASE(16, 0) FA_CASE(32, 0) FA_CASE(64, 0) FA_CASE(128, 0)
-    FA_CASE(16, 1) FA_CASE(32, 1) FA_CASE(64, 1) FA_CASE(128, 1)
-#undef FA_CASE
+    switch (kv->head_dim) {
+    case 16: flash_launch<16>(out, part_o, part_ml, q, items, n_items, tm, kv, layer, nh, s); break;
+    case 32: flash_launch<32>(out, part_o, part_ml, q, items, n_items, tm, kv, layer, nh, s); break;
+    case 64: flash_launch<64>(out, part_o, part_ml, q, items, n_items, tm, kv, layer, nh, s); break;
+    case 128: flash_launch<128>(out, part_o, part_ml, q, items, n_items, tm, kv, layer, nh, s); break;
     default: break;
     }
+}
+
+template <int HD>
+static void dec_launch(uint16_t *out, float *part_o, float *part_ml,
+                       const float *q, const pie_cuda_attn_item *pieces,
+                       const int32_t *bstart, int n_blocks,
+                       const pie_cuda_tokmeta *tm, const pie_cuda_kv *kv,
+                       int layer, int nh, cudaStream_t s)
+{
+    static int set;
+    fa_allow_smem(flash_dec_kernel<HD>, fa_smem<HD>(), &set);
+    launch_pdl_if(pdl_attn(), flash_dec_kernel<HD>, n_blocks, FA_DEC_THREADS, fa_smem<HD>(), s,
+               out, part_o, part_ml, q, pieces, bstart, *tm, *kv, layer, nh,
+               page_shift(kv));
+}
+
+extern "C" void pie__cuda_attention_dec(uint16_t *out, float *part_o,
+                                        float *part_ml, const float *q,
+                                        const pie_cuda_attn_item *pieces,
+                                        const int32_t *bstart, int n_blocks,
+                                        const pie_cuda_tokmeta *tm,
+                                        const pie_cuda_kv *kv, int layer,
+                                        int nh, cudaStream_t s)
+{
+    if (n_blocks <= 0) return;
+    switch (kv->head_dim) {
+    case 16: dec_launch<16>(out, part_o, part_ml, q, pieces, bstart, n_blocks, tm, kv, layer, nh, s); break;
+    case 32: dec_launch<32>(out, part_o, part_ml, q, pieces, bstart, n_blocks, tm, kv, layer, nh, s); break;
+    case 64: dec_launch<64>(out, part_o, part_ml, q, pieces, bstart, n_blocks, tm, kv, layer, nh, s); break;
+    case 128: dec_launch<128>(out, part_o, part_ml, q, pieces, bstart, n_blocks, tm, kv, layer, nh, s); break;
+    default: break;
+    }
+}
+
+/* Resident blocks of the decode kernel per SM (its persistent grid is this
+ * times the SM count). */
+extern "C" int pie__cuda_attention_dec_occupancy(int hd)
+{
+    int n = 0;
+    switch (hd) {
+#define DEC_OCC(H) case H: { static int set; \
+        fa_allow_smem(flash_dec_kernel<H>, fa_smem<H>(), &set); \
+        cudaOccupancyMaxActiveBlocksPerMultiprocessor(&n, flash_dec_kernel<H>, \
+            FA_DEC_THREADS, fa_smem<H>()); break; }
+    DEC_OCC(16) DEC_OCC(32) DEC_OCC(64) DEC_OCC(128)
+#undef DEC_OCC
+    default: break;
+    }
+    return n > 0 ? n : 1;
 }
 
 /* ------------------------------------------------------------- silu*mul */

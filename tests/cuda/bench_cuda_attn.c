@@ -3,9 +3,10 @@
  * layer, one new token per request, contexts of L slots over shuffled pages
  * of 16), for the Llama-3.2-1B (32/8 heads, hd 64) and 3.1-8B (hd 128)
  * head shapes. Prints µs per call and TB/s counting K and V bytes read
- * once. The split plan mirrors cuda_backend.c (about 2 blocks per SM).
- * Each shape runs on the CUDA-core kernel ("simt") and the grouped
- * tensor-core kernel ("mma"); then causal prefill attention of one prompt
+ * once. The plans mirror cuda_backend.c: splits for about 2 blocks per SM
+ * on the CUDA-core kernel ("simt"), the balanced persistent grid of
+ * pie_cuda_dec_plan on the tensor-core decode kernel ("mma", resident
+ * blocks x SMs, or PIE_CUDA_DEC_BLOCKS); then causal prefill attention of one prompt
  * on the tensor-core kernel in TFLOP/s (4 * hd flops per attended pair).
  */
 #include <cuda_runtime_api.h>
@@ -20,6 +21,9 @@
 static void run(int hd, int B, int L, int mma)
 {
     int nh = 32, nkv = 8, ps = 16, G = nh / nkv, sm = 132;
+    const char *pse = getenv("PIE_ATTN_PS");     /* experiments */
+    if (pse && atoi(pse) > 0) ps = atoi(pse);
+    CU(cudaDeviceGetAttribute(&sm, cudaDevAttrMultiProcessorCount, 0));
     int per = (L + ps - 1) / ps, np = B * per;
     pie_cuda_kv kv = { NULL, 1, nkv, ps, hd };
     size_t pool = (size_t)pie_cuda_kv_page_elems(&kv) * np;
@@ -28,7 +32,7 @@ static void run(int hd, int B, int L, int mma)
     int32_t *pages = malloc(4 * np), *slot = malloc(4 * B), *req = malloc(4 * B);
     int32_t *ind = malloc(4 * (B + 1)), *len = malloc(4 * B), *pos = malloc(4 * B);
     for (int i = 0; i < np; i++) pages[i] = i;
-    for (int i = np - 1; i > 0; i--) {
+    for (int i = np - 1; i > 0 && !getenv("PIE_ATTN_SEQ"); i--) {
         int j = rand() % (i + 1), t = pages[i];
         pages[i] = pages[j]; pages[j] = t;
     }
@@ -43,9 +47,12 @@ static void run(int hd, int B, int L, int mma)
     int opt = (L + 127) / 128, need = (L + PIE_CUDA_ATTN_CHUNK - 1) / PIE_CUDA_ATTN_CHUNK;
     int ns = want < opt ? want : opt;
     if (ns < need) ns = need;
-    int ni = 0, nm = 0, parts = 0;
+    if (mma) ns = 1;                    /* the decode plan cuts items */
+    const char *db = getenv("PIE_CUDA_DEC_BLOCKS");
+    int nb = db && atoi(db) > 0 ? atoi(db) : pie__cuda_attention_dec_occupancy(hd) * sm;
+    int ni = 0, nm = 0, npc = 0, parts = 0;
     pie_cuda_attn_item *it = malloc(sizeof *it * (size_t)B * nkv * ns);
-    pie_cuda_merge_item *mi = malloc(sizeof *mi * (size_t)B * nkv + 1);
+    pie_cuda_merge_item *mi = calloc((size_t)B * nkv + nb + 1, sizeof *mi);
     for (int r = 0; r < B; r++)
         for (int h = 0; h < nkv; h++) {
             if (ns > 1) mi[nm++] = (pie_cuda_merge_item){ r, 1, h, ns, parts, {0} };
@@ -54,12 +61,18 @@ static void run(int hd, int B, int L, int mma)
                     L * (s + 1) / ns, ns > 1 ? parts + s * G : -1, mma };
             if (ns > 1) parts += ns * G;
         }
-    void *d[9];
-    size_t sz[9] = { 4 * (size_t)np, 4 * (size_t)B, 4 * (size_t)B, 4 * (size_t)(B + 1),
-                     4 * (size_t)B, 4 * (size_t)B, sizeof *it * ni, sizeof *mi * (nm + 1),
-                     0 };
-    const void *h[8] = { pages, slot, req, ind, len, pos, it, mi };
-    for (int i = 0; i < 8; i++) {
+    pie_cuda_attn_item *pc = malloc(sizeof *pc * ((size_t)ni + nb));
+    int32_t *bst = malloc(4 * ((size_t)nb + 1));
+    if (mma) {
+        parts = (int)pie_cuda_dec_plan(it, ni, G, nb, 0, pc, &npc, bst, mi, &nm);
+        nm = nb;                        /* padded, as the backend */
+    }
+    void *d[10];
+    size_t sz[10] = { 4 * (size_t)np, 4 * (size_t)B, 4 * (size_t)B, 4 * (size_t)(B + 1),
+                      4 * (size_t)B, 4 * (size_t)B, sizeof *it * ni, sizeof *mi * (nm + 1),
+                      sizeof *pc * (npc + 1), 4 * ((size_t)nb + 1) };
+    const void *h[10] = { pages, slot, req, ind, len, pos, it, mi, pc, bst };
+    for (int i = 0; i < 10; i++) {
         CU(cudaMalloc(&d[i], sz[i] + 16));
         CU(cudaMemcpy(d[i], h[i], sz[i], cudaMemcpyHostToDevice));
     }
@@ -77,8 +90,8 @@ static void run(int hd, int B, int L, int mma)
     for (int w = 0; w < 3 + iters; w++) {
         if (w == 3) CU(cudaEventRecord(e0, 0));
         if (mma)
-            pie__cuda_attention_flash(out, po, pml, q, d[6], ni, &tm, &kv, 0,
-                                      nh, 1, 0);
+            pie__cuda_attention_dec(out, po, pml, q, d[8], d[9], nb, &tm, &kv,
+                                    0, nh, 0);
         else
             pie__cuda_attention(out, po, pml, q, d[6], ni, &tm, &kv, 0, nh,
                                 (L + ns - 1) / ns + 1, 0);
@@ -91,12 +104,13 @@ static void run(int hd, int B, int L, int mma)
     cudaEventElapsedTime(&ms, e0, e1);
     double us = ms * 1e3 / iters;
     double bytes = (double)B * L * nkv * hd * 2 * 2;
-    printf("attn %s hd %3d  B %3d  ctx %5d  splits %2d  %8.1f us  %6.2f TB/s\n",
-           mma ? "mma " : "simt", hd, B, L, ns, us, bytes / (us * 1e-6) / 1e12);
-    for (int i = 0; i < 8; i++) cudaFree(d[i]);
+    printf("attn %s hd %3d  B %3d  ctx %5d  %s %4d  %8.1f us  %6.2f TB/s\n",
+           mma ? "mma " : "simt", hd, B, L, mma ? "blocks" : "splits",
+           mma ? nb : ns, us, bytes / (us * 1e-6) / 1e12);
+    for (int i = 0; i < 10; i++) cudaFree(d[i]);
     cudaFree(kv.pool); cudaFree(q); cudaFree(out); cudaFree(po); cudaFree(pml);
     free(pages); free(slot); free(req); free(ind); free(len); free(pos);
-    free(it); free(mi);
+    free(it); free(mi); free(pc); free(bst);
 }
 
 /* Causal prefill of one L-token prompt (empty cache) on the tensor-core
@@ -139,7 +153,7 @@ static void run_prefill(int hd, int L)
     int iters = 10;
     for (int w = 0; w < 2 + iters; w++) {
         if (w == 2) CU(cudaEventRecord(e0, 0));
-        pie__cuda_attention_flash(out, NULL, NULL, q, d[5], ni, &tm, &kv, 0, nh, 0, 0);
+        pie__cuda_attention_flash(out, NULL, NULL, q, d[5], ni, &tm, &kv, 0, nh, 0);
     }
     CU(cudaEventRecord(e1, 0));
     CU(cudaEventSynchronize(e1));
@@ -162,11 +176,20 @@ int main(void)
         fprintf(stderr, "no CUDA GPU\n");
         return 77;
     }
+    /* PIE_ATTN_ONLY="hd,B,ctx": that decode shape alone, on the tensor-core
+     * kernel (for profilers) */
+    const char *only = getenv("PIE_ATTN_ONLY");
+    int ohd, oB, oL;
+    if (only && sscanf(only, "%d,%d,%d", &ohd, &oB, &oL) == 3) {
+        run(ohd, oB, oL, 1);
+        return 0;
+    }
     int hds[2] = { 64, 128 }, Bs[4] = { 1, 16, 64, 256 }, Ls[3] = { 512, 2048, 8192 };
+    int simt = !getenv("PIE_ATTN_NO_SIMT");
     for (int a = 0; a < 2; a++)
         for (int l = 0; l < 3; l++)
             for (int b = 0; b < 4; b++)
-                for (int m = 0; m < 2; m++) run(hds[a], Bs[b], Ls[l], m);
+                for (int m = !simt; m < 2; m++) run(hds[a], Bs[b], Ls[l], m);
     for (int a = 0; a < 2; a++) {
         run_prefill(hds[a], 2048);
         run_prefill(hds[a], 8192);

@@ -417,7 +417,8 @@ static void test_qkv_post(int nh, int nkv, int hd, int bias, int qknorm)
  * query head) on a batch with a 100-token prompt after 200 cached slots.
  * grouped 1: the tensor-core kernel on the CUDA-core kernel's plan (tiles
  * of 64/G tokens x G heads, `split` splits merged); grouped 2: the decode
- * variant (tiles of 16/G tokens, the warps splitting each KV block). */
+ * kernel (tiles of 16/G tokens) on a persistent grid of `split` blocks,
+ * the items cut by pie_cuda_dec_plan. */
 static void test_attention_mode(int nh, int nkv, int hd, int masked,
                                 int split, int grouped)
 {
@@ -465,6 +466,7 @@ static void test_attention_mode(int nh, int nkv, int hd, int masked,
             int ns = (range + PIE_CUDA_ATTN_CHUNK - 1) / PIE_CUDA_ATTN_CHUNK;
             if (ns < split) ns = split;
             if (ns > range) ns = range > 0 ? range : 1;
+            if (grouped == 2) ns = 1;           /* the plan cuts them */
             for (int h = 0; h < nkv; h++) {
                 if (ns > 1)
                     merges[nm++] = (pie_cuda_merge_item){ q0 + i, nt, h, ns, parts, {0} };
@@ -476,6 +478,18 @@ static void test_attention_mode(int nh, int nkv, int hd, int masked,
             }
         }
     }
+    int nb = split > 0 ? split : 1, npc = 0;
+    pie_cuda_attn_item *pc = malloc(sizeof *pc * ((size_t)ni + nb));
+    int32_t *bst = malloc(4 * ((size_t)nb + 1));
+    if (grouped == 2) {     /* merges padded with empty ones, as the backend */
+        pie_cuda_merge_item *pm = calloc((size_t)nb, sizeof *pm);
+        parts = (int)pie_cuda_dec_plan(items, ni, G, nb, 0, pc, &npc, bst, pm, &nm);
+        CHECK(nm <= nb && npc <= ni + nb && bst[0] == 0 && bst[nb] == npc,
+              "dec plan: %d merges %d pieces", nm, npc);
+        memcpy(merges, pm, sizeof *pm * (size_t)nb);
+        nm = nb;
+        free(pm);
+    }
     float *dq = dput(q, 4 * (size_t)n * nh * hd);
     uint16_t *dout = dput(NULL, 2 * (size_t)n * nh * hd);
     float *po = dput(NULL, 4 * (size_t)(parts + 1) * hd);
@@ -484,12 +498,16 @@ static void test_attention_mode(int nh, int nkv, int hd, int masked,
     pie_cuda_merge_item *dm = dput(merges, sizeof merges[0] * (nm + 1));
     CU(cudaMemset(dout, 0xff, 2 * (size_t)n * nh * hd));   /* poison */
     if (grouped == 2) {
-        pie__cuda_attention_flash(dout, po, pml, dq, di, ni, &tm, &kv,
-                                  layer, nh, 1, 0);
+        pie_cuda_attn_item *dpc = dput(pc, sizeof *pc * (size_t)(npc + 1));
+        int32_t *dbs = dput(bst, 4 * ((size_t)nb + 1));
+        pie__cuda_attention_dec(dout, po, pml, dq, dpc, dbs, nb, &tm, &kv,
+                                layer, nh, 0);
         pie__cuda_attn_merge(dout, po, pml, dm, nm, nh, nkv, hd, 0);
+        CU(cudaDeviceSynchronize());
+        cudaFree(dpc); cudaFree(dbs);
     } else if (split < 0 || grouped) {
         pie__cuda_attention_flash(dout, po, pml, dq, di, ni, &tm, &kv, layer,
-                                  nh, 0, 0);
+                                  nh, 0);
         pie__cuda_attn_merge(dout, po, pml, dm, nm, nh, nkv, hd, 0);
     } else {
         pie__cuda_attention(dout, po, pml, dq, di, ni, &tm, &kv, layer, nh,
@@ -543,7 +561,7 @@ static void test_attention_mode(int nh, int nkv, int hd, int masked,
     for (int i = 0; i < 8; i++) cudaFree(fr[i]);
     cudaFree(dq); cudaFree(dout); cudaFree(po); cudaFree(pml); cudaFree(di);
     cudaFree(dm); cudaFree(kv.pool);
-    free(pool); free(q); free(out); free(sc);
+    free(pool); free(q); free(out); free(sc); free(pc); free(bst);
 }
 
 static void test_attention(int nh, int nkv, int hd, int masked, int split)
@@ -719,11 +737,16 @@ int main(void)
         test_attention_mode(32, 8, 64, m, 3, 1);
         test_attention_mode(32, 8, 128, m, 4, 1);
         test_attention_mode(6, 6, 32, m, 2, 1);
-        test_attention_mode(4, 2, 16, m, 1, 2);   /* decode tensor-core */
+        /* decode tensor-core, grids of 1 .. 1000 blocks (more than the
+         * KV blocks: idle ones) */
+        test_attention_mode(4, 2, 16, m, 1, 2);
         test_attention_mode(32, 8, 64, m, 1, 2);
         test_attention_mode(32, 8, 64, m, 3, 2);
+        test_attention_mode(32, 8, 64, m, 61, 2);
         test_attention_mode(32, 8, 128, m, 4, 2);
+        test_attention_mode(32, 8, 128, m, 1000, 2);
         test_attention_mode(32, 4, 128, m, 2, 2);  /* G = 8 */
+        test_attention_mode(32, 4, 128, m, 37, 2);
         test_attention_mode(6, 6, 32, m, 2, 2);
     }
     test_samplers(1000);
