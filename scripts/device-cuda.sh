@@ -24,6 +24,7 @@
 #   prof    per-kernel GPU time of 1B decode (nsys) and speed of light of
 #           the decode kernels (ncu), where those tools are installed
 #   attnmma decode attention bandwidth, tensor-core kernel only
+#   attnexp decode attention with page size 64, pages in order, 2 blocks/SM
 #   profile per-operation GPU time of decode steps (PIE_CUDA_PROFILE=1)
 #   thr     decode at the throughput targets' shapes (1B B=64/256, 8B B=256)
 #   ncuattn ncu of decode attention (stalls, memory, occupancy), three shapes
@@ -105,15 +106,11 @@ for phase in "$@"; do
         PIE_ATTN_NO_SIMT=1 timeout 120 $R bench_cuda_attn 2>&1 | grep "attn mma" \
             | tee -a "$OUT/summary.log"
         ;;
-    attnexp)    # decode attention: page size 64, pages in order, PDL
-        for v in "PIE_ATTN_PS=64" "PIE_ATTN_SEQ=1" "PIE_CUDA_PDL_ATTN=1" "PIE_CUDA_DEC_BLOCKS=264"; do
+    attnexp)    # decode attention: page size 64, pages in order, 2 blocks/SM
+        for v in "PIE_ATTN_PS=64" "PIE_ATTN_SEQ=1" "PIE_CUDA_DEC_BLOCKS=264"; do
             log "attnexp $v"
             env $v PIE_ATTN_NO_SIMT=1 timeout 120 $R bench_cuda_attn 2>&1 \
                 | grep "attn mma" | grep -v " B   1 " | tee -a "$OUT/summary.log"
-        done
-        for cfg in "llama-3.2-1b 64 512 24" "llama-3.1-8b 256 512 16"; do
-            PIE_CUDA_PDL_ATTN=1 TAG="pdlattn " bench $cfg
-            PIE_CUDA_PDL_ALL=1 TAG="pdlall " bench $cfg
         done
         ;;
     profile)    # per-operation GPU time of decode steps (PIE_CUDA_PROFILE=1)
@@ -133,13 +130,12 @@ for phase in "$@"; do
             bench $cfg
         done
         ;;
-    ncuattn)    # ncu of decode attention: stall reasons, memory, occupancy
-        for cfg in "128,256,512" "128,16,2048" "64,64,512"; do
-            PIE_ATTN_ONLY=$cfg timeout 120 ncu --section SpeedOfLight \
-                --section Occupancy --section SchedulerStats --section WarpStateStats \
-                --section MemoryWorkloadAnalysis --section LaunchStats \
-                --section SourceCounters -k regex:flash_attn --launch-skip 3 \
-                --launch-count 1 $R bench_cuda_attn > "$OUT/ncu_attn_${cfg//,/_}.txt" 2>&1
+    ncuattn)    # ncu of decode attention: time, stall reasons, memory, occupancy
+        m="gpu__time_duration.sum,dram__throughput.avg.pct_of_peak_sustained_elapsed,sm__cycles_active.avg,smsp__inst_executed.sum,regex:smsp__average_warps_issue_stalled_.*_per_issue_active.ratio"
+        for cfg in "128,256,512" "128,16,2048" "128,64,2048"; do
+            PIE_ATTN_ONLY=$cfg timeout 120 ncu --metrics "$m" \
+                -k regex:"flash_dec" --launch-skip 6 --launch-count 1 \
+                $R bench_cuda_attn > "$OUT/ncu_attn_${cfg//,/_}.txt" 2>&1
             echo "ncu attn $cfg rc=$?" | tee -a "$OUT/summary.log"
         done
         ;;

@@ -91,7 +91,7 @@ typedef struct mm_plan {
 typedef struct graph_key {
     void    *meta_dev;
     size_t   tok, pos, slot, req, kv_indptr, kv_len, pages, mask_off,
-             mask_bits, items, merges, fitems, gitems, bstart;
+             mask_bits, items, merges, fitems, gitems, bstart, dmerges;
     int64_t  n, n_items, n_fitems, n_gitems, n_merges, max_slots, decode;
 } graph_key;
 
@@ -166,8 +166,10 @@ typedef struct cuda_backend {
     int64_t           n_gitems, cap_gitems; /* whole, one per tile x head */
     pie_cuda_attn_item  *pieces;  /* gitems cut for the persistent grid    */
     int32_t          *bstart;     /* (dec_blocks + 1) see dec_plan.c       */
+    pie_cuda_merge_item *dmerges; /* (dec_blocks) merges of cut items      */
     int64_t           cap_pieces;
-    int               n_pieces, dec_blocks; /* grid of the decode kernel  */
+    int               n_pieces, n_dmerges, dec_blocks; /* grid of the     */
+                                                       /* decode kernel   */
     int               max_slots;  /* longest item of the current step     */
     /* CUDA graphs of the layer sequence, keyed by the kernel arguments */
     step_graph        graphs[GRAPH_CACHE];
@@ -824,27 +826,26 @@ static int plan_flash(cuda_backend *c, const pie_forward_batch *b, int r,
     return 0;
 }
 
+/* KV blocks (64 slots) a decode attention block streams at least: 1 made
+ * batch-1 steps slower (more partials to merge), 2 and 4 tie elsewhere */
+#define DEC_MIN_KV 2
+
 /* Cuts the whole grouped items for the decode kernel's persistent grid
- * (dec_plan.c). The piece and merge lists are stored at their capacities
- * (merges padded with empty items), so a decode step's kernel arguments,
- * and its CUDA graph, do not change as contexts grow. Returns the partial
- * rows used, or a negative code. */
+ * (dec_plan.c). The piece and merge lists are stored at their capacities,
+ * so a decode step's kernel arguments, and its CUDA graph, do not change
+ * as contexts grow. Returns the partial rows used, or a negative code. */
 static int64_t plan_dec(cuda_backend *c, int64_t parts)
 {
-    int nb = c->dec_blocks;
-    int rc = grow((void **)&c->pieces, &c->cap_pieces, c->n_gitems + nb,
-                  sizeof *c->pieces);
-    if (!rc) rc = grow((void **)&c->merges, &c->cap_merges, c->n_merges + nb,
-                       sizeof *c->merges);
+    int rc = grow((void **)&c->pieces, &c->cap_pieces,
+                  c->n_gitems + c->dec_blocks, sizeof *c->pieces);
     if (rc) return rc;
-    int n_merges = 0;
     parts = pie_cuda_dec_plan(c->gitems, (int)c->n_gitems,
-                              c->cfg.n_heads / c->cfg.n_kv_heads, nb, parts,
-                              c->pieces, &c->n_pieces, c->bstart,
-                              c->merges + c->n_merges, &n_merges);
-    memset(c->merges + c->n_merges + n_merges, 0,
-           sizeof *c->merges * (size_t)(nb - n_merges));
-    c->n_merges += nb;
+                              c->cfg.n_heads / c->cfg.n_kv_heads, c->dec_blocks,
+                              DEC_MIN_KV, parts, c->pieces, &c->n_pieces,
+                              c->bstart, c->dmerges, &c->n_dmerges);
+    /* a fixed-size merge list for the merge kernel (empty items skip) */
+    memset(c->dmerges + c->n_dmerges, 0,
+           sizeof *c->dmerges * (size_t)(c->dec_blocks - c->n_dmerges));
     return parts;
 }
 
@@ -921,7 +922,8 @@ static int64_t plan_attention(cuda_backend *c, const pie_forward_batch *b,
  * length when the batch has masks. */
 typedef struct step_meta {
     size_t tok, pos, slot, req, kv_indptr, kv_len, pages, mask_off, mask_bits;
-    size_t items, merges, fitems, gitems, bstart, rows, srow, lp_ids, lmask;
+    size_t items, merges, fitems, gitems, bstart, dmerges, rows, srow, lp_ids,
+           lmask;
 } step_meta;
 
 static int build_tokens(cuda_backend *c, const pie_forward_batch *b,
@@ -1035,6 +1037,20 @@ static int build_outputs(cuda_backend *c, const pie_forward_batch *b,
     return 0;
 }
 
+/* Decode attention of layer l: the persistent grid, then the merges of
+ * the items it cut (a fixed-size list: graphs keep their arguments). */
+static void run_dec_attention(cuda_backend *c, int l,
+                              const pie_cuda_tokmeta *tm, const step_meta *sm)
+{
+    const pie_model_config *g = &c->cfg;
+    pie__cuda_attention_dec(c->att, c->part_o, c->part_ml, c->q,
+                            DEV(c, sm->gitems), DEV(c, sm->bstart),
+                            c->dec_blocks, tm, &c->kv, l, g->n_heads, c->st);
+    pie__cuda_attn_merge(c->att, c->part_o, c->part_ml, DEV(c, sm->dmerges),
+                         c->dec_blocks, g->n_heads, g->n_kv_heads, g->head_dim,
+                         c->st);
+}
+
 static int run_layers(cuda_backend *c, int n, const pie_cuda_tokmeta *tm,
                       const step_meta *sm)
 {
@@ -1044,7 +1060,6 @@ static int run_layers(cuda_backend *c, int n, const pie_cuda_tokmeta *tm,
     const pie_cuda_attn_item *items = DEV(c, sm->items);
     const pie_cuda_merge_item *merges = DEV(c, sm->merges);
     const pie_cuda_attn_item *fitems = DEV(c, sm->fitems);
-    const pie_cuda_attn_item *gitems = DEV(c, sm->gitems);
     int rc;
     pie_cuda_prof *P = &c->prof;
     pie__cuda_embed(c->x, c->embed, DEV(c, sm->tok), n,
@@ -1068,9 +1083,7 @@ static int run_layers(cuda_backend *c, int n, const pie_cuda_tokmeta *tm,
         pie__cuda_attention_flash(c->att, c->part_o, c->part_ml, c->q, fitems,
                                   (int)c->n_fitems, tm, &c->kv, l, nh, c->st);
         if (c->n_gitems)
-            pie__cuda_attention_dec(c->att, c->part_o, c->part_ml, c->q, gitems,
-                                    DEV(c, sm->bstart), c->dec_blocks, tm,
-                                    &c->kv, l, nh, c->st);
+            run_dec_attention(c, l, tm, sm);
         pie_cuda_prof_mark(P, PROF_ATTN, c->st);
         pie__cuda_attn_merge(c->att, c->part_o, c->part_ml, merges,
                              (int)c->n_merges, nh, g->n_kv_heads, hd, c->st);
@@ -1105,6 +1118,7 @@ static graph_key key_of(const cuda_backend *c, int n, const step_meta *sm,
     k.items = sm->items; k.merges = sm->merges; k.fitems = sm->fitems;
     k.gitems = sm->gitems;
     k.bstart = sm->bstart;
+    k.dmerges = sm->dmerges;
     k.n = n; k.n_items = c->n_items; k.n_fitems = c->n_fitems;
     k.n_gitems = c->n_gitems;
     k.n_merges = c->n_merges;
@@ -1313,6 +1327,8 @@ static int cuda_forward(pie_backend *bb, const pie_forward_batch *b,
     sm.gitems = meta_put(c, c->pieces, c->n_gitems ? sizeof *c->pieces *
                          (size_t)(c->n_gitems + c->dec_blocks) : 0);
     sm.bstart = meta_put(c, c->bstart, c->n_gitems ? 4 * (size_t)(c->dec_blocks + 1) : 0);
+    sm.dmerges = meta_put(c, c->dmerges, c->n_gitems ? sizeof *c->dmerges *
+                          (size_t)c->dec_blocks : 0);
     /* after everything of fixed size, so decode steps keep their offsets */
     sm.pages = meta_put(c, b->kv_page_indices,
                         4 * (size_t)b->kv_page_indptr[b->n_reqs]);
@@ -1437,6 +1453,7 @@ static void cuda_destroy(pie_backend *bb)
     free(c->gitems);
     free(c->pieces);
     free(c->bstart);
+    free(c->dmerges);
     free(c->merges);
     free(c);
 }
@@ -1500,7 +1517,9 @@ static int plan_dec_grid(cuda_backend *c)
     c->dec_blocks = e && atoi(e) > 0 ? atoi(e)
                   : pie__cuda_attention_dec_occupancy(c->cfg.head_dim) * c->n_sm;
     c->bstart = malloc(4 * ((size_t)c->dec_blocks + 1));
-    if (!c->bstart) return pie_err_set(PIE_ENOMEM, "cuda: out of host memory");
+    c->dmerges = malloc(sizeof *c->dmerges * (size_t)c->dec_blocks);
+    if (!c->bstart || !c->dmerges)
+        return pie_err_set(PIE_ENOMEM, "cuda: out of host memory");
     return 0;
 }
 

@@ -72,7 +72,8 @@ typedef struct pie_cuda_tokmeta {
 /* One attention work item: a tile of nt consecutive tokens of request req
  * (global token indices t0..t0+nt), one kv head, slots [s0, s1). part < 0:
  * the item covers all slots and writes the output; else it writes partial
- * rows part .. part + nt*G - 1 for pie__cuda_attn_merge. */
+ * rows part .. part + nt*G - 1 for pie__cuda_attn_merge. pad = 1: the
+ * rows are grouped (tokens x the G heads of kv head kvh). */
 typedef struct pie_cuda_attn_item {
     int32_t req, t0, nt, kvh, s0, s1, part, pad;
 } pie_cuda_attn_item;
@@ -137,7 +138,8 @@ void pie__cuda_attention_flash(uint16_t *out, float *part_o, float *part_ml,
                                cudaStream_t s);
 /* Decode attention (grouped items of at most PIE_CUDA_FLASH_DEC_ROWS rows)
  * on a persistent grid of n_blocks blocks: block b runs the pieces
- * pieces[bstart[b] .. bstart[b + 1]) of pie_cuda_dec_plan. */
+ * pieces[bstart[b] .. bstart[b + 1]) of pie_cuda_dec_plan; the partials of
+ * cut items are then combined by pie__cuda_attn_merge over its merges. */
 void pie__cuda_attention_dec(uint16_t *out, float *part_o, float *part_ml,
                              const float *q, const pie_cuda_attn_item *pieces,
                              const int32_t *bstart, int n_blocks,
@@ -149,7 +151,7 @@ int pie__cuda_attention_dec_occupancy(int hd);
 /* Decode plan (dec_plan.c, host): cuts grouped items (pad = 1, part
  * ignored) on 64-slot KV blocks into pieces so that each of n_blocks
  * blocks streams an equal share (+-1) of all KV blocks (an empty item
- * counts one). Pieces come out in block order, block b's being
+ * counts one), at least min_kv of them (fewer blocks work otherwise). Pieces come out in block order, block b's being
  * pieces[bstart[b] .. bstart[b + 1]); capacities: pieces n_items +
  * n_blocks, bstart n_blocks + 1, merges n_blocks. An item kept whole writes
  * its output (part = -1); the pieces of a cut item write partial rows
@@ -157,7 +159,7 @@ int pie__cuda_attention_dec_occupancy(int hd);
  * plus the partial rows used. */
 #define PIE_CUDA_DEC_BLOCK 64
 int64_t pie_cuda_dec_plan(const pie_cuda_attn_item *items, int n_items, int G,
-                          int n_blocks, int64_t part0,
+                          int n_blocks, int min_kv, int64_t part0,
                           pie_cuda_attn_item *pieces, int *n_pieces,
                           int32_t *bstart, pie_cuda_merge_item *merges,
                           int *n_merges);

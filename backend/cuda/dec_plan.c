@@ -9,7 +9,9 @@
  * takes blocks [b T / nb, (b + 1) T / nb) of that sequence: every block
  * streams the same amount of KV, give or take one block, whatever the mix
  * of context lengths. An item that straddles a boundary is cut there; its
- * pieces write partial rows, and one merge item combines them.
+ * pieces write partial rows, and one merge item combines them. Each block
+ * gets at least min_kv KV blocks: at batch 1 a grid of one-block pieces
+ * spent more on merging than it gained (NOTES.md, round 5).
  *
  *   items   whole items, in any order (pad = 1; s0, s1, nt, req, kvh used)
  *   pieces  the same items cut at block boundaries, in block order
@@ -60,7 +62,7 @@ static int64_t cut_item(const pie_cuda_attn_item *it, int64_t a, int64_t n,
 }
 
 int64_t pie_cuda_dec_plan(const pie_cuda_attn_item *items, int n_items, int G,
-                          int n_blocks, int64_t part0,
+                          int n_blocks, int min_kv, int64_t part0,
                           pie_cuda_attn_item *pieces, int *n_pieces,
                           int32_t *bstart, pie_cuda_merge_item *merges,
                           int *n_merges)
@@ -69,7 +71,9 @@ int64_t pie_cuda_dec_plan(const pie_cuda_attn_item *items, int n_items, int G,
     for (int i = 0; i < n_items; i++) T += blocks_of(&items[i]);
     *n_pieces = *n_merges = 0;
     int nb = n_blocks, b = 0;
-    if (T < nb) nb = (int)T;            /* the rest of the grid idles */
+    if (min_kv < 1) min_kv = 1;
+    if ((T + min_kv - 1) / min_kv < nb)  /* the rest of the grid idles */
+        nb = (int)((T + min_kv - 1) / min_kv);
     bstart[0] = 0;
     end = nb > 0 ? T / nb : 0;
     for (int i = 0; i < n_items; i++) {

@@ -60,10 +60,20 @@ static __device__ __forceinline__ float warp_max(float v)
  * H100 (NOTES.md), PDL for gemv.cu alone is the default; PIE_CUDA_NO_PDL=1
  * turns it off (the environment is read once per process).
  */
-static __device__ __forceinline__ void pdl_begin(void)
+static __device__ __forceinline__ void pdl_trigger(void)
 {
     asm volatile("griddepcontrol.launch_dependents;");
+}
+
+static __device__ __forceinline__ void pdl_wait(void)
+{
     asm volatile("griddepcontrol.wait;" ::: "memory");
+}
+
+static __device__ __forceinline__ void pdl_begin(void)
+{
+    pdl_trigger();
+    pdl_wait();
 }
 
 extern "C" int pie__cuda_pdl(void)
@@ -102,13 +112,6 @@ static void launch_pdl(void (*kernel)(P...), dim3 grid, dim3 block,
     launch_pdl_if(pie__cuda_pdl() >= 2, kernel, grid, block, smem, s, args...);
 }
 
-/* experiment: PDL for the decode attention and merge kernels */
-static bool pdl_attn(void)
-{
-    static int on = -1;
-    if (on < 0) on = getenv("PIE_CUDA_PDL_ATTN") != NULL;
-    return on || pie__cuda_pdl() >= 2;
-}
 
 /* Sum over the block (blockDim.x a multiple of 32, <= 1024). */
 static __device__ float block_sum(float v, float *red)
@@ -634,8 +637,8 @@ extern "C" void pie__cuda_attn_merge(uint16_t *out, const float *part_o,
                                      cudaStream_t s)
 {
     if (n_items > 0)
-        launch_pdl_if(pdl_attn(), attn_merge_kernel, n_items, 256, 0, s, out,
-                      part_o, part_ml, items, nh, nkv, hd);
+        launch_pdl(attn_merge_kernel, n_items, 256, 0, s, out, part_o,
+                   part_ml, items, nh, nkv, hd);
 }
 
 /* ------------------------------------------------------ flash attention */
@@ -749,6 +752,28 @@ struct fa_rows {
  * every decode block), the warp reads that page's index once; otherwise
  * each 16-byte chunk looks its page up. ncu showed the per-chunk lookups
  * (8 dependent loads per thread per block at hd 128) as the top stall. */
+/* One warp's SPW slots of a KV block, all in one page: base points at the
+ * first slot's K, n (<= SPW, may be <= 0) slots exist, the rest are zero
+ * filled. kd: the first slot's K row in shared memory (V at +vs). */
+template <int HD, int SPW>
+static __device__ __forceinline__ void fa_load_group(uint16_t *kd, int64_t vs,
+                                                     const uint16_t *base,
+                                                     const uint16_t *pool,
+                                                     int64_t voff, int n)
+{
+    constexpr int LD = HD + 8, CPR = HD / 8, NI = SPW * CPR / WARP;
+    static_assert(SPW * CPR % WARP == 0, "whole rounds of the warp");
+    int lane = threadIdx.x % WARP;
+#pragma unroll
+    for (int i = 0; i < NI; i++) {
+        int k = lane + i * WARP, sl = k / CPR, d = (k % CPR) * 8;
+        bool in = sl < n;
+        const uint16_t *src = in ? base + sl * HD + d : pool;
+        cp_async16(&kd[sl * LD + d], src, in);
+        cp_async16(&kd[sl * LD + d + vs], in ? src + voff : pool, in);
+    }
+}
+
 template <int HD, int TH>
 static __device__ __forceinline__ void fa_load(uint16_t *Kb, uint16_t *Vb,
                                                const uint16_t *pool,
@@ -757,22 +782,14 @@ static __device__ __forceinline__ void fa_load(uint16_t *Kb, uint16_t *Vb,
                                                int ps, int psh, int s0, int s1)
 {
     constexpr int LD = HD + 8, CPR = HD / 8, SPW = FA_BN / (TH / WARP);
-    constexpr int NI = SPW * CPR / WARP;     /* chunks per lane, one page */
-    if (NI >= 1 && SPW * CPR % WARP == 0 && psh >= 0 && ps >= SPW &&
+    if (SPW * CPR % WARP == 0 && psh >= 0 && ps >= SPW &&
         (s0 & (SPW - 1)) == 0) {
-        int lane = threadIdx.x % WARP, g0 = s0 + threadIdx.x / WARP * SPW;
+        int g0 = s0 + threadIdx.x / WARP * SPW;
         const uint16_t *base = pool;
         if (g0 < s1)
             base = pool + pages[g0 >> psh] * pe + lay + (int64_t)(g0 & (ps - 1)) * HD;
-        uint16_t *kd = Kb + (threadIdx.x / WARP) * SPW * LD;
-#pragma unroll
-        for (int i = 0; i < NI; i++) {
-            int k = lane + i * WARP, sl = k / CPR, d = (k % CPR) * 8;
-            bool in = g0 + sl < s1;
-            const uint16_t *src = in ? base + sl * HD + d : pool;
-            cp_async16(&kd[sl * LD + d], src, in);
-            cp_async16(&kd[sl * LD + d + (Vb - Kb)], in ? src + voff : pool, in);
-        }
+        fa_load_group<HD, (SPW * CPR % WARP == 0 ? SPW : WARP)>(
+            Kb + (threadIdx.x / WARP) * SPW * LD, Vb - Kb, base, pool, voff, s1 - g0);
         return;
     }
 #pragma unroll
@@ -1084,10 +1101,10 @@ flash_attn_kernel(uint16_t *out, float *part_o, float *part_ml, const float *q,
  * computed, the next piece's first one is already in flight. The 4 warps
  * share the 16 rows and each takes 16 slots of every KV block, with its own
  * online softmax; at the end of a piece their states are combined through
- * the buffer just consumed, and warp 0 writes the output (or, for a piece
- * of a cut item, the partials pie__cuda_attn_merge combines). One block
- * per item, as before, left a partial last wave and paid the first KV
- * block's latency once per item (NOTES.md, round 5).
+ * the buffer just consumed, and warp 0 writes the output, or for a piece
+ * of a cut item its partials, which attn_merge_kernel combines. (Merging
+ * in the last piece to finish, counted with atomics, was tried: its serial
+ * tail made batch-1 steps slower; NOTES.md, round 5.)
  */
 
 /* Combines the 4 warps' softmax states of rows g and g + 8 into warp 0's
@@ -1151,28 +1168,59 @@ static __device__ __forceinline__ void fa_combine(float *so, float *sml,
 }
 
 /* Where the next KV block to load lies: piece p (of this block's [p, p1))
- * from slot s. issue() copies it into buffer buf and moves on; a piece
- * always has at least one block (an empty one: one fully masked block),
- * as the compute side counts them. */
+ * from slot s; the piece's request pages, layer + kv head offset, and
+ * (fast: page size a power of two >= 16 and s0 a multiple of 16) the page
+ * of this warp's 16 slots of that block, loaded one block ahead so that
+ * its latency hides behind a block's math. issue() copies the block into
+ * buf and moves on; a piece always has at least one block (an empty one:
+ * one fully masked block), as the compute side counts them. */
 struct dec_cursor {
     const pie_cuda_attn_item *pieces;
-    int p, p1, s;
+    int p, p1, s, s1, fast, pg;
+    const int32_t *pages;
+    int64_t lay;
+
+    __device__ __forceinline__ void enter(int np, const pie_cuda_tokmeta &tm,
+                                          const pie_cuda_kv &kv, int layer,
+                                          int hd, int psh)
+    {
+        p = np;
+        if (p >= p1) return;
+        pie_cuda_attn_item it = pieces[p];
+        int ps = kv.page_size;
+        s = it.s0;
+        s1 = it.s1;
+        pages = tm.pages + tm.kv_indptr[it.req];
+        lay = (int64_t)layer * 2 * kv.n_kv * ps * hd + (int64_t)it.kvh * ps * hd;
+        fast = psh >= 0 && ps >= 16 && (s & 15) == 0;
+        prefetch(psh);
+    }
+    __device__ __forceinline__ void prefetch(int psh)
+    {
+        int g0 = s + threadIdx.x / WARP * 16;
+        pg = fast && g0 < s1 ? pages[g0 >> psh] : 0;
+    }
     template <int HD>
     __device__ __forceinline__ void issue(uint16_t *buf, const pie_cuda_tokmeta &tm,
                                           const pie_cuda_kv &kv, int layer, int psh)
     {
-        constexpr int BLK = FA_BN * (HD + 8);
+        constexpr int LD = HD + 8, BLK = FA_BN * LD;
+        static_assert(FA_BN / (FA_DEC_THREADS / WARP) == 16, "16 slots a warp");
         if (p < p1) {
-            pie_cuda_attn_item it = pieces[p];
             int ps = kv.page_size;
-            int64_t lay = (int64_t)layer * 2 * kv.n_kv * ps * HD +
-                          (int64_t)it.kvh * ps * HD;
-            fa_load<HD, FA_DEC_THREADS>(buf, buf + BLK, kv.pool,
-                                       tm.pages + tm.kv_indptr[it.req],
-                                       pie_cuda_kv_page_elems(&kv), lay,
-                                       (int64_t)kv.n_kv * ps * HD, ps, psh, s, it.s1);
+            int64_t pe = pie_cuda_kv_page_elems(&kv), voff = (int64_t)kv.n_kv * ps * HD;
+            if (fast) {
+                int w = threadIdx.x / WARP, g0 = s + w * 16;
+                fa_load_group<HD, 16>(buf + w * 16 * LD, BLK, kv.pool + pg * pe +
+                                      lay + (int64_t)(g0 & (ps - 1)) * HD,
+                                      kv.pool, voff, s1 - g0);
+            } else {
+                fa_load<HD, FA_DEC_THREADS>(buf, buf + BLK, kv.pool, pages, pe,
+                                            lay, voff, ps, psh, s, s1);
+            }
             s += FA_BN;
-            if (s >= it.s1 && ++p < p1) s = pieces[p].s0;
+            if (s < s1) prefetch(psh);
+            else enter(p + 1, tm, kv, layer, HD, psh);
         }
         cp_async_commit();
     }
@@ -1213,16 +1261,25 @@ flash_dec_kernel(uint16_t *out, float *part_o, float *part_ml, const float *q,
                  const pie_cuda_attn_item *pieces, const int32_t *bstart,
                  pie_cuda_tokmeta tm, pie_cuda_kv kv, int layer, int nh, int psh)
 {
-    pdl_begin();
+    /* the step's metadata (host copies) may be read before the kernel
+     * before has finished; q and the KV cache only after */
+    pdl_trigger();
     // out (n, nh*HD) bf16, q (n, nh*HD) f32; smem 2 x (K, V) blocks
     constexpr int BLK = FA_BN * (HD + 8), NS = FA_BN / 8 / 4;
     static_assert(FA_STAGES == 2, "the combine reuses the other buffer");
     extern __shared__ __align__(16) uint16_t fa_sm[];
     __shared__ float sml[4 * 16 * 2];
     int p = bstart[blockIdx.x], p1 = bstart[blockIdx.x + 1];
-    if (p >= p1) return;
+    if (p >= p1) {
+        pdl_wait();
+        return;
+    }
     int G = nh / kv.n_kv, warp = threadIdx.x / WARP, g = threadIdx.x % WARP >> 2;
-    dec_cursor ld = { pieces, p, p1, pieces[p].s0 };
+    dec_cursor ld;
+    ld.pieces = pieces;
+    ld.p1 = p1;
+    ld.enter(p, tm, kv, layer, HD, psh);
+    pdl_wait();
     ld.issue<HD>(fa_sm, tm, kv, layer, psh);
     pie_cuda_attn_item it = pieces[p];
     uint32_t qa[HD / 16][4];
@@ -1241,12 +1298,13 @@ flash_dec_kernel(uint16_t *out, float *part_o, float *part_ml, const float *q,
         __syncthreads();
         if ((s0 += FA_BN) < it.s1) continue;
         /* the piece is done: combine in this buffer (refilled only after
-         * the barrier below), write, start the next piece */
+         * the barrier below), then warp 0 writes while the others issue
+         * the next copies */
         fa_mass(st);
         fa_combine<HD>(reinterpret_cast<float *>(fa_sm + bi * 2 * BLK), sml, st);
+        __syncthreads();
         if (warp == 0)
             fa_store(st, it, rows, rm, g, g + 8, out, part_o, part_ml, nh);
-        __syncthreads();
         if (++p >= p1) break;
         it = pieces[p];
         s0 = it.s0;
@@ -1308,10 +1366,10 @@ extern "C" void pie__cuda_attention_flash(uint16_t *out, float *part_o,
 {
     if (n_items <= 0) return;
     switch (kv->head_dim) {
-    case 16: flash_launch<16>(out, part_o, part_ml, q, items, n_items, tm, kv, layer, nh, s); break;
-    case 32: flash_launch<32>(out, part_o, part_ml, q, items, n_items, tm, kv, layer, nh, s); break;
-    case 64: flash_launch<64>(out, part_o, part_ml, q, items, n_items, tm, kv, layer, nh, s); break;
-    case 128: flash_launch<128>(out, part_o, part_ml, q, items, n_items, tm, kv, layer, nh, s); break;
+#define FA_CASE(H) case H: flash_launch<H>(out, part_o, part_ml, q, items, \
+        n_items, tm, kv, layer, nh, s); break;
+    FA_CASE(16) FA_CASE(32) FA_CASE(64) FA_CASE(128)
+#undef FA_CASE
     default: break;
     }
 }
@@ -1325,9 +1383,11 @@ static void dec_launch(uint16_t *out, float *part_o, float *part_ml,
 {
     static int set;
     fa_allow_smem(flash_dec_kernel<HD>, fa_smem<HD>(), &set);
-    launch_pdl_if(pdl_attn(), flash_dec_kernel<HD>, n_blocks, FA_DEC_THREADS, fa_smem<HD>(), s,
-               out, part_o, part_ml, q, pieces, bstart, *tm, *kv, layer, nh,
-               page_shift(kv));
+    /* a programmatic dependent (unless PIE_CUDA_NO_PDL): its blocks read
+     * the step's metadata while the kernel before finishes */
+    launch_pdl_if(pie__cuda_pdl() >= 1, flash_dec_kernel<HD>, n_blocks,
+                  FA_DEC_THREADS, fa_smem<HD>(), s, out, part_o, part_ml, q,
+                  pieces, bstart, *tm, *kv, layer, nh, page_shift(kv));
 }
 
 extern "C" void pie__cuda_attention_dec(uint16_t *out, float *part_o,
@@ -1340,10 +1400,10 @@ extern "C" void pie__cuda_attention_dec(uint16_t *out, float *part_o,
 {
     if (n_blocks <= 0) return;
     switch (kv->head_dim) {
-    case 16: dec_launch<16>(out, part_o, part_ml, q, pieces, bstart, n_blocks, tm, kv, layer, nh, s); break;
-    case 32: dec_launch<32>(out, part_o, part_ml, q, pieces, bstart, n_blocks, tm, kv, layer, nh, s); break;
-    case 64: dec_launch<64>(out, part_o, part_ml, q, pieces, bstart, n_blocks, tm, kv, layer, nh, s); break;
-    case 128: dec_launch<128>(out, part_o, part_ml, q, pieces, bstart, n_blocks, tm, kv, layer, nh, s); break;
+#define DEC_CASE(H) case H: dec_launch<H>(out, part_o, part_ml, q, pieces, \
+        bstart, n_blocks, tm, kv, layer, nh, s); break;
+    DEC_CASE(16) DEC_CASE(32) DEC_CASE(64) DEC_CASE(128)
+#undef DEC_CASE
     default: break;
     }
 }

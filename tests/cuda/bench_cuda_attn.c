@@ -63,10 +63,9 @@ static void run(int hd, int B, int L, int mma)
         }
     pie_cuda_attn_item *pc = malloc(sizeof *pc * ((size_t)ni + nb));
     int32_t *bst = malloc(4 * ((size_t)nb + 1));
-    if (mma) {
-        parts = (int)pie_cuda_dec_plan(it, ni, G, nb, 0, pc, &npc, bst, mi, &nm);
-        nm = nb;                        /* padded, as the backend */
-    }
+    if (mma)
+        parts = (int)pie_cuda_dec_plan(it, ni, G, nb, 2, 0, pc, &npc, bst, mi, &nm);
+    if (mma) nm = nb;           /* as the backend: a fixed-size merge list */
     void *d[10];
     size_t sz[10] = { 4 * (size_t)np, 4 * (size_t)B, 4 * (size_t)B, 4 * (size_t)(B + 1),
                       4 * (size_t)B, 4 * (size_t)B, sizeof *it * ni, sizeof *mi * (nm + 1),
@@ -89,12 +88,13 @@ static void run(int hd, int B, int L, int mma)
     int iters = 20;
     for (int w = 0; w < 3 + iters; w++) {
         if (w == 3) CU(cudaEventRecord(e0, 0));
-        if (mma)
+        if (mma) {
             pie__cuda_attention_dec(out, po, pml, q, d[8], d[9], nb, &tm, &kv,
                                     0, nh, 0);
-        else
+        } else {
             pie__cuda_attention(out, po, pml, q, d[6], ni, &tm, &kv, 0, nh,
                                 (L + ns - 1) / ns + 1, 0);
+        }
         pie__cuda_attn_merge(out, po, pml, d[7], nm, nh, nkv, hd, 0);
     }
     CU(cudaEventRecord(e1, 0));

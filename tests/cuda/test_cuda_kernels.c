@@ -481,14 +481,11 @@ static void test_attention_mode(int nh, int nkv, int hd, int masked,
     int nb = split > 0 ? split : 1, npc = 0;
     pie_cuda_attn_item *pc = malloc(sizeof *pc * ((size_t)ni + nb));
     int32_t *bst = malloc(4 * ((size_t)nb + 1));
-    if (grouped == 2) {     /* merges padded with empty ones, as the backend */
-        pie_cuda_merge_item *pm = calloc((size_t)nb, sizeof *pm);
-        parts = (int)pie_cuda_dec_plan(items, ni, G, nb, 0, pc, &npc, bst, pm, &nm);
+    if (grouped == 2) {
+        parts = (int)pie_cuda_dec_plan(items, ni, G, nb, split % 2 + 1, 0, pc,
+                                       &npc, bst, merges, &nm);
         CHECK(nm <= nb && npc <= ni + nb && bst[0] == 0 && bst[nb] == npc,
               "dec plan: %d merges %d pieces", nm, npc);
-        memcpy(merges, pm, sizeof *pm * (size_t)nb);
-        nm = nb;
-        free(pm);
     }
     float *dq = dput(q, 4 * (size_t)n * nh * hd);
     uint16_t *dout = dput(NULL, 2 * (size_t)n * nh * hd);
