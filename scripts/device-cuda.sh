@@ -24,6 +24,7 @@
 #   prof    per-kernel GPU time of 1B decode (nsys) and speed of light of
 #           the decode kernels (ncu), where those tools are installed
 #   attnmma decode attention bandwidth, tensor-core kernel only
+#   attnpre causal prefill attention alone (TFLOP/s)
 #   attnexp decode attention with page size 64, pages in order, 2 blocks/SM
 #   profile per-operation GPU time of decode steps (PIE_CUDA_PROFILE=1)
 #   thr     decode at the throughput targets' shapes (1B B=64/256, 8B B=256)
@@ -105,6 +106,10 @@ for phase in "$@"; do
         log attnmma
         PIE_ATTN_NO_SIMT=1 timeout 120 $R bench_cuda_attn 2>&1 | grep "attn mma" \
             | tee -a "$OUT/summary.log"
+        ;;
+    attnpre)    # causal prefill attention alone (TFLOP/s)
+        log attnpre
+        PIE_ATTN_PREFILL_ONLY=1 timeout 120 $R bench_cuda_attn 2>&1 | tee -a "$OUT/summary.log"
         ;;
     attnexp)    # decode attention: page size 64, pages in order, 2 blocks/SM
         for v in "PIE_ATTN_PS=64" "PIE_ATTN_SEQ=1" "PIE_CUDA_DEC_BLOCKS=264"; do

@@ -646,8 +646,11 @@ extern "C" void pie__cuda_attn_merge(uint16_t *out, const float *part_o,
 /*
  * Tensor-core attention for prefill tiles (FlashAttention-2 layout). One
  * block per item: FA_BM = 128 query rows (consecutive tokens t0.. of one
- * request, one query head it.kvh), 8 warps of 16 rows (every KV block
- * loaded into shared memory serves 128 rows). KV blocks of FA_BN
+ * request, one query head it.kvh): every KV block loaded into shared
+ * memory serves 128 rows. At hd 128, 4 warps of 32 rows, so that every K
+ * or V fragment a warp loads serves two m-tiles of 16 rows (8 warps of 16
+ * rows ran at 146-185 TFLOP/s, this at 178-232); smaller heads keep 8
+ * warps of 16 rows, whose lower register count allows twice the warps. KV blocks of FA_BN
  * = 64 slots are gathered from the pages into shared memory (K row-major,
  * V transposed), S = Q K^T and O += P V run on mma.sync m16n8k16 (bf16 in,
  * f32 accumulate), softmax is online in base 2 (scale * log2 e folded into
@@ -662,14 +665,16 @@ extern "C" void pie__cuda_attn_merge(uint16_t *out, const float *part_o,
  *   B (16x8):  b0 (k 2c..2c+1, n g)  b1 (k 2c+8.., n g)
  *   C (16x8):  c0,c1 (g, 2c..2c+1)    c2,c3 (g+8, 2c..2c+1)
  * so the S accumulators of two adjacent n-tiles are the A operand of P V.
- * Shared memory (bf16): two buffers of K[FA_BN][HD+8] and V (the second
- * holds Q at the start, while the first KV block loads), row-major; V's B
+ * Shared memory (bf16): Q[FA_BM][HD+8] (scaled, read by ldmatrix once per
+ * k-step) and two buffers of K[FA_BN][HD+8] and V, row-major; V's B
  * fragments come from ldmatrix.trans. The +8 padding makes every fragment
  * load bank-conflict free.
  */
 #define FA_BM 128
 #define FA_BN 64
-#define FA_THREADS 256         /* FA_BM / 16 warps                         */
+/* prefill threads: hd 128, 4 warps of 32 rows (two m-tiles); smaller
+ * heads, 8 warps of 16 rows (their registers allow 16 warps per SM) */
+#define FA_THREADS(HD) ((HD) >= 128 ? 128 : 256)
 #define FA_DEC_THREADS 128     /* the decode kernel: 4 warps               */
 #define FA_STAGES 2            /* KV blocks in flight; 3 and 4 measured no
                                 * faster (NOTES.md, round 5) */
@@ -682,11 +687,6 @@ static __device__ __forceinline__ void mma16816(float *c, const uint32_t *a,
                  "{%0,%1,%2,%3}, {%4,%5,%6,%7}, {%8,%9}, {%0,%1,%2,%3};\n"
                  : "+f"(c[0]), "+f"(c[1]), "+f"(c[2]), "+f"(c[3])
                  : "r"(a[0]), "r"(a[1]), "r"(a[2]), "r"(a[3]), "r"(b0), "r"(b1));
-}
-
-static __device__ __forceinline__ uint32_t lds32(const uint16_t *p)
-{
-    return *reinterpret_cast<const uint32_t *>(p);
 }
 
 /* Four 8x8 bf16 matrices from shared memory, lane l giving the address of
@@ -850,98 +850,132 @@ struct fa_state {
     }
 };
 
-/* One KV block for one warp: S = Q K^T over NS n-tiles of 8 slots from
- * n-tile n8o of the block (slots s0 + 8 n8o ..), masked, folded into the
- * online softmax, then O += P V over KS k-steps of 16 slots. One
- * ldmatrix.x4 gives the K fragments of two n-tiles (lanes 0-15 the first,
- * 16-31 the second; lanes 8-15 and 24-31 the upper 8 of the k-step). */
-template <int HD, int NS, int KS>
-static __device__ __forceinline__ void fa_block(fa_state<HD> &st,
+/* One KV block for one warp and its MT m-tiles of 16 query rows: S = Q K^T
+ * over NS n-tiles of 8 slots from n-tile n8o of the block (slots s0 + 8 n8o
+ * ..), masked, folded into each m-tile's online softmax, then O += P V over
+ * KS k-steps of 16 slots. Q's A fragments come from registers (qa, MT = 1)
+ * or, QS, by ldmatrix from shared memory (qs: the warp's first row, rows
+ * HD + 8 apart), once per k-step for all n-tiles. One ldmatrix.x4 gives the
+ * K fragments of two n-tiles (lanes 0-15 the first, 16-31 the second;
+ * lanes 8-15 and 24-31 the upper 8 of the k-step) and one the V fragments
+ * of two 8-column tiles; each feeds all MT m-tiles. */
+template <int HD, int NS, int KS, int MT, bool QS>
+static __device__ __forceinline__ void fa_block(fa_state<HD> *st,
                                                 const uint32_t (*qa)[4],
+                                                const uint16_t *qs,
                                                 const uint16_t *Ks,
                                                 const uint16_t *Vs, int n8o,
                                                 int s0, int s1,
-                                                const fa_rowmask &rm,
+                                                const fa_rowmask *rm,
                                                 const uint32_t *bits)
 {
     constexpr int LD = HD + 8, NK = HD / 16, ND = HD / 8;
     static_assert(NS % 2 == 0 && NS == 2 * KS, "n-tile pairs, 16-slot k-steps");
+    static_assert(QS || MT == 1, "register Q for one m-tile");
     int lane = threadIdx.x % WARP, c = lane & 3;
-    float s[NS][4];
+    float s[MT][NS][4];
 #pragma unroll
-    for (int n8 = 0; n8 < NS; n8++) s[n8][0] = s[n8][1] = s[n8][2] = s[n8][3] = 0.0f;
+    for (int mt = 0; mt < MT; mt++)
 #pragma unroll
-    for (int n8 = 0; n8 < NS; n8 += 2) {
+        for (int n8 = 0; n8 < NS; n8++)
+            s[mt][n8][0] = s[mt][n8][1] = s[mt][n8][2] = s[mt][n8][3] = 0.0f;
 #pragma unroll
-        for (int kk = 0; kk < NK; kk++) {
+    for (int kk = 0; kk < NK; kk++) {
+        uint32_t qf[MT][4];
+#pragma unroll
+        for (int mt = 0; mt < MT; mt++) {
+            if (QS)
+                ldsm_x4<false>(qf[mt], &qs[(mt * 16 + (lane & 15)) * LD + kk * 16 +
+                                          (lane >> 4) * 8]);
+            else
+                for (int i = 0; i < 4; i++) qf[mt][i] = qa[kk][i];
+        }
+#pragma unroll
+        for (int n8 = 0; n8 < NS; n8 += 2) {
             uint32_t kb[4];
             ldsm_x4<false>(kb, &Ks[((n8o + n8 + (lane >> 4)) * 8 + (lane & 7)) * LD +
                                    kk * 16 + ((lane >> 3) & 1) * 8]);
-            mma16816(s[n8], qa[kk], kb[0], kb[1]);
-            mma16816(s[n8 + 1], qa[kk], kb[2], kb[3]);
+#pragma unroll
+            for (int mt = 0; mt < MT; mt++) {
+                mma16816(s[mt][n8], qf[mt], kb[0], kb[1]);
+                mma16816(s[mt][n8 + 1], qf[mt], kb[2], kb[3]);
+            }
         }
     }
-    /* a block wholly below both rows' causal limits needs no per-slot
-     * mask test (most blocks of a long prompt, every full decode block) */
-    int last = s0 + FA_BN - 1;
-    bool full = __all_sync(0xffffffffu, last < s1 && rm.va && rm.vb &&
-                           rm.moa < 0 && rm.mob < 0 && rm.lima >= last &&
-                           rm.limb >= last);
-    float mxa = -INFINITY, mxb = -INFINITY;
+    uint32_t pa[MT][KS][4];
 #pragma unroll
-    for (int n8 = 0; n8 < NS; n8++) {
+    for (int mt = 0; mt < MT; mt++) {
+        const fa_rowmask &m = rm[mt];
+        fa_state<HD> &t = st[mt];
+        /* a block wholly below both rows' causal limits needs no per-slot
+         * mask test (most blocks of a long prompt, every full decode block) */
+        int last = s0 + FA_BN - 1;
+        bool full = __all_sync(0xffffffffu, last < s1 && m.va && m.vb &&
+                               m.moa < 0 && m.mob < 0 && m.lima >= last &&
+                               m.limb >= last);
+        float mxa = -INFINITY, mxb = -INFINITY;
 #pragma unroll
-        for (int e = 0; e < 2; e++) {
-            int j = s0 + (n8o + n8) * 8 + 2 * c + e;
-            bool in = j < s1;
-            if (!full && !(in && rm.va && fa_allowed(bits, rm.moa, rm.lima, j)))
-                s[n8][e] = -INFINITY;
-            if (!full && !(in && rm.vb && fa_allowed(bits, rm.mob, rm.limb, j)))
-                s[n8][2 + e] = -INFINITY;
-            mxa = fmaxf(mxa, s[n8][e]);
-            mxb = fmaxf(mxb, s[n8][2 + e]);
+        for (int n8 = 0; n8 < NS; n8++) {
+#pragma unroll
+            for (int e = 0; e < 2; e++) {
+                int j = s0 + (n8o + n8) * 8 + 2 * c + e;
+                bool in = j < s1;
+                if (!full && !(in && m.va && fa_allowed(bits, m.moa, m.lima, j)))
+                    s[mt][n8][e] = -INFINITY;
+                if (!full && !(in && m.vb && fa_allowed(bits, m.mob, m.limb, j)))
+                    s[mt][n8][2 + e] = -INFINITY;
+                mxa = fmaxf(mxa, s[mt][n8][e]);
+                mxb = fmaxf(mxb, s[mt][n8][2 + e]);
+            }
+        }
+#pragma unroll
+        for (int x = 1; x < 4; x <<= 1) {
+            mxa = fmaxf(mxa, __shfl_xor_sync(0xffffffffu, mxa, x));
+            mxb = fmaxf(mxb, __shfl_xor_sync(0xffffffffu, mxb, x));
+        }
+        float na = fmaxf(t.ma, mxa), nb = fmaxf(t.mb, mxb);
+        float ba = na == -INFINITY ? 0.0f : na, bb = nb == -INFINITY ? 0.0f : nb;
+        float aa = exp2f(t.ma - ba), ab = exp2f(t.mb - bb);
+        t.ma = na;
+        t.mb = nb;
+        t.la *= aa;
+        t.lb *= ab;
+#pragma unroll
+        for (int i = 0; i < ND; i++) {
+            t.o[i][0] *= aa; t.o[i][1] *= aa;
+            t.o[i][2] *= ab; t.o[i][3] *= ab;
+        }
+#pragma unroll
+        for (int n8 = 0; n8 < NS; n8++) {
+            s[mt][n8][0] = exp2f(s[mt][n8][0] - ba);
+            s[mt][n8][1] = exp2f(s[mt][n8][1] - ba);
+            s[mt][n8][2] = exp2f(s[mt][n8][2] - bb);
+            s[mt][n8][3] = exp2f(s[mt][n8][3] - bb);
+            t.la += s[mt][n8][0] + s[mt][n8][1];
+            t.lb += s[mt][n8][2] + s[mt][n8][3];
+        }
+        /* the S accumulators of two adjacent n-tiles are the A operand
+         * of P V */
+#pragma unroll
+        for (int kk = 0; kk < KS; kk++) {
+            pa[mt][kk][0] = pack_bf2(s[mt][2 * kk][0], s[mt][2 * kk][1]);
+            pa[mt][kk][1] = pack_bf2(s[mt][2 * kk][2], s[mt][2 * kk][3]);
+            pa[mt][kk][2] = pack_bf2(s[mt][2 * kk + 1][0], s[mt][2 * kk + 1][1]);
+            pa[mt][kk][3] = pack_bf2(s[mt][2 * kk + 1][2], s[mt][2 * kk + 1][3]);
         }
     }
-#pragma unroll
-    for (int x = 1; x < 4; x <<= 1) {
-        mxa = fmaxf(mxa, __shfl_xor_sync(0xffffffffu, mxa, x));
-        mxb = fmaxf(mxb, __shfl_xor_sync(0xffffffffu, mxb, x));
-    }
-    float na = fmaxf(st.ma, mxa), nb = fmaxf(st.mb, mxb);
-    float ba = na == -INFINITY ? 0.0f : na, bb = nb == -INFINITY ? 0.0f : nb;
-    float aa = exp2f(st.ma - ba), ab = exp2f(st.mb - bb);
-    st.ma = na;
-    st.mb = nb;
-    st.la *= aa;
-    st.lb *= ab;
-#pragma unroll
-    for (int i = 0; i < ND; i++) {
-        st.o[i][0] *= aa; st.o[i][1] *= aa;
-        st.o[i][2] *= ab; st.o[i][3] *= ab;
-    }
-#pragma unroll
-    for (int n8 = 0; n8 < NS; n8++) {
-        s[n8][0] = exp2f(s[n8][0] - ba);
-        s[n8][1] = exp2f(s[n8][1] - ba);
-        s[n8][2] = exp2f(s[n8][2] - bb);
-        s[n8][3] = exp2f(s[n8][3] - bb);
-        st.la += s[n8][0] + s[n8][1];
-        st.lb += s[n8][2] + s[n8][3];
-    }
-    /* the S accumulators of two adjacent n-tiles are the A operand of P V */
 #pragma unroll
     for (int kk = 0; kk < KS; kk++) {
-        uint32_t pa[4] = { pack_bf2(s[2 * kk][0], s[2 * kk][1]),
-                           pack_bf2(s[2 * kk][2], s[2 * kk][3]),
-                           pack_bf2(s[2 * kk + 1][0], s[2 * kk + 1][1]),
-                           pack_bf2(s[2 * kk + 1][2], s[2 * kk + 1][3]) };
 #pragma unroll
         for (int i = 0; i < ND; i += 2) {
             uint32_t vb4[4];
             ldsm_x4<true>(vb4, &Vs[((n8o / 2 + kk) * 16 + (lane & 15)) * LD +
                                    i * 8 + (lane >> 4) * 8]);
-            mma16816(st.o[i], pa, vb4[0], vb4[1]);
-            mma16816(st.o[i + 1], pa, vb4[2], vb4[3]);
+#pragma unroll
+            for (int mt = 0; mt < MT; mt++) {
+                mma16816(st[mt].o[i], pa[mt][kk], vb4[0], vb4[1]);
+                mma16816(st[mt].o[i + 1], pa[mt][kk], vb4[2], vb4[3]);
+            }
         }
     }
 }
@@ -1010,38 +1044,37 @@ static __device__ __forceinline__ void fa_store(const fa_state<HD> &st,
 }
 
 template <int HD>
-__global__ void __launch_bounds__(FA_THREADS, HD <= 64 ? 2 : 1)
+__global__ void __launch_bounds__(FA_THREADS(HD), 2)
 flash_attn_kernel(uint16_t *out, float *part_o, float *part_ml, const float *q,
                   const pie_cuda_attn_item *items, pie_cuda_tokmeta tm,
                   pie_cuda_kv kv, int layer, int nh, int psh)
 {
     pdl_begin();
-    // out (n, nh*HD) bf16, q (n, nh*HD) f32; smem FA_STAGES x (K, V) blocks
-    constexpr int LD = HD + 8, NK = HD / 16, BLK = FA_BN * LD, ST = FA_STAGES;
+    // out (n, nh*HD) bf16, q (n, nh*HD) f32; smem Q, FA_STAGES x (K, V)
+    constexpr int LD = HD + 8, BLK = FA_BN * LD, ST = FA_STAGES;
+    constexpr int TH = FA_THREADS(HD), MT = FA_BM / 16 / (TH / WARP);
     extern __shared__ __align__(16) uint16_t fa_sm[];
     pie_cuda_attn_item it = items[blockIdx.x];
     int G = nh / kv.n_kv, ps = kv.page_size;
     fa_rows rows = { it.pad, G, it.t0, it.pad ? it.kvh * G : it.kvh };
     int kvh = it.pad ? it.kvh : it.kvh / G, R = it.pad ? it.nt * G : it.nt;
-    int warp = threadIdx.x / WARP, lane = threadIdx.x % WARP;
-    int g = lane >> 2, c = lane & 3;
+    int warp = threadIdx.x / WARP, lane = threadIdx.x % WARP, g = lane >> 2;
     float scale = rsqrtf((float)HD) * 1.4426950408889634f;
-    /* the first KV blocks' copies fly while Q is staged, in the last
-     * buffer (refilled only after Q has moved to registers) */
+    /* the first KV blocks' copies fly while Q is staged */
     const int32_t *pages = tm.pages + tm.kv_indptr[it.req];
     int64_t pe = pie_cuda_kv_page_elems(&kv);
     int64_t lay = (int64_t)layer * 2 * kv.n_kv * ps * HD + (int64_t)kvh * ps * HD;
     int64_t voff = (int64_t)kv.n_kv * ps * HD;
+    uint16_t *Qs = fa_sm, *kvb = fa_sm + FA_BM * LD;
 #pragma unroll
     for (int t = 0; t < ST - 1; t++) {
         int a = it.s0 + t * FA_BN;
         if (a < it.s1)
-            fa_load<HD, FA_THREADS>(fa_sm + t * 2 * BLK, fa_sm + t * 2 * BLK + BLK,
+            fa_load<HD, TH>(kvb + t * 2 * BLK, kvb + t * 2 * BLK + BLK,
                                     kv.pool, pages, pe, lay, voff, ps, psh, a, it.s1);
         cp_async_commit();
     }
-    uint16_t *Qs = fa_sm + (ST - 1) * 2 * BLK;
-    for (int k = threadIdx.x; k < FA_BM * HD / 2; k += FA_THREADS) {
+    for (int k = threadIdx.x; k < FA_BM * HD / 2; k += TH) {
         int r = k / (HD / 2), d = (k % (HD / 2)) * 2;
         float a = 0.0f, b = 0.0f;
         if (r < R) {
@@ -1052,41 +1085,44 @@ flash_attn_kernel(uint16_t *out, float *part_o, float *part_ml, const float *q,
         }
         *reinterpret_cast<uint32_t *>(&Qs[r * LD + d]) = pack_bf2(a, b);
     }
-    __syncthreads();
-    int ra = warp * 16 + g, rb = ra + 8;
-    uint32_t qa[NK][4];
+    int r0 = warp * 16 * MT;        /* the warp's rows: r0 .. r0 + 16 MT */
+    fa_rowmask rm[MT];
+    fa_state<HD> st[MT];
 #pragma unroll
-    for (int kk = 0; kk < NK; kk++) {
-        qa[kk][0] = lds32(&Qs[ra * LD + kk * 16 + 2 * c]);
-        qa[kk][1] = lds32(&Qs[rb * LD + kk * 16 + 2 * c]);
-        qa[kk][2] = lds32(&Qs[ra * LD + kk * 16 + 2 * c + 8]);
-        qa[kk][3] = lds32(&Qs[rb * LD + kk * 16 + 2 * c + 8]);
+    for (int mt = 0; mt < MT; mt++) {
+        rm[mt] = fa_rowmask_of(rows, tm, r0 + 16 * mt + g, r0 + 16 * mt + g + 8, R);
+        st[mt].reset();
     }
-    __syncthreads();
-    fa_rowmask rm = fa_rowmask_of(rows, tm, ra, rb, R);
-    bool active = warp * 16 < R;
-    fa_state<HD> st;
-    st.reset();
+    bool active = r0 < R;
     for (int s0 = it.s0, bi = 0; s0 < it.s1;
          s0 += FA_BN, bi = bi + 1 == ST ? 0 : bi + 1) {
         /* prefetch block ST - 1 ahead into the buffer freed last, wait
-         * for this one */
+         * for this one (the first wait also covers Q's stores) */
         int nx = s0 + (ST - 1) * FA_BN, nb = bi + ST - 1 >= ST ? bi - 1 : bi + ST - 1;
         if (nx < it.s1)
-            fa_load<HD, FA_THREADS>(fa_sm + nb * 2 * BLK, fa_sm + nb * 2 * BLK + BLK,
+            fa_load<HD, TH>(kvb + nb * 2 * BLK, kvb + nb * 2 * BLK + BLK,
                                     kv.pool, pages, pe, lay, voff, ps, psh, nx, it.s1);
         cp_async_commit();
         cp_async_wait<ST - 1>();
         __syncthreads();
-        const uint16_t *Ks = fa_sm + bi * 2 * BLK;
-        if (active)
-            fa_block<HD, FA_BN / 8, FA_BN / 16>(st, qa, Ks, Ks + BLK, 0, s0,
-                                                 it.s1, rm, tm.mask_bits);
+        const uint16_t *Ks = kvb + bi * 2 * BLK;
+        /* hd 128 takes a KV block in two halves of 32 slots: S of 64
+         * slots x two m-tiles did not fit in registers next to O */
+        constexpr int NS = HD >= 128 ? FA_BN / 16 : FA_BN / 8;
+#pragma unroll 1
+        for (int h = 0; active && h < FA_BN / 8 / NS; h++)
+            fa_block<HD, NS, NS / 2, MT, true>(st, NULL, Qs + r0 * LD, Ks,
+                                               Ks + BLK, h * NS, s0, it.s1,
+                                               rm, tm.mask_bits);
         __syncthreads();    /* this buffer is refilled next iteration */
     }
     cp_async_wait<0>();
-    fa_mass(st);
-    fa_store(st, it, rows, rm, ra, rb, out, part_o, part_ml, nh);
+#pragma unroll
+    for (int mt = 0; mt < MT; mt++) {
+        fa_mass(st[mt]);
+        fa_store(st[mt], it, rows, rm[mt], r0 + 16 * mt + g,
+                 r0 + 16 * mt + g + 8, out, part_o, part_ml, nh);
+    }
 }
 
 /* ------------------------------------------------- decode attention */
@@ -1293,8 +1329,9 @@ flash_dec_kernel(uint16_t *out, float *part_o, float *part_ml, const float *q,
         cp_async_wait<1>();
         __syncthreads();
         const uint16_t *Ks = fa_sm + bi * 2 * BLK;
-        fa_block<HD, NS, NS / 2>(st, qa, Ks, Ks + BLK, warp * NS, s0, it.s1,
-                                 rm, tm.mask_bits);
+        fa_block<HD, NS, NS / 2, 1, false>(&st, qa, NULL, Ks, Ks + BLK,
+                                           warp * NS, s0, it.s1, &rm,
+                                           tm.mask_bits);
         __syncthreads();
         if ((s0 += FA_BN) < it.s1) continue;
         /* the piece is done: combine in this buffer (refilled only after
@@ -1319,11 +1356,13 @@ extern "C" int pie__cuda_flash_supported(int hd)
     return hd == 16 || hd == 32 || hd == 64 || hd == 128;
 }
 
-/* dynamic shared memory of the flash kernels: FA_STAGES KV blocks */
+/* dynamic shared memory of the flash kernels: FA_STAGES KV blocks, and
+ * for the prefill kernel Q (FA_BM rows) */
 template <int HD>
-static size_t fa_smem(void)
+static size_t fa_smem(int with_q)
 {
-    return FA_STAGES * 2 * sizeof(uint16_t) * FA_BN * (HD + 8);
+    return (FA_STAGES * 2 * FA_BN + (with_q ? FA_BM : 0)) * sizeof(uint16_t) *
+           (HD + 8);
 }
 
 template <typename K>
@@ -1350,8 +1389,8 @@ static void flash_launch(uint16_t *out, float *part_o, float *part_ml,
                          cudaStream_t s)
 {
     static int set;
-    fa_allow_smem(flash_attn_kernel<HD>, fa_smem<HD>(), &set);
-    launch_pdl(flash_attn_kernel<HD>, n_items, FA_THREADS, fa_smem<HD>(), s,
+    fa_allow_smem(flash_attn_kernel<HD>, fa_smem<HD>(1), &set);
+    launch_pdl(flash_attn_kernel<HD>, n_items, FA_THREADS(HD), fa_smem<HD>(1), s,
                out, part_o, part_ml, q, items, *tm, *kv, layer, nh,
                page_shift(kv));
 }
@@ -1382,11 +1421,11 @@ static void dec_launch(uint16_t *out, float *part_o, float *part_ml,
                        int layer, int nh, cudaStream_t s)
 {
     static int set;
-    fa_allow_smem(flash_dec_kernel<HD>, fa_smem<HD>(), &set);
+    fa_allow_smem(flash_dec_kernel<HD>, fa_smem<HD>(0), &set);
     /* a programmatic dependent (unless PIE_CUDA_NO_PDL): its blocks read
      * the step's metadata while the kernel before finishes */
     launch_pdl_if(pie__cuda_pdl() >= 1, flash_dec_kernel<HD>, n_blocks,
-                  FA_DEC_THREADS, fa_smem<HD>(), s, out, part_o, part_ml, q,
+                  FA_DEC_THREADS, fa_smem<HD>(0), s, out, part_o, part_ml, q,
                   pieces, bstart, *tm, *kv, layer, nh, page_shift(kv));
 }
 
@@ -1415,9 +1454,9 @@ extern "C" int pie__cuda_attention_dec_occupancy(int hd)
     int n = 0;
     switch (hd) {
 #define DEC_OCC(H) case H: { static int set; \
-        fa_allow_smem(flash_dec_kernel<H>, fa_smem<H>(), &set); \
+        fa_allow_smem(flash_dec_kernel<H>, fa_smem<H>(0), &set); \
         cudaOccupancyMaxActiveBlocksPerMultiprocessor(&n, flash_dec_kernel<H>, \
-            FA_DEC_THREADS, fa_smem<H>()); break; }
+            FA_DEC_THREADS, fa_smem<H>(0)); break; }
     DEC_OCC(16) DEC_OCC(32) DEC_OCC(64) DEC_OCC(128)
 #undef DEC_OCC
     default: break;

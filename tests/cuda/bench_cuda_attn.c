@@ -186,7 +186,7 @@ int main(void)
     }
     int hds[2] = { 64, 128 }, Bs[4] = { 1, 16, 64, 256 }, Ls[3] = { 512, 2048, 8192 };
     int simt = !getenv("PIE_ATTN_NO_SIMT");
-    for (int a = 0; a < 2; a++)
+    for (int a = 0; a < 2 && !getenv("PIE_ATTN_PREFILL_ONLY"); a++)
         for (int l = 0; l < 3; l++)
             for (int b = 0; b < 4; b++)
                 for (int m = !simt; m < 2; m++) run(hds[a], Bs[b], Ls[l], m);
