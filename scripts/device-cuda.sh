@@ -107,6 +107,21 @@ for phase in "$@"; do
         PIE_ATTN_NO_SIMT=1 timeout 120 $R bench_cuda_attn 2>&1 | grep "attn mma" \
             | tee -a "$OUT/summary.log"
         ;;
+    tunepre)    # prefill with the matmuls timed up to 4096 rows (experiment)
+        for cfg in "llama-3.1-8b 4 2048 0 2048" "llama-3.1-8b 16 512 0 4096"; do
+            PIE_CUDA_TUNE_MAX_M=4096 TAG="tune4096 " bench $cfg
+            bench $cfg
+        done
+        ;;
+    b16)        # 1B batch-16 decode, three times each way, and its tuning
+        PIE_CUDA_TUNE_LOG=1 timeout 200 $R pie bench forward --backend cuda \
+            --model random:llama-3.2-1b --batch 16 --prompt-len 64 --gen 2 2>&1 \
+            | grep "tune" | tee -a "$OUT/summary.log"
+        for i in 1 2 3; do
+            TAG="dflt " bench llama-3.2-1b 16 512 48
+            PIE_CUDA_NO_GEMV=1 TAG="lt " bench llama-3.2-1b 16 512 48
+        done
+        ;;
     attnpre)    # causal prefill attention alone (TFLOP/s)
         log attnpre
         PIE_ATTN_PREFILL_ONLY=1 timeout 120 $R bench_cuda_attn 2>&1 | tee -a "$OUT/summary.log"

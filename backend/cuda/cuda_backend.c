@@ -21,10 +21,10 @@
  * one cudaMemcpyAsync, run the layers on one stream, then the LM head over
  * the output rows only, OUT_CHUNK rows at a time, sampling on the device;
  * only sampled tokens and probe values are copied back. The residual stream
- * x is fp32; the wo and w_down matmuls write dx (f32), which the next
- * RMSNorm adds into x as it normalizes (fused residual add; the final norm
- * adds it for the output rows only). Steady decode batches replay a CUDA
- * graph of the layers (see run_layers_graphed).
+ * x is fp32; the wo and w_down matmuls add their products into it in their
+ * epilogues (mm_add: cuBLASLt with beta = 1, gemv.cu's accumulating store),
+ * so each RMSNorm only reads x. Steady decode batches replay a CUDA graph
+ * of the layers (see run_layers_graphed).
  */
 #include <cublasLt.h>
 #include <cuda_runtime_api.h>
@@ -130,8 +130,9 @@ typedef struct cuda_backend {
     pie_cuda_kv       kv;
     /* workspace */
     float            *x;          /* (MAX_TOKENS, dim) residual stream      */
-    float            *dx;         /* (MAX_TOKENS, dim) wo / w_down output,  */
-                                  /* added to x by the next add_rmsnorm     */
+    float            *dx;         /* (MAX_TOKENS, dim) scratch output of    */
+                                  /* wo / w_down plans at creation (steps   */
+                                  /* add into x in the matmul: mm_add)      */
     uint16_t         *xb;         /* (MAX_TOKENS, max(dim, nh*hd))          */
     uint16_t         *qkv;        /* (MAX_TOKENS, (nh+2nkv)*hd)             */
     float            *q;          /* (MAX_TOKENS, nh*hd)                    */
@@ -376,11 +377,12 @@ static int upload_weights(cuda_backend *c, const pie_model *m)
 
 /* --------------------------------------------------------------- matmul */
 
+/* y = x W^T, or (acc, f32 y) y += x W^T in the matmul's epilogue. */
 static cublasStatus_t mm_run(cuda_backend *c, mm_plan *p,
                              const cublasLtMatmulAlgo_t *a, const uint16_t *W,
-                             const uint16_t *x, void *y)
+                             const uint16_t *x, void *y, int acc)
 {
-    float alpha = 1.0f, beta = 0.0f;
+    float alpha = 1.0f, beta = acc ? 1.0f : 0.0f;
     return cublasLtMatmul(c->lt, p->desc, &alpha, W, p->a, x, p->b, &beta, y,
                           p->c, y, p->c, a, c->lt_ws, LT_WS_BYTES, c->st);
 }
@@ -399,7 +401,7 @@ static int cand_run(cuda_backend *c, mm_plan *p, mm_cand k, const uint16_t *W,
     if (k.gemv_r > 0)
         return pie__cuda_gemv(y, p->y_f32, W, p->n, p->k, x, k.gemv_m,
                               k.gemv_r, pie__cuda_pdl(), c->st) == 0;
-    return mm_run(c, p, k.a, W, x, y) == CUBLAS_STATUS_SUCCESS;
+    return mm_run(c, p, k.a, W, x, y, 0) == CUBLAS_STATUS_SUCCESS;
 }
 
 /* Fastest of `reps` runs (ms) of candidate k, writing y, the call's own output
@@ -452,6 +454,11 @@ static float time_cand(cuda_backend *c, mm_plan *p, mm_cand k,
  * Larger shapes keep the first heuristic (they vary with prefill sizes,
  * and timing them up to m = 8192 changed 8B prefill by under 1%). */
 #define TUNE_MAX_M 256
+static int tune_max_m(void)     /* experiment: PIE_CUDA_TUNE_MAX_M */
+{
+    const char *e = getenv("PIE_CUDA_TUNE_MAX_M");
+    return e && atoi(e) > 0 ? atoi(e) : TUNE_MAX_M;
+}
 #define TUNE_ALGOS 16
 
 /* Buckets of m: 1..8 (decode of a few sequences: one choice, so forwards
@@ -544,7 +551,7 @@ static void pick_algo(cuda_backend *c, mm_plan *p,
 {
     p->algo = res[0].algo;
     p->gemv_r = 0;
-    if (p->m > TUNE_MAX_M || getenv("PIE_CUDA_NO_TUNE")) return;  /* no gemv */
+    if (p->m > tune_max_m() || getenv("PIE_CUDA_NO_TUNE")) return;  /* no gemv */
     int mb = m_bucket(p->m);
     tuned_algo *t = tuned_find(c, p, mb);
     cublasLtMatmulHeuristicResult_t chk;
@@ -636,19 +643,34 @@ static int plan_for(cuda_backend *c, mm_plan **out, void *y, int y_f32,
  * takes the same kernels alone or batched, and a sequence's decode logits
  * do not depend on how many others decode with it while the batch stays
  * in one bucket of m (1..8, 9..16: gemv.cu is m-invariant for a given r). */
-static int mm(cuda_backend *c, void *y, int y_f32,
-              const uint16_t *W, int n, int k, const uint16_t *x, int m)
+static int mm_to(cuda_backend *c, void *y, int y_f32, int acc,
+                 const uint16_t *W, int n, int k, const uint16_t *x, int m)
 {
     mm_plan *p;
     int rc = plan_for(c, &p, y, y_f32, W, n, k, x, m);
     if (rc) return rc;
     if (p->gemv_r > 0 && c->decode_step &&
-        pie__cuda_gemv(y, y_f32, W, n, k, x, m, p->gemv_r, pie__cuda_pdl(), c->st) == 0) {
+        pie__cuda_gemv(y, acc ? 2 : y_f32, W, n, k, x, m, p->gemv_r,
+                       pie__cuda_pdl(), c->st) == 0) {
         c->n_gemv++;
         return 0;
     }
-    CKLT(mm_run(c, p, &p->algo, W, x, y));
+    CKLT(mm_run(c, p, &p->algo, W, x, y, acc));
     return 0;
+}
+
+static int mm(cuda_backend *c, void *y, int y_f32,
+              const uint16_t *W, int n, int k, const uint16_t *x, int m)
+{
+    return mm_to(c, y, y_f32, 0, W, n, k, x, m);
+}
+
+/* y (f32) += x W^T: the residual add of wo and w_down, in the matmul's
+ * epilogue (one f32 rounding, as the add of a separate kernel had). */
+static int mm_add(cuda_backend *c, float *y, const uint16_t *W, int n, int k,
+                  const uint16_t *x, int m)
+{
+    return mm_to(c, y, 1, 1, W, n, k, x, m);
 }
 
 /* h (m, hid) = silu(gate) * up of gu = x . Wgu^T: in decode steps where
@@ -668,7 +690,7 @@ static int mm_glu(cuda_backend *c, uint16_t *h, uint16_t *gu,
         c->n_gemv++;
         return 0;
     }
-    CKLT(mm_run(c, p, &p->algo, Wgu, x, gu));  /* the plan found above */
+    CKLT(mm_run(c, p, &p->algo, Wgu, x, gu, 0));  /* the plan found above */
     pie__cuda_silu_mul(h, gu, m, hid, c->st);
     return 0;
 }
@@ -1065,11 +1087,10 @@ static int run_layers(cuda_backend *c, int n, const pie_cuda_tokmeta *tm,
     pie__cuda_embed(c->x, c->embed, DEV(c, sm->tok), n,
                     dim, c->st);
     pie_cuda_prof_mark(P, PROF_EMBED, c->st);
-    const float *pending = NULL;     /* the previous layer's down output */
     for (int l = 0; l < g->n_layers; l++) {
         const cuda_layer *L = &c->layers[l];
-        pie__cuda_add_rmsnorm(c->xb, c->x, pending, L->attn_norm, NULL, n,
-                              dim, g->norm_eps, c->st);
+        pie__cuda_rmsnorm(c->xb, c->x, L->attn_norm, NULL, n, dim,
+                          g->norm_eps, c->st);
         pie_cuda_prof_mark(P, PROF_NORM, c->st);
         if ((rc = mm(c, c->qkv, 0, L->wqkv, qkvd, dim, c->xb, n))) return rc;
         pie_cuda_prof_mark(P, PROF_QKV, c->st);
@@ -1088,16 +1109,15 @@ static int run_layers(cuda_backend *c, int n, const pie_cuda_tokmeta *tm,
         pie__cuda_attn_merge(c->att, c->part_o, c->part_ml, merges,
                              (int)c->n_merges, nh, g->n_kv_heads, hd, c->st);
         pie_cuda_prof_mark(P, PROF_MERGE, c->st);
-        if ((rc = mm(c, c->dx, 1, L->wo, dim, nh * hd, c->att, n))) return rc;
+        if ((rc = mm_add(c, c->x, L->wo, dim, nh * hd, c->att, n))) return rc;
         pie_cuda_prof_mark(P, PROF_WO, c->st);
-        pie__cuda_add_rmsnorm(c->xb, c->x, c->dx, L->ffn_norm, NULL, n, dim,
-                              g->norm_eps, c->st);
+        pie__cuda_rmsnorm(c->xb, c->x, L->ffn_norm, NULL, n, dim,
+                          g->norm_eps, c->st);
         pie_cuda_prof_mark(P, PROF_NORM, c->st);
         if ((rc = mm_glu(c, c->h, c->gu, L->wgu, hid, dim, c->xb, n))) return rc;
         pie_cuda_prof_mark(P, PROF_GATE_UP, c->st);
-        if ((rc = mm(c, c->dx, 1, L->wdown, dim, hid, c->h, n))) return rc;
+        if ((rc = mm_add(c, c->x, L->wdown, dim, hid, c->h, n))) return rc;
         pie_cuda_prof_mark(P, PROF_DOWN, c->st);
-        pending = c->dx;
     }
     CK(cudaGetLastError());
     return 0;
@@ -1226,9 +1246,9 @@ static int run_outputs(cuda_backend *c, const pie_forward_batch *b,
     const pie_cuda_srow *hs = META(c, sm->srow);
     for (int o0 = 0; o0 < b->n_outputs; o0 += OUT_CHUNK) {
         int rows = b->n_outputs - o0 < OUT_CHUNK ? b->n_outputs - o0 : OUT_CHUNK;
-        pie__cuda_add_rmsnorm(c->xo, c->x, c->dx, c->final_norm,
-                              (const int32_t *)DEV(c, sm->rows) + o0, rows,
-                              g->dim, g->norm_eps, c->st);
+        pie__cuda_rmsnorm(c->xo, c->x, c->final_norm,
+                        (const int32_t *)DEV(c, sm->rows) + o0, rows,
+                        g->dim, g->norm_eps, c->st);
         if ((rc = mm(c, c->logits, 1, c->lm_head, V, g->dim, c->xo, rows)))
             return rc;
         int n_sort = 0;
@@ -1572,12 +1592,13 @@ static int warm_plans(cuda_backend *c)
     const cuda_layer *L = &c->layers[0];
     int dim = g->dim, qd = g->n_heads * g->head_dim, hid = g->hidden_dim;
     int qkvd = qd + 2 * g->n_kv_heads * g->head_dim, rc;
-    for (int m = 1; m <= TUNE_MAX_M; m = m < 16 ? 16 : 2 * m) {
+    for (int m = 1; m <= tune_max_m(); m = m < 16 ? 16 : 2 * m) {
         TRY(mm(c, c->qkv, 0, L->wqkv, qkvd, dim, c->xb, m));
         TRY(mm(c, c->dx, 1, L->wo, dim, qd, c->att, m));
         TRY(mm(c, c->gu, 0, L->wgu, 2 * hid, dim, c->xb, m));
         TRY(mm(c, c->dx, 1, L->wdown, dim, hid, c->h, m));
-        TRY(mm(c, c->logits, 1, c->lm_head, g->vocab_size, dim, c->xo, m));
+        if (m <= OUT_CHUNK)         /* the logits buffer's rows */
+            TRY(mm(c, c->logits, 1, c->lm_head, g->vocab_size, dim, c->xo, m));
     }
     CK(cudaStreamSynchronize(c->st));
     return 0;

@@ -176,8 +176,9 @@ int pie__cuda_pdl(void);
 /* 1 when pie__cuda_gemv can run this shape: 1 <= m <= 16, k % 8 == 0,
  * W and x 16-byte aligned. */
 int pie__cuda_gemv_supported(int m, int k, const void *W, const void *x);
-/* y (m, n) = x (m, k) . W^T, W (n, k) bf16, x bf16, y f32 (y_f32) or bf16;
- * r = warps per block of 16 output rows, splitting k (1, 2, 4 or 8); pdl = 1 launches it as a
+/* y (m, n) = x (m, k) . W^T, W (n, k) bf16, x bf16, y f32 (y_f32 = 1) or
+ * bf16 (0); y_f32 = 2: y (f32) += x . W^T. r = warps per block of 16
+ * output rows, splitting k (1, 2, 4 or 8); pdl = 1 launches it as a
  * programmatic dependent of the previous kernel (its weight loads start
  * before that kernel ends). Returns -1 (nothing launched) for an
  * unsupported shape or r, or a failed launch. */

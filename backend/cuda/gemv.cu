@@ -164,7 +164,7 @@ static __device__ __forceinline__ void store_glu(uint16_t *h, int hid, int m,
 }
 
 /* Writes the 16 x 8 block of tile t of y from the C fragment of lane
- * (g, c). */
+ * (g, c); y_f32 = 2 adds it to y (f32). */
 static __device__ __forceinline__ void store_c(void *y, int y_f32, int n,
                                                int m, int row0, int t, int g,
                                                int c, const float *d)
@@ -174,7 +174,8 @@ static __device__ __forceinline__ void store_c(void *y, int y_f32, int n,
         int row = row0 + g + (i / 2) * 8, col = 8 * t + 2 * c + i % 2;
         if (row >= n || col >= m) continue;
         size_t at = (size_t)col * n + row;
-        if (y_f32) static_cast<float *>(y)[at] = d[i];
+        if (y_f32 == 2) static_cast<float *>(y)[at] += d[i];
+        else if (y_f32) static_cast<float *>(y)[at] = d[i];
         else static_cast<uint16_t *>(y)[at] = to_bf16(d[i]);
     }
 }

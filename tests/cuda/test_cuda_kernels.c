@@ -188,8 +188,20 @@ static void test_gemv_shape(int n, int k, int y_f32)
                 bad += yb8[i] != 0xff;
             CHECK(bad == 0, "gemv m %d wrote %zu bytes past row m", m, bad);
         }
+    if (y_f32) {    /* accumulating: y += x W^T onto y = 0.5 */
+        for (size_t i = 0; i < (size_t)M * n; i++) y[i] = 0.5f;
+        CU(cudaMemcpy(dy, y, yb, cudaMemcpyHostToDevice));
+        CHECK(pie__cuda_gemv(dy, 2, dW, n, k, dx, M, 2, 0, 0) == 0, "gemv acc refused");
+        dget(y, dy, yb);
+        for (int j = 0; j < M; j++)
+            for (int o = 0; o < n; o++)
+                CHECK(fabs(y[j * n + o] - 0.5 - ref[j * n + o]) <=
+                          1e-4 * abs_[j * n + o] + 1e-6,
+                      "gemv acc y[%d][%d]: gpu %g cpu %g", j, o, y[j * n + o],
+                      0.5 + ref[j * n + o]);
+    }
     printf("gemv: n %d k %d %s, m 1..%d, r 1/2/4/8 ok\n", n, k,
-           y_f32 ? "f32" : "bf16", M);
+           y_f32 ? "f32 (and accumulated)" : "bf16", M);
     cudaFree(dW); cudaFree(dx); cudaFree(dy);
     free(W); free(x); free(ref); free(abs_); free(y);
 }
