@@ -24,6 +24,7 @@
 #   prof    per-kernel GPU time of 1B decode (nsys) and speed of light of
 #           the decode kernels (ncu), where those tools are installed
 #   attnmma decode attention bandwidth, tensor-core kernel only
+#   b16     1B batch-16 decode three times each, gemv.cu and cuBLASLt only
 #   attnpre causal prefill attention alone (TFLOP/s)
 #   attnexp decode attention with page size 64, pages in order, 2 blocks/SM
 #   profile per-operation GPU time of decode steps (PIE_CUDA_PROFILE=1)
@@ -106,12 +107,6 @@ for phase in "$@"; do
         log attnmma
         PIE_ATTN_NO_SIMT=1 timeout 120 $R bench_cuda_attn 2>&1 | grep "attn mma" \
             | tee -a "$OUT/summary.log"
-        ;;
-    tunepre)    # prefill with the matmuls timed up to 4096 rows (experiment)
-        for cfg in "llama-3.1-8b 4 2048 0 2048" "llama-3.1-8b 16 512 0 4096"; do
-            PIE_CUDA_TUNE_MAX_M=4096 TAG="tune4096 " bench $cfg
-            bench $cfg
-        done
         ;;
     b16)        # 1B batch-16 decode, three times each way, and its tuning
         PIE_CUDA_TUNE_LOG=1 timeout 200 $R pie bench forward --backend cuda \

@@ -453,12 +453,7 @@ static float time_cand(cuda_backend *c, mm_plan *p, mm_cand k,
  * of the bucket it is valid for (batch sizes vary step to step in serving).
  * Larger shapes keep the first heuristic (they vary with prefill sizes,
  * and timing them up to m = 8192 changed 8B prefill by under 1%). */
-#define TUNE_MAX_M 256
-static int tune_max_m(void)     /* experiment: PIE_CUDA_TUNE_MAX_M */
-{
-    const char *e = getenv("PIE_CUDA_TUNE_MAX_M");
-    return e && atoi(e) > 0 ? atoi(e) : TUNE_MAX_M;
-}
+#define TUNE_MAX_M 256     /* timing up to 4096 rows (prefill) gained nothing */
 #define TUNE_ALGOS 16
 
 /* Buckets of m: 1..8 (decode of a few sequences: one choice, so forwards
@@ -551,7 +546,7 @@ static void pick_algo(cuda_backend *c, mm_plan *p,
 {
     p->algo = res[0].algo;
     p->gemv_r = 0;
-    if (p->m > tune_max_m() || getenv("PIE_CUDA_NO_TUNE")) return;  /* no gemv */
+    if (p->m > TUNE_MAX_M || getenv("PIE_CUDA_NO_TUNE")) return;  /* no gemv */
     int mb = m_bucket(p->m);
     tuned_algo *t = tuned_find(c, p, mb);
     cublasLtMatmulHeuristicResult_t chk;
@@ -1592,13 +1587,12 @@ static int warm_plans(cuda_backend *c)
     const cuda_layer *L = &c->layers[0];
     int dim = g->dim, qd = g->n_heads * g->head_dim, hid = g->hidden_dim;
     int qkvd = qd + 2 * g->n_kv_heads * g->head_dim, rc;
-    for (int m = 1; m <= tune_max_m(); m = m < 16 ? 16 : 2 * m) {
+    for (int m = 1; m <= TUNE_MAX_M; m = m < 16 ? 16 : 2 * m) {
         TRY(mm(c, c->qkv, 0, L->wqkv, qkvd, dim, c->xb, m));
         TRY(mm(c, c->dx, 1, L->wo, dim, qd, c->att, m));
         TRY(mm(c, c->gu, 0, L->wgu, 2 * hid, dim, c->xb, m));
         TRY(mm(c, c->dx, 1, L->wdown, dim, hid, c->h, m));
-        if (m <= OUT_CHUNK)         /* the logits buffer's rows */
-            TRY(mm(c, c->logits, 1, c->lm_head, g->vocab_size, dim, c->xo, m));
+        TRY(mm(c, c->logits, 1, c->lm_head, g->vocab_size, dim, c->xo, m));
     }
     CK(cudaStreamSynchronize(c->st));
     return 0;
