@@ -57,7 +57,8 @@ static __device__ __forceinline__ float warp_max(float v)
  * kernel waits before it completes, completion stays ordered along the
  * stream; what overlaps is a kernel's launch and start-up (gemv.cu: its
  * first weight loads) with the tail of the one before. Measured on the
- * H100 (NOTES.md), PDL for gemv.cu alone is the default; PIE_CUDA_NO_PDL=1
+ * H100 (NOTES.md), PDL for gemv.cu and the decode attention kernel (which
+ * reads its work list before the wait) is the default; PIE_CUDA_NO_PDL=1
  * turns it off (the environment is read once per process).
  */
 static __device__ __forceinline__ void pdl_trigger(void)
