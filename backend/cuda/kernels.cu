@@ -941,10 +941,14 @@ static __device__ __forceinline__ void fa_block(fa_state<HD> *st,
         t.mb = nb;
         t.la *= aa;
         t.lb *= ab;
+        /* O changes only where a row's max grew (aa, ab exactly 1 else):
+         * later blocks of a long row rarely raise it */
+        if (__any_sync(0xffffffffu, aa != 1.0f || ab != 1.0f)) {
 #pragma unroll
-        for (int i = 0; i < ND; i++) {
-            t.o[i][0] *= aa; t.o[i][1] *= aa;
-            t.o[i][2] *= ab; t.o[i][3] *= ab;
+            for (int i = 0; i < ND; i++) {
+                t.o[i][0] *= aa; t.o[i][1] *= aa;
+                t.o[i][2] *= ab; t.o[i][3] *= ab;
+            }
         }
 #pragma unroll
         for (int n8 = 0; n8 < NS; n8++) {

@@ -121,7 +121,9 @@ static void run_prefill(int hd, int L)
     pie_cuda_kv kv = { NULL, 1, nkv, ps, hd };
     size_t pool = (size_t)pie_cuda_kv_page_elems(&kv) * np;
     CU(cudaMalloc((void **)&kv.pool, pool * 2));
-    CU(cudaMemset(kv.pool, 0x3c, pool * 2));
+    /* random K, V and Q: the row maxima move as in a real prompt (with
+     * equal scores the online softmax never rescales) */
+    pie__cuda_fill_bf16(kv.pool, (int64_t)pool, 7, 1.0f, 0, 0);
     int32_t *pages = malloc(4 * np), *slot = malloc(4 * L), *req = malloc(4 * L);
     int32_t ind[2] = { 0, np }, len[1] = { L };
     for (int i = 0; i < np; i++) pages[i] = i;
@@ -146,7 +148,10 @@ static void run_prefill(int hd, int L)
     float *q;
     uint16_t *out;
     CU(cudaMalloc((void **)&q, 4 * (size_t)L * nh * hd));
-    CU(cudaMemset(q, 0, 4 * (size_t)L * nh * hd));
+    float *qh = malloc(4 * (size_t)L * nh * hd);
+    for (size_t i = 0; i < (size_t)L * nh * hd; i++) qh[i] = (float)rand() / RAND_MAX * 2 - 1;
+    CU(cudaMemcpy(q, qh, 4 * (size_t)L * nh * hd, cudaMemcpyHostToDevice));
+    free(qh);
     CU(cudaMalloc((void **)&out, 2 * (size_t)L * nh * hd));
     cudaEvent_t e0, e1;
     cudaEventCreate(&e0); cudaEventCreate(&e1);
