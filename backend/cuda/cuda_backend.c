@@ -642,7 +642,9 @@ static int mm_to(cuda_backend *c, void *y, int y_f32, int acc,
                  const uint16_t *W, int n, int k, const uint16_t *x, int m)
 {
     mm_plan *p;
-    int rc = plan_for(c, &p, y, y_f32, W, n, k, x, m);
+    /* a plan made here times its candidates into its output: never into
+     * the residual stream an accumulating call adds to */
+    int rc = plan_for(c, &p, acc ? (void *)c->dx : y, y_f32, W, n, k, x, m);
     if (rc) return rc;
     if (p->gemv_r > 0 && c->decode_step &&
         pie__cuda_gemv(y, acc ? 2 : y_f32, W, n, k, x, m, p->gemv_r,

@@ -72,8 +72,8 @@ int64_t pie_cuda_dec_plan(const pie_cuda_attn_item *items, int n_items, int G,
     *n_pieces = *n_merges = 0;
     int nb = n_blocks, b = 0;
     if (min_kv < 1) min_kv = 1;
-    if ((T + min_kv - 1) / min_kv < nb)  /* the rest of the grid idles */
-        nb = (int)((T + min_kv - 1) / min_kv);
+    if (T / min_kv < nb)                /* the rest of the grid idles */
+        nb = (int)(T / min_kv > 0 ? T / min_kv : T > 0);
     bstart[0] = 0;
     end = nb > 0 ? T / nb : 0;
     for (int i = 0; i < n_items; i++) {

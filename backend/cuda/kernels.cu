@@ -1370,14 +1370,18 @@ static size_t fa_smem(int with_q)
            (HD + 8);
 }
 
+/* Raises the kernel's dynamic shared-memory limit once per device (set:
+ * one bit per device ordinal, static in the caller). */
 template <typename K>
-static void fa_allow_smem(K kernel, size_t sm, int *set)
+static void fa_allow_smem(K kernel, size_t sm, uint64_t *set)
 {
-    if (!*set && sm > 48 * 1024) {
+    int dev = 0;
+    if (sm <= 48 * 1024 || cudaGetDevice(&dev) != cudaSuccess) return;
+    uint64_t bit = 1ull << (dev & 63);
+    if (!(*set & bit) &&
         cudaFuncSetAttribute(kernel, cudaFuncAttributeMaxDynamicSharedMemorySize,
-                             (int)sm);
-        *set = 1;
-    }
+                             (int)sm) == cudaSuccess)
+        *set |= bit;
 }
 
 static int page_shift(const pie_cuda_kv *kv)
@@ -1393,7 +1397,7 @@ static void flash_launch(uint16_t *out, float *part_o, float *part_ml,
                          const pie_cuda_kv *kv, int layer, int nh,
                          cudaStream_t s)
 {
-    static int set;
+    static uint64_t set;
     fa_allow_smem(flash_attn_kernel<HD>, fa_smem<HD>(1), &set);
     launch_pdl(flash_attn_kernel<HD>, n_items, FA_THREADS(HD), fa_smem<HD>(1), s,
                out, part_o, part_ml, q, items, *tm, *kv, layer, nh,
@@ -1425,7 +1429,7 @@ static void dec_launch(uint16_t *out, float *part_o, float *part_ml,
                        const pie_cuda_tokmeta *tm, const pie_cuda_kv *kv,
                        int layer, int nh, cudaStream_t s)
 {
-    static int set;
+    static uint64_t set;
     fa_allow_smem(flash_dec_kernel<HD>, fa_smem<HD>(0), &set);
     /* a programmatic dependent (unless PIE_CUDA_NO_PDL): its blocks read
      * the step's metadata while the kernel before finishes */
@@ -1458,7 +1462,7 @@ extern "C" int pie__cuda_attention_dec_occupancy(int hd)
 {
     int n = 0;
     switch (hd) {
-#define DEC_OCC(H) case H: { static int set; \
+#define DEC_OCC(H) case H: { static uint64_t set; \
         fa_allow_smem(flash_dec_kernel<H>, fa_smem<H>(0), &set); \
         cudaOccupancyMaxActiveBlocksPerMultiprocessor(&n, flash_dec_kernel<H>, \
             FA_DEC_THREADS, fa_smem<H>(0)); break; }

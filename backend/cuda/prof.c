@@ -19,6 +19,7 @@ int pie_cuda_prof_init(pie_cuda_prof *p)
     return p->on;
 }
 
+
 void pie_cuda_prof_begin(pie_cuda_prof *p, int decode, cudaStream_t s)
 {
     if (!p->on) return;
@@ -51,7 +52,6 @@ void pie_cuda_prof_end(pie_cuda_prof *p)
 
 void pie_cuda_prof_done(pie_cuda_prof *p)
 {
-    if (!p->on) return;
     for (int k = 0; k < 2; k++) {
         if (!p->steps[k]) continue;
         double tot = 0;

@@ -441,7 +441,11 @@ static void test_attention_mode(int nh, int nkv, int hd, int masked,
         memcpy(n_new, fn, sizeof fn);
         memcpy(kv_len, fk, sizeof fk);
     }
-    make_batch(&b, 4, n_new, kv_len, 16, 200, masked);
+    /* pages of 16 slots; some decode grids take 8, 12 (not a power of
+     * two) or 32 (the loader's other paths) */
+    int ps = grouped != 2 ? 16 : split == 61 ? 8 : split == 37 ? 12 :
+             split == 1000 ? 32 : 16;
+    make_batch(&b, 4, n_new, kv_len, ps, 256, masked);
     int n = b.n_tok, L = 2, layer = 1, G = nh / nkv;
     pie_cuda_kv kv = { NULL, L, nkv, b.ps, hd };
     int64_t pool_n = pie_cuda_kv_page_elems(&kv) * b.n_pages;
@@ -563,10 +567,10 @@ static void test_attention_mode(int nh, int nkv, int hd, int masked,
             }
         }
     }
-    printf("attention%s: nh %d nkv %d hd %d masked %d split %d: %d tokens, "
-           "%d items, %d merges, rel err %.2e ok\n",
+    printf("attention%s: nh %d nkv %d hd %d masked %d split %d page %d: %d "
+           "tokens, %d items, %d merges, rel err %.2e ok\n",
            grouped == 2 ? " (decode mma)" : grouped ? " (grouped mma)" : "",
-           nh, nkv, hd, masked, split, n, ni, nm, sqrt(err / (ref2 + 1e-30)));
+           nh, nkv, hd, masked, split, ps, n, ni, nm, sqrt(err / (ref2 + 1e-30)));
     for (int i = 0; i < 8; i++) cudaFree(fr[i]);
     cudaFree(dq); cudaFree(dout); cudaFree(po); cudaFree(pml); cudaFree(di);
     cudaFree(dm); cudaFree(kv.pool);
