@@ -2,7 +2,7 @@
  * cuda_backend.c — the CUDA backend: bf16 weights and KV pages on one GPU,
  * fp32 accumulation, cuBLASLt for the dense matmuls (gemv.cu instead in
  * decode steps of <= 16 rows where it times faster, see try_gemv) and
- * pie's own kernels (kernels.cu, sample.cu) for the rest.
+ * pie's own kernels (kernels.cu, attention.cu, sample.cu) for the rest.
  *
  * Device memory, allocated once at create time in this order:
  *   weights     embed (vocab, dim) bf16; per layer fused wqkv
@@ -25,6 +25,14 @@
  * epilogues (mm_add: cuBLASLt with beta = 1, gemv.cu's accumulating store),
  * so each RMSNorm only reads x. Steady decode batches replay a CUDA graph
  * of the layers (see run_layers_graphed).
+ *
+ * Attention work is planned on the host each forward (plan_attention):
+ * prompts of FLASH_MIN tokens or more take the tensor-core prefill kernel
+ * in 128-row tiles (fitems); decode steps and short chunks take the
+ * tensor-core decode kernel, their items cut for its persistent grid
+ * (gitems -> pieces, plan_dec / dec_plan.c) and cut items merged after it;
+ * head dims the tensor-core kernels lack take the CUDA-core kernel (items,
+ * split for occupancy, then merged).
  */
 #include <cublasLt.h>
 #include <cuda_runtime_api.h>

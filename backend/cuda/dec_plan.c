@@ -1,6 +1,6 @@
 /*
  * dec_plan.c — the balanced work plan of decode attention (host side of
- * pie__cuda_attention_dec, kernels.cu).
+ * pie__cuda_attention_dec, attention.cu).
  *
  * The grouped items of a decode step (one per tile of tokens x kv head,
  * over slots [s0, s1)) are laid end to end as a sequence of KV blocks of

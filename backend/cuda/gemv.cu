@@ -244,7 +244,7 @@ gemv_kernel(void *y, int y_f32, const uint16_t *W, const uint16_t *x, int n,
 }
 
 /* pdl: launched as a programmatic dependent of the stream's previous
- * kernel (which lets it start early: see pdl_begin in kernels.cu). */
+ * kernel (which lets it start early: see pdl_begin in kernel_util.cuh). */
 template <int WARPS, int NT, bool GLU>
 static int gemv_launch(void *y, int y_f32, const uint16_t *W, int n, int k,
                        const uint16_t *x, int m, int pdl, cudaStream_t s)

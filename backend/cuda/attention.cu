@@ -1,0 +1,1151 @@
+/*
+ * attention.cu — pie's attention kernels over the paged KV cache: the
+ * CUDA-core kernel (any head dim, split partials), the merge of split
+ * partials, the tensor-core prefill kernel (flash_attn_kernel) and the
+ * tensor-core decode kernel on a persistent grid (flash_dec_kernel, its
+ * plan in dec_plan.c). Each has a C twin in tests/cuda/test_cuda_kernels.c;
+ * the KV pool layout is in cuda_kernels.h.
+ */
+#include <cuda_bf16.h>
+#include <math.h>
+#include <stdint.h>
+#include <stdlib.h>
+
+#include "backend/cuda/kernel_util.cuh"
+
+/* ------------------------------------------------------------ attention */
+
+/*
+ * One block per work item: up to RMAX query rows (nt tokens x G heads of
+ * one kv head) over slots [s0, s1). Lanes form groups of LG = hd/8; a group
+ * handles one slot at a time with 16-byte loads, so every K and V byte is
+ * read once per item and shared by the G heads (and nt tokens).
+ *   pass 1: scores into shared memory (masked slots -inf)
+ *   pass 2: per-row max and sum; scores become exp(s - max)
+ *   pass 3: P·V accumulated in registers, reduced across groups in smem
+ * Shared memory (floats): qs[RMAX][hd], sc[RMAX][cs], os[5][RMAX][hd]
+ * (one partial per warp, then the sum), ml[RMAX][2].
+ */
+#define RMAX PIE_CUDA_ATTN_RMAX
+#define CHUNK PIE_CUDA_ATTN_CHUNK
+#define ATT_THREADS 128
+#define U 4                /* slots per group in flight */
+
+static __device__ __forceinline__ void load8(const uint16_t *p, float *f)
+{
+    uint4 v = *reinterpret_cast<const uint4 *>(p);
+    uint32_t w[4] = {v.x, v.y, v.z, v.w};
+#pragma unroll
+    for (int i = 0; i < 4; i++) {
+        f[2 * i] = __uint_as_float(w[i] << 16);
+        f[2 * i + 1] = __uint_as_float(w[i] & 0xffff0000u);
+    }
+}
+
+static __device__ __forceinline__ bool attn_allowed(const pie_cuda_tokmeta &tm,
+                                                    int t, int j)
+{
+    int mo = tm.mask_off ? tm.mask_off[t] : -1;
+    if (mo < 0) return j <= tm.tok_slot[t];
+    return (tm.mask_bits[mo + j / 32] >> (j % 32)) & 1u;
+}
+
+__global__ void __launch_bounds__(ATT_THREADS, 4)
+attention_kernel(uint16_t *out, float *part_o, float *part_ml, const float *q,
+                 const pie_cuda_attn_item *items, pie_cuda_tokmeta tm,
+                 pie_cuda_kv kv, int layer, int nh, int cs)
+{
+    pdl_begin();
+    // out (n, nh*hd) bf16, q (n, nh*hd) f32
+    extern __shared__ float smem[];
+    pie_cuda_attn_item it = items[blockIdx.x];
+    int hd = kv.head_dim, nkv = kv.n_kv, ps = kv.page_size;
+    int G = nh / nkv, R = it.nt * G, n = it.s1 - it.s0;
+    int LG = hd / 8, NG = ATT_THREADS / LG;
+    int gi = threadIdx.x / LG, li = threadIdx.x % LG;
+    float *qs = smem, *sc = qs + RMAX * hd, *os = sc + RMAX * cs;
+    float *ml = os + (ATT_THREADS / WARP + 1) * RMAX * hd;
+    /* the item's page ids, so the slot loops read them from shared memory */
+    int *pg = (int *)(ml + 2 * RMAX);
+    int p0 = it.s0 / ps, np_ = it.s1 > it.s0 ? (it.s1 - 1) / ps - p0 + 1 : 0;
+    float scale = rsqrtf((float)hd);
+    for (int k = threadIdx.x; k < RMAX * hd; k += ATT_THREADS) {
+        int r = k / hd, d = k % hd;
+        float v = 0.0f;
+        if (r < R) {
+            int t = it.t0 + r / G, h = it.kvh * G + r % G;
+            v = q[(int64_t)t * nh * hd + h * hd + d] * scale;
+        }
+        qs[k] = v;
+    }
+    __syncthreads();
+    const int32_t *pages_g = tm.pages + tm.kv_indptr[it.req];
+    for (int k = threadIdx.x; k < np_; k += ATT_THREADS) pg[k] = pages_g[p0 + k];
+    __syncthreads();
+    const int *pages = pg - p0;
+    int64_t page_elems = pie_cuda_kv_page_elems(&kv);
+    int64_t lay = (int64_t)layer * 2 * nkv * ps * hd + (int64_t)it.kvh * ps * hd;
+    int64_t voff = (int64_t)nkv * ps * hd;
+    /* pass 1: U slots per group in flight */
+    for (int base = it.s0; base < it.s1; base += NG * U) {
+        float kf[U][8];
+#pragma unroll
+        for (int u = 0; u < U; u++) {
+            int j = base + u * NG + gi;
+            if (j < it.s1) {
+                load8(kv.pool + pages[j / ps] * page_elems + lay +
+                      (int64_t)(j % ps) * hd + li * 8, kf[u]);
+            } else {
+#pragma unroll
+                for (int e = 0; e < 8; e++) kf[u][e] = 0.0f;
+            }
+        }
+#pragma unroll
+        for (int r = 0; r < RMAX; r++) {
+            if (r >= R) break;
+            float qr[8];
+#pragma unroll
+            for (int e = 0; e < 8; e++) qr[e] = qs[r * hd + li * 8 + e];
+            int t = it.t0 + r / G;
+#pragma unroll
+            for (int u = 0; u < U; u++) {
+                float d = 0.0f;
+#pragma unroll
+                for (int e = 0; e < 8; e++) d += qr[e] * kf[u][e];
+                for (int o = LG / 2; o > 0; o >>= 1)
+                    d += __shfl_xor_sync(0xffffffffu, d, o);
+                int j = base + u * NG + gi;
+                if (j < it.s1 && li == 0)
+                    sc[r * cs + (j - it.s0)] = attn_allowed(tm, t, j) ? d : -INFINITY;
+            }
+        }
+    }
+    __syncthreads();
+    /* pass 2 */
+    int lane = threadIdx.x % WARP, w = threadIdx.x / WARP;
+    for (int r = w; r < R; r += ATT_THREADS / WARP) {
+        float m = -INFINITY;
+        for (int j = lane; j < n; j += WARP) m = fmaxf(m, sc[r * cs + j]);
+        m = warp_max(m);
+        float l = 0.0f;
+        for (int j = lane; j < n; j += WARP) {
+            float v = sc[r * cs + j];
+            float p = (v == -INFINITY) ? 0.0f : __expf(v - m);
+            sc[r * cs + j] = p;
+            l += p;
+        }
+        l = warp_sum(l);
+        if (lane == 0) {
+            ml[2 * r] = m;
+            ml[2 * r + 1] = l;
+        }
+    }
+    __syncthreads();
+    /* pass 3 */
+    float acc[RMAX][8];
+#pragma unroll
+    for (int r = 0; r < RMAX; r++)
+#pragma unroll
+        for (int e = 0; e < 8; e++) acc[r][e] = 0.0f;
+    for (int base = it.s0 + gi; base < it.s1; base += NG * U) {
+        float vf[U][8];
+#pragma unroll
+        for (int u = 0; u < U; u++) {
+            int j = base + u * NG;
+            if (j < it.s1) {
+                load8(kv.pool + pages[j / ps] * page_elems + lay + voff +
+                      (int64_t)(j % ps) * hd + li * 8, vf[u]);
+            } else {
+#pragma unroll
+                for (int e = 0; e < 8; e++) vf[u][e] = 0.0f;
+            }
+        }
+#pragma unroll
+        for (int u = 0; u < U; u++) {
+            int j = base + u * NG;
+            if (j >= it.s1) break;
+#pragma unroll
+            for (int r = 0; r < RMAX; r++) {
+                if (r < R) {
+                    float p = sc[r * cs + (j - it.s0)];
+#pragma unroll
+                    for (int e = 0; e < 8; e++) acc[r][e] += p * vf[u][e];
+                }
+            }
+        }
+    }
+    /* reduce across the groups of a warp with shuffles, then across the
+     * 4 warps through shared memory (no atomics: they serialize) */
+#pragma unroll
+    for (int r = 0; r < RMAX; r++) {
+        if (r >= R) break;
+#pragma unroll
+        for (int e = 0; e < 8; e++) {
+            float v = acc[r][e];
+            for (int o = LG; o < WARP; o <<= 1)
+                v += __shfl_xor_sync(0xffffffffu, v, o);
+            acc[r][e] = v;
+        }
+        if (lane < LG)
+#pragma unroll
+            for (int e = 0; e < 8; e++)
+                os[(w * RMAX + r) * hd + li * 8 + e] = acc[r][e];
+    }
+    __syncthreads();
+    for (int k = threadIdx.x; k < R * hd; k += ATT_THREADS) {
+        float v = 0.0f;
+#pragma unroll
+        for (int ww = 0; ww < ATT_THREADS / WARP; ww++) v += os[ww * RMAX * hd + k];
+        os[k + (ATT_THREADS / WARP) * RMAX * hd] = v;
+    }
+    __syncthreads();
+    os += (ATT_THREADS / WARP) * RMAX * hd;
+    for (int k = threadIdx.x; k < R * hd; k += ATT_THREADS) {
+        int r = k / hd, d = k % hd;
+        float l = ml[2 * r + 1];
+        if (it.part < 0) {
+            int t = it.t0 + r / G, h = it.kvh * G + r % G;
+            out[(int64_t)t * nh * hd + h * hd + d] = f2bf(l > 0.0f ? os[k] / l : 0.0f);
+        } else {
+            part_o[(int64_t)(it.part + r) * hd + d] = os[k];
+            if (d == 0) {
+                part_ml[2 * (int64_t)(it.part + r)] = ml[2 * r];
+                part_ml[2 * (int64_t)(it.part + r) + 1] = l;
+            }
+        }
+    }
+}
+
+static size_t attn_smem(int hd, int cs)
+{
+    return sizeof(float) * ((size_t)RMAX * hd * (2 + ATT_THREADS / WARP) +
+                            (size_t)RMAX * cs + 2 * RMAX + cs + 2);
+}
+
+extern "C" void pie__cuda_attention(uint16_t *out, float *part_o,
+                                    float *part_ml, const float *q,
+                                    const pie_cuda_attn_item *items,
+                                    int n_items, const pie_cuda_tokmeta *tm,
+                                    const pie_cuda_kv *kv, int layer, int nh,
+                                    int max_slots, cudaStream_t s)
+{
+    if (n_items <= 0) return;
+    int cs = (max_slots + 3) & ~3;
+    if (cs < 4) cs = 4;
+    size_t sm = attn_smem(kv->head_dim, cs);
+    static size_t set;
+    if (sm > 48 * 1024 && set < sm) {
+        cudaFuncSetAttribute(attention_kernel,
+                             cudaFuncAttributeMaxDynamicSharedMemorySize, (int)sm);
+        set = sm;
+    }
+    launch_pdl(attention_kernel, n_items, ATT_THREADS, sm, s, out, part_o,
+               part_ml, q, items, *tm, *kv, layer, nh, cs);
+}
+
+/* Merge of split partials. Each warp takes partial rows r of the item: its
+ * lanes reduce the splits' max and mass in one round of loads and store
+ * the split weights exp(m_s - M) / L in shared memory; then every thread
+ * sums part_o over the splits for its (row, d) elements, loads independent
+ * of each other. Items with more than MERGE_W row x split weights take
+ * the slow path (weights recomputed per element). */
+#define MERGE_W 4096
+__global__ void attn_merge_kernel(uint16_t *out, const float *part_o,
+                                  const float *part_ml,
+                                  const pie_cuda_merge_item *items, int nh,
+                                  int nkv, int hd)
+{
+    pdl_begin();
+    // out (n, nh*hd) bf16; partial rows (rows, hd)
+    __shared__ float wt[MERGE_W];
+    pie_cuda_merge_item it = items[blockIdx.x];
+    if (it.nsplit <= 0) return;         /* padding of a fixed-size list */
+    int G = nh / nkv, R = it.nt * G, ns = it.nsplit, lane = threadIdx.x % WARP;
+    bool fast = R * ns <= MERGE_W;
+    for (int r = threadIdx.x / WARP; fast && r < R; r += blockDim.x / WARP) {
+        float M = -INFINITY, L = 0.0f;
+        for (int s = lane; s < ns; s += WARP)
+            M = fmaxf(M, part_ml[2 * (int64_t)(it.part + s * R + r)]);
+        M = warp_max(M);
+        for (int s = lane; s < ns; s += WARP) {
+            int64_t row = it.part + s * R + r;
+            float m = part_ml[2 * row];
+            float e = m == -INFINITY ? 0.0f : __expf(m - M);
+            wt[r * ns + s] = e;
+            L += part_ml[2 * row + 1] * e;
+        }
+        L = warp_sum(L);
+        float inv = L > 0.0f ? 1.0f / L : 0.0f;
+        for (int s = lane; s < ns; s += WARP) wt[r * ns + s] *= inv;
+    }
+    __syncthreads();
+    for (int k = threadIdx.x; k < R * hd; k += blockDim.x) {
+        int r = k / hd, d = k % hd;
+        float O = 0.0f;
+        if (fast) {
+#pragma unroll 8
+            for (int s = 0; s < ns; s++) {
+                float w = wt[r * ns + s];
+                float v = part_o[(int64_t)(it.part + s * R + r) * hd + d];
+                O += w != 0.0f ? w * v : 0.0f;
+            }
+        } else {
+            float M = -INFINITY, L = 0.0f;
+            for (int s = 0; s < ns; s++)
+                M = fmaxf(M, part_ml[2 * (int64_t)(it.part + s * R + r)]);
+            for (int s = 0; M != -INFINITY && s < ns; s++) {
+                int64_t row = it.part + s * R + r;
+                float m = part_ml[2 * row];
+                if (m == -INFINITY) continue;
+                float e = __expf(m - M);
+                L += part_ml[2 * row + 1] * e;
+                O += part_o[row * hd + d] * e;
+            }
+            O = L > 0.0f ? O / L : 0.0f;
+        }
+        int t = it.t0 + r / G, h = it.kvh * G + r % G;
+        out[(int64_t)t * nh * hd + h * hd + d] = f2bf(O);
+    }
+}
+
+extern "C" void pie__cuda_attn_merge(uint16_t *out, const float *part_o,
+                                     const float *part_ml,
+                                     const pie_cuda_merge_item *items,
+                                     int n_items, int nh, int nkv, int hd,
+                                     cudaStream_t s)
+{
+    if (n_items > 0)
+        launch_pdl(attn_merge_kernel, n_items, 256, 0, s, out, part_o,
+                   part_ml, items, nh, nkv, hd);
+}
+
+/* ------------------------------------------------------ flash attention */
+
+/*
+ * Tensor-core attention for prefill tiles (FlashAttention-2 layout). One
+ * block per item: FA_BM = 128 query rows (consecutive tokens t0.. of one
+ * request, one query head it.kvh): every KV block loaded into shared
+ * memory serves 128 rows. At hd 128, 4 warps of 32 rows, so that every K
+ * or V fragment a warp loads serves two m-tiles of 16 rows (8 warps of 16
+ * rows ran at 146-185 TFLOP/s, this at 178-232); smaller heads keep 8
+ * warps of 16 rows, whose lower register count allows twice the warps. KV blocks of FA_BN
+ * = 64 slots are gathered from the pages into shared memory (K row-major,
+ * V transposed), S = Q K^T and O += P V run on mma.sync m16n8k16 (bf16 in,
+ * f32 accumulate), softmax is online in base 2 (scale * log2 e folded into
+ * Q). Prefill items (pad 0): nt <= 64 tokens, kvh holds the query head.
+ * Grouped items (pad 1): nt * G <= 128 rows of nt tokens x the G query
+ * heads of kv head kvh, split partials as attention_kernel's when part >=
+ * 0 (decode steps take flash_dec_kernel below, which shares the per-block
+ * math). KV blocks are double-buffered with cp.async (the next block's
+ * copies fly while this one is computed). Fragment layout of m16n8k16,
+ * g = lane / 4, c = lane % 4:
+ *   A (16x16): a0 (g, 2c..2c+1) a1 (g+8, 2c..) a2 (g, 2c+8..) a3 (g+8, 2c+8..)
+ *   B (16x8):  b0 (k 2c..2c+1, n g)  b1 (k 2c+8.., n g)
+ *   C (16x8):  c0,c1 (g, 2c..2c+1)    c2,c3 (g+8, 2c..2c+1)
+ * so the S accumulators of two adjacent n-tiles are the A operand of P V.
+ * Shared memory (bf16): Q[FA_BM][HD+8] (scaled, read by ldmatrix once per
+ * k-step) and two buffers of K[FA_BN][HD+8] and V, row-major; V's B
+ * fragments come from ldmatrix.trans. The +8 padding makes every fragment
+ * load bank-conflict free.
+ */
+#define FA_BM 128
+#define FA_BN 64
+/* prefill threads: hd 128, 4 warps of 32 rows (two m-tiles); smaller
+ * heads, 8 warps of 16 rows (their registers allow 16 warps per SM) */
+#define FA_THREADS(HD) ((HD) >= 128 ? 128 : 256)
+#define FA_DEC_THREADS 128     /* the decode kernel: 4 warps               */
+#define FA_STAGES 2            /* KV blocks in flight; 3 and 4 measured no
+                                * faster (NOTES.md, round 5) */
+
+
+static __device__ __forceinline__ void mma16816(float *c, const uint32_t *a,
+                                                uint32_t b0, uint32_t b1)
+{
+    asm volatile("mma.sync.aligned.m16n8k16.row.col.f32.bf16.bf16.f32 "
+                 "{%0,%1,%2,%3}, {%4,%5,%6,%7}, {%8,%9}, {%0,%1,%2,%3};\n"
+                 : "+f"(c[0]), "+f"(c[1]), "+f"(c[2]), "+f"(c[3])
+                 : "r"(a[0]), "r"(a[1]), "r"(a[2]), "r"(a[3]), "r"(b0), "r"(b1));
+}
+
+/* Four 8x8 bf16 matrices from shared memory, lane l giving the address of
+ * row l % 8 of matrix l / 8; register i of lane (g, c) receives row g,
+ * columns 2c..2c+1 of matrix i: the B fragment of m16n8k16 where a row is
+ * an n index with k contiguous (K of S = Q K^T). TRANS transposes each
+ * matrix: B fragments of a row-major [k][n] tile (V of P V; rows
+ * k0..k0+15 given by lanes 0-15, columns +8 by lanes 16-31). */
+template <bool TRANS>
+static __device__ __forceinline__ void ldsm_x4(uint32_t *r, const uint16_t *p)
+{
+    uint32_t a = (uint32_t)__cvta_generic_to_shared(p);
+    if (TRANS)
+        asm volatile("ldmatrix.sync.aligned.m8n8.x4.trans.shared.b16 "
+                     "{%0,%1,%2,%3}, [%4];\n"
+                     : "=r"(r[0]), "=r"(r[1]), "=r"(r[2]), "=r"(r[3]) : "r"(a));
+    else
+        asm volatile("ldmatrix.sync.aligned.m8n8.x4.shared.b16 "
+                     "{%0,%1,%2,%3}, [%4];\n"
+                     : "=r"(r[0]), "=r"(r[1]), "=r"(r[2]), "=r"(r[3]) : "r"(a));
+}
+
+/* Whether row (mask offset mo, causal limit lim) attends slot j. */
+static __device__ __forceinline__ bool fa_allowed(const uint32_t *bits, int mo,
+                                                  int lim, int j)
+{
+    if (mo < 0) return j <= lim;
+    return (bits[mo + j / 32] >> (j % 32)) & 1u;
+}
+
+static __device__ __forceinline__ void cp_async16(void *dst, const void *src,
+                                                  bool pred)
+{
+    uint32_t d = (uint32_t)__cvta_generic_to_shared(dst);
+    int n = pred ? 16 : 0;      /* 0: the 16 bytes are zero-filled */
+    asm volatile("cp.async.cg.shared.global [%0], [%1], 16, %2;\n"
+                 :: "r"(d), "l"(src), "r"(n) : "memory");
+}
+
+static __device__ __forceinline__ void cp_async_commit(void)
+{
+    asm volatile("cp.async.commit_group;\n" ::: "memory");
+}
+
+template <int N>
+static __device__ __forceinline__ void cp_async_wait(void)
+{
+    asm volatile("cp.async.wait_group %0;\n" :: "n"(N) : "memory");
+}
+
+/* Query row r of an item: token and head. Prefill items (pad 0): r = token
+ * offset, head it.kvh. Grouped items (pad 1, decode): r = token * G + i,
+ * head it.kvh * G + i. */
+struct fa_rows {
+    int grouped, G, t0, hbase;
+    __device__ int tok(int r) const { return t0 + (grouped ? r / G : r); }
+    __device__ int head(int r) const { return hbase + (grouped ? r % G : 0); }
+};
+
+/* Issues the cp.async copies of KV block [s0, s0 + FA_BN) into Kb/Vb
+ * (TH threads). Warp w copies slots w * SPW .. + SPW of the block. Where
+ * those lie in one page (ps a power of two >= SPW, s0 a multiple of SPW:
+ * every decode block), the warp reads that page's index once; otherwise
+ * each 16-byte chunk looks its page up. ncu showed the per-chunk lookups
+ * (8 dependent loads per thread per block at hd 128) as the top stall. */
+/* One warp's SPW slots of a KV block, all in one page: base points at the
+ * first slot's K, n (<= SPW, may be <= 0) slots exist, the rest are zero
+ * filled. kd: the first slot's K row in shared memory (V at +vs). */
+template <int HD, int SPW>
+static __device__ __forceinline__ void fa_load_group(uint16_t *kd, int64_t vs,
+                                                     const uint16_t *base,
+                                                     const uint16_t *pool,
+                                                     int64_t voff, int n)
+{
+    constexpr int LD = HD + 8, CPR = HD / 8, NI = SPW * CPR / WARP;
+    static_assert(SPW * CPR % WARP == 0, "whole rounds of the warp");
+    int lane = threadIdx.x % WARP;
+#pragma unroll
+    for (int i = 0; i < NI; i++) {
+        int k = lane + i * WARP, sl = k / CPR, d = (k % CPR) * 8;
+        bool in = sl < n;
+        const uint16_t *src = in ? base + sl * HD + d : pool;
+        cp_async16(&kd[sl * LD + d], src, in);
+        cp_async16(&kd[sl * LD + d + vs], in ? src + voff : pool, in);
+    }
+}
+
+template <int HD, int TH>
+static __device__ __forceinline__ void fa_load(uint16_t *Kb, uint16_t *Vb,
+                                               const uint16_t *pool,
+                                               const int32_t *pages, int64_t pe,
+                                               int64_t lay, int64_t voff,
+                                               int ps, int psh, int s0, int s1)
+{
+    constexpr int LD = HD + 8, CPR = HD / 8, SPW = FA_BN / (TH / WARP);
+    if (SPW * CPR % WARP == 0 && psh >= 0 && ps >= SPW &&
+        (s0 & (SPW - 1)) == 0) {
+        int g0 = s0 + threadIdx.x / WARP * SPW;
+        const uint16_t *base = pool;
+        if (g0 < s1)
+            base = pool + pages[g0 >> psh] * pe + lay + (int64_t)(g0 & (ps - 1)) * HD;
+        fa_load_group<HD, (SPW * CPR % WARP == 0 ? SPW : WARP)>(
+            Kb + (threadIdx.x / WARP) * SPW * LD, Vb - Kb, base, pool, voff, s1 - g0);
+        return;
+    }
+#pragma unroll
+    for (int i = 0; i < (FA_BN * HD / 8 + TH - 1) / TH; i++) {
+        int k = threadIdx.x + i * TH;
+        if (k >= FA_BN * HD / 8) break;
+        int sl = k / (HD / 8), d = (k % (HD / 8)) * 8, j = s0 + sl;
+        bool in = j < s1;
+        const uint16_t *src = pool;
+        /* psh = log2(ps) where ps is a power of two: no division */
+        int pg = psh >= 0 ? j >> psh : j / ps, off = psh >= 0 ? j & (ps - 1) : j % ps;
+        if (in) src = pool + pages[pg] * pe + lay + (int64_t)off * HD + d;
+        cp_async16(&Kb[sl * LD + d], src, in);
+        cp_async16(&Vb[sl * LD + d], in ? src + voff : pool, in);
+    }
+}
+
+/* Per-lane view of its two query rows ra = 16w + g and rb = ra + 8: whether
+ * each exists (r < R), its token, mask offset (-1: causal) and causal limit
+ * (the last slot it may see). */
+struct fa_rowmask {
+    bool va, vb;
+    int ta, tb, moa, mob, lima, limb;
+};
+
+static __device__ __forceinline__ fa_rowmask fa_rowmask_of(
+    const fa_rows &rows, const pie_cuda_tokmeta &tm, int ra, int rb, int R)
+{
+    fa_rowmask m;
+    m.va = ra < R;
+    m.vb = rb < R;
+    m.ta = m.va ? rows.tok(ra) : 0;
+    m.tb = m.vb ? rows.tok(rb) : 0;
+    m.moa = m.mob = m.lima = m.limb = -1;
+    if (m.va) {
+        m.moa = tm.mask_off ? tm.mask_off[m.ta] : -1;
+        m.lima = tm.tok_slot[m.ta];
+    }
+    if (m.vb) {
+        m.mob = tm.mask_off ? tm.mask_off[m.tb] : -1;
+        m.limb = tm.tok_slot[m.tb];
+    }
+    return m;
+}
+
+/* Online-softmax state of a lane's two rows: O (HD / 8 n-tiles of the C
+ * fragment), running max in base 2 and mass (per lane until fa_mass). */
+template <int HD>
+struct fa_state {
+    float o[HD / 8][4];
+    float ma, mb, la, lb;
+    __device__ __forceinline__ void reset()
+    {
+#pragma unroll
+        for (int i = 0; i < HD / 8; i++) o[i][0] = o[i][1] = o[i][2] = o[i][3] = 0.0f;
+        ma = mb = -INFINITY;
+        la = lb = 0.0f;
+    }
+};
+
+/* One KV block for one warp and its MT m-tiles of 16 query rows: S = Q K^T
+ * over NS n-tiles of 8 slots from n-tile n8o of the block (slots s0 + 8 n8o
+ * ..), masked, folded into each m-tile's online softmax, then O += P V over
+ * KS k-steps of 16 slots. Q's A fragments come from registers (qa, MT = 1)
+ * or, QS, by ldmatrix from shared memory (qs: the warp's first row, rows
+ * HD + 8 apart), once per k-step for all n-tiles. One ldmatrix.x4 gives the
+ * K fragments of two n-tiles (lanes 0-15 the first, 16-31 the second;
+ * lanes 8-15 and 24-31 the upper 8 of the k-step) and one the V fragments
+ * of two 8-column tiles; each feeds all MT m-tiles. */
+template <int HD, int NS, int KS, int MT, bool QS>
+static __device__ __forceinline__ void fa_block(fa_state<HD> *st,
+                                                const uint32_t (*qa)[4],
+                                                const uint16_t *qs,
+                                                const uint16_t *Ks,
+                                                const uint16_t *Vs, int n8o,
+                                                int s0, int s1,
+                                                const fa_rowmask *rm,
+                                                const uint32_t *bits)
+{
+    constexpr int LD = HD + 8, NK = HD / 16, ND = HD / 8;
+    static_assert(NS % 2 == 0 && NS == 2 * KS, "n-tile pairs, 16-slot k-steps");
+    static_assert(QS || MT == 1, "register Q for one m-tile");
+    int lane = threadIdx.x % WARP, c = lane & 3;
+    float s[MT][NS][4];
+#pragma unroll
+    for (int mt = 0; mt < MT; mt++)
+#pragma unroll
+        for (int n8 = 0; n8 < NS; n8++)
+            s[mt][n8][0] = s[mt][n8][1] = s[mt][n8][2] = s[mt][n8][3] = 0.0f;
+#pragma unroll
+    for (int kk = 0; kk < NK; kk++) {
+        uint32_t qf[MT][4];
+#pragma unroll
+        for (int mt = 0; mt < MT; mt++) {
+            if (QS)
+                ldsm_x4<false>(qf[mt], &qs[(mt * 16 + (lane & 15)) * LD + kk * 16 +
+                                          (lane >> 4) * 8]);
+            else
+                for (int i = 0; i < 4; i++) qf[mt][i] = qa[kk][i];
+        }
+#pragma unroll
+        for (int n8 = 0; n8 < NS; n8 += 2) {
+            uint32_t kb[4];
+            ldsm_x4<false>(kb, &Ks[((n8o + n8 + (lane >> 4)) * 8 + (lane & 7)) * LD +
+                                   kk * 16 + ((lane >> 3) & 1) * 8]);
+#pragma unroll
+            for (int mt = 0; mt < MT; mt++) {
+                mma16816(s[mt][n8], qf[mt], kb[0], kb[1]);
+                mma16816(s[mt][n8 + 1], qf[mt], kb[2], kb[3]);
+            }
+        }
+    }
+    uint32_t pa[MT][KS][4];
+#pragma unroll
+    for (int mt = 0; mt < MT; mt++) {
+        const fa_rowmask &m = rm[mt];
+        fa_state<HD> &t = st[mt];
+        /* a block wholly below both rows' causal limits needs no per-slot
+         * mask test (most blocks of a long prompt, every full decode block) */
+        int last = s0 + FA_BN - 1;
+        bool full = __all_sync(0xffffffffu, last < s1 && m.va && m.vb &&
+                               m.moa < 0 && m.mob < 0 && m.lima >= last &&
+                               m.limb >= last);
+        float mxa = -INFINITY, mxb = -INFINITY;
+#pragma unroll
+        for (int n8 = 0; n8 < NS; n8++) {
+#pragma unroll
+            for (int e = 0; e < 2; e++) {
+                int j = s0 + (n8o + n8) * 8 + 2 * c + e;
+                bool in = j < s1;
+                if (!full && !(in && m.va && fa_allowed(bits, m.moa, m.lima, j)))
+                    s[mt][n8][e] = -INFINITY;
+                if (!full && !(in && m.vb && fa_allowed(bits, m.mob, m.limb, j)))
+                    s[mt][n8][2 + e] = -INFINITY;
+                mxa = fmaxf(mxa, s[mt][n8][e]);
+                mxb = fmaxf(mxb, s[mt][n8][2 + e]);
+            }
+        }
+#pragma unroll
+        for (int x = 1; x < 4; x <<= 1) {
+            mxa = fmaxf(mxa, __shfl_xor_sync(0xffffffffu, mxa, x));
+            mxb = fmaxf(mxb, __shfl_xor_sync(0xffffffffu, mxb, x));
+        }
+        float na = fmaxf(t.ma, mxa), nb = fmaxf(t.mb, mxb);
+        float ba = na == -INFINITY ? 0.0f : na, bb = nb == -INFINITY ? 0.0f : nb;
+        float aa = exp2f(t.ma - ba), ab = exp2f(t.mb - bb);
+        t.ma = na;
+        t.mb = nb;
+        t.la *= aa;
+        t.lb *= ab;
+        /* O changes only where a row's max grew (aa, ab exactly 1 else):
+         * later blocks of a long row rarely raise it */
+        if (__any_sync(0xffffffffu, aa != 1.0f || ab != 1.0f)) {
+#pragma unroll
+            for (int i = 0; i < ND; i++) {
+                t.o[i][0] *= aa; t.o[i][1] *= aa;
+                t.o[i][2] *= ab; t.o[i][3] *= ab;
+            }
+        }
+#pragma unroll
+        for (int n8 = 0; n8 < NS; n8++) {
+            s[mt][n8][0] = exp2f(s[mt][n8][0] - ba);
+            s[mt][n8][1] = exp2f(s[mt][n8][1] - ba);
+            s[mt][n8][2] = exp2f(s[mt][n8][2] - bb);
+            s[mt][n8][3] = exp2f(s[mt][n8][3] - bb);
+            t.la += s[mt][n8][0] + s[mt][n8][1];
+            t.lb += s[mt][n8][2] + s[mt][n8][3];
+        }
+        /* the S accumulators of two adjacent n-tiles are the A operand
+         * of P V */
+#pragma unroll
+        for (int kk = 0; kk < KS; kk++) {
+            pa[mt][kk][0] = pack_bf2(s[mt][2 * kk][0], s[mt][2 * kk][1]);
+            pa[mt][kk][1] = pack_bf2(s[mt][2 * kk][2], s[mt][2 * kk][3]);
+            pa[mt][kk][2] = pack_bf2(s[mt][2 * kk + 1][0], s[mt][2 * kk + 1][1]);
+            pa[mt][kk][3] = pack_bf2(s[mt][2 * kk + 1][2], s[mt][2 * kk + 1][3]);
+        }
+    }
+#pragma unroll
+    for (int kk = 0; kk < KS; kk++) {
+#pragma unroll
+        for (int i = 0; i < ND; i += 2) {
+            uint32_t vb4[4];
+            ldsm_x4<true>(vb4, &Vs[((n8o / 2 + kk) * 16 + (lane & 15)) * LD +
+                                   i * 8 + (lane >> 4) * 8]);
+#pragma unroll
+            for (int mt = 0; mt < MT; mt++) {
+                mma16816(st[mt].o[i], pa[mt][kk], vb4[0], vb4[1]);
+                mma16816(st[mt].o[i + 1], pa[mt][kk], vb4[2], vb4[3]);
+            }
+        }
+    }
+}
+
+/* Sums each row's mass over the 4 lanes that share it. */
+template <int HD>
+static __device__ __forceinline__ void fa_mass(fa_state<HD> &st)
+{
+#pragma unroll
+    for (int x = 1; x < 4; x <<= 1) {
+        st.la += __shfl_xor_sync(0xffffffffu, st.la, x);
+        st.lb += __shfl_xor_sync(0xffffffffu, st.lb, x);
+    }
+}
+
+/* Writes a lane's two rows: the normalized output (bf16), or for a split
+ * (it.part >= 0) the unnormalized O and (natural-log max, mass) for
+ * pie__cuda_attn_merge. */
+template <int HD>
+static __device__ __forceinline__ void fa_store(const fa_state<HD> &st,
+                                                const pie_cuda_attn_item &it,
+                                                const fa_rows &rows,
+                                                const fa_rowmask &rm, int ra,
+                                                int rb, uint16_t *out,
+                                                float *part_o, float *part_ml,
+                                                int nh)
+{
+    constexpr int ND = HD / 8;
+    int c = threadIdx.x % WARP & 3;
+    if (it.part >= 0) {
+        const float ln2 = 0.6931471805599453f;
+#pragma unroll
+        for (int i = 0; i < ND; i++) {
+            int d = i * 8 + 2 * c;
+            if (rm.va)
+                *reinterpret_cast<float2 *>(part_o + (int64_t)(it.part + ra) * HD + d) =
+                    make_float2(st.o[i][0], st.o[i][1]);
+            if (rm.vb)
+                *reinterpret_cast<float2 *>(part_o + (int64_t)(it.part + rb) * HD + d) =
+                    make_float2(st.o[i][2], st.o[i][3]);
+        }
+        if (c == 0 && rm.va) {
+            part_ml[2 * (int64_t)(it.part + ra)] = st.ma == -INFINITY ? st.ma : st.ma * ln2;
+            part_ml[2 * (int64_t)(it.part + ra) + 1] = st.la;
+        }
+        if (c == 0 && rm.vb) {
+            part_ml[2 * (int64_t)(it.part + rb)] = st.mb == -INFINITY ? st.mb : st.mb * ln2;
+            part_ml[2 * (int64_t)(it.part + rb) + 1] = st.lb;
+        }
+        return;
+    }
+    float ia = st.la > 0.0f ? 1.0f / st.la : 0.0f;
+    float ib = st.lb > 0.0f ? 1.0f / st.lb : 0.0f;
+#pragma unroll
+    for (int i = 0; i < ND; i++) {
+        int d = i * 8 + 2 * c;
+        if (rm.va)
+            *reinterpret_cast<uint32_t *>(
+                &out[(int64_t)rm.ta * nh * HD + rows.head(ra) * HD + d]) =
+                pack_bf2(st.o[i][0] * ia, st.o[i][1] * ia);
+        if (rm.vb)
+            *reinterpret_cast<uint32_t *>(
+                &out[(int64_t)rm.tb * nh * HD + rows.head(rb) * HD + d]) =
+                pack_bf2(st.o[i][2] * ib, st.o[i][3] * ib);
+    }
+}
+
+template <int HD>
+__global__ void __launch_bounds__(FA_THREADS(HD), 2)
+flash_attn_kernel(uint16_t *out, float *part_o, float *part_ml, const float *q,
+                  const pie_cuda_attn_item *items, pie_cuda_tokmeta tm,
+                  pie_cuda_kv kv, int layer, int nh, int psh)
+{
+    pdl_begin();
+    // out (n, nh*HD) bf16, q (n, nh*HD) f32; smem Q, FA_STAGES x (K, V)
+    constexpr int LD = HD + 8, BLK = FA_BN * LD, ST = FA_STAGES;
+    constexpr int TH = FA_THREADS(HD), MT = FA_BM / 16 / (TH / WARP);
+    extern __shared__ __align__(16) uint16_t fa_sm[];
+    pie_cuda_attn_item it = items[blockIdx.x];
+    int G = nh / kv.n_kv, ps = kv.page_size;
+    fa_rows rows = { it.pad, G, it.t0, it.pad ? it.kvh * G : it.kvh };
+    int kvh = it.pad ? it.kvh : it.kvh / G, R = it.pad ? it.nt * G : it.nt;
+    int warp = threadIdx.x / WARP, lane = threadIdx.x % WARP, g = lane >> 2;
+    float scale = rsqrtf((float)HD) * 1.4426950408889634f;
+    /* the first KV blocks' copies fly while Q is staged */
+    const int32_t *pages = tm.pages + tm.kv_indptr[it.req];
+    int64_t pe = pie_cuda_kv_page_elems(&kv);
+    int64_t lay = (int64_t)layer * 2 * kv.n_kv * ps * HD + (int64_t)kvh * ps * HD;
+    int64_t voff = (int64_t)kv.n_kv * ps * HD;
+    uint16_t *Qs = fa_sm, *kvb = fa_sm + FA_BM * LD;
+#pragma unroll
+    for (int t = 0; t < ST - 1; t++) {
+        int a = it.s0 + t * FA_BN;
+        if (a < it.s1)
+            fa_load<HD, TH>(kvb + t * 2 * BLK, kvb + t * 2 * BLK + BLK,
+                                    kv.pool, pages, pe, lay, voff, ps, psh, a, it.s1);
+        cp_async_commit();
+    }
+    for (int k = threadIdx.x; k < FA_BM * HD / 2; k += TH) {
+        int r = k / (HD / 2), d = (k % (HD / 2)) * 2;
+        float a = 0.0f, b = 0.0f;
+        if (r < R) {
+            const float *src = q + (int64_t)rows.tok(r) * nh * HD +
+                               rows.head(r) * HD + d;
+            a = src[0] * scale;
+            b = src[1] * scale;
+        }
+        *reinterpret_cast<uint32_t *>(&Qs[r * LD + d]) = pack_bf2(a, b);
+    }
+    int r0 = warp * 16 * MT;        /* the warp's rows: r0 .. r0 + 16 MT */
+    fa_rowmask rm[MT];
+    fa_state<HD> st[MT];
+#pragma unroll
+    for (int mt = 0; mt < MT; mt++) {
+        rm[mt] = fa_rowmask_of(rows, tm, r0 + 16 * mt + g, r0 + 16 * mt + g + 8, R);
+        st[mt].reset();
+    }
+    bool active = r0 < R;
+    for (int s0 = it.s0, bi = 0; s0 < it.s1;
+         s0 += FA_BN, bi = bi + 1 == ST ? 0 : bi + 1) {
+        /* prefetch block ST - 1 ahead into the buffer freed last, wait
+         * for this one (the first wait also covers Q's stores) */
+        int nx = s0 + (ST - 1) * FA_BN, nb = bi + ST - 1 >= ST ? bi - 1 : bi + ST - 1;
+        if (nx < it.s1)
+            fa_load<HD, TH>(kvb + nb * 2 * BLK, kvb + nb * 2 * BLK + BLK,
+                                    kv.pool, pages, pe, lay, voff, ps, psh, nx, it.s1);
+        cp_async_commit();
+        cp_async_wait<ST - 1>();
+        __syncthreads();
+        const uint16_t *Ks = kvb + bi * 2 * BLK;
+        /* hd 128 takes a KV block in two halves of 32 slots: S of 64
+         * slots x two m-tiles did not fit in registers next to O */
+        constexpr int NS = HD >= 128 ? FA_BN / 16 : FA_BN / 8;
+#pragma unroll 1
+        for (int h = 0; active && h < FA_BN / 8 / NS; h++)
+            fa_block<HD, NS, NS / 2, MT, true>(st, NULL, Qs + r0 * LD, Ks,
+                                               Ks + BLK, h * NS, s0, it.s1,
+                                               rm, tm.mask_bits);
+        __syncthreads();    /* this buffer is refilled next iteration */
+    }
+    cp_async_wait<0>();
+#pragma unroll
+    for (int mt = 0; mt < MT; mt++) {
+        fa_mass(st[mt]);
+        fa_store(st[mt], it, rows, rm[mt], r0 + 16 * mt + g,
+                 r0 + 16 * mt + g + 8, out, part_o, part_ml, nh);
+    }
+}
+
+/* ------------------------------------------------- decode attention */
+
+/*
+ * Decode (grouped) attention as a persistent grid. The host cuts the
+ * grouped items (nt tokens x the G heads of a kv head, nt * G <= 16 rows)
+ * into pieces on 64-slot block boundaries so that every block of the grid
+ * streams the same number of KV blocks (pie_cuda_dec_plan); block b runs
+ * pieces[bstart[b] .. bstart[b + 1]) one after another. The cp.async
+ * pipeline runs across piece boundaries: while a piece's last KV block is
+ * computed, the next piece's first one is already in flight. The 4 warps
+ * share the 16 rows and each takes 16 slots of every KV block, with its own
+ * online softmax; at the end of a piece their states are combined through
+ * the buffer just consumed, and warp 0 writes the output, or for a piece
+ * of a cut item its partials, which attn_merge_kernel combines. (Merging
+ * in the last piece to finish, counted with atomics, was tried: its serial
+ * tail made batch-1 steps slower; NOTES.md, round 5.)
+ */
+
+/* Combines the 4 warps' softmax states of rows g and g + 8 into warp 0's
+ * registers through shared memory: so (4 * 16 * (HD + 8) floats, the KV
+ * buffer just consumed) and sml (4 * 16 * 2 floats). O rows are HD + 8
+ * floats apart and move as float2, so no two lanes of a half-warp share a
+ * bank. Every thread must call it; warp 0 holds the result. */
+template <int HD>
+static __device__ __forceinline__ void fa_combine(float *so, float *sml,
+                                                  fa_state<HD> &st)
+{
+    constexpr int ND = HD / 8, S = HD + 8;
+    int warp = threadIdx.x / WARP, lane = threadIdx.x % WARP;
+    int g = lane >> 2, c = lane & 3;
+    if (c == 0) {
+        sml[2 * (warp * 16 + g)] = st.ma;
+        sml[2 * (warp * 16 + g) + 1] = st.la;
+        sml[2 * (warp * 16 + g + 8)] = st.mb;
+        sml[2 * (warp * 16 + g + 8) + 1] = st.lb;
+    }
+#pragma unroll
+    for (int i = 0; i < ND; i++) {
+        int d = i * 8 + 2 * c;
+        *reinterpret_cast<float2 *>(&so[(warp * 16 + g) * S + d]) =
+            make_float2(st.o[i][0], st.o[i][1]);
+        *reinterpret_cast<float2 *>(&so[(warp * 16 + g + 8) * S + d]) =
+            make_float2(st.o[i][2], st.o[i][3]);
+    }
+    __syncthreads();
+    if (warp) return;
+    float Ma = -INFINITY, Mb = -INFINITY;
+    for (int w = 0; w < 4; w++) {
+        Ma = fmaxf(Ma, sml[2 * (w * 16 + g)]);
+        Mb = fmaxf(Mb, sml[2 * (w * 16 + g + 8)]);
+    }
+    float fa[4], fb[4];
+    st.la = st.lb = 0.0f;
+    for (int w = 0; w < 4; w++) {
+        float m0 = sml[2 * (w * 16 + g)], m1 = sml[2 * (w * 16 + g + 8)];
+        fa[w] = m0 == -INFINITY ? 0.0f : exp2f(m0 - Ma);
+        fb[w] = m1 == -INFINITY ? 0.0f : exp2f(m1 - Mb);
+        st.la += fa[w] * sml[2 * (w * 16 + g) + 1];
+        st.lb += fb[w] * sml[2 * (w * 16 + g + 8) + 1];
+    }
+#pragma unroll
+    for (int i = 0; i < ND; i++) {
+        int d = i * 8 + 2 * c;
+        float a0 = 0.0f, a1 = 0.0f, b0 = 0.0f, b1 = 0.0f;
+        for (int w = 0; w < 4; w++) {
+            float2 a = *reinterpret_cast<const float2 *>(&so[(w * 16 + g) * S + d]);
+            float2 b = *reinterpret_cast<const float2 *>(&so[(w * 16 + g + 8) * S + d]);
+            a0 += fa[w] * a.x;
+            a1 += fa[w] * a.y;
+            b0 += fb[w] * b.x;
+            b1 += fb[w] * b.y;
+        }
+        st.o[i][0] = a0; st.o[i][1] = a1; st.o[i][2] = b0; st.o[i][3] = b1;
+    }
+    st.ma = Ma;
+    st.mb = Mb;
+}
+
+/* Where the next KV block to load lies: piece p (of this block's [p, p1))
+ * from slot s; the piece's request pages, layer + kv head offset, and
+ * (fast: page size a power of two >= 16 and s0 a multiple of 16) the page
+ * of this warp's 16 slots of that block, loaded one block ahead so that
+ * its latency hides behind a block's math. issue() copies the block into
+ * buf and moves on; a piece always has at least one block (an empty one:
+ * one fully masked block), as the compute side counts them. */
+struct dec_cursor {
+    const pie_cuda_attn_item *pieces;
+    int p, p1, s, s1, fast, pg;
+    const int32_t *pages;
+    int64_t lay;
+
+    __device__ __forceinline__ void enter(int np, const pie_cuda_tokmeta &tm,
+                                          const pie_cuda_kv &kv, int layer,
+                                          int hd, int psh)
+    {
+        p = np;
+        if (p >= p1) return;
+        pie_cuda_attn_item it = pieces[p];
+        int ps = kv.page_size;
+        s = it.s0;
+        s1 = it.s1;
+        pages = tm.pages + tm.kv_indptr[it.req];
+        lay = (int64_t)layer * 2 * kv.n_kv * ps * hd + (int64_t)it.kvh * ps * hd;
+        fast = psh >= 0 && ps >= 16 && (s & 15) == 0;
+        prefetch(psh);
+    }
+    __device__ __forceinline__ void prefetch(int psh)
+    {
+        int g0 = s + threadIdx.x / WARP * 16;
+        pg = fast && g0 < s1 ? pages[g0 >> psh] : 0;
+    }
+    template <int HD>
+    __device__ __forceinline__ void issue(uint16_t *buf, const pie_cuda_tokmeta &tm,
+                                          const pie_cuda_kv &kv, int layer, int psh)
+    {
+        constexpr int LD = HD + 8, BLK = FA_BN * LD;
+        static_assert(FA_BN / (FA_DEC_THREADS / WARP) == 16, "16 slots a warp");
+        if (p < p1) {
+            int ps = kv.page_size;
+            int64_t pe = pie_cuda_kv_page_elems(&kv), voff = (int64_t)kv.n_kv * ps * HD;
+            if (fast) {
+                int w = threadIdx.x / WARP, g0 = s + w * 16;
+                fa_load_group<HD, 16>(buf + w * 16 * LD, BLK, kv.pool + pg * pe +
+                                      lay + (int64_t)(g0 & (ps - 1)) * HD,
+                                      kv.pool, voff, s1 - g0);
+            } else {
+                fa_load<HD, FA_DEC_THREADS>(buf, buf + BLK, kv.pool, pages, pe,
+                                            lay, voff, ps, psh, s, s1);
+            }
+            s += FA_BN;
+            if (s < s1) prefetch(psh);
+            else enter(p + 1, tm, kv, layer, HD, psh);
+        }
+        cp_async_commit();
+    }
+};
+
+/* A piece's rows into registers: Q as the A fragments (scaled by
+ * log2(e) / sqrt(HD), bf16) straight from global memory, and the masks. */
+template <int HD>
+static __device__ __forceinline__ void dec_rows(uint32_t (*qa)[4],
+                                                fa_rowmask &rm, fa_rows &rows,
+                                                const pie_cuda_attn_item &it,
+                                                const float *q,
+                                                const pie_cuda_tokmeta &tm,
+                                                int G, int nh)
+{
+    int lane = threadIdx.x % WARP, g = lane >> 2, c = lane & 3;
+    float scale = rsqrtf((float)HD) * 1.4426950408889634f;
+    rows = (fa_rows){ 1, G, it.t0, it.kvh * G };
+    rm = fa_rowmask_of(rows, tm, g, g + 8, it.nt * G);
+    const float *qra = q + (int64_t)rm.ta * nh * HD + rows.head(g) * HD + 2 * c;
+    const float *qrb = q + (int64_t)rm.tb * nh * HD + rows.head(g + 8) * HD + 2 * c;
+#pragma unroll
+    for (int kk = 0; kk < HD / 16; kk++) {
+        float2 a0 = rm.va ? *reinterpret_cast<const float2 *>(qra + kk * 16) : make_float2(0, 0);
+        float2 a2 = rm.va ? *reinterpret_cast<const float2 *>(qra + kk * 16 + 8) : make_float2(0, 0);
+        float2 b0 = rm.vb ? *reinterpret_cast<const float2 *>(qrb + kk * 16) : make_float2(0, 0);
+        float2 b2 = rm.vb ? *reinterpret_cast<const float2 *>(qrb + kk * 16 + 8) : make_float2(0, 0);
+        qa[kk][0] = pack_bf2(a0.x * scale, a0.y * scale);
+        qa[kk][1] = pack_bf2(b0.x * scale, b0.y * scale);
+        qa[kk][2] = pack_bf2(a2.x * scale, a2.y * scale);
+        qa[kk][3] = pack_bf2(b2.x * scale, b2.y * scale);
+    }
+}
+
+template <int HD>
+__global__ void __launch_bounds__(FA_DEC_THREADS, 3)
+flash_dec_kernel(uint16_t *out, float *part_o, float *part_ml, const float *q,
+                 const pie_cuda_attn_item *pieces, const int32_t *bstart,
+                 pie_cuda_tokmeta tm, pie_cuda_kv kv, int layer, int nh, int psh)
+{
+    /* the step's metadata (host copies) may be read before the kernel
+     * before has finished; q and the KV cache only after */
+    pdl_trigger();
+    // out (n, nh*HD) bf16, q (n, nh*HD) f32; smem 2 x (K, V) blocks
+    constexpr int BLK = FA_BN * (HD + 8), NS = FA_BN / 8 / 4;
+    static_assert(FA_STAGES == 2, "the combine reuses the other buffer");
+    extern __shared__ __align__(16) uint16_t fa_sm[];
+    __shared__ float sml[4 * 16 * 2];
+    int p = bstart[blockIdx.x], p1 = bstart[blockIdx.x + 1];
+    if (p >= p1) {
+        pdl_wait();
+        return;
+    }
+    int G = nh / kv.n_kv, warp = threadIdx.x / WARP, g = threadIdx.x % WARP >> 2;
+    dec_cursor ld;
+    ld.pieces = pieces;
+    ld.p1 = p1;
+    ld.enter(p, tm, kv, layer, HD, psh);
+    pdl_wait();
+    ld.issue<HD>(fa_sm, tm, kv, layer, psh);
+    pie_cuda_attn_item it = pieces[p];
+    uint32_t qa[HD / 16][4];
+    fa_rowmask rm;
+    fa_rows rows;
+    dec_rows<HD>(qa, rm, rows, it, q, tm, G, nh);
+    fa_state<HD> st;
+    st.reset();
+    for (int s0 = it.s0, bi = 0;; bi ^= 1) {
+        ld.issue<HD>(fa_sm + (bi ^ 1) * 2 * BLK, tm, kv, layer, psh);
+        cp_async_wait<1>();
+        __syncthreads();
+        const uint16_t *Ks = fa_sm + bi * 2 * BLK;
+        fa_block<HD, NS, NS / 2, 1, false>(&st, qa, NULL, Ks, Ks + BLK,
+                                           warp * NS, s0, it.s1, &rm,
+                                           tm.mask_bits);
+        __syncthreads();
+        if ((s0 += FA_BN) < it.s1) continue;
+        /* the piece is done: combine in this buffer (refilled only after
+         * the barrier below), then warp 0 writes while the others issue
+         * the next copies */
+        fa_mass(st);
+        fa_combine<HD>(reinterpret_cast<float *>(fa_sm + bi * 2 * BLK), sml, st);
+        __syncthreads();
+        if (warp == 0)
+            fa_store(st, it, rows, rm, g, g + 8, out, part_o, part_ml, nh);
+        if (++p >= p1) break;
+        it = pieces[p];
+        s0 = it.s0;
+        dec_rows<HD>(qa, rm, rows, it, q, tm, G, nh);
+        st.reset();
+    }
+    cp_async_wait<0>();
+}
+
+extern "C" int pie__cuda_flash_supported(int hd)
+{
+    return hd == 16 || hd == 32 || hd == 64 || hd == 128;
+}
+
+/* dynamic shared memory of the flash kernels: FA_STAGES KV blocks, and
+ * for the prefill kernel Q (FA_BM rows) */
+template <int HD>
+static size_t fa_smem(int with_q)
+{
+    return (FA_STAGES * 2 * FA_BN + (with_q ? FA_BM : 0)) * sizeof(uint16_t) *
+           (HD + 8);
+}
+
+/* Raises the kernel's dynamic shared-memory limit once per device (set:
+ * one bit per device ordinal, static in the caller). */
+template <typename K>
+static void fa_allow_smem(K kernel, size_t sm, uint64_t *set)
+{
+    int dev = 0;
+    if (sm <= 48 * 1024 || cudaGetDevice(&dev) != cudaSuccess) return;
+    uint64_t bit = 1ull << (dev & 63);
+    if (!(*set & bit) &&
+        cudaFuncSetAttribute(kernel, cudaFuncAttributeMaxDynamicSharedMemorySize,
+                             (int)sm) == cudaSuccess)
+        *set |= bit;
+}
+
+static int page_shift(const pie_cuda_kv *kv)
+{
+    int ps = kv->page_size;
+    return (ps & (ps - 1)) ? -1 : __builtin_ctz(ps);
+}
+
+template <int HD>
+static void flash_launch(uint16_t *out, float *part_o, float *part_ml,
+                         const float *q, const pie_cuda_attn_item *items,
+                         int n_items, const pie_cuda_tokmeta *tm,
+                         const pie_cuda_kv *kv, int layer, int nh,
+                         cudaStream_t s)
+{
+    static uint64_t set;
+    fa_allow_smem(flash_attn_kernel<HD>, fa_smem<HD>(1), &set);
+    launch_pdl(flash_attn_kernel<HD>, n_items, FA_THREADS(HD), fa_smem<HD>(1), s,
+               out, part_o, part_ml, q, items, *tm, *kv, layer, nh,
+               page_shift(kv));
+}
+
+extern "C" void pie__cuda_attention_flash(uint16_t *out, float *part_o,
+                                          float *part_ml, const float *q,
+                                          const pie_cuda_attn_item *items,
+                                          int n_items,
+                                          const pie_cuda_tokmeta *tm,
+                                          const pie_cuda_kv *kv, int layer,
+                                          int nh, cudaStream_t s)
+{
+    if (n_items <= 0) return;
+    switch (kv->head_dim) {
+#define FA_CASE(H) case H: flash_launch<H>(out, part_o, part_ml, q, items, \
+        n_items, tm, kv, layer, nh, s); break;
+    FA_CASE(16) FA_CASE(32) FA_CASE(64) FA_CASE(128)
+#undef FA_CASE
+    default: break;
+    }
+}
+
+template <int HD>
+static void dec_launch(uint16_t *out, float *part_o, float *part_ml,
+                       const float *q, const pie_cuda_attn_item *pieces,
+                       const int32_t *bstart, int n_blocks,
+                       const pie_cuda_tokmeta *tm, const pie_cuda_kv *kv,
+                       int layer, int nh, cudaStream_t s)
+{
+    static uint64_t set;
+    fa_allow_smem(flash_dec_kernel<HD>, fa_smem<HD>(0), &set);
+    /* a programmatic dependent (unless PIE_CUDA_NO_PDL): its blocks read
+     * the step's metadata while the kernel before finishes */
+    launch_pdl_if(pie__cuda_pdl() >= 1, flash_dec_kernel<HD>, n_blocks,
+                  FA_DEC_THREADS, fa_smem<HD>(0), s, out, part_o, part_ml, q,
+                  pieces, bstart, *tm, *kv, layer, nh, page_shift(kv));
+}
+
+extern "C" void pie__cuda_attention_dec(uint16_t *out, float *part_o,
+                                        float *part_ml, const float *q,
+                                        const pie_cuda_attn_item *pieces,
+                                        const int32_t *bstart, int n_blocks,
+                                        const pie_cuda_tokmeta *tm,
+                                        const pie_cuda_kv *kv, int layer,
+                                        int nh, cudaStream_t s)
+{
+    if (n_blocks <= 0) return;
+    switch (kv->head_dim) {
+#define DEC_CASE(H) case H: dec_launch<H>(out, part_o, part_ml, q, pieces, \
+        bstart, n_blocks, tm, kv, layer, nh, s); break;
+    DEC_CASE(16) DEC_CASE(32) DEC_CASE(64) DEC_CASE(128)
+#undef DEC_CASE
+    default: break;
+    }
+}
+
+/* Resident blocks of the decode kernel per SM (its persistent grid is this
+ * times the SM count). */
+extern "C" int pie__cuda_attention_dec_occupancy(int hd)
+{
+    int n = 0;
+    switch (hd) {
+#define DEC_OCC(H) case H: { static uint64_t set; \
+        fa_allow_smem(flash_dec_kernel<H>, fa_smem<H>(0), &set); \
+        cudaOccupancyMaxActiveBlocksPerMultiprocessor(&n, flash_dec_kernel<H>, \
+            FA_DEC_THREADS, fa_smem<H>(0)); break; }
+    DEC_OCC(16) DEC_OCC(32) DEC_OCC(64) DEC_OCC(128)
+#undef DEC_OCC
+    default: break;
+    }
+    return n > 0 ? n : 1;
+}

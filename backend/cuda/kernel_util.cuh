@@ -1,0 +1,126 @@
+/*
+ * kernel_util.cuh — device helpers shared by pie's CUDA kernel files
+ * (kernels.cu, attention.cu): bf16 conversions, warp and block sums, and
+ * programmatic dependent launch (PDL). Only .cu files include it.
+ */
+#ifndef PIE_CUDA_KERNEL_UTIL_CUH
+#define PIE_CUDA_KERNEL_UTIL_CUH
+
+#include <cuda_bf16.h>
+#include <stdint.h>
+
+#include "backend/cuda/cuda_kernels.h"
+
+#define WARP 32
+
+__device__ __forceinline__ float bf2f(uint16_t h)
+{
+    return __uint_as_float((uint32_t)h << 16);
+}
+
+__device__ __forceinline__ uint16_t f2bf(float f)
+{
+    __nv_bfloat16 b = __float2bfloat16_rn(f);
+    return *reinterpret_cast<uint16_t *>(&b);
+}
+
+/* Two floats as bf16, lo in the low half (the layout of adjacent bf16s). */
+__device__ __forceinline__ uint32_t pack_bf2(float lo, float hi)
+{
+    __nv_bfloat162 v = __floats2bfloat162_rn(lo, hi);
+    return *reinterpret_cast<uint32_t *>(&v);
+}
+
+__device__ __forceinline__ float warp_sum(float v)
+{
+    for (int o = WARP / 2; o > 0; o >>= 1) v += __shfl_xor_sync(0xffffffffu, v, o);
+    return v;
+}
+
+__device__ __forceinline__ float warp_max(float v)
+{
+    for (int o = WARP / 2; o > 0; o >>= 1)
+        v = fmaxf(v, __shfl_xor_sync(0xffffffffu, v, o));
+    return v;
+}
+
+/*
+ * Programmatic dependent launch (PDL). A kernel launched as a programmatic
+ * dependent (gemv.cu; with PIE_CUDA_PDL_ALL=1 also the layer kernels here,
+ * through launch_pdl) may start while the kernel before it still runs.
+ * Every layer kernel (all but the embedding, which follows host copies)
+ * begins with pdl_begin: it lets the next kernel start
+ * its blocks (griddepcontrol.launch_dependents, effective once all of this
+ * grid's blocks have run it), then waits until the kernel before has
+ * completed and its writes are visible (griddepcontrol.wait; a no-op
+ * under a plain launch) before it reads or writes anything. Since every
+ * kernel waits before it completes, completion stays ordered along the
+ * stream; what overlaps is a kernel's launch and start-up (gemv.cu: its
+ * first weight loads) with the tail of the one before. Measured on the
+ * H100 (NOTES.md), PDL for gemv.cu and the decode attention kernel (which
+ * reads its work list before the wait) is the default; PIE_CUDA_NO_PDL=1
+ * turns it off (the environment is read once per process).
+ */
+__device__ __forceinline__ void pdl_trigger(void)
+{
+    asm volatile("griddepcontrol.launch_dependents;");
+}
+
+__device__ __forceinline__ void pdl_wait(void)
+{
+    asm volatile("griddepcontrol.wait;" ::: "memory");
+}
+
+__device__ __forceinline__ void pdl_begin(void)
+{
+    pdl_trigger();
+    pdl_wait();
+}
+
+
+/* kernel<<<grid, block, smem, s>>>(args...), as a programmatic dependent
+ * of the stream's previous kernel where on (errors surface in
+ * cudaGetLastError). */
+template <typename... P, typename... A>
+inline void launch_pdl_if(bool on, void (*kernel)(P...), dim3 grid,
+                          dim3 block, size_t smem, cudaStream_t s, A... args)
+{
+    cudaLaunchConfig_t cfg = {};
+    cudaLaunchAttribute at[1];
+    at[0].id = cudaLaunchAttributeProgrammaticStreamSerialization;
+    at[0].val.programmaticStreamSerializationAllowed = 1;
+    cfg.gridDim = grid;
+    cfg.blockDim = block;
+    cfg.dynamicSmemBytes = smem;
+    cfg.stream = s;
+    cfg.attrs = at;
+    cfg.numAttrs = on;
+    cudaLaunchKernelEx(&cfg, kernel, args...);
+}
+
+/* ... where PIE_CUDA_PDL_ALL=1 */
+template <typename... P, typename... A>
+inline void launch_pdl(void (*kernel)(P...), dim3 grid, dim3 block,
+                       size_t smem, cudaStream_t s, A... args)
+{
+    launch_pdl_if(pie__cuda_pdl() >= 2, kernel, grid, block, smem, s, args...);
+}
+
+
+/* Sum over the block (blockDim.x a multiple of 32, <= 1024). */
+__device__ inline float block_sum(float v, float *red)
+{
+    int lane = threadIdx.x % WARP, w = threadIdx.x / WARP;
+    v = warp_sum(v);
+    __syncthreads();
+    if (lane == 0) red[w] = v;
+    __syncthreads();
+    int nw = blockDim.x / WARP;
+    v = threadIdx.x < nw ? red[threadIdx.x] : 0.0f;
+    if (w == 0) v = warp_sum(v);
+    if (threadIdx.x == 0) red[0] = v;
+    __syncthreads();
+    return red[0];
+}
+
+#endif
