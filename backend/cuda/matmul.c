@@ -1,0 +1,347 @@
+/*
+ * matmul.c — the CUDA backend's dense matmuls: one cuBLASLt plan per
+ * (m, n, k, output type), cached (MM_CACHE); for decode-sized m the
+ * heuristic's candidates, their split-K variants and gemv.cu are timed
+ * once per weight shape and bucket of m (m_bucket) and the fastest is kept
+ * (tuned_algo). State lives in cuda_backend (cuda_internal.h).
+ */
+#include <math.h>
+#include <stdio.h>
+#include <stdlib.h>
+#include <string.h>
+
+#include "backend/cuda/cuda_internal.h"
+
+
+/* y = x W^T, or (acc, f32 y) y += x W^T in the matmul's epilogue. */
+static cublasStatus_t mm_run(cuda_backend *c, mm_plan *p,
+                             const cublasLtMatmulAlgo_t *a, const uint16_t *W,
+                             const uint16_t *x, void *y, int acc)
+{
+    float alpha = 1.0f, beta = acc ? 1.0f : 0.0f;
+    return cublasLtMatmul(c->lt, p->desc, &alpha, W, p->a, x, p->b, &beta, y,
+                          p->c, y, p->c, a, c->lt_ws, LT_WS_BYTES, c->st);
+}
+
+/* One candidate of a timing run: cuBLASLt algo a, or (gemv_r > 0) gemv.cu
+ * with gemv_r warps per block over gemv_m rows of x (>= the plan's m: the
+ * operands must hold gemv_m rows; warm_plans' buffers hold >= OUT_CHUNK). */
+typedef struct mm_cand {
+    const cublasLtMatmulAlgo_t *a;
+    int                         gemv_r, gemv_m;
+} mm_cand;
+
+static int cand_run(cuda_backend *c, mm_plan *p, mm_cand k, const uint16_t *W,
+                    const uint16_t *x, void *y)
+{
+    if (k.gemv_r > 0)
+        return pie__cuda_gemv(y, p->y_f32, W, p->n, p->k, x, k.gemv_m,
+                              k.gemv_r, pie__cuda_pdl(), c->st) == 0;
+    return mm_run(c, p, k.a, W, x, y, 0) == CUBLAS_STATUS_SUCCESS;
+}
+
+/* Fastest of `reps` runs (ms) of candidate k, writing y, the call's own output
+ * (overwritten by the real call next); W and x are the real operands
+ * (their values do not matter).
+ * Before each run a read of a sampler buffer twice as large as the L2
+ * cache evicts W, as in a real step where the weights stream from memory
+ * (a read, not a memset: dirty lines would be written back during the
+ * timed run). */
+static float time_cand(cuda_backend *c, mm_plan *p, mm_cand k,
+                       const uint16_t *W, const uint16_t *x, void *y, int reps)
+{
+    size_t flush = (size_t)OUT_CHUNK * c->cfg.vocab_size * 4;
+    if (flush > (size_t)c->l2_bytes * 2) flush = (size_t)c->l2_bytes * 2;
+    /* As in a step, a small kernel runs just before (an RMSNorm of m rows
+     * into the sampler's scratch), so the timing includes how each
+     * candidate starts after a kernel (gemv.cu: early, under PDL). */
+    int lead = (size_t)p->m * c->cfg.dim * 2 <= (size_t)OUT_CHUNK *
+                                                c->cfg.vocab_size * 4;
+    float best = INFINITY;
+    cudaEvent_t e0, e1;
+    if (cudaEventCreate(&e0) != cudaSuccess) return INFINITY;
+    if (cudaEventCreate(&e1) != cudaSuccess) { cudaEventDestroy(e0); return INFINITY; }
+    int ok = cand_run(c, p, k, W, x, y);
+    for (int i = 0; ok && i < reps; i++) {
+        float ms = INFINITY;
+        pie__cuda_l2_flush(c->sort_k[1], (int64_t)(flush / 4), c->sort_k[0],
+                           c->st);
+        cudaEventRecord(e0, c->st);
+        if (lead)
+            pie__cuda_rmsnorm((uint16_t *)c->sort_k[0], c->x, c->final_norm,
+                              NULL, p->m, c->cfg.dim, c->cfg.norm_eps, c->st);
+        ok = cand_run(c, p, k, W, x, y);
+        cudaEventRecord(e1, c->st);
+        if (ok && cudaEventSynchronize(e1) == cudaSuccess &&
+            cudaEventElapsedTime(&ms, e0, e1) == cudaSuccess && ms < best)
+            best = ms;
+    }
+    cudaEventDestroy(e0);
+    cudaEventDestroy(e1);
+    cudaGetLastError();
+    return ok ? best : INFINITY;
+}
+
+/* Small-m matmuls (decode batches) are memory-bound and cuBLASLt's first
+ * heuristic is often not the fastest for them (split-K choices): the
+ * candidates are timed once per (shape, bucket of m: see m_bucket), when a
+ * plan is made outside graph capture, and the winner is reused for every m
+ * of the bucket it is valid for (batch sizes vary step to step in serving).
+ * Larger shapes keep the first heuristic (they vary with prefill sizes,
+ * and timing them up to m = 8192 changed 8B prefill by under 1%). */
+#define TUNE_MAX_M 256     /* timing up to 4096 rows (prefill) gained nothing */
+#define TUNE_ALGOS 16
+
+/* Buckets of m: 1..8 (decode of a few sequences: one choice, so forwards
+ * of different small row counts round alike), then powers of two. */
+static int m_bucket(int m)
+{
+    int b = 8;
+    while (b < m) b *= 2;
+    return b;
+}
+
+static tuned_algo *tuned_find(cuda_backend *c, const mm_plan *p, int mb)
+{
+    for (int i = 0; i < c->n_tuned; i++) {
+        tuned_algo *t = &c->tuned[i];
+        if (t->n == p->n && t->k == p->k && t->y_f32 == p->y_f32 &&
+            t->mb == mb)
+            return t;
+    }
+    return NULL;
+}
+
+/* Timing runs kernels, which must not land in a graph being captured. */
+static int can_time(cuda_backend *c)
+{
+    enum cudaStreamCaptureStatus cs = cudaStreamCaptureStatusNone;
+    return cudaStreamIsCapturing(c->st, &cs) == cudaSuccess &&
+           cs == cudaStreamCaptureStatusNone;
+}
+
+/* The heuristic rarely offers split-K for square decode matmuls (wo: n = k
+ * = dim), whose few output tiles leave most SMs idle at m <= 8: the
+ * candidates are also timed with their K split 2, 4 and 8 ways (reduced
+ * in the workspace) where cuBLASLt accepts that configuration. */
+static void try_split_k(cuda_backend *c, mm_plan *p,
+                        const cublasLtMatmulHeuristicResult_t *res, int found,
+                        const uint16_t *W, const uint16_t *x, void *y,
+                        float *best)
+{
+    for (int i = 0; i < found; i++)
+        for (uint32_t sk = 2; sk <= 8; sk *= 2) {
+            cublasLtMatmulAlgo_t a = res[i].algo;
+            uint32_t scheme = CUBLASLT_REDUCTION_SCHEME_COMPUTE_TYPE;
+            cublasLtMatmulHeuristicResult_t chk;
+            if (cublasLtMatmulAlgoConfigSetAttribute(
+                    &a, CUBLASLT_ALGO_CONFIG_SPLITK_NUM, &sk, sizeof sk) ||
+                cublasLtMatmulAlgoConfigSetAttribute(
+                    &a, CUBLASLT_ALGO_CONFIG_REDUCTION_SCHEME, &scheme,
+                    sizeof scheme) ||
+                cublasLtMatmulAlgoCheck(c->lt, p->desc, p->a, p->b, p->c, p->c,
+                                        &a, &chk) != CUBLAS_STATUS_SUCCESS ||
+                chk.workspaceSize > LT_WS_BYTES)
+                continue;
+            float ms = time_cand(c, p, (mm_cand){ &a, 0, 0 }, W, x, y, 2);
+            if (ms < *best) { *best = ms; p->algo = a; }
+        }
+}
+
+/* Decode matmuls (m <= 16) stream W once; gemv.cu does that at a higher
+ * bandwidth than cuBLASLt for most weight shapes. Its variants are timed
+ * at the bucket's largest m (8 or 16, its slowest row count) and win only
+ * where they beat cuBLASLt's best (timed at the plan's m) there too. */
+static void try_gemv(cuda_backend *c, mm_plan *p, const uint16_t *W,
+                     const uint16_t *x, void *y, float best)
+{
+    const int gm = m_bucket(p->m);
+    p->gemv_r = 0;
+    if (gm > PIE_CUDA_GEMV_MAX_M || getenv("PIE_CUDA_NO_GEMV") ||
+        !pie__cuda_gemv_supported(gm, p->k, W, x))
+        return;
+    float lt = best, t[4], gbest = INFINITY;
+    int gr = 0;
+    for (int r = 1, i = 0; r <= 8; r *= 2, i++) {
+        t[i] = time_cand(c, p, (mm_cand){ NULL, r, gm }, W, x, y, 3);
+        if (t[i] < gbest) { gbest = t[i]; gr = r; }
+    }
+    /* PIE_CUDA_GEMV=1 (comparisons, tests): gemv.cu wherever it runs */
+    if (gbest < lt || (getenv("PIE_CUDA_GEMV") && gbest < INFINITY))
+        p->gemv_r = gr;
+    if (getenv("PIE_CUDA_TUNE_LOG"))
+        fprintf(stderr, "pie: tune n %d k %d: cublasLt %.1f us, gemv r1/2/4/8 "
+                "%.1f/%.1f/%.1f/%.1f us (m %d) -> %s\n", p->n, p->k,
+                lt * 1e3, t[0] * 1e3, t[1] * 1e3, t[2] * 1e3, t[3] * 1e3, gm,
+                p->gemv_r ? "gemv" : "cublasLt");
+}
+
+static void pick_algo(cuda_backend *c, mm_plan *p,
+                      const cublasLtMatmulHeuristicResult_t *res, int found,
+                      const uint16_t *W, const uint16_t *x, void *y)
+{
+    p->algo = res[0].algo;
+    p->gemv_r = 0;
+    if (p->m > TUNE_MAX_M || getenv("PIE_CUDA_NO_TUNE")) return;  /* no gemv */
+    int mb = m_bucket(p->m);
+    tuned_algo *t = tuned_find(c, p, mb);
+    cublasLtMatmulHeuristicResult_t chk;
+    if (t) {                       /* every m of the bucket: the same choice */
+        p->gemv_r = t->gemv_r;     /* (the heuristic's algo where the timed */
+        if (cublasLtMatmulAlgoCheck(c->lt, p->desc, p->a, p->b, p->c, p->c,
+                                    &t->algo, &chk) == CUBLAS_STATUS_SUCCESS &&
+            chk.workspaceSize <= LT_WS_BYTES)   /* one does not fit this m) */
+            p->algo = t->algo;
+        return;
+    }
+    if (!can_time(c)) return;
+    float best = INFINITY;
+    for (int i = 0; i < found; i++) {
+        float ms = time_cand(c, p, (mm_cand){ &res[i].algo, 0, 0 }, W, x, y, 3);
+        if (ms < best) { best = ms; p->algo = res[i].algo; }
+    }
+    try_split_k(c, p, res, found, W, x, y, &best);
+    try_gemv(c, p, W, x, y, best);
+    t = &c->tuned[c->n_tuned < TUNED_MAX ? c->n_tuned++
+                                         : (c->tuned_next++ % TUNED_MAX)];
+    *t = (tuned_algo){ p->n, p->k, p->y_f32, mb, p->algo, p->gemv_r };
+}
+
+static int plan_make(cuda_backend *c, mm_plan *p, int m, int n, int k,
+                     int y_f32, const uint16_t *W,
+                     const uint16_t *x, void *y)
+{
+    cudaDataType_t yt = y_f32 ? CUDA_R_32F : CUDA_R_16BF;
+    cublasOperation_t ta = CUBLAS_OP_T;
+    CKLT(cublasLtMatmulDescCreate(&p->desc, CUBLAS_COMPUTE_32F, CUDA_R_32F));
+    CKLT(cublasLtMatmulDescSetAttribute(p->desc, CUBLASLT_MATMUL_DESC_TRANSA,
+                                        &ta, sizeof ta));
+    CKLT(cublasLtMatrixLayoutCreate(&p->a, CUDA_R_16BF, k, n, k));
+    CKLT(cublasLtMatrixLayoutCreate(&p->b, CUDA_R_16BF, k, m, k));
+    CKLT(cublasLtMatrixLayoutCreate(&p->c, yt, n, m, n));
+    cublasLtMatmulPreference_t pref;
+    CKLT(cublasLtMatmulPreferenceCreate(&pref));
+    size_t ws = LT_WS_BYTES;
+    cublasLtMatmulPreferenceSetAttribute(
+        pref, CUBLASLT_MATMUL_PREF_MAX_WORKSPACE_BYTES, &ws, sizeof ws);
+    cublasLtMatmulHeuristicResult_t res[TUNE_ALGOS];
+    int found = 0;
+    cublasStatus_t s = cublasLtMatmulAlgoGetHeuristic(
+        c->lt, p->desc, p->a, p->b, p->c, p->c, pref, TUNE_ALGOS, res, &found);
+    cublasLtMatmulPreferenceDestroy(pref);
+    p->m = m; p->n = n; p->k = k; p->y_f32 = y_f32;
+    p->used = 1;            /* the descriptors are freed with the plan */
+    if (s != CUBLAS_STATUS_SUCCESS || found == 0)
+        return pie_err_set(PIE_EDEVICE, "cublasLt: no algorithm for %dx%dx%d",
+                           m, n, k);
+    pick_algo(c, p, res, found, W, x, y);
+    return 0;
+}
+
+void cuda_plan_free(mm_plan *p)
+{
+    if (!p->used) return;
+    cublasLtMatmulDescDestroy(p->desc);
+    cublasLtMatrixLayoutDestroy(p->a);
+    cublasLtMatrixLayoutDestroy(p->b);
+    cublasLtMatrixLayoutDestroy(p->c);
+    p->used = 0;
+}
+
+/* The cached plan of (m, n, k, y_f32), made (and timed) on first use. */
+static int plan_for(cuda_backend *c, mm_plan **out, void *y, int y_f32,
+                    const uint16_t *W, int n, int k, const uint16_t *x, int m)
+{
+    for (int i = 0; i < MM_CACHE; i++) {
+        mm_plan *q = &c->plans[i];
+        if (q->used && q->m == m && q->n == n && q->k == k &&
+            q->y_f32 == y_f32) {
+            *out = q;
+            return 0;
+        }
+    }
+    mm_plan *p = &c->plans[c->plan_next];
+    c->plan_next = (c->plan_next + 1) % MM_CACHE;
+    cuda_plan_free(p);
+    int rc = plan_make(c, p, m, n, k, y_f32, W, x, y);
+    if (rc) { cuda_plan_free(p); return rc; }
+    *out = p;
+    return 0;
+}
+
+/* y (m, n) = x (m, k) · W^T, W (n, k) bf16, x bf16, y f32 or bf16.
+ * gemv.cu runs only in decode steps (is_decode), so a prompt's prefill
+ * takes the same kernels alone or batched, and a sequence's decode logits
+ * do not depend on how many others decode with it while the batch stays
+ * in one bucket of m (1..8, 9..16: gemv.cu is m-invariant for a given r). */
+static int mm_to(cuda_backend *c, void *y, int y_f32, int acc,
+                 const uint16_t *W, int n, int k, const uint16_t *x, int m)
+{
+    mm_plan *p;
+    /* a plan made here times its candidates into its output: never into
+     * the residual stream an accumulating call adds to */
+    int rc = plan_for(c, &p, acc ? (void *)c->dx : y, y_f32, W, n, k, x, m);
+    if (rc) return rc;
+    if (p->gemv_r > 0 && c->decode_step &&
+        pie__cuda_gemv(y, acc ? 2 : y_f32, W, n, k, x, m, p->gemv_r,
+                       pie__cuda_pdl(), c->st) == 0) {
+        c->n_gemv++;
+        return 0;
+    }
+    CKLT(mm_run(c, p, &p->algo, W, x, y, acc));
+    return 0;
+}
+
+int cuda_mm(cuda_backend *c, void *y, int y_f32,
+            const uint16_t *W, int n, int k, const uint16_t *x, int m)
+{
+    return mm_to(c, y, y_f32, 0, W, n, k, x, m);
+}
+
+/* y (f32) += x W^T: the residual add of wo and w_down, in the matmul's
+ * epilogue (one f32 rounding, as the add of a separate kernel had). */
+int cuda_mm_add(cuda_backend *c, float *y, const uint16_t *W, int n, int k,
+                const uint16_t *x, int m)
+{
+    return mm_to(c, y, 1, 1, W, n, k, x, m);
+}
+
+/* h (m, hid) = silu(gate) * up of gu = x . Wgu^T: in decode steps where
+ * gemv.cu won the gate/up shape, one kernel with the SwiGLU in its
+ * epilogue (gu is not written); else the matmul into gu, then silu_mul.
+ * Both give the same bits. */
+int cuda_mm_glu(cuda_backend *c, uint16_t *h, uint16_t *gu,
+                const uint16_t *Wgu, int hid, int k, const uint16_t *x, int m)
+{
+    mm_plan *p;
+    int rc = plan_for(c, &p, gu, 0, Wgu, 2 * hid, k, x, m);
+    if (rc) return rc;
+    if (p->gemv_r > 0 && c->decode_step &&
+        pie__cuda_gemv_glu(h, Wgu, hid, k, x, m, p->gemv_r, pie__cuda_pdl(),
+                           c->st) == 0) {
+        c->n_gemv++;
+        return 0;
+    }
+    CKLT(mm_run(c, p, &p->algo, Wgu, x, gu, 0));  /* the plan found above */
+    pie__cuda_silu_mul(h, gu, m, hid, c->st);
+    return 0;
+}
+
+/* Plans (and times) every matmul shape of a layer and the LM head for the
+ * decode-sized buckets of m, so that no step pays for it. */
+int cuda_warm_plans(cuda_backend *c)
+{
+    const pie_model_config *g = &c->cfg;
+    const cuda_layer *L = &c->layers[0];
+    int dim = g->dim, qd = g->n_heads * g->head_dim, hid = g->hidden_dim;
+    int qkvd = qd + 2 * g->n_kv_heads * g->head_dim, rc;
+    for (int m = 1; m <= TUNE_MAX_M; m = m < 16 ? 16 : 2 * m) {
+        TRY(cuda_mm(c, c->qkv, 0, L->wqkv, qkvd, dim, c->xb, m));
+        TRY(cuda_mm(c, c->dx, 1, L->wo, dim, qd, c->att, m));
+        TRY(cuda_mm(c, c->gu, 0, L->wgu, 2 * hid, dim, c->xb, m));
+        TRY(cuda_mm(c, c->dx, 1, L->wdown, dim, hid, c->h, m));
+        TRY(cuda_mm(c, c->logits, 1, c->lm_head, g->vocab_size, dim, c->xo, m));
+    }
+    CK(cudaStreamSynchronize(c->st));
+    return 0;
+}
