@@ -1,0 +1,140 @@
+/*
+ * test_dec_plan.c — the decode attention planner (backend/cuda/dec_plan.c)
+ * on the host, no GPU needed: random sets of grouped items (empty ones,
+ * long ones, starts on and off the 64-slot grid) cut for grids of 1..400
+ * blocks. Checked against a direct count, for every plan:
+ *   - capacities: pieces <= items + blocks, merges <= blocks;
+ *   - bstart runs from 0 to the piece count without going down;
+ *   - the pieces of each item cover its slots exactly once, in order, and
+ *     every cut lies on the item's 64-slot grid;
+ *   - each working block streams floor or ceil of (KV blocks / working
+ *     blocks), at least min_kv unless there are fewer KV blocks in all;
+ *   - a whole item writes its output (part -1); a cut item's pieces write
+ *     consecutive partial rows (nt * G each) and one merge item names them.
+ */
+#include <stdint.h>
+#include <stdlib.h>
+#include <string.h>
+
+#include "backend/cuda/cuda_kernels.h"
+#include "tests/test_util.h"
+
+#define MAX_ITEMS 64
+#define MAX_BLOCKS 400
+#define BLK PIE_CUDA_DEC_BLOCK
+
+static int64_t kv_blocks(const pie_cuda_attn_item *it)
+{
+    int64_t n = ((int64_t)it->s1 - it->s0 + BLK - 1) / BLK;
+    return n > 0 ? n : 1;
+}
+
+/* Random items: nt tokens x G heads, lengths 0..3000, s0 on the grid or
+ * not. */
+static int make_items(pie_cuda_attn_item *it, int G)
+{
+    int n = rand() % MAX_ITEMS;
+    for (int i = 0; i < n; i++) {
+        int nt = 1 + rand() % (PIE_CUDA_FLASH_DEC_ROWS / G);
+        int s0 = rand() % 3 == 0 ? (rand() % 4) * BLK : 0;
+        int len = rand() % 5 == 0 ? 0 : rand() % 3000;
+        it[i] = (pie_cuda_attn_item){ rand() % 8, i * 4, nt, rand() % 8,
+                                      s0, s0 + len, -1, 1 };
+    }
+    return n;
+}
+
+/* Each item's pieces cover [s0, s1) once, cut on its grid; merges and
+ * partial rows agree. */
+static void check_cover(const pie_cuda_attn_item *it, int n, int G,
+                        const pie_cuda_attn_item *pc, int npc,
+                        const pie_cuda_merge_item *mg, int nm, int64_t part0,
+                        int64_t parts)
+{
+    int p = 0, m = 0;
+    int64_t next_part = part0;
+    for (int i = 0; i < n; i++) {
+        int first = p, at = it[i].s0, R = it[i].nt * G;
+        do {
+            CHECK(p < npc, "item %d: pieces end early", i);
+            CHECK(pc[p].t0 == it[i].t0 && pc[p].kvh == it[i].kvh &&
+                  pc[p].req == it[i].req && pc[p].nt == it[i].nt,
+                  "piece %d is not item %d's", p, i);
+            CHECK(pc[p].s0 == at, "item %d: piece %d starts at %d, not %d",
+                  i, p, pc[p].s0, at);
+            CHECK((pc[p].s0 - it[i].s0) % BLK == 0, "cut off the grid");
+            at = pc[p].s1;
+            p++;
+        } while (at < it[i].s1);
+        CHECK(at == it[i].s1, "item %d: pieces end at %d, not %d", i, at,
+              it[i].s1);
+        int ns = p - first;
+        if (ns == 1) {
+            CHECK(pc[first].part == -1, "whole item %d writes partials", i);
+            continue;
+        }
+        CHECK(m < nm, "item %d is cut %d ways without a merge", i, ns);
+        CHECK(mg[m].t0 == it[i].t0 && mg[m].nt == it[i].nt &&
+              mg[m].kvh == it[i].kvh && mg[m].nsplit == ns &&
+              mg[m].part == next_part, "merge %d of item %d", m, i);
+        for (int s = 0; s < ns; s++)
+            CHECK(pc[first + s].part == next_part + s * R,
+                  "item %d piece %d: part %d", i, s, pc[first + s].part);
+        next_part += (int64_t)ns * R;
+        m++;
+    }
+    CHECK(p == npc && m == nm, "%d of %d pieces, %d of %d merges used", p,
+          npc, m, nm);
+    CHECK(parts == next_part, "returned %lld partial rows, used %lld",
+          (long long)parts, (long long)next_part);
+}
+
+/* Block shares: equal to within one KV block, at least min_kv. */
+static void check_blocks(const pie_cuda_attn_item *pc, const int32_t *bst,
+                         int nb, int npc, int64_t T, int min_kv)
+{
+    CHECK(bst[0] == 0 && bst[nb] == npc, "bstart %d .. %d of %d pieces",
+          bst[0], bst[nb], npc);
+    int64_t lo = INT64_MAX, hi = 0;
+    int working = 0;
+    for (int b = 0; b < nb; b++) {
+        CHECK(bst[b] <= bst[b + 1], "bstart goes down at %d", b);
+        int64_t kv = 0;
+        for (int p = bst[b]; p < bst[b + 1]; p++) kv += kv_blocks(&pc[p]);
+        if (!kv) continue;
+        working++;
+        if (kv < lo) lo = kv;
+        if (kv > hi) hi = kv;
+    }
+    if (!T) return;
+    CHECK(hi - lo <= 1, "shares %lld .. %lld", (long long)lo, (long long)hi);
+    CHECK(lo >= min_kv || working == 1, "a share of %lld < %d", (long long)lo,
+          min_kv);
+    CHECK(lo * working <= T && hi * working >= T, "shares do not add up");
+}
+
+int main(void)
+{
+    static pie_cuda_attn_item it[MAX_ITEMS], pc[MAX_ITEMS + MAX_BLOCKS];
+    static pie_cuda_merge_item mg[MAX_BLOCKS];
+    static int32_t bst[MAX_BLOCKS + 1];
+    srand(12345);
+    int plans = 0;
+    for (int trial = 0; trial < 20000; trial++) {
+        int G = 1 << (rand() % 4);                  /* 1, 2, 4, 8 */
+        int n = make_items(it, G), nb = 1 + rand() % MAX_BLOCKS;
+        int min_kv = rand() % 4, npc = -1, nm = -1;
+        int64_t part0 = rand() % 100, T = 0;
+        for (int i = 0; i < n; i++) T += kv_blocks(&it[i]);
+        memset(bst, 0xff, sizeof bst);
+        int64_t parts = pie_cuda_dec_plan(it, n, G, nb, min_kv, part0, pc,
+                                          &npc, bst, mg, &nm);
+        CHECK(npc >= 0 && npc <= n + nb && nm >= 0 && nm <= nb,
+              "%d pieces, %d merges for %d items on %d blocks", npc, nm, n, nb);
+        check_cover(it, n, G, pc, npc, mg, nm, part0, parts);
+        check_blocks(pc, bst, nb, npc, T, min_kv < 1 ? 1 : min_kv);
+        plans++;
+    }
+    printf("dec_plan: %d random plans ok (%d checks)\n", plans, test_n_checks);
+    return 0;
+}
