@@ -46,10 +46,12 @@ __device__ __forceinline__ float warp_max(float v)
 
 /*
  * Programmatic dependent launch (PDL). A kernel launched as a programmatic
- * dependent (gemv.cu; with PIE_CUDA_PDL_ALL=1 also the layer kernels here,
- * through launch_pdl) may start while the kernel before it still runs.
- * Every layer kernel (all but the embedding, which follows host copies)
- * begins with pdl_begin: it lets the next kernel start
+ * dependent (gemv.cu, the decode attention kernel; with PIE_CUDA_PDL_ALL=1
+ * every layer kernel launched through launch_pdl) may start while the
+ * kernel before it still runs. Every layer kernel (all but the embedding,
+ * which follows host copies) begins with pdl_begin (the decode attention
+ * kernel splits it: pdl_trigger, its work list, pdl_wait): it lets the
+ * next kernel start
  * its blocks (griddepcontrol.launch_dependents, effective once all of this
  * grid's blocks have run it), then waits until the kernel before has
  * completed and its writes are visible (griddepcontrol.wait; a no-op
