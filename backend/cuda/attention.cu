@@ -42,6 +42,26 @@ static __device__ __forceinline__ void load8(const uint16_t *p, float *f)
     }
 }
 
+/* f[u] = the 8 values at src of slots j0 + u * step (zeros from s1 on);
+ * src: the lane's columns of layer + kv head + K or V in page 0. */
+static __device__ __forceinline__ void load_slots(float (*f)[8],
+                                                  const uint16_t *src,
+                                                  const int *pages, int64_t pe,
+                                                  int ps, int hd, int j0,
+                                                  int step, int s1)
+{
+#pragma unroll
+    for (int u = 0; u < U; u++) {
+        int j = j0 + u * step;
+        if (j < s1) {
+            load8(src + pages[j / ps] * pe + (int64_t)(j % ps) * hd, f[u]);
+        } else {
+#pragma unroll
+            for (int e = 0; e < 8; e++) f[u][e] = 0.0f;
+        }
+    }
+}
+
 static __device__ __forceinline__ bool attn_allowed(const pie_cuda_tokmeta &tm,
                                                     int t, int j)
 {
@@ -89,17 +109,8 @@ attention_kernel(uint16_t *out, float *part_o, float *part_ml, const float *q,
     /* pass 1: U slots per group in flight */
     for (int base = it.s0; base < it.s1; base += NG * U) {
         float kf[U][8];
-#pragma unroll
-        for (int u = 0; u < U; u++) {
-            int j = base + u * NG + gi;
-            if (j < it.s1) {
-                load8(kv.pool + pages[j / ps] * page_elems + lay +
-                      (int64_t)(j % ps) * hd + li * 8, kf[u]);
-            } else {
-#pragma unroll
-                for (int e = 0; e < 8; e++) kf[u][e] = 0.0f;
-            }
-        }
+        load_slots(kf, kv.pool + lay + li * 8, pages, page_elems, ps, hd,
+                   base + gi, NG, it.s1);
 #pragma unroll
         for (int r = 0; r < RMAX; r++) {
             if (r >= R) break;
@@ -149,17 +160,8 @@ attention_kernel(uint16_t *out, float *part_o, float *part_ml, const float *q,
         for (int e = 0; e < 8; e++) acc[r][e] = 0.0f;
     for (int base = it.s0 + gi; base < it.s1; base += NG * U) {
         float vf[U][8];
-#pragma unroll
-        for (int u = 0; u < U; u++) {
-            int j = base + u * NG;
-            if (j < it.s1) {
-                load8(kv.pool + pages[j / ps] * page_elems + lay + voff +
-                      (int64_t)(j % ps) * hd + li * 8, vf[u]);
-            } else {
-#pragma unroll
-                for (int e = 0; e < 8; e++) vf[u][e] = 0.0f;
-            }
-        }
+        load_slots(vf, kv.pool + lay + voff + li * 8, pages, page_elems, ps,
+                   hd, base, NG, it.s1);
 #pragma unroll
         for (int u = 0; u < U; u++) {
             int j = base + u * NG;
@@ -460,15 +462,17 @@ static __device__ __forceinline__ void fa_load(uint16_t *Kb, uint16_t *Vb,
                                                int ps, int psh, int s0, int s1)
 {
     constexpr int LD = HD + 8, CPR = HD / 8, SPW = FA_BN / (TH / WARP);
-    if (SPW * CPR % WARP == 0 && psh >= 0 && ps >= SPW &&
-        (s0 & (SPW - 1)) == 0) {
-        int g0 = s0 + threadIdx.x / WARP * SPW;
-        const uint16_t *base = pool;
-        if (g0 < s1)
-            base = pool + pages[g0 >> psh] * pe + lay + (int64_t)(g0 & (ps - 1)) * HD;
-        fa_load_group<HD, (SPW * CPR % WARP == 0 ? SPW : WARP)>(
-            Kb + (threadIdx.x / WARP) * SPW * LD, Vb - Kb, base, pool, voff, s1 - g0);
-        return;
+    if constexpr (SPW * CPR % WARP == 0) {    /* whole warp rounds a group */
+        if (psh >= 0 && ps >= SPW && (s0 & (SPW - 1)) == 0) {
+            int g0 = s0 + threadIdx.x / WARP * SPW;
+            const uint16_t *base = pool;
+            if (g0 < s1)
+                base = pool + pages[g0 >> psh] * pe + lay +
+                       (int64_t)(g0 & (ps - 1)) * HD;
+            fa_load_group<HD, SPW>(Kb + (threadIdx.x / WARP) * SPW * LD,
+                                   Vb - Kb, base, pool, voff, s1 - g0);
+            return;
+        }
     }
 #pragma unroll
     for (int i = 0; i < (FA_BN * HD / 8 + TH - 1) / TH; i++) {

@@ -404,15 +404,63 @@ static int64_t plan_dec(cuda_backend *c, int64_t parts)
     return parts;
 }
 
-/* Work items of the attention kernel into c->items / c->merges. want =
- * splits wished per tile for occupancy; range_of[t] = slots token t may see
- * under its mask. Returns the number of partial rows or a negative code. */
+/* The decode kernel's items for one tile (tokens t0 .. t0 + nt of request
+ * r): one per kv head, whole; plan_dec cuts them later. */
+static int plan_grouped(cuda_backend *c, int r, int t0, int nt, int64_t range)
+{
+    int nkv = c->cfg.n_kv_heads;
+    int rc = grow((void **)&c->gitems, &c->cap_gitems, c->n_gitems + nkv,
+                  sizeof *c->gitems);
+    if (rc) return rc;
+    for (int h = 0; h < nkv; h++)
+        c->gitems[c->n_gitems++] =
+            (pie_cuda_attn_item){ r, t0, nt, h, 0, (int)range, -1, 1 };
+    return 0;
+}
+
+/* The CUDA-core kernel's items for one tile: per kv head, ns splits of
+ * [0, range) (want per tile for occupancy, at least what its score buffer
+ * needs), merged when ns > 1; *parts advances by the partial rows. */
+static int plan_split(cuda_backend *c, int r, int t0, int nt, int64_t range,
+                      int want, int64_t *parts)
+{
+    int nkv = c->cfg.n_kv_heads, G = c->cfg.n_heads / nkv;
+    int64_t need = (range + PIE_CUDA_ATTN_CHUNK - 1) / PIE_CUDA_ATTN_CHUNK;
+    int64_t opt = (range + 127) / 128;
+    int64_t ns = want < opt ? want : opt;
+    if (ns < need) ns = need;
+    if (ns < 1) ns = 1;
+    int rc = grow((void **)&c->items, &c->cap_items, c->n_items + ns * nkv,
+                  sizeof *c->items);
+    if (!rc)
+        rc = grow((void **)&c->merges, &c->cap_merges, c->n_merges + nkv,
+                  sizeof *c->merges);
+    if (rc) return rc;
+    for (int h = 0; h < nkv; h++) {
+        if (ns > 1)
+            c->merges[c->n_merges++] = (pie_cuda_merge_item){
+                t0, nt, h, (int)ns, (int)*parts, {0, 0, 0} };
+        for (int64_t s = 0; s < ns; s++) {
+            int sl = (int)(range * (s + 1) / ns - range * s / ns);
+            if (sl > c->max_slots) c->max_slots = sl;
+            c->items[c->n_items++] = (pie_cuda_attn_item){
+                r, t0, nt, h, (int)(range * s / ns), (int)(range * (s + 1) / ns),
+                ns > 1 ? (int)(*parts + s * nt * G) : -1, 0 };
+        }
+        if (ns > 1) *parts += ns * nt * G;
+    }
+    return 0;
+}
+
+/* Work items of the attention kernels: prefill tiles (plan_flash), decode
+ * tiles for the tensor-core decode kernel (plan_grouped, then plan_dec) or
+ * the CUDA-core kernel (plan_split). want = splits wished per tile of the
+ * latter; range_of[t] = slots token t may see under its mask. Returns the
+ * number of partial rows or a negative code. */
 static int64_t plan_attention(cuda_backend *c, const pie_forward_batch *b,
                               int want, const uint32_t *range_of)
 {
-    const pie_model_config *g = &c->cfg;
-    int G = g->n_heads / g->n_kv_heads, T = tile_tokens(c);
-    int ps = c->base.page_size, fd = use_flash_dec(c);
+    int T = tile_tokens(c), ps = c->base.page_size, fd = use_flash_dec(c);
     int64_t parts = 0;
     c->n_items = c->n_merges = c->n_fitems = c->n_gitems = 0;
     c->max_slots = 0;
@@ -433,37 +481,9 @@ static int64_t plan_attention(cuda_backend *c, const pie_forward_batch *b,
                 for (int t = t0; t < t0 + nt; t++)
                     if (range_of[t] > range) range = range_of[t];
             }
-            int64_t need = (range + PIE_CUDA_ATTN_CHUNK - 1) / PIE_CUDA_ATTN_CHUNK;
-            int64_t opt = (range + 127) / 128;
-            int64_t ns = want < opt ? want : opt;
-            if (ns < need) ns = need;
-            if (ns < 1 || fd) ns = 1;       /* fd: dec_plan balances */
-            int rc = fd ? grow((void **)&c->gitems, &c->cap_gitems,
-                               c->n_gitems + ns * g->n_kv_heads, sizeof *c->gitems)
-                        : grow((void **)&c->items, &c->cap_items,
-                               c->n_items + ns * g->n_kv_heads, sizeof *c->items);
-            if (!rc)
-                rc = grow((void **)&c->merges, &c->cap_merges,
-                          c->n_merges + g->n_kv_heads, sizeof *c->merges);
+            int rc = fd ? plan_grouped(c, r, t0, nt, range)
+                        : plan_split(c, r, t0, nt, range, want, &parts);
             if (rc) return rc;
-            for (int h = 0; h < g->n_kv_heads; h++) {
-                if (ns > 1) {
-                    pie_cuda_merge_item mi = { t0, nt, h, (int)ns, (int)parts,
-                                               {0, 0, 0} };
-                    c->merges[c->n_merges++] = mi;
-                }
-                for (int64_t s = 0; s < ns; s++) {
-                    int sl = (int)(range * (s + 1) / ns - range * s / ns);
-                    if (sl > c->max_slots) c->max_slots = sl;
-                    pie_cuda_attn_item it = {
-                        r, t0, nt, h, (int)(range * s / ns),
-                        (int)(range * (s + 1) / ns),
-                        ns > 1 ? (int)(parts + s * nt * G) : -1, fd };
-                    if (fd) c->gitems[c->n_gitems++] = it;
-                    else c->items[c->n_items++] = it;
-                }
-                if (ns > 1) parts += ns * nt * G;
-            }
         }
     }
     /* Sizes the CUDA-core kernel's score buffer; rounded so that decode

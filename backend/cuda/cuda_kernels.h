@@ -94,12 +94,6 @@ void pie__cuda_embed(float *x, const uint16_t *embed, const int32_t *tok,
 void pie__cuda_rmsnorm(uint16_t *out, const float *x, const float *w,
                        const int32_t *rows, int n, int dim, float eps,
                        cudaStream_t s);
-/* The residual add fused in: with rows == NULL, x[i] += d[i] (written
- * back), then out[i] = bf16(rmsnorm(x[i]) * w); with rows, out[i] =
- * bf16(rmsnorm(x[rows[i]] + d[rows[i]]) * w) and x is left as it is. */
-void pie__cuda_add_rmsnorm(uint16_t *out, float *x, const float *d,
-                           const float *w, const int32_t *rows, int n,
-                           int dim, float eps, cudaStream_t s);
 /* Post-projection of fused qkv (n, (nh+2nkv)*hd) bf16: + bias, per-head
  * q/k RMSNorm (qwen3), RoPE (half-split) at positions; q out (n, nh*hd) f32,
  * K and V appended into the pool at each token's slot for this layer. */

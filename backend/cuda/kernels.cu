@@ -44,54 +44,38 @@ extern "C" void pie__cuda_embed(float *x, const uint16_t *embed,
 
 /* -------------------------------------------------------------- rmsnorm */
 
-/* Row i of x, plus row i of d when d is given: written back into x for
- * plain rows (the residual add), kept in registers for gathered rows (the
- * final norm of output rows, which may repeat). */
-__global__ void rmsnorm_kernel(uint16_t *out, float *x, const float *d,
-                               const float *w, const int32_t *rows, int dim,
-                               float eps)
+/* Row i of x, or row rows[i] (the final norm of output rows, which may
+ * repeat). The residual add happens in the wo / w_down matmuls. */
+__global__ void rmsnorm_kernel(uint16_t *out, const float *x, const float *w,
+                               const int32_t *rows, int dim, float eps)
 {
     pdl_begin();
-    // out (n, dim) bf16, x (*, dim) f32, d like x or NULL
+    // out (n, dim) bf16, x (*, dim) f32
     __shared__ float red[32];
     int i = blockIdx.x;
-    int64_t base = (int64_t)(rows ? rows[i] : i) * dim;
-    float *xr = x + base;
-    const float *dr = d ? d + base : NULL;
+    const float *xr = x + (int64_t)(rows ? rows[i] : i) * dim;
     float ss = 0.0f;
-    for (int k = threadIdx.x; k < dim; k += blockDim.x) {
-        float v = xr[k] + (dr ? dr[k] : 0.0f);
-        if (dr && !rows) xr[k] = v;
-        ss += v * v;
-    }
+    for (int k = threadIdx.x; k < dim; k += blockDim.x) ss += xr[k] * xr[k];
     ss = block_sum(ss, red);
     float r = rsqrtf(ss / dim + eps);
-    for (int k = threadIdx.x; k < dim; k += blockDim.x) {
-        float v = (dr && rows) ? xr[k] + dr[k] : xr[k];
-        out[(int64_t)i * dim + k] = f2bf(v * r * w[k]);
-    }
-}
-
-static __device__ __forceinline__ float4 add4(float4 a, float4 b)
-{
-    return make_float4(a.x + b.x, a.y + b.y, a.z + b.z, a.w + b.w);
+    for (int k = threadIdx.x; k < dim; k += blockDim.x)
+        out[(int64_t)i * dim + k] = f2bf(xr[k] * r * w[k]);
 }
 
 /* dim % 4 == 0 and dim <= 4 * RMS_VEC * blockDim.x: every thread loads its
  * float4s of the row at once and keeps them in registers, so a row costs
  * one memory round trip (decode steps normalize one row per block). */
 #define RMS_VEC 4
-__global__ void rmsnorm_vec_kernel(uint16_t *out, float *x, const float *d,
+__global__ void rmsnorm_vec_kernel(uint16_t *out, const float *x,
                                    const float *w, const int32_t *rows,
                                    int dim, float eps)
 {
     pdl_begin();
-    // out (n, dim) bf16, x (*, dim) f32, d like x or NULL
+    // out (n, dim) bf16, x (*, dim) f32
     __shared__ float red[32];
     int i = blockIdx.x, n4 = dim / 4;
-    int64_t base = (int64_t)(rows ? rows[i] : i) * dim;
-    float4 *xr = reinterpret_cast<float4 *>(x + base);
-    const float4 *dr = d ? reinterpret_cast<const float4 *>(d + base) : NULL;
+    const float4 *xr = reinterpret_cast<const float4 *>(
+        x + (int64_t)(rows ? rows[i] : i) * dim);
     const float4 *w4 = reinterpret_cast<const float4 *>(w);
     float4 v[RMS_VEC];
     float ss = 0.0f;
@@ -99,7 +83,7 @@ __global__ void rmsnorm_vec_kernel(uint16_t *out, float *x, const float *d,
     for (int k = 0; k < RMS_VEC; k++) {
         int j = threadIdx.x + k * blockDim.x;
         v[k] = make_float4(0.0f, 0.0f, 0.0f, 0.0f);
-        if (j < n4) v[k] = dr ? add4(xr[j], dr[j]) : xr[j];
+        if (j < n4) v[k] = xr[j];
         ss += v[k].x * v[k].x + v[k].y * v[k].y + v[k].z * v[k].z +
               v[k].w * v[k].w;
     }
@@ -110,32 +94,24 @@ __global__ void rmsnorm_vec_kernel(uint16_t *out, float *x, const float *d,
     for (int k = 0; k < RMS_VEC; k++) {
         int j = threadIdx.x + k * blockDim.x;
         if (j >= n4) break;
-        if (dr && !rows) xr[j] = v[k];
         float4 g = w4[j];
         o[j] = make_uint2(pack_bf2(v[k].x * r * g.x, v[k].y * r * g.y),
                           pack_bf2(v[k].z * r * g.z, v[k].w * r * g.w));
     }
 }
 
-extern "C" void pie__cuda_add_rmsnorm(uint16_t *out, float *x, const float *d,
-                                      const float *w, const int32_t *rows,
-                                      int n, int dim, float eps, cudaStream_t s)
-{
-    if (n <= 0) return;
-    int n4 = dim / 4, th = (n4 + 31) & ~31;
-    if (th > 1024) th = 1024;
-    if (dim % 4 == 0 && n4 <= RMS_VEC * th)
-        launch_pdl(rmsnorm_vec_kernel, n, th, 0, s, out, x, d, w, rows, dim, eps);
-    else
-        launch_pdl(rmsnorm_kernel, n, 256, 0, s, out, x, d, w, rows, dim, eps);
-}
 
 extern "C" void pie__cuda_rmsnorm(uint16_t *out, const float *x,
                                   const float *w, const int32_t *rows, int n,
                                   int dim, float eps, cudaStream_t s)
 {
-    /* without d nothing is written to x */
-    pie__cuda_add_rmsnorm(out, (float *)x, NULL, w, rows, n, dim, eps, s);
+    if (n <= 0) return;
+    int n4 = dim / 4, th = (n4 + 31) & ~31;
+    if (th > 1024) th = 1024;
+    if (dim % 4 == 0 && n4 <= RMS_VEC * th)
+        launch_pdl(rmsnorm_vec_kernel, n, th, 0, s, out, x, w, rows, dim, eps);
+    else
+        launch_pdl(rmsnorm_kernel, n, 256, 0, s, out, x, w, rows, dim, eps);
 }
 
 /* ------------------------------------------------------------- qkv post */

@@ -12,7 +12,6 @@
 
 #include "backend/cuda/cuda_internal.h"
 
-
 /* y = x W^T, or (acc, f32 y) y += x W^T in the matmul's epilogue. */
 static cublasStatus_t mm_run(cuda_backend *c, mm_plan *p,
                              const cublasLtMatmulAlgo_t *a, const uint16_t *W,
@@ -40,9 +39,10 @@ static int cand_run(cuda_backend *c, mm_plan *p, mm_cand k, const uint16_t *W,
     return mm_run(c, p, k.a, W, x, y, 0) == CUBLAS_STATUS_SUCCESS;
 }
 
-/* Fastest of `reps` runs (ms) of candidate k, writing y, the call's own output
- * (overwritten by the real call next); W and x are the real operands
- * (their values do not matter).
+/* Fastest of `reps` runs (ms) of candidate k, writing y (the call's own
+ * output, overwritten by the real call next, or scratch for a call that
+ * accumulates into its output); W and x are the real operands (their
+ * values do not matter).
  * Before each run a read of a sampler buffer twice as large as the L2
  * cache evicts W, as in a real step where the weights stream from memory
  * (a read, not a memset: dirty lines would be written back during the
