@@ -30,6 +30,11 @@
 #   profile per-operation GPU time of decode steps (PIE_CUDA_PROFILE=1)
 #   thr     decode at the throughput targets' shapes (1B B=64/256, 8B B=256)
 #   ncuattn ncu of decode attention (stalls, memory, occupancy), three shapes
+#   preab   prefill of old.tar.xz and this build, interleaved, twice
+#   decab   decode of old.tar.xz and this build at batch 1, 16 and 64, twice
+#   proffill per-operation GPU time of an 8B 4 x 2048 prefill
+#   attnab  decode attention (tensor-core kernel), old.tar.xz and this build
+#           interleaved, twice
 set -u
 OUT=${OUT:-$PWD/out}
 C=${PIE_CARRY:-.carry}
@@ -103,6 +108,40 @@ for phase in "$@"; do
             TAG="new " bench $cfg
         done
         ;;
+    decab)      # decode of the earlier build and this one, interleaved
+        for i in 1 2; do
+            for cfg in "llama-3.2-1b 1 512 48" "llama-3.2-1b 64 512 48" \
+                       "llama-3.1-8b 1 2048 24" "llama-3.1-8b 16 2048 24"; do
+                RUN=$RO TAG="old " bench $cfg
+                TAG="new " bench $cfg
+            done
+        done
+        ;;
+    preab)      # prefill of the earlier build and this one, interleaved
+        for i in 1 2; do
+            for cfg in "llama-3.1-8b 4 2048 0 2048" "llama-3.1-8b 16 512 0 4096" \
+                       "llama-3.2-1b 4 2048 0 2048"; do
+                RUN=$RO TAG="old " bench $cfg
+                TAG="new " bench $cfg
+            done
+        done
+        ;;
+    proffill)   # per-operation GPU time of an 8B 4 x 2048 prefill
+        log "profile prefill 8b 4 x 2048"
+        PIE_CUDA_PROFILE=1 timeout 200 $R pie bench forward --backend cuda \
+            --model random:llama-3.1-8b --batch 4 --prompt-len 2048 --gen 0 \
+            --chunk 2048 2>&1 | grep -E "pie profile|prefill:" | tee -a "$OUT/summary.log"
+        ;;
+    attnab)     # decode attention, the earlier build and this one, twice
+        for i in 1 2; do
+            for b in old new; do
+                log "attnab $b"
+                run=$R; [ $b = old ] && run=$RO
+                PIE_ATTN_NO_SIMT=1 timeout 120 $run bench_cuda_attn 2>&1 \
+                    | grep "attn mma" | sed "s/^/$b /" | tee -a "$OUT/summary.log"
+            done
+        done
+        ;;
     attnmma)    # decode attention, tensor-core kernel only
         log attnmma
         PIE_ATTN_NO_SIMT=1 timeout 120 $R bench_cuda_attn 2>&1 | grep "attn mma" \
@@ -158,7 +197,7 @@ for phase in "$@"; do
         timeout 150 $R test_cuda_kernels > "$OUT/kernels.log" 2>&1
         echo "kernels rc=$?" | tee -a "$OUT/summary.log"; tail -4 "$OUT/kernels.log"
         ;;
-    tune)   # the timed matmul choices of both shapes (m buckets 8 and 16)
+    tune)   # the timed matmul choices of both shapes (every bucket of m)
         for m in llama-3.2-1b llama-3.1-8b; do
             PIE_CUDA_TUNE_LOG=1 timeout 200 $R pie bench forward --backend cuda \
                 --model random:$m --batch 1 --prompt-len 64 --gen 2 2>&1 \

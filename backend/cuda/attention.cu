@@ -360,61 +360,12 @@ extern "C" void pie__cuda_attn_merge(uint16_t *out, const float *part_o,
                                 * faster (NOTES.md, round 5) */
 
 
-static __device__ __forceinline__ void mma16816(float *c, const uint32_t *a,
-                                                uint32_t b0, uint32_t b1)
-{
-    asm volatile("mma.sync.aligned.m16n8k16.row.col.f32.bf16.bf16.f32 "
-                 "{%0,%1,%2,%3}, {%4,%5,%6,%7}, {%8,%9}, {%0,%1,%2,%3};\n"
-                 : "+f"(c[0]), "+f"(c[1]), "+f"(c[2]), "+f"(c[3])
-                 : "r"(a[0]), "r"(a[1]), "r"(a[2]), "r"(a[3]), "r"(b0), "r"(b1));
-}
-
-/* Four 8x8 bf16 matrices from shared memory, lane l giving the address of
- * row l % 8 of matrix l / 8; register i of lane (g, c) receives row g,
- * columns 2c..2c+1 of matrix i: the B fragment of m16n8k16 where a row is
- * an n index with k contiguous (K of S = Q K^T). TRANS transposes each
- * matrix: B fragments of a row-major [k][n] tile (V of P V; rows
- * k0..k0+15 given by lanes 0-15, columns +8 by lanes 16-31). */
-template <bool TRANS>
-static __device__ __forceinline__ void ldsm_x4(uint32_t *r, const uint16_t *p)
-{
-    uint32_t a = (uint32_t)__cvta_generic_to_shared(p);
-    if (TRANS)
-        asm volatile("ldmatrix.sync.aligned.m8n8.x4.trans.shared.b16 "
-                     "{%0,%1,%2,%3}, [%4];\n"
-                     : "=r"(r[0]), "=r"(r[1]), "=r"(r[2]), "=r"(r[3]) : "r"(a));
-    else
-        asm volatile("ldmatrix.sync.aligned.m8n8.x4.shared.b16 "
-                     "{%0,%1,%2,%3}, [%4];\n"
-                     : "=r"(r[0]), "=r"(r[1]), "=r"(r[2]), "=r"(r[3]) : "r"(a));
-}
-
 /* Whether row (mask offset mo, causal limit lim) attends slot j. */
 static __device__ __forceinline__ bool fa_allowed(const uint32_t *bits, int mo,
                                                   int lim, int j)
 {
     if (mo < 0) return j <= lim;
     return (bits[mo + j / 32] >> (j % 32)) & 1u;
-}
-
-static __device__ __forceinline__ void cp_async16(void *dst, const void *src,
-                                                  bool pred)
-{
-    uint32_t d = (uint32_t)__cvta_generic_to_shared(dst);
-    int n = pred ? 16 : 0;      /* 0: the 16 bytes are zero-filled */
-    asm volatile("cp.async.cg.shared.global [%0], [%1], 16, %2;\n"
-                 :: "r"(d), "l"(src), "r"(n) : "memory");
-}
-
-static __device__ __forceinline__ void cp_async_commit(void)
-{
-    asm volatile("cp.async.commit_group;\n" ::: "memory");
-}
-
-template <int N>
-static __device__ __forceinline__ void cp_async_wait(void)
-{
-    asm volatile("cp.async.wait_group %0;\n" :: "n"(N) : "memory");
 }
 
 /* Query row r of an item: token and head. Prefill items (pad 0): r = token
@@ -1051,20 +1002,6 @@ static size_t fa_smem(int with_q)
            (HD + 8);
 }
 
-/* Raises the kernel's dynamic shared-memory limit once per device (set:
- * one bit per device ordinal, static in the caller). */
-template <typename K>
-static void fa_allow_smem(K kernel, size_t sm, uint64_t *set)
-{
-    int dev = 0;
-    if (sm <= 48 * 1024 || cudaGetDevice(&dev) != cudaSuccess) return;
-    uint64_t bit = 1ull << (dev & 63);
-    if (!(*set & bit) &&
-        cudaFuncSetAttribute(kernel, cudaFuncAttributeMaxDynamicSharedMemorySize,
-                             (int)sm) == cudaSuccess)
-        *set |= bit;
-}
-
 static int page_shift(const pie_cuda_kv *kv)
 {
     int ps = kv->page_size;
@@ -1079,7 +1016,7 @@ static void flash_launch(uint16_t *out, float *part_o, float *part_ml,
                          cudaStream_t s)
 {
     static uint64_t set;
-    fa_allow_smem(flash_attn_kernel<HD>, fa_smem<HD>(1), &set);
+    allow_smem(flash_attn_kernel<HD>, fa_smem<HD>(1), &set);
     launch_pdl(flash_attn_kernel<HD>, n_items, FA_THREADS(HD), fa_smem<HD>(1), s,
                out, part_o, part_ml, q, items, *tm, *kv, layer, nh,
                page_shift(kv));
@@ -1111,7 +1048,7 @@ static void dec_launch(uint16_t *out, float *part_o, float *part_ml,
                        int layer, int nh, cudaStream_t s)
 {
     static uint64_t set;
-    fa_allow_smem(flash_dec_kernel<HD>, fa_smem<HD>(0), &set);
+    allow_smem(flash_dec_kernel<HD>, fa_smem<HD>(0), &set);
     /* a programmatic dependent (unless PIE_CUDA_NO_PDL): its blocks read
      * the step's metadata while the kernel before finishes */
     launch_pdl_if(pie__cuda_pdl() >= 1, flash_dec_kernel<HD>, n_blocks,
@@ -1144,7 +1081,7 @@ extern "C" int pie__cuda_attention_dec_occupancy(int hd)
     int n = 0;
     switch (hd) {
 #define DEC_OCC(H) case H: { static uint64_t set; \
-        fa_allow_smem(flash_dec_kernel<H>, fa_smem<H>(0), &set); \
+        allow_smem(flash_dec_kernel<H>, fa_smem<H>(0), &set); \
         cudaOccupancyMaxActiveBlocksPerMultiprocessor(&n, flash_dec_kernel<H>, \
             FA_DEC_THREADS, fa_smem<H>(0)); break; }
     DEC_OCC(16) DEC_OCC(32) DEC_OCC(64) DEC_OCC(128)

@@ -1,7 +1,8 @@
 /*
  * kernel_util.cuh — device helpers shared by pie's CUDA kernel files
- * (kernels.cu, attention.cu): bf16 conversions, warp and block sums, and
- * programmatic dependent launch (PDL). Only .cu files include it.
+ * (kernels.cu, attention.cu): bf16 conversions, warp and block sums,
+ * programmatic dependent launch (PDL), tensor-core fragments, cp.async
+ * copies and the shared-memory opt-in. Only .cu files include it.
  */
 #ifndef PIE_CUDA_KERNEL_UTIL_CUH
 #define PIE_CUDA_KERNEL_UTIL_CUH
@@ -123,6 +124,78 @@ __device__ inline float block_sum(float v, float *red)
     if (threadIdx.x == 0) red[0] = v;
     __syncthreads();
     return red[0];
+}
+
+/* ------------------------------------ tensor cores and async copies.
+ * Fragment layout of mma.m16n8k16, g = lane / 4, c = lane % 4:
+ *   A (16x16): a0 (g, 2c..2c+1) a1 (g+8, 2c..) a2 (g, 2c+8..) a3 (g+8, 2c+8..)
+ *   B (16x8):  b0 (k 2c..2c+1, n g)  b1 (k 2c+8.., n g)
+ *   C (16x8):  c0,c1 (g, 2c..2c+1)    c2,c3 (g+8, 2c..2c+1)
+ */
+
+/* c (16x8 f32) += a (16x16 bf16) . b (16x8 bf16) */
+__device__ __forceinline__ void mma16816(float *c, const uint32_t *a,
+                                                uint32_t b0, uint32_t b1)
+{
+    asm volatile("mma.sync.aligned.m16n8k16.row.col.f32.bf16.bf16.f32 "
+                 "{%0,%1,%2,%3}, {%4,%5,%6,%7}, {%8,%9}, {%0,%1,%2,%3};\n"
+                 : "+f"(c[0]), "+f"(c[1]), "+f"(c[2]), "+f"(c[3])
+                 : "r"(a[0]), "r"(a[1]), "r"(a[2]), "r"(a[3]), "r"(b0), "r"(b1));
+}
+
+/* Four 8x8 bf16 matrices from shared memory, lane l giving the address of
+ * row l % 8 of matrix l / 8; register i of lane (g, c) receives row g,
+ * columns 2c..2c+1 of matrix i: the B fragment of m16n8k16 where a row is
+ * an n index with k contiguous (K of S = Q K^T). TRANS transposes each
+ * matrix: B fragments of a row-major [k][n] tile (V of P V; rows
+ * k0..k0+15 given by lanes 0-15, columns +8 by lanes 16-31). */
+template <bool TRANS>
+__device__ __forceinline__ void ldsm_x4(uint32_t *r, const uint16_t *p)
+{
+    uint32_t a = (uint32_t)__cvta_generic_to_shared(p);
+    if (TRANS)
+        asm volatile("ldmatrix.sync.aligned.m8n8.x4.trans.shared.b16 "
+                     "{%0,%1,%2,%3}, [%4];\n"
+                     : "=r"(r[0]), "=r"(r[1]), "=r"(r[2]), "=r"(r[3]) : "r"(a));
+    else
+        asm volatile("ldmatrix.sync.aligned.m8n8.x4.shared.b16 "
+                     "{%0,%1,%2,%3}, [%4];\n"
+                     : "=r"(r[0]), "=r"(r[1]), "=r"(r[2]), "=r"(r[3]) : "r"(a));
+}
+
+/* 16 bytes global -> shared, in the current group (pred false: zeros) */
+__device__ __forceinline__ void cp_async16(void *dst, const void *src,
+                                                  bool pred)
+{
+    uint32_t d = (uint32_t)__cvta_generic_to_shared(dst);
+    int n = pred ? 16 : 0;      /* 0: the 16 bytes are zero-filled */
+    asm volatile("cp.async.cg.shared.global [%0], [%1], 16, %2;\n"
+                 :: "r"(d), "l"(src), "r"(n) : "memory");
+}
+
+__device__ __forceinline__ void cp_async_commit(void)
+{
+    asm volatile("cp.async.commit_group;\n" ::: "memory");
+}
+
+template <int N>
+__device__ __forceinline__ void cp_async_wait(void)
+{
+    asm volatile("cp.async.wait_group %0;\n" :: "n"(N) : "memory");
+}
+
+/* Raises the kernel's dynamic shared-memory limit once per device (set:
+ * one bit per device ordinal, static in the caller). */
+template <typename K>
+static inline void allow_smem(K kernel, size_t sm, uint64_t *set)
+{
+    int dev = 0;
+    if (sm <= 48 * 1024 || cudaGetDevice(&dev) != cudaSuccess) return;
+    uint64_t bit = 1ull << (dev & 63);
+    if (!(*set & bit) &&
+        cudaFuncSetAttribute(kernel, cudaFuncAttributeMaxDynamicSharedMemorySize,
+                             (int)sm) == cudaSuccess)
+        *set |= bit;
 }
 
 #endif

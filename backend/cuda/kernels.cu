@@ -77,13 +77,18 @@ __global__ void rmsnorm_vec_kernel(uint16_t *out, const float *x,
     const float4 *xr = reinterpret_cast<const float4 *>(
         x + (int64_t)(rows ? rows[i] : i) * dim);
     const float4 *w4 = reinterpret_cast<const float4 *>(w);
-    float4 v[RMS_VEC];
+    float4 v[RMS_VEC], g[RMS_VEC];
     float ss = 0.0f;
+    /* the weights load with the row (after the first store they could
+     * not: out might alias w as far as the compiler knows) */
 #pragma unroll
     for (int k = 0; k < RMS_VEC; k++) {
         int j = threadIdx.x + k * blockDim.x;
-        v[k] = make_float4(0.0f, 0.0f, 0.0f, 0.0f);
-        if (j < n4) v[k] = xr[j];
+        v[k] = g[k] = make_float4(0.0f, 0.0f, 0.0f, 0.0f);
+        if (j < n4) {
+            v[k] = xr[j];
+            g[k] = w4[j];
+        }
         ss += v[k].x * v[k].x + v[k].y * v[k].y + v[k].z * v[k].z +
               v[k].w * v[k].w;
     }
@@ -93,10 +98,9 @@ __global__ void rmsnorm_vec_kernel(uint16_t *out, const float *x,
 #pragma unroll
     for (int k = 0; k < RMS_VEC; k++) {
         int j = threadIdx.x + k * blockDim.x;
-        if (j >= n4) break;
-        float4 g = w4[j];
-        o[j] = make_uint2(pack_bf2(v[k].x * r * g.x, v[k].y * r * g.y),
-                          pack_bf2(v[k].z * r * g.z, v[k].w * r * g.w));
+        if (j < n4)
+            o[j] = make_uint2(pack_bf2(v[k].x * r * g[k].x, v[k].y * r * g[k].y),
+                              pack_bf2(v[k].z * r * g[k].z, v[k].w * r * g[k].w));
     }
 }
 
@@ -106,7 +110,10 @@ extern "C" void pie__cuda_rmsnorm(uint16_t *out, const float *x,
                                   int dim, float eps, cudaStream_t s)
 {
     if (n <= 0) return;
-    int n4 = dim / 4, th = (n4 + 31) & ~31;
+    /* as few threads a row as hold it in RMS_VEC float4s each: small
+     * blocks, many rows in flight per SM (a prefill's thousands of rows;
+     * 1024-thread blocks ran at 2 rows an SM, 2/3 of the bandwidth) */
+    int n4 = dim / 4, th = ((n4 + RMS_VEC - 1) / RMS_VEC + 31) & ~31;
     if (th > 1024) th = 1024;
     if (dim % 4 == 0 && n4 <= RMS_VEC * th)
         launch_pdl(rmsnorm_vec_kernel, n, th, 0, s, out, x, w, rows, dim, eps);
@@ -116,11 +123,60 @@ extern "C" void pie__cuda_rmsnorm(uint16_t *out, const float *x,
 
 /* ------------------------------------------------------------- qkv post */
 
-/* Block (token, group of QKV_WARPS heads), one warp per head (q heads, then
- * k heads, then v heads), so a decode step's few tokens still spread over
- * many SMs. A lane handles the RoPE pairs (i, i + hd/2) for i = lane,
- * lane+32, ... */
+/* Block (token, group of heads), one warp per head at a time (q heads,
+ * then k heads, then v heads): a decode step's few tokens take one group
+ * per QKV_WARPS heads, to spread over many SMs; a prefill's thousands take
+ * fewer groups, so that a block's set-up (the token's angles, its slot)
+ * serves more heads. A lane handles the RoPE pairs (i, i + hd/2) for i =
+ * 2 lane, 2 lane + 1, then + 64 (hd/2 odd: i = lane, lane + 32, ...). */
 #define QKV_WARPS 4
+#define QKV_BLOCKS 4096    /* blocks a launch aims at, at least one a token */
+/* Two adjacent bf16 values of src at i (i even), plus the bias. */
+static __device__ __forceinline__ float2 ld_bf2(const uint16_t *src,
+                                                const float *b, int i)
+{
+    uint32_t u = *reinterpret_cast<const uint32_t *>(src + i);
+    float2 v = make_float2(__uint_as_float(u << 16), __uint_as_float(u & 0xffff0000u));
+    if (b) {
+        v.x += b[i];
+        v.y += b[i + 1];
+    }
+    return v;
+}
+
+/* qkv_post_kernel's RoPE of one q or k head, two adjacent pairs (i, i +
+ * half), (i + 1, i + 1 + half) a lane per step (half even): the same
+ * arithmetic per element as the scalar loop, with 4-byte loads and 8- or
+ * 4-byte stores (a prefill moves 2048+ tokens x every head). */
+static __device__ __forceinline__ void rope_pairs(float *qd, uint16_t *kvd,
+                                                  const uint16_t *src,
+                                                  const float *b,
+                                                  const float *nw_, float r,
+                                                  const float *rcos,
+                                                  const float *rsin, int half,
+                                                  int lane)
+{
+    for (int i = 2 * lane; i < half; i += 2 * WARP) {
+        float2 x0 = ld_bf2(src, b, i), x1 = ld_bf2(src, b, i + half);
+        if (nw_) {
+            x0.x = x0.x * r * nw_[i];
+            x0.y = x0.y * r * nw_[i + 1];
+            x1.x = x1.x * r * nw_[i + half];
+            x1.y = x1.y * r * nw_[i + 1 + half];
+        }
+        float c0 = rcos[i], s0 = rsin[i], c1 = rcos[i + 1], s1 = rsin[i + 1];
+        float2 lo = make_float2(x0.x * c0 - x1.x * s0, x0.y * c1 - x1.y * s1);
+        float2 hi = make_float2(x1.x * c0 + x0.x * s0, x1.y * c1 + x0.y * s1);
+        if (qd) {
+            *reinterpret_cast<float2 *>(qd + i) = lo;
+            *reinterpret_cast<float2 *>(qd + i + half) = hi;
+        } else {
+            *reinterpret_cast<uint32_t *>(kvd + i) = pack_bf2(lo.x, lo.y);
+            *reinterpret_cast<uint32_t *>(kvd + i + half) = pack_bf2(hi.x, hi.y);
+        }
+    }
+}
+
 __global__ void qkv_post_kernel(float *q, const uint16_t *qkv, const float *bias,
                                 const float *q_norm, const float *k_norm,
                                 float eps, const float *inv_freq,
@@ -169,6 +225,10 @@ __global__ void qkv_post_kernel(float *q, const uint16_t *qkv, const float *bias
                 kvd[i] = f2bf(bf2f(src[i]) + (b ? b[i] : 0.0f));
             continue;
         }
+        if (half % 2 == 0) {    /* pairs (i, i + 1): 4- and 8-byte accesses */
+            rope_pairs(qd, kvd, src, b, nw_, r, rcos, rsin, half, lane);
+            continue;
+        }
         for (int i = lane; i < half; i += WARP) {
             float x0 = bf2f(src[i]) + (b ? b[i] : 0.0f);
             float x1 = bf2f(src[i + half]) + (b ? b[i + half] : 0.0f);
@@ -198,6 +258,7 @@ extern "C" void pie__cuda_qkv_post(float *q, const uint16_t *qkv,
                                    int nh, cudaStream_t s)
 {
     int groups = (nh + 2 * kv->n_kv + QKV_WARPS - 1) / QKV_WARPS;
+    if (n > 0 && groups > (QKV_BLOCKS + n - 1) / n) groups = (QKV_BLOCKS + n - 1) / n;
     if (groups > 65535) groups = 65535;
     if (n > 0)
         launch_pdl(qkv_post_kernel, dim3(n, groups), QKV_WARPS * WARP, 0, s,
@@ -221,6 +282,14 @@ __global__ void silu_mul_kernel(uint16_t *out, const uint16_t *gu,
     }
 }
 
+/* silu(gate) * up of two adjacent features (bf16 pairs) */
+static __device__ __forceinline__ uint32_t silu_mul_pair(uint32_t g2, uint32_t u2)
+{
+    return pack_bf2(
+        pie_silu_mul(bf2f((uint16_t)g2), bf2f((uint16_t)u2)),
+        pie_silu_mul(bf2f((uint16_t)(g2 >> 16)), bf2f((uint16_t)(u2 >> 16))));
+}
+
 /* hidden even: two elements per thread, 4-byte loads and stores */
 __global__ void silu_mul2_kernel(uint32_t *out, const uint32_t *gu,
                                  int64_t total2, int hidden2)
@@ -230,11 +299,23 @@ __global__ void silu_mul2_kernel(uint32_t *out, const uint32_t *gu,
     for (int64_t k = blockIdx.x * (int64_t)blockDim.x + threadIdx.x; k < total2;
          k += (int64_t)gridDim.x * blockDim.x) {
         int64_t t = k / hidden2, i = k % hidden2;
-        uint32_t g2 = gu[t * 2 * hidden2 + i], u2 = gu[t * 2 * hidden2 + hidden2 + i];
-        out[k] = pack_bf2(
-            pie_silu_mul(bf2f((uint16_t)g2), bf2f((uint16_t)u2)),
-            pie_silu_mul(bf2f((uint16_t)(g2 >> 16)), bf2f((uint16_t)(u2 >> 16))));
+        out[k] = silu_mul_pair(gu[t * 2 * hidden2 + i], gu[t * 2 * hidden2 + hidden2 + i]);
     }
+}
+
+/* hidden % 8 == 0: row blockIdx.y, 8 features a thread (16-byte loads and
+ * store) and no division: a prefill's 2048+ rows of 14336 features move at
+ * memory speed (the grid-stride kernel above divides 64-bit indices) */
+__global__ void silu_mul8_kernel(uint4 *out, const uint4 *gu, int hidden8)
+{
+    pdl_begin();
+    // out (n, hidden/8) groups of 8 bf16, gu (n, 2 hidden/8)
+    int i = blockIdx.x * blockDim.x + threadIdx.x;
+    if (i >= hidden8) return;
+    int64_t t = blockIdx.y;
+    uint4 g = gu[t * 2 * hidden8 + i], u = gu[t * 2 * hidden8 + hidden8 + i];
+    out[t * hidden8 + i] = make_uint4(silu_mul_pair(g.x, u.x), silu_mul_pair(g.y, u.y),
+                                      silu_mul_pair(g.z, u.z), silu_mul_pair(g.w, u.w));
 }
 
 extern "C" void pie__cuda_silu_mul(uint16_t *out, const uint16_t *gu, int n,
@@ -242,6 +323,14 @@ extern "C" void pie__cuda_silu_mul(uint16_t *out, const uint16_t *gu, int n,
 {
     int64_t total = (int64_t)n * hidden;
     if (total <= 0) return;
+    if (hidden % 8 == 0 && n <= 65535 && (uintptr_t)out % 16 == 0 &&
+        (uintptr_t)gu % 16 == 0) {
+        int h8 = hidden / 8;
+        launch_pdl(silu_mul8_kernel, dim3((h8 + 127) / 128, n), 128, 0, s,
+                   reinterpret_cast<uint4 *>(out),
+                   reinterpret_cast<const uint4 *>(gu), h8);
+        return;
+    }
     int vec = hidden % 2 == 0;
     int64_t work = vec ? total / 2 : total;
     int blocks = (int)((work + 255) / 256);

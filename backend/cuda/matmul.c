@@ -195,12 +195,18 @@ static void pick_algo(cuda_backend *c, mm_plan *p,
         return;
     }
     if (!can_time(c)) return;
-    float best = INFINITY;
+    float best = INFINITY, first = INFINITY, heur;
     for (int i = 0; i < found; i++) {
         float ms = time_cand(c, p, (mm_cand){ &res[i].algo, 0, 0 }, W, x, y, 3);
+        if (i == 0) first = ms;
         if (ms < best) { best = ms; p->algo = res[i].algo; }
     }
+    heur = best;
     try_split_k(c, p, res, found, W, x, y, &best);
+    if (getenv("PIE_CUDA_TUNE_LOG"))
+        fprintf(stderr, "pie: tune n %d k %d m %d: cublasLt first %.1f us, "
+                "best of %d %.1f, with split-k %.1f\n", p->n, p->k, mb,
+                first * 1e3, found, heur * 1e3, best * 1e3);
     try_gemv(c, p, W, x, y, best);
     t = &c->tuned[c->n_tuned < TUNED_MAX ? c->n_tuned++
                                          : (c->tuned_next++ % TUNED_MAX)];

@@ -118,10 +118,12 @@ static void test_silu_hid(int hid)
     cudaFree(dgu); cudaFree(dout); free(gu); free(gub); free(out);
 }
 
-/* odd hidden: one element per thread; even: pairs */
+/* odd hidden: one element per thread; even: pairs; a multiple of 8:
+ * groups of 8 a thread, a row per grid row */
 static void test_silu(void)
 {
     test_silu_hid(203);
+    test_silu_hid(258);
     test_silu_hid(256);
 }
 
@@ -250,11 +252,12 @@ static void test_gemv(void)
 
 /* ------------------------------------------------- batch of requests */
 
+#define KB_TOK 2304                 /* tokens a test batch holds at most */
 typedef struct kbatch {
     int n_reqs, n_tok, ps, n_pages;
     int n_new[4], kv_len[4];
-    int32_t kv_indptr[5], pages[256], tok_slot[128], tok_req[128], pos[128];
-    int32_t mask_off[128];
+    int32_t kv_indptr[5], pages[256], tok_slot[KB_TOK], tok_req[KB_TOK];
+    int32_t pos[KB_TOK], mask_off[KB_TOK];
     uint32_t bits[128 * 16];
     int masked;
 } kbatch;
@@ -333,11 +336,15 @@ static pie_cuda_tokmeta dev_meta(const kbatch *b, void **frees)
 }
 
 /* ----------------------------------------------------------- qkv post */
-static void test_qkv_post(int nh, int nkv, int hd, int bias, int qknorm)
+/* big: a prefill-sized batch (2103 tokens), whose blocks each take
+ * several groups of heads */
+static void test_qkv_post(int nh, int nkv, int hd, int bias, int qknorm, int big)
 {
     kbatch b;
     int n_new[3] = { 1, 9, 3 }, kv_len[3] = { 21, 9, 40 };
-    make_batch(&b, 3, n_new, kv_len, 7, 40, 0);
+    int bn_new[3] = { 1200, 900, 3 }, bkv_len[3] = { 1300, 900, 40 };
+    if (big) make_batch(&b, 3, bn_new, bkv_len, 16, 160, 0);
+    else make_batch(&b, 3, n_new, kv_len, 7, 40, 0);
     int n = b.n_tok, L = 3, layer = 1, qkvd = (nh + 2 * nkv) * hd;
     pie_cuda_kv kv = { NULL, L, nkv, b.ps, hd };
     int64_t pool_n = pie_cuda_kv_page_elems(&kv) * b.n_pages;
@@ -380,7 +387,10 @@ static void test_qkv_post(int nh, int nkv, int hd, int bias, int qknorm)
             }
             if (isq || isk)
                 for (int i = 0; i < hd / 2; i++) {
-                    double a = (double)b.pos[t] * invf[i];
+                    /* the angle in f32, as the CPU twin (pie__cpu_rope)
+                     * defines it: at positions in the thousands its
+                     * rounding moves the result more than the tolerance */
+                    double a = (float)b.pos[t] * invf[i];
                     float c = (float)cos(a), sn = (float)sin(a);
                     float x0 = v[i], x1 = v[i + hd / 2];
                     v[i] = x0 * c - x1 * sn;
@@ -719,9 +729,11 @@ int main(void)
     test_silu();
     test_gemv();
     test_copy_slots();
-    test_qkv_post(4, 2, 16, 1, 0);
-    test_qkv_post(8, 2, 64, 0, 1);
-    test_qkv_post(32, 8, 128, 0, 0);
+    test_qkv_post(4, 2, 16, 1, 0, 0);
+    test_qkv_post(8, 2, 64, 0, 1, 0);
+    test_qkv_post(32, 8, 128, 0, 0, 0);
+    test_qkv_post(4, 2, 18, 1, 1, 0);     /* hd / 2 odd: the scalar RoPE loop */
+    test_qkv_post(32, 8, 128, 1, 0, 1);
     for (int m = 0; m < 2; m++) {
         test_attention(4, 2, 16, m, 1);
         test_attention(8, 4, 8, m, 3);
