@@ -31,6 +31,7 @@
 #   thr     decode at the throughput targets' shapes (1B B=64/256, 8B B=256)
 #   ncuattn ncu of decode attention (stalls, memory, occupancy), three shapes
 #   preab   prefill of old.tar.xz and this build, interleaved, twice
+#   genab   gen for old.tar.xz, then for this build
 #   decab   decode of old.tar.xz and this build at batch 1, 16 and 64, twice
 #   proffill per-operation GPU time of an 8B 4 x 2048 prefill
 #   attnab  decode attention (tensor-core kernel), old.tar.xz and this build
@@ -268,6 +269,14 @@ for phase in "$@"; do
         log "gen: pie bench generate, random:llama-3.2-1b, 128 tokens, median of 3"
         PIE="$R pie" BACKEND=cuda timeout 500 bash scripts/bench-ratio.sh \
             random:llama-3.2-1b 128 3 1 64 256 2>&1 | tee -a "$OUT/summary.log"
+        ;;
+    genab)  # gen with the earlier build, then with this one
+        for b in old new; do
+            run=$R; [ $b = old ] && run=$RO
+            log "genab $b"
+            PIE="$run pie" BACKEND=cuda timeout 280 bash scripts/bench-ratio.sh \
+                random:llama-3.2-1b 128 3 1 64 256 2>&1 | tee -a "$OUT/summary.log"
+        done
         ;;
     graphs)
         log "graphs (each pair: with graphs, then PIE_CUDA_NO_GRAPH=1)"
