@@ -31,6 +31,7 @@
 #   thr     decode at the throughput targets' shapes (1B B=64/256, 8B B=256)
 #   ncuattn ncu of decode attention (stalls, memory, occupancy), three shapes
 #   preab   prefill of old.tar.xz and this build, interleaved, twice
+#   nomerge decode attention with and without its merge kernel (timing only)
 #   genab   gen for old.tar.xz, then for this build
 #   decab   decode of old.tar.xz and this build at batch 1, 16 and 64, twice
 #   proffill per-operation GPU time of an 8B 4 x 2048 prefill
@@ -269,6 +270,13 @@ for phase in "$@"; do
         log "gen: pie bench generate, random:llama-3.2-1b, 128 tokens, median of 3"
         PIE="$R pie" BACKEND=cuda timeout 500 bash scripts/bench-ratio.sh \
             random:llama-3.2-1b 128 3 1 64 256 2>&1 | tee -a "$OUT/summary.log"
+        ;;
+    nomerge)    # decode attention with its merge kernel, and without (timing)
+        for v in "" "PIE_ATTN_NO_MERGE=1"; do
+            log "nomerge ${v:-with merge}"
+            env $v PIE_ATTN_NO_SIMT=1 timeout 120 $R bench_cuda_attn 2>&1 \
+                | grep "attn mma" | grep -v " B   1 " | tee -a "$OUT/summary.log"
+        done
         ;;
     genab)  # gen with the earlier build, then with this one
         for b in old new; do

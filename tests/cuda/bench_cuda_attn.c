@@ -86,6 +86,8 @@ static void run(int hd, int B, int L, int mma)
     cudaEvent_t e0, e1;
     cudaEventCreate(&e0); cudaEventCreate(&e1);
     int iters = 20;
+    /* PIE_ATTN_NO_MERGE=1 (an experiment: wrong output): attention alone */
+    int merge = !getenv("PIE_ATTN_NO_MERGE");
     for (int w = 0; w < 3 + iters; w++) {
         if (w == 3) CU(cudaEventRecord(e0, 0));
         if (mma) {
@@ -95,7 +97,7 @@ static void run(int hd, int B, int L, int mma)
             pie__cuda_attention(out, po, pml, q, d[6], ni, &tm, &kv, 0, nh,
                                 (L + ns - 1) / ns + 1, 0);
         }
-        pie__cuda_attn_merge(out, po, pml, d[7], nm, nh, nkv, hd, 0);
+        if (merge) pie__cuda_attn_merge(out, po, pml, d[7], nm, nh, nkv, hd, 0);
     }
     CU(cudaEventRecord(e1, 0));
     CU(cudaEventSynchronize(e1));
