@@ -111,9 +111,10 @@ for phase in "$@"; do
         done
         ;;
     decab)      # decode of the earlier build and this one, interleaved
-        for i in 1 2; do
+        for i in ${DECAB_REPS:-1 2}; do
             for cfg in "llama-3.2-1b 1 512 48" "llama-3.2-1b 64 512 48" \
-                       "llama-3.1-8b 1 2048 24" "llama-3.1-8b 16 2048 24"; do
+                       "llama-3.1-8b 1 2048 24" "llama-3.1-8b 16 2048 24" \
+                       "llama-3.1-8b 64 2048 16" "llama-3.1-8b 256 512 16"; do
                 RUN=$RO TAG="old " bench $cfg
                 TAG="new " bench $cfg
             done
@@ -135,7 +136,7 @@ for phase in "$@"; do
             --chunk 2048 2>&1 | grep -E "pie profile|prefill:" | tee -a "$OUT/summary.log"
         ;;
     attnab)     # decode attention, the earlier build and this one, twice
-        for i in 1 2; do
+        for i in ${ATTNAB_REPS:-1 2}; do
             for b in old new; do
                 log "attnab $b"
                 run=$R; [ $b = old ] && run=$RO
