@@ -131,6 +131,7 @@ extern "C" void pie__cuda_rmsnorm(uint16_t *out, const float *x,
  * 2 lane, 2 lane + 1, then + 64 (hd/2 odd: i = lane, lane + 32, ...). */
 #define QKV_WARPS 4
 #define QKV_BLOCKS 4096    /* blocks a launch aims at, at least one a token */
+
 /* Two adjacent bf16 values of src at i (i even), plus the bias. */
 static __device__ __forceinline__ float2 ld_bf2(const uint16_t *src,
                                                 const float *b, int i)
