@@ -339,12 +339,9 @@ extern "C" void pie__cuda_attn_merge(uint16_t *out, const float *part_o,
  * heads of kv head kvh, split partials as attention_kernel's when part >=
  * 0 (decode steps take flash_dec_kernel below, which shares the per-block
  * math). KV blocks are double-buffered with cp.async (the next block's
- * copies fly while this one is computed). Fragment layout of m16n8k16,
- * g = lane / 4, c = lane % 4:
- *   A (16x16): a0 (g, 2c..2c+1) a1 (g+8, 2c..) a2 (g, 2c+8..) a3 (g+8, 2c+8..)
- *   B (16x8):  b0 (k 2c..2c+1, n g)  b1 (k 2c+8.., n g)
- *   C (16x8):  c0,c1 (g, 2c..2c+1)    c2,c3 (g+8, 2c..2c+1)
- * so the S accumulators of two adjacent n-tiles are the A operand of P V.
+ * copies fly while this one is computed). In the fragment layout of
+ * m16n8k16 (kernel_util.cuh) the S accumulators of two adjacent n-tiles
+ * are the A operand of P V.
  * Shared memory (bf16): Q[FA_BM][HD+8] (scaled, read by ldmatrix once per
  * k-step) and two buffers of K[FA_BN][HD+8] and V, row-major; V's B
  * fragments come from ldmatrix.trans. The +8 padding makes every fragment
