@@ -161,8 +161,8 @@ int64_t pie_cuda_dec_plan(const pie_cuda_attn_item *items, int n_items, int G,
 void pie__cuda_silu_mul(uint16_t *out, const uint16_t *gu, int n, int hidden,
                         cudaStream_t s);
 /* Programmatic dependent launch level (kernels.cu): 0 off
- * (PIE_CUDA_NO_PDL=1), 1 gemv.cu and decode attention (default), 2 every
- * layer kernel (PIE_CUDA_PDL_ALL=1). */
+ * (PIE_CUDA_NO_PDL=1), 1 gemv.cu, qkv_post and decode attention (default),
+ * 2 every layer kernel (PIE_CUDA_PDL_ALL=1). */
 int pie__cuda_pdl(void);
 
 /* ---- small-m matmul (gemv.cu) ---- */

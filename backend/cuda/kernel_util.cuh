@@ -47,21 +47,22 @@ __device__ __forceinline__ float warp_max(float v)
 
 /*
  * Programmatic dependent launch (PDL). A kernel launched as a programmatic
- * dependent (gemv.cu, the decode attention kernel; with PIE_CUDA_PDL_ALL=1
- * every layer kernel launched through launch_pdl) may start while the
- * kernel before it still runs. Every layer kernel (all but the embedding,
- * which follows host copies) begins with pdl_begin (the decode attention
- * kernel splits it: pdl_trigger, its work list, pdl_wait): it lets the
- * next kernel start
- * its blocks (griddepcontrol.launch_dependents, effective once all of this
- * grid's blocks have run it), then waits until the kernel before has
+ * dependent (gemv.cu, qkv_post, the decode attention kernel; with
+ * PIE_CUDA_PDL_ALL=1 every layer kernel launched through launch_pdl) may
+ * start while the kernel before it still runs. Every layer kernel (all but
+ * the embedding, which follows host copies) begins with pdl_begin
+ * (qkv_post and the decode attention kernel split it: pdl_trigger, what
+ * the step's metadata alone gives, pdl_wait): it lets the next kernel
+ * start its blocks (griddepcontrol.launch_dependents, effective once all
+ * of this grid's blocks have run it), then waits until the kernel before has
  * completed and its writes are visible (griddepcontrol.wait; a no-op
  * under a plain launch) before it reads or writes anything. Since every
  * kernel waits before it completes, completion stays ordered along the
  * stream; what overlaps is a kernel's launch and start-up (gemv.cu: its
  * first weight loads) with the tail of the one before. Measured on the
- * H100 (NOTES.md), PDL for gemv.cu and the decode attention kernel (which
- * reads its work list before the wait) is the default; PIE_CUDA_NO_PDL=1
+ * H100 (NOTES.md), PDL for gemv.cu, qkv_post (its token's slot and RoPE
+ * angles before the wait) and the decode attention kernel (its work list)
+ * is the default; PIE_CUDA_NO_PDL=1
  * turns it off (the environment is read once per process).
  */
 __device__ __forceinline__ void pdl_trigger(void)

@@ -184,7 +184,9 @@ __global__ void qkv_post_kernel(float *q, const uint16_t *qkv, const float *bias
                                 pie_cuda_tokmeta tm, pie_cuda_kv kv, int layer,
                                 int nh)
 {
-    pdl_begin();
+    /* the token's slot and angles come from the step's metadata: under
+     * PDL they are worked out while the qkv matmul finishes */
+    pdl_trigger();
     // q (n, nh*hd) f32, qkv (n, (nh+2nkv)*hd) bf16
     __shared__ float rcos[128], rsin[128];  /* this token's angles, hd <= 256 */
     int t = blockIdx.x, hd = kv.head_dim, nkv = kv.n_kv, half = hd / 2;
@@ -198,6 +200,7 @@ __global__ void qkv_post_kernel(float *q, const uint16_t *qkv, const float *bias
     for (int i = threadIdx.x; i < half; i += blockDim.x)   /* once per block */
         sincosf(pos * inv_freq[i], &rsin[i], &rcos[i]);
     __syncthreads();
+    pdl_wait();
     for (int h = blockIdx.y * nw + w; h < nh + 2 * nkv; h += nw * gridDim.y) {
         const uint16_t *src = qkv + (int64_t)t * qkv_dim + h * hd;
         const float *b = bias ? bias + h * hd : NULL;
@@ -262,9 +265,9 @@ extern "C" void pie__cuda_qkv_post(float *q, const uint16_t *qkv,
     if (n > 0 && groups > (QKV_BLOCKS + n - 1) / n) groups = (QKV_BLOCKS + n - 1) / n;
     if (groups > 65535) groups = 65535;
     if (n > 0)
-        launch_pdl(qkv_post_kernel, dim3(n, groups), QKV_WARPS * WARP, 0, s,
-                   q, qkv, bias, q_norm, k_norm, eps, inv_freq, *tm, *kv,
-                   layer, nh);
+        launch_pdl_if(pie__cuda_pdl() >= 1, qkv_post_kernel, dim3(n, groups),
+                      QKV_WARPS * WARP, 0, s, q, qkv, bias, q_norm, k_norm, eps,
+                      inv_freq, *tm, *kv, layer, nh);
 }
 
 /* ------------------------------------------------------------- silu*mul */
