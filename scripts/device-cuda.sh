@@ -34,6 +34,7 @@
 #   nomerge decode attention with and without its merge kernel (timing only)
 #   genab   gen for old.tar.xz, then for this build
 #   decab   decode of old.tar.xz and this build at batch 1, 16 and 64, twice
+#           (DECAB_CFGS="model B ctx steps,...": other shapes)
 #   proffill per-operation GPU time of an 8B 4 x 2048 prefill
 #   attnab  decode attention (tensor-core kernel), old.tar.xz and this build
 #           interleaved, twice
@@ -111,10 +112,12 @@ for phase in "$@"; do
         done
         ;;
     decab)      # decode of the earlier build and this one, interleaved
+        cfgs=("llama-3.2-1b 1 512 48" "llama-3.2-1b 64 512 48"
+              "llama-3.1-8b 1 2048 24" "llama-3.1-8b 16 2048 24"
+              "llama-3.1-8b 64 2048 16" "llama-3.1-8b 256 512 16")
+        [ -n "${DECAB_CFGS:-}" ] && IFS=, read -ra cfgs <<< "$DECAB_CFGS"
         for i in ${DECAB_REPS:-1 2}; do
-            for cfg in "llama-3.2-1b 1 512 48" "llama-3.2-1b 64 512 48" \
-                       "llama-3.1-8b 1 2048 24" "llama-3.1-8b 16 2048 24" \
-                       "llama-3.1-8b 64 2048 16" "llama-3.1-8b 256 512 16"; do
+            for cfg in "${cfgs[@]}"; do
                 RUN=$RO TAG="old " bench $cfg
                 TAG="new " bench $cfg
             done
