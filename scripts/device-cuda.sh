@@ -63,6 +63,16 @@ bench() {   # model batch prompt gen [chunk]
         2>&1 | tee -a "$OUT/bench.log" | grep -E "prefill|decode|error|pie" \
         | sed "s/^/${TAG:-}$1 B=$2 L=$3: /" | tee -a "$OUT/summary.log"
 }
+abench() {  # reps config...: each config with old.tar.xz, then this build
+    local reps=$1 i cfg
+    shift
+    for i in $(seq "$reps"); do
+        for cfg in "$@"; do
+            RUN=$RO TAG="old " bench $cfg
+            TAG="new " bench $cfg
+        done
+    done
+}
 for phase in "$@"; do
     case $phase in
     tests)
@@ -101,36 +111,23 @@ for phase in "$@"; do
         ;;
     ab)     # the earlier build (old.tar.xz) and this one, interleaved
         log "ab: old = $(cat /tmp/pie-old/bundle/commit 2>/dev/null), new"
-        for cfg in "llama-3.2-1b 4 2048 0 2048" "llama-3.1-8b 4 2048 0 2048" \
-                   "llama-3.2-1b 1 2048 24" "llama-3.2-1b 16 2048 24" \
-                   "llama-3.2-1b 64 2048 24" "llama-3.2-1b 256 2048 24" \
-                   "llama-3.2-1b 1 512 24" "llama-3.1-8b 1 2048 24" \
-                   "llama-3.1-8b 16 2048 24" "llama-3.1-8b 64 2048 24" \
-                   "llama-3.1-8b 256 512 24"; do
-            RUN=$RO TAG="old " bench $cfg
-            TAG="new " bench $cfg
-        done
+        abench 1 "llama-3.2-1b 4 2048 0 2048" "llama-3.1-8b 4 2048 0 2048" \
+               "llama-3.2-1b 1 2048 24" "llama-3.2-1b 16 2048 24" \
+               "llama-3.2-1b 64 2048 24" "llama-3.2-1b 256 2048 24" \
+               "llama-3.2-1b 1 512 24" "llama-3.1-8b 1 2048 24" \
+               "llama-3.1-8b 16 2048 24" "llama-3.1-8b 64 2048 24" \
+               "llama-3.1-8b 256 512 24"
         ;;
     decab)      # decode of the earlier build and this one, interleaved
         cfgs=("llama-3.2-1b 1 512 48" "llama-3.2-1b 64 512 48"
               "llama-3.1-8b 1 2048 24" "llama-3.1-8b 16 2048 24"
               "llama-3.1-8b 64 2048 16" "llama-3.1-8b 256 512 16")
         [ -n "${DECAB_CFGS:-}" ] && IFS=, read -ra cfgs <<< "$DECAB_CFGS"
-        for i in ${DECAB_REPS:-1 2}; do
-            for cfg in "${cfgs[@]}"; do
-                RUN=$RO TAG="old " bench $cfg
-                TAG="new " bench $cfg
-            done
-        done
+        abench "${DECAB_REPS:-2}" "${cfgs[@]}"
         ;;
     preab)      # prefill of the earlier build and this one, interleaved
-        for i in 1 2; do
-            for cfg in "llama-3.1-8b 4 2048 0 2048" "llama-3.1-8b 16 512 0 4096" \
-                       "llama-3.2-1b 4 2048 0 2048"; do
-                RUN=$RO TAG="old " bench $cfg
-                TAG="new " bench $cfg
-            done
-        done
+        abench 2 "llama-3.1-8b 4 2048 0 2048" "llama-3.1-8b 16 512 0 4096" \
+                 "llama-3.2-1b 4 2048 0 2048"
         ;;
     proffill)   # per-operation GPU time of an 8B 4 x 2048 prefill
         log "profile prefill 8b 4 x 2048"
@@ -139,7 +136,7 @@ for phase in "$@"; do
             --chunk 2048 2>&1 | grep -E "pie profile|prefill:" | tee -a "$OUT/summary.log"
         ;;
     attnab)     # decode attention, the earlier build and this one, twice
-        for i in ${ATTNAB_REPS:-1 2}; do
+        for i in $(seq "${ATTNAB_REPS:-2}"); do
             for b in old new; do
                 log "attnab $b"
                 run=$R; [ $b = old ] && run=$RO

@@ -10,6 +10,7 @@
 #include <math.h>
 #include <stdint.h>
 #include <stdlib.h>
+#include <type_traits>
 
 #include "backend/cuda/kernel_util.cuh"
 
@@ -985,9 +986,24 @@ flash_dec_kernel(uint16_t *out, float *part_o, float *part_ml, const float *q,
     cp_async_wait<0>();
 }
 
+/* Calls f(std::integral_constant<int, HD>()) for the head dim hd if the
+ * tensor-core kernels are built for it; returns 0 (f not called) if not.
+ * The one list of those head dims. */
+template <typename F>
+static int with_head_dim(int hd, F f)
+{
+    switch (hd) {
+    case 16: f(std::integral_constant<int, 16>()); return 1;
+    case 32: f(std::integral_constant<int, 32>()); return 1;
+    case 64: f(std::integral_constant<int, 64>()); return 1;
+    case 128: f(std::integral_constant<int, 128>()); return 1;
+    default: return 0;
+    }
+}
+
 extern "C" int pie__cuda_flash_supported(int hd)
 {
-    return hd == 16 || hd == 32 || hd == 64 || hd == 128;
+    return with_head_dim(hd, [](auto) {});
 }
 
 /* dynamic shared memory of the flash kernels: FA_STAGES KV blocks, and
@@ -1005,20 +1021,6 @@ static int page_shift(const pie_cuda_kv *kv)
     return (ps & (ps - 1)) ? -1 : __builtin_ctz(ps);
 }
 
-template <int HD>
-static void flash_launch(uint16_t *out, float *part_o, float *part_ml,
-                         const float *q, const pie_cuda_attn_item *items,
-                         int n_items, const pie_cuda_tokmeta *tm,
-                         const pie_cuda_kv *kv, int layer, int nh,
-                         cudaStream_t s)
-{
-    static uint64_t set;
-    allow_smem(flash_attn_kernel<HD>, fa_smem<HD>(1), &set);
-    launch_pdl(flash_attn_kernel<HD>, n_items, FA_THREADS(HD), fa_smem<HD>(1), s,
-               out, part_o, part_ml, q, items, *tm, *kv, layer, nh,
-               page_shift(kv));
-}
-
 extern "C" void pie__cuda_attention_flash(uint16_t *out, float *part_o,
                                           float *part_ml, const float *q,
                                           const pie_cuda_attn_item *items,
@@ -1028,29 +1030,23 @@ extern "C" void pie__cuda_attention_flash(uint16_t *out, float *part_o,
                                           int nh, cudaStream_t s)
 {
     if (n_items <= 0) return;
-    switch (kv->head_dim) {
-#define FA_CASE(H) case H: flash_launch<H>(out, part_o, part_ml, q, items, \
-        n_items, tm, kv, layer, nh, s); break;
-    FA_CASE(16) FA_CASE(32) FA_CASE(64) FA_CASE(128)
-#undef FA_CASE
-    default: break;
-    }
+    with_head_dim(kv->head_dim, [&](auto H) {
+        constexpr int HD = decltype(H)::value;
+        static uint64_t set;
+        allow_smem(flash_attn_kernel<HD>, fa_smem<HD>(1), &set);
+        launch_pdl(flash_attn_kernel<HD>, n_items, FA_THREADS(HD),
+                   fa_smem<HD>(1), s, out, part_o, part_ml, q, items, *tm, *kv,
+                   layer, nh, page_shift(kv));
+    });
 }
 
+/* The decode kernel's shared-memory opt-in (once per device and head dim),
+ * for its launches and its occupancy query alike. */
 template <int HD>
-static void dec_launch(uint16_t *out, float *part_o, float *part_ml,
-                       const float *q, const pie_cuda_attn_item *pieces,
-                       const int32_t *bstart, int n_blocks,
-                       const pie_cuda_tokmeta *tm, const pie_cuda_kv *kv,
-                       int layer, int nh, cudaStream_t s)
+static void dec_allow_smem(void)
 {
     static uint64_t set;
     allow_smem(flash_dec_kernel<HD>, fa_smem<HD>(0), &set);
-    /* a programmatic dependent (unless PIE_CUDA_NO_PDL): its blocks read
-     * the step's metadata while the kernel before finishes */
-    launch_pdl_if(pie__cuda_pdl() >= 1, flash_dec_kernel<HD>, n_blocks,
-                  FA_DEC_THREADS, fa_smem<HD>(0), s, out, part_o, part_ml, q,
-                  pieces, bstart, *tm, *kv, layer, nh, page_shift(kv));
 }
 
 extern "C" void pie__cuda_attention_dec(uint16_t *out, float *part_o,
@@ -1062,13 +1058,15 @@ extern "C" void pie__cuda_attention_dec(uint16_t *out, float *part_o,
                                         int nh, cudaStream_t s)
 {
     if (n_blocks <= 0) return;
-    switch (kv->head_dim) {
-#define DEC_CASE(H) case H: dec_launch<H>(out, part_o, part_ml, q, pieces, \
-        bstart, n_blocks, tm, kv, layer, nh, s); break;
-    DEC_CASE(16) DEC_CASE(32) DEC_CASE(64) DEC_CASE(128)
-#undef DEC_CASE
-    default: break;
-    }
+    with_head_dim(kv->head_dim, [&](auto H) {
+        constexpr int HD = decltype(H)::value;
+        dec_allow_smem<HD>();
+        /* a programmatic dependent (unless PIE_CUDA_NO_PDL): its blocks
+         * read the step's metadata while the kernel before finishes */
+        launch_pdl_if(pie__cuda_pdl() >= 1, flash_dec_kernel<HD>, n_blocks,
+                      FA_DEC_THREADS, fa_smem<HD>(0), s, out, part_o, part_ml,
+                      q, pieces, bstart, *tm, *kv, layer, nh, page_shift(kv));
+    });
 }
 
 /* Resident blocks of the decode kernel per SM (its persistent grid is this
@@ -1076,14 +1074,12 @@ extern "C" void pie__cuda_attention_dec(uint16_t *out, float *part_o,
 extern "C" int pie__cuda_attention_dec_occupancy(int hd)
 {
     int n = 0;
-    switch (hd) {
-#define DEC_OCC(H) case H: { static uint64_t set; \
-        allow_smem(flash_dec_kernel<H>, fa_smem<H>(0), &set); \
-        cudaOccupancyMaxActiveBlocksPerMultiprocessor(&n, flash_dec_kernel<H>, \
-            FA_DEC_THREADS, fa_smem<H>(0)); break; }
-    DEC_OCC(16) DEC_OCC(32) DEC_OCC(64) DEC_OCC(128)
-#undef DEC_OCC
-    default: break;
-    }
+    with_head_dim(hd, [&](auto H) {
+        constexpr int HD = decltype(H)::value;
+        dec_allow_smem<HD>();
+        cudaOccupancyMaxActiveBlocksPerMultiprocessor(&n, flash_dec_kernel<HD>,
+                                                      FA_DEC_THREADS,
+                                                      fa_smem<HD>(0));
+    });
     return n > 0 ? n : 1;
 }

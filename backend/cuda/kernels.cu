@@ -294,22 +294,10 @@ static __device__ __forceinline__ uint32_t silu_mul_pair(uint32_t g2, uint32_t u
         pie_silu_mul(bf2f((uint16_t)(g2 >> 16)), bf2f((uint16_t)(u2 >> 16))));
 }
 
-/* hidden even: two elements per thread, 4-byte loads and stores */
-__global__ void silu_mul2_kernel(uint32_t *out, const uint32_t *gu,
-                                 int64_t total2, int hidden2)
-{
-    pdl_begin();
-    // out (n, hidden/2) bf16 pairs, gu (n, hidden) bf16 pairs
-    for (int64_t k = blockIdx.x * (int64_t)blockDim.x + threadIdx.x; k < total2;
-         k += (int64_t)gridDim.x * blockDim.x) {
-        int64_t t = k / hidden2, i = k % hidden2;
-        out[k] = silu_mul_pair(gu[t * 2 * hidden2 + i], gu[t * 2 * hidden2 + hidden2 + i]);
-    }
-}
-
-/* hidden % 8 == 0: row blockIdx.y, 8 features a thread (16-byte loads and
- * store) and no division: a prefill's 2048+ rows of 14336 features move at
- * memory speed (the grid-stride kernel above divides 64-bit indices) */
+/* hidden % 8 == 0 (every real model): row blockIdx.y, 8 features a
+ * thread (16-byte loads and store) and no division: a prefill's 2048+ rows
+ * of 14336 features move at memory speed (the grid-stride kernel above,
+ * for other sizes, divides a 64-bit index per element) */
 __global__ void silu_mul8_kernel(uint4 *out, const uint4 *gu, int hidden8)
 {
     pdl_begin();
@@ -335,16 +323,9 @@ extern "C" void pie__cuda_silu_mul(uint16_t *out, const uint16_t *gu, int n,
                    reinterpret_cast<const uint4 *>(gu), h8);
         return;
     }
-    int vec = hidden % 2 == 0;
-    int64_t work = vec ? total / 2 : total;
-    int blocks = (int)((work + 255) / 256);
+    int blocks = (int)((total + 255) / 256);
     if (blocks > 132 * 16) blocks = 132 * 16;
-    if (vec)
-        launch_pdl(silu_mul2_kernel, blocks, 256, 0, s,
-                   reinterpret_cast<uint32_t *>(out),
-                   reinterpret_cast<const uint32_t *>(gu), work, hidden / 2);
-    else
-        launch_pdl(silu_mul_kernel, blocks, 256, 0, s, out, gu, total, hidden);
+    launch_pdl(silu_mul_kernel, blocks, 256, 0, s, out, gu, total, hidden);
 }
 
 /* ----------------------------------------------------------- fill/misc */

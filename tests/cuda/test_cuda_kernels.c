@@ -118,8 +118,8 @@ static void test_silu_hid(int hid)
     cudaFree(dgu); cudaFree(dout); free(gu); free(gub); free(out);
 }
 
-/* odd hidden: one element per thread; even: pairs; a multiple of 8:
- * groups of 8 a thread, a row per grid row */
+/* hidden a multiple of 8: groups of 8 a thread, a row per grid row;
+ * other sizes (odd, or even but not a multiple of 8): an element a thread */
 static void test_silu(void)
 {
     test_silu_hid(203);
