@@ -481,6 +481,81 @@ struct fa_state {
     }
 };
 
+/* The online softmax of one m-tile's S (NS n-tiles of 8 slots from n-tile
+ * n8o of the KV block at s0): masks, raises the running max, rescales O
+ * and the mass, and leaves P (bf16) as the A fragments of P V (pa, NS / 2
+ * k-steps of 16 slots: the S accumulators of two adjacent n-tiles). */
+template <int HD, int NS>
+static __device__ __forceinline__ void fa_softmax(float (*s)[4], fa_state<HD> &t,
+                                                  const fa_rowmask &m, int n8o,
+                                                  int s0, int s1,
+                                                  const uint32_t *bits,
+                                                  uint32_t (*pa)[4])
+{
+    constexpr int ND = HD / 8, KS = NS / 2;
+    int c = threadIdx.x % WARP & 3;
+    /* a block wholly below both rows' causal limits needs no per-slot
+     * mask test (most blocks of a long prompt, every full decode block) */
+    int last = s0 + FA_BN - 1;
+    bool full = __all_sync(0xffffffffu, last < s1 && m.va && m.vb &&
+                           m.moa < 0 && m.mob < 0 && m.lima >= last &&
+                           m.limb >= last);
+    float mxa = -INFINITY, mxb = -INFINITY;
+#pragma unroll
+    for (int n8 = 0; n8 < NS; n8++) {
+#pragma unroll
+        for (int e = 0; e < 2; e++) {
+            int j = s0 + (n8o + n8) * 8 + 2 * c + e;
+            bool in = j < s1;
+            if (!full && !(in && m.va && fa_allowed(bits, m.moa, m.lima, j)))
+                s[n8][e] = -INFINITY;
+            if (!full && !(in && m.vb && fa_allowed(bits, m.mob, m.limb, j)))
+                s[n8][2 + e] = -INFINITY;
+            mxa = fmaxf(mxa, s[n8][e]);
+            mxb = fmaxf(mxb, s[n8][2 + e]);
+        }
+    }
+#pragma unroll
+    for (int x = 1; x < 4; x <<= 1) {
+        mxa = fmaxf(mxa, __shfl_xor_sync(0xffffffffu, mxa, x));
+        mxb = fmaxf(mxb, __shfl_xor_sync(0xffffffffu, mxb, x));
+    }
+    float na = fmaxf(t.ma, mxa), nb = fmaxf(t.mb, mxb);
+    float ba = na == -INFINITY ? 0.0f : na, bb = nb == -INFINITY ? 0.0f : nb;
+    float aa = exp2f(t.ma - ba), ab = exp2f(t.mb - bb);
+    t.ma = na;
+    t.mb = nb;
+    t.la *= aa;
+    t.lb *= ab;
+    /* O changes only where a row's max grew (aa, ab exactly 1 else):
+     * later blocks of a long row rarely raise it */
+    if (__any_sync(0xffffffffu, aa != 1.0f || ab != 1.0f)) {
+#pragma unroll
+        for (int i = 0; i < ND; i++) {
+            t.o[i][0] *= aa; t.o[i][1] *= aa;
+            t.o[i][2] *= ab; t.o[i][3] *= ab;
+        }
+    }
+#pragma unroll
+    for (int n8 = 0; n8 < NS; n8++) {
+        s[n8][0] = exp2f(s[n8][0] - ba);
+        s[n8][1] = exp2f(s[n8][1] - ba);
+        s[n8][2] = exp2f(s[n8][2] - bb);
+        s[n8][3] = exp2f(s[n8][3] - bb);
+        t.la += s[n8][0] + s[n8][1];
+        t.lb += s[n8][2] + s[n8][3];
+    }
+    /* the S accumulators of two adjacent n-tiles are the A operand
+     * of P V */
+#pragma unroll
+    for (int kk = 0; kk < KS; kk++) {
+        pa[kk][0] = pack_bf2(s[2 * kk][0], s[2 * kk][1]);
+        pa[kk][1] = pack_bf2(s[2 * kk][2], s[2 * kk][3]);
+        pa[kk][2] = pack_bf2(s[2 * kk + 1][0], s[2 * kk + 1][1]);
+        pa[kk][3] = pack_bf2(s[2 * kk + 1][2], s[2 * kk + 1][3]);
+    }
+}
+
 /* One KV block for one warp and its MT m-tiles of 16 query rows: S = Q K^T
  * over NS n-tiles of 8 slots from n-tile n8o of the block (slots s0 + 8 n8o
  * ..), masked, folded into each m-tile's online softmax, then O += P V over
@@ -503,7 +578,7 @@ static __device__ __forceinline__ void fa_block(fa_state<HD> *st,
     constexpr int LD = HD + 8, NK = HD / 16, ND = HD / 8;
     static_assert(NS % 2 == 0 && NS == 2 * KS, "n-tile pairs, 16-slot k-steps");
     static_assert(QS || MT == 1, "register Q for one m-tile");
-    int lane = threadIdx.x % WARP, c = lane & 3;
+    int lane = threadIdx.x % WARP;
     float s[MT][NS][4];
 #pragma unroll
     for (int mt = 0; mt < MT; mt++)
@@ -535,70 +610,8 @@ static __device__ __forceinline__ void fa_block(fa_state<HD> *st,
     }
     uint32_t pa[MT][KS][4];
 #pragma unroll
-    for (int mt = 0; mt < MT; mt++) {
-        const fa_rowmask &m = rm[mt];
-        fa_state<HD> &t = st[mt];
-        /* a block wholly below both rows' causal limits needs no per-slot
-         * mask test (most blocks of a long prompt, every full decode block) */
-        int last = s0 + FA_BN - 1;
-        bool full = __all_sync(0xffffffffu, last < s1 && m.va && m.vb &&
-                               m.moa < 0 && m.mob < 0 && m.lima >= last &&
-                               m.limb >= last);
-        float mxa = -INFINITY, mxb = -INFINITY;
-#pragma unroll
-        for (int n8 = 0; n8 < NS; n8++) {
-#pragma unroll
-            for (int e = 0; e < 2; e++) {
-                int j = s0 + (n8o + n8) * 8 + 2 * c + e;
-                bool in = j < s1;
-                if (!full && !(in && m.va && fa_allowed(bits, m.moa, m.lima, j)))
-                    s[mt][n8][e] = -INFINITY;
-                if (!full && !(in && m.vb && fa_allowed(bits, m.mob, m.limb, j)))
-                    s[mt][n8][2 + e] = -INFINITY;
-                mxa = fmaxf(mxa, s[mt][n8][e]);
-                mxb = fmaxf(mxb, s[mt][n8][2 + e]);
-            }
-        }
-#pragma unroll
-        for (int x = 1; x < 4; x <<= 1) {
-            mxa = fmaxf(mxa, __shfl_xor_sync(0xffffffffu, mxa, x));
-            mxb = fmaxf(mxb, __shfl_xor_sync(0xffffffffu, mxb, x));
-        }
-        float na = fmaxf(t.ma, mxa), nb = fmaxf(t.mb, mxb);
-        float ba = na == -INFINITY ? 0.0f : na, bb = nb == -INFINITY ? 0.0f : nb;
-        float aa = exp2f(t.ma - ba), ab = exp2f(t.mb - bb);
-        t.ma = na;
-        t.mb = nb;
-        t.la *= aa;
-        t.lb *= ab;
-        /* O changes only where a row's max grew (aa, ab exactly 1 else):
-         * later blocks of a long row rarely raise it */
-        if (__any_sync(0xffffffffu, aa != 1.0f || ab != 1.0f)) {
-#pragma unroll
-            for (int i = 0; i < ND; i++) {
-                t.o[i][0] *= aa; t.o[i][1] *= aa;
-                t.o[i][2] *= ab; t.o[i][3] *= ab;
-            }
-        }
-#pragma unroll
-        for (int n8 = 0; n8 < NS; n8++) {
-            s[mt][n8][0] = exp2f(s[mt][n8][0] - ba);
-            s[mt][n8][1] = exp2f(s[mt][n8][1] - ba);
-            s[mt][n8][2] = exp2f(s[mt][n8][2] - bb);
-            s[mt][n8][3] = exp2f(s[mt][n8][3] - bb);
-            t.la += s[mt][n8][0] + s[mt][n8][1];
-            t.lb += s[mt][n8][2] + s[mt][n8][3];
-        }
-        /* the S accumulators of two adjacent n-tiles are the A operand
-         * of P V */
-#pragma unroll
-        for (int kk = 0; kk < KS; kk++) {
-            pa[mt][kk][0] = pack_bf2(s[mt][2 * kk][0], s[mt][2 * kk][1]);
-            pa[mt][kk][1] = pack_bf2(s[mt][2 * kk][2], s[mt][2 * kk][3]);
-            pa[mt][kk][2] = pack_bf2(s[mt][2 * kk + 1][0], s[mt][2 * kk + 1][1]);
-            pa[mt][kk][3] = pack_bf2(s[mt][2 * kk + 1][2], s[mt][2 * kk + 1][3]);
-        }
-    }
+    for (int mt = 0; mt < MT; mt++)
+        fa_softmax<HD, NS>(s[mt], st[mt], rm[mt], n8o, s0, s1, bits, pa[mt]);
 #pragma unroll
     for (int kk = 0; kk < KS; kk++) {
 #pragma unroll
@@ -760,6 +773,206 @@ flash_attn_kernel(uint16_t *out, float *part_o, float *part_ml, const float *q,
     }
 }
 
+/* Q rows ra, rb (rm) as A fragments, scaled by log2(e) / sqrt(HD), bf16,
+ * straight from global memory; rows that do not exist are zero. */
+template <int HD>
+static __device__ __forceinline__ void fa_qfrag(uint32_t (*qa)[4], const float *q,
+                                                const fa_rows &rows,
+                                                const fa_rowmask &rm, int ra,
+                                                int rb, int nh)
+{
+    int c = threadIdx.x % WARP & 3;
+    float scale = rsqrtf((float)HD) * 1.4426950408889634f;
+    const float *qra = q + (int64_t)rm.ta * nh * HD + rows.head(ra) * HD + 2 * c;
+    const float *qrb = q + (int64_t)rm.tb * nh * HD + rows.head(rb) * HD + 2 * c;
+#pragma unroll
+    for (int kk = 0; kk < HD / 16; kk++) {
+        float2 a0 = rm.va ? *reinterpret_cast<const float2 *>(qra + kk * 16) : make_float2(0, 0);
+        float2 a2 = rm.va ? *reinterpret_cast<const float2 *>(qra + kk * 16 + 8) : make_float2(0, 0);
+        float2 b0 = rm.vb ? *reinterpret_cast<const float2 *>(qrb + kk * 16) : make_float2(0, 0);
+        float2 b2 = rm.vb ? *reinterpret_cast<const float2 *>(qrb + kk * 16 + 8) : make_float2(0, 0);
+        qa[kk][0] = pack_bf2(a0.x * scale, a0.y * scale);
+        qa[kk][1] = pack_bf2(b0.x * scale, b0.y * scale);
+        qa[kk][2] = pack_bf2(a2.x * scale, a2.y * scale);
+        qa[kk][3] = pack_bf2(b2.x * scale, b2.y * scale);
+    }
+}
+
+/* ------------------------------------------- prefill attention, wgmma */
+
+/*
+ * flash_wg_kernel: the prefill kernel's items and math on Hopper's
+ * warp-group MMA (wgmma.mma_async, sm_90a), head dim 128. A block is one
+ * warp group of 64 query rows, half an item (two per item, so that the
+ * blocks an SM holds run their MMAs and softmax out of phase; one block
+ * of two warp groups sharing the KV blocks ran in lockstep, slower). A
+ * warp keeps its 16 rows' Q as register A fragments (fa_qfrag); S = Q K^T
+ * is one m64n64 wgmma per 16 of the head dim and O += P V one m64n128
+ * wgmma per 16 slots, both reading K and V straight from shared memory
+ * (mma.sync needs an ldmatrix per fragment and warp). The accumulators have mma.sync's
+ * fragment layout (warp w of a group: rows 16 w + g and + 8, n-tiles of 8
+ * columns), so the softmax is fa_softmax.
+ * Shared memory, per stage: K and V of FA_BN slots in wgmma's canonical
+ * 128-byte swizzled layout (without a swizzle, wgmma's reads conflict in
+ * the banks: 124 TFLOP/s at 2048 tokens): atoms of 8 slots x 64 columns
+ * (1024 bytes, 1024-aligned), the 16-byte chunk c of slot s stored at
+ * chunk c ^ (s % 8) of the slot's 128-byte row; atoms of 8 slots are
+ * 1024 bytes apart, the two halves of the head dim WG_HALF. The same
+ * layout is K in K-major form (B of S; d is the reduction) and V in
+ * MN-major form (B of P V, transposed; slots are the reduction).
+ */
+#define WG_HD 128
+#define WG_THREADS 128
+#define WG_BLK (FA_BN * WG_HD)          /* elements of K (or V) a stage */
+#define WG_HALF (FA_BN * 128)           /* bytes between the d halves */
+
+/* Byte offset of 16-byte chunk cd (columns 8 cd ..) of slot s. */
+static __device__ __forceinline__ int wg_off(int s, int cd)
+{
+    return (cd / 8) * WG_HALF + (s / 8) * 1024 + (s % 8) * 128 +
+           ((cd % 8) ^ (s % 8)) * 16;
+}
+
+/* A shared-memory matrix descriptor, 128-byte swizzle (lbo, sbo bytes). */
+static __device__ __forceinline__ uint64_t wg_desc(const void *p, uint32_t lbo,
+                                                   uint32_t sbo)
+{
+    uint32_t a = (uint32_t)__cvta_generic_to_shared(p);
+    return (uint64_t)((a & 0x3ffff) >> 4) | (uint64_t)(lbo >> 4) << 16 |
+           (uint64_t)(sbo >> 4) << 32 | 1ull << 62;
+}
+
+static __device__ __forceinline__ void wg_fence(void)
+{
+    asm volatile("wgmma.fence.sync.aligned;" ::: "memory");
+}
+
+static __device__ __forceinline__ void wg_commit_wait(void)
+{
+    asm volatile("wgmma.commit_group.sync.aligned;\n"
+                 "wgmma.wait_group.sync.aligned 0;" ::: "memory");
+}
+
+/* d (m64n64, f32) (+)= a (registers, bf16 m64k16) x B (desc, K-major) */
+static __device__ __forceinline__ void wg_mma_s(float (*d)[4], const uint32_t *a,
+                                                uint64_t desc, int acc)
+{
+    asm volatile("{\n.reg .pred p;\nsetp.ne.b32 p, %37, 0;\n"
+                 "wgmma.mma_async.sync.aligned.m64n64k16.f32.bf16.bf16 "
+                 "{%0, %1, %2, %3, %4, %5, %6, %7, %8, %9, %10, %11, %12, %13, %14, %15, %16, %17, %18, %19, %20, %21, %22, %23, %24, %25, %26, %27, %28, %29, %30, %31}, {%32, %33, %34, %35}, %36, p, 1, 1, 0;\n}\n"
+                 : "+f"(d[0][0]), "+f"(d[0][1]), "+f"(d[0][2]), "+f"(d[0][3]), "+f"(d[1][0]), "+f"(d[1][1]), "+f"(d[1][2]), "+f"(d[1][3]), "+f"(d[2][0]), "+f"(d[2][1]), "+f"(d[2][2]), "+f"(d[2][3]), "+f"(d[3][0]), "+f"(d[3][1]), "+f"(d[3][2]), "+f"(d[3][3]), "+f"(d[4][0]), "+f"(d[4][1]), "+f"(d[4][2]), "+f"(d[4][3]), "+f"(d[5][0]), "+f"(d[5][1]), "+f"(d[5][2]), "+f"(d[5][3]), "+f"(d[6][0]), "+f"(d[6][1]), "+f"(d[6][2]), "+f"(d[6][3]), "+f"(d[7][0]), "+f"(d[7][1]), "+f"(d[7][2]), "+f"(d[7][3])
+                 : "r"(a[0]), "r"(a[1]), "r"(a[2]), "r"(a[3]), "l"(desc),
+                   "r"(acc));
+}
+
+/* d (m64n128, f32) += a (registers, bf16 m64k16) x B (desc, MN-major) */
+static __device__ __forceinline__ void wg_mma_o(float (*d)[4], const uint32_t *a,
+                                                uint64_t desc)
+{
+    asm volatile("{\n.reg .pred p;\nsetp.ne.b32 p, 1, 0;\n"
+                 "wgmma.mma_async.sync.aligned.m64n128k16.f32.bf16.bf16 "
+                 "{%0, %1, %2, %3, %4, %5, %6, %7, %8, %9, %10, %11, %12, %13, %14, %15, %16, %17, %18, %19, %20, %21, %22, %23, %24, %25, %26, %27, %28, %29, %30, %31, %32, %33, %34, %35, %36, %37, %38, %39, %40, %41, %42, %43, %44, %45, %46, %47, %48, %49, %50, %51, %52, %53, %54, %55, %56, %57, %58, %59, %60, %61, %62, %63}, {%64, %65, %66, %67}, %68, p, 1, 1, 1;\n}\n"
+                 : "+f"(d[0][0]), "+f"(d[0][1]), "+f"(d[0][2]), "+f"(d[0][3]), "+f"(d[1][0]), "+f"(d[1][1]), "+f"(d[1][2]), "+f"(d[1][3]), "+f"(d[2][0]), "+f"(d[2][1]), "+f"(d[2][2]), "+f"(d[2][3]), "+f"(d[3][0]), "+f"(d[3][1]), "+f"(d[3][2]), "+f"(d[3][3]), "+f"(d[4][0]), "+f"(d[4][1]), "+f"(d[4][2]), "+f"(d[4][3]), "+f"(d[5][0]), "+f"(d[5][1]), "+f"(d[5][2]), "+f"(d[5][3]), "+f"(d[6][0]), "+f"(d[6][1]), "+f"(d[6][2]), "+f"(d[6][3]), "+f"(d[7][0]), "+f"(d[7][1]), "+f"(d[7][2]), "+f"(d[7][3]), "+f"(d[8][0]), "+f"(d[8][1]), "+f"(d[8][2]), "+f"(d[8][3]), "+f"(d[9][0]), "+f"(d[9][1]), "+f"(d[9][2]), "+f"(d[9][3]), "+f"(d[10][0]), "+f"(d[10][1]), "+f"(d[10][2]), "+f"(d[10][3]), "+f"(d[11][0]), "+f"(d[11][1]), "+f"(d[11][2]), "+f"(d[11][3]), "+f"(d[12][0]), "+f"(d[12][1]), "+f"(d[12][2]), "+f"(d[12][3]), "+f"(d[13][0]), "+f"(d[13][1]), "+f"(d[13][2]), "+f"(d[13][3]), "+f"(d[14][0]), "+f"(d[14][1]), "+f"(d[14][2]), "+f"(d[14][3]), "+f"(d[15][0]), "+f"(d[15][1]), "+f"(d[15][2]), "+f"(d[15][3])
+                 : "r"(a[0]), "r"(a[1]), "r"(a[2]), "r"(a[3]), "l"(desc));
+}
+
+/* Issues the copies of KV block [s0, s0 + FA_BN) into K / V in the layout
+ * above (WG_THREADS threads): each warp copies groups of 8 slots, whose
+ * page it looks up once where they lie in one page (pages a power of two
+ * of at least 8 slots, s0 a multiple of 8); slots past s1 are zero filled.
+ * Eight adjacent lanes take one 16-byte column chunk of 8 slots. */
+template <int HD>
+static __device__ __forceinline__ void wg_load(uint16_t *K, uint16_t *V,
+                                               const uint16_t *pool,
+                                               const int32_t *pages, int64_t pe,
+                                               int64_t lay, int64_t voff,
+                                               int ps, int psh, int s0, int s1)
+{
+    constexpr int NW = WG_THREADS / WARP;
+    int w = threadIdx.x / WARP, lane = threadIdx.x % WARP, sl = lane & 7;
+    bool grp = psh >= 0 && ps >= 8 && (s0 & 7) == 0;
+#pragma unroll
+    for (int gi = w; gi < FA_BN / 8; gi += NW) {
+        int j = s0 + gi * 8 + sl;
+        bool in = j < s1;
+        const uint16_t *row = pool;
+        if (in) {
+            int64_t pg = grp ? pages[(s0 + gi * 8) >> psh] : pages[j / ps];
+            int off = grp ? j & (ps - 1) : j % ps;
+            row = pool + pg * pe + lay + (int64_t)off * HD;
+        }
+#pragma unroll
+        for (int i = 0; i < HD / 8 / 4; i++) {
+            int cd = lane / 8 + 4 * i, e = wg_off(gi * 8 + sl, cd) / 2;
+            cp_async16(&K[e], in ? row + cd * 8 : pool, in);
+            cp_async16(&V[e], in ? row + voff + cd * 8 : pool, in);
+        }
+    }
+}
+
+/* Block b: rows 64 (b % 2) .. + 63 of item b / 2. */
+__global__ void __launch_bounds__(WG_THREADS, 2)
+flash_wg_kernel(uint16_t *out, float *part_o, float *part_ml, const float *q,
+                const pie_cuda_attn_item *items, pie_cuda_tokmeta tm,
+                pie_cuda_kv kv, int layer, int nh, int psh)
+{
+    constexpr int HD = WG_HD;
+    pdl_begin();
+    extern __shared__ __align__(128) uint16_t wg_sm_raw[];
+    /* the swizzle atoms are 1024-aligned (the launch adds the slack) */
+    uint16_t *fa_sm = (uint16_t *)(((uintptr_t)wg_sm_raw + 1023) & ~(uintptr_t)1023);
+    pie_cuda_attn_item it = items[blockIdx.x / 2];
+    int G = nh / kv.n_kv, ps = kv.page_size;
+    fa_rows rows = { it.pad, G, it.t0, it.pad ? it.kvh * G : it.kvh };
+    int kvh = it.pad ? it.kvh : it.kvh / G, R = it.pad ? it.nt * G : it.nt;
+    int warp = threadIdx.x / WARP, g = threadIdx.x % WARP >> 2;
+    int r0 = (blockIdx.x % 2) * 64 + warp * 16;     /* the warp's 16 rows */
+    if ((blockIdx.x % 2) * 64 >= R) return;
+    const int32_t *pages = tm.pages + tm.kv_indptr[it.req];
+    int64_t pe = pie_cuda_kv_page_elems(&kv);
+    int64_t lay = (int64_t)layer * 2 * kv.n_kv * ps * HD + (int64_t)kvh * ps * HD;
+    int64_t voff = (int64_t)kv.n_kv * ps * HD;
+    if (it.s0 < it.s1)
+        wg_load<HD>(fa_sm, fa_sm + WG_BLK, kv.pool, pages, pe, lay, voff, ps,
+                    psh, it.s0, it.s1);
+    cp_async_commit();
+    fa_rowmask rm = fa_rowmask_of(rows, tm, r0 + g, r0 + g + 8, R);
+    uint32_t qa[HD / 16][4];
+    fa_qfrag<HD>(qa, q, rows, rm, r0 + g, r0 + g + 8, nh);
+    fa_state<HD> st;
+    st.reset();
+    for (int s0 = it.s0, bi = 0; s0 < it.s1; s0 += FA_BN, bi ^= 1) {
+        uint16_t *Ks = fa_sm + bi * 2 * WG_BLK, *Vs = Ks + WG_BLK;
+        if (s0 + FA_BN < it.s1)
+            wg_load<HD>(fa_sm + (bi ^ 1) * 2 * WG_BLK,
+                        fa_sm + (bi ^ 1) * 2 * WG_BLK + WG_BLK, kv.pool, pages,
+                        pe, lay, voff, ps, psh, s0 + FA_BN, it.s1);
+        cp_async_commit();
+        cp_async_wait<1>();
+        /* the copies (generic proxy) become visible to wgmma (async proxy) */
+        asm volatile("fence.proxy.async.shared::cta;" ::: "memory");
+        __syncthreads();
+        float s[FA_BN / 8][4];
+        uint32_t pa[FA_BN / 16][4];
+        wg_fence();
+#pragma unroll
+        for (int kk = 0; kk < HD / 16; kk++)
+            wg_mma_s(s, qa[kk], wg_desc((const char *)Ks + (kk / 4) * WG_HALF +
+                                        (kk % 4) * 32, 16, 1024), kk);
+        wg_commit_wait();
+        fa_softmax<HD, FA_BN / 8>(s, st, rm, 0, s0, it.s1, tm.mask_bits, pa);
+        wg_fence();
+#pragma unroll
+        for (int kk = 0; kk < FA_BN / 16; kk++)
+            wg_mma_o(st.o, pa[kk], wg_desc((const char *)Vs + kk * 2048, WG_HALF, 1024));
+        wg_commit_wait();
+        __syncthreads();    /* this buffer is refilled next iteration */
+    }
+    cp_async_wait<0>();
+    fa_mass(st);
+    fa_store(st, it, rows, rm, r0 + g, r0 + g + 8, out, part_o, part_ml, nh);
+}
+
 /* ------------------------------------------------- decode attention */
 
 /*
@@ -897,8 +1110,7 @@ struct dec_cursor {
     }
 };
 
-/* A piece's rows into registers: Q as the A fragments (scaled by
- * log2(e) / sqrt(HD), bf16) straight from global memory, and the masks. */
+/* A piece's rows into registers: Q as the A fragments and the masks. */
 template <int HD>
 static __device__ __forceinline__ void dec_rows(uint32_t (*qa)[4],
                                                 fa_rowmask &rm, fa_rows &rows,
@@ -907,23 +1119,10 @@ static __device__ __forceinline__ void dec_rows(uint32_t (*qa)[4],
                                                 const pie_cuda_tokmeta &tm,
                                                 int G, int nh)
 {
-    int lane = threadIdx.x % WARP, g = lane >> 2, c = lane & 3;
-    float scale = rsqrtf((float)HD) * 1.4426950408889634f;
+    int g = threadIdx.x % WARP >> 2;
     rows = (fa_rows){ 1, G, it.t0, it.kvh * G };
     rm = fa_rowmask_of(rows, tm, g, g + 8, it.nt * G);
-    const float *qra = q + (int64_t)rm.ta * nh * HD + rows.head(g) * HD + 2 * c;
-    const float *qrb = q + (int64_t)rm.tb * nh * HD + rows.head(g + 8) * HD + 2 * c;
-#pragma unroll
-    for (int kk = 0; kk < HD / 16; kk++) {
-        float2 a0 = rm.va ? *reinterpret_cast<const float2 *>(qra + kk * 16) : make_float2(0, 0);
-        float2 a2 = rm.va ? *reinterpret_cast<const float2 *>(qra + kk * 16 + 8) : make_float2(0, 0);
-        float2 b0 = rm.vb ? *reinterpret_cast<const float2 *>(qrb + kk * 16) : make_float2(0, 0);
-        float2 b2 = rm.vb ? *reinterpret_cast<const float2 *>(qrb + kk * 16 + 8) : make_float2(0, 0);
-        qa[kk][0] = pack_bf2(a0.x * scale, a0.y * scale);
-        qa[kk][1] = pack_bf2(b0.x * scale, b0.y * scale);
-        qa[kk][2] = pack_bf2(a2.x * scale, a2.y * scale);
-        qa[kk][3] = pack_bf2(b2.x * scale, b2.y * scale);
-    }
+    fa_qfrag<HD>(qa, q, rows, rm, g, g + 8, nh);
 }
 
 template <int HD>
@@ -1021,6 +1220,15 @@ static int page_shift(const pie_cuda_kv *kv)
     return (ps & (ps - 1)) ? -1 : __builtin_ctz(ps);
 }
 
+/* Whether the wgmma prefill kernel runs (PIE_CUDA_NO_WGMMA=1: the mma.sync
+ * kernel at every head dim, for comparison). Read once. */
+static int wg_on(void)
+{
+    static int on = -1;
+    if (on < 0) on = getenv("PIE_CUDA_NO_WGMMA") == NULL;
+    return on;
+}
+
 extern "C" void pie__cuda_attention_flash(uint16_t *out, float *part_o,
                                           float *part_ml, const float *q,
                                           const pie_cuda_attn_item *items,
@@ -1030,6 +1238,14 @@ extern "C" void pie__cuda_attention_flash(uint16_t *out, float *part_o,
                                           int nh, cudaStream_t s)
 {
     if (n_items <= 0) return;
+    if (kv->head_dim == WG_HD && wg_on()) {
+        static uint64_t set;
+        size_t smem = 2 * FA_STAGES * WG_BLK * sizeof(uint16_t) + 1024;
+        allow_smem(flash_wg_kernel, smem, &set);
+        launch_pdl(flash_wg_kernel, 2 * n_items, WG_THREADS, smem, s, out, part_o,
+                   part_ml, q, items, *tm, *kv, layer, nh, page_shift(kv));
+        return;
+    }
     with_head_dim(kv->head_dim, [&](auto H) {
         constexpr int HD = decltype(H)::value;
         static uint64_t set;

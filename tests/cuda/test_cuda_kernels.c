@@ -440,8 +440,8 @@ static void test_attention_mode(int nh, int nkv, int hd, int masked,
     }
     /* pages of 16 slots; some decode grids take 8, 12 (not a power of
      * two) or 32 (the loader's other paths) */
-    int ps = grouped != 2 ? 16 : split == 61 ? 8 : split == 37 ? 12 :
-             split == 1000 ? 32 : 16;
+    int ps = grouped != 2 ? (split < -1 ? -split : 16) : split == 61 ? 8 :
+             split == 37 ? 12 : split == 1000 ? 32 : 16;
     make_batch(&b, 4, n_new, kv_len, ps, 256, masked);
     int n = b.n_tok, L = 2, layer = 1, G = nh / nkv;
     pie_cuda_kv kv = { NULL, L, nkv, b.ps, hd };
@@ -743,6 +743,8 @@ int main(void)
         test_attention(4, 2, 16, m, -1);      /* tensor-core prefill */
         test_attention(32, 8, 64, m, -1);
         test_attention(32, 8, 128, m, -1);
+        test_attention(32, 8, 128, m, -12);   /* pages of 12 and 8 slots */
+        test_attention(32, 8, 128, m, -8);
         test_attention(6, 6, 32, m, -1);
         test_attention_mode(4, 2, 16, m, 1, 1);   /* grouped tensor-core */
         test_attention_mode(32, 8, 64, m, 1, 1);
