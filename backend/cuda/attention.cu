@@ -911,7 +911,7 @@ static __device__ __forceinline__ void wg_load(uint16_t *K, uint16_t *V,
 }
 
 /* Block b: rows 64 (b % 2) .. + 63 of item b / 2. */
-__global__ void __launch_bounds__(WG_THREADS, 2)
+__global__ void __launch_bounds__(WG_THREADS, 3)
 flash_wg_kernel(uint16_t *out, float *part_o, float *part_ml, const float *q,
                 const pie_cuda_attn_item *items, pie_cuda_tokmeta tm,
                 pie_cuda_kv kv, int layer, int nh, int psh)
