@@ -80,6 +80,9 @@ for phase in "$@"; do
         log tests
         timeout 150 $R test_cuda_kernels > "$OUT/kernels.log" 2>&1
         echo "kernels rc=$?" | tee -a "$OUT/summary.log"; tail -4 "$OUT/kernels.log"
+        # the mma.sync prefill kernel that wgmma replaces at head dim 128
+        PIE_CUDA_NO_WGMMA=1 timeout 150 $R test_cuda_kernels > "$OUT/kernels-nowg.log" 2>&1
+        echo "kernels (PIE_CUDA_NO_WGMMA) rc=$?" | tee -a "$OUT/summary.log"
         PIE_CUDA_PARTIAL_SHARED=1 timeout 200 $R test_cuda_model > "$OUT/model.log" 2>&1
         echo "model rc=$?" | tee -a "$OUT/summary.log"; tail -30 "$OUT/model.log"
         ;;
@@ -215,6 +218,9 @@ for phase in "$@"; do
     kernels)
         timeout 150 $R test_cuda_kernels > "$OUT/kernels.log" 2>&1
         echo "kernels rc=$?" | tee -a "$OUT/summary.log"; tail -4 "$OUT/kernels.log"
+        # the mma.sync prefill kernel that wgmma replaces at head dim 128
+        PIE_CUDA_NO_WGMMA=1 timeout 150 $R test_cuda_kernels > "$OUT/kernels-nowg.log" 2>&1
+        echo "kernels (PIE_CUDA_NO_WGMMA) rc=$?" | tee -a "$OUT/summary.log"
         ;;
     tune)   # the timed matmul choices of both shapes (every bucket of m)
         for m in llama-3.2-1b llama-3.1-8b; do

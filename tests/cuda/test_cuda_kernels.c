@@ -422,8 +422,10 @@ static void test_qkv_post(int nh, int nkv, int hd, int bias, int qknorm, int big
 }
 
 /* ---------------------------------------------------------- attention */
-/* split < 0: the tensor-core prefill kernel (tiles of 64 tokens x one
- * query head) on a batch with a 100-token prompt after 200 cached slots.
+/* split < 0: the tensor-core prefill kernel (tiles of 128 tokens x one
+ * query head; wgmma at head dim 128 unless PIE_CUDA_NO_WGMMA) on a batch
+ * with a 100-token prompt after 200 cached slots, pages of 16 slots (of
+ * -split slots for split < -1).
  * grouped 1: the tensor-core kernel on the CUDA-core kernel's plan (tiles
  * of 64/G tokens x G heads, `split` splits merged); grouped 2: the decode
  * kernel (tiles of 16/G tokens) on a persistent grid of `split` blocks,
