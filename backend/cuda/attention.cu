@@ -802,24 +802,29 @@ static __device__ __forceinline__ void fa_qfrag(uint32_t (*qa)[4], const float *
 
 /*
  * flash_wg_kernel: the prefill kernel's items and math on Hopper's
- * warp-group MMA (wgmma.mma_async, sm_90a), head dim 128. A block is one
- * warp group of 64 query rows, half an item (two per item, so that the
- * blocks an SM holds run their MMAs and softmax out of phase; one block
- * of two warp groups sharing the KV blocks ran in lockstep, slower). A
- * warp keeps its 16 rows' Q as register A fragments (fa_qfrag); S = Q K^T
- * is one m64n64 wgmma per 16 of the head dim and O += P V one m64n128
- * wgmma per 16 slots, both reading K and V straight from shared memory
- * (mma.sync needs an ldmatrix per fragment and warp). The accumulators have mma.sync's
- * fragment layout (warp w of a group: rows 16 w + g and + 8, n-tiles of 8
- * columns), so the softmax is fa_softmax.
- * Shared memory, per stage: K and V of FA_BN slots in wgmma's canonical
- * 128-byte swizzled layout (without a swizzle, wgmma's reads conflict in
- * the banks: 124 TFLOP/s at 2048 tokens): atoms of 8 slots x 64 columns
- * (1024 bytes, 1024-aligned), the 16-byte chunk c of slot s stored at
- * chunk c ^ (s % 8) of the slot's 128-byte row; atoms of 8 slots are
- * 1024 bytes apart, the two halves of the head dim WG_HALF. The same
- * layout is K in K-major form (B of S; d is the reduction) and V in
- * MN-major form (B of P V, transposed; slots are the reduction).
+ * warp-group MMA (wgmma.mma_async, sm_90a), head dim 128 (other head dims,
+ * or PIE_CUDA_NO_WGMMA=1: flash_attn_kernel above).
+ * - A block is one warp group of 64 query rows, half an item; at 168
+ *   registers an SM holds three, which run their MMAs and softmax out of
+ *   phase. (One block of two warp groups sharing the KV blocks ran in
+ *   lockstep, slower; so did one warp group overlapping its softmax with
+ *   its own P V at two blocks an SM: NOTES.md, round 7.)
+ * - A warp keeps its 16 rows' Q as register A fragments (fa_qfrag). S =
+ *   Q K^T is one m64n64 wgmma per 16 of the head dim and O += P V one
+ *   m64n128 wgmma per 16 slots, both reading K and V straight from shared
+ *   memory (mma.sync needs an ldmatrix per fragment and warp). The
+ *   accumulators have mma.sync's fragment layout (warp w of a group: rows
+ *   16 w + g and + 8, n-tiles of 8 columns), so the softmax is fa_softmax.
+ * - Shared memory, per stage: K and V of FA_BN slots in wgmma's canonical
+ *   128-byte swizzled layout (without a swizzle, wgmma's reads conflict in
+ *   the banks: 124 TFLOP/s at 2048 tokens): atoms of 8 slots x 64 columns
+ *   (1024 bytes, 1024-aligned), the 16-byte chunk c of slot s stored at
+ *   chunk c ^ (s % 8) of the slot's 128-byte row; atoms of 8 slots are
+ *   1024 bytes apart, the two halves of the head dim WG_HALF. The same
+ *   layout is K in K-major form (B of S; d is the reduction: the
+ *   descriptor's SBO steps 8 slots, a k-step moves its start 32 bytes) and
+ *   V in MN-major form (B of P V, transposed; slots are the reduction:
+ *   SBO steps 8 slots, LBO the half of the head dim).
  */
 #define WG_HD 128
 #define WG_THREADS 128
