@@ -36,7 +36,8 @@
 #   decab   decode of old.tar.xz and this build at batch 1, 16 and 64, twice
 #           (DECAB_CFGS="model B ctx steps,...": other shapes)
 #   proffill per-operation GPU time of an 8B 4 x 2048 prefill
-#   wg      wgmma prefill attention vs PIE_CUDA_NO_WGMMA=1: tests, speed
+#   wg      prefill attention and 8B prefill, wgmma vs PIE_CUDA_NO_WGMMA=1
+#           (the tests and kernels phases run the kernel test both ways)
 #   attnab  decode attention (tensor-core kernel), old.tar.xz and this build
 #           interleaved, twice
 set -u
@@ -129,18 +130,14 @@ for phase in "$@"; do
         [ -n "${DECAB_CFGS:-}" ] && IFS=, read -ra cfgs <<< "$DECAB_CFGS"
         abench "${DECAB_REPS:-2}" "${cfgs[@]}"
         ;;
-    wg)         # wgmma prefill attention against the mma.sync kernel
-        for v in ${WG_VARIANTS:-PIE_CUDA_WG=1 PIE_CUDA_NO_WGMMA=1}; do
-            log "wg $v"
-            env $v timeout 150 $R test_cuda_kernels > "$OUT/kernels-${v%%=*}.log" 2>&1
-            echo "kernels rc=$?" | tee -a "$OUT/summary.log"
-            grep -m3 -E "FAIL|fail" "$OUT/kernels-${v%%=*}.log" | tee -a "$OUT/summary.log"
-            env $v PIE_ATTN_PREFILL_ONLY=1 timeout 120 $R bench_cuda_attn 2>&1 \
-                | grep "hd 128" | tee -a "$OUT/summary.log"
-        done
+    wg)         # prefill attention and 8B prefill: wgmma, then PIE_CUDA_NO_WGMMA=1
         for i in $(seq "${WG_REPS:-2}"); do
-            for v in ${WG_VARIANTS:-PIE_CUDA_WG=1 PIE_CUDA_NO_WGMMA=1}; do
-                (export $v; TAG="$v " bench llama-3.1-8b 4 2048 0 2048)
+            for k in wgmma mma.sync; do
+                (   [ $k = mma.sync ] && export PIE_CUDA_NO_WGMMA=1
+                    log "wg $k"
+                    PIE_ATTN_PREFILL_ONLY=1 timeout 120 $R bench_cuda_attn 2>&1 \
+                        | grep "hd 128" | tee -a "$OUT/summary.log"
+                    TAG="$k " bench llama-3.1-8b 4 2048 0 2048 )
             done
         done
         ;;

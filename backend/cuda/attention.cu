@@ -403,23 +403,47 @@ static __device__ __forceinline__ void fa_load_group(uint16_t *kd, int64_t vs,
     }
 }
 
+/* Where an item's K and V lie in the pool: its request's page list, a
+ * page's size in elements, the layer + kv head offset of K, and V's offset
+ * from K. row(j) is slot j's K (psh = log2(ps) where ps is a power of
+ * two: no division). */
+struct fa_kvsrc {
+    const uint16_t *pool;
+    const int32_t *pages;
+    int64_t pe, lay, voff;
+    int ps, psh;
+    template <int HD>
+    __device__ __forceinline__ const uint16_t *row(int j) const
+    {
+        int pg = psh >= 0 ? j >> psh : j / ps, off = psh >= 0 ? j & (ps - 1) : j % ps;
+        return pool + pages[pg] * pe + lay + (int64_t)off * HD;
+    }
+};
+
+template <int HD>
+static __device__ __forceinline__ fa_kvsrc fa_kvsrc_of(const pie_cuda_kv &kv,
+                                                       const pie_cuda_tokmeta &tm,
+                                                       int req, int kvh,
+                                                       int layer, int psh)
+{
+    int ps = kv.page_size;
+    return { kv.pool, tm.pages + tm.kv_indptr[req], pie_cuda_kv_page_elems(&kv),
+             (int64_t)layer * 2 * kv.n_kv * ps * HD + (int64_t)kvh * ps * HD,
+             (int64_t)kv.n_kv * ps * HD, ps, psh };
+}
+
 template <int HD, int TH>
 static __device__ __forceinline__ void fa_load(uint16_t *Kb, uint16_t *Vb,
-                                               const uint16_t *pool,
-                                               const int32_t *pages, int64_t pe,
-                                               int64_t lay, int64_t voff,
-                                               int ps, int psh, int s0, int s1)
+                                               const fa_kvsrc &src, int s0,
+                                               int s1)
 {
     constexpr int LD = HD + 8, CPR = HD / 8, SPW = FA_BN / (TH / WARP);
     if constexpr (SPW * CPR % WARP == 0) {    /* whole warp rounds a group */
-        if (psh >= 0 && ps >= SPW && (s0 & (SPW - 1)) == 0) {
+        if (src.psh >= 0 && src.ps >= SPW && (s0 & (SPW - 1)) == 0) {
             int g0 = s0 + threadIdx.x / WARP * SPW;
-            const uint16_t *base = pool;
-            if (g0 < s1)
-                base = pool + pages[g0 >> psh] * pe + lay +
-                       (int64_t)(g0 & (ps - 1)) * HD;
+            const uint16_t *base = g0 < s1 ? src.row<HD>(g0) : src.pool;
             fa_load_group<HD, SPW>(Kb + (threadIdx.x / WARP) * SPW * LD,
-                                   Vb - Kb, base, pool, voff, s1 - g0);
+                                   Vb - Kb, base, src.pool, src.voff, s1 - g0);
             return;
         }
     }
@@ -429,12 +453,9 @@ static __device__ __forceinline__ void fa_load(uint16_t *Kb, uint16_t *Vb,
         if (k >= FA_BN * HD / 8) break;
         int sl = k / (HD / 8), d = (k % (HD / 8)) * 8, j = s0 + sl;
         bool in = j < s1;
-        const uint16_t *src = pool;
-        /* psh = log2(ps) where ps is a power of two: no division */
-        int pg = psh >= 0 ? j >> psh : j / ps, off = psh >= 0 ? j & (ps - 1) : j % ps;
-        if (in) src = pool + pages[pg] * pe + lay + (int64_t)off * HD + d;
-        cp_async16(&Kb[sl * LD + d], src, in);
-        cp_async16(&Vb[sl * LD + d], in ? src + voff : pool, in);
+        const uint16_t *p = in ? src.row<HD>(j) + d : src.pool;
+        cp_async16(&Kb[sl * LD + d], p, in);
+        cp_async16(&Vb[sl * LD + d], in ? p + src.voff : src.pool, in);
     }
 }
 
@@ -703,23 +724,20 @@ flash_attn_kernel(uint16_t *out, float *part_o, float *part_ml, const float *q,
     constexpr int TH = FA_THREADS(HD), MT = FA_BM / 16 / (TH / WARP);
     extern __shared__ __align__(16) uint16_t fa_sm[];
     pie_cuda_attn_item it = items[blockIdx.x];
-    int G = nh / kv.n_kv, ps = kv.page_size;
+    int G = nh / kv.n_kv;
     fa_rows rows = { it.pad, G, it.t0, it.pad ? it.kvh * G : it.kvh };
     int kvh = it.pad ? it.kvh : it.kvh / G, R = it.pad ? it.nt * G : it.nt;
     int warp = threadIdx.x / WARP, lane = threadIdx.x % WARP, g = lane >> 2;
     float scale = rsqrtf((float)HD) * 1.4426950408889634f;
     /* the first KV blocks' copies fly while Q is staged */
-    const int32_t *pages = tm.pages + tm.kv_indptr[it.req];
-    int64_t pe = pie_cuda_kv_page_elems(&kv);
-    int64_t lay = (int64_t)layer * 2 * kv.n_kv * ps * HD + (int64_t)kvh * ps * HD;
-    int64_t voff = (int64_t)kv.n_kv * ps * HD;
+    fa_kvsrc src = fa_kvsrc_of<HD>(kv, tm, it.req, kvh, layer, psh);
     uint16_t *Qs = fa_sm, *kvb = fa_sm + FA_BM * LD;
 #pragma unroll
     for (int t = 0; t < ST - 1; t++) {
         int a = it.s0 + t * FA_BN;
         if (a < it.s1)
-            fa_load<HD, TH>(kvb + t * 2 * BLK, kvb + t * 2 * BLK + BLK,
-                                    kv.pool, pages, pe, lay, voff, ps, psh, a, it.s1);
+            fa_load<HD, TH>(kvb + t * 2 * BLK, kvb + t * 2 * BLK + BLK, src, a,
+                            it.s1);
         cp_async_commit();
     }
     for (int k = threadIdx.x; k < FA_BM * HD / 2; k += TH) {
@@ -748,8 +766,8 @@ flash_attn_kernel(uint16_t *out, float *part_o, float *part_ml, const float *q,
          * for this one (the first wait also covers Q's stores) */
         int nx = s0 + (ST - 1) * FA_BN, nb = bi + ST - 1 >= ST ? bi - 1 : bi + ST - 1;
         if (nx < it.s1)
-            fa_load<HD, TH>(kvb + nb * 2 * BLK, kvb + nb * 2 * BLK + BLK,
-                                    kv.pool, pages, pe, lay, voff, ps, psh, nx, it.s1);
+            fa_load<HD, TH>(kvb + nb * 2 * BLK, kvb + nb * 2 * BLK + BLK, src,
+                            nx, it.s1);
         cp_async_commit();
         cp_async_wait<ST - 1>();
         __syncthreads();
@@ -882,35 +900,39 @@ static __device__ __forceinline__ void wg_mma_o(float (*d)[4], const uint32_t *a
 }
 
 /* Issues the copies of KV block [s0, s0 + FA_BN) into K / V in the layout
- * above (WG_THREADS threads): each warp copies groups of 8 slots, whose
- * page it looks up once where they lie in one page (pages a power of two
- * of at least 8 slots, s0 a multiple of 8); slots past s1 are zero filled.
- * Eight adjacent lanes take one 16-byte column chunk of 8 slots. */
+ * above (WG_THREADS threads): each warp copies groups of 8 slots, eight
+ * adjacent lanes one 16-byte column chunk of them, the group's page looked
+ * up once where its slots lie in one page; slots past s1 are zero filled.
+ * (fa_kvsrc::row, which picks a shift or a division per slot, made this
+ * kernel spill; the division path is spelled out.) */
 template <int HD>
 static __device__ __forceinline__ void wg_load(uint16_t *K, uint16_t *V,
-                                               const uint16_t *pool,
-                                               const int32_t *pages, int64_t pe,
-                                               int64_t lay, int64_t voff,
-                                               int ps, int psh, int s0, int s1)
+                                               const fa_kvsrc &src, int s0,
+                                               int s1)
 {
     constexpr int NW = WG_THREADS / WARP;
     int w = threadIdx.x / WARP, lane = threadIdx.x % WARP, sl = lane & 7;
-    bool grp = psh >= 0 && ps >= 8 && (s0 & 7) == 0;
+    /* a group of 8 slots in one page: one page index for its lanes */
+    bool grp = src.psh >= 0 && src.ps >= 8 && (s0 & 7) == 0;
 #pragma unroll
     for (int gi = w; gi < FA_BN / 8; gi += NW) {
         int j = s0 + gi * 8 + sl;
         bool in = j < s1;
-        const uint16_t *row = pool;
-        if (in) {
-            int64_t pg = grp ? pages[(s0 + gi * 8) >> psh] : pages[j / ps];
-            int off = grp ? j & (ps - 1) : j % ps;
-            row = pool + pg * pe + lay + (int64_t)off * HD;
+        const uint16_t *row = src.pool;
+        if (in && grp)
+        {
+            int64_t pg = src.pages[(s0 + gi * 8) >> src.psh];
+            row = src.pool + pg * src.pe + src.lay + (int64_t)(j & (src.ps - 1)) * HD;
+        }
+        else if (in) {
+            int64_t pg = src.pages[j / src.ps];
+            row = src.pool + pg * src.pe + src.lay + (int64_t)(j % src.ps) * HD;
         }
 #pragma unroll
         for (int i = 0; i < HD / 8 / 4; i++) {
             int cd = lane / 8 + 4 * i, e = wg_off(gi * 8 + sl, cd) / 2;
-            cp_async16(&K[e], in ? row + cd * 8 : pool, in);
-            cp_async16(&V[e], in ? row + voff + cd * 8 : pool, in);
+            cp_async16(&K[e], in ? row + cd * 8 : src.pool, in);
+            cp_async16(&V[e], in ? row + src.voff + cd * 8 : src.pool, in);
         }
     }
 }
@@ -927,19 +949,14 @@ flash_wg_kernel(uint16_t *out, float *part_o, float *part_ml, const float *q,
     /* the swizzle atoms are 1024-aligned (the launch adds the slack) */
     uint16_t *fa_sm = (uint16_t *)(((uintptr_t)wg_sm_raw + 1023) & ~(uintptr_t)1023);
     pie_cuda_attn_item it = items[blockIdx.x / 2];
-    int G = nh / kv.n_kv, ps = kv.page_size;
+    int G = nh / kv.n_kv;
     fa_rows rows = { it.pad, G, it.t0, it.pad ? it.kvh * G : it.kvh };
     int kvh = it.pad ? it.kvh : it.kvh / G, R = it.pad ? it.nt * G : it.nt;
     int warp = threadIdx.x / WARP, g = threadIdx.x % WARP >> 2;
     int r0 = (blockIdx.x % 2) * 64 + warp * 16;     /* the warp's 16 rows */
     if ((blockIdx.x % 2) * 64 >= R) return;
-    const int32_t *pages = tm.pages + tm.kv_indptr[it.req];
-    int64_t pe = pie_cuda_kv_page_elems(&kv);
-    int64_t lay = (int64_t)layer * 2 * kv.n_kv * ps * HD + (int64_t)kvh * ps * HD;
-    int64_t voff = (int64_t)kv.n_kv * ps * HD;
-    if (it.s0 < it.s1)
-        wg_load<HD>(fa_sm, fa_sm + WG_BLK, kv.pool, pages, pe, lay, voff, ps,
-                    psh, it.s0, it.s1);
+    const fa_kvsrc src = fa_kvsrc_of<HD>(kv, tm, it.req, kvh, layer, psh);
+    if (it.s0 < it.s1) wg_load<HD>(fa_sm, fa_sm + WG_BLK, src, it.s0, it.s1);
     cp_async_commit();
     fa_rowmask rm = fa_rowmask_of(rows, tm, r0 + g, r0 + g + 8, R);
     uint32_t qa[HD / 16][4];
@@ -948,10 +965,9 @@ flash_wg_kernel(uint16_t *out, float *part_o, float *part_ml, const float *q,
     st.reset();
     for (int s0 = it.s0, bi = 0; s0 < it.s1; s0 += FA_BN, bi ^= 1) {
         uint16_t *Ks = fa_sm + bi * 2 * WG_BLK, *Vs = Ks + WG_BLK;
+        uint16_t *Kn = fa_sm + (bi ^ 1) * 2 * WG_BLK;
         if (s0 + FA_BN < it.s1)
-            wg_load<HD>(fa_sm + (bi ^ 1) * 2 * WG_BLK,
-                        fa_sm + (bi ^ 1) * 2 * WG_BLK + WG_BLK, kv.pool, pages,
-                        pe, lay, voff, ps, psh, s0 + FA_BN, it.s1);
+            wg_load<HD>(Kn, Kn + WG_BLK, src, s0 + FA_BN, it.s1);
         cp_async_commit();
         cp_async_wait<1>();
         /* the copies (generic proxy) become visible to wgmma (async proxy) */
@@ -1104,8 +1120,9 @@ struct dec_cursor {
                                       lay + (int64_t)(g0 & (ps - 1)) * HD,
                                       kv.pool, voff, s1 - g0);
             } else {
-                fa_load<HD, FA_DEC_THREADS>(buf, buf + BLK, kv.pool, pages, pe,
-                                            lay, voff, ps, psh, s, s1);
+                fa_load<HD, FA_DEC_THREADS>(
+                    buf, buf + BLK,
+                    fa_kvsrc{ kv.pool, pages, pe, lay, voff, ps, psh }, s, s1);
             }
             s += FA_BN;
             if (s < s1) prefetch(psh);
