@@ -40,6 +40,10 @@
 #           (the tests and kernels phases run the kernel test both ways)
 #   attnab  decode attention (tensor-core kernel), old.tar.xz and this build
 #           interleaved, twice
+#   wholeab decode attention and decode steps with the cut plan only
+#           (PIE_CUDA_DEC_WHOLE=0), then by default (WHOLE_CFGS: shapes)
+#   decblk  decode attention at several grid sizes (PIE_CUDA_DEC_BLOCKS),
+#           with and without the merge kernel
 set -u
 OUT=${OUT:-$PWD/out}
 C=${PIE_CARRY:-.carry}
@@ -86,6 +90,10 @@ for phase in "$@"; do
         echo "kernels (PIE_CUDA_NO_WGMMA) rc=$?" | tee -a "$OUT/summary.log"
         PIE_CUDA_PARTIAL_SHARED=1 timeout 200 $R test_cuda_model > "$OUT/model.log" 2>&1
         echo "model rc=$?" | tee -a "$OUT/summary.log"; tail -30 "$OUT/model.log"
+        # every decode step on the whole-item plan (one block per SM)
+        PIE_CUDA_DEC_WHOLE=1 PIE_CUDA_PARTIAL_SHARED=1 timeout 200 $R test_cuda_model \
+            > "$OUT/model-whole.log" 2>&1
+        echo "model (PIE_CUDA_DEC_WHOLE=1) rc=$?" | tee -a "$OUT/summary.log"
         ;;
     hf1b|hf8b)
         s=llama-3.2-1b; [ $phase = hf8b ] && s=llama-3.1-8b
@@ -296,6 +304,32 @@ for phase in "$@"; do
             log "nomerge ${v:-with merge}"
             env $v PIE_ATTN_NO_SIMT=1 timeout 120 $R bench_cuda_attn 2>&1 \
                 | grep "attn mma" | grep -v " B   1 " | tee -a "$OUT/summary.log"
+        done
+        ;;
+    wholeab)    # decode attention and steps: cut plan only, then the default
+        for cfg in ${WHOLE_CFGS:-128,16,1024 128,16,1536 128,16,2048 128,16,8192 128,64,2048}; do
+            for v in 0 ""; do
+                echo -n "whole=${v:-default} " | tee -a "$OUT/summary.log"
+                PIE_CUDA_DEC_WHOLE=$v PIE_ATTN_ONLY=$cfg timeout 60 $R bench_cuda_attn \
+                    2>&1 | tee -a "$OUT/summary.log"
+            done
+        done
+        for i in 1 2 3; do
+            for cfg in "llama-3.1-8b 16 2048 24" "llama-3.1-8b 16 4096 16"; do
+                PIE_CUDA_DEC_WHOLE=0 TAG="cut " bench $cfg
+                TAG="default " bench $cfg
+            done
+        done
+        ;;
+    decblk)     # decode attention at several persistent grid sizes, no merge
+        for cfg in ${DECBLK_CFGS:-128,16,2048 128,16,8192 128,64,2048 128,256,512}; do
+            for nb in ${DECBLK_NB:-128 132 256 264 396}; do
+                for v in "" "PIE_ATTN_NO_MERGE=1"; do
+                    echo -n "nb $nb ${v:-merge} " | tee -a "$OUT/summary.log"
+                    env $v PIE_CUDA_DEC_BLOCKS=$nb PIE_ATTN_ONLY=$cfg timeout 60 \
+                        $R bench_cuda_attn 2>&1 | tee -a "$OUT/summary.log"
+                done
+            done
         done
         ;;
     genab)  # gen with the earlier build, then with this one

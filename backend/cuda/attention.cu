@@ -1278,13 +1278,34 @@ extern "C" void pie__cuda_attention_flash(uint16_t *out, float *part_o,
     });
 }
 
-/* The decode kernel's shared-memory opt-in (once per device and head dim),
- * for its launches and its occupancy query alike. */
+/* Dynamic shared memory that keeps a second block of the decode kernel
+ * off an SM (over half of what an SM has): with three allowed, the block
+ * scheduler put two blocks of a one-per-SM grid on some SMs, and those
+ * set the pace (B=16 ctx 2048: 54.8 us on 132 blocks, 63.5-68.6 on
+ * 126-131 or 133; NOTES.md, round 8). The space is not used: more KV
+ * blocks in flight made that grid slower (3, 4 or 6 instead of 2: 2.16-
+ * 2.23 TB/s instead of 2.53 at B=16 ctx 2048). */
+static size_t dec_one_smem(void)
+{
+    static size_t bytes;
+    int dev = 0, sm = 0;
+    if (!bytes && cudaGetDevice(&dev) == cudaSuccess &&
+        cudaDeviceGetAttribute(&sm, cudaDevAttrMaxSharedMemoryPerMultiprocessor,
+                               dev) == cudaSuccess)
+        bytes = (size_t)sm / 2 + 1024;
+    return bytes;
+}
+
+/* The decode kernel's shared memory (one_per_sm: at least dec_one_smem)
+ * and its opt-in (once per device and head dim, for the larger size), for
+ * its launches and its occupancy query alike. */
 template <int HD>
-static void dec_allow_smem(void)
+static size_t dec_smem(int one_per_sm)
 {
     static uint64_t set;
-    allow_smem(flash_dec_kernel<HD>, fa_smem<HD>(0), &set);
+    size_t need = fa_smem<HD>(0), one = dec_one_smem();
+    allow_smem(flash_dec_kernel<HD>, one > need ? one : need, &set);
+    return one_per_sm && one > need ? one : need;
 }
 
 extern "C" void pie__cuda_attention_dec(uint16_t *out, float *part_o,
@@ -1293,17 +1314,17 @@ extern "C" void pie__cuda_attention_dec(uint16_t *out, float *part_o,
                                         const int32_t *bstart, int n_blocks,
                                         const pie_cuda_tokmeta *tm,
                                         const pie_cuda_kv *kv, int layer,
-                                        int nh, cudaStream_t s)
+                                        int nh, int one_per_sm, cudaStream_t s)
 {
     if (n_blocks <= 0) return;
     with_head_dim(kv->head_dim, [&](auto H) {
         constexpr int HD = decltype(H)::value;
-        dec_allow_smem<HD>();
         /* a programmatic dependent (unless PIE_CUDA_NO_PDL): its blocks
          * read the step's metadata while the kernel before finishes */
         launch_pdl_if(pie__cuda_pdl() >= 1, flash_dec_kernel<HD>, n_blocks,
-                      FA_DEC_THREADS, fa_smem<HD>(0), s, out, part_o, part_ml,
-                      q, pieces, bstart, *tm, *kv, layer, nh, page_shift(kv));
+                      FA_DEC_THREADS, dec_smem<HD>(one_per_sm), s, out, part_o,
+                      part_ml, q, pieces, bstart, *tm, *kv, layer, nh,
+                      page_shift(kv));
     });
 }
 
@@ -1314,10 +1335,9 @@ extern "C" int pie__cuda_attention_dec_occupancy(int hd)
     int n = 0;
     with_head_dim(hd, [&](auto H) {
         constexpr int HD = decltype(H)::value;
-        dec_allow_smem<HD>();
         cudaOccupancyMaxActiveBlocksPerMultiprocessor(&n, flash_dec_kernel<HD>,
                                                       FA_DEC_THREADS,
-                                                      fa_smem<HD>(0));
+                                                      dec_smem<HD>(0));
     });
     return n > 0 ? n : 1;
 }

@@ -385,15 +385,39 @@ static int plan_flash(cuda_backend *c, const pie_forward_batch *b, int r,
  * batch-1 steps slower (more partials to merge), 2 and 4 tie elsewhere */
 #define DEC_MIN_KV 2
 
+/* The whole-item plan (one block per SM, nothing cut) where it pays
+ * (dec_plan.c); PIE_CUDA_DEC_WHOLE=0 never takes it, =1 always (tests,
+ * experiments). Returns whether it was made. */
+static int plan_dec_whole(cuda_backend *c)
+{
+    const char *e = getenv("PIE_CUDA_DEC_WHOLE");
+    int force = e && *e == '1';
+    int64_t n = c->n_gitems, T = pie_cuda_dec_kv_blocks(c->gitems, (int)n);
+    if ((e && *e == '0') || c->n_sm > c->dec_blocks ||
+        (!force && (n > c->n_sm || T < (int64_t)PIE_CUDA_DEC_WHOLE_MIN * n)))
+        return 0;                       /* (the cheap part of the test first) */
+    int64_t most = pie_cuda_dec_plan_whole(c->gitems, (int)n, c->n_sm,
+                                           c->pieces, c->bstart);
+    if (most < 0 || (!force && !pie_cuda_dec_whole_pays(
+                                   T, (int)n, c->n_sm, c->cfg.head_dim, most)))
+        return 0;
+    c->n_pieces = (int)n;
+    c->n_dmerges = 0;
+    memset(c->dmerges, 0, sizeof *c->dmerges * (size_t)c->dec_blocks);
+    return 1;
+}
+
 /* Cuts the whole grouped items for the decode kernel's persistent grid
- * (dec_plan.c). The piece and merge lists are stored at their capacities,
- * so a decode step's kernel arguments, and its CUDA graph, do not change
- * as contexts grow. Returns the partial rows used, or a negative code. */
+ * (dec_plan.c), unless the whole-item plan pays. The piece and merge
+ * lists are stored at their capacities, so a decode step's kernel
+ * arguments, and its CUDA graph, do not change as contexts grow. Returns
+ * the partial rows used, or a negative code. */
 static int64_t plan_dec(cuda_backend *c, int64_t parts)
 {
     int rc = grow((void **)&c->pieces, &c->cap_pieces,
                   c->n_gitems + c->dec_blocks, sizeof *c->pieces);
     if (rc) return rc;
+    if ((c->dec_whole = plan_dec_whole(c))) return parts;
     parts = pie_cuda_dec_plan(c->gitems, (int)c->n_gitems,
                               c->cfg.n_heads / c->cfg.n_kv_heads, c->dec_blocks,
                               DEC_MIN_KV, parts, c->pieces, &c->n_pieces,
@@ -613,17 +637,20 @@ static int build_outputs(cuda_backend *c, const pie_forward_batch *b,
 }
 
 /* Decode attention of layer l: the persistent grid, then the merges of
- * the items it cut (a fixed-size list: graphs keep their arguments). */
+ * the items it cut (a fixed-size list: graphs keep their arguments); or
+ * the whole-item plan's grid of one block per SM, which cuts nothing. */
 static void run_dec_attention(cuda_backend *c, int l,
                               const pie_cuda_tokmeta *tm, const step_meta *sm)
 {
     const pie_model_config *g = &c->cfg;
     pie__cuda_attention_dec(c->att, c->part_o, c->part_ml, c->q,
                             DEV(c, sm->gitems), DEV(c, sm->bstart),
-                            c->dec_blocks, tm, &c->kv, l, g->n_heads, c->st);
-    pie__cuda_attn_merge(c->att, c->part_o, c->part_ml, DEV(c, sm->dmerges),
-                         c->dec_blocks, g->n_heads, g->n_kv_heads, g->head_dim,
-                         c->st);
+                            c->dec_whole ? c->n_sm : c->dec_blocks, tm, &c->kv,
+                            l, g->n_heads, c->dec_whole, c->st);
+    if (!c->dec_whole)
+        pie__cuda_attn_merge(c->att, c->part_o, c->part_ml,
+                             DEV(c, sm->dmerges), c->dec_blocks, g->n_heads,
+                             g->n_kv_heads, g->head_dim, c->st);
 }
 
 static int run_layers(cuda_backend *c, int n, const pie_cuda_tokmeta *tm,
@@ -697,6 +724,7 @@ static graph_key key_of(const cuda_backend *c, int n, const step_meta *sm,
     k.n_merges = c->n_merges;
     k.max_slots = c->n_items ? c->max_slots : 0;
     k.decode = c->decode_step;
+    k.dec_whole = c->n_gitems ? c->dec_whole : 0;
     return k;
 }
 

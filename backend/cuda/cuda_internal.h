@@ -75,7 +75,8 @@ typedef struct graph_key {
     void    *meta_dev;
     size_t   tok, pos, slot, req, kv_indptr, kv_len, pages, mask_off,
              mask_bits, items, merges, fitems, gitems, bstart, dmerges;
-    int64_t  n, n_items, n_fitems, n_gitems, n_merges, max_slots, decode;
+    int64_t  n, n_items, n_fitems, n_gitems, n_merges, max_slots, decode,
+             dec_whole;
 } graph_key;
 
 typedef struct step_graph {
@@ -154,6 +155,8 @@ typedef struct cuda_backend {
     int64_t           cap_pieces;
     int               n_pieces, n_dmerges, dec_blocks; /* grid of the     */
                                                        /* decode kernel   */
+    int               dec_whole;  /* this step: the whole-item plan, one   */
+                                  /* block per SM, no merge (dec_plan.c)  */
     int               max_slots;  /* longest item of the current step     */
     /* CUDA graphs of the layer sequence, keyed by the kernel arguments */
     step_graph        graphs[GRAPH_CACHE];

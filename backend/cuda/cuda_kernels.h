@@ -133,12 +133,14 @@ void pie__cuda_attention_flash(uint16_t *out, float *part_o, float *part_ml,
 /* Decode attention (grouped items of at most PIE_CUDA_FLASH_DEC_ROWS rows)
  * on a persistent grid of n_blocks blocks: block b runs the pieces
  * pieces[bstart[b] .. bstart[b + 1]) of pie_cuda_dec_plan; the partials of
- * cut items are then combined by pie__cuda_attn_merge over its merges. */
+ * cut items are then combined by pie__cuda_attn_merge over its merges.
+ * one_per_sm: the blocks take enough shared memory that no two share an SM
+ * (the whole-item plan's grid of one block per SM). */
 void pie__cuda_attention_dec(uint16_t *out, float *part_o, float *part_ml,
                              const float *q, const pie_cuda_attn_item *pieces,
                              const int32_t *bstart, int n_blocks,
                              const pie_cuda_tokmeta *tm, const pie_cuda_kv *kv,
-                             int layer, int nh, cudaStream_t s);
+                             int layer, int nh, int one_per_sm, cudaStream_t s);
 /* Blocks of pie__cuda_attention_dec resident per SM. */
 int pie__cuda_attention_dec_occupancy(int hd);
 
@@ -157,6 +159,23 @@ int64_t pie_cuda_dec_plan(const pie_cuda_attn_item *items, int n_items, int G,
                           pie_cuda_attn_item *pieces, int *n_pieces,
                           int32_t *bstart, pie_cuda_merge_item *merges,
                           int *n_merges);
+/* Whole-item decode plan (dec_plan.c, host): the items, none cut, onto
+ * n_blocks blocks (one per SM), longest first onto the least loaded; block
+ * b's pieces are pieces[bstart[b] .. bstart[b + 1]) (capacities n_items,
+ * n_blocks + 1; part = -1). Returns the most KV blocks of any block, or -1
+ * without memory. Launch it with pie__cuda_attention_dec(..., one_per_sm
+ * = 1); no merge follows. pie_cuda_dec_whole_pays: whether that plan beats
+ * the cut one (measured: at most one item per SM, PIE_CUDA_DEC_WHOLE_MIN
+ * KV blocks or more each on average, the most within 6% of an even share
+ * of n_sm, head dim >= 128), given the KV blocks of all items
+ * (pie_cuda_dec_kv_blocks: 64-slot blocks, an empty item one). */
+#define PIE_CUDA_DEC_WHOLE_MIN 24
+int64_t pie_cuda_dec_plan_whole(const pie_cuda_attn_item *items, int n_items,
+                                int n_blocks, pie_cuda_attn_item *pieces,
+                                int32_t *bstart);
+int64_t pie_cuda_dec_kv_blocks(const pie_cuda_attn_item *items, int n_items);
+int pie_cuda_dec_whole_pays(int64_t kv_blocks, int n_items, int n_sm, int hd,
+                            int64_t most);
 /* out (n, hidden) bf16 = silu(gu[:, :hidden]) * gu[:, hidden:], gu bf16 */
 void pie__cuda_silu_mul(uint16_t *out, const uint16_t *gu, int n, int hidden,
                         cudaStream_t s);

@@ -17,7 +17,15 @@
  *   pieces  the same items cut at block boundaries, in block order
  *   bstart  block b runs pieces[bstart[b] .. bstart[b + 1])
  *   merges  one per cut item: its nsplit pieces' rows start at part
+ *
+ * The whole-item plan (pie_cuda_dec_plan_whole) is the other choice: one
+ * block per SM, each taking whole items (longest first, onto the least
+ * loaded block), so that nothing is cut and no merge kernel runs. Where
+ * about one long item per SM balances well that way (B=16 x 8 kv heads),
+ * it saves the merge kernel and the piece boundaries (NOTES.md, round 8).
  */
+#include <stdlib.h>
+
 #include "backend/cuda/cuda_kernels.h"
 
 static int64_t blocks_of(const pie_cuda_attn_item *it)
@@ -84,4 +92,114 @@ int64_t pie_cuda_dec_plan(const pie_cuda_attn_item *items, int n_items, int G,
     }
     for (int k = nb > 0 ? b + 1 : 0; k <= n_blocks; k++) bstart[k] = *n_pieces;
     return part;
+}
+
+/* Descending order of 64-bit keys (KV blocks << 32 | item index). */
+static int cmp_desc(const void *a, const void *b)
+{
+    uint64_t x = *(const uint64_t *)a, y = *(const uint64_t *)b;
+    return x < y ? 1 : x > y ? -1 : 0;
+}
+
+/* A min-heap of blocks by (KV so far, index): heap[0] is the least loaded. */
+static int less_loaded(const int64_t *load, int a, int b)
+{
+    return load[a] < load[b] || (load[a] == load[b] && a < b);
+}
+
+static void heap_down(int32_t *heap, int n, const int64_t *load, int i)
+{
+    for (;;) {
+        int l = 2 * i + 1, r = l + 1, m = i;
+        if (l < n && less_loaded(load, heap[l], heap[m])) m = l;
+        if (r < n && less_loaded(load, heap[r], heap[m])) m = r;
+        if (m == i) return;
+        int32_t t = heap[i];
+        heap[i] = heap[m];
+        heap[m] = t;
+        i = m;
+    }
+}
+
+/* bin[i] = the block of item i: longest first, each onto the block with
+ * the least KV so far (ties: the lowest index). Returns the most KV
+ * blocks any block streams, or -1 without memory. */
+static int64_t whole_bins(const pie_cuda_attn_item *items, int n_items,
+                          int nb, int32_t *bin)
+{
+    uint64_t *key = malloc(sizeof *key * (size_t)(n_items > 0 ? n_items : 1));
+    int64_t *load = calloc((size_t)nb, sizeof *load), most = 0;
+    int32_t *heap = malloc(4 * (size_t)nb);
+    if (!key || !load || !heap) {
+        free(key);
+        free(load);
+        free(heap);
+        return -1;
+    }
+    for (int i = 0; i < n_items; i++)
+        key[i] = (uint64_t)blocks_of(&items[i]) << 32 | (uint32_t)i;
+    qsort(key, (size_t)n_items, sizeof *key, cmp_desc);
+    for (int b = 0; b < nb; b++) heap[b] = b;   /* all zero: already a heap */
+    for (int i = 0; i < n_items; i++) {
+        int b = heap[0];
+        load[b] += (int64_t)(key[i] >> 32);
+        if (load[b] > most) most = load[b];
+        bin[(uint32_t)key[i]] = b;
+        heap_down(heap, nb, load, 0);
+    }
+    free(key);
+    free(load);
+    free(heap);
+    return most;
+}
+
+int64_t pie_cuda_dec_plan_whole(const pie_cuda_attn_item *items, int n_items,
+                                int n_blocks, pie_cuda_attn_item *pieces,
+                                int32_t *bstart)
+{
+    int32_t *bin = malloc(4 * (size_t)(n_items > 0 ? n_items : 1));
+    if (!bin || n_blocks < 1) {
+        free(bin);
+        return -1;
+    }
+    int64_t most = whole_bins(items, n_items, n_blocks, bin);
+    if (most < 0) {
+        free(bin);
+        return -1;
+    }
+    /* counting sort by block, items in their given order within one */
+    for (int b = 0; b <= n_blocks; b++) bstart[b] = 0;
+    for (int i = 0; i < n_items; i++) bstart[bin[i] + 1]++;
+    for (int b = 0; b < n_blocks; b++) bstart[b + 1] += bstart[b];
+    for (int i = 0; i < n_items; i++) {
+        pie_cuda_attn_item p = items[i];
+        p.part = -1;
+        p.pad = 1;
+        pieces[bstart[bin[i]]++] = p;
+    }
+    for (int b = n_blocks; b > 0; b--) bstart[b] = bstart[b - 1];
+    bstart[0] = 0;
+    free(bin);
+    return most;
+}
+
+int64_t pie_cuda_dec_kv_blocks(const pie_cuda_attn_item *items, int n_items)
+{
+    int64_t T = 0;
+    for (int i = 0; i < n_items; i++) T += blocks_of(&items[i]);
+    return T;
+}
+
+int pie_cuda_dec_whole_pays(int64_t T, int n_items, int n_sm, int hd,
+                            int64_t most)
+{
+    /* Measured (NOTES.md, round 8): one item a block, each long enough to
+     * hide its start, balanced within 6% of an even cut over the SMs, at
+     * head dim 128 (32 KB a KV block). With several items a block it tied
+     * the cut plan (B=64) or lost (B=256), and at head dim 64 it lost
+     * everywhere: one block of 4 warps an SM does not keep up. A negative
+     * most (no plan) never pays. */
+    return n_items > 0 && n_items <= n_sm && hd >= 128 && most > 0 &&
+           T >= (int64_t)PIE_CUDA_DEC_WHOLE_MIN * n_items &&
+           most * n_sm * 100 <= T * 106;
 }

@@ -6,7 +6,8 @@
  * once. The plans mirror cuda_backend.c: splits for about 2 blocks per SM
  * on the CUDA-core kernel ("simt"), the balanced persistent grid of
  * pie_cuda_dec_plan on the tensor-core decode kernel ("mma", resident
- * blocks x SMs, or PIE_CUDA_DEC_BLOCKS); then causal prefill attention of one prompt
+ * blocks x SMs, or PIE_CUDA_DEC_BLOCKS), or its whole-item plan of one
+ * block per SM where that pays ("whole"); then causal prefill attention of one prompt
  * on the tensor-core kernel in TFLOP/s (4 * hd flops per attended pair).
  */
 #include <cuda_runtime_api.h>
@@ -63,9 +64,19 @@ static void run(int hd, int B, int L, int mma)
         }
     pie_cuda_attn_item *pc = malloc(sizeof *pc * ((size_t)ni + nb));
     int32_t *bst = malloc(4 * ((size_t)nb + 1));
-    if (mma)
+    /* as the backend: the whole-item plan where it pays (one block per
+     * SM, no merge; PIE_CUDA_DEC_WHOLE=0 / 1 never / always) */
+    const char *we = getenv("PIE_CUDA_DEC_WHOLE");
+    int whole = 0;
+    if (mma && !db && !(we && *we == '0')) {
+        int64_t most = pie_cuda_dec_plan_whole(it, ni, sm, pc, bst);
+        whole = (we && *we == '1') || pie_cuda_dec_whole_pays(
+                    pie_cuda_dec_kv_blocks(it, ni), ni, sm, hd, most);
+        if (whole) { nb = sm; npc = ni; nm = 0; }
+    }
+    if (mma && !whole)
         parts = (int)pie_cuda_dec_plan(it, ni, G, nb, 2, 0, pc, &npc, bst, mi, &nm);
-    if (mma) nm = nb;           /* as the backend: a fixed-size merge list */
+    if (mma && !whole) nm = nb; /* as the backend: a fixed-size merge list */
     void *d[10];
     size_t sz[10] = { 4 * (size_t)np, 4 * (size_t)B, 4 * (size_t)B, 4 * (size_t)(B + 1),
                       4 * (size_t)B, 4 * (size_t)B, sizeof *it * ni, sizeof *mi * (nm + 1),
@@ -92,12 +103,13 @@ static void run(int hd, int B, int L, int mma)
         if (w == 3) CU(cudaEventRecord(e0, 0));
         if (mma) {
             pie__cuda_attention_dec(out, po, pml, q, d[8], d[9], nb, &tm, &kv,
-                                    0, nh, 0);
+                                    0, nh, whole, 0);
         } else {
             pie__cuda_attention(out, po, pml, q, d[6], ni, &tm, &kv, 0, nh,
                                 (L + ns - 1) / ns + 1, 0);
         }
-        if (merge) pie__cuda_attn_merge(out, po, pml, d[7], nm, nh, nkv, hd, 0);
+        if (merge && !whole)
+            pie__cuda_attn_merge(out, po, pml, d[7], nm, nh, nkv, hd, 0);
     }
     CU(cudaEventRecord(e1, 0));
     CU(cudaEventSynchronize(e1));
@@ -107,7 +119,8 @@ static void run(int hd, int B, int L, int mma)
     double us = ms * 1e3 / iters;
     double bytes = (double)B * L * nkv * hd * 2 * 2;
     printf("attn %s hd %3d  B %3d  ctx %5d  %s %4d  %8.1f us  %6.2f TB/s\n",
-           mma ? "mma " : "simt", hd, B, L, mma ? "blocks" : "splits",
+           mma ? "mma " : "simt", hd, B, L,
+           whole ? "whole " : mma ? "blocks" : "splits",
            mma ? nb : ns, us, bytes / (us * 1e-6) / 1e12);
     for (int i = 0; i < 10; i++) cudaFree(d[i]);
     cudaFree(kv.pool); cudaFree(q); cudaFree(out); cudaFree(po); cudaFree(pml);

@@ -429,7 +429,8 @@ static void test_qkv_post(int nh, int nkv, int hd, int bias, int qknorm, int big
  * grouped 1: the tensor-core kernel on the CUDA-core kernel's plan (tiles
  * of 64/G tokens x G heads, `split` splits merged); grouped 2: the decode
  * kernel (tiles of 16/G tokens) on a persistent grid of `split` blocks,
- * the items cut by pie_cuda_dec_plan. */
+ * the items cut by pie_cuda_dec_plan; grouped 3: the same kernel, one
+ * block per SM, on the whole-item plan of `split` blocks (no merge). */
 static void test_attention_mode(int nh, int nkv, int hd, int masked,
                                 int split, int grouped)
 {
@@ -442,7 +443,7 @@ static void test_attention_mode(int nh, int nkv, int hd, int masked,
     }
     /* pages of 16 slots; some decode grids take 8, 12 (not a power of
      * two) or 32 (the loader's other paths) */
-    int ps = grouped != 2 ? (split < -1 ? -split : 16) : split == 61 ? 8 :
+    int ps = grouped < 2 ? (split < -1 ? -split : 16) : split == 61 ? 8 :
              split == 37 ? 12 : split == 1000 ? 32 : 16;
     make_batch(&b, 4, n_new, kv_len, ps, 256, masked);
     int n = b.n_tok, L = 2, layer = 1, G = nh / nkv;
@@ -461,7 +462,7 @@ static void test_attention_mode(int nh, int nkv, int hd, int masked,
     pie_cuda_merge_item merges[1024];
     int ni = 0, nm = 0, parts = 0, T = PIE_CUDA_ATTN_RMAX / G;
     if (grouped == 1) T = PIE_CUDA_FLASH_ROWS / G;
-    if (grouped == 2) T = PIE_CUDA_FLASH_DEC_ROWS / G > 0 ? PIE_CUDA_FLASH_DEC_ROWS / G : 1;
+    if (grouped >= 2) T = PIE_CUDA_FLASH_DEC_ROWS / G > 0 ? PIE_CUDA_FLASH_DEC_ROWS / G : 1;
     for (int r = 0; r < b.n_reqs && split < 0; r++) {
         int q0 = 0, F = PIE_CUDA_FLASH_ROWS;
         for (int k = 0; k < r; k++) q0 += b.n_new[k];
@@ -481,7 +482,7 @@ static void test_attention_mode(int nh, int nkv, int hd, int masked,
             int ns = (range + PIE_CUDA_ATTN_CHUNK - 1) / PIE_CUDA_ATTN_CHUNK;
             if (ns < split) ns = split;
             if (ns > range) ns = range > 0 ? range : 1;
-            if (grouped == 2) ns = 1;           /* the plan cuts them */
+            if (grouped >= 2) ns = 1;           /* the plan cuts them */
             for (int h = 0; h < nkv; h++) {
                 if (ns > 1)
                     merges[nm++] = (pie_cuda_merge_item){ q0 + i, nt, h, ns, parts, {0} };
@@ -502,6 +503,13 @@ static void test_attention_mode(int nh, int nkv, int hd, int masked,
         CHECK(nm <= nb && npc <= ni + nb && bst[0] == 0 && bst[nb] == npc,
               "dec plan: %d merges %d pieces", nm, npc);
     }
+    if (grouped == 3) {                 /* whole items, no merge */
+        int64_t most = pie_cuda_dec_plan_whole(items, ni, nb, pc, bst);
+        npc = ni;
+        nm = 0;
+        CHECK(most > 0 && bst[0] == 0 && bst[nb] == ni,
+              "whole dec plan: most %lld, %d pieces", (long long)most, bst[nb]);
+    }
     float *dq = dput(q, 4 * (size_t)n * nh * hd);
     uint16_t *dout = dput(NULL, 2 * (size_t)n * nh * hd);
     float *po = dput(NULL, 4 * (size_t)(parts + 1) * hd);
@@ -509,11 +517,11 @@ static void test_attention_mode(int nh, int nkv, int hd, int masked,
     pie_cuda_attn_item *di = dput(items, sizeof items[0] * ni);
     pie_cuda_merge_item *dm = dput(merges, sizeof merges[0] * (nm + 1));
     CU(cudaMemset(dout, 0xff, 2 * (size_t)n * nh * hd));   /* poison */
-    if (grouped == 2) {
+    if (grouped >= 2) {
         pie_cuda_attn_item *dpc = dput(pc, sizeof *pc * (size_t)(npc + 1));
         int32_t *dbs = dput(bst, 4 * ((size_t)nb + 1));
         pie__cuda_attention_dec(dout, po, pml, dq, dpc, dbs, nb, &tm, &kv,
-                                layer, nh, 0);
+                                layer, nh, grouped == 3, 0);
         pie__cuda_attn_merge(dout, po, pml, dm, nm, nh, nkv, hd, 0);
         CU(cudaDeviceSynchronize());
         cudaFree(dpc); cudaFree(dbs);
@@ -765,6 +773,11 @@ int main(void)
         test_attention_mode(32, 4, 128, m, 2, 2);  /* G = 8 */
         test_attention_mode(32, 4, 128, m, 37, 2);
         test_attention_mode(6, 6, 32, m, 2, 2);
+        /* the whole-item plan: fewer blocks than items, and more */
+        test_attention_mode(32, 8, 128, m, 3, 3);
+        test_attention_mode(32, 8, 128, m, 37, 3);
+        test_attention_mode(32, 8, 64, m, 5, 3);
+        test_attention_mode(32, 4, 128, m, 61, 3);
     }
     test_samplers(1000);
     test_samplers(128256);

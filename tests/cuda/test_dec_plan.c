@@ -11,6 +11,12 @@
  *     blocks), at least min_kv unless there are fewer KV blocks in all;
  *   - a whole item writes its output (part -1); a cut item's pieces write
  *     consecutive partial rows (nt * G each) and one merge item names them.
+ * The whole-item plan (pie_cuda_dec_plan_whole) on the same items:
+ *   - every item exactly once, unchanged but for part -1 and pad 1;
+ *   - the returned most is the largest block's KV, and it lies within the
+ *     greedy bound: max(longest, T / blocks) <= most <= T / blocks +
+ *     longest;
+ *   - pie_cuda_dec_whole_pays on shapes with known answers.
  */
 #include <stdint.h>
 #include <stdlib.h>
@@ -113,6 +119,70 @@ static void check_blocks(const pie_cuda_attn_item *pc, const int32_t *bst,
     CHECK(lo * working <= T && hi * working >= T, "shares do not add up");
 }
 
+/* The whole-item plan of it[0..n) on nb blocks. */
+static void check_whole(const pie_cuda_attn_item *it, int n, int nb,
+                        pie_cuda_attn_item *pc, int32_t *bst)
+{
+    static int seen[MAX_ITEMS];
+    int64_t most = pie_cuda_dec_plan_whole(it, n, nb, pc, bst), T = 0;
+    int64_t longest = 0, hi = 0;
+    CHECK(most >= 0, "whole plan failed");
+    CHECK(bst[0] == 0 && bst[nb] == n, "whole bstart %d .. %d of %d", bst[0],
+          bst[nb], n);
+    memset(seen, 0, sizeof seen);
+    for (int b = 0; b < nb; b++) {
+        CHECK(bst[b] <= bst[b + 1], "whole bstart goes down at %d", b);
+        int64_t kv = 0;
+        for (int p = bst[b]; p < bst[b + 1] && p < n; p++) {
+            int i = pc[p].t0 / 4;               /* make_items: t0 = 4 i */
+            CHECK(i >= 0 && i < n && !seen[i], "piece %d: item %d twice", p, i);
+            if (i < 0 || i >= n) continue;
+            seen[i] = 1;
+            CHECK(pc[p].s0 == it[i].s0 && pc[p].s1 == it[i].s1 &&
+                  pc[p].req == it[i].req && pc[p].kvh == it[i].kvh &&
+                  pc[p].nt == it[i].nt && pc[p].part == -1 && pc[p].pad == 1,
+                  "piece %d is not item %d whole", p, i);
+            kv += kv_blocks(&pc[p]);
+        }
+        if (kv > hi) hi = kv;
+    }
+    for (int i = 0; i < n; i++) {
+        T += kv_blocks(&it[i]);
+        if (kv_blocks(&it[i]) > longest) longest = kv_blocks(&it[i]);
+    }
+    CHECK(most == hi, "whole plan says %lld, its largest block has %lld",
+          (long long)most, (long long)hi);
+    CHECK(most >= longest && most * nb >= T && most <= T / nb + longest,
+          "whole plan: most %lld, T %lld on %d, longest %lld", (long long)most,
+          (long long)T, nb, (long long)longest);
+}
+
+/* pie_cuda_dec_whole_pays on the bench's shapes (132 SMs). */
+static void check_pays(void)
+{
+    static pie_cuda_attn_item it[2048], pc[2048];
+    static int32_t bst[133];
+    struct { int n, len, hd, pays; } c[] = {
+        { 128, 2048, 128, 1 },  /* B=16, ctx 2048: 32 KV blocks, 128 of 132 */
+        { 128, 1536, 128, 1 },
+        { 128, 1024, 128, 0 },  /* short items */
+        { 128, 2048, 64, 0 },   /* head dim 64 */
+        { 512, 2048, 128, 0 },  /* B=64: several items a block */
+        { 100, 2048, 128, 0 },  /* 100 of 132 SMs busy */
+        { 8, 8192, 128, 0 },    /* batch 1 */
+    };
+    for (size_t k = 0; k < sizeof c / sizeof c[0]; k++) {
+        for (int i = 0; i < c[k].n; i++)
+            it[i] = (pie_cuda_attn_item){ i / 8, i / 8, 1, i % 8, 0, c[k].len,
+                                          -1, 1 };
+        int64_t most = pie_cuda_dec_plan_whole(it, c[k].n, 132, pc, bst);
+        int got = pie_cuda_dec_whole_pays(pie_cuda_dec_kv_blocks(it, c[k].n),
+                                          c[k].n, 132, c[k].hd, most);
+        CHECK(got == c[k].pays, "%d items of %d slots: pays %d", c[k].n,
+              c[k].len, got);
+    }
+}
+
 int main(void)
 {
     static pie_cuda_attn_item it[MAX_ITEMS], pc[MAX_ITEMS + MAX_BLOCKS];
@@ -133,8 +203,10 @@ int main(void)
               "%d pieces, %d merges for %d items on %d blocks", npc, nm, n, nb);
         check_cover(it, n, G, pc, npc, mg, nm, part0, parts);
         check_blocks(pc, bst, nb, npc, T, min_kv < 1 ? 1 : min_kv);
+        check_whole(it, n, nb, pc, bst);
         plans++;
     }
+    check_pays();
     printf("dec_plan: %d random plans ok (%d checks)\n", plans, test_n_checks);
     return 0;
 }
