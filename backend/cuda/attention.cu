@@ -1282,9 +1282,10 @@ extern "C" void pie__cuda_attention_flash(uint16_t *out, float *part_o,
  * off an SM (over half of what an SM has): with three allowed, the block
  * scheduler put two blocks of a one-per-SM grid on some SMs, and those
  * set the pace (B=16 ctx 2048: 54.8 us on 132 blocks, 63.5-68.6 on
- * 126-131 or 133; NOTES.md, round 8). The space is not used: more KV
- * blocks in flight made that grid slower (3, 4 or 6 instead of 2: 2.16-
- * 2.23 TB/s instead of 2.53 at B=16 ctx 2048). */
+ * 126-131 or 133; NOTES.md, round 8). The space is not used: 3, 4 or 6
+ * KV blocks in flight instead of 2 were no faster (2.16-2.23 TB/s at B=16
+ * ctx 2048; 2 blocks gave 2.22 on an H100 as slow as that one, 2.53 on
+ * others). */
 static size_t dec_one_smem(void)
 {
     static size_t bytes;

@@ -166,10 +166,11 @@ int64_t pie_cuda_dec_plan(const pie_cuda_attn_item *items, int n_items, int G,
  * without memory. Launch it with pie__cuda_attention_dec(..., one_per_sm
  * = 1); no merge follows. pie_cuda_dec_whole_pays: whether that plan beats
  * the cut one (measured: at most one item per SM, PIE_CUDA_DEC_WHOLE_MIN
- * KV blocks or more each on average, the most within 6% of an even share
+ * to _MAX KV blocks each on average, the most within 6% of an even share
  * of n_sm, head dim >= 128), given the KV blocks of all items
  * (pie_cuda_dec_kv_blocks: 64-slot blocks, an empty item one). */
 #define PIE_CUDA_DEC_WHOLE_MIN 24
+#define PIE_CUDA_DEC_WHOLE_MAX 64
 int64_t pie_cuda_dec_plan_whole(const pie_cuda_attn_item *items, int n_items,
                                 int n_blocks, pie_cuda_attn_item *pieces,
                                 int32_t *bstart);

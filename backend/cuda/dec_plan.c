@@ -197,9 +197,11 @@ int pie_cuda_dec_whole_pays(int64_t T, int n_items, int n_sm, int hd,
      * hide its start, balanced within 6% of an even cut over the SMs, at
      * head dim 128 (32 KB a KV block). With several items a block it tied
      * the cut plan (B=64) or lost (B=256), and at head dim 64 it lost
-     * everywhere: one block of 4 warps an SM does not keep up. A negative
-     * most (no plan) never pays. */
+     * everywhere: one block of 4 warps an SM does not keep up. On some
+     * H100s it also lost at 8192 slots (2.26 against 2.49 TB/s), hence
+     * the upper bound. A negative most (no plan) never pays. */
     return n_items > 0 && n_items <= n_sm && hd >= 128 && most > 0 &&
            T >= (int64_t)PIE_CUDA_DEC_WHOLE_MIN * n_items &&
+           T <= (int64_t)PIE_CUDA_DEC_WHOLE_MAX * n_items &&
            most * n_sm * 100 <= T * 106;
 }

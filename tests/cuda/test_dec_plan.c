@@ -166,6 +166,8 @@ static void check_pays(void)
         { 128, 2048, 128, 1 },  /* B=16, ctx 2048: 32 KV blocks, 128 of 132 */
         { 128, 1536, 128, 1 },
         { 128, 1024, 128, 0 },  /* short items */
+        { 128, 4096, 128, 1 },
+        { 128, 8192, 128, 0 },  /* long ones (lost on some H100s) */
         { 128, 2048, 64, 0 },   /* head dim 64 */
         { 512, 2048, 128, 0 },  /* B=64: several items a block */
         { 100, 2048, 128, 0 },  /* 100 of 132 SMs busy */
