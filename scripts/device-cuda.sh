@@ -62,6 +62,9 @@ RO=/tmp/pie-old/bundle/run
 if [ ! -e /work/shared ]; then mkdir -p /work && ln -s /tmp/pie/shared /work/shared; fi
 export PATH="$PATH:/usr/local/cuda/bin"
 nvidia-smi -L
+# clocks and power cap: H100s of the device tool differ (NOTES.md, round 8)
+nvidia-smi --query-gpu=name,clocks.sm,clocks.max.sm,clocks.mem,power.limit,pstate \
+    --format=csv,noheader 2>&1 | tee -a "$OUT/summary.log"
 log() { echo "== $*" | tee -a "$OUT/summary.log"; }
 bench() {   # model batch prompt gen [chunk]
     timeout 200 ${RUN:-$R} pie bench forward --backend cuda --model "random:$1" \
@@ -307,14 +310,14 @@ for phase in "$@"; do
         done
         ;;
     wholeab)    # decode attention and steps: cut plan only, then the default
-        for cfg in ${WHOLE_CFGS:-128,16,1024 128,16,1536 128,16,2048 128,16,8192 128,64,2048}; do
+        for cfg in ${WHOLE_CFGS:-128,16,1024 128,16,1536 128,16,2048 128,16,4096 128,16,8192 128,64,2048}; do
             for v in 0 ""; do
                 echo -n "whole=${v:-default} " | tee -a "$OUT/summary.log"
                 PIE_CUDA_DEC_WHOLE=$v PIE_ATTN_ONLY=$cfg timeout 60 $R bench_cuda_attn \
                     2>&1 | tee -a "$OUT/summary.log"
             done
         done
-        for i in 1 2 3; do
+        for i in $(seq "${WHOLE_REPS:-3}"); do
             for cfg in "llama-3.1-8b 16 2048 24" "llama-3.1-8b 16 4096 16"; do
                 PIE_CUDA_DEC_WHOLE=0 TAG="cut " bench $cfg
                 TAG="default " bench $cfg
