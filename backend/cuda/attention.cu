@@ -1288,24 +1288,27 @@ extern "C" void pie__cuda_attention_flash(uint16_t *out, float *part_o,
  * others). */
 static size_t dec_one_smem(void)
 {
-    static size_t bytes;
+    static size_t bytes[64];            /* per device */
     int dev = 0, sm = 0;
-    if (!bytes && cudaGetDevice(&dev) == cudaSuccess &&
+    if (cudaGetDevice(&dev) != cudaSuccess) return 0;
+    if (!bytes[dev & 63] &&
         cudaDeviceGetAttribute(&sm, cudaDevAttrMaxSharedMemoryPerMultiprocessor,
                                dev) == cudaSuccess)
-        bytes = (size_t)sm / 2 + 1024;
-    return bytes;
+        bytes[dev & 63] = (size_t)sm / 2 + 1024;
+    return bytes[dev & 63];
 }
 
 /* The decode kernel's shared memory (one_per_sm: at least dec_one_smem)
- * and its opt-in (once per device and head dim, for the larger size), for
+ * and its opt-ins (once per device and head dim: its own size, then the
+ * one-per-SM size; should the second fail, the first still holds), for
  * its launches and its occupancy query alike. */
 template <int HD>
 static size_t dec_smem(int one_per_sm)
 {
-    static uint64_t set;
+    static uint64_t set, set_one;
     size_t need = fa_smem<HD>(0), one = dec_one_smem();
-    allow_smem(flash_dec_kernel<HD>, one > need ? one : need, &set);
+    allow_smem(flash_dec_kernel<HD>, need, &set);
+    if (one > need) allow_smem(flash_dec_kernel<HD>, one, &set_one);
     return one_per_sm && one > need ? one : need;
 }
 

@@ -394,7 +394,8 @@ static int plan_dec_whole(cuda_backend *c)
     int force = e && *e == '1';
     int64_t n = c->n_gitems, T = pie_cuda_dec_kv_blocks(c->gitems, (int)n);
     if ((e && *e == '0') || c->n_sm > c->dec_blocks ||
-        (!force && (n > c->n_sm || T < (int64_t)PIE_CUDA_DEC_WHOLE_MIN * n)))
+        (!force && (n > c->n_sm || T < (int64_t)PIE_CUDA_DEC_WHOLE_MIN * n ||
+                    T > (int64_t)PIE_CUDA_DEC_WHOLE_MAX * n)))
         return 0;                       /* (the cheap part of the test first) */
     int64_t most = pie_cuda_dec_plan_whole(c->gitems, (int)n, c->n_sm,
                                            c->pieces, c->bstart);

@@ -68,10 +68,10 @@ static void run(int hd, int B, int L, int mma)
      * SM, no merge; PIE_CUDA_DEC_WHOLE=0 / 1 never / always) */
     const char *we = getenv("PIE_CUDA_DEC_WHOLE");
     int whole = 0;
-    if (mma && !db && !(we && *we == '0')) {
+    if (mma && nb >= sm && !(we && *we == '0')) {
         int64_t most = pie_cuda_dec_plan_whole(it, ni, sm, pc, bst);
-        whole = (we && *we == '1') || pie_cuda_dec_whole_pays(
-                    pie_cuda_dec_kv_blocks(it, ni), ni, sm, hd, most);
+        whole = most >= 0 && ((we && *we == '1') || pie_cuda_dec_whole_pays(
+                    pie_cuda_dec_kv_blocks(it, ni), ni, sm, hd, most));
         if (whole) { nb = sm; npc = ni; nm = 0; }
     }
     if (mma && !whole)

@@ -152,6 +152,27 @@ static void check_whole(const pie_cuda_attn_item *it, int n, int nb,
     }
     CHECK(most == hi, "whole plan says %lld, its largest block has %lld",
           (long long)most, (long long)hi);
+    /* longest first onto the least loaded (lowest index on ties), by a
+     * direct scan: the same largest load */
+    static int64_t load[MAX_BLOCKS];
+    static int done[MAX_ITEMS];
+    int64_t ref = 0;
+    memset(load, 0, sizeof load);
+    memset(done, 0, sizeof done);
+    for (int k = 0; k < n; k++) {
+        int best = -1;
+        for (int i = 0; i < n; i++)     /* longest left, lowest index */
+            if (!done[i] && (best < 0 || kv_blocks(&it[i]) > kv_blocks(&it[best])))
+                best = i;
+        done[best] = 1;
+        int b = 0;
+        for (int j = 1; j < nb; j++)
+            if (load[j] < load[b]) b = j;
+        load[b] += kv_blocks(&it[best]);
+        if (load[b] > ref) ref = load[b];
+    }
+    CHECK(most == ref, "whole plan: most %lld, longest-first reference %lld",
+          (long long)most, (long long)ref);
     CHECK(most >= longest && most * nb >= T && most <= T / nb + longest,
           "whole plan: most %lld, T %lld on %d, longest %lld", (long long)most,
           (long long)T, nb, (long long)longest);
