@@ -1073,8 +1073,8 @@ static __device__ __forceinline__ void fa_combine(float *so, float *sml,
 }
 
 /* Where the next KV block to load lies: piece p (of this block's [p, p1))
- * from slot s; the piece's request pages, layer + kv head offset, and
- * (fast: page size a power of two >= 16 and s0 a multiple of 16) the page
+ * from slot s; where its K and V lie (src, as for the prefill kernels),
+ * and (fast: page size a power of two >= 16 and s0 a multiple of 16) the page
  * of this warp's 16 slots of that block, loaded one block ahead so that
  * its latency hides behind a block's math. issue() copies the block into
  * buf and moves on; a piece always has at least one block (an empty one:
@@ -1082,28 +1082,26 @@ static __device__ __forceinline__ void fa_combine(float *so, float *sml,
 struct dec_cursor {
     const pie_cuda_attn_item *pieces;
     int p, p1, s, s1, fast, pg;
-    const int32_t *pages;
-    int64_t lay;
+    fa_kvsrc src;
 
+    template <int HD>
     __device__ __forceinline__ void enter(int np, const pie_cuda_tokmeta &tm,
                                           const pie_cuda_kv &kv, int layer,
-                                          int hd, int psh)
+                                          int psh)
     {
         p = np;
         if (p >= p1) return;
         pie_cuda_attn_item it = pieces[p];
-        int ps = kv.page_size;
         s = it.s0;
         s1 = it.s1;
-        pages = tm.pages + tm.kv_indptr[it.req];
-        lay = (int64_t)layer * 2 * kv.n_kv * ps * hd + (int64_t)it.kvh * ps * hd;
-        fast = psh >= 0 && ps >= 16 && (s & 15) == 0;
-        prefetch(psh);
+        src = fa_kvsrc_of<HD>(kv, tm, it.req, it.kvh, layer, psh);
+        fast = psh >= 0 && src.ps >= 16 && (s & 15) == 0;
+        prefetch();
     }
-    __device__ __forceinline__ void prefetch(int psh)
+    __device__ __forceinline__ void prefetch(void)
     {
         int g0 = s + threadIdx.x / WARP * 16;
-        pg = fast && g0 < s1 ? pages[g0 >> psh] : 0;
+        pg = fast && g0 < s1 ? src.pages[g0 >> src.psh] : 0;
     }
     template <int HD>
     __device__ __forceinline__ void issue(uint16_t *buf, const pie_cuda_tokmeta &tm,
@@ -1112,21 +1110,17 @@ struct dec_cursor {
         constexpr int LD = HD + 8, BLK = FA_BN * LD;
         static_assert(FA_BN / (FA_DEC_THREADS / WARP) == 16, "16 slots a warp");
         if (p < p1) {
-            int ps = kv.page_size;
-            int64_t pe = pie_cuda_kv_page_elems(&kv), voff = (int64_t)kv.n_kv * ps * HD;
-            if (fast) {
+            if (fast) {         /* src.row(g0) with the page loaded ahead */
                 int w = threadIdx.x / WARP, g0 = s + w * 16;
-                fa_load_group<HD, 16>(buf + w * 16 * LD, BLK, kv.pool + pg * pe +
-                                      lay + (int64_t)(g0 & (ps - 1)) * HD,
-                                      kv.pool, voff, s1 - g0);
+                fa_load_group<HD, 16>(buf + w * 16 * LD, BLK, src.pool + pg * src.pe +
+                                      src.lay + (int64_t)(g0 & (src.ps - 1)) * HD,
+                                      src.pool, src.voff, s1 - g0);
             } else {
-                fa_load<HD, FA_DEC_THREADS>(
-                    buf, buf + BLK,
-                    fa_kvsrc{ kv.pool, pages, pe, lay, voff, ps, psh }, s, s1);
+                fa_load<HD, FA_DEC_THREADS>(buf, buf + BLK, src, s, s1);
             }
             s += FA_BN;
-            if (s < s1) prefetch(psh);
-            else enter(p + 1, tm, kv, layer, HD, psh);
+            if (s < s1) prefetch();
+            else enter<HD>(p + 1, tm, kv, layer, psh);
         }
         cp_async_commit();
     }
@@ -1170,7 +1164,7 @@ flash_dec_kernel(uint16_t *out, float *part_o, float *part_ml, const float *q,
     dec_cursor ld;
     ld.pieces = pieces;
     ld.p1 = p1;
-    ld.enter(p, tm, kv, layer, HD, psh);
+    ld.enter<HD>(p, tm, kv, layer, psh);
     pdl_wait();
     ld.issue<HD>(fa_sm, tm, kv, layer, psh);
     pie_cuda_attn_item it = pieces[p];

@@ -391,20 +391,13 @@ static int plan_flash(cuda_backend *c, const pie_forward_batch *b, int r,
 static int plan_dec_whole(cuda_backend *c)
 {
     const char *e = getenv("PIE_CUDA_DEC_WHOLE");
-    int force = e && *e == '1';
-    int64_t n = c->n_gitems, T = pie_cuda_dec_kv_blocks(c->gitems, (int)n);
-    if ((e && *e == '0') || c->n_sm > c->dec_blocks ||
-        (!force && (n > c->n_sm || T < (int64_t)PIE_CUDA_DEC_WHOLE_MIN * n ||
-                    T > (int64_t)PIE_CUDA_DEC_WHOLE_MAX * n)))
-        return 0;                       /* (the cheap part of the test first) */
-    int64_t most = pie_cuda_dec_plan_whole(c->gitems, (int)n, c->n_sm,
-                                           c->pieces, c->bstart);
-    if (most < 0 || (!force && !pie_cuda_dec_whole_pays(
-                                   T, (int)n, c->n_sm, c->cfg.head_dim, most)))
-        return 0;
-    c->n_pieces = (int)n;
+    if ((e && *e == '0') || c->n_sm > c->dec_blocks ||  /* bstart too short */
+        pie_cuda_dec_try_whole(c->gitems, (int)c->n_gitems, c->n_sm,
+                               c->cfg.head_dim, e && *e == '1', c->pieces,
+                               c->bstart) != 1)
+        return 0;       /* (out of memory: the cut plan, which needs none) */
+    c->n_pieces = (int)c->n_gitems;
     c->n_dmerges = 0;
-    memset(c->dmerges, 0, sizeof *c->dmerges * (size_t)c->dec_blocks);
     return 1;
 }
 

@@ -162,21 +162,22 @@ int64_t pie_cuda_dec_plan(const pie_cuda_attn_item *items, int n_items, int G,
 /* Whole-item decode plan (dec_plan.c, host): the items, none cut, onto
  * n_blocks blocks (one per SM), longest first onto the least loaded; block
  * b's pieces are pieces[bstart[b] .. bstart[b + 1]) (capacities n_items,
- * n_blocks + 1; part = -1). Returns the most KV blocks of any block, or -1
- * without memory. Launch it with pie__cuda_attention_dec(..., one_per_sm
- * = 1); no merge follows. pie_cuda_dec_whole_pays: whether that plan beats
- * the cut one (measured: at most one item per SM, PIE_CUDA_DEC_WHOLE_MIN
- * to _MAX KV blocks each on average, the most within 6% of an even share
- * of n_sm, head dim >= 128), given the KV blocks of all items
- * (pie_cuda_dec_kv_blocks: 64-slot blocks, an empty item one). */
+ * n_blocks + 1; part = -1). Returns the most KV blocks (64 slots; an empty
+ * item one) of any block, or -1 without memory. Launch it with
+ * pie__cuda_attention_dec(..., one_per_sm = 1); no merge follows.
+ * pie_cuda_dec_try_whole makes it onto n_sm blocks where it beats the cut
+ * plan (measured: at most one item per SM, PIE_CUDA_DEC_WHOLE_MIN to _MAX
+ * KV blocks each on average, head dim >= 128, the most within 6% of an
+ * even share of n_sm), or always if force: returns 1 if made, 0 if not
+ * (pieces and bstart then undefined), -1 without memory. */
 #define PIE_CUDA_DEC_WHOLE_MIN 24
 #define PIE_CUDA_DEC_WHOLE_MAX 64
 int64_t pie_cuda_dec_plan_whole(const pie_cuda_attn_item *items, int n_items,
                                 int n_blocks, pie_cuda_attn_item *pieces,
                                 int32_t *bstart);
-int64_t pie_cuda_dec_kv_blocks(const pie_cuda_attn_item *items, int n_items);
-int pie_cuda_dec_whole_pays(int64_t kv_blocks, int n_items, int n_sm, int hd,
-                            int64_t most);
+int pie_cuda_dec_try_whole(const pie_cuda_attn_item *items, int n_items,
+                           int n_sm, int hd, int force,
+                           pie_cuda_attn_item *pieces, int32_t *bstart);
 /* out (n, hidden) bf16 = silu(gu[:, :hidden]) * gu[:, hidden:], gu bf16 */
 void pie__cuda_silu_mul(uint16_t *out, const uint16_t *gu, int n, int hidden,
                         cudaStream_t s);

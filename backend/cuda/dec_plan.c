@@ -183,25 +183,29 @@ int64_t pie_cuda_dec_plan_whole(const pie_cuda_attn_item *items, int n_items,
     return most;
 }
 
-int64_t pie_cuda_dec_kv_blocks(const pie_cuda_attn_item *items, int n_items)
+/* The shape part of the rule (NOTES.md, round 8), checked before a plan
+ * is made: one item a block, each long enough to hide its start, at head
+ * dim 128 (32 KB a KV block). With several items a block it tied the cut
+ * plan (B=64) or lost (B=256); at head dim 64 it lost everywhere (one
+ * block of 4 warps an SM does not keep up); on some H100s it lost at
+ * 8192 slots (2.26 against 2.49 TB/s), hence the upper bound. */
+static int whole_shape_ok(int64_t T, int n_items, int n_sm, int hd)
+{
+    return n_items > 0 && n_items <= n_sm && hd >= 128 &&
+           T >= (int64_t)PIE_CUDA_DEC_WHOLE_MIN * n_items &&
+           T <= (int64_t)PIE_CUDA_DEC_WHOLE_MAX * n_items;
+}
+
+int pie_cuda_dec_try_whole(const pie_cuda_attn_item *items, int n_items,
+                           int n_sm, int hd, int force,
+                           pie_cuda_attn_item *pieces, int32_t *bstart)
 {
     int64_t T = 0;
     for (int i = 0; i < n_items; i++) T += blocks_of(&items[i]);
-    return T;
-}
-
-int pie_cuda_dec_whole_pays(int64_t T, int n_items, int n_sm, int hd,
-                            int64_t most)
-{
-    /* Measured (NOTES.md, round 8): one item a block, each long enough to
-     * hide its start, balanced within 6% of an even cut over the SMs, at
-     * head dim 128 (32 KB a KV block). With several items a block it tied
-     * the cut plan (B=64) or lost (B=256), and at head dim 64 it lost
-     * everywhere: one block of 4 warps an SM does not keep up. On some
-     * H100s it also lost at 8192 slots (2.26 against 2.49 TB/s), hence
-     * the upper bound. A negative most (no plan) never pays. */
-    return n_items > 0 && n_items <= n_sm && hd >= 128 && most > 0 &&
-           T >= (int64_t)PIE_CUDA_DEC_WHOLE_MIN * n_items &&
-           T <= (int64_t)PIE_CUDA_DEC_WHOLE_MAX * n_items &&
-           most * n_sm * 100 <= T * 106;
+    if (!force && !whole_shape_ok(T, n_items, n_sm, hd)) return 0;
+    int64_t most = pie_cuda_dec_plan_whole(items, n_items, n_sm, pieces,
+                                           bstart);
+    if (most < 0) return -1;
+    /* balanced within 6% of an even cut over the SMs */
+    return force || most * n_sm * 100 <= T * 106;
 }

@@ -68,11 +68,10 @@ static void run(int hd, int B, int L, int mma)
      * SM, no merge; PIE_CUDA_DEC_WHOLE=0 / 1 never / always) */
     const char *we = getenv("PIE_CUDA_DEC_WHOLE");
     int whole = 0;
-    if (mma && nb >= sm && !(we && *we == '0')) {
-        int64_t most = pie_cuda_dec_plan_whole(it, ni, sm, pc, bst);
-        whole = most >= 0 && ((we && *we == '1') || pie_cuda_dec_whole_pays(
-                    pie_cuda_dec_kv_blocks(it, ni), ni, sm, hd, most));
-        if (whole) { nb = sm; npc = ni; nm = 0; }
+    if (mma && nb >= sm && !(we && *we == '0') &&
+        pie_cuda_dec_try_whole(it, ni, sm, hd, we && *we == '1', pc, bst) == 1) {
+        whole = 1;
+        nb = sm; npc = ni; nm = 0;
     }
     if (mma && !whole)
         parts = (int)pie_cuda_dec_plan(it, ni, G, nb, 2, 0, pc, &npc, bst, mi, &nm);

@@ -16,7 +16,7 @@
  *   - the returned most is the largest block's KV, and it lies within the
  *     greedy bound: max(longest, T / blocks) <= most <= T / blocks +
  *     longest;
- *   - pie_cuda_dec_whole_pays on shapes with known answers.
+ *   - pie_cuda_dec_try_whole on shapes with known answers, and forced.
  */
 #include <stdint.h>
 #include <stdlib.h>
@@ -178,7 +178,8 @@ static void check_whole(const pie_cuda_attn_item *it, int n, int nb,
           (long long)T, nb, (long long)longest);
 }
 
-/* pie_cuda_dec_whole_pays on the bench's shapes (132 SMs). */
+/* pie_cuda_dec_try_whole on the bench's shapes (132 SMs), by its rule
+ * and forced. */
 static void check_pays(void)
 {
     static pie_cuda_attn_item it[2048], pc[2048];
@@ -198,11 +199,15 @@ static void check_pays(void)
         for (int i = 0; i < c[k].n; i++)
             it[i] = (pie_cuda_attn_item){ i / 8, i / 8, 1, i % 8, 0, c[k].len,
                                           -1, 1 };
-        int64_t most = pie_cuda_dec_plan_whole(it, c[k].n, 132, pc, bst);
-        int got = pie_cuda_dec_whole_pays(pie_cuda_dec_kv_blocks(it, c[k].n),
-                                          c[k].n, 132, c[k].hd, most);
+        int got = pie_cuda_dec_try_whole(it, c[k].n, 132, c[k].hd, 0, pc, bst);
         CHECK(got == c[k].pays, "%d items of %d slots: pays %d", c[k].n,
               c[k].len, got);
+        CHECK(!got || (bst[0] == 0 && bst[132] == c[k].n),
+              "%d items: plan made, bstart %d .. %d", c[k].n, bst[0], bst[132]);
+        got = pie_cuda_dec_try_whole(it, c[k].n, 132, c[k].hd, 1, pc, bst);
+        CHECK(got == 1 && bst[0] == 0 && bst[132] == c[k].n,
+              "%d items forced: %d, bstart %d .. %d", c[k].n, got, bst[0],
+              bst[132]);
     }
 }
 
