@@ -41,7 +41,9 @@
 #   attnab  decode attention (tensor-core kernel), old.tar.xz and this build
 #           interleaved, twice
 #   wholeab decode attention and decode steps with the cut plan only
-#           (PIE_CUDA_DEC_WHOLE=0), then by default (WHOLE_CFGS: shapes)
+#           (PIE_CUDA_DEC_WHOLE=0), by default, and on whole items at two
+#           blocks per SM (PIE_CUDA_DEC_WHOLE=2) (WHOLE_CFGS: attention
+#           shapes; WHOLE_STEPS="model B ctx steps,...": step shapes)
 #   decblk  decode attention at several grid sizes (PIE_CUDA_DEC_BLOCKS),
 #           with and without the merge kernel
 set -u
@@ -97,6 +99,10 @@ for phase in "$@"; do
         PIE_CUDA_DEC_WHOLE=1 PIE_CUDA_PARTIAL_SHARED=1 timeout 200 $R test_cuda_model \
             > "$OUT/model-whole.log" 2>&1
         echo "model (PIE_CUDA_DEC_WHOLE=1) rc=$?" | tee -a "$OUT/summary.log"
+        # and on two blocks per SM
+        PIE_CUDA_DEC_WHOLE=2 PIE_CUDA_PARTIAL_SHARED=1 timeout 200 $R test_cuda_model \
+            > "$OUT/model-whole2.log" 2>&1
+        echo "model (PIE_CUDA_DEC_WHOLE=2) rc=$?" | tee -a "$OUT/summary.log"
         ;;
     hf1b|hf8b)
         s=llama-3.2-1b; [ $phase = hf8b ] && s=llama-3.1-8b
@@ -310,17 +316,19 @@ for phase in "$@"; do
         done
         ;;
     wholeab)    # decode attention and steps: cut plan only, then the default
-        for cfg in ${WHOLE_CFGS:-128,16,1024 128,16,1536 128,16,2048 128,16,4096 128,16,8192 128,64,2048}; do
-            for v in 0 ""; do
+        for cfg in ${WHOLE_CFGS:-128,16,1024 128,16,1536 128,16,2048 128,16,4096 128,16,8192 128,64,2048 128,256,512 64,64,512 64,32,2048 64,256,512}; do
+            for v in 0 "" 2; do
                 echo -n "whole=${v:-default} " | tee -a "$OUT/summary.log"
                 PIE_CUDA_DEC_WHOLE=$v PIE_ATTN_ONLY=$cfg timeout 60 $R bench_cuda_attn \
                     2>&1 | tee -a "$OUT/summary.log"
             done
         done
         for i in $(seq "${WHOLE_REPS:-3}"); do
-            for cfg in "llama-3.1-8b 16 2048 24" "llama-3.1-8b 16 4096 16"; do
+            IFS=, read -ra steps <<< "${WHOLE_STEPS:-llama-3.1-8b 16 2048 24,llama-3.1-8b 16 4096 16}"
+            for cfg in "${steps[@]}"; do
                 PIE_CUDA_DEC_WHOLE=0 TAG="cut " bench $cfg
                 TAG="default " bench $cfg
+                PIE_CUDA_DEC_WHOLE=2 TAG="two-per-SM " bench $cfg
             done
         done
         ;;

@@ -1272,38 +1272,39 @@ extern "C" void pie__cuda_attention_flash(uint16_t *out, float *part_o,
     });
 }
 
-/* Dynamic shared memory that keeps a second block of the decode kernel
- * off an SM (over half of what an SM has): with three allowed, the block
- * scheduler put two blocks of a one-per-SM grid on some SMs, and those
- * set the pace (B=16 ctx 2048: 54.8 us on 132 blocks, 63.5-68.6 on
- * 126-131 or 133; NOTES.md, round 8). The space is not used: 3, 4 or 6
- * KV blocks in flight instead of 2 were no faster (2.16-2.23 TB/s at B=16
- * ctx 2048; 2 blocks gave 2.22 on an H100 as slow as that one, 2.53 on
- * others). */
-static size_t dec_one_smem(void)
+/* Dynamic shared memory that keeps more than per_sm blocks of the decode
+ * kernel off an SM (over 1 / (per_sm + 1) of what an SM has): with three
+ * allowed, the block scheduler put two blocks of a one-per-SM grid on some
+ * SMs, and those set the pace (B=16 ctx 2048: 54.8 us on 132 blocks,
+ * 63.5-68.6 on 126-131 or 133; NOTES.md, round 8). The space is not used:
+ * 3, 4 or 6 KV blocks in flight instead of 2 were no faster (2.16-2.23
+ * TB/s at B=16 ctx 2048; 2 blocks gave 2.22 on an H100 as slow as that
+ * one, 2.53 on others). */
+static size_t dec_pad_smem(int per_sm)
 {
-    static size_t bytes[64];            /* per device */
+    static size_t bytes[64];            /* per device: the SM's */
     int dev = 0, sm = 0;
     if (cudaGetDevice(&dev) != cudaSuccess) return 0;
     if (!bytes[dev & 63] &&
         cudaDeviceGetAttribute(&sm, cudaDevAttrMaxSharedMemoryPerMultiprocessor,
                                dev) == cudaSuccess)
-        bytes[dev & 63] = (size_t)sm / 2 + 1024;
-    return bytes[dev & 63];
+        bytes[dev & 63] = (size_t)sm;
+    return bytes[dev & 63] / (per_sm + 1) + 1024;
 }
 
-/* The decode kernel's shared memory (one_per_sm: at least dec_one_smem)
+/* The decode kernel's shared memory (per_sm > 0: at least dec_pad_smem)
  * and its opt-ins (once per device and head dim: its own size, then the
- * one-per-SM size; should the second fail, the first still holds), for
- * its launches and its occupancy query alike. */
+ * one-per-SM size, the largest; should the second fail, the first still
+ * holds), for its launches and its occupancy query alike. */
 template <int HD>
-static size_t dec_smem(int one_per_sm)
+static size_t dec_smem(int per_sm)
 {
     static uint64_t set, set_one;
-    size_t need = fa_smem<HD>(0), one = dec_one_smem();
+    size_t need = fa_smem<HD>(0), pad = per_sm > 0 ? dec_pad_smem(per_sm) : 0;
     allow_smem(flash_dec_kernel<HD>, need, &set);
-    if (one > need) allow_smem(flash_dec_kernel<HD>, one, &set_one);
-    return one_per_sm && one > need ? one : need;
+    if (dec_pad_smem(1) > need)
+        allow_smem(flash_dec_kernel<HD>, dec_pad_smem(1), &set_one);
+    return pad > need ? pad : need;
 }
 
 extern "C" void pie__cuda_attention_dec(uint16_t *out, float *part_o,
@@ -1312,7 +1313,7 @@ extern "C" void pie__cuda_attention_dec(uint16_t *out, float *part_o,
                                         const int32_t *bstart, int n_blocks,
                                         const pie_cuda_tokmeta *tm,
                                         const pie_cuda_kv *kv, int layer,
-                                        int nh, int one_per_sm, cudaStream_t s)
+                                        int nh, int per_sm, cudaStream_t s)
 {
     if (n_blocks <= 0) return;
     with_head_dim(kv->head_dim, [&](auto H) {
@@ -1320,7 +1321,7 @@ extern "C" void pie__cuda_attention_dec(uint16_t *out, float *part_o,
         /* a programmatic dependent (unless PIE_CUDA_NO_PDL): its blocks
          * read the step's metadata while the kernel before finishes */
         launch_pdl_if(pie__cuda_pdl() >= 1, flash_dec_kernel<HD>, n_blocks,
-                      FA_DEC_THREADS, dec_smem<HD>(one_per_sm), s, out, part_o,
+                      FA_DEC_THREADS, dec_smem<HD>(per_sm), s, out, part_o,
                       part_ml, q, pieces, bstart, *tm, *kv, layer, nh,
                       page_shift(kv));
     });

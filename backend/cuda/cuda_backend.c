@@ -385,20 +385,22 @@ static int plan_flash(cuda_backend *c, const pie_forward_batch *b, int r,
  * batch-1 steps slower (more partials to merge), 2 and 4 tie elsewhere */
 #define DEC_MIN_KV 2
 
-/* The whole-item plan (one block per SM, nothing cut) where it pays
- * (dec_plan.c); PIE_CUDA_DEC_WHOLE=0 never takes it, =1 always (tests,
- * experiments). Returns whether it was made. */
+/* The whole-item plan (one or two blocks per SM, nothing cut) where it
+ * pays (dec_plan.c); PIE_CUDA_DEC_WHOLE=0 never takes it, =1 or =2 always,
+ * on that many blocks per SM (tests, experiments). Returns the blocks per
+ * SM of the plan made, or 0. */
 static int plan_dec_whole(cuda_backend *c)
 {
     const char *e = getenv("PIE_CUDA_DEC_WHOLE");
-    if ((e && *e == '0') || c->n_sm > c->dec_blocks ||  /* bstart too short */
-        pie_cuda_dec_try_whole(c->gitems, (int)c->n_gitems, c->n_sm,
-                               c->cfg.head_dim, e && *e == '1', c->pieces,
-                               c->bstart) != 1)
-        return 0;       /* (out of memory: the cut plan, which needs none) */
+    int force = e && (*e == '1' || *e == '2') ? *e - '0' : 0;
+    if (e && *e == '0') return 0;
+    int k = pie_cuda_dec_try_whole(c->gitems, (int)c->n_gitems, c->n_sm,
+                                   c->cfg.head_dim, force, c->pieces,
+                                   c->bstart);
+    if (k <= 0) return 0;   /* (out of memory: the cut plan, which needs none) */
     c->n_pieces = (int)c->n_gitems;
     c->n_dmerges = 0;
-    return 1;
+    return k;
 }
 
 /* Cuts the whole grouped items for the decode kernel's persistent grid
@@ -632,14 +634,16 @@ static int build_outputs(cuda_backend *c, const pie_forward_batch *b,
 
 /* Decode attention of layer l: the persistent grid, then the merges of
  * the items it cut (a fixed-size list: graphs keep their arguments); or
- * the whole-item plan's grid of one block per SM, which cuts nothing. */
+ * the whole-item plan's grid of one or two blocks per SM, which cuts
+ * nothing. */
 static void run_dec_attention(cuda_backend *c, int l,
                               const pie_cuda_tokmeta *tm, const step_meta *sm)
 {
     const pie_model_config *g = &c->cfg;
     pie__cuda_attention_dec(c->att, c->part_o, c->part_ml, c->q,
                             DEV(c, sm->gitems), DEV(c, sm->bstart),
-                            c->dec_whole ? c->n_sm : c->dec_blocks, tm, &c->kv,
+                            c->dec_whole ? c->dec_whole * c->n_sm : c->dec_blocks,
+                            tm, &c->kv,
                             l, g->n_heads, c->dec_whole, c->st);
     if (!c->dec_whole)
         pie__cuda_attn_merge(c->att, c->part_o, c->part_ml,
@@ -1111,7 +1115,9 @@ static int plan_dec_grid(cuda_backend *c)
     const char *e = getenv("PIE_CUDA_DEC_BLOCKS");
     c->dec_blocks = e && atoi(e) > 0 ? atoi(e)
                   : pie__cuda_attention_dec_occupancy(c->cfg.head_dim) * c->n_sm;
-    c->bstart = malloc(4 * ((size_t)c->dec_blocks + 1));
+    /* the whole-item plan's grid may be two blocks per SM */
+    int nb = c->dec_blocks > 2 * c->n_sm ? c->dec_blocks : 2 * c->n_sm;
+    c->bstart = malloc(4 * ((size_t)nb + 1));
     c->dmerges = malloc(sizeof *c->dmerges * (size_t)c->dec_blocks);
     if (!c->bstart || !c->dmerges)
         return pie_err_set(PIE_ENOMEM, "cuda: out of host memory");

@@ -134,13 +134,14 @@ void pie__cuda_attention_flash(uint16_t *out, float *part_o, float *part_ml,
  * on a persistent grid of n_blocks blocks: block b runs the pieces
  * pieces[bstart[b] .. bstart[b + 1]) of pie_cuda_dec_plan; the partials of
  * cut items are then combined by pie__cuda_attn_merge over its merges.
- * one_per_sm: the blocks take enough shared memory that no two share an SM
- * (the whole-item plan's grid of one block per SM). */
+ * per_sm > 0: the blocks take enough shared memory that at most per_sm
+ * share an SM (the whole-item plan's grid of one or two blocks per SM);
+ * 0: as many as fit. */
 void pie__cuda_attention_dec(uint16_t *out, float *part_o, float *part_ml,
                              const float *q, const pie_cuda_attn_item *pieces,
                              const int32_t *bstart, int n_blocks,
                              const pie_cuda_tokmeta *tm, const pie_cuda_kv *kv,
-                             int layer, int nh, int one_per_sm, cudaStream_t s);
+                             int layer, int nh, int per_sm, cudaStream_t s);
 /* Blocks of pie__cuda_attention_dec resident per SM. */
 int pie__cuda_attention_dec_occupancy(int hd);
 
@@ -160,16 +161,18 @@ int64_t pie_cuda_dec_plan(const pie_cuda_attn_item *items, int n_items, int G,
                           int32_t *bstart, pie_cuda_merge_item *merges,
                           int *n_merges);
 /* Whole-item decode plan (dec_plan.c, host): the items, none cut, onto
- * n_blocks blocks (one per SM), longest first onto the least loaded; block
- * b's pieces are pieces[bstart[b] .. bstart[b + 1]) (capacities n_items,
- * n_blocks + 1; part = -1). Returns the most KV blocks (64 slots; an empty
- * item one) of any block, or -1 without memory. Launch it with
- * pie__cuda_attention_dec(..., one_per_sm = 1); no merge follows.
- * pie_cuda_dec_try_whole makes it onto n_sm blocks where it beats the cut
+ * n_blocks blocks (one or two per SM), longest first onto the least loaded;
+ * block b's pieces are pieces[bstart[b] .. bstart[b + 1]) (capacities
+ * n_items, n_blocks + 1; part = -1). Returns the most KV blocks (64 slots;
+ * an empty item one) of any block, or -1 without memory. Launch it with
+ * pie__cuda_attention_dec(..., per_sm = n_blocks / SMs); no merge follows.
+ * pie_cuda_dec_try_whole makes it on n_sm blocks where it beats the cut
  * plan (measured: at most one item per SM, PIE_CUDA_DEC_WHOLE_MIN to _MAX
  * KV blocks each on average, head dim >= 128, the most within 6% of an
- * even share of n_sm), or always if force: returns 1 if made, 0 if not
- * (pieces and bstart then undefined), -1 without memory. */
+ * even share). force = 1 or 2 makes it on that many blocks per SM whatever
+ * the shape. Returns the blocks per SM (1 or 2) if made, 0 if not (pieces
+ * and bstart then undefined), -1 without memory. bstart needs 2 n_sm + 1
+ * entries. */
 #define PIE_CUDA_DEC_WHOLE_MIN 24
 #define PIE_CUDA_DEC_WHOLE_MAX 64
 int64_t pie_cuda_dec_plan_whole(const pie_cuda_attn_item *items, int n_items,

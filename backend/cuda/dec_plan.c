@@ -183,12 +183,12 @@ int64_t pie_cuda_dec_plan_whole(const pie_cuda_attn_item *items, int n_items,
     return most;
 }
 
-/* The shape part of the rule (NOTES.md, round 8), checked before a plan
- * is made: one item a block, each long enough to hide its start, at head
- * dim 128 (32 KB a KV block). With several items a block it tied the cut
- * plan (B=64) or lost (B=256); at head dim 64 it lost everywhere (one
- * block of 4 warps an SM does not keep up); on some H100s it lost at
- * 8192 slots (2.26 against 2.49 TB/s), hence the upper bound. */
+/* The shape part of the rule for one block an SM (NOTES.md, round 8),
+ * checked before a plan is made: one item a block, each long enough to
+ * hide its start, at head dim 128 (32 KB a KV block). At head dim 64 it
+ * lost everywhere (one block of 4 warps an SM does not keep up); on some
+ * H100s it lost at 8192 slots (2.26 against 2.49 TB/s), hence the upper
+ * bound. */
 static int whole_shape_ok(int64_t T, int n_items, int n_sm, int hd)
 {
     return n_items > 0 && n_items <= n_sm && hd >= 128 &&
@@ -196,16 +196,33 @@ static int whole_shape_ok(int64_t T, int n_items, int n_sm, int hd)
            T <= (int64_t)PIE_CUDA_DEC_WHOLE_MAX * n_items;
 }
 
+/* Makes the plan onto nb blocks: 1 if its largest block is within 6% of
+ * an even share (or forced), 0 if not, -1 without memory. */
+static int whole_on(const pie_cuda_attn_item *items, int n_items, int64_t T,
+                    int nb, int force, pie_cuda_attn_item *pieces,
+                    int32_t *bstart)
+{
+    int64_t most = pie_cuda_dec_plan_whole(items, n_items, nb, pieces, bstart);
+    if (most < 0) return -1;
+    return force || most * nb * 100 <= T * 106;
+}
+
 int pie_cuda_dec_try_whole(const pie_cuda_attn_item *items, int n_items,
                            int n_sm, int hd, int force,
                            pie_cuda_attn_item *pieces, int32_t *bstart)
 {
     int64_t T = 0;
+    int rc;
     for (int i = 0; i < n_items; i++) T += blocks_of(&items[i]);
-    if (!force && !whole_shape_ok(T, n_items, n_sm, hd)) return 0;
-    int64_t most = pie_cuda_dec_plan_whole(items, n_items, n_sm, pieces,
-                                           bstart);
-    if (most < 0) return -1;
-    /* balanced within 6% of an even cut over the SMs */
-    return force || most * n_sm * 100 <= T * 106;
+    if (force == 1 || force == 2) {
+        rc = whole_on(items, n_items, T, force * n_sm, 1, pieces, bstart);
+        return rc > 0 ? force : rc;
+    }
+    /* Two blocks an SM are not taken by rule: alone (bench_cuda_attn) they
+     * beat the cut plan at head dim 128 wherever they balanced (B=32..256,
+     * ctx 512..8192: 2-23% less time), but decode steps did not gain
+     * (8B B=256 ctx 512 lost 1-4%; NOTES.md, round 9). */
+    if (!whole_shape_ok(T, n_items, n_sm, hd)) return 0;
+    rc = whole_on(items, n_items, T, n_sm, 0, pieces, bstart);
+    return rc > 0 ? 1 : rc;
 }

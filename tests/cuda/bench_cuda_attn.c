@@ -62,16 +62,18 @@ static void run(int hd, int B, int L, int mma)
                     L * (s + 1) / ns, ns > 1 ? parts + s * G : -1, mma };
             if (ns > 1) parts += ns * G;
         }
+    int nbw = nb > 2 * sm ? nb : 2 * sm;        /* the whole plan's grid */
     pie_cuda_attn_item *pc = malloc(sizeof *pc * ((size_t)ni + nb));
-    int32_t *bst = malloc(4 * ((size_t)nb + 1));
-    /* as the backend: the whole-item plan where it pays (one block per
-     * SM, no merge; PIE_CUDA_DEC_WHOLE=0 / 1 never / always) */
+    int32_t *bst = malloc(4 * ((size_t)nbw + 1));
+    /* as the backend: the whole-item plan where it pays (one or two blocks
+     * per SM, no merge; PIE_CUDA_DEC_WHOLE=0 never, =1 / =2 always) */
     const char *we = getenv("PIE_CUDA_DEC_WHOLE");
     int whole = 0;
-    if (mma && nb >= sm && !(we && *we == '0') &&
-        pie_cuda_dec_try_whole(it, ni, sm, hd, we && *we == '1', pc, bst) == 1) {
-        whole = 1;
-        nb = sm; npc = ni; nm = 0;
+    if (mma && !(we && *we == '0')) {
+        int force = we && (*we == '1' || *we == '2') ? *we - '0' : 0;
+        whole = pie_cuda_dec_try_whole(it, ni, sm, hd, force, pc, bst);
+        if (whole < 0) whole = 0;
+        if (whole) { nb = whole * sm; npc = ni; nm = 0; }
     }
     if (mma && !whole)
         parts = (int)pie_cuda_dec_plan(it, ni, G, nb, 2, 0, pc, &npc, bst, mi, &nm);

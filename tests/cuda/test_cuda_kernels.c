@@ -429,8 +429,9 @@ static void test_qkv_post(int nh, int nkv, int hd, int bias, int qknorm, int big
  * grouped 1: the tensor-core kernel on the CUDA-core kernel's plan (tiles
  * of 64/G tokens x G heads, `split` splits merged); grouped 2: the decode
  * kernel (tiles of 16/G tokens) on a persistent grid of `split` blocks,
- * the items cut by pie_cuda_dec_plan; grouped 3: the same kernel, one
- * block per SM, on the whole-item plan of `split` blocks (no merge). */
+ * the items cut by pie_cuda_dec_plan; grouped 3 / 4: the same kernel,
+ * launched for one / two blocks per SM, on the whole-item plan of `split`
+ * blocks (no merge). */
 static void test_attention_mode(int nh, int nkv, int hd, int masked,
                                 int split, int grouped)
 {
@@ -503,7 +504,7 @@ static void test_attention_mode(int nh, int nkv, int hd, int masked,
         CHECK(nm <= nb && npc <= ni + nb && bst[0] == 0 && bst[nb] == npc,
               "dec plan: %d merges %d pieces", nm, npc);
     }
-    if (grouped == 3) {                 /* whole items, no merge */
+    if (grouped >= 3) {                 /* whole items, no merge */
         int64_t most = pie_cuda_dec_plan_whole(items, ni, nb, pc, bst);
         npc = ni;
         nm = 0;
@@ -521,7 +522,7 @@ static void test_attention_mode(int nh, int nkv, int hd, int masked,
         pie_cuda_attn_item *dpc = dput(pc, sizeof *pc * (size_t)(npc + 1));
         int32_t *dbs = dput(bst, 4 * ((size_t)nb + 1));
         pie__cuda_attention_dec(dout, po, pml, dq, dpc, dbs, nb, &tm, &kv,
-                                layer, nh, grouped == 3, 0);
+                                layer, nh, grouped >= 3 ? grouped - 2 : 0, 0);
         pie__cuda_attn_merge(dout, po, pml, dm, nm, nh, nkv, hd, 0);
         CU(cudaDeviceSynchronize());
         cudaFree(dpc); cudaFree(dbs);
@@ -778,6 +779,8 @@ int main(void)
         test_attention_mode(32, 8, 128, m, 37, 3);
         test_attention_mode(32, 8, 64, m, 5, 3);
         test_attention_mode(32, 4, 128, m, 61, 3);
+        test_attention_mode(32, 8, 128, m, 37, 4);   /* two blocks an SM */
+        test_attention_mode(32, 8, 64, m, 5, 4);
     }
     test_samplers(1000);
     test_samplers(128256);

@@ -178,36 +178,42 @@ static void check_whole(const pie_cuda_attn_item *it, int n, int nb,
           (long long)T, nb, (long long)longest);
 }
 
-/* pie_cuda_dec_try_whole on the bench's shapes (132 SMs), by its rule
- * and forced. */
+/* pie_cuda_dec_try_whole on the bench's shapes (132 SMs, 8 kv heads) by
+ * its rule, and forced onto one and two blocks per SM. */
 static void check_pays(void)
 {
-    static pie_cuda_attn_item it[2048], pc[2048];
-    static int32_t bst[133];
+    static pie_cuda_attn_item it[4096], pc[4096];
+    static int32_t bst[2 * 132 + 1];
     struct { int n, len, hd, pays; } c[] = {
         { 128, 2048, 128, 1 },  /* B=16, ctx 2048: 32 KV blocks, 128 of 132 */
         { 128, 1536, 128, 1 },
-        { 128, 1024, 128, 0 },  /* short items */
+        { 128, 1024, 128, 0 },  /* short items; two an SM: unbalanced */
         { 128, 4096, 128, 1 },
         { 128, 8192, 128, 0 },  /* long ones (lost on some H100s) */
         { 128, 2048, 64, 0 },   /* head dim 64 */
-        { 512, 2048, 128, 0 },  /* B=64: several items a block */
+        { 512, 2048, 128, 0 },  /* B=64: several items a block (two blocks */
+        { 2048, 512, 128, 0 },  /* an SM only forced) */
+        { 512, 512, 64, 0 },
         { 100, 2048, 128, 0 },  /* 100 of 132 SMs busy */
         { 8, 8192, 128, 0 },    /* batch 1 */
+        { 8, 512, 64, 0 },
     };
     for (size_t k = 0; k < sizeof c / sizeof c[0]; k++) {
         for (int i = 0; i < c[k].n; i++)
             it[i] = (pie_cuda_attn_item){ i / 8, i / 8, 1, i % 8, 0, c[k].len,
                                           -1, 1 };
         int got = pie_cuda_dec_try_whole(it, c[k].n, 132, c[k].hd, 0, pc, bst);
-        CHECK(got == c[k].pays, "%d items of %d slots: pays %d", c[k].n,
-              c[k].len, got);
-        CHECK(!got || (bst[0] == 0 && bst[132] == c[k].n),
-              "%d items: plan made, bstart %d .. %d", c[k].n, bst[0], bst[132]);
-        got = pie_cuda_dec_try_whole(it, c[k].n, 132, c[k].hd, 1, pc, bst);
-        CHECK(got == 1 && bst[0] == 0 && bst[132] == c[k].n,
-              "%d items forced: %d, bstart %d .. %d", c[k].n, got, bst[0],
-              bst[132]);
+        CHECK(got == c[k].pays, "%d items of %d slots, hd %d: pays %d",
+              c[k].n, c[k].len, c[k].hd, got);
+        CHECK(!got || (bst[0] == 0 && bst[got * 132] == c[k].n),
+              "%d items: plan made, bstart %d .. %d", c[k].n, bst[0],
+              bst[got * 132]);
+        for (int f = 1; f <= 2; f++) {
+            got = pie_cuda_dec_try_whole(it, c[k].n, 132, c[k].hd, f, pc, bst);
+            CHECK(got == f && bst[0] == 0 && bst[f * 132] == c[k].n,
+                  "%d items forced onto %d an SM: %d, bstart %d .. %d",
+                  c[k].n, f, got, bst[0], bst[f * 132]);
+        }
     }
 }
 
