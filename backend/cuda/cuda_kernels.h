@@ -166,13 +166,16 @@ int64_t pie_cuda_dec_plan(const pie_cuda_attn_item *items, int n_items, int G,
  * n_items, n_blocks + 1; part = -1). Returns the most KV blocks (64 slots;
  * an empty item one) of any block, or -1 without memory. Launch it with
  * pie__cuda_attention_dec(..., per_sm = n_blocks / SMs); no merge follows.
- * pie_cuda_dec_try_whole makes it on n_sm blocks where it beats the cut
- * plan (measured: at most one item per SM, PIE_CUDA_DEC_WHOLE_MIN to _MAX
- * KV blocks each on average, head dim >= 128, the most within 6% of an
- * even share). force = 1 or 2 makes it on that many blocks per SM whatever
- * the shape. Returns the blocks per SM (1 or 2) if made, 0 if not (pieces
- * and bstart then undefined), -1 without memory. bstart needs 2 n_sm + 1
- * entries. */
+ * pie_cuda_dec_try_whole makes it where it beats the cut plan (measured):
+ *   - on n_sm blocks: at most one item per SM, PIE_CUDA_DEC_WHOLE_MIN to
+ *     _MAX KV blocks each on average, head dim >= 128;
+ *   - else on 2 n_sm blocks: at least PIE_CUDA_DEC_WHOLE_MIN KV blocks an
+ *     item on average, and head dim >= 128 or at most 32 KV blocks a grid
+ *     block on average;
+ * each only if its largest block is within 6% of an even share. force = 1
+ * or 2 makes it on that many blocks per SM whatever the shape. Returns the
+ * blocks per SM (1 or 2) if made, 0 if not (pieces and bstart then
+ * undefined), -1 without memory. bstart needs 2 n_sm + 1 entries. */
 #define PIE_CUDA_DEC_WHOLE_MIN 24
 #define PIE_CUDA_DEC_WHOLE_MAX 64
 int64_t pie_cuda_dec_plan_whole(const pie_cuda_attn_item *items, int n_items,

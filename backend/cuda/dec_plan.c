@@ -196,6 +196,19 @@ static int whole_shape_ok(int64_t T, int n_items, int n_sm, int hd)
            T <= (int64_t)PIE_CUDA_DEC_WHOLE_MAX * n_items;
 }
 
+/* The shape part of the rule for two blocks an SM (NOTES.md, round 9):
+ * items as long as for one block an SM, at head dim 128 or few enough KV
+ * blocks in all (at head dim 64 two blocks of 4 warps an SM keep too few
+ * bytes in flight for long runs: it won up to about 32 KV blocks a block
+ * and lost beyond). With short items (ctx 512) attention alone was faster
+ * too, but the decode steps around it were not (8B B=256 ctx 512 lost
+ * 1-2%); with long ones they gained (8B B=64 ctx 2048). */
+static int whole2_shape_ok(int64_t T, int n_items, int n_sm, int hd)
+{
+    return n_items > 0 && T >= (int64_t)PIE_CUDA_DEC_WHOLE_MIN * n_items &&
+           (hd >= 128 || T <= (int64_t)32 * 2 * n_sm);
+}
+
 /* Makes the plan onto nb blocks: 1 if its largest block is within 6% of
  * an even share (or forced), 0 if not, -1 without memory. */
 static int whole_on(const pie_cuda_attn_item *items, int n_items, int64_t T,
@@ -218,11 +231,11 @@ int pie_cuda_dec_try_whole(const pie_cuda_attn_item *items, int n_items,
         rc = whole_on(items, n_items, T, force * n_sm, 1, pieces, bstart);
         return rc > 0 ? force : rc;
     }
-    /* Two blocks an SM are not taken by rule: alone (bench_cuda_attn) they
-     * beat the cut plan at head dim 128 wherever they balanced (B=32..256,
-     * ctx 512..8192: 2-23% less time), but decode steps did not gain
-     * (8B B=256 ctx 512 lost 1-4%; NOTES.md, round 9). */
-    if (!whole_shape_ok(T, n_items, n_sm, hd)) return 0;
-    rc = whole_on(items, n_items, T, n_sm, 0, pieces, bstart);
-    return rc > 0 ? 1 : rc;
+    for (int k = 1; k <= 2; k++) {
+        if (!(k == 1 ? whole_shape_ok : whole2_shape_ok)(T, n_items, n_sm, hd))
+            continue;
+        rc = whole_on(items, n_items, T, k * n_sm, 0, pieces, bstart);
+        if (rc) return rc > 0 ? k : rc;
+    }
+    return 0;
 }

@@ -191,10 +191,15 @@ static void check_pays(void)
         { 128, 4096, 128, 1 },
         { 128, 8192, 128, 0 },  /* long ones (lost on some H100s) */
         { 128, 2048, 64, 0 },   /* head dim 64 */
-        { 512, 2048, 128, 0 },  /* B=64: several items a block (two blocks */
-        { 2048, 512, 128, 0 },  /* an SM only forced) */
-        { 512, 512, 64, 0 },
-        { 100, 2048, 128, 0 },  /* 100 of 132 SMs busy */
+        { 512, 2048, 128, 2 },  /* B=64: about two items a block, two an SM */
+        { 256, 2048, 128, 2 },  /* B=32: one item a block, 8 blocks idle */
+        { 256, 8192, 128, 2 },
+        { 384, 2048, 128, 0 },  /* B=48: 1.45 items a block, unbalanced */
+        { 2048, 512, 128, 0 },  /* B=256 ctx 512: short items */
+        { 256, 2048, 64, 2 },   /* head dim 64: 31 KV blocks a grid block */
+        { 512, 2048, 64, 0 },   /* 62: too many at head dim 64 */
+        { 512, 512, 64, 0 },    /* short items */
+        { 100, 2048, 128, 0 },  /* 100 of 132 SMs busy; unbalanced on 264 */
         { 8, 8192, 128, 0 },    /* batch 1 */
         { 8, 512, 64, 0 },
     };
