@@ -1273,7 +1273,8 @@ extern "C" void pie__cuda_attention_flash(uint16_t *out, float *part_o,
 }
 
 /* Dynamic shared memory that keeps more than per_sm blocks of the decode
- * kernel off an SM (over 1 / (per_sm + 1) of what an SM has): with three
+ * kernel off an SM (over 1 / (per_sm + 1) of what an SM has: half for the
+ * whole-item plan's grid of one block per SM, a third for two): with three
  * allowed, the block scheduler put two blocks of a one-per-SM grid on some
  * SMs, and those set the pace (B=16 ctx 2048: 54.8 us on 132 blocks,
  * 63.5-68.6 on 126-131 or 133; NOTES.md, round 8). The space is not used:
@@ -1295,16 +1296,20 @@ static size_t dec_pad_smem(int per_sm)
 /* The decode kernel's shared memory (per_sm > 0: at least dec_pad_smem)
  * and its opt-ins (once per device and head dim: its own size, then the
  * one-per-SM size, the largest; should the second fail, the first still
- * holds), for its launches and its occupancy query alike. */
+ * holds and launches take the kernel's own size), for its launches and its
+ * occupancy query alike. */
 template <int HD>
 static size_t dec_smem(int per_sm)
 {
     static uint64_t set, set_one;
+    int dev = 0;
     size_t need = fa_smem<HD>(0), pad = per_sm > 0 ? dec_pad_smem(per_sm) : 0;
     allow_smem(flash_dec_kernel<HD>, need, &set);
     if (dec_pad_smem(1) > need)
         allow_smem(flash_dec_kernel<HD>, dec_pad_smem(1), &set_one);
-    return pad > need ? pad : need;
+    int padded = dec_pad_smem(1) <= 48 * 1024 ||       /* no opt-in needed */
+                 (cudaGetDevice(&dev) == cudaSuccess && (set_one >> (dev & 63) & 1));
+    return padded && pad > need ? pad : need;
 }
 
 extern "C" void pie__cuda_attention_dec(uint16_t *out, float *part_o,

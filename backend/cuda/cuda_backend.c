@@ -393,10 +393,10 @@ static int plan_dec_whole(cuda_backend *c)
 {
     const char *e = getenv("PIE_CUDA_DEC_WHOLE");
     int force = e && (*e == '1' || *e == '2') ? *e - '0' : 0;
-    if (e && *e == '0') return 0;
+    if ((e && *e == '0') || force * c->n_sm > c->cap_bstart) return 0;
     int k = pie_cuda_dec_try_whole(c->gitems, (int)c->n_gitems, c->n_sm,
-                                   c->cfg.head_dim, force, c->pieces,
-                                   c->bstart);
+                                   c->dec_per_sm, c->cfg.head_dim, force,
+                                   c->pieces, c->bstart);
     if (k <= 0) return 0;   /* (out of memory: the cut plan, which needs none) */
     c->n_pieces = (int)c->n_gitems;
     c->n_dmerges = 0;
@@ -925,7 +925,7 @@ static int cuda_forward(pie_backend *bb, const pie_forward_batch *b,
     sm.fitems = meta_put(c, c->fitems, sizeof *c->fitems * (size_t)c->n_fitems);
     sm.gitems = meta_put(c, c->pieces, c->n_gitems ? sizeof *c->pieces *
                          (size_t)(c->n_gitems + c->dec_blocks) : 0);
-    sm.bstart = meta_put(c, c->bstart, c->n_gitems ? 4 * (size_t)(c->dec_blocks + 1) : 0);
+    sm.bstart = meta_put(c, c->bstart, c->n_gitems ? 4 * (size_t)(c->cap_bstart + 1) : 0);
     sm.dmerges = meta_put(c, c->dmerges, c->n_gitems ? sizeof *c->dmerges *
                           (size_t)c->dec_blocks : 0);
     /* after everything of fixed size, so decode steps keep their offsets */
@@ -1113,11 +1113,13 @@ static int plan_dec_grid(cuda_backend *c)
 {
     if (!pie__cuda_flash_supported(c->cfg.head_dim)) return 0;
     const char *e = getenv("PIE_CUDA_DEC_BLOCKS");
-    c->dec_blocks = e && atoi(e) > 0 ? atoi(e)
-                  : pie__cuda_attention_dec_occupancy(c->cfg.head_dim) * c->n_sm;
-    /* the whole-item plan's grid may be two blocks per SM */
-    int nb = c->dec_blocks > 2 * c->n_sm ? c->dec_blocks : 2 * c->n_sm;
-    c->bstart = malloc(4 * ((size_t)nb + 1));
+    c->dec_per_sm = pie__cuda_attention_dec_occupancy(c->cfg.head_dim);
+    c->dec_blocks = e && atoi(e) > 0 ? atoi(e) : c->dec_per_sm * c->n_sm;
+    /* the whole-item plan's grid: up to two blocks per SM where they fit
+     * (forced ones too: PIE_CUDA_DEC_WHOLE=2) */
+    int whole = (c->dec_per_sm < 2 ? c->dec_per_sm : 2) * c->n_sm;
+    c->cap_bstart = c->dec_blocks > whole ? c->dec_blocks : whole;
+    c->bstart = malloc(4 * ((size_t)c->cap_bstart + 1));
     c->dmerges = malloc(sizeof *c->dmerges * (size_t)c->dec_blocks);
     if (!c->bstart || !c->dmerges)
         return pie_err_set(PIE_ENOMEM, "cuda: out of host memory");

@@ -150,12 +150,14 @@ typedef struct cuda_backend {
     pie_cuda_attn_item  *gitems;  /* tensor-core grouped (decode) items,   */
     int64_t           n_gitems, cap_gitems; /* whole, one per tile x head */
     pie_cuda_attn_item  *pieces;  /* gitems cut for the persistent grid    */
-    int32_t          *bstart;     /* (max(dec_blocks, 2 SMs) + 1) see     */
-                                  /* dec_plan.c                            */
+    int32_t          *bstart;     /* (cap_bstart + 1), see dec_plan.c     */
     pie_cuda_merge_item *dmerges; /* (dec_blocks) merges of cut items      */
     int64_t           cap_pieces;
-    int               n_pieces, n_dmerges, dec_blocks; /* grid of the     */
-                                                       /* decode kernel   */
+    int               n_pieces, n_dmerges;
+    int               dec_blocks; /* the cut plan's grid                   */
+    int               dec_per_sm; /* decode blocks resident per SM         */
+    int               cap_bstart; /* the largest grid: max(dec_blocks,     */
+                                  /* min(2, dec_per_sm) SMs)               */
     int               dec_whole;  /* this step: the whole-item plan on    */
                                   /* dec_whole blocks per SM, no merge     */
                                   /* (dec_plan.c); 0: the cut plan         */

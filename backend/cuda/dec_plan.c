@@ -19,10 +19,11 @@
  *   merges  one per cut item: its nsplit pieces' rows start at part
  *
  * The whole-item plan (pie_cuda_dec_plan_whole) is the other choice: one
- * block per SM, each taking whole items (longest first, onto the least
- * loaded block), so that nothing is cut and no merge kernel runs. Where
- * about one long item per SM balances well that way (B=16 x 8 kv heads),
- * it saves the merge kernel and the piece boundaries (NOTES.md, round 8).
+ * or two blocks per SM, each taking whole items (longest first, onto the
+ * least loaded block), so that nothing is cut and no merge kernel runs.
+ * Where long items balance well that way (about one per SM at B=16 x 8 kv
+ * heads on one block an SM, round 8; one or more a block from B=32 on two,
+ * round 9), it saves the merge kernel and the piece boundaries (NOTES.md).
  */
 #include <stdlib.h>
 
@@ -220,8 +221,15 @@ static int whole_on(const pie_cuda_attn_item *items, int n_items, int64_t T,
     return force || most * nb * 100 <= T * 106;
 }
 
+/* The shape rule for k blocks an SM. */
+static int shape_ok(int k, int64_t T, int n_items, int n_sm, int hd)
+{
+    return k == 1 ? whole_shape_ok(T, n_items, n_sm, hd)
+                  : whole2_shape_ok(T, n_items, n_sm, hd);
+}
+
 int pie_cuda_dec_try_whole(const pie_cuda_attn_item *items, int n_items,
-                           int n_sm, int hd, int force,
+                           int n_sm, int per_sm, int hd, int force,
                            pie_cuda_attn_item *pieces, int32_t *bstart)
 {
     int64_t T = 0;
@@ -231,9 +239,8 @@ int pie_cuda_dec_try_whole(const pie_cuda_attn_item *items, int n_items,
         rc = whole_on(items, n_items, T, force * n_sm, 1, pieces, bstart);
         return rc > 0 ? force : rc;
     }
-    for (int k = 1; k <= 2; k++) {
-        if (!(k == 1 ? whole_shape_ok : whole2_shape_ok)(T, n_items, n_sm, hd))
-            continue;
+    for (int k = 1; k <= 2 && k <= per_sm; k++) {
+        if (!shape_ok(k, T, n_items, n_sm, hd)) continue;
         rc = whole_on(items, n_items, T, k * n_sm, 0, pieces, bstart);
         if (rc) return rc > 0 ? k : rc;
     }

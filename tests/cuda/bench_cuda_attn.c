@@ -71,7 +71,9 @@ static void run(int hd, int B, int L, int mma)
     int whole = 0;
     if (mma && !(we && *we == '0')) {
         int force = we && (*we == '1' || *we == '2') ? *we - '0' : 0;
-        whole = pie_cuda_dec_try_whole(it, ni, sm, hd, force, pc, bst);
+        whole = pie_cuda_dec_try_whole(it, ni, sm,
+                                       pie__cuda_attention_dec_occupancy(hd),
+                                       hd, force, pc, bst);
         if (whole < 0) whole = 0;
         if (whole) { nb = whole * sm; npc = ni; nm = 0; }
     }

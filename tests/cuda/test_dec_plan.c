@@ -187,7 +187,7 @@ static void check_pays(void)
     struct { int n, len, hd, pays; } c[] = {
         { 128, 2048, 128, 1 },  /* B=16, ctx 2048: 32 KV blocks, 128 of 132 */
         { 128, 1536, 128, 1 },
-        { 128, 1024, 128, 0 },  /* short items; two an SM: unbalanced */
+        { 128, 1024, 128, 0 },  /* short items */
         { 128, 4096, 128, 1 },
         { 128, 8192, 128, 0 },  /* long ones (lost on some H100s) */
         { 128, 2048, 64, 0 },   /* head dim 64 */
@@ -207,14 +207,18 @@ static void check_pays(void)
         for (int i = 0; i < c[k].n; i++)
             it[i] = (pie_cuda_attn_item){ i / 8, i / 8, 1, i % 8, 0, c[k].len,
                                           -1, 1 };
-        int got = pie_cuda_dec_try_whole(it, c[k].n, 132, c[k].hd, 0, pc, bst);
+        int got = pie_cuda_dec_try_whole(it, c[k].n, 132, 3, c[k].hd, 0, pc, bst);
         CHECK(got == c[k].pays, "%d items of %d slots, hd %d: pays %d",
               c[k].n, c[k].len, c[k].hd, got);
         CHECK(!got || (bst[0] == 0 && bst[got * 132] == c[k].n),
               "%d items: plan made, bstart %d .. %d", c[k].n, bst[0],
               bst[got * 132]);
+        if (c[k].pays == 2)     /* not where two blocks do not fit an SM */
+            CHECK(pie_cuda_dec_try_whole(it, c[k].n, 132, 1, c[k].hd, 0, pc,
+                                         bst) == 0,
+                  "%d items: two per SM taken with one resident", c[k].n);
         for (int f = 1; f <= 2; f++) {
-            got = pie_cuda_dec_try_whole(it, c[k].n, 132, c[k].hd, f, pc, bst);
+            got = pie_cuda_dec_try_whole(it, c[k].n, 132, 3, c[k].hd, f, pc, bst);
             CHECK(got == f && bst[0] == 0 && bst[f * 132] == c[k].n,
                   "%d items forced onto %d an SM: %d, bstart %d .. %d",
                   c[k].n, f, got, bst[0], bst[f * 132]);
