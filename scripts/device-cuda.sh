@@ -44,6 +44,9 @@
 #           (PIE_CUDA_DEC_WHOLE=0), by default, and on whole items at two
 #           blocks per SM (PIE_CUDA_DEC_WHOLE=2) (WHOLE_CFGS: attention
 #           shapes; WHOLE_STEPS="model B ctx steps,...": step shapes)
+#   trace   kernel timeline of decode steps (PIE_CUDA_TRACE, CUPTI) with the
+#           cut plan, the default and two per SM (TRACE_CFGS="model B ctx
+#           steps,...")
 #   decblk  decode attention at several grid sizes (PIE_CUDA_DEC_BLOCKS),
 #           with and without the merge kernel
 set -u
@@ -333,6 +336,19 @@ for phase in "$@"; do
                 PIE_CUDA_DEC_WHOLE=0 TAG="cut " bench $cfg
                 TAG="default " bench $cfg
                 PIE_CUDA_DEC_WHOLE=2 TAG="two-per-SM " bench $cfg
+            done
+        done
+        ;;
+    trace)      # kernel timeline of decode steps (CUPTI): cut plan, default, two per SM
+        IFS=, read -ra tcfgs <<< "${TRACE_CFGS:-llama-3.1-8b 256 512 8}"
+        for cfg in "${tcfgs[@]}"; do
+            set -- $cfg
+            for v in ${TRACE_WHOLE:-0 "" 2}; do
+                log "trace $cfg whole=${v:-default}"
+                PIE_CUDA_DEC_WHOLE=$v PIE_CUDA_TRACE="$OUT/trace-$1-$2-$3-w${v:-d}.tsv" \
+                    timeout 200 $R pie bench forward --backend cuda --model random:$1 \
+                    --batch $2 --prompt-len $3 --gen $4 2>&1 \
+                    | grep -E "pie trace|decode:" | tee -a "$OUT/summary.log"
             done
         done
         ;;

@@ -41,6 +41,7 @@
 #include <string.h>
 
 #include "backend/cuda/cuda_internal.h"
+#include "backend/cuda/trace.h"
 
 /* ------------------------------------------------------------ allocation */
 
@@ -887,6 +888,7 @@ static int cuda_forward(pie_backend *bb, const pie_forward_batch *b,
     c->graphs_off = getenv("PIE_CUDA_NO_GRAPH") != NULL;
     pie_cuda_prof_init(&c->prof);
     c->decode_step = is_decode(c, b);
+    if (c->decode_step) pie_cuda_trace_decode();
     c->meta_len = 0;
     c->meta_oom = 0;
     step_meta sm = { 0 };
@@ -1036,6 +1038,7 @@ static void cuda_destroy(pie_backend *bb)
     cudaSetDevice(c->device);
     if (c->st) cudaStreamSynchronize(c->st);
     pie_cuda_prof_done(&c->prof);
+    pie_cuda_trace_stop();
     for (int i = 0; i < GRAPH_CACHE; i++)
         if (c->graphs[i].exec) cudaGraphExecDestroy(c->graphs[i].exec);
     for (int i = 0; i < MM_CACHE; i++) cuda_plan_free(&c->plans[i]);
@@ -1250,6 +1253,7 @@ int pie_backend_cuda_create(const pie_model *m, const pie_backend_opts *o,
         rc = pie_err_set(PIE_EDEVICE, "cuda: %s", cudaGetErrorString(e));
         goto err;
     }
+    pie_cuda_trace_start();
     *out = &c->base;
     return 0;
 err:

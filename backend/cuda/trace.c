@@ -6,11 +6,13 @@
  * start and end instead, graph nodes included, so what one kernel does to
  * its neighbours shows (NOTES.md, round 9).
  *
- *   recs     every kernel that started after the first decode step began
- *            (pie_cuda_trace_decode): name, start, end (ns, GPU clock)
- *   by name  at the end, kernels grouped by name in order of first
- *            appearance: count, mean duration, mean gap from the previous
- *            kernel's end to its start (negative: they overlapped)
+ *   recs     every kernel, memset and memcpy that started after the third
+ *            decode step began (pie_cuda_trace_decode; the first two run
+ *            eagerly and capture the graph): name ("[memset N bytes]" for
+ *            the others), start, end (ns, GPU clock)
+ *   by name  at the end, grouped by name in order of first appearance:
+ *            count, mean duration, median gap from the previous record's
+ *            end to its start (negative: they overlapped)
  *
  * Built only where CMake finds CUPTI (PIE_CUDA_CUPTI); otherwise the calls
  * below do nothing and PIE_CUDA_TRACE prints that it is not built in.
@@ -34,7 +36,8 @@ typedef struct trace_rec {
 
 static struct {
     int        on;
-    uint64_t   t0;            /* records before this (prefill) are dropped */
+    uint64_t   t0;            /* records before this are dropped           */
+    int        n_decode;      /* decode steps begun                        */
     trace_rec *recs;
     size_t     n, cap;
 } T;
@@ -46,9 +49,10 @@ static void CUPTIAPI buf_request(uint8_t **buf, size_t *size, size_t *max)
     *max = 0;
 }
 
-static void keep(const CUpti_ActivityKernel10 *k)
+/* A record named name over [start, end), if after the first decode step. */
+static void keep(const char *name, uint64_t start, uint64_t end)
 {
-    if (!T.t0 || k->start < T.t0) return;
+    if (!T.t0 || start < T.t0) return;
     if (T.n == T.cap) {
         size_t cap = T.cap ? 2 * T.cap : 4096;
         trace_rec *r = realloc(T.recs, cap * sizeof *r);
@@ -57,9 +61,9 @@ static void keep(const CUpti_ActivityKernel10 *k)
         T.cap = cap;
     }
     trace_rec *r = &T.recs[T.n++];
-    snprintf(r->name, sizeof r->name, "%s", k->name ? k->name : "?");
-    r->start = k->start;
-    r->end = k->end;
+    snprintf(r->name, sizeof r->name, "%s", name ? name : "?");
+    r->start = start;
+    r->end = end;
 }
 
 static void CUPTIAPI buf_complete(CUcontext ctx, uint32_t stream, uint8_t *buf,
@@ -67,9 +71,23 @@ static void CUPTIAPI buf_complete(CUcontext ctx, uint32_t stream, uint8_t *buf,
 {
     (void)ctx; (void)stream; (void)size;
     CUpti_Activity *rec = NULL;
-    while (cuptiActivityGetNextRecord(buf, valid, &rec) == CUPTI_SUCCESS)
-        if (rec->kind == CUPTI_ACTIVITY_KIND_CONCURRENT_KERNEL)
-            keep((const CUpti_ActivityKernel10 *)rec);
+    char name[NAME_MAX_LEN];
+    while (cuptiActivityGetNextRecord(buf, valid, &rec) == CUPTI_SUCCESS) {
+        if (rec->kind == CUPTI_ACTIVITY_KIND_CONCURRENT_KERNEL) {
+            const CUpti_ActivityKernel10 *k = (const void *)rec;
+            keep(k->name, k->start, k->end);
+        } else if (rec->kind == CUPTI_ACTIVITY_KIND_MEMSET) {
+            const CUpti_ActivityMemset4 *m = (const void *)rec;
+            snprintf(name, sizeof name, "[memset %llu bytes]",
+                     (unsigned long long)m->bytes);
+            keep(name, m->start, m->end);
+        } else if (rec->kind == CUPTI_ACTIVITY_KIND_MEMCPY) {
+            const CUpti_ActivityMemcpy6 *m = (const void *)rec;
+            snprintf(name, sizeof name, "[memcpy %llu bytes]",
+                     (unsigned long long)m->bytes);
+            keep(name, m->start, m->end);
+        }
+    }
     free(buf);
 }
 
@@ -77,7 +95,9 @@ void pie_cuda_trace_start(void)
 {
     if (T.on || !getenv("PIE_CUDA_TRACE")) return;
     if (cuptiActivityRegisterCallbacks(buf_request, buf_complete) != CUPTI_SUCCESS ||
-        cuptiActivityEnable(CUPTI_ACTIVITY_KIND_CONCURRENT_KERNEL) != CUPTI_SUCCESS) {
+        cuptiActivityEnable(CUPTI_ACTIVITY_KIND_CONCURRENT_KERNEL) != CUPTI_SUCCESS ||
+        cuptiActivityEnable(CUPTI_ACTIVITY_KIND_MEMSET) != CUPTI_SUCCESS ||
+        cuptiActivityEnable(CUPTI_ACTIVITY_KIND_MEMCPY) != CUPTI_SUCCESS) {
         fprintf(stderr, "pie trace: CUPTI activity tracing unavailable\n");
         return;
     }
@@ -86,7 +106,7 @@ void pie_cuda_trace_start(void)
 
 void pie_cuda_trace_decode(void)
 {
-    if (T.on && !T.t0) cuptiGetTimestamp(&T.t0);
+    if (T.on && ++T.n_decode == 3) cuptiGetTimestamp(&T.t0);
 }
 
 static int by_start(const void *a, const void *b)
@@ -95,28 +115,49 @@ static int by_start(const void *a, const void *b)
     return x->start < y->start ? -1 : x->start > y->start;
 }
 
-/* Kernels grouped by name, in order of first appearance. */
+static int by_value(const void *a, const void *b)
+{
+    double x = *(const double *)a, y = *(const double *)b;
+    return x < y ? -1 : x > y;
+}
+
+/* Record i's gap: from the previous record's end to its start (ns). */
+static double gap_of(size_t i)
+{
+    return i ? (double)T.recs[i].start - (double)T.recs[i - 1].end : 0.0;
+}
+
+/* Records of record i's name (the first of them): count, mean duration,
+ * median gap before. */
+static void print_name(size_t i, double *gaps)
+{
+    double dur = 0;
+    size_t cnt = 0;
+    for (size_t j = i; j < T.n; j++) {
+        if (strcmp(T.recs[j].name, T.recs[i].name)) continue;
+        dur += (double)(T.recs[j].end - T.recs[j].start);
+        gaps[cnt++] = gap_of(j);
+    }
+    qsort(gaps, cnt, sizeof *gaps, by_value);
+    fprintf(stderr, "pie trace: %6zu x %8.2f us, median gap before %7.2f us  %s\n",
+            cnt, dur / (double)cnt / 1e3, gaps[cnt / 2] / 1e3, T.recs[i].name);
+}
+
+/* Records grouped by name, in order of first appearance. */
 static void print_summary(void)
 {
     size_t n_names = 0;
+    double *gaps = malloc(sizeof *gaps * (T.n ? T.n : 1));
+    if (!gaps) return;
     for (size_t i = 0; i < T.n; i++) {
         int seen = 0;
         for (size_t j = 0; j < i && !seen; j++)
             seen = !strcmp(T.recs[j].name, T.recs[i].name);
         if (seen) continue;
-        double dur = 0, gap = 0;
-        long cnt = 0;
-        for (size_t j = i; j < T.n; j++) {
-            if (strcmp(T.recs[j].name, T.recs[i].name)) continue;
-            dur += (double)(T.recs[j].end - T.recs[j].start);
-            if (j > 0)
-                gap += (double)T.recs[j].start - (double)T.recs[j - 1].end;
-            cnt++;
-        }
-        fprintf(stderr, "pie trace: %6ld x %8.2f us, gap before %7.2f us  %s\n",
-                cnt, dur / cnt / 1e3, gap / cnt / 1e3, T.recs[i].name);
+        print_name(i, gaps);
         n_names++;
     }
+    free(gaps);
     if (T.n > 1)
         fprintf(stderr, "pie trace: %zu kernels of %zu names over %.3f ms\n",
                 T.n, n_names, (double)(T.recs[T.n - 1].end - T.recs[0].start) / 1e6);
@@ -134,8 +175,7 @@ static void write_records(const char *path)
         fprintf(f, "%.3f\t%.3f\t%.3f\t%s\n",
                 (double)(T.recs[i].start - T.recs[0].start) / 1e3,
                 (double)(T.recs[i].end - T.recs[i].start) / 1e3,
-                i ? ((double)T.recs[i].start - (double)T.recs[i - 1].end) / 1e3 : 0.0,
-                T.recs[i].name);
+                gap_of(i) / 1e3, T.recs[i].name);
     fclose(f);
 }
 
@@ -144,6 +184,8 @@ void pie_cuda_trace_stop(void)
     if (!T.on) return;
     cuptiActivityFlushAll(1);
     cuptiActivityDisable(CUPTI_ACTIVITY_KIND_CONCURRENT_KERNEL);
+    cuptiActivityDisable(CUPTI_ACTIVITY_KIND_MEMSET);
+    cuptiActivityDisable(CUPTI_ACTIVITY_KIND_MEMCPY);
     T.on = 0;
     qsort(T.recs, T.n, sizeof *T.recs, by_start);
     print_summary();
