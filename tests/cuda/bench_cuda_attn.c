@@ -26,7 +26,11 @@ static void run(int hd, int B, int L, int mma)
     if (pse && atoi(pse) > 0) ps = atoi(pse);
     CU(cudaDeviceGetAttribute(&sm, cudaDevAttrMultiProcessorCount, 0));
     int per = (L + ps - 1) / ps, np = B * per;
-    pie_cuda_kv kv = { NULL, 1, nkv, ps, hd };
+    /* PIE_ATTN_LAYERS=N (experiments): a pool of N layers, as a model's
+     * (pages N times farther apart), attention over layer N / 2 */
+    const char *lye = getenv("PIE_ATTN_LAYERS");
+    int nl = lye && atoi(lye) > 0 ? atoi(lye) : 1;
+    pie_cuda_kv kv = { NULL, nl, nkv, ps, hd };
     size_t pool = (size_t)pie_cuda_kv_page_elems(&kv) * np;
     CU(cudaMalloc((void **)&kv.pool, pool * 2));
     CU(cudaMemset(kv.pool, 0x3c, pool * 2));    /* 1.15-ish bf16, not zero */
@@ -106,7 +110,7 @@ static void run(int hd, int B, int L, int mma)
         if (w == 3) CU(cudaEventRecord(e0, 0));
         if (mma) {
             pie__cuda_attention_dec(out, po, pml, q, d[8], d[9], nb, &tm, &kv,
-                                    0, nh, whole, 0);
+                                    nl / 2, nh, whole, 0);
         } else {
             pie__cuda_attention(out, po, pml, q, d[6], ni, &tm, &kv, 0, nh,
                                 (L + ns - 1) / ns + 1, 0);
