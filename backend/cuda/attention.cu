@@ -919,8 +919,7 @@ static __device__ __forceinline__ void wg_load(uint16_t *K, uint16_t *V,
         int j = s0 + gi * 8 + sl;
         bool in = j < s1;
         const uint16_t *row = src.pool;
-        if (in && grp)
-        {
+        if (in && grp) {
             int64_t pg = src.pages[(s0 + gi * 8) >> src.psh];
             row = src.pool + pg * src.pe + src.lay + (int64_t)(j & (src.ps - 1)) * HD;
         }
@@ -1302,14 +1301,11 @@ template <int HD>
 static size_t dec_smem(int per_sm)
 {
     static uint64_t set, set_one;
-    int dev = 0;
-    size_t need = fa_smem<HD>(0), pad = per_sm > 0 ? dec_pad_smem(per_sm) : 0;
+    size_t need = fa_smem<HD>(0), most = dec_pad_smem(1);
     allow_smem(flash_dec_kernel<HD>, need, &set);
-    if (dec_pad_smem(1) > need)
-        allow_smem(flash_dec_kernel<HD>, dec_pad_smem(1), &set_one);
-    int padded = dec_pad_smem(1) <= 48 * 1024 ||       /* no opt-in needed */
-                 (cudaGetDevice(&dev) == cudaSuccess && (set_one >> (dev & 63) & 1));
-    return padded && pad > need ? pad : need;
+    int padded = most <= need || allow_smem(flash_dec_kernel<HD>, most, &set_one);
+    size_t pad = per_sm > 0 && padded ? dec_pad_smem(per_sm) : 0;
+    return pad > need ? pad : need;
 }
 
 extern "C" void pie__cuda_attention_dec(uint16_t *out, float *part_o,

@@ -392,9 +392,8 @@ static int plan_flash(cuda_backend *c, const pie_forward_batch *b, int r,
  * SM of the plan made, or 0. */
 static int plan_dec_whole(cuda_backend *c)
 {
-    const char *e = getenv("PIE_CUDA_DEC_WHOLE");
-    int force = e && (*e == '1' || *e == '2') ? *e - '0' : 0;
-    if ((e && *e == '0') || force * c->n_sm > c->cap_bstart) return 0;
+    int force = pie_cuda_dec_whole_switch();
+    if (force < 0 || force * c->n_sm > c->cap_bstart) return 0;
     int k = pie_cuda_dec_try_whole(c->gitems, (int)c->n_gitems, c->n_sm,
                                    c->dec_per_sm, c->cfg.head_dim, force,
                                    c->pieces, c->bstart);
@@ -644,8 +643,7 @@ static void run_dec_attention(cuda_backend *c, int l,
     pie__cuda_attention_dec(c->att, c->part_o, c->part_ml, c->q,
                             DEV(c, sm->gitems), DEV(c, sm->bstart),
                             c->dec_whole ? c->dec_whole * c->n_sm : c->dec_blocks,
-                            tm, &c->kv,
-                            l, g->n_heads, c->dec_whole, c->st);
+                            tm, &c->kv, l, g->n_heads, c->dec_whole, c->st);
     if (!c->dec_whole)
         pie__cuda_attn_merge(c->att, c->part_o, c->part_ml,
                              DEV(c, sm->dmerges), c->dec_blocks, g->n_heads,

@@ -175,9 +175,11 @@ int64_t pie_cuda_dec_plan(const pie_cuda_attn_item *items, int n_items, int G,
  * each only if its largest block is within 6% of an even share, and two
  * per SM only where per_sm (the decode kernel's resident blocks per SM)
  * allows. force = 1 or 2 makes it on that many blocks per SM whatever the
- * shape. Returns the
- * blocks per SM (1 or 2) if made, 0 if not (pieces and bstart then
- * undefined), -1 without memory. bstart needs 2 n_sm + 1 entries. */
+ * shape. Returns the blocks per SM (1 or 2) if made, 0 if not (pieces and
+ * bstart then undefined), -1 without memory. bstart needs 2 n_sm + 1
+ * entries. pie_cuda_dec_whole_switch reads PIE_CUDA_DEC_WHOLE for the
+ * backend and the bench alike: -1 never (=0), 0 by the rule (unset), 1 or
+ * 2 forced onto that many blocks per SM. */
 #define PIE_CUDA_DEC_WHOLE_MIN 24
 #define PIE_CUDA_DEC_WHOLE_MAX 64
 int64_t pie_cuda_dec_plan_whole(const pie_cuda_attn_item *items, int n_items,
@@ -186,6 +188,7 @@ int64_t pie_cuda_dec_plan_whole(const pie_cuda_attn_item *items, int n_items,
 int pie_cuda_dec_try_whole(const pie_cuda_attn_item *items, int n_items,
                            int n_sm, int per_sm, int hd, int force,
                            pie_cuda_attn_item *pieces, int32_t *bstart);
+int pie_cuda_dec_whole_switch(void);
 /* out (n, hidden) bf16 = silu(gu[:, :hidden]) * gu[:, hidden:], gu bf16 */
 void pie__cuda_silu_mul(uint16_t *out, const uint16_t *gu, int n, int hidden,
                         cudaStream_t s);

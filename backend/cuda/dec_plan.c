@@ -228,6 +228,13 @@ static int shape_ok(int k, int64_t T, int n_items, int n_sm, int hd)
                   : whole2_shape_ok(T, n_items, n_sm, hd);
 }
 
+int pie_cuda_dec_whole_switch(void)
+{
+    const char *e = getenv("PIE_CUDA_DEC_WHOLE");
+    if (!e) return 0;
+    return *e == '0' ? -1 : *e == '1' || *e == '2' ? *e - '0' : 0;
+}
+
 int pie_cuda_dec_try_whole(const pie_cuda_attn_item *items, int n_items,
                            int n_sm, int per_sm, int hd, int force,
                            pie_cuda_attn_item *pieces, int32_t *bstart)

@@ -186,17 +186,20 @@ __device__ __forceinline__ void cp_async_wait(void)
 }
 
 /* Raises the kernel's dynamic shared-memory limit once per device (set:
- * one bit per device ordinal, static in the caller). */
+ * one bit per device ordinal, static in the caller). Returns whether
+ * launches may ask for sm bytes (no opt-in needed, or it succeeded). */
 template <typename K>
-static inline void allow_smem(K kernel, size_t sm, uint64_t *set)
+static inline int allow_smem(K kernel, size_t sm, uint64_t *set)
 {
     int dev = 0;
-    if (sm <= 48 * 1024 || cudaGetDevice(&dev) != cudaSuccess) return;
+    if (sm <= 48 * 1024) return 1;
+    if (cudaGetDevice(&dev) != cudaSuccess) return 0;
     uint64_t bit = 1ull << (dev & 63);
     if (!(*set & bit) &&
         cudaFuncSetAttribute(kernel, cudaFuncAttributeMaxDynamicSharedMemorySize,
                              (int)sm) == cudaSuccess)
         *set |= bit;
+    return (*set & bit) != 0;
 }
 
 #endif

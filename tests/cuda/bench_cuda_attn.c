@@ -6,9 +6,10 @@
  * once. The plans mirror cuda_backend.c: splits for about 2 blocks per SM
  * on the CUDA-core kernel ("simt"), the balanced persistent grid of
  * pie_cuda_dec_plan on the tensor-core decode kernel ("mma", resident
- * blocks x SMs, or PIE_CUDA_DEC_BLOCKS), or its whole-item plan of one
- * block per SM where that pays ("whole"); then causal prefill attention of one prompt
- * on the tensor-core kernel in TFLOP/s (4 * hd flops per attended pair).
+ * blocks x SMs, or PIE_CUDA_DEC_BLOCKS), or its whole-item plan of one or
+ * two blocks per SM where that pays ("whole"); then causal prefill
+ * attention of one prompt on the tensor-core kernel in TFLOP/s (4 * hd
+ * flops per attended pair).
  */
 #include <cuda_runtime_api.h>
 #include <stdio.h>
@@ -71,10 +72,8 @@ static void run(int hd, int B, int L, int mma)
     int32_t *bst = malloc(4 * ((size_t)nbw + 1));
     /* as the backend: the whole-item plan where it pays (one or two blocks
      * per SM, no merge; PIE_CUDA_DEC_WHOLE=0 never, =1 / =2 always) */
-    const char *we = getenv("PIE_CUDA_DEC_WHOLE");
-    int whole = 0;
-    if (mma && !(we && *we == '0')) {
-        int force = we && (*we == '1' || *we == '2') ? *we - '0' : 0;
+    int whole = 0, force = pie_cuda_dec_whole_switch();
+    if (mma && force >= 0) {
         whole = pie_cuda_dec_try_whole(it, ni, sm,
                                        pie__cuda_attention_dec_occupancy(hd),
                                        hd, force, pc, bst);
