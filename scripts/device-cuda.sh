@@ -49,6 +49,8 @@
 #           steps,...")
 #   decblk  decode attention at several grid sizes (PIE_CUDA_DEC_BLOCKS),
 #           with and without the merge kernel
+#   steps   decode steps' host planning, GPU span and time between forwards
+#           (PIE_CUDA_STEPS=1) at four shapes
 set -u
 OUT=${OUT:-$PWD/out}
 C=${PIE_CARRY:-.carry}
@@ -350,6 +352,12 @@ for phase in "$@"; do
                     --batch $2 --prompt-len $3 --gen $4 2>&1 \
                     | grep -E "pie trace|decode:" | tee -a "$OUT/summary.log"
             done
+        done
+        ;;
+    steps)      # where decode steps' wall time goes (PIE_CUDA_STEPS=1)
+        for cfg in "llama-3.2-1b 1 512 48" "llama-3.1-8b 1 512 24" \
+                   "llama-3.2-1b 64 512 48" "llama-3.1-8b 256 512 16"; do
+            PIE_CUDA_STEPS=1 bench $cfg
         done
         ;;
     decblk)     # decode attention at several persistent grid sizes, no merge

@@ -886,6 +886,7 @@ static int cuda_forward(pie_backend *bb, const pie_forward_batch *b,
     c->graphs_off = getenv("PIE_CUDA_NO_GRAPH") != NULL;
     pie_cuda_prof_init(&c->prof);
     c->decode_step = is_decode(c, b);
+    pie_cuda_steps_enter(&c->steps, c->decode_step);
     if (c->decode_step) pie_cuda_trace_decode();
     c->meta_len = 0;
     c->meta_oom = 0;
@@ -932,6 +933,7 @@ static int cuda_forward(pie_backend *bb, const pie_forward_batch *b,
     sm.pages = meta_put(c, b->kv_page_indices,
                         4 * (size_t)b->kv_page_indptr[b->n_reqs]);
     if ((rc = build_outputs(c, b, out, &sm))) return rc;
+    pie_cuda_steps_upload(&c->steps, c->st);
     if ((rc = meta_upload(c))) return rc;
     pie_cuda_tokmeta tm = {
         DEV(c, sm.slot), DEV(c, sm.req), DEV(c, sm.pos), DEV(c, sm.kv_indptr),
@@ -941,7 +943,9 @@ static int cuda_forward(pie_backend *bb, const pie_forward_batch *b,
     pie_cuda_prof_begin(&c->prof, c->decode_step, c->st);
     if ((rc = run_layers_graphed(c, b->n_tokens, &tm, &sm))) return rc;
     if ((rc = run_outputs(c, b, out, &sm))) return rc;
+    pie_cuda_steps_enqueued(&c->steps, c->st);
     CK(cudaStreamSynchronize(c->st));
+    pie_cuda_steps_end(&c->steps);
     pie_cuda_prof_end(&c->prof);
     CK(cudaGetLastError());
     return 0;
@@ -1036,6 +1040,7 @@ static void cuda_destroy(pie_backend *bb)
     cudaSetDevice(c->device);
     if (c->st) cudaStreamSynchronize(c->st);
     pie_cuda_prof_done(&c->prof);
+    pie_cuda_steps_done(&c->steps);
     pie_cuda_trace_stop();
     for (int i = 0; i < GRAPH_CACHE; i++)
         if (c->graphs[i].exec) cudaGraphExecDestroy(c->graphs[i].exec);
@@ -1252,6 +1257,7 @@ int pie_backend_cuda_create(const pie_model *m, const pie_backend_opts *o,
         goto err;
     }
     pie_cuda_trace_start();
+    pie_cuda_steps_init(&c->steps);
     *out = &c->base;
     return 0;
 err:

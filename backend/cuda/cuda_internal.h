@@ -173,6 +173,7 @@ typedef struct cuda_backend {
     int               decode_step; /* this forward adds one token to every */
                                    /* request: gemv.cu may run (mm)        */
     pie_cuda_prof     prof;        /* PIE_CUDA_PROFILE=1 (prof.h)          */
+    pie_cuda_steps    steps;       /* PIE_CUDA_STEPS=1 (prof.h)            */
     /* every device allocation, freed at destroy */
     void            **allocs;
     int               n_allocs, cap_allocs;

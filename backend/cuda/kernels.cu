@@ -130,7 +130,10 @@ extern "C" void pie__cuda_rmsnorm(uint16_t *out, const float *x,
  * serves more heads. A lane handles the RoPE pairs (i, i + hd/2) for i =
  * 2 lane, 2 lane + 1, then + 64 (hd/2 odd: i = lane, lane + 32, ...). */
 #define QKV_WARPS 4
-#define QKV_BLOCKS 4096    /* blocks a launch aims at, at least one a token */
+/* blocks a launch aims at, at least one a token: 1024 rather than 4096
+ * took the kernel from 9.7 to 7.1 us at 256 tokens (8B shape; NOTES.md,
+ * round 10); up to 85 tokens every head has its own warp either way */
+#define QKV_BLOCKS 1024
 
 /* Two adjacent bf16 values of src at i (i even), plus the bias. */
 static __device__ __forceinline__ float2 ld_bf2(const uint16_t *src,

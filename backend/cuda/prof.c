@@ -5,6 +5,7 @@
 
 #include <stdio.h>
 #include <stdlib.h>
+#include <time.h>
 
 static const char *const NAMES[PROF_N] = {
     "start", "embed", "rmsnorm", "qkv matmul", "qkv post (rope, kv)",
@@ -67,4 +68,73 @@ void pie_cuda_prof_done(pie_cuda_prof *p)
     }
     for (int i = 0; i < p->n_created; i++) cudaEventDestroy(p->ev[i]);
     p->n_created = 0;
+}
+
+/* ------------------------------------------------ decode step wall time */
+
+static double now_s(void)
+{
+    struct timespec ts;
+    clock_gettime(CLOCK_MONOTONIC, &ts);
+    return ts.tv_sec + ts.tv_nsec * 1e-9;
+}
+
+void pie_cuda_steps_init(pie_cuda_steps *s)
+{
+    const char *e = getenv("PIE_CUDA_STEPS");
+    s->on = e && *e && *e != '0';
+    if (s->on && (cudaEventCreate(&s->e0) != cudaSuccess ||
+                  cudaEventCreate(&s->e1) != cudaSuccess))
+        s->on = 0;
+}
+
+void pie_cuda_steps_enter(pie_cuda_steps *s, int decode)
+{
+    if (!s->on) return;
+    s->decode = decode;
+    s->t[0] = now_s();
+}
+
+void pie_cuda_steps_upload(pie_cuda_steps *s, cudaStream_t st)
+{
+    if (!s->on) return;
+    s->t[1] = now_s();
+    cudaEventRecord(s->e0, st);
+}
+
+void pie_cuda_steps_enqueued(pie_cuda_steps *s, cudaStream_t st)
+{
+    if (!s->on) return;
+    cudaEventRecord(s->e1, st);
+    s->t[2] = now_s();
+}
+
+void pie_cuda_steps_end(pie_cuda_steps *s)
+{
+    if (!s->on) return;
+    s->t[3] = now_s();
+    double between = s->last_end > 0 ? s->t[0] - s->last_end : 0;
+    s->last_end = s->t[3];
+    if (!s->decode || ++s->seen <= 2) return;
+    float gpu = 0.0f;
+    cudaEventElapsedTime(&gpu, s->e0, s->e1);
+    s->sum[0] += (s->t[1] - s->t[0]) * 1e3;
+    s->sum[1] += (s->t[2] - s->t[1]) * 1e3;
+    s->sum[2] += gpu;
+    s->sum[3] += (s->t[3] - s->t[0]) * 1e3;
+    s->sum[4] += between * 1e3;
+    s->n++;
+}
+
+void pie_cuda_steps_done(pie_cuda_steps *s)
+{
+    if (!s->on) return;
+    if (s->n)
+        fprintf(stderr, "pie steps: %ld decode steps, mean ms: plan %.4f, "
+                "enqueue %.4f, gpu span %.4f, forward %.4f, between "
+                "forwards %.4f\n", s->n, s->sum[0] / s->n, s->sum[1] / s->n,
+                s->sum[2] / s->n, s->sum[3] / s->n, s->sum[4] / s->n);
+    cudaEventDestroy(s->e0);
+    cudaEventDestroy(s->e1);
+    s->on = 0;
 }

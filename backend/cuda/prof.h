@@ -42,4 +42,33 @@ void pie_cuda_prof_end(pie_cuda_prof *p);
 /* Prints the totals to stderr and frees the events. */
 void pie_cuda_prof_done(pie_cuda_prof *p);
 
+/*
+ * Where a decode step's wall time goes (PIE_CUDA_STEPS=1): host time from
+ * the forward's entry to the metadata upload (planning), from there to the
+ * last launch (enqueue), the GPU's span from the upload to the last
+ * operation (two events; it includes the graph's launch latency), the
+ * forward's wall time, and the caller's time between forwards. Means over
+ * the decode steps after the first two print at destroy.
+ *
+ *   t[0..3]   host times (s): entry, upload, enqueued, returned
+ *   sum[]     accumulated: plan, enqueue, gpu span, wall, between (ms)
+ */
+typedef struct pie_cuda_steps {
+    int          on, decode, seen;
+    cudaEvent_t  e0, e1;
+    double       t[4], last_end;
+    double       sum[5];
+    long         n;
+} pie_cuda_steps;
+
+void pie_cuda_steps_init(pie_cuda_steps *s);
+/* At the forward's entry; decode: whether it is a decode step. */
+void pie_cuda_steps_enter(pie_cuda_steps *s, int decode);
+/* Just before the metadata upload, and after the last launch. */
+void pie_cuda_steps_upload(pie_cuda_steps *s, cudaStream_t st);
+void pie_cuda_steps_enqueued(pie_cuda_steps *s, cudaStream_t st);
+/* After the step's synchronize. */
+void pie_cuda_steps_end(pie_cuda_steps *s);
+void pie_cuda_steps_done(pie_cuda_steps *s);
+
 #endif
