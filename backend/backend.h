@@ -154,6 +154,9 @@ void pie_backend_cuda_graphs(const pie_backend *b, int64_t *captured,
 /* Matmuls a CUDA backend ran with gemv.cu (launched or captured into a
  * graph) instead of cuBLASLt; 0 for other backends or without CUDA. */
 int64_t pie_backend_cuda_gemv_calls(const pie_backend *b);
+/* Decode steps a CUDA backend ran as one kernel (batch 1: mega.cu); 0 for
+ * other backends or without CUDA. */
+int64_t pie_backend_cuda_mega_steps(const pie_backend *b);
 
 static inline int pie_backend_forward(pie_backend *b,
                                       const pie_forward_batch *batch,

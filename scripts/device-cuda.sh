@@ -49,6 +49,8 @@
 #           steps,...")
 #   decblk  decode attention at several grid sizes (PIE_CUDA_DEC_BLOCKS),
 #           with and without the merge kernel
+#   mega    batch-1 decode as one kernel (mega.cu, PIE_CUDA_MEGA=1) vs the
+#           default
 #   steps   decode steps' host planning, GPU span and time between forwards
 #           (PIE_CUDA_STEPS=1) at four shapes
 set -u
@@ -351,6 +353,15 @@ for phase in "$@"; do
                     timeout 200 $R pie bench forward --backend cuda --model random:$1 \
                     --batch $2 --prompt-len $3 --gen $4 2>&1 \
                     | grep -E "pie trace|decode:" | tee -a "$OUT/summary.log"
+            done
+        done
+        ;;
+    mega)       # batch-1 decode: one kernel (PIE_CUDA_MEGA=1) vs the default, interleaved
+        for i in $(seq "${MEGA_REPS:-2}"); do
+            for cfg in "llama-3.2-1b 1 512 48" "llama-3.2-1b 1 2048 48" \
+                       "llama-3.1-8b 1 512 24" "llama-3.1-8b 1 2048 24"; do
+                PIE_CUDA_MEGA=1 TAG="mega " bench $cfg
+                TAG="per-op " bench $cfg
             done
         done
         ;;

@@ -664,6 +664,16 @@ static int run_layers(cuda_backend *c, int n, const pie_cuda_tokmeta *tm,
     pie__cuda_embed(c->x, c->embed, DEV(c, sm->tok), n,
                     dim, c->st);
     pie_cuda_prof_mark(P, PROF_EMBED, c->st);
+    if (c->mega_step) {
+        c->mega.tm = *tm;
+        c->mega.kv = c->kv;
+        if (pie__cuda_mega(&c->mega, c->n_sm, c->st))
+            return pie_err_set(PIE_EDEVICE, "cuda: the batch-1 decode kernel "
+                               "did not launch (%s)",
+                               cudaGetErrorString(cudaGetLastError()));
+        CK(cudaGetLastError());
+        return 0;
+    }
     for (int l = 0; l < g->n_layers; l++) {
         const cuda_layer *L = &c->layers[l];
         pie__cuda_rmsnorm(c->xb, c->x, L->attn_norm, NULL, n, dim,
@@ -722,6 +732,7 @@ static graph_key key_of(const cuda_backend *c, int n, const step_meta *sm,
     k.max_slots = c->n_items ? c->max_slots : 0;
     k.decode = c->decode_step;
     k.dec_whole = c->n_gitems ? c->dec_whole : 0;
+    k.mega = c->mega_step;
     return k;
 }
 
@@ -867,6 +878,67 @@ static int is_decode(const cuda_backend *c, const pie_forward_batch *b)
     return 1;
 }
 
+/* ----------------------------------------- batch-1 decode in one kernel */
+
+/* Slots one attention split of the batch-1 kernel aims at, and holds at
+ * most (its scores live in shared memory). */
+#define MEGA_SPLIT 64
+#define MEGA_SPLIT_MAX 1024
+
+/* Whether this forward runs its layers as one kernel (mega.cu): a decode
+ * step of one request without a mask, on a backend where the kernel runs
+ * and PIE_CUDA_MEGA=1 asked for it (off by default: slower than the
+ * kernel-per-operation path so far; NOTES.md, round 10). */
+static int use_mega(const cuda_backend *c, const pie_forward_batch *b)
+{
+    if (!c->mega_ok || !c->decode_step || b->n_tokens != 1 ||
+        b->n_reqs != 1 || b->mask_indptr)
+        return 0;
+    int64_t L = kv_len_of(b, 0, c->base.page_size);
+    int S = pie_cuda_mega_splits((int)L, c->mega.smax, c->mega.split_slots);
+    return L <= INT32_MAX && (L + S - 1) / S <= MEGA_SPLIT_MAX;
+}
+
+/* Arguments and scratch of the batch-1 kernel, where it runs (at create:
+ * the layer table on the device, small scratch buffers). */
+static int mega_setup(cuda_backend *c)
+{
+    const pie_model_config *g = &c->cfg;
+    const char *e = getenv("PIE_CUDA_MEGA");
+    if (!e || strcmp(e, "1") || c->layers[0].q_norm) return 0;
+    pie_cuda_mega_args *a = &c->mega;
+    int nkv = g->n_kv_heads, G = g->n_heads / nkv, hd = g->head_dim, rc;
+    *a = (pie_cuda_mega_args){ .n_layers = g->n_layers, .dim = g->dim,
+        .nh = g->n_heads, .nkv = nkv, .hd = hd, .hid = g->hidden_dim,
+        .eps = g->norm_eps, .inv_freq = c->inv_freq, .x = c->x,
+        .smax = c->n_sm / nkv > 0 ? c->n_sm / nkv : 1,
+        .split_slots = MEGA_SPLIT, .split_slots_max = MEGA_SPLIT_MAX };
+    if (!pie__cuda_mega_supported(a, c->n_sm)) return 0;
+    pie_cuda_mega_layer *t = malloc(sizeof *t * (size_t)g->n_layers);
+    if (!t) return pie_err_set(PIE_ENOMEM, "cuda: out of host memory");
+    for (int l = 0; l < g->n_layers; l++) {
+        const cuda_layer *L = &c->layers[l];
+        t[l] = (pie_cuda_mega_layer){ L->attn_norm, L->bqkv, L->ffn_norm,
+                                      L->wqkv, L->wo, L->wgu, L->wdown };
+    }
+    int64_t qkvd = (int64_t)(g->n_heads + 2 * nkv) * hd;
+    int64_t parts = (int64_t)nkv * a->smax * G;
+    rc = dalloc(c, (void **)&a->layers, sizeof *t * (size_t)g->n_layers, "layers");
+    if (!rc) rc = cudaMemcpy((void *)a->layers, t, sizeof *t * (size_t)g->n_layers,
+                             cudaMemcpyHostToDevice) == cudaSuccess
+                      ? 0 : pie_err_set(PIE_EDEVICE, "cuda: layer table copy");
+    free(t);
+    if (rc) return rc;
+    TRY(dalloc(c, (void **)&a->qkv, 4 * qkvd, "decode scratch"));
+    TRY(dalloc(c, (void **)&a->att, 4 * (int64_t)g->n_heads * hd, "decode scratch"));
+    TRY(dalloc(c, (void **)&a->h, 4 * (int64_t)g->hidden_dim, "decode scratch"));
+    TRY(dalloc(c, (void **)&a->part_o, 4 * parts * hd, "decode scratch"));
+    TRY(dalloc(c, (void **)&a->part_ml, 8 * parts, "decode scratch"));
+    TRY(dalloc(c, (void **)&a->bar, 4 * (1 + (int64_t)nkv), "decode scratch"));
+    c->mega_ok = 1;
+    return 0;
+}
+
 static int cuda_forward(pie_backend *bb, const pie_forward_batch *b,
                         pie_forward_out *out)
 {
@@ -886,6 +958,8 @@ static int cuda_forward(pie_backend *bb, const pie_forward_batch *b,
     c->graphs_off = getenv("PIE_CUDA_NO_GRAPH") != NULL;
     pie_cuda_prof_init(&c->prof);
     c->decode_step = is_decode(c, b);
+    c->mega_step = use_mega(c, b);
+    c->n_mega += c->mega_step;
     pie_cuda_steps_enter(&c->steps, c->decode_step);
     if (c->decode_step) pie_cuda_trace_decode();
     c->meta_len = 0;
@@ -1085,6 +1159,12 @@ int64_t pie_backend_cuda_gemv_calls(const pie_backend *b)
     return ((const cuda_backend *)b)->n_gemv;
 }
 
+int64_t pie_backend_cuda_mega_steps(const pie_backend *b)
+{
+    if (!b || b->ops != &CUDA_OPS) return 0;
+    return ((const cuda_backend *)b)->n_mega;
+}
+
 int pie_backend_cuda_available(void)
 {
     int n = 0;
@@ -1250,6 +1330,7 @@ int pie_backend_cuda_create(const pie_model *m, const pie_backend_opts *o,
     if ((rc = plan_dec_grid(c))) goto err;
     if ((rc = upload_weights(c, m))) goto err;
     if ((rc = alloc_workspace(c))) goto err;
+    if ((rc = mega_setup(c))) goto err;
     if ((rc = plan_pool(c, o))) goto err;
     if ((rc = cuda_warm_plans(c))) goto err;
     if ((e = cudaDeviceSynchronize()) != cudaSuccess) {

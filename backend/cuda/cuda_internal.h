@@ -76,7 +76,7 @@ typedef struct graph_key {
     size_t   tok, pos, slot, req, kv_indptr, kv_len, pages, mask_off,
              mask_bits, items, merges, fitems, gitems, bstart, dmerges;
     int64_t  n, n_items, n_fitems, n_gitems, n_merges, max_slots, decode,
-             dec_whole;
+             dec_whole, mega;
 } graph_key;
 
 typedef struct step_graph {
@@ -172,6 +172,11 @@ typedef struct cuda_backend {
     int64_t           n_gemv;      /* matmuls run by gemv.cu               */
     int               decode_step; /* this forward adds one token to every */
                                    /* request: gemv.cu may run (mm)        */
+    /* batch-1 decode steps in one kernel (mega.cu); mega_ok: supported
+     * here and not turned off, mega_step: this step takes it */
+    pie_cuda_mega_args mega;
+    int               mega_ok, mega_step;
+    int64_t           n_mega;      /* steps that took it                 */
     pie_cuda_prof     prof;        /* PIE_CUDA_PROFILE=1 (prof.h)          */
     pie_cuda_steps    steps;       /* PIE_CUDA_STEPS=1 (prof.h)            */
     /* every device allocation, freed at destroy */

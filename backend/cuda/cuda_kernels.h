@@ -270,6 +270,49 @@ typedef struct pie_cuda_sample_args {
     int32_t             *ids;        /* out                                 */
 } pie_cuda_sample_args;
 
+/* ---- mega.cu: the layers of a batch-1 decode step in one kernel ---- */
+
+#define PIE_CUDA_MEGA_GMAX 8        /* query heads per kv head, at most */
+
+typedef struct pie_cuda_mega_layer {
+    const float    *attn_norm, *bqkv, *ffn_norm;   /* bqkv may be NULL */
+    const uint16_t *wqkv, *wo, *wgu, *wdown;
+} pie_cuda_mega_layer;
+
+typedef struct pie_cuda_mega_args {
+    const pie_cuda_mega_layer *layers;   /* device, n_layers            */
+    int32_t          n_layers, dim, nh, nkv, hd, hid;
+    float            eps;
+    const float     *inv_freq;     /* (hd / 2) RoPE frequencies          */
+    float           *x;            /* (dim) the residual stream, in/out  */
+    float           *qkv;          /* ((nh + 2 nkv) hd) scratch          */
+    float           *att;          /* (nh hd) scratch                    */
+    float           *h;            /* (hid) scratch                      */
+    float           *part_o;       /* (nkv smax G hd) scratch            */
+    float           *part_ml;      /* (nkv smax G 2) scratch             */
+    unsigned        *bar;          /* (1 + nkv): the grid barrier, then  */
+                                   /* each kv head's finished splits     */
+    pie_cuda_tokmeta tm;           /* one token, one request, no mask    */
+    pie_cuda_kv      kv;
+    int32_t          smax;         /* splits of a kv head, at most       */
+    int32_t          split_slots;  /* slots a split aims at              */
+    int32_t          split_slots_max;  /* slots a split may hold         */
+} pie_cuda_mega_args;
+
+/* Splits of the context of L slots per kv head (host and device agree). */
+static inline PIE_HD int pie_cuda_mega_splits(int L, int smax, int split_slots)
+{
+    int s = (L + split_slots - 1) / split_slots;
+    return s < 1 ? 1 : s > smax ? smax : s;
+}
+
+/* Whether the kernel runs for these shapes on this device, one block per
+ * SM all resident (sets its shared-memory opt-in). */
+int pie__cuda_mega_supported(const pie_cuda_mega_args *a, int n_sm);
+/* Zeroes a->bar, then runs every layer (a cooperative launch of n_blocks,
+ * at most one per SM). Returns 0 or -1 (launch refused). */
+int pie__cuda_mega(const pie_cuda_mega_args *a, int n_blocks, cudaStream_t s);
+
 /* Temporary bytes the sort needs for n_sort rows of vocab. */
 size_t pie__cuda_sort_tmp_bytes(int n_sort, int vocab);
 /* Runs masks, samplers and probes of one chunk. Returns 0 or a CUDA error

@@ -1,0 +1,635 @@
+/*
+ * mega.cu — every layer of a batch-1 decode step in one persistent kernel.
+ *
+ * Why: at batch 1 a step only streams the weights, but as ~9 kernels a
+ * layer it loses 15-25 us a layer to kernel starts and tails and to DRAM
+ * idling while the small kernels between the matmuls (RoPE, attention,
+ * merge) run (NOTES.md, rounds 9-10). Here one grid of one block per SM,
+ * all resident (a cooperative launch), runs the layers' phases back to
+ * back, separated by grid barriers, and each warp issues its first weight
+ * loads of the next phase before it waits at the barrier, so DRAM keeps
+ * streaming across phase boundaries.
+ *
+ * Phases of layer l (barrier k of the step ends phase k; a phase waits
+ * for the one before it):
+ *   1 qkv    every block normalizes x itself (RMSNorm into shared memory),
+ *            then qkv = xb . Wqkv^T (+ bias), rounded to bf16 as in the
+ *            unfused path, into a f32 scratch
+ *   2 attn   block b < nkv * S takes kv head b / S, split b % S of the
+ *            context (S = splits, from the context length): RoPE of its
+ *            G query heads (and, in the split holding the new slot, of the
+ *            new K, appended with V to its page), scores into shared
+ *            memory, softmax, P.V, partials to global; the last split of a
+ *            head to finish (an atomic count) merges them into att (bf16
+ *            values as f32)
+ *   3 wo     x += att . Wo^T
+ *   4 gate/up  RMSNorm of x again, h = silu(gate) * up (bf16 values)
+ *   5 down   x += h . Wdown^T
+ *
+ * Matmuls: a unit is two weight rows (for gate/up, the gate and up rows
+ * of one feature); units go round-robin to blocks, then to warps. A warp
+ * computes a unit's two dot products on CUDA cores: per batch each lane
+ * loads 4 chunks of 8 bf16 (16 bytes) of each row, two batches in flight,
+ * against x in shared memory, then the warp sums. At batch 1 the
+ * arithmetic is far below what CUDA cores do in the time the bytes take.
+ *
+ * Data written by one block and read by others inside the kernel (x, qkv,
+ * att, h, partials) is read with ld.global.cg (L2), never through L1,
+ * which is not coherent across SMs. The barrier is a counter zeroed
+ * before each launch: arrive = block barrier, fence, atomic add; wait =
+ * one thread spins (ld.acquire.gpu) until the counter reaches k * blocks.
+ */
+#include <cuda_bf16.h>
+#include <stdint.h>
+
+#include "backend/cuda/kernel_util.cuh"
+
+#define MEGA_THREADS 384   /* 12 warps: 154 registers, no spills (512: 128
+                              * registers, which spilled) */
+#define MEGA_WARPS (MEGA_THREADS / WARP)
+#define MEGA_CH 4          /* 16-byte chunks a lane loads per row, batch */
+#define MEGA_PHASES 5      /* barriers per layer */
+#define MEGA_U 4           /* slots a warp handles at once in attention */
+
+/* ------------------------------------------------------------ helpers */
+
+static __device__ __forceinline__ float bf16r(float v)
+{
+    return __bfloat162float(__float2bfloat16_rn(v));
+}
+
+static __device__ __forceinline__ float ldcg(const float *p)
+{
+    return __ldcg(p);
+}
+
+static __device__ __forceinline__ uint4 ld_w(const uint16_t *p)
+{
+    uint4 v;
+    asm volatile("ld.global.nc.L1::no_allocate.v4.u32 {%0,%1,%2,%3}, [%4];"
+                 : "=r"(v.x), "=r"(v.y), "=r"(v.z), "=r"(v.w)
+                 : "l"(p));
+    return v;
+}
+
+static __device__ __forceinline__ uint32_t ld_kv(const uint16_t *p)
+{
+    return __ldcg(reinterpret_cast<const unsigned int *>(p));
+}
+
+static __device__ void bar_arrive(unsigned *bar)
+{
+    __syncthreads();
+    if (threadIdx.x == 0) {
+        __threadfence();
+        atomicAdd(bar, 1u);
+    }
+}
+
+static __device__ void bar_wait(const unsigned *bar, unsigned target)
+{
+    if (threadIdx.x == 0 && target > 0) {
+        unsigned v;
+        do {
+            asm volatile("ld.acquire.gpu.global.u32 %0, [%1];"
+                         : "=r"(v) : "l"(bar) : "memory");
+        } while (v < target);
+        __threadfence();
+    }
+    __syncthreads();
+}
+
+/* Which barrier ends phase p (1..MEGA_PHASES) of layer l, times blocks. */
+static __device__ __forceinline__ unsigned bar_at(int l, int p)
+{
+    return (unsigned)(l * MEGA_PHASES + p) * gridDim.x;
+}
+
+/* dot of 8 bf16 (one chunk) with 8 floats of x in shared memory */
+static __device__ __forceinline__ float dot8(uint4 w, const float *xs)
+{
+    float4 a = *reinterpret_cast<const float4 *>(xs);
+    float4 b = *reinterpret_cast<const float4 *>(xs + 4);
+    return __uint_as_float(w.x << 16) * a.x + __uint_as_float(w.x & 0xffff0000u) * a.y +
+           __uint_as_float(w.y << 16) * a.z + __uint_as_float(w.y & 0xffff0000u) * a.w +
+           __uint_as_float(w.z << 16) * b.x + __uint_as_float(w.z & 0xffff0000u) * b.y +
+           __uint_as_float(w.w << 16) * b.z + __uint_as_float(w.w & 0xffff0000u) * b.w;
+}
+
+/* ------------------------------------------------------------ matmuls */
+
+/* The two weight rows of unit u: rows 2u, 2u + 1 of an n-row matrix, or
+ * (glu) the gate row u and the up row n + u of the feature u. */
+struct mm_rows {
+    int n, glu;
+    __device__ __forceinline__ int units() const { return glu ? n : (n + 1) / 2; }
+    __device__ __forceinline__ int ra(int u) const { return glu ? u : 2 * u; }
+    __device__ __forceinline__ int rb(int u) const
+    {
+        return glu ? n + u : min(2 * u + 1, n - 1);
+    }
+};
+
+/* A warp's units: u = block + blocks * (warp + warps * i). */
+static __device__ __forceinline__ int unit_of(int i)
+{
+    return blockIdx.x + gridDim.x * (threadIdx.x / WARP + MEGA_WARPS * i);
+}
+
+/* One batch of a unit: chunks c = 128 b + lane + 32 j of both rows. */
+struct mm_batch {
+    uint4 a[MEGA_CH], b[MEGA_CH];
+
+    __device__ __forceinline__ void load(const uint16_t *W, int k, int ra,
+                                         int rb, int bi)
+    {
+        int lane = threadIdx.x % WARP, nc = k / 8;
+        const uint16_t *pa = W + (int64_t)ra * k, *pb = W + (int64_t)rb * k;
+#pragma unroll
+        for (int j = 0; j < MEGA_CH; j++) {
+            int c = bi * WARP * MEGA_CH + lane + WARP * j;
+            a[j] = c < nc ? ld_w(pa + 8 * c) : make_uint4(0, 0, 0, 0);
+            b[j] = c < nc ? ld_w(pb + 8 * c) : make_uint4(0, 0, 0, 0);
+        }
+    }
+
+    __device__ __forceinline__ void mul(const float *xs, int k, int bi,
+                                        float &da, float &db) const
+    {
+        int lane = threadIdx.x % WARP, nc = k / 8;
+#pragma unroll
+        for (int j = 0; j < MEGA_CH; j++) {
+            int c = bi * WARP * MEGA_CH + lane + WARP * j;
+            if (c < nc) {
+                da += dot8(a[j], xs + 8 * c);
+                db += dot8(b[j], xs + 8 * c);
+            }
+        }
+    }
+};
+
+/* A warp's stream through one matmul: its units' batches in order
+ * (q = unit index * nb + batch), two batches in flight: batch q + 2 is
+ * issued as soon as batch q has been multiplied. start() issues the first
+ * two before the phase's barrier (the weights do not depend on it); run()
+ * multiplies against xs (k floats in shared memory), calling out(u, da,
+ * db) on lane 0 at the end of each unit. */
+struct mm_stream {
+    mm_batch b0, b1;
+    const uint16_t *W;
+    int k, nb, nq;
+    mm_rows r;
+
+    __device__ __forceinline__ void load(mm_batch &bt, int q)
+    {
+        int u = unit_of(q / nb);
+        bt.load(W, k, r.ra(u), r.rb(u), q % nb);
+    }
+
+    __device__ __forceinline__ void start(const uint16_t *W_, int k_, mm_rows r_)
+    {
+        W = W_; k = k_; r = r_;
+        nb = (k / 8 + WARP * MEGA_CH - 1) / (WARP * MEGA_CH);
+        int nu = 0;
+        while (unit_of(nu) < r.units()) nu++;
+        nq = nu * nb;
+        if (nq > 0) load(b0, 0);
+        if (nq > 1) load(b1, 1);
+    }
+
+    template <typename Out>
+    __device__ __forceinline__ void step(mm_batch &bt, int q, const float *xs,
+                                         float &da, float &db, Out &out)
+    {
+        bt.mul(xs, k, q % nb, da, db);
+        if (q + 2 < nq) load(bt, q + 2);
+        if (q % nb == nb - 1) {
+            da = warp_sum(da);
+            db = warp_sum(db);
+            if (threadIdx.x % WARP == 0) out(unit_of(q / nb), da, db);
+            da = db = 0.0f;
+        }
+    }
+
+    template <typename Out>
+    __device__ __forceinline__ void run(const float *xs, Out out)
+    {
+        float da = 0.0f, db = 0.0f;
+        for (int q = 0; q < nq; q += 2) {
+            step(b0, q, xs, da, db, out);
+            if (q + 1 < nq) step(b1, q + 1, xs, da, db, out);
+        }
+    }
+};
+
+/* xs = bf16(rmsnorm(x) * w), as rmsnorm_vec_kernel rounds it (dim % 8
+ * == 0: float4 loads, at most MEGA_F4 a thread in flight at once). */
+#define MEGA_F4 8
+static __device__ void norm_into(float *xs, const float *x, const float *w,
+                                 int dim, float eps, float *red)
+{
+    float ss = 0.0f;
+    float4 *x4 = reinterpret_cast<float4 *>(xs);
+    const float4 *s4 = reinterpret_cast<const float4 *>(x);
+    for (int i0 = 0; i0 < dim / 4; i0 += MEGA_THREADS * MEGA_F4) {
+        float4 v[MEGA_F4];
+#pragma unroll
+        for (int j = 0; j < MEGA_F4; j++) {
+            int i = i0 + threadIdx.x + MEGA_THREADS * j;
+            v[j] = i < dim / 4 ? __ldcg(s4 + i) : make_float4(0, 0, 0, 0);
+        }
+#pragma unroll
+        for (int j = 0; j < MEGA_F4; j++) {
+            int i = i0 + threadIdx.x + MEGA_THREADS * j;
+            if (i < dim / 4) x4[i] = v[j];
+            ss += v[j].x * v[j].x + v[j].y * v[j].y + v[j].z * v[j].z + v[j].w * v[j].w;
+        }
+    }
+    ss = warp_sum(ss);
+    if (threadIdx.x % WARP == 0) red[threadIdx.x / WARP] = ss;
+    __syncthreads();
+    float t = 0.0f;
+    for (int i = 0; i < MEGA_WARPS; i++) t += red[i];
+    float r = rsqrtf(t / dim + eps);
+    for (int i = threadIdx.x; i < dim; i += MEGA_THREADS)
+        xs[i] = bf16r(xs[i] * r * w[i]);
+    __syncthreads();
+}
+
+/* xs = src (n floats, n % 4 == 0, written by other blocks). */
+static __device__ void copy_into(float *xs, const float *src, int n)
+{
+    float4 *x4 = reinterpret_cast<float4 *>(xs);
+    const float4 *s4 = reinterpret_cast<const float4 *>(src);
+    for (int i0 = 0; i0 < n / 4; i0 += MEGA_THREADS * MEGA_F4) {
+        float4 v[MEGA_F4];
+#pragma unroll
+        for (int j = 0; j < MEGA_F4; j++) {
+            int i = i0 + threadIdx.x + MEGA_THREADS * j;
+            v[j] = i < n / 4 ? __ldcg(s4 + i) : make_float4(0, 0, 0, 0);
+        }
+#pragma unroll
+        for (int j = 0; j < MEGA_F4; j++) {
+            int i = i0 + threadIdx.x + MEGA_THREADS * j;
+            if (i < n / 4) x4[i] = v[j];
+        }
+    }
+    __syncthreads();
+}
+
+/* ---------------------------------------------------------- attention */
+
+/* Where slot j of kv head h lies in layer l (K; V is voff further). */
+static __device__ __forceinline__ uint16_t *kv_row(const pie_cuda_mega_args &a,
+                                                   const int32_t *pages, int l,
+                                                   int h, int j)
+{
+    const pie_cuda_kv &kv = a.kv;
+    int ps = kv.page_size, hd = kv.head_dim;
+    return kv.pool + (int64_t)pages[j / ps] * pie_cuda_kv_page_elems(&kv) +
+           (int64_t)l * 2 * kv.n_kv * ps * hd + ((int64_t)h * ps + j % ps) * hd;
+}
+
+/* RoPE (half-split pairs i, i + hd/2) of the f32 head src into dst. */
+static __device__ void rope_into(float *dst, const float *src, int hd,
+                                 float pos, const float *inv_freq, int t0,
+                                 int nt)
+{
+    int half = hd / 2;
+    for (int i = t0; i < half; i += nt) {
+        float s, c;
+        sincosf(pos * inv_freq[i], &s, &c);
+        float x0 = ldcg(src + i), x1 = ldcg(src + i + half);
+        dst[i] = x0 * c - x1 * s;
+        dst[i + half] = x1 * c + x0 * s;
+    }
+}
+
+/* Shared memory of the attention phase (floats): q (G x hd), the scores
+ * (G x slots of the split), the warps' P.V partials (warps x G x hd). */
+struct att_smem {
+    float *q, *sc, *pv;
+    __device__ att_smem(float *sm, int G, int hd, int nsl)
+        : q(sm), sc(sm + G * hd), pv(sm + G * hd + G * ((nsl + 3) & ~3)) {}
+};
+
+/* Appends the new slot's K (RoPE, bf16) and V of kv head h. */
+static __device__ void append_kv(const pie_cuda_mega_args &a, const float *qkv,
+                                 const int32_t *pages, int l, int h, int j,
+                                 float pos, float *tmp)
+{
+    int hd = a.hd, nh = a.nh, nkv = a.nkv;
+    uint16_t *k = kv_row(a, pages, l, h, j);
+    uint16_t *v = k + (int64_t)nkv * a.kv.page_size * hd;
+    rope_into(tmp, qkv + (nh + h) * hd, hd, pos, a.inv_freq, threadIdx.x,
+              MEGA_THREADS);
+    __syncthreads();
+    for (int d = threadIdx.x; d < hd; d += MEGA_THREADS) {
+        k[d] = f2bf(tmp[d]);
+        v[d] = f2bf(ldcg(qkv + (nh + nkv + h) * hd + d));
+    }
+    __threadfence_block();
+    __syncthreads();
+}
+
+/* Scores of slots [lo, hi) for the G heads: warp w takes MEGA_U slots at
+ * a time, lanes split the head dim in pairs. */
+template <int P>
+static __device__ void att_scores(const pie_cuda_mega_args &a, att_smem s,
+                                  const int32_t *pages, int l, int h, int lo,
+                                  int hi, int G, float scale)
+{
+    int hd = a.hd, lane = threadIdx.x % WARP, w = threadIdx.x / WARP;
+    for (int j0 = lo + w * MEGA_U; j0 < hi; j0 += MEGA_WARPS * MEGA_U) {
+        uint32_t kk[MEGA_U][P];
+#pragma unroll
+        for (int u = 0; u < MEGA_U; u++) {
+            const uint16_t *kr = j0 + u < hi ? kv_row(a, pages, l, h, j0 + u) : NULL;
+#pragma unroll
+            for (int p = 0; p < P; p++) {
+                int d = 2 * lane + 64 * p;
+                kk[u][p] = kr && d < hd ? ld_kv(kr + d) : 0u;
+            }
+        }
+        for (int g = 0; g < G; g++) {
+            const float *q = s.q + g * hd;
+#pragma unroll
+            for (int u = 0; u < MEGA_U; u++) {
+                float acc = 0.0f;
+#pragma unroll
+                for (int p = 0; p < P; p++) {
+                    int d = 2 * lane + 64 * p;
+                    if (d < hd)
+                        acc += q[d] * __uint_as_float(kk[u][p] << 16) +
+                               q[d + 1] * __uint_as_float(kk[u][p] & 0xffff0000u);
+                }
+                acc = warp_sum(acc);
+                if (lane == 0 && j0 + u < hi)
+                    s.sc[g * ((hi - lo + 3) & ~3) + j0 + u - lo] = acc * scale;
+            }
+        }
+    }
+}
+
+/* Softmax of each head's scores in place (base 2: the scale holds
+ * log2 e): warp g takes head g; ml[2 g] = max, ml[2 g + 1] = sum. */
+static __device__ void att_softmax(att_smem s, int n, int G, float *ml)
+{
+    int lane = threadIdx.x % WARP, w = threadIdx.x / WARP, st = (n + 3) & ~3;
+    for (int g = w; g < G; g += MEGA_WARPS) {
+        float *sc = s.sc + g * st, m = -INFINITY, sum = 0.0f;
+        for (int j = lane; j < n; j += WARP) m = fmaxf(m, sc[j]);
+        m = warp_max(m);
+        for (int j = lane; j < n; j += WARP) {
+            float p = exp2f(sc[j] - m);
+            sc[j] = p;
+            sum += p;
+        }
+        sum = warp_sum(sum);
+        if (lane == 0) { ml[2 * g] = m; ml[2 * g + 1] = sum; }
+    }
+    __syncthreads();
+}
+
+/* Each warp's P.V over its slots into s.pv[warp][g][d]; a lane holds P
+ * pairs of the head dim (2 lane + 64 p). */
+template <int P>
+static __device__ void att_pv(const pie_cuda_mega_args &a, att_smem s,
+                              const int32_t *pages, int l, int h, int lo,
+                              int hi, int G)
+{
+    int hd = a.hd, lane = threadIdx.x % WARP, w = threadIdx.x / WARP;
+    int st = (hi - lo + 3) & ~3;
+    int64_t voff = (int64_t)a.nkv * a.kv.page_size * hd;
+    float acc[PIE_CUDA_MEGA_GMAX][P][2] = {};
+    for (int j0 = lo + w * MEGA_U; j0 < hi; j0 += MEGA_WARPS * MEGA_U) {
+        uint32_t vv[MEGA_U][P];
+#pragma unroll
+        for (int u = 0; u < MEGA_U; u++) {
+            const uint16_t *vr = j0 + u < hi ? kv_row(a, pages, l, h, j0 + u) + voff : NULL;
+#pragma unroll
+            for (int p = 0; p < P; p++) {
+                int d = 2 * lane + 64 * p;
+                vv[u][p] = vr && d < hd ? ld_kv(vr + d) : 0u;
+            }
+        }
+#pragma unroll
+        for (int g = 0; g < PIE_CUDA_MEGA_GMAX; g++) {
+            if (g >= G) break;
+#pragma unroll
+            for (int u = 0; u < MEGA_U; u++) {
+                float p_ = j0 + u < hi ? s.sc[g * st + j0 + u - lo] : 0.0f;
+#pragma unroll
+                for (int p = 0; p < P; p++) {
+                    acc[g][p][0] += p_ * __uint_as_float(vv[u][p] << 16);
+                    acc[g][p][1] += p_ * __uint_as_float(vv[u][p] & 0xffff0000u);
+                }
+            }
+        }
+    }
+#pragma unroll
+    for (int g = 0; g < PIE_CUDA_MEGA_GMAX; g++) {
+        if (g >= G) break;
+#pragma unroll
+        for (int p = 0; p < P; p++) {
+            int d = 2 * lane + 64 * p;
+            if (d < hd) {
+                s.pv[(w * G + g) * hd + d] = acc[g][p][0];
+                s.pv[(w * G + g) * hd + d + 1] = acc[g][p][1];
+            }
+        }
+    }
+    __syncthreads();
+}
+
+/* The last split of kv head h to finish merges the S partials into att. */
+static __device__ void att_merge(const pie_cuda_mega_args &a, int h, int S,
+                                 int G, int *last)
+{
+    int hd = a.hd;
+    __syncthreads();
+    if (threadIdx.x == 0) {
+        __threadfence();
+        *last = atomicAdd(a.bar + 1 + h, 1u) == (unsigned)S - 1;
+    }
+    __syncthreads();
+    if (!*last) return;
+    __threadfence();
+    for (int e = threadIdx.x; e < G * hd; e += MEGA_THREADS) {
+        int g = e / hd, d = e % hd;
+        float M = -INFINITY;
+        for (int s = 0; s < S; s++)
+            M = fmaxf(M, ldcg(a.part_ml + ((h * a.smax + s) * G + g) * 2));
+        float num = 0.0f, den = 0.0f;
+        for (int s = 0; s < S; s++) {
+            const float *ml = a.part_ml + ((h * a.smax + s) * G + g) * 2;
+            float f = exp2f(ldcg(ml) - M);
+            den += f * ldcg(ml + 1);
+            num += f * ldcg(a.part_o + ((int64_t)(h * a.smax + s) * G + g) * hd + d);
+        }
+        a.att[(h * G + g) * hd + d] = bf16r(num / den);
+    }
+    if (threadIdx.x == 0) a.bar[1 + h] = 0;
+}
+
+/* Phase 2 for this block (if it has a split). */
+static __device__ void att_phase(const pie_cuda_mega_args &a, float *sm,
+                                 int l, float *red)
+{
+    int hd = a.hd, nkv = a.nkv, G = a.nh / nkv;
+    int L = a.tm.kv_len[0];
+    int S = pie_cuda_mega_splits(L, a.smax, a.split_slots);
+    int b = blockIdx.x;
+    if (b >= nkv * S) return;
+    int h = b / S, s = b % S;
+    int lo = (int)((int64_t)L * s / S), hi = (int)((int64_t)L * (s + 1) / S);
+    const int32_t *pages = a.tm.pages + a.tm.kv_indptr[0];
+    float pos = (float)a.tm.positions[0];
+    att_smem m(sm, G, hd, hi - lo);
+    for (int g = 0; g < G; g++)
+        rope_into(m.q + g * hd, a.qkv + (h * G + g) * hd, hd, pos, a.inv_freq,
+                  threadIdx.x, MEGA_THREADS);
+    if (hi == L)                   /* the new slot is L - 1 (a decode step) */
+        append_kv(a, a.qkv, pages, l, h, L - 1, pos, m.pv);
+    __syncthreads();
+    /* 1/sqrt(hd) and log2 e: softmax in base 2 */
+    float scale = rsqrtf((float)hd) * 1.4426950408889634f;
+    if (hd <= 64) att_scores<1>(a, m, pages, l, h, lo, hi, G, scale);
+    else att_scores<2>(a, m, pages, l, h, lo, hi, G, scale);
+    __syncthreads();
+    att_softmax(m, hi - lo, G, red);
+    if (hd <= 64) att_pv<1>(a, m, pages, l, h, lo, hi, G);
+    else att_pv<2>(a, m, pages, l, h, lo, hi, G);
+    for (int e = threadIdx.x; e < G * hd; e += MEGA_THREADS) {
+        int g = e / hd;
+        float o = 0.0f;
+        for (int w = 0; w < MEGA_WARPS; w++) o += m.pv[(w * G + g) * hd + e % hd];
+        a.part_o[(int64_t)(h * a.smax + s) * G * hd + e] = o;
+    }
+    if (threadIdx.x < G) {
+        a.part_ml[((h * a.smax + s) * G + threadIdx.x) * 2] = red[2 * threadIdx.x];
+        a.part_ml[((h * a.smax + s) * G + threadIdx.x) * 2 + 1] = red[2 * threadIdx.x + 1];
+    }
+    att_merge(a, h, S, G, reinterpret_cast<int *>(red + 2 * PIE_CUDA_MEGA_GMAX));
+}
+
+/* ------------------------------------------------------------- kernel */
+
+__global__ void __launch_bounds__(MEGA_THREADS, 1)
+mega_kernel(pie_cuda_mega_args a)
+{
+    extern __shared__ __align__(16) float sm[];
+    __shared__ float red[MEGA_WARPS + 2 * PIE_CUDA_MEGA_GMAX + 4];
+    int dim = a.dim, qd = a.nh * a.hd, qkvd = qd + 2 * a.nkv * a.hd;
+    float *x = a.x, *qkv = a.qkv;
+    for (int l = 0; l < a.n_layers; l++) {
+        const pie_cuda_mega_layer L = a.layers[l];
+        mm_stream ms;
+        /* 1: qkv */
+        mm_rows rq = { qkvd, 0 };
+        ms.start(L.wqkv, dim, rq);
+        bar_wait(a.bar, l ? bar_at(l - 1, MEGA_PHASES) : 0);
+        norm_into(sm, x, L.attn_norm, dim, a.eps, red);
+        const float *bq = L.bqkv;
+        ms.run(sm, [&](int u, float da, float db) {
+            int ra = rq.ra(u), rb = rq.rb(u);
+            qkv[ra] = bf16r(da) + (bq ? bq[ra] : 0.0f);
+            if (rb != ra) qkv[rb] = bf16r(db) + (bq ? bq[rb] : 0.0f);
+        });
+        bar_arrive(a.bar);
+        /* 2: attention */
+        bar_wait(a.bar, bar_at(l, 1));
+        att_phase(a, sm, l, red);
+        bar_arrive(a.bar);
+        /* 3: wo, into the residual */
+        mm_rows ro = { dim, 0 };
+        ms.start(L.wo, qd, ro);
+        bar_wait(a.bar, bar_at(l, 2));
+        copy_into(sm, a.att, qd);
+        ms.run(sm, [&](int u, float da, float db) {
+            int ra = ro.ra(u), rb = ro.rb(u);
+            x[ra] = ldcg(x + ra) + da;
+            if (rb != ra) x[rb] = ldcg(x + rb) + db;
+        });
+        bar_arrive(a.bar);
+        /* 4: gate/up and SwiGLU */
+        mm_rows rg = { a.hid, 1 };
+        ms.start(L.wgu, dim, rg);
+        bar_wait(a.bar, bar_at(l, 3));
+        norm_into(sm, x, L.ffn_norm, dim, a.eps, red);
+        float *hb = a.h;
+        ms.run(sm, [&](int u, float da, float db) {
+            hb[u] = bf16r(pie_silu_mul(bf16r(da), bf16r(db)));
+        });
+        bar_arrive(a.bar);
+        /* 5: down, into the residual */
+        mm_rows rd = { dim, 0 };
+        ms.start(L.wdown, a.hid, rd);
+        bar_wait(a.bar, bar_at(l, 4));
+        copy_into(sm, a.h, a.hid);
+        ms.run(sm, [&](int u, float da, float db) {
+            int ra = rd.ra(u), rb = rd.rb(u);
+            x[ra] = ldcg(x + ra) + da;
+            if (rb != ra) x[rb] = ldcg(x + rb) + db;
+        });
+        bar_arrive(a.bar);
+    }
+}
+
+/* ------------------------------------------------------------- launch */
+
+/* Dynamic shared memory: the largest of x for a matmul (dim, nh * hd or
+ * hidden floats) and the attention phase's buffers. */
+static size_t mega_smem(const pie_cuda_mega_args *a)
+{
+    int G = a->nh / a->nkv, hd = a->hd;
+    size_t xs = a->dim;
+    if ((size_t)a->nh * hd > xs) xs = (size_t)a->nh * hd;
+    if ((size_t)a->hid > xs) xs = a->hid;
+    size_t att = (size_t)G * hd + (size_t)G * ((a->split_slots_max + 3) & ~3) +
+                 (size_t)MEGA_WARPS * G * hd;
+    return 4 * (xs > att ? xs : att);
+}
+
+extern "C" int pie__cuda_mega_supported(const pie_cuda_mega_args *a, int n_sm)
+{
+    int G = a->nkv > 0 ? a->nh / a->nkv : 0;
+    if (G < 1 || G > PIE_CUDA_MEGA_GMAX || a->nh % a->nkv || a->hd % 2 ||
+        a->hd > 128 || a->dim % 8 || a->hid % 8 || (a->nh * a->hd) % 8)
+        return 0;
+    size_t smem = mega_smem(a);
+    if (cudaFuncSetAttribute(mega_kernel, cudaFuncAttributeMaxDynamicSharedMemorySize,
+                             (int)smem) != cudaSuccess) {
+        cudaGetLastError();
+        return 0;
+    }
+    int per = 0, coop = 0, dev = 0;
+    cudaGetDevice(&dev);
+    cudaDeviceGetAttribute(&coop, cudaDevAttrCooperativeLaunch, dev);
+    if (cudaOccupancyMaxActiveBlocksPerMultiprocessor(&per, mega_kernel,
+                                                      MEGA_THREADS, smem) !=
+        cudaSuccess) {
+        cudaGetLastError();
+        return 0;
+    }
+    return coop && per >= 1 && n_sm > 0;
+}
+
+extern "C" int pie__cuda_mega(const pie_cuda_mega_args *a, int n_blocks,
+                              cudaStream_t s)
+{
+    if (cudaMemsetAsync(a->bar, 0, sizeof(unsigned) * (1 + a->nkv), s) !=
+        cudaSuccess)
+        return -1;
+    cudaLaunchConfig_t cfg = {};
+    cudaLaunchAttribute at[1];
+    at[0].id = cudaLaunchAttributeCooperative;
+    at[0].val.cooperative = 1;
+    cfg.gridDim = dim3(n_blocks);
+    cfg.blockDim = dim3(MEGA_THREADS);
+    cfg.dynamicSmemBytes = mega_smem(a);
+    cfg.stream = s;
+    cfg.attrs = at;
+    cfg.numAttrs = 1;
+    return cudaLaunchKernelEx(&cfg, mega_kernel, *a) == cudaSuccess ? 0 : -1;
+}
