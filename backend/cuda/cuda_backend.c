@@ -667,12 +667,16 @@ static int run_layers(cuda_backend *c, int n, const pie_cuda_tokmeta *tm,
     if (c->mega_step) {
         c->mega.tm = *tm;
         c->mega.kv = c->kv;
-        if (pie__cuda_mega(&c->mega, c->n_sm, c->st))
-            return pie_err_set(PIE_EDEVICE, "cuda: the batch-1 decode kernel "
-                               "did not launch (%s)",
-                               cudaGetErrorString(cudaGetLastError()));
-        CK(cudaGetLastError());
-        return 0;
+        if (!pie__cuda_mega(&c->mega, c->n_sm, c->st)) {
+            CK(cudaGetLastError());
+            return 0;
+        }
+        /* refused (MPS limits, a shared GPU): the per-operation path, now
+         * and from now on */
+        fprintf(stderr, "pie: the batch-1 decode kernel did not launch (%s); "
+                "running kernels per operation from now on\n",
+                cudaGetErrorString(cudaGetLastError()));
+        c->mega_ok = c->mega_step = 0;
     }
     for (int l = 0; l < g->n_layers; l++) {
         const cuda_layer *L = &c->layers[l];
@@ -895,8 +899,9 @@ static int use_mega(const cuda_backend *c, const pie_forward_batch *b)
         b->n_reqs != 1 || b->mask_indptr)
         return 0;
     int64_t L = kv_len_of(b, 0, c->base.page_size);
+    if (L > INT32_MAX) return 0;
     int S = pie_cuda_mega_splits((int)L, c->mega.smax, c->mega.split_slots);
-    return L <= INT32_MAX && (L + S - 1) / S <= MEGA_SPLIT_MAX;
+    return (L + S - 1) / S <= MEGA_SPLIT_MAX;
 }
 
 /* Arguments and scratch of the batch-1 kernel, where it runs (at create:
@@ -905,7 +910,11 @@ static int mega_setup(cuda_backend *c)
 {
     const pie_model_config *g = &c->cfg;
     const char *e = getenv("PIE_CUDA_MEGA");
-    if (!e || strcmp(e, "1") || c->layers[0].q_norm) return 0;
+    /* (q/k norms: not in the kernel; more kv heads than SMs: a block of
+     * the grid for each head's attention at least) */
+    if (!e || strcmp(e, "1") || c->layers[0].q_norm || c->layers[0].k_norm ||
+        g->n_kv_heads > c->n_sm)
+        return 0;
     pie_cuda_mega_args *a = &c->mega;
     int nkv = g->n_kv_heads, G = g->n_heads / nkv, hd = g->head_dim, rc;
     *a = (pie_cuda_mega_args){ .n_layers = g->n_layers, .dim = g->dim,

@@ -44,12 +44,15 @@
 
 #include "backend/cuda/kernel_util.cuh"
 
-#define MEGA_THREADS 384   /* 12 warps: 154 registers, no spills (512: 128
+#define MEGA_THREADS 384   /* 12 warps: 167 registers, no spills (512: 128
                               * registers, which spilled) */
 #define MEGA_WARPS (MEGA_THREADS / WARP)
 #define MEGA_CH 4          /* 16-byte chunks a lane loads per row, batch */
 #define MEGA_PHASES 5      /* barriers per layer */
 #define MEGA_U 4           /* slots a warp handles at once in attention */
+
+/* the softmax takes one warp per query head of a kv head */
+static_assert(PIE_CUDA_MEGA_GMAX <= MEGA_WARPS, "a warp per query head");
 
 /* ------------------------------------------------------------ helpers */
 
@@ -618,8 +621,12 @@ extern "C" int pie__cuda_mega_supported(const pie_cuda_mega_args *a, int n_sm)
 extern "C" int pie__cuda_mega(const pie_cuda_mega_args *a, int n_blocks,
                               cudaStream_t s)
 {
-    if (cudaMemsetAsync(a->bar, 0, sizeof(unsigned) * (1 + a->nkv), s) !=
-        cudaSuccess)
+    /* the opt-in belongs to the function, not to a backend: another
+     * backend's model may have set a smaller one since */
+    if (cudaFuncSetAttribute(mega_kernel, cudaFuncAttributeMaxDynamicSharedMemorySize,
+                             (int)mega_smem(a)) != cudaSuccess ||
+        cudaMemsetAsync(a->bar, 0, sizeof(unsigned) * (1 + a->nkv), s) !=
+            cudaSuccess)
         return -1;
     cudaLaunchConfig_t cfg = {};
     cudaLaunchAttribute at[1];

@@ -83,9 +83,11 @@ void pie_cuda_steps_init(pie_cuda_steps *s)
 {
     const char *e = getenv("PIE_CUDA_STEPS");
     s->on = e && *e && *e != '0';
-    if (s->on && (cudaEventCreate(&s->e0) != cudaSuccess ||
-                  cudaEventCreate(&s->e1) != cudaSuccess))
+    if (s->on && cudaEventCreate(&s->e0) != cudaSuccess) s->on = 0;
+    if (s->on && cudaEventCreate(&s->e1) != cudaSuccess) {
+        cudaEventDestroy(s->e0);
         s->on = 0;
+    }
 }
 
 void pie_cuda_steps_enter(pie_cuda_steps *s, int decode)
