@@ -16,12 +16,13 @@
  *            then qkv = xb . Wqkv^T (+ bias), rounded to bf16 as in the
  *            unfused path, into a f32 scratch
  *   2 attn   block b < nkv * S takes kv head b / S, split b % S of the
- *            context (S = splits, from the context length): RoPE of its
- *            G query heads (and, in the split holding the new slot, of the
- *            new K, appended with V to its page), scores into shared
- *            memory, softmax, P.V, partials to global; the last split of a
- *            head to finish (an atomic count) merges them into att (bf16
- *            values as f32)
+ *            context (S = splits, from the context length; its page
+ *            numbers staged before the barrier): RoPE of its G query heads
+ *            (and, in the split holding the new slot, of the new K,
+ *            appended with V to its page), one pass over K and V with an
+ *            online softmax per warp, the warps combined into a partial;
+ *            the last split of a head to finish (an atomic count) merges
+ *            the partials into att (bf16 values as f32)
  *   3 wo     x += att . Wo^T
  *   4 gate/up  RMSNorm of x again, h = silu(gate) * up (bf16 values)
  *   5 down   x += h . Wdown^T
@@ -282,24 +283,65 @@ static __device__ void copy_into(float *xs, const float *src, int n)
 
 /* ---------------------------------------------------------- attention */
 
-/* Where slot j of kv head h lies in layer l (K; V is voff further). */
+/* This block's share of phase 2: kv head h, split s of S, slots [lo, hi)
+ * (active = 0: none), whose pages are staged in shared memory. */
+struct att_job {
+    int active, S, h, s, lo, hi, p0;
+};
+
+/* Shared memory of the attention phase (floats): q (G x hd), each warp's
+ * softmax state (warps x G x (hd + 2): o, then m and l), the split's page
+ * numbers (ints). */
+static __device__ __forceinline__ float *att_ws(float *sm, int G, int hd)
+{
+    return sm + G * hd;
+}
+
+static __device__ __forceinline__ int32_t *att_pg(float *sm, int G, int hd)
+{
+    return reinterpret_cast<int32_t *>(sm + G * hd + MEGA_WARPS * G * (hd + 2));
+}
+
+/* Picks this block's split and stages its page numbers: before the
+ * phase's barrier (the step's metadata does not depend on it; the shared
+ * memory is free once the block has arrived). */
+static __device__ att_job att_prepare(const pie_cuda_mega_args &a, float *sm)
+{
+    att_job j = { 0 };
+    int nkv = a.nkv, G = a.nh / nkv, ps = a.kv.page_size;
+    int L = a.tm.kv_len[0];
+    j.S = pie_cuda_mega_splits(L, a.smax, a.split_slots);
+    if ((int)blockIdx.x >= nkv * j.S) return j;
+    j.active = 1;
+    j.h = blockIdx.x / j.S;
+    j.s = blockIdx.x % j.S;
+    j.lo = (int)((int64_t)L * j.s / j.S);
+    j.hi = (int)((int64_t)L * (j.s + 1) / j.S);
+    j.p0 = j.lo / ps;
+    const int32_t *pages = a.tm.pages + a.tm.kv_indptr[0];
+    int32_t *pg = att_pg(sm, G, a.hd);
+    for (int i = threadIdx.x; i <= (j.hi - 1) / ps - j.p0; i += MEGA_THREADS)
+        pg[i] = pages[j.p0 + i];
+    return j;
+}
+
+/* Where slot t of kv head h lies in layer l (K; V is voff further). */
 static __device__ __forceinline__ uint16_t *kv_row(const pie_cuda_mega_args &a,
-                                                   const int32_t *pages, int l,
-                                                   int h, int j)
+                                                   const int32_t *pg, int p0,
+                                                   int l, int h, int t)
 {
     const pie_cuda_kv &kv = a.kv;
     int ps = kv.page_size, hd = kv.head_dim;
-    return kv.pool + (int64_t)pages[j / ps] * pie_cuda_kv_page_elems(&kv) +
-           (int64_t)l * 2 * kv.n_kv * ps * hd + ((int64_t)h * ps + j % ps) * hd;
+    return kv.pool + (int64_t)pg[t / ps - p0] * pie_cuda_kv_page_elems(&kv) +
+           (int64_t)l * 2 * kv.n_kv * ps * hd + ((int64_t)h * ps + t % ps) * hd;
 }
 
 /* RoPE (half-split pairs i, i + hd/2) of the f32 head src into dst. */
 static __device__ void rope_into(float *dst, const float *src, int hd,
-                                 float pos, const float *inv_freq, int t0,
-                                 int nt)
+                                 float pos, const float *inv_freq)
 {
     int half = hd / 2;
-    for (int i = t0; i < half; i += nt) {
+    for (int i = threadIdx.x; i < half; i += MEGA_THREADS) {
         float s, c;
         sincosf(pos * inv_freq[i], &s, &c);
         float x0 = ldcg(src + i), x1 = ldcg(src + i + half);
@@ -308,141 +350,123 @@ static __device__ void rope_into(float *dst, const float *src, int hd,
     }
 }
 
-/* Shared memory of the attention phase (floats): q (G x hd), the scores
- * (G x slots of the split), the warps' P.V partials (warps x G x hd). */
-struct att_smem {
-    float *q, *sc, *pv;
-    __device__ att_smem(float *sm, int G, int hd, int nsl)
-        : q(sm), sc(sm + G * hd), pv(sm + G * hd + G * ((nsl + 3) & ~3)) {}
-};
-
-/* Appends the new slot's K (RoPE, bf16) and V of kv head h. */
-static __device__ void append_kv(const pie_cuda_mega_args &a, const float *qkv,
-                                 const int32_t *pages, int l, int h, int j,
-                                 float pos, float *tmp)
+/* Appends the new slot's K (RoPE, bf16) and V of the job's kv head, tmp
+ * (hd floats of shared memory) for the rotated K. */
+static __device__ void append_kv(const pie_cuda_mega_args &a, const att_job &j,
+                                 const int32_t *pg, int l, float pos, float *tmp)
 {
     int hd = a.hd, nh = a.nh, nkv = a.nkv;
-    uint16_t *k = kv_row(a, pages, l, h, j);
+    uint16_t *k = kv_row(a, pg, j.p0, l, j.h, j.hi - 1);
     uint16_t *v = k + (int64_t)nkv * a.kv.page_size * hd;
-    rope_into(tmp, qkv + (nh + h) * hd, hd, pos, a.inv_freq, threadIdx.x,
-              MEGA_THREADS);
+    rope_into(tmp, a.qkv + (nh + j.h) * hd, hd, pos, a.inv_freq);
     __syncthreads();
     for (int d = threadIdx.x; d < hd; d += MEGA_THREADS) {
         k[d] = f2bf(tmp[d]);
-        v[d] = f2bf(ldcg(qkv + (nh + nkv + h) * hd + d));
+        v[d] = f2bf(ldcg(a.qkv + (nh + nkv + j.h) * hd + d));
     }
     __threadfence_block();
     __syncthreads();
 }
 
-/* Scores of slots [lo, hi) for the G heads: warp w takes MEGA_U slots at
- * a time, lanes split the head dim in pairs. */
+/* One pass over K and V: warp w takes MEGA_U slots at a time (K and V
+ * loaded together), lanes split the head dim in pairs (2 lane + 64 p),
+ * an online softmax per query head in registers (base 2: the scale holds
+ * log2 e); the warp's state then goes to ws[w][g] = (o[hd], m, l). */
 template <int P>
-static __device__ void att_scores(const pie_cuda_mega_args &a, att_smem s,
-                                  const int32_t *pages, int l, int h, int lo,
-                                  int hi, int G, float scale)
+static __device__ void att_pass(const pie_cuda_mega_args &a, const att_job &j,
+                                const float *q, float *ws, const int32_t *pg,
+                                int l, int G, float scale)
 {
     int hd = a.hd, lane = threadIdx.x % WARP, w = threadIdx.x / WARP;
-    for (int j0 = lo + w * MEGA_U; j0 < hi; j0 += MEGA_WARPS * MEGA_U) {
-        uint32_t kk[MEGA_U][P];
+    int64_t voff = (int64_t)a.nkv * a.kv.page_size * hd;
+    float acc[PIE_CUDA_MEGA_GMAX][P][2] = {}, m[PIE_CUDA_MEGA_GMAX],
+          sum[PIE_CUDA_MEGA_GMAX];
+#pragma unroll
+    for (int g = 0; g < PIE_CUDA_MEGA_GMAX; g++) { m[g] = -INFINITY; sum[g] = 0.0f; }
+    for (int t0 = j.lo + w * MEGA_U; t0 < j.hi; t0 += MEGA_WARPS * MEGA_U) {
+        uint32_t kk[MEGA_U][P], vv[MEGA_U][P];
 #pragma unroll
         for (int u = 0; u < MEGA_U; u++) {
-            const uint16_t *kr = j0 + u < hi ? kv_row(a, pages, l, h, j0 + u) : NULL;
+            const uint16_t *kr = t0 + u < j.hi ? kv_row(a, pg, j.p0, l, j.h, t0 + u) : NULL;
 #pragma unroll
             for (int p = 0; p < P; p++) {
                 int d = 2 * lane + 64 * p;
                 kk[u][p] = kr && d < hd ? ld_kv(kr + d) : 0u;
-            }
-        }
-        for (int g = 0; g < G; g++) {
-            const float *q = s.q + g * hd;
-#pragma unroll
-            for (int u = 0; u < MEGA_U; u++) {
-                float acc = 0.0f;
-#pragma unroll
-                for (int p = 0; p < P; p++) {
-                    int d = 2 * lane + 64 * p;
-                    if (d < hd)
-                        acc += q[d] * __uint_as_float(kk[u][p] << 16) +
-                               q[d + 1] * __uint_as_float(kk[u][p] & 0xffff0000u);
-                }
-                acc = warp_sum(acc);
-                if (lane == 0 && j0 + u < hi)
-                    s.sc[g * ((hi - lo + 3) & ~3) + j0 + u - lo] = acc * scale;
-            }
-        }
-    }
-}
-
-/* Softmax of each head's scores in place (base 2: the scale holds
- * log2 e): warp g takes head g; ml[2 g] = max, ml[2 g + 1] = sum. */
-static __device__ void att_softmax(att_smem s, int n, int G, float *ml)
-{
-    int lane = threadIdx.x % WARP, w = threadIdx.x / WARP, st = (n + 3) & ~3;
-    for (int g = w; g < G; g += MEGA_WARPS) {
-        float *sc = s.sc + g * st, m = -INFINITY, sum = 0.0f;
-        for (int j = lane; j < n; j += WARP) m = fmaxf(m, sc[j]);
-        m = warp_max(m);
-        for (int j = lane; j < n; j += WARP) {
-            float p = exp2f(sc[j] - m);
-            sc[j] = p;
-            sum += p;
-        }
-        sum = warp_sum(sum);
-        if (lane == 0) { ml[2 * g] = m; ml[2 * g + 1] = sum; }
-    }
-    __syncthreads();
-}
-
-/* Each warp's P.V over its slots into s.pv[warp][g][d]; a lane holds P
- * pairs of the head dim (2 lane + 64 p). */
-template <int P>
-static __device__ void att_pv(const pie_cuda_mega_args &a, att_smem s,
-                              const int32_t *pages, int l, int h, int lo,
-                              int hi, int G)
-{
-    int hd = a.hd, lane = threadIdx.x % WARP, w = threadIdx.x / WARP;
-    int st = (hi - lo + 3) & ~3;
-    int64_t voff = (int64_t)a.nkv * a.kv.page_size * hd;
-    float acc[PIE_CUDA_MEGA_GMAX][P][2] = {};
-    for (int j0 = lo + w * MEGA_U; j0 < hi; j0 += MEGA_WARPS * MEGA_U) {
-        uint32_t vv[MEGA_U][P];
-#pragma unroll
-        for (int u = 0; u < MEGA_U; u++) {
-            const uint16_t *vr = j0 + u < hi ? kv_row(a, pages, l, h, j0 + u) + voff : NULL;
-#pragma unroll
-            for (int p = 0; p < P; p++) {
-                int d = 2 * lane + 64 * p;
-                vv[u][p] = vr && d < hd ? ld_kv(vr + d) : 0u;
+                vv[u][p] = kr && d < hd ? ld_kv(kr + voff + d) : 0u;
             }
         }
 #pragma unroll
         for (int g = 0; g < PIE_CUDA_MEGA_GMAX; g++) {
             if (g >= G) break;
+            const float *qg = q + g * hd;
+            float sc[MEGA_U], mx = m[g];
 #pragma unroll
             for (int u = 0; u < MEGA_U; u++) {
-                float p_ = j0 + u < hi ? s.sc[g * st + j0 + u - lo] : 0.0f;
+                float d_ = 0.0f;
 #pragma unroll
                 for (int p = 0; p < P; p++) {
-                    acc[g][p][0] += p_ * __uint_as_float(vv[u][p] << 16);
-                    acc[g][p][1] += p_ * __uint_as_float(vv[u][p] & 0xffff0000u);
+                    int d = 2 * lane + 64 * p;
+                    if (d < hd)
+                        d_ += qg[d] * __uint_as_float(kk[u][p] << 16) +
+                              qg[d + 1] * __uint_as_float(kk[u][p] & 0xffff0000u);
+                }
+                sc[u] = t0 + u < j.hi ? warp_sum(d_) * scale : -INFINITY;
+                mx = fmaxf(mx, sc[u]);
+            }
+            float f = exp2f(m[g] - mx);     /* 0 while m[g] is -inf */
+            sum[g] *= f;
+#pragma unroll
+            for (int p = 0; p < P; p++) { acc[g][p][0] *= f; acc[g][p][1] *= f; }
+#pragma unroll
+            for (int u = 0; u < MEGA_U; u++) {
+                float pu = exp2f(sc[u] - mx);
+                sum[g] += pu;
+#pragma unroll
+                for (int p = 0; p < P; p++) {
+                    acc[g][p][0] += pu * __uint_as_float(vv[u][p] << 16);
+                    acc[g][p][1] += pu * __uint_as_float(vv[u][p] & 0xffff0000u);
                 }
             }
+            m[g] = mx;
         }
     }
 #pragma unroll
     for (int g = 0; g < PIE_CUDA_MEGA_GMAX; g++) {
         if (g >= G) break;
+        float *st = ws + (w * G + g) * (hd + 2);
 #pragma unroll
         for (int p = 0; p < P; p++) {
             int d = 2 * lane + 64 * p;
-            if (d < hd) {
-                s.pv[(w * G + g) * hd + d] = acc[g][p][0];
-                s.pv[(w * G + g) * hd + d + 1] = acc[g][p][1];
-            }
+            if (d < hd) { st[d] = acc[g][p][0]; st[d + 1] = acc[g][p][1]; }
         }
+        if (lane == 0) { st[hd] = m[g]; st[hd + 1] = sum[g]; }
     }
     __syncthreads();
+}
+
+/* Combines the warps' states into the split's partial (o, m, l). */
+static __device__ void att_partial(const pie_cuda_mega_args &a, const att_job &j,
+                                   const float *ws, int G)
+{
+    int hd = a.hd;
+    int64_t base = (int64_t)(j.h * a.smax + j.s) * G;
+    for (int e = threadIdx.x; e < G * hd; e += MEGA_THREADS) {
+        int g = e / hd, d = e % hd;
+        float M = -INFINITY;
+        for (int w = 0; w < MEGA_WARPS; w++) M = fmaxf(M, ws[(w * G + g) * (hd + 2) + hd]);
+        float o = 0.0f, den = 0.0f;
+        for (int w = 0; w < MEGA_WARPS; w++) {
+            const float *st = ws + (w * G + g) * (hd + 2);
+            float f = st[hd] == -INFINITY ? 0.0f : exp2f(st[hd] - M);
+            o += f * st[d];
+            den += f * st[hd + 1];
+        }
+        a.part_o[base * hd + e] = o;
+        if (d == 0) {
+            a.part_ml[(base + g) * 2] = M;
+            a.part_ml[(base + g) * 2 + 1] = den;
+        }
+    }
 }
 
 /* The last split of kv head h to finish merges the S partials into att. */
@@ -475,45 +499,27 @@ static __device__ void att_merge(const pie_cuda_mega_args &a, int h, int S,
     if (threadIdx.x == 0) a.bar[1 + h] = 0;
 }
 
-/* Phase 2 for this block (if it has a split). */
-static __device__ void att_phase(const pie_cuda_mega_args &a, float *sm,
-                                 int l, float *red)
+/* Phase 2 for this block (after its barrier): RoPE of its query heads,
+ * the new slot's K and V where its split holds it, one pass, partial,
+ * merge. */
+static __device__ void att_run(const pie_cuda_mega_args &a, const att_job &j,
+                               float *sm, int l, float *red)
 {
-    int hd = a.hd, nkv = a.nkv, G = a.nh / nkv;
-    int L = a.tm.kv_len[0];
-    int S = pie_cuda_mega_splits(L, a.smax, a.split_slots);
-    int b = blockIdx.x;
-    if (b >= nkv * S) return;
-    int h = b / S, s = b % S;
-    int lo = (int)((int64_t)L * s / S), hi = (int)((int64_t)L * (s + 1) / S);
-    const int32_t *pages = a.tm.pages + a.tm.kv_indptr[0];
+    if (!j.active) return;
+    int hd = a.hd, G = a.nh / a.nkv;
     float pos = (float)a.tm.positions[0];
-    att_smem m(sm, G, hd, hi - lo);
+    float *q = sm, *ws = att_ws(sm, G, hd);
+    const int32_t *pg = att_pg(sm, G, hd);
     for (int g = 0; g < G; g++)
-        rope_into(m.q + g * hd, a.qkv + (h * G + g) * hd, hd, pos, a.inv_freq,
-                  threadIdx.x, MEGA_THREADS);
-    if (hi == L)                   /* the new slot is L - 1 (a decode step) */
-        append_kv(a, a.qkv, pages, l, h, L - 1, pos, m.pv);
+        rope_into(q + g * hd, a.qkv + (j.h * G + g) * hd, hd, pos, a.inv_freq);
+    if (j.hi == a.tm.kv_len[0])     /* the new slot is L - 1 (decode) */
+        append_kv(a, j, pg, l, pos, ws);
     __syncthreads();
-    /* 1/sqrt(hd) and log2 e: softmax in base 2 */
     float scale = rsqrtf((float)hd) * 1.4426950408889634f;
-    if (hd <= 64) att_scores<1>(a, m, pages, l, h, lo, hi, G, scale);
-    else att_scores<2>(a, m, pages, l, h, lo, hi, G, scale);
-    __syncthreads();
-    att_softmax(m, hi - lo, G, red);
-    if (hd <= 64) att_pv<1>(a, m, pages, l, h, lo, hi, G);
-    else att_pv<2>(a, m, pages, l, h, lo, hi, G);
-    for (int e = threadIdx.x; e < G * hd; e += MEGA_THREADS) {
-        int g = e / hd;
-        float o = 0.0f;
-        for (int w = 0; w < MEGA_WARPS; w++) o += m.pv[(w * G + g) * hd + e % hd];
-        a.part_o[(int64_t)(h * a.smax + s) * G * hd + e] = o;
-    }
-    if (threadIdx.x < G) {
-        a.part_ml[((h * a.smax + s) * G + threadIdx.x) * 2] = red[2 * threadIdx.x];
-        a.part_ml[((h * a.smax + s) * G + threadIdx.x) * 2 + 1] = red[2 * threadIdx.x + 1];
-    }
-    att_merge(a, h, S, G, reinterpret_cast<int *>(red + 2 * PIE_CUDA_MEGA_GMAX));
+    if (hd <= 64) att_pass<1>(a, j, q, ws, pg, l, G, scale);
+    else att_pass<2>(a, j, q, ws, pg, l, G, scale);
+    att_partial(a, j, ws, G);
+    att_merge(a, j.h, j.S, G, reinterpret_cast<int *>(red + 2 * PIE_CUDA_MEGA_GMAX));
 }
 
 /* ------------------------------------------------------------- kernel */
@@ -541,8 +547,9 @@ mega_kernel(pie_cuda_mega_args a)
         });
         bar_arrive(a.bar);
         /* 2: attention */
+        att_job job = att_prepare(a, sm);
         bar_wait(a.bar, bar_at(l, 1));
-        att_phase(a, sm, l, red);
+        att_run(a, job, sm, l, red);
         bar_arrive(a.bar);
         /* 3: wo, into the residual */
         mm_rows ro = { dim, 0 };
@@ -589,8 +596,8 @@ static size_t mega_smem(const pie_cuda_mega_args *a)
     size_t xs = a->dim;
     if ((size_t)a->nh * hd > xs) xs = (size_t)a->nh * hd;
     if ((size_t)a->hid > xs) xs = a->hid;
-    size_t att = (size_t)G * hd + (size_t)G * ((a->split_slots_max + 3) & ~3) +
-                 (size_t)MEGA_WARPS * G * hd;
+    size_t att = (size_t)G * hd + (size_t)MEGA_WARPS * G * (hd + 2) +
+                 (size_t)a->split_slots_max + 2;
     return 4 * (xs > att ? xs : att);
 }
 
