@@ -37,21 +37,11 @@
 #include <cuda_bf16.h>
 #include <stdint.h>
 
-#include "backend/cuda/cuda_kernels.h"
+#include "backend/cuda/kernel_util.cuh"
 
 #define GEMV_ROWS 16               /* output rows per block (mma M)         */
 #define GEMV_CH   2                /* 16-byte chunks per lane per row, step */
 #define GEMV_STEP (32 * GEMV_CH)   /* k per step                            */
-
-/* Streamed once: bypass L1 (x, reused by every block, goes through it). */
-static __device__ __forceinline__ uint4 ld_stream(const uint16_t *p)
-{
-    uint4 v;
-    asm volatile("ld.global.nc.L1::no_allocate.v4.u32 {%0,%1,%2,%3}, [%4];"
-                 : "=r"(v.x), "=r"(v.y), "=r"(v.z), "=r"(v.w)
-                 : "l"(p));
-    return v;
-}
 
 static __device__ __forceinline__ void mma16816(float *d, uint32_t a0,
                                                 uint32_t a1, uint32_t a2,

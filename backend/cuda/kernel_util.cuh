@@ -1,6 +1,7 @@
 /*
  * kernel_util.cuh — device helpers shared by pie's CUDA kernel files
- * (kernels.cu, attention.cu): bf16 conversions, warp and block sums,
+ * (kernels.cu, attention.cu, gemv.cu, mega.cu): bf16 conversions,
+ * streaming loads, warp and block sums,
  * programmatic dependent launch (PDL), tensor-core fragments, cp.async
  * copies and the shared-memory opt-in. Only .cu files include it.
  */
@@ -30,6 +31,17 @@ __device__ __forceinline__ uint32_t pack_bf2(float lo, float hi)
 {
     __nv_bfloat162 v = __floats2bfloat162_rn(lo, hi);
     return *reinterpret_cast<uint32_t *>(&v);
+}
+
+/* 16 bytes of weights, streamed once: read-only, bypassing L1 (what every
+ * block reuses, such as x, goes through it). */
+__device__ __forceinline__ uint4 ld_stream(const uint16_t *p)
+{
+    uint4 v;
+    asm volatile("ld.global.nc.L1::no_allocate.v4.u32 {%0,%1,%2,%3}, [%4];"
+                 : "=r"(v.x), "=r"(v.y), "=r"(v.z), "=r"(v.w)
+                 : "l"(p));
+    return v;
 }
 
 __device__ __forceinline__ float warp_sum(float v)

@@ -67,15 +67,6 @@ static __device__ __forceinline__ float ldcg(const float *p)
     return __ldcg(p);
 }
 
-static __device__ __forceinline__ uint4 ld_w(const uint16_t *p)
-{
-    uint4 v;
-    asm volatile("ld.global.nc.L1::no_allocate.v4.u32 {%0,%1,%2,%3}, [%4];"
-                 : "=r"(v.x), "=r"(v.y), "=r"(v.z), "=r"(v.w)
-                 : "l"(p));
-    return v;
-}
-
 static __device__ __forceinline__ uint32_t ld_kv(const uint16_t *p)
 {
     return __ldcg(reinterpret_cast<const unsigned int *>(p));
@@ -152,8 +143,8 @@ struct mm_batch {
 #pragma unroll
         for (int j = 0; j < MEGA_CH; j++) {
             int c = bi * WARP * MEGA_CH + lane + WARP * j;
-            a[j] = c < nc ? ld_w(pa + 8 * c) : make_uint4(0, 0, 0, 0);
-            b[j] = c < nc ? ld_w(pb + 8 * c) : make_uint4(0, 0, 0, 0);
+            a[j] = c < nc ? ld_stream(pa + 8 * c) : make_uint4(0, 0, 0, 0);
+            b[j] = c < nc ? ld_stream(pb + 8 * c) : make_uint4(0, 0, 0, 0);
         }
     }
 
@@ -226,43 +217,13 @@ struct mm_stream {
     }
 };
 
-/* xs = bf16(rmsnorm(x) * w), as rmsnorm_vec_kernel rounds it (dim % 8
- * == 0: float4 loads, at most MEGA_F4 a thread in flight at once). */
+/* xs = src (n floats, n % 4 == 0, written by other blocks) in float4
+ * loads, MEGA_F4 a thread in flight at once; returns the thread's sum of
+ * squares of what it copied. No barrier. */
 #define MEGA_F4 8
-static __device__ void norm_into(float *xs, const float *x, const float *w,
-                                 int dim, float eps, float *red)
+static __device__ float copy_sq(float *xs, const float *src, int n)
 {
     float ss = 0.0f;
-    float4 *x4 = reinterpret_cast<float4 *>(xs);
-    const float4 *s4 = reinterpret_cast<const float4 *>(x);
-    for (int i0 = 0; i0 < dim / 4; i0 += MEGA_THREADS * MEGA_F4) {
-        float4 v[MEGA_F4];
-#pragma unroll
-        for (int j = 0; j < MEGA_F4; j++) {
-            int i = i0 + threadIdx.x + MEGA_THREADS * j;
-            v[j] = i < dim / 4 ? __ldcg(s4 + i) : make_float4(0, 0, 0, 0);
-        }
-#pragma unroll
-        for (int j = 0; j < MEGA_F4; j++) {
-            int i = i0 + threadIdx.x + MEGA_THREADS * j;
-            if (i < dim / 4) x4[i] = v[j];
-            ss += v[j].x * v[j].x + v[j].y * v[j].y + v[j].z * v[j].z + v[j].w * v[j].w;
-        }
-    }
-    ss = warp_sum(ss);
-    if (threadIdx.x % WARP == 0) red[threadIdx.x / WARP] = ss;
-    __syncthreads();
-    float t = 0.0f;
-    for (int i = 0; i < MEGA_WARPS; i++) t += red[i];
-    float r = rsqrtf(t / dim + eps);
-    for (int i = threadIdx.x; i < dim; i += MEGA_THREADS)
-        xs[i] = bf16r(xs[i] * r * w[i]);
-    __syncthreads();
-}
-
-/* xs = src (n floats, n % 4 == 0, written by other blocks). */
-static __device__ void copy_into(float *xs, const float *src, int n)
-{
     float4 *x4 = reinterpret_cast<float4 *>(xs);
     const float4 *s4 = reinterpret_cast<const float4 *>(src);
     for (int i0 = 0; i0 < n / 4; i0 += MEGA_THREADS * MEGA_F4) {
@@ -276,8 +237,30 @@ static __device__ void copy_into(float *xs, const float *src, int n)
         for (int j = 0; j < MEGA_F4; j++) {
             int i = i0 + threadIdx.x + MEGA_THREADS * j;
             if (i < n / 4) x4[i] = v[j];
+            ss += v[j].x * v[j].x + v[j].y * v[j].y + v[j].z * v[j].z + v[j].w * v[j].w;
         }
     }
+    return ss;
+}
+
+static __device__ void copy_into(float *xs, const float *src, int n)
+{
+    copy_sq(xs, src, n);
+    __syncthreads();
+}
+
+/* xs = bf16(rmsnorm(x) * w), as rmsnorm_vec_kernel rounds it. */
+static __device__ void norm_into(float *xs, const float *x, const float *w,
+                                 int dim, float eps, float *red)
+{
+    float ss = warp_sum(copy_sq(xs, x, dim));
+    if (threadIdx.x % WARP == 0) red[threadIdx.x / WARP] = ss;
+    __syncthreads();
+    float t = 0.0f;
+    for (int i = 0; i < MEGA_WARPS; i++) t += red[i];
+    float r = rsqrtf(t / dim + eps);
+    for (int i = threadIdx.x; i < dim; i += MEGA_THREADS)
+        xs[i] = bf16r(xs[i] * r * w[i]);
     __syncthreads();
 }
 
