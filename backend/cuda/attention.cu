@@ -105,8 +105,8 @@ attention_kernel(uint16_t *out, float *part_o, float *part_ml, const float *q,
     __syncthreads();
     const int *pages = pg - p0;
     int64_t page_elems = pie_cuda_kv_page_elems(&kv);
-    int64_t lay = (int64_t)layer * 2 * nkv * ps * hd + (int64_t)it.kvh * ps * hd;
-    int64_t voff = (int64_t)nkv * ps * hd;
+    int64_t lay = pie_cuda_kv_k_off(&kv, layer, it.kvh);
+    int64_t voff = pie_cuda_kv_voff(&kv);
     /* pass 1: U slots per group in flight */
     for (int base = it.s0; base < it.s1; base += NG * U) {
         float kf[U][8];
@@ -428,8 +428,7 @@ static __device__ __forceinline__ fa_kvsrc fa_kvsrc_of(const pie_cuda_kv &kv,
 {
     int ps = kv.page_size;
     return { kv.pool, tm.pages + tm.kv_indptr[req], pie_cuda_kv_page_elems(&kv),
-             (int64_t)layer * 2 * kv.n_kv * ps * HD + (int64_t)kvh * ps * HD,
-             (int64_t)kv.n_kv * ps * HD, ps, psh };
+             pie_cuda_kv_k_off(&kv, layer, kvh), pie_cuda_kv_voff(&kv), ps, psh };
 }
 
 template <int HD, int TH>

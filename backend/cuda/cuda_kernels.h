@@ -48,6 +48,19 @@ static inline PIE_HD int64_t pie_cuda_kv_page_elems(const pie_cuda_kv *kv)
     return (int64_t)kv->n_layers * 2 * kv->n_kv * kv->page_size * kv->head_dim;
 }
 
+/* Within a page: where kv head h's K rows of a layer begin (elements), and
+ * how much further its V rows are. */
+static inline PIE_HD int64_t pie_cuda_kv_k_off(const pie_cuda_kv *kv, int layer,
+                                               int h)
+{
+    return ((int64_t)layer * 2 * kv->n_kv + h) * kv->page_size * kv->head_dim;
+}
+
+static inline PIE_HD int64_t pie_cuda_kv_voff(const pie_cuda_kv *kv)
+{
+    return (int64_t)kv->n_kv * kv->page_size * kv->head_dim;
+}
+
 #ifdef __CUDACC__
 #include <math.h>
 /* silu(g) * u, the SwiGLU of one element: silu_mul (kernels.cu) and the

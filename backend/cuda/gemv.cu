@@ -125,17 +125,6 @@ static __device__ __forceinline__ void mma_round(float (*d)[4], const uint4 *A,
     }
 }
 
-static __device__ __forceinline__ uint16_t to_bf16(float v)
-{
-    __nv_bfloat16 b = __float2bfloat16_rn(v);
-    return *reinterpret_cast<uint16_t *>(&b);
-}
-
-static __device__ __forceinline__ float bf16_round(float v)
-{
-    return __bfloat162float(__float2bfloat16_rn(v));
-}
-
 /* GLU blocks: rows g of the fragment are gate rows row0 + g, rows g + 8
  * the up rows of the same features, so lane (g, c) holds gate and up of
  * feature row0 + g for x rows 2c, 2c + 1 of tile t: h = silu(gate) * up,
@@ -149,7 +138,7 @@ static __device__ __forceinline__ void store_glu(uint16_t *h, int hid, int m,
         int row = row0 + g, col = 8 * t + 2 * c + i;
         if (row >= hid || col >= m) continue;
         h[(size_t)col * hid + row] =
-            to_bf16(pie_silu_mul(bf16_round(d[i]), bf16_round(d[2 + i])));
+            f2bf(pie_silu_mul(bf16_round(d[i]), bf16_round(d[2 + i])));
     }
 }
 
@@ -166,7 +155,7 @@ static __device__ __forceinline__ void store_c(void *y, int y_f32, int n,
         size_t at = (size_t)col * n + row;
         if (y_f32 == 2) static_cast<float *>(y)[at] += d[i];
         else if (y_f32) static_cast<float *>(y)[at] = d[i];
-        else static_cast<uint16_t *>(y)[at] = to_bf16(d[i]);
+        else static_cast<uint16_t *>(y)[at] = f2bf(d[i]);
     }
 }
 

@@ -26,6 +26,12 @@ __device__ __forceinline__ uint16_t f2bf(float f)
     return *reinterpret_cast<uint16_t *>(&b);
 }
 
+/* v rounded to the nearest bf16, as a float */
+__device__ __forceinline__ float bf16_round(float v)
+{
+    return bf2f(f2bf(v));
+}
+
 /* Two floats as bf16, lo in the low half (the layout of adjacent bf16s). */
 __device__ __forceinline__ uint32_t pack_bf2(float lo, float hi)
 {

@@ -199,7 +199,7 @@ __global__ void qkv_post_kernel(float *q, const uint16_t *qkv, const float *bias
     int slot = tm.tok_slot[t], req = tm.tok_req[t], ps = kv.page_size;
     int page = tm.pages[tm.kv_indptr[req] + slot / ps], off = slot % ps;
     uint16_t *kbase = kv.pool + (int64_t)page * pie_cuda_kv_page_elems(&kv) +
-                      (int64_t)layer * 2 * nkv * ps * hd;
+                      pie_cuda_kv_k_off(&kv, layer, 0);
     for (int i = threadIdx.x; i < half; i += blockDim.x)   /* once per block */
         sincosf(pos * inv_freq[i], &rsin[i], &rcos[i]);
     __syncthreads();

@@ -57,16 +57,6 @@ static_assert(PIE_CUDA_MEGA_GMAX <= MEGA_WARPS, "a warp per query head");
 
 /* ------------------------------------------------------------ helpers */
 
-static __device__ __forceinline__ float bf16r(float v)
-{
-    return __bfloat162float(__float2bfloat16_rn(v));
-}
-
-static __device__ __forceinline__ float ldcg(const float *p)
-{
-    return __ldcg(p);
-}
-
 static __device__ __forceinline__ uint32_t ld_kv(const uint16_t *p)
 {
     return __ldcg(reinterpret_cast<const unsigned int *>(p));
@@ -260,7 +250,7 @@ static __device__ void norm_into(float *xs, const float *x, const float *w,
     for (int i = 0; i < MEGA_WARPS; i++) t += red[i];
     float r = rsqrtf(t / dim + eps);
     for (int i = threadIdx.x; i < dim; i += MEGA_THREADS)
-        xs[i] = bf16r(xs[i] * r * w[i]);
+        xs[i] = bf16_round(xs[i] * r * w[i]);
     __syncthreads();
 }
 
@@ -308,15 +298,17 @@ static __device__ att_job att_prepare(const pie_cuda_mega_args &a, float *sm)
     return j;
 }
 
-/* Where slot t of kv head h lies in layer l (K; V is voff further). */
+/* Where slot t lies (K; V is pie_cuda_kv_voff further): koff, the kv
+ * head's offset within a page (pie_cuda_kv_k_off), pg the split's pages
+ * from page p0. */
 static __device__ __forceinline__ uint16_t *kv_row(const pie_cuda_mega_args &a,
                                                    const int32_t *pg, int p0,
-                                                   int l, int h, int t)
+                                                   int64_t koff, int t)
 {
     const pie_cuda_kv &kv = a.kv;
-    int ps = kv.page_size, hd = kv.head_dim;
+    int ps = kv.page_size;
     return kv.pool + (int64_t)pg[t / ps - p0] * pie_cuda_kv_page_elems(&kv) +
-           (int64_t)l * 2 * kv.n_kv * ps * hd + ((int64_t)h * ps + t % ps) * hd;
+           koff + (int64_t)(t % ps) * kv.head_dim;
 }
 
 /* RoPE (half-split pairs i, i + hd/2) of the f32 head src into dst. */
@@ -327,7 +319,7 @@ static __device__ void rope_into(float *dst, const float *src, int hd,
     for (int i = threadIdx.x; i < half; i += MEGA_THREADS) {
         float s, c;
         sincosf(pos * inv_freq[i], &s, &c);
-        float x0 = ldcg(src + i), x1 = ldcg(src + i + half);
+        float x0 = __ldcg(src + i), x1 = __ldcg(src + i + half);
         dst[i] = x0 * c - x1 * s;
         dst[i + half] = x1 * c + x0 * s;
     }
@@ -339,13 +331,13 @@ static __device__ void append_kv(const pie_cuda_mega_args &a, const att_job &j,
                                  const int32_t *pg, int l, float pos, float *tmp)
 {
     int hd = a.hd, nh = a.nh, nkv = a.nkv;
-    uint16_t *k = kv_row(a, pg, j.p0, l, j.h, j.hi - 1);
-    uint16_t *v = k + (int64_t)nkv * a.kv.page_size * hd;
+    uint16_t *k = kv_row(a, pg, j.p0, pie_cuda_kv_k_off(&a.kv, l, j.h), j.hi - 1);
+    uint16_t *v = k + pie_cuda_kv_voff(&a.kv);
     rope_into(tmp, a.qkv + (nh + j.h) * hd, hd, pos, a.inv_freq);
     __syncthreads();
     for (int d = threadIdx.x; d < hd; d += MEGA_THREADS) {
         k[d] = f2bf(tmp[d]);
-        v[d] = f2bf(ldcg(a.qkv + (nh + nkv + j.h) * hd + d));
+        v[d] = f2bf(__ldcg(a.qkv + (nh + nkv + j.h) * hd + d));
     }
     __threadfence_block();
     __syncthreads();
@@ -361,7 +353,7 @@ static __device__ void att_pass(const pie_cuda_mega_args &a, const att_job &j,
                                 int l, int G, float scale)
 {
     int hd = a.hd, lane = threadIdx.x % WARP, w = threadIdx.x / WARP;
-    int64_t voff = (int64_t)a.nkv * a.kv.page_size * hd;
+    int64_t voff = pie_cuda_kv_voff(&a.kv), koff = pie_cuda_kv_k_off(&a.kv, l, j.h);
     float acc[PIE_CUDA_MEGA_GMAX][P][2] = {}, m[PIE_CUDA_MEGA_GMAX],
           sum[PIE_CUDA_MEGA_GMAX];
 #pragma unroll
@@ -370,7 +362,7 @@ static __device__ void att_pass(const pie_cuda_mega_args &a, const att_job &j,
         uint32_t kk[MEGA_U][P], vv[MEGA_U][P];
 #pragma unroll
         for (int u = 0; u < MEGA_U; u++) {
-            const uint16_t *kr = t0 + u < j.hi ? kv_row(a, pg, j.p0, l, j.h, t0 + u) : NULL;
+            const uint16_t *kr = t0 + u < j.hi ? kv_row(a, pg, j.p0, koff, t0 + u) : NULL;
 #pragma unroll
             for (int p = 0; p < P; p++) {
                 int d = 2 * lane + 64 * p;
@@ -469,15 +461,15 @@ static __device__ void att_merge(const pie_cuda_mega_args &a, int h, int S,
         int g = e / hd, d = e % hd;
         float M = -INFINITY;
         for (int s = 0; s < S; s++)
-            M = fmaxf(M, ldcg(a.part_ml + ((h * a.smax + s) * G + g) * 2));
+            M = fmaxf(M, __ldcg(a.part_ml + ((h * a.smax + s) * G + g) * 2));
         float num = 0.0f, den = 0.0f;
         for (int s = 0; s < S; s++) {
             const float *ml = a.part_ml + ((h * a.smax + s) * G + g) * 2;
-            float f = exp2f(ldcg(ml) - M);
-            den += f * ldcg(ml + 1);
-            num += f * ldcg(a.part_o + ((int64_t)(h * a.smax + s) * G + g) * hd + d);
+            float f = exp2f(__ldcg(ml) - M);
+            den += f * __ldcg(ml + 1);
+            num += f * __ldcg(a.part_o + ((int64_t)(h * a.smax + s) * G + g) * hd + d);
         }
-        a.att[(h * G + g) * hd + d] = bf16r(num / den);
+        a.att[(h * G + g) * hd + d] = bf16_round(num / den);
     }
     if (threadIdx.x == 0) a.bar[1 + h] = 0;
 }
@@ -525,8 +517,8 @@ mega_kernel(pie_cuda_mega_args a)
         const float *bq = L.bqkv;
         ms.run(sm, [&](int u, float da, float db) {
             int ra = rq.ra(u), rb = rq.rb(u);
-            qkv[ra] = bf16r(da) + (bq ? bq[ra] : 0.0f);
-            if (rb != ra) qkv[rb] = bf16r(db) + (bq ? bq[rb] : 0.0f);
+            qkv[ra] = bf16_round(da) + (bq ? bq[ra] : 0.0f);
+            if (rb != ra) qkv[rb] = bf16_round(db) + (bq ? bq[rb] : 0.0f);
         });
         bar_arrive(a.bar);
         /* 2: attention */
@@ -541,8 +533,8 @@ mega_kernel(pie_cuda_mega_args a)
         copy_into(sm, a.att, qd);
         ms.run(sm, [&](int u, float da, float db) {
             int ra = ro.ra(u), rb = ro.rb(u);
-            x[ra] = ldcg(x + ra) + da;
-            if (rb != ra) x[rb] = ldcg(x + rb) + db;
+            x[ra] = __ldcg(x + ra) + da;
+            if (rb != ra) x[rb] = __ldcg(x + rb) + db;
         });
         bar_arrive(a.bar);
         /* 4: gate/up and SwiGLU */
@@ -552,7 +544,7 @@ mega_kernel(pie_cuda_mega_args a)
         norm_into(sm, x, L.ffn_norm, dim, a.eps, red);
         float *hb = a.h;
         ms.run(sm, [&](int u, float da, float db) {
-            hb[u] = bf16r(pie_silu_mul(bf16r(da), bf16r(db)));
+            hb[u] = bf16_round(pie_silu_mul(bf16_round(da), bf16_round(db)));
         });
         bar_arrive(a.bar);
         /* 5: down, into the residual */
@@ -562,8 +554,8 @@ mega_kernel(pie_cuda_mega_args a)
         copy_into(sm, a.h, a.hid);
         ms.run(sm, [&](int u, float da, float db) {
             int ra = rd.ra(u), rb = rd.rb(u);
-            x[ra] = ldcg(x + ra) + da;
-            if (rb != ra) x[rb] = ldcg(x + rb) + db;
+            x[ra] = __ldcg(x + ra) + da;
+            if (rb != ra) x[rb] = __ldcg(x + rb) + db;
         });
         bar_arrive(a.bar);
     }

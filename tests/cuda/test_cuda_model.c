@@ -160,10 +160,28 @@ static double lse(const float *x, int n)
     return m + log(s);
 }
 
-/* Prefill + greedy check of one prompt; returns the max abs error of the
- * last logits. */
+/* Relative L2 distance of a from the reference b. */
+static double rel_l2(const float *a, const float *b, int n)
+{
+    double num = 0, den = 0;
+    for (int i = 0; i < n; i++) {
+        num += (double)(a[i] - b[i]) * (a[i] - b[i]);
+        den += (double)b[i] * b[i];
+    }
+    return sqrt(num / (den + 1e-30));
+}
+
+static double maxdiff(const float *a, const float *b, int n)
+{
+    double m = 0;
+    for (int i = 0; i < n; i++) if (fabs(a[i] - b[i]) > m) m = fabs(a[i] - b[i]);
+    return m;
+}
+
 static double rel_tol = 2e-2;   /* bf16: METHOD.md's 1e-3..1e-2, doubled */
 
+/* Prefill + greedy check of one prompt; returns the max abs error of the
+ * last logits. */
 static double check_prompt(pie_backend *b, json_t *p, const char *name, int pi)
 {
     int V = b->cfg->vocab_size, n, ng, nl;
@@ -182,13 +200,7 @@ static double check_prompt(pie_backend *b, json_t *p, const char *name, int pi)
     CHECK_OK(forward(b, &r, 1, ot, smp, n, NULL, NULL, NULL, NULL, &out));
     /* last position: full vector */
     const float *last = out.values + out.value_indptr[n - 1];
-    double e2 = 0, r2 = 0, maxerr = 0;
-    for (int v = 0; v < V; v++) {
-        double d = last[v] - ref_last[v];
-        e2 += d * d; r2 += (double)ref_last[v] * ref_last[v];
-        if (fabs(d) > maxerr) maxerr = fabs(d);
-    }
-    double rel = sqrt(e2 / r2);
+    double rel = rel_l2(last, ref_last, V), maxerr = maxdiff(last, ref_last, V);
     CHECK(rel <= rel_tol, "%s prompt %d: last logits rel L2 error %.3g > %.3g "
           "(max abs %.3g)", name, pi, rel, rel_tol, maxerr);
     /* every position: top-1 where separated, logsumexp */
@@ -256,13 +268,6 @@ static float *last_logits(pie_backend *b, const int32_t *ids, int n, seq *s)
     memcpy(v, out.values, 4 * (size_t)V);
     pie_forward_out_free(&out);
     return v;
-}
-
-static double maxdiff(const float *a, const float *b, int n)
-{
-    double m = 0;
-    for (int i = 0; i < n; i++) if (fabs(a[i] - b[i]) > m) m = fabs(a[i] - b[i]);
-    return m;
 }
 
 /* Two prompts batched (pages shuffled) vs each alone. */
@@ -421,12 +426,7 @@ static void gemv_vs_cublaslt(pie_backend *bg, pie_backend *bl, int nq,
         for (int i = 0; i < nr; i++) {
             const float *a = g + ((size_t)t * nq + i) * V;
             const float *b = e + ((size_t)t * nq + i) * V;
-            double num = 0, den = 0;
-            for (int v = 0; v < V; v++) {
-                num += (double)(a[v] - b[v]) * (a[v] - b[v]);
-                den += (double)b[v] * b[v];
-            }
-            double rel = sqrt(num / (den + 1e-30));
+            double rel = rel_l2(a, b, V);
             CHECK(rel < rel_tol, "%s: %d rows, step %d row %d: gemv vs "
                   "cuBLASLt rel L2 %.3g", name, nq, t, i, rel);
             if (rel > worst) worst = rel;
@@ -475,12 +475,7 @@ static double mega_run(pie_backend *b, pie_backend *b0, int n, int steps,
     double worst = 0;
     for (int t = 0; t < steps; t++) {
         float *a = last_logits(b, &cur, 1, &s), *e = last_logits(b0, &cur, 1, &s0);
-        double num = 0, den = 0;
-        for (int v = 0; v < V; v++) {
-            num += (double)(a[v] - e[v]) * (a[v] - e[v]);
-            den += (double)e[v] * e[v];
-        }
-        double rel = sqrt(num / (den + 1e-30));
+        double rel = rel_l2(a, e, V);
         CHECK(rel < rel_tol, "%s: step %d (context %d): one-kernel decode vs "
               "per-operation rel L2 %.3g", name, t, n + t + 1, rel);
         if (rel > worst) worst = rel;
@@ -692,10 +687,9 @@ static void check_cpu(pie_backend *b, const pie_model *m, json_t *prompts,
     pages_reset(b->n_pages, 0);
     seq t = { .np = 0 };
     float *g = last_logits(b, ids, n, &t);
-    double e2 = 0, r2 = 0;
-    for (int i = 0; i < V; i++) { e2 += (g[i] - c[i]) * (g[i] - c[i]); r2 += c[i] * c[i]; }
-    CHECK(sqrt(e2 / r2) < 2e-2, "%s: CUDA vs CPU rel L2 %.3g", name, sqrt(e2 / r2));
-    printf("%s: CUDA vs CPU backend last logits rel L2 %.2e\n", name, sqrt(e2 / r2));
+    double rel = rel_l2(g, c, V);
+    CHECK(rel < 2e-2, "%s: CUDA vs CPU rel L2 %.3g", name, rel);
+    printf("%s: CUDA vs CPU backend last logits rel L2 %.2e\n", name, rel);
     pie_backend_free(cpu);
     free(ids); free(c); free(g);
 }
