@@ -53,6 +53,8 @@
 #           default
 #   steps   decode steps' host planning, GPU span and time between forwards
 #           (PIE_CUDA_STEPS=1) at four shapes
+#   long    batch 16 at long contexts: decode attention and 8B decode steps
+#           by the rule and with the cut plan only (PIE_CUDA_DEC_WHOLE=0)
 set -u
 OUT=${OUT:-$PWD/out}
 C=${PIE_CARRY:-.carry}
@@ -114,6 +116,22 @@ for phase in "$@"; do
         PIE_CUDA_DEC_BLOCKS=64 PIE_CUDA_DEC_WHOLE=2 PIE_CUDA_PARTIAL_SHARED=1 timeout 200 \
             $R test_cuda_model > "$OUT/model-whole2-64.log" 2>&1
         echo "model (PIE_CUDA_DEC_WHOLE=2 PIE_CUDA_DEC_BLOCKS=64) rc=$?" | tee -a "$OUT/summary.log"
+        ;;
+    long)
+        log long
+        for w in 0 ""; do
+            for L in 8192 16384; do
+                PIE_CUDA_DEC_WHOLE=$w PIE_ATTN_ONLY=128,16,$L timeout 60 $R bench_cuda_attn \
+                    2>&1 | sed "s/^/whole=$w /" | tee -a "$OUT/summary.log"
+            done
+        done
+        for i in 1 2; do
+            for w in 0 ""; do
+                TAG="whole=$w " PIE_CUDA_DEC_WHOLE=$w bench llama-3.1-8b 16 8192 16
+            done
+        done
+        TAG="whole=0 " PIE_CUDA_DEC_WHOLE=0 bench llama-3.1-8b 16 16384 8 8192
+        TAG="whole= " bench llama-3.1-8b 16 16384 8 8192
         ;;
     hf1b|hf8b)
         s=llama-3.2-1b; [ $phase = hf8b ] && s=llama-3.1-8b

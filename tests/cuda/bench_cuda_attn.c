@@ -101,33 +101,53 @@ static void run(int hd, int B, int L, int mma)
     CU(cudaMalloc((void **)&po, 4 * (size_t)(parts + 1) * hd));
     CU(cudaMalloc((void **)&pml, 8 * (size_t)(parts + 1)));
     cudaEvent_t e0, e1;
+    cudaStream_t st;
+    cudaGraph_t gr;
+    cudaGraphExec_t ge;
     cudaEventCreate(&e0); cudaEventCreate(&e1);
+    CU(cudaStreamCreateWithFlags(&st, cudaStreamNonBlocking));
     int iters = 20;
     /* PIE_ATTN_NO_MERGE=1 (an experiment: wrong output): attention alone */
     int merge = !getenv("PIE_ATTN_NO_MERGE");
-    for (int w = 0; w < 3 + iters; w++) {
-        if (w == 3) CU(cudaEventRecord(e0, 0));
-        if (mma) {
-            pie__cuda_attention_dec(out, po, pml, q, d[8], d[9], nb, &tm, &kv,
-                                    nl / 2, nh, whole, 0);
-        } else {
-            pie__cuda_attention(out, po, pml, q, d[6], ni, &tm, &kv, 0, nh,
-                                (L + ns - 1) / ns + 1, 0);
+    /* us per call: launched one by one on a stream, then replayed as one
+     * CUDA graph of iters calls (as decode steps run them: no launch gaps) */
+    double us[2];
+    for (int g = 0; g < 2; g++) {
+        if (g) CU(cudaStreamBeginCapture(st, cudaStreamCaptureModeThreadLocal));
+        for (int w = 0; w < (g ? iters : 3 + iters); w++) {
+            if (!g && w == 3) CU(cudaEventRecord(e0, st));
+            if (mma) {
+                pie__cuda_attention_dec(out, po, pml, q, d[8], d[9], nb, &tm, &kv,
+                                        nl / 2, nh, whole, st);
+            } else {
+                pie__cuda_attention(out, po, pml, q, d[6], ni, &tm, &kv, 0, nh,
+                                    (L + ns - 1) / ns + 1, st);
+            }
+            if (merge && !whole)
+                pie__cuda_attn_merge(out, po, pml, d[7], nm, nh, nkv, hd, st);
         }
-        if (merge && !whole)
-            pie__cuda_attn_merge(out, po, pml, d[7], nm, nh, nkv, hd, 0);
+        if (g) {
+            CU(cudaStreamEndCapture(st, &gr));
+            CU(cudaGraphInstantiate(&ge, gr, 0));
+            CU(cudaGraphLaunch(ge, st));            /* warm-up */
+            CU(cudaEventRecord(e0, st));
+            CU(cudaGraphLaunch(ge, st));
+        }
+        CU(cudaEventRecord(e1, st));
+        CU(cudaEventSynchronize(e1));
+        CU(cudaGetLastError());
+        float ms;
+        cudaEventElapsedTime(&ms, e0, e1);
+        us[g] = ms * 1e3 / iters;
+        if (g) { cudaGraphExecDestroy(ge); cudaGraphDestroy(gr); }
     }
-    CU(cudaEventRecord(e1, 0));
-    CU(cudaEventSynchronize(e1));
-    CU(cudaGetLastError());
-    float ms;
-    cudaEventElapsedTime(&ms, e0, e1);
-    double us = ms * 1e3 / iters;
-    double bytes = (double)B * L * nkv * hd * 2 * 2;
-    printf("attn %s hd %3d  B %3d  ctx %5d  %s %4d  %8.1f us  %6.2f TB/s\n",
+    cudaStreamDestroy(st);
+    double tb = (double)B * L * nkv * hd * 2 * 2 / 1e6;   /* MB -> TB/s per us */
+    printf("attn %s hd %3d  B %3d  ctx %5d  %s %4d  %8.1f us  %6.2f TB/s"
+           "  graph %8.1f us  %6.2f TB/s\n",
            mma ? "mma " : "simt", hd, B, L,
            whole ? "whole " : mma ? "blocks" : "splits",
-           mma ? nb : ns, us, bytes / (us * 1e-6) / 1e12);
+           mma ? nb : ns, us[0], tb / us[0], us[1], tb / us[1]);
     for (int i = 0; i < 10; i++) cudaFree(d[i]);
     cudaFree(kv.pool); cudaFree(q); cudaFree(out); cudaFree(po); cudaFree(pml);
     free(pages); free(slot); free(req); free(ind); free(len); free(pos);
