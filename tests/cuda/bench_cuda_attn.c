@@ -1,8 +1,9 @@
 /*
  * bench_cuda_attn.c — achieved bandwidth of paged decode attention (one
  * layer, one new token per request, contexts of L slots over shuffled pages
- * of 16), for the Llama-3.2-1B (32/8 heads, hd 64) and 3.1-8B (hd 128)
- * head shapes. Prints µs per call and TB/s counting K and V bytes read
+ * of 16, random K, V and Q), for the Llama-3.2-1B (32/8 heads, hd 64) and
+ * 3.1-8B (hd 128) head shapes. Prints µs per call (launched one by one,
+ * and replayed as one CUDA graph) and TB/s counting K and V bytes read
  * once. The plans mirror cuda_backend.c: splits for about 2 blocks per SM
  * on the CUDA-core kernel ("simt"), the balanced persistent grid of
  * pie_cuda_dec_plan on the tensor-core decode kernel ("mma", resident
@@ -27,14 +28,26 @@ static void run(int hd, int B, int L, int mma)
     if (pse && atoi(pse) > 0) ps = atoi(pse);
     CU(cudaDeviceGetAttribute(&sm, cudaDevAttrMultiProcessorCount, 0));
     int per = (L + ps - 1) / ps, np = B * per;
-    /* PIE_ATTN_LAYERS=N (experiments): a pool of N layers, as a model's
-     * (pages N times farther apart), attention over layer N / 2 */
+    /* A pool of nl layers, as a model's (pages nl times farther apart);
+     * call i reads layer i % nl, so that no call finds the KV of the one
+     * before in L2 (50 MB): a step reads each layer once. nl: enough for
+     * 256 MB between reuses, at most 32 (PIE_ATTN_LAYERS=N: N; =1 re-reads
+     * one layer, as before round 11). */
+    double layer_mb = (double)B * L * nkv * hd * 2 * 2 / 1e6;
+    int nl = layer_mb >= 256 ? 1 : (int)(256 / layer_mb) + 1;
+    if (nl > 32) nl = 32;
     const char *lye = getenv("PIE_ATTN_LAYERS");
-    int nl = lye && atoi(lye) > 0 ? atoi(lye) : 1;
+    if (lye && atoi(lye) > 0) nl = atoi(lye);
     pie_cuda_kv kv = { NULL, nl, nkv, ps, hd };
     size_t pool = (size_t)pie_cuda_kv_page_elems(&kv) * np;
     CU(cudaMalloc((void **)&kv.pool, pool * 2));
-    CU(cudaMemset(kv.pool, 0x3c, pool * 2));    /* 1.15-ish bf16, not zero */
+    /* random K, V and Q, so that the online softmax rescales as in a real
+     * step (PIE_ATTN_CONST=1: constant K and V, Q zero, as before round 11:
+     * every score equal, the cheapest math) */
+    const char *ce = getenv("PIE_ATTN_CONST");
+    int cnst = ce && atoi(ce) > 0;
+    if (cnst) CU(cudaMemset(kv.pool, 0x3c, pool * 2));
+    else pie__cuda_fill_bf16(kv.pool, (int64_t)pool, 11, 1.0f, 0, 0);
     int32_t *pages = malloc(4 * np), *slot = malloc(4 * B), *req = malloc(4 * B);
     int32_t *ind = malloc(4 * (B + 1)), *len = malloc(4 * B), *pos = malloc(4 * B);
     for (int i = 0; i < np; i++) pages[i] = i;
@@ -97,6 +110,13 @@ static void run(int hd, int B, int L, int mma)
     uint16_t *out;
     CU(cudaMalloc((void **)&q, 4 * (size_t)B * nh * hd));
     CU(cudaMemset(q, 0, 4 * (size_t)B * nh * hd));
+    if (!cnst) {
+        float *qh = malloc(4 * (size_t)B * nh * hd);
+        for (size_t i = 0; i < (size_t)B * nh * hd; i++)
+            qh[i] = (float)rand() / RAND_MAX * 2 - 1;
+        CU(cudaMemcpy(q, qh, 4 * (size_t)B * nh * hd, cudaMemcpyHostToDevice));
+        free(qh);
+    }
     CU(cudaMalloc((void **)&out, 2 * (size_t)B * nh * hd));
     CU(cudaMalloc((void **)&po, 4 * (size_t)(parts + 1) * hd));
     CU(cudaMalloc((void **)&pml, 8 * (size_t)(parts + 1)));
@@ -118,9 +138,9 @@ static void run(int hd, int B, int L, int mma)
             if (!g && w == 3) CU(cudaEventRecord(e0, st));
             if (mma) {
                 pie__cuda_attention_dec(out, po, pml, q, d[8], d[9], nb, &tm, &kv,
-                                        nl / 2, nh, whole, st);
+                                        w % nl, nh, whole, st);
             } else {
-                pie__cuda_attention(out, po, pml, q, d[6], ni, &tm, &kv, 0, nh,
+                pie__cuda_attention(out, po, pml, q, d[6], ni, &tm, &kv, w % nl, nh,
                                     (L + ns - 1) / ns + 1, st);
             }
             if (merge && !whole)
