@@ -130,8 +130,6 @@ for phase in "$@"; do
                 TAG="whole=$w " PIE_CUDA_DEC_WHOLE=$w bench llama-3.1-8b 16 8192 16
             done
         done
-        TAG="whole=0 " PIE_CUDA_DEC_WHOLE=0 bench llama-3.1-8b 16 16384 8 8192
-        TAG="whole= " bench llama-3.1-8b 16 16384 8 8192
         ;;
     hf1b|hf8b)
         s=llama-3.2-1b; [ $phase = hf8b ] && s=llama-3.1-8b
