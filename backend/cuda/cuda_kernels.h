@@ -180,8 +180,8 @@ int64_t pie_cuda_dec_plan(const pie_cuda_attn_item *items, int n_items, int G,
  * an empty item one) of any block, or -1 without memory. Launch it with
  * pie__cuda_attention_dec(..., per_sm = n_blocks / SMs); no merge follows.
  * pie_cuda_dec_try_whole makes it where it beats the cut plan (measured):
- *   - on n_sm blocks: at most one item per SM, at least
- *     PIE_CUDA_DEC_WHOLE_MIN KV blocks each on average, head dim >= 128;
+ *   - on n_sm blocks: at most one item per SM, PIE_CUDA_DEC_WHOLE_MIN to
+ *     _MAX KV blocks each on average, head dim >= 128;
  *   - else on 2 n_sm blocks: at least PIE_CUDA_DEC_WHOLE_MIN KV blocks an
  *     item on average, and head dim >= 128 or at most 32 KV blocks a grid
  *     block on average;
@@ -194,6 +194,7 @@ int64_t pie_cuda_dec_plan(const pie_cuda_attn_item *items, int n_items, int G,
  * backend and the bench alike: -1 never (=0), 0 by the rule (unset), 1 or
  * 2 forced onto that many blocks per SM. */
 #define PIE_CUDA_DEC_WHOLE_MIN 24
+#define PIE_CUDA_DEC_WHOLE_MAX 64
 int64_t pie_cuda_dec_plan_whole(const pie_cuda_attn_item *items, int n_items,
                                 int n_blocks, pie_cuda_attn_item *pieces,
                                 int32_t *bstart);

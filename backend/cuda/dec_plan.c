@@ -187,13 +187,16 @@ int64_t pie_cuda_dec_plan_whole(const pie_cuda_attn_item *items, int n_items,
 /* The shape part of the rule for one block an SM (NOTES.md, rounds 8 and
  * 11), checked before a plan is made: one item a block, each long enough
  * to hide its start, at head dim 128 (32 KB a KV block). At head dim 64 it
- * lost everywhere (one block of 4 warps an SM does not keep up). Long
- * items gain most: B=16 ctx 8192, 2.64 -> 2.80 TB/s (one H100 of round 8
- * lost there; every H100 since has gained). */
+ * lost everywhere (one block of 4 warps an SM does not keep up). The upper
+ * bound: H100s differ. On most, long items gain most (B=16 ctx 8192: 2.64
+ * -> 2.79 TB/s); on some, one block of 4 warps an SM streams slower and
+ * the plan loses there (ctx 8192: 2.63 -> 2.31; ctx 4096 2.43 -> 2.27;
+ * ctx 2048 even). */
 static int whole_shape_ok(int64_t T, int n_items, int n_sm, int hd)
 {
     return n_items > 0 && n_items <= n_sm && hd >= 128 &&
-           T >= (int64_t)PIE_CUDA_DEC_WHOLE_MIN * n_items;
+           T >= (int64_t)PIE_CUDA_DEC_WHOLE_MIN * n_items &&
+           T <= (int64_t)PIE_CUDA_DEC_WHOLE_MAX * n_items;
 }
 
 /* The shape part of the rule for two blocks an SM (NOTES.md, round 9):
