@@ -53,8 +53,10 @@
 #           default
 #   steps   decode steps' host planning, GPU span and time between forwards
 #           (PIE_CUDA_STEPS=1) at four shapes
-#   long    batch 16 at long contexts: decode attention and 8B decode steps
-#           by the rule and with the cut plan only (PIE_CUDA_DEC_WHOLE=0)
+#   long    batch 16 at long contexts (ctx 2048-16384): decode attention and
+#           8B decode steps on the cut plan (PIE_CUDA_DEC_WHOLE=0) and on
+#           one block per SM (=1): which wins differs between H100s
+#           (NOTES.md, round 11)
 set -u
 OUT=${OUT:-$PWD/out}
 C=${PIE_CARRY:-.carry}
@@ -119,14 +121,14 @@ for phase in "$@"; do
         ;;
     long)
         log long
-        for w in 0 ""; do
-            for L in 8192 16384; do
+        for w in 0 1; do
+            for L in 2048 4096 8192 16384; do
                 PIE_CUDA_DEC_WHOLE=$w PIE_ATTN_ONLY=128,16,$L timeout 60 $R bench_cuda_attn \
                     2>&1 | sed "s/^/whole=$w /" | tee -a "$OUT/summary.log"
             done
         done
         for i in 1 2; do
-            for w in 0 ""; do
+            for w in 0 1; do
                 TAG="whole=$w " PIE_CUDA_DEC_WHOLE=$w bench llama-3.1-8b 16 8192 16
             done
         done
