@@ -1124,7 +1124,18 @@ struct dec_cursor {
     }
 };
 
-/* A piece's rows into registers: Q as the A fragments and the masks. */
+/* A piece's rows and this lane's masks of them (host metadata only). */
+static __device__ __forceinline__ void dec_mask(fa_rowmask &rm, fa_rows &rows,
+                                                const pie_cuda_attn_item &it,
+                                                const pie_cuda_tokmeta &tm,
+                                                int G)
+{
+    int g = threadIdx.x % WARP >> 2;
+    rows = (fa_rows){ 1, G, it.t0, it.kvh * G };
+    rm = fa_rowmask_of(rows, tm, g, g + 8, it.nt * G);
+}
+
+/* A piece's rows into registers: the masks, and Q as the A fragments. */
 template <int HD>
 static __device__ __forceinline__ void dec_rows(uint32_t (*qa)[4],
                                                 fa_rowmask &rm, fa_rows &rows,
@@ -1134,8 +1145,7 @@ static __device__ __forceinline__ void dec_rows(uint32_t (*qa)[4],
                                                 int G, int nh)
 {
     int g = threadIdx.x % WARP >> 2;
-    rows = (fa_rows){ 1, G, it.t0, it.kvh * G };
-    rm = fa_rowmask_of(rows, tm, g, g + 8, it.nt * G);
+    dec_mask(rm, rows, it, tm, G);
     fa_qfrag<HD>(qa, q, rows, rm, g, g + 8, nh);
 }
 
@@ -1170,8 +1180,9 @@ flash_dec_kernel(uint16_t *out, float *part_o, float *part_ml, const float *q,
      * round 11) */
     pie_cuda_attn_item it = pieces[p];
     uint32_t qa[HD / 16][4];
-    fa_rows rows = { 1, G, it.t0, it.kvh * G };
-    fa_rowmask rm = fa_rowmask_of(rows, tm, g, g + 8, it.nt * G);
+    fa_rows rows;
+    fa_rowmask rm;
+    dec_mask(rm, rows, it, tm, G);
     pdl_wait();
     fa_qfrag<HD>(qa, q, rows, rm, g, g + 8, nh);
     ld.issue<HD>(fa_sm, tm, kv, layer, psh);

@@ -43,17 +43,6 @@
 #define GEMV_CH   2                /* 16-byte chunks per lane per row, step */
 #define GEMV_STEP (32 * GEMV_CH)   /* k per step                            */
 
-static __device__ __forceinline__ void mma16816(float *d, uint32_t a0,
-                                                uint32_t a1, uint32_t a2,
-                                                uint32_t a3, uint32_t b0,
-                                                uint32_t b1)
-{
-    asm volatile("mma.sync.aligned.m16n8k16.row.col.f32.bf16.bf16.f32 "
-                 "{%0,%1,%2,%3}, {%4,%5,%6,%7}, {%8,%9}, {%0,%1,%2,%3};"
-                 : "+f"(d[0]), "+f"(d[1]), "+f"(d[2]), "+f"(d[3])
-                 : "r"(a0), "r"(a1), "r"(a2), "r"(a3), "r"(b0), "r"(b1));
-}
-
 /* The shape of a kernel instance: WARPS warps per block splitting k, NT
  * column tiles of 8 rows of x (m <= 8 NT), U steps per load round (two
  * rounds live in registers: U = 2 for one tile, 1 for two). */
@@ -119,8 +108,10 @@ static __device__ __forceinline__ void mma_round(float (*d)[4], const uint4 *A,
 #pragma unroll
         for (int t = 0; t < NT; t++) {
             const uint4 &x = X[t * G::N + i];
-            mma16816(d[t], A[i].x, B[i].x, A[i].y, B[i].y, x.x, x.y);
-            mma16816(d[t], A[i].z, B[i].z, A[i].w, B[i].w, x.z, x.w);
+            const uint32_t lo[4] = { A[i].x, B[i].x, A[i].y, B[i].y };
+            const uint32_t hi[4] = { A[i].z, B[i].z, A[i].w, B[i].w };
+            mma16816(d[t], lo, x.x, x.y);
+            mma16816(d[t], hi, x.z, x.w);
         }
     }
 }

@@ -101,7 +101,7 @@ static float time_cand(cuda_backend *c, mm_plan *p, mm_cand k,
 
 static int beats(float ms, float best)
 {
-    return best == INFINITY ? ms < best : ms < best * TUNE_MARGIN;
+    return ms < best * TUNE_MARGIN;     /* (best may be INFINITY) */
 }
 
 /* Buckets of m: 1..8 (decode of a few sequences: one choice, so forwards
