@@ -1149,8 +1149,15 @@ static __device__ __forceinline__ void dec_rows(uint32_t (*qa)[4],
     fa_qfrag<HD>(qa, q, rows, rm, g, g + 8, nh);
 }
 
+/* Resident blocks an SM the decode kernel is built for: 3 at head dim 128
+ * (168 registers; shared memory allows 3), 4 below (128 registers, no
+ * spills; 5 and 6 spill or starve the loop of registers and streamed
+ * slower: hd 64 B=64 ctx 520 cut plan 34.4 us at 4, 35.7 at 5, 39.4 at 6;
+ * NOTES.md, round 12) */
+#define DEC_OCC(HD) ((HD) >= 128 ? 3 : 4)
+
 template <int HD>
-__global__ void __launch_bounds__(FA_DEC_THREADS, 3)
+__global__ void __launch_bounds__(FA_DEC_THREADS, DEC_OCC(HD))
 flash_dec_kernel(uint16_t *out, float *part_o, float *part_ml, const float *q,
                  const pie_cuda_attn_item *pieces, const int32_t *bstart,
                  pie_cuda_tokmeta tm, pie_cuda_kv kv, int layer, int nh, int psh)

@@ -386,10 +386,10 @@ static int plan_flash(cuda_backend *c, const pie_forward_batch *b, int r,
  * batch-1 steps slower (more partials to merge), 2 and 4 tie elsewhere */
 #define DEC_MIN_KV 2
 
-/* The whole-item plan (one or two blocks per SM, nothing cut) where it
- * pays (dec_plan.c); PIE_CUDA_DEC_WHOLE=0 never takes it, =1 or =2 always,
- * on that many blocks per SM (tests, experiments). Returns the blocks per
- * SM of the plan made, or 0. */
+/* The whole-item plan (1, 2 or 4 blocks per SM, nothing cut) where it
+ * pays (dec_plan.c); PIE_CUDA_DEC_WHOLE=0 never takes it, =k always, on k
+ * blocks per SM if that many are resident (tests, experiments). Returns
+ * the blocks per SM of the plan made, or 0. */
 static int plan_dec_whole(cuda_backend *c)
 {
     int force = pie_cuda_dec_whole_switch();
@@ -634,7 +634,7 @@ static int build_outputs(cuda_backend *c, const pie_forward_batch *b,
 
 /* Decode attention of layer l: the persistent grid, then the merges of
  * the items it cut (a fixed-size list: graphs keep their arguments); or
- * the whole-item plan's grid of one or two blocks per SM, which cuts
+ * the whole-item plan's grid of 1, 2 or 4 blocks per SM, which cuts
  * nothing. */
 static void run_dec_attention(cuda_backend *c, int l,
                               const pie_cuda_tokmeta *tm, const step_meta *sm)
@@ -1210,9 +1210,9 @@ static int plan_dec_grid(cuda_backend *c)
     const char *e = getenv("PIE_CUDA_DEC_BLOCKS");
     c->dec_per_sm = pie__cuda_attention_dec_occupancy(c->cfg.head_dim);
     c->dec_blocks = e && atoi(e) > 0 ? atoi(e) : c->dec_per_sm * c->n_sm;
-    /* the whole-item plan's grid: up to two blocks per SM where they fit
-     * (forced ones too: PIE_CUDA_DEC_WHOLE=2) */
-    int whole = (c->dec_per_sm < 2 ? c->dec_per_sm : 2) * c->n_sm;
+    /* the whole-item plan's grid: up to the resident blocks an SM (forced
+     * ones too: PIE_CUDA_DEC_WHOLE=k) */
+    int whole = c->dec_per_sm * c->n_sm;
     c->cap_bstart = c->dec_blocks > whole ? c->dec_blocks : whole;
     c->bstart = malloc(4 * ((size_t)c->cap_bstart + 1));
     c->dmerges = malloc(sizeof *c->dmerges * (size_t)c->dec_blocks);

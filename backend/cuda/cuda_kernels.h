@@ -174,25 +174,28 @@ int64_t pie_cuda_dec_plan(const pie_cuda_attn_item *items, int n_items, int G,
                           int32_t *bstart, pie_cuda_merge_item *merges,
                           int *n_merges);
 /* Whole-item decode plan (dec_plan.c, host): the items, none cut, onto
- * n_blocks blocks (one or two per SM), longest first onto the least loaded;
- * block b's pieces are pieces[bstart[b] .. bstart[b + 1]) (capacities
- * n_items, n_blocks + 1; part = -1). Returns the most KV blocks (64 slots;
- * an empty item one) of any block, or -1 without memory. Launch it with
- * pie__cuda_attention_dec(..., per_sm = n_blocks / SMs); no merge follows.
- * pie_cuda_dec_try_whole makes it where it beats the cut plan (measured):
- *   - on n_sm blocks: at most one item per SM, PIE_CUDA_DEC_WHOLE_MIN to
+ * n_blocks blocks (k per SM), longest first onto the least loaded; block
+ * b's pieces are pieces[bstart[b] .. bstart[b + 1]) (capacities n_items,
+ * n_blocks + 1; part = -1). Returns the most KV blocks (64 slots; an empty
+ * item one) of any block, or -1 without memory. Launch it with
+ * pie__cuda_attention_dec(..., per_sm = k); no merge follows.
+ * pie_cuda_dec_try_whole makes it where it beats the cut plan (measured),
+ * trying in turn:
+ *   - n_sm blocks: at most one item per SM, PIE_CUDA_DEC_WHOLE_MIN to
  *     _MAX KV blocks each on average, head dim >= 128;
- *   - else on 2 n_sm blocks: at least PIE_CUDA_DEC_WHOLE_MIN KV blocks an
- *     item on average, and head dim >= 128 or at most 32 KV blocks a grid
- *     block on average;
- * each only if its largest block is within 6% of an even share, and two
- * per SM only where per_sm (the decode kernel's resident blocks per SM)
- * allows. force = 1 or 2 makes it on that many blocks per SM whatever the
- * shape. Returns the blocks per SM (1 or 2) if made, 0 if not (pieces and
- * bstart then undefined), -1 without memory. bstart needs 2 n_sm + 1
- * entries. pie_cuda_dec_whole_switch reads PIE_CUDA_DEC_WHOLE for the
- * backend and the bench alike: -1 never (=0), 0 by the rule (unset), 1 or
- * 2 forced onto that many blocks per SM. */
+ *   - 4 n_sm blocks: head dim below 128 (where 4 blocks are resident),
+ *     at most 40 KV blocks a grid block on average;
+ *   - 2 n_sm blocks: at least PIE_CUDA_DEC_WHOLE_MIN KV blocks an item on
+ *     average, and head dim >= 128 or at most 32 KV blocks a grid block on
+ *     average;
+ * each only if its largest block is within 6% of an even share, and only
+ * where per_sm (the decode kernel's resident blocks per SM) allows k.
+ * force = k >= 1 makes it on k blocks per SM whatever the shape. Returns
+ * the blocks per SM (k) if made, 0 if not (pieces and bstart then
+ * undefined), -1 without memory. bstart needs k n_sm + 1 entries.
+ * pie_cuda_dec_whole_switch reads PIE_CUDA_DEC_WHOLE for the backend and
+ * the bench alike: -1 never (=0), 0 by the rule (unset), k = 1..8 forced
+ * onto k blocks per SM. */
 #define PIE_CUDA_DEC_WHOLE_MIN 24
 #define PIE_CUDA_DEC_WHOLE_MAX 64
 int64_t pie_cuda_dec_plan_whole(const pie_cuda_attn_item *items, int n_items,

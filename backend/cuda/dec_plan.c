@@ -18,12 +18,13 @@
  *   bstart  block b runs pieces[bstart[b] .. bstart[b + 1])
  *   merges  one per cut item: its nsplit pieces' rows start at part
  *
- * The whole-item plan (pie_cuda_dec_plan_whole) is the other choice: one
- * or two blocks per SM, each taking whole items (longest first, onto the
- * least loaded block), so that nothing is cut and no merge kernel runs.
- * Where long items balance well that way (about one per SM at B=16 x 8 kv
+ * The whole-item plan (pie_cuda_dec_plan_whole) is the other choice: one,
+ * two or four blocks per SM, each taking whole items (longest first, onto
+ * the least loaded block), so that nothing is cut and no merge kernel
+ * runs. Where items balance well that way (about one per SM at B=16 x 8 kv
  * heads on one block an SM, round 8; one or more a block from B=32 on two,
- * round 9), it saves the merge kernel and the piece boundaries (NOTES.md).
+ * round 9; below head dim 128 on four, round 12), it saves the merge
+ * kernel and the piece boundaries (NOTES.md).
  */
 #include <stdlib.h>
 
@@ -95,62 +96,95 @@ int64_t pie_cuda_dec_plan(const pie_cuda_attn_item *items, int n_items, int G,
     return part;
 }
 
-/* Descending order of 64-bit keys (KV blocks << 32 | item index). */
-static int cmp_desc(const void *a, const void *b)
+/* The items by KV blocks (n[i], 1..L), longest first (ties in index
+ * order), into order: a counting sort. Linear: this runs on the host every
+ * decode step, and the qsort it replaces took 250 us at 2048 items, which
+ * the steps paid in full (NOTES.md, round 12). Returns -1 without memory. */
+static int longest_first(const int32_t *n, int n_items, int64_t L,
+                         int32_t *order)
 {
-    uint64_t x = *(const uint64_t *)a, y = *(const uint64_t *)b;
-    return x < y ? 1 : x > y ? -1 : 0;
+    int32_t *at = calloc((size_t)L + 2, sizeof *at);
+    if (!at) return -1;
+    for (int i = 0; i < n_items; i++) at[L - n[i] + 1]++;
+    for (int64_t v = 1; v <= L; v++) at[v] += at[v - 1];
+    for (int i = 0; i < n_items; i++) order[at[L - n[i]]++] = i;
+    free(at);
+    return 0;
 }
 
-/* A min-heap of blocks by (KV so far, index): heap[0] is the least loaded. */
-static int less_loaded(const int64_t *load, int a, int b)
+/* The blocks of the grid by KV so far, for "the least loaded block" in
+ * constant time: bucket v % W holds, first in first out, the blocks whose
+ * load is v. Taken longest first, every item adds at most L = W - 1 to the
+ * least load, so all loads lie within [least, least + L] and no two loads
+ * share a bucket. at = least % W. */
+typedef struct {
+    int32_t *head, *tail, *next;    /* W buckets; next: per block */
+    int64_t W, at;
+} load_queue;
+
+/* Appends block b to bucket v. */
+static void lq_push(load_queue *q, int b, int64_t v)
 {
-    return load[a] < load[b] || (load[a] == load[b] && a < b);
+    q->next[b] = -1;
+    if (q->tail[v] < 0) q->head[v] = b;
+    else q->next[q->tail[v]] = b;
+    q->tail[v] = b;
 }
 
-static void heap_down(int32_t *heap, int n, const int64_t *load, int i)
+/* Takes the least loaded block out (the first to reach that load). */
+static int lq_pop_least(load_queue *q)
 {
-    for (;;) {
-        int l = 2 * i + 1, r = l + 1, m = i;
-        if (l < n && less_loaded(load, heap[l], heap[m])) m = l;
-        if (r < n && less_loaded(load, heap[r], heap[m])) m = r;
-        if (m == i) return;
-        int32_t t = heap[i];
-        heap[i] = heap[m];
-        heap[m] = t;
-        i = m;
-    }
+    while (q->head[q->at] < 0)
+        if (++q->at == q->W) q->at = 0;
+    int b = q->head[q->at];
+    q->head[q->at] = q->next[b];
+    if (q->head[q->at] < 0) q->tail[q->at] = -1;
+    return b;
+}
+
+/* Puts back the block just taken, its load grown by s <= W - 1. */
+static void lq_put_back(load_queue *q, int b, int64_t s)
+{
+    int64_t v = q->at + s;
+    lq_push(q, b, v >= q->W ? v - q->W : v);
 }
 
 /* bin[i] = the block of item i: longest first, each onto the block with
- * the least KV so far (ties: the lowest index). Returns the most KV
- * blocks any block streams, or -1 without memory. */
+ * the least KV so far (ties: the one that reached that load first, at the
+ * start the lowest index). Returns the most KV blocks any block streams,
+ * or -1 without memory. */
 static int64_t whole_bins(const pie_cuda_attn_item *items, int n_items,
                           int nb, int32_t *bin)
 {
-    uint64_t *key = malloc(sizeof *key * (size_t)(n_items > 0 ? n_items : 1));
-    int64_t *load = calloc((size_t)nb, sizeof *load), most = 0;
-    int32_t *heap = malloc(4 * (size_t)nb);
-    if (!key || !load || !heap) {
-        free(key);
-        free(load);
-        free(heap);
-        return -1;
+    int64_t L = 1, most = 0;
+    for (int i = 0; i < n_items; i++) {     /* bin: the KV blocks, first */
+        bin[i] = (int32_t)blocks_of(&items[i]);
+        if (bin[i] > L) L = bin[i];
     }
-    for (int i = 0; i < n_items; i++)
-        key[i] = (uint64_t)blocks_of(&items[i]) << 32 | (uint32_t)i;
-    qsort(key, (size_t)n_items, sizeof *key, cmp_desc);
-    for (int b = 0; b < nb; b++) heap[b] = b;   /* all zero: already a heap */
-    for (int i = 0; i < n_items; i++) {
-        int b = heap[0];
-        load[b] += (int64_t)(key[i] >> 32);
+    load_queue q = { malloc(4 * (size_t)(L + 1)), malloc(4 * (size_t)(L + 1)),
+                     malloc(4 * (size_t)nb), L + 1, 0 };
+    int32_t *order = malloc(4 * (size_t)(n_items > 0 ? n_items : 1));
+    int64_t *load = calloc((size_t)nb, sizeof *load);
+    if (!q.head || !q.tail || !q.next || !order || !load ||
+        longest_first(bin, n_items, L, order)) {
+        most = -1;
+        goto out;
+    }
+    for (int64_t v = 0; v <= L; v++) q.head[v] = q.tail[v] = -1;
+    for (int b = 0; b < nb; b++) lq_push(&q, b, 0);
+    for (int k = 0; k < n_items; k++) {
+        int i = order[k], b = lq_pop_least(&q), n = bin[i];
+        load[b] += n;
         if (load[b] > most) most = load[b];
-        bin[(uint32_t)key[i]] = b;
-        heap_down(heap, nb, load, 0);
+        bin[i] = b;
+        lq_put_back(&q, b, n);
     }
-    free(key);
+out:
+    free(q.head);
+    free(q.tail);
+    free(q.next);
+    free(order);
     free(load);
-    free(heap);
     return most;
 }
 
@@ -223,18 +257,30 @@ static int whole_on(const pie_cuda_attn_item *items, int n_items, int64_t T,
     return force || most * nb * 100 <= T * 106;
 }
 
-/* The shape rule for k blocks an SM. */
+/* The shape rule for k blocks an SM. Four (below head dim 128, where the
+ * kernel is built for four resident blocks) takes up to 40 KV blocks a
+ * grid block on average, whatever the item lengths (NOTES.md, round 12;
+ * hd 64, decode steps of the 1B shape against the cut plan): about one
+ * item a block at B=64 (ctx 512: 1.912 / 1.893 against 2.001 / 1.951 ms;
+ * ctx 2048: 3.004 / 3.007 against 3.089 / 3.093) and four at B=256 ctx 512
+ * (3.506 / 3.487 against 3.554 / 3.539). At 124 a block (B=256 ctx 2048)
+ * attention alone was faster too, but the steps were slower (8.045 / 8.182
+ * against 7.984 / 7.946). */
 static int shape_ok(int k, int64_t T, int n_items, int n_sm, int hd)
 {
-    return k == 1 ? whole_shape_ok(T, n_items, n_sm, hd)
-                  : whole2_shape_ok(T, n_items, n_sm, hd);
+    switch (k) {
+    case 1: return whole_shape_ok(T, n_items, n_sm, hd);
+    case 2: return whole2_shape_ok(T, n_items, n_sm, hd);
+    case 4: return n_items > 0 && hd < 128 && T <= (int64_t)40 * 4 * n_sm;
+    default: return 0;
+    }
 }
 
 int pie_cuda_dec_whole_switch(void)
 {
     const char *e = getenv("PIE_CUDA_DEC_WHOLE");
     if (!e) return 0;
-    return *e == '0' ? -1 : *e == '1' || *e == '2' ? *e - '0' : 0;
+    return *e == '0' ? -1 : *e >= '1' && *e <= '8' ? *e - '0' : 0;
 }
 
 int pie_cuda_dec_try_whole(const pie_cuda_attn_item *items, int n_items,
@@ -244,12 +290,14 @@ int pie_cuda_dec_try_whole(const pie_cuda_attn_item *items, int n_items,
     int64_t T = 0;
     int rc;
     for (int i = 0; i < n_items; i++) T += blocks_of(&items[i]);
-    if (force == 1 || force == 2) {
+    if (force >= 1) {
         rc = whole_on(items, n_items, T, force * n_sm, 1, pieces, bstart);
         return rc > 0 ? force : rc;
     }
-    for (int k = 1; k <= 2 && k <= per_sm; k++) {
-        if (!shape_ok(k, T, n_items, n_sm, hd)) continue;
+    static const int order[] = { 1, 4, 2 };   /* blocks an SM, tried in turn */
+    for (int i = 0; i < 3; i++) {
+        int k = order[i];
+        if (k > per_sm || !shape_ok(k, T, n_items, n_sm, hd)) continue;
         rc = whole_on(items, n_items, T, k * n_sm, 0, pieces, bstart);
         if (rc) return rc > 0 ? k : rc;
     }

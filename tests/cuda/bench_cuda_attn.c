@@ -7,8 +7,8 @@
  * once. The plans mirror cuda_backend.c: splits for about 2 blocks per SM
  * on the CUDA-core kernel ("simt"), the balanced persistent grid of
  * pie_cuda_dec_plan on the tensor-core decode kernel ("mma", resident
- * blocks x SMs, or PIE_CUDA_DEC_BLOCKS), or its whole-item plan of one or
- * two blocks per SM where that pays ("whole"); then causal prefill
+ * blocks x SMs, or PIE_CUDA_DEC_BLOCKS), or its whole-item plan of 1, 2
+ * or 4 blocks per SM where that pays ("whole"); then causal prefill
  * attention of one prompt on the tensor-core kernel in TFLOP/s (4 * hd
  * flops per attended pair).
  */
@@ -79,7 +79,7 @@ static void run(int hd, int B, int L, int mma)
                     L * (s + 1) / ns, ns > 1 ? parts + s * G : -1, mma };
             if (ns > 1) parts += ns * G;
         }
-    int nbw = nb > 2 * sm ? nb : 2 * sm;        /* the whole plan's grid */
+    int nbw = nb > 8 * sm ? nb : 8 * sm;    /* whole plans: up to 8 an SM */
     pie_cuda_attn_item *pc = malloc(sizeof *pc * ((size_t)ni + nb));
     int32_t *bst = malloc(4 * ((size_t)nbw + 1));
     /* as the backend: the whole-item plan where it pays (one or two blocks

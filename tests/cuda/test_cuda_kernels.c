@@ -429,9 +429,9 @@ static void test_qkv_post(int nh, int nkv, int hd, int bias, int qknorm, int big
  * grouped 1: the tensor-core kernel on the CUDA-core kernel's plan (tiles
  * of 64/G tokens x G heads, `split` splits merged); grouped 2: the decode
  * kernel (tiles of 16/G tokens) on a persistent grid of `split` blocks,
- * the items cut by pie_cuda_dec_plan; grouped 3 / 4: the same kernel,
- * launched for one / two blocks per SM, on the whole-item plan of `split`
- * blocks (no merge). */
+ * the items cut by pie_cuda_dec_plan; grouped 3 / 4 / 6: the same
+ * kernel, launched for one / two / four blocks per SM, on the whole-item
+ * plan of `split` blocks (no merge). */
 static void test_attention_mode(int nh, int nkv, int hd, int masked,
                                 int split, int grouped)
 {
@@ -781,6 +781,8 @@ int main(void)
         test_attention_mode(32, 4, 128, m, 61, 3);
         test_attention_mode(32, 8, 128, m, 37, 4);   /* two blocks an SM */
         test_attention_mode(32, 8, 64, m, 5, 4);
+        test_attention_mode(32, 8, 64, m, 37, 6);    /* four an SM */
+        test_attention_mode(6, 6, 32, m, 7, 6);
     }
     test_samplers(1000);
     test_samplers(128256);

@@ -178,47 +178,55 @@ static void check_whole(const pie_cuda_attn_item *it, int n, int nb,
           (long long)T, nb, (long long)longest);
 }
 
-/* pie_cuda_dec_try_whole on the bench's shapes (132 SMs, 8 kv heads) by
- * its rule, and forced onto one and two blocks per SM. */
+/* pie_cuda_dec_try_whole on the bench's shapes (132 SMs, 8 kv heads;
+ * resident blocks as built: 3 an SM at head dim 128, 4 below) by its rule,
+ * and forced onto 1 to 4 blocks per SM. */
 static void check_pays(void)
 {
     static pie_cuda_attn_item it[4096], pc[4096];
-    static int32_t bst[2 * 132 + 1];
+    static int32_t bst[4 * 132 + 1];
     struct { int n, len, hd, pays; } c[] = {
         { 128, 2048, 128, 1 },  /* B=16, ctx 2048: 32 KV blocks, 128 of 132 */
         { 128, 1536, 128, 1 },
         { 128, 1024, 128, 0 },  /* short items */
         { 128, 4096, 128, 1 },
         { 128, 8192, 128, 0 },  /* long ones (lost on some H100s) */
-        { 128, 2048, 64, 0 },   /* head dim 64 */
+        { 128, 2048, 64, 0 },   /* head dim 64: 128 items on 528 blocks */
         { 512, 2048, 128, 2 },  /* B=64: about two items a block, two an SM */
         { 256, 2048, 128, 2 },  /* B=32: one item a block, 8 blocks idle */
         { 256, 8192, 128, 2 },
         { 384, 2048, 128, 0 },  /* B=48: 1.45 items a block, unbalanced */
         { 2048, 512, 128, 0 },  /* B=256 ctx 512: short items */
         { 256, 2048, 64, 2 },   /* head dim 64: 31 KV blocks a grid block */
-        { 512, 2048, 64, 0 },   /* 62: too many at head dim 64 */
-        { 512, 512, 64, 0 },    /* short items */
+        { 512, 2048, 64, 4 },   /* one item a block on four an SM */
+        { 512, 512, 64, 4 },
+        { 2048, 520, 64, 4 },   /* B=256: 3.9 items a block */
+        { 2048, 2048, 64, 0 },  /* B=256 ctx 2048: 124 KV blocks a block */
+        { 384, 512, 64, 0 },    /* B=48: 384 items on 528 or 264 blocks */
         { 100, 2048, 128, 0 },  /* 100 of 132 SMs busy; unbalanced on 264 */
         { 8, 8192, 128, 0 },    /* batch 1 */
         { 8, 512, 64, 0 },
     };
     for (size_t k = 0; k < sizeof c / sizeof c[0]; k++) {
+        int per_sm = c[k].hd >= 128 ? 3 : 4;
         for (int i = 0; i < c[k].n; i++)
             it[i] = (pie_cuda_attn_item){ i / 8, i / 8, 1, i % 8, 0, c[k].len,
                                           -1, 1 };
-        int got = pie_cuda_dec_try_whole(it, c[k].n, 132, 3, c[k].hd, 0, pc, bst);
+        int got = pie_cuda_dec_try_whole(it, c[k].n, 132, per_sm, c[k].hd, 0,
+                                         pc, bst);
         CHECK(got == c[k].pays, "%d items of %d slots, hd %d: pays %d",
               c[k].n, c[k].len, c[k].hd, got);
         CHECK(!got || (bst[0] == 0 && bst[got * 132] == c[k].n),
               "%d items: plan made, bstart %d .. %d", c[k].n, bst[0],
               bst[got * 132]);
-        if (c[k].pays == 2)     /* not where two blocks do not fit an SM */
-            CHECK(pie_cuda_dec_try_whole(it, c[k].n, 132, 1, c[k].hd, 0, pc,
-                                         bst) == 0,
-                  "%d items: two per SM taken with one resident", c[k].n);
-        for (int f = 1; f <= 2; f++) {
-            got = pie_cuda_dec_try_whole(it, c[k].n, 132, 3, c[k].hd, f, pc, bst);
+        if (c[k].pays >= 2)     /* not where that many do not fit an SM */
+            CHECK(pie_cuda_dec_try_whole(it, c[k].n, 132, c[k].pays - 1,
+                                         c[k].hd, 0, pc, bst) != c[k].pays,
+                  "%d items: %d per SM taken with fewer resident", c[k].n,
+                  c[k].pays);
+        for (int f = 1; f <= 4; f++) {
+            got = pie_cuda_dec_try_whole(it, c[k].n, 132, per_sm, c[k].hd, f,
+                                         pc, bst);
             CHECK(got == f && bst[0] == 0 && bst[f * 132] == c[k].n,
                   "%d items forced onto %d an SM: %d, bstart %d .. %d",
                   c[k].n, f, got, bst[0], bst[f * 132]);
