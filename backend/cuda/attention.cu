@@ -1149,15 +1149,16 @@ static __device__ __forceinline__ void dec_rows(uint32_t (*qa)[4],
     fa_qfrag<HD>(qa, q, rows, rm, g, g + 8, nh);
 }
 
-/* Resident blocks an SM the decode kernel is built for: 3 at head dim 128
- * (168 registers; shared memory allows 3), 4 below (128 registers, no
- * spills; 5 and 6 spill or starve the loop of registers and streamed
- * slower: hd 64 B=64 ctx 520 cut plan 34.4 us at 4, 35.7 at 5, 39.4 at 6;
- * NOTES.md, round 12) */
-#define DEC_OCC(HD) ((HD) >= 128 ? 3 : 4)
-
-template <int HD>
-__global__ void __launch_bounds__(FA_DEC_THREADS, DEC_OCC(HD))
+/* The decode kernel is built for OCC resident blocks an SM: 3 (at head dim
+ * 128: 168 registers, and shared memory allows 3), and below head dim 128
+ * also 4 (128 registers, no spills) for the whole-item plan on four
+ * blocks an SM. The cut plan keeps 3 there: its grid of 4 an SM made 1B
+ * decode steps slower at B=1 (1.202-1.245 -> 1.247-1.261 ms) and B=16 ctx
+ * 512 (1.434-1.457 -> 1.501-1.505); 5 and 6 spill or starve the loop of
+ * registers (hd 64 B=64 ctx 520, whole items: 29.9 us at 4, 31.3 at 5,
+ * 34.3 at 6; NOTES.md, round 12). */
+template <int HD, int OCC>
+__global__ void __launch_bounds__(FA_DEC_THREADS, OCC)
 flash_dec_kernel(uint16_t *out, float *part_o, float *part_ml, const float *q,
                  const pie_cuda_attn_item *pieces, const int32_t *bstart,
                  pie_cuda_tokmeta tm, pie_cuda_kv kv, int layer, int nh, int psh)
@@ -1315,19 +1316,33 @@ static size_t dec_pad_smem(int per_sm)
 }
 
 /* The decode kernel's shared memory (per_sm > 0: at least dec_pad_smem)
- * and its opt-ins (once per device and head dim: its own size, then the
- * one-per-SM size, the largest; should the second fail, the first still
- * holds and launches take the kernel's own size), for its launches and its
- * occupancy query alike. */
-template <int HD>
+ * and its opt-ins (once per device, head dim and build: its own size, then
+ * the one-per-SM size, the largest; should the second fail, the first
+ * still holds and launches take the kernel's own size), for its launches
+ * and its occupancy query alike. */
+template <int HD, int OCC>
 static size_t dec_smem(int per_sm)
 {
     static uint64_t set, set_one;
     size_t need = fa_smem<HD>(0), most = dec_pad_smem(1);
-    allow_smem(flash_dec_kernel<HD>, need, &set);
-    int padded = most <= need || allow_smem(flash_dec_kernel<HD>, most, &set_one);
+    allow_smem(flash_dec_kernel<HD, OCC>, need, &set);
+    int padded = most <= need ||
+                 allow_smem(flash_dec_kernel<HD, OCC>, most, &set_one);
     size_t pad = per_sm > 0 && padded ? dec_pad_smem(per_sm) : 0;
     return pad > need ? pad : need;
+}
+
+/* Calls f(std::integral_constant<int, OCC>()) with the build of the decode
+ * kernel for a plan of per_sm blocks an SM (0: the cut plan's grid). */
+template <int HD, typename F>
+static void with_dec_build(int per_sm, F f)
+{
+    if constexpr (HD < 128)
+        if (per_sm >= 4) {
+            f(std::integral_constant<int, 4>());
+            return;
+        }
+    f(std::integral_constant<int, 3>());
 }
 
 extern "C" void pie__cuda_attention_dec(uint16_t *out, float *part_o,
@@ -1341,25 +1356,33 @@ extern "C" void pie__cuda_attention_dec(uint16_t *out, float *part_o,
     if (n_blocks <= 0) return;
     with_head_dim(kv->head_dim, [&](auto H) {
         constexpr int HD = decltype(H)::value;
-        /* a programmatic dependent (unless PIE_CUDA_NO_PDL): its blocks
-         * read the step's metadata while the kernel before finishes */
-        launch_pdl_if(pie__cuda_pdl() >= 1, flash_dec_kernel<HD>, n_blocks,
-                      FA_DEC_THREADS, dec_smem<HD>(per_sm), s, out, part_o,
-                      part_ml, q, pieces, bstart, *tm, *kv, layer, nh,
-                      page_shift(kv));
+        with_dec_build<HD>(per_sm, [&](auto O) {
+            constexpr int OCC = decltype(O)::value;
+            /* a programmatic dependent (unless PIE_CUDA_NO_PDL): its
+             * blocks read the step's metadata while the kernel before
+             * finishes */
+            launch_pdl_if(pie__cuda_pdl() >= 1, flash_dec_kernel<HD, OCC>,
+                          n_blocks, FA_DEC_THREADS, dec_smem<HD, OCC>(per_sm),
+                          s, out, part_o, part_ml, q, pieces, bstart, *tm, *kv,
+                          layer, nh, page_shift(kv));
+        });
     });
 }
 
-/* Resident blocks of the decode kernel per SM (its persistent grid is this
- * times the SM count). */
-extern "C" int pie__cuda_attention_dec_occupancy(int hd)
+/* Resident blocks of the decode kernel per SM: of the cut plan's build
+ * (whole = 0; its persistent grid is this times the SM count), or the
+ * most of any build (whole = 1: what a whole-item plan may take). */
+extern "C" int pie__cuda_attention_dec_occupancy(int hd, int whole)
 {
     int n = 0;
     with_head_dim(hd, [&](auto H) {
         constexpr int HD = decltype(H)::value;
-        cudaOccupancyMaxActiveBlocksPerMultiprocessor(&n, flash_dec_kernel<HD>,
-                                                      FA_DEC_THREADS,
-                                                      dec_smem<HD>(0));
+        with_dec_build<HD>(whole ? 4 : 0, [&](auto O) {
+            constexpr int OCC = decltype(O)::value;
+            cudaOccupancyMaxActiveBlocksPerMultiprocessor(
+                &n, flash_dec_kernel<HD, OCC>, FA_DEC_THREADS,
+                dec_smem<HD, OCC>(0));
+        });
     });
     return n > 0 ? n : 1;
 }

@@ -395,7 +395,7 @@ static int plan_dec_whole(cuda_backend *c)
     int force = pie_cuda_dec_whole_switch();
     if (force < 0 || force * c->n_sm > c->cap_bstart) return 0;
     int k = pie_cuda_dec_try_whole(c->gitems, (int)c->n_gitems, c->n_sm,
-                                   c->dec_per_sm, c->cfg.head_dim, force,
+                                   c->dec_whole_max, c->cfg.head_dim, force,
                                    c->pieces, c->bstart);
     if (k <= 0) return 0;   /* (out of memory: the cut plan, which needs none) */
     c->n_pieces = (int)c->n_gitems;
@@ -1208,11 +1208,12 @@ static int plan_dec_grid(cuda_backend *c)
 {
     if (!pie__cuda_flash_supported(c->cfg.head_dim)) return 0;
     const char *e = getenv("PIE_CUDA_DEC_BLOCKS");
-    c->dec_per_sm = pie__cuda_attention_dec_occupancy(c->cfg.head_dim);
+    c->dec_per_sm = pie__cuda_attention_dec_occupancy(c->cfg.head_dim, 0);
+    c->dec_whole_max = pie__cuda_attention_dec_occupancy(c->cfg.head_dim, 1);
     c->dec_blocks = e && atoi(e) > 0 ? atoi(e) : c->dec_per_sm * c->n_sm;
     /* the whole-item plan's grid: up to the resident blocks an SM (forced
      * ones too: PIE_CUDA_DEC_WHOLE=k) */
-    int whole = c->dec_per_sm * c->n_sm;
+    int whole = c->dec_whole_max * c->n_sm;
     c->cap_bstart = c->dec_blocks > whole ? c->dec_blocks : whole;
     c->bstart = malloc(4 * ((size_t)c->cap_bstart + 1));
     c->dmerges = malloc(sizeof *c->dmerges * (size_t)c->dec_blocks);

@@ -155,9 +155,10 @@ typedef struct cuda_backend {
     int64_t           cap_pieces;
     int               n_pieces, n_dmerges;
     int               dec_blocks; /* the cut plan's grid                   */
-    int               dec_per_sm; /* decode blocks resident per SM         */
+    int               dec_per_sm; /* decode blocks resident per SM (cut)   */
+    int               dec_whole_max; /* and at most (whole-item plans)     */
     int               cap_bstart; /* the largest grid: max(dec_blocks,     */
-                                  /* min(2, dec_per_sm) SMs)               */
+                                  /* dec_whole_max x SMs)                  */
     int               dec_whole;  /* this step: the whole-item plan on    */
                                   /* dec_whole blocks per SM, no merge     */
                                   /* (dec_plan.c); 0: the cut plan         */

@@ -148,15 +148,17 @@ void pie__cuda_attention_flash(uint16_t *out, float *part_o, float *part_ml,
  * pieces[bstart[b] .. bstart[b + 1]) of pie_cuda_dec_plan; the partials of
  * cut items are then combined by pie__cuda_attn_merge over its merges.
  * per_sm > 0: the blocks take enough shared memory that at most per_sm
- * share an SM (the whole-item plan's grid of one or two blocks per SM);
- * 0: as many as fit. */
+ * share an SM (the whole-item plan's grid of 1, 2 or 4 blocks per SM; at
+ * 4, the kernel's build for 4 resident blocks); 0: as many as fit (the
+ * cut plan's grid). */
 void pie__cuda_attention_dec(uint16_t *out, float *part_o, float *part_ml,
                              const float *q, const pie_cuda_attn_item *pieces,
                              const int32_t *bstart, int n_blocks,
                              const pie_cuda_tokmeta *tm, const pie_cuda_kv *kv,
                              int layer, int nh, int per_sm, cudaStream_t s);
-/* Blocks of pie__cuda_attention_dec resident per SM. */
-int pie__cuda_attention_dec_occupancy(int hd);
+/* Blocks of pie__cuda_attention_dec resident per SM: on the cut plan's
+ * grid (whole = 0), or at most on a whole-item plan's (whole = 1). */
+int pie__cuda_attention_dec_occupancy(int hd, int whole);
 
 /* Decode plan (dec_plan.c, host): cuts grouped items (pad = 1, part
  * ignored) on 64-slot KV blocks into pieces so that each of n_blocks

@@ -67,7 +67,8 @@ static void run(int hd, int B, int L, int mma)
     if (ns < need) ns = need;
     if (mma) ns = 1;                    /* the decode plan cuts items */
     const char *db = getenv("PIE_CUDA_DEC_BLOCKS");
-    int nb = db && atoi(db) > 0 ? atoi(db) : pie__cuda_attention_dec_occupancy(hd) * sm;
+    int nb = db && atoi(db) > 0 ? atoi(db)
+                                : pie__cuda_attention_dec_occupancy(hd, 0) * sm;
     int ni = 0, nm = 0, npc = 0, parts = 0;
     pie_cuda_attn_item *it = malloc(sizeof *it * (size_t)B * nkv * ns);
     pie_cuda_merge_item *mi = calloc((size_t)B * nkv + nb + 1, sizeof *mi);
@@ -87,7 +88,7 @@ static void run(int hd, int B, int L, int mma)
     int whole = 0, force = pie_cuda_dec_whole_switch();
     if (mma && force >= 0) {
         whole = pie_cuda_dec_try_whole(it, ni, sm,
-                                       pie__cuda_attention_dec_occupancy(hd),
+                                       pie__cuda_attention_dec_occupancy(hd, 1),
                                        hd, force, pc, bst);
         if (whole < 0) whole = 0;
         if (whole) { nb = whole * sm; npc = ni; nm = 0; }
