@@ -1296,7 +1296,8 @@ extern "C" void pie__cuda_attention_flash(uint16_t *out, float *part_o,
 
 /* Dynamic shared memory that keeps more than per_sm blocks of the decode
  * kernel off an SM (over 1 / (per_sm + 1) of what an SM has: half for the
- * whole-item plan's grid of one block per SM, a third for two): with three
+ * whole-item plan's grid of one block per SM, a third for two, a fifth for
+ * four): with three
  * allowed, the block scheduler put two blocks of a one-per-SM grid on some
  * SMs, and those set the pace (B=16 ctx 2048: 54.8 us on 132 blocks,
  * 63.5-68.6 on 126-131 or 133; NOTES.md, round 8). The space is not used:
@@ -1333,7 +1334,10 @@ static size_t dec_smem(int per_sm)
 }
 
 /* Calls f(std::integral_constant<int, OCC>()) with the build of the decode
- * kernel for a plan of per_sm blocks an SM (0: the cut plan's grid). */
+ * kernel for a plan of per_sm blocks an SM (0: the cut plan's grid). One
+ * or two an SM take the 3-an-SM build, which fits them as the 4-an-SM one
+ * does (same shared memory; dec_plan.c's "below head dim 128" rule for
+ * four is this one's condition). */
 template <int HD, typename F>
 static void with_dec_build(int per_sm, F f)
 {

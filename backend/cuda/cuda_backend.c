@@ -393,7 +393,9 @@ static int plan_flash(cuda_backend *c, const pie_forward_batch *b, int r,
 static int plan_dec_whole(cuda_backend *c)
 {
     int force = pie_cuda_dec_whole_switch();
-    if (force < 0 || force * c->n_sm > c->cap_bstart) return 0;
+    if (force < 0 || force > c->dec_whole_max ||
+        force * c->n_sm > c->cap_bstart)
+        return 0;
     int k = pie_cuda_dec_try_whole(c->gitems, (int)c->n_gitems, c->n_sm,
                                    c->dec_whole_max, c->cfg.head_dim, force,
                                    c->pieces, c->bstart);

@@ -156,7 +156,7 @@ typedef struct cuda_backend {
     int               n_pieces, n_dmerges;
     int               dec_blocks; /* the cut plan's grid                   */
     int               dec_per_sm; /* decode blocks resident per SM (cut)   */
-    int               dec_whole_max; /* and at most (whole-item plans)     */
+    int               dec_whole_max; /* most of any build: whole plans */
     int               cap_bstart; /* the largest grid: max(dec_blocks,     */
                                   /* dec_whole_max x SMs)                  */
     int               dec_whole;  /* this step: the whole-item plan on    */

@@ -191,7 +191,7 @@ int64_t pie_cuda_dec_plan(const pie_cuda_attn_item *items, int n_items, int G,
  *     average, and head dim >= 128 or at most 32 KV blocks a grid block on
  *     average;
  * each only if its largest block is within 6% of an even share, and only
- * where per_sm (the decode kernel's resident blocks per SM) allows k.
+ * where per_sm (pie__cuda_attention_dec_occupancy(hd, 1)) allows k.
  * force = k >= 1 makes it on k blocks per SM whatever the shape. Returns
  * the blocks per SM (k) if made, 0 if not (pieces and bstart then
  * undefined), -1 without memory. bstart needs k n_sm + 1 entries.

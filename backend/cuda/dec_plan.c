@@ -103,7 +103,7 @@ int64_t pie_cuda_dec_plan(const pie_cuda_attn_item *items, int n_items, int G,
 static int longest_first(const int32_t *n, int n_items, int64_t L,
                          int32_t *order)
 {
-    int32_t *at = calloc((size_t)L + 2, sizeof *at);
+    int32_t *at = calloc((size_t)L + 1, sizeof *at);
     if (!at) return -1;
     for (int i = 0; i < n_items; i++) at[L - n[i] + 1]++;
     for (int64_t v = 1; v <= L; v++) at[v] += at[v - 1];
@@ -114,9 +114,9 @@ static int longest_first(const int32_t *n, int n_items, int64_t L,
 
 /* The blocks of the grid by KV so far, for "the least loaded block" in
  * constant time: bucket v % W holds, first in first out, the blocks whose
- * load is v. Taken longest first, every item adds at most L = W - 1 to the
- * least load, so all loads lie within [least, least + L] and no two loads
- * share a bucket. at = least % W. */
+ * load is v. Every item (at most L = W - 1 KV blocks) goes onto a block of
+ * the least load, so all loads lie within [least, least + L] and no two
+ * distinct loads share a bucket. at = least % W. */
 typedef struct {
     int32_t *head, *tail, *next;    /* W buckets; next: per block */
     int64_t W, at;
@@ -280,7 +280,8 @@ int pie_cuda_dec_whole_switch(void)
 {
     const char *e = getenv("PIE_CUDA_DEC_WHOLE");
     if (!e) return 0;
-    return *e == '0' ? -1 : *e >= '1' && *e <= '8' ? *e - '0' : 0;
+    int k = atoi(e);
+    return *e == '0' ? -1 : k >= 1 && k <= 8 ? k : 0;
 }
 
 int pie_cuda_dec_try_whole(const pie_cuda_attn_item *items, int n_items,

@@ -83,8 +83,8 @@ static void run(int hd, int B, int L, int mma)
     int nbw = nb > 8 * sm ? nb : 8 * sm;    /* whole plans: up to 8 an SM */
     pie_cuda_attn_item *pc = malloc(sizeof *pc * ((size_t)ni + nb));
     int32_t *bst = malloc(4 * ((size_t)nbw + 1));
-    /* as the backend: the whole-item plan where it pays (one or two blocks
-     * per SM, no merge; PIE_CUDA_DEC_WHOLE=0 never, =1 / =2 always) */
+    /* as the backend: the whole-item plan where it pays (1, 2 or 4 blocks
+     * per SM, no merge; PIE_CUDA_DEC_WHOLE=0 never, =k always) */
     int whole = 0, force = pie_cuda_dec_whole_switch();
     if (mma && force >= 0) {
         whole = pie_cuda_dec_try_whole(it, ni, sm,
