@@ -123,17 +123,20 @@ for phase in "$@"; do
             $R test_cuda_model > "$OUT/model-whole2-64.log" 2>&1
         echo "model (PIE_CUDA_DEC_WHOLE=2 PIE_CUDA_DEC_BLOCKS=64) rc=$?" | tee -a "$OUT/summary.log"
         ;;
-    long)
+    long)       # one block an SM against the cut plan on long items, and the
+                # calibrated rule (dec_calib.c)
         log long
-        for w in 0 1; do
+        for w in 0 1 rule; do
             for L in 2048 4096 8192 16384; do
-                PIE_CUDA_DEC_WHOLE=$w PIE_ATTN_ONLY=128,16,$L timeout 60 $R bench_cuda_attn \
-                    2>&1 | sed "s/^/whole=$w /" | tee -a "$OUT/summary.log"
+                ( if [ $w = rule ]; then unset PIE_CUDA_DEC_WHOLE; else export PIE_CUDA_DEC_WHOLE=$w; fi
+                  PIE_ATTN_ONLY=128,16,$L timeout 60 $R bench_cuda_attn 2>&1 \
+                      | sed "s/^/whole=$w /" | tee -a "$OUT/summary.log" )
             done
         done
         for i in 1 2; do
-            for w in 0 1; do
-                TAG="whole=$w " PIE_CUDA_DEC_WHOLE=$w bench llama-3.1-8b 16 8192 16
+            for w in 0 1 rule; do
+                ( if [ $w = rule ]; then unset PIE_CUDA_DEC_WHOLE; else export PIE_CUDA_DEC_WHOLE=$w; fi
+                  TAG="whole=$w " bench llama-3.1-8b 16 8192 16 )
             done
         done
         ;;

@@ -398,6 +398,7 @@ static int plan_dec_whole(cuda_backend *c)
         return 0;
     int k = pie_cuda_dec_try_whole(c->gitems, (int)c->n_gitems, c->n_sm,
                                    c->dec_whole_max, c->cfg.head_dim, force,
+                                   c->dec_max1,
                                    c->pieces, c->bstart);
     if (k <= 0) return 0;   /* (out of memory: the cut plan, which needs none) */
     c->n_pieces = (int)c->n_gitems;
@@ -1295,6 +1296,26 @@ static int plan_pool(cuda_backend *c, const pie_backend_opts *o)
     return 0;
 }
 
+/* The one-per-SM decode plan's bound on item length for this GPU, timed
+ * on the empty KV pool (dec_calib.c); PIE_CUDA_DEC_CALIB=0 keeps the fixed
+ * bound, PIE_CUDA_TUNE_LOG=1 prints the times. */
+static void calibrate_dec(cuda_backend *c)
+{
+    double tw, tc;
+    const char *e = getenv("PIE_CUDA_DEC_CALIB");
+    c->dec_max1 = PIE_CUDA_DEC_WHOLE_MAX;
+    if (!pie__cuda_flash_supported(c->cfg.head_dim) || (e && *e == '0'))
+        return;
+    c->dec_max1 = pie_cuda_dec_calibrate(&c->kv, c->base.n_pages,
+                                         c->cfg.n_heads, c->n_sm,
+                                         c->dec_blocks, c->st, &tw, &tc);
+    if (getenv("PIE_CUDA_TUNE_LOG"))
+        fprintf(stderr, "pie: cuda: decode attention, one block an SM %.1f us,"
+                " cut plan %.1f us: long items %s\n", tw, tc,
+                c->dec_max1 > PIE_CUDA_DEC_WHOLE_MAX ? "on one an SM"
+                                                     : "cut");
+}
+
 int pie_backend_cuda_create(const pie_model *m, const pie_backend_opts *o,
                             pie_backend **out)
 {
@@ -1344,6 +1365,7 @@ int pie_backend_cuda_create(const pie_model *m, const pie_backend_opts *o,
     if ((rc = alloc_workspace(c))) goto err;
     if ((rc = mega_setup(c))) goto err;
     if ((rc = plan_pool(c, o))) goto err;
+    calibrate_dec(c);
     if ((rc = cuda_warm_plans(c))) goto err;
     if ((e = cudaDeviceSynchronize()) != cudaSuccess) {
         rc = pie_err_set(PIE_EDEVICE, "cuda: %s", cudaGetErrorString(e));

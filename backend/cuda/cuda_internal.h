@@ -157,6 +157,7 @@ typedef struct cuda_backend {
     int               dec_blocks; /* the cut plan's grid                   */
     int               dec_per_sm; /* decode blocks resident per SM (cut)   */
     int               dec_whole_max; /* most of any build: whole plans */
+    int64_t           dec_max1;   /* one-per-SM plan's bound (dec_calib.c) */
     int               cap_bstart; /* the largest grid: max(dec_blocks,     */
                                   /* dec_whole_max x SMs)                  */
     int               dec_whole;  /* this step: the whole-item plan on    */

@@ -184,7 +184,8 @@ int64_t pie_cuda_dec_plan(const pie_cuda_attn_item *items, int n_items, int G,
  * pie_cuda_dec_try_whole makes it where it beats the cut plan (measured),
  * trying in turn:
  *   - n_sm blocks: at most one item per SM, PIE_CUDA_DEC_WHOLE_MIN to
- *     _MAX KV blocks each on average, head dim >= 128;
+ *     max1 KV blocks each on average (PIE_CUDA_DEC_WHOLE_MAX, or what
+ *     pie_cuda_dec_calibrate measured), head dim >= 128;
  *   - 4 n_sm blocks: head dim below 128 (where 4 blocks are resident),
  *     at most 40 KV blocks a grid block on average;
  *   - 2 n_sm blocks: at least PIE_CUDA_DEC_WHOLE_MIN KV blocks an item on
@@ -205,7 +206,18 @@ int64_t pie_cuda_dec_plan_whole(const pie_cuda_attn_item *items, int n_items,
                                 int32_t *bstart);
 int pie_cuda_dec_try_whole(const pie_cuda_attn_item *items, int n_items,
                            int n_sm, int per_sm, int hd, int force,
-                           pie_cuda_attn_item *pieces, int32_t *bstart);
+                           int64_t max1, pie_cuda_attn_item *pieces,
+                           int32_t *bstart);
+/* The one-per-SM plan's max1 for this GPU (dec_calib.c): times it against
+ * the cut plan's grid of cut_blocks on n_sm / n_kv requests of 8192 slots
+ * (pages 0.. of kv's pool, which must hold no request; n_pages of them),
+ * and returns INT32_MAX where it was at least 3% faster, else
+ * PIE_CUDA_DEC_WHOLE_MAX (also where it cannot run: head dim below 128,
+ * too few pages, pages not of 16 slots, a device error). *t_whole and
+ * *t_cut: the times (us), or -1. */
+int64_t pie_cuda_dec_calibrate(const pie_cuda_kv *kv, int64_t n_pages, int nh,
+                               int n_sm, int cut_blocks, cudaStream_t s,
+                               double *t_whole, double *t_cut);
 int pie_cuda_dec_whole_switch(void);
 /* out (n, hidden) bf16 = silu(gu[:, :hidden]) * gu[:, hidden:], gu bf16 */
 void pie__cuda_silu_mul(uint16_t *out, const uint16_t *gu, int n, int hidden,

@@ -218,19 +218,21 @@ int64_t pie_cuda_dec_plan_whole(const pie_cuda_attn_item *items, int n_items,
     return most;
 }
 
-/* The shape part of the rule for one block an SM (NOTES.md, rounds 8 and
- * 11), checked before a plan is made: one item a block, each long enough
- * to hide its start, at head dim 128 (32 KB a KV block). At head dim 64 it
- * lost everywhere (one block of 4 warps an SM does not keep up). The upper
- * bound: H100s differ. On most, long items gain most (B=16 ctx 8192: 2.64
- * -> 2.79 TB/s); on some, one block of 4 warps an SM streams slower and
- * the plan loses there (ctx 8192: 2.63 -> 2.31; ctx 4096 2.43 -> 2.27;
- * ctx 2048 even). */
-static int whole_shape_ok(int64_t T, int n_items, int n_sm, int hd)
+/* The shape part of the rule for one block an SM (NOTES.md, rounds 8, 11
+ * and 12), checked before a plan is made: one item a block, each long
+ * enough to hide its start (PIE_CUDA_DEC_WHOLE_MIN KV blocks on average)
+ * and at most max1, at head dim 128 (32 KB a KV block). At head dim 64 it
+ * lost everywhere (one block of 4 warps an SM does not keep up). max1:
+ * H100s differ. On most, long items gain most (B=16 ctx 8192: 2.64 ->
+ * 2.79 TB/s); on some, one block of 4 warps an SM streams slower and the
+ * plan loses there (ctx 8192: 2.63 -> 2.31; ctx 4096 2.43 -> 2.27; ctx
+ * 2048 even), so the backend times it when it starts (dec_calib.c). */
+static int whole_shape_ok(int64_t T, int n_items, int n_sm, int hd,
+                          int64_t max1)
 {
     return n_items > 0 && n_items <= n_sm && hd >= 128 &&
            T >= (int64_t)PIE_CUDA_DEC_WHOLE_MIN * n_items &&
-           T <= (int64_t)PIE_CUDA_DEC_WHOLE_MAX * n_items;
+           T <= max1 * n_items;
 }
 
 /* The shape part of the rule for two blocks an SM (NOTES.md, round 9):
@@ -266,10 +268,11 @@ static int whole_on(const pie_cuda_attn_item *items, int n_items, int64_t T,
  * (3.506 / 3.487 against 3.554 / 3.539). At 124 a block (B=256 ctx 2048)
  * attention alone was faster too, but the steps were slower (8.045 / 8.182
  * against 7.984 / 7.946). */
-static int shape_ok(int k, int64_t T, int n_items, int n_sm, int hd)
+static int shape_ok(int k, int64_t T, int n_items, int n_sm, int hd,
+                    int64_t max1)
 {
     switch (k) {
-    case 1: return whole_shape_ok(T, n_items, n_sm, hd);
+    case 1: return whole_shape_ok(T, n_items, n_sm, hd, max1);
     case 2: return whole2_shape_ok(T, n_items, n_sm, hd);
     case 4: return n_items > 0 && hd < 128 && T <= (int64_t)40 * 4 * n_sm;
     default: return 0;
@@ -286,7 +289,8 @@ int pie_cuda_dec_whole_switch(void)
 
 int pie_cuda_dec_try_whole(const pie_cuda_attn_item *items, int n_items,
                            int n_sm, int per_sm, int hd, int force,
-                           pie_cuda_attn_item *pieces, int32_t *bstart)
+                           int64_t max1, pie_cuda_attn_item *pieces,
+                           int32_t *bstart)
 {
     int64_t T = 0;
     int rc;
@@ -298,7 +302,7 @@ int pie_cuda_dec_try_whole(const pie_cuda_attn_item *items, int n_items,
     static const int order[] = { 1, 4, 2 };   /* blocks an SM, tried in turn */
     for (int i = 0; i < 3; i++) {
         int k = order[i];
-        if (k > per_sm || !shape_ok(k, T, n_items, n_sm, hd)) continue;
+        if (k > per_sm || !shape_ok(k, T, n_items, n_sm, hd, max1)) continue;
         rc = whole_on(items, n_items, T, k * n_sm, 0, pieces, bstart);
         if (rc) return rc > 0 ? k : rc;
     }

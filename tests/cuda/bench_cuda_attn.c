@@ -21,6 +21,10 @@
 #define CU(x) do { cudaError_t e_ = (x); if (e_ != cudaSuccess) { \
     fprintf(stderr, "%s: %s\n", #x, cudaGetErrorString(e_)); exit(1); } } while (0)
 
+/* The one-per-SM plan's bound on item length, timed at the start as the
+ * backend does (pie_cuda_dec_calibrate) */
+static int64_t max1 = PIE_CUDA_DEC_WHOLE_MAX;
+
 static void run(int hd, int B, int L, int mma)
 {
     int nh = 32, nkv = 8, ps = 16, G = nh / nkv, sm = 132;
@@ -89,7 +93,7 @@ static void run(int hd, int B, int L, int mma)
     if (mma && force >= 0) {
         whole = pie_cuda_dec_try_whole(it, ni, sm,
                                        pie__cuda_attention_dec_occupancy(hd, 1),
-                                       hd, force, pc, bst);
+                                       hd, force, max1, pc, bst);
         if (whole < 0) whole = 0;
         if (whole) { nb = whole * sm; npc = ni; nm = 0; }
     }
@@ -236,6 +240,25 @@ static void run_prefill(int hd, int L)
     free(pages); free(slot); free(req); free(it);
 }
 
+/* max1 for head dim 128 (8 kv heads, 32 query heads, pages of 16), timed
+ * on a pool of its own, as the backend times it on its KV pool. */
+static void calibrate(void)
+{
+    int sm = 132;
+    CU(cudaDeviceGetAttribute(&sm, cudaDevAttrMultiProcessorCount, 0));
+    pie_cuda_kv kv = { NULL, 1, 8, 16, 128 };
+    int64_t np = (int64_t)(sm / 8) * (8192 / 16);
+    CU(cudaMalloc((void **)&kv.pool, (size_t)pie_cuda_kv_page_elems(&kv) * np * 2));
+    double tw, tc;
+    max1 = pie_cuda_dec_calibrate(&kv, np, 32, sm,
+                                  pie__cuda_attention_dec_occupancy(128, 0) * sm,
+                                  0, &tw, &tc);
+    printf("calibrated: hd 128 B %d ctx 8192, one block an SM %.1f us, cut "
+           "plan %.1f us: long items %s\n", sm / 8, tw, tc,
+           max1 > PIE_CUDA_DEC_WHOLE_MAX ? "on one an SM" : "cut");
+    CU(cudaFree(kv.pool));
+}
+
 int main(void)
 {
     int n = 0;
@@ -243,6 +266,8 @@ int main(void)
         fprintf(stderr, "no CUDA GPU\n");
         return 77;
     }
+    if (!getenv("PIE_CUDA_DEC_CALIB") || *getenv("PIE_CUDA_DEC_CALIB") != '0')
+        calibrate();
     /* PIE_ATTN_ONLY="hd,B,ctx": that decode shape alone, on the tensor-core
      * kernel (for profilers) */
     const char *only = getenv("PIE_ATTN_ONLY");

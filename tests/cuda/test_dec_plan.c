@@ -180,17 +180,20 @@ static void check_whole(const pie_cuda_attn_item *it, int n, int nb,
 
 /* pie_cuda_dec_try_whole on the bench's shapes (132 SMs, 8 kv heads;
  * resident blocks as built: 3 an SM at head dim 128, 4 below) by its rule,
- * and forced onto 1 to 4 blocks per SM. */
+ * with the one-per-SM bound fixed or lifted (as calibrated), and forced
+ * onto 1 to 4 blocks per SM. */
 static void check_pays(void)
 {
     static pie_cuda_attn_item it[4096], pc[4096];
     static int32_t bst[4 * 132 + 1];
-    struct { int n, len, hd, pays; } c[] = {
+    struct { int n, len, hd, pays, lifted; } c[] = {
         { 128, 2048, 128, 1 },  /* B=16, ctx 2048: 32 KV blocks, 128 of 132 */
         { 128, 1536, 128, 1 },
         { 128, 1024, 128, 0 },  /* short items */
         { 128, 4096, 128, 1 },
         { 128, 8192, 128, 0 },  /* long ones (lost on some H100s) */
+        { 128, 8192, 128, 1, 1 },       /* ... where calibrated to win */
+        { 128, 16384, 128, 1, 1 },
         { 128, 2048, 64, 0 },   /* head dim 64: 128 items on 528 blocks */
         { 512, 2048, 128, 2 },  /* B=64: about two items a block, two an SM */
         { 256, 2048, 128, 2 },  /* B=32: one item a block, 8 blocks idle */
@@ -212,8 +215,9 @@ static void check_pays(void)
         for (int i = 0; i < c[k].n; i++)
             it[i] = (pie_cuda_attn_item){ i / 8, i / 8, 1, i % 8, 0, c[k].len,
                                           -1, 1 };
+        int64_t max1 = c[k].lifted ? INT32_MAX : PIE_CUDA_DEC_WHOLE_MAX;
         int got = pie_cuda_dec_try_whole(it, c[k].n, 132, per_sm, c[k].hd, 0,
-                                         pc, bst);
+                                         max1, pc, bst);
         CHECK(got == c[k].pays, "%d items of %d slots, hd %d: pays %d",
               c[k].n, c[k].len, c[k].hd, got);
         CHECK(!got || (bst[0] == 0 && bst[got * 132] == c[k].n),
@@ -221,12 +225,12 @@ static void check_pays(void)
               bst[got * 132]);
         if (c[k].pays >= 2)     /* not where that many do not fit an SM */
             CHECK(pie_cuda_dec_try_whole(it, c[k].n, 132, c[k].pays - 1,
-                                         c[k].hd, 0, pc, bst) != c[k].pays,
+                                         c[k].hd, 0, max1, pc, bst) != c[k].pays,
                   "%d items: %d per SM taken with fewer resident", c[k].n,
                   c[k].pays);
         for (int f = 1; f <= 4; f++) {
             got = pie_cuda_dec_try_whole(it, c[k].n, 132, per_sm, c[k].hd, f,
-                                         pc, bst);
+                                         max1, pc, bst);
             CHECK(got == f && bst[0] == 0 && bst[f * 132] == c[k].n,
                   "%d items forced onto %d an SM: %d, bstart %d .. %d",
                   c[k].n, f, got, bst[0], bst[f * 132]);
