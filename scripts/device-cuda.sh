@@ -55,8 +55,9 @@
 #           (PIE_CUDA_STEPS=1) at four shapes
 #   long    batch 16 at long contexts (ctx 2048-16384): decode attention and
 #           8B decode steps on the cut plan (PIE_CUDA_DEC_WHOLE=0) and on
-#           one block per SM (=1): which wins differs between H100s
-#           (NOTES.md, round 11)
+#           one block per SM (=1), and by the rule with the bound timed at
+#           start (dec_calib.c): which wins differs between H100s
+#           (NOTES.md, rounds 11 and 12)
 set -u
 OUT=${OUT:-$PWD/out}
 C=${PIE_CARRY:-.carry}
