@@ -119,11 +119,18 @@ static void check_blocks(const pie_cuda_attn_item *pc, const int32_t *bst,
     CHECK(lo * working <= T && hi * working >= T, "shares do not add up");
 }
 
+static int cmp_i64(const void *a, const void *b)
+{
+    int64_t x = *(const int64_t *)a, y = *(const int64_t *)b;
+    return x < y ? -1 : x > y;
+}
+
 /* The whole-item plan of it[0..n) on nb blocks. */
 static void check_whole(const pie_cuda_attn_item *it, int n, int nb,
                         pie_cuda_attn_item *pc, int32_t *bst)
 {
     static int seen[MAX_ITEMS];
+    static int64_t got[MAX_BLOCKS];
     int64_t most = pie_cuda_dec_plan_whole(it, n, nb, pc, bst), T = 0;
     int64_t longest = 0, hi = 0;
     CHECK(most >= 0, "whole plan failed");
@@ -145,6 +152,7 @@ static void check_whole(const pie_cuda_attn_item *it, int n, int nb,
             kv += kv_blocks(&pc[p]);
         }
         if (kv > hi) hi = kv;
+        got[b] = kv;
     }
     for (int i = 0; i < n; i++) {
         T += kv_blocks(&it[i]);
@@ -153,7 +161,8 @@ static void check_whole(const pie_cuda_attn_item *it, int n, int nb,
     CHECK(most == hi, "whole plan says %lld, its largest block has %lld",
           (long long)most, (long long)hi);
     /* longest first onto the least loaded (lowest index on ties), by a
-     * direct scan: the same largest load */
+     * direct scan: the same largest load, and the same loads (blocks of
+     * equal load are interchangeable, so any tie rule gives these) */
     static int64_t load[MAX_BLOCKS];
     static int done[MAX_ITEMS];
     int64_t ref = 0;
@@ -173,6 +182,10 @@ static void check_whole(const pie_cuda_attn_item *it, int n, int nb,
     }
     CHECK(most == ref, "whole plan: most %lld, longest-first reference %lld",
           (long long)most, (long long)ref);
+    qsort(got, (size_t)nb, sizeof *got, cmp_i64);
+    qsort(load, (size_t)nb, sizeof *load, cmp_i64);
+    CHECK(!memcmp(got, load, sizeof *got * (size_t)nb),
+          "whole plan: its blocks' loads are not the longest-first ones");
     CHECK(most >= longest && most * nb >= T && most <= T / nb + longest,
           "whole plan: most %lld, T %lld on %d, longest %lld", (long long)most,
           (long long)T, nb, (long long)longest);
