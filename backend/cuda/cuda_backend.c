@@ -393,9 +393,7 @@ static int plan_flash(cuda_backend *c, const pie_forward_batch *b, int r,
 static int plan_dec_whole(cuda_backend *c)
 {
     int force = pie_cuda_dec_whole_switch();
-    if (force < 0 || force > c->dec_whole_max ||
-        force * c->n_sm > c->cap_bstart)
-        return 0;
+    if (force < 0 || force > c->dec_whole_max) return 0;   /* (fits bstart) */
     int k = pie_cuda_dec_try_whole(c->gitems, (int)c->n_gitems, c->n_sm,
                                    c->dec_whole_max, c->cfg.head_dim, force,
                                    c->dec_max1,
@@ -1304,8 +1302,7 @@ static void calibrate_dec(cuda_backend *c)
     double tw, tc;
     const char *e = getenv("PIE_CUDA_DEC_CALIB");
     c->dec_max1 = PIE_CUDA_DEC_WHOLE_MAX;
-    if (!pie__cuda_flash_supported(c->cfg.head_dim) || (e && *e == '0'))
-        return;
+    if (e && *e == '0') return;
     c->dec_max1 = pie_cuda_dec_calibrate(&c->kv, c->base.n_pages,
                                          c->cfg.n_heads, c->n_sm,
                                          c->dec_blocks, c->st, &tw, &tc);

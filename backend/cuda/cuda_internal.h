@@ -156,7 +156,8 @@ typedef struct cuda_backend {
     int               n_pieces, n_dmerges;
     int               dec_blocks; /* the cut plan's grid                   */
     int               dec_per_sm; /* decode blocks resident per SM (cut)   */
-    int               dec_whole_max; /* most of any build: whole plans */
+    int               dec_whole_max; /* and at most, of any build (whole */
+                                  /* plans)                                */
     int64_t           dec_max1;   /* one-per-SM plan's bound (dec_calib.c) */
     int               cap_bstart; /* the largest grid: max(dec_blocks,     */
                                   /* dec_whole_max x SMs)                  */

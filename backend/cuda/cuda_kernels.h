@@ -212,8 +212,8 @@ int pie_cuda_dec_try_whole(const pie_cuda_attn_item *items, int n_items,
  * the cut plan's grid of cut_blocks on n_sm / n_kv requests of 8192 slots
  * (pages 0.. of kv's pool, which must hold no request; n_pages of them),
  * and returns INT32_MAX where it was at least 3% faster, else
- * PIE_CUDA_DEC_WHOLE_MAX (also where it cannot run: head dim below 128,
- * too few pages, pages not of 16 slots, a device error). *t_whole and
+ * PIE_CUDA_DEC_WHOLE_MAX (also where it cannot run: head dim below 128
+ * or not built, too few pages, pages not of 16 slots, a device error). *t_whole and
  * *t_cut: the times (us), or -1. */
 int64_t pie_cuda_dec_calibrate(const pie_cuda_kv *kv, int64_t n_pages, int nh,
                                int n_sm, int cut_blocks, cudaStream_t s,

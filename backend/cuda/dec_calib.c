@@ -108,9 +108,8 @@ static int calib_plan(calib *c, int B, int nkv, int G, int n_sm,
     for (int i = 0; i < ni; i++)
         items[i] = (pie_cuda_attn_item){ i / nkv, i / nkv, 1, i % nkv, 0,
                                          CALIB_SLOTS, -1, 1 };
-    int rc = pie_cuda_dec_try_whole(items, ni, n_sm, 1, 128, 1,
-                                    PIE_CUDA_DEC_WHOLE_MAX, c->host[A_P1],
-                                    c->host[A_B1]) == 1 ? 0 : -1;
+    int rc = pie_cuda_dec_plan_whole(items, ni, n_sm, c->host[A_P1],
+                                     c->host[A_B1]) < 0 ? -1 : 0;
     int npc = 0;
     c->parts = pie_cuda_dec_plan(items, ni, G, cut_blocks, 2, 0, c->host[A_PC],
                                  &npc, c->host[A_BC], c->host[A_MG],
@@ -147,7 +146,7 @@ static int calib_run(const calib *c, const pie_cuda_kv *kv, int B, int nh,
     rc = rc || cudaMemsetAsync(q, 0, 4 * qn, s) != cudaSuccess;
     pie_cuda_tokmeta tm = { (int32_t *)(d + c->off[A_SLOT]),
                             (int32_t *)(d + c->off[A_REQ]),
-                            (int32_t *)(d + c->off[A_SLOT]),
+                            (int32_t *)(d + c->off[A_SLOT]),   /* positions */
                             (int32_t *)(d + c->off[A_IND]),
                             (int32_t *)(d + c->off[A_LEN]),
                             (int32_t *)(d + c->off[A_PAGES]), NULL, NULL };
@@ -177,7 +176,8 @@ int64_t pie_cuda_dec_calibrate(const pie_cuda_kv *kv, int64_t n_pages, int nh,
 {
     int nkv = kv->n_kv, B = nkv > 0 ? n_sm / nkv : 0;
     *t_whole = *t_cut = -1;
-    if (kv->head_dim < 128 || B < 1 || kv->page_size != 16 ||
+    if (kv->head_dim < 128 || !pie__cuda_flash_supported(kv->head_dim) ||
+        B < 1 || kv->page_size != 16 || cut_blocks < 1 ||
         (int64_t)B * (CALIB_SLOTS / 16) > n_pages || nh % nkv)
         return PIE_CUDA_DEC_WHOLE_MAX;
     calib c;

@@ -300,7 +300,7 @@ int pie_cuda_dec_try_whole(const pie_cuda_attn_item *items, int n_items,
         return rc > 0 ? force : rc;
     }
     static const int order[] = { 1, 4, 2 };   /* blocks an SM, tried in turn */
-    for (int i = 0; i < 3; i++) {
+    for (size_t i = 0; i < sizeof order / sizeof order[0]; i++) {
         int k = order[i];
         if (k > per_sm || !shape_ok(k, T, n_items, n_sm, hd, max1)) continue;
         rc = whole_on(items, n_items, T, k * n_sm, 0, pieces, bstart);
