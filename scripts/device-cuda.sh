@@ -119,6 +119,10 @@ for phase in "$@"; do
         PIE_CUDA_DEC_WHOLE=4 PIE_CUDA_PARTIAL_SHARED=1 timeout 200 $R test_cuda_model \
             > "$OUT/model-whole4.log" 2>&1
         echo "model (PIE_CUDA_DEC_WHOLE=4) rc=$?" | tee -a "$OUT/summary.log"
+        # small batches on the cut plan, not the cluster plan
+        PIE_CUDA_DEC_CLUSTER=0 PIE_CUDA_PARTIAL_SHARED=1 timeout 200 $R test_cuda_model \
+            > "$OUT/model-nocluster.log" 2>&1
+        echo "model (PIE_CUDA_DEC_CLUSTER=0) rc=$?" | tee -a "$OUT/summary.log"
         # two per SM with a cut-plan grid smaller than that (bstart sizes)
         PIE_CUDA_DEC_BLOCKS=64 PIE_CUDA_DEC_WHOLE=2 PIE_CUDA_PARTIAL_SHARED=1 timeout 200 \
             $R test_cuda_model > "$OUT/model-whole2-64.log" 2>&1

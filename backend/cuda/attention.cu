@@ -12,6 +12,8 @@
 #include <stdlib.h>
 #include <type_traits>
 
+#include <cooperative_groups.h>
+
 #include "backend/cuda/kernel_util.cuh"
 
 /* ------------------------------------------------------------ attention */
@@ -1149,6 +1151,65 @@ static __device__ __forceinline__ void dec_rows(uint32_t (*qa)[4],
     fa_qfrag<HD>(qa, q, rows, rm, g, g + 8, nh);
 }
 
+/* The end of a cluster plan's piece (flash_dec_kernel with CL): the C
+ * blocks of a cluster hold the softmax states of one item's C slices of
+ * KV blocks (warp 0 of each, after fa_combine: rows g and g + 8). Each
+ * block puts its state in its own shared memory at the same offset (so:
+ * 16 rows of HD + 8 floats at the start of the KV buffers, free once the
+ * piece is done; sml: max (base 2) and mass a row);
+ * after a cluster barrier, block `rank` writes dims [rank W, rank W + W),
+ * W = HD / C, of every row, reading the C states through distributed
+ * shared memory; a second barrier keeps each block's shared memory alive
+ * until its peers have read it. No partials go to global memory and no
+ * merge kernel runs. */
+template <int HD>
+static __device__ void dec_cluster_store(const fa_state<HD> &st, float *so,
+                                         float *sml,
+                                         const pie_cuda_attn_item &it, int G,
+                                         int nh, uint16_t *out)
+{
+    namespace cg = cooperative_groups;
+    constexpr int S = HD + 8;
+    int lane = threadIdx.x % WARP, g = lane >> 2, c = lane & 3;
+    if (threadIdx.x < WARP) {
+#pragma unroll
+        for (int i = 0; i < HD / 8; i++) {
+            int d = i * 8 + 2 * c;
+            *reinterpret_cast<float2 *>(&so[g * S + d]) =
+                make_float2(st.o[i][0], st.o[i][1]);
+            *reinterpret_cast<float2 *>(&so[(g + 8) * S + d]) =
+                make_float2(st.o[i][2], st.o[i][3]);
+        }
+        if (c == 0) {
+            sml[2 * g] = st.ma;
+            sml[2 * g + 1] = st.la;
+            sml[2 * (g + 8)] = st.mb;
+            sml[2 * (g + 8) + 1] = st.lb;
+        }
+    }
+    cg::cluster_group cl = cg::this_cluster();
+    cl.sync();
+    int C = (int)cl.num_blocks(), rank = (int)cl.block_rank();
+    int R = it.nt * G, W = HD / C;
+    for (int k = threadIdx.x; k < R * W; k += blockDim.x) {
+        int r = k / W, d = rank * W + k % W;
+        float M = -INFINITY, L = 0.0f, O = 0.0f;
+        for (int j = 0; j < C; j++)
+            M = fmaxf(M, cl.map_shared_rank(sml, j)[2 * r]);
+        for (int j = 0; M != -INFINITY && j < C; j++) {
+            const float *ml = cl.map_shared_rank(sml, j);
+            float m = ml[2 * r];
+            if (m == -INFINITY) continue;
+            float e = exp2f(m - M);
+            L += e * ml[2 * r + 1];
+            O += e * cl.map_shared_rank(so, j)[r * S + d];
+        }
+        int t = it.t0 + r / G, h = it.kvh * G + r % G;
+        out[(int64_t)t * nh * HD + h * HD + d] = f2bf(L > 0.0f ? O / L : 0.0f);
+    }
+    cl.sync();
+}
+
 /* The decode kernel is built for OCC resident blocks an SM: 3 (at head dim
  * 128: 168 registers, and shared memory allows 3), and below head dim 128
  * also 4 (128 registers, no spills) for the whole-item plan on four
@@ -1157,7 +1218,10 @@ static __device__ __forceinline__ void dec_rows(uint32_t (*qa)[4],
  * 512 (1.434-1.457 -> 1.501-1.505); 5 and 6 spill or starve the loop of
  * registers (hd 64 B=64 ctx 520, whole items: 29.9 us at 4, 31.3 at 5,
  * 34.3 at 6; NOTES.md, round 12). */
-template <int HD, int OCC>
+/* CL: the cluster plan (pie__cuda_attention_dec_cluster): block b runs
+ * piece b alone, and the blocks of a cluster combine their states
+ * (dec_cluster_store); bstart is not read. */
+template <int HD, int OCC, bool CL>
 __global__ void __launch_bounds__(FA_DEC_THREADS, OCC)
 flash_dec_kernel(uint16_t *out, float *part_o, float *part_ml, const float *q,
                  const pie_cuda_attn_item *pieces, const int32_t *bstart,
@@ -1171,7 +1235,8 @@ flash_dec_kernel(uint16_t *out, float *part_o, float *part_ml, const float *q,
     static_assert(FA_STAGES == 2, "the combine reuses the other buffer");
     extern __shared__ __align__(16) uint16_t fa_sm[];
     __shared__ float sml[4 * 16 * 2];
-    int p = bstart[blockIdx.x], p1 = bstart[blockIdx.x + 1];
+    int p = CL ? blockIdx.x : bstart[blockIdx.x];
+    int p1 = CL ? p + 1 : bstart[blockIdx.x + 1];
     if (p >= p1) {
         pdl_wait();
         return;
@@ -1210,8 +1275,14 @@ flash_dec_kernel(uint16_t *out, float *part_o, float *part_ml, const float *q,
          * the barrier below), then warp 0 writes while the others issue
          * the next copies */
         fa_mass(st);
-        fa_combine<HD>(reinterpret_cast<float *>(fa_sm + bi * 2 * BLK), sml, st);
+        float *so = reinterpret_cast<float *>(fa_sm + bi * 2 * BLK);
+        fa_combine<HD>(so, sml, st);
         __syncthreads();
+        if (CL) {       /* at a fixed place: peers end in either buffer */
+            dec_cluster_store<HD>(st, reinterpret_cast<float *>(fa_sm), sml,
+                                  it, G, nh, out);
+            break;
+        }
         if (warp == 0)
             fa_store(st, it, rows, rm, g, g + 8, out, part_o, part_ml, nh);
         if (++p >= p1) break;
@@ -1326,9 +1397,9 @@ static size_t dec_smem(int per_sm)
 {
     static uint64_t set, set_one;
     size_t need = fa_smem<HD>(0), most = dec_pad_smem(1);
-    allow_smem(flash_dec_kernel<HD, OCC>, need, &set);
+    allow_smem(flash_dec_kernel<HD, OCC, false>, need, &set);
     int padded = most <= need ||
-                 allow_smem(flash_dec_kernel<HD, OCC>, most, &set_one);
+                 allow_smem(flash_dec_kernel<HD, OCC, false>, most, &set_one);
     size_t pad = per_sm > 0 && padded ? dec_pad_smem(per_sm) : 0;
     return pad > need ? pad : need;
 }
@@ -1365,7 +1436,7 @@ extern "C" void pie__cuda_attention_dec(uint16_t *out, float *part_o,
             /* a programmatic dependent (unless PIE_CUDA_NO_PDL): its
              * blocks read the step's metadata while the kernel before
              * finishes */
-            launch_pdl_if(pie__cuda_pdl() >= 1, flash_dec_kernel<HD, OCC>,
+            launch_pdl_if(pie__cuda_pdl() >= 1, flash_dec_kernel<HD, OCC, false>,
                           n_blocks, FA_DEC_THREADS, dec_smem<HD, OCC>(per_sm),
                           s, out, part_o, part_ml, q, pieces, bstart, *tm, *kv,
                           layer, nh, page_shift(kv));
@@ -1384,9 +1455,90 @@ extern "C" int pie__cuda_attention_dec_occupancy(int hd, int whole)
         with_dec_build<HD>(whole ? 4 : 0, [&](auto O) {
             constexpr int OCC = decltype(O)::value;
             cudaOccupancyMaxActiveBlocksPerMultiprocessor(
-                &n, flash_dec_kernel<HD, OCC>, FA_DEC_THREADS,
+                &n, flash_dec_kernel<HD, OCC, false>, FA_DEC_THREADS,
                 dec_smem<HD, OCC>(0));
         });
     });
     return n > 0 ? n : 1;
+}
+
+/* The cluster plan's launch: n_blocks = items x C pieces (C blocks a
+ * cluster), as a programmatic dependent where PDL is on. C = 16 needs the
+ * non-portable cluster size (allowed once per device and head dim).
+ * Returns 0 if launched. */
+template <int HD>
+static int dec_cluster_launch(uint16_t *out, const float *q,
+                             const pie_cuda_attn_item *pieces, int n_blocks,
+                             int C, const pie_cuda_tokmeta *tm,
+                             const pie_cuda_kv *kv, int layer, int nh,
+                             cudaStream_t s, int query)
+{
+    auto kern = flash_dec_kernel<HD, 3, true>;
+    static uint64_t set, set16;
+    size_t smem = fa_smem<HD>(0);
+    int dev = 0;
+    if (cudaGetDevice(&dev) != cudaSuccess) return -1;
+    if (!allow_smem(kern, smem, &set)) return -1;
+    if (C > 8 && !(set16 & (1ull << (dev & 63)))) {
+        if (cudaFuncSetAttribute(kern, cudaFuncAttributeNonPortableClusterSizeAllowed,
+                                 1) != cudaSuccess)
+            return cudaGetLastError(), -1;
+        set16 |= 1ull << (dev & 63);
+    }
+    cudaLaunchConfig_t cfg = {};
+    cudaLaunchAttribute at[2];
+    at[0].id = cudaLaunchAttributeClusterDimension;
+    at[0].val.clusterDim.x = C;
+    at[0].val.clusterDim.y = 1;
+    at[0].val.clusterDim.z = 1;
+    at[1].id = cudaLaunchAttributeProgrammaticStreamSerialization;
+    at[1].val.programmaticStreamSerializationAllowed = 1;
+    cfg.gridDim = dim3(n_blocks);
+    cfg.blockDim = dim3(FA_DEC_THREADS);
+    cfg.dynamicSmemBytes = smem;
+    cfg.stream = s;
+    cfg.attrs = at;
+    cfg.numAttrs = pie__cuda_pdl() >= 1 ? 2 : 1;
+    if (query) {        /* can clusters of C be resident at all? */
+        int n = 0;
+        cfg.numAttrs = 1;
+        if (cudaOccupancyMaxActiveClusters(&n, kern, &cfg) != cudaSuccess)
+            return cudaGetLastError(), -1;
+        return n;
+    }
+    if (cudaLaunchKernelEx(&cfg, kern, out, (float *)NULL, (float *)NULL, q,
+                           pieces, (const int32_t *)NULL, *tm, *kv, layer, nh,
+                           page_shift(kv)) != cudaSuccess)
+        return -1;      /* (the error stays for the step's check) */
+    return 0;
+}
+
+extern "C" int pie__cuda_attention_dec_cluster(uint16_t *out, const float *q,
+                                               const pie_cuda_attn_item *pieces,
+                                               int n_blocks, int C,
+                                               const pie_cuda_tokmeta *tm,
+                                               const pie_cuda_kv *kv, int layer,
+                                               int nh, cudaStream_t s)
+{
+    int rc = -1;
+    if (n_blocks <= 0 || C < 2 || C > 16 || n_blocks % C ||
+        kv->head_dim % C)
+        return -1;
+    with_head_dim(kv->head_dim, [&](auto H) {
+        rc = dec_cluster_launch<decltype(H)::value>(out, q, pieces, n_blocks,
+                                                    C, tm, kv, layer, nh, s, 0);
+    });
+    return rc;
+}
+
+extern "C" int pie__cuda_attention_dec_clusters(int hd, int C)
+{
+    int n = 0;
+    if (C < 2 || C > 16 || hd % C) return 0;
+    pie_cuda_kv kv = { NULL, 1, 1, 16, hd };
+    with_head_dim(hd, [&](auto H) {
+        n = dec_cluster_launch<decltype(H)::value>(NULL, NULL, NULL, C, C, NULL,
+                                                   &kv, 0, 1, 0, 1);
+    });
+    return n > 0 ? n : 0;
 }

@@ -404,6 +404,22 @@ static int plan_dec_whole(cuda_backend *c)
     return k;
 }
 
+/* The cluster plan (dec_plan.c) at small batch, where the device runs
+ * clusters of the size it needs (dec_cluster_max); PIE_CUDA_DEC_CLUSTER=0
+ * never takes it, =C wherever it fits. Returns the cluster size, or 0. */
+static int plan_dec_cluster(cuda_backend *c)
+{
+    int C = pie_cuda_dec_cluster_size(c->gitems, (int)c->n_gitems, c->n_sm,
+                                      c->dec_blocks, c->cfg.head_dim,
+                                      c->dec_cluster_max,
+                                      pie_cuda_dec_cluster_switch());
+    if (C <= 0) return 0;
+    pie_cuda_dec_plan_cluster(c->gitems, (int)c->n_gitems, C, c->pieces);
+    c->n_pieces = (int)c->n_gitems * C;
+    c->n_dmerges = 0;
+    return C;
+}
+
 /* Cuts the whole grouped items for the decode kernel's persistent grid
  * (dec_plan.c), unless the whole-item plan pays. The piece and merge
  * lists are stored at their capacities, so a decode step's kernel
@@ -414,6 +430,8 @@ static int64_t plan_dec(cuda_backend *c, int64_t parts)
     int rc = grow((void **)&c->pieces, &c->cap_pieces,
                   c->n_gitems + c->dec_blocks, sizeof *c->pieces);
     if (rc) return rc;
+    c->dec_whole = 0;
+    if ((c->dec_cluster = plan_dec_cluster(c))) return parts;
     if ((c->dec_whole = plan_dec_whole(c))) return parts;
     parts = pie_cuda_dec_plan(c->gitems, (int)c->n_gitems,
                               c->cfg.n_heads / c->cfg.n_kv_heads, c->dec_blocks,
@@ -636,11 +654,25 @@ static int build_outputs(cuda_backend *c, const pie_forward_batch *b,
 /* Decode attention of layer l: the persistent grid, then the merges of
  * the items it cut (a fixed-size list: graphs keep their arguments); or
  * the whole-item plan's grid of 1, 2 or 4 blocks per SM, which cuts
- * nothing. */
-static void run_dec_attention(cuda_backend *c, int l,
-                              const pie_cuda_tokmeta *tm, const step_meta *sm)
+ * nothing; or at small batch the cluster plan, which merges in the
+ * clusters' shared memory. */
+static int run_dec_attention(cuda_backend *c, int l,
+                             const pie_cuda_tokmeta *tm, const step_meta *sm)
 {
     const pie_model_config *g = &c->cfg;
+    if (c->dec_cluster) {
+        if (!pie__cuda_attention_dec_cluster(c->att, c->q, DEV(c, sm->gitems),
+                                             (int)c->n_gitems * c->dec_cluster,
+                                             c->dec_cluster, tm, &c->kv, l,
+                                             g->n_heads, c->st))
+            return 0;
+        /* refused (a shared GPU's limits): this step fails, later ones
+         * take the other plans */
+        c->dec_cluster_max = 0;
+        return pie_err_set(PIE_EDEVICE, "cuda: the cluster decode plan did "
+                           "not launch (%s); later steps use the cut plan",
+                           cudaGetErrorString(cudaGetLastError()));
+    }
     pie__cuda_attention_dec(c->att, c->part_o, c->part_ml, c->q,
                             DEV(c, sm->gitems), DEV(c, sm->bstart),
                             c->dec_whole ? c->dec_whole * c->n_sm : c->dec_blocks,
@@ -649,6 +681,7 @@ static void run_dec_attention(cuda_backend *c, int l,
         pie__cuda_attn_merge(c->att, c->part_o, c->part_ml,
                              DEV(c, sm->dmerges), c->dec_blocks, g->n_heads,
                              g->n_kv_heads, g->head_dim, c->st);
+    return 0;
 }
 
 static int run_layers(cuda_backend *c, int n, const pie_cuda_tokmeta *tm,
@@ -695,8 +728,7 @@ static int run_layers(cuda_backend *c, int n, const pie_cuda_tokmeta *tm,
                             c->st);
         pie__cuda_attention_flash(c->att, c->part_o, c->part_ml, c->q, fitems,
                                   (int)c->n_fitems, tm, &c->kv, l, nh, c->st);
-        if (c->n_gitems)
-            run_dec_attention(c, l, tm, sm);
+        if (c->n_gitems && (rc = run_dec_attention(c, l, tm, sm))) return rc;
         pie_cuda_prof_mark(P, PROF_ATTN, c->st);
         pie__cuda_attn_merge(c->att, c->part_o, c->part_ml, merges,
                              (int)c->n_merges, nh, g->n_kv_heads, hd, c->st);
@@ -737,6 +769,7 @@ static graph_key key_of(const cuda_backend *c, int n, const step_meta *sm,
     k.max_slots = c->n_items ? c->max_slots : 0;
     k.decode = c->decode_step;
     k.dec_whole = c->n_gitems ? c->dec_whole : 0;
+    k.dec_cluster = c->n_gitems ? c->dec_cluster : 0;
     k.mega = c->mega_step;
     return k;
 }
@@ -1212,6 +1245,9 @@ static int plan_dec_grid(cuda_backend *c)
     c->dec_per_sm = pie__cuda_attention_dec_occupancy(c->cfg.head_dim, 0);
     c->dec_whole_max = pie__cuda_attention_dec_occupancy(c->cfg.head_dim, 1);
     c->dec_blocks = e && atoi(e) > 0 ? atoi(e) : c->dec_per_sm * c->n_sm;
+    for (int C = 16; C >= 2 && !c->dec_cluster_max; C /= 2)
+        if (pie__cuda_attention_dec_clusters(c->cfg.head_dim, C) > 0)
+            c->dec_cluster_max = C;
     /* the whole-item plan's grid: up to the resident blocks an SM (forced
      * ones too: PIE_CUDA_DEC_WHOLE=k) */
     int whole = c->dec_whole_max * c->n_sm;

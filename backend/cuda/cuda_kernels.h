@@ -219,6 +219,39 @@ int64_t pie_cuda_dec_calibrate(const pie_cuda_kv *kv, int64_t n_pages, int nh,
                                int n_sm, int cut_blocks, cudaStream_t s,
                                double *t_whole, double *t_cut);
 int pie_cuda_dec_whole_switch(void);
+/* The cluster plan (dec_plan.c, host; small batches): item i's KV blocks
+ * split evenly over pieces[i C .. i C + C), one a block of a cluster of C
+ * (an empty rank: s0 = s1), for pie__cuda_attention_dec_cluster; no merge
+ * follows. pie_cuda_dec_cluster_size picks C by the rule: the smallest
+ * power of two from 2 to min(max_c, PIE_CUDA_DEC_CLUSTER_MAX) that leaves
+ * at most PIE_CUDA_DEC_CLUSTER_PER KV blocks a piece of the longest item,
+ * if the head dim divides by it and n_items C <= n_sm (a block an SM at
+ * most); 0 for none (the other plans). Measured (NOTES.md, round 13):
+ * 8B batch 1 gained 0.2-1.7%, 1B 0.5-1.5%; 8B batch 4 (256 blocks) lost
+ * 2% and clusters of 16 lost at head dim 64 ctx 2048 (9.8 against 7.9 us).
+ * force = C (PIE_CUDA_DEC_CLUSTER=C, read by pie_cuda_dec_cluster_switch)
+ * takes C <= max_c wherever n_items C <= grid; force < 0 (=0) never. */
+#define PIE_CUDA_DEC_CLUSTER_PER 2
+#define PIE_CUDA_DEC_CLUSTER_MAX 8
+void pie_cuda_dec_plan_cluster(const pie_cuda_attn_item *items, int n_items,
+                               int C, pie_cuda_attn_item *pieces);
+int pie_cuda_dec_cluster_size(const pie_cuda_attn_item *items, int n_items,
+                              int n_sm, int grid, int hd, int max_c, int force);
+int pie_cuda_dec_cluster_switch(void);
+/* Decode attention on the cluster plan: n_blocks = items x C pieces,
+ * clusters of C (2..16, dividing the head dim) blocks, each combining its
+ * item's C states in distributed shared memory and writing out; part
+ * buffers unused. Returns 0 if launched, -1 if not (bad arguments, or the
+ * launch failed: its error stays for cudaGetLastError). */
+int pie__cuda_attention_dec_cluster(uint16_t *out, const float *q,
+                                    const pie_cuda_attn_item *pieces,
+                                    int n_blocks, int C,
+                                    const pie_cuda_tokmeta *tm,
+                                    const pie_cuda_kv *kv, int layer, int nh,
+                                    cudaStream_t s);
+/* Clusters of C decode blocks (head dim hd) that can be resident at once
+ * on this GPU (0: the cluster plan cannot run with C). */
+int pie__cuda_attention_dec_clusters(int hd, int C);
 /* out (n, hidden) bf16 = silu(gu[:, :hidden]) * gu[:, hidden:], gu bf16 */
 void pie__cuda_silu_mul(uint16_t *out, const uint16_t *gu, int n, int hidden,
                         cudaStream_t s);

@@ -24,7 +24,9 @@
  * runs. Where items balance well that way (about one per SM at B=16 x 8 kv
  * heads on one block an SM, round 8; one or more a block from B=32 on two,
  * round 9; below head dim 128 on four, round 12), it saves the merge
- * kernel and the piece boundaries (NOTES.md).
+ * kernel and the piece boundaries (NOTES.md). At small batch the cluster
+ * plan (the end of this file) splits each item over a thread-block
+ * cluster instead, whose blocks merge in distributed shared memory.
  */
 #include <stdlib.h>
 
@@ -306,5 +308,57 @@ int pie_cuda_dec_try_whole(const pie_cuda_attn_item *items, int n_items,
         rc = whole_on(items, n_items, T, k * n_sm, 0, pieces, bstart);
         if (rc) return rc > 0 ? k : rc;
     }
+    return 0;
+}
+
+/* ---------------------------------------------------- the cluster plan
+ * At small batch the cut plan spreads a few items over the whole grid and
+ * a merge kernel combines the pieces, a launch and a round trip through
+ * global memory on the critical path of every layer (about 5 us a layer of
+ * a 1B batch-1 step, NOTES.md round 13). The cluster plan instead splits
+ * each item over the C blocks of one thread-block cluster (rank c takes
+ * KV blocks [n c / C, n (c + 1) / C) of its n), and the cluster combines
+ * the C states in distributed shared memory (attention.cu). */
+void pie_cuda_dec_plan_cluster(const pie_cuda_attn_item *items, int n_items,
+                               int C, pie_cuda_attn_item *pieces)
+{
+    for (int i = 0; i < n_items; i++) {
+        int64_t n = blocks_of(&items[i]);
+        for (int c = 0; c < C; c++) {
+            pie_cuda_attn_item p = items[i];
+            int64_t a = n * c / C, e = n * (c + 1) / C;
+            p.s0 = (int32_t)(items[i].s0 + a * PIE_CUDA_DEC_BLOCK);
+            p.s1 = e == n ? items[i].s1
+                          : (int32_t)(items[i].s0 + e * PIE_CUDA_DEC_BLOCK);
+            if (p.s1 > items[i].s1) p.s1 = items[i].s1;
+            if (p.s0 > p.s1) p.s0 = p.s1;       /* an empty rank */
+            p.part = -1;
+            p.pad = 1;
+            pieces[(size_t)i * C + c] = p;
+        }
+    }
+}
+
+int pie_cuda_dec_cluster_switch(void)
+{
+    const char *e = getenv("PIE_CUDA_DEC_CLUSTER");
+    if (!e) return 0;
+    int C = atoi(e);
+    return *e == '0' ? -1 : (C == 2 || C == 4 || C == 8 || C == 16) ? C : 0;
+}
+
+int pie_cuda_dec_cluster_size(const pie_cuda_attn_item *items, int n_items,
+                              int n_sm, int grid, int hd, int max_c, int force)
+{
+    int64_t most = 0;
+    for (int i = 0; i < n_items; i++)
+        if (blocks_of(&items[i]) > most) most = blocks_of(&items[i]);
+    if (force < 0 || n_items <= 0) return 0;
+    if (force > 0)
+        return force <= max_c && hd % force == 0 &&
+               (int64_t)n_items * force <= grid ? force : 0;
+    for (int C = 2; C <= max_c && C <= PIE_CUDA_DEC_CLUSTER_MAX; C *= 2)
+        if ((most + C - 1) / C <= PIE_CUDA_DEC_CLUSTER_PER)
+            return hd % C == 0 && (int64_t)n_items * C <= n_sm ? C : 0;
     return 0;
 }

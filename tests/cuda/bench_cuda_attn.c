@@ -8,7 +8,8 @@
  * on the CUDA-core kernel ("simt"), the balanced persistent grid of
  * pie_cuda_dec_plan on the tensor-core decode kernel ("mma", resident
  * blocks x SMs, or PIE_CUDA_DEC_BLOCKS), or its whole-item plan of 1, 2
- * or 4 blocks per SM where that pays ("whole"); then causal prefill
+ * or 4 blocks per SM where that pays ("whole"), or at small batch its
+ * cluster plan (items over clusters of blocks, "clust"); then causal prefill
  * attention of one prompt on the tensor-core kernel in TFLOP/s (4 * hd
  * flops per attended pair).
  */
@@ -97,9 +98,22 @@ static void run(int hd, int B, int L, int mma)
         if (whole < 0) whole = 0;
         if (whole) { nb = whole * sm; npc = ni; nm = 0; }
     }
+    /* as the backend: the cluster plan at small batch (no merge kernel;
+     * PIE_CUDA_DEC_CLUSTER=0 never, =C always) */
+    int clus = 0, cmax = 0;
+    for (int C = 16; mma && !whole && C >= 2 && !cmax; C /= 2)
+        if (pie__cuda_attention_dec_clusters(hd, C) > 0) cmax = C;
     if (mma && !whole)
+        clus = pie_cuda_dec_cluster_size(it, ni, sm, nb, hd, cmax,
+                                         pie_cuda_dec_cluster_switch());
+    if (clus) {
+        pie_cuda_dec_plan_cluster(it, ni, clus, pc);
+        npc = ni * clus;
+        nm = 0;
+    } else if (mma && !whole) {
         parts = (int)pie_cuda_dec_plan(it, ni, G, nb, 2, 0, pc, &npc, bst, mi, &nm);
-    if (mma && !whole) nm = nb; /* as the backend: a fixed-size merge list */
+        nm = nb;                /* as the backend: a fixed-size merge list */
+    }
     void *d[10];
     size_t sz[10] = { 4 * (size_t)np, 4 * (size_t)B, 4 * (size_t)B, 4 * (size_t)(B + 1),
                       4 * (size_t)B, 4 * (size_t)B, sizeof *it * ni, sizeof *mi * (nm + 1),
@@ -141,14 +155,17 @@ static void run(int hd, int B, int L, int mma)
         if (g) CU(cudaStreamBeginCapture(st, cudaStreamCaptureModeThreadLocal));
         for (int w = 0; w < (g ? iters : 3 + iters); w++) {
             if (!g && w == 3) CU(cudaEventRecord(e0, st));
-            if (mma) {
+            if (clus) {
+                pie__cuda_attention_dec_cluster(out, q, d[8], npc, clus, &tm, &kv,
+                                                w % nl, nh, st);
+            } else if (mma) {
                 pie__cuda_attention_dec(out, po, pml, q, d[8], d[9], nb, &tm, &kv,
                                         w % nl, nh, whole, st);
             } else {
                 pie__cuda_attention(out, po, pml, q, d[6], ni, &tm, &kv, w % nl, nh,
                                     (L + ns - 1) / ns + 1, st);
             }
-            if (merge && !whole)
+            if (merge && !whole && !clus)
                 pie__cuda_attn_merge(out, po, pml, d[7], nm, nh, nkv, hd, st);
         }
         if (g) {
@@ -171,8 +188,8 @@ static void run(int hd, int B, int L, int mma)
     printf("attn %s hd %3d  B %3d  ctx %5d  %s %4d  %8.1f us  %6.2f TB/s"
            "  graph %8.1f us  %6.2f TB/s\n",
            mma ? "mma " : "simt", hd, B, L,
-           whole ? "whole " : mma ? "blocks" : "splits",
-           mma ? nb : ns, us[0], tb / us[0], us[1], tb / us[1]);
+           clus ? "clust " : whole ? "whole " : mma ? "blocks" : "splits",
+           clus ? npc : mma ? nb : ns, us[0], tb / us[0], us[1], tb / us[1]);
     for (int i = 0; i < 10; i++) cudaFree(d[i]);
     cudaFree(kv.pool); cudaFree(q); cudaFree(out); cudaFree(po); cudaFree(pml);
     free(pages); free(slot); free(req); free(ind); free(len); free(pos);

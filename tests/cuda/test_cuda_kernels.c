@@ -431,7 +431,9 @@ static void test_qkv_post(int nh, int nkv, int hd, int bias, int qknorm, int big
  * kernel (tiles of 16/G tokens) on a persistent grid of `split` blocks,
  * the items cut by pie_cuda_dec_plan; grouped 3 / 4 / 6: the same
  * kernel, launched for one / two / four blocks per SM, on the whole-item
- * plan of `split` blocks (no merge). */
+ * plan of `split` blocks (no merge); grouped 7: the cluster plan, each
+ * item over a cluster of `split` blocks combining in distributed shared
+ * memory (no merge kernel). */
 static void test_attention_mode(int nh, int nkv, int hd, int masked,
                                 int split, int grouped)
 {
@@ -496,7 +498,7 @@ static void test_attention_mode(int nh, int nkv, int hd, int masked,
         }
     }
     int nb = split > 0 ? split : 1, npc = 0;
-    pie_cuda_attn_item *pc = malloc(sizeof *pc * ((size_t)ni + nb));
+    pie_cuda_attn_item *pc = malloc(sizeof *pc * ((size_t)ni * nb + nb));
     int32_t *bst = malloc(4 * ((size_t)nb + 1));
     if (grouped == 2) {
         parts = (int)pie_cuda_dec_plan(items, ni, G, nb, split % 2 + 1, 0, pc,
@@ -511,6 +513,11 @@ static void test_attention_mode(int nh, int nkv, int hd, int masked,
         CHECK(most > 0 && bst[0] == 0 && bst[nb] == ni,
               "whole dec plan: most %lld, %d pieces", (long long)most, bst[nb]);
     }
+    if (grouped == 7) {                 /* each item over a cluster */
+        pie_cuda_dec_plan_cluster(items, ni, nb, pc);
+        npc = ni * nb;
+        nm = 0;
+    }
     float *dq = dput(q, 4 * (size_t)n * nh * hd);
     uint16_t *dout = dput(NULL, 2 * (size_t)n * nh * hd);
     float *po = dput(NULL, 4 * (size_t)(parts + 1) * hd);
@@ -518,7 +525,14 @@ static void test_attention_mode(int nh, int nkv, int hd, int masked,
     pie_cuda_attn_item *di = dput(items, sizeof items[0] * ni);
     pie_cuda_merge_item *dm = dput(merges, sizeof merges[0] * (nm + 1));
     CU(cudaMemset(dout, 0xff, 2 * (size_t)n * nh * hd));   /* poison */
-    if (grouped >= 2) {
+    if (grouped == 7) {
+        pie_cuda_attn_item *dpc = dput(pc, sizeof *pc * (size_t)npc);
+        CHECK(pie__cuda_attention_dec_cluster(dout, dq, dpc, npc, nb, &tm, &kv,
+                                              layer, nh, 0) == 0,
+              "cluster decode of %d pieces in clusters of %d refused", npc, nb);
+        CU(cudaDeviceSynchronize());
+        cudaFree(dpc);
+    } else if (grouped >= 2) {
         pie_cuda_attn_item *dpc = dput(pc, sizeof *pc * (size_t)(npc + 1));
         int32_t *dbs = dput(bst, 4 * ((size_t)nb + 1));
         pie__cuda_attention_dec(dout, po, pml, dq, dpc, dbs, nb, &tm, &kv,
@@ -577,7 +591,8 @@ static void test_attention_mode(int nh, int nkv, int hd, int masked,
     }
     printf("attention%s: nh %d nkv %d hd %d masked %d split %d page %d: %d "
            "tokens, %d items, %d merges, rel err %.2e ok\n",
-           grouped == 2 ? " (decode mma)" : grouped ? " (grouped mma)" : "",
+           grouped == 7 ? " (decode cluster)" : grouped == 2 ? " (decode mma)" :
+           grouped ? " (grouped mma)" : "",
            nh, nkv, hd, masked, split, ps, n, ni, nm, sqrt(err / (ref2 + 1e-30)));
     for (int i = 0; i < 8; i++) cudaFree(fr[i]);
     cudaFree(dq); cudaFree(dout); cudaFree(po); cudaFree(pml); cudaFree(di);
@@ -783,6 +798,14 @@ int main(void)
         test_attention_mode(32, 8, 64, m, 5, 4);
         test_attention_mode(32, 8, 64, m, 37, 6);    /* four an SM */
         test_attention_mode(6, 6, 32, m, 7, 6);
+        /* the cluster plan: 2 .. 16 blocks a cluster (empty ranks on the
+         * short items) */
+        test_attention_mode(32, 8, 128, m, 8, 7);
+        test_attention_mode(32, 8, 128, m, 16, 7);
+        test_attention_mode(32, 4, 128, m, 2, 7);    /* G = 8 */
+        test_attention_mode(32, 8, 64, m, 4, 7);
+        test_attention_mode(4, 2, 16, m, 16, 7);
+        test_attention_mode(6, 6, 32, m, 8, 7);
     }
     test_samplers(1000);
     test_samplers(128256);

@@ -17,6 +17,11 @@
  *     greedy bound: max(longest, T / blocks) <= most <= T / blocks +
  *     longest;
  *   - pie_cuda_dec_try_whole on shapes with known answers, and forced.
+ * The cluster plan (pie_cuda_dec_plan_cluster) for clusters of 2..16:
+ *   - each item's C pieces cover its slots exactly once, in rank order,
+ *     cut on its grid, unchanged but for s0, s1, part -1 and pad 1;
+ *   - every rank streams floor or ceil of the item's KV blocks / C;
+ *   - pie_cuda_dec_cluster_size on shapes with known answers, and forced.
  */
 #include <stdint.h>
 #include <stdlib.h>
@@ -251,6 +256,73 @@ static void check_pays(void)
     }
 }
 
+/* The cluster plan of n items in clusters of C: coverage and balance. */
+static void check_cluster(const pie_cuda_attn_item *it, int n, int C)
+{
+    static pie_cuda_attn_item pc[MAX_ITEMS * 16];
+    pie_cuda_dec_plan_cluster(it, n, C, pc);
+    for (int i = 0; i < n; i++) {
+        int64_t nb = ((int64_t)it[i].s1 - it[i].s0 + BLK - 1) / BLK;
+        int cur = it[i].s0;
+        for (int c = 0; c < C; c++) {
+            const pie_cuda_attn_item *p = &pc[i * C + c];
+            CHECK(p->req == it[i].req && p->t0 == it[i].t0 && p->nt == it[i].nt &&
+                      p->kvh == it[i].kvh && p->part == -1 && p->pad == 1 &&
+                      p->s0 <= p->s1,
+                  "cluster piece %d of item %d changed", c, i);
+            int64_t k = ((int64_t)p->s1 - p->s0 + BLK - 1) / BLK;
+            CHECK(k >= (nb > 0 ? nb / C : 0) && k <= (nb + C - 1) / C,
+                  "cluster rank %d of %d streams %lld of %lld KV blocks", c, C,
+                  (long long)k, (long long)nb);
+            if (p->s0 == p->s1) continue;       /* an empty rank */
+            CHECK(p->s0 == cur && (p->s0 - it[i].s0) % BLK == 0,
+                  "cluster piece %d of item %d starts at %d, not %d", c, i,
+                  p->s0, cur);
+            cur = p->s1;
+        }
+        CHECK(cur == it[i].s1, "cluster pieces of item %d end at %d, not %d",
+              i, cur, it[i].s1);
+    }
+}
+
+/* Items of len slots, n of them. */
+static void fill_items(pie_cuda_attn_item *it, int n, int len)
+{
+    for (int i = 0; i < n; i++)
+        it[i] = (pie_cuda_attn_item){ i / 8, i / 8, 1, i % 8, 0, len, -1, 1 };
+}
+
+/* Cluster sizes the rule must pick (132 SMs, a grid of 396). */
+static void check_cluster_size(void)
+{
+    static pie_cuda_attn_item it[256];
+    fill_items(it, 8, 520);                 /* B=1, 9 KV blocks: 8 ranks */
+    CHECK(pie_cuda_dec_cluster_size(it, 8, 132, 396, 64, 16, 0) == 8,
+          "B=1 ctx 520: clusters of 8");
+    CHECK(pie_cuda_dec_cluster_size(it, 8, 132, 396, 64, 4, 0) == 0,
+          "B=1 ctx 520 where clusters of 4 are the most: none");
+    CHECK(pie_cuda_dec_cluster_size(it, 8, 132, 396, 64, 16, 16) == 16,
+          "forced 16");
+    CHECK(pie_cuda_dec_cluster_size(it, 8, 132, 396, 8, 16, 16) == 0,
+          "forced 16 at head dim 8");
+    CHECK(pie_cuda_dec_cluster_size(it, 8, 132, 396, 64, 16, -1) == 0,
+          "switched off");
+    fill_items(it, 8, 512);                 /* 8 KV blocks: 4 ranks */
+    CHECK(pie_cuda_dec_cluster_size(it, 8, 132, 396, 128, 16, 0) == 4,
+          "B=1 ctx 512: clusters of 4");
+    fill_items(it, 16, 1000);               /* B=2, 16 KV blocks: 128 blocks */
+    CHECK(pie_cuda_dec_cluster_size(it, 16, 132, 396, 128, 16, 0) == 8,
+          "B=2 ctx 1000: clusters of 8");
+    fill_items(it, 32, 520);                /* B=4: 256 blocks, over an SM each */
+    CHECK(pie_cuda_dec_cluster_size(it, 32, 132, 396, 128, 16, 0) == 0,
+          "B=4 ctx 520: more blocks than SMs");
+    CHECK(pie_cuda_dec_cluster_size(it, 32, 132, 396, 128, 16, 8) == 8,
+          "B=4 ctx 520 forced to 8: fits the grid");
+    fill_items(it, 8, 2048);                /* 32 KV blocks: would need 16 */
+    CHECK(pie_cuda_dec_cluster_size(it, 8, 132, 396, 128, 16, 0) == 0,
+          "B=1 ctx 2048: clusters of 16 are not taken");
+}
+
 int main(void)
 {
     static pie_cuda_attn_item it[MAX_ITEMS], pc[MAX_ITEMS + MAX_BLOCKS];
@@ -272,9 +344,11 @@ int main(void)
         check_cover(it, n, G, pc, npc, mg, nm, part0, parts);
         check_blocks(pc, bst, nb, npc, T, min_kv < 1 ? 1 : min_kv);
         check_whole(it, n, nb, pc, bst);
+        check_cluster(it, n, 2 << (rand() % 4));
         plans++;
     }
     check_pays();
+    check_cluster_size();
     printf("dec_plan: %d random plans ok (%d checks)\n", plans, test_n_checks);
     return 0;
 }
