@@ -1509,7 +1509,7 @@ static int dec_cluster_launch(uint16_t *out, const float *q,
     if (cudaLaunchKernelEx(&cfg, kern, out, (float *)NULL, (float *)NULL, q,
                            pieces, (const int32_t *)NULL, *tm, *kv, layer, nh,
                            page_shift(kv)) != cudaSuccess)
-        return -1;      /* (the error stays for the step's check) */
+        return -1;      /* the caller reads the error */
     return 0;
 }
 

@@ -406,9 +406,11 @@ static int plan_dec_whole(cuda_backend *c)
 
 /* The cluster plan (dec_plan.c) at small batch, where the device runs
  * clusters of the size it needs (dec_cluster_max); PIE_CUDA_DEC_CLUSTER=0
- * never takes it, =C wherever it fits. Returns the cluster size, or 0. */
+ * never takes it, =C wherever it fits; a forced whole-item plan
+ * (PIE_CUDA_DEC_WHOLE=k) comes first. Returns the cluster size, or 0. */
 static int plan_dec_cluster(cuda_backend *c)
 {
+    if (pie_cuda_dec_whole_switch() > 0) return 0;
     int C = pie_cuda_dec_cluster_size(c->gitems, (int)c->n_gitems, c->n_sm,
                                       c->dec_blocks, c->cfg.head_dim,
                                       c->dec_cluster_max,
@@ -666,8 +668,10 @@ static int run_dec_attention(cuda_backend *c, int l,
                                              c->dec_cluster, tm, &c->kv, l,
                                              g->n_heads, c->st))
             return 0;
-        /* refused (a shared GPU's limits): this step fails, later ones
-         * take the other plans */
+        /* refused (a shared GPU's limits): this step fails with the
+         * launch's error (under graph capture, the capture does and the
+         * step runs again without graphs); later steps plan without
+         * clusters */
         c->dec_cluster_max = 0;
         return pie_err_set(PIE_EDEVICE, "cuda: the cluster decode plan did "
                            "not launch (%s); later steps use the cut plan",

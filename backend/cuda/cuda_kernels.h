@@ -225,8 +225,9 @@ int pie_cuda_dec_whole_switch(void);
  * follows. pie_cuda_dec_cluster_size picks C by the rule: the smallest
  * power of two from 2 to min(max_c, PIE_CUDA_DEC_CLUSTER_MAX) that leaves
  * at most PIE_CUDA_DEC_CLUSTER_PER KV blocks a piece of the longest item,
- * if the head dim divides by it and n_items C <= n_sm (a block an SM at
- * most); 0 for none (the other plans). Measured (NOTES.md, round 13):
+ * if the head dim divides by it and n_items C <= min(n_sm, grid) (a grid
+ * no larger than the SMs; grid: the pieces' room beyond n_items); 0 for
+ * none (the other plans). Measured (NOTES.md, round 13):
  * 8B batch 1 gained 0.2-1.7%, 1B 0.5-1.5%; 8B batch 4 (256 blocks) lost
  * 2% and clusters of 16 lost at head dim 64 ctx 2048 (9.8 against 7.9 us).
  * force = C (PIE_CUDA_DEC_CLUSTER=C, read by pie_cuda_dec_cluster_switch)

@@ -359,6 +359,7 @@ int pie_cuda_dec_cluster_size(const pie_cuda_attn_item *items, int n_items,
                (int64_t)n_items * force <= grid ? force : 0;
     for (int C = 2; C <= max_c && C <= PIE_CUDA_DEC_CLUSTER_MAX; C *= 2)
         if ((most + C - 1) / C <= PIE_CUDA_DEC_CLUSTER_PER)
-            return hd % C == 0 && (int64_t)n_items * C <= n_sm ? C : 0;
+            return hd % C == 0 && (int64_t)n_items * C <= n_sm &&
+                   (int64_t)n_items * C <= grid ? C : 0;
     return 0;
 }

@@ -91,21 +91,22 @@ static void run(int hd, int B, int L, int mma)
     /* as the backend: the whole-item plan where it pays (1, 2 or 4 blocks
      * per SM, no merge; PIE_CUDA_DEC_WHOLE=0 never, =k always) */
     int whole = 0, force = pie_cuda_dec_whole_switch();
-    if (mma && force >= 0) {
+    /* as the backend: the cluster plan at small batch (no merge kernel;
+     * PIE_CUDA_DEC_CLUSTER=0 never, =C always), unless a whole-item plan
+     * is forced */
+    int clus = 0, cmax = 0;
+    for (int C = 16; mma && force <= 0 && C >= 2 && !cmax; C /= 2)
+        if (pie__cuda_attention_dec_clusters(hd, C) > 0) cmax = C;
+    if (cmax)
+        clus = pie_cuda_dec_cluster_size(it, ni, sm, nb, hd, cmax,
+                                         pie_cuda_dec_cluster_switch());
+    if (mma && !clus && force >= 0) {
         whole = pie_cuda_dec_try_whole(it, ni, sm,
                                        pie__cuda_attention_dec_occupancy(hd, 1),
                                        hd, force, max1, pc, bst);
         if (whole < 0) whole = 0;
         if (whole) { nb = whole * sm; npc = ni; nm = 0; }
     }
-    /* as the backend: the cluster plan at small batch (no merge kernel;
-     * PIE_CUDA_DEC_CLUSTER=0 never, =C always) */
-    int clus = 0, cmax = 0;
-    for (int C = 16; mma && !whole && C >= 2 && !cmax; C /= 2)
-        if (pie__cuda_attention_dec_clusters(hd, C) > 0) cmax = C;
-    if (mma && !whole)
-        clus = pie_cuda_dec_cluster_size(it, ni, sm, nb, hd, cmax,
-                                         pie_cuda_dec_cluster_switch());
     if (clus) {
         pie_cuda_dec_plan_cluster(it, ni, clus, pc);
         npc = ni * clus;

@@ -313,6 +313,8 @@ static void check_cluster_size(void)
     fill_items(it, 16, 1000);               /* B=2, 16 KV blocks: 128 blocks */
     CHECK(pie_cuda_dec_cluster_size(it, 16, 132, 396, 128, 16, 0) == 8,
           "B=2 ctx 1000: clusters of 8");
+    CHECK(pie_cuda_dec_cluster_size(it, 16, 132, 64, 128, 16, 0) == 0,
+          "B=2 ctx 1000 on a grid of 64 (PIE_CUDA_DEC_BLOCKS): no room");
     fill_items(it, 32, 520);                /* B=4: 256 blocks, over an SM each */
     CHECK(pie_cuda_dec_cluster_size(it, 32, 132, 396, 128, 16, 0) == 0,
           "B=4 ctx 520: more blocks than SMs");
