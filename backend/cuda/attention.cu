@@ -3,8 +3,9 @@
  * CUDA-core kernel (any head dim, split partials), the merge of split
  * partials, the tensor-core prefill kernel (flash_attn_kernel) and the
  * tensor-core decode kernel on a persistent grid (flash_dec_kernel, its
- * plan in dec_plan.c). Each has a C twin in tests/cuda/test_cuda_kernels.c;
- * the KV pool layout is in cuda_kernels.h.
+ * plans in dec_plan.c; at small batch on thread-block clusters that merge
+ * in distributed shared memory, dec_cluster_store). Each has a C twin in
+ * tests/cuda/test_cuda_kernels.c; the KV pool layout is in cuda_kernels.h.
  */
 #include <cuda_bf16.h>
 #include <math.h>
