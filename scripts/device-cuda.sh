@@ -86,6 +86,14 @@ bench() {   # model batch prompt gen [chunk]
         2>&1 | tee -a "$OUT/bench.log" | grep -E "prefill|decode|error|pie" \
         | sed "s/^/${TAG:-}$1 B=$2 L=$3: /" | tee -a "$OUT/summary.log"
 }
+model() {   # log-suffix [VAR=value...]: the model test with those settings
+    local tag=$1
+    shift
+    env "$@" PIE_CUDA_PARTIAL_SHARED=1 timeout 200 $R test_cuda_model \
+        > "$OUT/model$tag.log" 2>&1
+    local rc=$?
+    echo "model${*:+ ($*)} rc=$rc" | tee -a "$OUT/summary.log"
+}
 abench() {  # reps config...: each config with old.tar.xz, then this build
     local reps=$1 i cfg
     shift
@@ -105,28 +113,17 @@ for phase in "$@"; do
         # the mma.sync prefill kernel that wgmma replaces at head dim 128
         PIE_CUDA_NO_WGMMA=1 timeout 150 $R test_cuda_kernels > "$OUT/kernels-nowg.log" 2>&1
         echo "kernels (PIE_CUDA_NO_WGMMA) rc=$?" | tee -a "$OUT/summary.log"
-        PIE_CUDA_PARTIAL_SHARED=1 timeout 200 $R test_cuda_model > "$OUT/model.log" 2>&1
-        echo "model rc=$?" | tee -a "$OUT/summary.log"; tail -30 "$OUT/model.log"
-        # every decode step on the whole-item plan (one block per SM)
-        PIE_CUDA_DEC_WHOLE=1 PIE_CUDA_PARTIAL_SHARED=1 timeout 200 $R test_cuda_model \
-            > "$OUT/model-whole.log" 2>&1
-        echo "model (PIE_CUDA_DEC_WHOLE=1) rc=$?" | tee -a "$OUT/summary.log"
-        # and on two blocks per SM
-        PIE_CUDA_DEC_WHOLE=2 PIE_CUDA_PARTIAL_SHARED=1 timeout 200 $R test_cuda_model \
-            > "$OUT/model-whole2.log" 2>&1
-        echo "model (PIE_CUDA_DEC_WHOLE=2) rc=$?" | tee -a "$OUT/summary.log"
-        # and on four (where four are resident: head dim below 128)
-        PIE_CUDA_DEC_WHOLE=4 PIE_CUDA_PARTIAL_SHARED=1 timeout 200 $R test_cuda_model \
-            > "$OUT/model-whole4.log" 2>&1
-        echo "model (PIE_CUDA_DEC_WHOLE=4) rc=$?" | tee -a "$OUT/summary.log"
+        model ""                                # the default plans
+        tail -30 "$OUT/model.log"
+        # every decode step on the whole-item plan: one, two, four blocks
+        # per SM (four where resident: head dim below 128)
+        model -whole PIE_CUDA_DEC_WHOLE=1
+        model -whole2 PIE_CUDA_DEC_WHOLE=2
+        model -whole4 PIE_CUDA_DEC_WHOLE=4
         # small batches on the cut plan, not the cluster plan
-        PIE_CUDA_DEC_CLUSTER=0 PIE_CUDA_PARTIAL_SHARED=1 timeout 200 $R test_cuda_model \
-            > "$OUT/model-nocluster.log" 2>&1
-        echo "model (PIE_CUDA_DEC_CLUSTER=0) rc=$?" | tee -a "$OUT/summary.log"
+        model -nocluster PIE_CUDA_DEC_CLUSTER=0
         # two per SM with a cut-plan grid smaller than that (bstart sizes)
-        PIE_CUDA_DEC_BLOCKS=64 PIE_CUDA_DEC_WHOLE=2 PIE_CUDA_PARTIAL_SHARED=1 timeout 200 \
-            $R test_cuda_model > "$OUT/model-whole2-64.log" 2>&1
-        echo "model (PIE_CUDA_DEC_WHOLE=2 PIE_CUDA_DEC_BLOCKS=64) rc=$?" | tee -a "$OUT/summary.log"
+        model -whole2-64 PIE_CUDA_DEC_BLOCKS=64 PIE_CUDA_DEC_WHOLE=2
         ;;
     long)       # one block an SM against the cut plan on long items, and the
                 # calibrated rule (dec_calib.c)

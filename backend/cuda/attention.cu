@@ -1276,8 +1276,7 @@ flash_dec_kernel(uint16_t *out, float *part_o, float *part_ml, const float *q,
          * the barrier below), then warp 0 writes while the others issue
          * the next copies */
         fa_mass(st);
-        float *so = reinterpret_cast<float *>(fa_sm + bi * 2 * BLK);
-        fa_combine<HD>(so, sml, st);
+        fa_combine<HD>(reinterpret_cast<float *>(fa_sm + bi * 2 * BLK), sml, st);
         __syncthreads();
         if (CL) {       /* at a fixed place: peers end in either buffer */
             dec_cluster_store<HD>(st, reinterpret_cast<float *>(fa_sm), sml,
@@ -1463,31 +1462,38 @@ extern "C" int pie__cuda_attention_dec_occupancy(int hd, int whole)
     return n > 0 ? n : 1;
 }
 
-/* The cluster plan's launch: n_blocks = items x C pieces (C blocks a
- * cluster), as a programmatic dependent where PDL is on. C = 16 needs the
- * non-portable cluster size (allowed once per device and head dim).
- * Returns 0 if launched. */
+/* The cluster plan's kernel at head dim HD with its opt-ins done (its
+ * shared memory; C = 16 needs the non-portable cluster size), once per
+ * device; NULL if refused. */
 template <int HD>
-static int dec_cluster_launch(uint16_t *out, const float *q,
-                             const pie_cuda_attn_item *pieces, int n_blocks,
-                             int C, const pie_cuda_tokmeta *tm,
-                             const pie_cuda_kv *kv, int layer, int nh,
-                             cudaStream_t s, int query)
+static void (*dec_cluster_kernel(int C))(uint16_t *, float *, float *,
+                                         const float *,
+                                         const pie_cuda_attn_item *,
+                                         const int32_t *, pie_cuda_tokmeta,
+                                         pie_cuda_kv, int, int, int)
 {
     auto kern = flash_dec_kernel<HD, 3, true>;
     static uint64_t set, set16;
-    size_t smem = fa_smem<HD>(0);
     int dev = 0;
-    if (cudaGetDevice(&dev) != cudaSuccess) return -1;
-    if (!allow_smem(kern, smem, &set)) return -1;
-    if (C > 8 && !(set16 & (1ull << (dev & 63)))) {
+    if (cudaGetDevice(&dev) != cudaSuccess) return NULL;
+    if (!allow_smem(kern, fa_smem<HD>(0), &set)) return NULL;
+    uint64_t bit = 1ull << (dev & 63);
+    if (C > 8 && !(set16 & bit)) {
         if (cudaFuncSetAttribute(kern, cudaFuncAttributeNonPortableClusterSizeAllowed,
                                  1) != cudaSuccess)
-            return cudaGetLastError(), -1;
-        set16 |= 1ull << (dev & 63);
+            return cudaGetLastError(), (decltype(kern))NULL;
+        set16 |= bit;
     }
+    return kern;
+}
+
+/* A launch of n_blocks in clusters of C (at[0]), as a programmatic
+ * dependent where PDL is on (at[1]). */
+template <int HD>
+static cudaLaunchConfig_t dec_cluster_cfg(cudaLaunchAttribute *at, int C,
+                                          int n_blocks, cudaStream_t s)
+{
     cudaLaunchConfig_t cfg = {};
-    cudaLaunchAttribute at[2];
     at[0].id = cudaLaunchAttributeClusterDimension;
     at[0].val.clusterDim.x = C;
     at[0].val.clusterDim.y = 1;
@@ -1496,22 +1502,11 @@ static int dec_cluster_launch(uint16_t *out, const float *q,
     at[1].val.programmaticStreamSerializationAllowed = 1;
     cfg.gridDim = dim3(n_blocks);
     cfg.blockDim = dim3(FA_DEC_THREADS);
-    cfg.dynamicSmemBytes = smem;
+    cfg.dynamicSmemBytes = fa_smem<HD>(0);
     cfg.stream = s;
     cfg.attrs = at;
     cfg.numAttrs = pie__cuda_pdl() >= 1 ? 2 : 1;
-    if (query) {        /* can clusters of C be resident at all? */
-        int n = 0;
-        cfg.numAttrs = 1;
-        if (cudaOccupancyMaxActiveClusters(&n, kern, &cfg) != cudaSuccess)
-            return cudaGetLastError(), -1;
-        return n;
-    }
-    if (cudaLaunchKernelEx(&cfg, kern, out, (float *)NULL, (float *)NULL, q,
-                           pieces, (const int32_t *)NULL, *tm, *kv, layer, nh,
-                           page_shift(kv)) != cudaSuccess)
-        return -1;      /* the caller reads the error */
-    return 0;
+    return cfg;
 }
 
 extern "C" int pie__cuda_attention_dec_cluster(uint16_t *out, const float *q,
@@ -1526,20 +1521,35 @@ extern "C" int pie__cuda_attention_dec_cluster(uint16_t *out, const float *q,
         kv->head_dim % C)
         return -1;
     with_head_dim(kv->head_dim, [&](auto H) {
-        rc = dec_cluster_launch<decltype(H)::value>(out, q, pieces, n_blocks,
-                                                    C, tm, kv, layer, nh, s, 0);
+        constexpr int HD = decltype(H)::value;
+        auto kern = dec_cluster_kernel<HD>(C);
+        cudaLaunchAttribute at[2];
+        cudaLaunchConfig_t cfg = dec_cluster_cfg<HD>(at, C, n_blocks, s);
+        /* (on failure the caller reads the error) */
+        if (kern && cudaLaunchKernelEx(&cfg, kern, out, (float *)NULL,
+                                       (float *)NULL, q, pieces,
+                                       (const int32_t *)NULL, *tm, *kv, layer,
+                                       nh, page_shift(kv)) == cudaSuccess)
+            rc = 0;
     });
     return rc;
 }
 
-extern "C" int pie__cuda_attention_dec_clusters(int hd, int C)
+extern "C" int pie__cuda_attention_dec_cluster_max(int hd)
 {
-    int n = 0;
-    if (C < 2 || C > 16 || hd % C) return 0;
-    pie_cuda_kv kv = { NULL, 1, 1, 16, hd };
+    int most = 0;
     with_head_dim(hd, [&](auto H) {
-        n = dec_cluster_launch<decltype(H)::value>(NULL, NULL, NULL, C, C, NULL,
-                                                   &kv, 0, 1, 0, 1);
+        constexpr int HD = decltype(H)::value;
+        for (int C = 16; C >= 2 && !most; C /= 2) {
+            auto kern = HD % C ? NULL : dec_cluster_kernel<HD>(C);
+            cudaLaunchAttribute at[2];
+            cudaLaunchConfig_t cfg = dec_cluster_cfg<HD>(at, C, C, 0);
+            int n = 0;
+            cfg.numAttrs = 1;           /* residency: the cluster alone */
+            if (kern && cudaOccupancyMaxActiveClusters(&n, kern, &cfg) != cudaSuccess)
+                cudaGetLastError();
+            if (n > 0) most = C;
+        }
     });
-    return n > 0 ? n : 0;
+    return most;
 }

@@ -1249,9 +1249,7 @@ static int plan_dec_grid(cuda_backend *c)
     c->dec_per_sm = pie__cuda_attention_dec_occupancy(c->cfg.head_dim, 0);
     c->dec_whole_max = pie__cuda_attention_dec_occupancy(c->cfg.head_dim, 1);
     c->dec_blocks = e && atoi(e) > 0 ? atoi(e) : c->dec_per_sm * c->n_sm;
-    for (int C = 16; C >= 2 && !c->dec_cluster_max; C /= 2)
-        if (pie__cuda_attention_dec_clusters(c->cfg.head_dim, C) > 0)
-            c->dec_cluster_max = C;
+    c->dec_cluster_max = pie__cuda_attention_dec_cluster_max(c->cfg.head_dim);
     /* the whole-item plan's grid: up to the resident blocks an SM (forced
      * ones too: PIE_CUDA_DEC_WHOLE=k) */
     int whole = c->dec_whole_max * c->n_sm;

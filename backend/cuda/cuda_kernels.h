@@ -250,9 +250,9 @@ int pie__cuda_attention_dec_cluster(uint16_t *out, const float *q,
                                     const pie_cuda_tokmeta *tm,
                                     const pie_cuda_kv *kv, int layer, int nh,
                                     cudaStream_t s);
-/* Clusters of C decode blocks (head dim hd) that can be resident at once
- * on this GPU (0: the cluster plan cannot run with C). */
-int pie__cuda_attention_dec_clusters(int hd, int C);
+/* The largest cluster (16, 8, 4 or 2 blocks) of the cluster plan's kernel
+ * at head dim hd that can be resident on this GPU; 0: none. */
+int pie__cuda_attention_dec_cluster_max(int hd);
 /* out (n, hidden) bf16 = silu(gu[:, :hidden]) * gu[:, hidden:], gu bf16 */
 void pie__cuda_silu_mul(uint16_t *out, const uint16_t *gu, int n, int hidden,
                         cudaStream_t s);

@@ -328,10 +328,8 @@ void pie_cuda_dec_plan_cluster(const pie_cuda_attn_item *items, int n_items,
             pie_cuda_attn_item p = items[i];
             int64_t a = n * c / C, e = n * (c + 1) / C;
             p.s0 = (int32_t)(items[i].s0 + a * PIE_CUDA_DEC_BLOCK);
-            p.s1 = e == n ? items[i].s1
+            p.s1 = e == n ? items[i].s1     /* a == e: an empty rank */
                           : (int32_t)(items[i].s0 + e * PIE_CUDA_DEC_BLOCK);
-            if (p.s1 > items[i].s1) p.s1 = items[i].s1;
-            if (p.s0 > p.s1) p.s0 = p.s1;       /* an empty rank */
             p.part = -1;
             p.pad = 1;
             pieces[(size_t)i * C + c] = p;
@@ -350,13 +348,13 @@ int pie_cuda_dec_cluster_switch(void)
 int pie_cuda_dec_cluster_size(const pie_cuda_attn_item *items, int n_items,
                               int n_sm, int grid, int hd, int max_c, int force)
 {
-    int64_t most = 0;
-    for (int i = 0; i < n_items; i++)
-        if (blocks_of(&items[i]) > most) most = blocks_of(&items[i]);
     if (force < 0 || n_items <= 0) return 0;
     if (force > 0)
         return force <= max_c && hd % force == 0 &&
                (int64_t)n_items * force <= grid ? force : 0;
+    int64_t most = 0;
+    for (int i = 0; i < n_items; i++)
+        if (blocks_of(&items[i]) > most) most = blocks_of(&items[i]);
     for (int C = 2; C <= max_c && C <= PIE_CUDA_DEC_CLUSTER_MAX; C *= 2)
         if ((most + C - 1) / C <= PIE_CUDA_DEC_CLUSTER_PER)
             return hd % C == 0 && (int64_t)n_items * C <= n_sm &&

@@ -94,11 +94,10 @@ static void run(int hd, int B, int L, int mma)
     /* as the backend: the cluster plan at small batch (no merge kernel;
      * PIE_CUDA_DEC_CLUSTER=0 never, =C always), unless a whole-item plan
      * is forced */
-    int clus = 0, cmax = 0;
-    for (int C = 16; mma && force <= 0 && C >= 2 && !cmax; C /= 2)
-        if (pie__cuda_attention_dec_clusters(hd, C) > 0) cmax = C;
-    if (cmax)
-        clus = pie_cuda_dec_cluster_size(it, ni, sm, nb, hd, cmax,
+    int clus = 0;
+    if (mma && force <= 0)
+        clus = pie_cuda_dec_cluster_size(it, ni, sm, nb, hd,
+                                         pie__cuda_attention_dec_cluster_max(hd),
                                          pie_cuda_dec_cluster_switch());
     if (mma && !clus && force >= 0) {
         whole = pie_cuda_dec_try_whole(it, ni, sm,
