@@ -94,13 +94,16 @@ model() {   # log-suffix [VAR=value...]: the model test with those settings
     local rc=$?
     echo "model${*:+ ($*)} rc=$rc" | tee -a "$OUT/summary.log"
 }
-abench() {  # reps config...: each config with old.tar.xz, then this build
+abench() {  # reps config...: each config with old.tar.xz and this build,
+            # old first in odd reps and new first in even ones, so that
+            # neither build always runs second
     local reps=$1 i cfg
     shift
     for i in $(seq "$reps"); do
         for cfg in "$@"; do
+            [ $((i % 2)) = 0 ] && TAG="new " bench $cfg
             RUN=$RO TAG="old " bench $cfg
-            TAG="new " bench $cfg
+            [ $((i % 2)) = 1 ] && TAG="new " bench $cfg
         done
     done
 }

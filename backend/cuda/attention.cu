@@ -1007,17 +1007,50 @@ flash_wg_kernel(uint16_t *out, float *part_o, float *part_ml, const float *q,
  * computed, the next piece's first one is already in flight. The 4 warps
  * share the 16 rows and each takes 16 slots of every KV block, with its own
  * online softmax; at the end of a piece their states are combined through
- * the buffer just consumed, and warp 0 writes the output, or for a piece
- * of a cut item its partials, which attn_merge_kernel combines. (Merging
+ * the buffer just consumed, and all 4 warps write the output, or for a
+ * piece of a cut item its partials, which attn_merge_kernel combines
+ * (dec_combine_store). A warp whose 16 slots of a piece's last KV block
+ * all lie past the piece's end neither copies nor computes them. (Merging
  * in the last piece to finish, counted with atomics, was tried: its serial
  * tail made batch-1 steps slower; NOTES.md, round 5.)
  */
 
+/* Puts this warp's softmax state of rows g and g + 8 (those below R) in
+ * shared memory: so (4 * 16 * (HD + 8) floats, the KV buffer just
+ * consumed; warp w's rows at 16 w) and sml (4 * 16 * 2 floats: the max, in
+ * base 2, and the mass a row). O rows are HD + 8 floats apart and move as
+ * float2, so no two lanes of a half-warp share a bank. */
+template <int HD>
+static __device__ __forceinline__ void fa_put_state(float *so, float *sml,
+                                                    const fa_state<HD> &st,
+                                                    int R)
+{
+    constexpr int ND = HD / 8, S = HD + 8;
+    int warp = threadIdx.x / WARP, lane = threadIdx.x % WARP;
+    int g = lane >> 2, c = lane & 3, ra = warp * 16 + g, rb = ra + 8;
+    if (c == 0 && g < R) {
+        sml[2 * ra] = st.ma;
+        sml[2 * ra + 1] = st.la;
+    }
+    if (c == 0 && g + 8 < R) {
+        sml[2 * rb] = st.mb;
+        sml[2 * rb + 1] = st.lb;
+    }
+#pragma unroll
+    for (int i = 0; i < ND; i++) {
+        int d = i * 8 + 2 * c;
+        if (g < R)
+            *reinterpret_cast<float2 *>(&so[ra * S + d]) =
+                make_float2(st.o[i][0], st.o[i][1]);
+        if (g + 8 < R)
+            *reinterpret_cast<float2 *>(&so[rb * S + d]) =
+                make_float2(st.o[i][2], st.o[i][3]);
+    }
+}
+
 /* Combines the 4 warps' softmax states of rows g and g + 8 into warp 0's
- * registers through shared memory: so (4 * 16 * (HD + 8) floats, the KV
- * buffer just consumed) and sml (4 * 16 * 2 floats). O rows are HD + 8
- * floats apart and move as float2, so no two lanes of a half-warp share a
- * bank. Every thread must call it; warp 0 holds the result. */
+ * registers through shared memory (fa_put_state's so and sml). Every
+ * thread must call it; warp 0 holds the result. */
 template <int HD>
 static __device__ __forceinline__ void fa_combine(float *so, float *sml,
                                                   fa_state<HD> &st)
@@ -1025,20 +1058,7 @@ static __device__ __forceinline__ void fa_combine(float *so, float *sml,
     constexpr int ND = HD / 8, S = HD + 8;
     int warp = threadIdx.x / WARP, lane = threadIdx.x % WARP;
     int g = lane >> 2, c = lane & 3;
-    if (c == 0) {
-        sml[2 * (warp * 16 + g)] = st.ma;
-        sml[2 * (warp * 16 + g) + 1] = st.la;
-        sml[2 * (warp * 16 + g + 8)] = st.mb;
-        sml[2 * (warp * 16 + g + 8) + 1] = st.lb;
-    }
-#pragma unroll
-    for (int i = 0; i < ND; i++) {
-        int d = i * 8 + 2 * c;
-        *reinterpret_cast<float2 *>(&so[(warp * 16 + g) * S + d]) =
-            make_float2(st.o[i][0], st.o[i][1]);
-        *reinterpret_cast<float2 *>(&so[(warp * 16 + g + 8) * S + d]) =
-            make_float2(st.o[i][2], st.o[i][3]);
-    }
+    fa_put_state<HD>(so, sml, st, 16);
     __syncthreads();
     if (warp) return;
     float Ma = -INFINITY, Mb = -INFINITY;
@@ -1071,6 +1091,57 @@ static __device__ __forceinline__ void fa_combine(float *so, float *sml,
     }
     st.ma = Ma;
     st.mb = Mb;
+}
+
+/* The end of a piece (flash_dec_kernel, not CL): the 4 warps' states of
+ * its R rows (fa_put_state) combined and written by all 4 warps, warp w
+ * taking rows w, w + 4, .. and each lane the columns lane, lane + 32, ..:
+ * coalesced stores of the output (bf16) or, for a piece of a cut item, of
+ * its partials (O in f32, and a row's natural-log max and mass) for
+ * attn_merge_kernel. The same sums in the same order as fa_combine and
+ * fa_store. (Warp 0 alone combining all 16 rows and storing its lanes'
+ * scattered columns, as before: hd 128 B=256 ctx 512 207.6 against 206.3
+ * us, where a grid block ends about 5 pieces; NOTES.md, round 14.) Every
+ * thread must call it; so may be refilled after it returns. */
+template <int HD>
+static __device__ void dec_combine_store(const fa_state<HD> &st, float *so,
+                                         float *sml, const pie_cuda_attn_item &it,
+                                         const fa_rows &rows, int nh,
+                                         uint16_t *out, float *part_o,
+                                         float *part_ml)
+{
+    constexpr int S = HD + 8;
+    const float ln2 = 0.6931471805599453f;
+    int warp = threadIdx.x / WARP, lane = threadIdx.x % WARP;
+    int R = it.nt * rows.G;
+    fa_put_state<HD>(so, sml, st, R);
+    __syncthreads();
+    for (int r = warp; r < R; r += 4) {
+        float m[4], f[4], M = -INFINITY, L = 0.0f;
+#pragma unroll
+        for (int w = 0; w < 4; w++) M = fmaxf(M, m[w] = sml[2 * (w * 16 + r)]);
+#pragma unroll
+        for (int w = 0; w < 4; w++) {
+            f[w] = m[w] == -INFINITY ? 0.0f : exp2f(m[w] - M);
+            L += f[w] * sml[2 * (w * 16 + r) + 1];
+        }
+        if (it.part >= 0 && lane == 0) {
+            part_ml[2 * (int64_t)(it.part + r)] = M == -INFINITY ? M : M * ln2;
+            part_ml[2 * (int64_t)(it.part + r) + 1] = L;
+        }
+        float inv = L > 0.0f ? 1.0f / L : 0.0f;
+        float *po = part_o + (int64_t)(it.part + r) * HD;
+        uint16_t *o = out + (int64_t)rows.tok(r) * nh * HD + rows.head(r) * HD;
+#pragma unroll
+        for (int d = lane; d < HD; d += WARP) {
+            float a = 0.0f;
+#pragma unroll
+            for (int w = 0; w < 4; w++) a += f[w] * so[(w * 16 + r) * S + d];
+            if (it.part >= 0) po[d] = a;
+            else o[d] = f2bf(a * inv);
+        }
+    }
+    __syncthreads();
 }
 
 /* Where the next KV block to load lies: piece p (of this block's [p, p1))
@@ -1111,14 +1182,14 @@ struct dec_cursor {
         constexpr int LD = HD + 8, BLK = FA_BN * LD;
         static_assert(FA_BN / (FA_DEC_THREADS / WARP) == 16, "16 slots a warp");
         if (p < p1) {
-            if (fast) {         /* src.row(g0) with the page loaded ahead */
-                int w = threadIdx.x / WARP, g0 = s + w * 16;
+            int w = threadIdx.x / WARP, g0 = s + w * 16;
+            if (!fast)
+                fa_load<HD, FA_DEC_THREADS>(buf, buf + BLK, src, s, s1);
+            else if (g0 < s1)   /* src.row(g0) with the page loaded ahead */
                 fa_load_group<HD, 16>(buf + w * 16 * LD, BLK, src.pool + pg * src.pe +
                                       src.lay + (int64_t)(g0 & (src.ps - 1)) * HD,
                                       src.pool, src.voff, s1 - g0);
-            } else {
-                fa_load<HD, FA_DEC_THREADS>(buf, buf + BLK, src, s, s1);
-            }
+            /* else: slots past the piece's end, which the compute skips */
             s += FA_BN;
             if (s < s1) prefetch();
             else enter<HD>(p + 1, tm, kv, layer, psh);
@@ -1267,24 +1338,28 @@ flash_dec_kernel(uint16_t *out, float *part_o, float *part_ml, const float *q,
         cp_async_wait<1>();
         __syncthreads();
         const uint16_t *Ks = fa_sm + bi * 2 * BLK;
-        fa_block<HD, NS, NS / 2, 1, false>(&st, qa, NULL, Ks, Ks + BLK,
-                                           warp * NS, s0, it.s1, &rm,
-                                           tm.mask_bits);
+        /* a warp whose 16 slots all lie past the piece's end (in its tail
+         * block) would only fold masked scores in: nothing to do */
+        if (s0 + warp * 16 < it.s1)
+            fa_block<HD, NS, NS / 2, 1, false>(&st, qa, NULL, Ks, Ks + BLK,
+                                               warp * NS, s0, it.s1, &rm,
+                                               tm.mask_bits);
         __syncthreads();
         if ((s0 += FA_BN) < it.s1) continue;
-        /* the piece is done: combine in this buffer (refilled only after
-         * the barrier below), then warp 0 writes while the others issue
-         * the next copies */
+        /* the piece is done: combine in this buffer, refilled only after
+         * the combine's last barrier (the next piece's first KV block is
+         * in flight in the other) */
         fa_mass(st);
-        fa_combine<HD>(reinterpret_cast<float *>(fa_sm + bi * 2 * BLK), sml, st);
-        __syncthreads();
-        if (CL) {       /* at a fixed place: peers end in either buffer */
+        float *so = reinterpret_cast<float *>(fa_sm + bi * 2 * BLK);
+        if (CL) {
+            fa_combine<HD>(so, sml, st);
+            __syncthreads();
+            /* at a fixed place: peers end in either buffer */
             dec_cluster_store<HD>(st, reinterpret_cast<float *>(fa_sm), sml,
                                   it, G, nh, out);
             break;
         }
-        if (warp == 0)
-            fa_store(st, it, rows, rm, g, g + 8, out, part_o, part_ml, nh);
+        dec_combine_store<HD>(st, so, sml, it, rows, nh, out, part_o, part_ml);
         if (++p >= p1) break;
         it = pieces[p];
         s0 = it.s0;
