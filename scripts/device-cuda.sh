@@ -125,6 +125,9 @@ for phase in "$@"; do
         model -whole4 PIE_CUDA_DEC_WHOLE=4
         # small batches on the cut plan, not the cluster plan
         model -nocluster PIE_CUDA_DEC_CLUSTER=0
+        # every decode step that fits on clusters of 3 (head dims split
+        # unevenly over the cluster's blocks)
+        model -cluster3 PIE_CUDA_DEC_CLUSTER=3
         # two per SM with a cut-plan grid smaller than that (bstart sizes)
         model -whole2-64 PIE_CUDA_DEC_BLOCKS=64 PIE_CUDA_DEC_WHOLE=2
         ;;

@@ -1229,8 +1229,8 @@ static __device__ __forceinline__ void dec_rows(uint32_t (*qa)[4],
  * block puts its state in its own shared memory at the same offset (so:
  * 16 rows of HD + 8 floats at the start of the KV buffers, free once the
  * piece is done; sml: max (base 2) and mass a row);
- * after a cluster barrier, block `rank` writes dims [rank W, rank W + W),
- * W = HD / C, of every row, reading the C states through distributed
+ * after a cluster barrier, block `rank` writes dims [rank HD / C,
+ * (rank + 1) HD / C) of every row, reading the C states through distributed
  * shared memory; a second barrier keeps each block's shared memory alive
  * until its peers have read it. No partials go to global memory and no
  * merge kernel runs. */
@@ -1262,9 +1262,9 @@ static __device__ void dec_cluster_store(const fa_state<HD> &st, float *so,
     cg::cluster_group cl = cg::this_cluster();
     cl.sync();
     int C = (int)cl.num_blocks(), rank = (int)cl.block_rank();
-    int R = it.nt * G, W = HD / C;
+    int R = it.nt * G, d0 = rank * HD / C, W = (rank + 1) * HD / C - d0;
     for (int k = threadIdx.x; k < R * W; k += blockDim.x) {
-        int r = k / W, d = rank * W + k % W;
+        int r = k / W, d = d0 + k % W;
         float M = -INFINITY, L = 0.0f, O = 0.0f;
         for (int j = 0; j < C; j++)
             M = fmaxf(M, cl.map_shared_rank(sml, j)[2 * r]);
@@ -1592,9 +1592,7 @@ extern "C" int pie__cuda_attention_dec_cluster(uint16_t *out, const float *q,
                                                int nh, cudaStream_t s)
 {
     int rc = -1;
-    if (n_blocks <= 0 || C < 2 || C > 16 || n_blocks % C ||
-        kv->head_dim % C)
-        return -1;
+    if (n_blocks <= 0 || C < 2 || C > 16 || n_blocks % C) return -1;
     with_head_dim(kv->head_dim, [&](auto H) {
         constexpr int HD = decltype(H)::value;
         auto kern = dec_cluster_kernel<HD>(C);

@@ -404,20 +404,24 @@ static int plan_dec_whole(cuda_backend *c)
     return k;
 }
 
-/* The cluster plan (dec_plan.c) at small batch, where the device runs
- * clusters of the size it needs (dec_cluster_max); PIE_CUDA_DEC_CLUSTER=0
- * never takes it, =C wherever it fits; a forced whole-item plan
- * (PIE_CUDA_DEC_WHOLE=k) comes first. Returns the cluster size, or 0. */
-static int plan_dec_cluster(cuda_backend *c)
+/* The cluster plan (dec_plan.c) where the device runs clusters of the
+ * size it needs (dec_cluster_max): at small batch before the other plans
+ * (mid = 0), or (mid = 1) at batches of about 5-16 below head dim 128
+ * where no whole-item plan was taken. PIE_CUDA_DEC_CLUSTER=0 never takes it, =C wherever it
+ * fits; a forced whole-item plan (PIE_CUDA_DEC_WHOLE=k) comes first.
+ * Returns the cluster size, or 0. */
+static int plan_dec_cluster(cuda_backend *c, int mid)
 {
     if (pie_cuda_dec_whole_switch() > 0) return 0;
-    int C = pie_cuda_dec_cluster_size(c->gitems, (int)c->n_gitems, c->n_sm,
-                                      c->dec_blocks, c->cfg.head_dim,
-                                      c->dec_cluster_max,
-                                      pie_cuda_dec_cluster_switch());
+    int force = pie_cuda_dec_cluster_switch(), n = (int)c->n_gitems;
+    int C = mid ? pie_cuda_dec_cluster_mid(c->gitems, n, c->n_sm, c->dec_blocks,
+                                           c->cfg.head_dim, c->dec_cluster_max,
+                                           force)
+                : pie_cuda_dec_cluster_size(c->gitems, n, c->n_sm, c->dec_blocks,
+                                            c->dec_cluster_max, force);
     if (C <= 0) return 0;
-    pie_cuda_dec_plan_cluster(c->gitems, (int)c->n_gitems, C, c->pieces);
-    c->n_pieces = (int)c->n_gitems * C;
+    pie_cuda_dec_plan_cluster(c->gitems, n, C, c->pieces);
+    c->n_pieces = n * C;
     c->n_dmerges = 0;
     return C;
 }
@@ -433,8 +437,9 @@ static int64_t plan_dec(cuda_backend *c, int64_t parts)
                   c->n_gitems + c->dec_blocks, sizeof *c->pieces);
     if (rc) return rc;
     c->dec_whole = 0;
-    if ((c->dec_cluster = plan_dec_cluster(c))) return parts;
+    if ((c->dec_cluster = plan_dec_cluster(c, 0))) return parts;
     if ((c->dec_whole = plan_dec_whole(c))) return parts;
+    if ((c->dec_cluster = plan_dec_cluster(c, 1))) return parts;
     parts = pie_cuda_dec_plan(c->gitems, (int)c->n_gitems,
                               c->cfg.n_heads / c->cfg.n_kv_heads, c->dec_blocks,
                               DEC_MIN_KV, parts, c->pieces, &c->n_pieces,

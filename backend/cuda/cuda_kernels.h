@@ -219,28 +219,42 @@ int64_t pie_cuda_dec_calibrate(const pie_cuda_kv *kv, int64_t n_pages, int nh,
                                int n_sm, int cut_blocks, cudaStream_t s,
                                double *t_whole, double *t_cut);
 int pie_cuda_dec_whole_switch(void);
-/* The cluster plan (dec_plan.c, host; small batches): item i's KV blocks
- * split evenly over pieces[i C .. i C + C), one a block of a cluster of C
- * (an empty rank: s0 = s1), for pie__cuda_attention_dec_cluster; no merge
- * follows. pie_cuda_dec_cluster_size picks C by the rule: the smallest
- * power of two from 2 to min(max_c, PIE_CUDA_DEC_CLUSTER_MAX) that leaves
- * at most PIE_CUDA_DEC_CLUSTER_PER KV blocks a piece of the longest item,
- * if the head dim divides by it and n_items C <= min(n_sm, grid) (a grid
- * no larger than the SMs; grid: the pieces' room beyond n_items); 0 for
- * none (the other plans). Measured (NOTES.md, round 13):
- * 8B batch 1 gained 0.2-1.7%, 1B 0.5-1.5%; 8B batch 4 (256 blocks) lost
- * 2% and clusters of 16 lost at head dim 64 ctx 2048 (9.8 against 7.9 us).
- * force = C (PIE_CUDA_DEC_CLUSTER=C, read by pie_cuda_dec_cluster_switch)
- * takes C <= max_c wherever n_items C <= grid; force < 0 (=0) never. */
+/* The cluster plan (dec_plan.c, host): item i's KV blocks split evenly
+ * over pieces[i C .. i C + C), one a block of a cluster of C (an empty
+ * rank: s0 = s1), for pie__cuda_attention_dec_cluster; no merge follows.
+ * Two rules pick C (NOTES.md, rounds 13 and 14):
+ * - pie_cuda_dec_cluster_size, at small batch, before the other plans:
+ *   the smallest power of two from 2 to min(max_c,
+ *   PIE_CUDA_DEC_CLUSTER_MAX) that leaves at most PIE_CUDA_DEC_CLUSTER_PER
+ *   KV blocks a piece of the longest item, if n_items C <= min(n_sm, grid)
+ *   (a grid no larger than the SMs; grid: the pieces' room beyond
+ *   n_items). 8B batch 1 gained 0.2-1.7%, 1B 0.5-1.5%; 8B batch 4 (256
+ *   blocks) lost 2% and clusters of 16 lost at head dim 64 ctx 2048.
+ *   force = C (PIE_CUDA_DEC_CLUSTER=C, 2..16, read by
+ *   pie_cuda_dec_cluster_switch) takes C <= max_c wherever n_items C <=
+ *   grid; force < 0 (=0) never.
+ * - pie_cuda_dec_cluster_mid, where neither that nor a whole-item plan is
+ *   taken (batches of about 5 to 16), below head dim 128: the largest C of
+ *   PIE_CUDA_DEC_CLUSTER_MID, .., 2 with n_sm <= n_items C <= 2 n_sm (and
+ *   <= grid) and at most PIE_CUDA_DEC_CLUSTER_LONG KV blocks a piece.
+ *   About two blocks an SM: three (clusters of 3 at B=16), fewer than one
+ *   (B=4) and long pieces were slower. 1B B=8 ctx 2048 steps gained 3%,
+ *   B=16 1%; at head dim 128 the attention bench gained but 8B steps
+ *   did not (some runs 6% slower). Never where force != 0.
+ * 0: none (the other plans). */
 #define PIE_CUDA_DEC_CLUSTER_PER 2
 #define PIE_CUDA_DEC_CLUSTER_MAX 8
+#define PIE_CUDA_DEC_CLUSTER_MID 4
+#define PIE_CUDA_DEC_CLUSTER_LONG 17
 void pie_cuda_dec_plan_cluster(const pie_cuda_attn_item *items, int n_items,
                                int C, pie_cuda_attn_item *pieces);
 int pie_cuda_dec_cluster_size(const pie_cuda_attn_item *items, int n_items,
-                              int n_sm, int grid, int hd, int max_c, int force);
+                              int n_sm, int grid, int max_c, int force);
+int pie_cuda_dec_cluster_mid(const pie_cuda_attn_item *items, int n_items,
+                             int n_sm, int grid, int hd, int max_c, int force);
 int pie_cuda_dec_cluster_switch(void);
 /* Decode attention on the cluster plan: n_blocks = items x C pieces,
- * clusters of C (2..16, dividing the head dim) blocks, each combining its
+ * clusters of C (2..16) blocks, each combining its
  * item's C states in distributed shared memory and writing out; part
  * buffers unused. Returns 0 if launched, -1 if not (bad arguments, or the
  * launch failed: its error stays for cudaGetLastError). */

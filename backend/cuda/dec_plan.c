@@ -342,22 +342,42 @@ int pie_cuda_dec_cluster_switch(void)
     const char *e = getenv("PIE_CUDA_DEC_CLUSTER");
     if (!e) return 0;
     int C = atoi(e);
-    return *e == '0' ? -1 : (C == 2 || C == 4 || C == 8 || C == 16) ? C : 0;
+    return *e == '0' ? -1 : C >= 2 && C <= 16 ? C : 0;
 }
 
-int pie_cuda_dec_cluster_size(const pie_cuda_attn_item *items, int n_items,
-                              int n_sm, int grid, int hd, int max_c, int force)
+/* The longest item's KV blocks. */
+static int64_t most_blocks(const pie_cuda_attn_item *items, int n_items)
 {
-    if (force < 0 || n_items <= 0) return 0;
-    if (force > 0)
-        return force <= max_c && hd % force == 0 &&
-               (int64_t)n_items * force <= grid ? force : 0;
     int64_t most = 0;
     for (int i = 0; i < n_items; i++)
         if (blocks_of(&items[i]) > most) most = blocks_of(&items[i]);
+    return most;
+}
+
+int pie_cuda_dec_cluster_size(const pie_cuda_attn_item *items, int n_items,
+                              int n_sm, int grid, int max_c, int force)
+{
+    if (force < 0 || n_items <= 0) return 0;
+    if (force > 0)
+        return force <= max_c && (int64_t)n_items * force <= grid ? force : 0;
+    int64_t most = most_blocks(items, n_items);
     for (int C = 2; C <= max_c && C <= PIE_CUDA_DEC_CLUSTER_MAX; C *= 2)
         if ((most + C - 1) / C <= PIE_CUDA_DEC_CLUSTER_PER)
-            return hd % C == 0 && (int64_t)n_items * C <= n_sm &&
+            return (int64_t)n_items * C <= n_sm &&
                    (int64_t)n_items * C <= grid ? C : 0;
+    return 0;
+}
+
+int pie_cuda_dec_cluster_mid(const pie_cuda_attn_item *items, int n_items,
+                             int n_sm, int grid, int hd, int max_c, int force)
+{
+    if (force || n_items <= 0 || hd >= 128) return 0;
+    int64_t most = most_blocks(items, n_items);
+    for (int C = PIE_CUDA_DEC_CLUSTER_MID; C >= 2; C /= 2) {
+        int64_t nb = (int64_t)n_items * C;
+        if (C <= max_c && nb <= 2 * (int64_t)n_sm && nb <= grid &&
+            nb >= n_sm && (most + C - 1) / C <= PIE_CUDA_DEC_CLUSTER_LONG)
+            return C;
+    }
     return 0;
 }

@@ -94,11 +94,10 @@ static void run(int hd, int B, int L, int mma)
     /* as the backend: the cluster plan at small batch (no merge kernel;
      * PIE_CUDA_DEC_CLUSTER=0 never, =C always), unless a whole-item plan
      * is forced */
-    int clus = 0;
+    int clus = 0, cmax = mma ? pie__cuda_attention_dec_cluster_max(hd) : 0;
+    int cforce = pie_cuda_dec_cluster_switch();
     if (mma && force <= 0)
-        clus = pie_cuda_dec_cluster_size(it, ni, sm, nb, hd,
-                                         pie__cuda_attention_dec_cluster_max(hd),
-                                         pie_cuda_dec_cluster_switch());
+        clus = pie_cuda_dec_cluster_size(it, ni, sm, nb, cmax, cforce);
     if (mma && !clus && force >= 0) {
         whole = pie_cuda_dec_try_whole(it, ni, sm,
                                        pie__cuda_attention_dec_occupancy(hd, 1),
@@ -106,6 +105,8 @@ static void run(int hd, int B, int L, int mma)
         if (whole < 0) whole = 0;
         if (whole) { nb = whole * sm; npc = ni; nm = 0; }
     }
+    if (mma && !clus && !whole && force <= 0)     /* batches of about 5-16 */
+        clus = pie_cuda_dec_cluster_mid(it, ni, sm, nb, hd, cmax, cforce);
     if (clus) {
         pie_cuda_dec_plan_cluster(it, ni, clus, pc);
         npc = ni * clus;

@@ -804,13 +804,16 @@ int main(void)
         test_attention_mode(32, 8, 64, m, 37, 6);    /* four an SM */
         test_attention_mode(6, 6, 32, m, 7, 6);
         /* the cluster plan: 2 .. 16 blocks a cluster (empty ranks on the
-         * short items) */
+         * short items; 3, 5 and 6 split the head dims unevenly) */
         test_attention_mode(32, 8, 128, m, 8, 7);
         test_attention_mode(32, 8, 128, m, 16, 7);
         test_attention_mode(32, 4, 128, m, 2, 7);    /* G = 8 */
+        test_attention_mode(32, 8, 128, m, 3, 7);
         test_attention_mode(32, 8, 64, m, 4, 7);
+        test_attention_mode(32, 8, 64, m, 6, 7);
         test_attention_mode(4, 2, 16, m, 16, 7);
         test_attention_mode(6, 6, 32, m, 8, 7);
+        test_attention_mode(6, 6, 32, m, 5, 7);
     }
     test_samplers(1000);
     test_samplers(128256);

@@ -21,7 +21,8 @@
  *   - each item's C pieces cover its slots exactly once, in rank order,
  *     cut on its grid, unchanged but for s0, s1, part -1 and pad 1;
  *   - every rank streams floor or ceil of the item's KV blocks / C;
- *   - pie_cuda_dec_cluster_size on shapes with known answers, and forced.
+ *   - pie_cuda_dec_cluster_size and pie_cuda_dec_cluster_mid on shapes
+ *     with known answers, and forced.
  */
 #include <stdint.h>
 #include <stdlib.h>
@@ -297,32 +298,73 @@ static void check_cluster_size(void)
 {
     static pie_cuda_attn_item it[256];
     fill_items(it, 8, 520);                 /* B=1, 9 KV blocks: 8 ranks */
-    CHECK(pie_cuda_dec_cluster_size(it, 8, 132, 396, 64, 16, 0) == 8,
+    CHECK(pie_cuda_dec_cluster_size(it, 8, 132, 396, 16, 0) == 8,
           "B=1 ctx 520: clusters of 8");
-    CHECK(pie_cuda_dec_cluster_size(it, 8, 132, 396, 64, 4, 0) == 0,
+    CHECK(pie_cuda_dec_cluster_size(it, 8, 132, 396, 4, 0) == 0,
           "B=1 ctx 520 where clusters of 4 are the most: none");
-    CHECK(pie_cuda_dec_cluster_size(it, 8, 132, 396, 64, 16, 16) == 16,
+    CHECK(pie_cuda_dec_cluster_size(it, 8, 132, 396, 16, 16) == 16,
           "forced 16");
-    CHECK(pie_cuda_dec_cluster_size(it, 8, 132, 396, 8, 16, 16) == 0,
-          "forced 16 at head dim 8");
-    CHECK(pie_cuda_dec_cluster_size(it, 8, 132, 396, 64, 16, -1) == 0,
+    CHECK(pie_cuda_dec_cluster_size(it, 8, 132, 396, 16, 3) == 3,
+          "forced 3 (the head dims split unevenly)");
+    CHECK(pie_cuda_dec_cluster_size(it, 8, 132, 396, 16, -1) == 0,
           "switched off");
     fill_items(it, 8, 512);                 /* 8 KV blocks: 4 ranks */
-    CHECK(pie_cuda_dec_cluster_size(it, 8, 132, 396, 128, 16, 0) == 4,
+    CHECK(pie_cuda_dec_cluster_size(it, 8, 132, 396, 16, 0) == 4,
           "B=1 ctx 512: clusters of 4");
     fill_items(it, 16, 1000);               /* B=2, 16 KV blocks: 128 blocks */
-    CHECK(pie_cuda_dec_cluster_size(it, 16, 132, 396, 128, 16, 0) == 8,
+    CHECK(pie_cuda_dec_cluster_size(it, 16, 132, 396, 16, 0) == 8,
           "B=2 ctx 1000: clusters of 8");
-    CHECK(pie_cuda_dec_cluster_size(it, 16, 132, 64, 128, 16, 0) == 0,
+    CHECK(pie_cuda_dec_cluster_size(it, 16, 132, 64, 16, 0) == 0,
           "B=2 ctx 1000 on a grid of 64 (PIE_CUDA_DEC_BLOCKS): no room");
     fill_items(it, 32, 520);                /* B=4: 256 blocks, over an SM each */
-    CHECK(pie_cuda_dec_cluster_size(it, 32, 132, 396, 128, 16, 0) == 0,
+    CHECK(pie_cuda_dec_cluster_size(it, 32, 132, 396, 16, 0) == 0,
           "B=4 ctx 520: more blocks than SMs");
-    CHECK(pie_cuda_dec_cluster_size(it, 32, 132, 396, 128, 16, 8) == 8,
+    CHECK(pie_cuda_dec_cluster_size(it, 32, 132, 396, 16, 8) == 8,
           "B=4 ctx 520 forced to 8: fits the grid");
     fill_items(it, 8, 2048);                /* 32 KV blocks: would need 16 */
-    CHECK(pie_cuda_dec_cluster_size(it, 8, 132, 396, 128, 16, 0) == 0,
+    CHECK(pie_cuda_dec_cluster_size(it, 8, 132, 396, 16, 0) == 0,
           "B=1 ctx 2048: clusters of 16 are not taken");
+}
+
+/* The mid-batch rule's picks (132 SMs, a grid of 396, head dim 64). */
+static void check_cluster_mid(void)
+{
+    static pie_cuda_attn_item it[256];
+    fill_items(it, 128, 2060);          /* B=16: 33 KV blocks an item */
+    CHECK(pie_cuda_dec_cluster_mid(it, 128, 132, 396, 64, 8, 0) == 2,
+          "B=16 ctx 2060: clusters of 2 (256 blocks, 17 a piece)");
+    CHECK(pie_cuda_dec_cluster_mid(it, 128, 132, 396, 64, 8, 4) == 0 &&
+          pie_cuda_dec_cluster_mid(it, 128, 132, 396, 64, 8, -1) == 0,
+          "B=16: never where PIE_CUDA_DEC_CLUSTER is set");
+    CHECK(pie_cuda_dec_cluster_mid(it, 128, 132, 200, 64, 8, 0) == 0,
+          "B=16 on a grid of 200: no room");
+    CHECK(pie_cuda_dec_cluster_mid(it, 128, 132, 396, 128, 8, 0) == 0,
+          "B=16 at head dim 128: never");
+    CHECK(pie_cuda_dec_cluster_mid(it, 128, 132, 396, 64, 1, 0) == 0,
+          "B=16 where clusters do not run");
+    fill_items(it, 128, 2200);          /* 35 KV blocks: 18 a piece */
+    CHECK(pie_cuda_dec_cluster_mid(it, 128, 132, 396, 64, 8, 0) == 0,
+          "B=16 ctx 2200: pieces too long");
+    fill_items(it, 64, 2060);           /* B=8 */
+    CHECK(pie_cuda_dec_cluster_mid(it, 64, 132, 396, 64, 8, 0) == 4,
+          "B=8 ctx 2060: clusters of 4");
+    CHECK(pie_cuda_dec_cluster_mid(it, 64, 132, 396, 64, 2, 0) == 0,
+          "B=8 where clusters of 2 are the most: 128 blocks, too few");
+    fill_items(it, 72, 2060);           /* B=9 */
+    CHECK(pie_cuda_dec_cluster_mid(it, 72, 132, 396, 64, 2, 0) == 2,
+          "B=9 where clusters of 2 are the most: 2");
+    fill_items(it, 64, 8200);           /* 129 KV blocks */
+    CHECK(pie_cuda_dec_cluster_mid(it, 64, 132, 396, 64, 8, 0) == 0,
+          "B=8 ctx 8200: pieces too long");
+    fill_items(it, 40, 520);            /* B=5: 160 blocks */
+    CHECK(pie_cuda_dec_cluster_mid(it, 40, 132, 396, 64, 8, 0) == 4,
+          "B=5 ctx 520: clusters of 4");
+    fill_items(it, 32, 520);            /* B=4: 128 blocks, under the SMs */
+    CHECK(pie_cuda_dec_cluster_mid(it, 32, 132, 396, 64, 8, 0) == 0,
+          "B=4 ctx 520: too few blocks");
+    fill_items(it, 256, 520);           /* B=32: 512 blocks */
+    CHECK(pie_cuda_dec_cluster_mid(it, 256, 132, 396, 64, 8, 0) == 0,
+          "B=32: too many blocks");
 }
 
 int main(void)
@@ -346,11 +388,12 @@ int main(void)
         check_cover(it, n, G, pc, npc, mg, nm, part0, parts);
         check_blocks(pc, bst, nb, npc, T, min_kv < 1 ? 1 : min_kv);
         check_whole(it, n, nb, pc, bst);
-        check_cluster(it, n, 2 << (rand() % 4));
+        check_cluster(it, n, 2 + rand() % 15);
         plans++;
     }
     check_pays();
     check_cluster_size();
+    check_cluster_mid();
     printf("dec_plan: %d random plans ok (%d checks)\n", plans, test_n_checks);
     return 0;
 }
