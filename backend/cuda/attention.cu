@@ -3,8 +3,9 @@
  * CUDA-core kernel (any head dim, split partials), the merge of split
  * partials, the tensor-core prefill kernel (flash_attn_kernel) and the
  * tensor-core decode kernel on a persistent grid (flash_dec_kernel, its
- * plans in dec_plan.c; at small batch on thread-block clusters that merge
- * in distributed shared memory, dec_cluster_store). Each has a C twin in
+ * plans in dec_plan.c; at small and, below head dim 128, mid batch on
+ * thread-block clusters that merge in distributed shared memory,
+ * dec_cluster_store). Each has a C twin in
  * tests/cuda/test_cuda_kernels.c; the KV pool layout is in cuda_kernels.h.
  */
 #include <cuda_bf16.h>
@@ -1130,7 +1131,7 @@ static __device__ void dec_combine_store(const fa_state<HD> &st, float *so,
             part_ml[2 * (int64_t)(it.part + r) + 1] = L;
         }
         float inv = L > 0.0f ? 1.0f / L : 0.0f;
-        float *po = part_o + (int64_t)(it.part + r) * HD;
+        float *po = it.part >= 0 ? part_o + (int64_t)(it.part + r) * HD : NULL;
         uint16_t *o = out + (int64_t)rows.tok(r) * nh * HD + rows.head(r) * HD;
 #pragma unroll
         for (int d = lane; d < HD; d += WARP) {
@@ -1149,7 +1150,8 @@ static __device__ void dec_combine_store(const fa_state<HD> &st, float *so,
  * and (fast: page size a power of two >= 16 and s0 a multiple of 16) the page
  * of this warp's 16 slots of that block, loaded one block ahead so that
  * its latency hides behind a block's math. issue() copies the block into
- * buf and moves on; a piece always has at least one block (an empty one:
+ * buf (on the fast path a warp whose 16 slots all lie past the piece's
+ * end copies nothing: the compute skips them) and moves on; a piece always has at least one block (an empty one:
  * one fully masked block), as the compute side counts them. */
 struct dec_cursor {
     const pie_cuda_attn_item *pieces;
@@ -1538,7 +1540,7 @@ extern "C" int pie__cuda_attention_dec_occupancy(int hd, int whole)
 }
 
 /* The cluster plan's kernel at head dim HD with its opt-ins done (its
- * shared memory; C = 16 needs the non-portable cluster size), once per
+ * shared memory; C > 8 needs the non-portable cluster size), once per
  * device; NULL if refused. */
 template <int HD>
 static void (*dec_cluster_kernel(int C))(uint16_t *, float *, float *,
@@ -1614,7 +1616,7 @@ extern "C" int pie__cuda_attention_dec_cluster_max(int hd)
     with_head_dim(hd, [&](auto H) {
         constexpr int HD = decltype(H)::value;
         for (int C = 16; C >= 2 && !most; C /= 2) {
-            auto kern = HD % C ? NULL : dec_cluster_kernel<HD>(C);
+            auto kern = dec_cluster_kernel<HD>(C);
             cudaLaunchAttribute at[2];
             cudaLaunchConfig_t cfg = dec_cluster_cfg<HD>(at, C, C, 0);
             int n = 0;

@@ -414,11 +414,12 @@ static int plan_dec_cluster(cuda_backend *c, int mid)
 {
     if (pie_cuda_dec_whole_switch() > 0) return 0;
     int force = pie_cuda_dec_cluster_switch(), n = (int)c->n_gitems;
-    int C = mid ? pie_cuda_dec_cluster_mid(c->gitems, n, c->n_sm, c->dec_blocks,
-                                           c->cfg.head_dim, c->dec_cluster_max,
-                                           force)
-                : pie_cuda_dec_cluster_size(c->gitems, n, c->n_sm, c->dec_blocks,
-                                            c->dec_cluster_max, force);
+    int C = mid ? pie_cuda_dec_cluster_mid(c->gitems, n, c->n_sm,
+                                           c->dec_blocks, c->cfg.head_dim,
+                                           c->dec_cluster_max, force)
+                : pie_cuda_dec_cluster_size(c->gitems, n, c->n_sm,
+                                            c->dec_blocks, c->dec_cluster_max,
+                                            force);
     if (C <= 0) return 0;
     pie_cuda_dec_plan_cluster(c->gitems, n, C, c->pieces);
     c->n_pieces = n * C;
@@ -426,8 +427,10 @@ static int plan_dec_cluster(cuda_backend *c, int mid)
     return C;
 }
 
-/* Cuts the whole grouped items for the decode kernel's persistent grid
- * (dec_plan.c), unless the whole-item plan pays. The piece and merge
+/* Plans decode attention (dec_plan.c): the cluster plan at small batch,
+ * else the whole-item plan where it pays, else the cluster plan at mid
+ * batch below head dim 128, else the grouped items cut for the persistent
+ * grid. The piece and merge
  * lists are stored at their capacities, so a decode step's kernel
  * arguments, and its CUDA graph, do not change as contexts grow. Returns
  * the partial rows used, or a negative code. */
@@ -661,8 +664,8 @@ static int build_outputs(cuda_backend *c, const pie_forward_batch *b,
 /* Decode attention of layer l: the persistent grid, then the merges of
  * the items it cut (a fixed-size list: graphs keep their arguments); or
  * the whole-item plan's grid of 1, 2 or 4 blocks per SM, which cuts
- * nothing; or at small batch the cluster plan, which merges in the
- * clusters' shared memory. */
+ * nothing; or at small (and below head dim 128 mid) batch the cluster
+ * plan, which merges in the clusters' shared memory. */
 static int run_dec_attention(cuda_backend *c, int l,
                              const pie_cuda_tokmeta *tm, const step_meta *sm)
 {

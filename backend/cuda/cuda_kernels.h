@@ -235,8 +235,9 @@ int pie_cuda_dec_whole_switch(void);
  *   grid; force < 0 (=0) never.
  * - pie_cuda_dec_cluster_mid, where neither that nor a whole-item plan is
  *   taken (batches of about 5 to 16), below head dim 128: the largest C of
- *   PIE_CUDA_DEC_CLUSTER_MID, .., 2 with n_sm <= n_items C <= 2 n_sm (and
- *   <= grid) and at most PIE_CUDA_DEC_CLUSTER_LONG KV blocks a piece.
+ *   PIE_CUDA_DEC_CLUSTER_MID, halved down to 2, with n_sm <= n_items C <=
+ *   2 n_sm (and <= grid) and at most PIE_CUDA_DEC_CLUSTER_LONG KV blocks a
+ *   piece.
  *   About two blocks an SM: three (clusters of 3 at B=16), fewer than one
  *   (B=4) and long pieces were slower. 1B B=8 ctx 2048 steps gained 3%,
  *   B=16 1%; at head dim 128 the attention bench gained but 8B steps

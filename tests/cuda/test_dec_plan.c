@@ -356,6 +356,12 @@ static void check_cluster_mid(void)
     fill_items(it, 64, 8200);           /* 129 KV blocks */
     CHECK(pie_cuda_dec_cluster_mid(it, 64, 132, 396, 64, 8, 0) == 0,
           "B=8 ctx 8200: pieces too long");
+    fill_items(it, 88, 520);            /* B=11: 4 would give 352 blocks */
+    CHECK(pie_cuda_dec_cluster_mid(it, 88, 132, 396, 64, 8, 0) == 2,
+          "B=11: clusters of 2, not 4 (over two blocks an SM)");
+    fill_items(it, 70, 520);            /* 4: 280 blocks; 3 would fit */
+    CHECK(pie_cuda_dec_cluster_mid(it, 70, 132, 396, 64, 8, 0) == 2,
+          "70 items: clusters of 2 (sizes halve: no 3)");
     fill_items(it, 40, 520);            /* B=5: 160 blocks */
     CHECK(pie_cuda_dec_cluster_mid(it, 40, 132, 396, 64, 8, 0) == 4,
           "B=5 ctx 520: clusters of 4");
