@@ -1564,11 +1564,28 @@ static void (*dec_cluster_kernel(int C))(uint16_t *, float *, float *,
     return kern;
 }
 
+/* The cluster kernel's shared memory: its own, or (per_sm > 0) padded so
+ * that at most per_sm blocks share an SM, where the device allows that
+ * (opted in once per device). */
+template <int HD>
+static size_t dec_cluster_smem(int per_sm)
+{
+    static uint64_t set_pad;
+    size_t need = fa_smem<HD>(0), pad = per_sm > 0 ? dec_pad_smem(per_sm) : 0;
+    if (pad <= need) return need;
+    /* the largest padding the plans ask for: two an SM */
+    if (per_sm < 2 || !allow_smem(flash_dec_kernel<HD, 3, true>,
+                                  dec_pad_smem(2), &set_pad))
+        return need;
+    return pad;
+}
+
 /* A launch of n_blocks in clusters of C (at[0]), as a programmatic
- * dependent where PDL is on (at[1]). */
+ * dependent where PDL is on (at[1]), at most per_sm blocks an SM (> 0). */
 template <int HD>
 static cudaLaunchConfig_t dec_cluster_cfg(cudaLaunchAttribute *at, int C,
-                                          int n_blocks, cudaStream_t s)
+                                          int n_blocks, int per_sm,
+                                          cudaStream_t s)
 {
     cudaLaunchConfig_t cfg = {};
     at[0].id = cudaLaunchAttributeClusterDimension;
@@ -1579,7 +1596,7 @@ static cudaLaunchConfig_t dec_cluster_cfg(cudaLaunchAttribute *at, int C,
     at[1].val.programmaticStreamSerializationAllowed = 1;
     cfg.gridDim = dim3(n_blocks);
     cfg.blockDim = dim3(FA_DEC_THREADS);
-    cfg.dynamicSmemBytes = fa_smem<HD>(0);
+    cfg.dynamicSmemBytes = dec_cluster_smem<HD>(per_sm);
     cfg.stream = s;
     cfg.attrs = at;
     cfg.numAttrs = pie__cuda_pdl() >= 1 ? 2 : 1;
@@ -1589,6 +1606,7 @@ static cudaLaunchConfig_t dec_cluster_cfg(cudaLaunchAttribute *at, int C,
 extern "C" int pie__cuda_attention_dec_cluster(uint16_t *out, const float *q,
                                                const pie_cuda_attn_item *pieces,
                                                int n_blocks, int C,
+                                               int per_sm,
                                                const pie_cuda_tokmeta *tm,
                                                const pie_cuda_kv *kv, int layer,
                                                int nh, cudaStream_t s)
@@ -1599,7 +1617,7 @@ extern "C" int pie__cuda_attention_dec_cluster(uint16_t *out, const float *q,
         constexpr int HD = decltype(H)::value;
         auto kern = dec_cluster_kernel<HD>(C);
         cudaLaunchAttribute at[2];
-        cudaLaunchConfig_t cfg = dec_cluster_cfg<HD>(at, C, n_blocks, s);
+        cudaLaunchConfig_t cfg = dec_cluster_cfg<HD>(at, C, n_blocks, per_sm, s);
         /* (on failure the caller reads the error) */
         if (kern && cudaLaunchKernelEx(&cfg, kern, out, (float *)NULL,
                                        (float *)NULL, q, pieces,
@@ -1618,7 +1636,7 @@ extern "C" int pie__cuda_attention_dec_cluster_max(int hd)
         for (int C = 16; C >= 2 && !most; C /= 2) {
             auto kern = dec_cluster_kernel<HD>(C);
             cudaLaunchAttribute at[2];
-            cudaLaunchConfig_t cfg = dec_cluster_cfg<HD>(at, C, C, 0);
+            cudaLaunchConfig_t cfg = dec_cluster_cfg<HD>(at, C, C, 0, 0);
             int n = 0;
             cfg.numAttrs = 1;           /* residency: the cluster alone */
             if (kern && cudaOccupancyMaxActiveClusters(&n, kern, &cfg) != cudaSuccess)

@@ -406,17 +406,20 @@ static int plan_dec_whole(cuda_backend *c)
 
 /* The cluster plan (dec_plan.c) where the device runs clusters of the
  * size it needs (dec_cluster_max): at small batch before the other plans
- * (mid = 0), or (mid = 1) at batches of about 5-16 below head dim 128
- * where no whole-item plan was taken. PIE_CUDA_DEC_CLUSTER=0 never takes it, =C wherever it
+ * (mid = 0), or (mid = 1) at batches of about 5-16 where no whole-item
+ * plan was taken (clusters of 2 at most two blocks an SM:
+ * dec_cluster_pad). PIE_CUDA_DEC_CLUSTER=0 never takes it, =C wherever it
  * fits; a forced whole-item plan (PIE_CUDA_DEC_WHOLE=k) comes first.
  * Returns the cluster size, or 0. */
 static int plan_dec_cluster(cuda_backend *c, int mid)
 {
     if (pie_cuda_dec_whole_switch() > 0) return 0;
     int force = pie_cuda_dec_cluster_switch(), n = (int)c->n_gitems;
+    c->dec_cluster_pad = 0;
     int C = mid ? pie_cuda_dec_cluster_mid(c->gitems, n, c->n_sm,
                                            c->dec_blocks, c->cfg.head_dim,
-                                           c->dec_cluster_max, force)
+                                           c->dec_cluster_max, force,
+                                           &c->dec_cluster_pad)
                 : pie_cuda_dec_cluster_size(c->gitems, n, c->n_sm,
                                             c->dec_blocks, c->dec_cluster_max,
                                             force);
@@ -429,8 +432,7 @@ static int plan_dec_cluster(cuda_backend *c, int mid)
 
 /* Plans decode attention (dec_plan.c): the cluster plan at small batch,
  * else the whole-item plan where it pays, else the cluster plan at mid
- * batch below head dim 128, else the grouped items cut for the persistent
- * grid. The piece and merge
+ * batch, else the grouped items cut for the persistent grid. The piece and merge
  * lists are stored at their capacities, so a decode step's kernel
  * arguments, and its CUDA graph, do not change as contexts grow. Returns
  * the partial rows used, or a negative code. */
@@ -664,8 +666,8 @@ static int build_outputs(cuda_backend *c, const pie_forward_batch *b,
 /* Decode attention of layer l: the persistent grid, then the merges of
  * the items it cut (a fixed-size list: graphs keep their arguments); or
  * the whole-item plan's grid of 1, 2 or 4 blocks per SM, which cuts
- * nothing; or at small (and below head dim 128 mid) batch the cluster
- * plan, which merges in the clusters' shared memory. */
+ * nothing; or at small and mid batch the cluster plan, which merges in
+ * the clusters' shared memory. */
 static int run_dec_attention(cuda_backend *c, int l,
                              const pie_cuda_tokmeta *tm, const step_meta *sm)
 {
@@ -673,7 +675,8 @@ static int run_dec_attention(cuda_backend *c, int l,
     if (c->dec_cluster) {
         if (!pie__cuda_attention_dec_cluster(c->att, c->q, DEV(c, sm->gitems),
                                              (int)c->n_gitems * c->dec_cluster,
-                                             c->dec_cluster, tm, &c->kv, l,
+                                             c->dec_cluster, c->dec_cluster_pad,
+                                             tm, &c->kv, l,
                                              g->n_heads, c->st))
             return 0;
         /* refused (a shared GPU's limits): this step fails with the
@@ -782,6 +785,7 @@ static graph_key key_of(const cuda_backend *c, int n, const step_meta *sm,
     k.decode = c->decode_step;
     k.dec_whole = c->n_gitems ? c->dec_whole : 0;
     k.dec_cluster = c->n_gitems ? c->dec_cluster : 0;
+    k.dec_cluster_pad = c->n_gitems ? c->dec_cluster_pad : 0;
     k.mega = c->mega_step;
     return k;
 }

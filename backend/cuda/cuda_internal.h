@@ -76,7 +76,7 @@ typedef struct graph_key {
     size_t   tok, pos, slot, req, kv_indptr, kv_len, pages, mask_off,
              mask_bits, items, merges, fitems, gitems, bstart, dmerges;
     int64_t  n, n_items, n_fitems, n_gitems, n_merges, max_slots, decode,
-             dec_whole, dec_cluster, mega;
+             dec_whole, dec_cluster, dec_cluster_pad, mega;
 } graph_key;
 
 typedef struct step_graph {
@@ -164,6 +164,7 @@ typedef struct cuda_backend {
     int               dec_cluster_max; /* largest cluster plan that runs */
     int               dec_cluster; /* this step: the cluster plan, clusters */
                                    /* of dec_cluster blocks; 0: not        */
+    int               dec_cluster_pad; /* its blocks an SM at most; 0: any */
     int               dec_whole;  /* this step: the whole-item plan on    */
                                   /* dec_whole blocks per SM, no merge     */
                                   /* (dec_plan.c); 0: the cut plan         */

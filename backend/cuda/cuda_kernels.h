@@ -234,14 +234,16 @@ int pie_cuda_dec_whole_switch(void);
  *   pie_cuda_dec_cluster_switch) takes C <= max_c wherever n_items C <=
  *   grid; force < 0 (=0) never.
  * - pie_cuda_dec_cluster_mid, where neither that nor a whole-item plan is
- *   taken (batches of about 5 to 16), below head dim 128: the largest C of
+ *   taken (batches of about 5 to 16): the largest C of
  *   PIE_CUDA_DEC_CLUSTER_MID, halved down to 2, with n_sm <= n_items C <=
  *   2 n_sm (and <= grid) and at most PIE_CUDA_DEC_CLUSTER_LONG KV blocks a
- *   piece.
- *   About two blocks an SM: three (clusters of 3 at B=16), fewer than one
- *   (B=4) and long pieces were slower. 1B B=8 ctx 2048 steps gained 3%,
- *   B=16 1%; at head dim 128 the attention bench gained but 8B steps
- *   did not (some runs 6% slower). Never where force != 0.
+ *   piece; 4 only below head dim 128. *per_sm: 2 for clusters of 2 (their
+ *   shared memory padded to allow at most two blocks an SM; unpadded, the
+ *   scheduler put three on some SMs and 8B B=16 steps ran either as fast
+ *   as the cut plan or 6% slower), else 0 (padded, clusters of 4 lost 20-
+ *   50%). About two blocks an SM: three (clusters of 3 at B=16), fewer
+ *   than one (B=4) and long pieces were slower. Steps: 8B B=16 ctx 512
+ *   -3%, 1B B=8 ctx 2048 -3% (NOTES.md, round 14). Never where force != 0.
  * 0: none (the other plans). */
 #define PIE_CUDA_DEC_CLUSTER_PER 2
 #define PIE_CUDA_DEC_CLUSTER_MAX 8
@@ -252,16 +254,18 @@ void pie_cuda_dec_plan_cluster(const pie_cuda_attn_item *items, int n_items,
 int pie_cuda_dec_cluster_size(const pie_cuda_attn_item *items, int n_items,
                               int n_sm, int grid, int max_c, int force);
 int pie_cuda_dec_cluster_mid(const pie_cuda_attn_item *items, int n_items,
-                             int n_sm, int grid, int hd, int max_c, int force);
+                             int n_sm, int grid, int hd, int max_c, int force,
+                             int *per_sm);
 int pie_cuda_dec_cluster_switch(void);
 /* Decode attention on the cluster plan: n_blocks = items x C pieces,
- * clusters of C (2..16) blocks, each combining its
- * item's C states in distributed shared memory and writing out; part
- * buffers unused. Returns 0 if launched, -1 if not (bad arguments, or the
- * launch failed: its error stays for cudaGetLastError). */
+ * clusters of C (2..16) blocks, each combining its item's C states in
+ * distributed shared memory and writing out; part buffers unused. per_sm
+ * > 0: shared memory padded so that at most per_sm blocks share an SM
+ * (where the device allows it). Returns 0 if launched, -1 if not (bad
+ * arguments, or the launch failed: its error stays for cudaGetLastError). */
 int pie__cuda_attention_dec_cluster(uint16_t *out, const float *q,
                                     const pie_cuda_attn_item *pieces,
-                                    int n_blocks, int C,
+                                    int n_blocks, int C, int per_sm,
                                     const pie_cuda_tokmeta *tm,
                                     const pie_cuda_kv *kv, int layer, int nh,
                                     cudaStream_t s);

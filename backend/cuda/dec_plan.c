@@ -369,15 +369,20 @@ int pie_cuda_dec_cluster_size(const pie_cuda_attn_item *items, int n_items,
 }
 
 int pie_cuda_dec_cluster_mid(const pie_cuda_attn_item *items, int n_items,
-                             int n_sm, int grid, int hd, int max_c, int force)
+                             int n_sm, int grid, int hd, int max_c, int force,
+                             int *per_sm)
 {
-    if (force || n_items <= 0 || hd >= 128) return 0;
+    *per_sm = 0;
+    if (force || n_items <= 0) return 0;
     int64_t most = most_blocks(items, n_items);
     for (int C = PIE_CUDA_DEC_CLUSTER_MID; C >= 2; C /= 2) {
         int64_t nb = (int64_t)n_items * C;
         if (C <= max_c && nb <= 2 * (int64_t)n_sm && nb <= grid &&
-            nb >= n_sm && (most + C - 1) / C <= PIE_CUDA_DEC_CLUSTER_LONG)
+            nb >= n_sm && (most + C - 1) / C <= PIE_CUDA_DEC_CLUSTER_LONG &&
+            (C == 2 || hd < 128)) {
+            *per_sm = C == 2 ? 2 : 0;
             return C;
+        }
     }
     return 0;
 }

@@ -105,8 +105,9 @@ static void run(int hd, int B, int L, int mma)
         if (whole < 0) whole = 0;
         if (whole) { nb = whole * sm; npc = ni; nm = 0; }
     }
+    int cpad = 0;
     if (mma && !clus && !whole && force <= 0)     /* batches of about 5-16 */
-        clus = pie_cuda_dec_cluster_mid(it, ni, sm, nb, hd, cmax, cforce);
+        clus = pie_cuda_dec_cluster_mid(it, ni, sm, nb, hd, cmax, cforce, &cpad);
     if (clus) {
         pie_cuda_dec_plan_cluster(it, ni, clus, pc);
         npc = ni * clus;
@@ -157,8 +158,8 @@ static void run(int hd, int B, int L, int mma)
         for (int w = 0; w < (g ? iters : 3 + iters); w++) {
             if (!g && w == 3) CU(cudaEventRecord(e0, st));
             if (clus) {
-                pie__cuda_attention_dec_cluster(out, q, d[8], npc, clus, &tm, &kv,
-                                                w % nl, nh, st);
+                pie__cuda_attention_dec_cluster(out, q, d[8], npc, clus, cpad,
+                                                &tm, &kv, w % nl, nh, st);
             } else if (mma) {
                 pie__cuda_attention_dec(out, po, pml, q, d[8], d[9], nb, &tm, &kv,
                                         w % nl, nh, whole, st);

@@ -532,7 +532,10 @@ static void test_attention_mode(int nh, int nkv, int hd, int masked,
     CU(cudaMemset(dout, 0xff, 2 * (size_t)n * nh * hd));   /* poison */
     if (grouped == 7) {
         pie_cuda_attn_item *dpc = dput(pc, sizeof *pc * (size_t)npc);
-        CHECK(pie__cuda_attention_dec_cluster(dout, dq, dpc, npc, nb, &tm, &kv,
+        /* clusters of up to 4 at most two blocks an SM (padded shared
+         * memory, as the mid-batch plan launches clusters of 2) */
+        CHECK(pie__cuda_attention_dec_cluster(dout, dq, dpc, npc, nb,
+                                              nb <= 4 ? 2 : 0, &tm, &kv,
                                               layer, nh, 0) == 0,
               "cluster decode of %d pieces in clusters of %d refused", npc, nb);
         CU(cudaDeviceSynchronize());

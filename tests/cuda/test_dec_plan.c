@@ -326,50 +326,55 @@ static void check_cluster_size(void)
           "B=1 ctx 2048: clusters of 16 are not taken");
 }
 
-/* The mid-batch rule's picks (132 SMs, a grid of 396, head dim 64). */
+/* The mid-batch rule's picks (132 SMs, a grid of 396, head dim 64 unless
+ * said). */
 static void check_cluster_mid(void)
 {
     static pie_cuda_attn_item it[256];
+    int pad = -1;
     fill_items(it, 128, 2060);          /* B=16: 33 KV blocks an item */
-    CHECK(pie_cuda_dec_cluster_mid(it, 128, 132, 396, 64, 8, 0) == 2,
-          "B=16 ctx 2060: clusters of 2 (256 blocks, 17 a piece)");
-    CHECK(pie_cuda_dec_cluster_mid(it, 128, 132, 396, 64, 8, 4) == 0 &&
-          pie_cuda_dec_cluster_mid(it, 128, 132, 396, 64, 8, -1) == 0,
+    CHECK(pie_cuda_dec_cluster_mid(it, 128, 132, 396, 64, 8, 0, &pad) == 2 &&
+          pad == 2, "B=16 ctx 2060: clusters of 2 (256 blocks, 17 a piece), "
+          "two an SM");
+    CHECK(pie_cuda_dec_cluster_mid(it, 128, 132, 396, 64, 8, 4, &pad) == 0 &&
+          pie_cuda_dec_cluster_mid(it, 128, 132, 396, 64, 8, -1, &pad) == 0,
           "B=16: never where PIE_CUDA_DEC_CLUSTER is set");
-    CHECK(pie_cuda_dec_cluster_mid(it, 128, 132, 200, 64, 8, 0) == 0,
+    CHECK(pie_cuda_dec_cluster_mid(it, 128, 132, 200, 64, 8, 0, &pad) == 0,
           "B=16 on a grid of 200: no room");
-    CHECK(pie_cuda_dec_cluster_mid(it, 128, 132, 396, 128, 8, 0) == 0,
-          "B=16 at head dim 128: never");
-    CHECK(pie_cuda_dec_cluster_mid(it, 128, 132, 396, 64, 1, 0) == 0,
+    CHECK(pie_cuda_dec_cluster_mid(it, 128, 132, 396, 128, 8, 0, &pad) == 2 &&
+          pad == 2, "B=16 at head dim 128: clusters of 2, two an SM");
+    CHECK(pie_cuda_dec_cluster_mid(it, 128, 132, 396, 64, 1, 0, &pad) == 0,
           "B=16 where clusters do not run");
     fill_items(it, 128, 2200);          /* 35 KV blocks: 18 a piece */
-    CHECK(pie_cuda_dec_cluster_mid(it, 128, 132, 396, 64, 8, 0) == 0,
+    CHECK(pie_cuda_dec_cluster_mid(it, 128, 132, 396, 64, 8, 0, &pad) == 0,
           "B=16 ctx 2200: pieces too long");
     fill_items(it, 64, 2060);           /* B=8 */
-    CHECK(pie_cuda_dec_cluster_mid(it, 64, 132, 396, 64, 8, 0) == 4,
-          "B=8 ctx 2060: clusters of 4");
-    CHECK(pie_cuda_dec_cluster_mid(it, 64, 132, 396, 64, 2, 0) == 0,
+    CHECK(pie_cuda_dec_cluster_mid(it, 64, 132, 396, 64, 8, 0, &pad) == 4 &&
+          pad == 0, "B=8 ctx 2060: clusters of 4, unpadded");
+    CHECK(pie_cuda_dec_cluster_mid(it, 64, 132, 396, 128, 8, 0, &pad) == 0,
+          "B=8 at head dim 128: none (4 only below it, 2 too few)");
+    CHECK(pie_cuda_dec_cluster_mid(it, 64, 132, 396, 64, 2, 0, &pad) == 0,
           "B=8 where clusters of 2 are the most: 128 blocks, too few");
     fill_items(it, 72, 2060);           /* B=9 */
-    CHECK(pie_cuda_dec_cluster_mid(it, 72, 132, 396, 64, 2, 0) == 2,
+    CHECK(pie_cuda_dec_cluster_mid(it, 72, 132, 396, 64, 2, 0, &pad) == 2,
           "B=9 where clusters of 2 are the most: 2");
     fill_items(it, 64, 8200);           /* 129 KV blocks */
-    CHECK(pie_cuda_dec_cluster_mid(it, 64, 132, 396, 64, 8, 0) == 0,
+    CHECK(pie_cuda_dec_cluster_mid(it, 64, 132, 396, 64, 8, 0, &pad) == 0,
           "B=8 ctx 8200: pieces too long");
     fill_items(it, 88, 520);            /* B=11: 4 would give 352 blocks */
-    CHECK(pie_cuda_dec_cluster_mid(it, 88, 132, 396, 64, 8, 0) == 2,
+    CHECK(pie_cuda_dec_cluster_mid(it, 88, 132, 396, 64, 8, 0, &pad) == 2,
           "B=11: clusters of 2, not 4 (over two blocks an SM)");
     fill_items(it, 70, 520);            /* 4: 280 blocks; 3 would fit */
-    CHECK(pie_cuda_dec_cluster_mid(it, 70, 132, 396, 64, 8, 0) == 2,
+    CHECK(pie_cuda_dec_cluster_mid(it, 70, 132, 396, 64, 8, 0, &pad) == 2,
           "70 items: clusters of 2 (sizes halve: no 3)");
     fill_items(it, 40, 520);            /* B=5: 160 blocks */
-    CHECK(pie_cuda_dec_cluster_mid(it, 40, 132, 396, 64, 8, 0) == 4,
+    CHECK(pie_cuda_dec_cluster_mid(it, 40, 132, 396, 64, 8, 0, &pad) == 4,
           "B=5 ctx 520: clusters of 4");
     fill_items(it, 32, 520);            /* B=4: 128 blocks, under the SMs */
-    CHECK(pie_cuda_dec_cluster_mid(it, 32, 132, 396, 64, 8, 0) == 0,
+    CHECK(pie_cuda_dec_cluster_mid(it, 32, 132, 396, 64, 8, 0, &pad) == 0,
           "B=4 ctx 520: too few blocks");
     fill_items(it, 256, 520);           /* B=32: 512 blocks */
-    CHECK(pie_cuda_dec_cluster_mid(it, 256, 132, 396, 64, 8, 0) == 0,
+    CHECK(pie_cuda_dec_cluster_mid(it, 256, 132, 396, 64, 8, 0, &pad) == 0,
           "B=32: too many blocks");
 }
 
