@@ -53,6 +53,8 @@
 #           default
 #   steps   decode steps' host planning, GPU span and time between forwards
 #           (PIE_CUDA_STEPS=1) at four shapes
+#   clpad   small-batch cluster plans at one block an SM
+#           (PIE_CUDA_DEC_CLUSTER_PAD=1) against the default, alternating
 #   long    batch 16 at long contexts (ctx 2048-16384): decode attention and
 #           8B decode steps on the cut plan (PIE_CUDA_DEC_WHOLE=0) and on
 #           one block per SM (=1), and by the rule with the bound timed at
@@ -130,6 +132,17 @@ for phase in "$@"; do
         model -cluster3 PIE_CUDA_DEC_CLUSTER=3
         # two per SM with a cut-plan grid smaller than that (bstart sizes)
         model -whole2-64 PIE_CUDA_DEC_BLOCKS=64 PIE_CUDA_DEC_WHOLE=2
+        ;;
+    clpad)      # small-batch cluster plans at one block an SM (PIE_CUDA_DEC_CLUSTER_PAD=1)
+                # against the default, alternating (NOTES.md, round 14)
+        for i in 1 2; do
+            for cfg in "llama-3.1-8b 1 512 24" "llama-3.1-8b 2 512 24" "llama-3.1-8b 1 1024 24" \
+                       "llama-3.2-1b 1 512 48" "llama-3.2-1b 2 512 48" "llama-3.2-1b 2 1024 48"; do
+                [ $i = 2 ] && PIE_CUDA_DEC_CLUSTER_PAD=1 TAG="pad1 " bench $cfg
+                TAG="dflt " bench $cfg
+                [ $i = 1 ] && PIE_CUDA_DEC_CLUSTER_PAD=1 TAG="pad1 " bench $cfg
+            done
+        done
         ;;
     long)       # one block an SM against the cut plan on long items, and the
                 # calibrated rule (dec_calib.c)

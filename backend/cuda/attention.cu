@@ -1573,9 +1573,8 @@ static size_t dec_cluster_smem(int per_sm)
     static uint64_t set_pad;
     size_t need = fa_smem<HD>(0), pad = per_sm > 0 ? dec_pad_smem(per_sm) : 0;
     if (pad <= need) return need;
-    /* the largest padding the plans ask for: two an SM */
-    if (per_sm < 2 || !allow_smem(flash_dec_kernel<HD, 3, true>,
-                                  dec_pad_smem(2), &set_pad))
+    /* opted in once, to the largest padding: one an SM */
+    if (!allow_smem(flash_dec_kernel<HD, 3, true>, dec_pad_smem(1), &set_pad))
         return need;
     return pad;
 }

@@ -408,7 +408,7 @@ static int plan_dec_whole(cuda_backend *c)
  * size it needs (dec_cluster_max): at small batch before the other plans
  * (mid = 0), or (mid = 1) at batches of about 5-16 where no whole-item
  * plan was taken (clusters of 2 at most two blocks an SM:
- * dec_cluster_pad). PIE_CUDA_DEC_CLUSTER=0 never takes it, =C wherever it
+ * dec_cluster_pad; PIE_CUDA_DEC_CLUSTER_PAD=k sets it). PIE_CUDA_DEC_CLUSTER=0 never takes it, =C wherever it
  * fits; a forced whole-item plan (PIE_CUDA_DEC_WHOLE=k) comes first.
  * Returns the cluster size, or 0. */
 static int plan_dec_cluster(cuda_backend *c, int mid)
@@ -424,6 +424,8 @@ static int plan_dec_cluster(cuda_backend *c, int mid)
                                             c->dec_blocks, c->dec_cluster_max,
                                             force);
     if (C <= 0) return 0;
+    if (pie_cuda_dec_cluster_pad_switch() >= 0)
+        c->dec_cluster_pad = pie_cuda_dec_cluster_pad_switch();
     pie_cuda_dec_plan_cluster(c->gitems, n, C, c->pieces);
     c->n_pieces = n * C;
     c->n_dmerges = 0;

@@ -257,6 +257,11 @@ int pie_cuda_dec_cluster_mid(const pie_cuda_attn_item *items, int n_items,
                              int n_sm, int grid, int hd, int max_c, int force,
                              int *per_sm);
 int pie_cuda_dec_cluster_switch(void);
+/* PIE_CUDA_DEC_CLUSTER_PAD=k (0..3): the cluster plan's blocks an SM at
+ * most, whichever rule picked it (0: unpadded); -1 where unset or out of
+ * range (the rule's choice). For experiments (NOTES.md, round 14: one an
+ * SM at batch 1). */
+int pie_cuda_dec_cluster_pad_switch(void);
 /* Decode attention on the cluster plan: n_blocks = items x C pieces,
  * clusters of C (2..16) blocks, each combining its item's C states in
  * distributed shared memory and writing out; part buffers unused. per_sm

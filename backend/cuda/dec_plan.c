@@ -354,6 +354,14 @@ static int64_t most_blocks(const pie_cuda_attn_item *items, int n_items)
     return most;
 }
 
+int pie_cuda_dec_cluster_pad_switch(void)
+{
+    const char *e = getenv("PIE_CUDA_DEC_CLUSTER_PAD");
+    if (!e || !*e) return -1;
+    int k = atoi(e);
+    return k >= 0 && k <= 3 ? k : -1;
+}
+
 int pie_cuda_dec_cluster_size(const pie_cuda_attn_item *items, int n_items,
                               int n_sm, int grid, int max_c, int force)
 {

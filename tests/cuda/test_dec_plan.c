@@ -326,6 +326,22 @@ static void check_cluster_size(void)
           "B=1 ctx 2048: clusters of 16 are not taken");
 }
 
+/* PIE_CUDA_DEC_CLUSTER_PAD's parsing. */
+static void check_pad_switch(void)
+{
+    static const struct { const char *v; int want; } cases[] = {
+        { NULL, -1 }, { "", -1 }, { "0", 0 }, { "1", 1 }, { "3", 3 },
+        { "4", -1 }, { "-1", -1 },
+    };
+    for (size_t i = 0; i < sizeof cases / sizeof cases[0]; i++) {
+        if (cases[i].v) setenv("PIE_CUDA_DEC_CLUSTER_PAD", cases[i].v, 1);
+        else unsetenv("PIE_CUDA_DEC_CLUSTER_PAD");
+        CHECK(pie_cuda_dec_cluster_pad_switch() == cases[i].want,
+              "PIE_CUDA_DEC_CLUSTER_PAD=%s", cases[i].v ? cases[i].v : "(unset)");
+    }
+    unsetenv("PIE_CUDA_DEC_CLUSTER_PAD");
+}
+
 /* The mid-batch rule's picks (132 SMs, a grid of 396, head dim 64 unless
  * said). */
 static void check_cluster_mid(void)
@@ -405,6 +421,7 @@ int main(void)
     check_pays();
     check_cluster_size();
     check_cluster_mid();
+    check_pad_switch();
     printf("dec_plan: %d random plans ok (%d checks)\n", plans, test_n_checks);
     return 0;
 }
