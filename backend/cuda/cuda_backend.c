@@ -2,8 +2,9 @@
  * cuda_backend.c — the CUDA backend: bf16 weights and KV pages on one GPU,
  * fp32 accumulation, cuBLASLt for the dense matmuls (matmul.c; gemv.cu
  * instead in decode steps of <= 16 rows where it times faster) and pie's
- * own kernels (kernels.cu, attention.cu, sample.cu) for the rest. Its state
- * (cuda_backend) is described in cuda_internal.h.
+ * own kernels (kernels.cu, attention.cu, flash_prefill.cu,
+ * flash_decode.cu, sample.cu) for the rest. Its state (cuda_backend) is
+ * described in cuda_internal.h.
  *
  * Device memory, allocated once at create time in this order:
  *   weights     embed (vocab, dim) bf16; per layer fused wqkv

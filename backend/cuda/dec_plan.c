@@ -1,6 +1,6 @@
 /*
  * dec_plan.c — the balanced work plan of decode attention (host side of
- * pie__cuda_attention_dec, attention.cu).
+ * pie__cuda_attention_dec, flash_decode.cu).
  *
  * The grouped items of a decode step (one per tile of tokens x kv head,
  * over slots [s0, s1)) are laid end to end as a sequence of KV blocks of
@@ -318,7 +318,7 @@ int pie_cuda_dec_try_whole(const pie_cuda_attn_item *items, int n_items,
  * a 1B batch-1 step, NOTES.md round 13). The cluster plan instead splits
  * each item over the C blocks of one thread-block cluster (rank c takes
  * KV blocks [n c / C, n (c + 1) / C) of its n), and the cluster combines
- * the C states in distributed shared memory (attention.cu). */
+ * the C states in distributed shared memory (flash_decode.cu). */
 void pie_cuda_dec_plan_cluster(const pie_cuda_attn_item *items, int n_items,
                                int C, pie_cuda_attn_item *pieces)
 {

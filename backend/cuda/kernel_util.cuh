@@ -1,7 +1,7 @@
 /*
  * kernel_util.cuh — device helpers shared by pie's CUDA kernel files
- * (kernels.cu, attention.cu, gemv.cu, mega.cu): bf16 conversions,
- * streaming loads, warp and block sums,
+ * (kernels.cu, attention.cu, flash.cuh, gemv.cu, mega.cu): bf16
+ * conversions, streaming loads, warp and block sums,
  * programmatic dependent launch (PDL), tensor-core fragments, cp.async
  * copies and the shared-memory opt-in. Only .cu files include it.
  */

@@ -1,8 +1,9 @@
 /*
  * kernels.cu — pie's own CUDA kernels for the transformer forward apart from
- * attention (attention.cu) and the small-m matmul (gemv.cu): embedding,
- * RMSNorm, qkv post-processing (RoPE, K/V append), SwiGLU, page copies and
- * fills; the dense matmuls go through cuBLASLt in cuda_backend.c. Each
+ * attention (attention.cu, flash_*.cu) and the small-m matmul (gemv.cu):
+ * embedding, RMSNorm, qkv post-processing (RoPE, K/V append), SwiGLU,
+ * page copies and fills; the dense matmuls go through cuBLASLt in
+ * cuda_backend.c. Each
  * kernel has a plain C twin in tests/cuda/test_cuda_kernels.c. Shapes are in
  * the first comment of each kernel; launch configuration lives in its
  * launcher.
