@@ -409,14 +409,15 @@ static int plan_dec_whole(cuda_backend *c)
  * size it needs (dec_cluster_max): at small batch before the other plans
  * (mid = 0), or (mid = 1) at batches of about 5-16 where no whole-item
  * plan was taken (clusters of 2 at most two blocks an SM:
- * dec_cluster_pad; PIE_CUDA_DEC_CLUSTER_PAD=k sets it). PIE_CUDA_DEC_CLUSTER=0 never takes it, =C wherever it
- * fits; a forced whole-item plan (PIE_CUDA_DEC_WHOLE=k) comes first.
- * Returns the cluster size, or 0. */
+ * dec_cluster_pad; PIE_CUDA_DEC_CLUSTER_PAD=k sets it).
+ * PIE_CUDA_DEC_CLUSTER=0 never takes it, =C wherever it fits; a forced
+ * whole-item plan (PIE_CUDA_DEC_WHOLE=k) comes first. Returns the cluster
+ * size, or 0 (and dec_cluster_pad 0). */
 static int plan_dec_cluster(cuda_backend *c, int mid)
 {
+    c->dec_cluster_pad = 0;
     if (pie_cuda_dec_whole_switch() > 0) return 0;
     int force = pie_cuda_dec_cluster_switch(), n = (int)c->n_gitems;
-    c->dec_cluster_pad = 0;
     int C = mid ? pie_cuda_dec_cluster_mid(c->gitems, n, c->n_sm,
                                            c->dec_blocks, c->cfg.head_dim,
                                            c->dec_cluster_max, force,
@@ -435,8 +436,8 @@ static int plan_dec_cluster(cuda_backend *c, int mid)
 
 /* Plans decode attention (dec_plan.c): the cluster plan at small batch,
  * else the whole-item plan where it pays, else the cluster plan at mid
- * batch, else the grouped items cut for the persistent grid. The piece and merge
- * lists are stored at their capacities, so a decode step's kernel
+ * batch, else the grouped items cut for the persistent grid. The piece
+ * and merge lists are stored at their capacities, so a decode step's kernel
  * arguments, and its CUDA graph, do not change as contexts grow. Returns
  * the partial rows used, or a negative code. */
 static int64_t plan_dec(cuda_backend *c, int64_t parts)
