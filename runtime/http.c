@@ -28,6 +28,17 @@ typedef struct http_req {
     size_t blen;
 } http_req;
 
+static void http_req_free(http_req *r)
+{
+    if (!r)
+        return;
+    free(r->path);
+    free(r->method);
+    free(r->headers);
+    free(r->body);
+    free(r);
+}
+
 static bool allowed(pie_rt *rt, const char *host, const char *port)
 {
     char hp[300];
@@ -160,11 +171,7 @@ done:
     pthread_cond_broadcast(&rt->live_cv);
     pthread_mutex_unlock(&rt->lock);
     free(resp);
-    free(r->path);
-    free(r->method);
-    free(r->headers);
-    free(r->body);
-    free(r);
+    http_req_free(r);
     return NULL;
 }
 
@@ -223,27 +230,23 @@ uint32_t Z_pieZ_http_request(I *i, uint32_t mp, uint32_t ml, uint32_t up,
     pthread_attr_t at;
     pthread_attr_init(&at);
     pthread_attr_setdetachstate(&at, PTHREAD_CREATE_DETACHED);
+    /* once its thread runs, r is the thread's: it may finish and free r
+     * before pthread_create returns here, so r is not read after that */
+    bool handed = false;
     if (h > 0) {
         pthread_mutex_lock(&i->rt->lock);
         i->rt->n_http++;
         pthread_mutex_unlock(&i->rt->lock);
-        if (pthread_create(&t, &at, http_thread, r) != 0) {
+        handed = pthread_create(&t, &at, http_thread, r) == 0;
+        if (!handed) {
             pthread_mutex_lock(&i->rt->lock);
             i->rt->n_http--;
             pthread_mutex_unlock(&i->rt->lock);
             pie_rt_future_complete(r->fut, PIE_EIO, NULL, 0);
-            r->fut = NULL;
         }
     }
     pthread_attr_destroy(&at);
-    if (h <= 0 || !r->fut) {
-        if (r) {
-            free(r->path);
-            free(r->method);
-            free(r->headers);
-            free(r->body);
-            free(r);
-        }
-    }
+    if (!handed)
+        http_req_free(r);
     return (uint32_t)h;
 }
