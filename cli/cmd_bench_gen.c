@@ -308,12 +308,13 @@ static int bench_with(bg_run *r, pie_model *m, const bg_args *a)
         if (pie_cli_load_inferlet(rt, path, &mod)) goto out;
     }
     pthread_t sampler;
-    pthread_create(&sampler, NULL, sample_pages, r);
+    /* without the sampler thread the page statistics stay empty */
+    bool sampling = pthread_create(&sampler, NULL, sample_pages, r) == 0;
     double t0 = pie_cli_now();
     rc = a->native ? run_native(r) : run_inferlet(r, rt, mod);
     double wall = pie_cli_now() - t0;
     r->done = 1;
-    pthread_join(sampler, NULL);
+    if (sampling) pthread_join(sampler, NULL);
     if (rc) {
         fprintf(stderr, "pie bench generate: %s\n", pie_err_msg());
         goto out;

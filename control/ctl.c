@@ -541,6 +541,8 @@ int pie_ctl_forward_submit(pie_ctl_client *c, const pie_ctl_forward *f,
     rc = wire_pages(ctl, op);
     op_enqueue(c, op);
     if (rc < 0) {                        /* wired halfway: cancel it */
+        op->done = NULL;   /* a failed submit never calls back: the caller
+                            * completes its own future on the error */
         pie__op_complete(ctl, op, PIE_ENOMEM);
         pie__unlock(ctl);
         pie__op_unref(op);

@@ -113,6 +113,7 @@ int pie_ctl_export_save(pie_ctl *ctl, const char *name, const char *path)
     if (!name || !path) return pie_err_set(PIE_EINVAL, "control: NULL name");
     wbuf w = { 0 };
     pthread_mutex_lock(&ctl->mu);
+    pie__wait_idle(ctl);   /* drops mu: before the lookup, not after */
     ctl_export *e = ctl->exports;
     while (e && strcmp(e->name, name) != 0) e = e->next;
     int rc = 0;
@@ -123,10 +124,7 @@ int pie_ctl_export_save(pie_ctl *ctl, const char *name, const char *path)
             if (ctl->pages[e->pages[k]].last_writer)
                 rc = pie_err_set(PIE_EBUSY, "control: export '%s' has a "
                                  "pending write; wait for it", name);
-        if (rc == 0) {
-            pie__wait_idle(ctl);
-            rc = serialize(ctl, e, &w);
-        }
+        if (rc == 0) rc = serialize(ctl, e, &w);
     }
     pthread_mutex_unlock(&ctl->mu);
     uint64_t sum = XXH64(w.p, w.n, 0);
@@ -271,6 +269,7 @@ int pie_ctl_export_load(pie_ctl *ctl, const char *path, const char *name)
         rc = pie_err_set(PIE_ENOMEM, "control: out of memory");
     if (rc < 0) goto out;
     pthread_mutex_lock(&ctl->mu);
+    pie__wait_idle(ctl);   /* drops mu: before the name check, not after */
     for (ctl_export *x = ctl->exports; x && rc == 0; x = x->next)
         if (strcmp(x->name, nm) == 0)
             rc = pie_err_set(PIE_EBUSY, "control: export name '%s' already "
@@ -284,10 +283,7 @@ int pie_ctl_export_load(pie_ctl *ctl, const char *path, const char *name)
             if (read_record(ctl, &r, pages[k]) < 0)
                 rc = pie_err_set(PIE_EFORMAT, "%s: page record %d is invalid",
                                  path, k);
-        if (rc == 0) {
-            pie__wait_idle(ctl);
-            rc = ctl->b->ops->upload(ctl->b, pages, h.n, data + r.at);
-        }
+        if (rc == 0) rc = ctl->b->ops->upload(ctl->b, pages, h.n, data + r.at);
         if (rc < 0) {
             for (int32_t k = 0; k < h.n; k++) {
                 ctl->pages[pages[k]].hashed = false;

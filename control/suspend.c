@@ -51,7 +51,8 @@ static pie_ctl_client *pick_victim(pie_ctl *ctl, pie_ctl_client *req)
     return best;
 }
 
-/* Swaps c's exclusive pages to host memory; returns pages released. */
+/* Swaps c's exclusive pages to host memory; returns pages released. The
+ * device is idle and mu held throughout (pie__suspend_for). */
 static int32_t suspend_client(pie_ctl *ctl, pie_ctl_client *c)
 {
     int32_t n = swappable(ctl, c);
@@ -71,7 +72,6 @@ static int32_t suspend_client(pie_ctl *ctl, pie_ctl_client *c)
         fill[k] = p->fill;
         k++;
     }
-    pie__wait_idle(ctl);
     if (ctl->b->ops->download(ctl->b, pages, n, buf) < 0) goto fail;
     for (int32_t j = 0; j < n; j++) {
         ctl_handle *hd = &c->h[idx[j]];
@@ -99,6 +99,11 @@ int32_t pie__suspend_for(pie_ctl *ctl, int32_t n, pie_ctl_client *requester)
 {
     int32_t got = 0;
     while (got < n) {
+        if (!pick_victim(ctl, requester)) break;
+        /* the download needs the device idle; waiting drops mu, and the
+         * victim may end or submit meanwhile: pick it after the wait, and
+         * keep mu from there to the end of its swap */
+        pie__wait_idle(ctl);
         pie_ctl_client *v = pick_victim(ctl, requester);
         if (!v) break;
         int32_t k = suspend_client(ctl, v);

@@ -707,11 +707,25 @@ uint32_t Z_pieZ_forward_logit_mask(I *i, uint32_t fwd, uint32_t row,
 
 /* ---- submit and futures --------------------------------------------------- */
 
+/* Counts engine forwards in flight (rt->n_engine): their completion
+ * callback (efut_done) runs on the control layer's threads and locks rt,
+ * so pie_rt_free waits until none is left, as for HTTP threads. */
+static void engine_inflight(pie_rt *rt, int d)
+{
+    pthread_mutex_lock(&rt->lock);
+    rt->n_engine += d;
+    if (rt->n_engine == 0)
+        pthread_cond_broadcast(&rt->live_cv);
+    pthread_mutex_unlock(&rt->lock);
+}
+
 static void efut_done(void *user, pie_ctl_future *f, int status)
 {
     efut *ef = user;
+    pie_rt *rt = ef->rf->rt;            /* before the complete frees ef */
     (void)f;
     pie_rt_future_complete(ef->rf, status, NULL, 0);   /* may free ef */
+    engine_inflight(rt, -1);
 }
 
 static void efut_cancel(void *data)
@@ -775,7 +789,13 @@ static int submit(pie_ctl_client *c, int32_t vocab, builder *b, efut *ef,
         .logit_mask_indptr = li, .logit_mask_runs = lr,
         .n_chains = b->n_chains, .chains = b->chains,
     };
+    /* efut_done takes the count back, or (a failed submit never calls
+     * back) the failure below */
+    pie_rt *rt = ef->rf->rt;
+    engine_inflight(rt, 1);
     int rc = pie_ctl_forward_submit(c, &f, efut_done, ef, out);
+    if (rc < 0)
+        engine_inflight(rt, -1);
     free(li);
     free(lr);
     return rc;

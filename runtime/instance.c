@@ -1020,7 +1020,7 @@ void pie_rt_free(pie_rt *rt)
         pie_rt_instance_unref(i);
     }
     pthread_mutex_lock(&rt->lock);
-    while (rt->n_live > 0 || rt->n_http > 0)
+    while (rt->n_live > 0 || rt->n_http > 0 || rt->n_engine > 0)
         pthread_cond_wait(&rt->live_cv, &rt->lock);
     rt->stopping = true;
     pthread_cond_signal(&rt->timer_cv);

@@ -190,6 +190,8 @@ struct pie_rt {
     struct pie_rt_queue  *queues;
     int32_t          n_names;         /* topics + queues (capped)           */
     int32_t          n_http;          /* HTTP threads in flight             */
+    int32_t          n_engine;        /* engine forwards whose completion   */
+                                      /* callback has yet to run            */
 };
 
 /* loader.c */
