@@ -189,8 +189,19 @@ int main(void)
     printf("no leaks: all %d pages free, no clients, empty queue\n",
            cs.pages_total);
 
+    /* the runtime freed right after an inferlet that stopped early with
+     * steps in flight: pie_rt_free returns only once their completions
+     * (which lock the runtime) have run, so nothing is left behind */
+    r[0].len = 0;
+    st = launch_wait(rt, mod, 5, argv_stop, &r[0], reason);
+    CHECK(st == 0, "stop instance exited %d (%s)", st, reason);
     pie_rt_module_unref(mod);
     pie_rt_free(rt);
+    pie_ctl_get_stats(ctl, &cs);
+    CHECK(cs.pages_free == cs.pages_total && cs.queue_depth == 0,
+          "after pie_rt_free: %d of %d pages free, depth %d", cs.pages_free,
+          cs.pages_total, cs.queue_depth);
+    printf("shutdown: no step outlives pie_rt_free\n");
     pie_engine_free(e);
     pie_ctl_free(ctl);
     pie_backend_free(b);
