@@ -472,13 +472,14 @@ static int resolve_chains(pie_ctl_client *c, const pie_ctl_forward *f,
 
 /* Orders op after the pending writers of its pages and records its own
  * writes (mu held). Cannot fail after the first mutation except ENOMEM,
- * which the caller unwinds with pie__op_complete. */
+ * which the caller unwinds with pie__op_complete: every page is referenced
+ * before the first dependency that can fail, as that unwind drops all. */
 static int wire_pages(pie_ctl *ctl, ctl_op *op)
 {
     int32_t ps = ctl->ps, first = op->kv_len - op->n_tokens;
+    for (int32_t k = 0; k < op->n_pages; k++) pie__page_ref(ctl, op->pages[k]);
     for (int32_t k = 0; k < op->n_pages; k++) {
         ctl_page *p = &ctl->pages[op->pages[k]];
-        pie__page_ref(ctl, op->pages[k]);
         if (p->last_writer && p->last_writer != op &&
             add_dep(p->last_writer, op, false) < 0)
             return PIE_ENOMEM;

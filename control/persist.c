@@ -134,8 +134,9 @@ int pie_ctl_export_save(pie_ctl *ctl, const char *name, const char *path)
         char tmp[4096];
         snprintf(tmp, sizeof tmp, "%s.tmp", path);
         FILE *f = fopen(tmp, "wb");
-        if (!f || fwrite(w.p, 1, w.n, f) != w.n || fclose(f) != 0 ||
-            rename(tmp, path) != 0) {
+        bool ok = f && fwrite(w.p, 1, w.n, f) == w.n;
+        if (f && fclose(f) != 0) ok = false;     /* closed either way */
+        if (!ok || rename(tmp, path) != 0) {
             if (f) remove(tmp);
             rc = pie_err_set(PIE_EIO, "control: cannot write %s", path);
         }

@@ -236,6 +236,17 @@ int32_t pie__sampler_values(const pie_sampler *s, int32_t vocab)
         }                                                                    \
     } while (0)
 
+/* Grows the array at *(void **)p to n elements of sz bytes; leaves it as
+ * it was if that fails, so that a batch's arrays stay valid at their old
+ * capacity (the caps are raised only once a whole group has grown). */
+static int resize(void *p, size_t n, size_t sz)
+{
+    void **pp = p, *q = realloc(*pp, n * sz);
+    if (!q) return PIE_ENOMEM;
+    *pp = q;
+    return 0;
+}
+
 /* Makes room in B for one more request with ntok tokens, np pages, nmask
  * mask runs, nout outputs, nlm logit-mask runs, nval probe values. */
 static int batch_reserve(ctl_batch *B, int32_t ntok, int32_t np, int32_t nmask,
@@ -243,34 +254,30 @@ static int batch_reserve(ctl_batch *B, int32_t ntok, int32_t np, int32_t nmask,
 {
     int32_t ct = B->cap_tokens, cr = B->cap_reqs, co = B->cap_outputs;
     GROW(B->tokens, ct, B->n_tokens + ntok,
-         B->positions = realloc(B->positions, (size_t)nc_ * sizeof(int32_t));
-         B->mask_indptr = realloc(B->mask_indptr,
-                                  (size_t)(nc_ + 1) * sizeof(uint32_t));
-         if (!B->positions || !B->mask_indptr) return PIE_ENOMEM);
+         if (resize(&B->positions, nc_, sizeof(int32_t)) ||
+             resize(&B->mask_indptr, nc_ + 1, sizeof(uint32_t)))
+             return PIE_ENOMEM);
     B->cap_tokens = ct;
     GROW(B->ents, cr, B->n_reqs + 1,
-         B->qo_indptr = realloc(B->qo_indptr, (size_t)(nc_ + 1) * sizeof(int32_t));
-         B->kv_indptr = realloc(B->kv_indptr, (size_t)(nc_ + 1) * sizeof(int32_t));
-         B->last_len = realloc(B->last_len, (size_t)nc_ * sizeof(int32_t));
-         if (!B->qo_indptr || !B->kv_indptr || !B->last_len) return PIE_ENOMEM);
+         if (resize(&B->qo_indptr, nc_ + 1, sizeof(int32_t)) ||
+             resize(&B->kv_indptr, nc_ + 1, sizeof(int32_t)) ||
+             resize(&B->last_len, nc_, sizeof(int32_t)))
+             return PIE_ENOMEM);
     B->cap_reqs = cr;
     GROW(B->out_idx, co, B->n_outputs + nout + 1,
-         B->row_src = realloc(B->row_src, (size_t)nc_ * sizeof(int32_t));
-         B->samplers = realloc(B->samplers, (size_t)nc_ * sizeof(pie_sampler));
-         B->lm_indptr = realloc(B->lm_indptr, (size_t)(nc_ + 1) * sizeof(uint32_t));
-         B->out.tokens = realloc(B->out.tokens, (size_t)nc_ * sizeof(int32_t));
-         B->out.value_indptr = realloc(B->out.value_indptr,
-                                       (size_t)(nc_ + 1) * sizeof(uint32_t));
-         if (!B->row_src || !B->samplers || !B->lm_indptr || !B->out.tokens ||
-             !B->out.value_indptr) return PIE_ENOMEM);
+         if (resize(&B->row_src, nc_, sizeof(int32_t)) ||
+             resize(&B->samplers, nc_, sizeof(pie_sampler)) ||
+             resize(&B->lm_indptr, nc_ + 1, sizeof(uint32_t)) ||
+             resize(&B->out.tokens, nc_, sizeof(int32_t)) ||
+             resize(&B->out.value_indptr, nc_ + 1, sizeof(uint32_t)))
+             return PIE_ENOMEM);
     B->cap_outputs = co;
     GROW(B->kv_indices, B->cap_kv, B->n_kv + np, (void)0);
     GROW(B->mask_runs, B->cap_mask, B->n_mask_runs + nmask, (void)0);
     GROW(B->lm_runs, B->cap_lm, B->n_lm_runs + nlm, (void)0);
     int32_t cv = B->cap_values;
     GROW(B->out.values, cv, B->n_values + nval,
-         B->out.ids = realloc(B->out.ids, (size_t)nc_ * sizeof(int32_t));
-         if (!B->out.ids) return PIE_ENOMEM);
+         if (resize(&B->out.ids, nc_, sizeof(int32_t))) return PIE_ENOMEM);
     B->cap_values = cv;
     return 0;
 }
