@@ -618,7 +618,9 @@ int pie_ctl_page_copy(pie_ctl_client *c, uint32_t src, int32_t src_off,
         (pd->last_writer && add_dep(pd->last_writer, op, false) < 0))
         rc = PIE_ENOMEM;
     pd->last_writer = op;
+    op->cp_old_fill = pd->fill;
     if (pd->fill < dst_off + n) pd->fill = dst_off + n;
+    op->cp_new_fill = pd->fill;
     pie__pool_copy_record(ctl, op->cp_src, src_off, op->cp_dst, dst_off, n);
     op_enqueue(c, op);
     if (rc < 0) pie__op_complete(ctl, op, PIE_ENOMEM);

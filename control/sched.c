@@ -133,6 +133,10 @@ static void rollback(pie_ctl *ctl, ctl_op *op)
         ctl_page *p = &ctl->pages[op->writes[w].page];
         if (p->fill == op->writes[w].new_fill) p->fill = op->writes[w].old_fill;
     }
+    if (op->kind == OP_COPY) {          /* a copy's one write: its dst */
+        ctl_page *p = &ctl->pages[op->cp_dst];
+        if (p->fill == op->cp_new_fill) p->fill = op->cp_old_fill;
+    }
 }
 
 static void client_unlink(ctl_op *op)

@@ -13,6 +13,7 @@ typedef struct fake {
     pie_model_config cfg;
     uint64_t        *kv;        /* (n_pages * page_size)                   */
     int32_t          delay_us;
+    int32_t          fail_copies;   /* the next this many copies fail     */
     fake_stats       st;
 } fake;
 
@@ -153,6 +154,10 @@ static int fake_copy(pie_backend *b, int32_t src, int32_t src_off, int32_t dst,
     if (src < 0 || dst < 0 || src >= b->n_pages || dst >= b->n_pages || n < 0 ||
         src_off < 0 || dst_off < 0 || src_off + n > ps || dst_off + n > ps)
         return pie_err_set(PIE_ERANGE, "fake: bad copy");
+    if (f->fail_copies > 0) {
+        f->fail_copies--;
+        return pie_err_set(PIE_EIO, "fake: copy failed (on demand)");
+    }
     memmove(f->kv + (size_t)dst * ps + dst_off, f->kv + (size_t)src * ps + src_off,
             n * sizeof(uint64_t));
     f->st.copies++;
@@ -209,3 +214,4 @@ int fake_backend_create(int32_t vocab, int32_t page_size, int32_t n_pages,
 
 fake_stats *fake_backend_stats(pie_backend *b) { return &((fake *)b)->st; }
 void fake_backend_set_delay(pie_backend *b, int32_t d) { ((fake *)b)->delay_us = d; }
+void fake_backend_fail_copies(pie_backend *b, int32_t n) { ((fake *)b)->fail_copies = n; }

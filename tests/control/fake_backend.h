@@ -33,6 +33,9 @@ int  fake_backend_create(int32_t vocab, int32_t page_size, int32_t n_pages,
                          int32_t delay_us, pie_backend **out);
 fake_stats *fake_backend_stats(pie_backend *b);
 void fake_backend_set_delay(pie_backend *b, int32_t delay_us);
+/* The next n copy_slots calls fail with PIE_EIO (set before the copies are
+ * submitted: the device thread reads it unlocked). */
+void fake_backend_fail_copies(pie_backend *b, int32_t n);
 /* The greedy next token after history[0..n) at positions 0..n-1. */
 int32_t fake_expected_next(const int32_t *history, int32_t n, int32_t vocab);
 uint64_t fake_mix(int32_t token, int32_t pos);

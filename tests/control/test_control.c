@@ -1094,6 +1094,51 @@ static void test_copy_fork(void)
     done_ctl(ctl, b);
 }
 
+/* A copy the device fails takes back the fill it raised at submit (the
+ * destination reads as before), and the next copy works: a branch over it
+ * continues the prompt exactly. */
+static void test_copy_failure(void)
+{
+    pie_backend *b;
+    pie_ctl *ctl = make_ctl(16, 0, NULL, &b);
+    pie_ctl_client *c;
+    CHECK_OK(pie_ctl_client_open(ctl, NULL, &c));
+    uint32_t h[3];
+    CHECK_OK(pie_ctl_page_alloc(c, 3, 0, h));
+    int32_t prompt[6], fill = -1;
+    make_prompt(prompt, 6, 5);
+    pie_ctl_future *f;
+    CHECK_OK(fwd(c, prompt, 6, 0, h, NULL, &f));
+    wait_token(f);
+    pie_ctl_future_release(f);
+    fake_backend_fail_copies(b, 1);
+    CHECK_OK(pie_ctl_page_copy(c, h[1], 0, h[2], 0, 2));
+    CHECK_OK(pie_ctl_page_fill(c, h[2], &fill));
+    CHECK(fill == 0 || fill == 2, "fill %d while the copy runs", fill);
+    for (int k = 0; k < 5000 && fill != 0; k++) {     /* up to 5 s */
+        usleep(1000);
+        CHECK_OK(pie_ctl_page_fill(c, h[2], &fill));
+    }
+    CHECK(fill == 0, "fill %d after a failed copy, expected 0", fill);
+    CHECK_OK(pie_ctl_page_copy(c, h[1], 0, h[2], 0, 2));
+    CHECK_OK(pie_ctl_page_fill(c, h[2], &fill));
+    CHECK(fill == 2, "fill %d after the next copy", fill);
+    /* a branch over the copied page (ordered after the copy) continues
+     * the prompt exactly */
+    uint32_t br[2] = { h[0], h[2] };
+    int32_t y = 44, hist[7];
+    CHECK_OK(fwd(c, &y, 1, 6, br, NULL, &f));
+    memcpy(hist, prompt, sizeof prompt);
+    hist[6] = y;
+    CHECK(wait_token(f) == fake_expected_next(hist, 7, VOCAB),
+          "branch after a failed then a good copy");
+    pie_ctl_future_release(f);
+    pie_ctl_client_close(c);
+    printf("copy failure: the destination's fill is taken back; the next "
+           "copy works\n");
+    done_ctl(ctl, b);
+}
+
 int main(void)
 {
     test_generate_alone();
@@ -1114,5 +1159,6 @@ int main(void)
     test_rows_and_masks();
     test_bad_input();
     test_copy_fork();
+    test_copy_failure();
     TEST_DONE();
 }
