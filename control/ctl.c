@@ -583,7 +583,12 @@ int pie_ctl_page_copy(pie_ctl_client *c, uint32_t src, int32_t src_off,
                            "%d does not fit pages of %d", n, src_off, dst_off,
                            ps);
     ctl_op *op = calloc(1, sizeof *op);
-    if (!op) return pie_err_set(PIE_ENOMEM, "control: out of memory");
+    ctl_write *wr = malloc(sizeof *wr);   /* its one write: dst's fill */
+    if (!op || !wr) {
+        free(op), free(wr);
+        return pie_err_set(PIE_ENOMEM, "control: out of memory");
+    }
+    op->writes = wr;
     pthread_cond_init(&op->cv, NULL);
     op->kind = OP_COPY;
     op->ctl = ctl;
@@ -605,6 +610,7 @@ int pie_ctl_page_copy(pie_ctl_client *c, uint32_t src, int32_t src_off,
     if (rc < 0) {
         pthread_mutex_unlock(&ctl->mu);
         pthread_cond_destroy(&op->cv);
+        free(op->writes);
         free(op);
         return rc;
     }
@@ -618,9 +624,10 @@ int pie_ctl_page_copy(pie_ctl_client *c, uint32_t src, int32_t src_off,
         (pd->last_writer && add_dep(pd->last_writer, op, false) < 0))
         rc = PIE_ENOMEM;
     pd->last_writer = op;
-    op->cp_old_fill = pd->fill;
-    if (pd->fill < dst_off + n) pd->fill = dst_off + n;
-    op->cp_new_fill = pd->fill;
+    op->writes[op->n_writes++] = (ctl_write){
+        .page = op->cp_dst, .old_fill = pd->fill,
+        .new_fill = pd->fill > dst_off + n ? pd->fill : dst_off + n };
+    pd->fill = op->writes[0].new_fill;
     pie__pool_copy_record(ctl, op->cp_src, src_off, op->cp_dst, dst_off, n);
     op_enqueue(c, op);
     if (rc < 0) pie__op_complete(ctl, op, PIE_ENOMEM);

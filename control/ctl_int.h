@@ -97,7 +97,6 @@ struct ctl_op {
     pie_forward_out out;             /* results, rows in op order           */
     /* copy */
     int32_t         cp_src, cp_src_off, cp_dst, cp_dst_off, cp_n;
-    int32_t         cp_old_fill, cp_new_fill;   /* dst's fill, for rollback */
 };
 
 typedef struct ctl_entry {       /* one op's slice in a batch              */

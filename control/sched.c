@@ -133,10 +133,6 @@ static void rollback(pie_ctl *ctl, ctl_op *op)
         ctl_page *p = &ctl->pages[op->writes[w].page];
         if (p->fill == op->writes[w].new_fill) p->fill = op->writes[w].old_fill;
     }
-    if (op->kind == OP_COPY) {          /* a copy's one write: its dst */
-        ctl_page *p = &ctl->pages[op->cp_dst];
-        if (p->fill == op->cp_new_fill) p->fill = op->cp_old_fill;
-    }
 }
 
 static void client_unlink(ctl_op *op)
@@ -187,8 +183,6 @@ void pie__op_complete(pie_ctl *ctl, ctl_op *op, int status)
     for (int32_t w = 0; w < op->n_writes; w++)
         if (ctl->pages[op->writes[w].page].last_writer == op)
             ctl->pages[op->writes[w].page].last_writer = NULL;
-    if (op->kind == OP_COPY && ctl->pages[op->cp_dst].last_writer == op)
-        ctl->pages[op->cp_dst].last_writer = NULL;
     if (status == 0 && op->kind == OP_FORWARD) pie__pool_dedup(ctl, op);
     for (int32_t i = 0; i < op->n_pages; i++) pie__page_unref(ctl, op->pages[i]);
     op->n_pages = 0;

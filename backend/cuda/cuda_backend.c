@@ -426,8 +426,8 @@ static int plan_dec_cluster(cuda_backend *c, int mid)
                                             c->dec_blocks, c->dec_cluster_max,
                                             force);
     if (C <= 0) return 0;
-    if (pie_cuda_dec_cluster_pad_switch() >= 0)
-        c->dec_cluster_pad = pie_cuda_dec_cluster_pad_switch();
+    int pad = pie_cuda_dec_cluster_pad_switch();
+    if (pad >= 0) c->dec_cluster_pad = pad;
     pie_cuda_dec_plan_cluster(c->gitems, n, C, c->pieces);
     c->n_pieces = n * C;
     c->n_dmerges = 0;

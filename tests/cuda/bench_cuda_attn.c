@@ -108,8 +108,8 @@ static void run(int hd, int B, int L, int mma)
     int cpad = 0;
     if (mma && !clus && !whole && force <= 0)     /* batches of about 5-16 */
         clus = pie_cuda_dec_cluster_mid(it, ni, sm, nb, hd, cmax, cforce, &cpad);
-    if (clus && pie_cuda_dec_cluster_pad_switch() >= 0)
-        cpad = pie_cuda_dec_cluster_pad_switch();
+    int pad = pie_cuda_dec_cluster_pad_switch();
+    if (clus && pad >= 0) cpad = pad;
     if (clus) {
         pie_cuda_dec_plan_cluster(it, ni, clus, pc);
         npc = ni * clus;
