@@ -250,6 +250,10 @@ ctl_handle *pie__handle_get(pie_ctl_client *c, uint32_t h);
 void pie__client_drop_pages(pie_ctl_client *c);
 /* Records the content of slots written by a staged chunk. */
 void pie__pool_record(pie_ctl *ctl, ctl_op *op, int32_t tok0, int32_t ntok);
+/* A staged chunk did not run (its batch failed, or it was unstaged): forgets
+ * what pie__pool_record recorded for its slots. */
+void pie__pool_forget(pie_ctl *ctl, const ctl_op *op, int32_t tok0,
+                      int32_t ntok);
 /* After a forward completed: hashes pages it filled, merges duplicates. */
 void pie__pool_dedup(pie_ctl *ctl, ctl_op *op);
 void pie__pool_copy_record(pie_ctl *ctl, int32_t src, int32_t src_off,

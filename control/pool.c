@@ -36,7 +36,12 @@
  * there: token, position, a hash of the token's attention mask (0 = causal)
  * and the chain hash of the pages before it in the writer's page list
  * ("prefix"). Writing slot s forgets slots above s (their KV was computed
- * against the old content).
+ * against the old content). Records are made when a chunk is staged, so
+ * until it completes they describe KV not yet computed: a chunk that does
+ * not run (its batch fails, or it is unstaged to be cancelled) has its
+ * slots forgotten (pie__pool_forget; the KV there may be half written, so
+ * neither the new nor the old record is true), and no page is hashed
+ * while a forward that writes it is pending (last_writer set).
  *
  * Dedup. When a forward completes and leaves a page full with every slot
  * known and one common prefix, the page gets the chained hash
@@ -780,6 +785,18 @@ void pie__pool_record(pie_ctl *ctl, ctl_op *op, int32_t tok0, int32_t ntok)
     }
 }
 
+void pie__pool_forget(pie_ctl *ctl, const ctl_op *op, int32_t tok0,
+                      int32_t ntok)
+{
+    if (ctl->o.no_dedup) return;
+    int32_t ps = ctl->ps, s0 = op->kv_len - op->n_tokens + tok0;
+    int32_t k0 = s0 / ps, k1 = (s0 + ntok - 1) / ps;
+    /* slots s0.. of its first page, all of the others (pie__pool_record
+     * already forgot those above the chunk) */
+    for (int32_t k = k0; k <= k1; k++)
+        page_touch(ctl, op->pages[k], k == k0 ? s0 % ps : 0);
+}
+
 void pie__pool_copy_record(pie_ctl *ctl, int32_t src, int32_t src_off,
                            int32_t dst, int32_t dst_off, int32_t n)
 {
@@ -835,7 +852,9 @@ static void merge(pie_ctl *ctl, int32_t page, int32_t twin)
 
 /* Walks op's page list in order extending the chain hash; pages that are
  * full and consistent get hashed; a hashed page that has an identical twin
- * in the table and a single owner handle is merged into the twin. */
+ * in the table and a single owner handle is merged into the twin. Stops at
+ * a page that another pending forward writes: once staged, its records
+ * describe KV not computed yet (see the file header). */
 void pie__pool_dedup(pie_ctl *ctl, ctl_op *op)
 {
     if (ctl->o.no_dedup) return;
@@ -846,7 +865,7 @@ void pie__pool_dedup(pie_ctl *ctl, ctl_op *op)
         ctl_page *p = &ctl->pages[page];
         if (p->hashed) {
             if (p->prefix != h) return;
-        } else if (!page_hash(ctl, page, h, ident)) {
+        } else if (p->last_writer || !page_hash(ctl, page, h, ident)) {
             return;
         }
         h = p->hash;

@@ -127,6 +127,9 @@ void pie__make_ready(pie_ctl *ctl, ctl_op *op)
     pie__ready_insert(ctl, op);
 }
 
+/* Takes back the fills op raised. Slot records are not fills: those of a
+ * chunk that did not run are forgotten where it stops (entry_complete,
+ * pie__unstage_all); those of the chunks that ran describe computed KV. */
 static void rollback(pie_ctl *ctl, ctl_op *op)
 {
     for (int32_t w = op->n_writes - 1; w >= 0; w--) {
@@ -414,10 +417,33 @@ static int32_t chunk_len(pie_ctl *ctl, const ctl_op *op, int32_t budget)
     return n < budget ? n : budget;
 }
 
+/*
+ * batch_append found no memory for op in B. With other requests in B, op
+ * goes back to the ready list: B launches, and its completion runs the
+ * scheduler again, which retries op (in an emptier batch). Alone in B,
+ * nothing would run the scheduler for it again, and a retry would ask for
+ * the same memory: op fails with PIE_ENOMEM now. Returns true when it
+ * failed op (its completion may have readied others anywhere in the lists).
+ */
+static bool append_failed(pie_ctl *ctl, ctl_batch *B, ctl_op *op)
+{
+    if (B->n_reqs > 0) {
+        pie__ready_insert(ctl, op);
+        return false;
+    }
+    fprintf(stderr, "pie: control: a forward of %d tokens and %d outputs "
+            "fails with ENOMEM: %s, even alone\n",
+            op->n_tokens - op->done_tokens, op->n_outputs, pie_err_msg());
+    op->state = OP_WAITING;     /* neither ready nor staged */
+    pie__op_complete(ctl, op, PIE_ENOMEM);
+    return true;
+}
+
 /* Moves ready ops into B within the limits. */
 static void stage_ready(pie_ctl *ctl, ctl_batch *B)
 {
     int32_t ps = ctl->ps;
+again:
     for (int p = 0; p < CTL_N_PRIO; p++) {
         ctl_op *op = ctl->ready[p];
         while (op) {
@@ -443,8 +469,7 @@ static void stage_ready(pie_ctl *ctl, ctl_batch *B)
                 ready_remove(ctl, op);
                 op->state = OP_STAGED;
                 if (batch_append(ctl, B, op, t0, n) < 0) {
-                    op->state = OP_READY;
-                    pie__ready_insert(ctl, op);
+                    if (append_failed(ctl, B, op)) goto again;
                     return;
                 }
             } else if (budget <= 0) {
@@ -459,7 +484,11 @@ static void stage_ready(pie_ctl *ctl, ctl_batch *B)
 void pie__unstage_all(pie_ctl *ctl)
 {
     ctl_batch *B = ctl->staging;
-    for (int32_t i = 0; i < B->n_reqs; i++) pie__ready_insert(ctl, B->ents[i].op);
+    for (int32_t i = 0; i < B->n_reqs; i++) {
+        ctl_entry *e = &B->ents[i];
+        pie__pool_forget(ctl, e->op, e->tok0, e->ntok);   /* never ran */
+        pie__ready_insert(ctl, e->op);
+    }
     for (int32_t i = 0; i < B->n_copies; i++) pie__ready_insert(ctl, B->copies[i]);
     batch_reset(B);
 }
@@ -512,6 +541,7 @@ static void entry_complete(pie_ctl *ctl, ctl_batch *B, ctl_entry *e)
     }
     op->state = OP_WAITING;     /* neither staged nor running any more */
     if (B->rc < 0) {
+        pie__pool_forget(ctl, op, e->tok0, e->ntok);   /* KV not computed */
         pie__op_complete(ctl, op, B->rc);
     } else if (op->cancel_req) {
         pie__op_complete(ctl, op, PIE_ECANCELED);
@@ -585,6 +615,7 @@ static void *sched_main(void *arg)
             launch(ctl);
             continue;
         }
+        if (ctl->notify) continue;   /* staging failed an op: callbacks */
         if (ctl->stop && !ctl->running) break;
         pthread_cond_wait(&ctl->sched_cv, &ctl->mu);
     }

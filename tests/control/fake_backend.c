@@ -1,6 +1,7 @@
 /* fake_backend.c — see fake_backend.h. */
 #include "tests/control/fake_backend.h"
 
+#include <stdatomic.h>
 #include <stdio.h>
 #include <stdlib.h>
 #include <string.h>
@@ -14,6 +15,7 @@ typedef struct fake {
     uint64_t        *kv;        /* (n_pages * page_size)                   */
     int32_t          delay_us;
     int32_t          fail_copies;   /* the next this many copies fail     */
+    atomic_int       fail_forwards; /* the next this many forwards fail   */
     fake_stats       st;
 } fake;
 
@@ -99,13 +101,36 @@ static void write_row(fake *f, const pie_forward_batch *bt, pie_forward_out *out
     out->tokens[o] = tok;
 }
 
+/* A forward failed on demand: writes the KV of the first half of each
+ * request's new tokens, then fails (see fake_backend_fail_forwards). */
+static int fail_forward(fake *f, const pie_forward_batch *bt)
+{
+    int32_t ps = f->b.page_size;
+    for (int32_t r = 0; r < bt->n_reqs; r++) {
+        const int32_t *pg = bt->kv_page_indices + bt->kv_page_indptr[r];
+        int32_t np = bt->kv_page_indptr[r + 1] - bt->kv_page_indptr[r];
+        int32_t kv_len = (np - 1) * ps + bt->kv_last_page_len[r];
+        int32_t t0 = bt->qo_indptr[r], n = bt->qo_indptr[r + 1] - t0;
+        for (int32_t i = 0; i < n / 2; i++) {
+            int32_t s = kv_len - n + i;
+            f->kv[(size_t)pg[s / ps] * ps + s % ps] =
+                fake_mix(bt->token_ids[t0 + i], bt->positions[t0 + i]);
+        }
+    }
+    f->st.failed++;
+    return pie_err_set(PIE_EIO, "fake: forward failed (on demand)");
+}
+
 static int fake_forward(pie_backend *b, const pie_forward_batch *bt,
                         pie_forward_out *out)
 {
     fake *f = (fake *)b;
     int rc = pie_batch_validate(bt, f->cfg.vocab_size, b->page_size, b->n_pages);
     if (rc < 0) return rc;
+    bool fail = atomic_load(&f->fail_forwards) > 0;   /* read at the start */
+    if (fail) atomic_fetch_sub(&f->fail_forwards, 1);
     if (f->delay_us) usleep(f->delay_us);
+    if (fail) return fail_forward(f, bt);
     int32_t ps = b->page_size;
     uint64_t *state = calloc(bt->n_tokens + 1, sizeof *state);
     if (!state) return pie_err_set(PIE_ENOMEM, "fake: oom");
@@ -215,3 +240,7 @@ int fake_backend_create(int32_t vocab, int32_t page_size, int32_t n_pages,
 fake_stats *fake_backend_stats(pie_backend *b) { return &((fake *)b)->st; }
 void fake_backend_set_delay(pie_backend *b, int32_t d) { ((fake *)b)->delay_us = d; }
 void fake_backend_fail_copies(pie_backend *b, int32_t n) { ((fake *)b)->fail_copies = n; }
+void fake_backend_fail_forwards(pie_backend *b, int32_t n)
+{
+    atomic_store(&((fake *)b)->fail_forwards, n);
+}

@@ -25,6 +25,7 @@ typedef struct fake_stats {
     int64_t total_reqs;
     int64_t total_tokens;
     int32_t copies;
+    int32_t failed;         /* forward calls failed on demand               */
     int32_t log[4096];      /* requests per call, first 4096 calls          */
 } fake_stats;
 
@@ -36,6 +37,12 @@ void fake_backend_set_delay(pie_backend *b, int32_t delay_us);
 /* The next n copy_slots calls fail with PIE_EIO (set before the copies are
  * submitted: the device thread reads it unlocked). */
 void fake_backend_fail_copies(pie_backend *b, int32_t n);
+/* The next n forward calls fail with PIE_EIO and produce no outputs, after
+ * writing the KV of the first half (rounded down) of each request's new
+ * tokens: as a device that faults midway leaves the KV partly written. A
+ * call reads this when it starts (atomically: it may be set while another
+ * forward runs, which then still succeeds). */
+void fake_backend_fail_forwards(pie_backend *b, int32_t n);
 /* The greedy next token after history[0..n) at positions 0..n-1. */
 int32_t fake_expected_next(const int32_t *history, int32_t n, int32_t vocab);
 uint64_t fake_mix(int32_t token, int32_t pos);

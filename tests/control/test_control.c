@@ -3,9 +3,12 @@
  * (fake_backend.h). Expected tokens come from fake_expected_next(), which
  * computes the fake model's function from a plain token history with no
  * pages, batches or scheduler: every mistake in batching, paging, chaining,
- * chunking or dedup shows up as a wrong token.
+ * chunking or dedup shows up as a wrong token. Failures are injected on
+ * demand: forwards and copies in the fake backend, reallocs through a
+ * linker wrap (test_batch_oom). `test_control NAME...` runs named tests.
  */
 #include <pthread.h>
+#include <stdatomic.h>
 #include <stdlib.h>
 #include <string.h>
 #include <time.h>
@@ -1139,26 +1142,343 @@ static void test_copy_failure(void)
     done_ctl(ctl, b);
 }
 
-int main(void)
+/* ---- forwards that do not complete ----------------------------------- */
+
+/* 3 greedy tokens after prompt from a fresh generation (its own client and
+ * pages; prefix caching applies) must equal the reference. */
+static void check_fresh(pie_ctl *ctl, const int32_t *prompt, int32_t np,
+                        const char *what)
 {
-    test_generate_alone();
-    test_chained();
-    test_generate_mixed();
-    test_quotas();
-    test_admission();
-    test_priority();
-    test_cancel();
-    test_close_pending();
-    test_exports();
-    test_dedup();
-    test_prefix_cache_lru();
-    test_persist();
-    test_suspend();
-    test_fcfs();
-    test_chunked_prefill();
-    test_rows_and_masks();
-    test_bad_input();
-    test_copy_fork();
-    test_copy_failure();
+    int32_t want[3], got[3], n = 0;
+    reference(prompt, np, 3, want);
+    pie_ctl_gen_opts o = { .prompt = prompt, .n_prompt = np, .max_tokens = 3,
+                           .timeout_ms = 1000 };
+    CHECK_OK(pie_ctl_generate(ctl, &o, got, 3, &n));
+    CHECK(n == 3, "%s: %d tokens", what, n);
+    check_same(want, got, 3, what);
+}
+
+/* The rewrite tests. c computes prompt T (8 tokens) into pages h[0..1]:
+ * both full, so hashed and in the dedup table. U is T with tokens 1..3
+ * changed: what a rewrite of slots 1..3 of h[0] writes (rewrite()). */
+static void rewrite_setup(pie_ctl_client *c, uint32_t *h, int32_t *T,
+                          int32_t *U)
+{
+    CHECK_OK(pie_ctl_page_alloc(c, 3, 0, h));
+    make_prompt(T, 8, 31);
+    memcpy(U, T, 8 * sizeof *T);
+    for (int32_t i = 1; i < 4; i++) U[i] = (T[i] + 100 + i) % VOCAB;
+    pie_ctl_future *f;
+    CHECK_OK(fwd(c, T, 8, 0, h, NULL, &f));
+    wait_token(f);
+    pie_ctl_future_release(f);
+}
+
+static int rewrite(pie_ctl_client *c, const uint32_t *h, const int32_t *U,
+                   pie_ctl_future **f)
+{
+    return fwd(c, U + 1, 3, 1, h, NULL, f);
+}
+
+/* After a rewrite of h[0] that did not complete: c goes on from h[0] into
+ * h[2] -- a forward that succeeds, so its completion hashes the full
+ * pages of its list -- then fresh prompts starting with U's and with T's
+ * first page must continue exactly. h[0] holds T but U[1] after a failed
+ * rewrite (the fake wrote half of it), T after a cancelled one: the
+ * rewrite's record (U) is never true of it, nor, after a failure, the
+ * record from before (T). */
+static void check_after_lost_rewrite(pie_ctl *ctl, pie_ctl_client *c,
+                                     const uint32_t *h, const int32_t *T,
+                                     const int32_t *U, const char *what)
+{
+    uint32_t pages[2] = { h[0], h[2] };
+    int32_t x = 7;
+    pie_ctl_future *f;
+    CHECK_OK(fwd(c, &x, 1, 4, pages, NULL, &f));
+    wait_token(f);
+    pie_ctl_future_release(f);
+    char msg[128];
+    snprintf(msg, sizeof msg, "%s: a prompt starting with the rewrite's "
+             "page", what);
+    check_fresh(ctl, U, 6, msg);
+    snprintf(msg, sizeof msg, "%s: a prompt starting with the page before "
+             "the rewrite", what);
+    check_fresh(ctl, T, 6, msg);
+}
+
+/* A forward the device fails leaves no slot content recorded for the slots
+ * it was to write: no prefix match reuses them; retried, it works. */
+static void test_forward_failure(void)
+{
+    pie_backend *b;
+    pie_ctl *ctl = make_ctl(32, 0, NULL, &b);
+    pie_ctl_client *c;
+    CHECK_OK(pie_ctl_client_open(ctl, NULL, &c));
+    uint32_t h[3];
+    int32_t T[8], U[8], fill = -1;
+    rewrite_setup(c, h, T, U);
+    fake_backend_fail_forwards(b, 1);
+    pie_ctl_future *f;
+    CHECK_OK(rewrite(c, h, U, &f));
+    int rc = pie_ctl_future_wait(f, 10000);
+    CHECK(rc == PIE_EIO, "failed rewrite completed with %d, expected %d", rc,
+          PIE_EIO);
+    pie_ctl_future_release(f);
+    CHECK_OK(pie_ctl_page_fill(c, h[0], &fill));
+    CHECK(fill == PS, "fill %d after a failed rewrite of a full page", fill);
+    check_after_lost_rewrite(ctl, c, h, T, U, "after a failed forward");
+    /* retried, the rewrite succeeds and c continues U exactly */
+    CHECK_OK(rewrite(c, h, U, &f));
+    wait_token(f);
+    pie_ctl_future_release(f);
+    uint32_t pages[2] = { h[0], h[2] };
+    int32_t x = 7, hist[5] = { U[0], U[1], U[2], U[3], 7 };
+    CHECK_OK(fwd(c, &x, 1, 4, pages, NULL, &f));
+    int32_t got = wait_token(f), want = fake_expected_next(hist, 5, VOCAB);
+    pie_ctl_future_release(f);
+    CHECK(got == want, "after the retried rewrite: expected %d, got %d", want,
+          got);
+    CHECK(fake_backend_stats(b)->failed == 1, "%d forwards failed",
+          fake_backend_stats(b)->failed);
+    pie_ctl_client_close(c);
+    printf("forward failure: the slots it did not compute are not reused by "
+           "prefix matches; the retry continues exactly\n");
+    done_ctl(ctl, b);
+}
+
+/* A forward cancelled while staged (recorded, never run) likewise. */
+static void test_cancel_staged(void)
+{
+    pie_backend *b;
+    pie_ctl *ctl = make_ctl(32, 0, NULL, &b);
+    pie_ctl_client *c, *z;
+    CHECK_OK(pie_ctl_client_open(ctl, NULL, &c));
+    CHECK_OK(pie_ctl_client_open(ctl, NULL, &z));
+    uint32_t h[3], hz[1];
+    int32_t T[8], U[8], tok = 5;
+    rewrite_setup(c, h, T, U);
+    CHECK_OK(pie_ctl_page_alloc(z, 1, 0, hz));
+    int32_t calls0 = fake_backend_stats(b)->calls;
+    fake_backend_set_delay(b, 100000);          /* the device is idle */
+    pie_ctl_future *fz, *f;
+    CHECK_OK(fwd(z, &tok, 1, 0, hz, NULL, &fz));   /* occupies the device */
+    usleep(20000);
+    CHECK_OK(rewrite(c, h, U, &f));                /* staged behind it */
+    usleep(20000);
+    pie_ctl_future_cancel(f);
+    int rc = pie_ctl_future_wait(f, 10000);
+    CHECK(rc == PIE_ECANCELED, "cancelled rewrite completed with %d", rc);
+    pie_ctl_future_release(f);
+    wait_token(fz);
+    pie_ctl_future_release(fz);
+    fake_backend_set_delay(b, 0);
+    CHECK(fake_backend_stats(b)->calls == calls0 + 1, "%d forwards ran, "
+          "expected 1 (the cancelled rewrite must not)",
+          fake_backend_stats(b)->calls - calls0);
+    check_after_lost_rewrite(ctl, c, h, T, U, "after a cancelled forward");
+    pie_ctl_client_close(c);
+    pie_ctl_client_close(z);
+    printf("cancel while staged: the slots it did not compute are not reused "
+           "by prefix matches\n");
+    done_ctl(ctl, b);
+}
+
+/* While a rewrite of a page is staged or running, the page's slot records
+ * already describe the rewrite: the completion of another forward over the
+ * page (here: one that ran just before it) must not hash it, or a prompt
+ * submitted meanwhile matches it, keeps it, and reads whatever the rewrite
+ * left -- here a failed one. */
+static void test_rewrite_in_flight(void)
+{
+    pie_backend *b;
+    pie_ctl *ctl = make_ctl(32, 0, NULL, &b);
+    pie_ctl_client *c, *d;
+    CHECK_OK(pie_ctl_client_open(ctl, NULL, &c));
+    CHECK_OK(pie_ctl_client_open(ctl, NULL, &d));
+    uint32_t h[3], hd[2];
+    int32_t T[8], U[8], x = 7;
+    rewrite_setup(c, h, T, U);
+    CHECK_OK(pie_ctl_page_alloc(d, 2, 0, hd));
+    fake_backend_set_delay(b, 100000);          /* the device is idle */
+    uint32_t pages[2] = { h[0], h[2] };
+    pie_ctl_future *fy, *fa, *fm;
+    CHECK_OK(fwd(c, &x, 1, 4, pages, NULL, &fy));  /* reads h[0]: runs */
+    usleep(20000);
+    fake_backend_fail_forwards(b, 1);              /* the next one to start */
+    CHECK_OK(rewrite(c, h, U, &fa));               /* staged behind it */
+    wait_token(fy);             /* its completion walked h[0]; fa now runs */
+    CHECK_OK(fwd(d, U, 6, 0, hd, NULL, &fm));
+    int rc = pie_ctl_future_wait(fa, 10000);
+    CHECK(rc == PIE_EIO, "failed rewrite completed with %d", rc);
+    int32_t got = wait_token(fm), want = fake_expected_next(U, 6, VOCAB);
+    CHECK(got == want, "a prompt submitted while a rewrite of its first page "
+          "ran: expected %d, got %d", want, got);
+    pie_ctl_future_release(fy);
+    pie_ctl_future_release(fa);
+    pie_ctl_future_release(fm);
+    fake_backend_set_delay(b, 0);
+    pie_ctl_client_close(c);
+    pie_ctl_client_close(d);
+    printf("rewrite in flight: its page is not hashed until it completes\n");
+    done_ctl(ctl, b);
+}
+
+/* test_control links with -Wl,--wrap=realloc (CMakeLists.txt): every
+ * realloc in the binary, the control layer's included, comes here. While
+ * fail_realloc_over is nonzero, a request for more bytes than that fails,
+ * as the allocator does when memory runs out. The scheduler grows its
+ * batch arrays with realloc only (batch_reserve, control/sched.c), so a
+ * forward that needs big ones cannot be staged. */
+static atomic_size_t fail_realloc_over;
+void *__real_realloc(void *p, size_t n);
+void *__wrap_realloc(void *p, size_t n);
+void *__wrap_realloc(void *p, size_t n)
+{
+    size_t lim = atomic_load(&fail_realloc_over);
+    if (lim > 0 && n > lim) return NULL;
+    return __real_realloc(p, n);
+}
+
+static void note_status(void *user, pie_ctl_future *f, int status)
+{
+    (void)f;
+    atomic_store((atomic_int *)user, status);
+}
+
+/* Waits up to 5 s for note_status to report (st starts at 1). */
+static int wait_status(atomic_int *st)
+{
+    for (int k = 0; k < 5000 && atomic_load(st) == 1; k++) usleep(1000);
+    return atomic_load(st);
+}
+
+/* A forward of one token (position 0 of page h) with 64 logits probes:
+ * 64 * VOCAB output values, 256 KiB of batch arrays; calls note_status
+ * with st unless st is NULL. */
+static void big_fwd(pie_ctl_client *c, uint32_t h, atomic_int *st,
+                    pie_ctl_future **out)
+{
+    int32_t tok = 3, pos = 0, oi[64] = { 0 };
+    pie_sampler s[64];
+    for (int i = 0; i < 64; i++)
+        s[i] = (pie_sampler){ .kind = PIE_PROBE_LOGITS };
+    pie_ctl_forward f = { .n_tokens = 1, .tokens = &tok, .positions = &pos,
+                          .n_pages = 1, .pages = &h, .last_page_len = 1,
+                          .n_outputs = 64, .output_idx = oi, .samplers = s };
+    if (st) atomic_store(st, 1);
+    CHECK_OK(pie_ctl_forward_submit(c, &f, st ? note_status : NULL, st, out));
+}
+
+/* A forward whose batch cannot be allocated fails with PIE_ENOMEM (future
+ * and callback) instead of waiting forever, alone or behind others; the
+ * scheduler goes on. */
+static void test_batch_oom(void)
+{
+    pie_backend *b;
+    pie_ctl *ctl = make_ctl(16, 0, NULL, &b);
+    pie_ctl_client *c;
+    CHECK_OK(pie_ctl_client_open(ctl, NULL, &c));
+    uint32_t h[4];
+    CHECK_OK(pie_ctl_page_alloc(c, 4, 0, h));
+    atomic_int st;
+    int32_t tok = 9, want = fake_expected_next(&tok, 1, VOCAB);
+    pie_ctl_future *fx, *fz, *fs;
+    atomic_store(&fail_realloc_over, 128 << 10);
+    /* alone in the batch: nothing else would wake the scheduler for it */
+    big_fwd(c, h[0], &st, &fx);
+    int rc = pie_ctl_future_wait(fx, 3000);
+    CHECK(rc == PIE_ENOMEM, "a forward whose batch cannot be allocated, "
+          "alone: %d%s, expected PIE_ENOMEM", rc,
+          rc == PIE_EAGAIN ? " (stalled for 3 s)" : "");
+    rc = wait_status(&st);
+    CHECK(rc == PIE_ENOMEM, "its callback reported %d", rc);
+    pie_ctl_future_release(fx);
+    /* the scheduler goes on under the same limit: a forward that its
+     * failure makes ready (ordered after it: all three write page h[0])
+     * runs; no callbacks here, so no completion wakes the scheduler */
+    fake_backend_set_delay(b, 50000);            /* the device is idle */
+    CHECK_OK(fwd(c, &tok, 1, 0, &h[0], NULL, &fz));  /* occupies the device */
+    big_fwd(c, h[0], NULL, &fx);
+    CHECK_OK(fwd(c, &tok, 1, 0, &h[0], NULL, &fs));
+    rc = pie_ctl_future_wait(fx, 3000);
+    CHECK(rc == PIE_ENOMEM, "the failing forward, ordered: %d", rc);
+    rc = pie_ctl_future_wait(fs, 3000);
+    CHECK(rc == 0, "the forward ordered after the failed one: %d%s", rc,
+          rc == PIE_EAGAIN ? " (stalled for 3 s)" : "");
+    CHECK(wait_token(fs) == want, "the forward ordered after the failed one");
+    CHECK(wait_token(fz) == want, "the forward before both");
+    pie_ctl_future_release(fx);
+    pie_ctl_future_release(fs);
+    pie_ctl_future_release(fz);
+    /* behind a small forward staged with it while the device is busy */
+    CHECK_OK(fwd(c, &tok, 1, 0, &h[2], NULL, &fz));  /* occupies the device */
+    usleep(10000);
+    CHECK_OK(fwd(c, &tok, 1, 0, &h[3], NULL, &fs));
+    big_fwd(c, h[0], &st, &fx);
+    rc = pie_ctl_future_wait(fx, 3000);
+    CHECK(rc == PIE_ENOMEM, "a forward whose batch cannot be allocated, "
+          "behind another: %d%s, expected PIE_ENOMEM", rc,
+          rc == PIE_EAGAIN ? " (stalled for 3 s)" : "");
+    rc = wait_status(&st);
+    CHECK(rc == PIE_ENOMEM, "its callback reported %d", rc);
+    CHECK(wait_token(fs) == want, "the forward staged with it");
+    CHECK(wait_token(fz) == want, "the forward before it");
+    pie_ctl_future_release(fx);
+    pie_ctl_future_release(fs);
+    pie_ctl_future_release(fz);
+    fake_backend_set_delay(b, 0);                /* idle again */
+    /* with memory back, the same forward runs */
+    atomic_store(&fail_realloc_over, 0);
+    big_fwd(c, h[0], &st, &fx);
+    CHECK_OK(pie_ctl_future_wait(fx, 5000));
+    CHECK(wait_status(&st) == 0, "callback of the forward that ran");
+    pie_ctl_future_release(fx);
+    pie_ctl_stats s;
+    pie_ctl_get_stats(ctl, &s);
+    CHECK(s.failed == 3, "%llu forwards failed, expected 3",
+          (unsigned long long)s.failed);
+    pie_ctl_client_close(c);
+    printf("batch out of memory: the forward fails with PIE_ENOMEM, alone or "
+           "behind others; the scheduler goes on\n");
+    done_ctl(ctl, b);
+}
+
+static const struct { const char *name; void (*fn)(void); } tests[] = {
+    { "generate_alone", test_generate_alone },
+    { "chained", test_chained },
+    { "generate_mixed", test_generate_mixed },
+    { "quotas", test_quotas },
+    { "admission", test_admission },
+    { "priority", test_priority },
+    { "cancel", test_cancel },
+    { "close_pending", test_close_pending },
+    { "exports", test_exports },
+    { "dedup", test_dedup },
+    { "prefix_cache_lru", test_prefix_cache_lru },
+    { "persist", test_persist },
+    { "suspend", test_suspend },
+    { "fcfs", test_fcfs },
+    { "chunked_prefill", test_chunked_prefill },
+    { "rows_and_masks", test_rows_and_masks },
+    { "bad_input", test_bad_input },
+    { "copy_fork", test_copy_fork },
+    { "copy_failure", test_copy_failure },
+    { "forward_failure", test_forward_failure },
+    { "cancel_staged", test_cancel_staged },
+    { "rewrite_in_flight", test_rewrite_in_flight },
+    { "batch_oom", test_batch_oom },
+};
+
+/* test_control [NAME...]: the named tests, or all of them in order. */
+int main(int argc, char **argv)
+{
+    int32_t n = (int32_t)(sizeof tests / sizeof tests[0]);
+    for (int a = 1; a < argc; a++) {
+        int32_t k = 0;
+        while (k < n && strcmp(tests[k].name, argv[a]) != 0) k++;
+        CHECK(k < n, "no test named '%s'", argv[a]);
+        tests[k].fn();
+    }
+    for (int32_t k = 0; argc == 1 && k < n; k++) tests[k].fn();
     TEST_DONE();
 }
