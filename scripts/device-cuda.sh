@@ -53,8 +53,8 @@
 #           default
 #   steps   decode steps' host planning, GPU span and time between forwards
 #           (PIE_CUDA_STEPS=1) at four shapes
-#   clpad   small-batch cluster plans at one block an SM
-#           (PIE_CUDA_DEC_CLUSTER_PAD=1) against the default, alternating
+#   envab   a setting (ENVAB="VAR=value ...") against the default in this
+#           build, alternating (ENVAB_CFGS="model B ctx steps,...")
 #   long    batch 16 at long contexts (ctx 2048-16384): decode attention and
 #           8B decode steps on the cut plan (PIE_CUDA_DEC_WHOLE=0) and on
 #           one block per SM (=1), and by the rule with the bound timed at
@@ -130,17 +130,23 @@ for phase in "$@"; do
         # every decode step that fits on clusters of 3 (head dims split
         # unevenly over the cluster's blocks)
         model -cluster3 PIE_CUDA_DEC_CLUSTER=3
+        # decode steps with the qkv matmul and qkv_post as two kernels
+        model -noqkvfuse PIE_CUDA_NO_QKV_FUSE=1
         # two per SM with a cut-plan grid smaller than that (bstart sizes)
         model -whole2-64 PIE_CUDA_DEC_BLOCKS=64 PIE_CUDA_DEC_WHOLE=2
         ;;
-    clpad)      # small-batch cluster plans at one block an SM (PIE_CUDA_DEC_CLUSTER_PAD=1)
-                # against the default, alternating (NOTES.md, round 14)
-        for i in 1 2; do
-            for cfg in "llama-3.1-8b 1 512 24" "llama-3.1-8b 2 512 24" "llama-3.1-8b 1 1024 24" \
-                       "llama-3.2-1b 1 512 48" "llama-3.2-1b 2 512 48" "llama-3.2-1b 2 1024 48"; do
-                [ $i = 2 ] && PIE_CUDA_DEC_CLUSTER_PAD=1 TAG="pad1 " bench $cfg
-                TAG="dflt " bench $cfg
-                [ $i = 1 ] && PIE_CUDA_DEC_CLUSTER_PAD=1 TAG="pad1 " bench $cfg
+    envab)      # one setting against the default in this build, alternating:
+                # ENVAB="VAR=value ..." (default PIE_CUDA_NO_QKV_FUSE=1),
+                # ENVAB_CFGS="model B ctx steps,...", ENVAB_REPS (2)
+        cfgs=("llama-3.2-1b 1 512 48" "llama-3.1-8b 1 512 24"
+              "llama-3.2-1b 16 512 48" "llama-3.1-8b 16 512 24")
+        [ -n "${ENVAB_CFGS:-}" ] && IFS=, read -ra cfgs <<< "$ENVAB_CFGS"
+        read -ra envs <<< "${ENVAB:-PIE_CUDA_NO_QKV_FUSE=1}"
+        for i in $(seq "${ENVAB_REPS:-2}"); do
+            for cfg in "${cfgs[@]}"; do
+                [ $((i % 2)) = 0 ] && TAG="dflt " bench $cfg
+                ( export "${envs[@]}"; TAG="set " bench $cfg )
+                [ $((i % 2)) = 1 ] && TAG="dflt " bench $cfg
             done
         done
         ;;

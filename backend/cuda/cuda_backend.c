@@ -407,9 +407,10 @@ static int plan_dec_whole(cuda_backend *c)
 
 /* The cluster plan (dec_plan.c) where the device runs clusters of the
  * size it needs (dec_cluster_max): at small batch before the other plans
- * (mid = 0), or (mid = 1) at batches of about 5-16 where no whole-item
- * plan was taken (clusters of 2 at most two blocks an SM:
- * dec_cluster_pad; PIE_CUDA_DEC_CLUSTER_PAD=k sets it).
+ * (mid = 0; at most one block an SM where the grid is at most half the
+ * SMs), or (mid = 1) at batches of about 5-16 where no whole-item plan was
+ * taken (clusters of 2 at most two blocks an SM): dec_cluster_pad, which
+ * PIE_CUDA_DEC_CLUSTER_PAD=k overrides.
  * PIE_CUDA_DEC_CLUSTER=0 never takes it, =C wherever it fits; a forced
  * whole-item plan (PIE_CUDA_DEC_WHOLE=k) comes first. Returns the cluster
  * size, or 0 (and dec_cluster_pad 0). */
@@ -424,7 +425,7 @@ static int plan_dec_cluster(cuda_backend *c, int mid)
                                            &c->dec_cluster_pad)
                 : pie_cuda_dec_cluster_size(c->gitems, n, c->n_sm,
                                             c->dec_blocks, c->dec_cluster_max,
-                                            force);
+                                            force, &c->dec_cluster_pad);
     if (C <= 0) return 0;
     int pad = pie_cuda_dec_cluster_pad_switch();
     if (pad >= 0) c->dec_cluster_pad = pad;
@@ -703,12 +704,36 @@ static int run_dec_attention(cuda_backend *c, int l,
     return 0;
 }
 
+/* The qkv matmul of layer l and qkv_post (bias, RoPE, q out, K and V into
+ * the pages): one kernel where cuda_mm_qkv takes it (decode steps on
+ * gemv.cu, no q/k norms; PIE_CUDA_NO_QKV_FUSE=1 never), else two. */
+static int layer_qkv(cuda_backend *c, const cuda_layer *L, int l,
+                     const pie_cuda_tokmeta *tm, int n)
+{
+    const pie_model_config *g = &c->cfg;
+    int nh = g->n_heads, qkvd = (nh + 2 * g->n_kv_heads) * g->head_dim, rc;
+    pie_cuda_prof *P = &c->prof;
+    if (!c->qkv_unfused && !L->q_norm && !L->k_norm) {
+        pie_cuda_qkv_epi e = { c->q, L->bqkv, c->inv_freq, *tm, c->kv, l, nh };
+        rc = cuda_mm_qkv(c, &e, L->wqkv, qkvd, g->dim, c->xb, n);
+        if (rc <= 0) {
+            pie_cuda_prof_mark(P, PROF_QKV, c->st);
+            return rc;
+        }
+    }
+    if ((rc = cuda_mm(c, c->qkv, 0, L->wqkv, qkvd, g->dim, c->xb, n))) return rc;
+    pie_cuda_prof_mark(P, PROF_QKV, c->st);
+    pie__cuda_qkv_post(c->q, c->qkv, L->bqkv, L->q_norm, L->k_norm,
+                       g->norm_eps, c->inv_freq, tm, &c->kv, l, n, nh, c->st);
+    pie_cuda_prof_mark(P, PROF_QKV_POST, c->st);
+    return 0;
+}
+
 static int run_layers(cuda_backend *c, int n, const pie_cuda_tokmeta *tm,
                       const step_meta *sm)
 {
     const pie_model_config *g = &c->cfg;
     int dim = g->dim, nh = g->n_heads, hd = g->head_dim, hid = g->hidden_dim;
-    int qkvd = (nh + 2 * g->n_kv_heads) * hd;
     const pie_cuda_attn_item *items = DEV(c, sm->items);
     const pie_cuda_merge_item *merges = DEV(c, sm->merges);
     const pie_cuda_attn_item *fitems = DEV(c, sm->fitems);
@@ -736,12 +761,7 @@ static int run_layers(cuda_backend *c, int n, const pie_cuda_tokmeta *tm,
         pie__cuda_rmsnorm(c->xb, c->x, L->attn_norm, NULL, n, dim,
                           g->norm_eps, c->st);
         pie_cuda_prof_mark(P, PROF_NORM, c->st);
-        if ((rc = cuda_mm(c, c->qkv, 0, L->wqkv, qkvd, dim, c->xb, n))) return rc;
-        pie_cuda_prof_mark(P, PROF_QKV, c->st);
-        pie__cuda_qkv_post(c->q, c->qkv, L->bqkv, L->q_norm, L->k_norm,
-                           g->norm_eps, c->inv_freq, tm, &c->kv, l, n, nh,
-                           c->st);
-        pie_cuda_prof_mark(P, PROF_QKV_POST, c->st);
+        if ((rc = layer_qkv(c, L, l, tm, n))) return rc;
         pie__cuda_attention(c->att, c->part_o, c->part_ml, c->q, items,
                             (int)c->n_items, tm, &c->kv, l, nh, c->max_slots,
                             c->st);
@@ -1019,6 +1039,7 @@ static int cuda_forward(pie_backend *bb, const pie_forward_batch *b,
     if (b->n_tokens == 0) return 0;
     CK(cudaSetDevice(c->device));
     c->graphs_off = getenv("PIE_CUDA_NO_GRAPH") != NULL;
+    c->qkv_unfused = getenv("PIE_CUDA_NO_QKV_FUSE") != NULL;
     pie_cuda_prof_init(&c->prof);
     c->decode_step = is_decode(c, b);
     c->mega_step = use_mega(c, b);

@@ -174,6 +174,7 @@ typedef struct cuda_backend {
     graph_key         last_key;   /* previous eager step's key              */
     uint64_t          graph_clock;
     int               graphs_off; /* PIE_CUDA_NO_GRAPH set                  */
+    int               qkv_unfused;/* PIE_CUDA_NO_QKV_FUSE set (cuda_mm_qkv) */
     int               capture_failed; /* a capture failed: direct launches  */
     int64_t           n_captured, n_replayed;
     int64_t           n_gemv;      /* matmuls run by gemv.cu               */
@@ -207,6 +208,12 @@ int cuda_mm_add(cuda_backend *c, float *y, const uint16_t *W, int n, int k,
  * through gu (m, 2 hid) unless gemv.cu fuses it. */
 int cuda_mm_glu(cuda_backend *c, uint16_t *h, uint16_t *gu,
                 const uint16_t *Wgu, int hid, int k, const uint16_t *x, int m);
+/* The qkv matmul (W: qkv rows, n = (nh + 2 n_kv) hd) with qkv_post (e)
+ * fused, in decode steps where gemv.cu won the qkv shape (qkv is not
+ * written): 0 done, 1 not taken (the caller runs cuda_mm and qkv_post),
+ * or an error. */
+int cuda_mm_qkv(cuda_backend *c, const pie_cuda_qkv_epi *e, const uint16_t *W,
+                int n, int k, const uint16_t *x, int m);
 /* Frees a plan's cuBLASLt descriptors. */
 void cuda_plan_free(mm_plan *p);
 /* Makes and times the plans of every decode-sized m bucket at creation. */

@@ -69,6 +69,17 @@ static __device__ __forceinline__ float pie_silu_mul(float g, float u)
 {
     return g / (1.0f + expf(-g)) * u;
 }
+
+/* RoPE of the pair (x0, x1) = (element i, element i + hd/2) of a head at
+ * the angle whose cosine and sine are c and s: qkv_post (kernels.cu) and
+ * the fused qkv epilogue of gemv.cu share it, each product rounded on its
+ * own (no contraction into an fma that could differ between the two). */
+static __device__ __forceinline__ float2 pie_rope(float x0, float x1, float c,
+                                                  float s)
+{
+    return make_float2(__fsub_rn(__fmul_rn(x0, c), __fmul_rn(x1, s)),
+                       __fadd_rn(__fmul_rn(x1, c), __fmul_rn(x0, s)));
+}
 #endif
 
 typedef struct pie_cuda_tokmeta {
@@ -230,6 +241,10 @@ int pie_cuda_dec_whole_switch(void);
  *   (a grid no larger than the SMs; grid: the pieces' room beyond
  *   n_items). 8B batch 1 gained 0.2-1.7%, 1B 0.5-1.5%; 8B batch 4 (256
  *   blocks) lost 2% and clusters of 16 lost at head dim 64 ctx 2048.
+ *   *per_sm: 1 where the grid is at most half the SMs (its shared memory
+ *   padded to one block an SM: 8B B=1 ctx 512 -1.2 to -2.2%; at a grid of
+ *   128, 1B B=2, +6%: clusters of 8 at one an SM no longer all fit at
+ *   once), else 0 (NOTES.md, round 15).
  *   force = C (PIE_CUDA_DEC_CLUSTER=C, 2..16, read by
  *   pie_cuda_dec_cluster_switch) takes C <= max_c wherever n_items C <=
  *   grid; force < 0 (=0) never.
@@ -252,7 +267,8 @@ int pie_cuda_dec_whole_switch(void);
 void pie_cuda_dec_plan_cluster(const pie_cuda_attn_item *items, int n_items,
                                int C, pie_cuda_attn_item *pieces);
 int pie_cuda_dec_cluster_size(const pie_cuda_attn_item *items, int n_items,
-                              int n_sm, int grid, int max_c, int force);
+                              int n_sm, int grid, int max_c, int force,
+                              int *per_sm);
 int pie_cuda_dec_cluster_mid(const pie_cuda_attn_item *items, int n_items,
                              int n_sm, int grid, int hd, int max_c, int force,
                              int *per_sm);
@@ -302,6 +318,27 @@ int pie__cuda_gemv(void *y, int y_f32, const uint16_t *W, int n, int k,
  * gate rows then up rows, as pie__cuda_gemv (gu rounded to bf16) followed
  * by pie__cuda_silu_mul, bit for bit, without writing gu. Same refusals. */
 int pie__cuda_gemv_glu(uint16_t *h, const uint16_t *Wgu, int hid, int k,
+                       const uint16_t *x, int m, int r, int pdl,
+                       cudaStream_t s);
+
+/* The qkv matmul of a decode step with qkv_post in its epilogue
+ * (pie__cuda_gemv_qkv): where q (f32), K and V (bf16, into the pages of
+ * layer `layer`) go, the bias (or NULL) and the RoPE frequencies. No q/k
+ * norms: those need a whole head, which no block holds. */
+typedef struct pie_cuda_qkv_epi {
+    float          *q;
+    const float    *bias;
+    const float    *inv_freq;
+    pie_cuda_tokmeta tm;
+    pie_cuda_kv     kv;
+    int32_t         layer, nh;
+} pie_cuda_qkv_epi;
+/* pie__cuda_gemv into a bf16 qkv (m, (nh + 2 n_kv) hd) followed by
+ * pie__cuda_qkv_post without q/k norms, bit for bit, without writing qkv:
+ * a block's 16 rows are 8 RoPE pairs (i, i + hd/2) of one q or k head, or
+ * 16 rows of a v head, so each lane holds both halves of its pairs. Refuses
+ * (-1) as pie__cuda_gemv, and where hd % 16 != 0. */
+int pie__cuda_gemv_qkv(const pie_cuda_qkv_epi *e, const uint16_t *Wqkv, int k,
                        const uint16_t *x, int m, int r, int pdl,
                        cudaStream_t s);
 

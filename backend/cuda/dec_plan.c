@@ -363,16 +363,21 @@ int pie_cuda_dec_cluster_pad_switch(void)
 }
 
 int pie_cuda_dec_cluster_size(const pie_cuda_attn_item *items, int n_items,
-                              int n_sm, int grid, int max_c, int force)
+                              int n_sm, int grid, int max_c, int force,
+                              int *per_sm)
 {
+    *per_sm = 0;
     if (force < 0 || n_items <= 0) return 0;
     if (force > 0)
         return force <= max_c && (int64_t)n_items * force <= grid ? force : 0;
     int64_t most = most_blocks(items, n_items);
     for (int C = 2; C <= max_c && C <= PIE_CUDA_DEC_CLUSTER_MAX; C *= 2)
-        if ((most + C - 1) / C <= PIE_CUDA_DEC_CLUSTER_PER)
-            return (int64_t)n_items * C <= n_sm &&
-                   (int64_t)n_items * C <= grid ? C : 0;
+        if ((most + C - 1) / C <= PIE_CUDA_DEC_CLUSTER_PER) {
+            int64_t nb = (int64_t)n_items * C;
+            if (nb > n_sm || nb > grid) return 0;
+            *per_sm = 2 * nb <= n_sm;
+            return C;
+        }
     return 0;
 }
 

@@ -10,6 +10,10 @@
  * pie__cuda_gemv_glu is the fused gate/up matmul with the SwiGLU in its
  * epilogue: a block takes 8 gate rows and the 8 up rows of the same
  * features, so each lane holds both halves of its outputs.
+ * pie__cuda_gemv_qkv is the qkv matmul of a decode step with qkv_post
+ * (bias, RoPE, q out in f32, K and V into their pages) in its epilogue: a
+ * block takes 8 RoPE pairs (i, i + hd/2) of one q or k head, or 16 rows of
+ * a v head, so again each lane holds both halves of its pairs.
  *
  * Work split: one block owns 16 output rows; its WARPS warps share the k
  * dimension in steps of GEMV_STEP (warp w takes steps w, w + WARPS, ...)
@@ -42,6 +46,10 @@
 #define GEMV_ROWS 16               /* output rows per block (mma M)         */
 #define GEMV_CH   2                /* 16-byte chunks per lane per row, step */
 #define GEMV_STEP (32 * GEMV_CH)   /* k per step                            */
+
+/* What a kernel instance does with its sums (EPI): store them (y), the
+ * SwiGLU of gate and up rows (h), or qkv_post (q and the KV pages). */
+enum { GV_STORE, GV_GLU, GV_QKV };
 
 /* The shape of a kernel instance: WARPS warps per block splitting k, NT
  * column tiles of 8 rows of x (m <= 8 NT), U steps per load round (two
@@ -133,6 +141,73 @@ static __device__ __forceinline__ void store_glu(uint16_t *h, int hid, int m,
     }
 }
 
+/* QKV: lane (g, c) holds rows ra (d[i]) and rb (d[2 + i]) of x rows
+ * (tokens) 8t + 2c + i of tile t. As qkv_post reads them from the bf16
+ * qkv buffer: rounded to bf16, plus the bias; for a q or k head, rotated
+ * as the RoPE pair (ra, rb); q out in f32, K and V into the token's slot
+ * of its page (a head's K rows, then 0.. n_kv V heads at the same stride). */
+static __device__ __forceinline__ void store_qkv(const pie_cuda_qkv_epi &e,
+                                                 int ra, int rb, int m, int t,
+                                                 int c, const float *d)
+{
+    const pie_cuda_kv &kv = e.kv;
+    const pie_cuda_tokmeta &tm = e.tm;
+    int hd = kv.head_dim, ps = kv.page_size, h = ra / hd;
+    int ia = ra - h * hd, ib = rb - h * hd, rope = h < e.nh + kv.n_kv;
+#pragma unroll
+    for (int i = 0; i < 2; i++) {
+        int tok = 8 * t + 2 * c + i;
+        if (tok >= m) continue;
+        float x0 = bf16_round(d[i]), x1 = bf16_round(d[2 + i]);
+        if (rope) {
+            if (e.bias) {
+                x0 += e.bias[ra];
+                x1 += e.bias[rb];
+            }
+            float sn, cs;
+            sincosf((float)tm.positions[tok] * e.inv_freq[ia], &sn, &cs);
+            float2 y = pie_rope(x0, x1, cs, sn);
+            x0 = y.x;
+            x1 = y.y;
+        } else {                    /* (qkv_post adds 0 where no bias) */
+            x0 += e.bias ? e.bias[ra] : 0.0f;
+            x1 += e.bias ? e.bias[rb] : 0.0f;
+        }
+        if (h < e.nh) {
+            float *qd = e.q + ((int64_t)tok * e.nh + h) * hd;
+            qd[ia] = x0;
+            qd[ib] = x1;
+            continue;
+        }
+        int slot = tm.tok_slot[tok], req = tm.tok_req[tok];
+        int page = tm.pages[tm.kv_indptr[req] + slot / ps], off = slot % ps;
+        uint16_t *kvd = kv.pool + page * pie_cuda_kv_page_elems(&kv) +
+                        pie_cuda_kv_k_off(&kv, e.layer, 0) +
+                        ((int64_t)(h - e.nh) * ps + off) * hd;
+        kvd[ia] = f2bf(x0);
+        kvd[ib] = f2bf(x1);
+    }
+}
+
+/* The weight rows of block b's fragment rows g (ra) and g + 8 (rb). */
+template <int EPI>
+static __device__ __forceinline__ void gv_rows(int &ra, int &rb, int b, int g,
+                                               int n,
+                                               const pie_cuda_qkv_epi &e)
+{
+    if (EPI == GV_GLU) {            /* 8 features: gate rows, up rows */
+        ra = min(b * (GEMV_ROWS / 2) + g, n - 1);
+        rb = n + ra;
+    } else if (EPI == GV_QKV) {     /* n = (nh + 2 n_kv) hd, hd % 16 == 0 */
+        int hd = e.kv.head_dim, per = hd / 16, h = b / per, j = b % per;
+        ra = h * hd + (h < e.nh + e.kv.n_kv ? 8 * j + g : 16 * j + g);
+        rb = ra + (h < e.nh + e.kv.n_kv ? hd / 2 : 8);
+    } else {
+        ra = min(b * GEMV_ROWS + g, n - 1);
+        rb = min(b * GEMV_ROWS + g + 8, n - 1);
+    }
+}
+
 /* Writes the 16 x 8 block of tile t of y from the C fragment of lane
  * (g, c); y_f32 = 2 adds it to y (f32). */
 static __device__ __forceinline__ void store_c(void *y, int y_f32, int n,
@@ -151,18 +226,20 @@ static __device__ __forceinline__ void store_c(void *y, int y_f32, int n,
 }
 
 /* GLU: W is (2n, k), gate rows then up rows, and y the (m, n) bf16 SwiGLU
- * of the two halves (a block owns 8 features: their gate and up rows). */
-template <int WARPS, int NT, bool GLU>
+ * of the two halves (a block owns 8 features: their gate and up rows).
+ * QKV: e says where the outputs go (y unused). */
+template <int WARPS, int NT, int EPI>
 __global__ void __launch_bounds__(WARPS * 32, 16 / WARPS)
 gemv_kernel(void *y, int y_f32, const uint16_t *W, const uint16_t *x, int n,
-            int k, int m)
+            int k, int m, const pie_cuda_qkv_epi e)
 {
     using G = gv<WARPS, NT>;
     __shared__ float red[WARPS > 1 ? WARPS : 1][32 * 4 * NT];
     int lane = threadIdx.x % 32, w = threadIdx.x / 32;
     int g = lane / 4, c = lane % 4, kc = 8 * GEMV_CH * c;
-    int row0 = blockIdx.x * (GLU ? GEMV_ROWS / 2 : GEMV_ROWS);
-    int ra = min(row0 + g, n - 1), rb = GLU ? n + ra : min(row0 + g + 8, n - 1);
+    int row0 = blockIdx.x * (EPI == GV_GLU ? GEMV_ROWS / 2 : GEMV_ROWS);
+    int ra, rb;
+    gv_rows<EPI>(ra, rb, blockIdx.x, g, n, e);
     const uint16_t *wa = W + (size_t)ra * k, *wb = W + (size_t)rb * k;
     const uint16_t *xr[NT];
 #pragma unroll
@@ -212,18 +289,23 @@ gemv_kernel(void *y, int y_f32, const uint16_t *W, const uint16_t *x, int n,
     }
 #pragma unroll
     for (int t = 0; t < NT; t++) {
-        if (GLU) store_glu(static_cast<uint16_t *>(y), n, m, row0, t, g, c, d[t]);
-        else store_c(y, y_f32, n, m, row0, t, g, c, d[t]);
+        if (EPI == GV_GLU)
+            store_glu(static_cast<uint16_t *>(y), n, m, row0, t, g, c, d[t]);
+        else if (EPI == GV_QKV)
+            store_qkv(e, ra, rb, m, t, c, d[t]);
+        else
+            store_c(y, y_f32, n, m, row0, t, g, c, d[t]);
     }
 }
 
 /* pdl: launched as a programmatic dependent of the stream's previous
  * kernel (which lets it start early: see pdl_begin in kernel_util.cuh). */
-template <int WARPS, int NT, bool GLU>
+template <int WARPS, int NT, int EPI>
 static int gemv_launch(void *y, int y_f32, const uint16_t *W, int n, int k,
-                       const uint16_t *x, int m, int pdl, cudaStream_t s)
+                       const uint16_t *x, int m, const pie_cuda_qkv_epi &e,
+                       int pdl, cudaStream_t s)
 {
-    int rows = GLU ? GEMV_ROWS / 2 : GEMV_ROWS;
+    int rows = EPI == GV_GLU ? GEMV_ROWS / 2 : GEMV_ROWS;
     cudaLaunchConfig_t cfg = {};
     cudaLaunchAttribute at[1];
     at[0].id = cudaLaunchAttributeProgrammaticStreamSerialization;
@@ -233,24 +315,35 @@ static int gemv_launch(void *y, int y_f32, const uint16_t *W, int n, int k,
     cfg.stream = s;
     cfg.attrs = at;
     cfg.numAttrs = pdl ? 1 : 0;
-    if (cudaLaunchKernelEx(&cfg, gemv_kernel<WARPS, NT, GLU>, y, y_f32, W, x,
-                           n, k, m) == cudaSuccess)
+    if (cudaLaunchKernelEx(&cfg, gemv_kernel<WARPS, NT, EPI>, y, y_f32, W, x,
+                           n, k, m, e) == cudaSuccess)
         return 0;
     cudaGetLastError();
     return -1;
 }
 
-template <int NT, bool GLU>
+template <int NT, int EPI>
 static int gemv_warps(void *y, int y_f32, const uint16_t *W, int n, int k,
-                      const uint16_t *x, int m, int r, int pdl, cudaStream_t s)
+                      const uint16_t *x, int m, const pie_cuda_qkv_epi &e,
+                      int r, int pdl, cudaStream_t s)
 {
     switch (r) {
-    case 1: return gemv_launch<1, NT, GLU>(y, y_f32, W, n, k, x, m, pdl, s);
-    case 2: return gemv_launch<2, NT, GLU>(y, y_f32, W, n, k, x, m, pdl, s);
-    case 4: return gemv_launch<4, NT, GLU>(y, y_f32, W, n, k, x, m, pdl, s);
-    case 8: return gemv_launch<8, NT, GLU>(y, y_f32, W, n, k, x, m, pdl, s);
+    case 1: return gemv_launch<1, NT, EPI>(y, y_f32, W, n, k, x, m, e, pdl, s);
+    case 2: return gemv_launch<2, NT, EPI>(y, y_f32, W, n, k, x, m, e, pdl, s);
+    case 4: return gemv_launch<4, NT, EPI>(y, y_f32, W, n, k, x, m, e, pdl, s);
+    case 8: return gemv_launch<8, NT, EPI>(y, y_f32, W, n, k, x, m, e, pdl, s);
     default: return -1;
     }
+}
+
+/* The NT = 1 (m <= 8) or 2 build of gemv_warps. */
+template <int EPI>
+static int gemv_tiles(void *y, int y_f32, const uint16_t *W, int n, int k,
+                      const uint16_t *x, int m, const pie_cuda_qkv_epi &e,
+                      int r, int pdl, cudaStream_t s)
+{
+    return m <= 8 ? gemv_warps<1, EPI>(y, y_f32, W, n, k, x, m, e, r, pdl, s)
+                  : gemv_warps<2, EPI>(y, y_f32, W, n, k, x, m, e, r, pdl, s);
 }
 
 extern "C" int pie__cuda_gemv_supported(int m, int k, const void *W,
@@ -265,8 +358,8 @@ extern "C" int pie__cuda_gemv(void *y, int y_f32, const uint16_t *W, int n,
                               int pdl, cudaStream_t s)
 {
     if (!pie__cuda_gemv_supported(m, k, W, x) || n <= 0) return -1;
-    return m <= 8 ? gemv_warps<1, false>(y, y_f32, W, n, k, x, m, r, pdl, s)
-                  : gemv_warps<2, false>(y, y_f32, W, n, k, x, m, r, pdl, s);
+    return gemv_tiles<GV_STORE>(y, y_f32, W, n, k, x, m, pie_cuda_qkv_epi{},
+                                r, pdl, s);
 }
 
 extern "C" int pie__cuda_gemv_glu(uint16_t *h, const uint16_t *Wgu, int hid,
@@ -274,6 +367,18 @@ extern "C" int pie__cuda_gemv_glu(uint16_t *h, const uint16_t *Wgu, int hid,
                                   int pdl, cudaStream_t s)
 {
     if (!pie__cuda_gemv_supported(m, k, Wgu, x) || hid <= 0) return -1;
-    return m <= 8 ? gemv_warps<1, true>(h, 0, Wgu, hid, k, x, m, r, pdl, s)
-                  : gemv_warps<2, true>(h, 0, Wgu, hid, k, x, m, r, pdl, s);
+    return gemv_tiles<GV_GLU>(h, 0, Wgu, hid, k, x, m, pie_cuda_qkv_epi{}, r,
+                              pdl, s);
+}
+
+extern "C" int pie__cuda_gemv_qkv(const pie_cuda_qkv_epi *e,
+                                  const uint16_t *Wqkv, int k,
+                                  const uint16_t *x, int m, int r, int pdl,
+                                  cudaStream_t s)
+{
+    int hd = e->kv.head_dim, n = (e->nh + 2 * e->kv.n_kv) * hd;
+    if (!pie__cuda_gemv_supported(m, k, Wqkv, x) || hd <= 0 || hd % 16 ||
+        e->nh <= 0 || e->kv.n_kv <= 0)
+        return -1;
+    return gemv_tiles<GV_QKV>(NULL, 0, Wqkv, n, k, x, m, *e, r, pdl, s);
 }

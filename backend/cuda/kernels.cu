@@ -169,9 +169,9 @@ static __device__ __forceinline__ void rope_pairs(float *qd, uint16_t *kvd,
             x1.x = x1.x * r * nw_[i + half];
             x1.y = x1.y * r * nw_[i + 1 + half];
         }
-        float c0 = rcos[i], s0 = rsin[i], c1 = rcos[i + 1], s1 = rsin[i + 1];
-        float2 lo = make_float2(x0.x * c0 - x1.x * s0, x0.y * c1 - x1.y * s1);
-        float2 hi = make_float2(x1.x * c0 + x0.x * s0, x1.y * c1 + x0.y * s1);
+        float2 r0 = pie_rope(x0.x, x1.x, rcos[i], rsin[i]);
+        float2 r1 = pie_rope(x0.y, x1.y, rcos[i + 1], rsin[i + 1]);
+        float2 lo = make_float2(r0.x, r1.x), hi = make_float2(r0.y, r1.y);
         if (qd) {
             *reinterpret_cast<float2 *>(qd + i) = lo;
             *reinterpret_cast<float2 *>(qd + i + half) = hi;
@@ -244,8 +244,8 @@ __global__ void qkv_post_kernel(float *q, const uint16_t *qkv, const float *bias
                 x0 = x0 * r * nw_[i];
                 x1 = x1 * r * nw_[i + half];
             }
-            float c = rcos[i], sn = rsin[i];
-            float y0 = x0 * c - x1 * sn, y1 = x1 * c + x0 * sn;
+            float2 y = pie_rope(x0, x1, rcos[i], rsin[i]);
+            float y0 = y.x, y1 = y.y;
             if (qd) {
                 qd[i] = y0;
                 qd[i + half] = y1;

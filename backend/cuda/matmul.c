@@ -345,6 +345,20 @@ int cuda_mm_glu(cuda_backend *c, uint16_t *h, uint16_t *gu,
     return 0;
 }
 
+int cuda_mm_qkv(cuda_backend *c, const pie_cuda_qkv_epi *e, const uint16_t *W,
+                int n, int k, const uint16_t *x, int m)
+{
+    mm_plan *p;
+    int rc = plan_for(c, &p, c->qkv, 0, W, n, k, x, m);
+    if (rc) return rc;
+    if (p->gemv_r > 0 && c->decode_step &&
+        pie__cuda_gemv_qkv(e, W, k, x, m, p->gemv_r, pie__cuda_pdl(), c->st) == 0) {
+        c->n_gemv++;
+        return 0;
+    }
+    return 1;
+}
+
 /* Plans (and times) every matmul shape of a layer and the LM head for the
  * decode-sized buckets of m, so that no step pays for it. */
 int cuda_warm_plans(cuda_backend *c)

@@ -95,9 +95,9 @@ static void run(int hd, int B, int L, int mma)
      * PIE_CUDA_DEC_CLUSTER=0 never, =C always), unless a whole-item plan
      * is forced */
     int clus = 0, cmax = mma ? pie__cuda_attention_dec_cluster_max(hd) : 0;
-    int cforce = pie_cuda_dec_cluster_switch();
+    int cforce = pie_cuda_dec_cluster_switch(), cpad = 0;
     if (mma && force <= 0)
-        clus = pie_cuda_dec_cluster_size(it, ni, sm, nb, cmax, cforce);
+        clus = pie_cuda_dec_cluster_size(it, ni, sm, nb, cmax, cforce, &cpad);
     if (mma && !clus && force >= 0) {
         whole = pie_cuda_dec_try_whole(it, ni, sm,
                                        pie__cuda_attention_dec_occupancy(hd, 1),
@@ -105,7 +105,6 @@ static void run(int hd, int B, int L, int mma)
         if (whole < 0) whole = 0;
         if (whole) { nb = whole * sm; npc = ni; nm = 0; }
     }
-    int cpad = 0;
     if (mma && !clus && !whole && force <= 0)     /* batches of about 5-16 */
         clus = pie_cuda_dec_cluster_mid(it, ni, sm, nb, hd, cmax, cforce, &cpad);
     int pad = pie_cuda_dec_cluster_pad_switch();

@@ -253,10 +253,11 @@ static void test_gemv(void)
 /* ------------------------------------------------- batch of requests */
 
 #define KB_TOK 2304                 /* tokens a test batch holds at most */
+#define KB_REQ 16                   /* requests                           */
 typedef struct kbatch {
     int n_reqs, n_tok, ps, n_pages;
-    int n_new[4], kv_len[4];
-    int32_t kv_indptr[5], pages[256], tok_slot[KB_TOK], tok_req[KB_TOK];
+    int n_new[KB_REQ], kv_len[KB_REQ];
+    int32_t kv_indptr[KB_REQ + 1], pages[256], tok_slot[KB_TOK], tok_req[KB_TOK];
     int32_t pos[KB_TOK], mask_off[KB_TOK];
     uint32_t bits[128 * 16];
     int masked;
@@ -318,7 +319,7 @@ static int64_t kv_index(const pie_cuda_kv *kv, int page, int layer, int v,
 static pie_cuda_tokmeta dev_meta(const kbatch *b, void **frees)
 {
     pie_cuda_tokmeta tm;
-    int32_t kvl[4];
+    int32_t kvl[KB_REQ];
     for (int r = 0; r < b->n_reqs; r++) kvl[r] = b->kv_len[r];
     frees[0] = dput(b->tok_slot, 4 * b->n_tok);
     frees[1] = dput(b->tok_req, 4 * b->n_tok);
@@ -754,6 +755,72 @@ static void test_samplers(int V)
     free(logits); free(bits); free(gids); free(gv); free(row); free(rv); free(rid);
 }
 
+/* The qkv matmul with qkv_post fused (pie__cuda_gemv_qkv) against the
+ * unfused pair (pie__cuda_gemv into a bf16 qkv, then pie__cuda_qkv_post,
+ * which the tests above check against C twins): q and the whole pool bit
+ * for bit, for every m (one token a request, pages shuffled) and r. */
+static void test_gemv_qkv(int nh, int nkv, int hd, int k, int bias)
+{
+    const int M = PIE_CUDA_GEMV_MAX_M, L = 2, layer = 1;
+    int n = (nh + 2 * nkv) * hd, n_new[M], kv_len[M];
+    uint16_t *W = malloc(2 * (size_t)n * k), *x = malloc(2 * (size_t)M * k);
+    float *bs = malloc(4 * (size_t)n), invf[128];
+    for (size_t i = 0; i < (size_t)n * k; i++) W[i] = pie_f32_to_bf16(frand() * 0.2f);
+    for (int i = 0; i < M * k; i++) x[i] = pie_f32_to_bf16(frand());
+    for (int i = 0; i < n; i++) bs[i] = frand() * 0.3f;
+    for (int i = 0; i < hd / 2; i++) invf[i] = powf(500000.f, -2.f * i / hd);
+    uint16_t *dW = dput(W, 2 * (size_t)n * k), *dx = dput(x, 2 * (size_t)M * k);
+    uint16_t *dqkv = dput(NULL, 2 * (size_t)M * n);
+    float *db = dput(bs, 4 * (size_t)n), *dinv = dput(invf, 4 * hd / 2);
+    size_t qb = 4 * (size_t)M * nh * hd;
+    float *dq = dput(NULL, qb), *dq2 = dput(NULL, qb);
+    float *q = malloc(qb), *q2 = malloc(qb);
+    for (int m = 1; m <= M; m++) {
+        kbatch b;
+        for (int i = 0; i < m; i++) { n_new[i] = 1; kv_len[i] = 1 + irand(60); }
+        make_batch(&b, m, n_new, kv_len, 8, 160, 0);
+        pie_cuda_kv kv = { NULL, L, nkv, b.ps, hd };
+        size_t pool_b = 2 * (size_t)pie_cuda_kv_page_elems(&kv) * b.n_pages;
+        uint16_t *pool = malloc(pool_b), *pool2 = malloc(pool_b);
+        uint16_t *dpool = dput(NULL, pool_b), *dpool2 = dput(NULL, pool_b);
+        CU(cudaMemset(dpool, 0x5a, pool_b));
+        CU(cudaMemset(dpool2, 0x5a, pool_b));
+        void *fr[8];
+        pie_cuda_tokmeta tm = dev_meta(&b, fr);
+        for (int r = 1; r <= 8; r *= 2) {
+            CU(cudaMemset(dq, 0x7f, qb));
+            CU(cudaMemset(dq2, 0x7f, qb));
+            kv.pool = dpool2;
+            CHECK(pie__cuda_gemv(dqkv, 0, dW, n, k, dx, m, r, 0, 0) == 0,
+                  "gemv refused");
+            pie__cuda_qkv_post(dq2, dqkv, bias ? db : NULL, NULL, NULL, 1e-6f,
+                               dinv, &tm, &kv, layer, m, nh, 0);
+            kv.pool = dpool;
+            pie_cuda_qkv_epi e = { dq, bias ? db : NULL, dinv, tm, kv, layer, nh };
+            CHECK(pie__cuda_gemv_qkv(&e, dW, k, dx, m, r, 1, 0) == 0,
+                  "gemv_qkv m %d r %d refused", m, r);
+            dget(q, dq, qb);
+            dget(q2, dq2, qb);
+            dget(pool, dpool, pool_b);
+            dget(pool2, dpool2, pool_b);
+            CHECK(memcmp(q, q2, qb) == 0 && memcmp(pool, pool2, pool_b) == 0,
+                  "gemv_qkv nh %d nkv %d hd %d bias %d m %d r %d differs "
+                  "from gemv + qkv_post", nh, nkv, hd, bias, m, r);
+        }
+        for (int i = 0; i < 8; i++) cudaFree(fr[i]);
+        cudaFree(dpool); cudaFree(dpool2);
+        free(pool); free(pool2);
+    }
+    pie_cuda_qkv_epi e = { dq, NULL, dinv, {0}, { NULL, L, nkv, 8, 24 }, 0, nh };
+    CHECK(pie__cuda_gemv_qkv(&e, dW, k, dx, 1, 1, 0, 0) == -1,
+          "gemv_qkv took head dim 24 (not a multiple of 16)");
+    printf("gemv_qkv: nh %d nkv %d hd %d k %d bias %d, m 1..%d, r 1/2/4/8 "
+           "equal to gemv + qkv_post\n", nh, nkv, hd, k, bias, M);
+    cudaFree(dW); cudaFree(dx); cudaFree(dqkv); cudaFree(db); cudaFree(dinv);
+    cudaFree(dq); cudaFree(dq2);
+    free(W); free(x); free(bs); free(q); free(q2);
+}
+
 int main(void)
 {
     int ndev = 0;
@@ -768,6 +835,9 @@ int main(void)
     test_qkv_post(32, 8, 128, 0, 0, 0);
     test_qkv_post(4, 2, 18, 1, 1, 0);     /* hd / 2 odd: the scalar RoPE loop */
     test_qkv_post(32, 8, 128, 1, 0, 1);
+    test_gemv_qkv(4, 2, 64, 264, 1);
+    test_gemv_qkv(32, 8, 128, 512, 0);
+    test_gemv_qkv(6, 3, 16, 72, 1);
     for (int m = 0; m < 2; m++) {
         test_attention(4, 2, 16, m, 1);
         test_attention(8, 4, 8, m, 3);

@@ -297,32 +297,39 @@ static void fill_items(pie_cuda_attn_item *it, int n, int len)
 static void check_cluster_size(void)
 {
     static pie_cuda_attn_item it[256];
+    int pad;
     fill_items(it, 8, 520);                 /* B=1, 9 KV blocks: 8 ranks */
-    CHECK(pie_cuda_dec_cluster_size(it, 8, 132, 396, 16, 0) == 8,
-          "B=1 ctx 520: clusters of 8");
-    CHECK(pie_cuda_dec_cluster_size(it, 8, 132, 396, 4, 0) == 0,
+    CHECK(pie_cuda_dec_cluster_size(it, 8, 132, 396, 16, 0, &pad) == 8 &&
+          pad == 1, "B=1 ctx 520: clusters of 8, one an SM (64 blocks)");
+    CHECK(pie_cuda_dec_cluster_size(it, 8, 132, 396, 4, 0, &pad) == 0,
           "B=1 ctx 520 where clusters of 4 are the most: none");
-    CHECK(pie_cuda_dec_cluster_size(it, 8, 132, 396, 16, 16) == 16,
-          "forced 16");
-    CHECK(pie_cuda_dec_cluster_size(it, 8, 132, 396, 16, 3) == 3,
+    CHECK(pie_cuda_dec_cluster_size(it, 8, 132, 396, 16, 16, &pad) == 16 &&
+          pad == 0, "forced 16, unpadded");
+    CHECK(pie_cuda_dec_cluster_size(it, 8, 132, 396, 16, 3, &pad) == 3,
           "forced 3 (the head dims split unevenly)");
-    CHECK(pie_cuda_dec_cluster_size(it, 8, 132, 396, 16, -1) == 0,
+    CHECK(pie_cuda_dec_cluster_size(it, 8, 132, 396, 16, -1, &pad) == 0,
           "switched off");
     fill_items(it, 8, 512);                 /* 8 KV blocks: 4 ranks */
-    CHECK(pie_cuda_dec_cluster_size(it, 8, 132, 396, 16, 0) == 4,
+    CHECK(pie_cuda_dec_cluster_size(it, 8, 132, 396, 16, 0, &pad) == 4,
           "B=1 ctx 512: clusters of 4");
+    CHECK(pie_cuda_dec_cluster_size(it, 8, 132, 64, 16, 0, &pad) == 4 &&
+          pad == 1, "B=1 ctx 512 (32 blocks): one an SM");
+    CHECK(pie_cuda_dec_cluster_size(it, 8, 66, 396, 16, 0, &pad) == 4 &&
+          pad == 1, "32 blocks on 66 SMs: one an SM");
+    CHECK(pie_cuda_dec_cluster_size(it, 8, 63, 396, 16, 0, &pad) == 4 &&
+          pad == 0, "32 blocks on 63 SMs: over half, unpadded");
     fill_items(it, 16, 1000);               /* B=2, 16 KV blocks: 128 blocks */
-    CHECK(pie_cuda_dec_cluster_size(it, 16, 132, 396, 16, 0) == 8,
-          "B=2 ctx 1000: clusters of 8");
-    CHECK(pie_cuda_dec_cluster_size(it, 16, 132, 64, 16, 0) == 0,
+    CHECK(pie_cuda_dec_cluster_size(it, 16, 132, 396, 16, 0, &pad) == 8 &&
+          pad == 0, "B=2 ctx 1000: clusters of 8, unpadded (128 blocks)");
+    CHECK(pie_cuda_dec_cluster_size(it, 16, 132, 64, 16, 0, &pad) == 0,
           "B=2 ctx 1000 on a grid of 64 (PIE_CUDA_DEC_BLOCKS): no room");
     fill_items(it, 32, 520);                /* B=4: 256 blocks, over an SM each */
-    CHECK(pie_cuda_dec_cluster_size(it, 32, 132, 396, 16, 0) == 0,
+    CHECK(pie_cuda_dec_cluster_size(it, 32, 132, 396, 16, 0, &pad) == 0,
           "B=4 ctx 520: more blocks than SMs");
-    CHECK(pie_cuda_dec_cluster_size(it, 32, 132, 396, 16, 8) == 8,
+    CHECK(pie_cuda_dec_cluster_size(it, 32, 132, 396, 16, 8, &pad) == 8,
           "B=4 ctx 520 forced to 8: fits the grid");
     fill_items(it, 8, 2048);                /* 32 KV blocks: would need 16 */
-    CHECK(pie_cuda_dec_cluster_size(it, 8, 132, 396, 16, 0) == 0,
+    CHECK(pie_cuda_dec_cluster_size(it, 8, 132, 396, 16, 0, &pad) == 0,
           "B=1 ctx 2048: clusters of 16 are not taken");
 }
 
