@@ -8,8 +8,10 @@
  * it chains from (a CHAIN dependency: their failure cancels it) and for the
  * newest not-yet-done writer of every page it touches (an ORDER dependency:
  * per-page submission order). Each page remembers that writer in
- * last_writer. A dependency holds a reference on the dependent op, so the
- * parent's dependent array never points at freed memory.
+ * last_writer, and leaves the dedup table then (pie__pool_write_wired;
+ * a copy's destination in pie__pool_copy_record): a reader wired later
+ * reads the new KV. A dependency holds a reference on the dependent op,
+ * so the parent's dependent array never points at freed memory.
  */
 #include <stdlib.h>
 #include <string.h>
@@ -492,6 +494,8 @@ static int wire_pages(pie_ctl *ctl, ctl_op *op)
             .new_fill = p->fill > hi ? p->fill : hi };
         p->fill = op->writes[op->n_writes - 1].new_fill;
         p->last_writer = op;
+        /* readers wired from now on read op's KV, not what the hash says */
+        pie__pool_write_wired(ctl, op->pages[k]);
     }
     return 0;
 }

@@ -254,6 +254,9 @@ void pie__pool_record(pie_ctl *ctl, ctl_op *op, int32_t tok0, int32_t ntok);
  * what pie__pool_record recorded for its slots. */
 void pie__pool_forget(pie_ctl *ctl, const ctl_op *op, int32_t tok0,
                       int32_t ntok);
+/* A forward that writes page was wired (its last_writer now): the page
+ * leaves the dedup table and loses its hash (see pool.c's header). */
+void pie__pool_write_wired(pie_ctl *ctl, int32_t page);
 /* After a forward completed: hashes pages it filled, merges duplicates. */
 void pie__pool_dedup(pie_ctl *ctl, ctl_op *op);
 void pie__pool_copy_record(pie_ctl *ctl, int32_t src, int32_t src_off,

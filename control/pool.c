@@ -43,6 +43,17 @@
  * neither the new nor the old record is true), and no page is hashed
  * while a forward that writes it is pending (last_writer set).
  *
+ * A hashed page loses its hash and leaves the table as soon as a write
+ * into it is wired (pie__pool_write_wired; a copy's destination in
+ * pie__pool_copy_record, at submission too), not when the write is staged:
+ * every forward or copy wired after that which reads the page is ordered
+ * behind the write (ctl.c), so a prefix match or a merge into it would
+ * read the new KV, not the content the hash describes, and the hash would
+ * head chains of pages computed against the old content. Its records stay
+ * as they are until the write is staged: a write that succeeds hashes the
+ * page again at its completion (pie__pool_dedup), and after one that never
+ * ran, they still describe the page and the next dedup walk rehashes it.
+ *
  * Dedup. When a forward completes and leaves a page full with every slot
  * known and one common prefix, the page gets the chained hash
  *   hash = XXH64(prefix, tokens, positions, mask hashes; seed = model_id)
@@ -169,6 +180,7 @@ static void table_remove(pie_ctl *ctl, int32_t page)
 static void table_insert(pie_ctl *ctl, int32_t page)
 {
     ctl_page *p = &ctl->pages[page];
+    PIE_ASSERT(p->last_writer == NULL);   /* see pie__pool_write_wired */
     int32_t *b = &ctl->hbuckets[p->hash & (ctl->n_hbuckets - 1)];
     p->hnext = *b;
     *b = page;
@@ -795,6 +807,12 @@ void pie__pool_forget(pie_ctl *ctl, const ctl_op *op, int32_t tok0,
      * already forgot those above the chunk) */
     for (int32_t k = k0; k <= k1; k++)
         page_touch(ctl, op->pages[k], k == k0 ? s0 % ps : 0);
+}
+
+void pie__pool_write_wired(pie_ctl *ctl, int32_t page)
+{
+    table_remove(ctl, page);
+    ctl->pages[page].hashed = false;
 }
 
 void pie__pool_copy_record(pie_ctl *ctl, int32_t src, int32_t src_off,

@@ -1323,6 +1323,139 @@ static void test_rewrite_in_flight(void)
     done_ctl(ctl, b);
 }
 
+/* Submits prompt P (6 tokens) into pages h of d with its output row at
+ * token 2, so no prefix match applies (a match stops before an output):
+ * the forward computes page h[0] itself. */
+static int fwd_unmatched(pie_ctl_client *d, const int32_t *P,
+                         const uint32_t *h, pie_ctl_future **f)
+{
+    int32_t pos[6] = { 0, 1, 2, 3, 4, 5 }, oi[2] = { 2, 5 };
+    pie_sampler s[2] = { { .kind = PIE_SAMPLER_GREEDY },
+                         { .kind = PIE_SAMPLER_GREEDY } };
+    pie_ctl_forward fw = {
+        .n_tokens = 6, .tokens = P, .positions = pos, .n_pages = 2,
+        .pages = h, .last_page_len = 2, .n_outputs = 2, .output_idx = oi,
+        .samplers = s,
+    };
+    return pie_ctl_forward_submit(d, &fw, NULL, NULL, f);
+}
+
+/* While a rewrite of a hashed page is wired but not staged (here: chained
+ * on forwards that the busy device has not finished), the page must serve
+ * no other prompt: neither another client's through a prefix match at
+ * submission (d) nor through a dedup merge at completion (e) -- either
+ * reader is ordered after the rewrite and would read the rewritten KV,
+ * not what the hash promised -- nor the rewriter's own next forward as
+ * the head of a chain (c): the page after it in the table was computed
+ * against the old content. The fake's KV does not depend on context, so
+ * that last reuse changes no token here; the skipped-token count shows it. */
+static void test_rewrite_wired(void)
+{
+    pie_backend *b;
+    pie_ctl *ctl = make_ctl(32, 0, NULL, &b);
+    pie_ctl_client *c, *d, *e;
+    CHECK_OK(pie_ctl_client_open(ctl, NULL, &c));
+    CHECK_OK(pie_ctl_client_open(ctl, NULL, &d));
+    CHECK_OK(pie_ctl_client_open(ctl, NULL, &e));
+    uint32_t h[5], hd[2], he[2];
+    int32_t T[8], U[8], x = 7;
+    rewrite_setup(c, h, T, U);                     /* h[0], h[1] hashed */
+    CHECK_OK(pie_ctl_page_alloc(c, 2, 0, h + 3));
+    CHECK_OK(pie_ctl_page_alloc(d, 2, 0, hd));
+    CHECK_OK(pie_ctl_page_alloc(e, 2, 0, he));
+    fake_backend_set_delay(b, 100000);          /* the device is idle */
+    uint32_t pages[2] = { h[0], h[2] };
+    pie_ctl_future *f1, *f2, *fa, *fd, *fe, *fc, *fn;
+    CHECK_OK(fwd(c, &x, 1, 4, pages, NULL, &f1));  /* reads h[0]: runs */
+    CHECK_OK(fwd(c, &x, 1, 5, pages, f1, &f2));    /* waits for f1 */
+    CHECK_OK(fwd(c, U + 1, 3, 1, h, f2, &fa));     /* rewrite: waits */
+    CHECK_OK(fwd(d, T, 6, 0, hd, NULL, &fd));      /* h[0]'s old prefix */
+    CHECK_OK(fwd_unmatched(e, T, he, &fe));        /* runs beside f2 */
+    /* c past the rewrite: T[4..8) and x into pages of its own */
+    int32_t ct[5] = { T[4], T[5], T[6], T[7], x };
+    uint32_t pc[3] = { h[0], h[3], h[4] };
+    pie_ctl_stats st0, st1;
+    pie_ctl_get_stats(ctl, &st0);
+    CHECK_OK(fwd(c, ct, 5, 4, pc, NULL, &fc));     /* ordered after fa */
+    pie_ctl_get_stats(ctl, &st1);
+    CHECK(st1.prefix_tokens_skipped == st0.prefix_tokens_skipped,
+          "c past its wired rewrite reused %llu tokens computed against the "
+          "old page", (unsigned long long)(st1.prefix_tokens_skipped -
+                                          st0.prefix_tokens_skipped));
+    int32_t got = wait_token(fd), want = fake_expected_next(T, 6, VOCAB);
+    CHECK(got == want, "a prompt matching a page whose rewrite is wired: "
+          "expected %d, got %d", want, got);
+    CHECK_OK(pie_ctl_future_wait(fe, 10000));
+    int32_t y = wait_token(f2);                    /* fa's token 0 */
+    fake_backend_set_delay(b, 0);
+    int32_t eh[7];
+    memcpy(eh, T, 6 * sizeof *T);
+    eh[6] = fake_expected_next(T, 6, VOCAB);
+    CHECK_OK(fwd(e, eh + 6, 1, 6, he, NULL, &fn));
+    got = wait_token(fn);
+    want = fake_expected_next(eh, 7, VOCAB);
+    CHECK(got == want, "a prompt merged at completion into a page whose "
+          "rewrite is wired: expected %d, got %d", want, got);
+    int32_t ch[9] = { T[0], y, U[2], U[3], T[4], T[5], T[6], T[7], x };
+    got = wait_token(fc);
+    want = fake_expected_next(ch, 9, VOCAB);
+    CHECK(got == want, "c past its rewrite: expected %d, got %d", want, got);
+    pie_ctl_future *fs[7] = { f1, f2, fa, fd, fe, fc, fn };
+    for (int i = 0; i < 7; i++) pie_ctl_future_release(fs[i]);
+    pie_ctl_client_close(c);
+    pie_ctl_client_close(d);
+    pie_ctl_client_close(e);
+    printf("rewrite wired: a page whose rewrite waits to be staged is "
+           "neither matched nor merged into\n");
+    done_ctl(ctl, b);
+}
+
+/* A rewrite cancelled while wired (waiting on a chained token, never
+ * staged) took its page out of the dedup table but changed nothing in it:
+ * the page still holds, and its records still describe, the old content,
+ * so the next completion over it hashes it again and prompts continue
+ * exactly. */
+static void test_cancel_wired(void)
+{
+    pie_backend *b;
+    pie_ctl *ctl = make_ctl(32, 0, NULL, &b);
+    pie_ctl_client *c;
+    CHECK_OK(pie_ctl_client_open(ctl, NULL, &c));
+    uint32_t h[3];
+    int32_t T[8], U[8], x = 7, fill = -1;
+    rewrite_setup(c, h, T, U);
+    fake_backend_set_delay(b, 100000);          /* the device is idle */
+    uint32_t pages[2] = { h[0], h[2] };
+    pie_ctl_future *f1, *fa;
+    CHECK_OK(fwd(c, &x, 1, 4, pages, NULL, &f1));  /* reads h[0]: runs */
+    CHECK_OK(fwd(c, U + 1, 3, 1, h, f1, &fa));     /* rewrite: waits */
+    pie_ctl_future_cancel(fa);
+    int rc = pie_ctl_future_wait(fa, 10000);
+    CHECK(rc == PIE_ECANCELED, "cancelled rewrite completed with %d", rc);
+    pie_ctl_future_release(fa);
+    wait_token(f1);              /* its completion walked h[0] again */
+    pie_ctl_future_release(f1);
+    fake_backend_set_delay(b, 0);
+    CHECK_OK(pie_ctl_page_fill(c, h[0], &fill));
+    CHECK(fill == PS, "fill %d after a cancelled rewrite of a full page",
+          fill);
+    pie_ctl_stats st0, st1;
+    pie_ctl_get_stats(ctl, &st0);
+    check_fresh(ctl, T, 6, "a prompt starting with the page whose rewrite "
+                "was cancelled while wired");
+    pie_ctl_get_stats(ctl, &st1);
+    CHECK(st1.prefix_tokens_skipped - st0.prefix_tokens_skipped == PS,
+          "the page is found again: %llu tokens skipped, expected %d",
+          (unsigned long long)(st1.prefix_tokens_skipped -
+                               st0.prefix_tokens_skipped), PS);
+    check_after_lost_rewrite(ctl, c, h, T, U, "after a rewrite cancelled "
+                             "while wired");
+    pie_ctl_client_close(c);
+    printf("cancel while wired: the page keeps its content and is hashed "
+           "again\n");
+    done_ctl(ctl, b);
+}
+
 /* test_control links with -Wl,--wrap=realloc (CMakeLists.txt): every
  * realloc in the binary, the control layer's included, comes here. While
  * fail_realloc_over is nonzero, a request for more bytes than that fails,
@@ -1466,6 +1599,8 @@ static const struct { const char *name; void (*fn)(void); } tests[] = {
     { "forward_failure", test_forward_failure },
     { "cancel_staged", test_cancel_staged },
     { "rewrite_in_flight", test_rewrite_in_flight },
+    { "rewrite_wired", test_rewrite_wired },
+    { "cancel_wired", test_cancel_wired },
     { "batch_oom", test_batch_oom },
 };
 
