@@ -55,6 +55,7 @@
 #           (PIE_CUDA_STEPS=1) at four shapes
 #   envab   a setting (ENVAB="VAR=value ...") against the default in this
 #           build, alternating (ENVAB_CFGS="model B ctx steps,...")
+#   ncugemv ncu of gemv.cu's decode matmuls (8B and 1B batch 1)
 #   long    batch 16 at long contexts (ctx 2048-16384): decode attention and
 #           8B decode steps on the cut plan (PIE_CUDA_DEC_WHOLE=0) and on
 #           one block per SM (=1), and by the rule with the bound timed at
@@ -148,6 +149,17 @@ for phase in "$@"; do
                 ( export "${envs[@]}"; TAG="set " bench $cfg )
                 [ $((i % 2)) = 1 ] && TAG="dflt " bench $cfg
             done
+        done
+        ;;
+    ncugemv)    # ncu of decode matmuls on gemv.cu (8B and 1B batch 1, no graph):
+                # time, DRAM throughput, occupancy, stall reasons per kernel
+        m="gpu__time_duration.sum,dram__bytes_read.sum,dram__throughput.avg.pct_of_peak_sustained_elapsed,launch__grid_size,launch__block_size,sm__warps_active.avg.pct_of_peak_sustained_active,regex:smsp__average_warps_issue_stalled_.*_per_issue_active.ratio"
+        for mm in llama-3.1-8b llama-3.2-1b; do
+            PIE_CUDA_NO_GRAPH=1 timeout 300 ncu --metrics "$m" -k regex:"gemv_kernel" \
+                --launch-skip 1200 --launch-count 8 $R pie bench forward --backend cuda \
+                --model random:$mm --batch 1 --prompt-len 64 --gen 24 \
+                > "$OUT/ncu_gemv_$mm.txt" 2>&1
+            echo "ncu gemv $mm rc=$?" | tee -a "$OUT/summary.log"
         done
         ;;
     long)       # one block an SM against the cut plan on long items, and the
