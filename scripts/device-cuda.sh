@@ -155,7 +155,7 @@ for phase in "$@"; do
                 # time, DRAM throughput, occupancy, stall reasons per kernel
         m="gpu__time_duration.sum,dram__bytes_read.sum,dram__throughput.avg.pct_of_peak_sustained_elapsed,launch__grid_size,launch__block_size,sm__warps_active.avg.pct_of_peak_sustained_active,regex:smsp__average_warps_issue_stalled_.*_per_issue_active.ratio"
         for mm in llama-3.1-8b llama-3.2-1b; do
-            PIE_CUDA_NO_GRAPH=1 timeout 300 ncu --metrics "$m" -k regex:"gemv_kernel" \
+            PIE_CUDA_GEMV=1 PIE_CUDA_NO_GRAPH=1 timeout 300 ncu --metrics "$m" -k regex:"gemv_kernel" \
                 --launch-skip 1200 --launch-count 8 $R pie bench forward --backend cuda \
                 --model random:$mm --batch 1 --prompt-len 64 --gen 24 \
                 > "$OUT/ncu_gemv_$mm.txt" 2>&1
