@@ -81,6 +81,8 @@ typedef struct einst {
     pie_ctl_client *clients[PIE_ENGINE_MAX_MODELS];
     builder       **b;
     int32_t         n_b;
+    uint32_t       *alloc_buf;        /* kv_alloc's page handles: owned     */
+    uint32_t        alloc_cap;        /* here, as kv_alloc may never return */
 } einst;
 
 typedef struct efut {
@@ -154,6 +156,7 @@ static void on_end(void *user, pie_rt_instance *i)
     if (!x) return;
     for (int32_t k = 0; k < x->n_b; k++) builder_free(x->b[k]);
     free(x->b);
+    free(x->alloc_buf);
     for (int k = 0; k < PIE_ENGINE_MAX_MODELS; k++)
         pie_ctl_client_close(x->clients[k]);
     pie_rt_set_engine_ctx(i, NULL);
@@ -224,7 +227,7 @@ static char *guest_str(I *i, uint32_t p, uint32_t len, int *rc)
         *rc = PIE_EINVAL;
         return NULL;
     }
-    char *s = malloc(len + 1);
+    char *s = malloc((size_t)len + 1);
     if (!s) { *rc = PIE_ENOMEM; return NULL; }
     memcpy(s, g, len);
     s[len] = 0;
@@ -337,7 +340,8 @@ uint32_t Z_pieZ_tokenize(I *i, uint32_t h, uint32_t text, uint32_t len,
     served *s = model_of(i, h);
     if (!s) RET(PIE_EINVAL);
     if (!s->m->tok) RET(PIE_EUNSUPPORTED);
-    char *copy = malloc(len + 1);   /* the guest memory is not ours to hold */
+    /* the guest memory is not ours to hold; size_t: len may be 0xFFFFFFFF */
+    char *copy = malloc((size_t)len + 1);
     if (!copy) RET(PIE_ENOMEM);
     memcpy(copy, g, len);
     int32_t *out = NULL;
@@ -393,18 +397,25 @@ uint32_t Z_pieZ_kv_alloc(I *i, uint32_t h, uint32_t n, uint32_t pages)
     int rc = client_of(i, h, &c);
     if (rc < 0) RET(rc);
     if (n == 0) return 0;
-    uint32_t *tmp = malloc(n * sizeof *tmp);
-    if (!tmp) RET(PIE_ENOMEM);
+    /* The handles go to a buffer the instance owns: the instance may be
+     * killed while it waits below, and then this call never returns. */
+    einst *x = X(i);
+    if (n > x->alloc_cap) {
+        uint32_t *b = realloc(x->alloc_buf, n * sizeof *b);
+        if (!b) RET(PIE_ENOMEM);
+        x->alloc_buf = b;
+        x->alloc_cap = n;
+    }
     /* admission: wait for the pool without blocking the worker thread */
-    int32_t waited = 0, limit = X(i)->e->o.alloc_timeout_ms;
+    int32_t waited = 0, limit = x->e->o.alloc_timeout_ms;
     served *s = model_of(i, h);
-    while ((rc = pie_ctl_page_alloc(c, (int32_t)n, 0, tmp)) == PIE_EBUSY &&
+    while ((rc = pie_ctl_page_alloc(c, (int32_t)n, 0, x->alloc_buf)) ==
+               PIE_EBUSY &&
            (int32_t)n <= pie_ctl_n_pages(s->ctl) && waited < limit) {
         park_ms(i, 2);
         waited += 2;
     }
-    if (rc == 0) pie_rt_copy_out(i, pages, tmp, (uint64_t)n * 4);
-    free(tmp);
+    if (rc == 0) pie_rt_copy_out(i, pages, x->alloc_buf, (uint64_t)n * 4);
     RET(rc);
 }
 

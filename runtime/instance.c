@@ -49,6 +49,9 @@
 #endif
 
 #define STACK_GUARD (64u << 10)
+/* Live instances launched, directly or not, by one embedder-launched
+ * instance: an inferlet that launches itself recursively stops here. */
+#define MAX_DESCENDANTS 256
 
 /* ---- context switch ----------------------------------------------------- */
 
@@ -234,6 +237,7 @@ static void instance_free(pie_rt_instance *i)
     free(i->argv);
     free(i->ret);
     free(i->futs);
+    free(i->free_slots);
     pie__rt_msgq_clear(&i->inbox);
     pthread_cond_destroy(&i->done_cv);
     if (i->parent)
@@ -315,22 +319,37 @@ static void *worker_main(void *arg)
 
 /* ---- futures ------------------------------------------------------------ */
 
+/* Doubles the handle table and the stack of free slots beside it. */
+static int32_t handles_grow(pie_rt_instance *i)
+{
+    if (i->cap_futs >= (1 << 20))
+        return pie_err_set(PIE_ELIMIT, "too many open handles");
+    int32_t c = i->cap_futs ? 2 * i->cap_futs : 16;
+    pie_rt_future **t = realloc(i->futs, c * sizeof *t);
+    if (!t)
+        return PIE_ENOMEM;
+    i->futs = t;
+    int32_t *fs = realloc(i->free_slots, c * sizeof *fs);
+    if (!fs)
+        return PIE_ENOMEM;       /* futs is larger, harmlessly */
+    i->free_slots = fs;
+    i->cap_futs = c;
+    return 0;
+}
+
+/* Gives f a handle: the slot freed last, else a new one (O(1) either way,
+ * so a guest holding many handles does not slow down each call). */
 int32_t pie__rt_future_handle(pie_rt_instance *i, pie_rt_future *f)
 {
-    for (int32_t k = 0; k < i->n_futs; k++)
-        if (!i->futs[k]) {
-            i->futs[k] = f;
-            return k + 1;
-        }
+    if (i->n_free > 0) {
+        int32_t k = i->free_slots[--i->n_free];
+        i->futs[k] = f;
+        return k + 1;
+    }
     if (i->n_futs == i->cap_futs) {
-        if (i->cap_futs >= (1 << 20))
-            return pie_err_set(PIE_ELIMIT, "too many open handles");
-        int32_t c = i->cap_futs ? 2 * i->cap_futs : 16;
-        pie_rt_future **t = realloc(i->futs, c * sizeof *t);
-        if (!t)
-            return PIE_ENOMEM;
-        i->futs = t;
-        i->cap_futs = c;
+        int32_t rc = handles_grow(i);
+        if (rc < 0)
+            return rc;
     }
     i->futs[i->n_futs++] = f;
     return i->n_futs;
@@ -356,6 +375,7 @@ int32_t pie_rt_future_new(pie_rt_instance *i, int32_t kind, void *data,
     f->data = data;
     f->cancel = cancel;
     f->destroy = destroy;
+    f->theap = -1;
     f->refs = out ? 2 : 1;
     int32_t h = pie__rt_future_handle(i, f);
     if (h < 0) {
@@ -424,15 +444,17 @@ int32_t pie_rt_future_status(pie_rt_instance *i, int32_t h)
     return st;
 }
 
-/* Cancels a pending future: it completes with PIE_ECANCELED at once (a
- * producer's later completion is ignored), then the producer's cancel hook
- * runs outside the lock to stop the work. */
+/* Cancels a pending future: it leaves its wait list, if on one, and
+ * completes with PIE_ECANCELED at once (a producer's later completion is
+ * ignored), then the producer's cancel hook runs outside the lock to stop
+ * the work. */
 void pie__rt_future_cancel(pie_rt_instance *i, pie_rt_future *f)
 {
     pthread_mutex_lock(&i->rt->lock);
     bool pending = !f->done && !f->cancelled;
     f->cancelled = true;
     f->refs++;
+    pie__rt_waitq_remove_locked(f);
     pie__rt_future_complete_locked(f, PIE_ECANCELED, NULL, 0);
     pthread_mutex_unlock(&i->rt->lock);
     if (pending && f->cancel)
@@ -449,6 +471,7 @@ int32_t pie__rt_future_free(pie_rt_instance *i, int32_t h)
         return PIE_EINVAL;
     pie__rt_future_cancel(i, f);
     i->futs[h - 1] = NULL;
+    i->free_slots[i->n_free++] = h - 1;
     pthread_mutex_lock(&i->rt->lock);
     f->inst = NULL;
     pie__rt_future_unref_locked(f);
@@ -516,6 +539,51 @@ int32_t pie_rt_future_wait(pie_rt_instance *i, int32_t h)
 
 /* ---- timers (heap under rt->lock) --------------------------------------- */
 
+/* Each future in the heap knows its slot (theap), so cancelling one is
+ * O(log n): a guest that creates and frees many sleeps never scans. */
+
+static void timer_put(pie_rt *rt, int32_t k, pie_rt_timer t)
+{
+    rt->timers[k] = t;
+    t.fut->theap = k;
+}
+
+/* Moves the entry at k up or down to its place. */
+static void timer_sift(pie_rt *rt, int32_t k)
+{
+    pie_rt_timer x = rt->timers[k];
+    while (k > 0 && rt->timers[(k - 1) / 2].when > x.when) {
+        timer_put(rt, k, rt->timers[(k - 1) / 2]);
+        k = (k - 1) / 2;
+    }
+    for (;;) {
+        int32_t c = 2 * k + 1;
+        if (c >= rt->n_timers)
+            break;
+        if (c + 1 < rt->n_timers && rt->timers[c + 1].when < rt->timers[c].when)
+            c++;
+        if (rt->timers[c].when >= x.when)
+            break;
+        timer_put(rt, k, rt->timers[c]);
+        k = c;
+    }
+    timer_put(rt, k, x);
+}
+
+/* Takes the entry at k out of the heap; the heap's reference to its future
+ * passes to the caller. */
+static pie_rt_future *timer_remove(pie_rt *rt, int32_t k)
+{
+    pie_rt_future *f = rt->timers[k].fut;
+    f->theap = -1;
+    pie_rt_timer last = rt->timers[--rt->n_timers];
+    if (k < rt->n_timers) {
+        timer_put(rt, k, last);
+        timer_sift(rt, k);
+    }
+    return f;
+}
+
 void pie__rt_timer_add_locked(pie_rt *rt, uint64_t when, pie_rt_future *f)
 {
     if (rt->n_timers == rt->cap_timers) {
@@ -530,34 +598,10 @@ void pie__rt_timer_add_locked(pie_rt *rt, uint64_t when, pie_rt_future *f)
         rt->cap_timers = c;
     }
     int32_t k = rt->n_timers++;
-    while (k > 0 && rt->timers[(k - 1) / 2].when > when) {
-        rt->timers[k] = rt->timers[(k - 1) / 2];
-        k = (k - 1) / 2;
-    }
-    rt->timers[k] = (pie_rt_timer){when, f};
-    if (k == 0)
+    timer_put(rt, k, (pie_rt_timer){when, f});
+    timer_sift(rt, k);
+    if (f->theap == 0)
         pthread_cond_signal(&rt->timer_cv);
-}
-
-static void timer_sift(pie_rt *rt, int32_t k)
-{
-    pie_rt_timer x = rt->timers[k];
-    while (k > 0 && rt->timers[(k - 1) / 2].when > x.when) {
-        rt->timers[k] = rt->timers[(k - 1) / 2];
-        k = (k - 1) / 2;
-    }
-    for (;;) {
-        int32_t c = 2 * k + 1;
-        if (c >= rt->n_timers)
-            break;
-        if (c + 1 < rt->n_timers && rt->timers[c + 1].when < rt->timers[c].when)
-            c++;
-        if (rt->timers[c].when >= x.when)
-            break;
-        rt->timers[k] = rt->timers[c];
-        k = c;
-    }
-    rt->timers[k] = x;
 }
 
 /* Cancel hook of sleep futures: drops the timer entry now, so a guest that
@@ -567,36 +611,11 @@ void pie__rt_timer_cancel(void *data)
     pie_rt_future *f = data;
     pie_rt *rt = f->rt;
     pthread_mutex_lock(&rt->lock);
-    for (int32_t k = 0; k < rt->n_timers; k++) {
-        if (rt->timers[k].fut != f)
-            continue;
-        rt->timers[k] = rt->timers[--rt->n_timers];
-        if (k < rt->n_timers)
-            timer_sift(rt, k);
+    if (f->theap >= 0) {
+        timer_remove(rt, f->theap);
         pie__rt_future_unref_locked(f);
-        break;
     }
     pthread_mutex_unlock(&rt->lock);
-}
-
-static pie_rt_timer timer_pop_locked(pie_rt *rt)
-{
-    pie_rt_timer top = rt->timers[0], last = rt->timers[--rt->n_timers];
-    int32_t k = 0, n = rt->n_timers;
-    for (;;) {
-        int32_t c = 2 * k + 1;
-        if (c >= n)
-            break;
-        if (c + 1 < n && rt->timers[c + 1].when < rt->timers[c].when)
-            c++;
-        if (rt->timers[c].when >= last.when)
-            break;
-        rt->timers[k] = rt->timers[c];
-        k = c;
-    }
-    if (n)
-        rt->timers[k] = last;
-    return top;
 }
 
 /* Signals workers whose instance is over budget or being killed. */
@@ -627,9 +646,9 @@ static void *watchdog_main(void *arg)
     while (!rt->stopping) {
         uint64_t now = pie__rt_now_ns();
         while (rt->n_timers && rt->timers[0].when <= now) {
-            pie_rt_timer t = timer_pop_locked(rt);
-            pie__rt_future_complete_locked(t.fut, 0, NULL, 0);
-            pie__rt_future_unref_locked(t.fut);
+            pie_rt_future *f = timer_remove(rt, 0);
+            pie__rt_future_complete_locked(f, 0, NULL, 0);
+            pie__rt_future_unref_locked(f);
         }
         if (now >= next_cpu) {
             pthread_mutex_unlock(&rt->lock);
@@ -677,6 +696,8 @@ static void instance_finish(pie_rt_instance *i)
         i->cbs.on_exit(i->cbs.user, i, status, i->trapped ? i->reason : NULL,
                        i->ret, i->ret_len);
     pthread_mutex_lock(&rt->lock);
+    if (i->root)                /* before the parent can see us end */
+        i->root->n_tree--;
     if (i->child_fut) {
         pie__rt_future_complete_locked(i->child_fut, status, i->ret,
                                        i->ret_len);
@@ -753,6 +774,22 @@ static char **copy_argv(int argc, const char *const *argv)
     return a;
 }
 
+/* Under rt->lock: may i start? A child counts against its root's tree. */
+static int launch_check_locked(pie_rt *rt, pie_rt_instance *i)
+{
+    if (rt->closing)
+        return pie_err_set(PIE_EBUSY, "runtime is shutting down");
+    if (!i->parent)
+        return 0;
+    i->root = i->parent->root ? i->parent->root : i->parent;
+    if (i->root->n_tree >= MAX_DESCENDANTS)
+        return pie_err_set(PIE_ELIMIT, "launch: instance %u already has %d "
+                           "live descendants (the limit)", i->root->id,
+                           MAX_DESCENDANTS);
+    i->root->n_tree++;
+    return 0;
+}
+
 int pie__rt_launch(pie_rt *rt, pie_rt_module *m, int argc,
                    const char *const *argv, const pie_rt_launch_cbs *cbs,
                    pie_rt_instance *parent, pie_rt_future *child_fut,
@@ -794,13 +831,16 @@ int pie__rt_launch(pie_rt *rt, pie_rt_module *m, int argc,
                              rt->n_workers];
     i->sp = fiber_init(i->stack, i->stack_size, fiber_main, i);
     pthread_mutex_lock(&rt->lock);
-    if (rt->closing) {
+    int rc = launch_check_locked(rt, i);
+    if (rc < 0) {
         pthread_mutex_unlock(&rt->lock);
         stack_put(i->stack, i->stack_size);
         i->stack = NULL;
+        free(i->wasm);           /* never instantiated: instance_finish */
+        i->wasm = NULL;          /* would have freed it                 */
         atomic_store(&i->refs, 1);
         pie_rt_instance_unref(i);
-        return pie_err_set(PIE_EBUSY, "runtime is shutting down");
+        return rc;
     }
     i->lnext = rt->live;
     if (rt->live)
@@ -1036,10 +1076,8 @@ void pie_rt_free(pie_rt *rt)
         pthread_mutex_destroy(&w->lock);
         pthread_cond_destroy(&w->cv);
     }
-    while (rt->n_timers) {
-        pie_rt_timer t = timer_pop_locked(rt);
-        pie__rt_future_unref_locked(t.fut);
-    }
+    while (rt->n_timers)
+        pie__rt_future_unref_locked(timer_remove(rt, 0));
     free(rt->timers);
     pie__rt_messaging_free(rt);
     for (int k = 0; k < rt->o.n_http_allow; k++)

@@ -10,7 +10,9 @@
  *   3. compile   on a cache miss, in a private temp dir under the cache:
  *                wasm2c, a generated glue file giving uniform entry points
  *                (pie_glue_*), gcc -O1 -shared with the host prototypes
- *                force-included; both tools run in child processes under
+ *                force-included (with -DPIE_RT_INFERLET they rename every
+ *                import to its stack-checking entry wrapper, defined in
+ *                the server); both tools run in child processes under
  *                RLIMIT_CPU and RLIMIT_AS; publish with rename().
  *   4. load      dlopen(RTLD_NOW|RTLD_LOCAL), init_module under a mutex,
  *                record the module's executable range for the watchdog.
@@ -36,7 +38,8 @@
 #include "runtime/rt_internal.h"
 
 #define COMPILE_FLAGS "-O1 -pipe -fPIC -shared -fvisibility=hidden " \
-    "-fno-semantic-interposition -fstack-clash-protection -fno-strict-aliasing"
+    "-fno-semantic-interposition -fstack-clash-protection -fno-strict-aliasing " \
+    "-DPIE_RT_INFERLET"
 
 /* ---- 1. the import/export check ----------------------------------------- */
 
@@ -434,7 +437,7 @@ static int compile(pie_rt *rt, const uint8_t *wasm, size_t len,
         char *a[] = {PIE_RT_CC, "-O1", "-pipe", "-fPIC", "-shared",
                      "-fvisibility=hidden", "-fno-semantic-interposition",
                      "-fstack-clash-protection", "-fno-strict-aliasing",
-                     "-w", "-include", PIE_RT_HOST_HEADER, "-o", so, mc, gc,
+                     "-DPIE_RT_INFERLET", "-w", "-include", PIE_RT_HOST_HEADER, "-o", so, mc, gc,
                      NULL};
         rc = run_tool(a, log, rt->o.compile_cpu_s, rt->o.compile_mem,
                       "compiling the inferlet");

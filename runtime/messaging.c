@@ -11,8 +11,15 @@
  *              each message goes to exactly one puller. Queues live as long
  *              as the runtime.
  *   modules    rt->modules: name -> module, for launch().
- * All of it is under rt->lock. Waiter lists hold a future reference; a
- * waiter already completed (cancelled) is skipped and dropped on delivery.
+ * All of it is under rt->lock.
+ *
+ * Wait lists (pie_rt_waitq, doubly linked through the futures) hold only
+ * pending futures, each with a reference owned by the list. Cancelling or
+ * freeing a waiter unlinks it at once (pie__rt_waitq_remove_locked, called
+ * by pie__rt_future_cancel), so a guest that abandons waiters in a loop
+ * leaves nothing behind and delivery pops the head in O(1). An instance's
+ * waiters leave their lists when it ends, as its handles are freed. A list
+ * holds at most MAX_WAITERS; the future past that completes PIE_ELIMIT.
  */
 #define _GNU_SOURCE
 #include <string.h>
@@ -24,10 +31,9 @@
 #define MAX_QUEUED       65536          /* messages per queue/inbox/sub   */
 #define MAX_QUEUED_BYTES (64u << 20)    /* bytes per queue/inbox/sub      */
 #define MAX_NAMES        65536          /* topics + queues per runtime    */
+#define MAX_WAITERS      65536          /* pending futures per wait list  */
 
 typedef struct Z_pie_instance_t I;
-
-typedef struct pie_rt_waitq { pie_rt_future *head, *tail; } pie_rt_waitq;
 
 typedef struct pie_rt_sub {
     struct pie_rt_topic *topic;
@@ -58,27 +64,56 @@ struct pie_rt_named {
 static void waitq_push(pie_rt_waitq *w, pie_rt_future *f)
 {
     f->refs++;
+    f->wq = w;
+    f->wprev = w->tail;
     f->wnext = NULL;
     if (w->tail)
         w->tail->wnext = f;
     else
         w->head = f;
     w->tail = f;
+    w->n++;
+    f->rt->n_waiters++;
 }
 
-/* Pops the first waiter still pending (dropping completed ones), or NULL. */
+/* Takes f off its list; the list's reference passes to the caller. */
+static void waitq_unlink(pie_rt_future *f)
+{
+    pie_rt_waitq *w = f->wq;
+    if (f->wprev)
+        f->wprev->wnext = f->wnext;
+    else
+        w->head = f->wnext;
+    if (f->wnext)
+        f->wnext->wprev = f->wprev;
+    else
+        w->tail = f->wprev;
+    f->wq = NULL;
+    f->wprev = f->wnext = NULL;
+    w->n--;
+    f->rt->n_waiters--;
+}
+
+/* Pops the oldest waiter, or NULL; the caller completes it and drops the
+ * list's reference. */
 static pie_rt_future *waitq_pop(pie_rt_waitq *w)
 {
-    while (w->head) {
-        pie_rt_future *f = w->head;
-        w->head = f->wnext;
-        if (!w->head)
-            w->tail = NULL;
-        if (!f->done)
-            return f;           /* caller completes it and drops the ref */
-        pie__rt_future_unref_locked(f);
+    pie_rt_future *f = w->head;
+    if (f) {
+        PIE_ASSERT(!f->done);   /* completing a waiter unlinks it first */
+        waitq_unlink(f);
     }
-    return NULL;
+    return f;
+}
+
+/* Under rt->lock, when f is cancelled or freed: leaves its wait list, if
+ * on one, and drops the list's reference (the caller holds its own). */
+void pie__rt_waitq_remove_locked(pie_rt_future *f)
+{
+    if (!f->wq)
+        return;
+    waitq_unlink(f);
+    pie__rt_future_unref_locked(f);
 }
 
 static void waitq_clear(pie_rt_waitq *w)
@@ -108,18 +143,18 @@ static int deliver_locked(pie_rt_waitq *w, pie_rt_msgq *q, pie_rt_msg *m)
     return 0;
 }
 
-/* A new future that completes now from q, or waits in w. */
-static uint32_t receive_from(I *i, pie_rt_waitq *w, pie_rt_msgq *q,
-                             int32_t h, pie_rt_future *f)
+/* Completes f now from q, or queues it in w (PIE_ELIMIT if w is full). */
+static void receive_from(pie_rt_waitq *w, pie_rt_msgq *q, pie_rt_future *f)
 {
     pie_rt_msg *m = pie__rt_msgq_pop(q);
     if (m) {
         pie__rt_future_complete_locked(f, 0, m->data, m->len);
         free(m);
+    } else if (w->n >= MAX_WAITERS) {
+        pie__rt_future_complete_locked(f, PIE_ELIMIT, NULL, 0);
     } else {
         waitq_push(w, f);
     }
-    return (uint32_t)h;
 }
 
 /* ---- launcher messages -------------------------------------------------- */
@@ -137,11 +172,7 @@ int pie_rt_send(pie_rt_instance *i, const void *buf, size_t len)
         free(m);
         rc = pie_err_set(PIE_ENOTFOUND, "instance %u has ended", i->id);
     } else {
-        pie_rt_waitq w = {i->recv_waiters, NULL};
-        for (pie_rt_future *t = w.head; t; t = t->wnext)
-            w.tail = t;
-        rc = deliver_locked(&w, &i->inbox, m);
-        i->recv_waiters = w.head;
+        rc = deliver_locked(&i->recv_waiters, &i->inbox, m);
         if (rc)
             pie_err_set(rc, "inbox of instance %u is full", i->id);
     }
@@ -168,11 +199,7 @@ uint32_t Z_pieZ_receive(I *i)
     if (h < 0)
         return (uint32_t)h;
     pthread_mutex_lock(&i->rt->lock);
-    pie_rt_waitq w = {i->recv_waiters, NULL};
-    for (pie_rt_future *t = w.head; t; t = t->wnext)
-        w.tail = t;
-    receive_from(i, &w, &i->inbox, h, f);
-    i->recv_waiters = w.head;
+    receive_from(&i->recv_waiters, &i->inbox, f);
     pie__rt_future_unref_locked(f);
     pthread_mutex_unlock(&i->rt->lock);
     return (uint32_t)h;
@@ -281,7 +308,7 @@ uint32_t Z_pieZ_subscription_next(I *i, uint32_t sub)
     if (h < 0)
         return (uint32_t)h;
     pthread_mutex_lock(&i->rt->lock);
-    receive_from(i, &s->waiters, &s->q, h, f);
+    receive_from(&s->waiters, &s->q, f);
     pie__rt_future_unref_locked(f);
     pthread_mutex_unlock(&i->rt->lock);
     return (uint32_t)h;
@@ -345,7 +372,7 @@ uint32_t Z_pieZ_queue_pull(I *i, uint32_t np, uint32_t nl)
     pthread_mutex_lock(&i->rt->lock);
     struct pie_rt_queue *q = queue_find(i->rt, name, nl);
     if (q)
-        receive_from(i, &q->waiters, &q->q, h, f);
+        receive_from(&q->waiters, &q->q, f);
     else
         pie__rt_future_complete_locked(f, PIE_ENOMEM, NULL, 0);
     pie__rt_future_unref_locked(f);
@@ -358,11 +385,7 @@ void pie__rt_messaging_instance_end(pie_rt_instance *i)
 {
     i->closed = true;
     pie__rt_msgq_clear(&i->inbox);
-    pie_rt_waitq w = {i->recv_waiters, NULL};
-    for (pie_rt_future *t = w.head; t; t = t->wnext)
-        w.tail = t;
-    waitq_clear(&w);
-    i->recv_waiters = NULL;
+    waitq_clear(&i->recv_waiters);
 }
 
 /* ---- child inferlets ---------------------------------------------------- */
@@ -462,4 +485,13 @@ void pie__rt_messaging_free(pie_rt *rt)
         pie_rt_module_unref(n->mod);
         free(n);
     }
+}
+
+/* Futures on all wait lists of rt (a white-box check for tests). */
+int32_t pie__rt_waiter_count(pie_rt *rt)
+{
+    pthread_mutex_lock(&rt->lock);
+    int32_t n = rt->n_waiters;
+    pthread_mutex_unlock(&rt->lock);
+    return n;
 }

@@ -57,6 +57,13 @@ typedef struct pie_rt_msgq {
     size_t      bytes;
 } pie_rt_msgq;
 
+/* A wait list of pending futures (receive, queue_pull, subscription_next),
+ * doubly linked through the futures so a cancelled one leaves at once. */
+typedef struct pie_rt_waitq {
+    struct pie_rt_future *head, *tail;
+    int32_t               n;
+} pie_rt_waitq;
+
 struct pie_rt_future {
     pie_rt          *rt;
     pie_rt_instance *inst;       /* owner (NULL once the owner ended)       */
@@ -70,7 +77,11 @@ struct pie_rt_future {
     void            *data;
     void           (*cancel)(void *data);
     void           (*destroy)(void *data);
-    struct pie_rt_future *wnext; /* in a waiter list (queue_pull, receive)  */
+    /* on a wait list (receive, queue_pull, subscription_next): the list
+     * holds a reference; cancel/free unlink it (pie__rt_waitq_remove)     */
+    pie_rt_waitq    *wq;         /* the list it is on, NULL if none         */
+    struct pie_rt_future *wprev, *wnext;
+    int32_t          theap;      /* index in rt->timers, -1 if not there    */
 };
 
 struct pie_rt_module {
@@ -119,11 +130,16 @@ struct Z_pie_instance_t {
     char           **argv;
     pie_rt_launch_cbs cbs;
     struct Z_pie_instance_t *parent;  /* child launched by an inferlet     */
+    struct Z_pie_instance_t *root;    /* the embedder-launched ancestor of
+                                         a child (held through parent refs) */
+    int32_t          n_tree;     /* as a root: live descendants (rt->lock)  */
     pie_rt_future   *child_fut;  /* completed with our status when we end   */
     void            *engine_ctx;
     /* futures: handle h -> futs[h - 1]                                     */
     pie_rt_future  **futs;
     int32_t          n_futs, cap_futs;
+    int32_t         *free_slots; /* indexes of NULL slots in futs, a stack  */
+    int32_t          n_free;
     /* parking */
     const int32_t   *wait_set;   /* handles the fiber waits for (host copy) */
     int32_t          n_wait;
@@ -131,7 +147,7 @@ struct Z_pie_instance_t {
     /* messaging, under rt->lock */
     pie_rt_msgq      inbox;
     bool             closed;     /* ending: accepts no more messages        */
-    pie_rt_future   *recv_waiters;
+    pie_rt_waitq     recv_waiters;
     /* CPU accounting */
     uint64_t         cpu_ns;     /* CPU used in finished slices             */
     atomic_bool      cpu_over;
@@ -189,6 +205,7 @@ struct pie_rt {
     struct pie_rt_topic  *topics;
     struct pie_rt_queue  *queues;
     int32_t          n_names;         /* topics + queues (capped)           */
+    int32_t          n_waiters;       /* futures on all wait lists          */
     int32_t          n_http;          /* HTTP threads in flight             */
     int32_t          n_engine;        /* engine forwards whose completion   */
                                       /* callback has yet to run            */
@@ -221,6 +238,26 @@ int  pie__rt_launch(pie_rt *rt, struct pie_rt_module *m, int argc,
                     pie_rt_instance *parent, pie_rt_future *child_fut,
                     pie_rt_instance **out);
 /* wasm_rt.c */
+/* Host code called from an inferlet runs on the fiber's stack, right below
+ * the guest's frames. A host function that overflowed it would fault with
+ * locks held (rt->lock, malloc's), so every entry from guest code (the
+ * generated wrappers in pie_api_table.c, wasm_rt.c's grow and trap entries)
+ * first checks that `need` bytes remain above the guard. Below that it
+ * touches the guard itself: the SIGSEGV handler unwinds such a fault only
+ * when it comes from the module's code or from section pie_rt_entry (code
+ * that holds no lock), so the instance traps as on a guest overflow and no
+ * host code runs on the little stack that is left. */
+#define PIE_RT_STACK_GUARD (64u << 10)   /* PROT_NONE bottom of a fiber stack */
+#define PIE_RT_HOST_STACK  (64u << 10)   /* stack a host function may use    */
+#define PIE_RT_ENTRY __attribute__((section("pie_rt_entry"), noinline))
+static inline __attribute__((always_inline)) void
+pie__rt_entry_check(pie_rt_instance *i, uintptr_t need)
+{
+    uintptr_t sp = (uintptr_t)__builtin_frame_address(0);
+    uintptr_t lo = i && i->stack ? (uintptr_t)i->stack + PIE_RT_STACK_GUARD : 0;
+    if (lo && sp - lo < need)     /* off the fiber, sp - lo is out of range */
+        *(volatile char *)i->stack = 0;
+}
 void pie__rt_signals_init(void);
 int  pie__rt_thread_signals(pie_rt_worker *w);
 void pie__rt_set_current(pie_rt_instance *i);
@@ -228,6 +265,8 @@ void pie__rt_set_current(pie_rt_instance *i);
 /* messaging.c */
 void pie__rt_messaging_instance_end(pie_rt_instance *i);
 void pie__rt_messaging_free(pie_rt *rt);
+void pie__rt_waitq_remove_locked(pie_rt_future *f);
+int32_t pie__rt_waiter_count(pie_rt *rt);
 /* http.c */
 void pie__rt_http_start(pie_rt_instance *i, pie_rt_future *f, char *method,
                         char *url, char *headers, void *body, size_t blen);

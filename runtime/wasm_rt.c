@@ -14,9 +14,14 @@
  *                 signal mask is saved or restored (no syscall per entry).
  *   SIGSEGV/BUS   trap only if the fault address lies in the running
  *                 instance's memory reservation (out of bounds) or its fiber
- *                 stack's guard (native stack exhausted); anything else is a
- *                 host bug: the default action is restored and the fault
- *                 re-executes, so it still crashes loudly.
+ *                 stack's guard (native stack exhausted) and, for the guard,
+ *                 only if the faulting PC is in the module's code or in the
+ *                 entry section pie_rt_entry (rt_internal.h): host code
+ *                 that overflows may hold a lock, and unwinding it would
+ *                 hang the server. Anything else is a host bug: the default
+ *                 action is restored and the fault re-executes, so it still
+ *                 crashes loudly. Host entries check the remaining stack
+ *                 first (pie__rt_entry_check), so a guest cannot get there.
  *   CPU signal    sent by the watchdog to a worker whose instance is over
  *                 its CPU budget or killed; it unwinds only when the
  *                 interrupted PC is inside the module's generated code (not
@@ -38,6 +43,7 @@
 #include <string.h>
 #include <sys/mman.h>
 #include <ucontext.h>
+#include <unistd.h>
 
 #include <wasm-rt.h>
 
@@ -49,7 +55,11 @@
 
 #define RESERVE_BYTES  (8ull << 30)
 #define PAGE_BYTES     65536ull
-#define STACK_GUARD    (64u << 10)
+#define TABLE_MAX      (1u << 20)     /* elements, initial or grown        */
+#define TRAP_STACK     (8u << 10)     /* what trap_with needs to unwind    */
+
+/* Bounds of section pie_rt_entry (the linker defines them). */
+extern const char __start_pie_rt_entry[], __stop_pie_rt_entry[];
 
 static __thread pie_rt_instance *tls_cur;
 static bool rt_initialized;
@@ -75,7 +85,8 @@ const char *wasm_rt_strerror(wasm_rt_trap_t trap)
     return "unknown trap";
 }
 
-/* Records the reason and unwinds to the running fiber's entry frame. */
+/* Records the reason and unwinds to the running fiber's entry frame. Uses
+ * little stack (no printf): guest code traps with its stack nearly full. */
 static __attribute__((noreturn)) void trap_with(pie_rt_instance *i,
                                                 const char *reason)
 {
@@ -85,13 +96,17 @@ static __attribute__((noreturn)) void trap_with(pie_rt_instance *i,
     }
     if (!i->trapped) {
         i->trapped = true;
-        snprintf(i->reason, sizeof i->reason, "%s", reason);
+        size_t n = 0;
+        for (; reason[n] && n < sizeof i->reason - 1; n++)
+            i->reason[n] = reason[n];
+        i->reason[n] = 0;
     }
     siglongjmp(*i->trap_jb, 1);
 }
 
-void wasm_rt_trap(wasm_rt_trap_t code)
+PIE_RT_ENTRY void wasm_rt_trap(wasm_rt_trap_t code)
 {
+    pie__rt_entry_check(tls_cur, TRAP_STACK);
     trap_with(tls_cur, wasm_rt_strerror(code));
 }
 
@@ -112,17 +127,57 @@ static bool addr_in(uintptr_t a, const void *base, uint64_t len)
     return base && a >= (uintptr_t)base && a - (uintptr_t)base < len;
 }
 
+/* The interrupted or faulting instruction's address. */
+static uintptr_t signal_pc(void *ucv)
+{
+    ucontext_t *uc = ucv;
+#if defined(__x86_64__)
+    return (uintptr_t)uc->uc_mcontext.gregs[REG_RIP];
+#elif defined(__aarch64__)
+    return (uintptr_t)uc->uc_mcontext.pc;
+#else
+#error "unsupported architecture"
+#endif
+}
+
+static bool pc_in_module(pie_rt_instance *i, uintptr_t pc)
+{
+    return i->mod && pc >= i->mod->text_lo && pc < i->mod->text_hi;
+}
+
+static bool pc_in_entry(uintptr_t pc)
+{
+    return pc >= (uintptr_t)__start_pie_rt_entry &&
+           pc < (uintptr_t)__stop_pie_rt_entry;
+}
+
+/* A fault in the fiber's stack guard: a trap if it comes from the module's
+ * code or from an entry (neither holds a lock); else a host bug, reported
+ * before the caller lets it crash. */
+static void stack_fault(pie_rt_instance *i, void *ucv)
+{
+    uintptr_t pc = signal_pc(ucv);
+    if (pc_in_module(i, pc))
+        trap_with(i, "native stack exhausted (call stack too deep)");
+    if (pc_in_entry(pc))
+        trap_with(i, "native stack exhausted (too little left for a host "
+                     "call)");
+    static const char msg[] = "pie runtime: host code overflowed an "
+                              "inferlet's fiber stack\n";
+    ssize_t r = write(2, msg, sizeof msg - 1);
+    (void)r;
+}
+
 static void segv_handler(int sig, siginfo_t *si, void *ucv)
 {
-    (void)ucv;
     pie_rt_instance *i = tls_cur;
     uintptr_t a = (uintptr_t)si->si_addr;
     if (i && i->trap_jb) {
         wasm_rt_memory_t *m = i->mem;
         if (m && addr_in(a, m->data, RESERVE_BYTES))
             trap_with(i, wasm_rt_strerror(WASM_RT_TRAP_OOB));
-        if (addr_in(a, i->stack, STACK_GUARD))
-            trap_with(i, "native stack exhausted (call stack too deep)");
+        if (addr_in(a, i->stack, PIE_RT_STACK_GUARD))
+            stack_fault(i, ucv);
     }
     /* Not an inferlet fault: crash the way we would without a handler. */
     signal(sig, SIG_DFL);
@@ -135,15 +190,7 @@ static void cpu_handler(int sig, siginfo_t *si, void *ucv)
     pie_rt_instance *i = tls_cur;
     if (i && i->trap_jb && i->mod &&
         (atomic_load(&i->cpu_over) || atomic_load(&i->kill_req))) {
-        ucontext_t *uc = ucv;
-#if defined(__x86_64__)
-        uintptr_t pc = (uintptr_t)uc->uc_mcontext.gregs[REG_RIP];
-#elif defined(__aarch64__)
-        uintptr_t pc = (uintptr_t)uc->uc_mcontext.pc;
-#else
-#error "unsupported architecture"
-#endif
-        if (pc >= i->mod->text_lo && pc < i->mod->text_hi) {
+        if (pc_in_module(i, signal_pc(ucv))) {
             if (atomic_load(&i->kill_req)) {
                 char r[160];
                 snprintf(r, sizeof r, "killed: %s", i->kill_reason);
@@ -349,8 +396,9 @@ void wasm_rt_allocate_memory(wasm_rt_memory_t *m, uint32_t initial,
     m->size = (uint32_t)(bytes > UINT32_MAX ? UINT32_MAX : bytes);
 }
 
-uint32_t wasm_rt_grow_memory(wasm_rt_memory_t *m, uint32_t delta)
+PIE_RT_ENTRY uint32_t wasm_rt_grow_memory(wasm_rt_memory_t *m, uint32_t delta)
 {
+    pie__rt_entry_check(tls_cur, PIE_RT_HOST_STACK);
     uint32_t old = m->pages;
     if (delta == 0)
         return old;
@@ -375,10 +423,16 @@ void wasm_rt_free_memory(wasm_rt_memory_t *m)
 
 /* ---- tables ------------------------------------------------------------- */
 
+/* Initial tables are capped like grown ones: each element is host memory,
+ * allocated and written here, however small the module that asks. */
 #define TABLE_IMPL(type, null)                                                \
     void wasm_rt_allocate_##type##_table(wasm_rt_##type##_table_t *t,        \
                                          uint32_t n, uint32_t max)           \
     {                                                                         \
+        if (n > TABLE_MAX)                                                    \
+            pie_rt_trap(tls_cur, "table limit: the module's initial " #type   \
+                        " table has %u elements, the cap is %u", n,           \
+                        TABLE_MAX);                                           \
         t->size = n;                                                          \
         t->max_size = max;                                                    \
         t->data = n ? calloc(n, sizeof(wasm_rt_##type##_t)) : NULL;          \
@@ -392,13 +446,13 @@ void wasm_rt_free_memory(wasm_rt_memory_t *m)
         free(t->data);                                                        \
         t->data = NULL;                                                       \
     }                                                                         \
-    uint32_t wasm_rt_grow_##type##_table(wasm_rt_##type##_table_t *t,        \
-                                         uint32_t delta,                      \
-                                         wasm_rt_##type##_t init)             \
+    PIE_RT_ENTRY uint32_t wasm_rt_grow_##type##_table(                       \
+        wasm_rt_##type##_table_t *t, uint32_t delta, wasm_rt_##type##_t init) \
     {                                                                         \
+        pie__rt_entry_check(tls_cur, PIE_RT_HOST_STACK);                      \
         uint32_t old = t->size;                                               \
         uint64_t n = (uint64_t)old + delta;                                   \
-        if (n > t->max_size || n > (1u << 20))                                \
+        if (n > t->max_size || n > TABLE_MAX)                                 \
             return (uint32_t)-1;                                              \
         if (delta == 0)                                                       \
             return old;                                                       \

@@ -13,11 +13,16 @@
  *   test_runtime http        HTTP against a local listener + allowlist
  *   test_runtime concurrent  2,000 instances parked at once
  *   test_runtime cycles      20,000 launch/exit cycles: fds, maps, RSS flat
+ *   test_runtime deep        host calls made with the fiber stack nearly
+ *                            full trap cleanly; the runtime goes on
+ *   test_runtime limits      a module's initial tables are capped
  */
 #define _GNU_SOURCE
 #include <arpa/inet.h>
 #include <dirent.h>
 #include <netinet/in.h>
+#include <signal.h>
+#include <sys/resource.h>
 #include <sys/socket.h>
 #include <unistd.h>
 
@@ -576,6 +581,114 @@ static void test_cycles(void)
     pie_rt_free(rt);
 }
 
+/* ---- stack and table limits --------------------------------------------- */
+
+static void hang_alarm(int sig)
+{
+    static const char msg[] = "FAIL: the runtime hung (a trap left a lock "
+                              "held?)\n";
+    ssize_t r = write(2, msg, sizeof msg - 1);
+    (void)r;
+    _exit(1);
+}
+
+/* Runs deep.wasm to depth d (publishing at the bottom if asked). */
+static int32_t run_deep(pie_rt *rt, pie_rt_module *m, uint32_t d,
+                        bool publish, char reason[256])
+{
+    char ds[16];
+    snprintf(ds, sizeof ds, "%u", d);
+    const char *a[] = {"deep", ds, publish ? "publish" : NULL, NULL};
+    return wait_inst(launch_v(rt, m, NULL, a), reason);
+}
+
+/* A host call (publish: malloc under rt->lock) made with the guest's frames
+ * just above the stack guard once faulted in host code; the trap unwound
+ * with the lock held and the server hung. Every such call must end its
+ * instance with a clear trap, and the runtime must go on. */
+static void test_deep(void)
+{
+    signal(SIGALRM, hang_alarm);
+    alarm(60);
+    pie_rt_opts o = {.fiber_stack = 256u << 10};
+    pie_rt *rt = make_rt(&o);
+    pie_rt_module *m = load_wasm(rt, "deep.wasm", NULL);
+    char reason[256];
+    /* The deepest recursion that fits, without a host call at the bottom. */
+    uint32_t lo = 1, hi = 1u << 20;
+    while (hi - lo > 1) {
+        uint32_t mid = lo + (hi - lo) / 2;
+        int32_t st = run_deep(rt, m, mid, false, reason);
+        CHECK(st == 0 || strstr(reason, "native stack exhausted"),
+              "depth %u: status %d (%s)", mid, st, reason);
+        if (st == 0)
+            lo = mid;
+        else
+            hi = mid;
+    }
+    double frame = (double)(o.fiber_stack - (64u << 10)) / lo;
+    /* Publish from there upwards: each depth while under 8 KiB is left
+     * (where host code would fault), then steps of about 1 KiB until the
+     * call has room (the host reserve is 64 KiB). */
+    uint32_t d = lo, ok_depth = 0, host_traps = 0, runs = 0;
+    while (d > 1) {
+        int32_t st = run_deep(rt, m, d, true, reason);
+        runs++;
+        if (st == 0) {
+            ok_depth = d;
+            break;
+        }
+        CHECK(st == PIE_ETRAP && strstr(reason, "native stack exhausted"),
+              "publish at depth %u: status %d (%s)", d, st, reason);
+        host_traps += strstr(reason, "host call") != NULL;
+        uint32_t step = (lo - d) * frame < 8192 ? 1 : 1 + (uint32_t)(1024 / frame);
+        d = d > step ? d - step : 1;
+    }
+    double left = (lo - ok_depth) * frame;
+    printf("max depth %u (~%.0f B a frame); %u publishing runs: %u trapped "
+           "at the host entry; publish fits %u frames up (~%.0f KiB)\n", lo,
+           frame, runs, host_traps, lo - ok_depth, left / 1024);
+    CHECK(host_traps > 0, "no host call trapped for lack of stack");
+    CHECK(ok_depth > 0 && left < (160u << 10),
+          "publish never fit (last depth %u, ~%.0f KiB left)", ok_depth, left);
+    /* The runtime still serves the same calls. */
+    CHECK(run_deep(rt, m, 100, true, reason) == 0, "publish after traps: %s",
+          reason);
+    pie_rt_module_unref(m);
+    pie_rt_free(rt);
+    alarm(0);
+}
+
+static void test_limits(void)
+{
+    pie_rt_opts o = {0};
+    pie_rt *rt = make_rt(&o);
+    struct rusage ru0, ru1;
+    getrusage(RUSAGE_SELF, &ru0);
+    pie_rt_module *m = load_wasm(rt, "bigtable.wasm", NULL);
+    const char *a[] = {"bigtable", NULL};
+    char reason[256];
+    int32_t st = wait_inst(launch_v(rt, m, NULL, a), reason);
+    getrusage(RUSAGE_SELF, &ru1);
+    long grew = ru1.ru_maxrss - ru0.ru_maxrss;
+    printf("bigtable: status %d (%s); peak RSS +%ld KiB\n", st, reason, grew);
+    CHECK(st == PIE_ETRAP, "bigtable: expected a trap, got status %d", st);
+    CHECK(strstr(reason, "table limit: the module's initial funcref table "
+                         "has 50000000 elements, the cap is 1048576"),
+          "bigtable: reason '%s'", reason);
+#ifndef __SANITIZE_ADDRESS__
+    CHECK(grew < (256 << 10), "bigtable: peak RSS grew by %ld KiB", grew);
+#endif
+    pie_rt_module_unref(m);
+    /* The runtime keeps working. */
+    m = load_wasm(rt, "hello.wasm", NULL);
+    const char *h[] = {"hello", "x", "1", NULL};
+    CHECK(wait_inst(launch_v(rt, m, NULL, h), reason) == 1, "hello after: %s",
+          reason);
+    pie_rt_module_unref(m);
+    pie_rt_free(rt);
+}
+
 int main(int argc, char **argv)
 {
     setvbuf(stdout, NULL, _IOLBF, 0);
@@ -587,9 +700,11 @@ int main(int argc, char **argv)
     else if (!strcmp(t, "http")) test_http();
     else if (!strcmp(t, "concurrent")) test_concurrent();
     else if (!strcmp(t, "cycles")) test_cycles();
+    else if (!strcmp(t, "deep")) test_deep();
+    else if (!strcmp(t, "limits")) test_limits();
     else {
         fprintf(stderr, "usage: test_runtime basic|reject|isolation|"
-                        "messaging|http|concurrent|cycles\n");
+                        "messaging|http|concurrent|cycles|deep|limits\n");
         return 2;
     }
     TEST_DONE();

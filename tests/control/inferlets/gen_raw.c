@@ -9,6 +9,8 @@
  *         badptr    pass an out-of-bounds pointer to kv_alloc (must trap)
  *         badargs   call with bad handles/arguments; send "ok" if every call
  *                   returned the expected error code
+ *   argv: hold N    allocate N pages (waiting for the pool if it is short),
+ *                   then wait for a message
  */
 #include <stdio.h>
 #include <stdlib.h>
@@ -70,6 +72,12 @@ int main(int argc, char **argv)
     if (m < 0) return 3;
     if (strcmp(argv[1], "badptr") == 0)
         return pie_kv_alloc(m, 4, (int32_t *)0x7ffffff0);
+    if (strcmp(argv[1], "hold") == 0 && argc > 2) {
+        static int32_t held[MAXT];
+        int32_t n = atoi(argv[2]);
+        if (n > MAXT || pie_kv_alloc(m, (uint32_t)n, held) != 0) return 4;
+        return pie_future_wait(pie_receive()) < 0 ? 5 : 0;
+    }
     if (strcmp(argv[1], "badargs") == 0) {
         int fails = badargs(m);
         if (!fails) pie_send("ok", 2);
