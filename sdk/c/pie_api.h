@@ -140,23 +140,23 @@ PIE_IMPORT_(forward_read_values) int32_t pie_forward_read_values(int32_t fut, ui
 /* ---- messaging ---- */
 /* Sends a message to the launching client (or parent inferlet). Returns 0. */
 PIE_IMPORT_(send) int32_t pie_send(const void *buf, uint32_t len);
-/* Returns a future that completes with the next message from the client as its payload. */
+/* Returns a future that completes with the next message from the client as its payload (with PIE_ELIMIT at once where 65536 futures already wait for this instance's messages). */
 PIE_IMPORT_(receive) int32_t pie_receive(void);
 /* Delivers a message to every current subscriber of topic; returns the number of subscribers reached. */
 PIE_IMPORT_(publish) int32_t pie_publish(const char *topic, uint32_t tlen, const void *buf, uint32_t len);
 /* Subscribes to topic; returns a subscription handle. Messages published from now on queue up on it. */
 PIE_IMPORT_(subscribe) int32_t pie_subscribe(const char *topic, uint32_t tlen);
-/* Returns a future that completes with the next message of the subscription. */
+/* Returns a future that completes with the next message of the subscription (with PIE_ELIMIT at once where 65536 futures already wait on it). */
 PIE_IMPORT_(subscription_next) int32_t pie_subscription_next(int32_t sub);
 /* Ends a subscription. */
 PIE_IMPORT_(unsubscribe) int32_t pie_unsubscribe(int32_t sub);
 /* Appends a message to the server-wide queue name. */
 PIE_IMPORT_(queue_push) int32_t pie_queue_push(const char *name, uint32_t nlen, const void *buf, uint32_t len);
-/* Returns a future that completes with the oldest message of the queue (each message goes to exactly one puller). */
+/* Returns a future that completes with the oldest message of the queue (each message goes to exactly one puller; PIE_ELIMIT at once where 65536 futures already wait on the queue). */
 PIE_IMPORT_(queue_pull) int32_t pie_queue_pull(const char *name, uint32_t nlen);
 
 /* ---- child ---- */
-/* Launches a child; args holds the arguments, each NUL-terminated. Returns a future that completes with the child's exit status (or PIE_ETRAP) and its return value as payload; future_cancel kills the child. */
+/* Launches a child; args holds the arguments, each NUL-terminated. Returns a future that completes with the child's exit status (or PIE_ETRAP) and its return value as payload; future_cancel kills the child. A tree of inferlets launched by one client holds at most 256 live descendants: past that, the future completes with PIE_ELIMIT. */
 PIE_IMPORT_(launch) int32_t pie_launch(const char *name, uint32_t nlen, const char *args, uint32_t alen);
 
 /* ---- http ---- */
