@@ -5,6 +5,7 @@
 #define PIE_MODEL_INTERNAL_H
 
 #include <stddef.h>
+#include <sys/stat.h>
 
 #include "model/model.h"
 
@@ -14,6 +15,13 @@
  * otherwise; messages name the path.
  */
 int pie__file_read(const char *path, size_t max, char **buf, size_t *len);
+/*
+ * Opens path read-only for a file descriptor, refusing anything but a
+ * regular file (a FIFO, device or directory) without blocking on it.
+ * Returns the fd (the caller closes it; sb filled) or a negative PIE_E…
+ * code: PIE_ENOTFOUND when path does not exist, PIE_EIO otherwise.
+ */
+int pie__open_regular(const char *path, struct stat *sb);
 /* Whether path exists (any file type). */
 int pie__file_exists(const char *path);
 /* malloc'ed "dir/name", or NULL. */

@@ -12,6 +12,7 @@
  * name it lists is checked to exist in its shard, so a lookup never has to
  * report a dangling entry later.
  */
+#include "model/model_internal.h"
 #include "model/safetensors.h"
 
 #include <errno.h>
@@ -262,15 +263,10 @@ int pie_safetensors_open(const char *path, pie_safetensors **out)
     pie_safetensors *st = st_new(path);
     if (!st) return PIE_ENOMEM;
     int rc = 0;
-    int fd = open(path, O_RDONLY | O_CLOEXEC);
     struct stat sb;
-    if (fd < 0 || fstat(fd, &sb) != 0) {
-        rc = pie_err_set(errno == ENOENT ? PIE_ENOTFOUND : PIE_EIO,
-                         "%s: cannot open: %s", path, strerror(errno));
-        goto err;
-    }
-    if (!S_ISREG(sb.st_mode)) {
-        rc = pie_err_set(PIE_EIO, "%s: not a regular file", path);
+    int fd = pie__open_regular(path, &sb);   /* never blocks on a FIFO */
+    if (fd < 0) {
+        rc = fd;
         goto err;
     }
     st->size = (size_t)sb.st_size;

@@ -102,8 +102,8 @@ struct pie_tokenizer {
     tok_pre   *pre;    int n_pre;
 
     tok_added *added;  int n_added;
-    int16_t   *added_by_byte[256];       /* added indices by first byte,      */
-    int        n_added_by_byte[256];     /*   longest first                   */
+    int32_t   *added_by_byte[256];       /* added indices by first byte,      */
+    int        n_added_by_byte[256];     /*   longest first, then file order  */
 
     int        dec_kind;                 /* DEC_*                             */
     int        dec_strip;                /* leading ' ' to strip (Strip dec.) */

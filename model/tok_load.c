@@ -10,6 +10,7 @@
  * tokenizer cannot honour exactly is refused with PIE_EUNSUPPORTED and the
  * name of the component, rather than silently tokenizing differently.
  */
+#define _GNU_SOURCE                      /* memmem */
 #include "model/tok_internal.h"
 #include "model/tok_json.h"
 #include "common/pie_err.h"
@@ -143,22 +144,42 @@ static int load_added(pie_tokenizer *t, json_t *added)
     return 0;
 }
 
-/* Index added tokens by first byte, longest first (leftmost-longest match). */
+/* Sort key of one added token: first byte, then longest first, then file
+ * order (so equal-length tokens keep the order the file lists them in). */
+typedef struct { uint8_t byte; size_t len; int32_t idx; } added_key;
+
+static int added_key_cmp(const void *pa, const void *pb)
+{
+    const added_key *a = pa, *b = pb;
+    if (a->byte != b->byte) return a->byte < b->byte ? -1 : 1;
+    if (a->len != b->len) return a->len > b->len ? -1 : 1;
+    return (a->idx > b->idx) - (a->idx < b->idx);
+}
+
+/* Index added tokens by first byte, longest first (leftmost-longest match).
+ * Indices are int32_t and the sort is qsort: files with tens of thousands
+ * of added tokens exist, and a narrower index would wrap to negative. */
 static int index_added(pie_tokenizer *t)
 {
-    for (int i = 0; i < t->n_added; i++) {
-        uint8_t b = (uint8_t)t->added[i].s[0];
-        int16_t *l = realloc(t->added_by_byte[b],
-                             (size_t)(t->n_added_by_byte[b] + 1) * sizeof *l);
-        if (!l) return pie_err_set(PIE_ENOMEM, "tokenizer: out of memory");
-        int j = t->n_added_by_byte[b]++;
-        while (j > 0 && t->added[l[j - 1]].len < t->added[i].len) {
-            l[j] = l[j - 1];
-            j--;
+    if (!t->n_added) return 0;
+    added_key *k = malloc((size_t)t->n_added * sizeof *k);
+    if (!k) return pie_err_set(PIE_ENOMEM, "tokenizer: out of memory");
+    for (int32_t i = 0; i < t->n_added; i++)
+        k[i] = (added_key){ (uint8_t)t->added[i].s[0], t->added[i].len, i };
+    qsort(k, (size_t)t->n_added, sizeof *k, added_key_cmp);
+    for (int32_t i = 0, j; i < t->n_added; i = j) {
+        uint8_t b = k[i].byte;
+        for (j = i; j < t->n_added && k[j].byte == b; j++) {}
+        int32_t *l = malloc((size_t)(j - i) * sizeof *l);
+        if (!l) {
+            free(k);
+            return pie_err_set(PIE_ENOMEM, "tokenizer: out of memory");
         }
-        l[j] = (int16_t)i;
+        for (int32_t m = i; m < j; m++) l[m - i] = k[m].idx;
         t->added_by_byte[b] = l;
+        t->n_added_by_byte[b] = j - i;
     }
+    free(k);
     return 0;
 }
 
@@ -494,6 +515,16 @@ static int push_ids(int32_t **v, int *n, const int32_t *ids, int k)
     return 0;
 }
 
+/* A post-processor id must name a token, or encode would return ids that
+ * decode refuses. */
+static int post_id_check(const pie_tokenizer *t, const char *what, int32_t id)
+{
+    if (id < t->n_ids && (t->flags[id] & TOK_PRESENT)) return 0;
+    pie_err_set(PIE_EFORMAT, "tokenizer.json: %s id %d is not a token of the "
+                "vocab (%d ids)", what, id, t->n_ids);
+    return PIE_EFORMAT;
+}
+
 static int template_special(pie_tokenizer *t, json_t *specials, const char *name,
                             int after)
 {
@@ -504,10 +535,9 @@ static int template_special(pie_tokenizer *t, json_t *specials, const char *name
                            "special token \"%s\" has no ids", name);
     json_array_foreach(ids, i, v) {
         int32_t id;
-        if (check_id(v, "a TemplateProcessing special token", &id)) return PIE_EFORMAT;
-        if (id >= t->n_ids)
-            return pie_err_set(PIE_EFORMAT, "tokenizer.json: TemplateProcessing "
-                               "id %d is outside the vocab", id);
+        if (check_id(v, "a TemplateProcessing special token", &id) ||
+            post_id_check(t, "TemplateProcessing", id))
+            return PIE_EFORMAT;
         int rc = after ? push_ids(&t->suffix, &t->n_suffix, &id, 1)
                        : push_ids(&t->prefix, &t->n_prefix, &id, 1);
         if (rc) return rc;
@@ -545,7 +575,9 @@ static int load_cls_sep(pie_tokenizer *t, json_t *p)
     json_t *sep = json_array_get(json_object_get(p, "sep"), 1);
     int32_t a, b;
     if (check_id(cls, "post_processor cls", &a) ||
-        check_id(sep, "post_processor sep", &b))
+        check_id(sep, "post_processor sep", &b) ||
+        post_id_check(t, "post_processor cls", a) ||
+        post_id_check(t, "post_processor sep", b))
         return PIE_EFORMAT;
     int rc = push_ids(&t->prefix, &t->n_prefix, &a, 1);
     return rc ? rc : push_ids(&t->suffix, &t->n_suffix, &b, 1);
@@ -672,14 +704,55 @@ static size_t decode_token(const pie_tokenizer *t, const int16_t *cp_to_byte,
     return k;
 }
 
+/* Upper bound of decode_token's output for s: exact for the Replace
+ * decoder, which is the only step that can make a token longer. */
+static size_t decoded_bound(const pie_tokenizer *t, const char *s, size_t n)
+{
+    if (!t->dec_from || t->dec_to_len <= t->dec_from_len) return n;
+    size_t hits = 0;
+    for (const char *p = s, *end = s + n;
+         (p = memmem(p, (size_t)(end - p), t->dec_from, t->dec_from_len));
+         p += t->dec_from_len)
+        hits++;
+    return n + hits * (t->dec_to_len - t->dec_from_len);
+}
+
+/*
+ * Sizes dec_arena exactly enough for every present token. A Replace decoder
+ * with a long content multiplies, so a small file could ask for gigabytes
+ * (and dec_off is 32 bits): the expansion is capped at DEC_GROW_MAX bytes
+ * beyond the raw strings, and the total at UINT32_MAX.
+ */
+#define DEC_GROW_MAX ((size_t)256 << 20)
+
+static int decoded_size(const pie_tokenizer *t, size_t *out)
+{
+    size_t total = 0, limit = t->arena_len + DEC_GROW_MAX;
+    if (limit > UINT32_MAX) limit = UINT32_MAX;
+    for (int32_t id = 0; id < t->n_ids; id++) {
+        if (!(t->flags[id] & TOK_PRESENT)) continue;
+        size_t n = decoded_bound(t, t->str[id], t->len[id]);
+        if (n > limit - total)
+            return pie_err_set(PIE_EFORMAT, "tokenizer.json: the decoded "
+                               "vocabulary would take more than %zu MiB (at "
+                               "token %d); a Replace decoder with a long "
+                               "\"content\" repeats it for every match",
+                               limit >> 20, id);
+        total += n;
+    }
+    *out = total;
+    return 0;
+}
+
 static int build_decoded(pie_tokenizer *t)
 {
     int16_t cp_to_byte[0x144];
     memset(cp_to_byte, 0xff, sizeof cp_to_byte);
     for (int b = 0; b < 256; b++) cp_to_byte[pie__tok_byte_to_cp[b]] = (int16_t)b;
-    size_t grow = t->dec_to_len > t->dec_from_len ? t->dec_to_len : 1;
-    size_t cap = t->arena_len * grow + 16, k = 0;
-    t->dec_arena = malloc(cap);
+    size_t cap = 0, k = 0;
+    int rc = decoded_size(t, &cap);
+    if (rc) return rc;
+    t->dec_arena = malloc(cap + 16);
     if (!t->dec_arena) return pie_err_set(PIE_ENOMEM, "tokenizer: out of memory");
     for (int32_t id = 0; id < t->n_ids; id++) {
         if (!(t->flags[id] & TOK_PRESENT)) continue;

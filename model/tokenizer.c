@@ -23,9 +23,9 @@
  */
 #define _GNU_SOURCE                      /* memmem */
 #include "model/tok_internal.h"
+#include "model/model_internal.h"
 #include "common/pie_err.h"
 
-#include <errno.h>
 #include <stdlib.h>
 #include <string.h>
 #include <utf8proc.h>
@@ -585,29 +585,9 @@ int pie_tokenizer_load_json(const char *json, size_t len, const char *cfg,
     return 0;
 }
 
-static int read_file(const char *path, char **data, size_t *len)
-{
-    FILE *f = fopen(path, "rb");
-    if (!f)
-        return pie_err_set(errno == ENOENT ? PIE_ENOTFOUND : PIE_EIO,
-                           "%s: %s", path, strerror(errno));
-    int rc = 0;
-    char *p = NULL;
-    long n = -1;
-    if (fseek(f, 0, SEEK_END) == 0) n = ftell(f);
-    if (n < 0 || fseek(f, 0, SEEK_SET) != 0)
-        rc = pie_err_set(PIE_EIO, "%s: cannot determine the size", path);
-    else if (!(p = malloc((size_t)n + 1)))
-        rc = pie_err_set(PIE_ENOMEM, "%s: out of memory", path);
-    else if (fread(p, 1, (size_t)n, f) != (size_t)n)
-        rc = pie_err_set(PIE_EIO, "%s: read failed", path);
-    fclose(f);
-    if (rc) { free(p); return rc; }
-    p[n] = 0;
-    *data = p;
-    *len = (size_t)n;
-    return 0;
-}
+/* Largest tokenizer.json / tokenizer_config.json read (real ones are a few
+ * MB; Llama 3's is 9 MB). */
+#define TOKENIZER_FILE_MAX ((size_t)256 << 20)
 
 int pie_tokenizer_load(const char *dir, pie_tokenizer **out)
 {
@@ -615,10 +595,10 @@ int pie_tokenizer_load(const char *dir, pie_tokenizer **out)
     char *json = NULL, *cfg = NULL;
     size_t len = 0, cfg_len = 0;
     snprintf(path, sizeof path, "%s/tokenizer.json", dir);
-    int rc = read_file(path, &json, &len);
+    int rc = pie__file_read(path, TOKENIZER_FILE_MAX, &json, &len);
     if (rc) return rc;
     snprintf(path, sizeof path, "%s/tokenizer_config.json", dir);
-    rc = read_file(path, &cfg, &cfg_len);
+    rc = pie__file_read(path, TOKENIZER_FILE_MAX, &cfg, &cfg_len);
     if (rc == PIE_ENOTFOUND) rc = 0;
     if (!rc) {
         rc = pie_tokenizer_load_json(json, len, cfg, cfg_len, out);

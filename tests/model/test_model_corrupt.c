@@ -3,6 +3,8 @@
  * the right error code and a message that names the file and the problem,
  * and never crash (run it under -DPIE_SANITIZE=ON too).
  */
+#include <signal.h>
+#include <sys/stat.h>
 #include <unistd.h>
 
 #include "common/pie_err.h"
@@ -410,6 +412,53 @@ static void test_bad_tokenizer(void)
     tmpdir_rm(dir);
 }
 
+static void on_alarm(int sig)
+{
+    (void)sig;
+    static const char msg[] = "FAIL: watchdog: the load hung on a FIFO (see "
+                              "the last file printed above)\n";
+    (void)!write(2, msg, sizeof msg - 1);
+    _exit(1);
+}
+
+/*
+ * Every file the loader reads, replaced by a named pipe: opening a FIFO for
+ * reading blocks until a writer appears, so this used to hang the load
+ * forever. It must fail at once, naming the file. A watchdog alarm turns a
+ * hang into a failure.
+ */
+static void test_fifos(void)
+{
+    printf("FIFOs in the model directory:\n");
+    const char *names[] = { "config.json", "generation_config.json",
+                            "model.safetensors.index.json",
+                            "model.safetensors", "tokenizer.json",
+                            "tokenizer_config.json" };
+    const char *src = test_shared_path("models/stories260K");
+    signal(SIGALRM, on_alarm);
+    for (size_t i = 0; i < sizeof names / sizeof names[0]; i++) {
+        char *dir = copy_stories(), path[1024];
+        const char *extra[] = { "generation_config.json", "tokenizer.json",
+                                "tokenizer_config.json" };
+        for (int k = 0; k < 3; k++) {
+            size_t n;
+            snprintf(path, sizeof path, "%s/%s", src, extra[k]);
+            char *t = file_slurp(path, &n);
+            file_write(dir, extra[k], t, n);
+            free(t);
+        }
+        snprintf(path, sizeof path, "%s/%s", dir, names[i]);
+        unlink(path);
+        CHECK(mkfifo(path, 0600) == 0, "mkfifo %s", path);
+        printf("  %s:\n", names[i]);
+        fflush(stdout);
+        alarm(10);
+        EXPECT_ERR(load_dir(dir), PIE_EIO, names[i], "not a regular file");
+        alarm(0);
+        tmpdir_rm(dir);
+    }
+}
+
 int main(void)
 {
     test_safetensors_headers();
@@ -418,6 +467,7 @@ int main(void)
     test_index_files();
     test_generation_config();
     test_bad_tokenizer();
+    test_fifos();
     EXPECT_ERR(load_dir("random:nosuch"), PIE_ENOTFOUND, "nosuch");
     TEST_DONE();
 }
