@@ -12,6 +12,10 @@
  *                     (pending forwards cancelled, every page returned)
  *   einst.b[]         forward builders (handle = index + 1): host copies of
  *                     what forward_* calls set, consumed by forward_submit
+ *   einst.b_bytes     bytes the builders hold (each builder's b->bytes),
+ *                     at most builder_budget(): a guest may pass one small
+ *                     buffer again and again, so the copies are what must
+ *                     be bounded (forward_* fails with PIE_ELIMIT beyond)
  *
  * KV page handles are the control layer's client handles as int32. A
  * forward future is a runtime future of kind PIE_RT_FUT_ENGINE whose data
@@ -40,6 +44,7 @@ typedef struct Z_pie_instance_t I;
 #define MAX_TOKENS        (1 << 20)
 #define MAX_ROWS          (1 << 16)
 #define MAX_PAGES_CALL    (1 << 16)
+#define BUILDER_BUDGET    (256ull << 20)   /* builder bytes per instance    */
 
 typedef struct served {
     char       name[128];
@@ -68,11 +73,13 @@ typedef struct builder {
     int32_t        n_pages, last_len;
     uint32_t      *mask_indptr, *mask_runs;
     int32_t        mask_tokens;       /* n_tok when the mask was set       */
+    uint64_t       mask_bytes;        /* of mask_indptr and mask_runs      */
     int32_t        n_rows, cap_rows;
     int32_t       *out_idx;
     pie_sampler   *samplers;
     int32_t      **ids;               /* (n_rows) LOGPROBS ids or NULL     */
     row_mask      *lmask;             /* (n_rows)                          */
+    uint64_t       bytes;             /* charged to einst.b_bytes          */
 } builder;
 
 typedef struct einst {
@@ -81,6 +88,7 @@ typedef struct einst {
     pie_ctl_client *clients[PIE_ENGINE_MAX_MODELS];
     builder       **b;
     int32_t         n_b;
+    uint64_t        b_bytes;          /* sum of the builders' bytes         */
     uint32_t       *alloc_buf;        /* kv_alloc's page handles: owned     */
     uint32_t        alloc_cap;        /* here, as kv_alloc may never return */
 } einst;
@@ -138,6 +146,14 @@ static void builder_free(builder *b)
     free(b->mask_indptr); free(b->mask_runs); free(b->out_idx);
     free(b->samplers); free(b->ids); free(b->lmask);
     free(b);
+}
+
+/* Frees a builder and gives its bytes back to the instance's budget. */
+static void builder_drop(einst *x, builder *b)
+{
+    if (!b) return;
+    x->b_bytes -= b->bytes;
+    builder_free(b);
 }
 
 static int on_start(void *user, pie_rt_instance *i)
@@ -520,6 +536,31 @@ uint32_t Z_pieZ_kv_list_exports(I *i, uint32_t h, uint32_t buf, uint32_t cap)
 
 /* ---- forward builders --------------------------------------------------- */
 
+/* The most bytes an instance's builders may hold: BUILDER_BUDGET, or the
+ * instance's memory limit if that is lower. */
+static uint64_t builder_budget(I *i)
+{
+    uint64_t lim = i->rt->o.memory_limit;
+    return lim && lim < BUILDER_BUDGET ? lim : BUILDER_BUDGET;
+}
+
+/* Charges a change of `add` bytes less `sub` bytes to b (a copy replacing
+ * an older one, a grown array); PIE_ELIMIT, charging nothing, if the
+ * instance's builders would then hold more than builder_budget(). */
+static int charge(I *i, builder *b, uint64_t add, uint64_t sub)
+{
+    einst *x = X(i);
+    uint64_t now = x->b_bytes - sub + add;
+    if (add > sub && now > builder_budget(i))
+        return pie_err_set(PIE_ELIMIT, "forward builders would hold %llu "
+                           "bytes (limit %llu per instance): submit them "
+                           "first", (unsigned long long)now,
+                           (unsigned long long)builder_budget(i));
+    x->b_bytes = now;
+    b->bytes = b->bytes - sub + add;
+    return 0;
+}
+
 static builder *builder_of(I *i, uint32_t h)
 {
     einst *x = X(i);
@@ -544,23 +585,31 @@ uint32_t Z_pieZ_forward_new(I *i, uint32_t h)
     }
     builder *b = calloc(1, sizeof *b);
     if (!b) { x->b[slot] = NULL; RET(PIE_ENOMEM); }
+    int rc = charge(i, b, sizeof *b, 0);
+    if (rc < 0) { free(b); x->b[slot] = NULL; RET(rc); }
     b->model = (int32_t)(s - x->e->models);
     x->b[slot] = b;
     RET(slot + 1);
 }
 
-static int grow_tokens(builder *b, uint32_t n)
+static int grow_tokens(I *i, builder *b, uint32_t n)
 {
     if ((uint64_t)b->n_tok + n > MAX_TOKENS) return PIE_ELIMIT;
     int32_t need = b->n_tok + (int32_t)n;
     if (need <= b->cap_tok) return 0;
     int32_t cap = b->cap_tok ? b->cap_tok : 16;
     while (cap < need) cap *= 2;
+    uint64_t old = (uint64_t)b->cap_tok * 8, add = (uint64_t)cap * 8;
+    int rc = charge(i, b, add, old);
+    if (rc < 0) return rc;
     int32_t *t = realloc(b->tokens, cap * sizeof *t);
     if (t) b->tokens = t;
     int32_t *p = realloc(b->positions, cap * sizeof *p);
     if (p) b->positions = p;
-    if (!t || !p) return PIE_ENOMEM;
+    if (!t || !p) {
+        charge(i, b, old, add);
+        return PIE_ENOMEM;
+    }
     b->cap_tok = cap;
     return 0;
 }
@@ -573,7 +622,7 @@ uint32_t Z_pieZ_forward_tokens(I *i, uint32_t fwd, uint32_t ids, uint32_t pos,
     pie_rt_guest_ptr(i, pos, (uint64_t)n * 4);
     builder *b = builder_of(i, fwd);
     if (!b) RET(PIE_EINVAL);
-    int rc = grow_tokens(b, n);
+    int rc = grow_tokens(i, b, n);
     if (rc < 0) RET(rc);
     pie_rt_copy_in(i, b->tokens + b->n_tok, ids, (uint64_t)n * 4);
     pie_rt_copy_in(i, b->positions + b->n_tok, pos, (uint64_t)n * 4);
@@ -588,12 +637,18 @@ uint32_t Z_pieZ_forward_token_from(I *i, uint32_t fwd, uint32_t src_fut,
     if (!b) RET(PIE_EINVAL);
     efut *ef = pie_rt_future_data(i, (int32_t)src_fut, PIE_RT_FUT_ENGINE);
     if (!ef || !ef->cf || row > INT32_MAX) RET(PIE_EINVAL);
-    int rc = grow_tokens(b, 1);
+    int rc = grow_tokens(i, b, 1);
     if (rc < 0) RET(rc);
     if (b->n_chains == b->cap_chains) {
         int32_t cap = b->cap_chains ? b->cap_chains * 2 : 4;
+        uint64_t old = (uint64_t)b->cap_chains * sizeof *b->chains,
+                 add = (uint64_t)cap * sizeof *b->chains;
+        if ((rc = charge(i, b, add, old)) < 0) RET(rc);
         pie_ctl_chain *nc = realloc(b->chains, cap * sizeof *nc);
-        if (!nc) RET(PIE_ENOMEM);
+        if (!nc) {
+            charge(i, b, old, add);
+            RET(PIE_ENOMEM);
+        }
         b->chains = nc;
         b->cap_chains = cap;
     }
@@ -617,6 +672,10 @@ uint32_t Z_pieZ_forward_pages(I *i, uint32_t fwd, uint32_t pages, uint32_t n,
         free(v);
         RET(PIE_EINVAL);
     }
+    if ((rc = charge(i, b, (uint64_t)n * 4, (uint64_t)b->n_pages * 4)) < 0) {
+        free(v);
+        RET(rc);
+    }
     free(b->pages);
     b->pages = v;
     b->n_pages = (int32_t)n;
@@ -633,22 +692,27 @@ uint32_t Z_pieZ_forward_mask(I *i, uint32_t fwd, uint32_t indptr, uint32_t runs,
     uint64_t ni = (uint64_t)b->n_tok + 1;
     pie_rt_guest_ptr(i, indptr, ni * 4);
     pie_rt_guest_ptr(i, runs, (uint64_t)n_runs * 4);
+    uint64_t bytes = ni * 4 + (uint64_t)n_runs * 4, old = b->mask_bytes;
+    int rc = charge(i, b, bytes, old);
+    if (rc < 0) RET(rc);
     uint32_t *ip = malloc(ni * 4), *r = malloc((n_runs ? n_runs : 1) * 4);
-    if (!ip || !r) {
-        free(ip), free(r);
-        RET(PIE_ENOMEM);
+    if (!ip || !r) rc = PIE_ENOMEM;
+    if (!rc) {
+        pie_rt_copy_in(i, ip, indptr, ni * 4);
+        pie_rt_copy_in(i, r, runs, (uint64_t)n_runs * 4);
+        if (ip[b->n_tok] > n_runs) rc = PIE_ERANGE;
     }
-    pie_rt_copy_in(i, ip, indptr, ni * 4);
-    pie_rt_copy_in(i, r, runs, (uint64_t)n_runs * 4);
-    if (ip[b->n_tok] > n_runs) {
+    if (rc < 0) {
         free(ip), free(r);
-        RET(PIE_ERANGE);
+        charge(i, b, old, bytes);
+        RET(rc);
     }
     free(b->mask_indptr);
     free(b->mask_runs);
     b->mask_indptr = ip;
     b->mask_runs = r;
     b->mask_tokens = b->n_tok;
+    b->mask_bytes = bytes;
     return 0;
 }
 
@@ -662,6 +726,10 @@ uint32_t Z_pieZ_forward_output(I *i, uint32_t fwd, uint32_t token_idx,
     if (token_idx > INT32_MAX) RET(PIE_ERANGE);
     if (b->n_rows == b->cap_rows) {
         int32_t cap = b->cap_rows ? b->cap_rows * 2 : 4;
+        const uint64_t per_row = sizeof *b->out_idx + sizeof *b->samplers +
+                                 sizeof *b->ids + sizeof *b->lmask;
+        int rc = charge(i, b, cap * per_row, b->cap_rows * per_row);
+        if (rc < 0) RET(rc);
         int32_t *oi = realloc(b->out_idx, cap * sizeof *oi);
         if (oi) b->out_idx = oi;
         pie_sampler *sa = realloc(b->samplers, cap * sizeof *sa);
@@ -670,7 +738,10 @@ uint32_t Z_pieZ_forward_output(I *i, uint32_t fwd, uint32_t token_idx,
         if (id) b->ids = id;
         row_mask *lm = realloc(b->lmask, cap * sizeof *lm);
         if (lm) b->lmask = lm;
-        if (!oi || !sa || !id || !lm) RET(PIE_ENOMEM);
+        if (!oi || !sa || !id || !lm) {
+            charge(i, b, b->cap_rows * per_row, cap * per_row);
+            RET(PIE_ENOMEM);
+        }
         b->cap_rows = cap;
     }
     int32_t r = b->n_rows++;
@@ -691,8 +762,14 @@ uint32_t Z_pieZ_forward_output_ids(I *i, uint32_t fwd, uint32_t row,
     pie_rt_guest_ptr(i, ids, (uint64_t)n * 4);
     builder *b = builder_of(i, fwd);
     if (!b || row >= (uint32_t)b->n_rows) RET(PIE_EINVAL);
+    uint64_t old = b->ids[row] ? (uint64_t)b->samplers[row].n_ids * 4 : 0;
+    int rc = charge(i, b, (uint64_t)n * 4, old);
+    if (rc < 0) RET(rc);
     int32_t *v = malloc((n ? n : 1) * sizeof *v);
-    if (!v) RET(PIE_ENOMEM);
+    if (!v) {
+        charge(i, b, old, (uint64_t)n * 4);
+        RET(PIE_ENOMEM);
+    }
     pie_rt_copy_in(i, v, ids, (uint64_t)n * 4);
     free(b->ids[row]);
     b->ids[row] = v;
@@ -708,8 +785,14 @@ uint32_t Z_pieZ_forward_logit_mask(I *i, uint32_t fwd, uint32_t row,
     pie_rt_guest_ptr(i, runs, (uint64_t)n_runs * 4);
     builder *b = builder_of(i, fwd);
     if (!b || row >= (uint32_t)b->n_rows) RET(PIE_EINVAL);
+    uint64_t old = b->lmask[row].runs ? (uint64_t)b->lmask[row].n * 4 : 0;
+    int rc = charge(i, b, (uint64_t)n_runs * 4, old);
+    if (rc < 0) RET(rc);
     uint32_t *v = malloc((n_runs ? n_runs : 1) * 4);
-    if (!v) RET(PIE_ENOMEM);
+    if (!v) {
+        charge(i, b, old, (uint64_t)n_runs * 4);
+        RET(PIE_ENOMEM);
+    }
     pie_rt_copy_in(i, v, runs, (uint64_t)n_runs * 4);
     free(b->lmask[row].runs);
     b->lmask[row] = (row_mask){ v, n_runs };
@@ -823,7 +906,7 @@ uint32_t Z_pieZ_forward_submit(I *i, uint32_t fwd)
     efut *ef = rc == 0 ? calloc(1, sizeof *ef) : NULL;
     if (rc == 0 && !ef) rc = PIE_ENOMEM;
     if (rc < 0) {
-        builder_free(b);
+        builder_drop(x, b);
         RET(rc);
     }
     pthread_mutex_init(&ef->mu, NULL);
@@ -833,13 +916,13 @@ uint32_t Z_pieZ_forward_submit(I *i, uint32_t fwd)
     if (h < 0) {
         pthread_mutex_destroy(&ef->mu);
         free(ef);
-        builder_free(b);
+        builder_drop(x, b);
         RET(h);
     }
     ef->rf = rf;
     pie_ctl_future *cf = NULL;
     rc = submit(c, x->e->models[b->model].m->cfg.vocab_size, b, ef, &cf);
-    builder_free(b);
+    builder_drop(x, b);
     if (rc < 0) {
         pie_rt_future_complete(rf, rc, NULL, 0);
         pie__rt_future_free(i, h);

@@ -4,39 +4,104 @@
  * parks). Only http:// URLs whose host ("host" or "host:port") is on the
  * runtime's allowlist are allowed; the list is empty by default. The
  * response body is capped at 16 MiB; chunked transfer encoding is decoded.
+ *
+ * Limits, so that a hostile inferlet (or server) cannot hold host threads
+ * and memory: at most HTTP_MAX_INST requests in flight per instance and
+ * HTTP_MAX_ALL per runtime (http_request fails with PIE_ELIMIT beyond), and
+ * each request has one deadline for connect, send and every recv together
+ * (HTTP_DEADLINE_MS; rt->http_deadline_ms overrides it), past which its
+ * future fails with PIE_ELIMIT.
+ *
+ * Ownership: an http_req is shared by its thread and its future, each
+ * holding one of r->refs (under rt->lock); the last to drop it frees it. The
+ * thread owns the socket, the request body and the response buffer. The
+ * future's cancel hook (future_cancel, future_free, the instance's end)
+ * writes r->evfd, which every wait of the thread polls, so the thread stops
+ * at once. An instance counts a request in i->n_http while r->inst points
+ * at it; whichever of the thread's completion and the cancel hook comes
+ * first clears r->inst (both on the instance's behalf while it lives: the
+ * hook runs on its fiber, and the instance frees every future before it
+ * ends). rt->n_http counts threads, and pie_rt_free waits for it to be 0.
  */
 #define _GNU_SOURCE
+#include <ctype.h>
+#include <errno.h>
+#include <fcntl.h>
 #include <netdb.h>
+#include <poll.h>
 #include <stdio.h>
 #include <string.h>
 #include <strings.h>
+#include <sys/eventfd.h>
 #include <sys/socket.h>
-#include <sys/time.h>
 #include <unistd.h>
 
 #include "runtime/rt_internal.h"
 #include "pie_api_host.h"
 
-#define MAX_RESPONSE (16u << 20)
+#define MAX_RESPONSE     (16u << 20)
+#define HTTP_MAX_INST    16          /* requests in flight per instance     */
+#define HTTP_MAX_ALL     256         /* requests in flight per runtime      */
+#define HTTP_DEADLINE_MS 30000       /* connect + send + receive, in all    */
 
 typedef struct Z_pie_instance_t I;
 
 typedef struct http_req {
-    pie_rt_future *fut;
-    char host[256], port[8], *path, *method, *headers;
-    void *body;
-    size_t blen;
+    pie_rt          *rt;
+    pie_rt_future   *fut;        /* the thread's reference until it completes */
+    pie_rt_instance *inst;       /* counted in inst->n_http while set (lock)  */
+    int32_t          refs;       /* thread + future, under rt->lock           */
+    int              evfd;       /* written by the cancel hook                */
+    uint64_t         deadline;   /* CLOCK_MONOTONIC ns                        */
+    char             host[256], port[8], *path, *method, *headers;
+    void            *body;       /* freed by the thread once sent             */
+    size_t           blen;
 } http_req;
 
 static void http_req_free(http_req *r)
 {
     if (!r)
         return;
+    if (r->evfd >= 0)
+        close(r->evfd);
     free(r->path);
     free(r->method);
     free(r->headers);
     free(r->body);
     free(r);
+}
+
+static void http_req_unref_locked(http_req *r)
+{
+    if (--r->refs == 0)
+        http_req_free(r);
+}
+
+/* Releases the instance's count of r, once (under rt->lock). */
+static void http_uncount_locked(http_req *r)
+{
+    if (r->inst) {
+        r->inst->n_http--;
+        r->inst = NULL;
+    }
+}
+
+/* Future hooks: cancel wakes the thread; destroy drops the future's ref
+ * (called under rt->lock). */
+static void http_cancel(void *data)
+{
+    http_req *r = data;
+    uint64_t one = 1;
+    ssize_t w = write(r->evfd, &one, sizeof one);
+    (void)w;                     /* an eventfd write of 1 cannot fail here */
+    pthread_mutex_lock(&r->rt->lock);
+    http_uncount_locked(r);
+    pthread_mutex_unlock(&r->rt->lock);
+}
+
+static void http_destroy(void *data)
+{
+    http_req_unref_locked(data);
 }
 
 static bool allowed(pie_rt *rt, const char *host, const char *port)
@@ -97,81 +162,162 @@ static int dechunk(char *b, size_t n, size_t *out)
     return 0;
 }
 
-static void *http_thread(void *arg)
+/* Waits until fd is ready for ev; 0, PIE_ECANCELED once the future was
+ * cancelled, or PIE_ELIMIT past the request's deadline. */
+static int wait_fd(http_req *r, int fd, short ev)
 {
-    http_req *r = arg;
-    int status = PIE_EIO, fd = -1;
-    char *resp = NULL, *body = NULL;
-    size_t n = 0, blen = 0;
-    struct addrinfo hints = {.ai_socktype = SOCK_STREAM}, *ai = NULL;
+    for (;;) {
+        uint64_t now = pie__rt_now_ns();
+        if (now >= r->deadline)
+            return PIE_ELIMIT;
+        struct pollfd p[2] = {{.fd = fd, .events = ev},
+                              {.fd = r->evfd, .events = POLLIN}};
+        int ms = (int)((r->deadline - now + 999999) / 1000000);
+        int n = poll(p, 2, ms);
+        if (n < 0 && errno != EINTR)
+            return PIE_EIO;
+        if (n > 0 && p[1].revents)
+            return PIE_ECANCELED;
+        if (n > 0 && p[0].revents)
+            return 0;
+    }
+}
+
+/* Sends all of buf on the non-blocking socket; 0 or a PIE_E code. */
+static int send_all(http_req *r, int fd, const char *buf, size_t len)
+{
+    while (len) {
+        ssize_t k = send(fd, buf, len, MSG_NOSIGNAL);
+        if (k < 0 && errno != EAGAIN && errno != EINTR)
+            return PIE_EIO;
+        if (k < 0) {
+            int rc = wait_fd(r, fd, POLLOUT);
+            if (rc)
+                return rc;
+            continue;
+        }
+        buf += k;
+        len -= (size_t)k;
+    }
+    return 0;
+}
+
+/* Connects a non-blocking socket to r's host; the fd or a PIE_E code. */
+static int connect_to(http_req *r)
+{
+    struct addrinfo hints = {.ai_socktype = SOCK_STREAM,
+                             .ai_flags = AI_NUMERICSERV}, *ai = NULL;
     if (getaddrinfo(r->host, r->port, &hints, &ai) != 0 || !ai)
-        goto done;
-    fd = socket(ai->ai_family, SOCK_STREAM | SOCK_CLOEXEC, 0);
-    struct timeval tv = {10, 0};
-    if (fd < 0)
-        goto done;
-    setsockopt(fd, SOL_SOCKET, SO_RCVTIMEO, &tv, sizeof tv);
-    setsockopt(fd, SOL_SOCKET, SO_SNDTIMEO, &tv, sizeof tv);
-    if (connect(fd, ai->ai_addr, ai->ai_addrlen) != 0)
-        goto done;
+        return PIE_EIO;
+    int fd = socket(ai->ai_family, SOCK_STREAM | SOCK_CLOEXEC | SOCK_NONBLOCK,
+                    0);
+    int rc = fd < 0 ? PIE_EIO : 0;
+    if (!rc && connect(fd, ai->ai_addr, ai->ai_addrlen) != 0) {
+        rc = errno == EINPROGRESS ? wait_fd(r, fd, POLLOUT) : PIE_EIO;
+        int err = 0;
+        socklen_t el = sizeof err;
+        if (!rc && (getsockopt(fd, SOL_SOCKET, SO_ERROR, &err, &el) || err))
+            rc = PIE_EIO;
+    }
+    freeaddrinfo(ai);
+    if (rc && fd >= 0)
+        close(fd);
+    return rc ? rc : fd;
+}
+
+/* "HTTP/1.x NNN ..." -> NNN in 100..599, else -1. */
+static int parse_status(const char *s)
+{
+    if (strncmp(s, "HTTP/1.", 7) || !isdigit((unsigned char)s[7]) ||
+        s[8] != ' ')
+        return -1;
+    for (int k = 9; k < 12; k++)
+        if (!isdigit((unsigned char)s[k]))
+            return -1;
+    if (s[12] != ' ' && s[12] != '\r')
+        return -1;
+    int code = (s[9] - '0') * 100 + (s[10] - '0') * 10 + (s[11] - '0');
+    return code >= 100 && code <= 599 ? code : -1;
+}
+
+/* Sends the request and reads the whole response (the server closes);
+ * the status code with *body, *blen (inside *resp), or a PIE_E code. */
+static int exchange(http_req *r, int fd, char **resp, char **body,
+                    size_t *blen)
+{
     char *head = NULL;
     int hl = asprintf(&head, "%s %s HTTP/1.1\r\nHost: %s\r\nConnection: close"
                       "\r\nContent-Length: %zu\r\n%s\r\n", r->method, r->path,
                       r->host, r->blen, r->headers);
     if (hl < 0)
-        goto done;
-    bool ok = send(fd, head, hl, MSG_NOSIGNAL) == hl &&
-              (!r->blen || send(fd, r->body, r->blen, MSG_NOSIGNAL) ==
-                               (ssize_t)r->blen);
+        return PIE_ENOMEM;
+    int rc = send_all(r, fd, head, (size_t)hl);
     free(head);
-    if (!ok)
-        goto done;
-    size_t cap = 0;
+    if (!rc)
+        rc = send_all(r, fd, r->body, r->blen);
+    free(r->body);               /* not needed any more: give it back now */
+    r->body = NULL;
+    if (rc)
+        return rc;
+    size_t n = 0, cap = 0;
     for (;;) {
         if (n + 4096 > cap) {
             if (cap >= MAX_RESPONSE)
-                goto done;
+                return PIE_EIO;
             cap = cap ? cap * 2 : 16384;
-            char *t = realloc(resp, cap + 1);
+            char *t = realloc(*resp, cap + 1);
             if (!t)
-                goto done;
-            resp = t;
+                return PIE_ENOMEM;
+            *resp = t;
         }
-        ssize_t got = recv(fd, resp + n, cap - n, 0);
+        ssize_t got = recv(fd, *resp + n, cap - n, 0);
+        if (got < 0 && (errno == EAGAIN || errno == EINTR)) {
+            if ((rc = wait_fd(r, fd, POLLIN)))
+                return rc;
+            continue;
+        }
         if (got < 0)
-            goto done;
+            return PIE_EIO;
         if (got == 0)
             break;
         n += got;
     }
-    if (!resp)
-        goto done;
-    resp[n] = 0;
-    int code;
-    char *hend = memmem(resp, n, "\r\n\r\n", 4);
-    if (!hend || sscanf(resp, "HTTP/1.%*d %d", &code) != 1)
-        goto done;
+    char *text = *resp;
+    text[n] = 0;
+    char *hend = memmem(text, n, "\r\n\r\n", 4);
+    int code = hend ? parse_status(text) : -1;
+    if (code < 0)
+        return PIE_EIO;
     *hend = 0;
-    body = hend + 4;
-    blen = n - (body - resp);
-    if (strcasestr(resp, "\r\ntransfer-encoding: chunked") &&
-        dechunk(body, blen, &blen) != 0)
-        goto done;
-    status = code;
-done:
-    if (ai)
-        freeaddrinfo(ai);
+    *body = hend + 4;
+    *blen = n - (*body - text);
+    if (strcasestr(text, "\r\ntransfer-encoding: chunked") &&
+        dechunk(*body, *blen, blen) != 0)
+        return PIE_EIO;
+    return code;
+}
+
+static void *http_thread(void *arg)
+{
+    http_req *r = arg;
+    char *resp = NULL, *body = NULL;
+    size_t blen = 0;
+    int fd = connect_to(r);
+    int status = fd < 0 ? fd : exchange(r, fd, &resp, &body, &blen);
     if (fd >= 0)
         close(fd);
-    pie_rt *rt = r->fut->rt;
-    pie_rt_future_complete(r->fut, status, status >= 0 ? body : NULL,
-                           status >= 0 ? blen : 0);
-    pthread_mutex_lock(&rt->lock);       /* pie_rt_free waits for this */
-    rt->n_http--;
+    pie_rt *rt = r->rt;
+    pthread_mutex_lock(&rt->lock);
+    pie__rt_future_complete_locked(r->fut, status, status >= 0 ? body : NULL,
+                                   status >= 0 ? blen : 0);
+    pie__rt_future_unref_locked(r->fut);
+    r->fut = NULL;
+    http_uncount_locked(r);
+    http_req_unref_locked(r);
+    rt->n_http--;                /* pie_rt_free waits for this */
     pthread_cond_broadcast(&rt->live_cv);
     pthread_mutex_unlock(&rt->lock);
     free(resp);
-    http_req_free(r);
     return NULL;
 }
 
@@ -184,6 +330,28 @@ static char *dup_guest(I *i, uint32_t p, uint32_t len)
         d[len] = 0;
     }
     return d;
+}
+
+/* Takes one of the instance's and one of the runtime's request slots for r
+ * (0), or fails with PIE_ELIMIT. */
+static int http_count(I *i, http_req *r)
+{
+    pie_rt *rt = i->rt;
+    int rc = 0;
+    pthread_mutex_lock(&rt->lock);
+    if (i->n_http >= HTTP_MAX_INST)
+        rc = pie_err_set(PIE_ELIMIT, "http_request: %d requests in flight "
+                         "(the limit per instance)", HTTP_MAX_INST);
+    else if (rt->n_http >= HTTP_MAX_ALL)
+        rc = pie_err_set(PIE_ELIMIT, "http_request: %d requests in flight "
+                         "(the limit per server)", HTTP_MAX_ALL);
+    if (!rc) {
+        i->n_http++;
+        rt->n_http++;
+        r->inst = i;
+    }
+    pthread_mutex_unlock(&rt->lock);
+    return rc;
 }
 
 uint32_t Z_pieZ_http_request(I *i, uint32_t mp, uint32_t ml, uint32_t up,
@@ -200,6 +368,8 @@ uint32_t Z_pieZ_http_request(I *i, uint32_t mp, uint32_t ml, uint32_t up,
     http_req *r = calloc(1, sizeof *r);
     char *url = dup_guest(i, up, ul);
     if (r) {
+        r->rt = i->rt;
+        r->evfd = eventfd(0, EFD_CLOEXEC | EFD_NONBLOCK);
         r->method = dup_guest(i, mp, ml);
         r->headers = dup_guest(i, hp, hl);
         r->body = malloc(bl ? bl : 1);
@@ -207,6 +377,8 @@ uint32_t Z_pieZ_http_request(I *i, uint32_t mp, uint32_t ml, uint32_t up,
     int32_t rc = 0;
     if (!r || !url || !r->method || !r->headers || !r->body)
         rc = PIE_ENOMEM;
+    else if (r->evfd < 0)
+        rc = PIE_EIO;
     if (!rc) {
         memcpy(r->body, pie_rt_guest_ptr(i, bp, bl), bl);
         r->blen = bl;
@@ -223,30 +395,39 @@ uint32_t Z_pieZ_http_request(I *i, uint32_t mp, uint32_t ml, uint32_t up,
     if (!rc && !allowed(i->rt, r->host, r->port))
         rc = PIE_EPERM;
     free(url);
-    int32_t h = rc;
     if (!rc)
-        h = pie_rt_future_new(i, PIE_RT_FUT_HTTP, NULL, NULL, NULL, &r->fut);
+        rc = http_count(i, r);
+    if (rc) {
+        http_req_free(r);
+        return (uint32_t)rc;
+    }
+    uint32_t ms = i->rt->http_deadline_ms ? i->rt->http_deadline_ms
+                                          : HTTP_DEADLINE_MS;
+    r->deadline = pie__rt_now_ns() + (uint64_t)ms * 1000000;
+    r->refs = 2;                 /* the thread's and the future's */
+    int32_t h = pie_rt_future_new(i, PIE_RT_FUT_HTTP, r, http_cancel,
+                                  http_destroy, &r->fut);
     pthread_t t;
     pthread_attr_t at;
     pthread_attr_init(&at);
     pthread_attr_setdetachstate(&at, PTHREAD_CREATE_DETACHED);
-    /* once its thread runs, r is the thread's: it may finish and free r
-     * before pthread_create returns here, so r is not read after that */
-    bool handed = false;
-    if (h > 0) {
-        pthread_mutex_lock(&i->rt->lock);
-        i->rt->n_http++;
-        pthread_mutex_unlock(&i->rt->lock);
-        handed = pthread_create(&t, &at, http_thread, r) == 0;
-        if (!handed) {
-            pthread_mutex_lock(&i->rt->lock);
-            i->rt->n_http--;
-            pthread_mutex_unlock(&i->rt->lock);
-            pie_rt_future_complete(r->fut, PIE_EIO, NULL, 0);
-        }
-    }
+    /* once its thread runs, r is shared: it may complete the future before
+     * pthread_create returns here, so r is only read here on failure */
+    bool started = h > 0 && pthread_create(&t, &at, http_thread, r) == 0;
     pthread_attr_destroy(&at);
-    if (!handed)
-        http_req_free(r);
+    if (!started) {
+        pthread_mutex_lock(&i->rt->lock);
+        http_uncount_locked(r);
+        i->rt->n_http--;
+        pthread_cond_broadcast(&i->rt->live_cv);
+        if (h > 0) {             /* the future keeps its ref; drop ours */
+            pie__rt_future_complete_locked(r->fut, PIE_EIO, NULL, 0);
+            pie__rt_future_unref_locked(r->fut);
+            http_req_unref_locked(r);
+        }
+        pthread_mutex_unlock(&i->rt->lock);
+        if (h < 0)
+            http_req_free(r);
+    }
     return (uint32_t)h;
 }

@@ -168,6 +168,7 @@ pie_rt_msg *pie__rt_msg_new(const void *buf, size_t len)
     if (!m)
         return NULL;
     m->next = NULL;
+    m->acct = NULL;
     m->len = len;
     if (len)
         memcpy(m->data, buf, len);
@@ -195,6 +196,8 @@ pie_rt_msg *pie__rt_msgq_pop(pie_rt_msgq *q)
             q->tail = NULL;
         q->n--;
         q->bytes -= m->len;
+        if (m->acct)           /* under rt->lock: charged messages are */
+            pie__rt_msg_uncharge(m);   /* only ever queued under it */
     }
     return m;
 }
@@ -238,6 +241,9 @@ static void instance_free(pie_rt_instance *i)
     free(i->ret);
     free(i->futs);
     free(i->free_slots);
+    /* Empty once the instance ran (messaging_instance_end); one that never
+     * ran holds only the launcher's messages, which no account is charged
+     * for, so this needs no rt->lock. */
     pie__rt_msgq_clear(&i->inbox);
     pthread_cond_destroy(&i->done_cv);
     if (i->parent)

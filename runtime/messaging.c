@@ -6,12 +6,45 @@
  *   topics     rt->topics: name -> list of subscriptions. A subscription is
  *              a handle (a never-completing future of kind SUB whose data
  *              is the pie_rt_sub); it buffers messages and queues
- *              subscription_next() futures.
+ *              subscription_next() futures. A topic exists while it has a
+ *              subscription: the last one to go frees it.
  *   queues     rt->queues: name -> FIFO of messages + FIFO of pull futures;
- *              each message goes to exactly one puller. Queues live as long
- *              as the runtime.
+ *              each message goes to exactly one puller. A queue exists
+ *              while it holds a message or a waiter: the push or pull that
+ *              empties it, or the cancel that takes its last waiter (the
+ *              list knows its queue: waitq.queue), frees it at once, so an
+ *              empty queue and a missing one are the same thing.
  *   modules    rt->modules: name -> module, for launch().
- * All of it is under rt->lock.
+ * All of it is under rt->lock. Topic and queue names are looked up in two
+ * chained hash tables (FNV-1a; buckets double past one entry each and
+ * never shrink).
+ *
+ * Budgets. The number of names is not capped: each live name is held by
+ * something that counts against one instance's budget, so no instance can
+ * use up what the others need.
+ *   - A message queued for a reader (a queue, a subscription, a parent's
+ *     inbox) is charged to the instance that sent it, len + MSG_COST bytes
+ *     (MSG_COST covers the message header plus a queue with a 255-byte
+ *     name, so a message alone in its queue is paid for), from when it is
+ *     queued until it is popped: read, or dropped with its subscription,
+ *     inbox or the runtime. A message handed straight to a waiting future
+ *     is not charged. An instance may have MAX_INST_BYTES charged at once;
+ *     past that queue_push, publish and send fail PIE_ELIMIT. A publish
+ *     is charged once per subscription that queues a copy and is all or
+ *     nothing: past the budget it reaches no one.
+ *   - Charges live in a pie_rt_acct, referenced by the instance until it
+ *     ends and by each message charged to it. An ended instance's messages
+ *     stay charged until read or dropped: to its account, which no one can
+ *     add to any more, and to rt->queued_bytes, the sum of all charges,
+ *     capped at MAX_TOTAL_BYTES, so instances launched one after another
+ *     cannot pile up unread messages without bound (past it every sender
+ *     gets PIE_ELIMIT until readers drain them). Messages from the embedder
+ *     (pie_rt_send) are charged to no one; each inbox has its own cap.
+ *   - An instance holds at most MAX_SUBS subscriptions (each holds a topic
+ *     name). A pending pull holds its queue as a future does, within the
+ *     instance's table of 2^20 handles.
+ *   - Every queue, inbox and subscription holds at most MAX_QUEUED
+ *     messages and MAX_QUEUED_BYTES bytes.
  *
  * Wait lists (pie_rt_waitq, doubly linked through the futures) hold only
  * pending futures, each with a reference owned by the list. Cancelling or
@@ -22,6 +55,7 @@
  * holds at most MAX_WAITERS; the future past that completes PIE_ELIMIT.
  */
 #define _GNU_SOURCE
+#include <stddef.h>
 #include <string.h>
 
 #include "runtime/rt_internal.h"
@@ -30,36 +64,214 @@
 #define PIE_RT_FUT_SUB 50
 #define MAX_QUEUED       65536          /* messages per queue/inbox/sub   */
 #define MAX_QUEUED_BYTES (64u << 20)    /* bytes per queue/inbox/sub      */
-#define MAX_NAMES        65536          /* topics + queues per runtime    */
 #define MAX_WAITERS      65536          /* pending futures per wait list  */
+#define MAX_SUBS         4096           /* subscriptions per instance     */
+#define MAX_INST_BYTES   ((size_t)256 << 20) /* charged per instance      */
+#define MAX_TOTAL_BYTES  ((size_t)1 << 30)   /* charged in all            */
+#define MSG_COST         512            /* charged per message beyond len */
 
 typedef struct Z_pie_instance_t I;
 
+/* An entry of a name table; the first member of a topic or queue. */
+typedef struct pie_rt_name {
+    struct pie_rt_name *next;   /* in its bucket                           */
+    uint32_t            hash;
+    uint32_t            len;
+    const char         *s;      /* the owner's name[] (NUL-terminated)     */
+} pie_rt_name;
+
 typedef struct pie_rt_sub {
-    struct pie_rt_topic *topic;
+    pie_rt_instance     *inst;  /* owner (it frees the handle before it ends) */
+    struct pie_rt_topic *topic; /* NULL until linked                       */
     struct pie_rt_sub   *next;
     pie_rt_msgq          q;
     pie_rt_waitq         waiters;
 } pie_rt_sub;
 
 struct pie_rt_topic {
-    struct pie_rt_topic *next;
-    pie_rt_sub          *subs;
+    pie_rt_name          nm;
+    pie_rt_sub          *subs;  /* never NULL while the topic is in the table */
     char                 name[];
 };
 
 struct pie_rt_queue {
-    struct pie_rt_queue *next;
+    pie_rt_name          nm;
     pie_rt_msgq          q;
-    pie_rt_waitq         waiters;
+    pie_rt_waitq         waiters;   /* .queue points back here             */
     char                 name[];
 };
+#define QUEUE_IS_EMPTY(q) ((q)->q.n == 0 && (q)->waiters.n == 0)
+
+_Static_assert(sizeof(struct pie_rt_queue) + 256 + sizeof(pie_rt_msg) + 64
+               <= MSG_COST, "MSG_COST must pay for a queue of one message");
 
 struct pie_rt_named {
     struct pie_rt_named *next;
     pie_rt_module       *mod;
     char                 name[];
 };
+
+/* What one instance has queued for others; see "Budgets" above. */
+struct pie_rt_acct {
+    pie_rt              *rt;
+    size_t               bytes;     /* charged for its queued messages     */
+    int32_t              refs;      /* its instance until it ends, + one a
+                                       charged message                     */
+};
+
+/* ---- name tables -------------------------------------------------------- */
+
+static uint32_t name_hash(const char *s, uint32_t len)
+{
+    uint32_t h = 2166136261u;
+    for (uint32_t k = 0; k < len; k++)
+        h = (h ^ (unsigned char)s[k]) * 16777619u;
+    return h;
+}
+
+static pie_rt_name *names_find(pie_rt_names *t, const char *s, uint32_t len,
+                               uint32_t h)
+{
+    if (!t->b)
+        return NULL;
+    for (pie_rt_name *e = t->b[h & t->mask]; e; e = e->next)
+        if (e->hash == h && e->len == len && !memcmp(e->s, s, len))
+            return e;
+    return NULL;
+}
+
+/* Adds e (whose name is not in t); 0 or PIE_ENOMEM. Doubles the buckets
+ * past one entry each (where that allocation fails, chains grow instead). */
+static int names_add(pie_rt_names *t, pie_rt_name *e)
+{
+    if (!t->b || t->n > t->mask) {
+        uint32_t nb = t->b ? 2 * (t->mask + 1) : 16;
+        pie_rt_name **b = calloc(nb, sizeof *b);
+        if (!b && !t->b)
+            return PIE_ENOMEM;
+        if (b) {
+            for (uint32_t k = 0; t->b && k <= t->mask; k++)
+                while (t->b[k]) {
+                    pie_rt_name *x = t->b[k];
+                    t->b[k] = x->next;
+                    x->next = b[x->hash & (nb - 1)];
+                    b[x->hash & (nb - 1)] = x;
+                }
+            free(t->b);
+            t->b = b;
+            t->mask = nb - 1;
+        }
+    }
+    e->next = t->b[e->hash & t->mask];
+    t->b[e->hash & t->mask] = e;
+    t->n++;
+    return 0;
+}
+
+static void names_remove(pie_rt_names *t, pie_rt_name *e)
+{
+    pie_rt_name **pp = &t->b[e->hash & t->mask];
+    while (*pp != e)
+        pp = &(*pp)->next;      /* e is in t: the walk ends at it */
+    *pp = e->next;
+    t->n--;
+}
+
+/* Pops every entry of t (NULL when empty), then frees the buckets. */
+static pie_rt_name *names_pop(pie_rt_names *t)
+{
+    for (uint32_t k = 0; t->b && k <= t->mask; k++)
+        if (t->b[k]) {
+            pie_rt_name *e = t->b[k];
+            t->b[k] = e->next;
+            t->n--;
+            return e;
+        }
+    free(t->b);
+    t->b = NULL;
+    t->mask = 0;
+    return NULL;
+}
+
+/* Allocates an object of `size` bytes whose name[] starts at `off`, with
+ * its pie_rt_name first, and adds it to t; NULL if out of memory. */
+static void *names_new(pie_rt *rt, pie_rt_names *t, size_t size, size_t off,
+                       const char *s, uint32_t len, uint32_t h)
+{
+    char *o = calloc(1, size + len + 1);
+    if (!o)
+        return NULL;
+    pie_rt_name *e = (pie_rt_name *)o;
+    memcpy(o + off, s, len);
+    e->s = o + off;
+    e->len = len;
+    e->hash = h;
+    if (names_add(t, e)) {
+        free(o);
+        return NULL;
+    }
+    rt->n_names++;
+    return o;
+}
+
+/* ---- budgets ------------------------------------------------------------ */
+
+/* 0 if `from` may be charged `cost` more bytes (creating its account),
+ * else PIE_ELIMIT or PIE_ENOMEM with a message. Under rt->lock. */
+static int budget_check(I *from, size_t cost)
+{
+    pie_rt *rt = from->rt;
+    size_t have = from->acct ? from->acct->bytes : 0;
+    if (have + cost > MAX_INST_BYTES)
+        return pie_err_set(PIE_ELIMIT, "instance %u has %zu bytes of messages "
+                           "queued; %zu more would pass its %zu MiB: wait "
+                           "until readers take some", from->id, have, cost,
+                           MAX_INST_BYTES >> 20);
+    if (rt->queued_bytes + cost > MAX_TOTAL_BYTES)
+        return pie_err_set(PIE_ELIMIT, "the server holds %zu bytes of queued "
+                           "messages; %zu more would pass %zu MiB",
+                           rt->queued_bytes, cost, MAX_TOTAL_BYTES >> 20);
+    if (!from->acct) {
+        from->acct = calloc(1, sizeof *from->acct);
+        if (!from->acct)
+            return pie_err_set(PIE_ENOMEM, "out of memory");
+        from->acct->rt = rt;
+        from->acct->refs = 1;
+    }
+    return 0;
+}
+
+static void acct_unref(struct pie_rt_acct *a)
+{
+    if (--a->refs == 0)
+        free(a);
+}
+
+/* Charges m to `from` (budget_check passed for it). */
+static void msg_charge(I *from, pie_rt_msg *m)
+{
+    size_t cost = m->len + MSG_COST;
+    m->acct = from->acct;
+    m->acct->refs++;
+    m->acct->bytes += cost;
+    from->rt->queued_bytes += cost;
+}
+
+/* Under rt->lock, as m leaves its queue (pie__rt_msgq_pop): releases its
+ * charge, and its account with the last one. */
+void pie__rt_msg_uncharge(pie_rt_msg *m)
+{
+    struct pie_rt_acct *a = m->acct;
+    size_t cost = m->len + MSG_COST;
+    a->bytes -= cost;
+    a->rt->queued_bytes -= cost;
+    m->acct = NULL;
+    acct_unref(a);
+}
+
+/* ---- wait lists --------------------------------------------------------- */
+
+static void queue_gc(pie_rt *rt, struct pie_rt_queue *q);
 
 static void waitq_push(pie_rt_waitq *w, pie_rt_future *f)
 {
@@ -107,12 +319,16 @@ static pie_rt_future *waitq_pop(pie_rt_waitq *w)
 }
 
 /* Under rt->lock, when f is cancelled or freed: leaves its wait list, if
- * on one, and drops the list's reference (the caller holds its own). */
+ * on one, and drops the list's reference (the caller holds its own). A
+ * queue left with no message and no waiter is freed. */
 void pie__rt_waitq_remove_locked(pie_rt_future *f)
 {
-    if (!f->wq)
+    pie_rt_waitq *w = f->wq;
+    if (!w)
         return;
     waitq_unlink(f);
+    if (w->queue)
+        queue_gc(f->rt, w->queue);
     pie__rt_future_unref_locked(f);
 }
 
@@ -125,8 +341,11 @@ static void waitq_clear(pie_rt_waitq *w)
     }
 }
 
-/* Delivers m to the first pending waiter, else queues it. Takes m. */
-static int deliver_locked(pie_rt_waitq *w, pie_rt_msgq *q, pie_rt_msg *m)
+/* Delivers m to the first pending waiter, else queues it, charged to
+ * `from` (NULL: to no one). Takes m. 0, or PIE_ELIMIT (q is full or from's
+ * budget is) / PIE_ENOMEM, with a message. */
+static int deliver_locked(pie_rt_waitq *w, pie_rt_msgq *q, pie_rt_msg *m,
+                          I *from)
 {
     pie_rt_future *f = waitq_pop(w);
     if (f) {
@@ -135,10 +354,18 @@ static int deliver_locked(pie_rt_waitq *w, pie_rt_msgq *q, pie_rt_msg *m)
         free(m);
         return 0;
     }
-    if (q->n >= MAX_QUEUED || q->bytes + m->len > MAX_QUEUED_BYTES) {
+    int rc = 0;
+    if (q->n >= MAX_QUEUED || q->bytes + m->len > MAX_QUEUED_BYTES)
+        rc = pie_err_set(PIE_ELIMIT, "%d messages (%zu bytes) already wait "
+                         "there unread", q->n, q->bytes);
+    else if (from)
+        rc = budget_check(from, m->len + MSG_COST);
+    if (rc) {
         free(m);
-        return PIE_ELIMIT;
+        return rc;
     }
+    if (from)
+        msg_charge(from, m);
     pie__rt_msgq_push(q, m);
     return 0;
 }
@@ -159,7 +386,8 @@ static void receive_from(pie_rt_waitq *w, pie_rt_msgq *q, pie_rt_future *f)
 
 /* ---- launcher messages -------------------------------------------------- */
 
-int pie_rt_send(pie_rt_instance *i, const void *buf, size_t len)
+/* Sends buf to i's inbox, charged to `from` (NULL: the embedder). */
+static int send_to(pie_rt_instance *i, const void *buf, size_t len, I *from)
 {
     if (len > PIE_RT_MAX_MSG)
         return pie_err_set(PIE_ELIMIT, "message of %zu bytes exceeds 1 MiB", len);
@@ -172,12 +400,15 @@ int pie_rt_send(pie_rt_instance *i, const void *buf, size_t len)
         free(m);
         rc = pie_err_set(PIE_ENOTFOUND, "instance %u has ended", i->id);
     } else {
-        rc = deliver_locked(&i->recv_waiters, &i->inbox, m);
-        if (rc)
-            pie_err_set(rc, "inbox of instance %u is full", i->id);
+        rc = deliver_locked(&i->recv_waiters, &i->inbox, m, from);
     }
     pthread_mutex_unlock(&i->rt->lock);
     return rc;
+}
+
+int pie_rt_send(pie_rt_instance *i, const void *buf, size_t len)
+{
+    return send_to(i, buf, len, NULL);
 }
 
 uint32_t Z_pieZ_send(I *i, uint32_t buf, uint32_t len)
@@ -188,7 +419,7 @@ uint32_t Z_pieZ_send(I *i, uint32_t buf, uint32_t len)
     if (i->cbs.on_message)
         i->cbs.on_message(i->cbs.user, i, p, len);
     else if (i->parent)
-        return pie_rt_send(i->parent, p, len) < 0 ? (uint32_t)PIE_ENOTFOUND : 0;
+        return (uint32_t)send_to(i->parent, p, len, i);
     return 0;
 }
 
@@ -207,22 +438,17 @@ uint32_t Z_pieZ_receive(I *i)
 
 /* ---- topics ------------------------------------------------------------- */
 
+/* The topic called name, or NULL: missing and not `create`d, or out of
+ * memory. A created topic must get a subscription before the lock drops. */
 static struct pie_rt_topic *topic_find(pie_rt *rt, const char *name,
                                        uint32_t len, bool create)
 {
-    for (struct pie_rt_topic *t = rt->topics; t; t = t->next)
-        if (strlen(t->name) == len && !memcmp(t->name, name, len))
-            return t;
-    if (!create || rt->n_names >= MAX_NAMES)
-        return NULL;
-    struct pie_rt_topic *t = calloc(1, sizeof *t + len + 1);
-    if (!t)
-        return NULL;
-    rt->n_names++;
-    memcpy(t->name, name, len);
-    t->next = rt->topics;
-    rt->topics = t;
-    return t;
+    uint32_t h = name_hash(name, len);
+    pie_rt_name *e = names_find(&rt->topics, name, len, h);
+    if (e || !create)
+        return (struct pie_rt_topic *)e;
+    return names_new(rt, &rt->topics, sizeof(struct pie_rt_topic),
+                     offsetof(struct pie_rt_topic, name), name, len, h);
 }
 
 /* Guest strings: copied to a NUL-terminated host buffer (max 255 bytes). */
@@ -245,25 +471,38 @@ uint32_t Z_pieZ_publish(I *i, uint32_t tp, uint32_t tl, uint32_t buf,
         return (uint32_t)PIE_EINVAL;
     pthread_mutex_lock(&i->rt->lock);
     struct pie_rt_topic *t = topic_find(i->rt, name, tl, false);
-    int32_t n = 0;
-    for (pie_rt_sub *s = t ? t->subs : NULL; s; s = s->next) {
+    /* All or nothing: what the copies that will queue cost, first. */
+    size_t cost = 0;
+    for (pie_rt_sub *s = t ? t->subs : NULL; s; s = s->next)
+        if (!s->waiters.n && s->q.n < MAX_QUEUED &&
+            s->q.bytes + len <= MAX_QUEUED_BYTES)
+            cost += len + MSG_COST;
+    int32_t rc = cost ? budget_check(i, cost) : 0, n = 0;
+    for (pie_rt_sub *s = t && rc == 0 ? t->subs : NULL; s; s = s->next) {
         pie_rt_msg *m = pie__rt_msg_new(p, len);
-        if (m && deliver_locked(&s->waiters, &s->q, m) == 0)
+        if (m && deliver_locked(&s->waiters, &s->q, m, i) == 0)
             n++;
     }
     pthread_mutex_unlock(&i->rt->lock);
-    return (uint32_t)n;
+    return (uint32_t)(rc ? rc : n);
 }
 
 static void sub_destroy(void *data)   /* under rt->lock */
 {
     pie_rt_sub *s = data;
     struct pie_rt_topic *t = s->topic;
-    for (pie_rt_sub **pp = &t->subs; *pp; pp = &(*pp)->next)
-        if (*pp == s) {
-            *pp = s->next;
-            break;
+    if (t) {
+        pie_rt_sub **pp = &t->subs;
+        while (*pp != s)
+            pp = &(*pp)->next;
+        *pp = s->next;
+        s->inst->n_subs--;
+        if (!t->subs) {
+            names_remove(&s->inst->rt->topics, &t->nm);
+            s->inst->rt->n_names--;
+            free(t);
         }
+    }
     pie__rt_msgq_clear(&s->q);
     waitq_clear(&s->waiters);
     free(s);
@@ -274,27 +513,37 @@ uint32_t Z_pieZ_subscribe(I *i, uint32_t tp, uint32_t tl)
     char name[256];
     if (guest_name(i, tp, tl, name))
         return (uint32_t)PIE_EINVAL;
+    pthread_mutex_lock(&i->rt->lock);
+    int32_t n_subs = i->n_subs;
+    pthread_mutex_unlock(&i->rt->lock);
+    if (n_subs >= MAX_SUBS)
+        return (uint32_t)pie_err_set(PIE_ELIMIT, "instance %u already has %d "
+                                     "subscriptions", i->id, n_subs);
     pie_rt_sub *s = calloc(1, sizeof *s);
     if (!s)
         return (uint32_t)PIE_ENOMEM;
-    pthread_mutex_lock(&i->rt->lock);
-    struct pie_rt_topic *t = topic_find(i->rt, name, tl, true);
-    pthread_mutex_unlock(&i->rt->lock);
-    if (!t) {
-        free(s);
-        return (uint32_t)PIE_ENOMEM;
-    }
+    s->inst = i;
     int32_t h = pie_rt_future_new(i, PIE_RT_FUT_SUB, s, NULL, sub_destroy,
                                   NULL);
     if (h < 0) {
         free(s);
         return (uint32_t)h;
     }
+    /* Found or created and linked under one lock: a topic is never seen
+     * without a subscription. */
     pthread_mutex_lock(&i->rt->lock);
-    s->topic = t;
-    s->next = t->subs;
-    t->subs = s;
+    struct pie_rt_topic *t = topic_find(i->rt, name, tl, true);
+    if (t) {
+        s->topic = t;
+        s->next = t->subs;
+        t->subs = s;
+        i->n_subs++;
+    }
     pthread_mutex_unlock(&i->rt->lock);
+    if (!t) {
+        pie__rt_future_free(i, h);
+        return (uint32_t)PIE_ENOMEM;
+    }
     return (uint32_t)h;
 }
 
@@ -323,22 +572,32 @@ uint32_t Z_pieZ_unsubscribe(I *i, uint32_t sub)
 
 /* ---- queues ------------------------------------------------------------- */
 
+/* The queue called name, created empty if missing (NULL: out of memory).
+ * The caller calls queue_gc on it before the lock drops. */
 static struct pie_rt_queue *queue_find(pie_rt *rt, const char *name,
                                        uint32_t len)
 {
-    for (struct pie_rt_queue *q = rt->queues; q; q = q->next)
-        if (strlen(q->name) == len && !memcmp(q->name, name, len))
-            return q;
-    if (rt->n_names >= MAX_NAMES)
-        return NULL;
-    struct pie_rt_queue *q = calloc(1, sizeof *q + len + 1);
-    if (!q)
-        return NULL;
-    rt->n_names++;
-    memcpy(q->name, name, len);
-    q->next = rt->queues;
-    rt->queues = q;
+    uint32_t h = name_hash(name, len);
+    pie_rt_name *e = names_find(&rt->queues, name, len, h);
+    if (e)
+        return (struct pie_rt_queue *)e;
+    struct pie_rt_queue *q = names_new(rt, &rt->queues,
+                                       sizeof(struct pie_rt_queue),
+                                       offsetof(struct pie_rt_queue, name),
+                                       name, len, h);
+    if (q)
+        q->waiters.queue = q;
     return q;
+}
+
+/* Frees q if it has no message and no waiter. */
+static void queue_gc(pie_rt *rt, struct pie_rt_queue *q)
+{
+    if (!QUEUE_IS_EMPTY(q))
+        return;
+    names_remove(&rt->queues, &q->nm);
+    rt->n_names--;
+    free(q);
 }
 
 uint32_t Z_pieZ_queue_push(I *i, uint32_t np, uint32_t nl, uint32_t buf,
@@ -353,9 +612,13 @@ uint32_t Z_pieZ_queue_push(I *i, uint32_t np, uint32_t nl, uint32_t buf,
         return (uint32_t)PIE_ENOMEM;
     pthread_mutex_lock(&i->rt->lock);
     struct pie_rt_queue *q = queue_find(i->rt, name, nl);
-    int rc = q ? deliver_locked(&q->waiters, &q->q, m) : PIE_ENOMEM;
-    if (!q)
+    int rc = PIE_ENOMEM;
+    if (q) {
+        rc = deliver_locked(&q->waiters, &q->q, m, i);
+        queue_gc(i->rt, q);
+    } else {
         free(m);
+    }
     pthread_mutex_unlock(&i->rt->lock);
     return (uint32_t)rc;
 }
@@ -371,21 +634,29 @@ uint32_t Z_pieZ_queue_pull(I *i, uint32_t np, uint32_t nl)
         return (uint32_t)h;
     pthread_mutex_lock(&i->rt->lock);
     struct pie_rt_queue *q = queue_find(i->rt, name, nl);
-    if (q)
+    if (q) {
         receive_from(&q->waiters, &q->q, f);
-    else
+        queue_gc(i->rt, q);
+    } else {
         pie__rt_future_complete_locked(f, PIE_ENOMEM, NULL, 0);
+    }
     pie__rt_future_unref_locked(f);
     pthread_mutex_unlock(&i->rt->lock);
     return (uint32_t)h;
 }
 
-/* Under rt->lock, when an instance ends: drop its inbox and waiters. */
+/* Under rt->lock, when an instance ends (its handles already freed): drop
+ * its inbox and waiters, and its reference to its account (messages it
+ * left queued keep theirs). */
 void pie__rt_messaging_instance_end(pie_rt_instance *i)
 {
     i->closed = true;
     pie__rt_msgq_clear(&i->inbox);
     waitq_clear(&i->recv_waiters);
+    if (i->acct) {
+        acct_unref(i->acct);
+        i->acct = NULL;
+    }
 }
 
 /* ---- child inferlets ---------------------------------------------------- */
@@ -467,18 +738,16 @@ uint32_t Z_pieZ_launch(I *i, uint32_t np, uint32_t nl, uint32_t ap,
 
 void pie__rt_messaging_free(pie_rt *rt)
 {
-    while (rt->topics) {
-        struct pie_rt_topic *t = rt->topics;
-        rt->topics = t->next;
-        free(t);
-    }
-    while (rt->queues) {
-        struct pie_rt_queue *q = rt->queues;
-        rt->queues = q->next;
+    pie_rt_name *e;
+    while ((e = names_pop(&rt->topics)))
+        free(e);                /* none left once every instance ended */
+    while ((e = names_pop(&rt->queues))) {
+        struct pie_rt_queue *q = (struct pie_rt_queue *)e;
         pie__rt_msgq_clear(&q->q);
         waitq_clear(&q->waiters);
         free(q);
     }
+    rt->n_names = 0;
     while (rt->modules) {
         struct pie_rt_named *n = rt->modules;
         rt->modules = n->next;

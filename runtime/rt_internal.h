@@ -44,9 +44,12 @@ extern const char pie_rt_api_digest[];
 
 #define PIE_RT_MAX_MSG (1u << 20)
 
-/* A byte message in an intrusive singly linked FIFO. */
+/* A byte message in an intrusive singly linked FIFO. While queued it may
+ * be charged to its sender's account (messaging.c); popping it releases
+ * the charge. */
 typedef struct pie_rt_msg {
     struct pie_rt_msg *next;
+    struct pie_rt_acct *acct;     /* charged for it, or NULL               */
     size_t             len;
     unsigned char      data[];
 } pie_rt_msg;
@@ -62,7 +65,15 @@ typedef struct pie_rt_msgq {
 typedef struct pie_rt_waitq {
     struct pie_rt_future *head, *tail;
     int32_t               n;
+    struct pie_rt_queue  *queue;  /* the named queue it belongs to, or NULL:
+                                     freed once it has no message or waiter */
 } pie_rt_waitq;
+
+/* A name -> topic or queue table (messaging.c): chained hash buckets. */
+typedef struct pie_rt_names {
+    struct pie_rt_name **b;       /* mask + 1 chains (NULL until first use)  */
+    uint32_t             mask, n;
+} pie_rt_names;
 
 struct pie_rt_future {
     pie_rt          *rt;
@@ -148,6 +159,10 @@ struct Z_pie_instance_t {
     pie_rt_msgq      inbox;
     bool             closed;     /* ending: accepts no more messages        */
     pie_rt_waitq     recv_waiters;
+    struct pie_rt_acct *acct;    /* bytes it has queued for others (NULL
+                                    until its first such message)           */
+    int32_t          n_subs;     /* its live subscriptions                  */
+    int32_t          n_http;     /* HTTP requests in flight (rt->lock)      */
     /* CPU accounting */
     uint64_t         cpu_ns;     /* CPU used in finished slices             */
     atomic_bool      cpu_over;
@@ -202,11 +217,14 @@ struct pie_rt {
     bool             closing;         /* no new launches                    */
     /* registries, under lock */
     struct pie_rt_named  *modules;    /* name -> module                     */
-    struct pie_rt_topic  *topics;
-    struct pie_rt_queue  *queues;
-    int32_t          n_names;         /* topics + queues (capped)           */
+    pie_rt_names     topics;          /* live topics (with subscriptions)   */
+    pie_rt_names     queues;          /* live queues (messages or waiters)  */
+    int32_t          n_names;         /* topics + queues                    */
     int32_t          n_waiters;       /* futures on all wait lists          */
+    size_t           queued_bytes;    /* charged for queued messages, all   */
+                                      /* senders (ended ones included)      */
     int32_t          n_http;          /* HTTP threads in flight             */
+    uint32_t         http_deadline_ms; /* per request; 0: 30 s (tests set it) */
     int32_t          n_engine;        /* engine forwards whose completion   */
                                       /* callback has yet to run            */
 };
@@ -233,6 +251,7 @@ pie_rt_msg *pie__rt_msg_new(const void *buf, size_t len);
 void pie__rt_msgq_push(pie_rt_msgq *q, pie_rt_msg *m);
 pie_rt_msg *pie__rt_msgq_pop(pie_rt_msgq *q);
 void pie__rt_msgq_clear(pie_rt_msgq *q);
+void pie__rt_msg_uncharge(pie_rt_msg *m);   /* messaging.c */
 int  pie__rt_launch(pie_rt *rt, struct pie_rt_module *m, int argc,
                     const char *const *argv, const pie_rt_launch_cbs *cbs,
                     pie_rt_instance *parent, pie_rt_future *child_fut,

@@ -138,19 +138,19 @@ PIE_IMPORT_(forward_read_tokens) int32_t pie_forward_read_tokens(int32_t fut, in
 PIE_IMPORT_(forward_read_values) int32_t pie_forward_read_values(int32_t fut, uint32_t row, float *values, int32_t *ids, uint32_t cap);
 
 /* ---- messaging ---- */
-/* Sends a message to the launching client (or parent inferlet). Returns 0. */
+/* Sends a message to the launching client (or parent inferlet). Returns 0; to a parent inferlet, PIE_ENOTFOUND once it ended, or PIE_ELIMIT where its inbox is full or the message would take this instance past its 256 MiB of unread messages. */
 PIE_IMPORT_(send) int32_t pie_send(const void *buf, uint32_t len);
 /* Returns a future that completes with the next message from the client as its payload (with PIE_ELIMIT at once where 65536 futures already wait for this instance's messages). */
 PIE_IMPORT_(receive) int32_t pie_receive(void);
-/* Delivers a message to every current subscriber of topic; returns the number of subscribers reached. */
+/* Delivers a message to every current subscriber of topic; returns the number of subscribers reached (a subscription that is full is skipped), or PIE_ELIMIT, reaching none, where the copies left waiting would take this instance past its 256 MiB of unread messages (each counts). */
 PIE_IMPORT_(publish) int32_t pie_publish(const char *topic, uint32_t tlen, const void *buf, uint32_t len);
-/* Subscribes to topic; returns a subscription handle. Messages published from now on queue up on it. */
+/* Subscribes to topic; returns a subscription handle, or PIE_ELIMIT where this instance already holds 4096. Messages published from now on queue up on it. */
 PIE_IMPORT_(subscribe) int32_t pie_subscribe(const char *topic, uint32_t tlen);
 /* Returns a future that completes with the next message of the subscription (with PIE_ELIMIT at once where 65536 futures already wait on it). */
 PIE_IMPORT_(subscription_next) int32_t pie_subscription_next(int32_t sub);
 /* Ends a subscription. */
 PIE_IMPORT_(unsubscribe) int32_t pie_unsubscribe(int32_t sub);
-/* Appends a message to the server-wide queue name. */
+/* Appends a message to the server-wide queue name. A queue exists while it holds a message or a waiting pull; an empty one is gone, so names cost nothing while unused. Returns 0, or PIE_ELIMIT where the queue is full or the message would take this instance past its 256 MiB of unread messages. */
 PIE_IMPORT_(queue_push) int32_t pie_queue_push(const char *name, uint32_t nlen, const void *buf, uint32_t len);
 /* Returns a future that completes with the oldest message of the queue (each message goes to exactly one puller; PIE_ELIMIT at once where 65536 futures already wait on the queue). */
 PIE_IMPORT_(queue_pull) int32_t pie_queue_pull(const char *name, uint32_t nlen);
@@ -160,7 +160,7 @@ PIE_IMPORT_(queue_pull) int32_t pie_queue_pull(const char *name, uint32_t nlen);
 PIE_IMPORT_(launch) int32_t pie_launch(const char *name, uint32_t nlen, const char *args, uint32_t alen);
 
 /* ---- http ---- */
-/* Sends a request (headers: "Name: value\r\n" lines). Returns a future that completes with the HTTP status code and the response body as payload. */
+/* Sends a request (headers: "Name: value\r\n" lines). Returns a future that completes with the HTTP status code and the response body (at most 16 MiB) as payload, or fails: PIE_ELIMIT if the whole exchange (connect, send, receive) takes over 30 s, PIE_EIO on a network error or a malformed response. At most 16 requests of one instance (256 of the server) are in flight at a time; beyond that http_request returns PIE_ELIMIT. Cancelling or freeing the future stops the request. */
 PIE_IMPORT_(http_request) int32_t pie_http_request(const char *method, uint32_t mlen, const char *url, uint32_t ulen, const char *headers, uint32_t hlen, const void *body, uint32_t blen);
 
 #endif

@@ -6,7 +6,10 @@
  * that stops early and exits holding pages and pending futures leaks
  * nothing; bad handles and arguments return the documented errors; a bad
  * pointer traps only that instance; an instance killed while kv_alloc
- * waits for a short pool leaks nothing (LeakSanitizer in the ASan build).
+ * waits for a short pool leaks nothing (LeakSanitizer in the ASan build);
+ * an inferlet that piles logit masks into a forward builder is refused at
+ * its byte budget, gets the budget back when it submits, and the server
+ * goes on.
  */
 #include <jansson.h>
 #include <pthread.h>
@@ -225,6 +228,27 @@ int main(void)
     st = launch_wait(rt, mod, 2, argv_bad, &r[0], reason);
     CHECK(st == 0 && strcmp(r[0].msg, "ok") == 0, "badargs: status %d, "
           "sent '%s'", st, r[0].msg);
+
+    /* host copies in forward builders are bounded: 4 MiB logit masks from
+     * one guest buffer are refused at the budget (256 MiB), submitting
+     * gives the bytes back, and other inferlets still run */
+    r[0].len = 0;
+    r[0].msg[0] = 0;
+    const char *argv_masks[] = { "gen_raw", "masks" };
+    st = launch_wait(rt, mod, 2, argv_masks, &r[0], reason);
+    int at = -1, rc1 = 0, rc2 = 1;
+    CHECK(st == 0 && sscanf(r[0].msg, "refused at %d: %d; after submit: %d",
+                            &at, &rc1, &rc2) == 3,
+          "masks: status %d (%s), sent '%s'", st, reason, r[0].msg);
+    CHECK(rc1 == PIE_ELIMIT && rc2 == 0 && at >= 48 && at <= 64,
+          "masks: refused at %d with %d (want 48..64, %d); after submit %d",
+          at, rc1, PIE_ELIMIT, rc2);
+    r[0].len = 0;
+    st = launch_wait(rt, mod, 5, argv_ok, &r[0], reason);
+    CHECK(st == 0 && strcmp(r[0].msg, want) == 0,
+          "after masks: status %d, sent %s", st, r[0].msg);
+    printf("builders: logit masks refused at %d x 4 MiB (%s); submit frees "
+           "the budget; the next inferlet runs\n", at, pie_err_name(rc1));
 
     /* bad pointer: trap */
     const char *argv_ptr[] = { "gen_raw", "badptr" };

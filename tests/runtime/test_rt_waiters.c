@@ -16,6 +16,20 @@
  *   test_rt_waiters launch       an instance may have 256 live descendants:
  *                                the 257th child fails PIE_ELIMIT, and an
  *                                inferlet launching itself stops there
+ *   test_rt_waiters names        52,400 queue names (and 13,100 topics)
+ *                                left empty are freed at once: none left
+ *                                after, and another instance can still
+ *                                make names (the runtime's 65,536 names
+ *                                were used up before)
+ *   test_rt_waiters subs         the 4,097th subscription of an instance
+ *                                fails PIE_ELIMIT; freeing one makes room
+ *   test_rt_waiters fill         1 MiB pushes until PIE_ELIMIT: 255 fit an
+ *                                instance's 256 MiB; another instance can
+ *                                still push, and a message it pulls gives
+ *                                the first room again; bytes left queued
+ *                                by an ended instance stay charged
+ *   test_rt_waiters pub          publishing 1 MiB to 8 subscriptions: the
+ *                                32nd publish fails PIE_ELIMIT
  */
 #define _GNU_SOURCE
 #include <unistd.h>
@@ -178,6 +192,110 @@ static void test_launch(void)
     pie_rt_free(rt);
 }
 
+static int32_t name_count(pie_rt *rt)
+{
+    pthread_mutex_lock(&rt->lock);
+    int32_t n = rt->n_names;
+    pthread_mutex_unlock(&rt->lock);
+    return n;
+}
+
+static int32_t run_plain(pie_rt *rt, pie_rt_module *m, const char **argv)
+{
+    report r;
+    return finish(launch_report(rt, m, &r, argv), &r);
+}
+
+static void test_names(void)
+{
+    pie_rt_opts o = {0};
+    pie_rt *rt = make_rt(&o);
+    pie_rt_module *m = load_wasm(rt, "waiters.wasm", NULL);
+    const char *many[] = {"waiters", "names", "52400", "", NULL};
+    int32_t st = run_plain(rt, m, many);
+    CHECK(st == 0, "expected status 0 from 52400 names, got %d", st);
+    int32_t n = name_count(rt);
+    printf("names: 52400 queues and 13100 topics left empty, %d names "
+           "left\n", n);
+    CHECK(n == 0, "expected 0 names after the instance, got %d", n);
+    const char *more[] = {"waiters", "names", "100", "z", NULL};
+    st = run_plain(rt, m, more);
+    CHECK(st == 0, "another instance could not make names: status %d "
+          "(50-53: a push, pull or subscribe failed)", st);
+    pie_rt_module_unref(m);
+    pie_rt_free(rt);
+}
+
+static void test_subs(void)
+{
+    pie_rt_opts o = {0};
+    pie_rt *rt = make_rt(&o);
+    pie_rt_module *m = load_wasm(rt, "waiters.wasm", NULL);
+    const char *argv[] = {"waiters", "subs", "5000", NULL};
+    int32_t st = run_plain(rt, m, argv);
+    printf("subs: %d subscriptions before PIE_ELIMIT\n", st);
+    CHECK(st == 4096, "expected 4096 subscriptions before PIE_ELIMIT, got "
+          "%d (-1: another error, -2: none of 5000 refused, -3: freeing "
+          "one made no room)", st);
+    CHECK(name_count(rt) == 0, "expected 0 names after the instance");
+    pie_rt_module_unref(m);
+    pie_rt_free(rt);
+}
+
+#define MIB_COST ((1 << 20) + 512)   /* a queued 1 MiB message's charge */
+
+static void test_fill(void)
+{
+    pie_rt_opts o = {0};
+    pie_rt *rt = make_rt(&o);
+    pie_rt_module *m = load_wasm(rt, "waiters.wasm", NULL);
+    const char *fill[] = {"waiters", "fill", NULL};
+    const char *drain[] = {"waiters", "drain", NULL};
+    report r;
+    pie_rt_instance *i = launch_report(rt, m, &r, fill);
+    wait_report(&r);
+    printf("fill: %lld pushes of 1 MiB before PIE_ELIMIT\n", r.t1);
+    CHECK(r.t1 == 255, "expected 255 pushes of 1 MiB before PIE_ELIMIT, "
+          "got %lld (-1: none of 320 refused)", r.t1);
+    int32_t st = run_plain(rt, m, drain);
+    CHECK(st == 0, "another instance could not push or pull: status %d", st);
+    CHECK_OK(pie_rt_send(i, "go", 2));
+    st = finish(i, &r);
+    CHECK(st == 255, "expected 255 (a push fits after one was pulled), got "
+          "%d (41: no PIE_ELIMIT, 42: the push after the pull failed)", st);
+    st = run_plain(rt, m, drain);
+    CHECK(st == 0, "with an ended instance's messages queued, another "
+          "could not push or pull: status %d", st);
+    pthread_mutex_lock(&rt->lock);
+    size_t q = rt->queued_bytes;
+    pthread_mutex_unlock(&rt->lock);
+    printf("fill: %zu bytes charged for the 254 messages an ended instance "
+           "left queued\n", q);
+    CHECK(q == 254u * MIB_COST, "expected %u bytes charged, got %zu",
+          254u * MIB_COST, q);
+    pie_rt_module_unref(m);
+    pie_rt_free(rt);
+}
+
+static void test_pub(void)
+{
+    pie_rt_opts o = {0};
+    pie_rt *rt = make_rt(&o);
+    pie_rt_module *m = load_wasm(rt, "waiters.wasm", NULL);
+    const char *argv[] = {"waiters", "pub", "8", NULL};
+    int32_t st = run_plain(rt, m, argv);
+    printf("pub: %d publishes of 1 MiB to 8 subscriptions before "
+           "PIE_ELIMIT\n", st);
+    CHECK(st == 31, "expected 31 publishes before PIE_ELIMIT, got %d "
+          "(-1: none of 100 refused, -2: one reached fewer than 8)", st);
+    pthread_mutex_lock(&rt->lock);
+    size_t q = rt->queued_bytes;
+    pthread_mutex_unlock(&rt->lock);
+    CHECK(q == 0, "expected 0 bytes charged after the instance, got %zu", q);
+    pie_rt_module_unref(m);
+    pie_rt_free(rt);
+}
+
 int main(int argc, char **argv)
 {
     setvbuf(stdout, NULL, _IOLBF, 0);
@@ -188,9 +306,13 @@ int main(int argc, char **argv)
     else if (!strcmp(t, "cap")) test_cap();
     else if (!strcmp(t, "sleeps")) test_sleeps();
     else if (!strcmp(t, "launch")) test_launch();
+    else if (!strcmp(t, "names")) test_names();
+    else if (!strcmp(t, "subs")) test_subs();
+    else if (!strcmp(t, "fill")) test_fill();
+    else if (!strcmp(t, "pub")) test_pub();
     else {
         fprintf(stderr, "usage: test_rt_waiters loop_pull|loop_recv|"
-                        "loop_sub|cap|sleeps|launch\n");
+                        "loop_sub|cap|sleeps|launch|names|subs|fill|pub\n");
         return 2;
     }
     TEST_DONE();

@@ -11,6 +11,10 @@
  *   test_runtime messaging   launcher messages, pub/sub, queues, children,
  *                            sleep/wait_any
  *   test_runtime http        HTTP against a local listener + allowlist
+ *   test_runtime http_limits hostile servers: a trickling one hits the
+ *                            request deadline, a bad status line fails,
+ *                            per-instance request cap, cancel and kill
+ *                            of blocked requests let shutdown go on
  *   test_runtime concurrent  2,000 instances parked at once
  *   test_runtime cycles      20,000 launch/exit cycles: fds, maps, RSS flat
  *   test_runtime deep        host calls made with the fiber stack nearly
@@ -21,6 +25,7 @@
 #include <arpa/inet.h>
 #include <dirent.h>
 #include <netinet/in.h>
+#include <poll.h>
 #include <signal.h>
 #include <sys/resource.h>
 #include <sys/socket.h>
@@ -453,6 +458,151 @@ static void test_http(void)
     close(listen_fd);
 }
 
+/* Hostile servers for http_limits: each accepted connection is handled by
+ * mode until `stop`; held connections stay open until then. */
+enum { SRV_TRICKLE, SRV_HOLD, SRV_BADSTATUS };
+static struct {
+    int lfd, port, mode;
+    atomic_bool stop;
+    int held[64], n_held;
+    pthread_t t;
+} srv;
+
+static double now_s(void)
+{
+    struct timespec ts;
+    clock_gettime(CLOCK_MONOTONIC, &ts);
+    return ts.tv_sec + ts.tv_nsec / 1e9;
+}
+
+static void *bad_server(void *arg)
+{
+    (void)arg;
+    while (!atomic_load(&srv.stop)) {
+        struct pollfd p = {.fd = srv.lfd, .events = POLLIN};
+        if (poll(&p, 1, 20) <= 0)
+            continue;
+        int c = accept(srv.lfd, NULL, NULL);
+        if (c < 0)
+            continue;
+        if (srv.mode == SRV_HOLD && srv.n_held < 64) {
+            srv.held[srv.n_held++] = c;
+            continue;
+        }
+        if (srv.mode == SRV_BADSTATUS) {
+            char req[4096];
+            recv(c, req, sizeof req, 0);
+            send(c, "HTTP/1.1 -5\r\n\r\n", 16, MSG_NOSIGNAL);
+        } else if (srv.mode == SRV_TRICKLE) {
+            /* a header byte every 100 ms, for 8 s at most */
+            send(c, "HTTP/1.1 200 OK\r\nX: ", 20, MSG_NOSIGNAL);
+            for (int k = 0; k < 80 && !atomic_load(&srv.stop); k++) {
+                if (send(c, "x", 1, MSG_NOSIGNAL) != 1)
+                    break;
+                usleep(100000);
+            }
+        }
+        close(c);
+    }
+    for (int k = 0; k < srv.n_held; k++)
+        close(srv.held[k]);
+    return NULL;
+}
+
+static void srv_start(int mode)
+{
+    srv.lfd = socket(AF_INET, SOCK_STREAM, 0);
+    struct sockaddr_in a = {.sin_family = AF_INET};
+    a.sin_addr.s_addr = htonl(INADDR_LOOPBACK);
+    CHECK(bind(srv.lfd, (struct sockaddr *)&a, sizeof a) == 0, "bind");
+    socklen_t al = sizeof a;
+    getsockname(srv.lfd, (struct sockaddr *)&a, &al);
+    CHECK(listen(srv.lfd, 64) == 0, "listen");
+    srv.port = ntohs(a.sin_port);
+    srv.mode = mode;
+    srv.n_held = 0;
+    atomic_store(&srv.stop, false);
+    pthread_create(&srv.t, NULL, bad_server, NULL);
+}
+
+static void srv_stop(void)
+{
+    atomic_store(&srv.stop, true);
+    pthread_join(srv.t, NULL);
+    close(srv.lfd);
+}
+
+/* A runtime allowing srv's port, and msg.wasm. */
+static pie_rt *srv_rt(pie_rt_module **m, char *url, size_t cap)
+{
+    static char allow[64];
+    static const char *al_[] = {allow};
+    snprintf(allow, sizeof allow, "127.0.0.1:%d", srv.port);
+    snprintf(url, cap, "http://127.0.0.1:%d/", srv.port);
+    pie_rt_opts o = {.http_allow = al_, .n_http_allow = 1};
+    pie_rt *rt = make_rt(&o);
+    *m = load_wasm(rt, "msg.wasm", NULL);
+    return rt;
+}
+
+static void test_http_limits(void)
+{
+    char url[128];
+    capture *c;
+    pie_rt_module *m;
+
+    /* A server that trickles a byte every 100 ms: the request fails at its
+     * overall deadline (1 s here), not after the server's 8 s. */
+    srv_start(SRV_TRICKLE);
+    pie_rt *rt = srv_rt(&m, url, sizeof url);
+    rt->http_deadline_ms = 1000;
+    const char *get[] = {"msg", "http", url, NULL};
+    double t0 = now_s();
+    pie_rt_instance *i = launch_msg(rt, m, &c, get);
+    finish_msg(i, c, 0, "-11:");
+    double dt = now_s() - t0;
+    printf("trickling server: request failed after %.2f s\n", dt);
+    CHECK(dt < 4, "trickling server: the request took %.2f s (deadline 1 s)",
+          dt);
+    pie_rt_module_unref(m);
+    pie_rt_free(rt);
+    srv_stop();
+
+    /* A status line that is not 3 digits is malformed, not a status. */
+    srv_start(SRV_BADSTATUS);
+    rt = srv_rt(&m, url, sizeof url);
+    i = launch_msg(rt, m, &c, get);
+    finish_msg(i, c, 0, "-3:");
+    pie_rt_module_unref(m);
+    pie_rt_free(rt);
+    srv_stop();
+
+    /* A server that never answers (default 30 s deadline). */
+    srv_start(SRV_HOLD);
+    rt = srv_rt(&m, url, sizeof url);
+    /* More than 16 requests in flight from one instance: refused. */
+    const char *many[] = {"msg", "http-many", "17", url, NULL};
+    i = launch_msg(rt, m, &c, many);
+    finish_msg(i, c, 0, "ok=16 err=-11");
+    /* A cancelled request stops its thread: shutdown does not wait. */
+    const char *cancel[] = {"msg", "http-cancel", url, NULL};
+    i = launch_msg(rt, m, &c, cancel);
+    finish_msg(i, c, 0, "cancel:-9");
+    /* ... and so does one whose instance is killed while it waits. */
+    i = launch_msg(rt, m, &c, get);
+    usleep(200000);
+    t0 = now_s();
+    pie_rt_kill(i, "test");
+    CHECK(wait_inst(i, NULL) == PIE_ETRAP, "killed instance traps");
+    cap_free(c);
+    pie_rt_module_unref(m);
+    pie_rt_free(rt);
+    dt = now_s() - t0;
+    printf("kill + pie_rt_free with requests blocked: %.2f s\n", dt);
+    CHECK(dt < 3, "pie_rt_free waited %.2f s for blocked requests", dt);
+    srv_stop();
+}
+
 /* ---- scale -------------------------------------------------------------- */
 
 static long rss_kib(void)
@@ -698,13 +848,15 @@ int main(int argc, char **argv)
     else if (!strcmp(t, "isolation")) test_isolation();
     else if (!strcmp(t, "messaging")) test_messaging();
     else if (!strcmp(t, "http")) test_http();
+    else if (!strcmp(t, "http_limits")) test_http_limits();
     else if (!strcmp(t, "concurrent")) test_concurrent();
     else if (!strcmp(t, "cycles")) test_cycles();
     else if (!strcmp(t, "deep")) test_deep();
     else if (!strcmp(t, "limits")) test_limits();
     else {
         fprintf(stderr, "usage: test_runtime basic|reject|isolation|"
-                        "messaging|http|concurrent|cycles|deep|limits\n");
+                        "messaging|http|http_limits|concurrent|cycles|\n"
+                        "       deep|limits\n");
         return 2;
     }
     TEST_DONE();

@@ -11,6 +11,10 @@
  *                   returned the expected error code
  *   argv: hold N    allocate N pages (waiting for the pool if it is short),
  *                   then wait for a message
+ *   argv: masks     add output rows with a 4 MiB logit mask each, from one
+ *                   buffer, until refused (at most 128); then submit the
+ *                   builder and set one more mask on a new builder; send
+ *                   "refused at K: RC; after submit: RC2" or "no refusal"
  */
 #include <stdio.h>
 #include <stdlib.h>
@@ -77,6 +81,34 @@ int main(int argc, char **argv)
         int32_t n = atoi(argv[2]);
         if (n > MAXT || pie_kv_alloc(m, (uint32_t)n, held) != 0) return 4;
         return pie_future_wait(pie_receive()) < 0 ? 5 : 0;
+    }
+    if (strcmp(argv[1], "masks") == 0) {
+        static uint32_t runs[1 << 20];          /* 4 MiB, passed each time */
+        char msg[128];
+        int32_t f = pie_forward_new(m), rc = 0, k;
+        for (k = 0; k < 128 && rc == 0; k++) {
+            int32_t row = pie_forward_output(f, 0, PIE_SAMPLER_GREEDY, 0, 0, 1,
+                                             0, 0);
+            rc = row < 0 ? row
+                         : pie_forward_logit_mask(f, (uint32_t)row, runs,
+                                                  1u << 20);
+        }
+        if (rc == 0) {
+            pie_send("no refusal", 10);
+            return 0;
+        }
+        int32_t fut = pie_forward_submit(f);    /* no tokens: fails, frees */
+        if (fut > 0) pie_future_free(fut);
+        f = pie_forward_new(m);
+        int32_t row = pie_forward_output(f, 0, PIE_SAMPLER_GREEDY, 0, 0, 1, 0,
+                                         0);
+        int rc2 = row < 0 ? row
+                          : pie_forward_logit_mask(f, (uint32_t)row, runs,
+                                                   1u << 20);
+        int len = snprintf(msg, sizeof msg, "refused at %d: %d; after submit: "
+                           "%d", k - 1, rc, rc2);
+        pie_send(msg, (uint32_t)len);
+        return 0;
     }
     if (strcmp(argv[1], "badargs") == 0) {
         int fails = badargs(m);

@@ -7,7 +7,10 @@
  *   push Q V / pull Q    queues
  *   parent NAME     launch child NAME with args "echo-child" and wait
  *   sleep NS        sleep NS ns, then report elapsed >= NS
- *   http URL        GET URL, send "status:body" */
+ *   http URL        GET URL, send "status:body"
+ *   http-cancel URL GET URL, cancel it after 100 ms, send "cancel:status"
+ *   http-many N URL start N GETs of URL at once, send "ok=K err=E" (E: the
+ *                   first refusal, 0 if none), then free them all */
 #include <sched.h>
 #include <stdint.h>
 #include <stdio.h>
@@ -141,6 +144,33 @@ int main(int argc, char **argv)
         int st = pie_future_wait(f);
         int n = pie_future_payload(f, buf, sizeof buf - 1);
         int l = snprintf(out, sizeof out, "%d:%.*s", st, n > 0 ? n : 0, buf);
+        return pie_send(out, l);
+    }
+    if (!strcmp(m, "http-cancel")) {
+        int f = pie_http_request("GET", 3, argv[2], strlen(argv[2]), "", 0,
+                                 "", 0);
+        if (f < 0)
+            return 1;
+        int t = pie_sleep(100000000);
+        pie_future_wait(t);
+        pie_future_free(t);
+        pie_future_cancel(f);
+        int l = snprintf(out, sizeof out, "cancel:%d", pie_future_wait(f));
+        return pie_send(out, l);
+    }
+    if (!strcmp(m, "http-many")) {
+        int n = atoi(argv[2]), ok = 0, err = 0, fs[64];
+        for (int k = 0; k < n && k < 64; k++) {
+            int f = pie_http_request("GET", 3, argv[3], strlen(argv[3]), "", 0,
+                                     "", 0);
+            if (f > 0)
+                fs[ok++] = f;
+            else if (!err)
+                err = f;
+        }
+        int l = snprintf(out, sizeof out, "ok=%d err=%d", ok, err);
+        for (int k = 0; k < ok; k++)
+            pie_future_free(fs[k]);
         return pie_send(out, l);
     }
     if (!strcmp(m, "errors")) {

@@ -12,7 +12,24 @@
  *   spawn N       launches N "idle" children (registered as "waiters"),
  *                 returns how many started before one failed PIE_ELIMIT
  *   fork          launches "fork" of itself and returns its status
- *   idle          waits for a message that never comes */
+ *   idle          waits for a message that never comes
+ *   names N P     N distinct queue names (prefix P) left empty (a pull cancelled or
+ *                 freed, or a message pushed and pulled back) and every
+ *                 fourth a topic subscribed to and left; returns 0, or 50+
+ *                 where a name could not be made
+ *   subs N        N subscriptions to "st": returns how many were made
+ *                 before one failed PIE_ELIMIT (-1: another error, -2:
+ *                 none failed), -3 if one freed makes no room
+ *   fill          pushes 1 MiB messages to "b0".."b9" (32 a queue) until
+ *                 one fails PIE_ELIMIT; sends "COUNT 0", waits for a
+ *                 message, then pushes once more to "b0": returns COUNT,
+ *                 or 40+ (41: no PIE_ELIMIT in 320, 42: the last push
+ *                 failed)
+ *   drain         pushes 1 MiB to "own" and pulls it back, then pulls one
+ *                 message of "b0" (already there): returns 0, or 45+
+ *   pub S         S subscriptions to "bt", then publishes 1 MiB until a
+ *                 publish fails PIE_ELIMIT: returns how many reached all S
+ *                 (-1: none failed in 100, -2: a publish reached fewer) */
 #include <stdint.h>
 #include <stdio.h>
 #include <stdlib.h>
@@ -150,6 +167,104 @@ static int fork_self(void)
     return f <= 0 ? -103 : pie_future_wait(f);
 }
 
+static int names(int n, const char *p)
+{
+    char nm[32];
+    for (int k = 0; k < n; k++) {
+        int l = snprintf(nm, sizeof nm, "%sq%d", p, k);
+        if (k & 1) {
+            if (pie_queue_push(nm, l, "x", 1) != 0)
+                return 50;
+            int32_t f = pie_queue_pull(nm, l);
+            if (f <= 0 || pie_future_status(f) != 0)
+                return 51;
+            pie_future_free(f);
+        } else {
+            int32_t f = pie_queue_pull(nm, l);
+            if (f <= 0 || pie_future_status(f) != PIE_EAGAIN)
+                return 52;
+            if (k & 2)
+                pie_future_cancel(f);
+            pie_future_free(f);
+        }
+        if (k % 4 == 0) {
+            l = snprintf(nm, sizeof nm, "%st%d", p, k);
+            int32_t s = pie_subscribe(nm, l);
+            if (s <= 0)
+                return 53;
+            pie_unsubscribe(s);
+        }
+    }
+    return 0;
+}
+
+static int subs(int n)
+{
+    int32_t first = 0;
+    for (int k = 0; k < n; k++) {
+        int32_t s = pie_subscribe("st", 2);
+        if (s == PIE_ELIMIT) {
+            pie_unsubscribe(first);
+            s = pie_subscribe("st", 2);
+            return s > 0 ? k : -3;
+        }
+        if (s <= 0)
+            return -1;
+        first = first ? first : s;
+    }
+    return -2;
+}
+
+static char big[1 << 20];
+
+static int fill(void)
+{
+    char nm[8];
+    int k = 0, rc = 0;
+    for (; k < 320; k++) {
+        int l = snprintf(nm, sizeof nm, "b%d", k / 32);
+        if ((rc = pie_queue_push(nm, l, big, sizeof big)) != 0)
+            break;
+    }
+    char out[32];
+    if (rc != PIE_ELIMIT) {
+        pie_send("-1 0", 4);
+        return 41;
+    }
+    pie_send(out, snprintf(out, sizeof out, "%d 0", k));
+    pie_future_wait(pie_receive());
+    return pie_queue_push("b0", 2, big, sizeof big) == 0 ? k : 42;
+}
+
+static int drain(void)
+{
+    if (pie_queue_push("own", 3, big, sizeof big) != 0)
+        return 45;
+    int32_t f = pie_queue_pull("own", 3);
+    if (pie_future_status(f) != 0)
+        return 46;
+    int32_t g = pie_queue_pull("b0", 2);
+    if (pie_future_status(g) != 0 ||
+        pie_future_payload(g, NULL, 0) != (int32_t)sizeof big)
+        return 47;
+    return 0;
+}
+
+static int pub(int s)
+{
+    for (int k = 0; k < s; k++)
+        if (pie_subscribe("bt", 2) <= 0)
+            return -3;
+    for (int k = 0; k < 100; k++) {
+        int32_t n = pie_publish("bt", 2, big, sizeof big);
+        if (n == PIE_ELIMIT)
+            return k;
+        if (n != s)
+            return -2;
+    }
+    return -1;
+}
+
 int main(int argc, char **argv)
 {
     const char *m = argc > 1 ? argv[1] : "";
@@ -163,6 +278,16 @@ int main(int argc, char **argv)
         return spawn(atoi(argv[2]));
     if (!strcmp(m, "fork"))
         return fork_self();
+    if (!strcmp(m, "names") && argc > 2)
+        return names(atoi(argv[2]), argc > 3 ? argv[3] : "");
+    if (!strcmp(m, "subs") && argc > 2)
+        return subs(atoi(argv[2]));
+    if (!strcmp(m, "fill"))
+        return fill();
+    if (!strcmp(m, "drain"))
+        return drain();
+    if (!strcmp(m, "pub") && argc > 2)
+        return pub(atoi(argv[2]));
     if (!strcmp(m, "idle"))
         return pie_future_wait(pie_receive());
     return 2;
