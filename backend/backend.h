@@ -173,6 +173,11 @@ static inline void pie_backend_free(pie_backend *b)
 /* Checks every index of a batch; returns 0 or PIE_EINVAL with a message. */
 int  pie_batch_validate(const pie_forward_batch *b, int32_t vocab,
                         int32_t page_size, int32_t n_pages);
+/* Checks output row o's sampler and logit mask (lm_runs[0..n_lm_runs);
+ * n_lm_runs < 0: no mask) by the rules pie_batch_validate applies to every
+ * row; 0 or PIE_EINVAL / PIE_ERANGE with a message naming row o. */
+int  pie_batch_validate_row(const pie_sampler *s, const uint32_t *lm_runs,
+                            int64_t n_lm_runs, int32_t o, int32_t vocab);
 /* Allocates out's arrays sized for batch (values per sampler kind). */
 int  pie_forward_out_alloc(const pie_forward_batch *b, int32_t vocab,
                            pie_forward_out *out);

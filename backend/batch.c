@@ -6,7 +6,10 @@
  * every index a backend will follow (token ids, pages, fills, indptr arrays,
  * masks, output rows, sampler parameters) and that no KV slot is written
  * twice by one batch, so a backend that calls it first never writes to its
- * pool for a batch it later rejects.
+ * pool for a batch it later rejects. Its rules for one output row (sampler
+ * and logit mask) are pie_batch_validate_row(), which the control layer
+ * applies to each request at submit: a batch merges many clients' requests,
+ * and one bad row must fail its own request, not the batch.
  *
  * pie_forward_out_alloc() sizes out->values/ids per sampler kind and fills
  * out->value_indptr; backends write probe row o at values[value_indptr[o]].
@@ -197,32 +200,54 @@ static int check_sampler(const pie_sampler *s, int32_t o, int32_t vocab)
         return 0;
     case PIE_SAMPLER_RANDOM:
         if (!isfinite(s->temperature) || isnan(s->top_p) || isnan(s->min_p))
-            return pie_err_set(PIE_EINVAL, "batch: output %d sampler has a "
-                               "non-finite parameter", o);
+            return pie_err_set(PIE_EINVAL, "output %d: random sampler has a "
+                               "non-finite parameter (temperature %g, top_p "
+                               "%g, min_p %g)", o, (double)s->temperature,
+                               (double)s->top_p, (double)s->min_p);
         return 0;
     case PIE_PROBE_TOPK:
         if (s->top_k < 1 || s->top_k > vocab)
-            return pie_err_set(PIE_ERANGE, "batch: output %d TOPK probe k = "
-                               "%d outside 1..%d", o, s->top_k, vocab);
+            return pie_err_set(PIE_ERANGE, "output %d: TOPK probe k = %d "
+                               "outside 1..%d", o, s->top_k, vocab);
         if (!isfinite(s->temperature))
-            return pie_err_set(PIE_EINVAL, "batch: output %d temperature is "
-                               "not finite", o);
+            return pie_err_set(PIE_EINVAL, "output %d: TOPK probe "
+                               "temperature %g is not finite", o,
+                               (double)s->temperature);
         return 0;
     case PIE_PROBE_LOGPROBS:
         if (s->n_ids < 0 || (s->n_ids > 0 && !s->ids))
-            return pie_err_set(PIE_EINVAL, "batch: output %d LOGPROBS probe "
-                               "has %d ids and ids = %p", o, s->n_ids,
+            return pie_err_set(PIE_EINVAL, "output %d: LOGPROBS probe has %d "
+                               "ids and ids = %p", o, s->n_ids,
                                (const void *)s->ids);
         for (int32_t i = 0; i < s->n_ids; i++)
             if (s->ids[i] < 0 || s->ids[i] >= vocab)
-                return pie_err_set(PIE_ERANGE, "batch: output %d LOGPROBS id "
-                                   "%d outside 0..%d", o, s->ids[i],
-                                   vocab - 1);
+                return pie_err_set(PIE_ERANGE, "output %d: LOGPROBS id %d "
+                                   "outside 0..%d", o, s->ids[i], vocab - 1);
         return 0;
     default:
-        return pie_err_set(PIE_EINVAL, "batch: output %d has unknown sampler "
-                           "kind %d", o, s->kind);
+        return pie_err_set(PIE_EINVAL, "output %d: unknown sampler kind %d",
+                           o, s->kind);
     }
+}
+
+int pie_batch_validate_row(const pie_sampler *s, const uint32_t *lm_runs,
+                           int64_t n_lm_runs, int32_t o, int32_t vocab)
+{
+    int rc = check_sampler(s, o, vocab);
+    if (rc || n_lm_runs < 0) return rc;
+    if (n_lm_runs > UINT32_MAX || (n_lm_runs > 0 && !lm_runs))
+        return pie_err_set(PIE_EINVAL, "output %d: logit mask of %lld runs "
+                           "at %p", o, (long long)n_lm_runs,
+                           (const void *)lm_runs);
+    uint64_t sum = runs_sum(lm_runs, (uint32_t)n_lm_runs);
+    if (sum > (uint64_t)vocab)
+        return pie_err_set(PIE_EINVAL, "output %d: logit mask covers %llu "
+                           "ids, vocab is %d", o, (unsigned long long)sum,
+                           vocab);
+    if (runs_allowed(lm_runs, (uint32_t)n_lm_runs) == 0)
+        return pie_err_set(PIE_EINVAL, "output %d: logit mask allows no "
+                           "token", o);
+    return 0;
 }
 
 static int check_outputs(const pie_forward_batch *b, int32_t vocab)
@@ -232,31 +257,25 @@ static int check_outputs(const pie_forward_batch *b, int32_t vocab)
     if (b->n_outputs > 0 && (!b->output_token_idx || !b->samplers))
         return pie_err_set(PIE_EINVAL,
                            "batch: output_token_idx/samplers are NULL");
-    for (int32_t o = 0; o < b->n_outputs; o++) {
+    for (int32_t o = 0; o < b->n_outputs; o++)
         if (b->output_token_idx[o] < 0 || b->output_token_idx[o] >= b->n_tokens)
             return pie_err_set(PIE_ERANGE,
                                "batch: output %d takes token %d outside "
                                "0..%d", o, b->output_token_idx[o],
                                b->n_tokens - 1);
-        int rc = check_sampler(&b->samplers[o], o, vocab);
+    const uint32_t *li = b->logit_mask_indptr;
+    if (li) {
+        int rc = check_uindptr(li, b->n_outputs, "logit_mask_indptr");
         if (rc) return rc;
+        if (li[b->n_outputs] > 0 && !b->logit_mask_runs)
+            return pie_err_set(PIE_EINVAL, "batch: logit_mask_runs is NULL");
     }
-    if (!b->logit_mask_indptr) return 0;
-    int rc = check_uindptr(b->logit_mask_indptr, b->n_outputs,
-                           "logit_mask_indptr");
-    if (rc) return rc;
-    if (b->logit_mask_indptr[b->n_outputs] > 0 && !b->logit_mask_runs)
-        return pie_err_set(PIE_EINVAL, "batch: logit_mask_runs is NULL");
     for (int32_t o = 0; o < b->n_outputs; o++) {
-        const uint32_t *runs = b->logit_mask_runs + b->logit_mask_indptr[o];
-        uint32_t n = b->logit_mask_indptr[o + 1] - b->logit_mask_indptr[o];
-        if (runs_sum(runs, n) > (uint64_t)vocab)
-            return pie_err_set(PIE_EINVAL, "batch: logit mask of output %d "
-                               "covers %llu ids, vocab is %d", o,
-                               (unsigned long long)runs_sum(runs, n), vocab);
-        if (runs_allowed(runs, n) == 0)
-            return pie_err_set(PIE_EINVAL, "batch: logit mask of output %d "
-                               "allows no token", o);
+        int rc = pie_batch_validate_row(&b->samplers[o],
+                                        li ? b->logit_mask_runs + li[o] : NULL,
+                                        li ? (int64_t)(li[o + 1] - li[o]) : -1,
+                                        o, vocab);
+        if (rc) return rc;
     }
     return 0;
 }

@@ -192,31 +192,21 @@ static int check_runs(const uint32_t *indptr, const uint32_t *runs, int32_t n,
     return 0;
 }
 
-static int check_sampler(const pie_sampler *s, int32_t vocab, int32_t o)
+/* Checks output row o of f: the backend's per-row rules (sampler and logit
+ * mask, pie_batch_validate_row), as the backend would only find them once
+ * the row shares a batch with other clients' rows; plus LOGPROBS of at most
+ * vocab ids. */
+static int check_row(const pie_ctl_forward *f, int32_t vocab, int32_t o)
 {
-    switch (s->kind) {
-    case PIE_SAMPLER_GREEDY: case PIE_SAMPLER_RANDOM:
-    case PIE_PROBE_LOGITS: case PIE_PROBE_ENTROPY:
-        return 0;
-    case PIE_PROBE_TOPK:
-        if (s->top_k < 1 || s->top_k > vocab)
-            return pie_err_set(PIE_EINVAL, "control: output %d: top-k probe "
-                               "k=%d outside 1..%d", o, s->top_k, vocab);
-        return 0;
-    case PIE_PROBE_LOGPROBS:
-        if (s->n_ids < 0 || s->n_ids > vocab || (s->n_ids > 0 && !s->ids))
-            return pie_err_set(PIE_EINVAL, "control: output %d: logprobs of "
-                               "%d ids", o, s->n_ids);
-        for (int32_t i = 0; i < s->n_ids; i++)
-            if (s->ids[i] < 0 || s->ids[i] >= vocab)
-                return pie_err_set(PIE_ERANGE, "control: output %d: logprob "
-                                   "id %d outside vocab %d", o, s->ids[i],
-                                   vocab);
-        return 0;
-    default:
-        return pie_err_set(PIE_EINVAL, "control: output %d: unknown sampler "
-                           "kind %d", o, s->kind);
-    }
+    const pie_sampler *s = &f->samplers[o];
+    if (s->kind == PIE_PROBE_LOGPROBS && s->n_ids > vocab)
+        return pie_err_set(PIE_EINVAL, "control: output %d: logprobs of %d "
+                           "ids, more than vocab %d", o, s->n_ids, vocab);
+    const uint32_t *li = f->logit_mask_indptr;
+    int rc = pie_batch_validate_row(s, li ? f->logit_mask_runs + li[o] : NULL,
+                                    li ? (int64_t)(li[o + 1] - li[o]) : -1, o,
+                                    vocab);
+    return rc < 0 ? pie_err_wrap(rc, "control") : 0;
 }
 
 /* Checks everything that does not need the lock. */
@@ -262,24 +252,43 @@ static int check_forward(pie_ctl *ctl, const pie_ctl_forward *f)
                             (uint64_t)kv_len, "attention mask of token",
                             &dummy);
         if (rc < 0) return rc;
+        if (f->mask_indptr[f->n_tokens] > CTL_MAX_RUNS)
+            return pie_err_set(PIE_ELIMIT, "control: attention mask of %u "
+                               "runs, more than the limit of %d",
+                               f->mask_indptr[f->n_tokens], CTL_MAX_RUNS);
     }
     if (f->n_outputs < 0 || f->n_outputs > f->n_tokens * 64 ||
         (f->n_outputs > 0 && (!f->output_idx || !f->samplers)))
         return pie_err_set(PIE_EINVAL, "control: bad output rows (%d)",
                            f->n_outputs);
+    int64_t n_vals = 0;
     for (int32_t o = 0; o < f->n_outputs; o++) {
         if (f->output_idx[o] < 0 || f->output_idx[o] >= f->n_tokens)
             return pie_err_set(PIE_ERANGE, "control: output %d at token %d "
                                "of %d", o, f->output_idx[o], f->n_tokens);
-        int rc = check_sampler(&f->samplers[o], ctl->vocab, o);
-        if (rc < 0) return rc;
+        n_vals += pie__sampler_values(&f->samplers[o], ctl->vocab);
     }
+    if (n_vals > CTL_MAX_VALUES)
+        return pie_err_set(PIE_ELIMIT, "control: forward asks for %lld probe "
+                           "values, more than the limit of %d; use fewer "
+                           "probe rows or smaller ones (TOPK k, LOGPROBS "
+                           "ids, LOGITS is vocab %d each)", (long long)n_vals,
+                           CTL_MAX_VALUES, ctl->vocab);
     if (f->logit_mask_indptr) {
         if (!f->logit_mask_runs && f->logit_mask_indptr[f->n_outputs] > 0)
             return pie_err_set(PIE_EINVAL, "control: logit mask runs missing");
         int rc = check_runs(f->logit_mask_indptr, f->logit_mask_runs,
                             f->n_outputs, (uint64_t)ctl->vocab,
                             "logit mask of output", &dummy);
+        if (rc < 0) return rc;
+        if (f->logit_mask_indptr[f->n_outputs] > CTL_MAX_RUNS)
+            return pie_err_set(PIE_ELIMIT, "control: logit masks of %u runs, "
+                               "more than the limit of %d",
+                               f->logit_mask_indptr[f->n_outputs],
+                               CTL_MAX_RUNS);
+    }
+    for (int32_t o = 0; o < f->n_outputs; o++) {
+        int rc = check_row(f, ctl->vocab, o);
         if (rc < 0) return rc;
     }
     return 0;
@@ -320,7 +329,7 @@ static ctl_op *op_build(pie_ctl *ctl, const pie_ctl_forward *f)
     op->n_outputs = no;
     op->output_idx = dup_arr(f->output_idx, no, sizeof(int32_t), &fail);
     op->samplers = dup_arr(f->samplers, no, sizeof(pie_sampler), &fail);
-    int32_t n_ids = 0, n_vals = 0;
+    int32_t n_ids = 0, n_vals = 0;   /* <= CTL_MAX_VALUES (check_forward) */
     for (int32_t o = 0; o < no; o++) {
         if (f->samplers[o].kind == PIE_PROBE_LOGPROBS) n_ids += f->samplers[o].n_ids;
         n_vals += pie__sampler_values(&f->samplers[o], ctl->vocab);
@@ -581,8 +590,10 @@ int pie_ctl_page_copy(pie_ctl_client *c, uint32_t src, int32_t src_off,
 {
     pie_ctl *ctl = c->ctl;
     int32_t ps = ctl->ps;
-    if (n < 1 || src_off < 0 || dst_off < 0 || src_off + n > ps ||
-        dst_off + n > ps)
+    /* off > ps - n, not off + n > ps: the sum wraps for offsets near
+     * INT32_MAX (which the runtime passes through unchecked) */
+    if (n < 1 || src_off < 0 || dst_off < 0 || src_off > ps - n ||
+        dst_off > ps - n)
         return pie_err_set(PIE_ERANGE, "control: copy of %d slots from %d to "
                            "%d does not fit pages of %d", n, src_off, dst_off,
                            ps);

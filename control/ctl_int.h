@@ -30,6 +30,15 @@
 
 #define CTL_N_PRIO 8
 
+/* Most probe values (out->values entries, with as many ids) and most mask
+ * runs (attention or logit) that one forward may ask for and one batch may
+ * hold: 2^28 floats and ids are 2 GiB, and every count and offset of them
+ * (int32 counts and capacities, uint32 indptr) stays far from overflow. A
+ * forward over a limit is refused at submit; a batch stops taking forwards
+ * before one would pass it, so a lone forward always fits. */
+#define CTL_MAX_VALUES (1 << 28)
+#define CTL_MAX_RUNS   (1 << 28)
+
 enum { OP_WAITING, OP_READY, OP_STAGED, OP_RUNNING, OP_DONE };
 enum { OP_FORWARD, OP_COPY };
 

@@ -540,7 +540,8 @@ int pie_ctl_page_alloc(pie_ctl_client *c, int32_t n, int32_t timeout_ms,
     if (n == 0) return 0;
     pthread_mutex_lock(&ctl->mu);
     int rc = 0;
-    if (c->max_pages > 0 && c->pages_held + n > c->max_pages) {
+    /* (n > max - held: a sum could wrap) */
+    if (c->max_pages > 0 && n > c->max_pages - c->pages_held) {
         rc = pie_err_set(PIE_ELIMIT, "control: client '%s' page quota "
                          "exceeded: holds %d, asks %d, limit %d", c->name,
                          c->pages_held, n, c->max_pages);
@@ -548,7 +549,7 @@ int pie_ctl_page_alloc(pie_ctl_client *c, int32_t n, int32_t timeout_ms,
     }
     if ((rc = RESUME(c)) < 0) goto out;
     if ((rc = pie__wait_for_pages(ctl, n, timeout_ms, c)) < 0) goto out;
-    if (c->max_pages > 0 && c->pages_held + n > c->max_pages) {
+    if (c->max_pages > 0 && n > c->max_pages - c->pages_held) {
         rc = pie_err_set(PIE_ELIMIT, "control: client '%s' page quota "
                          "exceeded", c->name);
         goto out;

@@ -224,16 +224,20 @@ int32_t pie__sampler_values(const pie_sampler *s, int32_t vocab)
     return sampler_values(s, vocab);
 }
 
+/* Grows ptr (int32 capacity cap) to hold need (int64) elements, doubling;
+ * a capacity past INT32_MAX is PIE_ENOMEM, never a wrapped one. */
 #define GROW(ptr, cap, need, extra)                                          \
     do {                                                                     \
-        if ((need) > (cap)) {                                                \
-            int32_t nc_ = (cap) ? (cap) : 64;                                \
-            while (nc_ < (need)) nc_ *= 2;                                   \
+        int64_t need_ = (need);                                              \
+        if (need_ > (cap)) {                                                 \
+            int64_t nc_ = (cap) ? (cap) : 64;                                \
+            while (nc_ < need_) nc_ *= 2;                                    \
+            if (nc_ > INT32_MAX) return PIE_ENOMEM;                          \
             void *np_ = realloc((ptr), (size_t)nc_ * sizeof *(ptr));         \
             if (!np_) return PIE_ENOMEM;                                     \
             (ptr) = np_;                                                     \
             extra;                                                           \
-            (cap) = nc_;                                                     \
+            (cap) = (int32_t)nc_;                                            \
         }                                                                    \
     } while (0)
 
@@ -250,8 +254,8 @@ static int resize(void *p, size_t n, size_t sz)
 
 /* Makes room in B for one more request with ntok tokens, np pages, nmask
  * mask runs, nout outputs, nlm logit-mask runs, nval probe values. */
-static int batch_reserve(ctl_batch *B, int32_t ntok, int32_t np, int32_t nmask,
-                         int32_t nout, int32_t nlm, int32_t nval)
+static int batch_reserve(ctl_batch *B, int64_t ntok, int64_t np, int64_t nmask,
+                         int64_t nout, int64_t nlm, int64_t nval)
 {
     int32_t ct = B->cap_tokens, cr = B->cap_reqs, co = B->cap_outputs;
     GROW(B->tokens, ct, B->n_tokens + ntok,
@@ -310,20 +314,38 @@ void pie__batch_free(ctl_batch *B)
     memset(B, 0, sizeof *B);
 }
 
-/* Counts op's outputs and their probe values within tokens [t0, t0+n). */
-static void count_outputs(pie_ctl *ctl, const ctl_op *op, int32_t t0,
-                          int32_t n, int32_t *nout, int32_t *nval,
-                          int32_t *nlm)
+/* What tokens [t0, t0+n) of op add to a batch: mask runs, outputs, their
+ * logit-mask runs and probe values. */
+typedef struct slice_size {
+    int64_t nmask, nout, nlm, nval;
+} slice_size;
+
+static slice_size count_slice(pie_ctl *ctl, const ctl_op *op, int32_t t0,
+                              int32_t n)
 {
-    *nout = *nval = *nlm = 0;
+    slice_size z = { 0 };
+    z.nmask = op->mask_indptr ? (int64_t)(op->mask_indptr[t0 + n] -
+                                          op->mask_indptr[t0]) : 2 * (int64_t)n;
     for (int32_t o = 0; o < op->n_outputs; o++) {
         int32_t t = op->output_idx[o];
         if (t < t0 || t >= t0 + n) continue;
-        (*nout)++;
-        *nval += sampler_values(&op->samplers[o], ctl->vocab);
-        *nlm += op->lm_indptr ? (int32_t)(op->lm_indptr[o + 1] -
-                                          op->lm_indptr[o]) : 2;
+        z.nout++;
+        z.nval += sampler_values(&op->samplers[o], ctl->vocab);
+        z.nlm += op->lm_indptr ? (int64_t)(op->lm_indptr[o + 1] -
+                                           op->lm_indptr[o]) : 2;
     }
+    return z;
+}
+
+/* True when a slice of size z keeps B within the limits on probe values
+ * and runs (CTL_MAX_VALUES, CTL_MAX_RUNS), so that no count of B wraps.
+ * check_forward keeps one forward within them: an empty B takes any. */
+static bool slice_fits(const ctl_batch *B, const slice_size *z)
+{
+    return (int64_t)B->n_values + z->nval <= CTL_MAX_VALUES &&
+           (int64_t)B->n_mask_runs + z->nmask <= CTL_MAX_RUNS &&
+           (int64_t)B->n_lm_runs + z->nlm <= CTL_MAX_RUNS &&
+           (int64_t)B->n_outputs + z->nout <= CTL_MAX_RUNS;
 }
 
 /* Appends tokens [t0, t0+n) of op to B as one request. */
@@ -332,11 +354,8 @@ static int batch_append(pie_ctl *ctl, ctl_batch *B, ctl_op *op, int32_t t0,
 {
     int32_t ps = ctl->ps, first = op->kv_len - op->n_tokens;
     int32_t kvl = first + t0 + n, np = (kvl + ps - 1) / ps;
-    int32_t nmask = op->mask_indptr ? (int32_t)(op->mask_indptr[t0 + n] -
-                                               op->mask_indptr[t0]) : 2 * n;
-    int32_t nout, nval, nlm;
-    count_outputs(ctl, op, t0, n, &nout, &nval, &nlm);
-    if (batch_reserve(B, n, np, nmask, nout, nlm, nval) < 0)
+    slice_size z = count_slice(ctl, op, t0, n);
+    if (batch_reserve(B, n, np, z.nmask, z.nout, z.nlm, z.nval) < 0)
         return pie_err_set(PIE_ENOMEM, "control: out of memory for a batch");
     int32_t r = B->n_reqs, tb = B->n_tokens;
     if (r == 0) {
@@ -366,7 +385,7 @@ static int batch_append(pie_ctl *ctl, ctl_batch *B, ctl_op *op, int32_t t0,
     B->last_len[r] = kvl - (np - 1) * ps;
     ctl_entry *e = &B->ents[r];
     *e = (ctl_entry){ .op = op, .tok0 = t0, .ntok = n, .row0 = B->n_outputs,
-                      .nrow = nout };
+                      .nrow = (int32_t)z.nout };
     for (int32_t o = 0; o < op->n_outputs; o++) {
         int32_t t = op->output_idx[o];
         if (t < t0 || t >= t0 + n) continue;
@@ -462,8 +481,12 @@ again:
                 n = op->n_tokens - op->done_tokens;
             int32_t kvl = op->kv_len - op->n_tokens + op->done_tokens + n;
             int32_t np = (kvl + ps - 1) / ps;
-            bool fits = n > 0 && (B->n_reqs == 0 ||
-                                  B->n_kv + np <= ctl->o.max_batch_pages);
+            bool fits = n > 0;
+            if (fits && B->n_reqs > 0) {    /* an empty batch takes any */
+                slice_size z = count_slice(ctl, op, op->done_tokens, n);
+                fits = B->n_kv + np <= ctl->o.max_batch_pages &&
+                       slice_fits(B, &z);
+            }
             if (fits) {
                 int32_t t0 = op->done_tokens;
                 ready_remove(ctl, op);

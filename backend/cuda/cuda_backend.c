@@ -1130,8 +1130,8 @@ static int cuda_copy_slots(pie_backend *bb, int32_t src, int32_t src_off,
     if (src < 0 || src >= bb->n_pages || dst < 0 || dst >= bb->n_pages)
         return pie_err_set(PIE_ERANGE, "cuda: copy_slots pages %d -> %d "
                            "outside 0..%d", src, dst, bb->n_pages - 1);
-    if (n < 0 || src_off < 0 || dst_off < 0 || src_off + n > ps ||
-        dst_off + n > ps)
+    if (n < 0 || src_off < 0 || dst_off < 0 || src_off > ps - n ||
+        dst_off > ps - n)
         return pie_err_set(PIE_ERANGE, "cuda: copy_slots of %d slots at "
                            "offsets %d -> %d outside the page (%d)", n,
                            src_off, dst_off, ps);

@@ -177,7 +177,8 @@ static int fake_copy(pie_backend *b, int32_t src, int32_t src_off, int32_t dst,
     fake *f = (fake *)b;
     int32_t ps = b->page_size;
     if (src < 0 || dst < 0 || src >= b->n_pages || dst >= b->n_pages || n < 0 ||
-        src_off < 0 || dst_off < 0 || src_off + n > ps || dst_off + n > ps)
+        src_off < 0 || dst_off < 0 || src_off > ps - n ||
+        dst_off > ps - n)
         return pie_err_set(PIE_ERANGE, "fake: bad copy");
     if (f->fail_copies > 0) {
         f->fail_copies--;

@@ -7,6 +7,7 @@
  * demand: forwards and copies in the fake backend, reallocs through a
  * linker wrap (test_batch_oom). `test_control NAME...` runs named tests.
  */
+#include <math.h>
 #include <pthread.h>
 #include <stdatomic.h>
 #include <stdlib.h>
@@ -1576,6 +1577,193 @@ static void test_batch_oom(void)
     done_ctl(ctl, b);
 }
 
+/* Copy offsets near INT32_MAX: offset + n wraps in 32 bits and must not
+ * pass as "fits in the page". Each is refused at submit; the server goes on
+ * and a following forward over the pages is exact. */
+static void test_copy_overflow(void)
+{
+    pie_backend *b;
+    pie_ctl *ctl = make_ctl(16, 0, NULL, &b);
+    pie_ctl_client *c;
+    CHECK_OK(pie_ctl_client_open(ctl, NULL, &c));
+    uint32_t h[3];
+    CHECK_OK(pie_ctl_page_alloc(c, 3, 0, h));
+    int32_t hist[7];
+    make_prompt(hist, 6, 41);
+    pie_ctl_future *f;
+    CHECK_OK(fwd(c, hist, 6, 0, h, NULL, &f));
+    pie_ctl_future_release(f);
+    static const struct { int32_t src_off, dst_off, n; } bad[] = {
+        { 0, 0x7fffffff, 1 },          /* dst_off + n wraps negative */
+        { 0x7fffffff, 0, 1 },          /* src_off + n wraps negative */
+        { 1, 1, 0x7fffffff },          /* off + n wraps negative      */
+        { 0x7fffffff, 0x7fffffff, 0x7fffffff },
+    };
+    for (int i = 0; i < 4; i++) {
+        int rc = pie_ctl_page_copy(c, h[1], bad[i].src_off, h[2],
+                                   bad[i].dst_off, bad[i].n);
+        CHECK(rc == PIE_ERANGE, "copy of %d slots from offset %d to %d: "
+              "returned %d, expected PIE_ERANGE", bad[i].n, bad[i].src_off,
+              bad[i].dst_off, rc);
+    }
+    hist[6] = 77;
+    CHECK_OK(fwd(c, &hist[6], 1, 6, h, NULL, &f));
+    int32_t got = wait_token(f), want = fake_expected_next(hist, 7, VOCAB);
+    pie_ctl_future_release(f);
+    CHECK(got == want, "forward after the refused copies: expected %d, got "
+          "%d", want, got);
+    CHECK(fake_backend_stats(b)->copies == 0, "%d copies ran, expected none",
+          fake_backend_stats(b)->copies);
+    pie_ctl_client_close(c);
+    printf("copy overflow: offsets that wrap int32 refused; the next forward "
+           "matches\n");
+    done_ctl(ctl, b);
+}
+
+/* Probe values of one forward are capped (PIE_CTL_MAX_VALUES = 2^28):
+ * 2048 LOGITS rows over a vocab of 2^21 ask for 2^32 values, which wrap to
+ * 0 in int32; refused at submit, before anything is allocated for them. */
+static void test_probe_cap(void)
+{
+    enum { V = 1 << 21, NT = 32, NO = 2048 };
+    pie_backend *b;
+    CHECK_OK(fake_backend_create(V, PS, 16, 0, &b));
+    pie_ctl *ctl = NULL;
+    CHECK_OK(pie_ctl_create(b, NULL, &ctl));
+    pie_ctl_client *c;
+    CHECK_OK(pie_ctl_client_open(ctl, NULL, &c));
+    uint32_t h[NT / PS];
+    CHECK_OK(pie_ctl_page_alloc(c, NT / PS, 0, h));
+    int32_t t[NT], pos[NT];
+    make_prompt(t, NT, 5);
+    for (int32_t i = 0; i < NT; i++) pos[i] = i;
+    static int32_t oi[NO];
+    static pie_sampler s[NO];
+    for (int32_t o = 0; o < NO; o++) {
+        oi[o] = o % NT;
+        s[o] = (pie_sampler){ .kind = PIE_PROBE_LOGITS };
+    }
+    pie_ctl_forward f = { .n_tokens = NT, .tokens = t, .positions = pos,
+                          .n_pages = NT / PS, .pages = h, .last_page_len = PS,
+                          .n_outputs = NO, .output_idx = oi, .samplers = s };
+    pie_ctl_future *fut = NULL;
+    int rc = pie_ctl_forward_submit(c, &f, NULL, NULL, &fut);
+    CHECK(rc == PIE_ELIMIT, "%d LOGITS rows over vocab %d: submit returned "
+          "%d, expected PIE_ELIMIT", NO, V, rc);
+    CHECK(strstr(pie_err_msg(), "probe values") != NULL, "message: %s",
+          pie_err_msg());
+    /* TOPK with k = vocab: 129 rows are 2^28 + 2^21 values, over the cap */
+    for (int32_t o = 0; o < NO; o++)
+        s[o] = (pie_sampler){ .kind = PIE_PROBE_TOPK, .top_k = V };
+    f.n_outputs = 129;
+    rc = pie_ctl_forward_submit(c, &f, NULL, NULL, &fut);
+    CHECK(rc == PIE_ELIMIT, "129 TOPK rows of k = %d: submit returned %d, "
+          "expected PIE_ELIMIT", V, rc);
+    /* within the cap: two such rows run, and the forward is exact */
+    f.n_outputs = 2;
+    CHECK_OK(pie_ctl_forward_submit(c, &f, NULL, NULL, &fut));
+    CHECK_OK(pie_ctl_future_wait(fut, 10000));
+    const pie_forward_out *out;
+    CHECK_OK(pie_ctl_future_result(fut, &out, NULL));
+    CHECK(out->value_indptr[2] == 2u * V, "value_indptr[2] = %u, expected %u",
+          out->value_indptr[2], 2u * V);
+    pie_ctl_future_release(fut);
+    int32_t x = 3, hist[NT + 1];
+    memcpy(hist, t, sizeof t);
+    hist[NT] = x;
+    uint32_t pages[NT / PS + 1];
+    memcpy(pages, h, sizeof h);
+    CHECK_OK(pie_ctl_page_alloc(c, 1, 0, &pages[NT / PS]));
+    CHECK_OK(fwd(c, &x, 1, NT, pages, NULL, &fut));
+    int32_t got = wait_token(fut), want = fake_expected_next(hist, NT + 1, V);
+    pie_ctl_future_release(fut);
+    CHECK(got == want, "forward after the refused ones: expected %d, got %d",
+          want, got);
+    pie_ctl_client_close(c);
+    printf("probe cap: 2^32 and 2^28+2^21 probe values refused at submit; "
+           "2 * 2^21 run\n");
+    done_ctl(ctl, b);
+}
+
+/* One client's bad sampler or logit mask must fail only its own forward:
+ * a good forward of another client staged beside it (behind a slow one
+ * that holds the device) runs and is exact. */
+static void test_bad_row_isolated(void)
+{
+    pie_backend *b;
+    pie_ctl *ctl = make_ctl(32, 0, NULL, &b);
+    pie_ctl_client *z, *good, *bad;
+    CHECK_OK(pie_ctl_client_open(ctl, NULL, &z));
+    CHECK_OK(pie_ctl_client_open(ctl, NULL, &good));
+    CHECK_OK(pie_ctl_client_open(ctl, NULL, &bad));
+    uint32_t hz[1], hg[2], hb[1];
+    CHECK_OK(pie_ctl_page_alloc(z, 1, 0, hz));
+    CHECK_OK(pie_ctl_page_alloc(good, 2, 0, hg));
+    CHECK_OK(pie_ctl_page_alloc(bad, 1, 0, hb));
+    int32_t prompt[6], want[1], tok = 5;
+    make_prompt(prompt, 6, 61);
+    reference(prompt, 6, 1, want);
+    int32_t t[4] = { 1, 2, 3, 4 }, pos[4] = { 0, 1, 2, 3 }, oi = 3;
+    uint32_t lm_indptr[2] = { 0, 1 }, lm_runs[1] = { 5 };  /* allows none */
+    struct { const char *what; pie_sampler s; bool mask; } cases[] = {
+        { "random temperature NaN",
+          { .kind = PIE_SAMPLER_RANDOM, .temperature = NAN, .top_p = 1 } },
+        { "random temperature +inf",
+          { .kind = PIE_SAMPLER_RANDOM, .temperature = INFINITY, .top_p = 1 } },
+        { "random temperature -inf",
+          { .kind = PIE_SAMPLER_RANDOM, .temperature = -INFINITY, .top_p = 1 } },
+        { "random top_p NaN",
+          { .kind = PIE_SAMPLER_RANDOM, .temperature = 1, .top_p = NAN } },
+        { "random min_p NaN",
+          { .kind = PIE_SAMPLER_RANDOM, .temperature = 1, .top_p = 1,
+            .min_p = NAN } },
+        { "TOPK temperature inf",
+          { .kind = PIE_PROBE_TOPK, .top_k = 3, .temperature = INFINITY } },
+        { "logit mask allowing no id", { .kind = PIE_SAMPLER_GREEDY }, true },
+    };
+    fake_backend_set_delay(b, 50000);            /* the device is idle */
+    for (size_t i = 0; i < sizeof cases / sizeof cases[0]; i++) {
+        pie_ctl_future *fz, *fb = NULL, *fg;
+        CHECK_OK(fwd(z, &tok, 1, 0, hz, NULL, &fz));  /* holds the device */
+        usleep(10000);
+        pie_ctl_forward f = { .n_tokens = 4, .tokens = t, .positions = pos,
+                              .n_pages = 1, .pages = hb, .last_page_len = 4,
+                              .n_outputs = 1, .output_idx = &oi,
+                              .samplers = &cases[i].s };
+        if (cases[i].mask) {
+            f.logit_mask_indptr = lm_indptr;
+            f.logit_mask_runs = lm_runs;
+        }
+        int rc_bad = pie_ctl_forward_submit(bad, &f, NULL, NULL, &fb);
+        char msg[256];
+        snprintf(msg, sizeof msg, "%s", pie_err_msg());
+        CHECK_OK(fwd(good, prompt, 6, 0, hg, NULL, &fg));  /* staged beside */
+        int rc = pie_ctl_future_wait(fg, 10000);
+        CHECK(rc == 0, "%s: the good forward of another client staged with "
+              "it failed with %d", cases[i].what, rc);
+        CHECK(wait_token(fg) == want[0], "%s: good forward: expected %d, got "
+              "%d", cases[i].what, want[0], wait_token(fg));
+        wait_token(fz);
+        if (fb) {
+            pie_ctl_future_wait(fb, 10000);
+            pie_ctl_future_release(fb);
+        }
+        CHECK(rc_bad == PIE_EINVAL, "%s: submit returned %d, expected "
+              "PIE_EINVAL", cases[i].what, rc_bad);
+        CHECK(strstr(msg, "output 0") != NULL, "%s: message '%s'",
+              cases[i].what, msg);
+        pie_ctl_future_release(fg);
+        pie_ctl_future_release(fz);
+    }
+    fake_backend_set_delay(b, 0);
+    pie_ctl_client_close(z);
+    pie_ctl_client_close(good);
+    pie_ctl_client_close(bad);
+    printf("bad row isolated: NaN/inf sampler parameters and an empty logit "
+           "mask fail their own submit; the forward beside them is exact\n");
+    done_ctl(ctl, b);
+}
+
 static const struct { const char *name; void (*fn)(void); } tests[] = {
     { "generate_alone", test_generate_alone },
     { "chained", test_chained },
@@ -1602,6 +1790,9 @@ static const struct { const char *name; void (*fn)(void); } tests[] = {
     { "rewrite_wired", test_rewrite_wired },
     { "cancel_wired", test_cancel_wired },
     { "batch_oom", test_batch_oom },
+    { "copy_overflow", test_copy_overflow },
+    { "probe_cap", test_probe_cap },
+    { "bad_row_isolated", test_bad_row_isolated },
 };
 
 /* test_control [NAME...]: the named tests, or all of them in order. */
