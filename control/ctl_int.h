@@ -266,6 +266,11 @@ void pie__pool_forget(pie_ctl *ctl, const ctl_op *op, int32_t tok0,
 /* A forward that writes page was wired (its last_writer now): the page
  * leaves the dedup table and loses its hash (see pool.c's header). */
 void pie__pool_write_wired(pie_ctl *ctl, int32_t page);
+/* The chain hash of page's slot records extending prefix (seed model_id;
+ * tokens, positions, mask hashes; never 0), as dedup gives a full page and
+ * a loaded export's pages are checked against. 0 or PIE_ENOMEM. */
+int pie__pool_hash_of(const pie_ctl *ctl, int32_t page, uint64_t prefix,
+                      uint64_t *out);
 /* After a forward completed: hashes pages it filled, merges duplicates. */
 void pie__pool_dedup(pie_ctl *ctl, ctl_op *op);
 void pie__pool_copy_record(pie_ctl *ctl, int32_t src, int32_t src_off,

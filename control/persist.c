@@ -14,16 +14,34 @@
  *   KV       n_pages * page_bytes bytes (the backend's page format)
  *   trailer  XXH64 of every byte before it (u64, seed 0)
  *
- * Loading checks the magic, version, that model id and page geometry match
- * this engine, that the size is exactly what the header implies and the
- * checksum; anything else is PIE_EFORMAT with a message naming the file.
+ * Loading trusts nothing in the file. It opens without blocking (a FIFO
+ * must not wait for a writer) and reads only a regular file no larger than
+ * the biggest export this engine could hold; then checks the magic and
+ * version, the checksum, that model id and page geometry match this engine,
+ * that the size is exactly what the header implies, and every page record:
+ * fill, tokens inside the vocabulary, and that a page hash describes the
+ * record's tokens, positions and masks (a forged hash would otherwise
+ * serve this KV to another prompt through prefix caching). Failures are
+ * PIE_EFORMAT (PIE_EIO for what is not a readable file) with a message
+ * naming the file; nothing is allocated from a size the file states before
+ * it has been bounded, and a failed load changes nothing in the engine.
+ *
+ * Saving writes a fresh temporary beside the target (created exclusively,
+ * so a planted symlink is never written through), fsyncs it, renames it
+ * over the target and fsyncs the folder: a crash leaves the old file or the
+ * new one, never a mix; a torn temporary fails its checksum anyway.
+ *
  * Pages are read and written while the device is idle and ctl->mu is held,
  * so no batch runs against them meanwhile.
  */
+#include <errno.h>
+#include <fcntl.h>
+#include <libgen.h>
 #include <stdio.h>
 #include <stdlib.h>
 #include <string.h>
 #include <sys/stat.h>
+#include <unistd.h>
 #include <xxhash.h>
 
 #include "common/pie_err.h"
@@ -108,6 +126,61 @@ static int serialize(pie_ctl *ctl, const ctl_export *e, wbuf *w)
     return 0;
 }
 
+/* Writes all n bytes of p to fd, retrying short writes; 0 or -1 (errno). */
+static int write_full(int fd, const unsigned char *p, size_t n)
+{
+    while (n > 0) {
+        ssize_t k = write(fd, p, n);
+        if (k < 0 && errno == EINTR) continue;
+        if (k <= 0) return -1;
+        p += k;
+        n -= (size_t)k;
+    }
+    return 0;
+}
+
+/* Flushes the folder holding path so that a rename into it is durable.
+ * Best effort: some filesystems refuse fsync on a directory. */
+static void sync_dir(const char *path)
+{
+    char *d = strdup(path);
+    if (!d) return;
+    int fd = open(dirname(d), O_RDONLY | O_DIRECTORY | O_CLOEXEC);
+    if (fd >= 0) {
+        (void)fsync(fd);
+        close(fd);
+    }
+    free(d);
+}
+
+/* Replaces path with the n bytes at p atomically: a fresh temporary
+ * PATH.tmpXXXXXX (O_EXCL: never an existing file or a symlink) is written,
+ * fsynced and renamed over path. On failure path is untouched and the
+ * temporary removed; PIE_EIO with the reason. */
+static int write_atomic(const char *path, const unsigned char *p, size_t n)
+{
+    size_t pl = strlen(path);
+    char *tmp = malloc(pl + sizeof ".tmpXXXXXX");
+    if (!tmp) return pie_err_set(PIE_ENOMEM, "control: out of memory");
+    memcpy(tmp, path, pl);
+    memcpy(tmp + pl, ".tmpXXXXXX", sizeof ".tmpXXXXXX");
+    int fd = mkstemp(tmp), rc = 0;   /* mode 0600: KV reveals the prompt */
+    if (fd >= 0) (void)fcntl(fd, F_SETFD, FD_CLOEXEC);
+    if (fd < 0 || write_full(fd, p, n) != 0 || fsync(fd) != 0)
+        rc = pie_err_set(PIE_EIO, "control: cannot write %s: %s", path,
+                         strerror(errno));
+    if (fd >= 0 && close(fd) != 0 && rc == 0)
+        rc = pie_err_set(PIE_EIO, "control: cannot write %s: %s", path,
+                         strerror(errno));
+    if (rc == 0 && rename(tmp, path) != 0)
+        rc = pie_err_set(PIE_EIO, "control: cannot write %s: %s", path,
+                         strerror(errno));
+    if (rc < 0 && fd >= 0) unlink(tmp);
+    if (rc == 0) sync_dir(path);
+    free(tmp);
+    return rc;
+}
+
 int pie_ctl_export_save(pie_ctl *ctl, const char *name, const char *path)
 {
     if (!name || !path) return pie_err_set(PIE_EINVAL, "control: NULL name");
@@ -130,17 +203,7 @@ int pie_ctl_export_save(pie_ctl *ctl, const char *name, const char *path)
     uint64_t sum = XXH64(w.p, w.n, 0);
     if (rc == 0) put(&w, &sum, 8);
     if (rc == 0 && w.oom) rc = pie_err_set(PIE_ENOMEM, "control: out of memory");
-    if (rc == 0) {
-        char tmp[4096];
-        snprintf(tmp, sizeof tmp, "%s.tmp", path);
-        FILE *f = fopen(tmp, "wb");
-        bool ok = f && fwrite(w.p, 1, w.n, f) == w.n;
-        if (f && fclose(f) != 0) ok = false;     /* closed either way */
-        if (!ok || rename(tmp, path) != 0) {
-            if (f) remove(tmp);
-            rc = pie_err_set(PIE_EIO, "control: cannot write %s", path);
-        }
-    }
+    if (rc == 0) rc = write_atomic(path, w.p, w.n);
     free(w.p);
     return rc;
 }
@@ -160,21 +223,61 @@ static bool get(rbuf *r, void *dst, size_t n)
     return true;
 }
 
-static unsigned char *read_all(const char *path, size_t *len)
+/* Largest file an export for this engine can be: every page of the pool. */
+static uint64_t max_file_bytes(const pie_ctl *ctl)
 {
-    FILE *f = fopen(path, "rb");
-    if (!f) return NULL;
+    return HEADER_FIXED + 255 + (uint64_t)ctl->n_pages *
+           (rec_bytes(ctl->ps) + ctl->b->page_bytes) + 8;
+}
+
+/* Reads the regular file at path into *data (malloc'd, caller frees) and
+ * *len. Never blocks on a FIFO or device; refuses a file larger than any
+ * export this engine could hold before allocating. 0, or PIE_EIO /
+ * PIE_EFORMAT with a message. */
+static int read_file(const pie_ctl *ctl, const char *path,
+                     unsigned char **data, size_t *len)
+{
+    *data = NULL;
+    *len = 0;
+    int fd = open(path, O_RDONLY | O_NONBLOCK | O_CLOEXEC), fl;
+    if (fd < 0)
+        return pie_err_set(PIE_EIO, "control: cannot open %s: %s", path,
+                           strerror(errno));
     struct stat st;
-    unsigned char *b = NULL;
-    if (fstat(fileno(f), &st) == 0 && st.st_size >= 0 &&
-        (b = malloc(st.st_size ? st.st_size : 1)) &&
-        fread(b, 1, st.st_size, f) != (size_t)st.st_size) {
-        free(b);
-        b = NULL;
+    int rc = 0;
+    if (fstat(fd, &st) != 0 || !S_ISREG(st.st_mode))
+        rc = pie_err_set(PIE_EIO, "control: %s is not a regular file", path);
+    else if ((fl = fcntl(fd, F_GETFL)) < 0 ||
+             fcntl(fd, F_SETFL, fl & ~O_NONBLOCK) < 0)
+        rc = pie_err_set(PIE_EIO, "control: %s: %s", path, strerror(errno));
+    else if ((uint64_t)st.st_size > max_file_bytes(ctl))
+        rc = pie_err_set(PIE_EFORMAT, "%s: %lld bytes, larger than any "
+                         "export this engine can hold (%llu); not a KV "
+                         "export for this model", path, (long long)st.st_size,
+                         (unsigned long long)max_file_bytes(ctl));
+    size_t n = rc == 0 ? (size_t)st.st_size : 0, got = 0;
+    unsigned char *b = rc == 0 ? malloc(n ? n : 1) : NULL;
+    if (rc == 0 && !b) rc = pie_err_set(PIE_ENOMEM, "control: out of memory");
+    while (rc == 0 && got < n) {
+        ssize_t k = read(fd, b + got, n - got);
+        if (k < 0 && errno == EINTR) continue;
+        if (k < 0)
+            rc = pie_err_set(PIE_EIO, "control: cannot read %s: %s", path,
+                             strerror(errno));
+        else if (k == 0)
+            rc = pie_err_set(PIE_EFORMAT, "%s: truncated while reading",
+                             path);
+        else
+            got += (size_t)k;
     }
-    fclose(f);
-    *len = b ? (size_t)st.st_size : 0;
-    return b;
+    close(fd);
+    if (rc < 0) {
+        free(b);
+        return rc;
+    }
+    *data = b;
+    *len = n;
+    return 0;
 }
 
 typedef struct file_hdr {
@@ -189,17 +292,18 @@ static int check_file(pie_ctl *ctl, const char *path, rbuf *r, file_hdr *h)
     char magic[8];
     uint32_t ver, nl;
     uint64_t sum = 0;
+    if (!get(r, magic, 8) || memcmp(magic, MAGIC, 8) != 0)
+        return pie_err_set(PIE_EFORMAT, "%s: not a pie KV export (%zu bytes, "
+                           "no PIEKVEXP magic)", path, r->n);
+    if (!get(r, &ver, 4))
+        return pie_err_set(PIE_EFORMAT, "%s: truncated header", path);
+    if (ver != VERSION)
+        return pie_err_set(PIE_EFORMAT, "%s: version %u, this pie reads %u",
+                           path, ver, VERSION);
     if (r->n >= 8) memcpy(&sum, r->p + r->n - 8, 8);
     if (r->n < HEADER_FIXED + 8 || XXH64(r->p, r->n - 8, 0) != sum)
         return pie_err_set(PIE_EFORMAT, "%s: truncated or corrupt (checksum "
                            "mismatch)", path);
-    get(r, magic, 8);
-    get(r, &ver, 4);
-    if (memcmp(magic, MAGIC, 8) != 0)
-        return pie_err_set(PIE_EFORMAT, "%s: not a pie KV export", path);
-    if (ver != VERSION)
-        return pie_err_set(PIE_EFORMAT, "%s: version %u, this pie reads %u",
-                           path, ver, VERSION);
     get(r, &h->model_id, 8);
     get(r, &h->ps, 4);
     get(r, &h->n, 4);
@@ -223,8 +327,10 @@ static int check_file(pie_ctl *ctl, const char *path, rbuf *r, file_hdr *h)
     return 0;
 }
 
-/* Restores page metadata from record k (mu held). */
-static int read_record(pie_ctl *ctl, rbuf *r, int32_t page)
+/* Restores page metadata from the next record into page (mu held). NULL,
+ * or what is wrong with the record (the page is then released unhashed by
+ * the caller). */
+static const char *read_record(pie_ctl *ctl, rbuf *r, int32_t page)
 {
     int32_t ps = ctl->ps;
     ctl_page *p = &ctl->pages[page];
@@ -238,33 +344,45 @@ static int read_record(pie_ctl *ctl, rbuf *r, int32_t page)
     get(r, ctl->slot_pos + base, ps * 4);
     get(r, ctl->slot_mask + base, ps * 8);
     get(r, ctl->slot_known + base, ps);
-    if (p->fill < 0 || p->fill > ps) return PIE_EFORMAT;
+    p->version++;
+    if (p->fill < 0 || p->fill > ps) return "fill out of range";
+    if (hashed > 1) return "bad hashed flag";
     for (int32_t i = 0; i < ps; i++) {
-        if (ctl->slot_known[base + i] > 1) return PIE_EFORMAT;
+        if (ctl->slot_known[base + i] > 1) return "bad slot flag";
         if (ctl->slot_known[base + i] && (ctl->slot_tok[base + i] < 0 ||
                                           ctl->slot_tok[base + i] >= ctl->vocab))
-            return PIE_EFORMAT;
+            return "token outside the vocabulary";
+        if (hashed && !ctl->slot_known[base + i])
+            return "hashed page with an unwritten slot";
     }
-    p->hashed = hashed == 1 && p->fill == ps;
-    p->version++;
-    return 0;
+    if (hashed) {
+        uint64_t h;
+        if (p->fill != ps) return "hashed page not full";
+        if (pie__pool_hash_of(ctl, page, p->prefix, &h) < 0)
+            return "out of memory";
+        if (h != p->hash) return "page hash does not match its tokens";
+    }
+    p->hashed = hashed == 1;
+    return NULL;
 }
 
 int pie_ctl_export_load(pie_ctl *ctl, const char *path, const char *name)
 {
     if (!path) return pie_err_set(PIE_EINVAL, "control: NULL path");
     size_t len;
-    unsigned char *data = read_all(path, &len);
-    if (!data) return pie_err_set(PIE_EIO, "control: cannot read %s", path);
+    unsigned char *data;
+    int rc = read_file(ctl, path, &data, &len);
+    if (rc < 0) return rc;
     rbuf r = { data, len, 0 };
     file_hdr h = { 0 };
-    int rc = check_file(ctl, path, &r, &h);
+    rc = check_file(ctl, path, &r, &h);
     if (rc == 0 && name && (!*name || strlen(name) > 255))
         rc = pie_err_set(PIE_EINVAL, "control: export name must be 1..255 "
                          "bytes");
     const char *nm = name ? name : h.name;
-    ctl_export *e = calloc(1, sizeof *e);
-    int32_t *pages = calloc(h.n > 0 ? h.n : 1, sizeof *pages);
+    /* h.n is bounded by the pool only once check_file succeeded */
+    ctl_export *e = rc == 0 ? calloc(1, sizeof *e) : NULL;
+    int32_t *pages = rc == 0 ? calloc(h.n, sizeof *pages) : NULL;
     char *nmc = rc == 0 ? strdup(nm) : NULL;
     if (rc == 0 && (!e || !pages || !nmc))
         rc = pie_err_set(PIE_ENOMEM, "control: out of memory");
@@ -280,10 +398,12 @@ int pie_ctl_export_load(pie_ctl *ctl, const char *path, const char *name)
                          "%s", h.n, path);
     if (rc == 0) {
         for (int32_t k = 0; k < h.n; k++) pages[k] = pie__page_take(ctl);
-        for (int32_t k = 0; k < h.n && rc == 0; k++)
-            if (read_record(ctl, &r, pages[k]) < 0)
-                rc = pie_err_set(PIE_EFORMAT, "%s: page record %d is invalid",
-                                 path, k);
+        for (int32_t k = 0; k < h.n && rc == 0; k++) {
+            const char *why = read_record(ctl, &r, pages[k]);
+            if (why)
+                rc = pie_err_set(PIE_EFORMAT, "%s: page record %d is "
+                                 "invalid: %s", path, k, why);
+        }
         if (rc == 0) rc = ctl->b->ops->upload(ctl->b, pages, h.n, data + r.at);
         if (rc < 0) {
             for (int32_t k = 0; k < h.n; k++) {

@@ -838,8 +838,21 @@ static int page_hash(pie_ctl *ctl, int32_t page, uint64_t prefix,
     for (int32_t i = 0; i < ps; i++)
         if (!ctl->slot_known[base + i] || ctl->slot_prefix[base + i] != ident)
             return 0;
+    uint64_t h;
+    if (pie__pool_hash_of(ctl, page, prefix, &h) < 0) return 0;
+    p->hash = h;
+    p->prefix = prefix;
+    p->hashed = true;
+    return 1;
+}
+
+int pie__pool_hash_of(const pie_ctl *ctl, int32_t page, uint64_t prefix,
+                      uint64_t *out)
+{
+    int32_t ps = ctl->ps;
+    size_t base = (size_t)page * ps;
     XXH64_state_t *st = XXH64_createState();
-    if (!st) return 0;
+    if (!st) return PIE_ENOMEM;
     XXH64_reset(st, ctl->o.model_id);
     XXH64_update(st, &prefix, sizeof prefix);
     XXH64_update(st, ctl->slot_tok + base, ps * sizeof(int32_t));
@@ -847,10 +860,8 @@ static int page_hash(pie_ctl *ctl, int32_t page, uint64_t prefix,
     XXH64_update(st, ctl->slot_mask + base, ps * sizeof(uint64_t));
     uint64_t h = XXH64_digest(st);
     XXH64_freeState(st);
-    p->hash = h ? h : 1;
-    p->prefix = prefix;
-    p->hashed = true;
-    return 1;
+    *out = h ? h : 1;
+    return 0;
 }
 
 /* Points the single owner handle of page at twin instead. */

@@ -7,13 +7,16 @@
  * demand: forwards and copies in the fake backend, reallocs through a
  * linker wrap (test_batch_oom). `test_control NAME...` runs named tests.
  */
+#include <dirent.h>
 #include <math.h>
+#include <signal.h>
 #include <pthread.h>
 #include <stdatomic.h>
 #include <stdlib.h>
 #include <string.h>
 #include <time.h>
 #include <unistd.h>
+#include <xxhash.h>
 
 #include "common/pie_err.h"
 #include "control/control.h"
@@ -776,6 +779,357 @@ static void test_persist(void)
     pie_backend_free(b2);
     remove(path);
     remove(bad);
+}
+
+/* ---- persisted exports: hostile and broken files ------------------------ */
+
+#define KV_HDR 40                  /* fixed header bytes before the name    */
+#define KV_REC (21 + PS * 17)      /* one page record (see persist.c)       */
+#define KV_FULL ((size_t)-1)
+
+static unsigned char *kv_slurp(const char *path, size_t *n)
+{
+    FILE *f = fopen(path, "rb");
+    CHECK(f, "cannot open %s", path);
+    static unsigned char buf[1 << 16];
+    *n = fread(buf, 1, sizeof buf, f);
+    fclose(f);
+    CHECK(*n > KV_HDR && *n < sizeof buf, "%s: %zu bytes", path, *n);
+    return buf;
+}
+
+/* Writes len bytes of src to path; with resum, first recomputes the
+ * trailing XXH64 so that only the deeper checks can catch the change. */
+static void kv_spit(const char *path, const unsigned char *src, size_t len,
+                    bool resum)
+{
+    static unsigned char buf[1 << 16];
+    memcpy(buf, src, len);
+    if (resum && len >= 8) {
+        uint64_t s = XXH64(buf, len - 8, 0);
+        memcpy(buf + len - 8, &s, 8);
+    }
+    FILE *f = fopen(path, "wb");
+    CHECK(f && fwrite(buf, 1, len, f) == len && fclose(f) == 0, "write %s",
+          path);
+}
+
+/* Imports export name (n_tok tokens of prompt), copies its last page when
+ * it is partial and generates one token after it: must match the fake
+ * model's continuation exactly. */
+static void kv_continue(pie_ctl *ctl, const char *name, const int32_t *prompt,
+                        int32_t n_tok)
+{
+    pie_ctl_client *c;
+    CHECK_OK(pie_ctl_client_open(ctl, NULL, &c));
+    uint32_t h[8];
+    int32_t n;
+    CHECK_OK(pie_ctl_import(c, name, 8, h, &n));
+    CHECK(n == (n_tok + PS - 1) / PS, "'%s' has %d pages", name, n);
+    CHECK_OK(pie_ctl_page_alloc(c, 1, 0, &h[n]));
+    if (n_tok % PS) {              /* last page is shared: write a copy */
+        CHECK_OK(pie_ctl_page_copy(c, h[n - 1], 0, h[n], 0, n_tok % PS));
+        h[n - 1] = h[n];
+    }
+    int32_t x = 7, hist[64];
+    memcpy(hist, prompt, n_tok * sizeof *prompt);
+    hist[n_tok] = x;
+    pie_ctl_future *f;
+    CHECK_OK(fwd(c, &x, 1, n_tok, h, NULL, &f));
+    int32_t got = wait_token(f), want = fake_expected_next(hist, n_tok + 1,
+                                                           VOCAB);
+    pie_ctl_future_release(f);
+    CHECK(got == want, "'%s' after reload: got %d, expected %d", name, got,
+          want);
+    pie_ctl_client_close(c);
+}
+
+/* Saves two exports ("good": 10 tokens, "../../escape": 8 tokens) to dir. */
+static void kv_save_two(const char *dir, const int32_t *pg, const int32_t *pv)
+{
+    char path[256];
+    pie_backend *b;
+    pie_ctl *ctl = make_ctl(16, 0, NULL, &b);
+    pie_ctl_client *c;
+    CHECK_OK(pie_ctl_client_open(ctl, NULL, &c));
+    uint32_t h[5];
+    CHECK_OK(pie_ctl_page_alloc(c, 5, 0, h));
+    pie_ctl_future *f;
+    CHECK_OK(fwd(c, pg, 10, 0, h, NULL, &f));
+    wait_token(f);
+    pie_ctl_future_release(f);
+    CHECK_OK(fwd(c, pv, 8, 0, h + 3, NULL, &f));
+    wait_token(f);
+    pie_ctl_future_release(f);
+    CHECK_OK(pie_ctl_export(c, "good", 3, h));
+    CHECK_OK(pie_ctl_export(c, "../../escape", 2, h + 3));
+    snprintf(path, sizeof path, "%s/good.pkv", dir);
+    CHECK_OK(pie_ctl_export_save(ctl, "good", path));
+    snprintf(path, sizeof path, "%s/victim.pkv", dir);
+    CHECK_OK(pie_ctl_export_save(ctl, "../../escape", path));
+    pie_ctl_client_close(c);
+    done_ctl(ctl, b);
+}
+
+/* Entries of dir other than "." and "..". */
+static int32_t kv_count_dir(const char *dir)
+{
+    DIR *d = opendir(dir);
+    CHECK(d, "opendir %s", dir);
+    int32_t n = 0;
+    for (struct dirent *e; (e = readdir(d));)
+        n += strcmp(e->d_name, ".") && strcmp(e->d_name, "..");
+    closedir(d);
+    return n;
+}
+
+static void kv_rmdir(const char *dir)
+{
+    DIR *d = opendir(dir);
+    if (!d) return;
+    char p[512];
+    for (struct dirent *e; (e = readdir(d));) {
+        if (!strcmp(e->d_name, ".") || !strcmp(e->d_name, "..")) continue;
+        snprintf(p, sizeof p, "%s/%s", dir, e->d_name);
+        if (remove(p) != 0) rmdir(p);
+    }
+    closedir(d);
+    rmdir(dir);
+}
+
+/* Every way a saved export can be broken — cut short anywhere, bytes
+ * flipped, counts set huge or negative, another model or page geometry,
+ * record fields out of range, a page hash that does not describe its tokens
+ * (even with a correct checksum, as an attacker would write) — is refused
+ * with PIE_EFORMAT and a message; nothing leaks, and the valid exports in
+ * the same folder still load and continue exactly. */
+static void test_persist_corrupt(void)
+{
+    char dir[128], vic[256], bad[256];
+    snprintf(dir, sizeof dir, "/tmp/pie_test_ctl_%d_kv", (int)getpid());
+    kv_rmdir(dir);
+    CHECK(mkdir(dir, 0700) == 0, "mkdir %s", dir);
+    snprintf(vic, sizeof vic, "%s/victim.pkv", dir);
+    snprintf(bad, sizeof bad, "%s/bad.pkv", dir);
+    int32_t pg[10], pv[8];
+    make_prompt(pg, 10, 777);
+    make_prompt(pv, 8, 778);
+    kv_save_two(dir, pg, pv);
+    CHECK(kv_count_dir(dir) == 2, "%d files in %s after saving 2 exports",
+          kv_count_dir(dir), dir);
+    size_t len;
+    unsigned char *v = kv_slurp(vic, &len);
+    const size_t R = KV_HDR + strlen("../../escape");   /* first record */
+    uint64_t pb;
+    memcpy(&pb, v + 28, 8);
+    CHECK(len == R + 2 * (KV_REC + pb) + 8, "file is %zu bytes, expected %zu",
+          len, (size_t)(R + 2 * (KV_REC + pb) + 8));
+    struct {
+        const char *what;
+        size_t      cut;       /* bytes kept (KV_FULL: all)                 */
+        size_t      at;        /* field offset (0: none)                    */
+        int         width;     /* field bytes written at `at` (0: flip one) */
+        uint64_t    val;
+        bool        resum;     /* recompute the checksum                    */
+    } cases[] = {
+        { "empty file", 0, 0, 0, 0, false },
+        { "cut in the magic", 5, 0, 0, 0, false },
+        { "cut after the version", 12, 0, 0, 0, false },
+        { "cut in the header", 30, 0, 0, 0, false },
+        { "cut in the name", KV_HDR + 3, 0, 0, 0, false },
+        { "cut in a record", R + 10, 0, 0, 0, false },
+        { "cut in the KV", R + 2 * KV_REC + 3, 0, 0, 0, false },
+        { "checksum missing", len - 8, 0, 0, 0, false },
+        { "one byte short", len - 1, 0, 0, 0, false },
+        { "flipped header byte", KV_FULL, 22, 0, 0, false },
+        { "flipped KV byte", KV_FULL, len - 20, 0, 0, false },
+        { "flipped checksum", KV_FULL, len - 3, 0, 0, false },
+        { "bad magic", KV_FULL, 1, 1, 'X', true },
+        { "version 2", KV_FULL, 8, 4, 2, true },
+        { "another model", KV_FULL, 12, 8, 0x5eed, true },
+        { "page size 8", KV_FULL, 20, 4, 8, true },
+        { "page size -4", KV_FULL, 20, 4, 0xfffffffc, true },
+        { "page bytes 2^40", KV_FULL, 28, 8, 1ull << 40, true },
+        { "page bytes 0", KV_FULL, 28, 8, 0, true },
+        { "2^31-1 pages", KV_FULL, 24, 4, 0x7fffffff, true },
+        { "-1 pages", KV_FULL, 24, 4, 0xffffffff, true },
+        { "0 pages", KV_FULL, 24, 4, 0, true },
+        { "3 pages (2 in the file)", KV_FULL, 24, 4, 3, true },
+        { "1 page (2 in the file)", KV_FULL, 24, 4, 1, true },
+        { "name length 2^32-1", KV_FULL, 36, 4, 0xffffffff, true },
+        { "name length 0", KV_FULL, 36, 4, 0, true },
+        { "name length 300", KV_FULL, 36, 4, 300, true },
+        { "NUL in the name", KV_FULL, KV_HDR + 2, 1, 0, true },
+        { "fill 99", KV_FULL, R, 4, 99, true },
+        { "fill -1", KV_FULL, R, 4, 0xffffffff, true },
+        { "known flag 2", KV_FULL, R + 21 + 16 * PS, 1, 2, true },
+        { "token past the vocabulary", KV_FULL, R + 21, 4, VOCAB + 5, true },
+        { "negative token", KV_FULL, R + 21, 4, 0xffffffff, true },
+        { "token changed, page hash kept", KV_FULL, R + 21, 4,
+          (uint64_t)((pv[0] + 1) % VOCAB), true },
+        { "position changed, page hash kept", KV_FULL, R + 21 + 4 * PS, 4,
+          1000, true },
+        { "forged page hash", KV_FULL, R + 5, 8, 0x1234, true },
+        { "second page's hash forged", KV_FULL, R + KV_REC + 5, 8, 0x99,
+          true },
+    };
+    pie_backend *b;
+    pie_ctl *ctl = make_ctl(16, 0, NULL, &b);   /* after a "restart" */
+    char good[256];
+    snprintf(good, sizeof good, "%s/good.pkv", dir);
+    CHECK_OK(pie_ctl_export_load(ctl, good, NULL));
+    pie_ctl_stats st0, st;
+    pie_ctl_get_stats(ctl, &st0);
+    static unsigned char w[1 << 16];
+    int32_t n_cases = (int32_t)(sizeof cases / sizeof cases[0]), failed = 0;
+    for (int32_t k = 0; k < n_cases; k++) {
+        size_t n = cases[k].cut == KV_FULL ? len : cases[k].cut;
+        memcpy(w, v, len);
+        if (cases[k].at && cases[k].width)
+            memcpy(w + cases[k].at, &cases[k].val, cases[k].width);
+        else if (cases[k].at)
+            w[cases[k].at] ^= 0x55;
+        kv_spit(bad, w, n, cases[k].resum);
+        pie_err_clear();
+        int rc = pie_ctl_export_load(ctl, bad, "other");
+        pie_ctl_get_stats(ctl, &st);
+        bool ok = rc == PIE_EFORMAT && strstr(pie_err_msg(), bad) &&
+                  st.pages_free == st0.pages_free && st.exports == 1;
+        printf("  %-32s -> %d %s%s\n", cases[k].what, rc, pie_err_msg(),
+               ok ? "" : "   <-- FAIL");
+        failed += !ok;
+        if (rc == 0) {             /* accepted: drop it, go on */
+            pie_ctl_client *c;
+            CHECK_OK(pie_ctl_client_open(ctl, NULL, &c));
+            CHECK_OK(pie_ctl_unexport(c, "other"));
+            pie_ctl_client_close(c);
+        }
+    }
+    CHECK(failed == 0, "%d of %d broken files not refused cleanly (see "
+          "above)", failed, n_cases);
+    /* the untouched files in the same folder load and continue exactly */
+    CHECK(remove(bad) == 0, "remove %s", bad);
+    CHECK_OK(pie_ctl_export_load(ctl, vic, NULL));   /* its own odd name */
+    kv_continue(ctl, "good", pg, 10);
+    kv_continue(ctl, "../../escape", pv, 8);
+    char nm[300];
+    memset(nm, 'a', 256);
+    nm[256] = 0;
+    CHECK(pie_ctl_export_load(ctl, vic, nm) == PIE_EINVAL, "256-byte name");
+    CHECK(pie_ctl_export_load(ctl, vic, "") == PIE_EINVAL, "empty name");
+    done_ctl(ctl, b);
+    CHECK(kv_count_dir(dir) == 2, "%d files in %s", kv_count_dir(dir), dir);
+    printf("persist: %d broken/hostile files refused with a message; the "
+           "valid ones beside them continue exactly\n", n_cases);
+    kv_rmdir(dir);
+}
+
+static void on_alarm(int sig)
+{
+    (void)sig;
+    static const char m[] = "FAIL: loading a saved export hung\n";
+    (void)!write(2, m, sizeof m - 1);
+    _exit(1);
+}
+
+/* Not-files where an export should be: a directory, a FIFO (must not wait
+ * for a writer), a huge sparse file (refused from its size, before any
+ * allocation). Saving never follows a planted symlink at the temporary
+ * name, leaves no temporary behind, and a failed save leaves nothing. */
+static void test_persist_special(void)
+{
+    char dir[128], p[256], tgt[256];
+    snprintf(dir, sizeof dir, "/tmp/pie_test_ctl_%d_kvs", (int)getpid());
+    kv_rmdir(dir);
+    CHECK(mkdir(dir, 0700) == 0, "mkdir %s", dir);
+    int32_t pg[10], pv[8];
+    make_prompt(pg, 10, 777);
+    make_prompt(pv, 8, 778);
+    kv_save_two(dir, pg, pv);
+    pie_backend *b;
+    pie_ctl *ctl = make_ctl(16, 0, NULL, &b);
+    snprintf(p, sizeof p, "%s/good.pkv", dir);
+    CHECK_OK(pie_ctl_export_load(ctl, p, NULL));
+    signal(SIGALRM, on_alarm);
+
+    snprintf(p, sizeof p, "%s/dir.pkv", dir);
+    CHECK(mkdir(p, 0700) == 0, "mkdir %s", p);
+    alarm(20);
+    int rc = pie_ctl_export_load(ctl, p, NULL);
+    alarm(0);
+    CHECK(rc == PIE_EIO, "directory: %d (%s)", rc, pie_err_msg());
+    printf("  directory -> %d %s\n", rc, pie_err_msg());
+
+    snprintf(p, sizeof p, "%s/fifo.pkv", dir);
+    CHECK(mkfifo(p, 0600) == 0, "mkfifo %s", p);
+    alarm(20);
+    rc = pie_ctl_export_load(ctl, p, NULL);
+    alarm(0);
+    CHECK(rc == PIE_EIO, "FIFO: %d (%s)", rc, pie_err_msg());
+    printf("  FIFO -> %d %s\n", rc, pie_err_msg());
+
+    snprintf(p, sizeof p, "%s/huge.pkv", dir);
+    FILE *f = fopen(p, "wb");
+    CHECK(f, "create %s", p);
+    if (ftruncate(fileno(f), (off_t)1 << 40) == 0) {   /* sparse, 1 TiB */
+        fclose(f);
+        alarm(20);
+        rc = pie_ctl_export_load(ctl, p, NULL);
+        alarm(0);
+        CHECK(rc == PIE_EFORMAT, "1 TiB file: %d (%s)", rc, pie_err_msg());
+        printf("  1 TiB sparse file -> %d %s\n", rc, pie_err_msg());
+    } else {
+        fclose(f);
+        printf("  (no sparse 1 TiB file on this filesystem: not checked)\n");
+    }
+    remove(p);
+
+    /* a symlink planted at the temporary name is not written through */
+    snprintf(tgt, sizeof tgt, "/tmp/pie_test_ctl_%d_target", (int)getpid());
+    f = fopen(tgt, "wb");
+    CHECK(f && fputs("precious", f) >= 0 && fclose(f) == 0, "write %s", tgt);
+    snprintf(p, sizeof p, "%s/sym.pkv.tmp", dir);
+    CHECK(symlink(tgt, p) == 0, "symlink %s", p);
+    snprintf(p, sizeof p, "%s/sym.pkv", dir);
+    rc = pie_ctl_export_save(ctl, "good", p);
+    char got[32] = { 0 };
+    f = fopen(tgt, "rb");
+    CHECK(f, "open %s", tgt);
+    size_t n = fread(got, 1, sizeof got - 1, f);
+    fclose(f);
+    CHECK(n == 8 && !memcmp(got, "precious", 8), "save wrote through a "
+          "symlink at its temporary name: %s now has %zu bytes", tgt, n);
+    remove(tgt);
+    struct stat sb;
+    CHECK(rc == 0 && lstat(p, &sb) == 0 && S_ISREG(sb.st_mode), "save beside "
+          "a planted symlink: %d (%s)", rc, pie_err_msg());
+    snprintf(p, sizeof p, "%s/sym.pkv.tmp", dir);
+    remove(p);
+
+    /* saves leave no temporaries; a failed save leaves nothing */
+    snprintf(p, sizeof p, "%s/again.pkv", dir);
+    CHECK_OK(pie_ctl_export_save(ctl, "good", p));
+    snprintf(p, sizeof p, "%s/none/x.pkv", dir);
+    CHECK(pie_ctl_export_save(ctl, "good", p) == PIE_EIO, "save into a "
+          "missing folder");
+    char longp[5000];
+    memset(longp, 'x', sizeof longp - 1);
+    longp[sizeof longp - 1] = 0;
+    memcpy(longp, dir, strlen(dir));
+    longp[strlen(dir)] = '/';
+    CHECK(pie_ctl_export_save(ctl, "good", longp) < 0, "save to a %zu-byte "
+          "path", strlen(longp));
+    /* good, victim, dir.pkv, fifo.pkv, sym.pkv, again.pkv */
+    CHECK(kv_count_dir(dir) == 6, "%d entries in %s, expected 6 (a temporary "
+          "left behind?)", kv_count_dir(dir), dir);
+    snprintf(p, sizeof p, "%s/again.pkv", dir);
+    CHECK_OK(pie_ctl_export_load(ctl, p, "again"));
+    kv_continue(ctl, "again", pg, 10);
+    kv_continue(ctl, "good", pg, 10);
+    done_ctl(ctl, b);
+    printf("persist: directory, FIFO and huge files refused without waiting "
+           "or allocating; saves are atomic and never follow a symlink\n");
+    kv_rmdir(dir);
 }
 
 /* Memory pressure: an idle client is swapped out for a newcomer of the same
@@ -1777,6 +2131,8 @@ static const struct { const char *name; void (*fn)(void); } tests[] = {
     { "dedup", test_dedup },
     { "prefix_cache_lru", test_prefix_cache_lru },
     { "persist", test_persist },
+    { "persist_corrupt", test_persist_corrupt },
+    { "persist_special", test_persist_special },
     { "suspend", test_suspend },
     { "fcfs", test_fcfs },
     { "chunked_prefill", test_chunked_prefill },
