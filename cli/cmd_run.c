@@ -339,8 +339,22 @@ static int kv_load_all(pie_ctl *ctl, const char *dir)
     return 0;
 }
 
-/* Saves every named export to DIR/<hex name>.pkv (written to a temporary
- * file, then renamed). Returns -1 if any could not be saved. */
+/* DIR/<hex of name>.pkv into path (PATH_MAX); -1 where it would not fit a
+ * file name or a path: never cut short, or two names could share a file. */
+static int kv_file_name(char *path, const char *dir, const char *nm)
+{
+    size_t nl = strlen(nm), dl = strlen(dir);
+    if (2 * nl + 4 > NAME_MAX || dl + 1 + 2 * nl + 4 >= PATH_MAX) return -1;
+    size_t k = (size_t)snprintf(path, PATH_MAX, "%s/", dir);
+    for (const char *c = nm; *c; c++)
+        k += (size_t)snprintf(path + k, PATH_MAX - k, "%02x", (unsigned char)*c);
+    snprintf(path + k, PATH_MAX - k, ".pkv");
+    return 0;
+}
+
+/* Saves every named export to DIR/<hex name>.pkv (pie_ctl_export_save
+ * writes a temporary file and renames it). Returns -1 if any could not be
+ * saved. */
 static int kv_save_all(pie_ctl *ctl, const char *dir)
 {
     int32_t len = 0, n = 0, bad = 0;
@@ -359,17 +373,15 @@ static int kv_save_all(pie_ctl *ctl, const char *dir)
         return -1;
     }
     for (const char *nm = names; n-- > 0; nm += strlen(nm) + 1) {
-        char path[PATH_MAX], tmp[PATH_MAX + 8];
-        size_t k = (size_t)snprintf(path, sizeof path, "%s/", dir);
-        for (const char *c = nm; *c && k + 3 < sizeof path - 4; c++)
-            k += (size_t)snprintf(path + k, sizeof path - k, "%02x",
-                                  (unsigned char)*c);
-        snprintf(path + k, sizeof path - k, ".pkv");
-        snprintf(tmp, sizeof tmp, "%s.tmp", path);
-        if (pie_ctl_export_save(ctl, nm, tmp) != 0 || rename(tmp, path) != 0) {
+        char path[PATH_MAX];
+        if (kv_file_name(path, dir, nm) != 0) {
+            fprintf(stderr, "pie run: cannot save KV export '%s': its file "
+                    "name (hex, %zu bytes) does not fit under %s\n", nm,
+                    2 * strlen(nm) + 4, dir);
+            bad = 1;
+        } else if (pie_ctl_export_save(ctl, nm, path) != 0) {
             fprintf(stderr, "pie run: cannot save KV export '%s': %s\n", nm,
                     pie_err_msg());
-            unlink(tmp);
             bad = 1;
         }
     }

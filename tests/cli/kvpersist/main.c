@@ -9,6 +9,7 @@
  *                                  last, computed by an earlier pie process),
  *                                  generates N greedy tokens and sends
  *                                  {"ids":[...]}; fails if "story" is absent
+ *   --name NAME                    the export's name instead of "story"
  */
 #include <stdio.h>
 #include <stdlib.h>
@@ -30,11 +31,12 @@ static int32_t parse_ids(const char *s, int32_t *ids, int32_t cap)
 
 int main(int argc, char **argv)
 {
-    const char *ids_s = NULL;
+    const char *ids_s = NULL, *name = "story";
     int32_t n_gen = 16, ids[1024];
     const pie_arg args[] = {
         { "ids", PIE_ARG_STR, &ids_s, "token ids" },
         { "n", PIE_ARG_INT, &n_gen, "tokens to generate (load)" },
+        { "name", PIE_ARG_STR, &name, "the export's name" },
         { 0 },
     };
     if (argc < 2) return 2;
@@ -46,11 +48,11 @@ int main(int argc, char **argv)
     if (pie_lm_open(&lm, NULL)) return 1;
     if (!strcmp(argv[1], "save") || !strcmp(argv[1], "both")) {
         pie_ctx_init(&ctx, &lm);
-        if (pie_ctx_fill_ids(&ctx, ids, n) || pie_ctx_export(&ctx, "story"))
+        if (pie_ctx_fill_ids(&ctx, ids, n) || pie_ctx_export(&ctx, name))
             goto fail;
         if (strcmp(argv[1], "both")) return 0;
     }
-    if (pie_ctx_import(&ctx, &lm, "story", ids, n, n - 1)) goto fail;
+    if (pie_ctx_import(&ctx, &lm, name, ids, n, n - 1)) goto fail;
     pie_gen_opts o = { .s = { .temperature = 0 }, .max_tokens = n_gen,
                        .ignore_eos = true, .no_text = true };
     pie_gen g;
