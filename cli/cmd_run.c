@@ -339,12 +339,15 @@ static int kv_load_all(pie_ctl *ctl, const char *dir)
     return 0;
 }
 
-/* DIR/<hex of name>.pkv into path (PATH_MAX); -1 where it would not fit a
- * file name or a path: never cut short, or two names could share a file. */
+/* DIR/<hex of name>.pkv into path (PATH_MAX); -1 where it, or the
+ * temporary file pie_ctl_export_save writes first (".tmpXXXXXX" after it),
+ * would not fit a file name or a path: never cut short, or two names could
+ * share a file. */
+#define KV_TMP_SUFFIX 10
 static int kv_file_name(char *path, const char *dir, const char *nm)
 {
-    size_t nl = strlen(nm), dl = strlen(dir);
-    if (2 * nl + 4 > NAME_MAX || dl + 1 + 2 * nl + 4 >= PATH_MAX) return -1;
+    size_t nl = strlen(nm), dl = strlen(dir), fl = 2 * nl + 4 + KV_TMP_SUFFIX;
+    if (fl > NAME_MAX || dl + 1 + fl >= PATH_MAX) return -1;
     size_t k = (size_t)snprintf(path, PATH_MAX, "%s/", dir);
     for (const char *c = nm; *c; c++)
         k += (size_t)snprintf(path + k, PATH_MAX - k, "%02x", (unsigned char)*c);
@@ -376,8 +379,9 @@ static int kv_save_all(pie_ctl *ctl, const char *dir)
         char path[PATH_MAX];
         if (kv_file_name(path, dir, nm) != 0) {
             fprintf(stderr, "pie run: cannot save KV export '%s': its file "
-                    "name (hex, %zu bytes) does not fit under %s\n", nm,
-                    2 * strlen(nm) + 4, dir);
+                    "name (hex, %zu bytes, %d more while written) does not "
+                    "fit under %s\n", nm, 2 * strlen(nm) + 4, KV_TMP_SUFFIX,
+                    dir);
             bad = 1;
         } else if (pie_ctl_export_save(ctl, nm, path) != 0) {
             fprintf(stderr, "pie run: cannot save KV export '%s': %s\n", nm,

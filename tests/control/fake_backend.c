@@ -13,7 +13,8 @@ typedef struct fake {
     pie_backend      b;
     pie_model_config cfg;
     uint64_t        *kv;        /* (n_pages * page_size)                   */
-    int32_t          delay_us;
+    atomic_int       delay_us;
+    atomic_int       started;       /* forward calls begun                */
     int32_t          fail_copies;   /* the next this many copies fail     */
     atomic_int       fail_forwards; /* the next this many forwards fail   */
     fake_stats       st;
@@ -129,7 +130,9 @@ static int fake_forward(pie_backend *b, const pie_forward_batch *bt,
     if (rc < 0) return rc;
     bool fail = atomic_load(&f->fail_forwards) > 0;   /* read at the start */
     if (fail) atomic_fetch_sub(&f->fail_forwards, 1);
-    if (f->delay_us) usleep(f->delay_us);
+    atomic_fetch_add(&f->started, 1);
+    int32_t delay = atomic_load(&f->delay_us);
+    if (delay) usleep(delay);
     if (fail) return fail_forward(f, bt);
     int32_t ps = b->page_size;
     uint64_t *state = calloc(bt->n_tokens + 1, sizeof *state);
@@ -239,7 +242,15 @@ int fake_backend_create(int32_t vocab, int32_t page_size, int32_t n_pages,
 }
 
 fake_stats *fake_backend_stats(pie_backend *b) { return &((fake *)b)->st; }
-void fake_backend_set_delay(pie_backend *b, int32_t d) { ((fake *)b)->delay_us = d; }
+void fake_backend_set_delay(pie_backend *b, int32_t d)
+{
+    atomic_store(&((fake *)b)->delay_us, d);
+}
+
+int32_t fake_backend_started(pie_backend *b)
+{
+    return atomic_load(&((fake *)b)->started);
+}
 void fake_backend_fail_copies(pie_backend *b, int32_t n) { ((fake *)b)->fail_copies = n; }
 void fake_backend_fail_forwards(pie_backend *b, int32_t n)
 {

@@ -34,6 +34,9 @@ int  fake_backend_create(int32_t vocab, int32_t page_size, int32_t n_pages,
                          int32_t delay_us, pie_backend **out);
 fake_stats *fake_backend_stats(pie_backend *b);
 void fake_backend_set_delay(pie_backend *b, int32_t delay_us);
+/* Forward calls begun so far (counted before the delay: a test waits for
+ * it to know that a forward holds the device, instead of sleeping). */
+int32_t fake_backend_started(pie_backend *b);
 /* The next n copy_slots calls fail with PIE_EIO (set before the copies are
  * submitted: the device thread reads it unlocked). */
 void fake_backend_fail_copies(pie_backend *b, int32_t n);

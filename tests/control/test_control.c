@@ -42,6 +42,18 @@ static pie_ctl *make_ctl(int32_t n_pages, int32_t delay_us,
     return ctl;
 }
 
+/* A device hold long enough that what a test does while a forward sleeps
+ * in the fake backend (after wait_started) lands inside it even on a
+ * loaded machine. */
+#define HOLD_US 500000
+
+/* Waits until n forward calls have begun (the n-th holds the device). */
+static void wait_started(pie_backend *b, int32_t n)
+{
+    for (int k = 0; k < 30000 && fake_backend_started(b) < n; k++) usleep(1000);
+    CHECK(fake_backend_started(b) >= n, "forward %d never started", n);
+}
+
 static void done_ctl(pie_ctl *ctl, pie_backend *b)
 {
     pie_ctl_stats st;
@@ -1614,10 +1626,11 @@ static void test_cancel_staged(void)
     rewrite_setup(c, h, T, U);
     CHECK_OK(pie_ctl_page_alloc(z, 1, 0, hz));
     int32_t calls0 = fake_backend_stats(b)->calls;
-    fake_backend_set_delay(b, 100000);          /* the device is idle */
+    int32_t s0 = fake_backend_started(b);
+    fake_backend_set_delay(b, HOLD_US);         /* the device is idle */
     pie_ctl_future *fz, *f;
     CHECK_OK(fwd(z, &tok, 1, 0, hz, NULL, &fz));   /* occupies the device */
-    usleep(20000);
+    wait_started(b, s0 + 1);
     CHECK_OK(rewrite(c, h, U, &f));                /* staged behind it */
     usleep(20000);
     pie_ctl_future_cancel(f);
@@ -1654,11 +1667,12 @@ static void test_rewrite_in_flight(void)
     int32_t T[8], U[8], x = 7;
     rewrite_setup(c, h, T, U);
     CHECK_OK(pie_ctl_page_alloc(d, 2, 0, hd));
-    fake_backend_set_delay(b, 100000);          /* the device is idle */
+    int32_t s0 = fake_backend_started(b);
+    fake_backend_set_delay(b, HOLD_US);         /* the device is idle */
     uint32_t pages[2] = { h[0], h[2] };
     pie_ctl_future *fy, *fa, *fm;
     CHECK_OK(fwd(c, &x, 1, 4, pages, NULL, &fy));  /* reads h[0]: runs */
-    usleep(20000);
+    wait_started(b, s0 + 1);
     fake_backend_fail_forwards(b, 1);              /* the next one to start */
     CHECK_OK(rewrite(c, h, U, &fa));               /* staged behind it */
     wait_token(fy);             /* its completion walked h[0]; fa now runs */
@@ -1718,7 +1732,7 @@ static void test_rewrite_wired(void)
     CHECK_OK(pie_ctl_page_alloc(c, 2, 0, h + 3));
     CHECK_OK(pie_ctl_page_alloc(d, 2, 0, hd));
     CHECK_OK(pie_ctl_page_alloc(e, 2, 0, he));
-    fake_backend_set_delay(b, 100000);          /* the device is idle */
+    fake_backend_set_delay(b, HOLD_US);         /* the device is idle */
     uint32_t pages[2] = { h[0], h[2] };
     pie_ctl_future *f1, *f2, *fa, *fd, *fe, *fc, *fn;
     CHECK_OK(fwd(c, &x, 1, 4, pages, NULL, &f1));  /* reads h[0]: runs */
@@ -1779,7 +1793,7 @@ static void test_cancel_wired(void)
     uint32_t h[3];
     int32_t T[8], U[8], x = 7, fill = -1;
     rewrite_setup(c, h, T, U);
-    fake_backend_set_delay(b, 100000);          /* the device is idle */
+    fake_backend_set_delay(b, HOLD_US);         /* the device is idle */
     uint32_t pages[2] = { h[0], h[2] };
     pie_ctl_future *f1, *fa;
     CHECK_OK(fwd(c, &x, 1, 4, pages, NULL, &f1));  /* reads h[0]: runs */
@@ -1874,10 +1888,10 @@ static void test_batch_oom(void)
     atomic_store(&fail_realloc_over, 128 << 10);
     /* alone in the batch: nothing else would wake the scheduler for it */
     big_fwd(c, h[0], &st, &fx);
-    int rc = pie_ctl_future_wait(fx, 3000);
+    int rc = pie_ctl_future_wait(fx, 30000);
     CHECK(rc == PIE_ENOMEM, "a forward whose batch cannot be allocated, "
           "alone: %d%s, expected PIE_ENOMEM", rc,
-          rc == PIE_EAGAIN ? " (stalled for 3 s)" : "");
+          rc == PIE_EAGAIN ? " (stalled for 30 s)" : "");
     rc = wait_status(&st);
     CHECK(rc == PIE_ENOMEM, "its callback reported %d", rc);
     pie_ctl_future_release(fx);
@@ -1888,11 +1902,11 @@ static void test_batch_oom(void)
     CHECK_OK(fwd(c, &tok, 1, 0, &h[0], NULL, &fz));  /* occupies the device */
     big_fwd(c, h[0], NULL, &fx);
     CHECK_OK(fwd(c, &tok, 1, 0, &h[0], NULL, &fs));
-    rc = pie_ctl_future_wait(fx, 3000);
+    rc = pie_ctl_future_wait(fx, 30000);
     CHECK(rc == PIE_ENOMEM, "the failing forward, ordered: %d", rc);
-    rc = pie_ctl_future_wait(fs, 3000);
+    rc = pie_ctl_future_wait(fs, 30000);
     CHECK(rc == 0, "the forward ordered after the failed one: %d%s", rc,
-          rc == PIE_EAGAIN ? " (stalled for 3 s)" : "");
+          rc == PIE_EAGAIN ? " (stalled for 30 s)" : "");
     CHECK(wait_token(fs) == want, "the forward ordered after the failed one");
     CHECK(wait_token(fz) == want, "the forward before both");
     pie_ctl_future_release(fx);
@@ -1903,10 +1917,10 @@ static void test_batch_oom(void)
     usleep(10000);
     CHECK_OK(fwd(c, &tok, 1, 0, &h[3], NULL, &fs));
     big_fwd(c, h[0], &st, &fx);
-    rc = pie_ctl_future_wait(fx, 3000);
+    rc = pie_ctl_future_wait(fx, 30000);
     CHECK(rc == PIE_ENOMEM, "a forward whose batch cannot be allocated, "
           "behind another: %d%s, expected PIE_ENOMEM", rc,
-          rc == PIE_EAGAIN ? " (stalled for 3 s)" : "");
+          rc == PIE_EAGAIN ? " (stalled for 30 s)" : "");
     rc = wait_status(&st);
     CHECK(rc == PIE_ENOMEM, "its callback reported %d", rc);
     CHECK(wait_token(fs) == want, "the forward staged with it");
@@ -1918,7 +1932,7 @@ static void test_batch_oom(void)
     /* with memory back, the same forward runs */
     atomic_store(&fail_realloc_over, 0);
     big_fwd(c, h[0], &st, &fx);
-    CHECK_OK(pie_ctl_future_wait(fx, 5000));
+    CHECK_OK(pie_ctl_future_wait(fx, 30000));
     CHECK(wait_status(&st) == 0, "callback of the forward that ran");
     pie_ctl_future_release(fx);
     pie_ctl_stats s;

@@ -115,7 +115,7 @@ static void kill_in_kv_alloc(pie_model *m)
     pie_rt_instance *holder = NULL, *waiter = NULL;
     CHECK_OK(pie_rt_launch(rt, mod, 3, all, NULL, &holder));
     pie_ctl_stats cs;
-    for (int k = 0; k < 500; k++) {      /* until the holder has the pool */
+    for (int k = 0; k < 15000; k++) {    /* until the holder has the pool */
         pie_ctl_get_stats(ctl, &cs);
         if (cs.pages_free == 0) break;
         usleep(2000);

@@ -561,9 +561,9 @@ static void test_http_limits(void)
     pie_rt_instance *i = launch_msg(rt, m, &c, get);
     finish_msg(i, c, 0, "-11:");
     double dt = now_s() - t0;
+    /* (-11, not the -3 of a server that closed after 8 s, is the check:
+     * the time is printed, since a loaded machine may stretch it) */
     printf("trickling server: request failed after %.2f s\n", dt);
-    CHECK(dt < 4, "trickling server: the request took %.2f s (deadline 1 s)",
-          dt);
     pie_rt_module_unref(m);
     pie_rt_free(rt);
     srv_stop();
@@ -599,7 +599,9 @@ static void test_http_limits(void)
     pie_rt_free(rt);
     dt = now_s() - t0;
     printf("kill + pie_rt_free with requests blocked: %.2f s\n", dt);
-    CHECK(dt < 3, "pie_rt_free waited %.2f s for blocked requests", dt);
+    /* (the request's deadline is 30 s: without the cancel, free waits for
+     * it; 15 s leaves a loaded machine room) */
+    CHECK(dt < 15, "pie_rt_free waited %.2f s for blocked requests", dt);
     srv_stop();
 }
 
