@@ -45,6 +45,7 @@
 #include <xxhash.h>
 
 #include "common/pie_err.h"
+#include "common/pie_file.h"
 #include "control/ctl_int.h"
 
 static const char MAGIC[8] = { 'P', 'I', 'E', 'K', 'V', 'E', 'X', 'P' };
@@ -237,47 +238,18 @@ static uint64_t max_file_bytes(const pie_ctl *ctl)
 static int read_file(const pie_ctl *ctl, const char *path,
                      unsigned char **data, size_t *len)
 {
+    char *b = NULL;
     *data = NULL;
-    *len = 0;
-    int fd = open(path, O_RDONLY | O_NONBLOCK | O_CLOEXEC), fl;
-    if (fd < 0)
-        return pie_err_set(PIE_EIO, "control: cannot open %s: %s", path,
-                           strerror(errno));
-    struct stat st;
-    int rc = 0;
-    if (fstat(fd, &st) != 0 || !S_ISREG(st.st_mode))
-        rc = pie_err_set(PIE_EIO, "control: %s is not a regular file", path);
-    else if ((fl = fcntl(fd, F_GETFL)) < 0 ||
-             fcntl(fd, F_SETFL, fl & ~O_NONBLOCK) < 0)
-        rc = pie_err_set(PIE_EIO, "control: %s: %s", path, strerror(errno));
-    else if ((uint64_t)st.st_size > max_file_bytes(ctl))
-        rc = pie_err_set(PIE_EFORMAT, "%s: %lld bytes, larger than any "
-                         "export this engine can hold (%llu); not a KV "
-                         "export for this model", path, (long long)st.st_size,
-                         (unsigned long long)max_file_bytes(ctl));
-    size_t n = rc == 0 ? (size_t)st.st_size : 0, got = 0;
-    unsigned char *b = rc == 0 ? malloc(n ? n : 1) : NULL;
-    if (rc == 0 && !b) rc = pie_err_set(PIE_ENOMEM, "control: out of memory");
-    while (rc == 0 && got < n) {
-        ssize_t k = read(fd, b + got, n - got);
-        if (k < 0 && errno == EINTR) continue;
-        if (k < 0)
-            rc = pie_err_set(PIE_EIO, "control: cannot read %s: %s", path,
-                             strerror(errno));
-        else if (k == 0)
-            rc = pie_err_set(PIE_EFORMAT, "%s: truncated while reading",
-                             path);
-        else
-            got += (size_t)k;
-    }
-    close(fd);
-    if (rc < 0) {
-        free(b);
-        return rc;
-    }
-    *data = b;
-    *len = n;
-    return 0;
+    int rc = pie__file_read(path, max_file_bytes(ctl), &b, len);
+    if (rc == PIE_ERANGE)       /* (the size check is what refused it) */
+        return pie_err_set(PIE_EFORMAT, "%s: larger than any export this "
+                           "engine can hold (%llu bytes); not a KV export "
+                           "for this model", path,
+                           (unsigned long long)max_file_bytes(ctl));
+    if (rc == PIE_ENOTFOUND)    /* (callers see every open failure as EIO) */
+        return pie_err_wrap(PIE_EIO, "control");
+    *data = (unsigned char *)b;
+    return rc;
 }
 
 typedef struct file_hdr {

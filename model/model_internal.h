@@ -7,21 +7,9 @@
 #include <stddef.h>
 #include <sys/stat.h>
 
+#include "common/pie_file.h"
 #include "model/model.h"
 
-/*
- * Reads a whole file of at most max bytes into a malloc'ed, NUL-terminated
- * buffer. Returns PIE_ENOTFOUND when it does not exist, PIE_EIO / PIE_ERANGE
- * otherwise; messages name the path.
- */
-int pie__file_read(const char *path, size_t max, char **buf, size_t *len);
-/*
- * Opens path read-only for a file descriptor, refusing anything but a
- * regular file (a FIFO, device or directory) without blocking on it.
- * Returns the fd (the caller closes it; sb filled) or a negative PIE_E…
- * code: PIE_ENOTFOUND when path does not exist, PIE_EIO otherwise.
- */
-int pie__open_regular(const char *path, struct stat *sb);
 /* Whether path exists (any file type). */
 int pie__file_exists(const char *path);
 /* malloc'ed "dir/name", or NULL. */
