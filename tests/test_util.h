@@ -5,13 +5,18 @@
  * ("expected 403, got 17 at step 5") and exits 1. TEST_SKIP() exits 77, which
  * every test registers as SKIP_RETURN_CODE. test_shared_path() builds a path
  * under ../shared and skips the test when ../shared is absent.
+ * test_watchdog(what, secs) fails the test if the step that follows (named
+ * what) has not ended (test_watchdog_off()) within secs seconds: for steps
+ * that would hang, not return, if the code under test were wrong.
  */
 #ifndef PIE_TEST_UTIL_H
 #define PIE_TEST_UTIL_H
 
+#include <signal.h>
 #include <stdio.h>
 #include <stdlib.h>
 #include <sys/stat.h>
+#include <unistd.h>
 
 static int test_n_checks;
 
@@ -58,6 +63,27 @@ static inline const char *test_shared_path(const char *rel)
     char *p = buf[k++ % 8];
     snprintf(p, sizeof buf[0], "%s/%s", PIE_SHARED_DIR, rel);
     return p;
+}
+
+static void test_on_alarm(int sig)
+{
+    (void)sig;
+    static const char m[] = "FAIL: watchdog: the step printed last hung\n";
+    (void)!write(2, m, sizeof m - 1);
+    _exit(1);
+}
+
+static inline void test_watchdog(const char *what, unsigned secs)
+{
+    printf("step: %s\n", what);
+    fflush(stdout);
+    signal(SIGALRM, test_on_alarm);
+    alarm(secs);
+}
+
+static inline void test_watchdog_off(void)
+{
+    alarm(0);
 }
 
 #endif

@@ -1036,14 +1036,6 @@ static void test_persist_corrupt(void)
     kv_rmdir(dir);
 }
 
-static void on_alarm(int sig)
-{
-    (void)sig;
-    static const char m[] = "FAIL: loading a saved export hung\n";
-    (void)!write(2, m, sizeof m - 1);
-    _exit(1);
-}
-
 /* Not-files where an export should be: a directory, a FIFO (must not wait
  * for a writer), a huge sparse file (refused from its size, before any
  * allocation). Saving never follows a planted symlink at the temporary
@@ -1062,21 +1054,19 @@ static void test_persist_special(void)
     pie_ctl *ctl = make_ctl(16, 0, NULL, &b);
     snprintf(p, sizeof p, "%s/good.pkv", dir);
     CHECK_OK(pie_ctl_export_load(ctl, p, NULL));
-    signal(SIGALRM, on_alarm);
-
     snprintf(p, sizeof p, "%s/dir.pkv", dir);
     CHECK(mkdir(p, 0700) == 0, "mkdir %s", p);
-    alarm(20);
+    test_watchdog("a directory named *.pkv", 20);
     int rc = pie_ctl_export_load(ctl, p, NULL);
-    alarm(0);
+    test_watchdog_off();
     CHECK(rc == PIE_EIO, "directory: %d (%s)", rc, pie_err_msg());
     printf("  directory -> %d %s\n", rc, pie_err_msg());
 
     snprintf(p, sizeof p, "%s/fifo.pkv", dir);
     CHECK(mkfifo(p, 0600) == 0, "mkfifo %s", p);
-    alarm(20);
+    test_watchdog("a FIFO named *.pkv", 20);
     rc = pie_ctl_export_load(ctl, p, NULL);
-    alarm(0);
+    test_watchdog_off();
     CHECK(rc == PIE_EIO, "FIFO: %d (%s)", rc, pie_err_msg());
     printf("  FIFO -> %d %s\n", rc, pie_err_msg());
 
@@ -1085,9 +1075,9 @@ static void test_persist_special(void)
     CHECK(f, "create %s", p);
     if (ftruncate(fileno(f), (off_t)1 << 40) == 0) {   /* sparse, 1 TiB */
         fclose(f);
-        alarm(20);
+        test_watchdog("a sparse 1 TiB *.pkv", 20);
         rc = pie_ctl_export_load(ctl, p, NULL);
-        alarm(0);
+        test_watchdog_off();
         CHECK(rc == PIE_EFORMAT, "1 TiB file: %d (%s)", rc, pie_err_msg());
         printf("  1 TiB sparse file -> %d %s\n", rc, pie_err_msg());
     } else {

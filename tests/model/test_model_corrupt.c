@@ -412,15 +412,6 @@ static void test_bad_tokenizer(void)
     tmpdir_rm(dir);
 }
 
-static void on_alarm(int sig)
-{
-    (void)sig;
-    static const char msg[] = "FAIL: watchdog: the load hung on a FIFO (see "
-                              "the last file printed above)\n";
-    (void)!write(2, msg, sizeof msg - 1);
-    _exit(1);
-}
-
 /*
  * Every file the loader reads, replaced by a named pipe: opening a FIFO for
  * reading blocks until a writer appears, so this used to hang the load
@@ -435,7 +426,6 @@ static void test_fifos(void)
                             "model.safetensors", "tokenizer.json",
                             "tokenizer_config.json" };
     const char *src = test_shared_path("models/stories260K");
-    signal(SIGALRM, on_alarm);
     for (size_t i = 0; i < sizeof names / sizeof names[0]; i++) {
         char *dir = copy_stories(), path[1024];
         const char *extra[] = { "generation_config.json", "tokenizer.json",
@@ -450,11 +440,9 @@ static void test_fifos(void)
         snprintf(path, sizeof path, "%s/%s", dir, names[i]);
         unlink(path);
         CHECK(mkfifo(path, 0600) == 0, "mkfifo %s", path);
-        printf("  %s:\n", names[i]);
-        fflush(stdout);
-        alarm(10);
+        test_watchdog(names[i], 10);
         EXPECT_ERR(load_dir(dir), PIE_EIO, names[i], "not a regular file");
-        alarm(0);
+        test_watchdog_off();
         tmpdir_rm(dir);
     }
 }

@@ -25,24 +25,6 @@
 #include <sys/stat.h>
 #include <unistd.h>
 
-static void on_alarm(int sig)
-{
-    (void)sig;
-    static const char msg[] = "FAIL: watchdog: a step hung (see the last "
-                              "step printed above)\n";
-    (void)!write(2, msg, sizeof msg - 1);
-    _exit(1);
-}
-
-/* Fails the test if the step that follows takes more than secs seconds. */
-static void watchdog(const char *what, unsigned secs)
-{
-    printf("step: %s\n", what);
-    fflush(stdout);
-    signal(SIGALRM, on_alarm);
-    alarm(secs);
-}
-
 static void expect_ids(const pie_tokenizer *t, const char *text,
                        const int32_t *want, size_t nw)
 {
@@ -88,13 +70,13 @@ static void test_many_added(void)
                      i ? "," : "", i + 2, i);
     sprintf(p, "],\"decoder\":{\"type\":\"Fuse\"},\"model\":{\"type\":"
                "\"BPE\",\"vocab\":{\"a\":0,\"b\":1},\"merges\":[]}}");
-    watchdog("33,000 added tokens: load", 20);
+    test_watchdog("33,000 added tokens: load", 20);
     pie_tokenizer *t;
     CHECK_OK(pie_tokenizer_load_json(j, strlen(j), NULL, 0, &t));
     free(j);
     CHECK(pie_tokenizer_vocab_size(t) == N + 2, "vocab size %d, expected %d",
           pie_tokenizer_vocab_size(t), N + 2);
-    watchdog("33,000 added tokens: encode", 20);
+    test_watchdog("33,000 added tokens: encode", 20);
     const int32_t w1[] = { 0, 1, 7 };
     expect_ids(t, "ab<t5>", w1, 3);
     /* <t32766>..<t32768> straddle the old int16 limit (ids 32768..32770) */
@@ -103,7 +85,7 @@ static void test_many_added(void)
     /* a high and a low index next to each other */
     const int32_t w3[] = { 2 + 12345, 2 + 1, 0 };
     expect_ids(t, "<t12345><t1>a", w3, 3);
-    alarm(0);
+    test_watchdog_off();
     pie_tokenizer_free(t);
     printf("many added: %d added tokens, ids past 32767 encode and decode\n", N);
 }
@@ -123,10 +105,10 @@ static void test_replace_blowup(void)
     memset(p, 'a', L);
     p += L;
     sprintf(p, "\":0,\"b\":1}}}");
-    watchdog("Replace decoder blow-up: load", 20);
+    test_watchdog("Replace decoder blow-up: load", 20);
     expect_load_error(j, PIE_EFORMAT, "decoded vocabulary");
     free(j);
-    alarm(0);
+    test_watchdog_off();
 
     /* an expanding Replace that fits decodes exactly */
     const char *ok = "{\"decoder\":{\"type\":\"Replace\",\"pattern\":"
@@ -213,11 +195,11 @@ static void expect_not_file(const char *name, int fifo)
           "cannot make %s", path);
     char what[128];
     snprintf(what, sizeof what, "%s %s: load", fifo ? "FIFO" : "directory", name);
-    watchdog(what, 10);
+    test_watchdog(what, 10);
     pie_tokenizer *t = NULL;
     pie_err_clear();
     int rc = pie_tokenizer_load(dir, &t);
-    alarm(0);
+    test_watchdog_off();
     CHECK(rc == PIE_EIO && t == NULL, "%s: expected PIE_EIO, got %s (%s)", what,
           pie_err_name(rc), pie_err_msg());
     CHECK(strstr(pie_err_msg(), name) &&
