@@ -348,14 +348,14 @@ static bool slice_fits(const ctl_batch *B, const slice_size *z)
            (int64_t)B->n_outputs + z->nout <= CTL_MAX_RUNS;
 }
 
-/* Appends tokens [t0, t0+n) of op to B as one request. */
+/* Appends tokens [t0, t0+n) of op to B as one request; z is their
+ * count_slice (sized once, in stage_ready). */
 static int batch_append(pie_ctl *ctl, ctl_batch *B, ctl_op *op, int32_t t0,
-                        int32_t n)
+                        int32_t n, const slice_size *z)
 {
     int32_t ps = ctl->ps, first = op->kv_len - op->n_tokens;
     int32_t kvl = first + t0 + n, np = (kvl + ps - 1) / ps;
-    slice_size z = count_slice(ctl, op, t0, n);
-    if (batch_reserve(B, n, np, z.nmask, z.nout, z.nlm, z.nval) < 0)
+    if (batch_reserve(B, n, np, z->nmask, z->nout, z->nlm, z->nval) < 0)
         return pie_err_set(PIE_ENOMEM, "control: out of memory for a batch");
     int32_t r = B->n_reqs, tb = B->n_tokens;
     if (r == 0) {
@@ -385,7 +385,7 @@ static int batch_append(pie_ctl *ctl, ctl_batch *B, ctl_op *op, int32_t t0,
     B->last_len[r] = kvl - (np - 1) * ps;
     ctl_entry *e = &B->ents[r];
     *e = (ctl_entry){ .op = op, .tok0 = t0, .ntok = n, .row0 = B->n_outputs,
-                      .nrow = (int32_t)z.nout };
+                      .nrow = (int32_t)z->nout };
     for (int32_t o = 0; o < op->n_outputs; o++) {
         int32_t t = op->output_idx[o];
         if (t < t0 || t >= t0 + n) continue;
@@ -482,16 +482,16 @@ again:
             int32_t kvl = op->kv_len - op->n_tokens + op->done_tokens + n;
             int32_t np = (kvl + ps - 1) / ps;
             bool fits = n > 0;
-            if (fits && B->n_reqs > 0) {    /* an empty batch takes any */
-                slice_size z = count_slice(ctl, op, op->done_tokens, n);
+            slice_size z = { 0 };
+            if (fits) z = count_slice(ctl, op, op->done_tokens, n);
+            if (fits && B->n_reqs > 0)      /* an empty batch takes any */
                 fits = B->n_kv + np <= ctl->o.max_batch_pages &&
                        slice_fits(B, &z);
-            }
             if (fits) {
                 int32_t t0 = op->done_tokens;
                 ready_remove(ctl, op);
                 op->state = OP_STAGED;
-                if (batch_append(ctl, B, op, t0, n) < 0) {
+                if (batch_append(ctl, B, op, t0, n, &z) < 0) {
                     if (append_failed(ctl, B, op)) goto again;
                     return;
                 }
