@@ -429,6 +429,8 @@ static int plan_dec_cluster(cuda_backend *c, int mid)
     if (C <= 0) return 0;
     int pad = pie_cuda_dec_cluster_pad_switch();
     if (pad >= 0) c->dec_cluster_pad = pad;
+    c->dec_cluster_pad = pie_cuda_dec_cluster_pad_fit(C, c->dec_cluster_pad,
+                                                      c->dec_cluster_max_pad);
     pie_cuda_dec_plan_cluster(c->gitems, n, C, c->pieces);
     c->n_pieces = n * C;
     c->n_dmerges = 0;
@@ -1286,7 +1288,10 @@ static int plan_dec_grid(cuda_backend *c)
     c->dec_per_sm = pie__cuda_attention_dec_occupancy(c->cfg.head_dim, 0);
     c->dec_whole_max = pie__cuda_attention_dec_occupancy(c->cfg.head_dim, 1);
     c->dec_blocks = e && atoi(e) > 0 ? atoi(e) : c->dec_per_sm * c->n_sm;
-    c->dec_cluster_max = pie__cuda_attention_dec_cluster_max(c->cfg.head_dim);
+    c->dec_cluster_max = pie__cuda_attention_dec_cluster_max(c->cfg.head_dim, 0);
+    for (int k = 1; k <= 3; k++)
+        c->dec_cluster_max_pad[k] =
+            pie__cuda_attention_dec_cluster_max(c->cfg.head_dim, k);
     /* the whole-item plan's grid: up to the resident blocks an SM (forced
      * ones too: PIE_CUDA_DEC_WHOLE=k) */
     int whole = c->dec_whole_max * c->n_sm;

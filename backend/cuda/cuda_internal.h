@@ -162,6 +162,7 @@ typedef struct cuda_backend {
     int               cap_bstart; /* the largest grid: max(dec_blocks,     */
                                   /* dec_whole_max x SMs)                  */
     int               dec_cluster_max; /* largest cluster plan that runs */
+    int               dec_cluster_max_pad[4]; /* [k]: padded to k an SM  */
     int               dec_cluster; /* this step: the cluster plan, clusters */
                                    /* of dec_cluster blocks; 0: not        */
     int               dec_cluster_pad; /* its blocks an SM at most; 0: any */

@@ -278,6 +278,13 @@ int pie_cuda_dec_cluster_switch(void);
  * range (the rule's choice). For experiments (NOTES.md, round 14: one an
  * SM at batch 1). */
 int pie_cuda_dec_cluster_pad_switch(void);
+/* The padding a cluster plan of C blocks a cluster runs with: pad (1..3
+ * blocks an SM at most, the rule's or the switch's choice) where clusters
+ * of C still run padded so (C <= max_pad[pad], the largest such cluster,
+ * pie__cuda_attention_dec_cluster_max(hd, pad)), else the next looser
+ * padding that runs, else 0 (unpadded: max_c already checked C). Keeps a
+ * padded launch that no GPC could hold from failing a step. */
+int pie_cuda_dec_cluster_pad_fit(int C, int pad, const int *max_pad);
 /* Decode attention on the cluster plan: n_blocks = items x C pieces,
  * clusters of C (2..16) blocks, each combining its item's C states in
  * distributed shared memory and writing out; part buffers unused. per_sm
@@ -291,8 +298,11 @@ int pie__cuda_attention_dec_cluster(uint16_t *out, const float *q,
                                     const pie_cuda_kv *kv, int layer, int nh,
                                     cudaStream_t s);
 /* The largest cluster (16, 8, 4 or 2 blocks) of the cluster plan's kernel
- * at head dim hd that can be resident on this GPU; 0: none. */
-int pie__cuda_attention_dec_cluster_max(int hd);
+ * at head dim hd that can be resident on this GPU, its shared memory
+ * padded to at most per_sm blocks an SM (0: unpadded); 0: none. A padded
+ * cluster of C needs C SMs of one GPC with room, which a GPU partitioned
+ * into small GPCs (MIG) or limited by MPS may not have. */
+int pie__cuda_attention_dec_cluster_max(int hd, int per_sm);
 /* out (n, hidden) bf16 = silu(gu[:, :hidden]) * gu[:, hidden:], gu bf16 */
 void pie__cuda_silu_mul(uint16_t *out, const uint16_t *gu, int n, int hidden,
                         cudaStream_t s);

@@ -362,6 +362,13 @@ int pie_cuda_dec_cluster_pad_switch(void)
     return k >= 0 && k <= 3 ? k : -1;
 }
 
+int pie_cuda_dec_cluster_pad_fit(int C, int pad, const int *max_pad)
+{
+    for (int k = pad < 0 ? 0 : pad; k > 0 && k <= 3; k++)
+        if (C <= max_pad[k]) return k;
+    return 0;
+}
+
 int pie_cuda_dec_cluster_size(const pie_cuda_attn_item *items, int n_items,
                               int n_sm, int grid, int max_c, int force,
                               int *per_sm)

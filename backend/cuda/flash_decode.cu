@@ -573,7 +573,7 @@ extern "C" int pie__cuda_attention_dec_cluster(uint16_t *out, const float *q,
     return rc;
 }
 
-extern "C" int pie__cuda_attention_dec_cluster_max(int hd)
+extern "C" int pie__cuda_attention_dec_cluster_max(int hd, int per_sm)
 {
     int most = 0;
     with_head_dim(hd, [&](auto H) {
@@ -581,7 +581,7 @@ extern "C" int pie__cuda_attention_dec_cluster_max(int hd)
         for (int C = 16; C >= 2 && !most; C /= 2) {
             auto kern = dec_cluster_kernel<HD>(C);
             cudaLaunchAttribute at[2];
-            cudaLaunchConfig_t cfg = dec_cluster_cfg<HD>(at, C, C, 0, 0);
+            cudaLaunchConfig_t cfg = dec_cluster_cfg<HD>(at, C, C, per_sm, 0);
             int n = 0;
             cfg.numAttrs = 1;           /* residency: the cluster alone */
             if (kern && cudaOccupancyMaxActiveClusters(&n, kern, &cfg) != cudaSuccess)

@@ -94,7 +94,7 @@ static void run(int hd, int B, int L, int mma)
     /* as the backend: the cluster plan at small batch (no merge kernel;
      * PIE_CUDA_DEC_CLUSTER=0 never, =C always), unless a whole-item plan
      * is forced */
-    int clus = 0, cmax = mma ? pie__cuda_attention_dec_cluster_max(hd) : 0;
+    int clus = 0, cmax = mma ? pie__cuda_attention_dec_cluster_max(hd, 0) : 0;
     int cforce = pie_cuda_dec_cluster_switch(), cpad = 0;
     if (mma && force <= 0)
         clus = pie_cuda_dec_cluster_size(it, ni, sm, nb, cmax, cforce, &cpad);
@@ -109,6 +109,12 @@ static void run(int hd, int B, int L, int mma)
         clus = pie_cuda_dec_cluster_mid(it, ni, sm, nb, hd, cmax, cforce, &cpad);
     int pad = pie_cuda_dec_cluster_pad_switch();
     if (clus && pad >= 0) cpad = pad;
+    if (clus) {
+        int mp[4] = { 0 };
+        for (int k = 1; k <= 3; k++)
+            mp[k] = pie__cuda_attention_dec_cluster_max(hd, k);
+        cpad = pie_cuda_dec_cluster_pad_fit(clus, cpad, mp);
+    }
     if (clus) {
         pie_cuda_dec_plan_cluster(it, ni, clus, pc);
         npc = ni * clus;

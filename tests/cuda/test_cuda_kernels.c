@@ -449,7 +449,7 @@ static void test_attention_mode(int nh, int nkv, int hd, int masked,
      * two) or 32 (the loader's other paths) */
     int ps = grouped < 2 ? (split < -1 ? -split : 16) : split == 61 ? 8 :
              split == 37 ? 12 : split == 1000 ? 32 : 16;
-    if (grouped == 7 && split > pie__cuda_attention_dec_cluster_max(hd)) {
+    if (grouped == 7 && split > pie__cuda_attention_dec_cluster_max(hd, 0)) {
         printf("attention (decode cluster): clusters of %d at hd %d do not "
                "run on this GPU: skipped\n", split, hd);
         return;

@@ -22,7 +22,9 @@
  *     cut on its grid, unchanged but for s0, s1, part -1 and pad 1;
  *   - every rank streams floor or ceil of the item's KV blocks / C;
  *   - pie_cuda_dec_cluster_size and pie_cuda_dec_cluster_mid on shapes
- *     with known answers, and forced.
+ *     with known answers, and forced;
+ *   - pie_cuda_dec_cluster_pad_fit: a padding whose clusters do not run
+ *     gives way to a looser one, or none.
  */
 #include <stdint.h>
 #include <stdlib.h>
@@ -334,6 +336,29 @@ static void check_cluster_size(void)
 }
 
 /* PIE_CUDA_DEC_CLUSTER_PAD's parsing. */
+/* The padding a cluster plan keeps where its padded clusters do not all
+ * run (max_pad[k]: the largest cluster that runs padded to k an SM). */
+static void check_pad_fit(void)
+{
+    int full[4] = { 0, 16, 16, 16 }, small[4] = { 0, 4, 8, 16 };
+    int none[4] = { 0, 0, 0, 0 };
+    CHECK(pie_cuda_dec_cluster_pad_fit(8, 1, full) == 1 &&
+          pie_cuda_dec_cluster_pad_fit(2, 2, full) == 2,
+          "padding kept where its clusters run");
+    CHECK(pie_cuda_dec_cluster_pad_fit(8, 0, none) == 0 &&
+          pie_cuda_dec_cluster_pad_fit(8, -1, full) == 0,
+          "unpadded stays unpadded");
+    CHECK(pie_cuda_dec_cluster_pad_fit(8, 1, small) == 2,
+          "clusters of 8 at one an SM do not run: two an SM");
+    CHECK(pie_cuda_dec_cluster_pad_fit(16, 1, small) == 3,
+          "clusters of 16: three an SM");
+    CHECK(pie_cuda_dec_cluster_pad_fit(8, 1, none) == 0 &&
+          pie_cuda_dec_cluster_pad_fit(4, 3, (int[4]){ 0, 16, 16, 2 }) == 0,
+          "no padding runs: unpadded");
+    CHECK(pie_cuda_dec_cluster_pad_fit(4, 1, small) == 1,
+          "clusters of 4 at one an SM run");
+}
+
 static void check_pad_switch(void)
 {
     static const struct { const char *v; int want; } cases[] = {
@@ -429,6 +454,7 @@ int main(void)
     check_cluster_size();
     check_cluster_mid();
     check_pad_switch();
+    check_pad_fit();
     printf("dec_plan: %d random plans ok (%d checks)\n", plans, test_n_checks);
     return 0;
 }
