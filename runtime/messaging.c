@@ -41,8 +41,13 @@
  *     gets PIE_ELIMIT until readers drain them). Messages from the embedder
  *     (pie_rt_send) are charged to no one; each inbox has its own cap.
  *   - An instance holds at most MAX_SUBS subscriptions (each holds a topic
- *     name). A pending pull holds its queue as a future does, within the
- *     instance's table of 2^20 handles.
+ *     name) and MAX_PULLS pulls waiting on queues, over all names (each
+ *     may hold a queue and its name alive): past that, subscribe returns
+ *     PIE_ELIMIT and a pull that would wait completes PIE_ELIMIT (one that
+ *     finds a message does not wait and always succeeds). A pull counts in
+ *     i->n_pulls from waitq_push until waitq_unlink, whichever way it
+ *     leaves its list: a message delivered to it, or a cancel or free
+ *     (its own, or its instance's as it ends, killed or not).
  *   - Every queue, inbox and subscription holds at most MAX_QUEUED
  *     messages and MAX_QUEUED_BYTES bytes.
  *
@@ -66,6 +71,14 @@
 #define MAX_QUEUED_BYTES (64u << 20)    /* bytes per queue/inbox/sub      */
 #define MAX_WAITERS      65536          /* pending futures per wait list  */
 #define MAX_SUBS         4096           /* subscriptions per instance     */
+/* Pulls waiting on queues per instance, over all names. As many as one
+ * queue may hold, so an instance alone can still fill one queue's list.
+ * Each may keep a queue with a 255-byte name alive, which MSG_COST prices
+ * at 512 bytes: 32 MiB at most, an eighth of what the instance's message
+ * budget (MAX_INST_BYTES) may keep alive with one-byte messages. The pulls
+ * are not charged to that budget: an instance whose sent messages fill it
+ * must still be able to wait for a reply. */
+#define MAX_PULLS        MAX_WAITERS
 #define MAX_INST_BYTES   ((size_t)256 << 20) /* charged per instance      */
 #define MAX_TOTAL_BYTES  ((size_t)1 << 30)   /* charged in all            */
 #define MSG_COST         512            /* charged per message beyond len */
@@ -273,8 +286,17 @@ void pie__rt_msg_uncharge(pie_rt_msg *m)
 
 static void queue_gc(pie_rt *rt, struct pie_rt_queue *q);
 
+/* A named queue's waiters are pulls, each counted against its instance
+ * (MAX_PULLS) while on the list. A waiter's instance is set until it
+ * leaves: pie__rt_future_free clears it only after the cancel that
+ * unlinks it. */
+#define WAITQ_IS_PULLS(w) ((w)->queue != NULL)
+
 static void waitq_push(pie_rt_waitq *w, pie_rt_future *f)
 {
+    PIE_ASSERT(f->inst);
+    if (WAITQ_IS_PULLS(w))
+        f->inst->n_pulls++;
     f->refs++;
     f->wq = w;
     f->wprev = w->tail;
@@ -304,6 +326,10 @@ static void waitq_unlink(pie_rt_future *f)
     f->wprev = f->wnext = NULL;
     w->n--;
     f->rt->n_waiters--;
+    if (WAITQ_IS_PULLS(w)) {
+        PIE_ASSERT(f->inst && f->inst->n_pulls > 0);
+        f->inst->n_pulls--;
+    }
 }
 
 /* Pops the oldest waiter, or NULL; the caller completes it and drops the
@@ -635,7 +661,12 @@ uint32_t Z_pieZ_queue_pull(I *i, uint32_t np, uint32_t nl)
     pthread_mutex_lock(&i->rt->lock);
     struct pie_rt_queue *q = queue_find(i->rt, name, nl);
     if (q) {
-        receive_from(&q->waiters, &q->q, f);
+        if (q->q.n == 0 && i->n_pulls >= MAX_PULLS)
+            pie__rt_future_complete_locked(f, pie_err_set(PIE_ELIMIT,
+                "instance %u already has %d pulls waiting on queues",
+                i->id, i->n_pulls), NULL, 0);
+        else
+            receive_from(&q->waiters, &q->q, f);
         queue_gc(i->rt, q);
     } else {
         pie__rt_future_complete_locked(f, PIE_ENOMEM, NULL, 0);

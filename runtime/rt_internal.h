@@ -162,6 +162,7 @@ struct Z_pie_instance_t {
     struct pie_rt_acct *acct;    /* bytes it has queued for others (NULL
                                     until its first such message)           */
     int32_t          n_subs;     /* its live subscriptions                  */
+    int32_t          n_pulls;    /* its pulls waiting on queues             */
     int32_t          n_http;     /* HTTP requests in flight (rt->lock)      */
     /* CPU accounting */
     uint64_t         cpu_ns;     /* CPU used in finished slices             */

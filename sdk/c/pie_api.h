@@ -152,7 +152,7 @@ PIE_IMPORT_(subscription_next) int32_t pie_subscription_next(int32_t sub);
 PIE_IMPORT_(unsubscribe) int32_t pie_unsubscribe(int32_t sub);
 /* Appends a message to the server-wide queue name. A queue exists while it holds a message or a waiting pull; an empty one is gone, so names cost nothing while unused. Returns 0, or PIE_ELIMIT where the queue is full or the message would take this instance past its 256 MiB of unread messages. */
 PIE_IMPORT_(queue_push) int32_t pie_queue_push(const char *name, uint32_t nlen, const void *buf, uint32_t len);
-/* Returns a future that completes with the oldest message of the queue (each message goes to exactly one puller; PIE_ELIMIT at once where 65536 futures already wait on the queue). */
+/* Returns a future that completes with the oldest message of the queue (each message goes to exactly one puller). Where the queue is empty the future waits, and each waiting pull keeps its queue alive: it completes with PIE_ELIMIT at once where 65536 futures already wait on the queue, or this instance already has 65536 pulls waiting on queues (all names together). A pull ends when a message reaches it or it is cancelled or freed. */
 PIE_IMPORT_(queue_pull) int32_t pie_queue_pull(const char *name, uint32_t nlen);
 
 /* ---- child ---- */

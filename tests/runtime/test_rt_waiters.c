@@ -30,6 +30,13 @@
  *                                by an ended instance stay charged
  *   test_rt_waiters pub          publishing 1 MiB to 8 subscriptions: the
  *                                32nd publish fails PIE_ELIMIT
+ *   test_rt_waiters pulls        an instance may have 65,536 pulls waiting
+ *                                on queues, each its own name: the next
+ *                                fails PIE_ELIMIT while another instance
+ *                                can still pull; a pull ended by a
+ *                                message, a cancel or a free makes room
+ *                                for one more; ending or killing the
+ *                                instance leaves no queue behind
  */
 #define _GNU_SOURCE
 #include <unistd.h>
@@ -291,6 +298,61 @@ static void test_pub(void)
     pie_rt_free(rt);
 }
 
+#define MAX_PULLS 65536               /* pulls waiting per instance */
+
+/* Launches "waiters pulls" and checks what it holds at its report. */
+static pie_rt_instance *launch_pulls(pie_rt *rt, pie_rt_module *m, report *r)
+{
+    const char *argv[] = {"waiters", "pulls", NULL};
+    pie_rt_instance *i = launch_report(rt, m, r, argv);
+    wait_report(r);
+    int32_t n = name_count(rt);
+    printf("pulls: %lld pulls waiting on their own queues before "
+           "PIE_ELIMIT; %d waiters, %d names\n", r->t1, r->waiters, n);
+    CHECK(r->t1 == MAX_PULLS, "expected %d pulls waiting before PIE_ELIMIT, "
+          "got %lld (-60: a pull did not wait, -61: a pull on a new name past "
+          "the cap did not fail PIE_ELIMIT, -62: a pull that found a message "
+          "failed)", MAX_PULLS, r->t1);
+    CHECK(r->waiters == MAX_PULLS, "expected %d waiters, got %d", MAX_PULLS,
+          r->waiters);
+    CHECK(n == MAX_PULLS, "expected %d queue names, got %d", MAX_PULLS, n);
+    return i;
+}
+
+static void test_pulls(void)
+{
+    pie_rt_opts o = {0};
+    pie_rt *rt = make_rt(&o);
+    pie_rt_module *m = load_wasm(rt, "waiters.wasm", NULL);
+    report r;
+    pie_rt_instance *i = launch_pulls(rt, m, &r);
+    const char *other[] = {"waiters", "names", "100", "o", NULL};
+    int32_t st = run_plain(rt, m, other);
+    CHECK(st == 0, "with one instance at its pull cap, another could not "
+          "pull or push: status %d (50-53: a push, pull or subscribe "
+          "failed)", st);
+    CHECK_OK(pie_rt_send(i, "go", 2));
+    st = finish(i, &r);
+    CHECK(st == 0, "expected status 0, got %d (63: a push did not reach its "
+          "pull; no room for one new pull, or room for two, after a pull "
+          "was 64: delivered, 65: cancelled, 66: freed)", st);
+    int32_t w = pie__rt_waiter_count(rt), n = name_count(rt);
+    printf("pulls: after the instance, %d waiters, %d names\n", w, n);
+    CHECK(w == 0 && n == 0, "expected 0 waiters and 0 names after the "
+          "instance ended, got %d and %d", w, n);
+    i = launch_pulls(rt, m, &r);
+    CHECK_OK(pie_rt_kill(i, "test"));
+    st = finish(i, &r);
+    w = pie__rt_waiter_count(rt);
+    n = name_count(rt);
+    printf("pulls: killed with %d pulls waiting (status %d): %d waiters, "
+           "%d names left\n", MAX_PULLS, st, w, n);
+    CHECK(w == 0 && n == 0, "expected 0 waiters and 0 names after the "
+          "instance was killed, got %d and %d", w, n);
+    pie_rt_module_unref(m);
+    pie_rt_free(rt);
+}
+
 int main(int argc, char **argv)
 {
     setvbuf(stdout, NULL, _IOLBF, 0);
@@ -305,9 +367,11 @@ int main(int argc, char **argv)
     else if (!strcmp(t, "subs")) test_subs();
     else if (!strcmp(t, "fill")) test_fill();
     else if (!strcmp(t, "pub")) test_pub();
+    else if (!strcmp(t, "pulls")) test_pulls();
     else {
         fprintf(stderr, "usage: test_rt_waiters loop_pull|loop_recv|"
-                        "loop_sub|cap|sleeps|launch|names|subs|fill|pub\n");
+                        "loop_sub|cap|sleeps|launch|names|subs|fill|pub|"
+                        "pulls\n");
         return 2;
     }
     TEST_DONE();

@@ -29,7 +29,14 @@
  *                 message of "b0" (already there): returns 0, or 45+
  *   pub S         S subscriptions to "bt", then publishes 1 MiB until a
  *                 publish fails PIE_ELIMIT: returns how many reached all S
- *                 (-1: none failed in 100, -2: a publish reached fewer) */
+ *                 (-1: none failed in 100, -2: a publish reached fewer)
+ *   pulls         65536 pulls waiting on "pq0".."pq65535": a pull on a new
+ *                 name must fail PIE_ELIMIT, one that finds a message must
+ *                 not; sends "65536 0" (or "-CODE 0"), waits for a
+ *                 message, then ends a pull each way (a message delivered
+ *                 to it, cancelled, freed), each making room for one new
+ *                 pull and no more; returns 0 with its pulls still
+ *                 waiting, or 60+ */
 #include <stdint.h>
 #include <stdio.h>
 #include <stdlib.h>
@@ -265,6 +272,67 @@ static int pub(int s)
     return -1;
 }
 
+/* After one of its pulls ended: one pull on a new name must wait, the
+ * next must fail PIE_ELIMIT. */
+static int room_for_one(const char *tag)
+{
+    char nm[16];
+    int l = snprintf(nm, sizeof nm, "%s1", tag);
+    int32_t f = pie_queue_pull(nm, l);
+    if (f <= 0 || pie_future_status(f) != PIE_EAGAIN)
+        return 0;
+    l = snprintf(nm, sizeof nm, "%s2", tag);
+    int32_t g = pie_queue_pull(nm, l);
+    int ok = g > 0 && pie_future_status(g) == PIE_ELIMIT;
+    pie_future_free(g);
+    return ok;
+}
+
+static int pulls_fail(int code)
+{
+    char out[16];
+    pie_send(out, snprintf(out, sizeof out, "%d 0", -code));
+    return code;
+}
+
+static int pulls(void)
+{
+    enum { N = 65536 };
+    static int32_t hs[N];
+    char nm[16];
+    for (int k = 0; k < N; k++) {
+        int l = snprintf(nm, sizeof nm, "pq%d", k);
+        hs[k] = pie_queue_pull(nm, l);
+        if (hs[k] <= 0 || pie_future_status(hs[k]) != PIE_EAGAIN)
+            return pulls_fail(60);
+    }
+    int32_t over = pie_queue_pull("pover", 5);
+    if (over <= 0 || pie_future_status(over) != PIE_ELIMIT)
+        return pulls_fail(61);
+    pie_future_free(over);
+    if (pie_queue_push("pfull", 5, "x", 1) != 0)
+        return pulls_fail(62);
+    int32_t got = pie_queue_pull("pfull", 5);
+    if (got <= 0 || pie_future_status(got) != 0)
+        return pulls_fail(62);
+    pie_future_free(got);
+    char out[16];
+    pie_send(out, snprintf(out, sizeof out, "%d 0", N));
+    pie_future_wait(pie_receive());
+    if (pie_queue_push("pq0", 3, "y", 1) != 0 ||
+        pie_future_status(hs[0]) != 0)
+        return 63;
+    if (!room_for_one("pa"))
+        return 64;
+    pie_future_cancel(hs[1]);
+    if (!room_for_one("pb"))
+        return 65;
+    pie_future_free(hs[2]);
+    if (!room_for_one("pc"))
+        return 66;
+    return 0;
+}
+
 int main(int argc, char **argv)
 {
     const char *m = argc > 1 ? argv[1] : "";
@@ -288,6 +356,8 @@ int main(int argc, char **argv)
         return drain();
     if (!strcmp(m, "pub") && argc > 2)
         return pub(atoi(argv[2]));
+    if (!strcmp(m, "pulls"))
+        return pulls();
     if (!strcmp(m, "idle"))
         return pie_future_wait(pie_receive());
     return 2;
