@@ -8,9 +8,22 @@
  * Limits, so that a hostile inferlet (or server) cannot hold host threads
  * and memory: at most HTTP_MAX_INST requests in flight per instance and
  * HTTP_MAX_ALL per runtime (http_request fails with PIE_ELIMIT beyond), and
- * each request has one deadline for connect, send and every recv together
- * (HTTP_DEADLINE_MS; rt->http_deadline_ms overrides it), past which its
- * future fails with PIE_ELIMIT.
+ * each request has one deadline for name lookup, connect, send and every
+ * recv together (HTTP_DEADLINE_MS; rt->http_deadline_ms overrides it), past
+ * which its future fails with PIE_ELIMIT.
+ *
+ * Name lookup: a numeric host needs none. A name is looked up (getaddrinfo,
+ * or rt->http_resolve, which tests set) on a detached lookup thread of its
+ * own, which the system resolver may block for as long as it likes: the
+ * request waits for the lookup's done_fd as for any socket, under the same
+ * deadline and cancel, and on either it abandons the lookup and completes
+ * its future at once. An http_lookup is shared by the lookup thread and the
+ * request, each holding one of l->refs (atomic); the last to drop it frees
+ * it with any result left in it, so an abandoned lookup cleans up after
+ * itself when the resolver returns. Lookup threads touch no runtime state
+ * and may outlive their runtime (pie_rt_free does not wait for them); at
+ * most HTTP_MAX_LOOKUPS run at once in the process, beyond which a request
+ * fails with PIE_ELIMIT.
  *
  * Ownership: an http_req is shared by its thread and its future, each
  * holding one of r->refs (under rt->lock); the last to drop it frees it. The
@@ -21,7 +34,8 @@
  * at it; whichever of the thread's completion and the cancel hook comes
  * first clears r->inst (both on the instance's behalf while it lives: the
  * hook runs on its fiber, and the instance frees every future before it
- * ends). rt->n_http counts threads, and pie_rt_free waits for it to be 0.
+ * ends). rt->n_http counts request threads (not lookup threads), and
+ * pie_rt_free waits for it to be 0.
  */
 #define _GNU_SOURCE
 #include <ctype.h>
@@ -29,6 +43,7 @@
 #include <fcntl.h>
 #include <netdb.h>
 #include <poll.h>
+#include <stdatomic.h>
 #include <stdio.h>
 #include <string.h>
 #include <strings.h>
@@ -42,7 +57,8 @@
 #define MAX_RESPONSE     (16u << 20)
 #define HTTP_MAX_INST    16          /* requests in flight per instance     */
 #define HTTP_MAX_ALL     256         /* requests in flight per runtime      */
-#define HTTP_DEADLINE_MS 30000       /* connect + send + receive, in all    */
+#define HTTP_DEADLINE_MS 30000       /* lookup + connect + send + receive   */
+#define HTTP_MAX_LOOKUPS 256         /* lookup threads alive, per process   */
 
 typedef struct Z_pie_instance_t I;
 
@@ -202,16 +218,131 @@ static int send_all(http_req *r, int fd, const char *buf, size_t len)
     return 0;
 }
 
+/* One name lookup, shared by its lookup thread and its request (see the
+ * top of the file). */
+typedef struct http_lookup {
+    atomic_int        refs;      /* lookup thread + request                  */
+    atomic_bool       done;      /* rc and ai are set; then done_fd written  */
+    int               done_fd;   /* eventfd the request waits on             */
+    pie_rt_resolve_fn fn;        /* a copy: the thread may outlive the rt    */
+    char              host[256], port[8];
+    int               rc;        /* fn's result                              */
+    struct addrinfo  *ai;        /* fn's list, until the request takes it    */
+} http_lookup;
+
+static const struct addrinfo http_hints = {.ai_socktype = SOCK_STREAM,
+                                           .ai_flags = AI_NUMERICSERV};
+static atomic_int n_lookups;     /* lookup threads alive, all runtimes      */
+
+/* The lookup threads alive in the process (tests wait for 0). */
+int32_t pie__rt_http_lookups(void)
+{
+    return atomic_load(&n_lookups);
+}
+
+static void lookup_unref(http_lookup *l)
+{
+    if (atomic_fetch_sub(&l->refs, 1) != 1)
+        return;
+    if (l->ai)
+        freeaddrinfo(l->ai);
+    close(l->done_fd);
+    free(l);
+}
+
+/* Runs the lookup, however long it blocks, then wakes the request (if it
+ * still waits) and drops the thread's reference. */
+static void *lookup_thread(void *arg)
+{
+    http_lookup *l = arg;
+    struct addrinfo *ai = NULL;
+    l->rc = l->fn(l->host, l->port, &http_hints, &ai);
+    l->ai = l->rc == 0 ? ai : NULL;  /* on an error, ai is not a list */
+    atomic_store(&l->done, true);
+    uint64_t one = 1;
+    ssize_t w = write(l->done_fd, &one, sizeof one);
+    (void)w;                     /* an eventfd write of 1 cannot fail here */
+    lookup_unref(l);
+    atomic_fetch_sub(&n_lookups, 1);
+    return NULL;
+}
+
+/* Starts a lookup of r's host on its own thread: 0 with *out (one of its
+ * references is the caller's), PIE_ELIMIT with HTTP_MAX_LOOKUPS lookups
+ * already running, PIE_ENOMEM or PIE_EIO. */
+static int lookup_start(http_req *r, http_lookup **out)
+{
+    if (atomic_fetch_add(&n_lookups, 1) >= HTTP_MAX_LOOKUPS) {
+        atomic_fetch_sub(&n_lookups, 1);
+        return PIE_ELIMIT;
+    }
+    http_lookup *l = calloc(1, sizeof *l);
+    int rc = l ? 0 : PIE_ENOMEM;
+    if (!rc && (l->done_fd = eventfd(0, EFD_CLOEXEC | EFD_NONBLOCK)) < 0)
+        rc = PIE_EIO;
+    if (rc)
+        goto err;
+    l->fn = r->rt->http_resolve ? r->rt->http_resolve : getaddrinfo;
+    memcpy(l->host, r->host, sizeof l->host);
+    memcpy(l->port, r->port, sizeof l->port);
+    atomic_init(&l->refs, 2);    /* the lookup thread's and the caller's */
+    pthread_t t;
+    pthread_attr_t at;
+    pthread_attr_init(&at);
+    pthread_attr_setdetachstate(&at, PTHREAD_CREATE_DETACHED);
+    if (pthread_create(&t, &at, lookup_thread, l) != 0)
+        rc = PIE_EIO;
+    pthread_attr_destroy(&at);
+    if (rc) {
+        close(l->done_fd);
+        goto err;
+    }
+    *out = l;
+    return 0;
+err:
+    free(l);
+    atomic_fetch_sub(&n_lookups, 1);
+    return rc;
+}
+
+/* Looks r's host up within r's deadline and cancel: 0 with *ai (the caller
+ * frees it with freeaddrinfo), or a PIE_E code with *ai NULL: PIE_EIO if
+ * the name does not resolve, PIE_ELIMIT past the deadline (or from
+ * lookup_start), PIE_ECANCELED. A numeric host is converted at once; a
+ * name is looked up on a lookup thread, which this waits for only in
+ * wait_fd: on a deadline or cancel it leaves the lookup to that thread. */
+static int resolve(http_req *r, struct addrinfo **ai)
+{
+    struct addrinfo numeric = http_hints;
+    numeric.ai_flags |= AI_NUMERICHOST;          /* no I/O: never blocks */
+    if (getaddrinfo(r->host, r->port, &numeric, ai) == 0)
+        return 0;
+    *ai = NULL;
+    http_lookup *l;
+    int rc = lookup_start(r, &l);
+    if (rc)
+        return rc;
+    rc = wait_fd(r, l->done_fd, POLLIN);
+    if (rc == 0) {               /* done_fd is written only once done is set */
+        PIE_ASSERT(atomic_load(&l->done));
+        rc = l->ai ? 0 : PIE_EIO;
+        *ai = l->ai;             /* taken: no longer freed with l */
+        l->ai = NULL;
+    }
+    lookup_unref(l);
+    return rc;
+}
+
 /* Connects a non-blocking socket to r's host; the fd or a PIE_E code. */
 static int connect_to(http_req *r)
 {
-    struct addrinfo hints = {.ai_socktype = SOCK_STREAM,
-                             .ai_flags = AI_NUMERICSERV}, *ai = NULL;
-    if (getaddrinfo(r->host, r->port, &hints, &ai) != 0 || !ai)
-        return PIE_EIO;
+    struct addrinfo *ai;
+    int rc = resolve(r, &ai);
+    if (rc)
+        return rc;
     int fd = socket(ai->ai_family, SOCK_STREAM | SOCK_CLOEXEC | SOCK_NONBLOCK,
                     0);
-    int rc = fd < 0 ? PIE_EIO : 0;
+    rc = fd < 0 ? PIE_EIO : 0;
     if (!rc && connect(fd, ai->ai_addr, ai->ai_addrlen) != 0) {
         rc = errno == EINPROGRESS ? wait_fd(r, fd, POLLOUT) : PIE_EIO;
         int err = 0;

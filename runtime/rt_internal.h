@@ -192,6 +192,16 @@ struct pie_rt_worker {
     void             *asan_fake;
 };
 
+/* A name lookup with getaddrinfo's contract: 0 and *res (freed with
+ * freeaddrinfo, so made by getaddrinfo), or an EAI_ code. It may block:
+ * http.c runs it on a thread of its own, which the request abandons at its
+ * deadline or cancel, so it may return after its runtime is freed. Called
+ * for names only (a numeric host needs no lookup). */
+struct addrinfo;
+typedef int (*pie_rt_resolve_fn)(const char *host, const char *port,
+                                 const struct addrinfo *hints,
+                                 struct addrinfo **res);
+
 typedef struct pie_rt_timer {
     uint64_t       when;              /* CLOCK_MONOTONIC ns                 */
     pie_rt_future *fut;
@@ -226,6 +236,8 @@ struct pie_rt {
                                       /* senders (ended ones included)      */
     int32_t          n_http;          /* HTTP threads in flight             */
     uint32_t         http_deadline_ms; /* per request; 0: 30 s (tests set it) */
+    pie_rt_resolve_fn http_resolve;   /* name lookup; NULL: getaddrinfo     */
+                                      /* (tests set it to a slow one)       */
     int32_t          n_engine;        /* engine forwards whose completion   */
                                       /* callback has yet to run            */
 };
@@ -288,6 +300,7 @@ void pie__rt_messaging_free(pie_rt *rt);
 void pie__rt_waitq_remove_locked(pie_rt_future *f);
 int32_t pie__rt_waiter_count(pie_rt *rt);
 /* http.c */
+int32_t pie__rt_http_lookups(void);    /* lookup threads alive, process */
 void pie__rt_http_start(pie_rt_instance *i, pie_rt_future *f, char *method,
                         char *url, char *headers, void *body, size_t blen);
 

@@ -160,7 +160,7 @@ PIE_IMPORT_(queue_pull) int32_t pie_queue_pull(const char *name, uint32_t nlen);
 PIE_IMPORT_(launch) int32_t pie_launch(const char *name, uint32_t nlen, const char *args, uint32_t alen);
 
 /* ---- http ---- */
-/* Sends a request (headers: "Name: value\r\n" lines). Returns a future that completes with the HTTP status code and the response body (at most 16 MiB) as payload, or fails: PIE_ELIMIT if the whole exchange (connect, send, receive) takes over 30 s, PIE_EIO on a network error or a malformed response. At most 16 requests of one instance (256 of the server) are in flight at a time; beyond that http_request returns PIE_ELIMIT. Cancelling or freeing the future stops the request. */
+/* Sends a request (headers: "Name: value\r\n" lines). Returns a future that completes with the HTTP status code and the response body (at most 16 MiB) as payload, or fails: PIE_ELIMIT if the whole exchange (name lookup, connect, send, receive) takes over 30 s or 256 name lookups are already running in the server (those of requests that gave up included), PIE_EIO on a network error, a name that does not resolve or a malformed response. At most 16 requests of one instance (256 of the server) are in flight at a time; beyond that http_request returns PIE_ELIMIT. Cancelling or freeing the future stops the request. */
 PIE_IMPORT_(http_request) int32_t pie_http_request(const char *method, uint32_t mlen, const char *url, uint32_t ulen, const char *headers, uint32_t hlen, const void *body, uint32_t blen);
 
 #endif

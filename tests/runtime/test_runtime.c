@@ -15,6 +15,10 @@
  *                            request deadline, a bad status line fails,
  *                            per-instance request cap, cancel and kill
  *                            of blocked requests let shutdown go on
+ *   test_runtime http_resolve name lookup obeys the request's deadline and
+ *                            cancel: a lookup that blocks is abandoned,
+ *                            pie_rt_free does not wait for it, and
+ *                            abandoned lookups are capped
  *   test_runtime concurrent  2,000 instances parked at once
  *   test_runtime cycles      20,000 launch/exit cycles: fds, maps, RSS flat
  *   test_runtime deep        host calls made with the fiber stack nearly
@@ -24,6 +28,8 @@
 #define _GNU_SOURCE
 #include <arpa/inet.h>
 #include <dirent.h>
+#include <errno.h>
+#include <netdb.h>
 #include <netinet/in.h>
 #include <poll.h>
 #include <signal.h>
@@ -605,6 +611,195 @@ static void test_http_limits(void)
     srv_stop();
 }
 
+/* Stand-in resolvers for http_resolve (rt->http_resolve): each maps every
+ * name to 127.0.0.1; the slow one first blocks until rsv.release is set
+ * (or for 20 s). rsv counts the slow lookups entered and returned. */
+static struct {
+    pthread_mutex_t lock;
+    pthread_cond_t  cv;
+    bool            release;
+    int             in, out;
+    char            host[256];      /* the name last looked up */
+} rsv = {PTHREAD_MUTEX_INITIALIZER, PTHREAD_COND_INITIALIZER};
+
+static int fast_resolve(const char *host, const char *port,
+                        const struct addrinfo *hints, struct addrinfo **res)
+{
+    pthread_mutex_lock(&rsv.lock);
+    snprintf(rsv.host, sizeof rsv.host, "%s", host);
+    pthread_mutex_unlock(&rsv.lock);
+    return getaddrinfo("127.0.0.1", port, hints, res);
+}
+
+static int slow_resolve(const char *host, const char *port,
+                        const struct addrinfo *hints, struct addrinfo **res)
+{
+    struct timespec until;
+    clock_gettime(CLOCK_REALTIME, &until);
+    until.tv_sec += 20;
+    pthread_mutex_lock(&rsv.lock);
+    snprintf(rsv.host, sizeof rsv.host, "%s", host);
+    rsv.in++;
+    pthread_cond_broadcast(&rsv.cv);
+    while (!rsv.release &&
+           pthread_cond_timedwait(&rsv.cv, &rsv.lock, &until) != ETIMEDOUT)
+        ;
+    rsv.out++;
+    pthread_mutex_unlock(&rsv.lock);
+    return getaddrinfo("127.0.0.1", port, hints, res);
+}
+
+/* rsv.in and rsv.out, read under the lock. */
+static void rsv_counts(int *in, int *out)
+{
+    pthread_mutex_lock(&rsv.lock);
+    *in = rsv.in;
+    *out = rsv.out;
+    pthread_mutex_unlock(&rsv.lock);
+}
+
+/* Waits until n slow lookups have been entered. */
+static void rsv_wait_in(int n)
+{
+    pthread_mutex_lock(&rsv.lock);
+    while (rsv.in < n)
+        pthread_cond_wait(&rsv.cv, &rsv.lock);
+    pthread_mutex_unlock(&rsv.lock);
+}
+
+/* Lets the slow lookups return, and waits for every lookup thread to end
+ * (having freed what it held: ASan's leak check at exit sees it). */
+static void rsv_release_all(void)
+{
+    pthread_mutex_lock(&rsv.lock);
+    rsv.release = true;
+    pthread_cond_broadcast(&rsv.cv);
+    pthread_mutex_unlock(&rsv.lock);
+    while (pie__rt_http_lookups() > 0)
+        usleep(10000);
+}
+
+/* Abandoned lookups are capped (256 in the process): with 256 blocked, the
+ * next request fails with PIE_ELIMIT at once, not at its deadline (60 s
+ * here, past the watchdog), and its resolver is never called. */
+static void test_http_lookup_cap(pie_rt_opts *o, const char **get)
+{
+    enum { N_LOOKUPS = 256 };
+    pie_rt_instance *is[N_LOOKUPS], *i;
+    capture *cs[N_LOOKUPS], *c;
+    int in, out;
+    test_watchdog("256 abandoned lookups, then one more", 30);
+    pthread_mutex_lock(&rsv.lock);
+    rsv.release = false;
+    rsv.in = rsv.out = 0;
+    pthread_mutex_unlock(&rsv.lock);
+    pie_rt *rt = make_rt(o);
+    pie_rt_module *m = load_wasm(rt, "msg.wasm", NULL);
+    rt->http_resolve = slow_resolve;
+    rt->http_deadline_ms = 200;
+    for (int k = 0; k < N_LOOKUPS; k++)
+        is[k] = launch_msg(rt, m, &cs[k], get);
+    for (int k = 0; k < N_LOOKUPS; k++)
+        finish_msg(is[k], cs[k], 0, "-11:");
+    rsv_wait_in(N_LOOKUPS);
+    CHECK(pie__rt_http_lookups() == N_LOOKUPS, "expected %d lookups alive, "
+          "got %d", N_LOOKUPS, pie__rt_http_lookups());
+    rt->http_deadline_ms = 60000;
+    i = launch_msg(rt, m, &c, get);
+    finish_msg(i, c, 0, "-11:");
+    rsv_counts(&in, &out);
+    CHECK(in == N_LOOKUPS && out == 0, "expected %d lookups blocked, 0 "
+          "returned; got %d and %d", N_LOOKUPS, in, out);
+    pie_rt_module_unref(m);
+    pie_rt_free(rt);
+    rsv_release_all();
+    test_watchdog_off();
+}
+
+static void test_http_resolve(void)
+{
+    listen_fd = socket(AF_INET, SOCK_STREAM, 0);
+    struct sockaddr_in a = {.sin_family = AF_INET};
+    a.sin_addr.s_addr = htonl(INADDR_LOOPBACK);
+    CHECK(bind(listen_fd, (struct sockaddr *)&a, sizeof a) == 0, "bind");
+    socklen_t al = sizeof a;
+    getsockname(listen_fd, (struct sockaddr *)&a, &al);
+    CHECK(listen(listen_fd, 4) == 0, "listen");
+    int port = ntohs(a.sin_port);
+    char allow[64], url[128];
+    snprintf(allow, sizeof allow, "pie-test.invalid:%d", port);
+    snprintf(url, sizeof url, "http://pie-test.invalid:%d/path?q=1", port);
+    pthread_t t;
+    pthread_create(&t, NULL, http_server, NULL);
+    const char *al_[] = {allow};
+    pie_rt_opts o = {.http_allow = al_, .n_http_allow = 1};
+    pie_rt *rt = make_rt(&o);
+    pie_rt_module *m = load_wasm(rt, "msg.wasm", NULL);
+    capture *c;
+    const char *get[] = {"msg", "http", url, NULL};
+    int in, out;
+
+    /* A name is looked up through rt->http_resolve, then fetched. */
+    rt->http_resolve = fast_resolve;
+    test_watchdog("a request to a looked-up name", 30);
+    pie_rt_instance *i = launch_msg(rt, m, &c, get);
+    finish_msg(i, c, 0, "200:hello from the listener");
+    CHECK(!strcmp(rsv.host, "pie-test.invalid"), "looked up '%s', want "
+          "'pie-test.invalid'", rsv.host);
+
+    /* A lookup that blocks: the request fails at its deadline (200 ms)
+     * with PIE_ELIMIT while the lookup still blocks. */
+    rt->http_resolve = slow_resolve;
+    rt->http_deadline_ms = 200;
+    test_watchdog("a lookup that outlasts the deadline", 30);
+    i = launch_msg(rt, m, &c, get);
+    finish_msg(i, c, 0, "-11:");
+    rsv_counts(&in, &out);
+    CHECK(in == 1 && out == 0, "expected 1 lookup blocked, 0 returned when "
+          "the request failed; got %d and %d", in, out);
+
+    /* Cancelled during the lookup (default 30 s deadline): the future
+     * fails with PIE_ECANCELED and the request's thread ends (rt->n_http
+     * drops to 0) while the lookup still blocks. */
+    rt->http_deadline_ms = 0;
+    test_watchdog("cancel during a lookup", 30);
+    const char *cancel[] = {"msg", "http-cancel", url, NULL};
+    i = launch_msg(rt, m, &c, cancel);
+    finish_msg(i, c, 0, "cancel:-9");
+    for (int32_t n = 1; n > 0; usleep(10000)) {
+        pthread_mutex_lock(&rt->lock);
+        n = rt->n_http;
+        pthread_mutex_unlock(&rt->lock);
+    }
+    rsv_counts(&in, &out);
+    CHECK(in == 2 && out == 0, "expected 2 lookups blocked, 0 returned when "
+          "the cancelled request's thread ended; got %d and %d", in, out);
+
+    /* Killed during the lookup, then the runtime freed: neither waits for
+     * the lookups, which are all still blocked afterwards. */
+    test_watchdog("kill and pie_rt_free during lookups", 30);
+    i = launch_msg(rt, m, &c, get);
+    rsv_wait_in(3);
+    pie_rt_kill(i, "test");
+    CHECK(wait_inst(i, NULL) == PIE_ETRAP, "killed instance traps");
+    cap_free(c);
+    pie_rt_module_unref(m);
+    pie_rt_free(rt);
+    rsv_counts(&in, &out);
+    CHECK(in == 3 && out == 0, "expected 3 lookups blocked, 0 returned after "
+          "pie_rt_free; got %d and %d", in, out);
+
+    /* Released, the abandoned lookups end. */
+    test_watchdog("abandoned lookups end once released", 30);
+    rsv_release_all();
+    rsv_counts(&in, &out);
+    CHECK(in == 3 && out == 3, "expected 3 lookups returned, got %d of %d",
+          out, in);
+    pthread_join(t, NULL);
+    close(listen_fd);
+    test_http_lookup_cap(&o, get);
+}
+
 /* ---- scale -------------------------------------------------------------- */
 
 static long rss_kib(void)
@@ -851,14 +1046,15 @@ int main(int argc, char **argv)
     else if (!strcmp(t, "messaging")) test_messaging();
     else if (!strcmp(t, "http")) test_http();
     else if (!strcmp(t, "http_limits")) test_http_limits();
+    else if (!strcmp(t, "http_resolve")) test_http_resolve();
     else if (!strcmp(t, "concurrent")) test_concurrent();
     else if (!strcmp(t, "cycles")) test_cycles();
     else if (!strcmp(t, "deep")) test_deep();
     else if (!strcmp(t, "limits")) test_limits();
     else {
         fprintf(stderr, "usage: test_runtime basic|reject|isolation|"
-                        "messaging|http|http_limits|concurrent|cycles|\n"
-                        "       deep|limits\n");
+                        "messaging|http|http_limits|http_resolve|\n"
+                        "       concurrent|cycles|deep|limits\n");
         return 2;
     }
     TEST_DONE();
