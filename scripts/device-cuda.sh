@@ -56,6 +56,8 @@
 #   envab   a setting (ENVAB="VAR=value ...") against the default in this
 #           build, alternating (ENVAB_CFGS="model B ctx steps,...")
 #   ncugemv ncu of gemv.cu's decode matmuls (8B and 1B batch 1)
+#   kvread  decode attention's KV reads alone (bench_kv_read) at the 8B
+#           B=256 ctx 512 and B=16 ctx 2048 shapes
 #   long    batch 16 at long contexts (ctx 2048-16384): decode attention and
 #           8B decode steps on the cut plan (PIE_CUDA_DEC_WHOLE=0) and on
 #           one block per SM (=1), and by the rule with the bound timed at
@@ -302,6 +304,12 @@ for phase in "$@"; do
                 -k regex:"flash_dec" --launch-skip 6 --launch-count 1 \
                 $R bench_cuda_attn > "$OUT/ncu_attn_${cfg//,/_}.txt" 2>&1
             echo "ncu attn $cfg rc=$?" | tee -a "$OUT/summary.log"
+        done
+        ;;
+    kvread)     # the KV reads alone: streaming, access pattern, pieces, math stand-ins
+        for a in "2048 8" "128 32"; do
+            log "kvread $a"
+            timeout 120 $R bench_kv_read $a 2>&1 | tee -a "$OUT/summary.log"
         done
         ;;
     kernels)

@@ -1,0 +1,345 @@
+/*
+ * bench_kv_read.cu — how fast can the decode attention's KV reads go on
+ * this GPU, without attention? A benchmark (prints numbers, never
+ * pass/fail), standalone: it does not link pie.
+ *
+ * The pool is laid out as the backend's (pages of 16 slots holding every
+ * layer and kv head; a kv head's 16 K rows of 256 bytes, head dim 128, are
+ * one 4 KB chunk, its V rows another at a fixed offset), 16 GB of pages in
+ * shuffled order. One "call" reads ITEMS items (a sequence x kv head) of
+ * NB KV blocks of 64 slots: per KV block, 4 chunks of K and 4 of V (32 KB),
+ * as flash_dec_kernel (flash_decode.cu) reads them: 4 warps, each 16 slots
+ * of one page, cp.async 16 bytes a lane. Calls rotate over 8 layers so that
+ * none finds the last one's data in L2. Kernels:
+ *
+ *   seq    the same bytes read contiguously (ld.global.nc): the streaming
+ *          rate
+ *   rr     KV blocks dealt round-robin over the grid, 2 cp.async stages a
+ *          block of 4 warps: the access pattern alone
+ *   piece  as flash_dec_kernel's cut plan: each block runs consecutive
+ *          items; an item's chunk list is found through two dependent loads
+ *          (item -> request -> chunk table), and each chunk's entry is read
+ *          just before its copies
+ *   math   piece, plus C cycles of dependent FMAs per KV block (the math's
+ *          stand-in) and E cycles between two barriers at each item's end
+ *          (the combine and store's stand-in), copies issued at the top of
+ *          each iteration as in flash_dec_kernel
+ *   ws     the same work warp-specialized: a producer warp fills a ring of
+ *          3 stages (full / empty mbarriers; cp.async completion tracked by
+ *          cp.async.mbarrier.arrive.noinc), 4 consumer warps
+ *
+ * Usage: bench_kv_read [ITEMS NB] (default 2048 8: 8B shape B=256 ctx 512;
+ * 128 32 is B=16 ctx 2048). Results: backend/cuda/NOTES.md, round 16.
+ */
+#include <algorithm>
+#include <cstdint>
+#include <cstdio>
+#include <cstdlib>
+#include <random>
+#include <vector>
+
+#define CK(x)                                                              \
+    do {                                                                   \
+        cudaError_t e_ = (x);                                              \
+        if (e_ != cudaSuccess) {                                           \
+            printf("%s: %s\n", #x, cudaGetErrorString(e_));                \
+            exit(1);                                                       \
+        }                                                                  \
+    } while (0)
+
+constexpr int CHUNK = 4096;            /* 16 slots x 256 bytes              */
+constexpr int KVBLK = 32768;           /* 4 chunks of K and 4 of V          */
+
+/* what the kernels read: chunk c's K at pool + tab[c] * CHUNK, V at + voff */
+struct kv_args {
+    const char *pool;
+    size_t      voff;
+    const int  *tab;                   /* chunk entries, item-major         */
+    const int  *item_req, *req_base;   /* item -> request -> first entry    */
+    int         n_items, nb;           /* items, KV blocks an item          */
+    int         C, E;                  /* math stand-ins (cycles)           */
+    unsigned   *out;                   /* keeps the reads alive             */
+};
+
+__device__ __forceinline__ void cpa16(void *d, const void *s)
+{
+    asm volatile("cp.async.cg.shared.global [%0], [%1], 16;"
+                 :: "r"((uint32_t)__cvta_generic_to_shared(d)), "l"(s) : "memory");
+}
+
+/* Warp w's chunk (entry e) of a KV block into stage buffer d (K, then V). */
+__device__ __forceinline__ void copy_chunk(char *d, const kv_args &a, int e, int lane)
+{
+    const char *k = a.pool + (size_t)e * CHUNK;
+#pragma unroll
+    for (int i = 0; i < 8; i++) {
+        cpa16(d + (lane + 32 * i) * 16, k + (lane + 32 * i) * 16);
+        cpa16(d + 4096 + (lane + 32 * i) * 16, k + a.voff + (lane + 32 * i) * 16);
+    }
+}
+
+__device__ __forceinline__ void spin(int cyc, unsigned &acc)
+{
+    float x = __uint_as_float(acc | 0x3f800000u);
+    for (int i = 0; i < cyc / 4; i++) x = fmaf(x, 1.0000001f, 1e-7f);
+    acc ^= __float_as_uint(x);
+}
+
+__device__ __forceinline__ void touch(const char *buf, unsigned &acc)
+{
+    const uint32_t *x = (const uint32_t *)buf;
+    acc ^= x[threadIdx.x * 7] ^ x[threadIdx.x * 13 + 4096];
+}
+
+__device__ __forceinline__ void mbar_wait(uint64_t *bar, uint32_t parity)
+{
+    uint32_t b = (uint32_t)__cvta_generic_to_shared(bar), ok = 0;
+    while (!ok)
+        asm volatile("{ .reg .pred p; mbarrier.try_wait.parity.shared.b64 p, [%1], %2;"
+                     " selp.u32 %0, 1, 0, p; }" : "=r"(ok) : "r"(b), "r"(parity));
+}
+
+__global__ void seq_kernel(const uint4 *p, size_t n16, unsigned *out)
+{
+    unsigned acc = 0;
+    for (size_t i = blockIdx.x * (size_t)blockDim.x + threadIdx.x; i < n16;
+         i += (size_t)gridDim.x * blockDim.x) {
+        uint4 v;
+        asm volatile("ld.global.nc.v4.u32 {%0,%1,%2,%3}, [%4];"
+                     : "=r"(v.x), "=r"(v.y), "=r"(v.z), "=r"(v.w) : "l"(p + i));
+        acc ^= v.x ^ v.y ^ v.z ^ v.w;
+    }
+    if (acc == 0x12345678) out[0] = acc;
+}
+
+__global__ void __launch_bounds__(128) rr_kernel(kv_args a)
+{
+    extern __shared__ __align__(16) char sm[];
+    int w = threadIdx.x / 32, lane = threadIdx.x % 32, n = a.n_items * a.nb;
+    unsigned acc = 0;
+    auto issue = [&](int kb, int st) {
+        if (kb < n) copy_chunk(sm + st * KVBLK + w * 8192, a, a.tab[kb * 4 + w], lane);
+        asm volatile("cp.async.commit_group;");
+    };
+    int it = 0;
+    issue(blockIdx.x, 0);
+    for (int kb = blockIdx.x; kb < n; kb += gridDim.x, it++) {
+        issue(kb + gridDim.x, (it + 1) % 2);
+        asm volatile("cp.async.wait_group 1;");
+        __syncthreads();
+        touch(sm + (it % 2) * KVBLK, acc);
+        __syncthreads();
+    }
+    asm volatile("cp.async.wait_group 0;");
+    if (acc == 0x12345678) a.out[0] = acc;
+}
+
+/* Block b's items: [b ipb, (b + 1) ipb). MATH = 0: piece, 1: math. */
+template <int MATH>
+__global__ void __launch_bounds__(128) piece_kernel(kv_args a)
+{
+    extern __shared__ __align__(16) char sm[];
+    int w = threadIdx.x / 32, lane = threadIdx.x % 32;
+    int ipb = (a.n_items + gridDim.x - 1) / gridDim.x;
+    int i0 = blockIdx.x * ipb, i1 = min(a.n_items, i0 + ipb);
+    if (i0 >= i1) return;
+    unsigned acc = 0;
+    int ci = i0, ckb = 0, base = a.req_base[a.item_req[i0]];
+    auto issue = [&](int st) {
+        if (ci < i1) {
+            copy_chunk(sm + st * KVBLK + w * 8192, a, a.tab[base + ckb * 4 + w], lane);
+            if (++ckb == a.nb) {
+                ckb = 0;
+                if (++ci < i1) base = a.req_base[a.item_req[ci]];
+            }
+        }
+        asm volatile("cp.async.commit_group;");
+    };
+    issue(0);
+    for (int it = 0, kbi = 0;; it++) {
+        bool more = ci < i1;
+        issue((it + 1) % 2);
+        asm volatile("cp.async.wait_group 1;");
+        __syncthreads();
+        touch(sm + (it % 2) * KVBLK, acc);
+        if (MATH) spin(a.C, acc);
+        __syncthreads();
+        if (MATH && ++kbi == a.nb) {
+            kbi = 0;
+            spin(a.E, acc);
+            __syncthreads();
+        }
+        if (!more) break;
+    }
+    asm volatile("cp.async.wait_group 0;");
+    if (acc == 0x12345678) a.out[0] = acc;
+}
+
+/* Warps 0-3 consume, warp 4 produces into a ring of ST stages. */
+template <int ST>
+__global__ void __launch_bounds__(160) ws_kernel(kv_args a)
+{
+    extern __shared__ __align__(16) char sm[];
+    __shared__ __align__(8) uint64_t full[ST], empty[ST];
+    int w = threadIdx.x / 32, lane = threadIdx.x % 32;
+    int ipb = (a.n_items + gridDim.x - 1) / gridDim.x;
+    int i0 = blockIdx.x * ipb, i1 = min(a.n_items, i0 + ipb);
+    if (i0 >= i1) return;
+    int nkb = (i1 - i0) * a.nb;
+    unsigned acc = 0;
+    if (threadIdx.x < ST) {
+        asm volatile("mbarrier.init.shared.b64 [%0], 32;"
+                     :: "r"((uint32_t)__cvta_generic_to_shared(&full[threadIdx.x])));
+        asm volatile("mbarrier.init.shared.b64 [%0], 4;"
+                     :: "r"((uint32_t)__cvta_generic_to_shared(&empty[threadIdx.x])));
+    }
+    __syncthreads();
+    if (w == 4) {                      /* producer */
+        int ci = i0, ckb = 0, base = a.req_base[a.item_req[i0]];
+        for (int kb = 0; kb < nkb; kb++) {
+            int st = kb % ST;
+            if (kb >= ST) mbar_wait(&empty[st], (kb / ST - 1) & 1);
+            int e = lane < 4 ? a.tab[base + ckb * 4 + lane] : 0;
+#pragma unroll
+            for (int ww = 0; ww < 4; ww++)
+                copy_chunk(sm + st * KVBLK + ww * 8192, a,
+                           __shfl_sync(0xffffffffu, e, ww), lane);
+            asm volatile("cp.async.mbarrier.arrive.noinc.shared.b64 [%0];"
+                         :: "r"((uint32_t)__cvta_generic_to_shared(&full[st])));
+            if (++ckb == a.nb) {
+                ckb = 0;
+                if (++ci < i1) base = a.req_base[a.item_req[ci]];
+            }
+        }
+        asm volatile("cp.async.wait_all;");
+        return;
+    }
+    for (int kb = 0; kb < nkb; kb++) {
+        int st = kb % ST;
+        mbar_wait(&full[st], (kb / ST) & 1);
+        touch(sm + st * KVBLK, acc);
+        spin(a.C, acc);
+        if ((kb + 1) % a.nb == 0) {
+            asm volatile("bar.sync 1, 128;");
+            spin(a.E, acc);
+            asm volatile("bar.sync 1, 128;");
+        }
+        __syncwarp();
+        if (lane == 0)
+            asm volatile("mbarrier.arrive.shared.b64 _, [%0];"
+                         :: "r"((uint32_t)__cvta_generic_to_shared(&empty[st])));
+    }
+    if (acc == 0x12345678) a.out[0] = acc;
+}
+
+/* Mean time of `reps` calls, rotating over the layers; prints TB/s. */
+template <typename F>
+static void timeit(const char *name, double bytes, int layers, F launch)
+{
+    cudaEvent_t e0, e1;
+    CK(cudaEventCreate(&e0));
+    CK(cudaEventCreate(&e1));
+    for (int i = 0; i < 3; i++) launch(i % layers);
+    CK(cudaDeviceSynchronize());
+    const int reps = 24;
+    CK(cudaEventRecord(e0));
+    for (int i = 0; i < reps; i++) launch(i % layers);
+    CK(cudaEventRecord(e1));
+    CK(cudaEventSynchronize(e1));
+    float ms;
+    CK(cudaEventElapsedTime(&ms, e0, e1));
+    CK(cudaGetLastError());
+    double us = ms * 1e3 / reps;
+    printf("%-28s %8.1f us  %.2f TB/s\n", name, us, bytes / (us * 1e-6) / 1e12);
+    cudaEventDestroy(e0);
+    cudaEventDestroy(e1);
+}
+
+int main(int argc, char **argv)
+{
+    int items = argc > 2 ? atoi(argv[1]) : 2048, nb = argc > 2 ? atoi(argv[2]) : 8;
+    int nsm = 0;
+    if (cudaDeviceGetAttribute(&nsm, cudaDevAttrMultiProcessorCount, 0) != cudaSuccess) {
+        printf("bench_kv_read: no GPU: skipped\n");
+        return 0;
+    }
+    /* pages of 16 slots x 32 layers x 8 kv heads x (K, V) 4 KB: 2 MB */
+    const int layers = 8, heads = 8, page_layers = 32, n_pages = 8192;
+    const size_t page = (size_t)2 * CHUNK * heads * page_layers;
+    const size_t voff = (size_t)CHUNK * heads * page_layers;
+    const int per_item = nb * 4;                       /* chunks an item */
+    if (items <= 0 || nb <= 0 || (size_t)items * per_item > (size_t)n_pages * heads) {
+        printf("bench_kv_read: ITEMS x NB x 4 must be at most %d\n", n_pages * heads);
+        return 1;
+    }
+    char *pool;
+    unsigned *out;
+    CK(cudaMalloc(&pool, page * n_pages));
+    CK(cudaMemset(pool, 1, page * n_pages));
+    CK(cudaMalloc(&out, 4));
+    std::mt19937 rng(1);
+    std::vector<int> perm(n_pages);
+    for (int i = 0; i < n_pages; i++) perm[i] = i;
+    std::shuffle(perm.begin(), perm.end(), rng);
+    /* item i (kv head i % 8) takes the next per_item pages of the shuffled
+     * order; requests are numbered in a shuffled order too */
+    std::vector<int> req(items), base(items), ord(items);
+    for (int i = 0; i < items; i++) ord[i] = i;
+    std::shuffle(ord.begin(), ord.end(), rng);
+    for (int i = 0; i < items; i++) {
+        req[i] = ord[i];
+        base[ord[i]] = i * per_item;
+    }
+    int *d_req, *d_base, *d_tab[layers];
+    CK(cudaMalloc(&d_req, 4 * items));
+    CK(cudaMalloc(&d_base, 4 * items));
+    CK(cudaMemcpy(d_req, req.data(), 4 * items, cudaMemcpyHostToDevice));
+    CK(cudaMemcpy(d_base, base.data(), 4 * items, cudaMemcpyHostToDevice));
+    std::vector<int> tab((size_t)items * per_item);
+    for (int l = 0; l < layers; l++) {
+        for (size_t c = 0; c < tab.size(); c++) {
+            size_t i = c / per_item, pg = (i / heads * per_item + c % per_item) % n_pages;
+            tab[c] = (int)((perm[pg] * page + (size_t)(l * heads + i % heads) * CHUNK) / CHUNK);
+        }
+        CK(cudaMalloc(&d_tab[l], 4 * tab.size()));
+        CK(cudaMemcpy(d_tab[l], tab.data(), 4 * tab.size(), cudaMemcpyHostToDevice));
+    }
+    double bytes = (double)items * nb * KVBLK;
+    printf("bench_kv_read: %d items x %d KV blocks (%.0f MB a call), %d SMs\n",
+           items, nb, bytes / 1e6, nsm);
+    auto args = [&](int l, int C, int E) {
+        return kv_args{ pool, voff, d_tab[l], d_req, d_base, items, nb, C, E, out };
+    };
+    timeit("seq", bytes, layers, [&](int l) {
+        seq_kernel<<<nsm * 8, 512>>>((const uint4 *)(pool + (size_t)l * (page * 64)),
+                                     (size_t)bytes / 16, out);
+    });
+    CK(cudaFuncSetAttribute(rr_kernel, cudaFuncAttributeMaxDynamicSharedMemorySize, 2 * KVBLK));
+    CK(cudaFuncSetAttribute(piece_kernel<0>, cudaFuncAttributeMaxDynamicSharedMemorySize, 2 * KVBLK));
+    CK(cudaFuncSetAttribute(piece_kernel<1>, cudaFuncAttributeMaxDynamicSharedMemorySize, 2 * KVBLK));
+    CK(cudaFuncSetAttribute(ws_kernel<3>, cudaFuncAttributeMaxDynamicSharedMemorySize, 3 * KVBLK));
+    char name[64];
+    for (int k = 2; k <= 3; k++) {
+        snprintf(name, sizeof name, "rr, %d an SM", k);
+        timeit(name, bytes, layers, [&](int l) {
+            rr_kernel<<<nsm * k, 128, 2 * KVBLK>>>(args(l, 0, 0));
+        });
+        snprintf(name, sizeof name, "piece, %d an SM", k);
+        timeit(name, bytes, layers, [&](int l) {
+            piece_kernel<0><<<nsm * k, 128, 2 * KVBLK>>>(args(l, 0, 0));
+        });
+    }
+    for (int C : { 0, 800, 1500 }) {
+        for (int k = 1; k <= 3; k++) {
+            snprintf(name, sizeof name, "math C %d E 3000, %d an SM", C, k);
+            timeit(name, bytes, layers, [&](int l) {
+                piece_kernel<1><<<nsm * k, 128, 2 * KVBLK>>>(args(l, C, 3000));
+            });
+        }
+        snprintf(name, sizeof name, "ws C %d E 3000, 2 an SM", C);
+        timeit(name, bytes, layers, [&](int l) {
+            ws_kernel<3><<<nsm * 2, 160, 3 * KVBLK>>>(args(l, C, 3000));
+        });
+    }
+    return 0;
+}
