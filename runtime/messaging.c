@@ -410,6 +410,21 @@ static void receive_from(pie_rt_waitq *w, pie_rt_msgq *q, pie_rt_future *f)
     }
 }
 
+/* A new message future of i, completed now from q or queued in w (under
+ * the lock): its handle, or a PIE_E code. */
+static uint32_t receive_future(I *i, pie_rt_waitq *w, pie_rt_msgq *q)
+{
+    pie_rt_future *f;
+    int32_t h = pie_rt_future_new(i, PIE_RT_FUT_MESSAGE, NULL, NULL, NULL, &f);
+    if (h < 0)
+        return (uint32_t)h;
+    pthread_mutex_lock(&i->rt->lock);
+    receive_from(w, q, f);
+    pie__rt_future_unref_locked(f);
+    pthread_mutex_unlock(&i->rt->lock);
+    return (uint32_t)h;
+}
+
 /* ---- launcher messages -------------------------------------------------- */
 
 /* Sends buf to i's inbox, charged to `from` (NULL: the embedder). */
@@ -451,15 +466,7 @@ uint32_t Z_pieZ_send(I *i, uint32_t buf, uint32_t len)
 
 uint32_t Z_pieZ_receive(I *i)
 {
-    pie_rt_future *f;
-    int32_t h = pie_rt_future_new(i, PIE_RT_FUT_MESSAGE, NULL, NULL, NULL, &f);
-    if (h < 0)
-        return (uint32_t)h;
-    pthread_mutex_lock(&i->rt->lock);
-    receive_from(&i->recv_waiters, &i->inbox, f);
-    pie__rt_future_unref_locked(f);
-    pthread_mutex_unlock(&i->rt->lock);
-    return (uint32_t)h;
+    return receive_future(i, &i->recv_waiters, &i->inbox);
 }
 
 /* ---- topics ------------------------------------------------------------- */
@@ -578,15 +585,7 @@ uint32_t Z_pieZ_subscription_next(I *i, uint32_t sub)
     pie_rt_sub *s = pie_rt_future_data(i, (int32_t)sub, PIE_RT_FUT_SUB);
     if (!s)
         return (uint32_t)PIE_EINVAL;
-    pie_rt_future *f;
-    int32_t h = pie_rt_future_new(i, PIE_RT_FUT_MESSAGE, NULL, NULL, NULL, &f);
-    if (h < 0)
-        return (uint32_t)h;
-    pthread_mutex_lock(&i->rt->lock);
-    receive_from(&s->waiters, &s->q, f);
-    pie__rt_future_unref_locked(f);
-    pthread_mutex_unlock(&i->rt->lock);
-    return (uint32_t)h;
+    return receive_future(i, &s->waiters, &s->q);
 }
 
 uint32_t Z_pieZ_unsubscribe(I *i, uint32_t sub)
