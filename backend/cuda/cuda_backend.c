@@ -1161,36 +1161,37 @@ static int cuda_copy_slots(pie_backend *bb, int32_t src, int32_t src_off,
     return 0;
 }
 
-static int cuda_download(pie_backend *bb, const int32_t *pages, int32_t n,
-                         void *host)
+/* Copies pages between the pool and host (page_bytes each, in order):
+ * to the device where `up`, else from it. */
+static int page_transfer(pie_backend *bb, const int32_t *pages, int32_t n,
+                         uint8_t *host, int up)
 {
     cuda_backend *c = (cuda_backend *)bb;
     int rc = check_pages(c, pages, n);
     if (rc) return rc;
     CK(cudaSetDevice(c->device));
     int64_t pe = pie_cuda_kv_page_elems(&c->kv);
-    for (int32_t i = 0; i < n; i++)
-        CK(cudaMemcpyAsync((uint8_t *)host + (size_t)i * bb->page_bytes,
-                           c->kv.pool + (int64_t)pages[i] * pe, bb->page_bytes,
-                           cudaMemcpyDeviceToHost, c->st));
+    for (int32_t i = 0; i < n; i++) {
+        uint8_t *h = host + (size_t)i * bb->page_bytes;
+        uint16_t *d = c->kv.pool + (int64_t)pages[i] * pe;
+        CK(cudaMemcpyAsync(up ? (void *)d : (void *)h, up ? (void *)h : (void *)d,
+                           bb->page_bytes, up ? cudaMemcpyHostToDevice
+                                              : cudaMemcpyDeviceToHost, c->st));
+    }
     CK(cudaStreamSynchronize(c->st));
     return 0;
+}
+
+static int cuda_download(pie_backend *bb, const int32_t *pages, int32_t n,
+                         void *host)
+{
+    return page_transfer(bb, pages, n, host, 0);
 }
 
 static int cuda_upload(pie_backend *bb, const int32_t *pages, int32_t n,
                        const void *host)
 {
-    cuda_backend *c = (cuda_backend *)bb;
-    int rc = check_pages(c, pages, n);
-    if (rc) return rc;
-    CK(cudaSetDevice(c->device));
-    int64_t pe = pie_cuda_kv_page_elems(&c->kv);
-    for (int32_t i = 0; i < n; i++)
-        CK(cudaMemcpyAsync(c->kv.pool + (int64_t)pages[i] * pe,
-                           (const uint8_t *)host + (size_t)i * bb->page_bytes,
-                           bb->page_bytes, cudaMemcpyHostToDevice, c->st));
-    CK(cudaStreamSynchronize(c->st));
-    return 0;
+    return page_transfer(bb, pages, n, (uint8_t *)host, 1);
 }
 
 static void cuda_destroy(pie_backend *bb)
