@@ -39,7 +39,8 @@
  *            (top_k <= 0: all), then the smallest descending prefix whose
  *            mass >= top_p (mass under p, not renormalized after top_k;
  *            top_p >= 1: all), then those with
- *            p >= min_p * p_max; u = pie_sample_uniform(seed) in [0,1);
+ *            p >= min_p * p_max (min_p in [0, 1]; the most probable id is
+ *            always kept); u = pie_sample_uniform(seed) in [0,1);
  *            walking the kept tokens in descending p order (ties: lower id
  *            first), return the first whose cumulative mass > u * kept mass.
  *   temperature <= 0 in a random sampler means greedy.
@@ -53,8 +54,9 @@
  * Errors: every index is validated (token ids < vocab, page ids < n_pages,
  * indptr monotone, output indices in range, fills in 1..page_size,
  * positions >= 0, no KV slot written by two new tokens, TOPK k in
- * 1..vocab); a bad batch returns PIE_EINVAL / PIE_ERANGE with a message and
- * changes nothing.
+ * 1..vocab; a random sampler's temperature finite, top_p not NaN nor
+ * negative, min_p in [0, 1]); a bad batch returns PIE_EINVAL / PIE_ERANGE
+ * with a message and changes nothing.
  */
 #ifndef PIE_BACKEND_H
 #define PIE_BACKEND_H

@@ -204,6 +204,14 @@ static int check_sampler(const pie_sampler *s, int32_t o, int32_t vocab)
                                "non-finite parameter (temperature %g, top_p "
                                "%g, min_p %g)", o, (double)s->temperature,
                                (double)s->top_p, (double)s->min_p);
+        if (!(s->top_p >= 0.0f))
+            return pie_err_set(PIE_EINVAL, "output %d: random sampler top_p "
+                               "%g is negative (use a mass in (0, 1]; 1 "
+                               "keeps all)", o, (double)s->top_p);
+        if (!(s->min_p >= 0.0f && s->min_p <= 1.0f))
+            return pie_err_set(PIE_EINVAL, "output %d: random sampler min_p "
+                               "%g outside [0, 1] (0 keeps all)", o,
+                               (double)s->min_p);
         return 0;
     case PIE_PROBE_TOPK:
         if (s->top_k < 1 || s->top_k > vocab)
@@ -489,12 +497,14 @@ static int sample_random(float *p, int32_t vocab, const pie_sampler *s,
     if (s->top_p < 1.0f)
         n = sel_mass(a, n, s->top_p, 1, p) + 1;
     if (s->min_p > 0.0f) {
+        /* the most probable id always stays (min_p > 1, which validation
+         * refuses, would otherwise filter out everything) */
         int32_t best = a[0];
         for (int64_t j = 1; j < n; j++) if (before(p, a[j], best)) best = a[j];
         float floor_p = s->min_p * p[best];
         int64_t m = 0;
         for (int64_t j = 0; j < n; j++)
-            if (p[a[j]] >= floor_p) a[m++] = a[j];
+            if (a[j] == best || p[a[j]] >= floor_p) a[m++] = a[j];
         n = m;
     }
     double mass = 0.0;

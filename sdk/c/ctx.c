@@ -11,6 +11,7 @@
  * slots to a fresh page (copy on write), so forking costs one page copy at
  * most, and only when a branch actually appends.
  */
+#include <stdint.h>
 #include <stdlib.h>
 #include <string.h>
 
@@ -93,15 +94,24 @@ static bool page_writable(int32_t h)
     return e && e->refs == 1 && !e->ro;
 }
 
-static int grow(void **p, int32_t *cap, int32_t need, size_t elem)
+/* Grows array *p of *cap elements of elem bytes to hold need (doubling).
+ * 0, or PIE_ENOMEM where need passes INT32_MAX elements or their bytes
+ * pass size_t (32 bits on wasm32), or realloc fails. */
+static int grow(void **p, int32_t *cap, int64_t need, size_t elem)
 {
     if (need <= *cap) return 0;
-    int32_t nc = *cap ? *cap : 16;
+    int64_t lim = (int64_t)(SIZE_MAX / elem < INT32_MAX ? SIZE_MAX / elem
+                                                        : INT32_MAX);
+    if (need > lim)
+        return pie_sdk_fail(PIE_ENOMEM, "context too large (%lld entries of "
+                            "%zu bytes)", (long long)need, elem);
+    int64_t nc = *cap ? *cap : 16;
     while (nc < need) nc *= 2;
+    if (nc > lim) nc = lim;
     void *np = realloc(*p, (size_t)nc * elem);
     if (!np) return pie_sdk_fail(PIE_ENOMEM, "out of memory (context)");
     *p = np;
-    *cap = nc;
+    *cap = (int32_t)nc;
     return 0;
 }
 
@@ -127,7 +137,7 @@ int pie_ctx_fill_ids(pie_ctx *c, const int32_t *ids, int32_t n)
     for (int32_t i = 0; i < n; i++)
         if (ids[i] < 0 || ids[i] >= c->lm->vocab)
             return pie_sdk_fail(PIE_ERANGE, "token id %d out of range", ids[i]);
-    if (grow((void **)&c->tokens, &c->cap_tokens, c->n_tokens + n,
+    if (grow((void **)&c->tokens, &c->cap_tokens, (int64_t)c->n_tokens + n,
              sizeof(int32_t)))
         return PIE_ENOMEM;
     memcpy(c->tokens + c->n_tokens, ids, sizeof(int32_t) * (size_t)n);
@@ -174,11 +184,12 @@ int pie__ctx_reserve(pie_ctx *c, int32_t n)
         int rc = cow_last(c);
         if (rc) return rc;
     }
-    int32_t need = (c->kv_len + n + ps - 1) / ps - c->n_pages;
-    if (need <= 0) return 0;
-    if (grow((void **)&c->pages, &c->cap_pages, c->n_pages + need,
+    int64_t need64 = ((int64_t)c->kv_len + n + ps - 1) / ps - c->n_pages;
+    if (need64 <= 0) return 0;
+    if (grow((void **)&c->pages, &c->cap_pages, c->n_pages + need64,
              sizeof(int32_t)))
         return PIE_ENOMEM;
+    int32_t need = (int32_t)need64;   /* fits: grow checked n_pages + it */
     int rc = pie_kv_alloc(c->lm->h, (uint32_t)need, c->pages + c->n_pages);
     if (rc < 0)
         return pie_sdk_fail(rc, "kv_alloc of %d pages failed (%d%s)", need, rc,
@@ -309,10 +320,10 @@ int pie_ctx_import(pie_ctx *c, pie_lm *m, const char *name,
     uint32_t len = (uint32_t)strlen(name);
     int32_t np = pie_kv_import(m->h, name, len, NULL, 0);
     if (np < 0) return pie_sdk_fail(np, "kv_import '%s' failed (%d)", name, np);
-    int32_t need = (n_kv + m->page_size - 1) / m->page_size;
-    if (n_kv > n || np != need)
+    int64_t need = ((int64_t)n_kv + m->page_size - 1) / m->page_size;
+    if (n_kv < 0 || n_kv > n || np != need)
         return pie_sdk_fail(PIE_EINVAL, "export '%s' has %d pages; %d tokens "
-                            "need %d", name, np, n_kv, need);
+                            "need %lld", name, np, n_kv, (long long)need);
     if (grow((void **)&c->pages, &c->cap_pages, np, sizeof(int32_t)))
         return PIE_ENOMEM;
     int32_t got = pie_kv_import(m->h, name, len, c->pages, (uint32_t)np);

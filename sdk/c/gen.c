@@ -12,7 +12,15 @@
  * processed oldest first; at a stop the queued rest is cancelled, and the
  * context is rolled back to the KV that completed forwards really wrote:
  * D completed steps hold KV for history[0 .. P0+D-1); the last sampled
- * token stays pending, exactly as after a fill.
+ * token stays pending, exactly as after a fill (also where steps queued
+ * past the stop completed before the cancel: their KV past it is dropped).
+ *
+ * Errors. Every failure after pie_gen_start (a forward, the context, the
+ * detokenizer, memory) ends the generation at once through gen_fail():
+ * err and stop = PIE_STOP_ERROR are set, the queued forwards are cancelled
+ * and released, and the context is rolled back as at a stop, so that its
+ * history holds exactly the ids in g->ids (a token that could not be added
+ * is in neither) and its last token is pending.
  *
  * Text. Each new token is decoded together with a few tokens before it
  * (the decoding window plus up to 4 tokens of left context) and only the
@@ -21,6 +29,8 @@
  * could be the start of a stop string is held back until it is decided.
  */
 #define _GNU_SOURCE 1 /* memmem */
+#include <float.h>
+#include <stdint.h>
 #include <stdio.h>
 #include <stdlib.h>
 #include <string.h>
@@ -43,6 +53,26 @@ void pie_text_stdout(void *user, const char *text, size_t len)
     fflush(stdout);
 }
 
+/* Range checks of pie_sampling (see pie.h); 0 or PIE_EINVAL with a
+ * message naming the parameter. Written so that NaN fails every check. */
+static int check_sampling(const pie_sampling *s)
+{
+    if (!(s->temperature >= 0.0f && s->temperature <= FLT_MAX))
+        return pie_sdk_fail(PIE_EINVAL, "sampling: temperature %g must be a "
+                            "finite number >= 0 (0 = greedy)",
+                            (double)s->temperature);
+    if (s->top_k < 0)
+        return pie_sdk_fail(PIE_EINVAL, "sampling: top_k %d is negative "
+                            "(0 keeps all)", s->top_k);
+    if (!(s->top_p >= 0.0f && s->top_p <= 1.0f))
+        return pie_sdk_fail(PIE_EINVAL, "sampling: top_p %g outside (0, 1] "
+                            "(1 or 0 keeps all)", (double)s->top_p);
+    if (!(s->min_p >= 0.0f && s->min_p <= 1.0f))
+        return pie_sdk_fail(PIE_EINVAL, "sampling: min_p %g outside [0, 1] "
+                            "(0 keeps all)", (double)s->min_p);
+    return 0;
+}
+
 int pie_gen_start(pie_gen *g, pie_ctx *ctx, const pie_gen_opts *o)
 {
     memset(g, 0, sizeof *g);
@@ -52,10 +82,16 @@ int pie_gen_start(pie_gen *g, pie_ctx *ctx, const pie_gen_opts *o)
     if (g->o.lookahead > PIE_GEN_LOOKAHEAD_MAX)
         g->o.lookahead = PIE_GEN_LOOKAHEAD_MAX;
     if (g->o.max_tokens <= 0) g->o.max_tokens = 1 << 20;
-    if (g->o.s.top_p <= 0) g->o.s.top_p = 1.0f;
-    if (ctx->n_tokens <= ctx->n_kv)
-        return pie_sdk_fail(PIE_EINVAL, "generate needs a pending token "
-                            "(fill the context first)");
+    int rc = check_sampling(&g->o.s);
+    if (!rc && ctx->n_tokens <= ctx->n_kv)
+        rc = pie_sdk_fail(PIE_EINVAL, "generate needs a pending token "
+                          "(fill the context first)");
+    if (rc) {                        /* nothing queued: pie_gen_run skips g */
+        g->err = rc;
+        g->stop = PIE_STOP_ERROR;
+        return rc;
+    }
+    if (g->o.s.top_p == 0) g->o.s.top_p = 1.0f;
     g->dt_win = ctx->n_tokens;
     g->kv0 = ctx->n_kv;
     g->slot0 = ctx->n_tokens;        /* P0 */
@@ -200,7 +236,9 @@ static void finish(pie_gen *g)
     int32_t p0 = g->slot0, kv_new = g->kv0;
     if (g->n_done > 0) {
         kv_new = p0 + g->n_done - 1;
-        if (kv_new > c->n_tokens) kv_new = c->n_tokens;
+        /* the last token stays pending even where queued steps past the
+         * stop completed and wrote its KV: the next forward rewrites it */
+        if (kv_new > c->n_tokens - 1) kv_new = c->n_tokens - 1;
     }
     /* slots submitted: (P0 - kv0) for step 0, one per later step */
     int32_t submitted = g->n_submitted ? p0 - g->kv0 + g->n_submitted - 1 : 0;
@@ -210,6 +248,34 @@ static void finish(pie_gen *g)
     if (!g->err && g->stop != PIE_STOP_STRING) decode_new(g, true);
 }
 
+/* Ends g with error rc (its message already recorded): see Errors at the
+ * top. Returns rc. */
+static int gen_fail(pie_gen *g, int rc)
+{
+    g->err = rc;
+    g->stop = PIE_STOP_ERROR;
+    finish(g);
+    return rc;
+}
+
+/* Room for one more id in g->ids; 0 or PIE_ENOMEM. */
+static int ids_reserve(pie_gen *g)
+{
+    if (g->n_ids < g->cap_ids) return 0;
+    if (g->cap_ids > INT32_MAX / 2 ||
+        (size_t)g->cap_ids * 2 > SIZE_MAX / sizeof(int32_t))
+        return pie_sdk_fail(PIE_ENOMEM, "too many generated ids (%d)",
+                            g->n_ids);
+    int32_t nc = g->cap_ids ? g->cap_ids * 2 : 64;
+    int32_t *ni = realloc(g->ids, sizeof(int32_t) * (size_t)nc);
+    if (!ni) return pie_sdk_fail(PIE_ENOMEM, "out of memory (generated ids)");
+    g->ids = ni;
+    g->cap_ids = nc;
+    return 0;
+}
+
+/* Waits for the oldest queued step and adds its token. 1 while running,
+ * 0 when stopped, < 0 on error (g has stopped: gen_fail). */
 static int process_one(pie_gen *g)
 {
     int32_t f = g->q[0], tok = -1;
@@ -218,26 +284,21 @@ static int process_one(pie_gen *g)
     pie_future_free(f);
     memmove(g->q, g->q + 1, sizeof(int32_t) * (size_t)(--g->nq));
     if (st < 0 || tok < 0) {
-        g->err = st < 0 ? st : PIE_EINVAL;
-        g->stop = PIE_STOP_ERROR;
-        finish(g);
-        return pie_sdk_fail(g->err, "forward failed (%d)", g->err);
+        int rc = st < 0 ? st : PIE_EINVAL;
+        pie_sdk_fail(rc, "forward failed (%d)", rc);
+        return gen_fail(g, rc);
     }
-    g->n_done++;
-    if (g->n_ids == g->cap_ids) {
-        int32_t nc = g->cap_ids ? g->cap_ids * 2 : 64;
-        int32_t *ni = realloc(g->ids, sizeof(int32_t) * (size_t)nc);
-        if (!ni) return pie_sdk_fail(PIE_ENOMEM, "out of memory");
-        g->ids = ni;
-        g->cap_ids = nc;
-    }
+    g->n_done++;                     /* its KV is written */
+    /* the token joins ids and the history together, or neither (finish
+     * keeps the last token of the history pending either way) */
+    int rc = ids_reserve(g);
+    if (!rc) rc = pie_ctx_fill_ids(g->ctx, &tok, 1);
+    if (rc) return gen_fail(g, rc);
     g->ids[g->n_ids++] = tok;
-    int rc = pie_ctx_fill_ids(g->ctx, &tok, 1);
-    if (rc) return rc;
     if (!g->o.ignore_eos && pie_lm_is_eos(g->ctx->lm, tok))
         g->stop = PIE_STOP_EOS;
     else if ((rc = decode_new(g, false)))
-        return rc;
+        return gen_fail(g, rc);
     if (!g->stop && g->n_ids >= g->o.max_tokens) g->stop = PIE_STOP_MAX;
     if (g->stop) finish(g);
     return g->stop ? 0 : 1;
@@ -255,14 +316,10 @@ static int refill(pie_gen *g)
     if (g->stop) return g->err ? g->err : 0;
     int rc = submit_more(g);
     if (g->nq > 0 && rc != PIE_ENOMEM) return 1;
-    if (rc) {
-        g->err = rc;
-        g->stop = PIE_STOP_ERROR;
-    } else {
-        g->stop = PIE_STOP_MAX;    /* max_tokens reached earlier */
-    }
+    if (rc) return gen_fail(g, rc);
+    g->stop = PIE_STOP_MAX;        /* max_tokens reached earlier */
     finish(g);
-    return rc;
+    return 0;
 }
 
 int pie_gen_step(pie_gen *g)
@@ -279,12 +336,17 @@ int pie_gen_run(pie_gen *gs, int32_t n)
     if (!futs || !who) {
         free(futs);
         free(who);
+        for (int32_t i = 0; i < n; i++)
+            if (!gs[i].stop) gen_fail(&gs[i], PIE_ENOMEM);
         return pie_sdk_fail(PIE_ENOMEM, "out of memory");
     }
     for (;;) {
         int32_t m = 0;
         for (int32_t i = 0; i < n; i++) {
-            if (gs[i].stop) continue;
+            if (gs[i].stop) {        /* e.g. its pie_gen_start failed */
+                if (gs[i].err && !first_err) first_err = gs[i].err;
+                continue;
+            }
             int rc = refill(&gs[i]);
             if (rc < 0 && !first_err) first_err = rc;
             if (rc <= 0) continue;

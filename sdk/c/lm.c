@@ -3,6 +3,7 @@
  * facts, text <-> ids, growing buffers and JSON strings.
  */
 #include <stdarg.h>
+#include <stdint.h>
 #include <stdio.h>
 #include <stdlib.h>
 #include <string.h>
@@ -39,9 +40,12 @@ int pie_lm_open(pie_lm *m, const char *name)
     int32_t nl = pie_model_name(h, m->name, sizeof m->name - 1);
     m->name[nl < 0 ? 0 : nl < (int32_t)sizeof m->name ? nl
                                   : (int32_t)sizeof m->name - 1] = 0;
-    if (m->vocab <= 0 || m->page_size <= 0)
+    if (m->vocab <= 0 || m->page_size <= 0) {
+        int32_t v = m->vocab, ps = m->page_size;
+        pie_lm_close(m);
         return pie_sdk_fail(PIE_EINVAL, "model reports vocab %d, page size %d",
-                            m->vocab, m->page_size);
+                            v, ps);
+    }
     return 0;
 }
 
@@ -64,13 +68,28 @@ void pie_lm_add_eos(pie_lm *m, int32_t id)
         m->eos[m->n_eos++] = id;
 }
 
+/* Largest element count whose byte size (count * elem, plus one) fits
+ * size_t and uint32_t: buffers the host fills are addressed with 32 bits,
+ * and size_t is 32 bits on wasm32, where count * elem would wrap. */
+static uint32_t max_elems(size_t elem)
+{
+    size_t lim = (SIZE_MAX < UINT32_MAX ? SIZE_MAX : UINT32_MAX) - 1;
+    return (uint32_t)(lim / elem);
+}
+
 int pie_lm_encode(const pie_lm *m, const char *text, size_t len,
                   bool add_special, int32_t **ids)
 {
-    uint32_t cap = (uint32_t)len + 8;
     *ids = NULL;
+    if (len > max_elems(sizeof(int32_t)) - 8)
+        return pie_sdk_fail(PIE_ENOMEM, "text of %zu bytes is too long to "
+                            "encode", len);
+    uint32_t cap = (uint32_t)len + 8;
     for (int tries = 0; tries < 2; tries++) {
-        int32_t *v = malloc(sizeof(int32_t) * cap);
+        if (cap > max_elems(sizeof(int32_t)))
+            return pie_sdk_fail(PIE_ENOMEM, "tokenize needs %u ids, too "
+                                "many for memory", cap);
+        int32_t *v = malloc(sizeof(int32_t) * (size_t)cap);
         if (!v) return pie_sdk_fail(PIE_ENOMEM, "out of memory encoding");
         int32_t n = pie_tokenize(m->h, text, (uint32_t)len, add_special, v,
                                  cap);
@@ -91,10 +110,17 @@ int pie_lm_encode(const pie_lm *m, const char *text, size_t len,
 int pie_lm_decode(const pie_lm *m, const int32_t *ids, int32_t n,
                   bool skip_special, char **text)
 {
-    uint32_t cap = (uint32_t)n * 8 + 16;
     *text = NULL;
+    if (n < 0) return pie_sdk_fail(PIE_EINVAL, "decode of %d ids", n);
+    /* a first guess (8 bytes an id), capped; the host tells the exact
+     * length when it is longer */
+    uint64_t guess = (uint64_t)n * 8 + 16;
+    uint32_t cap = guess > (1u << 24) ? 1u << 24 : (uint32_t)guess;
     for (int tries = 0; tries < 2; tries++) {
-        char *s = malloc(cap + 1);
+        if (cap > max_elems(1))
+            return pie_sdk_fail(PIE_ENOMEM, "detokenize needs %u bytes, too "
+                                "many for memory", cap);
+        char *s = malloc((size_t)cap + 1);
         if (!s) return pie_sdk_fail(PIE_ENOMEM, "out of memory decoding");
         int32_t len = pie_detokenize(m->h, ids, (uint32_t)n, skip_special, s,
                                      cap);
@@ -125,9 +151,13 @@ int pie_send_str(const char *s) { return pie_send(s, (uint32_t)strlen(s)); }
 int pie_buf_append(char **buf, size_t *len, size_t *cap, const char *s,
                    size_t n)
 {
+    if (n > SIZE_MAX - 1 - *len)
+        return pie_sdk_fail(PIE_ENOMEM, "out of memory (buffer of %zu + %zu "
+                            "bytes)", *len, n);
     if (*len + n + 1 > *cap) {
         size_t nc = *cap ? *cap : 64;
-        while (nc < *len + n + 1) nc *= 2;
+        while (nc < *len + n + 1)
+            nc = nc > SIZE_MAX / 2 ? *len + n + 1 : nc * 2;
         char *nb = realloc(*buf, nc);
         if (!nb) return pie_sdk_fail(PIE_ENOMEM, "out of memory");
         *buf = nb;

@@ -127,11 +127,12 @@ int  pie_ctx_next_topk(pie_ctx *c, int32_t k, float *probs, int32_t *ids);
 
 /* ---- generation ----------------------------------------------------------- */
 
+/* Ranges are checked by pie_gen_start (PIE_EINVAL outside them). */
 typedef struct pie_sampling {
-    float    temperature;            /* <= 0: greedy                        */
-    int32_t  top_k;                  /* <= 0: all                           */
-    float    top_p;                  /* >= 1: all (0 is taken as 1)         */
-    float    min_p;
+    float    temperature;            /* finite, >= 0; 0: greedy             */
+    int32_t  top_k;                  /* >= 0; 0: all                        */
+    float    top_p;                  /* (0, 1]; 1: all (0 is taken as 1)    */
+    float    min_p;                  /* [0, 1]: keep p >= min_p * p_max     */
     uint64_t seed;                   /* step i samples with seed + i        */
 } pie_sampling;
 
@@ -176,12 +177,17 @@ typedef struct pie_gen {
     int          err;
 } pie_gen;
 
-/* Prepares g to continue ctx (which must have >= 1 pending token). */
+/* Prepares g to continue ctx (which must have >= 1 pending token).
+ * PIE_EINVAL for sampling parameters out of range (see pie_sampling). */
 int  pie_gen_start(pie_gen *g, pie_ctx *ctx, const pie_gen_opts *o);
 /* Waits for the next token and processes it; 1 while running, 0 when
- * stopped, < 0 on error. */
+ * stopped, < 0 on error. Any error ends the generation at once: stop =
+ * PIE_STOP_ERROR, err = the code, queued forwards cancelled and freed, ctx
+ * rolled back to the ids in g->ids with its last token pending (as at a
+ * stop); pie_gen_start failing leaves g stopped the same way. */
 int  pie_gen_step(pie_gen *g);
-/* Drives n generations concurrently until all stop; 0 or the first error. */
+/* Drives n generations concurrently until all stop; 0 or the first error
+ * (a generation that fails stops; the others go on). */
 int  pie_gen_run(pie_gen *gs, int32_t n);
 void pie_gen_free(pie_gen *g);
 /* One generation start to stop (pie_gen_start + pie_gen_run). */

@@ -124,7 +124,7 @@ PIE_IMPORT_(forward_token_from) int32_t pie_forward_token_from(int32_t fwd, int3
 PIE_IMPORT_(forward_pages) int32_t pie_forward_pages(int32_t fwd, const int32_t *pages, uint32_t n, uint32_t last_page_len);
 /* Per-token attention mask: indptr has n_tokens+1 entries into runs (alternating not-attend/attend run lengths, see backend.h). Without it, attention is causal. */
 PIE_IMPORT_(forward_mask) int32_t pie_forward_mask(int32_t fwd, const uint32_t *indptr, const uint32_t *runs, uint32_t n_runs);
-/* Adds an output row at input token token_idx with a sampler or probe kind (PIE_SAMPLER_* / PIE_PROBE_* values of backend.h); returns the row index. */
+/* Adds an output row at input token token_idx with a sampler or probe kind (PIE_SAMPLER_* / PIE_PROBE_* values of backend.h); returns the row index. A random sampler takes a finite temperature (<= 0: greedy), top_k (<= 0: all), top_p not NaN nor negative (>= 1: all) and min_p in [0, 1] (the most probable token always stays); other values make forward_submit fail with PIE_EINVAL. */
 PIE_IMPORT_(forward_output) int32_t pie_forward_output(int32_t fwd, uint32_t token_idx, int32_t kind, float temperature, int32_t top_k, float top_p, float min_p, uint64_t seed);
 /* For a LOGPROBS row: the ids to score. */
 PIE_IMPORT_(forward_output_ids) int32_t pie_forward_output_ids(int32_t fwd, uint32_t row, const int32_t *ids, uint32_t n);

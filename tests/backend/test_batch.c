@@ -274,6 +274,88 @@ static void test_probes(void)
     CHECK(fabs(vals[0] - h) < 1e-4, "entropy %g, expected %g", vals[0], h);
 }
 
+/* min_p keeps the most probable id whatever it filters: with min_p > 1
+ * (refused by validation, but the reference sampler must not fall back to
+ * id 0) only the best id is left; with min_p = 1 exactly the tied best. */
+static void test_min_p_keeps_best(void)
+{
+    float row[8];
+    const float l[8] = { 0.5f, 1, 4, 2, 4, 3, -1, 0 };   /* best: 2 and 4 */
+    for (uint64_t seed = 0; seed < 50; seed++) {
+        pie_sampler s = { .kind = PIE_SAMPLER_RANDOM, .temperature = 1.0f,
+                          .top_p = 1.0f, .min_p = 1.5f, .seed = seed };
+        int32_t tok = -2;
+        memcpy(row, l, sizeof row);
+        CHECK_OK(pie_sample_row(row, 8, &s, NULL, 0, &tok, NULL, NULL));
+        CHECK(tok == 2, "min_p 1.5: expected the best id 2, got %d (seed "
+              "%llu)", tok, (unsigned long long)seed);
+        s.min_p = 1.0f;
+        memcpy(row, l, sizeof row);
+        CHECK_OK(pie_sample_row(row, 8, &s, NULL, 0, &tok, NULL, NULL));
+        CHECK(tok == 2 || tok == 4, "min_p 1: expected a tied best id (2 or "
+              "4), got %d (seed %llu)", tok, (unsigned long long)seed);
+        /* with top_k and top_p in front too */
+        s = (pie_sampler){ .kind = PIE_SAMPLER_RANDOM, .temperature = 0.7f,
+                           .top_k = 3, .top_p = 0.9f, .min_p = 1e30f,
+                           .seed = seed };
+        memcpy(row, l, sizeof row);
+        CHECK_OK(pie_sample_row(row, 8, &s, NULL, 0, &tok, NULL, NULL));
+        CHECK(tok == 2, "min_p 1e30 after top_k/top_p: expected 2, got %d",
+              tok);
+    }
+    printf("min_p: the most probable id is always kept\n");
+}
+
+/* pie_batch_validate_row: the random sampler's parameters in range. */
+static void test_validate_row(void)
+{
+    struct { const char *what; pie_sampler s; int ok; } c[] = {
+        { "defaults", { .kind = PIE_SAMPLER_RANDOM, .temperature = 1,
+                        .top_p = 1 }, 1 },
+        { "min_p 0", { .kind = PIE_SAMPLER_RANDOM, .temperature = 1,
+                       .top_p = 0.5f, .min_p = 0 }, 1 },
+        { "min_p 1", { .kind = PIE_SAMPLER_RANDOM, .temperature = 1,
+                       .top_p = 1, .min_p = 1 }, 1 },
+        { "top_p 0", { .kind = PIE_SAMPLER_RANDOM, .temperature = 1 }, 1 },
+        { "top_p 2 (all)", { .kind = PIE_SAMPLER_RANDOM, .temperature = 1,
+                             .top_p = 2 }, 1 },
+        { "top_k -1 (all)", { .kind = PIE_SAMPLER_RANDOM, .temperature = 1,
+                              .top_k = -1, .top_p = 1 }, 1 },
+        { "temperature -1 (greedy)", { .kind = PIE_SAMPLER_RANDOM,
+                                       .temperature = -1, .top_p = 1 }, 1 },
+        { "min_p 1.5", { .kind = PIE_SAMPLER_RANDOM, .temperature = 1,
+                         .top_p = 1, .min_p = 1.5f }, 0 },
+        { "min_p inf", { .kind = PIE_SAMPLER_RANDOM, .temperature = 1,
+                         .top_p = 1, .min_p = INFINITY }, 0 },
+        { "min_p -0.1", { .kind = PIE_SAMPLER_RANDOM, .temperature = 1,
+                          .top_p = 1, .min_p = -0.1f }, 0 },
+        { "min_p NaN", { .kind = PIE_SAMPLER_RANDOM, .temperature = 1,
+                         .top_p = 1, .min_p = NAN }, 0 },
+        { "top_p -0.5", { .kind = PIE_SAMPLER_RANDOM, .temperature = 1,
+                          .top_p = -0.5f }, 0 },
+        { "top_p -inf", { .kind = PIE_SAMPLER_RANDOM, .temperature = 1,
+                          .top_p = -INFINITY }, 0 },
+        { "top_p NaN", { .kind = PIE_SAMPLER_RANDOM, .temperature = 1,
+                         .top_p = NAN }, 0 },
+        { "temperature NaN", { .kind = PIE_SAMPLER_RANDOM, .temperature = NAN,
+                               .top_p = 1 }, 0 },
+    };
+    for (size_t i = 0; i < sizeof c / sizeof c[0]; i++) {
+        int rc = pie_batch_validate_row(&c[i].s, NULL, -1, 3, V);
+        if (c[i].ok) {
+            CHECK(rc == 0, "%s: refused (%d: %s)", c[i].what, rc,
+                  pie_err_msg());
+        } else {
+            CHECK(rc == PIE_EINVAL, "%s: expected PIE_EINVAL, got %d",
+                  c[i].what, rc);
+            CHECK(strstr(pie_err_msg(), "output 3") != NULL,
+                  "%s: message does not name the row: %s", c[i].what,
+                  pie_err_msg());
+            printf("  refused %-24s %s\n", c[i].what, pie_err_msg());
+        }
+    }
+}
+
 static void test_out_alloc(void)
 {
     int32_t ids[2] = { 1, 2 };
@@ -303,6 +385,8 @@ int main(void)
     test_top_k_then_top_p();
     test_logit_mask();
     test_probes();
+    test_min_p_keeps_best();
+    test_validate_row();
     test_out_alloc();
     TEST_DONE();
 }

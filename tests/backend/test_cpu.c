@@ -666,6 +666,11 @@ static void test_invalid(pie_model *m)
                                  c->smp.temperature = INFINITY));
     BAD("NaN top_p", (c->smp.kind = PIE_SAMPLER_RANDOM,
                       c->smp.temperature = 1, c->smp.top_p = NAN));
+    BAD("min_p > 1", (c->smp.kind = PIE_SAMPLER_RANDOM,
+                      c->smp.temperature = 1, c->smp.top_p = 1,
+                      c->smp.min_p = 1.5f));
+    BAD("negative top_p", (c->smp.kind = PIE_SAMPLER_RANDOM,
+                           c->smp.temperature = 1, c->smp.top_p = -0.5f));
     BAD("LOGPROBS id out of range", (c->smp.kind = PIE_PROBE_LOGPROBS,
                                      c->smp.ids = bad_ids, c->smp.n_ids = 2));
     BAD("non-monotone mask_indptr", (c->mask_indptr = mi2,

@@ -51,14 +51,22 @@ int32_t mock_next(uint32_t h, int kind, uint64_t seed)
     return 'a' + (int32_t)(h % 26);
 }
 
-int32_t pie_model_open(const char *name, uint32_t len) { return 7; }
-int32_t pie_model_close(int32_t m) { return 0; }
+int32_t pie_model_open(const char *name, uint32_t len)
+{
+    mock.models_open++;
+    return 7;
+}
+int32_t pie_model_close(int32_t m)
+{
+    mock.models_open--;
+    return 0;
+}
 int32_t pie_model_name(int32_t m, char *buf, uint32_t cap)
 {
     memcpy(buf, "mock", cap < 4 ? cap : 4);
     return 4;
 }
-int32_t pie_model_vocab_size(int32_t m) { return 128; }
+int32_t pie_model_vocab_size(int32_t m) { return mock.bad_model ? 0 : 128; }
 int32_t pie_model_page_size(int32_t m) { return MOCK_PS; }
 int32_t pie_model_bos_id(int32_t m) { return 1; }
 int32_t pie_model_eos_ids(int32_t m, int32_t *ids, uint32_t cap)
@@ -84,6 +92,7 @@ int32_t pie_tokenize(int32_t m, const char *text, uint32_t len,
 int32_t pie_detokenize(int32_t m, const int32_t *ids, uint32_t n,
                        int32_t skip_special, char *buf, uint32_t cap)
 {
+    if (++mock.detok_calls == mock.fail_detok_at) return PIE_EINVAL;
     uint32_t k = 0;
     for (uint32_t i = 0; i < n; i++) {
         if (skip_special && ids[i] < 2) continue;
@@ -269,6 +278,7 @@ int32_t pie_forward_submit(int32_t f)
     mock_fwd *w = fwd_of(f);
     w->submitted = 1;
     mock.submits++;
+    if (mock.eager) mock_run(f);
     return f;
 }
 
@@ -376,7 +386,8 @@ int32_t pie_forward_read_tokens(int32_t f, int32_t *tokens, uint32_t cap)
     mock_run(f);
     mock_fwd *w = fwd_of(f);
     if (w->status < 0) return w->status;
-    if (cap) tokens[0] = w->out_tok;
+    if (cap) tokens[0] = ++mock.read_calls == mock.bad_tok_at ? 200
+                                                             : w->out_tok;
     return 1;
 }
 

@@ -41,6 +41,16 @@ typedef struct mock_state {
     int         fail_alloc_rc;      /* ... with this code (0: PIE_EBUSY)       */
     int         alloc_calls;
     int         eos_every;          /* logits hash % eos_every == 0 -> EOS */
+    int         bad_tok_at;         /* the n-th read_tokens call returns an
+                                       id outside the vocab (0: never)      */
+    int         read_calls;
+    int         fail_detok_at;      /* the n-th detokenize call fails      */
+    int         detok_calls;
+    int         eager;              /* run each forward at submit (a fast
+                                       host: queued steps complete before
+                                       a cancel reaches them)               */
+    int         bad_model;          /* model_open gives vocab 0            */
+    int         models_open;        /* opened minus closed handles         */
     long        tokens_forwarded, wait_any_calls;
     char        sent[65536];
     uint32_t    sent_len;

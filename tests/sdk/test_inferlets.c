@@ -5,7 +5,9 @@
  * its tokenizer:
  *
  *   text      text-completion greedy prints exactly the reference
- *             continuation (40 tokens), as text and as ids (--json)
+ *             continuation (40 tokens), as text (also --json=false) and as
+ *             ids (--json); sampling parameters out of range and a seed
+ *             of " -1" are refused with a message
  *   many      -n 1000 concurrent text-completion instances, every block
  *             the reference continuation
  *   parallel  parallel-generation: greedy branches forked from one exported
@@ -199,6 +201,31 @@ static void test_text(void)
     check_ids("text-completion --json", got, json_ids(r.out, "ids", got, 64),
               want, nw);
     run_free(&r);
+    /* --json=false is plain text, not JSON */
+    r = PIE_RUN("text-completion", "--", "--prompt", "Once upon a time",
+                "--max-tokens", "40", "--temperature", "0", "--json=false");
+    CHECK(r.status == 0 && r.out_len == strlen(text) &&
+          !memcmp(r.out, text, r.out_len),
+          "--json=false: exit %d, expected the plain text, got [%s] %s",
+          r.status, r.out, r.err);
+    run_free(&r);
+    /* sampling parameters out of range fail with a message naming them;
+     * so does a seed that only parses after skipping a space */
+    const char *bad[][3] = { { "--min-p", "2", "min_p" },
+                             { "--top-p", "1.5", "top_p" },
+                             { "--top-k", "-3", "top_k" },
+                             { "--seed", " -1", "--seed" } };
+    for (int i = 0; i < 4; i++) {
+        r = PIE_RUN("text-completion", "--", "--prompt", "Once upon a time",
+                    "--max-tokens", "4", "--temperature", "1",
+                    bad[i][0], bad[i][1]);
+        CHECK(r.status != 0 && strstr(r.err, bad[i][2]),
+              "%s '%s': exit %d, stderr [%s]", bad[i][0], bad[i][1],
+              r.status, r.err);
+        printf("text-completion %s '%s' refused: %s", bad[i][0], bad[i][1],
+               r.err);
+        run_free(&r);
+    }
     /* seeded sampling is reproducible and differs from greedy */
     run_out s1 = PIE_RUN("text-completion", "--", "--prompt", "Once upon a time",
                          "--max-tokens", "30", "--temperature", "1.0",

@@ -6,6 +6,7 @@
  * positions, chains, rollbacks after a cancel, forks or imports show up as
  * a different token.
  */
+#include <math.h>
 #include <stdio.h>
 #include <stdlib.h>
 #include <string.h>
@@ -295,6 +296,203 @@ static void test_alloc_failure(pie_lm *lm)
     pie_ctx_release(&c);
 }
 
+static int live_futures(void)
+{
+    int live = 0;
+    for (int i = 0; i < MOCK_MAX_FWD; i++) live += mock.fwd[i].used;
+    return live;
+}
+
+/* A failure while adding a token (here the host returns an id outside the
+ * vocabulary, so pie_ctx_fill_ids refuses it) ends the generation at once:
+ * error recorded, stop = PIE_STOP_ERROR, queued futures cancelled and
+ * freed, the context rolled back to the ids kept (the bad token is in
+ * neither), and no forward submitted after the failure. */
+static void test_gen_error(pie_lm *lm)
+{
+    pie_ctx c;
+    pie_gen g;
+    int32_t want[64];
+    pie_ctx_init(&c, lm);
+    CHECK_OK(pie_ctx_fill(&c, "hello", true));            /* 6 tokens */
+    int p0 = c.n_tokens;
+    pie_gen_opts o = { .max_tokens = 200, .lookahead = 4, .ignore_eos = true };
+    /* pie_gen_step: the first token is bad */
+    mock.bad_tok_at = mock.read_calls + 1;
+    CHECK_OK(pie_gen_start(&g, &c, &o));
+    int rc = pie_gen_step(&g);
+    CHECK(rc == PIE_ERANGE, "step: expected PIE_ERANGE, got %d", rc);
+    CHECK(g.stop == PIE_STOP_ERROR && g.err == rc,
+          "step: after the error stop %d err %d", g.stop, g.err);
+    CHECK(g.nq == 0 && live_futures() == 0,
+          "step: %d futures queued, %d live after the error", g.nq,
+          live_futures());
+    CHECK(g.n_ids == 0 && c.n_tokens == p0, "step: %d ids, %d tokens (want "
+          "0, %d)", g.n_ids, c.n_tokens, p0);
+    check_ctx_state(&c);
+    int submits = mock.submits;
+    CHECK(pie_gen_step(&g) == rc && mock.submits == submits,
+          "a failed generation must stay stopped");
+    pie_gen_free(&g);
+    printf("gen error: pie_gen_step stops at once: %s\n", pie_sdk_error());
+
+    /* pie_gen_run: the third token is bad; two are kept */
+    int n = ref_gen(c.tokens, c.n_tokens, 2, PIE_SAMPLER_GREEDY, 0, false,
+                    want);
+    mock.bad_tok_at = mock.read_calls + 3;
+    submits = mock.submits;
+    rc = pie_generate(&c, &o, &g);
+    CHECK(rc == PIE_ERANGE && g.stop == PIE_STOP_ERROR && g.err == rc,
+          "run: rc %d stop %d err %d", rc, g.stop, g.err);
+    check_ids("run until the error", g.ids, g.n_ids, want, n);
+    CHECK(c.n_tokens == p0 + 2, "run: history %d tokens, expected %d",
+          c.n_tokens, p0 + 2);
+    CHECK(mock.submits - submits <= 3 + o.lookahead,
+          "run: %d forwards submitted for 3 tokens at lookahead %d",
+          mock.submits - submits, o.lookahead);
+    CHECK(g.nq == 0 && live_futures() == 0, "run: %d live futures",
+          live_futures());
+    check_ctx_state(&c);
+    pie_gen_free(&g);
+    mock.bad_tok_at = 0;
+    /* the context continues as the reference of its history */
+    n = ref_gen(c.tokens, c.n_tokens, 10, PIE_SAMPLER_GREEDY, 0, false, want);
+    o.max_tokens = 10;
+    CHECK_OK(pie_generate(&c, &o, &g));
+    check_ids("after the error", g.ids, g.n_ids, want, n);
+    pie_gen_free(&g);
+
+    /* a detokenizer failure (after the token was added) stops it too */
+    mock.fail_detok_at = mock.detok_calls + 5;
+    p0 = c.n_tokens;
+    o.max_tokens = 200;
+    rc = pie_generate(&c, &o, &g);
+    CHECK(rc == PIE_EINVAL && g.stop == PIE_STOP_ERROR,
+          "detokenize failure: rc %d stop %d", rc, g.stop);
+    CHECK(g.n_ids < 10 && c.n_tokens == p0 + g.n_ids,
+          "detokenize failure: %d ids, history %d (from %d)", g.n_ids,
+          c.n_tokens, p0);
+    CHECK(live_futures() == 0, "%d live futures", live_futures());
+    check_ctx_state(&c);
+    pie_gen_free(&g);
+    mock.fail_detok_at = 0;
+    pie_ctx_release(&c);
+}
+
+/* A fast host: the steps queued past EOS completed before the cancel. The
+ * rollback still leaves the last token pending, so the context continues. */
+static void test_eos_eager(pie_lm *lm)
+{
+    pie_ctx c;
+    pie_gen g;
+    int32_t want[256];
+    mock.eos_every = 11;
+    mock.eager = 1;
+    pie_ctx_init(&c, lm);
+    CHECK_OK(pie_ctx_fill(&c, "the eos test", true));
+    int nw = ref_gen(c.tokens, c.n_tokens, 200, PIE_SAMPLER_GREEDY, 0, true,
+                     want);
+    pie_gen_opts o = { .max_tokens = 200, .lookahead = 8 };
+    CHECK_OK(pie_generate(&c, &o, &g));
+    check_ids("eos, eager host", g.ids, g.n_ids, want, nw);
+    CHECK(g.stop == PIE_STOP_EOS, "stop reason %d", g.stop);
+    check_ctx_state(&c);
+    pie_gen_free(&g);
+    nw = ref_gen(c.tokens, c.n_tokens, 5, PIE_SAMPLER_GREEDY, 0, false, want);
+    o = (pie_gen_opts){ .max_tokens = 5, .lookahead = 3, .ignore_eos = true };
+    CHECK_OK(pie_generate(&c, &o, &g));
+    check_ids("after eos, eager host", g.ids, g.n_ids, want, nw);
+    pie_gen_free(&g);
+    pie_ctx_release(&c);
+    mock.eos_every = 0;
+    mock.eager = 0;
+}
+
+/* Sampling parameters out of range are refused by pie_gen_start, before
+ * anything is submitted; the boundaries and defaults are accepted. */
+static void test_sampling_range(pie_lm *lm)
+{
+    pie_ctx c;
+    pie_gen g;
+    pie_ctx_init(&c, lm);
+    CHECK_OK(pie_ctx_fill(&c, "range", true));
+    struct { const char *what, *param; pie_sampling s; } bad[] = {
+        { "temperature NaN", "temperature", { .temperature = NAN } },
+        { "temperature -0.5", "temperature", { .temperature = -0.5f } },
+        { "temperature inf", "temperature", { .temperature = INFINITY } },
+        { "top_k -1", "top_k", { .temperature = 1, .top_k = -1 } },
+        { "top_p 1.5", "top_p", { .temperature = 1, .top_p = 1.5f } },
+        { "top_p -0.1", "top_p", { .temperature = 1, .top_p = -0.1f } },
+        { "top_p NaN", "top_p", { .temperature = 1, .top_p = NAN } },
+        { "min_p 1.5", "min_p", { .temperature = 1, .min_p = 1.5f } },
+        { "min_p -0.1", "min_p", { .temperature = 1, .min_p = -0.1f } },
+        { "min_p NaN", "min_p", { .temperature = 1, .min_p = NAN } },
+    };
+    int submits = mock.submits;
+    for (size_t i = 0; i < sizeof bad / sizeof bad[0]; i++) {
+        pie_gen_opts o = { .s = bad[i].s, .max_tokens = 3 };
+        int rc = pie_gen_start(&g, &c, &o);
+        CHECK(rc == PIE_EINVAL, "%s: expected PIE_EINVAL, got %d", bad[i].what,
+              rc);
+        CHECK(strstr(pie_sdk_error(), bad[i].param) != NULL,
+              "%s: message does not name %s: %s", bad[i].what, bad[i].param,
+              pie_sdk_error());
+        CHECK(g.stop == PIE_STOP_ERROR && g.err == rc, "%s: stop %d err %d",
+              bad[i].what, g.stop, g.err);
+        CHECK(pie_gen_run(&g, 1) == rc, "%s: pie_gen_run after a failed "
+              "start must report it", bad[i].what);
+        rc = pie_generate(&c, &o, &g);
+        CHECK(rc == PIE_EINVAL, "%s: pie_generate gave %d", bad[i].what, rc);
+        pie_gen_free(&g);
+    }
+    CHECK(mock.submits == submits, "%d forwards submitted with bad sampling",
+          mock.submits - submits);
+    printf("sampling range: refused, e.g. %s\n", pie_sdk_error());
+    pie_sampling good[] = {
+        { .temperature = 0 }, { .temperature = 1, .top_p = 1, .min_p = 1 },
+        { .temperature = 0.5f, .top_k = 0, .top_p = 0.5f, .min_p = 0 },
+    };
+    for (size_t i = 0; i < sizeof good / sizeof good[0]; i++) {
+        pie_gen_opts o = { .s = good[i], .max_tokens = 3 };
+        CHECK_OK(pie_generate(&c, &o, &g));
+        CHECK(g.n_ids == 3, "good sampling %zu: %d ids", i, g.n_ids);
+        pie_gen_free(&g);
+    }
+    pie_ctx_release(&c);
+}
+
+/* Sizes that would overflow are refused (the wasm32 cases can't be built
+ * natively; these are the ones a 64-bit host shares). */
+static void test_overflow(pie_lm *lm)
+{
+    pie_ctx c;
+    pie_ctx_init(&c, lm);
+    CHECK_OK(pie_ctx_fill(&c, "ab", false));
+    /* a history at the int32 limit: appending must fail, not wrap */
+    int32_t n0 = c.n_tokens, cap0 = c.cap_tokens;
+    c.n_tokens = c.cap_tokens = INT32_MAX - 1;
+    int32_t two[2] = { 'x', 'y' };
+    int rc = pie_ctx_fill_ids(&c, two, 2);
+    CHECK(rc == PIE_ENOMEM, "fill past INT32_MAX tokens: rc %d", rc);
+    CHECK(c.n_tokens == INT32_MAX - 1, "history changed: %d", c.n_tokens);
+    printf("overflow: %s\n", pie_sdk_error());
+    c.n_tokens = n0;
+    c.cap_tokens = cap0;
+    char *t = NULL;
+    CHECK(pie_lm_decode(lm, two, -1, true, &t) == PIE_EINVAL && !t,
+          "decode of -1 ids must fail");
+    pie_ctx_release(&c);
+    /* a model reporting no vocabulary is refused and its handle closed */
+    pie_lm bad;
+    int open0 = mock.models_open;
+    mock.bad_model = 1;
+    rc = pie_lm_open(&bad, NULL);
+    mock.bad_model = 0;
+    CHECK(rc == PIE_EINVAL, "vocab 0 accepted (rc %d)", rc);
+    CHECK(mock.models_open == open0, "pie_lm_open leaked the model handle "
+          "(%d open, %d before)", mock.models_open, open0);
+}
+
 static void test_drop_page(pie_lm *lm)
 {
     pie_ctx c;
@@ -377,6 +575,45 @@ static void test_chat_and_args(pie_lm *lm)
     CHECK(pie_args_parse(2, bad2, a, NULL) < 0, "unknown option accepted");
     CHECK(pie_args_parse(2, bad3, a, NULL) < 0, "missing value accepted");
     CHECK(pie_args_parse(3, bad4, a, NULL) < 0, "negative u64 accepted");
+
+    /* flags with a value: parsed, not taken as "on" */
+    struct { const char *arg; bool want; } flags[] = {
+        { "--json=false", false }, { "--json=true", true },
+        { "--json=0", false },     { "--json=1", true },
+        { "--json=no", false },    { "--json=yes", true },
+        { "--json=off", false },   { "--json=FALSE", false },
+    };
+    for (size_t i = 0; i < sizeof flags / sizeof flags[0]; i++) {
+        char *av[] = { "x", (char *)flags[i].arg };
+        b = !flags[i].want;
+        CHECK(pie_args_parse(2, av, a, NULL) == 0, "%s refused", flags[i].arg);
+        CHECK(b == flags[i].want, "%s set the flag %s", flags[i].arg,
+              b ? "on" : "off");
+    }
+    const char *bad_flags[] = { "--json=maybe", "--json=", "--json=2" };
+    for (size_t i = 0; i < sizeof bad_flags / sizeof bad_flags[0]; i++) {
+        char *av[] = { "x", (char *)bad_flags[i] };
+        b = false;
+        CHECK(pie_args_parse(2, av, a, NULL) < 0, "%s accepted", bad_flags[i]);
+        CHECK(!b, "%s turned the flag on", bad_flags[i]);
+    }
+    /* numbers: no leading space (strtoull would skip it, then wrap " -1"),
+     * no sign on unsigned, finite floats */
+    const char *bad_nums[][2] = {
+        { "--seed", " -1" }, { "--seed", " 5" }, { "--seed", "+5" },
+        { "--seed", "" },    { "--max-tokens", " 5" }, { "--max-tokens", "" },
+        { "--temperature", "nan" }, { "--temperature", "inf" },
+        { "--temperature", " 1" },
+    };
+    for (size_t i = 0; i < sizeof bad_nums / sizeof bad_nums[0]; i++) {
+        char *av[] = { "x", (char *)bad_nums[i][0], (char *)bad_nums[i][1] };
+        u = 77;
+        CHECK(pie_args_parse(3, av, a, NULL) < 0, "%s '%s' accepted (seed now "
+              "%llu)", bad_nums[i][0], bad_nums[i][1], (unsigned long long)u);
+    }
+    char *big[] = { "x", "--seed=18446744073709551615", "--max-tokens=-7" };
+    CHECK(pie_args_parse(3, big, a, NULL) == 0 && u == UINT64_MAX && n == -7,
+          "good numbers: seed %llu max-tokens %d", (unsigned long long)u, n);
 }
 
 int main(void)
@@ -393,12 +630,14 @@ int main(void)
     test_export_import(&lm);
     test_concurrent(&lm);
     test_alloc_failure(&lm);
+    test_gen_error(&lm);
+    test_eos_eager(&lm);
+    test_sampling_range(&lm);
+    test_overflow(&lm);
     test_drop_page(&lm);
     test_topk(&lm);
     test_chat_and_args(&lm);
     CHECK(mock.pages_live == 0, "%d pages leaked", mock.pages_live);
-    int live = 0;
-    for (int i = 0; i < MOCK_MAX_FWD; i++) live += mock.fwd[i].used;
-    CHECK(live == 0, "%d future handles leaked", live);
+    CHECK(live_futures() == 0, "%d future handles leaked", live_futures());
     TEST_DONE();
 }
