@@ -10,6 +10,13 @@
 #include "model/model.h"
 
 #include <stddef.h>
+#include <stdint.h>
+
+/* Bounds of the options several subcommands share. */
+#define PIE_CLI_MAX_THREADS   1024       /* --threads, --workers           */
+#define PIE_CLI_MAX_PAGE_SIZE 65536      /* --page-size, tokens            */
+#define PIE_CLI_MAX_TOKENS    (1 << 24)  /* tokens of one sequence:
+                                            --max-tokens, --prompt-len ... */
 
 int pie_cmd_tokenize(int argc, char **argv);
 int pie_cmd_detokenize(int argc, char **argv);
@@ -26,6 +33,13 @@ int  pie_cli_backend(const char *which, const pie_model *m, int page_size,
 /* Parses "1,2,3" into a malloc'ed id list; -1 on a bad list. */
 int  pie_cli_parse_ids(const char *s, int32_t **ids, size_t *n);
 double pie_cli_now(void);
+/* Checks lo <= v <= hi for option --name of subcommand cmd ("run"); if
+ * not, prints "pie CMD: --NAME must be LO..HI (got V)" and returns -1. */
+int  pie_cli_check_int(const char *cmd, const char *name, int64_t v,
+                       int64_t lo, int64_t hi);
+/* Checks --page-size (1..PIE_CLI_MAX_PAGE_SIZE) and --threads
+ * (0 = all cores .. PIE_CLI_MAX_THREADS); prints and returns -1 if not. */
+int  pie_cli_check_backend_opts(const char *cmd, int page_size, int threads);
 
 struct pie_rt;
 struct pie_rt_module;

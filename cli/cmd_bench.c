@@ -9,6 +9,7 @@
  * all B sequences by one greedy token each. Prints prefill tokens/s, decode
  * step time and decode tokens/s.
  */
+#include <stdint.h>
 #include <stdio.h>
 #include <stdlib.h>
 #include <string.h>
@@ -17,6 +18,8 @@
 #include "cli/drv.h"
 #include "cli/opts.h"
 #include "common/pie_err.h"
+
+#define BENCH_MAX_BATCH (1 << 20)   /* --batch                             */
 
 typedef struct bench_args {
     const char *model, *backend;
@@ -97,6 +100,8 @@ static int run_bench(const bench_args *a, pie_backend *b, bench_result *r)
     pie_drv_seq **sp = malloc(sizeof *sp * (size_t)a->batch);
     int32_t *last = malloc(sizeof(int32_t) * (size_t)a->batch);
     if (!seq || !sp || !last || pie_drv_init(&d, b)) {
+        fprintf(stderr, "pie bench forward: %s\n", !seq || !sp || !last
+                ? "out of memory" : pie_err_msg());
         free(seq); free(sp); free(last);
         return -1;
     }
@@ -150,15 +155,19 @@ static int bench_forward(int argc, char **argv)
     const pie_opt opts[] = {
         { "model", 'm', OPT_STR, &a.model, "model directory or random:SHAPE "
           "(stories15M, llama-3.2-1b, llama-3.1-8b)" },
-        { "batch", 'B', OPT_INT, &a.batch, "concurrent sequences (1)" },
-        { "prompt-len", 'L', OPT_INT, &a.prompt_len, "prompt tokens per sequence (128)" },
-        { "gen", 'N', OPT_INT, &a.gen, "decode steps timed (32)" },
+        { "batch", 'B', OPT_INT, &a.batch, "concurrent sequences, 1..2^20 "
+          "(1)" },
+        { "prompt-len", 'L', OPT_INT, &a.prompt_len, "prompt tokens per "
+          "sequence, 1..2^24 (128)" },
+        { "gen", 'N', OPT_INT, &a.gen, "decode steps timed, 0..2^24 (32)" },
         { "warmup", 0, OPT_INT, &a.warmup, "decode steps before timing (2); "
           "0 also skips the untimed warm-up prefill forward" },
         { "chunk", 0, OPT_INT, &a.chunk, "max prefill tokens per forward (4096)" },
         { "backend", 'b', OPT_STR, &a.backend, "cpu, cuda or auto (auto)" },
-        { "page-size", 0, OPT_INT, &a.page_size, "KV page size in tokens (16)" },
-        { "threads", 0, OPT_INT, &a.threads, "CPU threads (0 = all cores)" },
+        { "page-size", 0, OPT_INT, &a.page_size, "KV page size in tokens, "
+          "1..65536 (16)" },
+        { "threads", 0, OPT_INT, &a.threads, "CPU threads (0 = all cores; "
+          "at most 1024)" },
         { "json", 0, OPT_FLAG, &a.json, "print one JSON object" },
         { 0 },
     };
@@ -168,16 +177,29 @@ static int bench_forward(int argc, char **argv)
     char *pos[1];
     int npos, dd, rc = pie_opts_parse(&u, argc, argv, pos, 0, &npos, &dd);
     if (rc) return rc < 0 ? 2 : 0;
-    if (a.batch < 1 || a.prompt_len < 1 || a.gen < 0 || a.warmup < 0) {
-        fprintf(stderr, "pie bench forward: --batch and --prompt-len must be "
-                        ">= 1, --gen and --warmup >= 0\n");
+    const char *cmd = "bench forward";
+    if (pie_cli_check_int(cmd, "batch", a.batch, 1, BENCH_MAX_BATCH) ||
+        pie_cli_check_int(cmd, "prompt-len", a.prompt_len, 1,
+                          PIE_CLI_MAX_TOKENS) ||
+        pie_cli_check_int(cmd, "gen", a.gen, 0, PIE_CLI_MAX_TOKENS) ||
+        pie_cli_check_int(cmd, "warmup", a.warmup, 0, PIE_CLI_MAX_TOKENS) ||
+        pie_cli_check_int(cmd, "chunk", a.chunk, 1, PIE_CLI_MAX_TOKENS) ||
+        pie_cli_check_backend_opts(cmd, a.page_size, a.threads))
+        return 2;
+    /* each sequence's tokens, one page spare; in 64 bits, then bounded */
+    int64_t tokens = (int64_t)a.prompt_len + a.gen + a.warmup;
+    int64_t pages = (int64_t)a.batch *
+                    ((tokens + a.page_size) / a.page_size + 1);
+    if (pages > INT32_MAX) {
+        fprintf(stderr, "pie bench forward: %d sequences of %lld tokens need "
+                "%lld KV pages of %d tokens, more than %d; lower --batch, "
+                "--prompt-len or --gen, or raise --page-size\n", a.batch,
+                (long long)tokens, (long long)pages, a.page_size, INT32_MAX);
         return 2;
     }
     pie_model *m;
     pie_backend *b = NULL;
     if (pie_cli_load_model(a.model, &m)) return 1;
-    long pages = (long)a.batch *
-                 ((a.prompt_len + a.gen + a.warmup + a.page_size) / a.page_size + 1);
     bench_result r;
     int status = 1;
     if (pie_cli_backend(a.backend, m, a.page_size, (int)pages, a.threads, &b) == 0 &&

@@ -21,6 +21,7 @@
  * generations that finished, and the exit status is 1.
  */
 #include <pthread.h>
+#include <stdint.h>
 #include <stdio.h>
 #include <stdlib.h>
 #include <string.h>
@@ -101,6 +102,8 @@ static void *native_one(void *p)
     bg_run *r = na->r;
     bg_gen *g = &r->g[na->i];
     int32_t *out = malloc(sizeof(int32_t) * (size_t)r->a->max_tokens);
+    if (!out) pie_err_set(PIE_ENOMEM, "out of memory for %d output ids",
+                          r->a->max_tokens);
     pie_ctl_gen_opts o = {
         .prompt = g->prompt, .n_prompt = r->a->prompt_len,
         .sampler = { .kind = PIE_SAMPLER_GREEDY },
@@ -335,29 +338,49 @@ out:
     return rc ? -1 : 0;
 }
 
+/* The KV pool's size: --pages, or enough for every generation at once
+ * (0 when that passes INT32_MAX pages); *need = the pages one generation
+ * needs. In 64 bits: the options' ranges keep these from overflowing. */
+static int64_t pool_pages(const bg_args *a, int64_t *need)
+{
+    int64_t tokens = (int64_t)a->prompt_len + a->max_tokens + BG_LOOKAHEAD;
+    *need = (tokens + a->page_size - 1) / a->page_size;
+    if (a->pages) return a->pages;
+    int64_t all = (int64_t)a->concurrency * (tokens / a->page_size + 2) + 64;
+    return all > INT32_MAX ? 0 : all;
+}
+
 static int bench_generate(const bg_args *a)
 {
     pie_model *m = NULL;
     pie_backend *b = NULL;
     bg_run r = { .a = a };
     int status = 1;
+    int64_t need, pages = pool_pages(a, &need);
+    if (!pages) {
+        fprintf(stderr, "pie bench generate: %d generations of %d + %d tokens "
+                "need more than %d KV pages of %d tokens; lower -c or -n, "
+                "raise --page-size or give --pages\n", a->concurrency,
+                a->prompt_len, a->max_tokens, INT32_MAX, a->page_size);
+        return 2;
+    }
+    if (pages < need) {          /* every generation would fail */
+        fprintf(stderr, "pie bench generate: --pages %lld cannot hold one "
+                "generation (%lld pages of %d tokens needed)\n",
+                (long long)pages, (long long)need, a->page_size);
+        return 2;
+    }
     r.g = calloc((size_t)a->concurrency, sizeof *r.g);
     for (int i = 0; r.g && i < a->concurrency; i++)
-        if (!(r.g[i].prompt = malloc(sizeof(int32_t) * (size_t)a->prompt_len)))
+        if (!(r.g[i].prompt = malloc(sizeof(int32_t) *
+                                     (size_t)a->prompt_len))) {
+            fprintf(stderr, "pie bench generate: out of memory\n");
             goto out;
+        }
+    if (!r.g) fprintf(stderr, "pie bench generate: out of memory\n");
     if (!r.g || pie_cli_load_model(a->model, &m)) goto out;
-    int pages = a->pages ? a->pages
-              : a->concurrency * ((a->prompt_len + a->max_tokens +
-                                   BG_LOOKAHEAD) / a->page_size + 2) + 64;
-    int need = (a->prompt_len + a->max_tokens + BG_LOOKAHEAD +
-                a->page_size - 1) / a->page_size;
-    if (pages < need) {          /* every generation would fail */
-        fprintf(stderr, "pie bench generate: --pages %d cannot hold one "
-                "generation (%d pages of %d tokens needed)\n", pages, need,
-                a->page_size);
-        goto out;
-    }
-    if (pie_cli_backend(a->backend, m, a->page_size, pages, a->threads, &b))
+    if (pie_cli_backend(a->backend, m, a->page_size, (int)pages, a->threads,
+                        &b))
         goto out;
     pie_ctl_opts co = { .no_dedup = false };
     if (pie_ctl_create(b, &co, &r.ctl)) {
@@ -379,21 +402,25 @@ out:
 int pie_cmd_bench_generate(int argc, char **argv)
 {
     bg_args a = { .concurrency = 1, .max_tokens = 64, .prompt_len = 16,
-                  .page_size = 16, .backend = "auto" };
+                  .page_size = 16, .workers = 2, .backend = "auto" };
     const pie_opt opts[] = {
         { "model", 'm', OPT_STR, &a.model, "model directory or random:SHAPE" },
         { "concurrency", 'c', OPT_INT, &a.concurrency, "concurrent generations (1)" },
-        { "max-tokens", 'n', OPT_INT, &a.max_tokens, "tokens per generation, EOS ignored (64)" },
+        { "max-tokens", 'n', OPT_INT, &a.max_tokens, "tokens per generation, "
+          "EOS ignored, 1..2^24 (64)" },
         { "prompt-len", 'L', OPT_INT, &a.prompt_len, "random prompt ids per generation (16)" },
         { "native", 0, OPT_FLAG, &a.native, "the built-in loop instead of the inferlet" },
         { "json", 0, OPT_FLAG, &a.json, "print one JSON object" },
         { "shared-prompt", 0, OPT_FLAG, &a.shared_prompt, "every generation "
           "gets the same prompt (its full pages are shared by prefix caching)" },
         { "backend", 'b', OPT_STR, &a.backend, "cpu, cuda or auto (auto)" },
-        { "page-size", 0, OPT_INT, &a.page_size, "KV page size in tokens (16)" },
+        { "page-size", 0, OPT_INT, &a.page_size, "KV page size in tokens, "
+          "1..65536 (16)" },
         { "pages", 0, OPT_INT, &a.pages, "KV pages in the pool (0 = enough)" },
-        { "threads", 0, OPT_INT, &a.threads, "CPU backend threads (0 = all)" },
-        { "workers", 0, OPT_INT, &a.workers, "inferlet worker threads (2)" },
+        { "threads", 0, OPT_INT, &a.threads, "CPU backend threads (0 = all; "
+          "at most 1024)" },
+        { "workers", 0, OPT_INT, &a.workers, "inferlet worker threads, "
+          "1..1024 (2)" },
         { 0 },
     };
     const pie_cmd_usage u = { "bench generate",
@@ -405,11 +432,14 @@ int pie_cmd_bench_generate(int argc, char **argv)
     char *pos[1];
     int npos, dd, rc = pie_opts_parse(&u, argc, argv, pos, 0, &npos, &dd);
     if (rc) return rc < 0 ? 2 : 0;
-    if (a.concurrency < 1 || a.concurrency > 100000 || a.max_tokens < 1 ||
-        a.prompt_len < 1 || a.prompt_len > 4096 || a.page_size < 1) {
-        fprintf(stderr, "pie bench generate: --concurrency 1..100000, "
-                "--max-tokens >= 1, --prompt-len 1..4096\n");
+    const char *cmd = "bench generate";
+    if (pie_cli_check_int(cmd, "concurrency", a.concurrency, 1, 100000) ||
+        pie_cli_check_int(cmd, "max-tokens", a.max_tokens, 1,
+                          PIE_CLI_MAX_TOKENS) ||
+        pie_cli_check_int(cmd, "prompt-len", a.prompt_len, 1, 4096) ||
+        pie_cli_check_int(cmd, "pages", a.pages, 0, INT32_MAX) ||
+        pie_cli_check_int(cmd, "workers", a.workers, 1, PIE_CLI_MAX_THREADS) ||
+        pie_cli_check_backend_opts(cmd, a.page_size, a.threads))
         return 2;
-    }
     return bench_generate(&a);
 }

@@ -13,6 +13,7 @@
  */
 #include <dirent.h>
 #include <errno.h>
+#include <limits.h>
 #include <stdio.h>
 #include <stdlib.h>
 #include <string.h>
@@ -109,7 +110,14 @@ static int add_inputs(strv *cmd, const char *in)
         size_t n = strlen(e->d_name);
         char path[4096];
         if (n < 3 || strcmp(e->d_name + n - 2, ".c")) continue;
-        snprintf(path, sizeof path, "%s/%s", in, e->d_name);
+        if ((size_t)snprintf(path, sizeof path, "%s/%s", in, e->d_name) >=
+            sizeof path) {
+            fprintf(stderr, "pie build: path too long: %s/%s\n", in,
+                    e->d_name);
+            closedir(d);
+            sv_free(&files);
+            return -1;
+        }
         if (sv_push(&files, path)) break;
     }
     closedir(d);
@@ -166,6 +174,39 @@ static int run_child(char **argv)
     return 1;
 }
 
+/* The default output, NAME.wasm in the current directory: NAME is the
+ * last component of in (trailing slashes ignored: "ex/" gives ex.wasm)
+ * less ".c"; for ".", ".." or "/" the directory's real name. Prints and
+ * returns -1 when there is none. */
+static int default_output(const char *in, char *out, size_t cap)
+{
+    char real[PATH_MAX];
+    size_t e = strlen(in);
+    while (e > 0 && in[e - 1] == '/') e--;
+    size_t s = e;
+    while (s > 0 && in[s - 1] != '/') s--;
+    const char *base = in + s;
+    size_t n = e - s;
+    if (n == 0 || (n == 1 && base[0] == '.') ||
+        (n == 2 && !strncmp(base, "..", 2))) {
+        const char *b = realpath(in, real) ? strrchr(real, '/') : NULL;
+        if (!b || !b[1]) {
+            fprintf(stderr, "pie build: no name for the output of %s; give "
+                    "-o OUT.wasm\n", in);
+            return -1;
+        }
+        base = b + 1;
+        n = strlen(base);
+    } else if (n > 2 && !strncmp(base + n - 2, ".c", 2)) {
+        n -= 2;
+    }
+    if ((size_t)snprintf(out, cap, "%.*s.wasm", (int)n, base) >= cap) {
+        fprintf(stderr, "pie build: output name too long; give -o OUT.wasm\n");
+        return -1;
+    }
+    return 0;
+}
+
 int pie_cmd_build(int argc, char **argv)
 {
     const char *out = NULL, *sdk = PIE_SOURCE_DIR "/sdk/c", *cc = NULL;
@@ -209,11 +250,7 @@ int pie_cmd_build(int argc, char **argv)
         return 1;
     }
     if (!out) {
-        const char *b = strrchr(pos[0], '/');
-        size_t n = strlen(b && b[1] ? b + 1 : pos[0]);
-        const char *base = b && b[1] ? b + 1 : pos[0];
-        if (n > 2 && !strcmp(base + n - 2, ".c")) n -= 2;
-        snprintf(outbuf, sizeof outbuf, "%.*s.wasm", (int)n, base);
+        if (default_output(pos[0], outbuf, sizeof outbuf)) return 2;
         out = outbuf;
     }
     strv cmd = {0};

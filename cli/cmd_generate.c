@@ -125,6 +125,31 @@ static void print_json(const pie_model *m, const int32_t *gen, int n)
     free(text);
 }
 
+/* Range checks of the sampling and size options; prints the first bad one
+ * and returns -1. (NaN fails every comparison, so each test is written to
+ * pass only for good values.) */
+static int check_gen_args(const gen_args *a)
+{
+    const char *bad = NULL;
+    double v = 0;
+    if (!(a->temperature >= 0))
+        bad = "--temperature must be >= 0 (0 = greedy)", v = a->temperature;
+    else if (!(a->top_p > 0 && a->top_p <= 1))
+        bad = "--top-p must be in (0, 1] (1 = all)", v = a->top_p;
+    else if (!(a->min_p >= 0 && a->min_p <= 1))
+        bad = "--min-p must be in [0, 1] (0 = off)", v = a->min_p;
+    if (bad) {
+        fprintf(stderr, "pie generate: %s (got %g)\n", bad, v);
+        return -1;
+    }
+    if (pie_cli_check_int("generate", "top-k", a->top_k, 0, INT32_MAX) ||
+        pie_cli_check_int("generate", "max-tokens", a->max_tokens, 0,
+                          PIE_CLI_MAX_TOKENS) ||
+        pie_cli_check_backend_opts("generate", a->page_size, a->threads))
+        return -1;
+    return 0;
+}
+
 int pie_cmd_generate(int argc, char **argv)
 {
     gen_args a = { .max_tokens = 64, .temperature = 1.0f, .top_p = 1.0f,
@@ -133,17 +158,21 @@ int pie_cmd_generate(int argc, char **argv)
         { "model", 'm', OPT_STR, &a.model, "model directory or random:SHAPE" },
         { "prompt", 'p', OPT_STR, &a.prompt, "prompt text (BOS added as Hugging Face does)" },
         { "prompt-ids", 0, OPT_STR, &a.prompt_ids, "prompt as token ids 1,2,3 (used as given)" },
-        { "max-tokens", 'n', OPT_INT, &a.max_tokens, "tokens to generate (64)" },
+        { "max-tokens", 'n', OPT_INT, &a.max_tokens, "tokens to generate, "
+          "0..2^24 (64)" },
         { "temperature", 't', OPT_FLOAT, &a.temperature, "0 = greedy (1.0)" },
         { "top-k", 0, OPT_INT, &a.top_k, "keep the k most likely tokens (0 = all)" },
-        { "top-p", 0, OPT_FLOAT, &a.top_p, "nucleus mass (1.0 = all)" },
-        { "min-p", 0, OPT_FLOAT, &a.min_p, "drop tokens below min-p x max prob (0)" },
+        { "top-p", 0, OPT_FLOAT, &a.top_p, "nucleus mass, (0, 1] (1.0 = all)" },
+        { "min-p", 0, OPT_FLOAT, &a.min_p, "drop tokens below min-p x max "
+          "prob, [0, 1] (0)" },
         { "seed", 's', OPT_U64, &a.seed, "sampling seed (0)" },
         { "ignore-eos", 0, OPT_FLAG, &a.ignore_eos, "do not stop at EOS" },
         { "json", 0, OPT_FLAG, &a.json, "print {\"ids\":[...],\"text\":\"...\"}" },
         { "backend", 'b', OPT_STR, &a.backend, "cpu, cuda or auto (auto)" },
-        { "page-size", 0, OPT_INT, &a.page_size, "KV page size in tokens (16)" },
-        { "threads", 0, OPT_INT, &a.threads, "CPU threads (0 = all cores)" },
+        { "page-size", 0, OPT_INT, &a.page_size, "KV page size in tokens, "
+          "1..65536 (16)" },
+        { "threads", 0, OPT_INT, &a.threads, "CPU threads (0 = all cores; "
+          "at most 1024)" },
         { 0 },
     };
     const pie_cmd_usage u = { "generate",
@@ -158,7 +187,7 @@ int pie_cmd_generate(int argc, char **argv)
                         "--prompt-ids\n");
         return 2;
     }
-    if (a.max_tokens < 0) a.max_tokens = 0;
+    if (check_gen_args(&a)) return 2;
     pie_model *m;
     pie_backend *b = NULL;
     pie_drv d = {0};
@@ -177,8 +206,14 @@ int pie_cmd_generate(int argc, char **argv)
     if (!ids && encode_prompt(&a, m, &ids, &n)) goto out;
     if (pie_cli_backend(a.backend, m, a.page_size, 0, a.threads, &b)) goto out;
     if (pie_drv_init(&d, b)) goto out;
-    gen = malloc(sizeof(int32_t) * (size_t)(a.max_tokens + 1));
-    int n_gen = gen ? run_loop(&a, m, &d, ids, n, gen) : -1;
+    /* max_tokens <= PIE_CLI_MAX_TOKENS: the size cannot overflow */
+    gen = malloc(sizeof(int32_t) * ((size_t)a.max_tokens + 1));
+    if (!gen) {
+        fprintf(stderr, "pie generate: out of memory for %d token ids\n",
+                a.max_tokens);
+        goto out;
+    }
+    int n_gen = run_loop(&a, m, &d, ids, n, gen);
     if (n_gen < 0) goto out;
     if (a.json) print_json(m, gen, n_gen);
     else printf("\n");

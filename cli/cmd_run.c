@@ -16,13 +16,18 @@
  * one), as soon as it and all instances before it have ended; stderr lines
  * are printed then too, prefixed with "[i] ".
  *
- * Exit status: with one instance its exit status (1 after a trap); with
+ * Exit status: with one instance its exit status when that is 0..255;
+ * any other status (negative, or past 255, which a shell would cut to its
+ * low byte: 256 would read as success) and a trap give 1, with a message
+ * on stderr ("exited with status -1" or "trapped: <reason>": a trap is
+ * told from an inferlet that returned PIE_ETRAP by on_exit's reason). With
  * -n N, 0 only if every instance exited with 0.
  */
 #include <dirent.h>
 #include <errno.h>
 #include <sys/stat.h>
 #include <limits.h>
+#include <math.h>
 #include <pthread.h>
 #include <stdio.h>
 #include <stdlib.h>
@@ -32,6 +37,7 @@
 #include "cli/cli.h"
 #include "cli/opts.h"
 #include "common/pie_err.h"
+#include "common/pie_file.h"
 #include "control/control.h"
 #include "runtime/runtime.h"
 #include "runtime/host_engine.h"
@@ -45,6 +51,7 @@ typedef struct run_buf {
 typedef struct run_inst {
     int32_t          idx;
     bool             stream;   /* write through instead of collecting    */
+    bool             trapped;  /* on_exit saw a trap reason               */
     run_buf          out, err;
     pie_rt_instance *inst;
 } run_inst;
@@ -96,53 +103,36 @@ static void on_message(void *user, pie_rt_instance *i, const void *buf,
     emit(user, 1, buf, len);
 }
 
-#define RUN_MAX_WASM (256u << 20)    /* refuse larger modules (and /dev/zero) */
-
-/* Reads a whole file of at most RUN_MAX_WASM bytes; returns a malloc'ed
- * buffer or NULL (errno set: EFBIG when too large). */
-static void *read_file(const char *path, size_t *len)
+/* The one place that tells a trap (reason set) from an inferlet whose exit
+ * status happens to equal PIE_ETRAP; pie_rt_wait, which returns after this
+ * ran, makes the flag visible to the waiting thread. */
+static void on_exit_cb(void *user, pie_rt_instance *i, int32_t status,
+                       const char *trap_reason, const void *ret, size_t len)
 {
-    FILE *f = fopen(path, "rb");
-    if (!f) return NULL;
-    errno = 0;
-    char *p = NULL;
-    size_t cap = 0, n = 0;
-    for (;;) {
-        if (n == cap) {
-            if (cap >= RUN_MAX_WASM) {
-                errno = EFBIG;
-                break;
-            }
-            char *np = realloc(p, cap = cap ? cap * 2 : 65536);
-            if (!np) break;
-            p = np;
-        }
-        size_t k = fread(p + n, 1, cap - n, f);
-        n += k;
-        if (k == 0) break;
-    }
-    int bad = ferror(f) || n == cap, err = errno;
-    fclose(f);
-    if (bad) {
-        free(p);
-        errno = err ? err : EIO;
-        return NULL;
-    }
-    *len = n;
-    return p;
+    ((run_inst *)user)->trapped = trap_reason != NULL;
 }
 
-/* Resolves INFERLET to a file: a path as given, else a bundled name. */
+#define RUN_MAX_WASM (256u << 20)    /* refuse larger modules               */
+
+/* Resolves INFERLET to a file: a path as given, else a bundled name. A
+ * path that does not fit cap is an error: cut short, it could name
+ * another file. */
 int pie_cli_resolve_inferlet(const char *name, char *path, size_t cap)
 {
     size_t n = strlen(name);
     if (strchr(name, '/') || (n > 5 && !strcmp(name + n - 5, ".wasm"))) {
-        snprintf(path, cap, "%s", name);
-        return 0;
+        if ((size_t)snprintf(path, cap, "%s", name) < cap) return 0;
+        fprintf(stderr, "pie run: inferlet path too long (%zu bytes, at most "
+                "%zu): %.40s...\n", n, cap - 1, name);
+        return -1;
     }
     const char *dir = getenv("PIE_INFERLET_DIR");
     if (dir && *dir) {
-        snprintf(path, cap, "%s/%s.wasm", dir, name);
+        if ((size_t)snprintf(path, cap, "%s/%s.wasm", dir, name) >= cap) {
+            fprintf(stderr, "pie run: PIE_INFERLET_DIR/%s.wasm is too long a "
+                    "path (at most %zu bytes)\n", name, cap - 1);
+            return -1;
+        }
         if (access(path, R_OK) == 0) return 0;
     }
     if (n > 128) {
@@ -155,8 +145,9 @@ int pie_cli_resolve_inferlet(const char *name, char *path, size_t cap)
         exe[k] = 0;
         char *slash = strrchr(exe, '/');
         if (slash) *slash = 0;
-        snprintf(path, cap, "%s/inferlets/%.128s.wasm", exe, name);
-        if (access(path, R_OK) == 0) return 0;
+        if ((size_t)snprintf(path, cap, "%s/inferlets/%s.wasm", exe, name) <
+                cap && access(path, R_OK) == 0)
+            return 0;
     }
     fprintf(stderr, "pie run: no bundled inferlet '%s' (looked in %s%s"
             "<pie's directory>/inferlets); give a .wasm path\n", name,
@@ -164,14 +155,19 @@ int pie_cli_resolve_inferlet(const char *name, char *path, size_t cap)
     return -1;
 }
 
-/* The module name used for launch(): basename without ".wasm". */
+/* The module name used for launch(), and the served model's name: the
+ * last component of path (trailing slashes ignored: "models/m/" is "m")
+ * without ".wasm"; "default" if that leaves nothing ("/"). */
 static void module_name(const char *path, char *out, size_t cap)
 {
-    const char *b = strrchr(path, '/');
-    b = b ? b + 1 : path;
-    size_t n = strlen(b);
-    if (n > 5 && !strcmp(b + n - 5, ".wasm")) n -= 5;
-    snprintf(out, cap, "%.*s", (int)n, b);
+    size_t e = strlen(path);
+    while (e > 0 && path[e - 1] == '/') e--;
+    size_t s = e;
+    while (s > 0 && path[s - 1] != '/') s--;
+    size_t n = e - s;
+    if (n > 5 && !strncmp(path + s + n - 5, ".wasm", 5)) n -= 5;
+    if (n == 0) snprintf(out, cap, "default");
+    else snprintf(out, cap, "%.*s", (int)n, path + s);
 }
 
 typedef struct run_args {
@@ -182,7 +178,7 @@ typedef struct run_args {
 } run_args;
 
 /* Prints instance r's collected block and diagnostics; returns its exit
- * code (0 = success). */
+ * code: status if 0..255, else 1 (see the file's header). */
 static int finish_instance(run_inst *r, int32_t status, const char *reason,
                            int n_total)
 {
@@ -200,19 +196,23 @@ static int finish_instance(run_inst *r, int32_t status, const char *reason,
             fprintf(stderr, "pie run: instance %d: output lost (out of "
                     "memory)\n", r->idx);
     }
-    if (status == PIE_ETRAP || status < 0) {
+    if (r->trapped) {
         if (n_total > 1)
             fprintf(stderr, "pie run: instance %d trapped: %s\n", r->idx,
-                    reason[0] ? reason : pie_err_name(status));
+                    reason[0] ? reason : "no reason given");
         else
             fprintf(stderr, "pie run: inferlet trapped: %s\n",
-                    reason[0] ? reason : pie_err_name(status));
+                    reason[0] ? reason : "no reason given");
         return 1;
     }
+    bool byte = status >= 0 && status <= 255;
     if (status != 0 && n_total > 1)
         fprintf(stderr, "pie run: instance %d exited with status %d\n", r->idx,
                 status);
-    return status & 255;
+    else if (!byte)
+        fprintf(stderr, "pie run: inferlet exited with status %d (not 0..255: "
+                "pie exits with 1)\n", status);
+    return byte ? status : 1;
 }
 
 /* Launches the instances, waits for them in order, prints. */
@@ -235,7 +235,8 @@ static int run_all(const run_args *a, pie_rt *rt, pie_rt_module *mod,
         r[i].idx = i;
         r[i].stream = a->n == 1;
         pie_rt_launch_cbs cbs = { .user = &r[i], .on_output = on_output,
-                                  .on_message = on_message };
+                                  .on_message = on_message,
+                                  .on_exit = on_exit_cb };
         if (pie_rt_launch(rt, mod, nargs + 1, argv, &cbs, &r[i].inst) != 0) {
             fprintf(stderr, "pie run: cannot launch instance %d: %s\n", i,
                     pie_err_msg());
@@ -263,9 +264,11 @@ static int run_all(const run_args *a, pie_rt *rt, pie_rt_module *mod,
 int pie_cli_load_inferlet(pie_rt *rt, const char *path, pie_rt_module **mod)
 {
     size_t len = 0;
-    void *wasm = read_file(path, &len);
-    if (!wasm) {
-        fprintf(stderr, "pie run: cannot read %s: %s\n", path, strerror(errno));
+    char *wasm = NULL;
+    /* a regular file only: a FIFO would block, /dev/zero never end */
+    if (pie__file_read(path, RUN_MAX_WASM, &wasm, &len) != 0) {
+        fprintf(stderr, "pie run: cannot read the inferlet: %s\n",
+                pie_err_msg());
         return -1;
     }
     int cached = 0;
@@ -415,9 +418,10 @@ static int run_engine(const run_args *a, const char *path, int nargs,
                 pie_err_msg());
         goto out;
     }
+    /* in range: pie_cmd_run checked both limits */
     pie_rt_opts ro = { .n_workers = a->workers, .cache_dir = a->cache_dir,
                        .cpu_limit_s = a->cpu_limit,
-                       .memory_limit = (uint64_t)(a->memory_limit_mb *
+                       .memory_limit = (uint64_t)((double)a->memory_limit_mb *
                                                   1048576.0) };
     char mname[256];
     module_name(a->model, mname, sizeof mname);
@@ -451,19 +455,61 @@ out:
     return status;
 }
 
+/* --cpu-limit and --memory-limit: finite, and in ranges that convert to
+ * the runtime's nanoseconds and bytes exactly (0 MB would mean the
+ * runtime's default, and less than one 64 KiB wasm page nothing). */
+#define RUN_MAX_CPU_S   1e9         /* ~31 years; < 0 is "no limit"      */
+#define RUN_MIN_MEM_MB  0.0625      /* one wasm page                     */
+#define RUN_MAX_MEM_MB  4096.0      /* all a wasm32 instance can address */
+
+/* Range checks of pie run's options; prints and returns -1 on the first
+ * bad one. */
+static int check_run_args(const run_args *a)
+{
+    double cpu = a->cpu_limit, mem = a->memory_limit_mb;
+    if (!isfinite(cpu) || cpu == 0 || cpu > RUN_MAX_CPU_S) {
+        fprintf(stderr, "pie run: --cpu-limit must be a number of seconds "
+                "from 0 (exclusive) to %.0f, or negative for no limit (got "
+                "%g)\n", RUN_MAX_CPU_S, cpu);
+        return -1;
+    }
+    if (!(mem >= RUN_MIN_MEM_MB && mem <= RUN_MAX_MEM_MB)) {
+        fprintf(stderr, "pie run: --memory-limit must be a number of MB from "
+                "%g (one 64 KiB wasm page) to %g (got %g)\n", RUN_MIN_MEM_MB,
+                RUN_MAX_MEM_MB, mem);
+        return -1;
+    }
+    if (a->token_limit > (uint64_t)INT64_MAX) {
+        fprintf(stderr, "pie run: --token-limit must be 0 (no limit) .. %lld "
+                "(got %llu)\n", (long long)INT64_MAX,
+                (unsigned long long)a->token_limit);
+        return -1;
+    }
+    if (pie_cli_check_int("run", "priority", a->priority, 0, 7) ||
+        pie_cli_check_int("run", "n", a->n, 1, 100000) ||
+        pie_cli_check_int("run", "max-pages", a->max_pages, 0, INT32_MAX) ||
+        pie_cli_check_int("run", "pages", a->pages, 0, INT32_MAX) ||
+        pie_cli_check_int("run", "workers", a->workers, 1,
+                          PIE_CLI_MAX_THREADS) ||
+        pie_cli_check_backend_opts("run", a->page_size, a->threads))
+        return -1;
+    return 0;
+}
+
 int pie_cmd_run(int argc, char **argv)
 {
-    run_args a = { .backend = "auto", .n = 1, .page_size = 16,
+    run_args a = { .backend = "auto", .n = 1, .page_size = 16, .workers = 2,
                    .cpu_limit = 60.0f, .memory_limit_mb = 1024.0f };
     const pie_opt opts[] = {
         { "model", 'm', OPT_STR, &a.model, "model directory (or PIE_MODEL)" },
         { "n", 'n', OPT_INT, &a.n, "instances to launch concurrently (1)" },
         { "cpu-limit", 0, OPT_FLOAT, &a.cpu_limit, "CPU seconds per instance "
-          "(60; < 0 = none)" },
+          "(60; < 0 = none; at most 1e9)" },
         { "memory-limit", 0, OPT_FLOAT, &a.memory_limit_mb, "linear memory "
-          "per instance, MB (1024)" },
+          "per instance, MB, 0.0625..4096 (1024)" },
         { "backend", 'b', OPT_STR, &a.backend, "cpu, cuda or auto (auto)" },
-        { "page-size", 0, OPT_INT, &a.page_size, "KV page size in tokens (16)" },
+        { "page-size", 0, OPT_INT, &a.page_size, "KV page size in tokens, "
+          "1..65536 (16)" },
         { "pages", 0, OPT_INT, &a.pages, "KV pages in the pool (0 = the backend's "
           "default; raise it for many instances)" },
         { "token-limit", 0, OPT_U64, &a.token_limit, "tokens one instance may "
@@ -472,8 +518,10 @@ int pie_cmd_run(int argc, char **argv)
           "instances, 0 (first) .. 7 (0)" },
         { "max-pages", 0, OPT_INT, &a.max_pages, "KV pages one instance may "
           "hold (0 = no limit)" },
-        { "threads", 0, OPT_INT, &a.threads, "CPU backend threads (0 = all)" },
-        { "workers", 0, OPT_INT, &a.workers, "inferlet worker threads (2)" },
+        { "threads", 0, OPT_INT, &a.threads, "CPU backend threads (0 = all; "
+          "at most 1024)" },
+        { "workers", 0, OPT_INT, &a.workers, "inferlet worker threads, "
+          "1..1024 (2)" },
         { "cache-dir", 0, OPT_STR, &a.cache_dir, "compiled-inferlet cache "
           "(~/.cache/pie)" },
         { "kv-dir", 0, OPT_STR, &a.kv_dir, "persist named KV exports here: "
@@ -487,8 +535,9 @@ int pie_cmd_run(int argc, char **argv)
         "[OPTIONS] INFERLET [--model DIR] [-- ARGS...]",
         "Runs an inferlet (a .wasm file or a bundled name such as "
         "text-completion) on a model in this process and exits with its "
-        "status. The inferlet's messages and stdout go to standard output, "
-        "its stderr and pie's diagnostics to standard error.", opts };
+        "status (1 after a trap or for a status outside 0..255). The "
+        "inferlet's messages and stdout go to standard output, its stderr "
+        "and pie's diagnostics to standard error.", opts };
     /* Split at "--" first: what follows belongs to the inferlet, even
      * --help (pie_opts_parse would take it). */
     int split = 1;
@@ -502,14 +551,7 @@ int pie_cmd_run(int argc, char **argv)
                 "after '--'; see --help)\n");
         return 2;
     }
-    if (a.priority < 0 || a.priority > 7) {
-        fprintf(stderr, "pie run: --priority must be 0..7\n");
-        return 2;
-    }
-    if (a.n < 1 || a.n > 100000) {
-        fprintf(stderr, "pie run: -n must be between 1 and 100000\n");
-        return 2;
-    }
+    if (check_run_args(&a)) return 2;
     char path[PATH_MAX];
     if (pie_cli_resolve_inferlet(pos[0], path, sizeof path)) return 2;
     return run_engine(&a, path, nargs, argv + split + 1);

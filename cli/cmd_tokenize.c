@@ -12,6 +12,8 @@
 #include "common/pie_err.h"
 #include "model/tokenizer.h"
 
+#define DETOK_MAX_IDS (4096 * 8)    /* ids one detokenize call decodes     */
+
 static int need_tokenizer(const pie_model *m)
 {
     if (m->tok) return 0;
@@ -38,7 +40,11 @@ int pie_cmd_tokenize(int argc, char **argv)
         return 2;
     }
     pie_model *m;
-    if (pie_cli_load_model(model, &m) || need_tokenizer(m)) return 1;
+    if (pie_cli_load_model(model, &m)) return 1;
+    if (need_tokenizer(m)) {
+        pie_model_free(m);
+        return 1;
+    }
     int32_t *ids = NULL;
     size_t n = 0;
     if (pie_tokenizer_encode(m->tok, pos[0], strlen(pos[0]), false, &ids, &n)) {
@@ -68,13 +74,29 @@ int pie_cmd_detokenize(int argc, char **argv)
     char *pos[4096];
     int npos, dd, rc = pie_opts_parse(&u, argc, argv, pos, 4096, &npos, &dd);
     if (rc) return rc < 0 ? 2 : 0;
-    int32_t *ids = malloc(sizeof(int32_t) * 4096 * 8);
+    if (npos == 0) {
+        fprintf(stderr, "pie detokenize: give the token ids to decode (see "
+                "--help)\n");
+        return 2;
+    }
+    int32_t *ids = malloc(sizeof(int32_t) * DETOK_MAX_IDS);
     size_t n = 0;
+    if (!ids) {
+        fprintf(stderr, "pie detokenize: out of memory\n");
+        return 1;
+    }
     for (int i = 0; i < npos; i++) {
         int32_t *part;
         size_t k;
-        if (pie_cli_parse_ids(pos[i], &part, &k) || n + k > 4096 * 8) {
+        if (pie_cli_parse_ids(pos[i], &part, &k)) {
             fprintf(stderr, "pie detokenize: bad id list '%s'\n", pos[i]);
+            free(ids);
+            return 2;
+        }
+        if (n + k > DETOK_MAX_IDS) {
+            fprintf(stderr, "pie detokenize: more than %d ids\n",
+                    DETOK_MAX_IDS);
+            free(part);
             free(ids);
             return 2;
         }
@@ -83,8 +105,13 @@ int pie_cmd_detokenize(int argc, char **argv)
         free(part);
     }
     pie_model *m;
-    if (pie_cli_load_model(model, &m) || need_tokenizer(m)) {
+    if (pie_cli_load_model(model, &m)) {
         free(ids);
+        return 1;
+    }
+    if (need_tokenizer(m)) {
+        free(ids);
+        pie_model_free(m);
         return 1;
     }
     char *text = NULL;

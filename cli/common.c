@@ -98,3 +98,21 @@ int pie_cli_parse_ids(const char *s, int32_t **ids, size_t *n)
     *n = k;
     return 0;
 }
+
+int pie_cli_check_int(const char *cmd, const char *name, int64_t v,
+                      int64_t lo, int64_t hi)
+{
+    if (v >= lo && v <= hi) return 0;
+    fprintf(stderr, "pie %s: --%s must be %lld..%lld (got %lld)\n", cmd, name,
+            (long long)lo, (long long)hi, (long long)v);
+    return -1;
+}
+
+int pie_cli_check_backend_opts(const char *cmd, int page_size, int threads)
+{
+    if (pie_cli_check_int(cmd, "page-size", page_size, 1,
+                          PIE_CLI_MAX_PAGE_SIZE) ||
+        pie_cli_check_int(cmd, "threads", threads, 0, PIE_CLI_MAX_THREADS))
+        return -1;
+    return 0;
+}

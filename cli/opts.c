@@ -3,6 +3,7 @@
 
 #include <ctype.h>
 #include <errno.h>
+#include <math.h>
 #include <stdlib.h>
 #include <string.h>
 
@@ -45,18 +46,30 @@ static int opt_store(const pie_cmd_usage *u, const pie_opt *o, const char *v,
         break;
     }
     case OPT_U64: {
+        /* strtoull takes "-1" as 2^64-1: refuse a sign after the blanks */
+        const char *s = v;
+        while (isspace((unsigned char)*s)) s++;
+        if (*s == '-') break;
         unsigned long long x = strtoull(v, &end, 10);
         if (!errno && end != v && !*end) { *(uint64_t *)o->ptr = x; return 0; }
         break;
     }
     case OPT_FLOAT: {
         float x = strtof(v, &end);
-        if (!errno && end != v && !*end) { *(float *)o->ptr = x; return 0; }
+        if (!errno && end != v && !*end && isfinite(x)) {
+            *(float *)o->ptr = x; return 0;
+        }
         break;
     }
     }
-    fprintf(stderr, "pie %s: invalid value '%s' for --%s (from %s)\n", u->name,
-            v ? v : "", o->name, from);
+    static const char *const want[] = {
+        [OPT_STR] = "", [OPT_FLAG] = ": expected true or false",
+        [OPT_INT] = ": expected a whole number in -2147483647..2147483647",
+        [OPT_FLOAT] = ": expected a finite number",
+        [OPT_U64] = ": expected a whole number >= 0",
+    };
+    fprintf(stderr, "pie %s: invalid value '%s' for --%s (from %s)%s\n",
+            u->name, v ? v : "", o->name, from, want[o->type]);
     return -1;
 }
 

@@ -8,6 +8,10 @@
  * --name=VALUE; flags take no value). Arguments that are not options are
  * collected as positionals; "--" ends option parsing (the rest are
  * positionals too, and *dashdash is set to their start).
+ *
+ * Values are checked for form only: OPT_INT must fit an int, OPT_U64 takes
+ * no sign ("-1" would wrap to 2^64-1), OPT_FLOAT must be finite (no "nan",
+ * "inf"). Ranges are the command's to check (pie_cli_check_int in cli.h).
  */
 #ifndef PIE_CLI_OPTS_H
 #define PIE_CLI_OPTS_H

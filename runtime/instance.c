@@ -27,6 +27,7 @@
  */
 #define _GNU_SOURCE
 #include <errno.h>
+#include <math.h>
 #include <signal.h>
 #include <stdio.h>
 #include <string.h>
@@ -624,11 +625,20 @@ void pie__rt_timer_cancel(void *data)
     pthread_mutex_unlock(&rt->lock);
 }
 
+/* The CPU budget in ns: UINT64_MAX (none) for a negative limit or one too
+ * large for the ns count (converting it would be undefined); pie_rt_create
+ * replaced NaN by the default. */
+static uint64_t cpu_budget_ns(double s)
+{
+    if (!(s >= 0) || s >= 18446744073.0)   /* UINT64_MAX ns, in seconds */
+        return UINT64_MAX;
+    return (uint64_t)(s * 1e9);
+}
+
 /* Signals workers whose instance is over budget or being killed. */
 static void watchdog_cpu(pie_rt *rt)
 {
-    uint64_t budget = rt->o.cpu_limit_s < 0 ? UINT64_MAX
-                    : (uint64_t)(rt->o.cpu_limit_s * 1e9);
+    uint64_t budget = cpu_budget_ns(rt->o.cpu_limit_s);
     for (int32_t k = 0; k < rt->n_workers; k++) {
         pie_rt_worker *w = &rt->workers[k];
         pthread_mutex_lock(&w->lock);
@@ -972,7 +982,8 @@ int pie_rt_create(const pie_rt_opts *o, pie_rt **out)
         rt->o = *o;
     if (rt->o.n_workers <= 0) rt->o.n_workers = 2;
     if (!rt->o.memory_limit) rt->o.memory_limit = 1ull << 30;
-    if (rt->o.cpu_limit_s == 0) rt->o.cpu_limit_s = 60;
+    if (rt->o.cpu_limit_s == 0 || isnan(rt->o.cpu_limit_s))
+        rt->o.cpu_limit_s = 60;
     if (rt->o.compile_cpu_s <= 0) rt->o.compile_cpu_s = 60;
     if (!rt->o.compile_mem) rt->o.compile_mem = 2ull << 30;
     if (rt->o.fiber_stack < (256u << 10)) rt->o.fiber_stack = 1u << 20;

@@ -11,6 +11,7 @@
  * Sends the generated text; at the end writes "max pages held: M (bound B)"
  * to stderr (--json: {"ids":[...],"text":"...","max_pages":M,"bound":B}).
  */
+#include <stdint.h>
 #include <stdio.h>
 #include <stdlib.h>
 #include <string.h>
@@ -36,9 +37,12 @@ int main(int argc, char **argv)
     };
     int rc = pie_args_parse(argc, argv, args, "Sink + sliding-window KV.");
     if (rc) return rc < 0 ? 2 : 0;
-    if (!prompt || sink < 0 || window < 1 || max_tokens < 1) {
+    /* sink + window + 1 (the bound) must fit an int32 */
+    if (!prompt || sink < 0 || window < 1 || max_tokens < 1 ||
+        (int64_t)sink + window + 1 > INT32_MAX) {
         fprintf(stderr, "attention-sink: need --prompt, --sink-pages >= 0, "
-                        "--window-pages >= 1, --max-tokens >= 1\n");
+                        "--window-pages >= 1 (together below 2^31 - 1), "
+                        "--max-tokens >= 1\n");
         return 2;
     }
     pie_lm lm;

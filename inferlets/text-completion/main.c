@@ -8,32 +8,49 @@
  * (and --system); base models such as stories260K take the prompt as is,
  * with BOS. --json sends one {"ids":[...],"text":"..."} message instead.
  */
+#include <errno.h>
+#include <stdint.h>
 #include <stdio.h>
 #include <stdlib.h>
 #include <string.h>
 
 #include "pie.h"
 
-/* Fills a comma-separated id list ("1,2,3") into the context. */
+/* Fills a comma-separated id list ("1,2,3") into the context; the list
+ * may be as long as the argument (the buffer grows). */
 static int fill_ids(pie_ctx *ctx, const char *list)
 {
-    int32_t ids[4096];
-    int32_t n = 0;
-    for (const char *p = list; *p && n < 4096;) {
+    int32_t *ids = NULL, n = 0, cap = 0;
+    int rc = PIE_EINVAL;
+    for (const char *p = list; *p;) {
         char *end;
+        errno = 0;
         long v = strtol(p, &end, 10);
-        if (end == p || v < 0 || v > 0x7fffffff) {
-            fprintf(stderr, "text-completion: bad --prompt-ids '%s'\n", list);
-            return PIE_EINVAL;
+        if (end == p || errno || v < 0 || v > 0x7fffffff ||
+            (*end && *end != ',')) {
+            fprintf(stderr, "text-completion: bad --prompt-ids '%.64s%s'\n",
+                    list, strlen(list) > 64 ? "..." : "");
+            goto out;
+        }
+        if (n == cap) {
+            int32_t nc = !cap ? 4096 : cap <= INT32_MAX / 2 ? 2 * cap : 0;
+            int32_t *ni = nc ? realloc(ids, (size_t)nc * sizeof *ids) : NULL;
+            if (!ni) {
+                fprintf(stderr, "text-completion: --prompt-ids: out of "
+                        "memory after %d ids\n", n);
+                rc = PIE_ENOMEM;
+                goto out;
+            }
+            ids = ni;
+            cap = nc;
         }
         ids[n++] = (int32_t)v;
         p = *end == ',' ? end + 1 : end;
-        if (*end && *end != ',') {
-            fprintf(stderr, "text-completion: bad --prompt-ids '%s'\n", list);
-            return PIE_EINVAL;
-        }
     }
-    return n ? pie_ctx_fill_ids(ctx, ids, n) : PIE_EINVAL;
+    rc = n ? pie_ctx_fill_ids(ctx, ids, n) : PIE_EINVAL;
+out:
+    free(ids);
+    return rc;
 }
 
 int main(int argc, char **argv)

@@ -2,12 +2,16 @@
  * test_cli.c — the `pie` command end to end: generate and tokenize on the
  * real stories260K checkpoint against reference.json (produced by Hugging
  * Face transformers), and the command's answers to bad input (exit codes,
- * messages naming the problem).
+ * messages naming the problem): option values out of range, a FIFO or an
+ * over-long path as the inferlet, a trailing slash, and pie run's exit
+ * status for every kind of instance end (probe/).
  */
 #include <jansson.h>
+#include <limits.h>
 #include <stdio.h>
 #include <stdlib.h>
 #include <string.h>
+#include <sys/stat.h>
 #include <sys/wait.h>
 
 #include "tests/test_util.h"
@@ -309,7 +313,38 @@ static void test_bench_overcommitted(const char *model)
     }
 }
 
-/* Each bad invocation must fail with the given status and a message. */
+/* Runs `pie ARGS` (stderr with stdout) under `timeout 60`: it must exit
+ * with status, print msg and, if bad is given, not print bad. A crash or a
+ * hang is a failure (timeout's 124, or 128 + the signal). */
+static void expect(const char *args, int status, const char *msg,
+                   const char *bad)
+{
+    size_t n = strlen(args) + strlen(PIE_BIN) + 64;
+    char *cmd = malloc(n);
+    int st;
+    CHECK(cmd, "out of memory");
+    snprintf(cmd, n, "timeout 60 %s %s 2>&1", PIE_BIN, args);
+    char *out = run(cmd, &st);
+    free(cmd);
+    CHECK(st != 124, "'pie %.300s' hung (killed after 60 s)", args);
+    CHECK(st == status, "'pie %.300s': expected exit %d, got %d (%s)", args,
+          status, st, out);
+    CHECK(strstr(out, msg), "'pie %.300s': message lacks '%s': %s", args, msg,
+          out);
+    CHECK(!bad || !strstr(out, bad), "'pie %.300s': message has '%s': %s",
+          args, bad, out);
+    const char *line = out;          /* the first line that is not progress */
+    while (!strncmp(line, "loading ", 8) && strchr(line, '\n'))
+        line = strchr(line, '\n') + 1;
+    size_t al = strlen(args);      /* long ones: their start and end */
+    printf("'pie %.*s%s%s' -> exit %d: %.*s\n", al > 150 ? 60 : (int)al, args,
+           al > 150 ? "..." : "", al > 150 ? args + al - 80 : "", st,
+           (int)strcspn(line, "\n"), line);
+    free(out);
+}
+
+/* Each bad invocation must fail with the given status and a message: the
+ * usage errors (2) name the option, before any model is loaded. */
 static void test_bad_input(const char *model)
 {
     struct { const char *args; int status; const char *msg; } cases[] = {
@@ -320,21 +355,214 @@ static void test_bad_input(const char *model)
         { "generate --model %s --prompt x --max-tokens abc", 2, "max-tokens" },
         { "generate --model %s --prompt-ids 99999 --temperature 0", 1, "" },
         { "frobnicate", 2, "frobnicate" },
+        /* sizes: a crash (SIGFPE), an int overflow, an unreported malloc
+         * failure before */
+        { "bench forward --model %s --backend cpu --page-size 0", 2,
+          "--page-size" },
+        { "bench forward --model %s --backend cpu --prompt-len 2147483647", 2,
+          "--prompt-len" },
+        { "bench forward --model %s --backend cpu --batch 2147483647", 2,
+          "--batch" },
+        { "bench forward --model %s --backend cpu --batch 1000000 "
+          "--prompt-len 16000000", 2, "KV pages" },
+        { "bench generate --model %s --backend cpu --max-tokens 2147483647",
+          2, "--max-tokens" },
+        { "bench generate --model %s --backend cpu -c 100000 -n 1000000", 2,
+          "KV pages" },
+        { "bench generate --model %s --backend cpu --workers 100000", 2,
+          "--workers" },
+        { "generate --model %s --prompt-ids 1 -n 2147483647", 2,
+          "--max-tokens" },
+        { "generate --model %s --prompt-ids 1 --page-size 0", 2,
+          "--page-size" },
+        { "generate --model %s --prompt-ids 1 --threads 100000", 2,
+          "--threads" },
+        /* unsigned options: "-1" is not 2^64-1 */
+        { "generate --model %s --prompt-ids 1 --seed -1", 2, "--seed" },
+        { "generate --model %s --prompt-ids 1 --seed ' -1'", 2, "--seed" },
+        /* sampling parameters */
+        { "generate --model %s --prompt-ids 1 --temperature nan", 2,
+          "--temperature" },
+        { "generate --model %s --prompt-ids 1 --temperature -1", 2,
+          "--temperature" },
+        { "generate --model %s --prompt-ids 1 --top-p 0", 2, "--top-p" },
+        { "generate --model %s --prompt-ids 1 --top-p 1.5", 2, "--top-p" },
+        { "generate --model %s --prompt-ids 1 --top-p nan", 2, "--top-p" },
+        { "generate --model %s --prompt-ids 1 --top-k -1", 2, "--top-k" },
+        { "generate --model %s --prompt-ids 1 --min-p 1.5", 2, "--min-p" },
+        { "generate --model %s --prompt-ids 1 --min-p -0.5", 2, "--min-p" },
+        { "detokenize --model %s", 2, "token ids" },
+        /* no tokenizer: a clear error (and, under ASan, no leaked model) */
+        { "tokenize --model random:stories15M x", 1, "no tokenizer" },
+        { "detokenize --model random:stories15M 1", 1, "no tokenizer" },
     };
     for (size_t i = 0; i < sizeof cases / sizeof cases[0]; i++) {
-        char args[512], cmd[2048];
-        int st;
+        char args[512];
         snprintf(args, sizeof args, cases[i].args, model);
-        snprintf(cmd, sizeof cmd, "%s %s 2>&1", PIE_BIN, args);
-        char *out = run(cmd, &st);
-        CHECK(st == cases[i].status, "'pie %s': expected exit %d, got %d (%s)",
-              args, cases[i].status, st, out);
-        CHECK(strstr(out, cases[i].msg), "'pie %s': message lacks '%s': %s",
-              args, cases[i].msg, out);
-        printf("bad input 'pie %s' -> exit %d: %.*s\n", args, st,
-               (int)strcspn(out, "\n"), out);
-        free(out);
+        expect(args, cases[i].status, cases[i].msg, NULL);
     }
+    /* the ranges' good ends still run */
+    char args[512];
+    snprintf(args, sizeof args, "generate --model %s --prompt-ids 1 "
+             "--backend cpu -n 4 --temperature 0.8 --top-p 1 --top-k 0 "
+             "--min-p 0 --seed 18446744073709551615 --threads 1", model);
+    expect(args, 0, "", "pie generate");
+}
+
+/* The probe inferlet (probe/), or a skip without the wasm toolchain. */
+static const char *probe_wasm(void)
+{
+    struct stat sb;
+    if (stat(PIE_PROBE_WASM, &sb) != 0)
+        TEST_SKIP("no %s (wasm toolchain missing)", PIE_PROBE_WASM);
+    return PIE_PROBE_WASM;
+}
+
+/* pie run's limits: NaN, negative, zero or huge values were converted to
+ * integers unchecked (undefined: --memory-limit -1 gave 1.5 GiB,
+ * --cpu-limit nan no limit, 1e30 a kill at once); unsigned options took
+ * "-1" as 2^64-1; thread counts of 100000 started threads until failing.
+ * Each is refused (exit 2, naming the option); good values still run. */
+static void test_run_limits(const char *model)
+{
+    static const struct { const char *opt, *msg; } bad[] = {
+        { "--memory-limit -1", "--memory-limit" },
+        { "--memory-limit nan", "--memory-limit" },
+        { "--memory-limit 0", "--memory-limit" },
+        { "--memory-limit 1e9", "--memory-limit" },
+        { "--cpu-limit nan", "--cpu-limit" },
+        { "--cpu-limit inf", "--cpu-limit" },
+        { "--cpu-limit 1e30", "--cpu-limit" },
+        { "--cpu-limit 0", "--cpu-limit" },
+        { "--token-limit -1", "--token-limit" },
+        { "--token-limit 18446744073709551615", "--token-limit" },
+        { "--max-pages -1", "--max-pages" },
+        { "--pages -1", "--pages" },
+        { "--page-size 0", "--page-size" },
+        { "--page-size -16", "--page-size" },
+        { "--threads 100000", "--threads" },
+        { "--threads -1", "--threads" },
+        { "--workers 100000", "--workers" },
+        { "--workers 0", "--workers" },
+    };
+    const char *wasm = probe_wasm();
+    char args[2048];
+    for (size_t i = 0; i < sizeof bad / sizeof bad[0]; i++) {
+        snprintf(args, sizeof args, "run --backend cpu --model %s %s %s -- "
+                 "exit 0", model, bad[i].opt, wasm);
+        expect(args, 2, bad[i].msg, NULL);
+    }
+    snprintf(args, sizeof args, "run --backend cpu --model %s --memory-limit "
+             "64 --cpu-limit -1 --token-limit 100 --max-pages 0 --workers 1 "
+             "--threads 1 --page-size 8 %s -- exit 0", model, wasm);
+    expect(args, 0, "", "pie run");
+    snprintf(args, sizeof args, "run --backend cpu --model %s --memory-limit "
+             "4096 --cpu-limit 1e9 %s -- exit 0", model, wasm);
+    expect(args, 0, "", "pie run");
+}
+
+/* pie run's exit status: 0..255 as the inferlet returned it; any other
+ * status (256 read as 0 before) and a trap give 1, with a message that
+ * tells them apart (-1 and PIE_ETRAP's -10 were reported as traps). */
+static void test_run_status(const char *model)
+{
+    static const struct {
+        const char *how;
+        int status;
+        const char *msg, *bad;
+    } cases[] = {
+        { "exit 7", 7, "", "pie run" },
+        { "exit 255", 255, "", "pie run" },
+        { "exit 256", 1, "status 256", "trapped" },
+        { "exit -1", 1, "status -1", "trapped" },
+        { "exit -10", 1, "status -10", "trapped" },
+        { "trap", 1, "trapped", "status" },
+    };
+    const char *wasm = probe_wasm();
+    char args[2048];
+    for (size_t i = 0; i < sizeof cases / sizeof cases[0]; i++) {
+        snprintf(args, sizeof args, "run --backend cpu --model %s %s -- %s",
+                 model, wasm, cases[i].how);
+        expect(args, cases[i].status, cases[i].msg, cases[i].bad);
+    }
+    snprintf(args, sizeof args, "run --backend cpu -n 2 --model %s %s -- "
+             "exit 256", model, wasm);
+    expect(args, 1, "instance 1 exited with status 256", "trapped");
+}
+
+/* Paths: a FIFO as the inferlet is refused, not waited on forever (the
+ * watchdog and `timeout` catch a hang); a path longer than PATH_MAX is an
+ * error, not cut to a shorter one that names another file; a trailing
+ * slash in --model serves the model under its directory's name, and in
+ * `pie build DIR/` names the output DIR.wasm (both "" before). */
+static void test_run_paths(const char *model)
+{
+    const char *wasm = probe_wasm();
+    char cmd[8192], fifo[1024], args[8192];
+    int st;
+    snprintf(fifo, sizeof fifo, "%s/fifo.wasm", PIE_TEST_TMP);
+    snprintf(cmd, sizeof cmd, "mkdir -p %s && rm -f %s && mkfifo %s",
+             PIE_TEST_TMP, fifo, fifo);
+    CHECK(system(cmd) == 0, "cannot make the FIFO %s", fifo);
+    test_watchdog("pie run on a FIFO", 120);
+    snprintf(args, sizeof args, "run --backend cpu --model %s %s", model, fifo);
+    expect(args, 1, "not a regular file", NULL);
+    test_watchdog_off();
+    unlink(fifo);
+
+    /* PATH_MAX - 1 bytes name probe.wasm ("/" repeated in front); the
+     * inferlet path given is that plus "x.wasm" */
+    size_t wl = strlen(wasm), pad = PATH_MAX - 1 - wl;
+    CHECK(wasm[0] == '/' && wl < PATH_MAX - 1, "odd probe path %s", wasm);
+    char *lp = malloc(PATH_MAX + 16);
+    CHECK(lp, "out of memory");
+    memset(lp, '/', pad);
+    snprintf(lp + pad, PATH_MAX + 16 - pad, "%sx.wasm", wasm);
+    snprintf(args, sizeof args, "run --backend cpu --model %s %s -- exit 5",
+             model, lp);
+    expect(args, 2, "too long", NULL);
+    free(lp);
+
+    snprintf(args, sizeof args, "run text-completion --backend cpu --model "
+             "%s/ -- --model stories260K --prompt-ids 1 --max-tokens 4 "
+             "--temperature 0 --no-text --json", model);
+    expect(args, 0, "\"ids\":[", NULL);
+
+    char dir[1024];
+    snprintf(dir, sizeof dir, "%s/build", PIE_TEST_TMP);
+    snprintf(cmd, sizeof cmd, "rm -rf %s && mkdir -p %s/ex && printf "
+             "'int main(void) { return 4; }\\n' > %s/ex/main.c", dir, dir,
+             dir);
+    CHECK(system(cmd) == 0, "cannot prepare %s", dir);
+    snprintf(cmd, sizeof cmd, "cd %s && %s build ex/ 2>&1", dir, PIE_BIN);
+    char *out = run(cmd, &st);
+    CHECK(st == 0, "pie build ex/: exit %d: %s", st, out);
+    free(out);
+    struct stat sb;
+    snprintf(cmd, sizeof cmd, "%s/ex/.wasm", dir);
+    CHECK(stat(cmd, &sb) != 0, "pie build ex/ wrote %s", cmd);
+    snprintf(cmd, sizeof cmd, "%s/ex.wasm", dir);
+    CHECK(stat(cmd, &sb) == 0, "pie build ex/ did not write %s", cmd);
+    printf("pie build ex/ wrote ex.wasm\n");
+}
+
+/* text-completion --prompt-ids takes the whole list: 4,096 ids and a
+ * 4,097th out of the vocabulary are refused for that id (the inferlet cut
+ * the list at 4,096 before, silently, and ran). The id is checked before
+ * any forward, so this costs no prefill. */
+static void test_long_prompt_ids(const char *model)
+{
+    size_t cap = 4096 * 2 + 2048;
+    char *args = malloc(cap);
+    CHECK(args, "out of memory");
+    size_t k = (size_t)snprintf(args, cap, "run text-completion --model %s "
+                                "--backend cpu -- --max-tokens 1 "
+                                "--prompt-ids ", model);
+    for (int i = 0; i < 4096; i++)
+        k += (size_t)snprintf(args + k, cap - k, "1,");
+    snprintf(args + k, cap - k, "99999");
+    expect(args, 1, "99999", NULL);
+    free(args);
 }
 
 int main(void)
@@ -347,6 +575,10 @@ int main(void)
     test_quota(ref, model);
     test_bench_overcommitted(model);
     test_bad_input(model);
+    test_run_limits(model);
+    test_run_status(model);
+    test_run_paths(model);
+    test_long_prompt_ids(model);
     json_decref(ref);
     TEST_DONE();
 }
