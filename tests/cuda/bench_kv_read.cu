@@ -24,9 +24,6 @@
  *          stand-in) and E cycles between two barriers at each item's end
  *          (the combine and store's stand-in), copies issued at the top of
  *          each iteration as in flash_dec_kernel
- *   ws     the same work warp-specialized: a producer warp fills a ring of
- *          3 stages (full / empty mbarriers; cp.async completion tracked by
- *          cp.async.mbarrier.arrive.noinc), 4 consumer warps
  *
  * Usage: bench_kv_read [ITEMS NB] (default 2048 8: 8B shape B=256 ctx 512;
  * 128 32 is B=16 ctx 2048). Results: backend/cuda/NOTES.md, round 16.
@@ -89,14 +86,6 @@ __device__ __forceinline__ void touch(const char *buf, unsigned &acc)
 {
     const uint32_t *x = (const uint32_t *)buf;
     acc ^= x[threadIdx.x * 7] ^ x[threadIdx.x * 13 + 4096];
-}
-
-__device__ __forceinline__ void mbar_wait(uint64_t *bar, uint32_t parity)
-{
-    uint32_t b = (uint32_t)__cvta_generic_to_shared(bar), ok = 0;
-    while (!ok)
-        asm volatile("{ .reg .pred p; mbarrier.try_wait.parity.shared.b64 p, [%1], %2;"
-                     " selp.u32 %0, 1, 0, p; }" : "=r"(ok) : "r"(b), "r"(parity));
 }
 
 __global__ void seq_kernel(const uint4 *p, size_t n16, unsigned *out)
@@ -172,63 +161,6 @@ __global__ void __launch_bounds__(128) piece_kernel(kv_args a)
         if (!more) break;
     }
     asm volatile("cp.async.wait_group 0;");
-    if (acc == 0x12345678) a.out[0] = acc;
-}
-
-/* Warps 0-3 consume, warp 4 produces into a ring of ST stages. */
-template <int ST>
-__global__ void __launch_bounds__(160) ws_kernel(kv_args a)
-{
-    extern __shared__ __align__(16) char sm[];
-    __shared__ __align__(8) uint64_t full[ST], empty[ST];
-    int w = threadIdx.x / 32, lane = threadIdx.x % 32;
-    int ipb = (a.n_items + gridDim.x - 1) / gridDim.x;
-    int i0 = blockIdx.x * ipb, i1 = min(a.n_items, i0 + ipb);
-    if (i0 >= i1) return;
-    int nkb = (i1 - i0) * a.nb;
-    unsigned acc = 0;
-    if (threadIdx.x < ST) {
-        asm volatile("mbarrier.init.shared.b64 [%0], 32;"
-                     :: "r"((uint32_t)__cvta_generic_to_shared(&full[threadIdx.x])));
-        asm volatile("mbarrier.init.shared.b64 [%0], 4;"
-                     :: "r"((uint32_t)__cvta_generic_to_shared(&empty[threadIdx.x])));
-    }
-    __syncthreads();
-    if (w == 4) {                      /* producer */
-        int ci = i0, ckb = 0, base = a.req_base[a.item_req[i0]];
-        for (int kb = 0; kb < nkb; kb++) {
-            int st = kb % ST;
-            if (kb >= ST) mbar_wait(&empty[st], (kb / ST - 1) & 1);
-            int e = lane < 4 ? a.tab[base + ckb * 4 + lane] : 0;
-#pragma unroll
-            for (int ww = 0; ww < 4; ww++)
-                copy_chunk(sm + st * KVBLK + ww * 8192, a,
-                           __shfl_sync(0xffffffffu, e, ww), lane);
-            asm volatile("cp.async.mbarrier.arrive.noinc.shared.b64 [%0];"
-                         :: "r"((uint32_t)__cvta_generic_to_shared(&full[st])));
-            if (++ckb == a.nb) {
-                ckb = 0;
-                if (++ci < i1) base = a.req_base[a.item_req[ci]];
-            }
-        }
-        asm volatile("cp.async.wait_all;");
-        return;
-    }
-    for (int kb = 0; kb < nkb; kb++) {
-        int st = kb % ST;
-        mbar_wait(&full[st], (kb / ST) & 1);
-        touch(sm + st * KVBLK, acc);
-        spin(a.C, acc);
-        if ((kb + 1) % a.nb == 0) {
-            asm volatile("bar.sync 1, 128;");
-            spin(a.E, acc);
-            asm volatile("bar.sync 1, 128;");
-        }
-        __syncwarp();
-        if (lane == 0)
-            asm volatile("mbarrier.arrive.shared.b64 _, [%0];"
-                         :: "r"((uint32_t)__cvta_generic_to_shared(&empty[st])));
-    }
     if (acc == 0x12345678) a.out[0] = acc;
 }
 
@@ -317,7 +249,6 @@ int main(int argc, char **argv)
     CK(cudaFuncSetAttribute(rr_kernel, cudaFuncAttributeMaxDynamicSharedMemorySize, 2 * KVBLK));
     CK(cudaFuncSetAttribute(piece_kernel<0>, cudaFuncAttributeMaxDynamicSharedMemorySize, 2 * KVBLK));
     CK(cudaFuncSetAttribute(piece_kernel<1>, cudaFuncAttributeMaxDynamicSharedMemorySize, 2 * KVBLK));
-    CK(cudaFuncSetAttribute(ws_kernel<3>, cudaFuncAttributeMaxDynamicSharedMemorySize, 3 * KVBLK));
     char name[64];
     for (int k = 2; k <= 3; k++) {
         snprintf(name, sizeof name, "rr, %d an SM", k);
@@ -336,10 +267,6 @@ int main(int argc, char **argv)
                 piece_kernel<1><<<nsm * k, 128, 2 * KVBLK>>>(args(l, C, 3000));
             });
         }
-        snprintf(name, sizeof name, "ws C %d E 3000, 2 an SM", C);
-        timeit(name, bytes, layers, [&](int l) {
-            ws_kernel<3><<<nsm * 2, 160, 3 * KVBLK>>>(args(l, C, 3000));
-        });
     }
     return 0;
 }
