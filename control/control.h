@@ -36,9 +36,10 @@
  * merged, and a forward whose leading full pages are already cached skips
  * computing them (prefix caching, on unless no_dedup; never changes an
  * output). Freed pages with a hash stay cached until the pool needs them
- * (LRU). Allocation beyond a quota fails at once; a short pool makes the
- * allocation wait up to its timeout (admission), after swapping idle
- * clients to host memory when the `suspend` policy is on. An allocation
+ * (LRU). Allocation beyond a quota (a client's pages and the pages of its
+ * live exports) fails at once; a short pool makes the allocation wait up
+ * to its timeout (admission), after swapping idle clients to host memory
+ * (within a swap budget) when the `suspend` policy is on. An allocation
  * that waiting cannot satisfy fails at once with PIE_ENOMEM, and so does
  * the newest waiter of a wait cycle (every client holding the pages waits
  * for more), so that older requests finish instead of all hanging. Named
@@ -66,13 +67,18 @@ typedef struct pie_ctl_future pie_ctl_future;
 
 /* ---- engine ------------------------------------------------------------ */
 
-/* What an allocation does when the pool is short (after its quota check):
+/* What an allocation does when the pool is short (after its quota check,
+ * and unless it is refused as hopeless, see pie_ctl_page_alloc):
  *   WAIT     wait up to its timeout for pages to be freed (admission)
  *   SUSPEND  first swap idle clients (no pending work) of the same or lower
- *            priority to host memory; they resume transparently
+ *            priority to host memory, as long as the swapped pages of all
+ *            clients fit max_swap_bytes (then it only waits); they resume
+ *            when they next need their pages (see pie_ctl_client_resume)
  *   FCFS     first ask the newest client of the same or lower priority to
  *            terminate (its on_evict callback), as the Pie paper does; its
- *            pages return when its owner closes it */
+ *            pages return when its owner closes it. No client is asked
+ *            while the pages of those already asked (not yet closed) and
+ *            the free ones cover the allocation */
 enum { PIE_CTL_POLICY_WAIT = 0, PIE_CTL_POLICY_SUSPEND, PIE_CTL_POLICY_FCFS };
 
 typedef struct pie_ctl_opts {
@@ -84,6 +90,9 @@ typedef struct pie_ctl_opts {
     bool    no_dedup;          /* disable prefix dedup of full pages        */
     int32_t policy;            /* memory pressure (PIE_CTL_POLICY_*)        */
     uint64_t model_id;         /* mixed into page hashes (default: 0)       */
+    uint64_t max_swap_bytes;   /* SUSPEND: host memory for swapped pages,
+                                  all clients together (default: the pool's
+                                  size, n_pages * page_bytes)               */
 } pie_ctl_opts;
 
 /* Creates the control layer over backend b (not owned: the caller frees b
@@ -100,7 +109,8 @@ int32_t pie_ctl_n_pages(pie_ctl *ctl);      /* pool size                    */
 /* ---- clients ----------------------------------------------------------- */
 
 typedef struct pie_ctl_client_opts {
-    int32_t max_pages;         /* pages held at once (0 = no limit)         */
+    int32_t max_pages;         /* pages held at once, counting the pages its
+                                  live exports list (0 = no limit)          */
     int64_t max_tokens;        /* tokens forwarded in total (0 = no limit)  */
     int32_t priority;          /* class; 0 is served first (0..7)           */
     const char *name;          /* for messages and counters (may be NULL)   */
@@ -115,40 +125,57 @@ typedef struct pie_ctl_client_opts {
 int  pie_ctl_client_open(pie_ctl *ctl, const pie_ctl_client_opts *opts,
                          pie_ctl_client **out);
 /* Cancels the client's pending forwards (their futures complete with
- * PIE_ECANCELED), drops its page handles and its exports' ownership (the
- * exported pages live on while imported elsewhere), and frees it. Futures
- * the caller still holds must still be released. */
+ * PIE_ECANCELED), drops its page handles (swapped ones straight from host
+ * memory) and its exports' ownership: the exports live on, counted against
+ * no quota, until some client unexports them. Frees it. Futures the caller
+ * still holds must still be released. */
 void pie_ctl_client_close(pie_ctl_client *c);
+/* SUSPEND policy: a suspended client's pages come back when it next needs
+ * them on the device. pie_ctl_page_alloc waits for that up to its timeout;
+ * forward submit, copy and export do not wait and fail with PIE_EAGAIN
+ * while the pool has no room for them. This brings them back, waiting up
+ * to timeout_ms (0 = do not wait, <0 = forever): 0 when c holds all its
+ * pages (also when it was not suspended), PIE_EBUSY when the pool is still
+ * short (retry), PIE_ENOMEM when waiting cannot help (see
+ * pie_ctl_page_alloc). A client it returns 0 for is not swapped out again
+ * before its next call. */
+int  pie_ctl_client_resume(pie_ctl_client *c, int32_t timeout_ms);
 
 /* ---- KV pages ---------------------------------------------------------- */
 
 /* Allocates n pages, writing their handles to out[n]. When the pool is
  * short, waits up to timeout_ms (0 = do not wait, <0 = forever) for pages
- * to be freed; then fails with PIE_EBUSY (a retry may succeed). Fails at
- * once with PIE_ELIMIT beyond the client's quota, and with PIE_ENOMEM
+ * to be freed (and, for a suspended client, for room to resume it first);
+ * then fails with PIE_EBUSY (a retry may succeed). Fails at once with
+ * PIE_ELIMIT beyond the client's quota (max_pages: the pages it holds plus
+ * those its live exports list, each once), and with PIE_ENOMEM
  * ("KV pool exhausted") when waiting cannot help: n exceeds the pool less
  * the pages this client holds and the exported ones, or this client is
  * the newest waiter of the lowest priority class in a wait cycle (every
  * client that holds pages waits for more; see pool.c). Such a caller
  * should free its pages (end the request) rather than retry. All or
- * nothing. */
+ * nothing. A hopeless request suspends and evicts nobody. */
 int  pie_ctl_page_alloc(pie_ctl_client *c, int32_t n, int32_t timeout_ms,
                         uint32_t *out);
 /* Drops n handles. The physical page returns to the pool once no handle,
- * export or pending forward references it. Unknown handle: PIE_EINVAL, and
- * nothing is freed. */
+ * export or pending forward references it; a swapped-out page is dropped
+ * from host memory (never waits). Unknown handle: PIE_EINVAL, and nothing
+ * is freed. */
 int  pie_ctl_page_free(pie_ctl_client *c, int32_t n, const uint32_t *h);
 /* Copies KV of n token slots from (src, src_off) to (dst, dst_off), e.g. to
  * fork a partially filled page. Ordered after earlier forwards touching
- * either page; forwards submitted later see the copy. dst must be writable. */
+ * either page; forwards submitted later see the copy. dst must be writable.
+ * PIE_EAGAIN: c is suspended (see pie_ctl_client_resume). */
 int  pie_ctl_page_copy(pie_ctl_client *c, uint32_t src, int32_t src_off,
                        uint32_t dst, int32_t dst_off, int32_t n);
 /* Number of slots of a page written by forwards submitted so far (not
- * cancelled). */
+ * cancelled); read from host memory for a swapped-out page. */
 int  pie_ctl_page_fill(pie_ctl_client *c, uint32_t h, int32_t *fill);
 
 /* Exports n pages under a name (unique per pie_ctl; PIE_EBUSY if taken).
- * The export holds its own references until unexported. */
+ * The export holds its own references until unexported; while c is open
+ * they count against its max_pages. PIE_EAGAIN: c is suspended (see
+ * pie_ctl_client_resume). */
 int  pie_ctl_export(pie_ctl_client *c, const char *name, int32_t n,
                     const uint32_t *h);
 /* Imports an export: writes up to cap new read-only handles to out and the
@@ -209,7 +236,8 @@ typedef void (*pie_ctl_done_fn)(void *user, pie_ctl_future *f, int status);
  * (the caller may free them on return) and queues it. The new tokens' KV
  * goes into slots [kv_len - n_tokens, kv_len) of the pages (see backend.h);
  * the pages written must be writable (not imported). done (may be NULL) runs
- * once when the future completes. */
+ * once when the future completes. PIE_EAGAIN: c is suspended and the pool
+ * has no room for its pages now (see pie_ctl_client_resume). */
 int  pie_ctl_forward_submit(pie_ctl_client *c, const pie_ctl_forward *f,
                             pie_ctl_done_fn done, void *user,
                             pie_ctl_future **out);

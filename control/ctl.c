@@ -37,6 +37,8 @@ int pie_ctl_create(pie_backend *b, const pie_ctl_opts *opts, pie_ctl **out)
     ctl->ps = b->page_size;
     ctl->n_pages = b->n_pages;
     ctl->vocab = b->cfg->vocab_size;
+    if (ctl->o.max_swap_bytes == 0)
+        ctl->o.max_swap_bytes = (uint64_t)ctl->n_pages * b->page_bytes;
     if (ctl->ps <= 0 || ctl->n_pages <= 0 || ctl->vocab <= 0) {
         free(ctl);
         return pie_err_set(PIE_EINVAL, "control: backend has page_size %d, "
@@ -545,7 +547,7 @@ int pie_ctl_forward_submit(pie_ctl_client *c, const pie_ctl_forward *f,
                          (long long)c->max_tokens);
         goto fail;
     }
-    if ((rc = RESUME(c)) < 0) goto fail;
+    if ((rc = RESUME_NOW(c)) < 0) goto fail;
     pie__client_not_waiting(c);
     if ((rc = resolve_pages(c, f, op)) < 0) goto fail;
     if ((rc = resolve_chains(c, f, op)) < 0) goto fail;
@@ -610,7 +612,7 @@ int pie_ctl_page_copy(pie_ctl_client *c, uint32_t src, int32_t src_off,
     atomic_store(&op->refs, 1);          /* control layer only */
     op->state = OP_WAITING;
     pthread_mutex_lock(&ctl->mu);
-    int rc = RESUME(c);
+    int rc = RESUME_NOW(c);
     ctl_handle *hs = rc == 0 ? pie__handle_get(c, src) : NULL;
     ctl_handle *hd = rc == 0 ? pie__handle_get(c, dst) : NULL;
     if (rc < 0) {

@@ -174,6 +174,8 @@ typedef struct ctl_export {
     char              *name;
     int32_t            n;
     int32_t           *pages;     /* each ref'ed                             */
+    pie_ctl_client    *owner;     /* exporter while it is open (its quota
+                                     counts these pages), else NULL         */
     struct ctl_export *next;
 } ctl_export;
 
@@ -187,9 +189,14 @@ struct pie_ctl_client {
     int32_t         n_h, cap_h;
     int32_t         free_h;       /* first free slot (-1 none)               */
     int32_t         pages_held;   /* allocated (not imported) handles        */
+    int32_t         export_pages; /* pages its live exports list (quota)     */
     int64_t         tokens_used;
     ctl_op         *ops;          /* not-DONE ops (cnext/cprev)              */
     bool            suspended;    /* pages swapped to host (suspend.c)       */
+    bool            resuming;     /* a thread of it brings them back: still
+                                     suspended, never a victim              */
+    bool            resumed;      /* resumed by pie_ctl_client_resume, no
+                                     call since: not a victim               */
     bool            evicted;      /* FCFS: asked to end                      */
     int32_t         evicting;     /* on_evict calls running                  */
     int32_t         want;         /* pages an allocation waits for, or was
@@ -204,7 +211,7 @@ struct pie_ctl_client {
     void           *evict_user;
     unsigned char  *swap_buf;     /* n_swap * page_bytes                     */
     int32_t        *swap_fill;    /* (n_swap)                                */
-    int32_t         n_swap;
+    int32_t         n_swap;       /* swap entries (HANDLE_SWAPPED handles)   */
     pie_ctl_client *next, *prev;
 };
 
@@ -233,7 +240,9 @@ struct pie_ctl {
     int32_t          n_hbuckets;
     ctl_export      *exports;
     int32_t          n_exports;
-    uint32_t         mark_gen;    /* last stamp used by pinned_pages        */
+    uint64_t         swap_bytes;  /* host bytes of every client's swap,
+                                     at most o.max_swap_bytes (suspend.c)   */
+    uint32_t         mark_gen;    /* last stamp of pinned_pages/quota_used  */
     /* clients and ops */
     pie_ctl_client  *clients;
     int32_t          n_clients;
@@ -289,16 +298,34 @@ void pie__pool_prefix_apply(pie_ctl *ctl, pie_ctl_client *c,
 
 /* suspend.c (mu held) */
 /* Frees pages for an allocation of n by suspending idle clients of the same
- * or lower priority than requester (swap to host); returns pages gained. */
+ * or lower priority than requester (swap to host, within the swap budget);
+ * returns pages gained. */
 int32_t pie__suspend_for(pie_ctl *ctl, int32_t n, pie_ctl_client *requester);
-/* FCFS: asks the newest eligible client to end (unlocks around the call). */
-bool pie__evict_one(pie_ctl *ctl, pie_ctl_client *requester);
-/* Brings a suspended client's pages back (waits for the pool). */
-int  pie__client_resume(pie_ctl_client *c);
-#define RESUME(c) ((c)->suspended ? pie__client_resume(c) : 0)
+/* FCFS: unless the available pages plus those of clients already asked to
+ * end cover n, asks the newest eligible client to end (unlocks around the
+ * call). True when one was asked. */
+bool pie__evict_one(pie_ctl *ctl, int32_t n, pie_ctl_client *requester);
+/* Brings a suspended client's pages back, waiting up to timeout_ms (0: not
+ * at all, <0: forever) for room: 0, or pie__wait_for_pages' errors
+ * (PIE_EBUSY: no room yet, retry). Drops mu while it waits. */
+int  pie__client_resume(pie_ctl_client *c, int32_t timeout_ms);
+/* The same for calls without a timeout: no wait; PIE_EAGAIN when the pool
+ * has no room for the pages now. */
+int  pie__client_resume_now(pie_ctl_client *c);
+/* Every entry point that needs c's pages on the device starts with one of
+ * these (it is c's next call: c may be a victim again). */
+#define RESUME(c, t)  ((c)->resumed = false,                                  \
+                       (c)->suspended ? pie__client_resume(c, t) : 0)
+#define RESUME_NOW(c) ((c)->resumed = false,                                  \
+                       (c)->suspended ? pie__client_resume_now(c) : 0)
+/* Drops swap entry j of suspended c (its handle was dropped): the last
+ * entry moves into its place. */
+void pie__swap_drop(pie_ctl_client *c, int32_t j);
+/* Frees c's swap; c is no longer suspended. */
 void pie__client_drop_swap(pie_ctl_client *c);
 
 /* pool.c, admission (mu held) */
+#define AVAILABLE(ctl) ((ctl)->n_free + (ctl)->n_cached)   /* allocatable */
 /* Waits until n pages are allocatable for requester (see pool.c's header:
  * policy, refusals, wait cycles); 0, PIE_EBUSY (timed out), PIE_ENOMEM
  * (waiting cannot help) or PIE_ECANCELED (shutting down). */

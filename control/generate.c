@@ -9,7 +9,8 @@
  * token straight into the next step; this thread only reads finished steps
  * in order, reports them, and on a stop id cancels the steps queued beyond
  * it (their page fills roll back). Pages are allocated as the context grows,
- * waiting up to timeout_ms for the pool (admission control). An allocation
+ * waiting up to timeout_ms for the pool (admission control); so does a
+ * step of a generation the `suspend` policy swapped out. An allocation
  * the pool refuses (PIE_ENOMEM: it can never hold this generation, or this
  * one was the newest of a wait cycle; see pool.c) ends the generation with
  * that error, and closing its client returns its pages to the others.
@@ -74,6 +75,11 @@ static int gen_submit(gen *g, int32_t i, int32_t prev)
     };
     rc = pie_ctl_forward_submit(g->c, &f, NULL, NULL,
                                 &g->ring[i % g->ring_n]);
+    /* swapped out while idle (suspend policy): wait for room as for pages */
+    while (rc == PIE_EAGAIN &&
+           (rc = pie_ctl_client_resume(g->c, o->timeout_ms)) == 0)
+        rc = pie_ctl_forward_submit(g->c, &f, NULL, NULL,
+                                    &g->ring[i % g->ring_n]);
     free(pos);
     return rc;
 }

@@ -67,14 +67,22 @@
  * chain so far breaks it (no hash from there on).
  *
  * Admission. pie_ctl_page_alloc fails at once with PIE_ELIMIT beyond the
- * client's quota. When the pool is short it applies the policy (suspend
- * idle clients, or ask the newest to end), then waits on pool_cv -- which
- * is broadcast when a page becomes allocatable, a client closes, an export
- * pins pages or a wait cycle is broken -- up to its timeout, and fails with
- * PIE_EBUSY when that passes. A client that waits records the pages it
- * needs in c->want; so does one refused with PIE_EBUSY, because an
- * inferlet's host call polls with timeout 0 (a "poller"): the mark stays
- * until the client allocates, frees pages, submits work or closes.
+ * client's quota: max_pages counts its allocated handles plus the pages
+ * its live exports list that none of them names (quota_used), so that
+ * alloc, export, free in a loop cannot pin more than max_pages; an export
+ * whose exporter closed counts against no one (any client may unexport
+ * it). A suspended client is resumed first, within the same timeout
+ * (suspend.c). When the pool is short, a request that waiting cannot
+ * satisfy is refused (below) before anything else; otherwise it applies
+ * the policy (suspend idle clients within the swap budget, or ask the
+ * newest to end unless the clients already asked cover it), then waits on
+ * pool_cv -- which is broadcast when a page becomes allocatable, a client
+ * closes, an export pins pages or a wait cycle is broken -- up to its
+ * timeout, and fails with PIE_EBUSY when that passes. A client that waits
+ * records the pages it needs in c->want; so does one refused with
+ * PIE_EBUSY, because an inferlet's host call polls with timeout 0 (a
+ * "poller"): the mark stays until the client allocates, frees pages,
+ * submits work or closes.
  *
  * Waiting that cannot help is refused at once with PIE_ENOMEM, "KV pool
  * exhausted", so that no allocation hangs (not even with timeout < 0):
@@ -318,16 +326,30 @@ static int32_t handle_new(pie_ctl_client *c, int32_t page, bool ro)
     return i;
 }
 
-/* Drops handle slot i: the page reference and quota it carries. */
+/* Slot of handle h of c, swapped out or not; NULL with PIE_EINVAL when
+ * invalid. For what needs no device page (page_free, page_fill). */
+static ctl_handle *handle_any(pie_ctl_client *c, uint32_t h)
+{
+    if (h == 0 || h > (uint32_t)c->n_h || c->h[h - 1].page == HANDLE_FREE) {
+        pie_err_set(PIE_EINVAL, "control: invalid KV page handle %u", h);
+        return NULL;
+    }
+    return &c->h[h - 1];
+}
+
+/* Drops handle slot i: the page reference (or swap entry) and quota it
+ * carries. */
 static void handle_drop(pie_ctl_client *c, int32_t i)
 {
     pie_ctl *ctl = c->ctl;
     ctl_handle *hd = &c->h[i];
     if (!hd->ro) c->pages_held--;
     if (hd->page == HANDLE_SWAPPED) {
+        int32_t j = hd->swap;
         hd->page = HANDLE_FREE;
         hd->next_free = c->free_h;
         c->free_h = i;
+        if (c->suspended) pie__swap_drop(c, j);   /* (close: swap gone) */
         return;
     }
     ctl_page *p = &ctl->pages[hd->page];
@@ -345,14 +367,17 @@ static void handle_drop(pie_ctl_client *c, int32_t i)
 
 void pie__client_drop_pages(pie_ctl_client *c)
 {
+    pie_ctl *ctl = c->ctl;
+    pie__client_drop_swap(c);       /* whole: its handles then just go */
     for (int32_t i = 0; i < c->n_h; i++)
         if (c->h[i].page != HANDLE_FREE) handle_drop(c, i);
-    pie__client_drop_swap(c);
+    for (ctl_export *e = ctl->exports; e; e = e->next)
+        if (e->owner == c) e->owner = NULL;
+    c->export_pages = 0;
 }
 
 /* ---- admission ---------------------------------------------------------- */
 
-#define AVAILABLE(ctl) ((ctl)->n_free + (ctl)->n_cached)
 /* c counts as waiting in wait-cycle detection (see the file header) */
 #define CLIENT_IS_WAITING(c) ((c)->want > 0 && !(c)->doomed && !(c)->evicted)
 
@@ -361,6 +386,16 @@ static double now_s(void)
     struct timespec ts;
     clock_gettime(CLOCK_REALTIME, &ts);
     return ts.tv_sec + ts.tv_nsec * 1e-9;
+}
+
+/* A fresh stamp for mark_page. */
+static uint32_t mark_begin(pie_ctl *ctl)
+{
+    if (++ctl->mark_gen == 0) {            /* wrapped: forget old stamps */
+        for (int32_t i = 0; i < ctl->n_pages; i++) ctl->pages[i].mark = 0;
+        ctl->mark_gen = 1;
+    }
+    return ctl->mark_gen;
 }
 
 /* Stamps page with gen; 1 the first time in this gen, else 0. */
@@ -378,11 +413,7 @@ static int32_t mark_page(pie_ctl *ctl, int32_t page, uint32_t gen)
  * handles scanned plus the exported pages. */
 static int32_t pinned_pages(pie_ctl *ctl, const pie_ctl_client *only)
 {
-    if (++ctl->mark_gen == 0) {            /* wrapped: forget old stamps */
-        for (int32_t i = 0; i < ctl->n_pages; i++) ctl->pages[i].mark = 0;
-        ctl->mark_gen = 1;
-    }
-    uint32_t gen = ctl->mark_gen;
+    uint32_t gen = mark_begin(ctl);
     int32_t n = 0;
     for (const ctl_export *e = ctl->exports; e; e = e->next)
         for (int32_t k = 0; k < e->n; k++)
@@ -496,16 +527,20 @@ static int busy(pie_ctl *ctl, int32_t n, int32_t timeout_ms)
                        timeout_ms, n, AVAILABLE(ctl));
 }
 
-/* Admission proper (contract in ctl_int.h): the policy, then a loop that
- * refuses what waiting cannot satisfy, breaks wait cycles and sleeps. */
+/* Admission proper (contract in ctl_int.h): a refusal of what waiting
+ * cannot satisfy (nor could any suspension or eviction: those never free
+ * the requester's own or exported pages), the policy, then a loop that
+ * refuses, breaks wait cycles and sleeps. */
 int pie__wait_for_pages(pie_ctl *ctl, int32_t n, int32_t timeout_ms,
                         pie_ctl_client *c)
 {
     if (AVAILABLE(ctl) >= n) return wait_end(c, 0);
-    if (ctl->o.policy == PIE_CTL_POLICY_SUSPEND && n <= ctl->n_pages)
+    int rc = c->doomed ? doom_fail(ctl, c, n) : check_hopeless(ctl, c, n);
+    if (rc < 0) return wait_end(c, rc);
+    if (ctl->o.policy == PIE_CTL_POLICY_SUSPEND)
         pie__suspend_for(ctl, n - AVAILABLE(ctl), c);
-    if (ctl->o.policy == PIE_CTL_POLICY_FCFS && n <= ctl->n_pages)
-        pie__evict_one(ctl, c);
+    if (ctl->o.policy == PIE_CTL_POLICY_FCFS)
+        pie__evict_one(ctl, n, c);
     if (AVAILABLE(ctl) >= n) return wait_end(c, 0);
     double deadline = now_s() + timeout_ms / 1000.0;
     bool expired = timeout_ms == 0, first = true;
@@ -515,7 +550,7 @@ int pie__wait_for_pages(pie_ctl *ctl, int32_t n, int32_t timeout_ms,
         if (ctl->stop)
             return wait_end(c, pie_err_set(PIE_ECANCELED, "control: shutting "
                                            "down"));
-        int rc = c->doomed ? doom_fail(ctl, c, n) : check_hopeless(ctl, c, n);
+        rc = c->doomed ? doom_fail(ctl, c, n) : check_hopeless(ctl, c, n);
         if (rc == 0 && break_cycle(ctl) == c) rc = doom_fail(ctl, c, n);
         if (rc < 0) return wait_end(c, rc);
         if (expired) return wait_end(c, busy(ctl, n, timeout_ms));
@@ -531,6 +566,35 @@ void pie__client_not_waiting(pie_ctl_client *c)
     c->doomed = false;
 }
 
+/* Pages c's quota counts: its allocated handles, plus the pages its live
+ * exports list that none of those handles names. Costs c's handles plus
+ * its exports' pages when it has any. */
+static int32_t quota_used(pie_ctl *ctl, pie_ctl_client *c)
+{
+    if (c->export_pages == 0) return c->pages_held;
+    uint32_t gen = mark_begin(ctl);
+    for (int32_t i = 0; i < c->n_h; i++)
+        if (!c->h[i].ro && c->h[i].page >= 0)
+            mark_page(ctl, c->h[i].page, gen);
+    int32_t n = c->pages_held;
+    for (const ctl_export *e = ctl->exports; e; e = e->next)
+        if (e->owner == c)
+            for (int32_t k = 0; k < e->n; k++)
+                n += mark_page(ctl, e->pages[k], gen);
+    return n;
+}
+
+/* PIE_ELIMIT when n more pages would pass c's quota, else 0. */
+static int check_quota(pie_ctl *ctl, pie_ctl_client *c, int32_t n)
+{
+    if (c->max_pages == 0) return 0;
+    int32_t used = quota_used(ctl, c);
+    if (n <= c->max_pages - used) return 0;   /* (not used + n: may wrap) */
+    return pie_err_set(PIE_ELIMIT, "control: client '%s' page quota "
+                       "exceeded: holds %d (its exports' pages included), "
+                       "asks %d, limit %d", c->name, used, n, c->max_pages);
+}
+
 int pie_ctl_page_alloc(pie_ctl_client *c, int32_t n, int32_t timeout_ms,
                        uint32_t *out)
 {
@@ -539,21 +603,16 @@ int pie_ctl_page_alloc(pie_ctl_client *c, int32_t n, int32_t timeout_ms,
         return pie_err_set(PIE_EINVAL, "control: bad page count %d", n);
     if (n == 0) return 0;
     pthread_mutex_lock(&ctl->mu);
-    int rc = 0;
-    /* (n > max - held: a sum could wrap) */
-    if (c->max_pages > 0 && n > c->max_pages - c->pages_held) {
-        rc = pie_err_set(PIE_ELIMIT, "control: client '%s' page quota "
-                         "exceeded: holds %d, asks %d, limit %d", c->name,
-                         c->pages_held, n, c->max_pages);
-        goto out;
+    int rc = check_quota(ctl, c, n);
+    if (rc < 0) goto out;
+    double t0 = now_s();
+    if ((rc = RESUME(c, timeout_ms)) < 0) goto out;
+    if (timeout_ms > 0) {              /* a resume took from the timeout */
+        double spent = (now_s() - t0) * 1000.0;
+        timeout_ms = spent < timeout_ms ? timeout_ms - (int32_t)spent : 0;
     }
-    if ((rc = RESUME(c)) < 0) goto out;
     if ((rc = pie__wait_for_pages(ctl, n, timeout_ms, c)) < 0) goto out;
-    if (c->max_pages > 0 && n > c->max_pages - c->pages_held) {
-        rc = pie_err_set(PIE_ELIMIT, "control: client '%s' page quota "
-                         "exceeded", c->name);
-        goto out;
-    }
+    if ((rc = check_quota(ctl, c, n)) < 0) goto out;   /* mu was dropped */
     for (int32_t k = 0; k < n; k++) {
         int32_t page = pie__page_take(ctl);
         int32_t i = handle_new(c, page, false);
@@ -579,9 +638,9 @@ int pie_ctl_page_free(pie_ctl_client *c, int32_t n, const uint32_t *h)
     if (n < 0 || (n > 0 && !h))
         return pie_err_set(PIE_EINVAL, "control: bad page count %d", n);
     pthread_mutex_lock(&ctl->mu);
-    int rc = RESUME(c);
+    int rc = 0;             /* no resume: a swapped handle drops its entry */
     for (int32_t k = 0; k < n && rc == 0; k++) {
-        if (!pie__handle_get(c, h[k])) rc = PIE_EINVAL;
+        if (!handle_any(c, h[k])) rc = PIE_EINVAL;
         for (int32_t j = 0; j < k && rc == 0; j++)
             if (h[j] == h[k])
                 rc = pie_err_set(PIE_EINVAL, "control: handle %u freed twice "
@@ -598,11 +657,12 @@ int pie_ctl_page_free(pie_ctl_client *c, int32_t n, const uint32_t *h)
 int pie_ctl_page_fill(pie_ctl_client *c, uint32_t h, int32_t *fill)
 {
     pthread_mutex_lock(&c->ctl->mu);
-    int rc = RESUME(c);
-    ctl_handle *hd = rc == 0 ? pie__handle_get(c, h) : NULL;
-    if (hd) *fill = c->ctl->pages[hd->page].fill;
+    ctl_handle *hd = handle_any(c, h);     /* no resume: swap_fill has it */
+    if (hd)
+        *fill = hd->page == HANDLE_SWAPPED ? c->swap_fill[hd->swap]
+                                           : c->ctl->pages[hd->page].fill;
     pthread_mutex_unlock(&c->ctl->mu);
-    return hd ? 0 : rc < 0 ? rc : PIE_EINVAL;
+    return hd ? 0 : PIE_EINVAL;
 }
 
 /* ---- exports ---------------------------------------------------------- */
@@ -634,7 +694,7 @@ int pie_ctl_export(pie_ctl_client *c, const char *name, int32_t n,
     }
     pthread_mutex_lock(&ctl->mu);
     int rc = 0;
-    if ((rc = RESUME(c)) < 0) goto out;
+    if ((rc = RESUME_NOW(c)) < 0) goto out;
     if (export_find(ctl, name, NULL)) {
         rc = pie_err_set(PIE_EBUSY, "control: export name '%s' already in "
                          "use", name);
@@ -649,10 +709,11 @@ int pie_ctl_export(pie_ctl_client *c, const char *name, int32_t n,
         pie__page_ref(ctl, pages[k]);
         ctl->pages[pages[k]].shared++;
     }
-    *e = (ctl_export){ .name = nm, .n = n, .pages = pages,
+    *e = (ctl_export){ .name = nm, .n = n, .pages = pages, .owner = c,
                        .next = ctl->exports };
     ctl->exports = e;
     ctl->n_exports++;
+    c->export_pages += n;
     e = NULL, pages = NULL, nm = NULL;
     pthread_cond_broadcast(&ctl->pool_cv);   /* pinned: recheck cycles */
 out:
@@ -705,6 +766,7 @@ int pie_ctl_unexport(pie_ctl_client *c, const char *name)
     if (e) {
         *link = e->next;
         ctl->n_exports--;
+        if (e->owner) e->owner->export_pages -= e->n;
         for (int32_t k = 0; k < e->n; k++) {
             ctl->pages[e->pages[k]].shared--;
             pie__page_unref(ctl, e->pages[k]);

@@ -1,30 +1,54 @@
 /*
  * suspend.c — the `suspend` policy under memory pressure: instead of making
  * an allocation wait (or killing someone), swap an idle client's pages to
- * host memory and give them back when it next touches its KV.
+ * host memory and give them back when it next needs them on the device;
+ * and the `fcfs` policy's choice of a client to end.
  *
  * Victims: clients other than the requester that have no forward or copy
  * pending (an inferlet waiting on a tool call, a message or a timer), whose
  * priority class is the requester's or lower (numerically >=), newest
- * first within the lowest class. Only pages the victim holds alone (one
+ * first within the lowest class; never one already suspended (resuming
+ * included) or one that pie_ctl_client_resume brought back and that has
+ * made no call since (`resumed`). Only pages the victim holds alone (one
  * reference, not exported, not deduplicated, writable) are swapped; shared
  * pages stay where they are.
  *
+ * Swap budget: the swaps of all clients together (ctl->swap_bytes) stay
+ * within opts.max_swap_bytes (default: the pool's size). A victim whose
+ * pages would not fit is skipped; once the budget is spent the policy is
+ * plain waiting until a suspended client resumes, frees its swapped pages
+ * or closes.
+ *
  * Swapping: the device is idle (pie__wait_idle), the pages' KV bytes go to
- * c->swap_buf with their fills, each handle becomes HANDLE_SWAPPED with its
- * index in the swap, and the physical pages are released. The client is
- * `suspended`. Every entry point that reads the client's handles calls
- * RESUME(c) first: it waits for free pages (possibly suspending someone
- * else), uploads the bytes, and repoints the handles: the client sees the
- * same handles and the same KV bytes, so its outputs are unchanged.
+ * c->swap_buf (entry j at j * page_bytes, its fill in swap_fill[j]), each
+ * handle becomes HANDLE_SWAPPED with its entry in hd->swap, and the
+ * physical pages are released. The client is `suspended` while it has
+ * entries. What needs no device page is answered from the swap:
+ * pie_ctl_page_fill reads swap_fill; pie_ctl_page_free and client close
+ * drop entries (pie__swap_drop moves the last entry into the hole, so the
+ * entries stay dense). The other entry points that use the client's
+ * handles call RESUME(c, timeout) (page_alloc, with its caller's timeout)
+ * or RESUME_NOW(c) (forward submit, copy, export: they have no timeout and
+ * never wait; PIE_EAGAIN while the pool has no room) first. A resume waits
+ * for free pages (possibly suspending someone else), uploads the bytes and
+ * repoints the handles: the client sees the same handles and the same KV
+ * bytes, so its outputs are unchanged. pie_ctl_client_resume is the
+ * explicit wait (the runtime polls it with timeout 0 and parks the fiber
+ * in between, so no worker thread blocks).
+ *
+ * Resuming: the client stays `suspended` and is also `resuming` from the
+ * start of the wait to the end of the upload, so no allocation can pick it
+ * as a victim meanwhile, and a second thread of the client waits for the
+ * first. The resume drops mu while it waits for pages and for the device;
+ * the client's own pie_ctl_page_free may drop entries meanwhile (never add
+ * any), so the resume re-reads n_swap after each wait.
  */
 #include <stdlib.h>
 #include <string.h>
+#include <time.h>
 
 #include "common/pie_err.h"
 #include "control/ctl_int.h"
-
-#define RESUME_TIMEOUT_MS 30000
 
 /* Pages of c that a swap would release. */
 static int32_t swappable(const pie_ctl *ctl, const pie_ctl_client *c)
@@ -43,9 +67,15 @@ static pie_ctl_client *pick_victim(pie_ctl *ctl, pie_ctl_client *req)
 {
     pie_ctl_client *best = NULL;
     int32_t floor = req ? req->prio : 0;
+    uint64_t pb = ctl->b->page_bytes;
+    uint64_t room = ctl->o.max_swap_bytes - ctl->swap_bytes;
     for (pie_ctl_client *c = ctl->clients; c; c = c->next) {  /* newest 1st */
-        if (c == req || c->suspended || c->ops || c->prio < floor) continue;
-        if (swappable(ctl, c) == 0) continue;
+        /* (a resuming client is still suspended) */
+        if (c == req || c->suspended || c->resumed || c->ops ||
+            c->prio < floor)
+            continue;
+        int32_t n = swappable(ctl, c);
+        if (n == 0 || (uint64_t)n * pb > room) continue;
         if (!best || c->prio > best->prio) best = c;
     }
     return best;
@@ -55,6 +85,7 @@ static pie_ctl_client *pick_victim(pie_ctl *ctl, pie_ctl_client *req)
  * device is idle and mu held throughout (pie__suspend_for). */
 static int32_t suspend_client(pie_ctl *ctl, pie_ctl_client *c)
 {
+    PIE_ASSERT(!c->suspended && c->n_swap == 0);
     int32_t n = swappable(ctl, c);
     uint64_t pb = ctl->b->page_bytes;
     int32_t *pages = malloc(n * sizeof *pages), *idx = malloc(n * sizeof *idx);
@@ -86,6 +117,7 @@ static int32_t suspend_client(pie_ctl *ctl, pie_ctl_client *c)
     c->swap_fill = fill;
     c->n_swap = n;
     c->suspended = true;
+    ctl->swap_bytes += (uint64_t)n * pb;
     ctl->st.suspensions++;
     free(pages);
     free(idx);
@@ -113,8 +145,21 @@ int32_t pie__suspend_for(pie_ctl *ctl, int32_t n, pie_ctl_client *requester)
     return got;
 }
 
-bool pie__evict_one(pie_ctl *ctl, pie_ctl_client *req)
+/* Pages still held by clients asked to end: they come back when their
+ * owners close them. */
+static int32_t evicted_pages(const pie_ctl *ctl)
 {
+    int32_t n = 0;
+    for (const pie_ctl_client *c = ctl->clients; c; c = c->next)
+        if (c->evicted) n += c->pages_held;
+    return n;
+}
+
+bool pie__evict_one(pie_ctl *ctl, int32_t n, pie_ctl_client *req)
+{
+    /* a polling allocation comes back here before the victims it asked
+     * have closed: ask nobody while their pages cover it */
+    if (AVAILABLE(ctl) + evicted_pages(ctl) >= n) return false;
     int32_t floor = req ? req->prio : 0;
     pie_ctl_client *v = ctl->clients;            /* newest first */
     while (v && (v == req || v->evicted || !v->on_evict || v->prio < floor ||
@@ -132,8 +177,35 @@ bool pie__evict_one(pie_ctl *ctl, pie_ctl_client *req)
     return true;
 }
 
+void pie__swap_drop(pie_ctl_client *c, int32_t j)
+{
+    pie_ctl *ctl = c->ctl;
+    uint64_t pb = ctl->b->page_bytes;
+    int32_t last = c->n_swap - 1;
+    PIE_ASSERT(c->suspended && j >= 0 && j <= last);
+    if (j != last) {
+        memcpy(c->swap_buf + (size_t)j * pb, c->swap_buf + (size_t)last * pb,
+               pb);
+        c->swap_fill[j] = c->swap_fill[last];
+        for (int32_t i = 0; i < c->n_h; i++)
+            if (c->h[i].page == HANDLE_SWAPPED && c->h[i].swap == last) {
+                c->h[i].swap = j;
+                break;
+            }
+    }
+    c->n_swap = last;
+    ctl->swap_bytes -= pb;
+    if (last == 0) {
+        pie__client_drop_swap(c);
+        return;
+    }
+    unsigned char *buf = realloc(c->swap_buf, (size_t)last * pb);
+    if (buf) c->swap_buf = buf;            /* (a failed shrink keeps it) */
+}
+
 void pie__client_drop_swap(pie_ctl_client *c)
 {
+    c->ctl->swap_bytes -= (uint64_t)c->n_swap * c->ctl->b->page_bytes;
     free(c->swap_buf);
     free(c->swap_fill);
     c->swap_buf = NULL;
@@ -142,26 +214,77 @@ void pie__client_drop_swap(pie_ctl_client *c)
     c->suspended = false;
 }
 
-int pie__client_resume(pie_ctl_client *c)
+static double now_s(void)
+{
+    struct timespec ts;
+    clock_gettime(CLOCK_REALTIME, &ts);
+    return ts.tv_sec + ts.tv_nsec * 1e-9;
+}
+
+/* What is left at now of a timeout of timeout_ms that began at t0 (<0 and 0
+ * stay as they are). */
+static int32_t ms_left(int32_t timeout_ms, double t0)
+{
+    if (timeout_ms <= 0) return timeout_ms;
+    double left = timeout_ms - (now_s() - t0) * 1000.0;
+    return left > 0 ? (int32_t)left : 0;
+}
+
+/* Waits until no other thread of c is resuming it, up to timeout_ms since
+ * t0: 0 or PIE_EBUSY. */
+static int wait_other_resume(pie_ctl_client *c, int32_t timeout_ms, double t0)
 {
     pie_ctl *ctl = c->ctl;
-    int32_t n = c->n_swap;
-    c->suspended = false;                 /* not a victim while we wait */
-    int rc = pie__wait_for_pages(ctl, n, RESUME_TIMEOUT_MS, c);
-    int32_t *pages = rc == 0 ? malloc((n ? n : 1) * sizeof *pages) : NULL;
-    if (rc == 0 && !pages) rc = pie_err_set(PIE_ENOMEM, "control: oom");
-    if (rc < 0) {
-        c->suspended = true;
-        return pie_err_wrap(rc, "control: resuming client '%s'", c->name);
+    double deadline = t0 + timeout_ms / 1000.0;
+    while (c->resuming) {
+        if (timeout_ms == 0 || (timeout_ms > 0 && now_s() >= deadline))
+            return pie_err_set(PIE_EBUSY, "control: client '%s' is being "
+                               "resumed by another thread", c->name);
+        if (timeout_ms < 0) {
+            pthread_cond_wait(&ctl->pool_cv, &ctl->mu);
+        } else {
+            struct timespec ts;
+            ts.tv_sec = (time_t)deadline;
+            ts.tv_nsec = (long)((deadline - (double)ts.tv_sec) * 1e9);
+            pthread_cond_timedwait(&ctl->pool_cv, &ctl->mu, &ts);
+        }
     }
+    return 0;
+}
+
+/* Ends a resume of c with rc (mu held). */
+static int resume_end(pie_ctl_client *c, int rc)
+{
+    c->resuming = false;
+    pthread_cond_broadcast(&c->ctl->pool_cv);   /* wait_other_resume */
+    return rc < 0 ? pie_err_wrap(rc, "control: resuming client '%s'", c->name)
+                  : 0;
+}
+
+int pie__client_resume(pie_ctl_client *c, int32_t timeout_ms)
+{
+    pie_ctl *ctl = c->ctl;
+    double t0 = now_s();
+    int rc = wait_other_resume(c, timeout_ms, t0);
+    if (rc < 0 || !c->suspended) return rc;
+    c->resuming = true;                   /* not a victim from here on */
+    rc = pie__wait_for_pages(ctl, c->n_swap, ms_left(timeout_ms, t0), c);
+    if (rc < 0) return resume_end(c, rc);
+    /* mu was dropped: entries may have been dropped; n pages are free now */
+    int32_t n = c->n_swap;
+    int32_t *pages = malloc((n ? n : 1) * sizeof *pages);
+    if (!pages)
+        return resume_end(c, pie_err_set(PIE_ENOMEM, "control: out of "
+                                         "memory"));
     for (int32_t j = 0; j < n; j++) pages[j] = pie__page_take(ctl);
     pie__wait_idle(ctl);
-    rc = ctl->b->ops->upload(ctl->b, pages, n, c->swap_buf);
+    /* mu was dropped again: give back the pages of entries dropped since */
+    while (n > c->n_swap) pie__page_unref(ctl, pages[--n]);
+    rc = n > 0 ? ctl->b->ops->upload(ctl->b, pages, n, c->swap_buf) : 0;
     if (rc < 0) {
         for (int32_t j = 0; j < n; j++) pie__page_unref(ctl, pages[j]);
         free(pages);
-        c->suspended = true;
-        return pie_err_wrap(rc, "control: resuming client '%s'", c->name);
+        return resume_end(c, rc);
     }
     for (int32_t i = 0; i < c->n_h; i++) {
         ctl_handle *hd = &c->h[i];
@@ -174,5 +297,23 @@ int pie__client_resume(pie_ctl_client *c)
     }
     free(pages);
     pie__client_drop_swap(c);
-    return 0;
+    return resume_end(c, 0);
+}
+
+int pie__client_resume_now(pie_ctl_client *c)
+{
+    int rc = pie__client_resume(c, 0);
+    if (rc != PIE_EBUSY) return rc;
+    return pie_err_set(PIE_EAGAIN, "control: client '%s' is swapped out and "
+                       "the KV pool has no room for its %d pages yet; retry "
+                       "(pie_ctl_client_resume waits)", c->name, c->n_swap);
+}
+
+int pie_ctl_client_resume(pie_ctl_client *c, int32_t timeout_ms)
+{
+    pthread_mutex_lock(&c->ctl->mu);
+    int rc = pie__client_resume(c, timeout_ms);
+    if (rc == 0) c->resumed = true;       /* for the call it resumed for */
+    pthread_mutex_unlock(&c->ctl->mu);
+    return rc;
 }

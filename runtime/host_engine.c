@@ -25,6 +25,11 @@
  * cancel hook cancels the control-layer future; its destroy hook releases
  * it.
  *
+ * No host call blocks its worker thread on the KV pool: kv_alloc polls the
+ * control layer with timeout 0 and parks the fiber between polls, and so
+ * do copy, export and forward submit for a client whose pages the
+ * `suspend` policy swapped out (resume_client).
+ *
  * Guest pointers are checked (pie_rt_guest_ptr / copy_in / copy_out trap on
  * a bad range) before anything is allocated or locked.
  */
@@ -405,6 +410,24 @@ static void park_ms(I *i, int ms)
     pie__rt_future_free(i, h);
 }
 
+/* Brings the pages of a client that the `suspend` policy swapped out back
+ * to the pool, parking between polls like kv_alloc (the control layer
+ * never blocks a worker: copy, export and forward submit answer PIE_EAGAIN
+ * while there is no room). 0 when they are back; the client is then not
+ * swapped out again before its next call. Nothing may be allocated while
+ * this parks: the instance may be killed meanwhile. */
+static int resume_client(I *i, pie_ctl_client *c)
+{
+    int32_t waited = 0, limit = X(i)->e->o.alloc_timeout_ms;
+    int rc;
+    while ((rc = pie_ctl_client_resume(c, 0)) == PIE_EBUSY &&
+           waited < limit) {
+        park_ms(i, 2);
+        waited += 2;
+    }
+    return rc;
+}
+
 uint32_t Z_pieZ_kv_alloc(I *i, uint32_t h, uint32_t n, uint32_t pages)
 {
     if (n > MAX_PAGES_CALL) RET(PIE_ERANGE);
@@ -465,21 +488,34 @@ uint32_t Z_pieZ_kv_copy(I *i, uint32_t h, uint32_t src, uint32_t src_off,
     if (rc < 0) RET(rc);
     if (src_off > INT32_MAX || dst_off > INT32_MAX || n > INT32_MAX)
         RET(PIE_ERANGE);
-    RET(pie_ctl_page_copy(c, src, (int32_t)src_off, dst, (int32_t)dst_off,
-                          (int32_t)n));
+    rc = pie_ctl_page_copy(c, src, (int32_t)src_off, dst, (int32_t)dst_off,
+                           (int32_t)n);
+    if (rc == PIE_EAGAIN && (rc = resume_client(i, c)) == 0)  /* swapped */
+        rc = pie_ctl_page_copy(c, src, (int32_t)src_off, dst,
+                               (int32_t)dst_off, (int32_t)n);
+    RET(rc);
+}
+
+static int export_once(I *i, uint32_t h, uint32_t name, uint32_t len,
+                       uint32_t pages, uint32_t n, pie_ctl_client **c)
+{
+    int rc = 0;
+    char *nm = guest_str(i, name, len, &rc);
+    uint32_t *v = nm ? read_handles(i, pages, n, &rc) : NULL;
+    if (v && (rc = client_of(i, h, c)) == 0)
+        rc = pie_ctl_export(*c, nm, (int32_t)n, v);
+    free(nm);
+    free(v);
+    return rc;
 }
 
 uint32_t Z_pieZ_kv_export(I *i, uint32_t h, uint32_t name, uint32_t len,
                           uint32_t pages, uint32_t n)
 {
-    int rc = 0;
-    char *nm = guest_str(i, name, len, &rc);
-    uint32_t *v = nm ? read_handles(i, pages, n, &rc) : NULL;
-    pie_ctl_client *c;
-    if (v && (rc = client_of(i, h, &c)) == 0)
-        rc = pie_ctl_export(c, nm, (int32_t)n, v);
-    free(nm);
-    free(v);
+    pie_ctl_client *c = NULL;
+    int rc = export_once(i, h, name, len, pages, n, &c);
+    if (rc == PIE_EAGAIN && (rc = resume_client(i, c)) == 0)  /* swapped */
+        rc = export_once(i, h, name, len, pages, n, &c);
     RET(rc);
 }
 
@@ -900,9 +936,12 @@ uint32_t Z_pieZ_forward_submit(I *i, uint32_t fwd)
     einst *x = X(i);
     builder *b = builder_of(i, fwd);
     if (!b) RET(PIE_EINVAL);
-    x->b[fwd - 1] = NULL;                        /* consumed */
     pie_ctl_client *c = NULL;
     int rc = client_at(i, b->model, &c);
+    /* pages swapped out: back before the builder is consumed (while this
+     * parks, the instance still owns it) */
+    if (rc == 0) rc = resume_client(i, c);
+    x->b[fwd - 1] = NULL;                        /* consumed */
     efut *ef = rc == 0 ? calloc(1, sizeof *ef) : NULL;
     if (rc == 0 && !ef) rc = PIE_ENOMEM;
     if (rc < 0) {

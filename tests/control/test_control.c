@@ -1252,6 +1252,471 @@ static void test_fcfs(void)
     done_ctl(ctl, b);
 }
 
+/* ---- memory pressure: suspend, fcfs, swap budget, export quota -------- */
+
+/* Continues a context of a 15-token prompt in pages h (4, then h[4] when
+ * it grows): step i feeds got[i - 1] at position 15 + i - 1 and writes the
+ * greedy token to got[i], for i = i0..i1. */
+static void continue_ctx(pie_ctl_client *c, const uint32_t *h, int32_t *got,
+                         int32_t i0, int32_t i1)
+{
+    for (int32_t i = i0; i <= i1; i++) {
+        pie_ctl_future *f;
+        CHECK_OK(fwd(c, &got[i - 1], 1, 15 + i - 1, h, NULL, &f));
+        got[i] = wait_token(f);
+        pie_ctl_future_release(f);
+    }
+}
+
+/* A client blocked in a resume is no victim. Before, it was: a second
+ * allocation swapped it out again mid-resume, replacing its swap with a
+ * smaller one; the resume then uploaded its old count from the new buffer
+ * (heap overflow), pointed two handles at one physical page (wrong KV) and
+ * the server aborted at close (refs underflow). */
+static pie_ctl_client *race_a;
+static uint32_t race_h[5];
+static int race_rc = 1;
+
+static void *race_resumer(void *arg)
+{
+    (void)arg;
+    race_rc = pie_ctl_page_alloc(race_a, 1, 10000, &race_h[4]);
+    return NULL;
+}
+
+static void test_suspend_resume_race(void)
+{
+    pie_backend *b;
+    pie_ctl_opts co = { .policy = PIE_CTL_POLICY_SUSPEND };
+    pie_ctl *ctl = make_ctl(8, 0, &co, &b);
+    pie_ctl_client_opts lo = { .priority = 3, .name = "a" };
+    pie_ctl_client_opts ho = { .priority = 0, .name = "hi" };
+    pie_ctl_client_opts eo = { .priority = 3, .name = "e" };
+    pie_ctl_client *c, *d, *e;
+    CHECK_OK(pie_ctl_client_open(ctl, &lo, &race_a));
+    int32_t prompt[15], want[3], got[3];
+    make_prompt(prompt, 15, 4242);
+    reference(prompt, 15, 3, want);
+    CHECK_OK(pie_ctl_page_alloc(race_a, 4, 0, race_h));
+    pie_ctl_future *f;
+    CHECK_OK(fwd(race_a, prompt, 15, 0, race_h, NULL, &f));  /* 4 4 4 3 */
+    got[0] = wait_token(f);
+    pie_ctl_future_release(f);
+    /* exported, the last page stays in the pool when a is swapped out */
+    CHECK_OK(pie_ctl_export(race_a, "race", 1, &race_h[3]));
+    uint32_t hc[4], hd[3], he;
+    CHECK_OK(pie_ctl_client_open(ctl, &ho, &c));
+    CHECK_OK(pie_ctl_page_alloc(c, 4, 0, hc));
+    CHECK_OK(pie_ctl_client_open(ctl, &ho, &d));
+    CHECK_OK(pie_ctl_page_alloc(d, 3, 0, hd));     /* swaps a's 3 pages */
+    pie_ctl_stats st;
+    pie_ctl_get_stats(ctl, &st);
+    CHECK(st.suspensions == 1, "suspensions %llu, expected 1",
+          (unsigned long long)st.suspensions);
+    CHECK_OK(pie_ctl_unexport(c, "race"));    /* the page is a's alone again */
+    pthread_t th;
+    pthread_create(&th, NULL, race_resumer, NULL);
+    for (int k = 0; k < 10000 && st.alloc_waits == 0; k++) {
+        usleep(1000);
+        pie_ctl_get_stats(ctl, &st);
+    }
+    CHECK(st.alloc_waits == 1, "the resume never waited for pages");
+    /* a waits in its resume; e (same class as a) finds the pool full */
+    CHECK_OK(pie_ctl_client_open(ctl, &eo, &e));
+    int rc = pie_ctl_page_alloc(e, 1, 0, &he);
+    pie_ctl_get_stats(ctl, &st);
+    CHECK(rc == PIE_EBUSY && st.suspensions == 1, "an allocation during a's "
+          "resume returned %d after %llu suspensions; expected %d (pool "
+          "full) and 1 (a resuming is no victim)", rc,
+          (unsigned long long)st.suspensions, PIE_EBUSY);
+    pie_ctl_client_close(d);
+    pie_ctl_client_close(c);
+    pthread_join(th, NULL);
+    CHECK(race_rc == 0, "resume + allocation returned %d", race_rc);
+    int32_t fill;
+    CHECK_OK(pie_ctl_page_fill(race_a, race_h[0], &fill));
+    CHECK(fill == 4, "fill of page 0 after resume: expected 4, got %d", fill);
+    CHECK_OK(pie_ctl_page_fill(race_a, race_h[3], &fill));
+    CHECK(fill == 3, "fill of page 3 after resume: expected 3, got %d", fill);
+    continue_ctx(race_a, race_h, got, 1, 2);
+    check_same(want, got, 3, "generation across a contested resume");
+    pie_ctl_client_close(race_a);
+    pie_ctl_client_close(e);
+    pie_ctl_get_stats(ctl, &st);
+    CHECK(st.pages_free == 8, "pages free %d, expected 8", st.pages_free);
+    printf("suspend: a client waiting in its resume is not swapped out "
+           "again; its KV comes back intact\n");
+    done_ctl(ctl, b);
+}
+
+/* Calls on a suspended client never wait longer than they were told to:
+ * page_fill reads the swap, page_free drops swapped handles at once,
+ * page_alloc keeps its timeout, and forward submit, copy and export (no
+ * timeout) answer PIE_EAGAIN while the pool has no room for the pages.
+ * Before, each waited 30 s for a resume and then failed with PIE_EBUSY. */
+static void test_suspend_no_block(void)
+{
+    pie_backend *b;
+    pie_ctl_opts co = { .policy = PIE_CTL_POLICY_SUSPEND };
+    pie_ctl *ctl = make_ctl(8, 0, &co, &b);
+    pie_ctl_client_opts lo = { .priority = 3, .name = "a" };
+    pie_ctl_client_opts ho = { .priority = 0, .name = "c" };
+    pie_ctl_client *a, *c;
+    CHECK_OK(pie_ctl_client_open(ctl, &lo, &a));
+    int32_t prompt[15], want[2], got[2];
+    make_prompt(prompt, 15, 5150);
+    reference(prompt, 15, 2, want);
+    uint32_t ha[6];              /* two spare pages, then the context's 4 */
+    CHECK_OK(pie_ctl_page_alloc(a, 6, 0, ha));
+    pie_ctl_future *f;
+    CHECK_OK(fwd(a, prompt, 15, 0, ha + 2, NULL, &f));
+    got[0] = wait_token(f);
+    pie_ctl_future_release(f);
+    uint32_t hc[8];
+    CHECK_OK(pie_ctl_client_open(ctl, &ho, &c));
+    CHECK_OK(pie_ctl_page_alloc(c, 8, 0, hc));     /* swaps all of a's 6 */
+    pie_ctl_stats st;
+    pie_ctl_get_stats(ctl, &st);
+    CHECK(st.suspensions == 1, "suspensions %llu", (unsigned long long)
+          st.suspensions);
+    test_watchdog("calls on a suspended client, the pool full", 10);
+    int32_t fill = -1;
+    CHECK_OK(pie_ctl_page_fill(a, ha[2], &fill));
+    CHECK(fill == 4, "fill of a swapped full page: expected 4, got %d", fill);
+    CHECK_OK(pie_ctl_page_fill(a, ha[5], &fill));
+    CHECK(fill == 3, "fill of a swapped page: expected 3, got %d", fill);
+    uint32_t hn;
+    int rc = pie_ctl_page_alloc(a, 1, 0, &hn);
+    CHECK(rc == PIE_EBUSY, "alloc (timeout 0) on a suspended client: "
+          "expected %d, got %d", PIE_EBUSY, rc);
+    rc = pie_ctl_page_alloc(a, 1, 20, &hn);
+    CHECK(rc == PIE_EBUSY, "alloc (timeout 20 ms) on a suspended client: "
+          "expected %d, got %d", PIE_EBUSY, rc);
+    rc = fwd(a, &got[0], 1, 15, ha + 2, NULL, &f);
+    CHECK(rc == PIE_EAGAIN, "forward on a suspended client: expected %d, "
+          "got %d", PIE_EAGAIN, rc);
+    rc = pie_ctl_page_copy(a, ha[2], 0, ha[0], 0, 2);
+    CHECK(rc == PIE_EAGAIN, "copy on a suspended client: expected %d, got %d",
+          PIE_EAGAIN, rc);
+    rc = pie_ctl_export(a, "nb", 1, &ha[2]);
+    CHECK(rc == PIE_EAGAIN, "export on a suspended client: expected %d, "
+          "got %d", PIE_EAGAIN, rc);
+    /* the spares' swap slots are refilled from the end of the swap: the
+     * bytes of the context's last two pages move */
+    CHECK_OK(pie_ctl_page_free(a, 2, ha));
+    rc = pie_ctl_page_fill(a, ha[0], &fill);
+    CHECK(rc == PIE_EINVAL, "fill of a freed handle: expected %d, got %d",
+          PIE_EINVAL, rc);
+    CHECK_OK(pie_ctl_page_fill(a, ha[5], &fill));
+    CHECK(fill == 3, "fill after a swap slot moved: expected 3, got %d", fill);
+    test_watchdog_off();
+    pie_ctl_client_close(c);
+    continue_ctx(a, ha + 2, got, 1, 1);     /* the forward resumes a */
+    check_same(want, got, 2, "generation after frees during a suspension");
+    pie_ctl_client_close(a);
+    pie_ctl_get_stats(ctl, &st);
+    CHECK(st.pages_free == 8, "pages free %d, expected 8", st.pages_free);
+    printf("suspend: a suspended client's calls answer at once (fill from "
+           "the swap, free without resuming, PIE_EBUSY/PIE_EAGAIN while the "
+           "pool is full)\n");
+    done_ctl(ctl, b);
+}
+
+/* While a's resume waits for room: frees a's first (swapped) handle, whose
+ * swap entry the last one then fills, and closes c, which makes room. */
+typedef struct resume_helper {
+    pie_ctl        *ctl;
+    pie_ctl_client *a, *c;
+    uint32_t        h;
+} resume_helper;
+
+static void *free_then_close(void *arg)
+{
+    resume_helper *r = arg;
+    pie_ctl_stats st = { 0 };
+    for (int k = 0; k < 10000 && st.alloc_waits == 0; k++) {
+        usleep(1000);
+        pie_ctl_get_stats(r->ctl, &st);
+    }
+    CHECK(st.alloc_waits == 1, "the resume never waited for pages");
+    CHECK_OK(pie_ctl_page_free(r->a, 1, &r->h));
+    pie_ctl_client_close(r->c);
+    return NULL;
+}
+
+/* pie_ctl_client_resume waits for room as told, and picks up the frees
+ * made while it waited; the client it resumed is no victim until its next
+ * call, so that call finds its pages. */
+static void test_client_resume(void)
+{
+    pie_backend *b;
+    pie_ctl_opts co = { .policy = PIE_CTL_POLICY_SUSPEND };
+    pie_ctl *ctl = make_ctl(8, 0, &co, &b);
+    pie_ctl_client_opts lo = { .priority = 3, .name = "a" };
+    pie_ctl_client_opts ho = { .priority = 0, .name = "hi" };
+    pie_ctl_client *a, *c, *d;
+    CHECK_OK(pie_ctl_client_open(ctl, &lo, &a));
+    int32_t prompt[15], want[3], got[3];
+    make_prompt(prompt, 15, 77);
+    reference(prompt, 15, 3, want);
+    uint32_t ha[7];        /* a spare, the context's 5 (4 used), a spare */
+    CHECK_OK(pie_ctl_page_alloc(a, 7, 0, ha));
+    pie_ctl_future *f;
+    CHECK_OK(fwd(a, prompt, 15, 0, ha + 1, NULL, &f));
+    got[0] = wait_token(f);
+    pie_ctl_future_release(f);
+    uint32_t hc[8], hd[4];
+    CHECK_OK(pie_ctl_client_open(ctl, &ho, &c));
+    CHECK_OK(pie_ctl_page_alloc(c, 8, 0, hc));     /* swaps a */
+    int rc = pie_ctl_client_resume(a, 0);
+    CHECK(rc == PIE_EBUSY, "resume with the pool full: expected %d, got %d",
+          PIE_EBUSY, rc);
+    pthread_t th;
+    resume_helper rh = { ctl, a, c, ha[0] };
+    pthread_create(&th, NULL, free_then_close, &rh);
+    CHECK_OK(pie_ctl_client_resume(a, 5000));      /* waits for c to leave */
+    pthread_join(th, NULL);
+    int32_t fill;
+    rc = pie_ctl_page_fill(a, ha[0], &fill);
+    CHECK(rc == PIE_EINVAL, "fill of the handle freed during the resume: "
+          "expected %d, got %d", PIE_EINVAL, rc);
+    pie_ctl_stats st;
+    pie_ctl_get_stats(ctl, &st);
+    CHECK(st.pages_free == 2, "pages free after the resume %d, expected 2 "
+          "(a holds 6)", st.pages_free);
+    CHECK_OK(pie_ctl_client_open(ctl, &ho, &d));
+    rc = pie_ctl_page_alloc(d, 4, 0, hd);
+    pie_ctl_get_stats(ctl, &st);
+    CHECK(rc == PIE_EBUSY && st.suspensions == 1, "alloc next to a client "
+          "just resumed: %d after %llu suspensions; expected %d and 1", rc,
+          (unsigned long long)st.suspensions, PIE_EBUSY);
+    continue_ctx(a, ha + 1, got, 1, 1);          /* a uses its pages */
+    CHECK_OK(pie_ctl_page_alloc(d, 4, 0, hd));   /* now a may be swapped */
+    pie_ctl_get_stats(ctl, &st);
+    CHECK(st.suspensions == 2, "suspensions %llu, expected 2",
+          (unsigned long long)st.suspensions);
+    CHECK_OK(pie_ctl_client_resume(d, 0));       /* not suspended: no-op */
+    CHECK_OK(pie_ctl_page_free(d, 4, hd));
+    continue_ctx(a, ha + 1, got, 2, 2);
+    check_same(want, got, 3, "generation across two resumes");
+    pie_ctl_client_close(a);
+    pie_ctl_client_close(d);
+    pie_ctl_get_stats(ctl, &st);
+    CHECK(st.pages_free == 8, "pages free %d, expected 8", st.pages_free);
+    printf("suspend: pie_ctl_client_resume waits as told; a client it "
+           "resumed keeps its pages until it uses them\n");
+    done_ctl(ctl, b);
+}
+
+/* FCFS under a polling allocator (the runtime's kv_alloc polls with
+ * timeout 0): clients already asked to end whose pages have not come back
+ * yet count as coming; only as many as the request needs are asked. Before,
+ * every poll asked one more: all four victims for one 2-page request. */
+static atomic_int n_asked;
+
+static void count_evict(void *user, pie_ctl_client *c)
+{
+    (void)user, (void)c;
+    atomic_fetch_add(&n_asked, 1);
+}
+
+static void test_fcfs_poll(void)
+{
+    pie_backend *b;
+    pie_ctl_opts co = { .policy = PIE_CTL_POLICY_FCFS };
+    pie_ctl *ctl = make_ctl(8, 0, &co, &b);
+    pie_ctl_client_opts o = { .priority = 2, .on_evict = count_evict };
+    pie_ctl_client *v[4], *r, *r2;
+    uint32_t h[4];
+    atomic_store(&n_asked, 0);
+    for (int k = 0; k < 4; k++) {
+        CHECK_OK(pie_ctl_client_open(ctl, &o, &v[k]));
+        CHECK_OK(pie_ctl_page_alloc(v[k], 2, 0, h));
+    }
+    CHECK_OK(pie_ctl_client_open(ctl, &o, &r));
+    for (int k = 0; k < 5; k++) {      /* the owners have not closed yet */
+        int rc = pie_ctl_page_alloc(r, 2, 0, h);
+        CHECK(rc == PIE_EBUSY, "poll %d: expected %d, got %d", k, PIE_EBUSY,
+              rc);
+    }
+    CHECK(atomic_load(&n_asked) == 1, "5 polls for 2 pages asked %d clients "
+          "(of 2 pages each) to end; expected 1", atomic_load(&n_asked));
+    pie_ctl_client_close(v[3]);                  /* the newest was asked */
+    CHECK_OK(pie_ctl_page_alloc(r, 2, 0, h));
+    /* 4 pages: two clients of 2 (the newest, r, then v[2]), no more */
+    CHECK_OK(pie_ctl_client_open(ctl, &o, &r2));
+    for (int k = 0; k < 5; k++) {
+        int rc = pie_ctl_page_alloc(r2, 4, 0, h);
+        CHECK(rc == PIE_EBUSY, "poll %d: expected %d, got %d", k, PIE_EBUSY,
+              rc);
+    }
+    pie_ctl_stats st;
+    pie_ctl_get_stats(ctl, &st);
+    CHECK(atomic_load(&n_asked) == 3 && st.evictions == 3, "after a 4-page "
+          "request %d clients were asked to end in all (counter %llu); "
+          "expected 3", atomic_load(&n_asked),
+          (unsigned long long)st.evictions);
+    pie_ctl_client_close(r);
+    pie_ctl_client_close(v[2]);
+    CHECK_OK(pie_ctl_page_alloc(r2, 4, 0, h));
+    for (int k = 0; k < 2; k++) pie_ctl_client_close(v[k]);
+    pie_ctl_client_close(r2);
+    printf("fcfs: a polling allocation asks only as many clients to end as "
+           "it needs pages from\n");
+    done_ctl(ctl, b);
+}
+
+/* A request refused as hopeless (more than the pool less the requester's
+ * own and the exported pages) suspends and evicts nobody first. */
+static void test_hopeless_no_victims(void)
+{
+    int policies[2] = { PIE_CTL_POLICY_SUSPEND, PIE_CTL_POLICY_FCFS };
+    for (int k = 0; k < 2; k++) {
+        pie_backend *b;
+        pie_ctl_opts co = { .policy = policies[k] };
+        pie_ctl *ctl = make_ctl(8, 0, &co, &b);
+        pie_ctl_client_opts o = { .priority = 2, .on_evict = count_evict,
+                                  .name = "victim" };
+        pie_ctl_client *v, *h;
+        uint32_t hv[4], hh[9];
+        atomic_store(&n_asked, 0);
+        CHECK_OK(pie_ctl_client_open(ctl, &o, &v));
+        CHECK_OK(pie_ctl_page_alloc(v, 4, 0, hv));
+        o.name = "greedy";
+        CHECK_OK(pie_ctl_client_open(ctl, &o, &h));
+        CHECK_OK(pie_ctl_page_alloc(h, 1, 0, hh));
+        int rc = pie_ctl_page_alloc(h, 8, 0, hh + 1);  /* 8 > 8 - 1 */
+        CHECK(rc == PIE_ENOMEM, "hopeless request: expected %d, got %d",
+              PIE_ENOMEM, rc);
+        rc = pie_ctl_page_alloc(h, 9, 1000, hh);        /* > the pool */
+        CHECK(rc == PIE_ENOMEM, "request beyond the pool: expected %d, got "
+              "%d", PIE_ENOMEM, rc);
+        pie_ctl_stats st;
+        pie_ctl_get_stats(ctl, &st);
+        CHECK(st.suspensions == 0 && st.evictions == 0 &&
+              atomic_load(&n_asked) == 0, "%s: hopeless requests caused %llu "
+              "suspensions and %llu evictions; expected none",
+              k ? "fcfs" : "suspend", (unsigned long long)st.suspensions,
+              (unsigned long long)st.evictions);
+        pie_ctl_client_close(v);
+        pie_ctl_client_close(h);
+        done_ctl(ctl, b);
+    }
+    printf("hopeless: refused before any client is suspended or asked to "
+           "end\n");
+}
+
+/* Host memory for swapped pages is bounded (default: the pool's size);
+ * past it the policy waits. Before, each new client swapped the previous
+ * one out: k clients, k - 1 pools in host memory. */
+static void test_swap_budget(void)
+{
+    pie_backend *b;
+    pie_ctl_opts co = { .policy = PIE_CTL_POLICY_SUSPEND };
+    pie_ctl *ctl = make_ctl(8, 0, &co, &b);
+    pie_ctl_client *c[3];
+    uint32_t h[3][8];
+    for (int k = 0; k < 3; k++)
+        CHECK_OK(pie_ctl_client_open(ctl, NULL, &c[k]));
+    CHECK_OK(pie_ctl_page_alloc(c[0], 8, 0, h[0]));
+    CHECK_OK(pie_ctl_page_alloc(c[1], 8, 0, h[1]));   /* swaps c0: a pool */
+    int rc = pie_ctl_page_alloc(c[2], 8, 0, h[2]);
+    pie_ctl_stats st;
+    pie_ctl_get_stats(ctl, &st);
+    CHECK(rc == PIE_EBUSY && st.suspensions == 1, "third client: %d after "
+          "%llu suspensions; expected %d (budget spent) and 1", rc,
+          (unsigned long long)st.suspensions, PIE_EBUSY);
+    pie_ctl_client_close(c[0]);                       /* its swap goes */
+    CHECK_OK(pie_ctl_page_alloc(c[2], 8, 0, h[2]));   /* swaps c1 */
+    pie_ctl_get_stats(ctl, &st);
+    CHECK(st.suspensions == 2, "suspensions %llu, expected 2",
+          (unsigned long long)st.suspensions);
+    pie_ctl_client_close(c[1]);
+    pie_ctl_client_close(c[2]);
+    printf("swap budget: one pool of host memory by default; past it "
+           "allocations wait\n");
+    done_ctl(ctl, b);
+}
+
+/* opts.max_swap_bytes: a victim whose pages would not fit is skipped. */
+static void test_swap_budget_opt(void)
+{
+    pie_backend *b;
+    CHECK_OK(fake_backend_create(VOCAB, PS, 8, 0, &b));
+    pie_ctl_opts co = { .policy = PIE_CTL_POLICY_SUSPEND,
+                        .max_swap_bytes = 4 * b->page_bytes };
+    pie_ctl *ctl = NULL;
+    CHECK_OK(pie_ctl_create(b, &co, &ctl));
+    pie_ctl_client *c0, *c1;
+    uint32_t h0[6], h1[6];
+    CHECK_OK(pie_ctl_client_open(ctl, NULL, &c0));
+    CHECK_OK(pie_ctl_client_open(ctl, NULL, &c1));
+    CHECK_OK(pie_ctl_page_alloc(c0, 6, 0, h0));
+    int rc = pie_ctl_page_alloc(c1, 6, 0, h1);        /* 6 pages > 4 */
+    CHECK(rc == PIE_EBUSY, "victim beyond the budget: expected %d, got %d",
+          PIE_EBUSY, rc);
+    CHECK_OK(pie_ctl_page_free(c0, 3, h0));
+    CHECK_OK(pie_ctl_page_alloc(c1, 6, 0, h1));       /* 3 pages fit */
+    pie_ctl_stats st;
+    pie_ctl_get_stats(ctl, &st);
+    CHECK(st.suspensions == 1, "suspensions %llu, expected 1",
+          (unsigned long long)st.suspensions);
+    pie_ctl_client_close(c0);
+    pie_ctl_client_close(c1);
+    printf("swap budget: max_swap_bytes skips victims that do not fit\n");
+    done_ctl(ctl, b);
+}
+
+/* max_pages counts the pages a client's live exports pin (once, if it
+ * also holds them). Before, alloc, export, free in a loop pinned any
+ * number of pages under max_pages 2. Exports outlive their exporter and
+ * then count against no client. */
+static void test_export_quota(void)
+{
+    pie_backend *b;
+    pie_ctl *ctl = make_ctl(16, 0, NULL, &b);
+    pie_ctl_client_opts o = { .max_pages = 2, .name = "q" };
+    pie_ctl_client *q, *q2;
+    CHECK_OK(pie_ctl_client_open(ctl, &o, &q));
+    uint32_t h[2];
+    char nm[8];
+    for (int k = 0; k < 2; k++) {
+        snprintf(nm, sizeof nm, "q%d", k);
+        CHECK_OK(pie_ctl_page_alloc(q, 1, 0, h));
+        CHECK_OK(pie_ctl_export(q, nm, 1, h));
+        CHECK_OK(pie_ctl_page_free(q, 1, h));
+    }
+    int rc = pie_ctl_page_alloc(q, 1, 0, h);
+    CHECK(rc == PIE_ELIMIT, "alloc with 2 exported pages and max_pages 2: "
+          "expected %d, got %d", PIE_ELIMIT, rc);
+    CHECK_OK(pie_ctl_unexport(q, "q0"));
+    CHECK_OK(pie_ctl_page_alloc(q, 1, 0, h));
+    CHECK_OK(pie_ctl_page_free(q, 1, h));
+    CHECK_OK(pie_ctl_unexport(q, "q1"));
+    /* held and exported: counted once; freed, the export still pins it */
+    CHECK_OK(pie_ctl_page_alloc(q, 2, 0, h));
+    CHECK_OK(pie_ctl_export(q, "both", 2, h));
+    CHECK_OK(pie_ctl_page_free(q, 1, h));
+    rc = pie_ctl_page_alloc(q, 1, 0, h);
+    CHECK(rc == PIE_ELIMIT, "alloc with 1 held + 1 exported page: expected "
+          "%d, got %d", PIE_ELIMIT, rc);
+    pie_ctl_client_close(q);
+    pie_ctl_stats st;
+    pie_ctl_get_stats(ctl, &st);
+    CHECK(st.exports == 1 && st.pages_used == 2, "after the exporter closed: "
+          "%d exports, %d pages used; expected 1 and 2", st.exports,
+          st.pages_used);
+    CHECK_OK(pie_ctl_client_open(ctl, &o, &q2));
+    CHECK_OK(pie_ctl_page_alloc(q2, 2, 0, h));   /* not charged to q2 */
+    CHECK_OK(pie_ctl_unexport(q2, "both"));
+    pie_ctl_client_close(q2);
+    pie_ctl_get_stats(ctl, &st);
+    CHECK(st.pages_free == 16, "pages free %d", st.pages_free);
+    printf("export quota: a client's live exports count against its "
+           "max_pages\n");
+    done_ctl(ctl, b);
+}
+
 static void test_chunked_prefill(void)
 {
     pie_backend *b;
@@ -2139,6 +2604,14 @@ static const struct { const char *name; void (*fn)(void); } tests[] = {
     { "persist_special", test_persist_special },
     { "suspend", test_suspend },
     { "fcfs", test_fcfs },
+    { "suspend_resume_race", test_suspend_resume_race },
+    { "suspend_no_block", test_suspend_no_block },
+    { "client_resume", test_client_resume },
+    { "fcfs_poll", test_fcfs_poll },
+    { "hopeless_no_victims", test_hopeless_no_victims },
+    { "swap_budget", test_swap_budget },
+    { "swap_budget_opt", test_swap_budget_opt },
+    { "export_quota", test_export_quota },
     { "chunked_prefill", test_chunked_prefill },
     { "rows_and_masks", test_rows_and_masks },
     { "bad_input", test_bad_input },

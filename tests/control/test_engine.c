@@ -9,7 +9,9 @@
  * waits for a short pool leaks nothing (LeakSanitizer in the ASan build);
  * an inferlet that piles logit masks into a forward builder is refused at
  * its byte budget, gets the budget back when it submits, and the server
- * goes on.
+ * goes on; an inferlet swapped out (`suspend` policy) while idle parks in
+ * forward_submit until the pool has room for its pages, without holding
+ * the runtime's only worker thread, and then generates the same ids.
  */
 #include <jansson.h>
 #include <pthread.h>
@@ -135,6 +137,88 @@ static void kill_in_kv_alloc(pie_model *m)
     st = pie_rt_wait(holder, reason, sizeof reason);
     pie_rt_instance_unref(holder);
     CHECK(st == 0, "holder: status %d (%s)", st, reason);
+    pie_rt_module_unref(mod);
+    pie_rt_free(rt);
+    pie_engine_free(e);
+    pie_ctl_free(ctl);
+    pie_backend_free(b);
+}
+
+/* The `suspend` policy through the runtime, on one worker thread: A
+ * (priority 3) generates half its tokens and idles; a native client of
+ * priority 0 takes the whole pool, swapping A out. A's next forward_submit
+ * finds the pool full and must park, not block the worker: another
+ * instance on it (one that traps at once) has to run meanwhile. Before, the
+ * submit held the worker for up to 30 s. Once the native client leaves,
+ * A's pages come back and A sends exactly the reference ids. */
+static void suspend_in_runtime(pie_model *m, const char *prompt,
+                               const char *want20)
+{
+    pie_backend_opts bo = { .page_size = 16, .n_pages = 8, .n_threads = 1 };
+    pie_backend *b = NULL;
+    CHECK_OK(pie_backend_cpu_create(m, &bo, &b));
+    pie_ctl_opts co = { .policy = PIE_CTL_POLICY_SUSPEND };
+    pie_ctl *ctl = NULL;
+    CHECK_OK(pie_ctl_create(b, &co, &ctl));
+    pie_engine_opts eo = { .client = { .priority = 3 } };
+    pie_engine *e = NULL;
+    CHECK_OK(pie_engine_create(&eo, &e));
+    CHECK_OK(pie_engine_add_model(e, "stories260K", m, ctl));
+    pie_rt_opts ro = { .n_workers = 1, .cache_dir = TEST_CACHE_DIR,
+                       .hooks = pie_engine_hooks(e) };
+    pie_rt *rt = NULL;
+    CHECK_OK(pie_rt_create(&ro, &rt));
+    pie_rt_module *mod = load_module(rt);
+    static result ra;
+    pthread_mutex_init(&ra.mu, NULL);
+    ra.len = 0;
+    ra.msg[0] = 0;
+    const char *av_a[] = { "gen_raw", "pause", prompt, "20", "0" };
+    pie_rt_launch_cbs cbs = { .user = &ra, .on_message = on_message,
+                              .on_output = on_output };
+    pie_rt_instance *a = NULL;
+    CHECK_OK(pie_rt_launch(rt, mod, 5, av_a, &cbs, &a));
+    for (int k = 0; k < 15000; k++) {
+        pthread_mutex_lock(&ra.mu);
+        size_t len = ra.len;
+        pthread_mutex_unlock(&ra.mu);
+        if (len > 0) break;
+        usleep(2000);
+    }
+    CHECK(strcmp(ra.msg, "p") == 0, "A never paused (sent '%s')", ra.msg);
+    pie_ctl_client_opts ho = { .priority = 0, .name = "hog" };
+    pie_ctl_client *hog = NULL;
+    uint32_t hh[8];
+    CHECK_OK(pie_ctl_client_open(ctl, &ho, &hog));
+    CHECK_OK(pie_ctl_page_alloc(hog, 8, 0, hh));     /* swaps A out */
+    pie_ctl_stats cs;
+    pie_ctl_get_stats(ctl, &cs);
+    CHECK(cs.suspensions == 1, "suspensions %llu, expected 1",
+          (unsigned long long)cs.suspensions);
+    test_watchdog("a suspended inferlet parks in forward_submit", 20);
+    CHECK_OK(pie_rt_send(a, "x", 1));    /* A's next step needs its pages */
+    usleep(100000);
+    char reason[256] = "";
+    static result rc_;
+    pthread_mutex_init(&rc_.mu, NULL);
+    const char *av_c[] = { "gen_raw", "badptr" };
+    int32_t st = launch_wait(rt, mod, 2, av_c, &rc_, reason);
+    CHECK(st == PIE_ETRAP, "the other instance: status %d (%s)", st, reason);
+    pie_ctl_client_close(hog);
+    st = pie_rt_wait(a, reason, sizeof reason);
+    pie_rt_instance_unref(a);
+    test_watchdog_off();
+    char want[4096];
+    snprintf(want, sizeof want, "p%s", want20);
+    CHECK(st == 0 && strcmp(ra.msg, want) == 0, "A: status %d (%s), sent\n"
+          "  %s\nexpected\n  %s", st, reason, ra.msg, want);
+    pie_ctl_get_stats(ctl, &cs);
+    CHECK(cs.suspensions == 1 && cs.pages_free == cs.pages_total,
+          "%llu suspensions, %d of %d pages free at the end",
+          (unsigned long long)cs.suspensions, cs.pages_free, cs.pages_total);
+    printf("suspend: an inferlet swapped out while idle parked (the worker "
+           "ran another instance) until the pool had room, then matched the "
+           "reference\n");
     pie_rt_module_unref(mod);
     pie_rt_free(rt);
     pie_engine_free(e);
@@ -279,6 +363,9 @@ int main(void)
           cs.pages_total, cs.queue_depth);
     printf("shutdown: no step outlives pie_rt_free\n");
     kill_in_kv_alloc(m);
+    char want20[1024];
+    snprintf(want20, sizeof want20, "%s", ids_text(greedy, 20, ' '));
+    suspend_in_runtime(m, prompt, want20);
     pie_engine_free(e);
     pie_ctl_free(ctl);
     pie_backend_free(b);

@@ -6,6 +6,9 @@
  *   MODE  ok        generate; send the ids as "id id id ..."
  *         stop      like ok, but cancel everything queued after 5 tokens
  *                   and leave the pages allocated (the host must free them)
+ *         pause     like ok (use LOOKAHEAD 0), but after N_TOKENS / 2
+ *                   tokens, with nothing in flight, send "p" and wait for
+ *                   a message before going on
  *         badptr    pass an out-of-bounds pointer to kv_alloc (must trap)
  *         badargs   call with bad handles/arguments; send "ok" if every call
  *                   returned the expected error code
@@ -120,11 +123,17 @@ int main(int argc, char **argv)
     int32_t np = parse_ids(argv[2], prompt), n = atoi(argv[3]);
     int32_t ahead = atoi(argv[4]), ps = pie_model_page_size(m);
     int stop_early = strcmp(argv[1], "stop") == 0;
+    int pause = strcmp(argv[1], "pause") == 0;
     int32_t need = (np + n + ps - 1) / ps;
     if (pie_kv_alloc(m, (uint32_t)need, pages) != 0) return 4;
     int32_t ring[65], next = 0, done = 0;
     if (ahead > 64) ahead = 64;
     while (done < n) {
+        if (pause && done == n / 2 && next == done) {
+            pie_send("p", 1);
+            if (pie_future_wait(pie_receive()) < 0) return 8;
+            pause = 0;
+        }
         while (next < n && next - done <= ahead) {
             int32_t f = pie_forward_new(m), first = next ? np + next - 1 : 0;
             int32_t cnt = next ? 1 : np, kv = first + cnt;
