@@ -19,7 +19,9 @@
  * The watchdog thread fires timers (sleep futures, wait timeouts; a binary
  * heap) and every 10 ms reads each worker's thread CPU clock: an instance
  * over its budget, or one being killed, gets PIE_RT_SIG_CPU on its worker;
- * the handler (wasm_rt.c) unwinds only from generated code.
+ * the handler (wasm_rt.c) unwinds only while the instance is in guest code
+ * (i->in_guest: generated code or a libc leaf it called, such as the
+ * memmove of a memory.copy), never from host code that may hold a lock.
  *
  * References: an instance holds one reference for being alive (dropped by
  * its worker after it ended) plus one per embedder handle; futures are
@@ -761,12 +763,17 @@ static void fiber_main(void *arg)
         if (rc < 0) {
             i->status = rc;
         } else {
-            i->mod->instantiate(i->wasm, i);
+            /* The memory struct lives in the (zeroed) wasm2c instance, so
+             * host calls from a start section see it once it is allocated. */
             i->mem = i->mod->memory(i->wasm);
+            i->in_guest = 1;     /* signal handlers may unwind from here  */
+            i->mod->instantiate(i->wasm, i);   /* runs the start section */
             i->mod->start(i->wasm);
+            i->in_guest = 0;
             i->status = 0;
         }
     }
+    i->in_guest = 0;             /* trap_with cleared it too              */
     i->trap_jb = NULL;
     instance_finish(i);
     to_scheduler(i, true);
@@ -972,6 +979,30 @@ static int mkdir_p(char *path)
     return 0;
 }
 
+/* The compile cache holds code the server runs: refuse a directory that
+ * someone else could write to (another user's, a symlink, group/world
+ * writable), e.g. a /tmp/.cache/pie made by another user. */
+static int check_cache_dir(const char *path)
+{
+    struct stat st;
+    if (lstat(path, &st) != 0)
+        return pie_err_set(PIE_EIO, "cache dir %s: %s", path, strerror(errno));
+    if (!S_ISDIR(st.st_mode))
+        return pie_err_set(PIE_EPERM, "cache dir %s is not a directory (a "
+                           "symlink?): set PIE_CACHE_DIR to a directory of "
+                           "your own", path);
+    if (st.st_uid != geteuid())
+        return pie_err_set(PIE_EPERM, "cache dir %s is owned by uid %u, not "
+                           "by this user (uid %u): set PIE_CACHE_DIR to a "
+                           "directory of your own", path, (unsigned)st.st_uid,
+                           (unsigned)geteuid());
+    if (st.st_mode & (S_IWGRP | S_IWOTH))
+        return pie_err_set(PIE_EPERM, "cache dir %s is writable by group or "
+                           "others (mode %03o): chmod 700 it or set "
+                           "PIE_CACHE_DIR", path, (unsigned)(st.st_mode & 0777));
+    return 0;
+}
+
 int pie_rt_create(const pie_rt_opts *o, pie_rt **out)
 {
     *out = NULL;
@@ -1002,8 +1033,11 @@ int pie_rt_create(const pie_rt_opts *o, pie_rt **out)
     rt->o.http_allow = (const char *const *)rt->http_allow;
     rt->o.cache_dir = rt->cache_dir;
     int rc = mkdir_p(rt->cache_dir);
+    if (!rc)
+        rc = check_cache_dir(rt->cache_dir);
     if (rc)
         goto err;
+    pie__rt_cache_sweep(rt->cache_dir);
     pie__rt_signals_init();
     pthread_mutex_init(&rt->lock, NULL);
     pthread_cond_init(&rt->live_cv, NULL);

@@ -1,10 +1,13 @@
 /*
  * loader.c — from uploaded wasm bytes to a dlopened, refcounted module.
  *
- *   1. check     parse the type, import and export sections: every import
- *                must be a function in the API table (runtime/api.def) with
- *                its exact wasm type and implemented by this server; the
- *                module must export memory "memory" and function "_start".
+ *   1. check     parse the type, import, function, table, export and code
+ *                sections: every import must be a function in the API table
+ *                (runtime/api.def) with its exact wasm type and implemented
+ *                by this server; the module must export memory "memory"
+ *                and function "_start" of type () -> (); the counts that
+ *                make translation and compilation costly are bounded
+ *                (LIMIT_*: types, functions, tables, locals, body size).
  *   2. key       sha256 over (wasm bytes, wasm2c version, compiler path and
  *                version, flags, API version and table digest).
  *   3. compile   on a cache miss, in a private temp dir under the cache:
@@ -13,9 +16,24 @@
  *                force-included (with -DPIE_RT_INFERLET they rename every
  *                import to its stack-checking entry wrapper, defined in
  *                the server); both tools run in child processes under
- *                RLIMIT_CPU and RLIMIT_AS; publish with rename().
- *   4. load      dlopen(RTLD_NOW|RTLD_LOCAL), init_module under a mutex,
+ *                RLIMIT_CPU, RLIMIT_AS and RLIMIT_FSIZE, killed if the
+ *                server dies (PR_SET_PDEATHSIG). The .so gets a trailer
+ *                (below), is fsynced, published with rename(), and the
+ *                directory fsynced. Temp dirs left by a crash are swept
+ *                when a runtime starts (pie__rt_cache_sweep).
+ *   4. load      open the entry with O_NOFOLLOW, check it is a regular file
+ *                of ours whose trailer names this key and whose bytes hash
+ *                to the trailer's sha256; only then dlopen it through
+ *                /proc/self/fd (the very file checked). A damaged, foreign
+ *                or mismatched entry is dropped and compiled afresh.
+ *                dlopen(RTLD_NOW|RTLD_LOCAL), init_module under a mutex,
  *                record the module's executable range for the watchdog.
+ *
+ * Cache entry <key>.so: the ELF shared object, then a 120-byte trailer
+ * (ELF loaders ignore bytes past the segments): magic "PIESOTRL", u32
+ * version, u32 zero, u64 ELF length, the key (64 hex chars), sha256 of
+ * the ELF bytes (32). The trailer ties the file to its key, so a renamed
+ * or linked entry of another module is refused.
  *
  * Loaded modules are shared by key (rt->modules list of pie_rt_named with
  * name == NULL); a module is dlclosed when its last reference goes.
@@ -29,6 +47,8 @@
 #include <sodium.h>
 #include <stdio.h>
 #include <string.h>
+#include <sys/mman.h>
+#include <sys/prctl.h>
 #include <sys/resource.h>
 #include <sys/stat.h>
 #include <sys/wait.h>
@@ -37,9 +57,25 @@
 
 #include "runtime/rt_internal.h"
 
+/* Part of the cache key: keep in step with compile()'s argument list.
+ * -fno-math-errno lets f32/f64.sqrt inline (no libm call, no errno path). */
 #define COMPILE_FLAGS "-O1 -pipe -fPIC -shared -fvisibility=hidden " \
     "-fno-semantic-interposition -fstack-clash-protection -fno-strict-aliasing " \
-    "-DPIE_RT_INFERLET"
+    "-fno-math-errno -DPIE_RT_INFERLET"
+
+/* Bounds on what a module may declare (README, "Limits"): each drives
+ * wasm2c's or the C compiler's time and memory. Real inferlets are far
+ * below them. */
+#define LIMIT_TYPES        10000     /* function types                     */
+#define LIMIT_FUNCS        100000    /* functions (imported + defined)     */
+#define LIMIT_TABLES       16        /* tables (each charged to memory)    */
+#define LIMIT_LOCALS       50000     /* locals in one function             */
+#define LIMIT_LOCALS_TOTAL 2000000   /* locals in all functions            */
+#define LIMIT_BODY         (8u << 20) /* bytes of one function body        */
+#define LIMIT_FSIZE        (2ull << 30) /* bytes a compile step may write  */
+
+#define TRAILER_MAGIC   "PIESOTRL"   /* cache entry trailer (header comment) */
+#define TRAILER_VERSION 1
 
 /* ---- 1. the import/export check ----------------------------------------- */
 
@@ -91,8 +127,10 @@ typedef struct { char params[160]; char result[64]; } sigstr;
 static int parse_types(rd r, sigstr **out, uint32_t *n_out)
 {
     uint32_t n;
-    if (rd_leb(&r, &n) || n > 100000)
+    if (rd_leb(&r, &n))
         return -1;
+    if (n > LIMIT_TYPES)
+        return -3;
     sigstr *t = calloc(n ? n : 1, sizeof *t);
     if (!t)
         return -2;
@@ -145,7 +183,8 @@ static const char *kind_name(uint8_t k)
     return k < 5 ? n[k] : "unknown";
 }
 
-static int check_imports(rd r, const sigstr *types, uint32_t n_types)
+static int check_imports(rd r, const sigstr *types, uint32_t n_types,
+                         uint32_t *n_funcs)
 {
     uint32_t n;
     if (rd_leb(&r, &n))
@@ -183,10 +222,12 @@ static int check_imports(rd r, const sigstr *types, uint32_t n_types)
                                "(built without the engine)", a->module,
                                a->name);
     }
+    *n_funcs = n;
     return 0;
 }
 
-static int check_exports(rd r)
+/* Checks the exports; *start_idx gets _start's function index. */
+static int check_exports(rd r, uint32_t *start_idx)
 {
     uint32_t n;
     bool mem = false, start = false;
@@ -202,8 +243,10 @@ static int check_exports(rd r)
             return pie_err_set(PIE_EFORMAT, "wasm: truncated export section");
         if (kind == 2 && nl == 6 && !memcmp(name, "memory", 6))
             mem = true;
-        if (kind == 0 && nl == 6 && !memcmp(name, "_start", 6))
+        if (kind == 0 && nl == 6 && !memcmp(name, "_start", 6)) {
             start = true;
+            *start_idx = idx;
+        }
     }
     if (!mem)
         return pie_err_set(PIE_EUNSUPPORTED, "module exports no memory "
@@ -214,13 +257,72 @@ static int check_exports(rd r)
     return 0;
 }
 
+/* The function section: *n defined functions, their type indexes in *ti
+ * (malloc'ed; the caller frees). */
+static int parse_funcs(rd r, uint32_t n_imported, uint32_t **ti, uint32_t *n)
+{
+    if (rd_leb(&r, n))
+        return pie_err_set(PIE_EFORMAT, "wasm: truncated function section");
+    if (*n > LIMIT_FUNCS || n_imported + (uint64_t)*n > LIMIT_FUNCS)
+        return pie_err_set(PIE_ELIMIT, "module declares %u functions, the "
+                           "limit is %u", n_imported + *n, LIMIT_FUNCS);
+    *ti = malloc(((size_t)*n + 1) * sizeof **ti);
+    if (!*ti)
+        return pie_err_set(PIE_ENOMEM, "out of memory");
+    for (uint32_t k = 0; k < *n; k++)
+        if (rd_leb(&r, &(*ti)[k]))
+            return pie_err_set(PIE_EFORMAT, "wasm: truncated function "
+                               "section");
+    return 0;
+}
+
+/* The code section: each body's size and local count within bounds. */
+static int check_code(rd r)
+{
+    uint32_t n;
+    uint64_t total = 0;
+    if (rd_leb(&r, &n))
+        return pie_err_set(PIE_EFORMAT, "wasm: truncated code section");
+    for (uint32_t k = 0; k < n; k++) {
+        uint32_t size, groups;
+        if (rd_leb(&r, &size) || (size_t)(r.end - r.p) < size)
+            return pie_err_set(PIE_EFORMAT, "wasm: truncated code section");
+        if (size > LIMIT_BODY)
+            return pie_err_set(PIE_ELIMIT, "function %u's body is %u bytes, "
+                               "the limit is %u", k, size, LIMIT_BODY);
+        rd b = {r.p, r.p + size};
+        r.p += size;
+        if (rd_leb(&b, &groups))
+            return pie_err_set(PIE_EFORMAT, "wasm: truncated function body");
+        uint64_t locals = 0;
+        for (uint32_t g = 0; g < groups; g++) {
+            uint32_t c;
+            if (rd_leb(&b, &c) || b.p >= b.end)
+                return pie_err_set(PIE_EFORMAT, "wasm: truncated locals");
+            b.p++;                                   /* value type */
+            locals += c;
+            if (locals > LIMIT_LOCALS)
+                return pie_err_set(PIE_ELIMIT, "function %u declares more "
+                                   "than %u locals (the limit)", k,
+                                   LIMIT_LOCALS);
+        }
+        total += locals;
+        if (total > LIMIT_LOCALS_TOTAL)
+            return pie_err_set(PIE_ELIMIT, "module declares more than %u "
+                               "locals in all (the limit)",
+                               LIMIT_LOCALS_TOTAL);
+    }
+    return 0;
+}
+
 int pie__rt_check_imports(const uint8_t *wasm, size_t len)
 {
     static const uint8_t magic[8] = {0, 'a', 's', 'm', 1, 0, 0, 0};
     if (len < 8 || memcmp(wasm, magic, 8))
         return pie_err_set(PIE_EFORMAT, "not a WebAssembly module (bad magic "
                            "or version)");
-    rd r = {wasm + 8, wasm + len}, imp = {0}, exp = {0}, typ = {0};
+    rd r = {wasm + 8, wasm + len}, imp = {0}, exp = {0}, typ = {0},
+       fun = {0}, tab = {0}, code = {0};
     bool have_exp = false;
     while (r.p < r.end) {
         uint8_t id = *r.p++;
@@ -230,26 +332,55 @@ int pie__rt_check_imports(const uint8_t *wasm, size_t len)
         rd s = {r.p, r.p + sz};
         if (id == 1) typ = s;
         if (id == 2) imp = s;
+        if (id == 3) fun = s;
+        if (id == 4) tab = s;
         if (id == 7) { exp = s; have_exp = true; }
+        if (id == 10) code = s;
         r.p += sz;
     }
     sigstr *types = NULL;
-    uint32_t n_types = 0;
+    uint32_t n_types = 0, n_imp = 0, n_fun = 0, *fun_types = NULL;
     if (typ.p) {
         int rc = parse_types(typ, &types, &n_types);
         if (rc == -2)
             return pie_err_set(PIE_ENOMEM, "out of memory");
+        if (rc == -3)
+            return pie_err_set(PIE_ELIMIT, "module declares more than %u "
+                               "function types (the limit)", LIMIT_TYPES);
         if (rc)
             return pie_err_set(PIE_EFORMAT, "wasm: malformed type section");
     }
-    int rc = imp.p ? check_imports(imp, types, n_types) : 0;
+    int rc = imp.p ? check_imports(imp, types, n_types, &n_imp) : 0;
+    if (!rc && fun.p)
+        rc = parse_funcs(fun, n_imp, &fun_types, &n_fun);
+    if (!rc && tab.p) {
+        uint32_t n;
+        if (rd_leb(&tab, &n))
+            rc = pie_err_set(PIE_EFORMAT, "wasm: truncated table section");
+        else if (n > LIMIT_TABLES)
+            rc = pie_err_set(PIE_ELIMIT, "module declares %u tables, the "
+                             "limit is %u", n, LIMIT_TABLES);
+    }
+    if (!rc && code.p)
+        rc = check_code(code);
+    uint32_t start = UINT32_MAX;
+    if (!rc && !have_exp)
+        rc = pie_err_set(PIE_EUNSUPPORTED, "module has no exports (needs "
+                         "memory \"memory\" and function \"_start\")");
+    if (!rc)
+        rc = check_exports(exp, &start);
+    /* _start must be () -> (): it is called with no arguments. An index
+     * wasm2c would reject anyway (bad or imported) is left to it. */
+    if (!rc && start >= n_imp && start - n_imp < n_fun) {
+        uint32_t t = fun_types[start - n_imp];
+        if (t < n_types && (types[t].params[0] || types[t].result[0]))
+            rc = pie_err_set(PIE_EUNSUPPORTED, "export \"_start\" has type "
+                             "(%s) -> (%s), expected () -> ()",
+                             types[t].params, types[t].result);
+    }
     free(types);
-    if (rc)
-        return rc;
-    if (!have_exp)
-        return pie_err_set(PIE_EUNSUPPORTED, "module has no exports (needs "
-                           "memory \"memory\" and function \"_start\")");
-    return check_exports(exp);
+    free(fun_types);
+    return rc;
 }
 
 /* ---- 2. subprocesses ---------------------------------------------------- */
@@ -259,10 +390,14 @@ int pie__rt_check_imports(const uint8_t *wasm, size_t len)
 static int run_tool(char *const argv[], const char *logpath, double cpu_s,
                     uint64_t mem, const char *what)
 {
+    pid_t parent = getpid();
     pid_t pid = fork();
     if (pid < 0)
         return pie_err_set(PIE_EIO, "fork: %s", strerror(errno));
     if (pid == 0) {
+        /* Dies with the server (the forking thread waits for it). */
+        if (prctl(PR_SET_PDEATHSIG, SIGKILL) != 0 || getppid() != parent)
+            _exit(126);
         int fd = open(logpath, O_WRONLY | O_CREAT | O_TRUNC, 0600);
         if (fd >= 0) {
             dup2(fd, 1);
@@ -270,8 +405,10 @@ static int run_tool(char *const argv[], const char *logpath, double cpu_s,
         }
         struct rlimit cl = {(rlim_t)cpu_s + 1, (rlim_t)cpu_s + 2};
         struct rlimit ml = {mem, mem};
+        struct rlimit fl = {LIMIT_FSIZE, LIMIT_FSIZE};
         setrlimit(RLIMIT_CPU, &cl);
         setrlimit(RLIMIT_AS, &ml);
+        setrlimit(RLIMIT_FSIZE, &fl);
         execvp(argv[0], argv);
         _exit(127);
     }
@@ -324,9 +461,9 @@ static void cache_key(const uint8_t *wasm, size_t len, char hex[65])
     crypto_hash_sha256_state st;
     unsigned char h[32];
     char extra[1024];
-    int n = snprintf(extra, sizeof extra, "|%s|%s|%s|%s|api%d|%s|guard",
+    int n = snprintf(extra, sizeof extra, "|%s|%s|%s|%s|api%d|%s|guard|trailer%d",
                      wasm2c_ver, PIE_RT_CC, cc_ver, COMPILE_FLAGS,
-                     pie_rt_api_version, pie_rt_api_digest);
+                     pie_rt_api_version, pie_rt_api_digest, TRAILER_VERSION);
     crypto_hash_sha256_init(&st);
     crypto_hash_sha256_update(&st, wasm, len);
     crypto_hash_sha256_update(&st, (const unsigned char *)extra, n);
@@ -335,6 +472,63 @@ static void cache_key(const uint8_t *wasm, size_t len, char hex[65])
 }
 
 /* ---- 3. compile --------------------------------------------------------- */
+
+/* The cache entry's trailer (header comment). */
+typedef struct {
+    char     magic[8];
+    uint32_t version;
+    uint32_t zero;
+    uint64_t elf_len;
+    char     key[64];
+    uint8_t  sha256[32];
+} so_trailer;
+_Static_assert(sizeof(so_trailer) == 120, "trailer layout");
+
+/* sha256 of fd's first len bytes into h; 0 or -1 (read error). */
+static int hash_fd(int fd, uint64_t len, uint8_t h[32])
+{
+    crypto_hash_sha256_state st;
+    crypto_hash_sha256_init(&st);
+    unsigned char buf[1 << 16];
+    uint64_t off = 0;
+    while (off < len) {
+        size_t want = len - off < sizeof buf ? (size_t)(len - off) : sizeof buf;
+        ssize_t n = pread(fd, buf, want, (off_t)off);
+        if (n < 0 && errno == EINTR)
+            continue;
+        if (n <= 0)
+            return -1;
+        crypto_hash_sha256_update(&st, buf, (size_t)n);
+        off += (uint64_t)n;
+    }
+    crypto_hash_sha256_final(&st, h);
+    return 0;
+}
+
+/* Appends the trailer for key to the compiled object at path and fsyncs
+ * it, so that a crash cannot publish a short file. */
+static int seal_so(const char *path, const char *key)
+{
+    int fd = open(path, O_RDWR | O_CLOEXEC | O_NOFOLLOW);
+    if (fd < 0)
+        return pie_err_set(PIE_EIO, "%s: %s", path, strerror(errno));
+    struct stat st;
+    so_trailer t;
+    memset(&t, 0, sizeof t);
+    memcpy(t.magic, TRAILER_MAGIC, 8);
+    t.version = TRAILER_VERSION;
+    memcpy(t.key, key, 64);
+    int rc = 0;
+    if (fstat(fd, &st) != 0 || hash_fd(fd, (uint64_t)st.st_size, t.sha256))
+        rc = pie_err_set(PIE_EIO, "%s: read failed", path);
+    t.elf_len = (uint64_t)st.st_size;
+    if (!rc && (pwrite(fd, &t, sizeof t, st.st_size) != (ssize_t)sizeof t ||
+                fsync(fd) != 0))
+        rc = pie_err_set(PIE_EIO, "%s: write failed: %s", path,
+                         strerror(errno));
+    close(fd);
+    return rc;
+}
 
 static int write_file(const char *path, const void *buf, size_t len)
 {
@@ -413,7 +607,7 @@ static void rm_tree(const char *dir)
 }
 
 static int compile(pie_rt *rt, const uint8_t *wasm, size_t len,
-                   const char *dst)
+                   const char *key, const char *dst)
 {
     char dir[4096], in[4200], mc[4200], gc[4200], so[4200], log[4200];
     snprintf(dir, sizeof dir, "%s/tmp.XXXXXX", rt->cache_dir);
@@ -437,13 +631,22 @@ static int compile(pie_rt *rt, const uint8_t *wasm, size_t len,
         char *a[] = {PIE_RT_CC, "-O1", "-pipe", "-fPIC", "-shared",
                      "-fvisibility=hidden", "-fno-semantic-interposition",
                      "-fstack-clash-protection", "-fno-strict-aliasing",
-                     "-DPIE_RT_INFERLET", "-w", "-include", PIE_RT_HOST_HEADER, "-o", so, mc, gc,
+                     "-fno-math-errno", "-DPIE_RT_INFERLET", "-w", "-include", PIE_RT_HOST_HEADER, "-o", so, mc, gc,
                      NULL};
         rc = run_tool(a, log, rt->o.compile_cpu_s, rt->o.compile_mem,
                       "compiling the inferlet");
     }
+    if (!rc)
+        rc = seal_so(so, key);
     if (!rc && rename(so, dst) != 0)
         rc = pie_err_set(PIE_EIO, "publish %s: %s", dst, strerror(errno));
+    if (!rc) {                   /* make the rename itself durable */
+        int dfd = open(rt->cache_dir, O_RDONLY | O_DIRECTORY | O_CLOEXEC);
+        if (dfd >= 0) {
+            fsync(dfd);
+            close(dfd);
+        }
+    }
     rm_tree(dir);
     return rc;
 }
@@ -513,6 +716,85 @@ static int load_so(pie_rt *rt, const char *path, const char *key,
     return 0;
 }
 
+/* Opens cache entry path for key and checks it: a regular file (not a
+ * link) owned by us, its trailer naming key, its bytes matching the
+ * trailer's sha256. Returns 0 with *fd open on it, PIE_ENOTFOUND if there
+ * is none, or PIE_EFORMAT saying what is wrong with it. */
+static int open_entry(const char *path, const char *key, int *fd_out)
+{
+    *fd_out = -1;
+    int fd = open(path, O_RDONLY | O_NOFOLLOW | O_CLOEXEC | O_NONBLOCK);
+    if (fd < 0)
+        return errno == ENOENT ? PIE_ENOTFOUND
+             : pie_err_set(PIE_EFORMAT, "cannot open it (%s; a symlink?)",
+                           strerror(errno));
+    struct stat st;
+    so_trailer t;
+    uint8_t h[32];
+    int rc = 0;
+    if (fstat(fd, &st) != 0 || !S_ISREG(st.st_mode))
+        rc = pie_err_set(PIE_EFORMAT, "not a regular file");
+    else if (st.st_uid != geteuid())
+        rc = pie_err_set(PIE_EFORMAT, "owned by uid %u, not by us",
+                         (unsigned)st.st_uid);
+    else if ((uint64_t)st.st_size < sizeof t ||
+             pread(fd, &t, sizeof t, st.st_size - (off_t)sizeof t) !=
+                 (ssize_t)sizeof t ||
+             memcmp(t.magic, TRAILER_MAGIC, 8) ||
+             t.version != TRAILER_VERSION)
+        rc = pie_err_set(PIE_EFORMAT, "no valid trailer (truncated or not "
+                         "written by this version)");
+    else if (t.elf_len != (uint64_t)st.st_size - sizeof t)
+        rc = pie_err_set(PIE_EFORMAT, "length %llu, trailer says %llu",
+                         (unsigned long long)(st.st_size - sizeof t),
+                         (unsigned long long)t.elf_len);
+    else if (memcmp(t.key, key, 64))
+        rc = pie_err_set(PIE_EFORMAT, "compiled for another module (key "
+                         "%.16s...)", t.key);
+    else if (hash_fd(fd, t.elf_len, h) || memcmp(h, t.sha256, 32))
+        rc = pie_err_set(PIE_EFORMAT, "contents do not match their sha256");
+    if (rc) {
+        close(fd);
+        return rc;
+    }
+    *fd_out = fd;
+    return 0;
+}
+
+/* Whether path still names the file open on fd (checked before dlopen by
+ * path: the cache dir is ours alone, so it cannot change after this). */
+static bool same_file(int fd, const char *path)
+{
+    struct stat a, b;
+    return fstat(fd, &a) == 0 && lstat(path, &b) == 0 && S_ISREG(b.st_mode) &&
+           a.st_dev == b.st_dev && a.st_ino == b.st_ino;
+}
+
+/* A checked entry for key at path: an existing good one, else compiled.
+ * A bad existing entry is dropped. *hit says which. */
+static int entry_get(pie_rt *rt, const uint8_t *wasm, size_t len,
+                     const char *key, const char *path, int *fd, bool *hit)
+{
+    int rc = open_entry(path, key, fd);
+    *hit = rc == 0;
+    if (rc == 0)
+        return 0;
+    if (rc != PIE_ENOTFOUND) {
+        fprintf(stderr, "pie runtime: dropping cache entry %s: %s\n", path,
+                pie_err_msg());
+        unlink(path);
+    }
+    if ((rc = compile(rt, wasm, len, key, path)))
+        return rc;
+    rc = open_entry(path, key, fd);
+    if (rc == PIE_ENOTFOUND)
+        rc = pie_err_set(PIE_EIO, "%s vanished after compiling", path);
+    else if (rc)
+        rc = pie_err_set(PIE_EIO, "%s: freshly compiled entry is bad: %s",
+                         path, pie_err_msg());
+    return rc;
+}
+
 int pie_rt_module_load(pie_rt *rt, const void *wasm, size_t len,
                        pie_rt_module **out, int *cached)
 {
@@ -528,23 +810,51 @@ int pie_rt_module_load(pie_rt *rt, const void *wasm, size_t len,
     char key[65], path[4200];
     cache_key(wasm, len, key);
     snprintf(path, sizeof path, "%s/%s.so", rt->cache_dir, key);
-    struct stat st;
-    bool hit = stat(path, &st) == 0;
+    int fd;
+    bool hit;
+    if ((rc = entry_get(rt, wasm, len, key, path, &fd, &hit)))
+        return rc;
     if (cached)
         *cached = hit;
-    if (!hit && (rc = compile(rt, wasm, len, path)))
-        return rc;
-    rc = load_so(rt, path, key, out);
+    rc = same_file(fd, path) ? load_so(rt, path, key, out)
+                             : pie_err_set(PIE_EFORMAT, "%s changed while "
+                                           "loading it", path);
+    close(fd);
     if (rc && hit) {
-        /* A damaged cache entry: drop it and compile afresh. */
+        /* Checked but unloadable: drop it and compile afresh. */
         unlink(path);
         if (cached)
             *cached = 0;
-        if ((rc = compile(rt, wasm, len, path)))
+        if ((rc = entry_get(rt, wasm, len, key, path, &fd, &hit)))
             return rc;
-        rc = load_so(rt, path, key, out);
+        rc = same_file(fd, path) ? load_so(rt, path, key, out)
+                                 : pie_err_set(PIE_EFORMAT, "%s changed "
+                                               "while loading it", path);
+        close(fd);
     }
     return rc;
+}
+
+/* Removes temp dirs (tmp.*) that compiles left in the cache over an hour
+ * ago: a server that died mid-compile. Best effort. */
+void pie__rt_cache_sweep(const char *dir)
+{
+    DIR *d = opendir(dir);
+    if (!d)
+        return;
+    struct dirent *e;
+    time_t now = time(NULL);
+    char p[4400];
+    while ((e = readdir(d))) {
+        struct stat st;
+        if (strncmp(e->d_name, "tmp.", 4))
+            continue;
+        snprintf(p, sizeof p, "%s/%s", dir, e->d_name);
+        if (lstat(p, &st) == 0 && S_ISDIR(st.st_mode) &&
+            st.st_uid == geteuid() && now - st.st_mtime > 3600)
+            rm_tree(p);
+    }
+    closedir(d);
 }
 
 void pie_rt_module_ref(pie_rt_module *m) { atomic_fetch_add(&m->refs, 1); }

@@ -19,6 +19,7 @@
 
 #include <pthread.h>
 #include <setjmp.h>
+#include <signal.h>
 #include <stdatomic.h>
 #include <stdbool.h>
 #include <stdint.h>
@@ -168,6 +169,12 @@ struct Z_pie_instance_t {
     uint64_t         cpu_ns;     /* CPU used in finished slices             */
     atomic_bool      cpu_over;
     atomic_bool      kill_req;
+    uint64_t         table_bytes; /* host bytes its wasm tables hold,
+                                    charged to memory_limit (wasm_rt.c)    */
+    volatile sig_atomic_t in_guest;  /* 1 while guest code, or a libc/libm
+                                    leaf it called, runs on the fiber; 0 in
+                                    host code (pie__rt_host_enter): the
+                                    signal handlers unwind only while 1   */
     char             kill_reason[128];
     /* completion for pie_rt_wait */
     pthread_cond_t   done_cv;
@@ -244,6 +251,7 @@ struct pie_rt {
 
 /* loader.c */
 int  pie__rt_check_imports(const uint8_t *wasm, size_t len);
+void pie__rt_cache_sweep(const char *dir);
 /* instance.c */
 void pie__rt_wake_locked(pie_rt_instance *i);
 int32_t pie__rt_future_handle(pie_rt_instance *i, pie_rt_future *f);
@@ -276,8 +284,9 @@ int  pie__rt_launch(pie_rt *rt, struct pie_rt_module *m, int argc,
  * generated wrappers in pie_api_table.c, wasm_rt.c's grow and trap entries)
  * first checks that `need` bytes remain above the guard. Below that it
  * touches the guard itself: the SIGSEGV handler unwinds such a fault only
- * when it comes from the module's code or from section pie_rt_entry (code
- * that holds no lock), so the instance traps as on a guest overflow and no
+ * while the instance is in guest code (in_guest, below: the module's code
+ * and the libc/libm leaves it calls hold no lock) or when it comes from
+ * section pie_rt_entry, so the instance traps as on a guest overflow and no
  * host code runs on the little stack that is left. */
 #define PIE_RT_STACK_GUARD (64u << 10)   /* PROT_NONE bottom of a fiber stack */
 #define PIE_RT_HOST_STACK  (64u << 10)   /* stack a host function may use    */
@@ -289,6 +298,30 @@ pie__rt_entry_check(pie_rt_instance *i, uintptr_t need)
     uintptr_t lo = i && i->stack ? (uintptr_t)i->stack + PIE_RT_STACK_GUARD : 0;
     if (lo && sp - lo < need)     /* off the fiber, sp - lo is out of range */
         *(volatile char *)i->stack = 0;
+}
+/* Host code entered from guest code: marks the instance as in host code
+ * (so the SIGSEGV and CPU handlers leave it alone: it may hold locks) and
+ * returns what to restore on the way back out. Every function that
+ * generated code calls (the entry wrappers, wasm_rt.c's runtime functions)
+ * brackets its body with these. Guest code itself, and the libc/libm leaf
+ * functions it calls (memmove, sqrt, floor...), run with in_guest 1: a
+ * fault in the stack guard or a CPU signal there unwinds the fiber. */
+static inline __attribute__((always_inline)) int
+pie__rt_host_enter(pie_rt_instance *i)
+{
+    if (!i)
+        return 0;
+    int g = i->in_guest;
+    i->in_guest = 0;
+    atomic_signal_fence(memory_order_seq_cst);
+    return g;
+}
+static inline __attribute__((always_inline)) void
+pie__rt_host_leave(pie_rt_instance *i, int g)
+{
+    atomic_signal_fence(memory_order_seq_cst);
+    if (i)
+        i->in_guest = g;
 }
 void pie__rt_signals_init(void);
 int  pie__rt_thread_signals(pie_rt_worker *w);

@@ -15,18 +15,21 @@
  *   SIGSEGV/BUS   trap only if the fault address lies in the running
  *                 instance's memory reservation (out of bounds) or its fiber
  *                 stack's guard (native stack exhausted) and, for the guard,
- *                 only if the faulting PC is in the module's code or in the
- *                 entry section pie_rt_entry (rt_internal.h): host code
- *                 that overflows may hold a lock, and unwinding it would
- *                 hang the server. Anything else is a host bug: the default
+ *                 only while the instance is in guest code (i->in_guest:
+ *                 the module's code or a libc/libm leaf it called, such as
+ *                 memmove or floor) or the faulting PC is in the entry
+ *                 section pie_rt_entry (rt_internal.h): host code that
+ *                 overflows may hold a lock, and unwinding it would hang
+ *                 the server. Anything else is a host bug: the default
  *                 action is restored and the fault re-executes, so it still
  *                 crashes loudly. Host entries check the remaining stack
  *                 first (pie__rt_entry_check), so a guest cannot get there.
  *   CPU signal    sent by the watchdog to a worker whose instance is over
- *                 its CPU budget or killed; it unwinds only when the
- *                 interrupted PC is inside the module's generated code (not
- *                 in a host function holding locks); otherwise the watchdog
- *                 signals again on its next tick.
+ *                 its CPU budget or killed; it unwinds only while the
+ *                 instance is in guest code (i->in_guest), which includes
+ *                 a long memmove from memory.copy (no lock held), never
+ *                 from a host function; otherwise the watchdog signals
+ *                 again on its next tick.
  *   memory        reserve 8 GiB PROT_NONE|MAP_NORESERVE (every u32 address
  *                 plus u32 offset lands inside), commit with mprotect, free
  *                 the whole reservation. max_pages is clamped to the
@@ -94,6 +97,7 @@ static __attribute__((noreturn)) void trap_with(pie_rt_instance *i,
         fprintf(stderr, "pie runtime: trap outside an instance: %s\n", reason);
         abort();
     }
+    i->in_guest = 0;             /* host code from here on (fiber_main)   */
     if (!i->trapped) {
         i->trapped = true;
         size_t n = 0;
@@ -151,17 +155,18 @@ static bool pc_in_entry(uintptr_t pc)
            pc < (uintptr_t)__stop_pie_rt_entry;
 }
 
-/* A fault in the fiber's stack guard: a trap if it comes from the module's
- * code or from an entry (neither holds a lock); else a host bug, reported
- * before the caller lets it crash. */
+/* A fault in the fiber's stack guard: a trap if it comes from guest code
+ * (the module's, or a libc/libm leaf it called) or from an entry (none
+ * holds a lock); else a host bug, reported before the caller lets it
+ * crash. */
 static void stack_fault(pie_rt_instance *i, void *ucv)
 {
     uintptr_t pc = signal_pc(ucv);
-    if (pc_in_module(i, pc))
-        trap_with(i, "native stack exhausted (call stack too deep)");
     if (pc_in_entry(pc))
         trap_with(i, "native stack exhausted (too little left for a host "
                      "call)");
+    if (i->in_guest || pc_in_module(i, pc))
+        trap_with(i, "native stack exhausted (call stack too deep)");
     static const char msg[] = "pie runtime: host code overflowed an "
                               "inferlet's fiber stack\n";
     ssize_t r = write(2, msg, sizeof msg - 1);
@@ -185,12 +190,12 @@ static void segv_handler(int sig, siginfo_t *si, void *ucv)
 
 static void cpu_handler(int sig, siginfo_t *si, void *ucv)
 {
-    (void)sig; (void)si;
+    (void)sig; (void)si; (void)ucv;
     int saved = errno;
     pie_rt_instance *i = tls_cur;
     if (i && i->trap_jb && i->mod &&
         (atomic_load(&i->cpu_over) || atomic_load(&i->kill_req))) {
-        if (pc_in_module(i, signal_pc(ucv))) {
+        if (i->in_guest) {
             if (atomic_load(&i->kill_req)) {
                 char r[160];
                 snprintf(r, sizeof r, "killed: %s", i->kill_reason);
@@ -248,7 +253,23 @@ static pthread_mutex_t types_lock = PTHREAD_MUTEX_INITIALIZER;
 static func_type **types;
 static uint32_t n_types, cap_types;
 
+static uint32_t register_func_type(uint32_t params, uint32_t results,
+                                   va_list ap);
+
+/* Host code called from generated code (instantiate): takes types_lock. */
 uint32_t wasm_rt_register_func_type(uint32_t params, uint32_t results, ...)
+{
+    int g = pie__rt_host_enter(tls_cur);
+    va_list ap;
+    va_start(ap, results);
+    uint32_t id = register_func_type(params, results, ap);
+    va_end(ap);
+    pie__rt_host_leave(tls_cur, g);
+    return id;
+}
+
+static uint32_t register_func_type(uint32_t params, uint32_t results,
+                                   va_list ap)
 {
     uint32_t n = params + results;
     func_type *ft = malloc(sizeof *ft + n * sizeof(wasm_rt_type_t));
@@ -256,11 +277,8 @@ uint32_t wasm_rt_register_func_type(uint32_t params, uint32_t results, ...)
         wasm_rt_trap(WASM_RT_TRAP_EXHAUSTION);
     ft->np = params;
     ft->nr = results;
-    va_list ap;
-    va_start(ap, results);
     for (uint32_t k = 0; k < n; k++)
         ft->t[k] = va_arg(ap, int);
-    va_end(ap);
     pthread_mutex_lock(&types_lock);
     for (uint32_t k = 0; k < n_types; k++) {
         if (types[k]->np == params && types[k]->nr == results &&
@@ -303,10 +321,13 @@ void *wasm_rt_exception(void) { return NULL; }
 
 /* ---- linear memory ------------------------------------------------------ */
 
+/* Pages the running instance may have: its memory_limit less what its
+ * tables hold. */
 static uint32_t page_cap(void)
 {
     pie_rt_instance *i = tls_cur;
     uint64_t lim = i ? i->rt->o.memory_limit : (1ull << 30);
+    lim = i && i->table_bytes < lim ? lim - i->table_bytes : i ? 0 : lim;
     uint64_t p = lim / PAGE_BYTES;
     return p > 65536 ? 65536 : (uint32_t)p;
 }
@@ -379,6 +400,7 @@ static void release(uint8_t *p, uint64_t committed)
 void wasm_rt_allocate_memory(wasm_rt_memory_t *m, uint32_t initial,
                              uint32_t max_pages)
 {
+    int g = pie__rt_host_enter(tls_cur);    /* takes pool_lock */
     memset(m, 0, sizeof *m);
     uint32_t cap = page_cap();
     if (max_pages > cap)
@@ -394,6 +416,7 @@ void wasm_rt_allocate_memory(wasm_rt_memory_t *m, uint32_t initial,
     m->pages = initial;
     m->max_pages = max_pages;
     m->size = (uint32_t)(bytes > UINT32_MAX ? UINT32_MAX : bytes);
+    pie__rt_host_leave(tls_cur, g);
 }
 
 PIE_RT_ENTRY uint32_t wasm_rt_grow_memory(wasm_rt_memory_t *m, uint32_t delta)
@@ -402,7 +425,10 @@ PIE_RT_ENTRY uint32_t wasm_rt_grow_memory(wasm_rt_memory_t *m, uint32_t delta)
     uint32_t old = m->pages;
     if (delta == 0)
         return old;
-    if ((uint64_t)old + delta > m->max_pages)
+    pie_rt_instance *i = tls_cur;
+    if ((uint64_t)old + delta > m->max_pages ||
+        (i && ((uint64_t)old + delta) * PAGE_BYTES + i->table_bytes >
+                  i->rt->o.memory_limit))
         return (uint32_t)-1;
     uint64_t nb = (uint64_t)(old + delta) * PAGE_BYTES;
     uint64_t ob = (uint64_t)old * PAGE_BYTES;
@@ -416,54 +442,91 @@ PIE_RT_ENTRY uint32_t wasm_rt_grow_memory(wasm_rt_memory_t *m, uint32_t delta)
 
 void wasm_rt_free_memory(wasm_rt_memory_t *m)
 {
+    int g = pie__rt_host_enter(tls_cur);
     if (m->data)
         release(m->data, (uint64_t)m->pages * PAGE_BYTES);
     m->data = NULL;
+    pie__rt_host_leave(tls_cur, g);
 }
 
 /* ---- tables ------------------------------------------------------------- */
 
 /* Initial tables are capped like grown ones: each element is host memory,
- * allocated and written here, however small the module that asks. */
+ * allocated and written here, however small the module that asks. Table
+ * bytes are charged, with linear memory, to the instance's memory_limit
+ * (i->table_bytes; page_cap and wasm_rt_grow_memory count them too), and
+ * the loader caps the number of tables, so tables cannot escape the limit.
+ * Each function brackets itself with pie__rt_host_enter: calloc/realloc
+ * take malloc's locks. */
+static uint64_t mem_bytes(pie_rt_instance *i)
+{
+    const wasm_rt_memory_t *m = i ? i->mem : NULL;
+    return m ? (uint64_t)m->pages * PAGE_BYTES : 0;
+}
+
+/* Whether `more` table bytes fit the instance's memory limit. */
+static bool table_charge_ok(pie_rt_instance *i, uint64_t more)
+{
+    return !i || i->table_bytes + more + mem_bytes(i) <= i->rt->o.memory_limit;
+}
+
 #define TABLE_IMPL(type, null)                                                \
     void wasm_rt_allocate_##type##_table(wasm_rt_##type##_table_t *t,        \
                                          uint32_t n, uint32_t max)           \
     {                                                                         \
+        pie_rt_instance *i = tls_cur;                                         \
+        int g = pie__rt_host_enter(i);                                        \
+        uint64_t bytes = (uint64_t)n * sizeof(wasm_rt_##type##_t);            \
         if (n > TABLE_MAX)                                                    \
-            pie_rt_trap(tls_cur, "table limit: the module's initial " #type   \
+            pie_rt_trap(i, "table limit: the module's initial " #type         \
                         " table has %u elements, the cap is %u", n,           \
                         TABLE_MAX);                                           \
+        if (!table_charge_ok(i, bytes))                                       \
+            pie_rt_trap(i, "table limit: the module's tables need more than " \
+                        "the instance's memory limit of %llu bytes",          \
+                        (unsigned long long)i->rt->o.memory_limit);           \
         t->size = n;                                                          \
         t->max_size = max;                                                    \
         t->data = n ? calloc(n, sizeof(wasm_rt_##type##_t)) : NULL;          \
         if (n && !t->data)                                                    \
-            trap_with(tls_cur, "out of memory allocating a table");          \
+            trap_with(i, "out of memory allocating a table");                \
         for (uint32_t k = 0; k < n; k++)                                      \
             t->data[k] = null;                                                \
+        if (i)                                                                \
+            i->table_bytes += bytes;                                          \
+        pie__rt_host_leave(i, g);                                             \
     }                                                                         \
     void wasm_rt_free_##type##_table(wasm_rt_##type##_table_t *t)            \
     {                                                                         \
+        int g = pie__rt_host_enter(tls_cur);                                  \
         free(t->data);                                                        \
         t->data = NULL;                                                       \
+        pie__rt_host_leave(tls_cur, g);                                       \
     }                                                                         \
     PIE_RT_ENTRY uint32_t wasm_rt_grow_##type##_table(                       \
         wasm_rt_##type##_table_t *t, uint32_t delta, wasm_rt_##type##_t init) \
     {                                                                         \
-        pie__rt_entry_check(tls_cur, PIE_RT_HOST_STACK);                      \
+        pie_rt_instance *i = tls_cur;                                         \
+        pie__rt_entry_check(i, PIE_RT_HOST_STACK);                            \
         uint32_t old = t->size;                                               \
         uint64_t n = (uint64_t)old + delta;                                   \
-        if (n > t->max_size || n > TABLE_MAX)                                 \
+        uint64_t more = (uint64_t)delta * sizeof(wasm_rt_##type##_t);         \
+        if (n > t->max_size || n > TABLE_MAX || !table_charge_ok(i, more))    \
             return (uint32_t)-1;                                              \
         if (delta == 0)                                                       \
             return old;                                                       \
+        int g = pie__rt_host_enter(i);                                        \
         wasm_rt_##type##_t *d = realloc(t->data, n * sizeof *d);             \
-        if (!d)                                                               \
-            return (uint32_t)-1;                                              \
-        for (uint64_t k = old; k < n; k++)                                    \
-            d[k] = init;                                                      \
-        t->data = d;                                                          \
-        t->size = (uint32_t)n;                                                \
-        return old;                                                           \
+        if (d) {                                                              \
+            for (uint64_t k = old; k < n; k++)                                \
+                d[k] = init;                                                  \
+            t->data = d;                                                      \
+            t->size = (uint32_t)n;                                            \
+            if (i)                                                            \
+                i->table_bytes += more;                                       \
+        }                                                                     \
+        pie__rt_host_leave(i, g);                                             \
+        return d ? old : (uint32_t)-1;                                        \
     }
 
 TABLE_IMPL(funcref, wasm_rt_funcref_null_value)

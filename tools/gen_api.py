@@ -117,7 +117,9 @@ def noreturn(f):
 def entry_wrappers(fns):
     """Host-side wrappers that compiled inferlets call instead of the host
     functions: each checks the fiber's remaining stack before any host code
-    can take a lock (rt_internal.h, pie__rt_entry_check)."""
+    can take a lock (rt_internal.h, pie__rt_entry_check), then marks the
+    instance as in host code for the call (pie__rt_host_enter), so signal
+    handlers unwind only guest code and the libc leaves it calls."""
     o = ["", "/* Entry wrappers: what compiled inferlets call (pie_api_host.h renames",
          " * each import under PIE_RT_INFERLET). They live in section pie_rt_entry,",
          " * where wasm_rt.c's SIGSEGV handler may unwind a stack overflow: no lock",
@@ -133,8 +135,21 @@ def entry_wrappers(fns):
         o.append("PIE_RT_ENTRY%s %s %s(%s)" % (noreturn(f), ret, entry_name(name),
                                              ", ".join(params)))
         o.append("{")
-        o.append("    pie__rt_entry_check((pie_rt_instance *)(void *)ctx, PIE_RT_HOST_STACK);")
-        o.append("    %s%s" % ("" if ret == "void" else "return ", call))
+        o.append("    pie_rt_instance *i = (pie_rt_instance *)(void *)ctx;")
+        o.append("    pie__rt_entry_check(i, PIE_RT_HOST_STACK);")
+        if noreturn(f):
+            o.append("    (void)pie__rt_host_enter(i);")
+            o.append("    %s" % call)
+            o.append("}")
+            continue
+        o.append("    int g = pie__rt_host_enter(i);")
+        if ret == "void":
+            o.append("    %s" % call)
+            o.append("    pie__rt_host_leave(i, g);")
+        else:
+            o.append("    %s r = %s" % (ret, call))
+            o.append("    pie__rt_host_leave(i, g);")
+            o.append("    return r;")
         o.append("}")
     return o
 

@@ -23,7 +23,16 @@
  *   test_runtime cycles      20,000 launch/exit cycles: fds, maps, RSS flat
  *   test_runtime deep        host calls made with the fiber stack nearly
  *                            full trap cleanly; the runtime goes on
- *   test_runtime limits      a module's initial tables are capped
+ *   test_runtime limits      a module's initial tables are capped; table
+ *                            bytes count against the memory limit; a
+ *                            start section's host call sees linear memory
+ *   test_runtime libc_deep   libm/libc calls from guest code with the fiber
+ *                            stack nearly full trap cleanly, never crash
+ *   test_runtime cpu_libc    the CPU limit and pie_rt_kill end an instance
+ *                            that spends its time in libc's memmove
+ *   test_runtime cache       truncated, symlinked and foreign cache entries
+ *                            are dropped and recompiled; a cache dir others
+ *                            can write is refused; stale temp dirs swept
  */
 #define _GNU_SOURCE
 #include <arpa/inet.h>
@@ -35,6 +44,7 @@
 #include <signal.h>
 #include <sys/resource.h>
 #include <sys/socket.h>
+#include <sys/time.h>
 #include <unistd.h>
 
 #include "runtime/rt_internal.h"      /* white-box: timer heap size */
@@ -150,6 +160,46 @@ static void expect_reject(pie_rt *rt, const char *file, const void *bytes,
     free(b);
 }
 
+static size_t leb_put(unsigned char *p, uint32_t v)
+{
+    size_t n = 0;
+    do {
+        p[n] = v & 0x7f;
+        v >>= 7;
+        if (v)
+            p[n] |= 0x80;
+        n++;
+    } while (v);
+    return n;
+}
+
+/* A minimal command module whose one function declares n i32 locals. */
+static unsigned char *module_with_locals(uint32_t n, size_t *len)
+{
+    static const unsigned char head[] = {
+        0, 'a', 's', 'm', 1, 0, 0, 0,
+        1, 4, 1, 0x60, 0, 0,                          /* type () -> ()  */
+        3, 2, 1, 0,                                   /* func 0: type 0 */
+        5, 3, 1, 0, 1,                                /* memory 1       */
+        7, 19, 2, 6, 'm', 'e', 'm', 'o', 'r', 'y', 2, 0,
+               6, '_', 's', 't', 'a', 'r', 't', 0, 0};
+    unsigned char body[16], *b = malloc(sizeof head + 32);
+    size_t bl = 0;
+    body[bl++] = 1;                                   /* one local group */
+    bl += leb_put(body + bl, n);
+    body[bl++] = 0x7f;                                /* i32             */
+    body[bl++] = 0x0b;                                /* end             */
+    memcpy(b, head, sizeof head);
+    size_t k = sizeof head;
+    b[k++] = 10;
+    b[k++] = (unsigned char)(bl + 2);                 /* section size    */
+    b[k++] = 1;                                       /* one body        */
+    b[k++] = (unsigned char)bl;                       /* body size       */
+    memcpy(b + k, body, bl);
+    *len = k + bl;
+    return b;
+}
+
 static void test_reject(void)
 {
     pie_rt_opts o = {0};
@@ -163,6 +213,22 @@ static void test_reject(void)
                   "exports no memory");
     expect_reject(rt, "bad_memimport.wasm", NULL, 0, PIE_EUNSUPPORTED,
                   "importing a memory is not allowed");
+    expect_reject(rt, "manytables.wasm", NULL, 0, PIE_ELIMIT,
+                  "module declares 40 tables, the limit is 16");
+    expect_reject(rt, "bad_start.wasm", NULL, 0, PIE_EUNSUPPORTED,
+                  "export \"_start\" has type (i32) -> (), expected () -> ()");
+    /* 55 bytes declaring 5M locals: once 45 s of CPU and 2 GB in wasm2c. */
+    size_t nl;
+    unsigned char *lm = module_with_locals(5000000, &nl);
+    expect_reject(rt, NULL, lm, nl, PIE_ELIMIT,
+                  "function 0 declares more than 50000 locals");
+    free(lm);
+    lm = module_with_locals(40000, &nl);       /* under the limit: loads */
+    pie_rt_module *ok = NULL;
+    CHECK(pie_rt_module_load(rt, lm, nl, &ok, NULL) == 0,
+          "40000 locals: %s", pie_err_msg());
+    pie_rt_module_unref(ok);
+    free(lm);
     static const char garbage[] = "this is not a wasm module at all";
     expect_reject(rt, NULL, garbage, sizeof garbage, PIE_EFORMAT, "magic");
     /* A truncated real module fails the section walk or wasm2c. */
@@ -1033,7 +1099,256 @@ static void test_limits(void)
     CHECK(wait_inst(launch_v(rt, m, NULL, h), reason) == 1, "hello after: %s",
           reason);
     pie_rt_module_unref(m);
+    /* A start section's host call with a valid pointer: linear memory is
+     * known before instantiate (it used to trap "outside linear memory of
+     * 0 bytes"). random_get returns 0, the module exits 0 + 7. */
+    m = load_wasm(rt, "start_host.wasm", NULL);
+    const char *sh[] = {"start_host", NULL};
+    st = wait_inst(launch_v(rt, m, NULL, sh), reason);
+    CHECK(st == 7, "start_host: expected status 7, got %d (%s)", st, reason);
+    pie_rt_module_unref(m);
     pie_rt_free(rt);
+
+    /* Tables count against the memory limit: two 9.6 MB tables do not fit
+     * 16 MiB (each alone passes the per-table cap); table.grow past it
+     * returns -1. Once 40 1M-element tables took 945 MB per instance. */
+    pie_rt_opts o2 = {.memory_limit = 16u << 20};
+    rt = make_rt(&o2);
+    m = load_wasm(rt, "tables_mem.wasm", NULL);
+    const char *tm[] = {"tables_mem", NULL};
+    st = wait_inst(launch_v(rt, m, NULL, tm), reason);
+    printf("tables_mem: status %d (%s)\n", st, reason);
+    CHECK(st == PIE_ETRAP && strstr(reason, "table limit: the module's tables "
+                                            "need more than the instance's "
+                                            "memory limit of 16777216"),
+          "tables_mem: status %d (%s)", st, reason);
+    pie_rt_module_unref(m);
+    m = load_wasm(rt, "table_grow.wasm", NULL);
+    const char *g2[] = {"table_grow", "2", NULL};
+    const char *g3[] = {"table_grow", "3", NULL};
+    st = wait_inst(launch_v(rt, m, NULL, g2), reason);
+    CHECK(st == 0, "table_grow 2: %d grows failed (%s)", st, reason);
+    st = wait_inst(launch_v(rt, m, NULL, g3), reason);
+    CHECK(st == 1, "table_grow 3: expected 1 failed grow, got %d (%s)", st,
+          reason);
+    printf("table_grow: 2 grows of 7.2 MB fit 16 MiB, the third fails\n");
+    pie_rt_module_unref(m);
+    pie_rt_free(rt);
+}
+
+/* ---- libc/libm called from guest code ----------------------------------- */
+
+static int32_t run_libc(pie_rt *rt, pie_rt_module *m, uint32_t d,
+                        const char *op, char reason[256])
+{
+    char ds[16];
+    snprintf(ds, sizeof ds, "%u", d);
+    const char *a[] = {"libc_deep", ds, op, NULL};
+    return wait_inst(launch_v(rt, m, NULL, a), reason);
+}
+
+/* Generated code calls libm and libc (sqrt's errno path, memmove,
+ * nearbyint, floor). A guard fault inside one of them, with the guest's
+ * frames right above the guard, once crashed the server ("host code
+ * overflowed an inferlet's fiber stack"): it must trap like a guest
+ * overflow, at every depth. */
+static void test_libc_deep(void)
+{
+    signal(SIGALRM, hang_alarm);
+    alarm(60);
+    pie_rt_opts o = {.fiber_stack = 256u << 10};
+    pie_rt *rt = make_rt(&o);
+    pie_rt_module *m = load_wasm(rt, "libc_deep.wasm", NULL);
+    char reason[256];
+    uint32_t lo = 1, hi = 1u << 20;
+    while (hi - lo > 1) {
+        uint32_t mid = lo + (hi - lo) / 2;
+        int32_t st = run_libc(rt, m, mid, "floor", reason);
+        CHECK(st == 0 || strstr(reason, "native stack exhausted"),
+              "depth %u: status %d (%s)", mid, st, reason);
+        if (st == 0)
+            lo = mid;
+        else
+            hi = mid;
+    }
+    static const char *ops[] = {"sqrt", "copy", "nearest", "floor"};
+    int runs = 0, traps = 0;
+    for (int k = 0; k < 4; k++) {
+        for (uint32_t d = lo + 8; d + 160 > lo && d > 0; d--) {
+            int32_t st = run_libc(rt, m, d, ops[k], reason);
+            runs++;
+            CHECK(st == 0 || (st == PIE_ETRAP &&
+                              strstr(reason, "native stack exhausted")),
+                  "%s at depth %u: status %d (%s)", ops[k], d, st, reason);
+            traps += st != 0;
+        }
+    }
+    printf("max depth %u; %d runs at the guard with sqrt/copy/nearest/floor "
+           "at the bottom: %d trapped, the rest finished\n", lo, runs, traps);
+    CHECK(traps > 0, "no run trapped: the scan missed the guard");
+    CHECK(run_libc(rt, m, 100, "copy", reason) == 0, "after: %s", reason);
+    pie_rt_module_unref(m);
+    pie_rt_free(rt);
+    alarm(0);
+}
+
+/* An instance looping on a 128 MiB memory.copy spends its time in libc's
+ * memmove, outside generated code: the CPU limit and pie_rt_kill must
+ * still end it (they once waited for it to return to generated code, and
+ * it never did for long enough). */
+static void test_cpu_libc(void)
+{
+    signal(SIGALRM, hang_alarm);
+    alarm(60);
+    pie_rt_opts o = {.cpu_limit_s = 1};
+    pie_rt *rt = make_rt(&o);
+    pie_rt_module *m = load_wasm(rt, "copyloop.wasm", NULL);
+    const char *a[] = {"copyloop", NULL};
+    char reason[256];
+    int32_t st = wait_inst(launch_v(rt, m, NULL, a), reason);
+    printf("copyloop, --cpu-limit 1: status %d (%s)\n", st, reason);
+    CHECK(st == PIE_ETRAP && strstr(reason, "CPU time limit exceeded"),
+          "copyloop: status %d (%s)", st, reason);
+    pie_rt_module_unref(m);
+    pie_rt_free(rt);
+
+    pie_rt_opts o2 = {.cpu_limit_s = -1};           /* no CPU limit */
+    rt = make_rt(&o2);
+    m = load_wasm(rt, "copyloop.wasm", NULL);
+    pie_rt_instance *i = launch_v(rt, m, NULL, a);
+    usleep(300 * 1000);
+    CHECK_OK(pie_rt_kill(i, "test kill"));
+    st = wait_inst(i, reason);
+    printf("copyloop, killed: status %d (%s)\n", st, reason);
+    CHECK(st == PIE_ETRAP && strstr(reason, "killed: test kill"),
+          "copyloop kill: status %d (%s)", st, reason);
+    pie_rt_module_unref(m);
+    pie_rt_free(rt);                /* waits for every instance to end */
+    alarm(0);
+}
+
+/* ---- the compile cache -------------------------------------------------- */
+
+static char cache_t[512];
+
+static pie_rt *cache_rt(void)
+{
+    pie_rt_opts o = {.cache_dir = cache_t};
+    pie_rt *rt = NULL;
+    CHECK_OK(pie_rt_create(&o, &rt));
+    return rt;
+}
+
+/* Loads name (cached says whether it was a hit) and runs it with a; returns
+ * the exit status. */
+static int32_t cache_run(pie_rt *rt, const char *name, const char **a,
+                         int *cached)
+{
+    pie_rt_module *m = load_wasm(rt, name, cached);
+    char reason[256];
+    int32_t st = wait_inst(launch_v(rt, m, NULL, a), reason);
+    pie_rt_module_unref(m);
+    return st;
+}
+
+/* The one *.so in cache_t not named `other`, into out. */
+static void find_so(const char *other, char *out, size_t cap)
+{
+    DIR *d = opendir(cache_t);
+    CHECK(d != NULL, "opendir %s", cache_t);
+    struct dirent *e;
+    out[0] = 0;
+    while ((e = readdir(d))) {
+        size_t n = strlen(e->d_name);
+        if (n > 3 && !strcmp(e->d_name + n - 3, ".so") &&
+            (!other || !strstr(other, e->d_name))) {
+            CHECK(!out[0], "more than one new cache entry");
+            snprintf(out, cap, "%s/%s", cache_t, e->d_name);
+        }
+    }
+    closedir(d);
+    CHECK(out[0], "no cache entry in %s", cache_t);
+}
+
+static void test_cache(void)
+{
+    signal(SIGALRM, hang_alarm);
+    alarm(120);
+    const char *e = getenv("PIE_TEST_CACHE_DIR");
+    snprintf(cache_t, sizeof cache_t, "%s_cachetest",
+             e && *e ? e : TEST_CACHE_DIR);
+    char cmd[2600];
+    snprintf(cmd, sizeof cmd, "rm -rf '%s'", cache_t);
+    CHECK(system(cmd) == 0, "%s", cmd);
+    const char *ha[] = {"hello", "x", "1", NULL};   /* exits 1 */
+    const char *ea[] = {"empty", NULL};             /* exits 0 */
+    char hello_so[1024], empty_so[1024];
+    int cached;
+    pie_rt *rt = cache_rt();
+    CHECK(cache_run(rt, "hello.wasm", ha, &cached) == 1 && !cached, "hello");
+    find_so(NULL, hello_so, sizeof hello_so);
+    CHECK(cache_run(rt, "empty.wasm", ea, &cached) == 0 && !cached, "empty");
+    find_so(hello_so, empty_so, sizeof empty_so);
+    CHECK(cache_run(rt, "hello.wasm", ha, &cached) == 1 && cached, "hit");
+
+    /* A truncated entry (a crash before the data reached the disk): once
+     * SIGBUS inside dlopen at every load. */
+    struct stat st;
+    CHECK(stat(hello_so, &st) == 0, "stat %s", hello_so);
+    CHECK(truncate(hello_so, st.st_size / 2) == 0, "truncate");
+    CHECK(cache_run(rt, "hello.wasm", ha, &cached) == 1 && !cached,
+          "truncated entry: not recompiled (cached %d)", cached);
+    printf("truncated entry: dropped, recompiled, runs\n");
+
+    /* A symlink from hello's key to empty's entry: once ran empty. */
+    CHECK(unlink(hello_so) == 0 && symlink(empty_so, hello_so) == 0,
+          "symlink");
+    int32_t s = cache_run(rt, "hello.wasm", ha, &cached);
+    CHECK(s == 1 && !cached, "symlinked entry: status %d (hello exits 1), "
+          "cached %d", s, cached);
+    struct stat lst;
+    CHECK(lstat(hello_so, &lst) == 0 && S_ISREG(lst.st_mode),
+          "the symlink is still there");
+    printf("symlinked entry: dropped, hello recompiled and run\n");
+
+    /* A copy of empty's entry under hello's key: the trailer names empty's
+     * key, so it is refused. */
+    snprintf(cmd, sizeof cmd, "cp '%s' '%s'", empty_so, hello_so);
+    CHECK(system(cmd) == 0, "%s", cmd);
+    s = cache_run(rt, "hello.wasm", ha, &cached);
+    CHECK(s == 1 && !cached, "copied entry: status %d, cached %d", s, cached);
+    CHECK(cache_run(rt, "empty.wasm", ea, &cached) == 0 && cached,
+          "empty's entry still good");
+    printf("foreign entry under hello's key: dropped, recompiled\n");
+    pie_rt_free(rt);
+
+    /* Stale temp dirs (a server killed mid-compile) are swept at start;
+     * a fresh one (a compile in progress) is kept. */
+    char old_tmp[600], new_tmp[600];
+    snprintf(old_tmp, sizeof old_tmp, "%s/tmp.old123", cache_t);
+    snprintf(new_tmp, sizeof new_tmp, "%s/tmp.new123", cache_t);
+    CHECK(mkdir(old_tmp, 0700) == 0 && mkdir(new_tmp, 0700) == 0, "mkdir");
+    struct timeval tv[2] = {{time(NULL) - 7200, 0}, {time(NULL) - 7200, 0}};
+    CHECK(utimes(old_tmp, tv) == 0, "utimes");
+    rt = cache_rt();
+    CHECK(stat(old_tmp, &st) != 0, "stale %s not swept", old_tmp);
+    CHECK(stat(new_tmp, &st) == 0, "fresh %s swept", new_tmp);
+    pie_rt_free(rt);
+    printf("stale temp dir swept, fresh one kept\n");
+
+    /* A cache dir that others can write is refused with a clear error. */
+    CHECK(chmod(cache_t, 0777) == 0, "chmod");
+    pie_rt_opts o = {.cache_dir = cache_t};
+    rt = NULL;
+    int rc = pie_rt_create(&o, &rt);
+    CHECK(rc == PIE_EPERM && !rt && strstr(pie_err_msg(), "writable by group "
+                                           "or others (mode 777)"),
+          "world-writable cache dir: rc %d (%s)", rc, pie_err_msg());
+    printf("refused: %s\n", pie_err_msg());
+    CHECK(chmod(cache_t, 0700) == 0, "chmod back");
+    rt = cache_rt();
+    pie_rt_free(rt);
+    alarm(0);
 }
 
 int main(int argc, char **argv)
@@ -1051,10 +1366,14 @@ int main(int argc, char **argv)
     else if (!strcmp(t, "cycles")) test_cycles();
     else if (!strcmp(t, "deep")) test_deep();
     else if (!strcmp(t, "limits")) test_limits();
+    else if (!strcmp(t, "libc_deep")) test_libc_deep();
+    else if (!strcmp(t, "cpu_libc")) test_cpu_libc();
+    else if (!strcmp(t, "cache")) test_cache();
     else {
         fprintf(stderr, "usage: test_runtime basic|reject|isolation|"
                         "messaging|http|http_limits|http_resolve|\n"
-                        "       concurrent|cycles|deep|limits\n");
+                        "       concurrent|cycles|deep|limits|libc_deep|"
+                        "cpu_libc|cache\n");
         return 2;
     }
     TEST_DONE();
