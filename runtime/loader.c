@@ -810,27 +810,28 @@ int pie_rt_module_load(pie_rt *rt, const void *wasm, size_t len,
     char key[65], path[4200];
     cache_key(wasm, len, key);
     snprintf(path, sizeof path, "%s/%s.so", rt->cache_dir, key);
-    int fd;
-    bool hit;
-    if ((rc = entry_get(rt, wasm, len, key, path, &fd, &hit)))
-        return rc;
-    if (cached)
-        *cached = hit;
-    rc = same_file(fd, path) ? load_so(rt, path, key, out)
-                             : pie_err_set(PIE_EFORMAT, "%s changed while "
-                                           "loading it", path);
-    close(fd);
-    if (rc && hit) {
-        /* Checked but unloadable: drop it and compile afresh. */
-        unlink(path);
-        if (cached)
-            *cached = 0;
+    /* Another process may compile the same module and rename its entry
+     * over ours between the check and dlopen: an equally good entry, so
+     * check the one now there (a few times) rather than fail. */
+    for (int attempt = 0; attempt < 3; attempt++) {
+        int fd;
+        bool hit;
         if ((rc = entry_get(rt, wasm, len, key, path, &fd, &hit)))
             return rc;
-        rc = same_file(fd, path) ? load_so(rt, path, key, out)
-                                 : pie_err_set(PIE_EFORMAT, "%s changed "
-                                               "while loading it", path);
+        if (cached)
+            *cached = hit;
+        bool same = same_file(fd, path);
+        rc = same ? load_so(rt, path, key, out)
+                  : pie_err_set(PIE_EFORMAT, "%s changed while loading it",
+                                path);
         close(fd);
+        if (rc == 0)
+            return 0;
+        if (!same)
+            continue;
+        if (!hit)
+            return rc;          /* freshly compiled and unloadable */
+        unlink(path);           /* checked but unloadable: compile afresh */
     }
     return rc;
 }

@@ -419,6 +419,11 @@ void wasm_rt_allocate_memory(wasm_rt_memory_t *m, uint32_t initial,
     pie__rt_host_leave(tls_cur, g);
 }
 
+/* Host code (in_guest 0) from the check to the new size: a CPU-limit or
+ * kill signal landing between the mprotect and m->pages would otherwise
+ * unwind with a page read-write that the pool's records do not count, and
+ * a later instance reusing the reservation would reach it without a trap
+ * (and see this one's bytes). */
 PIE_RT_ENTRY uint32_t wasm_rt_grow_memory(wasm_rt_memory_t *m, uint32_t delta)
 {
     pie__rt_entry_check(tls_cur, PIE_RT_HOST_STACK);
@@ -426,18 +431,21 @@ PIE_RT_ENTRY uint32_t wasm_rt_grow_memory(wasm_rt_memory_t *m, uint32_t delta)
     if (delta == 0)
         return old;
     pie_rt_instance *i = tls_cur;
-    if ((uint64_t)old + delta > m->max_pages ||
-        (i && ((uint64_t)old + delta) * PAGE_BYTES + i->table_bytes >
-                  i->rt->o.memory_limit))
-        return (uint32_t)-1;
-    uint64_t nb = (uint64_t)(old + delta) * PAGE_BYTES;
+    int g = pie__rt_host_enter(i);
+    uint32_t r = (uint32_t)-1;
+    uint64_t nb = (uint64_t)(old + (uint64_t)delta) * PAGE_BYTES;
     uint64_t ob = (uint64_t)old * PAGE_BYTES;
-    if (mprotect(m->data + ob, nb - ob, PROT_READ | PROT_WRITE) != 0)
-        return (uint32_t)-1;
-    m->pages = old + delta;
-    /* 65536 pages = 4 GiB does not fit u32: clamp; bounds live in guards. */
-    m->size = (uint32_t)(nb > UINT32_MAX ? UINT32_MAX : nb);
-    return old;
+    if ((uint64_t)old + delta <= m->max_pages &&
+        !(i && nb + i->table_bytes > i->rt->o.memory_limit) &&
+        mprotect(m->data + ob, nb - ob, PROT_READ | PROT_WRITE) == 0) {
+        m->pages = old + delta;
+        /* 65536 pages = 4 GiB does not fit u32: clamp; bounds live in
+         * guards. */
+        m->size = (uint32_t)(nb > UINT32_MAX ? UINT32_MAX : nb);
+        r = old;
+    }
+    pie__rt_host_leave(i, g);
+    return r;
 }
 
 void wasm_rt_free_memory(wasm_rt_memory_t *m)
