@@ -959,7 +959,10 @@ static char *default_cache_dir(void)
         snprintf(buf, sizeof buf, "%s", e);
     } else {
         const char *home = getenv("HOME");
-        snprintf(buf, sizeof buf, "%s/.cache/pie", home && *home ? home : "/tmp");
+        if (home && *home)
+            snprintf(buf, sizeof buf, "%s/.cache/pie", home);
+        else            /* straight under sticky /tmp: no parent of others */
+            snprintf(buf, sizeof buf, "/tmp/pie-cache-%u", (unsigned)geteuid());
     }
     return strdup(buf);
 }
@@ -979,11 +982,45 @@ static int mkdir_p(char *path)
     return 0;
 }
 
+/* Whether the directory holding path lets no one else rename path: owned
+ * by this user or root, and not writable by group or others unless sticky
+ * (as /tmp). Another user owning it could swap the cache dir itself. */
+static int check_cache_parent(const char *path)
+{
+    char parent[4096];
+    snprintf(parent, sizeof parent, "%s", path);
+    size_t n = strlen(parent);
+    while (n > 1 && parent[n - 1] == '/') parent[--n] = 0;
+    char *slash = strrchr(parent, '/');
+    if (!slash) snprintf(parent, sizeof parent, ".");
+    else if (slash == parent) parent[1] = 0;
+    else *slash = 0;
+    struct stat st;
+    if (stat(parent, &st) != 0)
+        return pie_err_set(PIE_EIO, "cache dir's parent %s: %s", parent,
+                           strerror(errno));
+    if (st.st_uid != geteuid() && st.st_uid != 0)
+        return pie_err_set(PIE_EPERM, "cache dir %s is in %s, owned by uid %u "
+                           "(not this user, not root), who could replace it: "
+                           "set PIE_CACHE_DIR to a directory of your own", path,
+                           parent, (unsigned)st.st_uid);
+    if ((st.st_mode & (S_IWGRP | S_IWOTH)) && !(st.st_mode & S_ISVTX))
+        return pie_err_set(PIE_EPERM, "cache dir %s is in %s, which group or "
+                           "others can write (mode %03o, not sticky): set "
+                           "PIE_CACHE_DIR to a directory of your own", path,
+                           parent, (unsigned)(st.st_mode & 0777));
+    return 0;
+}
+
 /* The compile cache holds code the server runs: refuse a directory that
  * someone else could write to (another user's, a symlink, group/world
- * writable), e.g. a /tmp/.cache/pie made by another user. */
+ * writable), or whose parent lets someone else replace it (e.g. a
+ * /tmp/.cache made by another user). */
 static int check_cache_dir(const char *path)
 {
+    int rc = check_cache_parent(path);
+    if (rc)
+        return rc;
     struct stat st;
     if (lstat(path, &st) != 0)
         return pie_err_set(PIE_EIO, "cache dir %s: %s", path, strerror(errno));

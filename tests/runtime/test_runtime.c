@@ -32,7 +32,8 @@
  *                            that spends its time in libc's memmove
  *   test_runtime cache       truncated, symlinked and foreign cache entries
  *                            are dropped and recompiled; a cache dir others
- *                            can write is refused; stale temp dirs swept
+ *                            can write, or replace through its parent, is
+ *                            refused; stale temp dirs swept
  *   test_runtime grow_kill   a CPU limit landing inside memory.grow leaves
  *                            the pool's recorded size equal to what is
  *                            read-write
@@ -1421,6 +1422,36 @@ static void test_cache(void)
     CHECK(chmod(cache_t, 0700) == 0, "chmod back");
     rt = cache_rt();
     pie_rt_free(rt);
+
+    /* So is one whose parent others could write (not sticky) or, where the
+     * test runs as root, whose parent another user owns: either could
+     * rename the cache dir and put their own in its place. */
+    char parent[600], child[640];
+    snprintf(parent, sizeof parent, "%s/parent", cache_t);
+    snprintf(child, sizeof child, "%s/cache", parent);
+    CHECK(mkdir(parent, 0700) == 0 && mkdir(child, 0700) == 0, "mkdir");
+    CHECK(chmod(parent, 0777) == 0, "chmod");
+    pie_rt_opts op = {.cache_dir = child};
+    rt = NULL;
+    rc = pie_rt_create(&op, &rt);
+    CHECK(rc == PIE_EPERM && !rt && strstr(pie_err_msg(), "not sticky"),
+          "cache dir in a world-writable parent: rc %d (%s)", rc, pie_err_msg());
+    printf("refused: %s\n", pie_err_msg());
+    CHECK(chmod(parent, 01777) == 0, "chmod");     /* sticky, as /tmp */
+    rt = NULL;
+    CHECK_OK(pie_rt_create(&op, &rt));
+    pie_rt_free(rt);
+    CHECK(chmod(parent, 0700) == 0, "chmod");
+    if (geteuid() == 0) {
+        CHECK(chown(parent, 65534, 65534) == 0, "chown");
+        rt = NULL;
+        rc = pie_rt_create(&op, &rt);
+        CHECK(rc == PIE_EPERM && !rt && strstr(pie_err_msg(), "owned by uid "
+                                               "65534"),
+              "cache dir in another user's dir: rc %d (%s)", rc, pie_err_msg());
+        printf("refused: %s\n", pie_err_msg());
+        CHECK(chown(parent, 0, 0) == 0, "chown back");
+    }
     alarm(0);
 }
 
