@@ -74,11 +74,13 @@ typedef struct pie_ctl_future pie_ctl_future;
  *            priority to host memory, as long as the swapped pages of all
  *            clients fit max_swap_bytes (then it only waits); they resume
  *            when they next need their pages (see pie_ctl_client_resume)
- *   FCFS     first ask the newest client of the same or lower priority to
- *            terminate (its on_evict callback), as the Pie paper does; its
- *            pages return when its owner closes it. No client is asked
- *            while the pages of those already asked (not yet closed) and
- *            the free ones cover the allocation */
+ *   FCFS     first ask the newest client of the same or lower priority
+ *            whose end would return pages to terminate (its on_evict
+ *            callback), as the Pie paper does; its pages return when its
+ *            owner closes it. No client is asked while the free pages and
+ *            those that the clients already asked (not yet closed) will
+ *            return cover the allocation; pages an export lists or dedup
+ *            shares do not return and count for neither */
 enum { PIE_CTL_POLICY_WAIT = 0, PIE_CTL_POLICY_SUSPEND, PIE_CTL_POLICY_FCFS };
 
 typedef struct pie_ctl_opts {
@@ -137,8 +139,10 @@ void pie_ctl_client_close(pie_ctl_client *c);
  * to timeout_ms (0 = do not wait, <0 = forever): 0 when c holds all its
  * pages (also when it was not suspended), PIE_EBUSY when the pool is still
  * short (retry), PIE_ENOMEM when waiting cannot help (see
- * pie_ctl_page_alloc). A client it returns 0 for is not swapped out again
- * before its next call. */
+ * pie_ctl_page_alloc). A client whose pages it brought back is not
+ * swapped out again before its next call (any call that takes the client,
+ * even one that fails); call it after a PIE_EAGAIN, not before every
+ * call. */
 int  pie_ctl_client_resume(pie_ctl_client *c, int32_t timeout_ms);
 
 /* ---- KV pages ---------------------------------------------------------- */
@@ -149,8 +153,9 @@ int  pie_ctl_client_resume(pie_ctl_client *c, int32_t timeout_ms);
  * then fails with PIE_EBUSY (a retry may succeed). Fails at once with
  * PIE_ELIMIT beyond the client's quota (max_pages: the pages it holds plus
  * those its live exports list, each once), and with PIE_ENOMEM
- * ("KV pool exhausted") when waiting cannot help: n exceeds the pool less
- * the pages this client holds and the exported ones, or this client is
+ * ("KV pool exhausted") when waiting cannot help: n (plus, for a
+ * suspended client, its swapped-out pages) exceeds the pool less the
+ * pages this client holds and the exported ones, or this client is
  * the newest waiter of the lowest priority class in a wait cycle (every
  * client that holds pages waits for more; see pool.c). Such a caller
  * should free its pages (end the request) rather than retry. All or

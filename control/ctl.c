@@ -529,6 +529,7 @@ int pie_ctl_forward_submit(pie_ctl_client *c, const pie_ctl_forward *f,
                            pie_ctl_done_fn done, void *user,
                            pie_ctl_future **out)
 {
+    CLIENT_CALL(c);
     pie_ctl *ctl = c->ctl;
     if (!f || !out) return pie_err_set(PIE_EINVAL, "control: NULL argument");
     int rc = check_forward(ctl, f);
@@ -590,6 +591,7 @@ fail:
 int pie_ctl_page_copy(pie_ctl_client *c, uint32_t src, int32_t src_off,
                       uint32_t dst, int32_t dst_off, int32_t n)
 {
+    CLIENT_CALL(c);
     pie_ctl *ctl = c->ctl;
     int32_t ps = ctl->ps;
     /* off > ps - n, not off + n > ps: the sum wraps for offsets near

@@ -2,8 +2,10 @@
  * ctl_int.h — private structures of the control layer (the control folder only).
  *
  * One mutex, ctl->mu, guards everything in pie_ctl, every client and every
- * op except an op's reference count (atomic) and its state/status (written
- * under mu, read lock-free by poll/result after the state turns DONE).
+ * op except an op's reference count (atomic), its state/status (written
+ * under mu, read lock-free by poll/result after the state turns DONE) and a
+ * client's `resumed` flag (atomic: CLIENT_CALL clears it before any check,
+ * so that failure paths which never take mu clear it too).
  *
  * An op is one submitted forward or page copy. Its life:
  *
@@ -195,8 +197,9 @@ struct pie_ctl_client {
     bool            suspended;    /* pages swapped to host (suspend.c)       */
     bool            resuming;     /* a thread of it brings them back: still
                                      suspended, never a victim              */
-    bool            resumed;      /* resumed by pie_ctl_client_resume, no
-                                     call since: not a victim               */
+    atomic_bool     resumed;      /* pie_ctl_client_resume brought its
+                                     swap back and it made no call since:
+                                     not a victim (CLIENT_CALL clears it)   */
     bool            evicted;      /* FCFS: asked to end                      */
     int32_t         evicting;     /* on_evict calls running                  */
     int32_t         want;         /* pages an allocation waits for, or was
@@ -301,23 +304,29 @@ void pie__pool_prefix_apply(pie_ctl *ctl, pie_ctl_client *c,
  * or lower priority than requester (swap to host, within the swap budget);
  * returns pages gained. */
 int32_t pie__suspend_for(pie_ctl *ctl, int32_t n, pie_ctl_client *requester);
-/* FCFS: unless the available pages plus those of clients already asked to
- * end cover n, asks the newest eligible client to end (unlocks around the
- * call). True when one was asked. */
+/* FCFS: unless the available pages plus those that clients already asked
+ * to end will return at close cover n, asks the newest eligible client
+ * whose end returns pages to end (unlocks around the call). True when one
+ * was asked. */
 bool pie__evict_one(pie_ctl *ctl, int32_t n, pie_ctl_client *requester);
 /* Brings a suspended client's pages back, waiting up to timeout_ms (0: not
- * at all, <0: forever) for room: 0, or pie__wait_for_pages' errors
- * (PIE_EBUSY: no room yet, retry). Drops mu while it waits. */
+ * at all, <0: forever) for room for what is left of its swap (its own
+ * page_free may drop entries meanwhile): 0 once it holds all its pages,
+ * or pie__wait_for_pages' errors (PIE_EBUSY: no room yet, retry). Drops mu
+ * while it waits. */
 int  pie__client_resume(pie_ctl_client *c, int32_t timeout_ms);
 /* The same for calls without a timeout: no wait; PIE_EAGAIN when the pool
  * has no room for the pages now. */
 int  pie__client_resume_now(pie_ctl_client *c);
-/* Every entry point that needs c's pages on the device starts with one of
- * these (it is c's next call: c may be a victim again). */
-#define RESUME(c, t)  ((c)->resumed = false,                                  \
-                       (c)->suspended ? pie__client_resume(c, t) : 0)
-#define RESUME_NOW(c) ((c)->resumed = false,                                  \
-                       (c)->suspended ? pie__client_resume_now(c) : 0)
+/* Every entry point that needs c's pages on the device calls one of these
+ * once it holds mu. */
+#define RESUME(c, t)  ((c)->suspended ? pie__client_resume(c, t) : 0)
+#define RESUME_NOW(c) ((c)->suspended ? pie__client_resume_now(c) : 0)
+/* The first statement of every pie_ctl_* function that takes a client
+ * (before its argument checks, without mu): this is c's next call, so a
+ * client pie_ctl_client_resume protected may be a victim again, whatever
+ * the call does or however it fails. */
+#define CLIENT_CALL(c) atomic_store(&(c)->resumed, false)
 /* Drops swap entry j of suspended c (its handle was dropped): the last
  * entry moves into its place. */
 void pie__swap_drop(pie_ctl_client *c, int32_t j);
@@ -328,7 +337,11 @@ void pie__client_drop_swap(pie_ctl_client *c);
 #define AVAILABLE(ctl) ((ctl)->n_free + (ctl)->n_cached)   /* allocatable */
 /* Waits until n pages are allocatable for requester (see pool.c's header:
  * policy, refusals, wait cycles); 0, PIE_EBUSY (timed out), PIE_ENOMEM
- * (waiting cannot help) or PIE_ECANCELED (shutting down). */
+ * (waiting cannot help) or PIE_ECANCELED (shutting down). n == WAIT_SWAP
+ * (a resume): as many as requester has swap entries, re-read whenever mu
+ * was dropped (entries it frees meanwhile shrink the wait; 0 when none is
+ * left). */
+#define WAIT_SWAP (-1)
 int  pie__wait_for_pages(pie_ctl *ctl, int32_t n, int32_t timeout_ms,
                          pie_ctl_client *requester);
 /* c moved on (freed pages, submitted work): it no longer polls for pages,

@@ -534,6 +534,8 @@ static int busy(pie_ctl *ctl, int32_t n, int32_t timeout_ms)
 int pie__wait_for_pages(pie_ctl *ctl, int32_t n, int32_t timeout_ms,
                         pie_ctl_client *c)
 {
+    bool swap = n == WAIT_SWAP;        /* a resume: n shrinks with the swap */
+    if (swap) n = c->n_swap;
     if (AVAILABLE(ctl) >= n) return wait_end(c, 0);
     int rc = c->doomed ? doom_fail(ctl, c, n) : check_hopeless(ctl, c, n);
     if (rc < 0) return wait_end(c, rc);
@@ -541,11 +543,13 @@ int pie__wait_for_pages(pie_ctl *ctl, int32_t n, int32_t timeout_ms,
         pie__suspend_for(ctl, n - AVAILABLE(ctl), c);
     if (ctl->o.policy == PIE_CTL_POLICY_FCFS)
         pie__evict_one(ctl, n, c);
+    if (swap) n = c->n_swap;           /* (both may drop mu) */
     if (AVAILABLE(ctl) >= n) return wait_end(c, 0);
     double deadline = now_s() + timeout_ms / 1000.0;
     bool expired = timeout_ms == 0, first = true;
     c->want = n;
     for (;;) {
+        if (swap) n = c->want = c->n_swap;
         if (AVAILABLE(ctl) >= n) return wait_end(c, 0);
         if (ctl->stop)
             return wait_end(c, pie_err_set(PIE_ECANCELED, "control: shutting "
@@ -598,6 +602,7 @@ static int check_quota(pie_ctl *ctl, pie_ctl_client *c, int32_t n)
 int pie_ctl_page_alloc(pie_ctl_client *c, int32_t n, int32_t timeout_ms,
                        uint32_t *out)
 {
+    CLIENT_CALL(c);
     pie_ctl *ctl = c->ctl;
     if (n < 0 || (n > 0 && !out))
         return pie_err_set(PIE_EINVAL, "control: bad page count %d", n);
@@ -605,6 +610,12 @@ int pie_ctl_page_alloc(pie_ctl_client *c, int32_t n, int32_t timeout_ms,
     pthread_mutex_lock(&ctl->mu);
     int rc = check_quota(ctl, c, n);
     if (rc < 0) goto out;
+    /* suspended: its swap comes back first, so refuse here what both
+     * together can never get, before its resume swaps anyone out
+     * (n_swap <= n_pages: the sum does not wrap once n <= n_pages) */
+    if (c->suspended && (rc = check_hopeless(ctl, c, n > ctl->n_pages ? n :
+                                             n + c->n_swap)) < 0)
+        goto out;
     double t0 = now_s();
     if ((rc = RESUME(c, timeout_ms)) < 0) goto out;
     if (timeout_ms > 0) {              /* a resume took from the timeout */
@@ -634,6 +645,7 @@ out:
 
 int pie_ctl_page_free(pie_ctl_client *c, int32_t n, const uint32_t *h)
 {
+    CLIENT_CALL(c);
     pie_ctl *ctl = c->ctl;
     if (n < 0 || (n > 0 && !h))
         return pie_err_set(PIE_EINVAL, "control: bad page count %d", n);
@@ -656,6 +668,7 @@ int pie_ctl_page_free(pie_ctl_client *c, int32_t n, const uint32_t *h)
 
 int pie_ctl_page_fill(pie_ctl_client *c, uint32_t h, int32_t *fill)
 {
+    CLIENT_CALL(c);
     pthread_mutex_lock(&c->ctl->mu);
     ctl_handle *hd = handle_any(c, h);     /* no resume: swap_fill has it */
     if (hd)
@@ -679,6 +692,7 @@ static ctl_export *export_find(pie_ctl *ctl, const char *name,
 int pie_ctl_export(pie_ctl_client *c, const char *name, int32_t n,
                    const uint32_t *h)
 {
+    CLIENT_CALL(c);
     pie_ctl *ctl = c->ctl;
     if (!name || !*name || strlen(name) > 255)
         return pie_err_set(PIE_EINVAL, "control: export name must be 1..255 "
@@ -725,6 +739,7 @@ out:
 int pie_ctl_import(pie_ctl_client *c, const char *name, int32_t cap,
                    uint32_t *out, int32_t *n)
 {
+    CLIENT_CALL(c);
     pie_ctl *ctl = c->ctl;
     if (!name) return pie_err_set(PIE_EINVAL, "control: NULL export name");
     pthread_mutex_lock(&ctl->mu);
@@ -758,6 +773,7 @@ out:
 
 int pie_ctl_unexport(pie_ctl_client *c, const char *name)
 {
+    CLIENT_CALL(c);
     pie_ctl *ctl = c->ctl;
     if (!name) return pie_err_set(PIE_EINVAL, "control: NULL export name");
     pthread_mutex_lock(&ctl->mu);

@@ -7,9 +7,11 @@
  * Victims: clients other than the requester that have no forward or copy
  * pending (an inferlet waiting on a tool call, a message or a timer), whose
  * priority class is the requester's or lower (numerically >=), newest
- * first within the lowest class; never one already suspended (resuming
- * included) or one that pie_ctl_client_resume brought back and that has
- * made no call since (`resumed`). Only pages the victim holds alone (one
+ * first within the lowest class; never one already suspended, one being
+ * resumed (`resuming`, also once its own page_free emptied its swap) or
+ * one whose swap pie_ctl_client_resume brought back and that has made no
+ * call since (`resumed`, cleared by CLIENT_CALL at every entry point, a
+ * failing one included). Only pages the victim holds alone (one
  * reference, not exported, not deduplicated, writable) are swapped; shared
  * pages stay where they are.
  *
@@ -41,7 +43,15 @@
  * as a victim meanwhile, and a second thread of the client waits for the
  * first. The resume drops mu while it waits for pages and for the device;
  * the client's own pie_ctl_page_free may drop entries meanwhile (never add
- * any), so the resume re-reads n_swap after each wait.
+ * any: it is no victim), so the resume waits for room for what is left of
+ * its swap, re-read after every wake (pie__swap_drop wakes it), returns as
+ * soon as nothing is left, and re-reads n_swap again after waiting for the
+ * device.
+ *
+ * FCFS asks the newest client of the requester's class or lower whose
+ * end would return pages (pages it alone references: not exported, not
+ * shared through dedup) to end, unless the pages that the clients already
+ * asked will so return, plus the allocatable ones, cover the request.
  */
 #include <stdlib.h>
 #include <string.h>
@@ -70,9 +80,10 @@ static pie_ctl_client *pick_victim(pie_ctl *ctl, pie_ctl_client *req)
     uint64_t pb = ctl->b->page_bytes;
     uint64_t room = ctl->o.max_swap_bytes - ctl->swap_bytes;
     for (pie_ctl_client *c = ctl->clients; c; c = c->next) {  /* newest 1st */
-        /* (a resuming client is still suspended) */
-        if (c == req || c->suspended || c->resumed || c->ops ||
-            c->prio < floor)
+        /* resuming: also once its own page_free emptied its swap (no
+         * longer suspended) until its resume ends */
+        if (c == req || c->suspended || c->resuming || c->resumed ||
+            c->ops || c->prio < floor)
             continue;
         int32_t n = swappable(ctl, c);
         if (n == 0 || (uint64_t)n * pb > room) continue;
@@ -145,13 +156,30 @@ int32_t pie__suspend_for(pie_ctl *ctl, int32_t n, pie_ctl_client *requester)
     return got;
 }
 
-/* Pages still held by clients asked to end: they come back when their
- * owners close them. */
+/* Pages that closing c would return to the pool: those only c references
+ * (its handle and its own pending ops). Not imported or merged ones, nor
+ * pages an export lists or another client merged into (SHARED): those stay
+ * when c closes. */
+static int32_t returnable(const pie_ctl *ctl, const pie_ctl_client *c)
+{
+    int32_t n = 0;
+    for (int32_t i = 0; i < c->n_h; i++) {
+        const ctl_handle *hd = &c->h[i];
+        if (hd->page >= 0 && !hd->ro && !hd->merged &&
+            !PAGE_IS_SHARED(&ctl->pages[hd->page]))
+            n++;
+    }
+    return n;
+}
+
+/* Pages that clients asked to end will return when their owners close
+ * them. An owner that never closes its client holds further evictions off
+ * for requests these pages cover (the on_evict contract is to end it). */
 static int32_t evicted_pages(const pie_ctl *ctl)
 {
     int32_t n = 0;
     for (const pie_ctl_client *c = ctl->clients; c; c = c->next)
-        if (c->evicted) n += c->pages_held;
+        if (c->evicted) n += returnable(ctl, c);
     return n;
 }
 
@@ -163,7 +191,7 @@ bool pie__evict_one(pie_ctl *ctl, int32_t n, pie_ctl_client *req)
     int32_t floor = req ? req->prio : 0;
     pie_ctl_client *v = ctl->clients;            /* newest first */
     while (v && (v == req || v->evicted || !v->on_evict || v->prio < floor ||
-                 v->pages_held == 0))
+                 returnable(ctl, v) == 0))
         v = v->next;
     if (!v) return false;
     v->evicted = true;
@@ -195,6 +223,7 @@ void pie__swap_drop(pie_ctl_client *c, int32_t j)
     }
     c->n_swap = last;
     ctl->swap_bytes -= pb;
+    pthread_cond_broadcast(&ctl->pool_cv);   /* a resume needs less now */
     if (last == 0) {
         pie__client_drop_swap(c);
         return;
@@ -261,25 +290,48 @@ static int resume_end(pie_ctl_client *c, int rc)
                   : 0;
 }
 
-int pie__client_resume(pie_ctl_client *c, int32_t timeout_ms)
+/* Takes pages for all of c's swap entries once the pool has room for them
+ * and the device is idle; returns how many (c->n_swap; *out holds them
+ * unless 0; mu stays held from here to the upload), or
+ * pie__wait_for_pages' errors. Re-reads n_swap whenever mu was dropped. */
+static int32_t take_swap_pages(pie_ctl_client *c, int32_t timeout_ms,
+                               double t0, int32_t **out)
+{
+    pie_ctl *ctl = c->ctl;
+    for (;;) {
+        int rc = pie__wait_for_pages(ctl, WAIT_SWAP, ms_left(timeout_ms, t0),
+                                     c);
+        if (rc < 0) return rc;
+        int32_t n = c->n_swap;                   /* room for these now */
+        if (n == 0) return 0;          /* it freed every swapped handle */
+        int32_t *pages = malloc(n * sizeof *pages);
+        if (!pages) return pie_err_set(PIE_ENOMEM, "control: out of memory");
+        for (int32_t j = 0; j < n; j++) pages[j] = pie__page_take(ctl);
+        pie__wait_idle(ctl);
+        /* mu was dropped: give back the pages of entries dropped since */
+        while (n > c->n_swap) pie__page_unref(ctl, pages[--n]);
+        if (n == c->n_swap) {
+            *out = pages;
+            return n;
+        }
+        /* more entries than pages (never while resuming: no victim) */
+        while (n > 0) pie__page_unref(ctl, pages[--n]);
+        free(pages);
+    }
+}
+
+/* pie__client_resume; *back (may be NULL) tells whether pages came back. */
+static int resume(pie_ctl_client *c, int32_t timeout_ms, bool *back)
 {
     pie_ctl *ctl = c->ctl;
     double t0 = now_s();
+    if (back) *back = false;
     int rc = wait_other_resume(c, timeout_ms, t0);
     if (rc < 0 || !c->suspended) return rc;
     c->resuming = true;                   /* not a victim from here on */
-    rc = pie__wait_for_pages(ctl, c->n_swap, ms_left(timeout_ms, t0), c);
-    if (rc < 0) return resume_end(c, rc);
-    /* mu was dropped: entries may have been dropped; n pages are free now */
-    int32_t n = c->n_swap;
-    int32_t *pages = malloc((n ? n : 1) * sizeof *pages);
-    if (!pages)
-        return resume_end(c, pie_err_set(PIE_ENOMEM, "control: out of "
-                                         "memory"));
-    for (int32_t j = 0; j < n; j++) pages[j] = pie__page_take(ctl);
-    pie__wait_idle(ctl);
-    /* mu was dropped again: give back the pages of entries dropped since */
-    while (n > c->n_swap) pie__page_unref(ctl, pages[--n]);
+    int32_t *pages = NULL;
+    int32_t n = take_swap_pages(c, timeout_ms, t0, &pages);
+    if (n < 0) return resume_end(c, n);
     rc = n > 0 ? ctl->b->ops->upload(ctl->b, pages, n, c->swap_buf) : 0;
     if (rc < 0) {
         for (int32_t j = 0; j < n; j++) pie__page_unref(ctl, pages[j]);
@@ -297,7 +349,13 @@ int pie__client_resume(pie_ctl_client *c, int32_t timeout_ms)
     }
     free(pages);
     pie__client_drop_swap(c);
+    if (back) *back = n > 0;
     return resume_end(c, 0);
+}
+
+int pie__client_resume(pie_ctl_client *c, int32_t timeout_ms)
+{
+    return resume(c, timeout_ms, NULL);
 }
 
 int pie__client_resume_now(pie_ctl_client *c)
@@ -311,9 +369,11 @@ int pie__client_resume_now(pie_ctl_client *c)
 
 int pie_ctl_client_resume(pie_ctl_client *c, int32_t timeout_ms)
 {
+    CLIENT_CALL(c);
     pthread_mutex_lock(&c->ctl->mu);
-    int rc = pie__client_resume(c, timeout_ms);
-    if (rc == 0) c->resumed = true;       /* for the call it resumed for */
+    bool back;
+    int rc = resume(c, timeout_ms, &back);
+    if (back) atomic_store(&c->resumed, true);   /* for its next call */
     pthread_mutex_unlock(&c->ctl->mu);
     return rc;
 }

@@ -931,48 +931,56 @@ static int submit(pie_ctl_client *c, int32_t vocab, builder *b, efut *ef,
     return rc;
 }
 
-uint32_t Z_pieZ_forward_submit(I *i, uint32_t fwd)
+/* One try at submitting builder b for client c as a new future, whose
+ * handle goes to *h. Leaves b to the caller (it is the instance's until
+ * consumed) and, on failure, nothing allocated: PIE_EAGAIN (c is swapped
+ * out) is retried after resume_client, which parks. */
+static int submit_once(I *i, builder *b, pie_ctl_client *c, int32_t *h)
 {
     einst *x = X(i);
-    builder *b = builder_of(i, fwd);
-    if (!b) RET(PIE_EINVAL);
-    pie_ctl_client *c = NULL;
-    int rc = client_at(i, b->model, &c);
-    /* pages swapped out: back before the builder is consumed (while this
-     * parks, the instance still owns it) */
-    if (rc == 0) rc = resume_client(i, c);
-    x->b[fwd - 1] = NULL;                        /* consumed */
-    efut *ef = rc == 0 ? calloc(1, sizeof *ef) : NULL;
-    if (rc == 0 && !ef) rc = PIE_ENOMEM;
-    if (rc < 0) {
-        builder_drop(x, b);
-        RET(rc);
-    }
+    efut *ef = calloc(1, sizeof *ef);
+    if (!ef) return PIE_ENOMEM;
     pthread_mutex_init(&ef->mu, NULL);
     pie_rt_future *rf;
-    int32_t h = pie_rt_future_new(i, PIE_RT_FUT_ENGINE, ef, efut_cancel,
-                                  efut_destroy, &rf);
-    if (h < 0) {
+    *h = pie_rt_future_new(i, PIE_RT_FUT_ENGINE, ef, efut_cancel,
+                           efut_destroy, &rf);
+    if (*h < 0) {
         pthread_mutex_destroy(&ef->mu);
         free(ef);
-        builder_drop(x, b);
-        RET(h);
+        return *h;
     }
     ef->rf = rf;
     pie_ctl_future *cf = NULL;
-    rc = submit(c, x->e->models[b->model].m->cfg.vocab_size, b, ef, &cf);
-    builder_drop(x, b);
+    int rc = submit(c, x->e->models[b->model].m->cfg.vocab_size, b, ef, &cf);
     if (rc < 0) {
         pie_rt_future_complete(rf, rc, NULL, 0);
-        pie__rt_future_free(i, h);
-        RET(rc);
+        pie__rt_future_free(i, *h);
+        return rc;
     }
     pthread_mutex_lock(&ef->mu);
     ef->cf = cf;
     bool cancelled = ef->cancelled;
     pthread_mutex_unlock(&ef->mu);
     if (cancelled) pie_ctl_future_cancel(cf);
-    RET(h);
+    return 0;
+}
+
+uint32_t Z_pieZ_forward_submit(I *i, uint32_t fwd)
+{
+    einst *x = X(i);
+    builder *b = builder_of(i, fwd);
+    if (!b) RET(PIE_EINVAL);
+    pie_ctl_client *c = NULL;
+    int32_t h = 0;
+    int rc = client_at(i, b->model, &c);
+    if (rc == 0) rc = submit_once(i, b, c, &h);
+    /* pages swapped out: back, then once more (while this parks, the
+     * instance still owns the builder) */
+    if (rc == PIE_EAGAIN && (rc = resume_client(i, c)) == 0)
+        rc = submit_once(i, b, c, &h);
+    x->b[fwd - 1] = NULL;                        /* consumed */
+    builder_drop(x, b);
+    RET(rc < 0 ? rc : h);
 }
 
 static efut *efut_of(I *i, uint32_t fut)

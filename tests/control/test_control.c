@@ -1476,10 +1476,6 @@ static void test_client_resume(void)
     pthread_create(&th, NULL, free_then_close, &rh);
     CHECK_OK(pie_ctl_client_resume(a, 5000));      /* waits for c to leave */
     pthread_join(th, NULL);
-    int32_t fill;
-    rc = pie_ctl_page_fill(a, ha[0], &fill);
-    CHECK(rc == PIE_EINVAL, "fill of the handle freed during the resume: "
-          "expected %d, got %d", PIE_EINVAL, rc);
     pie_ctl_stats st;
     pie_ctl_get_stats(ctl, &st);
     CHECK(st.pages_free == 2, "pages free after the resume %d, expected 2 "
@@ -1490,6 +1486,10 @@ static void test_client_resume(void)
     CHECK(rc == PIE_EBUSY && st.suspensions == 1, "alloc next to a client "
           "just resumed: %d after %llu suspensions; expected %d and 1", rc,
           (unsigned long long)st.suspensions, PIE_EBUSY);
+    int32_t fill;                  /* (a's next call: a may be a victim) */
+    rc = pie_ctl_page_fill(a, ha[0], &fill);
+    CHECK(rc == PIE_EINVAL, "fill of the handle freed during the resume: "
+          "expected %d, got %d", PIE_EINVAL, rc);
     continue_ctx(a, ha + 1, got, 1, 1);          /* a uses its pages */
     CHECK_OK(pie_ctl_page_alloc(d, 4, 0, hd));   /* now a may be swapped */
     pie_ctl_get_stats(ctl, &st);
@@ -1505,6 +1505,269 @@ static void test_client_resume(void)
     CHECK(st.pages_free == 8, "pages free %d, expected 8", st.pages_free);
     printf("suspend: pie_ctl_client_resume waits as told; a client it "
            "resumed keeps its pages until it uses them\n");
+    done_ctl(ctl, b);
+}
+
+/* A resume whose client's other thread frees every swapped handle while it
+ * waits stays out of victim selection until it ends. Before, the client,
+ * no longer suspended but still resuming, was swapped out again; the resume
+ * then took pages for its new swap after waiting for the old count (the
+ * server aborted: pool.c "old >= 0"). */
+static pie_ctl_client *empt_a;
+static uint32_t empt_h[6];
+static int empt_rc = 1;
+
+static void *empt_alloc(void *arg)
+{
+    (void)arg;
+    empt_rc = pie_ctl_page_alloc(empt_a, 1, 10000, &empt_h[5]);
+    return NULL;
+}
+
+static void test_resume_swap_emptied(void)
+{
+    pie_backend *b;
+    pie_ctl_opts co = { .policy = PIE_CTL_POLICY_SUSPEND };
+    pie_ctl *ctl = make_ctl(8, 0, &co, &b);
+    pie_ctl_client_opts lo = { .priority = 3, .name = "a" };
+    pie_ctl_client_opts ho = { .priority = 0, .name = "c" };
+    pie_ctl_client_opts eo = { .priority = 3, .name = "d" };
+    pie_ctl_client *c, *d;
+    CHECK_OK(pie_ctl_client_open(ctl, &lo, &empt_a));
+    int32_t prompt[15], want[3], got[3];
+    make_prompt(prompt, 15, 9191);
+    reference(prompt, 15, 3, want);
+    CHECK_OK(pie_ctl_page_alloc(empt_a, 5, 0, empt_h));  /* a spare + 4 */
+    pie_ctl_future *f;
+    CHECK_OK(fwd(empt_a, prompt, 15, 0, empt_h + 1, NULL, &f));
+    got[0] = wait_token(f);
+    pie_ctl_future_release(f);
+    /* exported, the context stays in the pool: only the spare is swapped */
+    CHECK_OK(pie_ctl_export(empt_a, "ctx", 4, empt_h + 1));
+    uint32_t hc[4], hd[2];
+    CHECK_OK(pie_ctl_client_open(ctl, &ho, &c));
+    CHECK_OK(pie_ctl_page_alloc(c, 4, 0, hc));
+    pie_ctl_stats st;
+    pie_ctl_get_stats(ctl, &st);
+    CHECK(st.suspensions == 1 && st.pages_free == 0, "setup: %llu "
+          "suspensions, %d pages free; expected 1 and 0",
+          (unsigned long long)st.suspensions, st.pages_free);
+    CHECK_OK(pie_ctl_unexport(c, "ctx"));      /* a's alone again */
+    pthread_t th;
+    pthread_create(&th, NULL, empt_alloc, NULL);
+    for (int k = 0; k < 10000 && st.alloc_waits == 0; k++) {
+        usleep(1000);
+        pie_ctl_get_stats(ctl, &st);
+    }
+    CHECK(st.alloc_waits == 1, "the resume never waited for pages");
+    CHECK_OK(pie_ctl_page_free(empt_a, 1, &empt_h[0]));  /* swap emptied */
+    CHECK_OK(pie_ctl_client_open(ctl, &eo, &d));
+    /* d's allocation lands either while a's resume is still ending (a is
+     * no victim then: PIE_EBUSY, no new suspension) or after it ended and a
+     * waits as any allocation does (a may be swapped out again: 0 and a
+     * second suspension); which one depends on the threads' timing. Either
+     * way nothing may abort, and the KV and page counts below must hold. */
+    int rc = pie_ctl_page_alloc(d, 2, 0, hd);
+    pie_ctl_get_stats(ctl, &st);
+    CHECK((rc == PIE_EBUSY && st.suspensions == 1) ||
+          (rc == 0 && st.suspensions == 2), "an allocation as a's resume "
+          "ends returned %d after %llu suspensions; expected %d and 1 (during "
+          "the resume) or 0 and 2 (after it)", rc,
+          (unsigned long long)st.suspensions, PIE_EBUSY);
+    pie_ctl_client_close(c);
+    pthread_join(th, NULL);
+    CHECK(empt_rc == 0, "a's allocation returned %d", empt_rc);
+    continue_ctx(empt_a, empt_h + 1, got, 1, 2);
+    check_same(want, got, 3, "generation after the swap emptied mid-resume");
+    pie_ctl_client_close(empt_a);
+    pie_ctl_client_close(d);
+    pie_ctl_get_stats(ctl, &st);
+    CHECK(st.pages_free == 8, "pages free %d, expected 8", st.pages_free);
+    printf("suspend: a resume whose swap its own client emptied is not "
+           "swapped out again before it ends\n");
+    done_ctl(ctl, b);
+}
+
+/* A resume waits for room for what is left of the swap: swapped handles
+ * its client frees meanwhile shrink the wait. Before, it kept waiting for
+ * the count it started with (here: forever, with 4 of the 6 free). */
+static pie_ctl_client *shrink_a;
+static int shrink_rc = 1;
+
+static void *shrink_resume(void *arg)
+{
+    (void)arg;
+    shrink_rc = pie_ctl_client_resume(shrink_a, -1);
+    return NULL;
+}
+
+static void test_resume_shrinks(void)
+{
+    pie_backend *b;
+    pie_ctl_opts co = { .policy = PIE_CTL_POLICY_SUSPEND };
+    pie_ctl *ctl = make_ctl(8, 0, &co, &b);
+    pie_ctl_client_opts lo = { .priority = 3, .name = "a" };
+    pie_ctl_client_opts ho = { .priority = 0, .name = "c" };
+    pie_ctl_client *c;
+    CHECK_OK(pie_ctl_client_open(ctl, &lo, &shrink_a));
+    int32_t prompt[15], want[2], got[2];
+    make_prompt(prompt, 15, 4711);
+    reference(prompt, 15, 2, want);
+    uint32_t ha[6], hc[8];           /* two spares, then the context's 4 */
+    CHECK_OK(pie_ctl_page_alloc(shrink_a, 6, 0, ha));
+    pie_ctl_future *f;
+    CHECK_OK(fwd(shrink_a, prompt, 15, 0, ha + 2, NULL, &f));
+    got[0] = wait_token(f);
+    pie_ctl_future_release(f);
+    CHECK_OK(pie_ctl_client_open(ctl, &ho, &c));
+    CHECK_OK(pie_ctl_page_alloc(c, 8, 0, hc));     /* swaps all of a's 6 */
+    pie_ctl_stats st;
+    pie_ctl_get_stats(ctl, &st);
+    pthread_t th;
+    pthread_create(&th, NULL, shrink_resume, NULL);
+    for (int k = 0; k < 10000 && st.alloc_waits == 0; k++) {
+        usleep(1000);
+        pie_ctl_get_stats(ctl, &st);
+    }
+    CHECK(st.alloc_waits == 1, "the resume never waited for pages");
+    test_watchdog("a resume (no timeout) after its client freed 2 of its 6 "
+                  "swapped pages, 4 pages free", 10);
+    CHECK_OK(pie_ctl_page_free(c, 4, hc));         /* room for 4, not 6 */
+    usleep(20000);                  /* (the resume sleeps again meanwhile) */
+    CHECK_OK(pie_ctl_page_free(shrink_a, 2, ha));  /* 4 entries left */
+    pthread_join(th, NULL);
+    test_watchdog_off();
+    CHECK(shrink_rc == 0, "resume returned %d", shrink_rc);
+    pie_ctl_get_stats(ctl, &st);
+    CHECK(st.pages_free == 0 && st.suspensions == 1, "after the resume: %d "
+          "pages free, %llu suspensions; expected 0 and 1", st.pages_free,
+          (unsigned long long)st.suspensions);
+    continue_ctx(shrink_a, ha + 2, got, 1, 1);
+    check_same(want, got, 2, "generation after a shrunken resume");
+    pie_ctl_client_close(shrink_a);
+    pie_ctl_client_close(c);
+    printf("suspend: a resume waits only for the swapped pages its client "
+           "still holds\n");
+    done_ctl(ctl, b);
+}
+
+/* Calls on a (not suspended, then resumed) for test_resume_protection:
+ * each must end the protection pie_ctl_client_resume gave it, whatever it
+ * does and even when it fails. */
+static int protect_call(pie_ctl_client *a, const uint32_t *ha, int k)
+{
+    int32_t tok = 1, fill;
+    uint32_t h;
+    pie_ctl_future *f = NULL;
+    switch (k) {
+    case 0: return fwd(a, &tok, 1, 15, ha, NULL, &f);  /* token quota */
+    case 1: return fwd(a, &tok, 0, 15, ha, NULL, &f);  /* bad forward */
+    case 2: return pie_ctl_page_fill(a, ha[0], &fill);
+    case 3: return pie_ctl_page_free(a, 1, (uint32_t[]){ 999 });
+    case 4: return pie_ctl_import(a, "none", 1, &h, NULL);
+    case 5: return pie_ctl_unexport(a, "none");
+    case 6: return pie_ctl_page_copy(a, ha[0], 0, ha[1], 0, PS + 1);
+    case 7: return pie_ctl_export(a, "", 1, ha);
+    default: return pie_ctl_page_alloc(a, -1, 0, &h);
+    }
+}
+
+/* pie_ctl_client_resume protects a client only when it brought pages
+ * back, and only until its next call, of any kind. Before, a resume of a
+ * client that was not suspended protected it too (the runtime called it
+ * before every submit), and calls that fail early, page_fill, page_free,
+ * import and unexport never ended it: an idle client whose token quota was
+ * spent kept its pages forever, and others waited with no suspension. */
+static void test_resume_protection(void)
+{
+    pie_backend *b;
+    pie_ctl_opts co = { .policy = PIE_CTL_POLICY_SUSPEND };
+    pie_ctl *ctl = make_ctl(8, 0, &co, &b);
+    pie_ctl_client_opts ao = { .priority = 3, .name = "a", .max_tokens = 15 };
+    pie_ctl_client_opts oo = { .priority = 3, .name = "c" };
+    pie_ctl_client *a, *c;
+    CHECK_OK(pie_ctl_client_open(ctl, &ao, &a));
+    CHECK_OK(pie_ctl_client_open(ctl, &oo, &c));
+    int32_t prompt[15];
+    make_prompt(prompt, 15, 31337);
+    uint32_t ha[6], hc[6];
+    CHECK_OK(pie_ctl_page_alloc(a, 6, 0, ha));
+    pie_ctl_future *f;
+    CHECK_OK(fwd(a, prompt, 15, 0, ha, NULL, &f));   /* quota spent */
+    wait_token(f);
+    pie_ctl_future_release(f);
+    CHECK_OK(pie_ctl_client_resume(a, 0));            /* not suspended */
+    int rc = protect_call(a, ha, 0);
+    CHECK(rc == PIE_ELIMIT, "forward past the token quota: expected %d, "
+          "got %d", PIE_ELIMIT, rc);
+    CHECK_OK(pie_ctl_client_resume(a, 0));            /* again: a no-op */
+    rc = pie_ctl_page_alloc(c, 6, 0, hc);
+    pie_ctl_stats st;
+    pie_ctl_get_stats(ctl, &st);
+    CHECK(rc == 0 && st.suspensions == 1, "alloc next to an idle client "
+          "that resume found not suspended: %d after %llu suspensions; "
+          "expected 0 and 1", rc, (unsigned long long)st.suspensions);
+    for (int k = 0; k < 9; k++) {
+        CHECK_OK(pie_ctl_page_free(c, 6, hc));
+        CHECK_OK(pie_ctl_client_resume(a, 0));        /* brings 6 back */
+        rc = pie_ctl_page_alloc(c, 6, 0, hc);
+        pie_ctl_get_stats(ctl, &st);
+        CHECK(rc == PIE_EBUSY && st.suspensions == (uint64_t)k + 1, "call "
+              "%d: alloc next to a client just resumed: %d after %llu "
+              "suspensions; expected %d and %d", k, rc,
+              (unsigned long long)st.suspensions, PIE_EBUSY, k + 1);
+        int crc = protect_call(a, ha, k);
+        CHECK(crc < 0 || k == 2, "call %d on a succeeded", k);
+        rc = pie_ctl_page_alloc(c, 6, 0, hc);
+        pie_ctl_get_stats(ctl, &st);
+        CHECK(rc == 0 && st.suspensions == (uint64_t)k + 2, "call %d (rc "
+              "%d) did not end a's protection: alloc %d after %llu "
+              "suspensions; expected 0 and %d", k, crc, rc,
+              (unsigned long long)st.suspensions, k + 2);
+    }
+    pie_ctl_client_close(a);
+    pie_ctl_client_close(c);
+    pie_ctl_get_stats(ctl, &st);
+    CHECK(st.pages_free == 8, "pages free %d, expected 8", st.pages_free);
+    printf("suspend: pie_ctl_client_resume protects a client only after "
+           "bringing its pages back, until any next call\n");
+    done_ctl(ctl, b);
+}
+
+/* An allocation on a suspended client that could never fit together with
+ * its swap is refused before its resume swaps anyone out. */
+static void test_hopeless_suspended(void)
+{
+    pie_backend *b;
+    CHECK_OK(fake_backend_create(VOCAB, PS, 8, 0, &b));
+    pie_ctl_opts co = { .policy = PIE_CTL_POLICY_SUSPEND,
+                        .max_swap_bytes = 64 * b->page_bytes };
+    pie_ctl *ctl = NULL;
+    CHECK_OK(pie_ctl_create(b, &co, &ctl));
+    pie_ctl_client_opts o = { .priority = 3, .name = "a" };
+    pie_ctl_client *a, *v;
+    CHECK_OK(pie_ctl_client_open(ctl, &o, &a));
+    o.name = "v";
+    CHECK_OK(pie_ctl_client_open(ctl, &o, &v));
+    uint32_t ha[8], hv[8];
+    CHECK_OK(pie_ctl_page_alloc(a, 5, 0, ha));
+    CHECK_OK(pie_ctl_page_alloc(v, 8, 0, hv));        /* swaps a's 5 */
+    int rc = pie_ctl_page_alloc(a, 4, 0, ha + 5);     /* 5 + 4 > 8 */
+    pie_ctl_stats st;
+    pie_ctl_get_stats(ctl, &st);
+    CHECK(rc == PIE_ENOMEM && st.suspensions == 1, "4 pages for a client "
+          "with 5 swapped out of a pool of 8: %d after %llu suspensions; "
+          "expected %d and 1", rc, (unsigned long long)st.suspensions,
+          PIE_ENOMEM);
+    CHECK_OK(pie_ctl_page_alloc(a, 3, 0, ha + 5));    /* 5 + 3 fit */
+    pie_ctl_get_stats(ctl, &st);
+    CHECK(st.suspensions == 2 && st.pages_free == 0, "after a fitting "
+          "request: %llu suspensions, %d pages free; expected 2 and 0",
+          (unsigned long long)st.suspensions, st.pages_free);
+    pie_ctl_client_close(a);
+    pie_ctl_client_close(v);
+    printf("hopeless: a suspended client's request counts its swapped "
+           "pages, refused before anyone is swapped out\n");
     done_ctl(ctl, b);
 }
 
@@ -1563,6 +1826,79 @@ static void test_fcfs_poll(void)
     pie_ctl_client_close(r2);
     printf("fcfs: a polling allocation asks only as many clients to end as "
            "it needs pages from\n");
+    done_ctl(ctl, b);
+}
+
+/* FCFS counts only pages that come back when a client ends: one whose
+ * pages an export pins is not asked (ending it frees nothing), and its
+ * pages do not hold off asking another. Before, it was asked first, and
+ * its pinned pages "covered" every later poll until its owner closed it. */
+static pie_ctl_client *_Atomic pin_asked;
+
+static void note_evict(void *user, pie_ctl_client *c)
+{
+    (void)user;
+    atomic_store(&pin_asked, c);
+    atomic_fetch_add(&n_asked, 1);
+}
+
+static void test_fcfs_pinned(void)
+{
+    pie_backend *b;
+    pie_ctl_opts co = { .policy = PIE_CTL_POLICY_FCFS };
+    pie_ctl *ctl = make_ctl(8, 0, &co, &b);
+    pie_ctl_client_opts o = { .priority = 2, .on_evict = note_evict };
+    pie_ctl_client *v0, *v1, *r;
+    uint32_t h0[4], h1[4], hr[2];
+    atomic_store(&n_asked, 0);
+    atomic_store(&pin_asked, NULL);
+    CHECK_OK(pie_ctl_client_open(ctl, &o, &v0));
+    CHECK_OK(pie_ctl_page_alloc(v0, 4, 0, h0));
+    CHECK_OK(pie_ctl_client_open(ctl, &o, &v1));
+    CHECK_OK(pie_ctl_page_alloc(v1, 4, 0, h1));
+    CHECK_OK(pie_ctl_export(v1, "pin", 4, h1));      /* v1's pages stay */
+    CHECK_OK(pie_ctl_client_open(ctl, &o, &r));
+    for (int k = 0; k < 5; k++) {
+        int rc = pie_ctl_page_alloc(r, 2, 0, hr);
+        CHECK(rc == PIE_EBUSY, "poll %d: expected %d, got %d", k, PIE_EBUSY,
+              rc);
+    }
+    pie_ctl_client *asked = atomic_load(&pin_asked);
+    CHECK(atomic_load(&n_asked) == 1 && asked == v0, "5 polls for 2 pages "
+          "asked %d clients, the last %s; expected 1, v0 (v1's pages are "
+          "exported: ending it frees none)", atomic_load(&n_asked),
+          asked == v1 ? "v1" : asked == v0 ? "v0" : "none");
+    pie_ctl_client_close(v0);
+    CHECK_OK(pie_ctl_page_alloc(r, 2, 0, hr));
+    CHECK_OK(pie_ctl_unexport(r, "pin"));
+    /* asked while its pages would come back, then it pins them: they no
+     * longer cover the next poll, which asks the next client */
+    pie_ctl_client *v2;
+    CHECK_OK(pie_ctl_client_open(ctl, &o, &v2));
+    CHECK_OK(pie_ctl_page_alloc(v2, 2, 0, h0));
+    CHECK_OK(pie_ctl_page_free(r, 2, hr));
+    CHECK_OK(pie_ctl_client_open(ctl, &o, &v0));
+    CHECK_OK(pie_ctl_page_alloc(v0, 2, 0, h0 + 2));   /* pool full */
+    int rc = pie_ctl_page_alloc(r, 2, 0, hr);          /* asks v0 */
+    CHECK(rc == PIE_EBUSY && atomic_load(&pin_asked) == v0, "rc %d", rc);
+    CHECK_OK(pie_ctl_export(v0, "pin2", 2, h0 + 2));
+    rc = pie_ctl_page_alloc(r, 2, 0, hr);
+    asked = atomic_load(&pin_asked);
+    CHECK(rc == PIE_EBUSY && atomic_load(&n_asked) == 3 && asked == v2,
+          "after the client asked pinned its pages: %d, %d asked in all, "
+          "the last %s; expected %d, 3, v2", rc, atomic_load(&n_asked),
+          asked == v2 ? "v2" : asked == v0 ? "v0" : "another", PIE_EBUSY);
+    pie_ctl_client_close(v2);
+    CHECK_OK(pie_ctl_page_alloc(r, 2, 0, hr));
+    CHECK_OK(pie_ctl_unexport(r, "pin2"));
+    pie_ctl_client_close(v0);
+    pie_ctl_client_close(v1);
+    pie_ctl_client_close(r);
+    pie_ctl_stats st;
+    pie_ctl_get_stats(ctl, &st);
+    CHECK(st.pages_free == 8, "pages free %d, expected 8", st.pages_free);
+    printf("fcfs: only pages that come back at close count: a client whose "
+           "pages an export pins is not asked and holds nobody off\n");
     done_ctl(ctl, b);
 }
 
@@ -2607,7 +2943,12 @@ static const struct { const char *name; void (*fn)(void); } tests[] = {
     { "suspend_resume_race", test_suspend_resume_race },
     { "suspend_no_block", test_suspend_no_block },
     { "client_resume", test_client_resume },
+    { "resume_swap_emptied", test_resume_swap_emptied },
+    { "resume_shrinks", test_resume_shrinks },
+    { "resume_protection", test_resume_protection },
+    { "hopeless_suspended", test_hopeless_suspended },
     { "fcfs_poll", test_fcfs_poll },
+    { "fcfs_pinned", test_fcfs_pinned },
     { "hopeless_no_victims", test_hopeless_no_victims },
     { "swap_budget", test_swap_budget },
     { "swap_budget_opt", test_swap_budget_opt },
