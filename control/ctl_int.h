@@ -142,7 +142,7 @@ typedef struct ctl_batch {
 typedef struct ctl_page {
     int32_t          refs;
     int32_t          fill;        /* slots written by submitted forwards     */
-    int32_t          shared;      /* exports + dedup merges: read-only       */
+    int32_t          shared;      /* exports + imports + dedup merges: read-only */
     ctl_op          *last_writer; /* newest not-DONE op writing it          */
     int32_t          next_free;   /* free list link (-1 end)                */
     int32_t          lru_prev, lru_next; /* cached list links (-1 end)      */

@@ -353,7 +353,7 @@ static void handle_drop(pie_ctl_client *c, int32_t i)
         return;
     }
     ctl_page *p = &ctl->pages[hd->page];
-    if (hd->merged) p->shared--;
+    if (hd->merged || hd->ro) p->shared--;     /* (an import counts) */
     if (p->owner == c && p->owner_h == i) {
         p->owner = NULL;
         p->owner_h = -1;
@@ -764,6 +764,9 @@ int pie_ctl_import(pie_ctl_client *c, const char *name, int32_t cap,
             goto out;
         }
         pie__page_ref(ctl, e->pages[k]);
+        /* read-only while imported, even after the export is gone: its
+         * writer must not change KV the importer still reads */
+        ctl->pages[e->pages[k]].shared++;
         out[k] = (uint32_t)i + 1;
     }
 out:

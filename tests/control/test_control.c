@@ -2736,6 +2736,51 @@ static void test_batch_oom(void)
     done_ctl(ctl, b);
 }
 
+/* A page stays read-only while imported, even after its export is gone:
+ * before, unexport dropped the page's share count to 0 although the
+ * importer still held it, and the exporter could write it (a forward or a
+ * copy), changing the KV the importer reads. */
+static void test_import_readonly(void)
+{
+    pie_backend *b;
+    pie_ctl *ctl = make_ctl(4, 0, NULL, &b);
+    pie_ctl_client *a, *c;
+    CHECK_OK(pie_ctl_client_open(ctl, NULL, &a));
+    CHECK_OK(pie_ctl_client_open(ctl, NULL, &c));
+    uint32_t ha[2], imp[1];
+    int32_t toks[4], ni, fill;
+    make_prompt(toks, 4, 77);
+    CHECK_OK(pie_ctl_page_alloc(a, 2, 0, ha));
+    pie_ctl_future *f;
+    CHECK_OK(fwd(a, toks, 2, 0, ha, NULL, &f));
+    CHECK_OK(pie_ctl_future_wait(f, 30000));
+    pie_ctl_future_release(f);
+    CHECK_OK(pie_ctl_export(a, "x", 1, ha));
+    CHECK_OK(pie_ctl_import(c, "x", 1, imp, &ni));
+    CHECK_OK(pie_ctl_unexport(a, "x"));
+    int rc = fwd(a, toks + 2, 2, 2, ha, NULL, &f);
+    CHECK(rc == PIE_EPERM, "the exporter wrote a page another client has "
+          "imported: rc %d, expected %d", rc, PIE_EPERM);
+    if (rc == 0) {
+        pie_ctl_future_wait(f, 30000);
+        pie_ctl_future_release(f);
+    }
+    CHECK(pie_ctl_page_copy(a, ha[1], 0, ha[0], 2, 1) == PIE_EPERM,
+          "the exporter copied into a page another client has imported");
+    CHECK_OK(pie_ctl_page_fill(c, imp[0], &fill));
+    CHECK(fill == 2, "the imported page's fill is %d, expected 2", fill);
+    /* once the importer lets go, the page is its writer's again */
+    CHECK_OK(pie_ctl_page_free(c, 1, imp));
+    CHECK_OK(fwd(a, toks + 2, 2, 2, ha, NULL, &f));
+    CHECK_OK(pie_ctl_future_wait(f, 30000));
+    pie_ctl_future_release(f);
+    pie_ctl_client_close(a);
+    pie_ctl_client_close(c);
+    printf("import: a page stays read-only while imported, whatever became "
+           "of its export\n");
+    done_ctl(ctl, b);
+}
+
 /* Copy offsets near INT32_MAX: offset + n wraps in 32 bits and must not
  * pass as "fits in the page". Each is refused at submit; the server goes on
  * and a following forward over the pages is exact. */
@@ -2965,6 +3010,7 @@ static const struct { const char *name; void (*fn)(void); } tests[] = {
     { "cancel_wired", test_cancel_wired },
     { "batch_oom", test_batch_oom },
     { "copy_overflow", test_copy_overflow },
+    { "import_readonly", test_import_readonly },
     { "probe_cap", test_probe_cap },
     { "bad_row_isolated", test_bad_row_isolated },
 };
