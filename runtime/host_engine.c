@@ -402,12 +402,24 @@ uint32_t Z_pieZ_detokenize(I *i, uint32_t h, uint32_t ids, uint32_t n,
 /* ---- kv group --------------------------------------------------------------- */
 
 /* Parks this fiber for about ms milliseconds (a runtime sleep future). */
-static void park_ms(I *i, int ms)
+/* Parks the fiber for about ms (a kill or CPU limit lands there); false
+ * where it cannot (no handle left for the sleep), so that a polling loop
+ * stops instead of spinning without parking. */
+static bool park_ms(I *i, int ms)
 {
     int32_t h = (int32_t)Z_pieZ_sleep(i, (uint64_t)ms * 1000000ull);
-    if (h < 0) return;
+    if (h < 0) return false;
     pie_rt_future_wait(i, h);
     pie__rt_future_free(i, h);
+    return true;
+}
+
+/* The end of an alloc_timeout_ms wait starting now (CLOCK_MONOTONIC ns);
+ * now or earlier where the timeout is not positive: no wait. */
+static uint64_t wait_end(I *i)
+{
+    int32_t ms = X(i)->e->o.alloc_timeout_ms;
+    return pie__rt_now_ns() + (ms > 0 ? (uint64_t)ms * 1000000ull : 0);
 }
 
 /* Brings the pages of a client that the `suspend` policy swapped out back
@@ -418,13 +430,16 @@ static void park_ms(I *i, int ms)
  * this parks: the instance may be killed meanwhile. */
 static int resume_client(I *i, pie_ctl_client *c)
 {
-    int32_t waited = 0, limit = X(i)->e->o.alloc_timeout_ms;
+    uint64_t end = wait_end(i);
     int rc;
     while ((rc = pie_ctl_client_resume(c, 0)) == PIE_EBUSY &&
-           waited < limit) {
-        park_ms(i, 2);
-        waited += 2;
+           pie__rt_now_ns() < end && park_ms(i, 2)) {
     }
+    /* (PIE_EAGAIN, not EBUSY: kv_export's EBUSY means the name exists) */
+    if (rc == PIE_EBUSY)
+        rc = pie_err_set(PIE_EAGAIN, "the instance's KV pages are swapped "
+                         "out and the pool had no room for them within %d ms",
+                         X(i)->e->o.alloc_timeout_ms);
     return rc;
 }
 
@@ -446,13 +461,12 @@ uint32_t Z_pieZ_kv_alloc(I *i, uint32_t h, uint32_t n, uint32_t pages)
         x->alloc_cap = n;
     }
     /* admission: wait for the pool without blocking the worker thread */
-    int32_t waited = 0, limit = x->e->o.alloc_timeout_ms;
+    uint64_t end = wait_end(i);
     served *s = model_of(i, h);
     while ((rc = pie_ctl_page_alloc(c, (int32_t)n, 0, x->alloc_buf)) ==
                PIE_EBUSY &&
-           (int32_t)n <= pie_ctl_n_pages(s->ctl) && waited < limit) {
-        park_ms(i, 2);
-        waited += 2;
+           (int32_t)n <= pie_ctl_n_pages(s->ctl) && pie__rt_now_ns() < end &&
+           park_ms(i, 2)) {
     }
     if (rc == 0) pie_rt_copy_out(i, pages, x->alloc_buf, (uint64_t)n * 4);
     RET(rc);
