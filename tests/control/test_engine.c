@@ -226,6 +226,72 @@ static void suspend_in_runtime(pie_model *m, const char *prompt,
     pie_backend_free(b);
 }
 
+/* An inferlet whose pages the suspend policy swapped out, while the pool
+ * stays full past the allocation timeout: forward_submit gives up with
+ * PIE_EAGAIN (gen_raw exits 9), the instance ends cleanly and its pages
+ * and swap are released. */
+static void suspend_timeout(pie_model *m, const char *prompt)
+{
+    pie_backend_opts bo = { .page_size = 16, .n_pages = 8, .n_threads = 1 };
+    pie_backend *b = NULL;
+    CHECK_OK(pie_backend_cpu_create(m, &bo, &b));
+    pie_ctl_opts co = { .policy = PIE_CTL_POLICY_SUSPEND };
+    pie_ctl *ctl = NULL;
+    CHECK_OK(pie_ctl_create(b, &co, &ctl));
+    pie_engine_opts eo = { .client = { .priority = 3 },
+                           .alloc_timeout_ms = 300 };
+    pie_engine *e = NULL;
+    CHECK_OK(pie_engine_create(&eo, &e));
+    CHECK_OK(pie_engine_add_model(e, "stories260K", m, ctl));
+    pie_rt_opts ro = { .n_workers = 1, .cache_dir = TEST_CACHE_DIR,
+                       .hooks = pie_engine_hooks(e) };
+    pie_rt *rt = NULL;
+    CHECK_OK(pie_rt_create(&ro, &rt));
+    pie_rt_module *mod = load_module(rt);
+    static result ra;
+    pthread_mutex_init(&ra.mu, NULL);
+    ra.len = 0;
+    ra.msg[0] = 0;
+    const char *av_a[] = { "gen_raw", "pause", prompt, "20", "0" };
+    pie_rt_launch_cbs cbs = { .user = &ra, .on_message = on_message,
+                              .on_output = on_output };
+    pie_rt_instance *a = NULL;
+    CHECK_OK(pie_rt_launch(rt, mod, 5, av_a, &cbs, &a));
+    for (int k = 0; k < 15000; k++) {
+        pthread_mutex_lock(&ra.mu);
+        size_t len = ra.len;
+        pthread_mutex_unlock(&ra.mu);
+        if (len > 0) break;
+        usleep(2000);
+    }
+    CHECK(strcmp(ra.msg, "p") == 0, "A never paused (sent '%s')", ra.msg);
+    pie_ctl_client_opts ho = { .priority = 0, .name = "hog" };
+    pie_ctl_client *hog = NULL;
+    uint32_t hh[8];
+    CHECK_OK(pie_ctl_client_open(ctl, &ho, &hog));
+    CHECK_OK(pie_ctl_page_alloc(hog, 8, 0, hh));     /* swaps A out */
+    test_watchdog("a swapped-out inferlet's submit times out", 30);
+    CHECK_OK(pie_rt_send(a, "x", 1));
+    char reason[256] = "";
+    int32_t st = pie_rt_wait(a, reason, sizeof reason);
+    pie_rt_instance_unref(a);
+    test_watchdog_off();
+    CHECK(st == 9, "A: status %d (%s), expected 9 (forward_submit returned "
+          "PIE_EAGAIN)", st, reason);
+    pie_ctl_client_close(hog);
+    pie_rt_module_unref(mod);
+    pie_rt_free(rt);
+    pie_ctl_stats cs;
+    pie_ctl_get_stats(ctl, &cs);
+    CHECK(cs.pages_free == cs.pages_total, "%d of %d pages free at the end",
+          cs.pages_free, cs.pages_total);
+    printf("suspend: a swapped-out inferlet's submit gives up with PIE_EAGAIN "
+           "after the allocation timeout\n");
+    pie_engine_free(e);
+    pie_ctl_free(ctl);
+    pie_backend_free(b);
+}
+
 int main(void)
 {
     json_error_t je;
@@ -366,6 +432,7 @@ int main(void)
     char want20[1024];
     snprintf(want20, sizeof want20, "%s", ids_text(greedy, 20, ' '));
     suspend_in_runtime(m, prompt, want20);
+    suspend_timeout(m, prompt);
     pie_engine_free(e);
     pie_ctl_free(ctl);
     pie_backend_free(b);

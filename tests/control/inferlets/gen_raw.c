@@ -150,6 +150,7 @@ int main(int argc, char **argv)
             pie_forward_output(f, (uint32_t)(cnt - 1), PIE_SAMPLER_GREEDY, 0, 0,
                                1, 0, 0);
             ring[next % 65] = pie_forward_submit(f);
+            if (ring[next % 65] == PIE_EAGAIN) return 9;   /* swapped out */
             if (ring[next % 65] < 0) return 5;
             next++;
         }
