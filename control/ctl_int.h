@@ -344,6 +344,9 @@ void pie__client_drop_swap(pie_ctl_client *c);
 #define WAIT_SWAP (-1)
 int  pie__wait_for_pages(pie_ctl *ctl, int32_t n, int32_t timeout_ms,
                          pie_ctl_client *requester);
+/* Sleeps on pool_cv (mu held) until signalled or past deadline (s, as
+ * now_s; timeout_ms < 0: no deadline); true when the deadline passed. */
+bool pie__pool_cv_wait(pie_ctl *ctl, int32_t timeout_ms, double deadline);
 /* c moved on (freed pages, submitted work): it no longer polls for pages,
  * unless one of its threads is blocked in admission. */
 void pie__client_not_waiting(pie_ctl_client *c);

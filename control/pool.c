@@ -498,23 +498,26 @@ static int wait_end(pie_ctl_client *c, int rc)
     return rc;
 }
 
-/* Sleeps on pool_cv until signalled or past deadline (timeout_ms < 0: no
- * deadline); true when the deadline passed. */
+bool pie__pool_cv_wait(pie_ctl *ctl, int32_t timeout_ms, double deadline)
+{
+    if (timeout_ms < 0) {
+        pthread_cond_wait(&ctl->pool_cv, &ctl->mu);
+        return false;
+    }
+    struct timespec ts;
+    ts.tv_sec = (time_t)deadline;
+    ts.tv_nsec = (long)((deadline - (double)ts.tv_sec) * 1e9);
+    return pthread_cond_timedwait(&ctl->pool_cv, &ctl->mu, &ts) == ETIMEDOUT;
+}
+
+/* pie__pool_cv_wait for an allocation of c, counted as blocked meanwhile. */
 static bool pool_sleep(pie_ctl *ctl, pie_ctl_client *c, int32_t timeout_ms,
                        double deadline)
 {
-    int rc = 0;
     c->blocked++;
-    if (timeout_ms < 0) {
-        pthread_cond_wait(&ctl->pool_cv, &ctl->mu);
-    } else {
-        struct timespec ts;
-        ts.tv_sec = (time_t)deadline;
-        ts.tv_nsec = (long)((deadline - (double)ts.tv_sec) * 1e9);
-        rc = pthread_cond_timedwait(&ctl->pool_cv, &ctl->mu, &ts);
-    }
+    bool late = pie__pool_cv_wait(ctl, timeout_ms, deadline);
     c->blocked--;
-    return rc == ETIMEDOUT;
+    return late;
 }
 
 static int busy(pie_ctl *ctl, int32_t n, int32_t timeout_ms)

@@ -269,14 +269,7 @@ static int wait_other_resume(pie_ctl_client *c, int32_t timeout_ms, double t0)
         if (timeout_ms == 0 || (timeout_ms > 0 && now_s() >= deadline))
             return pie_err_set(PIE_EBUSY, "control: client '%s' is being "
                                "resumed by another thread", c->name);
-        if (timeout_ms < 0) {
-            pthread_cond_wait(&ctl->pool_cv, &ctl->mu);
-        } else {
-            struct timespec ts;
-            ts.tv_sec = (time_t)deadline;
-            ts.tv_nsec = (long)((deadline - (double)ts.tv_sec) * 1e9);
-            pthread_cond_timedwait(&ctl->pool_cv, &ctl->mu, &ts);
-        }
+        pie__pool_cv_wait(ctl, timeout_ms, deadline);
     }
     return 0;
 }

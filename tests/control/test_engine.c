@@ -144,6 +144,66 @@ static void kill_in_kv_alloc(pie_model *m)
     pie_backend_free(b);
 }
 
+/* What the suspend tests share: an 8-page pool under the suspend policy,
+ * one worker, instance A (gen_raw pause) paused halfway with its pages
+ * idle, then a native priority-0 client, the hog, taking the whole pool
+ * (which swaps A out). */
+typedef struct suspend_fix {
+    pie_backend     *b;
+    pie_ctl         *ctl;
+    pie_engine      *e;
+    pie_rt          *rt;
+    pie_rt_module   *mod;
+    pie_rt_instance *a;
+    pie_ctl_client  *hog;
+} suspend_fix;
+
+static result sus_ra;       /* A's messages (its callbacks' user data) */
+
+static void suspend_start(suspend_fix *f, pie_model *m, const char *prompt,
+                          int32_t alloc_timeout_ms)
+{
+    pie_backend_opts bo = { .page_size = 16, .n_pages = 8, .n_threads = 1 };
+    CHECK_OK(pie_backend_cpu_create(m, &bo, &f->b));
+    pie_ctl_opts co = { .policy = PIE_CTL_POLICY_SUSPEND };
+    CHECK_OK(pie_ctl_create(f->b, &co, &f->ctl));
+    pie_engine_opts eo = { .client = { .priority = 3 },
+                           .alloc_timeout_ms = alloc_timeout_ms };
+    CHECK_OK(pie_engine_create(&eo, &f->e));
+    CHECK_OK(pie_engine_add_model(f->e, "stories260K", m, f->ctl));
+    pie_rt_opts ro = { .n_workers = 1, .cache_dir = TEST_CACHE_DIR,
+                       .hooks = pie_engine_hooks(f->e) };
+    CHECK_OK(pie_rt_create(&ro, &f->rt));
+    f->mod = load_module(f->rt);
+    result *ra = &sus_ra;
+    pthread_mutex_init(&ra->mu, NULL);
+    ra->len = 0;
+    ra->msg[0] = 0;
+    const char *av_a[] = { "gen_raw", "pause", prompt, "20", "0" };
+    pie_rt_launch_cbs cbs = { .user = ra, .on_message = on_message,
+                              .on_output = on_output };
+    CHECK_OK(pie_rt_launch(f->rt, f->mod, 5, av_a, &cbs, &f->a));
+    for (int k = 0; k < 15000; k++) {
+        pthread_mutex_lock(&ra->mu);
+        size_t len = ra->len;
+        pthread_mutex_unlock(&ra->mu);
+        if (len > 0) break;
+        usleep(2000);
+    }
+    CHECK(strcmp(ra->msg, "p") == 0, "A never paused (sent '%s')", ra->msg);
+    pie_ctl_client_opts ho = { .priority = 0, .name = "hog" };
+    uint32_t hh[8];
+    CHECK_OK(pie_ctl_client_open(f->ctl, &ho, &f->hog));
+    CHECK_OK(pie_ctl_page_alloc(f->hog, 8, 0, hh));  /* swaps A out */
+}
+
+static void suspend_free(suspend_fix *f)
+{
+    pie_engine_free(f->e);
+    pie_ctl_free(f->ctl);
+    pie_backend_free(f->b);
+}
+
 /* The `suspend` policy through the runtime, on one worker thread: A
  * (priority 3) generates half its tokens and idles; a native client of
  * priority 0 takes the whole pool, swapping A out. A's next forward_submit
@@ -154,76 +214,39 @@ static void kill_in_kv_alloc(pie_model *m)
 static void suspend_in_runtime(pie_model *m, const char *prompt,
                                const char *want20)
 {
-    pie_backend_opts bo = { .page_size = 16, .n_pages = 8, .n_threads = 1 };
-    pie_backend *b = NULL;
-    CHECK_OK(pie_backend_cpu_create(m, &bo, &b));
-    pie_ctl_opts co = { .policy = PIE_CTL_POLICY_SUSPEND };
-    pie_ctl *ctl = NULL;
-    CHECK_OK(pie_ctl_create(b, &co, &ctl));
-    pie_engine_opts eo = { .client = { .priority = 3 } };
-    pie_engine *e = NULL;
-    CHECK_OK(pie_engine_create(&eo, &e));
-    CHECK_OK(pie_engine_add_model(e, "stories260K", m, ctl));
-    pie_rt_opts ro = { .n_workers = 1, .cache_dir = TEST_CACHE_DIR,
-                       .hooks = pie_engine_hooks(e) };
-    pie_rt *rt = NULL;
-    CHECK_OK(pie_rt_create(&ro, &rt));
-    pie_rt_module *mod = load_module(rt);
-    static result ra;
-    pthread_mutex_init(&ra.mu, NULL);
-    ra.len = 0;
-    ra.msg[0] = 0;
-    const char *av_a[] = { "gen_raw", "pause", prompt, "20", "0" };
-    pie_rt_launch_cbs cbs = { .user = &ra, .on_message = on_message,
-                              .on_output = on_output };
-    pie_rt_instance *a = NULL;
-    CHECK_OK(pie_rt_launch(rt, mod, 5, av_a, &cbs, &a));
-    for (int k = 0; k < 15000; k++) {
-        pthread_mutex_lock(&ra.mu);
-        size_t len = ra.len;
-        pthread_mutex_unlock(&ra.mu);
-        if (len > 0) break;
-        usleep(2000);
-    }
-    CHECK(strcmp(ra.msg, "p") == 0, "A never paused (sent '%s')", ra.msg);
-    pie_ctl_client_opts ho = { .priority = 0, .name = "hog" };
-    pie_ctl_client *hog = NULL;
-    uint32_t hh[8];
-    CHECK_OK(pie_ctl_client_open(ctl, &ho, &hog));
-    CHECK_OK(pie_ctl_page_alloc(hog, 8, 0, hh));     /* swaps A out */
+    suspend_fix f;
+    suspend_start(&f, m, prompt, 0);
     pie_ctl_stats cs;
-    pie_ctl_get_stats(ctl, &cs);
+    pie_ctl_get_stats(f.ctl, &cs);
     CHECK(cs.suspensions == 1, "suspensions %llu, expected 1",
           (unsigned long long)cs.suspensions);
     test_watchdog("a suspended inferlet parks in forward_submit", 20);
-    CHECK_OK(pie_rt_send(a, "x", 1));    /* A's next step needs its pages */
+    CHECK_OK(pie_rt_send(f.a, "x", 1));  /* A's next step needs its pages */
     usleep(100000);
     char reason[256] = "";
     static result rc_;
     pthread_mutex_init(&rc_.mu, NULL);
     const char *av_c[] = { "gen_raw", "badptr" };
-    int32_t st = launch_wait(rt, mod, 2, av_c, &rc_, reason);
+    int32_t st = launch_wait(f.rt, f.mod, 2, av_c, &rc_, reason);
     CHECK(st == PIE_ETRAP, "the other instance: status %d (%s)", st, reason);
-    pie_ctl_client_close(hog);
-    st = pie_rt_wait(a, reason, sizeof reason);
-    pie_rt_instance_unref(a);
+    pie_ctl_client_close(f.hog);
+    st = pie_rt_wait(f.a, reason, sizeof reason);
+    pie_rt_instance_unref(f.a);
     test_watchdog_off();
     char want[4096];
     snprintf(want, sizeof want, "p%s", want20);
-    CHECK(st == 0 && strcmp(ra.msg, want) == 0, "A: status %d (%s), sent\n"
-          "  %s\nexpected\n  %s", st, reason, ra.msg, want);
-    pie_ctl_get_stats(ctl, &cs);
+    CHECK(st == 0 && strcmp(sus_ra.msg, want) == 0, "A: status %d (%s), "
+          "sent\n  %s\nexpected\n  %s", st, reason, sus_ra.msg, want);
+    pie_ctl_get_stats(f.ctl, &cs);
     CHECK(cs.suspensions == 1 && cs.pages_free == cs.pages_total,
           "%llu suspensions, %d of %d pages free at the end",
           (unsigned long long)cs.suspensions, cs.pages_free, cs.pages_total);
     printf("suspend: an inferlet swapped out while idle parked (the worker "
            "ran another instance) until the pool had room, then matched the "
            "reference\n");
-    pie_rt_module_unref(mod);
-    pie_rt_free(rt);
-    pie_engine_free(e);
-    pie_ctl_free(ctl);
-    pie_backend_free(b);
+    pie_rt_module_unref(f.mod);
+    pie_rt_free(f.rt);
+    suspend_free(&f);
 }
 
 /* An inferlet whose pages the suspend policy swapped out, while the pool
@@ -232,64 +255,26 @@ static void suspend_in_runtime(pie_model *m, const char *prompt,
  * and swap are released. */
 static void suspend_timeout(pie_model *m, const char *prompt)
 {
-    pie_backend_opts bo = { .page_size = 16, .n_pages = 8, .n_threads = 1 };
-    pie_backend *b = NULL;
-    CHECK_OK(pie_backend_cpu_create(m, &bo, &b));
-    pie_ctl_opts co = { .policy = PIE_CTL_POLICY_SUSPEND };
-    pie_ctl *ctl = NULL;
-    CHECK_OK(pie_ctl_create(b, &co, &ctl));
-    pie_engine_opts eo = { .client = { .priority = 3 },
-                           .alloc_timeout_ms = 300 };
-    pie_engine *e = NULL;
-    CHECK_OK(pie_engine_create(&eo, &e));
-    CHECK_OK(pie_engine_add_model(e, "stories260K", m, ctl));
-    pie_rt_opts ro = { .n_workers = 1, .cache_dir = TEST_CACHE_DIR,
-                       .hooks = pie_engine_hooks(e) };
-    pie_rt *rt = NULL;
-    CHECK_OK(pie_rt_create(&ro, &rt));
-    pie_rt_module *mod = load_module(rt);
-    static result ra;
-    pthread_mutex_init(&ra.mu, NULL);
-    ra.len = 0;
-    ra.msg[0] = 0;
-    const char *av_a[] = { "gen_raw", "pause", prompt, "20", "0" };
-    pie_rt_launch_cbs cbs = { .user = &ra, .on_message = on_message,
-                              .on_output = on_output };
-    pie_rt_instance *a = NULL;
-    CHECK_OK(pie_rt_launch(rt, mod, 5, av_a, &cbs, &a));
-    for (int k = 0; k < 15000; k++) {
-        pthread_mutex_lock(&ra.mu);
-        size_t len = ra.len;
-        pthread_mutex_unlock(&ra.mu);
-        if (len > 0) break;
-        usleep(2000);
-    }
-    CHECK(strcmp(ra.msg, "p") == 0, "A never paused (sent '%s')", ra.msg);
-    pie_ctl_client_opts ho = { .priority = 0, .name = "hog" };
-    pie_ctl_client *hog = NULL;
-    uint32_t hh[8];
-    CHECK_OK(pie_ctl_client_open(ctl, &ho, &hog));
-    CHECK_OK(pie_ctl_page_alloc(hog, 8, 0, hh));     /* swaps A out */
+    suspend_fix f;
+    suspend_start(&f, m, prompt, 300);
     test_watchdog("a swapped-out inferlet's submit times out", 30);
-    CHECK_OK(pie_rt_send(a, "x", 1));
+    CHECK_OK(pie_rt_send(f.a, "x", 1));
     char reason[256] = "";
-    int32_t st = pie_rt_wait(a, reason, sizeof reason);
-    pie_rt_instance_unref(a);
+    int32_t st = pie_rt_wait(f.a, reason, sizeof reason);
+    pie_rt_instance_unref(f.a);
     test_watchdog_off();
     CHECK(st == 9, "A: status %d (%s), expected 9 (forward_submit returned "
           "PIE_EAGAIN)", st, reason);
-    pie_ctl_client_close(hog);
-    pie_rt_module_unref(mod);
-    pie_rt_free(rt);
+    pie_ctl_client_close(f.hog);
+    pie_rt_module_unref(f.mod);
+    pie_rt_free(f.rt);
     pie_ctl_stats cs;
-    pie_ctl_get_stats(ctl, &cs);
+    pie_ctl_get_stats(f.ctl, &cs);
     CHECK(cs.pages_free == cs.pages_total, "%d of %d pages free at the end",
           cs.pages_free, cs.pages_total);
     printf("suspend: a swapped-out inferlet's submit gives up with PIE_EAGAIN "
            "after the allocation timeout\n");
-    pie_engine_free(e);
-    pie_ctl_free(ctl);
-    pie_backend_free(b);
+    suspend_free(&f);
 }
 
 int main(void)

@@ -1011,14 +1011,41 @@ static void hang_alarm(int sig)
     _exit(1);
 }
 
-/* Runs deep.wasm to depth d (publishing at the bottom if asked). */
-static int32_t run_deep(pie_rt *rt, pie_rt_module *m, uint32_t d,
-                        bool publish, char reason[256])
+/* Runs module `name` (deep.wasm, libc_deep.wasm) recursing to depth d,
+ * then doing op at the bottom (NULL: nothing). */
+static int32_t run_depth(pie_rt *rt, pie_rt_module *m, const char *name,
+                         uint32_t d, const char *op, char reason[256])
 {
     char ds[16];
     snprintf(ds, sizeof ds, "%u", d);
-    const char *a[] = {"deep", ds, publish ? "publish" : NULL, NULL};
+    const char *a[] = {name, ds, op, NULL};
     return wait_inst(launch_v(rt, m, NULL, a), reason);
+}
+
+static int32_t run_deep(pie_rt *rt, pie_rt_module *m, uint32_t d,
+                        bool publish, char reason[256])
+{
+    return run_depth(rt, m, "deep", d, publish ? "publish" : NULL, reason);
+}
+
+/* The deepest recursion of `name` with op at the bottom that finishes;
+ * every deeper one must end in a clean stack trap. */
+static uint32_t deepest_fit(pie_rt *rt, pie_rt_module *m, const char *name,
+                            const char *op)
+{
+    char reason[256];
+    uint32_t lo = 1, hi = 1u << 20;
+    while (hi - lo > 1) {
+        uint32_t mid = lo + (hi - lo) / 2;
+        int32_t st = run_depth(rt, m, name, mid, op, reason);
+        CHECK(st == 0 || strstr(reason, "native stack exhausted"),
+              "depth %u: status %d (%s)", mid, st, reason);
+        if (st == 0)
+            lo = mid;
+        else
+            hi = mid;
+    }
+    return lo;
 }
 
 /* A host call (publish: malloc under rt->lock) made with the guest's frames
@@ -1034,17 +1061,7 @@ static void test_deep(void)
     pie_rt_module *m = load_wasm(rt, "deep.wasm", NULL);
     char reason[256];
     /* The deepest recursion that fits, without a host call at the bottom. */
-    uint32_t lo = 1, hi = 1u << 20;
-    while (hi - lo > 1) {
-        uint32_t mid = lo + (hi - lo) / 2;
-        int32_t st = run_deep(rt, m, mid, false, reason);
-        CHECK(st == 0 || strstr(reason, "native stack exhausted"),
-              "depth %u: status %d (%s)", mid, st, reason);
-        if (st == 0)
-            lo = mid;
-        else
-            hi = mid;
-    }
+    uint32_t lo = deepest_fit(rt, m, "deep", NULL);
     double frame = (double)(o.fiber_stack - (64u << 10)) / lo;
     /* Publish from there upwards: each depth while under 8 KiB is left
      * (where host code would fault), then steps of about 1 KiB until the
@@ -1147,10 +1164,7 @@ static void test_limits(void)
 static int32_t run_libc(pie_rt *rt, pie_rt_module *m, uint32_t d,
                         const char *op, char reason[256])
 {
-    char ds[16];
-    snprintf(ds, sizeof ds, "%u", d);
-    const char *a[] = {"libc_deep", ds, op, NULL};
-    return wait_inst(launch_v(rt, m, NULL, a), reason);
+    return run_depth(rt, m, "libc_deep", d, op, reason);
 }
 
 /* Generated code calls libm and libc (sqrt's errno path, memmove,
@@ -1166,17 +1180,7 @@ static void test_libc_deep(void)
     pie_rt *rt = make_rt(&o);
     pie_rt_module *m = load_wasm(rt, "libc_deep.wasm", NULL);
     char reason[256];
-    uint32_t lo = 1, hi = 1u << 20;
-    while (hi - lo > 1) {
-        uint32_t mid = lo + (hi - lo) / 2;
-        int32_t st = run_libc(rt, m, mid, "floor", reason);
-        CHECK(st == 0 || strstr(reason, "native stack exhausted"),
-              "depth %u: status %d (%s)", mid, st, reason);
-        if (st == 0)
-            lo = mid;
-        else
-            hi = mid;
-    }
+    uint32_t lo = deepest_fit(rt, m, "libc_deep", "floor");
     static const char *ops[] = {"sqrt", "copy", "nearest", "floor"};
     int runs = 0, traps = 0;
     for (int k = 0; k < 4; k++) {
