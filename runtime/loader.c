@@ -19,21 +19,54 @@
  *                RLIMIT_CPU, RLIMIT_AS and RLIMIT_FSIZE, killed if the
  *                server dies (PR_SET_PDEATHSIG). The .so gets a trailer
  *                (below), is fsynced, published with rename(), and the
- *                directory fsynced. Temp dirs left by a crash are swept
- *                when a runtime starts (pie__rt_cache_sweep).
+ *                directory fsynced; then the cache is trimmed (5).
  *   4. load      open the entry with O_NOFOLLOW, check it is a regular file
- *                of ours whose trailer names this key and whose bytes hash
- *                to the trailer's sha256; only then dlopen it through
- *                /proc/self/fd (the very file checked). A damaged, foreign
- *                or mismatched entry is dropped and compiled afresh.
+ *                of ours, mark it used (its mtime), check that its trailer
+ *                names this key and its bytes hash to the trailer's
+ *                sha256; then dlopen it by path if the path still names
+ *                the file checked. A damaged, foreign or mismatched entry
+ *                is dropped and compiled afresh.
  *                dlopen(RTLD_NOW|RTLD_LOCAL), init_module under a mutex,
  *                record the module's executable range for the watchdog.
+ *   5. trim      when a runtime starts and after each insert
+ *                (pie__rt_cache_sweep): one pass over the directory
+ *                removes stale temp dirs and DEAD entries, then LIVE
+ *                entries, least recently used first, until the bound holds.
  *
- * Cache entry <key>.so: the ELF shared object, then a 120-byte trailer
- * (ELF loaders ignore bytes past the segments): magic "PIESOTRL", u32
- * version, u32 zero, u64 ELF length, the key (64 hex chars), sha256 of
- * the ELF bytes (32). The trailer ties the file to its key, so a renamed
- * or linked entry of another module is refused.
+ * The cache directory holds entries, the temp dirs of compiles
+ * (tmp.XXXXXX, stale after CACHE_TMP_STALE_S) and whatever else someone
+ * put there, which is never touched. An entry is a regular file of ours
+ * named exactly <key>.so, key 64 lowercase hex digits: the ELF shared
+ * object, then a 120-byte trailer (ELF loaders ignore bytes past the
+ * segments): magic "PIESOTRL", u32 version, u32 zero, u64 ELF length, the
+ * key (64 hex chars), sha256 of the ELF bytes (32). The trailer ties the
+ * file to its key, so a renamed or linked entry of another module is
+ * refused. A later format must keep magic and version at the start of the
+ * last 120 bytes: that is how this version tells a newer pie's entry from
+ * a dead one.
+ *
+ * What the trim makes of a name of that pattern (entry_state, from the
+ * file alone: the trim reads trailers, only a load hashes):
+ *   DEAD   no pie from this one on can load it: no trailer (written before
+ *          trailers existed, or torn), an older trailer version, a length
+ *          or key that does not match the file. Removed.
+ *   LIVE   a trailer of this version naming its own key, or of a newer
+ *          version (a newer pie sharing the directory). Counted against
+ *          the bound. Entries of an older key scheme (another compiler,
+ *          API or flags) look LIVE; no load refreshes them, so the bound
+ *          ages them out.
+ *   SKIP   not ours to delete: not a regular file (a symlink, a fifo, a
+ *          directory), another user's, or gone.
+ * An entry's mtime is its last use: the compile that wrote it or the last
+ * load that opened it. The bound is $PIE_CACHE_MAX_ENTRIES entries
+ * (default 1000) and $PIE_CACHE_MAX_MB megabytes (default 512) of LIVE
+ * entries, 0 for none. No entry used within CACHE_GRACE_S is removed,
+ * DEAD or LIVE: another process may be between checking and dlopening
+ * it, so the bound may be exceeded by what was used that recently. The
+ * trim removes with unlink() (a process that has the object mapped keeps
+ * its pages), only the file it examined and only if no load marked it
+ * used meanwhile; a load that still loses that race finds its entry gone
+ * and compiles it again.
  *
  * Loaded modules are shared by key (rt->modules list of pie_rt_named with
  * name == NULL); a module is dlclosed when its last reference goes.
@@ -76,6 +109,12 @@
 
 #define TRAILER_MAGIC   "PIESOTRL"   /* cache entry trailer (header comment) */
 #define TRAILER_VERSION 1
+
+/* The trim (header comment). */
+#define CACHE_MAX_ENTRIES_DEFAULT 1000  /* $PIE_CACHE_MAX_ENTRIES           */
+#define CACHE_MAX_MB_DEFAULT      512   /* $PIE_CACHE_MAX_MB                */
+#define CACHE_GRACE_S             60    /* used this recently: never removed */
+#define CACHE_TMP_STALE_S         3600  /* a compile's temp dir, then dead  */
 
 /* ---- 1. the import/export check ----------------------------------------- */
 
@@ -716,10 +755,44 @@ static int load_so(pie_rt *rt, const char *path, const char *key,
     return 0;
 }
 
+/* Sets the mtime of the entry open on fd to now: its last use, for the
+ * LRU order, and a sign to a concurrent trim that it is being loaded (so
+ * before the slow hash). The mtime, not the atime: reads never move it
+ * and no mount option (noatime, relatime) keeps it still. Best effort. */
+static void mark_used(int fd)
+{
+    const struct timespec t[2] = {{0, UTIME_OMIT}, {0, UTIME_NOW}};
+    futimens(fd, t);
+}
+
+/* Checks the trailer of the entry open on fd (stat st) against key and
+ * the bytes against the trailer's sha256: 0 or PIE_EFORMAT. */
+static int check_trailer(int fd, const struct stat *st, const char *key)
+{
+    so_trailer t;
+    uint8_t h[32];
+    if ((uint64_t)st->st_size < sizeof t ||
+        pread(fd, &t, sizeof t, st->st_size - (off_t)sizeof t) !=
+            (ssize_t)sizeof t ||
+        memcmp(t.magic, TRAILER_MAGIC, 8) || t.version != TRAILER_VERSION)
+        return pie_err_set(PIE_EFORMAT, "no valid trailer (truncated or not "
+                           "written by this version)");
+    if (t.elf_len != (uint64_t)st->st_size - sizeof t)
+        return pie_err_set(PIE_EFORMAT, "length %llu, trailer says %llu",
+                           (unsigned long long)(st->st_size - sizeof t),
+                           (unsigned long long)t.elf_len);
+    if (memcmp(t.key, key, 64))
+        return pie_err_set(PIE_EFORMAT, "compiled for another module (key "
+                           "%.16s...)", t.key);
+    if (hash_fd(fd, t.elf_len, h) || memcmp(h, t.sha256, 32))
+        return pie_err_set(PIE_EFORMAT, "contents do not match their sha256");
+    return 0;
+}
+
 /* Opens cache entry path for key and checks it: a regular file (not a
  * link) owned by us, its trailer naming key, its bytes matching the
- * trailer's sha256. Returns 0 with *fd open on it, PIE_ENOTFOUND if there
- * is none, or PIE_EFORMAT saying what is wrong with it. */
+ * trailer's sha256; marks it used. Returns 0 with *fd open on it,
+ * PIE_ENOTFOUND if there is none, or PIE_EFORMAT saying what is wrong. */
 static int open_entry(const char *path, const char *key, int *fd_out)
 {
     *fd_out = -1;
@@ -729,30 +802,16 @@ static int open_entry(const char *path, const char *key, int *fd_out)
              : pie_err_set(PIE_EFORMAT, "cannot open it (%s; a symlink?)",
                            strerror(errno));
     struct stat st;
-    so_trailer t;
-    uint8_t h[32];
-    int rc = 0;
+    int rc;
     if (fstat(fd, &st) != 0 || !S_ISREG(st.st_mode))
         rc = pie_err_set(PIE_EFORMAT, "not a regular file");
     else if (st.st_uid != geteuid())
         rc = pie_err_set(PIE_EFORMAT, "owned by uid %u, not by us",
                          (unsigned)st.st_uid);
-    else if ((uint64_t)st.st_size < sizeof t ||
-             pread(fd, &t, sizeof t, st.st_size - (off_t)sizeof t) !=
-                 (ssize_t)sizeof t ||
-             memcmp(t.magic, TRAILER_MAGIC, 8) ||
-             t.version != TRAILER_VERSION)
-        rc = pie_err_set(PIE_EFORMAT, "no valid trailer (truncated or not "
-                         "written by this version)");
-    else if (t.elf_len != (uint64_t)st.st_size - sizeof t)
-        rc = pie_err_set(PIE_EFORMAT, "length %llu, trailer says %llu",
-                         (unsigned long long)(st.st_size - sizeof t),
-                         (unsigned long long)t.elf_len);
-    else if (memcmp(t.key, key, 64))
-        rc = pie_err_set(PIE_EFORMAT, "compiled for another module (key "
-                         "%.16s...)", t.key);
-    else if (hash_fd(fd, t.elf_len, h) || memcmp(h, t.sha256, 32))
-        rc = pie_err_set(PIE_EFORMAT, "contents do not match their sha256");
+    else {
+        mark_used(fd);
+        rc = check_trailer(fd, &st, key);
+    }
     if (rc) {
         close(fd);
         return rc;
@@ -762,7 +821,8 @@ static int open_entry(const char *path, const char *key, int *fd_out)
 }
 
 /* Whether path still names the file open on fd (checked before dlopen by
- * path: the cache dir is ours alone, so it cannot change after this). */
+ * path: the cache dir is ours alone, and a trim leaves an entry marked
+ * used in the last CACHE_GRACE_S alone). */
 static bool same_file(int fd, const char *path)
 {
     struct stat a, b;
@@ -771,7 +831,8 @@ static bool same_file(int fd, const char *path)
 }
 
 /* A checked entry for key at path: an existing good one, else compiled.
- * A bad existing entry is dropped. *hit says which. */
+ * A bad existing entry is dropped. *hit says which. PIE_ENOTFOUND: the
+ * fresh entry was gone before it could be opened (worth another try). */
 static int entry_get(pie_rt *rt, const uint8_t *wasm, size_t len,
                      const char *key, const char *path, int *fd, bool *hit)
 {
@@ -786,9 +847,11 @@ static int entry_get(pie_rt *rt, const uint8_t *wasm, size_t len,
     }
     if ((rc = compile(rt, wasm, len, key, path)))
         return rc;
+    pie__rt_cache_sweep(rt->cache_dir);   /* the bound holds at each insert */
     rc = open_entry(path, key, fd);
     if (rc == PIE_ENOTFOUND)
-        rc = pie_err_set(PIE_EIO, "%s vanished after compiling", path);
+        rc = pie_err_set(PIE_ENOTFOUND, "%s vanished after compiling "
+                         "(another process's cache trim?)", path);
     else if (rc)
         rc = pie_err_set(PIE_EIO, "%s: freshly compiled entry is bad: %s",
                          path, pie_err_msg());
@@ -811,12 +874,16 @@ int pie_rt_module_load(pie_rt *rt, const void *wasm, size_t len,
     cache_key(wasm, len, key);
     snprintf(path, sizeof path, "%s/%s.so", rt->cache_dir, key);
     /* Another process may compile the same module and rename its entry
-     * over ours between the check and dlopen: an equally good entry, so
-     * check the one now there (a few times) rather than fail. */
+     * over ours between the check and dlopen (an equally good entry), or
+     * its trim may remove the entry: check the one now there, or compile
+     * again (a few times), rather than fail. */
     for (int attempt = 0; attempt < 3; attempt++) {
         int fd;
         bool hit;
-        if ((rc = entry_get(rt, wasm, len, key, path, &fd, &hit)))
+        rc = entry_get(rt, wasm, len, key, path, &fd, &hit);
+        if (rc == PIE_ENOTFOUND)
+            continue;
+        if (rc)
             return rc;
         if (cached)
             *cached = hit;
@@ -833,28 +900,228 @@ int pie_rt_module_load(pie_rt *rt, const void *wasm, size_t len,
             return rc;          /* freshly compiled and unloadable */
         unlink(path);           /* checked but unloadable: compile afresh */
     }
-    return rc;
+    return rc == PIE_ENOTFOUND ? PIE_EIO : rc;  /* the message says what */
 }
 
-/* Removes temp dirs (tmp.*) that compiles left in the cache over an hour
- * ago: a server that died mid-compile. Best effort. */
+/* ---- 5. trim ------------------------------------------------------------ */
+
+typedef enum { ENTRY_SKIP, ENTRY_DEAD, ENTRY_LIVE } entry_state;
+
+/* One entry as the trim examined it. */
+typedef struct {
+    char            name[68];           /* <key>.so                        */
+    uint64_t        size;               /* bytes, trailer included         */
+    struct timespec used;               /* mtime: last compile or load     */
+    dev_t           dev;                /* with ino, the file examined:    */
+    ino_t           ino;                /* one renamed over it stays       */
+} cache_ent;
+
+/* The LIVE entries one trim found. */
+typedef struct {
+    cache_ent *v;                       /* malloc'ed; the trim frees it    */
+    size_t     n, cap;
+    uint64_t   bytes;                   /* sum of v[].size                 */
+} cache_list;
+
+/* Whether name is exactly <64 lowercase hex digits>.so, the only entry
+ * name this code makes: anything else in the directory is not ours. */
+static bool is_entry_name(const char *name)
+{
+    for (int k = 0; k < 64; k++)
+        if (!((name[k] >= '0' && name[k] <= '9') ||
+              (name[k] >= 'a' && name[k] <= 'f')))
+            return false;           /* also stops at a shorter name's NUL */
+    return !strcmp(name + 64, ".so");
+}
+
+/* Whether the regular file open on fd (stat st), entry name, is DEAD
+ * (header comment). A newer trailer is not: a newer pie sharing the
+ * directory loads it. */
+static bool entry_dead(int fd, const struct stat *st, const char *name)
+{
+    so_trailer t;
+    if ((uint64_t)st->st_size < sizeof t ||
+        pread(fd, &t, sizeof t, st->st_size - (off_t)sizeof t) !=
+            (ssize_t)sizeof t ||
+        memcmp(t.magic, TRAILER_MAGIC, 8))
+        return true;
+    if (t.version > TRAILER_VERSION)
+        return false;
+    return t.version < TRAILER_VERSION ||
+           t.elf_len != (uint64_t)st->st_size - sizeof t ||
+           memcmp(t.key, name, 64);
+}
+
+/* The state of entry name in the directory open as dfd, never following
+ * a link; *e describes the file examined unless SKIP. Only a regular file
+ * is opened at all (opening a device or fifo can block or act). */
+static entry_state entry_state_of(int dfd, const char *name, cache_ent *e)
+{
+    struct stat st;
+    if (fstatat(dfd, name, &st, AT_SYMLINK_NOFOLLOW) != 0 ||
+        !S_ISREG(st.st_mode) || st.st_uid != geteuid())
+        return ENTRY_SKIP;
+    int fd = openat(dfd, name, O_RDONLY | O_NOFOLLOW | O_CLOEXEC | O_NONBLOCK);
+    if (fd < 0)
+        return ENTRY_SKIP;
+    entry_state s = ENTRY_SKIP;         /* fstat again: the file opened */
+    if (fstat(fd, &st) == 0 && S_ISREG(st.st_mode) && st.st_uid == geteuid()) {
+        s = entry_dead(fd, &st, name) ? ENTRY_DEAD : ENTRY_LIVE;
+        memcpy(e->name, name, sizeof e->name);  /* is_entry_name: 67 + NUL */
+        e->size = (uint64_t)st.st_size;
+        e->used = st.st_mtim;
+        e->dev = st.st_dev;
+        e->ino = st.st_ino;
+    }
+    close(fd);
+    return s;
+}
+
+/* Whether e was used within CACHE_GRACE_S of now: a load may be between
+ * marking and dlopening it (header comment). Either side of now: after
+ * the clock steps back, a mark just made lies in the future. */
+static bool entry_recent(const cache_ent *e, time_t now)
+{
+    return e->used.tv_sec > now - CACHE_GRACE_S &&
+           e->used.tv_sec < now + CACHE_GRACE_S;
+}
+
+/* Unlinks entry e if its name still holds the file examined and nobody
+ * marked it used since (a load marks it before checking it). Check and
+ * unlink are two steps: a load marking it in between finds it gone and
+ * compiles again (pie_rt_module_load's retry). Returns whether it went. */
+static bool entry_remove(int dfd, const cache_ent *e)
+{
+    struct stat st;
+    if (fstatat(dfd, e->name, &st, AT_SYMLINK_NOFOLLOW) != 0 ||
+        st.st_dev != e->dev || st.st_ino != e->ino ||
+        st.st_mtim.tv_sec != e->used.tv_sec ||
+        st.st_mtim.tv_nsec != e->used.tv_nsec)
+        return false;
+    return unlinkat(dfd, e->name, 0) == 0;
+}
+
+/* Removes temp dir name (in dir) if a compile left it more than
+ * CACHE_TMP_STALE_S ago: a server that died mid-compile. */
+static void sweep_tmp(const char *dir, const char *name, time_t now)
+{
+    char p[4400];
+    struct stat st;
+    snprintf(p, sizeof p, "%s/%s", dir, name);
+    if (lstat(p, &st) == 0 && S_ISDIR(st.st_mode) && st.st_uid == geteuid() &&
+        now - st.st_mtime > CACHE_TMP_STALE_S)
+        rm_tree(p);
+}
+
+static void list_add(cache_list *l, const cache_ent *e)
+{
+    if (l->n == l->cap) {
+        size_t cap = l->cap ? 2 * l->cap : 64;
+        cache_ent *v = realloc(l->v, cap * sizeof *v);
+        if (!v)
+            return;             /* out of memory: e escapes this trim only */
+        l->v = v;
+        l->cap = cap;
+    }
+    l->v[l->n++] = *e;
+    l->bytes += e->size;
+}
+
+/* One pass over directory d (path dir): stale temp dirs and DEAD entries
+ * go, LIVE entries are listed in l. */
+static void scan(DIR *d, const char *dir, cache_list *l)
+{
+    time_t now = time(NULL);
+    struct dirent *de;
+    while ((de = readdir(d))) {
+        cache_ent e;
+        if (!strncmp(de->d_name, "tmp.", 4)) {
+            sweep_tmp(dir, de->d_name, now);
+            continue;
+        }
+        if (!is_entry_name(de->d_name))
+            continue;
+        entry_state s = entry_state_of(dirfd(d), de->d_name, &e);
+        if (s == ENTRY_DEAD && !entry_recent(&e, now))
+            entry_remove(dirfd(d), &e);
+        else if (s == ENTRY_LIVE)
+            list_add(l, &e);
+    }
+}
+
+static int by_use(const void *a, const void *b)
+{
+    const struct timespec *x = &((const cache_ent *)a)->used;
+    const struct timespec *y = &((const cache_ent *)b)->used;
+    if (x->tv_sec != y->tv_sec)
+        return x->tv_sec < y->tv_sec ? -1 : 1;
+    return (x->tv_nsec > y->tv_nsec) - (x->tv_nsec < y->tv_nsec);
+}
+
+static bool over_bound(size_t n, uint64_t bytes, uint64_t max_n,
+                       uint64_t max_bytes)
+{
+    return (max_n && n > max_n) || (max_bytes && bytes > max_bytes);
+}
+
+/* Removes the least recently used entries of l until at most max_n (0:
+ * any number) of at most max_bytes in all (0: any size) remain, passing
+ * over those used recently and those a load marked since the scan. */
+static void evict_lru(int dfd, cache_list *l, uint64_t max_n,
+                      uint64_t max_bytes)
+{
+    size_t n = l->n;
+    uint64_t bytes = l->bytes;
+    if (!over_bound(n, bytes, max_n, max_bytes))
+        return;
+    qsort(l->v, l->n, sizeof *l->v, by_use);
+    time_t now = time(NULL);
+    for (size_t k = 0; k < l->n && over_bound(n, bytes, max_n, max_bytes);
+         k++) {
+        if (entry_recent(&l->v[k], now) || !entry_remove(dfd, &l->v[k]))
+            continue;
+        n--;
+        bytes -= l->v[k].size;
+    }
+}
+
+/* A bound from environment variable name: a whole number (0: no bound);
+ * def when unset, and with a warning when not a whole number. Read at
+ * each trim: a getenv is nothing next to the compile before it. */
+static uint64_t env_bound(const char *name, uint64_t def)
+{
+    const char *v = getenv(name);
+    if (!v || !*v)
+        return def;
+    char *end;
+    errno = 0;
+    unsigned long long x = strtoull(v, &end, 10);
+    if (*v < '0' || *v > '9' || errno || *end) {   /* strtoull takes "-1" */
+        fprintf(stderr, "pie runtime: %s=\"%s\" is not a whole number >= 0 "
+                "(0: no bound); using %llu\n", name, v,
+                (unsigned long long)def);
+        return def;
+    }
+    return x;
+}
+
+/* Trims the cache in dir (header comment, "trim"): stale temp dirs and
+ * DEAD entries go, then LIVE ones, least recently used first, until the
+ * bound holds. Best effort: what cannot be examined or removed stays.
+ * Trims of other processes at the same time pick the same oldest entries,
+ * so together they remove little more than one would. */
 void pie__rt_cache_sweep(const char *dir)
 {
     DIR *d = opendir(dir);
     if (!d)
         return;
-    struct dirent *e;
-    time_t now = time(NULL);
-    char p[4400];
-    while ((e = readdir(d))) {
-        struct stat st;
-        if (strncmp(e->d_name, "tmp.", 4))
-            continue;
-        snprintf(p, sizeof p, "%s/%s", dir, e->d_name);
-        if (lstat(p, &st) == 0 && S_ISDIR(st.st_mode) &&
-            st.st_uid == geteuid() && now - st.st_mtime > 3600)
-            rm_tree(p);
-    }
+    cache_list l = {0};
+    scan(d, dir, &l);
+    uint64_t max_n = env_bound("PIE_CACHE_MAX_ENTRIES",
+                               CACHE_MAX_ENTRIES_DEFAULT);
+    uint64_t mb = env_bound("PIE_CACHE_MAX_MB", CACHE_MAX_MB_DEFAULT);
+    evict_lru(dirfd(d), &l, max_n, mb > (UINT64_MAX >> 20) ? 0 : mb << 20);
+    free(l.v);
     closedir(d);
 }
 

@@ -34,6 +34,14 @@
  *                            are dropped and recompiled; a cache dir others
  *                            can write, or replace through its parent, is
  *                            refused; stale temp dirs swept
+ *   test_runtime cache_dead  entries no pie can load again (no trailer, an
+ *                            older trailer, another key) are removed at
+ *                            start and at insert; newer, fresh and
+ *                            non-entries (name, type, owner) are kept
+ *   test_runtime cache_bound PIE_CACHE_MAX_ENTRIES / PIE_CACHE_MAX_MB evict
+ *                            the least recently used entries (a hit is a
+ *                            use) at insert and start, never one used in
+ *                            the last minute; an evicted loaded module runs
  *   test_runtime grow_kill   a CPU limit landing inside memory.grow leaves
  *                            the pool's recorded size equal to what is
  *                            read-write
@@ -1483,6 +1491,286 @@ static void test_cache(void)
     alarm(0);
 }
 
+/* ---- cache cleanup: dead entries and the size/count bound --------------- */
+
+/* Points cache_t at a new, empty directory <test cache>_<what>. */
+static void cache_fresh(const char *what)
+{
+    const char *e = getenv("PIE_TEST_CACHE_DIR");
+    snprintf(cache_t, sizeof cache_t, "%s_%s", e && *e ? e : TEST_CACHE_DIR,
+             what);
+    char cmd[1100];
+    snprintf(cmd, sizeof cmd, "rm -rf '%s' && mkdir -m 700 '%s'", cache_t,
+             cache_t);
+    CHECK(system(cmd) == 0, "%s", cmd);
+}
+
+/* cache_t/name (or name itself when absolute) into out. */
+static const char *cpath(const char *name, char *out, size_t cap)
+{
+    if (name[0] == '/')
+        snprintf(out, cap, "%s", name);
+    else
+        snprintf(out, cap, "%s/%s", cache_t, name);
+    return out;
+}
+
+static bool cexists(const char *name)
+{
+    char p[1100];
+    struct stat st;
+    return lstat(cpath(name, p, sizeof p), &st) == 0;
+}
+
+/* Sets name's access and modification time to age seconds ago. */
+static void cage(const char *name, int age)
+{
+    char p[1100];
+    struct timeval tv[2] = {{time(NULL) - age, 0}, {time(NULL) - age, 0}};
+    CHECK(utimes(cpath(name, p, sizeof p), tv) == 0, "utimes %s", p);
+}
+
+/* "<c x 64>.so": a name of the cache entry pattern. */
+static const char *ename(char c)
+{
+    static char buf[8][72];
+    static int k;
+    char *b = buf[k++ % 8];
+    memset(b, c, 64);
+    strcpy(b + 64, ".so");
+    return b;
+}
+
+#define NO_TRAILER (-1)
+
+/* Writes a stand-in cache entry: n bytes of "ELF", then (unless version is
+ * NO_TRAILER) the 120-byte trailer of runtime/loader.c's header comment
+ * with that version and key (64 chars); aged age seconds. */
+static void put_entry(const char *name, size_t n, int version,
+                      const char *key, int age)
+{
+    char p[1100];
+    FILE *f = fopen(cpath(name, p, sizeof p), "wb");
+    CHECK(f != NULL, "create %s", p);
+    char *body = calloc(1, n);
+    CHECK(body && fwrite(body, 1, n, f) == n, "write %s", p);
+    free(body);
+    if (version != NO_TRAILER) {
+        struct {
+            char magic[8]; uint32_t version, zero; uint64_t elf_len;
+            char key[64]; uint8_t sha256[32];
+        } t = {{'P', 'I', 'E', 'S', 'O', 'T', 'R', 'L'}, (uint32_t)version,
+               0, n, {0}, {0}};
+        _Static_assert(sizeof t == 120, "trailer layout");
+        memcpy(t.key, key, 64);
+        CHECK(fwrite(&t, sizeof t, 1, f) == 1, "write %s", p);
+    }
+    CHECK(fclose(f) == 0, "close %s", p);
+    cage(name, age);
+}
+
+/* Number of names of the entry pattern in cache_t. */
+static int count_entries(void)
+{
+    DIR *d = opendir(cache_t);
+    CHECK(d != NULL, "opendir %s", cache_t);
+    int n = 0;
+    struct dirent *e;
+    while ((e = readdir(d)))
+        n += strlen(e->d_name) == 67 && !strcmp(e->d_name + 64, ".so");
+    closedir(d);
+    return n;
+}
+
+/* Entries no pie from this one on can load are removed when a runtime
+ * starts and at each insert: one without a trailer (before trailers), an
+ * older trailer version, a trailer naming another key. Kept: a newer
+ * pie's entry, a good one, a dead one used in the last minute (a process
+ * may be loading it), and everything that is not an entry of ours. */
+static void test_cache_dead(void)
+{
+    signal(SIGALRM, hang_alarm);
+    alarm(120);
+    cache_fresh("cachedead");
+    const int old = 7200;
+    put_entry(ename('1'), 4096, NO_TRAILER, NULL, old);     /* removed */
+    put_entry(ename('2'), 4096, 0, ename('2'), old);        /* removed */
+    put_entry(ename('3'), 4096, 1, ename('4'), old);        /* removed */
+    put_entry(ename('5'), 4096, 2, ename('4'), old);        /* newer: kept */
+    put_entry(ename('6'), 4096, 1, ename('6'), old);        /* good: kept */
+    put_entry(ename('7'), 4096, NO_TRAILER, NULL, 0);       /* fresh: kept */
+    /* Not entries (name, type or owner), each dead inside and old. */
+    char outside[600], upper[80], short_[80], bak[80];
+    snprintf(outside, sizeof outside, "%s_outside.so", cache_t);
+    snprintf(upper, sizeof upper, "%s", ename('A'));
+    snprintf(short_, sizeof short_, "%s", ename('8') + 1);
+    snprintf(bak, sizeof bak, "%s.bak", ename('9'));
+    const char *others[] = {"notes.txt", upper, short_, bak};
+    for (int k = 0; k < 4; k++)
+        put_entry(others[k], 4096, NO_TRAILER, NULL, old);
+    put_entry(outside, 4096, NO_TRAILER, NULL, old);
+    char p[1100];
+    CHECK(symlink(outside, cpath(ename('b'), p, sizeof p)) == 0, "symlink");
+    CHECK(mkdir(cpath(ename('c'), p, sizeof p), 0700) == 0, "mkdir");
+    CHECK(mkfifo(cpath(ename('d'), p, sizeof p), 0600) == 0, "mkfifo");
+    cage(ename('c'), old);
+    cage(ename('d'), old);
+    if (geteuid() == 0) {
+        put_entry(ename('e'), 4096, NO_TRAILER, NULL, old);
+        CHECK(chown(cpath(ename('e'), p, sizeof p), 65534, 65534) == 0, "chown");
+    }
+    pie_rt *rt = cache_rt();
+    CHECK(!cexists(ename('1')), "entry without a trailer not removed");
+    CHECK(!cexists(ename('2')), "entry of trailer version 0 not removed");
+    CHECK(!cexists(ename('3')), "entry whose trailer names another key not "
+          "removed");
+    CHECK(cexists(ename('5')), "a newer pie's entry (trailer version 2, "
+          "whose other fields this pie cannot judge) was removed");
+    CHECK(cexists(ename('6')), "a good entry was removed");
+    CHECK(cexists(ename('7')), "a dead entry written a moment ago was removed");
+    for (int k = 0; k < 4; k++)
+        CHECK(cexists(others[k]), "%s (not an entry name) was removed",
+              others[k]);
+    CHECK(cexists(outside), "a symlink's target outside the cache was removed");
+    const char *kinds[] = {"symlink", "directory", "fifo"};
+    for (int k = 0; k < 3; k++)
+        CHECK(cexists(ename((char)('b' + k))), "a %s with an entry name was "
+              "removed", kinds[k]);
+    if (geteuid() == 0)
+        CHECK(cexists(ename('e')), "another user's file was removed");
+    printf("start: dead entries (no trailer, version 0, another key) removed; "
+           "newer, good, fresh and non-entries kept\n");
+
+    /* At insert: compiling a module removes a dead entry found then. */
+    put_entry(ename('1'), 4096, NO_TRAILER, NULL, old);
+    const char *ea[] = {"empty", NULL};
+    int cached;
+    CHECK(cache_run(rt, "empty.wasm", ea, &cached) == 0 && !cached, "empty");
+    CHECK(!cexists(ename('1')), "a dead entry survived an insert");
+    printf("insert: dead entry removed\n");
+    pie_rt_free(rt);
+    unlink(outside);
+    alarm(0);
+}
+
+/* The entry for name in cache_t, found by loading it into a runtime of a
+ * private cache whose only entry it then is. */
+static void entry_of(const char *name, char *out, size_t cap)
+{
+    char saved[512];
+    snprintf(saved, sizeof saved, "%s", cache_t);
+    cache_fresh("cachekey");
+    pie_rt *rt = cache_rt();
+    pie_rt_module_unref(load_wasm(rt, name, NULL));
+    pie_rt_free(rt);
+    char path[1100];
+    find_so(NULL, path, sizeof path);
+    snprintf(out, cap, "%s", strrchr(path, '/') + 1);
+    snprintf(cache_t, sizeof cache_t, "%s", saved);
+}
+
+/* The count bound at insert: least recently used first (a cache hit is a
+ * use), never an entry used in the last minute; an evicted entry's loaded
+ * module still runs. */
+static void cache_bound_count(void)
+{
+    const char *mods[] = {"hello.wasm", "empty.wasm", "idle.wasm",
+                          "calls.wasm"};
+    char so[4][100];
+    for (int k = 0; k < 4; k++)
+        entry_of(mods[k], so[k], sizeof so[k]);
+    cache_fresh("cachebound");
+    setenv("PIE_CACHE_MAX_ENTRIES", "2", 1);
+    pie_rt *rt = cache_rt();
+    int cached;
+    pie_rt_module *hello = load_wasm(rt, mods[0], &cached);
+    pie_rt_module_unref(load_wasm(rt, mods[1], &cached));
+    pie_rt_module_unref(load_wasm(rt, mods[2], &cached));
+    CHECK(count_entries() == 3, "expected 3 entries (all used in the last "
+          "minute, so none evicted), found %d", count_entries());
+    cage(so[0], 3 * 3600);
+    cage(so[1], 2 * 3600);
+    cage(so[2], 3600);
+    pie_rt_module *h2 = load_wasm(rt, mods[0], &cached);
+    CHECK(cached == 1, "hello not a hit");
+    pie_rt_module_unref(h2);
+    char p[1100];
+    struct stat st;
+    CHECK(stat(cpath(so[0], p, sizeof p), &st) == 0 &&
+          st.st_mtime > time(NULL) - 60, "a cache hit did not mark hello's "
+          "entry used (mtime %lld s ago)",
+          (long long)(time(NULL) - st.st_mtime));
+    pie_rt_module_unref(load_wasm(rt, mods[3], &cached));    /* insert */
+    CHECK(!cexists(so[1]) && !cexists(so[2]), "least recently used entries "
+          "not evicted at insert: empty %d, idle %d", cexists(so[1]),
+          cexists(so[2]));
+    CHECK(cexists(so[0]) && cexists(so[3]), "recently used entries evicted: "
+          "hello %d, calls %d", cexists(so[0]), cexists(so[3]));
+    CHECK(count_entries() == 2, "expected 2 entries, found %d",
+          count_entries());
+    printf("count bound 2: the two least recently used of 4 evicted at "
+           "insert; hello (a hit) kept\n");
+
+    /* An evicted entry this process has loaded keeps working. */
+    cage(so[0], 3600);
+    setenv("PIE_CACHE_MAX_ENTRIES", "1", 1);
+    pie_rt_module_unref(load_wasm(rt, mods[1], &cached));    /* insert */
+    CHECK(!cexists(so[0]), "hello's entry not evicted");
+    const char *ha[] = {"hello", "x", "1", NULL};
+    char reason[256];
+    int32_t s = wait_inst(launch_v(rt, hello, NULL, ha), reason);
+    CHECK(s == 1, "hello, loaded before its entry was evicted: status %d "
+          "(%s), expected 1", s, reason);
+    pie_rt_module_unref(hello);
+    CHECK(cache_run(rt, mods[0], ha, &cached) == 1 && !cached,
+          "hello after eviction: cached %d", cached);
+    pie_rt_free(rt);
+    unsetenv("PIE_CACHE_MAX_ENTRIES");
+    printf("a loaded module whose entry was evicted still runs; reloaded, it "
+           "is compiled again\n");
+}
+
+/* The size bound, at start: 4 entries of 400,000 bytes, 1 MiB allowed: the
+ * two oldest go. Bad values of either bound fall back to the defaults. */
+static void cache_bound_size(void)
+{
+    cache_fresh("cachesize");
+    setenv("PIE_CACHE_MAX_ENTRIES", "0", 1);                 /* no bound */
+    setenv("PIE_CACHE_MAX_MB", "1", 1);
+    for (int k = 0; k < 4; k++)
+        put_entry(ename((char)('a' + k)), 400000, 1, ename((char)('a' + k)),
+                  (4 - k) * 3600);
+    pie_rt_free(cache_rt());                        /* trims at start */
+    CHECK(!cexists(ename('a')) && !cexists(ename('b')) && cexists(ename('c'))
+          && cexists(ename('d')), "size bound 1 MiB: expected the 2 oldest "
+          "of 4 x 400 kB evicted, kept: %d %d %d %d", cexists(ename('a')),
+          cexists(ename('b')), cexists(ename('c')), cexists(ename('d')));
+    printf("size bound 1 MiB: 2 oldest of 4 x 400 kB evicted at start\n");
+
+    /* Bad values fall back to the defaults (hundreds of entries and MB). */
+    setenv("PIE_CACHE_MAX_ENTRIES", "2x", 1);
+    setenv("PIE_CACHE_MAX_MB", "-1", 1);
+    put_entry(ename('a'), 4096, 1, ename('a'), 7200);
+    put_entry(ename('b'), 4096, 1, ename('b'), 7200);
+    pie_rt_free(cache_rt());                        /* trims at start */
+    CHECK(count_entries() == 4, "bad bounds: expected the defaults (4 entries "
+          "kept), found %d", count_entries());
+    unsetenv("PIE_CACHE_MAX_ENTRIES");
+    unsetenv("PIE_CACHE_MAX_MB");
+    printf("bad PIE_CACHE_MAX_* values: defaults used\n");
+}
+
+/* The bound on the cache: PIE_CACHE_MAX_ENTRIES and PIE_CACHE_MAX_MB,
+ * enforced at insert and at start. */
+static void test_cache_bound(void)
+{
+    signal(SIGALRM, hang_alarm);
+    alarm(240);
+    cache_bound_count();
+    cache_bound_size();
+    alarm(0);
+}
+
 int main(int argc, char **argv)
 {
     setvbuf(stdout, NULL, _IOLBF, 0);
@@ -1501,12 +1789,14 @@ int main(int argc, char **argv)
     else if (!strcmp(t, "libc_deep")) test_libc_deep();
     else if (!strcmp(t, "cpu_libc")) test_cpu_libc();
     else if (!strcmp(t, "cache")) test_cache();
+    else if (!strcmp(t, "cache_dead")) test_cache_dead();
+    else if (!strcmp(t, "cache_bound")) test_cache_bound();
     else if (!strcmp(t, "grow_kill")) test_grow_kill();
     else {
         fprintf(stderr, "usage: test_runtime basic|reject|isolation|"
                         "messaging|http|http_limits|http_resolve|\n"
                         "       concurrent|cycles|deep|limits|libc_deep|"
-                        "cpu_libc|cache|grow_kill\n");
+                        "cpu_libc|cache|cache_dead|cache_bound|grow_kill\n");
         return 2;
     }
     TEST_DONE();
