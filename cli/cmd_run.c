@@ -173,6 +173,7 @@ static void module_name(const char *path, char *out, size_t cap)
 typedef struct run_args {
     const char *model, *backend, *cache_dir, *kv_dir, *policy;
     int         n, page_size, pages, threads, workers, max_pages, priority;
+    int         max_export_pages;
     uint64_t    token_limit;
     float       cpu_limit, memory_limit_mb;
 } run_args;
@@ -411,7 +412,8 @@ static int run_engine(const run_args *a, const char *path, int nargs,
     if (pie_cli_load_model(a->model, &m)) return 1;
     if (pie_cli_backend(a->backend, m, a->page_size, a->pages, a->threads, &b))
         goto out;
-    pie_ctl_opts co = { .model_id = model_id(m) };
+    pie_ctl_opts co = { .model_id = model_id(m),
+                        .max_export_pages = a->max_export_pages };
     if (parse_policy(a->policy, &co.policy)) goto out;
     if (pie_ctl_create(b, &co, &ctl) != 0) {
         fprintf(stderr, "pie run: cannot start the scheduler: %s\n",
@@ -488,6 +490,8 @@ static int check_run_args(const run_args *a)
     if (pie_cli_check_int("run", "priority", a->priority, 0, 7) ||
         pie_cli_check_int("run", "n", a->n, 1, 100000) ||
         pie_cli_check_int("run", "max-pages", a->max_pages, 0, INT32_MAX) ||
+        pie_cli_check_int("run", "max-export-pages", a->max_export_pages, 0,
+                          INT32_MAX) ||
         pie_cli_check_int("run", "pages", a->pages, 0, INT32_MAX) ||
         pie_cli_check_int("run", "workers", a->workers, 1,
                           PIE_CLI_MAX_THREADS) ||
@@ -526,6 +530,9 @@ int pie_cmd_run(int argc, char **argv)
           "(~/.cache/pie)" },
         { "kv-dir", 0, OPT_STR, &a.kv_dir, "persist named KV exports here: "
           "loaded at start, saved at exit" },
+        { "max-export-pages", 0, OPT_INT, &a.max_export_pages, "KV pages "
+          "all named exports together may pin, also those whose instance "
+          "ended (0 = half the pool)" },
         { "policy", 0, OPT_STR, &a.policy, "KV pool under pressure: wait, "
           "suspend (swap idle instances to host) or fcfs (end the newest) "
           "(wait)" },

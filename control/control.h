@@ -45,6 +45,14 @@
  * for more), so that older requests finish instead of all hanging. Named
  * exports can be saved to a file and loaded after a restart.
  *
+ * Exports outlive their exporter: max_pages counts a client's live exports
+ * only while it is open, so a chain of clients that each export and close
+ * could otherwise pin the whole pool. All exports together, whether their
+ * exporter is open or gone, pin at most max_export_pages distinct pages
+ * (default: half the pool). The cap counts every export, not only those
+ * whose exporter closed, because closing cannot fail: an export is checked
+ * when it is made, and any live export may lose its owner at any time.
+ *
  * Futures: each forward future completes exactly once, with 0 (results
  * readable), PIE_ECANCELED (cancelled, or a forward it chains from failed or
  * was cancelled), or another error. The completion callback given at
@@ -73,7 +81,10 @@ typedef struct pie_ctl_future pie_ctl_future;
  *   SUSPEND  first swap idle clients (no pending work) of the same or lower
  *            priority to host memory, as long as the swapped pages of all
  *            clients fit max_swap_bytes (then it only waits); they resume
- *            when they next need their pages (see pie_ctl_client_resume)
+ *            when they next need their pages (see pie_ctl_client_resume),
+ *            for an allocation only once its new pages fit beside them
+ *            (so that two clients never swap each other out in turn with
+ *            no allocation served)
  *   FCFS     first ask the newest client of the same or lower priority
  *            whose end would return pages to terminate (its on_evict
  *            callback), as the Pie paper does; its pages return when its
@@ -95,6 +106,10 @@ typedef struct pie_ctl_opts {
     uint64_t max_swap_bytes;   /* SUSPEND: host memory for swapped pages,
                                   all clients together (default: the pool's
                                   size, n_pages * page_bytes)               */
+    int32_t max_export_pages;  /* distinct pages all named exports together
+                                  may pin, their exporters open or closed
+                                  (0 = default: half the pool, rounded up;
+                                  n_pages or more: no cap; < 0 invalid)     */
 } pie_ctl_opts;
 
 /* Creates the control layer over backend b (not owned: the caller frees b
@@ -129,8 +144,9 @@ int  pie_ctl_client_open(pie_ctl *ctl, const pie_ctl_client_opts *opts,
 /* Cancels the client's pending forwards (their futures complete with
  * PIE_ECANCELED), drops its page handles (swapped ones straight from host
  * memory) and its exports' ownership: the exports live on, counted against
- * no quota, until some client unexports them. Frees it. Futures the caller
- * still holds must still be released. */
+ * no client's quota (only against the server's max_export_pages, as they
+ * were already), until some client unexports them. Frees it. Futures the
+ * caller still holds must still be released. */
 void pie_ctl_client_close(pie_ctl_client *c);
 /* SUSPEND policy: a suspended client's pages come back when it next needs
  * them on the device. pie_ctl_page_alloc waits for that up to its timeout;
@@ -149,15 +165,16 @@ int  pie_ctl_client_resume(pie_ctl_client *c, int32_t timeout_ms);
 
 /* Allocates n pages, writing their handles to out[n]. When the pool is
  * short, waits up to timeout_ms (0 = do not wait, <0 = forever) for pages
- * to be freed (and, for a suspended client, for room to resume it first);
- * then fails with PIE_EBUSY (a retry may succeed). Fails at once with
- * PIE_ELIMIT beyond the client's quota (max_pages: the pages it holds plus
- * those its live exports list, each once), and with PIE_ENOMEM
- * ("KV pool exhausted") when waiting cannot help: n (plus, for a
- * suspended client, its swapped-out pages) exceeds the pool less the
- * pages this client holds and the exported ones, or this client is
- * the newest waiter of the lowest priority class in a wait cycle (every
- * client that holds pages waits for more; see pool.c). Such a caller
+ * to be freed (a suspended client: for room for its swapped-out pages and
+ * the n new ones together, so that it is brought back only when the
+ * allocation can follow; see suspend.c); then fails with PIE_EBUSY (a retry
+ * may succeed). Fails at once with PIE_ELIMIT beyond the client's quota
+ * (max_pages: the pages it holds plus those its live exports list, each
+ * once), and with PIE_ENOMEM ("KV pool exhausted") when waiting cannot
+ * help: n (plus, for a suspended client, its swapped-out pages) exceeds the
+ * pool less the pages this client holds and the exported ones, or this
+ * client is the newest waiter of the lowest priority class in a wait cycle
+ * (every client that holds pages waits for more; see pool.c). Such a caller
  * should free its pages (end the request) rather than retry. All or
  * nothing. A hopeless request suspends and evicts nobody. */
 int  pie_ctl_page_alloc(pie_ctl_client *c, int32_t n, int32_t timeout_ms,
@@ -179,8 +196,10 @@ int  pie_ctl_page_fill(pie_ctl_client *c, uint32_t h, int32_t *fill);
 
 /* Exports n pages under a name (unique per pie_ctl; PIE_EBUSY if taken).
  * The export holds its own references until unexported; while c is open
- * they count against its max_pages. PIE_EAGAIN: c is suspended (see
- * pie_ctl_client_resume). */
+ * they count against its max_pages. PIE_ELIMIT when the pages all exports
+ * would then pin (each distinct page once: pages already exported under
+ * another name add nothing) pass opts.max_export_pages; nothing is
+ * exported then. PIE_EAGAIN: c is suspended (see pie_ctl_client_resume). */
 int  pie_ctl_export(pie_ctl_client *c, const char *name, int32_t n,
                     const uint32_t *h);
 /* Imports an export: writes up to cap new read-only handles to out and the
@@ -202,7 +221,8 @@ int  pie_ctl_export_save(pie_ctl *ctl, const char *name, const char *path);
 /* Loads such a file into fresh pages as an export named `name` (NULL: the
  * name it was saved under). PIE_EFORMAT for a corrupt, truncated or foreign
  * file (other model id or page geometry), PIE_EBUSY when the name is taken
- * or the pool lacks free pages. Full pages become findable by prefix
+ * or the pool lacks free pages, PIE_ELIMIT when its pages would take the
+ * exports past opts.max_export_pages. Full pages become findable by prefix
  * caching again. */
 int  pie_ctl_export_load(pie_ctl *ctl, const char *path, const char *name);
 
@@ -306,6 +326,8 @@ typedef struct pie_ctl_stats {
     int32_t  pages_used;       /* referenced by anything                    */
     int32_t  pages_shared;     /* referenced more than once                 */
     int32_t  exports;
+    int32_t  pages_exported;   /* distinct pages the exports pin (at most
+                                  opts.max_export_pages)                    */
     uint64_t dedup_hits;       /* full pages merged with an identical one   */
     uint64_t prefix_tokens_skipped; /* prompt tokens not recomputed because
                                   their full pages were already cached      */

@@ -39,11 +39,22 @@ int pie_ctl_create(pie_backend *b, const pie_ctl_opts *opts, pie_ctl **out)
     ctl->vocab = b->cfg->vocab_size;
     if (ctl->o.max_swap_bytes == 0)
         ctl->o.max_swap_bytes = (uint64_t)ctl->n_pages * b->page_bytes;
+    /* half the pool: exports (a shared prompt cache) can never crowd out
+     * the requests that read them */
+    if (ctl->o.max_export_pages == 0)
+        ctl->o.max_export_pages = ctl->n_pages / 2 + ctl->n_pages % 2;
     if (ctl->ps <= 0 || ctl->n_pages <= 0 || ctl->vocab <= 0) {
         free(ctl);
         return pie_err_set(PIE_EINVAL, "control: backend has page_size %d, "
                            "%d pages, vocab %d", b->page_size, b->n_pages,
                            b->cfg->vocab_size);
+    }
+    if (ctl->o.max_export_pages < 0) {
+        int32_t v = ctl->o.max_export_pages;
+        free(ctl);
+        return pie_err_set(PIE_EINVAL, "control: max_export_pages %d; use 0 "
+                           "for the default (half the pool) or a page count",
+                           v);
     }
     pthread_mutex_init(&ctl->mu, NULL);
     pthread_cond_init(&ctl->sched_cv, NULL);

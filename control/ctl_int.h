@@ -289,6 +289,11 @@ void pie__pool_copy_record(pie_ctl *ctl, int32_t src, int32_t src_off,
                            int32_t dst, int32_t dst_off, int32_t n);
 void pie__pool_stats(pie_ctl *ctl, pie_ctl_stats *s);
 void pie__wait_idle(pie_ctl *ctl);
+/* PIE_ELIMIT (with a message naming export `name`) when exporting pages[n]
+ * (NULL: n fresh pages, as a load takes) would take the distinct pages all
+ * exports pin past opts.max_export_pages; else 0. */
+int pie__export_cap_check(pie_ctl *ctl, const char *name,
+                          const int32_t *pages, int32_t n);
 /* For persist.c: takes a FREE (or evicted CACHED) page with refs 1. */
 int32_t pie__page_take(pie_ctl *ctl);
 void pie__table_insert_if_new(pie_ctl *ctl, int32_t page);
@@ -311,16 +316,17 @@ int32_t pie__suspend_for(pie_ctl *ctl, int32_t n, pie_ctl_client *requester);
 bool pie__evict_one(pie_ctl *ctl, int32_t n, pie_ctl_client *requester);
 /* Brings a suspended client's pages back, waiting up to timeout_ms (0: not
  * at all, <0: forever) for room for what is left of its swap (its own
- * page_free may drop entries meanwhile): 0 once it holds all its pages,
- * or pie__wait_for_pages' errors (PIE_EBUSY: no room yet, retry). Drops mu
- * while it waits. */
-int  pie__client_resume(pie_ctl_client *c, int32_t timeout_ms);
+ * page_free may drop entries meanwhile) together with `extra` more pages
+ * (those of the allocation it resumes for, see suspend.c): 0 once it holds
+ * all its pages, or pie__wait_for_pages' errors (PIE_EBUSY: no room yet,
+ * retry). Drops mu while it waits. */
+int  pie__client_resume(pie_ctl_client *c, int32_t extra, int32_t timeout_ms);
 /* The same for calls without a timeout: no wait; PIE_EAGAIN when the pool
  * has no room for the pages now. */
 int  pie__client_resume_now(pie_ctl_client *c);
 /* Every entry point that needs c's pages on the device calls one of these
- * once it holds mu. */
-#define RESUME(c, t)  ((c)->suspended ? pie__client_resume(c, t) : 0)
+ * once it holds mu; an allocation of n passes n as extra. */
+#define RESUME(c, n, t) ((c)->suspended ? pie__client_resume(c, n, t) : 0)
 #define RESUME_NOW(c) ((c)->suspended ? pie__client_resume_now(c) : 0)
 /* The first statement of every pie_ctl_* function that takes a client
  * (before its argument checks, without mu): this is c's next call, so a
@@ -337,13 +343,11 @@ void pie__client_drop_swap(pie_ctl_client *c);
 #define AVAILABLE(ctl) ((ctl)->n_free + (ctl)->n_cached)   /* allocatable */
 /* Waits until n pages are allocatable for requester (see pool.c's header:
  * policy, refusals, wait cycles); 0, PIE_EBUSY (timed out), PIE_ENOMEM
- * (waiting cannot help) or PIE_ECANCELED (shutting down). n == WAIT_SWAP
- * (a resume): as many as requester has swap entries, re-read whenever mu
- * was dropped (entries it frees meanwhile shrink the wait; 0 when none is
- * left). */
-#define WAIT_SWAP (-1)
-int  pie__wait_for_pages(pie_ctl *ctl, int32_t n, int32_t timeout_ms,
-                         pie_ctl_client *requester);
+ * (waiting cannot help) or PIE_ECANCELED (shutting down). With swap (a
+ * resume): n more than requester has swap entries, re-read whenever mu
+ * was dropped (entries it frees meanwhile shrink the wait). */
+int  pie__wait_for_pages(pie_ctl *ctl, int32_t n, bool swap,
+                         int32_t timeout_ms, pie_ctl_client *requester);
 /* Sleeps on pool_cv (mu held) until signalled or past deadline (s, as
  * now_s; timeout_ms < 0: no deadline); true when the deadline passed. */
 bool pie__pool_cv_wait(pie_ctl *ctl, int32_t timeout_ms, double deadline);

@@ -365,6 +365,7 @@ int pie_ctl_export_load(pie_ctl *ctl, const char *path, const char *name)
         if (strcmp(x->name, nm) == 0)
             rc = pie_err_set(PIE_EBUSY, "control: export name '%s' already "
                              "in use", nm);
+    if (rc == 0) rc = pie__export_cap_check(ctl, nm, NULL, h.n);
     if (rc == 0 && ctl->n_free + ctl->n_cached < h.n)
         rc = pie_err_set(PIE_EBUSY, "control: %d free pages needed to load "
                          "%s", h.n, path);

@@ -67,22 +67,26 @@
  * chain so far breaks it (no hash from there on).
  *
  * Admission. pie_ctl_page_alloc fails at once with PIE_ELIMIT beyond the
- * client's quota: max_pages counts its allocated handles plus the pages
- * its live exports list that none of them names (quota_used), so that
- * alloc, export, free in a loop cannot pin more than max_pages; an export
- * whose exporter closed counts against no one (any client may unexport
- * it). A suspended client is resumed first, within the same timeout
- * (suspend.c). When the pool is short, a request that waiting cannot
- * satisfy is refused (below) before anything else; otherwise it applies
- * the policy (suspend idle clients within the swap budget, or ask the
- * newest to end unless the clients already asked cover it), then waits on
- * pool_cv -- which is broadcast when a page becomes allocatable, a client
- * closes, an export pins pages or a wait cycle is broken -- up to its
- * timeout, and fails with PIE_EBUSY when that passes. A client that waits
- * records the pages it needs in c->want; so does one refused with
- * PIE_EBUSY, because an inferlet's host call polls with timeout 0 (a
- * "poller"): the mark stays until the client allocates, frees pages,
- * submits work or closes.
+ * client's quota: max_pages counts its allocated handles plus the pages its
+ * live exports list that none of them names (quota_used), so that alloc,
+ * export, free in a loop cannot pin more than max_pages; an export whose
+ * exporter closed counts against no client (any client may unexport it).
+ * What no quota bounds, the server does: every export, its exporter open or
+ * gone, counts against opts.max_export_pages (distinct pages, as
+ * pinned_pages counts them), checked when an export is made or loaded
+ * (pie__export_cap_check), since an exporter's close cannot fail. A
+ * suspended client is resumed first, within the same timeout (suspend.c),
+ * once its swapped pages and the n new ones fit together. When the pool is
+ * short, a request that waiting cannot satisfy is refused (below) before
+ * anything else; otherwise it applies the policy (suspend idle clients
+ * within the swap budget, or ask the newest to end unless the clients
+ * already asked cover it), then waits on pool_cv -- which is broadcast when
+ * a page becomes allocatable, a client closes, an export pins pages or a
+ * wait cycle is broken -- up to its timeout, and fails with PIE_EBUSY when
+ * that passes. A client that waits records the pages it needs in c->want;
+ * so does one refused with PIE_EBUSY, because an inferlet's host call polls
+ * with timeout 0 (a "poller"): the mark stays until the client allocates,
+ * frees pages, submits work or closes.
  *
  * Waiting that cannot help is refused at once with PIE_ENOMEM, "KV pool
  * exhausted", so that no allocation hangs (not even with timeout < 0):
@@ -426,6 +430,34 @@ static int32_t pinned_pages(pie_ctl *ctl, const pie_ctl_client *only)
     return n;
 }
 
+/* Distinct pages the exports list, plus those of pages[n] that none lists
+ * yet (pages NULL: n fresh pages). Costs the exported pages plus n. */
+static int32_t exported_pages(pie_ctl *ctl, const int32_t *pages, int32_t n)
+{
+    uint32_t gen = mark_begin(ctl);
+    int32_t total = 0;
+    for (const ctl_export *e = ctl->exports; e; e = e->next)
+        for (int32_t k = 0; k < e->n; k++)
+            total += mark_page(ctl, e->pages[k], gen);
+    if (!pages) return total + n;
+    for (int32_t k = 0; k < n; k++) total += mark_page(ctl, pages[k], gen);
+    return total;
+}
+
+int pie__export_cap_check(pie_ctl *ctl, const char *name,
+                          const int32_t *pages, int32_t n)
+{
+    int32_t cap = ctl->o.max_export_pages;
+    /* (n > cap: never fits, and a load's total could wrap) */
+    if (n <= cap && exported_pages(ctl, pages, n) <= cap) return 0;
+    return pie_err_set(PIE_ELIMIT, "control: export '%s' of %d pages "
+                       "refused: exports would pin more than the server's "
+                       "cap of %d KV pages (max_export_pages, pie run "
+                       "--max-export-pages); %d are exported now, and "
+                       "exports outlive their clients: unexport some first",
+                       name, n, cap, exported_pages(ctl, NULL, 0));
+}
+
 /* PIE_ENOMEM when no wait can satisfy an allocation of n by c: n exceeds
  * the pool, or the pages left once c's own and the exported ones are set
  * aside. 0 otherwise. */
@@ -530,15 +562,22 @@ static int busy(pie_ctl *ctl, int32_t n, int32_t timeout_ms)
                        timeout_ms, n, AVAILABLE(ctl));
 }
 
+/* What an admission of n for c waits for: with swap (a resume), n more
+ * than c's swap entries, which its own page_free may shrink whenever mu
+ * is dropped. */
+static int32_t need_of(const pie_ctl_client *c, int32_t n, bool swap)
+{
+    return swap ? c->n_swap + n : n;
+}
+
 /* Admission proper (contract in ctl_int.h): a refusal of what waiting
  * cannot satisfy (nor could any suspension or eviction: those never free
  * the requester's own or exported pages), the policy, then a loop that
  * refuses, breaks wait cycles and sleeps. */
-int pie__wait_for_pages(pie_ctl *ctl, int32_t n, int32_t timeout_ms,
-                        pie_ctl_client *c)
+int pie__wait_for_pages(pie_ctl *ctl, int32_t extra, bool swap,
+                        int32_t timeout_ms, pie_ctl_client *c)
 {
-    bool swap = n == WAIT_SWAP;        /* a resume: n shrinks with the swap */
-    if (swap) n = c->n_swap;
+    int32_t n = need_of(c, extra, swap);
     if (AVAILABLE(ctl) >= n) return wait_end(c, 0);
     int rc = c->doomed ? doom_fail(ctl, c, n) : check_hopeless(ctl, c, n);
     if (rc < 0) return wait_end(c, rc);
@@ -546,13 +585,13 @@ int pie__wait_for_pages(pie_ctl *ctl, int32_t n, int32_t timeout_ms,
         pie__suspend_for(ctl, n - AVAILABLE(ctl), c);
     if (ctl->o.policy == PIE_CTL_POLICY_FCFS)
         pie__evict_one(ctl, n, c);
-    if (swap) n = c->n_swap;           /* (both may drop mu) */
+    n = need_of(c, extra, swap);       /* (both may drop mu) */
     if (AVAILABLE(ctl) >= n) return wait_end(c, 0);
     double deadline = now_s() + timeout_ms / 1000.0;
     bool expired = timeout_ms == 0, first = true;
     c->want = n;
     for (;;) {
-        if (swap) n = c->want = c->n_swap;
+        n = c->want = need_of(c, extra, swap);
         if (AVAILABLE(ctl) >= n) return wait_end(c, 0);
         if (ctl->stop)
             return wait_end(c, pie_err_set(PIE_ECANCELED, "control: shutting "
@@ -620,12 +659,16 @@ int pie_ctl_page_alloc(pie_ctl_client *c, int32_t n, int32_t timeout_ms,
                                              n + c->n_swap)) < 0)
         goto out;
     double t0 = now_s();
-    if ((rc = RESUME(c, timeout_ms)) < 0) goto out;
+    /* its swap comes back only with room for the n new pages too (see
+     * suspend.c: a resume that the allocation then cannot follow would
+     * swap another client out for nothing) */
+    if ((rc = RESUME(c, n, timeout_ms)) < 0) goto out;
     if (timeout_ms > 0) {              /* a resume took from the timeout */
         double spent = (now_s() - t0) * 1000.0;
         timeout_ms = spent < timeout_ms ? timeout_ms - (int32_t)spent : 0;
     }
-    if ((rc = pie__wait_for_pages(ctl, n, timeout_ms, c)) < 0) goto out;
+    if ((rc = pie__wait_for_pages(ctl, n, false, timeout_ms, c)) < 0)
+        goto out;
     if ((rc = check_quota(ctl, c, n)) < 0) goto out;   /* mu was dropped */
     for (int32_t k = 0; k < n; k++) {
         int32_t page = pie__page_take(ctl);
@@ -722,6 +765,7 @@ int pie_ctl_export(pie_ctl_client *c, const char *name, int32_t n,
         if (!hd) { rc = PIE_EINVAL; goto out; }
         pages[k] = hd->page;
     }
+    if ((rc = pie__export_cap_check(ctl, name, pages, n)) < 0) goto out;
     for (int32_t k = 0; k < n; k++) {
         pie__page_ref(ctl, pages[k]);
         ctl->pages[pages[k]].shared++;
@@ -1088,4 +1132,5 @@ void pie__pool_stats(pie_ctl *ctl, pie_ctl_stats *s)
         if (ctl->pages[i].refs > 1 && ctl->pages[i].shared > 0) shared++;
     s->pages_shared = shared;
     s->exports = ctl->n_exports;
+    s->pages_exported = exported_pages(ctl, NULL, 0);
 }

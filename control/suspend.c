@@ -28,15 +28,27 @@
  * entries. What needs no device page is answered from the swap:
  * pie_ctl_page_fill reads swap_fill; pie_ctl_page_free and client close
  * drop entries (pie__swap_drop moves the last entry into the hole, so the
- * entries stay dense). The other entry points that use the client's
- * handles call RESUME(c, timeout) (page_alloc, with its caller's timeout)
+ * entries stay dense). The other entry points that use the client's handles
+ * call RESUME(c, n, timeout) (page_alloc of n, with its caller's timeout)
  * or RESUME_NOW(c) (forward submit, copy, export: they have no timeout and
  * never wait; PIE_EAGAIN while the pool has no room) first. A resume waits
  * for free pages (possibly suspending someone else), uploads the bytes and
  * repoints the handles: the client sees the same handles and the same KV
  * bytes, so its outputs are unchanged. pie_ctl_client_resume is the
- * explicit wait (the runtime polls it with timeout 0 and parks the fiber
- * in between, so no worker thread blocks).
+ * explicit wait (the runtime polls it with timeout 0 and parks the fiber in
+ * between, so no worker thread blocks).
+ *
+ * Working set: an allocation of n pages on a suspended client brings its
+ * swap back only once the swap and the n new pages fit together (the
+ * resume waits for, and may suspend others for, n_swap + n). A swapped-out
+ * process is let back in only when what it needs now fits, which is how
+ * a paging system keeps from thrashing: otherwise two polling clients on
+ * a pool too small for both took turns, each resume swapping the other
+ * out and the allocation behind it failing for want of its new pages, a
+ * swap per poll and no allocation ever served (test suspend_ping_pong).
+ * Now a client leaves the device without its own progress at most once
+ * (a victim of a request that still has to wait), and comes back only
+ * with the room to go on.
  *
  * Resuming: the client stays `suspended` and is also `resuming` from the
  * start of the wait to the end of the upload, so no allocation can pick it
@@ -284,16 +296,17 @@ static int resume_end(pie_ctl_client *c, int rc)
 }
 
 /* Takes pages for all of c's swap entries once the pool has room for them
- * and the device is idle; returns how many (c->n_swap; *out holds them
- * unless 0; mu stays held from here to the upload), or
- * pie__wait_for_pages' errors. Re-reads n_swap whenever mu was dropped. */
-static int32_t take_swap_pages(pie_ctl_client *c, int32_t timeout_ms,
-                               double t0, int32_t **out)
+ * and `extra` more pages (not taken here) and the device is idle; returns
+ * how many (c->n_swap; *out holds them unless 0; mu stays held from here
+ * to the upload), or pie__wait_for_pages' errors. Re-reads n_swap
+ * whenever mu was dropped. */
+static int32_t take_swap_pages(pie_ctl_client *c, int32_t extra,
+                               int32_t timeout_ms, double t0, int32_t **out)
 {
     pie_ctl *ctl = c->ctl;
     for (;;) {
-        int rc = pie__wait_for_pages(ctl, WAIT_SWAP, ms_left(timeout_ms, t0),
-                                     c);
+        int rc = pie__wait_for_pages(ctl, extra, true,
+                                     ms_left(timeout_ms, t0), c);
         if (rc < 0) return rc;
         int32_t n = c->n_swap;                   /* room for these now */
         if (n == 0) return 0;          /* it freed every swapped handle */
@@ -314,7 +327,8 @@ static int32_t take_swap_pages(pie_ctl_client *c, int32_t timeout_ms,
 }
 
 /* pie__client_resume; *back (may be NULL) tells whether pages came back. */
-static int resume(pie_ctl_client *c, int32_t timeout_ms, bool *back)
+static int resume(pie_ctl_client *c, int32_t extra, int32_t timeout_ms,
+                  bool *back)
 {
     pie_ctl *ctl = c->ctl;
     double t0 = now_s();
@@ -323,7 +337,7 @@ static int resume(pie_ctl_client *c, int32_t timeout_ms, bool *back)
     if (rc < 0 || !c->suspended) return rc;
     c->resuming = true;                   /* not a victim from here on */
     int32_t *pages = NULL;
-    int32_t n = take_swap_pages(c, timeout_ms, t0, &pages);
+    int32_t n = take_swap_pages(c, extra, timeout_ms, t0, &pages);
     if (n < 0) return resume_end(c, n);
     rc = n > 0 ? ctl->b->ops->upload(ctl->b, pages, n, c->swap_buf) : 0;
     if (rc < 0) {
@@ -346,14 +360,14 @@ static int resume(pie_ctl_client *c, int32_t timeout_ms, bool *back)
     return resume_end(c, 0);
 }
 
-int pie__client_resume(pie_ctl_client *c, int32_t timeout_ms)
+int pie__client_resume(pie_ctl_client *c, int32_t extra, int32_t timeout_ms)
 {
-    return resume(c, timeout_ms, NULL);
+    return resume(c, extra, timeout_ms, NULL);
 }
 
 int pie__client_resume_now(pie_ctl_client *c)
 {
-    int rc = pie__client_resume(c, 0);
+    int rc = pie__client_resume(c, 0, 0);
     if (rc != PIE_EBUSY) return rc;
     return pie_err_set(PIE_EAGAIN, "control: client '%s' is swapped out and "
                        "the KV pool has no room for its %d pages yet; retry "
@@ -365,7 +379,7 @@ int pie_ctl_client_resume(pie_ctl_client *c, int32_t timeout_ms)
     CLIENT_CALL(c);
     pthread_mutex_lock(&c->ctl->mu);
     bool back;
-    int rc = resume(c, timeout_ms, &back);
+    int rc = resume(c, 0, timeout_ms, &back);
     if (back) atomic_store(&c->resumed, true);   /* for its next call */
     pthread_mutex_unlock(&c->ctl->mu);
     return rc;

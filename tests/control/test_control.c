@@ -2053,6 +2053,210 @@ static void test_export_quota(void)
     done_ctl(ctl, b);
 }
 
+/* Exports outlive their exporter, and max_pages bounds a client only while
+ * it is open: before, a chain of clients that each exported 2 pages under
+ * max_pages 2 and closed pinned the whole pool. All exports together now
+ * pin at most opts.max_export_pages (default: half the pool); past it an
+ * export fails with PIE_ELIMIT and takes nothing. */
+static void test_export_cap(void)
+{
+    pie_backend *b;
+    pie_ctl *ctl = make_ctl(16, 0, NULL, &b);
+    pie_ctl_client_opts o = { .max_pages = 2, .name = "link" };
+    pie_ctl_client *q;
+    uint32_t h[8];
+    char nm[16];
+    for (int k = 0; k < 8; k++) {
+        CHECK_OK(pie_ctl_client_open(ctl, &o, &q));
+        CHECK_OK(pie_ctl_page_alloc(q, 2, 0, h));
+        snprintf(nm, sizeof nm, "link%d", k);
+        int rc = pie_ctl_export(q, nm, 2, h);
+        pie_ctl_stats st;
+        pie_ctl_get_stats(ctl, &st);
+        if (k < 4) {
+            CHECK(rc == 0, "link %d: export of 2 pages (%d pinned of 16) "
+                  "failed: %d (%s)", k, 2 * k, rc, pie_err_msg());
+        } else {
+            CHECK(rc == PIE_ELIMIT, "link %d: export of 2 more pages with "
+                  "%d of 16 pinned by exports whose clients are gone: "
+                  "expected %d, got %d", k, 2 * k, PIE_ELIMIT, rc);
+            CHECK(strstr(pie_err_msg(), "max_export_pages") != NULL,
+                  "message names no option: %s", pie_err_msg());
+            CHECK(st.exports == 4 && st.pages_used == 10, "after a refused "
+                  "export: %d exports, %d pages used; expected 4 and 10 "
+                  "(8 exported + 2 held)", st.exports, st.pages_used);
+        }
+        pie_ctl_client_close(q);
+    }
+    printf("export cap: %s\n", pie_err_msg());
+    /* the other half stays for work */
+    pie_ctl_client *w;
+    CHECK_OK(pie_ctl_client_open(ctl, NULL, &w));
+    CHECK_OK(pie_ctl_page_alloc(w, 8, 0, h));
+    CHECK(pie_ctl_export(w, "more", 1, h) == PIE_ELIMIT, "export past the "
+          "cap by a client with no quota");
+    /* pages already exported count once: a second name for them fits */
+    uint32_t imp[2];
+    int32_t ni;
+    CHECK_OK(pie_ctl_import(w, "link0", 2, imp, &ni));
+    CHECK_OK(pie_ctl_export(w, "alias", 2, imp));
+    CHECK_OK(pie_ctl_unexport(w, "link1"));
+    CHECK_OK(pie_ctl_export(w, "more", 2, h));
+    CHECK(pie_ctl_export(w, "more2", 1, h + 2) == PIE_ELIMIT, "cap after "
+          "an unexport");
+    CHECK_OK(pie_ctl_page_free(w, 8, h));
+    CHECK_OK(pie_ctl_page_free(w, 2, imp));
+    const char *names[] = { "link0", "link2", "link3", "alias", "more" };
+    for (int k = 0; k < 5; k++) CHECK_OK(pie_ctl_unexport(w, names[k]));
+    pie_ctl_client_close(w);
+    pie_ctl_stats st;
+    pie_ctl_get_stats(ctl, &st);
+    CHECK(st.pages_free == 16 && st.exports == 0, "at the end: %d pages "
+          "free, %d exports", st.pages_free, st.exports);
+    printf("export cap: exports whose clients closed pin at most half the "
+           "pool by default\n");
+    done_ctl(ctl, b);
+}
+
+/* opts.max_export_pages: an explicit cap (the pool's size: none), a
+ * negative one refused; loading a saved export counts against it too, and
+ * a refused load takes no page. */
+static void test_export_cap_opt(void)
+{
+    char path[256];
+    snprintf(path, sizeof path, "/tmp/pie_test_ctl_%d_cap.kv", (int)getpid());
+    pie_backend *b;
+    CHECK_OK(fake_backend_create(VOCAB, PS, 16, 0, &b));
+    pie_ctl *ctl = NULL;
+    pie_ctl_opts co = { .max_export_pages = -1 };
+    int rc = pie_ctl_create(b, &co, &ctl);
+    CHECK(rc == PIE_EINVAL && !ctl, "max_export_pages -1: expected %d, got "
+          "%d", PIE_EINVAL, rc);
+    co.max_export_pages = 3;
+    CHECK_OK(pie_ctl_create(b, &co, &ctl));
+    pie_ctl_client *c;
+    CHECK_OK(pie_ctl_client_open(ctl, NULL, &c));
+    uint32_t h[4];
+    int32_t prompt[10];
+    make_prompt(prompt, 10, 4242);
+    CHECK_OK(pie_ctl_page_alloc(c, 4, 0, h));
+    pie_ctl_future *f;
+    CHECK_OK(fwd(c, prompt, 10, 0, h, NULL, &f));
+    wait_token(f);
+    pie_ctl_future_release(f);
+    CHECK_OK(pie_ctl_export(c, "p", 3, h));
+    rc = pie_ctl_export(c, "q", 1, h + 3);
+    CHECK(rc == PIE_ELIMIT, "a 4th page under max_export_pages 3: expected "
+          "%d, got %d", PIE_ELIMIT, rc);
+    CHECK_OK(pie_ctl_export_save(ctl, "p", path));
+    CHECK_OK(pie_ctl_unexport(c, "p"));
+    CHECK_OK(pie_ctl_export_load(ctl, path, "p2"));
+    pie_ctl_stats st0, st;
+    pie_ctl_get_stats(ctl, &st0);
+    rc = pie_ctl_export_load(ctl, path, "p3");
+    pie_ctl_get_stats(ctl, &st);
+    CHECK(rc == PIE_ELIMIT && st.pages_used == st0.pages_used &&
+          st.exports == 1 && st.pages_exported == 3, "a load past the cap: "
+          "%d, %d pages used (before %d), %d exports pinning %d pages; "
+          "expected %d, no page taken, 1 export of 3", rc, st.pages_used,
+          st0.pages_used, st.exports, st.pages_exported, PIE_ELIMIT);
+    CHECK_OK(pie_ctl_unexport(c, "p2"));
+    pie_ctl_client_close(c);
+    pie_ctl_free(ctl);
+    co.max_export_pages = 16;                  /* the pool: no cap */
+    CHECK_OK(pie_ctl_create(b, &co, &ctl));
+    CHECK_OK(pie_ctl_client_open(ctl, NULL, &c));
+    uint32_t all[16];
+    CHECK_OK(pie_ctl_page_alloc(c, 16, 0, all));
+    CHECK_OK(pie_ctl_export(c, "all", 16, all));
+    pie_ctl_client_close(c);
+    CHECK_OK(pie_ctl_client_open(ctl, NULL, &c));
+    CHECK_OK(pie_ctl_unexport(c, "all"));
+    pie_ctl_client_close(c);
+    printf("export cap: max_export_pages set, checked on load, refused "
+           "when negative\n");
+    done_ctl(ctl, b);
+    remove(path);
+}
+
+/* Two polling clients under `suspend` on a pool too small for both (a
+ * client of a higher class, never their victim, holds the rest). Before,
+ * each poll of one resumed it by swapping the other out and then failed
+ * for want of the new pages; the other's next poll did the same back: one
+ * swap per poll and no allocation ever served (ping-pong). Now a swapped
+ * client comes back only once its pages and the new ones fit together: at
+ * most one swap each while nothing can go on (polling or blocked), none
+ * once each in turn fits. */
+static pie_ctl_client *pp_a;
+static uint32_t *pp_h;
+static int pp_rc = 1;
+
+static void *pp_alloc(void *arg)
+{
+    (void)arg;
+    pp_rc = pie_ctl_page_alloc(pp_a, 4, 10000, pp_h);
+    return NULL;
+}
+
+static void test_suspend_ping_pong(void)
+{
+    pie_backend *b;
+    pie_ctl_opts co = { .policy = PIE_CTL_POLICY_SUSPEND };
+    pie_ctl *ctl = make_ctl(8, 0, &co, &b);
+    pie_ctl_client_opts oh = { .priority = 0, .name = "hi" };
+    pie_ctl_client_opts o = { .priority = 3, .name = "a" };
+    pie_ctl_client *hi, *c[2];
+    uint32_t hh[2], h[2][7];
+    CHECK_OK(pie_ctl_client_open(ctl, &oh, &hi));
+    CHECK_OK(pie_ctl_page_alloc(hi, 2, 0, hh));
+    for (int k = 0; k < 2; k++) {
+        o.name = k ? "b" : "a";
+        CHECK_OK(pie_ctl_client_open(ctl, &o, &c[k]));
+        CHECK_OK(pie_ctl_page_alloc(c[k], 3, 0, h[k]));
+    }
+    /* each needs 3 + 4 of the 6 pages hi leaves: neither can go on */
+    for (int r = 0; r < 20; r++)
+        for (int k = 0; k < 2; k++) {
+            int rc = pie_ctl_page_alloc(c[k], 4, 0, h[k] + 3);
+            CHECK(rc == PIE_EBUSY, "poll %d of %s: expected %d (short until "
+                  "hi leaves), got %d (%s)", r, k ? "b" : "a", PIE_EBUSY, rc,
+                  pie_err_msg());
+        }
+    pie_ctl_stats st;
+    pie_ctl_get_stats(ctl, &st);
+    printf("suspend ping-pong: 40 polls that could not be served swapped "
+           "%llu times\n", (unsigned long long)st.suspensions);
+    CHECK(st.suspensions <= 2, "40 polls that could not be served swapped "
+          "%llu times; expected at most 2 (each client once)",
+          (unsigned long long)st.suspensions);
+    /* a blocks for its pages (no swap while it cannot go on); hi leaves:
+     * a is served, ends its request, and b's poll is served */
+    pthread_t th;
+    pp_a = c[0];
+    pp_h = h[0] + 3;
+    CHECK(pthread_create(&th, NULL, pp_alloc, NULL) == 0, "thread");
+    usleep(50000);
+    pie_ctl_get_stats(ctl, &st);
+    uint64_t quiet = st.suspensions;
+    CHECK(quiet <= 2, "a blocked allocation that cannot go on swapped: %llu "
+          "swaps", (unsigned long long)quiet);
+    pie_ctl_client_close(hi);
+    pthread_join(th, NULL);
+    CHECK(pp_rc == 0, "a's blocked allocation after hi left: %d", pp_rc);
+    CHECK_OK(pie_ctl_page_free(c[0], 7, h[0]));
+    CHECK_OK(pie_ctl_page_alloc(c[1], 4, 0, h[1] + 3));
+    pie_ctl_get_stats(ctl, &st);
+    CHECK(st.suspensions == quiet, "serving a and then b swapped %llu more "
+          "times; the pool had room for each", (unsigned long long)
+          (st.suspensions - quiet));
+    CHECK_OK(pie_ctl_page_free(c[1], 7, h[1]));
+    pie_ctl_client_close(c[0]);
+    pie_ctl_client_close(c[1]);
+    pie_ctl_get_stats(ctl, &st);
+    CHECK(st.pages_free == 8, "pages free %d, expected 8", st.pages_free);
+    done_ctl(ctl, b);
+}
+
 static void test_chunked_prefill(void)
 {
     pie_backend *b;
@@ -2998,6 +3202,9 @@ static const struct { const char *name; void (*fn)(void); } tests[] = {
     { "swap_budget", test_swap_budget },
     { "swap_budget_opt", test_swap_budget_opt },
     { "export_quota", test_export_quota },
+    { "export_cap", test_export_cap },
+    { "export_cap_opt", test_export_cap_opt },
+    { "suspend_ping_pong", test_suspend_ping_pong },
     { "chunked_prefill", test_chunked_prefill },
     { "rows_and_masks", test_rows_and_masks },
     { "bad_input", test_bad_input },
