@@ -1246,6 +1246,12 @@ int64_t pie_backend_cuda_gemv_calls(const pie_backend *b)
     return ((const cuda_backend *)b)->n_gemv;
 }
 
+int64_t pie_backend_cuda_wgmm_calls(const pie_backend *b)
+{
+    if (!b || b->ops != &CUDA_OPS) return 0;
+    return ((const cuda_backend *)b)->n_wgmm;
+}
+
 int64_t pie_backend_cuda_mega_steps(const pie_backend *b)
 {
     if (!b || b->ops != &CUDA_OPS) return 0;
@@ -1339,6 +1345,12 @@ static int alloc_workspace(cuda_backend *c)
     int64_t nval = OUT_CHUNK * V > pe / 2 + 1 ? OUT_CHUNK * V : pe / 2 + 1;
     TRY(dalloc(c, (void **)&c->d_values, nval * 4, "outputs"));
     TRY(dalloc(c, (void **)&c->d_ids, nval * 4, "outputs"));
+    c->wgmm.max_grid = c->n_sm;
+    TRY(dalloc(c, (void **)&c->wgmm.part,
+               pie__cuda_wgmm_part_floats(c->n_sm) * 4, "matmul splits"));
+    TRY(dalloc(c, (void **)&c->wgmm.cnt, PIE_CUDA_WGMM_MAX_TILES * 4,
+               "matmul splits"));
+    CK(cudaMemset(c->wgmm.cnt, 0, PIE_CUDA_WGMM_MAX_TILES * 4));
     return 0;
 }
 

@@ -65,6 +65,7 @@ typedef struct mm_plan {
     cublasLtMatrixLayout_t  a, b, c;
     cublasLtMatmulAlgo_t    algo;
     int                     gemv_r; /* > 0: gemv.cu, r warps per block     */
+    int                     wg;     /* 1: wgmm.cu (17..256 rows)            */
 } mm_plan;
 
 /* The kernel arguments of one step's layers: two steps with equal keys
@@ -90,6 +91,7 @@ typedef struct tuned_algo {
     int32_t               n, k, y_f32, mb;
     cublasLtMatmulAlgo_t  algo;
     int32_t               gemv_r;  /* > 0: gemv.cu won (m <= 16 only)      */
+    int32_t               wg;      /* 1: wgmm.cu won (17..256 rows)        */
 } tuned_algo;
 
 typedef struct cuda_backend {
@@ -179,6 +181,8 @@ typedef struct cuda_backend {
     int               capture_failed; /* a capture failed: direct launches  */
     int64_t           n_captured, n_replayed;
     int64_t           n_gemv;      /* matmuls run by gemv.cu               */
+    int64_t           n_wgmm;      /* matmuls run by wgmm.cu               */
+    pie_cuda_wgmm_ws  wgmm;        /* its workspace (one block an SM)      */
     int               decode_step; /* this forward adds one token to every */
                                    /* request: gemv.cu may run (mm)        */
     /* batch-1 decode steps in one kernel (mega.cu); mega_ok: supported

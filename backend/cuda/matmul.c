@@ -1,9 +1,9 @@
 /*
  * matmul.c — the CUDA backend's dense matmuls: one cuBLASLt plan per
  * (m, n, k, output type), cached (MM_CACHE); for decode-sized m the
- * heuristic's candidates, their split-K variants and gemv.cu are timed
- * once per weight shape and bucket of m (m_bucket) and the fastest is kept
- * (tuned_algo). State lives in cuda_backend (cuda_internal.h).
+ * heuristic's candidates, their split-K variants, gemv.cu (m <= 16) and
+ * wgmm.cu (17..256) are timed once per weight shape and bucket of m
+ * (m_bucket) and the fastest is kept (tuned_algo). State lives in cuda_backend (cuda_internal.h).
  */
 #include <math.h>
 #include <stdio.h>
@@ -24,15 +24,27 @@ static cublasStatus_t mm_run(cuda_backend *c, mm_plan *p,
 
 /* One candidate of a timing run: cuBLASLt algo a, or (gemv_r > 0) gemv.cu
  * with gemv_r warps per block over gemv_m rows of x (>= the plan's m: the
- * operands must hold gemv_m rows; warm_plans' buffers hold >= OUT_CHUNK). */
+ * operands must hold gemv_m rows; warm_plans' buffers hold >= OUT_CHUNK),
+ * or (wg) wgmm.cu. */
 typedef struct mm_cand {
     const cublasLtMatmulAlgo_t *a;
-    int                         gemv_r, gemv_m;
+    int                         gemv_r, gemv_m, wg;
 } mm_cand;
+
+/* wgmm.cu on one block an SM; mode as pie__cuda_wgmm. */
+static int wgmm_run(cuda_backend *c, void *y, int mode, const uint16_t *W,
+                    int n, int k, const uint16_t *x, int m)
+{
+    return pie__cuda_wgmm(y, mode, W, n, k, x, m, &c->wgmm, c->n_sm,
+                          pie__cuda_pdl(), c->st);
+}
 
 static int cand_run(cuda_backend *c, mm_plan *p, mm_cand k, const uint16_t *W,
                     const uint16_t *x, void *y)
 {
+    if (k.wg)
+        return wgmm_run(c, y, p->y_f32 ? WGMM_F32 : WGMM_BF16, W, p->n, p->k,
+                        x, p->m) == 0;
     if (k.gemv_r > 0)
         return pie__cuda_gemv(y, p->y_f32, W, p->n, p->k, x, k.gemv_m,
                               k.gemv_r, pie__cuda_pdl(), c->st) == 0;
@@ -155,7 +167,7 @@ static void try_split_k(cuda_backend *c, mm_plan *p,
                                         &a, &chk) != CUBLAS_STATUS_SUCCESS ||
                 chk.workspaceSize > LT_WS_BYTES)
                 continue;
-            float ms = time_cand(c, p, (mm_cand){ &a, 0, 0 }, W, x, y, 2);
+            float ms = time_cand(c, p, (mm_cand){ &a, 0, 0, 0 }, W, x, y, 2);
             if (beats(ms, *best)) { *best = ms; p->algo = a; }
         }
 }
@@ -175,7 +187,7 @@ static void try_gemv(cuda_backend *c, mm_plan *p, const uint16_t *W,
     float lt = best, t[4], gbest = INFINITY;
     int gr = 0;
     for (int r = 1, i = 0; r <= 8; r *= 2, i++) {
-        t[i] = time_cand(c, p, (mm_cand){ NULL, r, gm }, W, x, y, 3);
+        t[i] = time_cand(c, p, (mm_cand){ NULL, r, gm, 0 }, W, x, y, 3);
         if (t[i] < gbest) { gbest = t[i]; gr = r; }
     }
     /* PIE_CUDA_GEMV=1 (comparisons, tests): gemv.cu wherever it runs */
@@ -188,18 +200,39 @@ static void try_gemv(cuda_backend *c, mm_plan *p, const uint16_t *W,
                 p->gemv_r ? "gemv" : "cublasLt");
 }
 
+/* Decode matmuls of 17..256 rows: wgmm.cu, timed at the plan's m, wins
+ * where it beats cuBLASLt's best. PIE_CUDA_NO_WGMM=1: never; PIE_CUDA_WGMM=1
+ * (comparisons, tests): wherever it runs. */
+static void try_wgmm(cuda_backend *c, mm_plan *p, const uint16_t *W,
+                     const uint16_t *x, void *y, float best)
+{
+    p->wg = 0;
+    if (p->m <= PIE_CUDA_GEMV_MAX_M || getenv("PIE_CUDA_NO_WGMM") ||
+        !pie__cuda_wgmm_supported(WGMM_BF16, p->m, p->n, p->k, W, x))
+        return;
+    float ms = time_cand(c, p, (mm_cand){ NULL, 0, 0, 1 }, W, x, y, 3);
+    if (beats(ms, best) || (getenv("PIE_CUDA_WGMM") && ms < INFINITY))
+        p->wg = 1;
+    if (getenv("PIE_CUDA_TUNE_LOG"))
+        fprintf(stderr, "pie: tune n %d k %d m %d: cublasLt %.1f us, wgmm "
+                "%.1f us -> %s\n", p->n, p->k, p->m, best * 1e3, ms * 1e3,
+                p->wg ? "wgmm" : "cublasLt");
+}
+
 static void pick_algo(cuda_backend *c, mm_plan *p,
                       const cublasLtMatmulHeuristicResult_t *res, int found,
                       const uint16_t *W, const uint16_t *x, void *y)
 {
     p->algo = res[0].algo;
     p->gemv_r = 0;
+    p->wg = 0;
     if (p->m > TUNE_MAX_M || getenv("PIE_CUDA_NO_TUNE")) return;  /* no gemv */
     int mb = m_bucket(p->m);
     tuned_algo *t = tuned_find(c, p, mb);
     cublasLtMatmulHeuristicResult_t chk;
     if (t) {                       /* every m of the bucket: the same choice */
         p->gemv_r = t->gemv_r;     /* (the heuristic's algo where the timed */
+        p->wg = t->wg;
         if (cublasLtMatmulAlgoCheck(c->lt, p->desc, p->a, p->b, p->c, p->c,
                                     &t->algo, &chk) == CUBLAS_STATUS_SUCCESS &&
             chk.workspaceSize <= LT_WS_BYTES)   /* one does not fit this m) */
@@ -209,7 +242,7 @@ static void pick_algo(cuda_backend *c, mm_plan *p,
     if (!can_time(c)) return;
     float best = INFINITY, first = INFINITY, heur;
     for (int i = 0; i < found; i++) {
-        float ms = time_cand(c, p, (mm_cand){ &res[i].algo, 0, 0 }, W, x, y, 3);
+        float ms = time_cand(c, p, (mm_cand){ &res[i].algo, 0, 0, 0 }, W, x, y, 3);
         if (i == 0) first = ms;
         if (beats(ms, best)) { best = ms; p->algo = res[i].algo; }
     }
@@ -220,9 +253,10 @@ static void pick_algo(cuda_backend *c, mm_plan *p,
                 "best of %d %.1f, with split-k %.1f\n", p->n, p->k, mb,
                 first * 1e3, found, heur * 1e3, best * 1e3);
     try_gemv(c, p, W, x, y, best);
+    if (!p->gemv_r) try_wgmm(c, p, W, x, y, best);
     t = &c->tuned[c->n_tuned < TUNED_MAX ? c->n_tuned++
                                          : (c->tuned_next++ % TUNED_MAX)];
-    *t = (tuned_algo){ p->n, p->k, p->y_f32, mb, p->algo, p->gemv_r };
+    *t = (tuned_algo){ p->n, p->k, p->y_f32, mb, p->algo, p->gemv_r, p->wg };
 }
 
 static int plan_make(cuda_backend *c, mm_plan *p, int m, int n, int k,
@@ -306,6 +340,12 @@ static int mm_to(cuda_backend *c, void *y, int y_f32, int acc,
         c->n_gemv++;
         return 0;
     }
+    if (p->wg && c->decode_step &&
+        wgmm_run(c, y, acc ? WGMM_ACC : y_f32 ? WGMM_F32 : WGMM_BF16, W, n, k,
+                 x, m) == 0) {
+        c->n_wgmm++;
+        return 0;
+    }
     CKLT(mm_run(c, p, &p->algo, W, x, y, acc));
     return 0;
 }
@@ -338,6 +378,11 @@ int cuda_mm_glu(cuda_backend *c, uint16_t *h, uint16_t *gu,
         pie__cuda_gemv_glu(h, Wgu, hid, k, x, m, p->gemv_r, pie__cuda_pdl(),
                            c->st) == 0) {
         c->n_gemv++;
+        return 0;
+    }
+    if (p->wg && c->decode_step &&
+        wgmm_run(c, h, WGMM_GLU, Wgu, hid, k, x, m) == 0) {
+        c->n_wgmm++;
         return 0;
     }
     CKLT(mm_run(c, p, &p->algo, Wgu, x, gu, 0));  /* the plan found above */

@@ -232,6 +232,166 @@ static void test_gemv_glu(int hid, int k)
     free(W); free(x); free(h); free(h2);
 }
 
+/* --------------------------------------------------------------- wgmm */
+/* The Hopper matmul (wgmm.cu) in each mode against a double-precision
+ * twin, for m across its three tile widths and grids from one block or
+ * cluster (every tile whole on it) to more blocks than iterations (tiles
+ * in many pieces); for each grid, row 0's bits must not depend on m, and
+ * the tile counters must be back at zero after every call. */
+typedef struct wg_ref { double *y, *abs; } wg_ref;
+
+static wg_ref wg_reference(const uint16_t *W, const uint16_t *x, int n, int k,
+                           int M)
+{
+    wg_ref r = { malloc(sizeof(double) * M * n), malloc(sizeof(double) * M * n) };
+    for (int j = 0; j < M; j++)
+        for (int o = 0; o < n; o++) {
+            double acc = 0, a = 0;
+            for (int i = 0; i < k; i++) {
+                double p = (double)bf(W[(size_t)o * k + i]) * bf(x[(size_t)j * k + i]);
+                acc += p; a += fabs(p);
+            }
+            r.y[(size_t)j * n + o] = acc; r.abs[(size_t)j * n + o] = a;
+        }
+    return r;
+}
+
+static void wg_check_zero(const int *dcnt)
+{
+    static int cnt[PIE_CUDA_WGMM_MAX_TILES];
+    dget(cnt, dcnt, sizeof cnt);
+    int bad = 0;
+    for (int i = 0; i < PIE_CUDA_WGMM_MAX_TILES; i++) bad += cnt[i] != 0;
+    CHECK(bad == 0, "wgmm left %d tile counters non-zero", bad);
+}
+
+static void test_wgmm_shape(int n, int k, int mode, pie_cuda_wgmm_ws *ws)
+{
+    const int M = PIE_CUDA_WGMM_MAX_M, ms[] = { 17, 64, 65, 128, 129, 200, 256 };
+    const int grids[] = { 1, 7, 132, 100000 };
+    uint16_t *W = malloc(2 * (size_t)n * k), *x = malloc(2 * (size_t)M * k);
+    for (size_t i = 0; i < (size_t)n * k; i++) W[i] = pie_f32_to_bf16(frand());
+    for (size_t i = 0; i < (size_t)M * k; i++) x[i] = pie_f32_to_bf16(frand());
+    wg_ref r = wg_reference(W, x, n, k, M);
+    uint16_t *dW = dput(W, 2 * (size_t)n * k), *dx = dput(x, 2 * (size_t)M * k);
+    int f32 = mode != WGMM_BF16;
+    size_t yb = (size_t)M * n * (f32 ? 4 : 2);
+    void *dy = dput(NULL, yb);
+    unsigned char *y = malloc(yb);
+    for (int gi = 0; gi < 4; gi++) {
+        float row0 = 0;
+        for (int mi = 0; mi < 7; mi++) {
+            int m = ms[mi];
+            if (mode == WGMM_ACC) {     /* y += x W^T onto y = 0.5 */
+                for (size_t i = 0; i < (size_t)M * n; i++) ((float *)y)[i] = 0.5f;
+                CU(cudaMemcpy(dy, y, yb, cudaMemcpyHostToDevice));
+            }
+            else
+                CU(cudaMemset(dy, 0xff, yb));
+            CHECK(pie__cuda_wgmm(dy, mode, dW, n, k, dx, m, ws, grids[gi],
+                                 gi & 1, 0) == 0,
+                  "wgmm mode %d m %d grid %d refused", mode, m, grids[gi]);
+            dget(y, dy, yb);
+            for (int j = 0; j < m; j++)
+                for (int o = 0; o < n; o++) {
+                    size_t e = (size_t)j * n + o;
+                    float got = f32 ? ((float *)y)[e] : bf(((uint16_t *)y)[e]);
+                    double want = r.y[e] + (mode == WGMM_ACC ? 0.5 : 0);
+                    double tol = (f32 ? 1e-4 : 8e-3) * r.abs[e] + 1e-5;
+                    CHECK(fabs(got - want) <= tol,
+                          "wgmm mode %d n %d k %d m %d grid %d y[%d][%d]: gpu %g "
+                          "cpu %g", mode, n, k, m, grids[gi], j, o, got, want);
+                }
+            float g0 = f32 ? ((float *)y)[0] : bf(((uint16_t *)y)[0]);
+            CHECK(mi == 0 || memcmp(&g0, &row0, 4) == 0,
+                  "wgmm mode %d grid %d: row 0 differs at m %d", mode, grids[gi], m);
+            row0 = g0;
+            size_t rowb = (size_t)n * (f32 ? 4 : 2), bad = 0;
+            for (size_t i = (size_t)m * rowb; mode != WGMM_ACC && i < yb; i++)
+                bad += y[i] != 0xff;
+            CHECK(bad == 0, "wgmm m %d wrote %zu bytes past row m", m, bad);
+            wg_check_zero(ws->cnt);
+        }
+    }
+    printf("wgmm: n %d k %d mode %d, m 17..256, grids 1..%d ok\n", n, k, mode,
+           ws->max_grid);
+    cudaFree(dW); cudaFree(dx); cudaFree(dy);
+    free(W); free(x); free(y); free(r.y); free(r.abs);
+}
+
+/* GLU against the double twin (silu(g) u of the exact gate and up), and,
+ * on one block or cluster (every tile whole, so both sum k in one order),
+ * bit for bit against the plain bf16 matmul into gu + silu_mul. Split
+ * tiles (other grids) may sum k in pieces that differ between the two
+ * layouts, so there only the twin's tolerance holds. */
+static void test_wgmm_glu(int hid, int k, pie_cuda_wgmm_ws *ws)
+{
+    const int M = PIE_CUDA_WGMM_MAX_M, ms[] = { 17, 100, 256 }, grids[] = { 1, 3, 132 };
+    uint16_t *W = malloc(2 * (size_t)2 * hid * k), *x = malloc(2 * (size_t)M * k);
+    for (size_t i = 0; i < (size_t)2 * hid * k; i++) W[i] = pie_f32_to_bf16(frand() * 0.2f);
+    for (size_t i = 0; i < (size_t)M * k; i++) x[i] = pie_f32_to_bf16(frand());
+    wg_ref r = wg_reference(W, x, 2 * hid, k, M);
+    uint16_t *dW = dput(W, 2 * (size_t)2 * hid * k), *dx = dput(x, 2 * (size_t)M * k);
+    size_t hb = 2 * (size_t)M * hid;
+    uint16_t *dgu = dput(NULL, 2 * hb), *dh = dput(NULL, hb), *dh2 = dput(NULL, hb);
+    uint16_t *h = malloc(hb), *h2 = malloc(hb);
+    for (int gi = 0; gi < 3; gi++)
+        for (int mi = 0; mi < 3; mi++) {
+            int m = ms[mi];
+            CU(cudaMemset(dh, 0xff, hb));
+            CHECK(pie__cuda_wgmm(dgu, WGMM_BF16, dW, 2 * hid, k, dx, m, ws,
+                                 grids[gi], 0, 0) == 0, "wgmm refused");
+            pie__cuda_silu_mul(dh2, dgu, m, hid, 0);
+            CHECK(pie__cuda_wgmm(dh, WGMM_GLU, dW, hid, k, dx, m, ws, grids[gi],
+                                 1, 0) == 0, "wgmm glu m %d refused", m);
+            dget(h, dh, hb);
+            dget(h2, dh2, hb);
+            CHECK(grids[gi] > 1 || memcmp(h, h2, 2 * (size_t)m * hid) == 0,
+                  "wgmm glu hid %d k %d m %d on one block differs from the "
+                  "matmul + silu_mul", hid, k, m);
+            for (int j = 0; j < m; j++)
+                for (int i = 0; i < hid; i++) {
+                    size_t g = (size_t)j * 2 * hid + i, u = g + hid;
+                    double want = r.y[g] / (1 + exp(-r.y[g])) * r.y[u];
+                    double tol = 1e-2 * fabs(want) + 1e-3 * (r.abs[g] + r.abs[u]);
+                    float got = bf(h[(size_t)j * hid + i]);
+                    CHECK(fabs(got - want) <= tol, "wgmm glu hid %d k %d m %d "
+                          "grid %d h[%d][%d]: gpu %g cpu %g", hid, k, m,
+                          grids[gi], j, i, got, want);
+                }
+            size_t bad = 0;
+            for (size_t i = (size_t)m * hid; i < (size_t)M * hid; i++) bad += h[i] != 0xffff;
+            CHECK(bad == 0, "wgmm glu m %d wrote %zu values past row m", m, bad);
+            wg_check_zero(ws->cnt);
+        }
+    printf("wgmm glu: hid %d k %d ok (on one block: equal to the matmul + "
+           "silu_mul)\n", hid, k);
+    cudaFree(dW); cudaFree(dx); cudaFree(dgu); cudaFree(dh); cudaFree(dh2);
+    free(W); free(x); free(h); free(h2); free(r.y); free(r.abs);
+}
+
+static void test_wgmm(void)
+{
+    uint16_t probe[8] __attribute__((aligned(16))) = { 0 };
+    if (!pie__cuda_wgmm_supported(WGMM_BF16, 64, 128, 64, probe, probe)) {
+        printf("wgmm: not supported here (no tensor maps), skipped\n");
+        return;
+    }
+    pie_cuda_wgmm_ws ws = { NULL, NULL, 264 };
+    ws.part = dput(NULL, sizeof(float) * pie__cuda_wgmm_part_floats(ws.max_grid));
+    ws.cnt = dput(NULL, sizeof(int) * PIE_CUDA_WGMM_MAX_TILES);
+    CU(cudaMemset(ws.cnt, 0, sizeof(int) * PIE_CUDA_WGMM_MAX_TILES));
+    /* with PIE_CUDA_WGMM_CL=2, an even number of tiles runs on clusters of
+     * 2 sharing x, an odd one on single blocks (the default: always) */
+    test_wgmm_shape(256, 512, WGMM_BF16, &ws);
+    test_wgmm_shape(384, 192, WGMM_F32, &ws);
+    test_wgmm_shape(512, 1024, WGMM_ACC, &ws);
+    test_wgmm_shape(128, 256, WGMM_ACC, &ws);
+    test_wgmm_glu(192, 512, &ws);
+    test_wgmm_glu(256, 320, &ws);
+    cudaFree(ws.part); cudaFree(ws.cnt);
+}
+
 static void test_gemv(void)
 {
     test_gemv_shape(1, 8, 1);
@@ -826,9 +986,14 @@ int main(void)
     int ndev = 0;
     if (cudaGetDeviceCount(&ndev) != cudaSuccess || ndev == 0)
         TEST_SKIP("no CUDA GPU");
+    if (getenv("PIE_KTEST_WGMM")) {     /* the Hopper matmul alone */
+        test_wgmm();
+        return 0;
+    }
     test_rmsnorm();
     test_silu();
     test_gemv();
+    test_wgmm();
     test_copy_slots();
     test_qkv_post(4, 2, 16, 1, 0, 0);
     test_qkv_post(8, 2, 64, 0, 1, 0);

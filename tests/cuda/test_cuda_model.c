@@ -13,6 +13,8 @@
  *   - bad batches return errors and change nothing
  *   - steady decode batches replay CUDA graphs with the same logits as
  *     direct kernel launches
+ *   - decode batches on pie's own matmuls (gemv.cu, wgmm.cu) against
+ *     cuBLASLt
  *   - batch-1 decode as one kernel (mega.cu) against the kernel-per-
  *     operation path, over several attention splits (also on the
  *     PIE_CUDA_HF_DIRS models: the Llama-3.2-1B and 3.1-8B shapes)
@@ -24,12 +26,16 @@
 #include <stdlib.h>
 #include <string.h>
 
+#include <cuda_runtime_api.h>
+
 #include "backend/backend.h"
+#include "backend/cuda/cuda_kernels.h"
 #include "common/pie_err.h"
 #include "model/model.h"
 #include "tests/test_util.h"
 
 #define MAXP 512
+#define MAXR 32     /* requests a forward of this test may hold */
 
 typedef struct seq {
     int32_t pages[MAXP];
@@ -77,9 +83,10 @@ static int forward(pie_backend *b, req_in *r, int nr, const int32_t *out_tok,
                    const uint32_t *lmruns, pie_forward_out *out)
 {
     int ps = b->page_size, nt = 0, np = 0;
+    CHECK(nr <= MAXR, "the test's forward holds at most %d requests", MAXR);
     for (int i = 0; i < nr; i++) nt += r[i].n;
     int32_t *tok = malloc(4 * (nt + 1)), *pos = malloc(4 * (nt + 1));
-    int32_t qo[17], kvi[17], last[16], *pg = malloc(4 * 16 * MAXP);
+    int32_t qo[MAXR + 1], kvi[MAXR + 1], last[MAXR], *pg = malloc(4 * MAXR * MAXP);
     qo[0] = kvi[0] = 0;
     int t = 0;
     for (int i = 0; i < nr; i++) {
@@ -307,7 +314,7 @@ static void check_batched(pie_backend *b, json_t *prompts, const char *name)
 /* nq <= DEC_MAX prompts decoded greedily in one batch for `steps` steps,
  * the last request leaving halfway (a new batch shape); every step's
  * logits into lg (steps x nq x V, rows of a finished request left 0). */
-#define DEC_MAX 16
+#define DEC_MAX MAXR
 static void decode_run(pie_backend *b, int steps, float *lg, int nq)
 {
     int V = b->cfg->vocab_size;
@@ -401,24 +408,25 @@ static void check_graph_failure(const pie_model *m, const char *name)
     free(g); free(e);
 }
 
-/* gemv.cu (decode matmuls of <= 16 rows) against cuBLASLt: two backends,
- * one forced to use gemv.cu wherever it runs (PIE_CUDA_GEMV=1), one with
- * cuBLASLt only (PIE_CUDA_NO_GEMV=1), decode the same greedy batches of
- * nq rows; their logits agree within bf16 rounding up to the first step
- * where a greedy choice flips (later steps feed different tokens). */
-static void gemv_vs_cublaslt(pie_backend *bg, pie_backend *bl, int nq,
-                             const char *name)
+/* pie's own decode matmul (gemv.cu for <= 16 rows, wgmm.cu for 17..256)
+ * against cuBLASLt: two backends, one forced to use it wherever it runs
+ * (PIE_CUDA_GEMV=1 / PIE_CUDA_WGMM=1), one with cuBLASLt only
+ * (PIE_CUDA_NO_GEMV=1 / PIE_CUDA_NO_WGMM=1), decode the same greedy batches
+ * of nq rows; their logits agree within bf16 rounding up to the first step
+ * where a greedy choice flips (later steps feed different tokens). calls
+ * counts the kernel's matmuls. */
+static void own_vs_cublaslt(pie_backend *bg, pie_backend *bl, int nq,
+                            int64_t (*calls)(const pie_backend *),
+                            const char *kernel, const char *name)
 {
     int V = bg->cfg->vocab_size, steps = 12;
     float *g = malloc(sizeof(float) * (size_t)steps * nq * V);
     float *e = malloc(sizeof(float) * (size_t)steps * nq * V);
-    int64_t g0 = pie_backend_cuda_gemv_calls(bg);
+    int64_t g0 = calls(bg);
     decode_run(bg, steps, g, nq);
-    CHECK(pie_backend_cuda_gemv_calls(bg) > g0, "%s: PIE_CUDA_GEMV=1 ran no "
-          "gemv at %d rows", name, nq);
+    CHECK(calls(bg) > g0, "%s: %s forced ran none at %d rows", name, kernel, nq);
     decode_run(bl, steps, e, nq);
-    CHECK(pie_backend_cuda_gemv_calls(bl) == 0, "%s: PIE_CUDA_NO_GEMV=1 ran "
-          "gemv", name);
+    CHECK(calls(bl) == 0, "%s: %s turned off still ran", name, kernel);
     double worst = 0;
     int same = 0;
     for (int t = 0; t < steps; t++) {
@@ -427,32 +435,51 @@ static void gemv_vs_cublaslt(pie_backend *bg, pie_backend *bl, int nq,
             const float *a = g + ((size_t)t * nq + i) * V;
             const float *b = e + ((size_t)t * nq + i) * V;
             double rel = rel_l2(a, b, V);
-            CHECK(rel < rel_tol, "%s: %d rows, step %d row %d: gemv vs "
-                  "cuBLASLt rel L2 %.3g", name, nq, t, i, rel);
+            CHECK(rel < rel_tol, "%s: %d rows, step %d row %d: %s vs "
+                  "cuBLASLt rel L2 %.3g", name, nq, t, i, kernel, rel);
             if (rel > worst) worst = rel;
             flip |= argmax(a, V) != argmax(b, V);
         }
         same++;
         if (flip) break;
     }
-    printf("%s: gemv.cu vs cuBLASLt decode logits at %d rows: rel L2 <= %.2g "
-           "over %d steps\n", name, nq, worst, same);
+    printf("%s: %s vs cuBLASLt decode logits at %d rows: rel L2 <= %.2g "
+           "over %d steps\n", name, kernel, nq, worst, same);
     free(g); free(e);
 }
 
-/* Both column-tile counts of gemv.cu: 3 rows (then 2) and 12 (then 11). */
+/* Two backends of model m, created with env var on (=1) and off (=1). */
+static void backend_pair(const pie_model *m, const char *on, const char *off,
+                         pie_backend **bon, pie_backend **boff)
+{
+    pie_backend_opts o = { .page_size = 16, .n_pages = 256 };
+    setenv(on, "1", 1);
+    CHECK_OK(pie_backend_cuda_create(m, &o, bon));
+    unsetenv(on);
+    setenv(off, "1", 1);
+    CHECK_OK(pie_backend_cuda_create(m, &o, boff));
+    unsetenv(off);
+}
+
+/* Both column-tile counts of gemv.cu: 3 rows (then 2) and 12 (then 11);
+ * wgmm.cu at 24 rows (then 23) where the model's shapes suit it. */
 static void check_gemv(const pie_model *m, const char *name)
 {
     pie_backend *bg, *bl;
-    pie_backend_opts o = { .page_size = 16, .n_pages = 256 };
-    setenv("PIE_CUDA_GEMV", "1", 1);
-    CHECK_OK(pie_backend_cuda_create(m, &o, &bg));
-    unsetenv("PIE_CUDA_GEMV");
-    setenv("PIE_CUDA_NO_GEMV", "1", 1);
-    CHECK_OK(pie_backend_cuda_create(m, &o, &bl));
-    unsetenv("PIE_CUDA_NO_GEMV");
-    gemv_vs_cublaslt(bg, bl, 3, name);
-    gemv_vs_cublaslt(bg, bl, 12, name);
+    backend_pair(m, "PIE_CUDA_GEMV", "PIE_CUDA_NO_GEMV", &bg, &bl);
+    own_vs_cublaslt(bg, bl, 3, pie_backend_cuda_gemv_calls, "gemv.cu", name);
+    own_vs_cublaslt(bg, bl, 12, pie_backend_cuda_gemv_calls, "gemv.cu", name);
+    pie_backend_free(bg);
+    pie_backend_free(bl);
+    const pie_model_config *g = &m->cfg;
+    uint16_t al[8] __attribute__((aligned(16))) = { 0 };
+    if (!pie__cuda_wgmm_supported(WGMM_BF16, 24, g->vocab_size, g->dim, al, al)) {
+        printf("%s: wgmm.cu does not run this model's shapes here, skipped\n",
+               name);
+        return;
+    }
+    backend_pair(m, "PIE_CUDA_WGMM", "PIE_CUDA_NO_WGMM", &bg, &bl);
+    own_vs_cublaslt(bg, bl, 24, pie_backend_cuda_wgmm_calls, "wgmm.cu", name);
     pie_backend_free(bg);
     pie_backend_free(bl);
 }
