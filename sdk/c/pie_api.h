@@ -104,7 +104,7 @@ PIE_IMPORT_(kv_alloc) int32_t pie_kv_alloc(int32_t model, uint32_t n, int32_t *p
 PIE_IMPORT_(kv_free) int32_t pie_kv_free(int32_t model, const int32_t *pages, uint32_t n);
 /* Copies n token slots from page src at src_off to page dst at dst_off (forks a partial page). dst must be writable. PIE_EAGAIN as for kv_export. */
 PIE_IMPORT_(kv_copy) int32_t pie_kv_copy(int32_t model, int32_t src, uint32_t src_off, int32_t dst, uint32_t dst_off, uint32_t n);
-/* Exports n pages under a server-wide name (PIE_EBUSY if the name exists). The pages become read-only for everyone. Like kv_copy and forward_submit, PIE_EAGAIN where the policy `suspend` swapped this instance's pages out and the pool had no room to bring them back within the allocation timeout (5 s by default): retry later. */
+/* Exports n pages under a server-wide name (PIE_EBUSY if the name exists; PIE_ELIMIT past the instance's page quota or the server's cap on exported pages). The pages become read-only for everyone. Like kv_copy and forward_submit, PIE_EAGAIN where the policy `suspend` swapped this instance's pages out and the pool had no room to bring them back within the allocation timeout (5 s by default): retry later. */
 PIE_IMPORT_(kv_export) int32_t pie_kv_export(int32_t model, const char *name, uint32_t len, const int32_t *pages, uint32_t n);
 /* Imports an export by name as new read-only, reference-counted handles; returns the number of pages (copies min(n, cap) handles; with cap < n nothing is imported) or PIE_ENOTFOUND. */
 PIE_IMPORT_(kv_import) int32_t pie_kv_import(int32_t model, const char *name, uint32_t len, int32_t *pages, uint32_t cap);
