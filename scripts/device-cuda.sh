@@ -121,6 +121,9 @@ for phase in "$@"; do
         # the mma.sync prefill kernel that wgmma replaces at head dim 128
         PIE_CUDA_NO_WGMMA=1 timeout 150 $R test_cuda_kernels > "$OUT/kernels-nowg.log" 2>&1
         echo "kernels (PIE_CUDA_NO_WGMMA) rc=$?" | tee -a "$OUT/summary.log"
+        # wgmm.cu's tests on clusters of 2
+        PIE_KTEST_WGMM=1 PIE_CUDA_WGMM_CL=2 timeout 150 $R test_cuda_kernels > "$OUT/kernels-wgcl2.log" 2>&1
+        echo "kernels (wgmm, PIE_CUDA_WGMM_CL=2) rc=$?" | tee -a "$OUT/summary.log"
         model ""                                # the default plans
         tail -30 "$OUT/model.log"
         # every decode step on the whole-item plan: one, two, four blocks
@@ -318,6 +321,9 @@ for phase in "$@"; do
         # the mma.sync prefill kernel that wgmma replaces at head dim 128
         PIE_CUDA_NO_WGMMA=1 timeout 150 $R test_cuda_kernels > "$OUT/kernels-nowg.log" 2>&1
         echo "kernels (PIE_CUDA_NO_WGMMA) rc=$?" | tee -a "$OUT/summary.log"
+        # wgmm.cu's tests on clusters of 2
+        PIE_KTEST_WGMM=1 PIE_CUDA_WGMM_CL=2 timeout 150 $R test_cuda_kernels > "$OUT/kernels-wgcl2.log" 2>&1
+        echo "kernels (wgmm, PIE_CUDA_WGMM_CL=2) rc=$?" | tee -a "$OUT/summary.log"
         ;;
     tune)   # the timed matmul choices of both shapes (every bucket of m)
         for m in llama-3.2-1b llama-3.1-8b; do

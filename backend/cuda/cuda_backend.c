@@ -1310,6 +1310,22 @@ static int plan_dec_grid(cuda_backend *c)
     return 0;
 }
 
+/* wgmm.cu's workspace (about 33 MiB on 132 SMs), where it may be tried:
+ * not with PIE_CUDA_NO_WGMM=1 or PIE_CUDA_NO_TUNE=1. Its counters are
+ * zeroed on the backend's stream, before any matmul there. */
+static int alloc_wgmm(cuda_backend *c)
+{
+    int rc;
+    c->wgmm.max_grid = c->n_sm;
+    if (getenv("PIE_CUDA_NO_WGMM") || getenv("PIE_CUDA_NO_TUNE")) return 0;
+    TRY(dalloc(c, (void **)&c->wgmm.part,
+               pie__cuda_wgmm_part_floats(c->n_sm) * 4, "matmul splits"));
+    TRY(dalloc(c, (void **)&c->wgmm.cnt, PIE_CUDA_WGMM_MAX_TILES * 4,
+               "matmul splits"));
+    CK(cudaMemsetAsync(c->wgmm.cnt, 0, PIE_CUDA_WGMM_MAX_TILES * 4, c->st));
+    return 0;
+}
+
 static int alloc_workspace(cuda_backend *c)
 {
     const pie_model_config *g = &c->cfg;
@@ -1345,13 +1361,7 @@ static int alloc_workspace(cuda_backend *c)
     int64_t nval = OUT_CHUNK * V > pe / 2 + 1 ? OUT_CHUNK * V : pe / 2 + 1;
     TRY(dalloc(c, (void **)&c->d_values, nval * 4, "outputs"));
     TRY(dalloc(c, (void **)&c->d_ids, nval * 4, "outputs"));
-    c->wgmm.max_grid = c->n_sm;
-    TRY(dalloc(c, (void **)&c->wgmm.part,
-               pie__cuda_wgmm_part_floats(c->n_sm) * 4, "matmul splits"));
-    TRY(dalloc(c, (void **)&c->wgmm.cnt, PIE_CUDA_WGMM_MAX_TILES * 4,
-               "matmul splits"));
-    CK(cudaMemset(c->wgmm.cnt, 0, PIE_CUDA_WGMM_MAX_TILES * 4));
-    return 0;
+    return alloc_wgmm(c);
 }
 
 /* Times the algorithms of the five matmul shapes for every tuned bucket of

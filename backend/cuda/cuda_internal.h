@@ -66,6 +66,7 @@ typedef struct mm_plan {
     cublasLtMatmulAlgo_t    algo;
     int                     gemv_r; /* > 0: gemv.cu, r warps per block     */
     int                     wg;     /* 1: wgmm.cu (17..256 rows)            */
+    int                     wmode;  /* its PIE_CUDA_WGMM_* mode, timed      */
 } mm_plan;
 
 /* The kernel arguments of one step's layers: two steps with equal keys

@@ -334,7 +334,12 @@ int pie__cuda_gemv_glu(uint16_t *h, const uint16_t *Wgu, int hid, int k,
 /* ---- the Hopper matmul for 17..256 rows (wgmm.cu) ---- */
 #define PIE_CUDA_WGMM_MAX_M 256
 #define PIE_CUDA_WGMM_MAX_TILES 4096
-enum { WGMM_BF16 = 0, WGMM_F32 = 1, WGMM_ACC = 2, WGMM_GLU = 3 };
+enum {
+    PIE_CUDA_WGMM_BF16 = 0,     /* y bf16 */
+    PIE_CUDA_WGMM_F32 = 1,      /* y f32 */
+    PIE_CUDA_WGMM_ACC = 2,      /* y f32 += */
+    PIE_CUDA_WGMM_GLU = 3       /* the SwiGLU of a gate/up pair, bf16 */
+};
 /* Its workspace, zeroed once at allocation: part holds
  * pie__cuda_wgmm_part_floats(max_grid) floats, cnt PIE_CUDA_WGMM_MAX_TILES
  * ints (every call leaves them zero again). Calls sharing one must run in
@@ -346,17 +351,18 @@ typedef struct pie_cuda_wgmm_ws {
 } pie_cuda_wgmm_ws;
 size_t pie__cuda_wgmm_part_floats(int max_grid);
 /* 1 when pie__cuda_wgmm can run this mode and shape: 1 <= m <= 256, k a
- * multiple of 64, n a multiple of 128 (WGMM_GLU: hid a multiple of 64), W
- * and x 16-byte aligned, and the driver offers tensor maps. */
+ * multiple of 64 (at most 65536), n a multiple of 128 (GLU: hid a
+ * multiple of 64), W and x 16-byte aligned, and the driver offers tensor
+ * maps. */
 int pie__cuda_wgmm_supported(int mode, int m, int n, int k, const void *W,
                              const void *x);
-/* WGMM_BF16 / WGMM_F32: y (m, n) = x (m, k) . W^T, y bf16 / f32;
- * WGMM_ACC: y (f32) += x . W^T; WGMM_GLU: y = h (m, hid = n) bf16 =
- * silu(gate) * up of x . Wgu^T, Wgu (2 hid, k) gate rows then up rows, as
- * the matmul into bf16 gu followed by pie__cuda_silu_mul. On `grid` blocks
- * (at most ws->max_grid; the SM count: one block an SM). Its results do
- * not depend on m or on the other rows of x. -1: unsupported, or the
- * launch failed (nothing ran). */
+/* BF16 / F32: y (m, n) = x (m, k) . W^T; ACC: y (f32) += x . W^T; GLU:
+ * y = h (m, hid = n) bf16 = silu(gate) * up of x . Wgu^T, Wgu (2 hid, k)
+ * gate rows then up rows, gate and up rounded to bf16 first as the bf16
+ * matmul + pie__cuda_silu_mul (bit for bit where no tile is split). On at
+ * most `grid` blocks (and ws->max_grid; the SM count: one block an SM).
+ * Its results do not depend on m or on the other rows of x. -1:
+ * unsupported, or the launch failed (nothing ran). */
 int pie__cuda_wgmm(void *y, int mode, const uint16_t *W, int n, int k,
                    const uint16_t *x, int m, const pie_cuda_wgmm_ws *ws,
                    int grid, int pdl, cudaStream_t s);

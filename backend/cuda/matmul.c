@@ -42,9 +42,10 @@ static int wgmm_run(cuda_backend *c, void *y, int mode, const uint16_t *W,
 static int cand_run(cuda_backend *c, mm_plan *p, mm_cand k, const uint16_t *W,
                     const uint16_t *x, void *y)
 {
+    if (k.wg && p->wmode == PIE_CUDA_WGMM_GLU)  /* (into h: y is gu) */
+        return wgmm_run(c, c->h, p->wmode, W, p->n / 2, p->k, x, p->m) == 0;
     if (k.wg)
-        return wgmm_run(c, y, p->y_f32 ? WGMM_F32 : WGMM_BF16, W, p->n, p->k,
-                        x, p->m) == 0;
+        return wgmm_run(c, y, p->wmode, W, p->n, p->k, x, p->m) == 0;
     if (k.gemv_r > 0)
         return pie__cuda_gemv(y, p->y_f32, W, p->n, p->k, x, k.gemv_m,
                               k.gemv_r, pie__cuda_pdl(), c->st) == 0;
@@ -200,15 +201,18 @@ static void try_gemv(cuda_backend *c, mm_plan *p, const uint16_t *W,
                 p->gemv_r ? "gemv" : "cublasLt");
 }
 
-/* Decode matmuls of 17..256 rows: wgmm.cu, timed at the plan's m, wins
- * where it beats cuBLASLt's best. PIE_CUDA_NO_WGMM=1: never; PIE_CUDA_WGMM=1
- * (comparisons, tests): wherever it runs. */
+/* Decode matmuls of 17..256 rows: wgmm.cu, timed at the plan's m in the
+ * mode decode steps run (p->wmode: the residual add, the SwiGLU), wins
+ * where it beats cuBLASLt's best (for gate/up, without the silu_mul that
+ * follows cuBLASLt: a margin in cuBLASLt's favour). PIE_CUDA_NO_WGMM=1:
+ * never; PIE_CUDA_WGMM=1 (comparisons, tests): wherever it runs. */
 static void try_wgmm(cuda_backend *c, mm_plan *p, const uint16_t *W,
                      const uint16_t *x, void *y, float best)
 {
     p->wg = 0;
     if (p->m <= PIE_CUDA_GEMV_MAX_M || getenv("PIE_CUDA_NO_WGMM") ||
-        !pie__cuda_wgmm_supported(WGMM_BF16, p->m, p->n, p->k, W, x))
+        !c->wgmm.part ||
+        !pie__cuda_wgmm_supported(PIE_CUDA_WGMM_BF16, p->m, p->n, p->k, W, x))
         return;
     float ms = time_cand(c, p, (mm_cand){ NULL, 0, 0, 1 }, W, x, y, 3);
     if (beats(ms, best) || (getenv("PIE_CUDA_WGMM") && ms < INFINITY))
@@ -260,7 +264,7 @@ static void pick_algo(cuda_backend *c, mm_plan *p,
 }
 
 static int plan_make(cuda_backend *c, mm_plan *p, int m, int n, int k,
-                     int y_f32, const uint16_t *W,
+                     int y_f32, int wmode, const uint16_t *W,
                      const uint16_t *x, void *y)
 {
     cudaDataType_t yt = y_f32 ? CUDA_R_32F : CUDA_R_16BF;
@@ -281,7 +285,7 @@ static int plan_make(cuda_backend *c, mm_plan *p, int m, int n, int k,
     cublasStatus_t s = cublasLtMatmulAlgoGetHeuristic(
         c->lt, p->desc, p->a, p->b, p->c, p->c, pref, TUNE_ALGOS, res, &found);
     cublasLtMatmulPreferenceDestroy(pref);
-    p->m = m; p->n = n; p->k = k; p->y_f32 = y_f32;
+    p->m = m; p->n = n; p->k = k; p->y_f32 = y_f32; p->wmode = wmode;
     p->used = 1;            /* the descriptors are freed with the plan */
     if (s != CUBLAS_STATUS_SUCCESS || found == 0)
         return pie_err_set(PIE_EDEVICE, "cublasLt: no algorithm for %dx%dx%d",
@@ -300,9 +304,11 @@ void cuda_plan_free(mm_plan *p)
     p->used = 0;
 }
 
-/* The cached plan of (m, n, k, y_f32), made (and timed) on first use. */
+/* The cached plan of (m, n, k, y_f32), made (and timed) on first use,
+ * wgmm.cu in mode wmode (PIE_CUDA_WGMM_*: how the caller runs it). */
 static int plan_for(cuda_backend *c, mm_plan **out, void *y, int y_f32,
-                    const uint16_t *W, int n, int k, const uint16_t *x, int m)
+                    int wmode, const uint16_t *W, int n, int k,
+                    const uint16_t *x, int m)
 {
     for (int i = 0; i < MM_CACHE; i++) {
         mm_plan *q = &c->plans[i];
@@ -315,24 +321,28 @@ static int plan_for(cuda_backend *c, mm_plan **out, void *y, int y_f32,
     mm_plan *p = &c->plans[c->plan_next];
     c->plan_next = (c->plan_next + 1) % MM_CACHE;
     cuda_plan_free(p);
-    int rc = plan_make(c, p, m, n, k, y_f32, W, x, y);
+    int rc = plan_make(c, p, m, n, k, y_f32, wmode, W, x, y);
     if (rc) { cuda_plan_free(p); return rc; }
     *out = p;
     return 0;
 }
 
 /* y (m, n) = x (m, k) · W^T, W (n, k) bf16, x bf16, y f32 or bf16.
- * gemv.cu runs only in decode steps (is_decode), so a prompt's prefill
- * takes the same kernels alone or batched, and a sequence's decode logits
- * do not depend on how many others decode with it while the batch stays
- * in one bucket of m (1..8, 9..16: gemv.cu is m-invariant for a given r). */
+ * gemv.cu and wgmm.cu run only in decode steps (is_decode), so a prompt's
+ * prefill takes the same kernels alone or batched, and a sequence's
+ * decode logits do not depend on how many others decode with it while the
+ * batch stays in one bucket of m (1..8, 9..16, then powers of two: gemv.cu
+ * is m-invariant for a given r, wgmm.cu for any m). */
 static int mm_to(cuda_backend *c, void *y, int y_f32, int acc,
                  const uint16_t *W, int n, int k, const uint16_t *x, int m)
 {
     mm_plan *p;
+    int wmode = acc ? PIE_CUDA_WGMM_ACC
+                    : y_f32 ? PIE_CUDA_WGMM_F32 : PIE_CUDA_WGMM_BF16;
     /* a plan made here times its candidates into its output: never into
      * the residual stream an accumulating call adds to */
-    int rc = plan_for(c, &p, acc ? (void *)c->dx : y, y_f32, W, n, k, x, m);
+    int rc = plan_for(c, &p, acc ? (void *)c->dx : y, y_f32, wmode, W, n, k,
+                      x, m);
     if (rc) return rc;
     if (p->gemv_r > 0 && c->decode_step &&
         pie__cuda_gemv(y, acc ? 2 : y_f32, W, n, k, x, m, p->gemv_r,
@@ -340,9 +350,7 @@ static int mm_to(cuda_backend *c, void *y, int y_f32, int acc,
         c->n_gemv++;
         return 0;
     }
-    if (p->wg && c->decode_step &&
-        wgmm_run(c, y, acc ? WGMM_ACC : y_f32 ? WGMM_F32 : WGMM_BF16, W, n, k,
-                 x, m) == 0) {
+    if (p->wg && c->decode_step && wgmm_run(c, y, wmode, W, n, k, x, m) == 0) {
         c->n_wgmm++;
         return 0;
     }
@@ -365,14 +373,14 @@ int cuda_mm_add(cuda_backend *c, float *y, const uint16_t *W, int n, int k,
 }
 
 /* h (m, hid) = silu(gate) * up of gu = x . Wgu^T: in decode steps where
- * gemv.cu won the gate/up shape, one kernel with the SwiGLU in its
- * epilogue (gu is not written); else the matmul into gu, then silu_mul.
- * Both give the same bits. */
+ * gemv.cu or wgmm.cu won the gate/up shape, one kernel with the SwiGLU in
+ * its epilogue (gu is not written); else the matmul into gu, then
+ * silu_mul. gemv.cu's gives the same bits as its matmul + silu_mul. */
 int cuda_mm_glu(cuda_backend *c, uint16_t *h, uint16_t *gu,
                 const uint16_t *Wgu, int hid, int k, const uint16_t *x, int m)
 {
     mm_plan *p;
-    int rc = plan_for(c, &p, gu, 0, Wgu, 2 * hid, k, x, m);
+    int rc = plan_for(c, &p, gu, 0, PIE_CUDA_WGMM_GLU, Wgu, 2 * hid, k, x, m);
     if (rc) return rc;
     if (p->gemv_r > 0 && c->decode_step &&
         pie__cuda_gemv_glu(h, Wgu, hid, k, x, m, p->gemv_r, pie__cuda_pdl(),
@@ -381,7 +389,7 @@ int cuda_mm_glu(cuda_backend *c, uint16_t *h, uint16_t *gu,
         return 0;
     }
     if (p->wg && c->decode_step &&
-        wgmm_run(c, h, WGMM_GLU, Wgu, hid, k, x, m) == 0) {
+        wgmm_run(c, h, PIE_CUDA_WGMM_GLU, Wgu, hid, k, x, m) == 0) {
         c->n_wgmm++;
         return 0;
     }
@@ -394,7 +402,7 @@ int cuda_mm_qkv(cuda_backend *c, const pie_cuda_qkv_epi *e, const uint16_t *W,
                 int n, int k, const uint16_t *x, int m)
 {
     mm_plan *p;
-    int rc = plan_for(c, &p, c->qkv, 0, W, n, k, x, m);
+    int rc = plan_for(c, &p, c->qkv, 0, PIE_CUDA_WGMM_BF16, W, n, k, x, m);
     if (rc) return rc;
     if (p->gemv_r > 0 && c->decode_step &&
         pie__cuda_gemv_qkv(e, W, k, x, m, p->gemv_r, pie__cuda_pdl(), c->st) == 0) {
@@ -405,7 +413,8 @@ int cuda_mm_qkv(cuda_backend *c, const pie_cuda_qkv_epi *e, const uint16_t *W,
 }
 
 /* Plans (and times) every matmul shape of a layer and the LM head for the
- * decode-sized buckets of m, so that no step pays for it. */
+ * decode-sized buckets of m, so that no step pays for it: each through the
+ * call decode steps make (wo and w_down add into scratch here). */
 int cuda_warm_plans(cuda_backend *c)
 {
     const pie_model_config *g = &c->cfg;
@@ -414,9 +423,9 @@ int cuda_warm_plans(cuda_backend *c)
     int qkvd = qd + 2 * g->n_kv_heads * g->head_dim, rc;
     for (int m = 1; m <= TUNE_MAX_M; m = m < 16 ? 16 : 2 * m) {
         TRY(cuda_mm(c, c->qkv, 0, L->wqkv, qkvd, dim, c->xb, m));
-        TRY(cuda_mm(c, c->dx, 1, L->wo, dim, qd, c->att, m));
-        TRY(cuda_mm(c, c->gu, 0, L->wgu, 2 * hid, dim, c->xb, m));
-        TRY(cuda_mm(c, c->dx, 1, L->wdown, dim, hid, c->h, m));
+        TRY(cuda_mm_add(c, c->dx, L->wo, dim, qd, c->att, m));
+        TRY(cuda_mm_glu(c, c->h, c->gu, L->wgu, hid, dim, c->xb, m));
+        TRY(cuda_mm_add(c, c->dx, L->wdown, dim, hid, c->h, m));
         TRY(cuda_mm(c, c->logits, 1, c->lm_head, g->vocab_size, dim, c->xo, m));
     }
     CK(cudaStreamSynchronize(c->st));

@@ -31,7 +31,7 @@
  *   layout; stage s has a "full" barrier (the copies landed: the
  *   producer's expected bytes) and an "empty" one (both groups' MMAs read
  *   it: two arrivals).
- * - SwiGLU (mode WGMM_GLU): W is the gate/up pair (2 hid, k) and a tile
+ * - SwiGLU (mode PIE_CUDA_WGMM_GLU): W is the gate/up pair (2 hid, k) and a tile
  *   covers 64 features j0 .. j0 + 63; its W rows are loaded as 16 boxes
  *   of 8 rows, interleaved so that each warp's 16 rows are 8 gate rows and
  *   the same 8 up rows: a thread's accumulator rows r and r + 8 are then
@@ -177,7 +177,7 @@ static __device__ void wgmm_produce(const CUtensorMap *tw, const CUtensorMap *tx
         char *st = sm + (size_t)s * bytes;
         mbar_wait(&empty[s], ph ^ 1);
         mbar_expect(&full[s], bytes);
-        if (a.mode == WGMM_GLU)         /* 8 gate rows, then the same 8 up rows */
+        if (a.mode == PIE_CUDA_WGMM_GLU)         /* 8 gate rows, then the same 8 up rows */
             for (int b = 0; b < 16; b++)
                 tma_2d(st + b * 1024, tw, k0, (b & 1) * a.n + t * 64 + (b >> 1) * 8,
                        &full[s]);
@@ -202,7 +202,7 @@ static __device__ __forceinline__ void wgmm_store(const wgmm_args &a, int t,
 {
     int lane = threadIdx.x % 32, w = (threadIdx.x % 128) / 32;
     int c0 = 2 * (lane % 4);
-    if (a.mode == WGMM_GLU) {
+    if (a.mode == PIE_CUDA_WGMM_GLU) {
         int j = t * 64 + (4 * grp + w) * 8 + lane / 4;
         uint16_t *h = (uint16_t *)a.y;
 #pragma unroll
@@ -225,8 +225,8 @@ static __device__ __forceinline__ void wgmm_store(const wgmm_args &a, int t,
             int tok = 8 * i + c0 + (e & 1), col = row + (e >> 1) * 8;
             if (tok >= a.m) continue;
             size_t o = (size_t)tok * a.n + col;
-            if (a.mode == WGMM_BF16) ((uint16_t *)a.y)[o] = f2bf(d[4 * i + e]);
-            else if (a.mode == WGMM_F32) ((float *)a.y)[o] = d[4 * i + e];
+            if (a.mode == PIE_CUDA_WGMM_BF16) ((uint16_t *)a.y)[o] = f2bf(d[4 * i + e]);
+            else if (a.mode == PIE_CUDA_WGMM_F32) ((float *)a.y)[o] = d[4 * i + e];
             else ((float *)a.y)[o] += d[4 * i + e];
             /* a few columns at a time: all of y's reads hoisted ahead of
              * the adds would take as many registers again as d */
@@ -387,20 +387,23 @@ typedef CUresult (*encode_fn)(CUtensorMap *, CUtensorMapDataType, cuuint32_t,
                               CUtensorMapInterleave, CUtensorMapSwizzle,
                               CUtensorMapL2promotion, CUtensorMapFloatOOBfill);
 
-/* cuTensorMapEncodeTiled through the runtime (pie links no libcuda). */
+static encode_fn wgmm_lookup(void)
+{
+    cudaDriverEntryPointQueryResult q;
+    void *p = NULL;
+    if (cudaGetDriverEntryPointByVersion("cuTensorMapEncodeTiled", &p, 12000,
+                                         cudaEnableDefault, &q) == cudaSuccess &&
+        q == cudaDriverEntryPointSuccess)
+        return (encode_fn)p;
+    cudaGetLastError();
+    return NULL;
+}
+
+/* cuTensorMapEncodeTiled through the runtime (pie links no libcuda);
+ * looked up once (a function-local static: thread-safe). */
 static encode_fn wgmm_encoder(void)
 {
-    static encode_fn fn;
-    static int tried;
-    if (!tried) {
-        cudaDriverEntryPointQueryResult q;
-        void *p = NULL;
-        if (cudaGetDriverEntryPointByVersion("cuTensorMapEncodeTiled", &p, 12000,
-                                             cudaEnableDefault, &q) == cudaSuccess &&
-            q == cudaDriverEntryPointSuccess)
-            fn = (encode_fn)p;
-        tried = 1;
-    }
+    static const encode_fn fn = wgmm_lookup();
     return fn;
 }
 
@@ -441,7 +444,7 @@ static size_t wgmm_smem(int mt)
 extern "C" int pie__cuda_wgmm_supported(int mode, int m, int n, int k,
                                         const void *W, const void *x)
 {
-    int cols = mode == WGMM_GLU ? 64 : 128;
+    int cols = mode == PIE_CUDA_WGMM_GLU ? 64 : 128;
     return m >= 1 && m <= PIE_CUDA_WGMM_MAX_M && k >= 64 && k % 64 == 0 &&
            k <= 65536 &&
            n >= cols && n % cols == 0 && n / cols <= PIE_CUDA_WGMM_MAX_TILES &&
@@ -474,26 +477,32 @@ static cudaLaunchConfig_t wgmm_cfg(cudaLaunchAttribute *at, int blocks, int pdl,
     return cfg;
 }
 
-/* Once per instantiation: the shared-memory opt-in, and how many blocks of
- * it can be resident at once (clusters of CL need CL SMs of one GPC); 0:
- * it cannot run. */
+/* How many blocks of an instantiation can be resident at once on the
+ * current device (clusters of CL need CL SMs of one GPC), after its
+ * shared-memory opt-in there; 0: it cannot run. Asked once per device
+ * (the tuner's first call, outside any graph capture, since the tuner
+ * times every instantiation a decode step can launch: MT follows m's
+ * bucket and CL the tile count, both the same in the timed mode). */
 template <int MT, int CL>
 static int wgmm_resident(void)
 {
-    static int blocks = -1;
-    if (blocks >= 0) return blocks;
-    blocks = 0;
+    static uint64_t smem_set;
+    static int blocks[64];          /* per device ordinal; 0: not asked */
+    int dev = 0;
+    if (cudaGetDevice(&dev) != cudaSuccess) return 0;
+    dev &= 63;
+    if (blocks[dev] > 0) return blocks[dev];
     int clusters = 0;
     cudaLaunchAttribute at[2];
     cudaLaunchConfig_t cfg = wgmm_cfg<MT, CL>(at, CL, 0, 0);
-    if (cudaFuncSetAttribute(wgmm_kernel<MT, CL>,
-                             cudaFuncAttributeMaxDynamicSharedMemorySize,
-                             (int)wgmm_smem(MT)) == cudaSuccess &&
-        cudaOccupancyMaxActiveClusters(&clusters, wgmm_kernel<MT, CL>, &cfg) ==
-            cudaSuccess)
-        blocks = clusters * CL;
-    cudaGetLastError();
-    return blocks;
+    if (!allow_smem(wgmm_kernel<MT, CL>, wgmm_smem(MT), &smem_set) ||
+        cudaOccupancyMaxActiveClusters(&clusters, wgmm_kernel<MT, CL>, &cfg) !=
+            cudaSuccess) {
+        cudaGetLastError();
+        return 0;                   /* not cached: asked again next time */
+    }
+    blocks[dev] = clusters * CL;
+    return blocks[dev];
 }
 
 template <int MT, int CL>
@@ -534,12 +543,13 @@ extern "C" int pie__cuda_wgmm(void *y, int mode, const uint16_t *W, int n,
                               cudaStream_t s)
 {
     if (!pie__cuda_wgmm_supported(mode, m, n, k, W, x) || grid < 1) return -1;
-    int mt = wgmm_mt(m), glu = mode == WGMM_GLU;
+    int mt = wgmm_mt(m), glu = mode == PIE_CUDA_WGMM_GLU;
     wgmm_args a = { y, ws->part, ws->cnt, mode, m, n, k, k / 64,
                     n / (glu ? 64 : 128) };
     int cl = wgmm_cl(a);
     if (grid > ws->max_grid) grid = ws->max_grid;
     if (grid < cl) grid = cl;
+    if (grid > ws->max_grid) return -1;     /* a workspace for fewer blocks */
     CUtensorMap tw, tx;
     if (wgmm_map(&tw, W, glu ? 2 * n : n, k, glu ? 8 : 128) ||
         wgmm_map(&tx, x, m, k, mt / cl))

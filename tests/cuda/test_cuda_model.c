@@ -461,6 +461,19 @@ static void backend_pair(const pie_model *m, const char *on, const char *off,
     unsetenv(off);
 }
 
+/* Whether wgmm.cu runs at least one of a model's decode matmuls at 24 rows
+ * (on this GPU and driver). */
+static int wgmm_runs(const pie_model_config *g)
+{
+    uint16_t al[8] __attribute__((aligned(16))) = { 0 };
+    int qd = g->n_heads * g->head_dim, qkv = qd + 2 * g->n_kv_heads * g->head_dim;
+    return pie__cuda_wgmm_supported(PIE_CUDA_WGMM_F32, 24, g->vocab_size, g->dim, al, al) ||
+           pie__cuda_wgmm_supported(PIE_CUDA_WGMM_BF16, 24, qkv, g->dim, al, al) ||
+           pie__cuda_wgmm_supported(PIE_CUDA_WGMM_ACC, 24, g->dim, qd, al, al) ||
+           pie__cuda_wgmm_supported(PIE_CUDA_WGMM_GLU, 24, g->hidden_dim, g->dim, al, al) ||
+           pie__cuda_wgmm_supported(PIE_CUDA_WGMM_ACC, 24, g->dim, g->hidden_dim, al, al);
+}
+
 /* Both column-tile counts of gemv.cu: 3 rows (then 2) and 12 (then 11);
  * wgmm.cu at 24 rows (then 23) where the model's shapes suit it. */
 static void check_gemv(const pie_model *m, const char *name)
@@ -471,10 +484,8 @@ static void check_gemv(const pie_model *m, const char *name)
     own_vs_cublaslt(bg, bl, 12, pie_backend_cuda_gemv_calls, "gemv.cu", name);
     pie_backend_free(bg);
     pie_backend_free(bl);
-    const pie_model_config *g = &m->cfg;
-    uint16_t al[8] __attribute__((aligned(16))) = { 0 };
-    if (!pie__cuda_wgmm_supported(WGMM_BF16, 24, g->vocab_size, g->dim, al, al)) {
-        printf("%s: wgmm.cu does not run this model's shapes here, skipped\n",
+    if (!wgmm_runs(&m->cfg)) {
+        printf("%s: wgmm.cu runs none of this model's shapes here, skipped\n",
                name);
         return;
     }
