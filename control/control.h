@@ -80,11 +80,13 @@ typedef struct pie_ctl_future pie_ctl_future;
  *   WAIT     wait up to its timeout for pages to be freed (admission)
  *   SUSPEND  first swap idle clients (no pending work) of the same or lower
  *            priority to host memory, as long as the swapped pages of all
- *            clients fit max_swap_bytes (then it only waits); they resume
- *            when they next need their pages (see pie_ctl_client_resume),
- *            for an allocation only once its new pages fit beside them
- *            (so that two clients never swap each other out in turn with
- *            no allocation served)
+ *            clients fit max_swap_bytes, and only when their pages cover
+ *            what the allocation lacks (else it waits, and looks again as
+ *            pages come free); they resume when they next need their
+ *            pages (see pie_ctl_client_resume), for an allocation only
+ *            once its new pages fit beside them, taken with them (so that
+ *            two clients never swap each other out in turn with no
+ *            allocation served)
  *   FCFS     first ask the newest client of the same or lower priority
  *            whose end would return pages to terminate (its on_evict
  *            callback), as the Pie paper does; its pages return when its
@@ -105,7 +107,10 @@ typedef struct pie_ctl_opts {
     uint64_t model_id;         /* mixed into page hashes (default: 0)       */
     uint64_t max_swap_bytes;   /* SUSPEND: host memory for swapped pages,
                                   all clients together (default: the pool's
-                                  size, n_pages * page_bytes)               */
+                                  size, n_pages * page_bytes); a client
+                                  being brought back counts its own swap as
+                                  room, so this may be passed by at most
+                                  one client's swap (see suspend.c)         */
     int32_t max_export_pages;  /* distinct pages all named exports together
                                   may pin, their exporters open or closed
                                   (0 = default: half the pool, rounded up;
@@ -166,17 +171,18 @@ int  pie_ctl_client_resume(pie_ctl_client *c, int32_t timeout_ms);
 /* Allocates n pages, writing their handles to out[n]. When the pool is
  * short, waits up to timeout_ms (0 = do not wait, <0 = forever) for pages
  * to be freed (a suspended client: for room for its swapped-out pages and
- * the n new ones together, so that it is brought back only when the
- * allocation can follow; see suspend.c); then fails with PIE_EBUSY (a retry
- * may succeed). Fails at once with PIE_ELIMIT beyond the client's quota
- * (max_pages: the pages it holds plus those its live exports list, each
- * once), and with PIE_ENOMEM ("KV pool exhausted") when waiting cannot
- * help: n (plus, for a suspended client, its swapped-out pages) exceeds the
- * pool less the pages this client holds and the exported ones, or this
- * client is the newest waiter of the lowest priority class in a wait cycle
- * (every client that holds pages waits for more; see pool.c). Such a caller
- * should free its pages (end the request) rather than retry. All or
- * nothing. A hopeless request suspends and evicts nobody. */
+ * the n new ones together, and takes both at once, so that it is brought
+ * back only when the allocation can follow; see suspend.c); then fails
+ * with PIE_EBUSY (a retry may succeed). Fails at once with PIE_ELIMIT
+ * beyond the client's quota (max_pages: the pages it holds plus those its
+ * live exports list, each once), and with PIE_ENOMEM ("KV pool exhausted")
+ * when waiting cannot help: n (plus, for a suspended client, its
+ * swapped-out pages) exceeds the pool less the pages this client holds and
+ * the exported ones, or this client is the newest waiter of the lowest
+ * priority class in a wait cycle (every client that holds pages waits for
+ * more; see pool.c). Such a caller should free its pages (end the request)
+ * rather than retry. All or nothing. A hopeless request suspends and
+ * evicts nobody. */
 int  pie_ctl_page_alloc(pie_ctl_client *c, int32_t n, int32_t timeout_ms,
                         uint32_t *out);
 /* Drops n handles. The physical page returns to the pool once no handle,
@@ -196,10 +202,12 @@ int  pie_ctl_page_fill(pie_ctl_client *c, uint32_t h, int32_t *fill);
 
 /* Exports n pages under a name (unique per pie_ctl; PIE_EBUSY if taken).
  * The export holds its own references until unexported; while c is open
- * they count against its max_pages. PIE_ELIMIT when the pages all exports
- * would then pin (each distinct page once: pages already exported under
- * another name add nothing) pass opts.max_export_pages; nothing is
- * exported then. PIE_EAGAIN: c is suspended (see pie_ctl_client_resume). */
+ * they count against its max_pages. PIE_ELIMIT when that takes c past its
+ * max_pages (pages it holds count already; imported ones it re-exports
+ * add), or when the pages all exports would then pin (each distinct page
+ * once: pages already exported under another name add nothing) pass
+ * opts.max_export_pages; nothing is exported then. PIE_EAGAIN: c is
+ * suspended (see pie_ctl_client_resume). */
 int  pie_ctl_export(pie_ctl_client *c, const char *name, int32_t n,
                     const uint32_t *h);
 /* Imports an export: writes up to cap new read-only handles to out and the

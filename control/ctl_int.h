@@ -305,10 +305,18 @@ void pie__pool_prefix_apply(pie_ctl *ctl, pie_ctl_client *c,
                             const int32_t *twins, int32_t n);
 
 /* suspend.c (mu held) */
-/* Frees pages for an allocation of n by suspending idle clients of the same
- * or lower priority than requester (swap to host, within the swap budget);
- * returns pages gained. */
+/* Frees pages for an allocation that lacks n by suspending idle clients of
+ * the same or lower priority than requester (swap to host, within the swap
+ * budget), only when the victims' pages together cover n (see suspend.c);
+ * returns pages gained (0: nobody was suspended). */
 int32_t pie__suspend_for(pie_ctl *ctl, int32_t n, pie_ctl_client *requester);
+/* Pages that suspending victims for requester could free, as
+ * pie__suspend_for would pick them (each within what is left of the swap
+ * budget), counting up to need; with waiting, only those of clients that
+ * wait for pages (CLIENT_IS_WAITING; the wait-cycle check). Changes
+ * nothing. */
+int32_t pie__victim_pages(pie_ctl *ctl, pie_ctl_client *requester,
+                          int32_t need, bool waiting);
 /* FCFS: unless the available pages plus those that clients already asked
  * to end will return at close cover n, asks the newest eligible client
  * whose end returns pages to end (unlocks around the call). True when one
@@ -317,16 +325,21 @@ bool pie__evict_one(pie_ctl *ctl, int32_t n, pie_ctl_client *requester);
 /* Brings a suspended client's pages back, waiting up to timeout_ms (0: not
  * at all, <0: forever) for room for what is left of its swap (its own
  * page_free may drop entries meanwhile) together with `extra` more pages
- * (those of the allocation it resumes for, see suspend.c): 0 once it holds
- * all its pages, or pie__wait_for_pages' errors (PIE_EBUSY: no room yet,
- * retry). Drops mu while it waits. */
-int  pie__client_resume(pie_ctl_client *c, int32_t extra, int32_t timeout_ms);
-/* The same for calls without a timeout: no wait; PIE_EAGAIN when the pool
- * has no room for the pages now. */
+ * (those of the allocation it resumes for, see suspend.c), and takes those
+ * too, writing them to pages[extra] (refs 1, no handle yet). Returns extra
+ * once it holds all its pages and took them; 0 when it took none, which is
+ * when c's swap emptied before any page was taken (c is no longer
+ * suspended: the caller allocates as usual), or extra is 0; or
+ * pie__wait_for_pages' errors (PIE_EBUSY: no room yet, retry). Drops mu
+ * while it waits. */
+int  pie__client_resume(pie_ctl_client *c, int32_t extra, int32_t *pages,
+                        int32_t timeout_ms);
+/* The same for calls without a timeout and without new pages: no wait;
+ * PIE_EAGAIN when the pool has no room for the pages now. */
 int  pie__client_resume_now(pie_ctl_client *c);
-/* Every entry point that needs c's pages on the device calls one of these
- * once it holds mu; an allocation of n passes n as extra. */
-#define RESUME(c, n, t) ((c)->suspended ? pie__client_resume(c, n, t) : 0)
+/* Every entry point that needs c's pages on the device, other than
+ * page_alloc (which passes its pages to pie__client_resume), calls this
+ * once it holds mu. */
 #define RESUME_NOW(c) ((c)->suspended ? pie__client_resume_now(c) : 0)
 /* The first statement of every pie_ctl_* function that takes a client
  * (before its argument checks, without mu): this is c's next call, so a
@@ -341,13 +354,19 @@ void pie__client_drop_swap(pie_ctl_client *c);
 
 /* pool.c, admission (mu held) */
 #define AVAILABLE(ctl) ((ctl)->n_free + (ctl)->n_cached)   /* allocatable */
+/* c counts as waiting in wait-cycle detection (see pool.c's header) */
+#define CLIENT_IS_WAITING(c) ((c)->want > 0 && !(c)->doomed && !(c)->evicted)
 /* Waits until n pages are allocatable for requester (see pool.c's header:
  * policy, refusals, wait cycles); 0, PIE_EBUSY (timed out), PIE_ENOMEM
  * (waiting cannot help) or PIE_ECANCELED (shutting down). With swap (a
  * resume): n more than requester has swap entries, re-read whenever mu
- * was dropped (entries it frees meanwhile shrink the wait). */
+ * was dropped (entries it frees meanwhile shrink the wait), and nothing
+ * once it has none left (0 at once: the resume is over). */
 int  pie__wait_for_pages(pie_ctl *ctl, int32_t n, bool swap,
                          int32_t timeout_ms, pie_ctl_client *requester);
+/* What is left at now of a timeout of timeout_ms that began at t0 (s, on
+ * CLOCK_REALTIME); <0 and 0 stay as they are. */
+int32_t pie__ms_left(int32_t timeout_ms, double t0);
 /* Sleeps on pool_cv (mu held) until signalled or past deadline (s, as
  * now_s; timeout_ms < 0: no deadline); true when the deadline passed. */
 bool pie__pool_cv_wait(pie_ctl *ctl, int32_t timeout_ms, double deadline);

@@ -71,22 +71,28 @@
  * live exports list that none of them names (quota_used), so that alloc,
  * export, free in a loop cannot pin more than max_pages; an export whose
  * exporter closed counts against no client (any client may unexport it).
+ * An export is checked against the same count (check_export_quota): pages
+ * the client holds add nothing, but imported pages it re-exports do.
  * What no quota bounds, the server does: every export, its exporter open or
  * gone, counts against opts.max_export_pages (distinct pages, as
  * pinned_pages counts them), checked when an export is made or loaded
  * (pie__export_cap_check), since an exporter's close cannot fail. A
  * suspended client is resumed first, within the same timeout (suspend.c),
- * once its swapped pages and the n new ones fit together. When the pool is
- * short, a request that waiting cannot satisfy is refused (below) before
- * anything else; otherwise it applies the policy (suspend idle clients
- * within the swap budget, or ask the newest to end unless the clients
- * already asked cover it), then waits on pool_cv -- which is broadcast when
- * a page becomes allocatable, a client closes, an export pins pages or a
- * wait cycle is broken -- up to its timeout, and fails with PIE_EBUSY when
- * that passes. A client that waits records the pages it needs in c->want;
- * so does one refused with PIE_EBUSY, because an inferlet's host call polls
- * with timeout 0 (a "poller"): the mark stays until the client allocates,
- * frees pages, submits work or closes.
+ * once its swapped pages and the n new ones fit together, and its resume
+ * takes the n pages with those for its swap. When the pool is short, a
+ * request that waiting cannot satisfy is refused (below) before anything
+ * else; otherwise it applies the policy (suspend idle clients within the
+ * swap budget when their pages cover what it lacks, or ask the newest to
+ * end unless the clients already asked cover it), then waits on pool_cv
+ * -- which is broadcast when a page becomes allocatable, a client closes,
+ * an export pins pages or a wait cycle is broken -- up to its timeout, and
+ * fails with PIE_EBUSY when that passes. Under `suspend` it applies the
+ * policy again whenever it wakes (pages it lacked may have come free, so
+ * that a swap now covers the rest); FCFS asks once per allocation. A
+ * client that waits records the pages it needs in c->want; so does one
+ * refused with PIE_EBUSY, because an inferlet's host call polls with
+ * timeout 0 (a "poller"): the mark stays until the client allocates, frees
+ * pages, submits work or closes.
  *
  * Waiting that cannot help is refused at once with PIE_ENOMEM, "KV pool
  * exhausted", so that no allocation hangs (not even with timeout < 0):
@@ -95,7 +101,10 @@
  *               it waits.
  *   wait cycle  every waiting client asks for more pages than could come
  *               free without a waiter giving up: the pool less the pages
- *               that waiting clients hold or exports list (pinned_pages).
+ *               that waiting clients hold or exports list (pinned_pages),
+ *               plus, under `suspend`, those of waiting clients that the
+ *               policy could swap out for it (swap_gain: a swapped-out
+ *               waiter gives nothing up).
  *               Example: C generations each hold a share of an
  *               over-committed pool and each needs one more page; each
  *               waits for pages only the others hold.
@@ -111,8 +120,10 @@
  * few, the next check dooms the next newest. Pages held by clients that
  * are not waiting (a running generation, an idle inferlet) may still come
  * free, so waiters wait for those, up to their timeout. A check costs the
- * handles of the waiting clients plus the exported pages; it runs when an
- * allocation starts waiting and whenever it wakes.
+ * handles of the waiting clients plus the exported pages (under `suspend`,
+ * plus a pass over the possible victims for each waiter that the room
+ * alone cannot serve); it runs when an allocation starts waiting and
+ * whenever it wakes.
  */
 #include <errno.h>
 #include <stdlib.h>
@@ -382,14 +393,18 @@ void pie__client_drop_pages(pie_ctl_client *c)
 
 /* ---- admission ---------------------------------------------------------- */
 
-/* c counts as waiting in wait-cycle detection (see the file header) */
-#define CLIENT_IS_WAITING(c) ((c)->want > 0 && !(c)->doomed && !(c)->evicted)
-
 static double now_s(void)
 {
     struct timespec ts;
     clock_gettime(CLOCK_REALTIME, &ts);
     return ts.tv_sec + ts.tv_nsec * 1e-9;
+}
+
+int32_t pie__ms_left(int32_t timeout_ms, double t0)
+{
+    if (timeout_ms <= 0) return timeout_ms;
+    double left = timeout_ms - (now_s() - t0) * 1000.0;
+    return left > 0 ? (int32_t)left : 0;
 }
 
 /* A fresh stamp for mark_page. */
@@ -448,8 +463,12 @@ int pie__export_cap_check(pie_ctl *ctl, const char *name,
                           const int32_t *pages, int32_t n)
 {
     int32_t cap = ctl->o.max_export_pages;
-    /* (n > cap: never fits, and a load's total could wrap) */
-    if (n <= cap && exported_pages(ctl, pages, n) <= cap) return 0;
+    /* pages[] may name exported pages again, and one page through several
+     * handles: they count once. A load's n fresh pages are all new; they
+     * are compared apart, as their sum with the rest could wrap. */
+    int32_t pinned = exported_pages(ctl, pages, pages ? n : 0);
+    int32_t fresh = pages ? 0 : n;
+    if (pinned <= cap && fresh <= cap - pinned) return 0;
     return pie_err_set(PIE_ELIMIT, "control: export '%s' of %d pages "
                        "refused: exports would pin more than the server's "
                        "cap of %d KV pages (max_export_pages, pie run "
@@ -484,6 +503,15 @@ static bool holds_pages(const pie_ctl_client *c)
     return false;
 }
 
+/* SUSPEND: of the pages that waiting clients hold (pinned for the
+ * wait-cycle check), those the policy could swap out for c, up to need:
+ * they come free without anyone giving up. */
+static int32_t swap_gain(pie_ctl *ctl, pie_ctl_client *c, int32_t need)
+{
+    if (ctl->o.policy != PIE_CTL_POLICY_SUSPEND) return 0;
+    return pie__victim_pages(ctl, c, need, true);
+}
+
 /* Wait-cycle detection (see the file header). When every waiting client
  * asks for more pages than could come free without a waiter giving up,
  * dooms the newest waiter of the lowest priority class among those holding
@@ -494,7 +522,9 @@ static pie_ctl_client *break_cycle(pie_ctl *ctl)
     pie_ctl_client *v = NULL;
     for (pie_ctl_client *c = ctl->clients; c; c = c->next) { /* newest 1st */
         if (!CLIENT_IS_WAITING(c)) continue;
-        if (c->want <= room) return NULL;
+        if (c->want <= room || c->want - room <= swap_gain(ctl, c,
+                                                           c->want - room))
+            return NULL;
         waiting++;
         if (holds_pages(c) && (!v || c->prio > v->prio)) v = c;
     }
@@ -564,43 +594,52 @@ static int busy(pie_ctl *ctl, int32_t n, int32_t timeout_ms)
 
 /* What an admission of n for c waits for: with swap (a resume), n more
  * than c's swap entries, which its own page_free may shrink whenever mu
- * is dropped. */
+ * is dropped; nothing once they are all gone (the resume is over, and the
+ * allocation waits for its n on its own, as any other). */
 static int32_t need_of(const pie_ctl_client *c, int32_t n, bool swap)
 {
-    return swap ? c->n_swap + n : n;
+    if (!swap) return n;
+    return c->n_swap > 0 ? c->n_swap + n : 0;
 }
 
-/* Admission proper (contract in ctl_int.h): a refusal of what waiting
- * cannot satisfy (nor could any suspension or eviction: those never free
- * the requester's own or exported pages), the policy, then a loop that
- * refuses, breaks wait cycles and sleeps. */
+/* The policy's part when the pool is short of n for c: true when it did
+ * something that may change what is free (mu may have been dropped: look
+ * again). SUSPEND looks every time, as pages come and go while c waits
+ * (it swaps only victims that cover what c lacks); FCFS asks once per
+ * admission (pages of a client asked come back only when its owner closes
+ * it, and pie__evict_one counts them for the next one). */
+static bool apply_policy(pie_ctl *ctl, pie_ctl_client *c, int32_t n,
+                         bool first)
+{
+    if (ctl->o.policy == PIE_CTL_POLICY_SUSPEND)
+        return pie__suspend_for(ctl, n - AVAILABLE(ctl), c) > 0;
+    if (ctl->o.policy == PIE_CTL_POLICY_FCFS && first)
+        return pie__evict_one(ctl, n, c);
+    return false;
+}
+
+/* Admission proper (contract in ctl_int.h), a loop: a refusal of what
+ * waiting cannot satisfy (nor could any suspension or eviction: those
+ * never free the requester's own or exported pages), the policy, the
+ * wait-cycle check, then a sleep until pages come free. */
 int pie__wait_for_pages(pie_ctl *ctl, int32_t extra, bool swap,
                         int32_t timeout_ms, pie_ctl_client *c)
 {
-    int32_t n = need_of(c, extra, swap);
-    if (AVAILABLE(ctl) >= n) return wait_end(c, 0);
-    int rc = c->doomed ? doom_fail(ctl, c, n) : check_hopeless(ctl, c, n);
-    if (rc < 0) return wait_end(c, rc);
-    if (ctl->o.policy == PIE_CTL_POLICY_SUSPEND)
-        pie__suspend_for(ctl, n - AVAILABLE(ctl), c);
-    if (ctl->o.policy == PIE_CTL_POLICY_FCFS)
-        pie__evict_one(ctl, n, c);
-    n = need_of(c, extra, swap);       /* (both may drop mu) */
-    if (AVAILABLE(ctl) >= n) return wait_end(c, 0);
     double deadline = now_s() + timeout_ms / 1000.0;
-    bool expired = timeout_ms == 0, first = true;
-    c->want = n;
-    for (;;) {
-        n = c->want = need_of(c, extra, swap);
+    bool expired = timeout_ms == 0, counted = false;
+    for (bool first = true;; first = false) {
+        int32_t n = need_of(c, extra, swap);
         if (AVAILABLE(ctl) >= n) return wait_end(c, 0);
         if (ctl->stop)
             return wait_end(c, pie_err_set(PIE_ECANCELED, "control: shutting "
                                            "down"));
-        rc = c->doomed ? doom_fail(ctl, c, n) : check_hopeless(ctl, c, n);
-        if (rc == 0 && break_cycle(ctl) == c) rc = doom_fail(ctl, c, n);
+        int rc = c->doomed ? doom_fail(ctl, c, n) : check_hopeless(ctl, c, n);
         if (rc < 0) return wait_end(c, rc);
+        if (apply_policy(ctl, c, n, first)) continue;
+        c->want = n;
+        if (break_cycle(ctl) == c) return wait_end(c, doom_fail(ctl, c, n));
         if (expired) return wait_end(c, busy(ctl, n, timeout_ms));
-        if (first) ctl->st.alloc_waits++, first = false;
+        if (!counted) ctl->st.alloc_waits++, counted = true;
         expired = pool_sleep(ctl, c, timeout_ms, deadline);
     }
 }
@@ -613,12 +652,10 @@ void pie__client_not_waiting(pie_ctl_client *c)
 }
 
 /* Pages c's quota counts: its allocated handles, plus the pages its live
- * exports list that none of those handles names. Costs c's handles plus
- * its exports' pages when it has any. */
-static int32_t quota_used(pie_ctl *ctl, pie_ctl_client *c)
+ * exports list that none of those handles names; stamps those pages with
+ * gen. Costs c's handles plus its exports' pages. */
+static int32_t quota_mark(pie_ctl *ctl, pie_ctl_client *c, uint32_t gen)
 {
-    if (c->export_pages == 0) return c->pages_held;
-    uint32_t gen = mark_begin(ctl);
     for (int32_t i = 0; i < c->n_h; i++)
         if (!c->h[i].ro && c->h[i].page >= 0)
             mark_page(ctl, c->h[i].page, gen);
@@ -628,6 +665,13 @@ static int32_t quota_used(pie_ctl *ctl, pie_ctl_client *c)
             for (int32_t k = 0; k < e->n; k++)
                 n += mark_page(ctl, e->pages[k], gen);
     return n;
+}
+
+/* quota_mark's count; cheap when c exports nothing. */
+static int32_t quota_used(pie_ctl *ctl, pie_ctl_client *c)
+{
+    if (c->export_pages == 0) return c->pages_held;
+    return quota_mark(ctl, c, mark_begin(ctl));
 }
 
 /* PIE_ELIMIT when n more pages would pass c's quota, else 0. */
@@ -641,6 +685,72 @@ static int check_quota(pie_ctl *ctl, pie_ctl_client *c, int32_t n)
                        "asks %d, limit %d", c->name, used, n, c->max_pages);
 }
 
+/* PIE_ELIMIT when exporting pages[n] would take c past its quota: it adds
+ * the pages that none of its allocated handles names and none of its live
+ * exports lists (those it imported, re-exported). 0 otherwise. */
+static int check_export_quota(pie_ctl *ctl, pie_ctl_client *c,
+                              const char *name, const int32_t *pages,
+                              int32_t n)
+{
+    if (c->max_pages == 0) return 0;
+    uint32_t gen = mark_begin(ctl);
+    int32_t used = quota_mark(ctl, c, gen), add = 0;
+    for (int32_t k = 0; k < n; k++) add += mark_page(ctl, pages[k], gen);
+    if (add == 0 || add <= c->max_pages - used) return 0;
+    return pie_err_set(PIE_ELIMIT, "control: client '%s' page quota "
+                       "exceeded: export '%s' adds %d pages it does not hold "
+                       "(imported ones) to the %d it counts (its exports' "
+                       "pages included), limit %d", c->name, name, add, used,
+                       c->max_pages);
+}
+
+/* Takes n pages for c into pages[n] (refs 1, no handles yet), waiting up
+ * to timeout_ms. A suspended c comes back first, and its resume takes the
+ * n pages together with those for its swap (suspend.c: a client comes back
+ * only with the room to go on, and nobody takes that room meanwhile). A
+ * client swapped out while it waited goes round again, so the allocation
+ * returns with its swap back too (unless its own frees emptied it). */
+static int alloc_take(pie_ctl *ctl, pie_ctl_client *c, int32_t n,
+                      int32_t timeout_ms, int32_t *pages)
+{
+    double t0 = now_s();
+    for (;;) {
+        int rc;
+        if (c->suspended) {
+            rc = pie__client_resume(c, n, pages,
+                                    pie__ms_left(timeout_ms, t0));
+            if (rc != 0) return rc < 0 ? rc : 0;         /* n: taken */
+        }
+        rc = pie__wait_for_pages(ctl, n, false, pie__ms_left(timeout_ms, t0),
+                                 c);
+        if (rc < 0) return rc;
+        if (!c->suspended) break;
+    }
+    for (int32_t k = 0; k < n; k++) pages[k] = pie__page_take(ctl);
+    return 0;
+}
+
+/* Gives c a writable handle for each taken page io[k], written over it.
+ * All or nothing: on failure every page goes back. */
+static int alloc_handles(pie_ctl *ctl, pie_ctl_client *c, int32_t n,
+                         uint32_t *io)
+{
+    for (int32_t k = 0; k < n; k++) {
+        int32_t page = (int32_t)io[k], i = handle_new(c, page, false);
+        if (i < 0) {
+            for (int32_t j = k; j < n; j++)
+                pie__page_unref(ctl, (int32_t)io[j]);
+            for (int32_t j = 0; j < k; j++) handle_drop(c, (int32_t)io[j] - 1);
+            return pie_err_set(PIE_ENOMEM, "control: out of memory");
+        }
+        ctl->pages[page].owner = c;
+        ctl->pages[page].owner_h = i;
+        c->pages_held++;
+        io[k] = (uint32_t)i + 1;
+    }
+    return 0;
+}
+
 int pie_ctl_page_alloc(pie_ctl_client *c, int32_t n, int32_t timeout_ms,
                        uint32_t *out)
 {
@@ -652,38 +762,20 @@ int pie_ctl_page_alloc(pie_ctl_client *c, int32_t n, int32_t timeout_ms,
     pthread_mutex_lock(&ctl->mu);
     int rc = check_quota(ctl, c, n);
     if (rc < 0) goto out;
-    /* suspended: its swap comes back first, so refuse here what both
-     * together can never get, before its resume swaps anyone out
-     * (n_swap <= n_pages: the sum does not wrap once n <= n_pages) */
+    /* suspended: its swap comes back with the new pages, so refuse here
+     * what both together can never get, before its resume swaps anyone
+     * out (n_swap <= n_pages: the sum does not wrap once n <= n_pages) */
     if (c->suspended && (rc = check_hopeless(ctl, c, n > ctl->n_pages ? n :
                                              n + c->n_swap)) < 0)
         goto out;
-    double t0 = now_s();
-    /* its swap comes back only with room for the n new pages too (see
-     * suspend.c: a resume that the allocation then cannot follow would
-     * swap another client out for nothing) */
-    if ((rc = RESUME(c, n, timeout_ms)) < 0) goto out;
-    if (timeout_ms > 0) {              /* a resume took from the timeout */
-        double spent = (now_s() - t0) * 1000.0;
-        timeout_ms = spent < timeout_ms ? timeout_ms - (int32_t)spent : 0;
-    }
-    if ((rc = pie__wait_for_pages(ctl, n, false, timeout_ms, c)) < 0)
+    /* out holds the physical pages until they have handles */
+    if ((rc = alloc_take(ctl, c, n, timeout_ms, (int32_t *)out)) < 0)
         goto out;
-    if ((rc = check_quota(ctl, c, n)) < 0) goto out;   /* mu was dropped */
-    for (int32_t k = 0; k < n; k++) {
-        int32_t page = pie__page_take(ctl);
-        int32_t i = handle_new(c, page, false);
-        if (i < 0) {
-            pie__page_unref(ctl, page);
-            for (int32_t j = 0; j < k; j++) handle_drop(c, (int32_t)out[j] - 1);
-            rc = pie_err_set(PIE_ENOMEM, "control: out of memory");
-            goto out;
-        }
-        ctl->pages[page].owner = c;
-        ctl->pages[page].owner_h = i;
-        c->pages_held++;
-        out[k] = (uint32_t)i + 1;
+    if ((rc = check_quota(ctl, c, n)) < 0) {           /* mu was dropped */
+        for (int32_t k = 0; k < n; k++) pie__page_unref(ctl, (int32_t)out[k]);
+        goto out;
     }
+    rc = alloc_handles(ctl, c, n, out);
 out:
     pthread_mutex_unlock(&ctl->mu);
     return rc;
@@ -765,7 +857,9 @@ int pie_ctl_export(pie_ctl_client *c, const char *name, int32_t n,
         if (!hd) { rc = PIE_EINVAL; goto out; }
         pages[k] = hd->page;
     }
-    if ((rc = pie__export_cap_check(ctl, name, pages, n)) < 0) goto out;
+    if ((rc = check_export_quota(ctl, c, name, pages, n)) < 0 ||
+        (rc = pie__export_cap_check(ctl, name, pages, n)) < 0)
+        goto out;
     for (int32_t k = 0; k < n; k++) {
         pie__page_ref(ctl, pages[k]);
         ctl->pages[pages[k]].shared++;

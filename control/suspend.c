@@ -13,12 +13,25 @@
  * call since (`resumed`, cleared by CLIENT_CALL at every entry point, a
  * failing one included). Only pages the victim holds alone (one
  * reference, not exported, not deduplicated, writable) are swapped; shared
- * pages stay where they are.
+ * pages stay where they are. Victims are swapped only when their pages,
+ * added up in that order within the budget (pie__victim_pages), cover what
+ * the allocation lacks: a swap that cannot serve it would cost the victim
+ * its pages for nothing. Short of that the allocation waits, and looks
+ * again whenever pages come free (pool.c); the wait-cycle check counts the
+ * pages it could so swap out of waiting clients as coming free.
  *
  * Swap budget: the swaps of all clients together (ctl->swap_bytes) stay
  * within opts.max_swap_bytes (default: the pool's size). A victim whose
  * pages would not fit is skipped; once the budget is spent the policy is
  * plain waiting until a suspended client resumes, frees its swapped pages
+ * or closes. One exception: a requester being resumed counts its own swap
+ * as room (swap_room), since the pages it waits for bring that swap back
+ * and its host copy goes once they are uploaded. Otherwise its swap, still
+ * on host while it waits, could keep out the very victim that makes room
+ * for it, and its allocation would wait forever. So the budget may be
+ * passed by at most one client's swap, that of a client being brought
+ * back: until its upload, or, should its resume time out after all (the
+ * victims' pages taken meanwhile), until it comes back, frees those pages
  * or closes.
  *
  * Swapping: the device is idle (pie__wait_idle), the pages' KV bytes go to
@@ -29,26 +42,33 @@
  * pie_ctl_page_fill reads swap_fill; pie_ctl_page_free and client close
  * drop entries (pie__swap_drop moves the last entry into the hole, so the
  * entries stay dense). The other entry points that use the client's handles
- * call RESUME(c, n, timeout) (page_alloc of n, with its caller's timeout)
- * or RESUME_NOW(c) (forward submit, copy, export: they have no timeout and
- * never wait; PIE_EAGAIN while the pool has no room) first. A resume waits
- * for free pages (possibly suspending someone else), uploads the bytes and
- * repoints the handles: the client sees the same handles and the same KV
- * bytes, so its outputs are unchanged. pie_ctl_client_resume is the
- * explicit wait (the runtime polls it with timeout 0 and parks the fiber in
- * between, so no worker thread blocks).
+ * call pie__client_resume (page_alloc of n, with its caller's timeout and
+ * n) or RESUME_NOW(c) (forward submit, copy, export: they have no timeout
+ * and never wait; PIE_EAGAIN while the pool has no room) first. A resume
+ * waits for free pages (possibly suspending someone else), uploads the
+ * bytes and repoints the handles: the client sees the same handles and the
+ * same KV bytes, so its outputs are unchanged. pie_ctl_client_resume is the
+ * explicit wait (the runtime polls it with timeout 0 and parks the fiber
+ * in between, so no worker thread blocks).
  *
  * Working set: an allocation of n pages on a suspended client brings its
  * swap back only once the swap and the n new pages fit together (the
- * resume waits for, and may suspend others for, n_swap + n). A swapped-out
- * process is let back in only when what it needs now fits, which is how
- * a paging system keeps from thrashing: otherwise two polling clients on
- * a pool too small for both took turns, each resume swapping the other
- * out and the allocation behind it failing for want of its new pages, a
- * swap per poll and no allocation ever served (test suspend_ping_pong).
- * Now a client leaves the device without its own progress at most once
- * (a victim of a request that still has to wait), and comes back only
- * with the room to go on.
+ * resume waits for, and may suspend others for, n_swap + n), and takes
+ * the n pages in the same locked section as those for its swap: the upload
+ * drops mu while it waits for the device, and pages left free then could
+ * go to another client, leaving the allocation to wait again with its
+ * client back on the device, a victim once more before any progress. A
+ * swapped-out process is let back in only when what it needs now fits,
+ * which is how a paging system keeps from thrashing: otherwise two polling
+ * clients on a pool too small for both took turns, each resume swapping
+ * the other out and the allocation behind it failing for want of its new
+ * pages, a swap per poll and no allocation ever served (test
+ * suspend_ping_pong). So a client is swapped out only when that covers
+ * what an allocation lacks, and when it comes back, the call that brought it
+ * (an allocation, which has its pages by then, a forward, copy or export)
+ * goes on under the same hold of mu, or pie_ctl_client_resume protects it
+ * until its next call: it is never swapped out again between coming back
+ * and the call it came back for.
  *
  * Resuming: the client stays `suspended` and is also `resuming` from the
  * start of the wait to the end of the upload, so no allocation can pick it
@@ -57,8 +77,10 @@
  * the client's own pie_ctl_page_free may drop entries meanwhile (never add
  * any: it is no victim), so the resume waits for room for what is left of
  * its swap, re-read after every wake (pie__swap_drop wakes it), returns as
- * soon as nothing is left, and re-reads n_swap again after waiting for the
- * device.
+ * soon as nothing is left (need_of in pool.c is 0 then: an allocation
+ * behind it takes no pages there and waits as any other), and re-reads
+ * n_swap again after waiting for the device (giving back the pages of
+ * entries dropped meanwhile).
  *
  * FCFS asks the newest client of the requester's class or lower whose
  * end would return pages (pages it alone references: not exported, not
@@ -85,23 +107,61 @@ static int32_t swappable(const pie_ctl *ctl, const pie_ctl_client *c)
     return n;
 }
 
+/* c may be swapped out for req (see the header): idle, of req's class or
+ * lower, neither req nor out, coming back or protected already. */
+static bool victim_ok(const pie_ctl_client *c, const pie_ctl_client *req)
+{
+    int32_t floor = req ? req->prio : 0;
+    /* resuming: also once its own page_free emptied its swap (no longer
+     * suspended) until its resume ends */
+    return c != req && !c->suspended && !c->resuming && !c->resumed &&
+           !c->ops && c->prio >= floor;
+}
+
+/* Host bytes the swap budget leaves for the victims of req. A requester
+ * being resumed counts its own swap as room: the pages it waits for bring
+ * that swap back to the device, and its host copy goes once they are
+ * uploaded (see the header: Swap budget). */
+static uint64_t swap_room(const pie_ctl *ctl, const pie_ctl_client *req)
+{
+    uint64_t cap = ctl->o.max_swap_bytes;
+    uint64_t own = req && req->resuming ?
+                   (uint64_t)req->n_swap * ctl->b->page_bytes : 0;
+    cap = cap + own < cap ? UINT64_MAX : cap + own;
+    return cap > ctl->swap_bytes ? cap - ctl->swap_bytes : 0;
+}
+
+/* The victim pie__suspend_for takes next: of the lowest class, newest
+ * first within it, among those whose pages fit the budget left. */
 static pie_ctl_client *pick_victim(pie_ctl *ctl, pie_ctl_client *req)
 {
     pie_ctl_client *best = NULL;
-    int32_t floor = req ? req->prio : 0;
-    uint64_t pb = ctl->b->page_bytes;
-    uint64_t room = ctl->o.max_swap_bytes - ctl->swap_bytes;
+    uint64_t pb = ctl->b->page_bytes, room = swap_room(ctl, req);
     for (pie_ctl_client *c = ctl->clients; c; c = c->next) {  /* newest 1st */
-        /* resuming: also once its own page_free emptied its swap (no
-         * longer suspended) until its resume ends */
-        if (c == req || c->suspended || c->resuming || c->resumed ||
-            c->ops || c->prio < floor)
-            continue;
+        if (!victim_ok(c, req) || (best && c->prio <= best->prio)) continue;
         int32_t n = swappable(ctl, c);
-        if (n == 0 || (uint64_t)n * pb > room) continue;
-        if (!best || c->prio > best->prio) best = c;
+        if (n > 0 && (uint64_t)n * pb <= room) best = c;
     }
     return best;
+}
+
+int32_t pie__victim_pages(pie_ctl *ctl, pie_ctl_client *req, int32_t need,
+                          bool waiting)
+{
+    /* pick_victim's order, class by class: a victim that does not fit the
+     * budget left when its turn comes never fits later (the room only
+     * shrinks), so one pass per class takes what its picks would take */
+    uint64_t pb = ctl->b->page_bytes, room = swap_room(ctl, req);
+    int32_t floor = req ? req->prio : 0, got = 0;
+    for (int32_t p = CTL_N_PRIO - 1; p >= floor && got < need; p--)
+        for (pie_ctl_client *c = ctl->clients; c && got < need; c = c->next) {
+            if (c->prio != p || !victim_ok(c, req)) continue;
+            int32_t n = swappable(ctl, c);
+            if (n == 0 || (uint64_t)n * pb > room) continue;
+            room -= (uint64_t)n * pb;
+            if (!waiting || CLIENT_IS_WAITING(c)) got += n;
+        }
+    return got;
 }
 
 /* Swaps c's exclusive pages to host memory; returns pages released. The
@@ -152,6 +212,10 @@ fail:
 
 int32_t pie__suspend_for(pie_ctl *ctl, int32_t n, pie_ctl_client *requester)
 {
+    /* a swap that cannot serve the allocation costs its victim the
+     * device for nothing: wait instead (the admission looks again as
+     * pages come free) */
+    if (pie__victim_pages(ctl, requester, n, false) < n) return 0;
     int32_t got = 0;
     while (got < n) {
         if (!pick_victim(ctl, requester)) break;
@@ -262,15 +326,6 @@ static double now_s(void)
     return ts.tv_sec + ts.tv_nsec * 1e-9;
 }
 
-/* What is left at now of a timeout of timeout_ms that began at t0 (<0 and 0
- * stay as they are). */
-static int32_t ms_left(int32_t timeout_ms, double t0)
-{
-    if (timeout_ms <= 0) return timeout_ms;
-    double left = timeout_ms - (now_s() - t0) * 1000.0;
-    return left > 0 ? (int32_t)left : 0;
-}
-
 /* Waits until no other thread of c is resuming it, up to timeout_ms since
  * t0: 0 or PIE_EBUSY. */
 static int wait_other_resume(pie_ctl_client *c, int32_t timeout_ms, double t0)
@@ -295,40 +350,64 @@ static int resume_end(pie_ctl_client *c, int rc)
                   : 0;
 }
 
-/* Takes pages for all of c's swap entries once the pool has room for them
- * and `extra` more pages (not taken here) and the device is idle; returns
- * how many (c->n_swap; *out holds them unless 0; mu stays held from here
- * to the upload), or pie__wait_for_pages' errors. Re-reads n_swap
- * whenever mu was dropped. */
+/* Takes pages for all of c's swap entries and `extra` more (those of the
+ * allocation it resumes for) in one locked section, once the pool has room
+ * for all of them, then waits for the device to be idle: *out gets the
+ * extra pages first, then one per entry, or stays NULL when nothing was
+ * taken (the swap emptied before: the allocation then waits on its own).
+ * Returns how many entries (c->n_swap; mu stays held from here to the
+ * upload), or pie__wait_for_pages' errors. Re-reads n_swap whenever mu was
+ * dropped. */
 static int32_t take_swap_pages(pie_ctl_client *c, int32_t extra,
                                int32_t timeout_ms, double t0, int32_t **out)
 {
     pie_ctl *ctl = c->ctl;
     for (;;) {
         int rc = pie__wait_for_pages(ctl, extra, true,
-                                     ms_left(timeout_ms, t0), c);
+                                     pie__ms_left(timeout_ms, t0), c);
         if (rc < 0) return rc;
         int32_t n = c->n_swap;                   /* room for these now */
         if (n == 0) return 0;          /* it freed every swapped handle */
-        int32_t *pages = malloc(n * sizeof *pages);
+        int32_t *pages = malloc((size_t)(extra + n) * sizeof *pages);
         if (!pages) return pie_err_set(PIE_ENOMEM, "control: out of memory");
-        for (int32_t j = 0; j < n; j++) pages[j] = pie__page_take(ctl);
+        /* the allocation's pages too, before mu drops: left free, another
+         * client could take them while this one waits for the device, and
+         * the allocation would wait again with its client back on the
+         * device, a victim again before it made any progress */
+        for (int32_t j = 0; j < extra + n; j++) pages[j] = pie__page_take(ctl);
         pie__wait_idle(ctl);
         /* mu was dropped: give back the pages of entries dropped since */
-        while (n > c->n_swap) pie__page_unref(ctl, pages[--n]);
+        while (n > c->n_swap) pie__page_unref(ctl, pages[extra + --n]);
         if (n == c->n_swap) {
             *out = pages;
             return n;
         }
         /* more entries than pages (never while resuming: no victim) */
-        while (n > 0) pie__page_unref(ctl, pages[--n]);
+        for (int32_t j = 0; j < extra + n; j++) pie__page_unref(ctl, pages[j]);
         free(pages);
     }
 }
 
+/* Points c's swapped handles at pages[] (one per swap entry, uploaded) and
+ * drops its swap: c is no longer suspended. */
+static void swap_in(pie_ctl_client *c, const int32_t *pages)
+{
+    pie_ctl *ctl = c->ctl;
+    for (int32_t i = 0; i < c->n_h; i++) {
+        ctl_handle *hd = &c->h[i];
+        if (hd->page != HANDLE_SWAPPED) continue;
+        int32_t page = pages[hd->swap];
+        ctl->pages[page].fill = c->swap_fill[hd->swap];
+        ctl->pages[page].owner = c;
+        ctl->pages[page].owner_h = i;
+        hd->page = page;
+    }
+    pie__client_drop_swap(c);
+}
+
 /* pie__client_resume; *back (may be NULL) tells whether pages came back. */
-static int resume(pie_ctl_client *c, int32_t extra, int32_t timeout_ms,
-                  bool *back)
+static int resume(pie_ctl_client *c, int32_t extra, int32_t *extra_pages,
+                  int32_t timeout_ms, bool *back)
 {
     pie_ctl *ctl = c->ctl;
     double t0 = now_s();
@@ -339,35 +418,31 @@ static int resume(pie_ctl_client *c, int32_t extra, int32_t timeout_ms,
     int32_t *pages = NULL;
     int32_t n = take_swap_pages(c, extra, timeout_ms, t0, &pages);
     if (n < 0) return resume_end(c, n);
-    rc = n > 0 ? ctl->b->ops->upload(ctl->b, pages, n, c->swap_buf) : 0;
+    if (!pages) return resume_end(c, 0);    /* its swap emptied: none taken */
+    rc = n > 0 ? ctl->b->ops->upload(ctl->b, pages + extra, n, c->swap_buf)
+               : 0;
     if (rc < 0) {
-        for (int32_t j = 0; j < n; j++) pie__page_unref(ctl, pages[j]);
+        for (int32_t j = 0; j < extra + n; j++) pie__page_unref(ctl, pages[j]);
         free(pages);
         return resume_end(c, rc);
     }
-    for (int32_t i = 0; i < c->n_h; i++) {
-        ctl_handle *hd = &c->h[i];
-        if (hd->page != HANDLE_SWAPPED) continue;
-        int32_t page = pages[hd->swap];
-        ctl->pages[page].fill = c->swap_fill[hd->swap];
-        ctl->pages[page].owner = c;
-        ctl->pages[page].owner_h = i;
-        hd->page = page;
-    }
+    swap_in(c, pages + extra);
+    if (extra > 0) memcpy(extra_pages, pages, extra * sizeof *pages);
     free(pages);
-    pie__client_drop_swap(c);
     if (back) *back = n > 0;
-    return resume_end(c, 0);
+    resume_end(c, 0);
+    return extra;
 }
 
-int pie__client_resume(pie_ctl_client *c, int32_t extra, int32_t timeout_ms)
+int pie__client_resume(pie_ctl_client *c, int32_t extra, int32_t *pages,
+                       int32_t timeout_ms)
 {
-    return resume(c, extra, timeout_ms, NULL);
+    return resume(c, extra, pages, timeout_ms, NULL);
 }
 
 int pie__client_resume_now(pie_ctl_client *c)
 {
-    int rc = pie__client_resume(c, 0, 0);
+    int rc = pie__client_resume(c, 0, NULL, 0);
     if (rc != PIE_EBUSY) return rc;
     return pie_err_set(PIE_EAGAIN, "control: client '%s' is swapped out and "
                        "the KV pool has no room for its %d pages yet; retry "
@@ -379,7 +454,7 @@ int pie_ctl_client_resume(pie_ctl_client *c, int32_t timeout_ms)
     CLIENT_CALL(c);
     pthread_mutex_lock(&c->ctl->mu);
     bool back;
-    int rc = resume(c, 0, timeout_ms, &back);
+    int rc = resume(c, 0, NULL, timeout_ms, &back);
     if (back) atomic_store(&c->resumed, true);   /* for its next call */
     pthread_mutex_unlock(&c->ctl->mu);
     return rc;

@@ -2184,9 +2184,11 @@ static void test_export_cap_opt(void)
  * each poll of one resumed it by swapping the other out and then failed
  * for want of the new pages; the other's next poll did the same back: one
  * swap per poll and no allocation ever served (ping-pong). Now a swapped
- * client comes back only once its pages and the new ones fit together: at
- * most one swap each while nothing can go on (polling or blocked), none
- * once each in turn fits. */
+ * client comes back only once its pages and the new ones fit together,
+ * and nobody is swapped out unless that serves the allocation: no swap
+ * while nothing can go on (polling or blocked; before the latter rule each
+ * client was swapped once, and both sat on host with 6 of 8 pages idle),
+ * one once hi leaves (b, so that a fits), none once each in turn fits. */
 static pie_ctl_client *pp_a;
 static uint32_t *pp_h;
 static int pp_rc = 1;
@@ -2226,8 +2228,8 @@ static void test_suspend_ping_pong(void)
     pie_ctl_get_stats(ctl, &st);
     printf("suspend ping-pong: 40 polls that could not be served swapped "
            "%llu times\n", (unsigned long long)st.suspensions);
-    CHECK(st.suspensions <= 2, "40 polls that could not be served swapped "
-          "%llu times; expected at most 2 (each client once)",
+    CHECK(st.suspensions == 0, "40 polls that could not be served swapped "
+          "%llu times; expected none (no swap can serve them)",
           (unsigned long long)st.suspensions);
     /* a blocks for its pages (no swap while it cannot go on); hi leaves:
      * a is served, ends its request, and b's poll is served */
@@ -2238,22 +2240,397 @@ static void test_suspend_ping_pong(void)
     usleep(50000);
     pie_ctl_get_stats(ctl, &st);
     uint64_t quiet = st.suspensions;
-    CHECK(quiet <= 2, "a blocked allocation that cannot go on swapped: %llu "
+    CHECK(quiet == 0, "a blocked allocation that cannot go on swapped: %llu "
           "swaps", (unsigned long long)quiet);
     pie_ctl_client_close(hi);
     pthread_join(th, NULL);
     CHECK(pp_rc == 0, "a's blocked allocation after hi left: %d", pp_rc);
+    pie_ctl_get_stats(ctl, &st);
+    CHECK(st.suspensions == quiet + 1, "serving a once hi left swapped %llu "
+          "times; expected 1 (b: a's 3 + 4 and b's 3 pass the pool's 8)",
+          (unsigned long long)(st.suspensions - quiet));
     CHECK_OK(pie_ctl_page_free(c[0], 7, h[0]));
     CHECK_OK(pie_ctl_page_alloc(c[1], 4, 0, h[1] + 3));
     pie_ctl_get_stats(ctl, &st);
-    CHECK(st.suspensions == quiet, "serving a and then b swapped %llu more "
-          "times; the pool had room for each", (unsigned long long)
-          (st.suspensions - quiet));
+    CHECK(st.suspensions == quiet + 1, "serving b after a swapped %llu more "
+          "times; the pool had room for it", (unsigned long long)
+          (st.suspensions - quiet - 1));
     CHECK_OK(pie_ctl_page_free(c[1], 7, h[1]));
     pie_ctl_client_close(c[0]);
     pie_ctl_client_close(c[1]);
     pie_ctl_get_stats(ctl, &st);
     CHECK(st.pages_free == 8, "pages free %d, expected 8", st.pages_free);
+    done_ctl(ctl, b);
+}
+
+/* The swap budget while a client resumes for an allocation: its own swap
+ * comes back with the pages it waits for, so it counts as room for the
+ * victims that make way for them. Before, the resume asked victims for its
+ * swap plus the new pages while that swap still filled the budget: here
+ * b's 6 idle pages did not fit the 5 pages of budget left, nobody was
+ * swapped out and a's allocation (timeout < 0) waited forever, though the
+ * commit before served it (its swap came back first, freeing the budget). */
+static void test_suspend_budget_own_swap(void)
+{
+    pie_backend *b;
+    pie_ctl_opts co = { .policy = PIE_CTL_POLICY_SUSPEND }; /* 10 pages */
+    pie_ctl *ctl = make_ctl(10, 0, &co, &b);
+    pie_ctl_client_opts o = { .priority = 3, .name = "d" };
+    pie_ctl_client *d, *a, *e, *v;
+    uint32_t hd[3], ha[5], he[10], hv[6];
+    CHECK_OK(pie_ctl_client_open(ctl, &o, &d));
+    CHECK_OK(pie_ctl_page_alloc(d, 3, 0, hd));
+    o.name = "a";
+    CHECK_OK(pie_ctl_client_open(ctl, &o, &a));
+    CHECK_OK(pie_ctl_page_alloc(a, 2, 0, ha));
+    o.name = "e";
+    CHECK_OK(pie_ctl_client_open(ctl, &o, &e));
+    CHECK_OK(pie_ctl_page_alloc(e, 5, 0, he));
+    CHECK_OK(pie_ctl_page_alloc(e, 5, 0, he + 5));    /* swaps a and d */
+    pie_ctl_client_close(e);
+    o.name = "b";
+    CHECK_OK(pie_ctl_client_open(ctl, &o, &v));
+    CHECK_OK(pie_ctl_page_alloc(v, 6, 0, hv));        /* idle: a victim */
+    pie_ctl_stats st;
+    pie_ctl_get_stats(ctl, &st);
+    CHECK(st.suspensions == 2 && st.pages_free == 4, "setup: %llu "
+          "suspensions, %d pages free; expected 2 (a and d: 5 pages of the "
+          "10-page budget) and 4", (unsigned long long)st.suspensions,
+          st.pages_free);
+    /* a's 2 + 3 new > 4 free: b must go; its 6 fit once a's 2 are back */
+    test_watchdog("a resumes for 3 pages (timeout < 0) with b's 6 idle "
+                  "pages as the only victim", 10);
+    int rc = pie_ctl_page_alloc(a, 3, -1, ha + 2);
+    test_watchdog_off();
+    pie_ctl_get_stats(ctl, &st);
+    CHECK(rc == 0 && st.suspensions == 3 && st.pages_free == 5, "a's "
+          "allocation: %d (%s) after %llu suspensions, %d pages free; "
+          "expected 0, 3 (b swapped out) and 5", rc, rc ? pie_err_msg() : "",
+          (unsigned long long)st.suspensions, st.pages_free);
+    /* the budget is whole again: d's 3 and b's 6 swapped, a's 2 back */
+    o.name = "f";
+    CHECK_OK(pie_ctl_client_open(ctl, &o, &e));
+    CHECK_OK(pie_ctl_page_alloc(e, 5, 0, he));
+    rc = pie_ctl_page_alloc(e, 1, 0, he + 5);
+    pie_ctl_get_stats(ctl, &st);
+    CHECK(rc == PIE_EBUSY && st.suspensions == 3, "a 6th page with 9 of "
+          "the 10-page budget swapped: %d after %llu suspensions; expected "
+          "%d (a's 5 do not fit) and 3", rc,
+          (unsigned long long)st.suspensions, PIE_EBUSY);
+    pie_ctl_client_close(e);
+    pie_ctl_client_close(a);
+    pie_ctl_client_close(v);
+    pie_ctl_client_close(d);
+    pie_ctl_get_stats(ctl, &st);
+    CHECK(st.pages_free == 10, "pages free %d, expected 10", st.pages_free);
+    printf("suspend: a resuming client's own swap counts as budget room for "
+           "the victims it needs\n");
+    done_ctl(ctl, b);
+}
+
+/* An allocation that resumes its client takes its new pages in the same
+ * locked section as the pages for the swap. Before, the resume took only
+ * the swap's pages, then dropped the lock until the device finished a
+ * forward; another client took the free pages meant for the allocation,
+ * which then waited with its client back on the device, where the next
+ * poller could swap it out again before it made any progress. */
+static pie_ctl_client *rt_a;
+static uint32_t rt_h[4];
+static int rt_rc = 1;
+
+static void *rt_alloc(void *arg)
+{
+    (void)arg;
+    rt_rc = pie_ctl_page_alloc(rt_a, 2, 5000, rt_h + 2);
+    return NULL;
+}
+
+static void test_resume_takes_alloc(void)
+{
+    pie_backend *b;
+    pie_ctl_opts co = { .policy = PIE_CTL_POLICY_SUSPEND };
+    pie_ctl *ctl = make_ctl(8, 0, &co, &b);
+    pie_ctl_client_opts lo = { .priority = 3, .name = "a" };
+    pie_ctl_client_opts ho = { .priority = 0, .name = "h" };
+    pie_ctl_client *h, *x, *t;
+    uint32_t hh[6], hx[1], ht[5];
+    CHECK_OK(pie_ctl_client_open(ctl, &lo, &rt_a));
+    CHECK_OK(pie_ctl_page_alloc(rt_a, 2, 0, rt_h));
+    CHECK_OK(pie_ctl_client_open(ctl, &ho, &h));
+    ho.name = "x";
+    CHECK_OK(pie_ctl_client_open(ctl, &ho, &x));
+    CHECK_OK(pie_ctl_page_alloc(x, 1, 0, hx));
+    CHECK_OK(pie_ctl_page_alloc(h, 6, 0, hh));        /* swaps a's 2 */
+    CHECK_OK(pie_ctl_page_free(h, 6, hh));
+    pie_ctl_stats st;
+    pie_ctl_get_stats(ctl, &st);
+    CHECK(st.suspensions == 1 && st.pages_free == 7, "setup: %llu "
+          "suspensions, %d pages free; expected 1 and 7",
+          (unsigned long long)st.suspensions, st.pages_free);
+    /* x's forward holds the device: a's resume waits for it to upload */
+    fake_backend_set_delay(b, HOLD_US);
+    int32_t tok = 7;
+    pie_ctl_future *f;
+    CHECK_OK(fwd(x, &tok, 1, 0, hx, NULL, &f));
+    wait_started(b, 1);
+    pthread_t th;
+    CHECK(pthread_create(&th, NULL, rt_alloc, NULL) == 0, "thread");
+    for (int k = 0; k < 10000 && st.pages_free == 7; k++) {
+        usleep(1000);
+        pie_ctl_get_stats(ctl, &st);
+    }
+    int32_t seen = st.pages_free;
+    CHECK(seen < 7, "a's resume never took pages");
+    ho.name = "t";
+    CHECK_OK(pie_ctl_client_open(ctl, &ho, &t));
+    int rc = pie_ctl_page_alloc(t, 5, 0, ht);
+    CHECK(rc == PIE_EBUSY, "an allocation of 5 while a's resume waited for "
+          "the device (%d pages free then): expected %d (a took the 2 pages "
+          "of its allocation with its swap's), got %d", seen, PIE_EBUSY, rc);
+    pthread_join(th, NULL);
+    fake_backend_set_delay(b, 0);
+    wait_token(f);
+    pie_ctl_future_release(f);
+    pie_ctl_get_stats(ctl, &st);
+    CHECK(rt_rc == 0 && st.suspensions == 1 && st.pages_free == 3, "a's "
+          "allocation: %d after %llu suspensions, %d pages free; expected 0, "
+          "1 and 3 (a holds 4, x 1)", rt_rc,
+          (unsigned long long)st.suspensions, st.pages_free);
+    int32_t fill;
+    CHECK_OK(pie_ctl_page_fill(rt_a, rt_h[3], &fill));
+    CHECK_OK(pie_ctl_page_free(rt_a, 4, rt_h));
+    pie_ctl_client_close(rt_a);
+    pie_ctl_client_close(t);
+    pie_ctl_client_close(x);
+    pie_ctl_client_close(h);
+    pie_ctl_get_stats(ctl, &st);
+    CHECK(st.pages_free == 8, "pages free %d, expected 8", st.pages_free);
+    printf("suspend: a resume takes its allocation's pages with its swap's; "
+           "nobody takes them while it waits for the device\n");
+    done_ctl(ctl, b);
+}
+
+/* The suspend policy swaps idle clients out only when the pages that
+ * frees cover what the allocation lacks; until then it waits, and looks
+ * again whenever pages come free. Before, it swapped out whatever it found
+ * even when that could not serve the allocation: here v's 3 pages for an
+ * allocation 4 short, which failed all the same. */
+static pie_ctl_client *sc_r;
+static uint32_t sc_h[6];
+static int sc_rc = 1;
+
+static void *sc_alloc(void *arg)
+{
+    (void)arg;
+    sc_rc = pie_ctl_page_alloc(sc_r, 6, 5000, sc_h);
+    return NULL;
+}
+
+static void test_suspend_covers(void)
+{
+    pie_backend *b;
+    pie_ctl_opts co = { .policy = PIE_CTL_POLICY_SUSPEND };
+    pie_ctl *ctl = make_ctl(8, 0, &co, &b);
+    pie_ctl_client_opts oh = { .priority = 0, .name = "hi" };
+    pie_ctl_client_opts o = { .priority = 3, .name = "v" };
+    pie_ctl_client *hi, *v;
+    uint32_t hh[3], hv[3];
+    CHECK_OK(pie_ctl_client_open(ctl, &oh, &hi));
+    CHECK_OK(pie_ctl_page_alloc(hi, 3, 0, hh));
+    CHECK_OK(pie_ctl_client_open(ctl, &o, &v));
+    CHECK_OK(pie_ctl_page_alloc(v, 3, 0, hv));
+    o.name = "r";
+    CHECK_OK(pie_ctl_client_open(ctl, &o, &sc_r));
+    pie_ctl_stats st;
+    for (int k = 0; k < 5; k++) {            /* 6 > 2 free + v's 3 */
+        int rc = pie_ctl_page_alloc(sc_r, 6, 0, sc_h);
+        pie_ctl_get_stats(ctl, &st);
+        CHECK(rc == PIE_EBUSY && st.suspensions == 0 && st.pages_free == 2,
+              "poll %d for 6 pages with 2 free and v's 3 the only victim: "
+              "%d after %llu suspensions, %d pages free; expected %d, 0 and "
+              "2 (v's pages cannot cover the 4 missing)", k, rc,
+              (unsigned long long)st.suspensions, st.pages_free, PIE_EBUSY);
+    }
+    /* r blocks; once hi frees a page, v's 3 cover the 3 missing */
+    pthread_t th;
+    CHECK(pthread_create(&th, NULL, sc_alloc, NULL) == 0, "thread");
+    for (int k = 0; k < 10000 && st.alloc_waits == 0; k++) {
+        usleep(1000);
+        pie_ctl_get_stats(ctl, &st);
+    }
+    CHECK(st.alloc_waits == 1 && st.suspensions == 0, "r's blocked "
+          "allocation: %llu waits, %llu suspensions; expected 1 and 0",
+          (unsigned long long)st.alloc_waits,
+          (unsigned long long)st.suspensions);
+    CHECK_OK(pie_ctl_page_free(hi, 1, hh));
+    pthread_join(th, NULL);
+    pie_ctl_get_stats(ctl, &st);
+    CHECK(sc_rc == 0 && st.suspensions == 1 && st.pages_free == 0, "r's "
+          "allocation after hi freed a page: %d after %llu suspensions, %d "
+          "pages free; expected 0, 1 (v) and 0", sc_rc,
+          (unsigned long long)st.suspensions, st.pages_free);
+    pie_ctl_client_close(sc_r);
+    pie_ctl_client_close(v);
+    pie_ctl_client_close(hi);
+    pie_ctl_get_stats(ctl, &st);
+    CHECK(st.pages_free == 8, "pages free %d, expected 8", st.pages_free);
+    printf("suspend: idle clients are swapped out only when that serves "
+           "the allocation\n");
+    done_ctl(ctl, b);
+}
+
+/* A resume for an allocation returns as soon as its client's own frees
+ * empty its swap; the allocation then waits as any other, for what is
+ * left of its timeout. Before, the resume went on waiting for the new
+ * pages as if a swap were still to come back, and failed as "resuming
+ * client 'a'", a client no longer swapped out. */
+static pie_ctl_client *se_a;
+static uint32_t se_h[3];
+static int se_rc = 1;
+static char se_msg[512];
+
+static void *se_alloc(void *arg)
+{
+    (void)arg;
+    se_rc = pie_ctl_page_alloc(se_a, 1, 400, se_h + 2);
+    snprintf(se_msg, sizeof se_msg, "%s", pie_err_msg());
+    return NULL;
+}
+
+static void test_resume_emptied_alloc(void)
+{
+    pie_backend *b;
+    pie_ctl_opts co = { .policy = PIE_CTL_POLICY_SUSPEND };
+    pie_ctl *ctl = make_ctl(8, 0, &co, &b);
+    pie_ctl_client_opts lo = { .priority = 3, .name = "a" };
+    pie_ctl_client_opts ho = { .priority = 0, .name = "h" };
+    pie_ctl_client *h;
+    uint32_t hh[8];
+    CHECK_OK(pie_ctl_client_open(ctl, &lo, &se_a));
+    CHECK_OK(pie_ctl_page_alloc(se_a, 2, 0, se_h));
+    CHECK_OK(pie_ctl_client_open(ctl, &ho, &h));
+    CHECK_OK(pie_ctl_page_alloc(h, 8, 0, hh));        /* swaps a's 2 */
+    pie_ctl_stats st;
+    pie_ctl_get_stats(ctl, &st);
+    pthread_t th;
+    CHECK(pthread_create(&th, NULL, se_alloc, NULL) == 0, "thread");
+    for (int k = 0; k < 10000 && st.alloc_waits == 0; k++) {
+        usleep(1000);
+        pie_ctl_get_stats(ctl, &st);
+    }
+    CHECK(st.alloc_waits == 1, "a's resume never waited for pages");
+    CHECK_OK(pie_ctl_page_free(se_a, 2, se_h));       /* swap emptied */
+    pthread_join(th, NULL);
+    CHECK(se_rc == PIE_EBUSY && !strstr(se_msg, "resuming"), "a's "
+          "allocation, its swap emptied during its resume, the pool full: "
+          "%d (%s); expected %d from the allocation's own wait, not the "
+          "resume's", se_rc, se_msg, PIE_EBUSY);
+    printf("resume emptied: %s\n", se_msg);
+    CHECK_OK(pie_ctl_page_free(h, 1, hh));
+    CHECK_OK(pie_ctl_page_alloc(se_a, 1, 0, se_h + 2));
+    pie_ctl_client_close(se_a);
+    pie_ctl_client_close(h);
+    pie_ctl_get_stats(ctl, &st);
+    CHECK(st.pages_free == 8 && st.suspensions == 1, "pages free %d, "
+          "suspensions %llu; expected 8 and 1", st.pages_free,
+          (unsigned long long)st.suspensions);
+    printf("suspend: a resume whose swap its client emptied returns at "
+           "once; the allocation waits as its own\n");
+    done_ctl(ctl, b);
+}
+
+/* kv_export answers PIE_ELIMIT past the instance's page quota (api.def):
+ * max_pages counts the pages its live exports list, so re-exporting pages
+ * it imported adds them, while pages it holds count once. Before,
+ * pie_ctl_export never checked the quota: q (max_pages 2) re-exported 4
+ * imported pages and its next allocation of 1 failed, "holds 4". */
+static void test_export_reexport_quota(void)
+{
+    pie_backend *b;
+    pie_ctl *ctl = make_ctl(16, 0, NULL, &b);
+    pie_ctl_client_opts oa = { .name = "a" };
+    pie_ctl_client_opts oq = { .name = "q", .max_pages = 2 };
+    pie_ctl_client *a, *q;
+    CHECK_OK(pie_ctl_client_open(ctl, &oa, &a));
+    CHECK_OK(pie_ctl_client_open(ctl, &oq, &q));
+    uint32_t ha[4], hq[4], hown[2];
+    int32_t ni;
+    CHECK_OK(pie_ctl_page_alloc(a, 4, 0, ha));
+    CHECK_OK(pie_ctl_export(a, "x", 4, ha));
+    CHECK_OK(pie_ctl_import(q, "x", 4, hq, &ni));
+    int rc = pie_ctl_export(q, "y", 4, hq);
+    pie_ctl_stats st;
+    pie_ctl_get_stats(ctl, &st);
+    CHECK(rc == PIE_ELIMIT && st.exports == 1, "q (max_pages 2) re-exports "
+          "4 imported pages: %d, %d exports; expected %d and 1", rc,
+          st.exports, PIE_ELIMIT);
+    CHECK(strstr(pie_err_msg(), "quota") != NULL, "message: %s",
+          pie_err_msg());
+    printf("export quota: %s\n", pie_err_msg());
+    CHECK_OK(pie_ctl_export(q, "y2", 2, hq));          /* exactly 2 */
+    rc = pie_ctl_page_alloc(q, 1, 0, hown);
+    CHECK(rc == PIE_ELIMIT, "alloc with 2 re-exported pages and max_pages "
+          "2: expected %d, got %d", PIE_ELIMIT, rc);
+    CHECK_OK(pie_ctl_unexport(q, "y2"));
+    /* pages it holds count once, exported or not */
+    CHECK_OK(pie_ctl_page_alloc(q, 2, 0, hown));
+    CHECK_OK(pie_ctl_export(q, "own", 2, hown));
+    CHECK_OK(pie_ctl_export(q, "own2", 1, hown));
+    rc = pie_ctl_export(q, "mix", 2, (uint32_t[]){ hown[0], hq[0] });
+    CHECK(rc == PIE_ELIMIT, "an export adding an imported page to 2 held: "
+          "expected %d, got %d", PIE_ELIMIT, rc);
+    const char *names[] = { "x", "own", "own2" };
+    for (int k = 0; k < 3; k++) CHECK_OK(pie_ctl_unexport(q, names[k]));
+    pie_ctl_client_close(q);
+    pie_ctl_client_close(a);
+    pie_ctl_get_stats(ctl, &st);
+    CHECK(st.pages_free == 16 && st.exports == 0, "at the end: %d pages "
+          "free, %d exports", st.pages_free, st.exports);
+    printf("export quota: re-exported imported pages count against "
+           "max_pages\n");
+    done_ctl(ctl, b);
+}
+
+/* The export cap counts distinct pages: handles naming pages already
+ * exported add nothing, however many. Before, a pre-check refused any
+ * export of more handles than the cap: 5 handles of 1 exported page
+ * under a cap of 4. */
+static void test_export_cap_distinct(void)
+{
+    pie_backend *b;
+    pie_ctl_opts co = { .max_export_pages = 4 };
+    pie_ctl *ctl = make_ctl(16, 0, &co, &b);
+    pie_ctl_client *a;
+    CHECK_OK(pie_ctl_client_open(ctl, NULL, &a));
+    uint32_t h1, hh[5], h4[4];
+    int32_t ni;
+    CHECK_OK(pie_ctl_page_alloc(a, 1, 0, &h1));
+    CHECK_OK(pie_ctl_export(a, "one", 1, &h1));
+    hh[0] = h1;
+    for (int k = 1; k < 5; k++)
+        CHECK_OK(pie_ctl_import(a, "one", 1, &hh[k], &ni));
+    int rc = pie_ctl_export(a, "alias5", 5, hh);
+    pie_ctl_stats st;
+    pie_ctl_get_stats(ctl, &st);
+    CHECK(rc == 0 && st.exports == 2 && st.pages_exported == 1, "export of "
+          "5 handles naming 1 exported page under a cap of 4: %d (%s), %d "
+          "exports pinning %d pages; expected 0, 2 and 1", rc,
+          rc ? pie_err_msg() : "", st.exports, st.pages_exported);
+    CHECK_OK(pie_ctl_page_alloc(a, 4, 0, h4));
+    rc = pie_ctl_export(a, "four", 4, h4);
+    CHECK(rc == PIE_ELIMIT, "4 new pages beside 1 exported under a cap of "
+          "4: expected %d, got %d", PIE_ELIMIT, rc);
+    CHECK_OK(pie_ctl_export(a, "three", 3, h4));
+    pie_ctl_get_stats(ctl, &st);
+    CHECK(st.pages_exported == 4, "pages exported %d, expected 4",
+          st.pages_exported);
+    const char *names[] = { "one", "alias5", "three" };
+    for (int k = 0; k < 3; k++) CHECK_OK(pie_ctl_unexport(a, names[k]));
+    pie_ctl_client_close(a);
+    pie_ctl_get_stats(ctl, &st);
+    CHECK(st.pages_free == 16, "pages free %d", st.pages_free);
+    printf("export cap: each distinct page counts once, however many "
+           "handles name it\n");
     done_ctl(ctl, b);
 }
 
@@ -3205,6 +3582,12 @@ static const struct { const char *name; void (*fn)(void); } tests[] = {
     { "export_cap", test_export_cap },
     { "export_cap_opt", test_export_cap_opt },
     { "suspend_ping_pong", test_suspend_ping_pong },
+    { "suspend_budget_own_swap", test_suspend_budget_own_swap },
+    { "resume_takes_alloc", test_resume_takes_alloc },
+    { "suspend_covers", test_suspend_covers },
+    { "resume_emptied_alloc", test_resume_emptied_alloc },
+    { "export_reexport_quota", test_export_reexport_quota },
+    { "export_cap_distinct", test_export_cap_distinct },
     { "chunked_prefill", test_chunked_prefill },
     { "rows_and_masks", test_rows_and_masks },
     { "bad_input", test_bad_input },
