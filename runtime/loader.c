@@ -25,17 +25,21 @@
  *                names this key and its bytes hash to the trailer's
  *                sha256; then dlopen it by path if the path still names
  *                the file checked. A damaged, foreign or mismatched entry
- *                is dropped and compiled afresh.
+ *                is dropped (removed as below) and compiled afresh.
  *                dlopen(RTLD_NOW|RTLD_LOCAL), init_module under a mutex,
  *                record the module's executable range for the watchdog.
  *   5. trim      when a runtime starts and after each insert
  *                (pie__rt_cache_sweep): one pass over the directory
  *                removes stale temp dirs and DEAD entries, then LIVE
  *                entries, least recently used first, until the bound holds.
+ *                One trim at a time (an flock on the directory): a trim
+ *                that finds another running leaves the work to it, so an
+ *                insert made meanwhile may exceed the bound until the next.
  *
  * The cache directory holds entries, the temp dirs of compiles
- * (tmp.XXXXXX, stale after CACHE_TMP_STALE_S) and whatever else someone
- * put there, which is never touched. An entry is a regular file of ours
+ * (tmp.XXXXXX), entries being removed (tmp.rm.*, for a moment each; both
+ * stale after CACHE_TMP_STALE_S) and whatever else someone put there,
+ * which is never touched. An entry is a regular file of ours
  * named exactly <key>.so, key 64 lowercase hex digits: the ELF shared
  * object, then a 120-byte trailer (ELF loaders ignore bytes past the
  * segments): magic "PIESOTRL", u32 version, u32 zero, u64 ELF length, the
@@ -62,11 +66,19 @@
  * (default 1000) and $PIE_CACHE_MAX_MB megabytes (default 512) of LIVE
  * entries, 0 for none. No entry used within CACHE_GRACE_S is removed,
  * DEAD or LIVE: another process may be between checking and dlopening
- * it, so the bound may be exceeded by what was used that recently. The
- * trim removes with unlink() (a process that has the object mapped keeps
- * its pages), only the file it examined and only if no load marked it
- * used meanwhile; a load that still loses that race finds its entry gone
- * and compiles it again.
+ * it, so the bound may be exceeded by what was used that recently.
+ *
+ * Removing an entry (entry_remove; a trim's, or a load's bad one): a
+ * compile may rename a fresh entry over the name at any moment, so the
+ * entry is first renamed to a name of this removal alone (tmp.rm.*), the
+ * file there checked to be the one examined (and, for a trim, not marked
+ * used since), and only then unlinked (a process that has the object
+ * mapped keeps its pages). Any other file it moved is put back (no
+ * replace); if a newer entry took the name meanwhile, the moved file goes,
+ * as that entry's rename would have replaced it. So no file but the one
+ * examined is ever removed. A load that looks while an entry is moved
+ * aside, or marks it after the check, finds it gone and compiles it again
+ * (pie_rt_module_load's retry).
  *
  * Loaded modules are shared by key (rt->modules list of pie_rt_named with
  * name == NULL); a module is dlclosed when its last reference goes.
@@ -80,6 +92,7 @@
 #include <sodium.h>
 #include <stdio.h>
 #include <string.h>
+#include <sys/file.h>
 #include <sys/mman.h>
 #include <sys/prctl.h>
 #include <sys/resource.h>
@@ -690,6 +703,115 @@ static int compile(pie_rt *rt, const uint8_t *wasm, size_t len,
     return rc;
 }
 
+/* ---- removing an entry (a load's bad one, a trim's) --------------------- */
+
+/* One entry as a load or a trim examined it. */
+typedef struct {
+    char            name[68];           /* <key>.so                        */
+    uint64_t        size;               /* bytes, trailer included         */
+    struct timespec used;               /* mtime: last compile or load     */
+    dev_t           dev;                /* with ino, the file examined:    */
+    ino_t           ino;                /* one renamed over it stays       */
+} cache_ent;
+
+/* What entry_remove did. A trim counts REMOVED and GONE alike: either
+ * way the file it examined is out of the cache. */
+typedef enum {
+    RM_KEPT,        /* the name holds another file, or one used since     */
+    RM_REMOVED,     /* the file examined: unlinked by this call           */
+    RM_GONE         /* nothing under the name: removed by someone else    */
+} rm_result;
+
+/* e describes the file of stat st, entry name (67 chars and a NUL). */
+static void ent_set(cache_ent *e, const char *name, const struct stat *st)
+{
+    memcpy(e->name, name, sizeof e->name);
+    e->size = (uint64_t)st->st_size;
+    e->used = st->st_mtim;
+    e->dev = st->st_dev;
+    e->ino = st->st_ino;
+}
+
+/* Whether st is the file examined as e and, if unused, not marked used
+ * (its mtime) since. */
+static bool ent_is(const cache_ent *e, const struct stat *st, bool unused)
+{
+    return st->st_dev == e->dev && st->st_ino == e->ino &&
+           (!unused || (st->st_mtim.tv_sec == e->used.tv_sec &&
+                        st->st_mtim.tv_nsec == e->used.tv_nsec));
+}
+
+/* A name in the cache dir for this removal alone: tmp.rm.<pid>.<random>.
+ * Scans take it for a temp name, never an entry; sweep_tmp removes one
+ * that a process dying mid-removal left. */
+static void private_name(char *out, size_t cap)
+{
+    snprintf(out, cap, "tmp.rm.%ld.%08x", (long)getpid(),
+             (unsigned)randombytes_random());
+}
+
+/* Renames from to to within dfd, failing with EEXIST rather than replace
+ * a file at to. Where the file system lacks RENAME_NOREPLACE (NFS), a
+ * link and an unlink do the same: from must then be a name of ours alone,
+ * or the unlink could take a file renamed over it in between. */
+static int rename_noreplace(int dfd, const char *from, const char *to)
+{
+    if (renameat2(dfd, from, dfd, to, RENAME_NOREPLACE) == 0)
+        return 0;
+    if (errno != EINVAL || linkat(dfd, from, dfd, to, 0) != 0)
+        return -1;
+    unlinkat(dfd, from, 0);
+    return 0;
+}
+
+/* Puts the file moved to priv back under name. If a newer file took the
+ * name meanwhile, the moved one goes: the rename that published the newer
+ * one would have replaced it, had it stayed. */
+static void put_back(int dfd, const char *priv, const char *name)
+{
+    if (rename_noreplace(dfd, priv, name) != 0 && errno == EEXIST)
+        unlinkat(dfd, priv, 0);
+}
+
+/* Removes the file examined as e from directory dfd if its name still
+ * holds it and, if unused, nobody marked it used since, and never another
+ * file. Checking by name then unlinking by name would take a fresh entry
+ * a compile renamed over it in between; so the entry is first renamed to
+ * a private name no other process touches, checked there, and unlinked
+ * or put back (header comment). */
+static rm_result entry_remove(int dfd, const cache_ent *e, bool unused)
+{
+    char priv[48];
+    private_name(priv, sizeof priv);
+    if (renameat2(dfd, e->name, dfd, priv, RENAME_NOREPLACE) != 0 &&
+        (errno != EINVAL || renameat(dfd, e->name, dfd, priv) != 0))
+        return errno == ENOENT ? RM_GONE : RM_KEPT;
+    struct stat st;
+    if (fstatat(dfd, priv, &st, AT_SYMLINK_NOFOLLOW) == 0 &&
+        ent_is(e, &st, unused) && unlinkat(dfd, priv, 0) == 0)
+        return RM_REMOVED;
+    put_back(dfd, priv, e->name);
+    return RM_KEPT;
+}
+
+/* Drops the bad entry for key from cache dir: the regular file a load
+ * examined as st, however used since; nothing if st is not a regular
+ * file (a compile's rename replaces whatever else is there). */
+static void entry_drop(const char *dir, const char *key, const struct stat *st)
+{
+    if (!S_ISREG(st->st_mode))
+        return;
+    int dfd = open(dir, O_RDONLY | O_DIRECTORY | O_CLOEXEC);
+    if (dfd < 0)
+        return;
+    char name[68];
+    cache_ent e;
+    snprintf(name, sizeof name, "%.64s.so", key);
+    ent_set(&e, name, st);
+    entry_remove(dfd, &e, false);
+    close(dfd);
+}
+
 /* ---- 4. load ------------------------------------------------------------ */
 
 typedef struct { uintptr_t base, lo, hi; } text_range;
@@ -792,10 +914,14 @@ static int check_trailer(int fd, const struct stat *st, const char *key)
 /* Opens cache entry path for key and checks it: a regular file (not a
  * link) owned by us, its trailer naming key, its bytes matching the
  * trailer's sha256; marks it used. Returns 0 with *fd open on it,
- * PIE_ENOTFOUND if there is none, or PIE_EFORMAT saying what is wrong. */
-static int open_entry(const char *path, const char *key, int *fd_out)
+ * PIE_ENOTFOUND if there is none, or PIE_EFORMAT saying what is wrong.
+ * *seen: the stat of the file opened (what to drop, if bad); zeroed,
+ * which is no regular file, if none was. */
+static int open_entry(const char *path, const char *key, int *fd_out,
+                      struct stat *seen)
 {
     *fd_out = -1;
+    memset(seen, 0, sizeof *seen);
     int fd = open(path, O_RDONLY | O_NOFOLLOW | O_CLOEXEC | O_NONBLOCK);
     if (fd < 0)
         return errno == ENOENT ? PIE_ENOTFOUND
@@ -803,9 +929,12 @@ static int open_entry(const char *path, const char *key, int *fd_out)
                            strerror(errno));
     struct stat st;
     int rc;
-    if (fstat(fd, &st) != 0 || !S_ISREG(st.st_mode))
-        rc = pie_err_set(PIE_EFORMAT, "not a regular file");
-    else if (st.st_uid != geteuid())
+    if (fstat(fd, &st) != 0 || !S_ISREG(st.st_mode)) {
+        close(fd);
+        return pie_err_set(PIE_EFORMAT, "not a regular file");
+    }
+    *seen = st;
+    if (st.st_uid != geteuid())
         rc = pie_err_set(PIE_EFORMAT, "owned by uid %u, not by us",
                          (unsigned)st.st_uid);
     else {
@@ -822,33 +951,36 @@ static int open_entry(const char *path, const char *key, int *fd_out)
 
 /* Whether path still names the file open on fd (checked before dlopen by
  * path: the cache dir is ours alone, and a trim leaves an entry marked
- * used in the last CACHE_GRACE_S alone). */
-static bool same_file(int fd, const char *path)
+ * used in the last CACHE_GRACE_S alone). *a: the file's stat. */
+static bool same_file(int fd, const char *path, struct stat *a)
 {
-    struct stat a, b;
-    return fstat(fd, &a) == 0 && lstat(path, &b) == 0 && S_ISREG(b.st_mode) &&
-           a.st_dev == b.st_dev && a.st_ino == b.st_ino;
+    struct stat b;
+    return fstat(fd, a) == 0 && lstat(path, &b) == 0 && S_ISREG(b.st_mode) &&
+           a->st_dev == b.st_dev && a->st_ino == b.st_ino;
 }
 
 /* A checked entry for key at path: an existing good one, else compiled.
- * A bad existing entry is dropped. *hit says which. PIE_ENOTFOUND: the
- * fresh entry was gone before it could be opened (worth another try). */
+ * A bad existing entry is dropped, but not a good one another process
+ * published under its name meanwhile (entry_drop). *hit says which.
+ * PIE_ENOTFOUND: the fresh entry was gone before it could be opened
+ * (worth another try). */
 static int entry_get(pie_rt *rt, const uint8_t *wasm, size_t len,
                      const char *key, const char *path, int *fd, bool *hit)
 {
-    int rc = open_entry(path, key, fd);
+    struct stat seen;
+    int rc = open_entry(path, key, fd, &seen);
     *hit = rc == 0;
     if (rc == 0)
         return 0;
     if (rc != PIE_ENOTFOUND) {
         fprintf(stderr, "pie runtime: dropping cache entry %s: %s\n", path,
                 pie_err_msg());
-        unlink(path);
+        entry_drop(rt->cache_dir, key, &seen);
     }
     if ((rc = compile(rt, wasm, len, key, path)))
         return rc;
     pie__rt_cache_sweep(rt->cache_dir);   /* the bound holds at each insert */
-    rc = open_entry(path, key, fd);
+    rc = open_entry(path, key, fd, &seen);
     if (rc == PIE_ENOTFOUND)
         rc = pie_err_set(PIE_ENOTFOUND, "%s vanished after compiling "
                          "(another process's cache trim?)", path);
@@ -887,7 +1019,8 @@ int pie_rt_module_load(pie_rt *rt, const void *wasm, size_t len,
             return rc;
         if (cached)
             *cached = hit;
-        bool same = same_file(fd, path);
+        struct stat st;
+        bool same = same_file(fd, path, &st);
         rc = same ? load_so(rt, path, key, out)
                   : pie_err_set(PIE_EFORMAT, "%s changed while loading it",
                                 path);
@@ -898,7 +1031,7 @@ int pie_rt_module_load(pie_rt *rt, const void *wasm, size_t len,
             continue;
         if (!hit)
             return rc;          /* freshly compiled and unloadable */
-        unlink(path);           /* checked but unloadable: compile afresh */
+        entry_drop(rt->cache_dir, key, &st);  /* unloadable: compile afresh */
     }
     return rc == PIE_ENOTFOUND ? PIE_EIO : rc;  /* the message says what */
 }
@@ -906,15 +1039,6 @@ int pie_rt_module_load(pie_rt *rt, const void *wasm, size_t len,
 /* ---- 5. trim ------------------------------------------------------------ */
 
 typedef enum { ENTRY_SKIP, ENTRY_DEAD, ENTRY_LIVE } entry_state;
-
-/* One entry as the trim examined it. */
-typedef struct {
-    char            name[68];           /* <key>.so                        */
-    uint64_t        size;               /* bytes, trailer included         */
-    struct timespec used;               /* mtime: last compile or load     */
-    dev_t           dev;                /* with ino, the file examined:    */
-    ino_t           ino;                /* one renamed over it stays       */
-} cache_ent;
 
 /* The LIVE entries one trim found. */
 typedef struct {
@@ -967,11 +1091,7 @@ static entry_state entry_state_of(int dfd, const char *name, cache_ent *e)
     entry_state s = ENTRY_SKIP;         /* fstat again: the file opened */
     if (fstat(fd, &st) == 0 && S_ISREG(st.st_mode) && st.st_uid == geteuid()) {
         s = entry_dead(fd, &st, name) ? ENTRY_DEAD : ENTRY_LIVE;
-        memcpy(e->name, name, sizeof e->name);  /* is_entry_name: 67 + NUL */
-        e->size = (uint64_t)st.st_size;
-        e->used = st.st_mtim;
-        e->dev = st.st_dev;
-        e->ino = st.st_ino;
+        ent_set(e, name, &st);
     }
     close(fd);
     return s;
@@ -986,31 +1106,22 @@ static bool entry_recent(const cache_ent *e, time_t now)
            e->used.tv_sec < now + CACHE_GRACE_S;
 }
 
-/* Unlinks entry e if its name still holds the file examined and nobody
- * marked it used since (a load marks it before checking it). Check and
- * unlink are two steps: a load marking it in between finds it gone and
- * compiles again (pie_rt_module_load's retry). Returns whether it went. */
-static bool entry_remove(int dfd, const cache_ent *e)
-{
-    struct stat st;
-    if (fstatat(dfd, e->name, &st, AT_SYMLINK_NOFOLLOW) != 0 ||
-        st.st_dev != e->dev || st.st_ino != e->ino ||
-        st.st_mtim.tv_sec != e->used.tv_sec ||
-        st.st_mtim.tv_nsec != e->used.tv_nsec)
-        return false;
-    return unlinkat(dfd, e->name, 0) == 0;
-}
-
-/* Removes temp dir name (in dir) if a compile left it more than
- * CACHE_TMP_STALE_S ago: a server that died mid-compile. */
+/* Removes temp name (in dir) if left more than CACHE_TMP_STALE_S ago by
+ * a server that died: a compile's temp dir (by its mtime) or an entry
+ * moved aside to be removed (tmp.rm.*, by its ctime: when it was moved;
+ * its removal takes microseconds). */
 static void sweep_tmp(const char *dir, const char *name, time_t now)
 {
     char p[4400];
     struct stat st;
     snprintf(p, sizeof p, "%s/%s", dir, name);
-    if (lstat(p, &st) == 0 && S_ISDIR(st.st_mode) && st.st_uid == geteuid() &&
-        now - st.st_mtime > CACHE_TMP_STALE_S)
+    if (lstat(p, &st) != 0 || st.st_uid != geteuid())
+        return;
+    if (S_ISDIR(st.st_mode) && now - st.st_mtime > CACHE_TMP_STALE_S)
         rm_tree(p);
+    else if (S_ISREG(st.st_mode) && !strncmp(name, "tmp.rm.", 7) &&
+             now - st.st_ctime > CACHE_TMP_STALE_S)
+        unlink(p);
 }
 
 static void list_add(cache_list *l, const cache_ent *e)
@@ -1043,7 +1154,7 @@ static void scan(DIR *d, const char *dir, cache_list *l)
             continue;
         entry_state s = entry_state_of(dirfd(d), de->d_name, &e);
         if (s == ENTRY_DEAD && !entry_recent(&e, now))
-            entry_remove(dirfd(d), &e);
+            entry_remove(dirfd(d), &e, true);
         else if (s == ENTRY_LIVE)
             list_add(l, &e);
     }
@@ -1066,7 +1177,10 @@ static bool over_bound(size_t n, uint64_t bytes, uint64_t max_n,
 
 /* Removes the least recently used entries of l until at most max_n (0:
  * any number) of at most max_bytes in all (0: any size) remain, passing
- * over those used recently and those a load marked since the scan. */
+ * over those used recently and those a load marked since the scan. An
+ * entry already gone counts as removed: a trim running beside this one
+ * (no lock to be had) removed it and counts it too, so both stop where
+ * one would have. */
 static void evict_lru(int dfd, cache_list *l, uint64_t max_n,
                       uint64_t max_bytes)
 {
@@ -1078,7 +1192,8 @@ static void evict_lru(int dfd, cache_list *l, uint64_t max_n,
     time_t now = time(NULL);
     for (size_t k = 0; k < l->n && over_bound(n, bytes, max_n, max_bytes);
          k++) {
-        if (entry_recent(&l->v[k], now) || !entry_remove(dfd, &l->v[k]))
+        if (entry_recent(&l->v[k], now) ||
+            entry_remove(dfd, &l->v[k], true) == RM_KEPT)
             continue;
         n--;
         bytes -= l->v[k].size;
@@ -1108,13 +1223,19 @@ static uint64_t env_bound(const char *name, uint64_t def)
 /* Trims the cache in dir (header comment, "trim"): stale temp dirs and
  * DEAD entries go, then LIVE ones, least recently used first, until the
  * bound holds. Best effort: what cannot be examined or removed stays.
- * Trims of other processes at the same time pick the same oldest entries,
- * so together they remove little more than one would. */
+ * Together, trims at the same time remove what one would: one runs at a
+ * time (an flock on the directory, released with it) and a trim that
+ * finds another running leaves the work to it; where flock cannot be had
+ * (NFS), each counts the entries another removed first (evict_lru). */
 void pie__rt_cache_sweep(const char *dir)
 {
     DIR *d = opendir(dir);
     if (!d)
         return;
+    if (flock(dirfd(d), LOCK_EX | LOCK_NB) != 0 && errno == EWOULDBLOCK) {
+        closedir(d);
+        return;
+    }
     cache_list l = {0};
     scan(d, dir, &l);
     uint64_t max_n = env_bound("PIE_CACHE_MAX_ENTRIES",

@@ -42,6 +42,12 @@
  *                            the least recently used entries (a hit is a
  *                            use) at insert and start, never one used in
  *                            the last minute; an evicted loaded module runs
+ *   test_runtime cache_trims several processes trimming one cache at once
+ *                            remove what one would, no more
+ *   test_runtime cache_drop  a load dropping a bad entry never removes a good
+ *                            one another process published in its place
+ *   test_runtime cache_race  nor does a trim, whenever between its steps
+ *                            the fresh entry is published (ptrace)
  *   test_runtime grow_kill   a CPU limit landing inside memory.grow leaves
  *                            the pool's recorded size equal to what is
  *                            read-write
@@ -50,15 +56,19 @@
 #include <arpa/inet.h>
 #include <dirent.h>
 #include <errno.h>
+#include <fcntl.h>
 #include <netdb.h>
 #include <netinet/in.h>
 #include <poll.h>
 #include <signal.h>
+#include <sys/inotify.h>
 #include <sys/mman.h>
+#include <sys/ptrace.h>
 #include <sys/resource.h>
 #include <sys/syscall.h>
 #include <sys/socket.h>
 #include <sys/time.h>
+#include <sys/wait.h>
 #include <unistd.h>
 
 #include "runtime/rt_internal.h"      /* white-box: timer heap size */
@@ -1771,6 +1781,332 @@ static void test_cache_bound(void)
     alarm(0);
 }
 
+/* ---- cache cleanup by several processes at once ------------------------ */
+
+/* Forks k processes that trim cache_t together (k servers starting on one
+ * cache): each blocks on a pipe until all are forked. Waits for all. */
+static void trims_at_once(int k)
+{
+    int go[2];
+    CHECK(pipe(go) == 0, "pipe");
+    for (int i = 0; i < k; i++) {
+        pid_t pid = fork();
+        CHECK(pid >= 0, "fork");
+        if (pid == 0) {
+            char c;
+            close(go[1]);
+            if (read(go[0], &c, 1) < 0)
+                _exit(1);
+            pie__rt_cache_sweep(cache_t);
+            _exit(0);
+        }
+    }
+    close(go[0]);
+    close(go[1]);                           /* EOF: all start together */
+    int st;
+    for (int i = 0; i < k; i++) {
+        CHECK(wait(&st) > 0, "wait");
+        CHECK(WIFEXITED(st) && WEXITSTATUS(st) == 0, "a trim ended with "
+              "status 0x%x", st);
+    }
+}
+
+/* "<k as 64 hex digits>.so": the k-th of many entry names. */
+static const char *nth_name(int k)
+{
+    static char buf[4][72];
+    static int i;
+    char *b = buf[i++ % 4];
+    snprintf(b, 72, "%064x.so", k);
+    return b;
+}
+
+/* k trims at once over 2,000 entries older than the grace, bound 1,000:
+ * together they remove what one would, the 1,000 least recently used.
+ * Once each went on past the entries another had removed first, and 2
+ * trims at once left none. */
+static void test_cache_trims(void)
+{
+    signal(SIGALRM, hang_alarm);
+    alarm(240);
+    setenv("PIE_CACHE_MAX_ENTRIES", "1000", 1);
+    setenv("PIE_CACHE_MAX_MB", "0", 1);
+    const int ks[] = {1, 2, 4, 8};
+    for (int r = 0; r < 4; r++) {
+        cache_fresh("cachetrims");
+        for (int k = 0; k < 2000; k++)          /* k-th least recently used */
+            put_entry(nth_name(k), 1000, 1, nth_name(k), 7200 + 2000 - k);
+        trims_at_once(ks[r]);
+        int n = count_entries();
+        CHECK(n == 1000, "%d trims at once, 2000 entries, bound 1000: "
+              "expected 1000 left, got %d", ks[r], n);
+        CHECK(!cexists(nth_name(999)) && cexists(nth_name(1000)), "%d trims at "
+              "once: not the least recently used removed (entry 999 %d, 1000 "
+              "%d)", ks[r], cexists(nth_name(999)), cexists(nth_name(1000)));
+        printf("%d trims at once: 2000 entries -> 1000, the oldest gone\n",
+               ks[r]);
+    }
+    unsetenv("PIE_CACHE_MAX_ENTRIES");
+    unsetenv("PIE_CACHE_MAX_MB");
+    alarm(0);
+}
+
+/* A pipe whose buffer is full: a blocking write to p[1] waits until p[0]
+ * is read. */
+static void full_pipe(int p[2])
+{
+    CHECK(pipe(p) == 0, "pipe");
+    int fl = fcntl(p[1], F_GETFL);
+    CHECK(fcntl(p[1], F_SETFL, fl | O_NONBLOCK) == 0, "fcntl");
+    char buf[4096] = {0};
+    while (write(p[1], buf, sizeof buf) > 0) {}
+    CHECK(errno == EAGAIN, "filling a pipe: %s", strerror(errno));
+    while (write(p[1], buf, 1) > 0) {}
+    CHECK(fcntl(p[1], F_SETFL, fl) == 0, "fcntl");
+}
+
+/* In a child whose stderr is err: loads hello from cache_t with its
+ * compiler limited to 1 MiB of address space, so that a compile fails at
+ * once. Exits 0 if the load failed, as it must. */
+static void drop_child(int err)
+{
+    dup2(err, 2);
+    size_t len;
+    char path[1024];
+    snprintf(path, sizeof path, "%s/hello.wasm", TEST_WASM_DIR);
+    unsigned char *b = read_file(path, &len);
+    pie_rt_opts o = {.cache_dir = cache_t, .compile_mem = 1 << 20};
+    pie_rt *rt = NULL;
+    pie_rt_module *m = NULL;
+    if (pie_rt_create(&o, &rt) != 0)
+        _exit(2);
+    _exit(pie_rt_module_load(rt, b, len, &m, NULL) == 0);
+}
+
+/* Waits for an event on name from inotify instance fd: a change of its
+ * times (setting only the mtime, as a load marks its entry used, is
+ * IN_MODIFY; both, IN_ATTRIB). */
+static void wait_touch(int fd, const char *name)
+{
+    char buf[4096] __attribute__((aligned(8)));
+    for (;;) {
+        ssize_t n = read(fd, buf, sizeof buf);
+        CHECK(n > 0, "inotify read: %s", strerror(errno));
+        for (char *p = buf; p < buf + n;) {
+            struct inotify_event *ev = (struct inotify_event *)p;
+            if ((ev->mask & (IN_ATTRIB | IN_MODIFY)) && ev->len &&
+                !strcmp(ev->name, name))
+                return;
+            p += sizeof *ev + ev->len;
+        }
+    }
+}
+
+/* A load that finds its entry bad drops it, but never a good entry that
+ * another process's compile published under that name after the check.
+ * Made deterministic: the loading child's stderr is a full pipe, so it
+ * stops in its "dropping cache entry" message, between its check and the
+ * drop; the test publishes a good entry then (a rename, as a compile
+ * does) and lets the child go on. The child's own compile then fails, so
+ * the name holds what the drop left. Once the drop unlinked the name and
+ * took the good entry with it. */
+static void test_cache_drop(void)
+{
+    signal(SIGALRM, hang_alarm);
+    alarm(120);
+    cache_fresh("cachedrop");
+    pie_rt *rt = cache_rt();
+    pie_rt_module_unref(load_wasm(rt, "hello.wasm", NULL));
+    pie_rt_free(rt);
+    char good[1100], so[80], p[1100];
+    find_so(NULL, good, sizeof good);
+    snprintf(so, sizeof so, "%s", strrchr(good, '/') + 1);
+    CHECK(rename(good, cpath("good.bin", p, sizeof p)) == 0, "rename");
+    struct stat gst, st;
+    CHECK(stat(p, &gst) == 0, "stat %s", p);
+    put_entry(so, 4096, 1, so, 0);      /* its key, bytes not its sha256 */
+
+    int in = inotify_init1(IN_CLOEXEC);
+    CHECK(in >= 0 &&
+          inotify_add_watch(in, cache_t, IN_ATTRIB | IN_MODIFY) >= 0,
+          "inotify on %s", cache_t);
+    int err[2];
+    full_pipe(err);
+    pid_t pid = fork();
+    CHECK(pid >= 0, "fork");
+    if (pid == 0) {
+        close(err[0]);
+        drop_child(err[1]);
+    }
+    close(err[1]);
+    wait_touch(in, so);             /* the child opened and marked it */
+    char good_path[1100];
+    CHECK(rename(cpath("good.bin", good_path, sizeof good_path),
+                 cpath(so, p, sizeof p)) == 0, "publishing the good entry");
+    static char msg[1 << 18];       /* the filler (NULs), then its stderr */
+    size_t n = 0;
+    for (ssize_t k; (k = read(err[0], msg + n, sizeof msg - 1 - n)) > 0;)
+        n += (size_t)k;             /* drain: the child goes on; to EOF */
+    msg[n] = 0;
+    const char *tail = n > 300 ? msg + n - 300 : msg;
+    close(err[0]);
+    close(in);
+    int wst;
+    CHECK(waitpid(pid, &wst, 0) == pid && WIFEXITED(wst) &&
+          WEXITSTATUS(wst) == 0, "child: status 0x%x (0: its compile failed, "
+          "as meant)", wst);
+    CHECK(memmem(msg, n, "dropping cache entry", 20), "the child did not drop "
+          "its bad entry; its stderr ends: %s", tail);
+    CHECK(lstat(p, &st) == 0 && st.st_ino == gst.st_ino, "the good entry "
+          "published while a load dropped the bad one is gone (%s)",
+          errno == ENOENT ? "no entry" : "another file");
+    rt = cache_rt();
+    int cached;
+    pie_rt_module_unref(load_wasm(rt, "hello.wasm", &cached));
+    CHECK(cached == 1, "the good entry kept is not a cache hit");
+    pie_rt_free(rt);
+    printf("a good entry published during a load's drop of the bad one is "
+           "kept, and loads\n");
+    alarm(0);
+}
+
+/* ---- a trim against compiles publishing between its steps ------------- */
+
+#define RACE_N   70                 /* DEAD entries the traced trim removes */
+#define RACE_GAPS 7                 /* publish 1..RACE_GAPS calls after   */
+
+/* The index k of the entry (named nth_name(k)) that fd of traced process
+ * pid is open on, or -1. */
+static int traced_entry(pid_t pid, uint64_t fd)
+{
+    char link[64], path[1100];
+    snprintf(link, sizeof link, "/proc/%d/fd/%llu", (int)pid,
+             (unsigned long long)fd);
+    ssize_t n = readlink(link, path, sizeof path - 1);
+    if (n < 0)
+        return -1;
+    path[n] = 0;
+    const char *b = strrchr(path, '/');
+    unsigned k;
+    return b && strlen(b + 1) == 67 && sscanf(b + 1, "%x", &k) == 1 &&
+           k < RACE_N ? (int)k : -1;
+}
+
+/* Publishes the fresh entry k over nth_name(k): a rename, as a compile's. */
+static void race_publish(int k)
+{
+    char from[1100], to[1100], f[32];
+    snprintf(f, sizeof f, "fresh.%d", k);
+    CHECK(rename(cpath(f, from, sizeof from), cpath(nth_name(k), to,
+                                                    sizeof to)) == 0,
+          "publishing %s", from);
+}
+
+/* One stop of traced process pid at a system call's entry: publishes the
+ * pending entry when its countdown ends; after the trim closed entry k
+ * (done examining it), makes k pending for k % RACE_GAPS + 1 calls. */
+static void race_step(pid_t pid, int *pending, int *countdown)
+{
+    struct __ptrace_syscall_info si;
+    CHECK(ptrace(PTRACE_GET_SYSCALL_INFO, pid, sizeof si, &si) > 0,
+          "PTRACE_GET_SYSCALL_INFO: %s", strerror(errno));
+    if (si.op != PTRACE_SYSCALL_INFO_ENTRY)
+        return;
+    if (*pending >= 0 && --*countdown == 0) {
+        race_publish(*pending);
+        *pending = -1;
+    }
+    int k;
+    if (si.entry.nr == SYS_close &&
+        (k = traced_entry(pid, si.entry.args[0])) >= 0) {
+        *pending = k;
+        *countdown = k % RACE_GAPS + 1;
+    }
+}
+
+/* Trims cache_t in a child stopped at each system call (ptrace); entry k
+ * is published afresh k % RACE_GAPS + 1 calls after the trim examined
+ * it: in turn between each of the steps that remove it (some 5 calls).
+ * Skips the test where tracing is refused. */
+static void trim_traced(void)
+{
+    pid_t pid = fork();
+    CHECK(pid >= 0, "fork");
+    if (pid == 0) {
+        if (ptrace(PTRACE_TRACEME, 0, NULL, NULL) != 0)
+            _exit(77);
+        raise(SIGSTOP);
+        pie__rt_cache_sweep(cache_t);
+        _exit(0);
+    }
+    int st, sig = 0, pending = -1, countdown = 0;
+    CHECK(waitpid(pid, &st, 0) == pid, "waitpid");
+    if (WIFEXITED(st) && WEXITSTATUS(st) == 77)
+        TEST_SKIP("ptrace refused here");
+    CHECK(WIFSTOPPED(st) && ptrace(PTRACE_SETOPTIONS, pid, 0,
+                                   PTRACE_O_TRACESYSGOOD |
+                                   PTRACE_O_EXITKILL) == 0, "tracing the trim");
+    for (;;) {
+        CHECK(ptrace(PTRACE_SYSCALL, pid, 0, sig) == 0, "PTRACE_SYSCALL");
+        CHECK(waitpid(pid, &st, 0) == pid, "waitpid");
+        if (WIFEXITED(st) || WIFSIGNALED(st))
+            break;
+        sig = WSTOPSIG(st) == (SIGTRAP | 0x80) ? 0 : WSTOPSIG(st);
+        if (!sig)
+            race_step(pid, &pending, &countdown);
+    }
+    CHECK(WIFEXITED(st) && WEXITSTATUS(st) == 0, "the trim: status 0x%x", st);
+    if (pending >= 0)
+        race_publish(pending);      /* the trim ended first: after it, then */
+}
+
+/* A trim never removes a fresh entry a compile published over the one it
+ * examined, whenever between its steps the publishing rename comes. Once
+ * the trim checked the name, then unlinked the name: a rename in between
+ * lost the fresh entry. Made deterministic by tracing the trim. */
+static void test_cache_race(void)
+{
+    signal(SIGALRM, hang_alarm);
+    alarm(120);
+    cache_fresh("cacherace");
+    ino_t fresh[RACE_N];
+    for (int k = 0; k < RACE_N; k++) {
+        char f[32], p[1100];
+        struct stat st;
+        snprintf(f, sizeof f, "fresh.%d", k);
+        put_entry(nth_name(k), 4096, NO_TRAILER, NULL, 7200);     /* DEAD */
+        put_entry(f, 4096, 1, nth_name(k), 0);         /* good, just made */
+        CHECK(stat(cpath(f, p, sizeof p), &st) == 0, "stat %s", p);
+        fresh[k] = st.st_ino;
+    }
+    trim_traced();
+    int lost[RACE_GAPS] = {0}, n_lost = 0;
+    for (int k = 0; k < RACE_N; k++) {
+        char f[32], p[1100];
+        struct stat st;
+        snprintf(f, sizeof f, "fresh.%d", k);
+        CHECK(!cexists(f), "%s never published: the trim did not examine "
+              "entry %d", f, k);
+        if (lstat(cpath(nth_name(k), p, sizeof p), &st) != 0 ||
+            st.st_ino != fresh[k]) {
+            lost[k % RACE_GAPS]++;
+            n_lost++;
+        }
+    }
+    CHECK(n_lost == 0, "%d of %d fresh entries lost; by system calls after "
+          "the trim examined the old one (1..7): %d %d %d %d %d %d %d",
+          n_lost, RACE_N, lost[0], lost[1], lost[2], lost[3], lost[4],
+          lost[5], lost[6]);
+    DIR *d = opendir(cache_t);
+    struct dirent *e;
+    while (d && (e = readdir(d)))
+        CHECK(strncmp(e->d_name, "tmp.", 4), "%s left behind", e->d_name);
+    closedir(d);
+    printf("%d fresh entries published between the trim's steps: all kept\n",
+           RACE_N);
+    alarm(0);
+}
+
 int main(int argc, char **argv)
 {
     setvbuf(stdout, NULL, _IOLBF, 0);
@@ -1791,12 +2127,16 @@ int main(int argc, char **argv)
     else if (!strcmp(t, "cache")) test_cache();
     else if (!strcmp(t, "cache_dead")) test_cache_dead();
     else if (!strcmp(t, "cache_bound")) test_cache_bound();
+    else if (!strcmp(t, "cache_trims")) test_cache_trims();
+    else if (!strcmp(t, "cache_drop")) test_cache_drop();
+    else if (!strcmp(t, "cache_race")) test_cache_race();
     else if (!strcmp(t, "grow_kill")) test_grow_kill();
     else {
         fprintf(stderr, "usage: test_runtime basic|reject|isolation|"
                         "messaging|http|http_limits|http_resolve|\n"
                         "       concurrent|cycles|deep|limits|libc_deep|"
-                        "cpu_libc|cache|cache_dead|cache_bound|grow_kill\n");
+                        "cpu_libc|cache|cache_dead|cache_bound|cache_trims|\n"
+                        "       cache_drop|cache_race|grow_kill\n");
         return 2;
     }
     TEST_DONE();
