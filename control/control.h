@@ -36,14 +36,16 @@
  * merged, and a forward whose leading full pages are already cached skips
  * computing them (prefix caching, on unless no_dedup; never changes an
  * output). Freed pages with a hash stay cached until the pool needs them
- * (LRU). Allocation beyond a quota (a client's pages and the pages of its
- * live exports) fails at once; a short pool makes the allocation wait up
+ * (LRU). Allocation beyond a quota (a client's pages, the pages of its
+ * live exports and the imported pages no live export lists) fails at
+ * once; a short pool makes the allocation wait up
  * to its timeout (admission), after swapping idle clients to host memory
  * (within a swap budget) when the `suspend` policy is on. An allocation
  * that waiting cannot satisfy fails at once with PIE_ENOMEM, and so does
  * the newest waiter of a wait cycle (every client holding the pages waits
  * for more), so that older requests finish instead of all hanging. Named
- * exports can be saved to a file and loaded after a restart.
+ * exports can be saved to a file and loaded after a restart; names that
+ * shared pages when saved (aliases) share them again once loaded.
  *
  * Exports outlive their exporter: max_pages counts a client's live exports
  * only while it is open, so a chain of clients that each export and close
@@ -131,8 +133,12 @@ int32_t pie_ctl_n_pages(pie_ctl *ctl);      /* pool size                    */
 /* ---- clients ----------------------------------------------------------- */
 
 typedef struct pie_ctl_client_opts {
-    int32_t max_pages;         /* pages held at once, counting the pages its
-                                  live exports list (0 = no limit)          */
+    int32_t max_pages;         /* pages held at once: its allocated ones,
+                                  plus, each page once, those its live
+                                  exports list and its imported ones that
+                                  no live export lists (imports of a live
+                                  export count nothing; see
+                                  pie_ctl_import) (0 = no limit)            */
     int64_t max_tokens;        /* tokens forwarded in total (0 = no limit)  */
     int32_t priority;          /* class; 0 is served first (0..7)           */
     const char *name;          /* for messages and counters (may be NULL)   */
@@ -174,8 +180,9 @@ int  pie_ctl_client_resume(pie_ctl_client *c, int32_t timeout_ms);
  * the n new ones together, and takes both at once, so that it is brought
  * back only when the allocation can follow; see suspend.c); then fails
  * with PIE_EBUSY (a retry may succeed). Fails at once with PIE_ELIMIT
- * beyond the client's quota (max_pages: the pages it holds plus those its
- * live exports list, each once), and with PIE_ENOMEM ("KV pool exhausted")
+ * beyond the client's quota (max_pages: the pages it allocated plus those
+ * its live exports list and its imported ones no live export lists, each
+ * once), and with PIE_ENOMEM ("KV pool exhausted")
  * when waiting cannot help: n (plus, for a suspended client, its
  * swapped-out pages) exceeds the pool less the pages this client holds and
  * the exported ones, or this client is the newest waiter of the lowest
@@ -211,7 +218,12 @@ int  pie_ctl_page_fill(pie_ctl_client *c, uint32_t h, int32_t *fill);
 int  pie_ctl_export(pie_ctl_client *c, const char *name, int32_t n,
                     const uint32_t *h);
 /* Imports an export: writes up to cap new read-only handles to out and the
- * export's page count to *n (PIE_ERANGE if cap is too small). */
+ * export's page count to *n (PIE_ERANGE if cap is too small). Never
+ * refused for c's quota: while an export lists them, the pages count
+ * against its exporter's max_pages and the server's max_export_pages, not
+ * c's; once none does (unexported, by anyone), c alone may keep them, and
+ * they count against c's max_pages until it frees them, so that its next
+ * allocation or export may fail with PIE_ELIMIT. */
 int  pie_ctl_import(pie_ctl_client *c, const char *name, int32_t cap,
                     uint32_t *out, int32_t *n);
 /* Removes a name (any client may; pages imported elsewhere live on). */
@@ -227,11 +239,16 @@ int  pie_ctl_export_list(pie_ctl *ctl, char *buf, int32_t cap, int32_t *len,
  * if a forward writing one of its pages is still pending. */
 int  pie_ctl_export_save(pie_ctl *ctl, const char *name, const char *path);
 /* Loads such a file into fresh pages as an export named `name` (NULL: the
- * name it was saved under). PIE_EFORMAT for a corrupt, truncated or foreign
- * file (other model id or page geometry), PIE_EBUSY when the name is taken
- * or the pool lacks free pages, PIE_ELIMIT when its pages would take the
- * exports past opts.max_export_pages. Full pages become findable by prefix
- * caching again. */
+ * name it was saved under), except that a page whose saved record (fill,
+ * slot tokens, positions, masks, hash) and KV bytes are those of a page a
+ * live export lists shares that page, and one the file lists twice takes
+ * one page: aliases (names that shared pages when saved, or one file
+ * loaded under two names) share them again, and the cap counts them once
+ * as it did. PIE_EFORMAT for a corrupt, truncated or foreign file (other
+ * model id or page geometry), PIE_EBUSY when the name is taken or the pool
+ * lacks free pages for the pages it does not share, PIE_ELIMIT when those
+ * would take the exports past opts.max_export_pages. Full pages become
+ * findable by prefix caching again. */
 int  pie_ctl_export_load(pie_ctl *ctl, const char *path, const char *name);
 
 /* ---- forwards ---------------------------------------------------------- */
@@ -341,7 +358,8 @@ typedef struct pie_ctl_stats {
                                   their full pages were already cached      */
     uint64_t suspensions;      /* clients suspended under pressure          */
     uint64_t evictions;        /* clients asked to end (FCFS policy)        */
-    uint64_t alloc_waits;      /* page allocations that had to wait         */
+    uint64_t alloc_waits;      /* page allocations (and resumes) that had
+                                  to wait, each counted once                */
     uint64_t alloc_cycles_broken; /* waiting allocations failed with
                                   PIE_ENOMEM to break a wait cycle          */
     uint64_t cancelled;        /* forwards completed as cancelled           */

@@ -191,6 +191,7 @@ struct pie_ctl_client {
     int32_t         n_h, cap_h;
     int32_t         free_h;       /* first free slot (-1 none)               */
     int32_t         pages_held;   /* allocated (not imported) handles        */
+    int32_t         imports;      /* imported (read-only) handles            */
     int32_t         export_pages; /* pages its live exports list (quota)     */
     int64_t         tokens_used;
     ctl_op         *ops;          /* not-DONE ops (cnext/cprev)              */
@@ -305,11 +306,14 @@ void pie__pool_prefix_apply(pie_ctl *ctl, pie_ctl_client *c,
                             const int32_t *twins, int32_t n);
 
 /* suspend.c (mu held) */
-/* Frees pages for an allocation that lacks n by suspending idle clients of
- * the same or lower priority than requester (swap to host, within the swap
- * budget), only when the victims' pages together cover n (see suspend.c);
- * returns pages gained (0: nobody was suspended). */
-int32_t pie__suspend_for(pie_ctl *ctl, int32_t n, pie_ctl_client *requester);
+/* Makes room for an allocation that needs `need` pages in all by
+ * suspending idle clients of the same or lower priority than requester
+ * (swap to host, within the swap budget), only while the victims' pages
+ * together cover what the pool lacks of need (see suspend.c). True when
+ * it swapped someone out or dropped mu to wait for the device (what the
+ * pool holds, and the requester itself, may have changed: the caller
+ * looks again); false when it did neither. */
+bool pie__suspend_for(pie_ctl *ctl, int32_t need, pie_ctl_client *requester);
 /* Pages that suspending victims for requester could free, as
  * pie__suspend_for would pick them (each within what is left of the swap
  * budget), counting up to need; with waiting, only those of clients that
@@ -331,9 +335,9 @@ bool pie__evict_one(pie_ctl *ctl, int32_t n, pie_ctl_client *requester);
  * when c's swap emptied before any page was taken (c is no longer
  * suspended: the caller allocates as usual), or extra is 0; or
  * pie__wait_for_pages' errors (PIE_EBUSY: no room yet, retry). Drops mu
- * while it waits. */
+ * while it waits. *waited as for pie__wait_for_pages. */
 int  pie__client_resume(pie_ctl_client *c, int32_t extra, int32_t *pages,
-                        int32_t timeout_ms);
+                        int32_t timeout_ms, bool *waited);
 /* The same for calls without a timeout and without new pages: no wait;
  * PIE_EAGAIN when the pool has no room for the pages now. */
 int  pie__client_resume_now(pie_ctl_client *c);
@@ -344,8 +348,10 @@ int  pie__client_resume_now(pie_ctl_client *c);
 /* The first statement of every pie_ctl_* function that takes a client
  * (before its argument checks, without mu): this is c's next call, so a
  * client pie_ctl_client_resume protected may be a victim again, whatever
- * the call does or however it fails. */
-#define CLIENT_CALL(c) atomic_store(&(c)->resumed, false)
+ * the call does or however it fails (and waiting allocations look again:
+ * takes mu for that, only when c was protected). */
+#define CLIENT_CALL(c) pie__client_call(c)
+void pie__client_call(pie_ctl_client *c);
 /* Drops swap entry j of suspended c (its handle was dropped): the last
  * entry moves into its place. */
 void pie__swap_drop(pie_ctl_client *c, int32_t j);
@@ -361,9 +367,15 @@ void pie__client_drop_swap(pie_ctl_client *c);
  * (waiting cannot help) or PIE_ECANCELED (shutting down). With swap (a
  * resume): n more than requester has swap entries, re-read whenever mu
  * was dropped (entries it frees meanwhile shrink the wait), and nothing
- * once it has none left (0 at once: the resume is over). */
+ * once it has none left (0 at once: the resume is over). Without swap,
+ * 0 at once also when requester was swapped out meanwhile (its need is
+ * now its swap and n: the caller resumes it). waited (may be NULL) is the
+ * caller's flag for stats.alloc_waits, which counts a call (an
+ * allocation, a resume) once however many waits it goes through: counted
+ * and set at its first sleep unless already set. */
 int  pie__wait_for_pages(pie_ctl *ctl, int32_t n, bool swap,
-                         int32_t timeout_ms, pie_ctl_client *requester);
+                         int32_t timeout_ms, pie_ctl_client *requester,
+                         bool *waited);
 /* What is left at now of a timeout of timeout_ms that began at t0 (s, on
  * CLOCK_REALTIME); <0 and 0 stay as they are. */
 int32_t pie__ms_left(int32_t timeout_ms, double t0);
@@ -373,6 +385,11 @@ bool pie__pool_cv_wait(pie_ctl *ctl, int32_t timeout_ms, double deadline);
 /* c moved on (freed pages, submitted work): it no longer polls for pages,
  * unless one of its threads is blocked in admission. */
 void pie__client_not_waiting(pie_ctl_client *c);
+/* SUSPEND: a client may have become a victim, or more of its pages
+ * swappable (its last op completed, its resume protection ended, a page
+ * of it is no longer shared): wakes the waiting allocations to apply the
+ * policy again. Nothing under the other policies. */
+void pie__victims_changed(pie_ctl *ctl);
 
 /* sched.c (with ctl->mu held unless noted) */
 void pie__op_unref(ctl_op *op);                 /* any thread, no lock    */

@@ -31,6 +31,18 @@
  * over the target and fsyncs the folder: a crash leaves the old file or the
  * new one, never a mix; a torn temporary fails its checksum anyway.
  *
+ * Aliases: one page may be listed by several exports (a name for pages
+ * imported from another export) or twice by one, and the export cap counts
+ * it once. Each file holds its own copy, so a load shares pages instead
+ * of copying them where the copy would be exact: a record that repeats an
+ * earlier one of the file, record and KV bytes alike, takes that record's
+ * page; one whose record and KV bytes equal those of a page a live export
+ * lists (no write pending) takes that page (plan_sharing). So names that
+ * shared pages when saved share them again, whichever loads first, and the
+ * cap and the pool count them as before the restart. Comparing the bytes
+ * themselves, not only the records, is what makes it exact: a partial
+ * page's KV depends on pages before it that its record does not describe.
+ *
  * Pages are read and written while the device is idle and ctl->mu is held,
  * so no batch runs against them meanwhile.
  */
@@ -84,11 +96,32 @@ void pie__wait_idle(pie_ctl *ctl)
     while (ctl->running) pthread_cond_wait(&ctl->idle_cv, &ctl->mu);
 }
 
+/* Writes page's record (fill, hashed, hash, prefix, then its slots'
+ * tokens, positions, mask hashes and known flags) to out, rec_bytes(ps)
+ * bytes, as the file holds it. */
+static void record_write(const pie_ctl *ctl, int32_t page, unsigned char *out)
+{
+    int32_t ps = ctl->ps;
+    const ctl_page *p = &ctl->pages[page];
+    size_t base = (size_t)page * ps;
+    uint8_t hashed = p->hashed;
+    memcpy(out, &p->fill, 4), out += 4;
+    memcpy(out, &hashed, 1), out += 1;
+    memcpy(out, &p->hash, 8), out += 8;
+    memcpy(out, &p->prefix, 8), out += 8;
+    memcpy(out, ctl->slot_tok + base, ps * 4), out += ps * 4;
+    memcpy(out, ctl->slot_pos + base, ps * 4), out += ps * 4;
+    memcpy(out, ctl->slot_mask + base, ps * 8), out += ps * 8;
+    memcpy(out, ctl->slot_known + base, ps);
+}
+
 /* Serializes export e into w (mu held, device idle). */
 static int serialize(pie_ctl *ctl, const ctl_export *e, wbuf *w)
 {
     int32_t ps = ctl->ps;
     uint64_t pb = ctl->b->page_bytes;
+    unsigned char *rec = malloc(rec_bytes(ps));
+    if (!rec) return pie_err_set(PIE_ENOMEM, "control: out of memory");
     uint32_t ver = VERSION, nl = (uint32_t)strlen(e->name);
     put(w, MAGIC, 8);
     put(w, &ver, 4);
@@ -99,18 +132,10 @@ static int serialize(pie_ctl *ctl, const ctl_export *e, wbuf *w)
     put(w, &nl, 4);
     put(w, e->name, nl);
     for (int32_t k = 0; k < e->n; k++) {
-        const ctl_page *p = &ctl->pages[e->pages[k]];
-        size_t base = (size_t)e->pages[k] * ps;
-        uint8_t hashed = p->hashed;
-        put(w, &p->fill, 4);
-        put(w, &hashed, 1);
-        put(w, &p->hash, 8);
-        put(w, &p->prefix, 8);
-        put(w, ctl->slot_tok + base, ps * 4);
-        put(w, ctl->slot_pos + base, ps * 4);
-        put(w, ctl->slot_mask + base, ps * 8);
-        put(w, ctl->slot_known + base, ps);
+        record_write(ctl, e->pages[k], rec);
+        put(w, rec, rec_bytes(ps));
     }
+    free(rec);
     size_t at = w->n;
     if (!w->oom) {
         size_t need = at + (size_t)e->n * pb;
@@ -338,6 +363,86 @@ static const char *read_record(pie_ctl *ctl, rbuf *r, int32_t page)
     return NULL;
 }
 
+typedef struct keyed {          /* a record's hash, and whose it is       */
+    uint64_t key;
+    int32_t  i;                 /* record index, or physical page         */
+} keyed;
+
+static int keyed_cmp(const void *a, const void *b)
+{
+    const keyed *x = a, *y = b;
+    if (x->key != y->key) return x->key < y->key ? -1 : 1;
+    return (x->i > y->i) - (x->i < y->i);
+}
+
+/* The pages of a load that need no copy: for record k (records at rec,
+ * their KV at kv), dup[k] = the first earlier record of the file with the
+ * same record and KV bytes (a page the export listed twice), else -1; and
+ * share[k] = a page a live export lists whose record and KV bytes are
+ * those, else -1 (an alias saved under another name and loaded already;
+ * never a page with a write pending). Returns how many records need a
+ * page of their own, or PIE_ENOMEM. mu held, device idle (it downloads the
+ * exported pages whose records match). Costs a hash of each record and of
+ * each exported page's record, two sorts, and a page download per match. */
+static int32_t plan_sharing(pie_ctl *ctl, const unsigned char *rec,
+                            const unsigned char *kv, int32_t n,
+                            int32_t *dup, int32_t *share)
+{
+    size_t rb = rec_bytes(ctl->ps), pb = ctl->b->page_bytes;
+    int32_t m = 0, fresh = 0;
+    for (const ctl_export *e = ctl->exports; e; e = e->next) m += e->n;
+    keyed *fk = malloc((size_t)n * sizeof *fk);
+    keyed *ck = malloc(((size_t)m + 1) * sizeof *ck);
+    unsigned char *buf = malloc(rb + pb);
+    if (!fk || !ck || !buf) {
+        free(fk), free(ck), free(buf);
+        return pie_err_set(PIE_ENOMEM, "control: out of memory");
+    }
+    for (int32_t k = 0; k < n; k++) {
+        fk[k] = (keyed){ XXH64(rec + k * rb, rb, 0), k };
+        dup[k] = share[k] = -1;
+    }
+    m = 0;
+    for (const ctl_export *e = ctl->exports; e; e = e->next)
+        for (int32_t k = 0; k < e->n; k++) {
+            if (ctl->pages[e->pages[k]].last_writer) continue;
+            record_write(ctl, e->pages[k], buf);
+            ck[m++] = (keyed){ XXH64(buf, rb, 0), e->pages[k] };
+        }
+    qsort(fk, n, sizeof *fk, keyed_cmp);
+    qsort(ck, m, sizeof *ck, keyed_cmp);
+    /* repeats: within a run of one key, in record order */
+    for (int32_t a = 0, b; a < n; a = b) {
+        for (b = a + 1; b < n && fk[b].key == fk[a].key; b++) {}
+        for (int32_t x = a + 1; x < b; x++) {
+            int32_t k = fk[x].i;
+            for (int32_t y = a; y < x && dup[k] < 0; y++) {
+                int32_t j = fk[y].i;
+                if (dup[j] < 0 &&
+                    memcmp(rec + j * rb, rec + k * rb, rb) == 0 &&
+                    memcmp(kv + j * pb, kv + k * pb, pb) == 0)
+                    dup[k] = j;
+            }
+        }
+    }
+    /* aliases: the run of exported pages with the record's key */
+    for (int32_t x = 0, lo = 0; x < n; x++) {
+        int32_t k = fk[x].i;
+        while (lo < m && ck[lo].key < fk[x].key) lo++;
+        for (int32_t y = lo; y < m && ck[y].key == fk[x].key; y++) {
+            if (dup[k] >= 0 || share[k] >= 0) break;
+            record_write(ctl, ck[y].i, buf);
+            if (memcmp(buf, rec + k * rb, rb) == 0 &&
+                ctl->b->ops->download(ctl->b, &ck[y].i, 1, buf + rb) == 0 &&
+                memcmp(buf + rb, kv + k * pb, pb) == 0)
+                share[k] = ck[y].i;
+        }
+        if (dup[k] < 0 && share[k] < 0) fresh++;
+    }
+    free(fk), free(ck), free(buf);
+    return fresh;
+}
+
 int pie_ctl_export_load(pie_ctl *ctl, const char *path, const char *name)
 {
     if (!path) return pie_err_set(PIE_EINVAL, "control: NULL path");
@@ -355,36 +460,61 @@ int pie_ctl_export_load(pie_ctl *ctl, const char *path, const char *name)
     /* h.n is bounded by the pool only once check_file succeeded */
     ctl_export *e = rc == 0 ? calloc(1, sizeof *e) : NULL;
     int32_t *pages = rc == 0 ? calloc(h.n, sizeof *pages) : NULL;
+    int32_t *plan = rc == 0 ? calloc(3 * (size_t)h.n, sizeof *plan) : NULL;
     char *nmc = rc == 0 ? strdup(nm) : NULL;
-    if (rc == 0 && (!e || !pages || !nmc))
+    if (rc == 0 && (!e || !pages || !plan || !nmc))
         rc = pie_err_set(PIE_ENOMEM, "control: out of memory");
     if (rc < 0) goto out;
+    /* per record: the earlier one it repeats, the exported page it
+     * shares (plan_sharing); the fresh pages, in record order */
+    int32_t *dup = plan, *share = plan + h.n, *own = plan + 2 * h.n;
+    size_t rb = rec_bytes(ctl->ps), pb = ctl->b->page_bytes;
+    size_t rec0 = r.at, kv0 = rec0 + (size_t)h.n * rb;
+    int32_t fresh = 0;
     pthread_mutex_lock(&ctl->mu);
     pie__wait_idle(ctl);   /* drops mu: before the name check, not after */
     for (ctl_export *x = ctl->exports; x && rc == 0; x = x->next)
         if (strcmp(x->name, nm) == 0)
             rc = pie_err_set(PIE_EBUSY, "control: export name '%s' already "
                              "in use", nm);
-    if (rc == 0) rc = pie__export_cap_check(ctl, nm, NULL, h.n);
-    if (rc == 0 && ctl->n_free + ctl->n_cached < h.n)
+    if (rc == 0 && (rc = plan_sharing(ctl, data + rec0, data + kv0, h.n, dup,
+                                      share)) >= 0)
+        fresh = rc, rc = 0;
+    if (rc == 0) rc = pie__export_cap_check(ctl, nm, NULL, fresh);
+    if (rc == 0 && ctl->n_free + ctl->n_cached < fresh)
         rc = pie_err_set(PIE_EBUSY, "control: %d free pages needed to load "
-                         "%s", h.n, path);
+                         "%s", fresh, path);
     if (rc == 0) {
-        for (int32_t k = 0; k < h.n; k++) pages[k] = pie__page_take(ctl);
+        /* fresh pages get their records, and their KV packed in order */
+        int32_t taken = 0;
         for (int32_t k = 0; k < h.n && rc == 0; k++) {
+            if (dup[k] >= 0 || share[k] >= 0) continue;
+            pages[k] = own[taken] = pie__page_take(ctl);
+            r.at = rec0 + (size_t)k * rb;
             const char *why = read_record(ctl, &r, pages[k]);
             if (why)
                 rc = pie_err_set(PIE_EFORMAT, "%s: page record %d is "
                                  "invalid: %s", path, k, why);
+            if (taken != k)
+                memmove(data + kv0 + (size_t)taken * pb,
+                        data + kv0 + (size_t)k * pb, pb);
+            taken++;
         }
-        if (rc == 0) rc = ctl->b->ops->upload(ctl->b, pages, h.n, data + r.at);
+        if (rc == 0 && fresh > 0)
+            rc = ctl->b->ops->upload(ctl->b, own, fresh, data + kv0);
         if (rc < 0) {
-            for (int32_t k = 0; k < h.n; k++) {
-                ctl->pages[pages[k]].hashed = false;
-                pie__page_unref(ctl, pages[k]);
+            for (int32_t i = 0; i < taken; i++) {
+                ctl->pages[own[i]].hashed = false;
+                pie__page_unref(ctl, own[i]);
             }
         } else {
+            /* repeats and aliases take a reference of their own, as an
+             * export holds one per entry */
             for (int32_t k = 0; k < h.n; k++) {
+                if (dup[k] >= 0) pages[k] = pages[dup[k]];
+                else if (share[k] >= 0) pages[k] = share[k];
+                if (dup[k] >= 0 || share[k] >= 0)
+                    pie__page_ref(ctl, pages[k]);
                 ctl->pages[pages[k]].shared++;
                 pie__table_insert_if_new(ctl, pages[k]);
             }
@@ -400,6 +530,7 @@ int pie_ctl_export_load(pie_ctl *ctl, const char *path, const char *name)
 out:
     free(e);
     free(pages);
+    free(plan);
     free(nmc);
     free(data);
     return rc;

@@ -67,12 +67,21 @@
  * chain so far breaks it (no hash from there on).
  *
  * Admission. pie_ctl_page_alloc fails at once with PIE_ELIMIT beyond the
- * client's quota: max_pages counts its allocated handles plus the pages its
- * live exports list that none of them names (quota_used), so that alloc,
- * export, free in a loop cannot pin more than max_pages; an export whose
- * exporter closed counts against no client (any client may unexport it).
- * An export is checked against the same count (check_export_quota): pages
- * the client holds add nothing, but imported pages it re-exports do.
+ * client's quota: max_pages counts its allocated handles plus, each page
+ * once, the pages its live exports list and those its imported handles
+ * name that no live export lists (quota_used), so that alloc, export,
+ * free in a loop cannot pin more than max_pages; an export whose exporter
+ * closed counts against no client (any client may unexport it). The
+ * pages of a live export are free to import (its exporter's quota and the
+ * server's cap count them), and an import is never refused for the quota
+ * (the inferlet API has no such error for it); once no export lists them,
+ * the importer alone may keep them, and they count against its quota from
+ * then on. An unexport, by anyone, may so take a client past max_pages:
+ * it keeps what it holds, but allocates and exports nothing until it is
+ * back under (export, import, unexport in a loop leaves it holding the
+ * imports, unable to allocate). An export is checked against the same
+ * count (check_export_quota): pages the client holds add nothing, but
+ * pages it imported from a live export and re-exports do.
  * What no quota bounds, the server does: every export, its exporter open or
  * gone, counts against opts.max_export_pages (distinct pages, as
  * pinned_pages counts them), checked when an export is made or loaded
@@ -85,14 +94,23 @@
  * swap budget when their pages cover what it lacks, or ask the newest to
  * end unless the clients already asked cover it), then waits on pool_cv
  * -- which is broadcast when a page becomes allocatable, a client closes,
- * an export pins pages or a wait cycle is broken -- up to its timeout, and
- * fails with PIE_EBUSY when that passes. Under `suspend` it applies the
- * policy again whenever it wakes (pages it lacked may have come free, so
- * that a swap now covers the rest); FCFS asks once per allocation. A
- * client that waits records the pages it needs in c->want; so does one
- * refused with PIE_EBUSY, because an inferlet's host call polls with
- * timeout 0 (a "poller"): the mark stays until the client allocates, frees
- * pages, submits work or closes.
+ * an export pins pages or a wait cycle is broken, and under `suspend`
+ * also whenever a client may have become a victim (its last op completed,
+ * its resume protection ended, a page of it stopped being shared:
+ * pie__victims_changed) -- up to its timeout, and fails with PIE_EBUSY
+ * when that passes. Under `suspend` it applies the policy again whenever
+ * it wakes (pages it lacked may have come free, or a victim appeared, so
+ * that a swap now covers the rest): the wait-cycle check below counts the
+ * swaps a waiter could make as pages coming free, and that holds only if
+ * every change that makes one possible wakes it. FCFS asks once per
+ * allocation. An allocation swapped out while it waits stops applying the
+ * policy for its new pages alone: it needs its swap back with them, and
+ * its resume takes over (alloc_take). A client that waits records the
+ * pages it needs in c->want; so does one refused with PIE_EBUSY, because
+ * an inferlet's host call polls with timeout 0 (a "poller"): the mark
+ * stays until the client allocates, frees pages, submits work or closes.
+ * stats.alloc_waits counts each allocation (or resume) that slept once,
+ * however many waits it went through.
  *
  * Waiting that cannot help is refused at once with PIE_ENOMEM, "KV pool
  * exhausted", so that no allocation hangs (not even with timeout < 0):
@@ -358,7 +376,8 @@ static void handle_drop(pie_ctl_client *c, int32_t i)
 {
     pie_ctl *ctl = c->ctl;
     ctl_handle *hd = &c->h[i];
-    if (!hd->ro) c->pages_held--;
+    if (hd->ro) c->imports--;
+    else c->pages_held--;
     if (hd->page == HANDLE_SWAPPED) {
         int32_t j = hd->swap;
         hd->page = HANDLE_FREE;
@@ -368,7 +387,10 @@ static void handle_drop(pie_ctl_client *c, int32_t i)
         return;
     }
     ctl_page *p = &ctl->pages[hd->page];
-    if (hd->merged || hd->ro) p->shared--;     /* (an import counts) */
+    if (hd->merged || hd->ro) {                /* (an import counts) */
+        p->shared--;
+        pie__victims_changed(ctl);   /* its owner may swap it out now */
+    }
     if (p->owner == c && p->owner_h == i) {
         p->owner = NULL;
         p->owner_h = -1;
@@ -612,7 +634,7 @@ static bool apply_policy(pie_ctl *ctl, pie_ctl_client *c, int32_t n,
                          bool first)
 {
     if (ctl->o.policy == PIE_CTL_POLICY_SUSPEND)
-        return pie__suspend_for(ctl, n - AVAILABLE(ctl), c) > 0;
+        return pie__suspend_for(ctl, n, c);
     if (ctl->o.policy == PIE_CTL_POLICY_FCFS && first)
         return pie__evict_one(ctl, n, c);
     return false;
@@ -623,11 +645,17 @@ static bool apply_policy(pie_ctl *ctl, pie_ctl_client *c, int32_t n,
  * never free the requester's own or exported pages), the policy, the
  * wait-cycle check, then a sleep until pages come free. */
 int pie__wait_for_pages(pie_ctl *ctl, int32_t extra, bool swap,
-                        int32_t timeout_ms, pie_ctl_client *c)
+                        int32_t timeout_ms, pie_ctl_client *c, bool *waited)
 {
     double deadline = now_s() + timeout_ms / 1000.0;
-    bool expired = timeout_ms == 0, counted = false;
+    bool expired = timeout_ms == 0, own = false;
+    if (!waited) waited = &own;
     for (bool first = true;; first = false) {
+        /* swapped out while mu was dropped: it needs its swap back with
+         * the new pages now, and applying the policy for these alone
+         * would swap out others for nothing; the caller's resume takes
+         * over (alloc_take) */
+        if (!swap && c->suspended) return 0;
         int32_t n = need_of(c, extra, swap);
         if (AVAILABLE(ctl) >= n) return wait_end(c, 0);
         if (ctl->stop)
@@ -639,7 +667,7 @@ int pie__wait_for_pages(pie_ctl *ctl, int32_t extra, bool swap,
         c->want = n;
         if (break_cycle(ctl) == c) return wait_end(c, doom_fail(ctl, c, n));
         if (expired) return wait_end(c, busy(ctl, n, timeout_ms));
-        if (!counted) ctl->st.alloc_waits++, counted = true;
+        if (!*waited) ctl->st.alloc_waits++, *waited = true;
         expired = pool_sleep(ctl, c, timeout_ms, deadline);
     }
 }
@@ -651,27 +679,52 @@ void pie__client_not_waiting(pie_ctl_client *c)
     c->doomed = false;
 }
 
-/* Pages c's quota counts: its allocated handles, plus the pages its live
- * exports list that none of those handles names; stamps those pages with
- * gen. Costs c's handles plus its exports' pages. */
-static int32_t quota_mark(pie_ctl *ctl, pie_ctl_client *c, uint32_t gen)
+void pie__victims_changed(pie_ctl *ctl)
 {
+    if (ctl->o.policy == PIE_CTL_POLICY_SUSPEND)
+        pthread_cond_broadcast(&ctl->pool_cv);
+}
+
+/* Pages c's quota counts: its allocated handles, plus the pages that its
+ * live exports list or its imported handles name while no live export
+ * lists them (c alone may keep those), each page that none of the
+ * allocated handles names once. Stamps the pages counted (those of the
+ * allocated handles too) with *gen, a fresh stamp. Costs c's handles
+ * plus its exports' pages, and every exported page when c imported any. */
+static int32_t quota_mark(pie_ctl *ctl, pie_ctl_client *c, uint32_t *gen)
+{
+    uint32_t listed = 0;
+    if (c->imports > 0) {            /* what the live exports list */
+        listed = mark_begin(ctl);
+        if (listed == UINT32_MAX) listed = mark_begin(ctl);  /* (no wrap
+                                                  before *gen: it resets) */
+        for (const ctl_export *e = ctl->exports; e; e = e->next)
+            for (int32_t k = 0; k < e->n; k++)
+                ctl->pages[e->pages[k]].mark = listed;
+    }
+    uint32_t g = *gen = mark_begin(ctl);
     for (int32_t i = 0; i < c->n_h; i++)
         if (!c->h[i].ro && c->h[i].page >= 0)
-            mark_page(ctl, c->h[i].page, gen);
+            mark_page(ctl, c->h[i].page, g);
     int32_t n = c->pages_held;
     for (const ctl_export *e = ctl->exports; e; e = e->next)
         if (e->owner == c)
             for (int32_t k = 0; k < e->n; k++)
-                n += mark_page(ctl, e->pages[k], gen);
+                n += mark_page(ctl, e->pages[k], g);
+    for (int32_t i = 0; c->imports > 0 && i < c->n_h; i++) {
+        int32_t page = c->h[i].page;
+        if (c->h[i].ro && page >= 0 && ctl->pages[page].mark != listed)
+            n += mark_page(ctl, page, g);
+    }
     return n;
 }
 
-/* quota_mark's count; cheap when c exports nothing. */
+/* quota_mark's count; cheap when c exports and imports nothing. */
 static int32_t quota_used(pie_ctl *ctl, pie_ctl_client *c)
 {
-    if (c->export_pages == 0) return c->pages_held;
-    return quota_mark(ctl, c, mark_begin(ctl));
+    if (c->export_pages == 0 && c->imports == 0) return c->pages_held;
+    uint32_t gen;
+    return quota_mark(ctl, c, &gen);
 }
 
 /* PIE_ELIMIT when n more pages would pass c's quota, else 0. */
@@ -681,26 +734,28 @@ static int check_quota(pie_ctl *ctl, pie_ctl_client *c, int32_t n)
     int32_t used = quota_used(ctl, c);
     if (n <= c->max_pages - used) return 0;   /* (not used + n: may wrap) */
     return pie_err_set(PIE_ELIMIT, "control: client '%s' page quota "
-                       "exceeded: holds %d (its exports' pages included), "
-                       "asks %d, limit %d", c->name, used, n, c->max_pages);
+                       "exceeded: holds %d (its live exports' pages and "
+                       "its imports of gone exports included), asks %d, "
+                       "limit %d", c->name, used, n, c->max_pages);
 }
 
 /* PIE_ELIMIT when exporting pages[n] would take c past its quota: it adds
- * the pages that none of its allocated handles names and none of its live
- * exports lists (those it imported, re-exported). 0 otherwise. */
+ * the pages that its quota does not count yet (those it imported from a
+ * live export, re-exported). 0 otherwise. */
 static int check_export_quota(pie_ctl *ctl, pie_ctl_client *c,
                               const char *name, const int32_t *pages,
                               int32_t n)
 {
     if (c->max_pages == 0) return 0;
-    uint32_t gen = mark_begin(ctl);
-    int32_t used = quota_mark(ctl, c, gen), add = 0;
+    uint32_t gen;
+    int32_t used = quota_mark(ctl, c, &gen), add = 0;
     for (int32_t k = 0; k < n; k++) add += mark_page(ctl, pages[k], gen);
     if (add == 0 || add <= c->max_pages - used) return 0;
     return pie_err_set(PIE_ELIMIT, "control: client '%s' page quota "
                        "exceeded: export '%s' adds %d pages it does not hold "
-                       "(imported ones) to the %d it counts (its exports' "
-                       "pages included), limit %d", c->name, name, add, used,
+                       "(imported ones) to the %d it counts (its live "
+                       "exports' pages and its imports of gone exports "
+                       "included), limit %d", c->name, name, add, used,
                        c->max_pages);
 }
 
@@ -714,15 +769,16 @@ static int alloc_take(pie_ctl *ctl, pie_ctl_client *c, int32_t n,
                       int32_t timeout_ms, int32_t *pages)
 {
     double t0 = now_s();
+    bool waited = false;                 /* stats: one wait per allocation */
     for (;;) {
         int rc;
         if (c->suspended) {
             rc = pie__client_resume(c, n, pages,
-                                    pie__ms_left(timeout_ms, t0));
+                                    pie__ms_left(timeout_ms, t0), &waited);
             if (rc != 0) return rc < 0 ? rc : 0;         /* n: taken */
         }
         rc = pie__wait_for_pages(ctl, n, false, pie__ms_left(timeout_ms, t0),
-                                 c);
+                                 c, &waited);
         if (rc < 0) return rc;
         if (!c->suspended) break;
     }
@@ -904,6 +960,7 @@ int pie_ctl_import(pie_ctl_client *c, const char *name, int32_t cap,
             rc = pie_err_set(PIE_ENOMEM, "control: out of memory");
             goto out;
         }
+        c->imports++;
         pie__page_ref(ctl, e->pages[k]);
         /* read-only while imported, even after the export is gone: its
          * writer must not change KV the importer still reads */
@@ -931,6 +988,7 @@ int pie_ctl_unexport(pie_ctl_client *c, const char *name)
             ctl->pages[e->pages[k]].shared--;
             pie__page_unref(ctl, e->pages[k]);
         }
+        pie__victims_changed(ctl);   /* pages no longer shared: swappable */
     }
     pthread_mutex_unlock(&ctl->mu);
     if (!e)

@@ -146,6 +146,7 @@ static void client_unlink(ctl_op *op)
     else c->ops = op->cnext;
     if (op->cnext) op->cnext->cprev = op->cprev;
     op->cnext = op->cprev = NULL;
+    if (!c->ops) pie__victims_changed(op->ctl);   /* idle: a victim now */
 }
 
 static void release_dependents(pie_ctl *ctl, ctl_op *op, int status)

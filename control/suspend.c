@@ -17,8 +17,20 @@
  * added up in that order within the budget (pie__victim_pages), cover what
  * the allocation lacks: a swap that cannot serve it would cost the victim
  * its pages for nothing. Short of that the allocation waits, and looks
- * again whenever pages come free (pool.c); the wait-cycle check counts the
- * pages it could so swap out of waiting clients as coming free.
+ * again whenever pages come free or a client may have become a victim:
+ * its last op completed (sched.c), its next call ended the protection of
+ * pie_ctl_client_resume (pie__client_call), a page of it is no longer
+ * shared (an import or merge of it dropped, an export of it removed);
+ * each wakes the waiting allocations (pie__victims_changed, pool.c). The
+ * wait-cycle check counts the pages an allocation could so swap out of
+ * waiting clients as coming free, which holds only because every such
+ * change wakes it. What the allocation lacks, and whether the victims
+ * cover it, is decided again after waiting for the device (the swap's
+ * download needs it idle, and mu drops meanwhile): pages may have come
+ * free, victims ended or submitted work, the requester itself been swapped
+ * out; pie__suspend_for returns to the admission then, which looks again
+ * from the top with mu held, so the device stays idle for the swaps it
+ * then makes.
  *
  * Swap budget: the swaps of all clients together (ctl->swap_bytes) stay
  * within opts.max_swap_bytes (default: the pool's size). A victim whose
@@ -210,26 +222,30 @@ fail:
     return 0;
 }
 
-int32_t pie__suspend_for(pie_ctl *ctl, int32_t n, pie_ctl_client *requester)
+bool pie__suspend_for(pie_ctl *ctl, int32_t need, pie_ctl_client *requester)
 {
-    /* a swap that cannot serve the allocation costs its victim the
-     * device for nothing: wait instead (the admission looks again as
-     * pages come free) */
-    if (pie__victim_pages(ctl, requester, n, false) < n) return 0;
-    int32_t got = 0;
-    while (got < n) {
-        if (!pick_victim(ctl, requester)) break;
-        /* the download needs the device idle; waiting drops mu, and the
-         * victim may end or submit meanwhile: pick it after the wait, and
-         * keep mu from there to the end of its swap */
-        pie__wait_idle(ctl);
+    bool acted = false;
+    for (;;) {
+        /* a swap that cannot serve the allocation costs its victim the
+         * device for nothing: wait instead (the admission looks again as
+         * pages come free) */
+        int32_t lack = need - AVAILABLE(ctl);
+        if (lack <= 0 || pie__victim_pages(ctl, requester, lack, false) < lack)
+            return acted;
+        if (ctl->running) {
+            /* the download needs the device idle. Waiting drops mu: pages
+             * may come free (enough, even), victims end or submit work,
+             * the requester itself be swapped out (its need is then
+             * another). So the admission looks again from the top; it
+             * holds mu from here, and the device stays idle for the swaps
+             * its next call here makes if they still serve */
+            pie__wait_idle(ctl);
+            return true;
+        }
         pie_ctl_client *v = pick_victim(ctl, requester);
-        if (!v) break;
-        int32_t k = suspend_client(ctl, v);
-        if (k == 0) break;
-        got += k;
+        if (!v || suspend_client(ctl, v) == 0) return acted;
+        acted = true;
     }
-    return got;
 }
 
 /* Pages that closing c would return to the pool: those only c references
@@ -359,12 +375,13 @@ static int resume_end(pie_ctl_client *c, int rc)
  * upload), or pie__wait_for_pages' errors. Re-reads n_swap whenever mu was
  * dropped. */
 static int32_t take_swap_pages(pie_ctl_client *c, int32_t extra,
-                               int32_t timeout_ms, double t0, int32_t **out)
+                               int32_t timeout_ms, double t0, int32_t **out,
+                               bool *waited)
 {
     pie_ctl *ctl = c->ctl;
     for (;;) {
         int rc = pie__wait_for_pages(ctl, extra, true,
-                                     pie__ms_left(timeout_ms, t0), c);
+                                     pie__ms_left(timeout_ms, t0), c, waited);
         if (rc < 0) return rc;
         int32_t n = c->n_swap;                   /* room for these now */
         if (n == 0) return 0;          /* it freed every swapped handle */
@@ -407,7 +424,7 @@ static void swap_in(pie_ctl_client *c, const int32_t *pages)
 
 /* pie__client_resume; *back (may be NULL) tells whether pages came back. */
 static int resume(pie_ctl_client *c, int32_t extra, int32_t *extra_pages,
-                  int32_t timeout_ms, bool *back)
+                  int32_t timeout_ms, bool *waited, bool *back)
 {
     pie_ctl *ctl = c->ctl;
     double t0 = now_s();
@@ -416,7 +433,7 @@ static int resume(pie_ctl_client *c, int32_t extra, int32_t *extra_pages,
     if (rc < 0 || !c->suspended) return rc;
     c->resuming = true;                   /* not a victim from here on */
     int32_t *pages = NULL;
-    int32_t n = take_swap_pages(c, extra, timeout_ms, t0, &pages);
+    int32_t n = take_swap_pages(c, extra, timeout_ms, t0, &pages, waited);
     if (n < 0) return resume_end(c, n);
     if (!pages) return resume_end(c, 0);    /* its swap emptied: none taken */
     rc = n > 0 ? ctl->b->ops->upload(ctl->b, pages + extra, n, c->swap_buf)
@@ -435,14 +452,14 @@ static int resume(pie_ctl_client *c, int32_t extra, int32_t *extra_pages,
 }
 
 int pie__client_resume(pie_ctl_client *c, int32_t extra, int32_t *pages,
-                       int32_t timeout_ms)
+                       int32_t timeout_ms, bool *waited)
 {
-    return resume(c, extra, pages, timeout_ms, NULL);
+    return resume(c, extra, pages, timeout_ms, waited, NULL);
 }
 
 int pie__client_resume_now(pie_ctl_client *c)
 {
-    int rc = pie__client_resume(c, 0, NULL, 0);
+    int rc = pie__client_resume(c, 0, NULL, 0, NULL);
     if (rc != PIE_EBUSY) return rc;
     return pie_err_set(PIE_EAGAIN, "control: client '%s' is swapped out and "
                        "the KV pool has no room for its %d pages yet; retry "
@@ -453,9 +470,19 @@ int pie_ctl_client_resume(pie_ctl_client *c, int32_t timeout_ms)
 {
     CLIENT_CALL(c);
     pthread_mutex_lock(&c->ctl->mu);
-    bool back;
-    int rc = resume(c, 0, NULL, timeout_ms, &back);
+    bool back, waited = false;
+    int rc = resume(c, 0, NULL, timeout_ms, &waited, &back);
     if (back) atomic_store(&c->resumed, true);   /* for its next call */
     pthread_mutex_unlock(&c->ctl->mu);
     return rc;
+}
+
+void pie__client_call(pie_ctl_client *c)
+{
+    if (!atomic_exchange(&c->resumed, false)) return;
+    /* a victim again: allocations that wait beside it look again. Under
+     * mu, so that none checks it as protected and then sleeps past this */
+    pthread_mutex_lock(&c->ctl->mu);
+    pie__victims_changed(c->ctl);
+    pthread_mutex_unlock(&c->ctl->mu);
 }

@@ -2120,11 +2120,14 @@ static void test_export_cap(void)
 
 /* opts.max_export_pages: an explicit cap (the pool's size: none), a
  * negative one refused; loading a saved export counts against it too, and
- * a refused load takes no page. */
+ * a refused load takes no page. (Loading a file again under another name
+ * is an alias of the pages loaded first: it adds none.) */
 static void test_export_cap_opt(void)
 {
-    char path[256];
+    char path[256], path2[256];
     snprintf(path, sizeof path, "/tmp/pie_test_ctl_%d_cap.kv", (int)getpid());
+    snprintf(path2, sizeof path2, "/tmp/pie_test_ctl_%d_cap2.kv",
+             (int)getpid());
     pie_backend *b;
     CHECK_OK(fake_backend_create(VOCAB, PS, 16, 0, &b));
     pie_ctl *ctl = NULL;
@@ -2150,16 +2153,27 @@ static void test_export_cap_opt(void)
           "%d, got %d", PIE_ELIMIT, rc);
     CHECK_OK(pie_ctl_export_save(ctl, "p", path));
     CHECK_OK(pie_ctl_unexport(c, "p"));
+    CHECK_OK(pie_ctl_export(c, "q", 1, h + 3));
+    CHECK_OK(pie_ctl_export_save(ctl, "q", path2));
+    CHECK_OK(pie_ctl_unexport(c, "q"));
     CHECK_OK(pie_ctl_export_load(ctl, path, "p2"));
     pie_ctl_stats st0, st;
     pie_ctl_get_stats(ctl, &st0);
-    rc = pie_ctl_export_load(ctl, path, "p3");
+    rc = pie_ctl_export_load(ctl, path2, "q2");
     pie_ctl_get_stats(ctl, &st);
     CHECK(rc == PIE_ELIMIT && st.pages_used == st0.pages_used &&
           st.exports == 1 && st.pages_exported == 3, "a load past the cap: "
           "%d, %d pages used (before %d), %d exports pinning %d pages; "
           "expected %d, no page taken, 1 export of 3", rc, st.pages_used,
           st0.pages_used, st.exports, st.pages_exported, PIE_ELIMIT);
+    rc = pie_ctl_export_load(ctl, path, "p3");
+    pie_ctl_get_stats(ctl, &st);
+    CHECK(rc == 0 && st.pages_used == st0.pages_used && st.exports == 2 &&
+          st.pages_exported == 3, "the same file again, as p3: %d (%s), %d "
+          "pages used (before %d), %d exports pinning %d pages; expected 0, "
+          "no page taken, 2 exports of 3", rc, rc ? pie_err_msg() : "",
+          st.pages_used, st0.pages_used, st.exports, st.pages_exported);
+    CHECK_OK(pie_ctl_unexport(c, "p3"));
     CHECK_OK(pie_ctl_unexport(c, "p2"));
     pie_ctl_client_close(c);
     pie_ctl_free(ctl);
@@ -2177,6 +2191,7 @@ static void test_export_cap_opt(void)
            "when negative\n");
     done_ctl(ctl, b);
     remove(path);
+    remove(path2);
 }
 
 /* Two polling clients under `suspend` on a pool too small for both (a
@@ -2526,6 +2541,10 @@ static void test_resume_emptied_alloc(void)
           "%d (%s); expected %d from the allocation's own wait, not the "
           "resume's", se_rc, se_msg, PIE_EBUSY);
     printf("resume emptied: %s\n", se_msg);
+    pie_ctl_get_stats(ctl, &st);
+    CHECK(st.alloc_waits == 1, "a's one allocation (its resume, then its "
+          "own wait) counted %llu waits, expected 1",
+          (unsigned long long)st.alloc_waits);
     CHECK_OK(pie_ctl_page_free(h, 1, hh));
     CHECK_OK(pie_ctl_page_alloc(se_a, 1, 0, se_h + 2));
     pie_ctl_client_close(se_a);
@@ -2632,6 +2651,465 @@ static void test_export_cap_distinct(void)
     printf("export cap: each distinct page counts once, however many "
            "handles name it\n");
     done_ctl(ctl, b);
+}
+
+/* A blocked allocation under `suspend` looks again when a client becomes a
+ * victim: here when its last forward completes. Before, nothing woke it:
+ * c (priority 0) waited for 2 pages while v (priority 3, holding 4 of 8)
+ * had a forward in flight; once that completed v was idle, and v's own
+ * allocation then waited too. The wait-cycle check v ran credited c with
+ * swapping v out (v idle and waiting), so nobody was failed, but c slept
+ * on and both allocations (timeout < 0) hung. */
+static pie_ctl_client *iw_c, *iw_v;
+static uint32_t iw_hc[8], iw_hv[8];
+static int32_t iw_nc, iw_nv;
+static int iw_rc_c = 1, iw_rc_v = 1;
+
+static void *iw_alloc_c(void *arg)
+{
+    (void)arg;
+    iw_rc_c = pie_ctl_page_alloc(iw_c, iw_nc, -1, iw_hc + 5);
+    return NULL;
+}
+
+static void *iw_alloc_v(void *arg)
+{
+    (void)arg;
+    iw_rc_v = pie_ctl_page_alloc(iw_v, iw_nv, -1, iw_hv + 4);
+    return NULL;
+}
+
+/* c holds hc_n pages and asks iw_nc more while v (holding hv_n) has a
+ * forward in flight; v's forward ends, then v asks iw_nv more. Both wait
+ * with no timeout: c must be served by swapping v out, and v once c frees
+ * its pages. */
+static void idle_wakes_run(const char *what, pie_ctl *ctl, pie_backend *b,
+                           int32_t hc_n, int32_t hv_n)
+{
+    pie_ctl_stats st = { 0 };
+    CHECK_OK(pie_ctl_page_alloc(iw_v, hv_n, 0, iw_hv));
+    CHECK_OK(pie_ctl_page_alloc(iw_c, hc_n, 0, iw_hc));
+    fake_backend_set_delay(b, 300000);
+    int32_t tok = 5;
+    pie_ctl_future *f;
+    CHECK_OK(fwd(iw_v, &tok, 1, 0, iw_hv, NULL, &f));
+    wait_started(b, 1);
+    pthread_t tc, tv;
+    CHECK(pthread_create(&tc, NULL, iw_alloc_c, NULL) == 0, "thread");
+    for (int k = 0; k < 10000 && st.alloc_waits == 0; k++) {
+        usleep(1000);
+        pie_ctl_get_stats(ctl, &st);
+    }
+    CHECK(st.alloc_waits == 1 && st.suspensions == 0, "%s: c's allocation "
+          "while v's forward runs: %llu waits, %llu suspensions; expected 1 "
+          "and 0 (v is busy: no victim)", what,
+          (unsigned long long)st.alloc_waits,
+          (unsigned long long)st.suspensions);
+    wait_token(f);                       /* v is idle from here */
+    pie_ctl_future_release(f);
+    fake_backend_set_delay(b, 0);
+    CHECK(pthread_create(&tv, NULL, iw_alloc_v, NULL) == 0, "thread");
+    test_watchdog(what, 10);
+    pthread_join(tc, NULL);
+    test_watchdog_off();
+    pie_ctl_get_stats(ctl, &st);
+    CHECK(iw_rc_c == 0 && st.suspensions == 1, "%s: c's allocation: %d "
+          "(%s) after %llu suspensions; expected 0 and 1 (v swapped out)",
+          what, iw_rc_c, iw_rc_c ? pie_err_msg() : "",
+          (unsigned long long)st.suspensions);
+    /* v, swapped out, waits for its pages and the new ones: c leaves */
+    pie_ctl_client_close(iw_c);
+    test_watchdog("v's allocation once c closed", 10);
+    pthread_join(tv, NULL);
+    test_watchdog_off();
+    pie_ctl_get_stats(ctl, &st);
+    CHECK(iw_rc_v == 0 && st.suspensions == 1 &&
+          st.pages_free == 8 - hv_n - iw_nv, "%s: v's allocation after c "
+          "closed: %d after %llu suspensions, %d pages free; expected 0, 1 "
+          "and %d", what, iw_rc_v, (unsigned long long)st.suspensions,
+          st.pages_free, 8 - hv_n - iw_nv);
+    pie_ctl_client_close(iw_v);
+    pie_ctl_get_stats(ctl, &st);
+    CHECK(st.pages_free == 8, "%s: pages free %d, expected 8", what,
+          st.pages_free);
+}
+
+static void test_suspend_idle_wakes(void)
+{
+    pie_backend *b;
+    pie_ctl_opts co = { .policy = PIE_CTL_POLICY_SUSPEND };
+    pie_ctl *ctl = make_ctl(8, 0, &co, &b);
+    pie_ctl_client_opts ov = { .priority = 3, .name = "v" };
+    pie_ctl_client_opts oc = { .priority = 0, .name = "c" };
+    CHECK_OK(pie_ctl_client_open(ctl, &ov, &iw_v));
+    CHECK_OK(pie_ctl_client_open(ctl, &oc, &iw_c));
+    iw_nc = 2, iw_nv = 4;
+    iw_rc_c = iw_rc_v = 1;
+    idle_wakes_run("c (priority 0) waits for 2 pages, then v (priority 3, "
+                   "idle now) for 4, no timeout", ctl, b, 4, 4);
+    printf("suspend: a client whose last forward completed is swapped out "
+           "for the allocation waiting on it\n");
+    done_ctl(ctl, b);
+}
+
+/* The same with one class: max_swap_bytes lets c swap v out (2 pages) but
+ * not v swap c (5), so only c's swap of v can end the wait. */
+static void test_suspend_idle_wakes_one_way(void)
+{
+    pie_backend *b;
+    CHECK_OK(fake_backend_create(VOCAB, PS, 8, 0, &b));
+    pie_ctl_opts co = { .policy = PIE_CTL_POLICY_SUSPEND,
+                        .max_swap_bytes = 2 * b->page_bytes };
+    pie_ctl *ctl;
+    CHECK_OK(pie_ctl_create(b, &co, &ctl));
+    pie_ctl_client_opts o = { .priority = 3, .name = "c" };
+    CHECK_OK(pie_ctl_client_open(ctl, &o, &iw_c));
+    o.name = "v";
+    CHECK_OK(pie_ctl_client_open(ctl, &o, &iw_v));
+    iw_nc = 2, iw_nv = 2;
+    iw_rc_c = iw_rc_v = 1;
+    idle_wakes_run("c waits for 2 pages, then v (one class, idle now) for "
+                   "2, no timeout", ctl, b, 5, 2);
+    printf("suspend: the same within one class, the swap budget making the "
+           "swap one-way\n");
+    done_ctl(ctl, b);
+}
+
+/* A client pie_ctl_client_resume brought back is no victim until its next
+ * call; that call makes it one again, and a blocked allocation looks
+ * again. Before, nothing woke it: w waited forever (timeout < 0) beside
+ * a's 4 idle pages. */
+static pie_ctl_client *rw_w;
+static uint32_t rw_h[4];
+static int rw_rc = 1;
+
+static void *rw_alloc(void *arg)
+{
+    (void)arg;
+    rw_rc = pie_ctl_page_alloc(rw_w, 4, -1, rw_h);
+    return NULL;
+}
+
+static void test_resumed_call_wakes(void)
+{
+    pie_backend *b;
+    pie_ctl_opts co = { .policy = PIE_CTL_POLICY_SUSPEND };
+    pie_ctl *ctl = make_ctl(8, 0, &co, &b);
+    pie_ctl_client_opts lo = { .priority = 3, .name = "a" };
+    pie_ctl_client_opts ho = { .priority = 0, .name = "h" };
+    pie_ctl_client *a, *h;
+    uint32_t ha[4], hh[8];
+    CHECK_OK(pie_ctl_client_open(ctl, &lo, &a));
+    CHECK_OK(pie_ctl_page_alloc(a, 4, 0, ha));
+    CHECK_OK(pie_ctl_client_open(ctl, &ho, &h));
+    CHECK_OK(pie_ctl_page_alloc(h, 8, 0, hh));         /* swaps a's 4 */
+    CHECK_OK(pie_ctl_page_free(h, 4, hh + 4));
+    CHECK_OK(pie_ctl_client_resume(a, 0));              /* a protected */
+    lo.name = "w";
+    CHECK_OK(pie_ctl_client_open(ctl, &lo, &rw_w));
+    pie_ctl_stats st = { 0 };
+    pthread_t th;
+    CHECK(pthread_create(&th, NULL, rw_alloc, NULL) == 0, "thread");
+    for (int k = 0; k < 10000 && st.alloc_waits == 0; k++) {
+        usleep(1000);
+        pie_ctl_get_stats(ctl, &st);
+    }
+    CHECK(st.alloc_waits == 1 && st.suspensions == 1, "w's allocation "
+          "beside a protected client: %llu waits, %llu suspensions; "
+          "expected 1 and 1", (unsigned long long)st.alloc_waits,
+          (unsigned long long)st.suspensions);
+    int32_t fill;
+    CHECK_OK(pie_ctl_page_fill(a, ha[0], &fill));      /* a's next call */
+    test_watchdog("w waits for 4 pages (timeout < 0); a, idle, made its "
+                  "next call", 10);
+    pthread_join(th, NULL);
+    test_watchdog_off();
+    pie_ctl_get_stats(ctl, &st);
+    CHECK(rw_rc == 0 && st.suspensions == 2, "w's allocation: %d after "
+          "%llu suspensions; expected 0 and 2 (a swapped out again)", rw_rc,
+          (unsigned long long)st.suspensions);
+    pie_ctl_client_close(rw_w);
+    pie_ctl_client_close(a);
+    pie_ctl_client_close(h);
+    pie_ctl_get_stats(ctl, &st);
+    CHECK(st.pages_free == 8, "pages free %d, expected 8", st.pages_free);
+    printf("suspend: a resumed client's next call makes it a victim again, "
+           "and a waiting allocation swaps it out\n");
+    done_ctl(ctl, b);
+}
+
+/* A client swapped out while its allocation waits needs its swapped pages
+ * back with the new ones, and looks for room for both. Before, its plain
+ * wait went on applying the policy for the new pages alone: B (4 pages,
+ * waiting for 4 more) was swapped out for A, then swapped A's 7 pages out
+ * for its 4, though as a suspended client it needed 8 and the pool could
+ * give it 7: two suspensions, 7 pages idle, and B's allocation failed all
+ * the same. Its allocation also counted as two waits. */
+static pie_ctl_client *sw_b;
+static uint32_t sw_hb[8];
+static int sw_rc = 1;
+
+static void *sw_alloc(void *arg)
+{
+    (void)arg;
+    sw_rc = pie_ctl_page_alloc(sw_b, 4, 1000, sw_hb + 4);
+    return NULL;
+}
+
+static void test_suspended_waiter_need(void)
+{
+    pie_backend *b;
+    pie_ctl_opts co = { .policy = PIE_CTL_POLICY_SUSPEND };
+    pie_ctl *ctl = make_ctl(12, 0, &co, &b);
+    pie_ctl_client_opts oh = { .priority = 0, .name = "hi" };
+    pie_ctl_client_opts o = { .priority = 3, .name = "B" };
+    pie_ctl_client *hi, *a;
+    uint32_t hh[5], ha[7];
+    CHECK_OK(pie_ctl_client_open(ctl, &oh, &hi));
+    CHECK_OK(pie_ctl_page_alloc(hi, 5, 0, hh));
+    CHECK_OK(pie_ctl_client_open(ctl, &o, &sw_b));
+    CHECK_OK(pie_ctl_page_alloc(sw_b, 4, 0, sw_hb));
+    pthread_t th;
+    pie_ctl_stats st = { 0 };
+    CHECK(pthread_create(&th, NULL, sw_alloc, NULL) == 0, "thread");
+    for (int k = 0; k < 10000 && st.alloc_waits == 0; k++) {
+        usleep(1000);
+        pie_ctl_get_stats(ctl, &st);
+    }
+    CHECK(st.alloc_waits == 1, "B's allocation never waited");
+    o.name = "A";
+    CHECK_OK(pie_ctl_client_open(ctl, &o, &a));
+    CHECK_OK(pie_ctl_page_alloc(a, 3, 0, ha));
+    CHECK_OK(pie_ctl_page_alloc(a, 4, 0, ha + 3));     /* swaps B out */
+    pthread_join(th, NULL);
+    pie_ctl_get_stats(ctl, &st);
+    CHECK(sw_rc == PIE_EBUSY && st.suspensions == 1 && st.pages_free == 0,
+          "B's allocation, B swapped out while it waited: %d after %llu "
+          "suspensions, %d pages free; expected %d (B's 4 + 4 never fit "
+          "beside hi's 5), 1 (B) and 0 (A keeps its 7)", sw_rc,
+          (unsigned long long)st.suspensions, st.pages_free, PIE_EBUSY);
+    CHECK(st.alloc_waits == 1, "B's one allocation counted %llu waits, "
+          "expected 1", (unsigned long long)st.alloc_waits);
+    pie_ctl_client_close(a);
+    pie_ctl_client_close(sw_b);
+    pie_ctl_client_close(hi);
+    pie_ctl_get_stats(ctl, &st);
+    CHECK(st.pages_free == 12, "pages free %d, expected 12", st.pages_free);
+    printf("suspend: a waiter swapped out meanwhile looks for room for its "
+           "swap and its new pages together\n");
+    done_ctl(ctl, b);
+}
+
+/* The policy re-checks what an allocation lacks after waiting for the
+ * device to swap a victim. Before, it decided before the wait: r lacked 2
+ * pages, v's 3 covered them; y freed 2 while x's forward held the device,
+ * and v was swapped out all the same, for nothing. */
+static pie_ctl_client *rc_y;
+static uint32_t rc_hy[2];
+static pie_ctl_future *rc_f;
+static bool rc_in_hold;
+
+static void *rc_free(void *arg)
+{
+    (void)arg;
+    usleep(150000);
+    CHECK_OK(pie_ctl_page_free(rc_y, 2, rc_hy));
+    rc_in_hold = pie_ctl_future_poll(rc_f) == PIE_EAGAIN;
+    return NULL;
+}
+
+static void test_suspend_recheck_idle(void)
+{
+    pie_backend *b;
+    pie_ctl_opts co = { .policy = PIE_CTL_POLICY_SUSPEND };
+    pie_ctl *ctl = make_ctl(10, 0, &co, &b);
+    pie_ctl_client_opts ov = { .priority = 3, .name = "v" };
+    pie_ctl_client_opts ox = { .priority = 0, .name = "x" };
+    pie_ctl_client *v, *x, *r;
+    uint32_t hv[3], hx[2], hr[5];
+    CHECK_OK(pie_ctl_client_open(ctl, &ov, &v));
+    CHECK_OK(pie_ctl_page_alloc(v, 3, 0, hv));
+    CHECK_OK(pie_ctl_client_open(ctl, &ox, &x));
+    CHECK_OK(pie_ctl_page_alloc(x, 2, 0, hx));
+    ox.name = "y";
+    CHECK_OK(pie_ctl_client_open(ctl, &ox, &rc_y));
+    CHECK_OK(pie_ctl_page_alloc(rc_y, 2, 0, rc_hy));
+    fake_backend_set_delay(b, HOLD_US);
+    int32_t toks[5] = { 1, 2, 3, 4, 5 };
+    CHECK_OK(fwd(x, toks, 5, 0, hx, NULL, &rc_f));
+    wait_started(b, 1);
+    pthread_t th;
+    CHECK(pthread_create(&th, NULL, rc_free, NULL) == 0, "thread");
+    ov.name = "r";
+    CHECK_OK(pie_ctl_client_open(ctl, &ov, &r));
+    int rc = pie_ctl_page_alloc(r, 5, 0, hr);      /* 3 free: 2 short */
+    pthread_join(th, NULL);
+    CHECK(rc_in_hold, "y freed its pages after x's forward completed; the "
+          "machine is too slow for this test's %d ms hold", HOLD_US / 1000);
+    pie_ctl_stats st;
+    pie_ctl_get_stats(ctl, &st);
+    CHECK(rc == 0 && st.suspensions == 0 && st.pages_free == 0, "r's "
+          "allocation of 5 (3 free, v's 3 the victim; y freed 2 while r "
+          "waited for the device): %d after %llu suspensions, %d pages "
+          "free; expected 0, 0 and 0", rc,
+          (unsigned long long)st.suspensions, st.pages_free);
+    wait_token(rc_f);
+    pie_ctl_future_release(rc_f);
+    fake_backend_set_delay(b, 0);
+    pie_ctl_client_close(rc_y);
+    pie_ctl_client_close(r);
+    pie_ctl_client_close(v);
+    pie_ctl_client_close(x);
+    printf("suspend: what an allocation lacks is checked again after "
+           "waiting for the device, before anyone is swapped out\n");
+    done_ctl(ctl, b);
+}
+
+/* max_pages counts imported pages once no live export lists them: the
+ * importer alone keeps them. Imports of a live export count nothing (its
+ * exporter's quota and the server's cap count them). Before, q
+ * (max_pages 2) held 12 of 16 pages through export, import, unexport and
+ * then allocated more. */
+static void test_import_orphan_quota(void)
+{
+    pie_backend *b;
+    pie_ctl *ctl = make_ctl(16, 0, NULL, &b);
+    pie_ctl_client_opts oq = { .name = "q", .max_pages = 2 };
+    pie_ctl_client_opts oe = { .name = "e", .max_pages = 2 };
+    pie_ctl_client *q, *e;
+    CHECK_OK(pie_ctl_client_open(ctl, &oq, &q));
+    uint32_t h[2], imp[64], more[2];
+    int32_t ni, total = 0;
+    /* a live export's pages are free to import */
+    CHECK_OK(pie_ctl_client_open(ctl, &oe, &e));
+    CHECK_OK(pie_ctl_page_alloc(e, 2, 0, h));
+    CHECK_OK(pie_ctl_export(e, "x", 2, h));
+    CHECK_OK(pie_ctl_import(q, "x", 2, imp, &ni));
+    CHECK_OK(pie_ctl_page_alloc(q, 2, 0, more));
+    CHECK_OK(pie_ctl_page_free(q, 2, more));
+    /* gone: q's imports count (e still holds them, but q keeps them too) */
+    CHECK_OK(pie_ctl_unexport(q, "x"));
+    int rc = pie_ctl_page_alloc(q, 1, 0, more);
+    CHECK(rc == PIE_ELIMIT, "alloc of 1 with 2 imported pages whose export "
+          "is gone, max_pages 2: expected %d, got %d", PIE_ELIMIT, rc);
+    printf("import quota: %s\n", pie_err_msg());
+    CHECK(strstr(pie_err_msg(), "import") != NULL, "message: %s",
+          pie_err_msg());
+    /* listed again (an alias): free again */
+    CHECK_OK(pie_ctl_export(e, "x2", 2, h));
+    CHECK_OK(pie_ctl_page_alloc(q, 2, 0, more));
+    CHECK_OK(pie_ctl_page_free(q, 2, more));
+    CHECK_OK(pie_ctl_unexport(q, "x2"));
+    pie_ctl_client_close(e);
+    total = ni;
+    for (int k = 0; k < 5; k++) {
+        CHECK_OK(pie_ctl_client_open(ctl, &oe, &e));
+        CHECK_OK(pie_ctl_page_alloc(e, 2, 0, h));
+        CHECK_OK(pie_ctl_export(e, "x", 2, h));
+        CHECK_OK(pie_ctl_import(q, "x", 2, imp + total, &ni));
+        total += ni;
+        CHECK_OK(pie_ctl_unexport(q, "x"));
+        pie_ctl_client_close(e);
+    }
+    pie_ctl_stats st;
+    pie_ctl_get_stats(ctl, &st);
+    rc = pie_ctl_page_alloc(q, 2, 0, more);
+    CHECK(rc == PIE_ELIMIT, "q (max_pages 2) holding %d imported pages no "
+          "export lists (%d of 16 used) allocates 2 more: expected %d, got "
+          "%d", total, st.pages_used, PIE_ELIMIT, rc);
+    rc = pie_ctl_export(q, "back", 3, imp);
+    CHECK(rc == 0, "re-exporting 3 of q's counted imports adds nothing: %d "
+          "(%s)", rc, rc ? pie_err_msg() : "");
+    CHECK_OK(pie_ctl_unexport(q, "back"));
+    CHECK_OK(pie_ctl_page_free(q, total - 2, imp + 2));
+    CHECK_OK(pie_ctl_page_free(q, 2, imp));
+    CHECK_OK(pie_ctl_page_alloc(q, 2, 0, more));
+    pie_ctl_client_close(q);
+    pie_ctl_get_stats(ctl, &st);
+    CHECK(st.pages_free == 16 && st.exports == 0, "at the end: %d pages "
+          "free, %d exports", st.pages_free, st.exports);
+    printf("import quota: imported pages count against max_pages once no "
+           "live export lists them\n");
+    done_ctl(ctl, b);
+}
+
+/* Aliases (one set of pages under several names, or one page listed
+ * twice) fit the export cap by distinct pages; saved and loaded again
+ * they share pages again. Before, each file came back as its own copy:
+ * the second load passed the cap of 4, and without a cap a restart
+ * doubled the pool they took. */
+static void test_export_alias_reload(void)
+{
+    char p[3][256];
+    const char *names[3] = { "dup", "a", "b" };
+    for (int k = 0; k < 3; k++)
+        snprintf(p[k], sizeof p[k], "/tmp/pie_test_ctl_%d_alias_%s.kv",
+                 (int)getpid(), names[k]);
+    int32_t prompt[10];
+    make_prompt(prompt, 10, 99);
+    pie_backend *b;
+    CHECK_OK(fake_backend_create(VOCAB, PS, 16, 0, &b));
+    pie_ctl_opts co = { .max_export_pages = 4 };
+    pie_ctl *ctl;
+    CHECK_OK(pie_ctl_create(b, &co, &ctl));
+    pie_ctl_client *c;
+    CHECK_OK(pie_ctl_client_open(ctl, NULL, &c));
+    uint32_t h[3], imp[3];
+    int32_t ni;
+    CHECK_OK(pie_ctl_page_alloc(c, 3, 0, h));         /* 2 full, 1 partial */
+    pie_ctl_future *f;
+    CHECK_OK(fwd(c, prompt, 10, 0, h, NULL, &f));
+    wait_token(f);
+    pie_ctl_future_release(f);
+    CHECK_OK(pie_ctl_export(c, "a", 3, h));
+    CHECK_OK(pie_ctl_import(c, "a", 3, imp, &ni));
+    CHECK_OK(pie_ctl_export(c, "b", 3, imp));
+    CHECK_OK(pie_ctl_export(c, "dup", 2, (uint32_t[]){ h[2], imp[2] }));
+    pie_ctl_stats st;
+    pie_ctl_get_stats(ctl, &st);
+    CHECK(st.pages_exported == 3, "pages exported %d, expected 3",
+          st.pages_exported);
+    for (int k = 0; k < 3; k++) CHECK_OK(pie_ctl_export_save(ctl, names[k],
+                                                             p[k]));
+    pie_ctl_client_close(c);
+    pie_ctl_free(ctl);
+    CHECK_OK(pie_ctl_create(b, &co, &ctl));
+    for (int k = 0; k < 3; k++) {
+        int rc = pie_ctl_export_load(ctl, p[k], NULL);
+        pie_ctl_get_stats(ctl, &st);
+        int32_t want = k == 0 ? 1 : 3;
+        CHECK(rc == 0 && st.pages_used == want && st.pages_exported == want,
+              "load of '%s' (aliases of 3 pages, cap 4): %d (%s), %d pages "
+              "used, %d exported; expected 0, %d and %d", names[k], rc,
+              rc ? pie_err_msg() : "", st.pages_used, st.pages_exported,
+              want, want);
+    }
+    /* each reloaded name continues exactly; one unexported, the others
+     * keep the pages */
+    CHECK_OK(pie_ctl_client_open(ctl, NULL, &c));
+    CHECK_OK(pie_ctl_unexport(c, "a"));
+    CHECK_OK(pie_ctl_import(c, "b", 3, imp, &ni));
+    uint32_t mine[3] = { imp[0], imp[1], 0 };
+    CHECK_OK(pie_ctl_page_alloc(c, 1, 0, &mine[2]));
+    CHECK_OK(pie_ctl_page_copy(c, imp[2], 0, mine[2], 0, 2));
+    int32_t x = 42, hist[11];
+    CHECK_OK(fwd(c, &x, 1, 10, mine, NULL, &f));
+    memcpy(hist, prompt, sizeof prompt);
+    hist[10] = x;
+    int32_t got = wait_token(f), want = fake_expected_next(hist, 11, VOCAB);
+    pie_ctl_future_release(f);
+    CHECK(got == want, "after reloading the aliases: got %d, expected %d",
+          got, want);
+    CHECK_OK(pie_ctl_unexport(c, "b"));
+    CHECK_OK(pie_ctl_unexport(c, "dup"));
+    pie_ctl_client_close(c);
+    pie_ctl_get_stats(ctl, &st);
+    CHECK(st.pages_used == 0 && st.exports == 0, "at the end: %d pages "
+          "used, %d exports", st.pages_used, st.exports);
+    printf("persist: aliased exports reload sharing their pages (3 pages "
+           "for 3 names under a cap of 4)\n");
+    done_ctl(ctl, b);
+    for (int k = 0; k < 3; k++) remove(p[k]);
 }
 
 static void test_chunked_prefill(void)
@@ -3588,6 +4066,13 @@ static const struct { const char *name; void (*fn)(void); } tests[] = {
     { "resume_emptied_alloc", test_resume_emptied_alloc },
     { "export_reexport_quota", test_export_reexport_quota },
     { "export_cap_distinct", test_export_cap_distinct },
+    { "suspend_idle_wakes", test_suspend_idle_wakes },
+    { "suspend_idle_wakes_one_way", test_suspend_idle_wakes_one_way },
+    { "resumed_call_wakes", test_resumed_call_wakes },
+    { "suspended_waiter_need", test_suspended_waiter_need },
+    { "suspend_recheck_idle", test_suspend_recheck_idle },
+    { "import_orphan_quota", test_import_orphan_quota },
+    { "export_alias_reload", test_export_alias_reload },
     { "chunked_prefill", test_chunked_prefill },
     { "rows_and_masks", test_rows_and_masks },
     { "bad_input", test_bad_input },
