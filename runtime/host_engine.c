@@ -514,6 +514,8 @@ static int export_once(I *i, uint32_t h, uint32_t name, uint32_t len,
                        uint32_t pages, uint32_t n, pie_ctl_client **c)
 {
     int rc = 0;
+    /* the page list's range first: a trap after guest_str leaks its copy */
+    if (n <= MAX_PAGES_CALL) pie_rt_guest_ptr(i, pages, (uint64_t)n * 4);
     char *nm = guest_str(i, name, len, &rc);
     uint32_t *v = nm ? read_handles(i, pages, n, &rc) : NULL;
     if (v && (rc = client_of(i, h, c)) == 0)
@@ -538,9 +540,9 @@ uint32_t Z_pieZ_kv_import(I *i, uint32_t h, uint32_t name, uint32_t len,
 {
     int rc = 0;
     if (cap > MAX_PAGES_CALL) cap = MAX_PAGES_CALL;
+    pie_rt_guest_ptr(i, pages, (uint64_t)cap * 4);   /* before the copy */
     char *nm = guest_str(i, name, len, &rc);
     if (!nm) RET(rc);
-    pie_rt_guest_ptr(i, pages, (uint64_t)cap * 4);
     pie_ctl_client *c;
     uint32_t *tmp = malloc((cap ? cap : 1) * sizeof *tmp);
     int32_t n = 0;
@@ -672,6 +674,7 @@ uint32_t Z_pieZ_forward_tokens(I *i, uint32_t fwd, uint32_t ids, uint32_t pos,
     pie_rt_guest_ptr(i, pos, (uint64_t)n * 4);
     builder *b = builder_of(i, fwd);
     if (!b) RET(PIE_EINVAL);
+    if (n == 0) return 0;          /* (b->tokens may be NULL: no NULL + 0) */
     int rc = grow_tokens(i, b, n);
     if (rc < 0) RET(rc);
     pie_rt_copy_in(i, b->tokens + b->n_tok, ids, (uint64_t)n * 4);
@@ -751,6 +754,10 @@ uint32_t Z_pieZ_forward_mask(I *i, uint32_t fwd, uint32_t indptr, uint32_t runs,
         pie_rt_copy_in(i, ip, indptr, ni * 4);
         pie_rt_copy_in(i, r, runs, (uint64_t)n_runs * 4);
         if (ip[b->n_tok] > n_runs) rc = PIE_ERANGE;
+        /* non-decreasing, so no entry points past the runs: the control
+         * layer sums a token's runs before it checks the next entry */
+        for (int32_t t = 0; t < b->n_tok && !rc; t++)
+            if (ip[t + 1] < ip[t]) rc = PIE_EINVAL;
     }
     if (rc < 0) {
         free(ip), free(r);
@@ -1003,15 +1010,27 @@ static efut *efut_of(I *i, uint32_t fut)
     return ef && ef->cf ? ef : NULL;
 }
 
+/* The outputs of forward future fut: 0 with *o and *n set, PIE_EAGAIN
+ * while it is pending, else its error. The future's own status comes
+ * first: a forward cancelled while it runs is done (PIE_ECANCELED) for
+ * the guest at once, though the control layer finishes its step. */
+static int efut_result(I *i, uint32_t fut, const pie_forward_out **o,
+                       int32_t *n)
+{
+    efut *ef = efut_of(i, fut);
+    if (!ef) return PIE_EINVAL;
+    int32_t st = pie_rt_future_status(i, (int32_t)fut);
+    if (st < 0 && st != PIE_EAGAIN) return st;
+    return pie_ctl_future_result(ef->cf, o, n);
+}
+
 uint32_t Z_pieZ_forward_read_tokens(I *i, uint32_t fut, uint32_t tokens,
                                     uint32_t cap)
 {
     pie_rt_guest_ptr(i, tokens, (uint64_t)cap * 4);
-    efut *ef = efut_of(i, fut);
-    if (!ef) RET(PIE_EINVAL);
     const pie_forward_out *o;
     int32_t n;
-    int rc = pie_ctl_future_result(ef->cf, &o, &n);
+    int rc = efut_result(i, fut, &o, &n);
     if (rc < 0) RET(rc);
     pie_rt_copy_out(i, tokens, o->tokens,
                     (uint64_t)((uint32_t)n < cap ? (uint32_t)n : cap) * 4);
@@ -1023,11 +1042,9 @@ uint32_t Z_pieZ_forward_read_values(I *i, uint32_t fut, uint32_t row,
 {
     pie_rt_guest_ptr(i, values, (uint64_t)cap * 4);
     if (ids) pie_rt_guest_ptr(i, ids, (uint64_t)cap * 4);
-    efut *ef = efut_of(i, fut);
-    if (!ef) RET(PIE_EINVAL);
     const pie_forward_out *o;
     int32_t n;
-    int rc = pie_ctl_future_result(ef->cf, &o, &n);
+    int rc = efut_result(i, fut, &o, &n);
     if (rc < 0) RET(rc);
     if (row >= (uint32_t)n) RET(PIE_ERANGE);
     uint32_t a = o->value_indptr[row], len = o->value_indptr[row + 1] - a;
