@@ -540,18 +540,22 @@ int pie_ctl_forward_submit(pie_ctl_client *c, const pie_ctl_forward *f,
                            pie_ctl_done_fn done, void *user,
                            pie_ctl_future **out)
 {
-    CLIENT_CALL(c);
     pie_ctl *ctl = c->ctl;
-    if (!f || !out) return pie_err_set(PIE_EINVAL, "control: NULL argument");
+    if (!f || !out)
+        return CLIENT_CALL_FAIL(c, pie_err_set(PIE_EINVAL, "control: NULL "
+                                               "argument"));
     int rc = check_forward(ctl, f);
-    if (rc < 0) return rc;
+    if (rc < 0) return CLIENT_CALL_FAIL(c, rc);
     ctl_op *op = op_build(ctl, f);
-    if (!op) return pie_err_set(PIE_ENOMEM, "control: out of memory");
+    if (!op)
+        return CLIENT_CALL_FAIL(c, pie_err_set(PIE_ENOMEM, "control: out of "
+                                               "memory"));
     op->done = done;
     op->user = user;
     atomic_store(&op->refs, 2);          /* submitter + control layer */
     op->state = OP_WAITING;
     pthread_mutex_lock(&ctl->mu);
+    CLIENT_CALL(c);
     if (c->max_tokens > 0 && c->tokens_used + f->n_tokens > c->max_tokens) {
         rc = pie_err_set(PIE_ELIMIT, "control: client '%s' token quota "
                          "exceeded: used %lld, asks %d, limit %lld", c->name,
@@ -602,21 +606,22 @@ fail:
 int pie_ctl_page_copy(pie_ctl_client *c, uint32_t src, int32_t src_off,
                       uint32_t dst, int32_t dst_off, int32_t n)
 {
-    CLIENT_CALL(c);
     pie_ctl *ctl = c->ctl;
     int32_t ps = ctl->ps;
     /* off > ps - n, not off + n > ps: the sum wraps for offsets near
      * INT32_MAX (which the runtime passes through unchecked) */
     if (n < 1 || src_off < 0 || dst_off < 0 || src_off > ps - n ||
         dst_off > ps - n)
-        return pie_err_set(PIE_ERANGE, "control: copy of %d slots from %d to "
-                           "%d does not fit pages of %d", n, src_off, dst_off,
-                           ps);
+        return CLIENT_CALL_FAIL(c, pie_err_set(PIE_ERANGE, "control: copy of "
+                                               "%d slots from %d to %d does "
+                                               "not fit pages of %d", n,
+                                               src_off, dst_off, ps));
     ctl_op *op = calloc(1, sizeof *op);
     ctl_write *wr = malloc(sizeof *wr);   /* its one write: dst's fill */
     if (!op || !wr) {
         free(op), free(wr);
-        return pie_err_set(PIE_ENOMEM, "control: out of memory");
+        return CLIENT_CALL_FAIL(c, pie_err_set(PIE_ENOMEM, "control: out of "
+                                               "memory"));
     }
     op->writes = wr;
     pthread_cond_init(&op->cv, NULL);
@@ -625,6 +630,7 @@ int pie_ctl_page_copy(pie_ctl_client *c, uint32_t src, int32_t src_off,
     atomic_store(&op->refs, 1);          /* control layer only */
     op->state = OP_WAITING;
     pthread_mutex_lock(&ctl->mu);
+    CLIENT_CALL(c);
     int rc = RESUME_NOW(c);
     ctl_handle *hs = rc == 0 ? pie__handle_get(c, src) : NULL;
     ctl_handle *hd = rc == 0 ? pie__handle_get(c, dst) : NULL;

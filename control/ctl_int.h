@@ -2,10 +2,11 @@
  * ctl_int.h — private structures of the control layer (the control folder only).
  *
  * One mutex, ctl->mu, guards everything in pie_ctl, every client and every
- * op except an op's reference count (atomic), its state/status (written
- * under mu, read lock-free by poll/result after the state turns DONE) and a
- * client's `resumed` flag (atomic: CLIENT_CALL clears it before any check,
- * so that failure paths which never take mu clear it too).
+ * op except an op's reference count (atomic) and its state/status (written
+ * under mu, read lock-free by poll/result after the state turns DONE). A
+ * client's `resumed` flag is written under mu only, and atomic so that a
+ * call failing before it takes mu can see without the lock that there is
+ * nothing to clear (CLIENT_CALL_FAIL).
  *
  * An op is one submitted forward or page copy. Its life:
  *
@@ -200,7 +201,8 @@ struct pie_ctl_client {
                                      suspended, never a victim              */
     atomic_bool     resumed;      /* pie_ctl_client_resume brought its
                                      swap back and it made no call since:
-                                     not a victim (CLIENT_CALL clears it)   */
+                                     not a victim (CLIENT_CALL clears it,
+                                     under mu)                              */
     bool            evicted;      /* FCFS: asked to end                      */
     int32_t         evicting;     /* on_evict calls running                  */
     int32_t         want;         /* pages an allocation waits for, or was
@@ -260,6 +262,8 @@ struct pie_ctl {
     ctl_batch       *launch;      /* handed to the device thread, not taken */
     double           ovh_ns;      /* control time since the last launch     */
     pie_ctl_stats    st;
+    uint64_t         load_compares; /* pages export loads compared byte by
+                                     byte with another (a test hook)       */
 };
 
 /* pool.c (all with ctl->mu held) */
@@ -284,6 +288,12 @@ void pie__pool_write_wired(pie_ctl *ctl, int32_t page);
  * a loaded export's pages are checked against. 0 or PIE_ENOMEM. */
 int pie__pool_hash_of(const pie_ctl *ctl, int32_t page, uint64_t prefix,
                       uint64_t *out);
+/* The same hash of slot records given as bytes (page_size tokens,
+ * positions and mask hashes, unaligned, as a saved page record holds
+ * them); needs no lock. */
+int pie__pool_hash_bytes(const pie_ctl *ctl, uint64_t prefix,
+                         const void *tok, const void *pos, const void *mask,
+                         uint64_t *out);
 /* After a forward completed: hashes pages it filled, merges duplicates. */
 void pie__pool_dedup(pie_ctl *ctl, ctl_op *op);
 void pie__pool_copy_record(pie_ctl *ctl, int32_t src, int32_t src_off,
@@ -345,13 +355,21 @@ int  pie__client_resume_now(pie_ctl_client *c);
  * page_alloc (which passes its pages to pie__client_resume), calls this
  * once it holds mu. */
 #define RESUME_NOW(c) ((c)->suspended ? pie__client_resume_now(c) : 0)
-/* The first statement of every pie_ctl_* function that takes a client
- * (before its argument checks, without mu): this is c's next call, so a
- * client pie_ctl_client_resume protected may be a victim again, whatever
- * the call does or however it fails (and waiting allocations look again:
- * takes mu for that, only when c was protected). */
-#define CLIENT_CALL(c) pie__client_call(c)
+/* Every pie_ctl_* function that takes a client ends the protection that
+ * pie_ctl_client_resume gave it (see suspend.c: Working set), whatever the
+ * call does or however it fails: CLIENT_CALL(c) right after it takes mu,
+ * before its work, and CLIENT_CALL_FAIL(c, rc) on each path that returns
+ * rc without taking mu (a bad argument, out of memory). Where c was
+ * protected, waiting allocations look again (pie__victims_changed); they
+ * wake only once the call drops mu, so none swaps c out between the end
+ * of its protection and the work the call does under that hold. (Ending
+ * it before the call took mu left such a gap: test
+ * resume_protect_window.) */
+#define CLIENT_CALL(c) pie__client_call(c)                 /* mu held */
+#define CLIENT_CALL_FAIL(c, rc) pie__client_call_fail(c, rc) /* no mu */
 void pie__client_call(pie_ctl_client *c);
+/* Takes mu (only where c is protected) to end the protection; returns rc. */
+int  pie__client_call_fail(pie_ctl_client *c, int rc);
 /* Drops swap entry j of suspended c (its handle was dropped): the last
  * entry moves into its place. */
 void pie__swap_drop(pie_ctl_client *c, int32_t j);
@@ -387,8 +405,9 @@ bool pie__pool_cv_wait(pie_ctl *ctl, int32_t timeout_ms, double deadline);
 void pie__client_not_waiting(pie_ctl_client *c);
 /* SUSPEND: a client may have become a victim, or more of its pages
  * swappable (its last op completed, its resume protection ended, a page
- * of it is no longer shared): wakes the waiting allocations to apply the
- * policy again. Nothing under the other policies. */
+ * of it is no longer shared, or no longer read by another client's op:
+ * pie__page_unref): wakes the waiting allocations to apply the policy
+ * again. Nothing under the other policies. */
 void pie__victims_changed(pie_ctl *ctl);
 
 /* sched.c (with ctl->mu held unless noted) */

@@ -24,7 +24,11 @@
  * serve this KV to another prompt through prefix caching). Failures are
  * PIE_EFORMAT (PIE_EIO for what is not a readable file) with a message
  * naming the file; nothing is allocated from a size the file states before
- * it has been bounded, and a failed load changes nothing in the engine.
+ * it has been bounded. All of this, every record included, is checked
+ * before a page is taken, so a load that fails for its file, its name,
+ * the export cap or want of room changes nothing in the engine. (One the
+ * device fails, its upload, gives its pages back, but the cached pages
+ * that taking them evicted stay evicted: their KV was written over.)
  *
  * Saving writes a fresh temporary beside the target (created exclusively,
  * so a planted symlink is never written through), fsyncs it, renames it
@@ -36,12 +40,18 @@
  * it once. Each file holds its own copy, so a load shares pages instead
  * of copying them where the copy would be exact: a record that repeats an
  * earlier one of the file, record and KV bytes alike, takes that record's
- * page; one whose record and KV bytes equal those of a page a live export
- * lists (no write pending) takes that page (plan_sharing). So names that
- * shared pages when saved share them again, whichever loads first, and the
- * cap and the pool count them as before the restart. Comparing the bytes
- * themselves, not only the records, is what makes it exact: a partial
- * page's KV depends on pages before it that its record does not describe.
+ * page (plan_repeats); one whose record and KV bytes equal those of a page
+ * a live export lists (no write pending) takes that page (plan_aliases).
+ * So names that shared pages when saved share them again, whichever loads
+ * first, and the cap and the pool count them as before the restart.
+ * Comparing the bytes themselves, not only the records, is what makes it
+ * exact: a partial page's KV depends on pages before it that its record
+ * does not describe. Records are grouped by a hash of record and KV bytes
+ * together, each exported page is downloaded at most once, and a record
+ * is compared byte by byte with a bounded number of others (SHARE_TRIES),
+ * so the plan stays O(n log n) whatever a file holds: grouping by the
+ * record alone made a file of alike records with distinct KV cost n^2/2
+ * comparisons, and as many page downloads when loaded a second time.
  *
  * Pages are read and written while the device is idle and ctl->mu is held,
  * so no batch runs against them meanwhile.
@@ -324,10 +334,41 @@ static int check_file(pie_ctl *ctl, const char *path, rbuf *r, file_hdr *h)
     return 0;
 }
 
-/* Restores page metadata from the next record into page (mu held). NULL,
- * or what is wrong with the record (the page is then released unhashed by
- * the caller). */
-static const char *read_record(pie_ctl *ctl, rbuf *r, int32_t page)
+/* What is wrong with the page record at rec (rec_bytes(ps) bytes, laid
+ * out as in the file), or NULL: fill, flags, tokens inside the
+ * vocabulary, and that a hash describes the record's tokens, positions
+ * and masks. Reads only the record (no lock). */
+static const char *record_check(const pie_ctl *ctl, const unsigned char *rec)
+{
+    int32_t ps = ctl->ps, fill, tok;
+    uint8_t hashed = rec[4];
+    uint64_t hash, prefix, h;
+    const unsigned char *toks = rec + 21, *known = toks + (size_t)ps * 16;
+    memcpy(&fill, rec, 4);
+    memcpy(&hash, rec + 5, 8);
+    memcpy(&prefix, rec + 13, 8);
+    if (fill < 0 || fill > ps) return "fill out of range";
+    if (hashed > 1) return "bad hashed flag";
+    for (int32_t i = 0; i < ps; i++) {
+        memcpy(&tok, toks + (size_t)i * 4, 4);
+        if (known[i] > 1) return "bad slot flag";
+        if (known[i] && (tok < 0 || tok >= ctl->vocab))
+            return "token outside the vocabulary";
+        if (hashed && !known[i]) return "hashed page with an unwritten slot";
+    }
+    if (hashed) {
+        if (fill != ps) return "hashed page not full";
+        if (pie__pool_hash_bytes(ctl, prefix, toks, toks + (size_t)ps * 4,
+                                 toks + (size_t)ps * 8, &h) < 0)
+            return "out of memory";
+        if (h != hash) return "page hash does not match its tokens";
+    }
+    return NULL;
+}
+
+/* Restores page metadata from the next record (record_check passed it)
+ * into page (mu held). */
+static void read_record(pie_ctl *ctl, rbuf *r, int32_t page)
 {
     int32_t ps = ctl->ps;
     ctl_page *p = &ctl->pages[page];
@@ -342,28 +383,10 @@ static const char *read_record(pie_ctl *ctl, rbuf *r, int32_t page)
     get(r, ctl->slot_mask + base, ps * 8);
     get(r, ctl->slot_known + base, ps);
     p->version++;
-    if (p->fill < 0 || p->fill > ps) return "fill out of range";
-    if (hashed > 1) return "bad hashed flag";
-    for (int32_t i = 0; i < ps; i++) {
-        if (ctl->slot_known[base + i] > 1) return "bad slot flag";
-        if (ctl->slot_known[base + i] && (ctl->slot_tok[base + i] < 0 ||
-                                          ctl->slot_tok[base + i] >= ctl->vocab))
-            return "token outside the vocabulary";
-        if (hashed && !ctl->slot_known[base + i])
-            return "hashed page with an unwritten slot";
-    }
-    if (hashed) {
-        uint64_t h;
-        if (p->fill != ps) return "hashed page not full";
-        if (pie__pool_hash_of(ctl, page, p->prefix, &h) < 0)
-            return "out of memory";
-        if (h != p->hash) return "page hash does not match its tokens";
-    }
     p->hashed = hashed == 1;
-    return NULL;
 }
 
-typedef struct keyed {          /* a record's hash, and whose it is       */
+typedef struct keyed {          /* a hash, and whose it is                */
     uint64_t key;
     int32_t  i;                 /* record index, or physical page         */
 } keyed;
@@ -375,32 +398,122 @@ static int keyed_cmp(const void *a, const void *b)
     return (x->i > y->i) - (x->i < y->i);
 }
 
-/* The pages of a load that need no copy: for record k (records at rec,
- * their KV at kv), dup[k] = the first earlier record of the file with the
- * same record and KV bytes (a page the export listed twice), else -1; and
- * share[k] = a page a live export lists whose record and KV bytes are
- * those, else -1 (an alias saved under another name and loaded already;
- * never a page with a write pending). Returns how many records need a
- * page of their own, or PIE_ENOMEM. mu held, device idle (it downloads the
- * exported pages whose records match). Costs a hash of each record and of
- * each exported page's record, two sorts, and a page download per match. */
-static int32_t plan_sharing(pie_ctl *ctl, const unsigned char *rec,
-                            const unsigned char *kv, int32_t n,
-                            int32_t *dup, int32_t *share)
+/* First of the n entries of sorted ks whose key is at least key. */
+static size_t keyed_lower(const keyed *ks, size_t n, uint64_t key)
+{
+    size_t lo = 0, hi = n;
+    while (lo < hi) {
+        size_t mid = lo + (hi - lo) / 2;
+        if (ks[mid].key < key) lo = mid + 1;
+        else hi = mid;
+    }
+    return lo;
+}
+
+/* Byte-by-byte comparisons that one run of equal keys may cost a record
+ * (or a live page): equal keys of different bytes are hash collisions,
+ * so past this many, a record takes a page of its own instead of
+ * looking further (a crafted file cannot make the plan quadratic). */
+#define SHARE_TRIES 4
+
+/* How a load shares pages instead of copying them (see the header:
+ * Aliases). A record's key hashes its record bytes and then its KV bytes
+ * (seed: the record's hash), so records are grouped by both; equal keys
+ * are then confirmed byte by byte. */
+typedef struct share_plan {
+    keyed    *reps;             /* (n_reps) key, record: records that
+                                   repeat no earlier one, by key          */
+    uint64_t *rhash;            /* (n_reps) their record hashes, sorted   */
+    int32_t   n_reps;
+    uint64_t  compares;         /* byte-by-byte comparisons made          */
+} share_plan;
+
+static void share_plan_free(share_plan *sp)
+{
+    free(sp->reps);
+    free(sp->rhash);
+    *sp = (share_plan){ 0 };
+}
+
+static int u64_cmp(const void *a, const void *b)
+{
+    uint64_t x = *(const uint64_t *)a, y = *(const uint64_t *)b;
+    return (x > y) - (x < y);
+}
+
+/* Fills dup[k] for the n records at rec (their KV at kv): the first
+ * earlier record of the file with the same record and KV bytes (a page
+ * the export listed twice), else -1; and sp with the others, for
+ * plan_aliases. Reads only the file (no lock). 0 or PIE_ENOMEM. Costs a
+ * hash of every byte, a sort, and at most SHARE_TRIES comparisons of a
+ * record with others (one where no hashes collide). */
+static int plan_repeats(const pie_ctl *ctl, const unsigned char *rec,
+                        const unsigned char *kv, int32_t n, int32_t *dup,
+                        share_plan *sp)
 {
     size_t rb = rec_bytes(ctl->ps), pb = ctl->b->page_bytes;
-    int32_t m = 0, fresh = 0;
-    for (const ctl_export *e = ctl->exports; e; e = e->next) m += e->n;
+    *sp = (share_plan){ 0 };
     keyed *fk = malloc((size_t)n * sizeof *fk);
-    keyed *ck = malloc(((size_t)m + 1) * sizeof *ck);
-    unsigned char *buf = malloc(rb + pb);
-    if (!fk || !ck || !buf) {
-        free(fk), free(ck), free(buf);
+    uint64_t *rh = malloc((size_t)n * sizeof *rh);
+    sp->reps = malloc((size_t)n * sizeof *sp->reps);
+    sp->rhash = malloc((size_t)n * sizeof *sp->rhash);
+    if (!fk || !rh || !sp->reps || !sp->rhash) {
+        free(fk), free(rh), share_plan_free(sp);
         return pie_err_set(PIE_ENOMEM, "control: out of memory");
     }
     for (int32_t k = 0; k < n; k++) {
-        fk[k] = (keyed){ XXH64(rec + k * rb, rb, 0), k };
-        dup[k] = share[k] = -1;
+        rh[k] = XXH64(rec + k * rb, rb, 0);
+        fk[k] = (keyed){ XXH64(kv + k * pb, pb, rh[k]), k };
+        dup[k] = -1;
+    }
+    qsort(fk, n, sizeof *fk, keyed_cmp);
+    /* within a run of one key, in record order: each record is compared
+     * with the run's first distinct records (one, unless keys collide) */
+    for (int32_t a = 0, b; a < n; a = b) {
+        int32_t first[SHARE_TRIES], nf = 0;
+        for (b = a; b < n && fk[b].key == fk[a].key; b++) {
+            int32_t k = fk[b].i;
+            for (int32_t y = 0; y < nf && dup[k] < 0; y++) {
+                int32_t j = first[y];
+                sp->compares++;
+                if (memcmp(rec + j * rb, rec + k * rb, rb) == 0 &&
+                    memcmp(kv + j * pb, kv + k * pb, pb) == 0)
+                    dup[k] = j;
+            }
+            if (dup[k] >= 0) continue;
+            if (nf < SHARE_TRIES) first[nf++] = k;
+            sp->rhash[sp->n_reps] = rh[k];
+            sp->reps[sp->n_reps++] = fk[b];     /* (still sorted) */
+        }
+    }
+    qsort(sp->rhash, sp->n_reps, sizeof *sp->rhash, u64_cmp);
+    free(fk), free(rh);
+    return 0;
+}
+
+/* Fills share[k] for the records plan_repeats left (sp): a page a live
+ * export lists whose record and KV bytes are record k's, else -1 (an
+ * alias saved under another name and loaded already; never a page with a
+ * write pending). Returns how many records need a page of their own, or
+ * PIE_ENOMEM. mu held, device idle: it downloads each exported page
+ * whose record hash is that of a record of the file, once (its key then
+ * finds the records it may equal). Costs a hash of each exported page's
+ * record, a sort, those downloads, and at most SHARE_TRIES comparisons
+ * per page downloaded (one where no hashes collide). */
+static int32_t plan_aliases(pie_ctl *ctl, const unsigned char *rec,
+                            const unsigned char *kv, int32_t n,
+                            const int32_t *dup, share_plan *sp,
+                            int32_t *share)
+{
+    size_t rb = rec_bytes(ctl->ps), pb = ctl->b->page_bytes, m = 0;
+    for (int32_t k = 0; k < n; k++) share[k] = -1;
+    for (const ctl_export *e = ctl->exports; e; e = e->next) m += e->n;
+    keyed *ck = m < SIZE_MAX / sizeof *ck ? malloc((m + 1) * sizeof *ck)
+                                          : NULL;
+    unsigned char *buf = malloc(rb + pb);
+    if (!ck || !buf) {
+        free(ck), free(buf);
+        return pie_err_set(PIE_ENOMEM, "control: out of memory");
     }
     m = 0;
     for (const ctl_export *e = ctl->exports; e; e = e->next)
@@ -409,37 +522,32 @@ static int32_t plan_sharing(pie_ctl *ctl, const unsigned char *rec,
             record_write(ctl, e->pages[k], buf);
             ck[m++] = (keyed){ XXH64(buf, rb, 0), e->pages[k] };
         }
-    qsort(fk, n, sizeof *fk, keyed_cmp);
     qsort(ck, m, sizeof *ck, keyed_cmp);
-    /* repeats: within a run of one key, in record order */
-    for (int32_t a = 0, b; a < n; a = b) {
-        for (b = a + 1; b < n && fk[b].key == fk[a].key; b++) {}
-        for (int32_t x = a + 1; x < b; x++) {
-            int32_t k = fk[x].i;
-            for (int32_t y = a; y < x && dup[k] < 0; y++) {
-                int32_t j = fk[y].i;
-                if (dup[j] < 0 &&
-                    memcmp(rec + j * rb, rec + k * rb, rb) == 0 &&
-                    memcmp(kv + j * pb, kv + k * pb, pb) == 0)
-                    dup[k] = j;
-            }
-        }
-    }
-    /* aliases: the run of exported pages with the record's key */
-    for (int32_t x = 0, lo = 0; x < n; x++) {
-        int32_t k = fk[x].i;
-        while (lo < m && ck[lo].key < fk[x].key) lo++;
-        for (int32_t y = lo; y < m && ck[y].key == fk[x].key; y++) {
-            if (dup[k] >= 0 || share[k] >= 0) break;
-            record_write(ctl, ck[y].i, buf);
+    for (size_t y = 0; y < m; y++) {
+        int32_t page = ck[y].i;
+        if (y > 0 && ck[y - 1].i == page) continue;   /* listed again */
+        if (!bsearch(&ck[y].key, sp->rhash, sp->n_reps, sizeof *sp->rhash,
+                     u64_cmp))
+            continue;
+        record_write(ctl, page, buf);
+        if (ctl->b->ops->download(ctl->b, &page, 1, buf + rb) < 0) continue;
+        uint64_t key = XXH64(buf + rb, pb, ck[y].key);
+        size_t x = keyed_lower(sp->reps, sp->n_reps, key);
+        for (int32_t t = 0; t < SHARE_TRIES && x < (size_t)sp->n_reps &&
+                            sp->reps[x].key == key; t++, x++) {
+            int32_t k = sp->reps[x].i;
+            if (share[k] >= 0) continue;
+            sp->compares++;
             if (memcmp(buf, rec + k * rb, rb) == 0 &&
-                ctl->b->ops->download(ctl->b, &ck[y].i, 1, buf + rb) == 0 &&
                 memcmp(buf + rb, kv + k * pb, pb) == 0)
-                share[k] = ck[y].i;
+                share[k] = page;
         }
-        if (dup[k] < 0 && share[k] < 0) fresh++;
     }
-    free(fk), free(ck), free(buf);
+    int32_t fresh = 0;
+    for (int32_t k = 0; k < n; k++)
+        if (dup[k] < 0 && share[k] < 0) fresh++;
+    ctl->load_compares += sp->compares;
+    free(ck), free(buf);
     return fresh;
 }
 
@@ -452,11 +560,22 @@ int pie_ctl_export_load(pie_ctl *ctl, const char *path, const char *name)
     if (rc < 0) return rc;
     rbuf r = { data, len, 0 };
     file_hdr h = { 0 };
+    share_plan sp = { 0 };
     rc = check_file(ctl, path, &r, &h);
     if (rc == 0 && name && (!*name || strlen(name) > 255))
         rc = pie_err_set(PIE_EINVAL, "control: export name must be 1..255 "
                          "bytes");
     const char *nm = name ? name : h.name;
+    size_t rb = rec_bytes(ctl->ps), pb = ctl->b->page_bytes;
+    size_t rec0 = r.at, kv0 = rec0 + (size_t)h.n * rb;
+    /* every record before any page is taken: taking one may evict a
+     * cached page, and a failed load changes nothing */
+    for (int32_t k = 0; k < h.n && rc == 0; k++) {
+        const char *why = record_check(ctl, data + rec0 + k * rb);
+        if (why)
+            rc = pie_err_set(PIE_EFORMAT, "%s: page record %d is invalid: "
+                             "%s", path, k, why);
+    }
     /* h.n is bounded by the pool only once check_file succeeded */
     ctl_export *e = rc == 0 ? calloc(1, sizeof *e) : NULL;
     int32_t *pages = rc == 0 ? calloc(h.n, sizeof *pages) : NULL;
@@ -465,11 +584,11 @@ int pie_ctl_export_load(pie_ctl *ctl, const char *path, const char *name)
     if (rc == 0 && (!e || !pages || !plan || !nmc))
         rc = pie_err_set(PIE_ENOMEM, "control: out of memory");
     if (rc < 0) goto out;
-    /* per record: the earlier one it repeats, the exported page it
-     * shares (plan_sharing); the fresh pages, in record order */
+    /* per record: the earlier one it repeats (plan_repeats), the exported
+     * page it shares (plan_aliases); the fresh pages, in record order */
     int32_t *dup = plan, *share = plan + h.n, *own = plan + 2 * h.n;
-    size_t rb = rec_bytes(ctl->ps), pb = ctl->b->page_bytes;
-    size_t rec0 = r.at, kv0 = rec0 + (size_t)h.n * rb;
+    if ((rc = plan_repeats(ctl, data + rec0, data + kv0, h.n, dup, &sp)) < 0)
+        goto out;
     int32_t fresh = 0;
     pthread_mutex_lock(&ctl->mu);
     pie__wait_idle(ctl);   /* drops mu: before the name check, not after */
@@ -477,8 +596,8 @@ int pie_ctl_export_load(pie_ctl *ctl, const char *path, const char *name)
         if (strcmp(x->name, nm) == 0)
             rc = pie_err_set(PIE_EBUSY, "control: export name '%s' already "
                              "in use", nm);
-    if (rc == 0 && (rc = plan_sharing(ctl, data + rec0, data + kv0, h.n, dup,
-                                      share)) >= 0)
+    if (rc == 0 && (rc = plan_aliases(ctl, data + rec0, data + kv0, h.n, dup,
+                                      &sp, share)) >= 0)
         fresh = rc, rc = 0;
     if (rc == 0) rc = pie__export_cap_check(ctl, nm, NULL, fresh);
     if (rc == 0 && ctl->n_free + ctl->n_cached < fresh)
@@ -487,21 +606,18 @@ int pie_ctl_export_load(pie_ctl *ctl, const char *path, const char *name)
     if (rc == 0) {
         /* fresh pages get their records, and their KV packed in order */
         int32_t taken = 0;
-        for (int32_t k = 0; k < h.n && rc == 0; k++) {
+        for (int32_t k = 0; k < h.n; k++) {
             if (dup[k] >= 0 || share[k] >= 0) continue;
             pages[k] = own[taken] = pie__page_take(ctl);
             r.at = rec0 + (size_t)k * rb;
-            const char *why = read_record(ctl, &r, pages[k]);
-            if (why)
-                rc = pie_err_set(PIE_EFORMAT, "%s: page record %d is "
-                                 "invalid: %s", path, k, why);
+            read_record(ctl, &r, pages[k]);
             if (taken != k)
                 memmove(data + kv0 + (size_t)taken * pb,
                         data + kv0 + (size_t)k * pb, pb);
             taken++;
         }
-        if (rc == 0 && fresh > 0)
-            rc = ctl->b->ops->upload(ctl->b, own, fresh, data + kv0);
+        if (fresh > 0) rc = ctl->b->ops->upload(ctl->b, own, fresh,
+                                                data + kv0);
         if (rc < 0) {
             for (int32_t i = 0; i < taken; i++) {
                 ctl->pages[own[i]].hashed = false;
@@ -528,6 +644,7 @@ int pie_ctl_export_load(pie_ctl *ctl, const char *path, const char *name)
     }
     pthread_mutex_unlock(&ctl->mu);
 out:
+    share_plan_free(&sp);
     free(e);
     free(pages);
     free(plan);

@@ -293,7 +293,15 @@ void pie__page_unref(pie_ctl *ctl, int32_t page)
 {
     ctl_page *p = &ctl->pages[page];
     PIE_ASSERT(p->refs > 0);
-    if (--p->refs > 0) return;
+    if (--p->refs > 0) {
+        /* its idle owner's alone now (an op of another client that read
+         * it completed): swappable. (An owner with ops is no victim; its
+         * last op's completion wakes the waiters, sched.c) */
+        if (p->refs == 1 && p->owner && !p->owner->ops &&
+            !PAGE_IS_SHARED(p) && !p->last_writer)
+            pie__victims_changed(ctl);
+        return;
+    }
     PIE_ASSERT(p->last_writer == NULL);
     if (p->intable && !ctl->stop) {      /* keep it findable: CACHED */
         p->shared = 0;
@@ -810,12 +818,13 @@ static int alloc_handles(pie_ctl *ctl, pie_ctl_client *c, int32_t n,
 int pie_ctl_page_alloc(pie_ctl_client *c, int32_t n, int32_t timeout_ms,
                        uint32_t *out)
 {
-    CLIENT_CALL(c);
     pie_ctl *ctl = c->ctl;
     if (n < 0 || (n > 0 && !out))
-        return pie_err_set(PIE_EINVAL, "control: bad page count %d", n);
-    if (n == 0) return 0;
+        return CLIENT_CALL_FAIL(c, pie_err_set(PIE_EINVAL, "control: bad "
+                                               "page count %d", n));
+    if (n == 0) return CLIENT_CALL_FAIL(c, 0);
     pthread_mutex_lock(&ctl->mu);
+    CLIENT_CALL(c);
     int rc = check_quota(ctl, c, n);
     if (rc < 0) goto out;
     /* suspended: its swap comes back with the new pages, so refuse here
@@ -839,11 +848,12 @@ out:
 
 int pie_ctl_page_free(pie_ctl_client *c, int32_t n, const uint32_t *h)
 {
-    CLIENT_CALL(c);
     pie_ctl *ctl = c->ctl;
     if (n < 0 || (n > 0 && !h))
-        return pie_err_set(PIE_EINVAL, "control: bad page count %d", n);
+        return CLIENT_CALL_FAIL(c, pie_err_set(PIE_EINVAL, "control: bad "
+                                               "page count %d", n));
     pthread_mutex_lock(&ctl->mu);
+    CLIENT_CALL(c);
     int rc = 0;             /* no resume: a swapped handle drops its entry */
     for (int32_t k = 0; k < n && rc == 0; k++) {
         if (!handle_any(c, h[k])) rc = PIE_EINVAL;
@@ -862,8 +872,8 @@ int pie_ctl_page_free(pie_ctl_client *c, int32_t n, const uint32_t *h)
 
 int pie_ctl_page_fill(pie_ctl_client *c, uint32_t h, int32_t *fill)
 {
-    CLIENT_CALL(c);
     pthread_mutex_lock(&c->ctl->mu);
+    CLIENT_CALL(c);
     ctl_handle *hd = handle_any(c, h);     /* no resume: swap_fill has it */
     if (hd)
         *fill = hd->page == HANDLE_SWAPPED ? c->swap_fill[hd->swap]
@@ -886,21 +896,23 @@ static ctl_export *export_find(pie_ctl *ctl, const char *name,
 int pie_ctl_export(pie_ctl_client *c, const char *name, int32_t n,
                    const uint32_t *h)
 {
-    CLIENT_CALL(c);
     pie_ctl *ctl = c->ctl;
     if (!name || !*name || strlen(name) > 255)
-        return pie_err_set(PIE_EINVAL, "control: export name must be 1..255 "
-                           "bytes");
+        return CLIENT_CALL_FAIL(c, pie_err_set(PIE_EINVAL, "control: export "
+                                               "name must be 1..255 bytes"));
     if (n <= 0 || !h)
-        return pie_err_set(PIE_EINVAL, "control: export of %d pages", n);
+        return CLIENT_CALL_FAIL(c, pie_err_set(PIE_EINVAL, "control: export "
+                                               "of %d pages", n));
     ctl_export *e = calloc(1, sizeof *e);
     int32_t *pages = malloc(n * sizeof *pages);
     char *nm = strdup(name);
     if (!e || !pages || !nm) {
         free(e), free(pages), free(nm);
-        return pie_err_set(PIE_ENOMEM, "control: out of memory");
+        return CLIENT_CALL_FAIL(c, pie_err_set(PIE_ENOMEM, "control: out of "
+                                               "memory"));
     }
     pthread_mutex_lock(&ctl->mu);
+    CLIENT_CALL(c);
     int rc = 0;
     if ((rc = RESUME_NOW(c)) < 0) goto out;
     if (export_find(ctl, name, NULL)) {
@@ -936,10 +948,12 @@ out:
 int pie_ctl_import(pie_ctl_client *c, const char *name, int32_t cap,
                    uint32_t *out, int32_t *n)
 {
-    CLIENT_CALL(c);
     pie_ctl *ctl = c->ctl;
-    if (!name) return pie_err_set(PIE_EINVAL, "control: NULL export name");
+    if (!name)
+        return CLIENT_CALL_FAIL(c, pie_err_set(PIE_EINVAL, "control: NULL "
+                                               "export name"));
     pthread_mutex_lock(&ctl->mu);
+    CLIENT_CALL(c);
     int rc = 0;
     ctl_export *e = export_find(ctl, name, NULL);
     if (!e) {
@@ -974,10 +988,12 @@ out:
 
 int pie_ctl_unexport(pie_ctl_client *c, const char *name)
 {
-    CLIENT_CALL(c);
     pie_ctl *ctl = c->ctl;
-    if (!name) return pie_err_set(PIE_EINVAL, "control: NULL export name");
+    if (!name)
+        return CLIENT_CALL_FAIL(c, pie_err_set(PIE_EINVAL, "control: NULL "
+                                               "export name"));
     pthread_mutex_lock(&ctl->mu);
+    CLIENT_CALL(c);
     ctl_export **link;
     ctl_export *e = export_find(ctl, name, &link);
     if (e) {
@@ -1126,22 +1142,31 @@ static int page_hash(pie_ctl *ctl, int32_t page, uint64_t prefix,
     return 1;
 }
 
-int pie__pool_hash_of(const pie_ctl *ctl, int32_t page, uint64_t prefix,
-                      uint64_t *out)
+int pie__pool_hash_bytes(const pie_ctl *ctl, uint64_t prefix,
+                         const void *tok, const void *pos, const void *mask,
+                         uint64_t *out)
 {
     int32_t ps = ctl->ps;
-    size_t base = (size_t)page * ps;
     XXH64_state_t *st = XXH64_createState();
     if (!st) return PIE_ENOMEM;
     XXH64_reset(st, ctl->o.model_id);
     XXH64_update(st, &prefix, sizeof prefix);
-    XXH64_update(st, ctl->slot_tok + base, ps * sizeof(int32_t));
-    XXH64_update(st, ctl->slot_pos + base, ps * sizeof(int32_t));
-    XXH64_update(st, ctl->slot_mask + base, ps * sizeof(uint64_t));
+    XXH64_update(st, tok, ps * sizeof(int32_t));
+    XXH64_update(st, pos, ps * sizeof(int32_t));
+    XXH64_update(st, mask, ps * sizeof(uint64_t));
     uint64_t h = XXH64_digest(st);
     XXH64_freeState(st);
     *out = h ? h : 1;
     return 0;
+}
+
+int pie__pool_hash_of(const pie_ctl *ctl, int32_t page, uint64_t prefix,
+                      uint64_t *out)
+{
+    size_t base = (size_t)page * ctl->ps;
+    return pie__pool_hash_bytes(ctl, prefix, ctl->slot_tok + base,
+                                ctl->slot_pos + base, ctl->slot_mask + base,
+                                out);
 }
 
 /* Points the single owner handle of page at twin instead. */

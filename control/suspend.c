@@ -10,17 +10,19 @@
  * first within the lowest class; never one already suspended, one being
  * resumed (`resuming`, also once its own page_free emptied its swap) or
  * one whose swap pie_ctl_client_resume brought back and that has made no
- * call since (`resumed`, cleared by CLIENT_CALL at every entry point, a
- * failing one included). Only pages the victim holds alone (one
- * reference, not exported, not deduplicated, writable) are swapped; shared
- * pages stay where they are. Victims are swapped only when their pages,
- * added up in that order within the budget (pie__victim_pages), cover what
- * the allocation lacks: a swap that cannot serve it would cost the victim
- * its pages for nothing. Short of that the allocation waits, and looks
- * again whenever pages come free or a client may have become a victim:
- * its last op completed (sched.c), its next call ended the protection of
+ * call since (`resumed`, cleared at every entry point, a failing one
+ * included, under mu before the call's work: CLIENT_CALL in ctl_int.h).
+ * Only pages the victim holds alone (one reference, not exported, not
+ * deduplicated, writable) are swapped; shared pages stay where they are.
+ * Victims are swapped only when their pages, added up in that order
+ * within the budget (pie__victim_pages), cover what the allocation lacks:
+ * a swap that cannot serve it would cost the victim its pages for
+ * nothing. Short of that the allocation waits, and looks again whenever
+ * pages come free or a client may have become a victim: its last op
+ * completed (sched.c), its next call ended the protection of
  * pie_ctl_client_resume (pie__client_call), a page of it is no longer
- * shared (an import or merge of it dropped, an export of it removed);
+ * shared (an import or merge of it dropped, an export of it removed, the
+ * op of another client that still read it completed: pie__page_unref);
  * each wakes the waiting allocations (pie__victims_changed, pool.c). The
  * wait-cycle check counts the pages an allocation could so swap out of
  * waiting clients as coming free, which holds only because every such
@@ -468,8 +470,8 @@ int pie__client_resume_now(pie_ctl_client *c)
 
 int pie_ctl_client_resume(pie_ctl_client *c, int32_t timeout_ms)
 {
-    CLIENT_CALL(c);
     pthread_mutex_lock(&c->ctl->mu);
+    CLIENT_CALL(c);
     bool back, waited = false;
     int rc = resume(c, 0, NULL, timeout_ms, &waited, &back);
     if (back) atomic_store(&c->resumed, true);   /* for its next call */
@@ -479,10 +481,17 @@ int pie_ctl_client_resume(pie_ctl_client *c, int32_t timeout_ms)
 
 void pie__client_call(pie_ctl_client *c)
 {
-    if (!atomic_exchange(&c->resumed, false)) return;
-    /* a victim again: allocations that wait beside it look again. Under
-     * mu, so that none checks it as protected and then sleeps past this */
+    /* a victim again: allocations that wait beside it look again, once
+     * the call drops mu (under mu: none checks it as protected and then
+     * sleeps past this) */
+    if (atomic_exchange(&c->resumed, false)) pie__victims_changed(c->ctl);
+}
+
+int pie__client_call_fail(pie_ctl_client *c, int rc)
+{
+    if (!atomic_load(&c->resumed)) return rc;   /* (set only under mu) */
     pthread_mutex_lock(&c->ctl->mu);
-    pie__victims_changed(c->ctl);
+    pie__client_call(c);
     pthread_mutex_unlock(&c->ctl->mu);
+    return rc;
 }

@@ -197,6 +197,7 @@ static int fake_download(pie_backend *b, const int32_t *pages, int32_t n,
                          void *host)
 {
     fake *f = (fake *)b;
+    f->st.downloads += n;
     for (int32_t i = 0; i < n; i++)
         memcpy((char *)host + i * b->page_bytes,
                f->kv + (size_t)pages[i] * b->page_size, b->page_bytes);

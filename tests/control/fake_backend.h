@@ -26,6 +26,7 @@ typedef struct fake_stats {
     int64_t total_tokens;
     int32_t copies;
     int32_t failed;         /* forward calls failed on demand               */
+    int64_t downloads;      /* pages downloaded (all download calls)        */
     int32_t log[4096];      /* requests per call, first 4096 calls          */
 } fake_stats;
 
