@@ -200,11 +200,16 @@ int  pie_ctl_page_free(pie_ctl_client *c, int32_t n, const uint32_t *h);
 /* Copies KV of n token slots from (src, src_off) to (dst, dst_off), e.g. to
  * fork a partially filled page. Ordered after earlier forwards touching
  * either page; forwards submitted later see the copy. dst must be writable.
- * PIE_EAGAIN: c is suspended (see pie_ctl_client_resume). */
+ * dst's fill rises only by slots copied from written source slots (below
+ * src's fill) that continue dst's written slots without a gap; slots copied
+ * from unwritten ones lower dst's fill to dst_off plus the written ones
+ * copied before them. PIE_EAGAIN: c is suspended (see pie_ctl_client_resume). */
 int  pie_ctl_page_copy(pie_ctl_client *c, uint32_t src, int32_t src_off,
                        uint32_t dst, int32_t dst_off, int32_t n);
-/* Number of slots of a page written by forwards submitted so far (not
- * cancelled); read from host memory for a swapped-out page. */
+/* Number of leading slots of a page written by forwards and copies
+ * submitted so far (not cancelled): 0 for a freshly allocated page; kept
+ * by imports, swaps and persistence. Read from host memory for a
+ * swapped-out page. */
 int  pie_ctl_page_fill(pie_ctl_client *c, uint32_t h, int32_t *fill);
 
 /* Exports n pages under a name (unique per pie_ctl; PIE_EBUSY if taken).
@@ -285,7 +290,11 @@ typedef void (*pie_ctl_done_fn)(void *user, pie_ctl_future *f, int status);
 /* Validates f (handles, ranges, quotas), copies every array it points to
  * (the caller may free them on return) and queues it. The new tokens' KV
  * goes into slots [kv_len - n_tokens, kv_len) of the pages (see backend.h);
- * the pages written must be writable (not imported). done (may be NULL) runs
+ * the pages written must be writable (not imported). Pages are not cleared
+ * when reused, so a forward may read only slots already written (fill, see
+ * pie_ctl_page_fill): with first = kv_len - n_tokens, every page before
+ * slot first's page must be full and that page filled up to first; else
+ * PIE_ERANGE (this also keeps writes free of gaps). done (may be NULL) runs
  * once when the future completes. PIE_EAGAIN: c is suspended and the pool
  * has no room for its pages now (see pie_ctl_client_resume). */
 int  pie_ctl_forward_submit(pie_ctl_client *c, const pie_ctl_forward *f,

@@ -183,16 +183,28 @@ void pie_ctl_client_close(pie_ctl_client *c)
 
 /* ---- validation ----------------------------------------------------------- */
 
+/* Checks a run-length list: indptr (n+1 entries) starts at 0, is monotone
+ * with at most 2^24 runs per entry and at most CTL_MAX_RUNS in all, and
+ * each entry's runs cover at most limit slots. The whole indptr is checked
+ * before any run is read, so runs is only read inside [0, indptr[n]). */
 static int check_runs(const uint32_t *indptr, const uint32_t *runs, int32_t n,
-                      uint64_t limit, const char *what, int32_t *total)
+                      uint64_t limit, const char *what)
 {
     if (indptr[0] != 0)
         return pie_err_set(PIE_EINVAL, "control: %s indptr must start at 0",
                            what);
-    for (int32_t i = 0; i < n; i++) {
+    for (int32_t i = 0; i < n; i++)
         if (indptr[i + 1] < indptr[i] || indptr[i + 1] - indptr[i] > (1u << 24))
             return pie_err_set(PIE_EINVAL, "control: %s indptr not monotone "
                                "at %d", what, i);
+    if (indptr[n] > CTL_MAX_RUNS)
+        return pie_err_set(PIE_ELIMIT, "control: %s indptr totals %u runs, "
+                           "more than the limit of %d", what, indptr[n],
+                           CTL_MAX_RUNS);
+    if (indptr[n] > 0 && !runs)
+        return pie_err_set(PIE_EINVAL, "control: runs missing for %s "
+                           "indptr", what);
+    for (int32_t i = 0; i < n; i++) {
         uint64_t sum = 0;
         for (uint32_t k = indptr[i]; k < indptr[i + 1]; k++) sum += runs[k];
         if (sum > limit)
@@ -201,7 +213,6 @@ static int check_runs(const uint32_t *indptr, const uint32_t *runs, int32_t n,
                                (unsigned long long)sum,
                                (unsigned long long)limit);
     }
-    *total = (int32_t)indptr[n];
     return 0;
 }
 
@@ -225,7 +236,7 @@ static int check_row(const pie_ctl_forward *f, int32_t vocab, int32_t o)
 /* Checks everything that does not need the lock. */
 static int check_forward(pie_ctl *ctl, const pie_ctl_forward *f)
 {
-    int32_t ps = ctl->ps, dummy;
+    int32_t ps = ctl->ps;
     if (f->n_tokens < 1 || f->n_tokens > (1 << 20) || !f->tokens ||
         !f->positions)
         return pie_err_set(PIE_EINVAL, "control: forward needs 1..2^20 tokens "
@@ -250,25 +261,25 @@ static int check_forward(pie_ctl *ctl, const pie_ctl_forward *f)
         if (f->chains[i].token_idx < 0 || f->chains[i].token_idx >= f->n_tokens)
             return pie_err_set(PIE_ERANGE, "control: chain %d feeds token %d "
                                "of %d", i, f->chains[i].token_idx, f->n_tokens);
-    for (int32_t i = 0; i < f->n_tokens; i++) {
-        bool chained = false;
-        for (int32_t k = 0; k < f->n_chains && !chained; k++)
-            chained = f->chains[k].token_idx == i;
-        if (!chained && (f->tokens[i] < 0 || f->tokens[i] >= ctl->vocab))
+    /* chained[i]: token i is fed by a chain (its id is ignored); one pass
+     * over tokens and one over chains, not tokens x chains */
+    uint8_t *chained = f->n_chains > 0 ? calloc(f->n_tokens, 1) : NULL;
+    if (f->n_chains > 0 && !chained)
+        return pie_err_set(PIE_ENOMEM, "control: out of memory");
+    for (int32_t i = 0; i < f->n_chains; i++)
+        chained[f->chains[i].token_idx] = 1;
+    for (int32_t i = 0; i < f->n_tokens; i++)
+        if (!(chained && chained[i]) &&
+            (f->tokens[i] < 0 || f->tokens[i] >= ctl->vocab)) {
+            free(chained);
             return pie_err_set(PIE_ERANGE, "control: token id %d at %d "
                                "outside vocab %d", f->tokens[i], i, ctl->vocab);
-    }
+        }
+    free(chained);
     if (f->mask_indptr) {
-        if (!f->mask_runs && f->mask_indptr[f->n_tokens] > 0)
-            return pie_err_set(PIE_EINVAL, "control: mask runs missing");
         int rc = check_runs(f->mask_indptr, f->mask_runs, f->n_tokens,
-                            (uint64_t)kv_len, "attention mask of token",
-                            &dummy);
+                            (uint64_t)kv_len, "attention mask of token");
         if (rc < 0) return rc;
-        if (f->mask_indptr[f->n_tokens] > CTL_MAX_RUNS)
-            return pie_err_set(PIE_ELIMIT, "control: attention mask of %u "
-                               "runs, more than the limit of %d",
-                               f->mask_indptr[f->n_tokens], CTL_MAX_RUNS);
     }
     if (f->n_outputs < 0 || f->n_outputs > f->n_tokens * 64 ||
         (f->n_outputs > 0 && (!f->output_idx || !f->samplers)))
@@ -288,17 +299,10 @@ static int check_forward(pie_ctl *ctl, const pie_ctl_forward *f)
                            "ids, LOGITS is vocab %d each)", (long long)n_vals,
                            CTL_MAX_VALUES, ctl->vocab);
     if (f->logit_mask_indptr) {
-        if (!f->logit_mask_runs && f->logit_mask_indptr[f->n_outputs] > 0)
-            return pie_err_set(PIE_EINVAL, "control: logit mask runs missing");
         int rc = check_runs(f->logit_mask_indptr, f->logit_mask_runs,
                             f->n_outputs, (uint64_t)ctl->vocab,
-                            "logit mask of output", &dummy);
+                            "logit mask of output");
         if (rc < 0) return rc;
-        if (f->logit_mask_indptr[f->n_outputs] > CTL_MAX_RUNS)
-            return pie_err_set(PIE_ELIMIT, "control: logit masks of %u runs, "
-                               "more than the limit of %d",
-                               f->logit_mask_indptr[f->n_outputs],
-                               CTL_MAX_RUNS);
     }
     for (int32_t o = 0; o < f->n_outputs; o++) {
         int rc = check_row(f, ctl->vocab, o);
@@ -408,6 +412,30 @@ static int resolve_pages(pie_ctl_client *c, const pie_ctl_forward *f,
         ctl_handle *hd = pie__handle_get(c, f->pages[k]);
         if (!hd) return PIE_EINVAL;
         op->pages[k] = hd->page;
+    }
+    return 0;
+}
+
+/* Checks that f reads no slot that nothing wrote (mu held, pages resolved,
+ * before prefix caching trims op). Pages are not cleared when reused, so a
+ * slot no forward or copy of theirs wrote may still hold a previous owner's
+ * KV. With first = kv_len - n_tokens, the first slot f writes: every page
+ * before first's page must be full (fill == page size) and first's page
+ * must be filled up to first, so the new KV also leaves no gap. */
+static int check_filled(pie_ctl *ctl, const pie_ctl_forward *f,
+                        const ctl_op *op)
+{
+    int32_t ps = ctl->ps, first = op->kv_len - op->n_tokens;
+    for (int32_t k = 0; k <= first / ps; k++) {
+        int32_t need = k < first / ps ? ps : first % ps;
+        int32_t fill = ctl->pages[op->pages[k]].fill;
+        if (fill < need)
+            return pie_err_set(PIE_ERANGE, "control: forward reads slots "
+                               "%d..%d of page %d (handle %u), which nothing "
+                               "wrote (fill %d); KV must be written in order "
+                               "from slot 0: kv_len - n_tokens may not pass "
+                               "the written slots", fill, need - 1, k,
+                               f->pages[k], fill);
     }
     return 0;
 }
@@ -566,6 +594,7 @@ int pie_ctl_forward_submit(pie_ctl_client *c, const pie_ctl_forward *f,
     if ((rc = RESUME_NOW(c)) < 0) goto fail;
     pie__client_not_waiting(c);
     if ((rc = resolve_pages(c, f, op)) < 0) goto fail;
+    if ((rc = check_filled(ctl, f, op)) < 0) goto fail;
     if ((rc = resolve_chains(c, f, op)) < 0) goto fail;
     if ((rc = resolve_prefix(c, f, op)) < 0) goto fail;
     op->n_pages = f->n_pages;
@@ -660,9 +689,16 @@ int pie_ctl_page_copy(pie_ctl_client *c, uint32_t src, int32_t src_off,
         (pd->last_writer && add_dep(pd->last_writer, op, false) < 0))
         rc = PIE_ENOMEM;
     pd->last_writer = op;
+    /* dst's fill covers written slots only: v of the n come from written
+     * source slots; the rest carry whatever src held, and a copy past
+     * dst's fill leaves a gap below it, so neither raises the fill */
+    int32_t v = ps_->fill - src_off, old = pd->fill, nf;
+    v = v < 0 ? 0 : v > n ? n : v;
+    if (dst_off > old) nf = old;
+    else if (v < n) nf = dst_off + v;
+    else nf = old > dst_off + n ? old : dst_off + n;
     op->writes[op->n_writes++] = (ctl_write){
-        .page = op->cp_dst, .old_fill = pd->fill,
-        .new_fill = pd->fill > dst_off + n ? pd->fill : dst_off + n };
+        .page = op->cp_dst, .old_fill = old, .new_fill = nf };
     pd->fill = op->writes[0].new_fill;
     pie__pool_copy_record(ctl, op->cp_src, src_off, op->cp_dst, dst_off, n);
     op_enqueue(c, op);

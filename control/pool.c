@@ -855,13 +855,19 @@ int pie_ctl_page_free(pie_ctl_client *c, int32_t n, const uint32_t *h)
     pthread_mutex_lock(&ctl->mu);
     CLIENT_CALL(c);
     int rc = 0;             /* no resume: a swapped handle drops its entry */
+    /* seen[i]: handle i + 1 named earlier in h (O(n), not pairwise) */
+    uint8_t *seen = n > 1 ? calloc(c->n_h, 1) : NULL;
+    if (n > 1 && !seen)
+        rc = pie_err_set(PIE_ENOMEM, "control: out of memory");
     for (int32_t k = 0; k < n && rc == 0; k++) {
         if (!handle_any(c, h[k])) rc = PIE_EINVAL;
-        for (int32_t j = 0; j < k && rc == 0; j++)
-            if (h[j] == h[k])
-                rc = pie_err_set(PIE_EINVAL, "control: handle %u freed twice "
-                                 "in one call", h[k]);
+        else if (seen && seen[h[k] - 1])
+            rc = pie_err_set(PIE_EINVAL, "control: handle %u freed twice "
+                             "in one call", h[k]);
+        else if (seen)
+            seen[h[k] - 1] = 1;
     }
+    free(seen);
     if (rc == 0) {
         for (int32_t k = 0; k < n; k++) handle_drop(c, (int32_t)h[k] - 1);
         pie__client_not_waiting(c);

@@ -130,7 +130,7 @@ PIE_IMPORT_(forward_output) int32_t pie_forward_output(int32_t fwd, uint32_t tok
 PIE_IMPORT_(forward_output_ids) int32_t pie_forward_output_ids(int32_t fwd, uint32_t row, const int32_t *ids, uint32_t n);
 /* Logit mask for a row: alternating disallowed/allowed run lengths over the vocabulary. */
 PIE_IMPORT_(forward_logit_mask) int32_t pie_forward_logit_mask(int32_t fwd, uint32_t row, const uint32_t *runs, uint32_t n_runs);
-/* Submits the forward (the builder handle is consumed, whatever the result); returns a future, or PIE_EAGAIN as for kv_export (build the forward again to retry). */
+/* Submits the forward (the builder handle is consumed, whatever the result); returns a future, or PIE_EAGAIN as for kv_export (build the forward again to retry). A forward may read only KV slots already written: with first = kv_len - n_tokens, every page before first's page must be full and first's page filled up to first, else PIE_ERANGE (pages are not cleared when reused). */
 PIE_IMPORT_(forward_submit) int32_t pie_forward_submit(int32_t fwd);
 /* Sampled token per output row (-1 for probe rows); returns the number of rows. PIE_EAGAIN while pending. */
 PIE_IMPORT_(forward_read_tokens) int32_t pie_forward_read_tokens(int32_t fut, int32_t *tokens, uint32_t cap);

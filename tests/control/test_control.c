@@ -10,6 +10,7 @@
 #include <dirent.h>
 #include <math.h>
 #include <signal.h>
+#include <sys/mman.h>
 #include <pthread.h>
 #include <stdatomic.h>
 #include <stdlib.h>
@@ -4386,6 +4387,217 @@ static void test_bad_row_isolated(void)
     done_ctl(ctl, b);
 }
 
+/* One forward of n tokens at slots [kv - n, kv) over pages, no outputs. */
+static int fwd_at(pie_ctl_client *c, int32_t n, int32_t kv,
+                  const uint32_t *pages, pie_ctl_future **f)
+{
+    int32_t t[8], pos[8], np = (kv + PS - 1) / PS;
+    for (int32_t i = 0; i < n; i++) t[i] = 7 + i, pos[i] = kv - n + i;
+    pie_ctl_forward x = { .n_tokens = n, .tokens = t, .positions = pos,
+                          .n_pages = np, .pages = pages,
+                          .last_page_len = kv - (np - 1) * PS };
+    return pie_ctl_forward_submit(c, &x, NULL, NULL, f);
+}
+
+/* Pages are not cleared when reused: a forward may only read slots that a
+ * forward or copy of theirs wrote (fill), and writes leave no gap. A page
+ * another client filled and freed, reallocated, is refused as context; a
+ * copy from unwritten source slots raises no fill. */
+static void test_unwritten_slots(void)
+{
+    pie_backend *b;
+    pie_ctl *ctl = make_ctl(4, 0, NULL, &b);
+    pie_ctl_client *a, *c;
+    CHECK_OK(pie_ctl_client_open(ctl, NULL, &a));
+    CHECK_OK(pie_ctl_client_open(ctl, NULL, &c));
+    uint32_t ha[4], h[4];
+    pie_ctl_future *f;
+    /* a fills the whole pool with its KV and frees it */
+    CHECK_OK(pie_ctl_page_alloc(a, 4, 0, ha));
+    int32_t secret[16];
+    make_prompt(secret, 16, 99);
+    CHECK_OK(fwd(a, secret, 16, 0, ha, NULL, &f));
+    CHECK_OK(pie_ctl_future_wait(f, 5000));
+    pie_ctl_future_release(f);
+    CHECK_OK(pie_ctl_page_free(a, 4, ha));
+    /* c gets a's pages back (the pool has no others) */
+    CHECK_OK(pie_ctl_page_alloc(c, 4, 0, h));
+    int32_t fill = -1;
+    CHECK_OK(pie_ctl_page_fill(c, h[0], &fill));
+    CHECK(fill == 0, "reallocated page fill %d, expected 0", fill);
+    /* one token at slot 5 would attend to slots 0..4, never written by c */
+    int rc = fwd_at(c, 1, 6, h, &f);
+    CHECK(rc == PIE_ERANGE, "forward over unwritten slots: expected %d, "
+          "got %d", PIE_ERANGE, rc);
+    CHECK(strstr(pie_err_msg(), "nothing wrote") != NULL, "msg %s",
+          pie_err_msg());
+    /* a write that starts past the fill leaves a gap: refused */
+    CHECK_OK(fwd_at(c, 2, 2, h, &f));               /* slots 0..1 */
+    pie_ctl_future_release(f);
+    rc = fwd_at(c, 1, 4, h, &f);                    /* slot 3, gap at 2 */
+    CHECK(rc == PIE_ERANGE, "gap write: expected %d, got %d", PIE_ERANGE, rc);
+    CHECK_OK(fwd_at(c, 1, 3, h, &f));               /* slot 2: in order */
+    pie_ctl_future_release(f);
+    CHECK_OK(fwd_at(c, 1, 2, h, &f));               /* rewrite slot 1 */
+    pie_ctl_future_release(f);
+    rc = fwd_at(c, 1, 5, h, &f);         /* page 0 has fill 3, not 4 */
+    CHECK(rc == PIE_ERANGE, "partial page before: expected %d, got %d",
+          PIE_ERANGE, rc);
+    CHECK_OK(fwd_at(c, 2, 5, h, &f));               /* slots 3..4 */
+    CHECK_OK(pie_ctl_future_wait(f, 5000));
+    pie_ctl_future_release(f);
+    /* a copy of unwritten slots (h[3]) over written ones takes them back */
+    CHECK_OK(pie_ctl_page_copy(c, h[3], 0, h[2], 0, PS));
+    CHECK_OK(pie_ctl_page_fill(c, h[2], &fill));
+    CHECK(fill == 0, "copy of unwritten slots: fill %d, expected 0", fill);
+    uint32_t via[2] = { h[2], h[3] };
+    rc = fwd_at(c, 1, 5, via, &f);
+    CHECK(rc == PIE_ERANGE, "forward over copied stale slots: expected %d, "
+          "got %d", PIE_ERANGE, rc);
+    /* a copy past the destination's fill leaves a gap: no fill raised */
+    CHECK_OK(pie_ctl_page_copy(c, h[0], 0, h[2], 2, 2));
+    CHECK_OK(pie_ctl_page_fill(c, h[2], &fill));
+    CHECK(fill == 0, "copy past the fill: fill %d, expected 0", fill);
+    /* a copy of written slots in order counts: h[1] holds slot 4 */
+    CHECK_OK(pie_ctl_page_copy(c, h[0], 0, h[2], 0, PS));
+    CHECK_OK(pie_ctl_page_copy(c, h[1], 0, h[3], 0, 1));
+    CHECK_OK(pie_ctl_page_fill(c, h[3], &fill));
+    CHECK(fill == 1, "copy of a written slot: fill %d, expected 1", fill);
+    CHECK_OK(fwd_at(c, 1, 6, via, &f));
+    CHECK_OK(pie_ctl_future_wait(f, 5000));
+    pie_ctl_future_release(f);
+    pie_ctl_client_close(a);
+    pie_ctl_client_close(c);
+    printf("unwritten slots: forwards reading slots nobody wrote (reused "
+           "pages, gaps, copies of stale slots) refused with PIE_ERANGE\n");
+    done_ctl(ctl, b);
+}
+
+/* A mask indptr that is not monotone is refused before any run is read:
+ * [0, J, 2] once summed runs[0..J) of a 2-entry array. The runs sit at the
+ * end of a mapping followed by an inaccessible page. */
+static void test_mask_indptr_first(void)
+{
+    pie_backend *b;
+    pie_ctl *ctl = make_ctl(16, 0, NULL, &b);
+    pie_ctl_client *c;
+    CHECK_OK(pie_ctl_client_open(ctl, NULL, &c));
+    uint32_t h[1];
+    CHECK_OK(pie_ctl_page_alloc(c, 1, 0, h));
+    long pg = sysconf(_SC_PAGESIZE);
+    char *m = mmap(NULL, 2 * pg, PROT_READ | PROT_WRITE,
+                   MAP_PRIVATE | MAP_ANONYMOUS, -1, 0);
+    CHECK(m != MAP_FAILED, "mmap");
+    CHECK_OK(mprotect(m + pg, pg, PROT_NONE));
+    uint32_t *runs = (uint32_t *)(m + pg) - 2;
+    runs[0] = 0, runs[1] = 1;
+    int32_t t[2] = { 1, 2 }, pos[2] = { 0, 1 };
+    uint32_t mi[3] = { 0, 1u << 20, 2 };
+    pie_ctl_forward x = { .n_tokens = 2, .tokens = t, .positions = pos,
+                          .n_pages = 1, .pages = h, .last_page_len = 2,
+                          .mask_indptr = mi, .mask_runs = runs };
+    pie_ctl_future *f;
+    int rc = pie_ctl_forward_submit(c, &x, NULL, NULL, &f);
+    CHECK(rc == PIE_EINVAL, "indptr [0, 2^20, 2]: expected %d, got %d",
+          PIE_EINVAL, rc);
+    CHECK(strstr(pie_err_msg(), "not monotone") != NULL, "msg %s",
+          pie_err_msg());
+    /* the same for a logit mask */
+    pie_sampler s = { .kind = PIE_SAMPLER_GREEDY };
+    int32_t oi[2] = { 0, 1 };
+    pie_sampler ss[2] = { s, s };
+    x.mask_indptr = NULL, x.mask_runs = NULL;
+    x.n_outputs = 2, x.output_idx = oi, x.samplers = ss;
+    x.logit_mask_indptr = mi, x.logit_mask_runs = runs;
+    rc = pie_ctl_forward_submit(c, &x, NULL, NULL, &f);
+    CHECK(rc == PIE_EINVAL, "logit indptr [0, 2^20, 2]: expected %d, got %d",
+          PIE_EINVAL, rc);
+    munmap(m, 2 * pg);
+    pie_ctl_client_close(c);
+    printf("mask indptr first: a non-monotone indptr is refused before its "
+           "runs are read\n");
+    done_ctl(ctl, b);
+}
+
+/* 2^20 tokens with 2^20 chains: the chained-token check is linear (it was
+ * tokens x chains, minutes). Chained tokens' ids are ignored, an unchained
+ * bad id is refused. */
+static void test_many_chains(void)
+{
+    pie_backend *bk;
+    int32_t ps = 4096, np = 256, n = 1 << 20;
+    CHECK_OK(fake_backend_create(VOCAB, ps, np, 0, &bk));
+    pie_ctl *ctl = NULL;
+    CHECK_OK(pie_ctl_create(bk, NULL, &ctl));
+    pie_ctl_client *c;
+    CHECK_OK(pie_ctl_client_open(ctl, NULL, &c));
+    int32_t *t = malloc(n * sizeof *t), *pos = malloc(n * sizeof *pos);
+    uint32_t *h = malloc(np * sizeof *h);
+    pie_ctl_chain *ch = malloc(n * sizeof *ch);
+    CHECK(t && pos && h && ch, "malloc");
+    for (int32_t i = 0; i < np; i++) h[i] = (uint32_t)i + 1;
+    for (int32_t i = 0; i < n; i++) {
+        t[i] = -1, pos[i] = i;
+        ch[i] = (pie_ctl_chain){ .token_idx = n - 1 - i, .from = NULL };
+    }
+    /* every token chained: the token check passes; n_outputs -1 is the
+     * next refusal */
+    pie_ctl_forward x = { .n_tokens = n, .tokens = t, .positions = pos,
+                          .n_pages = np, .pages = h, .last_page_len = ps,
+                          .n_outputs = -1, .n_chains = n, .chains = ch };
+    pie_ctl_future *f;
+    double t0 = now_ms();
+    int rc = pie_ctl_forward_submit(c, &x, NULL, NULL, &f);
+    CHECK(rc == PIE_EINVAL && strstr(pie_err_msg(), "output rows"),
+          "all chained: expected the output-row refusal, got %d (%s)", rc,
+          pie_err_msg());
+    /* token 12345 unchained (chain fed 0 twice) with id -1: refused */
+    ch[n - 1 - 12345].token_idx = 0;
+    rc = pie_ctl_forward_submit(c, &x, NULL, NULL, &f);
+    CHECK(rc == PIE_ERANGE && strstr(pie_err_msg(), "at 12345"),
+          "unchained bad id: expected %d at 12345, got %d (%s)", PIE_ERANGE,
+          rc, pie_err_msg());
+    printf("many chains: 2^20 tokens x 2^20 chains checked twice in %.1f ms\n",
+           now_ms() - t0);
+    free(t), free(pos), free(h), free(ch);
+    pie_ctl_client_close(c);
+    pie_ctl_free(ctl);
+    pie_backend_free(bk);
+}
+
+/* Freeing 2^20 handles at once: duplicates still refused with nothing
+ * freed, and the check is not pairwise under the pool lock (it was: 1.2 s
+ * for 2^16 handles, minutes for 2^20). */
+static void test_free_many(void)
+{
+    pie_backend *b;
+    int32_t n = 1 << 20;
+    pie_ctl *ctl = make_ctl(n, 0, NULL, &b);
+    pie_ctl_client *c;
+    CHECK_OK(pie_ctl_client_open(ctl, NULL, &c));
+    uint32_t *h = malloc(n * sizeof *h);
+    CHECK(h != NULL, "malloc");
+    CHECK_OK(pie_ctl_page_alloc(c, n, 0, h));
+    uint32_t last = h[n - 1];
+    h[n - 1] = h[0];
+    double t0 = now_ms();
+    int rc = pie_ctl_page_free(c, n, h);
+    double dt = now_ms() - t0;
+    CHECK(rc == PIE_EINVAL && strstr(pie_err_msg(), "twice"),
+          "duplicate handle: expected %d, got %d (%s)", PIE_EINVAL, rc,
+          pie_err_msg());
+    int32_t fill;
+    CHECK_OK(pie_ctl_page_fill(c, h[1], &fill));     /* nothing freed */
+    h[n - 1] = last;
+    CHECK_OK(pie_ctl_page_free(c, n, h));
+    CHECK(pie_ctl_page_fill(c, h[1], &fill) == PIE_EINVAL, "freed");
+    printf("free many: %d handles, duplicate refused in %.1f ms, then all "
+           "freed\n", n, dt);
+    free(h);
+    pie_ctl_client_close(c);
+    done_ctl(ctl, b);
+}
+
 static const struct { const char *name; void (*fn)(void); } tests[] = {
     { "generate_alone", test_generate_alone },
     { "chained", test_chained },
@@ -4451,6 +4663,10 @@ static const struct { const char *name; void (*fn)(void); } tests[] = {
     { "import_readonly", test_import_readonly },
     { "probe_cap", test_probe_cap },
     { "bad_row_isolated", test_bad_row_isolated },
+    { "unwritten_slots", test_unwritten_slots },
+    { "mask_indptr_first", test_mask_indptr_first },
+    { "many_chains", test_many_chains },
+    { "free_many", test_free_many },
 };
 
 /* test_control [NAME...]: the named tests, or all of them in order. */
