@@ -7,9 +7,11 @@
  * Dependencies are wired at submission: a forward waits for every forward
  * it chains from (a CHAIN dependency: their failure cancels it) and for the
  * newest not-yet-done writer of every page it touches (an ORDER dependency:
- * per-page submission order). Each page remembers that writer in
- * last_writer, and leaves the dedup table then (pie__pool_write_wired;
- * a copy's destination in pie__pool_copy_record): a reader wired later
+ * per-page submission order; the writer's failure cancels it too, as it
+ * would read slots the writer left unwritten). Each page remembers that
+ * writer in last_writer, and leaves the dedup table then
+ * (pie__pool_write_wired; a copy's destination in
+ * pie__pool_copy_record): a reader wired later
  * reads the new KV. A dependency holds a reference on the dependent op,
  * so the parent's dependent array never points at freed memory.
  */

@@ -12,7 +12,8 @@
  *
  *   WAITING  submitted; some dependency (chained parent, earlier writer of a
  *            page it touches) has not completed; on no list, counted in its
- *            parents' dependent arrays
+ *            parents' dependent arrays. A parent that fails or is
+ *            cancelled cancels it (release_dependents in sched.c)
  *   READY    all dependencies done; on ctl->ready[priority], ordered by seq
  *   STAGED   copied into the staging batch (ctl->staging)
  *   RUNNING  in the batch the device thread runs; a chunked prefill goes
@@ -78,6 +79,8 @@ struct ctl_op {
     int32_t         n_pending;       /* dependencies not yet DONE           */
     ctl_dep        *deps;            /* ops that depend on us               */
     int32_t         n_deps, cap_deps;
+    ctl_op         *cancel_up;       /* cancel_dependents' walk: the op we  */
+    int32_t         cancel_i;        /* were reached from, next dep to see  */
     ctl_op         *next, *prev;     /* ready list                          */
     ctl_op         *cnext, *cprev;   /* client's op list                    */
     ctl_op         *nnext;           /* notify list                         */

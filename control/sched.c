@@ -149,27 +149,26 @@ static void client_unlink(ctl_op *op)
     if (!c->ops) pie__victims_changed(op->ctl);   /* idle: a victim now */
 }
 
-static void release_dependents(pie_ctl *ctl, ctl_op *op, int status)
+/* op succeeded: each dependent waits for one op less. */
+static void release_dependents(pie_ctl *ctl, ctl_op *op)
 {
     for (int32_t i = 0; i < op->n_deps; i++) {
         ctl_op *d = op->deps[i].op;
-        if (d->state != OP_DONE) {
-            if (status != 0 && op->deps[i].chain)
-                pie__op_complete(ctl, d, PIE_ECANCELED);
-            else if (--d->n_pending == 0)
-                pie__make_ready(ctl, d);
-        }
+        if (d->state != OP_DONE && --d->n_pending == 0) pie__make_ready(ctl, d);
         pie__op_unref(d);
     }
     op->n_deps = 0;
 }
 
-/*
- * Completes op with status: drops its pages, rolls back its fills unless it
- * succeeded, releases or cancels its dependents, queues its callback and
- * drops the control layer's reference. op must not be STAGED or RUNNING.
- */
-void pie__op_complete(pie_ctl *ctl, ctl_op *op, int status)
+static void drop_deps(ctl_op *op)
+{
+    for (int32_t i = 0; i < op->n_deps; i++) pie__op_unref(op->deps[i].op);
+    op->n_deps = 0;
+}
+
+/* The first half of completing op: off the ready list and its client's
+ * ops, status set, DONE. */
+static void op_mark_done(pie_ctl *ctl, ctl_op *op, int status)
 {
     PIE_ASSERT(op->state != OP_DONE && op->state != OP_STAGED &&
                op->state != OP_RUNNING);
@@ -181,8 +180,13 @@ void pie__op_complete(pie_ctl *ctl, ctl_op *op, int status)
     ctl->st.queue_depth--;
     if (status == PIE_ECANCELED) ctl->st.cancelled++;
     else if (status != 0) ctl->st.failed++;
-    /* children first: a cancelled chain rolls back newest fill first */
-    release_dependents(ctl, op, status);
+}
+
+/* The second half, once its dependents are settled: fills rolled back
+ * unless it succeeded, pages dropped, callback queued, the control
+ * layer's reference dropped. */
+static void op_finish(pie_ctl *ctl, ctl_op *op, int status)
+{
     if (status != 0) rollback(ctl, op);
     for (int32_t w = 0; w < op->n_writes; w++)
         if (ctl->pages[op->writes[w].page].last_writer == op)
@@ -206,6 +210,52 @@ void pie__op_complete(pie_ctl *ctl, ctl_op *op, int status)
     }
     if (op->n_waiters > 0) pthread_cond_broadcast(&op->cv);
     pie__op_unref(op);
+}
+
+/*
+ * root failed or was cancelled: every op that depends on it, transitively,
+ * is cancelled. A chained one has no token to take; an ordered one reads
+ * or overwrites a page root was to write (every ORDER dependency is on a
+ * page's last_writer), and the slots root left unwritten may hold a
+ * previous owner's KV (check_filled counted them as written when it was
+ * submitted). Each is finished after all of its own dependents, so fills
+ * roll back newest first. Without recursion: thousands of forwards queued
+ * on one page form a chain as deep, which would overflow a fiber's stack;
+ * the walk keeps its path in the ops themselves (cancel_up, cancel_i).
+ */
+static void cancel_dependents(pie_ctl *ctl, ctl_op *root)
+{
+    root->cancel_i = 0;
+    root->cancel_up = NULL;
+    for (ctl_op *o = root; o;) {
+        if (o->cancel_i < o->n_deps) {
+            ctl_op *d = o->deps[o->cancel_i++].op;
+            if (d->state != OP_DONE) {      /* (reached twice: done once) */
+                op_mark_done(ctl, d, PIE_ECANCELED);
+                d->cancel_i = 0;
+                d->cancel_up = o;
+                o = d;
+            }
+            continue;
+        }
+        ctl_op *up = o->cancel_up;      /* o stays alive: up's deps hold it */
+        drop_deps(o);
+        if (o != root) op_finish(ctl, o, PIE_ECANCELED);
+        o = up;
+    }
+}
+
+/*
+ * Completes op with status: drops its pages, rolls back its fills unless it
+ * succeeded, releases or cancels its dependents, queues its callback and
+ * drops the control layer's reference. op must not be STAGED or RUNNING.
+ */
+void pie__op_complete(pie_ctl *ctl, ctl_op *op, int status)
+{
+    op_mark_done(ctl, op, status);
+    if (status == 0) release_dependents(ctl, op);
+    else cancel_dependents(ctl, op);
+    op_finish(ctl, op, status);
 }
 
 /* ---- batch assembly ------------------------------------------------------- */

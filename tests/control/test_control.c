@@ -4105,9 +4105,11 @@ static void test_batch_oom(void)
     rc = wait_status(&st);
     CHECK(rc == PIE_ENOMEM, "its callback reported %d", rc);
     pie_ctl_future_release(fx);
-    /* the scheduler goes on under the same limit: a forward that its
-     * failure makes ready (ordered after it: all three write page h[0])
-     * runs; no callbacks here, so no completion wakes the scheduler */
+    /* the scheduler goes on under the same limit: a forward ordered
+     * after it (all three write page h[0]) completes at its failure --
+     * cancelled, as a writer's failure cancels what waits on its pages
+     * (failed_writer_readers); no callbacks here, so no completion wakes
+     * the scheduler */
     fake_backend_set_delay(b, 50000);            /* the device is idle */
     CHECK_OK(fwd(c, &tok, 1, 0, &h[0], NULL, &fz));  /* occupies the device */
     big_fwd(c, h[0], NULL, &fx);
@@ -4115,9 +4117,9 @@ static void test_batch_oom(void)
     rc = pie_ctl_future_wait(fx, 30000);
     CHECK(rc == PIE_ENOMEM, "the failing forward, ordered: %d", rc);
     rc = pie_ctl_future_wait(fs, 30000);
-    CHECK(rc == 0, "the forward ordered after the failed one: %d%s", rc,
+    CHECK(rc == PIE_ECANCELED, "the forward ordered after the failed one: "
+          "%d%s, expected PIE_ECANCELED", rc,
           rc == PIE_EAGAIN ? " (stalled for 30 s)" : "");
-    CHECK(wait_token(fs) == want, "the forward ordered after the failed one");
     CHECK(wait_token(fz) == want, "the forward before both");
     pie_ctl_future_release(fx);
     pie_ctl_future_release(fs);
@@ -4473,6 +4475,145 @@ static void test_unwritten_slots(void)
     done_ctl(ctl, b);
 }
 
+/* A reader ordered after a writer of its page reads the slots that writer
+ * was to write, counted as written (fill) since its submission. When the
+ * writer fails or is cancelled, those slots hold whatever the page held
+ * before -- here another client's KV -- so every op waiting on it through
+ * the page, and every op waiting on those, is cancelled, never run, and
+ * its fills are taken back. X fills the pool and frees it; c gets X's
+ * pages; A writes slots 0..3 of h[0] (the device fails it after slots
+ * 0..1); B reads them and writes h[1]; a copy of h[0] into h[2]; D reads
+ * h[2] (waits on the copy only). Before, B and D ran: B's token was the
+ * one after A[0], A[1], X[2], X[3] -- X's stale KV. */
+static void test_failed_writer_readers(void)
+{
+    pie_backend *b;
+    pie_ctl *ctl = make_ctl(5, 0, NULL, &b);
+    pie_ctl_client *x, *c, *z;
+    CHECK_OK(pie_ctl_client_open(ctl, NULL, &z));
+    CHECK_OK(pie_ctl_client_open(ctl, NULL, &x));
+    CHECK_OK(pie_ctl_client_open(ctl, NULL, &c));
+    uint32_t hz[1], hx[4], h[4];
+    CHECK_OK(pie_ctl_page_alloc(z, 1, 0, hz));
+    CHECK_OK(pie_ctl_page_alloc(x, 4, 0, hx));
+    int32_t secret[16], A[4], y = 11, y2 = 12, tz = 5;
+    make_prompt(secret, 16, 77);
+    make_prompt(A, 4, 78);
+    pie_ctl_future *f, *fz, *fa, *fb, *fd;
+    CHECK_OK(fwd(x, secret, 16, 0, hx, NULL, &f));
+    wait_token(f);
+    pie_ctl_future_release(f);
+    CHECK_OK(pie_ctl_page_free(x, 4, hx));
+    CHECK_OK(pie_ctl_page_alloc(c, 4, 0, h));       /* X's pages: no others */
+    int32_t calls0 = fake_backend_stats(b)->calls;
+    int32_t s0 = fake_backend_started(b);
+    fake_backend_set_delay(b, HOLD_US);
+    CHECK_OK(fwd(z, &tz, 1, 0, hz, NULL, &fz));     /* occupies the device */
+    wait_started(b, s0 + 1);
+    fake_backend_set_delay(b, 0);
+    fake_backend_fail_forwards(b, 1);               /* A's batch fails */
+    CHECK_OK(fwd(c, A, 4, 0, h, NULL, &fa));        /* slots 0..3 of h[0] */
+    CHECK_OK(fwd(c, &y, 1, 4, h, NULL, &fb));       /* reads them */
+    CHECK_OK(pie_ctl_page_copy(c, h[0], 0, h[2], 0, PS));
+    uint32_t via[2] = { h[2], h[3] };
+    CHECK_OK(fwd(c, &y2, 1, 4, via, NULL, &fd));    /* reads the copy */
+    int rc = pie_ctl_future_wait(fa, 10000);
+    CHECK(rc == PIE_EIO, "A completed with %d, expected %d", rc, PIE_EIO);
+    int32_t stale[5] = { A[0], A[1], secret[2], secret[3], y };
+    rc = pie_ctl_future_wait(fb, 10000);
+    if (rc == 0) {
+        const pie_forward_out *o;
+        CHECK_OK(pie_ctl_future_result(fb, &o, NULL));
+        CHECK(0, "B ran after A failed: token %d (the one after X's stale "
+              "KV in slots 2..3: %d)", o->tokens[0],
+              fake_expected_next(stale, 5, VOCAB));
+    }
+    CHECK(rc == PIE_ECANCELED, "B completed with %d, expected %d", rc,
+          PIE_ECANCELED);
+    rc = pie_ctl_future_wait(fd, 10000);
+    CHECK(rc == PIE_ECANCELED, "D (after the copy of A's page) completed "
+          "with %d, expected %d", rc, PIE_ECANCELED);
+    wait_token(fz);
+    CHECK(fake_backend_stats(b)->calls == calls0 + 1 &&
+          fake_backend_stats(b)->failed == 1, "%d forwards ran and %d "
+          "failed, expected z's and A's (failed) only",
+          fake_backend_stats(b)->calls - calls0,
+          fake_backend_stats(b)->failed);
+    for (int32_t k = 0; k < 4; k++) {
+        int32_t fill = -1;
+        CHECK_OK(pie_ctl_page_fill(c, h[k], &fill));
+        CHECK(fill == 0, "h[%d] fill %d after its writers were cancelled", k,
+              fill);
+    }
+    rc = fwd(c, &y, 1, 4, h, NULL, &f);
+    CHECK(rc == PIE_ERANGE, "a new reader of A's slots: %d, expected %d", rc,
+          PIE_ERANGE);
+    pie_ctl_future *fs[4] = { fz, fa, fb, fd };
+    for (int i = 0; i < 4; i++) pie_ctl_future_release(fs[i]);
+    pie_ctl_client_close(z);
+    pie_ctl_client_close(x);
+    pie_ctl_client_close(c);
+    printf("failed writer: its readers (and theirs) are cancelled, not run "
+           "over a previous owner's KV\n");
+    done_ctl(ctl, b);
+}
+
+/* Cancelling the first of N forwards queued on one page chain cancels all
+ * N (each reads the page its predecessor writes), and on a small stack:
+ * the cascade once recursed once per queued forward. */
+static void *cancel_small_stack(void *f)
+{
+    pie_ctl_future_cancel(f);
+    return NULL;
+}
+
+static void test_deep_cancel(void)
+{
+    enum { N = 5000 };
+    pie_backend *b;
+    pie_ctl *ctl = make_ctl(N / PS + 2, 0, NULL, &b);
+    pie_ctl_client *c, *z;
+    CHECK_OK(pie_ctl_client_open(ctl, NULL, &z));
+    CHECK_OK(pie_ctl_client_open(ctl, NULL, &c));
+    uint32_t hz[1], *h = malloc(sizeof *h * (N / PS));
+    pie_ctl_future **f = malloc(sizeof *f * N), *fz;
+    CHECK_OK(pie_ctl_page_alloc(z, 1, 0, hz));
+    CHECK_OK(pie_ctl_page_alloc(c, N / PS, 0, h));
+    int32_t tz = 5, s0 = fake_backend_started(b);
+    fake_backend_set_delay(b, 6 * HOLD_US);        /* while N are queued */
+    CHECK_OK(fwd(z, &tz, 1, 0, hz, NULL, &fz));     /* occupies the device */
+    wait_started(b, s0 + 1);
+    fake_backend_set_delay(b, 0);
+    for (int32_t i = 0; i < N; i++) {
+        int32_t t = i % VOCAB;
+        CHECK_OK(fwd(c, &t, 1, i, h, NULL, &f[i]));
+    }
+    pthread_attr_t at;
+    pthread_t th;
+    pthread_attr_init(&at);
+    pthread_attr_setstacksize(&at, 64 << 10);
+    CHECK(pthread_create(&th, &at, cancel_small_stack, f[0]) == 0, "thread");
+    pthread_join(th, NULL);
+    pthread_attr_destroy(&at);
+    for (int32_t i = 0; i < N; i++) {
+        int rc = pie_ctl_future_wait(f[i], 10000);
+        CHECK(rc == PIE_ECANCELED, "forward %d of the chain: %d, expected %d",
+              i, rc, PIE_ECANCELED);
+        pie_ctl_future_release(f[i]);
+    }
+    int32_t fill = -1;
+    CHECK_OK(pie_ctl_page_fill(c, h[N / PS - 1], &fill));
+    CHECK(fill == 0, "last page fill %d after its chain was cancelled", fill);
+    wait_token(fz);
+    pie_ctl_future_release(fz);
+    pie_ctl_client_close(z);
+    pie_ctl_client_close(c);
+    free(h);
+    free(f);
+    printf("deep cancel: %d queued forwards cancelled on a 64 KiB stack\n", N);
+    done_ctl(ctl, b);
+}
+
 /* A mask indptr that is not monotone is refused before any run is read:
  * [0, J, 2] once summed runs[0..J) of a 2-entry array. The runs sit at the
  * end of a mapping followed by an inaccessible page. */
@@ -4667,6 +4808,8 @@ static const struct { const char *name; void (*fn)(void); } tests[] = {
     { "mask_indptr_first", test_mask_indptr_first },
     { "many_chains", test_many_chains },
     { "free_many", test_free_many },
+    { "failed_writer_readers", test_failed_writer_readers },
+    { "deep_cancel", test_deep_cancel },
 };
 
 /* test_control [NAME...]: the named tests, or all of them in order. */
