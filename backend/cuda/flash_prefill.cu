@@ -128,20 +128,6 @@ static __device__ __forceinline__ int wg_off(int s, int cd)
            ((cd % 8) ^ (s % 8)) * 16;
 }
 
-/* A shared-memory matrix descriptor, 128-byte swizzle (lbo, sbo bytes). */
-static __device__ __forceinline__ uint64_t wg_desc(const void *p, uint32_t lbo,
-                                                   uint32_t sbo)
-{
-    uint32_t a = (uint32_t)__cvta_generic_to_shared(p);
-    return (uint64_t)((a & 0x3ffff) >> 4) | (uint64_t)(lbo >> 4) << 16 |
-           (uint64_t)(sbo >> 4) << 32 | 1ull << 62;
-}
-
-static __device__ __forceinline__ void wg_fence(void)
-{
-    asm volatile("wgmma.fence.sync.aligned;" ::: "memory");
-}
-
 static __device__ __forceinline__ void wg_commit_wait(void)
 {
     asm volatile("wgmma.commit_group.sync.aligned;\n"

@@ -162,6 +162,22 @@ __device__ __forceinline__ void mma16816(float *c, const uint32_t *a,
                  : "r"(a[0]), "r"(a[1]), "r"(a[2]), "r"(a[3]), "r"(b0), "r"(b1));
 }
 
+/* wgmma (sm_90a; flash_prefill.cu, wgmm.cu): a shared-memory matrix
+ * descriptor in the 128-byte swizzle (lbo, sbo bytes), and the fence
+ * before MMAs whose accumulators other instructions touched. */
+__device__ __forceinline__ uint64_t wg_desc(const void *p, uint32_t lbo,
+                                           uint32_t sbo)
+{
+    uint32_t a = (uint32_t)__cvta_generic_to_shared(p);
+    return (uint64_t)((a & 0x3ffff) >> 4) | (uint64_t)(lbo >> 4) << 16 |
+           (uint64_t)(sbo >> 4) << 32 | 1ull << 62;
+}
+
+__device__ __forceinline__ void wg_fence(void)
+{
+    asm volatile("wgmma.fence.sync.aligned;" ::: "memory");
+}
+
 /* Four 8x8 bf16 matrices from shared memory, lane l giving the address of
  * row l % 8 of matrix l / 8; register i of lane (g, c) receives row g,
  * columns 2c..2c+1 of matrix i: the B fragment of m16n8k16 where a row is

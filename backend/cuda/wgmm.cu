@@ -104,13 +104,11 @@ static __device__ __forceinline__ void tma_2d(void *dst, const CUtensorMap *map,
                  "r"(smem_u32(bar)) : "memory");
 }
 
-/* A shared-memory matrix descriptor: K-major, 128-byte swizzle, 8-row
- * groups 1024 bytes apart (the leading offset is unused in this layout). */
+/* A K-major tile's descriptor: 8-row groups 1024 bytes apart (the leading
+ * offset is unused in this layout). */
 static __device__ __forceinline__ uint64_t wgmm_desc(const void *p)
 {
-    uint32_t a = smem_u32(p);
-    return (uint64_t)((a & 0x3ffff) >> 4) | (uint64_t)1 << 16 |
-           (uint64_t)(1024 >> 4) << 32 | 1ull << 62;
+    return wg_desc(p, 16, 1024);
 }
 
 /* Arrives on barrier b's twin in the cluster's block `peer`. */
@@ -324,7 +322,7 @@ static __device__ void wgmm_consume(const wgmm_args &a, const wgmm_sched &q,
         for (int first = 1; it < stop; it++, first = 0) {
             const char *st = sm + (size_t)s * bytes;
             mbar_wait(&full[s], ph);
-            asm volatile("wgmma.fence.sync.aligned;" ::: "memory");
+            wg_fence();
 #pragma unroll
             for (int kk = 0; kk < 4; kk++)
                 wgmm_mma<MT>(d, wgmm_desc(st + grp * 8192 + kk * 32),

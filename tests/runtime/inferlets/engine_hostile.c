@@ -45,12 +45,20 @@ static void expect(const char *name, int32_t got, int32_t want)
 
 /* A builder with one token (id 1 at position last - 1) over pages[0..n) with
  * the last one filled to last. */
-static int32_t one_token(const int32_t *pages, uint32_t n, uint32_t last)
+/* A forward of token tok at position pos on pages (n, the last holding
+ * last slots). */
+static int32_t token_at(int32_t tok, int32_t pos, const int32_t *pages,
+                        uint32_t n, uint32_t last)
 {
-    int32_t f = pie_forward_new(m), tok = 1, pos = (int32_t)last - 1;
+    int32_t f = pie_forward_new(m);
     pie_forward_tokens(f, &tok, &pos, 1);
     pie_forward_pages(f, pages, n, last);
     return f;
+}
+
+static int32_t one_token(const int32_t *pages, uint32_t n, uint32_t last)
+{
+    return token_at(1, (int32_t)last - 1, pages, n, last);
 }
 
 /* Submits f and waits: the submit's error, or the forward's status. */
@@ -124,21 +132,10 @@ static void codes(void)
 
     /* tokens and positions */
     int32_t neg = -1, big = 0x7fffffff;
-    f = pie_forward_new(m);
-    pie_forward_tokens(f, &vocab, &pos, 1);
-    pie_forward_pages(f, pg, 1, 1);
-    expect("token id = vocab", run(f), PIE_ERANGE);
-    f = pie_forward_new(m);
-    pie_forward_tokens(f, &neg, &pos, 1);
-    pie_forward_pages(f, pg, 1, 1);
-    expect("token id -1", run(f), PIE_ERANGE);
-    f = pie_forward_new(m);
-    pie_forward_tokens(f, &tok, &neg, 1);
-    pie_forward_pages(f, pg, 1, 1);
-    expect("position -1", run(f), PIE_ERANGE);
-    f = pie_forward_new(m);
-    pie_forward_tokens(f, &tok, &big, 1);
-    pie_forward_pages(f, pg, 1, 1);
+    expect("token id = vocab", run(token_at(vocab, pos, pg, 1, 1)), PIE_ERANGE);
+    expect("token id -1", run(token_at(neg, pos, pg, 1, 1)), PIE_ERANGE);
+    expect("position -1", run(token_at(tok, neg, pg, 1, 1)), PIE_ERANGE);
+    f = token_at(tok, big, pg, 1, 1);
     pie_forward_output(f, 0, PIE_SAMPLER_GREEDY, 0, 0, 1, 0, 0);
     expect("position 2^31-1 runs", run(f), 0);
     f = one_token(pg, 1, 1);
