@@ -137,8 +137,9 @@ typedef struct pie_ctl_client_opts {
                                   plus, each page once, those its live
                                   exports list and its imported ones that
                                   no live export lists (imports of a live
-                                  export count nothing; see
-                                  pie_ctl_import) (0 = no limit)            */
+                                  export count nothing, except to the
+                                  next import; see pie_ctl_import)
+                                  (0 = no limit)                            */
     int64_t max_tokens;        /* tokens forwarded in total (0 = no limit)  */
     int32_t priority;          /* class; 0 is served first (0..7)           */
     const char *name;          /* for messages and counters (may be NULL)   */
@@ -223,12 +224,16 @@ int  pie_ctl_page_fill(pie_ctl_client *c, uint32_t h, int32_t *fill);
 int  pie_ctl_export(pie_ctl_client *c, const char *name, int32_t n,
                     const uint32_t *h);
 /* Imports an export: writes up to cap new read-only handles to out and the
- * export's page count to *n (PIE_ERANGE if cap is too small). Never
- * refused for c's quota: while an export lists them, the pages count
- * against its exporter's max_pages and the server's max_export_pages, not
- * c's; once none does (unexported, by anyone), c alone may keep them, and
- * they count against c's max_pages until it frees them, so that its next
- * allocation or export may fail with PIE_ELIMIT. */
+ * export's page count to *n (PIE_ERANGE if cap is too small). While an
+ * export lists them, the pages count against its exporter's max_pages and
+ * the server's max_export_pages, not against c's allocations; once none
+ * does (unexported, by anyone), c alone may keep them, and they count
+ * against c's max_pages until it frees them, so that its next allocation
+ * or export may fail with PIE_ELIMIT. The import itself fails with
+ * PIE_ELIMIT, importing nothing, where c could not keep them: where the
+ * pages c reaches (allocated, its live exports', every page it imported,
+ * each once) and those of the export it does not reach yet would pass
+ * its max_pages. */
 int  pie_ctl_import(pie_ctl_client *c, const char *name, int32_t cap,
                     uint32_t *out, int32_t *n);
 /* Removes a name (any client may; pages imported elsewhere live on). */
@@ -300,6 +305,15 @@ typedef void (*pie_ctl_done_fn)(void *user, pie_ctl_future *f, int status);
 int  pie_ctl_forward_submit(pie_ctl_client *c, const pie_ctl_forward *f,
                             pie_ctl_done_fn done, void *user,
                             pie_ctl_future **out);
+/* Host bytes of the results (pie_forward_out: sampled tokens, value
+ * offsets, probe values and ids) that pie_ctl_forward_submit allocates
+ * for a forward with these n_outputs rows; its future holds them until
+ * its last reference is released. A caller that lets others submit
+ * (the inferlet runtime) bounds what their futures hold with it. Rows
+ * that submit would refuse count what they ask for (a TOPK row at most
+ * vocab values, a negative count none). */
+uint64_t pie_ctl_output_bytes(pie_ctl *ctl, int32_t n_outputs,
+                              const pie_sampler *samplers);
 /* 0 when completed successfully, PIE_EAGAIN while pending, else the error. */
 int  pie_ctl_future_poll(pie_ctl_future *f);
 /* Blocks up to timeout_ms (<0 forever) for completion; returns as poll. For

@@ -711,6 +711,21 @@ int pie_ctl_page_copy(pie_ctl_client *c, uint32_t src, int32_t src_off,
 
 /* ---- futures -------------------------------------------------------------- */
 
+uint64_t pie_ctl_output_bytes(pie_ctl *ctl, int32_t n_outputs,
+                              const pie_sampler *samplers)
+{
+    /* as op_build allocates: tokens and value_indptr, values and ids */
+    uint64_t no = n_outputs > 0 ? (uint64_t)n_outputs : 0, vals = 0;
+    for (uint64_t o = 0; o < no && samplers; o++) {
+        int32_t v = pie__sampler_values(&samplers[o], ctl->vocab);
+        if (samplers[o].kind == PIE_PROBE_TOPK && v > ctl->vocab)
+            v = ctl->vocab;                  /* refused at submit anyway */
+        vals += v > 0 ? (uint64_t)v : 0;
+    }
+    return no * sizeof(int32_t) + (no + 1) * sizeof(uint32_t) +
+           vals * (sizeof(float) + sizeof(int32_t));
+}
+
 int pie_ctl_future_poll(pie_ctl_future *f)
 {
     ctl_op *op = (ctl_op *)f;

@@ -72,14 +72,19 @@
  * name that no live export lists (quota_used), so that alloc, export,
  * free in a loop cannot pin more than max_pages; an export whose exporter
  * closed counts against no client (any client may unexport it). The
- * pages of a live export are free to import (its exporter's quota and the
- * server's cap count them), and an import is never refused for the quota
- * (the inferlet API has no such error for it); once no export lists them,
- * the importer alone may keep them, and they count against its quota from
- * then on. An unexport, by anyone, may so take a client past max_pages:
- * it keeps what it holds, but allocates and exports nothing until it is
- * back under (export, import, unexport in a loop leaves it holding the
- * imports, unable to allocate). An export is checked against the same
+ * pages of a live export cost its importers' allocations nothing (its
+ * exporter's quota and the server's cap count them); once no export
+ * lists them, the importer alone may keep them, and they count against
+ * its quota from then on. An import itself is refused with PIE_ELIMIT,
+ * importing nothing, where c could not keep the pages should the export
+ * go (check_import_quota: every page it reaches counts, imports of live
+ * exports too), so imports of exports that others make and drop cannot
+ * pile up in c. An unexport, by anyone, may still take a client past
+ * max_pages (it imported within its quota, then allocated beside the
+ * live import, at most max_pages more): it keeps what it holds, but
+ * allocates nothing, and imports and exports no page it does not count
+ * yet, until it is back under. An
+ * export is checked against the same
  * count (check_export_quota): pages the client holds add nothing, but
  * pages it imported from a live export and re-exports do.
  * What no quota bounds, the server does: every export, its exporter open or
@@ -693,16 +698,17 @@ void pie__victims_changed(pie_ctl *ctl)
         pthread_cond_broadcast(&ctl->pool_cv);
 }
 
-/* Pages c's quota counts: its allocated handles, plus the pages that its
- * live exports list or its imported handles name while no live export
- * lists them (c alone may keep those), each page that none of the
- * allocated handles names once. Stamps the pages counted (those of the
- * allocated handles too) with *gen, a fresh stamp. Costs c's handles
- * plus its exports' pages, and every exported page when c imported any. */
-static int32_t quota_mark(pie_ctl *ctl, pie_ctl_client *c, uint32_t *gen)
+/* Pages c reaches: its allocated handles, its live exports' pages and,
+ * with all_imports, every page it imported, else only the imported ones
+ * that no live export lists (quota_mark's count), each page once. Stamps
+ * the pages counted (those of the allocated handles too) with *gen, a
+ * fresh stamp. Costs c's handles plus its exports' pages, and every
+ * exported page when c imported any (without all_imports). */
+static int32_t reach_mark(pie_ctl *ctl, pie_ctl_client *c, bool all_imports,
+                          uint32_t *gen)
 {
     uint32_t listed = 0;
-    if (c->imports > 0) {            /* what the live exports list */
+    if (c->imports > 0 && !all_imports) {   /* what the live exports list */
         listed = mark_begin(ctl);
         if (listed == UINT32_MAX) listed = mark_begin(ctl);  /* (no wrap
                                                   before *gen: it resets) */
@@ -721,10 +727,22 @@ static int32_t quota_mark(pie_ctl *ctl, pie_ctl_client *c, uint32_t *gen)
                 n += mark_page(ctl, e->pages[k], g);
     for (int32_t i = 0; c->imports > 0 && i < c->n_h; i++) {
         int32_t page = c->h[i].page;
-        if (c->h[i].ro && page >= 0 && ctl->pages[page].mark != listed)
+        if (c->h[i].ro && page >= 0 &&
+            (all_imports || ctl->pages[page].mark != listed))
             n += mark_page(ctl, page, g);
     }
     return n;
+}
+
+/* Pages c's quota counts: its allocated handles, plus the pages that its
+ * live exports list or its imported handles name while no live export
+ * lists them (c alone may keep those), each page that none of the
+ * allocated handles names once. Stamps the pages counted (those of the
+ * allocated handles too) with *gen, a fresh stamp. Costs c's handles
+ * plus its exports' pages, and every exported page when c imported any. */
+static int32_t quota_mark(pie_ctl *ctl, pie_ctl_client *c, uint32_t *gen)
+{
+    return reach_mark(ctl, c, false, gen);
 }
 
 /* quota_mark's count; cheap when c exports and imports nothing. */
@@ -765,6 +783,30 @@ static int check_export_quota(pie_ctl *ctl, pie_ctl_client *c,
                        "exports' pages and its imports of gone exports "
                        "included), limit %d", c->name, name, add, used,
                        c->max_pages);
+}
+
+/* PIE_ELIMIT when importing pages[n] (export `name`) would leave c, were
+ * no export to list them any more, holding more than its quota: every
+ * page it reaches counts (reach_mark with all_imports: imports of a live
+ * export too, as any client may unexport it and c alone then keeps
+ * them), and the pages it does not reach yet add. 0 otherwise. Without
+ * it, imports of exports that other clients made and then dropped piled
+ * up in c past max_pages without bound. */
+static int check_import_quota(pie_ctl *ctl, pie_ctl_client *c,
+                              const char *name, const int32_t *pages,
+                              int32_t n)
+{
+    if (c->max_pages == 0) return 0;
+    uint32_t gen;
+    int32_t used = reach_mark(ctl, c, true, &gen), add = 0;
+    for (int32_t k = 0; k < n; k++) add += mark_page(ctl, pages[k], gen);
+    if (add == 0 || add <= c->max_pages - used) return 0;
+    return pie_err_set(PIE_ELIMIT, "control: client '%s' page quota "
+                       "exceeded: import of '%s' adds %d pages to the %d it "
+                       "holds (its live exports' pages and every page it "
+                       "imported included: it keeps them if the export "
+                       "goes), limit %d; free pages first", c->name, name,
+                       add, used, c->max_pages);
 }
 
 /* Takes n pages for c into pages[n] (refs 1, no handles yet), waiting up
@@ -973,6 +1015,8 @@ int pie_ctl_import(pie_ctl_client *c, const char *name, int32_t cap,
                          "room for %d", name, e->n, cap);
         goto out;
     }
+    if ((rc = check_import_quota(ctl, c, name, e->pages, e->n)) < 0)
+        goto out;                                 /* nothing imported */
     for (int32_t k = 0; k < e->n; k++) {
         int32_t i = handle_new(c, e->pages[k], true);
         if (i < 0) {

@@ -16,14 +16,31 @@
  *                     at most builder_budget(): a guest may pass one small
  *                     buffer again and again, so the copies are what must
  *                     be bounded (forward_* fails with PIE_ELIMIT beyond)
+ *   einst.acct        bytes of forward results the instance's submitted
+ *                     forwards hold (out_acct), at most output_budget()
  *
  * KV page handles are the control layer's client handles as int32. A
  * forward future is a runtime future of kind PIE_RT_FUT_ENGINE whose data
  * is an efut: the control-layer future plus the runtime future it
  * completes. The control layer's completion callback (scheduler thread)
  * completes the runtime future, which wakes the parked fiber; the runtime's
- * cancel hook cancels the control-layer future; its destroy hook releases
- * it.
+ * cancel hook cancels the control-layer future; its destroy hook drops the
+ * runtime future's reference to the efut.
+ *
+ * Forward results. The control layer allocates a forward's results
+ * (pie_ctl_output_bytes: a token per output row, probe values and ids) at
+ * submit and keeps them until the future's last reference goes, so a
+ * guest that submits and never frees its futures would make the host hold
+ * memory without bound. forward_submit charges those bytes to the
+ * instance's out_acct (PIE_ELIMIT, submitting nothing, past
+ * output_budget()) and the efut gives them back when its last reference
+ * goes: the runtime future's (future_free, or the instance's end; for a
+ * forward freed while it runs, once it stops) and one for each builder
+ * that chains a token from it (forward_token_from), as the builder keeps
+ * the results alive. out_acct is reference counted by the instance and
+ * each charged efut, as an efut may go on the scheduler thread after the
+ * instance ended; only the instance's fiber adds to it, so its check and
+ * charge need no lock.
  *
  * No host call blocks its worker thread on the KV pool: kv_alloc polls the
  * control layer with timeout 0 and parks the fiber between polls, and so
@@ -34,6 +51,7 @@
  * a bad range) before anything is allocated or locked.
  */
 #define _GNU_SOURCE
+#include <stdatomic.h>
 #include <stdlib.h>
 #include <string.h>
 
@@ -50,6 +68,8 @@ typedef struct Z_pie_instance_t I;
 #define MAX_ROWS          (1 << 16)
 #define MAX_PAGES_CALL    (1 << 16)
 #define BUILDER_BUDGET    (256ull << 20)   /* builder bytes per instance    */
+#define OUTPUT_BUDGET     (256ull << 20)   /* default result bytes per
+                                              instance (max_output_bytes) */
 
 typedef struct served {
     char       name[128];
@@ -68,11 +88,14 @@ typedef struct row_mask {
     uint32_t  n;
 } row_mask;
 
+typedef struct efut efut;
+
 typedef struct builder {
     int32_t        model;             /* served model index                */
     int32_t        n_tok, cap_tok;
     int32_t       *tokens, *positions;
-    pie_ctl_chain *chains;            /* each holds a future reference     */
+    pie_ctl_chain *chains;            /* .from: srcs[k]'s future           */
+    efut         **srcs;              /* (cap_chains) each holds a ref     */
     int32_t        n_chains, cap_chains;
     uint32_t      *pages;
     int32_t        n_pages, last_len;
@@ -87,8 +110,16 @@ typedef struct builder {
     uint64_t       bytes;             /* charged to einst.b_bytes          */
 } builder;
 
+/* Result bytes charged to one instance: its einst and each efut charged
+ * hold a reference (an efut may outlive the instance). */
+typedef struct out_acct {
+    _Atomic uint64_t bytes;           /* results of its live efuts         */
+    atomic_int       refs;
+} out_acct;
+
 typedef struct einst {
     pie_engine     *e;
+    out_acct       *acct;             /* shared with its efuts             */
     int32_t         models[MAX_MODEL_HANDLES];   /* -1: free               */
     pie_ctl_client *clients[PIE_ENGINE_MAX_MODELS];
     builder       **b;
@@ -98,12 +129,16 @@ typedef struct einst {
     uint32_t        alloc_cap;        /* here, as kv_alloc may never return */
 } einst;
 
-typedef struct efut {
+struct efut {
     pthread_mutex_t  mu;
     pie_ctl_future  *cf;
-    pie_rt_future   *rf;
+    pie_rt_future   *rf;              /* unused once the runtime's ref went */
     bool             cancelled;
-} efut;
+    atomic_int       refs;            /* the runtime future + each builder
+                                         chaining from it                  */
+    out_acct        *acct;            /* charged out_bytes (NULL: none)    */
+    uint64_t         out_bytes;
+};
 
 #define RET(x) return (uint32_t)(int32_t)(x)
 
@@ -115,6 +150,7 @@ int pie_engine_create(const pie_engine_opts *o, pie_engine **out)
     if (!e) return pie_err_set(PIE_ENOMEM, "engine: out of memory");
     if (o) e->o = *o;
     if (e->o.alloc_timeout_ms == 0) e->o.alloc_timeout_ms = 5000;
+    if (e->o.max_output_bytes == 0) e->o.max_output_bytes = OUTPUT_BUDGET;
     *out = e;
     return 0;
 }
@@ -138,16 +174,35 @@ void pie_engine_free(pie_engine *e) { free(e); }
 
 /* ---- instance state ------------------------------------------------------- */
 
+static void acct_unref(out_acct *a)
+{
+    if (a && atomic_fetch_sub(&a->refs, 1) == 1) free(a);
+}
+
+/* Drops a reference to ef; the last one releases the control-layer
+ * future and gives its result bytes back (any thread). */
+static void efut_unref(efut *ef)
+{
+    if (atomic_fetch_sub(&ef->refs, 1) != 1) return;
+    if (ef->cf) pie_ctl_future_release(ef->cf);
+    if (ef->acct) {
+        atomic_fetch_sub(&ef->acct->bytes, ef->out_bytes);
+        acct_unref(ef->acct);
+    }
+    pthread_mutex_destroy(&ef->mu);
+    free(ef);
+}
+
 static void builder_free(builder *b)
 {
     if (!b) return;
-    for (int32_t k = 0; k < b->n_chains; k++)
-        pie_ctl_future_release(b->chains[k].from);
+    for (int32_t k = 0; k < b->n_chains; k++) efut_unref(b->srcs[k]);
     for (int32_t r = 0; r < b->n_rows; r++) {
         free(b->ids[r]);
         free(b->lmask[r].runs);
     }
-    free(b->tokens); free(b->positions); free(b->chains); free(b->pages);
+    free(b->tokens); free(b->positions); free(b->chains); free(b->srcs);
+    free(b->pages);
     free(b->mask_indptr); free(b->mask_runs); free(b->out_idx);
     free(b->samplers); free(b->ids); free(b->lmask);
     free(b);
@@ -164,7 +219,14 @@ static void builder_drop(einst *x, builder *b)
 static int on_start(void *user, pie_rt_instance *i)
 {
     einst *x = calloc(1, sizeof *x);
-    if (!x) return pie_err_set(PIE_ENOMEM, "engine: out of memory");
+    out_acct *a = calloc(1, sizeof *a);
+    if (!x || !a) {
+        free(x), free(a);
+        return pie_err_set(PIE_ENOMEM, "engine: out of memory");
+    }
+    atomic_init(&a->bytes, 0);
+    atomic_init(&a->refs, 1);
+    x->acct = a;
     x->e = user;
     for (int k = 0; k < MAX_MODEL_HANDLES; k++) x->models[k] = -1;
     pie_rt_set_engine_ctx(i, x);
@@ -180,6 +242,7 @@ static void on_end(void *user, pie_rt_instance *i)
     free(x->alloc_buf);
     for (int k = 0; k < PIE_ENGINE_MAX_MODELS; k++)
         pie_ctl_client_close(x->clients[k]);
+    acct_unref(x->acct);
     pie_rt_set_engine_ctx(i, NULL);
     free(x);
 }
@@ -683,6 +746,26 @@ uint32_t Z_pieZ_forward_tokens(I *i, uint32_t fwd, uint32_t ids, uint32_t pos,
     return 0;
 }
 
+/* Doubles b's chain arrays (chains and srcs), charged to the budget. */
+static int grow_chains(I *i, builder *b)
+{
+    int32_t cap = b->cap_chains ? b->cap_chains * 2 : 4;
+    const uint64_t per = sizeof *b->chains + sizeof *b->srcs;
+    uint64_t old = (uint64_t)b->cap_chains * per, add = (uint64_t)cap * per;
+    int rc = charge(i, b, add, old);
+    if (rc < 0) return rc;
+    pie_ctl_chain *nc = realloc(b->chains, cap * sizeof *nc);
+    if (nc) b->chains = nc;
+    efut **ns = realloc(b->srcs, cap * sizeof *ns);
+    if (ns) b->srcs = ns;
+    if (!nc || !ns) {
+        charge(i, b, old, add);
+        return PIE_ENOMEM;
+    }
+    b->cap_chains = cap;
+    return 0;
+}
+
 uint32_t Z_pieZ_forward_token_from(I *i, uint32_t fwd, uint32_t src_fut,
                                    uint32_t row, uint32_t position)
 {
@@ -692,20 +775,10 @@ uint32_t Z_pieZ_forward_token_from(I *i, uint32_t fwd, uint32_t src_fut,
     if (!ef || !ef->cf || row > INT32_MAX) RET(PIE_EINVAL);
     int rc = grow_tokens(i, b, 1);
     if (rc < 0) RET(rc);
-    if (b->n_chains == b->cap_chains) {
-        int32_t cap = b->cap_chains ? b->cap_chains * 2 : 4;
-        uint64_t old = (uint64_t)b->cap_chains * sizeof *b->chains,
-                 add = (uint64_t)cap * sizeof *b->chains;
-        if ((rc = charge(i, b, add, old)) < 0) RET(rc);
-        pie_ctl_chain *nc = realloc(b->chains, cap * sizeof *nc);
-        if (!nc) {
-            charge(i, b, old, add);
-            RET(PIE_ENOMEM);
-        }
-        b->chains = nc;
-        b->cap_chains = cap;
-    }
-    pie_ctl_future_retain(ef->cf);
+    if (b->n_chains == b->cap_chains && (rc = grow_chains(i, b)) < 0)
+        RET(rc);
+    atomic_fetch_add(&ef->refs, 1);          /* the builder keeps it alive */
+    b->srcs[b->n_chains] = ef;
     b->chains[b->n_chains++] = (pie_ctl_chain){ b->n_tok, ef->cf,
                                                 (int32_t)row };
     b->tokens[b->n_tok] = 0;
@@ -891,10 +964,7 @@ static void efut_cancel(void *data)
 
 static void efut_destroy(void *data)
 {
-    efut *ef = data;
-    if (ef->cf) pie_ctl_future_release(ef->cf);
-    pthread_mutex_destroy(&ef->mu);
-    free(ef);
+    efut_unref(data);                         /* the runtime future's ref */
 }
 
 /* Assembles b into a control-layer forward and submits it. */
@@ -952,16 +1022,47 @@ static int submit(pie_ctl_client *c, int32_t vocab, builder *b, efut *ef,
     return rc;
 }
 
+/* The most result bytes an instance's forwards may hold: the engine's
+ * max_output_bytes, or the instance's memory limit if that is lower. */
+static uint64_t output_budget(I *i)
+{
+    uint64_t lim = i->rt->o.memory_limit, max = X(i)->e->o.max_output_bytes;
+    return lim && lim < max ? lim : max;
+}
+
+/* 0 when the results of a forward of b fit beside those the instance's
+ * futures hold (their size in *need), else PIE_ELIMIT with a message. */
+static int output_check(I *i, const builder *b, uint64_t *need)
+{
+    einst *x = X(i);
+    *need = pie_ctl_output_bytes(x->e->models[b->model].ctl, b->n_rows,
+                                 b->samplers);
+    uint64_t held = atomic_load(&x->acct->bytes), max = output_budget(i);
+    if (*need <= max && held <= max - *need) return 0;
+    return pie_err_set(PIE_ELIMIT, "forward_submit: the results of this "
+                       "forward (%llu bytes) would take those the instance's "
+                       "forwards hold past %llu bytes (limit %llu per "
+                       "instance): read and future_free earlier forwards "
+                       "first", (unsigned long long)*need,
+                       (unsigned long long)(held + *need),
+                       (unsigned long long)max);
+}
+
 /* One try at submitting builder b for client c as a new future, whose
  * handle goes to *h. Leaves b to the caller (it is the instance's until
  * consumed) and, on failure, nothing allocated: PIE_EAGAIN (c is swapped
- * out) is retried after resume_client, which parks. */
+ * out) is retried after resume_client, which parks. The future's result
+ * bytes are charged to the instance (output_check) until its efut goes. */
 static int submit_once(I *i, builder *b, pie_ctl_client *c, int32_t *h)
 {
     einst *x = X(i);
+    uint64_t need;
+    int rc = output_check(i, b, &need);
+    if (rc < 0) return rc;
     efut *ef = calloc(1, sizeof *ef);
     if (!ef) return PIE_ENOMEM;
     pthread_mutex_init(&ef->mu, NULL);
+    atomic_init(&ef->refs, 1);
     pie_rt_future *rf;
     *h = pie_rt_future_new(i, PIE_RT_FUT_ENGINE, ef, efut_cancel,
                            efut_destroy, &rf);
@@ -971,8 +1072,12 @@ static int submit_once(I *i, builder *b, pie_ctl_client *c, int32_t *h)
         return *h;
     }
     ef->rf = rf;
+    ef->acct = x->acct;                  /* charged now: a failure below */
+    ef->out_bytes = need;                /* gives it back in efut_unref  */
+    atomic_fetch_add(&x->acct->refs, 1);
+    atomic_fetch_add(&x->acct->bytes, need);
     pie_ctl_future *cf = NULL;
-    int rc = submit(c, x->e->models[b->model].m->cfg.vocab_size, b, ef, &cf);
+    rc = submit(c, x->e->models[b->model].m->cfg.vocab_size, b, ef, &cf);
     if (rc < 0) {
         pie_rt_future_complete(rf, rc, NULL, 0);
         pie__rt_future_free(i, *h);

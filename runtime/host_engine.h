@@ -9,7 +9,8 @@
  * instance then gets one control-layer client per model it uses, opened
  * with the engine's quotas; when the instance ends (exit, trap, kill) every
  * client is closed, which cancels its pending forwards and returns all its
- * pages.
+ * pages. The results its forwards hold until it frees their futures are
+ * bounded per instance (max_output_bytes).
  */
 #ifndef PIE_HOST_ENGINE_H
 #define PIE_HOST_ENGINE_H
@@ -26,6 +27,12 @@ typedef struct pie_engine_opts {
     pie_ctl_client_opts client;   /* quotas and priority per instance        */
     int32_t alloc_timeout_ms;     /* kv_alloc waits this long for a full
                                      pool (default 5000; < 0: fail at once) */
+    uint64_t max_output_bytes;    /* forward results (sampled tokens, probe
+                                     values and ids) an instance's futures
+                                     may hold until freed; forward_submit
+                                     fails with PIE_ELIMIT past it (0 =
+                                     default 256 MiB; at most the
+                                     instance's memory limit)               */
 } pie_engine_opts;
 
 int  pie_engine_create(const pie_engine_opts *o, pie_engine **out);

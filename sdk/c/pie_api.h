@@ -106,7 +106,7 @@ PIE_IMPORT_(kv_free) int32_t pie_kv_free(int32_t model, const int32_t *pages, ui
 PIE_IMPORT_(kv_copy) int32_t pie_kv_copy(int32_t model, int32_t src, uint32_t src_off, int32_t dst, uint32_t dst_off, uint32_t n);
 /* Exports n pages under a server-wide name (PIE_EBUSY if the name exists; PIE_ELIMIT past the instance's page quota or the server's cap on exported pages). The pages become read-only for everyone. Like kv_copy and forward_submit, PIE_EAGAIN where the policy `suspend` swapped this instance's pages out and the pool had no room to bring them back within the allocation timeout (5 s by default): retry later. */
 PIE_IMPORT_(kv_export) int32_t pie_kv_export(int32_t model, const char *name, uint32_t len, const int32_t *pages, uint32_t n);
-/* Imports an export by name as new read-only, reference-counted handles; returns the number of pages (copies min(n, cap) handles; with cap < n nothing is imported) or PIE_ENOTFOUND. */
+/* Imports an export by name as new read-only, reference-counted handles; returns the number of pages (copies min(n, cap) handles; with cap < n nothing is imported), PIE_ENOTFOUND, or PIE_ELIMIT, importing nothing, where the instance could not keep the pages within its page quota should the export go (the pages it allocated, those its live exports list and every page it imported count, each once; pages it already holds add nothing). */
 PIE_IMPORT_(kv_import) int32_t pie_kv_import(int32_t model, const char *name, uint32_t len, int32_t *pages, uint32_t cap);
 /* Removes a name; pages stay alive while imported. */
 PIE_IMPORT_(kv_unexport) int32_t pie_kv_unexport(int32_t model, const char *name, uint32_t len);
@@ -130,7 +130,7 @@ PIE_IMPORT_(forward_output) int32_t pie_forward_output(int32_t fwd, uint32_t tok
 PIE_IMPORT_(forward_output_ids) int32_t pie_forward_output_ids(int32_t fwd, uint32_t row, const int32_t *ids, uint32_t n);
 /* Logit mask for a row: alternating disallowed/allowed run lengths over the vocabulary. */
 PIE_IMPORT_(forward_logit_mask) int32_t pie_forward_logit_mask(int32_t fwd, uint32_t row, const uint32_t *runs, uint32_t n_runs);
-/* Submits the forward (the builder handle is consumed, whatever the result); returns a future, or PIE_EAGAIN as for kv_export (build the forward again to retry). A forward may read only KV slots already written: with first = kv_len - n_tokens, every page before first's page must be full and first's page filled up to first, else PIE_ERANGE (pages are not cleared when reused). */
+/* Submits the forward (the builder handle is consumed, whatever the result); returns a future, PIE_ELIMIT where its results would take those the instance's forward futures hold past their cap (see the group: read and free earlier futures, then build it again), or PIE_EAGAIN as for kv_export (build the forward again to retry). A forward may read only KV slots already written: with first = kv_len - n_tokens, every page before first's page must be full and first's page filled up to first, else PIE_ERANGE (pages are not cleared when reused). */
 PIE_IMPORT_(forward_submit) int32_t pie_forward_submit(int32_t fwd);
 /* Sampled token per output row (-1 for probe rows); returns the number of rows. PIE_EAGAIN while pending. */
 PIE_IMPORT_(forward_read_tokens) int32_t pie_forward_read_tokens(int32_t fut, int32_t *tokens, uint32_t cap);

@@ -2555,41 +2555,44 @@ static void test_resume_emptied_alloc(void)
  * max_pages counts the pages its live exports list, so re-exporting pages
  * it imported adds them, while pages it holds count once. Before,
  * pie_ctl_export never checked the quota: q (max_pages 2) re-exported 4
- * imported pages and its next allocation of 1 failed, "holds 4". */
+ * imported pages and its next allocation of 1 failed, "holds 4". (Such an
+ * import is refused itself since (test import_quota): q imports within
+ * its quota here, then allocates beside the live import.) */
 static void test_export_reexport_quota(void)
 {
     pie_backend *b;
     pie_ctl *ctl = make_ctl(16, 0, NULL, &b);
     pie_ctl_client_opts oa = { .name = "a" };
-    pie_ctl_client_opts oq = { .name = "q", .max_pages = 2 };
+    pie_ctl_client_opts oq = { .name = "q", .max_pages = 4 };
     pie_ctl_client *a, *q;
     CHECK_OK(pie_ctl_client_open(ctl, &oa, &a));
     CHECK_OK(pie_ctl_client_open(ctl, &oq, &q));
-    uint32_t ha[4], hq[4], hown[2];
+    uint32_t ha[4], hq[4], hown[4];
     int32_t ni;
     CHECK_OK(pie_ctl_page_alloc(a, 4, 0, ha));
     CHECK_OK(pie_ctl_export(a, "x", 4, ha));
     CHECK_OK(pie_ctl_import(q, "x", 4, hq, &ni));
+    CHECK_OK(pie_ctl_page_alloc(q, 1, 0, hown));       /* 1 of 4 counted */
     int rc = pie_ctl_export(q, "y", 4, hq);
     pie_ctl_stats st;
     pie_ctl_get_stats(ctl, &st);
-    CHECK(rc == PIE_ELIMIT && st.exports == 1, "q (max_pages 2) re-exports "
-          "4 imported pages: %d, %d exports; expected %d and 1", rc,
-          st.exports, PIE_ELIMIT);
+    CHECK(rc == PIE_ELIMIT && st.exports == 1, "q (max_pages 4, holding 1) "
+          "re-exports 4 imported pages: %d, %d exports; expected %d and 1",
+          rc, st.exports, PIE_ELIMIT);
     CHECK(strstr(pie_err_msg(), "quota") != NULL, "message: %s",
           pie_err_msg());
     printf("export quota: %s\n", pie_err_msg());
-    CHECK_OK(pie_ctl_export(q, "y2", 2, hq));          /* exactly 2 */
-    rc = pie_ctl_page_alloc(q, 1, 0, hown);
-    CHECK(rc == PIE_ELIMIT, "alloc with 2 re-exported pages and max_pages "
-          "2: expected %d, got %d", PIE_ELIMIT, rc);
+    CHECK_OK(pie_ctl_export(q, "y2", 3, hq));          /* exactly 4 */
+    rc = pie_ctl_page_alloc(q, 1, 0, hown + 1);
+    CHECK(rc == PIE_ELIMIT, "alloc with 3 re-exported pages, 1 held and "
+          "max_pages 4: expected %d, got %d", PIE_ELIMIT, rc);
     CHECK_OK(pie_ctl_unexport(q, "y2"));
     /* pages it holds count once, exported or not */
-    CHECK_OK(pie_ctl_page_alloc(q, 2, 0, hown));
-    CHECK_OK(pie_ctl_export(q, "own", 2, hown));
+    CHECK_OK(pie_ctl_page_alloc(q, 3, 0, hown + 1));
+    CHECK_OK(pie_ctl_export(q, "own", 4, hown));
     CHECK_OK(pie_ctl_export(q, "own2", 1, hown));
     rc = pie_ctl_export(q, "mix", 2, (uint32_t[]){ hown[0], hq[0] });
-    CHECK(rc == PIE_ELIMIT, "an export adding an imported page to 2 held: "
+    CHECK(rc == PIE_ELIMIT, "an export adding an imported page to 4 held: "
           "expected %d, got %d", PIE_ELIMIT, rc);
     const char *names[] = { "x", "own", "own2" };
     for (int k = 0; k < 3; k++) CHECK_OK(pie_ctl_unexport(q, names[k]));
@@ -2908,10 +2911,11 @@ static void test_suspend_recheck_idle(void)
 }
 
 /* max_pages counts imported pages once no live export lists them: the
- * importer alone keeps them. Imports of a live export count nothing (its
- * exporter's quota and the server's cap count them). Before, q
- * (max_pages 2) held 12 of 16 pages through export, import, unexport and
- * then allocated more. */
+ * importer alone keeps them. Imports of a live export cost allocations
+ * nothing (its exporter's quota and the server's cap count them). Before,
+ * q (max_pages 2) held 12 of 16 pages through export, import, unexport and
+ * then allocated more; the allocation is refused since, and the imports
+ * that piled the pages up are too (test import_quota). */
 static void test_import_orphan_quota(void)
 {
     pie_backend *b;
@@ -2948,22 +2952,25 @@ static void test_import_orphan_quota(void)
         CHECK_OK(pie_ctl_client_open(ctl, &oe, &e));
         CHECK_OK(pie_ctl_page_alloc(e, 2, 0, h));
         CHECK_OK(pie_ctl_export(e, "x", 2, h));
-        CHECK_OK(pie_ctl_import(q, "x", 2, imp + total, &ni));
-        total += ni;
+        rc = pie_ctl_import(q, "x", 2, imp + total, &ni);
+        CHECK(rc == PIE_ELIMIT, "q (max_pages 2) holding %d imported pages "
+              "no export lists imports 2 more: expected %d, got %d", total,
+              PIE_ELIMIT, rc);
         CHECK_OK(pie_ctl_unexport(q, "x"));
         pie_ctl_client_close(e);
     }
     pie_ctl_stats st;
     pie_ctl_get_stats(ctl, &st);
+    CHECK(st.pages_used == total, "%d pages used after the refused imports, "
+          "expected q's %d", st.pages_used, total);
     rc = pie_ctl_page_alloc(q, 2, 0, more);
     CHECK(rc == PIE_ELIMIT, "q (max_pages 2) holding %d imported pages no "
           "export lists (%d of 16 used) allocates 2 more: expected %d, got "
           "%d", total, st.pages_used, PIE_ELIMIT, rc);
-    rc = pie_ctl_export(q, "back", 3, imp);
-    CHECK(rc == 0, "re-exporting 3 of q's counted imports adds nothing: %d "
+    rc = pie_ctl_export(q, "back", 2, imp);
+    CHECK(rc == 0, "re-exporting q's 2 counted imports adds nothing: %d "
           "(%s)", rc, rc ? pie_err_msg() : "");
     CHECK_OK(pie_ctl_unexport(q, "back"));
-    CHECK_OK(pie_ctl_page_free(q, total - 2, imp + 2));
     CHECK_OK(pie_ctl_page_free(q, 2, imp));
     CHECK_OK(pie_ctl_page_alloc(q, 2, 0, more));
     pie_ctl_client_close(q);
@@ -2972,6 +2979,71 @@ static void test_import_orphan_quota(void)
           "free, %d exports", st.pages_free, st.exports);
     printf("import quota: imported pages count against max_pages once no "
            "live export lists them\n");
+    done_ctl(ctl, b);
+}
+
+/* kv_import answers PIE_ELIMIT where the importer could not keep the
+ * pages should their export go: every page it reaches counts, imports of
+ * live exports too, and a refused import takes nothing. Before,
+ * pie_ctl_import never checked the quota: q (max_pages 2) imported a
+ * second live export of 2 pages beside a first one, and once both were
+ * unexported held 4 pages; an exporter that exports, lets q import and
+ * unexports, again and again, had q hold any number of pages. */
+static void test_import_quota(void)
+{
+    pie_backend *b;
+    pie_ctl *ctl = make_ctl(16, 0, NULL, &b);
+    pie_ctl_client_opts oq = { .name = "q", .max_pages = 2 };
+    pie_ctl_client *q, *e;
+    CHECK_OK(pie_ctl_client_open(ctl, &oq, &q));
+    CHECK_OK(pie_ctl_client_open(ctl, NULL, &e));
+    uint32_t ha[2], hb[2], hc[2], ia[2], ia2[2], ib[2] = { 0, 0 }, mine[2];
+    int32_t ni = 0;
+    CHECK_OK(pie_ctl_page_alloc(e, 2, 0, ha));
+    CHECK_OK(pie_ctl_page_alloc(e, 2, 0, hb));
+    CHECK_OK(pie_ctl_export(e, "a", 2, ha));
+    CHECK_OK(pie_ctl_export(e, "b", 2, hb));
+    CHECK_OK(pie_ctl_import(q, "a", 2, ia, &ni));        /* 2 of 2 */
+    CHECK_OK(pie_ctl_import(q, "a", 2, ia2, &ni));       /* the same pages */
+    pie_ctl_stats st0, st;
+    pie_ctl_get_stats(ctl, &st0);
+    int rc = pie_ctl_import(q, "b", 2, ib, &ni);
+    pie_ctl_get_stats(ctl, &st);
+    CHECK(rc == PIE_ELIMIT, "q (max_pages 2) holding 2 imported pages "
+          "imports 2 more: expected %d (quota), got %d", PIE_ELIMIT, rc);
+    printf("import quota: %s\n", pie_err_msg());
+    CHECK(strstr(pie_err_msg(), "quota") && strstr(pie_err_msg(), "'b'"),
+          "message: %s", pie_err_msg());
+    CHECK(st.pages_shared == st0.pages_shared && ib[0] == 0 && ib[1] == 0,
+          "a refused import took something: %d pages shared (before %d), "
+          "handles %u %u written", st.pages_shared, st0.pages_shared, ib[0],
+          ib[1]);
+    /* live imports still cost allocations nothing */
+    CHECK_OK(pie_ctl_page_alloc(q, 2, 0, mine));
+    CHECK_OK(pie_ctl_page_free(q, 2, mine));
+    /* the exporter drops "a": q keeps its pages, at its quota; a new export
+     * is refused to it, not piled on */
+    CHECK_OK(pie_ctl_unexport(e, "a"));
+    CHECK_OK(pie_ctl_page_free(e, 2, ha));
+    CHECK_OK(pie_ctl_page_alloc(e, 2, 0, hc));
+    CHECK_OK(pie_ctl_export(e, "c", 2, hc));
+    rc = pie_ctl_import(q, "c", 2, ib, &ni);
+    CHECK(rc == PIE_ELIMIT, "q (max_pages 2) holding 2 imported pages of a "
+          "gone export imports 2 more: expected %d, got %d", PIE_ELIMIT, rc);
+    /* freeing makes room again; the refused imports left nothing behind */
+    CHECK_OK(pie_ctl_page_free(q, 2, ia));
+    CHECK_OK(pie_ctl_page_free(q, 2, ia2));
+    CHECK_OK(pie_ctl_import(q, "c", 2, ib, &ni));
+    CHECK_OK(pie_ctl_page_free(q, 2, ib));
+    CHECK_OK(pie_ctl_unexport(e, "b"));
+    CHECK_OK(pie_ctl_unexport(e, "c"));
+    pie_ctl_client_close(e);
+    pie_ctl_client_close(q);
+    pie_ctl_get_stats(ctl, &st);
+    CHECK(st.pages_used == 0 && st.exports == 0, "at the end: %d pages "
+          "used, %d exports; expected 0 and 0", st.pages_used, st.exports);
+    printf("import quota: an import the importer could not keep is refused "
+           "with PIE_ELIMIT and takes nothing\n");
     done_ctl(ctl, b);
 }
 
@@ -4676,6 +4748,7 @@ static const struct { const char *name; void (*fn)(void); } tests[] = {
     { "suspended_waiter_need", test_suspended_waiter_need },
     { "suspend_recheck_idle", test_suspend_recheck_idle },
     { "import_orphan_quota", test_import_orphan_quota },
+    { "import_quota", test_import_quota },
     { "export_alias_reload", test_export_alias_reload },
     { "resume_protect_window", test_resume_protect_window },
     { "load_hostile_records", test_load_hostile_records },

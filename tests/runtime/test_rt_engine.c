@@ -27,9 +27,25 @@
  *                buffer outside memory trap the instance; the host's copy
  *                of the name must not leak (LeakSanitizer in the ASan
  *                build: before, 12 bytes per call were lost)
+ *   outputs      the forward results an instance's futures hold are
+ *                bounded (its memory limit of 2 MiB here): submits of one
+ *                LOGITS row each, never freed, fail with PIE_ELIMIT once
+ *                the next would pass it, and the instance runs on;
+ *                freeing a future makes room, a builder chaining from a
+ *                freed future keeps its results counted, and a second
+ *                instance has its own budget while the first holds its
+ *                own full. Before, 4096 such submits all succeeded: a
+ *                guest that never freed its futures made the host hold
+ *                any amount of memory
+ *   outputs_opt  the same bound set by pie_engine_opts.max_output_bytes
+ *   import_quota kv_import of an export of 4 pages into an instance of
+ *                max_pages 4 that holds 4 answers PIE_ELIMIT (control test import_quota
+ *                checks that it takes nothing); before, it imported them:
+ *                kv_import was never refused for the quota
  */
 #include <stdlib.h>
 #include <string.h>
+#include <unistd.h>
 
 #include "backend/backend.h"
 #include "control/control.h"
@@ -46,7 +62,10 @@ typedef struct server {
     pie_rt_module *mod;
 } server;
 
-static void server_start(server *s)
+/* A server with engine options eo (NULL: defaults) and an instance memory
+ * limit of mem bytes (0: the runtime's default). */
+static void server_start_with(server *s, const pie_engine_opts *eo,
+                              uint64_t mem)
 {
     memset(s, 0, sizeof *s);
     CHECK_OK(pie_model_load(test_shared_path("models/stories260K"), NULL, NULL,
@@ -54,12 +73,15 @@ static void server_start(server *s)
     pie_backend_opts bo = { .page_size = 16, .n_pages = 64, .n_threads = 1 };
     CHECK_OK(pie_backend_cpu_create(s->m, &bo, &s->b));
     CHECK_OK(pie_ctl_create(s->b, NULL, &s->ctl));
-    CHECK_OK(pie_engine_create(NULL, &s->e));
+    CHECK_OK(pie_engine_create(eo, &s->e));
     CHECK_OK(pie_engine_add_model(s->e, "stories260K", s->m, s->ctl));
-    pie_rt_opts ro = { .n_workers = 2, .hooks = pie_engine_hooks(s->e) };
+    pie_rt_opts ro = { .n_workers = 2, .hooks = pie_engine_hooks(s->e),
+                       .memory_limit = mem };
     s->rt = make_rt(&ro);
     s->mod = load_wasm(s->rt, "engine_hostile.wasm", NULL);
 }
+
+static void server_start(server *s) { server_start_with(s, NULL, 0); }
 
 /* Runs the inferlet with argv (NULL-terminated, after its name); returns
  * its status, its messages in msg and its trap reason in reason. */
@@ -179,6 +201,121 @@ static void test_trap_leaks(void)
            "(leaks: LeakSanitizer at exit)\n");
 }
 
+/* Launches the inferlet with args (NULL-terminated, after its name);
+ * the caller waits for it and frees c. */
+static pie_rt_instance *start_inferlet(server *s, const char **args,
+                                       capture **c)
+{
+    const char *argv[8] = { "engine_hostile" };
+    for (int k = 0; args[k] && k < 6; k++) argv[k + 1] = args[k];
+    pie_rt_launch_cbs cbs;
+    *c = cap_new(&cbs);
+    return launch_v(s->rt, s->mod, &cbs, argv);
+}
+
+/* Checks one outputs report of an instance whose result budget is
+ * budget bytes: as many one-LOGITS-row forwards as fit, then PIE_ELIMIT;
+ * room again after a free, none while a builder holds a freed future. */
+static void check_outputs(const char *who, const char *msg, uint64_t budget,
+                          int32_t vocab)
+{
+    int n = -1, rc = 1, again = 1, held = 1, after = 1;
+    CHECK(sscanf(msg, "n %d rc %d again %d held %d after %d", &n, &rc,
+                 &again, &held, &after) == 5, "%s: sent '%s'", who, msg);
+    /* pie_ctl_output_bytes: a token and an offset per row, one more
+     * offset, a value and an id per logit */
+    uint64_t per = 4 + 8 + (uint64_t)vocab * 8;
+    int want = (int)(budget / per);
+    CHECK(n == want && rc == PIE_ELIMIT, "%s: %d forwards of one LOGITS row "
+          "(%llu result bytes each) held, then %d; expected %d (a budget of "
+          "%llu bytes) and PIE_ELIMIT (%d)", who, n, (unsigned long long)per,
+          rc, want, (unsigned long long)budget, PIE_ELIMIT);
+    CHECK(again == 0 && held == PIE_ELIMIT && after == 0, "%s: a submit "
+          "after freeing a future %d (expected 0), while a builder chains "
+          "from a freed one %d (expected %d), once it is dropped %d "
+          "(expected 0)", who, again, held, PIE_ELIMIT, after);
+}
+
+static void test_outputs(void)
+{
+    server s;
+    const uint64_t mem = 2u << 20;
+    server_start_with(&s, NULL, mem);
+    int32_t vocab = s.m->cfg.vocab_size;
+    /* a holds its futures (its budget full) while b runs */
+    const char *hold[] = { "outputs", "hold", NULL };
+    capture *ca;
+    pie_rt_instance *a = start_inferlet(&s, hold, &ca);
+    for (int k = 0; k < 6000; k++) {
+        pthread_mutex_lock(&ca->lock);
+        int got = ca->n_msgs;
+        pthread_mutex_unlock(&ca->lock);
+        if (got) break;
+        usleep(10000);
+    }
+    pthread_mutex_lock(&ca->lock);
+    char msg_a[256];
+    snprintf(msg_a, sizeof msg_a, "%.200s", ca->msg);
+    pthread_mutex_unlock(&ca->lock);
+    char msg[256], reason[256];
+    const char *args[] = { "outputs", NULL };
+    int32_t st = run_inferlet(&s, args, msg, sizeof msg, reason);
+    CHECK(st == 0, "b: status %d (%s)", st, reason);
+    check_outputs("b, beside a holding its budget full", msg, mem, vocab);
+    CHECK_OK(pie_rt_send(a, "go", 2));
+    st = pie_rt_wait(a, reason, sizeof reason);
+    pie_rt_instance_unref(a);
+    cap_free(ca);
+    CHECK(st == 0, "a: status %d (%s)", st, reason);
+    check_outputs("a", msg_a, mem, vocab);
+    printf("outputs: a: %s; b: %s; a forward past the instance's result "
+           "budget is refused with PIE_ELIMIT\n", msg_a, msg);
+    server_end(&s, "outputs");
+}
+
+static void test_outputs_opt(void)
+{
+    server s;
+    pie_engine_opts eo = { .max_output_bytes = 64u << 10 };
+    server_start_with(&s, &eo, 0);
+    char msg[256], reason[256];
+    const char *args[] = { "outputs", NULL };
+    int32_t st = run_inferlet(&s, args, msg, sizeof msg, reason);
+    CHECK(st == 0, "status %d (%s)", st, reason);
+    check_outputs("max_output_bytes 64 KiB", msg, eo.max_output_bytes,
+                  s.m->cfg.vocab_size);
+    server_end(&s, "outputs_opt");
+    printf("outputs_opt: %s under max_output_bytes %llu\n", msg,
+           (unsigned long long)eo.max_output_bytes);
+}
+
+static void test_import_quota(void)
+{
+    server s;
+    pie_engine_opts eo = { .client = { .max_pages = 4 } };
+    server_start_with(&s, &eo, 0);
+    pie_ctl_client *c = NULL;
+    uint32_t h[4];
+    CHECK_OK(pie_ctl_client_open(s.ctl, NULL, &c));
+    CHECK_OK(pie_ctl_page_alloc(c, 4, 0, h));
+    CHECK_OK(pie_ctl_export(c, "quota_x", 4, h));
+    CHECK_OK(pie_ctl_page_free(c, 4, h));
+    char msg[256], reason[256];
+    const char *args[] = { "import_quota", NULL };
+    int32_t st = run_inferlet(&s, args, msg, sizeof msg, reason);
+    int r = 0;
+    CHECK(st == 0 && sscanf(msg, "import %d", &r) == 1, "status %d (%s), "
+          "sent '%s'", st, reason, msg);
+    CHECK(r == PIE_ELIMIT, "kv_import of 4 pages into an instance of "
+          "max_pages 4 holding 4 returned %d, expected PIE_ELIMIT (%d)", r,
+          PIE_ELIMIT);
+    CHECK_OK(pie_ctl_unexport(c, "quota_x"));
+    pie_ctl_client_close(c);
+    server_end(&s, "import_quota");
+    printf("import_quota: kv_import past max_pages answers PIE_ELIMIT and "
+           "takes nothing\n");
+}
+
 int main(int argc, char **argv)
 {
     const char *t = argc > 1 ? argv[1] : "all";
@@ -187,5 +324,8 @@ int main(int argc, char **argv)
     if (all || strcmp(t, "mask_indptr") == 0) test_mask_indptr();
     if (all || strcmp(t, "cancel_running") == 0) test_cancel_running();
     if (all || strcmp(t, "trap_leaks") == 0) test_trap_leaks();
+    if (all || strcmp(t, "outputs") == 0) test_outputs();
+    if (all || strcmp(t, "outputs_opt") == 0) test_outputs_opt();
+    if (all || strcmp(t, "import_quota") == 0) test_import_quota();
     TEST_DONE();
 }

@@ -19,8 +19,21 @@
  *                        outside memory (must trap)
  *   argv: export_badptr  kv_export of a good name from a page list outside
  *                        memory (must trap)
+ *   argv: outputs [hold] submits forwards of one LOGITS row each and frees
+ *                        none, until a submit fails (at most 4096); then
+ *                        frees one and submits again; chains a builder
+ *                        from a second one, frees that future and submits
+ *                        again; drops the builder and submits again;
+ *                        sends "n N rc R again A held H after F" (N
+ *                        accepted, R the failing code, A/H/F a submit's
+ *                        code, 0 for a future). With hold it then waits
+ *                        for a message from its client, holding them all
+ *   argv: import_quota   imports an export "quota_x" (made by the test)
+ *                        beside its 4 pages and sends "import R" (the
+ *                        number of pages or an error)
  */
 #include <math.h>
+#include <stdbool.h>
 #include <stdio.h>
 #include <stdlib.h>
 #include <string.h>
@@ -281,6 +294,47 @@ static void codes(void)
     pie_future_free(fut);
 }
 
+/* Submits a forward of one token with one LOGITS row (kept by the
+ * control layer until its future is freed); the future or the error. */
+static int32_t logits_forward(void)
+{
+    int32_t f = one_token(pg, 1, 1);
+    pie_forward_output(f, 0, PIE_PROBE_LOGITS, 1, 0, 1, 0, 0);
+    return pie_forward_submit(f);
+}
+
+static int32_t code_of(int32_t fut) { return fut < 0 ? fut : 0; }
+
+static void outputs(bool hold)
+{
+    static int32_t futs[4096];
+    int32_t n = 0, rc = 0;
+    while (n < 4096 && (rc = logits_forward()) > 0) futs[n++] = rc;
+    rc = code_of(rc);
+    int32_t again = PIE_EINVAL, held = PIE_EINVAL, after = PIE_EINVAL;
+    if (n >= 2) {
+        pie_future_wait(futs[0]);            /* collected: room for one */
+        pie_future_free(futs[0]);
+        again = logits_forward();
+        futs[0] = again > 0 ? again : 0;
+        again = code_of(again);
+        pie_future_wait(futs[1]);            /* a builder keeps its results */
+        int32_t b = pie_forward_new(m);
+        pie_forward_token_from(b, futs[1], 0, 1);
+        pie_future_free(futs[1]);
+        futs[1] = logits_forward();
+        held = code_of(futs[1]);
+        pie_forward_submit(b);               /* no pages: refused, dropped */
+        if (futs[1] < 0) futs[1] = logits_forward();
+        after = code_of(futs[1]);
+    }
+    char msg[128];
+    int len = snprintf(msg, sizeof msg, "n %d rc %d again %d held %d after "
+                       "%d", n, rc, again, held, after);
+    pie_send(msg, (uint32_t)len);
+    if (hold) pie_future_wait(pie_receive());
+}
+
 int main(int argc, char **argv)
 {
     if (argc < 2) return 2;
@@ -339,6 +393,18 @@ int main(int argc, char **argv)
         int n = snprintf(msg, sizeof msg, "status %d read %d values %d", st,
                          rd, rv);
         pie_send(msg, (uint32_t)n);
+        return 0;
+    }
+    if (strcmp(argv[1], "outputs") == 0) {
+        outputs(argc > 2 && strcmp(argv[2], "hold") == 0);
+        return 0;
+    }
+    if (strcmp(argv[1], "import_quota") == 0) {
+        int32_t imp[8];
+        int32_t r = pie_kv_import(m, "quota_x", 7, imp, 8);
+        char msg[64];
+        int len = snprintf(msg, sizeof msg, "import %d", r);
+        pie_send(msg, (uint32_t)len);
         return 0;
     }
     if (strcmp(argv[1], "import_badptr") == 0) {
