@@ -32,11 +32,13 @@
  *   producer's expected bytes) and an "empty" one (both groups' MMAs read
  *   it: two arrivals).
  * - SwiGLU (mode PIE_CUDA_WGMM_GLU): W is the gate/up pair (2 hid, k) and a tile
- *   covers 64 features j0 .. j0 + 63; its W rows are loaded as 16 boxes
- *   of 8 rows, interleaved so that each warp's 16 rows are 8 gate rows and
- *   the same 8 up rows: a thread's accumulator rows r and r + 8 are then
- *   gate and up of one feature, and h = silu(g) up is formed in registers
- *   (g and up rounded to bf16 first, as the unfused matmul + silu_mul).
+ *   covers 64 features j0 .. j0 + 63; its W rows are loaded as one box of
+ *   a 4-D view of W (wgmm_map_glu), interleaved so that each warp's 16
+ *   rows are 8 gate rows and the same 8 up rows: a thread's accumulator
+ *   rows r and r + 8 are then gate and up of one feature, and h = silu(g)
+ *   up is formed in registers (g and up rounded to bf16 first, as the
+ *   unfused matmul + silu_mul). (As 16 boxes of 8 rows, one TMA copy
+ *   each, the SwiGLU matmul took 5-25% longer: NOTES.md, round 18.)
  */
 #include <cuda.h>
 #include <cuda_runtime.h>
@@ -55,6 +57,9 @@ typedef struct wgmm_args {
     float   *part;      /* workspace: (G, 2 slots, 2 groups, 64 x MT) f32 */
     int     *cnt;       /* (tiles) pieces counted in; zero between calls */
     int      mode, m, n, k, kb, tiles;
+    int      exp;       /* PIE_CUDA_WGMM_EXP, timing only (output wrong):
+                         * bit 1 no copies of x, 2 no stream-K fix-ups (a
+                         * piece stores its own sums), 4 no stores */
 } wgmm_args;
 
 /* ------------------------------------------------------------ PTX bits */
@@ -101,6 +106,17 @@ static __device__ __forceinline__ void tma_2d(void *dst, const CUtensorMap *map,
     asm volatile("cp.async.bulk.tensor.2d.shared::cluster.global.mbarrier::"
                  "complete_tx::bytes [%0], [%1, {%2, %3}], [%4];" ::"r"(
                      smem_u32(dst)), "l"(map), "r"(c0), "r"(c1),
+                 "r"(smem_u32(bar)) : "memory");
+}
+
+/* TMA: box (c0, c1, c2, c3) of a 4-D map into dst, counted on bar. */
+static __device__ __forceinline__ void tma_4d(void *dst, const CUtensorMap *map,
+                                              int c0, int c1, int c2, int c3,
+                                              uint64_t *bar)
+{
+    asm volatile("cp.async.bulk.tensor.4d.shared::cluster.global.mbarrier::"
+                 "complete_tx::bytes [%0], [%1, {%2, %3, %4, %5}], [%6];" ::"r"(
+                     smem_u32(dst)), "l"(map), "r"(c0), "r"(c1), "r"(c2), "r"(c3),
                  "r"(smem_u32(bar)) : "memory");
 }
 
@@ -166,7 +182,7 @@ static __device__ void wgmm_produce(const CUtensorMap *tw, const CUtensorMap *tx
                                     char *sm, uint64_t *full, uint64_t *empty,
                                     int S)
 {
-    const uint32_t bytes = WGMM_TILE_BYTES + MT * 128;
+    const uint32_t bytes = WGMM_TILE_BYTES + (a.exp & 1 ? 0 : MT * 128);
     asm volatile("prefetch.tensormap [%0];" ::"l"(tw) : "memory");
     asm volatile("prefetch.tensormap [%0];" ::"l"(tx) : "memory");
     int it = wgmm_begin(q, q.cl), end = wgmm_begin(q, q.cl + 1);
@@ -175,13 +191,13 @@ static __device__ void wgmm_produce(const CUtensorMap *tw, const CUtensorMap *tx
         char *st = sm + (size_t)s * bytes;
         mbar_wait(&empty[s], ph ^ 1);
         mbar_expect(&full[s], bytes);
-        if (a.mode == PIE_CUDA_WGMM_GLU)         /* 8 gate rows, then the same 8 up rows */
-            for (int b = 0; b < 16; b++)
-                tma_2d(st + b * 1024, tw, k0, (b & 1) * a.n + t * 64 + (b >> 1) * 8,
-                       &full[s]);
+        if (a.mode == PIE_CUDA_WGMM_GLU)    /* g0-7, u0-7, g8-15, .. */
+            tma_4d(st, tw, k0, 0, 0, t * 8, &full[s]);
         else
             tma_2d(st, tw, k0, t * 128, &full[s]);
-        if (CL == 1)
+        if (a.exp & 1)
+            ;
+        else if (CL == 1)
             tma_2d(st + WGMM_TILE_BYTES, tx, k0, 0, &full[s]);
         else                            /* this block's share of x, to both */
             tma_2d_mc(st + WGMM_TILE_BYTES + q.rank * (MT / CL) * 128, tx, k0,
@@ -227,7 +243,9 @@ static __device__ __forceinline__ void wgmm_store(const wgmm_args &a, int t,
             else if (a.mode == PIE_CUDA_WGMM_F32) ((float *)a.y)[o] = d[4 * i + e];
             else ((float *)a.y)[o] += d[4 * i + e];
             /* a few columns at a time: all of y's reads hoisted ahead of
-             * the adds would take as many registers again as d */
+             * the adds would take as many registers again as d (as L2
+             * reductions, atomicAdd, wo and down took 5-8% longer:
+             * NOTES.md, round 18) */
             if (e == 3 && i % 4 == 3) asm volatile("" ::: "memory");
         }
 }
@@ -337,7 +355,8 @@ static __device__ void wgmm_consume(const wgmm_args &a, const wgmm_sched &q,
         }
         asm volatile("wgmma.wait_group.sync.aligned 0;" ::: "memory");
         wgmm_release<CL>(empty, prev, q);
-        if (whole || wgmm_fixup<MT, CL>(a, q, u, grp, d, last))
+        if (a.exp & 2) whole = true;
+        if ((whole || wgmm_fixup<MT, CL>(a, q, u, grp, d, last)) && !(a.exp & 4))
             wgmm_store<MT>(a, u * CL + q.rank, grp, d);
     }
 }
@@ -415,6 +434,26 @@ static int wgmm_map(CUtensorMap *map, const uint16_t *p, int rows, int k,
     cuuint64_t stride[1] = { (cuuint64_t)k * 2 };
     cuuint32_t box[2] = { 64, (cuuint32_t)box_rows }, es[2] = { 1, 1 };
     return enc && enc(map, CU_TENSOR_MAP_DATA_TYPE_BFLOAT16, 2, (void *)p, dim,
+                      stride, box, es, CU_TENSOR_MAP_INTERLEAVE_NONE,
+                      CU_TENSOR_MAP_SWIZZLE_128B,
+                      CU_TENSOR_MAP_L2_PROMOTION_L2_256B,
+                      CU_TENSOR_MAP_FLOAT_OOB_FILL_NONE) == CUDA_SUCCESS
+               ? 0 : -1;
+}
+
+/* The gate/up pair's map for the SwiGLU (W: gate rows [0, hid), then up
+ * rows [hid, 2 hid), each k long), as 4-D: (k, 8 rows, gate or up, 8-row
+ * group). One box of (64, 8, 2, 8) lands as the 128 rows g0-7, u0-7,
+ * g8-15, u8-15, ..: 64 features' gate and up rows, each 8 of them a
+ * 1024-byte swizzle atom, as each warp's 16 rows need them. */
+static int wgmm_map_glu(CUtensorMap *map, const uint16_t *p, int hid, int k)
+{
+    encode_fn enc = wgmm_encoder();
+    cuuint64_t dim[4] = { (cuuint64_t)k, 8, 2, (cuuint64_t)hid / 8 };
+    cuuint64_t stride[3] = { (cuuint64_t)k * 2, (cuuint64_t)hid * k * 2,
+                             (cuuint64_t)k * 16 };
+    cuuint32_t box[4] = { 64, 8, 2, 8 }, es[4] = { 1, 1, 1, 1 };
+    return enc && enc(map, CU_TENSOR_MAP_DATA_TYPE_BFLOAT16, 4, (void *)p, dim,
                       stride, box, es, CU_TENSOR_MAP_INTERLEAVE_NONE,
                       CU_TENSOR_MAP_SWIZZLE_128B,
                       CU_TENSOR_MAP_L2_PROMOTION_L2_256B,
@@ -522,6 +561,17 @@ static int wgmm_launch(const CUtensorMap &tw, const CUtensorMap &tx,
     return -1;
 }
 
+/* PIE_CUDA_WGMM_EXP (read once; timing experiments, output wrong). */
+static int wgmm_exp(void)
+{
+    static int exp = -1;
+    if (exp < 0) {
+        const char *e = getenv("PIE_CUDA_WGMM_EXP");
+        exp = e ? atoi(e) & 7 : 0;
+    }
+    return exp;
+}
+
 /* Clusters of 2 sharing x where the tiles pair up: PIE_CUDA_WGMM_CL=2
  * (read once). Off by default: on the H100 they measured 1.3-1.6x slower
  * than single blocks (NOTES.md, round 17). */
@@ -549,7 +599,8 @@ extern "C" int pie__cuda_wgmm(void *y, int mode, const uint16_t *W, int n,
     if (grid < cl) grid = cl;
     if (grid > ws->max_grid) return -1;     /* a workspace for fewer blocks */
     CUtensorMap tw, tx;
-    if (wgmm_map(&tw, W, glu ? 2 * n : n, k, glu ? 8 : 128) ||
+    a.exp = wgmm_exp();
+    if ((glu ? wgmm_map_glu(&tw, W, n, k) : wgmm_map(&tw, W, n, k, 128)) ||
         wgmm_map(&tx, x, m, k, mt / cl))
         return -1;
     if (cl == 1)
