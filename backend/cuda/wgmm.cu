@@ -30,7 +30,12 @@
  *   bytes), both in TMA's 128-byte swizzle, which is wgmma's K-major
  *   layout; stage s has a "full" barrier (the copies landed: the
  *   producer's expected bytes) and an "empty" one (both groups' MMAs read
- *   it: two arrivals).
+ *   it: two arrivals). After the stages, each consumer group has two
+ *   staging buffers of 8 KB for its output (wgmm_store): a finished tile
+ *   leaves in chunks of 32 tokens through them by TMA stores (TMA
+ *   reduce-adds for the residual) that run while the group computes its
+ *   next tile. (Stored from registers, the residual's read-modify-write
+ *   took wo at 256 rows 90 us instead of 41: NOTES.md, round 18.)
  * - SwiGLU (mode PIE_CUDA_WGMM_GLU): W is the gate/up pair (2 hid, k) and a tile
  *   covers 64 features j0 .. j0 + 63; its W rows are loaded as one box of
  *   a 4-D view of W (wgmm_map_glu), interleaved so that each warp's 16
@@ -50,7 +55,9 @@
 
 #define WGMM_THREADS 384        /* a producer warp group + two consumer ones */
 #define WGMM_TILE_BYTES 16384   /* W rows of a stage: 128 x 128 bytes */
-#define WGMM_SMEM_MAX (225 * 1024)
+#define WGMM_SMEM_MAX (227 * 1024)   /* the H100's opt-in limit a block */
+#define WGMM_STAGE_OUT 8192          /* a group's staged chunk of output  */
+#define WGMM_OUT_BYTES (2 * 2 * WGMM_STAGE_OUT)  /* 2 groups x 2 buffers */
 
 typedef struct wgmm_args {
     void    *y;
@@ -118,6 +125,24 @@ static __device__ __forceinline__ void tma_4d(void *dst, const CUtensorMap *map,
                  "complete_tx::bytes [%0], [%1, {%2, %3, %4, %5}], [%6];" ::"r"(
                      smem_u32(dst)), "l"(map), "r"(c0), "r"(c1), "r"(c2), "r"(c3),
                  "r"(smem_u32(bar)) : "memory");
+}
+
+/* TMA store of box (c0, c1) of map from shared memory src (bulk group). */
+static __device__ __forceinline__ void tma_store_2d(const CUtensorMap *map, int c0,
+                                                    int c1, const void *src)
+{
+    asm volatile("cp.async.bulk.tensor.2d.global.shared::cta.bulk_group "
+                 "[%0, {%1, %2}], [%3];" ::"l"(map), "r"(c0), "r"(c1),
+                 "r"(smem_u32(src)) : "memory");
+}
+
+/* The same, adding into global memory (in L2) instead of writing. */
+static __device__ __forceinline__ void tma_add_2d(const CUtensorMap *map, int c0,
+                                                  int c1, const void *src)
+{
+    asm volatile("cp.reduce.async.bulk.tensor.2d.global.shared::cta.add.tile."
+                 "bulk_group [%0, {%1, %2}], [%3];" ::"l"(map), "r"(c0), "r"(c1),
+                 "r"(smem_u32(src)) : "memory");
 }
 
 /* A K-major tile's descriptor: 8-row groups 1024 bytes apart (the leading
@@ -208,46 +233,111 @@ static __device__ void wgmm_produce(const CUtensorMap *tw, const CUtensorMap *tx
 
 /* ------------------------------------------------------------ epilogue */
 
-/* Thread's fragment: d[4 j + e] is row r0 (+ 8 for e >= 2) of its group's
- * 64, column (token) 8 j + 2 (lane % 4) (+ 1 for odd e). */
+static __device__ __forceinline__ void group_sync(int grp)
+{
+    asm volatile("bar.sync %0, 128;" ::"r"(2 + grp) : "memory");
+}
+
+/* A tile's output leaves through shared memory, in chunks of 32 tokens:
+ * every thread of the group puts its part of the chunk in the group's
+ * staging buffer (two of WGMM_STAGE_OUT bytes, used in turn), laid out as
+ * the box of the output's map ty (swizzled: the fragment's stores are then
+ * free of bank conflicts), and the group's first thread sends it with a
+ * TMA store, or for the residual a TMA reduce-add (one add an element in
+ * L2: the same bits as y += d), without waiting for it: the group goes on
+ * with its next tile while the copy engine writes. Rows of the box past m
+ * are clipped by the map. *sent counts the group's chunks (its buffer is
+ * sent % 2).
+ *
+ * Thread's fragment: d[4 j + e] is row 8 (lane / 4) + w 16 (+ 8 for e >= 2)
+ * of its group's 64, column (token) 8 j + 2 (lane % 4) (+ 1 for odd e).
+ * Staged layouts (tk the token within the chunk, 128-byte swizzle unless
+ * said): f32 two boxes of 32 columns x 32 tokens; bf16 one box of 64
+ * columns; the SwiGLU's h one box of the group's 32 features (64-byte
+ * swizzle). */
+static __device__ __forceinline__ int out_f32(int col, int tk)
+{
+    int cc = col & 31;
+    return (col >> 5) * 4096 + tk * 128 + (((cc >> 2) ^ (tk & 7)) << 4) + (cc & 3) * 4;
+}
+
+static __device__ __forceinline__ int out_bf16(int col, int tk)
+{
+    return tk * 128 + (((col >> 3) ^ (tk & 7)) << 4) + (col & 7) * 2;
+}
+
+static __device__ __forceinline__ int out_glu(int f, int tk)
+{
+    return tk * 64 + (((f >> 3) ^ ((tk >> 1) & 3)) << 4) + (f & 7) * 2;
+}
+
+/* Puts chunk ch of the fragment d in buffer buf, as mode's box wants. */
 template <int MT>
-static __device__ __forceinline__ void wgmm_store(const wgmm_args &a, int t,
-                                                  int grp, const float *d)
+static __device__ __forceinline__ void wgmm_stage(int mode, int ch, const float *d,
+                                                  char *buf)
 {
     int lane = threadIdx.x % 32, w = (threadIdx.x % 128) / 32;
-    int c0 = 2 * (lane % 4);
-    if (a.mode == PIE_CUDA_WGMM_GLU) {
-        int j = t * 64 + (4 * grp + w) * 8 + lane / 4;
-        uint16_t *h = (uint16_t *)a.y;
+    int g = lane / 4, c2 = 2 * (lane % 4);
 #pragma unroll
-        for (int i = 0; i < MT / 8; i++)
-#pragma unroll
-            for (int e = 0; e < 2; e++) {
-                int tok = 8 * i + c0 + e;
-                if (tok < a.m)
-                    h[(size_t)tok * a.n + j] =
-                        f2bf(pie_silu_mul(bf16_round(d[4 * i + e]),
-                                          bf16_round(d[4 * i + 2 + e])));
-            }
-        return;
-    }
-    int row = t * 128 + grp * 64 + w * 16 + lane / 4;
-#pragma unroll
-    for (int i = 0; i < MT / 8; i++)
+    for (int j = 0; j < 4; j++) {
+        const int i = ch * 4 + j;
 #pragma unroll
         for (int e = 0; e < 4; e++) {
-            int tok = 8 * i + c0 + (e & 1), col = row + (e >> 1) * 8;
-            if (tok >= a.m) continue;
-            size_t o = (size_t)tok * a.n + col;
-            if (a.mode == PIE_CUDA_WGMM_BF16) ((uint16_t *)a.y)[o] = f2bf(d[4 * i + e]);
-            else if (a.mode == PIE_CUDA_WGMM_F32) ((float *)a.y)[o] = d[4 * i + e];
-            else ((float *)a.y)[o] += d[4 * i + e];
-            /* a few columns at a time: all of y's reads hoisted ahead of
-             * the adds would take as many registers again as d (as L2
-             * reductions, atomicAdd, wo and down took 5-8% longer:
-             * NOTES.md, round 18) */
-            if (e == 3 && i % 4 == 3) asm volatile("" ::: "memory");
+            int tk = 8 * j + c2 + (e & 1), col = w * 16 + g + (e >> 1) * 8;
+            float v = d[4 * i + e];
+            if (mode == PIE_CUDA_WGMM_GLU) {
+                if (e < 2)
+                    *(uint16_t *)(buf + out_glu(w * 8 + g, tk)) =
+                        f2bf(pie_silu_mul(bf16_round(v), bf16_round(d[4 * i + 2 + e])));
+            } else if (mode == PIE_CUDA_WGMM_BF16) {
+                *(uint16_t *)(buf + out_bf16(col, tk)) = f2bf(v);
+            } else {
+                *(float *)(buf + out_f32(col, tk)) = v;
+            }
         }
+    }
+}
+
+/* Sends a staged chunk (the group's first thread): tile t, tokens 32 ch. */
+static __device__ __forceinline__ void wgmm_send(const CUtensorMap *ty, int mode,
+                                                 int t, int grp, int ch,
+                                                 const char *buf)
+{
+    int tok = 32 * ch;
+    if (mode == PIE_CUDA_WGMM_GLU) {
+        tma_store_2d(ty, t * 64 + grp * 32, tok, buf);
+    } else if (mode == PIE_CUDA_WGMM_BF16) {
+        tma_store_2d(ty, t * 128 + grp * 64, tok, buf);
+    } else if (mode == PIE_CUDA_WGMM_F32) {
+        tma_store_2d(ty, t * 128 + grp * 64, tok, buf);
+        tma_store_2d(ty, t * 128 + grp * 64 + 32, tok, buf + 4096);
+    } else {
+        tma_add_2d(ty, t * 128 + grp * 64, tok, buf);
+        tma_add_2d(ty, t * 128 + grp * 64 + 32, tok, buf + 4096);
+    }
+    asm volatile("cp.async.bulk.commit_group;" ::: "memory");
+}
+
+template <int MT>
+static __device__ void wgmm_store(const wgmm_args &a, const CUtensorMap *ty,
+                                  int t, int grp, const float *d, char *stage,
+                                  int *sent)
+{
+    const bool lead = threadIdx.x % 128 == 0;
+#pragma unroll
+    for (int ch = 0; ch < MT / 32; ch++) {
+        if (ch * 32 >= a.m) break;
+        char *buf = stage + (*sent & 1) * WGMM_STAGE_OUT;
+        /* the buffer's previous chunk read out: at most one group pending */
+        if (lead && *sent >= 2)
+            asm volatile("cp.async.bulk.wait_group.read 1;" ::: "memory");
+        group_sync(grp);
+        wgmm_stage<MT>(a.mode, ch, d, buf);
+        asm volatile("fence.proxy.async.shared::cta;" ::: "memory");
+        group_sync(grp);
+        if (lead) wgmm_send(ty, a.mode, t, grp, ch, buf);
+        ++*sent;
+    }
 }
 
 /* Cluster c's slot for unit u's piece (0 if its range starts in u, else 1),
@@ -324,14 +414,15 @@ static __device__ __forceinline__ void wgmm_release(uint64_t *empty, int s,
 }
 
 template <int MT, int CL>
-static __device__ void wgmm_consume(const wgmm_args &a, const wgmm_sched &q,
-                                    char *sm, uint64_t *full, uint64_t *empty,
-                                    int S, int *last)
+static __device__ void wgmm_consume(const wgmm_args &a, const CUtensorMap *ty,
+                                    const wgmm_sched &q, char *sm, uint64_t *full,
+                                    uint64_t *empty, int S, int *last)
 {
     const uint32_t bytes = WGMM_TILE_BYTES + MT * 128;
     const int grp = threadIdx.x / 128 - 1;   /* after the producer group */
+    char *stage = sm + (size_t)S * bytes + grp * 2 * WGMM_STAGE_OUT;
     float d[MT / 2];
-    int s = 0, ph = 0;
+    int s = 0, ph = 0, sent = 0;
     int it = wgmm_begin(q, q.cl), end = wgmm_begin(q, q.cl + 1);
     while (it < end) {
         int u = it / a.kb;
@@ -357,18 +448,23 @@ static __device__ void wgmm_consume(const wgmm_args &a, const wgmm_sched &q,
         wgmm_release<CL>(empty, prev, q);
         if (a.exp & 2) whole = true;
         if ((whole || wgmm_fixup<MT, CL>(a, q, u, grp, d, last)) && !(a.exp & 4))
-            wgmm_store<MT>(a, u * CL + q.rank, grp, d);
+            wgmm_store<MT>(a, ty, u * CL + q.rank, grp, d, stage, &sent);
     }
+    /* the output written (and the staging read) before the block ends */
+    if (threadIdx.x % 128 == 0)
+        asm volatile("cp.async.bulk.wait_group 0;" ::: "memory");
 }
 
 template <int MT, int CL>
 __global__ void __launch_bounds__(WGMM_THREADS, 1)
 wgmm_kernel(const __grid_constant__ CUtensorMap tw,
-            const __grid_constant__ CUtensorMap tx, wgmm_args a, int S)
+            const __grid_constant__ CUtensorMap tx,
+            const __grid_constant__ CUtensorMap ty, wgmm_args a, int S)
 {
     extern __shared__ __align__(128) char wgmm_raw[];
     char *sm = (char *)(((uintptr_t)wgmm_raw + 1023) & ~(uintptr_t)1023);
-    uint64_t *full = (uint64_t *)(sm + (size_t)S * (WGMM_TILE_BYTES + MT * 128));
+    uint64_t *full = (uint64_t *)(sm + (size_t)S * (WGMM_TILE_BYTES + MT * 128) +
+                                  WGMM_OUT_BYTES);
     uint64_t *empty = full + S;
     int *last = (int *)(empty + S);
     const wgmm_sched q = { a.tiles / CL * a.kb, (int)gridDim.x / CL,
@@ -390,7 +486,7 @@ wgmm_kernel(const __grid_constant__ CUtensorMap tw,
     }
     else {
         asm volatile("setmaxnreg.inc.sync.aligned.u32 232;");
-        wgmm_consume<MT, CL>(a, q, sm, full, empty, S, last);
+        wgmm_consume<MT, CL>(a, &ty, q, sm, full, empty, S, last);
     }
     /* no block leaves while its peers may still arrive on its barriers */
     if (CL > 1) cluster_sync();
@@ -461,21 +557,44 @@ static int wgmm_map_glu(CUtensorMap *map, const uint16_t *p, int hid, int k)
                ? 0 : -1;
 }
 
+/* The output's map, for the epilogue's TMA stores (wgmm_send): y (m, n)
+ * row-major, f32 in boxes of 32 columns x 32 rows, bf16 in boxes of 64
+ * (the SwiGLU's h (m, hid): 32, 64-byte swizzle); rows past m clipped. */
+static int wgmm_map_out(CUtensorMap *map, void *y, int mode, int m, int n)
+{
+    encode_fn enc = wgmm_encoder();
+    int f32 = mode == PIE_CUDA_WGMM_F32 || mode == PIE_CUDA_WGMM_ACC;
+    int glu = mode == PIE_CUDA_WGMM_GLU;
+    cuuint64_t dim[2] = { (cuuint64_t)n, (cuuint64_t)m };
+    cuuint64_t stride[1] = { (cuuint64_t)n * (f32 ? 4 : 2) };
+    cuuint32_t box[2] = { f32 || glu ? 32u : 64u, 32 }, es[2] = { 1, 1 };
+    if ((uintptr_t)y % 16) return -1;
+    return enc && enc(map, f32 ? CU_TENSOR_MAP_DATA_TYPE_FLOAT32
+                               : CU_TENSOR_MAP_DATA_TYPE_BFLOAT16,
+                      2, y, dim, stride, box, es, CU_TENSOR_MAP_INTERLEAVE_NONE,
+                      glu ? CU_TENSOR_MAP_SWIZZLE_64B : CU_TENSOR_MAP_SWIZZLE_128B,
+                      CU_TENSOR_MAP_L2_PROMOTION_NONE,
+                      CU_TENSOR_MAP_FLOAT_OOB_FILL_NONE) == CUDA_SUCCESS
+               ? 0 : -1;
+}
+
 static int wgmm_mt(int m)
 {
     return m <= 64 ? 64 : m <= 128 ? 128 : 256;
 }
 
-/* Stages that fit the shared memory (4 at 256 rows, 6 at 128, 8 at 64). */
+/* Stages that fit the shared memory beside the epilogue's staging (4 at
+ * 256 rows, 6 at 128, 8 at 64). */
 static int wgmm_stages(int mt)
 {
-    int s = (WGMM_SMEM_MAX - 2048) / (WGMM_TILE_BYTES + mt * 128);
+    int s = (WGMM_SMEM_MAX - 2048 - WGMM_OUT_BYTES) / (WGMM_TILE_BYTES + mt * 128);
     return s > 8 ? 8 : s;
 }
 
 static size_t wgmm_smem(int mt)
 {
-    return (size_t)wgmm_stages(mt) * (WGMM_TILE_BYTES + mt * 128) + 1024 + 256;
+    return (size_t)wgmm_stages(mt) * (WGMM_TILE_BYTES + mt * 128) +
+           WGMM_OUT_BYTES + 1024 + 256;
 }
 
 extern "C" int pie__cuda_wgmm_supported(int mode, int m, int n, int k,
@@ -544,6 +663,7 @@ static int wgmm_resident(void)
 
 template <int MT, int CL>
 static int wgmm_launch(const CUtensorMap &tw, const CUtensorMap &tx,
+                       const CUtensorMap &ty,
                        const wgmm_args &a, int grid, int pdl, cudaStream_t s)
 {
     int units = a.tiles / CL, res = wgmm_resident<MT, CL>();
@@ -554,7 +674,7 @@ static int wgmm_launch(const CUtensorMap &tw, const CUtensorMap &tx,
     if (blocks < CL) return -1;
     cudaLaunchAttribute at[2];
     cudaLaunchConfig_t cfg = wgmm_cfg<MT, CL>(at, blocks, pdl, s);
-    if (cudaLaunchKernelEx(&cfg, wgmm_kernel<MT, CL>, tw, tx, a,
+    if (cudaLaunchKernelEx(&cfg, wgmm_kernel<MT, CL>, tw, tx, ty, a,
                            wgmm_stages(MT)) == cudaSuccess)
         return 0;
     cudaGetLastError();
@@ -598,21 +718,21 @@ extern "C" int pie__cuda_wgmm(void *y, int mode, const uint16_t *W, int n,
     if (grid > ws->max_grid) grid = ws->max_grid;
     if (grid < cl) grid = cl;
     if (grid > ws->max_grid) return -1;     /* a workspace for fewer blocks */
-    CUtensorMap tw, tx;
+    CUtensorMap tw, tx, ty;
     a.exp = wgmm_exp();
     if ((glu ? wgmm_map_glu(&tw, W, n, k) : wgmm_map(&tw, W, n, k, 128)) ||
-        wgmm_map(&tx, x, m, k, mt / cl))
+        wgmm_map(&tx, x, m, k, mt / cl) || wgmm_map_out(&ty, y, mode, m, n))
         return -1;
     if (cl == 1)
         switch (mt) {
-        case 64:  return wgmm_launch<64, 1>(tw, tx, a, grid, pdl, s);
-        case 128: return wgmm_launch<128, 1>(tw, tx, a, grid, pdl, s);
-        default:  return wgmm_launch<256, 1>(tw, tx, a, grid, pdl, s);
+        case 64:  return wgmm_launch<64, 1>(tw, tx, ty, a, grid, pdl, s);
+        case 128: return wgmm_launch<128, 1>(tw, tx, ty, a, grid, pdl, s);
+        default:  return wgmm_launch<256, 1>(tw, tx, ty, a, grid, pdl, s);
         }
     switch (mt) {
-    case 64:  return wgmm_launch<64, 2>(tw, tx, a, grid, pdl, s);
-    case 128: return wgmm_launch<128, 2>(tw, tx, a, grid, pdl, s);
-    default:  return wgmm_launch<256, 2>(tw, tx, a, grid, pdl, s);
+    case 64:  return wgmm_launch<64, 2>(tw, tx, ty, a, grid, pdl, s);
+    case 128: return wgmm_launch<128, 2>(tw, tx, ty, a, grid, pdl, s);
+    default:  return wgmm_launch<256, 2>(tw, tx, ty, a, grid, pdl, s);
     }
 }
 
