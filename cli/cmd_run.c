@@ -174,7 +174,7 @@ typedef struct run_args {
     const char *model, *backend, *cache_dir, *kv_dir, *policy;
     int         n, page_size, pages, threads, workers, max_pages, priority;
     int         max_export_pages;
-    uint64_t    token_limit;
+    uint64_t    token_limit, max_output_bytes;
     float       cpu_limit, memory_limit_mb;
 } run_args;
 
@@ -429,7 +429,8 @@ static int run_engine(const run_args *a, const char *path, int nargs,
     module_name(a->model, mname, sizeof mname);
     pie_engine_opts eo = { .client = { .max_pages = a->max_pages,
                                        .max_tokens = (int64_t)a->token_limit,
-                                       .priority = a->priority } };
+                                       .priority = a->priority },
+                           .max_output_bytes = a->max_output_bytes };
     if (pie_engine_create(&eo, &eng) != 0 ||
         pie_engine_add_model(eng, mname, m, ctl) != 0) {
         fprintf(stderr, "pie run: cannot serve the model to inferlets: %s\n",
@@ -463,6 +464,9 @@ out:
 #define RUN_MAX_CPU_S   1e9         /* ~31 years; < 0 is "no limit"      */
 #define RUN_MIN_MEM_MB  0.0625      /* one wasm page                     */
 #define RUN_MAX_MEM_MB  4096.0      /* all a wasm32 instance can address */
+/* --max-output-bytes: what an instance's forwards keep is at most its
+ * memory limit anyway, so more than the largest one means nothing */
+#define RUN_MAX_OUTPUT_BYTES (4096ull << 20)
 
 /* Range checks of pie run's options; prints and returns -1 on the first
  * bad one. */
@@ -485,6 +489,13 @@ static int check_run_args(const run_args *a)
         fprintf(stderr, "pie run: --token-limit must be 0 (no limit) .. %lld "
                 "(got %llu)\n", (long long)INT64_MAX,
                 (unsigned long long)a->token_limit);
+        return -1;
+    }
+    if (a->max_output_bytes > RUN_MAX_OUTPUT_BYTES) {
+        fprintf(stderr, "pie run: --max-output-bytes must be 0 (the default, "
+                "256 MiB) .. %llu bytes (4096 MiB, the largest memory limit) "
+                "(got %llu)\n", RUN_MAX_OUTPUT_BYTES,
+                (unsigned long long)a->max_output_bytes);
         return -1;
     }
     if (pie_cli_check_int("run", "priority", a->priority, 0, 7) ||
@@ -518,6 +529,10 @@ int pie_cmd_run(int argc, char **argv)
           "default; raise it for many instances)" },
         { "token-limit", 0, OPT_U64, &a.token_limit, "tokens one instance may "
           "forward in total (0 = no limit)" },
+        { "max-output-bytes", 0, OPT_U64, &a.max_output_bytes, "host bytes "
+          "one instance's submitted forwards may keep until their futures "
+          "are freed (results and input copies), 0..4294967296 (0 = 256 MiB; "
+          "at most --memory-limit)" },
         { "priority", 0, OPT_INT, &a.priority, "scheduling class of the "
           "instances, 0 (first) .. 7 (0)" },
         { "max-pages", 0, OPT_INT, &a.max_pages, "KV pages one instance may "

@@ -132,6 +132,9 @@ int32_t pie_ctl_n_pages(pie_ctl *ctl);      /* pool size                    */
 
 /* ---- clients ----------------------------------------------------------- */
 
+/* Default per-client cap on live page handles (see max_handles). */
+#define PIE_CTL_MAX_HANDLES 65536
+
 typedef struct pie_ctl_client_opts {
     int32_t max_pages;         /* pages held at once: its allocated ones,
                                   plus, each page once, those its live
@@ -142,6 +145,13 @@ typedef struct pie_ctl_client_opts {
                                   (0 = no limit)                            */
     int64_t max_tokens;        /* tokens forwarded in total (0 = no limit)  */
     int32_t priority;          /* class; 0 is served first (0..7)           */
+    int32_t max_handles;       /* page handles held at once, allocated and
+                                  imported (each import of an export makes
+                                  new ones, even of pages the client holds
+                                  already): past it page_alloc and import
+                                  fail with PIE_ELIMIT (0 = default:
+                                  PIE_CTL_MAX_HANDLES or 4 x the pool's
+                                  pages, the larger; < 0 invalid)           */
     const char *name;          /* for messages and counters (may be NULL)   */
     /* FCFS policy: asks the owner to end this client (e.g. kill the
      * inferlet); runs without the control lock on the allocating thread and
@@ -314,6 +324,15 @@ int  pie_ctl_forward_submit(pie_ctl_client *c, const pie_ctl_forward *f,
  * vocab values, a negative count none). */
 uint64_t pie_ctl_output_bytes(pie_ctl *ctl, int32_t n_outputs,
                               const pie_sampler *samplers);
+/* Host bytes that pie_ctl_forward_submit keeps for forward f until its
+ * future's last reference is released, whether it is pending or done:
+ * the op, the copies op_build makes of f's inputs (tokens, positions,
+ * pages, mask, output rows, samplers, LOGPROBS ids, logit mask, chains,
+ * page writes), the entries it adds to the forwards it waits on, and its
+ * results (pie_ctl_output_bytes). For a caller that bounds what others'
+ * forwards keep; f need not have been checked (f's mask and logit-mask
+ * indptr, when set, must hold n_tokens + 1 and n_outputs + 1 entries). */
+uint64_t pie_ctl_forward_bytes(pie_ctl *ctl, const pie_ctl_forward *f);
 /* 0 when completed successfully, PIE_EAGAIN while pending, else the error. */
 int  pie_ctl_future_poll(pie_ctl_future *f);
 /* Blocks up to timeout_ms (<0 forever) for completion; returns as poll. For

@@ -147,17 +147,23 @@ int pie_ctl_client_open(pie_ctl *ctl, const pie_ctl_client_opts *opts,
 {
     pie_ctl_client_opts o = opts ? *opts : (pie_ctl_client_opts){ 0 };
     if (o.priority < 0 || o.priority >= CTL_N_PRIO || o.max_pages < 0 ||
-        o.max_tokens < 0)
+        o.max_tokens < 0 || o.max_handles < 0)
         return pie_err_set(PIE_EINVAL, "control: client priority %d (0..%d), "
-                           "max_pages %d, max_tokens %lld", o.priority,
-                           CTL_N_PRIO - 1, o.max_pages,
-                           (long long)o.max_tokens);
+                           "max_pages %d, max_tokens %lld, max_handles %d",
+                           o.priority, CTL_N_PRIO - 1, o.max_pages,
+                           (long long)o.max_tokens, o.max_handles);
+    if (o.max_handles == 0)          /* the larger of the fixed cap and 4x */
+        o.max_handles = ctl->n_pages > PIE_CTL_MAX_HANDLES / 4
+                            ? (ctl->n_pages > INT32_MAX / 4 ? INT32_MAX
+                                                            : ctl->n_pages * 4)
+                            : PIE_CTL_MAX_HANDLES;
     pie_ctl_client *c = calloc(1, sizeof *c);
     if (!c) return pie_err_set(PIE_ENOMEM, "control: out of memory");
     c->ctl = ctl;
     snprintf(c->name, sizeof c->name, "%s", o.name ? o.name : "client");
     c->max_pages = o.max_pages;
     c->max_tokens = o.max_tokens;
+    c->max_handles = o.max_handles;
     c->prio = o.priority;
     c->free_h = -1;
     c->on_evict = o.on_evict;
@@ -724,6 +730,32 @@ uint64_t pie_ctl_output_bytes(pie_ctl *ctl, int32_t n_outputs,
     }
     return no * sizeof(int32_t) + (no + 1) * sizeof(uint32_t) +
            vals * (sizeof(float) + sizeof(int32_t));
+}
+
+uint64_t pie_ctl_forward_bytes(pie_ctl *ctl, const pie_ctl_forward *f)
+{
+    /* as op_build allocates (the minimum of one element it gives an empty
+     * array included), plus the entries this op adds to its parents' deps
+     * (one per chain and page at most, their arrays doubling) */
+#define NN(x) ((x) > 0 ? (uint64_t)(x) : 0)
+    uint64_t n = NN(f->n_tokens), np = NN(f->n_pages), no = NN(f->n_outputs);
+    uint64_t nc = NN(f->n_chains), ids = 0;
+    uint64_t b = sizeof(ctl_op) + 2 * n * sizeof(int32_t) +
+                 np * (sizeof(int32_t) + sizeof(ctl_write)) +
+                 (nc ? nc : 1) * sizeof(ctl_chain) +
+                 2 * (nc + np) * sizeof(ctl_dep) +
+                 no * (sizeof(int32_t) + sizeof(pie_sampler)) +
+                 3 * sizeof(uint32_t);   /* empty out.tokens/values/ids */
+    if (f->mask_indptr)
+        b += (n + 1 + f->mask_indptr[n]) * sizeof(uint32_t);
+    if (f->logit_mask_indptr)
+        b += (no + 1 + f->logit_mask_indptr[no]) * sizeof(uint32_t);
+    for (uint64_t o = 0; o < no && f->samplers; o++)
+        if (f->samplers[o].kind == PIE_PROBE_LOGPROBS)
+            ids += NN(f->samplers[o].n_ids);
+#undef NN
+    return b + ids * sizeof(int32_t) +
+           pie_ctl_output_bytes(ctl, f->n_outputs, f->samplers);
 }
 
 int pie_ctl_future_poll(pie_ctl_future *f)

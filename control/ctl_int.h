@@ -193,6 +193,7 @@ struct pie_ctl_client {
     int32_t         prio;
     ctl_handle     *h;            /* handle table; handle = index + 1        */
     int32_t         n_h, cap_h;
+    int32_t         max_handles;  /* live handles (pages_held + imports) cap */
     int32_t         free_h;       /* first free slot (-1 none)               */
     int32_t         pages_held;   /* allocated (not imported) handles        */
     int32_t         imports;      /* imported (read-only) handles            */

@@ -30,7 +30,10 @@
  * read-only flag (imported pages) and a merged flag (set when dedup pointed
  * it at another client's identical page). Free slots form a list through
  * next_free. A freshly allocated page records its owner (client, slot) so a
- * dedup merge can repoint the one handle that names it.
+ * dedup merge can repoint the one handle that names it. A client holds at
+ * most max_handles live handles (check_handles: allocation and import fail
+ * with PIE_ELIMIT past it), as no page count bounds them: each import of
+ * an export makes new handles, also of pages the client imported before.
  *
  * Slot content. For dedup, the pool records per slot what a forward wrote
  * there: token, position, a hash of the token's attention mask (0 = causal)
@@ -753,6 +756,23 @@ static int32_t quota_used(pie_ctl *ctl, pie_ctl_client *c)
     return quota_mark(ctl, c, &gen);
 }
 
+/* PIE_ELIMIT when n more handles would take c's live ones (allocated
+ * and imported) past max_handles, else 0. The page quota does not bound
+ * them: each import of an export makes new handles, also of pages c
+ * holds already, and dedup merges free the pages of allocated handles;
+ * without this, a loop of imports of one export grew c's handle table
+ * without bound. */
+static int check_handles(pie_ctl_client *c, int32_t n, const char *what)
+{
+    int32_t live = c->pages_held + c->imports;
+    if (n <= c->max_handles - live) return 0;   /* (not live + n: wraps) */
+    return pie_err_set(PIE_ELIMIT, "control: client '%s' holds %d page "
+                       "handles, %s adds %d, limit %d handles per client; "
+                       "free handles first (each import makes new handles, "
+                       "also for pages already imported)", c->name, live,
+                       what, n, c->max_handles);
+}
+
 /* PIE_ELIMIT when n more pages would pass c's quota, else 0. */
 static int check_quota(pie_ctl *ctl, pie_ctl_client *c, int32_t n)
 {
@@ -868,7 +888,7 @@ int pie_ctl_page_alloc(pie_ctl_client *c, int32_t n, int32_t timeout_ms,
     pthread_mutex_lock(&ctl->mu);
     CLIENT_CALL(c);
     int rc = check_quota(ctl, c, n);
-    if (rc < 0) goto out;
+    if (rc < 0 || (rc = check_handles(c, n, "allocation")) < 0) goto out;
     /* suspended: its swap comes back with the new pages, so refuse here
      * what both together can never get, before its resume swaps anyone
      * out (n_swap <= n_pages: the sum does not wrap once n <= n_pages) */
@@ -878,7 +898,8 @@ int pie_ctl_page_alloc(pie_ctl_client *c, int32_t n, int32_t timeout_ms,
     /* out holds the physical pages until they have handles */
     if ((rc = alloc_take(ctl, c, n, timeout_ms, (int32_t *)out)) < 0)
         goto out;
-    if ((rc = check_quota(ctl, c, n)) < 0) {           /* mu was dropped */
+    if ((rc = check_quota(ctl, c, n)) < 0 ||           /* mu was dropped */
+        (rc = check_handles(c, n, "allocation")) < 0) {
         for (int32_t k = 0; k < n; k++) pie__page_unref(ctl, (int32_t)out[k]);
         goto out;
     }
@@ -1015,7 +1036,8 @@ int pie_ctl_import(pie_ctl_client *c, const char *name, int32_t cap,
                          "room for %d", name, e->n, cap);
         goto out;
     }
-    if ((rc = check_import_quota(ctl, c, name, e->pages, e->n)) < 0)
+    if ((rc = check_handles(c, e->n, "import")) < 0 ||
+        (rc = check_import_quota(ctl, c, name, e->pages, e->n)) < 0)
         goto out;                                 /* nothing imported */
     for (int32_t k = 0; k < e->n; k++) {
         int32_t i = handle_new(c, e->pages[k], true);

@@ -149,6 +149,17 @@ static void client_unlink(ctl_op *op)
     if (!c->ops) pie__victims_changed(op->ctl);   /* idle: a victim now */
 }
 
+/* Empties op's dependents array and frees it: a DONE op gains none (no
+ * page names it as last_writer, and a chain from it adds no dependency),
+ * so what its dependents once took stays allocated no longer than they
+ * wait (a future held long after completion keeps no array of them). */
+static void free_deps(ctl_op *op)
+{
+    free(op->deps);
+    op->deps = NULL;
+    op->n_deps = op->cap_deps = 0;
+}
+
 /* op succeeded: each dependent waits for one op less. */
 static void release_dependents(pie_ctl *ctl, ctl_op *op)
 {
@@ -157,13 +168,13 @@ static void release_dependents(pie_ctl *ctl, ctl_op *op)
         if (d->state != OP_DONE && --d->n_pending == 0) pie__make_ready(ctl, d);
         pie__op_unref(d);
     }
-    op->n_deps = 0;
+    free_deps(op);
 }
 
 static void drop_deps(ctl_op *op)
 {
     for (int32_t i = 0; i < op->n_deps; i++) pie__op_unref(op->deps[i].op);
-    op->n_deps = 0;
+    free_deps(op);
 }
 
 /* The first half of completing op: off the ready list and its client's

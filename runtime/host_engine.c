@@ -16,8 +16,9 @@
  *                     at most builder_budget(): a guest may pass one small
  *                     buffer again and again, so the copies are what must
  *                     be bounded (forward_* fails with PIE_ELIMIT beyond)
- *   einst.acct        bytes of forward results the instance's submitted
- *                     forwards hold (out_acct), at most output_budget()
+ *   einst.acct        bytes the instance's submitted forwards keep in the
+ *                     control layer, inputs and results (out_acct), at
+ *                     most output_budget()
  *
  * KV page handles are the control layer's client handles as int32. A
  * forward future is a runtime future of kind PIE_RT_FUT_ENGINE whose data
@@ -27,11 +28,14 @@
  * cancel hook cancels the control-layer future; its destroy hook drops the
  * runtime future's reference to the efut.
  *
- * Forward results. The control layer allocates a forward's results
- * (pie_ctl_output_bytes: a token per output row, probe values and ids) at
- * submit and keeps them until the future's last reference goes, so a
- * guest that submits and never frees its futures would make the host hold
- * memory without bound. forward_submit charges those bytes to the
+ * Forward results and inputs. The control layer copies a forward's
+ * inputs (tokens, positions, pages, masks, output rows, LOGPROBS ids,
+ * logit masks, chains) and allocates its results (a token per output row,
+ * probe values and ids) at submit, and keeps both until the future's last
+ * reference goes (pie_ctl_forward_bytes counts them; the inputs are not
+ * freed at completion: control/sched.c pie__op_unref), so a guest that
+ * submits and never frees its futures would make the host hold memory
+ * without bound. forward_submit charges those bytes to the
  * instance's out_acct (PIE_ELIMIT, submitting nothing, past
  * output_budget()) and the efut gives them back when its last reference
  * goes: the runtime future's (future_free, or the instance's end; for a
@@ -68,8 +72,9 @@ typedef struct Z_pie_instance_t I;
 #define MAX_ROWS          (1 << 16)
 #define MAX_PAGES_CALL    (1 << 16)
 #define BUILDER_BUDGET    (256ull << 20)   /* builder bytes per instance    */
-#define OUTPUT_BUDGET     (256ull << 20)   /* default result bytes per
-                                              instance (max_output_bytes) */
+#define OUTPUT_BUDGET     (256ull << 20)   /* default bytes submitted
+                                              forwards keep per instance
+                                              (max_output_bytes)          */
 
 typedef struct served {
     char       name[128];
@@ -137,7 +142,8 @@ struct efut {
     atomic_int       refs;            /* the runtime future + each builder
                                          chaining from it                  */
     out_acct        *acct;            /* charged out_bytes (NULL: none)    */
-    uint64_t         out_bytes;
+    uint64_t         out_bytes;       /* pie_ctl_forward_bytes: its inputs
+                                         and results in the control layer */
 };
 
 #define RET(x) return (uint32_t)(int32_t)(x)
@@ -967,10 +973,12 @@ static void efut_destroy(void *data)
     efut_unref(data);                         /* the runtime future's ref */
 }
 
-/* Assembles b into a control-layer forward and submits it. */
-static int submit(pie_ctl_client *c, int32_t vocab, builder *b, efut *ef,
-                  pie_ctl_future **out)
+/* Assembles b into the control-layer forward *f; its logit mask (NULL
+ * where no row has one) goes to *li and *lr, which the caller frees. */
+static int forward_of(const builder *b, int32_t vocab, pie_ctl_forward *f,
+                      uint32_t **li_out, uint32_t **lr_out)
 {
+    *li_out = *lr_out = NULL;
     if (b->mask_indptr && b->mask_tokens != b->n_tok)
         return pie_err_set(PIE_EINVAL, "forward: mask set for %d tokens, "
                            "forward has %d", b->mask_tokens, b->n_tok);
@@ -1001,7 +1009,7 @@ static int submit(pie_ctl_client *c, int32_t vocab, builder *b, efut *ef,
             li[r + 1] = at;
         }
     }
-    pie_ctl_forward f = {
+    *f = (pie_ctl_forward){
         .n_tokens = b->n_tok, .tokens = b->tokens, .positions = b->positions,
         .n_pages = b->n_pages, .pages = b->pages,
         .last_page_len = b->last_len, .mask_indptr = b->mask_indptr,
@@ -1010,54 +1018,62 @@ static int submit(pie_ctl_client *c, int32_t vocab, builder *b, efut *ef,
         .logit_mask_indptr = li, .logit_mask_runs = lr,
         .n_chains = b->n_chains, .chains = b->chains,
     };
+    *li_out = li;
+    *lr_out = lr;
+    return 0;
+}
+
+/* Submits forward f for client c, completing ef's runtime future. */
+static int submit(pie_ctl_client *c, const pie_ctl_forward *f, efut *ef,
+                  pie_ctl_future **out)
+{
     /* efut_done takes the count back, or (a failed submit never calls
      * back) the failure below */
     pie_rt *rt = ef->rf->rt;
     engine_inflight(rt, 1);
-    int rc = pie_ctl_forward_submit(c, &f, efut_done, ef, out);
+    int rc = pie_ctl_forward_submit(c, f, efut_done, ef, out);
     if (rc < 0)
         engine_inflight(rt, -1);
-    free(li);
-    free(lr);
     return rc;
 }
 
-/* The most result bytes an instance's forwards may hold: the engine's
- * max_output_bytes, or the instance's memory limit if that is lower. */
+/* The most bytes an instance's submitted forwards may keep (inputs and
+ * results): the engine's max_output_bytes, or the instance's memory limit
+ * if that is lower. */
 static uint64_t output_budget(I *i)
 {
     uint64_t lim = i->rt->o.memory_limit, max = X(i)->e->o.max_output_bytes;
     return lim && lim < max ? lim : max;
 }
 
-/* 0 when the results of a forward of b fit beside those the instance's
- * futures hold (their size in *need), else PIE_ELIMIT with a message. */
-static int output_check(I *i, const builder *b, uint64_t *need)
+/* 0 when what forward f of model index model keeps in the control layer
+ * (its input copies and results, pie_ctl_forward_bytes) fits beside what
+ * the instance's futures hold (its size in *need), else PIE_ELIMIT with a
+ * message. */
+static int output_check(I *i, int32_t model, const pie_ctl_forward *f,
+                        uint64_t *need)
 {
     einst *x = X(i);
-    *need = pie_ctl_output_bytes(x->e->models[b->model].ctl, b->n_rows,
-                                 b->samplers);
+    *need = pie_ctl_forward_bytes(x->e->models[model].ctl, f);
     uint64_t held = atomic_load(&x->acct->bytes), max = output_budget(i);
     if (*need <= max && held <= max - *need) return 0;
-    return pie_err_set(PIE_ELIMIT, "forward_submit: the results of this "
-                       "forward (%llu bytes) would take those the instance's "
-                       "forwards hold past %llu bytes (limit %llu per "
-                       "instance): read and future_free earlier forwards "
-                       "first", (unsigned long long)*need,
+    return pie_err_set(PIE_ELIMIT, "forward_submit: this forward's inputs "
+                       "and results (%llu bytes) would take what the "
+                       "instance's forwards keep until their futures are "
+                       "freed past %llu bytes (limit %llu per instance): "
+                       "read and future_free earlier forwards first",
+                       (unsigned long long)*need,
                        (unsigned long long)(held + *need),
                        (unsigned long long)max);
 }
 
-/* One try at submitting builder b for client c as a new future, whose
- * handle goes to *h. Leaves b to the caller (it is the instance's until
- * consumed) and, on failure, nothing allocated: PIE_EAGAIN (c is swapped
- * out) is retried after resume_client, which parks. The future's result
- * bytes are charged to the instance (output_check) until its efut goes. */
-static int submit_once(I *i, builder *b, pie_ctl_client *c, int32_t *h)
+/* submit_once's part once f is assembled from b. */
+static int submit_charged(I *i, builder *b, pie_ctl_client *c,
+                          const pie_ctl_forward *f, int32_t *h)
 {
     einst *x = X(i);
     uint64_t need;
-    int rc = output_check(i, b, &need);
+    int rc = output_check(i, b->model, f, &need);
     if (rc < 0) return rc;
     efut *ef = calloc(1, sizeof *ef);
     if (!ef) return PIE_ENOMEM;
@@ -1077,7 +1093,7 @@ static int submit_once(I *i, builder *b, pie_ctl_client *c, int32_t *h)
     atomic_fetch_add(&x->acct->refs, 1);
     atomic_fetch_add(&x->acct->bytes, need);
     pie_ctl_future *cf = NULL;
-    rc = submit(c, x->e->models[b->model].m->cfg.vocab_size, b, ef, &cf);
+    rc = submit(c, f, ef, &cf);
     if (rc < 0) {
         pie_rt_future_complete(rf, rc, NULL, 0);
         pie__rt_future_free(i, *h);
@@ -1089,6 +1105,26 @@ static int submit_once(I *i, builder *b, pie_ctl_client *c, int32_t *h)
     pthread_mutex_unlock(&ef->mu);
     if (cancelled) pie_ctl_future_cancel(cf);
     return 0;
+}
+
+/* One try at submitting builder b for client c as a new future, whose
+ * handle goes to *h. Leaves b to the caller (it is the instance's until
+ * consumed) and, on failure, nothing allocated: PIE_EAGAIN (c is swapped
+ * out) is retried after resume_client, which parks. What the forward
+ * keeps in the control layer (inputs and results) is charged to the
+ * instance (output_check) until its efut goes. */
+static int submit_once(I *i, builder *b, pie_ctl_client *c, int32_t *h)
+{
+    einst *x = X(i);
+    uint32_t *li, *lr;
+    pie_ctl_forward f;
+    int rc = forward_of(b, x->e->models[b->model].m->cfg.vocab_size, &f,
+                        &li, &lr);
+    if (rc < 0) return rc;
+    rc = submit_charged(i, b, c, &f, h);
+    free(li);
+    free(lr);
+    return rc;
 }
 
 uint32_t Z_pieZ_forward_submit(I *i, uint32_t fwd)

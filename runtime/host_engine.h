@@ -9,8 +9,8 @@
  * instance then gets one control-layer client per model it uses, opened
  * with the engine's quotas; when the instance ends (exit, trap, kill) every
  * client is closed, which cancels its pending forwards and returns all its
- * pages. The results its forwards hold until it frees their futures are
- * bounded per instance (max_output_bytes).
+ * pages. What its forwards keep until it frees their futures (results and
+ * input copies) is bounded per instance (max_output_bytes).
  */
 #ifndef PIE_HOST_ENGINE_H
 #define PIE_HOST_ENGINE_H
@@ -27,9 +27,11 @@ typedef struct pie_engine_opts {
     pie_ctl_client_opts client;   /* quotas and priority per instance        */
     int32_t alloc_timeout_ms;     /* kv_alloc waits this long for a full
                                      pool (default 5000; < 0: fail at once) */
-    uint64_t max_output_bytes;    /* forward results (sampled tokens, probe
-                                     values and ids) an instance's futures
-                                     may hold until freed; forward_submit
+    uint64_t max_output_bytes;    /* what an instance's submitted forwards
+                                     keep until their futures are freed:
+                                     results (sampled tokens, probe values
+                                     and ids) and input copies
+                                     (pie_ctl_forward_bytes); forward_submit
                                      fails with PIE_ELIMIT past it (0 =
                                      default 256 MiB; at most the
                                      instance's memory limit)               */

@@ -437,6 +437,12 @@ static void test_run_limits(const char *model)
         { "--token-limit -1", "--token-limit" },
         { "--token-limit 18446744073709551615", "--token-limit" },
         { "--max-pages -1", "--max-pages" },
+        { "--max-output-bytes -1", "--max-output-bytes" },
+        { "--max-output-bytes ' -1'", "--max-output-bytes" },
+        { "--max-output-bytes 64k", "--max-output-bytes" },
+        { "--max-output-bytes x", "--max-output-bytes" },
+        { "--max-output-bytes 18446744073709551616", "--max-output-bytes" },
+        { "--max-output-bytes 4294967297", "--max-output-bytes" },
         { "--pages -1", "--pages" },
         { "--page-size 0", "--page-size" },
         { "--page-size -16", "--page-size" },
@@ -454,11 +460,64 @@ static void test_run_limits(const char *model)
     }
     snprintf(args, sizeof args, "run --backend cpu --model %s --memory-limit "
              "64 --cpu-limit -1 --token-limit 100 --max-pages 0 --workers 1 "
+             "--max-output-bytes 0 "
              "--threads 1 --page-size 8 %s -- exit 0", model, wasm);
     expect(args, 0, "", "pie run");
     snprintf(args, sizeof args, "run --backend cpu --model %s --memory-limit "
-             "4096 --cpu-limit 1e9 %s -- exit 0", model, wasm);
+             "4096 --cpu-limit 1e9 --max-output-bytes 4294967296 %s -- exit 0",
+             model, wasm);
     expect(args, 0, "", "pie run");
+}
+
+/* Runs `pie run ... probe outputs` with opts (env is put in front);
+ * returns the forwards the instance held and the code that stopped it. */
+static void probe_outputs(const char *model, const char *env,
+                          const char *opts, int *held, int *rc)
+{
+    char cmd[4096];
+    int st;
+    snprintf(cmd, sizeof cmd, "%s timeout 120 %s run --backend cpu --model %s "
+             "%s %s -- outputs 2>&1", env, PIE_BIN, model, opts, probe_wasm());
+    char *out = run(cmd, &st);
+    const char *at = strstr(out, "held ");
+    CHECK(st == 0 && at && sscanf(at, "held %d rc %d", held, rc) == 2,
+          "'%s': exit %d, printed %s", cmd, st, out);
+    free(out);
+}
+
+/* --max-output-bytes reaches the engine: an instance that submits
+ * one-LOGITS-row forwards and frees none is stopped with PIE_ELIMIT (-11)
+ * within the budget, twice the budget holds at least twice as many, and
+ * PIE_MAX_OUTPUT_BYTES sets it too. Before, pie run had no such option
+ * (exit 2: unknown option) and only embedders could set the budget. */
+static void test_run_output_budget(const char *model)
+{
+    char path[4096];
+    snprintf(path, sizeof path, "%s/config.json", model);
+    json_error_t e;
+    json_t *cfg = json_load_file(path, 0, &e);
+    CHECK(cfg, "%s: %s", path, e.text);
+    int vocab = (int)json_integer_value(json_object_get(cfg, "vocab_size"));
+    json_decref(cfg);
+    CHECK(vocab > 0, "%s: no vocab_size", path);
+    /* the results alone: a token and an offset, a value and an id per
+     * logit (what a forward keeps is at least that) */
+    int per = 12 + 8 * vocab, n1, rc1, n2, rc2, n3, rc3;
+    probe_outputs(model, "", "--max-output-bytes 65536", &n1, &rc1);
+    CHECK(rc1 == -11 && n1 >= 1 && n1 <= 65536 / per, "--max-output-bytes "
+          "65536: held %d forwards of at least %d bytes each, then %d; "
+          "expected 1..%d, then PIE_ELIMIT (-11)", n1, per, rc1, 65536 / per);
+    probe_outputs(model, "", "--max-output-bytes 131072", &n2, &rc2);
+    CHECK(rc2 == -11 && n2 >= 2 * n1 && n2 <= 131072 / per,
+          "--max-output-bytes 131072: held %d, then %d; expected %d..%d "
+          "(twice 65536's %d at least), then PIE_ELIMIT (-11)", n2, rc2,
+          2 * n1, 131072 / per, n1);
+    probe_outputs(model, "PIE_MAX_OUTPUT_BYTES=65536", "", &n3, &rc3);
+    CHECK(rc3 == -11 && n3 == n1, "PIE_MAX_OUTPUT_BYTES=65536: held %d, "
+          "then %d; expected %d as with the option, then PIE_ELIMIT (-11)",
+          n3, rc3, n1);
+    printf("--max-output-bytes 65536 holds %d one-LOGITS-row forwards, "
+           "131072 holds %d, then PIE_ELIMIT\n", n1, n2);
 }
 
 /* pie run's exit status: 0..255 as the inferlet returned it; any other
@@ -576,6 +635,7 @@ int main(void)
     test_bench_overcommitted(model);
     test_bad_input(model);
     test_run_limits(model);
+    test_run_output_budget(model);
     test_run_status(model);
     test_run_paths(model);
     test_long_prompt_ids(model);

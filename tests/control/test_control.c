@@ -2989,6 +2989,78 @@ static void test_import_orphan_quota(void)
  * second live export of 2 pages beside a first one, and once both were
  * unexported held 4 pages; an exporter that exports, lets q import and
  * unexports, again and again, had q hold any number of pages. */
+/* Imports of one export again and again each make new handles though
+ * they add no page (the page quota allows them): the client's live
+ * handles are capped (max_handles; by default PIE_CTL_MAX_HANDLES, the
+ * pool being small). A refused import or allocation takes nothing, and
+ * freed handles make room again. Before, the handle table grew without
+ * bound (the default loop's 65,537th import succeeded). */
+static void test_import_handles(void)
+{
+    pie_backend *b;
+    pie_ctl *ctl = make_ctl(16, 0, NULL, &b);
+    pie_ctl_client_opts oq = { .name = "q", .max_handles = 8 };
+    pie_ctl_client *q, *e, *d;
+    CHECK_OK(pie_ctl_client_open(ctl, &oq, &q));
+    CHECK_OK(pie_ctl_client_open(ctl, NULL, &e));
+    CHECK_OK(pie_ctl_client_open(ctl, NULL, &d));
+    uint32_t ha[2], one, ih[8][2], x[2] = { 0, 0 }, mine;
+    int32_t ni = 0;
+    CHECK_OK(pie_ctl_page_alloc(e, 2, 0, ha));
+    CHECK_OK(pie_ctl_export(e, "a", 2, ha));
+    for (int k = 0; k < 4; k++) CHECK_OK(pie_ctl_import(q, "a", 2, ih[k], &ni));
+    pie_ctl_stats st0, st;
+    pie_ctl_get_stats(ctl, &st0);
+    int rc = pie_ctl_import(q, "a", 2, x, &ni);
+    CHECK(rc == PIE_ELIMIT, "q (max_handles 8) holding 8 imported handles "
+          "imports 2 more: expected %d, got %d", PIE_ELIMIT, rc);
+    CHECK(strstr(pie_err_msg(), "limit 8 handles"), "message: %s",
+          pie_err_msg());
+    printf("import handles: %s\n", pie_err_msg());
+    rc = pie_ctl_page_alloc(q, 1, 0, &mine);
+    CHECK(rc == PIE_ELIMIT, "q at its handle cap allocates: expected %d, "
+          "got %d", PIE_ELIMIT, rc);
+    pie_ctl_get_stats(ctl, &st);
+    CHECK(st.pages_shared == st0.pages_shared &&
+          st.pages_used == st0.pages_used && x[0] == 0 && x[1] == 0,
+          "a refused import or allocation took something: %d pages shared, "
+          "%d used (before %d, %d), handles %u %u written", st.pages_shared,
+          st.pages_used, st0.pages_shared, st0.pages_used, x[0], x[1]);
+    /* one handle back: room for one page, not for a 2-page import */
+    CHECK_OK(pie_ctl_page_free(q, 1, &ih[0][0]));
+    rc = pie_ctl_import(q, "a", 2, x, &ni);
+    CHECK(rc == PIE_ELIMIT, "7 handles + 2 of max 8: expected %d, got %d",
+          PIE_ELIMIT, rc);
+    CHECK_OK(pie_ctl_page_alloc(q, 1, 0, &mine));
+    CHECK_OK(pie_ctl_page_free(q, 1, &mine));
+    CHECK_OK(pie_ctl_page_free(q, 1, &ih[0][1]));
+    CHECK_OK(pie_ctl_import(q, "a", 2, x, &ni));          /* room again */
+    /* the default cap: one page imported again and again */
+    CHECK_OK(pie_ctl_page_alloc(e, 1, 0, &one));
+    CHECK_OK(pie_ctl_export(e, "one", 1, &one));
+    int n = 0;
+    uint32_t h;
+    while (n < 2 * PIE_CTL_MAX_HANDLES &&
+           (rc = pie_ctl_import(d, "one", 1, &h, &ni)) == 0)
+        n++;
+    CHECK(n == PIE_CTL_MAX_HANDLES && rc == PIE_ELIMIT, "imports of one "
+          "1-page export: %d, then %d; expected %d (the default cap) and %d",
+          n, rc, PIE_CTL_MAX_HANDLES, PIE_ELIMIT);
+    CHECK_OK(pie_ctl_page_free(d, 1, &h));
+    CHECK_OK(pie_ctl_import(d, "one", 1, &h, &ni));       /* room again */
+    CHECK_OK(pie_ctl_unexport(e, "a"));
+    CHECK_OK(pie_ctl_unexport(e, "one"));
+    pie_ctl_client_close(d);
+    pie_ctl_client_close(q);
+    pie_ctl_client_close(e);
+    pie_ctl_get_stats(ctl, &st);
+    CHECK(st.pages_used == 0 && st.exports == 0, "at the end: %d pages "
+          "used, %d exports; expected 0 and 0", st.pages_used, st.exports);
+    printf("import handles: %d imports of one page by default, then "
+           "PIE_ELIMIT; freeing a handle makes room\n", n);
+    done_ctl(ctl, b);
+}
+
 static void test_import_quota(void)
 {
     pie_backend *b;
@@ -4749,6 +4821,7 @@ static const struct { const char *name; void (*fn)(void); } tests[] = {
     { "suspend_recheck_idle", test_suspend_recheck_idle },
     { "import_orphan_quota", test_import_orphan_quota },
     { "import_quota", test_import_quota },
+    { "import_handles", test_import_handles },
     { "export_alias_reload", test_export_alias_reload },
     { "resume_protect_window", test_resume_protect_window },
     { "load_hostile_records", test_load_hostile_records },

@@ -38,6 +38,19 @@
  *                guest that never freed its futures made the host hold
  *                any amount of memory
  *   outputs_opt  the same bound set by pie_engine_opts.max_output_bytes
+ *   inputs       the input copies a submitted forward keeps until its
+ *                future is freed count against the same bound: forwards
+ *                of one token with a 4096-run mask (16 KiB) and one
+ *                greedy row, never freed, fail with PIE_ELIMIT once the
+ *                next would pass 2 MiB (pie_ctl_forward_bytes each), the
+ *                instance runs on and a freed future makes room. Before,
+ *                only the 12 result bytes counted: all 4096 were held
+ *                (64 MiB of masks in the host)
+ *   import_loop  kv_import of one 1-page export again and again stops
+ *                with PIE_ELIMIT at the client's handle cap (65,536 live
+ *                handles by default, its 4 pages included), and freeing
+ *                one handle makes room; before, every import of the same
+ *                export added a handle (1,000,000 imports all succeeded)
  *   import_quota kv_import of an export of 4 pages into an instance of
  *                max_pages 4 that holds 4 answers PIE_ELIMIT (control test import_quota
  *                checks that it takes nothing); before, it imported them:
@@ -216,18 +229,34 @@ static pie_rt_instance *start_inferlet(server *s, const char **args,
 /* Checks one outputs report of an instance whose result budget is
  * budget bytes: as many one-LOGITS-row forwards as fit, then PIE_ELIMIT;
  * room again after a free, none while a builder holds a freed future. */
+/* What the control layer keeps for the inferlet's forwards of one token
+ * (id 1 at position 0, page handle 1 filled to 1) with one output row of
+ * kind, and a mask of mask_runs runs (0: none): pie_ctl_forward_bytes. */
+static uint64_t forward_bytes(server *s, int32_t kind, uint32_t mask_runs)
+{
+    static uint32_t runs[4096];
+    int32_t tok = 1, pos = 0, idx = 0;
+    uint32_t page = 1, indptr[2] = { 0, mask_runs };
+    pie_sampler sm = { .kind = kind };
+    pie_ctl_forward f = { .n_tokens = 1, .tokens = &tok, .positions = &pos,
+                          .n_pages = 1, .pages = &page, .last_page_len = 1,
+                          .mask_indptr = mask_runs ? indptr : NULL,
+                          .mask_runs = runs, .n_outputs = 1,
+                          .output_idx = &idx, .samplers = &sm };
+    return pie_ctl_forward_bytes(s->ctl, &f);
+}
+
 static void check_outputs(const char *who, const char *msg, uint64_t budget,
-                          int32_t vocab)
+                          uint64_t per)
 {
     int n = -1, rc = 1, again = 1, held = 1, after = 1;
     CHECK(sscanf(msg, "n %d rc %d again %d held %d after %d", &n, &rc,
                  &again, &held, &after) == 5, "%s: sent '%s'", who, msg);
-    /* pie_ctl_output_bytes: a token and an offset per row, one more
-     * offset, a value and an id per logit */
-    uint64_t per = 4 + 8 + (uint64_t)vocab * 8;
+    /* at least the results: a token and an offset per row, one more
+     * offset, a value and an id per logit; and the inputs' copies */
     int want = (int)(budget / per);
     CHECK(n == want && rc == PIE_ELIMIT, "%s: %d forwards of one LOGITS row "
-          "(%llu result bytes each) held, then %d; expected %d (a budget of "
+          "(%llu bytes kept each) held, then %d; expected %d (a budget of "
           "%llu bytes) and PIE_ELIMIT (%d)", who, n, (unsigned long long)per,
           rc, want, (unsigned long long)budget, PIE_ELIMIT);
     CHECK(again == 0 && held == PIE_ELIMIT && after == 0, "%s: a submit "
@@ -241,7 +270,7 @@ static void test_outputs(void)
     server s;
     const uint64_t mem = 2u << 20;
     server_start_with(&s, NULL, mem);
-    int32_t vocab = s.m->cfg.vocab_size;
+    uint64_t per = forward_bytes(&s, PIE_PROBE_LOGITS, 0);
     /* a holds its futures (its budget full) while b runs */
     const char *hold[] = { "outputs", "hold", NULL };
     capture *ca;
@@ -261,13 +290,13 @@ static void test_outputs(void)
     const char *args[] = { "outputs", NULL };
     int32_t st = run_inferlet(&s, args, msg, sizeof msg, reason);
     CHECK(st == 0, "b: status %d (%s)", st, reason);
-    check_outputs("b, beside a holding its budget full", msg, mem, vocab);
+    check_outputs("b, beside a holding its budget full", msg, mem, per);
     CHECK_OK(pie_rt_send(a, "go", 2));
     st = pie_rt_wait(a, reason, sizeof reason);
     pie_rt_instance_unref(a);
     cap_free(ca);
     CHECK(st == 0, "a: status %d (%s)", st, reason);
-    check_outputs("a", msg_a, mem, vocab);
+    check_outputs("a", msg_a, mem, per);
     printf("outputs: a: %s; b: %s; a forward past the instance's result "
            "budget is refused with PIE_ELIMIT\n", msg_a, msg);
     server_end(&s, "outputs");
@@ -283,10 +312,69 @@ static void test_outputs_opt(void)
     int32_t st = run_inferlet(&s, args, msg, sizeof msg, reason);
     CHECK(st == 0, "status %d (%s)", st, reason);
     check_outputs("max_output_bytes 64 KiB", msg, eo.max_output_bytes,
-                  s.m->cfg.vocab_size);
+                  forward_bytes(&s, PIE_PROBE_LOGITS, 0));
     server_end(&s, "outputs_opt");
     printf("outputs_opt: %s under max_output_bytes %llu\n", msg,
            (unsigned long long)eo.max_output_bytes);
+}
+
+static void test_inputs(void)
+{
+    server s;
+    const uint64_t mem = 2u << 20;
+    server_start_with(&s, NULL, mem);
+    uint64_t per = forward_bytes(&s, PIE_SAMPLER_GREEDY, 4096);
+    char msg[256], reason[256];
+    const char *args[] = { "inputs", NULL };
+    int32_t st = run_inferlet(&s, args, msg, sizeof msg, reason);
+    CHECK(st == 0, "status %d (%s): the instance must run on", st, reason);
+    int n = -1, rc = 1, again = 1;
+    CHECK(sscanf(msg, "n %d rc %d again %d", &n, &rc, &again) == 3,
+          "sent '%s'", msg);
+    int want = (int)(mem / per);
+    CHECK(n == want && rc == PIE_ELIMIT, "%d forwards of a 4096-run mask "
+          "(%llu bytes kept each, 12 of them results) held, then %d; "
+          "expected %d (a budget of %llu bytes) and PIE_ELIMIT (%d)", n,
+          (unsigned long long)per, rc, want, (unsigned long long)mem,
+          PIE_ELIMIT);
+    CHECK(again == 0, "a submit after freeing a future: %d, expected 0",
+          again);
+    printf("inputs: %s; %llu bytes kept per forward: the input copies of "
+           "held forwards are bounded\n", msg, (unsigned long long)per);
+    server_end(&s, "inputs");
+}
+
+static void test_import_loop(void)
+{
+    server s;
+    server_start(&s);
+    pie_ctl_client *c = NULL;
+    uint32_t h;
+    CHECK_OK(pie_ctl_client_open(s.ctl, NULL, &c));
+    CHECK_OK(pie_ctl_page_alloc(c, 1, 0, &h));
+    CHECK_OK(pie_ctl_export(c, "loop_x", 1, &h));
+    char msg[256], reason[256];
+    const char *args[] = { "import_loop", NULL };
+    int32_t st = run_inferlet(&s, args, msg, sizeof msg, reason);
+    CHECK(st == 0, "status %d (%s): the instance must run on", st, reason);
+    int n = -1, rc = 1, again = 0;
+    CHECK(sscanf(msg, "n %d rc %d again %d", &n, &rc, &again) == 3,
+          "sent '%s'", msg);
+    /* the default cap, less the instance's 4 allocated pages */
+    int want = PIE_CTL_MAX_HANDLES - 4;
+    CHECK(n == want && rc == PIE_ELIMIT && again == 1, "%d imports of one "
+          "1-page export, then %d, then %d after freeing one handle; "
+          "expected %d, PIE_ELIMIT (%d), 1", n, rc, again, want, PIE_ELIMIT);
+    CHECK_OK(pie_ctl_unexport(c, "loop_x"));
+    CHECK_OK(pie_ctl_page_free(c, 1, &h));
+    pie_ctl_client_close(c);
+    pie_ctl_stats cs;
+    pie_ctl_get_stats(s.ctl, &cs);
+    CHECK(cs.pages_used == 0 && cs.exports == 0, "after the instance ended: "
+          "%d pages used, %d exports; expected 0 and 0", cs.pages_used,
+          cs.exports);
+    printf("import_loop: %s: repeated imports stop at the handle cap\n", msg);
+    server_end(&s, "import_loop");
 }
 
 static void test_import_quota(void)
@@ -327,5 +415,7 @@ int main(int argc, char **argv)
     if (all || strcmp(t, "outputs") == 0) test_outputs();
     if (all || strcmp(t, "outputs_opt") == 0) test_outputs_opt();
     if (all || strcmp(t, "import_quota") == 0) test_import_quota();
+    if (all || strcmp(t, "inputs") == 0) test_inputs();
+    if (all || strcmp(t, "import_loop") == 0) test_import_loop();
     TEST_DONE();
 }

@@ -28,6 +28,16 @@
  *                        accepted, R the failing code, A/H/F a submit's
  *                        code, 0 for a future). With hold it then waits
  *                        for a message from its client, holding them all
+ *   argv: inputs [hold]  as outputs, with forwards of one token whose
+ *                        attention mask is 4096 runs (all but the last
+ *                        empty: 16 KiB of input the host keeps until the
+ *                        future is freed) and one greedy row; submits
+ *                        until one fails (at most 4096), frees one and
+ *                        submits again; sends "n N rc R again A"
+ *   argv: import_loop    imports an export "loop_x" (made by the test)
+ *                        until an import fails (at most 1,000,000), frees
+ *                        the handles of one and imports again; sends
+ *                        "n N rc R again A" (A the page count or error)
  *   argv: import_quota   imports an export "quota_x" (made by the test)
  *                        beside its 4 pages and sends "import R" (the
  *                        number of pages or an error)
@@ -305,6 +315,54 @@ static int32_t logits_forward(void)
 
 static int32_t code_of(int32_t fut) { return fut < 0 ? fut : 0; }
 
+/* Submits a forward of one token with a mask of 4096 runs (the host's
+ * copy kept until the future is freed) and one greedy row. */
+static int32_t mask_forward(void)
+{
+    static uint32_t runs[4096];
+    uint32_t indptr[2] = { 0, 4096 };
+    runs[4095] = 1;                 /* runs alternate: the last (odd) one
+                                       allows slot 0 */
+    int32_t f = one_token(pg, 1, 1);
+    pie_forward_mask(f, indptr, runs, 4096);
+    pie_forward_output(f, 0, PIE_SAMPLER_GREEDY, 0, 0, 1, 0, 0);
+    return pie_forward_submit(f);
+}
+
+static void inputs(bool hold)
+{
+    static int32_t futs[4096];
+    int32_t n = 0, rc = 0, again = PIE_EINVAL;
+    while (n < 4096 && (rc = mask_forward()) > 0) futs[n++] = rc;
+    rc = code_of(rc);
+    if (n >= 1) {
+        pie_future_wait(futs[0]);            /* collected: room for one */
+        pie_future_free(futs[0]);
+        again = code_of(futs[0] = mask_forward());
+    }
+    char msg[128];
+    int len = snprintf(msg, sizeof msg, "n %d rc %d again %d", n, rc, again);
+    pie_send(msg, (uint32_t)len);
+    if (hold) pie_future_wait(pie_receive());
+}
+
+static void import_loop(void)
+{
+    int32_t n = 0, rc = 0, again = PIE_EINVAL, h[2], last[2] = { 0, 0 };
+    while (n < 1000000 && (rc = pie_kv_import(m, "loop_x", 6, h, 2)) > 0) {
+        last[0] = h[0];
+        n++;
+    }
+    if (n >= 1) {
+        pie_kv_free(m, last, 1);             /* one handle back: room */
+        again = pie_kv_import(m, "loop_x", 6, h, 2);
+    }
+    char msg[128];
+    int len = snprintf(msg, sizeof msg, "n %d rc %d again %d", n,
+                       code_of(rc), again);
+    pie_send(msg, (uint32_t)len);
+}
+
 static void outputs(bool hold)
 {
     static int32_t futs[4096];
@@ -397,6 +455,14 @@ int main(int argc, char **argv)
     }
     if (strcmp(argv[1], "outputs") == 0) {
         outputs(argc > 2 && strcmp(argv[2], "hold") == 0);
+        return 0;
+    }
+    if (strcmp(argv[1], "inputs") == 0) {
+        inputs(argc > 2 && strcmp(argv[2], "hold") == 0);
+        return 0;
+    }
+    if (strcmp(argv[1], "import_loop") == 0) {
+        import_loop();
         return 0;
     }
     if (strcmp(argv[1], "import_quota") == 0) {
