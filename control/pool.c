@@ -785,6 +785,22 @@ static int check_quota(pie_ctl *ctl, pie_ctl_client *c, int32_t n)
                        "limit %d", c->name, used, n, c->max_pages);
 }
 
+/* Whether c, taking pages[n] as well, would count more than max_pages:
+ * the pages it counts (reach_mark; with all_imports every page it
+ * imported, else quota_mark's count) into *used, those of pages[n] it
+ * does not count yet into *add. False where c has no page quota. */
+static bool past_quota(pie_ctl *ctl, pie_ctl_client *c, bool all_imports,
+                       const int32_t *pages, int32_t n, int32_t *used,
+                       int32_t *add)
+{
+    if (c->max_pages == 0) return false;
+    uint32_t gen;
+    *used = reach_mark(ctl, c, all_imports, &gen);
+    *add = 0;
+    for (int32_t k = 0; k < n; k++) *add += mark_page(ctl, pages[k], gen);
+    return *add > 0 && *add > c->max_pages - *used;
+}
+
 /* PIE_ELIMIT when exporting pages[n] would take c past its quota: it adds
  * the pages that its quota does not count yet (those it imported from a
  * live export, re-exported). 0 otherwise. */
@@ -792,11 +808,8 @@ static int check_export_quota(pie_ctl *ctl, pie_ctl_client *c,
                               const char *name, const int32_t *pages,
                               int32_t n)
 {
-    if (c->max_pages == 0) return 0;
-    uint32_t gen;
-    int32_t used = quota_mark(ctl, c, &gen), add = 0;
-    for (int32_t k = 0; k < n; k++) add += mark_page(ctl, pages[k], gen);
-    if (add == 0 || add <= c->max_pages - used) return 0;
+    int32_t used, add;
+    if (!past_quota(ctl, c, false, pages, n, &used, &add)) return 0;
     return pie_err_set(PIE_ELIMIT, "control: client '%s' page quota "
                        "exceeded: export '%s' adds %d pages it does not hold "
                        "(imported ones) to the %d it counts (its live "
@@ -816,11 +829,8 @@ static int check_import_quota(pie_ctl *ctl, pie_ctl_client *c,
                               const char *name, const int32_t *pages,
                               int32_t n)
 {
-    if (c->max_pages == 0) return 0;
-    uint32_t gen;
-    int32_t used = reach_mark(ctl, c, true, &gen), add = 0;
-    for (int32_t k = 0; k < n; k++) add += mark_page(ctl, pages[k], gen);
-    if (add == 0 || add <= c->max_pages - used) return 0;
+    int32_t used, add;
+    if (!past_quota(ctl, c, true, pages, n, &used, &add)) return 0;
     return pie_err_set(PIE_ELIMIT, "control: client '%s' page quota "
                        "exceeded: import of '%s' adds %d pages to the %d it "
                        "holds (its live exports' pages and every page it "

@@ -117,6 +117,21 @@ static int32_t run_inferlet(server *s, const char **args, char *msg,
     return st;
 }
 
+/* Runs the hostile inferlet in mode `mode`, which must end normally and
+ * send "n N rc RC again A" (msg keeps the whole message). */
+static void run_counts(server *s, const char *mode, char msg[256], int *n,
+                       int *rc, int *again)
+{
+    char reason[256];
+    const char *args[] = { mode, NULL };
+    int32_t st = run_inferlet(s, args, msg, 256, reason);
+    CHECK(st == 0, "%s: status %d (%s): the instance must run on", mode, st,
+          reason);
+    *n = -1, *rc = 1, *again = -1;
+    CHECK(sscanf(msg, "n %d rc %d again %d", n, rc, again) == 3,
+          "%s: sent '%s'", mode, msg);
+}
+
 /* Frees the server after checking that the instances left it whole. */
 static void server_end(server *s, const char *what)
 {
@@ -324,13 +339,9 @@ static void test_inputs(void)
     const uint64_t mem = 2u << 20;
     server_start_with(&s, NULL, mem);
     uint64_t per = forward_bytes(&s, PIE_SAMPLER_GREEDY, 4096);
-    char msg[256], reason[256];
-    const char *args[] = { "inputs", NULL };
-    int32_t st = run_inferlet(&s, args, msg, sizeof msg, reason);
-    CHECK(st == 0, "status %d (%s): the instance must run on", st, reason);
-    int n = -1, rc = 1, again = 1;
-    CHECK(sscanf(msg, "n %d rc %d again %d", &n, &rc, &again) == 3,
-          "sent '%s'", msg);
+    char msg[256];
+    int n, rc, again;
+    run_counts(&s, "inputs", msg, &n, &rc, &again);
     int want = (int)(mem / per);
     CHECK(n == want && rc == PIE_ELIMIT, "%d forwards of a 4096-run mask "
           "(%llu bytes kept each, 12 of them results) held, then %d; "
@@ -353,13 +364,9 @@ static void test_import_loop(void)
     CHECK_OK(pie_ctl_client_open(s.ctl, NULL, &c));
     CHECK_OK(pie_ctl_page_alloc(c, 1, 0, &h));
     CHECK_OK(pie_ctl_export(c, "loop_x", 1, &h));
-    char msg[256], reason[256];
-    const char *args[] = { "import_loop", NULL };
-    int32_t st = run_inferlet(&s, args, msg, sizeof msg, reason);
-    CHECK(st == 0, "status %d (%s): the instance must run on", st, reason);
-    int n = -1, rc = 1, again = 0;
-    CHECK(sscanf(msg, "n %d rc %d again %d", &n, &rc, &again) == 3,
-          "sent '%s'", msg);
+    char msg[256];
+    int n, rc, again;
+    run_counts(&s, "import_loop", msg, &n, &rc, &again);
     /* the default cap, less the instance's 4 allocated pages */
     int want = PIE_CTL_MAX_HANDLES - 4;
     CHECK(n == want && rc == PIE_ELIMIT && again == 1, "%d imports of one "
