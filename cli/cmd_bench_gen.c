@@ -13,6 +13,14 @@
  * that time / N. tokens_per_s = C*N / (last end - first start). A thread
  * samples the control layer's counters every 2 ms for the peak page use.
  *
+ * --both runs the two paths in turn in one process, --reps times each
+ * (inferlet first in odd runs, native first in even ones, each run with
+ * prompts of its own so that no run reuses another's cached prefix), and
+ * prints the median of each and their ratio. One process shares one model
+ * and one backend, so both paths run on the same tuned kernels (the CUDA
+ * backend times its matmul choices when it starts, and near ties go either
+ * way from one process to the next).
+ *
  * A pool too small for all C at once (--pages) is served as the control
  * layer's admission decides (control/pool.c): generations wait for pages
  * that others free, and when all of them hold pages and wait for more the
@@ -35,12 +43,13 @@
 #include "runtime/runtime.h"
 
 #define BG_LOOKAHEAD 4          /* the SDK's default (sdk/c/pie.h)         */
+#define BG_MAX_REPS  100        /* --reps                                  */
 
 typedef struct bg_args {
     const char *model, *backend;
     int  concurrency, max_tokens, prompt_len, pages, threads, workers;
-    int  page_size;
-    bool native, json, shared_prompt;
+    int  page_size, reps;
+    bool native, json, shared_prompt, both;
 } bg_args;
 
 typedef struct bg_gen {          /* one generation                         */
@@ -56,6 +65,7 @@ typedef struct bg_gen {          /* one generation                         */
 typedef struct bg_run {
     const bg_args *a;
     pie_ctl       *ctl;
+    int32_t        vocab;        /* for the prompts                        */
     bg_gen        *g;            /* (concurrency)                          */
     volatile int   done;         /* sampler stop flag                      */
     int32_t        peak_pages;
@@ -63,9 +73,10 @@ typedef struct bg_run {
     long           n_samples;
 } bg_run;
 
-static void make_prompts(bg_run *r, int32_t vocab)
+/* Run `run`'s prompts (its own: different runs share no prefix). */
+static void make_prompts(bg_run *r, int32_t vocab, int run)
 {
-    uint64_t s = 0x5eed;
+    uint64_t s = 0x5eed + 1000003ull * (uint64_t)run;
     for (int i = 0; i < r->a->concurrency; i++)
         for (int j = 0; j < r->a->prompt_len; j++) {
             if (r->a->shared_prompt && i > 0) {
@@ -233,8 +244,13 @@ static int run_inferlet(bg_run *r, pie_rt *rt, pie_rt_module *mod)
 
 /* ---- setup and report --------------------------------------------------- */
 
-/* Prints the results; returns the number of generations that failed. */
-static int report(const bg_run *r, const pie_ctl_stats *st, double wall)
+/* What a run measured over the generations that finished (ok). */
+typedef struct bg_time {
+    double mspt, tps;            /* ms per token (mean), tokens/s          */
+    int    ok;
+} bg_time;
+
+static bg_time measure(const bg_run *r)
 {
     const bg_args *a = r->a;
     double sum = 0, t0 = 1e300, t1 = 0;
@@ -249,7 +265,16 @@ static int report(const bg_run *r, const pie_ctl_stats *st, double wall)
         if (g->t0 < t0) t0 = g->t0;
         if (g->t1 > t1) t1 = g->t1;
     }
-    double mspt = ok ? sum / ok : 0, tps = ok ? toks / (t1 - t0) : 0;
+    return (bg_time){ ok ? sum / ok : 0, ok ? toks / (t1 - t0) : 0, ok };
+}
+
+/* Prints the results; returns the number of generations that failed. */
+static int report(const bg_run *r, const pie_ctl_stats *st, double wall)
+{
+    const bg_args *a = r->a;
+    bg_time t = measure(r);
+    int ok = t.ok;
+    double mspt = t.mspt, tps = t.tps;
     double fires = st->fires ? (double)st->fires : 1;
     const char *mode = a->native ? "native" : "inferlet";
     double mean_pages = r->n_samples ? r->sum_pages / r->n_samples : 0;
@@ -285,7 +310,83 @@ static int report(const bg_run *r, const pie_ctl_stats *st, double wall)
     return a->concurrency - ok;
 }
 
-/* Runs the chosen path with the model, backend and control layer set up. */
+/* One run of one path with run `run`'s prompts, timed from the first
+ * launch to the last end (*wall); 0, or -1 with the error printed. */
+static int run_once(bg_run *r, bool native, int run, pie_rt *rt,
+                    pie_rt_module *mod, double *wall)
+{
+    for (int i = 0; i < r->a->concurrency; i++) {
+        bg_gen *g = &r->g[i];
+        g->t0 = g->t1 = 0;
+        g->status = g->n_out = 0;
+        g->n_err = 0;
+    }
+    make_prompts(r, r->vocab, run);
+    r->done = 0;
+    r->peak_pages = 0;
+    r->sum_pages = 0;
+    r->n_samples = 0;
+    pthread_t sampler;
+    /* without the sampler thread the page statistics stay empty */
+    bool sampling = pthread_create(&sampler, NULL, sample_pages, r) == 0;
+    double t0 = pie_cli_now();
+    int rc = native ? run_native(r) : run_inferlet(r, rt, mod);
+    *wall = pie_cli_now() - t0;
+    r->done = 1;
+    if (sampling) pthread_join(sampler, NULL);
+    if (rc) fprintf(stderr, "pie bench generate: %s\n", pie_err_msg());
+    return rc ? -1 : 0;
+}
+
+static double median(double *v, int n)
+{
+    for (int i = 1; i < n; i++)             /* insertion sort: n <= 100 */
+        for (int j = i; j > 0 && v[j] < v[j - 1]; j--) {
+            double t = v[j]; v[j] = v[j - 1]; v[j - 1] = t;
+        }
+    return n % 2 ? v[n / 2] : (v[n / 2 - 1] + v[n / 2]) / 2;
+}
+
+/* --both: the inferlet and the native loop in turn, reps runs each (the
+ * inferlet first in odd runs), then the medians and their ratio. */
+static int run_both(bg_run *r, pie_rt *rt, pie_rt_module *mod)
+{
+    const bg_args *a = r->a;
+    double ms[2][BG_MAX_REPS], tps[2][BG_MAX_REPS], wall;
+    for (int k = 0; k < a->reps; k++)
+        for (int j = 0; j < 2; j++) {
+            int native = j ^ (k & 1);           /* 0: the inferlet */
+            if (run_once(r, native, 2 * k + j + 1, rt, mod, &wall)) return -1;
+            bg_time t = measure(r);
+            if (t.ok != a->concurrency) {
+                fprintf(stderr, "pie bench generate: %d of %d %s generations "
+                        "failed (see above)\n", a->concurrency - t.ok,
+                        a->concurrency, native ? "native" : "inferlet");
+                return -1;
+            }
+            ms[native][k] = t.mspt;
+            tps[native][k] = t.tps;
+        }
+    double mi = median(ms[0], a->reps), mn = median(ms[1], a->reps);
+    double ti = median(tps[0], a->reps), tn = median(tps[1], a->reps);
+    if (a->json)
+        printf("{\"mode\":\"both\",\"model\":\"%s\",\"concurrency\":%d,"
+               "\"max_tokens\":%d,\"prompt_len\":%d,\"reps\":%d,"
+               "\"inferlet_ms_per_token\":%.4f,\"native_ms_per_token\":%.4f,"
+               "\"ratio\":%.4f,\"inferlet_tokens_per_s\":%.1f,"
+               "\"native_tokens_per_s\":%.1f}\n", a->model, a->concurrency,
+               a->max_tokens, a->prompt_len, a->reps, mi, mn, mi / mn, ti, tn);
+    else
+        printf("inferlet/native: %d generations of %d tokens (prompt %d) on "
+               "%s, %d runs of each in one process\n  inferlet %.3f ms/token, "
+               "native %.3f (medians): ratio %.3f; %.1f / %.1f tokens/s\n",
+               a->concurrency, a->max_tokens, a->prompt_len, a->model, a->reps,
+               mi, mn, mi / mn, ti, tn);
+    return 0;
+}
+
+/* Runs the chosen path (or both) with the model, backend and control
+ * layer set up. */
 static int bench_with(bg_run *r, pie_model *m, const bg_args *a)
 {
     pie_engine *eng = NULL;
@@ -293,7 +394,7 @@ static int bench_with(bg_run *r, pie_model *m, const bg_args *a)
     pie_rt_module *mod = NULL;
     char path[4096];
     int rc = -1;
-    if (!a->native) {
+    if (a->both || !a->native) {
         pie_engine_opts eo = {0};
         pie_rt_opts ro = { .n_workers = a->workers, .cpu_limit_s = -1 };
         if (pie_cli_resolve_inferlet("text-completion", path, sizeof path))
@@ -310,18 +411,12 @@ static int bench_with(bg_run *r, pie_model *m, const bg_args *a)
         }
         if (pie_cli_load_inferlet(rt, path, &mod)) goto out;
     }
-    pthread_t sampler;
-    /* without the sampler thread the page statistics stay empty */
-    bool sampling = pthread_create(&sampler, NULL, sample_pages, r) == 0;
-    double t0 = pie_cli_now();
-    rc = a->native ? run_native(r) : run_inferlet(r, rt, mod);
-    double wall = pie_cli_now() - t0;
-    r->done = 1;
-    if (sampling) pthread_join(sampler, NULL);
-    if (rc) {
-        fprintf(stderr, "pie bench generate: %s\n", pie_err_msg());
+    if (a->both) {
+        rc = run_both(r, rt, mod);
         goto out;
     }
+    double wall;
+    if ((rc = run_once(r, a->native, 0, rt, mod, &wall)) != 0) goto out;
     pie_ctl_stats st;
     pie_ctl_get_stats(r->ctl, &st);
     int failed = report(r, &st, wall);
@@ -387,7 +482,7 @@ static int bench_generate(const bg_args *a)
         fprintf(stderr, "pie bench generate: %s\n", pie_err_msg());
         goto out;
     }
-    make_prompts(&r, m->cfg.vocab_size);
+    r.vocab = m->cfg.vocab_size;
     for (int i = 0; i < a->concurrency; i++) r.g[i].id = i;
     status = bench_with(&r, m, a) ? 1 : 0;
 out:
@@ -402,7 +497,7 @@ out:
 int pie_cmd_bench_generate(int argc, char **argv)
 {
     bg_args a = { .concurrency = 1, .max_tokens = 64, .prompt_len = 16,
-                  .page_size = 16, .workers = 2, .backend = "auto" };
+                  .page_size = 16, .workers = 2, .reps = 3, .backend = "auto" };
     const pie_opt opts[] = {
         { "model", 'm', OPT_STR, &a.model, "model directory or random:SHAPE" },
         { "concurrency", 'c', OPT_INT, &a.concurrency, "concurrent generations (1)" },
@@ -410,6 +505,9 @@ int pie_cmd_bench_generate(int argc, char **argv)
           "EOS ignored, 1..2^24 (64)" },
         { "prompt-len", 'L', OPT_INT, &a.prompt_len, "random prompt ids per generation (16)" },
         { "native", 0, OPT_FLAG, &a.native, "the built-in loop instead of the inferlet" },
+        { "both", 0, OPT_FLAG, &a.both, "the inferlet and the built-in loop in "
+          "turn in one process, --reps runs of each: medians and their ratio" },
+        { "reps", 0, OPT_INT, &a.reps, "runs of each path with --both, 1..100 (3)" },
         { "json", 0, OPT_FLAG, &a.json, "print one JSON object" },
         { "shared-prompt", 0, OPT_FLAG, &a.shared_prompt, "every generation "
           "gets the same prompt (its full pages are shared by prefix caching)" },
@@ -424,7 +522,8 @@ int pie_cmd_bench_generate(int argc, char **argv)
         { 0 },
     };
     const pie_cmd_usage u = { "bench generate",
-        "--model DIR|random:SHAPE --concurrency C --max-tokens N [--native] [--json]",
+        "--model DIR|random:SHAPE --concurrency C --max-tokens N "
+        "[--native | --both [--reps R]] [--json]",
         "Runs C concurrent greedy generations of N tokens from unique random "
         "prompts, through the text-completion inferlet or (--native) the "
         "engine's built-in loop, and prints the time per output token (mean "
@@ -439,7 +538,13 @@ int pie_cmd_bench_generate(int argc, char **argv)
         pie_cli_check_int(cmd, "prompt-len", a.prompt_len, 1, 4096) ||
         pie_cli_check_int(cmd, "pages", a.pages, 0, INT32_MAX) ||
         pie_cli_check_int(cmd, "workers", a.workers, 1, PIE_CLI_MAX_THREADS) ||
+        pie_cli_check_int(cmd, "reps", a.reps, 1, BG_MAX_REPS) ||
         pie_cli_check_backend_opts(cmd, a.page_size, a.threads))
         return 2;
+    if (a.both && a.native) {
+        fprintf(stderr, "pie bench generate: --both runs the native loop "
+                "too; give one of --both and --native\n");
+        return 2;
+    }
     return bench_generate(&a);
 }

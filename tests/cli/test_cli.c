@@ -8,6 +8,7 @@
  */
 #include <jansson.h>
 #include <limits.h>
+#include <math.h>
 #include <stdio.h>
 #include <stdlib.h>
 #include <string.h>
@@ -313,6 +314,34 @@ static void test_bench_overcommitted(const char *model)
     }
 }
 
+/* `pie bench generate --both`: the inferlet and the native loop in turn in
+ * one process, reps runs of each; every generation must finish (exit 0),
+ * and the JSON's ratio is its two medians' ratio. */
+static void test_bench_both(const char *model)
+{
+    char cmd[2048];
+    snprintf(cmd, sizeof cmd, "timeout 120 %s bench generate --model %s "
+             "--backend cpu -c 3 -n 12 --both --reps 3 --json", PIE_BIN, model);
+    json_t *j = run_json(cmd);
+    const char *mode = json_string_value(json_object_get(j, "mode"));
+    double mi = json_number_value(json_object_get(j, "inferlet_ms_per_token"));
+    double mn = json_number_value(json_object_get(j, "native_ms_per_token"));
+    double ratio = json_number_value(json_object_get(j, "ratio"));
+    double ti = json_number_value(json_object_get(j, "inferlet_tokens_per_s"));
+    double tn = json_number_value(json_object_get(j, "native_tokens_per_s"));
+    int reps = (int)json_integer_value(json_object_get(j, "reps"));
+    CHECK(mode && strcmp(mode, "both") == 0 && reps == 3, "'%s': mode %s, "
+          "reps %d", cmd, mode ? mode : "(none)", reps);
+    CHECK(mi > 0 && mn > 0 && ti > 0 && tn > 0, "'%s': ms/token %g / %g, "
+          "tokens/s %g / %g: every run must have timed its generations", cmd,
+          mi, mn, ti, tn);
+    CHECK(fabs(ratio - mi / mn) <= 1e-3 * ratio + 1e-4, "'%s': ratio %g, "
+          "medians %g / %g", cmd, ratio, mi, mn);
+    printf("bench generate --both: inferlet %.3f, native %.3f ms/token, "
+           "ratio %.3f\n", mi, mn, ratio);
+    json_decref(j);
+}
+
 /* Runs `pie ARGS` (stderr with stdout) under `timeout 60`: it must exit
  * with status, print msg and, if bad is given, not print bad. A crash or a
  * hang is a failure (timeout's 124, or 128 + the signal). */
@@ -371,6 +400,12 @@ static void test_bad_input(const char *model)
           "KV pages" },
         { "bench generate --model %s --backend cpu --workers 100000", 2,
           "--workers" },
+        { "bench generate --model %s --backend cpu --both --native", 2,
+          "--both" },
+        { "bench generate --model %s --backend cpu --both --reps 0", 2,
+          "--reps" },
+        { "bench generate --model %s --backend cpu --both --reps 101", 2,
+          "--reps" },
         { "generate --model %s --prompt-ids 1 -n 2147483647", 2,
           "--max-tokens" },
         { "generate --model %s --prompt-ids 1 --page-size 0", 2,
@@ -633,6 +668,7 @@ int main(void)
     test_kv_persist(ref, model);
     test_quota(ref, model);
     test_bench_overcommitted(model);
+    test_bench_both(model);
     test_bad_input(model);
     test_run_limits(model);
     test_run_output_budget(model);
