@@ -6,9 +6,11 @@
  * `staging` from the ready lists while the device thread runs `running`;
  * when the device finishes it hands the batch back as `finished`, the
  * scheduler completes its ops (which makes chained children ready), tops up
- * staging with everything now ready and launches it at once. The device is
- * therefore never idle while anything is ready (work-conserving, no timers),
- * and host-side assembly of one batch overlaps device time of the other.
+ * staging with everything now ready and launches it at once, and only then
+ * runs the completion callbacks (which wake inferlets and threads: before,
+ * their wake-ups sat between two fires). The device is therefore never idle
+ * while anything is ready (work-conserving, no timers), and host-side
+ * assembly of one batch overlaps device time of the other.
  *
  * Selection: priority classes 0..7 in order, each in submission order
  * (ctl->ready[p] is sorted by seq); within limits of tokens, requests and
@@ -193,9 +195,46 @@ static void op_mark_done(pie_ctl *ctl, ctl_op *op, int status)
     else if (status != 0) ctl->st.failed++;
 }
 
+/*
+ * Frees what finished op no longer needs (its pages, fills and chains
+ * settled): its input copies, and, unless it succeeded, its samplers and
+ * results too (pie_ctl_future_result answers its error without them).
+ * What a successful op keeps is what later readers take: its results
+ * (pie_ctl_future_result, a chained child's token) and its samplers (a
+ * chain submitted from it checks its row's kind). A finished op may stay
+ * allocated long after: its future is held, or, cancelled while a parent
+ * is pending, it stays in that parent's dependents (until the parent
+ * completes or add_dep sweeps it out), although the runtime gave back
+ * what it charged for it as its future went.
+ */
+static void op_shed(ctl_op *op, int status)
+{
+    free(op->tokens), op->tokens = NULL;
+    free(op->positions), op->positions = NULL;
+    free(op->pages), op->pages = NULL;
+    free(op->mask_indptr), op->mask_indptr = NULL;
+    free(op->mask_runs), op->mask_runs = NULL;
+    free(op->output_idx), op->output_idx = NULL;
+    free(op->lm_indptr), op->lm_indptr = NULL;
+    free(op->lm_runs), op->lm_runs = NULL;
+    free(op->chains), op->chains = NULL;
+    free(op->writes), op->writes = NULL;
+    op->n_chains = op->n_writes = 0;
+    for (int32_t o = 0; op->samplers && o < op->n_outputs; o++)
+        if (op->samplers[o].kind == PIE_PROBE_LOGPROBS)
+            op->samplers[o].ids = NULL;          /* pointed into idbuf */
+    free(op->idbuf), op->idbuf = NULL;
+    if (status == 0) return;
+    free(op->samplers), op->samplers = NULL;
+    free(op->out.tokens), op->out.tokens = NULL;
+    free(op->out.value_indptr), op->out.value_indptr = NULL;
+    free(op->out.values), op->out.values = NULL;
+    free(op->out.ids), op->out.ids = NULL;
+}
+
 /* The second half, once its dependents are settled: fills rolled back
- * unless it succeeded, pages dropped, callback queued, the control
- * layer's reference dropped. */
+ * unless it succeeded, pages dropped, what it no longer needs freed
+ * (op_shed), callback queued, the control layer's reference dropped. */
 static void op_finish(pie_ctl *ctl, ctl_op *op, int status)
 {
     if (status != 0) rollback(ctl, op);
@@ -214,6 +253,7 @@ static void op_finish(pie_ctl *ctl, ctl_op *op, int status)
             pie__op_unref(op->chains[i].from);
             op->chains[i].from = NULL;
         }
+    op_shed(op, status);
     if (op->done) {
         atomic_fetch_add(&op->refs, 1);
         op->nnext = ctl->notify;
@@ -685,11 +725,10 @@ static void *sched_main(void *arg)
             batch_complete(ctl, ctl->finished);
             ctl->finished = NULL;
         }
-        if (ctl->notify) {
-            pie__unlock(ctl);
-            pthread_mutex_lock(&ctl->mu);
-            continue;
-        }
+        /* the next batch goes to the device before the completion
+         * callbacks run: they wake inferlets and threads, which took
+         * their time between two fires (a chained step is ready the
+         * moment its parent completes) */
         if (!ctl->stop && ctl->n_ready > 0) {
             double t = now_ns();
             stage_ready(ctl, ctl->staging);
@@ -698,9 +737,13 @@ static void *sched_main(void *arg)
         ctl_batch *S = ctl->staging;
         if (!ctl->running && (S->n_reqs > 0 || S->n_copies > 0)) {
             launch(ctl);
+            continue;                /* pre-stage what did not fit */
+        }
+        if (ctl->notify) {           /* completions, and ops staging failed */
+            pie__unlock(ctl);
+            pthread_mutex_lock(&ctl->mu);
             continue;
         }
-        if (ctl->notify) continue;   /* staging failed an op: callbacks */
         if (ctl->stop && !ctl->running) break;
         pthread_cond_wait(&ctl->sched_cv, &ctl->mu);
     }
