@@ -4,11 +4,14 @@
  *
  * Two host batches (ctl->bat[0..1]) alternate. The scheduler thread fills
  * `staging` from the ready lists while the device thread runs `running`;
- * when the device finishes it hands the batch back as `finished`, the
- * scheduler completes its ops (which makes chained children ready), tops up
- * staging with everything now ready and launches it at once, and only then
- * runs the completion callbacks (which wake inferlets and threads: before,
- * their wake-ups sat between two fires). The device is therefore never idle
+ * when the device finishes the batch (`finished`), the
+ * device thread itself completes its ops (which makes chained children
+ * ready), tops up staging with everything now ready and launches it at
+ * once (turn_over); the scheduler thread then runs the completion
+ * callbacks, which wake inferlets and threads. Before, the device thread
+ * handed the finished batch to the scheduler thread and waited to be woken
+ * back, and the callbacks ran before the launch: two thread wake-ups and
+ * every callback sat between two fires. The device is therefore never idle
  * while anything is ready (work-conserving, no timers), and host-side
  * assembly of one batch overlaps device time of the other.
  *
@@ -716,29 +719,35 @@ static void launch(pie_ctl *ctl)
     pthread_cond_signal(&ctl->dev_cv);
 }
 
+/* After a fire: the finished batch's ops completed (their callbacks
+ * queued on ctl->notify), everything now ready staged, and the staging
+ * batch launched if the device is idle. Returns whether it launched. */
+static bool turn_over(pie_ctl *ctl)
+{
+    if (ctl->finished) {
+        batch_complete(ctl, ctl->finished);
+        ctl->finished = NULL;
+    }
+    if (!ctl->stop && ctl->n_ready > 0) {
+        double t = now_ns();
+        stage_ready(ctl, ctl->staging);
+        ctl->ovh_ns += now_ns() - t;
+    }
+    ctl_batch *S = ctl->staging;
+    if (ctl->running || (S->n_reqs == 0 && S->n_copies == 0)) return false;
+    launch(ctl);
+    return true;
+}
+
+/* Pre-stages what arrives while the device runs, launches it when the
+ * device is idle, and runs the completion callbacks (after any launch:
+ * they wake inferlets and threads). */
 static void *sched_main(void *arg)
 {
     pie_ctl *ctl = arg;
     pthread_mutex_lock(&ctl->mu);
     for (;;) {
-        if (ctl->finished) {
-            batch_complete(ctl, ctl->finished);
-            ctl->finished = NULL;
-        }
-        /* the next batch goes to the device before the completion
-         * callbacks run: they wake inferlets and threads, which took
-         * their time between two fires (a chained step is ready the
-         * moment its parent completes) */
-        if (!ctl->stop && ctl->n_ready > 0) {
-            double t = now_ns();
-            stage_ready(ctl, ctl->staging);
-            ctl->ovh_ns += now_ns() - t;
-        }
-        ctl_batch *S = ctl->staging;
-        if (!ctl->running && (S->n_reqs > 0 || S->n_copies > 0)) {
-            launch(ctl);
-            continue;                /* pre-stage what did not fit */
-        }
+        if (turn_over(ctl)) continue;    /* pre-stage what did not fit */
         if (ctl->notify) {           /* completions, and ops staging failed */
             pie__unlock(ctl);
             pthread_mutex_lock(&ctl->mu);
@@ -751,6 +760,10 @@ static void *sched_main(void *arg)
     return NULL;
 }
 
+/* Runs launched batches. A finished one is turned over here, so that the
+ * next (a chained decode step is ready the moment its parent completes)
+ * starts without waking the scheduler thread and being woken back by it;
+ * the scheduler thread then runs the callbacks. */
 static void *dev_main(void *arg)
 {
     pie_ctl *ctl = arg;
@@ -766,6 +779,7 @@ static void *dev_main(void *arg)
         pthread_mutex_lock(&ctl->mu);
         ctl->running = NULL;
         ctl->finished = B;
+        turn_over(ctl);
         pthread_cond_signal(&ctl->sched_cv);
         pthread_cond_broadcast(&ctl->idle_cv);
     }

@@ -2,6 +2,7 @@
  * bench_control.c — numbers for the control layer (not a test).
  *
  *   bench_control [MODEL] [MAX_TOKENS]
+ *   bench_control gap [MAX_TOKENS]      (part 3 alone)
  *
  * 1. Native generation through the control layer on MODEL (default
  *    random:stories15M, CPU backend) at concurrency 1, 8, 64: ms per output
@@ -10,6 +11,10 @@
  *    directly, so the control layer's cost shows as the ratio.
  * 2. Scheduling cost alone: 256 concurrent generations on the fake backend
  *    (no compute): microseconds of control time per request.
+ * 3. The host's time between two fires, as a GPU would see it: chained
+ *    generations at concurrency 1 and 64 on the fake backend whose forward
+ *    sleeps 1 ms (the device thread waits, as on a GPU); the gap is the
+ *    time a token takes beyond its fire's backend time.
  */
 #include <pthread.h>
 #include <stdlib.h>
@@ -52,7 +57,8 @@ static void *run(void *arg)
     return NULL;
 }
 
-static void bench_conc(pie_ctl *ctl, int conc, const char *what)
+/* Prints and returns the ms per token (mean over generations). */
+static double bench_conc(pie_ctl *ctl, int conc, const char *what)
 {
     job *jobs = calloc(conc, sizeof *jobs);
     pthread_t *th = calloc(conc, sizeof *th);
@@ -83,6 +89,25 @@ static void bench_conc(pie_ctl *ctl, int conc, const char *what)
            (s1.backend_ns_total - s0.backend_ns_total) / fires / 1e3);
     free(jobs);
     free(th);
+    return ms_tok / conc;
+}
+
+/* Part 3: generations at concurrency conc on fb with 1 ms forwards, each
+ * token's time beyond its fire's backend time (a fresh control layer, so
+ * the counters are this run's alone). */
+static void bench_gap(pie_backend *fb, int conc)
+{
+    pie_ctl *ctl = NULL;
+    fake_backend_set_delay(fb, 1000);
+    CHECK_OK(pie_ctl_create(fb, NULL, &ctl));
+    double ms = bench_conc(ctl, conc, "fake 1ms");
+    pie_ctl_stats st;
+    pie_ctl_get_stats(ctl, &st);
+    double be = st.backend_ns_total / (double)st.fires / 1e3;
+    printf("fake 1ms conc %4d: %.1f us a token beyond its fire's %.1f us of "
+           "backend time\n", conc, ms * 1e3 - be, be);
+    pie_ctl_free(ctl);
+    fake_backend_set_delay(fb, 0);
 }
 
 /* The same greedy loop without the control layer: one request per call. */
@@ -121,6 +146,14 @@ int main(int argc, char **argv)
 {
     const char *path = argc > 1 ? argv[1] : "random:stories15M";
     if (argc > 2) g_max_tokens = atoi(argv[2]);
+    pie_backend *fb = NULL;
+    if (strcmp(path, "gap") == 0) {
+        CHECK_OK(fake_backend_create(32000, 16, 16384, 0, &fb));
+        bench_gap(fb, 1);
+        bench_gap(fb, 64);
+        pie_backend_free(fb);
+        return 0;
+    }
     pie_model *m = NULL;
     CHECK_OK(pie_model_load(path, NULL, NULL, &m));
     pie_backend_opts bo = { .page_size = 16, .n_pages = 4096 };
@@ -138,10 +171,11 @@ int main(int argc, char **argv)
     pie_backend_free(b);
     pie_model_free(m);
 
-    pie_backend *fb = NULL;
     CHECK_OK(fake_backend_create(32000, 16, 16384, 0, &fb));
     CHECK_OK(pie_ctl_create(fb, NULL, &ctl));
     bench_conc(ctl, 256, "fake");
+    bench_gap(fb, 1);
+    bench_gap(fb, 64);
     pie_ctl_stats st;
     pie_ctl_get_stats(ctl, &st);
     printf("fake backend: %.2f us of control time per request (%llu requests "
