@@ -520,21 +520,33 @@ static encode_fn wgmm_encoder(void)
     return fn;
 }
 
+/* A tiled map of a rank-r tensor at p (dims and byte strides innermost
+ * first; es all 1, no interleave, rows past the end read as zeros):
+ * 0, or -1 where the driver refuses it. */
+static int wgmm_encode(CUtensorMap *map, CUtensorMapDataType type, int r,
+                       void *p, const cuuint64_t *dim, const cuuint64_t *stride,
+                       const cuuint32_t *box, CUtensorMapSwizzle sw,
+                       CUtensorMapL2promotion promo)
+{
+    const cuuint32_t es[4] = { 1, 1, 1, 1 };
+    encode_fn enc = wgmm_encoder();
+    return enc && enc(map, type, (cuuint32_t)r, p, dim, stride, box, es,
+                      CU_TENSOR_MAP_INTERLEAVE_NONE, sw, promo,
+                      CU_TENSOR_MAP_FLOAT_OOB_FILL_NONE) == CUDA_SUCCESS
+               ? 0 : -1;
+}
+
 /* A bf16 row-major (rows, k) matrix's map: boxes of 64 columns x box_rows
- * rows, 128-byte swizzle; rows past the end read as zeros. */
+ * rows, 128-byte swizzle. */
 static int wgmm_map(CUtensorMap *map, const uint16_t *p, int rows, int k,
                     int box_rows)
 {
-    encode_fn enc = wgmm_encoder();
     cuuint64_t dim[2] = { (cuuint64_t)k, (cuuint64_t)rows };
     cuuint64_t stride[1] = { (cuuint64_t)k * 2 };
-    cuuint32_t box[2] = { 64, (cuuint32_t)box_rows }, es[2] = { 1, 1 };
-    return enc && enc(map, CU_TENSOR_MAP_DATA_TYPE_BFLOAT16, 2, (void *)p, dim,
-                      stride, box, es, CU_TENSOR_MAP_INTERLEAVE_NONE,
-                      CU_TENSOR_MAP_SWIZZLE_128B,
-                      CU_TENSOR_MAP_L2_PROMOTION_L2_256B,
-                      CU_TENSOR_MAP_FLOAT_OOB_FILL_NONE) == CUDA_SUCCESS
-               ? 0 : -1;
+    cuuint32_t box[2] = { 64, (cuuint32_t)box_rows };
+    return wgmm_encode(map, CU_TENSOR_MAP_DATA_TYPE_BFLOAT16, 2, (void *)p, dim,
+                       stride, box, CU_TENSOR_MAP_SWIZZLE_128B,
+                       CU_TENSOR_MAP_L2_PROMOTION_L2_256B);
 }
 
 /* The gate/up pair's map for the SwiGLU (W: gate rows [0, hid), then up
@@ -544,17 +556,13 @@ static int wgmm_map(CUtensorMap *map, const uint16_t *p, int rows, int k,
  * 1024-byte swizzle atom, as each warp's 16 rows need them. */
 static int wgmm_map_glu(CUtensorMap *map, const uint16_t *p, int hid, int k)
 {
-    encode_fn enc = wgmm_encoder();
     cuuint64_t dim[4] = { (cuuint64_t)k, 8, 2, (cuuint64_t)hid / 8 };
     cuuint64_t stride[3] = { (cuuint64_t)k * 2, (cuuint64_t)hid * k * 2,
                              (cuuint64_t)k * 16 };
-    cuuint32_t box[4] = { 64, 8, 2, 8 }, es[4] = { 1, 1, 1, 1 };
-    return enc && enc(map, CU_TENSOR_MAP_DATA_TYPE_BFLOAT16, 4, (void *)p, dim,
-                      stride, box, es, CU_TENSOR_MAP_INTERLEAVE_NONE,
-                      CU_TENSOR_MAP_SWIZZLE_128B,
-                      CU_TENSOR_MAP_L2_PROMOTION_L2_256B,
-                      CU_TENSOR_MAP_FLOAT_OOB_FILL_NONE) == CUDA_SUCCESS
-               ? 0 : -1;
+    cuuint32_t box[4] = { 64, 8, 2, 8 };
+    return wgmm_encode(map, CU_TENSOR_MAP_DATA_TYPE_BFLOAT16, 4, (void *)p, dim,
+                       stride, box, CU_TENSOR_MAP_SWIZZLE_128B,
+                       CU_TENSOR_MAP_L2_PROMOTION_L2_256B);
 }
 
 /* The output's map, for the epilogue's TMA stores (wgmm_send): y (m, n)
@@ -562,20 +570,17 @@ static int wgmm_map_glu(CUtensorMap *map, const uint16_t *p, int hid, int k)
  * (the SwiGLU's h (m, hid): 32, 64-byte swizzle); rows past m clipped. */
 static int wgmm_map_out(CUtensorMap *map, void *y, int mode, int m, int n)
 {
-    encode_fn enc = wgmm_encoder();
     int f32 = mode == PIE_CUDA_WGMM_F32 || mode == PIE_CUDA_WGMM_ACC;
     int glu = mode == PIE_CUDA_WGMM_GLU;
     cuuint64_t dim[2] = { (cuuint64_t)n, (cuuint64_t)m };
     cuuint64_t stride[1] = { (cuuint64_t)n * (f32 ? 4 : 2) };
-    cuuint32_t box[2] = { f32 || glu ? 32u : 64u, 32 }, es[2] = { 1, 1 };
+    cuuint32_t box[2] = { f32 || glu ? 32u : 64u, 32 };
     if ((uintptr_t)y % 16) return -1;
-    return enc && enc(map, f32 ? CU_TENSOR_MAP_DATA_TYPE_FLOAT32
-                               : CU_TENSOR_MAP_DATA_TYPE_BFLOAT16,
-                      2, y, dim, stride, box, es, CU_TENSOR_MAP_INTERLEAVE_NONE,
-                      glu ? CU_TENSOR_MAP_SWIZZLE_64B : CU_TENSOR_MAP_SWIZZLE_128B,
-                      CU_TENSOR_MAP_L2_PROMOTION_NONE,
-                      CU_TENSOR_MAP_FLOAT_OOB_FILL_NONE) == CUDA_SUCCESS
-               ? 0 : -1;
+    return wgmm_encode(map, f32 ? CU_TENSOR_MAP_DATA_TYPE_FLOAT32
+                                : CU_TENSOR_MAP_DATA_TYPE_BFLOAT16,
+                       2, y, dim, stride, box,
+                       glu ? CU_TENSOR_MAP_SWIZZLE_64B : CU_TENSOR_MAP_SWIZZLE_128B,
+                       CU_TENSOR_MAP_L2_PROMOTION_NONE);
 }
 
 static int wgmm_mt(int m)
