@@ -274,7 +274,9 @@ int  pie_ctl_export_load(pie_ctl *ctl, const char *path, const char *name);
 /* ---- forwards ---------------------------------------------------------- */
 
 /* Input token `token_idx` of a forward takes the token sampled at output row
- * `row` of forward `from` (which must belong to the same client). */
+ * `row` of forward `from` (which must belong to the same client): at
+ * submit where `from` has completed already (so that releasing it frees
+ * its results at once), else when it completes. */
 typedef struct pie_ctl_chain {
     int32_t         token_idx;
     pie_ctl_future *from;
@@ -324,12 +326,16 @@ int  pie_ctl_forward_submit(pie_ctl_client *c, const pie_ctl_forward *f,
  * vocab values, a negative count none). */
 uint64_t pie_ctl_output_bytes(pie_ctl *ctl, int32_t n_outputs,
                               const pie_sampler *samplers);
-/* Host bytes that pie_ctl_forward_submit keeps for forward f until its
- * future's last reference is released, whether it is pending or done:
- * the op, the copies op_build makes of f's inputs (tokens, positions,
- * pages, mask, output rows, samplers, LOGPROBS ids, logit mask, chains,
- * page writes), the entries it adds to the forwards it waits on, and its
- * results (pie_ctl_output_bytes). For a caller that bounds what others'
+/* Host bytes that pie_ctl_forward_submit allocates for forward f, at
+ * most what it keeps until the future's last reference is released: the
+ * op, the copies op_build makes of f's inputs (tokens, positions, pages,
+ * mask, output rows, samplers, LOGPROBS ids, logit mask, chains, page
+ * writes), the entries it adds to the forwards it waits on, and its
+ * results (pie_ctl_output_bytes). The input copies are freed when it
+ * completes, and its results too unless it succeeded; the op and its
+ * results (and samplers) stay until the last reference goes, and a
+ * cancelled op's entry in a pending parent's dependents until that parent
+ * completes or adds a dependent. For a caller that bounds what others'
  * forwards keep; f need not have been checked (f's mask and logit-mask
  * indptr, when set, must hold n_tokens + 1 and n_outputs + 1 entries). */
 uint64_t pie_ctl_forward_bytes(pie_ctl *ctl, const pie_ctl_forward *f);

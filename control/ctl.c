@@ -396,15 +396,37 @@ static ctl_op *op_build(pie_ctl *ctl, const pie_ctl_forward *f)
     return op;
 }
 
-/* Registers op as waiting on parent (mu held). */
+/* Drops parent's dependents that are DONE already (cancelled, or failed
+ * through another parent) and waits on it no longer (mu held). */
+static void sweep_deps(ctl_op *parent)
+{
+    int32_t k = 0;
+    for (int32_t i = 0; i < parent->n_deps; i++) {
+        if (atomic_load(&parent->deps[i].op->state) == OP_DONE)
+            pie__op_unref(parent->deps[i].op);
+        else
+            parent->deps[k++] = parent->deps[i];
+    }
+    parent->n_deps = k;
+}
+
+/* Registers op as waiting on parent (mu held). Where parent's array is
+ * full, its DONE dependents leave it first (sweep_deps), so that forwards
+ * submitted and cancelled in a loop behind one pending parent do not pile
+ * up in it until it completes: the array stays within twice its waiting
+ * dependents. */
 static int add_dep(ctl_op *parent, ctl_op *op, bool chain)
 {
     if (parent->n_deps == parent->cap_deps) {
-        int32_t cap = parent->cap_deps ? parent->cap_deps * 2 : 4;
-        ctl_dep *nd = realloc(parent->deps, cap * sizeof *nd);
-        if (!nd) return pie_err_set(PIE_ENOMEM, "control: out of memory");
-        parent->deps = nd;
-        parent->cap_deps = cap;
+        sweep_deps(parent);
+        /* grown unless the sweep freed half: a sweep per cap / 2 adds */
+        if (parent->cap_deps == 0 || parent->n_deps > parent->cap_deps / 2) {
+            int32_t cap = parent->cap_deps ? parent->cap_deps * 2 : 4;
+            ctl_dep *nd = realloc(parent->deps, cap * sizeof *nd);
+            if (!nd) return pie_err_set(PIE_ENOMEM, "control: out of memory");
+            parent->deps = nd;
+            parent->cap_deps = cap;
+        }
     }
     parent->deps[parent->n_deps++] = (ctl_dep){ .op = op, .chain = chain };
     atomic_fetch_add(&op->refs, 1);
@@ -514,17 +536,29 @@ static int resolve_chains(pie_ctl_client *c, const pie_ctl_forward *f,
         if (!p || p->kind != OP_FORWARD || (p->c != c && p->state != OP_DONE))
             return pie_err_set(PIE_EINVAL, "control: chain %d: not a forward "
                                "of this client", i);
+        if (p->state == OP_DONE && p->status != 0)  /* (its samplers gone) */
+            return pie_err_set(PIE_ECANCELED, "control: chain %d: the forward "
+                               "it reads failed or was cancelled", i);
         if (ch->row < 0 || ch->row >= p->n_outputs ||
             (p->samplers[ch->row].kind != PIE_SAMPLER_GREEDY &&
              p->samplers[ch->row].kind != PIE_SAMPLER_RANDOM))
             return pie_err_set(PIE_EINVAL, "control: chain %d: row %d is not "
                                "a sampled output", i, ch->row);
-        if (p->state == OP_DONE && p->status != 0)
-            return pie_err_set(PIE_ECANCELED, "control: chain %d: the forward "
-                               "it reads failed or was cancelled", i);
+        if (p->state == OP_DONE) {
+            /* its token now, and no reference: the submitter may release
+             * p while op still waits on others, and p's results go then */
+            int32_t tok = p->out.tokens[ch->row];
+            if (tok < 0 || tok >= c->ctl->vocab)
+                return pie_err_set(PIE_EINVAL, "control: chain %d: token "
+                                   "%d of row %d is outside vocab %d", i,
+                                   tok, ch->row, c->ctl->vocab);
+            op->tokens[ch->token_idx] = tok;
+            op->chains[op->n_chains++] = (ctl_chain){ ch->token_idx, NULL,
+                                                      ch->row };
+            continue;
+        }
         op->chains[op->n_chains++] = (ctl_chain){ ch->token_idx, p, ch->row };
         atomic_fetch_add(&p->refs, 1);
-        if (p->state == OP_DONE) continue;
         if (add_dep(p, op, true) < 0) return PIE_ENOMEM;
     }
     return 0;
@@ -624,6 +658,7 @@ fail:
     /* nothing was wired except chain references and deps on parents */
     for (int32_t i = 0; i < op->n_chains; i++) {
         ctl_op *p = op->chains[i].from;
+        if (!p) continue;                /* taken from a done forward */
         for (int32_t d = p->n_deps - 1; d >= 0; d--)
             if (p->deps[d].op == op) {
                 p->deps[d] = p->deps[--p->n_deps];

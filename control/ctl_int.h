@@ -18,11 +18,17 @@
  *   STAGED   copied into the staging batch (ctl->staging)
  *   RUNNING  in the batch the device thread runs; a chunked prefill goes
  *            back to READY after each chunk until all its tokens ran
- *   DONE     status set; callbacks queued; references to pages dropped
+ *   DONE     status set; callbacks queued; references to pages dropped;
+ *            input copies freed, and results too unless it succeeded
+ *            (op_shed in sched.c)
  *
  * References to an op: the submitter (until pie_ctl_future_release), the
- * control layer until DONE, each chained child until the child is DONE, and
- * the notify list until its callback ran. Freed when the count hits zero.
+ * control layer until DONE, each chained child until it took its token
+ * (becomes ready, or is DONE; none where the parent was done at submit),
+ * each parent whose dependent array lists it (until that parent is DONE,
+ * or sweeps its DONE dependents out as the array fills: add_dep in ctl.c),
+ * and the notify list until its callback ran. Freed when the count hits
+ * zero.
  */
 #ifndef PIE_CTL_INT_H
 #define PIE_CTL_INT_H
@@ -55,7 +61,9 @@ typedef struct ctl_dep {        /* an op waiting on this one               */
 
 typedef struct ctl_chain {
     int32_t token_idx;
-    ctl_op *from;               /* holds a reference                        */
+    ctl_op *from;               /* holds a reference; NULL once the token
+                                   is taken (at submit where from was done
+                                   already, else when op becomes ready)     */
     int32_t row;
 } ctl_chain;
 

@@ -31,17 +31,20 @@
  * Forward results and inputs. The control layer copies a forward's
  * inputs (tokens, positions, pages, masks, output rows, LOGPROBS ids,
  * logit masks, chains) and allocates its results (a token per output row,
- * probe values and ids) at submit, and keeps both until the future's last
- * reference goes (pie_ctl_forward_bytes counts them; the inputs are not
- * freed at completion: control/sched.c pie__op_unref), so a guest that
- * submits and never frees its futures would make the host hold memory
- * without bound. forward_submit charges those bytes to the
- * instance's out_acct (PIE_ELIMIT, submitting nothing, past
- * output_budget()) and the efut gives them back when its last reference
- * goes: the runtime future's (future_free, or the instance's end; for a
- * forward freed while it runs, once it stops) and one for each builder
- * that chains a token from it (forward_token_from), as the builder keeps
- * the results alive. out_acct is reference counted by the instance and
+ * probe values and ids) at submit; it frees the inputs when the forward
+ * completes and keeps the results until the future's last reference goes
+ * (pie_ctl_forward_bytes counts both), so a guest that submits and never
+ * frees its futures would make the host hold memory without bound.
+ * forward_submit charges those bytes, inputs included (an upper bound
+ * once the forward completed), to the instance's out_acct (PIE_ELIMIT,
+ * submitting nothing, past output_budget()) and the efut gives them back
+ * when its last reference goes: the runtime future's (future_free, or the
+ * instance's end; for a forward freed while it runs, once it stops) and
+ * one for each builder that chains a token from it (forward_token_from),
+ * as the builder keeps the results alive. Nothing of it stays after that
+ * but the op itself while a pending forward's dependents list it (a
+ * forward cancelled behind it): a chain from a completed forward takes
+ * its token at submit. out_acct is reference counted by the instance and
  * each charged efut, as an efut may go on the scheduler thread after the
  * instance ended; only the instance's fiber adds to it, so its check and
  * charge need no lock.

@@ -19,6 +19,22 @@
 #include <unistd.h>
 #include <xxhash.h>
 
+#if defined(__SANITIZE_ADDRESS__)
+#define HAVE_ASAN 1
+#elif defined(__has_feature)
+#if __has_feature(address_sanitizer)
+#define HAVE_ASAN 1
+#endif
+#endif
+#ifdef HAVE_ASAN
+#include <stddef.h>
+/* (sanitizer/allocator_interface.h, which not every compiler installs) */
+size_t __sanitizer_get_current_allocated_bytes(void);
+#else
+#define HAVE_ASAN 0
+#include <malloc.h>
+#endif
+
 #include "common/pie_err.h"
 #include "control/control.h"
 #include "control/ctl_int.h"     /* load_compares, a test hook */
@@ -4775,6 +4791,201 @@ static void test_free_many(void)
     done_ctl(ctl, b);
 }
 
+/* Bytes the heap holds now (the allocator's own count: ASan's under
+ * PIE_SANITIZE, glibc's over all arenas otherwise). */
+static size_t heap_bytes(void)
+{
+#if HAVE_ASAN
+    return __sanitizer_get_current_allocated_bytes();
+#else
+    struct mallinfo2 m = mallinfo2();
+    return m.uordblks + m.hblkhd;
+#endif
+}
+
+/* A forward cancelled and released while a forward it chains from is
+ * still pending stays in that parent's dependents until the parent
+ * completes (the runtime gives its budget back as the future goes). Its
+ * copies (here a 16 KiB attention mask) and, as it failed, its results
+ * (a LOGITS row, 8 KB) are freed when it finishes, and its entry leaves
+ * the parent's list when that list next grows: N such forwards behind one
+ * pending parent add next to nothing to the heap. They held N x 24 KiB
+ * until the parent completed. */
+static void test_cancelled_dependents_freed(void)
+{
+    enum { N = 2000, RUNS = 4096 };
+    pie_backend *b;
+    pie_ctl *ctl = make_ctl(16, 0, NULL, &b);
+    pie_ctl_client *c, *z;
+    CHECK_OK(pie_ctl_client_open(ctl, NULL, &z));
+    CHECK_OK(pie_ctl_client_open(ctl, NULL, &c));
+    uint32_t hz[1], h[2];
+    CHECK_OK(pie_ctl_page_alloc(z, 1, 0, hz));
+    CHECK_OK(pie_ctl_page_alloc(c, 2, 0, h));
+    int32_t tz = 5, tp = 7, s0 = fake_backend_started(b);
+    pie_ctl_future *fz, *fp;
+    fake_backend_set_delay(b, 6 * HOLD_US);         /* while N are queued */
+    CHECK_OK(fwd(z, &tz, 1, 0, hz, NULL, &fz));     /* occupies the device */
+    wait_started(b, s0 + 1);
+    fake_backend_set_delay(b, 0);
+    CHECK_OK(fwd(c, &tp, 1, 0, h, NULL, &fp));      /* P: pending behind it */
+    /* each child: one token chained from P into slot 0 of h[1], a mask of
+     * RUNS runs (one slot attended), a LOGITS row */
+    uint32_t mi[2] = { 0, RUNS }, *runs = calloc(RUNS, sizeof *runs);
+    CHECK(runs != NULL, "calloc");
+    runs[0] = 1;
+    int32_t t = 0, pos = 0, oi = 0;
+    pie_sampler s = { .kind = PIE_PROBE_LOGITS };
+    pie_ctl_chain ch = { 0, fp, 0 };
+    pie_ctl_forward x = {
+        .n_tokens = 1, .tokens = &t, .positions = &pos, .n_pages = 1,
+        .pages = &h[1], .last_page_len = 1, .mask_indptr = mi,
+        .mask_runs = runs, .n_outputs = 1, .output_idx = &oi, .samplers = &s,
+        .n_chains = 1, .chains = &ch,
+    };
+    size_t before = heap_bytes();
+    for (int32_t i = 0; i < N; i++) {
+        pie_ctl_future *f;
+        CHECK_OK(pie_ctl_forward_submit(c, &x, NULL, NULL, &f));
+        pie_ctl_future_cancel(f);
+        CHECK(pie_ctl_future_poll(f) == PIE_ECANCELED, "child %d: %d", i,
+              pie_ctl_future_poll(f));
+        pie_ctl_future_release(f);
+    }
+    size_t after = heap_bytes();
+    CHECK(pie_ctl_future_poll(fp) == PIE_EAGAIN, "the parent completed "
+          "while its children were queued: the test proves nothing");
+    long long grew = (long long)after - (long long)before;
+    printf("cancelled dependents: %d cancelled children of a pending "
+           "parent left %lld heap bytes (%lld each)\n", N, grew,
+           grew / N);
+    CHECK(grew < (long long)N * 64, "%d cancelled children of a pending "
+          "parent hold %lld heap bytes, expected under %lld (their masks "
+          "and results are %lld)", N, grew, (long long)N * 64,
+          (long long)N * (RUNS * 4 + VOCAB * 8));
+    wait_token(fp);
+    wait_token(fz);
+    pie_ctl_future_release(fp);
+    pie_ctl_future_release(fz);
+    free(runs);
+    pie_ctl_client_close(z);
+    pie_ctl_client_close(c);
+    done_ctl(ctl, b);
+}
+
+/* A forward chained from one that is done already takes its token at
+ * submit and holds no reference to it: releasing the parent frees its
+ * results then, though the child still waits (here behind W, a prefill
+ * run 4 tokens a fire). The runtime gives a future's budget back as it is
+ * freed; before, each parent's results (16 LOGITS rows, 128 KB) stayed
+ * until its child became ready, N of them held at once. */
+static void test_chain_from_done_frees(void)
+{
+    enum { N = 20, WARM = 2, NW = 512, R = 16 };
+    pie_backend *b;
+    pie_ctl_opts o = { .prefill_chunk = PS };
+    pie_ctl *ctl = make_ctl(NW / PS + 1, 1000, &o, &b);
+    pie_ctl_client *c;
+    CHECK_OK(pie_ctl_client_open(ctl, NULL, &c));
+    uint32_t hw[NW / PS], hp[1];
+    CHECK_OK(pie_ctl_page_alloc(c, NW / PS, 0, hw));
+    CHECK_OK(pie_ctl_page_alloc(c, 1, 0, hp));
+    int32_t *tw = malloc(NW * sizeof *tw), *pw = malloc(NW * sizeof *pw);
+    CHECK(tw && pw, "malloc");
+    make_prompt(tw, NW, 91);
+    for (int32_t i = 0; i < NW; i++) pw[i] = i;
+    int32_t ow = NW - 1;
+    pie_sampler g = { .kind = PIE_SAMPLER_GREEDY };
+    pie_ctl_forward w = {
+        .n_tokens = NW, .tokens = tw, .positions = pw, .n_pages = NW / PS,
+        .pages = hw, .last_page_len = PS, .n_outputs = 1, .output_idx = &ow,
+        .samplers = &g,
+    };
+    pie_ctl_future *fw, *fc[WARM + N];
+    CHECK_OK(pie_ctl_forward_submit(c, &w, NULL, NULL, &fw));
+    /* each parent: one token into slot 0 of hp, a greedy row and R
+     * LOGITS rows; each child: one token chained from it, rewriting the
+     * last slot of W's first page (so it waits for W) */
+    pie_sampler ps_[R + 1];
+    int32_t oi[R + 1];
+    for (int32_t r = 0; r <= R; r++) {
+        ps_[r] = (pie_sampler){ .kind = r ? PIE_PROBE_LOGITS
+                                          : PIE_SAMPLER_GREEDY };
+        oi[r] = 0;
+    }
+    int32_t tp = 3, pp = 0, tc = 0, pc = PS - 1;
+    pie_ctl_forward x = {
+        .n_tokens = 1, .tokens = &tp, .positions = &pp, .n_pages = 1,
+        .pages = hp, .last_page_len = 1, .n_outputs = R + 1,
+        .output_idx = oi, .samplers = ps_,
+    };
+    size_t before = 0;
+    for (int32_t i = 0; i < WARM + N; i++) {
+        if (i == WARM) before = heap_bytes();   /* both batches grown */
+        pie_ctl_future *fp;
+        CHECK_OK(pie_ctl_forward_submit(c, &x, NULL, NULL, &fp));
+        CHECK_OK(pie_ctl_future_wait(fp, 10000));
+        pie_ctl_chain ch = { 0, fp, 0 };
+        int32_t zero = 0;
+        pie_ctl_forward y = {
+            .n_tokens = 1, .tokens = &tc, .positions = &pc, .n_pages = 1,
+            .pages = hw, .last_page_len = PS, .n_outputs = 1,
+            .output_idx = &zero, .samplers = &g, .n_chains = 1,
+            .chains = &ch,
+        };
+        CHECK_OK(pie_ctl_forward_submit(c, &y, NULL, NULL, &fc[i]));
+        pie_ctl_future_release(fp);
+    }
+    size_t after = heap_bytes();
+    CHECK(pie_ctl_future_poll(fw) == PIE_EAGAIN, "W completed while the "
+          "children were queued: the test proves nothing");
+    long long grew = (long long)after - (long long)before;
+    printf("chain from done: %d released parents of waiting children left "
+           "%lld heap bytes (%lld each; their results are %d)\n", N, grew,
+           grew / N, R * VOCAB * 8);
+    CHECK(grew < (long long)N * 16384, "%d released parents of waiting "
+          "children hold %lld heap bytes, expected under %lld", N, grew,
+          (long long)N * 16384);
+    CHECK_OK(pie_ctl_future_wait(fw, 30000));
+    for (int32_t i = 0; i < WARM + N; i++) {
+        CHECK_OK(pie_ctl_future_wait(fc[i], 10000));
+        pie_ctl_future_release(fc[i]);
+    }
+    pie_ctl_future_release(fw);
+    free(tw), free(pw);
+    pie_ctl_client_close(c);
+    done_ctl(ctl, b);
+}
+
+/* A forward chained from one that failed before it was submitted is
+ * refused with PIE_ECANCELED: a failed forward's samplers and results are
+ * freed as it finishes (op_shed), so its row is not looked at. */
+static void test_chain_from_failed(void)
+{
+    pie_backend *b;
+    pie_ctl *ctl = make_ctl(8, 0, NULL, &b);
+    pie_ctl_client *c;
+    CHECK_OK(pie_ctl_client_open(ctl, NULL, &c));
+    uint32_t h[2];
+    CHECK_OK(pie_ctl_page_alloc(c, 2, 0, h));
+    int32_t t = 3;
+    pie_ctl_future *fa, *fb;
+    fake_backend_fail_forwards(b, 1);
+    CHECK_OK(fwd(c, &t, 1, 0, &h[0], NULL, &fa));
+    int rc = pie_ctl_future_wait(fa, 10000);
+    CHECK(rc == PIE_EIO, "the failing forward: %d, expected %d", rc, PIE_EIO);
+    rc = fwd(c, &t, 1, 0, &h[1], fa, &fb);
+    CHECK(rc == PIE_ECANCELED, "chained from a failed forward: %d, expected "
+          "%d", rc, PIE_ECANCELED);
+    CHECK_OK(fwd(c, &t, 1, 0, &h[1], NULL, &fb));    /* the page is clean */
+    wait_token(fb);
+    pie_ctl_future_release(fb);
+    pie_ctl_future_release(fa);
+    pie_ctl_client_close(c);
+    printf("chain from failed: refused with PIE_ECANCELED\n");
+    done_ctl(ctl, b);
+}
+
 static const struct { const char *name; void (*fn)(void); } tests[] = {
     { "generate_alone", test_generate_alone },
     { "chained", test_chained },
@@ -4848,6 +5059,9 @@ static const struct { const char *name; void (*fn)(void); } tests[] = {
     { "free_many", test_free_many },
     { "failed_writer_readers", test_failed_writer_readers },
     { "deep_cancel", test_deep_cancel },
+    { "cancelled_dependents_freed", test_cancelled_dependents_freed },
+    { "chain_from_done_frees", test_chain_from_done_frees },
+    { "chain_from_failed", test_chain_from_failed },
 };
 
 /* test_control [NAME...]: the named tests, or all of them in order. */
