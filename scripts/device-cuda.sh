@@ -58,6 +58,9 @@
 #   ncugemv ncu of gemv.cu's decode matmuls (8B and 1B batch 1)
 #   kvread  decode attention's KV reads alone (bench_kv_read) at the 8B
 #           B=256 ctx 512 and B=16 ctx 2048 shapes
+#   gap     the host's time between two fires of the control layer
+#           (bench_control gap: chained generations on a fake backend whose
+#           forwards sleep 1 ms, C = 1 and 64), three runs
 #   long    batch 16 at long contexts (ctx 2048-16384): decode attention and
 #           8B decode steps on the cut plan (PIE_CUDA_DEC_WHOLE=0) and on
 #           one block per SM (=1), and by the rule with the bound timed at
@@ -390,6 +393,12 @@ for phase in "$@"; do
                 --prompt-len 2048 --gen 0 --chunk 4096 \
                 > "$OUT/ncu_pre_$v.csv" 2> /tmp/pie/ncu.err
             echo "ncu prefill $v rc=$?" | tee -a "$OUT/summary.log"
+        done
+        ;;
+    gap)    # the control layer's time between fires, as a GPU would see it
+        for i in 1 2 3; do
+            timeout 120 $R bench_control gap 256 2>&1 | grep beyond \
+                | tee -a "$OUT/summary.log"
         done
         ;;
     gen)    # inferlet/native ratio through the control layer (issue point 6)
