@@ -268,6 +268,10 @@ struct pie_ctl {
     int32_t          n_ready;
     uint64_t         seq;
     ctl_op          *notify;      /* completed ops awaiting callbacks       */
+    ctl_op          *dev_notify;  /* the same, queued by the device thread:
+                                     the scheduler thread runs them         */
+    int32_t          idle_waiters;/* threads in pie__wait_idle: nothing is
+                                     launched until they had the device    */
     /* batches: staging is filled while running is on the device */
     ctl_batch        bat[2];
     ctl_batch       *staging, *running, *finished;

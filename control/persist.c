@@ -103,7 +103,10 @@ static size_t rec_bytes(int32_t ps)
 /* Waits (mu held) until no batch is on the device. */
 void pie__wait_idle(pie_ctl *ctl)
 {
+    ctl->idle_waiters++;         /* no launch meanwhile (sched.c turn_over) */
     while (ctl->running) pthread_cond_wait(&ctl->idle_cv, &ctl->mu);
+    ctl->idle_waiters--;
+    pthread_cond_signal(&ctl->sched_cv);   /* launches once mu goes */
 }
 
 /* Writes page's record (fill, hashed, hash, prefix, then its slots'

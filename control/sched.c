@@ -8,7 +8,11 @@
  * device thread itself completes its ops (which makes chained children
  * ready), tops up staging with everything now ready and launches it at
  * once (turn_over); the scheduler thread then runs the completion
- * callbacks, which wake inferlets and threads. Before, the device thread
+ * callbacks (dev_notify), which wake inferlets and threads. A thread that
+ * needs the device idle (pie__wait_idle: swaps, export files) counts
+ * itself in idle_waiters, and nothing is launched until it has had the
+ * device: otherwise a chained step, ready whenever a batch ends, would
+ * keep the device busy for as long as work arrives. Before, the device thread
  * handed the finished batch to the scheduler thread and waited to be woken
  * back, and the callbacks ran before the launch: two thread wake-ups and
  * every callback sat between two fires. The device is therefore never idle
@@ -734,9 +738,26 @@ static bool turn_over(pie_ctl *ctl)
         ctl->ovh_ns += now_ns() - t;
     }
     ctl_batch *S = ctl->staging;
-    if (ctl->running || (S->n_reqs == 0 && S->n_copies == 0)) return false;
+    if (ctl->running || ctl->idle_waiters > 0 ||
+        (S->n_reqs == 0 && S->n_copies == 0))
+        return false;
     launch(ctl);
     return true;
+}
+
+/* Moves the callbacks the device thread queued to dev_notify, whose
+ * callbacks only the scheduler thread runs (ctl->notify is emptied by
+ * whichever thread calls pie__unlock next; callbacks run on the scheduler
+ * thread or on the thread that cancelled the op). Keeps completion order:
+ * both lists are newest first. */
+static void notify_to_sched(pie_ctl *ctl)
+{
+    ctl_op *t = ctl->notify;
+    if (!t) return;
+    while (t->nnext) t = t->nnext;
+    t->nnext = ctl->dev_notify;
+    ctl->dev_notify = ctl->notify;
+    ctl->notify = NULL;
 }
 
 /* Pre-stages what arrives while the device runs, launches it when the
@@ -748,12 +769,15 @@ static void *sched_main(void *arg)
     pthread_mutex_lock(&ctl->mu);
     for (;;) {
         if (turn_over(ctl)) continue;    /* pre-stage what did not fit */
-        if (ctl->notify) {           /* completions, and ops staging failed */
+        notify_to_sched(ctl);
+        if (ctl->dev_notify) {       /* completions, and ops staging failed */
+            ctl->notify = ctl->dev_notify;
+            ctl->dev_notify = NULL;
             pie__unlock(ctl);
             pthread_mutex_lock(&ctl->mu);
             continue;
         }
-        if (ctl->stop && !ctl->running) break;
+        if (ctl->stop && !ctl->running && ctl->idle_waiters == 0) break;
         pthread_cond_wait(&ctl->sched_cv, &ctl->mu);
     }
     pthread_mutex_unlock(&ctl->mu);
@@ -780,6 +804,7 @@ static void *dev_main(void *arg)
         ctl->running = NULL;
         ctl->finished = B;
         turn_over(ctl);
+        notify_to_sched(ctl);
         pthread_cond_signal(&ctl->sched_cv);
         pthread_cond_broadcast(&ctl->idle_cv);
     }
