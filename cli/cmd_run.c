@@ -531,8 +531,9 @@ int pie_cmd_run(int argc, char **argv)
           "forward in total (0 = no limit)" },
         { "max-output-bytes", 0, OPT_U64, &a.max_output_bytes, "host bytes "
           "one instance's submitted forwards may keep until their futures "
-          "are freed (results and input copies), 0..4294967296 (0 = 256 MiB; "
-          "at most --memory-limit)" },
+          "are freed (results and input copies) and its queued KV copies "
+          "until they run, 0..4294967296 (0 = 256 MiB; at most "
+          "--memory-limit)" },
         { "priority", 0, OPT_INT, &a.priority, "scheduling class of the "
           "instances, 0 (first) .. 7 (0)" },
         { "max-pages", 0, OPT_INT, &a.max_pages, "KV pages one instance may "

@@ -74,6 +74,9 @@
 typedef struct pie_ctl        pie_ctl;
 typedef struct pie_ctl_client pie_ctl_client;
 typedef struct pie_ctl_future pie_ctl_future;
+/* Completion callback of a forward (pie_ctl_forward_submit) or a page
+ * copy (pie_ctl_page_copy_cb). */
+typedef void (*pie_ctl_done_fn)(void *user, pie_ctl_future *f, int status);
 
 /* ---- engine ------------------------------------------------------------ */
 
@@ -217,6 +220,26 @@ int  pie_ctl_page_free(pie_ctl_client *c, int32_t n, const uint32_t *h);
  * copied before them. PIE_EAGAIN: c is suspended (see pie_ctl_client_resume). */
 int  pie_ctl_page_copy(pie_ctl_client *c, uint32_t src, int32_t src_off,
                        uint32_t dst, int32_t dst_off, int32_t n);
+/* pie_ctl_page_copy, and done (may be NULL) runs once with user and the
+ * copy's status when the queued copy completes (done, failed, or
+ * cancelled: by a failed or cancelled forward or copy it waits on, or as
+ * c closes), without the control lock, on the scheduler or device thread
+ * or on the thread whose call completed it (pie_ctl_client_close). Its
+ * future argument is the copy's op, valid only during the call (nothing
+ * to poll, keep or release). A copy refused with an error never calls
+ * back. The op and what it adds to the ops it waits on
+ * (pie_ctl_copy_bytes) are freed by the time done returns, except for a
+ * copy cancelled while an op it waits on is pending: its op stays in
+ * that op's dependents until it completes or adds a dependent (as a
+ * cancelled forward's does). For a caller that bounds what others'
+ * copies keep queued (the inferlet runtime). */
+int  pie_ctl_page_copy_cb(pie_ctl_client *c, uint32_t src, int32_t src_off,
+                          uint32_t dst, int32_t dst_off, int32_t n,
+                          pie_ctl_done_fn done, void *user);
+/* Host bytes one queued copy keeps until it completes: its op and write
+ * record, and the entries it adds to the dependents of the ops it waits
+ * on (their arrays doubling). */
+uint64_t pie_ctl_copy_bytes(void);
 /* Number of leading slots of a page written by forwards and copies
  * submitted so far (not cancelled): 0 for a freshly allocated page; kept
  * by imports, swaps and persistence. Read from host memory for a
@@ -301,8 +324,6 @@ typedef struct pie_ctl_forward {
     int32_t            n_chains;
     const pie_ctl_chain *chains;        /* (n_chains)                        */
 } pie_ctl_forward;
-
-typedef void (*pie_ctl_done_fn)(void *user, pie_ctl_future *f, int status);
 
 /* Validates f (handles, ranges, quotas), copies every array it points to
  * (the caller may free them on return) and queues it. The new tokens' KV

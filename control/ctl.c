@@ -678,6 +678,20 @@ fail:
 int pie_ctl_page_copy(pie_ctl_client *c, uint32_t src, int32_t src_off,
                       uint32_t dst, int32_t dst_off, int32_t n)
 {
+    return pie_ctl_page_copy_cb(c, src, src_off, dst, dst_off, n, NULL, NULL);
+}
+
+uint64_t pie_ctl_copy_bytes(void)
+{
+    /* the op, its one write, and an entry in each of the two ops it may
+     * wait on (source's and destination's writer), their arrays doubling */
+    return sizeof(ctl_op) + sizeof(ctl_write) + 2 * 2 * sizeof(ctl_dep);
+}
+
+int pie_ctl_page_copy_cb(pie_ctl_client *c, uint32_t src, int32_t src_off,
+                         uint32_t dst, int32_t dst_off, int32_t n,
+                         pie_ctl_done_fn done, void *user)
+{
     pie_ctl *ctl = c->ctl;
     int32_t ps = ctl->ps;
     /* off > ps - n, not off + n > ps: the sum wraps for offsets near
@@ -744,6 +758,8 @@ int pie_ctl_page_copy(pie_ctl_client *c, uint32_t src, int32_t src_off,
         .page = op->cp_dst, .old_fill = old, .new_fill = nf };
     pd->fill = op->writes[0].new_fill;
     pie__pool_copy_record(ctl, op->cp_src, src_off, op->cp_dst, dst_off, n);
+    op->done = rc < 0 ? NULL : done;    /* a refused copy never calls back */
+    op->user = user;
     op_enqueue(c, op);
     if (rc < 0) pie__op_complete(ctl, op, PIE_ENOMEM);
     pie__unlock(ctl);

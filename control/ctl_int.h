@@ -13,7 +13,8 @@
  *   WAITING  submitted; some dependency (chained parent, earlier writer of a
  *            page it touches) has not completed; on no list, counted in its
  *            parents' dependent arrays. A parent that fails or is
- *            cancelled cancels it (release_dependents in sched.c)
+ *            cancelled cancels it (cancel_dependents in sched.c), except a
+ *            copy that reads none of the parent's slots (copy_unaffected)
  *   READY    all dependencies done; on ctl->ready[priority], ordered by seq
  *   STAGED   copied into the staging batch (ctl->staging)
  *   RUNNING  in the batch the device thread runs; a chunked prefill goes

@@ -271,15 +271,46 @@ static void op_finish(pie_ctl *ctl, ctl_op *op, int status)
 }
 
 /*
+ * True when copy d, which waits on o (cancelled or failed), touches none
+ * of the slots o was to write, so that it may run once o is done: o's own
+ * dependencies all succeeded (o->n_pending == 0: every earlier writer of
+ * o's pages is done), d writes no page o writes (so that no op wired
+ * after d reaches o's slots through d as a page's last_writer, and o's
+ * fill rollback is not undone by d's fill), and d's source range on each
+ * page o writes ends at or before o's first slot there. A forward never
+ * qualifies: the page through which it waits on o is one it writes (its
+ * last) or reads whole.
+ */
+static bool copy_unaffected(pie_ctl *ctl, const ctl_op *o, const ctl_op *d)
+{
+    if (d->kind != OP_COPY || o->n_pending != 0) return false;
+    int32_t first = o->kind == OP_COPY ? o->cp_dst_off
+                                       : o->kv_len - o->n_tokens;
+    for (int32_t w = 0; w < o->n_writes; w++) {
+        int32_t page = o->writes[w].page;
+        int32_t lo = o->kind == OP_COPY ? first
+                     : w == 0 ? first % ctl->ps : 0;
+        if (d->cp_dst == page) return false;
+        if (d->cp_src == page && d->cp_src_off + d->cp_n > lo) return false;
+    }
+    return true;
+}
+
+/*
  * root failed or was cancelled: every op that depends on it, transitively,
  * is cancelled. A chained one has no token to take; an ordered one reads
  * or overwrites a page root was to write (every ORDER dependency is on a
  * page's last_writer), and the slots root left unwritten may hold a
  * previous owner's KV (check_filled counted them as written when it was
- * submitted). Each is finished after all of its own dependents, so fills
- * roll back newest first. Without recursion: thousands of forwards queued
- * on one page form a chain as deep, which would overflow a fiber's stack;
- * the walk keeps its path in the ops themselves (cancel_up, cancel_i).
+ * submitted). Except a copy that touches none of the slots a cancelled op
+ * was to write, where nothing it waits on through it failed
+ * (copy_unaffected): it waits on that op no longer and runs (e.g. a fork
+ * of a page's first slots, queued behind a later writer of the page that
+ * was cancelled). Each is finished after all of its own dependents, so
+ * fills roll back newest first. Without recursion: thousands of forwards
+ * queued on one page form a chain as deep, which would overflow a fiber's
+ * stack; the walk keeps its path in the ops themselves (cancel_up,
+ * cancel_i).
  */
 static void cancel_dependents(pie_ctl *ctl, ctl_op *root)
 {
@@ -288,6 +319,10 @@ static void cancel_dependents(pie_ctl *ctl, ctl_op *root)
     for (ctl_op *o = root; o;) {
         if (o->cancel_i < o->n_deps) {
             ctl_op *d = o->deps[o->cancel_i++].op;
+            if (d->state != OP_DONE && copy_unaffected(ctl, o, d)) {
+                if (--d->n_pending == 0) pie__make_ready(ctl, d);
+                continue;                   /* (o's deps drop the ref) */
+            }
             if (d->state != OP_DONE) {      /* (reached twice: done once) */
                 op_mark_done(ctl, d, PIE_ECANCELED);
                 d->cancel_i = 0;

@@ -17,8 +17,8 @@
  *                     buffer again and again, so the copies are what must
  *                     be bounded (forward_* fails with PIE_ELIMIT beyond)
  *   einst.acct        bytes the instance's submitted forwards keep in the
- *                     control layer, inputs and results (out_acct), at
- *                     most output_budget()
+ *                     control layer, inputs and results, and its queued
+ *                     page copies (out_acct), at most output_budget()
  *
  * KV page handles are the control layer's client handles as int32. A
  * forward future is a runtime future of kind PIE_RT_FUT_ENGINE whose data
@@ -44,10 +44,16 @@
  * as the builder keeps the results alive. Nothing of it stays after that
  * but the op itself while a pending forward's dependents list it (a
  * forward cancelled behind it): a chain from a completed forward takes
- * its token at submit. out_acct is reference counted by the instance and
- * each charged efut, as an efut may go on the scheduler thread after the
- * instance ended; only the instance's fiber adds to it, so its check and
- * charge need no lock.
+ * its token at submit. A queued page copy (kv_copy) is an op too, which
+ * the control layer keeps until it runs: copies chained on one
+ * destination run one per batch, so a guest could queue them faster than
+ * they run. kv_copy charges pie_ctl_copy_bytes to the same out_acct
+ * (PIE_ELIMIT, queuing nothing, past output_budget()) and the copy's
+ * completion callback (copy_done: it ran, failed or was cancelled, also
+ * as the instance ends) gives it back. out_acct is reference counted by
+ * the instance, each charged efut and each queued copy, as an efut or a
+ * copy may go on the scheduler thread after the instance ended; only the
+ * instance's fiber adds to it, so its check and charge need no lock.
  *
  * No host call blocks its worker thread on the KV pool: kv_alloc polls the
  * control layer with timeout 0 and parks the fiber between polls, and so
@@ -118,10 +124,11 @@ typedef struct builder {
     uint64_t       bytes;             /* charged to einst.b_bytes          */
 } builder;
 
-/* Result bytes charged to one instance: its einst and each efut charged
- * hold a reference (an efut may outlive the instance). */
+/* Bytes charged to one instance: its einst, each efut charged and each
+ * queued copy hold a reference (either may outlive the instance). */
 typedef struct out_acct {
-    _Atomic uint64_t bytes;           /* results of its live efuts         */
+    _Atomic uint64_t bytes;           /* what its live efuts and queued
+                                         copies keep                       */
     atomic_int       refs;
 } out_acct;
 
@@ -566,6 +573,44 @@ uint32_t Z_pieZ_kv_free(I *i, uint32_t h, uint32_t pages, uint32_t n)
     RET(rc);
 }
 
+static uint64_t output_budget(I *i);
+
+/* A queued copy completed (any thread): its bytes go back to the
+ * instance that queued it (user, its out_acct). */
+static void copy_done(void *user, pie_ctl_future *f, int status)
+{
+    out_acct *a = user;
+    (void)f, (void)status;
+    atomic_fetch_sub(&a->bytes, pie_ctl_copy_bytes());
+    acct_unref(a);
+}
+
+/* One try at queuing a copy for c, charged to the instance's out_acct
+ * until it completes (copy_done); PIE_ELIMIT, queuing nothing, where
+ * that would pass output_budget(). */
+static int copy_once(I *i, pie_ctl_client *c, uint32_t src, int32_t src_off,
+                     uint32_t dst, int32_t dst_off, int32_t n)
+{
+    out_acct *a = X(i)->acct;
+    uint64_t need = pie_ctl_copy_bytes(), max = output_budget(i);
+    uint64_t held = atomic_load(&a->bytes);
+    if (need > max || held > max - need)
+        return pie_err_set(PIE_ELIMIT, "kv_copy: a queued copy (%llu bytes "
+                           "until it runs) would take what the instance's "
+                           "forwards and copies keep past %llu bytes (limit "
+                           "%llu per instance): wait for the forwards it "
+                           "copies behind, or free futures, first",
+                           (unsigned long long)need,
+                           (unsigned long long)(held + need),
+                           (unsigned long long)max);
+    atomic_fetch_add(&a->refs, 1);
+    atomic_fetch_add(&a->bytes, need);
+    int rc = pie_ctl_page_copy_cb(c, src, src_off, dst, dst_off, n,
+                                  copy_done, a);
+    if (rc < 0) copy_done(a, NULL, rc);  /* refused: no callback comes */
+    return rc;
+}
+
 uint32_t Z_pieZ_kv_copy(I *i, uint32_t h, uint32_t src, uint32_t src_off,
                         uint32_t dst, uint32_t dst_off, uint32_t n)
 {
@@ -574,11 +619,11 @@ uint32_t Z_pieZ_kv_copy(I *i, uint32_t h, uint32_t src, uint32_t src_off,
     if (rc < 0) RET(rc);
     if (src_off > INT32_MAX || dst_off > INT32_MAX || n > INT32_MAX)
         RET(PIE_ERANGE);
-    rc = pie_ctl_page_copy(c, src, (int32_t)src_off, dst, (int32_t)dst_off,
-                           (int32_t)n);
+    rc = copy_once(i, c, src, (int32_t)src_off, dst, (int32_t)dst_off,
+                   (int32_t)n);
     if (rc == PIE_EAGAIN && (rc = resume_client(i, c)) == 0)  /* swapped */
-        rc = pie_ctl_page_copy(c, src, (int32_t)src_off, dst,
-                               (int32_t)dst_off, (int32_t)n);
+        rc = copy_once(i, c, src, (int32_t)src_off, dst, (int32_t)dst_off,
+                       (int32_t)n);
     RET(rc);
 }
 

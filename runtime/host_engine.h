@@ -10,7 +10,8 @@
  * with the engine's quotas; when the instance ends (exit, trap, kill) every
  * client is closed, which cancels its pending forwards and returns all its
  * pages. What its forwards keep until it frees their futures (results and
- * input copies) is bounded per instance (max_output_bytes).
+ * input copies) and its queued page copies are bounded per instance
+ * (max_output_bytes).
  */
 #ifndef PIE_HOST_ENGINE_H
 #define PIE_HOST_ENGINE_H
@@ -31,8 +32,11 @@ typedef struct pie_engine_opts {
                                      keep until their futures are freed:
                                      results (sampled tokens, probe values
                                      and ids) and input copies
-                                     (pie_ctl_forward_bytes); forward_submit
-                                     fails with PIE_ELIMIT past it (0 =
+                                     (pie_ctl_forward_bytes), and its
+                                     page copies until they run
+                                     (pie_ctl_copy_bytes each);
+                                     forward_submit and kv_copy fail
+                                     with PIE_ELIMIT past it (0 =
                                      default 256 MiB; at most the
                                      instance's memory limit)               */
 } pie_engine_opts;

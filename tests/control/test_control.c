@@ -4611,6 +4611,67 @@ static void test_failed_writer_readers(void)
     done_ctl(ctl, b);
 }
 
+/* A copy's completion callback: stores its status. */
+static void copy_status(void *user, pie_ctl_future *f, int status)
+{
+    (void)f;
+    atomic_store((atomic_int *)user, status);
+}
+
+/* A copy that reads only slots a completed forward wrote is not cancelled
+ * with a later writer of other slots of its source page: W0 writes slots
+ * 0..1 of h[0] and completes; W1 (slot 2 of h[0]) is queued behind a
+ * forward holding the device; a copy of slots 0..1 of h[0] into h[1]
+ * waits on W1, h[0]'s newest writer. W1 is cancelled: the copy runs
+ * (its callback says 0, h[1] holds 2 written slots) and a forward over
+ * h[1] continues W0's tokens. Before, the copy was cancelled with W1
+ * (and h[1]'s fill taken back to 0), though none of its slots were W1's. */
+static void test_copy_after_cancelled_writer(void)
+{
+    pie_backend *b;
+    pie_ctl *ctl = make_ctl(4, 0, NULL, &b);
+    pie_ctl_client *c, *z;
+    CHECK_OK(pie_ctl_client_open(ctl, NULL, &z));
+    CHECK_OK(pie_ctl_client_open(ctl, NULL, &c));
+    uint32_t hz[1], h[2];
+    CHECK_OK(pie_ctl_page_alloc(z, 1, 0, hz));
+    CHECK_OK(pie_ctl_page_alloc(c, 2, 0, h));
+    int32_t A[2], y = 11, y2 = 12, tz = 5, fill = -1;
+    make_prompt(A, 2, 81);
+    pie_ctl_future *f, *fz, *w1;
+    CHECK_OK(fwd(c, A, 2, 0, h, NULL, &f));             /* W0: slots 0..1 */
+    wait_token(f);
+    pie_ctl_future_release(f);
+    fz = hold_device(b, z, &tz, 1, 0, hz);
+    fake_backend_set_delay(b, 0);
+    CHECK_OK(fwd(c, &y, 1, 2, h, NULL, &w1));           /* W1: slot 2 */
+    atomic_int st = 1;
+    CHECK_OK(pie_ctl_page_copy_cb(c, h[0], 0, h[1], 0, 2, copy_status, &st));
+    pie_ctl_future_cancel(w1);
+    CHECK(pie_ctl_future_poll(w1) == PIE_ECANCELED, "W1: %d, expected %d",
+          pie_ctl_future_poll(w1), PIE_ECANCELED);
+    wait_token(fz);
+    for (int k = 0; k < 10000 && atomic_load(&st) == 1; k++) usleep(1000);
+    CHECK(atomic_load(&st) == 0, "the copy of slots 0..1 (written by a "
+          "completed forward) completed with %d after a writer of slot 2 "
+          "was cancelled, expected 0", atomic_load(&st));
+    CHECK_OK(pie_ctl_page_fill(c, h[1], &fill));
+    CHECK(fill == 2, "the copy's destination: fill %d, expected 2", fill);
+    uint32_t br[1] = { h[1] };
+    int32_t hist[3] = { A[0], A[1], y2 };
+    CHECK_OK(fwd(c, &y2, 1, 2, br, NULL, &f));
+    CHECK(wait_token(f) == fake_expected_next(hist, 3, VOCAB),
+          "a forward over the copy");
+    pie_ctl_future_release(f);
+    pie_ctl_future_release(w1);
+    pie_ctl_future_release(fz);
+    pie_ctl_client_close(z);
+    pie_ctl_client_close(c);
+    printf("copy after a cancelled writer: a copy of slots a completed "
+           "forward wrote runs\n");
+    done_ctl(ctl, b);
+}
+
 /* Cancelling the first of N forwards queued on one page cancels all N
  * (each rewrites slot 0, so each is ordered after the one before), on a
  * small stack: the cascade once recursed once per queued forward. */
@@ -5059,6 +5120,7 @@ static const struct { const char *name; void (*fn)(void); } tests[] = {
     { "free_many", test_free_many },
     { "failed_writer_readers", test_failed_writer_readers },
     { "deep_cancel", test_deep_cancel },
+    { "copy_after_cancelled_writer", test_copy_after_cancelled_writer },
     { "cancelled_dependents_freed", test_cancelled_dependents_freed },
     { "chain_from_done_frees", test_chain_from_done_frees },
     { "chain_from_failed", test_chain_from_failed },

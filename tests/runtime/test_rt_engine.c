@@ -46,6 +46,16 @@
  *                instance runs on and a freed future makes room. Before,
  *                only the 12 result bytes counted: all 4096 were held
  *                (64 MiB of masks in the host)
+ *   copies       the page copies an instance has queued count against
+ *                the same bound until they complete: kv_copy behind a
+ *                long forward (each also behind the copy before it, on
+ *                one destination page) fails with PIE_ELIMIT once the
+ *                next would pass 2 MiB (pie_ctl_copy_bytes each, beside
+ *                the forward's own bytes), the instance runs on, and a
+ *                copy succeeds again once the queued ones ran. Before,
+ *                kv_copy was never refused: 200,000 copies (about 60 MB
+ *                of queued ops in the host) were queued behind one
+ *                forward
  *   import_loop  kv_import of one 1-page export again and again stops
  *                with PIE_ELIMIT at the client's handle cap (65,536 live
  *                handles by default, its 4 pages included), and freeing
@@ -355,6 +365,48 @@ static void test_inputs(void)
     server_end(&s, "inputs");
 }
 
+static void test_copies(void)
+{
+    server s;
+    const uint64_t mem = 2u << 20;
+    server_start_with(&s, NULL, mem);
+    char msg[256], reason[256];
+    const char *args[] = { "copies", NULL };
+    int32_t st = run_inferlet(&s, args, msg, sizeof msg, reason);
+    CHECK(st == 0, "copies: status %d (%s): the instance must run on", st,
+          reason);
+    int n = -1, rc = 1, again = 1, pending = -1;
+    CHECK(sscanf(msg, "n %d rc %d again %d pending %d", &n, &rc, &again,
+                 &pending) == 4, "copies: sent '%s'", msg);
+    CHECK(rc == PIE_ELIMIT, "%d copies queued behind one forward, then %d; "
+          "expected PIE_ELIMIT (%d) once they pass the instance's %llu "
+          "bytes", n, rc, PIE_ELIMIT, (unsigned long long)mem);
+    CHECK(pending == 1, "the forward the copies wait on was done before "
+          "the loop stopped (%d copies): the count proves nothing", n);
+    /* the forward the inferlet holds: 896 tokens on 56 pages, 1 row */
+    static int32_t tok[896], pos[896];
+    uint32_t pages[56];
+    int32_t row = 895;
+    for (int32_t k = 0; k < 56; k++) pages[k] = (uint32_t)k + 1;
+    pie_sampler g = { .kind = PIE_SAMPLER_GREEDY };
+    pie_ctl_forward f = { .n_tokens = 896, .tokens = tok, .positions = pos,
+                          .n_pages = 56, .pages = pages, .last_page_len = 16,
+                          .n_outputs = 1, .output_idx = &row,
+                          .samplers = &g };
+    uint64_t fb = pie_ctl_forward_bytes(s.ctl, &f), per = pie_ctl_copy_bytes();
+    int want = (int)((mem - fb) / per);
+    CHECK(n == want, "%d copies queued beside a forward keeping %llu bytes; "
+          "expected %d (%llu bytes each, a budget of %llu)", n,
+          (unsigned long long)fb, want, (unsigned long long)per,
+          (unsigned long long)mem);
+    CHECK(again == 0, "a copy once the queued ones ran: %d, expected 0",
+          again);
+    printf("copies: %s; %llu bytes per queued copy: copies queued behind a "
+           "forward are bounded, and their room comes back as they run\n",
+           msg, (unsigned long long)per);
+    server_end(&s, "copies");
+}
+
 static void test_import_loop(void)
 {
     server s;
@@ -423,6 +475,7 @@ int main(int argc, char **argv)
     if (all || strcmp(t, "outputs_opt") == 0) test_outputs_opt();
     if (all || strcmp(t, "import_quota") == 0) test_import_quota();
     if (all || strcmp(t, "inputs") == 0) test_inputs();
+    if (all || strcmp(t, "copies") == 0) test_copies();
     if (all || strcmp(t, "import_loop") == 0) test_import_loop();
     TEST_DONE();
 }

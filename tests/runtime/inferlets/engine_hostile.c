@@ -34,6 +34,19 @@
  *                        future is freed) and one greedy row; submits
  *                        until one fails (at most 4096), frees one and
  *                        submits again; sends "n N rc R again A"
+ *   argv: copies         submits a long forward (896 tokens over 56 pages,
+ *                        about 140 ms on the CPU backend) that writes
+ *                        page A, then queues kv_copy of slot 0 of A into
+ *                        slot 0 of page B until one fails (at most
+ *                        200,000): each waits for the forward (its source)
+ *                        and for the copy before it (its destination), so
+ *                        they run one per batch once it is done; notes
+ *                        whether the forward was still pending when the
+ *                        loop stopped, waits for it (keeping its future),
+ *                        then retries a copy every millisecond for up to
+ *                        10 s while the queued ones run; sends "n N rc R
+ *                        again A pending P" (A the retry's code, P 1 if
+ *                        the forward was pending)
  *   argv: import_loop    imports an export "loop_x" (made by the test)
  *                        until an import fails (at most 1,000,000), frees
  *                        the handles of one and imports again; sends
@@ -346,6 +359,39 @@ static void inputs(bool hold)
     if (hold) pie_future_wait(pie_receive());
 }
 
+static void copies(void)
+{
+    static int32_t pages[56], t[896], p[896];
+    if (pie_kv_alloc(m, 56, pages) != 0) {
+        pie_send("alloc failed", 12);
+        return;
+    }
+    for (int32_t k = 0; k < 896; k++) t[k] = 1 + k % 100, p[k] = k;
+    int32_t f = pie_forward_new(m);
+    pie_forward_tokens(f, t, p, 896);
+    pie_forward_pages(f, pages, 56, (uint32_t)ps);
+    pie_forward_output(f, 895, PIE_SAMPLER_GREEDY, 0, 0, 1, 0, 0);
+    int32_t fut = pie_forward_submit(f);
+    int32_t n = 0, rc = 0, again = PIE_EINVAL;
+    while (n < 200000 &&
+           (rc = pie_kv_copy(m, pages[0], 0, pg[0], 0, 1)) == 0)
+        n++;
+    int32_t pending = pie_future_status(fut) == PIE_EAGAIN;
+    if (fut > 0) pie_future_wait(fut);
+    for (int k = 0; k < 10000; k++) {      /* the queued copies drain */
+        if ((again = pie_kv_copy(m, pages[0], 0, pg[0], 0, 1)) != PIE_ELIMIT)
+            break;
+        int32_t sl = pie_sleep(1000000);
+        pie_future_wait(sl);
+        pie_future_free(sl);
+    }
+    if (fut > 0) pie_future_free(fut);
+    char msg[128];
+    int len = snprintf(msg, sizeof msg, "n %d rc %d again %d pending %d", n,
+                       rc, again, pending);
+    pie_send(msg, (uint32_t)len);
+}
+
 static void import_loop(void)
 {
     int32_t n = 0, rc = 0, again = PIE_EINVAL, h[2], last[2] = { 0, 0 };
@@ -459,6 +505,10 @@ int main(int argc, char **argv)
     }
     if (strcmp(argv[1], "inputs") == 0) {
         inputs(argc > 2 && strcmp(argv[2], "hold") == 0);
+        return 0;
+    }
+    if (strcmp(argv[1], "copies") == 0) {
+        copies();
         return 0;
     }
     if (strcmp(argv[1], "import_loop") == 0) {
