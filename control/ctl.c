@@ -581,9 +581,11 @@ static int wire_pages(pie_ctl *ctl, ctl_op *op)
     for (int32_t k = first / ps; k < op->n_pages; k++) {
         ctl_page *p = &ctl->pages[op->pages[k]];
         int32_t hi = k == op->n_pages - 1 ? op->last_page_len : ps;
+        ctl_op *prev = p->last_writer;  /* op waits on it (above) */
+        if (prev) atomic_fetch_add(&prev->refs, 1);
         op->writes[op->n_writes++] = (ctl_write){
             .page = op->pages[k], .old_fill = p->fill,
-            .new_fill = p->fill > hi ? p->fill : hi };
+            .new_fill = p->fill > hi ? p->fill : hi, .prev = prev };
         p->fill = op->writes[op->n_writes - 1].new_fill;
         p->last_writer = op;
         /* readers wired from now on read op's KV, not what the hash says */
@@ -745,6 +747,8 @@ int pie_ctl_page_copy_cb(pie_ctl_client *c, uint32_t src, int32_t src_off,
     if ((ps_->last_writer && add_dep(ps_->last_writer, op, false) < 0) ||
         (pd->last_writer && add_dep(pd->last_writer, op, false) < 0))
         rc = PIE_ENOMEM;
+    ctl_op *prev = pd->last_writer;      /* restored if op ends first */
+    if (prev) atomic_fetch_add(&prev->refs, 1);
     pd->last_writer = op;
     /* dst's fill covers written slots only: v of the n come from written
      * source slots; the rest carry whatever src held, and a copy past
@@ -755,7 +759,7 @@ int pie_ctl_page_copy_cb(pie_ctl_client *c, uint32_t src, int32_t src_off,
     else if (v < n) nf = dst_off + v;
     else nf = old > dst_off + n ? old : dst_off + n;
     op->writes[op->n_writes++] = (ctl_write){
-        .page = op->cp_dst, .old_fill = old, .new_fill = nf };
+        .page = op->cp_dst, .old_fill = old, .new_fill = nf, .prev = prev };
     pd->fill = op->writes[0].new_fill;
     pie__pool_copy_record(ctl, op->cp_src, src_off, op->cp_dst, dst_off, n);
     op->done = rc < 0 ? NULL : done;    /* a refused copy never calls back */

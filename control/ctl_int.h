@@ -28,7 +28,9 @@
  * (becomes ready, or is DONE; none where the parent was done at submit),
  * each parent whose dependent array lists it (until that parent is DONE,
  * or sweeps its DONE dependents out as the array fills: add_dep in ctl.c),
- * and the notify list until its callback ran. Freed when the count hits
+ * each later writer of one of its pages that was wired while it was the
+ * page's last_writer (ctl_write.prev, until that writer is finished), and
+ * the notify list until its callback ran. Freed when the count hits
  * zero.
  */
 #ifndef PIE_CTL_INT_H
@@ -72,6 +74,9 @@ typedef struct ctl_write {      /* a page this op writes: for rollback      */
     int32_t page;
     int32_t old_fill;
     int32_t new_fill;
+    ctl_op *prev;               /* the page's last_writer when this op was
+                                   wired (a reference, dropped by op_shed):
+                                   last_writer again if this op ends first */
 } ctl_write;
 
 struct ctl_op {

@@ -225,6 +225,8 @@ static void op_shed(ctl_op *op, int status)
     free(op->lm_indptr), op->lm_indptr = NULL;
     free(op->lm_runs), op->lm_runs = NULL;
     free(op->chains), op->chains = NULL;
+    for (int32_t w = 0; w < op->n_writes; w++)
+        if (op->writes[w].prev) pie__op_unref(op->writes[w].prev);
     free(op->writes), op->writes = NULL;
     op->n_chains = op->n_writes = 0;
     for (int32_t o = 0; op->samplers && o < op->n_outputs; o++)
@@ -239,15 +241,37 @@ static void op_shed(ctl_op *op, int status)
     free(op->out.ids), op->out.ids = NULL;
 }
 
+/* The newest writer of page that is not DONE, from w on back through
+ * each writer's predecessor (ctl_write.prev); NULL when none. A DONE
+ * writer passed here is marked but not yet finished (a cancellation walk
+ * finishes dependents first), or finished and then all before it are
+ * done (it had waited on them), its writes gone. */
+static ctl_op *pending_writer(ctl_op *w, int32_t page)
+{
+    while (w && atomic_load(&w->state) == OP_DONE) {
+        ctl_op *prev = NULL;
+        for (int32_t k = 0; k < w->n_writes; k++)
+            if (w->writes[k].page == page) prev = w->writes[k].prev;
+        w = prev;
+    }
+    return w;
+}
+
 /* The second half, once its dependents are settled: fills rolled back
- * unless it succeeded, pages dropped, what it no longer needs freed
- * (op_shed), callback queued, the control layer's reference dropped. */
+ * unless it succeeded, each page it was the last writer of handed back
+ * to the writer before it that is still pending (a cancelled op can end
+ * before the writer it waited on: ops wired later must still wait on
+ * that one), pages dropped, what it no longer needs freed (op_shed),
+ * callback queued, the control layer's reference dropped. */
 static void op_finish(pie_ctl *ctl, ctl_op *op, int status)
 {
     if (status != 0) rollback(ctl, op);
-    for (int32_t w = 0; w < op->n_writes; w++)
-        if (ctl->pages[op->writes[w].page].last_writer == op)
-            ctl->pages[op->writes[w].page].last_writer = NULL;
+    for (int32_t w = 0; w < op->n_writes; w++) {
+        ctl_page *p = &ctl->pages[op->writes[w].page];
+        if (p->last_writer == op)
+            p->last_writer = pending_writer(op->writes[w].prev,
+                                            op->writes[w].page);
+    }
     if (status == 0 && op->kind == OP_FORWARD) pie__pool_dedup(ctl, op);
     for (int32_t i = 0; i < op->n_pages; i++) pie__page_unref(ctl, op->pages[i]);
     op->n_pages = 0;

@@ -4672,6 +4672,66 @@ static void test_copy_after_cancelled_writer(void)
     done_ctl(ctl, b);
 }
 
+/* A copy behind a cancelled writer may run only once every earlier writer
+ * of its source page is done. E writes slots 0..1 of h[0] (queued behind
+ * a forward holding the device); W1 (slot 2) waits on E and is cancelled;
+ * W2 (slot 2 again) must then wait on E too, and so must a copy of slots
+ * 0..1 of h[0] into h[1] queued behind W2; W2 is cancelled. The copy may
+ * be cancelled with W2 or run after E, never copy slots E has not yet
+ * written. Before, W1's end left h[0] without a pending writer: W2 waited
+ * on nothing, the copy was released at W2's cancel (copy_unaffected took
+ * W2's n_pending == 0 as "every earlier writer is done") and ran in E's
+ * batch before E (copies go first), copying h[0]'s unwritten slots. */
+static void test_copy_after_cancelled_writers(void)
+{
+    pie_backend *b;
+    pie_ctl *ctl = make_ctl(4, 0, NULL, &b);
+    pie_ctl_client *c, *z;
+    CHECK_OK(pie_ctl_client_open(ctl, NULL, &z));
+    CHECK_OK(pie_ctl_client_open(ctl, NULL, &c));
+    uint32_t hz[1], h[2];
+    CHECK_OK(pie_ctl_page_alloc(z, 1, 0, hz));
+    CHECK_OK(pie_ctl_page_alloc(c, 2, 0, h));
+    int32_t A[2], y = 11, y2 = 12, tz = 5, fill = -1;
+    make_prompt(A, 2, 83);
+    pie_ctl_future *fz, *fe, *w1, *w2, *f;
+    fz = hold_device(b, z, &tz, 1, 0, hz);
+    fake_backend_set_delay(b, 0);
+    CHECK_OK(fwd(c, A, 2, 0, h, NULL, &fe));            /* E: slots 0..1 */
+    CHECK_OK(fwd(c, &y, 1, 2, h, NULL, &w1));           /* W1: slot 2 */
+    pie_ctl_future_cancel(w1);
+    CHECK_OK(fwd(c, &y, 1, 2, h, NULL, &w2));           /* W2: slot 2 */
+    atomic_int st = 1;
+    CHECK_OK(pie_ctl_page_copy_cb(c, h[0], 0, h[1], 0, 2, copy_status, &st));
+    pie_ctl_future_cancel(w2);
+    wait_token(fz);
+    wait_token(fe);
+    for (int k = 0; k < 10000 && atomic_load(&st) == 1; k++) usleep(1000);
+    int rc = atomic_load(&st);
+    CHECK(rc == 0 || rc == PIE_ECANCELED, "the copy completed with %d", rc);
+    CHECK_OK(pie_ctl_page_fill(c, h[1], &fill));
+    printf("copy behind a cancelled writer of slots an earlier pending "
+           "writer fills: status %d, destination fill %d\n", rc, fill);
+    if (rc == 0) {                  /* it ran: after E, with E's KV */
+        CHECK(fill == 2, "the copy's destination: fill %d, expected 2", fill);
+        uint32_t br[1] = { h[1] };
+        int32_t hist[3] = { A[0], A[1], y2 };
+        CHECK_OK(fwd(c, &y2, 1, 2, br, NULL, &f));
+        int32_t got = wait_token(f), want = fake_expected_next(hist, 3, VOCAB);
+        CHECK(got == want, "a forward over the copy: token %d, expected %d "
+              "(the copy ran before E wrote its source slots)", got, want);
+        pie_ctl_future_release(f);
+    } else {
+        CHECK(fill == 0, "the cancelled copy's destination: fill %d, "
+              "expected 0", fill);
+    }
+    pie_ctl_future *fs[4] = { fz, fe, w1, w2 };
+    for (int i = 0; i < 4; i++) pie_ctl_future_release(fs[i]);
+    pie_ctl_client_close(z);
+    pie_ctl_client_close(c);
+    done_ctl(ctl, b);
+}
+
 /* Cancelling the first of N forwards queued on one page cancels all N
  * (each rewrites slot 0, so each is ordered after the one before), on a
  * small stack: the cascade once recursed once per queued forward. */
@@ -5121,6 +5181,7 @@ static const struct { const char *name; void (*fn)(void); } tests[] = {
     { "failed_writer_readers", test_failed_writer_readers },
     { "deep_cancel", test_deep_cancel },
     { "copy_after_cancelled_writer", test_copy_after_cancelled_writer },
+    { "copy_after_cancelled_writers", test_copy_after_cancelled_writers },
     { "cancelled_dependents_freed", test_cancelled_dependents_freed },
     { "chain_from_done_frees", test_chain_from_done_frees },
     { "chain_from_failed", test_chain_from_failed },
