@@ -4732,6 +4732,160 @@ static void test_copy_after_cancelled_writers(void)
     done_ctl(ctl, b);
 }
 
+/* Checks, under ctl->mu, that every page's last_writer is the newest
+ * not-DONE op that writes it (by seq; NULL when none), or a pending op of
+ * a closed client newer than any listed one. Returns 1 and says why when
+ * not. */
+static int lw_check(pie_ctl *ctl, char *why, size_t n)
+{
+    int bad = 0;
+    pthread_mutex_lock(&ctl->mu);
+    for (int32_t pg = 0; pg < ctl->n_pages && !bad; pg++) {
+        ctl_op *best = NULL;
+        for (pie_ctl_client *c = ctl->clients; c; c = c->next)
+            for (ctl_op *op = c->ops; op; op = op->cnext) {
+                if (atomic_load(&op->state) == OP_DONE) continue;
+                for (int32_t w = 0; w < op->n_writes; w++)
+                    if (op->writes[w].page == pg &&
+                        (!best || op->seq > best->seq))
+                        best = op;
+            }
+        ctl_op *lw = ctl->pages[pg].last_writer;
+        if (lw && atomic_load(&lw->state) == OP_DONE) {
+            snprintf(why, n, "page %d: last_writer is DONE", pg);
+            bad = 1;
+        } else if (lw != best && !(lw && !lw->c && (!best || lw->seq > best->seq))) {
+            snprintf(why, n, "page %d: last_writer seq %lld, newest pending "
+                     "writer seq %lld", pg, lw ? (long long)lw->seq : -1LL,
+                     best ? (long long)best->seq : -1LL);
+            bad = 1;
+        }
+    }
+    pthread_mutex_unlock(&ctl->mu);
+    return bad;
+}
+
+/* Random forwards (chained or not, rewriting slots, across pages), copies,
+ * cancels, injected forward and copy failures, page free and realloc and
+ * client close and reopen on two clients, with chunking and small batches
+ * in some rounds: after each step every page's last_writer is its newest
+ * pending writer (lw_check), and every fifth round frees the engine with
+ * ops pending (ASan's leak check then finds any write record's reference
+ * to its page's previous writer that was never dropped). */
+static void test_writer_stress(void)
+{
+    uint32_t seed = 12345;
+#define RND(m) (seed = seed * 1103515245u + 12345u, (int32_t)((seed >> 8) % (uint32_t)(m)))
+    for (int round = 0; round < 200; round++) {
+        seed += round * 7919u;
+        pie_backend *b;
+        pie_ctl_opts o = { .prefill_chunk = round % 3 == 0 ? 2 : 0,
+                           .max_batch_reqs = round % 2 ? 2 : 0 };
+        pie_ctl *ctl = make_ctl(16, 700 * (round % 4), &o, &b);
+        pie_ctl_client *cl[2];
+        uint32_t h[2][3];
+        for (int i = 0; i < 2; i++) {
+            CHECK_OK(pie_ctl_client_open(ctl, NULL, &cl[i]));
+            CHECK_OK(pie_ctl_page_alloc(cl[i], 3, 0, h[i]));
+        }
+        pie_ctl_future *fs[96];
+        int fc[96];
+        int nf = 0;
+        for (int step = 0; step < 200; step++) {
+            int ci = RND(2);
+            pie_ctl_client *c = cl[ci];
+            int a = RND(12);
+            if (a < 4 && nf < 96) {
+                int32_t fl[3], pos0, n;
+                for (int k = 0; k < 3; k++) pie_ctl_page_fill(c, h[ci][k], &fl[k]);
+                int k = RND(3);
+                while (k > 0 && fl[k - 1] < PS) k--;
+                pos0 = k * PS + RND(fl[k] + 1);
+                if (RND(4) == 0) pos0 = RND(pos0 + 1);
+                n = 1 + RND(6);
+                if (pos0 + n > 3 * PS) n = 3 * PS - pos0;
+                if (n < 1) continue;
+                int32_t toks[8];
+                make_prompt(toks, n, seed);
+                pie_ctl_future *from = NULL;
+                if (nf > 0 && RND(3) == 0) {
+                    int j = RND(nf);
+                    if (fc[j] == ci) from = fs[j];
+                }
+                pie_ctl_future *f = NULL;
+                if (fwd(c, toks, n, pos0, h[ci], from, &f) == 0) {
+                    fc[nf] = ci;
+                    fs[nf++] = f;
+                }
+            } else if (a < 6) {
+                int s = RND(3), d = RND(3);
+                int32_t cn = 1 + RND(PS);
+                int32_t so = RND(PS - cn + 1), dof = RND(PS - cn + 1);
+                pie_ctl_page_copy(c, h[ci][s], so, h[ci][d], dof, cn);
+            } else if (a < 8 && nf > 0) {
+                pie_ctl_future_cancel(fs[RND(nf)]);
+            } else if (a == 8) {
+                if (RND(3) == 0) fake_backend_fail_forwards(b, 1);
+                else if (RND(2)) fake_backend_fail_copies(b, 1);
+                else usleep(RND(2000));
+            } else if (a == 9 && RND(3) == 0) {
+                int k = RND(3);
+                pie_ctl_page_free(c, 1, &h[ci][k]);
+                CHECK_OK(pie_ctl_page_alloc(c, 1, 2000, &h[ci][k]));
+            } else if (a == 10 && RND(8) == 0) {
+                pie_ctl_client_close(c);
+                CHECK_OK(pie_ctl_client_open(ctl, NULL, &cl[ci]));
+                CHECK_OK(pie_ctl_page_alloc(cl[ci], 3, 2000, h[ci]));
+                for (int i = 0; i < nf; i++)
+                    if (fc[i] == ci) fc[i] = -1;
+            } else if (a == 11) {
+                int32_t tok = 7;
+                pie_ctl_future *f = NULL;
+                uint32_t pg[1] = { h[ci][0] };
+                int32_t fl0;
+                pie_ctl_page_fill(c, h[ci][0], &fl0);
+                if (nf < 96 && fl0 > 0 && fwd(c, &tok, 1, RND(fl0) , pg, NULL, &f) == 0) {
+                    fc[nf] = ci;
+                    fs[nf++] = f;
+                }
+            }
+            char why[200];
+            if (lw_check(ctl, why, sizeof why)) {
+                CHECK(0, "round %d step %d: %s", round, step, why);
+            }
+        }
+        if (round % 5 == 4) {             /* free with ops pending */
+            for (int i = 0; i < nf; i++) pie_ctl_future_release(fs[i]);
+            pie_ctl_free(ctl);
+            pie_backend_free(b);
+            continue;
+        }
+        for (int i = 0; i < nf; i++) {
+            pie_ctl_future_wait(fs[i], 10000);
+            pie_ctl_future_release(fs[i]);
+        }
+        fake_backend_fail_forwards(b, 0);
+        fake_backend_fail_copies(b, 0);
+        pie_ctl_stats st;
+        for (int k = 0; k < 3000; k++) {
+            pie_ctl_get_stats(ctl, &st);
+            if (st.queue_depth == 0) break;
+            usleep(1000);
+        }
+        CHECK(st.queue_depth == 0, "round %d: queue depth %d after all "
+              "futures ended", round, st.queue_depth);
+        if (round % 5 == 3) {                /* close with none pending */
+            for (int i = 0; i < 2; i++) pie_ctl_client_close(cl[i]);
+            pie_ctl_get_stats(ctl, &st);
+            CHECK(st.pages_free == st.pages_total, "round %d: %d of %d "
+                  "pages free", round, st.pages_free, st.pages_total);
+        }
+        done_ctl(ctl, b);
+    }
+#undef RND
+    printf("writer stress: last_writer is the newest pending writer\n");
+}
+
 /* Cancelling the first of N forwards queued on one page cancels all N
  * (each rewrites slot 0, so each is ordered after the one before), on a
  * small stack: the cascade once recursed once per queued forward. */
@@ -5182,6 +5336,7 @@ static const struct { const char *name; void (*fn)(void); } tests[] = {
     { "deep_cancel", test_deep_cancel },
     { "copy_after_cancelled_writer", test_copy_after_cancelled_writer },
     { "copy_after_cancelled_writers", test_copy_after_cancelled_writers },
+    { "writer_stress", test_writer_stress },
     { "cancelled_dependents_freed", test_cancelled_dependents_freed },
     { "chain_from_done_frees", test_chain_from_done_frees },
     { "chain_from_failed", test_chain_from_failed },
