@@ -378,7 +378,9 @@ static void copies(void)
         n++;
     int32_t pending = pie_future_status(fut) == PIE_EAGAIN;
     if (fut > 0) pie_future_wait(fut);
-    for (int k = 0; k < 10000; k++) {      /* the queued copies drain */
+    /* the queued copies drain, one a fire (each waits on the one before
+     * on its destination): seconds on a loaded machine */
+    for (int k = 0; k < 60000; k++) {
         if ((again = pie_kv_copy(m, pages[0], 0, pg[0], 0, 1)) != PIE_ELIMIT)
             break;
         int32_t sl = pie_sleep(1000000);
