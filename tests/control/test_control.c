@@ -4867,7 +4867,7 @@ static void test_writer_stress(void)
         fake_backend_fail_forwards(b, 0);
         fake_backend_fail_copies(b, 0);
         pie_ctl_stats st;
-        for (int k = 0; k < 3000; k++) {
+        for (int k = 0; k < 30000; k++) {   /* copies have no futures */
             pie_ctl_get_stats(ctl, &st);
             if (st.queue_depth == 0) break;
             usleep(1000);
