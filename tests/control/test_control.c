@@ -4618,6 +4618,55 @@ static void copy_status(void *user, pie_ctl_future *f, int status)
     atomic_store((atomic_int *)user, status);
 }
 
+/* For the copy-after-cancel tests: two clients on a 4-page pool, z with
+ * one page (hz, to hold the device) and c with two (h[0], h[1]). */
+typedef struct copy_fx {
+    pie_backend    *b;
+    pie_ctl        *ctl;
+    pie_ctl_client *c, *z;
+    uint32_t        hz[1], h[2];
+} copy_fx;
+
+static void copy_fx_open(copy_fx *x)
+{
+    x->ctl = make_ctl(4, 0, NULL, &x->b);
+    CHECK_OK(pie_ctl_client_open(x->ctl, NULL, &x->z));
+    CHECK_OK(pie_ctl_client_open(x->ctl, NULL, &x->c));
+    CHECK_OK(pie_ctl_page_alloc(x->z, 1, 0, x->hz));
+    CHECK_OK(pie_ctl_page_alloc(x->c, 2, 0, x->h));
+}
+
+static void copy_fx_close(copy_fx *x)
+{
+    pie_ctl_client_close(x->z);
+    pie_ctl_client_close(x->c);
+    done_ctl(x->ctl, x->b);
+}
+
+/* The status copy_status left in *st once the copy ended (1: pending). */
+static int copy_wait(atomic_int *st)
+{
+    for (int k = 0; k < 30000 && atomic_load(st) == 1; k++) usleep(1000);
+    return atomic_load(st);
+}
+
+/* A forward at slot 2 of page h1 continues tokens A[0..1]: the copy into
+ * h1 brought A's KV. */
+static void check_copy_kv(copy_fx *x, const int32_t *A, const char *what)
+{
+    int32_t y2 = 12, hist[3] = { A[0], A[1], y2 }, fill = -1;
+    CHECK_OK(pie_ctl_page_fill(x->c, x->h[1], &fill));
+    CHECK(fill == 2, "%s: the copy's destination: fill %d, expected 2",
+          what, fill);
+    uint32_t br[1] = { x->h[1] };
+    pie_ctl_future *f;
+    CHECK_OK(fwd(x->c, &y2, 1, 2, br, NULL, &f));
+    int32_t got = wait_token(f), want = fake_expected_next(hist, 3, VOCAB);
+    CHECK(got == want, "%s: a forward over the copy: token %d, expected %d "
+          "(the copy did not bring its source's KV)", what, got, want);
+    pie_ctl_future_release(f);
+}
+
 /* A copy that reads only slots a completed forward wrote is not cancelled
  * with a later writer of other slots of its source page: W0 writes slots
  * 0..1 of h[0] and completes; W1 (slot 2 of h[0]) is queued behind a
@@ -4628,48 +4677,34 @@ static void copy_status(void *user, pie_ctl_future *f, int status)
  * (and h[1]'s fill taken back to 0), though none of its slots were W1's. */
 static void test_copy_after_cancelled_writer(void)
 {
-    pie_backend *b;
-    pie_ctl *ctl = make_ctl(4, 0, NULL, &b);
-    pie_ctl_client *c, *z;
-    CHECK_OK(pie_ctl_client_open(ctl, NULL, &z));
-    CHECK_OK(pie_ctl_client_open(ctl, NULL, &c));
-    uint32_t hz[1], h[2];
-    CHECK_OK(pie_ctl_page_alloc(z, 1, 0, hz));
-    CHECK_OK(pie_ctl_page_alloc(c, 2, 0, h));
-    int32_t A[2], y = 11, y2 = 12, tz = 5, fill = -1;
+    copy_fx x;
+    copy_fx_open(&x);
+    int32_t A[2], y = 11, tz = 5;
     make_prompt(A, 2, 81);
     pie_ctl_future *f, *fz, *w1;
-    CHECK_OK(fwd(c, A, 2, 0, h, NULL, &f));             /* W0: slots 0..1 */
+    CHECK_OK(fwd(x.c, A, 2, 0, x.h, NULL, &f));         /* W0: slots 0..1 */
     wait_token(f);
     pie_ctl_future_release(f);
-    fz = hold_device(b, z, &tz, 1, 0, hz);
-    fake_backend_set_delay(b, 0);
-    CHECK_OK(fwd(c, &y, 1, 2, h, NULL, &w1));           /* W1: slot 2 */
+    fz = hold_device(x.b, x.z, &tz, 1, 0, x.hz);
+    fake_backend_set_delay(x.b, 0);
+    CHECK_OK(fwd(x.c, &y, 1, 2, x.h, NULL, &w1));       /* W1: slot 2 */
     atomic_int st = 1;
-    CHECK_OK(pie_ctl_page_copy_cb(c, h[0], 0, h[1], 0, 2, copy_status, &st));
+    CHECK_OK(pie_ctl_page_copy_cb(x.c, x.h[0], 0, x.h[1], 0, 2, copy_status,
+                                  &st));
     pie_ctl_future_cancel(w1);
     CHECK(pie_ctl_future_poll(w1) == PIE_ECANCELED, "W1: %d, expected %d",
           pie_ctl_future_poll(w1), PIE_ECANCELED);
     wait_token(fz);
-    for (int k = 0; k < 10000 && atomic_load(&st) == 1; k++) usleep(1000);
-    CHECK(atomic_load(&st) == 0, "the copy of slots 0..1 (written by a "
-          "completed forward) completed with %d after a writer of slot 2 "
-          "was cancelled, expected 0", atomic_load(&st));
-    CHECK_OK(pie_ctl_page_fill(c, h[1], &fill));
-    CHECK(fill == 2, "the copy's destination: fill %d, expected 2", fill);
-    uint32_t br[1] = { h[1] };
-    int32_t hist[3] = { A[0], A[1], y2 };
-    CHECK_OK(fwd(c, &y2, 1, 2, br, NULL, &f));
-    CHECK(wait_token(f) == fake_expected_next(hist, 3, VOCAB),
-          "a forward over the copy");
-    pie_ctl_future_release(f);
+    int rc = copy_wait(&st);
+    CHECK(rc == 0, "the copy of slots 0..1 (written by a completed forward) "
+          "completed with %d after a writer of slot 2 was cancelled, "
+          "expected 0", rc);
+    check_copy_kv(&x, A, "copy after a cancelled writer");
     pie_ctl_future_release(w1);
     pie_ctl_future_release(fz);
-    pie_ctl_client_close(z);
-    pie_ctl_client_close(c);
     printf("copy after a cancelled writer: a copy of slots a completed "
            "forward wrote runs\n");
-    done_ctl(ctl, b);
+    copy_fx_close(&x);
 }
 
 /* A copy behind a cancelled writer may run only once every earlier writer
@@ -4684,52 +4719,36 @@ static void test_copy_after_cancelled_writer(void)
  * batch before E (copies go first), copying h[0]'s unwritten slots. */
 static void test_copy_after_cancelled_writers(void)
 {
-    pie_backend *b;
-    pie_ctl *ctl = make_ctl(4, 0, NULL, &b);
-    pie_ctl_client *c, *z;
-    CHECK_OK(pie_ctl_client_open(ctl, NULL, &z));
-    CHECK_OK(pie_ctl_client_open(ctl, NULL, &c));
-    uint32_t hz[1], h[2];
-    CHECK_OK(pie_ctl_page_alloc(z, 1, 0, hz));
-    CHECK_OK(pie_ctl_page_alloc(c, 2, 0, h));
-    int32_t A[2], y = 11, y2 = 12, tz = 5, fill = -1;
+    copy_fx x;
+    copy_fx_open(&x);
+    int32_t A[2], y = 11, tz = 5, fill = -1;
     make_prompt(A, 2, 83);
-    pie_ctl_future *fz, *fe, *w1, *w2, *f;
-    fz = hold_device(b, z, &tz, 1, 0, hz);
-    fake_backend_set_delay(b, 0);
-    CHECK_OK(fwd(c, A, 2, 0, h, NULL, &fe));            /* E: slots 0..1 */
-    CHECK_OK(fwd(c, &y, 1, 2, h, NULL, &w1));           /* W1: slot 2 */
+    pie_ctl_future *fz, *fe, *w1, *w2;
+    fz = hold_device(x.b, x.z, &tz, 1, 0, x.hz);
+    fake_backend_set_delay(x.b, 0);
+    CHECK_OK(fwd(x.c, A, 2, 0, x.h, NULL, &fe));        /* E: slots 0..1 */
+    CHECK_OK(fwd(x.c, &y, 1, 2, x.h, NULL, &w1));       /* W1: slot 2 */
     pie_ctl_future_cancel(w1);
-    CHECK_OK(fwd(c, &y, 1, 2, h, NULL, &w2));           /* W2: slot 2 */
+    CHECK_OK(fwd(x.c, &y, 1, 2, x.h, NULL, &w2));       /* W2: slot 2 */
     atomic_int st = 1;
-    CHECK_OK(pie_ctl_page_copy_cb(c, h[0], 0, h[1], 0, 2, copy_status, &st));
+    CHECK_OK(pie_ctl_page_copy_cb(x.c, x.h[0], 0, x.h[1], 0, 2, copy_status,
+                                  &st));
     pie_ctl_future_cancel(w2);
     wait_token(fz);
     wait_token(fe);
-    for (int k = 0; k < 10000 && atomic_load(&st) == 1; k++) usleep(1000);
-    int rc = atomic_load(&st);
+    int rc = copy_wait(&st);
     CHECK(rc == 0 || rc == PIE_ECANCELED, "the copy completed with %d", rc);
-    CHECK_OK(pie_ctl_page_fill(c, h[1], &fill));
+    CHECK_OK(pie_ctl_page_fill(x.c, x.h[1], &fill));
     printf("copy behind a cancelled writer of slots an earlier pending "
            "writer fills: status %d, destination fill %d\n", rc, fill);
-    if (rc == 0) {                  /* it ran: after E, with E's KV */
-        CHECK(fill == 2, "the copy's destination: fill %d, expected 2", fill);
-        uint32_t br[1] = { h[1] };
-        int32_t hist[3] = { A[0], A[1], y2 };
-        CHECK_OK(fwd(c, &y2, 1, 2, br, NULL, &f));
-        int32_t got = wait_token(f), want = fake_expected_next(hist, 3, VOCAB);
-        CHECK(got == want, "a forward over the copy: token %d, expected %d "
-              "(the copy ran before E wrote its source slots)", got, want);
-        pie_ctl_future_release(f);
-    } else {
+    if (rc == 0)                    /* it ran: after E, with E's KV */
+        check_copy_kv(&x, A, "copy behind cancelled writers");
+    else
         CHECK(fill == 0, "the cancelled copy's destination: fill %d, "
               "expected 0", fill);
-    }
     pie_ctl_future *fs[4] = { fz, fe, w1, w2 };
     for (int i = 0; i < 4; i++) pie_ctl_future_release(fs[i]);
-    pie_ctl_client_close(z);
-    pie_ctl_client_close(c);
-    done_ctl(ctl, b);
+    copy_fx_close(&x);
 }
 
 /* Checks, under ctl->mu, that every page's last_writer is the newest
