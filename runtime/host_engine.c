@@ -761,6 +761,27 @@ uint32_t Z_pieZ_forward_new(I *i, uint32_t h)
     RET(slot + 1);
 }
 
+/* Grows two arrays that b keeps side by side (*x of ex-byte and *y of
+ * ey-byte elements) from old_cap to cap elements each, the bytes charged
+ * to the builder budget; on failure both keep their old size (a realloc
+ * that succeeded only moved the array) and the charge is given back. */
+static int grow_pair(I *i, builder *b, void **x, size_t ex, void **y,
+                     size_t ey, int32_t old_cap, int32_t cap)
+{
+    uint64_t old = (uint64_t)old_cap * (ex + ey), add = (uint64_t)cap * (ex + ey);
+    int rc = charge(i, b, add, old);
+    if (rc < 0) return rc;
+    void *nx = realloc(*x, (size_t)cap * ex);
+    if (nx) *x = nx;
+    void *ny = realloc(*y, (size_t)cap * ey);
+    if (ny) *y = ny;
+    if (!nx || !ny) {
+        charge(i, b, old, add);
+        return PIE_ENOMEM;
+    }
+    return 0;
+}
+
 static int grow_tokens(I *i, builder *b, uint32_t n)
 {
     if ((uint64_t)b->n_tok + n > MAX_TOKENS) return PIE_ELIMIT;
@@ -768,19 +789,13 @@ static int grow_tokens(I *i, builder *b, uint32_t n)
     if (need <= b->cap_tok) return 0;
     int32_t cap = b->cap_tok ? b->cap_tok : 16;
     while (cap < need) cap *= 2;
-    uint64_t old = (uint64_t)b->cap_tok * 8, add = (uint64_t)cap * 8;
-    int rc = charge(i, b, add, old);
-    if (rc < 0) return rc;
-    int32_t *t = realloc(b->tokens, cap * sizeof *t);
-    if (t) b->tokens = t;
-    int32_t *p = realloc(b->positions, cap * sizeof *p);
-    if (p) b->positions = p;
-    if (!t || !p) {
-        charge(i, b, old, add);
-        return PIE_ENOMEM;
-    }
-    b->cap_tok = cap;
-    return 0;
+    void *t = b->tokens, *p = b->positions;
+    int rc = grow_pair(i, b, &t, sizeof *b->tokens, &p, sizeof *b->positions,
+                       b->cap_tok, cap);
+    b->tokens = t;
+    b->positions = p;
+    if (rc == 0) b->cap_tok = cap;
+    return rc;
 }
 
 uint32_t Z_pieZ_forward_tokens(I *i, uint32_t fwd, uint32_t ids, uint32_t pos,
@@ -804,20 +819,13 @@ uint32_t Z_pieZ_forward_tokens(I *i, uint32_t fwd, uint32_t ids, uint32_t pos,
 static int grow_chains(I *i, builder *b)
 {
     int32_t cap = b->cap_chains ? b->cap_chains * 2 : 4;
-    const uint64_t per = sizeof *b->chains + sizeof *b->srcs;
-    uint64_t old = (uint64_t)b->cap_chains * per, add = (uint64_t)cap * per;
-    int rc = charge(i, b, add, old);
-    if (rc < 0) return rc;
-    pie_ctl_chain *nc = realloc(b->chains, cap * sizeof *nc);
-    if (nc) b->chains = nc;
-    efut **ns = realloc(b->srcs, cap * sizeof *ns);
-    if (ns) b->srcs = ns;
-    if (!nc || !ns) {
-        charge(i, b, old, add);
-        return PIE_ENOMEM;
-    }
-    b->cap_chains = cap;
-    return 0;
+    void *c = b->chains, *e = b->srcs;
+    int rc = grow_pair(i, b, &c, sizeof *b->chains, &e, sizeof *b->srcs,
+                       b->cap_chains, cap);
+    b->chains = c;
+    b->srcs = e;
+    if (rc == 0) b->cap_chains = cap;
+    return rc;
 }
 
 uint32_t Z_pieZ_forward_token_from(I *i, uint32_t fwd, uint32_t src_fut,

@@ -127,16 +127,23 @@ static int32_t run_inferlet(server *s, const char **args, char *msg,
     return st;
 }
 
-/* Runs the hostile inferlet in mode `mode`, which must end normally and
- * send "n N rc RC again A" (msg keeps the whole message). */
-static void run_counts(server *s, const char *mode, char msg[256], int *n,
-                       int *rc, int *again)
+/* Runs the hostile inferlet in mode `mode` (its one argument), which must
+ * end normally; its messages go to msg (cap bytes). */
+static void run_mode(server *s, const char *mode, char *msg, size_t cap)
 {
     char reason[256];
     const char *args[] = { mode, NULL };
-    int32_t st = run_inferlet(s, args, msg, 256, reason);
+    int32_t st = run_inferlet(s, args, msg, cap, reason);
     CHECK(st == 0, "%s: status %d (%s): the instance must run on", mode, st,
           reason);
+}
+
+/* run_mode for a mode that sends "n N rc RC again A" (msg keeps the whole
+ * message). */
+static void run_counts(server *s, const char *mode, char msg[256], int *n,
+                       int *rc, int *again)
+{
+    run_mode(s, mode, msg, 256);
     *n = -1, *rc = 1, *again = -1;
     CHECK(sscanf(msg, "n %d rc %d again %d", n, rc, again) == 3,
           "%s: sent '%s'", mode, msg);
@@ -170,11 +177,9 @@ static void test_codes(void)
 {
     server s;
     server_start(&s);
-    char msg[4096], reason[256];
-    const char *args[] = { "codes", NULL };
-    int32_t st = run_inferlet(&s, args, msg, sizeof msg, reason);
-    CHECK(st == 0 && strcmp(msg, "ok") == 0, "codes: status %d (%s), "
-          "mismatches: %s", st, reason, msg);
+    char msg[4096];
+    run_mode(&s, "codes", msg, sizeof msg);
+    CHECK(strcmp(msg, "ok") == 0, "codes: mismatches: %s", msg);
     server_end(&s, "codes");
     printf("codes: every hostile call returned its documented code\n");
 }
@@ -207,13 +212,11 @@ static void test_cancel_running(void)
 {
     server s;
     server_start(&s);
-    char msg[256], reason[256];
-    const char *args[] = { "cancel_running", NULL };
-    int32_t st = run_inferlet(&s, args, msg, sizeof msg, reason);
+    char msg[256];
+    run_mode(&s, "cancel_running", msg, sizeof msg);
     int fst = 1, rd = 1, rv = 1;
-    CHECK(st == 0 && sscanf(msg, "status %d read %d values %d", &fst, &rd,
-                            &rv) == 3,
-          "cancel_running: status %d (%s), sent '%s'", st, reason, msg);
+    CHECK(sscanf(msg, "status %d read %d values %d", &fst, &rd, &rv) == 3,
+          "cancel_running: sent '%s'", msg);
     CHECK(fst == PIE_ECANCELED && rd == PIE_ECANCELED && rv == PIE_ECANCELED,
           "a forward cancelled while it ran: future_status %d, "
           "forward_read_tokens %d, forward_read_values %d (expected %d, "
@@ -319,12 +322,10 @@ static void test_outputs(void)
     snprintf(msg_a, sizeof msg_a, "%.200s", ca->msg);
     pthread_mutex_unlock(&ca->lock);
     char msg[256], reason[256];
-    const char *args[] = { "outputs", NULL };
-    int32_t st = run_inferlet(&s, args, msg, sizeof msg, reason);
-    CHECK(st == 0, "b: status %d (%s)", st, reason);
+    run_mode(&s, "outputs", msg, sizeof msg);        /* b */
     check_outputs("b, beside a holding its budget full", msg, mem, per);
     CHECK_OK(pie_rt_send(a, "go", 2));
-    st = pie_rt_wait(a, reason, sizeof reason);
+    int32_t st = pie_rt_wait(a, reason, sizeof reason);
     pie_rt_instance_unref(a);
     cap_free(ca);
     CHECK(st == 0, "a: status %d (%s)", st, reason);
@@ -339,10 +340,8 @@ static void test_outputs_opt(void)
     server s;
     pie_engine_opts eo = { .max_output_bytes = 64u << 10 };
     server_start_with(&s, &eo, 0);
-    char msg[256], reason[256];
-    const char *args[] = { "outputs", NULL };
-    int32_t st = run_inferlet(&s, args, msg, sizeof msg, reason);
-    CHECK(st == 0, "status %d (%s)", st, reason);
+    char msg[256];
+    run_mode(&s, "outputs", msg, sizeof msg);
     check_outputs("max_output_bytes 64 KiB", msg, eo.max_output_bytes,
                   forward_bytes(&s, PIE_PROBE_LOGITS, 0));
     server_end(&s, "outputs_opt");
@@ -377,11 +376,8 @@ static void test_copies(void)
     server s;
     const uint64_t mem = 2u << 20;
     server_start_with(&s, NULL, mem);
-    char msg[256], reason[256];
-    const char *args[] = { "copies", NULL };
-    int32_t st = run_inferlet(&s, args, msg, sizeof msg, reason);
-    CHECK(st == 0, "copies: status %d (%s): the instance must run on", st,
-          reason);
+    char msg[256];
+    run_mode(&s, "copies", msg, sizeof msg);
     int n = -1, rc = 1, again = 1, pending = -1;
     CHECK(sscanf(msg, "n %d rc %d again %d pending %d", &n, &rc, &again,
                  &pending) == 4, "copies: sent '%s'", msg);
@@ -456,12 +452,10 @@ static void test_import_quota(void)
     CHECK_OK(pie_ctl_page_alloc(c, 4, 0, h));
     CHECK_OK(pie_ctl_export(c, "quota_x", 4, h));
     CHECK_OK(pie_ctl_page_free(c, 4, h));
-    char msg[256], reason[256];
-    const char *args[] = { "import_quota", NULL };
-    int32_t st = run_inferlet(&s, args, msg, sizeof msg, reason);
+    char msg[256];
+    run_mode(&s, "import_quota", msg, sizeof msg);
     int r = 0;
-    CHECK(st == 0 && sscanf(msg, "import %d", &r) == 1, "status %d (%s), "
-          "sent '%s'", st, reason, msg);
+    CHECK(sscanf(msg, "import %d", &r) == 1, "import_quota: sent '%s'", msg);
     CHECK(r == PIE_ELIMIT, "kv_import of 4 pages into an instance of "
           "max_pages 4 holding 4 returned %d, expected PIE_ELIMIT (%d)", r,
           PIE_ELIMIT);
