@@ -141,6 +141,8 @@ struct pie_backend {
     int32_t                 page_size;
     int32_t                 n_pages;
     uint64_t                page_bytes;  /* host bytes of one page            */
+    int32_t                 max_tokens;  /* tokens one forward takes at most  */
+                                         /* (0: no limit of the backend's)   */
 };
 
 int  pie_backend_cpu_create(const pie_model *m, const pie_backend_opts *o,

@@ -59,6 +59,7 @@ const char *pie_err_name(int code)
     case PIE_EAGAIN: return "EAGAIN";
     case PIE_EDEVICE: return "EDEVICE";
     case PIE_EPERM: return "EPERM";
+    case PIE_EDEVLOST: return "EDEVLOST";
     default: return "E?";
     }
 }

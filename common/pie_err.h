@@ -32,6 +32,8 @@ enum {
     PIE_EAGAIN       = -12, /* not ready yet                               */
     PIE_EDEVICE      = -13, /* accelerator error                           */
     PIE_EPERM        = -14, /* not allowed                                 */
+    PIE_EDEVLOST     = -15, /* the accelerator's context is lost: nothing  */
+                            /* more runs on it until the process restarts */
 };
 
 /* Records a printf-style message for the current thread; returns code. */

@@ -1394,6 +1394,7 @@ static int plan_pool(cuda_backend *c, const pie_backend_opts *o)
     if (rc) return rc;
     c->base.n_pages = (int32_t)n;
     c->base.page_bytes = page;
+    c->base.max_tokens = MAX_TOKENS;
     return 0;
 }
 

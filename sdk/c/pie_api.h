@@ -29,6 +29,7 @@
 #define PIE_EAGAIN         (-12)
 #define PIE_EDEVICE        (-13)
 #define PIE_EPERM          (-14)
+#define PIE_EDEVLOST       (-15)
 #endif
 
 /* Sampler and probe kinds for pie_forward_output (backend/backend.h). */
