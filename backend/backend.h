@@ -187,6 +187,11 @@ int  pie_batch_validate_row(const pie_sampler *s, const uint32_t *lm_runs,
 /* Allocates out's arrays sized for batch (values per sampler kind). */
 int  pie_forward_out_alloc(const pie_forward_batch *b, int32_t vocab,
                            pie_forward_out *out);
+/* Checks that out's arrays are there and its value_indptr gives every row
+ * the values its sampler writes, in row order from 0 (as
+ * pie_forward_out_alloc sizes them); 0 or PIE_EINVAL with a message. */
+int  pie_forward_out_check(const pie_forward_batch *b, int32_t vocab,
+                           const pie_forward_out *out);
 void pie_forward_out_free(pie_forward_out *out);
 /* Deterministic uniform in [0,1) from a seed (splitmix64, 24 bits). */
 float pie_sample_uniform(uint64_t seed);

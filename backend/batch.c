@@ -350,6 +350,32 @@ err:
     return pie_err_set(PIE_ENOMEM, "batch: out of memory for outputs");
 }
 
+int pie_forward_out_check(const pie_forward_batch *b, int32_t vocab,
+                          const pie_forward_out *out)
+{
+    int32_t n = b->n_outputs;
+    if (n <= 0) return 0;
+    if (!out || !out->tokens || !out->value_indptr)
+        return pie_err_set(PIE_EINVAL, "batch: output arrays are NULL "
+                           "(allocate them with pie_forward_out_alloc)");
+    uint64_t total = 0;
+    for (int32_t o = 0; o < n; o++) {
+        uint64_t want = (uint64_t)sampler_values(&b->samplers[o], vocab);
+        if (out->value_indptr[o] != total ||
+            (uint64_t)out->value_indptr[o + 1] - out->value_indptr[o] != want)
+            return pie_err_set(PIE_EINVAL, "batch: output %d's probe values "
+                               "at %u..%u, its sampler writes %llu at %llu "
+                               "(size them with pie_forward_out_alloc)", o,
+                               out->value_indptr[o], out->value_indptr[o + 1],
+                               (unsigned long long)want,
+                               (unsigned long long)total);
+        total += want;
+    }
+    if (total > 0 && (!out->values || !out->ids))
+        return pie_err_set(PIE_EINVAL, "batch: probe value arrays are NULL");
+    return 0;
+}
+
 void pie_forward_out_free(pie_forward_out *out)
 {
     if (!out) return;

@@ -3,7 +3,8 @@
 # machine from the bundle (scripts/bundle.sh) carried in $PIE_CARRY (default
 # .carry/: bundle.tar.xz, and shared/models/ or shared-models.tar.xz with
 # the test checkpoints). Logs go to $OUT (or ./out). Phases:
-#   tests   kernel differential test + model tests (.carry/shared models)
+#   tests   kernel differential test, model tests (.carry/shared models),
+#           failure-path tests (test_cuda_faults)
 #   hf1b    transformers vs pie on a random Llama-3.2-1B-shaped checkpoint
 #   hf8b    the same for Llama-3.1-8B
 #   bench1b / bench8b   pie bench forward: decode B=1,16,64,256 x ctx 512,
@@ -127,6 +128,11 @@ for phase in "$@"; do
         # wgmm.cu's tests on clusters of 2
         PIE_KTEST_WGMM=1 PIE_CUDA_WGMM_CL=2 timeout 150 $R test_cuda_kernels > "$OUT/kernels-wgcl2.log" 2>&1
         echo "kernels (wgmm, PIE_CUDA_WGMM_CL=2) rc=$?" | tee -a "$OUT/summary.log"
+        # failure paths: metadata growth, refused clusters, a lost context
+        timeout 150 $R test_cuda_faults > "$OUT/faults.log" 2>&1
+        echo "faults rc=$?" | tee -a "$OUT/summary.log"; tail -6 "$OUT/faults.log"
+        timeout 150 $R test_cuda_faults lost > "$OUT/lost.log" 2>&1
+        echo "faults lost rc=$?" | tee -a "$OUT/summary.log"; tail -4 "$OUT/lost.log"
         model ""                                # the default plans
         tail -30 "$OUT/model.log"
         # every decode step on the whole-item plan: one, two, four blocks

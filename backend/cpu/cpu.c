@@ -724,10 +724,8 @@ static int cpu_forward(pie_backend *base, const pie_forward_batch *bt,
     const pie_model_config *cf = &b->cfg;
     int rc = pie_batch_validate(bt, cf->vocab_size, base->page_size,
                                 base->n_pages);
+    if (!rc) rc = pie_forward_out_check(bt, cf->vocab_size, out);
     if (rc) return rc;
-    if (bt->n_outputs > 0 && (!out || !out->tokens || !out->value_indptr))
-        return pie_err_set(PIE_EINVAL, "cpu forward: output buffers missing "
-                           "(use pie_forward_out_alloc)");
     int32_t n = bt->n_tokens, d = cf->dim;
     rc = state_reserve(b, n, bt->n_reqs, bt->n_outputs,
                        batch_max_kv(bt, base->page_size));

@@ -235,11 +235,16 @@ extern "C" void pie__cuda_attention(uint16_t *out, float *part_o,
     int cs = (max_slots + 3) & ~3;
     if (cs < 4) cs = 4;
     size_t sm = attn_smem(kv->head_dim, cs);
-    static size_t set;
-    if (sm > 48 * 1024 && set < sm) {
-        cudaFuncSetAttribute(attention_kernel,
-                             cudaFuncAttributeMaxDynamicSharedMemorySize, (int)sm);
-        set = sm;
+    static size_t set[64];      /* per device ordinal: the limit raised to */
+    int dev = 0;
+    if (sm > 48 * 1024 && cudaGetDevice(&dev) == cudaSuccess &&
+        set[dev & 63] < sm) {
+        if (cudaFuncSetAttribute(attention_kernel,
+                                 cudaFuncAttributeMaxDynamicSharedMemorySize,
+                                 (int)sm) == cudaSuccess)
+            set[dev & 63] = sm;
+        else
+            cudaGetLastError();     /* (the launch fails and says why) */
     }
     launch_pdl(attention_kernel, n_items, ATT_THREADS, sm, s, out, part_o,
                part_ml, q, items, *tm, *kv, layer, nh, cs);

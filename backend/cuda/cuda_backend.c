@@ -35,6 +35,14 @@
  * (gitems -> pieces, plan_dec / dec_plan.c) and cut items merged after it;
  * head dims the tensor-core kernels lack take the CUDA-core kernel (items,
  * split for occupancy, then merged).
+ *
+ * Failures: a bad batch is refused before any device work. A call that
+ * fails on the device waits for what it queued and clears the error, so
+ * the next call starts clean (after_failure); an error the context does
+ * not survive (an illegal address, ...) makes this and every later call
+ * answer PIE_EDEVLOST at once. A refused cluster launch re-plans the step
+ * without clusters; metadata buffers that cannot grow fail only the
+ * forward that needed them.
  */
 #include <math.h>
 #include <stdio.h>
@@ -43,6 +51,38 @@
 
 #include "backend/cuda/cuda_internal.h"
 #include "backend/cuda/trace.h"
+
+/* ---------------------------------------------------------------- errors */
+
+/* The errors after which "the process must be terminated and relaunched"
+ * (driver_types.h): the context is lost and every later call fails. */
+int pie__cuda_sticky(cudaError_t e)
+{
+    switch (e) {
+    case cudaErrorIllegalAddress: case cudaErrorLaunchTimeout:
+    case cudaErrorAssert: case cudaErrorHardwareStackError:
+    case cudaErrorIllegalInstruction: case cudaErrorMisalignedAddress:
+    case cudaErrorInvalidAddressSpace: case cudaErrorInvalidPc:
+    case cudaErrorLaunchFailure: case cudaErrorTensorMemoryLeak:
+    case cudaErrorMpsClientTerminated: case cudaErrorExternalDevice:
+    case cudaErrorContained: case cudaErrorUnsupportedDevSideSync:
+    case cudaErrorECCUncorrectable:
+        return 1;
+    default:
+        return 0;
+    }
+}
+
+int pie__cuda_fail(cudaError_t e, const char *file, int line, const char *call)
+{
+    cudaGetLastError();     /* a transient error must not fail the next call */
+    if (pie__cuda_sticky(e))
+        return pie_err_set(PIE_EDEVLOST, "cuda: device lost: %s (%s:%d: %s); "
+                           "nothing more runs on it until the process "
+                           "restarts", cudaGetErrorString(e), file, line, call);
+    return pie_err_set(PIE_EDEVICE, "cuda: %s (%s:%d: %s)",
+                       cudaGetErrorString(e), file, line, call);
+}
 
 /* ------------------------------------------------------------ allocation */
 
@@ -254,19 +294,42 @@ static size_t meta_put(cuda_backend *c, const void *src, size_t bytes)
 #define META(c, off) ((void *)((c)->meta + (off)))
 #define DEV(c, off)  ((void *)((c)->meta_dev + (off)))
 
+/* Replaces the pinned and device metadata buffers by ones of the host
+ * buffer's capacity. The new ones are allocated first: where that fails,
+ * this forward fails (PIE_ENOMEM) and the old ones still serve smaller
+ * forwards. PIE_CUDA_TEST_META_FAIL=1 (a test hook) asks for more device
+ * memory than any GPU has: a real allocation failure. */
+static int meta_grow(cuda_backend *c)
+{
+    size_t cap = c->meta_cap;
+    size_t ask = getenv("PIE_CUDA_TEST_META_FAIL") ? (size_t)1 << 50 : cap;
+    uint8_t *pin = NULL, *dev = NULL;
+    cudaError_t e = cudaMallocHost((void **)&pin, cap);
+    if (e == cudaSuccess) e = cudaMalloc((void **)&dev, ask);
+    if (e != cudaSuccess) {
+        if (pin) cudaFreeHost(pin);
+        int rc = pie__cuda_fail(e, __FILE__, __LINE__, "metadata buffers");
+        if (rc == PIE_EDEVLOST) return rc;
+        return pie_err_set(PIE_ENOMEM, "cuda: no memory for this forward's "
+                           "%zu bytes of metadata (%s); forwards of up to %zu "
+                           "bytes still run", c->meta_len,
+                           cudaGetErrorString(e), c->meta_dev_cap);
+    }
+    /* (no forward is in flight: each synchronizes before it returns) */
+    if (c->meta_pin) cudaFreeHost(c->meta_pin);
+    if (c->meta_dev) cudaFree(c->meta_dev);
+    c->meta_pin = pin;
+    c->meta_dev = dev;
+    c->meta_dev_cap = cap;
+    return 0;
+}
+
 /* Copies the built metadata to the device (growing the buffers). */
 static int meta_upload(cuda_backend *c)
 {
+    int rc;
     if (c->meta_oom) return pie_err_set(PIE_ENOMEM, "cuda: out of host memory");
-    if (c->meta_len > c->meta_dev_cap) {
-        size_t cap = c->meta_cap;
-        if (c->meta_pin) cudaFreeHost(c->meta_pin);
-        if (c->meta_dev) cudaFree(c->meta_dev);
-        c->meta_pin = NULL; c->meta_dev = NULL; c->meta_dev_cap = 0;
-        CK(cudaMallocHost((void **)&c->meta_pin, cap));
-        CK(cudaMalloc((void **)&c->meta_dev, cap));
-        c->meta_dev_cap = cap;
-    }
+    if (c->meta_len > c->meta_dev_cap) TRY(meta_grow(c));
     /* The previous step's copy must be done before the pinned buffer is
      * rewritten; forwards synchronize at their end, so it is. */
     memcpy(c->meta_pin, c->meta, c->meta_len);
@@ -680,19 +743,20 @@ static int run_dec_attention(cuda_backend *c, int l,
 {
     const pie_model_config *g = &c->cfg;
     if (c->dec_cluster) {
-        if (!pie__cuda_attention_dec_cluster(c->att, c->q, DEV(c, sm->gitems),
+        if (!c->refuse_clusters &&
+            !pie__cuda_attention_dec_cluster(c->att, c->q, DEV(c, sm->gitems),
                                              (int)c->n_gitems * c->dec_cluster,
                                              c->dec_cluster, c->dec_cluster_pad,
                                              tm, &c->kv, l,
                                              g->n_heads, c->st))
             return 0;
-        /* refused (a shared GPU's limits): this step fails with the
-         * launch's error (under graph capture, the capture does and the
-         * step runs again without graphs); later steps plan without
-         * clusters */
+        /* refused (a shared GPU's limits; or the test hook): the step
+         * stops here, and cuda_forward runs it again planned without
+         * clusters, as every later step is */
         c->dec_cluster_max = 0;
+        c->cluster_refused = 1;
         return pie_err_set(PIE_EDEVICE, "cuda: the cluster decode plan did "
-                           "not launch (%s); later steps use the cut plan",
+                           "not launch (%s)",
                            cudaGetErrorString(cudaGetLastError()));
     }
     pie__cuda_attention_dec(c->att, c->part_o, c->part_ml, c->q,
@@ -859,6 +923,10 @@ static int graph_capture(cuda_backend *c, const graph_key *k, int n,
         if (e != cudaSuccess) s->exec = NULL;
     }
     if (g) cudaGraphDestroy(g);
+    if (rc && c->cluster_refused) {   /* not the graph's fault */
+        cudaGetLastError();
+        return rc;
+    }
     if (e != cudaSuccess) {   /* no graph: the caller launches directly,
                                * where a real launch error shows again */
         cudaGetLastError();
@@ -930,8 +998,8 @@ static int run_outputs(cuda_backend *c, const pie_forward_batch *b,
             c->sort_k[1], c->sort_v[0], c->sort_v[1], c->seg_off, c->sort_tmp,
             c->sort_tmp_bytes, c->d_tokens, c->d_values, c->d_ids };
         int e = pie__cuda_sample(&a, c->st);
-        if (e) return pie_err_set(PIE_EDEVICE, "cuda: sampling: %s",
-                                  cudaGetErrorString((cudaError_t)e));
+        if (e) return pie__cuda_fail((cudaError_t)e, __FILE__, __LINE__,
+                                     "sampling");
         CK(cudaMemcpyAsync(out->tokens + o0, c->d_tokens, 4 * (size_t)rows,
                            cudaMemcpyDeviceToHost, c->st));
         if (nv) {
@@ -1024,24 +1092,17 @@ static int mega_setup(cuda_backend *c)
     return 0;
 }
 
-static int cuda_forward(pie_backend *bb, const pie_forward_batch *b,
-                        pie_forward_out *out)
+/* One forward on a valid batch: plan, upload the metadata, run the layers
+ * and the outputs, synchronize. */
+static int forward_run(cuda_backend *c, const pie_forward_batch *b,
+                       pie_forward_out *out)
 {
-    cuda_backend *c = (cuda_backend *)bb;
     const pie_model_config *g = &c->cfg;
-    int rc = pie_batch_validate(b, g->vocab_size, bb->page_size, bb->n_pages);
-    if (rc) return rc;
-    if (b->n_tokens > MAX_TOKENS)
-        return pie_err_set(PIE_ELIMIT, "cuda: batch has %d tokens, at most %d "
-                           "per forward; split the prefill", b->n_tokens,
-                           MAX_TOKENS);
-    if (b->n_outputs > 0 && (!out || !out->tokens || !out->value_indptr))
-        return pie_err_set(PIE_EINVAL, "cuda: output arrays are NULL "
-                           "(allocate them with pie_forward_out_alloc)");
-    if (b->n_tokens == 0) return 0;
+    int rc;
     CK(cudaSetDevice(c->device));
     c->graphs_off = getenv("PIE_CUDA_NO_GRAPH") != NULL;
     c->qkv_unfused = getenv("PIE_CUDA_NO_QKV_FUSE") != NULL;
+    c->refuse_clusters = getenv("PIE_CUDA_TEST_REFUSE_CLUSTER") != NULL;
     pie_cuda_prof_init(&c->prof);
     c->decode_step = is_decode(c, b);
     c->mega_step = use_mega(c, b);
@@ -1111,6 +1172,56 @@ static int cuda_forward(pie_backend *bb, const pie_forward_batch *b,
     return 0;
 }
 
+/* After a call on the device failed: waits for the work it queued (kernels
+ * and copies may still read its metadata and write its pages), clears a
+ * transient error, and remembers a lost context (an error the wait alone
+ * shows counts too). Returns rc, or PIE_EDEVLOST. */
+static int after_failure(cuda_backend *c, int rc)
+{
+    cudaError_t e = cudaStreamSynchronize(c->st);
+    cudaGetLastError();
+    if (rc != PIE_EDEVLOST && pie__cuda_sticky(e))
+        rc = pie__cuda_fail(e, __FILE__, __LINE__, "after a failed call");
+    if (rc == PIE_EDEVLOST && !c->lost) {
+        c->lost = 1;
+        snprintf(c->lost_msg, sizeof c->lost_msg, "%s", pie_err_msg());
+    }
+    return rc;
+}
+
+static int lost_error(const cuda_backend *c)
+{
+    return pie_err_set(PIE_EDEVLOST, "%s", c->lost_msg);
+}
+
+/* Validates, then runs the forward; a step whose cluster launch was refused
+ * runs once more, planned without clusters (dec_cluster_max is 0 now). */
+static int cuda_forward(pie_backend *bb, const pie_forward_batch *b,
+                        pie_forward_out *out)
+{
+    cuda_backend *c = (cuda_backend *)bb;
+    if (c->lost) return lost_error(c);
+    int rc = pie_batch_validate(b, c->cfg.vocab_size, bb->page_size,
+                                bb->n_pages);
+    if (!rc) rc = pie_forward_out_check(b, c->cfg.vocab_size, out);
+    if (rc) return rc;
+    if (b->n_tokens > MAX_TOKENS)
+        return pie_err_set(PIE_ELIMIT, "cuda: batch has %d tokens, at most %d "
+                           "per forward; split the prefill", b->n_tokens,
+                           MAX_TOKENS);
+    if (b->n_tokens == 0) return 0;
+    c->cluster_refused = 0;
+    rc = forward_run(c, b, out);
+    if (rc && c->cluster_refused) {
+        rc = after_failure(c, rc);
+        c->cluster_refused = 0;
+        if (rc == PIE_EDEVLOST) return rc;
+        pie_err_clear();
+        rc = forward_run(c, b, out);
+    }
+    return rc ? after_failure(c, rc) : 0;
+}
+
 /* ---------------------------------------------------------- page moves */
 
 static int check_pages(cuda_backend *c, const int32_t *pages, int32_t n)
@@ -1124,10 +1235,10 @@ static int check_pages(cuda_backend *c, const int32_t *pages, int32_t n)
     return 0;
 }
 
-static int cuda_copy_slots(pie_backend *bb, int32_t src, int32_t src_off,
-                           int32_t dst, int32_t dst_off, int32_t n)
+static int copy_slots_run(cuda_backend *c, int32_t src, int32_t src_off,
+                          int32_t dst, int32_t dst_off, int32_t n)
 {
-    cuda_backend *c = (cuda_backend *)bb;
+    pie_backend *bb = &c->base;
     int ps = bb->page_size;
     if (src < 0 || src >= bb->n_pages || dst < 0 || dst >= bb->n_pages)
         return pie_err_set(PIE_ERANGE, "cuda: copy_slots pages %d -> %d "
@@ -1161,12 +1272,21 @@ static int cuda_copy_slots(pie_backend *bb, int32_t src, int32_t src_off,
     return 0;
 }
 
-/* Copies pages between the pool and host (page_bytes each, in order):
- * to the device where `up`, else from it. */
-static int page_transfer(pie_backend *bb, const int32_t *pages, int32_t n,
-                         uint8_t *host, int up)
+static int cuda_copy_slots(pie_backend *bb, int32_t src, int32_t src_off,
+                           int32_t dst, int32_t dst_off, int32_t n)
 {
     cuda_backend *c = (cuda_backend *)bb;
+    if (c->lost) return lost_error(c);
+    int rc = copy_slots_run(c, src, src_off, dst, dst_off, n);
+    return rc ? after_failure(c, rc) : 0;
+}
+
+/* Copies pages between the pool and host (page_bytes each, in order):
+ * to the device where `up`, else from it. */
+static int transfer_run(cuda_backend *c, const int32_t *pages, int32_t n,
+                        uint8_t *host, int up)
+{
+    pie_backend *bb = &c->base;
     int rc = check_pages(c, pages, n);
     if (rc) return rc;
     CK(cudaSetDevice(c->device));
@@ -1180,6 +1300,15 @@ static int page_transfer(pie_backend *bb, const int32_t *pages, int32_t n,
     }
     CK(cudaStreamSynchronize(c->st));
     return 0;
+}
+
+static int page_transfer(pie_backend *bb, const int32_t *pages, int32_t n,
+                         uint8_t *host, int up)
+{
+    cuda_backend *c = (cuda_backend *)bb;
+    if (c->lost) return lost_error(c);
+    int rc = transfer_run(c, pages, n, host, up);
+    return rc ? after_failure(c, rc) : 0;
 }
 
 static int cuda_download(pie_backend *bb, const int32_t *pages, int32_t n,
@@ -1283,6 +1412,10 @@ static int check_shape(const pie_model_config *g)
                            "8, 16, 32, 64, 128, 256)", hd);
     if (g->dim < 1 || g->hidden_dim < 1 || g->vocab_size < 1 || g->n_layers < 1)
         return pie_err_set(PIE_EINVAL, "cuda: bad model dimensions");
+    if ((int64_t)g->vocab_size * OUT_CHUNK > INT32_MAX)
+        return pie_err_set(PIE_EUNSUPPORTED, "cuda: vocabulary of %d tokens; "
+                           "sampling offsets hold at most %d", g->vocab_size,
+                           INT32_MAX / OUT_CHUNK);
     return 0;
 }
 

@@ -29,13 +29,19 @@
 #define GRAPH_CACHE 32          /* captured layer sequences (decode shapes) */
 #define GRAPH_MAX_TOKENS 512    /* larger steps launch kernels directly     */
 
+/* A failed CUDA call: returns PIE_EDEVICE, the call's error cleared so
+ * that the next, unrelated call does not fail with it, or PIE_EDEVLOST
+ * where the error is one the context does not survive (pie__cuda_sticky:
+ * every later call fails the same way until the process restarts). */
+int pie__cuda_fail(cudaError_t e, const char *file, int line,
+                   const char *call);
+int pie__cuda_sticky(cudaError_t e);
+
 #define CK(call)                                                              \
     do {                                                                      \
         cudaError_t e_ = (call);                                              \
         if (e_ != cudaSuccess)                                                \
-            return pie_err_set(PIE_EDEVICE, "cuda: %s (%s:%d: %s)",          \
-                               cudaGetErrorString(e_), __FILE__, __LINE__,    \
-                               #call);                                        \
+            return pie__cuda_fail(e_, __FILE__, __LINE__, #call);             \
     } while (0)
 
 #define CKLT(call)                                                            \
@@ -180,6 +186,12 @@ typedef struct cuda_backend {
     int               graphs_off; /* PIE_CUDA_NO_GRAPH set                  */
     int               qkv_unfused;/* PIE_CUDA_NO_QKV_FUSE set (cuda_mm_qkv) */
     int               capture_failed; /* a capture failed: direct launches  */
+    int               cluster_refused; /* this step's cluster launch was    */
+                                   /* refused: it runs again, planned      */
+                                   /* without clusters (cuda_forward)      */
+    int               refuse_clusters; /* PIE_CUDA_TEST_REFUSE_CLUSTER set  */
+    int               lost;        /* the context is lost (PIE_EDEVLOST):  */
+    char              lost_msg[256]; /* every later call fails at once     */
     int64_t           n_captured, n_replayed;
     int64_t           n_gemv;      /* matmuls run by gemv.cu               */
     int64_t           n_wgmm;      /* matmuls run by wgmm.cu               */

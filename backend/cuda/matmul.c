@@ -269,6 +269,9 @@ static int plan_make(cuda_backend *c, mm_plan *p, int m, int n, int k,
 {
     cudaDataType_t yt = y_f32 ? CUDA_R_32F : CUDA_R_16BF;
     cublasOperation_t ta = CUBLAS_OP_T;
+    memset(p, 0, sizeof *p);
+    p->used = 1;            /* the descriptors made so far are freed with */
+                            /* the plan, should a later step fail         */
     CKLT(cublasLtMatmulDescCreate(&p->desc, CUBLAS_COMPUTE_32F, CUDA_R_32F));
     CKLT(cublasLtMatmulDescSetAttribute(p->desc, CUBLASLT_MATMUL_DESC_TRANSA,
                                         &ta, sizeof ta));
@@ -286,7 +289,6 @@ static int plan_make(cuda_backend *c, mm_plan *p, int m, int n, int k,
         c->lt, p->desc, p->a, p->b, p->c, p->c, pref, TUNE_ALGOS, res, &found);
     cublasLtMatmulPreferenceDestroy(pref);
     p->m = m; p->n = n; p->k = k; p->y_f32 = y_f32; p->wmode = wmode;
-    p->used = 1;            /* the descriptors are freed with the plan */
     if (s != CUBLAS_STATUS_SUCCESS || found == 0)
         return pie_err_set(PIE_EDEVICE, "cublasLt: no algorithm for %dx%dx%d",
                            m, n, k);
@@ -297,11 +299,11 @@ static int plan_make(cuda_backend *c, mm_plan *p, int m, int n, int k,
 void cuda_plan_free(mm_plan *p)
 {
     if (!p->used) return;
-    cublasLtMatmulDescDestroy(p->desc);
-    cublasLtMatrixLayoutDestroy(p->a);
-    cublasLtMatrixLayoutDestroy(p->b);
-    cublasLtMatrixLayoutDestroy(p->c);
-    p->used = 0;
+    if (p->desc) cublasLtMatmulDescDestroy(p->desc);
+    if (p->a) cublasLtMatrixLayoutDestroy(p->a);
+    if (p->b) cublasLtMatrixLayoutDestroy(p->b);
+    if (p->c) cublasLtMatrixLayoutDestroy(p->c);
+    memset(p, 0, sizeof *p);
 }
 
 /* The cached plan of (m, n, k, y_f32), made (and timed) on first use,

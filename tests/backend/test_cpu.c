@@ -580,6 +580,11 @@ static void test_outputs(pie_model *m)
           out.tokens[1], argmax(row, vocab));
     CHECK(fabs(out.values[out.value_indptr[2]] - h) < 1e-3, "entropy %g vs %g",
           out.values[out.value_indptr[2]], h);
+    /* value offsets that do not give row 0 its vocab logits */
+    out.value_indptr[1]--;
+    CHECK(pie_backend_forward(b, &bt, &out) == PIE_EINVAL,
+          "value offsets short of a row's probe values accepted");
+    out.value_indptr[1]++;
     for (int j = 0; j < 2; j++)
         CHECK(fabs(out.values[out.value_indptr[3] + j] - (row[lp_ids[j]] - l))
               < 1e-4, "logprob of %d: %g vs %g", lp_ids[j],
