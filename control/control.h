@@ -57,11 +57,17 @@
  *
  * Futures: each forward future completes exactly once, with 0 (results
  * readable), PIE_ECANCELED (cancelled, or a forward it chains from failed or
- * was cancelled), or another error. The completion callback given at
- * submission runs once, on the scheduler thread or on the thread that
- * cancelled it; it must not block and must not call back into pie_ctl except
- * pie_ctl_future_poll/result. A future is owned by the submitter until
- * pie_ctl_future_release(); releasing a pending future does not cancel it.
+ * was cancelled), or another error. A batch the backend fails is run again
+ * request by request, so a forward fails only where it fails alone. Once
+ * the backend reports PIE_EDEVLOST (its device is lost), every forward and
+ * copy, running, queued or submitted later, completes with PIE_EDEVLOST
+ * and nothing more reaches the backend; the process lives on (clients
+ * close as usual), but only a restart brings the device back. The
+ * completion callback given at submission runs once, on the scheduler
+ * thread or on the thread that cancelled it; it must not block and must
+ * not call back into pie_ctl except pie_ctl_future_poll/result. A future
+ * is owned by the submitter until pie_ctl_future_release(); releasing a
+ * pending future does not cancel it.
  */
 #ifndef PIE_CONTROL_H
 #define PIE_CONTROL_H
@@ -102,7 +108,8 @@ typedef void (*pie_ctl_done_fn)(void *user, pie_ctl_future *f, int status);
 enum { PIE_CTL_POLICY_WAIT = 0, PIE_CTL_POLICY_SUSPEND, PIE_CTL_POLICY_FCFS };
 
 typedef struct pie_ctl_opts {
-    int32_t max_batch_tokens;  /* tokens per fire (default 4096)            */
+    int32_t max_batch_tokens;  /* tokens per fire (default 4096; at most the
+                                  backend's max_tokens where it has one)    */
     int32_t max_batch_reqs;    /* requests per fire (default 256)           */
     int32_t max_batch_pages;   /* KV pages referenced per fire (default all)*/
     int32_t prefill_chunk;     /* max tokens of one request per fire
@@ -433,6 +440,9 @@ typedef struct pie_ctl_stats {
                                   PIE_ENOMEM to break a wait cycle          */
     uint64_t cancelled;        /* forwards completed as cancelled           */
     uint64_t failed;           /* forwards completed with another error     */
+    bool     device_lost;      /* the backend reported PIE_EDEVLOST: every
+                                  forward and copy, queued or later, fails
+                                  with it; restart the server              */
     double   overhead_ns_last; /* control time (assemble + complete) of the
                                   last fire, excluding the backend call     */
     double   overhead_ns_total;

@@ -32,6 +32,8 @@ int pie_ctl_create(pie_backend *b, const pie_ctl_opts *opts, pie_ctl **out)
     ctl->b = b;
     if (opts) ctl->o = *opts;
     if (ctl->o.max_batch_tokens <= 0) ctl->o.max_batch_tokens = 4096;
+    if (b->max_tokens > 0 && ctl->o.max_batch_tokens > b->max_tokens)
+        ctl->o.max_batch_tokens = b->max_tokens;  /* a fire it can take */
     if (ctl->o.max_batch_reqs <= 0) ctl->o.max_batch_reqs = 256;
     if (ctl->o.max_batch_pages <= 0) ctl->o.max_batch_pages = INT32_MAX;
     if (ctl->o.prefill_chunk < 0) ctl->o.prefill_chunk = 0;     /* never */
@@ -288,6 +290,13 @@ static int check_forward(pie_ctl *ctl, const pie_ctl_forward *f)
         int rc = check_runs(f->mask_indptr, f->mask_runs, f->n_tokens,
                             (uint64_t)kv_len, "attention mask of token");
         if (rc < 0) return rc;
+        int32_t lim = ctl->b->max_tokens;
+        if (lim > 0 && f->n_tokens > lim)    /* never split (sched.c) */
+            return pie_err_set(PIE_ELIMIT, "control: a forward with an "
+                               "attention mask runs whole, and its %d tokens "
+                               "pass the %d a forward of backend '%s' takes; "
+                               "submit it in parts of at most %d tokens",
+                               f->n_tokens, lim, ctl->b->name, lim);
     }
     if (f->n_outputs < 0 || f->n_outputs > f->n_tokens * 64 ||
         (f->n_outputs > 0 && (!f->output_idx || !f->samplers)))
@@ -838,6 +847,7 @@ int pie_ctl_future_wait(pie_ctl_future *f, int32_t timeout_ms)
     }
     op->n_waiters--;
     int rc = atomic_load(&op->state) == OP_DONE ? op->status : PIE_EAGAIN;
+    if (rc == PIE_EDEVLOST) pie__lost_err(ctl);
     pthread_mutex_unlock(&ctl->mu);
     if (rc == PIE_EAGAIN)
         pie_err_set(PIE_EAGAIN, "control: forward not done after %d ms",
@@ -862,6 +872,8 @@ int pie_ctl_future_result(pie_ctl_future *f, const pie_forward_out **out,
     ctl_op *op = (ctl_op *)f;
     if (atomic_load(&op->state) != OP_DONE)
         return pie_err_set(PIE_EAGAIN, "control: forward still pending");
+    if (op->status == PIE_EDEVLOST)     /* lost_msg was set before DONE */
+        return pie__lost_err(op->ctl);
     if (op->status != 0)
         return pie_err_set(op->status, "control: forward %s",
                            op->status == PIE_ECANCELED ? "was cancelled"

@@ -132,6 +132,8 @@ typedef struct ctl_entry {       /* one op's slice in a batch              */
     ctl_op  *op;
     int32_t  tok0, ntok;         /* local token range run in this batch     */
     int32_t  row0, nrow;         /* batch output rows                       */
+    int      rc;                 /* once the batch failed: its status run
+                                    alone (rerun_each in sched.c)           */
 } ctl_entry;
 
 typedef struct ctl_batch {
@@ -151,8 +153,9 @@ typedef struct ctl_batch {
     ctl_op     **copies;
     int32_t      n_copies, cap_copies;
     pie_forward_out out;
-    int          rc;
-    char         err[256];
+    int          rc;             /* the batched forward's status           */
+    bool         lost;           /* a backend call of it said PIE_EDEVLOST */
+    char         err[256];       /* the backend's message when rc < 0     */
     double       backend_ns;
 } ctl_batch;
 
@@ -250,6 +253,10 @@ struct pie_ctl {
     pthread_cond_t   idle_cv;     /* the device finished a batch            */
     pthread_t        sched_th, dev_th;
     bool             stop;
+    bool             lost;        /* the backend said PIE_EDEVLOST: every op
+                                     fails with it, nothing is launched    */
+    char             lost_msg[384]; /* "device lost: <backend's message>;
+                                     restart ..." (set once, before lost)  */
     /* pool */
     ctl_page        *pages;
     int32_t          free_head, n_free;
@@ -444,5 +451,7 @@ int  pie__sched_start(pie_ctl *ctl);             /* without the lock       */
 void pie__sched_stop(pie_ctl *ctl);              /* without the lock       */
 /* Runs queued callbacks and unlocks ctl->mu. */
 void pie__unlock(pie_ctl *ctl);
+/* PIE_EDEVLOST with ctl->lost_msg as this thread's message (ctl->lost). */
+int  pie__lost_err(pie_ctl *ctl);
 
 #endif

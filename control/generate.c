@@ -91,6 +91,21 @@ static bool is_stop(const pie_ctl_gen_opts *o, int32_t tok)
     return false;
 }
 
+/* Step `next` could not be submitted (rc). Where a step queued before it
+ * failed already, that is the cause (the new step chains from a failed
+ * forward, or reads the slots its failure rolled back): returns that
+ * step's error, with its message; else rc. */
+static int gen_cause(gen *g, int32_t done, int32_t next, int rc)
+{
+    for (int32_t k = done; k < next; k++) {
+        pie_ctl_future *f = g->ring[k % g->ring_n];
+        int s = pie_ctl_future_poll(f);
+        if (s < 0 && s != PIE_EAGAIN)
+            return pie_ctl_future_result(f, NULL, NULL);
+    }
+    return rc;
+}
+
 /* Runs the loop; returns 0 or an error; *n_out tokens were written. */
 static int gen_run(gen *g, int32_t *out, int32_t *n_out)
 {
@@ -100,7 +115,8 @@ static int gen_run(gen *g, int32_t *out, int32_t *n_out)
     while (done < o->max_tokens && !stop) {
         while (next < o->max_tokens && next - done < g->ring_n) {
             int32_t prev = next > 0 && next - 1 < done ? out[next - 1] : -1;
-            if ((rc = gen_submit(g, next, prev)) < 0) return rc;
+            if ((rc = gen_submit(g, next, prev)) < 0)
+                return gen_cause(g, done, next, rc);
             next++;
         }
         pie_ctl_future *f = g->ring[done % g->ring_n];

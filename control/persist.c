@@ -229,7 +229,9 @@ int pie_ctl_export_save(pie_ctl *ctl, const char *name, const char *path)
     ctl_export *e = ctl->exports;
     while (e && strcmp(e->name, name) != 0) e = e->next;
     int rc = 0;
-    if (!e) {
+    if (ctl->lost) {            /* its KV is gone with the device */
+        rc = pie__lost_err(ctl);
+    } else if (!e) {
         rc = pie_err_set(PIE_ENOTFOUND, "control: no export named '%s'", name);
     } else {
         for (int32_t k = 0; k < e->n && rc == 0; k++)
@@ -595,6 +597,7 @@ int pie_ctl_export_load(pie_ctl *ctl, const char *path, const char *name)
     int32_t fresh = 0;
     pthread_mutex_lock(&ctl->mu);
     pie__wait_idle(ctl);   /* drops mu: before the name check, not after */
+    if (ctl->lost) rc = pie__lost_err(ctl);
     for (ctl_export *x = ctl->exports; x && rc == 0; x = x->next)
         if (strcmp(x->name, nm) == 0)
             rc = pie_err_set(PIE_EBUSY, "control: export name '%s' already "

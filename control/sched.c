@@ -26,6 +26,19 @@
  * beside it still go out every fire. Ops pre-staged while the device ran
  * are not reordered by later arrivals (bounded inversion of one batch).
  *
+ * Completion: a fire's ops complete with the status of its one forward,
+ * except when that forward fails. Then, where the fire held more than one
+ * request, the device thread runs each request again alone (rerun_each:
+ * its slices of the batch's arrays, rebased), and each completes with its
+ * own status: a request the backend refuses or a device fault hit fails
+ * alone, the others succeed with exactly the results a batched run gives
+ * (the re-runs rewrite whatever KV the failed batch half wrote). Copies
+ * are not run again. A backend call that returns PIE_EDEVLOST (the
+ * device's context is lost for good) ends all of that: the control layer
+ * is lost (ctl->lost), every op of the fire, every op queued and every op
+ * submitted later completes with PIE_EDEVLOST, and nothing more is
+ * launched; the threads live on, so that clients end as usual.
+ *
  * Everything here runs with ctl->mu held except the backend calls in the
  * device thread and the completion callbacks (pie__unlock).
  */
@@ -330,7 +343,9 @@ static bool copy_unaffected(pie_ctl *ctl, const ctl_op *o, const ctl_op *d)
  * was to write, where nothing it waits on through it failed
  * (copy_unaffected): it waits on that op no longer and runs (e.g. a fork
  * of a page's first slots, queued behind a later writer of the page that
- * was cancelled). Each is finished after all of its own dependents, so
+ * was cancelled). Once the device is lost (ctl->lost), every dependent
+ * completes with PIE_EDEVLOST instead, copies too: nothing runs any more.
+ * Each is finished after all of its own dependents, so
  * fills roll back newest first. Without recursion: thousands of forwards
  * queued on one page form a chain as deep, which would overflow a fiber's
  * stack; the walk keeps its path in the ops themselves (cancel_up,
@@ -338,17 +353,19 @@ static bool copy_unaffected(pie_ctl *ctl, const ctl_op *o, const ctl_op *d)
  */
 static void cancel_dependents(pie_ctl *ctl, ctl_op *root)
 {
+    int why = ctl->lost ? PIE_EDEVLOST : PIE_ECANCELED;
     root->cancel_i = 0;
     root->cancel_up = NULL;
     for (ctl_op *o = root; o;) {
         if (o->cancel_i < o->n_deps) {
             ctl_op *d = o->deps[o->cancel_i++].op;
-            if (d->state != OP_DONE && copy_unaffected(ctl, o, d)) {
+            if (d->state != OP_DONE && !ctl->lost &&
+                copy_unaffected(ctl, o, d)) {
                 if (--d->n_pending == 0) pie__make_ready(ctl, d);
                 continue;                   /* (o's deps drop the ref) */
             }
             if (d->state != OP_DONE) {      /* (reached twice: done once) */
-                op_mark_done(ctl, d, PIE_ECANCELED);
+                op_mark_done(ctl, d, why);
                 d->cancel_i = 0;
                 d->cancel_up = o;
                 o = d;
@@ -357,7 +374,7 @@ static void cancel_dependents(pie_ctl *ctl, ctl_op *root)
         }
         ctl_op *up = o->cancel_up;      /* o stays alive: up's deps hold it */
         drop_deps(o);
-        if (o != root) op_finish(ctl, o, PIE_ECANCELED);
+        if (o != root) op_finish(ctl, o, why);
         o = up;
     }
 }
@@ -462,6 +479,7 @@ static void batch_reset(ctl_batch *B)
     B->any_mask = B->any_lm = false;
     B->n_copies = 0;
     B->rc = 0;
+    B->lost = false;
     B->err[0] = 0;
     if (B->qo_indptr) B->qo_indptr[0] = 0;
     if (B->kv_indptr) B->kv_indptr[0] = 0;
@@ -686,17 +704,115 @@ void pie__unstage_all(pie_ctl *ctl)
 
 /* ---- running and completing ----------------------------------------------- */
 
-/* Device thread, without the lock: copies first, then one forward. */
+/* Device thread, without the lock: B's copies, each while the device is
+ * not lost (a copy that finds it lost marks B lost). */
+static void run_copies(pie_ctl *ctl, ctl_batch *B)
+{
+    pie_backend *b = ctl->b;
+    for (int32_t i = 0; i < B->n_copies; i++) {
+        ctl_op *op = B->copies[i];
+        if (B->lost) {
+            op->status = PIE_EDEVLOST;
+            continue;
+        }
+        op->status = b->ops->copy_slots(b, op->cp_src, op->cp_src_off,
+                                        op->cp_dst, op->cp_dst_off, op->cp_n);
+        if (op->status == PIE_EDEVLOST) {
+            B->lost = true;
+            snprintf(B->err, sizeof B->err, "%s", pie_err_msg());
+        }
+    }
+}
+
+/* dst[i] = src[i] - src[0] for i in [0, n]: an indptr slice rebased. */
+static void rebase(uint32_t *dst, const uint32_t *src, int32_t n)
+{
+    for (int32_t i = 0; i <= n; i++) dst[i] = src[i] - src[0];
+}
+
+/*
+ * Device thread, without the lock: runs request r of B alone, a batch of
+ * one made of its slices of B's arrays with their indices rebased (its
+ * tokens, pages, masks and output rows; the same mask arrays the batched
+ * run passed), its results written into B's rows as the batched run
+ * writes them: tokens at rows row0.., probe values and ids at the rows'
+ * offsets. Returns the backend's status (PIE_ENOMEM with a message where
+ * the rebased indices find no memory).
+ */
+static int run_alone(pie_ctl *ctl, ctl_batch *B, int32_t r)
+{
+    const ctl_entry *e = &B->ents[r];
+    int32_t t0 = B->qo_indptr[r], n = B->qo_indptr[r + 1] - t0;
+    int32_t k0 = B->kv_indptr[r], np = B->kv_indptr[r + 1] - k0;
+    int32_t o0 = e->row0, no = e->nrow, qo[2] = { 0, n }, kv[2] = { 0, np };
+    uint32_t *mi = malloc((n + 1 + 2 * (size_t)(no + 1)) * sizeof *mi);
+    int32_t *oi = malloc((no + 1) * sizeof *oi);
+    if (!mi || !oi) {
+        free(mi), free(oi);
+        return pie_err_set(PIE_ENOMEM, "control: out of memory to run a "
+                           "request of a failed batch alone");
+    }
+    uint32_t *li = mi + n + 1, *vi = li + no + 1, v0 = B->out.value_indptr[o0];
+    rebase(mi, B->mask_indptr + t0, n);
+    rebase(li, B->lm_indptr + o0, no);
+    rebase(vi, B->out.value_indptr + o0, no);
+    for (int32_t k = 0; k < no; k++) oi[k] = B->out_idx[o0 + k] - t0;
+    pie_forward_batch fb = {
+        .n_tokens = n, .n_reqs = 1, .token_ids = B->tokens + t0,
+        .positions = B->positions + t0, .qo_indptr = qo,
+        .kv_page_indices = B->kv_indices + k0, .kv_page_indptr = kv,
+        .kv_last_page_len = B->last_len + r,
+        .mask_indptr = B->any_mask ? mi : NULL,
+        .mask_runs = B->any_mask ? B->mask_runs + B->mask_indptr[t0] : NULL,
+        .n_outputs = no, .output_token_idx = oi, .samplers = B->samplers + o0,
+        .logit_mask_indptr = B->any_lm ? li : NULL,
+        .logit_mask_runs = B->any_lm ? B->lm_runs + B->lm_indptr[o0] : NULL,
+    };
+    pie_forward_out out = { .tokens = B->out.tokens + o0, .value_indptr = vi,
+                            .values = B->out.values + v0,
+                            .ids = B->out.ids + v0 };
+    int rc = pie_backend_forward(ctl->b, &fb, &out);
+    free(mi), free(oi);
+    return rc;
+}
+
+/* Device thread, without the lock: B's forward failed (B->rc). Each
+ * request gets that status; unless the device is lost or B held one
+ * request, each then runs alone (run_alone) and gets its own, until one
+ * finds the device lost (B->lost: the rest are not run). Logs the failed
+ * batch and each request that fails alone. */
+static void rerun_each(pie_ctl *ctl, ctl_batch *B)
+{
+    snprintf(B->err, sizeof B->err, "%s", pie_err_msg());
+    for (int32_t r = 0; r < B->n_reqs; r++) B->ents[r].rc = B->rc;
+    if (B->rc == PIE_EDEVLOST) {
+        B->lost = true;
+        return;
+    }
+    fprintf(stderr, "pie: control: batch of %d requests (%d tokens) failed: "
+            "%s%s\n", B->n_reqs, B->n_tokens, B->err,
+            B->n_reqs > 1 ? "; running each request alone" : "");
+    for (int32_t r = 0; B->n_reqs > 1 && r < B->n_reqs && !B->lost; r++) {
+        int rc = B->ents[r].rc = run_alone(ctl, B, r);
+        if (rc == PIE_EDEVLOST) {
+            B->lost = true;
+            snprintf(B->err, sizeof B->err, "%s", pie_err_msg());
+        } else if (rc < 0) {
+            fprintf(stderr, "pie: control: request %d of that batch (%d "
+                    "tokens) fails alone too: %s\n", r, B->ents[r].ntok,
+                    pie_err_msg());
+        }
+    }
+}
+
+/* Device thread, without the lock: copies first, then one forward; where
+ * it fails, each request alone (rerun_each). */
 static void batch_run(pie_ctl *ctl, ctl_batch *B)
 {
     pie_backend *b = ctl->b;
     double t = now_ns();
-    for (int32_t i = 0; i < B->n_copies; i++) {
-        ctl_op *op = B->copies[i];
-        op->status = b->ops->copy_slots(b, op->cp_src, op->cp_src_off,
-                                        op->cp_dst, op->cp_dst_off, op->cp_n);
-    }
-    if (B->n_reqs > 0) {
+    run_copies(ctl, B);
+    if (B->n_reqs > 0 && !B->lost) {
         pie_forward_batch fb = {
             .n_tokens = B->n_tokens, .n_reqs = B->n_reqs,
             .token_ids = B->tokens, .positions = B->positions,
@@ -710,15 +826,24 @@ static void batch_run(pie_ctl *ctl, ctl_batch *B)
             .logit_mask_runs = B->any_lm ? B->lm_runs : NULL,
         };
         B->rc = pie_backend_forward(b, &fb, &B->out);
-        if (B->rc < 0) snprintf(B->err, sizeof B->err, "%s", pie_err_msg());
+        if (B->rc < 0) rerun_each(ctl, B);
     }
     B->backend_ns = now_ns() - t;
+}
+
+/* e's status: the batch's, its own run alone where the batch failed, and
+ * PIE_EDEVLOST for every op of a batch that found the device lost. */
+static int entry_status(const ctl_batch *B, const ctl_entry *e)
+{
+    if (B->lost) return PIE_EDEVLOST;
+    return B->rc < 0 ? e->rc : 0;
 }
 
 static void entry_complete(pie_ctl *ctl, ctl_batch *B, ctl_entry *e)
 {
     ctl_op *op = e->op;
-    if (B->rc == 0) {
+    int rc = entry_status(B, e);
+    if (rc == 0) {
         for (int32_t r = e->row0; r < e->row0 + e->nrow; r++) {
             int32_t o = B->row_src[r];
             op->out.tokens[o] = B->out.tokens[r];
@@ -731,9 +856,9 @@ static void entry_complete(pie_ctl *ctl, ctl_batch *B, ctl_entry *e)
         op->done_tokens += e->ntok;
     }
     op->state = OP_WAITING;     /* neither staged nor running any more */
-    if (B->rc < 0) {
+    if (rc < 0) {
         pie__pool_forget(ctl, op, e->tok0, e->ntok);   /* KV not computed */
-        pie__op_complete(ctl, op, B->rc);
+        pie__op_complete(ctl, op, rc);
     } else if (op->cancel_req) {
         pie__op_complete(ctl, op, PIE_ECANCELED);
     } else if (op->done_tokens == op->n_tokens) {
@@ -743,16 +868,43 @@ static void entry_complete(pie_ctl *ctl, ctl_batch *B, ctl_entry *e)
     }
 }
 
+/* B found the device lost: so is the control layer from now on. */
+static void device_lost(pie_ctl *ctl, const ctl_batch *B)
+{
+    if (ctl->lost) return;
+    snprintf(ctl->lost_msg, sizeof ctl->lost_msg, "device lost: %s; every "
+             "forward fails from now on: restart the server", B->err);
+    ctl->lost = true;
+    ctl->st.device_lost = true;
+    fprintf(stderr, "pie: control: %s\n", ctl->lost_msg);
+}
+
+int pie__lost_err(pie_ctl *ctl)
+{
+    return pie_err_set(PIE_EDEVLOST, "control: %s", ctl->lost_msg);
+}
+
+/* The device is lost: what was staged or is ready completes with
+ * PIE_EDEVLOST (so do their dependents: cancel_dependents). */
+static void fail_queued(pie_ctl *ctl)
+{
+    ctl_batch *S = ctl->staging;
+    if (S->n_reqs > 0 || S->n_copies > 0) pie__unstage_all(ctl);
+    for (int p = 0; p < CTL_N_PRIO; p++)
+        while (ctl->ready[p])
+            pie__op_complete(ctl, ctl->ready[p], PIE_EDEVLOST);
+}
+
 static void batch_complete(pie_ctl *ctl, ctl_batch *B)
 {
     double t = now_ns();
-    if (B->rc < 0)
-        fprintf(stderr, "pie: control: batch of %d requests failed: %s\n",
-                B->n_reqs, B->err);
+    if (B->lost) device_lost(ctl, B);
     for (int32_t i = 0; i < B->n_copies; i++) {
         ctl_op *op = B->copies[i];
         op->state = OP_WAITING;
-        pie__op_complete(ctl, op, op->cancel_req ? PIE_ECANCELED : op->status);
+        pie__op_complete(ctl, op, B->lost ? PIE_EDEVLOST
+                                  : op->cancel_req ? PIE_ECANCELED
+                                  : op->status);
     }
     for (int32_t i = 0; i < B->n_reqs; i++) entry_complete(ctl, B, &B->ents[i]);
     ctl->st.backend_ns_total += B->backend_ns;
@@ -784,20 +936,24 @@ static void launch(pie_ctl *ctl)
 
 /* After a fire: the finished batch's ops completed (their callbacks
  * queued on ctl->notify), everything now ready staged, and the staging
- * batch launched if the device is idle. Returns whether it launched. */
+ * batch launched if the device is idle; once the device is lost, what is
+ * staged or ready fails instead (fail_queued). Returns whether it
+ * launched. */
 static bool turn_over(pie_ctl *ctl)
 {
     if (ctl->finished) {
         batch_complete(ctl, ctl->finished);
         ctl->finished = NULL;
     }
-    if (!ctl->stop && ctl->n_ready > 0) {
+    if (ctl->lost) {
+        fail_queued(ctl);
+    } else if (!ctl->stop && ctl->n_ready > 0) {
         double t = now_ns();
         stage_ready(ctl, ctl->staging);
         ctl->ovh_ns += now_ns() - t;
     }
     ctl_batch *S = ctl->staging;
-    if (ctl->running || ctl->idle_waiters > 0 ||
+    if (ctl->lost || ctl->running || ctl->idle_waiters > 0 ||
         (S->n_reqs == 0 && S->n_copies == 0))
         return false;
     launch(ctl);

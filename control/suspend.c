@@ -244,7 +244,8 @@ bool pie__suspend_for(pie_ctl *ctl, int32_t need, pie_ctl_client *requester)
             pie__wait_idle(ctl);
             return true;
         }
-        pie_ctl_client *v = pick_victim(ctl, requester);
+        pie_ctl_client *v = ctl->lost ? NULL   /* no download: device lost */
+                                      : pick_victim(ctl, requester);
         if (!v || suspend_client(ctl, v) == 0) return acted;
         acted = true;
     }
@@ -438,8 +439,9 @@ static int resume(pie_ctl_client *c, int32_t extra, int32_t *extra_pages,
     int32_t n = take_swap_pages(c, extra, timeout_ms, t0, &pages, waited);
     if (n < 0) return resume_end(c, n);
     if (!pages) return resume_end(c, 0);    /* its swap emptied: none taken */
-    rc = n > 0 ? ctl->b->ops->upload(ctl->b, pages + extra, n, c->swap_buf)
-               : 0;
+    rc = ctl->lost ? pie__lost_err(ctl)
+         : n > 0 ? ctl->b->ops->upload(ctl->b, pages + extra, n, c->swap_buf)
+         : 0;
     if (rc < 0) {
         for (int32_t j = 0; j < extra + n; j++) pie__page_unref(ctl, pages[j]);
         free(pages);

@@ -2,6 +2,7 @@
 #include "tests/control/fake_backend.h"
 
 #include <stdatomic.h>
+#include <stdbool.h>
 #include <stdio.h>
 #include <stdlib.h>
 #include <string.h>
@@ -17,6 +18,10 @@ typedef struct fake {
     atomic_int       started;       /* forward calls begun                */
     int32_t          fail_copies;   /* the next this many copies fail     */
     atomic_int       fail_forwards; /* the next this many forwards fail   */
+    atomic_int       limit;         /* forwards over this many tokens fail
+                                       (0: none)                          */
+    atomic_int       poison;        /* forwards holding this id fail (-1)  */
+    atomic_bool      lost;          /* every call fails: fake_backend_lose */
     fake_stats       st;
 } fake;
 
@@ -122,17 +127,50 @@ static int fail_forward(fake *f, const pie_forward_batch *bt)
     return pie_err_set(PIE_EIO, "fake: forward failed (on demand)");
 }
 
+/* Counts a call begun after the loss; PIE_EDEVLOST while lost. */
+static int lost_call(fake *f, const char *what)
+{
+    if (!atomic_load(&f->lost)) return 0;
+    f->st.after_lost++;
+    return pie_err_set(PIE_EDEVLOST, "fake: %s: device lost (on demand)",
+                       what);
+}
+
+/* PIE_ELIMIT over the token limit, PIE_EINVAL holding the poisoned id. */
+static int refuse(fake *f, const pie_forward_batch *bt)
+{
+    int32_t lim = atomic_load(&f->limit), bad = atomic_load(&f->poison);
+    if (lim > 0 && bt->n_tokens > lim) {
+        f->st.refused++;
+        return pie_err_set(PIE_ELIMIT, "fake: a forward of %d tokens, more "
+                           "than the %d it takes", bt->n_tokens, lim);
+    }
+    for (int32_t t = 0; bad >= 0 && t < bt->n_tokens; t++)
+        if (bt->token_ids[t] == bad) {
+            f->st.refused++;
+            return pie_err_set(PIE_EINVAL, "fake: poisoned token %d at %d",
+                               bad, t);
+        }
+    return 0;
+}
+
 static int fake_forward(pie_backend *b, const pie_forward_batch *bt,
                         pie_forward_out *out)
 {
     fake *f = (fake *)b;
-    int rc = pie_batch_validate(bt, f->cfg.vocab_size, b->page_size, b->n_pages);
+    int rc = lost_call(f, "forward");
+    if (rc < 0) return rc;
+    rc = pie_batch_validate(bt, f->cfg.vocab_size, b->page_size, b->n_pages);
+    if (rc == 0) rc = refuse(f, bt);
     if (rc < 0) return rc;
     bool fail = atomic_load(&f->fail_forwards) > 0;   /* read at the start */
     if (fail) atomic_fetch_sub(&f->fail_forwards, 1);
     atomic_fetch_add(&f->started, 1);
     int32_t delay = atomic_load(&f->delay_us);
     if (delay) usleep(delay);
+    if (atomic_load(&f->lost))          /* lost while it ran */
+        return pie_err_set(PIE_EDEVLOST, "fake: forward: device lost while "
+                           "it ran (on demand)");
     if (fail) return fail_forward(f, bt);
     int32_t ps = b->page_size;
     uint64_t *state = calloc(bt->n_tokens + 1, sizeof *state);
@@ -171,6 +209,7 @@ static int fake_forward(pie_backend *b, const pie_forward_batch *bt,
     if (bt->n_reqs > f->st.max_reqs) f->st.max_reqs = bt->n_reqs;
     f->st.total_reqs += bt->n_reqs;
     f->st.total_tokens += bt->n_tokens;
+    if (bt->n_tokens > f->st.max_tokens) f->st.max_tokens = bt->n_tokens;
     return 0;
 }
 
@@ -183,6 +222,8 @@ static int fake_copy(pie_backend *b, int32_t src, int32_t src_off, int32_t dst,
         src_off < 0 || dst_off < 0 || src_off > ps - n ||
         dst_off > ps - n)
         return pie_err_set(PIE_ERANGE, "fake: bad copy");
+    int rc = lost_call(f, "copy");
+    if (rc < 0) return rc;
     if (f->fail_copies > 0) {
         f->fail_copies--;
         return pie_err_set(PIE_EIO, "fake: copy failed (on demand)");
@@ -197,6 +238,8 @@ static int fake_download(pie_backend *b, const int32_t *pages, int32_t n,
                          void *host)
 {
     fake *f = (fake *)b;
+    int rc = lost_call(f, "download");
+    if (rc < 0) return rc;
     f->st.downloads += n;
     for (int32_t i = 0; i < n; i++)
         memcpy((char *)host + i * b->page_bytes,
@@ -208,6 +251,8 @@ static int fake_upload(pie_backend *b, const int32_t *pages, int32_t n,
                        const void *host)
 {
     fake *f = (fake *)b;
+    int rc = lost_call(f, "upload");
+    if (rc < 0) return rc;
     for (int32_t i = 0; i < n; i++)
         memcpy(f->kv + (size_t)pages[i] * b->page_size,
                (const char *)host + i * b->page_bytes, b->page_bytes);
@@ -235,6 +280,7 @@ int fake_backend_create(int32_t vocab, int32_t page_size, int32_t n_pages,
     snprintf(f->cfg.arch, sizeof f->cfg.arch, "fake");
     f->cfg.vocab_size = vocab;
     f->delay_us = delay_us;
+    f->poison = -1;
     f->b = (pie_backend){ .ops = &fake_ops, .cfg = &f->cfg, .name = "fake",
                           .page_size = page_size, .n_pages = n_pages,
                           .page_bytes = (uint64_t)page_size * sizeof(uint64_t) };
@@ -256,4 +302,25 @@ void fake_backend_fail_copies(pie_backend *b, int32_t n) { ((fake *)b)->fail_cop
 void fake_backend_fail_forwards(pie_backend *b, int32_t n)
 {
     atomic_store(&((fake *)b)->fail_forwards, n);
+}
+
+void fake_backend_set_max_tokens(pie_backend *b, int32_t n)
+{
+    b->max_tokens = n;
+    atomic_store(&((fake *)b)->limit, n);
+}
+
+void fake_backend_fail_tokens_over(pie_backend *b, int32_t n)
+{
+    atomic_store(&((fake *)b)->limit, n);
+}
+
+void fake_backend_poison(pie_backend *b, int32_t tok)
+{
+    atomic_store(&((fake *)b)->poison, tok);
+}
+
+void fake_backend_lose(pie_backend *b)
+{
+    atomic_store(&((fake *)b)->lost, true);
 }

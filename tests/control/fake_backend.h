@@ -27,6 +27,11 @@ typedef struct fake_stats {
     int32_t copies;
     int32_t failed;         /* forward calls failed on demand               */
     int64_t downloads;      /* pages downloaded (all download calls)        */
+    int32_t max_tokens;     /* largest forward that ran (tokens)            */
+    int32_t refused;        /* forwards refused: over a token limit, or
+                               holding the poisoned token                   */
+    int32_t after_lost;     /* forward, copy, download and upload calls
+                               begun after fake_backend_lose               */
     int32_t log[4096];      /* requests per call, first 4096 calls          */
 } fake_stats;
 
@@ -47,6 +52,21 @@ void fake_backend_fail_copies(pie_backend *b, int32_t n);
  * call reads this when it starts (atomically: it may be set while another
  * forward runs, which then still succeeds). */
 void fake_backend_fail_forwards(pie_backend *b, int32_t n);
+/* The backend takes at most n tokens a forward, and says so
+ * (b->max_tokens = n, as the CUDA backend does): a longer forward fails
+ * with PIE_ELIMIT. 0: no limit. Set before pie_ctl_create reads it. */
+void fake_backend_set_max_tokens(pie_backend *b, int32_t n);
+/* The same limit without saying so (b->max_tokens stays as it is): a
+ * forward of more than n tokens fails with PIE_ELIMIT, as a backend
+ * whose whole batch passes a limit it did not report. 0: none. */
+void fake_backend_fail_tokens_over(pie_backend *b, int32_t n);
+/* Any forward that holds token id tok fails with PIE_EINVAL and writes
+ * nothing: a request that fails in any batch, alone too. -1: none. */
+void fake_backend_poison(pie_backend *b, int32_t tok);
+/* The device is lost from now on: every forward, copy, download and
+ * upload fails with PIE_EDEVLOST, a forward running now too as it ends
+ * (stats.after_lost counts the calls begun after this). */
+void fake_backend_lose(pie_backend *b);
 /* The greedy next token after history[0..n) at positions 0..n-1. */
 int32_t fake_expected_next(const int32_t *history, int32_t n, int32_t vocab);
 uint64_t fake_mix(int32_t token, int32_t pos);
