@@ -13,9 +13,12 @@
  *            succeeds, graphs are still captured, and the logits equal a
  *            second run on the plan without clusters
  *   outputs  value offsets that do not fit the samplers are refused
- *   lost     (argument "lost"; last in its process) a kernel's illegal
+ *   lost     (argument "lost", alone in its process) a kernel's illegal
  *            address loses the context: every later call answers
  *            PIE_EDEVLOST at once, and destroy still returns
+ *
+ * With no argument it runs meta, cluster and outputs; with one of those
+ * names, that check alone.
  */
 #include <math.h>
 #include <stdint.h>
@@ -291,12 +294,13 @@ int main(int argc, char **argv)
     const char *dir = test_shared_path("models/tiny-llama3");
     pie_model *m;
     CHECK_OK(pie_model_load(dir, NULL, NULL, &m));
-    if (argc > 1 && !strcmp(argv[1], "lost")) {
+    const char *only = argc > 1 ? argv[1] : NULL;
+    if (only && !strcmp(only, "lost")) {
         check_lost(m);
     } else {
-        check_meta(m);
-        check_cluster(m);
-        check_outputs(m);
+        if (!only || !strcmp(only, "meta")) check_meta(m);
+        if (!only || !strcmp(only, "cluster")) check_cluster(m);
+        if (!only || !strcmp(only, "outputs")) check_outputs(m);
     }
     pie_model_free(m);
     TEST_DONE();
