@@ -163,6 +163,9 @@ int64_t pie_backend_cuda_wgmm_calls(const pie_backend *b);
 /* Decode steps a CUDA backend ran as one kernel (batch 1: mega.cu); 0 for
  * other backends or without CUDA. */
 int64_t pie_backend_cuda_mega_steps(const pie_backend *b);
+/* Steps a CUDA backend ran again, re-planned without clusters, after a
+ * refused cluster launch; 0 for other backends or without CUDA. */
+int64_t pie_backend_cuda_replans(const pie_backend *b);
 
 static inline int pie_backend_forward(pie_backend *b,
                                       const pie_forward_batch *batch,

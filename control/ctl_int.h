@@ -453,5 +453,12 @@ void pie__sched_stop(pie_ctl *ctl);              /* without the lock       */
 void pie__unlock(pie_ctl *ctl);
 /* PIE_EDEVLOST with ctl->lost_msg as this thread's message (ctl->lost). */
 int  pie__lost_err(pie_ctl *ctl);
+/* The device is lost (a backend call said PIE_EDEVLOST with msg): marks
+ * the control layer lost once, wakes the scheduler and page waiters. With
+ * mu held. */
+void pie__device_lost(pie_ctl *ctl, const char *msg);
+/* rc of a backend call made with mu held (transfers): PIE_EDEVLOST marks
+ * the control layer lost (pie__device_lost). Returns rc. */
+int  pie__backend_rc(pie_ctl *ctl, int rc);
 
 #endif

@@ -159,7 +159,8 @@ static int serialize(pie_ctl *ctl, const ctl_export *e, wbuf *w)
         }
     }
     if (w->oom) return pie_err_set(PIE_ENOMEM, "control: out of memory");
-    int rc = ctl->b->ops->download(ctl->b, e->pages, e->n, w->p + at);
+    int rc = pie__backend_rc(ctl, ctl->b->ops->download(ctl->b, e->pages,
+                                                        e->n, w->p + at));
     if (rc < 0) return pie_err_wrap(rc, "control: reading KV pages");
     w->n = at + (size_t)e->n * pb;
     return 0;
@@ -535,7 +536,9 @@ static int32_t plan_aliases(pie_ctl *ctl, const unsigned char *rec,
                      u64_cmp))
             continue;
         record_write(ctl, page, buf);
-        if (ctl->b->ops->download(ctl->b, &page, 1, buf + rb) < 0) continue;
+        if (pie__backend_rc(ctl, ctl->b->ops->download(ctl->b, &page, 1,
+                                                       buf + rb)) < 0)
+            continue;
         uint64_t key = XXH64(buf + rb, pb, ck[y].key);
         size_t x = keyed_lower(sp->reps, sp->n_reps, key);
         for (int32_t t = 0; t < SHARE_TRIES && x < (size_t)sp->n_reps &&
@@ -622,8 +625,9 @@ int pie_ctl_export_load(pie_ctl *ctl, const char *path, const char *name)
                         data + kv0 + (size_t)k * pb, pb);
             taken++;
         }
-        if (fresh > 0) rc = ctl->b->ops->upload(ctl->b, own, fresh,
-                                                data + kv0);
+        if (fresh > 0)
+            rc = pie__backend_rc(ctl, ctl->b->ops->upload(ctl->b, own, fresh,
+                                                          data + kv0));
         if (rc < 0) {
             for (int32_t i = 0; i < taken; i++) {
                 ctl->pages[own[i]].hashed = false;

@@ -674,6 +674,8 @@ int pie__wait_for_pages(pie_ctl *ctl, int32_t extra, bool swap,
         if (!swap && c->suspended) return 0;
         int32_t n = need_of(c, extra, swap);
         if (AVAILABLE(ctl) >= n) return wait_end(c, 0);
+        if (ctl->lost)      /* no swap frees any; nothing would run on them */
+            return wait_end(c, pie__lost_err(ctl));
         if (ctl->stop)
             return wait_end(c, pie_err_set(PIE_ECANCELED, "control: shutting "
                                            "down"));

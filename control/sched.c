@@ -31,9 +31,13 @@
  * request, the device thread runs each request again alone (rerun_each:
  * its slices of the batch's arrays, rebased), and each completes with its
  * own status: a request the backend refuses or a device fault hit fails
- * alone, the others succeed with exactly the results a batched run gives
- * (the re-runs rewrite whatever KV the failed batch half wrote). Copies
- * are not run again. A backend call that returns PIE_EDEVLOST (the
+ * alone, the others succeed with the results of running alone (the
+ * re-runs rewrite whatever KV the failed batch half wrote; on the GPU a
+ * batch of one may take other matmul kernels than the batch, so its bits
+ * may differ). Where the first RERUN_GIVE_UP re-runs all fail, the rest
+ * keep the batch's error unrun (a failure of the device, not of one
+ * request: a fire of 256 would make 257 failing calls). Copies are not
+ * run again. A backend call that returns PIE_EDEVLOST (the
  * device's context is lost for good) ends all of that: the control layer
  * is lost (ctl->lost), every op of the fire, every op queued and every op
  * submitted later completes with PIE_EDEVLOST, and nothing more is
@@ -702,6 +706,10 @@ void pie__unstage_all(pie_ctl *ctl)
     batch_reset(B);
 }
 
+/* Re-runs of a failed batch's requests alone that may all fail before the
+ * rest are given the batch's error unrun (rerun_each). */
+#define RERUN_GIVE_UP 4
+
 /* ---- running and completing ----------------------------------------------- */
 
 /* Device thread, without the lock: B's copies, each while the device is
@@ -769,8 +777,8 @@ static int run_alone(pie_ctl *ctl, ctl_batch *B, int32_t r)
         .logit_mask_runs = B->any_lm ? B->lm_runs + B->lm_indptr[o0] : NULL,
     };
     pie_forward_out out = { .tokens = B->out.tokens + o0, .value_indptr = vi,
-                            .values = B->out.values + v0,
-                            .ids = B->out.ids + v0 };
+                            .values = B->out.values ? B->out.values + v0 : NULL,
+                            .ids = B->out.ids ? B->out.ids + v0 : NULL };
     int rc = pie_backend_forward(ctl->b, &fb, &out);
     free(mi), free(oi);
     return rc;
@@ -792,12 +800,20 @@ static void rerun_each(pie_ctl *ctl, ctl_batch *B)
     fprintf(stderr, "pie: control: batch of %d requests (%d tokens) failed: "
             "%s%s\n", B->n_reqs, B->n_tokens, B->err,
             B->n_reqs > 1 ? "; running each request alone" : "");
+    int32_t failed = 0, ran = 0;
     for (int32_t r = 0; B->n_reqs > 1 && r < B->n_reqs && !B->lost; r++) {
+        if (failed == ran && failed == RERUN_GIVE_UP) {
+            fprintf(stderr, "pie: control: the first %d failed alone too; "
+                    "the other %d keep the batch's error\n", failed,
+                    B->n_reqs - r);
+            break;
+        }
         int rc = B->ents[r].rc = run_alone(ctl, B, r);
+        ran++;
         if (rc == PIE_EDEVLOST) {
             B->lost = true;
             snprintf(B->err, sizeof B->err, "%s", pie_err_msg());
-        } else if (rc < 0) {
+        } else if (rc < 0 && ++failed <= RERUN_GIVE_UP) {
             fprintf(stderr, "pie: control: request %d of that batch (%d "
                     "tokens) fails alone too: %s\n", r, B->ents[r].ntok,
                     pie_err_msg());
@@ -868,15 +884,26 @@ static void entry_complete(pie_ctl *ctl, ctl_batch *B, ctl_entry *e)
     }
 }
 
-/* B found the device lost: so is the control layer from now on. */
-static void device_lost(pie_ctl *ctl, const ctl_batch *B)
+/* A backend call answered PIE_EDEVLOST (msg): the control layer is lost
+ * from now on. With mu held. Wakes the scheduler (what is queued fails:
+ * fail_queued) and allocations waiting for pages (pie__wait_for_pages
+ * fails them: no swap can free any). */
+void pie__device_lost(pie_ctl *ctl, const char *msg)
 {
     if (ctl->lost) return;
     snprintf(ctl->lost_msg, sizeof ctl->lost_msg, "device lost: %s; every "
-             "forward fails from now on: restart the server", B->err);
+             "forward fails from now on: restart the server", msg);
     ctl->lost = true;
     ctl->st.device_lost = true;
     fprintf(stderr, "pie: control: %s\n", ctl->lost_msg);
+    pthread_cond_broadcast(&ctl->pool_cv);
+    pthread_cond_signal(&ctl->sched_cv);
+}
+
+int pie__backend_rc(pie_ctl *ctl, int rc)
+{
+    if (rc == PIE_EDEVLOST) pie__device_lost(ctl, pie_err_msg());
+    return rc;
 }
 
 int pie__lost_err(pie_ctl *ctl)
@@ -898,7 +925,7 @@ static void fail_queued(pie_ctl *ctl)
 static void batch_complete(pie_ctl *ctl, ctl_batch *B)
 {
     double t = now_ns();
-    if (B->lost) device_lost(ctl, B);
+    if (B->lost) pie__device_lost(ctl, B->err);
     for (int32_t i = 0; i < B->n_copies; i++) {
         ctl_op *op = B->copies[i];
         op->state = OP_WAITING;

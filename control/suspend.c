@@ -200,7 +200,8 @@ static int32_t suspend_client(pie_ctl *ctl, pie_ctl_client *c)
         fill[k] = p->fill;
         k++;
     }
-    if (ctl->b->ops->download(ctl->b, pages, n, buf) < 0) goto fail;
+    if (pie__backend_rc(ctl, ctl->b->ops->download(ctl->b, pages, n, buf)) < 0)
+        goto fail;
     for (int32_t j = 0; j < n; j++) {
         ctl_handle *hd = &c->h[idx[j]];
         ctl_page *p = &ctl->pages[pages[j]];
@@ -432,6 +433,7 @@ static int resume(pie_ctl_client *c, int32_t extra, int32_t *extra_pages,
     pie_ctl *ctl = c->ctl;
     double t0 = now_s();
     if (back) *back = false;
+    if (ctl->lost && c->suspended) return pie__lost_err(ctl);
     int rc = wait_other_resume(c, timeout_ms, t0);
     if (rc < 0 || !c->suspended) return rc;
     c->resuming = true;                   /* not a victim from here on */
@@ -440,7 +442,8 @@ static int resume(pie_ctl_client *c, int32_t extra, int32_t *extra_pages,
     if (n < 0) return resume_end(c, n);
     if (!pages) return resume_end(c, 0);    /* its swap emptied: none taken */
     rc = ctl->lost ? pie__lost_err(ctl)
-         : n > 0 ? ctl->b->ops->upload(ctl->b, pages + extra, n, c->swap_buf)
+         : n > 0 ? pie__backend_rc(ctl, ctl->b->ops->upload(ctl->b, pages + extra,
+                                                         n, c->swap_buf))
          : 0;
     if (rc < 0) {
         for (int32_t j = 0; j < extra + n; j++) pie__page_unref(ctl, pages[j]);

@@ -1217,6 +1217,7 @@ static int cuda_forward(pie_backend *bb, const pie_forward_batch *b,
         c->cluster_refused = 0;
         if (rc == PIE_EDEVLOST) return rc;
         pie_err_clear();
+        c->n_replans++;
         rc = forward_run(c, b, out);
     }
     return rc ? after_failure(c, rc) : 0;
@@ -1385,6 +1386,12 @@ int64_t pie_backend_cuda_mega_steps(const pie_backend *b)
 {
     if (!b || b->ops != &CUDA_OPS) return 0;
     return ((const cuda_backend *)b)->n_mega;
+}
+
+int64_t pie_backend_cuda_replans(const pie_backend *b)
+{
+    if (!b || b->ops != &CUDA_OPS) return 0;
+    return ((const cuda_backend *)b)->n_replans;
 }
 
 int pie_backend_cuda_available(void)

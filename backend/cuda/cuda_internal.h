@@ -190,6 +190,7 @@ typedef struct cuda_backend {
                                    /* refused: it runs again, planned      */
                                    /* without clusters (cuda_forward)      */
     int               refuse_clusters; /* PIE_CUDA_TEST_REFUSE_CLUSTER set  */
+    int64_t           n_replans;   /* steps run again without clusters    */
     int               lost;        /* the context is lost (PIE_EDEVLOST):  */
     char              lost_msg[256]; /* every later call fails at once     */
     int64_t           n_captured, n_replayed;

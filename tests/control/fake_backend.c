@@ -1,6 +1,7 @@
 /* fake_backend.c — see fake_backend.h. */
 #include "tests/control/fake_backend.h"
 
+#include <pthread.h>
 #include <stdatomic.h>
 #include <stdbool.h>
 #include <stdio.h>
@@ -22,6 +23,9 @@ typedef struct fake {
                                        (0: none)                          */
     atomic_int       poison;        /* forwards holding this id fail (-1)  */
     atomic_bool      lost;          /* every call fails: fake_backend_lose */
+    pthread_mutex_t  gate_mu;       /* fake_backend_hold: forwards that   */
+    pthread_cond_t   gate_cv;       /* start wait while held is set       */
+    bool             held;
     fake_stats       st;
 } fake;
 
@@ -154,6 +158,14 @@ static int refuse(fake *f, const pie_forward_batch *bt)
     return 0;
 }
 
+/* Waits while fake_backend_hold holds forwards. */
+static void gate_wait(fake *f)
+{
+    pthread_mutex_lock(&f->gate_mu);
+    while (f->held) pthread_cond_wait(&f->gate_cv, &f->gate_mu);
+    pthread_mutex_unlock(&f->gate_mu);
+}
+
 static int fake_forward(pie_backend *b, const pie_forward_batch *bt,
                         pie_forward_out *out)
 {
@@ -168,6 +180,7 @@ static int fake_forward(pie_backend *b, const pie_forward_batch *bt,
     atomic_fetch_add(&f->started, 1);
     int32_t delay = atomic_load(&f->delay_us);
     if (delay) usleep(delay);
+    gate_wait(f);
     if (atomic_load(&f->lost))          /* lost while it ran */
         return pie_err_set(PIE_EDEVLOST, "fake: forward: device lost while "
                            "it ran (on demand)");
@@ -262,6 +275,8 @@ static int fake_upload(pie_backend *b, const int32_t *pages, int32_t n,
 static void fake_destroy(pie_backend *b)
 {
     fake *f = (fake *)b;
+    pthread_mutex_destroy(&f->gate_mu);
+    pthread_cond_destroy(&f->gate_cv);
     free(f->kv);
     free(f);
 }
@@ -281,6 +296,8 @@ int fake_backend_create(int32_t vocab, int32_t page_size, int32_t n_pages,
     f->cfg.vocab_size = vocab;
     f->delay_us = delay_us;
     f->poison = -1;
+    pthread_mutex_init(&f->gate_mu, NULL);
+    pthread_cond_init(&f->gate_cv, NULL);
     f->b = (pie_backend){ .ops = &fake_ops, .cfg = &f->cfg, .name = "fake",
                           .page_size = page_size, .n_pages = n_pages,
                           .page_bytes = (uint64_t)page_size * sizeof(uint64_t) };
@@ -292,6 +309,15 @@ fake_stats *fake_backend_stats(pie_backend *b) { return &((fake *)b)->st; }
 void fake_backend_set_delay(pie_backend *b, int32_t d)
 {
     atomic_store(&((fake *)b)->delay_us, d);
+}
+
+void fake_backend_hold(pie_backend *b, bool on)
+{
+    fake *f = (fake *)b;
+    pthread_mutex_lock(&f->gate_mu);
+    f->held = on;
+    pthread_cond_broadcast(&f->gate_cv);
+    pthread_mutex_unlock(&f->gate_mu);
 }
 
 int32_t fake_backend_started(pie_backend *b)

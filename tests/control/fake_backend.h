@@ -15,6 +15,7 @@
 #ifndef PIE_FAKE_BACKEND_H
 #define PIE_FAKE_BACKEND_H
 
+#include <stdbool.h>
 #include <stdint.h>
 
 #include "backend/backend.h"
@@ -40,6 +41,9 @@ int  fake_backend_create(int32_t vocab, int32_t page_size, int32_t n_pages,
                          int32_t delay_us, pie_backend **out);
 fake_stats *fake_backend_stats(pie_backend *b);
 void fake_backend_set_delay(pie_backend *b, int32_t delay_us);
+/* While on, a forward that starts (counted in fake_backend_started) waits
+ * until it is turned off: a test holds the device as long as it needs. */
+void fake_backend_hold(pie_backend *b, bool on);
 /* Forward calls begun so far (counted before the delay: a test waits for
  * it to know that a forward holds the device, instead of sleeping). */
 int32_t fake_backend_started(pie_backend *b);

@@ -38,6 +38,7 @@ size_t __sanitizer_get_current_allocated_bytes(void);
 #include "common/pie_err.h"
 #include "control/control.h"
 #include "control/ctl_int.h"     /* load_compares, a test hook */
+#include "tests/control/ctl_fwd.h"
 #include "tests/control/fake_backend.h"
 #include "tests/test_util.h"
 
@@ -159,23 +160,12 @@ static void check_same(const int32_t *want, const int32_t *got, int32_t n,
 
 /* ---- one forward, by hand ---------------------------------------------- */
 
-/* Submits n tokens at positions pos0.. into pages (kv ends at pos0+n),
- * greedy output at the last token; chained from `from` when non-NULL. */
+/* ctl_test_fwd (ctl_fwd.h) on this file's page size. */
 static int fwd_cb(pie_ctl_client *c, const int32_t *toks, int32_t n,
                   int32_t pos0, const uint32_t *pages, pie_ctl_future *from,
                   pie_ctl_done_fn done, void *user, pie_ctl_future **out)
 {
-    int32_t pos[256], kv = pos0 + n, np = (kv + PS - 1) / PS, oi = n - 1;
-    for (int32_t i = 0; i < n; i++) pos[i] = pos0 + i;
-    pie_sampler s = { .kind = PIE_SAMPLER_GREEDY };
-    pie_ctl_chain ch = { 0, from, 0 };
-    pie_ctl_forward f = {
-        .n_tokens = n, .tokens = toks, .positions = pos, .n_pages = np,
-        .pages = pages, .last_page_len = kv - (np - 1) * PS, .n_outputs = 1,
-        .output_idx = &oi, .samplers = &s, .n_chains = from != NULL,
-        .chains = &ch,
-    };
-    return pie_ctl_forward_submit(c, &f, done, user, out);
+    return ctl_test_fwd(c, PS, toks, n, pos0, pages, from, done, user, out);
 }
 
 /* fwd_cb without a callback. */

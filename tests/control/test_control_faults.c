@@ -22,6 +22,7 @@
 
 #include "common/pie_err.h"
 #include "control/control.h"
+#include "tests/control/ctl_fwd.h"
 #include "tests/control/fake_backend.h"
 #include "tests/test_util.h"
 
@@ -29,7 +30,6 @@
 #define PS      16
 #define N_GEN   8
 #define GEN_TOK 24
-#define HOLD_US 300000      /* a device hold that outlasts the test's calls */
 
 static void make_prompt(int32_t *p, int32_t n, uint32_t seed)
 {
@@ -86,10 +86,10 @@ static void *gen_main(void *arg)
     return NULL;
 }
 
-/* Occupies the device with a forward of its own client (slowed to HOLD_US),
- * starts the n jobs and returns once every one queued its first steps
- * (prefill and 4 chained decodes): their prefills, ready together, go out
- * in the next fire as one batch. */
+/* Occupies the device with a forward of its own client (held by
+ * fake_backend_hold), starts the n jobs and, once every one queued its
+ * first steps (prefill and 4 chained decodes), lets the hold end: their
+ * prefills, ready together, go out in the next fire as one batch. */
 static pie_ctl_future *start_behind_hold(pie_ctl *ctl, pie_backend *b,
                                          pie_ctl_client *z, gen_job *jobs,
                                          int n, pthread_t *th)
@@ -102,22 +102,22 @@ static pie_ctl_future *start_behind_hold(pie_ctl *ctl, pie_backend *b,
                           .n_pages = 1, .pages = &h, .last_page_len = 1,
                           .n_outputs = 1, .output_idx = &oi, .samplers = &s };
     pie_ctl_future *fh;
-    fake_backend_set_delay(b, HOLD_US);
+    fake_backend_hold(b, true);
     CHECK_OK(pie_ctl_forward_submit(z, &f, NULL, NULL, &fh));
     wait_started(b, s0 + 1);
-    fake_backend_set_delay(b, 0);          /* the hold sleeps on */
     for (int i = 0; i < n; i++) {
         jobs[i].ctl = ctl;
         CHECK(pthread_create(&th[i], NULL, gen_main, &jobs[i]) == 0,
               "cannot start generation %d", i);
     }
     int32_t want = 1 + n * 5;
-    for (int k = 0; k < 10000 && stats(ctl).queue_depth < want; k++)
+    for (int k = 0; k < 300000 && stats(ctl).queue_depth < want; k++)
         usleep(100);
-    CHECK(fake_backend_started(b) == s0 + 1, "the hold ended before the "
-          "generations queued (a loaded machine?)");
     CHECK(stats(ctl).queue_depth >= want, "queue depth %d, expected %d",
           stats(ctl).queue_depth, want);
+    CHECK(fake_backend_started(b) == s0 + 1, "a forward started beside the "
+          "hold");
+    fake_backend_hold(b, false);
     return fh;
 }
 
@@ -255,23 +255,12 @@ static int wait_note(copy_note *n)
     return atomic_load(&n->status);
 }
 
-/* n tokens at positions pos0.. into pages; greedy output at the last;
- * chained from `from` (token 0) when non-NULL. */
+/* ctl_test_fwd (ctl_fwd.h) without a callback. */
 static int fwd(pie_ctl_client *c, const int32_t *toks, int32_t n, int32_t pos0,
                const uint32_t *pages, pie_ctl_future *from,
                pie_ctl_future **out)
 {
-    int32_t pos[64], kv = pos0 + n, np = (kv + PS - 1) / PS, oi = n - 1;
-    for (int32_t i = 0; i < n; i++) pos[i] = pos0 + i;
-    pie_sampler s = { .kind = PIE_SAMPLER_GREEDY };
-    pie_ctl_chain ch = { 0, from, 0 };
-    pie_ctl_forward f = {
-        .n_tokens = n, .tokens = toks, .positions = pos, .n_pages = np,
-        .pages = pages, .last_page_len = kv - (np - 1) * PS, .n_outputs = 1,
-        .output_idx = &oi, .samplers = &s, .n_chains = from != NULL,
-        .chains = &ch,
-    };
-    return pie_ctl_forward_submit(c, &f, NULL, NULL, out);
+    return ctl_test_fwd(c, PS, toks, n, pos0, pages, from, NULL, NULL, out);
 }
 
 static void expect_lost(pie_ctl_future *f, const char *what)
@@ -314,7 +303,7 @@ static void test_device_lost(void)
     CHECK_OK(pie_ctl_future_wait(f, 10000));
     pie_ctl_future_release(f);
     int32_t s0 = fake_backend_started(b);
-    fake_backend_set_delay(b, HOLD_US);
+    fake_backend_hold(b, true);
     CHECK_OK(fwd(c, A, 4, 0, h, NULL, &fd));
     wait_started(b, s0 + 1);
     CHECK_OK(fwd(d, &x, 1, 4, hd, NULL, &fq));         /* staged behind D */
@@ -322,9 +311,8 @@ static void test_device_lost(void)
     copy_note cn = { 1 }, cn2 = { 1 };
     CHECK_OK(pie_ctl_page_copy_cb(c, h[0], 0, h[1], 0, 4, on_copy, &cn));
     fake_backend_lose(b);
-    CHECK(fake_backend_started(b) == s0 + 1, "D ended before the loss (a "
-          "loaded machine?)");
-    fake_backend_set_delay(b, 0);
+    CHECK(fake_backend_started(b) == s0 + 1, "a forward started beside D");
+    fake_backend_hold(b, false);
     expect_lost(fd, "the forward running at the loss");
     expect_lost(fq, "a forward staged behind it");
     expect_lost(fc, "a forward chained from it");

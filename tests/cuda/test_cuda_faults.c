@@ -211,6 +211,9 @@ static void check_cluster(const pie_model *m)
     unsetenv("PIE_CUDA_TEST_REFUSE_CLUSTER");
     CHECK(rc == 0, "decode with cluster launches refused: rc %d (%s)", rc,
           pie_err_msg());
+    CHECK(pie_backend_cuda_replans(b) == 1, "%lld steps re-planned after "
+          "the refusal, expected 1 (no cluster plan on this GPU?)",
+          (long long)pie_backend_cuda_replans(b));
     CHECK_OK(decode(b, steps, e));
     pie_backend_cuda_graphs(b, &cap, &rep);
     unsetenv("PIE_CUDA_DEC_CLUSTER");
