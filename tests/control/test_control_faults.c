@@ -159,13 +159,14 @@ static int32_t unused_id(gen_job *jobs, int n)
     return -1;
 }
 
-enum { FAIL_POISON, FAIL_LIMIT, FAIL_ONCE };
+enum { FAIL_POISON, FAIL_LIMIT, FAIL_ONCE, FAIL_ALL };
 
 /* N_GEN generations whose prefills share one fire that fails: through a
  * poisoned request (which alone fails again), a whole-batch token limit
  * the backend did not report, or a one-time fault that half-wrote every
  * request's KV. Every request but the poisoned one must generate exactly
- * the reference. */
+ * the reference. FAIL_ALL: a limit no request fits alone either, so that
+ * the re-runs stop after the first RERUN_GIVE_UP (4) and all fail. */
 static void run_rerun(int mode, const char *what)
 {
     test_watchdog(what, 60);
@@ -186,14 +187,24 @@ static void run_rerun(int mode, const char *what)
         fake_backend_poison(b, poison);
     }
     if (mode == FAIL_LIMIT) fake_backend_fail_tokens_over(b, 40);
+    if (mode == FAIL_ALL) fake_backend_fail_tokens_over(b, 8);
     pie_ctl_client *z;
     CHECK_OK(pie_ctl_client_open(ctl, NULL, &z));
     pie_ctl_future *fh = start_behind_hold(ctl, b, z, jobs, N_GEN, th);
     if (mode == FAIL_ONCE) fake_backend_fail_forwards(b, 1);
     CHECK_OK(pie_ctl_future_wait(fh, 10000));
     pie_ctl_future_release(fh);
-    check_jobs(jobs, N_GEN, th, bad, what);
     fake_stats *fs = fake_backend_stats(b);
+    if (mode == FAIL_ALL) {
+        for (int i = 0; i < N_GEN; i++) pthread_join(th[i], NULL);
+        for (int i = 0; i < N_GEN; i++)
+            CHECK(jobs[i].rc == PIE_ELIMIT, "%s: generation %d: rc %d (%s)",
+                  what, i, jobs[i].rc, jobs[i].msg);
+        CHECK(fs->refused == 1 + 4, "%d forwards refused, expected 5 (the "
+              "batch, then 4 requests alone)", fs->refused);
+    } else {
+        check_jobs(jobs, N_GEN, th, bad, what);
+    }
     if (mode == FAIL_POISON) {
         CHECK(jobs[bad].rc == PIE_EINVAL, "the poisoned generation: rc %d "
               "(%s), expected %d", jobs[bad].rc, jobs[bad].msg, PIE_EINVAL);
@@ -203,12 +214,13 @@ static void run_rerun(int mode, const char *what)
     } else if (mode == FAIL_LIMIT) {
         CHECK(fs->refused == 1, "%d forwards refused, expected 1 (the batch "
               "of %d prefills)", fs->refused, N_GEN);
-    } else {
+    } else if (mode == FAIL_ONCE) {
         CHECK(fs->failed == 1, "%d forwards failed, expected 1", fs->failed);
     }
     pie_ctl_stats st = stats(ctl);
-    CHECK(st.failed == (mode == FAIL_POISON ? 1u : 0u), "stats.failed %llu",
-          (unsigned long long)st.failed);
+    unsigned want = mode == FAIL_POISON ? 1u : mode == FAIL_ALL ? N_GEN : 0u;
+    CHECK(st.failed == want, "stats.failed %llu, expected %u",
+          (unsigned long long)st.failed, want);
     CHECK(!st.device_lost, "device_lost set by an ordinary failure");
     pie_ctl_client_close(z);
     free(jobs);
@@ -234,6 +246,12 @@ static void test_rerun_once(void)
 {
     run_rerun(FAIL_ONCE, "rerun_once: a batch of 8 that faults once, its KV "
               "half written");
+}
+
+static void test_rerun_all(void)
+{
+    run_rerun(FAIL_ALL, "rerun_all: a batch of 8 whose requests all fail "
+              "alone too");
 }
 
 /* ---- device lost --------------------------------------------------------- */
@@ -422,11 +440,68 @@ static void test_max_tokens(void)
     test_watchdog_off();
 }
 
+typedef struct alloc_job {
+    pie_ctl_client *c;
+    int             rc;
+} alloc_job;
+
+static void *alloc_main(void *arg)
+{
+    alloc_job *j = arg;
+    uint32_t h;
+    j->rc = pie_ctl_page_alloc(j->c, 1, -1, &h);
+    return NULL;
+}
+
+/* Under the suspend policy, once the device is lost an allocation the
+ * pool cannot serve answers PIE_EDEVLOST: no swap can free a page any
+ * more (two clients holding the whole pool, each asking for one more page,
+ * waited forever before). */
+static void test_lost_alloc(void)
+{
+    test_watchdog("lost_alloc: allocations after the loss", 30);
+    pie_backend *b;
+    pie_ctl *ctl;
+    pie_ctl_opts o = { .policy = PIE_CTL_POLICY_SUSPEND };
+    CHECK_OK(fake_backend_create(VOCAB, PS, 8, 0, &b));
+    CHECK_OK(pie_ctl_create(b, &o, &ctl));
+    pie_ctl_client *c, *a, *d;
+    CHECK_OK(pie_ctl_client_open(ctl, NULL, &c));
+    uint32_t h, ha[4], hd[4];
+    CHECK_OK(pie_ctl_page_alloc(c, 1, 0, &h));
+    int32_t tok = 5;
+    pie_ctl_future *f;
+    fake_backend_lose(b);
+    CHECK_OK(fwd(c, &tok, 1, 0, &h, NULL, &f));
+    expect_lost(f, "the forward that finds the device lost");  /* frees f */
+    CHECK_OK(pie_ctl_page_free(c, 1, &h));
+    CHECK_OK(pie_ctl_client_open(ctl, NULL, &a));
+    CHECK_OK(pie_ctl_client_open(ctl, NULL, &d));
+    CHECK_OK(pie_ctl_page_alloc(a, 4, 0, ha));  /* served at once */
+    CHECK_OK(pie_ctl_page_alloc(d, 4, 0, hd));
+    alloc_job ja = { a, 0 }, jd = { d, 0 };
+    pthread_t ta, td;
+    CHECK(pthread_create(&ta, NULL, alloc_main, &ja) == 0, "thread");
+    CHECK(pthread_create(&td, NULL, alloc_main, &jd) == 0, "thread");
+    pthread_join(ta, NULL);
+    pthread_join(td, NULL);
+    CHECK(ja.rc == PIE_EDEVLOST && jd.rc == PIE_EDEVLOST, "allocations past "
+          "the pool after the loss: rc %d and %d", ja.rc, jd.rc);
+    pie_ctl_client_close(a);
+    pie_ctl_client_close(d);
+    pie_ctl_client_close(c);
+    pie_ctl_free(ctl);
+    pie_backend_free(b);
+    test_watchdog_off();
+}
+
 static const struct { const char *name; void (*fn)(void); } tests[] = {
     { "rerun_poison", test_rerun_poison },
     { "rerun_limit", test_rerun_limit },
     { "rerun_once", test_rerun_once },
+    { "rerun_all", test_rerun_all },
     { "device_lost", test_device_lost },
+    { "lost_alloc", test_lost_alloc },
     { "max_tokens", test_max_tokens },
 };
 
