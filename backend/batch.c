@@ -309,7 +309,7 @@ int pie_batch_validate(const pie_forward_batch *b, int32_t vocab,
 
 /* ------------------------------------------------------------ output alloc */
 
-static int64_t sampler_values(const pie_sampler *s, int32_t vocab)
+int64_t pie_sampler_values(const pie_sampler *s, int32_t vocab)
 {
     switch (s->kind) {
     case PIE_PROBE_TOPK:     return s->top_k > 0 ? s->top_k : 0;
@@ -332,7 +332,7 @@ int pie_forward_out_alloc(const pie_forward_batch *b, int32_t vocab,
     if (!out->tokens || !out->value_indptr) goto err;
     uint64_t total = 0;
     for (int32_t o = 0; o < n; o++) {
-        total += (uint64_t)sampler_values(&b->samplers[o], vocab);
+        total += (uint64_t)pie_sampler_values(&b->samplers[o], vocab);
         if (total > UINT32_MAX) {
             pie_forward_out_free(out);
             return pie_err_set(PIE_ERANGE, "batch: %llu probe values exceed "
@@ -360,7 +360,7 @@ int pie_forward_out_check(const pie_forward_batch *b, int32_t vocab,
                            "(allocate them with pie_forward_out_alloc)");
     uint64_t total = 0;
     for (int32_t o = 0; o < n; o++) {
-        uint64_t want = (uint64_t)sampler_values(&b->samplers[o], vocab);
+        uint64_t want = (uint64_t)pie_sampler_values(&b->samplers[o], vocab);
         if (out->value_indptr[o] != total ||
             (uint64_t)out->value_indptr[o + 1] - out->value_indptr[o] != want)
             return pie_err_set(PIE_EINVAL, "batch: output %d's probe values "

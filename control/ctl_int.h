@@ -445,7 +445,6 @@ void pie__op_complete(pie_ctl *ctl, ctl_op *op, int status);
 void pie__ready_insert(pie_ctl *ctl, ctl_op *op);
 void pie__make_ready(pie_ctl *ctl, ctl_op *op);
 void pie__unstage_all(pie_ctl *ctl);
-int32_t pie__sampler_values(const pie_sampler *s, int32_t vocab);
 void pie__batch_free(ctl_batch *B);
 int  pie__sched_start(pie_ctl *ctl);             /* without the lock       */
 void pie__sched_stop(pie_ctl *ctl);              /* without the lock       */

@@ -398,21 +398,6 @@ void pie__op_complete(pie_ctl *ctl, ctl_op *op, int status)
 
 /* ---- batch assembly ------------------------------------------------------- */
 
-static int32_t sampler_values(const pie_sampler *s, int32_t vocab)
-{
-    switch (s->kind) {
-    case PIE_PROBE_TOPK:     return s->top_k;
-    case PIE_PROBE_LOGITS:   return vocab;
-    case PIE_PROBE_LOGPROBS: return s->n_ids;
-    case PIE_PROBE_ENTROPY:  return 1;
-    default:                 return 0;
-    }
-}
-int32_t pie__sampler_values(const pie_sampler *s, int32_t vocab)
-{
-    return sampler_values(s, vocab);
-}
-
 /* Grows ptr (int32 capacity cap) to hold need (int64) elements, doubling;
  * a capacity past INT32_MAX is PIE_ENOMEM, never a wrapped one. */
 #define GROW(ptr, cap, need, extra)                                          \
@@ -520,7 +505,7 @@ static slice_size count_slice(pie_ctl *ctl, const ctl_op *op, int32_t t0,
         int32_t t = op->output_idx[o];
         if (t < t0 || t >= t0 + n) continue;
         z.nout++;
-        z.nval += sampler_values(&op->samplers[o], ctl->vocab);
+        z.nval += (int32_t)pie_sampler_values(&op->samplers[o], ctl->vocab);
         z.nlm += op->lm_indptr ? (int64_t)(op->lm_indptr[o + 1] -
                                            op->lm_indptr[o]) : 2;
     }
@@ -594,7 +579,7 @@ static int batch_append(pie_ctl *ctl, ctl_batch *B, ctl_op *op, int32_t t0,
             B->lm_runs[B->n_lm_runs++] = (uint32_t)ctl->vocab;
         }
         B->lm_indptr[row + 1] = (uint32_t)B->n_lm_runs;
-        B->n_values += sampler_values(&op->samplers[o], ctl->vocab);
+        B->n_values += pie_sampler_values(&op->samplers[o], ctl->vocab);
         B->out.value_indptr[row + 1] = (uint32_t)B->n_values;
     }
     B->n_reqs++;
