@@ -30,6 +30,9 @@
 #   attnexp decode attention with page size 64, pages in order, 2 blocks/SM
 #   profile per-operation GPU time of decode steps (PIE_CUDA_PROFILE=1)
 #   thr     decode at the throughput targets' shapes (1B B=64/256, 8B B=256)
+#   ltsearch cuBLASLt's heuristic candidates against every configuration it
+#           accepts, for the 8B B=256 and 1B B=64 decode matmuls
+#           (bench_lt_search)
 #   ncuattn ncu of decode attention (stalls, memory, occupancy), three shapes
 #   preab   prefill of old.tar.xz and this build, interleaved, twice
 #   nomerge decode attention with and without its merge kernel (timing only)
@@ -301,6 +304,10 @@ for phase in "$@"; do
                 --model random:$1 --batch $2 --prompt-len $3 --gen 8 2>&1 \
                 | grep -E "pie profile|decode:" | tee -a "$OUT/summary.log"
         done
+        ;;
+    ltsearch)   # cuBLASLt: heuristic candidates vs every configuration
+        log ltsearch
+        timeout 500 $R bench_lt_search 2>&1 | tee -a "$OUT/summary.log"
         ;;
     thr)        # the throughput decode shapes of the targets
         for cfg in "llama-3.2-1b 64 512 24" "llama-3.2-1b 256 512 24" \
