@@ -17,6 +17,7 @@ rm -rf "$out"
 mkdir -p "$out/bin" "$out/lib"
 for b in "$build/pie" "$build"/tests/cuda/test_cuda_kernels \
          "$build"/tests/cuda/test_cuda_model "$build"/tests/cuda/test_cuda_faults \
+         "$build"/tests/cuda/test_cuda_fuzz \
          "$build"/tests/cuda/bench_cuda_attn "$build"/tests/cuda/bench_lt_search \
          "$build"/tests/cuda/bench_kv_read "$build"/tests/control/bench_control; do
     [ -x "$b" ] || continue

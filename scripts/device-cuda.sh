@@ -136,6 +136,9 @@ for phase in "$@"; do
         echo "faults rc=$?" | tee -a "$OUT/summary.log"; tail -6 "$OUT/faults.log"
         timeout 150 $R test_cuda_faults lost > "$OUT/lost.log" 2>&1
         echo "faults lost rc=$?" | tee -a "$OUT/summary.log"; tail -4 "$OUT/lost.log"
+        # the CUDA backend against the CPU one on the batch fuzzer's corpus
+        timeout 150 $R test_cuda_fuzz fuzz/corpus/batch > "$OUT/fuzz.log" 2>&1
+        echo "fuzz corpus rc=$?" | tee -a "$OUT/summary.log"; tail -2 "$OUT/fuzz.log"
         model ""                                # the default plans
         tail -30 "$OUT/model.log"
         # every decode step on the whole-item plan: one, two, four blocks
