@@ -479,8 +479,26 @@ static int check_filled(pie_ctl *ctl, const pie_ctl_forward *f,
     return 0;
 }
 
+/* Refuses a page listed twice where a listing is one op writes (from its
+ * first new token on, before prefix caching trims any): its slots would be
+ * written twice, or read and overwritten, in one forward; and prefix
+ * caching, which may give one listing's handle a cached twin, would leave
+ * the other on a page the handle no longer holds (mu held, pages
+ * resolved). */
+static int check_distinct(const pie_ctl_forward *f, const ctl_op *op,
+                          int32_t ps)
+{
+    for (int32_t k = (op->kv_len - op->n_tokens) / ps; k < f->n_pages; k++)
+        for (int32_t j = 0; j < k; j++)
+            if (op->pages[j] == op->pages[k])
+                return pie_err_set(PIE_EINVAL, "control: page handle %u is "
+                                   "listed twice in one forward (at %d and "
+                                   "%d) and written", f->pages[k], j, k);
+    return 0;
+}
+
 /* Checks that the pages op writes from its first new token of index t0
- * on are writable and distinct (mu held). */
+ * on are writable (mu held). */
 static int check_writable(pie_ctl_client *c, const pie_ctl_forward *f,
                           const ctl_op *op, int32_t t0)
 {
@@ -488,11 +506,6 @@ static int check_writable(pie_ctl_client *c, const pie_ctl_forward *f,
     int32_t ps = ctl->ps, first = (op->kv_len - op->n_tokens + t0) / ps;
     for (int32_t k = first; k < f->n_pages; k++) {
         const ctl_handle *hd = &c->h[f->pages[k] - 1];
-        for (int32_t j = first; j < k; j++)
-            if (op->pages[j] == hd->page)
-                return pie_err_set(PIE_EINVAL, "control: page handle %u is "
-                                   "written twice in one forward",
-                                   f->pages[k]);
         if (hd->ro || PAGE_IS_SHARED(&ctl->pages[hd->page]))
             return pie_err_set(PIE_EPERM, "control: page handle %u is "
                                "read-only (imported, exported or shared by "
@@ -648,6 +661,7 @@ int pie_ctl_forward_submit(pie_ctl_client *c, const pie_ctl_forward *f,
     pie__client_not_waiting(c);
     if ((rc = resolve_pages(c, f, op)) < 0) goto fail;
     if ((rc = check_filled(ctl, f, op)) < 0) goto fail;
+    if ((rc = check_distinct(f, op, ctl->ps)) < 0) goto fail;
     if ((rc = resolve_chains(c, f, op)) < 0) goto fail;
     if ((rc = resolve_prefix(c, f, op)) < 0) goto fail;
     op->n_pages = f->n_pages;

@@ -57,6 +57,19 @@ int32_t fake_expected_next(const int32_t *history, int32_t n, int32_t vocab)
     return (int32_t)(finish(h, history[n - 1], n - 1) % (uint64_t)vocab);
 }
 
+void fake_expected_gen(const int32_t *prompt, int32_t np, int32_t n,
+                       int32_t vocab, int32_t *out)
+{
+    int32_t *h = malloc((size_t)(np + n) * sizeof *h);
+    if (!h) abort();
+    memcpy(h, prompt, (size_t)np * sizeof *h);
+    for (int32_t i = 0; i < n; i++) {
+        h[np + i] = fake_expected_next(h, np + i, vocab);
+        out[i] = h[np + i];
+    }
+    free(h);
+}
+
 static bool allowed(const uint32_t *runs, uint32_t n, int32_t id)
 {
     uint64_t at = 0;
@@ -78,8 +91,9 @@ static void write_row(fake *f, const pie_forward_batch *bt, pie_forward_out *out
         runs = bt->logit_mask_runs + bt->logit_mask_indptr[o];
         nr = bt->logit_mask_indptr[o + 1] - bt->logit_mask_indptr[o];
     }
-    float *vals = out->values + out->value_indptr[o];
-    int32_t *ids = out->ids + out->value_indptr[o];
+    /* (no probe rows, no value arrays: NULL, never NULL + 0) */
+    float *vals = out->values ? out->values + out->value_indptr[o] : NULL;
+    int32_t *ids = out->ids ? out->ids + out->value_indptr[o] : NULL;
     int32_t tok = -1;
     switch (s->kind) {
     case PIE_SAMPLER_RANDOM:

@@ -73,6 +73,9 @@ void fake_backend_poison(pie_backend *b, int32_t tok);
 void fake_backend_lose(pie_backend *b);
 /* The greedy next token after history[0..n) at positions 0..n-1. */
 int32_t fake_expected_next(const int32_t *history, int32_t n, int32_t vocab);
+/* The n greedy tokens after prompt[0..np) (the reference continuation). */
+void fake_expected_gen(const int32_t *prompt, int32_t np, int32_t n,
+                       int32_t vocab, int32_t *out);
 uint64_t fake_mix(int32_t token, int32_t pos);
 
 #endif
