@@ -2,7 +2,8 @@
  * fuzz_ctl.c — libFuzzer harness for the control layer: the bytes are a
  * program of up to 96 calls (open and close clients, allocate and free
  * pages, submit forwards with any fields and chains, copy pages, export,
- * import and unexport, cancel, poll, wait and release futures, make the
+ * import and unexport, save exports to a file and load it back, changed
+ * or cut, resume clients, cancel, poll, wait and release futures, make the
  * backend fail or lose the device) run against a fresh pie_ctl over the
  * fake backend (tests/control/fake_backend.c: 16 pages of 4 slots, vocab
  * 64), under the policy the first byte picks. Every call may fail, but
@@ -16,6 +17,7 @@
 #include <stdlib.h>
 #include <string.h>
 #include <time.h>
+#include <unistd.h>
 
 #include "common/pie_err.h"
 #include "control/control.h"
@@ -69,7 +71,7 @@ static void ok_or(int rc)
     switch (rc) {
     case 0: case PIE_EINVAL: case PIE_ENOMEM: case PIE_ERANGE: case PIE_EBUSY:
     case PIE_ECANCELED: case PIE_ELIMIT: case PIE_EAGAIN: case PIE_EIO:
-    case PIE_ENOTFOUND: case PIE_EPERM: case PIE_EDEVLOST:
+    case PIE_ENOTFOUND: case PIE_EPERM: case PIE_EDEVLOST: case PIE_EFORMAT:
         return;
     default:
         if (rc > 0) return;     /* counts (imports) */
@@ -258,9 +260,59 @@ static void op_client(prog *p, int c, rd *r)
     p->nh[c] = 0;
 }
 
+/* The byte at offset x of path xor y (y != 0), or (z) the file cut there. */
+static void corrupt(const char *path, uint32_t x, uint32_t y, int z)
+{
+    FILE *f = fopen(path, "r+b");
+    if (!f) return;
+    long n = fseek(f, 0, SEEK_END) == 0 ? ftell(f) : 0;
+    if (n > 0) {
+        long at = (long)(x % (uint32_t)n);
+        if (z) {
+            fclose(f);
+            if (truncate(path, at)) { /* (nothing to corrupt then) */ }
+            return;
+        }
+        int ch;
+        if (fseek(f, at, SEEK_SET) == 0 && (ch = fgetc(f)) != EOF &&
+            fseek(f, at, SEEK_SET) == 0)
+            fputc(ch ^ (int)(y | 1), f);
+    }
+    fclose(f);
+}
+
+static char kv_path[64];     /* this process's export file */
+
+static void kv_remove(void)
+{
+    unlink(kv_path);
+}
+
+/* Saves an export to this process's file, or loads the file under a
+ * name, its bytes changed or cut first where r says so: a corrupt file
+ * must be refused (PIE_EFORMAT), loading nothing. */
+static void op_persist(prog *p, rd *r)
+{
+    const char *path = kv_path;
+    if (!kv_path[0]) {
+        snprintf(kv_path, sizeof kv_path, "/tmp/fuzz_ctl_%d.kv", (int)getpid());
+        atexit(kv_remove);
+    }
+    const char *nm = NAMES[r8(r) % 3];
+    int what = (int)(r8(r) % 4), rc;
+    if (what == 0) {
+        rc = pie_ctl_export_save(p->ctl, nm, path);
+    } else {
+        if (what >= 2) corrupt(path, r8(r) | r8(r) << 8, r8(r), what == 3);
+        rc = pie_ctl_export_load(p->ctl, path, nm);
+    }
+    if (tracing()) fprintf(stderr, "  persist %d %s -> %d\n", what, nm, rc);
+    ok_or(rc);
+}
+
 static void run_op(prog *p, rd *r)
 {
-    int op = (int)(r8(r) % 12), c = (int)(r8(r) % NCLI);
+    int op = (int)(r8(r) % 14), c = (int)(r8(r) % NCLI);
     if (getenv("FUZZ_CTL_TRACE")) {
         pie_ctl_stats st;
         pie_ctl_get_stats(p->ctl, &st);
@@ -277,6 +329,9 @@ static void run_op(prog *p, rd *r)
     case 8: op_export(p, c, r); break;
     case 9: op_import(p, c, r); break;
     case 10: op_future(p, r); break;
+    case 12: op_persist(p, r); break;
+    case 13: ok_or(pie_ctl_client_resume(p->cli[c], (int32_t)(r8(r) % 2)));
+             break;
     default:
         if (r8(r) % 8 == 0) {
             ok_or(pie_ctl_unexport(p->cli[c], NAMES[r8(r) % 3]));
