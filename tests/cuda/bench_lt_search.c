@@ -170,6 +170,23 @@ static int accepted(bench *B, cublasLtMatmulAlgo_t *a)
            chk.workspaceSize <= WS_BYTES;
 }
 
+/* Candidate a with custom option o, CTA swizzle w and cluster shape
+ * index cl (0: auto, else enum value cl + 1), timed once into cands[n]
+ * where cuBLASLt accepts it; returns the new count. */
+static int add_cand(bench *B, cublasLtMatmulAlgo_t a, int o, int w, int cl,
+                    int n)
+{
+    uint16_t cs = (uint16_t)(cl ? cl + 1 : 0);
+    set_cfg(&a, CUBLASLT_ALGO_CONFIG_CUSTOM_OPTION, (uint32_t)o);
+    set_cfg(&a, CUBLASLT_ALGO_CONFIG_CTA_SWIZZLING, (uint32_t)w);
+    cublasLtMatmulAlgoConfigSetAttribute(
+        &a, CUBLASLT_ALGO_CONFIG_CLUSTER_SHAPE_ID, &cs, sizeof cs);
+    if (n >= MAX_CANDS || !accepted(B, &a)) return n;
+    cands[n].algo = a;
+    cands[n].us = run_once(B, &a);
+    return n + 1;
+}
+
 /* The heuristic's candidates with one field changed at a time: every tile
  * of their algorithm, custom options 0..7 x cluster shapes 0, 2..10 x CTA
  * swizzle; once each, appended to cands from n. */
@@ -189,20 +206,7 @@ static int mutate(bench *B, int n)
         free(tiles);
         for (int o = 0; o < 8; o++)
             for (int cl = 0; cl < 10; cl++)
-                for (int w = 0; w < 2 && n < MAX_CANDS; w++) {
-                    cublasLtMatmulAlgo_t a = *base;
-                    uint16_t cs = (uint16_t)(cl ? cl + 1 : 0);
-                    set_cfg(&a, CUBLASLT_ALGO_CONFIG_CUSTOM_OPTION,
-                            (uint32_t)o);
-                    set_cfg(&a, CUBLASLT_ALGO_CONFIG_CTA_SWIZZLING,
-                            (uint32_t)w);
-                    cublasLtMatmulAlgoConfigSetAttribute(
-                        &a, CUBLASLT_ALGO_CONFIG_CLUSTER_SHAPE_ID, &cs,
-                        sizeof cs);
-                    if (!accepted(B, &a)) continue;
-                    cands[n].algo = a;
-                    cands[n++].us = run_once(B, &a);
-                }
+                for (int w = 0; w < 2; w++) n = add_cand(B, *base, o, w, cl, n);
     }
     return n;
 }
@@ -285,21 +289,11 @@ static int enumerate(bench *B, int id, int n)
         for (int s = 0; s < ns; s++)
             for (int w = 0; w <= (swz ? 1 : 0); w++)
                 for (int o = 0; o <= cust; o++)
-                    for (int cl = 0; cl < nc && n < MAX_CANDS; cl++) {
+                    for (int cl = 0; cl < nc; cl++) {
                         cublasLtMatmulAlgo_t a = base;
-                        uint16_t cs = (uint16_t)(cl ? cl + 1 : 0);
                         set_cfg(&a, CUBLASLT_ALGO_CONFIG_TILE_ID, tiles[t]);
                         set_cfg(&a, CUBLASLT_ALGO_CONFIG_STAGES_ID, stages[s]);
-                        set_cfg(&a, CUBLASLT_ALGO_CONFIG_CTA_SWIZZLING,
-                                (uint32_t)w);
-                        set_cfg(&a, CUBLASLT_ALGO_CONFIG_CUSTOM_OPTION,
-                                (uint32_t)o);
-                        cublasLtMatmulAlgoConfigSetAttribute(
-                            &a, CUBLASLT_ALGO_CONFIG_CLUSTER_SHAPE_ID, &cs,
-                            sizeof cs);
-                        if (!accepted(B, &a)) continue;
-                        cands[n].algo = a;
-                        cands[n++].us = run_once(B, &a);
+                        n = add_cand(B, a, o, w, cl, n);
                     }
     free(tiles);
     free(stages);
