@@ -6,10 +6,11 @@
  * same pool of zeroed pages, fed the inputs in the same order:
  *   - each backend refuses exactly what the other refuses (same code);
  *   - where both run: LOGITS rows within bf16 rounding of the CPU's (rel
- *     L2), ENTROPY and LOGPROBS values close, TOPK's first value close;
- *     a greedy token of the GPU is one the CPU's own logits (the row run
- *     again as a LOGITS probe) put within 0.05 of their maximum; a random
- *     sample is allowed by its logit mask.
+ *     L2 < 3e-2, at least at the logits' scale), ENTROPY within 0.02,
+ *     LOGPROBS within 0.03, TOPK's first value within 0.02; a greedy token
+ *     of the GPU is one the CPU's own logits (the row run again as a
+ *     LOGITS probe) put within 0.02 of their maximum (logits of rms 0.15);
+ *     a random sample is allowed by its logit mask.
  * Usage: test_cuda_fuzz DIR [N SEED] (exits 77 without a GPU). With N:
  * then N inputs more, each a corpus input with 1-4 random bytes changed
  * (seeded: a failure names its seed and iteration).
@@ -40,9 +41,16 @@ static void zero_pool(pie_backend *b)
     free(z);
 }
 
+/* Relative L2 distance of a from b over the finite entries (masked ones
+ * must be -inf in both), b's norm floored at LOGIT_RMS a finite entry: a
+ * row that a logit mask leaves a few small logits compares at the scale
+ * of the model's logits (random:tiny: rms 0.15), not at theirs (one
+ * logit of 0.005 off by bf16's 0.0008 is no disagreement). */
+#define LOGIT_RMS 0.1
 static double rel_l2(const float *a, const float *b, uint32_t n)
 {
     double num = 0, den = 0;
+    uint32_t fin = 0;
     for (uint32_t i = 0; i < n; i++) {
         if (isinf(a[i]) || isinf(b[i])) {      /* masked: both -inf */
             if (a[i] != b[i]) return INFINITY;
@@ -50,8 +58,10 @@ static double rel_l2(const float *a, const float *b, uint32_t n)
         }
         num += ((double)a[i] - b[i]) * ((double)a[i] - b[i]);
         den += (double)b[i] * b[i];
+        fin++;
     }
-    return sqrt(num / (den > 0 ? den : 1));
+    double floor = fin * LOGIT_RMS * LOGIT_RMS;
+    return sqrt(num / (den > floor ? den : floor > 0 ? floor : 1));
 }
 
 /* The CPU's logits of every output row of b (the batch run again with
@@ -83,6 +93,78 @@ static float row_max(const float *x, int n)
     return m;
 }
 
+/* The input that last wrote each KV slot (its bytes), so that a failure
+ * can name the batch whose KV the two backends may hold differently. */
+typedef struct writer {
+    uint8_t b[512];
+    size_t  n;
+    int     set;
+} writer;
+static writer last_writer[NPAGES][PS];
+
+static void note_writes(const pie_forward_batch *b, const uint8_t *d,
+                        size_t n)
+{
+    for (int r = 0; r < b->n_reqs; r++) {
+        int np = b->kv_page_indptr[r + 1] - b->kv_page_indptr[r];
+        int kv = (np - 1) * PS + b->kv_last_page_len[r];
+        int nt = b->qo_indptr[r + 1] - b->qo_indptr[r];
+        for (int s = kv - nt; s < kv; s++) {
+            writer *w = &last_writer[b->kv_page_indices[b->kv_page_indptr[r] +
+                                                        s / PS]][s % PS];
+            memcpy(w->b, d, n < sizeof w->b ? n : sizeof w->b);
+            w->n = n < sizeof w->b ? n : sizeof w->b;
+            w->set = 1;
+        }
+    }
+}
+
+static void describe(const pie_forward_batch *b);
+
+/* The batches that last wrote the slots request 0 of b reads. */
+static void describe_writers(const pie_forward_batch *b)
+{
+    int np = b->kv_page_indptr[1], kv = (np - 1) * PS + b->kv_last_page_len[0];
+    int first = kv - (b->qo_indptr[1] - b->qo_indptr[0]);
+    for (int s = 0; s < first; s++) {
+        writer *w = &last_writer[b->kv_page_indices[s / PS]][s % PS];
+        if (!w->set) continue;
+        fb *f = calloc(1, sizeof *f);
+        pie_forward_batch wb;
+        batch_decode(w->b, w->n, f, &wb);
+        fprintf(stderr, "slot %d was last written by:\n", s);
+        describe(&wb);
+        free(f);
+    }
+}
+
+/* The batch, for a failure's message. */
+static void describe(const pie_forward_batch *b)
+{
+    fprintf(stderr, "batch: %d tokens, %d requests, %d outputs%s%s\n",
+            b->n_tokens, b->n_reqs, b->n_outputs,
+            b->mask_indptr ? ", masks" : "",
+            b->logit_mask_indptr ? ", logit masks" : "");
+    for (int r = 0; r < b->n_reqs; r++) {
+        fprintf(stderr, "  request %d: tokens", r);
+        for (int t = b->qo_indptr[r]; t < b->qo_indptr[r + 1]; t++)
+            fprintf(stderr, " %d@%d", b->token_ids[t], b->positions[t]);
+        fprintf(stderr, "; pages");
+        for (int k = b->kv_page_indptr[r]; k < b->kv_page_indptr[r + 1]; k++)
+            fprintf(stderr, " %d", b->kv_page_indices[k]);
+        fprintf(stderr, " last %d\n", b->kv_last_page_len[r]);
+    }
+    for (int t = 0; b->mask_indptr && t < b->n_tokens; t++) {
+        fprintf(stderr, "  mask of token %d:", t);
+        for (uint32_t k = b->mask_indptr[t]; k < b->mask_indptr[t + 1]; k++)
+            fprintf(stderr, " %u", b->mask_runs[k]);
+        fprintf(stderr, "\n");
+    }
+    for (int o = 0; o < b->n_outputs; o++)
+        fprintf(stderr, "  output %d: token %d kind %d\n", o,
+                b->output_token_idx[o], b->samplers[o].kind);
+}
+
 /* Row o of both backends' outputs agree (see the file header). */
 static void compare_row(const pie_forward_batch *b, int o,
                         const pie_forward_out *c, const pie_forward_out *g,
@@ -94,16 +176,24 @@ static void compare_row(const pie_forward_batch *b, int o,
     const float *cv = c->values + a, *gv = g->values + a;
     if (s->kind == PIE_PROBE_LOGITS) {
         double r = rel_l2(gv, cv, n);
+        if (!(r < 3e-2)) {
+            describe(b);
+            describe_writers(b);
+            for (uint32_t k = 0, shown = 0; k < n && shown < 12; k++)
+                if (!isinf(cv[k]) || !isinf(gv[k]))
+                    fprintf(stderr, "  logit %u: CPU %g GPU %g\n", k, cv[k],
+                            gv[k]), shown++;
+        }
         CHECK(r < 3e-2, "%s: row %d LOGITS rel L2 %.3g", name, o, r);
     } else if (s->kind == PIE_PROBE_ENTROPY) {
-        CHECK(fabsf(gv[0] - cv[0]) < 0.05f, "%s: row %d entropy %g vs %g",
+        CHECK(fabsf(gv[0] - cv[0]) < 0.02f, "%s: row %d entropy %g vs %g",
               name, o, gv[0], cv[0]);
     } else if (s->kind == PIE_PROBE_LOGPROBS) {
         for (uint32_t k = 0; k < n; k++)
-            CHECK(fabsf(gv[k] - cv[k]) < 0.1f || gv[k] == cv[k], "%s: row %d "
+            CHECK(fabsf(gv[k] - cv[k]) < 0.03f || gv[k] == cv[k], "%s: row %d "
                   "logprob %u: %g vs %g", name, o, k, gv[k], cv[k]);
     } else if (s->kind == PIE_PROBE_TOPK && n > 0) {
-        CHECK(fabsf(gv[0] - cv[0]) < 0.05f || gv[0] == cv[0], "%s: row %d "
+        CHECK(fabsf(gv[0] - cv[0]) < 0.02f || gv[0] == cv[0], "%s: row %d "
               "top value %g vs %g", name, o, gv[0], cv[0]);
     } else if (s->kind == PIE_SAMPLER_GREEDY ||
                (s->kind == PIE_SAMPLER_RANDOM && !(s->temperature > 0))) {
@@ -111,7 +201,7 @@ static void compare_row(const pie_forward_batch *b, int o,
         CHECK(t >= 0 && t < V, "%s: row %d token %d", name, o, t);
         if (lg && t != c->tokens[o]) {
             const float *row = lg + (size_t)o * V;
-            CHECK(row[t] >= row_max(row, V) - 0.05f, "%s: row %d: GPU's "
+            CHECK(row[t] >= row_max(row, V) - 0.02f, "%s: row %d: GPU's "
                   "greedy %d has CPU logit %g, the CPU's max %g (its %d)",
                   name, o, t, row[t], row_max(row, V), c->tokens[o]);
         }
@@ -143,6 +233,7 @@ static void run_input(const uint8_t *data, size_t size, const char *name)
         float *lg = cpu_logits(&b);
         for (int o = 0; o < b.n_outputs; o++) compare_row(&b, o, &c, &g, lg, name);
         free(lg);
+        note_writes(&b, data, size);
         n_ran++;
     } else {
         n_refused++;
