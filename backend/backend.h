@@ -189,7 +189,7 @@ int  pie_batch_validate_row(const pie_sampler *s, const uint32_t *lm_runs,
                             int64_t n_lm_runs, int32_t o, int32_t vocab);
 /* Probe values a sampler writes: top_k for TOPK, vocab for LOGITS, n_ids
  * for LOGPROBS, 1 for ENTROPY, none for the samplers. */
-int64_t pie_sampler_values(const pie_sampler *s, int32_t vocab);
+int32_t pie_sampler_values(const pie_sampler *s, int32_t vocab);
 /* Allocates out's arrays sized for batch (values per sampler kind). */
 int  pie_forward_out_alloc(const pie_forward_batch *b, int32_t vocab,
                            pie_forward_out *out);

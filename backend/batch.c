@@ -309,7 +309,7 @@ int pie_batch_validate(const pie_forward_batch *b, int32_t vocab,
 
 /* ------------------------------------------------------------ output alloc */
 
-int64_t pie_sampler_values(const pie_sampler *s, int32_t vocab)
+int32_t pie_sampler_values(const pie_sampler *s, int32_t vocab)
 {
     switch (s->kind) {
     case PIE_PROBE_TOPK:     return s->top_k > 0 ? s->top_k : 0;

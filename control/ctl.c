@@ -307,7 +307,7 @@ static int check_forward(pie_ctl *ctl, const pie_ctl_forward *f)
         if (f->output_idx[o] < 0 || f->output_idx[o] >= f->n_tokens)
             return pie_err_set(PIE_ERANGE, "control: output %d at token %d "
                                "of %d", o, f->output_idx[o], f->n_tokens);
-        n_vals += (int32_t)pie_sampler_values(&f->samplers[o], ctl->vocab);
+        n_vals += pie_sampler_values(&f->samplers[o], ctl->vocab);
     }
     if (n_vals > CTL_MAX_VALUES)
         return pie_err_set(PIE_ELIMIT, "control: forward asks for %lld probe "
@@ -366,7 +366,7 @@ static ctl_op *op_build(pie_ctl *ctl, const pie_ctl_forward *f)
     int32_t n_ids = 0, n_vals = 0;   /* <= CTL_MAX_VALUES (check_forward) */
     for (int32_t o = 0; o < no; o++) {
         if (f->samplers[o].kind == PIE_PROBE_LOGPROBS) n_ids += f->samplers[o].n_ids;
-        n_vals += (int32_t)pie_sampler_values(&f->samplers[o], ctl->vocab);
+        n_vals += pie_sampler_values(&f->samplers[o], ctl->vocab);
     }
     if (n_ids > 0 && !fail) {
         op->idbuf = malloc(n_ids * sizeof(int32_t));
@@ -400,7 +400,7 @@ static ctl_op *op_build(pie_ctl *ctl, const pie_ctl_forward *f)
     for (int32_t o = 0; o < no; o++) {
         op->out.tokens[o] = -1;
         op->out.value_indptr[o + 1] = op->out.value_indptr[o] +
-            (int32_t)pie_sampler_values(&op->samplers[o], ctl->vocab);
+            pie_sampler_values(&op->samplers[o], ctl->vocab);
     }
     return op;
 }
@@ -801,7 +801,7 @@ uint64_t pie_ctl_output_bytes(pie_ctl *ctl, int32_t n_outputs,
     /* as op_build allocates: tokens and value_indptr, values and ids */
     uint64_t no = n_outputs > 0 ? (uint64_t)n_outputs : 0, vals = 0;
     for (uint64_t o = 0; o < no && samplers; o++) {
-        int32_t v = (int32_t)pie_sampler_values(&samplers[o], ctl->vocab);
+        int32_t v = pie_sampler_values(&samplers[o], ctl->vocab);
         if (samplers[o].kind == PIE_PROBE_TOPK && v > ctl->vocab)
             v = ctl->vocab;                  /* refused at submit anyway */
         vals += v > 0 ? (uint64_t)v : 0;

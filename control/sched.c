@@ -505,7 +505,7 @@ static slice_size count_slice(pie_ctl *ctl, const ctl_op *op, int32_t t0,
         int32_t t = op->output_idx[o];
         if (t < t0 || t >= t0 + n) continue;
         z.nout++;
-        z.nval += (int32_t)pie_sampler_values(&op->samplers[o], ctl->vocab);
+        z.nval += pie_sampler_values(&op->samplers[o], ctl->vocab);
         z.nlm += op->lm_indptr ? (int64_t)(op->lm_indptr[o + 1] -
                                            op->lm_indptr[o]) : 2;
     }

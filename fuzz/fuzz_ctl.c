@@ -313,7 +313,7 @@ static void op_persist(prog *p, rd *r)
 static void run_op(prog *p, rd *r)
 {
     int op = (int)(r8(r) % 14), c = (int)(r8(r) % NCLI);
-    if (getenv("FUZZ_CTL_TRACE")) {
+    if (tracing()) {
         pie_ctl_stats st;
         pie_ctl_get_stats(p->ctl, &st);
         fprintf(stderr, "op %d client %d (open %d): used %d free %d cached %d\n",
@@ -358,7 +358,7 @@ static void print_stats(void)
 
 static void trace(prog *p, const char *what)
 {
-    if (!getenv("FUZZ_CTL_TRACE")) return;
+    if (!tracing()) return;
     pie_ctl_stats st;
     pie_ctl_get_stats(p->ctl, &st);
     fprintf(stderr, "%s: used %d free %d cached %d queue %d\n", what,
