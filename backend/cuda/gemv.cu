@@ -40,6 +40,7 @@
  */
 #include <cuda_bf16.h>
 #include <stdint.h>
+#include <stdlib.h>
 
 #include "backend/cuda/kernel_util.cuh"
 
@@ -298,6 +299,27 @@ gemv_kernel(void *y, int y_f32, const uint16_t *W, const uint16_t *x, int n,
     }
 }
 
+/* The shared-memory carveout of a launch at m rows of x (percent of the
+ * SM's unified L1 and shared memory; -1 leaves it to the driver). At m <= 4
+ * the kernel asks for half: the configuration the decode attention kernel
+ * of a small batch takes anyway (its padded block, dec_pad_smem(1), is half
+ * an SM's shared memory), so an SM going from one kernel to the other may
+ * keep its configuration. Measured on the H100, alternating in one call
+ * (NOTES.md, round 20): 1B steps at batch 1 2.7-3% faster (four calls),
+ * batch 4 2%, 8B batch 1 and 4 within the noise; at batch 8 and 16 the
+ * same setting was 2-3% slower, and every kernel of a step at 0% or 100%
+ * made 8B batch 1 7-10% slower. PIE_CUDA_GEMV_CARVEOUT=p asks for p at
+ * every launch (-1: the driver's choice). */
+static int gemv_carveout(int m)
+{
+    static int env = -2;
+    if (env == -2) {
+        const char *e = getenv("PIE_CUDA_GEMV_CARVEOUT");
+        env = e ? atoi(e) : -3;     /* -3: the rule above */
+    }
+    return env != -3 ? env : m <= 4 ? 50 : -1;
+}
+
 /* pdl: launched as a programmatic dependent of the stream's previous
  * kernel (which lets it start early: see pdl_begin in kernel_util.cuh). */
 template <int WARPS, int NT, int EPI>
@@ -307,14 +329,22 @@ static int gemv_launch(void *y, int y_f32, const uint16_t *W, int n, int k,
 {
     int rows = EPI == GV_GLU ? GEMV_ROWS / 2 : GEMV_ROWS;
     cudaLaunchConfig_t cfg = {};
-    cudaLaunchAttribute at[1];
-    at[0].id = cudaLaunchAttributeProgrammaticStreamSerialization;
-    at[0].val.programmaticStreamSerializationAllowed = 1;
+    cudaLaunchAttribute at[2];
+    unsigned na = 0;
+    if (pdl) {
+        at[na].id = cudaLaunchAttributeProgrammaticStreamSerialization;
+        at[na++].val.programmaticStreamSerializationAllowed = 1;
+    }
+    int carve = gemv_carveout(m);
+    if (carve >= 0) {
+        at[na].id = cudaLaunchAttributePreferredSharedMemoryCarveout;
+        at[na++].val.sharedMemCarveout = (unsigned)carve;
+    }
     cfg.gridDim = dim3((n + rows - 1) / rows);
     cfg.blockDim = dim3(WARPS * 32);
     cfg.stream = s;
     cfg.attrs = at;
-    cfg.numAttrs = pdl ? 1 : 0;
+    cfg.numAttrs = na;
     if (cudaLaunchKernelEx(&cfg, gemv_kernel<WARPS, NT, EPI>, y, y_f32, W, x,
                            n, k, m, e) == cudaSuccess)
         return 0;
