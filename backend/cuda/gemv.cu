@@ -305,7 +305,7 @@ gemv_kernel(void *y, int y_f32, const uint16_t *W, const uint16_t *x, int n,
  * of a small batch takes anyway (its padded block, dec_pad_smem(1), is half
  * an SM's shared memory), so an SM going from one kernel to the other may
  * keep its configuration. Measured on the H100, alternating in one call
- * (NOTES.md, round 20): 1B steps at batch 1 2.7-3% faster (four calls),
+ * (NOTES.md, round 20): 1B steps at batch 1 2.5% faster (three calls),
  * batch 4 2%, 8B batch 1 and 4 within the noise; at batch 8 and 16 the
  * same setting was 2-3% slower, and every kernel of a step at 0% or 100%
  * made 8B batch 1 7-10% slower. PIE_CUDA_GEMV_CARVEOUT=p asks for p at
