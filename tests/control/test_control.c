@@ -2982,13 +2982,6 @@ static void test_import_orphan_quota(void)
     done_ctl(ctl, b);
 }
 
-/* kv_import answers PIE_ELIMIT where the importer could not keep the
- * pages should their export go: every page it reaches counts, imports of
- * live exports too, and a refused import takes nothing. Before,
- * pie_ctl_import never checked the quota: q (max_pages 2) imported a
- * second live export of 2 pages beside a first one, and once both were
- * unexported held 4 pages; an exporter that exports, lets q import and
- * unexports, again and again, had q hold any number of pages. */
 /* Imports of one export again and again each make new handles though
  * they add no page (the page quota allows them): the client's live
  * handles are capped (max_handles; by default PIE_CTL_MAX_HANDLES, the
@@ -3061,6 +3054,13 @@ static void test_import_handles(void)
     done_ctl(ctl, b);
 }
 
+/* kv_import answers PIE_ELIMIT where the importer could not keep the
+ * pages should their export go: every page it reaches counts, imports of
+ * live exports too, and a refused import takes nothing. Before,
+ * pie_ctl_import never checked the quota: q (max_pages 2) imported a
+ * second live export of 2 pages beside a first one, and once both were
+ * unexported held 4 pages; an exporter that exports, lets q import and
+ * unexports, again and again, had q hold any number of pages. */
 static void test_import_quota(void)
 {
     pie_backend *b;
