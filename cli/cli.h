@@ -27,9 +27,31 @@ int pie_cmd_build(int argc, char **argv);
 
 /* Loads a model, showing progress on a terminal; prints errors. 0 or -1. */
 int  pie_cli_load_model(const char *path, pie_model **out);
-/* Creates backend "cpu", "cuda" or "auto"; prints errors. 0 or -1. */
+/* The GPU options of the commands that create a backend. */
+typedef struct pie_cli_gpu {
+    int   device;        /* --gpu: CUDA device ordinal                      */
+    float mem_fraction;  /* --gpu-memory: the KV pool's share of the GPU
+                            memory left after weights and workspace, where
+                            no page count sizes it                          */
+} pie_cli_gpu;
+#define PIE_CLI_GPU_DEFAULT { 0, 0.9f }
+#define PIE_CLI_MAX_GPU 1023            /* --gpu                           */
+/* Their rows of an option table (opts.h). */
+#define PIE_CLI_OPT_GPU(g)                                                  \
+    { "gpu", 0, OPT_INT, &(g).device, "CUDA device ordinal for the cuda "   \
+      "backend, 0..1023 (0)" }
+#define PIE_CLI_OPT_GPU_MEMORY(g)                                           \
+    { "gpu-memory", 0, OPT_FLOAT, &(g).mem_fraction, "share of the GPU "    \
+      "memory left after the weights and workspace for the cuda "          \
+      "backend's KV pool (where --pages leaves the pool to it), (0, 1] "   \
+      "(0.9)" }
+/* Checks --gpu and --gpu-memory; prints and returns -1 if out of range. */
+int  pie_cli_check_gpu(const char *cmd, const pie_cli_gpu *g);
+/* Creates backend "cpu", "cuda" or "auto" (g: NULL for the defaults);
+ * prints errors, and for cuda the GPU and the pool it took. 0 or -1. */
 int  pie_cli_backend(const char *which, const pie_model *m, int page_size,
-                     int n_pages, int threads, pie_backend **out);
+                     int n_pages, int threads, const pie_cli_gpu *g,
+                     pie_backend **out);
 /* Parses "1,2,3" into a malloc'ed id list; -1 on a bad list. */
 int  pie_cli_parse_ids(const char *s, int32_t **ids, size_t *n);
 double pie_cli_now(void);

@@ -25,6 +25,7 @@ typedef struct bench_args {
     const char *model, *backend;
     int batch, prompt_len, gen, page_size, threads, chunk, warmup;
     bool json;
+    pie_cli_gpu gpu;
 } bench_args;
 
 typedef struct bench_result {
@@ -151,7 +152,8 @@ static void report(const bench_args *a, const pie_backend *b,
 static int bench_forward(int argc, char **argv)
 {
     bench_args a = { .batch = 1, .prompt_len = 128, .gen = 32, .page_size = 16,
-                     .chunk = 4096, .warmup = 2, .backend = "auto" };
+                     .chunk = 4096, .warmup = 2, .backend = "auto",
+                     .gpu = PIE_CLI_GPU_DEFAULT };
     const pie_opt opts[] = {
         { "model", 'm', OPT_STR, &a.model, "model directory or random:SHAPE "
           "(stories15M, llama-3.2-1b, llama-3.1-8b)" },
@@ -168,6 +170,7 @@ static int bench_forward(int argc, char **argv)
           "1..65536 (16)" },
         { "threads", 0, OPT_INT, &a.threads, "CPU threads (0 = all cores; "
           "at most 1024)" },
+        PIE_CLI_OPT_GPU(a.gpu),
         { "json", 0, OPT_FLAG, &a.json, "print one JSON object" },
         { 0 },
     };
@@ -184,7 +187,8 @@ static int bench_forward(int argc, char **argv)
         pie_cli_check_int(cmd, "gen", a.gen, 0, PIE_CLI_MAX_TOKENS) ||
         pie_cli_check_int(cmd, "warmup", a.warmup, 0, PIE_CLI_MAX_TOKENS) ||
         pie_cli_check_int(cmd, "chunk", a.chunk, 1, PIE_CLI_MAX_TOKENS) ||
-        pie_cli_check_backend_opts(cmd, a.page_size, a.threads))
+        pie_cli_check_backend_opts(cmd, a.page_size, a.threads) ||
+        pie_cli_check_gpu(cmd, &a.gpu))
         return 2;
     /* each sequence's tokens, one page spare; in 64 bits, then bounded */
     int64_t tokens = (int64_t)a.prompt_len + a.gen + a.warmup;
@@ -202,7 +206,8 @@ static int bench_forward(int argc, char **argv)
     if (pie_cli_load_model(a.model, &m)) return 1;
     bench_result r;
     int status = 1;
-    if (pie_cli_backend(a.backend, m, a.page_size, (int)pages, a.threads, &b) == 0 &&
+    if (pie_cli_backend(a.backend, m, a.page_size, (int)pages, a.threads,
+                        &a.gpu, &b) == 0 &&
         run_bench(&a, b, &r) == 0) {
         report(&a, b, &r);
         status = 0;

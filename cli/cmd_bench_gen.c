@@ -50,6 +50,7 @@ typedef struct bg_args {
     int  concurrency, max_tokens, prompt_len, pages, threads, workers;
     int  page_size, reps;
     bool native, json, shared_prompt, both;
+    pie_cli_gpu gpu;
 } bg_args;
 
 typedef struct bg_gen {          /* one generation                         */
@@ -475,7 +476,7 @@ static int bench_generate(const bg_args *a)
     if (!r.g) fprintf(stderr, "pie bench generate: out of memory\n");
     if (!r.g || pie_cli_load_model(a->model, &m)) goto out;
     if (pie_cli_backend(a->backend, m, a->page_size, (int)pages, a->threads,
-                        &b))
+                        &a->gpu, &b))
         goto out;
     pie_ctl_opts co = { .no_dedup = false };
     if (pie_ctl_create(b, &co, &r.ctl)) {
@@ -497,7 +498,8 @@ out:
 int pie_cmd_bench_generate(int argc, char **argv)
 {
     bg_args a = { .concurrency = 1, .max_tokens = 64, .prompt_len = 16,
-                  .page_size = 16, .workers = 2, .reps = 3, .backend = "auto" };
+                  .page_size = 16, .workers = 2, .reps = 3, .backend = "auto",
+                  .gpu = PIE_CLI_GPU_DEFAULT };
     const pie_opt opts[] = {
         { "model", 'm', OPT_STR, &a.model, "model directory or random:SHAPE" },
         { "concurrency", 'c', OPT_INT, &a.concurrency, "concurrent generations (1)" },
@@ -517,6 +519,7 @@ int pie_cmd_bench_generate(int argc, char **argv)
         { "pages", 0, OPT_INT, &a.pages, "KV pages in the pool (0 = enough)" },
         { "threads", 0, OPT_INT, &a.threads, "CPU backend threads (0 = all; "
           "at most 1024)" },
+        PIE_CLI_OPT_GPU(a.gpu),
         { "workers", 0, OPT_INT, &a.workers, "inferlet worker threads, "
           "1..1024 (2)" },
         { 0 },
@@ -539,7 +542,8 @@ int pie_cmd_bench_generate(int argc, char **argv)
         pie_cli_check_int(cmd, "pages", a.pages, 0, INT32_MAX) ||
         pie_cli_check_int(cmd, "workers", a.workers, 1, PIE_CLI_MAX_THREADS) ||
         pie_cli_check_int(cmd, "reps", a.reps, 1, BG_MAX_REPS) ||
-        pie_cli_check_backend_opts(cmd, a.page_size, a.threads))
+        pie_cli_check_backend_opts(cmd, a.page_size, a.threads) ||
+        pie_cli_check_gpu(cmd, &a.gpu))
         return 2;
     if (a.both && a.native) {
         fprintf(stderr, "pie bench generate: --both runs the native loop "

@@ -19,6 +19,7 @@ typedef struct gen_args {
     float       temperature, top_p, min_p;
     uint64_t    seed;
     bool        ignore_eos, json;
+    pie_cli_gpu gpu;
 } gen_args;
 
 static bool is_eos(const pie_model *m, int32_t id)
@@ -145,7 +146,8 @@ static int check_gen_args(const gen_args *a)
     if (pie_cli_check_int("generate", "top-k", a->top_k, 0, INT32_MAX) ||
         pie_cli_check_int("generate", "max-tokens", a->max_tokens, 0,
                           PIE_CLI_MAX_TOKENS) ||
-        pie_cli_check_backend_opts("generate", a->page_size, a->threads))
+        pie_cli_check_backend_opts("generate", a->page_size, a->threads) ||
+        pie_cli_check_gpu("generate", &a->gpu))
         return -1;
     return 0;
 }
@@ -153,7 +155,8 @@ static int check_gen_args(const gen_args *a)
 int pie_cmd_generate(int argc, char **argv)
 {
     gen_args a = { .max_tokens = 64, .temperature = 1.0f, .top_p = 1.0f,
-                   .page_size = 16, .backend = "auto" };
+                   .page_size = 16, .backend = "auto",
+                   .gpu = PIE_CLI_GPU_DEFAULT };
     const pie_opt opts[] = {
         { "model", 'm', OPT_STR, &a.model, "model directory or random:SHAPE" },
         { "prompt", 'p', OPT_STR, &a.prompt, "prompt text (BOS added as Hugging Face does)" },
@@ -173,6 +176,8 @@ int pie_cmd_generate(int argc, char **argv)
           "1..65536 (16)" },
         { "threads", 0, OPT_INT, &a.threads, "CPU threads (0 = all cores; "
           "at most 1024)" },
+        PIE_CLI_OPT_GPU(a.gpu),
+        PIE_CLI_OPT_GPU_MEMORY(a.gpu),
         { 0 },
     };
     const pie_cmd_usage u = { "generate",
@@ -204,7 +209,8 @@ int pie_cmd_generate(int argc, char **argv)
         return 1;
     }
     if (!ids && encode_prompt(&a, m, &ids, &n)) goto out;
-    if (pie_cli_backend(a.backend, m, a.page_size, 0, a.threads, &b)) goto out;
+    if (pie_cli_backend(a.backend, m, a.page_size, 0, a.threads, &a.gpu, &b))
+        goto out;
     if (pie_drv_init(&d, b)) goto out;
     /* max_tokens <= PIE_CLI_MAX_TOKENS: the size cannot overflow */
     gen = malloc(sizeof(int32_t) * ((size_t)a.max_tokens + 1));

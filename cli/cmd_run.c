@@ -176,6 +176,7 @@ typedef struct run_args {
     int         max_export_pages;
     uint64_t    token_limit, max_output_bytes;
     float       cpu_limit, memory_limit_mb;
+    pie_cli_gpu gpu;
 } run_args;
 
 /* Prints instance r's collected block and diagnostics; returns its exit
@@ -410,7 +411,8 @@ static int run_engine(const run_args *a, const char *path, int nargs,
     int status = 1;
     module_name(path, name, sizeof name);
     if (pie_cli_load_model(a->model, &m)) return 1;
-    if (pie_cli_backend(a->backend, m, a->page_size, a->pages, a->threads, &b))
+    if (pie_cli_backend(a->backend, m, a->page_size, a->pages, a->threads,
+                        &a->gpu, &b))
         goto out;
     pie_ctl_opts co = { .model_id = model_id(m),
                         .max_export_pages = a->max_export_pages };
@@ -506,7 +508,8 @@ static int check_run_args(const run_args *a)
         pie_cli_check_int("run", "pages", a->pages, 0, INT32_MAX) ||
         pie_cli_check_int("run", "workers", a->workers, 1,
                           PIE_CLI_MAX_THREADS) ||
-        pie_cli_check_backend_opts("run", a->page_size, a->threads))
+        pie_cli_check_backend_opts("run", a->page_size, a->threads) ||
+        pie_cli_check_gpu("run", &a->gpu))
         return -1;
     return 0;
 }
@@ -514,7 +517,8 @@ static int check_run_args(const run_args *a)
 int pie_cmd_run(int argc, char **argv)
 {
     run_args a = { .backend = "auto", .n = 1, .page_size = 16, .workers = 2,
-                   .cpu_limit = 60.0f, .memory_limit_mb = 1024.0f };
+                   .cpu_limit = 60.0f, .memory_limit_mb = 1024.0f,
+                   .gpu = PIE_CLI_GPU_DEFAULT };
     const pie_opt opts[] = {
         { "model", 'm', OPT_STR, &a.model, "model directory (or PIE_MODEL)" },
         { "n", 'n', OPT_INT, &a.n, "instances to launch concurrently (1)" },
@@ -540,6 +544,8 @@ int pie_cmd_run(int argc, char **argv)
           "hold (0 = no limit)" },
         { "threads", 0, OPT_INT, &a.threads, "CPU backend threads (0 = all; "
           "at most 1024)" },
+        PIE_CLI_OPT_GPU(a.gpu),
+        PIE_CLI_OPT_GPU_MEMORY(a.gpu),
         { "workers", 0, OPT_INT, &a.workers, "inferlet worker threads, "
           "1..1024 (2)" },
         { "cache-dir", 0, OPT_STR, &a.cache_dir, "compiled-inferlet cache "

@@ -49,10 +49,15 @@ int pie_cli_load_model(const char *path, pie_model **out)
 }
 
 int pie_cli_backend(const char *which, const pie_model *m, int page_size,
-                    int n_pages, int threads, pie_backend **out)
+                    int n_pages, int threads, const pie_cli_gpu *g,
+                    pie_backend **out)
 {
+    const pie_cli_gpu dflt = PIE_CLI_GPU_DEFAULT;
+    if (!g) g = &dflt;
     pie_backend_opts o = { .page_size = page_size, .n_pages = n_pages,
-                           .n_threads = threads, .mem_fraction = 0.9 };
+                           .n_threads = threads,
+                           .mem_fraction = g->mem_fraction,
+                           .device = g->device };
     int rc;
     if (!which || !strcmp(which, "auto"))
         which = pie_backend_cuda_available() ? "cuda" : "cpu";
@@ -69,6 +74,12 @@ int pie_cli_backend(const char *which, const pie_model *m, int page_size,
                 pie_err_msg());
         return -1;
     }
+    if (!strcmp(which, "cuda"))
+        fprintf(stderr, "pie: cuda backend on GPU %d: KV pool of %d pages "
+                "of %d tokens (%.2f GiB)\n", g->device, (*out)->n_pages,
+                (*out)->page_size,
+                (double)(*out)->n_pages * (double)(*out)->page_bytes /
+                    1073741824.0);
     return 0;
 }
 
@@ -105,6 +116,16 @@ int pie_cli_check_int(const char *cmd, const char *name, int64_t v,
     if (v >= lo && v <= hi) return 0;
     fprintf(stderr, "pie %s: --%s must be %lld..%lld (got %lld)\n", cmd, name,
             (long long)lo, (long long)hi, (long long)v);
+    return -1;
+}
+
+int pie_cli_check_gpu(const char *cmd, const pie_cli_gpu *g)
+{
+    if (pie_cli_check_int(cmd, "gpu", g->device, 0, PIE_CLI_MAX_GPU))
+        return -1;
+    if (g->mem_fraction > 0 && g->mem_fraction <= 1) return 0;
+    fprintf(stderr, "pie %s: --gpu-memory must be in (0, 1] (got %g)\n", cmd,
+            (double)g->mem_fraction);
     return -1;
 }
 

@@ -1571,7 +1571,9 @@ int pie_backend_cuda_create(const pie_model *m, const pie_backend_opts *o,
     }
     int dev = o ? o->device : 0;
     if (dev < 0 || dev >= ndev)
-        return pie_err_set(PIE_EINVAL, "cuda: device %d, have %d", dev, ndev);
+        return pie_err_set(PIE_EINVAL, "cuda: no device %d (this machine "
+                           "has %d GPU%s, ordinals 0..%d)", dev, ndev,
+                           ndev == 1 ? "" : "s", ndev - 1);
     int rc = check_shape(&m->cfg);
     if (rc) return rc;
     cuda_backend *c = calloc(1, sizeof *c);

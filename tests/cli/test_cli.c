@@ -412,6 +412,20 @@ static void test_bad_input(const char *model)
           "--page-size" },
         { "generate --model %s --prompt-ids 1 --threads 100000", 2,
           "--threads" },
+        /* GPU options: checked before any backend starts, so on any
+         * machine */
+        { "generate --model %s --prompt-ids 1 --gpu-memory 0", 2,
+          "--gpu-memory must be in (0, 1]" },
+        { "generate --model %s --prompt-ids 1 --gpu-memory 1.5", 2,
+          "--gpu-memory must be in (0, 1]" },
+        { "generate --model %s --prompt-ids 1 --gpu-memory nan", 2,
+          "--gpu-memory" },
+        { "generate --model %s --prompt-ids 1 --gpu -1", 2,
+          "--gpu must be 0..1023" },
+        { "bench forward --model %s --backend cpu --gpu 1024", 2,
+          "--gpu must be 0..1023" },
+        { "bench generate --model %s --backend cpu --gpu -1", 2,
+          "--gpu must be 0..1023" },
         /* unsigned options: "-1" is not 2^64-1 */
         { "generate --model %s --prompt-ids 1 --seed -1", 2, "--seed" },
         { "generate --model %s --prompt-ids 1 --seed ' -1'", 2, "--seed" },
@@ -485,6 +499,9 @@ static void test_run_limits(const char *model)
         { "--threads -1", "--threads" },
         { "--workers 100000", "--workers" },
         { "--workers 0", "--workers" },
+        { "--gpu -2", "--gpu must be 0..1023" },
+        { "--gpu-memory -0.5", "--gpu-memory must be in (0, 1]" },
+        { "--gpu-memory 2", "--gpu-memory must be in (0, 1]" },
     };
     const char *wasm = probe_wasm();
     char args[2048];
@@ -495,7 +512,7 @@ static void test_run_limits(const char *model)
     }
     snprintf(args, sizeof args, "run --backend cpu --model %s --memory-limit "
              "64 --cpu-limit -1 --token-limit 100 --max-pages 0 --workers 1 "
-             "--max-output-bytes 0 "
+             "--max-output-bytes 0 --gpu 3 --gpu-memory 0.25 "
              "--threads 1 --page-size 8 %s -- exit 0", model, wasm);
     expect(args, 0, "", "pie run");
     snprintf(args, sizeof args, "run --backend cpu --model %s --memory-limit "

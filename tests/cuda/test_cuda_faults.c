@@ -13,12 +13,15 @@
  *            succeeds, graphs are still captured, and the logits equal a
  *            second run on the plan without clusters
  *   outputs  value offsets that do not fit the samplers are refused
+ *   pool     the KV pool sized from memory follows mem_fraction (twice
+ *            the fraction, twice the pages, and within it), and a device
+ *            ordinal out of range is refused with PIE_EINVAL
  *   lost     (argument "lost", alone in its process) a kernel's illegal
  *            address loses the context: every later call answers
  *            PIE_EDEVLOST at once, and destroy still returns
  *
- * With no argument it runs meta, cluster and outputs; with one of those
- * names, that check alone.
+ * With no argument it runs meta, cluster, outputs and pool; with one of
+ * those names, that check alone.
  */
 #include <math.h>
 #include <stdint.h>
@@ -290,6 +293,53 @@ static void check_lost(const pie_model *m)
     printf("lost: every later call answers PIE_EDEVLOST; destroy returns\n");
 }
 
+/* ------------------------------------------------------------------ pool */
+
+/* The pages a backend sized by fraction f takes, and the free device
+ * memory it saw before its pool (weights already resident). */
+static int32_t pool_pages(const pie_model *m, double f, size_t *free_before,
+                          uint64_t *page_bytes)
+{
+    pie_backend *b;
+    pie_backend_opts o = { .page_size = PS, .mem_fraction = f };
+    size_t fr = 0, tot = 0;
+    CHECK(cudaMemGetInfo(&fr, &tot) == cudaSuccess, "cudaMemGetInfo");
+    *free_before = fr;
+    CHECK_OK(pie_backend_cuda_create(m, &o, &b));
+    int32_t n = b->n_pages;
+    *page_bytes = b->page_bytes;
+    pie_backend_free(b);
+    return n;
+}
+
+static void check_pool(const pie_model *m)
+{
+    size_t fr1, fr2;
+    uint64_t pb;
+    int32_t n1 = pool_pages(m, 0.2, &fr1, &pb);
+    int32_t n2 = pool_pages(m, 0.4, &fr2, &pb);
+    double r = (double)n2 / n1;
+    CHECK(r > 1.9 && r < 2.1, "pool: %d pages at 0.2, %d at 0.4 (ratio %.3f)",
+          n1, n2, r);
+    /* the pool stays within its share of the memory free before create */
+    CHECK((double)n2 * (double)pb <= 0.4 * (double)fr2, "pool: %d pages of "
+          "%llu bytes past 0.4 of %zu free bytes", n2,
+          (unsigned long long)pb, fr2);
+    int ndev = 0;
+    CHECK(cudaGetDeviceCount(&ndev) == cudaSuccess, "cudaGetDeviceCount");
+    const int bad[] = { -1, ndev };
+    for (int i = 0; i < 2; i++) {
+        pie_backend *b = NULL;
+        pie_backend_opts o = { .page_size = PS, .n_pages = 8,
+                               .device = bad[i] };
+        int rc = pie_backend_cuda_create(m, &o, &b);
+        CHECK(rc == PIE_EINVAL && !b && strstr(pie_err_msg(), "device"),
+              "device %d: rc %d (%s)", bad[i], rc, rc ? pie_err_msg() : "");
+    }
+    printf("pool: %d pages at 0.2 of free memory, %d at 0.4; devices -1 "
+           "and %d refused\n", n1, n2, ndev);
+}
+
 int main(int argc, char **argv)
 {
     setvbuf(stdout, NULL, _IONBF, 0);
@@ -304,6 +354,7 @@ int main(int argc, char **argv)
         if (!only || !strcmp(only, "meta")) check_meta(m);
         if (!only || !strcmp(only, "cluster")) check_cluster(m);
         if (!only || !strcmp(only, "outputs")) check_outputs(m);
+        if (!only || !strcmp(only, "pool")) check_pool(m);
     }
     pie_model_free(m);
     TEST_DONE();
