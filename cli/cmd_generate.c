@@ -15,7 +15,7 @@
 
 typedef struct gen_args {
     const char *model, *prompt, *prompt_ids, *backend;
-    int         max_tokens, top_k, page_size, threads;
+    int         max_tokens, top_k, page_size, threads, chunk;
     float       temperature, top_p, min_p;
     uint64_t    seed;
     bool        ignore_eos, json;
@@ -61,6 +61,24 @@ static void json_str(FILE *f, const char *s, size_t n)
     fputc('"', f);
 }
 
+/* Feeds all but the last forward's worth of the prompt in forwards of at
+ * most --chunk tokens (by default the backend's most: 8192 on the GPU),
+ * their samples dropped; advances *in and *n_in past what it fed. */
+static int prefill_head(const gen_args *a, pie_drv *d, pie_drv_seq *seq,
+                        const pie_sampler *s, const int32_t **in,
+                        int32_t *n_in)
+{
+    int32_t cap = a->chunk > 0 ? a->chunk : d->b->max_tokens, tok;
+    pie_drv_seq *sp = seq;
+    while (cap > 0 && *n_in > cap) {
+        int rc = pie_drv_step(d, &sp, 1, *in, &cap, s, &tok);
+        if (rc) return rc;
+        *in += cap;
+        *n_in -= cap;
+    }
+    return 0;
+}
+
 static int run_loop(const gen_args *a, pie_model *m, pie_drv *d,
                     int32_t *prompt, size_t n_prompt, int32_t *gen)
 {
@@ -78,7 +96,8 @@ static int run_loop(const gen_args *a, pie_model *m, pie_drv *d,
         pie_detok_init(&dt, m->tok, true);
         dt.first = false;   /* a continuation keeps its leading space */
     }
-    while (n_gen < a->max_tokens) {
+    rc = a->max_tokens > 0 ? prefill_head(a, d, &seq, &s, &in, &n_in) : 0;
+    while (rc == 0 && n_gen < a->max_tokens) {
         s.seed = a->seed * 0x9E3779B97F4A7C15ull + (uint64_t)n_gen;
         if ((rc = pie_drv_step(d, &sp, 1, in, &n_in, &s, &tok)) != 0) break;
         if (!a->ignore_eos && is_eos(m, tok)) break;
@@ -146,6 +165,8 @@ static int check_gen_args(const gen_args *a)
     if (pie_cli_check_int("generate", "top-k", a->top_k, 0, INT32_MAX) ||
         pie_cli_check_int("generate", "max-tokens", a->max_tokens, 0,
                           PIE_CLI_MAX_TOKENS) ||
+        pie_cli_check_int("generate", "chunk", a->chunk, 0,
+                          PIE_CLI_MAX_TOKENS) ||
         pie_cli_check_backend_opts("generate", a->page_size, a->threads) ||
         pie_cli_check_gpu("generate", &a->gpu))
         return -1;
@@ -176,6 +197,9 @@ int pie_cmd_generate(int argc, char **argv)
           "1..65536 (16)" },
         { "threads", 0, OPT_INT, &a.threads, "CPU threads (0 = all cores; "
           "at most 1024)" },
+        { "chunk", 0, OPT_INT, &a.chunk, "prompt tokens per forward, "
+          "0..2^24 (0 = the backend's most, 8192 on the GPU; no limit on "
+          "the CPU)" },
         PIE_CLI_OPT_GPU(a.gpu),
         PIE_CLI_OPT_GPU_MEMORY(a.gpu),
         { 0 },

@@ -91,6 +91,11 @@ static void test_generate_ids(json_t *ref, const char *model)
              "--max-tokens 100 --temperature 0 --ignore-eos --json --backend cpu",
              PIE_BIN, model);
     check_greedy(ref, 0, cmd, 100, "generate --prompt-ids 1");
+    /* the 5-token prompt in forwards of 2, 2 and 1 tokens */
+    snprintf(cmd, sizeof cmd, "%s generate --model %s --prompt-ids "
+             "1,403,407,261,378 --chunk 2 --max-tokens 100 --temperature 0 "
+             "--ignore-eos --json --backend cpu", PIE_BIN, model);
+    check_greedy(ref, 1, cmd, 100, "generate --chunk 2, a 5-token prompt");
     snprintf(cmd, sizeof cmd, "%s run text-completion --model %s --backend cpu "
              "-- --prompt-ids 1 --max-tokens 100 --temperature 0 --ignore-eos "
              "--no-text --json", PIE_BIN, model);
@@ -420,6 +425,8 @@ static void test_bad_input(const char *model)
           "--gpu-memory must be in (0, 1]" },
         { "generate --model %s --prompt-ids 1 --gpu-memory nan", 2,
           "--gpu-memory" },
+        { "generate --model %s --prompt-ids 1 --chunk -1", 2,
+          "--chunk must be 0.." },
         { "generate --model %s --prompt-ids 1 --gpu -1", 2,
           "--gpu must be 0..1023" },
         { "bench forward --model %s --backend cpu --gpu 1024", 2,
