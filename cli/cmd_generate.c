@@ -201,7 +201,6 @@ int pie_cmd_generate(int argc, char **argv)
           "0..2^24 (0 = the backend's most, 8192 on the GPU; no limit on "
           "the CPU)" },
         PIE_CLI_OPT_GPU(a.gpu),
-        PIE_CLI_OPT_GPU_MEMORY(a.gpu),
         { 0 },
     };
     const pie_cmd_usage u = { "generate",
@@ -233,7 +232,17 @@ int pie_cmd_generate(int argc, char **argv)
         return 1;
     }
     if (!ids && encode_prompt(&a, m, &ids, &n)) goto out;
-    if (pie_cli_backend(a.backend, m, a.page_size, 0, a.threads, &a.gpu, &b))
+    /* the pool holds the one sequence, prompt and continuation, and no
+     * more (on the GPU too: the rest of its memory stays free) */
+    int64_t pages = ((int64_t)n + a.max_tokens) / a.page_size + 2;
+    if (pages > INT32_MAX) {
+        fprintf(stderr, "pie generate: %zu prompt tokens and %d more need "
+                "%lld KV pages of %d tokens, more than %d\n", n,
+                a.max_tokens, (long long)pages, a.page_size, INT32_MAX);
+        goto out;
+    }
+    if (pie_cli_backend(a.backend, m, a.page_size, (int)pages, a.threads,
+                        &a.gpu, &b))
         goto out;
     if (pie_drv_init(&d, b)) goto out;
     /* max_tokens <= PIE_CLI_MAX_TOKENS: the size cannot overflow */

@@ -42,8 +42,8 @@ static int seq_reserve(pie_drv *d, pie_drv_seq *s, int32_t n)
     }
     while (s->n_pages < need) {
         if (d->n_free == 0)
-            return pie_err_set(PIE_EBUSY, "KV cache full: %d pages of %d "
-                               "tokens in use (raise --pages)", d->b->n_pages,
+            return pie_err_set(PIE_EBUSY, "KV cache full: all %d pages of "
+                               "%d tokens in use", d->b->n_pages,
                                ps);
         s->pages[s->n_pages++] = d->free_pages[--d->n_free];
     }

@@ -419,12 +419,6 @@ static void test_bad_input(const char *model)
           "--threads" },
         /* GPU options: checked before any backend starts, so on any
          * machine */
-        { "generate --model %s --prompt-ids 1 --gpu-memory 0", 2,
-          "--gpu-memory must be in (0, 1]" },
-        { "generate --model %s --prompt-ids 1 --gpu-memory 1.5", 2,
-          "--gpu-memory must be in (0, 1]" },
-        { "generate --model %s --prompt-ids 1 --gpu-memory nan", 2,
-          "--gpu-memory" },
         { "generate --model %s --prompt-ids 1 --chunk -1", 2,
           "--chunk must be 0.." },
         { "generate --model %s --prompt-ids 1 --gpu -1", 2,
@@ -683,6 +677,26 @@ static void test_long_prompt_ids(const char *model)
     free(args);
 }
 
+/* pie generate sizes its pool for the prompt and the continuation: 8,200
+ * prompt tokens (past the CPU backend's default pool of 8,192 tokens)
+ * and one more. Before, it took the default pool and failed with "KV
+ * cache full". */
+static void test_generate_pool(const char *model)
+{
+    const int n = 8200;
+    size_t cap = (size_t)n * 4 + 512;
+    char *args = malloc(cap);
+    CHECK(args, "out of memory");
+    size_t k = (size_t)snprintf(args, cap, "generate --model %s --backend "
+                                "cpu --temperature 0 --ignore-eos -n 1 --json "
+                                "--prompt-ids 1", model);
+    for (int i = 1; i < n; i++)
+        k += (size_t)snprintf(args + k, cap - k, ",%d", 300 + i % 100);
+    expect(args, 0, "{\"ids\":[", "KV cache full");
+    free(args);
+    printf("generate: a prompt of %d tokens on the CPU\n", n);
+}
+
 int main(void)
 {
     json_t *ref = reference();
@@ -699,6 +713,7 @@ int main(void)
     test_run_status(model);
     test_run_paths(model);
     test_long_prompt_ids(model);
+    test_generate_pool(model);
     json_decref(ref);
     TEST_DONE();
 }
