@@ -308,14 +308,15 @@ gemv_kernel(void *y, int y_f32, const uint16_t *W, const uint16_t *x, int n,
  * (NOTES.md, round 20): 1B steps at batch 1 2.5% faster (three calls),
  * batch 4 2%, 8B batch 1 and 4 within the noise; at batch 8 and 16 the
  * same setting was 2-3% slower, and every kernel of a step at 0% or 100%
- * made 8B batch 1 7-10% slower. PIE_CUDA_GEMV_CARVEOUT=p asks for p at
- * every launch (-1: the driver's choice). */
+ * made 8B batch 1 7-10% slower. PIE_CUDA_GEMV_CARVEOUT=p (0..100) asks
+ * for p at every launch (-1: the driver's choice). */
 static int gemv_carveout(int m)
 {
     static int env = -2;
     if (env == -2) {
         const char *e = getenv("PIE_CUDA_GEMV_CARVEOUT");
         env = e ? atoi(e) : -3;     /* -3: the rule above */
+        if (env < -1 || env > 100) env = -3;
     }
     return env != -3 ? env : m <= 4 ? 50 : -1;
 }
