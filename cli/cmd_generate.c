@@ -62,25 +62,32 @@ static void json_str(FILE *f, const char *s, size_t n)
 }
 
 /* Feeds all but the last forward's worth of the prompt in forwards of at
- * most --chunk tokens (by default the backend's most: 8192 on the GPU),
- * their samples dropped; advances *in and *n_in past what it fed. */
+ * most --chunk tokens and the backend's most (8192 on the GPU; the CPU
+ * has no limit), their samples dropped; advances *in and *n_in past what
+ * it fed and counts the forwards in *fwd. */
 static int prefill_head(const gen_args *a, pie_drv *d, pie_drv_seq *seq,
                         const pie_sampler *s, const int32_t **in,
-                        int32_t *n_in)
+                        int32_t *n_in, int *fwd)
 {
-    int32_t cap = a->chunk > 0 ? a->chunk : d->b->max_tokens, tok;
+    int32_t most = d->b->max_tokens, tok;
+    int32_t cap = a->chunk > 0 && (most <= 0 || a->chunk < most) ? a->chunk
+                                                                 : most;
     pie_drv_seq *sp = seq;
     while (cap > 0 && *n_in > cap) {
         int rc = pie_drv_step(d, &sp, 1, *in, &cap, s, &tok);
         if (rc) return rc;
         *in += cap;
         *n_in -= cap;
+        ++*fwd;
     }
     return 0;
 }
 
+/* Generates up to max_gen tokens into gen after the prompt; *fwd counts
+ * the forwards the prompt took. Returns how many, or -1. */
 static int run_loop(const gen_args *a, pie_model *m, pie_drv *d,
-                    int32_t *prompt, size_t n_prompt, int32_t *gen)
+                    int32_t *prompt, size_t n_prompt, int max_gen,
+                    int32_t *gen, int *fwd)
 {
     pie_sampler s = { .kind = a->temperature > 0 ? PIE_SAMPLER_RANDOM
                                                  : PIE_SAMPLER_GREEDY,
@@ -96,8 +103,9 @@ static int run_loop(const gen_args *a, pie_model *m, pie_drv *d,
         pie_detok_init(&dt, m->tok, true);
         dt.first = false;   /* a continuation keeps its leading space */
     }
-    rc = a->max_tokens > 0 ? prefill_head(a, d, &seq, &s, &in, &n_in) : 0;
-    while (rc == 0 && n_gen < a->max_tokens) {
+    *fwd = max_gen > 0;
+    rc = max_gen > 0 ? prefill_head(a, d, &seq, &s, &in, &n_in, fwd) : 0;
+    while (rc == 0 && n_gen < max_gen) {
         s.seed = a->seed * 0x9E3779B97F4A7C15ull + (uint64_t)n_gen;
         if ((rc = pie_drv_step(d, &sp, 1, in, &n_in, &s, &tok)) != 0) break;
         if (!a->ignore_eos && is_eos(m, tok)) break;
@@ -122,7 +130,8 @@ static int run_loop(const gen_args *a, pie_model *m, pie_drv *d,
     return n_gen;
 }
 
-static void print_json(const pie_model *m, const int32_t *gen, int n)
+static void print_json(const pie_model *m, const int32_t *gen, int n,
+                       int prompt_fwd)
 {
     printf("{\"ids\":[");
     for (int i = 0; i < n; i++) printf("%s%d", i ? "," : "", gen[i]);
@@ -140,7 +149,7 @@ static void print_json(const pie_model *m, const int32_t *gen, int n)
         json_str(stdout, text, len);
     else
         printf("null");
-    printf("}\n");
+    printf(",\"prompt_forwards\":%d}\n", prompt_fwd);
     free(known);
     free(text);
 }
@@ -173,6 +182,31 @@ static int check_gen_args(const gen_args *a)
     return 0;
 }
 
+/* Every prompt id must name a row of the embedding: checked before any
+ * forward, by its place in the whole prompt. */
+static int check_prompt(const pie_model *m, const int32_t *ids, size_t n)
+{
+    for (size_t i = 0; i < n; i++)
+        if (ids[i] < 0 || ids[i] >= m->cfg.vocab_size) {
+            fprintf(stderr, "pie generate: prompt token %zu has id %d, "
+                    "outside the vocabulary (0..%d)\n", i, ids[i],
+                    m->cfg.vocab_size - 1);
+            return -1;
+        }
+    return 0;
+}
+
+/* The tokens to generate at most: --max-tokens, stopping where prompt and
+ * continuation fill the model's context (max_position_embeddings; always
+ * room for one). The KV pool is sized for exactly that. */
+static int gen_room(const gen_args *a, const pie_model *m, size_t n)
+{
+    int64_t room = a->max_tokens;
+    if (m->cfg.max_pos > 0 && (int64_t)m->cfg.max_pos - (int64_t)n < room)
+        room = (int64_t)m->cfg.max_pos - (int64_t)n;
+    return room < 1 ? (a->max_tokens > 0) : (int)room;
+}
+
 int pie_cmd_generate(int argc, char **argv)
 {
     gen_args a = { .max_tokens = 64, .temperature = 1.0f, .top_p = 1.0f,
@@ -191,7 +225,8 @@ int pie_cmd_generate(int argc, char **argv)
           "prob, [0, 1] (0)" },
         { "seed", 's', OPT_U64, &a.seed, "sampling seed (0)" },
         { "ignore-eos", 0, OPT_FLAG, &a.ignore_eos, "do not stop at EOS" },
-        { "json", 0, OPT_FLAG, &a.json, "print {\"ids\":[...],\"text\":\"...\"}" },
+        { "json", 0, OPT_FLAG, &a.json, "print {\"ids\":[...],\"text\":"
+          "\"...\",\"prompt_forwards\":N}" },
         { "backend", 'b', OPT_STR, &a.backend, "cpu, cuda or auto (auto)" },
         { "page-size", 0, OPT_INT, &a.page_size, "KV page size in tokens, "
           "1..65536 (16)" },
@@ -232,18 +267,22 @@ int pie_cmd_generate(int argc, char **argv)
         return 1;
     }
     if (!ids && encode_prompt(&a, m, &ids, &n)) goto out;
-    /* the pool holds the one sequence, prompt and continuation, and no
-     * more (on the GPU too: the rest of its memory stays free) */
-    int64_t pages = ((int64_t)n + a.max_tokens) / a.page_size + 2;
+    if (check_prompt(m, ids, n)) goto out;
+    int max_gen = gen_room(&a, m, n);
+    int64_t pages = ((int64_t)n + max_gen) / a.page_size + 2;
     if (pages > INT32_MAX) {
         fprintf(stderr, "pie generate: %zu prompt tokens and %d more need "
-                "%lld KV pages of %d tokens, more than %d\n", n,
-                a.max_tokens, (long long)pages, a.page_size, INT32_MAX);
+                "%lld KV pages of %d tokens, more than %d\n", n, max_gen,
+                (long long)pages, a.page_size, INT32_MAX);
         goto out;
     }
     if (pie_cli_backend(a.backend, m, a.page_size, (int)pages, a.threads,
-                        &a.gpu, &b))
+                        &a.gpu, &b)) {
+        fprintf(stderr, "pie generate: its KV pool holds the prompt and "
+                "%d tokens more (--max-tokens, at most the model's "
+                "context)\n", max_gen);
         goto out;
+    }
     if (pie_drv_init(&d, b)) goto out;
     /* max_tokens <= PIE_CLI_MAX_TOKENS: the size cannot overflow */
     gen = malloc(sizeof(int32_t) * ((size_t)a.max_tokens + 1));
@@ -252,10 +291,13 @@ int pie_cmd_generate(int argc, char **argv)
                 a.max_tokens);
         goto out;
     }
-    int n_gen = run_loop(&a, m, &d, ids, n, gen);
+    int fwd = 0, n_gen = run_loop(&a, m, &d, ids, n, max_gen, gen, &fwd);
     if (n_gen < 0) goto out;
-    if (a.json) print_json(m, gen, n_gen);
+    if (a.json) print_json(m, gen, n_gen, fwd);
     else printf("\n");
+    if (n_gen == max_gen && max_gen < a.max_tokens)
+        fprintf(stderr, "pie generate: stopped after %d tokens: the model's "
+                "context of %d tokens is full\n", n_gen, m->cfg.max_pos);
     status = 0;
 out:
     pie_drv_free(&d);

@@ -74,12 +74,13 @@ int pie_cli_backend(const char *which, const pie_model *m, int page_size,
                 pie_err_msg());
         return -1;
     }
+    double mib = (double)(*out)->n_pages * (double)(*out)->page_bytes /
+                 1048576.0;
     if (!strcmp(which, "cuda"))
         fprintf(stderr, "pie: cuda backend on GPU %d: KV pool of %d pages "
-                "of %d tokens (%.2f GiB)\n", g->device, (*out)->n_pages,
-                (*out)->page_size,
-                (double)(*out)->n_pages * (double)(*out)->page_bytes /
-                    1073741824.0);
+                "of %d tokens (%.2f %s)\n", g->device, (*out)->n_pages,
+                (*out)->page_size, mib >= 1024 ? mib / 1024 : mib,
+                mib >= 1024 ? "GiB" : "MiB");
     return 0;
 }
 

@@ -315,8 +315,10 @@ static int gemv_carveout(int m)
     static int env = -2;
     if (env == -2) {
         const char *e = getenv("PIE_CUDA_GEMV_CARVEOUT");
-        env = e ? atoi(e) : -3;     /* -3: the rule above */
-        if (env < -1 || env > 100) env = -3;
+        char *end = NULL;
+        long v = e ? strtol(e, &end, 10) : -3;
+        /* -3: the rule above, also for a value that is not -1..100 */
+        env = e && (end == e || *end || v < -1 || v > 100) ? -3 : (int)v;
     }
     return env != -3 ? env : m <= 4 ? 50 : -1;
 }

@@ -91,11 +91,21 @@ static void test_generate_ids(json_t *ref, const char *model)
              "--max-tokens 100 --temperature 0 --ignore-eos --json --backend cpu",
              PIE_BIN, model);
     check_greedy(ref, 0, cmd, 100, "generate --prompt-ids 1");
-    /* the 5-token prompt in forwards of 2, 2 and 1 tokens */
-    snprintf(cmd, sizeof cmd, "%s generate --model %s --prompt-ids "
-             "1,403,407,261,378 --chunk 2 --max-tokens 100 --temperature 0 "
-             "--ignore-eos --json --backend cpu", PIE_BIN, model);
-    check_greedy(ref, 1, cmd, 100, "generate --chunk 2, a 5-token prompt");
+    /* the 5-token prompt in forwards of 2, 2 and 1 tokens, and whole */
+    const int chunk[2] = { 2, 0 }, fwds[2] = { 3, 1 };
+    for (int i = 0; i < 2; i++) {
+        snprintf(cmd, sizeof cmd, "%s generate --model %s --prompt-ids "
+                 "1,403,407,261,378 --chunk %d --max-tokens 100 "
+                 "--temperature 0 --ignore-eos --json --backend cpu",
+                 PIE_BIN, model, chunk[i]);
+        check_greedy(ref, 1, cmd, 100, "generate --chunk, a 5-token prompt");
+        json_t *j = run_json(cmd);
+        json_t *f = json_object_get(j, "prompt_forwards");
+        CHECK(json_integer_value(f) == fwds[i], "--chunk %d: the prompt took "
+              "%lld forwards, expected %d", chunk[i],
+              (long long)json_integer_value(f), fwds[i]);
+        json_decref(j);
+    }
     snprintf(cmd, sizeof cmd, "%s run text-completion --model %s --backend cpu "
              "-- --prompt-ids 1 --max-tokens 100 --temperature 0 --ignore-eos "
              "--no-text --json", PIE_BIN, model);
@@ -421,6 +431,10 @@ static void test_bad_input(const char *model)
          * machine */
         { "generate --model %s --prompt-ids 1 --chunk -1", 2,
           "--chunk must be 0.." },
+        /* a bad id late in a chunked prompt: named by its place in the
+         * whole prompt, before any forward */
+        { "generate --model %s --prompt-ids 1,403,407,261,378,99999 "
+          "--chunk 2", 1, "prompt token 5 has id 99999" },
         { "generate --model %s --prompt-ids 1 --gpu -1", 2,
           "--gpu must be 0..1023" },
         { "bench forward --model %s --backend cpu --gpu 1024", 2,
@@ -681,10 +695,38 @@ static void test_long_prompt_ids(const char *model)
  * prompt tokens (past the CPU backend's default pool of 8,192 tokens)
  * and one more. Before, it took the default pool and failed with "KV
  * cache full". */
+/* pie generate stops where prompt and continuation fill the model's
+ * context (stories260K: 512 positions), saying so; before, it went on
+ * past max_position_embeddings. */
+static void test_generate_context(json_t *ref, const char *model)
+{
+    char cmd[1024];
+    snprintf(cmd, sizeof cmd, "%s generate --model %s --prompt-ids 1 -n 600 "
+             "--temperature 0 --ignore-eos --json --backend cpu 2>/dev/null",
+             PIE_BIN, model);
+    json_t *j = run_json(cmd), *ids = json_object_get(j, "ids");
+    size_t n = json_array_size(ids);
+    CHECK(n == 511, "-n 600 from 1 prompt token: %zu ids, expected 511", n);
+    /* the first 100 are the reference's */
+    json_t *head = json_array();
+    for (size_t i = 0; i < 100; i++)
+        json_array_append(head, json_array_get(ids, i));
+    json_t *pr = json_array_get(json_object_get(ref, "prompts"), 0);
+    check_ids(head, json_object_get(pr, "greedy_ids"), 100,
+              "generate up to the context");
+    json_decref(head);
+    json_decref(j);
+    snprintf(cmd, sizeof cmd, "generate --model %s --prompt-ids 1 -n 600 "
+             "--temperature 0 --ignore-eos --backend cpu", model);
+    expect(cmd, 0, "stopped after 511 tokens: the model's context of 512 "
+           "tokens is full", NULL);
+    printf("generate: stops at the model's context of 512 tokens\n");
+}
+
 static void test_generate_pool(const char *model)
 {
     const int n = 8200;
-    size_t cap = (size_t)n * 4 + 512;
+    size_t cap = (size_t)n * 4 + strlen(model) + 512;
     char *args = malloc(cap);
     CHECK(args, "out of memory");
     size_t k = (size_t)snprintf(args, cap, "generate --model %s --backend "
@@ -692,7 +734,7 @@ static void test_generate_pool(const char *model)
                                 "--prompt-ids 1", model);
     for (int i = 1; i < n; i++)
         k += (size_t)snprintf(args + k, cap - k, ",%d", 300 + i % 100);
-    expect(args, 0, "{\"ids\":[", "KV cache full");
+    expect(args, 0, "\"ids\":[", "KV cache full");
     free(args);
     printf("generate: a prompt of %d tokens on the CPU\n", n);
 }
@@ -714,6 +756,7 @@ int main(void)
     test_run_paths(model);
     test_long_prompt_ids(model);
     test_generate_pool(model);
+    test_generate_context(ref, model);
     json_decref(ref);
     TEST_DONE();
 }

@@ -296,7 +296,8 @@ static void check_lost(const pie_model *m)
 /* ------------------------------------------------------------------ pool */
 
 /* The pages a backend sized by fraction f takes, and the free device
- * memory it saw before its pool (weights already resident). */
+ * memory before it was created (its weights, workspace and reserve come
+ * out of that too, so the bound below has their share as slack). */
 static int32_t pool_pages(const pie_model *m, double f, size_t *free_before,
                           uint64_t *page_bytes)
 {
