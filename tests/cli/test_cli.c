@@ -409,6 +409,9 @@ static void test_bad_input(const char *model)
           "--batch" },
         { "bench forward --model %s --backend cpu --batch 1000000 "
           "--prompt-len 16000000", 2, "KV pages" },
+        /* a pool the backend refuses: the hint names the bench's knobs */
+        { "bench forward --model %s --backend cpu --batch 1000 "
+          "--prompt-len 2000000", 1, "lower --batch, --prompt-len or --gen" },
         { "bench generate --model %s --backend cpu --max-tokens 2147483647",
           2, "--max-tokens" },
         { "bench generate --model %s --backend cpu -c 100000 -n 1000000", 2,
