@@ -45,8 +45,6 @@ typedef struct pie_cli_gpu {
       "memory left after the weights and workspace for the cuda "          \
       "backend's KV pool (where --pages leaves the pool to it), (0, 1] "   \
       "(0.9)" }
-/* Checks --gpu and --gpu-memory; prints and returns -1 if out of range. */
-int  pie_cli_check_gpu(const char *cmd, const pie_cli_gpu *g);
 /* Creates backend "cpu", "cuda" or "auto" (g: NULL for the defaults);
  * prints errors, and for cuda the GPU and the pool it took. 0 or -1. */
 int  pie_cli_backend(const char *which, const pie_model *m, int page_size,
@@ -59,9 +57,11 @@ double pie_cli_now(void);
  * not, prints "pie CMD: --NAME must be LO..HI (got V)" and returns -1. */
 int  pie_cli_check_int(const char *cmd, const char *name, int64_t v,
                        int64_t lo, int64_t hi);
-/* Checks --page-size (1..PIE_CLI_MAX_PAGE_SIZE) and --threads
- * (0 = all cores .. PIE_CLI_MAX_THREADS); prints and returns -1 if not. */
-int  pie_cli_check_backend_opts(const char *cmd, int page_size, int threads);
+/* Checks --page-size (1..PIE_CLI_MAX_PAGE_SIZE), --threads (0 = all
+ * cores .. PIE_CLI_MAX_THREADS), --gpu (0..PIE_CLI_MAX_GPU) and
+ * --gpu-memory ((0, 1]); prints and returns -1 if not. */
+int  pie_cli_check_backend_opts(const char *cmd, int page_size, int threads,
+                                const pie_cli_gpu *g);
 
 struct pie_rt;
 struct pie_rt_module;

@@ -187,8 +187,8 @@ static int bench_forward(int argc, char **argv)
         pie_cli_check_int(cmd, "gen", a.gen, 0, PIE_CLI_MAX_TOKENS) ||
         pie_cli_check_int(cmd, "warmup", a.warmup, 0, PIE_CLI_MAX_TOKENS) ||
         pie_cli_check_int(cmd, "chunk", a.chunk, 1, PIE_CLI_MAX_TOKENS) ||
-        pie_cli_check_backend_opts(cmd, a.page_size, a.threads) ||
-        pie_cli_check_gpu(cmd, &a.gpu))
+        pie_cli_check_backend_opts(cmd, a.page_size, a.threads,
+                                   &a.gpu))
         return 2;
     /* each sequence's tokens, one page spare; in 64 bits, then bounded */
     int64_t tokens = (int64_t)a.prompt_len + a.gen + a.warmup;

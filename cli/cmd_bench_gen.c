@@ -542,8 +542,8 @@ int pie_cmd_bench_generate(int argc, char **argv)
         pie_cli_check_int(cmd, "pages", a.pages, 0, INT32_MAX) ||
         pie_cli_check_int(cmd, "workers", a.workers, 1, PIE_CLI_MAX_THREADS) ||
         pie_cli_check_int(cmd, "reps", a.reps, 1, BG_MAX_REPS) ||
-        pie_cli_check_backend_opts(cmd, a.page_size, a.threads) ||
-        pie_cli_check_gpu(cmd, &a.gpu))
+        pie_cli_check_backend_opts(cmd, a.page_size, a.threads,
+                                   &a.gpu))
         return 2;
     if (a.both && a.native) {
         fprintf(stderr, "pie bench generate: --both runs the native loop "

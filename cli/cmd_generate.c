@@ -176,8 +176,8 @@ static int check_gen_args(const gen_args *a)
                           PIE_CLI_MAX_TOKENS) ||
         pie_cli_check_int("generate", "chunk", a->chunk, 0,
                           PIE_CLI_MAX_TOKENS) ||
-        pie_cli_check_backend_opts("generate", a->page_size, a->threads) ||
-        pie_cli_check_gpu("generate", &a->gpu))
+        pie_cli_check_backend_opts("generate", a->page_size, a->threads,
+                                   &a->gpu))
         return -1;
     return 0;
 }

@@ -508,8 +508,8 @@ static int check_run_args(const run_args *a)
         pie_cli_check_int("run", "pages", a->pages, 0, INT32_MAX) ||
         pie_cli_check_int("run", "workers", a->workers, 1,
                           PIE_CLI_MAX_THREADS) ||
-        pie_cli_check_backend_opts("run", a->page_size, a->threads) ||
-        pie_cli_check_gpu("run", &a->gpu))
+        pie_cli_check_backend_opts("run", a->page_size, a->threads,
+                                   &a->gpu))
         return -1;
     return 0;
 }

@@ -120,7 +120,7 @@ int pie_cli_check_int(const char *cmd, const char *name, int64_t v,
     return -1;
 }
 
-int pie_cli_check_gpu(const char *cmd, const pie_cli_gpu *g)
+static int check_gpu(const char *cmd, const pie_cli_gpu *g)
 {
     if (pie_cli_check_int(cmd, "gpu", g->device, 0, PIE_CLI_MAX_GPU))
         return -1;
@@ -130,11 +130,12 @@ int pie_cli_check_gpu(const char *cmd, const pie_cli_gpu *g)
     return -1;
 }
 
-int pie_cli_check_backend_opts(const char *cmd, int page_size, int threads)
+int pie_cli_check_backend_opts(const char *cmd, int page_size, int threads,
+                               const pie_cli_gpu *g)
 {
     if (pie_cli_check_int(cmd, "page-size", page_size, 1,
                           PIE_CLI_MAX_PAGE_SIZE) ||
         pie_cli_check_int(cmd, "threads", threads, 0, PIE_CLI_MAX_THREADS))
         return -1;
-    return 0;
+    return check_gpu(cmd, g);
 }
