@@ -158,10 +158,8 @@ void pie_backend_cuda_graphs(const pie_backend *b, int64_t *captured,
 /* Matmuls a CUDA backend ran with gemv.cu (launched or captured into a
  * graph) instead of cuBLASLt; 0 for other backends or without CUDA. */
 int64_t pie_backend_cuda_gemv_calls(const pie_backend *b);
-/* The same for wgmm.cu (decode matmuls of 17..256 rows) and skinny.cu
- * (17..64 rows). */
+/* The same for wgmm.cu (decode matmuls of 17..256 rows). */
 int64_t pie_backend_cuda_wgmm_calls(const pie_backend *b);
-int64_t pie_backend_cuda_skinny_calls(const pie_backend *b);
 /* Decode steps a CUDA backend ran as one kernel (batch 1: mega.cu); 0 for
  * other backends or without CUDA. */
 int64_t pie_backend_cuda_mega_steps(const pie_backend *b);

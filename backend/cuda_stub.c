@@ -32,12 +32,6 @@ int64_t pie_backend_cuda_wgmm_calls(const pie_backend *b)
     return 0;
 }
 
-int64_t pie_backend_cuda_skinny_calls(const pie_backend *b)
-{
-    (void)b;
-    return 0;
-}
-
 int64_t pie_backend_cuda_mega_steps(const pie_backend *b)
 {
     (void)b;

@@ -1382,12 +1382,6 @@ int64_t pie_backend_cuda_wgmm_calls(const pie_backend *b)
     return ((const cuda_backend *)b)->n_wgmm;
 }
 
-int64_t pie_backend_cuda_skinny_calls(const pie_backend *b)
-{
-    if (!b || b->ops != &CUDA_OPS) return 0;
-    return ((const cuda_backend *)b)->n_skinny;
-}
-
 int64_t pie_backend_cuda_mega_steps(const pie_backend *b)
 {
     if (!b || b->ops != &CUDA_OPS) return 0;

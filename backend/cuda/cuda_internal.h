@@ -72,8 +72,6 @@ typedef struct mm_plan {
     cublasLtMatmulAlgo_t    algo;
     int                     gemv_r; /* > 0: gemv.cu, r warps per block     */
     int                     wg;     /* 1: wgmm.cu (17..256 rows)            */
-    int                     sk;     /* > 0: skinny.cu (17..64 rows), k cut
-                                     * into sk ranges                      */
     int                     wmode;  /* its PIE_CUDA_WGMM_* mode, timed      */
 } mm_plan;
 
@@ -101,7 +99,6 @@ typedef struct tuned_algo {
     cublasLtMatmulAlgo_t  algo;
     int32_t               gemv_r;  /* > 0: gemv.cu won (m <= 16 only)      */
     int32_t               wg;      /* 1: wgmm.cu won (17..256 rows)        */
-    int32_t               sk;      /* > 0: skinny.cu won, its splits       */
 } tuned_algo;
 
 typedef struct cuda_backend {
@@ -199,7 +196,6 @@ typedef struct cuda_backend {
     int64_t           n_captured, n_replayed;
     int64_t           n_gemv;      /* matmuls run by gemv.cu               */
     int64_t           n_wgmm;      /* matmuls run by wgmm.cu               */
-    int64_t           n_skinny;    /* matmuls run by skinny.cu             */
     pie_cuda_wgmm_ws  wgmm;        /* its workspace (one block an SM)      */
     int               decode_step; /* this forward adds one token to every */
                                    /* request: gemv.cu may run (mm)        */

@@ -367,27 +367,6 @@ int pie__cuda_wgmm(void *y, int mode, const uint16_t *W, int n, int k,
                    const uint16_t *x, int m, const pie_cuda_wgmm_ws *ws,
                    int grid, int pdl, cudaStream_t s);
 
-/* ---- the matmul for 17..64 rows (skinny.cu) ---- */
-#define PIE_CUDA_SKINNY_MAX_M 64
-/* 1 when pie__cuda_skinny can run m rows: 1 <= m <= 64, k % 8 == 0, W and
- * x 16-byte aligned. */
-int pie__cuda_skinny_supported(int m, int k, const void *W, const void *x);
-/* 1 when a call of this mode and shape may cut k into `splits` ranges:
- * 1 <= splits <= ceil(k / 64), and for splits > 1 room in ws (wgmm.cu's
- * workspace, shared: calls run in stream order and leave it as found). */
-int pie__cuda_skinny_room(int mode, int n, int k, int m, int splits,
-                          const pie_cuda_wgmm_ws *ws);
-/* The modes of pie__cuda_wgmm (BF16, F32, ACC: y f32 +=, GLU: y = h (m,
- * hid = n) from Wgu (2 hid, k)) for m <= 64 rows, k cut into `splits`
- * ranges whose sums are added in range order. A row's result does not
- * depend on m or on the other rows of x, for given splits. pdl = 1
- * launches it as a programmatic dependent (its first weight loads start
- * before the previous kernel ends). -1: unsupported, or the launch failed
- * (nothing ran). */
-int pie__cuda_skinny(void *y, int mode, const uint16_t *W, int n, int k,
-                     const uint16_t *x, int m, int splits,
-                     const pie_cuda_wgmm_ws *ws, int pdl, cudaStream_t s);
-
 /* The qkv matmul of a decode step with qkv_post in its epilogue
  * (pie__cuda_gemv_qkv): where q (f32), K and V (bf16, into the pages of
  * layer `layer`) go, the bias (or NULL) and the RoPE frequencies. No q/k

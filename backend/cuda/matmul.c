@@ -1,9 +1,8 @@
 /*
  * matmul.c — the CUDA backend's dense matmuls: one cuBLASLt plan per
  * (m, n, k, output type), cached (MM_CACHE); for decode-sized m the
- * heuristic's candidates, their split-K variants, gemv.cu (m <= 16),
- * skinny.cu (17..64) and wgmm.cu (17..256) are timed once per weight
- * shape and bucket of m
+ * heuristic's candidates, their split-K variants, gemv.cu (m <= 16) and
+ * wgmm.cu (17..256) are timed once per weight shape and bucket of m
  * (m_bucket) and the fastest is kept (tuned_algo). State lives in cuda_backend (cuda_internal.h).
  */
 #include <math.h>
@@ -26,10 +25,10 @@ static cublasStatus_t mm_run(cuda_backend *c, mm_plan *p,
 /* One candidate of a timing run: cuBLASLt algo a, or (gemv_r > 0) gemv.cu
  * with gemv_r warps per block over gemv_m rows of x (>= the plan's m: the
  * operands must hold gemv_m rows; warm_plans' buffers hold >= OUT_CHUNK),
- * or (wg) wgmm.cu, or (sk > 0) skinny.cu with k in sk ranges. */
+ * or (wg) wgmm.cu. */
 typedef struct mm_cand {
     const cublasLtMatmulAlgo_t *a;
-    int                         gemv_r, gemv_m, wg, sk;
+    int                         gemv_r, gemv_m, wg;
 } mm_cand;
 
 /* wgmm.cu on one block an SM; mode as pie__cuda_wgmm. */
@@ -40,21 +39,9 @@ static int wgmm_run(cuda_backend *c, void *y, int mode, const uint16_t *W,
                           pie__cuda_pdl(), c->st);
 }
 
-/* skinny.cu in mode as pie__cuda_wgmm, k in `splits` ranges. */
-static int skinny_run(cuda_backend *c, void *y, int mode, const uint16_t *W,
-                      int n, int k, const uint16_t *x, int m, int splits)
-{
-    return pie__cuda_skinny(y, mode, W, n, k, x, m, splits, &c->wgmm,
-                            pie__cuda_pdl(), c->st);
-}
-
 static int cand_run(cuda_backend *c, mm_plan *p, mm_cand k, const uint16_t *W,
                     const uint16_t *x, void *y)
 {
-    if (k.sk && p->wmode == PIE_CUDA_WGMM_GLU)  /* (into h: y is gu) */
-        return skinny_run(c, c->h, p->wmode, W, p->n / 2, p->k, x, p->m, k.sk) == 0;
-    if (k.sk)
-        return skinny_run(c, y, p->wmode, W, p->n, p->k, x, p->m, k.sk) == 0;
     if (k.wg && p->wmode == PIE_CUDA_WGMM_GLU)  /* (into h: y is gu) */
         return wgmm_run(c, c->h, p->wmode, W, p->n / 2, p->k, x, p->m) == 0;
     if (k.wg)
@@ -181,25 +168,9 @@ static void try_split_k(cuda_backend *c, mm_plan *p,
                                         &a, &chk) != CUBLAS_STATUS_SUCCESS ||
                 chk.workspaceSize > LT_WS_BYTES)
                 continue;
-            float ms = time_cand(c, p, (mm_cand){ &a, 0, 0, 0, 0 }, W, x, y, 2);
+            float ms = time_cand(c, p, (mm_cand){ &a, 0, 0, 0 }, W, x, y, 2);
             if (beats(ms, *best)) { *best = ms; p->algo = a; }
         }
-}
-
-/* PIE_CUDA_GEMV_FORCE="n,k,r;..." (experiments): gemv.cu with r warps a
- * block for the weight shapes (n, k) listed, whatever the timing says;
- * 0 where the shape is not listed. */
-static int gemv_forced(int n, int k)
-{
-    const char *e = getenv("PIE_CUDA_GEMV_FORCE");
-    int fn, fk, fr, used;
-    while (e && sscanf(e, "%d,%d,%d%n", &fn, &fk, &fr, &used) == 3) {
-        if (fn == n && fk == k && (fr == 1 || fr == 2 || fr == 4 || fr == 8))
-            return fr;
-        e += used;
-        e += *e == ';';
-    }
-    return 0;
 }
 
 /* Decode matmuls (m <= 16) stream W once; gemv.cu does that at a higher
@@ -217,14 +188,12 @@ static void try_gemv(cuda_backend *c, mm_plan *p, const uint16_t *W,
     float lt = best, t[4], gbest = INFINITY;
     int gr = 0;
     for (int r = 1, i = 0; r <= 8; r *= 2, i++) {
-        t[i] = time_cand(c, p, (mm_cand){ NULL, r, gm, 0, 0 }, W, x, y, 3);
+        t[i] = time_cand(c, p, (mm_cand){ NULL, r, gm, 0 }, W, x, y, 3);
         if (t[i] < gbest) { gbest = t[i]; gr = r; }
     }
     /* PIE_CUDA_GEMV=1 (comparisons, tests): gemv.cu wherever it runs */
     if (gbest < lt || (getenv("PIE_CUDA_GEMV") && gbest < INFINITY))
         p->gemv_r = gr;
-    if (gemv_forced(p->n, p->k) && gbest < INFINITY)
-        p->gemv_r = gemv_forced(p->n, p->k);
     if (getenv("PIE_CUDA_TUNE_LOG"))
         fprintf(stderr, "pie: tune n %d k %d: cublasLt %.1f us, gemv r1/2/4/8 "
                 "%.1f/%.1f/%.1f/%.1f us (m %d) -> %s\n", p->n, p->k,
@@ -237,56 +206,21 @@ static void try_gemv(cuda_backend *c, mm_plan *p, const uint16_t *W,
  * where it beats cuBLASLt's best (for gate/up, without the silu_mul that
  * follows cuBLASLt: a margin in cuBLASLt's favour). PIE_CUDA_NO_WGMM=1:
  * never; PIE_CUDA_WGMM=1 (comparisons, tests): wherever it runs. */
-static float try_wgmm(cuda_backend *c, mm_plan *p, const uint16_t *W,
-                      const uint16_t *x, void *y, float best)
+static void try_wgmm(cuda_backend *c, mm_plan *p, const uint16_t *W,
+                     const uint16_t *x, void *y, float best)
 {
     p->wg = 0;
     if (p->m <= PIE_CUDA_GEMV_MAX_M || getenv("PIE_CUDA_NO_WGMM") ||
         !c->wgmm.part ||
         !pie__cuda_wgmm_supported(PIE_CUDA_WGMM_BF16, p->m, p->n, p->k, W, x))
-        return INFINITY;
-    float ms = time_cand(c, p, (mm_cand){ NULL, 0, 0, 1, 0 }, W, x, y, 3);
+        return;
+    float ms = time_cand(c, p, (mm_cand){ NULL, 0, 0, 1 }, W, x, y, 3);
     if (beats(ms, best) || (getenv("PIE_CUDA_WGMM") && ms < INFINITY))
         p->wg = 1;
     if (getenv("PIE_CUDA_TUNE_LOG"))
         fprintf(stderr, "pie: tune n %d k %d m %d: cublasLt %.1f us, wgmm "
                 "%.1f us -> %s\n", p->n, p->k, p->m, best * 1e3, ms * 1e3,
                 p->wg ? "wgmm" : "cublasLt");
-    return ms;
-}
-
-/* Decode matmuls of 17..64 rows: skinny.cu with k cut into 1, 2, 4, .. 64
- * ranges (those it has room for), timed at the plan's m, wins where
- * its best beats the best so far (cuBLASLt's, or wgmm.cu's where that
- * won; for gate/up without the silu_mul that follows cuBLASLt).
- * PIE_CUDA_NO_SKINNY=1: never; PIE_CUDA_SKINNY=1 (comparisons, tests):
- * wherever it runs. */
-static void try_skinny(cuda_backend *c, mm_plan *p, const uint16_t *W,
-                       const uint16_t *x, void *y, float best)
-{
-    int n = p->wmode == PIE_CUDA_WGMM_GLU ? p->n / 2 : p->n, ss = 0;
-    float t[7], sb = INFINITY;
-    p->sk = 0;
-    if (p->m <= PIE_CUDA_GEMV_MAX_M || p->m > PIE_CUDA_SKINNY_MAX_M ||
-        getenv("PIE_CUDA_NO_SKINNY") || !pie__cuda_skinny_supported(p->m, p->k, W, x) ||
-        (p->wg && getenv("PIE_CUDA_WGMM")))     /* wgmm.cu forced */
-        return;
-    for (int i = 0, sp = 1; i < 7; i++, sp *= 2) {
-        t[i] = INFINITY;
-        if (pie__cuda_skinny_room(p->wmode, n, p->k, p->m, sp, &c->wgmm))
-            t[i] = time_cand(c, p, (mm_cand){ NULL, 0, 0, 0, sp }, W, x, y, 3);
-        if (t[i] < sb) { sb = t[i]; ss = sp; }
-    }
-    if (beats(sb, best) || (getenv("PIE_CUDA_SKINNY") && sb < INFINITY)) {
-        p->sk = ss;
-        p->wg = 0;
-    }
-    if (getenv("PIE_CUDA_TUNE_LOG"))
-        fprintf(stderr, "pie: tune n %d k %d m %d: best so far %.1f us, skinny "
-                "splits 1/2/4/../64 %.1f/%.1f/%.1f/%.1f/%.1f/%.1f/%.1f us -> %s\n",
-                p->n, p->k, p->m, best * 1e3, t[0] * 1e3, t[1] * 1e3,
-                t[2] * 1e3, t[3] * 1e3, t[4] * 1e3, t[5] * 1e3, t[6] * 1e3,
-                p->sk ? "skinny" : "kept");
 }
 
 static void pick_algo(cuda_backend *c, mm_plan *p,
@@ -296,7 +230,6 @@ static void pick_algo(cuda_backend *c, mm_plan *p,
     p->algo = res[0].algo;
     p->gemv_r = 0;
     p->wg = 0;
-    p->sk = 0;
     if (p->m > TUNE_MAX_M || getenv("PIE_CUDA_NO_TUNE")) return;  /* no gemv */
     int mb = m_bucket(p->m);
     tuned_algo *t = tuned_find(c, p, mb);
@@ -304,7 +237,6 @@ static void pick_algo(cuda_backend *c, mm_plan *p,
     if (t) {                       /* every m of the bucket: the same choice */
         p->gemv_r = t->gemv_r;     /* (the heuristic's algo where the timed */
         p->wg = t->wg;
-        p->sk = t->sk;
         if (cublasLtMatmulAlgoCheck(c->lt, p->desc, p->a, p->b, p->c, p->c,
                                     &t->algo, &chk) == CUBLAS_STATUS_SUCCESS &&
             chk.workspaceSize <= LT_WS_BYTES)   /* one does not fit this m) */
@@ -314,7 +246,7 @@ static void pick_algo(cuda_backend *c, mm_plan *p,
     if (!can_time(c)) return;
     float best = INFINITY, first = INFINITY, heur;
     for (int i = 0; i < found; i++) {
-        float ms = time_cand(c, p, (mm_cand){ &res[i].algo, 0, 0, 0, 0 }, W, x, y, 3);
+        float ms = time_cand(c, p, (mm_cand){ &res[i].algo, 0, 0, 0 }, W, x, y, 3);
         if (i == 0) first = ms;
         if (beats(ms, best)) { best = ms; p->algo = res[i].algo; }
     }
@@ -325,14 +257,10 @@ static void pick_algo(cuda_backend *c, mm_plan *p,
                 "best of %d %.1f, with split-k %.1f\n", p->n, p->k, mb,
                 first * 1e3, found, heur * 1e3, best * 1e3);
     try_gemv(c, p, W, x, y, best);
-    if (!p->gemv_r) {
-        float wg = try_wgmm(c, p, W, x, y, best);
-        try_skinny(c, p, W, x, y, p->wg ? wg : best);
-    }
+    if (!p->gemv_r) try_wgmm(c, p, W, x, y, best);
     t = &c->tuned[c->n_tuned < TUNED_MAX ? c->n_tuned++
                                          : (c->tuned_next++ % TUNED_MAX)];
-    *t = (tuned_algo){ p->n, p->k, p->y_f32, mb, p->algo, p->gemv_r, p->wg,
-                       p->sk };
+    *t = (tuned_algo){ p->n, p->k, p->y_f32, mb, p->algo, p->gemv_r, p->wg };
 }
 
 static int plan_make(cuda_backend *c, mm_plan *p, int m, int n, int k,
@@ -402,12 +330,11 @@ static int plan_for(cuda_backend *c, mm_plan **out, void *y, int y_f32,
 }
 
 /* y (m, n) = x (m, k) · W^T, W (n, k) bf16, x bf16, y f32 or bf16.
- * gemv.cu, skinny.cu and wgmm.cu run only in decode steps (is_decode),
- * so a prompt's prefill takes the same kernels alone or batched, and a
- * sequence's decode logits do not depend on how many others decode with
- * it while the batch stays in one bucket of m (1..8, 9..16, then powers
- * of two: gemv.cu is m-invariant for a given r, skinny.cu for given
- * splits, wgmm.cu for any m). */
+ * gemv.cu and wgmm.cu run only in decode steps (is_decode), so a prompt's
+ * prefill takes the same kernels alone or batched, and a sequence's
+ * decode logits do not depend on how many others decode with it while the
+ * batch stays in one bucket of m (1..8, 9..16, then powers of two: gemv.cu
+ * is m-invariant for a given r, wgmm.cu for any m). */
 static int mm_to(cuda_backend *c, void *y, int y_f32, int acc,
                  const uint16_t *W, int n, int k, const uint16_t *x, int m)
 {
@@ -423,11 +350,6 @@ static int mm_to(cuda_backend *c, void *y, int y_f32, int acc,
         pie__cuda_gemv(y, acc ? 2 : y_f32, W, n, k, x, m, p->gemv_r,
                        pie__cuda_pdl(), c->st) == 0) {
         c->n_gemv++;
-        return 0;
-    }
-    if (p->sk && c->decode_step &&
-        skinny_run(c, y, wmode, W, n, k, x, m, p->sk) == 0) {
-        c->n_skinny++;
         return 0;
     }
     if (p->wg && c->decode_step && wgmm_run(c, y, wmode, W, n, k, x, m) == 0) {
@@ -466,11 +388,6 @@ int cuda_mm_glu(cuda_backend *c, uint16_t *h, uint16_t *gu,
         pie__cuda_gemv_glu(h, Wgu, hid, k, x, m, p->gemv_r, pie__cuda_pdl(),
                            c->st) == 0) {
         c->n_gemv++;
-        return 0;
-    }
-    if (p->sk && c->decode_step &&
-        skinny_run(c, h, PIE_CUDA_WGMM_GLU, Wgu, hid, k, x, m, p->sk) == 0) {
-        c->n_skinny++;
         return 0;
     }
     if (p->wg && c->decode_step &&

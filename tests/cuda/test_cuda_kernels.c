@@ -280,10 +280,9 @@ static void wg_background(int mode, void *y, void *dy, void *bg, size_t yb)
 }
 
 /* Rows < m against the twin (plus the background for ACC); rows >= m
- * untouched, bit for bit. what: the kernel, grid: its grid or splits. */
-static void wg_check_rows(const char *what, int mode, const wg_ref *r,
-                          const void *y, const void *bg, int n, int k, int m,
-                          int M, int grid)
+ * untouched, bit for bit. */
+static void wg_check_rows(int mode, const wg_ref *r, const void *y,
+                          const void *bg, int n, int k, int m, int M, int grid)
 {
     int f32 = mode != PIE_CUDA_WGMM_BF16;
     for (int j = 0; j < m; j++)
@@ -292,14 +291,13 @@ static void wg_check_rows(const char *what, int mode, const wg_ref *r,
             float got = f32 ? ((const float *)y)[e] : bf(((const uint16_t *)y)[e]);
             double want = r->y[e] + (mode == PIE_CUDA_WGMM_ACC ? ((const float *)bg)[e] : 0);
             double tol = (f32 ? 1e-4 : 8e-3) * r->abs[e] + 1e-5;
-            CHECK(fabs(got - want) <= tol, "%s mode %d n %d k %d m %d grid %d "
-                  "y[%d][%d]: gpu %g cpu %g", what, mode, n, k, m, grid, j, o,
-                  got, want);
+            CHECK(fabs(got - want) <= tol, "wgmm mode %d n %d k %d m %d grid %d "
+                  "y[%d][%d]: gpu %g cpu %g", mode, n, k, m, grid, j, o, got, want);
         }
     size_t rowb = (size_t)n * (f32 ? 4 : 2);
     CHECK(memcmp((const char *)y + m * rowb, (const char *)bg + m * rowb,
                  (size_t)(M - m) * rowb) == 0,
-          "%s mode %d m %d grid %d changed rows past m", what, mode, m, grid);
+          "wgmm mode %d m %d grid %d changed rows past m", mode, m, grid);
 }
 
 /* One (n, k, mode) over m = 17..256 and grids of 1 block (every tile
@@ -324,7 +322,7 @@ static void test_wgmm_shape(int n, int k, int mode, pie_cuda_wgmm_ws *ws)
                                  mi & 1, 0) == 0,
                   "wgmm mode %d m %d grid %d refused", mode, m, grids[gi]);
             dget(y, dy, yb);
-            wg_check_rows("wgmm", mode, &r, y, bg, n, k, m, M, grids[gi]);
+            wg_check_rows(mode, &r, y, bg, n, k, m, M, grids[gi]);
             CHECK(mi == 0 || memcmp(y, row0, rowb) == 0,
                   "wgmm mode %d grid %d: row 0 differs at m %d", mode, grids[gi], m);
             memcpy(row0, y, rowb);
@@ -407,130 +405,6 @@ static void test_wgmm(void)
     test_wgmm_shape(128, 256, PIE_CUDA_WGMM_ACC, &ws);
     test_wgmm_glu(192, 512, &ws);
     test_wgmm_glu(256, 320, &ws);
-    cudaFree(ws.part); cudaFree(ws.cnt);
-}
-
-/* ------------------------------------------------------------- skinny */
-/* The fewest ranges skinny.cu may cut k into at 64 rows (its x slice in
- * shared memory bounds a range's length). */
-static int skinny_min_splits(int mode, int n, int k, pie_cuda_wgmm_ws *ws)
-{
-    int s = 1;
-    while (!pie__cuda_skinny_room(mode, n, k, PIE_CUDA_SKINNY_MAX_M, s, ws)) s++;
-    return s;
-}
-
-/* skinny.cu (17..64 rows, run here from 1) in each mode against the
- * double twin, for m across both column-tile counts and k cut into the
- * fewest ranges it takes, 3 more, and the most (one step each); for each
- * cut, row 0's bits must not depend on m, rows past m are untouched, and
- * the counters are back at zero after every call. */
-static void test_skinny_shape(int n, int k, int mode, pie_cuda_wgmm_ws *ws)
-{
-    const int M = PIE_CUDA_SKINNY_MAX_M, ms[] = { 1, 17, 32, 33, 50, 64 };
-    int steps = (k + 63) / 64, s0 = skinny_min_splits(mode, n, k, ws);
-    int splits[3] = { s0, s0 + 3 < steps ? s0 + 3 : steps, steps };
-    uint16_t *W = malloc(2 * (size_t)n * k), *x = malloc(2 * (size_t)M * k);
-    for (size_t i = 0; i < (size_t)n * k; i++) W[i] = pie_f32_to_bf16(frand());
-    for (size_t i = 0; i < (size_t)M * k; i++) x[i] = pie_f32_to_bf16(frand());
-    wg_ref r = wg_reference(W, x, n, k, M);
-    uint16_t *dW = dput(W, 2 * (size_t)n * k), *dx = dput(x, 2 * (size_t)M * k);
-    size_t rowb = (size_t)n * (mode != PIE_CUDA_WGMM_BF16 ? 4 : 2), yb = M * rowb;
-    void *dy = dput(NULL, yb), *y = malloc(yb), *bg = malloc(yb), *row0 = malloc(rowb);
-    for (int si = 0; si < 3; si++)
-        for (int mi = 0; mi < 6; mi++) {
-            int m = ms[mi];
-            wg_background(mode, y, dy, bg, yb);
-            CHECK(pie__cuda_skinny(dy, mode, dW, n, k, dx, m, splits[si], ws,
-                                   mi & 1, 0) == 0,
-                  "skinny mode %d m %d splits %d refused", mode, m, splits[si]);
-            dget(y, dy, yb);
-            wg_check_rows("skinny", mode, &r, y, bg, n, k, m, M, splits[si]);
-            CHECK(mi == 0 || memcmp(y, row0, rowb) == 0,
-                  "skinny mode %d splits %d: row 0 differs at m %d", mode,
-                  splits[si], m);
-            memcpy(row0, y, rowb);
-            wg_check_zero(ws->cnt);
-        }
-    printf("skinny: n %d k %d mode %d, m 1..64, splits %d/%d/%d ok\n", n, k,
-           mode, splits[0], splits[1], splits[2]);
-    cudaFree(dW); cudaFree(dx); cudaFree(dy);
-    free(W); free(x); free(y); free(bg); free(row0); free(r.y); free(r.abs);
-}
-
-/* GLU against the double twin and, for every cut of k, bit for bit
- * against skinny.cu's bf16 matmul into gu (the same sums in the same
- * order) + silu_mul; rows past m untouched. */
-static void test_skinny_glu(int hid, int k, pie_cuda_wgmm_ws *ws)
-{
-    const int M = PIE_CUDA_SKINNY_MAX_M, ms[] = { 17, 40, 64 };
-    int steps = (k + 63) / 64, splits[2] = { skinny_min_splits(PIE_CUDA_WGMM_BF16, 2 * hid, k, ws), steps };
-    uint16_t *W = malloc(2 * (size_t)2 * hid * k), *x = malloc(2 * (size_t)M * k);
-    for (size_t i = 0; i < (size_t)2 * hid * k; i++) W[i] = pie_f32_to_bf16(frand() * 0.2f);
-    for (size_t i = 0; i < (size_t)M * k; i++) x[i] = pie_f32_to_bf16(frand());
-    wg_ref r = wg_reference(W, x, 2 * hid, k, M);
-    uint16_t *dW = dput(W, 2 * (size_t)2 * hid * k), *dx = dput(x, 2 * (size_t)M * k);
-    size_t hb = 2 * (size_t)M * hid;
-    uint16_t *dgu = dput(NULL, 2 * hb), *dh = dput(NULL, hb), *dh2 = dput(NULL, hb);
-    uint16_t *h = malloc(hb), *h2 = malloc(hb);
-    for (int si = 0; si < 2; si++)
-        for (int mi = 0; mi < 3; mi++) {
-            int m = ms[mi], sp = splits[si];
-            CU(cudaMemset(dh, 0xff, hb));
-            CHECK(pie__cuda_skinny(dgu, PIE_CUDA_WGMM_BF16, dW, 2 * hid, k, dx, m,
-                                   sp, ws, 0, 0) == 0, "skinny refused");
-            pie__cuda_silu_mul(dh2, dgu, m, hid, 0);
-            CHECK(pie__cuda_skinny(dh, PIE_CUDA_WGMM_GLU, dW, hid, k, dx, m, sp,
-                                   ws, 1, 0) == 0, "skinny glu m %d refused", m);
-            dget(h, dh, hb);
-            dget(h2, dh2, hb);
-            CHECK(memcmp(h, h2, 2 * (size_t)m * hid) == 0, "skinny glu hid %d k %d "
-                  "m %d splits %d differs from the matmul + silu_mul", hid, k, m, sp);
-            for (int j = 0; j < m; j++)
-                for (int i = 0; i < hid; i++) {
-                    size_t g = (size_t)j * 2 * hid + i, u = g + hid;
-                    double want = r.y[g] / (1 + exp(-r.y[g])) * r.y[u];
-                    double tol = 1e-2 * fabs(want) + 1e-3 * (r.abs[g] + r.abs[u]);
-                    float got = bf(h[(size_t)j * hid + i]);
-                    CHECK(fabs(got - want) <= tol, "skinny glu hid %d k %d m %d "
-                          "h[%d][%d]: gpu %g cpu %g", hid, k, m, j, i, got, want);
-                }
-            size_t bad = 0;
-            for (size_t i = (size_t)m * hid; i < (size_t)M * hid; i++) bad += h[i] != 0xffff;
-            CHECK(bad == 0, "skinny glu m %d wrote %zu values past row m", m, bad);
-            wg_check_zero(ws->cnt);
-        }
-    printf("skinny glu: hid %d k %d ok (equal to the matmul + silu_mul)\n", hid, k);
-    cudaFree(dW); cudaFree(dx); cudaFree(dgu); cudaFree(dh); cudaFree(dh2);
-    free(W); free(x); free(h); free(h2); free(r.y); free(r.abs);
-}
-
-static void test_skinny(void)
-{
-    pie_cuda_wgmm_ws ws = { NULL, NULL, 132 };
-    ws.part = dput(NULL, sizeof(float) * pie__cuda_wgmm_part_floats(ws.max_grid));
-    ws.cnt = dput(NULL, sizeof(int) * PIE_CUDA_WGMM_MAX_TILES);
-    CU(cudaMemset(ws.cnt, 0, sizeof(int) * PIE_CUDA_WGMM_MAX_TILES));
-    test_skinny_shape(256, 512, PIE_CUDA_WGMM_BF16, &ws);    /* one range fits */
-    test_skinny_shape(1000, 2048, PIE_CUDA_WGMM_F32, &ws);   /* n % 128 != 0 */
-    test_skinny_shape(384, 520, PIE_CUDA_WGMM_ACC, &ws);     /* a partial step */
-    test_skinny_shape(128, 4096, PIE_CUDA_WGMM_ACC, &ws);    /* 64 ranges */
-    test_skinny_glu(192, 512, &ws);
-    test_skinny_glu(100, 264, &ws);                          /* hid % 64 != 0 */
-    /* refusals: m past 64, k not a multiple of 8, more ranges than steps,
-     * ranges without a workspace */
-    CHECK(pie__cuda_skinny(ws.part, PIE_CUDA_WGMM_F32, (uint16_t *)ws.part, 128, 64,
-                           (uint16_t *)ws.part, 65, 1, &ws, 0, 0) == -1, "m 65 taken");
-    CHECK(pie__cuda_skinny(ws.part, PIE_CUDA_WGMM_F32, (uint16_t *)ws.part, 128, 60,
-                           (uint16_t *)ws.part, 8, 1, &ws, 0, 0) == -1, "k 60 taken");
-    CHECK(pie__cuda_skinny(ws.part, PIE_CUDA_WGMM_F32, (uint16_t *)ws.part, 128, 128,
-                           (uint16_t *)ws.part, 8, 3, &ws, 0, 0) == -1, "3 ranges of 2 steps taken");
-    CHECK(pie__cuda_skinny(ws.part, PIE_CUDA_WGMM_F32, (uint16_t *)ws.part, 128, 128,
-                           (uint16_t *)ws.part, 8, 2, NULL, 0, 0) == -1,
-          "ranges without a workspace taken");
-    CHECK(!pie__cuda_skinny_room(PIE_CUDA_WGMM_F32, 128, 1024, 64, 1, &ws) &&
-              pie__cuda_skinny_room(PIE_CUDA_WGMM_F32, 128, 1024, 32, 1, &ws),
-          "x slices of 64 x 1024 refused, 32 x 1024 taken");
     cudaFree(ws.part); cudaFree(ws.cnt);
 }
 
@@ -1132,14 +1006,9 @@ int main(void)
         test_wgmm();
         return 0;
     }
-    if (getenv("PIE_KTEST_SKINNY")) {   /* skinny.cu alone */
-        test_skinny();
-        return 0;
-    }
     test_rmsnorm();
     test_silu();
     test_gemv();
-    test_skinny();
     test_wgmm();
     test_copy_slots();
     test_qkv_post(4, 2, 16, 1, 0, 0);
