@@ -92,6 +92,18 @@ nvidia-smi -L
 nvidia-smi --query-gpu=name,clocks.sm,clocks.max.sm,clocks.mem,power.limit,pstate \
     --format=csv,noheader 2>&1 | tee -a "$OUT/summary.log"
 log() { echo "== $*" | tee -a "$OUT/summary.log"; }
+# The device tool returns at most 8 files from $OUT, and none when there
+# are more (the tests phase alone writes 17 logs): at exit, every log but
+# summary.log goes into one archive, logs-N.tar.gz (N counts this call's
+# invocations of the script, so none overwrites an earlier one's).
+pack_logs() {
+    local n=1 f
+    f=$(cd "$OUT" && ls -A | grep -v -x -e summary.log -e 'logs-[0-9]*\.tar\.gz')
+    [ -n "$f" ] || return 0
+    while [ -e "$OUT/logs-$n.tar.gz" ]; do n=$((n + 1)); done
+    (cd "$OUT" && tar -czf "logs-$n.tar.gz" --remove-files $f)
+}
+trap pack_logs EXIT
 bench() {   # model batch prompt gen [chunk]
     timeout 200 ${RUN:-$R} pie bench forward --backend cuda --model "random:$1" \
         --batch "$2" --prompt-len "$3" --gen "$4" --chunk "${5:-4096}" \
