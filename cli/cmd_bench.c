@@ -3,9 +3,11 @@
  * backend, driven directly (no control layer, no inferlet).
  *
  * B sequences each get a prompt of L seeded random tokens, prefilled in
- * batched forwards of at most --chunk tokens (after one untimed forward of
- * the same shape: plan creation and matmul algorithm timing happen once
- * per shape and are not prefill work); then N decode steps advance
+ * batched forwards of at most --chunk tokens and the backend's most (8192
+ * on the GPU), whole prompts together where they fit and a longer prompt
+ * in pieces (after one untimed forward of the first one's shape: plan
+ * creation and matmul algorithm timing happen once per shape and are not
+ * prefill work); then N decode steps advance
  * all B sequences by one greedy token each. Prints prefill tokens/s, decode
  * step time and decode tokens/s.
  */
@@ -31,6 +33,7 @@ typedef struct bench_args {
 typedef struct bench_result {
     double prefill_s, decode_s;
     long   prefill_tokens, decode_tokens;
+    long   prefill_forwards;    /* the timed prefill's forwards */
 } bench_result;
 
 static uint64_t rng_next(uint64_t *s)
@@ -41,13 +44,46 @@ static uint64_t rng_next(uint64_t *s)
     return z ^ (z >> 31);
 }
 
-/* Prefills every sequence with L random tokens, chunk tokens per forward. */
+/* Tokens one prefill forward may hold: --chunk, at most the backend's most;
+ * --chunk 0, the backend's most. 0: no limit. */
+static int32_t prefill_cap(const bench_args *a, const pie_backend *b)
+{
+    int32_t most = b->max_tokens;
+    if (a->chunk == 0) return most > 0 ? most : 0;
+    return most > 0 && most < a->chunk ? most : a->chunk;
+}
+
+/* Whole prompts of L tokens a prefill forward takes (at least 1). */
+static int prefill_per(const bench_args *a, int32_t cap)
+{
+    int per = cap > 0 ? cap / a->prompt_len : a->batch;
+    return per < 1 ? 1 : per;
+}
+
+/* One sequence's prompt tok[0..L) in forwards of at most cap tokens (cap
+ * < L), the samples of all but the last dropped; counts them in *fwd. */
+static int prefill_pieces(pie_drv *d, pie_drv_seq *seq, const int32_t *tok,
+                          int32_t L, int32_t cap, const pie_sampler *s,
+                          int32_t *last, long *fwd)
+{
+    int rc = 0;
+    for (int32_t at = 0; !rc && at < L; at += cap) {
+        int32_t n = L - at < cap ? L - at : cap;
+        rc = pie_drv_step(d, &seq, 1, tok + at, &n, s, last);
+        ++*fwd;
+    }
+    return rc;
+}
+
+/* Prefills every sequence with L random tokens, in forwards of at most
+ * prefill_cap tokens (a prompt longer than that in pieces); counts the
+ * forwards in *fwd. */
 static int prefill(const bench_args *a, pie_drv *d, pie_drv_seq **seqs,
-                   int32_t vocab, int32_t *last)
+                   int32_t vocab, int32_t *last, long *fwd)
 {
     uint64_t rng = 42;
-    int per = a->chunk / a->prompt_len;
-    if (per < 1) per = 1;
+    int32_t cap = prefill_cap(a, d->b);
+    int per = prefill_per(a, cap);
     int32_t *tok = malloc(sizeof(int32_t) * (size_t)a->prompt_len * (size_t)per);
     int32_t *nn = malloc(sizeof(int32_t) * (size_t)per);
     pie_sampler *s = calloc((size_t)per, sizeof *s);
@@ -56,8 +92,14 @@ static int prefill(const bench_args *a, pie_drv *d, pie_drv_seq **seqs,
         int k = a->batch - i < per ? a->batch - i : per;
         for (long j = 0; j < (long)k * a->prompt_len; j++)
             tok[j] = (int32_t)(rng_next(&rng) % (uint64_t)vocab);
+        if (cap > 0 && a->prompt_len > cap) {      /* k == 1 */
+            rc = prefill_pieces(d, seqs[i], tok, a->prompt_len, cap, s,
+                                last + i, fwd);
+            continue;
+        }
         for (int j = 0; j < k; j++) nn[j] = a->prompt_len;
         rc = pie_drv_step(d, seqs + i, k, tok, nn, s, last + i);
+        ++*fwd;
     }
     free(tok); free(nn); free(s);
     return rc;
@@ -87,9 +129,10 @@ static int warm_prefill(const bench_args *a, pie_drv *d, pie_drv_seq **seqs,
                         int32_t vocab, int32_t *last)
 {
     bench_args w = *a;
-    int per = a->chunk / a->prompt_len;
-    w.batch = per < 1 ? 1 : per < a->batch ? per : a->batch;
-    int rc = prefill(&w, d, seqs, vocab, last);
+    int per = prefill_per(a, prefill_cap(a, d->b));
+    long fwd = 0;
+    w.batch = per < a->batch ? per : a->batch;
+    int rc = prefill(&w, d, seqs, vocab, last, &fwd);
     for (int i = 0; i < w.batch; i++) pie_drv_seq_release(d, seqs[i]);
     return rc;
 }
@@ -109,7 +152,9 @@ static int run_bench(const bench_args *a, pie_backend *b, bench_result *r)
     for (int i = 0; i < a->batch; i++) sp[i] = &seq[i];
     int rc = a->warmup ? warm_prefill(a, &d, sp, b->cfg->vocab_size, last) : 0;
     double t0 = pie_cli_now();
-    if (!rc) rc = prefill(a, &d, sp, b->cfg->vocab_size, last);
+    r->prefill_forwards = 0;
+    if (!rc) rc = prefill(a, &d, sp, b->cfg->vocab_size, last,
+                          &r->prefill_forwards);
     double t1 = pie_cli_now();
     if (!rc && a->warmup) rc = decode(a, &d, sp, last, a->warmup);
     double t2 = pie_cli_now();
@@ -135,15 +180,16 @@ static void report(const bench_args *a, const pie_backend *b,
     if (a->json) {
         printf("{\"model\":\"%s\",\"backend\":\"%s\",\"batch\":%d,"
                "\"prompt_len\":%d,\"gen\":%d,\"page_size\":%d,"
-               "\"prefill_tokens_per_s\":%.1f,\"decode_step_ms\":%.3f,"
-               "\"decode_tokens_per_s\":%.1f}\n", a->model, b->name, a->batch,
-               a->prompt_len, a->gen, b->page_size, pf, step_ms, dec);
+               "\"prefill_tokens_per_s\":%.1f,\"prefill_forwards\":%ld,"
+               "\"decode_step_ms\":%.3f,\"decode_tokens_per_s\":%.1f}\n",
+               a->model, b->name, a->batch, a->prompt_len, a->gen,
+               b->page_size, pf, r->prefill_forwards, step_ms, dec);
         return;
     }
     printf("model %s  backend %s  batch %d  prompt %d  gen %d  page %d\n",
            a->model, b->name, a->batch, a->prompt_len, a->gen, b->page_size);
-    printf("prefill: %ld tokens in %.3f s = %.1f tokens/s\n",
-           r->prefill_tokens, r->prefill_s, pf);
+    printf("prefill: %ld tokens in %.3f s = %.1f tokens/s (%ld forwards)\n",
+           r->prefill_tokens, r->prefill_s, pf, r->prefill_forwards);
     printf("decode:  %.3f ms/step, %.1f tokens/s (batch %d, context %d..%d)\n",
            step_ms, dec, a->batch, a->prompt_len + a->warmup,
            a->prompt_len + a->warmup + a->gen);
@@ -164,7 +210,9 @@ static int bench_forward(int argc, char **argv)
         { "gen", 'N', OPT_INT, &a.gen, "decode steps timed, 0..2^24 (32)" },
         { "warmup", 0, OPT_INT, &a.warmup, "decode steps before timing (2); "
           "0 also skips the untimed warm-up prefill forward" },
-        { "chunk", 0, OPT_INT, &a.chunk, "max prefill tokens per forward (4096)" },
+        { "chunk", 0, OPT_INT, &a.chunk, "max prefill tokens per forward, "
+          "0..2^24, at most the backend's (4096; 0 = the backend's most, 8192 "
+          "on the GPU; no limit on the CPU)" },
         { "backend", 'b', OPT_STR, &a.backend, "cpu, cuda or auto (auto)" },
         { "page-size", 0, OPT_INT, &a.page_size, "KV page size in tokens, "
           "1..65536 (16)" },
@@ -186,7 +234,7 @@ static int bench_forward(int argc, char **argv)
                           PIE_CLI_MAX_TOKENS) ||
         pie_cli_check_int(cmd, "gen", a.gen, 0, PIE_CLI_MAX_TOKENS) ||
         pie_cli_check_int(cmd, "warmup", a.warmup, 0, PIE_CLI_MAX_TOKENS) ||
-        pie_cli_check_int(cmd, "chunk", a.chunk, 1, PIE_CLI_MAX_TOKENS) ||
+        pie_cli_check_int(cmd, "chunk", a.chunk, 0, PIE_CLI_MAX_TOKENS) ||
         pie_cli_check_backend_opts(cmd, a.page_size, a.threads,
                                    &a.gpu))
         return 2;

@@ -357,6 +357,31 @@ static void test_bench_both(const char *model)
     json_decref(j);
 }
 
+/* `pie bench forward` prefills in forwards of at most --chunk tokens:
+ * whole 100-token prompts together where they fit (250: 2 + 1 of 3), a
+ * longer prompt in pieces (40: 40 + 40 + 20 each), and --chunk 0 takes
+ * the backend's most (the CPU has no limit: all 3 in one). Decode runs
+ * after each. Before, --chunk 0 was refused and a prompt over --chunk went
+ * in one forward past it (past the GPU's 8192 it failed). */
+static void test_bench_chunk(const char *model)
+{
+    const int chunk[3] = { 40, 250, 0 }, fwds[3] = { 9, 2, 1 };
+    char cmd[2048];
+    for (int i = 0; i < 3; i++) {
+        snprintf(cmd, sizeof cmd, "%s bench forward --model %s --backend cpu "
+                 "--batch 3 --prompt-len 100 --gen 2 --chunk %d --json "
+                 "2>/dev/null", PIE_BIN, model, chunk[i]);
+        json_t *j = run_json(cmd);
+        long long f = json_integer_value(json_object_get(j, "prefill_forwards"));
+        double dec = json_number_value(json_object_get(j, "decode_tokens_per_s"));
+        CHECK(f == fwds[i], "'%s': %lld prefill forwards, expected %d", cmd, f,
+              fwds[i]);
+        CHECK(dec > 0, "'%s': no decode after the prefill", cmd);
+        json_decref(j);
+    }
+    printf("bench forward --chunk 40 / 250 / 0: 9 / 2 / 1 prefill forwards\n");
+}
+
 /* Runs `pie ARGS` (stderr with stdout) under `timeout 60`: it must exit
  * with status, print msg and, if bad is given, not print bad. A crash or a
  * hang is a failure (timeout's 124, or 128 + the signal). */
@@ -752,6 +777,7 @@ int main(void)
     test_quota(ref, model);
     test_bench_overcommitted(model);
     test_bench_both(model);
+    test_bench_chunk(model);
     test_bad_input(model);
     test_run_limits(model);
     test_run_output_budget(model);
