@@ -238,4 +238,21 @@ void cuda_plan_free(mm_plan *p);
 /* Makes and times the plans of every decode-sized m bucket at creation. */
 int cuda_warm_plans(cuda_backend *c);
 
+/* ---- attn_plan.c ---- */
+
+/* Request r's KV length in slots (its pages, the last one partly). */
+int64_t cuda_kv_len(const pie_forward_batch *b, int r, int ps);
+/* Whether a prompt of n_new tokens takes the tensor-core prefill kernel. */
+int cuda_use_flash(const cuda_backend *c, int n_new);
+/* Tokens a tile of the decode (or CUDA-core) attention kernel holds. */
+int cuda_tile_tokens(const cuda_backend *c);
+/* qsort order of prefill tiles: the longest (most slots) first. */
+int cuda_cmp_longest(const void *a, const void *b);
+/* Plans the batch's attention into c's item lists (attn_plan.c's header);
+ * want = splits wished per tile of the CUDA-core kernel, range_of[t] =
+ * slots token t may see under its mask. Returns the partial rows the
+ * split items need, or a negative code. */
+int64_t cuda_plan_attention(cuda_backend *c, const pie_forward_batch *b,
+                            int want, const uint32_t *range_of);
+
 #endif
