@@ -1,7 +1,11 @@
 /*
  * rt_test_util.h — helpers shared by the runtime tests and benchmark:
  * reading a test inferlet, a runtime with a private cache dir, and a
- * capture of what one instance printed and sent.
+ * capture of what one instance printed and sent (static inline here).
+ * At the end, what test_runtime.c, test_rt_limits.c and test_rt_cache.c
+ * also share, defined in rt_test_util.c: waiting for an instance,
+ * launching one into a capture and checking how it ended, the alarm that
+ * fails a hung test, and the count of the CHECKs those helpers passed.
  */
 #ifndef PIE_RT_TEST_UTIL_H
 #define PIE_RT_TEST_UTIL_H
@@ -123,5 +127,28 @@ static inline pie_rt *make_rt(pie_rt_opts *o)
     CHECK(rc == 0, "pie_rt_create: %s", pie_err_msg());
     return rt;
 }
+
+/* ---- defined in rt_test_util.c ----------------------------------------- */
+
+/* Waits for i to end (its reason, up to 256 bytes, into reason unless
+ * NULL), drops the caller's reference and returns its exit status. */
+int32_t wait_inst(pie_rt_instance *i, char *reason);
+
+/* Launches m with argv (NULL-terminated) into a new capture, *c; the
+ * caller ends both with finish_msg() or frees *c with cap_free(). */
+pie_rt_instance *launch_msg(pie_rt *rt, pie_rt_module *m, capture **c,
+                            const char **argv);
+
+/* Waits for i (wait_inst) and checks that it ended with status and, unless
+ * want is NULL, that what it sent was exactly want; frees c. */
+void finish_msg(pie_rt_instance *i, capture *c, int32_t status,
+                const char *want);
+
+/* A SIGALRM handler: fails the test at once (the runtime hung). */
+void hang_alarm(int sig);
+
+/* The CHECKs that passed inside the helpers above, for main to add to its
+ * test_n_checks (test_util.h counts per source file) before TEST_DONE(). */
+int rt_test_checks(void);
 
 #endif
