@@ -4,17 +4,21 @@
  * (cuda_internal.h) that the attention kernels read:
  *   fitems   prompts of FLASH_MIN tokens or more: tiles of
  *            PIE_CUDA_FLASH_ROWS tokens x one query head for the
- *            tensor-core prefill kernel (flash_prefill.cu), longest first
+ *            tensor-core prefill kernel (flash_prefill.cu), sorted longest
+ *            first by the caller (cuda_cmp_longest)
  *   gitems   decode steps and short chunks: tiles of tokens x the G query
- *            heads of one kv head for the tensor-core decode kernel
- *            (flash_decode.cu), then laid out for its grid by plan_dec as
- *            a cluster plan, a whole-item plan or pieces cut at KV-block
- *            boundaries (dec_plan.c), with dmerges for the cut items
- *   items    head dims the tensor-core kernels lack: the CUDA-core kernel's
- *            tiles, split over slots for occupancy, merged by merges
- * The lists grow on the host as batches need (grow) and keep their
- * capacities, so a steady decode step's kernel arguments, and its CUDA
- * graph, stay the same as contexts grow.
+ *            heads of one kv head, whole; plan_dec lays them out for the
+ *            tensor-core decode kernel (flash_decode.cu), which reads
+ *            pieces and bstart: a cluster plan, a whole-item plan or
+ *            pieces cut at KV-block boundaries (dec_plan.c), with dmerges
+ *            for the cut items
+ *   items    the CUDA-core kernel's tiles (head dims the tensor-core
+ *            kernels lack, or PIE_CUDA_NO_FLASH(_DECODE)), split over
+ *            slots for occupancy, merged by merges
+ * The lists grow on the host as batches need (grow). plan_dec stores
+ * pieces and dmerges at fixed sizes and max_slots is rounded to 64 slots,
+ * so a steady decode step's kernel arguments, and its CUDA graph, stay the
+ * same as contexts grow.
  */
 #include <stdlib.h>
 #include <string.h>
@@ -65,8 +69,6 @@ int cuda_tile_tokens(const cuda_backend *c)
     return (use_flash_dec(c) ? PIE_CUDA_FLASH_DEC_ROWS : PIE_CUDA_ATTN_RMAX) / G;
 }
 
-/* Tiles of PIE_CUDA_FLASH_ROWS tokens x one query head of request r into
- * c->fitems; a tile reads the slots its last token (or widest mask) sees. */
 /* Longest prefill tiles first (then token, head): with causal prompts the
  * last tiles of a prompt read the most slots, and launched last they ran
  * alone at the end of the grid. */
@@ -79,6 +81,8 @@ int cuda_cmp_longest(const void *a, const void *b)
     return x->kvh - y->kvh;
 }
 
+/* Tiles of PIE_CUDA_FLASH_ROWS tokens x one query head of request r into
+ * c->fitems; a tile reads the slots its last token (or widest mask) sees. */
 static int plan_flash(cuda_backend *c, const pie_forward_batch *b, int r,
                       const uint32_t *range_of)
 {

@@ -1,8 +1,9 @@
 /*
  * cuda_internal.h — the CUDA backend's state, shared by its C files:
- * cuda_backend.c (creation, metadata, the forward, graphs, page moves) and
- * matmul.c (cuBLASLt plans, their timing, gemv.cu's choice). Not part of
- * any public interface.
+ * cuda_backend.c (creation, metadata, the forward, graphs, page moves),
+ * attn_plan.c (the attention work items of a forward) and matmul.c
+ * (cuBLASLt plans, their timing, gemv.cu's choice). Not part of any public
+ * interface.
  *
  * cuda_backend holds the device, the weights (cuda_layer per layer), the
  * activation workspace, the KV pool, the matmul plan cache and tuned
