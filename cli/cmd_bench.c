@@ -7,9 +7,9 @@
  * on the GPU), whole prompts together where they fit and a longer prompt
  * in pieces (after one untimed forward of the first one's shape: plan
  * creation and matmul algorithm timing happen once per shape and are not
- * prefill work); then N decode steps advance
- * all B sequences by one greedy token each. Prints prefill tokens/s, decode
- * step time and decode tokens/s.
+ * prefill work); then N decode steps advance all B sequences by one greedy
+ * token each (a step in forwards of at most the backend's most sequences).
+ * Prints prefill tokens/s, decode step time and decode tokens/s.
  */
 #include <stdint.h>
 #include <stdio.h>
@@ -45,19 +45,18 @@ static uint64_t rng_next(uint64_t *s)
 }
 
 /* Tokens one prefill forward may hold: --chunk, at most the backend's most;
- * --chunk 0, the backend's most. 0: no limit. */
+ * --chunk 0, the backend's most (PIE_CLI_MAX_TOKENS where it has none). */
 static int32_t prefill_cap(const bench_args *a, const pie_backend *b)
 {
-    int32_t most = b->max_tokens;
-    if (a->chunk == 0) return most > 0 ? most : 0;
-    return most > 0 && most < a->chunk ? most : a->chunk;
+    int32_t most = b->max_tokens > 0 ? b->max_tokens : PIE_CLI_MAX_TOKENS;
+    return a->chunk > 0 && a->chunk < most ? a->chunk : most;
 }
 
-/* Whole prompts of L tokens a prefill forward takes (at least 1). */
+/* Whole prompts of L tokens a prefill forward takes: 1 .. the batch. */
 static int prefill_per(const bench_args *a, int32_t cap)
 {
-    int per = cap > 0 ? cap / a->prompt_len : a->batch;
-    return per < 1 ? 1 : per;
+    int per = cap / a->prompt_len;
+    return per < 1 ? 1 : per < a->batch ? per : a->batch;
 }
 
 /* One sequence's prompt tok[0..L) in forwards of at most cap tokens (cap
@@ -92,7 +91,7 @@ static int prefill(const bench_args *a, pie_drv *d, pie_drv_seq **seqs,
         int k = a->batch - i < per ? a->batch - i : per;
         for (long j = 0; j < (long)k * a->prompt_len; j++)
             tok[j] = (int32_t)(rng_next(&rng) % (uint64_t)vocab);
-        if (cap > 0 && a->prompt_len > cap) {      /* k == 1 */
+        if (a->prompt_len > cap) {      /* k == 1 */
             rc = prefill_pieces(d, seqs[i], tok, a->prompt_len, cap, s,
                                 last + i, fwd);
             continue;
@@ -105,9 +104,12 @@ static int prefill(const bench_args *a, pie_drv *d, pie_drv_seq **seqs,
     return rc;
 }
 
+/* steps decode steps of every sequence, a step in forwards of at most the
+ * backend's most sequences (one where it allows the whole batch). */
 static int decode(const bench_args *a, pie_drv *d, pie_drv_seq **seqs,
                   int32_t *last, int steps)
 {
+    int most = d->b->max_tokens, g = most > 0 && most < a->batch ? most : a->batch;
     int32_t *nn = malloc(sizeof(int32_t) * (size_t)a->batch);
     int32_t *in = malloc(sizeof(int32_t) * (size_t)a->batch);
     pie_sampler *s = calloc((size_t)a->batch, sizeof *s);
@@ -115,23 +117,28 @@ static int decode(const bench_args *a, pie_drv *d, pie_drv_seq **seqs,
     for (int i = 0; i < a->batch && !rc; i++) nn[i] = 1;
     for (int t = 0; t < steps && !rc; t++) {
         memcpy(in, last, sizeof(int32_t) * (size_t)a->batch);
-        rc = pie_drv_step(d, seqs, a->batch, in, nn, s, last);
+        for (int i = 0; i < a->batch && !rc; i += g) {
+            int k = a->batch - i < g ? a->batch - i : g;
+            rc = pie_drv_step(d, seqs + i, k, in + i, nn, s, last + i);
+        }
     }
     free(nn); free(in); free(s);
     return rc;
 }
 
-/* One untimed prefill forward of the first chunk's shape on the first
- * sequences, released (emptied) afterwards: one-time costs (matmul plans,
- * algorithm timing) stay out of the prefill figure, as the decode warm-up
- * steps do for decode. */
+/* One untimed prefill forward of the first one's shape (whole prompts on
+ * the first sequences, or a longer prompt's first piece), released
+ * (emptied) afterwards: one-time costs (matmul plans, algorithm timing)
+ * stay out of the prefill figure, as the decode warm-up steps do for
+ * decode. */
 static int warm_prefill(const bench_args *a, pie_drv *d, pie_drv_seq **seqs,
                         int32_t vocab, int32_t *last)
 {
     bench_args w = *a;
-    int per = prefill_per(a, prefill_cap(a, d->b));
+    int32_t cap = prefill_cap(a, d->b);
     long fwd = 0;
-    w.batch = per < a->batch ? per : a->batch;
+    w.batch = prefill_per(a, cap);
+    if (w.prompt_len > cap) w.prompt_len = cap;     /* the first piece */
     int rc = prefill(&w, d, seqs, vocab, last, &fwd);
     for (int i = 0; i < w.batch; i++) pie_drv_seq_release(d, seqs[i]);
     return rc;

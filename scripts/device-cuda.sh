@@ -93,15 +93,19 @@ nvidia-smi --query-gpu=name,clocks.sm,clocks.max.sm,clocks.mem,power.limit,pstat
     --format=csv,noheader 2>&1 | tee -a "$OUT/summary.log"
 log() { echo "== $*" | tee -a "$OUT/summary.log"; }
 # The device tool returns at most 8 files from $OUT, and none when there
-# are more (the tests phase alone writes 17 logs): at exit, every log but
-# summary.log goes into one archive, logs-N.tar.gz (N counts this call's
-# invocations of the script, so none overwrites an earlier one's).
+# are more (the tests phase alone writes 17 logs): at exit (also after a
+# SIGTERM; not after a SIGKILL), every file in $OUT itself but summary.log
+# goes into one archive, logs-N.tar.gz (N counts this call's invocations of
+# the script, so none overwrites an earlier one's); folders stay as they
+# are. Two invocations must not share $OUT at the same time.
 pack_logs() {
-    local n=1 f
-    f=$(cd "$OUT" && ls -A | grep -v -x -e summary.log -e 'logs-[0-9]*\.tar\.gz')
-    [ -n "$f" ] || return 0
+    local n=1
+    [ -n "$(find "$OUT" -mindepth 1 -maxdepth 1 -type f ! -name summary.log \
+            ! -name 'logs-*.tar.gz' -print -quit)" ] || return 0
     while [ -e "$OUT/logs-$n.tar.gz" ]; do n=$((n + 1)); done
-    (cd "$OUT" && tar -czf "logs-$n.tar.gz" --remove-files $f)
+    find "$OUT" -mindepth 1 -maxdepth 1 -type f ! -name summary.log \
+        ! -name 'logs-*.tar.gz' -printf '%P\0' |
+        tar -C "$OUT" -czf "$OUT/logs-$n.tar.gz" --null -T - --remove-files
 }
 trap pack_logs EXIT
 bench() {   # model batch prompt gen [chunk]

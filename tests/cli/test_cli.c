@@ -358,16 +358,18 @@ static void test_bench_both(const char *model)
 }
 
 /* `pie bench forward` prefills in forwards of at most --chunk tokens:
- * whole 100-token prompts together where they fit (250: 2 + 1 of 3), a
- * longer prompt in pieces (40: 40 + 40 + 20 each), and --chunk 0 takes
- * the backend's most (the CPU has no limit: all 3 in one). Decode runs
+ * whole 100-token prompts together where they fit (250: 2 + 1 of 3; 100
+ * and 101: one each), a longer prompt in pieces (40: 40 + 40 + 20 each;
+ * 99: 99 + 1), and --chunk 0 takes the backend's most (the CPU has no
+ * limit of its own: all 3 in one). Decode runs
  * after each. Before, --chunk 0 was refused and a prompt over --chunk went
  * in one forward past it (past the GPU's 8192 it failed). */
 static void test_bench_chunk(const char *model)
 {
-    const int chunk[3] = { 40, 250, 0 }, fwds[3] = { 9, 2, 1 };
+    const int chunk[6] = { 40, 99, 100, 101, 250, 0 };
+    const int fwds[6] = { 9, 6, 3, 3, 2, 1 };
     char cmd[2048];
-    for (int i = 0; i < 3; i++) {
+    for (int i = 0; i < 6; i++) {
         snprintf(cmd, sizeof cmd, "%s bench forward --model %s --backend cpu "
                  "--batch 3 --prompt-len 100 --gen 2 --chunk %d --json "
                  "2>/dev/null", PIE_BIN, model, chunk[i]);
@@ -379,7 +381,8 @@ static void test_bench_chunk(const char *model)
         CHECK(dec > 0, "'%s': no decode after the prefill", cmd);
         json_decref(j);
     }
-    printf("bench forward --chunk 40 / 250 / 0: 9 / 2 / 1 prefill forwards\n");
+    printf("bench forward --chunk 40 / 99 / 100 / 101 / 250 / 0: 9 / 6 / 3 / "
+           "3 / 2 / 1 prefill forwards\n");
 }
 
 /* Runs `pie ARGS` (stderr with stdout) under `timeout 60`: it must exit
