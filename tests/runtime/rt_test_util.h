@@ -1,7 +1,8 @@
 /*
  * rt_test_util.h — helpers shared by the runtime tests and benchmark:
- * reading a test inferlet, a runtime with a private cache dir, and a
- * capture of what one instance printed and sent (static inline here).
+ * the resident set size, reading a test inferlet, a runtime with a
+ * private cache dir, and a capture of what one instance printed and sent
+ * (static inline here).
  * At the end, what test_runtime.c, test_rt_limits.c and test_rt_cache.c
  * also share, defined in rt_test_util.c: waiting for an instance,
  * launching one into a capture and checking how it ended, the alarm that
@@ -18,6 +19,20 @@
 #include "common/pie_err.h"
 #include "runtime/runtime.h"
 #include "tests/test_util.h"
+
+/* This process's resident set (VmRSS), KiB; -1 if unknown. */
+static inline long rss_kib(void)
+{
+    FILE *f = fopen("/proc/self/status", "r");
+    char line[256];
+    long v = -1;
+    while (f && fgets(line, sizeof line, f))
+        if (!strncmp(line, "VmRSS:", 6))
+            v = atol(line + 6);
+    if (f)
+        fclose(f);
+    return v;
+}
 
 static inline unsigned char *read_file(const char *path, size_t *len)
 {

@@ -31,19 +31,6 @@
 
 /* ---- scale -------------------------------------------------------------- */
 
-static long rss_kib(void)
-{
-    FILE *f = fopen("/proc/self/status", "r");
-    char line[256];
-    long v = -1;
-    while (f && fgets(line, sizeof line, f))
-        if (!strncmp(line, "VmRSS:", 6))
-            v = atol(line + 6);
-    if (f)
-        fclose(f);
-    return v;
-}
-
 static int count_lines(const char *path)
 {
     FILE *f = fopen(path, "r");
