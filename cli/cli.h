@@ -46,7 +46,9 @@ typedef struct pie_cli_gpu {
       "backend's KV pool (where --pages leaves the pool to it), (0, 1] "   \
       "(0.9)" }
 /* Creates backend "cpu", "cuda" or "auto" (g: NULL for the defaults);
- * prints errors, and for cuda the GPU and the pool it took. 0 or -1. */
+ * prints errors, and for cuda the GPU and the pool it took. 0, or the
+ * backend's error code (PIE_ENOMEM: no room for the pool asked for;
+ * PIE_EINVAL also for an unknown backend name). */
 int  pie_cli_backend(const char *which, const pie_model *m, int page_size,
                      int n_pages, int threads, const pie_cli_gpu *g,
                      pie_backend **out);

@@ -261,12 +261,13 @@ static int bench_forward(int argc, char **argv)
     if (pie_cli_load_model(a.model, &m)) return 1;
     bench_result r;
     int status = 1;
-    if (pie_cli_backend(a.backend, m, a.page_size, (int)pages, a.threads,
-                        &a.gpu, &b) != 0)
+    int brc = pie_cli_backend(a.backend, m, a.page_size, (int)pages,
+                              a.threads, &a.gpu, &b);
+    if (brc == PIE_ENOMEM)
         fprintf(stderr, "pie bench forward: its KV pool holds %d sequences "
                 "of %lld tokens (%lld pages); lower --batch, --prompt-len or "
                 "--gen\n", a.batch, (long long)tokens, (long long)pages);
-    else if (run_bench(&a, b, &r) == 0) {
+    else if (!brc && run_bench(&a, b, &r) == 0) {
         report(&a, b, &r);
         status = 0;
     }

@@ -276,11 +276,13 @@ int pie_cmd_generate(int argc, char **argv)
                 (long long)pages, a.page_size, INT32_MAX);
         goto out;
     }
-    if (pie_cli_backend(a.backend, m, a.page_size, (int)pages, a.threads,
-                        &a.gpu, &b)) {
-        fprintf(stderr, "pie generate: its KV pool holds the prompt and "
-                "%d tokens more (--max-tokens, at most the model's "
-                "context)\n", max_gen);
+    int brc = pie_cli_backend(a.backend, m, a.page_size, (int)pages,
+                              a.threads, &a.gpu, &b);
+    if (brc) {
+        if (brc == PIE_ENOMEM)
+            fprintf(stderr, "pie generate: its KV pool holds the prompt and "
+                    "%d tokens more (--max-tokens, at most the model's "
+                    "context)\n", max_gen);
         goto out;
     }
     if (pie_drv_init(&d, b)) goto out;

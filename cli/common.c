@@ -67,12 +67,12 @@ int pie_cli_backend(const char *which, const pie_model *m, int page_size,
         rc = pie_backend_cuda_create(m, &o, out);
     else {
         fprintf(stderr, "pie: unknown backend '%s' (cpu, cuda, auto)\n", which);
-        return -1;
+        return PIE_EINVAL;
     }
     if (rc != 0) {
         fprintf(stderr, "pie: cannot start %s backend: %s\n", which,
                 pie_err_msg());
-        return -1;
+        return rc < 0 ? rc : PIE_EINVAL;
     }
     double mib = (double)(*out)->n_pages * (double)(*out)->page_bytes /
                  1048576.0;

@@ -39,6 +39,11 @@
  * (openblas_set_num_threads(1), process-wide), so two thread pools never
  * spin against each other. A backend runs one forward
  * at a time; callers serialize (the scheduler has one thread per device).
+ *
+ * Tokens a forward: no limit of its own; PIE_CPU_MAX_TOKENS=N (1..2^24)
+ * sets one (max_tokens), refusing larger batches as the GPU refuses more
+ * than 8192, so that the callers' splitting (chunked prompts, grouped
+ * decode steps, the scheduler's batch cap) is tested without a GPU.
  */
 #define _GNU_SOURCE
 #include <cblas.h>
@@ -726,6 +731,10 @@ static int cpu_forward(pie_backend *base, const pie_forward_batch *bt,
                                 base->n_pages);
     if (!rc) rc = pie_forward_out_check(bt, cf->vocab_size, out);
     if (rc) return rc;
+    if (base->max_tokens > 0 && bt->n_tokens > base->max_tokens)
+        return pie_err_set(PIE_ELIMIT, "cpu backend: batch has %d tokens, at "
+                           "most %d per forward (PIE_CPU_MAX_TOKENS); split "
+                           "the prefill", bt->n_tokens, base->max_tokens);
     int32_t n = bt->n_tokens, d = cf->dim;
     rc = state_reserve(b, n, bt->n_reqs, bt->n_outputs,
                        batch_max_kv(bt, base->page_size));
@@ -887,12 +896,29 @@ static int make_pool(cpu_backend *b, const pie_backend_opts *o)
     return 0;
 }
 
+/* PIE_CPU_MAX_TOKENS (see the header) into *most: 0 where unset. */
+static int env_max_tokens(int32_t *most)
+{
+    const char *e = getenv("PIE_CPU_MAX_TOKENS");
+    char *end = NULL;
+    long v = e ? strtol(e, &end, 10) : 0;
+    *most = 0;
+    if (!e) return 0;
+    if (end == e || *end || v < 1 || v > (1L << 24))
+        return pie_err_set(PIE_EINVAL, "cpu backend: PIE_CPU_MAX_TOKENS must "
+                           "be 1..16777216 (got '%s')", e);
+    *most = (int32_t)v;
+    return 0;
+}
+
 int pie_backend_cpu_create(const pie_model *m, const pie_backend_opts *o,
                            pie_backend **out)
 {
     *out = NULL;
     if (!m) return pie_err_set(PIE_EINVAL, "cpu backend: no model");
+    int32_t most;
     int rc = check_config(&m->cfg);
+    if (!rc) rc = env_max_tokens(&most);
     if (rc) return rc;
     cpu_backend *b = calloc(1, sizeof *b);
     if (!b) return pie_err_set(PIE_ENOMEM, "cpu backend: out of memory");
@@ -900,6 +926,7 @@ int pie_backend_cpu_create(const pie_model *m, const pie_backend_opts *o,
     b->base.ops = &cpu_ops;
     b->base.cfg = &b->cfg;
     b->base.name = "cpu";
+    b->base.max_tokens = most;
     b->q_dim = m->cfg.n_heads * m->cfg.head_dim;
     b->kv_dim = m->cfg.n_kv_heads * m->cfg.head_dim;
     long nc = sysconf(_SC_NPROCESSORS_ONLN);

@@ -760,6 +760,46 @@ static void test_bad_model(pie_model *m)
     pie_backend_free(b);
 }
 
+/* PIE_CPU_MAX_TOKENS=5: a forward of 6 tokens is refused with PIE_ELIMIT
+ * and leaves the pool as it was, one of 5 runs; values outside 1..2^24
+ * stop creation with PIE_EINVAL. */
+static void test_max_tokens(pie_model *m)
+{
+    const char *bad[3] = { "0", "16777217", "5x" };
+    pie_backend_opts o = { .n_threads = 1 };
+    pie_backend *b = NULL;
+    for (int i = 0; i < 3; i++) {
+        setenv("PIE_CPU_MAX_TOKENS", bad[i], 1);
+        int rc = pie_backend_cpu_create(m, &o, &b);
+        CHECK(rc == PIE_EINVAL && !b, "PIE_CPU_MAX_TOKENS=%s: rc %d", bad[i], rc);
+    }
+    setenv("PIE_CPU_MAX_TOKENS", "5", 1);
+    b = make_backend(m, 4, 8);
+    unsetenv("PIE_CPU_MAX_TOKENS");
+    CHECK(b->max_tokens == 5, "max_tokens %d, expected 5", b->max_tokens);
+    int32_t all[8] = { 0, 1, 2, 3, 4, 5, 6, 7 }, toks[6] = { 1, 2, 3, 4, 5, 6 };
+    char *before = malloc(b->page_bytes * 8), *after = malloc(b->page_bytes * 8);
+    CHECK_OK(b->ops->download(b, all, 8, before));
+    seq s;
+    seq_init(&s, 0, 2, 0);
+    pie_forward_out out;
+    step_req rq = { &s, 6, toks, NULL, 0 };
+    int rc = step_rc(b, &rq, 1, &out, NULL, NULL);
+    pie_forward_out_free(&out);
+    CHECK(rc == PIE_ELIMIT && s.len == 0, "6 tokens of at most 5: rc %d", rc);
+    CHECK_OK(b->ops->download(b, all, 8, after));
+    CHECK(memcmp(before, after, b->page_bytes * 8) == 0,
+          "a refused forward wrote the pool");
+    rq.n_new = 5;
+    step(b, &rq, 1, &out);
+    pie_forward_out_free(&out);
+    CHECK(s.len == 5, "5 tokens: kv %d", s.len);
+    printf("  PIE_CPU_MAX_TOKENS=5: 6 tokens refused (%s), 5 run\n",
+           pie_err_name(rc));
+    free(before); free(after);
+    pie_backend_free(b);
+}
+
 int main(int argc, char **argv)
 {
     const char *only = argc > 1 ? argv[1] : NULL;
@@ -787,6 +827,7 @@ int main(int argc, char **argv)
         test_outputs(m);
         test_invalid(m);
         test_bad_model(m);
+        test_max_tokens(m);
         pie_model_free(m);
     }
     TEST_DONE();

@@ -385,6 +385,54 @@ static void test_bench_chunk(const char *model)
            "3 / 2 / 1 prefill forwards\n");
 }
 
+/* A forward limit like the GPU's 8192 tokens, on the CPU
+ * (PIE_CPU_MAX_TOKENS): pie generate feeds a 5-token prompt in forwards of
+ * 2, 2 and 1 and still gives the reference ids; pie bench forward splits
+ * each 3-token prompt (2 + 1) and each 5-sequence decode step (2 + 2 + 1);
+ * the scheduler keeps its fires within 4 tokens for 2 generations of
+ * 9-token prompts, natively and through the inferlet. A bad value stops
+ * the backend with its own message, not the pool's. */
+static void test_cpu_max_tokens(json_t *ref, const char *model)
+{
+    char cmd[2048];
+    snprintf(cmd, sizeof cmd, "PIE_CPU_MAX_TOKENS=2 %s generate --model %s "
+             "--prompt-ids 1,403,407,261,378 --max-tokens 100 --temperature 0 "
+             "--ignore-eos --json --backend cpu", PIE_BIN, model);
+    check_greedy(ref, 1, cmd, 100, "generate with PIE_CPU_MAX_TOKENS=2");
+    json_t *j = run_json(cmd);
+    long long f = json_integer_value(json_object_get(j, "prompt_forwards"));
+    CHECK(f == 3, "'%s': the prompt took %lld forwards, expected 3", cmd, f);
+    json_decref(j);
+    snprintf(cmd, sizeof cmd, "PIE_CPU_MAX_TOKENS=2 %s bench forward --model %s "
+             "--backend cpu --batch 5 --prompt-len 3 --gen 2 --json 2>/dev/null",
+             PIE_BIN, model);
+    j = run_json(cmd);
+    f = json_integer_value(json_object_get(j, "prefill_forwards"));
+    CHECK(f == 10, "'%s': %lld prefill forwards, expected 10", cmd, f);
+    CHECK(json_number_value(json_object_get(j, "decode_tokens_per_s")) > 0,
+          "'%s': no decode", cmd);
+    json_decref(j);
+    for (int native = 0; native < 2; native++) {
+        snprintf(cmd, sizeof cmd, "PIE_CPU_MAX_TOKENS=4 timeout 60 %s bench "
+                 "generate --model %s --backend cpu -c 2 -n 4 -L 9 --json%s "
+                 "2>/dev/null", PIE_BIN, model, native ? " --native" : "");
+        j = run_json(cmd);
+        CHECK(json_integer_value(json_object_get(j, "ok")) == 2, "'%s': not "
+              "every generation finished", cmd);
+        json_decref(j);
+    }
+    int st;
+    snprintf(cmd, sizeof cmd, "PIE_CPU_MAX_TOKENS=0x %s generate --model %s "
+             "--prompt-ids 1 --backend cpu 2>&1", PIE_BIN, model);
+    char *out = run(cmd, &st);
+    CHECK(st == 1 && strstr(out, "PIE_CPU_MAX_TOKENS must be 1..16777216") &&
+              !strstr(out, "KV pool"),
+          "'%s': exit %d: %s", cmd, st, out);
+    free(out);
+    printf("PIE_CPU_MAX_TOKENS: generate 3 prompt forwards, bench forward 10 "
+           "prefill forwards, bench generate within 4 tokens a fire\n");
+}
+
 /* Runs `pie ARGS` (stderr with stdout) under `timeout 60`: it must exit
  * with status, print msg and, if bad is given, not print bad. A crash or a
  * hang is a failure (timeout's 124, or 128 + the signal). */
@@ -775,6 +823,7 @@ int main(void)
     json_t *ref = reference();
     const char *model = test_shared_path("models/stories260K");
     test_generate_ids(ref, model);
+    test_cpu_max_tokens(ref, model);
     test_generate_text(ref, model);
     test_kv_persist(ref, model);
     test_quota(ref, model);
