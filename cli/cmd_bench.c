@@ -44,14 +44,6 @@ static uint64_t rng_next(uint64_t *s)
     return z ^ (z >> 31);
 }
 
-/* Tokens one prefill forward may hold: --chunk, at most the backend's most;
- * --chunk 0, the backend's most (PIE_CLI_MAX_TOKENS where it has none). */
-static int32_t prefill_cap(const bench_args *a, const pie_backend *b)
-{
-    int32_t most = b->max_tokens > 0 ? b->max_tokens : PIE_CLI_MAX_TOKENS;
-    return a->chunk > 0 && a->chunk < most ? a->chunk : most;
-}
-
 /* Whole prompts of L tokens a prefill forward takes: 1 .. the batch. */
 static int prefill_per(const bench_args *a, int32_t cap)
 {
@@ -59,29 +51,14 @@ static int prefill_per(const bench_args *a, int32_t cap)
     return per < 1 ? 1 : per < a->batch ? per : a->batch;
 }
 
-/* One sequence's prompt tok[0..L) in forwards of at most cap tokens (cap
- * < L), the samples of all but the last dropped; counts them in *fwd. */
-static int prefill_pieces(pie_drv *d, pie_drv_seq *seq, const int32_t *tok,
-                          int32_t L, int32_t cap, const pie_sampler *s,
-                          int32_t *last, long *fwd)
-{
-    int rc = 0;
-    for (int32_t at = 0; !rc && at < L; at += cap) {
-        int32_t n = L - at < cap ? L - at : cap;
-        rc = pie_drv_step(d, &seq, 1, tok + at, &n, s, last);
-        ++*fwd;
-    }
-    return rc;
-}
-
 /* Prefills every sequence with L random tokens, in forwards of at most
- * prefill_cap tokens (a prompt longer than that in pieces); counts the
- * forwards in *fwd. */
+ * pie_drv_cap tokens (a prompt longer than that in pieces: all but the
+ * last fed by pie_drv_feed_head); counts the forwards in *fwd. */
 static int prefill(const bench_args *a, pie_drv *d, pie_drv_seq **seqs,
                    int32_t vocab, int32_t *last, long *fwd)
 {
     uint64_t rng = 42;
-    int32_t cap = prefill_cap(a, d->b);
+    int32_t cap = pie_drv_cap(d, a->chunk, PIE_CLI_MAX_TOKENS);
     int per = prefill_per(a, cap);
     int32_t *tok = malloc(sizeof(int32_t) * (size_t)a->prompt_len * (size_t)per);
     int32_t *nn = malloc(sizeof(int32_t) * (size_t)per);
@@ -91,13 +68,13 @@ static int prefill(const bench_args *a, pie_drv *d, pie_drv_seq **seqs,
         int k = a->batch - i < per ? a->batch - i : per;
         for (long j = 0; j < (long)k * a->prompt_len; j++)
             tok[j] = (int32_t)(rng_next(&rng) % (uint64_t)vocab);
-        if (a->prompt_len > cap) {      /* k == 1 */
-            rc = prefill_pieces(d, seqs[i], tok, a->prompt_len, cap, s,
-                                last + i, fwd);
-            continue;
-        }
-        for (int j = 0; j < k; j++) nn[j] = a->prompt_len;
-        rc = pie_drv_step(d, seqs + i, k, tok, nn, s, last + i);
+        const int32_t *in = tok;
+        int32_t left = a->prompt_len;
+        if (left > cap)                 /* k == 1: all but its last piece */
+            rc = pie_drv_feed_head(d, seqs[i], &in, &left, cap, s, fwd);
+        if (rc) break;
+        for (int j = 0; j < k; j++) nn[j] = left;
+        rc = pie_drv_step(d, seqs + i, k, in, nn, s, last + i);
         ++*fwd;
     }
     free(tok); free(nn); free(s);
@@ -135,7 +112,7 @@ static int warm_prefill(const bench_args *a, pie_drv *d, pie_drv_seq **seqs,
                         int32_t vocab, int32_t *last)
 {
     bench_args w = *a;
-    int32_t cap = prefill_cap(a, d->b);
+    int32_t cap = pie_drv_cap(d, a->chunk, PIE_CLI_MAX_TOKENS);
     long fwd = 0;
     w.batch = prefill_per(a, cap);
     if (w.prompt_len > cap) w.prompt_len = cap;     /* the first piece */

@@ -61,33 +61,11 @@ static void json_str(FILE *f, const char *s, size_t n)
     fputc('"', f);
 }
 
-/* Feeds all but the last forward's worth of the prompt in forwards of at
- * most --chunk tokens and the backend's most (8192 on the GPU; the CPU
- * has no limit), their samples dropped; advances *in and *n_in past what
- * it fed and counts the forwards in *fwd. */
-static int prefill_head(const gen_args *a, pie_drv *d, pie_drv_seq *seq,
-                        const pie_sampler *s, const int32_t **in,
-                        int32_t *n_in, int *fwd)
-{
-    int32_t most = d->b->max_tokens, tok;
-    int32_t cap = a->chunk > 0 && (most <= 0 || a->chunk < most) ? a->chunk
-                                                                 : most;
-    pie_drv_seq *sp = seq;
-    while (cap > 0 && *n_in > cap) {
-        int rc = pie_drv_step(d, &sp, 1, *in, &cap, s, &tok);
-        if (rc) return rc;
-        *in += cap;
-        *n_in -= cap;
-        ++*fwd;
-    }
-    return 0;
-}
-
 /* Generates up to max_gen tokens into gen after the prompt; *fwd counts
  * the forwards the prompt took. Returns how many, or -1. */
 static int run_loop(const gen_args *a, pie_model *m, pie_drv *d,
                     int32_t *prompt, size_t n_prompt, int max_gen,
-                    int32_t *gen, int *fwd)
+                    int32_t *gen, long *fwd)
 {
     pie_sampler s = { .kind = a->temperature > 0 ? PIE_SAMPLER_RANDOM
                                                  : PIE_SAMPLER_GREEDY,
@@ -104,7 +82,10 @@ static int run_loop(const gen_args *a, pie_model *m, pie_drv *d,
         dt.first = false;   /* a continuation keeps its leading space */
     }
     *fwd = max_gen > 0;
-    rc = max_gen > 0 ? prefill_head(a, d, &seq, &s, &in, &n_in, fwd) : 0;
+    /* all but the last forward's worth of the prompt, in forwards of at
+     * most --chunk tokens and the backend's most */
+    int32_t cap = pie_drv_cap(d, a->chunk, PIE_CLI_MAX_TOKENS);
+    rc = max_gen > 0 ? pie_drv_feed_head(d, &seq, &in, &n_in, cap, &s, fwd) : 0;
     while (rc == 0 && n_gen < max_gen) {
         s.seed = a->seed * 0x9E3779B97F4A7C15ull + (uint64_t)n_gen;
         if ((rc = pie_drv_step(d, &sp, 1, in, &n_in, &s, &tok)) != 0) break;
@@ -131,7 +112,7 @@ static int run_loop(const gen_args *a, pie_model *m, pie_drv *d,
 }
 
 static void print_json(const pie_model *m, const int32_t *gen, int n,
-                       int prompt_fwd)
+                       long prompt_fwd)
 {
     printf("{\"ids\":[");
     for (int i = 0; i < n; i++) printf("%s%d", i ? "," : "", gen[i]);
@@ -149,7 +130,7 @@ static void print_json(const pie_model *m, const int32_t *gen, int n,
         json_str(stdout, text, len);
     else
         printf("null");
-    printf(",\"prompt_forwards\":%d}\n", prompt_fwd);
+    printf(",\"prompt_forwards\":%ld}\n", prompt_fwd);
     free(known);
     free(text);
 }
@@ -293,7 +274,8 @@ int pie_cmd_generate(int argc, char **argv)
                 a.max_tokens);
         goto out;
     }
-    int fwd = 0, n_gen = run_loop(&a, m, &d, ids, n, max_gen, gen, &fwd);
+    long fwd = 0;
+    int n_gen = run_loop(&a, m, &d, ids, n, max_gen, gen, &fwd);
     if (n_gen < 0) goto out;
     if (a.json) print_json(m, gen, n_gen, fwd);
     else printf("\n");

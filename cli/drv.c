@@ -20,6 +20,27 @@ int pie_drv_init(pie_drv *d, pie_backend *b)
 
 void pie_drv_free(pie_drv *d) { free(d->free_pages); }
 
+int32_t pie_drv_cap(const pie_drv *d, int32_t chunk, int32_t none)
+{
+    int32_t most = d->b->max_tokens > 0 ? d->b->max_tokens : none;
+    return chunk > 0 && chunk < most ? chunk : most;
+}
+
+int pie_drv_feed_head(pie_drv *d, pie_drv_seq *seq, const int32_t **in,
+                      int32_t *n, int32_t cap, const pie_sampler *s,
+                      long *fwd)
+{
+    int32_t tok;
+    while (*n > cap) {
+        int rc = pie_drv_step(d, &seq, 1, *in, &cap, s, &tok);
+        if (rc) return rc;
+        *in += cap;
+        *n -= cap;
+        ++*fwd;
+    }
+    return 0;
+}
+
 void pie_drv_seq_release(pie_drv *d, pie_drv_seq *s)
 {
     for (int32_t i = 0; i < s->n_pages; i++)

@@ -40,4 +40,17 @@ int  pie_drv_step(pie_drv *d, pie_drv_seq **seqs, int32_t n_seqs,
                   const int32_t *tokens, const int32_t *n_new,
                   const pie_sampler *samplers, int32_t *out_tokens);
 
+/* Tokens one forward may take with --chunk `chunk`: chunk (0: no cap of
+ * its own), at most the backend's max_tokens (8192 on the GPU) and
+ * `none` where neither caps it. */
+int32_t pie_drv_cap(const pie_drv *d, int32_t chunk, int32_t none);
+
+/* Feeds seq the tokens at *in in forwards of cap tokens while more than
+ * cap remain (their samples dropped), advancing *in and *n past them and
+ * counting the forwards in *fwd: the at most cap tokens left go in the
+ * caller's next step, which samples. Returns 0 or a negative PIE_E code. */
+int  pie_drv_feed_head(pie_drv *d, pie_drv_seq *seq, const int32_t **in,
+                       int32_t *n, int32_t cap, const pie_sampler *s,
+                       long *fwd);
+
 #endif
