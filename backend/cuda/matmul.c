@@ -173,6 +173,31 @@ static void try_split_k(cuda_backend *c, mm_plan *p,
         }
 }
 
+/* The warps a block of gemv.cu takes for a weight of n rows in the
+ * bucket of gm rows of x, from the times t of 1, 2, 4 and 8 warps
+ * (fastest gbest). At gm = 8 (batches of 1..8): the most warps within
+ * PIE_CUDA_GEMV_TIE (default 0.02) of the fastest. Timed alone, 1B's
+ * gate/up ties at 2 and 4 warps and went either way from one process to
+ * the next, but 4 made batch-1 steps 4% faster (NOTES.md, round 22: under
+ * PDL a block issues two rounds of loads a warp before the kernel before
+ * it ends). At gm = 16 the fastest: the same rule made 8B batch 16 1.3%
+ * slower (gate/up at 8 warps). PIE_CUDA_GEMV_FORCE="n:r,..." pins the
+ * warps of the weights of n rows (comparisons). */
+static int gemv_warps_pick(int n, int gm, const float *t, float gbest)
+{
+    const char *f = getenv("PIE_CUDA_GEMV_FORCE"), *e = getenv("PIE_CUDA_GEMV_TIE");
+    int fn, fr, used;
+    while (f && sscanf(f, "%d:%d%n", &fn, &fr, &used) == 2) {
+        if (fn == n && (fr == 1 || fr == 2 || fr == 4 || fr == 8)) return fr;
+        f += used;
+        f += *f == ',';
+    }
+    double tie = gm > 8 ? 0.0 : e ? atof(e) : 0.02;
+    for (int r = 8, i = 3; r >= 1; r /= 2, i--)
+        if (t[i] <= gbest * (1.0 + tie)) return r;
+    return 1;
+}
+
 /* Decode matmuls (m <= 16) stream W once; gemv.cu does that at a higher
  * bandwidth than cuBLASLt for most weight shapes. Its variants are timed
  * at the bucket's largest m (8 or 16, its slowest row count) and win only
@@ -186,11 +211,11 @@ static void try_gemv(cuda_backend *c, mm_plan *p, const uint16_t *W,
         !pie__cuda_gemv_supported(gm, p->k, W, x))
         return;
     float lt = best, t[4], gbest = INFINITY;
-    int gr = 0;
     for (int r = 1, i = 0; r <= 8; r *= 2, i++) {
         t[i] = time_cand(c, p, (mm_cand){ NULL, r, gm, 0 }, W, x, y, 3);
-        if (t[i] < gbest) { gbest = t[i]; gr = r; }
+        if (t[i] < gbest) gbest = t[i];
     }
+    int gr = gemv_warps_pick(p->n, gm, t, gbest);
     /* PIE_CUDA_GEMV=1 (comparisons, tests): gemv.cu wherever it runs */
     if (gbest < lt || (getenv("PIE_CUDA_GEMV") && gbest < INFINITY))
         p->gemv_r = gr;
