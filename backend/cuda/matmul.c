@@ -216,8 +216,9 @@ static void try_gemv(cuda_backend *c, mm_plan *p, const uint16_t *W,
         if (t[i] < gbest) gbest = t[i];
     }
     int gr = gemv_warps_pick(p->n, gm, t, gbest);
+    float tg = t[gr == 1 ? 0 : gr == 2 ? 1 : gr == 4 ? 2 : 3];
     /* PIE_CUDA_GEMV=1 (comparisons, tests): gemv.cu wherever it runs */
-    if (gbest < lt || (getenv("PIE_CUDA_GEMV") && gbest < INFINITY))
+    if (tg < lt || (getenv("PIE_CUDA_GEMV") && tg < INFINITY))
         p->gemv_r = gr;
     if (getenv("PIE_CUDA_TUNE_LOG"))
         fprintf(stderr, "pie: tune n %d k %d: cublasLt %.1f us, gemv r1/2/4/8 "
