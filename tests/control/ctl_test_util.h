@@ -2,11 +2,13 @@
  * ctl_test_util.h — what the control layer's fake-backend tests
  * (test_control.c, test_control_persist.c, test_control_pressure.c,
  * test_control_inflight.c) share: an engine on a fake backend of VOCAB
- * token ids and PS-slot pages, the reference continuation that
- * fake_expected_gen() computes without pages or batches, one forward
- * submitted by hand, waits on the fake device, and the loop that runs a
- * test executable's tests by name. Each helper fails the test (CHECK)
- * instead of returning an error; definitions in ctl_test_util.c.
+ * token ids and PS-slot pages, its clients opened and closed several at a
+ * time, checks of what it holds at the end, the reference continuation
+ * that fake_expected_gen() computes without pages or batches (and a
+ * generation checked against it), one forward submitted by hand or run to
+ * its token, waits on the fake device, and the loop that runs a test
+ * executable's tests by name. Each helper fails the test (CHECK) instead
+ * of returning an error; definitions in ctl_test_util.c.
  */
 #ifndef PIE_TEST_CTL_TEST_UTIL_H
 #define PIE_TEST_CTL_TEST_UTIL_H
@@ -56,11 +58,43 @@ void wait_started(pie_backend *b, int32_t n);
 /* Checks that ctl's queue is empty, then frees ctl and its backend b. */
 void done_ctl(pie_ctl *ctl, pie_backend *b);
 
+/* Opens a client of ctl with default options into each place given, in
+ * order, up to a NULL. */
+void open_clients(pie_ctl *ctl, pie_ctl_client **c, ...)
+    __attribute__((sentinel));
+
+/* A new client of ctl (options o, NULL: defaults) holding n new pages,
+ * their handles in h. */
+pie_ctl_client *open_holding(pie_ctl *ctl, const pie_ctl_client_opts *o,
+                             int32_t n, uint32_t *h);
+
+/* Closes the clients named, in order, up to a NULL. */
+void close_clients(pie_ctl_client *c, ...) __attribute__((sentinel));
+
+/* Checks that n of ctl's pages are free. */
+void check_free(pie_ctl *ctl, int32_t n);
+
+/* Checks that ctl holds no page (none used) and no export. */
+void check_empty(pie_ctl *ctl);
+
+/* c unexports the names given, in order, up to a NULL. */
+void unexport_all(pie_ctl_client *c, ...) __attribute__((sentinel));
+
 /* The reference continuation: n greedy tokens after prompt. */
 void reference(const int32_t *prompt, int32_t np, int32_t n, int32_t *out);
 
 /* n token ids below VOCAB into p, the same for the same seed. */
 void make_prompt(int32_t *p, int32_t n, uint32_t seed);
+
+/* Generates 3 tokens after the 13-token prompt of seed on ctl (timeout
+ * 0) and checks them against the reference, what naming the run; returns
+ * how many tokens the fake backend b computed for it. */
+int64_t gen_run(pie_ctl *ctl, pie_backend *b, uint32_t seed,
+                const char *what);
+
+/* gen_run of seed as the first run on ctl, a fresh pool of 8 pages:
+ * checks that it leaves its prompt's 3 full pages cached, all 8 free. */
+void cache_prompt(pie_ctl *ctl, pie_backend *b, uint32_t seed);
 
 /* Fails at the first of n steps where got differs from want, naming
  * what. */
@@ -77,6 +111,11 @@ int fwd_cb(pie_ctl_client *c, const int32_t *toks, int32_t n, int32_t pos0,
 /* fwd_cb without a callback. */
 int fwd(pie_ctl_client *c, const int32_t *toks, int32_t n, int32_t pos0,
         const uint32_t *pages, pie_ctl_future *from, pie_ctl_future **out);
+
+/* c's forward of toks (fwd) run to completion: returns its first output
+ * token, its future released. */
+int32_t fwd_token(pie_ctl_client *c, const int32_t *toks, int32_t n,
+                  int32_t pos0, const uint32_t *pages);
 
 /* Occupies the device: c's forward of toks, slowed to HOLD_US in the fake
  * backend, returned once it has begun. The delay stays set. */

@@ -22,6 +22,16 @@
 #include "tests/control/fake_backend.h"
 #include "tests/test_util.h"
 
+/* Checks that n of ctl's pages are free and that no export is left. */
+static void check_unexported(pie_ctl *ctl, int32_t n)
+{
+    pie_ctl_stats st;
+    pie_ctl_get_stats(ctl, &st);
+    CHECK(st.pages_free == n && st.exports == 0, "at the end: %d pages "
+          "free, %d exports; expected %d and 0", st.pages_free, st.exports,
+          n);
+}
+
 /* ---- tests ---------------------------------------------------------------- */
 
 static void test_generate_alone(void)
@@ -122,23 +132,15 @@ static void test_chained(void)
 {
     pie_backend *b;
     pie_ctl *ctl = make_ctl(64, 200, NULL, &b);
-    pie_ctl_client *c;
-    CHECK_OK(pie_ctl_client_open(ctl, NULL, &c));
+    uint32_t pages[8];
+    pie_ctl_client *c = open_holding(ctl, NULL, 7, pages);
     int32_t prompt[6], want[20], got[20];
     make_prompt(prompt, 6, 3);
     reference(prompt, 6, 20, want);
-    uint32_t pages[8];
-    CHECK_OK(pie_ctl_page_alloc(c, 7, 0, pages));
     /* step by step */
-    pie_ctl_future *f;
-    CHECK_OK(fwd(c, prompt, 6, 0, pages, NULL, &f));
-    got[0] = wait_token(f);
-    pie_ctl_future_release(f);
-    for (int32_t i = 1; i < 20; i++) {
-        CHECK_OK(fwd(c, &got[i - 1], 1, 6 + i - 1, pages, NULL, &f));
-        got[i] = wait_token(f);
-        pie_ctl_future_release(f);
-    }
+    got[0] = fwd_token(c, prompt, 6, 0, pages);
+    for (int32_t i = 1; i < 20; i++)
+        got[i] = fwd_token(c, &got[i - 1], 1, 6 + i - 1, pages);
     check_same(want, got, 20, "step by step");
     /* all 20 steps queued at once, each chained to the previous; the fills
      * of the pages are rewritten from position 6 on */
@@ -180,17 +182,13 @@ static void test_quotas(void)
     CHECK_OK(pie_ctl_page_free(c, 1, h + 2));
     CHECK_OK(pie_ctl_page_alloc(c, 1, 0, h + 2));
     int32_t toks[8] = { 1, 2, 3, 4, 5, 6, 7, 8 };
+    fwd_token(c, toks, 8, 0, h);
     pie_ctl_future *f;
-    CHECK_OK(fwd(c, toks, 8, 0, h, NULL, &f));
-    wait_token(f);
-    pie_ctl_future_release(f);
     rc = fwd(c, toks, 3, 8, h, NULL, &f);
     CHECK(rc == PIE_ELIMIT, "forward beyond token quota returned %d", rc);
     CHECK(strstr(pie_err_msg(), "token quota") != NULL, "message: %s",
           pie_err_msg());
-    CHECK_OK(fwd(c, toks, 2, 8, h, NULL, &f));
-    wait_token(f);
-    pie_ctl_future_release(f);
+    fwd_token(c, toks, 2, 8, h);
     pie_ctl_client_close(c);
     printf("quotas: page and token limits enforced with clear errors\n");
     done_ctl(ctl, b);
@@ -211,8 +209,7 @@ static void test_admission(void)
     pie_backend *b;
     pie_ctl *ctl = make_ctl(8, 0, NULL, &b);
     pie_ctl_client *a, *c;
-    CHECK_OK(pie_ctl_client_open(ctl, NULL, &a));
-    CHECK_OK(pie_ctl_client_open(ctl, NULL, &c));
+    open_clients(ctl, &a, &c, NULL);
     uint32_t ha[8], hc[2];
     CHECK_OK(pie_ctl_page_alloc(a, 8, 0, ha));
     double t = now_ms();
@@ -238,8 +235,7 @@ static void test_admission(void)
     pie_ctl_get_stats(ctl, &st);
     CHECK(st.alloc_waits >= 2, "alloc_waits %llu",
           (unsigned long long)st.alloc_waits);
-    pie_ctl_client_close(a);
-    pie_ctl_client_close(c);
+    close_clients(a, c, NULL);
     printf("admission: a full pool waits (%.0f ms) then succeeds; times out "
            "otherwise\n", waited);
     done_ctl(ctl, b);
@@ -338,13 +334,11 @@ static void test_cancel(void)
 {
     pie_backend *b;
     pie_ctl *ctl = make_ctl(64, 3000, NULL, &b);
-    pie_ctl_client *c;
-    CHECK_OK(pie_ctl_client_open(ctl, NULL, &c));
+    uint32_t pages[10];
+    pie_ctl_client *c = open_holding(ctl, NULL, 9, pages);
     int32_t prompt[5], want[30], got[30], zero = 0;
     make_prompt(prompt, 5, 11);
     reference(prompt, 5, 30, want);
-    uint32_t pages[10];
-    CHECK_OK(pie_ctl_page_alloc(c, 9, 0, pages));
     pie_ctl_future *fs[30];
     CHECK_OK(fwd(c, prompt, 5, 0, pages, NULL, &fs[0]));
     for (int32_t i = 1; i < 30; i++)
@@ -371,12 +365,8 @@ static void test_cancel(void)
     }
     for (int32_t i = 0; i < 30; i++) pie_ctl_future_release(fs[i]);
     /* continue from the rolled-back state */
-    pie_ctl_future *f;
-    for (int32_t i = 6; i < 30; i++) {
-        CHECK_OK(fwd(c, &got[i - 1], 1, 5 + i - 1, pages, NULL, &f));
-        got[i] = wait_token(f);
-        pie_ctl_future_release(f);
-    }
+    for (int32_t i = 6; i < 30; i++)
+        got[i] = fwd_token(c, &got[i - 1], 1, 5 + i - 1, pages);
     check_same(want, got, 30, "generation resumed after cancel");
     pie_ctl_stats st;
     pie_ctl_get_stats(ctl, &st);
@@ -394,10 +384,8 @@ static void test_close_pending(void)
     pie_ctl *ctl = make_ctl(128, 2000, NULL, &b);
     pie_ctl_future *keep[8][20];
     for (int k = 0; k < 8; k++) {
-        pie_ctl_client *c;
-        CHECK_OK(pie_ctl_client_open(ctl, NULL, &c));
         uint32_t pages[10];
-        CHECK_OK(pie_ctl_page_alloc(c, 10, 0, pages));
+        pie_ctl_client *c = open_holding(ctl, NULL, 10, pages);
         int32_t prompt[7], zero = 0;
         make_prompt(prompt, 7, 50 + k);
         CHECK_OK(fwd(c, prompt, 7, 0, pages, NULL, &keep[k][0]));
@@ -438,16 +426,12 @@ static void test_exports(void)
     pie_backend *b;
     pie_ctl *ctl = make_ctl(16, 0, NULL, &b);
     pie_ctl_client *a, *c;
-    CHECK_OK(pie_ctl_client_open(ctl, NULL, &a));
-    CHECK_OK(pie_ctl_client_open(ctl, NULL, &c));
+    open_clients(ctl, &a, &c, NULL);
     int32_t prompt[8], want[3];
     make_prompt(prompt, 8, 9);
     uint32_t ha[2];
     CHECK_OK(pie_ctl_page_alloc(a, 2, 0, ha));
-    pie_ctl_future *f;
-    CHECK_OK(fwd(a, prompt, 8, 0, ha, NULL, &f));
-    wait_token(f);
-    pie_ctl_future_release(f);
+    fwd_token(a, prompt, 8, 0, ha);
     CHECK_OK(pie_ctl_export(a, "sys", 2, ha));
     CHECK(pie_ctl_export(a, "sys", 1, ha) == PIE_EBUSY, "duplicate name");
     uint32_t hi[4];
@@ -465,6 +449,7 @@ static void test_exports(void)
     int32_t t9 = 9;
     uint32_t bad[3] = { hi[0], hi[1], 0 };
     CHECK_OK(pie_ctl_page_alloc(c, 1, 0, &bad[2]));
+    pie_ctl_future *f;
     int rc = fwd(c, &t9, 1, 7, bad, NULL, &f);
     CHECK(rc == PIE_EPERM, "write into imported page returned %d", rc);
     /* continue the shared prefix in a private page: 3 tokens */
@@ -472,10 +457,8 @@ static void test_exports(void)
     memcpy(hist, prompt, sizeof prompt);
     reference(prompt, 8, 3, want);
     int32_t x[3] = { 17, 18, 19 };
-    CHECK_OK(fwd(c, x, 3, 8, bad, NULL, &f));
+    int32_t tok = fwd_token(c, x, 3, 8, bad);
     memcpy(hist + 8, x, sizeof x);
-    int32_t tok = wait_token(f);
-    pie_ctl_future_release(f);
     CHECK(tok == fake_expected_next(hist, 11, VOCAB), "forward over imported "
           "pages: got %d, expected %d", tok, fake_expected_next(hist, 11, VOCAB));
     CHECK_OK(pie_ctl_unexport(a, "sys"));
@@ -486,8 +469,7 @@ static void test_exports(void)
     CHECK(st.pages_used == 3, "pages used %d, expected 3 (2 imported live on)",
           st.pages_used);
     pie_ctl_client_close(c);
-    pie_ctl_get_stats(ctl, &st);
-    CHECK(st.pages_free == 16, "pages free %d", st.pages_free);
+    check_free(ctl, 16);
     printf("exports: import is read-only and refcounted; pages outlive the "
            "exporter\n");
     done_ctl(ctl, b);
@@ -509,20 +491,14 @@ static void test_dedup(void)
         int32_t prompt[23];
         make_prompt(prompt, 23, 77);
         for (int k = 0; k < 6; k++) {
-            CHECK_OK(pie_ctl_client_open(ctl, NULL, &cs[k]));
-            CHECK_OK(pie_ctl_page_alloc(cs[k], 8, 0, pages[k]));
-            pie_ctl_future *f;
+            cs[k] = open_holding(ctl, NULL, 8, pages[k]);
             /* clients 0..2 share a prompt; 3..5 change its last token */
             prompt[22] = k < 3 ? 5 : 6 + k;
-            CHECK_OK(fwd(cs[k], prompt, 23, 0, pages[k], NULL, &f));
-            results[mode][k][0] = wait_token(f);
-            pie_ctl_future_release(f);
-            for (int32_t i = 1; i < 6; i++) {
-                CHECK_OK(fwd(cs[k], &results[mode][k][i - 1], 1, 23 + i - 1,
-                             pages[k], NULL, &f));
-                results[mode][k][i] = wait_token(f);
-                pie_ctl_future_release(f);
-            }
+            int32_t *got = results[mode][k];
+            got[0] = fwd_token(cs[k], prompt, 23, 0, pages[k]);
+            for (int32_t i = 1; i < 6; i++)
+                got[i] = fwd_token(cs[k], &got[i - 1], 1, 23 + i - 1,
+                                   pages[k]);
             int32_t hist[40], want[6];
             memcpy(hist, prompt, sizeof prompt);
             reference(hist, 23, 6, want);
@@ -563,35 +539,19 @@ static void test_prefix_cache_lru(void)
 {
     pie_backend *b;
     pie_ctl *ctl = make_ctl(8, 0, NULL, &b);
-    int32_t prompt[13], want[3], got[3], n;
-    make_prompt(prompt, 13, 99);
-    reference(prompt, 13, 3, want);
-    pie_ctl_gen_opts o = { .prompt = prompt, .n_prompt = 13, .max_tokens = 3,
-                           .timeout_ms = 0 };
-    CHECK_OK(pie_ctl_generate(ctl, &o, got, 3, &n));
-    check_same(want, got, 3, "first run");
-    pie_ctl_stats st;
-    pie_ctl_get_stats(ctl, &st);
-    CHECK(st.pages_cached == 3 && st.pages_free == 8, "after first run: %d "
-          "cached, %d free", st.pages_cached, st.pages_free);
-    int64_t t0 = fake_backend_stats(b)->total_tokens;
-    CHECK_OK(pie_ctl_generate(ctl, &o, got, 3, &n));
-    check_same(want, got, 3, "second run from the cache");
-    int64_t t1 = fake_backend_stats(b)->total_tokens;
-    CHECK(t1 - t0 == 1 + 2, "second run computed %lld tokens, expected 3 "
-          "(12 prompt tokens cached)", (long long)(t1 - t0));
-    pie_ctl_client *c;
+    cache_prompt(ctl, b, 99);
+    int64_t t = gen_run(ctl, b, 99, "second run from the cache");
+    CHECK(t == 1 + 2, "second run computed %lld tokens, expected 3 "
+          "(12 prompt tokens cached)", (long long)t);
     uint32_t h[8];
-    CHECK_OK(pie_ctl_client_open(ctl, NULL, &c));
-    CHECK_OK(pie_ctl_page_alloc(c, 8, 0, h));    /* evicts the cache */
+    pie_ctl_client *c = open_holding(ctl, NULL, 8, h);  /* evicts the cache */
+    pie_ctl_stats st;
     pie_ctl_get_stats(ctl, &st);
     CHECK(st.pages_cached == 0 && st.pages_free == 0, "after eviction: %d "
           "cached, %d free", st.pages_cached, st.pages_free);
     pie_ctl_client_close(c);
-    CHECK_OK(pie_ctl_generate(ctl, &o, got, 3, &n));
-    check_same(want, got, 3, "run after eviction");
-    CHECK(fake_backend_stats(b)->total_tokens - t1 == 13 + 2, "after "
-          "eviction the prompt is computed again");
+    t = gen_run(ctl, b, 99, "run after eviction");
+    CHECK(t == 13 + 2, "after eviction the prompt is computed again");
     printf("prefix cache: reuse after exit (3 of 15 tokens computed), LRU "
            "eviction under pressure\n");
     done_ctl(ctl, b);
@@ -642,8 +602,7 @@ static void test_export_quota(void)
     CHECK_OK(pie_ctl_page_alloc(q2, 2, 0, h));   /* not charged to q2 */
     CHECK_OK(pie_ctl_unexport(q2, "both"));
     pie_ctl_client_close(q2);
-    pie_ctl_get_stats(ctl, &st);
-    CHECK(st.pages_free == 16, "pages free %d", st.pages_free);
+    check_free(ctl, 16);
     printf("export quota: a client's live exports count against its "
            "max_pages\n");
     done_ctl(ctl, b);
@@ -686,9 +645,7 @@ static void test_export_cap(void)
     }
     printf("export cap: %s\n", pie_err_msg());
     /* the other half stays for work */
-    pie_ctl_client *w;
-    CHECK_OK(pie_ctl_client_open(ctl, NULL, &w));
-    CHECK_OK(pie_ctl_page_alloc(w, 8, 0, h));
+    pie_ctl_client *w = open_holding(ctl, NULL, 8, h);
     CHECK(pie_ctl_export(w, "more", 1, h) == PIE_ELIMIT, "export past the "
           "cap by a client with no quota");
     /* pages already exported count once: a second name for them fits */
@@ -702,13 +659,9 @@ static void test_export_cap(void)
           "an unexport");
     CHECK_OK(pie_ctl_page_free(w, 8, h));
     CHECK_OK(pie_ctl_page_free(w, 2, imp));
-    const char *names[] = { "link0", "link2", "link3", "alias", "more" };
-    for (int k = 0; k < 5; k++) CHECK_OK(pie_ctl_unexport(w, names[k]));
+    unexport_all(w, "link0", "link2", "link3", "alias", "more", NULL);
     pie_ctl_client_close(w);
-    pie_ctl_stats st;
-    pie_ctl_get_stats(ctl, &st);
-    CHECK(st.pages_free == 16 && st.exports == 0, "at the end: %d pages "
-          "free, %d exports", st.pages_free, st.exports);
+    check_unexported(ctl, 16);
     printf("export cap: exports whose clients closed pin at most half the "
            "pool by default\n");
     done_ctl(ctl, b);
@@ -733,16 +686,11 @@ static void test_export_cap_opt(void)
           "%d", PIE_EINVAL, rc);
     co.max_export_pages = 3;
     CHECK_OK(pie_ctl_create(b, &co, &ctl));
-    pie_ctl_client *c;
-    CHECK_OK(pie_ctl_client_open(ctl, NULL, &c));
     uint32_t h[4];
+    pie_ctl_client *c = open_holding(ctl, NULL, 4, h);
     int32_t prompt[10];
     make_prompt(prompt, 10, 4242);
-    CHECK_OK(pie_ctl_page_alloc(c, 4, 0, h));
-    pie_ctl_future *f;
-    CHECK_OK(fwd(c, prompt, 10, 0, h, NULL, &f));
-    wait_token(f);
-    pie_ctl_future_release(f);
+    fwd_token(c, prompt, 10, 0, h);
     CHECK_OK(pie_ctl_export(c, "p", 3, h));
     rc = pie_ctl_export(c, "q", 1, h + 3);
     CHECK(rc == PIE_ELIMIT, "a 4th page under max_export_pages 3: expected "
@@ -769,15 +717,13 @@ static void test_export_cap_opt(void)
           "pages used (before %d), %d exports pinning %d pages; expected 0, "
           "no page taken, 2 exports of 3", rc, rc ? pie_err_msg() : "",
           st.pages_used, st0.pages_used, st.exports, st.pages_exported);
-    CHECK_OK(pie_ctl_unexport(c, "p3"));
-    CHECK_OK(pie_ctl_unexport(c, "p2"));
+    unexport_all(c, "p3", "p2", NULL);
     pie_ctl_client_close(c);
     pie_ctl_free(ctl);
     co.max_export_pages = 16;                  /* the pool: no cap */
     CHECK_OK(pie_ctl_create(b, &co, &ctl));
-    CHECK_OK(pie_ctl_client_open(ctl, NULL, &c));
     uint32_t all[16];
-    CHECK_OK(pie_ctl_page_alloc(c, 16, 0, all));
+    c = open_holding(ctl, NULL, 16, all);
     CHECK_OK(pie_ctl_export(c, "all", 16, all));
     pie_ctl_client_close(c);
     CHECK_OK(pie_ctl_client_open(ctl, NULL, &c));
@@ -833,13 +779,9 @@ static void test_export_reexport_quota(void)
     rc = pie_ctl_export(q, "mix", 2, (uint32_t[]){ hown[0], hq[0] });
     CHECK(rc == PIE_ELIMIT, "an export adding an imported page to 4 held: "
           "expected %d, got %d", PIE_ELIMIT, rc);
-    const char *names[] = { "x", "own", "own2" };
-    for (int k = 0; k < 3; k++) CHECK_OK(pie_ctl_unexport(q, names[k]));
-    pie_ctl_client_close(q);
-    pie_ctl_client_close(a);
-    pie_ctl_get_stats(ctl, &st);
-    CHECK(st.pages_free == 16 && st.exports == 0, "at the end: %d pages "
-          "free, %d exports", st.pages_free, st.exports);
+    unexport_all(q, "x", "own", "own2", NULL);
+    close_clients(q, a, NULL);
+    check_unexported(ctl, 16);
     printf("export quota: re-exported imported pages count against "
            "max_pages\n");
     done_ctl(ctl, b);
@@ -878,11 +820,9 @@ static void test_export_cap_distinct(void)
     pie_ctl_get_stats(ctl, &st);
     CHECK(st.pages_exported == 4, "pages exported %d, expected 4",
           st.pages_exported);
-    const char *names[] = { "one", "alias5", "three" };
-    for (int k = 0; k < 3; k++) CHECK_OK(pie_ctl_unexport(a, names[k]));
+    unexport_all(a, "one", "alias5", "three", NULL);
     pie_ctl_client_close(a);
-    pie_ctl_get_stats(ctl, &st);
-    CHECK(st.pages_free == 16, "pages free %d", st.pages_free);
+    check_free(ctl, 16);
     printf("export cap: each distinct page counts once, however many "
            "handles name it\n");
     done_ctl(ctl, b);
@@ -952,9 +892,7 @@ static void test_import_orphan_quota(void)
     CHECK_OK(pie_ctl_page_free(q, 2, imp));
     CHECK_OK(pie_ctl_page_alloc(q, 2, 0, more));
     pie_ctl_client_close(q);
-    pie_ctl_get_stats(ctl, &st);
-    CHECK(st.pages_free == 16 && st.exports == 0, "at the end: %d pages "
-          "free, %d exports", st.pages_free, st.exports);
+    check_unexported(ctl, 16);
     printf("import quota: imported pages count against max_pages once no "
            "live export lists them\n");
     done_ctl(ctl, b);
@@ -973,8 +911,7 @@ static void test_import_handles(void)
     pie_ctl_client_opts oq = { .name = "q", .max_handles = 8 };
     pie_ctl_client *q, *e, *d;
     CHECK_OK(pie_ctl_client_open(ctl, &oq, &q));
-    CHECK_OK(pie_ctl_client_open(ctl, NULL, &e));
-    CHECK_OK(pie_ctl_client_open(ctl, NULL, &d));
+    open_clients(ctl, &e, &d, NULL);
     uint32_t ha[2], one, ih[8][2], x[2] = { 0, 0 }, mine;
     int32_t ni = 0;
     CHECK_OK(pie_ctl_page_alloc(e, 2, 0, ha));
@@ -1019,14 +956,9 @@ static void test_import_handles(void)
           n, rc, PIE_CTL_MAX_HANDLES, PIE_ELIMIT);
     CHECK_OK(pie_ctl_page_free(d, 1, &h));
     CHECK_OK(pie_ctl_import(d, "one", 1, &h, &ni));       /* room again */
-    CHECK_OK(pie_ctl_unexport(e, "a"));
-    CHECK_OK(pie_ctl_unexport(e, "one"));
-    pie_ctl_client_close(d);
-    pie_ctl_client_close(q);
-    pie_ctl_client_close(e);
-    pie_ctl_get_stats(ctl, &st);
-    CHECK(st.pages_used == 0 && st.exports == 0, "at the end: %d pages "
-          "used, %d exports; expected 0 and 0", st.pages_used, st.exports);
+    unexport_all(e, "a", "one", NULL);
+    close_clients(d, q, e, NULL);
+    check_empty(ctl);
     printf("import handles: %d imports of one page by default, then "
            "PIE_ELIMIT; freeing a handle makes room\n", n);
     done_ctl(ctl, b);
@@ -1085,13 +1017,9 @@ static void test_import_quota(void)
     CHECK_OK(pie_ctl_page_free(q, 2, ia2));
     CHECK_OK(pie_ctl_import(q, "c", 2, ib, &ni));
     CHECK_OK(pie_ctl_page_free(q, 2, ib));
-    CHECK_OK(pie_ctl_unexport(e, "b"));
-    CHECK_OK(pie_ctl_unexport(e, "c"));
-    pie_ctl_client_close(e);
-    pie_ctl_client_close(q);
-    pie_ctl_get_stats(ctl, &st);
-    CHECK(st.pages_used == 0 && st.exports == 0, "at the end: %d pages "
-          "used, %d exports; expected 0 and 0", st.pages_used, st.exports);
+    unexport_all(e, "b", "c", NULL);
+    close_clients(e, q, NULL);
+    check_empty(ctl);
     printf("import quota: an import the importer could not keep is refused "
            "with PIE_ELIMIT and takes nothing\n");
     done_ctl(ctl, b);
@@ -1124,10 +1052,8 @@ static void test_rows_and_masks(void)
 {
     pie_backend *b;
     pie_ctl *ctl = make_ctl(16, 0, NULL, &b);
-    pie_ctl_client *c;
-    CHECK_OK(pie_ctl_client_open(ctl, NULL, &c));
     uint32_t h[3];
-    CHECK_OK(pie_ctl_page_alloc(c, 3, 0, h));
+    pie_ctl_client *c = open_holding(ctl, NULL, 3, h);
     int32_t toks[9], pos[9];
     make_prompt(toks, 9, 4);
     for (int i = 0; i < 9; i++) pos[i] = i;
@@ -1183,8 +1109,7 @@ static void test_bad_input(void)
     pie_backend *b;
     pie_ctl *ctl = make_ctl(16, 0, NULL, &b);
     pie_ctl_client *c, *d;
-    CHECK_OK(pie_ctl_client_open(ctl, NULL, &c));
-    CHECK_OK(pie_ctl_client_open(ctl, NULL, &d));
+    open_clients(ctl, &c, &d, NULL);
     uint32_t h[4];
     CHECK_OK(pie_ctl_page_alloc(c, 2, 0, h));
     int32_t t[4] = { 1, 2, 3, 4 }, pos[4] = { 0, 1, 2, 3 }, oi = 3;
@@ -1259,8 +1184,7 @@ static void test_bad_input(void)
     pie_ctl_client_opts bo = { .priority = 8 };
     pie_ctl_client *e;
     CHECK(pie_ctl_client_open(ctl, &bo, &e) == PIE_EINVAL, "priority 8");
-    pie_ctl_client_close(c);
-    pie_ctl_client_close(d);
+    close_clients(c, d, NULL);
     printf("bad input: every malformed request refused with a clear error\n");
     done_ctl(ctl, b);
 }
@@ -1270,10 +1194,8 @@ static void test_copy_fork(void)
 {
     pie_backend *b;
     pie_ctl *ctl = make_ctl(16, 500, NULL, &b);
-    pie_ctl_client *c;
-    CHECK_OK(pie_ctl_client_open(ctl, NULL, &c));
     uint32_t h[4];
-    CHECK_OK(pie_ctl_page_alloc(c, 3, 0, h));
+    pie_ctl_client *c = open_holding(ctl, NULL, 3, h);
     int32_t prompt[6];
     make_prompt(prompt, 6, 21);
     pie_ctl_future *f;
@@ -1308,16 +1230,11 @@ static void test_copy_failure(void)
 {
     pie_backend *b;
     pie_ctl *ctl = make_ctl(16, 0, NULL, &b);
-    pie_ctl_client *c;
-    CHECK_OK(pie_ctl_client_open(ctl, NULL, &c));
     uint32_t h[3];
-    CHECK_OK(pie_ctl_page_alloc(c, 3, 0, h));
+    pie_ctl_client *c = open_holding(ctl, NULL, 3, h);
     int32_t prompt[6], fill = -1;
     make_prompt(prompt, 6, 5);
-    pie_ctl_future *f;
-    CHECK_OK(fwd(c, prompt, 6, 0, h, NULL, &f));
-    wait_token(f);
-    pie_ctl_future_release(f);
+    fwd_token(c, prompt, 6, 0, h);
     fake_backend_fail_copies(b, 1);
     CHECK_OK(pie_ctl_page_copy(c, h[1], 0, h[2], 0, 2));
     CHECK_OK(pie_ctl_page_fill(c, h[2], &fill));
@@ -1334,12 +1251,10 @@ static void test_copy_failure(void)
      * the prompt exactly */
     uint32_t br[2] = { h[0], h[2] };
     int32_t y = 44, hist[7];
-    CHECK_OK(fwd(c, &y, 1, 6, br, NULL, &f));
     memcpy(hist, prompt, sizeof prompt);
     hist[6] = y;
-    CHECK(wait_token(f) == fake_expected_next(hist, 7, VOCAB),
+    CHECK(fwd_token(c, &y, 1, 6, br) == fake_expected_next(hist, 7, VOCAB),
           "branch after a failed then a good copy");
-    pie_ctl_future_release(f);
     pie_ctl_client_close(c);
     printf("copy failure: the destination's fill is taken back; the next "
            "copy works\n");

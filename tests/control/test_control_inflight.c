@@ -69,10 +69,7 @@ static void rewrite_setup(pie_ctl_client *c, uint32_t *h, int32_t *T,
     make_prompt(T, 8, 31);
     memcpy(U, T, 8 * sizeof *T);
     for (int32_t i = 1; i < 4; i++) U[i] = (T[i] + 100 + i) % VOCAB;
-    pie_ctl_future *f;
-    CHECK_OK(fwd(c, T, 8, 0, h, NULL, &f));
-    wait_token(f);
-    pie_ctl_future_release(f);
+    fwd_token(c, T, 8, 0, h);
 }
 
 static int rewrite(pie_ctl_client *c, const uint32_t *h, const int32_t *U,
@@ -94,10 +91,7 @@ static void check_after_lost_rewrite(pie_ctl *ctl, pie_ctl_client *c,
 {
     uint32_t pages[2] = { h[0], h[2] };
     int32_t x = 7;
-    pie_ctl_future *f;
-    CHECK_OK(fwd(c, &x, 1, 4, pages, NULL, &f));
-    wait_token(f);
-    pie_ctl_future_release(f);
+    fwd_token(c, &x, 1, 4, pages);
     char msg[128];
     snprintf(msg, sizeof msg, "%s: a prompt starting with the rewrite's "
              "page", what);
@@ -134,9 +128,8 @@ static void test_forward_failure(void)
     pie_ctl_future_release(f);
     uint32_t pages[2] = { h[0], h[2] };
     int32_t x = 7, hist[5] = { U[0], U[1], U[2], U[3], 7 };
-    CHECK_OK(fwd(c, &x, 1, 4, pages, NULL, &f));
-    int32_t got = wait_token(f), want = fake_expected_next(hist, 5, VOCAB);
-    pie_ctl_future_release(f);
+    int32_t got = fwd_token(c, &x, 1, 4, pages);
+    int32_t want = fake_expected_next(hist, 5, VOCAB);
     CHECK(got == want, "after the retried rewrite: expected %d, got %d", want,
           got);
     CHECK(fake_backend_stats(b)->failed == 1, "%d forwards failed",
@@ -153,8 +146,7 @@ static void test_cancel_staged(void)
     pie_backend *b;
     pie_ctl *ctl = make_ctl(32, 0, NULL, &b);
     pie_ctl_client *c, *z;
-    CHECK_OK(pie_ctl_client_open(ctl, NULL, &c));
-    CHECK_OK(pie_ctl_client_open(ctl, NULL, &z));
+    open_clients(ctl, &c, &z, NULL);
     uint32_t h[3], hz[1];
     int32_t T[8], U[8], tok = 5;
     rewrite_setup(c, h, T, U);
@@ -192,8 +184,7 @@ static void test_rewrite_in_flight(void)
     pie_backend *b;
     pie_ctl *ctl = make_ctl(32, 0, NULL, &b);
     pie_ctl_client *c, *d;
-    CHECK_OK(pie_ctl_client_open(ctl, NULL, &c));
-    CHECK_OK(pie_ctl_client_open(ctl, NULL, &d));
+    open_clients(ctl, &c, &d, NULL);
     uint32_t h[3], hd[2];
     int32_t T[8], U[8], x = 7;
     rewrite_setup(c, h, T, U);
@@ -251,9 +242,7 @@ static void test_rewrite_wired(void)
     pie_backend *b;
     pie_ctl *ctl = make_ctl(32, 0, NULL, &b);
     pie_ctl_client *c, *d, *e;
-    CHECK_OK(pie_ctl_client_open(ctl, NULL, &c));
-    CHECK_OK(pie_ctl_client_open(ctl, NULL, &d));
-    CHECK_OK(pie_ctl_client_open(ctl, NULL, &e));
+    open_clients(ctl, &c, &d, &e, NULL);
     uint32_t h[5], hd[2], he[2];
     int32_t T[8], U[8], x = 7;
     rewrite_setup(c, h, T, U);                     /* h[0], h[1] hashed */
@@ -487,8 +476,7 @@ static void test_import_readonly(void)
     pie_backend *b;
     pie_ctl *ctl = make_ctl(4, 0, NULL, &b);
     pie_ctl_client *a, *c;
-    CHECK_OK(pie_ctl_client_open(ctl, NULL, &a));
-    CHECK_OK(pie_ctl_client_open(ctl, NULL, &c));
+    open_clients(ctl, &a, &c, NULL);
     uint32_t ha[2], imp[1];
     int32_t toks[4], ni, fill;
     make_prompt(toks, 4, 77);
@@ -530,10 +518,8 @@ static void test_copy_overflow(void)
 {
     pie_backend *b;
     pie_ctl *ctl = make_ctl(16, 0, NULL, &b);
-    pie_ctl_client *c;
-    CHECK_OK(pie_ctl_client_open(ctl, NULL, &c));
     uint32_t h[3];
-    CHECK_OK(pie_ctl_page_alloc(c, 3, 0, h));
+    pie_ctl_client *c = open_holding(ctl, NULL, 3, h);
     int32_t hist[7];
     make_prompt(hist, 6, 41);
     pie_ctl_future *f;
@@ -553,9 +539,8 @@ static void test_copy_overflow(void)
               bad[i].dst_off, rc);
     }
     hist[6] = 77;
-    CHECK_OK(fwd(c, &hist[6], 1, 6, h, NULL, &f));
-    int32_t got = wait_token(f), want = fake_expected_next(hist, 7, VOCAB);
-    pie_ctl_future_release(f);
+    int32_t got = fwd_token(c, &hist[6], 1, 6, h);
+    int32_t want = fake_expected_next(hist, 7, VOCAB);
     CHECK(got == want, "forward after the refused copies: expected %d, got "
           "%d", want, got);
     CHECK(fake_backend_stats(b)->copies == 0, "%d copies ran, expected none",
@@ -576,10 +561,8 @@ static void test_probe_cap(void)
     CHECK_OK(fake_backend_create(V, PS, 16, 0, &b));
     pie_ctl *ctl = NULL;
     CHECK_OK(pie_ctl_create(b, NULL, &ctl));
-    pie_ctl_client *c;
-    CHECK_OK(pie_ctl_client_open(ctl, NULL, &c));
     uint32_t h[NT / PS];
-    CHECK_OK(pie_ctl_page_alloc(c, NT / PS, 0, h));
+    pie_ctl_client *c = open_holding(ctl, NULL, NT / PS, h);
     int32_t t[NT], pos[NT];
     make_prompt(t, NT, 5);
     for (int32_t i = 0; i < NT; i++) pos[i] = i;
@@ -620,9 +603,8 @@ static void test_probe_cap(void)
     uint32_t pages[NT / PS + 1];
     memcpy(pages, h, sizeof h);
     CHECK_OK(pie_ctl_page_alloc(c, 1, 0, &pages[NT / PS]));
-    CHECK_OK(fwd(c, &x, 1, NT, pages, NULL, &fut));
-    int32_t got = wait_token(fut), want = fake_expected_next(hist, NT + 1, V);
-    pie_ctl_future_release(fut);
+    int32_t got = fwd_token(c, &x, 1, NT, pages);
+    int32_t want = fake_expected_next(hist, NT + 1, V);
     CHECK(got == want, "forward after the refused ones: expected %d, got %d",
           want, got);
     pie_ctl_client_close(c);
@@ -639,9 +621,7 @@ static void test_bad_row_isolated(void)
     pie_backend *b;
     pie_ctl *ctl = make_ctl(32, 0, NULL, &b);
     pie_ctl_client *z, *good, *bad;
-    CHECK_OK(pie_ctl_client_open(ctl, NULL, &z));
-    CHECK_OK(pie_ctl_client_open(ctl, NULL, &good));
-    CHECK_OK(pie_ctl_client_open(ctl, NULL, &bad));
+    open_clients(ctl, &z, &good, &bad, NULL);
     uint32_t hz[1], hg[2], hb[1];
     CHECK_OK(pie_ctl_page_alloc(z, 1, 0, hz));
     CHECK_OK(pie_ctl_page_alloc(good, 2, 0, hg));
@@ -731,8 +711,7 @@ static void test_unwritten_slots(void)
     pie_backend *b;
     pie_ctl *ctl = make_ctl(4, 0, NULL, &b);
     pie_ctl_client *a, *c;
-    CHECK_OK(pie_ctl_client_open(ctl, NULL, &a));
-    CHECK_OK(pie_ctl_client_open(ctl, NULL, &c));
+    open_clients(ctl, &a, &c, NULL);
     uint32_t ha[4], h[4];
     pie_ctl_future *f;
     /* a fills the whole pool with its KV and frees it */
@@ -811,9 +790,7 @@ static void test_failed_writer_readers(void)
     pie_backend *b;
     pie_ctl *ctl = make_ctl(5, 0, NULL, &b);
     pie_ctl_client *x, *c, *z;
-    CHECK_OK(pie_ctl_client_open(ctl, NULL, &z));
-    CHECK_OK(pie_ctl_client_open(ctl, NULL, &x));
-    CHECK_OK(pie_ctl_client_open(ctl, NULL, &c));
+    open_clients(ctl, &z, &x, &c, NULL);
     uint32_t hz[1], hx[4], h[4];
     CHECK_OK(pie_ctl_page_alloc(z, 1, 0, hz));
     CHECK_OK(pie_ctl_page_alloc(x, 4, 0, hx));
@@ -821,9 +798,7 @@ static void test_failed_writer_readers(void)
     make_prompt(secret, 16, 77);
     make_prompt(A, 4, 78);
     pie_ctl_future *f, *fz, *fa, *fb, *fd;
-    CHECK_OK(fwd(x, secret, 16, 0, hx, NULL, &f));
-    wait_token(f);
-    pie_ctl_future_release(f);
+    fwd_token(x, secret, 16, 0, hx);
     CHECK_OK(pie_ctl_page_free(x, 4, hx));
     CHECK_OK(pie_ctl_page_alloc(c, 4, 0, h));       /* X's pages: no others */
     int32_t calls0 = fake_backend_stats(b)->calls;
@@ -895,16 +870,14 @@ typedef struct copy_fx {
 static void copy_fx_open(copy_fx *x)
 {
     x->ctl = make_ctl(4, 0, NULL, &x->b);
-    CHECK_OK(pie_ctl_client_open(x->ctl, NULL, &x->z));
-    CHECK_OK(pie_ctl_client_open(x->ctl, NULL, &x->c));
+    open_clients(x->ctl, &x->z, &x->c, NULL);
     CHECK_OK(pie_ctl_page_alloc(x->z, 1, 0, x->hz));
     CHECK_OK(pie_ctl_page_alloc(x->c, 2, 0, x->h));
 }
 
 static void copy_fx_close(copy_fx *x)
 {
-    pie_ctl_client_close(x->z);
-    pie_ctl_client_close(x->c);
+    close_clients(x->z, x->c, NULL);
     done_ctl(x->ctl, x->b);
 }
 
@@ -924,12 +897,10 @@ static void check_copy_kv(copy_fx *x, const int32_t *A, const char *what)
     CHECK(fill == 2, "%s: the copy's destination: fill %d, expected 2",
           what, fill);
     uint32_t br[1] = { x->h[1] };
-    pie_ctl_future *f;
-    CHECK_OK(fwd(x->c, &y2, 1, 2, br, NULL, &f));
-    int32_t got = wait_token(f), want = fake_expected_next(hist, 3, VOCAB);
+    int32_t got = fwd_token(x->c, &y2, 1, 2, br);
+    int32_t want = fake_expected_next(hist, 3, VOCAB);
     CHECK(got == want, "%s: a forward over the copy: token %d, expected %d "
           "(the copy did not bring its source's KV)", what, got, want);
-    pie_ctl_future_release(f);
 }
 
 /* A copy that reads only slots a completed forward wrote is not cancelled
@@ -946,10 +917,8 @@ static void test_copy_after_cancelled_writer(void)
     copy_fx_open(&x);
     int32_t A[2], y = 11, tz = 5;
     make_prompt(A, 2, 81);
-    pie_ctl_future *f, *fz, *w1;
-    CHECK_OK(fwd(x.c, A, 2, 0, x.h, NULL, &f));         /* W0: slots 0..1 */
-    wait_token(f);
-    pie_ctl_future_release(f);
+    pie_ctl_future *fz, *w1;
+    fwd_token(x.c, A, 2, 0, x.h);                       /* W0: slots 0..1 */
     fz = hold_device(x.b, x.z, &tz, 1, 0, x.hz);
     fake_backend_set_delay(x.b, 0);
     CHECK_OK(fwd(x.c, &y, 1, 2, x.h, NULL, &w1));       /* W1: slot 2 */
@@ -1068,10 +1037,7 @@ static void test_writer_stress(void)
         pie_ctl *ctl = make_ctl(16, 700 * (round % 4), &o, &b);
         pie_ctl_client *cl[2];
         uint32_t h[2][3];
-        for (int i = 0; i < 2; i++) {
-            CHECK_OK(pie_ctl_client_open(ctl, NULL, &cl[i]));
-            CHECK_OK(pie_ctl_page_alloc(cl[i], 3, 0, h[i]));
-        }
+        for (int i = 0; i < 2; i++) cl[i] = open_holding(ctl, NULL, 3, h[i]);
         pie_ctl_future *fs[96];
         int fc[96];
         int nf = 0;
@@ -1170,6 +1136,20 @@ static void test_writer_stress(void)
     printf("writer stress: last_writer is the newest pending writer\n");
 }
 
+/* z's forward of one token into hz, returned once it holds the device for
+ * 6 * HOLD_US (while many forwards are queued); later ones take no time. */
+static pie_ctl_future *hold_device_long(pie_backend *b, pie_ctl_client *z,
+                                        const uint32_t *hz)
+{
+    int32_t tz = 5, s0 = fake_backend_started(b);
+    pie_ctl_future *fz;
+    fake_backend_set_delay(b, 6 * HOLD_US);
+    CHECK_OK(fwd(z, &tz, 1, 0, hz, NULL, &fz));
+    wait_started(b, s0 + 1);
+    fake_backend_set_delay(b, 0);
+    return fz;
+}
+
 /* Cancelling the first of N forwards queued on one page cancels all N
  * (each rewrites slot 0, so each is ordered after the one before), on a
  * small stack: the cascade once recursed once per queued forward. */
@@ -1185,17 +1165,12 @@ static void test_deep_cancel(void)
     pie_backend *b;
     pie_ctl *ctl = make_ctl(4, 0, NULL, &b);
     pie_ctl_client *c, *z;
-    CHECK_OK(pie_ctl_client_open(ctl, NULL, &z));
-    CHECK_OK(pie_ctl_client_open(ctl, NULL, &c));
+    open_clients(ctl, &z, &c, NULL);
     uint32_t hz[1], h[1];
     pie_ctl_future **f = malloc(sizeof *f * N), *fz;
     CHECK_OK(pie_ctl_page_alloc(z, 1, 0, hz));
     CHECK_OK(pie_ctl_page_alloc(c, 1, 0, h));
-    int32_t tz = 5, s0 = fake_backend_started(b);
-    fake_backend_set_delay(b, 6 * HOLD_US);        /* while N are queued */
-    CHECK_OK(fwd(z, &tz, 1, 0, hz, NULL, &fz));     /* occupies the device */
-    wait_started(b, s0 + 1);
-    fake_backend_set_delay(b, 0);
+    fz = hold_device_long(b, z, hz);
     for (int32_t i = 0; i < N; i++) {
         int32_t t = i % VOCAB;
         CHECK_OK(fwd(c, &t, 1, 0, h, NULL, &f[i]));
@@ -1232,10 +1207,8 @@ static void test_mask_indptr_first(void)
 {
     pie_backend *b;
     pie_ctl *ctl = make_ctl(16, 0, NULL, &b);
-    pie_ctl_client *c;
-    CHECK_OK(pie_ctl_client_open(ctl, NULL, &c));
     uint32_t h[1];
-    CHECK_OK(pie_ctl_page_alloc(c, 1, 0, h));
+    pie_ctl_client *c = open_holding(ctl, NULL, 1, h);
     long pg = sysconf(_SC_PAGESIZE);
     char *m = mmap(NULL, 2 * pg, PROT_READ | PROT_WRITE,
                    MAP_PRIVATE | MAP_ANONYMOUS, -1, 0);
@@ -1325,11 +1298,9 @@ static void test_free_many(void)
     pie_backend *b;
     int32_t n = 1 << 20;
     pie_ctl *ctl = make_ctl(n, 0, NULL, &b);
-    pie_ctl_client *c;
-    CHECK_OK(pie_ctl_client_open(ctl, NULL, &c));
     uint32_t *h = malloc(n * sizeof *h);
     CHECK(h != NULL, "malloc");
-    CHECK_OK(pie_ctl_page_alloc(c, n, 0, h));
+    pie_ctl_client *c = open_holding(ctl, NULL, n, h);
     uint32_t last = h[n - 1];
     h[n - 1] = h[0];
     double t0 = now_ms();
@@ -1376,17 +1347,12 @@ static void test_cancelled_dependents_freed(void)
     pie_backend *b;
     pie_ctl *ctl = make_ctl(16, 0, NULL, &b);
     pie_ctl_client *c, *z;
-    CHECK_OK(pie_ctl_client_open(ctl, NULL, &z));
-    CHECK_OK(pie_ctl_client_open(ctl, NULL, &c));
+    open_clients(ctl, &z, &c, NULL);
     uint32_t hz[1], h[2];
     CHECK_OK(pie_ctl_page_alloc(z, 1, 0, hz));
     CHECK_OK(pie_ctl_page_alloc(c, 2, 0, h));
-    int32_t tz = 5, tp = 7, s0 = fake_backend_started(b);
-    pie_ctl_future *fz, *fp;
-    fake_backend_set_delay(b, 6 * HOLD_US);         /* while N are queued */
-    CHECK_OK(fwd(z, &tz, 1, 0, hz, NULL, &fz));     /* occupies the device */
-    wait_started(b, s0 + 1);
-    fake_backend_set_delay(b, 0);
+    int32_t tp = 7;
+    pie_ctl_future *fz = hold_device_long(b, z, hz), *fp;
     CHECK_OK(fwd(c, &tp, 1, 0, h, NULL, &fp));      /* P: pending behind it */
     /* each child: one token chained from P into slot 0 of h[1], a mask of
      * RUNS runs (one slot attended), a LOGITS row */
@@ -1444,10 +1410,8 @@ static void test_chain_from_done_frees(void)
     pie_backend *b;
     pie_ctl_opts o = { .prefill_chunk = PS };
     pie_ctl *ctl = make_ctl(NW / PS + 1, 1000, &o, &b);
-    pie_ctl_client *c;
-    CHECK_OK(pie_ctl_client_open(ctl, NULL, &c));
     uint32_t hw[NW / PS], hp[1];
-    CHECK_OK(pie_ctl_page_alloc(c, NW / PS, 0, hw));
+    pie_ctl_client *c = open_holding(ctl, NULL, NW / PS, hw);
     CHECK_OK(pie_ctl_page_alloc(c, 1, 0, hp));
     int32_t *tw = malloc(NW * sizeof *tw), *pw = malloc(NW * sizeof *pw);
     CHECK(tw && pw, "malloc");
@@ -1523,10 +1487,8 @@ static void test_chain_from_failed(void)
 {
     pie_backend *b;
     pie_ctl *ctl = make_ctl(8, 0, NULL, &b);
-    pie_ctl_client *c;
-    CHECK_OK(pie_ctl_client_open(ctl, NULL, &c));
     uint32_t h[2];
-    CHECK_OK(pie_ctl_page_alloc(c, 2, 0, h));
+    pie_ctl_client *c = open_holding(ctl, NULL, 2, h);
     int32_t t = 3;
     pie_ctl_future *fa, *fb;
     fake_backend_fail_forwards(b, 1);
@@ -1536,9 +1498,7 @@ static void test_chain_from_failed(void)
     rc = fwd(c, &t, 1, 0, &h[1], fa, &fb);
     CHECK(rc == PIE_ECANCELED, "chained from a failed forward: %d, expected "
           "%d", rc, PIE_ECANCELED);
-    CHECK_OK(fwd(c, &t, 1, 0, &h[1], NULL, &fb));    /* the page is clean */
-    wait_token(fb);
-    pie_ctl_future_release(fb);
+    fwd_token(c, &t, 1, 0, &h[1]);                   /* the page is clean */
     pie_ctl_future_release(fa);
     pie_ctl_client_close(c);
     printf("chain from failed: refused with PIE_ECANCELED\n");

@@ -36,14 +36,9 @@ static void test_persist(void)
     {
         pie_backend *b;
         pie_ctl *ctl = make_ctl(16, 0, NULL, &b);
-        pie_ctl_client *c;
-        CHECK_OK(pie_ctl_client_open(ctl, NULL, &c));
         uint32_t h[3];
-        CHECK_OK(pie_ctl_page_alloc(c, 3, 0, h));
-        pie_ctl_future *f;
-        CHECK_OK(fwd(c, prompt, 10, 0, h, NULL, &f));
-        wait_token(f);
-        pie_ctl_future_release(f);
+        pie_ctl_client *c = open_holding(ctl, NULL, 3, h);
+        fwd_token(c, prompt, 10, 0, h);
         CHECK_OK(pie_ctl_export(c, "sys", 3, h));
         CHECK(pie_ctl_export_save(ctl, "nope", path) == PIE_ENOTFOUND, "save");
         CHECK_OK(pie_ctl_export_save(ctl, "sys", path));
@@ -66,12 +61,10 @@ static void test_persist(void)
     CHECK_OK(pie_ctl_page_copy(c, h[2], 0, h[3], 0, 2));
     uint32_t mine[3] = { h[0], h[1], h[3] };
     int32_t x = 42, hist[11];
-    pie_ctl_future *f;
-    CHECK_OK(fwd(c, &x, 1, 10, mine, NULL, &f));
+    int32_t got = fwd_token(c, &x, 1, 10, mine);
     memcpy(hist, prompt, sizeof prompt);
     hist[10] = x;
-    int32_t got = wait_token(f), want = fake_expected_next(hist, 11, VOCAB);
-    pie_ctl_future_release(f);
+    int32_t want = fake_expected_next(hist, 11, VOCAB);
     CHECK(got == want, "after reload: got %d, expected %d", got, want);
     /* the loaded full pages feed prefix caching */
     int32_t ref[2], out[2];
@@ -177,11 +170,8 @@ static void kv_continue(pie_ctl *ctl, const char *name, const int32_t *prompt,
     int32_t x = 7, hist[64];
     memcpy(hist, prompt, n_tok * sizeof *prompt);
     hist[n_tok] = x;
-    pie_ctl_future *f;
-    CHECK_OK(fwd(c, &x, 1, n_tok, h, NULL, &f));
-    int32_t got = wait_token(f), want = fake_expected_next(hist, n_tok + 1,
-                                                           VOCAB);
-    pie_ctl_future_release(f);
+    int32_t got = fwd_token(c, &x, 1, n_tok, h);
+    int32_t want = fake_expected_next(hist, n_tok + 1, VOCAB);
     CHECK(got == want, "'%s' after reload: got %d, expected %d", name, got,
           want);
     pie_ctl_client_close(c);
@@ -193,17 +183,10 @@ static void kv_save_two(const char *dir, const int32_t *pg, const int32_t *pv)
     char path[256];
     pie_backend *b;
     pie_ctl *ctl = make_ctl(16, 0, NULL, &b);
-    pie_ctl_client *c;
-    CHECK_OK(pie_ctl_client_open(ctl, NULL, &c));
     uint32_t h[5];
-    CHECK_OK(pie_ctl_page_alloc(c, 5, 0, h));
-    pie_ctl_future *f;
-    CHECK_OK(fwd(c, pg, 10, 0, h, NULL, &f));
-    wait_token(f);
-    pie_ctl_future_release(f);
-    CHECK_OK(fwd(c, pv, 8, 0, h + 3, NULL, &f));
-    wait_token(f);
-    pie_ctl_future_release(f);
+    pie_ctl_client *c = open_holding(ctl, NULL, 5, h);
+    fwd_token(c, pg, 10, 0, h);
+    fwd_token(c, pv, 8, 0, h + 3);
     CHECK_OK(pie_ctl_export(c, "good", 3, h));
     CHECK_OK(pie_ctl_export(c, "../../escape", 2, h + 3));
     snprintf(path, sizeof path, "%s/good.pkv", dir);
@@ -240,6 +223,20 @@ static void kv_rmdir(const char *dir)
     rmdir(dir);
 }
 
+/* Makes dir (n bytes) the fresh folder /tmp/pie_test_ctl_<pid>_<tag>
+ * and saves kv_save_two's exports there: prompts pg (10 tokens) and pv
+ * (8). */
+static void kv_fresh_dir(char *dir, size_t n, const char *tag, int32_t *pg,
+                         int32_t *pv)
+{
+    snprintf(dir, n, "/tmp/pie_test_ctl_%d_%s", (int)getpid(), tag);
+    kv_rmdir(dir);
+    CHECK(mkdir(dir, 0700) == 0, "mkdir %s", dir);
+    make_prompt(pg, 10, 777);
+    make_prompt(pv, 8, 778);
+    kv_save_two(dir, pg, pv);
+}
+
 /* Every way a saved export can be broken — cut short anywhere, bytes
  * flipped, counts set huge or negative, another model or page geometry,
  * record fields out of range, a page hash that does not describe its tokens
@@ -249,15 +246,10 @@ static void kv_rmdir(const char *dir)
 static void test_persist_corrupt(void)
 {
     char dir[128], vic[256], bad[256];
-    snprintf(dir, sizeof dir, "/tmp/pie_test_ctl_%d_kv", (int)getpid());
-    kv_rmdir(dir);
-    CHECK(mkdir(dir, 0700) == 0, "mkdir %s", dir);
+    int32_t pg[10], pv[8];
+    kv_fresh_dir(dir, sizeof dir, "kv", pg, pv);
     snprintf(vic, sizeof vic, "%s/victim.pkv", dir);
     snprintf(bad, sizeof bad, "%s/bad.pkv", dir);
-    int32_t pg[10], pv[8];
-    make_prompt(pg, 10, 777);
-    make_prompt(pv, 8, 778);
-    kv_save_two(dir, pg, pv);
     CHECK(kv_count_dir(dir) == 2, "%d files in %s after saving 2 exports",
           kv_count_dir(dir), dir);
     size_t len;
@@ -374,13 +366,8 @@ static void test_persist_corrupt(void)
 static void test_persist_special(void)
 {
     char dir[128], p[256], tgt[256];
-    snprintf(dir, sizeof dir, "/tmp/pie_test_ctl_%d_kvs", (int)getpid());
-    kv_rmdir(dir);
-    CHECK(mkdir(dir, 0700) == 0, "mkdir %s", dir);
     int32_t pg[10], pv[8];
-    make_prompt(pg, 10, 777);
-    make_prompt(pv, 8, 778);
-    kv_save_two(dir, pg, pv);
+    kv_fresh_dir(dir, sizeof dir, "kvs", pg, pv);
     pie_backend *b;
     pie_ctl *ctl = make_ctl(16, 0, NULL, &b);
     snprintf(p, sizeof p, "%s/good.pkv", dir);
@@ -480,19 +467,12 @@ static void test_export_alias_reload(void)
     int32_t prompt[10];
     make_prompt(prompt, 10, 99);
     pie_backend *b;
-    CHECK_OK(fake_backend_create(VOCAB, PS, 16, 0, &b));
     pie_ctl_opts co = { .max_export_pages = 4 };
-    pie_ctl *ctl;
-    CHECK_OK(pie_ctl_create(b, &co, &ctl));
-    pie_ctl_client *c;
-    CHECK_OK(pie_ctl_client_open(ctl, NULL, &c));
-    uint32_t h[3], imp[3];
+    pie_ctl *ctl = make_ctl(16, 0, &co, &b);
+    uint32_t h[3], imp[3];                            /* 2 full, 1 partial */
     int32_t ni;
-    CHECK_OK(pie_ctl_page_alloc(c, 3, 0, h));         /* 2 full, 1 partial */
-    pie_ctl_future *f;
-    CHECK_OK(fwd(c, prompt, 10, 0, h, NULL, &f));
-    wait_token(f);
-    pie_ctl_future_release(f);
+    pie_ctl_client *c = open_holding(ctl, NULL, 3, h);
+    fwd_token(c, prompt, 10, 0, h);
     CHECK_OK(pie_ctl_export(c, "a", 3, h));
     CHECK_OK(pie_ctl_import(c, "a", 3, imp, &ni));
     CHECK_OK(pie_ctl_export(c, "b", 3, imp));
@@ -525,19 +505,15 @@ static void test_export_alias_reload(void)
     CHECK_OK(pie_ctl_page_alloc(c, 1, 0, &mine[2]));
     CHECK_OK(pie_ctl_page_copy(c, imp[2], 0, mine[2], 0, 2));
     int32_t x = 42, hist[11];
-    CHECK_OK(fwd(c, &x, 1, 10, mine, NULL, &f));
+    int32_t got = fwd_token(c, &x, 1, 10, mine);
     memcpy(hist, prompt, sizeof prompt);
     hist[10] = x;
-    int32_t got = wait_token(f), want = fake_expected_next(hist, 11, VOCAB);
-    pie_ctl_future_release(f);
+    int32_t want = fake_expected_next(hist, 11, VOCAB);
     CHECK(got == want, "after reloading the aliases: got %d, expected %d",
           got, want);
-    CHECK_OK(pie_ctl_unexport(c, "b"));
-    CHECK_OK(pie_ctl_unexport(c, "dup"));
+    unexport_all(c, "b", "dup", NULL);
     pie_ctl_client_close(c);
-    pie_ctl_get_stats(ctl, &st);
-    CHECK(st.pages_used == 0 && st.exports == 0, "at the end: %d pages "
-          "used, %d exports", st.pages_used, st.exports);
+    check_empty(ctl);
     printf("persist: aliased exports reload sharing their pages (3 pages "
            "for 3 names under a cap of 4)\n");
     done_ctl(ctl, b);
@@ -669,36 +645,21 @@ static void test_load_failed_keeps_cache(void)
              (int)getpid());
     pie_backend *b;
     pie_ctl *ctl = make_ctl(8, 0, NULL, &b);
-    int32_t prompt[13], want[3], got[3], n;
-    make_prompt(prompt, 13, 4242);
-    reference(prompt, 13, 3, want);
-    pie_ctl_gen_opts o = { .prompt = prompt, .n_prompt = 13, .max_tokens = 3,
-                           .timeout_ms = 0 };
-    CHECK_OK(pie_ctl_generate(ctl, &o, got, 3, &n));
-    check_same(want, got, 3, "first run");
-    pie_ctl_stats st;
-    pie_ctl_get_stats(ctl, &st);
-    CHECK(st.pages_cached == 3 && st.pages_free == 8, "after the first run: "
-          "%d cached, %d free; expected 3 and 8", st.pages_cached,
-          st.pages_free);
-    pie_ctl_client *c;                  /* 1 page left on the free list */
-    uint32_t h[4];
-    CHECK_OK(pie_ctl_client_open(ctl, NULL, &c));
-    CHECK_OK(pie_ctl_page_alloc(c, 4, 0, h));
+    cache_prompt(ctl, b, 4242);
+    uint32_t h[4];                      /* 1 page left on the free list */
+    pie_ctl_client *c = open_holding(ctl, NULL, 4, h);
     write_crafted(path, 3, b->page_bytes, tag_index, 2);   /* last bad */
     int rc = pie_ctl_export_load(ctl, path, NULL);
+    pie_ctl_stats st;
     pie_ctl_get_stats(ctl, &st);
     CHECK(rc == PIE_EFORMAT && st.pages_cached == 3 && st.exports == 0,
           "load with a bad last record: %d, %d pages cached, %d exports; "
           "expected %d, 3 and 0", rc, st.pages_cached, st.exports,
           PIE_EFORMAT);
     pie_ctl_client_close(c);
-    int64_t t0 = fake_backend_stats(b)->total_tokens;
-    CHECK_OK(pie_ctl_generate(ctl, &o, got, 3, &n));
-    check_same(want, got, 3, "run after the failed load");
-    int64_t t1 = fake_backend_stats(b)->total_tokens;
-    CHECK(t1 - t0 == 1 + 2, "run after the failed load computed %lld "
-          "tokens, expected 3 (12 prompt tokens cached)", (long long)(t1 - t0));
+    int64_t t = gen_run(ctl, b, 4242, "run after the failed load");
+    CHECK(t == 1 + 2, "run after the failed load computed %lld tokens, "
+          "expected 3 (12 prompt tokens cached)", (long long)t);
     printf("persist: a load refused for a bad record keeps the prefix "
            "cache (3 pages)\n");
     done_ctl(ctl, b);

@@ -68,27 +68,87 @@ static int bg_alloc_join(bg_alloc *a)
     return a->rc;
 }
 
+/* A control layer of n_pages pages under policy (PIE_CTL_POLICY_*), its
+ * forwards instant. */
+static pie_ctl *policy_ctl(int32_t policy, int32_t n_pages, pie_backend **b)
+{
+    pie_ctl_opts co = { .policy = policy };
+    return make_ctl(n_pages, 0, &co, b);
+}
+
+/* A suspend-policy control layer of n_pages pages whose swap holds at most
+ * swap_pages pages (max_swap_bytes). */
+static pie_ctl *swap_capped_ctl(int32_t n_pages, int32_t swap_pages,
+                                pie_backend **b)
+{
+    CHECK_OK(fake_backend_create(VOCAB, PS, n_pages, 0, b));
+    pie_ctl_opts co = { .policy = PIE_CTL_POLICY_SUSPEND,
+                        .max_swap_bytes = swap_pages * (*b)->page_bytes };
+    pie_ctl *ctl = NULL;
+    CHECK_OK(pie_ctl_create(*b, &co, &ctl));
+    return ctl;
+}
+
+/* A new client of class prio named name, holding n new pages in h (n 0:
+ * none). */
+static pie_ctl_client *open_named(pie_ctl *ctl, int32_t prio,
+                                  const char *name, int32_t n, uint32_t *h)
+{
+    pie_ctl_client_opts o = { .priority = prio, .name = name };
+    if (n > 0) return open_holding(ctl, &o, n, h);
+    pie_ctl_client *c;
+    CHECK_OK(pie_ctl_client_open(ctl, &o, &c));
+    return c;
+}
+
+/* A generation across suspensions: c's prompt of np tokens (at most 19)
+ * in pages h, want its reference continuation of n tokens (at most 4),
+ * got the tokens generated so far. */
+typedef struct gen_ctx {
+    pie_ctl_client *c;
+    const uint32_t *h;
+    int32_t         np, n;
+    int32_t         prompt[19], want[4], got[4];
+} gen_ctx;
+
+/* Starts g: c computes np tokens of seed into pages h; got[0] is the
+ * greedy token after them. */
+static void ctx_start(gen_ctx *g, pie_ctl_client *c, const uint32_t *h,
+                      int32_t np, uint32_t seed, int32_t n)
+{
+    g->c = c, g->h = h, g->np = np, g->n = n;
+    make_prompt(g->prompt, np, seed);
+    reference(g->prompt, np, n, g->want);
+    g->got[0] = fwd_token(c, g->prompt, np, 0, h);
+}
+
+/* Continues g: step i feeds got[i - 1] at position np + i - 1 and writes
+ * the greedy token to got[i], for i = i0..i1. */
+static void ctx_continue(gen_ctx *g, int32_t i0, int32_t i1)
+{
+    for (int32_t i = i0; i <= i1; i++)
+        g->got[i] = fwd_token(g->c, &g->got[i - 1], 1, g->np + i - 1, g->h);
+}
+
+/* Checks g's n tokens against the reference; what names the check. */
+static void ctx_check(const gen_ctx *g, const char *what)
+{
+    check_same(g->want, g->got, g->n, what);
+}
+
 /* Memory pressure: an idle client is swapped out for a newcomer of the same
  * priority and resumes transparently; a higher-priority idle client is not
  * a victim. */
 static void test_suspend(void)
 {
     pie_backend *b;
-    pie_ctl_opts co = { .policy = PIE_CTL_POLICY_SUSPEND };
-    pie_ctl *ctl = make_ctl(8, 0, &co, &b);
-    pie_ctl_client *a, *c, *hi;
-    pie_ctl_client_opts oa = { .priority = 3, .name = "a" };
-    CHECK_OK(pie_ctl_client_open(ctl, &oa, &a));
-    CHECK_OK(pie_ctl_client_open(ctl, &oa, &c));
-    int32_t prompt[19], want[4], got[4];
-    make_prompt(prompt, 19, 808);
-    reference(prompt, 19, 4, want);
+    pie_ctl *ctl = policy_ctl(PIE_CTL_POLICY_SUSPEND, 8, &b);
+    pie_ctl_client *a = open_named(ctl, 3, "a", 0, NULL);
+    pie_ctl_client *c = open_named(ctl, 3, "a", 0, NULL);
     uint32_t ha[6];
     CHECK_OK(pie_ctl_page_alloc(a, 6, 0, ha));
-    pie_ctl_future *f;
-    CHECK_OK(fwd(a, prompt, 19, 0, ha, NULL, &f));
-    got[0] = wait_token(f);
-    pie_ctl_future_release(f);
+    gen_ctx g;
+    ctx_start(&g, a, ha, 19, 808, 4);
     /* a is idle holding 6 of 8 pages; c needs 6 */
     uint32_t hc[6];
     CHECK_OK(pie_ctl_page_alloc(c, 6, 0, hc));
@@ -99,28 +159,20 @@ static void test_suspend(void)
     /* c scribbles over the pages it got, then leaves */
     int32_t junk[20];
     make_prompt(junk, 20, 1);
-    CHECK_OK(fwd(c, junk, 20, 0, hc, NULL, &f));
-    wait_token(f);
-    pie_ctl_future_release(f);
+    fwd_token(c, junk, 20, 0, hc);
     pie_ctl_client_close(c);
     /* a resumes on its next forward, transparently */
-    for (int32_t i = 1; i < 4; i++) {
-        CHECK_OK(fwd(a, &got[i - 1], 1, 19 + i - 1, ha, NULL, &f));
-        got[i] = wait_token(f);
-        pie_ctl_future_release(f);
-    }
-    check_same(want, got, 4, "generation across suspend/resume");
+    ctx_continue(&g, 1, 3);
+    ctx_check(&g, "generation across suspend/resume");
     /* a higher-priority idle client is never a victim */
-    pie_ctl_client_opts oh = { .priority = 0 }, ol = { .priority = 5 };
     pie_ctl_client_close(a);
-    CHECK_OK(pie_ctl_client_open(ctl, &oh, &hi));
-    CHECK_OK(pie_ctl_client_open(ctl, &ol, &c));
+    pie_ctl_client *hi = open_named(ctl, 0, NULL, 0, NULL);
+    c = open_named(ctl, 5, NULL, 0, NULL);
     CHECK_OK(pie_ctl_page_alloc(hi, 6, 0, ha));
     int rc = pie_ctl_page_alloc(c, 6, 20, hc);
     CHECK(rc == PIE_EBUSY, "low priority alloc against an idle high-priority "
           "client returned %d", rc);
-    pie_ctl_client_close(hi);
-    pie_ctl_client_close(c);
+    close_clients(hi, c, NULL);
     pie_ctl_get_stats(ctl, &st);
     CHECK(st.pages_free == 8 && st.suspensions == 1, "free %d, suspensions "
           "%llu", st.pages_free, (unsigned long long)st.suspensions);
@@ -160,8 +212,7 @@ static void *owner_thread(void *arg)
 static void test_fcfs(void)
 {
     pie_backend *b;
-    pie_ctl_opts co = { .policy = PIE_CTL_POLICY_FCFS };
-    pie_ctl *ctl = make_ctl(8, 0, &co, &b);
+    pie_ctl *ctl = policy_ctl(PIE_CTL_POLICY_FCFS, 8, &b);
     pie_ctl_client *old, *young, *c;
     pie_ctl_client_opts o = { .on_evict = on_evict, .priority = 2 };
     CHECK_OK(pie_ctl_client_open(ctl, &o, &old));
@@ -181,25 +232,10 @@ static void test_fcfs(void)
     pie_ctl_get_stats(ctl, &st);
     CHECK(st.evictions == 1 && st.clients == 2, "evictions %llu, clients %d",
           (unsigned long long)st.evictions, st.clients);
-    pie_ctl_client_close(old);
-    pie_ctl_client_close(c);
+    close_clients(old, c, NULL);
     printf("fcfs: the newest client was asked to end; the allocation then "
            "succeeded\n");
     done_ctl(ctl, b);
-}
-
-/* Continues a context of a 15-token prompt in pages h (4, then h[4] when
- * it grows): step i feeds got[i - 1] at position 15 + i - 1 and writes the
- * greedy token to got[i], for i = i0..i1. */
-static void continue_ctx(pie_ctl_client *c, const uint32_t *h, int32_t *got,
-                         int32_t i0, int32_t i1)
-{
-    for (int32_t i = i0; i <= i1; i++) {
-        pie_ctl_future *f;
-        CHECK_OK(fwd(c, &got[i - 1], 1, 15 + i - 1, h, NULL, &f));
-        got[i] = wait_token(f);
-        pie_ctl_future_release(f);
-    }
 }
 
 /* A client blocked in a resume is no victim. Before, it was: a second
@@ -223,28 +259,15 @@ static void *race_resumer(void *arg)
 static void test_suspend_resume_race(void)
 {
     pie_backend *b;
-    pie_ctl_opts co = { .policy = PIE_CTL_POLICY_SUSPEND };
-    pie_ctl *ctl = make_ctl(8, 0, &co, &b);
-    pie_ctl_client_opts lo = { .priority = 3, .name = "a" };
-    pie_ctl_client_opts ho = { .priority = 0, .name = "hi" };
-    pie_ctl_client_opts eo = { .priority = 3, .name = "e" };
-    pie_ctl_client *c, *d, *e;
-    CHECK_OK(pie_ctl_client_open(ctl, &lo, &race_a));
-    int32_t prompt[15], want[3], got[3];
-    make_prompt(prompt, 15, 4242);
-    reference(prompt, 15, 3, want);
-    CHECK_OK(pie_ctl_page_alloc(race_a, 4, 0, race_h));
-    pie_ctl_future *f;
-    CHECK_OK(fwd(race_a, prompt, 15, 0, race_h, NULL, &f));  /* 4 4 4 3 */
-    got[0] = wait_token(f);
-    pie_ctl_future_release(f);
+    pie_ctl *ctl = policy_ctl(PIE_CTL_POLICY_SUSPEND, 8, &b);
+    race_a = open_named(ctl, 3, "a", 4, race_h);
+    gen_ctx g;
+    ctx_start(&g, race_a, race_h, 15, 4242, 3);      /* 4 4 4 3 */
     /* exported, the last page stays in the pool when a is swapped out */
     CHECK_OK(pie_ctl_export(race_a, "race", 1, &race_h[3]));
     uint32_t hc[4], hd[3], he;
-    CHECK_OK(pie_ctl_client_open(ctl, &ho, &c));
-    CHECK_OK(pie_ctl_page_alloc(c, 4, 0, hc));
-    CHECK_OK(pie_ctl_client_open(ctl, &ho, &d));
-    CHECK_OK(pie_ctl_page_alloc(d, 3, 0, hd));     /* swaps a's 3 pages */
+    pie_ctl_client *c = open_named(ctl, 0, "hi", 4, hc);
+    pie_ctl_client *d = open_named(ctl, 0, "hi", 3, hd);  /* swaps a's 3 */
     pie_ctl_stats st;
     pie_ctl_get_stats(ctl, &st);
     CHECK(st.suspensions == 1, "suspensions %llu, expected 1",
@@ -255,15 +278,14 @@ static void test_suspend_resume_race(void)
     wait_alloc_waits(ctl, &st, 1000);
     CHECK(st.alloc_waits == 1, "the resume never waited for pages");
     /* a waits in its resume; e (same class as a) finds the pool full */
-    CHECK_OK(pie_ctl_client_open(ctl, &eo, &e));
+    pie_ctl_client *e = open_named(ctl, 3, "e", 0, NULL);
     int rc = pie_ctl_page_alloc(e, 1, 0, &he);
     pie_ctl_get_stats(ctl, &st);
     CHECK(rc == PIE_EBUSY && st.suspensions == 1, "an allocation during a's "
           "resume returned %d after %llu suspensions; expected %d (pool "
           "full) and 1 (a resuming is no victim)", rc,
           (unsigned long long)st.suspensions, PIE_EBUSY);
-    pie_ctl_client_close(d);
-    pie_ctl_client_close(c);
+    close_clients(d, c, NULL);
     pthread_join(th, NULL);
     CHECK(race_rc == 0, "resume + allocation returned %d", race_rc);
     int32_t fill;
@@ -271,12 +293,10 @@ static void test_suspend_resume_race(void)
     CHECK(fill == 4, "fill of page 0 after resume: expected 4, got %d", fill);
     CHECK_OK(pie_ctl_page_fill(race_a, race_h[3], &fill));
     CHECK(fill == 3, "fill of page 3 after resume: expected 3, got %d", fill);
-    continue_ctx(race_a, race_h, got, 1, 2);
-    check_same(want, got, 3, "generation across a contested resume");
-    pie_ctl_client_close(race_a);
-    pie_ctl_client_close(e);
-    pie_ctl_get_stats(ctl, &st);
-    CHECK(st.pages_free == 8, "pages free %d, expected 8", st.pages_free);
+    ctx_continue(&g, 1, 2);
+    ctx_check(&g, "generation across a contested resume");
+    close_clients(race_a, e, NULL);
+    check_free(ctl, 8);
     printf("suspend: a client waiting in its resume is not swapped out "
            "again; its KV comes back intact\n");
     done_ctl(ctl, b);
@@ -290,24 +310,13 @@ static void test_suspend_resume_race(void)
 static void test_suspend_no_block(void)
 {
     pie_backend *b;
-    pie_ctl_opts co = { .policy = PIE_CTL_POLICY_SUSPEND };
-    pie_ctl *ctl = make_ctl(8, 0, &co, &b);
-    pie_ctl_client_opts lo = { .priority = 3, .name = "a" };
-    pie_ctl_client_opts ho = { .priority = 0, .name = "c" };
-    pie_ctl_client *a, *c;
-    CHECK_OK(pie_ctl_client_open(ctl, &lo, &a));
-    int32_t prompt[15], want[2], got[2];
-    make_prompt(prompt, 15, 5150);
-    reference(prompt, 15, 2, want);
+    pie_ctl *ctl = policy_ctl(PIE_CTL_POLICY_SUSPEND, 8, &b);
     uint32_t ha[6];              /* two spare pages, then the context's 4 */
-    CHECK_OK(pie_ctl_page_alloc(a, 6, 0, ha));
-    pie_ctl_future *f;
-    CHECK_OK(fwd(a, prompt, 15, 0, ha + 2, NULL, &f));
-    got[0] = wait_token(f);
-    pie_ctl_future_release(f);
+    pie_ctl_client *a = open_named(ctl, 3, "a", 6, ha);
+    gen_ctx g;
+    ctx_start(&g, a, ha + 2, 15, 5150, 2);
     uint32_t hc[8];
-    CHECK_OK(pie_ctl_client_open(ctl, &ho, &c));
-    CHECK_OK(pie_ctl_page_alloc(c, 8, 0, hc));     /* swaps all of a's 6 */
+    pie_ctl_client *c = open_named(ctl, 0, "c", 8, hc);  /* swaps a's 6 */
     pie_ctl_stats st;
     pie_ctl_get_stats(ctl, &st);
     CHECK(st.suspensions == 1, "suspensions %llu", (unsigned long long)
@@ -325,7 +334,8 @@ static void test_suspend_no_block(void)
     rc = pie_ctl_page_alloc(a, 1, 20, &hn);
     CHECK(rc == PIE_EBUSY, "alloc (timeout 20 ms) on a suspended client: "
           "expected %d, got %d", PIE_EBUSY, rc);
-    rc = fwd(a, &got[0], 1, 15, ha + 2, NULL, &f);
+    pie_ctl_future *f;
+    rc = fwd(a, &g.got[0], 1, 15, ha + 2, NULL, &f);
     CHECK(rc == PIE_EAGAIN, "forward on a suspended client: expected %d, "
           "got %d", PIE_EAGAIN, rc);
     rc = pie_ctl_page_copy(a, ha[2], 0, ha[0], 0, 2);
@@ -344,11 +354,10 @@ static void test_suspend_no_block(void)
     CHECK(fill == 3, "fill after a swap slot moved: expected 3, got %d", fill);
     test_watchdog_off();
     pie_ctl_client_close(c);
-    continue_ctx(a, ha + 2, got, 1, 1);     /* the forward resumes a */
-    check_same(want, got, 2, "generation after frees during a suspension");
+    ctx_continue(&g, 1, 1);                 /* the forward resumes a */
+    ctx_check(&g, "generation after frees during a suspension");
     pie_ctl_client_close(a);
-    pie_ctl_get_stats(ctl, &st);
-    CHECK(st.pages_free == 8, "pages free %d, expected 8", st.pages_free);
+    check_free(ctl, 8);
     printf("suspend: a suspended client's calls answer at once (fill from "
            "the swap, free without resuming, PIE_EBUSY/PIE_EAGAIN while the "
            "pool is full)\n");
@@ -380,24 +389,13 @@ static void *free_then_close(void *arg)
 static void test_client_resume(void)
 {
     pie_backend *b;
-    pie_ctl_opts co = { .policy = PIE_CTL_POLICY_SUSPEND };
-    pie_ctl *ctl = make_ctl(8, 0, &co, &b);
-    pie_ctl_client_opts lo = { .priority = 3, .name = "a" };
-    pie_ctl_client_opts ho = { .priority = 0, .name = "hi" };
-    pie_ctl_client *a, *c, *d;
-    CHECK_OK(pie_ctl_client_open(ctl, &lo, &a));
-    int32_t prompt[15], want[3], got[3];
-    make_prompt(prompt, 15, 77);
-    reference(prompt, 15, 3, want);
+    pie_ctl *ctl = policy_ctl(PIE_CTL_POLICY_SUSPEND, 8, &b);
     uint32_t ha[7];        /* a spare, the context's 5 (4 used), a spare */
-    CHECK_OK(pie_ctl_page_alloc(a, 7, 0, ha));
-    pie_ctl_future *f;
-    CHECK_OK(fwd(a, prompt, 15, 0, ha + 1, NULL, &f));
-    got[0] = wait_token(f);
-    pie_ctl_future_release(f);
+    pie_ctl_client *a = open_named(ctl, 3, "a", 7, ha);
+    gen_ctx g;
+    ctx_start(&g, a, ha + 1, 15, 77, 3);
     uint32_t hc[8], hd[4];
-    CHECK_OK(pie_ctl_client_open(ctl, &ho, &c));
-    CHECK_OK(pie_ctl_page_alloc(c, 8, 0, hc));     /* swaps a */
+    pie_ctl_client *c = open_named(ctl, 0, "hi", 8, hc);  /* swaps a */
     int rc = pie_ctl_client_resume(a, 0);
     CHECK(rc == PIE_EBUSY, "resume with the pool full: expected %d, got %d",
           PIE_EBUSY, rc);
@@ -410,7 +408,7 @@ static void test_client_resume(void)
     pie_ctl_get_stats(ctl, &st);
     CHECK(st.pages_free == 2, "pages free after the resume %d, expected 2 "
           "(a holds 6)", st.pages_free);
-    CHECK_OK(pie_ctl_client_open(ctl, &ho, &d));
+    pie_ctl_client *d = open_named(ctl, 0, "hi", 0, NULL);
     rc = pie_ctl_page_alloc(d, 4, 0, hd);
     pie_ctl_get_stats(ctl, &st);
     CHECK(rc == PIE_EBUSY && st.suspensions == 1, "alloc next to a client "
@@ -420,19 +418,17 @@ static void test_client_resume(void)
     rc = pie_ctl_page_fill(a, ha[0], &fill);
     CHECK(rc == PIE_EINVAL, "fill of the handle freed during the resume: "
           "expected %d, got %d", PIE_EINVAL, rc);
-    continue_ctx(a, ha + 1, got, 1, 1);          /* a uses its pages */
+    ctx_continue(&g, 1, 1);                      /* a uses its pages */
     CHECK_OK(pie_ctl_page_alloc(d, 4, 0, hd));   /* now a may be swapped */
     pie_ctl_get_stats(ctl, &st);
     CHECK(st.suspensions == 2, "suspensions %llu, expected 2",
           (unsigned long long)st.suspensions);
     CHECK_OK(pie_ctl_client_resume(d, 0));       /* not suspended: no-op */
     CHECK_OK(pie_ctl_page_free(d, 4, hd));
-    continue_ctx(a, ha + 1, got, 2, 2);
-    check_same(want, got, 3, "generation across two resumes");
-    pie_ctl_client_close(a);
-    pie_ctl_client_close(d);
-    pie_ctl_get_stats(ctl, &st);
-    CHECK(st.pages_free == 8, "pages free %d, expected 8", st.pages_free);
+    ctx_continue(&g, 2, 2);
+    ctx_check(&g, "generation across two resumes");
+    close_clients(a, d, NULL);
+    check_free(ctl, 8);
     printf("suspend: pie_ctl_client_resume waits as told; a client it "
            "resumed keeps its pages until it uses them\n");
     done_ctl(ctl, b);
@@ -446,27 +442,15 @@ static void test_client_resume(void)
 static void test_resume_swap_emptied(void)
 {
     pie_backend *b;
-    pie_ctl_opts co = { .policy = PIE_CTL_POLICY_SUSPEND };
-    pie_ctl *ctl = make_ctl(8, 0, &co, &b);
-    pie_ctl_client_opts lo = { .priority = 3, .name = "a" };
-    pie_ctl_client_opts ho = { .priority = 0, .name = "c" };
-    pie_ctl_client_opts eo = { .priority = 3, .name = "d" };
-    pie_ctl_client *empt_a, *c, *d;
-    uint32_t empt_h[6];
-    CHECK_OK(pie_ctl_client_open(ctl, &lo, &empt_a));
-    int32_t prompt[15], want[3], got[3];
-    make_prompt(prompt, 15, 9191);
-    reference(prompt, 15, 3, want);
-    CHECK_OK(pie_ctl_page_alloc(empt_a, 5, 0, empt_h));  /* a spare + 4 */
-    pie_ctl_future *f;
-    CHECK_OK(fwd(empt_a, prompt, 15, 0, empt_h + 1, NULL, &f));
-    got[0] = wait_token(f);
-    pie_ctl_future_release(f);
+    pie_ctl *ctl = policy_ctl(PIE_CTL_POLICY_SUSPEND, 8, &b);
+    uint32_t empt_h[6];            /* a spare + 4, then the one it waits for */
+    pie_ctl_client *empt_a = open_named(ctl, 3, "a", 5, empt_h);
+    gen_ctx g;
+    ctx_start(&g, empt_a, empt_h + 1, 15, 9191, 3);
     /* exported, the context stays in the pool: only the spare is swapped */
     CHECK_OK(pie_ctl_export(empt_a, "ctx", 4, empt_h + 1));
     uint32_t hc[4], hd[2];
-    CHECK_OK(pie_ctl_client_open(ctl, &ho, &c));
-    CHECK_OK(pie_ctl_page_alloc(c, 4, 0, hc));
+    pie_ctl_client *c = open_named(ctl, 0, "c", 4, hc);
     pie_ctl_stats st;
     pie_ctl_get_stats(ctl, &st);
     CHECK(st.suspensions == 1 && st.pages_free == 0, "setup: %llu "
@@ -478,7 +462,7 @@ static void test_resume_swap_emptied(void)
     wait_alloc_waits(ctl, &st, 1000);
     CHECK(st.alloc_waits == 1, "the resume never waited for pages");
     CHECK_OK(pie_ctl_page_free(empt_a, 1, &empt_h[0]));  /* swap emptied */
-    CHECK_OK(pie_ctl_client_open(ctl, &eo, &d));
+    pie_ctl_client *d = open_named(ctl, 3, "d", 0, NULL);
     /* d's allocation lands either while a's resume is still ending (a is
      * no victim then: PIE_EBUSY, no new suspension) or after it ended and a
      * waits as any allocation does (a may be swapped out again: 0 and a
@@ -494,12 +478,10 @@ static void test_resume_swap_emptied(void)
     pie_ctl_client_close(c);
     int empt_rc = bg_alloc_join(&ba);
     CHECK(empt_rc == 0, "a's allocation returned %d", empt_rc);
-    continue_ctx(empt_a, empt_h + 1, got, 1, 2);
-    check_same(want, got, 3, "generation after the swap emptied mid-resume");
-    pie_ctl_client_close(empt_a);
-    pie_ctl_client_close(d);
-    pie_ctl_get_stats(ctl, &st);
-    CHECK(st.pages_free == 8, "pages free %d, expected 8", st.pages_free);
+    ctx_continue(&g, 1, 2);
+    ctx_check(&g, "generation after the swap emptied mid-resume");
+    close_clients(empt_a, d, NULL);
+    check_free(ctl, 8);
     printf("suspend: a resume whose swap its own client emptied is not "
            "swapped out again before it ends\n");
     done_ctl(ctl, b);
@@ -522,23 +504,12 @@ static void *shrink_resume(void *arg)
 static void test_resume_shrinks(void)
 {
     pie_backend *b;
-    pie_ctl_opts co = { .policy = PIE_CTL_POLICY_SUSPEND };
-    pie_ctl *ctl = make_ctl(8, 0, &co, &b);
-    pie_ctl_client_opts lo = { .priority = 3, .name = "a" };
-    pie_ctl_client_opts ho = { .priority = 0, .name = "c" };
-    pie_ctl_client *c;
-    CHECK_OK(pie_ctl_client_open(ctl, &lo, &shrink_a));
-    int32_t prompt[15], want[2], got[2];
-    make_prompt(prompt, 15, 4711);
-    reference(prompt, 15, 2, want);
+    pie_ctl *ctl = policy_ctl(PIE_CTL_POLICY_SUSPEND, 8, &b);
     uint32_t ha[6], hc[8];           /* two spares, then the context's 4 */
-    CHECK_OK(pie_ctl_page_alloc(shrink_a, 6, 0, ha));
-    pie_ctl_future *f;
-    CHECK_OK(fwd(shrink_a, prompt, 15, 0, ha + 2, NULL, &f));
-    got[0] = wait_token(f);
-    pie_ctl_future_release(f);
-    CHECK_OK(pie_ctl_client_open(ctl, &ho, &c));
-    CHECK_OK(pie_ctl_page_alloc(c, 8, 0, hc));     /* swaps all of a's 6 */
+    shrink_a = open_named(ctl, 3, "a", 6, ha);
+    gen_ctx g;
+    ctx_start(&g, shrink_a, ha + 2, 15, 4711, 2);
+    pie_ctl_client *c = open_named(ctl, 0, "c", 8, hc);  /* swaps a's 6 */
     pie_ctl_stats st;
     pie_ctl_get_stats(ctl, &st);
     pthread_t th;
@@ -557,10 +528,9 @@ static void test_resume_shrinks(void)
     CHECK(st.pages_free == 0 && st.suspensions == 1, "after the resume: %d "
           "pages free, %llu suspensions; expected 0 and 1", st.pages_free,
           (unsigned long long)st.suspensions);
-    continue_ctx(shrink_a, ha + 2, got, 1, 1);
-    check_same(want, got, 2, "generation after a shrunken resume");
-    pie_ctl_client_close(shrink_a);
-    pie_ctl_client_close(c);
+    ctx_continue(&g, 1, 1);
+    ctx_check(&g, "generation after a shrunken resume");
+    close_clients(shrink_a, c, NULL);
     printf("suspend: a resume waits only for the swapped pages its client "
            "still holds\n");
     done_ctl(ctl, b);
@@ -596,21 +566,16 @@ static int protect_call(pie_ctl_client *a, const uint32_t *ha, int k)
 static void test_resume_protection(void)
 {
     pie_backend *b;
-    pie_ctl_opts co = { .policy = PIE_CTL_POLICY_SUSPEND };
-    pie_ctl *ctl = make_ctl(8, 0, &co, &b);
+    pie_ctl *ctl = policy_ctl(PIE_CTL_POLICY_SUSPEND, 8, &b);
     pie_ctl_client_opts ao = { .priority = 3, .name = "a", .max_tokens = 15 };
-    pie_ctl_client_opts oo = { .priority = 3, .name = "c" };
-    pie_ctl_client *a, *c;
+    pie_ctl_client *a;
     CHECK_OK(pie_ctl_client_open(ctl, &ao, &a));
-    CHECK_OK(pie_ctl_client_open(ctl, &oo, &c));
+    pie_ctl_client *c = open_named(ctl, 3, "c", 0, NULL);
     int32_t prompt[15];
     make_prompt(prompt, 15, 31337);
     uint32_t ha[6], hc[6];
     CHECK_OK(pie_ctl_page_alloc(a, 6, 0, ha));
-    pie_ctl_future *f;
-    CHECK_OK(fwd(a, prompt, 15, 0, ha, NULL, &f));   /* quota spent */
-    wait_token(f);
-    pie_ctl_future_release(f);
+    fwd_token(a, prompt, 15, 0, ha);                 /* quota spent */
     CHECK_OK(pie_ctl_client_resume(a, 0));            /* not suspended */
     int rc = protect_call(a, ha, 0);
     CHECK(rc == PIE_ELIMIT, "forward past the token quota: expected %d, "
@@ -640,10 +605,8 @@ static void test_resume_protection(void)
               "suspensions; expected 0 and %d", k, crc, rc,
               (unsigned long long)st.suspensions, k + 2);
     }
-    pie_ctl_client_close(a);
-    pie_ctl_client_close(c);
-    pie_ctl_get_stats(ctl, &st);
-    CHECK(st.pages_free == 8, "pages free %d, expected 8", st.pages_free);
+    close_clients(a, c, NULL);
+    check_free(ctl, 8);
     printf("suspend: pie_ctl_client_resume protects a client only after "
            "bringing its pages back, until any next call\n");
     done_ctl(ctl, b);
@@ -654,16 +617,9 @@ static void test_resume_protection(void)
 static void test_hopeless_suspended(void)
 {
     pie_backend *b;
-    CHECK_OK(fake_backend_create(VOCAB, PS, 8, 0, &b));
-    pie_ctl_opts co = { .policy = PIE_CTL_POLICY_SUSPEND,
-                        .max_swap_bytes = 64 * b->page_bytes };
-    pie_ctl *ctl = NULL;
-    CHECK_OK(pie_ctl_create(b, &co, &ctl));
-    pie_ctl_client_opts o = { .priority = 3, .name = "a" };
-    pie_ctl_client *a, *v;
-    CHECK_OK(pie_ctl_client_open(ctl, &o, &a));
-    o.name = "v";
-    CHECK_OK(pie_ctl_client_open(ctl, &o, &v));
+    pie_ctl *ctl = swap_capped_ctl(8, 64, &b);
+    pie_ctl_client *a = open_named(ctl, 3, "a", 0, NULL);
+    pie_ctl_client *v = open_named(ctl, 3, "v", 0, NULL);
     uint32_t ha[8], hv[8];
     CHECK_OK(pie_ctl_page_alloc(a, 5, 0, ha));
     CHECK_OK(pie_ctl_page_alloc(v, 8, 0, hv));        /* swaps a's 5 */
@@ -679,8 +635,7 @@ static void test_hopeless_suspended(void)
     CHECK(st.suspensions == 2 && st.pages_free == 0, "after a fitting "
           "request: %llu suspensions, %d pages free; expected 2 and 0",
           (unsigned long long)st.suspensions, st.pages_free);
-    pie_ctl_client_close(a);
-    pie_ctl_client_close(v);
+    close_clients(a, v, NULL);
     printf("hopeless: a suspended client's request counts its swapped "
            "pages, refused before anyone is swapped out\n");
     done_ctl(ctl, b);
@@ -701,8 +656,7 @@ static void count_evict(void *user, pie_ctl_client *c)
 static void test_fcfs_poll(void)
 {
     pie_backend *b;
-    pie_ctl_opts co = { .policy = PIE_CTL_POLICY_FCFS };
-    pie_ctl *ctl = make_ctl(8, 0, &co, &b);
+    pie_ctl *ctl = policy_ctl(PIE_CTL_POLICY_FCFS, 8, &b);
     pie_ctl_client_opts o = { .priority = 2, .on_evict = count_evict };
     pie_ctl_client *v[4], *r, *r2;
     uint32_t h[4];
@@ -734,8 +688,7 @@ static void test_fcfs_poll(void)
           "request %d clients were asked to end in all (counter %llu); "
           "expected 3", atomic_load(&n_asked),
           (unsigned long long)st.evictions);
-    pie_ctl_client_close(r);
-    pie_ctl_client_close(v[2]);
+    close_clients(r, v[2], NULL);
     CHECK_OK(pie_ctl_page_alloc(r2, 4, 0, h));
     for (int k = 0; k < 2; k++) pie_ctl_client_close(v[k]);
     pie_ctl_client_close(r2);
@@ -760,8 +713,7 @@ static void note_evict(void *user, pie_ctl_client *c)
 static void test_fcfs_pinned(void)
 {
     pie_backend *b;
-    pie_ctl_opts co = { .policy = PIE_CTL_POLICY_FCFS };
-    pie_ctl *ctl = make_ctl(8, 0, &co, &b);
+    pie_ctl *ctl = policy_ctl(PIE_CTL_POLICY_FCFS, 8, &b);
     pie_ctl_client_opts o = { .priority = 2, .on_evict = note_evict };
     pie_ctl_client *v0, *v1, *r;
     uint32_t h0[4], h1[4], hr[2];
@@ -806,12 +758,8 @@ static void test_fcfs_pinned(void)
     pie_ctl_client_close(v2);
     CHECK_OK(pie_ctl_page_alloc(r, 2, 0, hr));
     CHECK_OK(pie_ctl_unexport(r, "pin2"));
-    pie_ctl_client_close(v0);
-    pie_ctl_client_close(v1);
-    pie_ctl_client_close(r);
-    pie_ctl_stats st;
-    pie_ctl_get_stats(ctl, &st);
-    CHECK(st.pages_free == 8, "pages free %d, expected 8", st.pages_free);
+    close_clients(v0, v1, r, NULL);
+    check_free(ctl, 8);
     printf("fcfs: only pages that come back at close count: a client whose "
            "pages an export pins is not asked and holds nobody off\n");
     done_ctl(ctl, b);
@@ -824,8 +772,7 @@ static void test_hopeless_no_victims(void)
     int policies[2] = { PIE_CTL_POLICY_SUSPEND, PIE_CTL_POLICY_FCFS };
     for (int k = 0; k < 2; k++) {
         pie_backend *b;
-        pie_ctl_opts co = { .policy = policies[k] };
-        pie_ctl *ctl = make_ctl(8, 0, &co, &b);
+        pie_ctl *ctl = policy_ctl(policies[k], 8, &b);
         pie_ctl_client_opts o = { .priority = 2, .on_evict = count_evict,
                                   .name = "victim" };
         pie_ctl_client *v, *h;
@@ -849,8 +796,7 @@ static void test_hopeless_no_victims(void)
               "suspensions and %llu evictions; expected none",
               k ? "fcfs" : "suspend", (unsigned long long)st.suspensions,
               (unsigned long long)st.evictions);
-        pie_ctl_client_close(v);
-        pie_ctl_client_close(h);
+        close_clients(v, h, NULL);
         done_ctl(ctl, b);
     }
     printf("hopeless: refused before any client is suspended or asked to "
@@ -863,8 +809,7 @@ static void test_hopeless_no_victims(void)
 static void test_swap_budget(void)
 {
     pie_backend *b;
-    pie_ctl_opts co = { .policy = PIE_CTL_POLICY_SUSPEND };
-    pie_ctl *ctl = make_ctl(8, 0, &co, &b);
+    pie_ctl *ctl = policy_ctl(PIE_CTL_POLICY_SUSPEND, 8, &b);
     pie_ctl_client *c[3];
     uint32_t h[3][8];
     for (int k = 0; k < 3; k++)
@@ -882,8 +827,7 @@ static void test_swap_budget(void)
     pie_ctl_get_stats(ctl, &st);
     CHECK(st.suspensions == 2, "suspensions %llu, expected 2",
           (unsigned long long)st.suspensions);
-    pie_ctl_client_close(c[1]);
-    pie_ctl_client_close(c[2]);
+    close_clients(c[1], c[2], NULL);
     printf("swap budget: one pool of host memory by default; past it "
            "allocations wait\n");
     done_ctl(ctl, b);
@@ -893,15 +837,10 @@ static void test_swap_budget(void)
 static void test_swap_budget_opt(void)
 {
     pie_backend *b;
-    CHECK_OK(fake_backend_create(VOCAB, PS, 8, 0, &b));
-    pie_ctl_opts co = { .policy = PIE_CTL_POLICY_SUSPEND,
-                        .max_swap_bytes = 4 * b->page_bytes };
-    pie_ctl *ctl = NULL;
-    CHECK_OK(pie_ctl_create(b, &co, &ctl));
+    pie_ctl *ctl = swap_capped_ctl(8, 4, &b);
     pie_ctl_client *c0, *c1;
     uint32_t h0[6], h1[6];
-    CHECK_OK(pie_ctl_client_open(ctl, NULL, &c0));
-    CHECK_OK(pie_ctl_client_open(ctl, NULL, &c1));
+    open_clients(ctl, &c0, &c1, NULL);
     CHECK_OK(pie_ctl_page_alloc(c0, 6, 0, h0));
     int rc = pie_ctl_page_alloc(c1, 6, 0, h1);        /* 6 pages > 4 */
     CHECK(rc == PIE_EBUSY, "victim beyond the budget: expected %d, got %d",
@@ -912,8 +851,7 @@ static void test_swap_budget_opt(void)
     pie_ctl_get_stats(ctl, &st);
     CHECK(st.suspensions == 1, "suspensions %llu, expected 1",
           (unsigned long long)st.suspensions);
-    pie_ctl_client_close(c0);
-    pie_ctl_client_close(c1);
+    close_clients(c0, c1, NULL);
     printf("swap budget: max_swap_bytes skips victims that do not fit\n");
     done_ctl(ctl, b);
 }
@@ -931,19 +869,12 @@ static void test_swap_budget_opt(void)
 static void test_suspend_ping_pong(void)
 {
     pie_backend *b;
-    pie_ctl_opts co = { .policy = PIE_CTL_POLICY_SUSPEND };
-    pie_ctl *ctl = make_ctl(8, 0, &co, &b);
-    pie_ctl_client_opts oh = { .priority = 0, .name = "hi" };
-    pie_ctl_client_opts o = { .priority = 3, .name = "a" };
-    pie_ctl_client *hi, *c[2];
+    pie_ctl *ctl = policy_ctl(PIE_CTL_POLICY_SUSPEND, 8, &b);
+    pie_ctl_client *c[2];
     uint32_t hh[2], h[2][7];
-    CHECK_OK(pie_ctl_client_open(ctl, &oh, &hi));
-    CHECK_OK(pie_ctl_page_alloc(hi, 2, 0, hh));
-    for (int k = 0; k < 2; k++) {
-        o.name = k ? "b" : "a";
-        CHECK_OK(pie_ctl_client_open(ctl, &o, &c[k]));
-        CHECK_OK(pie_ctl_page_alloc(c[k], 3, 0, h[k]));
-    }
+    pie_ctl_client *hi = open_named(ctl, 0, "hi", 2, hh);
+    for (int k = 0; k < 2; k++)
+        c[k] = open_named(ctl, 3, k ? "b" : "a", 3, h[k]);
     /* each needs 3 + 4 of the 6 pages hi leaves: neither can go on */
     for (int r = 0; r < 20; r++)
         for (int k = 0; k < 2; k++) {
@@ -982,10 +913,8 @@ static void test_suspend_ping_pong(void)
           "times; the pool had room for it", (unsigned long long)
           (st.suspensions - quiet - 1));
     CHECK_OK(pie_ctl_page_free(c[1], 7, h[1]));
-    pie_ctl_client_close(c[0]);
-    pie_ctl_client_close(c[1]);
-    pie_ctl_get_stats(ctl, &st);
-    CHECK(st.pages_free == 8, "pages free %d, expected 8", st.pages_free);
+    close_clients(c[0], c[1], NULL);
+    check_free(ctl, 8);
     done_ctl(ctl, b);
 }
 
@@ -999,24 +928,14 @@ static void test_suspend_ping_pong(void)
 static void test_suspend_budget_own_swap(void)
 {
     pie_backend *b;
-    pie_ctl_opts co = { .policy = PIE_CTL_POLICY_SUSPEND }; /* 10 pages */
-    pie_ctl *ctl = make_ctl(10, 0, &co, &b);
-    pie_ctl_client_opts o = { .priority = 3, .name = "d" };
-    pie_ctl_client *d, *a, *e, *v;
+    pie_ctl *ctl = policy_ctl(PIE_CTL_POLICY_SUSPEND, 10, &b);
     uint32_t hd[3], ha[5], he[10], hv[6];
-    CHECK_OK(pie_ctl_client_open(ctl, &o, &d));
-    CHECK_OK(pie_ctl_page_alloc(d, 3, 0, hd));
-    o.name = "a";
-    CHECK_OK(pie_ctl_client_open(ctl, &o, &a));
-    CHECK_OK(pie_ctl_page_alloc(a, 2, 0, ha));
-    o.name = "e";
-    CHECK_OK(pie_ctl_client_open(ctl, &o, &e));
-    CHECK_OK(pie_ctl_page_alloc(e, 5, 0, he));
+    pie_ctl_client *d = open_named(ctl, 3, "d", 3, hd);
+    pie_ctl_client *a = open_named(ctl, 3, "a", 2, ha);
+    pie_ctl_client *e = open_named(ctl, 3, "e", 5, he);
     CHECK_OK(pie_ctl_page_alloc(e, 5, 0, he + 5));    /* swaps a and d */
     pie_ctl_client_close(e);
-    o.name = "b";
-    CHECK_OK(pie_ctl_client_open(ctl, &o, &v));
-    CHECK_OK(pie_ctl_page_alloc(v, 6, 0, hv));        /* idle: a victim */
+    pie_ctl_client *v = open_named(ctl, 3, "b", 6, hv);  /* idle: a victim */
     pie_ctl_stats st;
     pie_ctl_get_stats(ctl, &st);
     CHECK(st.suspensions == 2 && st.pages_free == 4, "setup: %llu "
@@ -1034,21 +953,15 @@ static void test_suspend_budget_own_swap(void)
           "expected 0, 3 (b swapped out) and 5", rc, rc ? pie_err_msg() : "",
           (unsigned long long)st.suspensions, st.pages_free);
     /* the budget is whole again: d's 3 and b's 6 swapped, a's 2 back */
-    o.name = "f";
-    CHECK_OK(pie_ctl_client_open(ctl, &o, &e));
-    CHECK_OK(pie_ctl_page_alloc(e, 5, 0, he));
+    e = open_named(ctl, 3, "f", 5, he);
     rc = pie_ctl_page_alloc(e, 1, 0, he + 5);
     pie_ctl_get_stats(ctl, &st);
     CHECK(rc == PIE_EBUSY && st.suspensions == 3, "a 6th page with 9 of "
           "the 10-page budget swapped: %d after %llu suspensions; expected "
           "%d (a's 5 do not fit) and 3", rc,
           (unsigned long long)st.suspensions, PIE_EBUSY);
-    pie_ctl_client_close(e);
-    pie_ctl_client_close(a);
-    pie_ctl_client_close(v);
-    pie_ctl_client_close(d);
-    pie_ctl_get_stats(ctl, &st);
-    CHECK(st.pages_free == 10, "pages free %d, expected 10", st.pages_free);
+    close_clients(e, a, v, d, NULL);
+    check_free(ctl, 10);
     printf("suspend: a resuming client's own swap counts as budget room for "
            "the victims it needs\n");
     done_ctl(ctl, b);
@@ -1063,18 +976,11 @@ static void test_suspend_budget_own_swap(void)
 static void test_resume_takes_alloc(void)
 {
     pie_backend *b;
-    pie_ctl_opts co = { .policy = PIE_CTL_POLICY_SUSPEND };
-    pie_ctl *ctl = make_ctl(8, 0, &co, &b);
-    pie_ctl_client_opts lo = { .priority = 3, .name = "a" };
-    pie_ctl_client_opts ho = { .priority = 0, .name = "h" };
-    pie_ctl_client *rt_a, *h, *x, *t;
+    pie_ctl *ctl = policy_ctl(PIE_CTL_POLICY_SUSPEND, 8, &b);
     uint32_t rt_h[4], hh[6], hx[1], ht[5];
-    CHECK_OK(pie_ctl_client_open(ctl, &lo, &rt_a));
-    CHECK_OK(pie_ctl_page_alloc(rt_a, 2, 0, rt_h));
-    CHECK_OK(pie_ctl_client_open(ctl, &ho, &h));
-    ho.name = "x";
-    CHECK_OK(pie_ctl_client_open(ctl, &ho, &x));
-    CHECK_OK(pie_ctl_page_alloc(x, 1, 0, hx));
+    pie_ctl_client *rt_a = open_named(ctl, 3, "a", 2, rt_h);
+    pie_ctl_client *h = open_named(ctl, 0, "h", 0, NULL);
+    pie_ctl_client *x = open_named(ctl, 0, "x", 1, hx);
     CHECK_OK(pie_ctl_page_alloc(h, 6, 0, hh));        /* swaps a's 2 */
     CHECK_OK(pie_ctl_page_free(h, 6, hh));
     pie_ctl_stats st;
@@ -1093,8 +999,7 @@ static void test_resume_takes_alloc(void)
     }
     int32_t seen = st.pages_free;
     CHECK(seen < 7, "a's resume never took pages");
-    ho.name = "t";
-    CHECK_OK(pie_ctl_client_open(ctl, &ho, &t));
+    pie_ctl_client *t = open_named(ctl, 0, "t", 0, NULL);
     int rc = pie_ctl_page_alloc(t, 5, 0, ht);
     CHECK(rc == PIE_EBUSY, "an allocation of 5 while a's resume waited for "
           "the device (%d pages free then): expected %d (a took the 2 pages "
@@ -1111,12 +1016,8 @@ static void test_resume_takes_alloc(void)
     int32_t fill;
     CHECK_OK(pie_ctl_page_fill(rt_a, rt_h[3], &fill));
     CHECK_OK(pie_ctl_page_free(rt_a, 4, rt_h));
-    pie_ctl_client_close(rt_a);
-    pie_ctl_client_close(t);
-    pie_ctl_client_close(x);
-    pie_ctl_client_close(h);
-    pie_ctl_get_stats(ctl, &st);
-    CHECK(st.pages_free == 8, "pages free %d, expected 8", st.pages_free);
+    close_clients(rt_a, t, x, h, NULL);
+    check_free(ctl, 8);
     printf("suspend: a resume takes its allocation's pages with its swap's; "
            "nobody takes them while it waits for the device\n");
     done_ctl(ctl, b);
@@ -1130,18 +1031,11 @@ static void test_resume_takes_alloc(void)
 static void test_suspend_covers(void)
 {
     pie_backend *b;
-    pie_ctl_opts co = { .policy = PIE_CTL_POLICY_SUSPEND };
-    pie_ctl *ctl = make_ctl(8, 0, &co, &b);
-    pie_ctl_client_opts oh = { .priority = 0, .name = "hi" };
-    pie_ctl_client_opts o = { .priority = 3, .name = "v" };
-    pie_ctl_client *hi, *v, *sc_r;
+    pie_ctl *ctl = policy_ctl(PIE_CTL_POLICY_SUSPEND, 8, &b);
     uint32_t hh[3], hv[3], sc_h[6];
-    CHECK_OK(pie_ctl_client_open(ctl, &oh, &hi));
-    CHECK_OK(pie_ctl_page_alloc(hi, 3, 0, hh));
-    CHECK_OK(pie_ctl_client_open(ctl, &o, &v));
-    CHECK_OK(pie_ctl_page_alloc(v, 3, 0, hv));
-    o.name = "r";
-    CHECK_OK(pie_ctl_client_open(ctl, &o, &sc_r));
+    pie_ctl_client *hi = open_named(ctl, 0, "hi", 3, hh);
+    pie_ctl_client *v = open_named(ctl, 3, "v", 3, hv);
+    pie_ctl_client *sc_r = open_named(ctl, 3, "r", 0, NULL);
     pie_ctl_stats st;
     for (int k = 0; k < 5; k++) {            /* 6 > 2 free + v's 3 */
         int rc = pie_ctl_page_alloc(sc_r, 6, 0, sc_h);
@@ -1167,11 +1061,8 @@ static void test_suspend_covers(void)
           "allocation after hi freed a page: %d after %llu suspensions, %d "
           "pages free; expected 0, 1 (v) and 0", sc_rc,
           (unsigned long long)st.suspensions, st.pages_free);
-    pie_ctl_client_close(sc_r);
-    pie_ctl_client_close(v);
-    pie_ctl_client_close(hi);
-    pie_ctl_get_stats(ctl, &st);
-    CHECK(st.pages_free == 8, "pages free %d, expected 8", st.pages_free);
+    close_clients(sc_r, v, hi, NULL);
+    check_free(ctl, 8);
     printf("suspend: idle clients are swapped out only when that serves "
            "the allocation\n");
     done_ctl(ctl, b);
@@ -1185,16 +1076,10 @@ static void test_suspend_covers(void)
 static void test_resume_emptied_alloc(void)
 {
     pie_backend *b;
-    pie_ctl_opts co = { .policy = PIE_CTL_POLICY_SUSPEND };
-    pie_ctl *ctl = make_ctl(8, 0, &co, &b);
-    pie_ctl_client_opts lo = { .priority = 3, .name = "a" };
-    pie_ctl_client_opts ho = { .priority = 0, .name = "h" };
-    pie_ctl_client *se_a, *h;
+    pie_ctl *ctl = policy_ctl(PIE_CTL_POLICY_SUSPEND, 8, &b);
     uint32_t se_h[3], hh[8];
-    CHECK_OK(pie_ctl_client_open(ctl, &lo, &se_a));
-    CHECK_OK(pie_ctl_page_alloc(se_a, 2, 0, se_h));
-    CHECK_OK(pie_ctl_client_open(ctl, &ho, &h));
-    CHECK_OK(pie_ctl_page_alloc(h, 8, 0, hh));        /* swaps a's 2 */
+    pie_ctl_client *se_a = open_named(ctl, 3, "a", 2, se_h);
+    pie_ctl_client *h = open_named(ctl, 0, "h", 8, hh);  /* swaps a's 2 */
     pie_ctl_stats st;
     pie_ctl_get_stats(ctl, &st);
     bg_alloc ba = { 0 };
@@ -1215,8 +1100,7 @@ static void test_resume_emptied_alloc(void)
           (unsigned long long)st.alloc_waits);
     CHECK_OK(pie_ctl_page_free(h, 1, hh));
     CHECK_OK(pie_ctl_page_alloc(se_a, 1, 0, se_h + 2));
-    pie_ctl_client_close(se_a);
-    pie_ctl_client_close(h);
+    close_clients(se_a, h, NULL);
     pie_ctl_get_stats(ctl, &st);
     CHECK(st.pages_free == 8 && st.suspensions == 1, "pages free %d, "
           "suspensions %llu; expected 8 and 1", st.pages_free,
@@ -1291,13 +1175,9 @@ static void idle_wakes_run(const char *what, pie_ctl *ctl, pie_backend *b,
 static void test_suspend_idle_wakes(void)
 {
     pie_backend *b;
-    pie_ctl_opts co = { .policy = PIE_CTL_POLICY_SUSPEND };
-    pie_ctl *ctl = make_ctl(8, 0, &co, &b);
-    pie_ctl_client_opts ov = { .priority = 3, .name = "v" };
-    pie_ctl_client_opts oc = { .priority = 0, .name = "c" };
-    pie_ctl_client *c, *v;
-    CHECK_OK(pie_ctl_client_open(ctl, &ov, &v));
-    CHECK_OK(pie_ctl_client_open(ctl, &oc, &c));
+    pie_ctl *ctl = policy_ctl(PIE_CTL_POLICY_SUSPEND, 8, &b);
+    pie_ctl_client *v = open_named(ctl, 3, "v", 0, NULL);
+    pie_ctl_client *c = open_named(ctl, 0, "c", 0, NULL);
     idle_wakes_run("c (priority 0) waits for 2 pages, then v (priority 3, "
                    "idle now) for 4, no timeout", ctl, b, c, v, 4, 4, 2, 4);
     printf("suspend: a client whose last forward completed is swapped out "
@@ -1310,21 +1190,69 @@ static void test_suspend_idle_wakes(void)
 static void test_suspend_idle_wakes_one_way(void)
 {
     pie_backend *b;
-    CHECK_OK(fake_backend_create(VOCAB, PS, 8, 0, &b));
-    pie_ctl_opts co = { .policy = PIE_CTL_POLICY_SUSPEND,
-                        .max_swap_bytes = 2 * b->page_bytes };
-    pie_ctl *ctl;
-    CHECK_OK(pie_ctl_create(b, &co, &ctl));
-    pie_ctl_client_opts o = { .priority = 3, .name = "c" };
-    pie_ctl_client *c, *v;
-    CHECK_OK(pie_ctl_client_open(ctl, &o, &c));
-    o.name = "v";
-    CHECK_OK(pie_ctl_client_open(ctl, &o, &v));
+    pie_ctl *ctl = swap_capped_ctl(8, 2, &b);
+    pie_ctl_client *c = open_named(ctl, 3, "c", 0, NULL);
+    pie_ctl_client *v = open_named(ctl, 3, "v", 0, NULL);
     idle_wakes_run("c waits for 2 pages, then v (one class, idle now) for "
                    "2, no timeout", ctl, b, c, v, 5, 2, 2, 2);
     printf("suspend: the same within one class, the swap budget making the "
            "swap one-way\n");
     done_ctl(ctl, b);
+}
+
+/* The scene of test_resumed_call_wakes and test_resume_protect_window: a
+ * (priority 3, 4 pages) swapped out by h (priority 0, 8 pages, 4 of them
+ * freed again) and brought back by pie_ctl_client_resume, so protected;
+ * then w (priority 3) blocked in ba for 4 pages (timeout < 0). */
+typedef struct protect_scene {
+    pie_backend    *b;
+    pie_ctl        *ctl;
+    pie_ctl_client *a, *h, *w;
+    uint32_t        ha[4], hh[8], hw[4];
+    bg_alloc        ba;
+} protect_scene;
+
+/* Sets up s, polling every poll_us for w to wait; what names the checks. */
+static void protect_scene_open(protect_scene *s, int poll_us,
+                               const char *what)
+{
+    s->ctl = policy_ctl(PIE_CTL_POLICY_SUSPEND, 8, &s->b);
+    s->a = open_named(s->ctl, 3, "a", 4, s->ha);
+    s->h = open_named(s->ctl, 0, "h", 8, s->hh);       /* swaps a's 4 */
+    CHECK_OK(pie_ctl_page_free(s->h, 4, s->hh + 4));
+    CHECK_OK(pie_ctl_client_resume(s->a, 0));           /* a protected */
+    s->w = open_named(s->ctl, 3, "w", 0, NULL);
+    pie_ctl_stats st = { 0 };
+    s->ba = (bg_alloc){ 0 };
+    bg_alloc_start(&s->ba, s->w, 4, -1, s->hw);
+    wait_alloc_waits(s->ctl, &st, poll_us);
+    CHECK(st.alloc_waits == 1 && st.suspensions == 1, "%s: w's allocation "
+          "beside a protected client: %llu waits, %llu suspensions; "
+          "expected 1 and 1", what, (unsigned long long)st.alloc_waits,
+          (unsigned long long)st.suspensions);
+}
+
+/* Joins w's allocation (under a watchdog naming step), which must have
+ * swapped a out a second time; what names the check. */
+static void protect_scene_join(protect_scene *s, const char *step,
+                               const char *what)
+{
+    test_watchdog(step, 10);
+    int rc = bg_alloc_join(&s->ba);
+    test_watchdog_off();
+    pie_ctl_stats st;
+    pie_ctl_get_stats(s->ctl, &st);
+    CHECK(rc == 0 && st.suspensions == 2, "%s: w's allocation: %d after "
+          "%llu suspensions; expected 0 and 2 (h's of a, then w's of a once "
+          "a was idle again)", what, rc, (unsigned long long)st.suspensions);
+}
+
+/* Closes w, a and h, checks that the whole pool is free and frees s. */
+static void protect_scene_close(protect_scene *s)
+{
+    close_clients(s->w, s->a, s->h, NULL);
+    check_free(s->ctl, 8);
+    done_ctl(s->ctl, s->b);
 }
 
 /* A client pie_ctl_client_resume brought back is no victim until its next
@@ -1333,47 +1261,15 @@ static void test_suspend_idle_wakes_one_way(void)
  * a's 4 idle pages. */
 static void test_resumed_call_wakes(void)
 {
-    pie_backend *b;
-    pie_ctl_opts co = { .policy = PIE_CTL_POLICY_SUSPEND };
-    pie_ctl *ctl = make_ctl(8, 0, &co, &b);
-    pie_ctl_client_opts lo = { .priority = 3, .name = "a" };
-    pie_ctl_client_opts ho = { .priority = 0, .name = "h" };
-    pie_ctl_client *a, *h, *rw_w;
-    uint32_t ha[4], hh[8], rw_h[4];
-    CHECK_OK(pie_ctl_client_open(ctl, &lo, &a));
-    CHECK_OK(pie_ctl_page_alloc(a, 4, 0, ha));
-    CHECK_OK(pie_ctl_client_open(ctl, &ho, &h));
-    CHECK_OK(pie_ctl_page_alloc(h, 8, 0, hh));         /* swaps a's 4 */
-    CHECK_OK(pie_ctl_page_free(h, 4, hh + 4));
-    CHECK_OK(pie_ctl_client_resume(a, 0));              /* a protected */
-    lo.name = "w";
-    CHECK_OK(pie_ctl_client_open(ctl, &lo, &rw_w));
-    pie_ctl_stats st = { 0 };
-    bg_alloc ba = { 0 };
-    bg_alloc_start(&ba, rw_w, 4, -1, rw_h);
-    wait_alloc_waits(ctl, &st, 1000);
-    CHECK(st.alloc_waits == 1 && st.suspensions == 1, "w's allocation "
-          "beside a protected client: %llu waits, %llu suspensions; "
-          "expected 1 and 1", (unsigned long long)st.alloc_waits,
-          (unsigned long long)st.suspensions);
+    protect_scene s;
+    protect_scene_open(&s, 1000, "resumed call");
     int32_t fill;
-    CHECK_OK(pie_ctl_page_fill(a, ha[0], &fill));      /* a's next call */
-    test_watchdog("w waits for 4 pages (timeout < 0); a, idle, made its "
-                  "next call", 10);
-    int rw_rc = bg_alloc_join(&ba);
-    test_watchdog_off();
-    pie_ctl_get_stats(ctl, &st);
-    CHECK(rw_rc == 0 && st.suspensions == 2, "w's allocation: %d after "
-          "%llu suspensions; expected 0 and 2 (a swapped out again)", rw_rc,
-          (unsigned long long)st.suspensions);
-    pie_ctl_client_close(rw_w);
-    pie_ctl_client_close(a);
-    pie_ctl_client_close(h);
-    pie_ctl_get_stats(ctl, &st);
-    CHECK(st.pages_free == 8, "pages free %d, expected 8", st.pages_free);
+    CHECK_OK(pie_ctl_page_fill(s.a, s.ha[0], &fill));  /* a's next call */
+    protect_scene_join(&s, "w waits for 4 pages (timeout < 0); a, idle, "
+                       "made its next call", "resumed call");
+    protect_scene_close(&s);
     printf("suspend: a resumed client's next call makes it a victim again, "
            "and a waiting allocation swaps it out\n");
-    done_ctl(ctl, b);
 }
 
 /* A client swapped out while its allocation waits needs its swapped pages
@@ -1386,24 +1282,16 @@ static void test_resumed_call_wakes(void)
 static void test_suspended_waiter_need(void)
 {
     pie_backend *b;
-    pie_ctl_opts co = { .policy = PIE_CTL_POLICY_SUSPEND };
-    pie_ctl *ctl = make_ctl(12, 0, &co, &b);
-    pie_ctl_client_opts oh = { .priority = 0, .name = "hi" };
-    pie_ctl_client_opts o = { .priority = 3, .name = "B" };
-    pie_ctl_client *hi, *a, *sw_b;
+    pie_ctl *ctl = policy_ctl(PIE_CTL_POLICY_SUSPEND, 12, &b);
     uint32_t hh[5], ha[7], sw_hb[8];
-    CHECK_OK(pie_ctl_client_open(ctl, &oh, &hi));
-    CHECK_OK(pie_ctl_page_alloc(hi, 5, 0, hh));
-    CHECK_OK(pie_ctl_client_open(ctl, &o, &sw_b));
-    CHECK_OK(pie_ctl_page_alloc(sw_b, 4, 0, sw_hb));
+    pie_ctl_client *hi = open_named(ctl, 0, "hi", 5, hh);
+    pie_ctl_client *sw_b = open_named(ctl, 3, "B", 4, sw_hb);
     pie_ctl_stats st = { 0 };
     bg_alloc ba = { 0 };
     bg_alloc_start(&ba, sw_b, 4, 1000, sw_hb + 4);
     wait_alloc_waits(ctl, &st, 1000);
     CHECK(st.alloc_waits == 1, "B's allocation never waited");
-    o.name = "A";
-    CHECK_OK(pie_ctl_client_open(ctl, &o, &a));
-    CHECK_OK(pie_ctl_page_alloc(a, 3, 0, ha));
+    pie_ctl_client *a = open_named(ctl, 3, "A", 3, ha);
     CHECK_OK(pie_ctl_page_alloc(a, 4, 0, ha + 3));     /* swaps B out */
     int sw_rc = bg_alloc_join(&ba);
     pie_ctl_get_stats(ctl, &st);
@@ -1414,11 +1302,8 @@ static void test_suspended_waiter_need(void)
           (unsigned long long)st.suspensions, st.pages_free, PIE_EBUSY);
     CHECK(st.alloc_waits == 1, "B's one allocation counted %llu waits, "
           "expected 1", (unsigned long long)st.alloc_waits);
-    pie_ctl_client_close(a);
-    pie_ctl_client_close(sw_b);
-    pie_ctl_client_close(hi);
-    pie_ctl_get_stats(ctl, &st);
-    CHECK(st.pages_free == 12, "pages free %d, expected 12", st.pages_free);
+    close_clients(a, sw_b, hi, NULL);
+    check_free(ctl, 12);
     printf("suspend: a waiter swapped out meanwhile looks for room for its "
            "swap and its new pages together\n");
     done_ctl(ctl, b);
@@ -1448,25 +1333,16 @@ static void *rc_free(void *arg)
 static void test_suspend_recheck_idle(void)
 {
     pie_backend *b;
-    pie_ctl_opts co = { .policy = PIE_CTL_POLICY_SUSPEND };
-    pie_ctl *ctl = make_ctl(10, 0, &co, &b);
-    pie_ctl_client_opts ov = { .priority = 3, .name = "v" };
-    pie_ctl_client_opts ox = { .priority = 0, .name = "x" };
-    pie_ctl_client *v, *x, *r;
+    pie_ctl *ctl = policy_ctl(PIE_CTL_POLICY_SUSPEND, 10, &b);
     uint32_t hv[3], hx[2], hr[5];
-    CHECK_OK(pie_ctl_client_open(ctl, &ov, &v));
-    CHECK_OK(pie_ctl_page_alloc(v, 3, 0, hv));
-    CHECK_OK(pie_ctl_client_open(ctl, &ox, &x));
-    CHECK_OK(pie_ctl_page_alloc(x, 2, 0, hx));
-    ox.name = "y";
-    CHECK_OK(pie_ctl_client_open(ctl, &ox, &rc_y));
-    CHECK_OK(pie_ctl_page_alloc(rc_y, 2, 0, rc_hy));
+    pie_ctl_client *v = open_named(ctl, 3, "v", 3, hv);
+    pie_ctl_client *x = open_named(ctl, 0, "x", 2, hx);
+    rc_y = open_named(ctl, 0, "y", 2, rc_hy);
     int32_t toks[5] = { 1, 2, 3, 4, 5 };
     rc_f = hold_device(b, x, toks, 5, 0, hx);
     pthread_t th;
     CHECK(pthread_create(&th, NULL, rc_free, NULL) == 0, "thread");
-    ov.name = "r";
-    CHECK_OK(pie_ctl_client_open(ctl, &ov, &r));
+    pie_ctl_client *r = open_named(ctl, 3, "r", 0, NULL);
     int rc = pie_ctl_page_alloc(r, 5, 0, hr);      /* 3 free: 2 short */
     pthread_join(th, NULL);
     CHECK(rc_in_hold, "y freed its pages after x's forward completed; the "
@@ -1481,10 +1357,7 @@ static void test_suspend_recheck_idle(void)
     wait_token(rc_f);
     pie_ctl_future_release(rc_f);
     fake_backend_set_delay(b, 0);
-    pie_ctl_client_close(rc_y);
-    pie_ctl_client_close(r);
-    pie_ctl_client_close(v);
-    pie_ctl_client_close(x);
+    close_clients(rc_y, r, v, x, NULL);
     printf("suspend: what an allocation lacks is checked again after "
            "waiting for the device, before anyone is swapped out\n");
     done_ctl(ctl, b);
@@ -1505,33 +1378,13 @@ static void test_resume_protect_window(void)
     int32_t toks[3] = { 1, 2, 3 }, want[1];
     reference(toks, 3, 1, want);
     for (int it = 0; it < 100; it++) {
-        pie_backend *b;
-        pie_ctl_opts co = { .policy = PIE_CTL_POLICY_SUSPEND };
-        pie_ctl *ctl = make_ctl(8, 0, &co, &b);
-        pie_ctl_client_opts lo = { .priority = 3, .name = "a" };
-        pie_ctl_client_opts ho = { .priority = 0, .name = "h" };
-        pie_ctl_client *a, *h, *pw_w;
-        uint32_t ha[4], hh[8], pw_h[4];
-        CHECK_OK(pie_ctl_client_open(ctl, &lo, &a));
-        CHECK_OK(pie_ctl_page_alloc(a, 4, 0, ha));
-        CHECK_OK(pie_ctl_client_open(ctl, &ho, &h));
-        CHECK_OK(pie_ctl_page_alloc(h, 8, 0, hh));         /* swaps a's 4 */
-        CHECK_OK(pie_ctl_page_free(h, 4, hh + 4));
-        CHECK_OK(pie_ctl_client_resume(a, 0));              /* a protected */
-        lo.name = "w";
-        CHECK_OK(pie_ctl_client_open(ctl, &lo, &pw_w));
-        pie_ctl_stats st = { 0 };
-        bg_alloc ba = { 0 };
-        bg_alloc_start(&ba, pw_w, 4, -1, pw_h);
-        wait_alloc_waits(ctl, &st, 200);
-        CHECK(st.alloc_waits == 1 && st.suspensions == 1, "run %d: w's "
-              "allocation beside a protected client: %llu waits, %llu "
-              "suspensions; expected 1 and 1", it,
-              (unsigned long long)st.alloc_waits,
-              (unsigned long long)st.suspensions);
+        char run[32];
+        snprintf(run, sizeof run, "run %d", it);
+        protect_scene s;
+        protect_scene_open(&s, 200, run);
         usleep(2000);                           /* w asleep on the pool */
-        pie_ctl_future *f = NULL;
-        int rc = fwd(a, toks, 3, 0, ha, NULL, &f);  /* what a came back for */
+        pie_ctl_future *f = NULL;           /* what a came back for: */
+        int rc = fwd(s.a, toks, 3, 0, s.ha, NULL, &f);
         CHECK(rc == 0, "run %d: the forward a was resumed for: %d (%s); "
               "expected 0 (a swapped out before its call began)", it, rc,
               pie_err_msg());
@@ -1539,20 +1392,9 @@ static void test_resume_protect_window(void)
         pie_ctl_future_release(f);
         CHECK(got == want[0], "run %d: a's token %d, expected %d", it, got,
               want[0]);
-        test_watchdog("w waits for 4 pages (timeout < 0); a went idle", 10);
-        int pw_rc = bg_alloc_join(&ba);         /* a idle again: swapped */
-        test_watchdog_off();
-        pie_ctl_get_stats(ctl, &st);
-        CHECK(pw_rc == 0 && st.suspensions == 2, "run %d: w's allocation: "
-              "%d after %llu suspensions; expected 0 and 2 (h's of a, then "
-              "w's of a once a's forward completed)", it, pw_rc,
-              (unsigned long long)st.suspensions);
-        pie_ctl_client_close(pw_w);
-        pie_ctl_client_close(a);
-        pie_ctl_client_close(h);
-        pie_ctl_get_stats(ctl, &st);
-        CHECK(st.pages_free == 8, "pages free %d, expected 8", st.pages_free);
-        done_ctl(ctl, b);
+        protect_scene_join(&s, "w waits for 4 pages (timeout < 0); a went "
+                           "idle", run);
+        protect_scene_close(&s);
     }
     printf("suspend: a resumed client's next call runs before any waiting "
            "allocation can swap it out (100 runs)\n");
@@ -1579,27 +1421,18 @@ static void uw_done(void *user, pie_ctl_future *f, int status)
 static void test_suspend_unshared_wakes(void)
 {
     pie_backend *b;
-    pie_ctl_opts co = { .policy = PIE_CTL_POLICY_SUSPEND };
-    pie_ctl *ctl = make_ctl(6, 0, &co, &b);
-    pie_ctl_client_opts o = { .priority = 3, .name = "v" };
-    pie_ctl_client *v, *x, *uw_w;
+    pie_ctl *ctl = policy_ctl(PIE_CTL_POLICY_SUSPEND, 6, &b);
     uint32_t hv[2], hx[3], hy[1], uw_h[4];
-    CHECK_OK(pie_ctl_client_open(ctl, &o, &v));
-    o.name = "x";
-    CHECK_OK(pie_ctl_client_open(ctl, &o, &x));
-    o.name = "w";
-    CHECK_OK(pie_ctl_client_open(ctl, &o, &uw_w));
+    pie_ctl_client *v = open_named(ctl, 3, "v", 0, NULL);
+    pie_ctl_client *x = open_named(ctl, 3, "x", 0, NULL);
+    pie_ctl_client *uw_w = open_named(ctl, 3, "w", 0, NULL);
     int32_t T[9];
     make_prompt(T, 9, 7);
-    pie_ctl_future *f, *f1, *f2;
+    pie_ctl_future *f1, *f2;
     CHECK_OK(pie_ctl_page_alloc(v, 2, 0, hv));
-    CHECK_OK(fwd(v, T, 8, 0, hv, NULL, &f));
-    wait_token(f);
-    pie_ctl_future_release(f);
+    fwd_token(v, T, 8, 0, hv);
     CHECK_OK(pie_ctl_page_alloc(x, 3, 0, hx));
-    CHECK_OK(fwd(x, T, 9, 0, hx, NULL, &f));         /* merged onto v's 2 */
-    wait_token(f);
-    pie_ctl_future_release(f);
+    fwd_token(x, T, 9, 0, hx);                       /* merged onto v's 2 */
     pie_ctl_stats st;
     pie_ctl_get_stats(ctl, &st);
     CHECK(st.dedup_hits == 2 && st.pages_used == 3, "dedup hits %llu, "
@@ -1639,9 +1472,7 @@ static void test_suspend_unshared_wakes(void)
     pie_ctl_get_stats(ctl, &st);
     CHECK(st.suspensions == 1, "%llu suspensions, expected 1 (v)",
           (unsigned long long)st.suspensions);
-    pie_ctl_client_close(uw_w);
-    pie_ctl_client_close(x);
-    pie_ctl_client_close(v);
+    close_clients(uw_w, x, v, NULL);
     pie_ctl_get_stats(ctl, &st);
     CHECK(st.pages_used == 0, "pages used %d at the end", st.pages_used);
     printf("suspend: a page no longer shared when another client's forward "
