@@ -188,35 +188,36 @@ static int gen_room(const gen_args *a, const pie_model *m, size_t n)
     return room < 1 ? (a->max_tokens > 0) : (int)room;
 }
 
-int pie_cmd_generate(int argc, char **argv)
+/* Parses the options into *a; false with *status (0 for --help, 2) to exit. */
+static bool parse_gen_args(int argc, char **argv, gen_args *a, int *status)
 {
-    gen_args a = { .max_tokens = 64, .temperature = 1.0f, .top_p = 1.0f,
-                   .page_size = 16, .backend = "auto",
-                   .gpu = PIE_CLI_GPU_DEFAULT };
+    *a = (gen_args){ .max_tokens = 64, .temperature = 1.0f, .top_p = 1.0f,
+                     .page_size = 16, .backend = "auto",
+                     .gpu = PIE_CLI_GPU_DEFAULT };
     const pie_opt opts[] = {
-        { "model", 'm', OPT_STR, &a.model, "model directory or random:SHAPE" },
-        { "prompt", 'p', OPT_STR, &a.prompt, "prompt text (BOS added as Hugging Face does)" },
-        { "prompt-ids", 0, OPT_STR, &a.prompt_ids, "prompt as token ids 1,2,3 (used as given)" },
-        { "max-tokens", 'n', OPT_INT, &a.max_tokens, "tokens to generate, "
+        { "model", 'm', OPT_STR, &a->model, "model directory or random:SHAPE" },
+        { "prompt", 'p', OPT_STR, &a->prompt, "prompt text (BOS added as Hugging Face does)" },
+        { "prompt-ids", 0, OPT_STR, &a->prompt_ids, "prompt as token ids 1,2,3 (used as given)" },
+        { "max-tokens", 'n', OPT_INT, &a->max_tokens, "tokens to generate, "
           "0..2^24 (64)" },
-        { "temperature", 't', OPT_FLOAT, &a.temperature, "0 = greedy (1.0)" },
-        { "top-k", 0, OPT_INT, &a.top_k, "keep the k most likely tokens (0 = all)" },
-        { "top-p", 0, OPT_FLOAT, &a.top_p, "nucleus mass, (0, 1] (1.0 = all)" },
-        { "min-p", 0, OPT_FLOAT, &a.min_p, "drop tokens below min-p x max "
+        { "temperature", 't', OPT_FLOAT, &a->temperature, "0 = greedy (1.0)" },
+        { "top-k", 0, OPT_INT, &a->top_k, "keep the k most likely tokens (0 = all)" },
+        { "top-p", 0, OPT_FLOAT, &a->top_p, "nucleus mass, (0, 1] (1.0 = all)" },
+        { "min-p", 0, OPT_FLOAT, &a->min_p, "drop tokens below min-p x max "
           "prob, [0, 1] (0)" },
-        { "seed", 's', OPT_U64, &a.seed, "sampling seed (0)" },
-        { "ignore-eos", 0, OPT_FLAG, &a.ignore_eos, "do not stop at EOS" },
-        { "json", 0, OPT_FLAG, &a.json, "print {\"ids\":[...],\"text\":"
+        { "seed", 's', OPT_U64, &a->seed, "sampling seed (0)" },
+        { "ignore-eos", 0, OPT_FLAG, &a->ignore_eos, "do not stop at EOS" },
+        { "json", 0, OPT_FLAG, &a->json, "print {\"ids\":[...],\"text\":"
           "\"...\",\"prompt_forwards\":N}" },
-        { "backend", 'b', OPT_STR, &a.backend, "cpu, cuda or auto (auto)" },
-        { "page-size", 0, OPT_INT, &a.page_size, "KV page size in tokens, "
+        { "backend", 'b', OPT_STR, &a->backend, "cpu, cuda or auto (auto)" },
+        { "page-size", 0, OPT_INT, &a->page_size, "KV page size in tokens, "
           "1..65536 (16)" },
-        { "threads", 0, OPT_INT, &a.threads, "CPU threads (0 = all cores; "
+        { "threads", 0, OPT_INT, &a->threads, "CPU threads (0 = all cores; "
           "at most 1024)" },
-        { "chunk", 0, OPT_INT, &a.chunk, "prompt tokens per forward, "
+        { "chunk", 0, OPT_INT, &a->chunk, "prompt tokens per forward, "
           "0..2^24 (0 = the backend's most, 8192 on the GPU; no limit on "
           "the CPU)" },
-        PIE_CLI_OPT_GPU(a.gpu),
+        PIE_CLI_OPT_GPU(a->gpu),
         { 0 },
     };
     const pie_cmd_usage u = { "generate",
@@ -225,7 +226,71 @@ int pie_cmd_generate(int argc, char **argv)
         "generated (only the continuation).", opts };
     char *pos[1];
     int npos, dd, rc = pie_opts_parse(&u, argc, argv, pos, 0, &npos, &dd);
-    if (rc) return rc < 0 ? 2 : 0;
+    *status = rc < 0 ? 2 : 0;
+    return rc == 0;
+}
+
+/* Opens the backend, its KV pool sized for n + max_gen tokens; -1 if not. */
+static int open_backend(const gen_args *a, const pie_model *m, size_t n,
+                        int max_gen, pie_backend **b)
+{
+    int64_t pages = ((int64_t)n + max_gen) / a->page_size + 2;
+    if (pages > INT32_MAX) {
+        fprintf(stderr, "pie generate: %zu prompt tokens and %d more need "
+                "%lld KV pages of %d tokens, more than %d\n", n, max_gen,
+                (long long)pages, a->page_size, INT32_MAX);
+        return -1;
+    }
+    int brc = pie_cli_backend(a->backend, m, a->page_size, (int)pages,
+                              a->threads, &a->gpu, b);
+    if (brc) {
+        if (brc == PIE_ENOMEM)
+            fprintf(stderr, "pie generate: its KV pool holds the prompt and "
+                    "%d tokens more (--max-tokens, at most the model's "
+                    "context)\n", max_gen);
+        return -1;
+    }
+    return 0;
+}
+
+/* Generates a continuation of ids, printing it; 0, or 1 after printing why. */
+static int generate(const gen_args *a, pie_model *m, int32_t *ids, size_t n)
+{
+    pie_backend *b = NULL;
+    pie_drv d = {0};
+    int32_t *gen = NULL;
+    int status = 1;
+    int max_gen = gen_room(a, m, n);
+    if (open_backend(a, m, n, max_gen, &b)) goto out;
+    if (pie_drv_init(&d, b)) goto out;
+    /* max_tokens <= PIE_CLI_MAX_TOKENS: the size cannot overflow */
+    gen = malloc(sizeof(int32_t) * ((size_t)a->max_tokens + 1));
+    if (!gen) {
+        fprintf(stderr, "pie generate: out of memory for %d token ids\n",
+                a->max_tokens);
+        goto out;
+    }
+    long fwd = 0;
+    int n_gen = run_loop(a, m, &d, ids, n, max_gen, gen, &fwd);
+    if (n_gen < 0) goto out;
+    if (a->json) print_json(m, gen, n_gen, fwd);
+    else printf("\n");
+    if (n_gen == max_gen && max_gen < a->max_tokens)
+        fprintf(stderr, "pie generate: stopped after %d tokens: the model's "
+                "context of %d tokens is full\n", n_gen, m->cfg.max_pos);
+    status = 0;
+out:
+    pie_drv_free(&d);
+    free(gen);
+    pie_backend_free(b);
+    return status;
+}
+
+int pie_cmd_generate(int argc, char **argv)
+{
+    gen_args a;
+    int status;
+    if (!parse_gen_args(argc, argv, &a, &status)) return status;
     if (!a.prompt == !a.prompt_ids) {
         fprintf(stderr, "pie generate: give exactly one of --prompt and "
                         "--prompt-ids\n");
@@ -233,11 +298,8 @@ int pie_cmd_generate(int argc, char **argv)
     }
     if (check_gen_args(&a)) return 2;
     pie_model *m;
-    pie_backend *b = NULL;
-    pie_drv d = {0};
-    int32_t *ids = NULL, *gen = NULL;
+    int32_t *ids = NULL;
     size_t n = 0;
-    int status = 1;
     if (a.prompt_ids && pie_cli_parse_ids(a.prompt_ids, &ids, &n)) {
         fprintf(stderr, "pie generate: bad --prompt-ids '%s' (expected "
                         "comma-separated ids)\n", a.prompt_ids);
@@ -247,47 +309,12 @@ int pie_cmd_generate(int argc, char **argv)
         free(ids);
         return 1;
     }
+    status = 1;
     if (!ids && encode_prompt(&a, m, &ids, &n)) goto out;
     if (check_prompt(m, ids, n)) goto out;
-    int max_gen = gen_room(&a, m, n);
-    int64_t pages = ((int64_t)n + max_gen) / a.page_size + 2;
-    if (pages > INT32_MAX) {
-        fprintf(stderr, "pie generate: %zu prompt tokens and %d more need "
-                "%lld KV pages of %d tokens, more than %d\n", n, max_gen,
-                (long long)pages, a.page_size, INT32_MAX);
-        goto out;
-    }
-    int brc = pie_cli_backend(a.backend, m, a.page_size, (int)pages,
-                              a.threads, &a.gpu, &b);
-    if (brc) {
-        if (brc == PIE_ENOMEM)
-            fprintf(stderr, "pie generate: its KV pool holds the prompt and "
-                    "%d tokens more (--max-tokens, at most the model's "
-                    "context)\n", max_gen);
-        goto out;
-    }
-    if (pie_drv_init(&d, b)) goto out;
-    /* max_tokens <= PIE_CLI_MAX_TOKENS: the size cannot overflow */
-    gen = malloc(sizeof(int32_t) * ((size_t)a.max_tokens + 1));
-    if (!gen) {
-        fprintf(stderr, "pie generate: out of memory for %d token ids\n",
-                a.max_tokens);
-        goto out;
-    }
-    long fwd = 0;
-    int n_gen = run_loop(&a, m, &d, ids, n, max_gen, gen, &fwd);
-    if (n_gen < 0) goto out;
-    if (a.json) print_json(m, gen, n_gen, fwd);
-    else printf("\n");
-    if (n_gen == max_gen && max_gen < a.max_tokens)
-        fprintf(stderr, "pie generate: stopped after %d tokens: the model's "
-                "context of %d tokens is full\n", n_gen, m->cfg.max_pos);
-    status = 0;
+    status = generate(&a, m, ids, n);
 out:
-    pie_drv_free(&d);
-    free(gen);
     free(ids);
-    pie_backend_free(b);
     pie_model_free(m);
     return status;
 }

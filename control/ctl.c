@@ -243,8 +243,9 @@ static int check_row(const pie_ctl_forward *f, int32_t vocab, int32_t o)
     return rc < 0 ? pie_err_wrap(rc, "control") : 0;
 }
 
-/* Checks everything that does not need the lock. */
-static int check_forward(pie_ctl *ctl, const pie_ctl_forward *f)
+/* Checks f's tokens, pages and positions, sets *kv_len; 0 or a PIE_E error. */
+static int check_shape(const pie_ctl *ctl, const pie_ctl_forward *f,
+                       int64_t *kv_len)
 {
     int32_t ps = ctl->ps;
     if (f->n_tokens < 1 || f->n_tokens > (1 << 20) || !f->tokens ||
@@ -257,14 +258,20 @@ static int check_forward(pie_ctl *ctl, const pie_ctl_forward *f)
     if (f->last_page_len < 1 || f->last_page_len > ps)
         return pie_err_set(PIE_ERANGE, "control: last page fill %d outside "
                            "1..%d", f->last_page_len, ps);
-    int64_t kv_len = (int64_t)(f->n_pages - 1) * ps + f->last_page_len;
-    if (kv_len < f->n_tokens)
+    *kv_len = (int64_t)(f->n_pages - 1) * ps + f->last_page_len;
+    if (*kv_len < f->n_tokens)
         return pie_err_set(PIE_ERANGE, "control: %d new tokens do not fit in "
-                           "%lld KV slots", f->n_tokens, (long long)kv_len);
+                           "%lld KV slots", f->n_tokens, (long long)*kv_len);
     for (int32_t i = 0; i < f->n_tokens; i++)
         if (f->positions[i] < 0)
             return pie_err_set(PIE_ERANGE, "control: negative position %d at "
                                "token %d", f->positions[i], i);
+    return 0;
+}
+
+/* Checks f's chains and the ids of unchained tokens; 0 or a PIE_E error. */
+static int check_token_ids(const pie_ctl *ctl, const pie_ctl_forward *f)
+{
     if (f->n_chains < 0 || (f->n_chains > 0 && !f->chains))
         return pie_err_set(PIE_EINVAL, "control: bad chain list");
     for (int32_t i = 0; i < f->n_chains; i++)
@@ -286,18 +293,29 @@ static int check_forward(pie_ctl *ctl, const pie_ctl_forward *f)
                                "outside vocab %d", f->tokens[i], i, ctl->vocab);
         }
     free(chained);
-    if (f->mask_indptr) {
-        int rc = check_runs(f->mask_indptr, f->mask_runs, f->n_tokens,
-                            (uint64_t)kv_len, "attention mask of token");
-        if (rc < 0) return rc;
-        int32_t lim = ctl->b->max_tokens;
-        if (lim > 0 && f->n_tokens > lim)    /* never split (sched.c) */
-            return pie_err_set(PIE_ELIMIT, "control: a forward with an "
-                               "attention mask runs whole, and its %d tokens "
-                               "pass the %d a forward of backend '%s' takes; "
-                               "submit it in parts of at most %d tokens",
-                               f->n_tokens, lim, ctl->b->name, lim);
-    }
+    return 0;
+}
+
+/* Checks f's attention mask runs and the backend's cap; 0 or a PIE_E error. */
+static int check_attn_mask(const pie_ctl *ctl, const pie_ctl_forward *f,
+                           int64_t kv_len)
+{
+    int rc = check_runs(f->mask_indptr, f->mask_runs, f->n_tokens,
+                        (uint64_t)kv_len, "attention mask of token");
+    if (rc < 0) return rc;
+    int32_t lim = ctl->b->max_tokens;
+    if (lim > 0 && f->n_tokens > lim)    /* never split (sched.c) */
+        return pie_err_set(PIE_ELIMIT, "control: a forward with an "
+                           "attention mask runs whole, and its %d tokens "
+                           "pass the %d a forward of backend '%s' takes; "
+                           "submit it in parts of at most %d tokens",
+                           f->n_tokens, lim, ctl->b->name, lim);
+    return 0;
+}
+
+/* Checks f's output rows, probe values and logit mask; 0 or a PIE_E error. */
+static int check_outputs(const pie_ctl *ctl, const pie_ctl_forward *f)
+{
     if (f->n_outputs < 0 || f->n_outputs > f->n_tokens * 64 ||
         (f->n_outputs > 0 && (!f->output_idx || !f->samplers)))
         return pie_err_set(PIE_EINVAL, "control: bad output rows (%d)",
@@ -326,6 +344,18 @@ static int check_forward(pie_ctl *ctl, const pie_ctl_forward *f)
         if (rc < 0) return rc;
     }
     return 0;
+}
+
+/* Checks everything that does not need the lock. */
+static int check_forward(pie_ctl *ctl, const pie_ctl_forward *f)
+{
+    int64_t kv_len = 0;
+    int rc = check_shape(ctl, f, &kv_len);
+    if (rc < 0) return rc;
+    if ((rc = check_token_ids(ctl, f)) < 0) return rc;
+    if (f->mask_indptr && (rc = check_attn_mask(ctl, f, kv_len)) < 0)
+        return rc;
+    return check_outputs(ctl, f);
 }
 
 /* ---- op construction ------------------------------------------------------ */

@@ -559,6 +559,118 @@ static int32_t plan_aliases(pie_ctl *ctl, const unsigned char *rec,
     return fresh;
 }
 
+/* Checks the file, the name given and every page record; 0 or a PIE_E error. */
+static int load_check(pie_ctl *ctl, const char *path, const char *name,
+                      rbuf *r, file_hdr *h)
+{
+    int rc = check_file(ctl, path, r, h);
+    if (rc == 0 && name && (!*name || strlen(name) > 255))
+        rc = pie_err_set(PIE_EINVAL, "control: export name must be 1..255 "
+                         "bytes");
+    size_t rb = rec_bytes(ctl->ps);
+    /* every record before any page is taken: taking one may evict a
+     * cached page, and a failed load changes nothing */
+    for (int32_t k = 0; k < h->n && rc == 0; k++) {
+        const char *why = record_check(ctl, r->p + r->at + k * rb);
+        if (why)
+            rc = pie_err_set(PIE_EFORMAT, "%s: page record %d is invalid: "
+                             "%s", path, k, why);
+    }
+    return rc;
+}
+
+/* Allocates a load's export, pages, plan and name; 0 or PIE_ENOMEM. */
+static int load_alloc(int32_t n, const char *nm, ctl_export **e,
+                      int32_t **pages, int32_t **plan, char **nmc)
+{
+    *e = calloc(1, sizeof **e);
+    *pages = calloc(n, sizeof **pages);
+    *plan = calloc(3 * (size_t)n, sizeof **plan);
+    *nmc = strdup(nm);
+    if (!*e || !*pages || !*plan || !*nmc)
+        return pie_err_set(PIE_ENOMEM, "control: out of memory");
+    return 0;
+}
+
+/* mu held, device idle: checks the name is free and the cap and pool have
+ * room, filling share (plan_aliases); fresh pages needed, or a PIE_E error. */
+static int32_t load_admit(pie_ctl *ctl, const char *path, const char *nm,
+                          const unsigned char *rec, const unsigned char *kv,
+                          int32_t n, const int32_t *dup, share_plan *sp,
+                          int32_t *share)
+{
+    if (ctl->lost) return pie__lost_err(ctl);
+    for (ctl_export *x = ctl->exports; x; x = x->next)
+        if (strcmp(x->name, nm) == 0)
+            return pie_err_set(PIE_EBUSY, "control: export name '%s' already "
+                               "in use", nm);
+    int32_t fresh = plan_aliases(ctl, rec, kv, n, dup, sp, share);
+    if (fresh < 0) return fresh;
+    int rc = pie__export_cap_check(ctl, nm, NULL, fresh);
+    if (rc != 0) return rc;
+    if (ctl->n_free + ctl->n_cached < fresh)
+        return pie_err_set(PIE_EBUSY, "control: %d free pages needed to load "
+                           "%s", fresh, path);
+    return fresh;
+}
+
+/* mu held: takes a page per fresh record, packing their KV; how many (own). */
+static int32_t load_take(pie_ctl *ctl, rbuf *r, size_t rec0, unsigned char *kv,
+                         int32_t n, const int32_t *dup, const int32_t *share,
+                         int32_t *pages, int32_t *own)
+{
+    size_t rb = rec_bytes(ctl->ps), pb = ctl->b->page_bytes;
+    int32_t taken = 0;
+    for (int32_t k = 0; k < n; k++) {
+        if (dup[k] >= 0 || share[k] >= 0) continue;
+        pages[k] = own[taken] = pie__page_take(ctl);
+        r->at = rec0 + (size_t)k * rb;
+        read_record(ctl, r, pages[k]);
+        if (taken != k)
+            memmove(kv + (size_t)taken * pb, kv + (size_t)k * pb, pb);
+        taken++;
+    }
+    return taken;
+}
+
+/* mu held: uploads own's KV; on failure unrefs them and returns the error. */
+static int load_upload(pie_ctl *ctl, const int32_t *own, int32_t fresh,
+                       int32_t taken, const unsigned char *kv)
+{
+    int rc = 0;
+    if (fresh > 0)
+        rc = pie__backend_rc(ctl, ctl->b->ops->upload(ctl->b, own, fresh, kv));
+    if (rc < 0) {
+        for (int32_t i = 0; i < taken; i++) {
+            ctl->pages[own[i]].hashed = false;
+            pie__page_unref(ctl, own[i]);
+        }
+    }
+    return rc;
+}
+
+/* mu held: publishes export e (owns nmc and pages), one ref per entry. */
+static void load_publish(pie_ctl *ctl, int32_t n, const int32_t *dup,
+                         const int32_t *share, int32_t *pages,
+                         ctl_export *e, char *nmc)
+{
+    /* repeats and aliases take a reference of their own, as an
+     * export holds one per entry */
+    for (int32_t k = 0; k < n; k++) {
+        if (dup[k] >= 0) pages[k] = pages[dup[k]];
+        else if (share[k] >= 0) pages[k] = share[k];
+        if (dup[k] >= 0 || share[k] >= 0)
+            pie__page_ref(ctl, pages[k]);
+        ctl->pages[pages[k]].shared++;
+        pie__table_insert_if_new(ctl, pages[k]);
+    }
+    *e = (ctl_export){ .name = nmc, .n = n, .pages = pages,
+                       .next = ctl->exports };
+    ctl->exports = e;
+    ctl->n_exports++;
+    pthread_cond_broadcast(&ctl->pool_cv);   /* recheck cycles */
+}
+
 int pie_ctl_export_load(pie_ctl *ctl, const char *path, const char *name)
 {
     if (!path) return pie_err_set(PIE_EINVAL, "control: NULL path");
@@ -569,88 +681,35 @@ int pie_ctl_export_load(pie_ctl *ctl, const char *path, const char *name)
     rbuf r = { data, len, 0 };
     file_hdr h = { 0 };
     share_plan sp = { 0 };
-    rc = check_file(ctl, path, &r, &h);
-    if (rc == 0 && name && (!*name || strlen(name) > 255))
-        rc = pie_err_set(PIE_EINVAL, "control: export name must be 1..255 "
-                         "bytes");
+    ctl_export *e = NULL;
+    int32_t *pages = NULL, *plan = NULL;
+    char *nmc = NULL;
+    rc = load_check(ctl, path, name, &r, &h);
     const char *nm = name ? name : h.name;
-    size_t rb = rec_bytes(ctl->ps), pb = ctl->b->page_bytes;
-    size_t rec0 = r.at, kv0 = rec0 + (size_t)h.n * rb;
-    /* every record before any page is taken: taking one may evict a
-     * cached page, and a failed load changes nothing */
-    for (int32_t k = 0; k < h.n && rc == 0; k++) {
-        const char *why = record_check(ctl, data + rec0 + k * rb);
-        if (why)
-            rc = pie_err_set(PIE_EFORMAT, "%s: page record %d is invalid: "
-                             "%s", path, k, why);
-    }
     /* h.n is bounded by the pool only once check_file succeeded */
-    ctl_export *e = rc == 0 ? calloc(1, sizeof *e) : NULL;
-    int32_t *pages = rc == 0 ? calloc(h.n, sizeof *pages) : NULL;
-    int32_t *plan = rc == 0 ? calloc(3 * (size_t)h.n, sizeof *plan) : NULL;
-    char *nmc = rc == 0 ? strdup(nm) : NULL;
-    if (rc == 0 && (!e || !pages || !plan || !nmc))
-        rc = pie_err_set(PIE_ENOMEM, "control: out of memory");
+    if (rc == 0) rc = load_alloc(h.n, nm, &e, &pages, &plan, &nmc);
     if (rc < 0) goto out;
+    size_t rec0 = r.at, kv0 = rec0 + (size_t)h.n * rec_bytes(ctl->ps);
     /* per record: the earlier one it repeats (plan_repeats), the exported
      * page it shares (plan_aliases); the fresh pages, in record order */
     int32_t *dup = plan, *share = plan + h.n, *own = plan + 2 * h.n;
     if ((rc = plan_repeats(ctl, data + rec0, data + kv0, h.n, dup, &sp)) < 0)
         goto out;
-    int32_t fresh = 0;
     pthread_mutex_lock(&ctl->mu);
     pie__wait_idle(ctl);   /* drops mu: before the name check, not after */
-    if (ctl->lost) rc = pie__lost_err(ctl);
-    for (ctl_export *x = ctl->exports; x && rc == 0; x = x->next)
-        if (strcmp(x->name, nm) == 0)
-            rc = pie_err_set(PIE_EBUSY, "control: export name '%s' already "
-                             "in use", nm);
-    if (rc == 0 && (rc = plan_aliases(ctl, data + rec0, data + kv0, h.n, dup,
-                                      &sp, share)) >= 0)
-        fresh = rc, rc = 0;
-    if (rc == 0) rc = pie__export_cap_check(ctl, nm, NULL, fresh);
-    if (rc == 0 && ctl->n_free + ctl->n_cached < fresh)
-        rc = pie_err_set(PIE_EBUSY, "control: %d free pages needed to load "
-                         "%s", fresh, path);
-    if (rc == 0) {
+    int32_t fresh = load_admit(ctl, path, nm, data + rec0, data + kv0, h.n,
+                               dup, &sp, share);
+    if (fresh >= 0) {
         /* fresh pages get their records, and their KV packed in order */
-        int32_t taken = 0;
-        for (int32_t k = 0; k < h.n; k++) {
-            if (dup[k] >= 0 || share[k] >= 0) continue;
-            pages[k] = own[taken] = pie__page_take(ctl);
-            r.at = rec0 + (size_t)k * rb;
-            read_record(ctl, &r, pages[k]);
-            if (taken != k)
-                memmove(data + kv0 + (size_t)taken * pb,
-                        data + kv0 + (size_t)k * pb, pb);
-            taken++;
-        }
-        if (fresh > 0)
-            rc = pie__backend_rc(ctl, ctl->b->ops->upload(ctl->b, own, fresh,
-                                                          data + kv0));
-        if (rc < 0) {
-            for (int32_t i = 0; i < taken; i++) {
-                ctl->pages[own[i]].hashed = false;
-                pie__page_unref(ctl, own[i]);
-            }
-        } else {
-            /* repeats and aliases take a reference of their own, as an
-             * export holds one per entry */
-            for (int32_t k = 0; k < h.n; k++) {
-                if (dup[k] >= 0) pages[k] = pages[dup[k]];
-                else if (share[k] >= 0) pages[k] = share[k];
-                if (dup[k] >= 0 || share[k] >= 0)
-                    pie__page_ref(ctl, pages[k]);
-                ctl->pages[pages[k]].shared++;
-                pie__table_insert_if_new(ctl, pages[k]);
-            }
-            *e = (ctl_export){ .name = nmc, .n = h.n, .pages = pages,
-                               .next = ctl->exports };
-            ctl->exports = e;
-            ctl->n_exports++;
+        int32_t taken = load_take(ctl, &r, rec0, data + kv0, h.n, dup, share,
+                                  pages, own);
+        rc = load_upload(ctl, own, fresh, taken, data + kv0);
+        if (rc >= 0) {
+            load_publish(ctl, h.n, dup, share, pages, e, nmc);
             e = NULL, pages = NULL, nmc = NULL;
-            pthread_cond_broadcast(&ctl->pool_cv);   /* recheck cycles */
         }
+    } else {
+        rc = fresh;
     }
     pthread_mutex_unlock(&ctl->mu);
 out:

@@ -1040,42 +1040,40 @@ static int check_cache_dir(const char *path)
     return 0;
 }
 
-int pie_rt_create(const pie_rt_opts *o, pie_rt **out)
+/* Fills in the defaults for the options left at zero (or out of range). */
+static void apply_defaults(pie_rt_opts *o)
 {
-    *out = NULL;
-    pie_rt *rt = calloc(1, sizeof *rt);
-    if (!rt)
-        return pie_err_set(PIE_ENOMEM, "out of memory");
-    if (o)
-        rt->o = *o;
-    if (rt->o.n_workers <= 0) rt->o.n_workers = 2;
-    if (!rt->o.memory_limit) rt->o.memory_limit = 1ull << 30;
-    if (rt->o.cpu_limit_s == 0 || isnan(rt->o.cpu_limit_s))
-        rt->o.cpu_limit_s = 60;
-    if (rt->o.compile_cpu_s <= 0) rt->o.compile_cpu_s = 60;
-    if (!rt->o.compile_mem) rt->o.compile_mem = 2ull << 30;
-    if (rt->o.fiber_stack < (256u << 10)) rt->o.fiber_stack = 1u << 20;
-    rt->o.fiber_stack = (rt->o.fiber_stack + 4095) & ~4095u;
+    if (o->n_workers <= 0) o->n_workers = 2;
+    if (!o->memory_limit) o->memory_limit = 1ull << 30;
+    if (o->cpu_limit_s == 0 || isnan(o->cpu_limit_s))
+        o->cpu_limit_s = 60;
+    if (o->compile_cpu_s <= 0) o->compile_cpu_s = 60;
+    if (!o->compile_mem) o->compile_mem = 2ull << 30;
+    if (o->fiber_stack < (256u << 10)) o->fiber_stack = 1u << 20;
+    o->fiber_stack = (o->fiber_stack + 4095) & ~4095u;
+}
+
+/* Copies cache dir and HTTP allow list into rt; PIE_ENOMEM, freeing both. */
+static int copy_strings(pie_rt *rt)
+{
     rt->cache_dir = rt->o.cache_dir ? strdup(rt->o.cache_dir)
                                     : default_cache_dir();
     rt->http_allow = calloc(rt->o.n_http_allow + 1, sizeof(char *));
     if (!rt->cache_dir || !rt->http_allow) {
         free(rt->cache_dir);
         free(rt->http_allow);
-        free(rt);
         return pie_err_set(PIE_ENOMEM, "out of memory");
     }
     for (int k = 0; k < rt->o.n_http_allow; k++)
         rt->http_allow[k] = strdup(rt->o.http_allow[k]);
     rt->o.http_allow = (const char *const *)rt->http_allow;
     rt->o.cache_dir = rt->cache_dir;
-    int rc = mkdir_p(rt->cache_dir);
-    if (!rc)
-        rc = check_cache_dir(rt->cache_dir);
-    if (rc)
-        goto err;
-    pie__rt_cache_sweep(rt->cache_dir);
-    pie__rt_signals_init();
+    return 0;
+}
+
+/* Initializes rt's lock and condvars (timer_cv on CLOCK_MONOTONIC). */
+static void init_sync(pie_rt *rt)
+{
     pthread_mutex_init(&rt->lock, NULL);
     pthread_cond_init(&rt->live_cv, NULL);
     pthread_condattr_t ca;
@@ -1083,12 +1081,15 @@ int pie_rt_create(const pie_rt_opts *o, pie_rt **out)
     pthread_condattr_setclock(&ca, CLOCK_MONOTONIC);
     pthread_cond_init(&rt->timer_cv, &ca);
     pthread_condattr_destroy(&ca);
+}
+
+/* Starts the worker threads; on failure rt->n_workers counts those started. */
+static int start_workers(pie_rt *rt)
+{
     rt->n_workers = rt->o.n_workers;
     rt->workers = calloc(rt->n_workers, sizeof *rt->workers);
-    if (!rt->workers) {
-        rc = pie_err_set(PIE_ENOMEM, "out of memory");
-        goto err;
-    }
+    if (!rt->workers)
+        return pie_err_set(PIE_ENOMEM, "out of memory");
     for (int k = 0; k < rt->n_workers; k++) {
         pie_rt_worker *w = &rt->workers[k];
         w->rt = rt;
@@ -1096,18 +1097,16 @@ int pie_rt_create(const pie_rt_opts *o, pie_rt **out)
         pthread_mutex_init(&w->lock, NULL);
         pthread_cond_init(&w->cv, NULL);
         if (pthread_create(&w->thread, NULL, worker_main, w) != 0) {
-            rc = pie_err_set(PIE_EIO, "cannot start worker threads");
             rt->n_workers = k;
-            goto err;
+            return pie_err_set(PIE_EIO, "cannot start worker threads");
         }
     }
-    if (pthread_create(&rt->watchdog, NULL, watchdog_main, rt) != 0) {
-        rc = pie_err_set(PIE_EIO, "cannot start the watchdog thread");
-        goto err;
-    }
-    *out = rt;
     return 0;
-err:
+}
+
+/* pie_rt_create's error path: stops the workers started, frees rt. */
+static void create_undo(pie_rt *rt)
+{
     if (rt->workers) {
         for (int k = 0; k < rt->n_workers; k++) {
             pthread_mutex_lock(&rt->workers[k].lock);
@@ -1123,6 +1122,41 @@ err:
     free(rt->workers);
     free(rt->cache_dir);
     free(rt);
+}
+
+int pie_rt_create(const pie_rt_opts *o, pie_rt **out)
+{
+    *out = NULL;
+    pie_rt *rt = calloc(1, sizeof *rt);
+    if (!rt)
+        return pie_err_set(PIE_ENOMEM, "out of memory");
+    if (o)
+        rt->o = *o;
+    apply_defaults(&rt->o);
+    int rc = copy_strings(rt);
+    if (rc) {
+        free(rt);
+        return rc;
+    }
+    rc = mkdir_p(rt->cache_dir);
+    if (!rc)
+        rc = check_cache_dir(rt->cache_dir);
+    if (rc)
+        goto err;
+    pie__rt_cache_sweep(rt->cache_dir);
+    pie__rt_signals_init();
+    init_sync(rt);
+    rc = start_workers(rt);
+    if (rc)
+        goto err;
+    if (pthread_create(&rt->watchdog, NULL, watchdog_main, rt) != 0) {
+        rc = pie_err_set(PIE_EIO, "cannot start the watchdog thread");
+        goto err;
+    }
+    *out = rt;
+    return 0;
+err:
+    create_undo(rt);
     return rc;
 }
 
