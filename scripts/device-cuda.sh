@@ -60,6 +60,11 @@
 #   envab   a setting (ENVAB="VAR=value ...") against the default in this
 #           build, alternating (ENVAB_CFGS="model B ctx steps,...")
 #   ncugemv ncu of gemv.cu's decode matmuls (8B and 1B batch 1)
+#   spread  batch 1 of both shapes in several processes (SPREAD_RUNS, 4):
+#           each one's tuned gemv.cu warps per weight shape and decode GPU
+#           span (PIE_CUDA_TUNE_LOG, PIE_CUDA_STEPS), to see how much the
+#           step varies between processes and which choice goes with it
+#           (NOTES.md, round 22)
 #   kvread  decode attention's KV reads alone (bench_kv_read) at the 8B
 #           B=256 ctx 512 and B=16 ctx 2048 shapes
 #   gap     the host's time between two fires of the control layer
@@ -184,6 +189,21 @@ for phase in "$@"; do
                 [ $((i % 2)) = 0 ] && TAG="dflt " bench $cfg
                 ( export "${envs[@]}"; TAG="set " bench $cfg )
                 [ $((i % 2)) = 1 ] && TAG="dflt " bench $cfg
+            done
+        done
+        ;;
+    spread)     # per process: gemv.cu's warps taken per weight shape (at
+                # batches of 1..8) and the decode GPU span
+        log "spread"
+        for m in llama-3.2-1b llama-3.1-8b; do
+            for i in $(seq "${SPREAD_RUNS:-4}"); do
+                PIE_CUDA_TUNE_LOG=1 PIE_CUDA_STEPS=1 timeout 200 $R pie bench forward \
+                    --backend cuda --model random:$m --batch 1 --prompt-len 512 \
+                    --gen 200 > "$OUT/spread-$m-$i.log" 2>&1
+                w=$(grep "(m 8)" "$OUT/spread-$m-$i.log" | sed -E \
+                    's#.*tune n ([0-9]+) .* -> [a-zA-Z]+ r([0-9]+)$#\1:r\2#' | tr '\n' ' ')
+                span=$(grep -o "gpu span [0-9.]*" "$OUT/spread-$m-$i.log")
+                echo "$m run $i: $span; weight rows:warps $w" | tee -a "$OUT/summary.log"
             done
         done
         ;;

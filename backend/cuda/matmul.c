@@ -222,9 +222,9 @@ static void try_gemv(cuda_backend *c, mm_plan *p, const uint16_t *W,
         p->gemv_r = gr;
     if (getenv("PIE_CUDA_TUNE_LOG"))
         fprintf(stderr, "pie: tune n %d k %d: cublasLt %.1f us, gemv r1/2/4/8 "
-                "%.1f/%.1f/%.1f/%.1f us (m %d) -> %s\n", p->n, p->k,
+                "%.1f/%.1f/%.1f/%.1f us (m %d) -> %s r%d\n", p->n, p->k,
                 lt * 1e3, t[0] * 1e3, t[1] * 1e3, t[2] * 1e3, t[3] * 1e3, gm,
-                p->gemv_r ? "gemv" : "cublasLt");
+                p->gemv_r ? "gemv" : "cublasLt", p->gemv_r ? p->gemv_r : gr);
 }
 
 /* Decode matmuls of 17..256 rows: wgmm.cu, timed at the plan's m in the
