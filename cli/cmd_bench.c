@@ -179,31 +179,32 @@ static void report(const bench_args *a, const pie_backend *b,
            a->prompt_len + a->warmup + a->gen);
 }
 
-static int bench_forward(int argc, char **argv)
+/* Parses the options into *a; false with *status (0 for --help, 2) to exit. */
+static bool parse_bench_args(int argc, char **argv, bench_args *a, int *status)
 {
-    bench_args a = { .batch = 1, .prompt_len = 128, .gen = 32, .page_size = 16,
-                     .chunk = 4096, .warmup = 2, .backend = "auto",
-                     .gpu = PIE_CLI_GPU_DEFAULT };
+    *a = (bench_args){ .batch = 1, .prompt_len = 128, .gen = 32,
+                       .page_size = 16, .chunk = 4096, .warmup = 2,
+                       .backend = "auto", .gpu = PIE_CLI_GPU_DEFAULT };
     const pie_opt opts[] = {
-        { "model", 'm', OPT_STR, &a.model, "model directory or random:SHAPE "
+        { "model", 'm', OPT_STR, &a->model, "model directory or random:SHAPE "
           "(stories15M, llama-3.2-1b, llama-3.1-8b)" },
-        { "batch", 'B', OPT_INT, &a.batch, "concurrent sequences, 1..2^20 "
+        { "batch", 'B', OPT_INT, &a->batch, "concurrent sequences, 1..2^20 "
           "(1)" },
-        { "prompt-len", 'L', OPT_INT, &a.prompt_len, "prompt tokens per "
+        { "prompt-len", 'L', OPT_INT, &a->prompt_len, "prompt tokens per "
           "sequence, 1..2^24 (128)" },
-        { "gen", 'N', OPT_INT, &a.gen, "decode steps timed, 0..2^24 (32)" },
-        { "warmup", 0, OPT_INT, &a.warmup, "decode steps before timing (2); "
+        { "gen", 'N', OPT_INT, &a->gen, "decode steps timed, 0..2^24 (32)" },
+        { "warmup", 0, OPT_INT, &a->warmup, "decode steps before timing (2); "
           "0 also skips the untimed warm-up prefill forward" },
-        { "chunk", 0, OPT_INT, &a.chunk, "max prefill tokens per forward, "
+        { "chunk", 0, OPT_INT, &a->chunk, "max prefill tokens per forward, "
           "0..2^24, at most the backend's (4096; 0 = the backend's most, 8192 "
           "on the GPU; no limit on the CPU)" },
-        { "backend", 'b', OPT_STR, &a.backend, "cpu, cuda or auto (auto)" },
-        { "page-size", 0, OPT_INT, &a.page_size, "KV page size in tokens, "
+        { "backend", 'b', OPT_STR, &a->backend, "cpu, cuda or auto (auto)" },
+        { "page-size", 0, OPT_INT, &a->page_size, "KV page size in tokens, "
           "1..65536 (16)" },
-        { "threads", 0, OPT_INT, &a.threads, "CPU threads (0 = all cores; "
+        { "threads", 0, OPT_INT, &a->threads, "CPU threads (0 = all cores; "
           "at most 1024)" },
-        PIE_CLI_OPT_GPU(a.gpu),
-        { "json", 0, OPT_FLAG, &a.json, "print one JSON object" },
+        PIE_CLI_OPT_GPU(a->gpu),
+        { "json", 0, OPT_FLAG, &a->json, "print one JSON object" },
         { 0 },
     };
     const pie_cmd_usage u = { "bench forward",
@@ -211,33 +212,57 @@ static int bench_forward(int argc, char **argv)
         "Measures prefill and decode throughput of the backend alone.", opts };
     char *pos[1];
     int npos, dd, rc = pie_opts_parse(&u, argc, argv, pos, 0, &npos, &dd);
-    if (rc) return rc < 0 ? 2 : 0;
+    *status = rc < 0 ? 2 : 0;
+    return rc == 0;
+}
+
+/* Range checks of the options; prints and returns -1 on the first bad one. */
+static int check_bench_args(const bench_args *a)
+{
     const char *cmd = "bench forward";
-    if (pie_cli_check_int(cmd, "batch", a.batch, 1, BENCH_MAX_BATCH) ||
-        pie_cli_check_int(cmd, "prompt-len", a.prompt_len, 1,
+    if (pie_cli_check_int(cmd, "batch", a->batch, 1, BENCH_MAX_BATCH) ||
+        pie_cli_check_int(cmd, "prompt-len", a->prompt_len, 1,
                           PIE_CLI_MAX_TOKENS) ||
-        pie_cli_check_int(cmd, "gen", a.gen, 0, PIE_CLI_MAX_TOKENS) ||
-        pie_cli_check_int(cmd, "warmup", a.warmup, 0, PIE_CLI_MAX_TOKENS) ||
-        pie_cli_check_int(cmd, "chunk", a.chunk, 0, PIE_CLI_MAX_TOKENS) ||
-        pie_cli_check_backend_opts(cmd, a.page_size, a.threads,
-                                   &a.gpu))
-        return 2;
+        pie_cli_check_int(cmd, "gen", a->gen, 0, PIE_CLI_MAX_TOKENS) ||
+        pie_cli_check_int(cmd, "warmup", a->warmup, 0, PIE_CLI_MAX_TOKENS) ||
+        pie_cli_check_int(cmd, "chunk", a->chunk, 0, PIE_CLI_MAX_TOKENS) ||
+        pie_cli_check_backend_opts(cmd, a->page_size, a->threads,
+                                   &a->gpu))
+        return -1;
+    return 0;
+}
+
+/* The KV pages the run needs into *pages, and one sequence's tokens into
+ * *tokens; prints and returns -1 when the pages pass INT32_MAX. */
+static int bench_kv_pages(const bench_args *a, int64_t *tokens,
+                          int64_t *pages)
+{
     /* each sequence's tokens, one page spare; in 64 bits, then bounded */
-    int64_t tokens = (int64_t)a.prompt_len + a.gen + a.warmup;
-    int64_t pages = (int64_t)a.batch *
-                    ((tokens + a.page_size) / a.page_size + 1);
-    if (pages > INT32_MAX) {
+    *tokens = (int64_t)a->prompt_len + a->gen + a->warmup;
+    *pages = (int64_t)a->batch *
+             ((*tokens + a->page_size) / a->page_size + 1);
+    if (*pages > INT32_MAX) {
         fprintf(stderr, "pie bench forward: %d sequences of %lld tokens need "
                 "%lld KV pages of %d tokens, more than %d; lower --batch, "
-                "--prompt-len or --gen, or raise --page-size\n", a.batch,
-                (long long)tokens, (long long)pages, a.page_size, INT32_MAX);
-        return 2;
+                "--prompt-len or --gen, or raise --page-size\n", a->batch,
+                (long long)*tokens, (long long)*pages, a->page_size, INT32_MAX);
+        return -1;
     }
+    return 0;
+}
+
+static int bench_forward(int argc, char **argv)
+{
+    bench_args a;
+    int status;
+    int64_t tokens, pages;
+    if (!parse_bench_args(argc, argv, &a, &status)) return status;
+    if (check_bench_args(&a) || bench_kv_pages(&a, &tokens, &pages)) return 2;
     pie_model *m;
     pie_backend *b = NULL;
     if (pie_cli_load_model(a.model, &m)) return 1;
     bench_result r;
-    int status = 1;
+    status = 1;
     int brc = pie_cli_backend(a.backend, m, a.page_size, (int)pages,
                               a.threads, &a.gpu, &b);
     if (brc == PIE_ENOMEM)

@@ -207,17 +207,25 @@ static int default_output(const char *in, char *out, size_t cap)
     return 0;
 }
 
-int pie_cmd_build(int argc, char **argv)
+/* pie build's options (--output, --sdk, --cc, --opt, --verbose). */
+typedef struct build_args {
+    const char *out, *sdk, *cc, *opt;
+    bool        verbose;
+} build_args;
+
+/* Parses the options before "--" (argv[1..split)) into *a and the one
+ * FILE.c|DIR into *in; false with *status (0 for --help, 2) to exit. */
+static bool parse_build_args(int split, char **argv, build_args *a,
+                             char **in, int *status)
 {
-    const char *out = NULL, *sdk = PIE_SOURCE_DIR "/sdk/c", *cc = NULL;
-    const char *opt = "-O2";
-    bool verbose = false;
+    *a = (build_args){ .sdk = PIE_SOURCE_DIR "/sdk/c", .opt = "-O2" };
     const pie_opt opts[] = {
-        { "output", 'o', OPT_STR, &out, "output .wasm (default: NAME.wasm)" },
-        { "sdk", 0, OPT_STR, &sdk, "C SDK directory (" PIE_SOURCE_DIR "/sdk/c)" },
-        { "cc", 0, OPT_STR, &cc, "clang to use (clang, clang-14 on PATH)" },
-        { "opt", 'O', OPT_STR, &opt, "optimization flag (-O2)" },
-        { "verbose", 'v', OPT_FLAG, &verbose, "print the compiler command" },
+        { "output", 'o', OPT_STR, &a->out, "output .wasm (default: "
+          "NAME.wasm)" },
+        { "sdk", 0, OPT_STR, &a->sdk, "C SDK directory (" PIE_SOURCE_DIR "/sdk/c)" },
+        { "cc", 0, OPT_STR, &a->cc, "clang to use (clang, clang-14 on PATH)" },
+        { "opt", 'O', OPT_STR, &a->opt, "optimization flag (-O2)" },
+        { "verbose", 'v', OPT_FLAG, &a->verbose, "print the compiler command" },
         { 0 },
     };
     const pie_cmd_usage u = { "build",
@@ -225,57 +233,93 @@ int pie_cmd_build(int argc, char **argv)
         "Compiles a C inferlet (one file, or every .c file of DIR) with the "
         "pie C SDK into a wasm32-wasi module for `pie run`. Compiler errors "
         "are shown as the compiler prints them.", opts };
-    /* Split at "--" first: what follows goes to clang as is. */
-    int split = 1;
-    while (split < argc && strcmp(argv[split], "--")) split++;
     char *pos[8];
     int npos, dd, rc = pie_opts_parse(&u, split, argv, pos, 8, &npos, &dd);
-    if (rc) return rc < 0 ? 2 : 0;
+    *status = rc < 0 ? 2 : 0;
+    if (rc) return false;
     if (npos != 1) {
         fprintf(stderr, "pie build: give one FILE.c or DIR (see --help)\n");
-        return 2;
+        *status = 2;
+        return false;
     }
-    char ccbuf[4096], outbuf[4096];
+    *in = pos[0];
+    return true;
+}
+
+/* The clang to run (--cc, else clang or clang-14 on PATH; buf holds a
+ * path found on PATH), after checking that wasi-libc is installed too;
+ * NULL after printing what is missing. */
+static const char *find_toolchain(const char *cc, char *buf, size_t cap)
+{
     const char *names[] = { cc ? cc : "clang", "clang-14", NULL };
     if (cc) names[1] = NULL;
-    const char *clang = find_prog(names, ccbuf, sizeof ccbuf);
+    const char *clang = find_prog(names, buf, cap);
     if (!clang) {
         fprintf(stderr, "pie build: %s not found; install clang, lld, "
                 "wasi-libc and libclang-rt-14-dev-wasm32\n", cc ? cc : "clang");
-        return 1;
+        return NULL;
     }
     if (!exists(WASI_INC "/stdio.h") || !exists(WASI_LIB "/libc.a")) {
         fprintf(stderr, "pie build: wasi-libc not found (%s, %s); install "
                 "the wasi-libc package\n", WASI_INC, WASI_LIB);
-        return 1;
+        return NULL;
     }
-    if (!out) {
-        if (default_output(pos[0], outbuf, sizeof outbuf)) return 2;
-        out = outbuf;
-    }
-    strv cmd = {0};
+    return clang;
+}
+
+/* Fills cmd with the compiler command: clang, --opt, the flags the runtime
+ * needs, the nflags CFLAGS given after "--", the inputs in, the SDK and
+ * -o OUT. Nonzero on failure (add_inputs and add_sdk print why; out of
+ * memory is silent); cmd is the caller's to free either way. */
+static int build_command(strv *cmd, const build_args *a, const char *clang,
+                         const char *in, int nflags, char **cflags)
+{
     static const char *const flags[] = {
         "--target=wasm32-wasi", "-nostdlibinc", "-isystem", WASI_INC,
         "-Wl,--stack-first", "-Wl,-z,stack-size=131072", "-Wl,--strip-all",
         "-mno-simd128",
     };
-    rc = sv_push(&cmd, clang) || sv_push(&cmd, opt);
+    int rc = sv_push(cmd, clang) || sv_push(cmd, a->opt);
     for (size_t i = 0; i < sizeof flags / sizeof *flags && !rc; i++)
-        rc = sv_push(&cmd, flags[i]);
-    for (int i = split + 1; i < argc && !rc; i++) rc = sv_push(&cmd, argv[i]);
-    if (!rc) rc = add_inputs(&cmd, pos[0]);
-    if (!rc) rc = add_sdk(&cmd, sdk);
-    if (!rc) rc = sv_push(&cmd, "-o") || sv_push(&cmd, out);
-    if (rc) {
+        rc = sv_push(cmd, flags[i]);
+    for (int i = 0; i < nflags && !rc; i++) rc = sv_push(cmd, cflags[i]);
+    if (!rc) rc = add_inputs(cmd, in);
+    if (!rc) rc = add_sdk(cmd, a->sdk);
+    if (!rc) rc = sv_push(cmd, "-o") || sv_push(cmd, a->out);
+    return rc;
+}
+
+/* Prints cmd on stderr as one line, its words separated by spaces. */
+static void print_command(const strv *cmd)
+{
+    for (size_t i = 0; i < cmd->n; i++)
+        fprintf(stderr, "%s%s", i ? " " : "", cmd->v[i]);
+    fprintf(stderr, "\n");
+}
+
+int pie_cmd_build(int argc, char **argv)
+{
+    build_args a;
+    /* Split at "--" first: what follows goes to clang as is. */
+    int split = 1;
+    while (split < argc && strcmp(argv[split], "--")) split++;
+    int nflags = split < argc ? argc - split - 1 : 0, status;
+    char *in;
+    if (!parse_build_args(split, argv, &a, &in, &status)) return status;
+    char ccbuf[4096], outbuf[4096];
+    const char *clang = find_toolchain(a.cc, ccbuf, sizeof ccbuf);
+    if (!clang) return 1;
+    if (!a.out) {
+        if (default_output(in, outbuf, sizeof outbuf)) return 2;
+        a.out = outbuf;
+    }
+    strv cmd = {0};
+    if (build_command(&cmd, &a, clang, in, nflags, argv + split + 1)) {
         sv_free(&cmd);
         return 1;
     }
-    if (verbose) {
-        for (size_t i = 0; i < cmd.n; i++)
-            fprintf(stderr, "%s%s", i ? " " : "", cmd.v[i]);
-        fprintf(stderr, "\n");
-    }
-    rc = run_child(cmd.v);
+    if (a.verbose) print_command(&cmd);
+    int rc = run_child(cmd.v);
     sv_free(&cmd);
     if (rc != 0) {
         fprintf(stderr, "pie build: compilation failed\n");

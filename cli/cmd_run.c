@@ -514,48 +514,51 @@ static int check_run_args(const run_args *a)
     return 0;
 }
 
-int pie_cmd_run(int argc, char **argv)
+/* Parses the options before "--" (argv[1..split)) into *a and the one
+ * INFERLET into *inferlet; false with *status (0 for --help, 2) to exit. */
+static bool parse_run_args(int split, char **argv, run_args *a,
+                           char **inferlet, int *status)
 {
-    run_args a = { .backend = "auto", .n = 1, .page_size = 16, .workers = 2,
-                   .cpu_limit = 60.0f, .memory_limit_mb = 1024.0f,
-                   .gpu = PIE_CLI_GPU_DEFAULT };
+    *a = (run_args){ .backend = "auto", .n = 1, .page_size = 16,
+                     .workers = 2, .cpu_limit = 60.0f,
+                     .memory_limit_mb = 1024.0f, .gpu = PIE_CLI_GPU_DEFAULT };
     const pie_opt opts[] = {
-        { "model", 'm', OPT_STR, &a.model, "model directory (or PIE_MODEL)" },
-        { "n", 'n', OPT_INT, &a.n, "instances to launch concurrently (1)" },
-        { "cpu-limit", 0, OPT_FLOAT, &a.cpu_limit, "CPU seconds per instance "
+        { "model", 'm', OPT_STR, &a->model, "model directory (or PIE_MODEL)" },
+        { "n", 'n', OPT_INT, &a->n, "instances to launch concurrently (1)" },
+        { "cpu-limit", 0, OPT_FLOAT, &a->cpu_limit, "CPU seconds per instance "
           "(60; < 0 = none; at most 1e9)" },
-        { "memory-limit", 0, OPT_FLOAT, &a.memory_limit_mb, "linear memory "
+        { "memory-limit", 0, OPT_FLOAT, &a->memory_limit_mb, "linear memory "
           "per instance, MB, 0.0625..4096 (1024)" },
-        { "backend", 'b', OPT_STR, &a.backend, "cpu, cuda or auto (auto)" },
-        { "page-size", 0, OPT_INT, &a.page_size, "KV page size in tokens, "
+        { "backend", 'b', OPT_STR, &a->backend, "cpu, cuda or auto (auto)" },
+        { "page-size", 0, OPT_INT, &a->page_size, "KV page size in tokens, "
           "1..65536 (16)" },
-        { "pages", 0, OPT_INT, &a.pages, "KV pages in the pool (0 = the backend's "
+        { "pages", 0, OPT_INT, &a->pages, "KV pages in the pool (0 = the backend's "
           "default; raise it for many instances)" },
-        { "token-limit", 0, OPT_U64, &a.token_limit, "tokens one instance may "
+        { "token-limit", 0, OPT_U64, &a->token_limit, "tokens one instance may "
           "forward in total (0 = no limit)" },
-        { "max-output-bytes", 0, OPT_U64, &a.max_output_bytes, "host bytes "
+        { "max-output-bytes", 0, OPT_U64, &a->max_output_bytes, "host bytes "
           "one instance's submitted forwards may keep until their futures "
           "are freed (results and input copies) and its queued KV copies "
           "until they run, 0..4294967296 (0 = 256 MiB; at most "
           "--memory-limit)" },
-        { "priority", 0, OPT_INT, &a.priority, "scheduling class of the "
+        { "priority", 0, OPT_INT, &a->priority, "scheduling class of the "
           "instances, 0 (first) .. 7 (0)" },
-        { "max-pages", 0, OPT_INT, &a.max_pages, "KV pages one instance may "
+        { "max-pages", 0, OPT_INT, &a->max_pages, "KV pages one instance may "
           "hold (0 = no limit)" },
-        { "threads", 0, OPT_INT, &a.threads, "CPU backend threads (0 = all; "
+        { "threads", 0, OPT_INT, &a->threads, "CPU backend threads (0 = all; "
           "at most 1024)" },
-        PIE_CLI_OPT_GPU(a.gpu),
-        PIE_CLI_OPT_GPU_MEMORY(a.gpu),
-        { "workers", 0, OPT_INT, &a.workers, "inferlet worker threads, "
+        PIE_CLI_OPT_GPU(a->gpu),
+        PIE_CLI_OPT_GPU_MEMORY(a->gpu),
+        { "workers", 0, OPT_INT, &a->workers, "inferlet worker threads, "
           "1..1024 (2)" },
-        { "cache-dir", 0, OPT_STR, &a.cache_dir, "compiled-inferlet cache "
+        { "cache-dir", 0, OPT_STR, &a->cache_dir, "compiled-inferlet cache "
           "(~/.cache/pie)" },
-        { "kv-dir", 0, OPT_STR, &a.kv_dir, "persist named KV exports here: "
+        { "kv-dir", 0, OPT_STR, &a->kv_dir, "persist named KV exports here: "
           "loaded at start, saved at exit" },
-        { "max-export-pages", 0, OPT_INT, &a.max_export_pages, "KV pages "
+        { "max-export-pages", 0, OPT_INT, &a->max_export_pages, "KV pages "
           "all named exports together may pin, also those whose instance "
           "ended (0 = half the pool)" },
-        { "policy", 0, OPT_STR, &a.policy, "KV pool under pressure: wait, "
+        { "policy", 0, OPT_STR, &a->policy, "KV pool under pressure: wait, "
           "suspend (swap idle instances to host) or fcfs (end the newest) "
           "(wait)" },
         { 0 },
@@ -567,21 +570,32 @@ int pie_cmd_run(int argc, char **argv)
         "status (1 after a trap or for a status outside 0..255). The "
         "inferlet's messages and stdout go to standard output, its stderr "
         "and pie's diagnostics to standard error.", opts };
+    char *pos[8];
+    int npos, dd, rc = pie_opts_parse(&u, split, argv, pos, 8, &npos, &dd);
+    *status = rc < 0 ? 2 : 0;
+    if (rc) return false;
+    if (npos != 1) {
+        fprintf(stderr, "pie run: give one INFERLET (arguments for it go "
+                "after '--'; see --help)\n");
+        *status = 2;
+        return false;
+    }
+    *inferlet = pos[0];
+    return true;
+}
+
+int pie_cmd_run(int argc, char **argv)
+{
+    run_args a;
+    char *inferlet;
     /* Split at "--" first: what follows belongs to the inferlet, even
      * --help (pie_opts_parse would take it). */
     int split = 1;
     while (split < argc && strcmp(argv[split], "--")) split++;
-    int nargs = split < argc ? argc - split - 1 : 0, npos, dd;
-    char *pos[8];
-    int rc = pie_opts_parse(&u, split, argv, pos, 8, &npos, &dd);
-    if (rc) return rc < 0 ? 2 : 0;
-    if (npos != 1) {
-        fprintf(stderr, "pie run: give one INFERLET (arguments for it go "
-                "after '--'; see --help)\n");
-        return 2;
-    }
+    int nargs = split < argc ? argc - split - 1 : 0, status;
+    if (!parse_run_args(split, argv, &a, &inferlet, &status)) return status;
     if (check_run_args(&a)) return 2;
     char path[PATH_MAX];
-    if (pie_cli_resolve_inferlet(pos[0], path, sizeof path)) return 2;
+    if (pie_cli_resolve_inferlet(inferlet, path, sizeof path)) return 2;
     return run_engine(&a, path, nargs, argv + split + 1);
 }
