@@ -369,65 +369,101 @@ static void *dup_arr(const void *src, size_t n, size_t size, bool *fail)
     return p;
 }
 
-/* Copies f's arrays into a new op (no lock needed). */
-static ctl_op *op_build(pie_ctl *ctl, const pie_ctl_forward *f)
+/* Copies f's tokens, positions and attention mask into op and gives it its
+ * page array; on out of memory sets *fail (op keeps what it got). */
+static void op_copy_tokens(pie_ctl *ctl, const pie_ctl_forward *f,
+                           ctl_op *op, bool *fail)
 {
-    ctl_op *op = calloc(1, sizeof *op);
-    if (!op) return NULL;
-    pthread_cond_init(&op->cv, NULL);
-    bool fail = false;
-    int32_t n = f->n_tokens, no = f->n_outputs;
-    op->kind = OP_FORWARD;
-    op->ctl = ctl;
+    int32_t n = f->n_tokens;
     op->n_tokens = n;
-    op->tokens = dup_arr(f->tokens, n, sizeof(int32_t), &fail);
-    op->positions = dup_arr(f->positions, n, sizeof(int32_t), &fail);
+    op->tokens = dup_arr(f->tokens, n, sizeof(int32_t), fail);
+    op->positions = dup_arr(f->positions, n, sizeof(int32_t), fail);
     op->pages = calloc(f->n_pages, sizeof(int32_t));
     op->last_page_len = f->last_page_len;
     op->kv_len = (f->n_pages - 1) * ctl->ps + f->last_page_len;
     if (f->mask_indptr) {
-        op->mask_indptr = dup_arr(f->mask_indptr, n + 1, sizeof(uint32_t), &fail);
+        op->mask_indptr = dup_arr(f->mask_indptr, n + 1, sizeof(uint32_t), fail);
         op->mask_runs = dup_arr(f->mask_runs, f->mask_indptr[n], sizeof(uint32_t),
-                                &fail);
+                                fail);
     }
+}
+
+/* Moves the LOGPROBS ids of op's samplers into one buffer op owns
+ * (op->idbuf, n_ids long) and points the samplers into it; false on out
+ * of memory. */
+static bool op_gather_ids(ctl_op *op, int32_t n_ids)
+{
+    op->idbuf = malloc(n_ids * sizeof(int32_t));
+    if (!op->idbuf) return false;
+    for (int32_t o = 0, at = 0; o < op->n_outputs; o++) {
+        pie_sampler *s = &op->samplers[o];
+        if (s->kind != PIE_PROBE_LOGPROBS || s->n_ids == 0) continue;
+        memcpy(op->idbuf + at, s->ids, s->n_ids * sizeof(int32_t));
+        s->ids = op->idbuf + at;
+        at += s->n_ids;
+    }
+    return true;
+}
+
+/* Copies f's output rows, samplers (their ids included) and logit mask
+ * into op; returns the probe values they ask for, and on out of memory
+ * sets *fail (op keeps what it got). */
+static int32_t op_copy_outputs(pie_ctl *ctl, const pie_ctl_forward *f,
+                               ctl_op *op, bool *fail)
+{
+    int32_t no = f->n_outputs;
     op->n_outputs = no;
-    op->output_idx = dup_arr(f->output_idx, no, sizeof(int32_t), &fail);
-    op->samplers = dup_arr(f->samplers, no, sizeof(pie_sampler), &fail);
+    op->output_idx = dup_arr(f->output_idx, no, sizeof(int32_t), fail);
+    op->samplers = dup_arr(f->samplers, no, sizeof(pie_sampler), fail);
     int32_t n_ids = 0, n_vals = 0;   /* <= CTL_MAX_VALUES (check_forward) */
     for (int32_t o = 0; o < no; o++) {
         if (f->samplers[o].kind == PIE_PROBE_LOGPROBS) n_ids += f->samplers[o].n_ids;
         n_vals += pie_sampler_values(&f->samplers[o], ctl->vocab);
     }
-    if (n_ids > 0 && !fail) {
-        op->idbuf = malloc(n_ids * sizeof(int32_t));
-        fail |= !op->idbuf;
-        for (int32_t o = 0, at = 0; o < no && !fail; o++) {
-            pie_sampler *s = &op->samplers[o];
-            if (s->kind != PIE_PROBE_LOGPROBS || s->n_ids == 0) continue;
-            memcpy(op->idbuf + at, s->ids, s->n_ids * sizeof(int32_t));
-            s->ids = op->idbuf + at;
-            at += s->n_ids;
-        }
-    }
+    if (n_ids > 0 && !*fail) *fail = !op_gather_ids(op, n_ids);
     if (f->logit_mask_indptr) {
         op->lm_indptr = dup_arr(f->logit_mask_indptr, no + 1, sizeof(uint32_t),
-                                &fail);
+                                fail);
         op->lm_runs = dup_arr(f->logit_mask_runs, f->logit_mask_indptr[no],
-                              sizeof(uint32_t), &fail);
+                              sizeof(uint32_t), fail);
     }
+    return n_vals;
+}
+
+/* Allocates op's result arrays for n_vals probe values, and its chain and
+ * write arrays; a NULL array is left for the caller to check. */
+static void op_alloc_results(ctl_op *op, const pie_ctl_forward *f,
+                             int32_t n_vals)
+{
+    int32_t no = f->n_outputs;
     op->out.tokens = calloc(no > 0 ? no : 1, sizeof(int32_t));
     op->out.value_indptr = calloc(no + 1, sizeof(uint32_t));
     op->out.values = calloc(n_vals > 0 ? n_vals : 1, sizeof(float));
     op->out.ids = calloc(n_vals > 0 ? n_vals : 1, sizeof(int32_t));
     op->chains = calloc(f->n_chains > 0 ? f->n_chains : 1, sizeof(ctl_chain));
     op->writes = calloc(f->n_pages, sizeof(ctl_write));
+}
+
+/* Copies f's arrays into a new op (no lock needed); NULL on out of memory,
+ * with all of it freed. */
+static ctl_op *op_build(pie_ctl *ctl, const pie_ctl_forward *f)
+{
+    ctl_op *op = calloc(1, sizeof *op);
+    if (!op) return NULL;
+    pthread_cond_init(&op->cv, NULL);
+    bool fail = false;
+    op->kind = OP_FORWARD;
+    op->ctl = ctl;
+    op_copy_tokens(ctl, f, op, &fail);
+    int32_t n_vals = op_copy_outputs(ctl, f, op, &fail);
+    op_alloc_results(op, f, n_vals);
     if (fail || !op->pages || !op->out.tokens || !op->out.value_indptr ||
         !op->out.values || !op->out.ids || !op->chains || !op->writes) {
         atomic_store(&op->refs, 1);
         pie__op_unref(op);
         return NULL;
     }
-    for (int32_t o = 0; o < no; o++) {
+    for (int32_t o = 0; o < op->n_outputs; o++) {
         op->out.tokens[o] = -1;
         op->out.value_indptr[o + 1] = op->out.value_indptr[o] +
             pie_sampler_values(&op->samplers[o], ctl->vocab);
@@ -660,6 +696,45 @@ static void op_enqueue(pie_ctl_client *c, ctl_op *op)
     if (op->n_pending == 0) pie__make_ready(ctl, op);
 }
 
+/* Checks c's token quota, resumes c, and resolves f's pages, chains and
+ * cached prefix into op (mu held); 0 or a PIE_E error, with nothing wired
+ * but chain references and deps on parents (submit_unwind drops those). */
+static int submit_resolve(pie_ctl_client *c, const pie_ctl_forward *f,
+                          ctl_op *op)
+{
+    pie_ctl *ctl = c->ctl;
+    int rc;
+    if (c->max_tokens > 0 && c->tokens_used + f->n_tokens > c->max_tokens)
+        return pie_err_set(PIE_ELIMIT, "control: client '%s' token quota "
+                           "exceeded: used %lld, asks %d, limit %lld", c->name,
+                           (long long)c->tokens_used, f->n_tokens,
+                           (long long)c->max_tokens);
+    if ((rc = RESUME_NOW(c)) < 0) return rc;
+    pie__client_not_waiting(c);
+    if ((rc = resolve_pages(c, f, op)) < 0) return rc;
+    if ((rc = check_filled(ctl, f, op)) < 0) return rc;
+    if ((rc = check_distinct(f, op, ctl->ps)) < 0) return rc;
+    if ((rc = resolve_chains(c, f, op)) < 0) return rc;
+    return resolve_prefix(c, f, op);
+}
+
+/* Drops what submit_resolve wired of a refused op: its chain references
+ * and its entries in its parents' deps (mu held). */
+static void submit_unwind(ctl_op *op)
+{
+    for (int32_t i = 0; i < op->n_chains; i++) {
+        ctl_op *p = op->chains[i].from;
+        if (!p) continue;                /* taken from a done forward */
+        for (int32_t d = p->n_deps - 1; d >= 0; d--)
+            if (p->deps[d].op == op) {
+                p->deps[d] = p->deps[--p->n_deps];
+                atomic_fetch_sub(&op->refs, 1);
+                break;
+            }
+        pie__op_unref(p);
+    }
+}
+
 int pie_ctl_forward_submit(pie_ctl_client *c, const pie_ctl_forward *f,
                            pie_ctl_done_fn done, void *user,
                            pie_ctl_future **out)
@@ -680,20 +755,7 @@ int pie_ctl_forward_submit(pie_ctl_client *c, const pie_ctl_forward *f,
     op->state = OP_WAITING;
     pthread_mutex_lock(&ctl->mu);
     CLIENT_CALL(c);
-    if (c->max_tokens > 0 && c->tokens_used + f->n_tokens > c->max_tokens) {
-        rc = pie_err_set(PIE_ELIMIT, "control: client '%s' token quota "
-                         "exceeded: used %lld, asks %d, limit %lld", c->name,
-                         (long long)c->tokens_used, f->n_tokens,
-                         (long long)c->max_tokens);
-        goto fail;
-    }
-    if ((rc = RESUME_NOW(c)) < 0) goto fail;
-    pie__client_not_waiting(c);
-    if ((rc = resolve_pages(c, f, op)) < 0) goto fail;
-    if ((rc = check_filled(ctl, f, op)) < 0) goto fail;
-    if ((rc = check_distinct(f, op, ctl->ps)) < 0) goto fail;
-    if ((rc = resolve_chains(c, f, op)) < 0) goto fail;
-    if ((rc = resolve_prefix(c, f, op)) < 0) goto fail;
+    if ((rc = submit_resolve(c, f, op)) < 0) goto fail;
     op->n_pages = f->n_pages;
     c->tokens_used += op->n_tokens;
     rc = wire_pages(ctl, op);
@@ -711,17 +773,7 @@ int pie_ctl_forward_submit(pie_ctl_client *c, const pie_ctl_forward *f,
     return 0;
 fail:
     /* nothing was wired except chain references and deps on parents */
-    for (int32_t i = 0; i < op->n_chains; i++) {
-        ctl_op *p = op->chains[i].from;
-        if (!p) continue;                /* taken from a done forward */
-        for (int32_t d = p->n_deps - 1; d >= 0; d--)
-            if (p->deps[d].op == op) {
-                p->deps[d] = p->deps[--p->n_deps];
-                atomic_fetch_sub(&op->refs, 1);
-                break;
-            }
-        pie__op_unref(p);
-    }
+    submit_unwind(op);
     pthread_mutex_unlock(&ctl->mu);
     atomic_store(&op->refs, 1);
     pie__op_unref(op);
@@ -743,6 +795,88 @@ uint64_t pie_ctl_copy_bytes(void)
     return sizeof(ctl_op) + sizeof(ctl_write) + 2 * 2 * sizeof(ctl_dep);
 }
 
+/* Allocates a copy op with its one write (dst's fill), referenced by the
+ * control layer only; NULL on out of memory, with nothing left allocated. */
+static ctl_op *copy_op_new(pie_ctl *ctl)
+{
+    ctl_op *op = calloc(1, sizeof *op);
+    ctl_write *wr = malloc(sizeof *wr);   /* its one write: dst's fill */
+    if (!op || !wr) {
+        free(op), free(wr);
+        return NULL;
+    }
+    op->writes = wr;
+    pthread_cond_init(&op->cv, NULL);
+    op->kind = OP_COPY;
+    op->ctl = ctl;
+    atomic_store(&op->refs, 1);          /* control layer only */
+    op->state = OP_WAITING;
+    return op;
+}
+
+/* Resumes c and looks up a copy's source and destination handles into *hs
+ * and *hd (mu held); 0, or a PIE_E error where c cannot resume, a handle
+ * is unknown, the destination is read-only or both are one page. */
+static int copy_resolve(pie_ctl_client *c, uint32_t src, uint32_t dst,
+                        ctl_handle **hs, ctl_handle **hd)
+{
+    pie_ctl *ctl = c->ctl;
+    int rc = RESUME_NOW(c);
+    if (rc < 0) return rc;
+    *hs = pie__handle_get(c, src);
+    *hd = pie__handle_get(c, dst);
+    if (!*hs || !*hd) return PIE_EINVAL;
+    if ((*hd)->ro || PAGE_IS_SHARED(&ctl->pages[(*hd)->page]))
+        return pie_err_set(PIE_EPERM, "control: copy destination %u is "
+                           "read-only", dst);
+    if ((*hs)->page == (*hd)->page)
+        return pie_err_set(PIE_EINVAL, "control: copy within one page");
+    return 0;
+}
+
+/* The destination's fill after n slots from src_off of a page filled to
+ * src_fill are copied to dst_off of one filled to old. dst's fill covers
+ * written slots only: v of the n come from written source slots; the rest
+ * carry whatever src held, and a copy past dst's fill leaves a gap below
+ * it, so neither raises the fill. */
+static int32_t copy_fill(int32_t src_fill, int32_t src_off, int32_t old,
+                         int32_t dst_off, int32_t n)
+{
+    int32_t v = src_fill - src_off, nf;
+    v = v < 0 ? 0 : v > n ? n : v;
+    if (dst_off > old) nf = old;
+    else if (v < n) nf = dst_off + v;
+    else nf = old > dst_off + n ? old : dst_off + n;
+    return nf;
+}
+
+/* Orders copy op (its cp_* fields set) after the pending writers of its
+ * pages, makes it its destination's writer and records its write (mu
+ * held); 0, or PIE_ENOMEM where a dependency could not be added: op is
+ * wired all the same, for the caller to complete. */
+static int copy_wire(pie_ctl *ctl, ctl_op *op)
+{
+    int rc = 0;
+    ctl_page *ps_ = &ctl->pages[op->cp_src], *pd = &ctl->pages[op->cp_dst];
+    pie__page_ref(ctl, op->cp_src);
+    pie__page_ref(ctl, op->cp_dst);
+    if ((ps_->last_writer && add_dep(ps_->last_writer, op, false) < 0) ||
+        (pd->last_writer && add_dep(pd->last_writer, op, false) < 0))
+        rc = PIE_ENOMEM;
+    ctl_op *prev = pd->last_writer;      /* restored if op ends first */
+    if (prev) atomic_fetch_add(&prev->refs, 1);
+    pd->last_writer = op;
+    int32_t old = pd->fill;
+    int32_t nf = copy_fill(ps_->fill, op->cp_src_off, old, op->cp_dst_off,
+                           op->cp_n);
+    op->writes[op->n_writes++] = (ctl_write){
+        .page = op->cp_dst, .old_fill = old, .new_fill = nf, .prev = prev };
+    pd->fill = op->writes[0].new_fill;
+    pie__pool_copy_record(ctl, op->cp_src, op->cp_src_off, op->cp_dst,
+                          op->cp_dst_off, op->cp_n);
+    return rc;
+}
+
 int pie_ctl_page_copy_cb(pie_ctl_client *c, uint32_t src, int32_t src_off,
                          uint32_t dst, int32_t dst_off, int32_t n,
                          pie_ctl_done_fn done, void *user)
@@ -757,33 +891,14 @@ int pie_ctl_page_copy_cb(pie_ctl_client *c, uint32_t src, int32_t src_off,
                                                "%d slots from %d to %d does "
                                                "not fit pages of %d", n,
                                                src_off, dst_off, ps));
-    ctl_op *op = calloc(1, sizeof *op);
-    ctl_write *wr = malloc(sizeof *wr);   /* its one write: dst's fill */
-    if (!op || !wr) {
-        free(op), free(wr);
+    ctl_op *op = copy_op_new(ctl);
+    if (!op)
         return CLIENT_CALL_FAIL(c, pie_err_set(PIE_ENOMEM, "control: out of "
                                                "memory"));
-    }
-    op->writes = wr;
-    pthread_cond_init(&op->cv, NULL);
-    op->kind = OP_COPY;
-    op->ctl = ctl;
-    atomic_store(&op->refs, 1);          /* control layer only */
-    op->state = OP_WAITING;
     pthread_mutex_lock(&ctl->mu);
     CLIENT_CALL(c);
-    int rc = RESUME_NOW(c);
-    ctl_handle *hs = rc == 0 ? pie__handle_get(c, src) : NULL;
-    ctl_handle *hd = rc == 0 ? pie__handle_get(c, dst) : NULL;
-    if (rc < 0) {
-    } else if (!hs || !hd) {
-        rc = PIE_EINVAL;
-    } else if (hd->ro || PAGE_IS_SHARED(&ctl->pages[hd->page])) {
-        rc = pie_err_set(PIE_EPERM, "control: copy destination %u is "
-                         "read-only", dst);
-    } else if (hs->page == hd->page) {
-        rc = pie_err_set(PIE_EINVAL, "control: copy within one page");
-    }
+    ctl_handle *hs = NULL, *hd = NULL;
+    int rc = copy_resolve(c, src, dst, &hs, &hd);
     if (rc < 0) {
         pthread_mutex_unlock(&ctl->mu);
         pthread_cond_destroy(&op->cv);
@@ -794,27 +909,7 @@ int pie_ctl_page_copy_cb(pie_ctl_client *c, uint32_t src, int32_t src_off,
     pie__client_not_waiting(c);
     op->cp_src = hs->page, op->cp_src_off = src_off;
     op->cp_dst = hd->page, op->cp_dst_off = dst_off, op->cp_n = n;
-    ctl_page *ps_ = &ctl->pages[op->cp_src], *pd = &ctl->pages[op->cp_dst];
-    pie__page_ref(ctl, op->cp_src);
-    pie__page_ref(ctl, op->cp_dst);
-    if ((ps_->last_writer && add_dep(ps_->last_writer, op, false) < 0) ||
-        (pd->last_writer && add_dep(pd->last_writer, op, false) < 0))
-        rc = PIE_ENOMEM;
-    ctl_op *prev = pd->last_writer;      /* restored if op ends first */
-    if (prev) atomic_fetch_add(&prev->refs, 1);
-    pd->last_writer = op;
-    /* dst's fill covers written slots only: v of the n come from written
-     * source slots; the rest carry whatever src held, and a copy past
-     * dst's fill leaves a gap below it, so neither raises the fill */
-    int32_t v = ps_->fill - src_off, old = pd->fill, nf;
-    v = v < 0 ? 0 : v > n ? n : v;
-    if (dst_off > old) nf = old;
-    else if (v < n) nf = dst_off + v;
-    else nf = old > dst_off + n ? old : dst_off + n;
-    op->writes[op->n_writes++] = (ctl_write){
-        .page = op->cp_dst, .old_fill = old, .new_fill = nf, .prev = prev };
-    pd->fill = op->writes[0].new_fill;
-    pie__pool_copy_record(ctl, op->cp_src, src_off, op->cp_dst, dst_off, n);
+    rc = copy_wire(ctl, op);
     op->done = rc < 0 ? NULL : done;    /* a refused copy never calls back */
     op->user = user;
     op_enqueue(c, op);

@@ -485,53 +485,62 @@ static int http_count(I *i, http_req *r)
     return rc;
 }
 
-uint32_t Z_pieZ_http_request(I *i, uint32_t mp, uint32_t ml, uint32_t up,
-                             uint32_t ul, uint32_t hp, uint32_t hl,
-                             uint32_t bp, uint32_t bl)
+/* Gives new request r its runtime, cancel eventfd and copies of the
+ * guest's method, headers and body (bl bytes, not yet filled); a failed
+ * allocation leaves that field NULL (evfd negative) for the caller to
+ * check. */
+static void req_alloc(I *i, http_req *r, uint32_t mp, uint32_t ml,
+                      uint32_t hp, uint32_t hl, uint32_t bl)
 {
-    pie_rt_guest_ptr(i, mp, ml);
-    pie_rt_guest_ptr(i, up, ul);
-    pie_rt_guest_ptr(i, hp, hl);
-    pie_rt_guest_ptr(i, bp, bl);
-    if (ml == 0 || ml > 16 || ul == 0 || ul > 8192 || hl > 65536 ||
-        bl > (16u << 20))
-        return (uint32_t)PIE_EINVAL;
-    http_req *r = calloc(1, sizeof *r);
-    char *url = dup_guest(i, up, ul);
-    if (r) {
-        r->rt = i->rt;
-        r->evfd = eventfd(0, EFD_CLOEXEC | EFD_NONBLOCK);
-        r->method = dup_guest(i, mp, ml);
-        r->headers = dup_guest(i, hp, hl);
-        r->body = malloc(bl ? bl : 1);
+    r->rt = i->rt;
+    r->evfd = eventfd(0, EFD_CLOEXEC | EFD_NONBLOCK);
+    r->method = dup_guest(i, mp, ml);
+    r->headers = dup_guest(i, hp, hl);
+    r->body = malloc(bl ? bl : 1);
+}
+
+/* Checks r's method (capitals only), its url (ul bytes: no NUL, space or
+ * line break) and its headers (hl bytes: no NUL, no blank line, ending in
+ * CRLF unless empty); 0 or PIE_EINVAL. */
+static int req_check(const http_req *r, const char *url, uint32_t ul,
+                     uint32_t hl)
+{
+    for (const char *c = r->method; *c; c++)
+        if (*c < 'A' || *c > 'Z')
+            return PIE_EINVAL;
+    if (strpbrk(url, " \r\n") || strlen(url) != ul ||
+        strlen(r->headers) != hl || strstr(r->headers, "\r\n\r\n") ||
+        (hl && (hl < 2 || strcmp(r->headers + hl - 2, "\r\n"))))
+        return PIE_EINVAL;
+    return 0;
+}
+
+/* Undoes http_start for a request whose thread did not start (h: its
+ * future's handle, or the negative code where no future was made): gives
+ * back its request slots, then fails its future with PIE_EIO or, with no
+ * future, frees r. */
+static void http_start_undo(I *i, http_req *r, int32_t h)
+{
+    pthread_mutex_lock(&i->rt->lock);
+    http_uncount_locked(r);
+    i->rt->n_http--;
+    pthread_cond_broadcast(&i->rt->live_cv);
+    if (h > 0) {             /* the future keeps its ref; drop ours */
+        pie__rt_future_complete_locked(r->fut, PIE_EIO, NULL, 0);
+        pie__rt_future_unref_locked(r->fut);
+        http_req_unref_locked(r);
     }
-    int32_t rc = 0;
-    if (!r || !url || !r->method || !r->headers || !r->body)
-        rc = PIE_ENOMEM;
-    else if (r->evfd < 0)
-        rc = PIE_EIO;
-    if (!rc) {
-        memcpy(r->body, pie_rt_guest_ptr(i, bp, bl), bl);
-        r->blen = bl;
-        for (const char *c = r->method; *c; c++)
-            if (*c < 'A' || *c > 'Z')
-                rc = PIE_EINVAL;
-        if (strpbrk(url, " \r\n") || strlen(url) != ul ||
-            strlen(r->headers) != hl || strstr(r->headers, "\r\n\r\n") ||
-            (hl && (hl < 2 || strcmp(r->headers + hl - 2, "\r\n"))))
-            rc = PIE_EINVAL;
-    }
-    if (!rc)
-        rc = parse_url(url, r);
-    if (!rc && !allowed(i->rt, r->host, r->port))
-        rc = PIE_EPERM;
-    free(url);
-    if (!rc)
-        rc = http_count(i, r);
-    if (rc) {
+    pthread_mutex_unlock(&i->rt->lock);
+    if (h < 0)
         http_req_free(r);
-        return (uint32_t)rc;
-    }
+}
+
+/* Gives counted request r its deadline and a future, and starts its
+ * thread; returns the future's handle (the future failed with PIE_EIO
+ * where the thread did not start), or pie_rt_future_new's negative code
+ * with r freed. */
+static int32_t http_start(I *i, http_req *r)
+{
     uint32_t ms = i->rt->http_deadline_ms ? i->rt->http_deadline_ms
                                           : HTTP_DEADLINE_MS;
     r->deadline = pie__rt_now_ns() + (uint64_t)ms * 1000000;
@@ -546,19 +555,46 @@ uint32_t Z_pieZ_http_request(I *i, uint32_t mp, uint32_t ml, uint32_t up,
      * pthread_create returns here, so r is only read here on failure */
     bool started = h > 0 && pthread_create(&t, &at, http_thread, r) == 0;
     pthread_attr_destroy(&at);
-    if (!started) {
-        pthread_mutex_lock(&i->rt->lock);
-        http_uncount_locked(r);
-        i->rt->n_http--;
-        pthread_cond_broadcast(&i->rt->live_cv);
-        if (h > 0) {             /* the future keeps its ref; drop ours */
-            pie__rt_future_complete_locked(r->fut, PIE_EIO, NULL, 0);
-            pie__rt_future_unref_locked(r->fut);
-            http_req_unref_locked(r);
-        }
-        pthread_mutex_unlock(&i->rt->lock);
-        if (h < 0)
-            http_req_free(r);
+    if (!started)
+        http_start_undo(i, r, h);
+    return h;
+}
+
+uint32_t Z_pieZ_http_request(I *i, uint32_t mp, uint32_t ml, uint32_t up,
+                             uint32_t ul, uint32_t hp, uint32_t hl,
+                             uint32_t bp, uint32_t bl)
+{
+    pie_rt_guest_ptr(i, mp, ml);
+    pie_rt_guest_ptr(i, up, ul);
+    pie_rt_guest_ptr(i, hp, hl);
+    pie_rt_guest_ptr(i, bp, bl);
+    if (ml == 0 || ml > 16 || ul == 0 || ul > 8192 || hl > 65536 ||
+        bl > (16u << 20))
+        return (uint32_t)PIE_EINVAL;
+    http_req *r = calloc(1, sizeof *r);
+    char *url = dup_guest(i, up, ul);
+    if (r)
+        req_alloc(i, r, mp, ml, hp, hl, bl);
+    int32_t rc = 0;
+    if (!r || !url || !r->method || !r->headers || !r->body)
+        rc = PIE_ENOMEM;
+    else if (r->evfd < 0)
+        rc = PIE_EIO;
+    if (!rc) {
+        memcpy(r->body, pie_rt_guest_ptr(i, bp, bl), bl);
+        r->blen = bl;
+        rc = req_check(r, url, ul, hl);
     }
-    return (uint32_t)h;
+    if (!rc)
+        rc = parse_url(url, r);
+    if (!rc && !allowed(i->rt, r->host, r->port))
+        rc = PIE_EPERM;
+    free(url);
+    if (!rc)
+        rc = http_count(i, r);
+    if (rc) {
+        http_req_free(r);
+        return (uint32_t)rc;
+    }
+    return (uint32_t)http_start(i, r);
 }

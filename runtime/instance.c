@@ -813,13 +813,12 @@ static int launch_check_locked(pie_rt *rt, pie_rt_instance *i)
     return 0;
 }
 
-int pie__rt_launch(pie_rt *rt, pie_rt_module *m, int argc,
-                   const char *const *argv, const pie_rt_launch_cbs *cbs,
-                   pie_rt_instance *parent, pie_rt_future *child_fut,
-                   pie_rt_instance **out)
+/* Allocates an instance of m with its copy of argv, its (zeroed) wasm2c
+ * instance and its fiber stack into *out; 0, or PIE_ENOMEM with nothing
+ * left allocated. */
+static int instance_alloc(pie_rt *rt, pie_rt_module *m, int argc,
+                          const char *const *argv, pie_rt_instance **out)
 {
-    if (argc < 1 || !argv)
-        return pie_err_set(PIE_EINVAL, "launch needs argv[0]");
     pie_rt_instance *i = calloc(1, sizeof *i);
     if (!i)
         return pie_err_set(PIE_ENOMEM, "out of memory");
@@ -839,6 +838,45 @@ int pie__rt_launch(pie_rt *rt, pie_rt_module *m, int argc,
         free(i);
         return pie_err_set(PIE_ENOMEM, "out of memory launching an instance");
     }
+    *out = i;
+    return 0;
+}
+
+/* Frees an instance that launch_check_locked refused (rt->lock not held):
+ * it never ran, so its stack and wasm2c instance go here, and the rest
+ * with its last reference. */
+static void launch_undo(pie_rt_instance *i)
+{
+    stack_put(i->stack, i->stack_size);
+    i->stack = NULL;
+    free(i->wasm);           /* never instantiated: instance_finish */
+    i->wasm = NULL;          /* would have freed it                 */
+    atomic_store(&i->refs, 1);
+    pie_rt_instance_unref(i);
+}
+
+/* Under rt->lock: links i into the live list, runnable. */
+static void live_add_locked(pie_rt *rt, pie_rt_instance *i)
+{
+    i->lnext = rt->live;
+    if (rt->live)
+        rt->live->lprev = i;
+    rt->live = i;
+    rt->n_live++;
+    i->state = INST_RUNNABLE;
+}
+
+int pie__rt_launch(pie_rt *rt, pie_rt_module *m, int argc,
+                   const char *const *argv, const pie_rt_launch_cbs *cbs,
+                   pie_rt_instance *parent, pie_rt_future *child_fut,
+                   pie_rt_instance **out)
+{
+    if (argc < 1 || !argv)
+        return pie_err_set(PIE_EINVAL, "launch needs argv[0]");
+    pie_rt_instance *i = NULL;
+    int rc = instance_alloc(rt, m, argc, argv, &i);
+    if (rc < 0)
+        return rc;
     pie_rt_module_ref(m);
     i->mod = m;
     i->id = atomic_fetch_add(&rt->next_id, 1) + 1;
@@ -854,23 +892,13 @@ int pie__rt_launch(pie_rt *rt, pie_rt_module *m, int argc,
                              rt->n_workers];
     i->sp = fiber_init(i->stack, i->stack_size, fiber_main, i);
     pthread_mutex_lock(&rt->lock);
-    int rc = launch_check_locked(rt, i);
+    rc = launch_check_locked(rt, i);
     if (rc < 0) {
         pthread_mutex_unlock(&rt->lock);
-        stack_put(i->stack, i->stack_size);
-        i->stack = NULL;
-        free(i->wasm);           /* never instantiated: instance_finish */
-        i->wasm = NULL;          /* would have freed it                 */
-        atomic_store(&i->refs, 1);
-        pie_rt_instance_unref(i);
+        launch_undo(i);
         return rc;
     }
-    i->lnext = rt->live;
-    if (rt->live)
-        rt->live->lprev = i;
-    rt->live = i;
-    rt->n_live++;
-    i->state = INST_RUNNABLE;
+    live_add_locked(rt, i);
     pthread_mutex_unlock(&rt->lock);
     if (out)
         *out = i;

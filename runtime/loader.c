@@ -367,60 +367,89 @@ static int check_code(rd r)
     return 0;
 }
 
+/* The sections pie__rt_check_imports reads, as found (p NULL: absent). */
+typedef struct {
+    rd   typ, imp, fun, tab, exp, code;
+    bool have_exp;
+} wasm_sections;
+
+/* Finds the sections of the module in r (past magic and version) into *s,
+ * the last of each id winning; 0, or PIE_EFORMAT where one is truncated. */
+static int find_sections(rd r, wasm_sections *s)
+{
+    *s = (wasm_sections){0};
+    while (r.p < r.end) {
+        uint8_t id = *r.p++;
+        uint32_t sz;
+        if (rd_leb(&r, &sz) || (size_t)(r.end - r.p) < sz)
+            return pie_err_set(PIE_EFORMAT, "wasm: truncated section %u", id);
+        rd sec = {r.p, r.p + sz};
+        if (id == 1) s->typ = sec;
+        if (id == 2) s->imp = sec;
+        if (id == 3) s->fun = sec;
+        if (id == 4) s->tab = sec;
+        if (id == 7) { s->exp = sec; s->have_exp = true; }
+        if (id == 10) s->code = sec;
+        r.p += sz;
+    }
+    return 0;
+}
+
+/* The type section: *n_types signatures in *types (malloc'ed; the caller
+ * frees); 0, or PIE_ENOMEM, PIE_ELIMIT or PIE_EFORMAT. */
+static int load_types(rd typ, sigstr **types, uint32_t *n_types)
+{
+    int rc = parse_types(typ, types, n_types);
+    if (rc == -2)
+        return pie_err_set(PIE_ENOMEM, "out of memory");
+    if (rc == -3)
+        return pie_err_set(PIE_ELIMIT, "module declares more than %u "
+                           "function types (the limit)", LIMIT_TYPES);
+    if (rc)
+        return pie_err_set(PIE_EFORMAT, "wasm: malformed type section");
+    return 0;
+}
+
+/* The table section: its table count within the limit; 0, or PIE_EFORMAT
+ * or PIE_ELIMIT. */
+static int check_tables(rd tab)
+{
+    uint32_t n;
+    if (rd_leb(&tab, &n))
+        return pie_err_set(PIE_EFORMAT, "wasm: truncated table section");
+    if (n > LIMIT_TABLES)
+        return pie_err_set(PIE_ELIMIT, "module declares %u tables, the "
+                           "limit is %u", n, LIMIT_TABLES);
+    return 0;
+}
+
 int pie__rt_check_imports(const uint8_t *wasm, size_t len)
 {
     static const uint8_t magic[8] = {0, 'a', 's', 'm', 1, 0, 0, 0};
     if (len < 8 || memcmp(wasm, magic, 8))
         return pie_err_set(PIE_EFORMAT, "not a WebAssembly module (bad magic "
                            "or version)");
-    rd r = {wasm + 8, wasm + len}, imp = {0}, exp = {0}, typ = {0},
-       fun = {0}, tab = {0}, code = {0};
-    bool have_exp = false;
-    while (r.p < r.end) {
-        uint8_t id = *r.p++;
-        uint32_t sz;
-        if (rd_leb(&r, &sz) || (size_t)(r.end - r.p) < sz)
-            return pie_err_set(PIE_EFORMAT, "wasm: truncated section %u", id);
-        rd s = {r.p, r.p + sz};
-        if (id == 1) typ = s;
-        if (id == 2) imp = s;
-        if (id == 3) fun = s;
-        if (id == 4) tab = s;
-        if (id == 7) { exp = s; have_exp = true; }
-        if (id == 10) code = s;
-        r.p += sz;
-    }
+    wasm_sections s;
+    int rc = find_sections((rd){wasm + 8, wasm + len}, &s);
+    if (rc)
+        return rc;
     sigstr *types = NULL;
     uint32_t n_types = 0, n_imp = 0, n_fun = 0, *fun_types = NULL;
-    if (typ.p) {
-        int rc = parse_types(typ, &types, &n_types);
-        if (rc == -2)
-            return pie_err_set(PIE_ENOMEM, "out of memory");
-        if (rc == -3)
-            return pie_err_set(PIE_ELIMIT, "module declares more than %u "
-                               "function types (the limit)", LIMIT_TYPES);
-        if (rc)
-            return pie_err_set(PIE_EFORMAT, "wasm: malformed type section");
-    }
-    int rc = imp.p ? check_imports(imp, types, n_types, &n_imp) : 0;
-    if (!rc && fun.p)
-        rc = parse_funcs(fun, n_imp, &fun_types, &n_fun);
-    if (!rc && tab.p) {
-        uint32_t n;
-        if (rd_leb(&tab, &n))
-            rc = pie_err_set(PIE_EFORMAT, "wasm: truncated table section");
-        else if (n > LIMIT_TABLES)
-            rc = pie_err_set(PIE_ELIMIT, "module declares %u tables, the "
-                             "limit is %u", n, LIMIT_TABLES);
-    }
-    if (!rc && code.p)
-        rc = check_code(code);
+    if (s.typ.p && (rc = load_types(s.typ, &types, &n_types)))
+        return rc;
+    rc = s.imp.p ? check_imports(s.imp, types, n_types, &n_imp) : 0;
+    if (!rc && s.fun.p)
+        rc = parse_funcs(s.fun, n_imp, &fun_types, &n_fun);
+    if (!rc && s.tab.p)
+        rc = check_tables(s.tab);
+    if (!rc && s.code.p)
+        rc = check_code(s.code);
     uint32_t start = UINT32_MAX;
-    if (!rc && !have_exp)
+    if (!rc && !s.have_exp)
         rc = pie_err_set(PIE_EUNSUPPORTED, "module has no exports (needs "
                          "memory \"memory\" and function \"_start\")");
     if (!rc)
-        rc = check_exports(exp, &start);
+        rc = check_exports(s.exp, &start);
     /* _start must be () -> (): it is called with no arguments. An index
      * wasm2c would reject anyway (bad or imported) is left to it. */
     if (!rc && start >= n_imp && start - n_imp < n_fun) {
