@@ -201,9 +201,11 @@ for phase in "$@"; do
                     --backend cuda --model random:$m --batch 1 --prompt-len 512 \
                     --gen 200 > "$OUT/spread-$m-$i.log" 2>&1
                 w=$(grep "(m 8)" "$OUT/spread-$m-$i.log" | sed -E \
-                    's#.*tune n ([0-9]+) .* -> [a-zA-Z]+ r([0-9]+)$#\1:r\2#' | tr '\n' ' ')
+                    -e 's#.*tune n ([0-9]+) k ([0-9]+):.* -> gemv r([0-9]+)$#\1x\2:r\3#' \
+                    -e 's#.*tune n ([0-9]+) k ([0-9]+):.* -> cublasLt r0$#\1x\2:cublasLt#' \
+                    | tr '\n' ' ')
                 span=$(grep -o "gpu span [0-9.]*" "$OUT/spread-$m-$i.log")
-                echo "$m run $i: $span; weight rows:warps $w" | tee -a "$OUT/summary.log"
+                echo "$m run $i: $span; weight:warps $w" | tee -a "$OUT/summary.log"
             done
         done
         ;;

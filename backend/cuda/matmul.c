@@ -173,28 +173,43 @@ static void try_split_k(cuda_backend *c, mm_plan *p,
         }
 }
 
-/* The warps a block of gemv.cu takes for a weight of n rows in the
- * bucket of gm rows of x, from the times t of 1, 2, 4 and 8 warps
- * (fastest gbest). At gm = 8 (batches of 1..8): the most warps within
- * PIE_CUDA_GEMV_TIE (default 0.02) of the fastest. Timed alone, 1B's
- * gate/up ties at 2 and 4 warps and went either way from one process to
- * the next, but 4 made batch-1 steps 4% faster (NOTES.md, round 22: under
- * PDL a block issues two rounds of loads a warp before the kernel before
- * it ends). At gm = 16 the fastest: the same rule made 8B batch 16 1.3%
- * slower (gate/up at 8 warps). PIE_CUDA_GEMV_FORCE="n:r,..." pins the
- * warps of the weights of n rows (comparisons). */
-static int gemv_warps_pick(int n, int gm, const float *t, float gbest)
+/* PIE_CUDA_GEMV_FORCE="NxK:r,...": the warps r (1, 2, 4 or 8) pinned for
+ * the weight of n x k (comparisons; in both buckets, wherever gemv.cu
+ * runs); 0 where the list does not name it. */
+static int gemv_warps_forced(int n, int k)
 {
-    const char *f = getenv("PIE_CUDA_GEMV_FORCE"), *e = getenv("PIE_CUDA_GEMV_TIE");
-    int fn, fr, used;
-    while (f && sscanf(f, "%d:%d%n", &fn, &fr, &used) == 2) {
-        if (fn == n && (fr == 1 || fr == 2 || fr == 4 || fr == 8)) return fr;
+    const char *f = getenv("PIE_CUDA_GEMV_FORCE");
+    int fn, fk, fr, used;
+    while (f && sscanf(f, "%dx%d:%d%n", &fn, &fk, &fr, &used) == 3) {
+        if (fn == n && fk == k && (fr == 1 || fr == 2 || fr == 4 || fr == 8))
+            return fr;
         f += used;
         f += *f == ',';
     }
+    return 0;
+}
+
+/* The warps a block of gemv.cu takes for the weight of n x k in the
+ * bucket of gm rows of x, from the times t of 1, 2, 4 and 8 warps
+ * (fastest gbest). At gm = 8 (batches of 1..8): the most warps within
+ * PIE_CUDA_GEMV_TIE (a fraction, default 0.02) of the fastest. Timed
+ * alone, 1B's gate/up ties at 1, 2 and 4 warps and went either way from
+ * one process to the next, but 4 made batch-1 steps 4% faster (NOTES.md,
+ * round 22: under PDL a block issues two rounds of loads a warp before the
+ * kernel before it ends). At gm = 16, or with a tie of 0: the fastest,
+ * the fewest warps of equal times (the rule above made 8B batch 16 1.3%
+ * slower: gate/up at 8 warps). */
+static int gemv_warps_pick(int n, int k, int gm, const float *t, float gbest)
+{
+    int fr = gemv_warps_forced(n, k);
+    if (fr) return fr;
+    const char *e = getenv("PIE_CUDA_GEMV_TIE");
     double tie = gm > 8 ? 0.0 : e ? atof(e) : 0.02;
-    for (int r = 8, i = 3; r >= 1; r /= 2, i--)
-        if (t[i] <= gbest * (1.0 + tie)) return r;
+    if (tie > 0.0)                  /* (NaN and negatives: the fastest) */
+        for (int r = 8, i = 3; r >= 1; r /= 2, i--)
+            if (t[i] <= gbest * (1.0 + tie)) return r;
+    for (int r = 1, i = 0; r <= 8; r *= 2, i++)
+        if (t[i] == gbest) return r;
     return 1;
 }
 
@@ -215,16 +230,17 @@ static void try_gemv(cuda_backend *c, mm_plan *p, const uint16_t *W,
         t[i] = time_cand(c, p, (mm_cand){ NULL, r, gm, 0 }, W, x, y, 3);
         if (t[i] < gbest) gbest = t[i];
     }
-    int gr = gemv_warps_pick(p->n, gm, t, gbest);
+    int gr = gemv_warps_pick(p->n, p->k, gm, t, gbest);
     float tg = t[gr == 1 ? 0 : gr == 2 ? 1 : gr == 4 ? 2 : 3];
-    /* PIE_CUDA_GEMV=1 (comparisons, tests): gemv.cu wherever it runs */
+    /* PIE_CUDA_GEMV=1 (comparisons, tests): gemv.cu wherever it runs,
+     * also where cuBLASLt is faster than the warps forced */
     if (tg < lt || (getenv("PIE_CUDA_GEMV") && tg < INFINITY))
         p->gemv_r = gr;
     if (getenv("PIE_CUDA_TUNE_LOG"))
         fprintf(stderr, "pie: tune n %d k %d: cublasLt %.1f us, gemv r1/2/4/8 "
                 "%.1f/%.1f/%.1f/%.1f us (m %d) -> %s r%d\n", p->n, p->k,
                 lt * 1e3, t[0] * 1e3, t[1] * 1e3, t[2] * 1e3, t[3] * 1e3, gm,
-                p->gemv_r ? "gemv" : "cublasLt", p->gemv_r ? p->gemv_r : gr);
+                p->gemv_r ? "gemv" : "cublasLt", p->gemv_r);
 }
 
 /* Decode matmuls of 17..256 rows: wgmm.cu, timed at the plan's m in the
