@@ -60,6 +60,9 @@
 #   envab   a setting (ENVAB="VAR=value ...") against the default in this
 #           build, alternating (ENVAB_CFGS="model B ctx steps,...")
 #   ncugemv ncu of gemv.cu's decode matmuls (8B and 1B batch 1)
+#   gemvsweep gemv.cu's warps compared as whole decode steps in one process
+#           (PIE_CUDA_GEMV_SWEEP, sweep.c): at 1B batch 1 and 4 and 8B batch
+#           1, the tuner's choice against each weight's other warp counts
 #   spread  batch 1 of both shapes in several processes (SPREAD_RUNS, 4):
 #           each one's tuned gemv.cu warps per weight shape and decode GPU
 #           span (PIE_CUDA_TUNE_LOG, PIE_CUDA_STEPS), to see how much the
@@ -191,6 +194,18 @@ for phase in "$@"; do
                 [ $((i % 2)) = 1 ] && TAG="dflt " bench $cfg
             done
         done
+        ;;
+    gemvsweep)  # configurations take turns in segments of 16 steps; the
+                # backend prints each one's mean step time at exit
+        log "gemvsweep"
+        sw() {  # model batch gen configs
+            PIE_CUDA_GEMV_SWEEP="$4" timeout 200 $R pie bench forward --backend cuda \
+                --model random:$1 --batch $2 --prompt-len 512 --gen $3 2>&1 \
+                | grep -E "sweep|decode:" | sed "s/^/$1 B=$2: /" | tee -a "$OUT/summary.log"
+        }
+        sw llama-3.2-1b 1 2048 "|16384x2048:2|16384x2048:8|3072x2048:4|2048x8192:4|2048x2048:4|128256x2048:4"
+        sw llama-3.2-1b 4 1024 "|16384x2048:2|16384x2048:8|3072x2048:4"
+        sw llama-3.1-8b 1 1024 "|6144x4096:8|28672x4096:4|4096x14336:4|4096x4096:4|128256x4096:4"
         ;;
     spread)     # per process: gemv.cu's warps taken per weight shape (at
                 # batches of 1..8) and the decode GPU span

@@ -960,7 +960,10 @@ static int cuda_forward(pie_backend *bb, const pie_forward_batch *b,
                            MAX_TOKENS);
     if (b->n_tokens == 0) return 0;
     c->cluster_refused = 0;
+    int dec = c->sweep ? is_decode(c, b) : 0;
+    cuda_sweep_before(c, dec, b->n_tokens);
     rc = forward_run(c, b, out);
+    cuda_sweep_after(c, dec, b->n_tokens);
     if (rc && c->cluster_refused) {
         rc = after_failure(c, rc);
         c->cluster_refused = 0;
@@ -1081,6 +1084,7 @@ static void cuda_destroy(pie_backend *bb)
     if (c->st) cudaStreamSynchronize(c->st);
     pie_cuda_prof_done(&c->prof);
     pie_cuda_steps_done(&c->steps);
+    cuda_sweep_done(c);
     pie_cuda_trace_stop();
     for (int i = 0; i < GRAPH_CACHE; i++)
         if (c->graphs[i].exec) cudaGraphExecDestroy(c->graphs[i].exec);
@@ -1365,6 +1369,7 @@ int pie_backend_cuda_create(const pie_model *m, const pie_backend_opts *o,
     }
     pie_cuda_trace_start();
     pie_cuda_steps_init(&c->steps);
+    cuda_sweep_init(c);
     *out = &c->base;
     return 0;
 err:

@@ -72,6 +72,8 @@ typedef struct mm_plan {
     cublasLtMatrixLayout_t  a, b, c;
     cublasLtMatmulAlgo_t    algo;
     int                     gemv_r; /* > 0: gemv.cu, r warps per block     */
+    int                     gemv_r_tuned; /* the tuner's (sweep.c may set  */
+                                          /* gemv_r otherwise)             */
     int                     wg;     /* 1: wgmm.cu (17..256 rows)            */
     int                     wmode;  /* its PIE_CUDA_WGMM_* mode, timed      */
 } mm_plan;
@@ -101,6 +103,8 @@ typedef struct tuned_algo {
     int32_t               gemv_r;  /* > 0: gemv.cu won (m <= 16 only)      */
     int32_t               wg;      /* 1: wgmm.cu won (17..256 rows)        */
 } tuned_algo;
+
+typedef struct cuda_sweep cuda_sweep;   /* sweep.c */
 
 typedef struct cuda_backend {
     pie_backend       base;
@@ -207,6 +211,7 @@ typedef struct cuda_backend {
     int64_t           n_mega;      /* steps that took it                 */
     pie_cuda_prof     prof;        /* PIE_CUDA_PROFILE=1 (prof.h)          */
     pie_cuda_steps    steps;       /* PIE_CUDA_STEPS=1 (prof.h)            */
+    cuda_sweep       *sweep;       /* PIE_CUDA_GEMV_SWEEP (sweep.c), NULL  */
     /* every device allocation, freed at destroy */
     void            **allocs;
     int               n_allocs, cap_allocs;
@@ -238,6 +243,16 @@ int cuda_mm_qkv(cuda_backend *c, const pie_cuda_qkv_epi *e, const uint16_t *W,
 void cuda_plan_free(mm_plan *p);
 /* Makes and times the plans of every decode-sized m bucket at creation. */
 int cuda_warm_plans(cuda_backend *c);
+
+/* ---- sweep.c: gemv.cu's warps compared as whole decode steps ---- */
+
+/* Reads PIE_CUDA_GEMV_SWEEP (off where unset). */
+void cuda_sweep_init(cuda_backend *c);
+/* Around each forward (decode: a decode step of n tokens). */
+void cuda_sweep_before(cuda_backend *c, int decode, int n);
+void cuda_sweep_after(cuda_backend *c, int decode, int n);
+/* Prints the configurations' mean step times; frees the state. */
+void cuda_sweep_done(cuda_backend *c);
 
 /* ---- attn_plan.c ---- */
 

@@ -367,6 +367,7 @@ static int plan_for(cuda_backend *c, mm_plan **out, void *y, int y_f32,
     cuda_plan_free(p);
     int rc = plan_make(c, p, m, n, k, y_f32, wmode, W, x, y);
     if (rc) { cuda_plan_free(p); return rc; }
+    p->gemv_r_tuned = p->gemv_r;
     *out = p;
     return 0;
 }
