@@ -103,61 +103,102 @@ static void send_result(const beam *b, bool json)
     free(text);
 }
 
-int main(int argc, char **argv)
+/* The command-line options; parse_args sets their defaults. */
+typedef struct opts {
+    const char *prompt;
+    int32_t     nb, max_tokens;      /* beam width, steps                   */
+    bool        json;
+} opts;
+
+/* Parses argv into a: 0 to go on, 1 after --help, -1 for bad arguments. */
+static int parse_args(int argc, char **argv, opts *a)
 {
-    const char *prompt = NULL;
-    int32_t nb = 4, max_tokens = 32;
-    bool json = false;
+    *a = (opts){ .nb = 4, .max_tokens = 32 };
     const pie_arg args[] = {
-        { "prompt", PIE_ARG_STR, &prompt, "prompt text (required)" },
-        { "beams", PIE_ARG_INT, &nb, "beam width (4, at most 16)" },
-        { "max-tokens", PIE_ARG_INT, &max_tokens, "steps (32)" },
-        { "json", PIE_ARG_FLAG, &json, "send {\"ids\",\"text\",\"logprob\"}" },
+        { "prompt", PIE_ARG_STR, &a->prompt, "prompt text (required)" },
+        { "beams", PIE_ARG_INT, &a->nb, "beam width (4, at most 16)" },
+        { "max-tokens", PIE_ARG_INT, &a->max_tokens, "steps (32)" },
+        { "json", PIE_ARG_FLAG, &a->json,
+          "send {\"ids\",\"text\",\"logprob\"}" },
         { 0 },
     };
     int rc = pie_args_parse(argc, argv, args, "Beam search decoding.");
-    if (rc) return rc < 0 ? 2 : 0;
-    if (!prompt || nb < 1 || nb > MAX_BEAMS || max_tokens < 1) {
+    if (rc) return rc;
+    if (!a->prompt || a->nb < 1 || a->nb > MAX_BEAMS || a->max_tokens < 1) {
         fprintf(stderr, "beam-search: need --prompt, 1 <= --beams <= %d, "
                         "--max-tokens >= 1\n", MAX_BEAMS);
-        return 2;
+        return -1;
     }
-    pie_lm lm;
-    beam live[MAX_BEAMS], next[MAX_BEAMS], done[MAX_BEAMS];
+    return 0;
+}
+
+/* The beams of a search: those still growing and those that ended. */
+typedef struct search {
+    beam    live[MAX_BEAMS];
+    beam    done[MAX_BEAMS];         /* ended with EOS                      */
+    int32_t n_live, n_done;
+} search;
+
+/* One step: forks the best children (EOS ones into done), frees the parents. */
+static int search_step(pie_lm *lm, search *s, int32_t nb)
+{
+    beam next[MAX_BEAMS];
     cand best[MAX_BEAMS];
-    int32_t n_live = 1, n_done = 0, n_best;
+    int32_t n_best, nn = 0;
+    int rc = expand(lm, s->live, s->n_live, nb, best, &n_best);
+    if (rc) return rc;
+    for (int32_t i = 0; i < n_best; i++) {
+        beam *p = &s->live[best[i].parent];
+        beam *d = pie_lm_is_eos(lm, best[i].tok) && s->n_done < nb
+                      ? &s->done[s->n_done++] : &next[nn++];
+        if ((rc = pie_ctx_fork(&p->ctx, &d->ctx)) ||
+            (rc = pie_ctx_fill_ids(&d->ctx, &best[i].tok, 1)))
+            return rc;
+        d->score = best[i].score;
+        d->n_gen = p->n_gen + 1;
+    }
+    for (int32_t i = 0; i < s->n_live; i++) pie_ctx_release(&s->live[i].ctx);
+    memcpy(s->live, next, sizeof(beam) * (size_t)nn);
+    s->n_live = nn;
+    return 0;
+}
+
+/* The highest-scoring beam, finished ones first on ties; NULL if none. */
+static const beam *search_best(const search *s)
+{
+    const beam *win = NULL;
+    for (int32_t i = 0; i < s->n_done; i++)
+        if (!win || s->done[i].score > win->score) win = &s->done[i];
+    for (int32_t i = 0; i < s->n_live; i++)
+        if (!win || s->live[i].score > win->score) win = &s->live[i];
+    return win;
+}
+
+/* Releases the contexts of all beams, live and finished. */
+static void search_release(search *s)
+{
+    for (int32_t i = 0; i < s->n_live; i++) pie_ctx_release(&s->live[i].ctx);
+    for (int32_t i = 0; i < s->n_done; i++) pie_ctx_release(&s->done[i].ctx);
+}
+
+int main(int argc, char **argv)
+{
+    opts a;
+    int rc = parse_args(argc, argv, &a);
+    if (rc) return rc < 0 ? 2 : 0;
+    pie_lm lm;
+    search s = { .n_live = 1 };
     if ((rc = pie_lm_open(&lm, NULL))) goto fail;
     pie_chat_fmt fmt = pie_chat_detect(&lm);
     pie_chat_add_stops(fmt, &lm);
-    memset(live, 0, sizeof live);
-    pie_ctx_init(&live[0].ctx, &lm);
-    if ((rc = pie_chat_fill(&live[0].ctx, fmt, NULL, prompt))) goto fail;
-    for (int32_t step = 0; step < max_tokens && n_live > 0 && n_done < nb;
-         step++) {
-        if ((rc = expand(&lm, live, n_live, nb, best, &n_best))) goto fail;
-        int32_t nn = 0;
-        for (int32_t i = 0; i < n_best; i++) {
-            beam *p = &live[best[i].parent];
-            beam *d = pie_lm_is_eos(&lm, best[i].tok) && n_done < nb
-                          ? &done[n_done++] : &next[nn++];
-            if ((rc = pie_ctx_fork(&p->ctx, &d->ctx)) ||
-                (rc = pie_ctx_fill_ids(&d->ctx, &best[i].tok, 1)))
-                goto fail;
-            d->score = best[i].score;
-            d->n_gen = p->n_gen + 1;
-        }
-        for (int32_t i = 0; i < n_live; i++) pie_ctx_release(&live[i].ctx);
-        memcpy(live, next, sizeof(beam) * (size_t)nn);
-        n_live = nn;
-    }
-    const beam *win = NULL;
-    for (int32_t i = 0; i < n_done; i++)
-        if (!win || done[i].score > win->score) win = &done[i];
-    for (int32_t i = 0; i < n_live; i++)
-        if (!win || live[i].score > win->score) win = &live[i];
-    if (win) send_result(win, json);
-    for (int32_t i = 0; i < n_live; i++) pie_ctx_release(&live[i].ctx);
-    for (int32_t i = 0; i < n_done; i++) pie_ctx_release(&done[i].ctx);
+    pie_ctx_init(&s.live[0].ctx, &lm);
+    if ((rc = pie_chat_fill(&s.live[0].ctx, fmt, NULL, a.prompt))) goto fail;
+    for (int32_t step = 0; step < a.max_tokens && s.n_live > 0 &&
+                           s.n_done < a.nb; step++)
+        if ((rc = search_step(&lm, &s, a.nb))) goto fail;
+    const beam *win = search_best(&s);
+    if (win) send_result(win, a.json);
+    search_release(&s);
     pie_lm_close(&lm);
     return 0;
 fail:

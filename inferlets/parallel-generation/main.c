@@ -16,6 +16,70 @@
 
 #include "pie.h"
 
+/* The command-line options; parse_args sets their defaults. */
+typedef struct opts {
+    const char *prompt;
+    int32_t     n, max_tokens;
+    float       temperature, top_p;
+    uint64_t    seed;
+    bool        json;
+} opts;
+
+/* Parses argv into a: 0 to go on, 1 after --help, -1 for bad arguments. */
+static int parse_args(int argc, char **argv, opts *a)
+{
+    *a = (opts){ .n = 4, .max_tokens = 32, .temperature = 1.0f,
+                 .top_p = 1.0f };
+    const pie_arg args[] = {
+        { "prompt", PIE_ARG_STR, &a->prompt, "prompt text (required)" },
+        { "n", PIE_ARG_INT, &a->n, "branches (4)" },
+        { "max-tokens", PIE_ARG_INT, &a->max_tokens, "tokens per branch (32)" },
+        { "temperature", PIE_ARG_FLOAT, &a->temperature, "0 = greedy (1.0)" },
+        { "top-p", PIE_ARG_FLOAT, &a->top_p, "nucleus mass (1.0)" },
+        { "seed", PIE_ARG_U64, &a->seed, "branch i uses seed + i (0)" },
+        { "json", PIE_ARG_FLAG, &a->json,
+          "one JSON message with all branches" },
+        { 0 },
+    };
+    int rc = pie_args_parse(argc, argv, args, "N branches from one prefill.");
+    if (rc) return rc;
+    if (!a->prompt || a->n < 1 || a->n > 256 || a->max_tokens < 1) {
+        fprintf(stderr, "parallel-generation: need --prompt, 1 <= --n <= 256, "
+                        "--max-tokens >= 1\n");
+        return -1;
+    }
+    return 0;
+}
+
+/* Fills the prompt into root; exports its pages under a per-instance name. */
+static int export_prompt(pie_lm *lm, pie_ctx *root, const char *prompt,
+                         char *name, size_t size)
+{
+    pie_ctx_init(root, lm);
+    snprintf(name, size, "parallel-generation/%u", pie_instance_id());
+    int rc = pie_chat_fill(root, pie_chat_detect(lm), NULL, prompt);
+    return rc ? rc : pie_ctx_export(root, name);
+}
+
+/* Imports the export into each branch and starts its generation. */
+static int start_branches(const opts *a, pie_lm *lm, const pie_ctx *root,
+                          const char *name, pie_ctx *br, pie_gen *g)
+{
+    for (int32_t i = 0; i < a->n; i++) {
+        pie_gen_opts o = {
+            .s = { .temperature = a->temperature, .top_p = a->top_p,
+                   .seed = a->seed + (uint64_t)i },
+            .max_tokens = a->max_tokens,
+        };
+        int rc = pie_ctx_import(&br[i], lm, name, root->tokens,
+                                root->n_tokens, root->n_kv);
+        if (!rc) rc = pie_gen_start(&g[i], &br[i], &o);
+        if (rc) return rc;
+    }
+    return 0;
+}
+
+/* Sends {"branches":[{"ids":[...],"text":"..."},...]} as one message. */
 static int send_json(const pie_gen *g, int32_t n)
 {
     char *b = NULL, num[16];
@@ -38,68 +102,39 @@ static int send_json(const pie_gen *g, int32_t n)
     return rc;
 }
 
+/* Sends "[i] text\n" for each branch, in branch order. */
+static void send_text(const pie_gen *g, int32_t n)
+{
+    for (int32_t i = 0; i < n; i++) {
+        char hdr[32];
+        snprintf(hdr, sizeof hdr, "[%d] ", i);
+        pie_send_str(hdr);
+        pie_send(g[i].text ? g[i].text : "", (uint32_t)g[i].text_len);
+        pie_send_str("\n");
+    }
+}
+
 int main(int argc, char **argv)
 {
-    const char *prompt = NULL;
-    int32_t n = 4, max_tokens = 32;
-    float temperature = 1.0f, top_p = 1.0f;
-    uint64_t seed = 0;
-    bool json = false;
-    const pie_arg args[] = {
-        { "prompt", PIE_ARG_STR, &prompt, "prompt text (required)" },
-        { "n", PIE_ARG_INT, &n, "branches (4)" },
-        { "max-tokens", PIE_ARG_INT, &max_tokens, "tokens per branch (32)" },
-        { "temperature", PIE_ARG_FLOAT, &temperature, "0 = greedy (1.0)" },
-        { "top-p", PIE_ARG_FLOAT, &top_p, "nucleus mass (1.0)" },
-        { "seed", PIE_ARG_U64, &seed, "branch i uses seed + i (0)" },
-        { "json", PIE_ARG_FLAG, &json, "one JSON message with all branches" },
-        { 0 },
-    };
-    int rc = pie_args_parse(argc, argv, args, "N branches from one prefill.");
+    opts a;
+    int rc = parse_args(argc, argv, &a);
     if (rc) return rc < 0 ? 2 : 0;
-    if (!prompt || n < 1 || n > 256 || max_tokens < 1) {
-        fprintf(stderr, "parallel-generation: need --prompt, 1 <= --n <= 256, "
-                        "--max-tokens >= 1\n");
-        return 2;
-    }
     pie_lm lm;
-    pie_ctx root, *br = calloc((size_t)n, sizeof *br);
-    pie_gen *g = calloc((size_t)n, sizeof *g);
+    pie_ctx root, *br = calloc((size_t)a.n, sizeof *br);
+    pie_gen *g = calloc((size_t)a.n, sizeof *g);
     char name[64];
     if (!br || !g) return 1;
     if ((rc = pie_lm_open(&lm, NULL))) goto fail;
-    pie_ctx_init(&root, &lm);
-    snprintf(name, sizeof name, "parallel-generation/%u", pie_instance_id());
-    if ((rc = pie_chat_fill(&root, pie_chat_detect(&lm), NULL, prompt)) ||
-        (rc = pie_ctx_export(&root, name)))
+    if ((rc = export_prompt(&lm, &root, a.prompt, name, sizeof name)))
         goto fail;
     pie_chat_add_stops(pie_chat_detect(&lm), &lm);
-    for (int32_t i = 0; i < n; i++) {
-        pie_gen_opts o = {
-            .s = { .temperature = temperature, .top_p = top_p,
-                   .seed = seed + (uint64_t)i },
-            .max_tokens = max_tokens,
-        };
-        if ((rc = pie_ctx_import(&br[i], &lm, name, root.tokens, root.n_tokens,
-                                 root.n_kv)) ||
-            (rc = pie_gen_start(&g[i], &br[i], &o)))
-            goto fail;
-    }
+    if ((rc = start_branches(&a, &lm, &root, name, br, g))) goto fail;
     pie_kv_unexport(lm.h, name, (uint32_t)strlen(name));
     pie_ctx_release(&root);            /* the branches keep the pages alive */
-    if ((rc = pie_gen_run(g, n))) goto fail;
-    if (json) {
-        rc = send_json(g, n);
-    } else {
-        for (int32_t i = 0; i < n; i++) {
-            char hdr[32];
-            snprintf(hdr, sizeof hdr, "[%d] ", i);
-            pie_send_str(hdr);
-            pie_send(g[i].text ? g[i].text : "", (uint32_t)g[i].text_len);
-            pie_send_str("\n");
-        }
-    }
-    for (int32_t i = 0; i < n; i++) {
+    if ((rc = pie_gen_run(g, a.n))) goto fail;
+    if (a.json) rc = send_json(g, a.n);
+    else send_text(g, a.n);
+    for (int32_t i = 0; i < a.n; i++) {
         pie_gen_free(&g[i]);
         pie_ctx_release(&br[i]);
     }

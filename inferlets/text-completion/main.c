@@ -16,6 +16,62 @@
 
 #include "pie.h"
 
+/* The command-line options; parse_args sets their defaults. */
+typedef struct opts {
+    const char *prompt, *prompt_ids, *system, *chat, *stop, *model;
+    int32_t     max_tokens, top_k, lookahead;
+    float       temperature, top_p, min_p;
+    uint64_t    seed;
+    bool        json, ignore_eos, no_text;
+} opts;
+
+/* Parses argv into a: 0 to go on, 1 after --help, -1 for bad arguments. */
+static int parse_args(int argc, char **argv, opts *a)
+{
+    *a = (opts){ .chat = "auto", .max_tokens = 64, .temperature = 1.0f,
+                 .top_p = 1.0f };
+    const pie_arg args[] = {
+        { "prompt", PIE_ARG_STR, &a->prompt, "prompt text" },
+        { "prompt-ids", PIE_ARG_STR, &a->prompt_ids, "prompt as token ids "
+          "1,2,3 (used as given, no template)" },
+        { "no-text", PIE_ARG_FLAG, &a->no_text, "ids only: no decoding (with "
+          "--json; for models without a tokenizer)" },
+        { "max-tokens", PIE_ARG_INT, &a->max_tokens,
+          "tokens to generate (64)" },
+        { "temperature", PIE_ARG_FLOAT, &a->temperature, "0 = greedy (1.0)" },
+        { "top-p", PIE_ARG_FLOAT, &a->top_p, "nucleus mass (1.0)" },
+        { "top-k", PIE_ARG_INT, &a->top_k, "keep the k most likely (0 = all)" },
+        { "min-p", PIE_ARG_FLOAT, &a->min_p, "min-p filter (0)" },
+        { "seed", PIE_ARG_U64, &a->seed, "sampling seed (0)" },
+        { "system", PIE_ARG_STR, &a->system, "system prompt (chat models)" },
+        { "chat", PIE_ARG_STR, &a->chat, "auto, none, llama3, chatml, llama2" },
+        { "stop", PIE_ARG_STR, &a->stop, "stop string" },
+        { "ignore-eos", PIE_ARG_FLAG, &a->ignore_eos, "do not stop at EOS" },
+        { "lookahead", PIE_ARG_INT, &a->lookahead, "decode steps queued (4)" },
+        { "model", PIE_ARG_STR, &a->model, "served model name (default)" },
+        { "json", PIE_ARG_FLAG, &a->json, "send {\"ids\":[...],\"text\":...}" },
+        { 0 },
+    };
+    int rc = pie_args_parse(argc, argv, args, "Continues --prompt.");
+    if (rc) return rc;
+    if (!a->prompt == !a->prompt_ids) {
+        fprintf(stderr, "text-completion: give one of --prompt and "
+                        "--prompt-ids\n");
+        return -1;
+    }
+    return 0;
+}
+
+/* The chat format --chat names (or the model's, for "auto"); -1 if unknown. */
+static int chat_format(const opts *a, pie_lm *lm)
+{
+    int fmt = strcmp(a->chat, "auto") ? pie_chat_parse(a->chat)
+                                      : pie_chat_detect(lm);
+    if (fmt < 0)
+        fprintf(stderr, "text-completion: unknown --chat '%s'\n", a->chat);
+    return fmt;
+}
+
 /* Fills a comma-separated id list ("1,2,3") into the context; the list
  * may be as long as the argument (the buffer grows). */
 static int fill_ids(pie_ctx *ctx, const char *list)
@@ -53,85 +109,64 @@ out:
     return rc;
 }
 
+/* Fills the prompt: --prompt-ids as given, or --prompt in its template. */
+static int fill_prompt(pie_ctx *ctx, const opts *a, pie_chat_fmt fmt)
+{
+    if (a->prompt_ids) return fill_ids(ctx, a->prompt_ids);
+    return pie_chat_fill(ctx, fmt, a->system, a->prompt);
+}
+
+/* The generation options; .stop points into a, which must outlive the run. */
+static pie_gen_opts gen_opts(const opts *a)
+{
+    return (pie_gen_opts){
+        .s = { .temperature = a->temperature, .top_k = a->top_k,
+               .top_p = a->top_p, .min_p = a->min_p, .seed = a->seed },
+        .max_tokens = a->max_tokens, .ignore_eos = a->ignore_eos,
+        .lookahead = a->lookahead, .stop = &a->stop, .n_stop = a->stop ? 1 : 0,
+        .on_text = a->json || a->no_text ? NULL : pie_text_send,
+        .no_text = a->no_text,
+    };
+}
+
+/* Sends {"ids":[...],"text":"...","stop":"..."} as one message. */
+static void send_json(const pie_gen *g)
+{
+    static const char *reasons[] = { "none", "eos", "stop", "max", "error" };
+    char *b = NULL;
+    size_t len = 0, cap = 0;
+    char num[32];
+    pie_buf_append(&b, &len, &cap, "{\"ids\":[", 8);
+    for (int32_t i = 0; i < g->n_ids; i++) {
+        int k = snprintf(num, sizeof num, "%s%d", i ? "," : "", g->ids[i]);
+        pie_buf_append(&b, &len, &cap, num, (size_t)k);
+    }
+    pie_buf_append(&b, &len, &cap, "],\"text\":", 9);
+    pie_json_str(&b, &len, &cap, g->text ? g->text : "", g->text_len);
+    int k = snprintf(num, sizeof num, ",\"stop\":\"%s\"}\n", reasons[g->stop]);
+    pie_buf_append(&b, &len, &cap, num, (size_t)k);
+    pie_send(b, (uint32_t)len);
+    free(b);
+}
+
 int main(int argc, char **argv)
 {
-    const char *prompt = NULL, *system = NULL, *chat = "auto", *stop = NULL,
-               *model = NULL, *prompt_ids = NULL;
-    int32_t max_tokens = 64, top_k = 0, lookahead = 0;
-    float temperature = 1.0f, top_p = 1.0f, min_p = 0.0f;
-    uint64_t seed = 0;
-    bool json = false, ignore_eos = false, no_text = false;
-    const pie_arg args[] = {
-        { "prompt", PIE_ARG_STR, &prompt, "prompt text" },
-        { "prompt-ids", PIE_ARG_STR, &prompt_ids, "prompt as token ids 1,2,3 "
-          "(used as given, no template)" },
-        { "no-text", PIE_ARG_FLAG, &no_text, "ids only: no decoding (with "
-          "--json; for models without a tokenizer)" },
-        { "max-tokens", PIE_ARG_INT, &max_tokens, "tokens to generate (64)" },
-        { "temperature", PIE_ARG_FLOAT, &temperature, "0 = greedy (1.0)" },
-        { "top-p", PIE_ARG_FLOAT, &top_p, "nucleus mass (1.0)" },
-        { "top-k", PIE_ARG_INT, &top_k, "keep the k most likely (0 = all)" },
-        { "min-p", PIE_ARG_FLOAT, &min_p, "min-p filter (0)" },
-        { "seed", PIE_ARG_U64, &seed, "sampling seed (0)" },
-        { "system", PIE_ARG_STR, &system, "system prompt (chat models)" },
-        { "chat", PIE_ARG_STR, &chat, "auto, none, llama3, chatml, llama2" },
-        { "stop", PIE_ARG_STR, &stop, "stop string" },
-        { "ignore-eos", PIE_ARG_FLAG, &ignore_eos, "do not stop at EOS" },
-        { "lookahead", PIE_ARG_INT, &lookahead, "decode steps queued (4)" },
-        { "model", PIE_ARG_STR, &model, "served model name (default)" },
-        { "json", PIE_ARG_FLAG, &json, "send {\"ids\":[...],\"text\":...}" },
-        { 0 },
-    };
-    int rc = pie_args_parse(argc, argv, args, "Continues --prompt.");
+    opts a;
+    int rc = parse_args(argc, argv, &a);
     if (rc) return rc < 0 ? 2 : 0;
-    if (!prompt == !prompt_ids) {
-        fprintf(stderr, "text-completion: give one of --prompt and "
-                        "--prompt-ids\n");
-        return 2;
-    }
     pie_lm lm;
     pie_ctx ctx;
     pie_gen g;
-    if ((rc = pie_lm_open(&lm, model))) goto fail;
-    int fmt = strcmp(chat, "auto") ? pie_chat_parse(chat) : pie_chat_detect(&lm);
-    if (fmt < 0) {
-        fprintf(stderr, "text-completion: unknown --chat '%s'\n", chat);
-        return 2;
-    }
+    if ((rc = pie_lm_open(&lm, a.model))) goto fail;
+    int fmt = chat_format(&a, &lm);
+    if (fmt < 0) return 2;
     pie_chat_add_stops((pie_chat_fmt)fmt, &lm);
     pie_ctx_init(&ctx, &lm);
-    if (prompt_ids) rc = fill_ids(&ctx, prompt_ids);
-    else rc = pie_chat_fill(&ctx, (pie_chat_fmt)fmt, system, prompt);
-    if (rc) goto fail;
-    pie_gen_opts o = {
-        .s = { .temperature = temperature, .top_k = top_k, .top_p = top_p,
-               .min_p = min_p, .seed = seed },
-        .max_tokens = max_tokens, .ignore_eos = ignore_eos,
-        .lookahead = lookahead, .stop = &stop, .n_stop = stop ? 1 : 0,
-        .on_text = json || no_text ? NULL : pie_text_send,
-        .no_text = no_text,
-    };
-    if (max_tokens <= 0) return 0;
+    if ((rc = fill_prompt(&ctx, &a, (pie_chat_fmt)fmt))) goto fail;
+    if (a.max_tokens <= 0) return 0;
+    pie_gen_opts o = gen_opts(&a);
     if ((rc = pie_generate(&ctx, &o, &g))) goto fail;
-    if (json) {
-        char *b = NULL;
-        size_t len = 0, cap = 0;
-        char num[32];
-        pie_buf_append(&b, &len, &cap, "{\"ids\":[", 8);
-        for (int32_t i = 0; i < g.n_ids; i++) {
-            int k = snprintf(num, sizeof num, "%s%d", i ? "," : "", g.ids[i]);
-            pie_buf_append(&b, &len, &cap, num, (size_t)k);
-        }
-        pie_buf_append(&b, &len, &cap, "],\"text\":", 9);
-        pie_json_str(&b, &len, &cap, g.text ? g.text : "", g.text_len);
-        static const char *reasons[] = { "none", "eos", "stop", "max",
-                                         "error" };
-        int k = snprintf(num, sizeof num, ",\"stop\":\"%s\"}\n",
-                         reasons[g.stop]);
-        pie_buf_append(&b, &len, &cap, num, (size_t)k);
-        pie_send(b, (uint32_t)len);
-        free(b);
-    }
+    if (a.json) send_json(&g);
     pie_gen_free(&g);
     pie_ctx_release(&ctx);
     pie_lm_close(&lm);
