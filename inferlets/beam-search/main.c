@@ -88,13 +88,8 @@ static void send_result(const beam *b, bool json)
     } else {
         char *buf = NULL, num[48];
         size_t bl = 0, cap = 0;
-        pie_buf_append(&buf, &bl, &cap, "{\"ids\":[", 8);
-        for (int32_t i = 0; i < b->n_gen; i++) {
-            int k = snprintf(num, sizeof num, "%s%d", i ? "," : "", ids[i]);
-            pie_buf_append(&buf, &bl, &cap, num, (size_t)k);
-        }
-        pie_buf_append(&buf, &bl, &cap, "],\"text\":", 9);
-        pie_json_str(&buf, &bl, &cap, text ? text : "", (size_t)len);
+        pie_buf_append(&buf, &bl, &cap, "{", 1);
+        pie_json_ids_text(&buf, &bl, &cap, ids, b->n_gen, text, (size_t)len);
         int k = snprintf(num, sizeof num, ",\"logprob\":%.6f}\n", b->score);
         pie_buf_append(&buf, &bl, &cap, num, (size_t)k);
         pie_send(buf, (uint32_t)bl);

@@ -82,18 +82,13 @@ static int start_branches(const opts *a, pie_lm *lm, const pie_ctx *root,
 /* Sends {"branches":[{"ids":[...],"text":"..."},...]} as one message. */
 static int send_json(const pie_gen *g, int32_t n)
 {
-    char *b = NULL, num[16];
+    char *b = NULL;
     size_t len = 0, cap = 0;
     pie_buf_append(&b, &len, &cap, "{\"branches\":[", 13);
     for (int32_t i = 0; i < n; i++) {
-        pie_buf_append(&b, &len, &cap, i ? ",{\"ids\":[" : "{\"ids\":[",
-                       i ? 9 : 8);
-        for (int32_t j = 0; j < g[i].n_ids; j++) {
-            int k = snprintf(num, sizeof num, "%s%d", j ? "," : "", g[i].ids[j]);
-            pie_buf_append(&b, &len, &cap, num, (size_t)k);
-        }
-        pie_buf_append(&b, &len, &cap, "],\"text\":", 9);
-        pie_json_str(&b, &len, &cap, g[i].text ? g[i].text : "", g[i].text_len);
+        pie_buf_append(&b, &len, &cap, i ? ",{" : "{", i ? 2 : 1);
+        pie_json_ids_text(&b, &len, &cap, g[i].ids, g[i].n_ids, g[i].text,
+                          g[i].text_len);
         pie_buf_append(&b, &len, &cap, "}", 1);
     }
     int rc = pie_buf_append(&b, &len, &cap, "]}\n", 3);

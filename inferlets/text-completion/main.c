@@ -136,13 +136,8 @@ static void send_json(const pie_gen *g)
     char *b = NULL;
     size_t len = 0, cap = 0;
     char num[32];
-    pie_buf_append(&b, &len, &cap, "{\"ids\":[", 8);
-    for (int32_t i = 0; i < g->n_ids; i++) {
-        int k = snprintf(num, sizeof num, "%s%d", i ? "," : "", g->ids[i]);
-        pie_buf_append(&b, &len, &cap, num, (size_t)k);
-    }
-    pie_buf_append(&b, &len, &cap, "],\"text\":", 9);
-    pie_json_str(&b, &len, &cap, g->text ? g->text : "", g->text_len);
+    pie_buf_append(&b, &len, &cap, "{", 1);
+    pie_json_ids_text(&b, &len, &cap, g->ids, g->n_ids, g->text, g->text_len);
     int k = snprintf(num, sizeof num, ",\"stop\":\"%s\"}\n", reasons[g->stop]);
     pie_buf_append(&b, &len, &cap, num, (size_t)k);
     pie_send(b, (uint32_t)len);

@@ -188,3 +188,17 @@ int pie_json_str(char **buf, size_t *len, size_t *cap, const char *s,
     }
     return rc ? rc : pie_buf_append(buf, len, cap, "\"", 1);
 }
+
+int pie_json_ids_text(char **buf, size_t *len, size_t *cap,
+                      const int32_t *ids, int32_t n, const char *text,
+                      size_t text_len)
+{
+    char num[16];
+    int rc = pie_buf_append(buf, len, cap, "\"ids\":[", 7);
+    for (int32_t i = 0; i < n && rc == 0; i++) {
+        int k = snprintf(num, sizeof num, "%s%d", i ? "," : "", ids[i]);
+        rc = pie_buf_append(buf, len, cap, num, (size_t)k);
+    }
+    if (rc == 0) rc = pie_buf_append(buf, len, cap, "],\"text\":", 9);
+    return rc ? rc : pie_json_str(buf, len, cap, text ? text : "", text_len);
+}

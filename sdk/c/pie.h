@@ -248,5 +248,10 @@ int  pie_json_str(char **buf, size_t *len, size_t *cap, const char *s,
                   size_t n);
 int  pie_buf_append(char **buf, size_t *len, size_t *cap, const char *s,
                     size_t n);
+/* Appends "ids":[n ids],"text":"text" (text_len bytes; NULL: empty), the
+ * members a generation's JSON reply starts with. */
+int  pie_json_ids_text(char **buf, size_t *len, size_t *cap,
+                       const int32_t *ids, int32_t n, const char *text,
+                       size_t text_len);
 
 #endif
