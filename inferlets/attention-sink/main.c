@@ -74,15 +74,10 @@ static int run_windowed(pie_gen *g, pie_ctx *c, const opts *a,
 /* Sends {"ids":[...],"text":"...","max_pages":M,"bound":B} as one message. */
 static void send_json(const pie_gen *g, int32_t max_held, int32_t bound)
 {
-    char *b = NULL, num[48];
-    size_t len = 0, cap = 0;
-    pie_buf_append(&b, &len, &cap, "{", 1);
-    pie_json_ids_text(&b, &len, &cap, g->ids, g->n_ids, g->text, g->text_len);
-    int k = snprintf(num, sizeof num, ",\"max_pages\":%d,\"bound\":%d}\n",
-                     max_held, bound);
-    pie_buf_append(&b, &len, &cap, num, (size_t)k);
-    pie_send(b, (uint32_t)len);
-    free(b);
+    char more[48];
+    snprintf(more, sizeof more, ",\"max_pages\":%d,\"bound\":%d", max_held,
+             bound);
+    pie_send_gen_json(g, more);
 }
 
 int main(int argc, char **argv)

@@ -133,15 +133,9 @@ static pie_gen_opts gen_opts(const opts *a)
 static void send_json(const pie_gen *g)
 {
     static const char *reasons[] = { "none", "eos", "stop", "max", "error" };
-    char *b = NULL;
-    size_t len = 0, cap = 0;
-    char num[32];
-    pie_buf_append(&b, &len, &cap, "{", 1);
-    pie_json_ids_text(&b, &len, &cap, g->ids, g->n_ids, g->text, g->text_len);
-    int k = snprintf(num, sizeof num, ",\"stop\":\"%s\"}\n", reasons[g->stop]);
-    pie_buf_append(&b, &len, &cap, num, (size_t)k);
-    pie_send(b, (uint32_t)len);
-    free(b);
+    char more[32];
+    snprintf(more, sizeof more, ",\"stop\":\"%s\"", reasons[g->stop]);
+    pie_send_gen_json(g, more);
 }
 
 int main(int argc, char **argv)

@@ -377,3 +377,17 @@ int pie_generate(pie_ctx *ctx, const pie_gen_opts *o, pie_gen *g)
     int rc = pie_gen_start(g, ctx, o);
     return rc ? rc : pie_gen_run(g, 1);
 }
+
+int pie_send_gen_json(const pie_gen *g, const char *more)
+{
+    char *b = NULL;
+    size_t len = 0, cap = 0;
+    int rc = pie_buf_append(&b, &len, &cap, "{", 1);
+    if (!rc) rc = pie_json_ids_text(&b, &len, &cap, g->ids, g->n_ids, g->text,
+                                    g->text_len);
+    if (!rc && more) rc = pie_buf_append(&b, &len, &cap, more, strlen(more));
+    if (!rc) rc = pie_buf_append(&b, &len, &cap, "}\n", 2);
+    if (!rc) pie_send(b, (uint32_t)len);
+    free(b);
+    return rc;
+}

@@ -192,6 +192,9 @@ int  pie_gen_run(pie_gen *gs, int32_t n);
 void pie_gen_free(pie_gen *g);
 /* One generation start to stop (pie_gen_start + pie_gen_run). */
 int  pie_generate(pie_ctx *ctx, const pie_gen_opts *o, pie_gen *g);
+/* send()s {"ids":[...],"text":"..."<more>} and a newline: g's ids and text,
+ * then more (further members, each after a comma; NULL: none). */
+int  pie_send_gen_json(const pie_gen *g, const char *more);
 /* on_text callback that send()s each piece to the client. */
 void pie_text_send(void *user, const char *text, size_t len);
 /* on_text callback that writes each piece to stdout (fwrite). */
