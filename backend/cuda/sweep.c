@@ -5,12 +5,12 @@
  * Why: the tuner (matmul.c) times each matmul alone, and the batch-1 step
  * disagreed with it once (NOTES.md, round 22); A/Bs across processes are
  * noisy (1.13-1.21 ms for one binary at 1B batch 1). Here the
- * configurations take turns in one process: decode steps of at most 8
+ * configurations take turns in one process: decode steps of at most 16
  * rows run in segments of S steps (PIE_CUDA_GEMV_SWEEP_STEPS, default 16),
  * configuration i in segments i, i + n, i + 2n, ... so the context's
  * growth falls on all alike; neither a segment's first step nor one that
- * changed a plan's warps (and so captures a new graph) is counted. At destroy each configuration's
- * mean wall time a step goes to stderr.
+ * changed a plan's warps (and so captures a new graph) is counted. At
+ * destroy each configuration's mean wall time a step goes to stderr.
  *
  * PIE_CUDA_GEMV_SWEEP="A|B|..": each configuration a list "NxK:r,..." of
  * weights (n x k) and their warps (1, 2, 4 or 8); an empty one is the
@@ -76,7 +76,7 @@ void cuda_sweep_init(cuda_backend *c)
     s->seg = st && atoi(st) > 0 ? atoi(st) : 16;
 }
 
-/* Gives every gemv.cu plan of at most 8 rows configuration i's warps (the
+/* Gives every gemv.cu plan of at most 16 rows configuration i's warps (the
  * tuner's where it names none: plans made since the last call too), and
  * where any changed drops the captured graphs; 1 then. */
 static int sweep_apply(cuda_backend *c, int i)
@@ -85,7 +85,8 @@ static int sweep_apply(cuda_backend *c, int i)
     int changed = 0;
     for (int j = 0; j < MM_CACHE; j++) {
         mm_plan *p = &c->plans[j];
-        if (!p->used || p->m > 8 || p->gemv_r_tuned <= 0) continue;
+        if (!p->used || p->m > PIE_CUDA_GEMV_MAX_M || p->gemv_r_tuned <= 0)
+            continue;
         int r = cfg_warps(s->cfg[i], p->n, p->k);
         r = r ? r : p->gemv_r_tuned;
         changed |= p->gemv_r != r;
@@ -99,13 +100,13 @@ static int sweep_apply(cuda_backend *c, int i)
     return changed;
 }
 
-/* Before a forward of n tokens: in decode steps of at most 8 rows, the
+/* Before a forward of n tokens: in decode steps of at most 16 rows, the
  * configuration of this step's segment, and its timer. A step that had to
  * change a plan (and so captures a new graph) is not counted. */
 void cuda_sweep_before(cuda_backend *c, int decode, int n)
 {
     cuda_sweep *s = c->sweep;
-    if (!s || !decode || n > 8) return;
+    if (!s || !decode || n > PIE_CUDA_GEMV_MAX_M) return;
     s->cur = (int)(s->step / s->seg % s->n_cfg);
     s->skip = sweep_apply(c, s->cur);
     s->t0 = now_s();
@@ -117,7 +118,7 @@ void cuda_sweep_before(cuda_backend *c, int decode, int n)
 void cuda_sweep_after(cuda_backend *c, int decode, int n)
 {
     cuda_sweep *s = c->sweep;
-    if (!s || !decode || n > 8) return;
+    if (!s || !decode || n > PIE_CUDA_GEMV_MAX_M) return;
     if (!s->skip && s->step % s->seg) {
         s->sum[s->cur] += now_s() - s->t0;
         s->count[s->cur]++;
