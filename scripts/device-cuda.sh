@@ -200,8 +200,11 @@ for phase in "$@"; do
         log "gemvsweep"
         sw() {  # model batch gen configs
             PIE_CUDA_GEMV_SWEEP="$4" timeout 200 $R pie bench forward --backend cuda \
-                --model random:$1 --batch $2 --prompt-len 512 --gen $3 2>&1 \
-                | grep -E "sweep|decode:" | sed "s/^/$1 B=$2: /" | tee -a "$OUT/summary.log"
+                --model random:$1 --batch $2 --prompt-len 512 --gen $3 \
+                > "$OUT/gemvsweep-$1-$2.log" 2>&1
+            echo "$1 B=$2 rc=$?" | tee -a "$OUT/summary.log"
+            grep -E "sweep|decode:" "$OUT/gemvsweep-$1-$2.log" | sed "s/^/$1 B=$2: /" \
+                | tee -a "$OUT/summary.log"
         }
         sw llama-3.2-1b 1 2048 "|16384x2048:2|16384x2048:8|3072x2048:4|2048x8192:4|2048x2048:4|128256x2048:4"
         sw llama-3.2-1b 4 1024 "|16384x2048:2|16384x2048:8|3072x2048:4"

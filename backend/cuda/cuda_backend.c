@@ -963,7 +963,7 @@ static int cuda_forward(pie_backend *bb, const pie_forward_batch *b,
     int dec = c->sweep ? is_decode(c, b) : 0;
     cuda_sweep_before(c, dec, b->n_tokens);
     rc = forward_run(c, b, out);
-    cuda_sweep_after(c, dec, b->n_tokens);
+    cuda_sweep_after(c, dec, b->n_tokens, rc);
     if (rc && c->cluster_refused) {
         rc = after_failure(c, rc);
         c->cluster_refused = 0;

@@ -248,9 +248,10 @@ int cuda_warm_plans(cuda_backend *c);
 
 /* Reads PIE_CUDA_GEMV_SWEEP (off where unset). */
 void cuda_sweep_init(cuda_backend *c);
-/* Around each forward (decode: a decode step of n tokens). */
+/* Around each forward (decode: a decode step of n tokens; rc: its
+ * result). */
 void cuda_sweep_before(cuda_backend *c, int decode, int n);
-void cuda_sweep_after(cuda_backend *c, int decode, int n);
+void cuda_sweep_after(cuda_backend *c, int decode, int n, int rc);
 /* Prints the configurations' mean step times; frees the state. */
 void cuda_sweep_done(cuda_backend *c);
 

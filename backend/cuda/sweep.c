@@ -8,18 +8,22 @@
  * configurations take turns in one process: decode steps of at most 16
  * rows run in segments of S steps (PIE_CUDA_GEMV_SWEEP_STEPS, default 16),
  * configuration i in segments i, i + n, i + 2n, ... so the context's
- * growth falls on all alike; neither a segment's first step nor one that
- * changed a plan's warps (and so captures a new graph) is counted. At
- * destroy each configuration's mean wall time a step goes to stderr.
+ * growth falls on all alike. A step counts only where it ran in full
+ * under its configuration: not a segment's first (the graphs are dropped
+ * at each switch), not one that captured a graph or made a plan, not a
+ * failed one. At destroy each configuration's mean wall time a step goes
+ * to stderr.
  *
  * PIE_CUDA_GEMV_SWEEP="A|B|..": each configuration a list "NxK:r,..." of
  * weights (n x k) and their warps (1, 2, 4 or 8); an empty one is the
  * tuner's choice. Only plans where gemv.cu runs change.
  *
  * State (cuda_sweep, owned by the backend): the configurations as text,
- * the current one and whether this step counts, the step count, and per
- * configuration the sum of counted step times and their number. The
- * tuner's warps stay in each plan (mm_plan.gemv_r_tuned).
+ * the current one, whether this step counts, the graph captures and the
+ * plan cache's next slot before it (to tell a step that captured or made
+ * a plan), the step count, and per configuration the sum of counted step
+ * times and their number. The tuner's warps stay in each plan
+ * (mm_plan.gemv_r_tuned).
  */
 #include <stdio.h>
 #include <stdlib.h>
@@ -32,8 +36,8 @@
 
 struct cuda_sweep {
     char    cfg[SWEEP_MAX][256];
-    int     n_cfg, seg, cur, skip;
-    int64_t step;
+    int     n_cfg, seg, cur, skip, plan_next;
+    int64_t step, captured;
     double  sum[SWEEP_MAX], t0;
     int64_t count[SWEEP_MAX];
 };
@@ -74,11 +78,12 @@ void cuda_sweep_init(cuda_backend *c)
     }
     const char *st = getenv("PIE_CUDA_GEMV_SWEEP_STEPS");
     s->seg = st && atoi(st) > 0 ? atoi(st) : 16;
+    s->cur = -1;
 }
 
 /* Gives every gemv.cu plan of at most 16 rows configuration i's warps (the
- * tuner's where it names none: plans made since the last call too), and
- * where any changed drops the captured graphs; 1 then. */
+ * tuner's where it names none: plans made since the last call too); 1
+ * where any plan changed. */
 static int sweep_apply(cuda_backend *c, int i)
 {
     cuda_sweep *s = c->sweep;
@@ -92,35 +97,54 @@ static int sweep_apply(cuda_backend *c, int i)
         changed |= p->gemv_r != r;
         p->gemv_r = r;
     }
-    for (int j = 0; changed && j < GRAPH_CACHE; j++)
+    return changed;
+}
+
+/* Drops every captured graph (they hold the warps they were captured
+ * with; graph keys do not). */
+static void drop_graphs(cuda_backend *c)
+{
+    for (int j = 0; j < GRAPH_CACHE; j++)
         if (c->graphs[j].exec) {
             cudaGraphExecDestroy(c->graphs[j].exec);
             c->graphs[j].exec = NULL;
         }
-    return changed;
 }
 
 /* Before a forward of n tokens: in decode steps of at most 16 rows, the
- * configuration of this step's segment, and its timer. A step that had to
- * change a plan (and so captures a new graph) is not counted. */
+ * configuration of this step's segment (a new one drops the graphs, also
+ * where no plan changes: a plan remade since may hold other warps than
+ * a graph), and its timer. */
 void cuda_sweep_before(cuda_backend *c, int decode, int n)
 {
     cuda_sweep *s = c->sweep;
     if (!s || !decode || n > PIE_CUDA_GEMV_MAX_M) return;
-    s->cur = (int)(s->step / s->seg % s->n_cfg);
-    s->skip = sweep_apply(c, s->cur);
+    int i = (int)(s->step / s->seg % s->n_cfg);
+    int changed = sweep_apply(c, i);
+    s->skip = changed || i != s->cur;
+    if (s->skip) drop_graphs(c);
+    s->cur = i;
+    s->captured = c->n_captured;
+    s->plan_next = c->plan_next;
     s->t0 = now_s();
 }
 
-/* After that forward: its time counts for the configuration, unless it
- * was the first of its segment (the first of all makes the plans of its
- * batch size, timing them). */
-void cuda_sweep_after(cuda_backend *c, int decode, int n)
+/* After that forward (rc its result): its time counts for the
+ * configuration unless it failed, captured a graph, made a plan (the
+ * configuration then takes that plan from the next step), or began a
+ * segment. */
+void cuda_sweep_after(cuda_backend *c, int decode, int n, int rc)
 {
     cuda_sweep *s = c->sweep;
     if (!s || !decode || n > PIE_CUDA_GEMV_MAX_M) return;
-    if (!s->skip && s->step % s->seg) {
-        s->sum[s->cur] += now_s() - s->t0;
+    double t = now_s() - s->t0;
+    int made = c->plan_next != s->plan_next;   /* (one per plan made) */
+    if (sweep_apply(c, s->cur)) {
+        drop_graphs(c);
+        made = 1;
+    }
+    if (!rc && !s->skip && !made && c->n_captured == s->captured) {
+        s->sum[s->cur] += t;
         s->count[s->cur]++;
     }
     s->step++;

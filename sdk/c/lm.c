@@ -200,5 +200,6 @@ int pie_json_ids_text(char **buf, size_t *len, size_t *cap,
         rc = pie_buf_append(buf, len, cap, num, (size_t)k);
     }
     if (rc == 0) rc = pie_buf_append(buf, len, cap, "],\"text\":", 9);
-    return rc ? rc : pie_json_str(buf, len, cap, text ? text : "", text_len);
+    return rc ? rc : pie_json_str(buf, len, cap, text ? text : "",
+                                  text ? text_len : 0);
 }
