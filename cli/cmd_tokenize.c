@@ -61,6 +61,64 @@ int pie_cmd_tokenize(int argc, char **argv)
     return 0;
 }
 
+/* Appends the ids of one argument (list arg) to ids[*n..]; prints why and
+ * returns exit code 2 on a bad list or more than DETOK_MAX_IDS ids. */
+static int append_id_arg(const char *arg, int32_t *ids, size_t *n)
+{
+    int32_t *part;
+    size_t k;
+    if (pie_cli_parse_ids(arg, &part, &k)) {
+        fprintf(stderr, "pie detokenize: bad id list '%s'\n", arg);
+        return 2;
+    }
+    if (*n + k > DETOK_MAX_IDS) {
+        fprintf(stderr, "pie detokenize: more than %d ids\n",
+                DETOK_MAX_IDS);
+        free(part);
+        return 2;
+    }
+    memcpy(ids + *n, part, k * sizeof *part);
+    *n += k;
+    free(part);
+    return 0;
+}
+
+/* Parses the id lists pos[0..npos) into *ids (malloc'ed, the caller frees)
+ * and *n; prints why and returns exit code 1 (no memory) or 2 on failure. */
+static int gather_ids(char **pos, int npos, int32_t **ids_out, size_t *n_out)
+{
+    int32_t *ids = malloc(sizeof(int32_t) * DETOK_MAX_IDS);
+    size_t n = 0;
+    if (!ids) {
+        fprintf(stderr, "pie detokenize: out of memory\n");
+        return 1;
+    }
+    for (int i = 0; i < npos; i++) {
+        int rc = append_id_arg(pos[i], ids, &n);
+        if (rc) {
+            free(ids);
+            return rc;
+        }
+    }
+    *ids_out = ids;
+    *n_out = n;
+    return 0;
+}
+
+/* Decodes ids and prints the text and a newline; prints the error and
+ * returns its code on failure. */
+static int print_decoded(const pie_tokenizer *tok, const int32_t *ids,
+                         size_t n)
+{
+    char *text = NULL;
+    size_t len = 0;
+    int rc = pie_tokenizer_decode(tok, ids, n, false, &text, &len);
+    if (rc) fprintf(stderr, "pie detokenize: %s\n", pie_err_msg());
+    else printf("%s\n", text);
+    free(text);
+    return rc;
+}
+
 int pie_cmd_detokenize(int argc, char **argv)
 {
     const char *model = NULL;
@@ -79,31 +137,10 @@ int pie_cmd_detokenize(int argc, char **argv)
                 "--help)\n");
         return 2;
     }
-    int32_t *ids = malloc(sizeof(int32_t) * DETOK_MAX_IDS);
-    size_t n = 0;
-    if (!ids) {
-        fprintf(stderr, "pie detokenize: out of memory\n");
-        return 1;
-    }
-    for (int i = 0; i < npos; i++) {
-        int32_t *part;
-        size_t k;
-        if (pie_cli_parse_ids(pos[i], &part, &k)) {
-            fprintf(stderr, "pie detokenize: bad id list '%s'\n", pos[i]);
-            free(ids);
-            return 2;
-        }
-        if (n + k > DETOK_MAX_IDS) {
-            fprintf(stderr, "pie detokenize: more than %d ids\n",
-                    DETOK_MAX_IDS);
-            free(part);
-            free(ids);
-            return 2;
-        }
-        memcpy(ids + n, part, k * sizeof *part);
-        n += k;
-        free(part);
-    }
+    int32_t *ids;
+    size_t n;
+    rc = gather_ids(pos, npos, &ids, &n);
+    if (rc) return rc;
     pie_model *m;
     if (pie_cli_load_model(model, &m)) {
         free(ids);
@@ -114,12 +151,7 @@ int pie_cmd_detokenize(int argc, char **argv)
         pie_model_free(m);
         return 1;
     }
-    char *text = NULL;
-    size_t len = 0;
-    rc = pie_tokenizer_decode(m->tok, ids, n, false, &text, &len);
-    if (rc) fprintf(stderr, "pie detokenize: %s\n", pie_err_msg());
-    else printf("%s\n", text);
-    free(text);
+    rc = print_decoded(m->tok, ids, n);
     free(ids);
     pie_model_free(m);
     return rc ? 1 : 0;

@@ -523,20 +523,11 @@ static bool slice_fits(const ctl_batch *B, const slice_size *z)
            (int64_t)B->n_outputs + z->nout <= CTL_MAX_RUNS;
 }
 
-/* Appends tokens [t0, t0+n) of op to B as one request; z is their
- * count_slice (sized once, in stage_ready). */
-static int batch_append(pie_ctl *ctl, ctl_batch *B, ctl_op *op, int32_t t0,
-                        int32_t n, const slice_size *z)
+/* Appends tokens [t0, t0+n) of op to B's tokens, positions and mask runs
+ * (first = op's KV position of token 0); cannot fail (batch_reserve). */
+static void append_tokens(ctl_batch *B, const ctl_op *op, int32_t t0,
+                          int32_t n, int32_t first)
 {
-    int32_t ps = ctl->ps, first = op->kv_len - op->n_tokens;
-    int32_t kvl = first + t0 + n, np = (kvl + ps - 1) / ps;
-    if (batch_reserve(B, n, np, z->nmask, z->nout, z->nlm, z->nval) < 0)
-        return pie_err_set(PIE_ENOMEM, "control: out of memory for a batch");
-    int32_t r = B->n_reqs, tb = B->n_tokens;
-    if (r == 0) {
-        B->qo_indptr[0] = B->kv_indptr[0] = 0;
-        B->mask_indptr[0] = B->lm_indptr[0] = B->out.value_indptr[0] = 0;
-    }
     for (int32_t t = t0; t < t0 + n; t++) {
         int32_t i = B->n_tokens++;
         B->tokens[i] = op->tokens[t];
@@ -553,6 +544,46 @@ static int batch_append(pie_ctl *ctl, ctl_batch *B, ctl_op *op, int32_t t0,
         }
         B->mask_indptr[i + 1] = (uint32_t)B->n_mask_runs;
     }
+}
+
+/* Appends output o of op to B as output row `row` at batch token tok: its
+ * sampler, logit-mask runs and probe values; cannot fail (batch_reserve). */
+static void append_output(const pie_ctl *ctl, ctl_batch *B, const ctl_op *op,
+                          int32_t o, int32_t row, int32_t tok)
+{
+    B->out_idx[row] = tok;
+    B->row_src[row] = o;
+    B->samplers[row] = op->samplers[o];
+    if (op->lm_indptr) {
+        uint32_t a = op->lm_indptr[o], b = op->lm_indptr[o + 1];
+        memcpy(B->lm_runs + B->n_lm_runs, op->lm_runs + a,
+               (b - a) * sizeof(uint32_t));
+        B->n_lm_runs += b - a;
+        B->any_lm = true;
+    } else {
+        B->lm_runs[B->n_lm_runs++] = 0;
+        B->lm_runs[B->n_lm_runs++] = (uint32_t)ctl->vocab;
+    }
+    B->lm_indptr[row + 1] = (uint32_t)B->n_lm_runs;
+    B->n_values += pie_sampler_values(&op->samplers[o], ctl->vocab);
+    B->out.value_indptr[row + 1] = (uint32_t)B->n_values;
+}
+
+/* Appends tokens [t0, t0+n) of op to B as one request; z is their
+ * count_slice (sized once, in stage_ready). */
+static int batch_append(pie_ctl *ctl, ctl_batch *B, ctl_op *op, int32_t t0,
+                        int32_t n, const slice_size *z)
+{
+    int32_t ps = ctl->ps, first = op->kv_len - op->n_tokens;
+    int32_t kvl = first + t0 + n, np = (kvl + ps - 1) / ps;
+    if (batch_reserve(B, n, np, z->nmask, z->nout, z->nlm, z->nval) < 0)
+        return pie_err_set(PIE_ENOMEM, "control: out of memory for a batch");
+    int32_t r = B->n_reqs, tb = B->n_tokens;
+    if (r == 0) {
+        B->qo_indptr[0] = B->kv_indptr[0] = 0;
+        B->mask_indptr[0] = B->lm_indptr[0] = B->out.value_indptr[0] = 0;
+    }
+    append_tokens(B, op, t0, n, first);
     B->qo_indptr[r + 1] = B->n_tokens;
     memcpy(B->kv_indices + B->n_kv, op->pages, np * sizeof(int32_t));
     B->n_kv += np;
@@ -565,22 +596,7 @@ static int batch_append(pie_ctl *ctl, ctl_batch *B, ctl_op *op, int32_t t0,
         int32_t t = op->output_idx[o];
         if (t < t0 || t >= t0 + n) continue;
         int32_t row = B->n_outputs++;
-        B->out_idx[row] = tb + (t - t0);
-        B->row_src[row] = o;
-        B->samplers[row] = op->samplers[o];
-        if (op->lm_indptr) {
-            uint32_t a = op->lm_indptr[o], b = op->lm_indptr[o + 1];
-            memcpy(B->lm_runs + B->n_lm_runs, op->lm_runs + a,
-                   (b - a) * sizeof(uint32_t));
-            B->n_lm_runs += b - a;
-            B->any_lm = true;
-        } else {
-            B->lm_runs[B->n_lm_runs++] = 0;
-            B->lm_runs[B->n_lm_runs++] = (uint32_t)ctl->vocab;
-        }
-        B->lm_indptr[row + 1] = (uint32_t)B->n_lm_runs;
-        B->n_values += pie_sampler_values(&op->samplers[o], ctl->vocab);
-        B->out.value_indptr[row + 1] = (uint32_t)B->n_values;
+        append_output(ctl, B, op, o, row, tb + (t - t0));
     }
     B->n_reqs++;
     pie__pool_record(ctl, op, t0, n);

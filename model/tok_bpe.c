@@ -272,30 +272,62 @@ static int32_t char_symbols(const pie_tokenizer *t, const char *p, size_t n,
     return k;
 }
 
+/* Writes the vocab spelling of ByteLevel piece p (≤ 2 UTF-8 bytes per byte)
+ * to map; returns its length. */
+static size_t byte_level_key(const char *p, size_t n, char *map)
+{
+    size_t kn = 0;
+    for (size_t i = 0; i < n; i++) {
+        uint16_t cp = pie__tok_byte_to_cp[(uint8_t)p[i]];
+        if (cp < 0x80) map[kn++] = (char)cp;
+        else {
+            map[kn++] = (char)(0xc0 | cp >> 6);
+            map[kn++] = (char)(0x80 | (cp & 0x3f));
+        }
+    }
+    return kn;
+}
+
+/* Sets *v to the vocab id of the whole piece, -1 if it has none (for
+ * ignore_merges); returns 0, or PIE_ENOMEM with the error set. */
+static int whole_piece_id(const pie_tokenizer *t, const char *p, size_t n,
+                          int32_t *v)
+{
+    char small_map[256], *map = small_map;
+    const char *key = p;
+    size_t kn = n;
+    if (t->byte_level) {
+        if (2 * n > sizeof small_map && !(map = malloc(2 * n)))
+            return pie_err_set(PIE_ENOMEM, "tokenizer: out of memory");
+        kn = byte_level_key(p, n, map);
+        key = map;
+    }
+    *v = pie__tok_vocab_find(t, key, kn);
+    if (map != small_map) free(map);
+    return 0;
+}
+
+/* Fills id with the initial symbols of a ByteLevel piece; returns their count. */
+static int32_t byte_symbols(const pie_tokenizer *t, const char *p, size_t n,
+                            int32_t *id)
+{
+    int32_t k = 0;
+    for (size_t i = 0; i < n; i++) {
+        int32_t v = t->byte_id[(uint8_t)p[i]];
+        if (v >= 0) id[k++] = v;
+        else if (t->unk_id >= 0) id[k++] = t->unk_id;
+    }
+    return k;
+}
+
 int pie__tok_bpe_piece(const pie_tokenizer *t, const char *p, size_t n,
                        tok_ids *out)
 {
     if (n == 0) return 0;
     if (t->ignore_merges) {                      /* whole piece in vocab? */
-        char small_map[256], *map = small_map;
-        const char *key = p;
-        size_t kn = n;
-        if (t->byte_level) {                     /* ≤ 2 UTF-8 bytes per byte */
-            if (2 * n > sizeof small_map && !(map = malloc(2 * n)))
-                return pie_err_set(PIE_ENOMEM, "tokenizer: out of memory");
-            kn = 0;
-            for (size_t i = 0; i < n; i++) {
-                uint16_t cp = pie__tok_byte_to_cp[(uint8_t)p[i]];
-                if (cp < 0x80) map[kn++] = (char)cp;
-                else {
-                    map[kn++] = (char)(0xc0 | cp >> 6);
-                    map[kn++] = (char)(0x80 | (cp & 0x3f));
-                }
-            }
-            key = map;
-        }
-        int32_t v = pie__tok_vocab_find(t, key, kn);
-        if (map != small_map) free(map);
+        int32_t v = -1;
+        int rc = whole_piece_id(t, p, n, &v);
+        if (rc) return rc;
         if (v >= 0) return pie__tok_ids_push(out, v);
     }
     /* up to 4 symbols per byte (byte fallback), 3 arrays */
@@ -319,17 +351,8 @@ int pie__tok_bpe_piece(const pie_tokenizer *t, const char *p, size_t n,
     w.prev = mem + max_sym;
     w.next = mem + 2 * max_sym;
     w.heap = heap;
-    int32_t k;
-    if (t->byte_level) {
-        k = 0;
-        for (size_t i = 0; i < n; i++) {
-            int32_t v = t->byte_id[(uint8_t)p[i]];
-            if (v >= 0) w.id[k++] = v;
-            else if (t->unk_id >= 0) w.id[k++] = t->unk_id;
-        }
-    } else {
-        k = char_symbols(t, p, n, w.id);
-    }
+    int32_t k = t->byte_level ? byte_symbols(t, p, n, w.id)
+                              : char_symbols(t, p, n, w.id);
     /* n-1 initial candidates + ≤ 2 per merge (≤ n-1 merges): heap < 3n */
     int rc = merge_symbols(t, &w, k, out);
     if (mem != small) free(mem);
