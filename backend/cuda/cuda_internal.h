@@ -239,6 +239,10 @@ int cuda_mm_glu(cuda_backend *c, uint16_t *h, uint16_t *gu,
  * or an error. */
 int cuda_mm_qkv(cuda_backend *c, const pie_cuda_qkv_epi *e, const uint16_t *W,
                 int n, int k, const uint16_t *x, int m);
+/* The warps (1, 2, 4 or 8) a list "NxK:r,..." gives gemv.cu for the
+ * weight of n x k; 0 where it names none (or list is NULL). The format of
+ * PIE_CUDA_GEMV_FORCE and of each PIE_CUDA_GEMV_SWEEP configuration. */
+int cuda_gemv_warps_listed(const char *list, int n, int k);
 /* Frees a plan's cuBLASLt descriptors. */
 void cuda_plan_free(mm_plan *p);
 /* Makes and times the plans of every decode-sized m bucket at creation. */

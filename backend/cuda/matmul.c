@@ -173,18 +173,15 @@ static void try_split_k(cuda_backend *c, mm_plan *p,
         }
 }
 
-/* PIE_CUDA_GEMV_FORCE="NxK:r,...": the warps r (1, 2, 4 or 8) pinned for
- * the weight of n x k (comparisons; in both buckets, wherever gemv.cu
- * runs); 0 where the list does not name it. */
-static int gemv_warps_forced(int n, int k)
+/* "NxK:r,..." lists (cuda_internal.h) */
+int cuda_gemv_warps_listed(const char *list, int n, int k)
 {
-    const char *f = getenv("PIE_CUDA_GEMV_FORCE");
     int fn, fk, fr, used;
-    while (f && sscanf(f, "%dx%d:%d%n", &fn, &fk, &fr, &used) == 3) {
+    while (list && sscanf(list, "%dx%d:%d%n", &fn, &fk, &fr, &used) == 3) {
         if (fn == n && fk == k && (fr == 1 || fr == 2 || fr == 4 || fr == 8))
             return fr;
-        f += used;
-        f += *f == ',';
+        list += used;
+        list += *list == ',';
     }
     return 0;
 }
@@ -201,7 +198,8 @@ static int gemv_warps_forced(int n, int k)
  * slower: gate/up at 8 warps). */
 static int gemv_warps_pick(int n, int k, int gm, const float *t, float gbest)
 {
-    int fr = gemv_warps_forced(n, k);
+    /* PIE_CUDA_GEMV_FORCE: pinned (comparisons; in both buckets) */
+    int fr = cuda_gemv_warps_listed(getenv("PIE_CUDA_GEMV_FORCE"), n, k);
     if (fr) return fr;
     const char *e = getenv("PIE_CUDA_GEMV_TIE");
     double tie = gm > 8 ? 0.0 : e ? atof(e) : 0.02;
@@ -231,7 +229,7 @@ static void try_gemv(cuda_backend *c, mm_plan *p, const uint16_t *W,
         if (t[i] < gbest) gbest = t[i];
     }
     int gr = gemv_warps_pick(p->n, p->k, gm, t, gbest);
-    float tg = t[gr == 1 ? 0 : gr == 2 ? 1 : gr == 4 ? 2 : 3];
+    float tg = t[__builtin_ctz((unsigned)gr)];   /* r = 1, 2, 4, 8 */
     /* PIE_CUDA_GEMV=1 (comparisons, tests): gemv.cu wherever it runs,
      * also where cuBLASLt is faster than the warps forced */
     if (tg < lt || (getenv("PIE_CUDA_GEMV") && tg < INFINITY))

@@ -49,19 +49,6 @@ static double now_s(void)
     return ts.tv_sec + ts.tv_nsec * 1e-9;
 }
 
-/* The warps configuration cfg gives the weight n x k; 0: the tuner's. */
-static int cfg_warps(const char *cfg, int n, int k)
-{
-    int fn, fk, fr, used;
-    while (sscanf(cfg, "%dx%d:%d%n", &fn, &fk, &fr, &used) == 3) {
-        if (fn == n && fk == k && (fr == 1 || fr == 2 || fr == 4 || fr == 8))
-            return fr;
-        cfg += used;
-        cfg += *cfg == ',';
-    }
-    return 0;
-}
-
 /* Parses PIE_CUDA_GEMV_SWEEP into c->sweep; nothing where it is unset. */
 void cuda_sweep_init(cuda_backend *c)
 {
@@ -92,7 +79,7 @@ static int sweep_apply(cuda_backend *c, int i)
         mm_plan *p = &c->plans[j];
         if (!p->used || p->m > PIE_CUDA_GEMV_MAX_M || p->gemv_r_tuned <= 0)
             continue;
-        int r = cfg_warps(s->cfg[i], p->n, p->k);
+        int r = cuda_gemv_warps_listed(s->cfg[i], p->n, p->k);
         r = r ? r : p->gemv_r_tuned;
         changed |= p->gemv_r != r;
         p->gemv_r = r;
