@@ -24,9 +24,17 @@
  *          stand-in) and E cycles between two barriers at each item's end
  *          (the combine and store's stand-in), copies issued at the top of
  *          each iteration as in flash_dec_kernel
+ *   cp.async S   piece (no item-end stand-in) with a ring of S KV blocks,
+ *          S - 1 in flight while one is consumed
+ *   bulk   a producer warp fills a ring of S stages by cp.async.bulk
+ *          (completion counted on an mbarrier a stage) for 4 consumer
+ *          warps: each 4 KB chunk in one copy ("4KB"), or each slot's 256-
+ *          byte K or V row in its own copy into the padded rows the
+ *          attention's ldmatrix reads ("rows")
  *
  * Usage: bench_kv_read [ITEMS NB] (default 2048 8: 8B shape B=256 ctx 512;
- * 128 32 is B=16 ctx 2048). Results: backend/cuda/NOTES.md, round 16.
+ * 128 32 is B=16 ctx 2048). Results: backend/cuda/NOTES.md, rounds 16 and
+ * 23.
  */
 #include <algorithm>
 #include <cstdint>
@@ -187,6 +195,169 @@ static void timeit(const char *name, double bytes, int layers, F launch)
     cudaEventDestroy(e1);
 }
 
+/* piece with S cp.async stages (S - 1 KV blocks in flight while one is
+ * consumed) and the math stand-in C: is the 2-stage ring the limit? */
+template <int S>
+__global__ void __launch_bounds__(128) stages_kernel(kv_args a)
+{
+    extern __shared__ __align__(16) char sm[];
+    int w = threadIdx.x / 32, lane = threadIdx.x % 32;
+    int ipb = (a.n_items + gridDim.x - 1) / gridDim.x;
+    int i0 = blockIdx.x * ipb, i1 = min(a.n_items, i0 + ipb);
+    if (i0 >= i1) return;
+    unsigned acc = 0;
+    int ci = i0, ckb = 0, base = a.req_base[a.item_req[i0]];
+    auto issue = [&](int st) {
+        if (ci < i1) {
+            copy_chunk(sm + st * KVBLK + w * 8192, a, a.tab[base + ckb * 4 + w], lane);
+            if (++ckb == a.nb) {
+                ckb = 0;
+                if (++ci < i1) base = a.req_base[a.item_req[ci]];
+            }
+        }
+        asm volatile("cp.async.commit_group;");
+    };
+    int n = (i1 - i0) * a.nb;
+    for (int k = 0; k < S - 1; k++) issue(k);
+    for (int it = 0; it < n; it++) {
+        issue((it + S - 1) % S);
+        asm volatile("cp.async.wait_group %0;" :: "n"(S - 1));
+        __syncthreads();
+        touch(sm + (it % S) * KVBLK, acc);
+        spin(a.C, acc);
+        __syncthreads();
+    }
+    asm volatile("cp.async.wait_group 0;");
+    if (acc == 0x12345678) a.out[0] = acc;
+}
+
+__device__ __forceinline__ uint32_t sm32(const void *p)
+{
+    return (uint32_t)__cvta_generic_to_shared(p);
+}
+
+__device__ __forceinline__ void mb_init(uint64_t *b, int n)
+{
+    asm volatile("mbarrier.init.shared::cta.b64 [%0], %1;" :: "r"(sm32(b)), "r"(n) : "memory");
+}
+
+__device__ __forceinline__ void mb_expect(uint64_t *b, uint32_t bytes)
+{
+    asm volatile("mbarrier.arrive.expect_tx.shared::cta.b64 _, [%0], %1;"
+                 :: "r"(sm32(b)), "r"(bytes) : "memory");
+}
+
+__device__ __forceinline__ void mb_arrive(uint64_t *b)
+{
+    asm volatile("mbarrier.arrive.shared::cta.b64 _, [%0];" :: "r"(sm32(b)) : "memory");
+}
+
+__device__ __forceinline__ void mb_wait(uint64_t *b, uint32_t par)
+{
+    asm volatile("{\n.reg .pred p;\nW: mbarrier.try_wait.parity.shared::cta.b64 p, [%0], %1;\n"
+                 "@!p bra W;\n}" :: "r"(sm32(b)), "r"(par) : "memory");
+}
+
+__device__ __forceinline__ void bulk(void *d, const void *s, uint32_t n, uint64_t *b)
+{
+    asm volatile("cp.async.bulk.shared::cluster.global.mbarrier::complete_tx::bytes "
+                 "[%0], [%1], %2, [%3];"
+                 :: "r"(sm32(d)), "l"(s), "r"(n), "r"(sm32(b)) : "memory");
+}
+
+/* A producer warp (warp 4) fills a ring of S stages by bulk copies (one
+ * thread a copy, completion counted on the stage's mbarrier), ROW = 0:
+ * each 4 KB chunk in one copy (32 KB a stage); ROW = 1: each slot's 256-
+ * byte K or V row in its own copy into rows 272 bytes apart, the padded
+ * layout the attention's ldmatrix reads (34 KB a stage). The 4 consumer
+ * warps wait for a stage, touch it, run C cycles and free it. */
+template <int S, int ROW>
+__global__ void __launch_bounds__(160) bulk_kernel(kv_args a)
+{
+    constexpr int STG = ROW ? 64 * 272 * 2 : KVBLK;
+    extern __shared__ __align__(128) char sm[];
+    __shared__ __align__(8) uint64_t full[S], empty[S];
+    int w = threadIdx.x / 32, lane = threadIdx.x % 32;
+    int ipb = (a.n_items + gridDim.x - 1) / gridDim.x;
+    int i0 = blockIdx.x * ipb, i1 = min(a.n_items, i0 + ipb);
+    if (i0 >= i1) return;
+    if (threadIdx.x == 0)
+        for (int k = 0; k < S; k++) {
+            mb_init(&full[k], 1);
+            mb_init(&empty[k], 4);
+        }
+    asm volatile("fence.mbarrier_init.release.cluster;" ::: "memory");
+    __syncthreads();
+    int n = (i1 - i0) * a.nb;
+    unsigned acc = 0;
+    if (w == 4) {
+        int ci = i0, ckb = 0, base = a.req_base[a.item_req[i0]];
+        for (int it = 0; it < n; it++) {
+            int st = it % S;
+            if (it >= S) mb_wait(&empty[st], (it / S - 1) & 1);
+            char *d = sm + st * STG;
+            if (lane == 0) mb_expect(&full[st], ROW ? 64 * 512 : KVBLK);
+            __syncwarp();
+            if (!ROW) {
+                if (lane < 8) {
+                    const char *k = a.pool + (size_t)a.tab[base + ckb * 4 + (lane & 3)] * CHUNK;
+                    bulk(d + (lane >> 2) * 16384 + (lane & 3) * CHUNK,
+                         k + (lane >> 2) * a.voff, CHUNK, &full[st]);
+                }
+            } else {
+#pragma unroll
+                for (int j = 0; j < 2; j++) {
+                    int s = lane + 32 * j;
+                    const char *k = a.pool + (size_t)a.tab[base + ckb * 4 + s / 16] * CHUNK +
+                                    (s % 16) * 256;
+                    bulk(d + s * 272, k, 256, &full[st]);
+                    bulk(d + 64 * 272 + s * 272, k + a.voff, 256, &full[st]);
+                }
+            }
+            if (++ckb == a.nb) {
+                ckb = 0;
+                if (++ci < i1) base = a.req_base[a.item_req[ci]];
+            }
+        }
+    } else {
+        for (int it = 0; it < n; it++) {
+            int st = it % S;
+            mb_wait(&full[st], (it / S) & 1);
+            touch(sm + st * STG, acc);
+            spin(a.C, acc);
+            __syncwarp();
+            if (lane == 0) mb_arrive(&empty[st]);
+        }
+    }
+    if (acc == 0x12345678) a.out[0] = acc;
+}
+
+template <int S, int ROW, typename A>
+static void run_bulk(int per_sm, double bytes, int layers, int nsm, int C, A args)
+{
+    constexpr int STG = ROW ? 64 * 272 * 2 : KVBLK;
+    CK(cudaFuncSetAttribute(bulk_kernel<S, ROW>,
+                            cudaFuncAttributeMaxDynamicSharedMemorySize, S * STG));
+    char name[64];
+    snprintf(name, sizeof name, "bulk %s S %d C %d, %d an SM", ROW ? "rows" : "4KB", S,
+             C, per_sm);
+    timeit(name, bytes, layers, [&](int l) {
+        bulk_kernel<S, ROW><<<nsm * per_sm, 160, S * STG>>>(args(l, C, 0));
+    });
+}
+
+template <int S, typename A>
+static void run_stages(int per_sm, double bytes, int layers, int nsm, int C, A args)
+{
+    CK(cudaFuncSetAttribute(stages_kernel<S>,
+                            cudaFuncAttributeMaxDynamicSharedMemorySize, S * KVBLK));
+    char name[64];
+    snprintf(name, sizeof name, "cp.async S %d C %d, %d an SM", S, C, per_sm);
+    timeit(name, bytes, layers, [&](int l) {
+        stages_kernel<S><<<nsm * per_sm, 128, S * KVBLK>>>(args(l, C, 0));
+    });
+}
+
 int main(int argc, char **argv)
 {
     int items = argc > 2 ? atoi(argv[1]) : 2048, nb = argc > 2 ? atoi(argv[2]) : 8;
@@ -267,6 +438,22 @@ int main(int argc, char **argv)
                 piece_kernel<1><<<nsm * k, 128, 2 * KVBLK>>>(args(l, C, 3000));
             });
         }
+    }
+    /* deeper rings: cp.async and bulk copies (per_sm 2: rings that let
+     * two blocks share an SM) */
+    for (int C : { 0, 800 }) {
+        run_stages<2>(1, bytes, layers, nsm, C, args);
+        run_stages<3>(1, bytes, layers, nsm, C, args);
+        run_stages<4>(1, bytes, layers, nsm, C, args);
+        run_stages<6>(1, bytes, layers, nsm, C, args);
+        run_bulk<2, 0>(1, bytes, layers, nsm, C, args);
+        run_bulk<4, 0>(1, bytes, layers, nsm, C, args);
+        run_bulk<6, 0>(1, bytes, layers, nsm, C, args);
+        run_bulk<2, 1>(1, bytes, layers, nsm, C, args);
+        run_bulk<3, 1>(1, bytes, layers, nsm, C, args);
+        run_bulk<4, 1>(1, bytes, layers, nsm, C, args);
+        run_bulk<6, 1>(1, bytes, layers, nsm, C, args);
+        run_bulk<3, 1>(2, bytes, layers, nsm, C, args);
     }
     return 0;
 }
