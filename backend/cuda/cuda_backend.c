@@ -424,9 +424,11 @@ static int is_sorted_row(const pie_sampler *s)
            (s->kind == PIE_SAMPLER_RANDOM && s->temperature > 0.0f);
 }
 
-/* Sampler rows, LOGPROBS ids and logit masks of every output. */
-static int build_outputs(cuda_backend *c, const pie_forward_batch *b,
-                         const pie_forward_out *out, step_meta *sm)
+/* Counts the outputs' LOGPROBS ids and logit mask words, refusing a batch
+ * past the sampler's limits (probe values per OUT_CHUNK chunk too). */
+static int output_sizes(const cuda_backend *c, const pie_forward_batch *b,
+                        const pie_forward_out *out, int64_t *n_ids_out,
+                        int64_t *lwords_out)
 {
     int no = b->n_outputs, V = c->cfg.vocab_size;
     int64_t n_ids = 0, lwords = b->logit_mask_indptr ? (int64_t)no * ((V + 31) / 32) : 0;
@@ -443,26 +445,38 @@ static int build_outputs(cuda_backend *c, const pie_forward_batch *b,
     }
     if (lwords > INT32_MAX || n_ids > INT32_MAX)
         return pie_err_set(PIE_ELIMIT, "cuda: too many logit masks or ids");
-    sm->rows = meta_put(c, b->output_token_idx, 4 * (size_t)no);
-    sm->srow = meta_put(c, NULL, sizeof(pie_cuda_srow) * (size_t)no);
-    sm->lp_ids = meta_put(c, NULL, 4 * (size_t)n_ids);
-    sm->lmask = meta_put(c, NULL, 4 * (size_t)lwords);
-    if (c->meta_oom) return pie_err_set(PIE_ENOMEM, "cuda: out of host memory");
+    *n_ids_out = n_ids;
+    *lwords_out = lwords;
+    return 0;
+}
+
+/* The sampler row of sampler s whose values start val_off into its
+ * chunk's; build_outputs adds LOGPROBS ids, the sort row and the mask. */
+static pie_cuda_srow srow_of(const pie_sampler *s, uint32_t val_off)
+{
+    pie_cuda_srow r = { s->kind, s->temperature, s->top_k, s->top_p,
+                        s->min_p, 0.0f, (int32_t)val_off, 0, 0, -1, -1, 0 };
+    if (s->kind == PIE_SAMPLER_RANDOM) r.u = pie_sample_uniform(s->seed);
+    if (s->kind == PIE_PROBE_TOPK) r.n_ids = s->top_k;
+    return r;
+}
+
+/* Fills the sampler rows, LOGPROBS ids and logit mask bits of every output
+ * into the metadata build_outputs placed. */
+static void fill_srows(cuda_backend *c, const pie_forward_batch *b,
+                       const pie_forward_out *out, const step_meta *sm)
+{
+    int V = c->cfg.vocab_size;
     pie_cuda_srow *sr = META(c, sm->srow);
     int32_t *ids = META(c, sm->lp_ids);
     uint32_t *bits = META(c, sm->lmask);
     int64_t io = 0;
     int n_sort = 0;
-    for (int o = 0; o < no; o++) {
+    for (int o = 0; o < b->n_outputs; o++) {
         const pie_sampler *s = &b->samplers[o];
         int o0 = o - o % OUT_CHUNK;
         if (o == o0) n_sort = 0;
-        pie_cuda_srow r = { s->kind, s->temperature, s->top_k, s->top_p,
-                            s->min_p, 0.0f,
-                            (int32_t)(out->value_indptr[o] - out->value_indptr[o0]),
-                            0, 0, -1, -1, 0 };
-        if (s->kind == PIE_SAMPLER_RANDOM) r.u = pie_sample_uniform(s->seed);
-        if (s->kind == PIE_PROBE_TOPK) r.n_ids = s->top_k;
+        pie_cuda_srow r = srow_of(s, out->value_indptr[o] - out->value_indptr[o0]);
         if (s->kind == PIE_PROBE_LOGPROBS) {
             r.n_ids = s->n_ids;
             r.ids_off = (int32_t)io;
@@ -479,6 +493,22 @@ static int build_outputs(cuda_backend *c, const pie_forward_batch *b,
         }
         sr[o] = r;
     }
+}
+
+/* Sampler rows, LOGPROBS ids and logit masks of every output. */
+static int build_outputs(cuda_backend *c, const pie_forward_batch *b,
+                         const pie_forward_out *out, step_meta *sm)
+{
+    int no = b->n_outputs;
+    int64_t n_ids = 0, lwords = 0;
+    int rc = output_sizes(c, b, out, &n_ids, &lwords);
+    if (rc) return rc;
+    sm->rows = meta_put(c, b->output_token_idx, 4 * (size_t)no);
+    sm->srow = meta_put(c, NULL, sizeof(pie_cuda_srow) * (size_t)no);
+    sm->lp_ids = meta_put(c, NULL, 4 * (size_t)n_ids);
+    sm->lmask = meta_put(c, NULL, 4 * (size_t)lwords);
+    if (c->meta_oom) return pie_err_set(PIE_ENOMEM, "cuda: out of host memory");
+    fill_srows(c, b, out, sm);
     return 0;
 }
 
@@ -544,58 +574,88 @@ static int layer_qkv(cuda_backend *c, const cuda_layer *L, int l,
     return 0;
 }
 
-static int run_layers(cuda_backend *c, int n, const pie_cuda_tokmeta *tm,
-                      const step_meta *sm)
+/* Launches the batch-1 kernel over every layer; 0 where it was refused
+ * (MPS limits, a shared GPU): it is off from now on, and the caller takes
+ * the per-operation path. */
+static int mega_launch(cuda_backend *c, const pie_cuda_tokmeta *tm)
+{
+    c->mega.tm = *tm;
+    c->mega.kv = c->kv;
+    if (!pie__cuda_mega(&c->mega, c->n_sm, c->st)) return 1;
+    fprintf(stderr, "pie: the batch-1 decode kernel did not launch (%s); "
+            "running kernels per operation from now on\n",
+            cudaGetErrorString(cudaGetLastError()));
+    c->mega_ok = c->mega_step = 0;
+    return 0;
+}
+
+/* The attention half of layer l: RMSNorm, qkv, the step's attention
+ * kernels and their merges, wo added into x. */
+static int layer_attn(cuda_backend *c, int l, int n,
+                      const pie_cuda_tokmeta *tm, const step_meta *sm)
 {
     const pie_model_config *g = &c->cfg;
-    int dim = g->dim, nh = g->n_heads, hd = g->head_dim, hid = g->hidden_dim;
+    const cuda_layer *L = &c->layers[l];
+    int dim = g->dim, nh = g->n_heads, hd = g->head_dim;
     const pie_cuda_attn_item *items = DEV(c, sm->items);
     const pie_cuda_merge_item *merges = DEV(c, sm->merges);
     const pie_cuda_attn_item *fitems = DEV(c, sm->fitems);
     int rc;
     pie_cuda_prof *P = &c->prof;
+    pie__cuda_rmsnorm(c->xb, c->x, L->attn_norm, NULL, n, dim,
+                      g->norm_eps, c->st);
+    pie_cuda_prof_mark(P, PROF_NORM, c->st);
+    if ((rc = layer_qkv(c, L, l, tm, n))) return rc;
+    pie__cuda_attention(c->att, c->part_o, c->part_ml, c->q, items,
+                        (int)c->n_items, tm, &c->kv, l, nh, c->max_slots,
+                        c->st);
+    pie__cuda_attention_flash(c->att, c->part_o, c->part_ml, c->q, fitems,
+                              (int)c->n_fitems, tm, &c->kv, l, nh, c->st);
+    if (c->n_gitems && (rc = run_dec_attention(c, l, tm, sm))) return rc;
+    pie_cuda_prof_mark(P, PROF_ATTN, c->st);
+    pie__cuda_attn_merge(c->att, c->part_o, c->part_ml, merges,
+                         (int)c->n_merges, nh, g->n_kv_heads, hd, c->st);
+    pie_cuda_prof_mark(P, PROF_MERGE, c->st);
+    if ((rc = cuda_mm_add(c, c->x, L->wo, dim, nh * hd, c->att, n))) return rc;
+    pie_cuda_prof_mark(P, PROF_WO, c->st);
+    return 0;
+}
+
+/* The feed-forward half of layer L: RMSNorm, gate/up and the GLU, w_down
+ * added into x. */
+static int layer_ffn(cuda_backend *c, const cuda_layer *L, int n)
+{
+    const pie_model_config *g = &c->cfg;
+    int dim = g->dim, hid = g->hidden_dim;
+    int rc;
+    pie_cuda_prof *P = &c->prof;
+    pie__cuda_rmsnorm(c->xb, c->x, L->ffn_norm, NULL, n, dim,
+                      g->norm_eps, c->st);
+    pie_cuda_prof_mark(P, PROF_NORM, c->st);
+    if ((rc = cuda_mm_glu(c, c->h, c->gu, L->wgu, hid, dim, c->xb, n))) return rc;
+    pie_cuda_prof_mark(P, PROF_GATE_UP, c->st);
+    if ((rc = cuda_mm_add(c, c->x, L->wdown, dim, hid, c->h, n))) return rc;
+    pie_cuda_prof_mark(P, PROF_DOWN, c->st);
+    return 0;
+}
+
+/* The embedding, then every layer: the batch-1 kernel where this step
+ * takes it (mega_step), else kernels per operation. */
+static int run_layers(cuda_backend *c, int n, const pie_cuda_tokmeta *tm,
+                      const step_meta *sm)
+{
+    const pie_model_config *g = &c->cfg;
+    int rc;
     pie__cuda_embed(c->x, c->embed, DEV(c, sm->tok), n,
-                    dim, c->st);
-    pie_cuda_prof_mark(P, PROF_EMBED, c->st);
-    if (c->mega_step) {
-        c->mega.tm = *tm;
-        c->mega.kv = c->kv;
-        if (!pie__cuda_mega(&c->mega, c->n_sm, c->st)) {
-            CK(cudaGetLastError());
-            return 0;
-        }
-        /* refused (MPS limits, a shared GPU): the per-operation path, now
-         * and from now on */
-        fprintf(stderr, "pie: the batch-1 decode kernel did not launch (%s); "
-                "running kernels per operation from now on\n",
-                cudaGetErrorString(cudaGetLastError()));
-        c->mega_ok = c->mega_step = 0;
+                    g->dim, c->st);
+    pie_cuda_prof_mark(&c->prof, PROF_EMBED, c->st);
+    if (c->mega_step && mega_launch(c, tm)) {
+        CK(cudaGetLastError());
+        return 0;
     }
     for (int l = 0; l < g->n_layers; l++) {
-        const cuda_layer *L = &c->layers[l];
-        pie__cuda_rmsnorm(c->xb, c->x, L->attn_norm, NULL, n, dim,
-                          g->norm_eps, c->st);
-        pie_cuda_prof_mark(P, PROF_NORM, c->st);
-        if ((rc = layer_qkv(c, L, l, tm, n))) return rc;
-        pie__cuda_attention(c->att, c->part_o, c->part_ml, c->q, items,
-                            (int)c->n_items, tm, &c->kv, l, nh, c->max_slots,
-                            c->st);
-        pie__cuda_attention_flash(c->att, c->part_o, c->part_ml, c->q, fitems,
-                                  (int)c->n_fitems, tm, &c->kv, l, nh, c->st);
-        if (c->n_gitems && (rc = run_dec_attention(c, l, tm, sm))) return rc;
-        pie_cuda_prof_mark(P, PROF_ATTN, c->st);
-        pie__cuda_attn_merge(c->att, c->part_o, c->part_ml, merges,
-                             (int)c->n_merges, nh, g->n_kv_heads, hd, c->st);
-        pie_cuda_prof_mark(P, PROF_MERGE, c->st);
-        if ((rc = cuda_mm_add(c, c->x, L->wo, dim, nh * hd, c->att, n))) return rc;
-        pie_cuda_prof_mark(P, PROF_WO, c->st);
-        pie__cuda_rmsnorm(c->xb, c->x, L->ffn_norm, NULL, n, dim,
-                          g->norm_eps, c->st);
-        pie_cuda_prof_mark(P, PROF_NORM, c->st);
-        if ((rc = cuda_mm_glu(c, c->h, c->gu, L->wgu, hid, dim, c->xb, n))) return rc;
-        pie_cuda_prof_mark(P, PROF_GATE_UP, c->st);
-        if ((rc = cuda_mm_add(c, c->x, L->wdown, dim, hid, c->h, n))) return rc;
-        pie_cuda_prof_mark(P, PROF_DOWN, c->st);
+        if ((rc = layer_attn(c, l, n, tm, sm))) return rc;
+        if ((rc = layer_ffn(c, &c->layers[l], n))) return rc;
     }
     CK(cudaGetLastError());
     return 0;
@@ -841,14 +901,10 @@ static int mega_setup(cuda_backend *c)
     return 0;
 }
 
-/* One forward on a valid batch: plan, upload the metadata, run the layers
- * and the outputs, synchronize. */
-static int forward_run(cuda_backend *c, const pie_forward_batch *b,
-                       pie_forward_out *out)
+/* The step's settings (environment, profiling, decode or not, batch-1
+ * kernel or not) and an empty metadata buffer. */
+static void step_begin(cuda_backend *c, const pie_forward_batch *b)
 {
-    const pie_model_config *g = &c->cfg;
-    int rc;
-    CK(cudaSetDevice(c->device));
     c->graphs_off = getenv("PIE_CUDA_NO_GRAPH") != NULL;
     c->qkv_unfused = getenv("PIE_CUDA_NO_QKV_FUSE") != NULL;
     c->refuse_clusters = getenv("PIE_CUDA_TEST_REFUSE_CLUSTER") != NULL;
@@ -860,48 +916,83 @@ static int forward_run(cuda_backend *c, const pie_forward_batch *b,
     if (c->decode_step) pie_cuda_trace_decode();
     c->meta_len = 0;
     c->meta_oom = 0;
-    step_meta sm = { 0 };
+}
+
+/* Plans the batch's attention, its CUDA-core tiles split for occupancy
+ * (unsplit where the splits overflow the workspace; PIE_ELIMIT where even
+ * that does). */
+static int plan_attn(cuda_backend *c, const pie_forward_batch *b,
+                     const uint32_t *range_of)
+{
+    const pie_model_config *g = &c->cfg;
+    int T = cuda_tile_tokens(c);
+    int64_t tiles = 0;
+    for (int r = 0; r < b->n_reqs; r++) {
+        int n_new = b->qo_indptr[r + 1] - b->qo_indptr[r];
+        if (!cuda_use_flash(c, n_new)) tiles += (n_new + T - 1) / T;
+    }
+    /* splits so that about split_blocks attention blocks per SM exist */
+    int64_t goal = (int64_t)c->split_blocks * c->n_sm;
+    int64_t base = tiles * g->n_kv_heads, want = 1;
+    if (base > 0 && base < goal) want = (goal + base - 1) / base;
+    if (want > 32) want = 32;
+    int64_t parts = cuda_plan_attention(c, b, (int)want, range_of);
+    if (parts > c->max_parts) parts = cuda_plan_attention(c, b, 1, range_of);
+    if (parts < 0) return (int)parts;
+    if (parts > c->max_parts)
+        return pie_err_set(PIE_ELIMIT, "cuda: attention needs %lld split "
+                           "rows, workspace holds %lld; use shorter "
+                           "prefill chunks", (long long)parts,
+                           (long long)c->max_parts);
+    return 0;
+}
+
+/* The per-token metadata into sm, then the attention plan; range_of (each
+ * token's mask length, where the batch has masks) lives only meanwhile. */
+static int plan_step(cuda_backend *c, const pie_forward_batch *b,
+                     step_meta *sm)
+{
     uint32_t *range_of = NULL;
     if (b->mask_indptr && !(range_of = malloc(4 * (size_t)b->n_tokens)))
         return pie_err_set(PIE_ENOMEM, "cuda: out of host memory");
-    rc = build_tokens(c, b, &sm, range_of);
-    int64_t parts = 0;
-    if (!rc) {
-        int T = cuda_tile_tokens(c);
-        int64_t tiles = 0;
-        for (int r = 0; r < b->n_reqs; r++) {
-            int n_new = b->qo_indptr[r + 1] - b->qo_indptr[r];
-            if (!cuda_use_flash(c, n_new)) tiles += (n_new + T - 1) / T;
-        }
-        /* splits so that about split_blocks attention blocks per SM exist */
-        int64_t goal = (int64_t)c->split_blocks * c->n_sm;
-        int64_t base = tiles * g->n_kv_heads, want = 1;
-        if (base > 0 && base < goal) want = (goal + base - 1) / base;
-        if (want > 32) want = 32;
-        parts = cuda_plan_attention(c, b, (int)want, range_of);
-        if (parts > c->max_parts) parts = cuda_plan_attention(c, b, 1, range_of);
-        if (parts < 0) rc = (int)parts;
-        else if (parts > c->max_parts)
-            rc = pie_err_set(PIE_ELIMIT, "cuda: attention needs %lld split "
-                             "rows, workspace holds %lld; use shorter "
-                             "prefill chunks", (long long)parts,
-                             (long long)c->max_parts);
-    }
+    int rc = build_tokens(c, b, sm, range_of);
+    if (!rc) rc = plan_attn(c, b, range_of);
     free(range_of);
-    if (rc) return rc;
-    sm.items = meta_put(c, c->items, sizeof *c->items * (size_t)c->n_items);
-    sm.merges = meta_put(c, c->merges, sizeof *c->merges * (size_t)c->n_merges);
+    return rc;
+}
+
+/* Appends the attention plan's item lists (prefill tiles longest first)
+ * and the page lists to the metadata. */
+static void put_plan(cuda_backend *c, const pie_forward_batch *b,
+                     step_meta *sm)
+{
+    sm->items = meta_put(c, c->items, sizeof *c->items * (size_t)c->n_items);
+    sm->merges = meta_put(c, c->merges, sizeof *c->merges * (size_t)c->n_merges);
     if (c->n_fitems > 1)
         qsort(c->fitems, (size_t)c->n_fitems, sizeof *c->fitems, cuda_cmp_longest);
-    sm.fitems = meta_put(c, c->fitems, sizeof *c->fitems * (size_t)c->n_fitems);
-    sm.gitems = meta_put(c, c->pieces, c->n_gitems ? sizeof *c->pieces *
-                         (size_t)(c->n_gitems + c->dec_blocks) : 0);
-    sm.bstart = meta_put(c, c->bstart, c->n_gitems ? 4 * (size_t)(c->cap_bstart + 1) : 0);
-    sm.dmerges = meta_put(c, c->dmerges, c->n_gitems ? sizeof *c->dmerges *
-                          (size_t)c->dec_blocks : 0);
+    sm->fitems = meta_put(c, c->fitems, sizeof *c->fitems * (size_t)c->n_fitems);
+    sm->gitems = meta_put(c, c->pieces, c->n_gitems ? sizeof *c->pieces *
+                          (size_t)(c->n_gitems + c->dec_blocks) : 0);
+    sm->bstart = meta_put(c, c->bstart,
+                          c->n_gitems ? 4 * (size_t)(c->cap_bstart + 1) : 0);
+    sm->dmerges = meta_put(c, c->dmerges, c->n_gitems ? sizeof *c->dmerges *
+                           (size_t)c->dec_blocks : 0);
     /* after everything of fixed size, so decode steps keep their offsets */
-    sm.pages = meta_put(c, b->kv_page_indices,
-                        4 * (size_t)b->kv_page_indptr[b->n_reqs]);
+    sm->pages = meta_put(c, b->kv_page_indices,
+                         4 * (size_t)b->kv_page_indptr[b->n_reqs]);
+}
+
+/* One forward on a valid batch: plan, upload the metadata, run the layers
+ * and the outputs, synchronize. */
+static int forward_run(cuda_backend *c, const pie_forward_batch *b,
+                       pie_forward_out *out)
+{
+    int rc;
+    CK(cudaSetDevice(c->device));
+    step_begin(c, b);
+    step_meta sm = { 0 };
+    if ((rc = plan_step(c, b, &sm))) return rc;
+    put_plan(c, b, &sm);
     if ((rc = build_outputs(c, b, out, &sm))) return rc;
     pie_cuda_steps_upload(&c->steps, c->st);
     if ((rc = meta_upload(c))) return rc;
@@ -1310,10 +1401,10 @@ static void calibrate_dec(cuda_backend *c)
                                                      : "cut");
 }
 
-int pie_backend_cuda_create(const pie_model *m, const pie_backend_opts *o,
-                            pie_backend **out)
+/* The device ordinal opts ask for (0 by default), checked against the
+ * GPUs this machine has. */
+static int pick_device(const pie_backend_opts *o, int *dev)
 {
-    *out = NULL;
     int ndev = 0;
     cudaError_t e = cudaGetDeviceCount(&ndev);
     if (e != cudaSuccess || ndev == 0) {
@@ -1322,15 +1413,18 @@ int pie_backend_cuda_create(const pie_model *m, const pie_backend_opts *o,
                            e != cudaSuccess ? cudaGetErrorString(e)
                                             : "no devices");
     }
-    int dev = o ? o->device : 0;
-    if (dev < 0 || dev >= ndev)
+    *dev = o ? o->device : 0;
+    if (*dev < 0 || *dev >= ndev)
         return pie_err_set(PIE_EINVAL, "cuda: no device %d (this machine "
-                           "has %d GPU%s, ordinals 0..%d)", dev, ndev,
+                           "has %d GPU%s, ordinals 0..%d)", *dev, ndev,
                            ndev == 1 ? "" : "s", ndev - 1);
-    int rc = check_shape(&m->cfg);
-    if (rc) return rc;
-    cuda_backend *c = calloc(1, sizeof *c);
-    if (!c) return pie_err_set(PIE_ENOMEM, "cuda: out of host memory");
+    return 0;
+}
+
+/* The host-side fields of a new backend for model m on device dev. */
+static void init_backend(cuda_backend *c, const pie_model *m,
+                         const pie_backend_opts *o, int dev)
+{
     c->cfg = m->cfg;
     c->device = dev;
     c->random_fill = m->dir && !strncmp(m->dir, "random:", 7);
@@ -1342,31 +1436,60 @@ int pie_backend_cuda_create(const pie_model *m, const pie_backend_opts *o,
     c->base.page_size = o && o->page_size > 0 ? o->page_size : 16;
     c->kv = (pie_cuda_kv){ NULL, m->cfg.n_layers, m->cfg.n_kv_heads,
                            c->base.page_size, m->cfg.head_dim };
+}
+
+/* Selects the device; creates the stream and the cuBLASLt handle, reads
+ * the SM count and L2 size. */
+static int open_device(cuda_backend *c)
+{
+    cudaError_t e;
+    int dev = c->device;
     if ((e = cudaSetDevice(dev)) != cudaSuccess ||
         (e = cudaStreamCreateWithFlags(&c->st, cudaStreamNonBlocking)) !=
             cudaSuccess ||
         (e = cudaDeviceGetAttribute(&c->n_sm, cudaDevAttrMultiProcessorCount,
                                     dev)) != cudaSuccess ||
         (e = cudaDeviceGetAttribute(&c->l2_bytes, cudaDevAttrL2CacheSize,
-                                    dev)) != cudaSuccess) {
-        rc = pie_err_set(PIE_EDEVICE, "cuda: %s", cudaGetErrorString(e));
-        goto err;
-    }
-    if (cublasLtCreate(&c->lt) != CUBLAS_STATUS_SUCCESS) {
-        rc = pie_err_set(PIE_EDEVICE, "cuda: cublasLtCreate failed");
-        goto err;
-    }
-    if ((rc = plan_dec_grid(c))) goto err;
-    if ((rc = upload_weights(c, m))) goto err;
-    if ((rc = alloc_workspace(c))) goto err;
-    if ((rc = mega_setup(c))) goto err;
-    if ((rc = plan_pool(c, o))) goto err;
+                                    dev)) != cudaSuccess)
+        return pie_err_set(PIE_EDEVICE, "cuda: %s", cudaGetErrorString(e));
+    if (cublasLtCreate(&c->lt) != CUBLAS_STATUS_SUCCESS)
+        return pie_err_set(PIE_EDEVICE, "cuda: cublasLtCreate failed");
+    return 0;
+}
+
+/* Everything on the device, in the order of the file header (plans,
+ * weights, workspace, KV pool, tuned matmuls), then waits for it. */
+static int setup_device(cuda_backend *c, const pie_model *m,
+                        const pie_backend_opts *o)
+{
+    cudaError_t e;
+    int rc;
+    TRY(plan_dec_grid(c));
+    TRY(upload_weights(c, m));
+    TRY(alloc_workspace(c));
+    TRY(mega_setup(c));
+    TRY(plan_pool(c, o));
     calibrate_dec(c);
-    if ((rc = cuda_warm_plans(c))) goto err;
-    if ((e = cudaDeviceSynchronize()) != cudaSuccess) {
-        rc = pie_err_set(PIE_EDEVICE, "cuda: %s", cudaGetErrorString(e));
-        goto err;
-    }
+    TRY(cuda_warm_plans(c));
+    if ((e = cudaDeviceSynchronize()) != cudaSuccess)
+        return pie_err_set(PIE_EDEVICE, "cuda: %s", cudaGetErrorString(e));
+    return 0;
+}
+
+int pie_backend_cuda_create(const pie_model *m, const pie_backend_opts *o,
+                            pie_backend **out)
+{
+    *out = NULL;
+    int dev = 0;
+    int rc = pick_device(o, &dev);
+    if (rc) return rc;
+    rc = check_shape(&m->cfg);
+    if (rc) return rc;
+    cuda_backend *c = calloc(1, sizeof *c);
+    if (!c) return pie_err_set(PIE_ENOMEM, "cuda: out of host memory");
+    init_backend(c, m, o, dev);
+    if ((rc = open_device(c))) goto err;
+    if ((rc = setup_device(c, m, o))) goto err;
     pie_cuda_trace_start();
     pie_cuda_steps_init(&c->steps);
     cuda_sweep_init(c);
