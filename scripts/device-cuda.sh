@@ -377,8 +377,9 @@ for phase in "$@"; do
         ;;
     ncuattn)    # ncu of decode attention: time, stall reasons, memory, occupancy
         m="gpu__time_duration.sum,dram__throughput.avg.pct_of_peak_sustained_elapsed,sm__cycles_active.avg,smsp__inst_executed.sum,regex:smsp__average_warps_issue_stalled_.*_per_issue_active.ratio"
+        # (no calibration: its kernels would be the ones profiled)
         for cfg in "128,256,512" "128,16,2048" "128,64,2048"; do
-            PIE_ATTN_ONLY=$cfg timeout 120 ncu --metrics "$m" \
+            PIE_CUDA_DEC_CALIB=0 PIE_ATTN_ONLY=$cfg timeout 120 ncu --metrics "$m" \
                 -k regex:"flash_dec" --launch-skip 6 --launch-count 1 \
                 $R bench_cuda_attn > "$OUT/ncu_attn_${cfg//,/_}.txt" 2>&1
             echo "ncu attn $cfg rc=$?" | tee -a "$OUT/summary.log"

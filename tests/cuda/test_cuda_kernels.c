@@ -1028,6 +1028,7 @@ int main(void)
         test_attention(4, 2, 16, m, -1);      /* tensor-core prefill */
         test_attention(32, 8, 64, m, -1);
         test_attention(32, 8, 64, m, -12);
+        test_attention(32, 8, 64, m, -8);
         test_attention(32, 8, 128, m, -1);
         test_attention(32, 8, 128, m, -12);   /* pages of 12 and 8 slots */
         test_attention(32, 8, 128, m, -8);
