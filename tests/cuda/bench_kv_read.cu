@@ -24,8 +24,9 @@
  *          stand-in) and E cycles between two barriers at each item's end
  *          (the combine and store's stand-in), copies issued at the top of
  *          each iteration as in flash_dec_kernel
- *   cp.async S   piece (no item-end stand-in) with a ring of S KV blocks,
- *          S - 1 in flight while one is consumed
+ *   cp.async S   math (no item-end stand-in) with a ring of S KV blocks,
+ *          S - 1 in flight while one is consumed (piece, math and this are
+ *          one kernel, ring_kernel)
  *   bulk   a producer warp fills a ring of S stages by cp.async.bulk
  *          (completion counted on an mbarrier a stage) for 4 consumer
  *          warps: each 4 KB chunk in one copy ("4KB"), or each slot's 256-
@@ -131,42 +132,72 @@ __global__ void __launch_bounds__(128) rr_kernel(kv_args a)
     if (acc == 0x12345678) a.out[0] = acc;
 }
 
-/* Block b's items: [b ipb, (b + 1) ipb). MATH = 0: piece, 1: math. */
-template <int MATH>
-__global__ void __launch_bounds__(128) piece_kernel(kv_args a)
+/* Block b's items, [b ipb, (b + 1) ipb), and the next KV block to copy:
+ * KV block ckb of item ci, whose chunk entries start at base (found
+ * through two dependent loads, item -> request -> entry, as the decode
+ * kernel finds its pages). */
+struct block_items {
+    int i0, i1, ci, ckb, base;
+
+    /* false where this block has no items */
+    __device__ bool start(const kv_args &a)
+    {
+        int ipb = (a.n_items + gridDim.x - 1) / gridDim.x;
+        i0 = blockIdx.x * ipb;
+        i1 = min(a.n_items, i0 + ipb);
+        if (i0 >= i1) return false;
+        ci = i0;
+        ckb = 0;
+        base = a.req_base[a.item_req[i0]];
+        return true;
+    }
+    __device__ bool more(void) const { return ci < i1; }
+    /* the entry of chunk c (0..3) of the next KV block */
+    __device__ int entry(const kv_args &a, int c) const { return a.tab[base + ckb * 4 + c]; }
+    __device__ void next(const kv_args &a)
+    {
+        if (++ckb < a.nb) return;
+        ckb = 0;
+        if (++ci < i1) base = a.req_base[a.item_req[ci]];
+    }
+    /* warp w's copies of the next KV block into stage buffer buf, as one
+     * commit group (empty past the last item) */
+    __device__ void issue(char *buf, const kv_args &a, int w, int lane)
+    {
+        if (more()) {
+            copy_chunk(buf + w * 8192, a, entry(a, w), lane);
+            next(a);
+        }
+        asm volatile("cp.async.commit_group;");
+    }
+};
+
+/* Block b's items through a ring of S KV blocks (S - 1 in flight while
+ * one is consumed). MATH = 0: piece (S = 2), the loads alone; 1: C cycles
+ * of math a KV block and (E > 0) E cycles between two barriers at each
+ * item's end: math (S = 2), or cp.async S. */
+template <int S, int MATH>
+__global__ void __launch_bounds__(128) ring_kernel(kv_args a)
 {
     extern __shared__ __align__(16) char sm[];
     int w = threadIdx.x / 32, lane = threadIdx.x % 32;
-    int ipb = (a.n_items + gridDim.x - 1) / gridDim.x;
-    int i0 = blockIdx.x * ipb, i1 = min(a.n_items, i0 + ipb);
-    if (i0 >= i1) return;
+    block_items bi;
+    if (!bi.start(a)) return;
     unsigned acc = 0;
-    int ci = i0, ckb = 0, base = a.req_base[a.item_req[i0]];
-    auto issue = [&](int st) {
-        if (ci < i1) {
-            copy_chunk(sm + st * KVBLK + w * 8192, a, a.tab[base + ckb * 4 + w], lane);
-            if (++ckb == a.nb) {
-                ckb = 0;
-                if (++ci < i1) base = a.req_base[a.item_req[ci]];
-            }
-        }
-        asm volatile("cp.async.commit_group;");
-    };
-    issue(0);
-    for (int it = 0, kbi = 0;; it++) {
-        bool more = ci < i1;
-        issue((it + 1) % 2);
-        asm volatile("cp.async.wait_group 1;");
+    int n = (bi.i1 - bi.i0) * a.nb;
+    for (int k = 0; k < S - 1; k++) bi.issue(sm + k * KVBLK, a, w, lane);
+    for (int it = 0, kbi = 0; it < n; it++) {
+        bi.issue(sm + (it + S - 1) % S * KVBLK, a, w, lane);
+        asm volatile("cp.async.wait_group %0;" :: "n"(S - 1));
         __syncthreads();
-        touch(sm + (it % 2) * KVBLK, acc);
+        touch(sm + (it % S) * KVBLK, acc);
         if (MATH) spin(a.C, acc);
         __syncthreads();
-        if (MATH && ++kbi == a.nb) {
+        if (MATH && a.E && ++kbi == a.nb) {
             kbi = 0;
             spin(a.E, acc);
             __syncthreads();
         }
-        if (!more) break;
     }
     asm volatile("cp.async.wait_group 0;");
     if (acc == 0x12345678) a.out[0] = acc;
@@ -193,42 +224,6 @@ static void timeit(const char *name, double bytes, int layers, F launch)
     printf("%-28s %8.1f us  %.2f TB/s\n", name, us, bytes / (us * 1e-6) / 1e12);
     cudaEventDestroy(e0);
     cudaEventDestroy(e1);
-}
-
-/* piece with S cp.async stages (S - 1 KV blocks in flight while one is
- * consumed) and the math stand-in C: is the 2-stage ring the limit? */
-template <int S>
-__global__ void __launch_bounds__(128) stages_kernel(kv_args a)
-{
-    extern __shared__ __align__(16) char sm[];
-    int w = threadIdx.x / 32, lane = threadIdx.x % 32;
-    int ipb = (a.n_items + gridDim.x - 1) / gridDim.x;
-    int i0 = blockIdx.x * ipb, i1 = min(a.n_items, i0 + ipb);
-    if (i0 >= i1) return;
-    unsigned acc = 0;
-    int ci = i0, ckb = 0, base = a.req_base[a.item_req[i0]];
-    auto issue = [&](int st) {
-        if (ci < i1) {
-            copy_chunk(sm + st * KVBLK + w * 8192, a, a.tab[base + ckb * 4 + w], lane);
-            if (++ckb == a.nb) {
-                ckb = 0;
-                if (++ci < i1) base = a.req_base[a.item_req[ci]];
-            }
-        }
-        asm volatile("cp.async.commit_group;");
-    };
-    int n = (i1 - i0) * a.nb;
-    for (int k = 0; k < S - 1; k++) issue(k);
-    for (int it = 0; it < n; it++) {
-        issue((it + S - 1) % S);
-        asm volatile("cp.async.wait_group %0;" :: "n"(S - 1));
-        __syncthreads();
-        touch(sm + (it % S) * KVBLK, acc);
-        spin(a.C, acc);
-        __syncthreads();
-    }
-    asm volatile("cp.async.wait_group 0;");
-    if (acc == 0x12345678) a.out[0] = acc;
 }
 
 __device__ __forceinline__ uint32_t sm32(const void *p)
@@ -271,16 +266,44 @@ __device__ __forceinline__ void bulk(void *d, const void *s, uint32_t n, uint64_
  * byte K or V row in its own copy into rows 272 bytes apart, the padded
  * layout the attention's ldmatrix reads (34 KB a stage). The 4 consumer
  * warps wait for a stage, touch it, run C cycles and free it. */
+/* The bytes of a bulk kernel's stage: 32 KB, or for ROW 64 slots of K and
+ * of V in rows 272 bytes apart. */
+template <int ROW>
+__host__ __device__ constexpr int bulk_stage(void) { return ROW ? 64 * 272 * 2 : KVBLK; }
+
+/* Stage buffer d of the next KV block by bulk copies, completed on mbar
+ * (the producer warp's lanes; the caller has set the expected bytes). */
+template <int ROW>
+__device__ __forceinline__ void bulk_issue(char *d, const kv_args &a,
+                                           const block_items &bi, int lane,
+                                           uint64_t *mbar)
+{
+    if constexpr (!ROW) {
+        if (lane < 8) {
+            const char *k = a.pool + (size_t)bi.entry(a, lane & 3) * CHUNK;
+            bulk(d + (lane >> 2) * 16384 + (lane & 3) * CHUNK,
+                 k + (lane >> 2) * a.voff, CHUNK, mbar);
+        }
+    } else {
+#pragma unroll
+        for (int j = 0; j < 2; j++) {
+            int s = lane + 32 * j;
+            const char *k = a.pool + (size_t)bi.entry(a, s / 16) * CHUNK + (s % 16) * 256;
+            bulk(d + s * 272, k, 256, mbar);
+            bulk(d + 64 * 272 + s * 272, k + a.voff, 256, mbar);
+        }
+    }
+}
+
 template <int S, int ROW>
 __global__ void __launch_bounds__(160) bulk_kernel(kv_args a)
 {
-    constexpr int STG = ROW ? 64 * 272 * 2 : KVBLK;
+    constexpr int STG = bulk_stage<ROW>();
     extern __shared__ __align__(128) char sm[];
     __shared__ __align__(8) uint64_t full[S], empty[S];
     int w = threadIdx.x / 32, lane = threadIdx.x % 32;
-    int ipb = (a.n_items + gridDim.x - 1) / gridDim.x;
-    int i0 = blockIdx.x * ipb, i1 = min(a.n_items, i0 + ipb);
-    if (i0 >= i1) return;
+    block_items bi;
+    if (!bi.start(a)) return;
     if (threadIdx.x == 0)
         for (int k = 0; k < S; k++) {
             mb_init(&full[k], 1);
@@ -288,40 +311,17 @@ __global__ void __launch_bounds__(160) bulk_kernel(kv_args a)
         }
     asm volatile("fence.mbarrier_init.release.cluster;" ::: "memory");
     __syncthreads();
-    int n = (i1 - i0) * a.nb;
+    int n = (bi.i1 - bi.i0) * a.nb;
     unsigned acc = 0;
-    if (w == 4) {
-        int ci = i0, ckb = 0, base = a.req_base[a.item_req[i0]];
-        for (int it = 0; it < n; it++) {
-            int st = it % S;
+    for (int it = 0; it < n; it++) {
+        int st = it % S;
+        if (w == 4) {           /* the producer */
             if (it >= S) mb_wait(&empty[st], (it / S - 1) & 1);
-            char *d = sm + st * STG;
             if (lane == 0) mb_expect(&full[st], ROW ? 64 * 512 : KVBLK);
             __syncwarp();
-            if (!ROW) {
-                if (lane < 8) {
-                    const char *k = a.pool + (size_t)a.tab[base + ckb * 4 + (lane & 3)] * CHUNK;
-                    bulk(d + (lane >> 2) * 16384 + (lane & 3) * CHUNK,
-                         k + (lane >> 2) * a.voff, CHUNK, &full[st]);
-                }
-            } else {
-#pragma unroll
-                for (int j = 0; j < 2; j++) {
-                    int s = lane + 32 * j;
-                    const char *k = a.pool + (size_t)a.tab[base + ckb * 4 + s / 16] * CHUNK +
-                                    (s % 16) * 256;
-                    bulk(d + s * 272, k, 256, &full[st]);
-                    bulk(d + 64 * 272 + s * 272, k + a.voff, 256, &full[st]);
-                }
-            }
-            if (++ckb == a.nb) {
-                ckb = 0;
-                if (++ci < i1) base = a.req_base[a.item_req[ci]];
-            }
-        }
-    } else {
-        for (int it = 0; it < n; it++) {
-            int st = it % S;
+            bulk_issue<ROW>(sm + st * STG, a, bi, lane, &full[st]);
+            bi.next(a);
+        } else {                /* the 4 consumers */
             mb_wait(&full[st], (it / S) & 1);
             touch(sm + st * STG, acc);
             spin(a.C, acc);
@@ -335,7 +335,7 @@ __global__ void __launch_bounds__(160) bulk_kernel(kv_args a)
 template <int S, int ROW, typename A>
 static void run_bulk(int per_sm, double bytes, int layers, int nsm, int C, A args)
 {
-    constexpr int STG = ROW ? 64 * 272 * 2 : KVBLK;
+    constexpr int STG = bulk_stage<ROW>();
     CK(cudaFuncSetAttribute(bulk_kernel<S, ROW>,
                             cudaFuncAttributeMaxDynamicSharedMemorySize, S * STG));
     char name[64];
@@ -349,12 +349,12 @@ static void run_bulk(int per_sm, double bytes, int layers, int nsm, int C, A arg
 template <int S, typename A>
 static void run_stages(int per_sm, double bytes, int layers, int nsm, int C, A args)
 {
-    CK(cudaFuncSetAttribute(stages_kernel<S>,
+    CK(cudaFuncSetAttribute(ring_kernel<S, 1>,
                             cudaFuncAttributeMaxDynamicSharedMemorySize, S * KVBLK));
     char name[64];
     snprintf(name, sizeof name, "cp.async S %d C %d, %d an SM", S, C, per_sm);
     timeit(name, bytes, layers, [&](int l) {
-        stages_kernel<S><<<nsm * per_sm, 128, S * KVBLK>>>(args(l, C, 0));
+        ring_kernel<S, 1><<<nsm * per_sm, 128, S * KVBLK>>>(args(l, C, 0));
     });
 }
 
@@ -418,8 +418,8 @@ int main(int argc, char **argv)
                                      (size_t)bytes / 16, out);
     });
     CK(cudaFuncSetAttribute(rr_kernel, cudaFuncAttributeMaxDynamicSharedMemorySize, 2 * KVBLK));
-    CK(cudaFuncSetAttribute(piece_kernel<0>, cudaFuncAttributeMaxDynamicSharedMemorySize, 2 * KVBLK));
-    CK(cudaFuncSetAttribute(piece_kernel<1>, cudaFuncAttributeMaxDynamicSharedMemorySize, 2 * KVBLK));
+    CK(cudaFuncSetAttribute(ring_kernel<2, 0>, cudaFuncAttributeMaxDynamicSharedMemorySize, 2 * KVBLK));
+    CK(cudaFuncSetAttribute(ring_kernel<2, 1>, cudaFuncAttributeMaxDynamicSharedMemorySize, 2 * KVBLK));
     char name[64];
     for (int k = 2; k <= 3; k++) {
         snprintf(name, sizeof name, "rr, %d an SM", k);
@@ -428,14 +428,14 @@ int main(int argc, char **argv)
         });
         snprintf(name, sizeof name, "piece, %d an SM", k);
         timeit(name, bytes, layers, [&](int l) {
-            piece_kernel<0><<<nsm * k, 128, 2 * KVBLK>>>(args(l, 0, 0));
+            ring_kernel<2, 0><<<nsm * k, 128, 2 * KVBLK>>>(args(l, 0, 0));
         });
     }
     for (int C : { 0, 800, 1500 }) {
         for (int k = 1; k <= 3; k++) {
             snprintf(name, sizeof name, "math C %d E 3000, %d an SM", C, k);
             timeit(name, bytes, layers, [&](int l) {
-                piece_kernel<1><<<nsm * k, 128, 2 * KVBLK>>>(args(l, C, 3000));
+                ring_kernel<2, 1><<<nsm * k, 128, 2 * KVBLK>>>(args(l, C, 3000));
             });
         }
     }
