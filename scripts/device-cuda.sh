@@ -73,6 +73,10 @@
 #   gap     the host's time between two fires of the control layer
 #           (bench_control gap: chained generations on a fake backend whose
 #           forwards sleep 1 ms, C = 1 and 64), three runs
+#   sass    the machine code of kernels whose names match SASS_FUN (a
+#           cuobjdump -fun pattern, default flash_wg_kernel) in the bundle's
+#           pie, and their registers, into sass.txt (for a kernel that is
+#           wrong where its PTX looks right: NOTES.md, round 23)
 #   long    batch 16 at long contexts (ctx 2048-16384): decode attention and
 #           8B decode steps on the cut plan (PIE_CUDA_DEC_WHOLE=0) and on
 #           one block per SM (=1), and by the rule with the bound timed at
@@ -209,6 +213,12 @@ for phase in "$@"; do
         sw llama-3.2-1b 1 2048 "|16384x2048:2|16384x2048:8|3072x2048:4|2048x8192:4|2048x2048:4|128256x2048:4"
         sw llama-3.2-1b 4 1024 "|16384x2048:2|16384x2048:8|3072x2048:4"
         sw llama-3.1-8b 1 1024 "|6144x4096:8|28672x4096:4|4096x14336:4|4096x4096:4|128256x4096:4"
+        ;;
+    sass)       # SASS of the matching kernels (cuobjdump of the CUDA toolkit)
+        log "sass ${SASS_FUN:-flash_wg_kernel}"
+        cuobjdump -res-usage -sass -fun "${SASS_FUN:-flash_wg_kernel}" \
+            /tmp/pie/bundle/bin/pie > "$OUT/sass.txt" 2>&1
+        echo "sass rc=$? ($(wc -l < "$OUT/sass.txt") lines)" | tee -a "$OUT/summary.log"
         ;;
     spread)     # per process: gemv.cu's warps taken per weight shape (at
                 # batches of 1..8) and the decode GPU span
