@@ -115,34 +115,24 @@ static int dalloc(cuda_backend *c, void **p, size_t bytes, const char *what)
 
 /* ------------------------------------------------------------- weights */
 
-/* Copies tensor t (any dtype) into dst on the device as bf16 (bf16 = 1) or
- * f32, checking its size. A NULL tensor of a random:SHAPE model is filled on
- * the device (N(0, 0.02), or ones for norms). */
-static int put_tensor(cuda_backend *c, void *dst, int bf16,
-                      const pie_tensor *t, int64_t n, const char *name,
-                      int layer, uint64_t seed, int is_norm)
+/* Fills n values at dst on the device for a tensor a random:SHAPE model
+ * lacks: N(0, 0.02) as bf16, or ones for norms (and for f32). */
+static int fill_random(cuda_backend *c, void *dst, int bf16, int64_t n,
+                       uint64_t seed, int is_norm)
 {
-    if (!t->data) {
-        if (!c->random_fill)
-            return pie_err_set(PIE_EFORMAT, "cuda: tensor %s of layer %d is "
-                               "missing", name, layer);
-        if (bf16)
-            pie__cuda_fill_bf16(dst, n, seed, is_norm ? 1.0f : 0.02f, is_norm,
-                                c->st);
-        else
-            pie__cuda_fill_f32(dst, n, 1.0f, c->st);
-        CK(cudaGetLastError());
-        return 0;
-    }
-    if (pie_tensor_numel(t) != n)
-        return pie_err_set(PIE_EFORMAT,
-                           "cuda: tensor %s of layer %d has %lld elements, "
-                           "expected %lld", name, layer,
-                           (long long)pie_tensor_numel(t), (long long)n);
-    if (bf16 && t->dtype == PIE_DT_BF16) {
-        CK(cudaMemcpy(dst, t->data, (size_t)n * 2, cudaMemcpyHostToDevice));
-        return 0;
-    }
+    if (bf16)
+        pie__cuda_fill_bf16(dst, n, seed, is_norm ? 1.0f : 0.02f, is_norm, c->st);
+    else
+        pie__cuda_fill_f32(dst, n, 1.0f, c->st);
+    CK(cudaGetLastError());
+    return 0;
+}
+
+/* Converts tensor t's n values to f32 (then bf16 where bf16 = 1) on the
+ * host, a chunk at a time, and copies them to dst. */
+static int put_converted(void *dst, int bf16, const pie_tensor *t, int64_t n,
+                         const char *name)
+{
     enum { CH = 1 << 22 };
     float *buf = malloc(sizeof(float) * CH);
     uint16_t *hb = bf16 ? malloc(sizeof(uint16_t) * CH) : NULL;
@@ -170,6 +160,31 @@ static int put_tensor(cuda_backend *c, void *dst, int bf16,
     free(buf);
     free(hb);
     return rc;
+}
+
+/* Copies tensor t (any dtype) into dst on the device as bf16 (bf16 = 1) or
+ * f32, checking its size. A NULL tensor of a random:SHAPE model is filled on
+ * the device (fill_random). */
+static int put_tensor(cuda_backend *c, void *dst, int bf16,
+                      const pie_tensor *t, int64_t n, const char *name,
+                      int layer, uint64_t seed, int is_norm)
+{
+    if (!t->data) {
+        if (!c->random_fill)
+            return pie_err_set(PIE_EFORMAT, "cuda: tensor %s of layer %d is "
+                               "missing", name, layer);
+        return fill_random(c, dst, bf16, n, seed, is_norm);
+    }
+    if (pie_tensor_numel(t) != n)
+        return pie_err_set(PIE_EFORMAT,
+                           "cuda: tensor %s of layer %d has %lld elements, "
+                           "expected %lld", name, layer,
+                           (long long)pie_tensor_numel(t), (long long)n);
+    if (bf16 && t->dtype == PIE_DT_BF16) {
+        CK(cudaMemcpy(dst, t->data, (size_t)n * 2, cudaMemcpyHostToDevice));
+        return 0;
+    }
+    return put_converted(dst, bf16, t, n, name);
 }
 
 static int upload_layer(cuda_backend *c, const pie_model *m, int l)
