@@ -174,7 +174,7 @@ struct block_items {
 
 /* Block b's items through a ring of S KV blocks (S - 1 in flight while
  * one is consumed). MATH = 0: piece (S = 2), the loads alone; 1: C cycles
- * of math a KV block and (E > 0) E cycles between two barriers at each
+ * of math a KV block and (E != 0) E cycles between two barriers at each
  * item's end: math (S = 2), or cp.async S. */
 template <int S, int MATH>
 __global__ void __launch_bounds__(128) ring_kernel(kv_args a)
@@ -260,12 +260,6 @@ __device__ __forceinline__ void bulk(void *d, const void *s, uint32_t n, uint64_
                  :: "r"(sm32(d)), "l"(s), "r"(n), "r"(sm32(b)) : "memory");
 }
 
-/* A producer warp (warp 4) fills a ring of S stages by bulk copies (one
- * thread a copy, completion counted on the stage's mbarrier), ROW = 0:
- * each 4 KB chunk in one copy (32 KB a stage); ROW = 1: each slot's 256-
- * byte K or V row in its own copy into rows 272 bytes apart, the padded
- * layout the attention's ldmatrix reads (34 KB a stage). The 4 consumer
- * warps wait for a stage, touch it, run C cycles and free it. */
 /* The bytes of a bulk kernel's stage: 32 KB, or for ROW 64 slots of K and
  * of V in rows 272 bytes apart. */
 template <int ROW>
@@ -295,6 +289,12 @@ __device__ __forceinline__ void bulk_issue(char *d, const kv_args &a,
     }
 }
 
+/* A producer warp (warp 4) fills a ring of S stages by bulk copies (one
+ * thread a copy, completion counted on the stage's mbarrier), ROW = 0:
+ * each 4 KB chunk in one copy (32 KB a stage); ROW = 1: each slot's 256-
+ * byte K or V row in its own copy into rows 272 bytes apart, the padded
+ * layout the attention's ldmatrix reads (34 KB a stage). The 4 consumer
+ * warps wait for a stage, touch it, run C cycles and free it. */
 template <int S, int ROW>
 __global__ void __launch_bounds__(160) bulk_kernel(kv_args a)
 {
