@@ -523,6 +523,24 @@ static bool slice_fits(const ctl_batch *B, const slice_size *z)
            (int64_t)B->n_outputs + z->nout <= CTL_MAX_RUNS;
 }
 
+/* Appends entry i's run-length list (runs[indptr[i] .. indptr[i + 1]]) to
+ * dst at *n and sets *any; without a list (indptr NULL), the one run [0,
+ * all) that allows everything. A mask's row and a logit mask's row alike. */
+static void append_runs(uint32_t *dst, int32_t *n, const uint32_t *indptr,
+                        const uint32_t *runs, int32_t i, uint32_t all,
+                        bool *any)
+{
+    if (indptr) {
+        uint32_t a = indptr[i], b = indptr[i + 1];
+        memcpy(dst + *n, runs + a, (b - a) * sizeof(uint32_t));
+        *n += (int32_t)(b - a);
+        *any = true;
+    } else {
+        dst[(*n)++] = 0;
+        dst[(*n)++] = all;
+    }
+}
+
 /* Appends tokens [t0, t0+n) of op to B's tokens, positions and mask runs
  * (first = op's KV position of token 0); cannot fail (batch_reserve). */
 static void append_tokens(ctl_batch *B, const ctl_op *op, int32_t t0,
@@ -532,16 +550,8 @@ static void append_tokens(ctl_batch *B, const ctl_op *op, int32_t t0,
         int32_t i = B->n_tokens++;
         B->tokens[i] = op->tokens[t];
         B->positions[i] = op->positions[t];
-        if (op->mask_indptr) {
-            uint32_t a = op->mask_indptr[t], b = op->mask_indptr[t + 1];
-            memcpy(B->mask_runs + B->n_mask_runs, op->mask_runs + a,
-                   (b - a) * sizeof(uint32_t));
-            B->n_mask_runs += b - a;
-            B->any_mask = true;
-        } else {
-            B->mask_runs[B->n_mask_runs++] = 0;
-            B->mask_runs[B->n_mask_runs++] = (uint32_t)(first + t + 1);
-        }
+        append_runs(B->mask_runs, &B->n_mask_runs, op->mask_indptr,
+                    op->mask_runs, t, (uint32_t)(first + t + 1), &B->any_mask);
         B->mask_indptr[i + 1] = (uint32_t)B->n_mask_runs;
     }
 }
@@ -554,16 +564,8 @@ static void append_output(const pie_ctl *ctl, ctl_batch *B, const ctl_op *op,
     B->out_idx[row] = tok;
     B->row_src[row] = o;
     B->samplers[row] = op->samplers[o];
-    if (op->lm_indptr) {
-        uint32_t a = op->lm_indptr[o], b = op->lm_indptr[o + 1];
-        memcpy(B->lm_runs + B->n_lm_runs, op->lm_runs + a,
-               (b - a) * sizeof(uint32_t));
-        B->n_lm_runs += b - a;
-        B->any_lm = true;
-    } else {
-        B->lm_runs[B->n_lm_runs++] = 0;
-        B->lm_runs[B->n_lm_runs++] = (uint32_t)ctl->vocab;
-    }
+    append_runs(B->lm_runs, &B->n_lm_runs, op->lm_indptr, op->lm_runs, o,
+                (uint32_t)ctl->vocab, &B->any_lm);
     B->lm_indptr[row + 1] = (uint32_t)B->n_lm_runs;
     B->n_values += pie_sampler_values(&op->samplers[o], ctl->vocab);
     B->out.value_indptr[row + 1] = (uint32_t)B->n_values;

@@ -72,7 +72,7 @@ void pie_cuda_prof_done(pie_cuda_prof *p)
 
 /* ------------------------------------------------ decode step wall time */
 
-static double now_s(void)
+double pie_cuda_now_s(void)
 {
     struct timespec ts;
     clock_gettime(CLOCK_MONOTONIC, &ts);
@@ -94,13 +94,13 @@ void pie_cuda_steps_enter(pie_cuda_steps *s, int decode)
 {
     if (!s->on) return;
     s->decode = decode;
-    s->t[0] = now_s();
+    s->t[0] = pie_cuda_now_s();
 }
 
 void pie_cuda_steps_upload(pie_cuda_steps *s, cudaStream_t st)
 {
     if (!s->on) return;
-    s->t[1] = now_s();
+    s->t[1] = pie_cuda_now_s();
     cudaEventRecord(s->e0, st);
 }
 
@@ -108,13 +108,13 @@ void pie_cuda_steps_enqueued(pie_cuda_steps *s, cudaStream_t st)
 {
     if (!s->on) return;
     cudaEventRecord(s->e1, st);
-    s->t[2] = now_s();
+    s->t[2] = pie_cuda_now_s();
 }
 
 void pie_cuda_steps_end(pie_cuda_steps *s)
 {
     if (!s->on) return;
-    s->t[3] = now_s();
+    s->t[3] = pie_cuda_now_s();
     double between = s->last_end > 0 ? s->t[0] - s->last_end : 0;
     s->last_end = s->t[3];
     if (!s->decode || ++s->seen <= 2) return;

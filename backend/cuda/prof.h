@@ -61,6 +61,8 @@ typedef struct pie_cuda_steps {
     long         n;
 } pie_cuda_steps;
 
+/* Seconds on the monotonic clock (host wall time of steps and sweeps). */
+double pie_cuda_now_s(void);
 void pie_cuda_steps_init(pie_cuda_steps *s);
 /* At the forward's entry; decode: whether it is a decode step. */
 void pie_cuda_steps_enter(pie_cuda_steps *s, int decode);

@@ -28,7 +28,6 @@
 #include <stdio.h>
 #include <stdlib.h>
 #include <string.h>
-#include <time.h>
 
 #include "backend/cuda/cuda_internal.h"
 
@@ -41,13 +40,6 @@ struct cuda_sweep {
     double  sum[SWEEP_MAX], t0;
     int64_t count[SWEEP_MAX];
 };
-
-static double now_s(void)
-{
-    struct timespec ts;
-    clock_gettime(CLOCK_MONOTONIC, &ts);
-    return ts.tv_sec + ts.tv_nsec * 1e-9;
-}
 
 /* Parses PIE_CUDA_GEMV_SWEEP into c->sweep; nothing where it is unset. */
 void cuda_sweep_init(cuda_backend *c)
@@ -113,7 +105,7 @@ void cuda_sweep_before(cuda_backend *c, int decode, int n)
     s->cur = i;
     s->captured = c->n_captured;
     s->plan_next = c->plan_next;
-    s->t0 = now_s();
+    s->t0 = pie_cuda_now_s();
 }
 
 /* After that forward (rc its result): its time counts for the
@@ -124,7 +116,7 @@ void cuda_sweep_after(cuda_backend *c, int decode, int n, int rc)
 {
     cuda_sweep *s = c->sweep;
     if (!s || !decode || n > PIE_CUDA_GEMV_MAX_M) return;
-    double t = now_s() - s->t0;
+    double t = pie_cuda_now_s() - s->t0;
     int made = c->plan_next != s->plan_next;   /* (one per plan made) */
     if (sweep_apply(c, s->cur)) {
         drop_graphs(c);

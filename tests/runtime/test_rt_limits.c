@@ -183,17 +183,33 @@ static uint32_t deepest_fit(pie_rt *rt, pie_rt_module *m, const char *name,
     return lo;
 }
 
+/* The deep-recursion tests' runtime: 256 KiB fiber stacks (o), under a
+ * 60 s alarm should a trap hang the server; and its module. */
+static pie_rt_module *deep_open(const char *wasm, pie_rt_opts *o, pie_rt **rt)
+{
+    signal(SIGALRM, hang_alarm);
+    alarm(60);
+    *o = (pie_rt_opts){.fiber_stack = 256u << 10};
+    *rt = make_rt(o);
+    return load_wasm(*rt, wasm, NULL);
+}
+
+static void deep_close(pie_rt *rt, pie_rt_module *m)
+{
+    pie_rt_module_unref(m);
+    pie_rt_free(rt);
+    alarm(0);
+}
+
 /* A host call (publish: malloc under rt->lock) made with the guest's frames
  * just above the stack guard once faulted in host code; the trap unwound
  * with the lock held and the server hung. Every such call must end its
  * instance with a clear trap, and the runtime must go on. */
 static void test_deep(void)
 {
-    signal(SIGALRM, hang_alarm);
-    alarm(60);
-    pie_rt_opts o = {.fiber_stack = 256u << 10};
-    pie_rt *rt = make_rt(&o);
-    pie_rt_module *m = load_wasm(rt, "deep.wasm", NULL);
+    pie_rt_opts o;
+    pie_rt *rt;
+    pie_rt_module *m = deep_open("deep.wasm", &o, &rt);
     char reason[256];
     /* The deepest recursion that fits, without a host call at the bottom. */
     uint32_t lo = deepest_fit(rt, m, "deep", NULL);
@@ -225,9 +241,7 @@ static void test_deep(void)
     /* The runtime still serves the same calls. */
     CHECK(run_deep(rt, m, 100, true, reason) == 0, "publish after traps: %s",
           reason);
-    pie_rt_module_unref(m);
-    pie_rt_free(rt);
-    alarm(0);
+    deep_close(rt, m);
 }
 
 static void test_limits(void)
@@ -309,11 +323,9 @@ static int32_t run_libc(pie_rt *rt, pie_rt_module *m, uint32_t d,
  * overflow, at every depth. */
 static void test_libc_deep(void)
 {
-    signal(SIGALRM, hang_alarm);
-    alarm(60);
-    pie_rt_opts o = {.fiber_stack = 256u << 10};
-    pie_rt *rt = make_rt(&o);
-    pie_rt_module *m = load_wasm(rt, "libc_deep.wasm", NULL);
+    pie_rt_opts o;
+    pie_rt *rt;
+    pie_rt_module *m = deep_open("libc_deep.wasm", &o, &rt);
     char reason[256];
     uint32_t lo = deepest_fit(rt, m, "libc_deep", "floor");
     static const char *ops[] = {"sqrt", "copy", "nearest", "floor"};
@@ -332,9 +344,7 @@ static void test_libc_deep(void)
            "at the bottom: %d trapped, the rest finished\n", lo, runs, traps);
     CHECK(traps > 0, "no run trapped: the scan missed the guard");
     CHECK(run_libc(rt, m, 100, "copy", reason) == 0, "after: %s", reason);
-    pie_rt_module_unref(m);
-    pie_rt_free(rt);
-    alarm(0);
+    deep_close(rt, m);
 }
 
 /* An instance looping on a 128 MiB memory.copy spends its time in libc's
