@@ -159,9 +159,9 @@ static __device__ __forceinline__ void rope_pairs(float *qd, uint16_t *kvd,
                                                   const float *nw_, float r,
                                                   const float *rcos,
                                                   const float *rsin, int half,
-                                                  int lane)
+                                                  int lane, int sw)
 {
-    for (int i = 2 * lane; i < half; i += 2 * WARP) {
+    for (int i = 2 * lane; i < half; i += 2 * sw) {
         float2 x0 = ld_bf2(src, b, i), x1 = ld_bf2(src, b, i + half);
         if (nw_) {
             x0.x = x0.x * r * nw_[i];
@@ -205,21 +205,29 @@ __global__ void qkv_post_kernel(float *q, const uint16_t *qkv, const float *bias
         sincosf(pos * inv_freq[i], &rsin[i], &rcos[i]);
     __syncthreads();
     pdl_wait();
-    for (int h = blockIdx.y * nw + w; h < nh + 2 * nkv; h += nw * gridDim.y) {
+    /* sw lanes a head: at half / 2 lanes a power of two below 32 (head dim
+     * 64: 16), a warp takes 32 / sw heads at once, so that no lane idles
+     * and more heads' loads are in flight */
+    int hw = half / 2, sw = half % 2 == 0 && hw < WARP && !(hw & (hw - 1)) ? hw : WARP;
+    int sl = lane % sw, hpw = WARP / sw, total = nh + 2 * nkv;
+    for (int h0 = (blockIdx.y * nw + w) * hpw; h0 < total; h0 += nw * gridDim.y * hpw) {
+        int h = h0 + lane / sw;
+        bool active = h < total;
         const uint16_t *src = qkv + (int64_t)t * qkv_dim + h * hd;
         const float *b = bias ? bias + h * hd : NULL;
         int is_q = h < nh, is_k = !is_q && h < nh + nkv;
         const float *nw_ = is_q ? q_norm : is_k ? k_norm : NULL;
-        float r = 1.0f;
-        if (nw_) {
-            float ss = 0.0f;
-            for (int i = lane; i < hd; i += WARP) {
+        float ss = 0.0f;
+        if (active && nw_)
+            for (int i = sl; i < hd; i += sw) {
                 float v = bf2f(src[i]) + (b ? b[i] : 0.0f);
                 ss += v * v;
             }
-            ss = warp_sum(ss);
-            r = rsqrtf(ss / hd + eps);
-        }
+        if (q_norm || k_norm)       /* every lane: the sums stay in a head */
+            for (int o = sw / 2; o > 0; o >>= 1)
+                ss += __shfl_xor_sync(0xffffffffu, ss, o);
+        if (!active) continue;
+        float r = nw_ ? rsqrtf(ss / hd + eps) : 1.0f;
         float *qd = NULL;
         uint16_t *kvd = NULL;
         if (is_q)
@@ -229,15 +237,15 @@ __global__ void qkv_post_kernel(float *q, const uint16_t *qkv, const float *bias
         else
             kvd = kbase + ((int64_t)nkv * ps + (int64_t)(h - nh - nkv) * ps + off) * hd;
         if (!is_q && !is_k) {
-            for (int i = lane; i < hd; i += WARP)
+            for (int i = sl; i < hd; i += sw)
                 kvd[i] = f2bf(bf2f(src[i]) + (b ? b[i] : 0.0f));
             continue;
         }
         if (half % 2 == 0) {    /* pairs (i, i + 1): 4- and 8-byte accesses */
-            rope_pairs(qd, kvd, src, b, nw_, r, rcos, rsin, half, lane);
+            rope_pairs(qd, kvd, src, b, nw_, r, rcos, rsin, half, sl, sw);
             continue;
         }
-        for (int i = lane; i < half; i += WARP) {
+        for (int i = lane; i < half; i += WARP) {   /* (sw is WARP here) */
             float x0 = bf2f(src[i]) + (b ? b[i] : 0.0f);
             float x1 = bf2f(src[i + half]) + (b ? b[i + half] : 0.0f);
             if (nw_) {
