@@ -95,14 +95,19 @@ static float time_cand(cuda_backend *c, mm_plan *p, mm_cand k,
     return ok ? best : INFINITY;
 }
 
-/* Small-m matmuls (decode batches) are memory-bound and cuBLASLt's first
- * heuristic is often not the fastest for them (split-K choices): the
- * candidates are timed once per (shape, bucket of m: see m_bucket), when a
- * plan is made outside graph capture, and the winner is reused for every m
- * of the bucket it is valid for (batch sizes vary step to step in serving).
- * Larger shapes keep the first heuristic (they vary with prefill sizes,
- * and timing them up to m = 8192 changed 8B prefill by under 1%). */
-#define TUNE_MAX_M 256     /* timing up to 4096 rows (prefill) gained nothing */
+/* cuBLASLt's first heuristic is often not the fastest (small m: split-K
+ * choices; the 1B shape's prefill matmuls too): the candidates are timed
+ * once per (shape, bucket of m: see m_bucket), when a plan is made outside
+ * graph capture, and the winner is reused for every m of the bucket it is
+ * valid for (batch sizes vary step to step in serving). Decode buckets (m
+ * <= TUNE_WARM_M) are timed when the backend starts (cuda_warm_plans);
+ * prefill buckets up to TUNE_MAX_M on their first forward (at m = 4096:
+ * 76 ms for the 1B shape's four matmuls, 126 ms for the 8B's, once a
+ * process). That gave the 1B prefill 1-3% (4 x 2048: 242-244k -> 245-252k
+ * tok/s in two calls), and the 8B nothing: the first heuristic wins each
+ * of its shapes (NOTES.md, round 24). */
+#define TUNE_WARM_M 256
+#define TUNE_MAX_M 8192
 #define TUNE_ALGOS 16
 
 /* A later candidate (the heuristic's order, then split-K variants)
@@ -263,6 +268,18 @@ static void try_wgmm(cuda_backend *c, mm_plan *p, const uint16_t *W,
                 p->wg ? "wgmm" : "cublasLt");
 }
 
+/* The largest m timed: TUNE_MAX_M, or PIE_CUDA_TUNE_MAX_M (256: decode
+ * sizes only, as before round 24). Read once. */
+static int tune_max_m(void)
+{
+    static int v = -1;
+    if (v < 0) {
+        const char *e = getenv("PIE_CUDA_TUNE_MAX_M");
+        v = e && atoi(e) > 0 ? atoi(e) : TUNE_MAX_M;
+    }
+    return v;
+}
+
 static void pick_algo(cuda_backend *c, mm_plan *p,
                       const cublasLtMatmulHeuristicResult_t *res, int found,
                       const uint16_t *W, const uint16_t *x, void *y)
@@ -270,7 +287,7 @@ static void pick_algo(cuda_backend *c, mm_plan *p,
     p->algo = res[0].algo;
     p->gemv_r = 0;
     p->wg = 0;
-    if (p->m > TUNE_MAX_M || getenv("PIE_CUDA_NO_TUNE")) return;  /* no gemv */
+    if (p->m > tune_max_m() || getenv("PIE_CUDA_NO_TUNE")) return;  /* no gemv */
     int mb = m_bucket(p->m);
     tuned_algo *t = tuned_find(c, p, mb);
     cublasLtMatmulHeuristicResult_t chk;
@@ -284,6 +301,7 @@ static void pick_algo(cuda_backend *c, mm_plan *p,
         return;
     }
     if (!can_time(c)) return;
+    double t0 = pie_cuda_now_s();
     float best = INFINITY, first = INFINITY, heur;
     for (int i = 0; i < found; i++) {
         float ms = time_cand(c, p, (mm_cand){ &res[i].algo, 0, 0, 0 }, W, x, y, 3);
@@ -294,8 +312,9 @@ static void pick_algo(cuda_backend *c, mm_plan *p,
     try_split_k(c, p, res, found, W, x, y, &best);
     if (getenv("PIE_CUDA_TUNE_LOG"))
         fprintf(stderr, "pie: tune n %d k %d m %d: cublasLt first %.1f us, "
-                "best of %d %.1f, with split-k %.1f\n", p->n, p->k, mb,
-                first * 1e3, found, heur * 1e3, best * 1e3);
+                "best of %d %.1f, with split-k %.1f (timed in %.1f ms)\n",
+                p->n, p->k, mb, first * 1e3, found, heur * 1e3, best * 1e3,
+                (pie_cuda_now_s() - t0) * 1e3);
     try_gemv(c, p, W, x, y, best);
     if (!p->gemv_r) try_wgmm(c, p, W, x, y, best);
     t = &c->tuned[c->n_tuned < TUNED_MAX ? c->n_tuned++
@@ -464,7 +483,7 @@ int cuda_warm_plans(cuda_backend *c)
     const cuda_layer *L = &c->layers[0];
     int dim = g->dim, qd = g->n_heads * g->head_dim, hid = g->hidden_dim;
     int qkvd = qd + 2 * g->n_kv_heads * g->head_dim, rc;
-    for (int m = 1; m <= TUNE_MAX_M; m = m < 16 ? 16 : 2 * m) {
+    for (int m = 1; m <= TUNE_WARM_M; m = m < 16 ? 16 : 2 * m) {
         TRY(cuda_mm(c, c->qkv, 0, L->wqkv, qkvd, dim, c->xb, m));
         TRY(cuda_mm_add(c, c->dx, L->wo, dim, qd, c->att, m));
         TRY(cuda_mm_glu(c, c->h, c->gu, L->wgu, hid, dim, c->xb, m));
