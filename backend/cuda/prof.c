@@ -16,8 +16,8 @@ static const char *const NAMES[PROF_N] = {
 int pie_cuda_prof_init(pie_cuda_prof *p)
 {
     const char *e = getenv("PIE_CUDA_PROFILE");
-    p->on = e && *e && *e != '0';
-    return p->on;
+    p->on = !e || !*e || *e == '0' ? 0 : atoi(e) == 2 ? 2 : 1;
+    return p->on != 0;
 }
 
 
@@ -43,6 +43,10 @@ void pie_cuda_prof_mark(pie_cuda_prof *p, int op, cudaStream_t s)
 void pie_cuda_prof_end(pie_cuda_prof *p)
 {
     if (!p->on || p->n < 2) return;
+    if (p->on == 2 && !p->left[p->kind]) {
+        p->left[p->kind] = 1;
+        return;
+    }
     for (int i = 1; i < p->n; i++) {
         float ms = 0.0f;
         if (cudaEventElapsedTime(&ms, p->ev[i - 1], p->ev[i]) == cudaSuccess)
@@ -57,9 +61,10 @@ void pie_cuda_prof_done(pie_cuda_prof *p)
         if (!p->steps[k]) continue;
         double tot = 0;
         for (int o = 1; o < PROF_N; o++) tot += p->ms[k][o];
-        fprintf(stderr, "pie profile: %s, %ld steps, %.3f ms per step "
+        fprintf(stderr, "pie profile: %s, %ld steps%s, %.3f ms per step "
                 "(kernels serialized by the marks)\n",
-                k ? "decode" : "prefill", p->steps[k], tot / p->steps[k]);
+                k ? "decode" : "prefill", p->steps[k],
+                p->left[k] ? " after the first" : "", tot / p->steps[k]);
         for (int o = 1; o < PROF_N; o++)
             if (p->ms[k][o] > 0)
                 fprintf(stderr, "pie profile:   %-22s %9.3f ms  %5.1f%%\n",

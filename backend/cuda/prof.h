@@ -5,10 +5,14 @@
  * overlap across marks); after the step's synchronize, the time between
  * consecutive marks is added to the operation that ended at the second.
  * Totals print at destroy, per step, split into decode and prefill steps.
+ * PIE_CUDA_PROFILE=2 leaves out the first step of each kind, where plans
+ * are made, matmuls timed and kernel modules loaded.
  *
+ *   on             0 off, 1 every step, 2 all but each kind's first
  *   ev[i], op[i]   the i-th mark of the current step and its operation
  *   ms[kind][op]   accumulated milliseconds (kind 0 prefill, 1 decode)
  *   steps[kind]    steps accumulated
+ *   left[kind]     steps left out (PIE_CUDA_PROFILE=2)
  */
 #ifndef PIE_CUDA_PROF_H
 #define PIE_CUDA_PROF_H
@@ -28,7 +32,7 @@ typedef struct pie_cuda_prof {
     int          op[PROF_MAX_MARKS];
     int          n, n_created, kind;
     double       ms[2][PROF_N];
-    long         steps[2];
+    long         steps[2], left[2];
 } pie_cuda_prof;
 
 /* Reads PIE_CUDA_PROFILE; returns whether profiling is on. */
