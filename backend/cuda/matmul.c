@@ -103,9 +103,9 @@ static float time_cand(cuda_backend *c, mm_plan *p, mm_cand k,
  * <= TUNE_WARM_M) are timed when the backend starts (cuda_warm_plans);
  * prefill buckets up to TUNE_MAX_M on their first forward (at m = 4096:
  * 76 ms for the 1B shape's four matmuls, 126 ms for the 8B's, once a
- * process). That gave the 1B prefill 1-3% (4 x 2048: 242-244k -> 245-252k
+ * process and bucket). That gave the 1B prefill 1-3% (4 x 2048: 242-244k -> 245-252k
  * tok/s in two calls), and the 8B nothing: the first heuristic wins each
- * of its shapes (NOTES.md, round 24). */
+ * of its shapes at m 512, 2048 and 4096 (NOTES.md, round 24). */
 #define TUNE_WARM_M 256
 #define TUNE_MAX_M 8192
 #define TUNE_ALGOS 16
