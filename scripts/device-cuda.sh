@@ -73,10 +73,11 @@
 #   gap     the host's time between two fires of the control layer
 #           (bench_control gap: chained generations on a fake backend whose
 #           forwards sleep 1 ms, C = 1 and 64), three runs
-#   sass    the machine code of kernels whose names match SASS_FUN (a
-#           cuobjdump -fun pattern, default flash_wg_kernel) in the bundle's
-#           pie, and their registers, into sass.txt (for a kernel that is
-#           wrong where its PTX looks right: NOTES.md, round 23)
+#   sass    the machine code of the kernels whose (mangled) names contain
+#           SASS_FUN (default flash_wg_kernel) in the bundle's
+#           test_cuda_kernels, one file each, packed into sass.tgz (for a
+#           kernel that is wrong where its PTX looks right: NOTES.md,
+#           round 24; cuobjdump -fun wants the whole mangled name)
 #   long    batch 16 at long contexts (ctx 2048-16384): decode attention and
 #           8B decode steps on the cut plan (PIE_CUDA_DEC_WHOLE=0) and on
 #           one block per SM (=1), and by the rule with the bound timed at
@@ -216,9 +217,16 @@ for phase in "$@"; do
         ;;
     sass)       # SASS of the matching kernels (cuobjdump of the CUDA toolkit)
         log "sass ${SASS_FUN:-flash_wg_kernel}"
-        cuobjdump -res-usage -sass -fun "${SASS_FUN:-flash_wg_kernel}" \
-            /tmp/pie/bundle/bin/pie > "$OUT/sass.txt" 2>&1
-        echo "sass rc=$? ($(wc -l < "$OUT/sass.txt") lines)" | tee -a "$OUT/summary.log"
+        rm -rf /tmp/pie/sass && mkdir -p /tmp/pie/sass
+        cuobjdump -res-usage -sass /tmp/pie/bundle/bin/test_cuda_kernels \
+            > /tmp/pie/all.sass 2>&1
+        echo "cuobjdump rc=$?" | tee -a "$OUT/summary.log"
+        # one file a function: from its "Function :" line to the next
+        awk -v pat="${SASS_FUN:-flash_wg_kernel}" -v dir=/tmp/pie/sass '
+            /Function : / { f = ""; if (index($0, pat)) { f = dir "/" $3 ".sass"; n++ } }
+            f { print > f }
+            END { print n + 0, "functions" }' /tmp/pie/all.sass | tee -a "$OUT/summary.log"
+        tar -C /tmp/pie/sass -czf "$OUT/sass.tgz" .
         ;;
     spread)     # per process: gemv.cu's warps taken per weight shape (at
                 # batches of 1..8) and the decode GPU span
