@@ -75,7 +75,8 @@
 #           forwards sleep 1 ms, C = 1 and 64), three runs
 #   sass    the machine code of the kernels whose (mangled) names contain
 #           SASS_FUN (default flash_wg_kernel) in the bundle's
-#           test_cuda_kernels, one file each, packed into sass.tgz (for a
+#           test_cuda_kernels, one file each, and their registers
+#           (res-usage.txt), packed into sass.tgz (for a
 #           kernel that is wrong where its PTX looks right: NOTES.md,
 #           round 24; cuobjdump -fun wants the whole mangled name)
 #   long    batch 16 at long contexts (ctx 2048-16384): decode attention and
@@ -222,9 +223,15 @@ for phase in "$@"; do
             > /tmp/pie/all.sass 2>&1
         echo "cuobjdump rc=$?" | tee -a "$OUT/summary.log"
         # one file a function: from its "Function :" line to the next
+        # function, cubin header or resource listing; the resource lines
+        # (" Function NAME:", then its registers) of the matching ones
+        # into res-usage.txt
         awk -v pat="${SASS_FUN:-flash_wg_kernel}" -v dir=/tmp/pie/sass '
-            /Function : / { f = ""; if (index($0, pat)) { f = dir "/" $3 ".sass"; n++ } }
+            /Function : |^Fatbin|^Resource usage/ { f = "" }
+            /Function : / && index($0, pat) { f = dir "/" $3 ".sass"; n++ }
             f { print > f }
+            res { print > (dir "/res-usage.txt"); res = 0 }
+            /^ Function [^:]*:$/ && index($0, pat) { print > (dir "/res-usage.txt"); res = 1 }
             END { print n + 0, "functions" }' /tmp/pie/all.sass | tee -a "$OUT/summary.log"
         tar -C /tmp/pie/sass -czf "$OUT/sass.tgz" .
         ;;

@@ -26,8 +26,8 @@
  * or V fragment a warp loads serves two m-tiles of 16 rows (8 warps of 16
  * rows ran at 146-185 TFLOP/s, this at 178-232); smaller heads keep 8
  * warps of 16 rows, whose lower register count allows twice the warps. KV blocks of FA_BN
- * = 64 slots are gathered from the pages into shared memory (K row-major,
- * V transposed), S = Q K^T and O += P V run on mma.sync m16n8k16 (bf16 in,
+ * = 64 slots are gathered from the pages into shared memory (K and V
+ * row-major), S = Q K^T and O += P V run on mma.sync m16n8k16 (bf16 in,
  * f32 accumulate), softmax is online in base 2 (scale * log2 e folded into
  * Q). Prefill items (pad 0): nt <= 64 tokens, kvh holds the query head.
  * Grouped items (pad 1): nt * G <= 128 rows of nt tokens x the G query

@@ -141,7 +141,7 @@ static __device__ __forceinline__ void wg_commit_wait(void)
 }
 
 #define WG_D32 "{%0, %1, %2, %3, %4, %5, %6, %7, %8, %9, %10, %11, %12, %13, %14, %15, %16, %17, %18, %19, %20, %21, %22, %23, %24, %25, %26, %27, %28, %29, %30, %31}"
-#define WG_O32(d) "+f"(d[0][0]), "+f"(d[0][1]), "+f"(d[0][2]), "+f"(d[0][3]), "+f"(d[1][0]), "+f"(d[1][1]), "+f"(d[1][2]), "+f"(d[1][3]), "+f"(d[2][0]), "+f"(d[2][1]), "+f"(d[2][2]), "+f"(d[2][3]), "+f"(d[3][0]), "+f"(d[3][1]), "+f"(d[3][2]), "+f"(d[3][3]), "+f"(d[4][0]), "+f"(d[4][1]), "+f"(d[4][2]), "+f"(d[4][3]), "+f"(d[5][0]), "+f"(d[5][1]), "+f"(d[5][2]), "+f"(d[5][3]), "+f"(d[6][0]), "+f"(d[6][1]), "+f"(d[6][2]), "+f"(d[6][3]), "+f"(d[7][0]), "+f"(d[7][1]), "+f"(d[7][2]), "+f"(d[7][3])
+#define WG_O32(d) "+f"((d)[0][0]), "+f"((d)[0][1]), "+f"((d)[0][2]), "+f"((d)[0][3]), "+f"((d)[1][0]), "+f"((d)[1][1]), "+f"((d)[1][2]), "+f"((d)[1][3]), "+f"((d)[2][0]), "+f"((d)[2][1]), "+f"((d)[2][2]), "+f"((d)[2][3]), "+f"((d)[3][0]), "+f"((d)[3][1]), "+f"((d)[3][2]), "+f"((d)[3][3]), "+f"((d)[4][0]), "+f"((d)[4][1]), "+f"((d)[4][2]), "+f"((d)[4][3]), "+f"((d)[5][0]), "+f"((d)[5][1]), "+f"((d)[5][2]), "+f"((d)[5][3]), "+f"((d)[6][0]), "+f"((d)[6][1]), "+f"((d)[6][2]), "+f"((d)[6][3]), "+f"((d)[7][0]), "+f"((d)[7][1]), "+f"((d)[7][2]), "+f"((d)[7][3])
 
 /* d (m64n64, f32) (+)= a (registers, bf16 m64k16) x B (desc, K-major) */
 static __device__ __forceinline__ void wg_mma_s(float (*d)[4], const uint32_t *a,
@@ -167,7 +167,8 @@ static __device__ __forceinline__ void wg_mma_s_ss(float (*d)[4], uint64_t da,
 }
 
 /* d (m64n64, f32) += a (registers, bf16 m64k16) x B (desc, MN-major) */
-static __device__ __forceinline__ void wg_mma_o64(float (*d)[4], const uint32_t *a,
+static __device__ __forceinline__ void wg_mma_o64(float (*d)[4],
+                                                  const uint32_t *a,
                                                   uint64_t desc)
 {
     asm volatile("{\n.reg .pred p;\nsetp.ne.b32 p, 1, 0;\n"
@@ -184,7 +185,7 @@ static __device__ __forceinline__ void wg_mma_o(float (*d)[4], const uint32_t *a
     asm volatile("{\n.reg .pred p;\nsetp.ne.b32 p, 1, 0;\n"
                  "wgmma.mma_async.sync.aligned.m64n128k16.f32.bf16.bf16 "
                  "{%0, %1, %2, %3, %4, %5, %6, %7, %8, %9, %10, %11, %12, %13, %14, %15, %16, %17, %18, %19, %20, %21, %22, %23, %24, %25, %26, %27, %28, %29, %30, %31, %32, %33, %34, %35, %36, %37, %38, %39, %40, %41, %42, %43, %44, %45, %46, %47, %48, %49, %50, %51, %52, %53, %54, %55, %56, %57, %58, %59, %60, %61, %62, %63}, {%64, %65, %66, %67}, %68, p, 1, 1, 1;\n}\n"
-                 : WG_O32(d), WG_O32((d + 8))
+                 : WG_O32(d), WG_O32(d + 8)
                  : "r"(a[0]), "r"(a[1]), "r"(a[2]), "r"(a[3]), "l"(desc));
 }
 
@@ -201,8 +202,8 @@ static __device__ __forceinline__ void wg_stage_q64(uint16_t *Qs,
         uint32_t a = (uint32_t)__cvta_generic_to_shared(
             Qs + wg_off(row, 2 * kk + (m >> 1)) / 2);
         asm volatile("stmatrix.sync.aligned.m8n8.x4.shared.b16 [%0], "
-                     "{%1, %2, %3, %4};" :: "r"(a), "r"(qa[kk][0]), "r"(qa[kk][1]),
-                     "r"(qa[kk][2]), "r"(qa[kk][3]) : "memory");
+                     "{%1, %2, %3, %4};" :: "r"(a), "r"(qa[kk][0]),
+                     "r"(qa[kk][1]), "r"(qa[kk][2]), "r"(qa[kk][3]) : "memory");
     }
 }
 
@@ -253,10 +254,11 @@ static __device__ __forceinline__ void wg_scores(float (*s)[4],
 {
 #pragma unroll
     for (int kk = 0; kk < HD / 16; kk++) {
-        uint64_t kd = wg_desc((const char *)Ks + (kk / 4) * WG_HALF + (kk % 4) * 32,
-                              16, 1024);
+        uint64_t kd = wg_desc((const char *)Ks + (kk / 4) * WG_HALF +
+                              (kk % 4) * 32, 16, 1024);
         if constexpr (HD == 64)
-            wg_mma_s_ss(s, wg_desc((const char *)Qs + kk * 32, 16, 1024), kd, kk);
+            wg_mma_s_ss(s, wg_desc((const char *)Qs + kk * 32, 16, 1024), kd,
+                        kk);
         else
             wg_mma_s(s, qa[kk], kd, kk);
     }
@@ -271,6 +273,7 @@ flash_wg_kernel(uint16_t *out, float *part_o, float *part_ml, const float *q,
                 pie_cuda_kv kv, int layer, int nh, int psh)
 {
     static_assert(HD == 64 || HD == 128, "wgmma prefill: head dim 64 or 128");
+    static_assert(FA_STAGES == 2, "two KV buffers (bi ^= 1), then Qs");
     constexpr int BLK = WG_BLK(HD);
     pdl_begin();
     extern __shared__ __align__(128) uint16_t wg_sm_raw[];
@@ -355,7 +358,8 @@ static void wg_launch(uint16_t *out, float *part_o, float *part_ml,
                       const pie_cuda_kv *kv, int layer, int nh, cudaStream_t s)
 {
     static uint64_t set;
-    size_t smem = (2 * FA_STAGES + (HD == 64)) * WG_BLK(HD) * sizeof(uint16_t) + 1024;
+    size_t smem = (2 * FA_STAGES + (HD == 64)) * WG_BLK(HD) * sizeof(uint16_t) +
+                  1024;
     allow_smem(flash_wg_kernel<HD, OCC>, smem, &set);
     launch_pdl(flash_wg_kernel<HD, OCC>, 2 * n_items, WG_THREADS, smem, s, out,
                part_o, part_ml, q, items, *tm, *kv, layer, nh, page_shift(kv));

@@ -124,17 +124,30 @@ extern "C" void pie__cuda_rmsnorm(uint16_t *out, const float *x,
 
 /* ------------------------------------------------------------- qkv post */
 
-/* Block (token, group of heads), one warp per head at a time (q heads,
- * then k heads, then v heads): a decode step's few tokens take one group
- * per QKV_WARPS heads, to spread over many SMs; a prefill's thousands take
- * fewer groups, so that a block's set-up (the token's angles, its slot)
- * serves more heads. A lane handles the RoPE pairs (i, i + hd/2) for i =
- * 2 lane, 2 lane + 1, then + 64 (hd/2 odd: i = lane, lane + 32, ...). */
+/* Block (token, group of heads), a head taken by qkv_lanes(hd) lanes of a
+ * warp (q heads, then k heads, then v heads): a whole warp, or at head dim
+ * 64 (and other heads whose hd / 4 is a power of two below 32) 16 lanes,
+ * so that a warp takes two heads at once and no lane idles. A decode
+ * step's few tokens take one group per QKV_WARPS warps' heads, to spread
+ * over many SMs; a prefill's thousands take fewer groups, so that a
+ * block's set-up (the token's angles, its slot) serves more heads. A lane
+ * handles the RoPE pairs (i, i + hd/2) for i = 2 sl, 2 sl + 1, then + 2 sw
+ * (sl its lane in the head, sw the head's lanes; hd/2 odd: i = lane, lane
+ * + 32, ... on a whole warp). */
 #define QKV_WARPS 4
 /* blocks a launch aims at, at least one a token: 1024 rather than 4096
  * took the kernel from 9.7 to 7.1 us at 256 tokens (8B shape; NOTES.md,
- * round 10); up to 85 tokens every head has its own warp either way */
+ * round 10); up to 85 tokens every warp has its own heads either way */
 #define QKV_BLOCKS 1024
+
+/* Lanes a head in qkv_post_kernel: hd / 4 where that is a power of two
+ * below 32 (head dim 64: 16; two heads a warp, NOTES.md, round 24), else
+ * the warp. */
+static __host__ __device__ __forceinline__ int qkv_lanes(int hd)
+{
+    int half = hd / 2, hw = half / 2;
+    return half % 2 == 0 && hw < WARP && !(hw & (hw - 1)) ? hw : WARP;
+}
 
 /* Two adjacent bf16 values of src at i (i even), plus the bias. */
 static __device__ __forceinline__ float2 ld_bf2(const uint16_t *src,
@@ -149,19 +162,20 @@ static __device__ __forceinline__ float2 ld_bf2(const uint16_t *src,
     return v;
 }
 
-/* qkv_post_kernel's RoPE of one q or k head, two adjacent pairs (i, i +
- * half), (i + 1, i + 1 + half) a lane per step (half even): the same
- * arithmetic per element as the scalar loop, with 4-byte loads and 8- or
- * 4-byte stores (a prefill moves 2048+ tokens x every head). */
+/* qkv_post_kernel's RoPE of one q or k head on its sw lanes (sl: this
+ * lane's index among them), two adjacent pairs (i, i + half), (i + 1, i + 1
+ * + half) a lane per step (half even): the same arithmetic per element as
+ * the scalar loop, with 4-byte loads and 8- or 4-byte stores (a prefill
+ * moves 2048+ tokens x every head). */
 static __device__ __forceinline__ void rope_pairs(float *qd, uint16_t *kvd,
                                                   const uint16_t *src,
                                                   const float *b,
                                                   const float *nw_, float r,
                                                   const float *rcos,
                                                   const float *rsin, int half,
-                                                  int lane, int sw)
+                                                  int sl, int sw)
 {
-    for (int i = 2 * lane; i < half; i += 2 * sw) {
+    for (int i = 2 * sl; i < half; i += 2 * sw) {
         float2 x0 = ld_bf2(src, b, i), x1 = ld_bf2(src, b, i + half);
         if (nw_) {
             x0.x = x0.x * r * nw_[i];
@@ -205,12 +219,11 @@ __global__ void qkv_post_kernel(float *q, const uint16_t *qkv, const float *bias
         sincosf(pos * inv_freq[i], &rsin[i], &rcos[i]);
     __syncthreads();
     pdl_wait();
-    /* sw lanes a head: at half / 2 lanes a power of two below 32 (head dim
-     * 64: 16), a warp takes 32 / sw heads at once, so that no lane idles
-     * and more heads' loads are in flight */
-    int hw = half / 2, sw = half % 2 == 0 && hw < WARP && !(hw & (hw - 1)) ? hw : WARP;
-    int sl = lane % sw, hpw = WARP / sw, total = nh + 2 * nkv;
-    for (int h0 = (blockIdx.y * nw + w) * hpw; h0 < total; h0 += nw * gridDim.y * hpw) {
+    /* sw lanes a head, hpw heads a warp at once (qkv_lanes) */
+    int sw = qkv_lanes(hd), sl = lane % sw, hpw = WARP / sw;
+    int total = nh + 2 * nkv;
+    for (int h0 = (blockIdx.y * nw + w) * hpw; h0 < total;
+         h0 += nw * gridDim.y * hpw) {
         int h = h0 + lane / sw;
         bool active = h < total;
         const uint16_t *src = qkv + (int64_t)t * qkv_dim + h * hd;
@@ -273,7 +286,8 @@ extern "C" void pie__cuda_qkv_post(float *q, const uint16_t *qkv,
                                    const pie_cuda_kv *kv, int layer, int n,
                                    int nh, cudaStream_t s)
 {
-    int groups = (nh + 2 * kv->n_kv + QKV_WARPS - 1) / QKV_WARPS;
+    int hpg = QKV_WARPS * (WARP / qkv_lanes(kv->head_dim));  /* heads a group */
+    int groups = (nh + 2 * kv->n_kv + hpg - 1) / hpg;
     if (n > 0 && groups > (QKV_BLOCKS + n - 1) / n) groups = (QKV_BLOCKS + n - 1) / n;
     if (groups > 65535) groups = 65535;
     if (n > 0)

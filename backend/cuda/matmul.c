@@ -1,9 +1,10 @@
 /*
  * matmul.c — the CUDA backend's dense matmuls: one cuBLASLt plan per
- * (m, n, k, output type), cached (MM_CACHE); for decode-sized m the
- * heuristic's candidates, their split-K variants, gemv.cu (m <= 16) and
- * wgmm.cu (17..256) are timed once per weight shape and bucket of m
- * (m_bucket) and the fastest is kept (tuned_algo). State lives in cuda_backend (cuda_internal.h).
+ * (m, n, k, output type), cached (MM_CACHE); up to TUNE_MAX_M rows the
+ * heuristic's candidates and their split-K variants, and for decode-sized
+ * m gemv.cu (m <= 16) and wgmm.cu (17..256), are timed once per weight
+ * shape and bucket of m (m_bucket) and the fastest is kept (tuned_algo).
+ * State lives in cuda_backend (cuda_internal.h).
  */
 #include <math.h>
 #include <stdio.h>
@@ -103,9 +104,12 @@ static float time_cand(cuda_backend *c, mm_plan *p, mm_cand k,
  * <= TUNE_WARM_M) are timed when the backend starts (cuda_warm_plans);
  * prefill buckets up to TUNE_MAX_M on their first forward (at m = 4096:
  * 76 ms for the 1B shape's four matmuls, 126 ms for the 8B's, once a
- * process and bucket). That gave the 1B prefill 1-3% (4 x 2048: 242-244k -> 245-252k
- * tok/s in two calls), and the 8B nothing: the first heuristic wins each
- * of its shapes at m 512, 2048 and 4096 (NOTES.md, round 24). */
+ * process and bucket). That gave the 1B prefill 1-3% (4 x 2048: 242-244k
+ * -> 245-252k tok/s in two calls), and the 8B nothing: the first
+ * heuristic wins each of its shapes at m 512, 2048 and 4096 (NOTES.md,
+ * round 24). Since the choice is timed in each process, a prefill's last
+ * bits may differ between processes, as a decode step's already could
+ * (TUNE_MARGIN makes near ties rarer, not impossible). */
 #define TUNE_WARM_M 256
 #define TUNE_MAX_M 8192
 #define TUNE_ALGOS 16
@@ -269,14 +273,21 @@ static void try_wgmm(cuda_backend *c, mm_plan *p, const uint16_t *W,
 }
 
 /* The largest m timed: TUNE_MAX_M, or PIE_CUDA_TUNE_MAX_M (256: decode
- * sizes only, as before round 24). Read once. */
+ * sizes only, as before round 24; 0: none). Read once; a value that is not
+ * a count keeps the default, with a warning. */
 static int tune_max_m(void)
 {
     static int v = -1;
-    if (v < 0) {
-        const char *e = getenv("PIE_CUDA_TUNE_MAX_M");
-        v = e && atoi(e) > 0 ? atoi(e) : TUNE_MAX_M;
-    }
+    if (v >= 0) return v;
+    const char *e = getenv("PIE_CUDA_TUNE_MAX_M");
+    char *end = NULL;
+    long m = e ? strtol(e, &end, 10) : -1;
+    v = TUNE_MAX_M;
+    if (e && (end == e || *end || m < 0 || m > (1L << 30)))
+        fprintf(stderr, "pie: PIE_CUDA_TUNE_MAX_M=%s is not a row count; "
+                "timing up to %d rows\n", e, TUNE_MAX_M);
+    else if (e)
+        v = (int)m;
     return v;
 }
 

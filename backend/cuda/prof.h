@@ -6,13 +6,14 @@
  * consecutive marks is added to the operation that ended at the second.
  * Totals print at destroy, per step, split into decode and prefill steps.
  * PIE_CUDA_PROFILE=2 leaves out the first step of each kind, where plans
- * are made, matmuls timed and kernel modules loaded.
+ * are made, matmuls timed and kernel modules loaded (a later step with a
+ * new bucket of m still times its matmuls inside the profile).
  *
  *   on             0 off, 1 every step, 2 all but each kind's first
  *   ev[i], op[i]   the i-th mark of the current step and its operation
  *   ms[kind][op]   accumulated milliseconds (kind 0 prefill, 1 decode)
  *   steps[kind]    steps accumulated
- *   left[kind]     steps left out (PIE_CUDA_PROFILE=2)
+ *   left[kind]     1 once the kind's first step was left out (=2)
  */
 #ifndef PIE_CUDA_PROF_H
 #define PIE_CUDA_PROF_H
