@@ -273,8 +273,8 @@ static void try_wgmm(cuda_backend *c, mm_plan *p, const uint16_t *W,
 }
 
 /* The largest m timed: TUNE_MAX_M, or PIE_CUDA_TUNE_MAX_M (256: decode
- * sizes only, as before round 24; 0: none). Read once; a value that is not
- * a count keeps the default, with a warning. */
+ * sizes only, as before round 24; 0: none, as PIE_CUDA_NO_TUNE=1). Read
+ * once; a value that is not a count keeps the default, with a warning. */
 static int tune_max_m(void)
 {
     static int v = -1;
@@ -283,7 +283,9 @@ static int tune_max_m(void)
     char *end = NULL;
     long m = e ? strtol(e, &end, 10) : -1;
     v = TUNE_MAX_M;
-    if (e && (end == e || *end || m < 0 || m > (1L << 30)))
+    if (getenv("PIE_CUDA_NO_TUNE"))
+        v = 0;
+    else if (e && (end == e || *end || m < 0 || m > (1L << 30)))
         fprintf(stderr, "pie: PIE_CUDA_TUNE_MAX_M=%s is not a row count; "
                 "timing up to %d rows\n", e, TUNE_MAX_M);
     else if (e)
@@ -298,7 +300,7 @@ static void pick_algo(cuda_backend *c, mm_plan *p,
     p->algo = res[0].algo;
     p->gemv_r = 0;
     p->wg = 0;
-    if (p->m > tune_max_m() || getenv("PIE_CUDA_NO_TUNE")) return;  /* no gemv */
+    if (p->m > tune_max_m()) return;        /* (no gemv.cu, no wgmm.cu) */
     int mb = m_bucket(p->m);
     tuned_algo *t = tuned_find(c, p, mb);
     cublasLtMatmulHeuristicResult_t chk;
