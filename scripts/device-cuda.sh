@@ -201,6 +201,24 @@ for phase in "$@"; do
             done
         done
         ;;
+    envsets)    # several settings in this build, each rep in another order:
+                # ENVSETS="VAR=v VAR2=w;VAR=u;-" ("-": the default),
+                # ENVAB_CFGS as for envab, ENVAB_REPS (2)
+        IFS=';' read -ra sets <<< "${ENVSETS:--}"
+        IFS=, read -ra cfgs <<< "${ENVAB_CFGS:-llama-3.1-8b 256 512 16}"
+        n=${#sets[@]}
+        for i in $(seq "${ENVAB_REPS:-2}"); do
+            for cfg in "${cfgs[@]}"; do
+                for j in $(seq 0 $((n - 1))); do
+                    k=$(( (j + i - 1) % n )); [ $((i % 2)) = 0 ] && k=$(( n - 1 - k ))
+                    read -ra envs <<< "${sets[$k]}"
+                    [ "${envs[0]:-}" = - ] && envs=()
+                    ( [ ${#envs[@]} -gt 0 ] && export "${envs[@]}"
+                      TAG="[${sets[$k]//\//:}] " bench $cfg )
+                done
+            done
+        done
+        ;;
     gemvsweep)  # configurations take turns in segments of 16 steps; the
                 # backend prints each one's mean step time at exit
         log "gemvsweep"

@@ -199,9 +199,8 @@ int64_t pie_cuda_dec_plan(const pie_cuda_attn_item *items, int n_items, int G,
  *     pie_cuda_dec_calibrate measured), head dim >= 128;
  *   - 4 n_sm blocks: head dim below 128 (where 4 blocks are resident),
  *     at most 40 KV blocks a grid block on average;
- *   - 2 n_sm blocks: at least PIE_CUDA_DEC_WHOLE_MIN KV blocks an item on
- *     average, and head dim >= 128 or at most 32 KV blocks a grid block on
- *     average;
+ *   - 2 n_sm blocks: head dim >= 128, or at least PIE_CUDA_DEC_WHOLE_MIN
+ *     KV blocks an item and at most 32 a grid block on average;
  * each only if its largest block is within 6% of an even share, and only
  * where per_sm (pie__cuda_attention_dec_occupancy(hd, 1)) allows k.
  * force = k >= 1 makes it on k blocks per SM whatever the shape. Returns
@@ -310,6 +309,15 @@ void pie__cuda_silu_mul(uint16_t *out, const uint16_t *gu, int n, int hidden,
  * (PIE_CUDA_NO_PDL=1), 1 gemv.cu, qkv_post and decode attention (default),
  * 2 every layer kernel (PIE_CUDA_PDL_ALL=1). */
 int pie__cuda_pdl(void);
+/* The shared-memory carveout (percent of the SM's unified L1 and shared
+ * memory; -1: the driver's choice) asked for in the environment by a class
+ * of launches (kernels.cu), -2 where not set: PIE_CUDA_CARVE_LAYER the
+ * small layer kernels (launch_pdl_if: RMSNorm, qkv_post, SiLU, the merge,
+ * ...; PIE_CUDA_LAYER_CARVEOUT=p, else the driver's choice),
+ * PIE_CUDA_CARVE_DEC the decode attention (PIE_CUDA_DEC_CARVEOUT=p, else
+ * flash_decode.cu's rule). */
+enum { PIE_CUDA_CARVE_LAYER, PIE_CUDA_CARVE_DEC };
+int pie__cuda_carveout(int what);
 
 /* ---- small-m matmul (gemv.cu) ---- */
 #define PIE_CUDA_GEMV_MAX_M 16

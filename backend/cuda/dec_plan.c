@@ -237,17 +237,20 @@ static int whole_shape_ok(int64_t T, int n_items, int n_sm, int hd,
            T <= max1 * n_items;
 }
 
-/* The shape part of the rule for two blocks an SM (NOTES.md, round 9):
- * items as long as for one block an SM, at head dim 128 or few enough KV
- * blocks in all (at head dim 64 two blocks of 4 warps an SM keep too few
- * bytes in flight for long runs: it won up to about 32 KV blocks a block
- * and lost beyond). With short items (ctx 512) attention alone was faster
- * too, but the decode steps around it were not (8B B=256 ctx 512 lost
- * 1-2%); with long ones they gained (8B B=64 ctx 2048). */
+/* The shape part of the rule for two blocks an SM: at head dim 128 any
+ * items (whole_on then asks for balance); below, items as long as for one
+ * block an SM and few enough KV blocks in all (at head dim 64 two blocks of
+ * 4 warps an SM keep too few bytes in flight for long runs: it won up to
+ * about 32 KV blocks a block and lost beyond; NOTES.md, round 9). Short
+ * items at head dim 128 (ctx 512) were faster alone on this plan from B=32
+ * (B=256: 200 against 208 us) but not in decode steps until its launches
+ * asked for the largest shared-memory configuration (flash_decode.cu's
+ * dec_carveout; round 25). */
 static int whole2_shape_ok(int64_t T, int n_items, int n_sm, int hd)
 {
-    return n_items > 0 && T >= (int64_t)PIE_CUDA_DEC_WHOLE_MIN * n_items &&
-           (hd >= 128 || T <= (int64_t)32 * 2 * n_sm);
+    if (n_items <= 0) return 0;
+    return hd >= 128 || (T >= (int64_t)PIE_CUDA_DEC_WHOLE_MIN * n_items &&
+                         T <= (int64_t)32 * 2 * n_sm);
 }
 
 /* Makes the plan onto nb blocks: 1 if its largest block is within 6% of

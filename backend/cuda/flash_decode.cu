@@ -443,6 +443,26 @@ static void with_dec_build(int per_sm, F f)
     f(std::integral_constant<int, 3>());
 }
 
+/* The carveout a launch of the decode kernel asks for (percent of the SM's
+ * unified L1 and shared memory; -1 the driver's choice). Whole items on two
+ * blocks an SM ask for all of it: their padded blocks (dec_pad_smem(2))
+ * need only a 164 KB configuration, which the driver then took, while the
+ * cuBLASLt matmuls before and after them run in the largest; an SM that
+ * changes configuration must drain first, so the attention's blocks could
+ * not start early under PDL nor the next matmul's. 8B decode steps with
+ * it, alternating in one call (NOTES.md, round 25): B=64 ctx 2048 12.656
+ * -> 12.526 ms; with it this plan also pays for short items (dec_plan.c):
+ * ctx 512 B=32 7.296 -> 7.099, B=64 8.226 -> 8.024 against the cut plan,
+ * B=256 14.761 -> 14.712 (noise). Other plans keep the driver's choice
+ * (the one-an-SM plans share half an SM with gemv.cu's launches, round 20;
+ * the cut plan's three blocks fill the largest configuration anyway).
+ * PIE_CUDA_DEC_CARVEOUT=p asks for p at every launch. */
+static int dec_carveout(int per_sm)
+{
+    int env = pie__cuda_carveout(PIE_CUDA_CARVE_DEC);
+    return env != -2 ? env : per_sm == 2 ? 100 : -1;
+}
+
 extern "C" void pie__cuda_attention_dec(uint16_t *out, float *part_o,
                                         float *part_ml, const float *q,
                                         const pie_cuda_attn_item *pieces,
@@ -459,10 +479,12 @@ extern "C" void pie__cuda_attention_dec(uint16_t *out, float *part_o,
             /* a programmatic dependent (unless PIE_CUDA_NO_PDL): its
              * blocks read the step's metadata while the kernel before
              * finishes */
-            launch_pdl_if(pie__cuda_pdl() >= 1, flash_dec_kernel<HD, OCC, false>,
-                          n_blocks, FA_DEC_THREADS, dec_smem<HD, OCC>(per_sm),
-                          s, out, part_o, part_ml, q, pieces, bstart, *tm, *kv,
-                          layer, nh, page_shift(kv));
+            launch_pdl_carve(pie__cuda_pdl() >= 1,
+                             dec_carveout(per_sm),
+                             flash_dec_kernel<HD, OCC, false>, n_blocks,
+                             FA_DEC_THREADS, dec_smem<HD, OCC>(per_sm), s, out,
+                             part_o, part_ml, q, pieces, bstart, *tm, *kv,
+                             layer, nh, page_shift(kv));
         });
     });
 }
@@ -526,7 +548,8 @@ static size_t dec_cluster_smem(int per_sm)
 }
 
 /* A launch of n_blocks in clusters of C (at[0]), as a programmatic
- * dependent where PDL is on (at[1]), at most per_sm blocks an SM (> 0). */
+ * dependent where PDL is on (at[1]), at most per_sm blocks an SM (> 0),
+ * with PIE_CUDA_DEC_CARVEOUT's carveout where set (the last attribute). */
 template <int HD>
 static cudaLaunchConfig_t dec_cluster_cfg(cudaLaunchAttribute *at, int C,
                                           int n_blocks, int per_sm,
@@ -545,6 +568,11 @@ static cudaLaunchConfig_t dec_cluster_cfg(cudaLaunchAttribute *at, int C,
     cfg.stream = s;
     cfg.attrs = at;
     cfg.numAttrs = pie__cuda_pdl() >= 1 ? 2 : 1;
+    int carve = pie__cuda_carveout(PIE_CUDA_CARVE_DEC);
+    if (carve >= 0) {
+        at[cfg.numAttrs].id = cudaLaunchAttributePreferredSharedMemoryCarveout;
+        at[cfg.numAttrs++].val.sharedMemCarveout = (unsigned)carve;
+    }
     return cfg;
 }
 
@@ -561,7 +589,7 @@ extern "C" int pie__cuda_attention_dec_cluster(uint16_t *out, const float *q,
     with_head_dim(kv->head_dim, [&](auto H) {
         constexpr int HD = decltype(H)::value;
         auto kern = dec_cluster_kernel<HD>(C);
-        cudaLaunchAttribute at[2];
+        cudaLaunchAttribute at[3];
         cudaLaunchConfig_t cfg = dec_cluster_cfg<HD>(at, C, n_blocks, per_sm, s);
         /* (on failure the caller reads the error) */
         if (kern && cudaLaunchKernelEx(&cfg, kern, out, (float *)NULL,
@@ -580,7 +608,7 @@ extern "C" int pie__cuda_attention_dec_cluster_max(int hd, int per_sm)
         constexpr int HD = decltype(H)::value;
         for (int C = 16; C >= 2 && !most; C /= 2) {
             auto kern = dec_cluster_kernel<HD>(C);
-            cudaLaunchAttribute at[2];
+            cudaLaunchAttribute at[3];
             cudaLaunchConfig_t cfg = dec_cluster_cfg<HD>(at, C, C, per_sm, 0);
             int n = 0;
             cfg.numAttrs = 1;           /* residency: the cluster alone */

@@ -101,23 +101,41 @@ __device__ __forceinline__ void pdl_begin(void)
 
 
 /* kernel<<<grid, block, smem, s>>>(args...), as a programmatic dependent
- * of the stream's previous kernel where on (errors surface in
- * cudaGetLastError). */
+ * of the stream's previous kernel where on, asking for a shared-memory
+ * carveout of carve percent of the SM's unified L1 and shared memory
+ * (negative: the driver's choice). Errors surface in cudaGetLastError. */
 template <typename... P, typename... A>
-inline void launch_pdl_if(bool on, void (*kernel)(P...), dim3 grid,
-                          dim3 block, size_t smem, cudaStream_t s, A... args)
+inline void launch_pdl_carve(bool on, int carve, void (*kernel)(P...),
+                             dim3 grid, dim3 block, size_t smem,
+                             cudaStream_t s, A... args)
 {
     cudaLaunchConfig_t cfg = {};
-    cudaLaunchAttribute at[1];
-    at[0].id = cudaLaunchAttributeProgrammaticStreamSerialization;
-    at[0].val.programmaticStreamSerializationAllowed = 1;
+    cudaLaunchAttribute at[2];
+    unsigned na = 0;
+    if (on) {
+        at[na].id = cudaLaunchAttributeProgrammaticStreamSerialization;
+        at[na++].val.programmaticStreamSerializationAllowed = 1;
+    }
+    if (carve >= 0) {
+        at[na].id = cudaLaunchAttributePreferredSharedMemoryCarveout;
+        at[na++].val.sharedMemCarveout = (unsigned)carve;
+    }
     cfg.gridDim = grid;
     cfg.blockDim = block;
     cfg.dynamicSmemBytes = smem;
     cfg.stream = s;
     cfg.attrs = at;
-    cfg.numAttrs = on;
+    cfg.numAttrs = na;
     cudaLaunchKernelEx(&cfg, kernel, args...);
+}
+
+/* The same with the layer kernels' carveout (pie__cuda_carveout). */
+template <typename... P, typename... A>
+inline void launch_pdl_if(bool on, void (*kernel)(P...), dim3 grid,
+                          dim3 block, size_t smem, cudaStream_t s, A... args)
+{
+    launch_pdl_carve(on, pie__cuda_carveout(PIE_CUDA_CARVE_LAYER), kernel,
+                     grid, block, smem, s, args...);
 }
 
 /* ... where PIE_CUDA_PDL_ALL=1 */

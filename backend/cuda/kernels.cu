@@ -11,6 +11,7 @@
 #include <cuda_bf16.h>
 #include <math.h>
 #include <stdint.h>
+#include <stdio.h>
 #include <stdlib.h>
 
 #include "backend/cuda/kernel_util.cuh"
@@ -22,6 +23,33 @@ extern "C" int pie__cuda_pdl(void)
     if (level < 0)
         level = getenv("PIE_CUDA_NO_PDL") ? 0 : getenv("PIE_CUDA_PDL_ALL") ? 2 : 1;
     return level;
+}
+
+/* A carveout from the environment: -1..100; -2 where unset or not -1..100
+ * (with a warning). */
+static int carveout_env(const char *name)
+{
+    const char *e = getenv(name);
+    if (!e) return -2;
+    char *end = NULL;
+    long v = strtol(e, &end, 10);
+    if (end == e || *end || v < -1 || v > 100) {
+        fprintf(stderr, "pie: %s=%s is not -1..100; ignored\n", name, e);
+        return -2;
+    }
+    return (int)v;
+}
+
+extern "C" int pie__cuda_carveout(int what)
+{
+    static int v[2], read;
+    if (!read) {
+        v[PIE_CUDA_CARVE_LAYER] = carveout_env("PIE_CUDA_LAYER_CARVEOUT");
+        v[PIE_CUDA_CARVE_DEC] = carveout_env("PIE_CUDA_DEC_CARVEOUT");
+        read = 1;
+    }
+    return what == PIE_CUDA_CARVE_DEC ? v[PIE_CUDA_CARVE_DEC]
+                                      : v[PIE_CUDA_CARVE_LAYER];
 }
 
 /* ---------------------------------------------------------------- embed */

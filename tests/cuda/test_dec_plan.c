@@ -220,7 +220,9 @@ static void check_pays(void)
         { 256, 2048, 128, 2 },  /* B=32: one item a block, 8 blocks idle */
         { 256, 8192, 128, 2 },
         { 384, 2048, 128, 0 },  /* B=48: 1.45 items a block, unbalanced */
-        { 2048, 512, 128, 0 },  /* B=256 ctx 512: short items */
+        { 2048, 512, 128, 2 },  /* B=256 ctx 512: short items, 7.8 a block */
+        { 512, 512, 128, 2 },   /* B=64 ctx 512 */
+        { 128, 512, 128, 0 },   /* B=16 ctx 512: unbalanced on 264 */
         { 256, 2048, 64, 2 },   /* head dim 64: 31 KV blocks a grid block */
         { 512, 2048, 64, 4 },   /* one item a block on four an SM */
         { 512, 512, 64, 4 },
