@@ -1,6 +1,7 @@
 /*
  * cuda_internal.h — the CUDA backend's state, shared by its C files:
- * cuda_backend.c (creation, metadata, the forward, graphs, page moves),
+ * cuda_backend.c (metadata, the forward, graphs, page moves, destroy),
+ * cuda_setup.c (what create does once: weights, workspace, KV pool),
  * attn_plan.c (the attention work items of a forward) and matmul.c
  * (cuBLASLt plans, their timing, gemv.cu's choice). Not part of any public
  * interface.
@@ -247,6 +248,28 @@ int cuda_gemv_warps_listed(const char *list, int n, int k);
 void cuda_plan_free(mm_plan *p);
 /* Makes and times the plans of every decode-sized m bucket at creation. */
 int cuda_warm_plans(cuda_backend *c);
+
+/* ---- cuda_setup.c: what create does once ---- */
+
+/* Slots one attention split of the one-kernel batch-1 decode (mega.cu)
+ * aims at, and holds at most (its scores live in shared memory). */
+#define MEGA_SPLIT 64
+#define MEGA_SPLIT_MAX 1024
+
+/* 0 if the CUDA kernels support the model's shape, else an error saying
+ * what they lack. */
+int cuda_check_shape(const pie_model_config *g);
+/* The device ordinal o asks for (0 by default), checked against the GPUs
+ * this machine has. */
+int cuda_pick_device(const pie_backend_opts *o, int *dev);
+/* Selects c->device; creates the stream and the cuBLASLt handle; reads
+ * the SM count and L2 size. */
+int cuda_open_device(cuda_backend *c);
+/* Plans, weights, workspace, KV pool and timed matmuls (cuda_setup.c's
+ * header), then waits for the device. On failure what was allocated is in
+ * c->allocs for destroy. */
+int cuda_setup_device(cuda_backend *c, const pie_model *m,
+                      const pie_backend_opts *o);
 
 /* ---- sweep.c: gemv.cu's warps compared as whole decode steps ---- */
 
