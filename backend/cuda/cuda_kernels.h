@@ -315,8 +315,10 @@ int pie__cuda_pdl(void);
  * small layer kernels (launch_pdl_if: RMSNorm, qkv_post, SiLU, the merge,
  * ...; PIE_CUDA_LAYER_CARVEOUT=p, else the driver's choice),
  * PIE_CUDA_CARVE_DEC the decode attention (PIE_CUDA_DEC_CARVEOUT=p, else
- * flash_decode.cu's rule). */
-enum { PIE_CUDA_CARVE_LAYER, PIE_CUDA_CARVE_DEC };
+ * flash_decode.cu's dec_carveout), PIE_CUDA_CARVE_GEMV gemv.cu
+ * (PIE_CUDA_GEMV_CARVEOUT=p, else gemv_carveout's rule). */
+enum { PIE_CUDA_CARVE_LAYER, PIE_CUDA_CARVE_DEC, PIE_CUDA_CARVE_GEMV,
+       PIE_CUDA_CARVE_N };
 int pie__cuda_carveout(int what);
 
 /* ---- small-m matmul (gemv.cu) ---- */

@@ -312,15 +312,8 @@ gemv_kernel(void *y, int y_f32, const uint16_t *W, const uint16_t *x, int n,
  * for p at every launch (-1: the driver's choice). */
 static int gemv_carveout(int m)
 {
-    static int env = -2;
-    if (env == -2) {
-        const char *e = getenv("PIE_CUDA_GEMV_CARVEOUT");
-        char *end = NULL;
-        long v = e ? strtol(e, &end, 10) : -3;
-        /* -3: the rule above, also for a value that is not -1..100 */
-        env = e && (end == e || *end || v < -1 || v > 100) ? -3 : (int)v;
-    }
-    return env != -3 ? env : m <= 4 ? 50 : -1;
+    int env = pie__cuda_carveout(PIE_CUDA_CARVE_GEMV);
+    return env != -2 ? env : m <= 4 ? 50 : -1;
 }
 
 /* pdl: launched as a programmatic dependent of the stream's previous

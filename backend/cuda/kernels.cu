@@ -42,14 +42,16 @@ static int carveout_env(const char *name)
 
 extern "C" int pie__cuda_carveout(int what)
 {
-    static int v[2], read;
+    static const char *const name[PIE_CUDA_CARVE_N] = {
+        "PIE_CUDA_LAYER_CARVEOUT", "PIE_CUDA_DEC_CARVEOUT",
+        "PIE_CUDA_GEMV_CARVEOUT",
+    };
+    static int v[PIE_CUDA_CARVE_N], read;
     if (!read) {
-        v[PIE_CUDA_CARVE_LAYER] = carveout_env("PIE_CUDA_LAYER_CARVEOUT");
-        v[PIE_CUDA_CARVE_DEC] = carveout_env("PIE_CUDA_DEC_CARVEOUT");
+        for (int i = 0; i < PIE_CUDA_CARVE_N; i++) v[i] = carveout_env(name[i]);
         read = 1;
     }
-    return what == PIE_CUDA_CARVE_DEC ? v[PIE_CUDA_CARVE_DEC]
-                                      : v[PIE_CUDA_CARVE_LAYER];
+    return what >= 0 && what < PIE_CUDA_CARVE_N ? v[what] : -2;
 }
 
 /* ---------------------------------------------------------------- embed */
