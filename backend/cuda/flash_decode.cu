@@ -451,9 +451,10 @@ static void with_dec_build(int per_sm, F f)
  * changes configuration must drain first, so the attention's blocks could
  * not start early under PDL nor the next matmul's. 8B decode steps with
  * it, alternating in one call (NOTES.md, round 25): B=64 ctx 2048 12.656
- * -> 12.526 ms; with it this plan also pays for short items (dec_plan.c):
- * ctx 512 B=32 7.296 -> 7.099, B=64 8.226 -> 8.024 against the cut plan,
- * B=256 14.761 -> 14.712 (noise). Other plans keep the driver's choice
+ * -> 12.526 ms (not repeated on another H100: a tie); with it this plan
+ * also pays for short items (dec_plan.c): ctx 512 B=32 7.296 -> 7.099,
+ * B=64 8.226 -> 8.024 against the cut plan, B=256 14.761 -> 14.712
+ * (noise). Other plans keep the driver's choice
  * (the one-an-SM plans share half an SM with gemv.cu's launches, round 20;
  * the cut plan's three blocks fill the largest configuration anyway).
  * PIE_CUDA_DEC_CARVEOUT=p asks for p at every launch. */
