@@ -70,23 +70,37 @@ static __device__ __forceinline__ bool attn_allowed(const pie_cuda_tokmeta &tm,
     return (tm.mask_bits[mo + j / 32] >> (j % 32)) & 1u;
 }
 
-__global__ void __launch_bounds__(ATT_THREADS, 4)
-attention_kernel(uint16_t *out, float *part_o, float *part_ml, const float *q,
-                 const pie_cuda_attn_item *items, pie_cuda_tokmeta tm,
-                 pie_cuda_kv kv, int layer, int nh, int cs)
+/* One work item's shape and this thread's place in it, for the passes. */
+struct att_geo {
+    pie_cuda_attn_item it;
+    int hd, ps, G, R, cs;   /* head dim, page size, heads a kv head, rows, */
+                            /* score stride */
+    int LG, NG, gi, li;     /* lanes a group, groups, this thread's group */
+                            /* and lane in it */
+    const int *pages;       /* the item's page ids (shared memory), by page */
+    int64_t pe, k_src, voff;  /* page elems, K of this layer and kv head, */
+                              /* V's offset from K */
+};
+
+/* Q of the item's R rows, scaled, into qs (RMAX x hd, zero rows past R),
+ * and its page ids into pg; returns the geometry. */
+static __device__ __forceinline__ att_geo att_stage(
+    float *qs, int *pg, const float *q, const pie_cuda_attn_item &it,
+    const pie_cuda_tokmeta &tm, const pie_cuda_kv &kv, int layer, int nh,
+    int cs)
 {
-    pdl_begin();
-    // out (n, nh*hd) bf16, q (n, nh*hd) f32
-    extern __shared__ float smem[];
-    pie_cuda_attn_item it = items[blockIdx.x];
-    int hd = kv.head_dim, nkv = kv.n_kv, ps = kv.page_size;
-    int G = nh / nkv, R = it.nt * G, n = it.s1 - it.s0;
-    int LG = hd / 8, NG = ATT_THREADS / LG;
-    int gi = threadIdx.x / LG, li = threadIdx.x % LG;
-    float *qs = smem, *sc = qs + RMAX * hd, *os = sc + RMAX * cs;
-    float *ml = os + (ATT_THREADS / WARP + 1) * RMAX * hd;
-    /* the item's page ids, so the slot loops read them from shared memory */
-    int *pg = (int *)(ml + 2 * RMAX);
+    att_geo a;
+    a.it = it;
+    a.hd = kv.head_dim;
+    a.ps = kv.page_size;
+    a.G = nh / kv.n_kv;
+    a.R = it.nt * a.G;
+    a.cs = cs;
+    a.LG = a.hd / 8;
+    a.NG = ATT_THREADS / a.LG;
+    a.gi = threadIdx.x / a.LG;
+    a.li = threadIdx.x % a.LG;
+    int hd = a.hd, G = a.G, R = a.R, ps = a.ps;
     int p0 = it.s0 / ps, np_ = it.s1 > it.s0 ? (it.s1 - 1) / ps - p0 + 1 : 0;
     float scale = rsqrtf((float)hd);
     for (int k = threadIdx.x; k < RMAX * hd; k += ATT_THREADS) {
@@ -102,47 +116,64 @@ attention_kernel(uint16_t *out, float *part_o, float *part_ml, const float *q,
     const int32_t *pages_g = tm.pages + tm.kv_indptr[it.req];
     for (int k = threadIdx.x; k < np_; k += ATT_THREADS) pg[k] = pages_g[p0 + k];
     __syncthreads();
-    const int *pages = pg - p0;
-    int64_t page_elems = pie_cuda_kv_page_elems(&kv);
-    int64_t lay = pie_cuda_kv_k_off(&kv, layer, it.kvh);
-    int64_t voff = pie_cuda_kv_voff(&kv);
-    /* pass 1: U slots per group in flight */
-    for (int base = it.s0; base < it.s1; base += NG * U) {
+    a.pages = pg - p0;
+    a.pe = pie_cuda_kv_page_elems(&kv);
+    a.k_src = pie_cuda_kv_k_off(&kv, layer, it.kvh);
+    a.voff = pie_cuda_kv_voff(&kv);
+    return a;
+}
+
+/* Pass 1: every row's scores into sc (RMAX x cs; masked slots -inf), U
+ * slots per group in flight. */
+static __device__ __forceinline__ void att_scores(float *sc, const float *qs,
+                                                  const att_geo &a,
+                                                  const pie_cuda_tokmeta &tm,
+                                                  const uint16_t *pool)
+{
+    const pie_cuda_attn_item &it = a.it;
+    for (int base = it.s0; base < it.s1; base += a.NG * U) {
         float kf[U][8];
-        load_slots(kf, kv.pool + lay + li * 8, pages, page_elems, ps, hd,
-                   base + gi, NG, it.s1);
+        load_slots(kf, pool + a.k_src + a.li * 8, a.pages, a.pe, a.ps, a.hd,
+                   base + a.gi, a.NG, it.s1);
 #pragma unroll
         for (int r = 0; r < RMAX; r++) {
-            if (r >= R) break;
+            if (r >= a.R) break;
             float qr[8];
 #pragma unroll
-            for (int e = 0; e < 8; e++) qr[e] = qs[r * hd + li * 8 + e];
-            int t = it.t0 + r / G;
+            for (int e = 0; e < 8; e++) qr[e] = qs[r * a.hd + a.li * 8 + e];
+            int t = it.t0 + r / a.G;
 #pragma unroll
             for (int u = 0; u < U; u++) {
                 float d = 0.0f;
 #pragma unroll
                 for (int e = 0; e < 8; e++) d += qr[e] * kf[u][e];
-                for (int o = LG / 2; o > 0; o >>= 1)
+                for (int o = a.LG / 2; o > 0; o >>= 1)
                     d += __shfl_xor_sync(0xffffffffu, d, o);
-                int j = base + u * NG + gi;
-                if (j < it.s1 && li == 0)
-                    sc[r * cs + (j - it.s0)] = attn_allowed(tm, t, j) ? d : -INFINITY;
+                int j = base + u * a.NG + a.gi;
+                if (j < it.s1 && a.li == 0)
+                    sc[r * a.cs + (j - it.s0)] = attn_allowed(tm, t, j) ? d : -INFINITY;
             }
         }
     }
     __syncthreads();
-    /* pass 2 */
+}
+
+/* Pass 2: a warp a row: its max and mass into ml, its scores become
+ * exp(s - max). */
+static __device__ __forceinline__ void att_softmax(float *sc, float *ml,
+                                                   const att_geo &a)
+{
     int lane = threadIdx.x % WARP, w = threadIdx.x / WARP;
-    for (int r = w; r < R; r += ATT_THREADS / WARP) {
+    int n = a.it.s1 - a.it.s0;
+    for (int r = w; r < a.R; r += ATT_THREADS / WARP) {
         float m = -INFINITY;
-        for (int j = lane; j < n; j += WARP) m = fmaxf(m, sc[r * cs + j]);
+        for (int j = lane; j < n; j += WARP) m = fmaxf(m, sc[r * a.cs + j]);
         m = warp_max(m);
         float l = 0.0f;
         for (int j = lane; j < n; j += WARP) {
-            float v = sc[r * cs + j];
+            float v = sc[r * a.cs + j];
             float p = (v == -INFINITY) ? 0.0f : __expf(v - m);
-            sc[r * cs + j] = p;
+            sc[r * a.cs + j] = p;
             l += p;
         }
         l = warp_sum(l);
@@ -152,61 +183,86 @@ attention_kernel(uint16_t *out, float *part_o, float *part_ml, const float *q,
         }
     }
     __syncthreads();
-    /* pass 3 */
-    float acc[RMAX][8];
+}
+
+/* Pass 3: this group's share of P V for every row, in acc. */
+static __device__ __forceinline__ void att_pv(float (*acc)[8], const float *sc,
+                                              const att_geo &a,
+                                              const uint16_t *pool)
+{
+    const pie_cuda_attn_item &it = a.it;
 #pragma unroll
     for (int r = 0; r < RMAX; r++)
 #pragma unroll
         for (int e = 0; e < 8; e++) acc[r][e] = 0.0f;
-    for (int base = it.s0 + gi; base < it.s1; base += NG * U) {
+    for (int base = it.s0 + a.gi; base < it.s1; base += a.NG * U) {
         float vf[U][8];
-        load_slots(vf, kv.pool + lay + voff + li * 8, pages, page_elems, ps,
-                   hd, base, NG, it.s1);
+        load_slots(vf, pool + a.k_src + a.voff + a.li * 8, a.pages, a.pe,
+                   a.ps, a.hd, base, a.NG, it.s1);
 #pragma unroll
         for (int u = 0; u < U; u++) {
-            int j = base + u * NG;
+            int j = base + u * a.NG;
             if (j >= it.s1) break;
 #pragma unroll
             for (int r = 0; r < RMAX; r++) {
-                if (r < R) {
-                    float p = sc[r * cs + (j - it.s0)];
+                if (r < a.R) {
+                    float p = sc[r * a.cs + (j - it.s0)];
 #pragma unroll
                     for (int e = 0; e < 8; e++) acc[r][e] += p * vf[u][e];
                 }
             }
         }
     }
-    /* reduce across the groups of a warp with shuffles, then across the
-     * 4 warps through shared memory (no atomics: they serialize) */
+}
+
+/* The groups' acc summed: across the groups of a warp with shuffles, then
+ * across the 4 warps through os (no atomics: they serialize). Returns
+ * where the sums lie (R x hd floats). */
+static __device__ __forceinline__ float *att_reduce(float *os,
+                                                    float (*acc)[8],
+                                                    const att_geo &a)
+{
+    int lane = threadIdx.x % WARP, w = threadIdx.x / WARP, hd = a.hd;
 #pragma unroll
     for (int r = 0; r < RMAX; r++) {
-        if (r >= R) break;
+        if (r >= a.R) break;
 #pragma unroll
         for (int e = 0; e < 8; e++) {
             float v = acc[r][e];
-            for (int o = LG; o < WARP; o <<= 1)
+            for (int o = a.LG; o < WARP; o <<= 1)
                 v += __shfl_xor_sync(0xffffffffu, v, o);
             acc[r][e] = v;
         }
-        if (lane < LG)
+        if (lane < a.LG)
 #pragma unroll
             for (int e = 0; e < 8; e++)
-                os[(w * RMAX + r) * hd + li * 8 + e] = acc[r][e];
+                os[(w * RMAX + r) * hd + a.li * 8 + e] = acc[r][e];
     }
     __syncthreads();
-    for (int k = threadIdx.x; k < R * hd; k += ATT_THREADS) {
+    for (int k = threadIdx.x; k < a.R * hd; k += ATT_THREADS) {
         float v = 0.0f;
 #pragma unroll
         for (int ww = 0; ww < ATT_THREADS / WARP; ww++) v += os[ww * RMAX * hd + k];
         os[k + (ATT_THREADS / WARP) * RMAX * hd] = v;
     }
     __syncthreads();
-    os += (ATT_THREADS / WARP) * RMAX * hd;
-    for (int k = threadIdx.x; k < R * hd; k += ATT_THREADS) {
+    return os + (ATT_THREADS / WARP) * RMAX * hd;
+}
+
+/* The rows out: normalized as bf16, or for a split item its partials (O,
+ * max and mass) for attn_merge_kernel. */
+static __device__ __forceinline__ void att_store(uint16_t *out, float *part_o,
+                                                 float *part_ml, const float *os,
+                                                 const float *ml,
+                                                 const att_geo &a, int nh)
+{
+    const pie_cuda_attn_item &it = a.it;
+    int hd = a.hd;
+    for (int k = threadIdx.x; k < a.R * hd; k += ATT_THREADS) {
         int r = k / hd, d = k % hd;
         float l = ml[2 * r + 1];
         if (it.part < 0) {
-            int t = it.t0 + r / G, h = it.kvh * G + r % G;
+            int t = it.t0 + r / a.G, h = it.kvh * a.G + r % a.G;
             out[(int64_t)t * nh * hd + h * hd + d] = f2bf(l > 0.0f ? os[k] / l : 0.0f);
         } else {
             part_o[(int64_t)(it.part + r) * hd + d] = os[k];
@@ -216,6 +272,28 @@ attention_kernel(uint16_t *out, float *part_o, float *part_ml, const float *q,
             }
         }
     }
+}
+
+__global__ void __launch_bounds__(ATT_THREADS, 4)
+attention_kernel(uint16_t *out, float *part_o, float *part_ml, const float *q,
+                 const pie_cuda_attn_item *items, pie_cuda_tokmeta tm,
+                 pie_cuda_kv kv, int layer, int nh, int cs)
+{
+    pdl_begin();
+    // out (n, nh*hd) bf16, q (n, nh*hd) f32
+    extern __shared__ float smem[];
+    int hd = kv.head_dim;
+    float *qs = smem, *sc = qs + RMAX * hd, *os = sc + RMAX * cs;
+    float *ml = os + (ATT_THREADS / WARP + 1) * RMAX * hd;
+    /* the item's page ids, so the slot loops read them from shared memory */
+    int *pg = (int *)(ml + 2 * RMAX);
+    att_geo a = att_stage(qs, pg, q, items[blockIdx.x], tm, kv, layer, nh, cs);
+    att_scores(sc, qs, a, tm, kv.pool);
+    att_softmax(sc, ml, a);
+    float acc[RMAX][8];
+    att_pv(acc, sc, a, kv.pool);
+    os = att_reduce(os, acc, a);
+    att_store(out, part_o, part_ml, os, ml, a, nh);
 }
 
 static size_t attn_smem(int hd, int cs)
