@@ -59,6 +59,9 @@
 #           (PIE_CUDA_STEPS=1) at four shapes
 #   envab   a setting (ENVAB="VAR=value ...") against the default in this
 #           build, alternating (ENVAB_CFGS="model B ctx steps,...")
+#   envsets several settings in this build (ENVSETS="VAR=v VAR2=w;VAR=u;-",
+#           "-" the default; a setting RUN=path runs another bundle's run),
+#           each rep in another order (ENVAB_CFGS, ENVAB_REPS as for envab)
 #   ncugemv ncu of gemv.cu's decode matmuls (8B and 1B batch 1)
 #   gemvsweep gemv.cu's warps compared as whole decode steps in one process
 #           (PIE_CUDA_GEMV_SWEEP, sweep.c): at 1B batch 1 and 4 and 8B batch
@@ -210,7 +213,8 @@ for phase in "$@"; do
         for i in $(seq "${ENVAB_REPS:-2}"); do
             for cfg in "${cfgs[@]}"; do
                 for j in $(seq 0 $((n - 1))); do
-                    k=$(( (j + i - 1) % n )); [ $((i % 2)) = 0 ] && k=$(( n - 1 - k ))
+                    r=$(( (i - 1) / 2 )); k=$(( (j + r) % n ))
+                    [ $((i % 2)) = 0 ] && k=$(( (n - 1 - j + r) % n ))
                     read -ra envs <<< "${sets[$k]}"
                     [ "${envs[0]:-}" = - ] && envs=()
                     ( [ ${#envs[@]} -gt 0 ] && export "${envs[@]}"

@@ -199,8 +199,9 @@ int64_t pie_cuda_dec_plan(const pie_cuda_attn_item *items, int n_items, int G,
  *     pie_cuda_dec_calibrate measured), head dim >= 128;
  *   - 4 n_sm blocks: head dim below 128 (where 4 blocks are resident),
  *     at most 40 KV blocks a grid block on average;
- *   - 2 n_sm blocks: head dim >= 128, or at least PIE_CUDA_DEC_WHOLE_MIN
- *     KV blocks an item and at most 32 a grid block on average;
+ *   - 2 n_sm blocks: at head dim >= 128 at least PIE_CUDA_DEC_WHOLE2_MIN
+ *     KV blocks an item on average; below, at least PIE_CUDA_DEC_WHOLE_MIN
+ *     and at most 32 a grid block;
  * each only if its largest block is within 6% of an even share, and only
  * where per_sm (pie__cuda_attention_dec_occupancy(hd, 1)) allows k.
  * force = k >= 1 makes it on k blocks per SM whatever the shape. Returns
@@ -210,6 +211,7 @@ int64_t pie_cuda_dec_plan(const pie_cuda_attn_item *items, int n_items, int G,
  * the bench alike: -1 never (=0), 0 by the rule (unset), k = 1..8 forced
  * onto k blocks per SM. */
 #define PIE_CUDA_DEC_WHOLE_MIN 24
+#define PIE_CUDA_DEC_WHOLE2_MIN 8
 #define PIE_CUDA_DEC_WHOLE_MAX 64
 int64_t pie_cuda_dec_plan_whole(const pie_cuda_attn_item *items, int n_items,
                                 int n_blocks, pie_cuda_attn_item *pieces,
@@ -311,9 +313,11 @@ void pie__cuda_silu_mul(uint16_t *out, const uint16_t *gu, int n, int hidden,
 int pie__cuda_pdl(void);
 /* The shared-memory carveout (percent of the SM's unified L1 and shared
  * memory; -1: the driver's choice) asked for in the environment by a class
- * of launches (kernels.cu), -2 where not set: PIE_CUDA_CARVE_LAYER the
- * small layer kernels (launch_pdl_if: RMSNorm, qkv_post, SiLU, the merge,
- * ...; PIE_CUDA_LAYER_CARVEOUT=p, else the driver's choice),
+ * of launches (kernels.cu), -2 where not set or not -1..100 (with a
+ * warning): PIE_CUDA_CARVE_LAYER the kernels launched through
+ * launch_pdl_if / launch_pdl (RMSNorm, qkv_post, SiLU, the merge, the
+ * prefill and CUDA-core attention; PIE_CUDA_LAYER_CARVEOUT=p, else the
+ * driver's choice),
  * PIE_CUDA_CARVE_DEC the decode attention (PIE_CUDA_DEC_CARVEOUT=p, else
  * flash_decode.cu's dec_carveout), PIE_CUDA_CARVE_GEMV gemv.cu
  * (PIE_CUDA_GEMV_CARVEOUT=p, else gemv_carveout's rule). */

@@ -237,20 +237,23 @@ static int whole_shape_ok(int64_t T, int n_items, int n_sm, int hd,
            T <= max1 * n_items;
 }
 
-/* The shape part of the rule for two blocks an SM: at head dim 128 any
- * items (whole_on then asks for balance); below, items as long as for one
- * block an SM and few enough KV blocks in all (at head dim 64 two blocks of
- * 4 warps an SM keep too few bytes in flight for long runs: it won up to
- * about 32 KV blocks a block and lost beyond; NOTES.md, round 9). Short
- * items at head dim 128 (ctx 512) were faster alone on this plan from B=32
- * (B=256: 200 against 208 us) but not in decode steps until its launches
- * asked for the largest shared-memory configuration (flash_decode.cu's
- * dec_carveout; round 25). */
+/* The shape part of the rule for two blocks an SM: at head dim 128 or
+ * more, items of PIE_CUDA_DEC_WHOLE2_MIN KV blocks or more on average
+ * (whole_on then asks for balance); below, items as long as for one block
+ * an SM and few enough KV blocks in all (at head dim 64 two blocks of 4
+ * warps an SM keep too few bytes in flight for long runs: it won up to
+ * about 32 KV blocks a block and lost beyond; NOTES.md, round 9). Items of
+ * ctx 512 at head dim 128 were faster alone on this plan from B=32 (B=256:
+ * 200 against 208 us) but not in decode steps until its launches asked
+ * for the largest shared-memory configuration (flash_decode.cu's
+ * dec_carveout; round 25: B=32 and 64 gained, B=256 tied); shorter items
+ * were not measured, so they keep the other plans. */
 static int whole2_shape_ok(int64_t T, int n_items, int n_sm, int hd)
 {
     if (n_items <= 0) return 0;
-    return hd >= 128 || (T >= (int64_t)PIE_CUDA_DEC_WHOLE_MIN * n_items &&
-                         T <= (int64_t)32 * 2 * n_sm);
+    if (hd >= 128) return T >= (int64_t)PIE_CUDA_DEC_WHOLE2_MIN * n_items;
+    return T >= (int64_t)PIE_CUDA_DEC_WHOLE_MIN * n_items &&
+           T <= (int64_t)32 * 2 * n_sm;
 }
 
 /* Makes the plan onto nb blocks: 1 if its largest block is within 6% of

@@ -550,7 +550,9 @@ static size_t dec_cluster_smem(int per_sm)
 
 /* A launch of n_blocks in clusters of C (at[0]), as a programmatic
  * dependent where PDL is on (at[1]), at most per_sm blocks an SM (> 0),
- * with PIE_CUDA_DEC_CARVEOUT's carveout where set (the last attribute). */
+ * with PIE_CUDA_DEC_CARVEOUT's carveout where set (the last attribute);
+ * at holds DEC_CLUSTER_ATTRS. */
+#define DEC_CLUSTER_ATTRS 3
 template <int HD>
 static cudaLaunchConfig_t dec_cluster_cfg(cudaLaunchAttribute *at, int C,
                                           int n_blocks, int per_sm,
@@ -590,7 +592,7 @@ extern "C" int pie__cuda_attention_dec_cluster(uint16_t *out, const float *q,
     with_head_dim(kv->head_dim, [&](auto H) {
         constexpr int HD = decltype(H)::value;
         auto kern = dec_cluster_kernel<HD>(C);
-        cudaLaunchAttribute at[3];
+        cudaLaunchAttribute at[DEC_CLUSTER_ATTRS];
         cudaLaunchConfig_t cfg = dec_cluster_cfg<HD>(at, C, n_blocks, per_sm, s);
         /* (on failure the caller reads the error) */
         if (kern && cudaLaunchKernelEx(&cfg, kern, out, (float *)NULL,
@@ -609,7 +611,7 @@ extern "C" int pie__cuda_attention_dec_cluster_max(int hd, int per_sm)
         constexpr int HD = decltype(H)::value;
         for (int C = 16; C >= 2 && !most; C /= 2) {
             auto kern = dec_cluster_kernel<HD>(C);
-            cudaLaunchAttribute at[3];
+            cudaLaunchAttribute at[DEC_CLUSTER_ATTRS];
             cudaLaunchConfig_t cfg = dec_cluster_cfg<HD>(at, C, C, per_sm, 0);
             int n = 0;
             cfg.numAttrs = 1;           /* residency: the cluster alone */

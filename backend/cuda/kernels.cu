@@ -46,12 +46,12 @@ extern "C" int pie__cuda_carveout(int what)
         "PIE_CUDA_LAYER_CARVEOUT", "PIE_CUDA_DEC_CARVEOUT",
         "PIE_CUDA_GEMV_CARVEOUT",
     };
-    static int v[PIE_CUDA_CARVE_N], read;
-    if (!read) {
-        for (int i = 0; i < PIE_CUDA_CARVE_N; i++) v[i] = carveout_env(name[i]);
-        read = 1;
-    }
-    return what >= 0 && what < PIE_CUDA_CARVE_N ? v[what] : -2;
+    /* -3: not read yet; each entry is its own flag, so threads racing
+     * here at most read the same variable twice */
+    static int v[PIE_CUDA_CARVE_N] = { -3, -3, -3 };
+    if (what < 0 || what >= PIE_CUDA_CARVE_N) return -2;
+    if (v[what] == -3) v[what] = carveout_env(name[what]);
+    return v[what];
 }
 
 /* ---------------------------------------------------------------- embed */

@@ -210,7 +210,7 @@ static void check_pays(void)
     struct { int n, len, hd, pays, lifted; } c[] = {
         { 128, 2048, 128, 1 },  /* B=16, ctx 2048: 32 KV blocks, 128 of 132 */
         { 128, 1536, 128, 1 },
-        { 128, 1024, 128, 0 },  /* short items */
+        { 128, 1024, 128, 0 },  /* short for one an SM; unbalanced on 264 */
         { 128, 4096, 128, 1 },
         { 128, 8192, 128, 0 },  /* long ones (lost on some H100s) */
         { 128, 8192, 128, 1, 1 },       /* ... where calibrated to win */
@@ -222,6 +222,7 @@ static void check_pays(void)
         { 384, 2048, 128, 0 },  /* B=48: 1.45 items a block, unbalanced */
         { 2048, 512, 128, 2 },  /* B=256 ctx 512: short items, 7.8 a block */
         { 512, 512, 128, 2 },   /* B=64 ctx 512 */
+        { 2048, 256, 128, 0 },  /* ctx 256: shorter than measured */
         { 128, 512, 128, 0 },   /* B=16 ctx 512: unbalanced on 264 */
         { 256, 2048, 64, 2 },   /* head dim 64: 31 KV blocks a grid block */
         { 512, 2048, 64, 4 },   /* one item a block on four an SM */
