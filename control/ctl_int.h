@@ -30,8 +30,8 @@
  * or sweeps its DONE dependents out as the array fills: add_dep in ctl.c),
  * each later writer of one of its pages that was wired while it was the
  * page's last_writer (ctl_write.prev, until that writer is finished), and
- * the notify list until its callback ran. Freed when the count hits
- * zero.
+ * the notify list until its callback ran and its waiters were woken.
+ * Freed when the count hits zero.
  */
 #ifndef PIE_CTL_INT_H
 #define PIE_CTL_INT_H
@@ -102,6 +102,8 @@ struct ctl_op {
     void           *user;
     pthread_cond_t  cv;              /* signalled at DONE if n_waiters > 0  */
     int32_t         n_waiters;       /* threads in pie_ctl_future_wait      */
+    bool            wake;            /* on the notify list for its waiters:
+                                        cv broadcast by pie__unlock         */
     /* forward (copied from pie_ctl_forward; pages are physical) */
     int32_t         n_tokens;
     int32_t        *tokens;          /* (n_tokens)                          */
@@ -280,7 +282,9 @@ struct pie_ctl {
     ctl_op          *ready[CTL_N_PRIO], *ready_tail[CTL_N_PRIO];
     int32_t          n_ready;
     uint64_t         seq;
-    ctl_op          *notify;      /* completed ops awaiting callbacks       */
+    ctl_op          *notify;      /* completed ops awaiting callbacks (or,
+                                     from batch_complete, their waiters'
+                                     wake-up)                              */
     ctl_op          *dev_notify;  /* the same, queued by the device thread:
                                      the scheduler thread runs them         */
     int32_t          idle_waiters;/* threads in pie__wait_idle: nothing is
@@ -290,6 +294,9 @@ struct pie_ctl {
     ctl_batch       *staging, *running, *finished;
     ctl_batch       *launch;      /* handed to the device thread, not taken */
     double           ovh_ns;      /* control time since the last launch     */
+    bool             defer_wakes; /* batch_complete: waiters of the ops it
+                                     completes are woken by pie__unlock,
+                                     after the next launch (op_finish)     */
     pie_ctl_stats    st;
     uint64_t         load_compares; /* pages export loads compared byte by
                                      byte with another (a test hook)       */

@@ -17,7 +17,7 @@ typedef struct fake {
     uint64_t        *kv;        /* (n_pages * page_size)                   */
     atomic_int       delay_us;
     atomic_int       started;       /* forward calls begun                */
-    int32_t          fail_copies;   /* the next this many copies fail     */
+    atomic_int       fail_copies;   /* the next this many copies fail     */
     atomic_int       fail_forwards; /* the next this many forwards fail   */
     atomic_int       limit;         /* forwards over this many tokens fail
                                        (0: none)                          */
@@ -251,8 +251,8 @@ static int fake_copy(pie_backend *b, int32_t src, int32_t src_off, int32_t dst,
         return pie_err_set(PIE_ERANGE, "fake: bad copy");
     int rc = lost_call(f, "copy");
     if (rc < 0) return rc;
-    if (f->fail_copies > 0) {
-        f->fail_copies--;
+    if (atomic_load(&f->fail_copies) > 0) {
+        atomic_fetch_sub(&f->fail_copies, 1);
         return pie_err_set(PIE_EIO, "fake: copy failed (on demand)");
     }
     memmove(f->kv + (size_t)dst * ps + dst_off, f->kv + (size_t)src * ps + src_off,
@@ -338,7 +338,10 @@ int32_t fake_backend_started(pie_backend *b)
 {
     return atomic_load(&((fake *)b)->started);
 }
-void fake_backend_fail_copies(pie_backend *b, int32_t n) { ((fake *)b)->fail_copies = n; }
+void fake_backend_fail_copies(pie_backend *b, int32_t n)
+{
+    atomic_store(&((fake *)b)->fail_copies, n);
+}
 void fake_backend_fail_forwards(pie_backend *b, int32_t n)
 {
     atomic_store(&((fake *)b)->fail_forwards, n);
