@@ -100,7 +100,9 @@ struct ctl_op {
     ctl_op         *nnext;           /* notify list                         */
     pie_ctl_done_fn done;
     void           *user;
-    pthread_cond_t  cv;              /* signalled at DONE if n_waiters > 0  */
+    pthread_cond_t  cv;              /* signalled at DONE if n_waiters > 0,
+                                        or for an op a finished batch
+                                        completes by pie__unlock (wake)    */
     int32_t         n_waiters;       /* threads in pie_ctl_future_wait      */
     bool            wake;            /* on the notify list for its waiters:
                                         cv broadcast by pie__unlock         */

@@ -1005,8 +1005,8 @@ static bool turn_over(pie_ctl *ctl)
     return true;
 }
 
-/* Moves the callbacks the device thread queued to dev_notify, whose
- * callbacks only the scheduler thread runs (ctl->notify is emptied by
+/* Moves the callbacks and wake-ups the device thread queued to
+ * dev_notify, which only the scheduler thread runs (ctl->notify is emptied by
  * whichever thread calls pie__unlock next; callbacks run on the scheduler
  * thread or on the thread that cancelled the op). Keeps completion order:
  * both lists are newest first. */
