@@ -371,9 +371,9 @@ uint64_t pie_ctl_forward_bytes(pie_ctl *ctl, const pie_ctl_forward *f);
 int  pie_ctl_future_poll(pie_ctl_future *f);
 /* Blocks up to timeout_ms (<0 forever) for completion; returns as poll. For
  * native callers: never call from a runtime fiber or the scheduler thread.
- * A forward that a fire completes wakes its waiters from the scheduler
- * thread, after the next fire's launch and the completion callbacks queued
- * before it (so a callback that blocks delays this too). */
+ * Waiters are woken where callbacks run (the scheduler thread, after the
+ * next fire's launch, for a forward a fire completes), after the callbacks
+ * queued before them (so a callback that blocks delays this too). */
 int  pie_ctl_future_wait(pie_ctl_future *f, int32_t timeout_ms);
 /* Cancels a pending forward and every pending forward chained from it;
  * their page fills are rolled back. No effect on a completed one. */

@@ -100,12 +100,9 @@ struct ctl_op {
     ctl_op         *nnext;           /* notify list                         */
     pie_ctl_done_fn done;
     void           *user;
-    pthread_cond_t  cv;              /* signalled at DONE if n_waiters > 0,
-                                        or for an op a finished batch
-                                        completes by pie__unlock (wake)    */
+    pthread_cond_t  cv;              /* broadcast by pie__unlock after DONE
+                                        (on the notify list if n_waiters)  */
     int32_t         n_waiters;       /* threads in pie_ctl_future_wait      */
-    bool            wake;            /* on the notify list for its waiters:
-                                        cv broadcast by pie__unlock         */
     /* forward (copied from pie_ctl_forward; pages are physical) */
     int32_t         n_tokens;
     int32_t        *tokens;          /* (n_tokens)                          */
@@ -284,9 +281,8 @@ struct pie_ctl {
     ctl_op          *ready[CTL_N_PRIO], *ready_tail[CTL_N_PRIO];
     int32_t          n_ready;
     uint64_t         seq;
-    ctl_op          *notify;      /* completed ops awaiting callbacks (or,
-                                     from batch_complete, their waiters'
-                                     wake-up)                              */
+    ctl_op          *notify;      /* completed ops awaiting callbacks or
+                                     their waiters' wake-up                */
     ctl_op          *dev_notify;  /* the same, queued by the device thread:
                                      the scheduler thread runs them         */
     int32_t          idle_waiters;/* threads in pie__wait_idle: nothing is
@@ -296,9 +292,6 @@ struct pie_ctl {
     ctl_batch       *staging, *running, *finished;
     ctl_batch       *launch;      /* handed to the device thread, not taken */
     double           ovh_ns;      /* control time since the last launch     */
-    bool             defer_wakes; /* batch_complete: waiters of the ops it
-                                     completes are woken by pie__unlock,
-                                     after the next launch (op_finish)     */
     pie_ctl_stats    st;
     uint64_t         load_compares; /* pages export loads compared byte by
                                      byte with another (a test hook)       */

@@ -9,11 +9,11 @@
  * ready), tops up staging with everything now ready and launches it at
  * once (turn_over); the scheduler thread then runs the completion
  * callbacks (dev_notify), which wake inferlets and threads, and wakes the
- * threads blocked in pie_ctl_future_wait on those ops (ctl->defer_wakes:
- * woken by the device thread, 60 waiters of a fire of 64 had cost about
- * 330 us of turn_over on a 2-core host and 85-97 us after; bench_control
- * gap, the native loop's host time a token beyond its 1 ms fire, went
- * from 400-500 to 85-97 us). A thread that
+ * threads blocked in pie_ctl_future_wait on those ops (op_finish queues
+ * both on the notify list; woken by the device thread instead, 60 waiters
+ * of a fire of 64 had cost about 330 us of turn_over on a 2-core host and
+ * 52-72 us after; bench_control gap, the native loop's host time a token
+ * beyond its 1 ms fire, went from 360-430 to 87-118 us). A thread that
  * needs the device idle (pie__wait_idle: swaps, export files) counts
  * itself in idle_waiters, and nothing is launched until it has had the
  * device: otherwise a chained step, ready whenever a batch ends, would
@@ -106,10 +106,7 @@ void pie__unlock(pie_ctl *ctl)
     while (rev) {
         ctl_op *n = rev->nnext;
         if (rev->done) rev->done(rev->user, (pie_ctl_future *)rev, rev->status);
-        if (rev->wake) {        /* (set under mu before the list was taken) */
-            rev->wake = false;
-            pthread_cond_broadcast(&rev->cv);
-        }
+        pthread_cond_broadcast(&rev->cv);   /* (no waiters: no system call) */
         pie__op_unref(rev);
         rev = n;
     }
@@ -311,16 +308,14 @@ static void op_finish(pie_ctl *ctl, ctl_op *op, int status)
             op->chains[i].from = NULL;
         }
     op_shed(op, status);
-    /* waiters of ops a finished batch completes are woken after the next
-     * launch, off the device's critical path (ctl->defer_wakes) */
-    bool wake = op->n_waiters > 0 && ctl->defer_wakes;
-    if (op->done || wake) {
+    /* callback and waiters alike go through the notify list: pie__unlock
+     * runs the one and wakes the others, so that a fire's completions wake
+     * no thread on the device's critical path (sched.c's header) */
+    if (op->done || op->n_waiters > 0) {
         atomic_fetch_add(&op->refs, 1);
-        op->wake = wake;
         op->nnext = ctl->notify;
         ctl->notify = op;
     }
-    if (op->n_waiters > 0 && !wake) pthread_cond_broadcast(&op->cv);
     pie__op_unref(op);
 }
 
@@ -949,9 +944,7 @@ static void batch_complete(pie_ctl *ctl, ctl_batch *B)
                                   : op->cancel_req ? PIE_ECANCELED
                                   : op->status);
     }
-    ctl->defer_wakes = true;
     for (int32_t i = 0; i < B->n_reqs; i++) entry_complete(ctl, B, &B->ents[i]);
-    ctl->defer_wakes = false;
     ctl->st.backend_ns_total += B->backend_ns;
     batch_reset(B);
     ctl->ovh_ns += now_ns() - t;
