@@ -311,18 +311,17 @@ void pie__cuda_silu_mul(uint16_t *out, const uint16_t *gu, int n, int hidden,
  * (PIE_CUDA_NO_PDL=1), 1 gemv.cu, qkv_post and decode attention (default),
  * 2 every layer kernel (PIE_CUDA_PDL_ALL=1). */
 int pie__cuda_pdl(void);
+/* The environment variable name as an integer in lo..hi; dflt where it is
+ * unset, or (with a warning) not such an integer (kernels.cu). */
+int pie__cuda_env_int(const char *name, long lo, long hi, int dflt);
 /* The shared-memory carveout (percent of the SM's unified L1 and shared
  * memory; -1: the driver's choice) asked for in the environment by a class
- * of launches (kernels.cu), -2 where not set or not -1..100 (with a
- * warning): PIE_CUDA_CARVE_LAYER the kernels launched through
- * launch_pdl_if / launch_pdl (RMSNorm, qkv_post, SiLU, the merge, the
- * prefill and CUDA-core attention; PIE_CUDA_LAYER_CARVEOUT=p, else the
- * driver's choice),
- * PIE_CUDA_CARVE_DEC the decode attention (PIE_CUDA_DEC_CARVEOUT=p, else
- * flash_decode.cu's dec_carveout), PIE_CUDA_CARVE_GEMV gemv.cu
- * (PIE_CUDA_GEMV_CARVEOUT=p, else gemv_carveout's rule). */
-enum { PIE_CUDA_CARVE_LAYER, PIE_CUDA_CARVE_DEC, PIE_CUDA_CARVE_GEMV,
-       PIE_CUDA_CARVE_N };
+ * of launches, read once; -2 where not set (or not -1..100):
+ * PIE_CUDA_CARVE_DEC the decode attention outside clusters
+ * (PIE_CUDA_DEC_CARVEOUT=p, else flash_decode.cu's dec_carveout),
+ * PIE_CUDA_CARVE_GEMV gemv.cu (PIE_CUDA_GEMV_CARVEOUT=p, else
+ * gemv_carveout's rule). */
+enum { PIE_CUDA_CARVE_DEC, PIE_CUDA_CARVE_GEMV, PIE_CUDA_CARVE_N };
 int pie__cuda_carveout(int what);
 
 /* ---- small-m matmul (gemv.cu) ---- */

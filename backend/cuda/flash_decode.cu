@@ -454,10 +454,11 @@ static void with_dec_build(int per_sm, F f)
  * -> 12.526 ms (not repeated on another H100: a tie); with it this plan
  * also pays for short items (dec_plan.c): ctx 512 B=32 7.296 -> 7.099,
  * B=64 8.226 -> 8.024 against the cut plan, B=256 14.761 -> 14.712
- * (noise). Other plans keep the driver's choice
- * (the one-an-SM plans share half an SM with gemv.cu's launches, round 20;
- * the cut plan's three blocks fill the largest configuration anyway).
- * PIE_CUDA_DEC_CARVEOUT=p asks for p at every launch. */
+ * (noise). Other plans keep the driver's choice (the one-an-SM plans
+ * share half an SM with gemv.cu's launches, round 20; the cut plan's three
+ * blocks fill the largest configuration anyway; 100 for clusters padded to
+ * two an SM made 8B B=16 1.6% slower, round 25). PIE_CUDA_DEC_CARVEOUT=p
+ * asks for p at every launch outside clusters. */
 static int dec_carveout(int per_sm)
 {
     int env = pie__cuda_carveout(PIE_CUDA_CARVE_DEC);
@@ -549,10 +550,7 @@ static size_t dec_cluster_smem(int per_sm)
 }
 
 /* A launch of n_blocks in clusters of C (at[0]), as a programmatic
- * dependent where PDL is on (at[1]), at most per_sm blocks an SM (> 0),
- * with PIE_CUDA_DEC_CARVEOUT's carveout where set (the last attribute);
- * at holds DEC_CLUSTER_ATTRS. */
-#define DEC_CLUSTER_ATTRS 3
+ * dependent where PDL is on (at[1]), at most per_sm blocks an SM (> 0). */
 template <int HD>
 static cudaLaunchConfig_t dec_cluster_cfg(cudaLaunchAttribute *at, int C,
                                           int n_blocks, int per_sm,
@@ -571,11 +569,6 @@ static cudaLaunchConfig_t dec_cluster_cfg(cudaLaunchAttribute *at, int C,
     cfg.stream = s;
     cfg.attrs = at;
     cfg.numAttrs = pie__cuda_pdl() >= 1 ? 2 : 1;
-    int carve = pie__cuda_carveout(PIE_CUDA_CARVE_DEC);
-    if (carve >= 0) {
-        at[cfg.numAttrs].id = cudaLaunchAttributePreferredSharedMemoryCarveout;
-        at[cfg.numAttrs++].val.sharedMemCarveout = (unsigned)carve;
-    }
     return cfg;
 }
 
@@ -592,7 +585,7 @@ extern "C" int pie__cuda_attention_dec_cluster(uint16_t *out, const float *q,
     with_head_dim(kv->head_dim, [&](auto H) {
         constexpr int HD = decltype(H)::value;
         auto kern = dec_cluster_kernel<HD>(C);
-        cudaLaunchAttribute at[DEC_CLUSTER_ATTRS];
+        cudaLaunchAttribute at[2];
         cudaLaunchConfig_t cfg = dec_cluster_cfg<HD>(at, C, n_blocks, per_sm, s);
         /* (on failure the caller reads the error) */
         if (kern && cudaLaunchKernelEx(&cfg, kern, out, (float *)NULL,
@@ -611,7 +604,7 @@ extern "C" int pie__cuda_attention_dec_cluster_max(int hd, int per_sm)
         constexpr int HD = decltype(H)::value;
         for (int C = 16; C >= 2 && !most; C /= 2) {
             auto kern = dec_cluster_kernel<HD>(C);
-            cudaLaunchAttribute at[DEC_CLUSTER_ATTRS];
+            cudaLaunchAttribute at[2];
             cudaLaunchConfig_t cfg = dec_cluster_cfg<HD>(at, C, C, per_sm, 0);
             int n = 0;
             cfg.numAttrs = 1;           /* residency: the cluster alone */

@@ -129,13 +129,12 @@ inline void launch_pdl_carve(bool on, int carve, void (*kernel)(P...),
     cudaLaunchKernelEx(&cfg, kernel, args...);
 }
 
-/* The same with the layer kernels' carveout (pie__cuda_carveout). */
+/* The same with the driver's carveout. */
 template <typename... P, typename... A>
 inline void launch_pdl_if(bool on, void (*kernel)(P...), dim3 grid,
                           dim3 block, size_t smem, cudaStream_t s, A... args)
 {
-    launch_pdl_carve(on, pie__cuda_carveout(PIE_CUDA_CARVE_LAYER), kernel,
-                     grid, block, smem, s, args...);
+    launch_pdl_carve(on, -1, kernel, grid, block, smem, s, args...);
 }
 
 /* ... where PIE_CUDA_PDL_ALL=1 */

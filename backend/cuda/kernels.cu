@@ -25,17 +25,17 @@ extern "C" int pie__cuda_pdl(void)
     return level;
 }
 
-/* A carveout from the environment: -1..100; -2 where unset or not -1..100
- * (with a warning). */
-static int carveout_env(const char *name)
+extern "C" int pie__cuda_env_int(const char *name, long lo, long hi,
+                                  int dflt)
 {
     const char *e = getenv(name);
-    if (!e) return -2;
+    if (!e) return dflt;
     char *end = NULL;
     long v = strtol(e, &end, 10);
-    if (end == e || *end || v < -1 || v > 100) {
-        fprintf(stderr, "pie: %s=%s is not -1..100; ignored\n", name, e);
-        return -2;
+    if (end == e || *end || v < lo || v > hi) {
+        fprintf(stderr, "pie: %s=%s is not an integer in %ld..%ld; ignored\n",
+                name, e, lo, hi);
+        return dflt;
     }
     return (int)v;
 }
@@ -43,14 +43,13 @@ static int carveout_env(const char *name)
 extern "C" int pie__cuda_carveout(int what)
 {
     static const char *const name[PIE_CUDA_CARVE_N] = {
-        "PIE_CUDA_LAYER_CARVEOUT", "PIE_CUDA_DEC_CARVEOUT",
-        "PIE_CUDA_GEMV_CARVEOUT",
+        "PIE_CUDA_DEC_CARVEOUT", "PIE_CUDA_GEMV_CARVEOUT",
     };
     /* -3: not read yet; each entry is its own flag, so threads racing
      * here at most read the same variable twice */
-    static int v[PIE_CUDA_CARVE_N] = { -3, -3, -3 };
+    static int v[PIE_CUDA_CARVE_N] = { -3, -3 };
     if (what < 0 || what >= PIE_CUDA_CARVE_N) return -2;
-    if (v[what] == -3) v[what] = carveout_env(name[what]);
+    if (v[what] == -3) v[what] = pie__cuda_env_int(name[what], -1, 100, -2);
     return v[what];
 }
 

@@ -278,18 +278,9 @@ static void try_wgmm(cuda_backend *c, mm_plan *p, const uint16_t *W,
 static int tune_max_m(void)
 {
     static int v = -1;
-    if (v >= 0) return v;
-    const char *e = getenv("PIE_CUDA_TUNE_MAX_M");
-    char *end = NULL;
-    long m = e ? strtol(e, &end, 10) : -1;
-    v = TUNE_MAX_M;
-    if (getenv("PIE_CUDA_NO_TUNE"))
-        v = 0;
-    else if (e && (end == e || *end || m < 0 || m > (1L << 30)))
-        fprintf(stderr, "pie: PIE_CUDA_TUNE_MAX_M=%s is not a row count; "
-                "timing up to %d rows\n", e, TUNE_MAX_M);
-    else if (e)
-        v = (int)m;
+    if (v < 0)
+        v = getenv("PIE_CUDA_NO_TUNE") ? 0
+            : pie__cuda_env_int("PIE_CUDA_TUNE_MAX_M", 0, 1L << 30, TUNE_MAX_M);
     return v;
 }
 
