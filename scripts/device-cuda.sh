@@ -59,6 +59,9 @@
 #           (PIE_CUDA_STEPS=1) at four shapes
 #   envab   a setting (ENVAB="VAR=value ...") against the default in this
 #           build, alternating (ENVAB_CFGS="model B ctx steps,...")
+#   attnsets decode attention alone (bench_cuda_attn) under several
+#           settings in turn (ATTN_SETS="VAR=v;VAR=w;-", ATTN_CFGS="hd,B,ctx
+#           ...", ATTN_REPS)
 #   envsets several settings in this build (ENVSETS="VAR=v VAR2=w;VAR=u;-",
 #           "-" the default; a setting RUN=path runs another bundle's run),
 #           each rep in another order (ENVAB_CFGS, ENVAB_REPS as for envab)
@@ -219,6 +222,23 @@ for phase in "$@"; do
                     [ "${envs[0]:-}" = - ] && envs=()
                     ( [ ${#envs[@]} -gt 0 ] && export "${envs[@]}"
                       TAG="[${sets[$k]//\//:}] " bench $cfg )
+                done
+            done
+        done
+        ;;
+    attnsets)   # decode attention alone under several settings, in turn:
+                # ATTN_SETS as ENVSETS, ATTN_CFGS="hd,B,ctx ..." (tensor-
+                # core kernel, graph timing), ATTN_REPS (2)
+        IFS=';' read -ra sets <<< "${ATTN_SETS:--}"
+        for i in $(seq "${ATTN_REPS:-2}"); do
+            for cfg in ${ATTN_CFGS:-128,16,2048 64,16,2048 64,16,8192}; do
+                for s in "${sets[@]}"; do
+                    read -ra envs <<< "$s"
+                    [ "${envs[0]:-}" = - ] && envs=()
+                    ( [ ${#envs[@]} -gt 0 ] && export "${envs[@]}"
+                      echo -n "[$s] " | tee -a "$OUT/summary.log"
+                      PIE_ATTN_ONLY=$cfg timeout 60 $R bench_cuda_attn 2>&1 \
+                          | grep "attn mma" | tee -a "$OUT/summary.log" )
                 done
             done
         done

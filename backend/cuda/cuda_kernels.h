@@ -211,7 +211,7 @@ int64_t pie_cuda_dec_plan(const pie_cuda_attn_item *items, int n_items, int G,
  * the bench alike: -1 never (=0), 0 by the rule (unset), k = 1..8 forced
  * onto k blocks per SM. */
 #define PIE_CUDA_DEC_WHOLE_MIN 24
-#define PIE_CUDA_DEC_WHOLE2_MIN 8
+#define PIE_CUDA_DEC_WHOLE2_MIN 4
 #define PIE_CUDA_DEC_WHOLE_MAX 64
 int64_t pie_cuda_dec_plan_whole(const pie_cuda_attn_item *items, int n_items,
                                 int n_blocks, pie_cuda_attn_item *pieces,

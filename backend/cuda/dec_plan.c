@@ -246,8 +246,13 @@ static int whole_shape_ok(int64_t T, int n_items, int n_sm, int hd,
  * ctx 512 at head dim 128 were faster alone on this plan from B=32 (B=256:
  * 200 against 208 us) but not in decode steps until its launches asked
  * for the largest shared-memory configuration (flash_decode.cu's
- * dec_carveout; round 25: B=32 and 64 gained, B=256 tied); shorter items
- * were not measured, so they keep the other plans. */
+ * dec_carveout; round 25: B=32 and 64 gained, B=256 tied). Items of ctx
+ * 256 (round 26, 8B steps against the cut plan, two alternating pairs):
+ * B=32 6.919 / 6.929 -> 6.758 / 6.760 ms, B=64 7.565 / 7.422 -> 7.307 /
+ * 7.282, B=256 a tie; attention alone at ctx 384 and 256 faster from B=32.
+ * Items of 128 slots were faster alone (B=64 22.3 -> 16.8 us) but B=256
+ * steps tied or lost (10.53 / 10.43 -> 10.53 / 10.52), and of 64 slots
+ * slower alone at B=256: they keep the other plans. */
 static int whole2_shape_ok(int64_t T, int n_items, int n_sm, int hd)
 {
     if (n_items <= 0) return 0;

@@ -222,7 +222,11 @@ static void check_pays(void)
         { 384, 2048, 128, 0 },  /* B=48: 1.45 items a block, unbalanced */
         { 2048, 512, 128, 2 },  /* B=256 ctx 512: short items, 7.8 a block */
         { 512, 512, 128, 2 },   /* B=64 ctx 512 */
-        { 2048, 256, 128, 0 },  /* ctx 256: shorter than measured */
+        { 2048, 256, 128, 2 },  /* B=256 ctx 256: 4 KV blocks an item */
+        { 512, 256, 128, 2 },   /* B=64 ctx 256 */
+        { 256, 260, 128, 2 },   /* B=32 ctx 260: one item a block */
+        { 2048, 128, 128, 0 },  /* ctx 128: lost in 8B B=256 steps */
+        { 512, 192, 128, 0 },   /* 3 KV blocks an item */
         { 128, 512, 128, 0 },   /* B=16 ctx 512: unbalanced on 264 */
         { 256, 2048, 64, 2 },   /* head dim 64: 31 KV blocks a grid block */
         { 512, 2048, 64, 4 },   /* one item a block on four an SM */
