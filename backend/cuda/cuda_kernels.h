@@ -199,19 +199,21 @@ int64_t pie_cuda_dec_plan(const pie_cuda_attn_item *items, int n_items, int G,
  *     pie_cuda_dec_calibrate measured), head dim >= 128;
  *   - 4 n_sm blocks: head dim below 128 (where 4 blocks are resident),
  *     at most 40 KV blocks a grid block on average;
- *   - 2 n_sm blocks: at head dim >= 128 at least PIE_CUDA_DEC_WHOLE2_MIN
- *     KV blocks an item on average; below, at least PIE_CUDA_DEC_WHOLE_MIN
- *     and at most 32 a grid block;
- * each only if its largest block is within 6% of an even share, and only
- * where per_sm (pie__cuda_attention_dec_occupancy(hd, 1)) allows k.
+ *   - 2 n_sm blocks: at head dim >= 128 at least PIE_CUDA_DEC_WHOLE_MIN
+ *     KV blocks an item on average; below, at least
+ *     PIE_CUDA_DEC_WHOLE_MIN64 and at most 32 a grid block;
+ * each only if its largest block is within 6% of an even share (on four
+ * an SM also: more items than SMs, at most one a block, of at most 16 KV
+ * blocks on average), and only where per_sm
+ * (pie__cuda_attention_dec_occupancy(hd, 1)) allows k.
  * force = k >= 1 makes it on k blocks per SM whatever the shape. Returns
  * the blocks per SM (k) if made, 0 if not (pieces and bstart then
  * undefined), -1 without memory. bstart needs k n_sm + 1 entries.
  * pie_cuda_dec_whole_switch reads PIE_CUDA_DEC_WHOLE for the backend and
  * the bench alike: -1 never (=0), 0 by the rule (unset), k = 1..8 forced
  * onto k blocks per SM. */
-#define PIE_CUDA_DEC_WHOLE_MIN 24
-#define PIE_CUDA_DEC_WHOLE2_MIN 4
+#define PIE_CUDA_DEC_WHOLE_MIN 4
+#define PIE_CUDA_DEC_WHOLE_MIN64 24
 #define PIE_CUDA_DEC_WHOLE_MAX 64
 int64_t pie_cuda_dec_plan_whole(const pie_cuda_attn_item *items, int n_items,
                                 int n_blocks, pie_cuda_attn_item *pieces,

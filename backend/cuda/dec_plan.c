@@ -220,10 +220,13 @@ int64_t pie_cuda_dec_plan_whole(const pie_cuda_attn_item *items, int n_items,
     return most;
 }
 
-/* The shape part of the rule for one block an SM (NOTES.md, rounds 8, 11
- * and 12), checked before a plan is made: one item a block, each long
- * enough to hide its start (PIE_CUDA_DEC_WHOLE_MIN KV blocks on average)
- * and at most max1, at head dim 128 (32 KB a KV block). At head dim 64 it
+/* The shape part of the rule for one block an SM (NOTES.md, rounds 8, 11,
+ * 12 and 26), checked before a plan is made: one item a block, of
+ * PIE_CUDA_DEC_WHOLE_MIN KV blocks or more on average and at most max1, at
+ * head dim 128 (32 KB a KV block). Until round 26 it asked for 24 (1536
+ * slots); B=16 (128 items) is faster on it from ctx 256 (alone, us: ctx
+ * 512 18.9 -> 15.8, ctx 1024 31.2 -> 27.9, against the clusters; 8B steps
+ * ctx 256 6.130 -> 6.042 ms, ctx 512 6.394 -> 6.287). At head dim 64 it
  * lost everywhere (one block of 4 warps an SM does not keep up). max1:
  * H100s differ. On most, long items gain most (B=16 ctx 8192: 2.64 ->
  * 2.79 TB/s); on some, one block of 4 warps an SM streams slower and the
@@ -238,9 +241,9 @@ static int whole_shape_ok(int64_t T, int n_items, int n_sm, int hd,
 }
 
 /* The shape part of the rule for two blocks an SM: at head dim 128 or
- * more, items of PIE_CUDA_DEC_WHOLE2_MIN KV blocks or more on average
- * (whole_on then asks for balance); below, items as long as for one block
- * an SM and few enough KV blocks in all (at head dim 64 two blocks of 4
+ * more, items of PIE_CUDA_DEC_WHOLE_MIN KV blocks or more on average
+ * (whole_on then asks for balance); below, items of
+ * PIE_CUDA_DEC_WHOLE_MIN64 or more and few enough KV blocks in all (at head dim 64 two blocks of 4
  * warps an SM keep too few bytes in flight for long runs: it won up to
  * about 32 KV blocks a block and lost beyond; NOTES.md, round 9). Items of
  * ctx 512 at head dim 128 were faster alone on this plan from B=32 (B=256:
@@ -256,20 +259,33 @@ static int whole_shape_ok(int64_t T, int n_items, int n_sm, int hd,
 static int whole2_shape_ok(int64_t T, int n_items, int n_sm, int hd)
 {
     if (n_items <= 0) return 0;
-    if (hd >= 128) return T >= (int64_t)PIE_CUDA_DEC_WHOLE2_MIN * n_items;
-    return T >= (int64_t)PIE_CUDA_DEC_WHOLE_MIN * n_items &&
+    if (hd >= 128) return T >= (int64_t)PIE_CUDA_DEC_WHOLE_MIN * n_items;
+    return T >= (int64_t)PIE_CUDA_DEC_WHOLE_MIN64 * n_items &&
            T <= (int64_t)32 * 2 * n_sm;
 }
 
 /* Makes the plan onto nb blocks: 1 if its largest block is within 6% of
- * an even share (or forced), 0 if not, -1 without memory. */
+ * an even share, or forced, or (one_each) no block holds two items; 0 if
+ * not, -1 without memory. */
 static int whole_on(const pie_cuda_attn_item *items, int n_items, int64_t T,
-                    int nb, int force, pie_cuda_attn_item *pieces,
-                    int32_t *bstart)
+                    int nb, int force, int one_each,
+                    pie_cuda_attn_item *pieces, int32_t *bstart)
 {
     int64_t most = pie_cuda_dec_plan_whole(items, n_items, nb, pieces, bstart);
     if (most < 0) return -1;
-    return force || most * nb * 100 <= T * 106;
+    return force || most * nb * 100 <= T * 106 ||
+           (one_each && n_items <= nb);
+}
+
+/* Four an SM may leave blocks idle (round 26, hd 64): with more items than
+ * SMs, at most one a block, of at most 16 KV blocks on average, it beats
+ * the cut plan that the balance test left them on (B=32 alone, us: ctx 256
+ * 13.5 -> 8.9, ctx 512 19.8 -> 15.1, ctx 1024 32.8 -> 27.9; 1B steps ctx
+ * 256 1.600 -> 1.547 ms). With fewer items than SMs (B=16) the cluster
+ * plan is faster from ctx 512 (10.9 against 11.7 us). */
+static int one_each_ok(int k, int64_t T, int n_items, int n_sm)
+{
+    return k == 4 && n_items > n_sm && T <= (int64_t)16 * n_items;
 }
 
 /* The shape rule for k blocks an SM. Four (below head dim 128, where the
@@ -309,14 +325,15 @@ int pie_cuda_dec_try_whole(const pie_cuda_attn_item *items, int n_items,
     int rc;
     for (int i = 0; i < n_items; i++) T += blocks_of(&items[i]);
     if (force >= 1) {
-        rc = whole_on(items, n_items, T, force * n_sm, 1, pieces, bstart);
+        rc = whole_on(items, n_items, T, force * n_sm, 1, 0, pieces, bstart);
         return rc > 0 ? force : rc;
     }
     static const int order[] = { 1, 4, 2 };   /* blocks an SM, tried in turn */
     for (size_t i = 0; i < sizeof order / sizeof order[0]; i++) {
         int k = order[i];
         if (k > per_sm || !shape_ok(k, T, n_items, n_sm, hd, max1)) continue;
-        rc = whole_on(items, n_items, T, k * n_sm, 0, pieces, bstart);
+        rc = whole_on(items, n_items, T, k * n_sm, 0,
+                      one_each_ok(k, T, n_items, n_sm), pieces, bstart);
         if (rc) return rc > 0 ? k : rc;
     }
     return 0;

@@ -210,7 +210,10 @@ static void check_pays(void)
     struct { int n, len, hd, pays, lifted; } c[] = {
         { 128, 2048, 128, 1 },  /* B=16, ctx 2048: 32 KV blocks, 128 of 132 */
         { 128, 1536, 128, 1 },
-        { 128, 1024, 128, 0 },  /* short for one an SM; unbalanced on 264 */
+        { 128, 1024, 128, 1 },  /* B=16 ctx 1024 (round 26) */
+        { 128, 256, 128, 1 },   /* B=16 ctx 256: 4 KV blocks an item */
+        { 128, 192, 128, 0 },   /* 3 KV blocks: shorter than measured */
+        { 64, 512, 128, 0 },    /* B=8: 64 items, unbalanced on 132 */
         { 128, 4096, 128, 1 },
         { 128, 8192, 128, 0 },  /* long ones (lost on some H100s) */
         { 128, 8192, 128, 1, 1 },       /* ... where calibrated to win */
@@ -227,13 +230,17 @@ static void check_pays(void)
         { 256, 260, 128, 2 },   /* B=32 ctx 260: one item a block */
         { 2048, 128, 128, 0 },  /* ctx 128: lost in 8B B=256 steps */
         { 512, 192, 128, 0 },   /* 3 KV blocks an item */
-        { 128, 512, 128, 0 },   /* B=16 ctx 512: unbalanced on 264 */
+        { 128, 512, 128, 1 },   /* B=16 ctx 512: one an SM */
         { 256, 2048, 64, 2 },   /* head dim 64: 31 KV blocks a grid block */
         { 512, 2048, 64, 4 },   /* one item a block on four an SM */
         { 512, 512, 64, 4 },
         { 2048, 520, 64, 4 },   /* B=256: 3.9 items a block */
         { 2048, 2048, 64, 0 },  /* B=256 ctx 2048: 124 KV blocks a block */
-        { 384, 512, 64, 0 },    /* B=48: 384 items on 528 or 264 blocks */
+        { 384, 512, 64, 4 },    /* B=48: 384 items, one a block on 528 */
+        { 256, 256, 64, 4 },    /* B=32 ctx 256: 256 items on 528 blocks */
+        { 256, 1024, 64, 4 },   /* ... ctx 1024: 16 KV blocks an item */
+        { 128, 256, 64, 0 },    /* B=16: fewer items than SMs (clusters) */
+        { 384, 2048, 64, 0 },   /* B=48 ctx 2048: long for one a block */
         { 100, 2048, 128, 0 },  /* 100 of 132 SMs busy; unbalanced on 264 */
         { 8, 8192, 128, 0 },    /* batch 1 */
         { 8, 512, 64, 0 },
