@@ -239,7 +239,8 @@ static void check_pays(void)
         { 384, 512, 64, 4 },    /* B=48: 384 items, one a block on 528 */
         { 256, 256, 64, 4 },    /* B=32 ctx 256: 256 items on 528 blocks */
         { 256, 512, 64, 4 },    /* ... ctx 512 */
-        { 256, 1024, 64, 0 },   /* ... ctx 1024: B=32 steps lost */
+        { 256, 1024, 64, 4 },   /* ... ctx 1024: 16 KV blocks an item */
+        { 256, 1088, 64, 0 },   /* ... 17 KV blocks: not measured */
         { 128, 256, 64, 0 },    /* B=16: fewer items than SMs (clusters) */
         { 384, 2048, 64, 0 },   /* B=48 ctx 2048: long for one a block */
         { 100, 2048, 128, 0 },  /* 100 of 132 SMs busy; unbalanced on 264 */
