@@ -203,8 +203,8 @@ int64_t pie_cuda_dec_plan(const pie_cuda_attn_item *items, int n_items, int G,
  *     KV blocks an item on average; below, at least
  *     PIE_CUDA_DEC_WHOLE_MIN64 and at most 32 a grid block;
  * each only if its largest block is within 6% of an even share (on four
- * an SM also: more items than SMs, at most one a block, of at most 16 KV
- * blocks on average), and only where per_sm
+ * an SM also: more items than SMs, at most one a block, each of at most
+ * 16 KV blocks), and only where per_sm
  * (pie__cuda_attention_dec_occupancy(hd, 1)) allows k.
  * force = k >= 1 makes it on k blocks per SM whatever the shape. Returns
  * the blocks per SM (k) if made, 0 if not (pieces and bstart then

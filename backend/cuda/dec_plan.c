@@ -23,7 +23,8 @@
  * the least loaded block), so that nothing is cut and no merge kernel
  * runs. Where items balance well that way (about one per SM at B=16 x 8 kv
  * heads on one block an SM, round 8; one or more a block from B=32 on two,
- * round 9; below head dim 128 on four, round 12), it saves the merge
+ * round 9; below head dim 128 on four, round 12; on four also one short
+ * item a block with blocks left idle, round 26), it saves the merge
  * kernel and the piece boundaries (NOTES.md). At small batch the cluster
  * plan (the end of this file) splits each item over a thread-block
  * cluster instead, whose blocks merge in distributed shared memory.
@@ -243,8 +244,9 @@ static int whole_shape_ok(int64_t T, int n_items, int n_sm, int hd,
 /* The shape part of the rule for two blocks an SM: at head dim 128 or
  * more, items of PIE_CUDA_DEC_WHOLE_MIN KV blocks or more on average
  * (whole_on then asks for balance); below, items of
- * PIE_CUDA_DEC_WHOLE_MIN64 or more and few enough KV blocks in all (at head dim 64 two blocks of 4
- * warps an SM keep too few bytes in flight for long runs: it won up to
+ * PIE_CUDA_DEC_WHOLE_MIN64 or more and few enough KV blocks in all (at
+ * head dim 64 two blocks of 4 warps an SM keep too few bytes in flight
+ * for long runs: it won up to
  * about 32 KV blocks a block and lost beyond; NOTES.md, round 9). Items of
  * ctx 512 at head dim 128 were faster alone on this plan from B=32 (B=256:
  * 200 against 208 us) but not in decode steps until its launches asked
@@ -265,30 +267,34 @@ static int whole2_shape_ok(int64_t T, int n_items, int n_sm, int hd)
 }
 
 /* Makes the plan onto nb blocks: 1 if its largest block is within 6% of
- * an even share, or forced, or (one_each) no block holds two items; 0 if
- * not, -1 without memory. */
+ * an even share, or forced, or no block holds two items and none more
+ * than one_each KV blocks (0: not asked); 0 if not, -1 without memory.
+ * (With fewer items than blocks each block gets at most one: longest
+ * first onto the least loaded, and an idle block is the least loaded.) */
 static int whole_on(const pie_cuda_attn_item *items, int n_items, int64_t T,
-                    int nb, int force, int one_each,
+                    int nb, int force, int64_t one_each,
                     pie_cuda_attn_item *pieces, int32_t *bstart)
 {
     int64_t most = pie_cuda_dec_plan_whole(items, n_items, nb, pieces, bstart);
     if (most < 0) return -1;
     return force || most * nb * 100 <= T * 106 ||
-           (one_each && n_items <= nb);
+           (n_items <= nb && most <= one_each);
 }
 
-/* Four an SM may leave blocks idle (round 26, hd 64): with more items than
- * SMs, at most one a block, of at most 16 KV blocks on average, it beats
- * the cut plan that the balance test left them on. B=32 alone (us): ctx
- * 256 13.5 -> 8.9, ctx 512 19.8 -> 15.1, ctx 1024 32.9 -> 27.6; 1B steps
- * (ms, two alternating pairs; the bench's "ctx 512" items are 514-562
- * slots, 9 KV blocks): B=32 ctx 512 1.733 / 1.717 -> 1.646 / 1.663, B=48 1.861 /
- * 1.828 -> 1.811 / 1.827, B=24 1.662 / 1.671 -> 1.664 / 1.643; ctx 256
- * 1.600 -> 1.547. With fewer items than SMs (B=16) the cluster plan is
- * faster from ctx 512 (10.9 against 11.7 us). */
-static int one_each_ok(int k, int64_t T, int n_items, int n_sm)
+/* The longest item (KV blocks) that k blocks an SM take one a block with
+ * blocks left idle, where the balance test counts those against them; 0:
+ * never. Four an SM (round 26, hd 64), with more items than SMs, of at
+ * most 16 KV blocks each (one long item would hold up the whole grid),
+ * beats the cut plan. B=32 alone (us): ctx 256 13.5 -> 8.9, ctx 512 19.8
+ * -> 15.1, ctx 1024 32.9 -> 27.6; 1B steps (ms, two alternating pairs;
+ * the bench's "ctx 512" items are 514-562 slots, 9 KV blocks): B=32 ctx
+ * 512 1.733 / 1.717 -> 1.646 / 1.663, B=48 1.861 / 1.828 -> 1.811 /
+ * 1.827, B=24 1.662 / 1.671 -> 1.664 / 1.643; ctx 256 1.600 -> 1.547.
+ * With fewer items than SMs (B=16) the cluster plan is faster from ctx
+ * 512 (10.9 against 11.7 us). */
+static int64_t one_each_max(int k, int n_items, int n_sm)
 {
-    return k == 4 && n_items > n_sm && T <= (int64_t)16 * n_items;
+    return k == 4 && n_items > n_sm ? 16 : 0;
 }
 
 /* The shape rule for k blocks an SM. Four (below head dim 128, where the
@@ -336,7 +342,7 @@ int pie_cuda_dec_try_whole(const pie_cuda_attn_item *items, int n_items,
         int k = order[i];
         if (k > per_sm || !shape_ok(k, T, n_items, n_sm, hd, max1)) continue;
         rc = whole_on(items, n_items, T, k * n_sm, 0,
-                      one_each_ok(k, T, n_items, n_sm), pieces, bstart);
+                      one_each_max(k, n_items, n_sm), pieces, bstart);
         if (rc) return rc > 0 ? k : rc;
     }
     return 0;

@@ -199,6 +199,28 @@ static void check_whole(const pie_cuda_attn_item *it, int n, int nb,
           (long long)T, nb, (long long)longest);
 }
 
+/* Four an SM with blocks left idle (one item a block) only where no item
+ * is long: one long request among short ones would hold up the grid, and
+ * the cut plan spreads it. hd 64, B=32: 8 items of the first request at
+ * `first` slots, 248 of 512. */
+static void check_one_each(void)
+{
+    static pie_cuda_attn_item it[256], pc[256];
+    static int32_t bst[4 * 132 + 1];
+    struct { int first, pays; } c[] = {
+        { 512, 4 }, { 1024, 4 }, { 1088, 0 }, { 16384, 0 },
+    };
+    for (size_t k = 0; k < sizeof c / sizeof c[0]; k++) {
+        for (int i = 0; i < 256; i++)
+            it[i] = (pie_cuda_attn_item){ i / 8, i / 8, 1, i % 8, 0,
+                                          i < 8 ? c[k].first : 512, -1, 1 };
+        int got = pie_cuda_dec_try_whole(it, 256, 132, 4, 64, 0,
+                                         PIE_CUDA_DEC_WHOLE_MAX, pc, bst);
+        CHECK(got == c[k].pays, "B=32, first request %d slots: pays %d",
+              c[k].first, got);
+    }
+}
+
 /* pie_cuda_dec_try_whole on the bench's shapes (132 SMs, 8 kv heads;
  * resident blocks as built: 3 an SM at head dim 128, 4 below) by its rule,
  * with the one-per-SM bound fixed or lifted (as calibrated), and forced
@@ -467,6 +489,7 @@ int main(void)
         plans++;
     }
     check_pays();
+    check_one_each();
     check_cluster_size();
     check_cluster_mid();
     check_pad_switch();
