@@ -199,6 +199,13 @@ static void check_whole(const pie_cuda_attn_item *it, int n, int nb,
           (long long)T, nb, (long long)longest);
 }
 
+/* Items of len slots, n of them: requests of 8 (one a kv head). */
+static void fill_items(pie_cuda_attn_item *it, int n, int len)
+{
+    for (int i = 0; i < n; i++)
+        it[i] = (pie_cuda_attn_item){ i / 8, i / 8, 1, i % 8, 0, len, -1, 1 };
+}
+
 /* Four an SM with blocks left idle (one item a block) only where no item
  * is long: one long request among short ones would hold up the grid, and
  * the cut plan spreads it. hd 64, B=32: 8 items of the first request at
@@ -211,9 +218,8 @@ static void check_one_each(void)
         { 512, 4 }, { 1024, 4 }, { 1088, 0 }, { 16384, 0 },
     };
     for (size_t k = 0; k < sizeof c / sizeof c[0]; k++) {
-        for (int i = 0; i < 256; i++)
-            it[i] = (pie_cuda_attn_item){ i / 8, i / 8, 1, i % 8, 0,
-                                          i < 8 ? c[k].first : 512, -1, 1 };
+        fill_items(it, 256, 512);
+        for (int i = 0; i < 8; i++) it[i].s1 = c[k].first;
         int got = pie_cuda_dec_try_whole(it, 256, 132, 4, 64, 0,
                                          PIE_CUDA_DEC_WHOLE_MAX, pc, bst);
         CHECK(got == c[k].pays, "B=32, first request %d slots: pays %d",
@@ -271,9 +277,7 @@ static void check_pays(void)
     };
     for (size_t k = 0; k < sizeof c / sizeof c[0]; k++) {
         int per_sm = c[k].hd >= 128 ? 3 : 4;
-        for (int i = 0; i < c[k].n; i++)
-            it[i] = (pie_cuda_attn_item){ i / 8, i / 8, 1, i % 8, 0, c[k].len,
-                                          -1, 1 };
+        fill_items(it, c[k].n, c[k].len);
         int64_t max1 = c[k].lifted ? INT32_MAX : PIE_CUDA_DEC_WHOLE_MAX;
         int got = pie_cuda_dec_try_whole(it, c[k].n, 132, per_sm, c[k].hd, 0,
                                          max1, pc, bst);
@@ -324,13 +328,6 @@ static void check_cluster(const pie_cuda_attn_item *it, int n, int C)
         CHECK(cur == it[i].s1, "cluster pieces of item %d end at %d, not %d",
               i, cur, it[i].s1);
     }
-}
-
-/* Items of len slots, n of them. */
-static void fill_items(pie_cuda_attn_item *it, int n, int len)
-{
-    for (int i = 0; i < n; i++)
-        it[i] = (pie_cuda_attn_item){ i / 8, i / 8, 1, i % 8, 0, len, -1, 1 };
 }
 
 /* Cluster sizes the rule must pick (132 SMs, a grid of 396). */
